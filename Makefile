@@ -1,0 +1,42 @@
+# Developer and CI entry points. `make test` is what CI runs (through .ci/run).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# Re-install only when the dependencies change: the stamp is newer than pyproject.toml.
+STAMP := $(VENV)/.installed
+
+.PHONY: venv test lint fmt pytest demo bench clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	touch $@
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	$(BIN)/lint-imports --no-cache
+
+pytest: venv
+	$(BIN)/pytest
+
+test: lint pytest
+
+fmt: venv
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+demo:
+	@echo "make demo: not yet available — the simulator lands with issue 9"
+
+bench: venv
+	@set -e; for script in benchmarks/*.py; do \
+		echo "== $$script"; \
+		$(BIN)/python "$$script"; \
+	done
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

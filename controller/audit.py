@@ -1,0 +1,304 @@
+"""The decision journal: one structured event per change, on stdout and in a capped Redis stream."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import redis
+import structlog
+
+from controller.model import Address, Decision
+from controller.reconcile import Change, Drift
+from controller.settings import JournalSettings
+from controller.sinks.connection import wrapped
+from controller.sinks.keys import KeySchema
+from controller.sinks.records import signals_to_list
+
+CONTROLLER = "controller"
+_FIRST_BACKOFF_SECONDS = 0.5
+_MAX_BACKOFF_SECONDS = 30.0
+
+
+class Kind:
+    """Event names (the `event` of the log line, `kind` in the stream)."""
+
+    LIMIT_CHANGED = "limit.changed"
+    LIMIT_DRIFT = "limit.drift"
+    VERIFY_FAILED = "limit.verify_failed"
+    OVERRIDE_SET = "override.set"
+    OVERRIDE_CLEARED = "override.cleared"
+    FREEZE_SET = "freeze.set"
+    FREEZE_CLEARED = "freeze.cleared"
+    TENANT_SET = "tenant.set"
+    GAP = "journal.gap"
+
+
+@dataclass(frozen=True)
+class JournalEvent:
+    """One journal entry. `old`/`new` None: the limit did not exist / was removed."""
+
+    kind: str
+    actor: str
+    reason: str
+    address: str | None = None
+    old: float | None = None
+    new: float | None = None
+    tick: int | None = None
+    policy: str | None = None
+    policy_version: str | None = None
+    source: str | None = None
+    signals: tuple[Mapping[str, Any], ...] = ()
+    runbook: str | None = None
+    dry_run: bool = False
+    details: Mapping[str, Any] = field(default_factory=dict)
+    at: float = field(default_factory=time.time)
+    event_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["signals"] = [dict(s) for s in self.signals]
+        data["details"] = dict(self.details)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> JournalEvent:
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        known["signals"] = tuple(known.get("signals") or ())
+        return cls(**known)
+
+
+@dataclass(frozen=True)
+class JournalEntry:
+    """An event as stored in the stream, with its stream id (`<ms>-<seq>`)."""
+
+    id: str
+    event: JournalEvent
+
+
+class Journal:
+    """Emits events to structlog and XADDs them, buffering (bounded) while Redis is away.
+
+    Events reach the stream in emission order. When the buffer is full the oldest event is
+    dropped from the buffer (it is still on stdout); drops are counted, logged, and recorded
+    in the stream as one `journal.gap` event when Redis returns.
+    """
+
+    def __init__(
+        self,
+        client: redis.Redis[str] | None,
+        keys: KeySchema,
+        settings: JournalSettings,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.client = client
+        self.keys = keys
+        self.settings = settings
+        self.dropped = 0  # events lost from the buffer since start
+        self._unreported_drops = 0
+        self._buffer: deque[JournalEvent] = deque()
+        self._clock = clock
+        self._retry_at = 0.0
+        self._backoff = _FIRST_BACKOFF_SECONDS
+        self._log = structlog.get_logger("governor.journal")
+
+    @property
+    def pending(self) -> int:
+        """Events waiting for Redis."""
+        return len(self._buffer)
+
+    def emit(self, event: JournalEvent) -> None:
+        """Log the event now; send it to the stream now or, if Redis is away, later."""
+        data = event.to_dict()
+        kind = data.pop("kind")
+        self._log.info(kind, **data)
+        if self.client is None:
+            return
+        if len(self._buffer) >= self.settings.buffer_max_events:
+            lost = self._buffer.popleft()
+            self.dropped += 1
+            self._unreported_drops += 1
+            self._log.error(
+                "journal.buffer_overflow",
+                dropped_event_id=lost.event_id,
+                dropped_kind=lost.kind,
+                dropped_total=self.dropped,
+                buffer_max_events=self.settings.buffer_max_events,
+            )
+        self._buffer.append(event)
+        if self._clock() >= self._retry_at:
+            self.flush()
+
+    def flush(self) -> bool:
+        """Send every buffered event, in order, in one transaction; True when none is left."""
+        if self.client is None or not self._buffer:
+            return True
+        batch = list(self._buffer)
+        if self._unreported_drops:
+            batch.insert(0, _gap_event(self._unreported_drops))
+        try:
+            pipe = self.client.pipeline(transaction=True)
+            for event in batch:
+                pipe.xadd(
+                    self.keys.journal,
+                    _stream_fields(event),
+                    maxlen=self.settings.stream_max_length,
+                    approximate=True,
+                )
+            pipe.execute()
+        except redis.RedisError as exc:
+            self._retry_at = self._clock() + self._backoff
+            self._backoff = min(self._backoff * 2, _MAX_BACKOFF_SECONDS)
+            self._log.warning(
+                "journal.redis_unavailable", pending=len(self._buffer), error=str(exc)
+            )
+            return False
+        self._buffer.clear()
+        self._unreported_drops = 0
+        self._retry_at = 0.0
+        self._backoff = _FIRST_BACKOFF_SECONDS
+        return True
+
+
+def _gap_event(count: int) -> JournalEvent:
+    return JournalEvent(
+        kind=Kind.GAP,
+        actor=CONTROLLER,
+        reason=f"{count} events were dropped while Redis was unreachable (buffer full); "
+        "they are in the controller's stdout log",
+        details={"dropped": count},
+    )
+
+
+def _stream_fields(event: JournalEvent) -> dict[str, str]:
+    return {
+        "kind": event.kind,
+        "address": event.address or "",
+        "data": json.dumps(event.to_dict(), sort_keys=True, allow_nan=False),
+    }
+
+
+def _entry(entry_id: str, fields: Mapping[str, str]) -> JournalEntry:
+    return JournalEntry(entry_id, JournalEvent.from_dict(json.loads(fields["data"])))
+
+
+def read_events(
+    client: redis.Redis[str],
+    keys: KeySchema,
+    *,
+    count: int = 20,
+    since: float | None = None,
+    address: str | None = None,
+    exact: bool = False,
+    scan_limit: int = 100_000,
+) -> list[JournalEntry]:
+    """The newest `count` events (oldest first), optionally since a unix time and for an
+    address prefix (`exact`: that address only); looks at most `scan_limit` entries back."""
+    low = f"{int(since * 1000)}-0" if since is not None else "-"
+    found: list[JournalEntry] = []
+    high, scanned = "+", 0
+    with wrapped(client, "read the journal"):
+        while len(found) < count and scanned < scan_limit:
+            page = client.xrevrange(keys.journal, max=high, min=low, count=500)
+            if not page:
+                break
+            scanned += len(page)
+            for entry_id, fields in page:
+                if _matches(fields.get("address", ""), address, exact):
+                    found.append(_entry(entry_id, fields))
+            high = "(" + page[-1][0]
+    return list(reversed(found[:count]))
+
+
+def _matches(value: str, wanted: str | None, exact: bool) -> bool:
+    if wanted is None:
+        return True
+    return value == wanted if exact else value.startswith(wanted)
+
+
+def follow_events(
+    client: redis.Redis[str],
+    keys: KeySchema,
+    *,
+    after: str = "$",
+    address: str | None = None,
+    block_ms: int = 1000,
+) -> Iterator[JournalEntry]:
+    """Events appended after `after` (a stream id; '$' = from now), forever."""
+    last = after
+    while True:
+        with wrapped(client, "follow the journal"):
+            reply = client.xread({keys.journal: last}, block=block_ms, count=100)
+        for _stream, entries in reply or ():
+            for entry_id, fields in entries:
+                last = entry_id
+                if _matches(fields.get("address", ""), address, exact=False):
+                    yield _entry(entry_id, fields)
+
+
+def runbook_link(runbook: str | None, base_url: str) -> str | None:
+    """An absolute runbook URL: relative paths are joined to the configured base."""
+    if not runbook or "://" in runbook:
+        return runbook
+    return base_url.rstrip("/") + "/" + runbook.lstrip("/")
+
+
+def change_events(
+    changes: Sequence[Change],
+    decisions: Mapping[Address, Decision],
+    *,
+    tick: int | None,
+    policy_version: str | None,
+    dry_run: bool,
+    runbooks: Mapping[str, str] | None = None,
+    runbook_base_url: str = "",
+) -> list[JournalEvent]:
+    """One `limit.changed` event per change, with the decision (policy, signals) behind it."""
+    events = []
+    for change in changes:
+        decision = decisions.get(change.address)
+        policy = decision.policy if decision else None
+        runbook = (runbooks or {}).get(policy or "")
+        events.append(
+            JournalEvent(
+                kind=Kind.LIMIT_CHANGED,
+                actor=CONTROLLER,
+                reason=decision.reason if decision else "no longer in the desired state",
+                address=str(change.address),
+                old=change.old,
+                new=change.new,
+                tick=tick,
+                policy=policy,
+                policy_version=policy_version,
+                source=str(decision.source) if decision else None,
+                signals=tuple(signals_to_list(decision.signals)) if decision else (),
+                runbook=runbook_link(runbook, runbook_base_url),
+                dry_run=dry_run,
+            )
+        )
+    return events
+
+
+def drift_events(drift: Sequence[Drift], *, tick: int | None) -> list[JournalEvent]:
+    """One `limit.drift` event per limit someone else edited (old: ours, new: found)."""
+    return [
+        JournalEvent(
+            kind=Kind.LIMIT_DRIFT,
+            actor=CONTROLLER,
+            reason="the stored value differs from what Governor last wrote (edited by hand?); "
+            "it is reconciled to the desired value",
+            address=str(d.address),
+            old=d.written,
+            new=None if d.actual is None or math.isnan(d.actual) else d.actual,
+            tick=tick,
+            details={"not_a_number": d.actual is not None and math.isnan(d.actual)},
+        )
+        for d in drift
+    ]

@@ -1,0 +1,46 @@
+"""The `governor` command line: one Typer app, one module per command group."""
+
+from __future__ import annotations
+
+import typer
+
+from controller import __version__
+from controller.cli import audit, config, explain, limits, override, policy, tenants
+from controller.cli import signals as signals_cli
+
+app = typer.Typer(
+    name="governor",
+    help="Adaptive throttling for AI inference APIs: limits that follow what the GPUs can "
+    "carry and what each tenant may spend, with every change explained.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.add_typer(config.app, name="config")
+app.add_typer(policy.app, name="policy")
+app.add_typer(limits.app, name="limits")
+app.add_typer(audit.app, name="audit")
+app.add_typer(tenants.app, name="tenants")
+app.add_typer(signals_cli.app, name="signals")
+override.register(app)  # `override` group plus top-level `freeze` / `unfreeze`
+explain.register(app)  # top-level `explain ADDRESS`
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"governor {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """Governor keeps gateway limits in line with GPU load and tenant spend."""
+
+
+def main() -> None:
+    """Entry point of the `governor` console script."""
+    app()

@@ -1,0 +1,70 @@
+"""`governor audit tail`: the decision journal, newest last, optionally followed live."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import typer
+from rich.table import Table
+
+from controller.audit import JournalEntry, follow_events, read_events
+from controller.cli._redis import JSON_OPTION, console, number, parse_ttl, stores, when
+
+app = typer.Typer(help="Read the decision journal (every change and who made it).")
+
+
+def entry_json(entry: JournalEntry) -> str:
+    """One journal entry as a JSON line (`id` is the stream id)."""
+    return json.dumps({"id": entry.id, **entry.event.to_dict()}, sort_keys=True)
+
+
+def entries_table(entries: list[JournalEntry], title: str) -> Table:
+    """Journal entries as a rich table, oldest first."""
+    table = Table(title=title)
+    for column in ("time", "event", "address", "old → new", "actor", "policy", "reason"):
+        table.add_column(column)
+    for entry in entries:
+        e = entry.event
+        table.add_row(
+            when(e.at),
+            e.kind + (" (dry run)" if e.dry_run else ""),
+            e.address or "-",
+            f"{number(e.old)} → {number(e.new)}" if e.address else "-",
+            e.actor,
+            e.policy or "-",
+            e.reason,
+        )
+    return table
+
+
+@app.command("tail")
+def tail(
+    count: int = typer.Option(20, "-n", "--lines", min=1, help="How many events to show."),
+    since: str | None = typer.Option(None, "--since", help="Only events newer than, e.g. 1h."),
+    address: str | None = typer.Option(
+        None, "--address", help="Only events whose address starts with this, e.g. tenant/acme."
+    ),
+    follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing new events."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Print the newest journal events (JSON: one object per line)."""
+    start = time.time() - parse_ttl(since) if since else None
+    with stores() as s:
+        entries = read_events(s.client, s.keys, count=count, since=start, address=address)
+        if as_json:
+            for entry in entries:
+                typer.echo(entry_json(entry))
+        else:
+            console().print(entries_table(entries, f"journal ({len(entries)} events)"))
+        if not follow:
+            return
+        after = entries[-1].id if entries else "$"
+        try:
+            for entry in follow_events(s.client, s.keys, after=after, address=address):
+                if as_json:
+                    typer.echo(entry_json(entry))
+                else:
+                    console().print(entries_table([entry], ""), end="")
+        except KeyboardInterrupt:
+            return

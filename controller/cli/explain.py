@@ -1,0 +1,97 @@
+"""`governor explain ADDRESS`: why a limit has its value (proposals, override, winner, history)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import typer
+from rich.table import Table
+
+from controller.audit import read_events
+from controller.cli._redis import JSON_OPTION, console, echo_json, number, parse_address, stores
+from controller.cli._redis import when as at
+from controller.cli.audit import entries_table
+
+_EVENTS = 10
+
+
+def register(root: typer.Typer) -> None:
+    """Add the top-level `explain` command to the root app."""
+    root.command("explain")(explain)
+
+
+def _signals(signals: list[dict[str, Any]]) -> str:
+    return ", ".join(f"{s['name']}={s['value']:g} @{at(s['timestamp'])}" for s in signals) or "-"
+
+
+def explain(
+    address: str = typer.Argument(..., help="Limit address, e.g. plan/free/requests_per_minute."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Why ADDRESS has its value: proposals, override, winner and its last journal events."""
+    target = parse_address(address)
+    with stores() as s:
+        record = s.sink.read_decision(target)
+        stored = s.sink.stored(target)
+        override = s.control.override(target)
+        freeze = s.control.frozen()
+        events = read_events(s.client, s.keys, count=_EVENTS, address=str(target), exact=True)
+    decision = json.loads(record) if record else None
+    if as_json:
+        echo_json(
+            {
+                "address": str(target),
+                "stored": stored,
+                "decision": decision,
+                "override": None
+                if override is None
+                else {
+                    "value": override.value,
+                    "expires_at": override.expires_at,
+                    "actor": override.actor,
+                    "reason": override.reason,
+                },
+                "frozen": freeze is not None,
+                "events": [{"id": e.id, **e.event.to_dict()} for e in events],
+            }
+        )
+        return
+    out = console()
+    out.print(f"[bold]{target}[/bold]  stored value: {number(stored)}")
+    if freeze is not None:
+        out.print(f"automation FROZEN until {at(freeze.expires_at)} ({freeze.reason})")
+    if override is not None:
+        out.print(
+            f"override: {number(override.value)} until {at(override.expires_at)} "
+            f"by {override.actor}: {override.reason}"
+        )
+    if decision is None:
+        out.print("no decision recorded: the controller has not decided this address explicitly")
+    else:
+        out.print(_decision_table(decision))
+        out.print(
+            f"winner: {number(decision['value'])} from {decision['source']}"
+            + (f" ({decision['policy']})" if decision["policy"] else "")
+            + f": {decision['reason']}"
+        )
+        if decision["adjustments"]:
+            out.print("adjustments: " + "; ".join(decision["adjustments"]))
+    out.print(entries_table(events, f"last {len(events)} journal events"))
+
+
+def _decision_table(decision: dict[str, Any]) -> Table:
+    table = Table(title=f"decision of tick {decision['tick']} at {at(decision['decided_at'])}")
+    for column in ("", "source", "value", "reason", "signals"):
+        table.add_column(column)
+    table.add_row("", "baseline", number(decision["baseline"]), "plan / Limits value", "-")
+    for proposal in decision["proposals"]:
+        wins = decision["source"] == "policy" and proposal["policy"] == decision["policy"]
+        table.add_row(
+            "★" if wins else "",
+            proposal["policy"],
+            number(proposal["value"]),
+            proposal["reason"],
+            _signals(proposal["signals"]),
+        )
+    return table

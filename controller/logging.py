@@ -1,0 +1,88 @@
+"""Logging: structlog JSON lines, secrets masked (SecretStr, secret-named keys, URL passwords)."""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from collections.abc import MutableMapping
+from typing import Any, TextIO
+
+import structlog
+from pydantic import SecretStr
+
+MASK = "**********"
+_SECRET_KEY = re.compile(
+    r"pass(word|wd)?|secret|token|authorization|api[_-]?key|credential|cookie", re.IGNORECASE
+)
+_URL_PASSWORD = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^:/@\s]*):[^/\s]+@")
+
+
+def mask_text(text: str) -> str:
+    """Hide the password of any `scheme://user:password@` URL inside `text`."""
+    return _URL_PASSWORD.sub(lambda m: f"{m['scheme']}{m['user']}:{MASK}@", text)
+
+
+def _redact(value: Any) -> Any:
+    if isinstance(value, SecretStr):
+        return MASK
+    if isinstance(value, str):
+        return mask_text(value)
+    if isinstance(value, dict):
+        return {k: MASK if _is_secret_key(k) else _redact(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_redact(v) for v in value]
+    if isinstance(value, BaseException):
+        return mask_text(str(value))
+    return value
+
+
+def _is_secret_key(key: object) -> bool:
+    return isinstance(key, str) and bool(_SECRET_KEY.search(key))
+
+
+def redact_secrets(
+    _logger: object, _method: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """structlog processor: mask secrets wherever they hide in an event."""
+    for key, value in list(event_dict.items()):
+        event_dict[key] = MASK if _is_secret_key(key) else _redact(value)
+    return event_dict
+
+
+class _CurrentStream:
+    """Writes to whatever sys.stdout/sys.stderr is at write time (test runners swap them)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def write(self, text: str) -> int:
+        stream: TextIO = getattr(sys, self.name)
+        return stream.write(text)
+
+    def flush(self) -> None:
+        getattr(sys, self.name).flush()
+
+
+def configure_logging(level: str = "info", stream: TextIO | str = "stdout") -> None:
+    """JSON lines to `stream` ("stdout", "stderr" or a file object), secrets masked.
+
+    The daemon logs to stdout; the CLI to stderr, so `--json` output stays parseable.
+    """
+    numeric = logging.getLevelName(level.upper())
+    if not isinstance(numeric, int):
+        raise ValueError(f"log level {level!r} is not one of debug, info, warning, error")
+    target = _CurrentStream(stream) if isinstance(stream, str) else stream
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            redact_secrets,
+            structlog.processors.JSONRenderer(sort_keys=True),
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(numeric),
+        logger_factory=structlog.PrintLoggerFactory(file=target),  # type: ignore[arg-type]
+        cache_logger_on_first_use=False,
+    )

@@ -1,0 +1,272 @@
+"""Pure data types shared by every layer: limit addresses, signal snapshots, proposals."""
+
+from __future__ import annotations
+
+import enum
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TypeAlias
+
+import numpy as np
+import numpy.typing as npt
+
+FloatArray: TypeAlias = npt.NDArray[np.float64]
+
+
+class LimitKind(enum.StrEnum):
+    """What a limit counts. `tokens_per_day` is a budget: exhausting it answers 402."""
+
+    REQUESTS_PER_SECOND = "requests_per_second"
+    REQUESTS_PER_MINUTE = "requests_per_minute"
+    TOKENS_PER_MINUTE = "tokens_per_minute"
+    TOKENS_PER_DAY = "tokens_per_day"
+    CONCURRENT_REQUESTS = "concurrent_requests"
+    MAX_TOKENS_PER_REQUEST = "max_tokens_per_request"
+
+    @property
+    def is_budget(self) -> bool:
+        return self is LimitKind.TOKENS_PER_DAY
+
+
+class Scope(enum.StrEnum):
+    """Who a limit applies to, from the widest to the narrowest."""
+
+    GLOBAL = "global"
+    IP = "ip"
+    PLAN = "plan"
+    TENANT = "tenant"
+    USER = "user"
+
+
+class AddressError(ValueError):
+    """A limit address that does not follow `scope/[ids/]limit[@model]`."""
+
+    def __init__(self, text: str, problem: str) -> None:
+        super().__init__(f"invalid limit address {text!r}: {problem}")
+        self.text = text
+        self.problem = problem
+
+
+# Ids come from tenants' own systems and are untrusted: only characters that can never be
+# mistaken for a separator (`/`, `@`), a Redis hash tag (`{}`), a glob (`*?[]`) or a
+# placeholder (`$`) are allowed.
+_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:+=~-]{0,127}")
+_MODEL_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+_PLACEHOLDER_PATTERN = re.compile(r"\$([A-Za-z_][A-Za-z0-9_]*)")
+_IDS_PER_SCOPE: dict[Scope, tuple[str, ...]] = {
+    Scope.GLOBAL: (),
+    Scope.IP: (),
+    Scope.PLAN: ("plan",),
+    Scope.TENANT: ("tenant",),
+    Scope.USER: ("tenant", "user"),
+}
+
+
+def validate_id(value: str, what: str = "id") -> str:
+    """Return `value` if it is a safe identifier segment, else raise ValueError naming it."""
+    if not _ID_PATTERN.fullmatch(value):
+        raise ValueError(
+            f"{what} {value!r} must be 1-128 characters of letters, digits and ._:+=~- "
+            "starting with a letter or digit"
+        )
+    return value
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class Address:
+    """Where a limit lives, e.g. `tenant/acme/tokens_per_minute@gpt-4`."""
+
+    scope: Scope
+    limit: LimitKind
+    plan: str | None = None
+    tenant: str | None = None
+    user: str | None = None
+    model: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> Address:
+        """Parse the canonical text form; raise AddressError naming what is wrong."""
+        if not isinstance(text, str) or not text:
+            raise AddressError(str(text), "an address is a non-empty string")
+        body, at, model = text.partition("@")
+        if at and not _MODEL_PATTERN.fullmatch(model):
+            raise AddressError(text, f"model {model!r} after '@' is not a valid model name")
+        parts = body.split("/")
+        try:
+            scope = Scope(parts[0])
+        except ValueError:
+            raise AddressError(
+                text, f"scope {parts[0]!r} is not one of {', '.join(s.value for s in Scope)}"
+            ) from None
+        names = _IDS_PER_SCOPE[scope]
+        if len(parts) != len(names) + 2:
+            raise AddressError(text, f"expected the shape {_shape_of(scope)}")
+        try:
+            limit = LimitKind(parts[-1])
+        except ValueError:
+            raise AddressError(
+                text,
+                f"limit {parts[-1]!r} is not one of {', '.join(k.value for k in LimitKind)}",
+            ) from None
+        ids: dict[str, str] = {}
+        for name, value in zip(names, parts[1:-1], strict=True):
+            try:
+                ids[name] = validate_id(value, name)
+            except ValueError as exc:
+                raise AddressError(text, str(exc)) from None
+        return cls(scope=scope, limit=limit, model=model if at else None, **ids)
+
+    def __str__(self) -> str:
+        ids = [getattr(self, name) for name in _IDS_PER_SCOPE[self.scope]]
+        text = "/".join([self.scope.value, *ids, self.limit.value])
+        return f"{text}@{self.model}" if self.model else text
+
+    def without_model(self) -> Address:
+        """The same address with no `@model` narrowing."""
+        return Address(self.scope, self.limit, self.plan, self.tenant, self.user)
+
+
+def _shape_of(scope: Scope) -> str:
+    return "/".join([scope.value, *(f"<{n}>" for n in _IDS_PER_SCOPE[scope]), "<limit>"])
+
+
+@dataclass(frozen=True, slots=True)
+class AddressTemplate:
+    """A policy target that may hold `$label` placeholders, filled per label value."""
+
+    text: str
+    placeholders: tuple[str, ...]
+
+    @classmethod
+    def parse(cls, text: str) -> AddressTemplate:
+        """Check that the template becomes a valid address whatever safe id fills it."""
+        placeholders = tuple(dict.fromkeys(_PLACEHOLDER_PATTERN.findall(text)))
+        probe = _PLACEHOLDER_PATTERN.sub("x", text)
+        try:
+            Address.parse(probe)
+        except AddressError as exc:
+            raise AddressError(text, exc.problem) from None
+        return cls(text=text, placeholders=placeholders)
+
+    def fill(self, values: Mapping[str, str]) -> Address:
+        """Substitute label values; raise AddressError when a value is not a safe id."""
+        text = _PLACEHOLDER_PATTERN.sub(lambda m: values[m.group(1)], self.text)
+        return Address.parse(text)
+
+
+class Validity(enum.StrEnum):
+    """Why a signal value can or cannot be trusted. Anything but OK is never read as 0."""
+
+    OK = "ok"
+    EMPTY = "empty"  # the query returned no series
+    NOT_FINITE = "not_finite"  # NaN or ±Inf
+    STALE = "stale"  # the sample is older than the signal's stale_after
+    ERROR = "error"  # the query failed (syntax, timeout, 5xx, connection refused)
+    MISSING = "missing"  # a vector has no value for this label value
+    PARTIAL = "partial"  # Prometheus answered with warnings (some data unavailable)
+
+
+@dataclass(frozen=True, slots=True)
+class ScalarSample:
+    """One value of a query that returns a single number."""
+
+    value: float
+    timestamp: float  # unix seconds of the sample, not of the query
+    validity: Validity = Validity.OK
+    detail: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class VectorSample:
+    """A query result keyed by one label (tenant, plan, model, pool...), as arrays."""
+
+    label: str
+    keys: tuple[str, ...]
+    values: FloatArray
+    timestamps: FloatArray
+    validity: Validity = Validity.OK  # of the result as a whole (ERROR → every key invalid)
+    detail: str = ""
+    _index: dict[str, int] = field(default_factory=dict, compare=False, repr=False)
+
+    def index(self) -> Mapping[str, int]:
+        """Key → position, built once on first use."""
+        if not self._index and self.keys:
+            self._index.update({key: i for i, key in enumerate(self.keys)})
+        return self._index
+
+
+Sample: TypeAlias = ScalarSample | VectorSample
+
+
+@dataclass(frozen=True, slots=True)
+class SignalKey:
+    """Identifies one query result: queries run once per tick, however many use them."""
+
+    query: str
+    by: str | None = None  # the label a vector result is keyed by (the policy's `per:`)
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """Every signal value the engine sees in one tick."""
+
+    taken_at: float
+    samples: Mapping[SignalKey, Sample]
+
+
+@dataclass(frozen=True, slots=True)
+class SignalReading:
+    """The value of one named signal that fired (or blocked) a proposal, for the journal."""
+
+    name: str
+    value: float
+    timestamp: float
+    validity: Validity = Validity.OK
+
+
+@dataclass(frozen=True, slots=True)
+class Proposal:
+    """One policy's wish for one address, with why."""
+
+    address: Address
+    value: float
+    policy: str  # "<Kind>/<name>"
+    reason: str
+    signals: tuple[SignalReading, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Override:
+    """A person's pin on a limit, honoured until it expires."""
+
+    address: Address
+    value: float
+    expires_at: float
+    actor: str
+    reason: str
+
+
+class Source(enum.StrEnum):
+    """Where a resolved limit value came from."""
+
+    OVERRIDE = "override"  # a person pinned it
+    POLICY = "policy"  # the most restrictive automatic proposal
+    BASELINE = "baseline"  # a plan's or the Limits document's value
+    FROZEN = "frozen"  # automation is frozen: the last value is kept
+    PACING = "pacing"  # on its way back to the baseline at the pace `behavior` allows
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The resolver's verdict for one address: the value to enforce and everything behind it."""
+
+    address: Address
+    value: float
+    source: Source
+    policy: str | None  # the winning policy, `Kind/name`
+    reason: str
+    signals: tuple[SignalReading, ...] = ()
+    proposals: tuple[Proposal, ...] = ()  # every proposal that was considered
+    baseline: float | None = None
+    adjustments: tuple[str, ...] = ()  # e.g. "floor 200", "loosen stabilization 5m"

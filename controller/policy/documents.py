@@ -1,0 +1,464 @@
+"""The policy file format (governor/v1): strict pydantic models for Plan, Limits, ThrottlePolicy
+and AdaptiveLimit documents. Pure: parsing and validation only."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    PrivateAttr,
+    ValidationInfo,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
+
+from controller.model import Address, AddressError, AddressTemplate, LimitKind
+from controller.policy.expressions import Expression, ExpressionError, compile_expression
+from controller.policy.schedule import Window, parse_window
+
+API_VERSION = "governor/v1"
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(value: object) -> float:
+    """`90s`, `2m`, `1h30m`, `0s` (or a bare number of seconds) → seconds as a float."""
+    if isinstance(value, bool):
+        raise ValueError("a duration is text like 30s, 2m, 1h30m")
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ValueError("a duration cannot be negative")
+        return float(value)
+    if not isinstance(value, str):
+        raise ValueError("a duration is text like 30s, 2m, 1h30m")
+    text = value.strip()
+    pos, total = 0, 0.0
+    for match in _DURATION_PART.finditer(text):
+        if match.start() != pos:
+            break
+        total += float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+        pos = match.end()
+    if not text or pos != len(text):
+        raise ValueError(
+            f"{value!r} is not a duration: use a number and a unit (ms, s, m, h, d), "
+            "e.g. 30s, 2m, 1h30m"
+        )
+    return total
+
+
+def format_duration(seconds: float) -> str:
+    """Seconds → the shortest `1h30m`-style text (the inverse of parse_duration)."""
+    if seconds == 0:
+        return "0s"
+    out, rest = [], seconds
+    for unit in ("d", "h", "m", "s"):
+        size = _UNIT_SECONDS[unit]
+        count = int(rest // size)
+        if count:
+            out.append(f"{count}{unit}")
+            rest -= count * size
+    if rest > 1e-9:
+        out.append(f"{round(rest * 1000)}ms")
+    return "".join(out)
+
+
+Duration = Annotated[
+    float,
+    BeforeValidator(parse_duration),
+    PlainSerializer(format_duration, return_type=str),
+    WithJsonSchema({"type": "string", "pattern": r"^(\d+(\.\d+)?(ms|s|m|h|d))+$"}),
+]
+
+
+def _parse_address(value: object) -> Address:
+    if isinstance(value, Address):
+        return value
+    if not isinstance(value, str):
+        raise ValueError("an address is text like tenant/acme/tokens_per_minute")
+    try:
+        return Address.parse(value)
+    except AddressError as exc:
+        raise ValueError(str(exc)) from None
+
+
+def _parse_template(value: object) -> AddressTemplate:
+    if isinstance(value, AddressTemplate):
+        return value
+    if not isinstance(value, str):
+        raise ValueError("a target is text like tenant/$tenant/tokens_per_minute")
+    try:
+        return AddressTemplate.parse(value)
+    except AddressError as exc:
+        raise ValueError(str(exc)) from None
+
+
+_ADDRESS_SCHEMA = {
+    "type": "string",
+    "pattern": r"^(global|ip|plan/[^/@]+|tenant/[^/@]+|user/[^/@]+/[^/@]+)/[a-z_]+(@[^/@]+)?$",
+}
+AddressField = Annotated[
+    Address,
+    BeforeValidator(_parse_address),
+    PlainSerializer(str, return_type=str),
+    WithJsonSchema(_ADDRESS_SCHEMA),
+]
+TargetField = Annotated[
+    AddressTemplate,
+    BeforeValidator(_parse_template),
+    PlainSerializer(lambda t: t.text, return_type=str),
+    WithJsonSchema(
+        {"type": "string", "description": "an address; $label stands for a label value"}
+    ),
+]
+PositiveNumber = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+NonNegativeNumber = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+Name = Annotated[str, Field(pattern=r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$")]
+SignalName = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
+LimitValues = dict[LimitKind, NonNegativeNumber]
+
+
+class Strict(BaseModel):
+    """Every document part: unknown fields are errors, values are not coerced loosely."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class Metadata(Strict):
+    name: Name
+    description: str | None = None
+    annotations: dict[str, str] = Field(default_factory=dict)
+
+    @property
+    def runbook(self) -> str | None:
+        return self.annotations.get("runbook")
+
+
+class Degrade(Strict):
+    """Graceful degradation as a budget nears its end, before the hard 402."""
+
+    at_percent: Annotated[float, Field(gt=0, lt=100)] = Field(
+        90.0, description="start degrading once this share of a budget is spent"
+    )
+    max_tokens: Annotated[int, Field(gt=0)] | None = Field(
+        None, description="cap the request's max_tokens to this"
+    )
+    model: Annotated[str, Field(min_length=1)] | None = Field(
+        None, description="route to this (cheaper) model instead; must be one the plan allows"
+    )
+
+    @model_validator(mode="after")
+    def _does_something(self) -> Degrade:
+        if self.max_tokens is None and self.model is None:
+            raise ValueError("degrade needs `max_tokens`, `model` or both")
+        return self
+
+
+class Credits(Strict):
+    """A prepaid USD balance per tenant, charged at each model's price."""
+
+    min_balance_usd: NonNegativeNumber = Field(
+        0.0, description="answer 402 once a tenant's balance would fall below this"
+    )
+
+
+class PlanSpec(Strict):
+    models: list[Annotated[str, Field(min_length=1)]] = Field(
+        default_factory=list, description="models the plan may call; empty means any"
+    )
+    limits: LimitValues = Field(default_factory=dict)
+    fail_mode: Literal["open", "closed"] = Field(
+        "closed",
+        description="when the gateway cannot reach Redis: closed refuses (503), open admits "
+        "through a local limiter of the limit divided by the live gateway count",
+    )
+    degrade: Degrade | None = None
+    credits: Credits | None = Field(
+        None, description="charge a prepaid credit balance (USD) as well as token budgets"
+    )
+
+    @model_validator(mode="after")
+    def _degrade_model_allowed(self) -> PlanSpec:
+        target = self.degrade.model if self.degrade else None
+        if target is not None and self.models and target not in self.models:
+            raise ValueError(
+                f"degrade.model {target!r} is not one of the plan's models "
+                f"({', '.join(self.models)})"
+            )
+        return self
+
+
+class BehaviorRule(Strict):
+    """How fast a limit may move in one direction (the Kubernetes HPA `behavior` model)."""
+
+    stabilization: Duration = Field(
+        0.0, description="use the most cautious recommendation seen over this window"
+    )
+    max_change_percent: PositiveNumber | None = Field(
+        None, description="largest change per period, in percent of the value at its start"
+    )
+    period: Duration = Field(60.0, gt=0)
+
+
+class Behavior(Strict):
+    tighten: BehaviorRule = Field(default_factory=BehaviorRule)
+    loosen: BehaviorRule = Field(default_factory=lambda: BehaviorRule(stabilization=300.0))
+
+
+class LimitsSpec(Strict):
+    default_plan: Name
+    global_: LimitValues = Field(default_factory=dict, alias="global")
+    ip: LimitValues = Field(default_factory=dict)
+    floors: dict[AddressField, NonNegativeNumber] = Field(
+        default_factory=dict, description="no automatic change may go below these"
+    )
+    ceilings: dict[AddressField, NonNegativeNumber] = Field(
+        default_factory=dict, description="no automatic change may go above these"
+    )
+    behavior: Behavior = Field(
+        default_factory=Behavior, description="default behaviour for every limit"
+    )
+
+
+class SignalSpec(Strict):
+    query: Annotated[str, Field(min_length=1)]
+    stale_after: Duration = Field(120.0, gt=0)
+
+
+class Action(Strict):
+    target: TargetField
+    scale: PositiveNumber | None = Field(None, description="multiply the baseline")
+    set: NonNegativeNumber | None = Field(None, description="use this value")
+    min: NonNegativeNumber | None = None
+    max: NonNegativeNumber | None = None
+
+    @model_validator(mode="after")
+    def _one_operation(self) -> Action:
+        if (self.scale is None) == (self.set is None):
+            raise ValueError("an action needs exactly one of `scale` or `set`")
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"min ({self.min}) is above max ({self.max})")
+        return self
+
+
+class Schedule(Strict):
+    timezone: str = "UTC"
+    windows: list[
+        Annotated[
+            Window,
+            BeforeValidator(parse_window),
+            PlainSerializer(str, return_type=str),
+            WithJsonSchema(
+                {"type": "string", "description": "DAYS HH:MM-HH:MM, e.g. Mon-Fri 08:00-20:00"}
+            ),
+        ]
+    ] = Field(min_length=1)
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(
+                f"unknown time zone {value!r}: use an IANA name like Europe/Berlin or UTC"
+            ) from None
+        return value
+
+
+class OnStale(Strict):
+    """What to do while a signal cannot be trusted (empty, NaN, stale, query failing)."""
+
+    hold_for: Duration = Field(120.0, description="keep the last decision this long")
+    then: Literal["baseline", "min", "hold"] = Field(
+        "baseline",
+        description="afterwards: back to the baseline, the most restrictive value, or hold",
+    )
+
+
+class Alert(Strict):
+    severity: Literal["info", "warning", "critical"] = "warning"
+
+
+def _compile(text: str | None, info: ValidationInfo) -> Expression | None:
+    if text is None or "signals" not in info.data:
+        # Signals that failed validation are reported on their own; naming every signal
+        # of the condition as unknown on top of that would only mislead.
+        return None
+    signals = info.data["signals"]
+    known = set(signals) if isinstance(signals, dict) else set()
+    try:
+        return compile_expression(text, known)
+    except ExpressionError as exc:
+        raise ValueError(str(exc)) from None
+
+
+class ThrottlePolicySpec(Strict):
+    per: SignalName | None = Field(None, description="evaluate once per value of this label")
+    signals: dict[SignalName, SignalSpec] = Field(default_factory=dict)
+    when: str | None = Field(None, description="CEL over the signals; absent means always")
+    for_: Duration = Field(0.0, alias="for", description="the condition must hold this long")
+    until: str | None = Field(None, description="CEL; once active, stay active until it holds")
+    cooldown: Duration = Field(0.0, description="after a release, wait this long to re-engage")
+    actions: list[Action] = Field(min_length=1)
+    schedule: Schedule | None = None
+    on_stale: OnStale = Field(default_factory=OnStale)
+    behavior: Behavior | None = None
+    alert: Alert | None = None
+
+    _when: Expression | None = PrivateAttr(None)
+    _until: Expression | None = PrivateAttr(None)
+
+    @field_validator("when", "until")
+    @classmethod
+    def _valid_condition(cls, value: str | None, info: ValidationInfo) -> str | None:
+        _compile(value, info)
+        return value
+
+    @model_validator(mode="after")
+    def _compiled(self) -> ThrottlePolicySpec:
+        names = set(self.signals)
+        self._when = compile_expression(self.when, names) if self.when is not None else None
+        self._until = compile_expression(self.until, names) if self.until is not None else None
+        for number, action in enumerate(self.actions):
+            unknown = [p for p in action.target.placeholders if p != self.per]
+            if unknown:
+                hint = f"`per: {unknown[0]}`" if self.per is None else f"`${self.per}`"
+                raise ValueError(
+                    f"actions[{number}].target {action.target.text!r} uses ${unknown[0]}, "
+                    f"which only a policy with {hint} can fill"
+                )
+        if self.per is not None and not self.signals:
+            raise ValueError(f"`per: {self.per}` needs at least one signal keyed by that label")
+        return self
+
+    @property
+    def when_expression(self) -> Expression | None:
+        return self._when
+
+    @property
+    def until_expression(self) -> Expression | None:
+        return self._until
+
+
+class AimdSpec(Strict):
+    increase: PositiveNumber = Field(description="added per tick while below the setpoint")
+    decrease_factor: Annotated[float, Field(gt=0, lt=1)] = Field(
+        description="multiplied per tick while above the setpoint"
+    )
+    tolerance: NonNegativeNumber = Field(0.0, description="dead band around the setpoint")
+
+
+class GradientSpec(Strict):
+    """new = value × clamp(setpoint / signal, 1 - max_step, 1 + max_step), smoothed."""
+
+    max_step: Annotated[float, Field(gt=0, le=1)] = 0.25
+    smoothing: Annotated[float, Field(gt=0, le=1)] = 0.5
+    tolerance: NonNegativeNumber = 0.0
+
+
+class Bounds(Strict):
+    min: NonNegativeNumber
+    max: NonNegativeNumber
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Bounds:
+        if self.min > self.max:
+            raise ValueError(f"bounds.min ({self.min}) is above bounds.max ({self.max})")
+        return self
+
+
+class AdaptiveSignal(SignalSpec):
+    name: SignalName | None = Field(
+        None, description="how tests and the journal call it; default `signal`"
+    )
+
+
+class AdaptiveLimitSpec(Strict):
+    target: AddressField
+    signal: AdaptiveSignal
+    setpoint: float = Field(allow_inf_nan=False)
+    algorithm: Literal["aimd", "gradient"] = "aimd"
+    aimd: AimdSpec | None = None
+    gradient: GradientSpec | None = None
+    bounds: Bounds
+    behavior: Behavior | None = None
+    on_stale: OnStale = Field(default_factory=OnStale)
+    schedule: Schedule | None = None
+
+    @model_validator(mode="after")
+    def _algorithm_settings(self) -> AdaptiveLimitSpec:
+        if self.algorithm == "aimd" and self.aimd is None:
+            raise ValueError("algorithm `aimd` needs an `aimd:` block (increase, decrease_factor)")
+        if self.algorithm == "gradient" and self.gradient is None:
+            object.__setattr__(self, "gradient", GradientSpec())
+        return self
+
+    @property
+    def signal_name(self) -> str:
+        return self.signal.name or "signal"
+
+
+class _Document(Strict):
+    api_version: Literal["governor/v1"] = Field(alias="apiVersion")
+    metadata: Metadata
+
+    @property
+    def name(self) -> str:
+        return self.metadata.name
+
+    @property
+    def ref(self) -> str:
+        """`Kind/name`, how journal events and `explain` name a policy."""
+        return f"{self.kind}/{self.metadata.name}"  # type: ignore[attr-defined]
+
+
+class Plan(_Document):
+    kind: Literal["Plan"]
+    spec: PlanSpec = Field(default_factory=PlanSpec)
+
+
+class Limits(_Document):
+    kind: Literal["Limits"]
+    spec: LimitsSpec
+
+
+class ThrottlePolicy(_Document):
+    kind: Literal["ThrottlePolicy"]
+    spec: ThrottlePolicySpec
+
+
+class AdaptiveLimit(_Document):
+    kind: Literal["AdaptiveLimit"]
+    spec: AdaptiveLimitSpec
+
+
+Document = Annotated[Plan | Limits | ThrottlePolicy | AdaptiveLimit, Field(discriminator="kind")]
+KINDS: tuple[str, ...] = ("Plan", "Limits", "ThrottlePolicy", "AdaptiveLimit")
+
+
+class DocumentFile(BaseModel):
+    """Wraps one YAML document so pydantic dispatches on `kind`."""
+
+    model_config = ConfigDict(extra="forbid")
+    document: Document
+
+
+def json_schema() -> dict[str, Any]:
+    """A JSON Schema for one policy document, for editors (yaml-language-server)."""
+    schema = DocumentFile.model_json_schema(by_alias=True)
+    document = schema["properties"]["document"]
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": "Governor policy document (governor/v1)",
+        **{k: v for k, v in document.items() if k != "title"},
+        "$defs": schema.get("$defs", {}),
+    }

@@ -1,0 +1,290 @@
+"""The policy engine: signal snapshot + last state + now → proposals with reasons + next state.
+
+Pure and deterministic: no I/O, no clock reads (time is an argument), no randomness. The
+same inputs always give the same proposals, which is what makes policy tests possible.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from controller.model import Address, AddressError, Proposal, SignalKey, SignalReading, Snapshot
+from controller.policy.adaptive import AdaptiveState, evaluate_adaptive
+from controller.policy.baselines import Baselines
+from controller.policy.conditions import ConditionState, Event, Rules, step
+from controller.policy.documents import Action, ThrottlePolicy, format_duration
+from controller.policy.inputs import (
+    ScalarInput,
+    env_of,
+    label_universe,
+    scalar_input,
+    vector_input,
+)
+from controller.policy.policyset import PolicySet
+from controller.policy.schedule import in_windows
+from controller.policy.text import fmt_number, fmt_time
+
+SCALAR_KEY = ""  # the state key of a policy without `per:`
+
+
+@dataclass(frozen=True)
+class EngineState:
+    """Everything the engine remembers between ticks. Sparse: idle conditions are not kept."""
+
+    conditions: Mapping[str, Mapping[str, ConditionState]] = field(default_factory=dict)
+    adaptives: Mapping[str, AdaptiveState] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Transition:
+    """A condition that engaged or released this tick (journal material)."""
+
+    policy: str
+    key: str  # the label value for `per:` policies, "" otherwise
+    event: Event
+    signals: tuple[SignalReading, ...]
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """The engine's output for one tick."""
+
+    proposals: tuple[Proposal, ...]
+    state: EngineState
+    transitions: tuple[Transition, ...] = ()
+    notes: tuple[str, ...] = ()  # things an operator should know (a skipped action, a bad label)
+    active: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # policy → active keys
+
+
+def evaluate(
+    policies: PolicySet,
+    snapshot: Snapshot,
+    state: EngineState,
+    now: float,
+    baselines: Baselines,
+    current: Mapping[Address, float] | None = None,
+) -> Evaluation:
+    """Evaluate every policy once. `current` holds the limits in force (for AdaptiveLimit)."""
+    out = _Collector()
+    conditions: dict[str, Mapping[str, ConditionState]] = {}
+    for policy in policies.throttles:
+        previous = state.conditions.get(policy.ref, {})
+        if policy.spec.per is None:
+            conditions[policy.ref] = _scalar_policy(policy, snapshot, previous, now, baselines, out)
+        else:
+            conditions[policy.ref] = _per_label_policy(
+                policy, snapshot, previous, now, baselines, out
+            )
+    adaptives: dict[str, AdaptiveState] = {}
+    for adaptive in policies.adaptives:
+        result = evaluate_adaptive(
+            adaptive,
+            snapshot,
+            state.adaptives.get(adaptive.ref, AdaptiveState()),
+            now,
+            baselines,
+            (current or {}).get(adaptive.spec.target),
+        )
+        adaptives[adaptive.ref] = result.state
+        if result.proposal is not None:
+            out.proposals.append(result.proposal)
+            out.active.setdefault(adaptive.ref, []).append("")
+        out.notes.extend(result.notes)
+    return Evaluation(
+        proposals=tuple(out.proposals),
+        state=EngineState(
+            conditions={k: v for k, v in conditions.items() if v}, adaptives=adaptives
+        ),
+        transitions=tuple(out.transitions),
+        notes=tuple(out.notes),
+        active={k: tuple(v) for k, v in out.active.items()},
+    )
+
+
+class _Collector:
+    def __init__(self) -> None:
+        self.proposals: list[Proposal] = []
+        self.transitions: list[Transition] = []
+        self.notes: list[str] = []
+        self.active: dict[str, list[str]] = {}
+
+
+def _rules(policy: ThrottlePolicy) -> Rules:
+    return Rules(
+        hold=policy.spec.for_, cooldown=policy.spec.cooldown, on_stale=policy.spec.on_stale
+    )
+
+
+def _scheduled(policy: ThrottlePolicy, now: float) -> bool:
+    schedule = policy.spec.schedule
+    return schedule is None or in_windows(schedule.windows, schedule.timezone, now)
+
+
+def _keep(state: ConditionState, now: float, policy: ThrottlePolicy) -> bool:
+    """Whether a condition state still carries information worth a slot in memory."""
+    if state.active_since is not None or state.pending_since is not None:
+        return True
+    # An idle condition's untrustworthy-since time only matters to `then: min` (it engages
+    # after hold_for); kept otherwise, every tenant that ever vanished would stay forever.
+    if state.invalid_since is not None and policy.spec.on_stale.then == "min":
+        return True
+    return state.released_at is not None and now - state.released_at < policy.spec.cooldown
+
+
+def _scalar_policy(
+    policy: ThrottlePolicy,
+    snapshot: Snapshot,
+    previous: Mapping[str, ConditionState],
+    now: float,
+    baselines: Baselines,
+    out: _Collector,
+) -> Mapping[str, ConditionState]:
+    state = previous.get(SCALAR_KEY, ConditionState())
+    if not _scheduled(policy, now):
+        if state.active:
+            out.transitions.append(Transition(policy.ref, SCALAR_KEY, "released", ()))
+            state = ConditionState(released_at=now)
+        return {SCALAR_KEY: state} if _keep(state, now, policy) else {}
+    inputs = [
+        scalar_input(name, spec, snapshot, None, now) for name, spec in policy.spec.signals.items()
+    ]
+    values = {i.name: i.value for i in inputs}
+    when_expr, until_expr = policy.spec.when_expression, policy.spec.until_expression
+    used = (when_expr.names if when_expr else frozenset()) | (
+        until_expr.names if until_expr else frozenset()
+    )
+    valid = all(i.valid for i in inputs if i.name in used)
+    when = valid and (when_expr is None or when_expr.evaluate_one(values))
+    until = until_expr.evaluate_one(values) if (valid and until_expr and state.active) else None
+    readings = tuple(i.reading() for i in inputs)
+    state, event = step(state, valid=valid, when=when, until=until, now=now, rules=_rules(policy))
+    if event:
+        out.transitions.append(Transition(policy.ref, SCALAR_KEY, event, readings))
+    if state.active:
+        out.active.setdefault(policy.ref, []).append(SCALAR_KEY)
+        _propose(policy, {}, state, readings, baselines, out, _stale_note(inputs))
+    return {SCALAR_KEY: state} if _keep(state, now, policy) else {}
+
+
+def _stale_note(inputs: list[ScalarInput]) -> str:
+    bad = [f"{i.name} {i.validity.value}" for i in inputs if not i.valid]
+    return f" (signals untrustworthy: {', '.join(bad)})" if bad else ""
+
+
+def _per_label_policy(
+    policy: ThrottlePolicy,
+    snapshot: Snapshot,
+    previous: Mapping[str, ConditionState],
+    now: float,
+    baselines: Baselines,
+    out: _Collector,
+) -> Mapping[str, ConditionState]:
+    label = str(policy.spec.per)
+    if not _scheduled(policy, now):
+        for key, state in previous.items():
+            if state.active:
+                out.transitions.append(Transition(policy.ref, key, "released", ()))
+        return {}
+    keys = {name: SignalKey(spec.query, label) for name, spec in policy.spec.signals.items()}
+    samples = {name: snapshot.samples.get(key) for name, key in keys.items()}
+    universe = label_universe(list(samples.values()), [k for k in previous if k])
+    inputs = {
+        name: vector_input(name, spec, samples[name], universe, now)
+        for name, spec in policy.spec.signals.items()
+    }
+    when_expr, until_expr = policy.spec.when_expression, policy.spec.until_expression
+    used = (when_expr.names if when_expr else frozenset()) | (
+        until_expr.names if until_expr else frozenset()
+    )
+    size = len(universe)
+    valid = np.ones(size, dtype=bool)
+    for name in used:
+        valid &= inputs[name].valid
+    env = env_of(inputs)
+    when = valid & (when_expr.evaluate(env, size) if when_expr else np.ones(size, dtype=bool))
+    until = until_expr.evaluate(env, size) if until_expr and previous else None
+    # Only label values that fire now, or that the engine already tracks, need a state step.
+    # So `on_stale.then: min` engages only label values that were pending or active when their
+    # data went missing: a tenant never seen with valid data (a new one) is never flagged.
+    candidates = set(np.flatnonzero(when).tolist())
+    position = {k: i for i, k in enumerate(universe)} if previous else {}
+    candidates.update(position[k] for k in previous if k in position)
+    rules = _rules(policy)
+    states: dict[str, ConditionState] = {}
+    for i in sorted(candidates):
+        key = universe[i]
+        state = previous.get(key, ConditionState())
+        state, event = step(
+            state,
+            valid=bool(valid[i]),
+            when=bool(when[i]),
+            until=bool(until[i]) if until is not None else None,
+            now=now,
+            rules=rules,
+        )
+        if event or state.active:
+            readings = tuple(signal.reading(i) for signal in inputs.values())
+            if event:
+                out.transitions.append(Transition(policy.ref, key, event, readings))
+            if state.active:
+                out.active.setdefault(policy.ref, []).append(key)
+                _propose(policy, {label: key}, state, readings, baselines, out, "")
+        if _keep(state, now, policy):
+            states[key] = state
+    return states
+
+
+def _propose(
+    policy: ThrottlePolicy,
+    labels: Mapping[str, str],
+    state: ConditionState,
+    readings: tuple[SignalReading, ...],
+    baselines: Baselines,
+    out: _Collector,
+    suffix: str,
+) -> None:
+    why = _why(policy, state, readings) + suffix
+    for action in policy.spec.actions:
+        try:
+            address = action.target.fill(labels)
+        except AddressError as exc:
+            out.notes.append(f"{policy.ref}: label value cannot form an address: {exc.problem}")
+            continue
+        value, how = _action_value(action, address, baselines)
+        if value is None:
+            out.notes.append(f"{policy.ref}: {how}")
+            continue
+        out.proposals.append(Proposal(address, value, policy.ref, f"{why}; {how}", readings))
+
+
+def _why(policy: ThrottlePolicy, state: ConditionState, readings: tuple[SignalReading, ...]) -> str:
+    shown = ", ".join(f"{r.name}={fmt_number(r.value)}" for r in readings)
+    condition = f"`{policy.spec.when}`" if policy.spec.when else "scheduled"
+    held = f" held for {format_duration(policy.spec.for_)}" if policy.spec.for_ else " held"
+    since = (
+        f", active since {fmt_time(state.active_since)}" if state.active_since is not None else ""
+    )
+    return f"{condition}{held}{since}" + (f" ({shown})" if shown else "")
+
+
+def _action_value(
+    action: Action, address: Address, baselines: Baselines
+) -> tuple[float | None, str]:
+    if action.set is not None:
+        value, how = action.set, f"set {fmt_number(action.set)}"
+    else:
+        base = baselines.value(address)
+        if base is None:
+            return None, f"cannot scale {address}: it has no baseline (use `set:` or add a limit)"
+        value, how = (
+            base * float(action.scale or 1.0),
+            f"scale {fmt_number(action.scale)} × baseline {fmt_number(base)}",
+        )
+    if action.min is not None and value < action.min:
+        value, how = action.min, f"{how}, raised to min {fmt_number(action.min)}"
+    if action.max is not None and value > action.max:
+        value, how = action.max, f"{how}, lowered to max {fmt_number(action.max)}"
+    return value, how

@@ -1,0 +1,191 @@
+"""A validated, versioned set of policy documents, with the checks that span documents."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+
+from controller.model import Address, Scope, SignalKey
+from controller.policy.documents import (
+    AdaptiveLimit,
+    Behavior,
+    Document,
+    Limits,
+    LimitsSpec,
+    Metadata,
+    Plan,
+    SignalSpec,
+    ThrottlePolicy,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class SetProblem:
+    """A cross-document problem: which document (by position) and which field path."""
+
+    document: int
+    path: tuple[str | int, ...]
+    message: str
+
+
+class PolicySetError(ValueError):
+    """The documents are each valid but do not fit together."""
+
+    def __init__(self, problems: Sequence[SetProblem]) -> None:
+        super().__init__("; ".join(p.message for p in problems))
+        self.problems = tuple(problems)
+
+
+@dataclass(frozen=True, slots=True)
+class SignalUse:
+    """One named signal of one policy, and the query result it reads."""
+
+    policy: str
+    name: str
+    spec: SignalSpec
+    key: SignalKey
+
+
+@dataclass(frozen=True)
+class PolicySet:
+    """Everything the engine needs from the policy files, checked as a whole."""
+
+    plans: Mapping[str, Plan]
+    limits: Limits
+    throttles: tuple[ThrottlePolicy, ...]
+    adaptives: tuple[AdaptiveLimit, ...]
+    version: str = "unversioned"
+    documents: tuple[Document, ...] = field(default=(), repr=False)
+
+    @classmethod
+    def from_documents(cls, documents: Sequence[Document], version: str) -> PolicySet:
+        """Check names, references and targets across documents; raise PolicySetError."""
+        problems: list[SetProblem] = []
+        seen: dict[tuple[str, str], int] = {}
+        for index, doc in enumerate(documents):
+            key = (doc.kind, doc.metadata.name)
+            if key in seen:
+                problems.append(
+                    SetProblem(
+                        index,
+                        ("metadata", "name"),
+                        f"{doc.kind} {doc.metadata.name!r} is defined twice "
+                        f"(names are unique per kind)",
+                    )
+                )
+            seen.setdefault(key, index)
+        plans = {d.metadata.name: d for d in documents if isinstance(d, Plan)}
+        limit_docs = [(i, d) for i, d in enumerate(documents) if isinstance(d, Limits)]
+        for index, _ in limit_docs[1:]:
+            problems.append(
+                SetProblem(index, ("kind",), "only one `kind: Limits` document is allowed")
+            )
+        limits = limit_docs[0][1] if limit_docs else _implicit_limits(plans)
+        if limit_docs and plans and limits.spec.default_plan not in plans:
+            problems.append(
+                SetProblem(
+                    limit_docs[0][0],
+                    ("spec", "default_plan"),
+                    f"default_plan {limits.spec.default_plan!r} is not a Plan "
+                    f"(plans: {', '.join(sorted(plans))})",
+                )
+            )
+        problems += _check_plan_targets(documents, plans)
+        problems += _check_adaptive_targets(documents)
+        if problems:
+            raise PolicySetError(problems)
+        return cls(
+            plans=plans,
+            limits=limits,
+            throttles=tuple(d for d in documents if isinstance(d, ThrottlePolicy)),
+            adaptives=tuple(d for d in documents if isinstance(d, AdaptiveLimit)),
+            version=version,
+            documents=tuple(documents),
+        )
+
+    def signal_uses(self) -> Iterator[SignalUse]:
+        """Every named signal of every policy with the query result it needs."""
+        for policy in self.throttles:
+            for name, spec in policy.spec.signals.items():
+                yield SignalUse(policy.ref, name, spec, SignalKey(spec.query, policy.spec.per))
+        for adaptive in self.adaptives:
+            spec = adaptive.spec.signal
+            yield SignalUse(adaptive.ref, adaptive.spec.signal_name, spec, SignalKey(spec.query))
+
+    def signal_keys(self) -> set[SignalKey]:
+        """The distinct query results one tick must fetch (each query runs once)."""
+        return {use.key for use in self.signal_uses()}
+
+    def behavior_for(self, policy_ref: str | None) -> Behavior:
+        """The behaviour of a policy if it declares one, else the Limits default."""
+        declared = self._behaviors.get(policy_ref) if policy_ref else None
+        return declared if declared is not None else self.limits.spec.behavior
+
+    @cached_property
+    def _behaviors(self) -> dict[str, Behavior]:
+        found: dict[str, Behavior] = {}
+        for doc in self.throttles:
+            if doc.spec.behavior is not None:
+                found[doc.ref] = doc.spec.behavior
+        for adaptive in self.adaptives:
+            if adaptive.spec.behavior is not None:
+                found[adaptive.ref] = adaptive.spec.behavior
+        return found
+
+    def baseline_addresses(self) -> Iterator[tuple[Address, float]]:
+        """Addresses whose baseline is stated in the files: global, ip and plan limits."""
+        for kind, value in self.limits.spec.global_.items():
+            yield Address(Scope.GLOBAL, kind), value
+        for kind, value in self.limits.spec.ip.items():
+            yield Address(Scope.IP, kind), value
+        for name, plan in self.plans.items():
+            for kind, value in plan.spec.limits.items():
+                yield Address(Scope.PLAN, kind, plan=name), value
+
+
+def _implicit_limits(plans: Mapping[str, Plan]) -> Limits:
+    """With no Limits document: no global limits, the first plan (by name) as default."""
+    default = min(plans) if plans else "default"
+    return Limits.model_validate(
+        {
+            "apiVersion": "governor/v1",
+            "kind": "Limits",
+            "metadata": Metadata(name="implicit"),
+            "spec": LimitsSpec(default_plan=default),
+        }
+    )
+
+
+def _check_plan_targets(
+    documents: Sequence[Document], plans: Mapping[str, Plan]
+) -> Iterator[SetProblem]:
+    for index, doc in enumerate(documents):
+        if not isinstance(doc, ThrottlePolicy):
+            continue
+        for number, action in enumerate(doc.spec.actions):
+            text = action.target.text
+            parts = text.split("/")
+            if parts[0] == Scope.PLAN.value and "$" not in parts[1] and parts[1] not in plans:
+                yield SetProblem(
+                    index,
+                    ("spec", "actions", number, "target"),
+                    f"target {text!r} names plan {parts[1]!r}, which no Plan defines "
+                    f"(plans: {', '.join(sorted(plans)) or 'none'})",
+                )
+
+
+def _check_adaptive_targets(documents: Sequence[Document]) -> Iterator[SetProblem]:
+    owners: dict[Address, str] = {}
+    for index, doc in enumerate(documents):
+        if not isinstance(doc, AdaptiveLimit):
+            continue
+        target = doc.spec.target
+        if target in owners:
+            yield SetProblem(
+                index,
+                ("spec", "target"),
+                f"{target} is already driven by AdaptiveLimit {owners[target]!r}; "
+                "two controllers on one limit would fight",
+            )
+        owners.setdefault(target, doc.metadata.name)

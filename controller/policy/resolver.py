@@ -1,0 +1,256 @@
+"""The resolver: many proposals for one address → one value, moved at a safe pace.
+
+Order of precedence: a person's override > the most restrictive automatic proposal >
+the baseline. Automatic values are clamped to floors and ceilings, then paced per direction
+as the Kubernetes HPA `behavior` paces replicas: a stabilization window (act on the most
+cautious recommendation seen in the window) and a maximum change per period. Pure.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from controller.model import Address, Decision, Override, Proposal, Scope, Source
+from controller.policy.baselines import Baselines
+from controller.policy.documents import Behavior, BehaviorRule, format_duration
+from controller.policy.policyset import PolicySet
+from controller.policy.text import fmt_number, fmt_time
+
+UNLIMITED = math.inf
+_EXPLICIT_SCOPES = (Scope.GLOBAL, Scope.IP, Scope.PLAN)
+
+
+@dataclass(frozen=True, slots=True)
+class AddressMemory:
+    """What the resolver remembers per address: recent recommendations and values in force."""
+
+    recommendations: tuple[tuple[float, float], ...] = ()  # (time, recommended value)
+    values: tuple[tuple[float, float], ...] = ()  # (time, resolved value), oldest first
+    policy: str | None = None  # the last policy that won: its behaviour paces the way back
+
+    @property
+    def last(self) -> float | None:
+        return self.values[-1][1] if self.values else None
+
+
+@dataclass(frozen=True)
+class ResolverState:
+    memory: Mapping[Address, AddressMemory] = field(default_factory=dict)
+
+    def in_force(self) -> dict[Address, float]:
+        """The last resolved value of every remembered address."""
+        return {a: m.values[-1][1] for a, m in self.memory.items() if m.values}
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """The full desired state (explicit values only) and the resolver's next state."""
+
+    desired: Mapping[Address, Decision]
+    state: ResolverState
+
+
+def resolve(
+    policies: PolicySet,
+    baselines: Baselines,
+    proposals: Iterable[Proposal],
+    overrides: Mapping[Address, Override],
+    state: ResolverState,
+    now: float,
+    frozen: bool = False,
+) -> Resolution:
+    """Resolve every address that has a baseline, a proposal, an override or a memory."""
+    by_address: dict[Address, list[Proposal]] = {}
+    for proposal in proposals:
+        by_address.setdefault(proposal.address, []).append(proposal)
+    stated = dict(policies.baseline_addresses())
+    live_overrides = {a: o for a, o in overrides.items() if o.expires_at > now}
+    addresses = set(stated) | set(by_address) | set(live_overrides) | set(state.memory)
+    desired: dict[Address, Decision] = {}
+    memory: dict[Address, AddressMemory] = {}
+    for address in sorted(addresses):
+        baseline = stated.get(address, baselines.value(address))
+        decision, remembered = _resolve_one(
+            policies,
+            address,
+            baseline,
+            by_address.get(address, []),
+            live_overrides.get(address),
+            state.memory.get(address, AddressMemory()),
+            now,
+            frozen,
+        )
+        if remembered.values and not _settled(remembered, baseline, address):
+            memory[address] = remembered
+        if decision is not None and _explicit(decision, address):
+            desired[address] = decision
+    return Resolution(desired=desired, state=ResolverState(memory))
+
+
+def _explicit(decision: Decision, address: Address) -> bool:
+    """Stated baselines are always written; others only when they differ from what they inherit."""
+    if address.scope in _EXPLICIT_SCOPES and address.model is None:
+        return True
+    return decision.source is not Source.BASELINE or decision.value != decision.baseline
+
+
+def _settled(memory: AddressMemory, baseline: float | None, address: Address) -> bool:
+    """An inheriting address back at its baseline with no recent history can be forgotten."""
+    if address.scope in _EXPLICIT_SCOPES and address.model is None:
+        return False
+    target = UNLIMITED if baseline is None else baseline
+    return all(value == target for _, value in memory.recommendations) and memory.last == target
+
+
+def _resolve_one(
+    policies: PolicySet,
+    address: Address,
+    baseline: float | None,
+    proposals: list[Proposal],
+    override: Override | None,
+    memory: AddressMemory,
+    now: float,
+    frozen: bool,
+) -> tuple[Decision | None, AddressMemory]:
+    winner = min(proposals, key=lambda p: p.value) if proposals else None
+    recommended = winner.value if winner else (UNLIMITED if baseline is None else baseline)
+    adjustments: list[str] = []
+    recommended = _clamp(policies, address, recommended, adjustments)
+    behavior = policies.behavior_for(winner.policy if winner else memory.policy)
+    horizon = max(
+        behavior.tighten.stabilization,
+        behavior.loosen.stabilization,
+        behavior.tighten.period,
+        behavior.loosen.period,
+    )
+    recommendations = _trim((*memory.recommendations, (now, recommended)), now - horizon)
+    previous = memory.last
+    if override is not None:
+        value, source = override.value, Source.OVERRIDE
+        reason = (
+            f"pinned by {override.actor} until {fmt_time(override.expires_at)}: {override.reason}"
+        )
+    elif frozen and previous is not None:
+        value, source = previous, Source.FROZEN
+        reason = "automation is frozen: keeping the value in force"
+    else:
+        value = _paced(behavior, recommendations, previous, now, memory, adjustments)
+        if winner is not None:
+            source, reason = Source.POLICY, winner.reason
+        elif value != recommended:
+            source, reason = Source.PACING, f"returning to baseline {fmt_number(baseline)}"
+        else:
+            source, reason = Source.BASELINE, "no policy proposes a value: baseline"
+    values = _trim((*memory.values, (now, value)), now - horizon, keep_last=True)
+    remembered = AddressMemory(recommendations, values, winner.policy if winner else memory.policy)
+    if value == UNLIMITED:
+        return None, remembered
+    decision = Decision(
+        address=address,
+        value=value,
+        source=source,
+        policy=winner.policy if winner and source is Source.POLICY else None,
+        reason=reason,
+        signals=winner.signals if winner else (),
+        proposals=tuple(sorted(proposals, key=lambda p: (p.value, p.policy))),
+        baseline=baseline,
+        adjustments=tuple(adjustments),
+    )
+    return decision, remembered
+
+
+def _clamp(policies: PolicySet, address: Address, value: float, notes: list[str]) -> float:
+    spec = policies.limits.spec
+    floor = spec.floors.get(address)
+    ceiling = spec.ceilings.get(address)
+    if floor is not None and value < floor:
+        notes.append(f"raised to floor {fmt_number(floor)} (recommended {fmt_number(value)})")
+        value = floor
+    if ceiling is not None and value > ceiling:
+        notes.append(f"lowered to ceiling {fmt_number(ceiling)} (recommended {fmt_number(value)})")
+        value = ceiling
+    return value
+
+
+def _trim(
+    points: tuple[tuple[float, float], ...], since: float, keep_last: bool = False
+) -> tuple[tuple[float, float], ...]:
+    """Drop points older than `since`; with keep_last, keep the newest older one (the value
+    that was in force when the window opened)."""
+    kept = tuple(p for p in points if p[0] >= since)
+    if keep_last:
+        older = [p for p in points if p[0] < since]
+        if older:
+            kept = (older[-1], *kept)
+    return kept
+
+
+def _paced(
+    behavior: Behavior,
+    recommendations: tuple[tuple[float, float], ...],
+    previous: float | None,
+    now: float,
+    memory: AddressMemory,
+    notes: list[str],
+) -> float:
+    recommended = recommendations[-1][1]
+    if previous is None or recommended == previous:
+        return recommended
+    if recommended > previous:
+        rule, loosen = behavior.loosen, True
+        # Loosen only as far as every recommendation in the window allows.
+        window = [v for t, v in recommendations if t >= now - rule.stabilization] or [recommended]
+        value = max(previous, min(window))
+    else:
+        rule, loosen = behavior.tighten, False
+        window = [v for t, v in recommendations if t >= now - rule.stabilization] or [recommended]
+        value = min(previous, max(window))
+    if value != recommended:
+        notes.append(
+            f"{'loosening' if loosen else 'tightening'} held by the "
+            f"{format_duration(rule.stabilization)} stabilization window "
+            f"(recommended {fmt_number(recommended)})"
+        )
+    return _rate_limited(rule, loosen, value, previous, now, memory, notes)
+
+
+def _rate_limited(
+    rule: BehaviorRule,
+    loosen: bool,
+    value: float,
+    previous: float,
+    now: float,
+    memory: AddressMemory,
+    notes: list[str],
+) -> float:
+    if rule.max_change_percent is None or value == previous or math.isinf(value):
+        return value
+    reference = _value_at(memory, now - rule.period, previous)
+    if math.isinf(reference):
+        # A percentage of "no limit" bounds nothing (inf × 0.5 is inf): a limit on an
+        # address without baseline applies at once, as on the tick it is first set.
+        return value
+    step = rule.max_change_percent / 100.0
+    # A percentage of 0 is 0: a limit set to 0 would never loosen, so pace it from 1.
+    base = max(reference, 1.0) if loosen else reference
+    bound = base * (1 + step) if loosen else reference * (1 - step)
+    limited = min(value, bound) if loosen else max(value, bound)
+    limited = max(limited, previous) if loosen else min(limited, previous)
+    if limited != value:
+        notes.append(
+            f"{'loosening' if loosen else 'tightening'} limited to "
+            f"{fmt_number(rule.max_change_percent)}% per {format_duration(rule.period)} "
+            f"(wanted {fmt_number(value)})"
+        )
+    return limited
+
+
+def _value_at(memory: AddressMemory, when: float, default: float) -> float:
+    """The value in force at time `when` (the start of the rate-limit period)."""
+    value = memory.values[0][1] if memory.values else default
+    for t, v in memory.values:
+        if t <= when:
+            value = v
+    return value

@@ -1,0 +1,243 @@
+"""YAML text → plain Python values, remembering the line and column of every key and value. Pure."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Hashable, Mapping
+from dataclasses import dataclass, field
+
+import yaml
+
+Path = tuple[Hashable, ...]
+
+# Plain YAML tags; anything else (`!!set`, `!!omap`, application tags) is refused so that a
+# policy means the same to every YAML reader.
+_MAP_TAG = "tag:yaml.org,2002:map"
+_SEQ_TAG = "tag:yaml.org,2002:seq"
+_NULL_TAG = "tag:yaml.org,2002:null"
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+# Aliases can make a small file expand into a huge value ("billion laughs"); policies are
+# small, so these bounds only ever stop hostile or broken input.
+MAX_VALUES = 100_000
+MAX_DEPTH = 64
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class Position:
+    """A place in a file, 1-based like editors and compilers show it."""
+
+    line: int
+    column: int
+
+
+@dataclass(frozen=True, slots=True)
+class Spot:
+    """Where a value and the key that names it are (the same place for list items)."""
+
+    key: Position
+    value: Position
+
+
+@dataclass(frozen=True, slots=True)
+class SourceProblem:
+    """Something wrong with the YAML itself: syntax, duplicate keys, unsupported tags."""
+
+    position: Position
+    path: Path
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class SourceDocument:
+    """One YAML document as Python values, with the spot of every path in it."""
+
+    value: object
+    spots: Mapping[Path, Spot]
+    problems: tuple[SourceProblem, ...] = ()
+
+    def spot(self, path: Path) -> tuple[Path, Spot]:
+        """The deepest recorded prefix of `path` and its spot (the root always exists)."""
+        for end in range(len(path), -1, -1):
+            found = self.spots.get(path[:end])
+            if found is not None:
+                return path[:end], found
+        raise KeyError(path)  # unreachable: the root path () is always recorded
+
+
+@dataclass(frozen=True, slots=True)
+class SourceFile:
+    """Every non-empty document of a file, and the problems that stopped parsing."""
+
+    documents: tuple[SourceDocument, ...]
+    problems: tuple[SourceProblem, ...]
+
+
+# The characters YAML reads as a line break (str.splitlines knows more, e.g. form feed).
+LINE_BREAK = re.compile("\r\n|[\r\n\x85\u2028\u2029]")
+
+
+class _Lines:
+    """Turns PyYAML marks into positions that always fall inside the file."""
+
+    def __init__(self, text: str) -> None:
+        self.lines = LINE_BREAK.split(text)
+        if len(self.lines) > 1 and not self.lines[-1]:
+            self.lines.pop()  # the text after a final line break is not a line
+
+    def position(self, line: int, column: int) -> Position:
+        """From 0-based line/column; a mark past the last line moves to its end."""
+        if line >= len(self.lines):
+            return Position(len(self.lines), len(self.lines[-1]) + 1)
+        return Position(line + 1, column + 1)
+
+    def at_mark(self, mark: yaml.Mark | None) -> Position:
+        return self.position(mark.line, mark.column) if mark is not None else Position(1, 1)
+
+    def at_offset(self, text: str, offset: int) -> Position:
+        lines = LINE_BREAK.split(text[:offset])
+        return self.position(len(lines) - 1, len(lines[-1]))
+
+
+def parse_yaml(text: str) -> SourceFile:
+    """Every non-empty document of `text`; never raises for bad input, returns problems."""
+    lines = _Lines(text)
+    documents: list[SourceDocument] = []
+    try:
+        for node in yaml.compose_all(text, Loader=yaml.SafeLoader):
+            if node.tag == _NULL_TAG and isinstance(node, yaml.ScalarNode) and not node.value:
+                continue  # an empty document between `---` lines
+            documents.append(_Converter(lines).document(node))
+    except yaml.MarkedYAMLError as exc:
+        return SourceFile(tuple(documents), (_syntax_problem(exc, lines),))
+    except yaml.reader.ReaderError as exc:
+        message = f"YAML: character #x{exc.character:04x} is not allowed ({exc.reason})"
+        problem = SourceProblem(lines.at_offset(text, exc.position), (), message)
+        return SourceFile(tuple(documents), (problem,))
+    except RecursionError:
+        problem = SourceProblem(Position(1, 1), (), "YAML nests too deeply to be a policy")
+        return SourceFile(tuple(documents), (problem,))
+    return SourceFile(tuple(documents), ())
+
+
+def _syntax_problem(exc: yaml.MarkedYAMLError, lines: _Lines) -> SourceProblem:
+    problem = exc.problem or "invalid YAML"
+    if exc.context and exc.context_mark is not None:
+        where = lines.at_mark(exc.context_mark)
+        problem += f" ({exc.context} started at line {where.line}, column {where.column})"
+    elif exc.context:
+        problem += f" ({exc.context})"
+    return SourceProblem(lines.at_mark(exc.problem_mark), (), f"YAML syntax: {problem}")
+
+
+@dataclass
+class _Converter:
+    """Builds Python values from a node tree, recording spots and YAML-level problems."""
+
+    lines: _Lines
+    spots: dict[Path, Spot] = field(default_factory=dict)
+    problems: list[SourceProblem] = field(default_factory=list)
+    count: int = 0
+    active: set[int] = field(default_factory=set)
+    scalars: yaml.SafeLoader = field(default_factory=lambda: yaml.SafeLoader(""))
+
+    def document(self, node: yaml.Node) -> SourceDocument:
+        start = self.lines.at_mark(node.start_mark)
+        self.spots[()] = Spot(start, start)
+        value = self.value(node, ())
+        return SourceDocument(value, self.spots, tuple(self.problems))
+
+    def problem(self, node: yaml.Node, path: Path, message: str) -> None:
+        self.problems.append(SourceProblem(self.lines.at_mark(node.start_mark), path, message))
+
+    def value(self, node: yaml.Node, path: Path) -> object:
+        self.count += 1
+        if self.count > MAX_VALUES:
+            if self.count == MAX_VALUES + 1:
+                self.problem(node, path, f"the document expands to over {MAX_VALUES} values")
+            return None
+        if len(path) > MAX_DEPTH:
+            self.problem(node, path, f"the document nests deeper than {MAX_DEPTH} levels")
+            return None
+        if id(node) in self.active:
+            self.problem(node, path, "an alias refers to a value that contains it")
+            return None
+        if isinstance(node, yaml.ScalarNode):
+            return self.scalar(node, path)
+        self.active.add(id(node))
+        try:
+            if isinstance(node, yaml.MappingNode) and node.tag == _MAP_TAG:
+                return self.mapping(node, path)
+            if isinstance(node, yaml.SequenceNode) and node.tag == _SEQ_TAG:
+                return self.sequence(node, path)
+        finally:
+            self.active.discard(id(node))
+        self.problem(node, path, f"YAML tag {node.tag!r} is not supported here")
+        return None
+
+    def scalar(self, node: yaml.Node, path: Path) -> object:
+        try:
+            return self.scalars.construct_object(node, deep=True)
+        except yaml.YAMLError as exc:
+            reason = getattr(exc, "problem", None) or str(exc)
+        except (ValueError, TypeError, AttributeError, OverflowError) as exc:
+            reason = str(exc) or type(exc).__name__
+        self.problem(node, path, f"cannot read this value: {reason}")
+        return None
+
+    def sequence(self, node: yaml.SequenceNode, path: Path) -> list[object]:
+        items: list[object] = []
+        for index, child in enumerate(node.value):
+            here = self.lines.at_mark(child.start_mark)
+            self.spots[(*path, index)] = Spot(here, here)
+            items.append(self.value(child, (*path, index)))
+        return items
+
+    def mapping(self, node: yaml.MappingNode, path: Path) -> dict[Hashable, object]:
+        result: dict[Hashable, object] = {}
+        for key_node, value_node in node.value:
+            if key_node.tag == _MERGE_TAG:
+                self.merge(value_node, path, result)
+        first_seen: dict[Hashable, Position] = {}
+        for key_node, value_node in node.value:
+            key = None if key_node.tag == _MERGE_TAG else self.key(key_node, path)
+            if key is None:
+                continue
+            where = self.lines.at_mark(key_node.start_mark)
+            if key in first_seen:
+                first = first_seen[key]
+                self.problem(
+                    key_node,
+                    (*path, key),
+                    f"duplicate key {key!r} (first at line {first.line}, column {first.column})",
+                )
+                continue
+            first_seen[key] = where
+            if key in result:  # written here and merged: forget where the merged one was
+                self.forget((*path, key))
+            self.spots[(*path, key)] = Spot(where, self.lines.at_mark(value_node.start_mark))
+            result[key] = self.value(value_node, (*path, key))
+        return result
+
+    def key(self, node: yaml.Node, path: Path) -> Hashable | None:
+        if not isinstance(node, yaml.ScalarNode):
+            self.problem(node, path, "a key must be plain text, not a list or a mapping")
+            return None
+        key = self.scalar(node, path)
+        if key is None:
+            self.problem(node, path, "a key cannot be empty (null)")
+            return None
+        return key if isinstance(key, Hashable) else str(key)
+
+    def merge(self, node: yaml.Node, path: Path, into: dict[Hashable, object]) -> None:
+        """`<<: *defaults`: keys written in the mapping win, then earlier merged mappings."""
+        sources = node.value if isinstance(node, yaml.SequenceNode) else [node]
+        for source in reversed(sources):
+            merged = self.value(source, path)
+            if isinstance(merged, dict):
+                into.update(merged)
+            else:
+                self.problem(source, path, "`<<` merges only mappings")
+
+    def forget(self, path: Path) -> None:
+        for recorded in [p for p in self.spots if p[: len(path)] == path]:
+            del self.spots[recorded]

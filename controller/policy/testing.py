@@ -1,0 +1,303 @@
+"""Policy unit tests (`*_test.yaml`), in the manner of `promtool test rules`.
+
+Signal values per evaluation interval are written in expanding notation (`'0.5x4 0.95x10'`,
+`'1+1x3'`, `_` for a missing sample); the real engine and resolver run over them on a virtual
+clock, and the limits in force are compared with the expectations.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated
+
+import numpy as np
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+
+from controller.model import (
+    Address,
+    Override,
+    Sample,
+    ScalarSample,
+    SignalKey,
+    Snapshot,
+    Validity,
+    VectorSample,
+)
+from controller.policy.baselines import Baselines
+from controller.policy.diagnostics import format_path
+from controller.policy.documents import AddressField, Duration, format_duration
+from controller.policy.engine import EngineState, evaluate
+from controller.policy.loader import LocatedError
+from controller.policy.policyset import PolicySet
+from controller.policy.resolver import ResolverState, resolve
+from controller.policy.sourcemap import parse_yaml
+from controller.policy.text import fmt_number
+
+_TERM = re.compile(
+    r"^(?P<start>_|[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)"
+    r"(?:(?P<sign>[-+])(?P<step>(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?))?"
+    r"(?:x(?P<count>\d+))?$"
+)
+
+
+def expand_series(text: str) -> list[float | None]:
+    """`'0.5x2 1+1x2 _'` → [0.5, 0.5, 0.5, 1, 2, 3, None]. Raise ValueError naming the term."""
+    values: list[float | None] = []
+    for term in str(text).split():
+        match = _TERM.match(term)
+        if match is None:
+            raise ValueError(
+                f"{term!r} is not expanding notation: use `a`, `axN` (a, N more times), "
+                "`a+bxN` / `a-bxN` (a then N steps of b), or `_` / `_xN` for missing samples"
+            )
+        count = int(match.group("count") or 0)
+        if match.group("start") == "_":
+            if match.group("step"):
+                raise ValueError(f"{term!r}: a missing sample `_` cannot have a step")
+            values.extend([None] * max(count, 1))
+            continue
+        start = float(match.group("start"))
+        step = float(match.group("step") or 0.0) * (-1 if match.group("sign") == "-" else 1)
+        values.extend(start + step * i for i in range(count + 1))
+    return values
+
+
+Series = Annotated[list[float | None], BeforeValidator(expand_series)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class TestOverride(_Strict):
+    """A person's pin during the test, from `at` for `ttl`."""
+
+    address: AddressField
+    value: float = Field(ge=0, allow_inf_nan=False)
+    at: Duration = 0.0
+    ttl: Duration = Field(3600.0, gt=0)
+    reason: str = "policy test"
+
+
+class Expectation(_Strict):
+    at: Duration
+    limits: dict[AddressField, float | None] = Field(
+        default_factory=dict, description="limits in force; null = no limit"
+    )
+    active: list[str] | None = Field(
+        None, description="names of the policies active at that time (`name` or `name/key`)"
+    )
+
+
+class PolicyTestCase(_Strict):
+    __test__ = False  # not a pytest class
+
+    name: str
+    start: dt.datetime | None = None
+    tenants: dict[str, str] = Field(default_factory=dict)
+    signals: dict[str, Series | dict[str, Series]] = Field(default_factory=dict)
+    overrides: list[TestOverride] = Field(default_factory=list)
+    expect: list[Expectation] = Field(min_length=1)
+
+    @field_validator("start")
+    @classmethod
+    def _aware(cls, value: dt.datetime | None) -> dt.datetime | None:
+        if value is not None and value.tzinfo is None:
+            raise ValueError("start needs a time zone, e.g. 2026-03-02T09:00:00Z")
+        return value
+
+
+class PolicyTestFile(_Strict):
+    __test__ = False
+
+    policy_files: list[str] = Field(min_length=1)
+    interval: Duration = Field(30.0, gt=0)
+    tests: list[PolicyTestCase] = Field(min_length=1)
+
+
+@dataclass
+class CaseResult:
+    """The outcome of one test case: failures are human-readable lines."""
+
+    name: str
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+
+LoadPolicies = Callable[[Sequence[Path]], PolicySet]
+
+TEST_FILE_PATTERNS = ("*_test.yaml", "*_test.yml")
+
+
+def find_test_files(directory: Path) -> list[Path]:
+    """The policy test files of `directory`, sorted."""
+    found = {p for pattern in TEST_FILE_PATTERNS for p in directory.glob(pattern) if p.is_file()}
+    return sorted(found)
+
+
+def read_test_file(path: Path) -> tuple[PolicyTestFile | None, list[LocatedError]]:
+    """Parse one test file; every error is located at file:line:column."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        return None, [LocatedError(str(path), 1, 1, "", f"cannot read the file: {exc}")]
+    source = parse_yaml(text)
+    errors = [
+        LocatedError(str(path), p.position.line, p.position.column, format_path(p.path), p.message)
+        for p in (*source.problems, *(q for d in source.documents for q in d.problems))
+    ]
+    if errors:
+        return None, errors
+    if len(source.documents) != 1:
+        message = "a policy test file holds exactly one YAML document"
+        return None, [LocatedError(str(path), 1, 1, "", message)]
+    document = source.documents[0]
+    try:
+        spec = PolicyTestFile.model_validate(document.value)
+    except ValidationError as exc:
+        for error in exc.errors():
+            loc = tuple(part for part in error["loc"] if not str(part).startswith("function-"))
+            _, spot = document.spot(loc)
+            where = format_path(loc)
+            errors.append(
+                LocatedError(
+                    str(path), spot.value.line, spot.value.column, where, f"{where}: {error['msg']}"
+                )
+            )
+        return None, errors
+    for number, name in enumerate(spec.policy_files):
+        if not (path.parent / name).is_file():
+            _, spot = document.spot(("policy_files", number))
+            message = f"policy_files[{number}]: {name!r} is not a file beside this test"
+            errors.append(
+                LocatedError(str(path), spot.value.line, spot.value.column, "policy_files", message)
+            )
+    return (None, errors) if errors else (spec, [])
+
+
+def run_file(path: Path, spec: PolicyTestFile, load: LoadPolicies) -> list[CaseResult]:
+    """Run every case of one test file; policies are loaded relative to the file."""
+    policies = load([path.parent / name for name in spec.policy_files])
+    return [run_case(policies, case, spec.interval) for case in spec.tests]
+
+
+def run_case(policies: PolicySet, case: PolicyTestCase, interval: float) -> CaseResult:
+    """Drive the engine and resolver tick by tick and check each expectation."""
+    result = CaseResult(case.name)
+    keys = _signal_keys(policies, case, result)
+    if result.failures:
+        return result
+    start = case.start.timestamp() if case.start else 0.0
+    due: dict[int, list[Expectation]] = {}
+    for expectation in case.expect:
+        tick = expectation.at / interval
+        if not math.isclose(tick, round(tick)):
+            result.failures.append(
+                f"expect at {format_duration(expectation.at)}: not a multiple of the interval "
+                f"{format_duration(interval)}"
+            )
+            continue
+        due.setdefault(round(tick), []).append(expectation)
+    baselines = Baselines(policies, case.tenants)
+    engine, resolver = EngineState(), ResolverState()
+    for tick in range(max(due, default=-1) + 1):
+        now = start + tick * interval
+        snapshot = Snapshot(now, _samples(case, keys, tick, now))
+        evaluation = evaluate(policies, snapshot, engine, now, baselines, resolver.in_force())
+        overrides = _overrides(case, tick * interval, start)
+        resolution = resolve(policies, baselines, evaluation.proposals, overrides, resolver, now)
+        engine, resolver = evaluation.state, resolution.state
+        for expectation in due.get(tick, []):
+            when = format_duration(expectation.at)
+            for address, expected in expectation.limits.items():
+                decision = resolution.desired.get(address)
+                actual = decision.value if decision else baselines.value(address)
+                if actual != expected:
+                    why = decision.reason if decision else "not written: inherits its baseline"
+                    result.failures.append(
+                        f"at {when}: {address}: expected {_show(expected)}, got {_show(actual)} "
+                        f"({why})"
+                    )
+            if expectation.active is not None:
+                active = sorted(
+                    f"{ref.split('/', 1)[1]}/{key}" if key else ref.split("/", 1)[1]
+                    for ref, active_keys in evaluation.active.items()
+                    for key in active_keys
+                )
+                if sorted(expectation.active) != active:
+                    result.failures.append(
+                        f"at {when}: active policies: expected {sorted(expectation.active)}, "
+                        f"got {active}"
+                    )
+    return result
+
+
+def _show(value: float | None) -> str:
+    return "no limit" if value is None else fmt_number(value)
+
+
+def _signal_keys(
+    policies: PolicySet, case: PolicyTestCase, result: CaseResult
+) -> dict[str, list[SignalKey]]:
+    keys: dict[str, list[SignalKey]] = {}
+    for use in policies.signal_uses():
+        keys.setdefault(use.name, []).append(use.key)
+    for name in case.signals:
+        if name not in keys:
+            result.failures.append(
+                f"signal {name!r} is not used by any policy in policy_files "
+                f"(signals: {', '.join(sorted(keys)) or 'none'})"
+            )
+    return keys
+
+
+def _samples(
+    case: PolicyTestCase, keys: Mapping[str, list[SignalKey]], tick: int, now: float
+) -> dict[SignalKey, Sample]:
+    samples: dict[SignalKey, Sample] = {}
+    for name, series in case.signals.items():
+        for key in keys.get(name, []):
+            if isinstance(series, dict):
+                samples[key] = _vector(key.by or "label", series, tick, now)
+            else:
+                samples[key] = _scalar(series, tick, now)
+    return samples
+
+
+def _at(series: list[float | None], tick: int) -> float | None:
+    return series[tick] if tick < len(series) else None
+
+
+def _scalar(series: list[float | None], tick: int, now: float) -> ScalarSample:
+    value = _at(series, tick)
+    if value is None:
+        return ScalarSample(math.nan, now, Validity.EMPTY, "no sample in the test series")
+    return ScalarSample(value, now)
+
+
+def _vector(label: str, series: Mapping[str, list[float | None]], tick: int, now: float) -> Sample:
+    present = [(k, v) for k, s in series.items() if (v := _at(s, tick)) is not None]
+    if not present:
+        return VectorSample(label, (), np.empty(0), np.empty(0), Validity.EMPTY)
+    return VectorSample(
+        label,
+        tuple(k for k, _ in present),
+        np.array([v for _, v in present], dtype=np.float64),
+        np.full(len(present), now),
+    )
+
+
+def _overrides(case: PolicyTestCase, elapsed: float, start: float) -> dict[Address, Override]:
+    return {
+        o.address: Override(o.address, o.value, start + o.at + o.ttl, "policy-test", o.reason)
+        for o in case.overrides
+        if o.at <= elapsed
+    }

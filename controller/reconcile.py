@@ -1,0 +1,64 @@
+"""Level-triggered reconciliation, the pure part: desired vs actual → changes; drift. No I/O."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from controller.model import Address
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One limit to write (`new` set) or delete (`new` None); `old` is what was read."""
+
+    address: Address
+    old: float | None
+    new: float | None
+
+    @property
+    def is_delete(self) -> bool:
+        return self.new is None
+
+
+@dataclass(frozen=True, slots=True)
+class Drift:
+    """A limit whose stored value is not what Governor last wrote: someone edited it."""
+
+    address: Address
+    written: float | None  # what Governor last wrote (None: it never wrote this address)
+    actual: float | None  # what is there now (None: deleted; NaN: not a number)
+
+
+def _same(a: float | None, b: float | None) -> bool:
+    # NaN (a hand-written non-number) never equals anything, so it is always rewritten.
+    return a is not None and b is not None and a == b and not math.isnan(a)
+
+
+def diff(desired: Mapping[Address, float], actual: Mapping[Address, float]) -> list[Change]:
+    """Changes that make `actual` equal `desired`, sorted by address; [] when they match.
+
+    Pure: no side effects. An address in `actual` but not in `desired` is deleted.
+    """
+    changes = [
+        Change(address, actual.get(address), value)
+        for address, value in desired.items()
+        if not _same(actual.get(address), value)
+    ]
+    changes.extend(Change(a, v, None) for a, v in actual.items() if a not in desired)
+    changes.sort(key=lambda c: str(c.address))
+    return changes
+
+
+def find_drift(actual: Mapping[Address, float], written: Mapping[Address, float]) -> list[Drift]:
+    """Addresses whose stored value differs from Governor's ledger, sorted. Pure."""
+    addresses: Iterable[Address] = written.keys() | actual.keys()
+    return sorted(
+        (
+            Drift(a, written.get(a), actual.get(a))
+            for a in addresses
+            if not _same(written.get(a), actual.get(a))
+        ),
+        key=lambda d: str(d.address),
+    )

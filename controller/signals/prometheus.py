@@ -1,0 +1,274 @@
+"""The Prometheus signal source: every distinct query of a tick runs once, concurrently, with
+a timeout, and comes back as a snapshot sample whose validity says what went wrong.
+
+Errors never escape `fetch`: a failing query becomes a Validity.ERROR sample whose detail
+names the query and the cause, so only the policies that read it degrade.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import math
+import re
+import threading
+import time
+import urllib.parse
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+import requests
+from prometheus_api_client import PrometheusConnect
+from prometheus_api_client.exceptions import PrometheusApiClientException
+from urllib3.util.retry import Retry
+
+from controller.errors import ConfigurationError, SignalError
+from controller.model import Sample, ScalarSample, SignalKey, Snapshot, Validity, VectorSample
+from controller.settings import PrometheusSettings
+from controller.signals.decode import ResultShapeError, decode_scalar, decode_vector
+from controller.signals.freshness import SampleTimes
+from controller.signals.promql import selectors
+
+# The server-side `timeout` fires first, so the answer says "timeout" with Prometheus' own
+# words instead of a bare socket error; the HTTP timeout is the backstop.
+_HTTP_GRACE_SECONDS = 1.0
+# The library's default retries 3 times with back-off on 5xx: 6 s of waiting inside one tick,
+# and again on a query that timed out. One immediate retry of a refused or reset connection
+# (a pooled keep-alive socket closed by the server) is all a 5 s control loop can afford.
+_RETRY = Retry(total=1, connect=1, read=False, status=0, other=0, redirect=0, backoff_factor=0)
+# Prometheus' answer puts `warnings` after `data`; inside a JSON string a quote is escaped,
+# so these bytes can only be the top-level key.
+# The root cause inside requests' long ConnectionError text, e.g. "Connection refused".
+_OS_ERROR = re.compile(r"\[Errno -?\d+\] ([^'\")]+)")
+_WARNINGS_KEY = b'"warnings":['
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """One query's raw result list, or why there is none."""
+
+    result: Sequence[Any] = ()
+    warnings: tuple[str, ...] = ()
+    error: str | None = None
+
+
+@dataclass
+class _Connection:
+    """One prometheus-api-client connection (one requests session) per worker thread,
+    remembering the last HTTP response: the library returns only `data.result` and raises
+    on errors with a bare status, so warnings and error bodies are read from the response."""
+
+    client: PrometheusConnect
+    session: requests.Session
+    last: requests.Response | None = None
+
+    def remember(self, response: requests.Response, *args: Any, **kwargs: Any) -> None:
+        self.last = response
+
+
+def _client_options(settings: PrometheusSettings) -> dict[str, Any]:
+    """Headers and auth for PrometheusConnect; secrets are unwrapped only here."""
+    if settings.bearer_token is not None and settings.username is not None:
+        raise ConfigurationError(
+            "Prometheus: set either GOVERNOR_PROMETHEUS__BEARER_TOKEN or "
+            "GOVERNOR_PROMETHEUS__USERNAME/PASSWORD, not both"
+        )
+    headers = dict(settings.headers)
+    if settings.bearer_token is not None:
+        headers["Authorization"] = f"Bearer {settings.bearer_token.get_secret_value()}"
+    auth = None
+    if settings.username is not None:
+        password = settings.password.get_secret_value() if settings.password else ""
+        auth = (settings.username, password)
+    return {"headers": headers or None, "auth": auth}
+
+
+def _error_detail(response: requests.Response | None, fallback: str) -> str:
+    """`HTTP 400 bad_data: parse error ...` from Prometheus' error body, if it sent one."""
+    if response is None:
+        return fallback
+    try:
+        body = response.json()
+        return f"HTTP {response.status_code} {body['errorType']}: {body['error']}"
+    except (ValueError, KeyError, TypeError):
+        text = response.text[:200].strip()
+        return f"HTTP {response.status_code}: {text or response.reason}"
+
+
+def _warnings(response: requests.Response | None) -> tuple[str, ...]:
+    if response is None or response.content.rfind(_WARNINGS_KEY) < 0:
+        return ()
+    return tuple(str(w) for w in response.json().get("warnings") or ())
+
+
+@dataclass
+class PrometheusSource:
+    """Reads a tick's signals from one Prometheus; use as a context manager or call close()."""
+
+    settings: PrometheusSettings
+    _local: threading.local = field(default_factory=threading.local, repr=False)
+    _connections: list[_Connection] = field(default_factory=list, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _pool: concurrent.futures.ThreadPoolExecutor | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        self._options = _client_options(self.settings)
+        self._times = SampleTimes(self.settings.sample_age_refresh_seconds)
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=self.settings.max_concurrency, thread_name_prefix="prometheus"
+        )
+
+    @classmethod
+    def from_url(cls, url: str, **settings: Any) -> PrometheusSource:
+        """A source with default settings but these (tests, scripts)."""
+        return cls(PrometheusSettings(url=url, **settings))
+
+    @property
+    def url(self) -> str:
+        """The Prometheus URL as shown in messages: a `user:password@` part is dropped."""
+        parts = urllib.parse.urlsplit(self.settings.url)
+        return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
+
+    @property
+    def http_timeout(self) -> float:
+        return self.settings.timeout_seconds + _HTTP_GRACE_SECONDS
+
+    def fetch(self, keys: Iterable[SignalKey], now: float) -> Snapshot:
+        """Evaluate every distinct query once at `now`; never raises for a failing query."""
+        wanted = list(dict.fromkeys(keys))
+        reads = {query: selectors(query) for query in dict.fromkeys(k.query for k in wanted)}
+        every = [s for found in reads.values() for s in found]
+        answers = self.run([*reads, *self._times.due(every, now)], now)
+        self._times.update(every, answers, now)
+        samples = {
+            key: self._sample(key, answers[key.query], reads[key.query], now) for key in wanted
+        }
+        return Snapshot(taken_at=now, samples=samples)
+
+    def run(self, queries: Iterable[str], now: float) -> dict[str, Answer]:
+        """Run distinct queries concurrently (bounded pool); a query without an answer in
+        time is an error, and nothing raises."""
+        distinct = list(dict.fromkeys(queries))
+        assert self._pool is not None, "the source is closed"
+        futures = {q: self._pool.submit(self.query, q, now) for q in distinct}
+        rounds = math.ceil(len(distinct) / self.settings.max_concurrency)
+        budget = 2 * self.http_timeout * max(rounds, 1)
+        concurrent.futures.wait(futures.values(), timeout=budget)
+        answers = {}
+        for query, future in futures.items():
+            if future.done() and future.exception() is not None:
+                answers[query] = Answer(error=f"unexpected failure: {future.exception()!r}")
+            elif future.done():
+                answers[query] = future.result()
+            else:
+                future.cancel()
+                answers[query] = Answer(error=f"no answer within {budget:.0f}s")
+        return answers
+
+    def query(self, query: str, now: float) -> Answer:
+        """One instant query at `now` through prometheus-api-client, errors as values."""
+        connection = self._connection()
+        connection.last = None
+        params = {"time": f"{now:.3f}", "timeout": f"{self.settings.timeout_seconds:g}"}
+        try:
+            result = connection.client.custom_query(query, params=params, timeout=self.http_timeout)
+        except PrometheusApiClientException as exc:
+            return Answer(error=_error_detail(connection.last, str(exc)))
+        except requests.Timeout:
+            return Answer(error=f"no answer within {self.http_timeout:g}s (timeout)")
+        except requests.ConnectionError as exc:
+            reason = _OS_ERROR.search(str(exc))
+            cause = reason.group(1) if reason else type(exc).__name__
+            return Answer(error=f"cannot reach Prometheus at {self.url}: {cause}")
+        except (requests.RequestException, KeyError, TypeError) as exc:
+            return Answer(error=f"not a Prometheus query answer: {exc}")
+        return Answer(result=result, warnings=_warnings(connection.last))
+
+    def check(self, now: float | None = None) -> None:
+        """Raise SignalError unless Prometheus answers a trivial query."""
+        answer = self.query("time()", time.time() if now is None else now)
+        if answer.error is not None:
+            raise SignalError(
+                f"Prometheus at {self.url} does not answer: {answer.error}; "
+                "check GOVERNOR_PROMETHEUS__URL, TLS and auth settings"
+            )
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+        with self._lock:
+            for connection in self._connections:
+                connection.session.close()
+            self._connections.clear()
+
+    def __enter__(self) -> PrometheusSource:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        trace: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def _connection(self) -> _Connection:
+        connection: _Connection | None = getattr(self._local, "connection", None)
+        if connection is None:
+            session = requests.Session()
+            ca_file = self.settings.ca_file
+            session.verify = str(ca_file) if ca_file is not None else self.settings.verify_tls
+            client = PrometheusConnect(
+                url=self.settings.url.rstrip("/"),
+                disable_ssl=not self.settings.verify_tls,
+                retry=_RETRY,
+                session=session,
+                **self._options,
+            )
+            connection = _Connection(client, session)
+            session.hooks["response"].append(connection.remember)
+            self._local.connection = connection
+            with self._lock:
+                self._connections.append(connection)
+        return connection
+
+    def _sample(self, key: SignalKey, answer: Answer, reads: Sequence[str], now: float) -> Sample:
+        if answer.error is not None:
+            return error_sample(key, f"query {key.query!r} failed: {answer.error}")
+        fresh = self._times.of(reads, now)
+        if isinstance(fresh, str):
+            return error_sample(key, f"query {key.query!r}: {fresh}")
+        timestamp, note = fresh
+        validity = Validity.PARTIAL if answer.warnings else Validity.OK
+        detail = "; ".join(filter(None, [*answer.warnings, note]))
+        try:
+            if key.by is None:
+                return decode_scalar(answer.result, timestamp, validity, detail)
+            return decode_vector(answer.result, key.by, timestamp, validity, detail)
+        except ResultShapeError as exc:
+            return error_sample(key, f"query {key.query!r}: {exc}")
+        except (KeyError, IndexError, TypeError, ValueError) as exc:
+            return error_sample(key, f"query {key.query!r}: not a Prometheus result ({exc!r})")
+
+
+def error_sample(key: SignalKey, detail: str) -> Sample:
+    """The sample of a query that failed as a whole: no value for any label value."""
+    if key.by is None:
+        return ScalarSample(math.nan, math.nan, Validity.ERROR, detail)
+    empty = np.empty(0, dtype=np.float64)
+    return VectorSample(key.by, (), empty, empty.copy(), Validity.ERROR, detail)
+
+
+def signal_errors(
+    snapshot: Snapshot, users: Mapping[SignalKey, Sequence[str]]
+) -> list[SignalError]:
+    """A SignalError for each query that failed as a whole, naming the policies that use it."""
+    errors = []
+    for key, sample in snapshot.samples.items():
+        if sample.validity is Validity.ERROR:
+            policies = ", ".join(users.get(key, ())) or "no policy"
+            errors.append(SignalError(f"{sample.detail} (used by {policies})"))
+    return errors

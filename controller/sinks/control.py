@@ -1,0 +1,185 @@
+"""What people set by hand in Redis: overrides and the freeze flag (both expire by TTL), tenants."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import redis
+
+from controller.model import Address, Override, validate_id
+from controller.sinks.connection import wrapped
+from controller.sinks.keys import KeySchema, checked
+from controller.sinks.records import override_from_json, override_to_json
+
+
+@dataclass(frozen=True, slots=True)
+class Freeze:
+    """Automation is frozen until `expires_at`: automatic changes stop, overrides still apply."""
+
+    actor: str
+    reason: str
+    set_at: float
+    expires_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class ControlState:
+    """Everything the resolver takes from people each tick."""
+
+    overrides: Mapping[Address, Override]
+    freeze: Freeze | None
+    tenants: Mapping[str, str]  # tenant → plan
+
+    @property
+    def frozen(self) -> bool:
+        return self.freeze is not None
+
+
+def _ttl_ms(ttl_seconds: float) -> int:
+    if not (math.isfinite(ttl_seconds) and ttl_seconds > 0):
+        raise ValueError(f"TTL {ttl_seconds!r} must be a positive number of seconds")
+    return max(1, round(ttl_seconds * 1000))
+
+
+class ControlStore:
+    """Overrides, freeze and the tenant registry under one key prefix."""
+
+    def __init__(
+        self, client: redis.Redis[str], keys: KeySchema, clock: Callable[[], float] = time.time
+    ) -> None:
+        self.client = client
+        self.keys = keys
+        self._clock = clock
+
+    # Overrides: the string key's TTL is the promise; the sorted set only indexes them.
+    def set_override(
+        self, address: Address, value: float, *, ttl_seconds: float, actor: str, reason: str
+    ) -> tuple[Override, Override | None]:
+        """Pin `address` to `value` for `ttl_seconds`; returns (new, previous or None)."""
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"override value {value!r} must be a finite number >= 0")
+        ttl = _ttl_ms(ttl_seconds)
+        now = self._clock()
+        override = Override(checked(address), value, now + ttl / 1000, actor, reason)
+        key = self.keys.override(address)
+        with wrapped(self.client, f"set the override of {address}"):
+            previous = self._get_override(address)
+            pipe = self.client.pipeline(transaction=True)
+            pipe.set(key, override_to_json(override, set_at=now), px=ttl)
+            pipe.zadd(self.keys.override_index, {str(address): override.expires_at})
+            pipe.execute()
+        return override, previous
+
+    def clear_override(self, address: Address) -> Override | None:
+        """Remove an override; returns what was removed (None: there was none)."""
+        with wrapped(self.client, f"clear the override of {address}"):
+            previous = self._get_override(address)
+            pipe = self.client.pipeline(transaction=True)
+            pipe.delete(self.keys.override(address))
+            pipe.zrem(self.keys.override_index, str(address))
+            pipe.execute()
+        return previous
+
+    def override(self, address: Address) -> Override | None:
+        with wrapped(self.client, f"read the override of {address}"):
+            return self._get_override(address)
+
+    def _get_override(self, address: Address) -> Override | None:
+        pipe = self.client.pipeline(transaction=True)
+        pipe.get(self.keys.override(address))
+        pipe.pttl(self.keys.override(address))
+        text, pttl = pipe.execute()
+        return self._decode_override(text, pttl)
+
+    def _decode_override(self, text: str | None, pttl: int) -> Override | None:
+        if text is None or pttl == -2:
+            return None
+        # The key's remaining TTL is the truth (server clock), not the stored expiry.
+        return override_from_json(text, expires_at=self._clock() + max(pttl, 0) / 1000)
+
+    def overrides(self) -> dict[Address, Override]:
+        """Every override in force now (expired ones are gone with their keys)."""
+        with wrapped(self.client, "list overrides"):
+            return self._overrides()
+
+    def _overrides(self) -> dict[Address, Override]:
+        index = self.keys.override_index
+        names: list[str] = self.client.zrange(index, 0, -1)
+        pipe = self.client.pipeline(transaction=False)
+        for name in names:
+            key = self.keys.override(Address.parse(name))
+            pipe.get(key)
+            pipe.pttl(key)
+        replies = pipe.execute()
+        found: dict[Address, Override] = {}
+        expired: list[str] = []
+        for i, name in enumerate(names):
+            override = self._decode_override(replies[2 * i], replies[2 * i + 1])
+            if override is None:
+                expired.append(name)
+            else:
+                found[override.address] = override
+        # The index is pruned by what Redis says expired, never by our clock.
+        if expired:
+            self.client.zrem(index, *expired)
+        return found
+
+    # Freeze: one key whose TTL ends it.
+    def freeze(self, *, ttl_seconds: float, actor: str, reason: str) -> Freeze:
+        ttl = _ttl_ms(ttl_seconds)
+        now = self._clock()
+        freeze = Freeze(actor, reason, now, now + ttl / 1000)
+        record = {"actor": actor, "reason": reason, "set_at": now, "expires_at": freeze.expires_at}
+        with wrapped(self.client, "freeze"):
+            self.client.set(self.keys.freeze, json.dumps(record, sort_keys=True), px=ttl)
+        return freeze
+
+    def unfreeze(self) -> Freeze | None:
+        """Lift the freeze; returns the freeze that was lifted (None: there was none)."""
+        with wrapped(self.client, "unfreeze"):
+            previous = self._freeze()
+            self.client.delete(self.keys.freeze)
+        return previous
+
+    def frozen(self) -> Freeze | None:
+        with wrapped(self.client, "read the freeze flag"):
+            return self._freeze()
+
+    def _freeze(self) -> Freeze | None:
+        text: str | None = self.client.get(self.keys.freeze)
+        if text is None:
+            return None
+        data = json.loads(text)
+        return Freeze(data["actor"], data["reason"], data["set_at"], data["expires_at"])
+
+    # The tenant registry: tenant → plan.
+    def set_tenant(self, tenant: str, plan: str) -> str | None:
+        """Put `tenant` on `plan`; returns the previous plan (None: it was not registered)."""
+        validate_id(tenant, "tenant")
+        validate_id(plan, "plan")
+        with wrapped(self.client, f"register tenant {tenant}"):
+            pipe = self.client.pipeline(transaction=True)
+            pipe.hget(self.keys.tenants, tenant)
+            pipe.hset(self.keys.tenants, tenant, plan)
+            previous: str | None = pipe.execute()[0]
+        return previous
+
+    def tenant_plan(self, tenant: str) -> str | None:
+        validate_id(tenant, "tenant")
+        with wrapped(self.client, f"read tenant {tenant}"):
+            plan: str | None = self.client.hget(self.keys.tenants, tenant)
+        return plan
+
+    def tenants(self) -> dict[str, str]:
+        with wrapped(self.client, "list tenants"):
+            registry: dict[str, str] = self.client.hgetall(self.keys.tenants)
+        return dict(sorted(registry.items()))
+
+    def read(self) -> ControlState:
+        """Overrides, freeze and tenants for one tick."""
+        with wrapped(self.client, "read overrides, freeze and tenants"):
+            return ControlState(self._overrides(), self._freeze(), self.tenants())

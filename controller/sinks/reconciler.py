@@ -1,0 +1,98 @@
+"""One reconcile per tick: read actual, diff against the desired decisions, apply, journal."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import structlog
+
+from controller.audit import Journal, JournalEvent, Kind, change_events, drift_events
+from controller.model import Address, Decision
+from controller.reconcile import Change, Drift, diff
+from controller.sinks import ApplyResult, Sink
+
+
+@runtime_checkable
+class DecisionRecorder(Protocol):
+    """A sink that can also keep each address's last decision for `governor explain`."""
+
+    def record_decisions(self, decisions: Mapping[Address, Decision], tick: int | None) -> int:
+        """Store the decisions that changed; return how many records were written."""
+        ...
+
+
+@dataclass(frozen=True)
+class TickReport:
+    """What one reconcile found and did."""
+
+    changes: tuple[Change, ...]
+    drift: tuple[Drift, ...]
+    result: ApplyResult | None  # None: dry run, nothing written
+    dry_run: bool
+
+
+class Reconciler:
+    """Level-triggered: every tick compares the full desired state with what the sink holds."""
+
+    def __init__(self, sink: Sink, journal: Journal, *, runbook_base_url: str = "") -> None:
+        self.sink = sink
+        self.journal = journal
+        self.runbook_base_url = runbook_base_url
+        self._reported_drift: set[Drift] = set()
+        self._log = structlog.get_logger("governor.reconciler")
+
+    def tick(
+        self,
+        decisions: Mapping[Address, Decision],
+        *,
+        tick: int,
+        policy_version: str | None,
+        dry_run: bool = False,
+        runbooks: Mapping[str, str] | None = None,
+    ) -> TickReport:
+        """Make the sink hold exactly `decisions` (the full desired state); journal each change.
+
+        Drift (a value someone else wrote) is journalled once per distinct edit, then
+        overwritten like any other difference. In a dry run nothing is written to the sink.
+        """
+        state = self.sink.read()
+        drift = tuple(state.drift)
+        for event in drift_events([d for d in drift if d not in self._reported_drift], tick=tick):
+            self.journal.emit(event)
+        self._reported_drift = set(drift)
+        for entry in state.foreign:
+            self._log.warning("limit.foreign_entry", entry=entry, tick=tick)
+        changes = diff({a: d.value for a, d in decisions.items()}, state)
+        result = None if dry_run else self.sink.apply(changes)
+        for event in change_events(
+            changes,
+            decisions,
+            tick=tick,
+            policy_version=policy_version,
+            dry_run=dry_run,
+            runbooks=runbooks,
+            runbook_base_url=self.runbook_base_url,
+        ):
+            self.journal.emit(event)
+        if result is not None and result.mismatched:
+            self._report_mismatch(result, tick)
+        if isinstance(self.sink, DecisionRecorder):
+            self.sink.record_decisions(decisions, tick)
+        return TickReport(tuple(changes), drift, result, dry_run)
+
+    def _report_mismatch(self, result: ApplyResult, tick: int) -> None:
+        for change in result.mismatched:
+            self.journal.emit(
+                JournalEvent(
+                    kind=Kind.VERIFY_FAILED,
+                    actor="controller",
+                    reason="read back after writing, the value differs (a concurrent writer?); "
+                    "the next tick retries",
+                    address=str(change.address),
+                    old=change.old,
+                    new=change.new,
+                    tick=tick,
+                )
+            )

@@ -1,0 +1,80 @@
+"""JSON records Governor keeps in Redis: decisions (read by `explain`) and overrides."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from controller.model import Address, Decision, Override, Proposal, SignalReading
+
+
+def _signal(reading: SignalReading) -> dict[str, Any]:
+    return {
+        "name": reading.name,
+        "value": reading.value,
+        "timestamp": reading.timestamp,
+        "validity": str(reading.validity),
+    }
+
+
+def signals_to_list(readings: tuple[SignalReading, ...]) -> list[dict[str, Any]]:
+    """Signal readings as plain JSON objects (name, value, timestamp, validity)."""
+    return [_signal(r) for r in readings]
+
+
+def _proposal(proposal: Proposal) -> dict[str, Any]:
+    return {
+        "value": proposal.value,
+        "policy": proposal.policy,
+        "reason": proposal.reason,
+        "signals": signals_to_list(proposal.signals),
+    }
+
+
+def decision_to_json(decision: Decision, *, tick: int | None, at: float) -> str:
+    """The last-decision record of one address (contract: `<prefix>:decisions`)."""
+    return json.dumps(
+        {
+            "address": str(decision.address),
+            "value": decision.value,
+            "source": str(decision.source),
+            "policy": decision.policy,
+            "reason": decision.reason,
+            "baseline": decision.baseline,
+            "adjustments": list(decision.adjustments),
+            "signals": signals_to_list(decision.signals),
+            "proposals": [_proposal(p) for p in decision.proposals],
+            "tick": tick,
+            "decided_at": at,
+        },
+        sort_keys=True,
+        allow_nan=False,
+    )
+
+
+def override_to_json(override: Override, *, set_at: float) -> str:
+    """An override record (contract: `<prefix>:override:<address>`)."""
+    return json.dumps(
+        {
+            "address": str(override.address),
+            "value": override.value,
+            "expires_at": override.expires_at,
+            "actor": override.actor,
+            "reason": override.reason,
+            "set_at": set_at,
+        },
+        sort_keys=True,
+        allow_nan=False,
+    )
+
+
+def override_from_json(text: str, *, expires_at: float | None = None) -> Override:
+    """An override record; `expires_at` (from the key's TTL) wins over the stored one."""
+    data = json.loads(text)
+    return Override(
+        address=Address.parse(data["address"]),
+        value=float(data["value"]),
+        expires_at=float(data["expires_at"] if expires_at is None else expires_at),
+        actor=str(data["actor"]),
+        reason=str(data["reason"]),
+    )

@@ -1,0 +1,100 @@
+"""`governor signals` against a real Prometheus: what on-call sees, as a table and as JSON."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from controller.cli import app
+from tests.signals import history
+from tests.support.prometheus import PrometheusServer
+from tests.support.redis import free_port
+
+pytestmark = pytest.mark.integration
+
+POLICIES = f"""\
+apiVersion: governor/v1
+kind: ThrottlePolicy
+metadata: {{name: gpu-hot}}
+spec:
+  signals:
+    gpu_util: {{query: 'avg(gpu_util)', stale_after: 1d}}
+  when: gpu_util > 0.9
+  actions: [{{target: global/requests_per_second, set: 100}}]
+---
+apiVersion: governor/v1
+kind: ThrottlePolicy
+metadata: {{name: spenders}}
+spec:
+  per: tenant
+  signals:
+    spend: {{query: '{history.SPEND}', stale_after: 1d}}
+    backlog: {{query: 'sum by (tenant) (queue_missing_metric)', stale_after: 1d}}
+  when: spend > 1.0 && backlog > 1.0
+  actions: [{{target: tenant/$tenant/tokens_per_minute, set: 1000}}]
+"""
+
+
+@pytest.fixture
+def policy_dir(tmp_path: Path) -> Path:
+    (tmp_path / "policies.yaml").write_text(POLICIES)
+    return tmp_path
+
+
+def run(url: str, *args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(
+        app, ["signals", *args], env={"GOVERNOR_PROMETHEUS__URL": url, "COLUMNS": "200"}
+    )
+    return result.exit_code, result.stdout
+
+
+def test_json_shows_each_signal_with_value_age_and_validity(
+    history_prometheus: PrometheusServer, policy_dir: Path
+) -> None:
+    code, out = run(history_prometheus.url, "--policies", str(policy_dir), "--json")
+    assert code == 1  # the backlog signal reads nothing
+    found = {(r["policy"], r["signal"]): r for r in json.loads(out)["signals"]}
+    gpu = found["ThrottlePolicy/gpu-hot", "gpu_util"]
+    assert (gpu["validity"], gpu["value"], gpu["series"]) == ("ok", pytest.approx(0.65), None)
+    assert gpu["age_seconds"] >= 60
+    spend = found["ThrottlePolicy/spenders", "spend"]
+    assert (spend["validity"], spend["series"], spend["usable"]) == ("ok", 5, 5)
+    assert spend["min"] == pytest.approx(history.BASE_RATE, rel=0.05)
+    assert spend["max"] == pytest.approx(history.PEAK_RATE, rel=0.05)
+    backlog = found["ThrottlePolicy/spenders", "backlog"]
+    assert (backlog["validity"], backlog["detail"]) == ("empty", "query returned no series")
+
+
+def test_one_policy_as_a_table_exits_0_when_all_its_signals_are_usable(
+    history_prometheus: PrometheusServer, policy_dir: Path
+) -> None:
+    code, out = run(history_prometheus.url, "--policies", str(policy_dir), "--policy", "gpu-hot")
+    assert code == 0
+    assert "ThrottlePolicy/gpu-hot" in out
+    assert "0.65" in out
+    assert "spenders" not in out
+
+
+def test_an_unknown_policy_exits_2_naming_the_known_ones(
+    history_prometheus: PrometheusServer, policy_dir: Path
+) -> None:
+    result = CliRunner().invoke(
+        app,
+        ["signals", "--policies", str(policy_dir), "--policy", "nope"],
+        env={"GOVERNOR_PROMETHEUS__URL": history_prometheus.url},
+    )
+    assert result.exit_code == 2
+    assert "ThrottlePolicy/gpu-hot, ThrottlePolicy/spenders" in result.stderr
+
+
+def test_prometheus_down_shows_errors_and_exits_1(policy_dir: Path) -> None:
+    url = f"http://user:secret@127.0.0.1:{free_port()}"
+    code, out = run(url, "--policies", str(policy_dir), "--json")
+    assert code == 1
+    body = json.loads(out)
+    assert {r["validity"] for r in body["signals"]} == {"error"}
+    assert all("Connection refused" in r["detail"] for r in body["signals"])
+    assert "secret" not in out

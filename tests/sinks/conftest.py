@@ -1,0 +1,58 @@
+"""Fixtures: one real redis-server per session (flushed per test), sinks and journals on it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from controller.audit import Journal
+from controller.settings import JournalSettings, RedisSettings
+from controller.sinks.connection import connect
+from controller.sinks.control import ControlStore
+from controller.sinks.keys import KeySchema
+from controller.sinks.redis import RedisSink
+from tests.support.redis import RedisServer
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def db(redis_server: RedisServer) -> Iterator[redis.Redis[str]]:
+    """A plain client on an empty database (for assertions and hand edits)."""
+    with redis_server.client() as client:
+        client.flushall()
+        yield client
+
+
+@pytest.fixture
+def keys() -> KeySchema:
+    return KeySchema("governor")
+
+
+@pytest.fixture
+def client(db: redis.Redis[str], redis_server: RedisServer) -> Iterator[redis.Redis[str]]:
+    """A client made like Governor makes its own (closed after the test)."""
+    with connect(redis_server.url, RedisSettings(), retries=0) as made:
+        yield made
+
+
+@pytest.fixture
+def sink(client: redis.Redis[str], keys: KeySchema) -> RedisSink:
+    return RedisSink(client, keys)
+
+
+@pytest.fixture
+def control(client: redis.Redis[str], keys: KeySchema) -> ControlStore:
+    return ControlStore(client, keys)
+
+
+@pytest.fixture
+def journal(client: redis.Redis[str], keys: KeySchema) -> Journal:
+    return Journal(client, keys, JournalSettings(stream_max_length=1000, buffer_max_events=50))

@@ -1,0 +1,181 @@
+"""The Redis-backed commands through typer's CliRunner, against a real redis-server."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import redis
+from typer.testing import CliRunner, Result
+
+from controller.cli import app
+from controller.model import Address
+from controller.reconcile import diff
+from controller.settings import RedisSettings
+from controller.sinks.redis import RedisSink
+from tests.support.redis import RedisServer
+
+runner = CliRunner()
+
+
+def run(url: str | None, *args: str) -> Result:
+    env = {"GOVERNOR_REDIS__URL": url} if url else {}
+    return runner.invoke(app, list(args), env=env)
+
+
+def ok(url: str, *args: str) -> Result:
+    result = run(url, *args)
+    assert result.exit_code == 0, result.output
+    return result
+
+
+@pytest.fixture
+def url(redis_server: RedisServer, db: redis.Redis[str]) -> str:
+    return redis_server.url
+
+
+def test_limits_get_json_is_the_stable_shape(url: str) -> None:
+    sink = RedisSink.from_url(url, RedisSettings())
+    desired = {
+        Address.parse("global/requests_per_second"): 2000.0,
+        Address.parse("tenant/acme/tokens_per_minute@gpt-4"): 12.5,
+        Address.parse("tenant/bob/tokens_per_minute"): 7.0,
+    }
+    sink.apply(diff(desired, sink.read()))
+    assert json.loads(ok(url, "limits", "get", "--json").stdout) == {
+        "version": 1,
+        "limits": {
+            "global/requests_per_second": 2000,
+            "tenant/acme/tokens_per_minute@gpt-4": 12.5,
+            "tenant/bob/tokens_per_minute": 7,
+        },
+    }
+    only = json.loads(ok(url, "limits", "get", "tenant/acme", "--json").stdout)
+    assert only["limits"] == {"tenant/acme/tokens_per_minute@gpt-4": 12.5}
+    table = ok(url, "limits", "get").stdout
+    assert "version 1" in table
+    assert "tenant/bob/tokens_per_minute" in table
+
+
+def test_override_set_list_clear_are_journalled(url: str, db: redis.Redis[str]) -> None:
+    address = "tenant/acme/tokens_per_minute"
+    out = ok(url, "override", "set", address, "5000", "--ttl", "1h", "--reason", "INC-42",
+             "--actor", "alice").stdout  # fmt: skip
+    assert "until" in out
+    assert 3_500_000 < db.pttl(f"governor:override:{address}") <= 3_600_000
+    listed = json.loads(ok(url, "override", "list", "--json").stdout)
+    assert [(o["address"], o["value"], o["actor"]) for o in listed["overrides"]] == [
+        (address, 5000.0, "alice")
+    ]
+    assert "INC-42" in ok(url, "override", "list").stdout
+    ok(url, "override", "clear", address, "--reason", "resolved", "--actor", "bob")
+    assert json.loads(ok(url, "override", "list", "--json").stdout)["overrides"] == []
+    events = [json.loads(line) for line in ok(url, "audit", "tail", "--json").stdout.splitlines()]
+    assert [(e["kind"], e["actor"], e["reason"], e["old"], e["new"]) for e in events] == [
+        ("override.set", "alice", "INC-42", None, 5000.0),
+        ("override.cleared", "bob", "resolved", 5000.0, None),
+    ]
+
+
+def test_a_reason_is_required_and_addresses_are_checked(url: str) -> None:
+    missing = run(url, "override", "set", "global/requests_per_second", "1", "--ttl", "1h")
+    assert missing.exit_code == 2
+    assert "--reason" in missing.output
+    blank = run(url, "freeze", "--ttl", "30m", "--reason", " ")
+    assert blank.exit_code == 2
+    bad = run(url, "override", "set", "tenant/a}{b/tokens_per_minute", "1", "--ttl", "1h",
+              "--reason", "x")  # fmt: skip
+    assert bad.exit_code == 2
+    assert "not a safe id" in bad.output or "letters, digits" in bad.output
+
+
+def test_freeze_and_unfreeze(url: str, db: redis.Redis[str]) -> None:
+    ok(url, "freeze", "--ttl", "30m", "--reason", "INC-7 investigating", "--actor", "carol")
+    assert 1_700_000 < db.pttl("governor:freeze") <= 1_800_000
+    assert json.loads(ok(url, "override", "list", "--json").stdout)["freeze"]["actor"] == "carol"
+    assert "FROZEN" in ok(url, "override", "list").stdout
+    assert "automation unfrozen" in ok(url, "unfreeze", "--actor", "carol").stdout
+    assert db.exists("governor:freeze") == 0
+    kinds = [json.loads(x)["kind"] for x in ok(url, "audit", "tail", "--json").stdout.splitlines()]
+    assert kinds == ["freeze.set", "freeze.cleared"]
+
+
+def test_actor_defaults_to_the_os_user(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("getpass.getuser", lambda: "oncall-dave")
+    ok(url, "freeze", "--ttl", "5m", "--reason", "drill")
+    (line,) = ok(url, "audit", "tail", "--json").stdout.splitlines()
+    assert json.loads(line)["actor"] == "oncall-dave"
+
+
+def test_tenants_set_get_list(url: str) -> None:
+    ok(url, "tenants", "set", "acme", "paid")
+    assert "was paid" in ok(url, "tenants", "set", "acme", "free").stdout
+    assert ok(url, "tenants", "get", "acme").stdout.strip() == "free"
+    missing = run(url, "tenants", "get", "nobody")
+    assert missing.exit_code == 1
+    assert json.loads(ok(url, "tenants", "list", "--json").stdout) == {"acme": "free"}
+    assert "acme" in ok(url, "tenants", "list").stdout
+    assert run(url, "tenants", "set", "a}{b", "paid").exit_code == 2
+
+
+def test_explain_shows_proposals_override_winner_and_history(url: str) -> None:
+    from controller.audit import Journal
+    from controller.model import Decision, Proposal, SignalReading, Source
+    from controller.settings import JournalSettings
+    from controller.sinks.connection import connect
+    from controller.sinks.keys import KeySchema
+    from controller.sinks.reconciler import Reconciler
+
+    address = Address.parse("plan/free/requests_per_minute")
+    gpu = SignalReading("gpu_util", 0.95, 1_700_000_000.0)
+    proposals = (
+        Proposal(address, 5.0, "ThrottlePolicy/gpu-saturation", "gpu hot", (gpu,)),
+        Proposal(address, 8.0, "AdaptiveLimit/rps", "tracking 0.8", (gpu,)),
+    )
+    decision = Decision(address, 5.0, Source.POLICY, "ThrottlePolicy/gpu-saturation",
+                        "most restrictive", (gpu,), proposals, 10.0, ("floor 1",))  # fmt: skip
+    sink = RedisSink.from_url(url, RedisSettings())
+    journal = Journal(connect(url, RedisSettings()), KeySchema(), JournalSettings())
+    Reconciler(sink, journal).tick({address: decision}, tick=9, policy_version="v1")
+    ok(url, "override", "set", str(address), "3", "--ttl", "1h", "--reason", "INC-9")
+    data = json.loads(ok(url, "explain", str(address), "--json").stdout)
+    assert data["stored"] == 5.0
+    assert data["decision"]["baseline"] == 10.0
+    assert [p["policy"] for p in data["decision"]["proposals"]] == [
+        "ThrottlePolicy/gpu-saturation",
+        "AdaptiveLimit/rps",
+    ]
+    assert data["decision"]["proposals"][0]["signals"][0]["value"] == 0.95
+    assert data["override"]["value"] == 3.0
+    assert [e["kind"] for e in data["events"]] == ["limit.changed", "override.set"]
+    human = ok(url, "explain", str(address)).stdout
+    for text in ("AdaptiveLimit/rps", "gpu_util=0.95", "winner: 5 from policy", "INC-9", "floor 1"):
+        assert text in human
+
+
+def test_without_a_url_the_cli_names_the_variable() -> None:
+    result = run(None, "limits", "get")
+    assert result.exit_code == 2
+    assert "GOVERNOR_REDIS__URL" in result.output
+
+
+def test_a_password_in_the_url_never_appears_in_output(tmp_path: Path) -> None:
+    server = RedisServer(tmp_path / "auth", password="s3cr3t-pw").start()
+    try:
+        outputs = [
+            ok(server.url, "freeze", "--ttl", "1m", "--reason", "x").output,
+            ok(server.url, "audit", "tail", "--json").output,
+            ok(server.url, "config", "show", "--json").output,
+        ]
+        wrong = server.url.replace("s3cr3t-pw", "wr0ng-pw")
+        failed = run(wrong, "limits", "get")
+        server.stop()
+        down = run(server.url, "limits", "get")
+    finally:
+        server.stop()
+    assert failed.exit_code == 1
+    assert down.exit_code == 1
+    for output in [*outputs, failed.output, down.output]:
+        assert "s3cr3t-pw" not in output
+        assert "wr0ng-pw" not in output

@@ -1,0 +1,107 @@
+"""Overrides, the freeze flag and the tenant registry on a real redis-server: TTL is the promise."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import redis
+
+from controller.model import Address
+from controller.sinks.control import ControlStore
+
+A = Address.parse
+TPM = A("tenant/acme/tokens_per_minute")
+
+
+def wait_until_gone(db: redis.Redis[str], key: str) -> None:
+    """Poll (never sleep blindly) until Redis has expired `key`."""
+    deadline = time.monotonic() + 10
+    while db.exists(key):
+        assert time.monotonic() < deadline, f"{key} did not expire"
+        time.sleep(0.01)
+
+
+def test_an_override_is_stored_with_a_ttl_and_listed(
+    control: ControlStore, db: redis.Redis[str]
+) -> None:
+    override, previous = control.set_override(
+        TPM, 5000, ttl_seconds=3600, actor="alice", reason="INC-42 runaway client"
+    )
+    assert previous is None
+    key = "governor:override:tenant/acme/tokens_per_minute"
+    assert 3_590_000 < db.pttl(key) <= 3_600_000
+    listed = control.overrides()
+    assert list(listed) == [TPM]
+    assert listed[TPM].value == 5000
+    assert listed[TPM].actor == "alice"
+    assert abs(listed[TPM].expires_at - override.expires_at) < 5
+    _, previous = control.set_override(TPM, 4000, ttl_seconds=60, actor="bob", reason="tighter")
+    assert previous is not None
+    assert previous.value == 5000
+
+
+def test_an_override_expires_by_redis_ttl_even_without_the_controller(
+    control: ControlStore, db: redis.Redis[str]
+) -> None:
+    control.set_override(TPM, 5000, ttl_seconds=60, actor="alice", reason="test")
+    control.set_override(
+        A("global/requests_per_second"), 100, ttl_seconds=3600, actor="a", reason="r"
+    )
+    key = "governor:override:tenant/acme/tokens_per_minute"
+    db.pexpire(key, 50)  # fast-forward: the TTL Redis enforces is what makes it end
+    wait_until_gone(db, key)
+    assert list(control.overrides()) == [A("global/requests_per_second")]
+    # The index forgets the expired override once Redis says it is gone.
+    assert db.zrange("governor:overrides", 0, -1) == ["global/requests_per_second"]
+
+
+def test_clearing_an_override_returns_it(control: ControlStore, db: redis.Redis[str]) -> None:
+    control.set_override(TPM, 5000, ttl_seconds=60, actor="alice", reason="test")
+    cleared = control.clear_override(TPM)
+    assert cleared is not None
+    assert cleared.value == 5000
+    assert control.clear_override(TPM) is None
+    assert control.overrides() == {}
+    assert db.keys("governor:override*") == []
+
+
+@pytest.mark.parametrize("value", [-1.0, float("nan"), float("inf")])
+def test_override_values_must_be_finite_and_not_negative(
+    control: ControlStore, value: float
+) -> None:
+    with pytest.raises(ValueError, match="finite number >= 0"):
+        control.set_override(TPM, value, ttl_seconds=60, actor="a", reason="r")
+
+
+def test_freeze_holds_until_its_ttl(control: ControlStore, db: redis.Redis[str]) -> None:
+    assert control.frozen() is None
+    freeze = control.freeze(ttl_seconds=1800, actor="alice", reason="INC-42 investigating")
+    state = control.read()
+    assert state.frozen
+    assert state.freeze == freeze
+    assert 1_790_000 < db.pttl("governor:freeze") <= 1_800_000
+    db.pexpire("governor:freeze", 50)
+    wait_until_gone(db, "governor:freeze")
+    assert not control.read().frozen
+
+
+def test_unfreeze_lifts_the_freeze(control: ControlStore) -> None:
+    control.freeze(ttl_seconds=60, actor="alice", reason="x")
+    lifted = control.unfreeze()
+    assert lifted is not None
+    assert lifted.actor == "alice"
+    assert control.unfreeze() is None
+
+
+def test_the_tenant_registry(control: ControlStore) -> None:
+    assert control.set_tenant("acme", "paid") is None
+    assert control.set_tenant("evil", "free") is None
+    assert control.set_tenant("acme", "free") == "paid"
+    assert control.tenant_plan("acme") == "free"
+    assert control.tenant_plan("nobody") is None
+    assert control.read().tenants == {"acme": "free", "evil": "free"}
+    with pytest.raises(ValueError, match=r"tenant 'a\}\{b'"):
+        control.set_tenant("a}{b", "paid")
+    with pytest.raises(ValueError, match="plan"):
+        control.set_tenant("acme", "pl an")

@@ -1,0 +1,150 @@
+"""The journal: structlog events, a capped stream, no loss across a Redis restart, loud overflow."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import redis
+import structlog
+from structlog.testing import capture_logs
+
+from controller.audit import Journal, JournalEvent, Kind, read_events
+from controller.logging import MASK, configure_logging
+from controller.settings import JournalSettings, RedisSettings
+from controller.sinks.connection import connect
+from controller.sinks.keys import KeySchema
+from tests.support.redis import RedisServer
+
+KEYS = KeySchema("governor")
+
+
+def event(n: int, address: str = "global/requests_per_second") -> JournalEvent:
+    return JournalEvent(
+        kind=Kind.LIMIT_CHANGED,
+        actor="controller",
+        reason=f"change {n}",
+        address=address,
+        old=float(n),
+        new=float(n + 1),
+        tick=n,
+        policy="ThrottlePolicy/gpu-saturation",
+        policy_version="sha256:abc",
+        signals=({"name": "gpu_util", "value": 0.95, "timestamp": 1700000000.0},),
+        runbook="https://example.org/runbooks/GovernorGpuSaturation.md",
+    )
+
+
+def stream_reasons(client: redis.Redis[str]) -> list[str]:
+    return [json.loads(f["data"])["reason"] for _, f in client.xrange("governor:journal")]
+
+
+def test_each_event_is_logged_and_stored(journal: Journal, db: redis.Redis[str]) -> None:
+    with capture_logs() as logs:
+        journal.emit(event(1))
+    assert logs == [
+        {
+            "event": "limit.changed",
+            "log_level": "info",
+            **{k: v for k, v in event(1).to_dict().items() if k not in ("kind", "at", "event_id")},
+            "at": logs[0]["at"],
+            "event_id": logs[0]["event_id"],
+        }
+    ]
+    (entry,) = read_events(db, KEYS, count=5)
+    assert entry.event.reason == "change 1"
+    assert entry.event.signals[0]["value"] == 0.95
+    assert entry.event.event_id == logs[0]["event_id"]
+
+
+def test_tail_filters_by_address_prefix_and_count(journal: Journal, db: redis.Redis[str]) -> None:
+    for n in range(30):
+        journal.emit(event(n, "tenant/acme/tokens_per_minute" if n % 3 == 0 else "global/x"))
+    found = read_events(db, KEYS, count=4, address="tenant/acme")
+    assert [e.event.tick for e in found] == [18, 21, 24, 27]
+    assert len(read_events(db, KEYS, count=100)) == 30
+
+
+def test_the_stream_is_capped(redis_server: RedisServer, db: redis.Redis[str]) -> None:
+    client = connect(redis_server.url, RedisSettings(), retries=0)
+    small = Journal(client, KEYS, JournalSettings(stream_max_length=100, buffer_max_events=10))
+    with capture_logs():
+        for n in range(1000):
+            small.emit(event(n))
+    assert 100 <= db.xlen("governor:journal") < 1000
+
+
+def test_no_event_is_lost_across_a_redis_restart(tmp_path: Path) -> None:
+    server = RedisServer(tmp_path / "r", persistent=True).start()
+    client = connect(server.url, RedisSettings(), retries=0)
+    journal = Journal(client, KEYS, JournalSettings(buffer_max_events=1000))
+    emitted = 0
+    with capture_logs() as logs:
+        for _ in range(10):
+            journal.emit(event(emitted))
+            emitted += 1
+        server.stop()
+        for _ in range(25):  # Redis is down: they wait in the buffer
+            journal.emit(event(emitted))
+            emitted += 1
+        assert journal.pending == 25
+        server.start()  # same port, same data directory
+        assert journal.flush()
+        for _ in range(5):
+            journal.emit(event(emitted))
+            emitted += 1
+    assert journal.pending == 0
+    assert journal.dropped == 0
+    assert stream_reasons(server.client()) == [f"change {n}" for n in range(emitted)]
+    assert any(log["event"] == "journal.redis_unavailable" for log in logs)
+    server.stop()
+
+
+def test_buffer_overflow_is_counted_logged_and_marked_in_the_stream(tmp_path: Path) -> None:
+    server = RedisServer(tmp_path / "o").start()
+    journal = Journal(
+        connect(server.url, RedisSettings(), retries=0),
+        KEYS,
+        JournalSettings(buffer_max_events=5),
+    )
+    server.stop()
+    with capture_logs() as logs:
+        for n in range(8):
+            journal.emit(event(n))
+    assert journal.dropped == 3
+    assert journal.pending == 5
+    overflow = [log for log in logs if log["event"] == "journal.buffer_overflow"]
+    assert [log["dropped_total"] for log in overflow] == [1, 2, 3]
+    assert [log["log_level"] for log in overflow] == ["error"] * 3
+    server.start()
+    with capture_logs():
+        assert journal.flush()
+    stored = [json.loads(f["data"]) for _, f in server.client().xrange("governor:journal")]
+    assert stored[0]["kind"] == "journal.gap"
+    assert stored[0]["details"] == {"dropped": 3}
+    assert [e["reason"] for e in stored[1:]] == [f"change {n}" for n in range(3, 8)]
+    server.stop()
+
+
+def test_secrets_are_masked_in_log_lines() -> None:
+    from pydantic import SecretStr
+
+    out = io.StringIO()
+    configure_logging("info", out)
+    try:
+        structlog.get_logger().info(
+            "connecting",
+            url="redis://:hunter2@10.0.0.1:6379/0",
+            password="hunter2",
+            settings={"bearer_token": "hunter2", "nested": ["rediss://u:hunter2@h/1"]},
+            secret=SecretStr("hunter2"),
+            error=ValueError("failed for redis://bob:hunter2@h:1"),
+        )
+    finally:
+        structlog.reset_defaults()
+    line = json.loads(out.getvalue())
+    assert "hunter2" not in out.getvalue()
+    assert line["url"] == f"redis://:{MASK}@10.0.0.1:6379/0"
+    assert line["settings"]["nested"] == [f"rediss://u:{MASK}@h/1"]
+    assert line["password"] == MASK

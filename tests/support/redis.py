@@ -1,0 +1,119 @@
+"""A real redis-server process on a free loopback port, started and stopped by PID."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import redis
+
+_READY_TIMEOUT_SECONDS = 10.0
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass
+class RedisServer:
+    """One redis-server under `directory`; `persistent` keeps data across restarts (AOF)."""
+
+    directory: Path
+    port: int = field(default_factory=free_port)
+    password: str | None = None
+    persistent: bool = False
+    pid: int | None = None
+
+    @property
+    def url(self) -> str:
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
+
+    @property
+    def pidfile(self) -> Path:
+        return self.directory / "redis.pid"
+
+    def client(self) -> redis.Redis[str]:
+        """A plain client for assertions (decoded strings)."""
+        return redis.Redis(
+            host="127.0.0.1", port=self.port, password=self.password, decode_responses=True
+        )
+
+    def start(self) -> RedisServer:
+        """Start the server and wait until it answers PING."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.pidfile.unlink(missing_ok=True)
+        args = [
+            "redis-server",
+            "--port", str(self.port),
+            "--bind", "127.0.0.1",
+            "--daemonize", "yes",
+            "--save", "",
+            "--dir", str(self.directory),
+            "--pidfile", str(self.pidfile),
+            "--logfile", str(self.directory / "redis.log"),
+        ]  # fmt: skip
+        # The journal-restart test needs data to outlive the process: AOF, fsync per write.
+        args += ["--appendonly", "yes", "--appendfsync", "always"] if self.persistent else [
+            "--appendonly", "no"
+        ]  # fmt: skip
+        if self.password:
+            args += ["--requirepass", self.password]
+        subprocess.run(args, check=True, capture_output=True)
+        self._wait(lambda: self.pidfile.exists() and self._pings(), "answer PING")
+        self.pid = int(self.pidfile.read_text().strip())
+        return self
+
+    def stop(self) -> None:
+        """Stop the server by its PID (SIGTERM: with AOF it flushes first) and wait for exit."""
+        if self.pid is None:
+            return
+        pid, self.pid = self.pid, None
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        self._wait(lambda: not _alive(pid), f"exit (pid {pid})")
+
+    def restart(self) -> None:
+        """Stop, then start again on the same port and directory."""
+        self.stop()
+        self.start()
+
+    def _pings(self) -> bool:
+        try:
+            with self.client() as client:
+                return bool(client.ping())
+        except redis.RedisError:
+            return False
+
+    def _wait(self, ready: Callable[[], bool], what: str) -> None:
+        deadline = time.monotonic() + _READY_TIMEOUT_SECONDS
+        while not ready():
+            if time.monotonic() > deadline:
+                log = (self.directory / "redis.log").read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"redis-server on port {self.port} did not {what}:\n{log}")
+            time.sleep(0.01)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A daemonized server is re-parented; until its new parent reaps it, it is a zombie.
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"

@@ -1,0 +1,344 @@
+"""`governor policy lint` and `governor policy schema` through the real Typer app."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from controller.cli import app
+from controller.policy.loader import load_directory
+
+EXAMPLES = Path(__file__).parents[1] / "data" / "policy_format"
+SHIPPED = Path(__file__).parents[2] / "policies"
+
+PLAN = """\
+apiVersion: governor/v1
+kind: Plan
+metadata: {name: free}
+spec:
+  limits: {requests_per_minute: 10}
+"""
+
+THROTTLE = """\
+apiVersion: governor/v1
+kind: ThrottlePolicy
+metadata: {name: hot}
+spec:
+  signals:
+    gpu: {query: avg(gpu_util)}
+  when: gpu > 0.9
+  for: 2m
+  actions:
+    - {target: plan/free/requests_per_minute, scale: 0.5}
+"""
+
+LIMITS = """\
+apiVersion: governor/v1
+kind: Limits
+metadata: {name: global}
+spec:
+  default_plan: gold
+"""
+
+
+def where(text: str, needle: str, occurrence: int = 0) -> tuple[int, int]:
+    """1-based line and column of the `occurrence`-th `needle` in `text`."""
+    offset = -1
+    for _ in range(occurrence + 1):
+        offset = text.index(needle, offset + 1)
+    line = text.count("\n", 0, offset) + 1
+    return line, offset - (text.rfind("\n", 0, offset) + 1) + 1
+
+
+def lint(*args: str) -> tuple[int, str, str]:
+    result = CliRunner().invoke(app, ["policy", "lint", *args])
+    return result.exit_code, result.stdout, result.stderr
+
+
+# name: (files of the directory, the broken file, the text the error points at, which
+# occurrence of it, what the message must say)
+BROKEN: dict[str, tuple[dict[str, str], str, str, int, str]] = {
+    "bad YAML (a tab indents)": (
+        {"p.yaml": PLAN.replace("  limits:", "\tlimits:")},
+        "p.yaml",
+        "\t",
+        0,
+        "YAML syntax: found character '\\t' that cannot start any token",
+    ),
+    "unknown field": (
+        {"p.yaml": PLAN, "t.yaml": THROTTLE.replace("  when:", "  whne:")},
+        "t.yaml",
+        "whne",
+        0,
+        "spec: unknown field 'whne' (did you mean 'when'?)",
+    ),
+    "unknown signal in when": (
+        {"p.yaml": PLAN, "t.yaml": THROTTLE.replace("when: gpu", "when: gpu_util")},
+        "t.yaml",
+        "gpu_util > 0.9",
+        0,
+        "spec.when: unknown signal 'gpu_util'",
+    ),
+    "bad duration": (
+        {"p.yaml": PLAN, "t.yaml": THROTTLE.replace("for: 2m", "for: two minutes")},
+        "t.yaml",
+        "two minutes",
+        0,
+        "spec.for: 'two minutes' is not a duration",
+    ),
+    "bad address": (
+        {"p.yaml": PLAN, "t.yaml": THROTTLE.replace("per_minute, scale", "per_hour, scale")},
+        "t.yaml",
+        "plan/free/requests_per_hour",
+        0,
+        "spec.actions[0].target: invalid limit address 'plan/free/requests_per_hour'",
+    ),
+    "duplicate key": (
+        {"p.yaml": PLAN, "t.yaml": THROTTLE.replace("  for: 2m\n", "  for: 2m\n  for: 5m\n")},
+        "t.yaml",
+        "for: 5m",
+        0,
+        "duplicate key 'for' (first at line 8, column 3)",
+    ),
+    "duplicate name": (
+        {"a.yaml": PLAN, "b.yaml": PLAN},
+        "b.yaml",
+        "free",
+        0,
+        "metadata.name: Plan 'free' is defined twice",
+    ),
+    "wrong apiVersion": (
+        {"p.yaml": PLAN.replace("governor/v1", "governor/v2")},
+        "p.yaml",
+        "governor/v2",
+        0,
+        "apiVersion: 'governor/v2' is not supported: write `apiVersion: governor/v1`",
+    ),
+    "missing kind (second document)": (
+        {"p.yaml": PLAN + "---\n" + PLAN.replace("kind: Plan\n", "")},
+        "p.yaml",
+        "apiVersion",
+        1,
+        "missing `kind`: write one of Plan, Limits, ThrottlePolicy or AdaptiveLimit",
+    ),
+    "unknown kind": (
+        {"p.yaml": PLAN.replace("kind: Plan", "kind: Plna")},
+        "p.yaml",
+        "Plna",
+        0,
+        "kind: 'Plna' is not a kind of policy document (did you mean 'Plan'?)",
+    ),
+    "unknown limit": (
+        {"p.yaml": PLAN.replace("requests_per_minute", "requests_per_min")},
+        "p.yaml",
+        "requests_per_min",
+        0,
+        "key 'requests_per_min' is not one of requests_per_second, requests_per_minute",
+    ),
+    "missing required field": (
+        {"p.yaml": PLAN, "t.yaml": THROTTLE[: THROTTLE.index("  actions:")]},
+        "t.yaml",
+        "signals",
+        0,
+        "spec: missing required field 'actions'",
+    ),
+    "default plan that no Plan defines": (
+        {"p.yaml": PLAN, "l.yaml": LIMITS},
+        "l.yaml",
+        "gold",
+        0,
+        "spec.default_plan: default_plan 'gold' is not a Plan (plans: free)",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BROKEN))
+def test_lint_reports_each_error_at_its_file_line_and_column(tmp_path: Path, case: str) -> None:
+    files, broken, needle, occurrence, message = BROKEN[case]
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    line, column = where(files[broken], needle, occurrence)
+
+    code, stdout, stderr = lint(str(tmp_path))
+
+    assert code == 1, stderr
+    assert stdout == ""
+    prefix = f"{tmp_path / broken}:{line}:{column}: "
+    found = [row for row in stderr.splitlines() if row.startswith(prefix)]
+    assert found, f"no error at {prefix!r} in:\n{stderr}"
+    assert message in found[0]
+    assert stderr.splitlines()[-1] == "1 error in 1 file"
+
+
+def test_lint_json_lists_every_error_as_an_object(tmp_path: Path) -> None:
+    throttle = THROTTLE.replace("  when:", "  whne:").replace("for: 2m", "for: soon")
+    (tmp_path / "p.yaml").write_text(PLAN)
+    (tmp_path / "t.yaml").write_text(throttle)
+
+    code, stdout, _ = lint(str(tmp_path), "--json")
+
+    assert code == 1
+    errors = json.loads(stdout)
+    assert [(e["line"], e["column"], e["path"]) for e in errors] == [
+        (*where(throttle, "whne"), "spec.whne"),
+        (*where(throttle, "soon"), "spec.for"),
+    ]
+    assert {e["file"] for e in errors} == {str(tmp_path / "t.yaml")}
+    assert "did you mean 'when'?" in errors[0]["message"]
+
+
+def test_lint_of_the_examples_prints_a_one_line_summary() -> None:
+    code, stdout, stderr = lint(str(EXAMPLES))
+
+    assert (code, stderr) == (0, "")
+    version = load_directory(EXAMPLES).version
+    assert stdout == (
+        "ok: 6 documents in 5 files (Plan 2, Limits 1, ThrottlePolicy 2, AdaptiveLimit 1), "
+        f"version {version}\n"
+    )
+    assert re.fullmatch(r"[0-9a-f]{12}", version)
+
+
+def test_lint_json_of_a_valid_directory_is_an_empty_list() -> None:
+    code, stdout, _ = lint(str(EXAMPLES), "--json")
+
+    assert (code, json.loads(stdout)) == (0, [])
+
+
+def test_lint_of_a_missing_directory_exits_2_naming_it(tmp_path: Path) -> None:
+    missing = tmp_path / "nope"
+
+    code, stdout, stderr = lint(str(missing))
+
+    assert (code, stdout) == (2, "")
+    assert f"policy directory {str(missing)!r} does not exist" in stderr
+
+
+def test_lint_of_a_directory_with_only_tests_exits_2(tmp_path: Path) -> None:
+    (tmp_path / "plans_test.yaml").write_text("tests: []\n")
+
+    code, _, stderr = lint(str(tmp_path))
+
+    assert code == 2
+    assert "holds no policy files" in stderr
+
+
+def schema_of(*args: str) -> dict[str, object]:
+    result = CliRunner().invoke(app, ["policy", "schema", *args])
+    assert result.exit_code == 0, result.output
+    loaded: dict[str, object] = json.loads(result.stdout)
+    return loaded
+
+
+def documents_in(directory: Path) -> list[object]:
+    documents: list[object] = []
+    for path in sorted(directory.glob("*.yaml")):
+        if not path.name.endswith("_test.yaml"):
+            documents += yaml.safe_load_all(path.read_text())
+    return documents
+
+
+def test_the_shipped_policies_lint_clean() -> None:
+    code, stdout, stderr = lint(str(SHIPPED))
+
+    assert (code, stderr) == (0, "")
+    assert stdout.startswith("ok: ")
+
+
+@pytest.mark.parametrize("directory", [EXAMPLES, SHIPPED], ids=["format-examples", "shipped"])
+def test_schema_is_a_json_schema_that_accepts_every_example(directory: Path) -> None:
+    schema = schema_of()
+    jsonschema.Draft202012Validator.check_schema(schema)
+    validator = jsonschema.Draft202012Validator(schema)
+    documents = documents_in(directory)
+
+    invalid = [doc for doc in documents if not validator.is_valid(doc)]
+    # The top-level oneOf hides why; the kind's own definition tells.
+    reasons = [
+        f"{doc['kind']}: {error.json_path}: {error.message}"  # type: ignore[index]
+        for doc in invalid
+        for error in jsonschema.Draft202012Validator(
+            {"$ref": f"#/$defs/{doc['kind']}", "$defs": schema["$defs"]}  # type: ignore[index]
+        ).iter_errors(doc)
+    ]
+
+    assert len(documents) >= 6
+    assert reasons == []
+    assert invalid == []
+
+
+def test_schema_rejects_an_unknown_field_and_an_unknown_kind() -> None:
+    validator = jsonschema.Draft202012Validator(schema_of())
+    plan = {"apiVersion": "governor/v1", "kind": "Plan", "metadata": {"name": "free"}}
+
+    assert validator.is_valid(plan)
+    assert not validator.is_valid({**plan, "spec": {"modles": []}})
+    assert not validator.is_valid({**plan, "kind": "Plna"})
+
+
+def test_schema_output_writes_the_same_schema_to_a_file(tmp_path: Path) -> None:
+    target = tmp_path / "governor.schema.json"
+
+    result = CliRunner().invoke(app, ["policy", "schema", "--output", str(target)])
+
+    assert result.exit_code == 0
+    assert json.loads(target.read_text()) == schema_of()
+
+
+def test_policy_test_passes_on_the_shipped_policies() -> None:
+    result = CliRunner().invoke(app, ["policy", "test", str(SHIPPED)])
+    assert result.exit_code == 0, result.output
+    assert "0 failing" in result.output
+    assert "FAIL" not in result.output
+
+
+def test_policy_test_reports_a_wrong_expectation_with_expected_and_actual(tmp_path: Path) -> None:
+    for name in ("plans.yaml", "limits.yaml", "gpu-saturation.yaml"):
+        (tmp_path / name).write_text((SHIPPED / name).read_text())
+    (tmp_path / "gpu_test.yaml").write_text(
+        "policy_files: [plans.yaml, limits.yaml, gpu-saturation.yaml]\n"
+        "interval: 30s\n"
+        "tests:\n"
+        "  - name: wrong on purpose\n"
+        "    signals: {gpu_util: '0.95x20'}\n"
+        "    expect:\n"
+        "      - at: 5m\n"
+        "        limits: {plan/free/requests_per_minute: 10}\n"
+    )
+    result = CliRunner().invoke(app, ["policy", "test", str(tmp_path), "--json"])
+    assert result.exit_code == 1
+    report = json.loads(result.stdout)
+    (failure,) = report["files"][0]["tests"][0]["failures"]
+    assert "plan/free/requests_per_minute: expected 10, got 5" in failure
+    assert "gpu_util=0.95" in failure
+
+
+def test_policy_test_locates_a_broken_test_file(tmp_path: Path) -> None:
+    (tmp_path / "plans.yaml").write_text((SHIPPED / "plans.yaml").read_text())
+    (tmp_path / "x_test.yaml").write_text(
+        "policy_files: [plans.yaml, nowhere.yaml]\ninterval: 30s\ntests:\n"
+        "  - name: t\n    expect: [{at: 1m}]\n"
+    )
+    result = CliRunner().invoke(app, ["policy", "test", str(tmp_path)])
+    assert result.exit_code == 1
+    assert f"{tmp_path / 'x_test.yaml'}:1:28: policy_files[1]: 'nowhere.yaml'" in result.output
+
+
+def test_policy_test_without_tests_exits_2(tmp_path: Path) -> None:
+    (tmp_path / "plans.yaml").write_text((SHIPPED / "plans.yaml").read_text())
+    result = CliRunner().invoke(app, ["policy", "test", str(tmp_path)])
+    assert result.exit_code == 2
+
+
+def test_the_committed_editor_schema_is_current() -> None:
+    # The shipped policy files point editors at docs/policy.schema.json: keep it in step.
+    from controller.policy.documents import json_schema
+
+    committed = json.loads((SHIPPED.parent / "docs" / "policy.schema.json").read_text())
+    assert committed == json_schema(), "run: governor policy schema -o docs/policy.schema.json"

@@ -1,0 +1,97 @@
+"""`governor config show` from GOVERNOR_* variables: secrets masked, bad values named."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+from typer.testing import CliRunner
+
+from controller.cli import app
+
+MASK = "**********"
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only the variables a test sets: none from the machine running the tests."""
+    for name in list(os.environ):
+        if name.startswith("GOVERNOR_"):
+            monkeypatch.delenv(name)
+
+
+def show(*args: str) -> tuple[int, str, str]:
+    result = CliRunner().invoke(app, ["config", "show", *args])
+    return result.exit_code, result.stdout, result.stderr
+
+
+SECRETS = {
+    "GOVERNOR_REDIS__URL": "redis://:secretpw@h:1/0",
+    "GOVERNOR_REDIS__PASSWORD": "redispass-42",
+    "GOVERNOR_PROMETHEUS__BEARER_TOKEN": "tok-3141",
+    "GOVERNOR_PROMETHEUS__PASSWORD": "prompass-2718",
+}
+
+
+@pytest.mark.parametrize("as_json", [False, True], ids=["text", "json"])
+def test_secrets_from_the_environment_are_masked(
+    monkeypatch: pytest.MonkeyPatch, as_json: bool
+) -> None:
+    for name, value in SECRETS.items():
+        monkeypatch.setenv(name, value)
+
+    code, stdout, stderr = show(*(["--json"] if as_json else []))
+
+    assert code == 0, stderr
+    for secret in SECRETS.values():
+        assert secret not in stdout + stderr
+    assert "secretpw" not in stdout + stderr
+    if as_json:
+        data = json.loads(stdout)
+        assert data["redis"]["url"] == MASK
+        assert data["redis"]["password"] == MASK
+        assert data["prometheus"]["bearer_token"] == MASK
+    else:
+        assert f'  url: "{MASK}"' in stdout.splitlines()
+
+
+def test_unset_secrets_show_as_null_and_plain_values_as_set(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("GOVERNOR_CONTROLLER__TICK_SECONDS", "2.5")
+    monkeypatch.setenv("GOVERNOR_REDIS__KEY_PREFIX", "gov-test")
+
+    code, stdout, _ = show("--json")
+
+    data = json.loads(stdout)
+    assert code == 0
+    assert data["redis"]["url"] is None
+    assert data["controller"]["tick_seconds"] == 2.5
+    assert data["redis"]["key_prefix"] == "gov-test"
+
+
+@pytest.mark.parametrize("as_json", [False, True], ids=["text", "json"])
+def test_a_bad_value_exits_2_naming_the_variable(
+    monkeypatch: pytest.MonkeyPatch, as_json: bool
+) -> None:
+    monkeypatch.setenv("GOVERNOR_CONTROLLER__TICK_SECONDS", "-1")
+
+    code, stdout, stderr = show(*(["--json"] if as_json else []))
+
+    assert (code, stdout) == (2, "")
+    assert stderr.startswith("error: GOVERNOR_CONTROLLER__TICK_SECONDS: ")
+    assert "greater than 0" in stderr
+
+
+def test_every_bad_variable_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GOVERNOR_CONTROLLER__TICK_SECONDS", "soon")
+    monkeypatch.setenv("GOVERNOR_TELEMETRY__PORT", "70000")
+    monkeypatch.setenv("GOVERNOR_REDIS__URL", "redis://:secretpw@h:1/0")
+
+    code, _, stderr = show()
+
+    assert code == 2
+    named = sorted(line.split(":")[1].strip() for line in stderr.splitlines())
+    assert named == ["GOVERNOR_CONTROLLER__TICK_SECONDS", "GOVERNOR_TELEMETRY__PORT"]
+    assert "secretpw" not in stderr
