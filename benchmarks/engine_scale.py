@@ -59,6 +59,8 @@ def _snapshot(
         {
             keys["spend"]: VectorSample("tenant", tenants, spend, stamps),
             keys["usual"]: VectorSample("tenant", tenants, usual, stamps.copy()),
+            # Nobody is refused yet: the release condition reads it once tenants are cut.
+            keys["refused"]: VectorSample("tenant", tenants, np.zeros(len(tenants)), stamps),
         },
     )
 

@@ -38,6 +38,9 @@ class Kind:
     FREEZE_CLEARED = "freeze.cleared"
     TENANT_SET = "tenant.set"
     GAP = "journal.gap"
+    POLICY_TRANSITION = "policy.transition"  # a policy engaged or released (per label value)
+    POLICY_RELOADED = "policy.reloaded"
+    POLICY_REJECTED = "policy.rejected"  # a changed policy directory was invalid
 
 
 @dataclass(frozen=True)

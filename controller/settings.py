@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -59,6 +60,22 @@ class ControllerSettings(BaseModel):
     dry_run: bool = Field(False, description="journal what would change, write nothing")
 
 
+class LeaderSettings(BaseModel):
+    """Leader election: only the leader writes; the others evaluate and stand by."""
+
+    mode: Literal["auto", "kubernetes", "redis", "none"] = Field(
+        "auto",
+        description="auto: a Kubernetes Lease in a cluster, else a Redis lock; none: a "
+        "single replica that never competes",
+    )
+    lease_seconds: float = Field(15.0, gt=1, description="a leader silent this long is replaced")
+    lease_name: str = Field("governor", description="the Lease object's name (Kubernetes)")
+    namespace: str | None = Field(
+        None, description="the Lease's namespace; default: the pod's own namespace"
+    )
+    identity: str | None = Field(None, description="this replica's name; default: host-pid")
+
+
 class JournalSettings(BaseModel):
     """The audit journal."""
 
@@ -77,6 +94,132 @@ class TelemetrySettings(BaseModel):
     port: int = Field(9100, ge=0, le=65535, description="listen port; 0 disables")
 
 
+_ASYMMETRIC_ALGORITHMS = frozenset(
+    {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
+)
+
+
+class GatewaySettings(BaseModel):
+    """The reference gateway (`governor gateway`): auth, answers, metrics, tracing."""
+
+    host: str = Field("127.0.0.1", description="listen address of `governor gateway`")
+    port: int = Field(8080, ge=1, le=65535, description="listen port of `governor gateway`")
+    gateway_id: str | None = Field(
+        None, description="this gateway's id in the live-gateway count; default: host:pid"
+    )
+    api_key_secret: SecretStr | None = Field(
+        None,
+        description="server secret: API keys are stored as HMAC-SHA256(secret, key); unset: "
+        "plain SHA-256 (a leaked Redis then still holds no usable key, but HMAC also stops "
+        "offline guessing without the secret)",
+    )
+    key_cache_seconds: float = Field(
+        5.0, ge=0, description="a verified API key is trusted this long; a revoke takes this long"
+    )
+    jwt_public_key: str | None = Field(
+        None, description="PEM public key (RSA, EC or Ed25519) that signs bearer JWTs"
+    )
+    jwt_jwks_url: str | None = Field(None, description="JWKS URL of the JWT issuer")
+    jwks_cache_seconds: float = Field(300.0, gt=0, description="how long fetched JWKS are kept")
+    jwt_algorithms: list[str] = Field(
+        default_factory=lambda: ["RS256", "ES256"],
+        description="accepted JWT algorithms; asymmetric only (never none, never HS*)",
+    )
+    jwt_issuer: str | None = Field(None, description="required `iss`; must be set with JWT auth")
+    jwt_audience: str | None = Field(None, description="required `aud`; must be set with JWT auth")
+    jwt_leeway_seconds: float = Field(30.0, ge=0, le=300, description="clock skew for exp/nbf")
+    jwt_max_length: int = Field(8192, ge=256, description="longer bearer tokens are refused")
+    plan_claim: str = Field("plan", description="JWT claim naming the plan")
+    tenant_claims: list[str] = Field(
+        default_factory=lambda: ["tenant", "sub"],
+        description="JWT claims naming the tenant, first present wins",
+    )
+    user_claim: str | None = Field(None, description="JWT claim naming the user (optional)")
+    default_max_tokens: int = Field(
+        1024,
+        ge=1,
+        description="max_tokens written into a completion request that has none, so the "
+        "reservation (prompt estimate + max_tokens) is a true worst case",
+    )
+    max_body_bytes: int = Field(
+        8 * 1024 * 1024, ge=1024, description="larger request bodies are refused (413)"
+    )
+    upstream_timeout_seconds: float = Field(
+        600.0, gt=0, description="read timeout of the upstream model server"
+    )
+    upstream_api_key: SecretStr | None = Field(
+        None, description="sent upstream as Authorization: Bearer (the client's never is)"
+    )
+    retry_after_jitter: float = Field(
+        0.25, ge=0, le=1, description="Retry-After grows by a random 0..this share of itself"
+    )
+    trust_forwarded_for: bool = Field(
+        False, description="take the client IP from X-Forwarded-For (behind a trusted proxy)"
+    )
+    heartbeat_seconds: float = Field(
+        5.0, gt=0, description="how often a gateway announces itself (live-gateway count)"
+    )
+    metrics_max_tenants: int = Field(
+        1000, ge=1, description="distinct tenant label values; later tenants count as `other`"
+    )
+    metrics_max_models: int = Field(
+        50, ge=1, description="distinct model label values; later models count as `other`"
+    )
+    otlp_endpoint: str | None = Field(
+        None,
+        description="OTLP/HTTP traces endpoint (e.g. http://collector:4318/v1/traces); "
+        "unset: no spans (needs the `otel` extra)",
+    )
+    problem_base_url: str = Field(
+        "https://github.com/governor/governor/blob/main/docs/gateway.md",
+        description="problem+json `type` URIs are this plus an anchor",
+    )
+
+    @field_validator("jwt_algorithms")
+    @classmethod
+    def _asymmetric_only(cls, value: list[str]) -> list[str]:
+        # HS* with a public key is the classic confusion attack; `none` needs no key at all.
+        bad = [name for name in value if name not in _ASYMMETRIC_ALGORITHMS]
+        if bad or not value:
+            raise ValueError(
+                f"jwt_algorithms {bad or value!r}: use asymmetric algorithms only, from "
+                + ", ".join(sorted(_ASYMMETRIC_ALGORITHMS))
+            )
+        return value
+
+
+class ModelPrice(BaseModel):
+    """What one model costs, in USD per 1,000 tokens."""
+
+    prompt_per_1k: float = Field(ge=0, allow_inf_nan=False, description="USD per 1k prompt tokens")
+    completion_per_1k: float = Field(
+        ge=0, allow_inf_nan=False, description="USD per 1k completion tokens"
+    )
+
+
+def _default_prices() -> dict[str, ModelPrice]:
+    # List prices (USD per 1k tokens) of the seed's models; override per deployment.
+    return {
+        "gpt-3.5-turbo": ModelPrice(prompt_per_1k=0.0005, completion_per_1k=0.0015),
+        "gpt-4": ModelPrice(prompt_per_1k=0.03, completion_per_1k=0.06),
+        "gpt-4o": ModelPrice(prompt_per_1k=0.0025, completion_per_1k=0.01),
+    }
+
+
+class PricesSettings(BaseModel):
+    """The price table: credits are charged and gateway cost metrics computed from it."""
+
+    models: dict[str, ModelPrice] = Field(
+        default_factory=_default_prices,
+        description="model → USD per 1k prompt and completion tokens (JSON in the environment)",
+    )
+    default: ModelPrice | None = Field(
+        None,
+        description="price of a model missing from `models`; unset: the most expensive model "
+        "of the table, so an unpriced model is never free",
+    )
+
+
 class Settings(BaseSettings):
     """Every setting of Governor. Environment: GOVERNOR_<GROUP>__<FIELD>."""
 
@@ -88,5 +231,8 @@ class Settings(BaseSettings):
     redis: RedisSettings = Field(default_factory=RedisSettings)
     controller: ControllerSettings = Field(default_factory=ControllerSettings)
     journal: JournalSettings = Field(default_factory=JournalSettings)
+    leader: LeaderSettings = Field(default_factory=LeaderSettings)
     telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
+    gateway: GatewaySettings = Field(default_factory=GatewaySettings)
+    prices: PricesSettings = Field(default_factory=PricesSettings)
     log_level: str = Field("info", description="debug, info, warning or error")

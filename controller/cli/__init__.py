@@ -5,8 +5,22 @@ from __future__ import annotations
 import typer
 
 from controller import __version__
-from controller.cli import audit, config, explain, limits, override, policy, tenants
+from controller.cli import (
+    audit,
+    config,
+    credits,
+    explain,
+    gateway,
+    keys,
+    limits,
+    override,
+    policy,
+    run,
+    tenants,
+)
+from controller.cli import backtest as backtest_cli
 from controller.cli import signals as signals_cli
+from controller.cli import simulate as simulate_cli
 
 app = typer.Typer(
     name="governor",
@@ -22,8 +36,14 @@ app.add_typer(limits.app, name="limits")
 app.add_typer(audit.app, name="audit")
 app.add_typer(tenants.app, name="tenants")
 app.add_typer(signals_cli.app, name="signals")
+app.add_typer(credits.app, name="credits")
 override.register(app)  # `override` group plus top-level `freeze` / `unfreeze`
 explain.register(app)  # top-level `explain ADDRESS`
+app.add_typer(keys.app, name="keys")
+gateway.register(app)  # top-level `gateway --upstream URL`
+run.register(app)  # top-level `run` (the daemon)
+simulate_cli.register(app)  # top-level `simulate` (the closed-loop simulator)
+backtest_cli.register(app)  # top-level `backtest` (open-loop replay over Prometheus history)
 
 
 def _version(value: bool) -> None:

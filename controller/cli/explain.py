@@ -22,7 +22,9 @@ def register(root: typer.Typer) -> None:
 
 
 def _signals(signals: list[dict[str, Any]]) -> str:
-    return ", ".join(f"{s['name']}={s['value']:g} @{at(s['timestamp'])}" for s in signals) or "-"
+    return (
+        ", ".join(f"{s['name']}={number(s['value'])} @{at(s['timestamp'])}" for s in signals) or "-"
+    )
 
 
 def explain(

@@ -348,6 +348,16 @@ class ThrottlePolicySpec(Strict):
     def until_expression(self) -> Expression | None:
         return self._until
 
+    @property
+    def engage_names(self) -> frozenset[str]:
+        """The signals that decide engagement (`when`): they must be trustworthy to engage."""
+        return self._when.names if self._when is not None else frozenset()
+
+    @property
+    def release_names(self) -> frozenset[str]:
+        """The signals that decide release: `until`'s, else `when`'s."""
+        return self._until.names if self._until is not None else self.engage_names
+
 
 class AimdSpec(Strict):
     increase: PositiveNumber = Field(description="added per tick while below the setpoint")

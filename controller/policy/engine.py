@@ -17,7 +17,9 @@ from controller.policy.baselines import Baselines
 from controller.policy.conditions import ConditionState, Event, Rules, step
 from controller.policy.documents import Action, ThrottlePolicy, format_duration
 from controller.policy.inputs import (
+    BoolArray,
     ScalarInput,
+    VectorInput,
     env_of,
     label_universe,
     scalar_input,
@@ -153,9 +155,8 @@ def _scalar_policy(
     ]
     values = {i.name: i.value for i in inputs}
     when_expr, until_expr = policy.spec.when_expression, policy.spec.until_expression
-    used = (when_expr.names if when_expr else frozenset()) | (
-        until_expr.names if until_expr else frozenset()
-    )
+    # An active policy needs trustworthy release signals, an idle one engage signals.
+    used = policy.spec.release_names if state.active else policy.spec.engage_names
     valid = all(i.valid for i in inputs if i.name in used)
     when = valid and (when_expr is None or when_expr.evaluate_one(values))
     until = until_expr.evaluate_one(values) if (valid and until_expr and state.active) else None
@@ -196,15 +197,14 @@ def _per_label_policy(
         for name, spec in policy.spec.signals.items()
     }
     when_expr, until_expr = policy.spec.when_expression, policy.spec.until_expression
-    used = (when_expr.names if when_expr else frozenset()) | (
-        until_expr.names if until_expr else frozenset()
-    )
     size = len(universe)
-    valid = np.ones(size, dtype=bool)
-    for name in used:
-        valid &= inputs[name].valid
+    # An active label value needs trustworthy release signals, an idle one engage signals.
+    valid_engage = _all_valid(inputs, policy.spec.engage_names, size)
+    valid_release = _all_valid(inputs, policy.spec.release_names, size)
     env = env_of(inputs)
-    when = valid & (when_expr.evaluate(env, size) if when_expr else np.ones(size, dtype=bool))
+    when = valid_engage & (
+        when_expr.evaluate(env, size) if when_expr else np.ones(size, dtype=bool)
+    )
     until = until_expr.evaluate(env, size) if until_expr and previous else None
     # Only label values that fire now, or that the engine already tracks, need a state step.
     # So `on_stale.then: min` engages only label values that were pending or active when their
@@ -217,6 +217,7 @@ def _per_label_policy(
     for i in sorted(candidates):
         key = universe[i]
         state = previous.get(key, ConditionState())
+        valid = valid_release if state.active else valid_engage
         state, event = step(
             state,
             valid=bool(valid[i]),
@@ -235,6 +236,13 @@ def _per_label_policy(
         if _keep(state, now, policy):
             states[key] = state
     return states
+
+
+def _all_valid(inputs: Mapping[str, VectorInput], names: frozenset[str], size: int) -> BoolArray:
+    valid = np.ones(size, dtype=bool)
+    for name in names:
+        valid &= inputs[name].valid
+    return valid
 
 
 def _propose(

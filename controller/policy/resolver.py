@@ -39,6 +39,17 @@ class AddressMemory:
 class ResolverState:
     memory: Mapping[Address, AddressMemory] = field(default_factory=dict)
 
+    @classmethod
+    def seeded(cls, values: Mapping[Address, float], now: float) -> ResolverState:
+        """Start from the values a sink holds (a new leader, a restart): pacing and
+        stabilization continue from what is enforced instead of jumping to new values."""
+        memory = {
+            address: AddressMemory(((now, value),), ((now, value),))
+            for address, value in values.items()
+            if math.isfinite(value)
+        }
+        return cls(memory)
+
     def in_force(self) -> dict[Address, float]:
         """The last resolved value of every remembered address."""
         return {a: m.values[-1][1] for a, m in self.memory.items() if m.values}

@@ -220,7 +220,7 @@ def run_case(policies: PolicySet, case: PolicyTestCase, interval: float) -> Case
             for address, expected in expectation.limits.items():
                 decision = resolution.desired.get(address)
                 actual = decision.value if decision else baselines.value(address)
-                if actual != expected:
+                if not _same(actual, expected):
                     why = decision.reason if decision else "not written: inherits its baseline"
                     result.failures.append(
                         f"at {when}: {address}: expected {_show(expected)}, got {_show(actual)} "
@@ -238,6 +238,13 @@ def run_case(policies: PolicySet, case: PolicyTestCase, interval: float) -> Case
                         f"got {active}"
                     )
     return result
+
+
+def _same(actual: float | None, expected: float | None) -> bool:
+    """Equal up to a relative 1e-6: expectations are written in decimal, values are floats."""
+    if actual is None or expected is None:
+        return actual is expected
+    return math.isclose(actual, expected, rel_tol=1e-6, abs_tol=1e-9)
 
 
 def _show(value: float | None) -> str:

@@ -67,6 +67,7 @@ def limit_field(address: Address) -> str:
 
 def format_value(value: float) -> str:
     """A limit as Redis stores it: integers without '.0', so Lua's tonumber reads either."""
+    value = float(value)  # an int has no is_integer() before Python 3.12
     if not math.isfinite(value):
         raise ValueError(f"limit value {value!r} is not a finite number")
     if value.is_integer() and abs(value) < 2**53:

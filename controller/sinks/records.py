@@ -3,18 +3,25 @@
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 from controller.model import Address, Decision, Override, Proposal, SignalReading
 
 
 def _signal(reading: SignalReading) -> dict[str, Any]:
+    # An untrustworthy reading is NaN in the model; JSON has no NaN: null, and `validity`
+    # says why (a record that cannot be serialized would wedge the journal and the tick).
     return {
         "name": reading.name,
-        "value": reading.value,
-        "timestamp": reading.timestamp,
+        "value": _finite(reading.value),
+        "timestamp": _finite(reading.timestamp),
         "validity": str(reading.validity),
     }
+
+
+def _finite(value: float) -> float | None:
+    return value if math.isfinite(value) else None
 
 
 def signals_to_list(readings: tuple[SignalReading, ...]) -> list[dict[str, Any]]:

@@ -88,6 +88,7 @@ def test_bad_prefixes_are_refused(prefix: str) -> None:
 
 def test_values_round_trip_and_integers_have_no_decimal_point() -> None:
     assert format_value(600.0) == "600"
+    assert format_value(600) == "600"  # a plain int (no is_integer() before Python 3.12)
     assert format_value(12.5) == "12.5"
     assert parse_value(format_value(0.1)) == 0.1
     assert parse_value("abc") != parse_value("abc")  # NaN: a hand-written non-number

@@ -658,3 +658,31 @@ def test_fail_closed_per_tenant_engages_only_tenants_it_was_watching() -> None:
     for now in (30.0, 60.0, 90.0, 120.0):
         result = driver.cost(now, {"newbie": 5.0}, {})  # evil's data is gone
     assert values_of(result) == {"tenant/evil/tokens_per_minute": 5000.0}
+
+
+def test_engaging_needs_only_the_when_signals_and_releasing_only_the_until_signals() -> None:
+    # `refused` is read by `until` alone: its absence must not stop an engagement, and once
+    # active, a missing `refused` is untrustworthy data for the release (on_stale holds).
+    from tests.unit.policy_builders import COST_SIGNALS
+
+    signals = {**COST_SIGNALS, "refused": {"query": "refused_query"}}
+    driver = Driver(
+        policy_set(
+            cost_policy(
+                "cost",
+                signals=signals,
+                for_="0s",
+                until="spend < 1.5 * usual && refused < 0.01",
+                on_stale={"hold_for": "1m", "then": "baseline"},
+            )
+        ),
+        registry={"evil": "paid"},
+    )
+    result = driver.cost(0.0, {"evil": 1.0}, {"evil": 0.02})
+    assert values_of(result) == {"tenant/evil/tokens_per_minute": 5000.0}
+    # Spend is back to normal but `refused` is still missing: hold, do not release.
+    result = driver.cost(30.0, {"evil": 0.02}, {"evil": 0.02})
+    assert values_of(result) == {"tenant/evil/tokens_per_minute": 5000.0}
+    # After on_stale.hold_for of untrustworthy release data: back to the baseline.
+    result = driver.cost(90.0, {"evil": 0.02}, {"evil": 0.02})
+    assert values_of(result) == {}

@@ -312,3 +312,14 @@ def test_a_limit_set_to_zero_loosens_again_at_the_paced_rate() -> None:
     driver = guarded(behavior=STEPPED, floors={})
     got = series(driver, RPS, [(0.0, 0.0), (60.0, None), (120.0, None), (180.0, None)])
     assert got == pytest.approx([0.0, 1.1, 1.21, 1.331])
+
+
+def test_a_seeded_resolver_paces_from_the_values_in_force() -> None:
+    # A new leader finds a limit held at 500 by its predecessor: loosening back to the
+    # baseline still waits for the stabilization window instead of jumping at once.
+    from controller.policy.resolver import ResolverState
+
+    driver = guarded()
+    driver.resolver = ResolverState.seeded({addr(RPS): 500.0}, 0.0)
+    assert value(driver.resolve(30.0), RPS) == 500.0
+    assert value(driver.resolve(301.0), RPS) == 2000.0

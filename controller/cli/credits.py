@@ -1,0 +1,105 @@
+"""`governor credits top-up|show|history`: the prepaid credit ledger of each tenant."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import typer
+from rich.table import Table
+
+from controller.cli._redis import (
+    JSON_OPTION,
+    console,
+    default_actor,
+    echo_json,
+    require_reason,
+    stores,
+    when,
+)
+from controller.gateway.credits import CreditLedger, CreditState
+
+app = typer.Typer(
+    help="Prepaid credits (USD) per tenant: requests are charged at each model's price and "
+    "answered 402 once the balance would fall below the plan's credits.min_balance_usd.",
+    no_args_is_help=True,
+)
+
+TENANT = typer.Argument(..., help="Tenant id (letters, digits, ._:+=~-).")
+
+
+def _state_json(state: CreditState) -> dict[str, object]:
+    return {
+        "tenant": state.tenant,
+        "balance_usd": state.balance_usd,
+        "reserved_usd": state.reserved_usd,
+        "available_usd": state.available_usd,
+    }
+
+
+def _print_state(state: CreditState) -> None:
+    table = Table(title=f"credits of {state.tenant}")
+    for column in ("balance (USD)", "held by requests in flight", "available"):
+        table.add_column(column, justify="right")
+    table.add_row(
+        f"{state.balance_usd:,.6f}", f"{state.reserved_usd:,.6f}", f"{state.available_usd:,.6f}"
+    )
+    console().print(table)
+
+
+@app.command("top-up")
+def top_up(
+    tenant: str = TENANT,
+    usd: float = typer.Argument(..., help="Amount to add, in USD (e.g. 25 or 12.50)."),
+    reason: str = typer.Option(..., "--reason", help="Why (invoice, goodwill...), for the log."),
+    actor: str | None = typer.Option(None, "--actor", help="Who does this; default: the OS user."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Add USD to TENANT's balance; the top-up is logged in the credit history."""
+    why = require_reason(reason)
+    with stores() as s:
+        state = CreditLedger(s.client, s.keys.prefix).top_up(
+            tenant, usd, why, actor or default_actor()
+        )
+    if as_json:
+        echo_json({**_state_json(state), "added_usd": usd})
+        return
+    typer.echo(f"tenant {tenant}: +{usd:,.2f} USD, balance {state.balance_usd:,.6f} USD")
+
+
+@app.command("show")
+def show(tenant: str = TENANT, as_json: bool = JSON_OPTION) -> None:
+    """Print TENANT's balance, what requests in flight hold, and what is available."""
+    with stores() as s:
+        state = CreditLedger(s.client, s.keys.prefix).state(tenant)
+    if as_json:
+        echo_json(_state_json(state))
+    else:
+        _print_state(state)
+
+
+@app.command("history")
+def history(
+    tenant: str = TENANT,
+    count: int = typer.Option(20, "-n", "--count", min=1, help="How many entries, newest first."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Print TENANT's newest credit entries: top-ups and per-request charges."""
+    with stores() as s:
+        entries = CreditLedger(s.client, s.keys.prefix).history(tenant, count)
+    if as_json:
+        echo_json([{**dataclasses.asdict(e), "at": e.at} for e in entries])
+        return
+    table = Table(title=f"credit history of {tenant} ({len(entries)} newest)")
+    for column in ("at (UTC)", "kind", "USD", "balance", "request / reason", "model", "tokens"):
+        table.add_column(column)
+    for e in entries:
+        table.add_row(
+            when(e.at),
+            e.kind,
+            f"{e.amount_usd:+,.6f}",
+            f"{e.balance_usd:,.6f}",
+            e.request or f"{e.reason} ({e.actor})",
+            e.model or "-",
+            "-" if e.tokens is None else str(e.tokens),
+        )
+    console().print(table)

@@ -1,0 +1,161 @@
+"""`governor simulate`: the policies against a simulated fleet, beside static limits and
+plain AIMD, scored and plotted."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from controller.errors import GovernorError
+
+_FIGURES = (
+    ("p99_ttft", "p99 TTFT (s)", "{:.2f}"),
+    ("p99_increase", "p99 vs no-overload baseline", "{:+.0%}"),
+    ("utilization_mean", "mean utilization", "{:.2f}"),
+    ("utilization_within", "ticks ≤ target + 5%", "{:.0%}"),
+    ("goodput_ratio", "goodput / oracle", "{:.0%}"),
+    ("flaps_per_hour", "flaps per hour", "{:.1f}"),
+    ("settling_ticks", "settling (ticks)", "{}"),
+    ("budget_overrun", "budget overrun (tokens)", "{:,.0f}"),
+    ("jain", "Jain fairness (well-behaved)", "{:.3f}"),
+    ("throttle_ticks", "runaway throttled after (ticks)", "{}"),
+    ("throttle_after_for_ticks", "… after its `for:` (ticks)", "{}"),
+    ("timed_out", "requests timed out", "{:,}"),
+)
+
+
+def register(root: typer.Typer) -> None:
+    """Add the top-level `simulate` command."""
+    root.command("simulate")(simulate)
+
+
+def _show(value: object, pattern: str, figure: str) -> str:
+    if value is None:
+        return "never" if figure in ("settling_ticks", "throttle_ticks") else "—"
+    if isinstance(value, float) and math.isnan(value):
+        return "—"
+    return pattern.format(value)
+
+
+def simulate(
+    scenario: str | None = typer.Argument(
+        None,
+        help="A shipped scenario (burst-5x, runaway-tenant, ddos, diurnal, azure-conv-3x, "
+        "demo) or a scenario YAML file. Optional with --trace.",
+    ),
+    policies: Path = typer.Option(Path("policies"), "--policies", help="Policy directory."),
+    seed: int | None = typer.Option(None, "--seed", help="Random seed (default: the scenario's)."),
+    out: Path | None = typer.Option(
+        None, "--out", help="Where the PNG and journals go (default ./sim-out/<scenario>)."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print the scorecards as JSON."),
+    trace: Path | None = typer.Option(
+        None,
+        "--trace",
+        help="Replay this CSV (TIMESTAMP,ContextTokens,GeneratedTokens, the Azure LLM trace "
+        "schema): alone, on a pool sized for it at 1×; with SCENARIO, instead of its trace.",
+    ),
+    speed: float = typer.Option(1.0, "--speed", help="With --trace alone: replay speed."),
+    live: bool = typer.Option(False, "--live", help="Show a live table while it runs."),
+    pace: float = typer.Option(0.0, "--pace", help="Wall seconds per tick (with --live)."),
+    workers: int = typer.Option(
+        2, "--workers", help="Processes for the comparison runs (0: run them one by one)."
+    ),
+) -> None:
+    """Run SCENARIO's simulated fleet in closed loop with the REAL engine, resolver, Redis
+    sink (embedded Redis) and journal on a simulated clock, for the given policies AND, in
+    the same run, static limits and plain AIMD; print the scorecard and write a PNG.
+
+    Never touches a configured Redis or Prometheus.
+    """
+    from controller.sim.compare import compare, load_trace, trace_scenario
+    from controller.sim.live import LiveView
+    from controller.sim.plots import plot
+    from controller.sim.scenario import find_scenario, load_scenario
+    from controller.sim.trace import TraceData, read_trace
+
+    console = Console()
+    try:
+        if scenario is None and trace is None:
+            raise GovernorError("give a SCENARIO, or --trace FILE to replay a trace")
+        if scenario is None:
+            assert trace is not None
+            replayed = read_trace(trace)
+            world = trace_scenario(replayed, trace, speed, seed if seed is not None else 1)
+            data: TraceData | None = replayed
+            source = None
+        else:
+            world = load_scenario(scenario)
+            source = find_scenario(scenario)
+            if trace is not None:
+                if world.trace is None:
+                    raise GovernorError(f"scenario {world.name!r} has no `trace` to replace")
+                world = world.model_copy(
+                    update={"trace": world.trace.model_copy(update={"file": str(trace)})}
+                )
+            data = load_trace(world, source)
+        if seed is not None:
+            world = world.model_copy(update={"seed": seed})
+        directory = out or Path("sim-out") / world.name
+        directory.mkdir(parents=True, exist_ok=True)
+        view = LiveView(f"governor simulate {world.name}", world.duration, pace, console)
+        with view:
+            comparison = compare(
+                world,
+                policies,
+                trace=data,
+                log_dir=directory,
+                workers=workers,
+                on_tick=view if live else None,
+            )
+        picture = plot(comparison, directory / f"{world.name}.png")
+    except GovernorError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    cards = comparison.cards
+    if as_json:
+        payload = {
+            "scenario": world.name,
+            "seed": world.seed,
+            "policies": str(policies),
+            "png": str(picture),
+            "scorecards": {name: card.figures() for name, card in cards.items()},
+            "goals": {name: card.verdicts() for name, card in cards.items()},
+        }
+        typer.echo(json.dumps(payload, indent=2, default=_plain))
+        return
+    table = Table(title=f"scorecard: {world.name} (seed {world.seed}) — {world.description}")
+    table.add_column("figure")
+    for name in cards:
+        table.add_column(name, justify="right")
+    verdicts = {name: card.verdicts() for name, card in cards.items()}
+    for figure, label, pattern in _FIGURES:
+        row = [label]
+        for name, card in cards.items():
+            text = _show(getattr(card, figure), pattern, figure)
+            met = verdicts[name].get(figure)
+            mark = "" if met is None else (" [green]✓[/green]" if met else " [red]✗[/red]")
+            row.append(text + mark)
+        table.add_row(*row)
+    console.print(table)
+    first = next(iter(cards.values()))
+    console.print(
+        f"window {first.window[0] / 60:g}–{first.window[1] / 60:g} min; baseline p99 TTFT "
+        f"{first.baseline_p99_ttft:.2f}s; ✓/✗ against the goals in docs/control-quality.md"
+    )
+    for name, run in comparison.runs.items():
+        for error in run.errors[:3]:
+            console.print(f"[yellow]{name}: {error}[/yellow]")
+    console.print(f"plot: {picture}")
+    console.print(f"journals: {directory}/journal-*.log")
+
+
+def _plain(value: object) -> object:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return str(value)

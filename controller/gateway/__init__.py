@@ -1,0 +1,1 @@
+"""The enforcement data plane: admission scripts, budgets, credits and the reference gateway."""

@@ -1,0 +1,294 @@
+"""Admission: one EVALSHA per request checks every level and reserves its worst-case tokens.
+
+`admit` answers allow / rate_limited (429) / budget_exhausted (402) / shed (503) /
+too_large (400: the request can never fit a per-request or per-minute token limit);
+`settle` charges what the request really used, `release` refunds a request that failed.
+The algorithm and the keys are described in docs/enforcement.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import redis.asyncio
+
+from controller.gateway.catalog import PlanCatalog, PlanInfo
+from controller.gateway.prices import PriceTable, to_micro
+from controller.gateway.scripts import (
+    ADMIT,
+    SETTLE,
+    EnforcementError,
+    EnforcementKeys,
+    ip_id,
+    load_scripts,
+)
+from controller.model import validate_id
+
+__all__ = [
+    "Admission",
+    "AdmissionRequest",
+    "AdmissionResult",
+    "Budget",
+    "Degrade",
+    "EnforcementError",
+    "Outcome",
+    "Quota",
+]
+
+Outcome = Literal["allow", "rate_limited", "budget_exhausted", "shed", "too_large"]
+_OUTCOMES: frozenset[str] = frozenset(
+    ("allow", "rate_limited", "budget_exhausted", "shed", "too_large")
+)
+
+
+@dataclass(frozen=True)
+class AdmissionRequest:
+    """One request as admission sees it; ids must be valid (controller.model.validate_id)."""
+
+    tenant: str
+    plan: str
+    user: str | None
+    ip: str | None  # the client address; the ip level keys its state by it (IPv6: by /64)
+    model: str | None
+    tokens: int  # worst case to reserve: prompt estimate + max_tokens
+    request_id: str  # unique; the reservation's id (letters, digits, ._:+=~-)
+
+
+@dataclass(frozen=True)
+class Quota:
+    """One rate limit's state after this decision, for the response headers."""
+
+    address: str  # e.g. "tenant/acme/requests_per_minute"
+    limit: float
+    remaining: float
+    reset_seconds: float  # until the quota is fully available again
+    window_seconds: float
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A budget's state: a daily token budget, or a tenant's credit balance."""
+
+    address: str  # "tenant/acme/tokens_per_day[@model]" or "credits/acme"
+    kind: Literal["tokens", "credits"]
+    limit: float | None  # None for credits (a balance, not a limit)
+    remaining: float  # tokens, or USD spendable (balance minus open holds)
+    resets_at: float | None  # unix seconds (the next UTC midnight); None for credits
+
+
+@dataclass(frozen=True)
+class Degrade:
+    """Allowed, but a budget is nearly spent: what the gateway should change, and why."""
+
+    max_tokens: int | None
+    model: str | None
+    reason: str
+
+
+@dataclass(frozen=True)
+class AdmissionResult:
+    """The decision and every state the gateway needs for its answer and headers."""
+
+    outcome: Outcome
+    denied_by: str | None  # the address that said no
+    retry_after: float | None  # seconds: 429 (before jitter), 402 tokens (until reset)
+    requests: Quota | None  # the tightest request-rate quota
+    tokens: Quota | None  # the tightest token-rate quota
+    budget: Budget | None  # the tightest budget (the one that said no, if one did)
+    reservation: str | None  # set when allowed: pass to settle() or release()
+    degrade: Degrade | None  # allowed, but a budget is past the plan's degrade.at_percent
+
+
+class Admission:
+    """The Python side of admit.lua and settle.lua, for one Redis and key prefix."""
+
+    def __init__(
+        self,
+        client: redis.asyncio.Redis[str],
+        prefix: str,
+        prices: PriceTable,
+        catalog: PlanCatalog,
+        *,
+        lease_seconds: float = 600.0,
+        record_grace_seconds: float = 3600.0,
+        history_length: int = 10_000,
+    ) -> None:
+        """`lease_seconds`: a reservation not settled by then is released (a crashed gateway
+        leaks nothing); keep it above the longest streamed response. A settle arriving up to
+        `record_grace_seconds` after the lease still charges the actual usage."""
+        if lease_seconds <= 0 or record_grace_seconds < 0:
+            raise ValueError("lease_seconds must be > 0 and record_grace_seconds >= 0")
+        self.client = client
+        self.keys = EnforcementKeys.for_prefix(prefix)
+        self.prices = prices
+        self.catalog = catalog
+        self._lease_ms = str(round(lease_seconds * 1000))
+        self._record_ms = str(round(record_grace_seconds * 1000))
+        self._history_length = str(history_length)
+
+    async def load(self) -> None:
+        """Load the scripts now (optional: the first call loads them on NOSCRIPT anyway)."""
+        await load_scripts(self.client)
+
+    async def admit(self, request: AdmissionRequest) -> AdmissionResult:
+        """Decide on one request in one round trip; raise EnforcementError if Redis fails."""
+        validate_id(request.request_id, "request id")
+        if request.tokens < 0:
+            raise ValueError(f"tokens {request.tokens} must be >= 0")
+        plan = await self.catalog.current(request.plan)
+        ip = ip_id(request.ip) if request.ip else ""
+        credit_cost = credit_floor = ""
+        if plan.credits is not None:
+            credit_cost = str(to_micro(self.prices.worst_case(request.model, request.tokens)))
+            credit_floor = str(to_micro(plan.credits.min_balance_usd))
+        keys = self.keys.admit_keys(request.tenant, request.plan, request.user, ip)
+        reply = await ADMIT.run(
+            self.client,
+            keys,
+            (
+                request.request_id,
+                request.tokens,
+                request.model or "",
+                request.tenant,
+                request.plan,
+                request.user or "",
+                "1" if ip else "",
+                self._lease_ms,
+                self._record_ms,
+                credit_cost,
+                credit_floor,
+            ),
+        )
+        return _parse(reply, plan, request, ip)
+
+    async def settle(
+        self,
+        reservation: str,
+        tenant: str,
+        actual_tokens: int,
+        model: str | None,
+        *,
+        prompt_tokens: int | None = None,
+        completion_tokens: int | None = None,
+    ) -> bool:
+        """Charge what the request used; refund the rest of its hold or charge the excess.
+
+        With `prompt_tokens` and `completion_tokens` credits are charged at their own prices,
+        else all `actual_tokens` at the dearer of the two. Returns False when the reservation
+        was unknown (already settled, or older than its lease plus the record grace).
+        """
+        if prompt_tokens is not None and completion_tokens is not None:
+            cost = self.prices.cost(model, prompt_tokens, completion_tokens)
+        else:
+            cost = self.prices.worst_case(model, actual_tokens)
+        return await self._settle(
+            reservation,
+            tenant,
+            max(actual_tokens, 0),
+            to_micro(cost) if actual_tokens > 0 else 0,
+            model,
+            (prompt_tokens, completion_tokens),
+        )
+
+    async def release(self, reservation: str, tenant: str) -> bool:
+        """The request failed before using anything: refund its whole hold."""
+        return await self._settle(reservation, tenant, 0, 0, None, (None, None))
+
+    async def _settle(
+        self,
+        reservation: str,
+        tenant: str,
+        tokens: int,
+        cost_micro: int,
+        model: str | None,
+        split: tuple[int | None, int | None],
+    ) -> bool:
+        request_id, user, ip = _split_reservation(reservation)
+        keys = self.keys.settle_keys(tenant, user, ip)
+        args = (
+            request_id,
+            tokens,
+            cost_micro,
+            model or "",
+            self._history_length,
+            "" if split[0] is None else split[0],
+            "" if split[1] is None else split[1],
+        )
+        return bool(await SETTLE.run(self.client, keys, args))
+
+
+def _split_reservation(reservation: str) -> tuple[str, str, str]:
+    parts = reservation.split("/")
+    if len(parts) != 3 or not parts[0]:
+        raise ValueError(
+            f"reservation {reservation!r} is not one admit() returned "
+            "(expected '<request id>/<user>/<ip>')"
+        )
+    return parts[0], parts[1], parts[2]
+
+
+Reply = list[str | int]  # admit.lua answers strings and integers
+
+
+def _quota(values: Reply) -> Quota | None:
+    address, limit, remaining, reset_ms, window_ms = values
+    if not address:
+        return None
+    return Quota(
+        str(address), float(limit), float(remaining), int(reset_ms) / 1000, int(window_ms) / 1000
+    )
+
+
+def _budget(values: Reply) -> Budget | None:
+    address, kind, limit, remaining, resets_at_ms = values
+    if not address:
+        return None
+    if kind == "credits":
+        return Budget(str(address), "credits", None, int(remaining) / 1_000_000, None)
+    return Budget(str(address), "tokens", float(limit), float(remaining), int(resets_at_ms) / 1000)
+
+
+def _parse(reply: Reply, plan: PlanInfo, request: AdmissionRequest, ip: str) -> AdmissionResult:
+    """admit.lua's answer as a result; the reservation names the levels settle must touch."""
+    if not isinstance(reply, list) or len(reply) != 19 or reply[0] not in _OUTCOMES:
+        raise EnforcementError(f"admit.lua answered {reply!r}: the script and client disagree")
+    outcome: Outcome = reply[0]  # type: ignore[assignment]
+    budget = _budget(reply[13:18])
+    retry: float | None = None
+    if outcome == "rate_limited" or (
+        outcome == "budget_exhausted" and budget is not None and budget.kind == "tokens"
+    ):
+        retry = int(reply[2]) / 1000  # a credit balance does not refill by itself: no retry
+    reservation = degrade = None
+    if outcome == "allow":
+        reservation = f"{request.request_id}/{request.user or ''}/{ip}"
+        degrade = _degrade(plan, budget, request.model)
+    return AdmissionResult(
+        outcome=outcome,
+        denied_by=str(reply[1]) or None,
+        retry_after=retry,
+        requests=_quota(reply[3:8]),
+        tokens=_quota(reply[8:13]),
+        budget=budget,
+        reservation=reservation,
+        degrade=degrade,
+    )
+
+
+def _degrade(plan: PlanInfo, budget: Budget | None, model: str | None) -> Degrade | None:
+    """The plan's degradation once the tightest token budget is past `at_percent` spent."""
+    spec = plan.degrade
+    if spec is None or budget is None or budget.kind != "tokens" or not budget.limit:
+        return None
+    spent = 100.0 * (1.0 - budget.remaining / budget.limit)
+    if spent < spec.at_percent:
+        return None
+    target = spec.model if spec.model != model else None
+    if spec.max_tokens is None and target is None:
+        return None
+    return Degrade(
+        spec.max_tokens,
+        target,
+        f"{budget.address} is {spent:.0f}% spent (the plan degrades from {spec.at_percent:g}%)",
+    )

@@ -1,0 +1,183 @@
+"""The reference gateway: an OpenAI-compatible reverse proxy with Governor's enforcement."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import ssl
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+import redis.asyncio
+import structlog
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Mount, Route
+
+from controller.errors import ConfigurationError
+from controller.gateway.admission import Admission
+from controller.gateway.asgi import STORE_ERRORS, Enforcement, GovernorMiddleware
+from controller.gateway.auth import Authenticator, JwksCache
+from controller.gateway.catalog import PlanCatalog, PlanInfo
+from controller.gateway.failmode import FailMode, LimitMemory, LocalLimiter, Presence
+from controller.gateway.keys import KeyVerifier
+from controller.gateway.metrics import GatewayMetrics
+from controller.gateway.prices import PriceTable
+from controller.gateway.proxy import UpstreamProxy
+from controller.gateway.responses import Answers
+from controller.gateway.tracing import Tracing
+from controller.policy.loader import load_directory
+from controller.settings import RedisSettings, Settings
+from controller.sinks.connection import url_from_settings
+from controller.sinks.keys import KeySchema
+
+_log = structlog.get_logger("governor.gateway")
+
+
+def connect_async(url: str, settings: RedisSettings) -> redis.asyncio.Redis[str]:
+    """An async client that fails fast: an admission that cannot reach Redis goes to the
+    plan's fail mode at once instead of waiting through retries."""
+    options: dict[str, Any] = {
+        "decode_responses": True,
+        "socket_timeout": settings.socket_timeout_seconds,
+        "socket_connect_timeout": settings.socket_timeout_seconds,
+    }
+    if settings.username is not None:
+        options["username"] = settings.username
+    if settings.password is not None:
+        options["password"] = settings.password.get_secret_value()
+    if urlsplit(url).scheme == "rediss":
+        options["ssl_cert_reqs"] = ssl.CERT_REQUIRED if settings.verify_tls else ssl.CERT_NONE
+        if settings.ca_file is not None:
+            options["ssl_ca_certs"] = str(settings.ca_file)
+    return redis.asyncio.Redis.from_url(url, **options)
+
+
+@dataclass
+class GatewayRuntime:
+    """Everything a gateway process holds, built from settings; mount `enforcement` with
+    GovernorMiddleware in any Starlette/FastAPI app and run `running()` in its lifespan."""
+
+    settings: Settings
+    client: redis.asyncio.Redis[str]
+    http: httpx.AsyncClient
+    presence: Presence
+    enforcement: Enforcement
+
+    @classmethod
+    def from_settings(cls, settings: Settings, policies: Path | None = None) -> GatewayRuntime:
+        """With `policies`, plans come from that directory instead of `<P>:plans`."""
+        gateway = settings.gateway
+        keys = KeySchema(settings.redis.key_prefix)
+        client = connect_async(url_from_settings(settings), settings.redis)
+        http = httpx.AsyncClient(
+            timeout=httpx.Timeout(gateway.upstream_timeout_seconds, connect=10.0),
+            limits=httpx.Limits(max_connections=1000, max_keepalive_connections=100),
+        )
+        secret = gateway.api_key_secret.get_secret_value() if gateway.api_key_secret else None
+        verifier = KeyVerifier(client, keys, secret, gateway.key_cache_seconds)
+        jwks = None
+        if gateway.jwt_jwks_url:
+            jwks = JwksCache(gateway.jwt_jwks_url, http, gateway.jwks_cache_seconds)
+        prices = PriceTable.from_settings(settings.prices)
+        memory = LimitMemory()
+        catalog = PlanCatalog(client, keys.prefix)
+        if policies is not None:
+            plans = load_directory(policies).plans
+            infos = {name: PlanInfo.from_spec(plan.spec) for name, plan in plans.items()}
+            catalog = PlanCatalog.fixed(client, keys.prefix, infos)
+            for name, plan in plans.items():  # fail-open knows each plan's rates from the start
+                memory.set_plan(name, {k.value: v for k, v in plan.spec.limits.items()})
+        gateway_id = gateway.gateway_id or f"{socket.gethostname()}:{os.getpid()}"
+        presence = Presence(client, keys, gateway_id, gateway.heartbeat_seconds)
+        enforcement = Enforcement(
+            settings=gateway,
+            authenticator=Authenticator(gateway, verifier, jwks),
+            admission=Admission(client, keys.prefix, prices, catalog),
+            catalog=catalog,
+            failmode=FailMode(presence, memory, LocalLimiter()),
+            prices=prices,
+            metrics=GatewayMetrics(gateway.metrics_max_tenants, gateway.metrics_max_models),
+            answers=Answers(gateway.problem_base_url, gateway.retry_after_jitter),
+            tracing=Tracing(gateway.otlp_endpoint) if gateway.otlp_endpoint else None,
+        )
+        return cls(settings, client, http, presence, enforcement)
+
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator[None]:
+        """Heartbeat while the block runs; then leave the count and close every client."""
+        task = asyncio.create_task(self._heartbeat())
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(*STORE_ERRORS):  # the entry expires after 3 beats anyway
+                await self.presence.leave()
+            await self.http.aclose()
+            await self.client.aclose()  # type: ignore[attr-defined]  # types-redis predates it
+            if self.enforcement.tracing is not None:
+                self.enforcement.tracing.shutdown()
+
+    async def _heartbeat(self) -> None:
+        metrics = self.enforcement.metrics
+        keys = KeySchema(self.settings.redis.key_prefix)
+        while True:
+            try:
+                metrics.live_gateways.set(await self.presence.heartbeat())
+                await self.enforcement.failmode.refresh_plans(self.client, keys)
+            except STORE_ERRORS as exc:
+                metrics.store_errors.labels("heartbeat").inc()
+                _log.warning("heartbeat failed; keeping the last gateway count", error=str(exc))
+            await asyncio.sleep(self.settings.gateway.heartbeat_seconds)
+
+
+def create_app(settings: Settings, upstream: str, policies: Path | None = None) -> Starlette:
+    """The gateway app: `/v1/*` proxied to `upstream` under enforcement, plus `/metrics` and
+    `/healthz`."""
+    runtime = GatewayRuntime.from_settings(settings, policies)
+    e = runtime.enforcement
+    gateway = settings.gateway
+    api_key = gateway.upstream_api_key.get_secret_value() if gateway.upstream_api_key else None
+    proxy = UpstreamProxy(upstream, runtime.http, e.answers, api_key, e.tracing)
+
+    @asynccontextmanager
+    async def lifespan(_app: Starlette) -> AsyncIterator[None]:
+        async with runtime.running():
+            yield
+
+    async def metrics_endpoint(_request: Request) -> Response:
+        return Response(generate_latest(e.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    async def healthz(_request: Request) -> Response:
+        return PlainTextResponse("ok")
+
+    return Starlette(
+        routes=[
+            Route("/metrics", metrics_endpoint),
+            Route("/healthz", healthz),
+            Mount("/", app=proxy),
+        ],
+        middleware=[Middleware(GovernorMiddleware, enforcement=e)],
+        lifespan=lifespan,
+    )
+
+
+def require_upstream(url: str) -> str:
+    """An upstream URL, or ConfigurationError saying what shape it must have."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ConfigurationError(
+            f"--upstream {url!r} must be an http(s) URL of the model server's root, e.g. "
+            "http://127.0.0.1:8000 (the gateway appends /v1/...)"
+        )
+    return url

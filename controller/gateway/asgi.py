@@ -1,0 +1,390 @@
+"""ASGI middleware any Starlette/FastAPI gateway can mount: authenticate, check the plan's
+models, admit (reserve worst-case tokens), degrade, pass on, settle from the response's usage.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Mapping, MutableMapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import redis
+import structlog
+from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from controller.errors import SinkError
+from controller.gateway.admission import Admission, AdmissionRequest, AdmissionResult, Degrade
+from controller.gateway.auth import Authenticator, AuthError, Principal
+from controller.gateway.catalog import PlanCatalog, PlanInfo
+from controller.gateway.failmode import FailMode
+from controller.gateway.metrics import GatewayMetrics
+from controller.gateway.openai import ROUTES, Kind, ModelRequest, RequestError, UsageMeter
+from controller.gateway.prices import PriceTable
+from controller.gateway.responses import Answers, degrade_headers, rate_limit_headers
+from controller.gateway.tracing import Tracing
+from controller.settings import GatewaySettings
+
+# What an unreachable or failing limit store raises, whoever wraps it.
+STORE_ERRORS = (redis.RedisError, SinkError, OSError)
+STATE_KEY = "governor"  # scope["state"]["governor"]: the Principal, for the app behind us
+
+
+@dataclass
+class Enforcement:
+    """Everything the middleware consults; built once per gateway."""
+
+    settings: GatewaySettings
+    authenticator: Authenticator
+    admission: Admission
+    catalog: PlanCatalog
+    failmode: FailMode
+    prices: PriceTable
+    metrics: GatewayMetrics
+    answers: Answers
+    tracing: Tracing | None = None
+    routes: Mapping[str, Kind] = field(default_factory=lambda: dict(ROUTES))
+    open_paths: tuple[str, ...] = ("/metrics", "/healthz")
+
+
+@dataclass
+class _Call:
+    """One admitted request on its way through: what to settle, and against whom."""
+
+    principal: Principal
+    plan: str
+    request: ModelRequest
+    request_id: str
+    reservation: str | None
+    meter: UsageMeter
+    headers: dict[str, str]
+    outcome: str = "allow"  # or "degraded", "fail_open": the metric's outcome label
+    status: int | None = None
+    settled: bool = False
+
+
+class GovernorMiddleware:
+    """Enforces Governor's limits in front of `app` (pure ASGI: streaming passes untouched)."""
+
+    def __init__(self, app: ASGIApp, enforcement: Enforcement) -> None:
+        self.app = app
+        self.e = enforcement
+        self._log = structlog.get_logger("governor.gateway")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in self.e.open_paths:
+            await self.app(scope, receive, send)
+            return
+        if self.e.tracing is None:
+            await self._enforce(scope, receive, send)
+            return
+        with self.e.tracing.server_span(
+            f"{scope['method']} {scope['path']}", _headers(scope)
+        ) as span:
+
+            async def traced(message: Message) -> None:
+                if message["type"] == "http.response.start":
+                    span.set_attribute("http.response.status_code", int(message["status"]))
+                await send(message)
+
+            await self._enforce(scope, receive, traced)
+            principal = scope.get("state", {}).get(STATE_KEY)
+            if isinstance(principal, Principal):
+                span.set_attribute("governor.tenant", principal.tenant)
+                span.set_attribute("governor.plan", principal.plan)
+
+    async def _enforce(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started = time.perf_counter()
+        headers = _headers(scope)
+        try:
+            principal = await self.e.authenticator.authenticate(headers)
+        except AuthError as exc:
+            self.e.metrics.request(None, None, None, "unauthenticated")
+            await self.e.answers.unauthenticated(exc.detail)(scope, receive, send)
+            return
+        except STORE_ERRORS:
+            self.e.metrics.store_errors.labels("authenticate").inc()
+            await self.e.answers.enforcement_unavailable(None)(scope, receive, send)
+            return
+        scope.setdefault("state", {})[STATE_KEY] = principal
+        kind = self.e.routes.get(scope["path"]) if scope["method"] == "POST" else None
+        if kind is None:  # not a model call: authenticated pass-through, nothing to count
+            await self.app(scope, receive, send)
+            return
+        await self._model_call(scope, receive, send, principal, kind, started)
+
+    async def _model_call(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        principal: Principal,
+        kind: Kind,
+        started: float,
+    ) -> None:
+        raw = await _read_body(receive, self.e.settings.max_body_bytes)
+        refusal: Response | None = None
+        if raw is None:
+            refusal = self.e.answers.bad_request("request body too large", status=413)
+        else:
+            try:
+                request = ModelRequest.parse(kind, raw, self.e.settings.default_max_tokens)
+            except RequestError as exc:
+                refusal = self.e.answers.bad_request(str(exc))
+        if refusal is not None:
+            self.e.metrics.request(principal.tenant, principal.plan, None, "bad_request")
+            await refusal(scope, receive, send)
+            return
+        plan = await self.e.catalog.current(principal.plan)
+        self.e.failmode.memory.plans_seen.add(principal.plan)
+        if not plan.allows(request.model):
+            self.e.metrics.request(
+                principal.tenant, principal.plan, request.model, "model_not_allowed"
+            )
+            answer = self.e.answers.model_not_allowed(principal.plan, request.model, plan.models)
+            await answer(scope, receive, send)
+            return
+        call = await self._admit(scope, principal, plan, request)
+        self.e.metrics.admission_seconds.observe(time.perf_counter() - started)
+        if isinstance(call, Response):
+            await call(scope, receive, send)
+            return
+        await self._forward(scope, receive, send, call)
+
+    async def _admit(
+        self, scope: Scope, principal: Principal, plan: PlanInfo, request: ModelRequest
+    ) -> _Call | Response:
+        """Admit or refuse; an admitted request comes back rewritten as the plan degrades it."""
+        request_id = uuid.uuid4().hex
+        tokens = request.worst_case_tokens
+        metrics = self.e.metrics
+        model = request.model
+        try:
+            result = await self.e.admission.admit(
+                AdmissionRequest(
+                    tenant=principal.tenant,
+                    plan=principal.plan,
+                    user=principal.user,
+                    ip=_client_ip(scope, self.e.settings.trust_forwarded_for),
+                    model=model,
+                    tokens=tokens,
+                    request_id=request_id,
+                )
+            )
+        except STORE_ERRORS as exc:
+            metrics.store_errors.labels("admit").inc()
+            return self._fail_mode(principal, plan, request, request_id, exc)
+        if result.outcome != "allow":
+            metrics.request(principal.tenant, principal.plan, model, result.outcome)
+            return self.e.answers.refused(result)
+        self.e.failmode.memory.remember(principal.tenant, principal.user, result)
+        headers = rate_limit_headers(result)
+        outcome = "allow"
+        if result.degrade is not None and _degrade(request, result.degrade):
+            headers.update(degrade_headers(result.degrade))
+            outcome = "degraded"
+        return self._call(principal, request, request_id, result, headers, outcome)
+
+    def _call(
+        self,
+        principal: Principal,
+        request: ModelRequest,
+        request_id: str,
+        result: AdmissionResult | None,
+        headers: dict[str, str],
+        outcome: str,
+    ) -> _Call:
+        if request.streaming:
+            request.ask_for_stream_usage()
+        headers["x-governor-request-id"] = request_id
+        meter = UsageMeter(request.streaming, request.prompt_tokens)
+        reservation = result.reservation if result is not None else None
+        return _Call(
+            principal, principal.plan, request, request_id, reservation, meter, headers, outcome
+        )
+
+    def _fail_mode(
+        self,
+        principal: Principal,
+        plan: PlanInfo,
+        request: ModelRequest,
+        request_id: str,
+        error: BaseException,
+    ) -> _Call | Response:
+        decision = self.e.failmode.decide(
+            principal.tenant, principal.user, principal.plan, plan.fail_mode,
+            request.worst_case_tokens,
+        )  # fmt: skip
+        self._log.warning(
+            "limit store unreachable",
+            plan=principal.plan,
+            fail_mode=plan.fail_mode,
+            decision=decision.outcome,
+            error=type(error).__name__,
+        )
+        metrics = self.e.metrics
+        if decision.outcome == "closed":
+            metrics.request(principal.tenant, principal.plan, request.model, "fail_closed")
+            return self.e.answers.enforcement_unavailable(principal.plan)
+        if decision.outcome == "limited":
+            metrics.request(principal.tenant, principal.plan, request.model, "rate_limited")
+            return self.e.answers.locally_limited(decision.address or "local", decision.wait)
+        gateways = self.e.failmode.presence.live if self.e.failmode.presence else 1
+        headers = {"x-governor-fail-open": f"local limiter, 1/{gateways} of each limit"}
+        return self._call(principal, request, request_id, None, headers, "fail_open")
+
+    async def _forward(self, scope: Scope, receive: Receive, send: Send, call: _Call) -> None:
+        body = call.request.encoded()
+        inner_scope = _with_body_length(scope, body) if call.request.changed else scope
+        replay = _replay(body, receive)
+
+        async def observe(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                call.status = int(message["status"])
+                message = {**message, "headers": _merged(message, call.headers)}
+            elif message["type"] == "http.response.body":
+                chunk = message.get("body", b"")
+                if chunk and call.status is not None and call.status < 400:
+                    call.meter.feed(chunk)
+                if not message.get("more_body", False):
+                    # Charge before the last byte: a client that sends its next request when
+                    # this one ends always finds this one's usage on the books.
+                    with anyio.CancelScope(shield=True):
+                        await self._settle(call)
+            await send(message)
+
+        try:
+            await self.app(inner_scope, replay, observe)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._settle(call)  # a response cut short: charge what was seen
+
+    async def _settle(self, call: _Call) -> None:
+        """Charge what was used; refund all when the upstream refused or never answered.
+        Runs once per call, whichever of the end of the body or the end of the app comes first."""
+        if call.settled:
+            return
+        call.settled = True
+        principal = call.principal
+        model = call.request.model
+        failed = call.status is None or call.status >= 400
+        self.e.metrics.request(
+            principal.tenant, call.plan, model, "upstream_error" if failed else call.outcome
+        )
+        if failed:
+            if call.reservation is not None:
+                await self._store(
+                    "release", self.e.admission.release(call.reservation, principal.tenant)
+                )
+            return
+        usage = call.meter.finish()
+        if usage.estimated:
+            self.e.metrics.estimated.labels(self.e.metrics.plan(call.plan)).inc()
+            self._log.info(
+                "upstream sent no usage; settled from an estimate",
+                request_id=call.request_id,
+                tokens=usage.total_tokens,
+            )
+        cost = self.e.prices.cost(model, usage.prompt_tokens, usage.completion_tokens)
+        self.e.metrics.usage(
+            principal.tenant, call.plan, model, usage.prompt_tokens, usage.completion_tokens, cost
+        )
+        if call.reservation is not None:
+            await self._store(
+                "settle",
+                self.e.admission.settle(
+                    call.reservation,
+                    principal.tenant,
+                    usage.total_tokens,
+                    model,
+                    prompt_tokens=usage.prompt_tokens,
+                    completion_tokens=usage.completion_tokens,
+                ),
+            )
+
+    async def _store(self, operation: str, action: Any) -> None:
+        try:
+            await action
+        except STORE_ERRORS as exc:
+            # The reservation's lease expires on its own; the usage of this call is lost.
+            self.e.metrics.store_errors.labels(operation).inc()
+            self._log.warning("limit store call failed", operation=operation, error=str(exc))
+
+
+def _degrade(request: ModelRequest, degrade: Degrade) -> bool:
+    """Apply the plan's degradation to the request; False when it changed nothing."""
+    changed = False
+    if degrade.max_tokens is not None and (request.max_tokens or 0) > degrade.max_tokens:
+        request.set_max_tokens(degrade.max_tokens)
+        changed = True
+    if degrade.model is not None and request.model != degrade.model:
+        request.set_model(degrade.model)
+        changed = True
+    return changed
+
+
+def _headers(scope: Scope) -> dict[str, str]:
+    return {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+
+
+def _client_ip(scope: Scope, trust_forwarded_for: bool) -> str | None:
+    if trust_forwarded_for:
+        forwarded = _headers(scope).get("x-forwarded-for")
+        if forwarded:
+            return forwarded.split(",")[0].strip() or None
+    client = scope.get("client")
+    return str(client[0]) if client else None
+
+
+async def _read_body(receive: Receive, limit: int) -> bytes | None:
+    """The whole request body, or None when it is larger than `limit` bytes."""
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            break
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            break
+    return b"".join(chunks)
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """A receive that hands the app the (possibly rewritten) body once, then waits for the
+    client's disconnect like the real one."""
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
+
+
+def _with_body_length(scope: Scope, body: bytes) -> Scope:
+    headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-length"]
+    headers.append((b"content-length", str(len(body)).encode()))
+    return {**scope, "headers": headers}
+
+
+def _merged(message: MutableMapping[str, Any], extra: Mapping[str, str]) -> list[Any]:
+    names = {name.lower().encode("latin-1") for name in extra}
+    kept = [(k, v) for k, v in message.get("headers", []) if k.lower() not in names]
+    kept.extend((k.encode("latin-1"), _ascii(v)) for k, v in extra.items())
+    return kept
+
+
+def _ascii(value: str) -> bytes:
+    # Header values must be latin-1; a reason written in any language is made ASCII-safe.
+    return value.encode("ascii", "replace")

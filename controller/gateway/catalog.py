@@ -1,0 +1,138 @@
+"""The plan catalog: what each plan allows beyond numbers (models, fail mode, degrade, credits).
+
+The daemon publishes it to `<P>:plans` on each policy load (`publish_catalog`); gateways read
+it through `PlanCatalog`, cached and refreshed every few seconds or when told to.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+import redis
+import redis.asyncio
+
+from controller.errors import SinkError
+from controller.policy.documents import Credits, PlanSpec
+from controller.policy.documents import Degrade as DegradeSpec
+from controller.policy.policyset import PolicySet
+from controller.sinks.keys import KeySchema
+
+_FIELDS = {"models", "fail_mode", "degrade", "credits"}
+
+
+def catalog_key(prefix: str) -> str:
+    """`<P>:plans`: a hash plan → JSON {models, fail_mode, degrade, credits}."""
+    return f"{KeySchema(prefix).prefix}:plans"
+
+
+@dataclass(frozen=True)
+class PlanInfo:
+    """One plan as a gateway needs it."""
+
+    models: tuple[str, ...] = ()  # empty: any model
+    fail_mode: Literal["open", "closed"] = "closed"
+    degrade: DegradeSpec | None = None
+    credits: Credits | None = None
+
+    def allows(self, model: str | None) -> bool:
+        """Whether the plan may call `model` (a request naming no model is always allowed)."""
+        return not self.models or model is None or model in self.models
+
+    @classmethod
+    def from_spec(cls, spec: PlanSpec) -> PlanInfo:
+        return cls(tuple(spec.models), spec.fail_mode, spec.degrade, spec.credits)
+
+    @classmethod
+    def from_json(cls, text: str) -> PlanInfo:
+        return cls.from_spec(PlanSpec.model_validate_json(text))
+
+    def to_json(self) -> str:
+        spec = PlanSpec(
+            models=list(self.models),
+            fail_mode=self.fail_mode,
+            degrade=self.degrade,
+            credits=self.credits,
+        )
+        return json.dumps(spec.model_dump(mode="json", include=_FIELDS), sort_keys=True)
+
+
+DEFAULT_PLAN = PlanInfo()  # a plan the catalog does not know: any model, fail closed
+
+
+def publish_catalog(
+    client: redis.Redis[str], policies: PolicySet, *, prefix: str = "governor"
+) -> None:
+    """Replace `<P>:plans` with the plans of `policies` in one transaction."""
+    key = catalog_key(prefix)
+    entries: dict[str | bytes, bytes | float | int | str] = {
+        name: PlanInfo.from_spec(plan.spec).to_json() for name, plan in policies.plans.items()
+    }
+    try:
+        with client.pipeline(transaction=True) as pipe:
+            pipe.delete(key)
+            if entries:
+                pipe.hset(key, mapping=entries)
+            pipe.execute()
+    except redis.RedisError as exc:
+        raise SinkError(f"publishing the plan catalog to {key} failed: {exc}") from exc
+
+
+@dataclass
+class PlanCatalog:
+    """A gateway's cached view of `<P>:plans`, refreshed every `refresh_seconds`."""
+
+    client: redis.asyncio.Redis[str]
+    prefix: str
+    refresh_seconds: float = 5.0
+    _plans: dict[str, PlanInfo] = field(default_factory=dict)
+    _loaded_at: float | None = None
+
+    @classmethod
+    def fixed(
+        cls, client: redis.asyncio.Redis[str], prefix: str, plans: Mapping[str, PlanInfo]
+    ) -> PlanCatalog:
+        """A catalog that never reads Redis (for embedding and tests)."""
+        catalog = cls(client, prefix, refresh_seconds=float("inf"))
+        catalog._plans = dict(plans)
+        catalog._loaded_at = time.monotonic()
+        return catalog
+
+    def get(self, plan: str) -> PlanInfo:
+        """The cached plan; DEFAULT_PLAN for a plan the catalog does not hold."""
+        return self._plans.get(plan, DEFAULT_PLAN)
+
+    def invalidate(self) -> None:
+        """Read Redis again on the next `current` call (e.g. on a `<P>:changes` message)."""
+        if self.refresh_seconds != float("inf"):
+            self._loaded_at = None
+
+    async def refresh(self) -> None:
+        """Load every plan now; raise SinkError when Redis cannot be read."""
+        key = catalog_key(self.prefix)
+        try:
+            raw = await self.client.hgetall(key)
+        except redis.RedisError as exc:
+            raise SinkError(f"reading the plan catalog {key} failed: {exc}") from exc
+        plans: dict[str, PlanInfo] = {}
+        for name, text in raw.items():
+            plans[name] = PlanInfo.from_json(text)
+        self._plans = plans
+        self._loaded_at = time.monotonic()
+
+    async def current(self, plan: str) -> PlanInfo:
+        """The plan, refreshing first when the cache is older than `refresh_seconds`.
+
+        A failed refresh keeps the last good catalog: the admission call that follows
+        reports the Redis failure itself, and the plan's fail mode must stay known.
+        """
+        loaded = self._loaded_at
+        if loaded is None or time.monotonic() - loaded >= self.refresh_seconds:
+            try:
+                await self.refresh()
+            except SinkError:
+                self._loaded_at = time.monotonic()  # do not hammer a Redis that is away
+        return self.get(plan)

@@ -1,0 +1,194 @@
+"""API keys: made once and shown once, stored only as a hash, checked in constant time."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import re
+import secrets
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import redis
+import redis.asyncio
+
+from controller.errors import SinkError
+from controller.model import validate_id
+from controller.sinks.connection import wrapped
+from controller.sinks.keys import KeySchema
+
+# `gov_<id>_<secret>`: the id is public (listing, revoking, logs), the secret never stored.
+_KEY_PATTERN = re.compile(r"gov_([0-9a-f]{16})_([A-Za-z0-9_-]{43})")
+_CACHE_SIZE = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRecord:
+    """What Redis holds for one key: who it stands for, and the hash of the key."""
+
+    key_id: str
+    tenant: str
+    plan: str
+    user: str | None
+    digest: str  # "hmac-sha256:<hex>" or "sha256:<hex>"
+    created_at: float
+    name: str | None = None
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> KeyRecord:
+        """Parse a stored record; ValueError when someone wrote something else there."""
+        try:
+            data = json.loads(text)
+            record = cls(**{name: data.get(name) for name in cls.__dataclass_fields__})
+        except (ValueError, TypeError, AttributeError) as exc:
+            raise ValueError(f"API key record {text[:80]!r} is not a key record: {exc}") from None
+        if not all(isinstance(v, str) for v in (record.key_id, record.tenant, record.plan,
+                                                record.digest)):  # fmt: skip
+            raise ValueError(f"API key record {text[:80]!r} misses key_id/tenant/plan/digest")
+        return record
+
+    def public(self) -> dict[str, object]:
+        """The record without its digest, for listings."""
+        data = asdict(self)
+        del data["digest"]
+        return data
+
+
+def store_key(keys: KeySchema) -> str:
+    """The hash of every API key record: field = key id, value = KeyRecord JSON."""
+    return f"{keys.prefix}:apikeys"
+
+
+def key_id_of(key: str) -> str | None:
+    """The id inside a presented key, or None when it is not shaped like one of ours."""
+    match = _KEY_PATTERN.fullmatch(key)
+    return match.group(1) if match else None
+
+
+def digest(key: str, secret: str | None) -> str:
+    """The stored form of a key: HMAC-SHA256 with the server secret, else plain SHA-256."""
+    if secret is None:
+        return "sha256:" + hashlib.sha256(key.encode()).hexdigest()
+    return "hmac-sha256:" + hmac.new(secret.encode(), key.encode(), hashlib.sha256).hexdigest()
+
+
+def matches(record: KeyRecord, key: str, secret: str | None) -> bool:
+    """Does `key` hash to the record's digest? Constant time in the digest's content."""
+    return hmac.compare_digest(digest(key, secret).encode(), record.digest.encode())
+
+
+def new_key() -> tuple[str, str]:
+    """(key id, full key) from the OS's cryptographic random source."""
+    key_id = secrets.token_hex(8)
+    return key_id, f"gov_{key_id}_{secrets.token_urlsafe(32)}"
+
+
+class KeyStore:
+    """Create, list and revoke keys (the CLI's side, synchronous)."""
+
+    def __init__(self, client: redis.Redis[str], keys: KeySchema, secret: str | None) -> None:
+        self.client = client
+        self.key = store_key(keys)
+        self.secret = secret
+
+    def create(
+        self, tenant: str, plan: str, user: str | None = None, name: str | None = None
+    ) -> tuple[str, KeyRecord]:
+        """A new key for tenant/plan[/user]: returns the key (shown once) and its record."""
+        validate_id(tenant, "tenant")
+        validate_id(plan, "plan")
+        if user is not None:
+            validate_id(user, "user")
+        key_id, key = new_key()
+        with wrapped(self.client, "create an API key"):
+            seconds, micros = self.client.time()
+            record = KeyRecord(
+                key_id, tenant, plan, user, digest(key, self.secret), seconds + micros / 1e6, name
+            )
+            if not self.client.hsetnx(self.key, key_id, record.to_json()):
+                raise SinkError(f"API key id {key_id} already exists (run the command again)")
+        return key, record
+
+    def list(self, tenant: str | None = None) -> list[KeyRecord]:
+        """Every key's record (digests included), optionally of one tenant, oldest first."""
+        with wrapped(self.client, "list API keys"):
+            values = self.client.hvals(self.key)
+        records = [KeyRecord.from_json(text) for text in values]
+        return sorted(
+            (r for r in records if tenant is None or r.tenant == tenant),
+            key=lambda r: (r.created_at, r.key_id),
+        )
+
+    def revoke(self, key_id: str) -> bool:
+        """Delete a key's record; False when there was none."""
+        with wrapped(self.client, f"revoke API key {key_id}"):
+            return bool(self.client.hdel(self.key, key_id))
+
+
+class KeyVerifier:
+    """The gateway's side: a presented key → its record, or None. Verified keys are cached."""
+
+    def __init__(
+        self,
+        client: redis.asyncio.Redis[str],
+        keys: KeySchema,
+        secret: str | None,
+        cache_seconds: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.client = client
+        self.key = store_key(keys)
+        self.secret = secret
+        self.cache_seconds = cache_seconds
+        self._clock = clock
+        self._cache: OrderedDict[str, tuple[float, KeyRecord]] = OrderedDict()
+
+    async def verify(self, key: str) -> KeyRecord | None:
+        """The record of a valid key; None for an unknown, revoked or wrong key.
+
+        Raises redis errors for keys not verified before: the caller decides what an outage
+        means.
+        """
+        key_id = key_id_of(key)
+        if key_id is None:
+            return None
+        record = self._cached(key_id)
+        if record is None:
+            try:
+                text = await self.client.hget(self.key, key_id)
+            except redis.RedisError:
+                stale = self._cache.get(key_id)
+                if stale is None:
+                    raise
+                # Redis is away: a key verified before the outage still is (a fail-open plan
+                # must keep serving its callers); it is checked against its digest below.
+                text = stale[1].to_json()
+            if text is None:
+                return None
+            try:
+                record = KeyRecord.from_json(text)
+            except ValueError:
+                return None  # a hand-edited record authenticates nobody
+        if not matches(record, key, self.secret):
+            return None
+        self._remember(record)
+        return record
+
+    def _cached(self, key_id: str) -> KeyRecord | None:
+        entry = self._cache.get(key_id)
+        if entry is None or self._clock() - entry[0] > self.cache_seconds:
+            return None
+        return entry[1]
+
+    def _remember(self, record: KeyRecord) -> None:
+        if record.key_id not in self._cache or self._cached(record.key_id) is None:
+            self._cache[record.key_id] = (self._clock(), record)
+        self._cache.move_to_end(record.key_id)
+        while len(self._cache) > _CACHE_SIZE:
+            self._cache.popitem(last=False)

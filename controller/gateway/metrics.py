@@ -1,0 +1,117 @@
+"""Gateway metrics for Prometheus, the series Governor's own policies read, with capped labels.
+
+Cardinality cap: the first `metrics_max_tenants` tenants and `metrics_max_models` models
+seen keep their names; later ones are counted as `other`. Plans come from the policy files
+(few). So each series family holds at most tenants × plans × models × (outcomes or kinds).
+"""
+
+from __future__ import annotations
+
+import threading
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+OTHER = "other"
+OUTCOMES = (
+    "allow",
+    "degraded",
+    "rate_limited",
+    "budget_exhausted",
+    "shed",
+    "too_large",
+    "unauthenticated",
+    "model_not_allowed",
+    "bad_request",
+    "upstream_error",
+    "fail_open",
+    "fail_closed",
+)
+
+
+class LabelCap:
+    """Keeps the first `limit` distinct values of one label; later values become `other`."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._seen: set[str] = set()
+        self._lock = threading.Lock()
+
+    def __call__(self, value: str | None) -> str:
+        if value is None or value == "":
+            return "none"
+        if value in self._seen:
+            return value
+        with self._lock:
+            if len(self._seen) < self.limit:
+                self._seen.add(value)
+                return value
+        return OTHER
+
+
+class GatewayMetrics:
+    """Every series the gateway exports, on its own registry (served at /metrics)."""
+
+    def __init__(self, max_tenants: int, max_models: int) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.tenant = LabelCap(max_tenants)
+        self.model = LabelCap(max_models)
+        self.plan = LabelCap(max_models)  # plans are few; the cap only guards forged claims
+        labels = ("tenant", "plan", "model")
+        self.requests = Counter(
+            "gateway_requests",
+            "Requests by tenant, plan, model and outcome",
+            (*labels, "outcome"),
+            registry=self.registry,
+        )
+        self.tokens = Counter(
+            "gateway_tokens",
+            "Tokens used (settled), by kind: prompt or completion",
+            (*labels, "kind"),
+            registry=self.registry,
+        )
+        self.cost = Counter(
+            "gateway_cost_usd", "Cost of the tokens used, in USD", labels, registry=self.registry
+        )
+        self.estimated = Counter(
+            "gateway_usage_estimated",
+            "Responses settled from an estimate because the upstream sent no usage",
+            ("plan",),
+            registry=self.registry,
+        )
+        self.store_errors = Counter(
+            "gateway_limit_store_errors",
+            "Calls to the limit store (Redis) that failed, by operation",
+            ("operation",),
+            registry=self.registry,
+        )
+        self.live_gateways = Gauge(
+            "gateway_live_gateways",
+            "Gateways alive at the last heartbeat (the fail-open divisor)",
+            registry=self.registry,
+        )
+        self.admission_seconds = Histogram(
+            "gateway_admission_seconds",
+            "Time to authenticate and admit a request (Redis round trips included)",
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0),
+            registry=self.registry,
+        )
+
+    def request(
+        self, tenant: str | None, plan: str | None, model: str | None, outcome: str
+    ) -> None:
+        self.requests.labels(self.tenant(tenant), self.plan(plan), self.model(model), outcome).inc()
+
+    def usage(
+        self,
+        tenant: str,
+        plan: str,
+        model: str,
+        prompt_tokens: int,
+        completion_tokens: int,
+        cost_usd: float,
+    ) -> None:
+        names = (self.tenant(tenant), self.plan(plan), self.model(model))
+        self.tokens.labels(*names, "prompt").inc(prompt_tokens)
+        self.tokens.labels(*names, "completion").inc(completion_tokens)
+        if cost_usd > 0:
+            self.cost.labels(*names).inc(cost_usd)

@@ -1,0 +1,237 @@
+"""The OpenAI wire format: what a request may spend at most, what its response says it spent.
+
+Worst-case rule (documented in docs/gateway.md): prompt estimate + max_tokens × n, where the
+prompt estimate is ⌈characters / 4⌉ of every text the model reads plus 4 tokens per chat
+message, and a completion request without max_tokens gets the configured default written in.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Kind = Literal["chat", "completion", "embedding"]
+ROUTES: dict[str, Kind] = {
+    "/v1/chat/completions": "chat",
+    "/v1/completions": "completion",
+    "/v1/embeddings": "embedding",
+}
+CHARS_PER_TOKEN = 4
+MESSAGE_OVERHEAD_TOKENS = 4
+_MAX_BUFFERED_RESPONSE = 32 * 1024 * 1024
+
+
+class RequestError(ValueError):
+    """A body the gateway cannot account for; the message is shown to the client (400)."""
+
+
+def text_tokens(text: str) -> int:
+    return math.ceil(len(text) / CHARS_PER_TOKEN)
+
+
+@dataclass
+class ModelRequest:
+    """One parsed OpenAI request body, with what it may spend; rewritten in place."""
+
+    kind: Kind
+    raw: bytes  # the body as the client sent it
+    body: dict[str, Any]
+    prompt_tokens: int
+    changed: bool = False
+
+    @classmethod
+    def parse(cls, kind: Kind, raw: bytes, default_max_tokens: int) -> ModelRequest:
+        try:
+            body = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise RequestError(f"the request body is not JSON: {exc}") from None
+        if not isinstance(body, dict):
+            raise RequestError("the request body must be a JSON object")
+        model = body.get("model")
+        if not isinstance(model, str) or not model:
+            raise RequestError("the request names no model (`model` must be a string)")
+        request = cls(kind, raw, body, _prompt_tokens(kind, body))
+        if kind != "embedding" and request.max_tokens is None:
+            request.set_max_tokens(default_max_tokens)
+        return request
+
+    @property
+    def model(self) -> str:
+        return str(self.body["model"])
+
+    @property
+    def streaming(self) -> bool:
+        return self.kind != "embedding" and self.body.get("stream") is True
+
+    @property
+    def max_tokens(self) -> int | None:
+        for name in ("max_completion_tokens", "max_tokens"):
+            value = self.body.get(name)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+        return None
+
+    @property
+    def choices(self) -> int:
+        counts = [self.body.get(name) for name in ("n", "best_of")]
+        return max([1, *(c for c in counts if isinstance(c, int) and not isinstance(c, bool))])
+
+    @property
+    def worst_case_tokens(self) -> int:
+        """What this request can cost at most: the reservation."""
+        return self.prompt_tokens + (self.max_tokens or 0) * self.choices
+
+    def set_max_tokens(self, value: int) -> None:
+        name = "max_completion_tokens" if "max_completion_tokens" in self.body else "max_tokens"
+        self.body[name] = value
+        self.changed = True
+
+    def set_model(self, model: str) -> None:
+        self.body["model"] = model
+        self.changed = True
+
+    def ask_for_stream_usage(self) -> None:
+        """Streamed chat/completions send usage only when asked: ask, so settling is exact."""
+        options = self.body.get("stream_options")
+        if not isinstance(options, dict):
+            options = {}
+        if options.get("include_usage") is not True:
+            self.body["stream_options"] = {**options, "include_usage": True}
+            self.changed = True
+
+    def encoded(self) -> bytes:
+        """The body to send on: the client's own bytes unless the gateway changed something."""
+        return json.dumps(self.body, separators=(",", ":")).encode() if self.changed else self.raw
+
+
+def _prompt_tokens(kind: Kind, body: Mapping[str, Any]) -> int:
+    if kind == "chat":
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise RequestError("a chat request needs a non-empty `messages` list")
+        tokens = sum(MESSAGE_OVERHEAD_TOKENS + _tokens(m) for m in messages)
+        for extra in ("tools", "functions", "response_format"):
+            if extra in body:  # tool schemas are read by the model too
+                tokens += text_tokens(json.dumps(body[extra]))
+        return tokens
+    name = "prompt" if kind == "completion" else "input"
+    if name not in body:
+        raise RequestError(f"a {kind} request needs `{name}`")
+    return _tokens(body[name])
+
+
+def _tokens(value: Any) -> int:
+    """Tokens of any text-bearing JSON: strings by length, token arrays by count."""
+    if isinstance(value, str):
+        return text_tokens(value)
+    if isinstance(value, bool) or value is None:
+        return 0
+    if isinstance(value, int | float):
+        return 1  # one token id
+    if isinstance(value, list):
+        return sum(_tokens(v) for v in value)
+    if isinstance(value, dict):
+        return sum(_tokens(v) for k, v in value.items() if k != "role")
+    return 0
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """Tokens a response used; `estimated` when the upstream did not say."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    estimated: bool = False
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass
+class UsageMeter:
+    """Watches response bytes as they pass (never holding them back) and finds the usage:
+    the JSON body's `usage`, or for SSE the chunk that carries `usage` (the last one)."""
+
+    streaming: bool
+    prompt_estimate: int
+    _buffer: bytearray = field(default_factory=bytearray)
+    _usage: Usage | None = None
+    _completion_chars: int = 0
+    _overflow: bool = False
+
+    def feed(self, chunk: bytes) -> None:
+        if self._overflow:
+            return
+        self._buffer.extend(chunk)
+        if self.streaming:
+            self._read_events()
+        elif len(self._buffer) > _MAX_BUFFERED_RESPONSE:
+            self._overflow = True  # too big to parse: estimate from the prompt instead
+            self._buffer.clear()
+
+    def finish(self) -> Usage:
+        """The usage the upstream reported, else an estimate (marked so)."""
+        if self.streaming:
+            self._buffer.extend(b"\n")
+            self._read_events()
+        elif not self._overflow:
+            self._read_document(bytes(self._buffer))
+        self._buffer.clear()
+        if self._usage is not None:
+            return self._usage
+        completion = math.ceil(self._completion_chars / CHARS_PER_TOKEN)
+        return Usage(self.prompt_estimate, completion, estimated=True)
+
+    def _read_events(self) -> None:
+        while True:
+            end = self._buffer.find(b"\n")
+            if end < 0:
+                return
+            line = bytes(self._buffer[:end]).strip()
+            del self._buffer[: end + 1]
+            if line.startswith(b"data:"):
+                data = line[5:].strip()
+                if data and data != b"[DONE]":
+                    self._read_document(data)
+
+    def _read_document(self, data: bytes) -> None:
+        try:
+            document = json.loads(data)
+        except (ValueError, UnicodeDecodeError):
+            return
+        if not isinstance(document, dict):
+            return
+        usage = _usage(document.get("usage"))
+        if usage is not None:
+            self._usage = usage
+        for choice in document.get("choices") or ():
+            if isinstance(choice, dict):
+                self._completion_chars += _choice_chars(choice)
+
+
+def _usage(value: Any) -> Usage | None:
+    if not isinstance(value, dict):
+        return None
+    prompt = value.get("prompt_tokens")
+    completion = value.get("completion_tokens", 0)
+    total = value.get("total_tokens")
+    if not isinstance(prompt, int) or not isinstance(completion, int):
+        return Usage(0, total, estimated=False) if isinstance(total, int) else None
+    if isinstance(total, int) and total > prompt + completion:
+        completion = total - prompt  # e.g. reasoning tokens counted only in the total
+    return Usage(prompt, completion)
+
+
+def _choice_chars(choice: Mapping[str, Any]) -> int:
+    total = 0
+    for holder in (choice.get("delta"), choice.get("message"), choice):
+        if isinstance(holder, dict):
+            for name in ("content", "text"):
+                value = holder.get(name)
+                if isinstance(value, str):
+                    total += len(value)
+    return total

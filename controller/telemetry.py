@@ -1,0 +1,246 @@
+"""The controller's own telemetry: Prometheus metrics, /healthz and /readyz on one HTTP port."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+from controller.model import Address
+
+FLAP_WINDOW_SECONDS = 3600.0
+
+
+class Metrics:
+    """Every metric the controller exports, in its own registry (no global state)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.tick_seconds = Histogram(
+            "governor_tick_duration_seconds",
+            "Time of one control-loop tick (signals, engine, resolver, sink, journal).",
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=r,
+        )
+        self.ticks = Counter(
+            "governor_ticks_total", "Ticks run, by outcome.", ["outcome"], registry=r
+        )
+        self.changes = Counter(
+            "governor_limit_changes_total",
+            "Limit changes written, by scope and direction (tighten, loosen, add, remove).",
+            ["scope", "direction"],
+            registry=r,
+        )
+        self.signals_invalid = Gauge(
+            "governor_signals_invalid",
+            "Signals that could not be trusted in the last tick, by policy.",
+            ["policy"],
+            registry=r,
+        )
+        self.leader = Gauge(
+            "governor_leader", "1 while this replica is the leader (the only writer).", registry=r
+        )
+        self.ready = Gauge("governor_ready", "1 while /readyz answers 200.", registry=r)
+        self.fallback = Gauge(
+            "governor_policy_in_fallback",
+            "1 while a policy acts on untrustworthy signals (on_stale hold or fallback).",
+            ["policy"],
+            registry=r,
+        )
+        self.fallback_seconds = Counter(
+            "governor_fallback_seconds_total",
+            "Time policies spent acting on untrustworthy signals.",
+            ["policy"],
+            registry=r,
+        )
+        self.active = Gauge(
+            "governor_policy_active",
+            "Label values (1 for a policy without `per:`) for which a policy is active.",
+            ["policy"],
+            registry=r,
+        )
+        self.reload_failures = Counter(
+            "governor_policy_reload_failures_total",
+            "Policy directory changes rejected (the last good set kept running).",
+            registry=r,
+        )
+        self.policy_version = Gauge(
+            "governor_policy_version_info",
+            "The policy set in force (value 1, version as a label).",
+            ["version"],
+            registry=r,
+        )
+        self.drift = Counter(
+            "governor_drift_detected_total",
+            "Limits found changed by someone else than Governor.",
+            registry=r,
+        )
+        self.journal_pending = Gauge(
+            "governor_journal_buffer_events",
+            "Journal events waiting for Redis.",
+            registry=r,
+        )
+        self.journal_dropped = Gauge(
+            "governor_journal_dropped_events",
+            "Journal events dropped from the full buffer since start (they are in the log).",
+            registry=r,
+        )
+        self.flapping = Gauge(
+            "governor_limits_flapping",
+            "Limits that changed direction more than the threshold within the last hour.",
+            ["scope"],
+            registry=r,
+        )
+        self.direction_changes = Counter(
+            "governor_limit_direction_changes_total",
+            "Times a limit turned from tightening to loosening or back.",
+            ["scope"],
+            registry=r,
+        )
+        self.overshoot = Gauge(
+            "governor_adaptive_overshoot_ratio",
+            "How far an AdaptiveLimit's signal is above its setpoint (0 when at or below).",
+            ["policy"],
+            registry=r,
+        )
+        self.sink_errors = Counter(
+            "governor_sink_errors_total", "Sink reads or writes that failed.", registry=r
+        )
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+@dataclass
+class FlapDetector:
+    """Counts direction changes per address over the last hour (flaps = oscillation)."""
+
+    threshold: int = 4
+    _last_direction: dict[Address, int] = field(default_factory=dict)
+    _turns: dict[Address, deque[float]] = field(default_factory=dict)
+
+    def observe(self, address: Address, old: float | None, new: float | None, now: float) -> bool:
+        """Record a change; True when it turned the limit's direction."""
+        if old is None or new is None or old == new:
+            return False
+        direction = 1 if new > old else -1
+        previous = self._last_direction.get(address)
+        self._last_direction[address] = direction
+        if previous is None or previous == direction:
+            return False
+        self._turns.setdefault(address, deque()).append(now)
+        return True
+
+    def flapping(self, now: float) -> dict[Address, int]:
+        """Addresses whose turns in the last hour exceed the threshold, with their count."""
+        out: dict[Address, int] = {}
+        for address, turns in list(self._turns.items()):
+            while turns and turns[0] < now - FLAP_WINDOW_SECONDS:
+                turns.popleft()
+            if not turns:
+                del self._turns[address]
+            elif len(turns) > self.threshold:
+                out[address] = len(turns)
+        return out
+
+
+@dataclass
+class Health:
+    """What /healthz and /readyz answer; the loop updates it every tick."""
+
+    tick_seconds: float
+    started: float = field(default_factory=time.time)
+    last_tick: float | None = None
+    ready: bool = False
+    reasons: list[str] = field(default_factory=lambda: ["no tick has run yet"])
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def update(self, ready: bool, reasons: list[str], now: float) -> None:
+        with self._lock:
+            self.last_tick, self.ready, self.reasons = now, ready, reasons
+
+    def live(self, now: float) -> tuple[bool, str]:
+        """Alive while ticks keep coming (a wedged loop fails liveness and is restarted)."""
+        with self._lock:
+            reference = self.last_tick if self.last_tick is not None else self.started
+        allowed = max(3 * self.tick_seconds, 30.0)
+        if now - reference > allowed:
+            return False, f"no tick for {now - reference:.0f}s (allowed {allowed:.0f}s)"
+        return True, "ok"
+
+    def readiness(self) -> tuple[bool, str]:
+        with self._lock:
+            return self.ready, "ok" if self.ready else "; ".join(self.reasons)
+
+
+class TelemetryServer:
+    """A small threaded HTTP server for /metrics, /healthz and /readyz."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        metrics: Metrics,
+        health: Health,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        handler = _handler(metrics, health, clock)
+        self.server = ThreadingHTTPServer((host, port), handler)
+        self.server.daemon_threads = True
+        self._thread = threading.Thread(
+            target=self.server.serve_forever, name="governor-telemetry", daemon=True
+        )
+
+    @property
+    def port(self) -> int:
+        return int(self.server.server_address[1])
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _handler(
+    metrics: Metrics, health: Health, clock: Callable[[], float]
+) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            path = self.path.split("?", 1)[0]
+            if path == "/metrics":
+                self._send(200, metrics.exposition(), CONTENT_TYPE_LATEST)
+            elif path == "/healthz":
+                ok, text = health.live(clock())
+                self._send(200 if ok else 503, (text + "\n").encode(), "text/plain")
+            elif path == "/readyz":
+                ok, text = health.readiness()
+                self._send(200 if ok else 503, (text + "\n").encode(), "text/plain")
+            else:
+                self._send(404, b"try /metrics, /healthz or /readyz\n", "text/plain")
+
+        def _send(self, status: int, body: bytes, content_type: str) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:
+            return  # probes every few seconds would drown the journal in noise
+
+    return Handler

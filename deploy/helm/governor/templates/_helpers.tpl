@@ -1,0 +1,160 @@
+{{/*
+The chart name, or nameOverride.
+*/}}
+{{- define "governor.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+The full name of the release's objects, at most 63 characters (a DNS label). The release name
+alone when it already contains the chart name.
+*/}}
+{{- define "governor.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+Chart name and version, for the helm.sh/chart label.
+*/}}
+{{- define "governor.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Labels of every object.
+*/}}
+{{- define "governor.labels" -}}
+helm.sh/chart: {{ include "governor.chart" . }}
+{{ include "governor.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Values.image.tag | default .Chart.AppVersion | trunc 63 | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/component: controller
+app.kubernetes.io/part-of: governor
+{{- end }}
+
+{{/*
+Labels that select the controller's pods (never change them: a Deployment's selector is immutable).
+*/}}
+{{- define "governor.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "governor.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{/*
+The ServiceAccount's name.
+*/}}
+{{- define "governor.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "governor.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/*
+The image reference: repository@digest, else repository:tag (default appVersion).
+*/}}
+{{- define "governor.image" -}}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
+{{- printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion) }}
+{{- end }}
+{{- end }}
+
+{{/*
+The Lease's name.
+*/}}
+{{- define "governor.leaseName" -}}
+{{- default (include "governor.fullname" .) .Values.leaderElection.leaseName }}
+{{- end }}
+
+{{/*
+Whether the controller uses a Kubernetes Lease ("true" or "").
+*/}}
+{{- define "governor.usesLease" -}}
+{{- if and .Values.leaderElection.enabled (eq .Values.leaderElection.mode "kubernetes") }}true{{ end }}
+{{- end }}
+
+{{/*
+Whether the controller talks to the Kubernetes API at all ("true" or "").
+*/}}
+{{- define "governor.usesKubeApi" -}}
+{{- if or (include "governor.usesLease" .) .Values.rbac.kongPlugins .Values.rbac.configMaps }}true{{ end }}
+{{- end }}
+
+{{/*
+The name of the policy ConfigMap (the chart's own, or existingConfigMap).
+*/}}
+{{- define "governor.policiesConfigMap" -}}
+{{- default (printf "%s-policies" (include "governor.fullname" .)) .Values.policies.existingConfigMap }}
+{{- end }}
+
+{{/*
+The chart's Secret's data: key → value, only for credentials given as values (not for those
+read from an existingSecret). Rendered as YAML; empty when there is nothing to store.
+*/}}
+{{- define "governor.secretData" -}}
+{{- with .Values.redis }}
+{{- if not .existingSecret }}
+{{- if .url }}
+redis-url: {{ .url | b64enc | quote }}
+{{- end }}
+{{- if .password }}
+redis-password: {{ .password | b64enc | quote }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- with .Values.prometheus }}
+{{- if not .existingSecret }}
+{{- if .password }}
+prometheus-password: {{ .password | b64enc | quote }}
+{{- end }}
+{{- if .bearerToken }}
+prometheus-bearer-token: {{ .bearerToken | b64enc | quote }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- if and .Values.kong.enabled (not .Values.kong.existingSecret) .Values.kong.adminToken }}
+kong-admin-token: {{ .Values.kong.adminToken | b64enc | quote }}
+{{- end }}
+{{- end }}
+
+{{/*
+One environment variable read from a Secret. Arguments (a dict):
+  name           the variable
+  root           the chart's context
+  existingSecret a Secret the user manages ("" for the chart's own)
+  existingKey    the key in that Secret
+  value          the value given in values (used with the chart's own Secret)
+  key            the key in the chart's own Secret
+  optional       true: a missing key leaves the variable unset
+Nothing is rendered when neither a Secret nor a value is given.
+*/}}
+{{- define "governor.secretEnv" -}}
+{{- if .existingSecret }}
+- name: {{ .name }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ .existingSecret }}
+      key: {{ .existingKey }}
+      {{- if .optional }}
+      optional: true
+      {{- end }}
+{{- else if .value }}
+- name: {{ .name }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "governor.fullname" .root }}
+      key: {{ .key }}
+{{- end }}
+{{- end }}

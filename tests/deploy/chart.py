@@ -1,0 +1,89 @@
+"""The Helm chart rendered with Helm's own engine (helm-python-sdk), split into manifests."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any
+
+import yaml
+from helm_python.chart import Chart
+
+REPO = Path(__file__).resolve().parents[2]
+CHART = REPO / "deploy" / "helm" / "governor"
+RELEASE = "governor"
+NAMESPACE = "governor"
+DEFAULT = "default"
+KUBE_VERSIONS = ("1.30.0", "1.33.0")
+
+Manifest = dict[str, Any]
+
+
+def scenarios() -> list[str]:
+    """ "default" (the chart's values.yaml alone) and every ci/*-values.yaml file name."""
+    return [DEFAULT, *sorted(p.name for p in (CHART / "ci").glob("*-values.yaml"))]
+
+
+def scenario_values(scenario: str) -> dict[str, Any]:
+    """The values a scenario passes on top of values.yaml."""
+    if scenario == DEFAULT:
+        return {}
+    loaded = yaml.safe_load((CHART / "ci" / scenario).read_text())
+    assert isinstance(loaded, dict), f"ci/{scenario} must be a mapping"
+    return loaded
+
+
+def render(values: dict[str, Any]) -> dict[str, str]:
+    """Template path → rendered text, as `helm install governor -n governor` would render."""
+    with Chart.load(CHART) as chart:
+        rendered: dict[str, str] = chart.render(
+            values, name=RELEASE, namespace=NAMESPACE, is_install=True
+        )
+    return rendered
+
+
+def manifests(rendered: dict[str, str]) -> list[Manifest]:
+    """Every non-empty YAML document of the rendered templates (NOTES.txt excluded)."""
+    out: list[Manifest] = []
+    for path, text in sorted(rendered.items()):
+        if path.endswith("NOTES.txt"):
+            continue
+        out.extend(doc for doc in yaml.safe_load_all(text) if doc)
+    return out
+
+
+@functools.cache
+def rendered_scenario(scenario: str) -> tuple[dict[str, str], tuple[Manifest, ...]]:
+    """A scenario's rendered templates and manifests (rendered once per test session)."""
+    rendered = render(scenario_values(scenario))
+    return rendered, tuple(manifests(rendered))
+
+
+def of_kind(docs: tuple[Manifest, ...] | list[Manifest], kind: str) -> list[Manifest]:
+    return [doc for doc in docs if doc.get("kind") == kind]
+
+
+def one(docs: tuple[Manifest, ...] | list[Manifest], kind: str) -> Manifest:
+    found = of_kind(docs, kind)
+    assert len(found) == 1, f"expected one {kind}, got {len(found)}"
+    return found[0]
+
+
+def container(docs: tuple[Manifest, ...] | list[Manifest]) -> dict[str, Any]:
+    """The controller container of the Deployment."""
+    spec = one(docs, "Deployment")["spec"]["template"]["spec"]
+    containers = spec["containers"]
+    assert len(containers) == 1
+    first: dict[str, Any] = containers[0]
+    return first
+
+
+def env(docs: tuple[Manifest, ...] | list[Manifest]) -> dict[str, dict[str, Any]]:
+    """The container's environment, name → EnvVar."""
+    return {item["name"]: item for item in container(docs).get("env", [])}
+
+
+def alert_rules(docs: tuple[Manifest, ...] | list[Manifest]) -> list[dict[str, Any]]:
+    """Every rule of the PrometheusRule."""
+    rule = one(docs, "PrometheusRule")
+    return [r for group in rule["spec"]["groups"] for r in group["rules"]]

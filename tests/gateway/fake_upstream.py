@@ -1,0 +1,176 @@
+"""A local OpenAI-compatible model server for the gateway tests, and uvicorn in a thread.
+
+The fake answers chat, completions and embeddings with real `usage` figures it computes
+from the request, streams SSE when asked, and records what reached it. Test knobs travel as
+request headers (the gateway forwards them): `x-fake-status` answers that status,
+`x-fake-usage: none` leaves usage out, `x-fake-tokens: N` generates N tokens (at most
+max_tokens), `x-fake-hold: 1` holds a stream after its first
+chunk until the test releases it.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from tests.support.redis import free_port
+
+WORDS = ("alpha ", "beta ", "gamma ", "delta ", "epsilon ")
+_HOLD_TIMEOUT_SECONDS = 30.0
+
+
+@dataclass
+class Seen:
+    """One request as the upstream received it."""
+
+    path: str
+    headers: dict[str, str]
+    body: dict[str, Any] | None
+
+
+@dataclass
+class FakeUpstream:
+    """State shared between the server thread and the test."""
+
+    seen: list[Seen] = field(default_factory=list)
+    jwks: dict[str, Any] = field(default_factory=lambda: {"keys": []})
+    release: threading.Event = field(default_factory=threading.Event)
+    completion_tokens: int = 5  # what a completion "generates" (capped by max_tokens)
+
+    def app(self) -> Starlette:
+        return Starlette(
+            routes=[
+                Route("/v1/chat/completions", self._completion, methods=["POST"]),
+                Route("/v1/completions", self._completion, methods=["POST"]),
+                Route("/v1/embeddings", self._embedding, methods=["POST"]),
+                Route("/v1/models", self._models, methods=["GET"]),
+                Route("/jwks", self._jwks, methods=["GET"]),
+            ]
+        )
+
+    def last(self) -> Seen:
+        return self.seen[-1]
+
+    async def _record(self, request: Request) -> dict[str, Any]:
+        body = json.loads(await request.body())
+        self.seen.append(Seen(request.url.path, dict(request.headers), body))
+        return dict(body)
+
+    async def _completion(self, request: Request) -> Response:
+        body = await self._record(request)
+        failed = _failure(request)
+        if failed is not None:
+            return failed
+        prompt = 7 + len(json.dumps(body.get("messages") or body.get("prompt"))) // 10
+        limit = body.get("max_completion_tokens") or body.get("max_tokens") or 10_000
+        wanted = int(request.headers.get("x-fake-tokens", self.completion_tokens))
+        completion = min(wanted, int(limit))
+        usage = {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+        }
+        if request.headers.get("x-fake-usage") == "none":
+            usage = {}
+        model = body["model"]
+        if body.get("stream"):
+            wants_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+            hold = request.headers.get("x-fake-hold") == "1"
+            events = self._events(model, completion, usage if wants_usage else {}, hold)
+            return StreamingResponse(events, media_type="text/event-stream")
+        text = "".join(WORDS[i % len(WORDS)] for i in range(completion))
+        answer: dict[str, Any] = {
+            "id": "cmpl-fake",
+            "object": "chat.completion",
+            "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}}],
+        }
+        if usage:
+            answer["usage"] = usage
+        return JSONResponse(answer, headers={"x-upstream": "fake"})
+
+    async def _events(
+        self, model: str, completion: int, usage: dict[str, int], hold: bool
+    ) -> AsyncIterator[bytes]:
+        for i in range(completion):
+            chunk = {
+                "id": "chunk",
+                "model": model,
+                "choices": [{"index": 0, "delta": {"content": WORDS[i % len(WORDS)]}}],
+            }
+            yield f"data: {json.dumps(chunk)}\n\n".encode()
+            if i == 0 and hold:
+                await anyio.to_thread.run_sync(self.release.wait, _HOLD_TIMEOUT_SECONDS)
+        if usage:
+            yield f"data: {json.dumps({'id': 'chunk', 'choices': [], 'usage': usage})}\n\n".encode()
+        yield b"data: [DONE]\n\n"
+
+    async def _embedding(self, request: Request) -> Response:
+        body = await self._record(request)
+        failed = _failure(request)
+        if failed is not None:
+            return failed
+        prompt = 3 + len(json.dumps(body.get("input"))) // 10
+        return JSONResponse(
+            {
+                "object": "list",
+                "data": [{"object": "embedding", "index": 0, "embedding": [0.1, 0.2]}],
+                "model": body["model"],
+                "usage": {"prompt_tokens": prompt, "total_tokens": prompt},
+            }
+        )
+
+    async def _models(self, request: Request) -> Response:
+        self.seen.append(Seen(request.url.path, dict(request.headers), None))
+        return JSONResponse({"object": "list", "data": [{"id": "gpt-3.5-turbo"}]})
+
+    async def _jwks(self, _request: Request) -> Response:
+        return JSONResponse(self.jwks)
+
+
+def _failure(request: Request) -> Response | None:
+    status = request.headers.get("x-fake-status")
+    if status is None:
+        return None
+    return JSONResponse({"error": {"message": "fake failure"}}, status_code=int(status))
+
+
+class ServerThread:
+    """An ASGI app served by uvicorn on a free loopback port, in a thread of the test."""
+
+    def __init__(self, app: Any) -> None:
+        self.port = free_port()
+        config = uvicorn.Config(
+            app, host="127.0.0.1", port=self.port, log_level="warning", ws="none",
+            lifespan="on", proxy_headers=False,
+        )  # fmt: skip
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> ServerThread:
+        self.thread.start()
+        deadline = time.monotonic() + 15.0
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"uvicorn on port {self.port} did not start")
+            time.sleep(0.01)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30.0)

@@ -1,0 +1,64 @@
+"""The plan catalog: published by the daemon from the policy files, read by gateways."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+import redis
+import redis.asyncio
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from controller.errors import SinkError
+from controller.gateway.catalog import DEFAULT_PLAN, PlanCatalog, PlanInfo, publish_catalog
+from controller.policy.loader import load_directory
+from tests.support.redis import RedisServer, free_port
+
+
+def test_published_plans_reach_the_gateway(
+    db: redis.Redis[str], redis_server: RedisServer, policy_dir: Path
+) -> None:
+    publish_catalog(db, load_directory(policy_dir), prefix="governor")
+
+    async def read() -> tuple[PlanInfo, PlanInfo, PlanInfo, PlanInfo]:
+        client = redis.asyncio.Redis.from_url(redis_server.url, decode_responses=True)
+        try:
+            catalog = PlanCatalog(client, "governor")
+            free = await catalog.current("free")
+            db.hdel("governor:plans", "free")  # cached: still there until a refresh
+            cached = await catalog.current("free")
+            catalog.invalidate()
+            gone = await catalog.current("free")
+            return free, cached, gone, await catalog.current("paid")
+        finally:
+            await client.aclose()  # type: ignore[attr-defined]  # types-redis predates aclose
+
+    free, cached, gone, paid = asyncio.run(read())
+    assert free == cached == PlanInfo(models=("gpt-3.5-turbo",), fail_mode="closed")
+    assert gone == DEFAULT_PLAN
+    assert paid.degrade is not None
+    assert paid.degrade.at_percent == 50
+    assert paid.allows("gpt-4")
+    assert not free.allows("gpt-4")
+    assert free.allows(None)
+    assert db.hget("governor:plans", "enterprise") == (
+        '{"credits": {"min_balance_usd": 0.0}, "degrade": null, "fail_mode": "open", "models": []}'
+    )
+
+
+def test_an_unreachable_redis_keeps_the_last_catalog() -> None:
+    async def run() -> PlanInfo:
+        no_retry = Retry(NoBackoff(), 0)
+        client = redis.asyncio.Redis(port=free_port(), decode_responses=True, retry=no_retry)
+        try:
+            catalog = PlanCatalog(client, "governor", refresh_seconds=0)
+            catalog._plans = {"free": PlanInfo(fail_mode="open")}
+            with pytest.raises(SinkError, match="governor:plans"):
+                await catalog.refresh()
+            return await catalog.current("free")
+        finally:
+            await client.aclose()  # type: ignore[attr-defined]  # types-redis predates aclose
+
+    assert asyncio.run(run()).fail_mode == "open"

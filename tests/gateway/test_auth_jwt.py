@@ -1,0 +1,238 @@
+"""JWT bearer auth: good tokens name tenant/plan/user; every hostile token is a clean 401."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import json
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import jwt
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from controller.errors import ConfigurationError
+from controller.gateway.auth import Authenticator, AuthError, JwksCache, Principal
+from controller.settings import GatewaySettings
+from tests.gateway.fake_upstream import FakeUpstream, ServerThread
+
+ISSUER = "https://issuer.example"
+AUDIENCE = "governor-gateway"
+
+
+@pytest.fixture(scope="module")
+def rsa_key() -> rsa.RSAPrivateKey:
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+@pytest.fixture(scope="module")
+def other_rsa_key() -> rsa.RSAPrivateKey:
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+@pytest.fixture(scope="module")
+def ec_key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def public_pem(key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey) -> str:
+    return (
+        key.public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )
+
+
+FUZZ_PEM = public_pem(ec.generate_private_key(ec.SECP256R1()))
+
+
+def jwt_settings(pem: str, **overrides: Any) -> GatewaySettings:
+    return GatewaySettings(
+        jwt_public_key=pem, jwt_issuer=ISSUER, jwt_audience=AUDIENCE, **overrides
+    )
+
+
+def claims(**overrides: Any) -> dict[str, Any]:
+    now = int(time.time())
+    base: dict[str, Any] = {
+        "iss": ISSUER,
+        "aud": AUDIENCE,
+        "sub": "acme",
+        "plan": "free",
+        "exp": now + 600,
+        "iat": now,
+    }
+    base.update(overrides)
+    return {k: v for k, v in base.items() if v is not None}
+
+
+def authenticate(auth: Authenticator, token: str) -> Principal:
+    return asyncio.run(auth.authenticate({"authorization": f"Bearer {token}"}))
+
+
+def b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def forged_hs256(payload: dict[str, Any], secret: bytes) -> str:
+    """HS256 signed with `secret`, built by hand (PyJWT refuses to sign with a PEM)."""
+    signing_input = (
+        b64(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
+        + "."
+        + b64(json.dumps(payload).encode())
+    )
+    signature = hmac.new(secret, signing_input.encode(), hashlib.sha256).digest()
+    return signing_input + "." + b64(signature)
+
+
+def test_a_good_token_names_tenant_plan_and_user(rsa_key: rsa.RSAPrivateKey) -> None:
+    auth = Authenticator(jwt_settings(public_pem(rsa_key), user_claim="uid"), None)
+    token = jwt.encode(claims(uid="alice", jti="t-1"), rsa_key, algorithm="RS256")
+
+    principal = authenticate(auth, token)
+
+    assert principal == Principal("acme", "free", "alice", "jwt", "t-1")
+
+
+def test_claim_names_are_configurable(rsa_key: rsa.RSAPrivateKey) -> None:
+    settings = jwt_settings(public_pem(rsa_key), plan_claim="tier", tenant_claims=["org"])
+    auth = Authenticator(settings, None)
+    token = jwt.encode(claims(plan=None, tier="paid", org="globex"), rsa_key, algorithm="RS256")
+
+    principal = authenticate(auth, token)
+
+    assert (principal.tenant, principal.plan) == ("globex", "paid")
+    with pytest.raises(AuthError, match="'tier'"):
+        authenticate(auth, jwt.encode(claims(org="globex"), rsa_key, algorithm="RS256"))
+
+
+def test_the_tenant_claim_wins_over_sub(rsa_key: rsa.RSAPrivateKey) -> None:
+    auth = Authenticator(jwt_settings(public_pem(rsa_key)), None)
+    token = jwt.encode(claims(tenant="initech", sub="someone"), rsa_key, algorithm="RS256")
+
+    assert authenticate(auth, token).tenant == "initech"
+
+
+def hostile_tokens(
+    rsa_key: rsa.RSAPrivateKey, other: rsa.RSAPrivateKey, ec_key: ec.EllipticCurvePrivateKey
+) -> Iterator[tuple[str, str, str]]:
+    """(name, token, what the 401 must say)."""
+    now = int(time.time())
+    yield "alg none", jwt.encode(claims(), "", algorithm="none"), "algorithm 'none'"
+    pem = public_pem(rsa_key).encode()
+    yield "HS256 with the RSA public key", forged_hs256(claims(), pem), "algorithm 'HS256'"
+    yield "expired", jwt.encode(claims(exp=now - 3600), rsa_key, algorithm="RS256"), "expired"
+    not_yet = claims(nbf=now + 3600)
+    yield "nbf in the future", jwt.encode(not_yet, rsa_key, algorithm="RS256"), "not valid yet"
+    yield "wrong aud", jwt.encode(claims(aud="other"), rsa_key, algorithm="RS256"), "audience"
+    yield "wrong iss", jwt.encode(claims(iss="https://evil"), rsa_key, algorithm="RS256"), "issuer"
+    yield "no exp", jwt.encode(claims(exp=None), rsa_key, algorithm="RS256"), "required claim"
+    yield "no aud", jwt.encode(claims(aud=None), rsa_key, algorithm="RS256"), "required claim"
+    yield "no plan", jwt.encode(claims(plan=None), rsa_key, algorithm="RS256"), "'plan'"
+    no_tenant = claims(sub=None)
+    yield "no tenant", jwt.encode(no_tenant, rsa_key, algorithm="RS256"), "no tenant claim"
+    yield "plan not a string", jwt.encode(claims(plan=7), rsa_key, algorithm="RS256"), "'plan'"
+    unsafe = claims(sub="acme/../other")
+    yield "unsafe tenant id", jwt.encode(unsafe, rsa_key, algorithm="RS256"), "safe tenant"
+    yield "another key", jwt.encode(claims(), other, algorithm="RS256"), "bad signature"
+    yield "EC token, RSA key", jwt.encode(claims(), ec_key, algorithm="ES256"), "key type"
+    yield "garbage", "not-a-jwt", "malformed"
+    yield "three dots of garbage", "a.b.c", "malformed"
+    yield "empty segments", "..", "malformed"
+    yield "binary header", b64(b"\xff\xfe\x00") + ".e30.sig", "malformed"
+    yield "header not an object", b64(b"[1,2]") + ".e30.sig", "malformed"
+    yield "huge", "x" * 1_000_000, "longer than"
+
+
+def test_hostile_tokens_are_refused_with_a_reason_never_an_exception(
+    rsa_key: rsa.RSAPrivateKey,
+    other_rsa_key: rsa.RSAPrivateKey,
+    ec_key: ec.EllipticCurvePrivateKey,
+) -> None:
+    auth = Authenticator(jwt_settings(public_pem(rsa_key)), None)
+    outcomes = {}
+    for name, token, reason in hostile_tokens(rsa_key, other_rsa_key, ec_key):
+        with pytest.raises(AuthError) as caught:
+            authenticate(auth, token)
+        outcomes[name] = reason in caught.value.detail or caught.value.detail
+
+    assert all(v is True for v in outcomes.values()), outcomes
+
+
+@settings(max_examples=300, deadline=None)
+@given(token=st.text(min_size=1, max_size=300) | st.builds(
+    lambda h, p, s: f"{h}.{p}.{s}",
+    st.text(alphabet="ABCDEFabcdef0123456789-_", max_size=60),
+    st.text(alphabet="ABCDEFabcdef0123456789-_", max_size=60),
+    st.text(alphabet="ABCDEFabcdef0123456789-_", max_size=60),
+))  # fmt: skip
+def test_random_bearer_tokens_raise_only_auth_error(token: str) -> None:
+    auth = Authenticator(jwt_settings(FUZZ_PEM), None)
+    with pytest.raises(AuthError):
+        asyncio.run(auth.authenticate({"authorization": f"Bearer {token}"}))
+
+
+def test_missing_or_malformed_authorization_is_refused(rsa_key: rsa.RSAPrivateKey) -> None:
+    auth = Authenticator(jwt_settings(public_pem(rsa_key)), None)
+    for headers in ({}, {"authorization": "Basic dXNlcjpwYXNz"}, {"authorization": "Bearer "}):
+        with pytest.raises(AuthError):
+            asyncio.run(auth.authenticate(headers))
+
+
+def test_settings_refuse_symmetric_and_none_algorithms() -> None:
+    for algorithms in (["HS256"], ["none"], ["RS256", "HS512"], []):
+        with pytest.raises(ValueError, match="asymmetric"):
+            GatewaySettings(jwt_algorithms=algorithms)
+
+
+def test_jwt_auth_without_issuer_and_audience_is_a_configuration_error(
+    rsa_key: rsa.RSAPrivateKey,
+) -> None:
+    with pytest.raises(ConfigurationError, match="JWT_ISSUER"):
+        Authenticator(GatewaySettings(jwt_public_key=public_pem(rsa_key)), None)
+    with pytest.raises(ConfigurationError, match="not a PEM public key"):
+        Authenticator(jwt_settings("-----BEGIN PUBLIC KEY-----\nnope\n"), None)
+
+
+def test_jwks_keys_are_fetched_over_http_and_picked_by_kid(
+    rsa_key: rsa.RSAPrivateKey, other_rsa_key: rsa.RSAPrivateKey
+) -> None:
+    upstream = FakeUpstream()
+    jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(rsa_key.public_key()))
+    upstream.jwks = {"keys": [{**jwk, "kid": "k1", "use": "sig"}]}
+    server = ServerThread(upstream.app()).start()
+    settings = GatewaySettings(
+        jwt_jwks_url=f"{server.url}/jwks", jwt_issuer=ISSUER, jwt_audience=AUDIENCE
+    )
+    good = jwt.encode(claims(), rsa_key, algorithm="RS256", headers={"kid": "k1"})
+    unknown_kid = jwt.encode(claims(), other_rsa_key, algorithm="RS256", headers={"kid": "k9"})
+    wrong_key = jwt.encode(claims(), other_rsa_key, algorithm="RS256", headers={"kid": "k1"})
+
+    async def run() -> list[Principal | str]:
+        async with httpx.AsyncClient() as client:
+            jwks = JwksCache(settings.jwt_jwks_url or "", client, 300.0)
+            auth = Authenticator(settings, None, jwks)
+            results: list[Principal | str] = []
+            for token in (good, unknown_kid, wrong_key):
+                try:
+                    results.append(await auth.authenticate({"authorization": f"Bearer {token}"}))
+                except AuthError as exc:
+                    results.append(exc.detail)
+            return results
+
+    try:
+        results = asyncio.run(run())
+    finally:
+        server.stop()
+
+    assert results[0] == Principal("acme", "free", None, "jwt", "acme")
+    assert results[1] == "no signing key 'k9' at the issuer's JWKS"
+    assert results[2] == "invalid token: bad signature"

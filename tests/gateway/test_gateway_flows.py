@@ -1,0 +1,125 @@
+"""The seed's stories through `governor gateway` in front of a fake model server, limits in
+a real Redis written by the controller's sink: 429 at the 11th request, 402 at the end of a
+token budget or a credit balance, 403 for a model the plan lacks."""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+
+import redis
+
+from controller.gateway.credits import CreditLedger
+from controller.gateway.prices import PriceTable
+from controller.model import Address
+from controller.reconcile import Change
+from controller.settings import PricesSettings
+from controller.sinks.keys import KeySchema
+from controller.sinks.redis import RedisSink
+from tests.gateway.conftest import PROBLEM, Gateway
+from tests.gateway.fake_upstream import FakeUpstream
+
+
+def test_beginner_flow_ten_requests_a_minute_then_429(gateway: Gateway) -> None:
+    key = gateway.key("acme", "free")
+
+    answers = [gateway.chat(key, max_tokens=5) for _ in range(11)]
+
+    assert [a.status_code for a in answers] == [200] * 10 + [429]
+    refused = answers[-1]
+    assert refused.headers["content-type"] == PROBLEM
+    assert int(refused.headers["retry-after"]) >= 1
+    problem = refused.json()
+    assert problem["status"] == 429
+    assert problem["violated-policies"][0].endswith("/requests_per_minute")
+    first = answers[0].headers
+    assert first["x-ratelimit-limit-requests"] == "10"
+    assert first["x-ratelimit-remaining-requests"] == "9"
+    assert answers[9].headers["x-ratelimit-remaining-requests"] == "0"
+    policy = first["ratelimit-policy"]
+    assert re.search(r'"[^"]*requests_per_minute";q=10;w=60', policy), policy
+    assert re.search(r'"[^"]*requests_per_minute";r=9;t=\d+', first["ratelimit"])
+    assert answers[0].json()["choices"][0]["message"]["content"]
+
+
+def test_a_free_key_asking_for_gpt4_is_refused_with_the_allowed_models(
+    gateway: Gateway, upstream: tuple[FakeUpstream, str]
+) -> None:
+    key = gateway.key("acme", "free")
+    before = len(upstream[0].seen)
+
+    answer = gateway.chat(key, model="gpt-4")
+
+    assert answer.status_code == 403
+    assert answer.headers["content-type"] == PROBLEM
+    problem = answer.json()
+    assert (problem["plan"], problem["model"]) == ("free", "gpt-4")
+    assert problem["allowed_models"] == ["gpt-3.5-turbo"]
+    assert len(upstream[0].seen) == before  # never reached the model server
+
+
+def test_intermediate_flow_a_daily_token_budget_ends_in_402(gateway: Gateway) -> None:
+    key = gateway.key("acme", "free")
+
+    answers = []
+    for _ in range(10):
+        answers.append(gateway.chat(key, max_tokens=200, headers={"x-fake-tokens": "150"}))
+        if answers[-1].status_code != 200:
+            break
+
+    refused = answers[-1]
+    assert refused.status_code == 402, [a.status_code for a in answers]
+    assert refused.headers["content-type"] == PROBLEM
+    problem = refused.json()
+    assert problem["budget"].endswith("/tokens_per_day")
+    assert problem["kind"] == "tokens"
+    assert problem["limit"] == 1000
+    assert 0 <= problem["remaining"] < 200 + 4
+    tomorrow = dt.datetime.now(dt.UTC).date() + dt.timedelta(days=1)
+    assert problem["resets_at"] == f"{tomorrow.isoformat()}T00:00:00+00:00"
+    assert len(answers) > 2  # earlier requests settled their real (small) usage
+
+
+def test_a_credit_balance_running_out_is_402_naming_the_ledger(
+    gateway: Gateway, db: redis.Redis[str]
+) -> None:
+    key = gateway.key("globex", "enterprise")
+    # gpt-4 at the default prices: a worst case of ~70 tokens holds ~0.0042 USD.
+    CreditLedger(db, "governor").top_up("globex", 0.01, reason="test", actor="pytest")
+
+    codes = []
+    charged = 0.0
+    prices = PriceTable.from_settings(PricesSettings())
+    for _ in range(5):
+        answer = gateway.chat(key, model="gpt-4", max_tokens=64, headers={"x-fake-tokens": "60"})
+        codes.append(answer.status_code)
+        if answer.status_code != 200:
+            break
+        usage = answer.json()["usage"]
+        charged += prices.cost("gpt-4", usage["prompt_tokens"], usage["completion_tokens"])
+
+    assert codes[0] == 200
+    assert codes[-1] == 402, codes
+    problem = answer.json()
+    assert problem["budget"] == "credits/globex"
+    assert problem["ledger"] == "credits/globex"
+    assert problem["kind"] == "credits"
+    assert "credits/globex" in problem["detail"]
+    state = CreditLedger(db, "governor").state("globex")
+    assert state.reserved_usd == 0  # every hold settled or released
+    assert abs(state.balance_usd - (0.01 - charged)) < 2e-6  # charged at the real usage
+
+
+def test_a_plan_the_controller_shed_is_answered_503(gateway: Gateway, db: redis.Redis[str]) -> None:
+    key = gateway.key("acme", "free")
+    assert gateway.chat(key).status_code == 200
+    shed = Address.parse("plan/free/requests_per_minute")
+    RedisSink(db, KeySchema("governor")).apply([Change(shed, 10.0, 0.0)])
+
+    answer = gateway.chat(key)
+
+    assert answer.status_code == 503
+    assert answer.headers["content-type"] == PROBLEM
+    assert answer.json()["type"].endswith("#temporary-reduced-capacity")
+    assert answer.json()["violated-policies"] == ["plan/free/requests_per_minute"]
+    assert int(answer.headers["retry-after"]) >= 1

@@ -1,0 +1,40 @@
+"""Fixtures for the simulator tests: a real redis-server (the Lua parity test), small
+scenario files, and a short policy directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+# The real redis-server of the sink tests (one per session, flushed per test) serves the Lua
+# parity test too.
+from tests.sinks.conftest import db, redis_server
+
+__all__ = ["db", "redis_server"]
+
+REPO = Path(__file__).resolve().parents[2]
+POLICIES = REPO / "policies"
+AZURE_CONV = REPO.parent / "shared/data/azure-llm-inference-2023/AzureLLMInferenceTrace_conv.csv"
+
+# A small fleet and eight minutes: a closed loop in about a second.
+SHORT_SCENARIO = """
+name: short
+duration: 8m
+tick: 15s
+seed: 3
+pools:
+  - {name: inference, gpus: 4, batch_slots: 8, capacity_tokens_per_second: 20000}
+tenants:
+  - {name: ent, count: 6, plan: enterprise, model: gpt-4, rate: 1.2, ips: 2}
+  - {name: paid, count: 3, plan: paid, model: gpt-3.5-turbo, rate: 0.02}
+events:
+  - {kind: burst, at: 1m, duration: 5m, factor: 4, tenants: [ent]}
+"""
+
+
+@pytest.fixture
+def short_scenario(tmp_path: Path) -> Path:
+    path = tmp_path / "short.yaml"
+    path.write_text(SHORT_SCENARIO)
+    return path

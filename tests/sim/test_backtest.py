@@ -1,0 +1,136 @@
+"""`governor backtest` against a real Prometheus holding the policy tests' signals as
+backfilled history: it fires (and writes) exactly when policies/*_test.yaml expects.
+
+One documented difference: in a policy test a missing sample (`_`) is untrustworthy at
+once; in Prometheus the last sample stays readable and is judged stale only once it is older
+than the signal's `stale_after` (as the live controller judges it). So every expectation of
+a case whose data stops comes exactly `stale_after` later in the backtest — for a
+ThrottlePolicy. An AdaptiveLimit keeps stepping on that last value until it is stale, so its
+missing-data case cannot be compared by a shift and is left to the policy test."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from prometheus_api_client import PrometheusConnect
+from typer.testing import CliRunner
+
+from controller.cli import app
+from controller.policy.baselines import Baselines
+from controller.policy.loader import check_files
+from controller.policy.testing import PolicyTestFile, read_test_file
+from controller.sim.backtest import backtest
+from tests.sim.conftest import POLICIES
+from tests.support.prometheus import PrometheusServer, Series, backfill, openmetrics
+
+DAY = 86400.0
+# Both GPU policies read DCGM_FI_DEV_GPU_UTIL (percent) and divide by 100.
+TESTS = {"gpu-saturation_test.yaml": 0, "global-rps-by-gpu_test.yaml": 10}
+STALE_AFTER = 60.0  # both policies' GPU signal
+
+
+def _spec(name: str) -> PolicyTestFile:
+    spec, errors = read_test_file(POLICIES / name)
+    assert spec is not None, errors
+    return spec
+
+
+def _origin(base: float, name: str, case: int) -> float:
+    return base + (TESTS[name] + case) * DAY
+
+
+@pytest.fixture(scope="module")
+def base() -> float:
+    """Day 0 of the history: whole hours, two weeks ago (inside the 30-day retention)."""
+    return float(int(time.time() // 3600 * 3600) - 14 * int(DAY))
+
+
+@pytest.fixture(scope="module")
+def prometheus(tmp_path_factory: pytest.TempPathFactory, base: float) -> Iterator[str]:
+    """Every case's GPU series, one case per simulated day, backfilled with promtool."""
+    series = []
+    for name in TESTS:
+        spec = _spec(name)
+        for number, case in enumerate(spec.tests):
+            (values,) = case.signals.values()
+            assert isinstance(values, list)
+            start = _origin(base, name, number)
+            samples = [
+                (start + i * spec.interval, 100.0 * v)
+                for i, v in enumerate(values)
+                if v is not None
+            ]
+            labels = {"pool": "inference", "gpu": "0", "case": f"{name}-{number}"}
+            series.append(Series("DCGM_FI_DEV_GPU_UTIL", labels, samples))
+    server = PrometheusServer(tmp_path_factory.mktemp("prometheus-backtest"))
+    backfill(server.data_dir, openmetrics(series))
+    server.start()
+    yield server.url
+    server.stop()
+
+
+@pytest.mark.parametrize("name", list(TESTS))
+def test_backtest_fires_when_the_policy_test_expects(
+    name: str, prometheus: str, base: float
+) -> None:
+    spec = _spec(name)
+    policies, errors = check_files([POLICIES / f for f in spec.policy_files], POLICIES)
+    assert policies is not None, errors
+    client = PrometheusConnect(url=prometheus, disable_ssl=True)
+    for number, case in enumerate(spec.tests):
+        start = _origin(base, name, number)
+        (values,) = case.signals.values()
+        shift = STALE_AFTER if isinstance(values, list) and None in values else 0.0
+        if shift and policies.adaptives:
+            continue
+        last = max(e.at for e in case.expect) + shift
+        result = backtest(client, policies, start, start + last, spec.interval, case.tenants)
+        assert result.errors == []
+        baselines = Baselines(policies, case.tenants)
+        for expectation in case.expect:
+            at = expectation.at + shift
+            index = round(at / spec.interval)
+            assert result.times[index] == pytest.approx(start + at)
+            for address, expected in expectation.limits.items():
+                found = result.limits[index].get(address, baselines.value(address))
+                assert found == pytest.approx(expected), f"{case.name} at {at}s: {address}"
+            if expectation.active is not None:
+                active = sorted(ref.split("/", 1)[1] for ref in result.active[index])
+                assert active == sorted(expectation.active), f"{case.name} at {at}s"
+        # Firing times: the engaged transitions are where the test's `active` flips.
+        engaged = [f.at - start for f in result.firings if f.event == "engaged"]
+        for expectation in case.expect:
+            if expectation.active:
+                assert any(t <= expectation.at + shift for t in engaged), case.name
+
+
+def test_backtest_cli_is_labelled_open_loop(prometheus: str, base: float, tmp_path: Path) -> None:
+    start = _origin(base, "gpu-saturation_test.yaml", 0)
+    chosen = tmp_path / "policies"  # without the business-hours schedule: any weekday works
+    chosen.mkdir()
+    for name in ("plans.yaml", "limits.yaml", "gpu-saturation.yaml"):
+        (chosen / name).write_text((POLICIES / name).read_text())
+    result = CliRunner().invoke(
+        app,
+        ["backtest", "--from", str(start), "--to", str(start + 300), "--policies",
+         str(chosen), "--prometheus", prometheus, "--out", str(tmp_path), "--json"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    assert payload["open_loop"] is True
+    engaged = [f for f in payload["firings"] if f["policy"] == "ThrottlePolicy/gpu-saturation"]
+    assert engaged[0]["event"] == "engaged"
+    assert engaged[0]["at"] == pytest.approx(start + 270)  # hot from 2m30s, `for: 2m`
+    writes = {w["address"]: w for w in payload["writes"] if w["at"] == start + 270}
+    assert writes["plan/free/requests_per_minute"]["new"] == 5
+    assert Path(payload["png"]).is_file()
+    human = CliRunner().invoke(
+        app,
+        ["backtest", "--from", str(start), "--to", str(start + 300), "--policies",
+         str(chosen), "--prometheus", prometheus, "--out", str(tmp_path)],
+    )  # fmt: skip
+    assert "OPEN-LOOP backtest" in human.stdout

@@ -1,0 +1,57 @@
+"""The controller's own control-quality metrics, observed while the simulator drives it: an
+outage of the GPU metric is counted as time in fallback, overshoot is exported while the
+fleet runs above the setpoint, and direction changes match the flap detector's turns."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from controller.reload import PolicyWatcher
+from controller.sim.run import Simulation, TickView, embedded_redis
+from controller.sim.scenario import load_scenario
+from controller.sim.traffic import build_world
+from tests.sim.conftest import POLICIES
+
+ADAPTIVE = "AdaptiveLimit/global-rps-by-gpu"
+
+
+def test_fallback_overshoot_and_flaps(short_scenario: Path, tmp_path: Path) -> None:
+    scenario = load_scenario(str(short_scenario))
+    outage = {"kind": "signal_outage", "at": 240, "duration": 180, "metric": "DCGM"}
+    scenario = scenario.model_validate(
+        {**scenario.model_dump(), "events": [*scenario.model_dump()["events"], outage]}
+    )
+    overshoot: list[float] = []
+    fallback: list[float] = []
+    with embedded_redis(tmp_path) as client:
+        simulation = Simulation(
+            scenario, build_world(scenario, None, 1), PolicyWatcher(POLICIES), client, "policies"
+        )
+        registry = simulation.controller.metrics.registry
+
+        def sample(view: TickView) -> None:
+            labels = {"policy": ADAPTIVE}
+            overshoot.append(
+                registry.get_sample_value("governor_adaptive_overshoot_ratio", labels) or 0.0
+            )
+            fallback.append(
+                registry.get_sample_value("governor_fallback_seconds_total", labels) or 0.0
+            )
+
+        record = simulation.run(sample)
+        turns = sum(len(t) for t in simulation.controller.flaps._turns.values())
+        changes = sum(
+            registry.get_sample_value("governor_limit_direction_changes_total", {"scope": s}) or 0.0
+            for s in ("global", "ip", "plan", "tenant", "user")
+        )
+    tick = scenario.tick
+    hot = record.utilization > 0.85
+    # Overshoot is exported on the tick after a hot one (the GPUs are read one scrape late).
+    assert max(overshoot) > 0.0
+    assert all(o == 0.0 for o, was_hot in zip(overshoot[1:], hot[:-1], strict=True) if not was_hot)
+    # The metric stops at 4 min; it is stale (60 s) from 5 min, fresh again after 7 min.
+    before = int(300 / tick) - 1
+    assert fallback[before] == 0.0
+    assert 0.0 < fallback[-1] <= 180.0
+    assert fallback[-1] == fallback[int(450 / tick)]  # nothing more once the data is back
+    assert changes == turns
