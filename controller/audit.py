@@ -275,7 +275,7 @@ def change_events(
                 actor=CONTROLLER,
                 reason=decision.reason if decision else "no longer in the desired state",
                 address=str(change.address),
-                old=change.old,
+                old=None if change.old is None or math.isnan(change.old) else change.old,
                 new=change.new,
                 tick=tick,
                 policy=policy,

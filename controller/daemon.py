@@ -20,13 +20,14 @@ from typing import Any
 
 import redis
 import structlog
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from controller.audit import Journal
 from controller.errors import ConfigurationError
+from controller.gateway.catalog import publish_catalog
 from controller.leader import AlwaysLeader, Elector, KubernetesLease, RedisLeaderLock
 from controller.loop import Controller
 from controller.reload import PolicyWatcher
@@ -111,6 +112,7 @@ def build(settings: Settings, *, once: bool = False, dry_run: bool = False) -> D
             health=health,
             dry_run=dry_run or settings.controller.dry_run,
             runbook_base_url=settings.journal.runbook_base_url,
+            publish=lambda p: publish_catalog(client, p, prefix=keys.prefix),
         )
         metrics.policy_version.labels(policies.version).set(1)
         telemetry = None

@@ -63,6 +63,7 @@ class Controller:
         dry_run: bool = False,
         runbook_base_url: str = "",
         clock: Callable[[], float] = time.time,
+        publish: Callable[[PolicySet], None] | None = None,
     ) -> None:
         self.watcher = watcher
         self.source = source
@@ -75,6 +76,9 @@ class Controller:
         self.dry_run = dry_run
         self.runbook_base_url = runbook_base_url
         self.clock = clock
+        # Publishes what gateways need from the policies (the plan catalog), once per version.
+        self.publish = publish
+        self._published: str | None = None
         self.tick_id = 0
         self.engine = EngineState()
         self.resolver = ResolverState()
@@ -142,9 +146,12 @@ class Controller:
         for note in evaluation.notes:
             self._log.warning("policy.note", note=note)
         self._report_activity(policies, evaluation)
+        self._report_limits(policies, resolution, control)
         outcome = TickOutcome(self.tick_id, leader, True, reasons, (), evaluation, resolution)
         if leader:
-            self._write(policies, resolution, outcome, now)
+            self._publish(policies, reasons)
+            self._write(policies, resolution, baselines, outcome, now)
+        self._report_flaps(now)
         outcome.ready = not outcome.reasons
         self.journal.flush()
         return outcome
@@ -199,10 +206,22 @@ class Controller:
         self._was_leader = leader
         return leader
 
+    def _publish(self, policies: PolicySet, reasons: list[str]) -> None:
+        if self.publish is None or self._published == policies.version:
+            return
+        try:
+            self.publish(policies)
+        except GovernorError as exc:
+            self.metrics.redis_errors.labels("catalog").inc()
+            reasons.append(f"cannot publish the plan catalog: {exc}")
+            return
+        self._published = policies.version
+
     def _read_control(self, reasons: list[str]) -> ControlState:
         try:
             self._last_control = self.control.read()
         except GovernorError as exc:
+            self.metrics.redis_errors.labels("control").inc()
             reasons.append(f"cannot read overrides and tenants: {exc}")
             self._log.warning("control.unavailable", error=str(exc))
         return self._last_control
@@ -210,7 +229,12 @@ class Controller:
     # --- writing -----------------------------------------------------------------------------
 
     def _write(
-        self, policies: PolicySet, resolution: Resolution, outcome: TickOutcome, now: float
+        self,
+        policies: PolicySet,
+        resolution: Resolution,
+        baselines: Baselines,
+        outcome: TickOutcome,
+        now: float,
     ) -> None:
         runbooks = {d.ref: d.metadata.runbook for d in policies.documents if d.metadata.runbook}
         try:
@@ -223,6 +247,7 @@ class Controller:
             )
         except GovernorError as exc:
             self.metrics.sink_errors.inc()
+            self.metrics.redis_errors.labels("sink").inc()
             self._log.error("sink.apply_failed", error=str(exc))
             outcome.reasons.append(f"cannot write limits: {exc}")
             return
@@ -234,13 +259,35 @@ class Controller:
         for change in report.result.applied:
             scope = change.address.scope.value
             self.metrics.changes.labels(scope, _direction(change)).inc()
-            if self.flaps.observe(change.address, change.old, change.new, now):
+            # A limit added or removed moves from or back to what it inherits: a turn too.
+            inherited = baselines.value(change.address)
+            old = change.old if change.old is not None else inherited
+            new = change.new if change.new is not None else inherited
+            if self.flaps.observe(change.address, old, new, now):
                 self.metrics.direction_changes.labels(scope).inc()
+
+    def _report_flaps(self, now: float) -> None:
+        """Refreshed every tick, so the gauge falls back once limits stop turning."""
         flapping = self.flaps.flapping(now)
         for scope in Scope:
             self.metrics.flapping.labels(scope.value).set(
                 sum(1 for a in flapping if a.scope is scope)
             )
+
+    def _report_limits(
+        self, policies: PolicySet, resolution: Resolution, control: ControlState
+    ) -> None:
+        self.metrics.frozen.set(1 if control.frozen else 0)
+        floors = policies.limits.spec.floors
+        self.metrics.limit.clear()
+        self.metrics.at_floor.clear()
+        for address, decision in resolution.desired.items():
+            if address.scope not in (Scope.GLOBAL, Scope.IP, Scope.PLAN):
+                continue
+            self.metrics.limit.labels(str(address)).set(decision.value)
+            if address in floors:
+                at_floor = decision.value <= floors[address]
+                self.metrics.at_floor.labels(str(address)).set(1 if at_floor else 0)
 
     # --- reporting ---------------------------------------------------------------------------
 

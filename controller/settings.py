@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class PrometheusSettings(BaseModel):
@@ -58,6 +60,203 @@ class ControllerSettings(BaseModel):
     policy_dir: Path = Field(Path("policies"), description="directory of policy YAML files")
     tick_seconds: float = Field(5.0, gt=0, description="time between ticks, seconds")
     dry_run: bool = Field(False, description="journal what would change, write nothing")
+    sinks: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["redis"],
+        description="where limits are written, each with its own drift report: `redis` (the "
+        "configured Redis), `kong` (Kong Admin API), `kubernetes` (KongPlugin objects), "
+        "`configmap` (one ConfigMap with the whole limit document), or a redis:// URL; "
+        "a JSON list or comma-separated (docs/sinks.md)",
+    )
+
+    @field_validator("sinks", mode="before")
+    @classmethod
+    def _sink_list(cls, value: object) -> object:
+        # The environment gives one string: a JSON list, or names separated by commas.
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            return [part.strip() for part in text.split(",") if part.strip()]
+        return value
+
+    @field_validator("sinks")
+    @classmethod
+    def _known_sinks(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            if entry not in SINK_NAMES and not entry.startswith(_SINK_URL_SCHEMES):
+                raise ValueError(
+                    f"sink {entry!r} is not one of {', '.join(SINK_NAMES)} nor a redis://, "
+                    "rediss:// or unix:// URL"
+                )
+        if len(set(value)) != len(value):
+            raise ValueError(f"sinks {value!r} name a sink twice")
+        if not value:
+            raise ValueError("sinks is empty: name at least one, e.g. redis")
+        return value
+
+
+SINK_NAMES = ("redis", "kong", "kubernetes", "configmap")
+_SINK_URL_SCHEMES = ("redis://", "rediss://", "unix://")
+# Kong tags: printable ASCII except `,` and `/` (Kong's own rule); `|` is Governor's separator.
+_KONG_TAG = re.compile(r"[!-+\-.0-{}~]{1,64}")
+# A Kubernetes label value and DNS-1123 name part: what owner and name prefix must be.
+_KUBE_NAME = re.compile(r"[a-z0-9]([-a-z0-9]{0,38}[a-z0-9])?")
+
+
+class KongSettings(BaseModel):
+    """The Kong sinks: the Admin API connection, and the `rate-limiting` plugin configuration
+    that both the Kong sink and the Kubernetes (KongPlugin) sink write."""
+
+    admin_url: str | None = Field(
+        None,
+        description="Kong Admin API base URL, e.g. http://kong-admin.kong.svc:8001 (needed by "
+        "the `kong` sink)",
+    )
+    admin_token: SecretStr | None = Field(
+        None, description="sent as the Kong-Admin-Token header (Kong Enterprise RBAC)"
+    )
+    workspace: str | None = Field(
+        None, description="Kong Enterprise workspace: every path becomes /<workspace>/..."
+    )
+    verify_tls: bool = Field(True, description="verify the Admin API's certificate (https)")
+    ca_file: Path | None = Field(None, description="CA bundle for the Admin API; default: system")
+    timeout_seconds: float = Field(5.0, gt=0, description="per-request timeout, seconds")
+    page_size: int = Field(
+        1000, ge=1, le=1000, description="entities per Admin API page (Kong's maximum is 1000)"
+    )
+    tag: str = Field(
+        "governor-managed",
+        description="the tag marking the plugins Governor owns; Governor reads, changes and "
+        "deletes only plugins carrying it (its ledger tags start with `<tag>|`)",
+    )
+    consumer_groups: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="plan limits as consumer-group plugins (Kong Enterprise 3.4+); auto: on "
+        "when the Admin API reports the enterprise edition; off: folded into each consumer's "
+        "plugin through the tenant registry",
+    )
+    consumer_match: Literal["custom_id", "username"] = Field(
+        "custom_id", description="the consumer field that holds the tenant id"
+    )
+    create_consumers: bool = Field(
+        False,
+        description="create a missing consumer for a tenant with limits (tagged); off: such "
+        "a tenant's limits wait until its consumer exists",
+    )
+    service: str | None = Field(
+        None,
+        description="put the global-scope plugin on this Kong Service (name or id) instead "
+        "of on every request",
+    )
+    global_limit_by: Literal["service", "consumer", "credential", "ip"] = Field(
+        "service",
+        description="`limit_by` of the global-scope plugin; `service` counts all of a "
+        "service's traffic together (the closest Kong has to one global counter)",
+    )
+    limit_by: Literal["consumer", "credential"] = Field(
+        "consumer", description="`limit_by` of the plan and tenant plugins"
+    )
+    policy: Literal["local", "cluster", "redis"] = Field(
+        "local",
+        description="the plugin's counter store; `redis` keeps one count across Kong nodes "
+        "(needs redis_host); `local` counts per node",
+    )
+    fault_tolerant: bool = Field(
+        True, description="proxy requests when the counter store is down (Kong's default)"
+    )
+    hide_client_headers: bool = Field(False, description="hide the RateLimit-* headers")
+    redis_host: str | None = Field(None, description="`config.redis.host` (policy redis)")
+    redis_port: int = Field(6379, ge=1, le=65535, description="`config.redis.port`")
+    redis_database: int = Field(0, ge=0, description="`config.redis.database`")
+    redis_username: str | None = Field(None, description="`config.redis.username` (ACL)")
+    redis_password: SecretStr | None = Field(
+        None,
+        description="`config.redis.password` (Kong sink only; may be a Kong vault reference "
+        "such as {vault://env/redis-password}); the Kubernetes sink uses a Secret instead",
+    )
+    redis_ssl: bool = Field(False, description="`config.redis.ssl`")
+    redis_ssl_verify: bool = Field(False, description="`config.redis.ssl_verify`")
+    redis_server_name: str | None = Field(None, description="`config.redis.server_name` (SNI)")
+    redis_timeout_ms: int = Field(2000, ge=1, description="`config.redis.timeout`, milliseconds")
+
+    @field_validator("tag")
+    @classmethod
+    def _tag(cls, value: str) -> str:
+        if not _KONG_TAG.fullmatch(value):
+            raise ValueError(
+                f"tag {value!r}: 1-64 printable ASCII characters without space , / or |"
+            )
+        return value
+
+    @field_validator("workspace")
+    @classmethod
+    def _workspace(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[A-Za-z0-9._~-]{1,128}", value):
+            raise ValueError(f"workspace {value!r}: Kong names are letters, digits and ._~-")
+        return value
+
+    @model_validator(mode="after")
+    def _redis_policy_needs_a_host(self) -> KongSettings:
+        if self.policy == "redis" and not self.redis_host:
+            raise ValueError(
+                "policy redis needs redis_host: set GOVERNOR_KONG__REDIS_HOST, or use "
+                "GOVERNOR_KONG__POLICY=local"
+            )
+        return self
+
+
+class KubernetesSinkSettings(BaseModel):
+    """The Kubernetes sinks: KongPlugin objects for the Kong Ingress Controller, and the
+    optional ConfigMap holding the whole limit document for other gateways."""
+
+    namespace: str | None = Field(
+        None, description="namespace of the KongPlugins and the ConfigMap; default: the pod's"
+    )
+    cluster_scoped: bool = Field(
+        False,
+        description="write KongClusterPlugins instead of KongPlugins (needs a ClusterRole); "
+        'the global one carries the label global: "true"',
+    )
+    owner: str = Field(
+        "governor",
+        description="value of the governor.io/owner label: objects of another owner are "
+        "never read, changed or deleted (two Governors, two owners)",
+    )
+    name_prefix: str = Field("governor", description="prefix of every object name")
+    consumer_groups: bool = Field(
+        False,
+        description="write one KongPlugin per plan for KongConsumerGroups (Kong Enterprise); "
+        "off: every registered tenant gets its own KongPlugin with its plan's limits folded in",
+    )
+    configmap_name: str = Field(
+        "governor-limits", description="the ConfigMap of the `configmap` sink"
+    )
+    redis_password_secret: str | None = Field(
+        None,
+        description="Secret holding `config.redis.password` for the KongPlugins "
+        "(configPatches; never written into the object)",
+    )
+    redis_password_secret_key: str = Field("redis-password", description="key in that Secret")
+    conflict_retries: int = Field(
+        3, ge=0, le=10, description="re-reads after a 409 (stale resourceVersion) before giving up"
+    )
+    timeout_seconds: float = Field(10.0, gt=0, description="per-request timeout, seconds")
+    kubeconfig: Path | None = Field(
+        None,
+        description="kubeconfig file outside a cluster; default: in-cluster credentials, else "
+        "~/.kube/config",
+    )
+    context: str | None = Field(None, description="kubeconfig context; default: the current one")
+
+    @field_validator("owner", "name_prefix")
+    @classmethod
+    def _dns_label(cls, value: str) -> str:
+        if not _KUBE_NAME.fullmatch(value):
+            raise ValueError(
+                f"{value!r}: 1-40 lowercase letters, digits and '-', starting and ending with a "
+                "letter or digit"
+            )
+        return value
 
 
 class LeaderSettings(BaseModel):
@@ -235,4 +434,6 @@ class Settings(BaseSettings):
     telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
     gateway: GatewaySettings = Field(default_factory=GatewaySettings)
     prices: PricesSettings = Field(default_factory=PricesSettings)
+    kong: KongSettings = Field(default_factory=KongSettings)
+    kubernetes_sink: KubernetesSinkSettings = Field(default_factory=KubernetesSinkSettings)
     log_level: str = Field("info", description="debug, info, warning or error")

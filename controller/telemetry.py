@@ -119,6 +119,28 @@ class Metrics:
         self.sink_errors = Counter(
             "governor_sink_errors_total", "Sink reads or writes that failed.", registry=r
         )
+        self.redis_errors = Counter(
+            "governor_redis_errors_total",
+            "Redis operations that failed, by operation (control reads, catalog, sink).",
+            ["operation"],
+            registry=r,
+        )
+        self.limit = Gauge(
+            "governor_limit",
+            "The desired value of every global, per-IP and per-plan limit (tenant and user "
+            "limits are left out to bound cardinality: see `governor limits get`).",
+            ["address"],
+            registry=r,
+        )
+        self.at_floor = Gauge(
+            "governor_limit_at_floor",
+            "1 while a limit with a floor sits at it (the service is protected hard).",
+            ["address"],
+            registry=r,
+        )
+        self.frozen = Gauge(
+            "governor_automation_frozen", "1 while `governor freeze` holds.", registry=r
+        )
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

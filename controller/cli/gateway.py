@@ -1,24 +1,34 @@
-"""`governor gateway --upstream URL`: the reference OpenAI-compatible gateway."""
+"""`governor gateway --upstream URL`: the reference OpenAI-compatible gateway;
+`governor gateway export-lua DIR`: its scripts and settings for nginx/OpenResty and Kong."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import typer
+from rich.console import Console
+from rich.table import Table
 
-from controller.cli._redis import cli_errors
+from controller.cli._redis import JSON_OPTION, cli_errors
 from controller.cli.config import load_settings
 from controller.logging import configure_logging
 
 
 def register(root: typer.Typer) -> None:
-    """Add the top-level `gateway` command to the root app."""
-    root.command("gateway")(gateway)
+    """Add `gateway` (serves when called without a subcommand) to the root app."""
+    group = typer.Typer(help="The reference gateway, and its enforcement for other gateways.")
+    group.callback(invoke_without_command=True)(gateway)
+    group.command("export-lua")(export_lua)
+    root.add_typer(group, name="gateway")
 
 
 def gateway(
-    upstream: str = typer.Option(
-        ..., "--upstream", help="Root URL of the OpenAI-compatible model server (no /v1)."
+    ctx: typer.Context,
+    upstream: str | None = typer.Option(
+        None,
+        "--upstream",
+        help="Root URL of the OpenAI-compatible model server (no /v1); required to serve.",
     ),
     host: str | None = typer.Option(
         None, "--host", help="Listen address; default GOVERNOR_GATEWAY__HOST (127.0.0.1)."
@@ -37,6 +47,10 @@ def gateway(
 ) -> None:
     """Serve /v1/chat/completions, /v1/completions and /v1/embeddings (others pass through)
     with API-key/JWT auth, Governor's limits from Redis, and /metrics for Prometheus."""
+    if ctx.invoked_subcommand is not None:
+        return
+    if upstream is None:
+        raise typer.BadParameter("give the model server's root URL", param_hint="--upstream")
     # Imported here: the web stack loads only for the command that serves.
     import uvicorn
 
@@ -56,3 +70,26 @@ def gateway(
         server_header=False,
         lifespan="on",
     )
+
+
+def export_lua(
+    directory: Path = typer.Argument(
+        ..., help="Where to write admit.lua, settle.lua and governor.json (created if missing)."
+    ),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Write the admission and settle scripts exactly as Python loads them (same SHA1) and the
+    settings nginx/Kong need (governor.json, from GOVERNOR_*; secrets are never written)."""
+    from controller.gateway.export import export_lua as write
+
+    with cli_errors():
+        settings = load_settings()
+        files = write(directory, settings.gateway, settings.prices, settings.redis.key_prefix)
+    if as_json:
+        rows = [{"path": str(f.path), "sha1": f.sha} for f in files]
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    table = Table("file", "SHA1 (EVALSHA)")
+    for exported in files:
+        table.add_row(str(exported.path), exported.sha or "-")
+    Console().print(table)

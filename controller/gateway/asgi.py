@@ -177,6 +177,13 @@ class GovernorMiddleware:
         except STORE_ERRORS as exc:
             metrics.store_errors.labels("admit").inc()
             return self._fail_mode(principal, plan, request, request_id, exc)
+        if result.budget is not None and result.budget.kind == "tokens":
+            metrics.budget(
+                principal.tenant,
+                result.budget.address,
+                result.budget.limit,
+                result.budget.remaining,
+            )
         if result.outcome != "allow":
             metrics.request(principal.tenant, principal.plan, model, result.outcome)
             return self.e.answers.refused(result)

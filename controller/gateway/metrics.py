@@ -89,6 +89,13 @@ class GatewayMetrics:
             "Gateways alive at the last heartbeat (the fail-open divisor)",
             registry=self.registry,
         )
+        self.budget_remaining = Gauge(
+            "gateway_budget_remaining_ratio",
+            "Share of a tenant's tightest token budget still available at its last request "
+            "(remaining / limit; credits have no limit and are not shown here)",
+            ("tenant", "budget"),
+            registry=self.registry,
+        )
         self.admission_seconds = Histogram(
             "gateway_admission_seconds",
             "Time to authenticate and admit a request (Redis round trips included)",
@@ -115,3 +122,9 @@ class GatewayMetrics:
         self.tokens.labels(*names, "completion").inc(completion_tokens)
         if cost_usd > 0:
             self.cost.labels(*names).inc(cost_usd)
+
+    def budget(self, tenant: str, address: str, limit: float | None, remaining: float) -> None:
+        """Record a tenant's budget after an admission decision (token budgets only)."""
+        if limit:
+            share = max(0.0, min(1.0, remaining / limit))
+            self.budget_remaining.labels(self.tenant(tenant), "tokens").set(share)

@@ -52,6 +52,9 @@ class Answers:
     def unauthenticated(self, detail: str) -> JSONResponse:
         # RFC 6750: the challenge names the scheme and the error; the quote-free detail is safe.
         description = detail.replace('"', "'").replace("\\", "/")
+        # Header values must be latin-1: a detail quoting a token or written with "…" must not
+        # turn a 401 into a 500.
+        description = description.encode("ascii", "replace").decode("ascii")
         challenge = f'Bearer error="invalid_token", error_description="{description}"'
         return problem(
             401,

@@ -135,3 +135,13 @@ def test_a_key_made_under_another_secret_does_not_open_the_gateway(
     db.hset(store_key(KeySchema("governor")), key[4:20], json.dumps(record))
 
     assert jwt_gateway.chat(key).status_code == 401
+
+
+def test_a_non_key_bearer_without_jwt_configured_is_a_401_not_a_500(
+    make_gateway: MakeGateway,
+) -> None:
+    # The refusal's detail may hold characters a header cannot carry ("…"): still a 401.
+    answer = make_gateway().chat("not-a-governor-key-and-no-jwt-configured")
+    assert answer.status_code == 401
+    assert answer.headers["www-authenticate"].isascii()
+    assert answer.json()["status"] == 401

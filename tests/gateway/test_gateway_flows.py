@@ -78,6 +78,12 @@ def test_intermediate_flow_a_daily_token_budget_ends_in_402(gateway: Gateway) ->
     tomorrow = dt.datetime.now(dt.UTC).date() + dt.timedelta(days=1)
     assert problem["resets_at"] == f"{tomorrow.isoformat()}T00:00:00+00:00"
     assert len(answers) > 2  # earlier requests settled their real (small) usage
+    # The share of the budget left is exported for the "budget nearly exhausted" alert.
+    line = next(
+        x for x in gateway.metrics().splitlines() if x.startswith("gateway_budget_remaining_ratio{")
+    )
+    assert 'tenant="acme"' in line
+    assert 0.0 <= float(line.rsplit(" ", 1)[1]) < 0.25
 
 
 def test_a_credit_balance_running_out_is_402_naming_the_ledger(

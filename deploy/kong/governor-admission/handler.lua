@@ -1,0 +1,119 @@
+-- Kong plugin `governor-admission`: Governor's admission (the same admit.lua and settle.lua as
+-- `governor gateway`, by EVALSHA) around a Kong route. A thin wrapper of deploy/nginx/lua's
+-- governor.gateway, with Kong's PDK doing the I/O of each phase:
+--   access         auth, the plan's models, admit; refusals by kong.response.exit; a
+--                  non-streamed call turns on buffered proxying
+--   response       (buffered calls) settle from the whole answer before Kong sends it
+--   header_filter  the rate-limit headers; body_filter: a stream's usage event is metered
+--   log            a streamed call is settled from a timer, just after its last byte
+
+local config = require 'governor.config'
+local gateway = require 'governor.gateway'
+
+local GovernorAdmission = {
+  -- After Kong's authentication plugins (key-auth: 1250), beside its rate-limiting (910):
+  -- Governor's limits replace Kong's on a route, never add to them.
+  PRIORITY = 905,
+  VERSION = '0.1.0',
+}
+
+-- Kong gives an unset optional field as ngx.null.
+local function present(value)
+  if value == ngx.null then
+    return nil
+  end
+  return value
+end
+
+-- One gateway per plugin configuration (Kong hands the same table to every request).
+local gateways = setmetatable({}, {__mode = 'k'})
+
+local function gateway_for(conf)
+  local gw = gateways[conf]
+  if gw == nil then
+    local settings = config.load({
+      export_dir = conf.export_dir,
+      api_key_secret = present(conf.api_key_secret),
+      trust_forwarded_for = false,  -- Kong's trusted_ips decide (kong.client.get_forwarded_ip)
+      redis = {host = conf.redis_host, port = conf.redis_port,
+        username = present(conf.redis_username), password = present(conf.redis_password),
+        database = conf.redis_database,
+        timeout_ms = conf.redis_timeout_ms},
+    })
+    gw = gateway.new(settings)
+    gateways[conf] = gw
+  end
+  return gw
+end
+
+function GovernorAdmission:access(conf)
+  local gw = gateway_for(conf)
+  local outcome = gw:decide({
+    method = kong.request.get_method(),
+    path = kong.request.get_path(),
+    headers = kong.request.get_headers(100),
+    content_length = tonumber(kong.request.get_header('content-length')),
+    read_body = function()
+      return kong.request.get_raw_body() or ''
+    end,
+    client_ip = kong.client.get_forwarded_ip(),
+    request_id = ngx.var.request_id,
+  })
+  if outcome.answer ~= nil then
+    local answer = outcome.answer
+    return kong.response.exit(answer.status, answer.body, answer.headers)
+  end
+  local call = outcome.call
+  if call == nil then
+    return  -- authenticated, not a model call: proxied as it is
+  end
+  kong.ctx.plugin.call = call
+  if call.changed then
+    kong.service.request.set_raw_body(call.body)
+  end
+  if not call.streaming then
+    kong.service.request.enable_buffering()  -- the response phase then sees the whole answer
+  end
+end
+
+-- Buffered (non-streamed) calls: settled before the first byte reaches the client, so its
+-- next request finds this one's usage on the books (as with the Python gateway).
+function GovernorAdmission:response(conf)
+  local call = kong.ctx.plugin.call
+  if call == nil then
+    return
+  end
+  local gw = gateway_for(conf)
+  call.status = kong.service.response.get_status()
+  gw:feed(call, kong.service.response.get_raw_body())
+  gw:finish(call, call.status)
+end
+
+function GovernorAdmission:header_filter(conf)
+  local call = kong.ctx.plugin.call
+  if call == nil then
+    return
+  end
+  call.status = call.status or kong.service.response.get_status()
+  for name, value in pairs(call.headers) do
+    kong.response.set_header(name, value)
+  end
+end
+
+function GovernorAdmission:body_filter(conf)
+  local call = kong.ctx.plugin.call
+  if call ~= nil and call.streaming then
+    gateway_for(conf):feed(call, ngx.arg[1])
+  end
+end
+
+-- Streamed calls: cosockets are not allowed in the filters or the log phase, so the settle
+-- runs in a timer right after the last byte.
+function GovernorAdmission:log(conf)
+  local call = kong.ctx.plugin.call
+  if call ~= nil then
+    gateway_for(conf):finish_later(call, call.status)
+  end
+end
+
+return GovernorAdmission

@@ -1,0 +1,244 @@
+-- What a Lua gateway answers, as controller/gateway/responses.py does: RFC 9457 problem
+-- documents (401, 400, 402, 403, 413, 429, 502/504, 503) and the IETF RateLimit /
+-- RateLimit-Policy and OpenAI x-ratelimit-* headers. An answer is {status, headers, body}.
+
+local cjson = require 'cjson.safe'
+local numbers = require 'governor.numbers'
+
+local _M = {}
+
+local PROBLEM_JSON = 'application/problem+json'
+local QUOTA_EXCEEDED = 'https://iana.org/assignments/http-problem-types#quota-exceeded'
+local REDUCED_CAPACITY =
+  'https://iana.org/assignments/http-problem-types#temporary-reduced-capacity'
+local SHED_RETRY_SECONDS = 5.0  -- the controller re-decides every few seconds
+
+local ceil, floor, max = math.ceil, math.floor, math.max
+local format = string.format
+
+local function count(value)
+  if value ~= value or value == math.huge or value == -math.huge then
+    return 0
+  end
+  return max(0, floor(value))
+end
+
+-- OpenAI's reset format: 20ms, 1s, 6m0s, 1h2m3s.
+function _M.openai_duration(seconds)
+  if seconds < 1 then
+    return format('%dms', max(0, ceil(seconds * 1000)))
+  end
+  local total = ceil(seconds)
+  local hours, rest = floor(total / 3600), total % 3600
+  local minutes, secs = floor(rest / 60), rest % 60
+  if hours > 0 then
+    return format('%dh%dm%ds', hours, minutes, secs)
+  end
+  if minutes > 0 then
+    return format('%dm%ds', minutes, secs)
+  end
+  return format('%ds', secs)
+end
+
+-- datetime.isoformat(timespec="seconds") of a UTC unix time.
+local function iso(timestamp)
+  return os.date('!%Y-%m-%dT%H:%M:%S', floor(timestamp)) .. '+00:00'
+end
+
+-- Python's repr() of a str, for the details that quote what a client sent.
+local function repr(text)
+  local quote = "'"
+  if text:find("'", 1, true) and not text:find('"', 1, true) then
+    quote = '"'
+  end
+  local escaped = text:gsub('[%c\\' .. quote .. ']', function(c)
+    local named = {['\\'] = '\\\\', ['\n'] = '\\n', ['\r'] = '\\r', ['\t'] = '\\t'}
+    if named[c] then
+      return named[c]
+    end
+    if c == quote then
+      return '\\' .. c
+    end
+    return format('\\x%02x', c:byte())
+  end)
+  return quote .. escaped .. quote
+end
+
+local function policy(address, limit, window, unit)
+  -- "requests" is the draft's default unit; a token quota says so, or it reads as requests.
+  local unit_parameter = unit == 'requests' and '' or ';qu="' .. unit .. '"'
+  return format('"%s";q=%d%s;w=%d', address, count(limit), unit_parameter,
+    max(1, floor(window + 0.5)))
+end
+
+local function state(address, remaining, reset)
+  local text = format('"%s";r=%d', address, count(remaining))
+  if reset == nil then
+    return text
+  end
+  return text .. format(';t=%d', max(0, ceil(reset)))
+end
+
+-- draft-ietf-httpapi-ratelimit-headers-10 and OpenAI's headers for the tightest quotas.
+-- `now`: this host's unix time (the budget's reset is a hint; budgets run on Redis time).
+function _M.rate_limit_headers(result, now)
+  local policies, states, headers = {}, {}, {}
+  for _, item in ipairs({{result.requests, 'requests'}, {result.tokens, 'tokens'}}) do
+    local quota, unit = item[1], item[2]
+    if quota ~= nil then
+      policies[#policies + 1] = policy(quota.address, quota.limit, quota.window_seconds, unit)
+      states[#states + 1] = state(quota.address, quota.remaining, quota.reset_seconds)
+      headers['x-ratelimit-limit-' .. unit] = tostring(count(quota.limit))
+      headers['x-ratelimit-remaining-' .. unit] = tostring(count(quota.remaining))
+      headers['x-ratelimit-reset-' .. unit] = _M.openai_duration(quota.reset_seconds)
+    end
+  end
+  local budget = result.budget
+  if budget ~= nil and budget.kind == 'tokens' and budget.limit ~= nil then
+    policies[#policies + 1] = policy(budget.address, budget.limit, 86400.0, 'tokens')
+    local reset = budget.resets_at and max(0.0, budget.resets_at - now) or nil
+    states[#states + 1] = state(budget.address, budget.remaining, reset)
+  end
+  if #policies > 0 then
+    headers['RateLimit-Policy'] = table.concat(policies, ', ')
+    headers['RateLimit'] = table.concat(states, ', ')
+  end
+  return headers
+end
+
+-- Say what degradation changed in the request, and why.
+function _M.degrade_headers(degrade, headers)
+  local changes = {}
+  if degrade.model ~= nil then
+    changes[#changes + 1] = 'model=' .. degrade.model
+  end
+  if degrade.max_tokens ~= nil then
+    changes[#changes + 1] = 'max_tokens=' .. format('%d', degrade.max_tokens)
+  end
+  headers['x-governor-degraded'] = table.concat(changes, ';')
+  headers['x-governor-degraded-reason'] = degrade.reason
+end
+
+local Answers = {}
+Answers.__index = Answers
+
+-- base_url: problem type URIs are base_url#anchor; jitter: Retry-After grows by a random
+-- share up to this; now: a clock (ngx.now).
+function _M.new(base_url, jitter, now)
+  return setmetatable({base_url = base_url, jitter = jitter, now = now}, Answers)
+end
+
+function _M.problem(status, type_uri, title, detail, headers, extensions)
+  local body = {type = type_uri, title = title, status = status, detail = detail}
+  for name, value in pairs(extensions or {}) do
+    body[name] = value
+  end
+  headers = headers or {}
+  headers['Content-Type'] = PROBLEM_JSON
+  return {status = status, headers = headers, body = cjson.encode(body)}
+end
+local problem = _M.problem
+
+function Answers:type_uri(anchor)
+  return self.base_url .. '#' .. anchor
+end
+
+-- Delay-seconds grown by a random share (<= jitter), never below the true wait, never 0.
+function Answers:retry_after(seconds)
+  local grown = seconds * (1.0 + math.random() * self.jitter)
+  return tostring(max(1, ceil(grown)))
+end
+
+function Answers:unauthenticated(detail)
+  -- RFC 6750: the challenge names the scheme and the error; the quote-free detail is safe.
+  -- Header values must be ASCII: other characters become '?' (as asgi._ascii does).
+  local description = detail:gsub('"', "'"):gsub('\\', '/'):gsub('[\192-\255][\128-\191]*', '?')
+  return problem(401, self:type_uri('unauthenticated'), 'Unauthenticated', detail, {
+    ['WWW-Authenticate'] = 'Bearer error="invalid_token", error_description="'
+      .. description .. '"'})
+end
+
+function Answers:model_not_allowed(plan, model, allowed)
+  return problem(403, self:type_uri('model-not-allowed'), 'Model not allowed on this plan',
+    format('plan %s may call %s; not %s', repr(plan), table.concat(allowed, ', '), repr(model)),
+    nil, {plan = plan, model = model, allowed_models = allowed})
+end
+
+function Answers:bad_request(detail, status)
+  return problem(status or 400, self:type_uri('bad-request'), 'Bad request', detail)
+end
+
+local function budget_detail(address, budget)
+  if budget == nil then
+    return address .. ' is spent'
+  end
+  if budget.kind == 'credits' then
+    return 'the credit ledger ' .. budget.address .. ' holds '
+      .. numbers.format('%.4f', budget.remaining)
+      .. ' USD, below what this plan requires; top it up (governor credits top-up)'
+  end
+  local when = budget.resets_at and ('; it resets at ' .. iso(budget.resets_at)) or ''
+  return format('%s has %d tokens left%s', address, max(0, floor(budget.remaining)), when)
+end
+
+function Answers:budget_exhausted(result, headers)
+  local budget = result.budget
+  local address = result.denied_by or (budget and budget.address) or 'unknown'
+  local extensions = {budget = address}
+  if budget ~= nil then
+    extensions.kind, extensions.remaining = budget.kind, budget.remaining
+    extensions.limit = budget.limit == nil and cjson.null or budget.limit
+    if budget.resets_at ~= nil then
+      extensions.resets_at = iso(budget.resets_at)
+    end
+    if budget.kind == 'credits' then
+      extensions.ledger = budget.address
+    end
+  end
+  if result.retry_after ~= nil then
+    headers['Retry-After'] = tostring(max(1, ceil(result.retry_after)))
+  end
+  return problem(402, self:type_uri('budget-exhausted'), 'Budget exhausted',
+    budget_detail(address, budget), headers, extensions)
+end
+
+-- The answer to an admission that said no: 429, 402, 503 or 400 (too large).
+function Answers:refused(result)
+  local headers = _M.rate_limit_headers(result, self.now())
+  if result.outcome == 'budget_exhausted' then
+    return self:budget_exhausted(result, headers)
+  end
+  local address = result.denied_by or 'unknown'
+  local violated = {['violated-policies'] = {address}}
+  if result.outcome == 'too_large' then
+    return problem(400, self:type_uri('request-too-large'), 'Request can never fit',
+      'its worst case (prompt estimate + max_tokens) is above ' .. address
+        .. '; lower max_tokens or the prompt', headers, violated)
+  end
+  if result.outcome == 'shed' then
+    headers['Retry-After'] = self:retry_after(result.retry_after or SHED_RETRY_SECONDS)
+    return problem(503, REDUCED_CAPACITY, 'Temporarily shed',
+      'the controller has shed this traffic (' .. address .. ' is 0); retry later', headers,
+      violated)
+  end
+  local wait = result.retry_after or 1.0
+  headers['Retry-After'] = self:retry_after(wait)
+  return problem(429, QUOTA_EXCEEDED, 'Rate limit exceeded',
+    format('%s is used up; retry in %d s', address, ceil(wait)), headers, violated)
+end
+
+-- 503 while Redis is away: the plan fails closed, or (no plan) the key could not be checked.
+function Answers:enforcement_unavailable(plan)
+  local detail = plan and format('the limit store is unreachable and plan %s fails closed; '
+    .. 'retry later', repr(plan))
+    or 'the limit store is unreachable and this API key was not seen before; retry'
+  return problem(503, self:type_uri('enforcement-unavailable'), 'Limits cannot be checked',
+    detail, {['Retry-After'] = self:retry_after(SHED_RETRY_SECONDS)})
+end
+
+function Answers:upstream_failed(detail, status)
+  local title = status == 504 and 'Upstream timed out' or 'Upstream unavailable'
+  return problem(status or 502, self:type_uri('upstream-failed'), title, detail)
+end
+
+return _M

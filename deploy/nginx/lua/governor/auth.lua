@@ -1,0 +1,131 @@
+-- API keys as controller/gateway/keys.py and auth.py check them: `gov_<16 hex id>_<secret>`,
+-- the record looked up by id in `<P>:apikeys`, the digest (HMAC-SHA256 with the server secret,
+-- else SHA-256) compared in constant time; verified records cached per worker.
+
+local cjson = require 'cjson.safe'
+local crypto = require 'governor.crypto'
+local keys = require 'governor.keys'
+
+local _M = {}
+
+local CACHE_SIZE = 10000
+
+-- The token of `Authorization: Bearer …` or `x-api-key`, or nil and the 401 detail.
+function _M.credential(headers)
+  local authorization = headers['authorization']
+  if type(authorization) == 'table' then
+    authorization = authorization[1]
+  end
+  if authorization ~= nil then
+    -- As Python's `strip().partition(" ")`: the scheme ends at the first space.
+    local text = authorization:match('^%s*(.-)%s*$')
+    local space = text:find(' ', 1, true)
+    local scheme = space and text:sub(1, space - 1) or text
+    local token = space and text:sub(space + 1):match('^%s*(.-)%s*$') or ''
+    if scheme:lower() ~= 'bearer' or token == '' then
+      return nil, 'Authorization must be `Bearer <API key or JWT>`'
+    end
+    return token
+  end
+  local api_key = headers['x-api-key']
+  if type(api_key) == 'table' then
+    api_key = api_key[1]
+  end
+  if api_key ~= nil and api_key ~= '' then
+    return api_key:match('^%s*(.-)%s*$')
+  end
+  return nil, 'no credential: send Authorization: Bearer <API key or JWT>'
+end
+
+-- The public id inside a key shaped like ours (gov_<16 hex>_<43 of A-Za-z0-9_->), else nil.
+function _M.key_id(key)
+  local id, secret = key:match('^gov_([0-9a-f]+)_([A-Za-z0-9_%-]+)$')
+  if id == nil or #id ~= 16 or #secret ~= 43 then
+    return nil
+  end
+  return id
+end
+
+-- A stored record, or nil when someone wrote something else there.
+local function record_of(text)
+  local record = cjson.decode(text)
+  if type(record) ~= 'table' then
+    return nil
+  end
+  for _, name in ipairs({'key_id', 'tenant', 'plan', 'digest'}) do
+    if type(record[name]) ~= 'string' then
+      return nil
+    end
+  end
+  if type(record.user) ~= 'string' then
+    record.user = nil
+  end
+  -- Ids go into key names: one that is not safe authenticates nobody.
+  if not (keys.valid_id(record.tenant) and keys.valid_id(record.plan)
+      and (record.user == nil or keys.valid_id(record.user))) then
+    return nil
+  end
+  return record
+end
+
+local Verifier = {}
+Verifier.__index = Verifier
+
+function _M.new(store_key, secret, cache_seconds, now)
+  return setmetatable({store_key = store_key, secret = secret, cache_seconds = cache_seconds,
+    now = now, cache = {}, cached = 0}, Verifier)
+end
+
+function Verifier:digest(key)
+  if self.secret == nil then
+    return 'sha256:' .. crypto.hex(crypto.sha256(key))
+  end
+  return 'hmac-sha256:' .. crypto.hex(crypto.hmac_sha256(self.secret, key))
+end
+
+function Verifier:remember(record)
+  if self.cache[record.key_id] == nil then
+    if self.cached >= CACHE_SIZE then  -- a flood of keys: start over rather than grow
+      self.cache, self.cached = {}, 0
+    end
+    self.cached = self.cached + 1
+  end
+  self.cache[record.key_id] = {at = self.now(), record = record}
+end
+
+-- The record of a valid key; false for an unknown, revoked or wrong key; nil and the error
+-- when Redis failed for a key not verified before (the caller decides what that means).
+function Verifier:verify(client, key)
+  local key_id = _M.key_id(key)
+  if key_id == nil then
+    return false
+  end
+  local entry = self.cache[key_id]
+  local record
+  if entry ~= nil and self.now() - entry.at <= self.cache_seconds then
+    record = entry.record
+  else
+    local text, err = client and client:hget(self.store_key, key_id)
+    if text == nil then
+      if entry == nil then
+        return nil, err or 'no connection'
+      end
+      -- Redis is away: a key verified before the outage still is; its digest is checked.
+      text = cjson.encode(entry.record)
+    end
+    if text == ngx.null then
+      return false
+    end
+    record = record_of(text)
+    if record == nil then
+      return false
+    end
+  end
+  if not crypto.equal(self:digest(key), record.digest) then
+    return false
+  end
+  self:remember(record)
+  return record
+end
+
+return _M

@@ -1,0 +1,81 @@
+-- A Lua gateway's configuration: what `governor gateway export-lua DIR` wrote (the scripts and
+-- governor.json), the secrets from the environment (as for `governor gateway`), and overrides.
+
+local cjson = require 'cjson.safe'
+local crypto = require 'governor.crypto'
+local store = require 'governor.store'
+
+local _M = {}
+
+local function read(path)
+  local file, err = io.open(path, 'rb')
+  if not file then
+    error('governor: cannot read ' .. path .. ' (' .. tostring(err) .. '); run '
+      .. '`governor gateway export-lua DIR` and point export_dir at DIR', 0)
+  end
+  local data = file:read('*a')
+  file:close()
+  return data
+end
+
+-- The exported script `name`, checked against the SHA1 governor.json recorded: a file edited
+-- by hand would be a different script from the one the Python gateways run.
+local function script(directory, name, expected)
+  local source = read(directory .. '/' .. name .. '.lua')
+  local sha = crypto.hex(ngx.sha1_bin(source))
+  if sha ~= expected then
+    error('governor: ' .. directory .. '/' .. name .. '.lua has SHA1 ' .. sha .. ', not the '
+      .. tostring(expected) .. ' governor.json names; export again instead of editing it', 0)
+  end
+  return {name = name, sha = sha, source = source}
+end
+
+local function getenv(name)
+  local value = os.getenv(name)
+  if value == nil or value == '' then
+    return nil
+  end
+  return value
+end
+
+-- options: export_dir (required), redis (a table {host, port, password, database, socket}
+-- or nil: GOVERNOR_REDIS__URL), api_key_secret (nil: GOVERNOR_GATEWAY__API_KEY_SECRET), and
+-- any governor.json setting to override (e.g. retry_after_jitter).
+function _M.load(options)
+  local directory = options.export_dir
+  if type(directory) ~= 'string' then
+    error('governor: export_dir must name the directory `governor gateway export-lua` wrote', 0)
+  end
+  local settings, err = cjson.decode(read(directory .. '/governor.json'))
+  if type(settings) ~= 'table' or settings.format ~= 1 then
+    error('governor: ' .. directory .. '/governor.json is not an export of format 1 ('
+      .. tostring(err or settings and settings.format) .. '); export again', 0)
+  end
+  for name, value in pairs(options) do
+    if name ~= 'export_dir' and name ~= 'redis' then
+      settings[name] = value
+    end
+  end
+  settings.scripts = {
+    admit = script(directory, 'admit', settings.scripts.admit),
+    settle = script(directory, 'settle', settings.scripts.settle),
+  }
+  if settings.api_key_secret == nil then
+    settings.api_key_secret = getenv('GOVERNOR_GATEWAY__API_KEY_SECRET')
+  end
+  local redis = options.redis
+  if redis == nil then
+    redis, err = store.parse_url(getenv('GOVERNOR_REDIS__URL'))
+    if not redis then
+      error('governor: ' .. err, 0)
+    end
+    redis.password = getenv('GOVERNOR_REDIS__PASSWORD') or redis.password
+    redis.username = getenv('GOVERNOR_REDIS__USERNAME') or redis.username
+  end
+  local timeout = tonumber(getenv('GOVERNOR_REDIS__SOCKET_TIMEOUT_SECONDS') or '2')
+  redis.timeout_ms = redis.timeout_ms or math.floor(timeout * 1000)
+  settings.redis = redis
+  return settings
+end
+
+return _M

@@ -1,0 +1,216 @@
+-- The enforcement flow of controller/gateway/asgi.py, for any nginx-based gateway: authenticate
+-- → parse → plan's models (403) → admit (429/402/503/400) → the call to forward → settle.
+-- The adapters (governor.nginx, Kong's governor-admission plugin) do the I/O of their phase.
+
+local admission = require 'governor.admission'
+local answers = require 'governor.answers'
+local auth = require 'governor.auth'
+local catalog = require 'governor.catalog'
+local keys = require 'governor.keys'
+local openai = require 'governor.openai'
+local store = require 'governor.store'
+
+local _M = {}
+
+local Gateway = {}
+Gateway.__index = Gateway
+
+-- settings: governor.config.load's answer.
+function _M.new(settings)
+  local now = ngx.now
+  local names = keys.new(settings.key_prefix)
+  return setmetatable({
+    settings = settings,
+    answers = answers.new(settings.problem_base_url, settings.retry_after_jitter, now),
+    verifier = auth.new(names:api_keys(), settings.api_key_secret, settings.key_cache_seconds,
+      now),
+    catalog = catalog.new(names:plans(), settings.plan_refresh_seconds, now),
+    admission = admission.new(settings, names),
+  }, Gateway)
+end
+
+local function warn(...)
+  ngx.log(ngx.WARN, 'governor: ', ...)
+end
+
+-- asgi._degrade: apply the plan's degradation to the request; false when nothing changed.
+local function apply_degrade(request, degrade)
+  local changed = false
+  if degrade.max_tokens ~= nil and (request:max_tokens() or 0) > degrade.max_tokens then
+    request:set_max_tokens(degrade.max_tokens)
+    changed = true
+  end
+  if degrade.model ~= nil and request:model() ~= degrade.model then
+    request:set_model(degrade.model)
+    changed = true
+  end
+  return changed
+end
+
+function Gateway:client_ip(req)
+  if self.settings.trust_forwarded_for then
+    local forwarded = req.headers['x-forwarded-for']
+    if type(forwarded) == 'table' then
+      forwarded = forwarded[1]
+    end
+    if forwarded then
+      local first = forwarded:match('^%s*([^,]-)%s*,') or forwarded:match('^%s*(.-)%s*$')
+      if first ~= '' then
+        return keys.ip_id(first)
+      end
+    end
+  end
+  return keys.ip_id(req.client_ip)
+end
+
+-- The model call after authentication: parse, check the plan, admit.
+function Gateway:model_call(client, req, principal, kind)
+  local say = self.answers
+  local limit = self.settings.max_body_bytes
+  if (req.content_length or 0) > limit then
+    return {answer = say:bad_request('request body too large', 413)}
+  end
+  local raw = req.read_body()
+  if #raw > limit then
+    return {answer = say:bad_request('request body too large', 413)}
+  end
+  local request, problem = openai.parse(kind, raw, self.settings.default_max_tokens)
+  if not request then
+    return {answer = say:bad_request(problem)}
+  end
+  local plan = self.catalog:current(client, principal.plan)
+  if not catalog.allows(plan, request:model()) then
+    return {answer = say:model_not_allowed(principal.plan, request:model(), plan.models)}
+  end
+  local result, err = nil, 'no connection'
+  if client ~= nil then
+    result, err = self.admission:admit(client, {tenant = principal.tenant,
+      plan = principal.plan, user = principal.user, ip = self:client_ip(req),
+      model = request:model(), tokens = request:worst_case_tokens(),
+      request_id = req.request_id}, plan)
+  end
+  if result == nil then
+    -- No local limiter here: every plan fails closed (never "unlimited").
+    warn('limit store unreachable, plan ', principal.plan, ' fails closed: ', err)
+    return {answer = say:enforcement_unavailable(principal.plan), broken = true}
+  end
+  if result.outcome ~= 'allow' then
+    return {answer = say:refused(result)}
+  end
+  local headers = answers.rate_limit_headers(result, ngx.now())
+  if result.degrade ~= nil and apply_degrade(request, result.degrade) then
+    answers.degrade_headers(result.degrade, headers)
+  end
+  local streaming = request:streaming()
+  if streaming then
+    request:ask_for_stream_usage()
+  end
+  headers['x-governor-request-id'] = req.request_id
+  return {call = {principal = principal, request = request, streaming = streaming,
+    reservation = result.reservation, headers = headers, body = request.raw,
+    changed = request.changed, meter = openai.meter(streaming, request.prompt_tokens)}}
+end
+
+function Gateway:decide_with(client, req)
+  local token, detail = auth.credential(req.headers)
+  if token == nil then
+    return {answer = self.answers:unauthenticated(detail)}
+  end
+  if token:sub(1, 4) ~= 'gov_' then
+    return {answer = self.answers:unauthenticated(
+      'not a Governor API key (gov_…); JWT auth is not configured')}
+  end
+  local record, err = self.verifier:verify(client, token)
+  if record == nil then
+    warn('cannot check an API key: ', err)
+    return {answer = self.answers:enforcement_unavailable(nil), broken = true}
+  end
+  if record == false then
+    return {answer = self.answers:unauthenticated('unknown or revoked API key')}
+  end
+  local principal = {tenant = record.tenant, plan = record.plan, user = record.user,
+    credential = record.key_id}
+  local kind = req.method == 'POST' and openai.ROUTES[req.path]
+  if not kind then  -- not a model call: authenticated pass-through, nothing to count
+    return {pass = true, principal = principal}
+  end
+  return self:model_call(client, req, principal, kind)
+end
+
+-- One request's decision. req: method, path, headers (lower-case names), content_length,
+-- read_body() → the body, client_ip, request_id. Returns {answer = {status, headers, body}},
+-- {pass = true, principal} or {call = …} (forward call.body; then `finish` the call).
+function Gateway:decide(req)
+  local client, err = store.connect(self.settings.redis)
+  if client == nil then
+    warn('cannot reach Redis: ', err)
+  end
+  local outcome = self:decide_with(client, req)
+  if client ~= nil then
+    if outcome.broken then
+      client:close()  -- a failed exchange leaves the connection in an unknown state
+    else
+      store.release(client)
+    end
+  end
+  return outcome
+end
+
+-- A piece of the answer as it passes (call.status set first): metered unless the upstream
+-- failed (a failure releases the whole hold, whatever its body says).
+function Gateway:feed(call, chunk)
+  if call.status ~= nil and call.status < 400 then
+    call.meter:feed(chunk)
+  end
+end
+
+-- Settle an answered call (status: the upstream's; nil when it never answered): charge what
+-- the answer says it used, or release the whole hold when it failed. Runs once per call.
+function Gateway:finish(call, status)
+  if call.settled then
+    return
+  end
+  call.settled = true
+  local client, err = store.connect(self.settings.redis)
+  if client == nil then
+    warn('settle: cannot reach Redis (the lease releases the hold later): ', err)
+    return
+  end
+  local tenant, ok = call.principal.tenant, nil
+  if status == nil or status >= 400 then
+    ok, err = self.admission:release(client, call.reservation, tenant)
+  else
+    local usage = call.meter:finish()
+    if usage.estimated then
+      ngx.log(ngx.INFO, 'governor: upstream sent no usage; settled from an estimate')
+    end
+    ok, err = self.admission:settle(client, call.reservation, tenant, usage,
+      call.request:model())
+  end
+  if ok == nil then
+    warn('settle failed (the lease releases the hold later): ', err)
+    client:close()
+    return
+  end
+  store.release(client)
+end
+
+local function finish_in_timer(premature, gw, call, status)
+  if not premature then
+    gw:finish(call, status)
+  end
+end
+
+-- `finish` from a timer, for the phases where cosockets are not allowed (body filter, log):
+-- it runs right after the last byte. A timer that cannot start leaves the hold to its lease.
+function Gateway:finish_later(call, status)
+  if call.settled then
+    return
+  end
+  local ok, err = ngx.timer.at(0, finish_in_timer, self, call, status)
+  if not ok then
+    warn('cannot settle (the lease releases the hold later): ', err)
+  end
+end
+
+return _M

@@ -1,0 +1,173 @@
+-- Governor's admission for plain nginx / OpenResty (deploy/nginx/nginx.conf shows the wiring):
+--   init_by_lua          init{export_dir = …}: scripts and governor.json, checked by SHA1
+--   access_by_lua        access(): auth, models, admit; a non-streamed call is fetched whole
+--                        through an internal location, settled, then answered (settled before
+--                        the first byte, as the Python gateway settles before the last)
+--   header/body filter   a streamed call: headers added, the SSE usage event metered
+--   log_by_lua           log(): a streamed call is settled from a timer (cosockets are not
+--                        allowed in filters or the log phase), just after its last byte
+
+local config = require 'governor.config'
+local gateway = require 'governor.gateway'
+
+local _M = {}
+
+local gw  -- built in the master by init(), inherited by every worker
+
+-- Response headers of the upstream that are the hop's own business.
+local HOP_BY_HOP = {connection = true, ['keep-alive'] = true, ['proxy-authenticate'] = true,
+  ['proxy-authorization'] = true, te = true, trailer = true, ['transfer-encoding'] = true,
+  upgrade = true, ['content-length'] = true}
+
+-- nginx's own 502/504 (the model server never answered) as the Python gateway's problem.
+local function upstream_answer(status)
+  local detail = status == 504 and 'the model server timed out'
+    or 'the model server could not be reached'
+  return gw.answers:upstream_failed(detail, status)
+end
+
+local function unanswered(status, header_time)
+  return (status == 502 or status == 504) and (header_time == nil or header_time == '-')
+end
+
+-- header_filter_by_lua of the internal location (a subrequest sharing the caller's ngx.ctx):
+-- whether the model server answered at all.
+function _M.upstream_header()
+  ngx.ctx.governor_header_time = ngx.var.upstream_header_time
+end
+
+-- options: export_dir (what `governor gateway export-lua DIR` wrote), upstream_location
+-- (the internal location that proxies to the model server; default /_governor/upstream),
+-- and optional overrides of governor.json's settings.
+function _M.init(options)
+  local settings = config.load(options)
+  settings.upstream_location = options.upstream_location or '/_governor/upstream'
+  gw = gateway.new(settings)
+end
+
+function _M.init_worker()
+  -- Retry-After jitter must differ between workers.
+  math.randomseed(ngx.now() * 1000 + ngx.worker.pid())
+end
+
+local function respond(status, headers, body)
+  ngx.status = status
+  for name, value in pairs(headers) do
+    ngx.header[name] = value
+  end
+  ngx.header['Content-Length'] = #body
+  ngx.print(body)
+  return ngx.exit(ngx.HTTP_OK)
+end
+
+local function read_body()
+  ngx.req.read_body()
+  local data = ngx.req.get_body_data()
+  if data == nil then
+    local path = ngx.req.get_body_file()  -- larger than client_body_buffer_size
+    if path ~= nil then
+      local file = io.open(path, 'rb')
+      if file ~= nil then
+        data = file:read('*a')
+        file:close()
+      end
+    end
+  end
+  return data or ''
+end
+
+-- The whole answer of a non-streamed call: settle first, then send it with our headers.
+local function fetch_and_settle(call)
+  local ctx = ngx.ctx
+  local response = ngx.location.capture(gw.settings.upstream_location .. ngx.var.uri,
+    {method = ngx.HTTP_POST, body = call.body, args = ngx.var.args, ctx = ctx})
+  local status = response.status
+  if unanswered(status, ctx.governor_header_time) then
+    local answer = upstream_answer(status)
+    response = {status = status, header = answer.headers, body = answer.body}
+  end
+  call.status = status
+  gw:feed(call, response.body)  -- a truncated answer is settled from what came
+  gw:finish(call, status)
+  local headers = {}
+  for name, value in pairs(response.header) do
+    if not HOP_BY_HOP[name:lower()] then
+      headers[name] = value
+    end
+  end
+  for name, value in pairs(call.headers) do
+    headers[name] = value
+  end
+  return respond(status, headers, response.body or '')
+end
+
+function _M.access()
+  local outcome = gw:decide({
+    method = ngx.req.get_method(),
+    path = ngx.var.uri,
+    headers = ngx.req.get_headers(100),
+    content_length = tonumber(ngx.var.http_content_length),
+    read_body = read_body,
+    client_ip = ngx.var.remote_addr,
+    request_id = ngx.var.request_id,
+  })
+  if outcome.answer ~= nil then
+    local answer = outcome.answer
+    return respond(answer.status, answer.headers, answer.body)
+  end
+  local call = outcome.call
+  if call == nil then
+    return  -- an authenticated request that is not a model call: proxied as it is
+  end
+  if not call.streaming then
+    return fetch_and_settle(call)
+  end
+  if call.changed then
+    ngx.req.set_body_data(call.body)
+  end
+  ngx.ctx.governor = call
+end
+
+-- A streamed call's headers: ours added; an upstream that never answered (nginx's own
+-- 502/504) becomes the Python gateway's problem document.
+function _M.header_filter()
+  local call = ngx.ctx.governor
+  if call == nil then
+    return
+  end
+  local status = ngx.status
+  call.status = status
+  if unanswered(status, ngx.var.upstream_header_time) then
+    local answer = upstream_answer(status)
+    call.replacement = answer.body
+    for name, value in pairs(answer.headers) do
+      ngx.header[name] = value
+    end
+    ngx.header['Content-Length'] = #answer.body
+  end
+  for name, value in pairs(call.headers) do
+    ngx.header[name] = value
+  end
+end
+
+function _M.body_filter()
+  local call = ngx.ctx.governor
+  if call == nil then
+    return
+  end
+  if call.replacement ~= nil then
+    ngx.arg[1], call.replacement = call.replacement, ''
+    ngx.arg[2] = true
+    return
+  end
+  gw:feed(call, ngx.arg[1])
+end
+
+function _M.log()
+  local call = ngx.ctx.governor
+  if call ~= nil then
+    gw:finish_later(call, call.status)
+  end
+end
+
+return _M

@@ -1,0 +1,276 @@
+-- The OpenAI wire format, as controller/gateway/openai.py reads it: what a request may spend
+-- at most (prompt estimate + max_tokens × n), and what its answer says it spent.
+
+local cjson = require 'cjson.safe'
+local jsontext = require 'governor.jsontext'
+
+local _M = {}
+
+_M.ROUTES = {
+  ['/v1/chat/completions'] = 'chat',
+  ['/v1/completions'] = 'completion',
+  ['/v1/embeddings'] = 'embedding',
+}
+local CHARS_PER_TOKEN = 4
+local MESSAGE_OVERHEAD_TOKENS = 4
+local MAX_BUFFERED_RESPONSE = 32 * 1024 * 1024
+
+local function text_tokens(text)
+  return math.ceil(jsontext.length(text) / CHARS_PER_TOKEN)
+end
+
+local function is_int(value)
+  return type(value) == 'number' and value == math.floor(value)
+end
+
+-- Tokens of any text-bearing JSON: strings by length, token ids one each, `role` skipped.
+local function tokens(value)
+  local kind = type(value)
+  if kind == 'string' then
+    return text_tokens(value)
+  elseif kind == 'number' then
+    return 1
+  elseif kind == 'table' then
+    local total = 0
+    for key, item in pairs(value) do
+      if key ~= 'role' then
+        total = total + tokens(item)
+      end
+    end
+    return total
+  end
+  return 0
+end
+
+local function prompt_tokens(kind, body)
+  if kind == 'chat' then
+    local messages = body.messages
+    if type(messages) ~= 'table' or messages[1] == nil then
+      return nil, 'a chat request needs a non-empty `messages` list'
+    end
+    local total = 0
+    for _, message in ipairs(messages) do
+      total = total + MESSAGE_OVERHEAD_TOKENS + tokens(message)
+    end
+    for _, extra in ipairs({'tools', 'functions', 'response_format'}) do
+      if body[extra] ~= nil then  -- tool schemas are read by the model too
+        total = total + math.ceil(jsontext.dumps_length(body[extra]) / CHARS_PER_TOKEN)
+      end
+    end
+    return total
+  end
+  local name = kind == 'completion' and 'prompt' or 'input'
+  if body[name] == nil then
+    return nil, 'a ' .. kind .. ' request needs `' .. name .. '`'
+  end
+  return tokens(body[name])
+end
+
+local Request = {}
+Request.__index = Request
+
+-- One request body, or nil and the message for a 400 (the Python gateway's wording).
+function _M.parse(kind, raw, default_max_tokens)
+  local body, err = cjson.decode(raw)
+  if body == nil then
+    return nil, 'the request body is not JSON: ' .. tostring(err)
+  end
+  if type(body) ~= 'table' or raw:match('^%s*(.)') ~= '{' then
+    return nil, 'the request body must be a JSON object'
+  end
+  if type(body.model) ~= 'string' or body.model == '' then
+    return nil, 'the request names no model (`model` must be a string)'
+  end
+  local prompt, problem = prompt_tokens(kind, body)
+  if not prompt then
+    return nil, problem
+  end
+  local request = setmetatable(
+    {kind = kind, raw = raw, body = body, prompt_tokens = prompt, changed = false}, Request)
+  if kind ~= 'embedding' and request:max_tokens() == nil then
+    request:set_max_tokens(default_max_tokens)
+  end
+  return request
+end
+
+function Request:model()
+  return self.body.model
+end
+
+function Request:streaming()
+  return self.kind ~= 'embedding' and self.body.stream == true
+end
+
+function Request:max_tokens()
+  for _, name in ipairs({'max_completion_tokens', 'max_tokens'}) do
+    local value = self.body[name]
+    if is_int(value) and value > 0 then
+      return value
+    end
+  end
+  return nil
+end
+
+function Request:choices()
+  local most = 1
+  for _, name in ipairs({'n', 'best_of'}) do
+    local value = self.body[name]
+    if is_int(value) and value > most then
+      most = value
+    end
+  end
+  return most
+end
+
+-- What this request can cost at most: the reservation.
+function Request:worst_case_tokens()
+  return self.prompt_tokens + (self:max_tokens() or 0) * self:choices()
+end
+
+function Request:set(name, value)
+  self.body[name] = value
+  self.raw = jsontext.set(self.raw, name, cjson.encode(value))
+  self.changed = true
+end
+
+function Request:set_max_tokens(value)
+  local name = self.body.max_completion_tokens ~= nil and 'max_completion_tokens' or 'max_tokens'
+  self:set(name, value)
+end
+
+function Request:set_model(model)
+  self:set('model', model)
+end
+
+-- Streamed answers carry usage only when asked: ask, so settling is exact.
+function Request:ask_for_stream_usage()
+  local options = self.body.stream_options
+  if type(options) == 'table' and options.include_usage == true then
+    return
+  end
+  local text = '{"include_usage":true}'
+  if type(options) == 'table' and jsontext.member(self.raw, 'stream_options'):match('^{') then
+    text = jsontext.set(jsontext.member(self.raw, 'stream_options'), 'include_usage', 'true')
+    options.include_usage = true
+  else
+    options = {include_usage = true}
+  end
+  self.body.stream_options = options
+  self.raw = jsontext.set(self.raw, 'stream_options', text)
+  self.changed = true
+end
+
+-- openai._usage: prompt and completion (completion made up to a larger total), or nil.
+local function usage_of(value)
+  if type(value) ~= 'table' then
+    return nil
+  end
+  local prompt, completion, total = value.prompt_tokens, value.completion_tokens, value.total_tokens
+  if completion == nil then
+    completion = 0
+  end
+  if not is_int(prompt) or not is_int(completion) then
+    return is_int(total) and {prompt = 0, completion = total, estimated = false} or nil
+  end
+  if is_int(total) and total > prompt + completion then
+    completion = total - prompt  -- e.g. reasoning tokens counted only in the total
+  end
+  return {prompt = prompt, completion = completion, estimated = false}
+end
+
+local function choice_chars(choice)
+  local total = 0
+  for _, holder in ipairs({choice.delta or false, choice.message or false, choice}) do
+    if type(holder) == 'table' then
+      for _, name in ipairs({'content', 'text'}) do
+        if type(holder[name]) == 'string' then
+          total = total + jsontext.length(holder[name])
+        end
+      end
+    end
+  end
+  return total
+end
+
+local Meter = {}
+Meter.__index = Meter
+
+-- Watches answer bytes as they pass and finds the usage: the JSON body's, or for SSE the
+-- event that carries it (the last one).
+function _M.meter(streaming, prompt_estimate)
+  return setmetatable({streaming = streaming, prompt_estimate = prompt_estimate, buffer = {},
+    size = 0, usage = nil, completion_chars = 0, overflow = false, pending = ''}, Meter)
+end
+
+function Meter:read_document(data)
+  local document = cjson.decode(data)
+  if type(document) ~= 'table' then
+    return
+  end
+  local usage = usage_of(document.usage)
+  if usage then
+    self.usage = usage
+  end
+  if type(document.choices) == 'table' then
+    for _, choice in ipairs(document.choices) do
+      if type(choice) == 'table' then
+        self.completion_chars = self.completion_chars + choice_chars(choice)
+      end
+    end
+  end
+end
+
+function Meter:read_events()
+  local text = self.pending
+  local start = 1
+  while true do
+    local stop = text:find('\n', start, true)
+    if not stop then
+      break
+    end
+    local line = text:sub(start, stop - 1):match('^%s*(.-)%s*$')
+    start = stop + 1
+    if line:sub(1, 5) == 'data:' then
+      local data = line:sub(6):match('^%s*(.-)%s*$')
+      if data ~= '' and data ~= '[DONE]' then
+        self:read_document(data)
+      end
+    end
+  end
+  self.pending = text:sub(start)
+end
+
+function Meter:feed(chunk)
+  if self.overflow or chunk == nil or chunk == '' then
+    return
+  end
+  if self.streaming then
+    self.pending = self.pending .. chunk
+    self:read_events()
+    return
+  end
+  self.size = self.size + #chunk
+  if self.size > MAX_BUFFERED_RESPONSE then
+    self.overflow, self.buffer = true, {}  -- too big to parse: estimate instead
+    return
+  end
+  self.buffer[#self.buffer + 1] = chunk
+end
+
+-- The usage the upstream reported, else an estimate (marked so).
+function Meter:finish()
+  if self.streaming then
+    self.pending = self.pending .. '\n'
+    self:read_events()
+  elseif not self.overflow then
+    self:read_document(table.concat(self.buffer))
+  end
+  self.buffer, self.pending = {}, ''
+  if self.usage then
+    return self.usage
+  end
+  local completion = math.ceil(self.completion_chars / CHARS_PER_TOKEN)
+  return {prompt = self.prompt_estimate, completion = completion, estimated = true}
+end
+
+return _M

@@ -1,0 +1,129 @@
+"""A real nginx (Debian nginx-extras) running deploy/nginx/ on a free port, started and stopped
+by PID, with its own prefix directory, configuration, pid file and error log."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from tests.support.redis import _alive, free_port
+
+REPO = Path(__file__).resolve().parents[2]
+DEPLOY = REPO / "deploy" / "nginx"
+_READY_TIMEOUT_SECONDS = 15.0
+
+# The example's placeholders, and what a test puts there: every one must occur exactly once,
+# so the example cannot drift from what the tests run.
+LUA_PATH = "/opt/governor/nginx/lua/?.lua"
+EXPORT_DIR = 'export_dir = "/opt/governor/nginx/scripts"'
+SERVER_D = "/opt/governor/nginx/server.d/"
+LISTEN = "listen 8080;"
+UPSTREAM = "server 127.0.0.1:8000;"
+
+
+def render(example: str, replacements: Mapping[str, str]) -> str:
+    """The example configuration with each placeholder replaced (each must occur once)."""
+    text = example
+    for old, new in replacements.items():
+        found = text.count(old)
+        if found != 1:
+            raise AssertionError(f"deploy/nginx/nginx.conf holds {old!r} {found} times, not once")
+        text = text.replace(old, new)
+    return text
+
+
+@dataclass
+class NginxServer:
+    """deploy/nginx/nginx.conf under `prefix`, pointed at `export_dir`, `upstream`, Redis."""
+
+    prefix: Path
+    export_dir: Path
+    upstream_port: int
+    env: Mapping[str, str]
+    extra_locations: str = ""
+    port: int = field(default_factory=free_port)
+    pid: int | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def error_log(self) -> Path:
+        return self.prefix / "logs" / "error.log"
+
+    @property
+    def pidfile(self) -> Path:
+        return self.prefix / "logs" / "nginx.pid"
+
+    def start(self) -> NginxServer:
+        (self.prefix / "logs").mkdir(parents=True, exist_ok=True)
+        server_d = self.prefix / "server.d"
+        server_d.mkdir(exist_ok=True)
+        (server_d / "test.conf").write_text(self.extra_locations)
+        conf = render(
+            (DEPLOY / "nginx.conf").read_text(),
+            {
+                LUA_PATH: f"{DEPLOY / 'lua'}/?.lua",
+                EXPORT_DIR: f'export_dir = "{self.export_dir}"',
+                SERVER_D: f"{server_d}/",
+                LISTEN: f"listen 127.0.0.1:{self.port};",
+                UPSTREAM: f"server 127.0.0.1:{self.upstream_port};",
+            },
+        )
+        # As root, nginx would run its workers as `nobody`, who cannot read a test's tmp dir.
+        if os.geteuid() == 0:
+            conf = "user root;\n" + conf
+        path = self.prefix / "nginx.conf"
+        path.write_text(conf)
+        command = ["nginx", "-p", str(self.prefix), "-e", str(self.error_log), "-c", str(path)]
+        started = subprocess.run(command, env=dict(self.env), capture_output=True, text=True)
+        if started.returncode != 0:
+            raise RuntimeError(f"nginx did not start:\n{started.stderr}\n{self.log_tail()}")
+        self._wait(self._ready, "answer /healthz")
+        self.pid = int(self.pidfile.read_text().strip())
+        return self
+
+    def stop(self) -> None:
+        """SIGQUIT (graceful: in-flight timers finish) by PID, and wait for the exit."""
+        if self.pid is None:
+            return
+        pid, self.pid = self.pid, None
+        try:
+            os.kill(pid, signal.SIGQUIT)
+        except ProcessLookupError:
+            return
+        self._wait(lambda: not _alive(pid), f"exit (pid {pid})")
+
+    def log_tail(self, size: int = 4000) -> str:
+        if not self.error_log.exists():
+            return ""
+        return self.error_log.read_text(errors="replace")[-size:]
+
+    def problems(self) -> list[str]:
+        """Error-log lines of Lua failures: an unexpected error in the module shows here."""
+        text = self.error_log.read_text(errors="replace") if self.error_log.exists() else ""
+        markers = ("lua entry thread aborted", "runtime error", "[alert]", "[emerg]")
+        return [line for line in text.splitlines() if any(m in line for m in markers)]
+
+    def _ready(self) -> bool:
+        if not self.pidfile.exists():
+            return False
+        try:
+            return httpx.get(f"{self.url}/healthz", timeout=1.0).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    def _wait(self, ready: Callable[[], bool], what: str) -> None:
+        deadline = time.monotonic() + _READY_TIMEOUT_SECONDS
+        while not ready():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"nginx on port {self.port} did not {what}:\n{self.log_tail()}")
+            time.sleep(0.02)

@@ -1,0 +1,128 @@
+"""`governor gateway export-lua`: the scripts nginx and Kong run are, byte for byte, the ones
+Python loads (same SHA1), deploy/nginx/scripts/ is a fresh export, and every Lua file of the
+nginx module and the Kong plugin compiles."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from controller.cli import app
+from controller.gateway.export import EXPORTED, SETTINGS_FILE, export_lua, gateway_document
+from controller.gateway.scripts import ADMIT, SETTLE
+from controller.settings import GatewaySettings, PricesSettings
+from tests.nginx.nginx_server import REPO
+
+CHECKED_IN = REPO / "deploy" / "nginx" / "scripts"
+KONG = REPO / "deploy" / "kong" / "governor-admission"
+LUA_FILES = sorted((REPO / "deploy" / "nginx" / "lua").rglob("*.lua")) + sorted(KONG.glob("*.lua"))
+
+
+def test_the_checked_in_scripts_are_the_ones_python_loads() -> None:
+    assert [script.name for script in EXPORTED] == ["admit", "settle"]
+    for script in (ADMIT, SETTLE):
+        data = (CHECKED_IN / f"{script.name}.lua").read_bytes()
+        assert hashlib.sha1(data).hexdigest() == script.sha, (
+            f"deploy/nginx/scripts/{script.name}.lua is stale: run "
+            "`governor gateway export-lua deploy/nginx/scripts`"
+        )
+        assert data == script.source.encode()
+
+
+def test_the_checked_in_settings_are_a_default_export(tmp_path: Path) -> None:
+    export_lua(tmp_path, GatewaySettings(), PricesSettings(), "governor")
+
+    for name in ("admit.lua", "settle.lua", SETTINGS_FILE):
+        assert (tmp_path / name).read_bytes() == (CHECKED_IN / name).read_bytes(), name
+    document = json.loads((CHECKED_IN / SETTINGS_FILE).read_text())
+    assert document["scripts"] == {"admit": ADMIT.sha, "settle": SETTLE.sha}
+    assert document["lease_seconds"] == 600.0  # Admission's default, read from it
+    assert "api_key_secret" not in document  # secrets stay in the environment
+
+
+def test_the_export_command_writes_what_the_settings_say(tmp_path: Path) -> None:
+    env = {"GOVERNOR_GATEWAY__RETRY_AFTER_JITTER": "0.5", "GOVERNOR_REDIS__KEY_PREFIX": "gw2",
+           "GOVERNOR_GATEWAY__API_KEY_SECRET": "never-written"}  # fmt: skip
+
+    result = CliRunner().invoke(app, ["gateway", "export-lua", str(tmp_path), "--json"], env=env)
+
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)
+    assert {Path(row["path"]).name: row["sha1"] for row in rows} == {
+        "admit.lua": ADMIT.sha, "settle.lua": SETTLE.sha, SETTINGS_FILE: None,
+    }  # fmt: skip
+    document = gateway_document(GatewaySettings(retry_after_jitter=0.5), PricesSettings(), "gw2")
+    assert json.loads((tmp_path / SETTINGS_FILE).read_text()) == document
+    assert "never-written" not in (tmp_path / SETTINGS_FILE).read_text()
+
+
+def test_an_unwritable_export_directory_is_a_usage_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+
+    result = CliRunner().invoke(app, ["gateway", "export-lua", str(blocker / "scripts")])
+
+    assert result.exit_code == 2
+    assert "cannot write the Lua export" in result.stderr
+
+
+def test_serving_still_needs_an_upstream() -> None:
+    result = CliRunner().invoke(app, ["gateway"])
+
+    assert result.exit_code == 2
+    assert "--upstream" in result.output
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("path", LUA_FILES, ids=lambda p: str(p.relative_to(REPO)))
+def test_every_lua_file_compiles(path: Path) -> None:
+    checked = subprocess.run(["luac5.1", "-p", str(path)], capture_output=True, text=True)
+
+    assert checked.returncode == 0, checked.stderr
+
+
+# Loads the Kong plugin's two files in plain Lua 5.1 with only what they import provided (no
+# Kong here): the handler's phases and the schema's fields are what Kong looks up by name.
+KONG_SHAPE = """
+package.preload['governor.config'] = function() return {} end
+package.preload['governor.gateway'] = function() return {} end
+package.preload['kong.db.schema.typedefs'] = function()
+  local function field(extra) return extra or {} end
+  return {no_consumer = {}, protocols_http = {}, host = field, port = field}
+end
+local handler = dofile(arg[1] .. '/handler.lua')
+local schema = dofile(arg[1] .. '/schema.lua')
+local phases = {}
+for _, phase in ipairs({'access', 'response', 'header_filter', 'body_filter', 'log'}) do
+  if type(handler[phase]) == 'function' then phases[#phases + 1] = phase end
+end
+local fields = {}
+for _, entry in ipairs(schema.fields) do
+  if entry.config then
+    for _, item in ipairs(entry.config.fields) do fields[#fields + 1] = next(item) end
+  end
+end
+print(schema.name, type(handler.PRIORITY), handler.VERSION, table.concat(phases, ','),
+  table.concat(fields, ','))
+"""
+
+
+@pytest.mark.integration
+def test_the_kong_plugin_has_the_phases_and_fields_kong_looks_up() -> None:
+    loaded = subprocess.run(
+        ["lua5.1", "-"],
+        input=KONG_SHAPE.replace("arg[1]", f"'{KONG}'"),
+        capture_output=True,
+        text=True,
+    )
+
+    assert loaded.returncode == 0, loaded.stderr
+    name, priority, version, phases, fields = loaded.stdout.split()
+    assert (name, priority, version) == ("governor-admission", "number", "0.1.0")
+    assert phases.split(",") == ["access", "response", "header_filter", "body_filter", "log"]
+    assert set(fields.split(",")) >= {"export_dir", "redis_host", "redis_port", "api_key_secret"}

@@ -1,0 +1,116 @@
+"""The module's pieces inside the running nginx against Python's: key names (hash tags, escaped
+ids, IPv6 /64s) and request estimates and rewrites (unicode, tools, n, token arrays)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from controller.gateway.openai import Kind, ModelRequest, RequestError
+from controller.gateway.scripts import EnforcementKeys, ip_id
+from tests.nginx.conftest import Side
+
+pytestmark = pytest.mark.integration
+
+DEFAULT_MAX_TOKENS = 1024
+
+
+@pytest.mark.parametrize(
+    ("tenant", "plan", "user", "ip"),
+    [
+        ("acme", "free", None, "127.0.0.1"),
+        ("a:b", "p:1", "u:2", "2001:db8::1"),
+        ("t.1", "p", None, "::ffff:10.1.2.3"),
+        ("t", "p", "u", None),
+        ("T~x=y", "plan+1", "user-9", "2001:DB8:0:0:1::1"),
+    ],
+)
+def test_key_names_are_pythons(
+    nginx: Side, tenant: str, plan: str, user: str | None, ip: str | None
+) -> None:
+    params = {"prefix": "gov-1", "tenant": tenant, "plan": plan, "user": user or "",
+              "ip": ip or ""}  # fmt: skip
+    lua = nginx.http.get(f"{nginx.url}/_probe/keys", params=params).json()
+
+    keys = EnforcementKeys.for_prefix("gov-1")
+    python_ip = ip_id(ip) if ip else ""
+    assert lua["ip"] == python_ip
+    assert lua["admit"] == list(keys.admit_keys(tenant, plan, user, python_ip))
+    assert lua["settle"] == list(keys.settle_keys(tenant, user, python_ip))
+
+
+@pytest.mark.parametrize("ip", ["999.1.1.1", "01.2.3.4", "fe80::1%eth0", "1::2::3", "x"])
+def test_an_address_python_refuses_counts_no_ip_level(nginx: Side, ip: str) -> None:
+    params = {"prefix": "p", "tenant": "t", "plan": "p", "ip": ip}
+
+    lua = nginx.http.get(f"{nginx.url}/_probe/keys", params=params).json()
+
+    # The Python gateway has no ip level for it either.
+    with pytest.raises(ValueError, match=r"IPv4 or IPv6 address|hex digits"):
+        ip_id(ip)
+    assert lua["ip"] == ""
+    assert lua["admit"][7] == lua["admit"][9]  # the ip slot holds the tenant's own state
+
+
+TOOL = {
+    "type": "function",
+    "function": {"name": "f", "description": 'ünï "q"', "parameters": {"a": [1, 2.5, True, None]}},
+}
+BODIES: list[tuple[Kind, Any]] = [
+    ("chat", {"model": "m", "messages": [{"role": "user", "content": "héllo wörld ✓ 😀"}]}),
+    ("chat", {"model": "m", "n": 3, "max_tokens": 7, "messages": [
+        {"role": "system", "content": "be brief", "name": "x"},
+        {"role": "user", "content": [{"type": "text", "text": "hi there"}]}]}),
+    ("chat", {"model": "m", "messages": [{"role": "user", "content": "q"}], "tools": [TOOL],
+              "max_completion_tokens": 9, "stop": [], "logit_bias": {}}),
+    ("chat", {"model": "m", "messages": [{"role": "user", "content": "s"}], "stream": True,
+              "stream_options": {"foo": 1}}),
+    ("chat", {"model": "m", "messages": [{"role": "user", "content": "s"}], "stream": True,
+              "max_tokens": 3, "big": 12345678901234567}),
+    ("completion", {"model": "m", "prompt": [[1, 2, 3], "text"], "best_of": 2, "max_tokens": 4}),
+    ("completion", {"model": "m", "prompt": "no max tokens"}),
+    ("embedding", {"model": "m", "input": ["a", "bb", "ccc"]}),
+]  # fmt: skip
+REFUSED: list[tuple[Kind, Any]] = [
+    ("chat", {"model": "m", "messages": []}),
+    ("chat", {"model": 5, "messages": [{"role": "user", "content": "s"}]}),
+    ("embedding", {"model": "m"}),
+    ("completion", {"model": "m"}),
+    ("chat", [1, 2]),
+]
+
+
+def probe(nginx: Side, kind: Kind, raw: bytes) -> Any:
+    """openai.parse in the running nginx: the estimate and the body it would send on."""
+    params = {"kind": kind, "default": str(DEFAULT_MAX_TOKENS)}
+    return nginx.http.post(f"{nginx.url}/_probe/request", params=params, content=raw).json()
+
+
+@pytest.mark.parametrize(("kind", "body"), BODIES)
+def test_estimates_and_rewrites_are_pythons(nginx: Side, kind: Kind, body: Any) -> None:
+    raw = json.dumps(body, ensure_ascii=False).encode()
+
+    lua = probe(nginx, kind, raw)
+
+    request = ModelRequest.parse(kind, raw, DEFAULT_MAX_TOKENS)
+    if request.streaming:
+        request.ask_for_stream_usage()
+    assert lua["tokens"] == request.worst_case_tokens
+    assert lua["prompt"] == request.prompt_tokens
+    # The rewritten body says what Python's says; what was not rewritten keeps its bytes.
+    assert json.loads(lua["body"]) == json.loads(request.encoded())
+    if not request.changed:
+        assert lua["body"].encode() == raw
+
+
+@pytest.mark.parametrize(("kind", "body"), REFUSED)
+def test_refusals_say_what_python_says(nginx: Side, kind: Kind, body: Any) -> None:
+    raw = json.dumps(body).encode()
+
+    lua = probe(nginx, kind, raw)
+
+    with pytest.raises(RequestError) as refused:
+        ModelRequest.parse(kind, raw, DEFAULT_MAX_TOKENS)
+    assert lua == {"error": str(refused.value)}

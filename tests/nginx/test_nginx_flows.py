@@ -1,0 +1,207 @@
+"""deploy/nginx/ in a real nginx against a real Redis and the fake model server: the seed's
+flows (10/minute → 429, spent budget → 402), streaming, upstream failures, script loading."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import httpx
+import pytest
+
+from controller.gateway.scripts import ADMIT, SETTLE
+from tests.gateway.conftest import write_limits
+from tests.gateway.fake_upstream import FakeUpstream, ServerThread
+from tests.nginx.conftest import (
+    SECRET,
+    UNKNOWN_KEY,
+    Side,
+    chat_body,
+    set_limit,
+    tenant_state,
+    wait_settled,
+)
+from tests.nginx.nginx_server import NginxServer
+from tests.support.redis import RedisServer, free_port
+
+pytestmark = pytest.mark.integration
+
+PROBLEM = "application/problem+json"
+BUDGET = "tenant/acme/tokens_per_day"
+
+
+def test_the_eleventh_request_in_a_minute_is_refused_with_retry_after(nginx: Side) -> None:
+    key = nginx.key("acme", "free")
+
+    answers = [nginx.chat(key) for _ in range(11)]
+
+    assert [a.status_code for a in answers] == [200] * 10 + [429]
+    refused = answers[-1]
+    assert refused.headers["content-type"] == PROBLEM
+    # GCRA at 10/minute: the next request fits in 6 s (less what the burst took).
+    assert 1 <= int(refused.headers["retry-after"]) <= 6
+    problem = refused.json()
+    assert problem["status"] == 429
+    assert problem["violated-policies"] == ["tenant/acme/requests_per_minute"]
+    assert refused.headers["x-ratelimit-remaining-requests"] == "0"
+    assert answers[0].headers["x-ratelimit-remaining-requests"] == "9"
+    assert answers[0].json()["usage"]["total_tokens"] == 15  # the model server's answer
+
+
+def test_a_spent_budget_is_refused_with_a_problem_document(nginx: Side) -> None:
+    set_limit(nginx, BUDGET, 30)
+    key = nginx.key("acme", "free")
+
+    # Each call reserves 10 (5 prompt + max_tokens 5) and is settled at 15 (its usage).
+    codes = [nginx.chat(key).status_code for _ in range(2)]
+    refused = nginx.chat(key)
+
+    assert codes == [200, 200]
+    assert refused.status_code == 402
+    assert refused.headers["content-type"] == PROBLEM
+    problem = refused.json()
+    assert problem["type"].endswith("#budget-exhausted")
+    assert problem["budget"] == BUDGET
+    assert problem["kind"] == "tokens"
+    assert problem["remaining"] == 0
+    assert problem["limit"] == 30
+    assert problem["resets_at"].endswith("T00:00:00+00:00")
+    assert problem["detail"].startswith(f"{BUDGET} has 0 tokens left; it resets at ")
+    assert int(refused.headers["retry-after"]) >= 1
+    assert tenant_state(nginx, "acme")["u|tokens_per_day"] == "30"
+
+
+def test_the_plan_limits_models_and_bad_credentials_are_refused(nginx: Side) -> None:
+    key = nginx.key("acme", "free")
+
+    forbidden = nginx.chat(key, chat_body(model="gpt-4"))
+    unknown = nginx.chat(UNKNOWN_KEY)
+    anonymous = nginx.chat(None)
+
+    assert forbidden.status_code == 403
+    assert forbidden.json()["allowed_models"] == ["gpt-3.5-turbo"]
+    assert unknown.status_code == 401
+    assert unknown.json()["detail"] == "unknown or revoked API key"
+    assert anonymous.status_code == 401
+    assert anonymous.headers["www-authenticate"].startswith('Bearer error="invalid_token"')
+
+
+def test_nginx_loads_the_very_scripts_python_runs(nginx: Side) -> None:
+    nginx.db.script_flush()
+    key = nginx.key("acme", "free")
+
+    answer = nginx.chat(key)
+
+    assert answer.status_code == 200
+    # NOSCRIPT made nginx load its files; Redis knows them by Python's SHA1s.
+    assert nginx.db.execute_command("SCRIPT EXISTS", ADMIT.sha, SETTLE.sha) == [1, 1]
+
+
+def test_a_streamed_answer_is_settled_from_its_usage_event(
+    nginx: Side, upstream: tuple[FakeUpstream, ServerThread]
+) -> None:
+    key = nginx.key("acme", "free")
+
+    answer = nginx.chat(key, chat_body(stream=True), **{"x-fake-tokens": "3"})
+
+    assert answer.status_code == 200
+    assert answer.headers["x-ratelimit-remaining-requests"] == "9"
+    assert answer.text.rstrip().endswith("data: [DONE]")
+    # The module asked for the usage event the upstream only sends when asked.
+    sent = upstream[0].last().body
+    assert sent is not None
+    assert sent["stream_options"] == {"include_usage": True}
+    wait_settled(nginx, "acme", answer.headers["x-governor-request-id"])
+    state = tenant_state(nginx, "acme")
+    assert state["u|tokens_per_day"] == "13"  # 10 prompt + 3 completion, as reported
+    assert state["v|tokens_per_day"] == "0"
+
+
+def test_an_upstream_error_releases_the_reservation(nginx: Side) -> None:
+    key = nginx.key("acme", "free")
+
+    failed = nginx.chat(key, **{"x-fake-status": "500"})
+
+    assert failed.status_code == 500
+    state = tenant_state(nginx, "acme")
+    assert state["v|tokens_per_day"] == "0"
+    assert state.get("u|tokens_per_day", "0") == "0"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_unreachable_model_server_is_a_502_problem_and_charges_nothing(
+    tmp_path: Path,
+    redis_nginx: RedisServer,
+    export_dir: Path,
+    nginx: Side,
+    stream: bool,
+) -> None:
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "GOVERNOR_REDIS__URL":
+           redis_nginx.url, "GOVERNOR_GATEWAY__API_KEY_SECRET": SECRET}  # fmt: skip
+    dead = NginxServer(tmp_path, export_dir, free_port(), env).start()  # nothing listens there
+    try:
+        key = nginx.key("acme", "free")
+        with httpx.Client(timeout=30.0) as http:
+            side = Side("dead", dead.url, nginx.db, http)
+            answer = side.chat(key, chat_body(stream=stream))
+            request_id = answer.headers.get("x-governor-request-id")
+        assert dead.problems() == []
+    finally:
+        dead.stop()
+
+    assert answer.status_code == 502
+    assert answer.headers["content-type"] == PROBLEM
+    assert answer.json()["type"].endswith("#upstream-failed")
+    assert request_id is not None
+    wait_settled(nginx, "acme", request_id)
+    state = tenant_state(nginx, "acme")
+    assert state["v|tokens_per_day"] == "0"
+    assert state.get("u|tokens_per_day", "0") == "0"
+
+
+def test_a_body_that_is_not_an_object_is_a_bad_request(nginx: Side) -> None:
+    key = nginx.key("acme", "free")
+
+    answer = nginx.chat(key, b"[1, 2]")
+
+    assert answer.status_code == 400
+    assert answer.json()["detail"] == "the request body must be a JSON object"
+    assert json.loads(answer.text)["type"].endswith("#bad-request")
+
+
+def test_without_redis_every_plan_fails_closed(
+    tmp_path: Path,
+    export_dir: Path,
+    upstream: tuple[FakeUpstream, ServerThread],
+    policy_dir: Path,
+) -> None:
+    store = RedisServer(tmp_path / "redis").start()
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "GOVERNOR_REDIS__URL": store.url,
+           "GOVERNOR_GATEWAY__API_KEY_SECRET": SECRET}  # fmt: skip
+    server = NginxServer(tmp_path / "nginx", export_dir, upstream[1].port, env).start()
+    try:
+        with store.client() as db, httpx.Client(timeout=30.0) as http:
+            write_limits(db, "governor", policy_dir)
+            side = Side("nginx", server.url, db, http)
+            # enterprise declares fail_mode: open; this module has no local limiter.
+            keys = [side.key("acme", "enterprise") for _ in range(2)]
+            seen = side.chat(keys[0])  # verified once: cached by the worker that served it
+            store.stop()
+            answers = [side.chat(key) for key in keys for _ in range(2)]
+        assert server.problems() == []
+    finally:
+        server.stop()
+        store.stop()
+
+    assert seen.status_code == 402  # no credits: Redis answered
+    assert {a.status_code for a in answers} == {503}
+    details = {a.json()["detail"] for a in answers}
+    # A key never verified cannot be checked; a cached one (one keep-alive connection: one
+    # worker) reaches admission, which fails closed although the plan says open.
+    assert details == {
+        "the limit store is unreachable and this API key was not seen before; retry",
+        "the limit store is unreachable and plan 'enterprise' fails closed; retry later",
+    }
+    assert all(a.headers["content-type"] == PROBLEM for a in answers)
+    assert all(int(a.headers["retry-after"]) >= 5 for a in answers)
