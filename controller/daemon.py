@@ -33,8 +33,9 @@ from controller.loop import Controller
 from controller.reload import PolicyWatcher
 from controller.settings import Settings
 from controller.signals.prometheus import PrometheusSource
-from controller.sinks.connection import connect
+from controller.sinks.connection import connect, masked_url
 from controller.sinks.control import ControlStore
+from controller.sinks.factory import build_sinks
 from controller.sinks.keys import KeySchema
 from controller.sinks.reconciler import Reconciler
 from controller.sinks.redis import RedisSink
@@ -89,12 +90,21 @@ def build(settings: Settings, *, once: bool = False, dry_run: bool = False) -> D
         stack.callback(client.close)
         journal_client = connect(url, settings.redis, retries=0)  # an emit must never stall
         stack.callback(journal_client.close)
-        sink = RedisSink(client, keys)
+        # Governor's own Redis always holds the limits (the primary: read back, `explain`);
+        # every other entry of controller.sinks is driven beside it, named by its entry.
+        named = dict(zip(settings.controller.sinks, build_sinks(settings, client), strict=True))
+        primary = named.pop("redis", None)
+        sink = primary if isinstance(primary, RedisSink) else RedisSink(client, keys)
+        others = [(masked_url(name), other) for name, other in named.items()]
         journal = Journal(journal_client, keys, settings.journal)
         stack.callback(journal.flush)
         elector = _elector(settings, client, keys, once=once or embedded)
         stack.callback(elector.release)
-        sink.fence = elector.fence
+        for each in (sink, *(other for _, other in others)):
+            each.fence = elector.fence  # type: ignore[attr-defined]
+            close = getattr(each, "close", None)
+            if callable(close) and each is not sink:
+                stack.callback(close)
         source = PrometheusSource(settings.prometheus)
         stack.callback(source.close)
         metrics = Metrics()
@@ -113,6 +123,12 @@ def build(settings: Settings, *, once: bool = False, dry_run: bool = False) -> D
             dry_run=dry_run or settings.controller.dry_run,
             runbook_base_url=settings.journal.runbook_base_url,
             publish=lambda p: publish_catalog(client, p, prefix=keys.prefix),
+            extra_reconcilers=[
+                Reconciler(
+                    other, journal, runbook_base_url=settings.journal.runbook_base_url, name=name
+                )
+                for name, other in others
+            ],
         )
         metrics.policy_version.labels(policies.version).set(1)
         telemetry = None

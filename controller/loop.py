@@ -4,7 +4,7 @@ bookkeeping around it (leadership, readiness, metrics). Nothing in a tick may cr
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -22,6 +22,7 @@ from controller.policy.resolver import Resolution, ResolverState, resolve
 from controller.reconcile import Change
 from controller.reload import PolicyWatcher, ReloadOutcome
 from controller.sinks.control import ControlState, ControlStore
+from controller.sinks.factory import split_supported
 from controller.sinks.reconciler import Reconciler, TickReport
 from controller.sinks.records import signals_to_list
 from controller.telemetry import FlapDetector, Health, Metrics
@@ -64,10 +65,13 @@ class Controller:
         runbook_base_url: str = "",
         clock: Callable[[], float] = time.time,
         publish: Callable[[PolicySet], None] | None = None,
+        extra_reconcilers: Sequence[Reconciler] = (),
     ) -> None:
         self.watcher = watcher
         self.source = source
-        self.reconciler = reconciler
+        self.reconciler = reconciler  # the primary sink (Redis): read back, seeds the resolver
+        self.extra_reconcilers = tuple(extra_reconcilers)
+        self._unsupported_reported: set[tuple[str, Address]] = set()
         self.control = control
         self.journal = journal
         self.elector = elector
@@ -237,6 +241,23 @@ class Controller:
         now: float,
     ) -> None:
         runbooks = {d.ref: d.metadata.runbook for d in policies.documents if d.metadata.runbook}
+        for extra in self.extra_reconcilers:
+            # Every further sink (Kong, Kubernetes...) gets the limits it can hold and its
+            # own drift report; a failing one never stops the primary sink.
+            kept, skipped = split_supported(extra.sink, resolution.desired)
+            self._report_unsupported(extra.name, skipped)
+            try:
+                extra.tick(
+                    kept,
+                    tick=self.tick_id,
+                    policy_version=policies.version,
+                    dry_run=self.dry_run,
+                    runbooks=runbooks,
+                )
+            except GovernorError as exc:
+                self.metrics.sink_errors.inc()
+                self._log.error("sink.apply_failed", sink=extra.name, error=str(exc))
+                outcome.reasons.append(f"cannot write limits to {extra.name}: {exc}")
         try:
             report = self.reconciler.tick(
                 resolution.desired,
@@ -265,6 +286,15 @@ class Controller:
             new = change.new if change.new is not None else inherited
             if self.flaps.observe(change.address, old, new, now):
                 self.metrics.direction_changes.labels(scope).inc()
+
+    def _report_unsupported(self, sink: str, skipped: Mapping[Address, str]) -> None:
+        """Log each limit a sink cannot hold once, not every tick."""
+        for address, reason in skipped.items():
+            if (sink, address) not in self._unsupported_reported:
+                self._unsupported_reported.add((sink, address))
+                self._log.warning(
+                    "sink.unsupported_limit", sink=sink, address=str(address), reason=reason
+                )
 
     def _report_flaps(self, now: float) -> None:
         """Refreshed every tick, so the gauge falls back once limits stop turning."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
@@ -36,10 +37,13 @@ class TickReport:
 class Reconciler:
     """Level-triggered: every tick compares the full desired state with what the sink holds."""
 
-    def __init__(self, sink: Sink, journal: Journal, *, runbook_base_url: str = "") -> None:
+    def __init__(
+        self, sink: Sink, journal: Journal, *, runbook_base_url: str = "", name: str = ""
+    ) -> None:
         self.sink = sink
         self.journal = journal
         self.runbook_base_url = runbook_base_url
+        self.name = name  # which sink, in every event, when the daemon drives several
         self._reported_drift: set[Drift] = set()
         self._log = structlog.get_logger("governor.reconciler")
 
@@ -60,7 +64,7 @@ class Reconciler:
         state = self.sink.read()
         drift = tuple(state.drift)
         for event in drift_events([d for d in drift if d not in self._reported_drift], tick=tick):
-            self.journal.emit(event)
+            self._emit(event)
         self._reported_drift = set(drift)
         for entry in state.foreign:
             self._log.warning("limit.foreign_entry", entry=entry, tick=tick)
@@ -75,16 +79,21 @@ class Reconciler:
             runbooks=runbooks,
             runbook_base_url=self.runbook_base_url,
         ):
-            self.journal.emit(event)
+            self._emit(event)
         if result is not None and result.mismatched:
             self._report_mismatch(result, tick)
         if isinstance(self.sink, DecisionRecorder):
             self.sink.record_decisions(decisions, tick)
         return TickReport(tuple(changes), drift, result, dry_run)
 
+    def _emit(self, event: JournalEvent) -> None:
+        if self.name:
+            event = dataclasses.replace(event, details={**event.details, "sink": self.name})
+        self.journal.emit(event)
+
     def _report_mismatch(self, result: ApplyResult, tick: int) -> None:
         for change in result.mismatched:
-            self.journal.emit(
+            self._emit(
                 JournalEvent(
                     kind=Kind.VERIFY_FAILED,
                     actor="controller",

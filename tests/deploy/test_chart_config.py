@@ -17,7 +17,7 @@ from tests.deploy.chart import Manifest, container, env, one, rendered_scenario,
 
 # Settings of sinks that land later (issue 7): the chart passes them when kong.enabled, and they
 # must name real settings as soon as Settings has the group.
-PENDING_GROUPS = {"kong"}
+PENDING_GROUPS: set[str] = set()
 
 
 def _policy_files(docs: tuple[Manifest, ...], directory: Path) -> Path:
@@ -125,3 +125,19 @@ def test_a_pending_setting_group_is_reported_once_it_exists() -> None:
     for group in PENDING_GROUPS & set(Settings.model_fields):
         for name in names:
             assert _setting(name) is not None, f"{name}: rename it to the real {group} setting"
+
+
+def test_the_sinks_follow_the_kong_and_rbac_switches() -> None:
+    from tests.deploy.chart import env, manifests, render
+
+    def sinks(values: dict[str, Any]) -> str:
+        value = env(manifests(render(values)))["GOVERNOR_CONTROLLER__SINKS"]["value"]
+        assert isinstance(value, str)
+        return value
+
+    assert sinks({}) == "redis"
+    both = {
+        "kong": {"enabled": True, "adminUrl": "http://kong:8001"},
+        "rbac": {"kongPlugins": True},
+    }
+    assert sinks(both) == "redis,kong,kubernetes"

@@ -1,0 +1,233 @@
+"""How Governor's limits become Kong `rate-limiting` plugin instances: pure, no I/O.
+
+Kong runs ONE instance of a plugin per request, the most specific one configured (consumer,
+then consumer group, then global). So a consumer's instance must carry every per-tenant limit
+of that tenant: its own values, and its plan's values for the fields it does not set itself.
+The layout below computes, from the full desired state, which instance (owner) carries which
+field, and from which Governor address the value comes.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from controller.model import Address, LimitKind, Scope, validate_id
+from controller.settings import KongSettings
+
+PLUGIN = "rate-limiting"
+# The limit kinds Kong's rate-limiting plugin counts, and the config field of each.
+FIELDS: Mapping[LimitKind, str] = {
+    LimitKind.REQUESTS_PER_SECOND: "second",
+    LimitKind.REQUESTS_PER_MINUTE: "minute",
+}
+PERIODS = ("second", "minute", "hour", "day", "month", "year")
+_UNSUPPORTED_KINDS: Mapping[LimitKind, str] = {
+    LimitKind.TOKENS_PER_MINUTE: "token limits need Kong's AI Rate Limiting Advanced plugin "
+    "(Enterprise), which Governor does not write; enforce them with Governor's gateway "
+    "scripts on the Redis sink",
+    LimitKind.TOKENS_PER_DAY: "token budgets need Kong's AI Rate Limiting Advanced plugin "
+    "(Enterprise), which Governor does not write; enforce them with Governor's gateway "
+    "scripts on the Redis sink",
+    LimitKind.CONCURRENT_REQUESTS: "Kong's rate-limiting plugin counts requests per period, "
+    "not requests in flight",
+    LimitKind.MAX_TOKENS_PER_REQUEST: "Kong's rate-limiting plugin does not read request "
+    "bodies; enforce max tokens with Governor's gateway scripts",
+}
+
+
+class OwnerKind(enum.StrEnum):
+    """Which Kong entity an instance is scoped to."""
+
+    GLOBAL = "global"  # no consumer (or the configured service)
+    PLAN = "plan"  # a consumer group named like the plan
+    TENANT = "tenant"  # the consumer whose custom_id (or username) is the tenant id
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class Owner:
+    """One plugin instance's scope: `global`, `plan/<plan>` or `tenant/<tenant>`."""
+
+    kind: OwnerKind
+    id: str | None = None
+
+    def __str__(self) -> str:
+        return self.kind.value if self.id is None else f"{self.kind.value}/{self.id}"
+
+    @classmethod
+    def parse(cls, text: str) -> Owner:
+        """The inverse of str(); ValueError when `text` is not an owner with a safe id."""
+        kind, _, ident = text.partition("/")
+        owner = OwnerKind(kind)
+        if owner is OwnerKind.GLOBAL:
+            if ident:
+                raise ValueError(f"owner {text!r}: global has no id")
+            return cls(owner)
+        return cls(owner, validate_id(ident, owner.value))
+
+
+GLOBAL = Owner(OwnerKind.GLOBAL)
+Slots = dict[str, tuple[Address, float]]  # config field → (the address it comes from, value)
+
+
+def owner_of(address: Address) -> Owner:
+    """The instance that holds a supported address's own value."""
+    if address.scope is Scope.PLAN and address.plan is not None:
+        return Owner(OwnerKind.PLAN, address.plan)
+    if address.scope is Scope.TENANT and address.tenant is not None:
+        return Owner(OwnerKind.TENANT, address.tenant)
+    return GLOBAL
+
+
+def unsupported_reason(address: Address, *, plans: bool) -> str | None:
+    """Why Kong's rate-limiting plugin cannot enforce `address`; None when it can.
+
+    `plans`: whether plan limits have somewhere to go (consumer groups or the registry).
+    """
+    if address.model is not None:
+        return (
+            "Kong's rate-limiting plugin cannot tell models apart (one instance per consumer); "
+            "per-model limits need Governor's gateway scripts on the Redis sink"
+        )
+    if address.limit not in FIELDS:
+        return _UNSUPPORTED_KINDS[address.limit]
+    if address.scope is Scope.IP:
+        return (
+            "Kong allows one global rate-limiting instance and Governor's global limits use "
+            "it; per-IP limits need Governor's gateway scripts on the Redis sink"
+        )
+    if address.scope is Scope.USER:
+        return "Kong has no level below a consumer (tenant) to hold per-user limits"
+    if address.scope is Scope.PLAN and not plans:
+        return (
+            "plan limits need consumer groups (Kong Enterprise) or the tenant registry "
+            "(`governor tenants set`) to fold them into each tenant's consumer plugin"
+        )
+    return None
+
+
+def layout(
+    desired: Mapping[Address, float], registry: Mapping[str, str] | None, *, groups: bool
+) -> dict[Owner, Slots]:
+    """Which instance carries which field, from the full desired state. Pure.
+
+    `desired` holds supported addresses only; `registry` maps tenant → plan (None: unknown);
+    `groups`: plans have their own consumer-group instance. A tenant gets an instance when
+    it has limits of its own, or (without groups) when its plan has limits.
+    """
+    out: dict[Owner, Slots] = defaultdict(dict)
+    plans: dict[str, Slots] = defaultdict(dict)
+    tenants: dict[str, Slots] = defaultdict(dict)
+    for address, value in sorted(desired.items()):
+        field = FIELDS[address.limit]
+        owner = owner_of(address)
+        if owner.kind is OwnerKind.GLOBAL:
+            out[owner][field] = (address, value)
+        elif owner.kind is OwnerKind.PLAN and owner.id is not None:
+            plans[owner.id][field] = (address, value)
+        elif owner.id is not None:
+            tenants[owner.id][field] = (address, value)
+    if groups:
+        for plan, slots in plans.items():
+            out[Owner(OwnerKind.PLAN, plan)] = dict(slots)
+    members = _members(registry)
+    candidates = set(tenants)
+    if not groups:
+        candidates |= {tenant for tenant, plan in members.items() if plan in plans}
+    for tenant in sorted(candidates):
+        slots = dict(plans.get(members.get(tenant, ""), {}))
+        slots.update(tenants.get(tenant, {}))
+        out[Owner(OwnerKind.TENANT, tenant)] = slots
+    return dict(out)
+
+
+def _members(registry: Mapping[str, str] | None) -> dict[str, str]:
+    """The registry's safe entries (it is written through validated ids, but is data)."""
+    members: dict[str, str] = {}
+    for tenant, plan in (registry or {}).items():
+        try:
+            members[validate_id(tenant, "tenant")] = validate_id(plan, "plan")
+        except ValueError:
+            continue
+    return members
+
+
+def placed(instances: Iterable[Slots]) -> set[Address]:
+    """Every address some instance carries."""
+    return {address for slots in instances for address, _ in slots.values()}
+
+
+def number(value: float) -> int | float:
+    """A limit as Kong's `number` fields take it: integers without a fraction."""
+    return int(value) if float(value).is_integer() else float(value)
+
+
+def plugin_config(
+    settings: KongSettings, owner: Owner, slots: Slots, *, password: bool = True
+) -> dict[str, Any]:
+    """The `rate-limiting` config for one instance (Kong 3.6+ schema, `config.redis` record).
+
+    Every period Governor does not set is null, so a hand-added period is removed.
+    `password`: include `config.redis.password` (the Kubernetes sink patches it in from a
+    Secret instead of writing it into an object).
+    """
+    config: dict[str, Any] = dict.fromkeys(PERIODS)
+    for field, (_, value) in slots.items():
+        config[field] = number(value)
+    config.update(
+        limit_by=settings.global_limit_by if owner.kind is OwnerKind.GLOBAL else settings.limit_by,
+        policy=settings.policy,
+        fault_tolerant=settings.fault_tolerant,
+        hide_client_headers=settings.hide_client_headers,
+    )
+    if settings.policy == "redis":
+        redis: dict[str, Any] = {
+            "host": settings.redis_host,
+            "port": settings.redis_port,
+            "timeout": settings.redis_timeout_ms,
+            "database": settings.redis_database,
+            "username": settings.redis_username,
+            "ssl": settings.redis_ssl,
+            "ssl_verify": settings.redis_ssl_verify,
+            "server_name": settings.redis_server_name,
+        }
+        if password and settings.redis_password is not None:
+            redis["password"] = settings.redis_password.get_secret_value()
+        config["redis"] = redis
+    return config
+
+
+def config_differences(target: Mapping[str, Any], actual: Mapping[str, Any]) -> list[str]:
+    """The config keys (dotted) whose actual value is not the target's. Names only: a
+    password is compared but never returned as a value."""
+    differences: list[str] = []
+    for key, wanted in target.items():
+        found = actual.get(key)
+        if isinstance(wanted, Mapping):
+            nested = found if isinstance(found, Mapping) else {}
+            differences += [f"{key}.{k}" for k in config_differences(wanted, nested)]
+        elif not _equal(wanted, found):
+            differences.append(key)
+    return differences
+
+
+def _equal(wanted: Any, found: Any) -> bool:
+    if isinstance(wanted, bool) or isinstance(found, bool):
+        return wanted is found
+    if isinstance(wanted, int | float) and isinstance(found, int | float):
+        return float(wanted) == float(found)
+    return bool(wanted == found)
+
+
+def field_value(config: Mapping[str, Any], field: str) -> float | None:
+    """A period's value as stored: None when unset, NaN when it is not a number."""
+    value = config.get(field)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return math.nan
+    return float(value) if math.isfinite(float(value)) else math.nan

@@ -1,0 +1,361 @@
+"""The half both Kong sinks share: read Governor's rate-limiting instances, compare them with
+the layout of the desired state, write only the instances that differ, verify, and report
+drift from the ledger stored with each instance. The stores (Admin API, Kubernetes) only
+list, create, update and delete instances."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+import redis
+import structlog
+
+from controller.errors import SinkError
+from controller.model import Address
+from controller.reconcile import Change
+from controller.settings import KongSettings
+from controller.sinks import ApplyResult, SinkState
+from controller.sinks.connection import wrapped
+from controller.sinks.fence import Fence, FencedError
+from controller.sinks.kong_layout import (
+    FIELDS,
+    Owner,
+    Slots,
+    config_differences,
+    field_value,
+    layout,
+    placed,
+    plugin_config,
+    unsupported_reason,
+)
+
+
+class WriteRejectedError(SinkError):
+    """The store refused one instance's write; the other instances are still written."""
+
+
+@dataclass(frozen=True)
+class Instance:
+    """One rate-limiting instance Governor owns, as read from the store."""
+
+    owner: Owner
+    ref: str  # the Kong plugin id or the object name, for messages
+    config: Mapping[str, Any]
+    written: Mapping[Address, float]  # the ledger stored with it: what Governor wrote
+    enabled: bool = True
+    version: int = 0
+    handle: Any = None  # what the store needs to write it back (ids, resourceVersion)
+
+
+@dataclass(frozen=True)
+class Body:
+    """One instance as Governor wants it."""
+
+    owner: Owner
+    config: dict[str, Any]
+    written: dict[Address, float]
+    version: int
+
+
+@dataclass(frozen=True)
+class Listing:
+    """Every instance Governor owns, by owner, and what carries its mark but is not its own."""
+
+    instances: Mapping[Owner, Instance]
+    foreign: tuple[str, ...] = ()
+
+
+class PluginStore(Protocol):
+    """Where instances live: the Kong Admin API or Kubernetes objects."""
+
+    name: str
+    location: str
+    writes_password: bool  # whether config.redis.password goes into the instance itself
+
+    @property
+    def groups(self) -> bool:
+        """Whether plans get their own (consumer group) instance."""
+        ...
+
+    def check(self) -> None: ...
+
+    def listing(self) -> Listing: ...
+
+    def resolve(self, owners: Sequence[Owner]) -> dict[Owner, str]:
+        """Owners that cannot get an instance now (e.g. no consumer), with the reason."""
+        ...
+
+    def create(self, body: Body) -> None: ...
+
+    def update(self, instance: Instance, body: Body) -> None: ...
+
+    def delete(self, instance: Instance) -> None: ...
+
+    def differences(self, instance: Instance, body: Body) -> list[str]:
+        """Store-specific differences (scope, labels) beyond config, ledger and enabled."""
+        ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class _Operation:
+    verb: Literal["create", "update", "delete"]
+    owner: Owner
+    instance: Instance | None
+    body: Body | None
+    why: tuple[str, ...]
+
+
+@dataclass
+class _Snapshot:
+    listing: Listing
+    actual: dict[Address, float]
+    registry: Mapping[str, str] | None
+
+
+@dataclass
+class _Memory:
+    """What this process last made the store hold (for drift on a deleted instance)."""
+
+    owners: dict[Owner, dict[Address, float]] = field(default_factory=dict)
+    virtual: dict[Address, float] = field(default_factory=dict)  # desired, held nowhere
+
+
+class PluginSink:
+    """A Sink over rate-limiting instances. One per process; not thread-safe."""
+
+    def __init__(
+        self,
+        store: PluginStore,
+        settings: KongSettings,
+        *,
+        registry: Callable[[], Mapping[str, str]] | None = None,
+        fence_client: redis.Redis[str] | None = None,
+    ) -> None:
+        self.store = store
+        self.settings = settings
+        self.registry = registry
+        # Set by the daemon like RedisSink.fence (see check_fence).
+        self.fence: Callable[[], Fence | None] | None = None
+        self.fence_client = fence_client
+        self.unsupported: dict[Address, str] = {}  # skipped in the last apply, with why
+        self.pending: dict[Address, str] = {}  # waiting for their Kong entity, with why
+        self._warned: set[tuple[Address, str]] = set()
+        self._memory = _Memory()
+        self._snapshot: _Snapshot | None = None
+        self._version = 0
+        self._log = structlog.get_logger(f"governor.sinks.{store.name}")
+
+    @property
+    def name(self) -> str:
+        return self.store.name
+
+    @property
+    def location(self) -> str:
+        return self.store.location
+
+    def unsupported_reason(self, address: Address) -> str | None:
+        """Why this sink cannot hold `address` (None: it can). The reconciler should leave
+        such addresses out of this sink's desired state; `apply` skips them and says so."""
+        plans = self.registry is not None or self.store.groups
+        return unsupported_reason(address, plans=plans)
+
+    def check(self) -> None:
+        self.store.check()
+
+    def close(self) -> None:
+        self.store.close()
+
+    def read(self) -> SinkState:
+        """Every limit Governor's instances carry, the ledger stored with them, the version.
+
+        An address carried by several instances (a plan folded into its tenants) reads as
+        its common value, or as the first value that differs from the ledger (drift).
+        """
+        listing = self.store.listing()
+        registry = dict(self.registry()) if self.registry is not None else None
+        carriers: dict[Address, list[tuple[float | None, float]]] = defaultdict(list)
+        for instance in listing.instances.values():
+            for address, wrote in instance.written.items():
+                name = FIELDS.get(address.limit)
+                value = field_value(instance.config, name) if name and instance.enabled else None
+                carriers[address].append((value, wrote))
+        actual: dict[Address, float] = {}
+        written: dict[Address, float] = {}
+        for address, pairs in carriers.items():
+            written[address] = pairs[0][1]
+            off = [value for value, wrote in pairs if not _same(value, wrote)]
+            if not off:
+                actual[address] = pairs[0][1]
+            elif off[0] is not None:
+                actual[address] = off[0]
+        for owner, ledger in self._memory.owners.items():
+            if owner not in listing.instances:  # deleted behind Governor's back: drift
+                for address, wrote in ledger.items():
+                    written.setdefault(address, wrote)
+        for address, value in self._memory.virtual.items():
+            if address not in carriers and address not in written:
+                actual[address] = written[address] = value
+        versions = [instance.version for instance in listing.instances.values()]
+        self._version = max([self._version, *versions])
+        self._snapshot = _Snapshot(listing, actual, registry)
+        return SinkState(actual, written, self._version, listing.foreign)
+
+    def apply(self, changes: Sequence[Change]) -> ApplyResult:
+        """Make the store hold the layout of (what was read + `changes`); write only the
+        instances that differ, then read back.
+
+        Unsupported addresses are skipped (logged once, listed in `unsupported`). Kong and
+        Kubernetes have no multi-object transaction: an apply that fails midway leaves its
+        earlier writes in place and the next tick finishes the job.
+        """
+        snapshot = self._snapshot if self._snapshot is not None else self._refresh()
+        supported = self._supported(changes)
+        desired = {a: v for a, v in snapshot.actual.items() if self.unsupported_reason(a) is None}
+        for change in supported:
+            if change.new is None:
+                desired.pop(change.address, None)
+            else:
+                desired[change.address] = change.new
+        target = layout(desired, snapshot.registry, groups=self.store.groups)
+        instances = snapshot.listing.instances
+        self._hold_back(target, self.store.resolve([o for o in target if o not in instances]))
+        # Owners enter the memory as they exist: a create that fails is no deletion (drift).
+        self._memory = _Memory(
+            {owner: _ledger(slots) for owner, slots in target.items() if owner in instances},
+            {a: v for a, v in desired.items() if a not in placed(target.values())},
+        )
+        version = self._version + 1
+        operations = self._operations(target, instances, version)
+        if not operations:
+            return ApplyResult(version=self._version, applied=tuple(supported))
+        check_fence(self.fence, self.fence_client, f"{len(operations)} {self.name} writes")
+        self._run(operations)
+        self._version = version
+        state = self.read()
+        mismatched = tuple(c for c in supported if not holds(state, c))
+        return ApplyResult(version=version, applied=tuple(supported), mismatched=mismatched)
+
+    def _refresh(self) -> _Snapshot:
+        self.read()
+        assert self._snapshot is not None
+        return self._snapshot
+
+    def _supported(self, changes: Sequence[Change]) -> list[Change]:
+        supported: list[Change] = []
+        self.unsupported = {}
+        for change in changes:
+            reason = self.unsupported_reason(change.address)
+            if reason is None:
+                supported.append(change)
+                continue
+            self.unsupported[change.address] = reason
+            self._warn_once("sink.unsupported_limit", change.address, reason)
+        return supported
+
+    def _hold_back(self, target: dict[Owner, Slots], blocked: Mapping[Owner, str]) -> None:
+        """Drop owners the store cannot write yet; their addresses wait (listed in pending)."""
+        self.pending = {}
+        for owner, reason in blocked.items():
+            for address, _ in target.pop(owner).values():
+                self.pending[address] = reason
+                self._warn_once("sink.limit_waiting", address, reason)
+
+    def _warn_once(self, event: str, address: Address, reason: str) -> None:
+        if (address, reason) not in self._warned:
+            self._warned.add((address, reason))
+            self._log.warning(event, sink=self.name, address=str(address), reason=reason)
+
+    def _operations(
+        self, target: Mapping[Owner, Slots], instances: Mapping[Owner, Instance], version: int
+    ) -> list[_Operation]:
+        operations = [
+            _Operation("delete", owner, instance, None, ("no longer desired",))
+            for owner, instance in sorted(instances.items())
+            if owner not in target
+        ]
+        for owner, slots in sorted(target.items()):
+            config = plugin_config(self.settings, owner, slots, password=self.store.writes_password)
+            body = Body(owner, config, _ledger(slots), version)
+            instance = instances.get(owner)
+            if instance is None:
+                operations.append(_Operation("create", owner, None, body, ("missing",)))
+                continue
+            why = self._differences(instance, body)
+            if why:
+                operations.append(_Operation("update", owner, instance, body, tuple(why)))
+        return operations
+
+    def _differences(self, instance: Instance, body: Body) -> list[str]:
+        why = [f"config.{key}" for key in config_differences(body.config, instance.config)]
+        if not instance.enabled:
+            why.append("disabled")
+        if dict(instance.written) != body.written:
+            why.append("ledger")
+        return why + self.store.differences(instance, body)
+
+    def _run(self, operations: Sequence[_Operation]) -> None:
+        for operation in operations:
+            self._log.info(
+                "sink.write",
+                sink=self.name,
+                op=operation.verb,
+                owner=str(operation.owner),
+                why=list(operation.why),
+            )
+            try:
+                if operation.body is None and operation.instance is not None:
+                    self.store.delete(operation.instance)
+                elif operation.instance is None and operation.body is not None:
+                    self.store.create(operation.body)
+                    self._memory.owners[operation.owner] = dict(operation.body.written)
+                elif operation.instance is not None and operation.body is not None:
+                    self.store.update(operation.instance, operation.body)
+            except WriteRejectedError as exc:
+                self._memory.owners.pop(operation.owner, None)
+                self._log.warning(
+                    "sink.write_rejected",
+                    sink=self.name,
+                    op=operation.verb,
+                    owner=str(operation.owner),
+                    error=str(exc),
+                )
+
+
+def _ledger(slots: Slots) -> dict[Address, float]:
+    return dict(slots.values())
+
+
+def _same(a: float | None, b: float | None) -> bool:
+    return a is not None and b is not None and a == b and not math.isnan(a)
+
+
+def holds(state: SinkState, change: Change) -> bool:
+    """Whether `state` shows `change` as written (read back after an apply)."""
+    if change.new is None:
+        return change.address not in state
+    return _same(state.actual.get(change.address), change.new)
+
+
+def check_fence(
+    fence: Callable[[], Fence | None] | None, client: redis.Redis[str] | None, what: str
+) -> None:
+    """Refuse to write when this replica no longer holds the leader fence.
+
+    Kong and Kubernetes share no transaction with Redis, so unlike the Redis sink this is a
+    check just before writing, not an atomic one: it narrows a deposed leader's window.
+    """
+    current = fence() if fence is not None else None
+    if current is None or client is None:
+        return
+    with wrapped(client, "check the leader fence"):
+        holder = client.get(current.key)
+    if holder != current.token:
+        raise FencedError(
+            f"not writing {what}: this replica no longer holds the leader lock {current.key!r}"
+        )

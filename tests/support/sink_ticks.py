@@ -1,0 +1,30 @@
+"""Reconcile ticks the way the reconciler runs them (read, diff, apply), for sink tests."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from controller.model import Address
+from controller.reconcile import Change, diff
+from controller.sinks import Sink
+
+
+class Registry(dict[str, str]):
+    """The tenant registry (tenant → plan) as the Kong sinks ask it: a callable."""
+
+    def __call__(self) -> Mapping[str, str]:
+        return dict(self)
+
+
+def converge(sink: Sink, desired: Mapping[Address, float], ticks: int = 4) -> list[Change]:
+    """Reconcile until a tick changes nothing; every change made, in order. Fails when a
+    write does not read back, or when the sink does not settle within `ticks`."""
+    made: list[Change] = []
+    for _ in range(ticks):
+        changes = diff(desired, sink.read())
+        result = sink.apply(changes)
+        assert result.verified, result.mismatched
+        if not changes:
+            return made
+        made.extend(changes)
+    raise AssertionError(f"no convergence in {ticks} ticks: {made}")
