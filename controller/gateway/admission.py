@@ -146,9 +146,8 @@ class Admission:
         reply = await ADMIT.run(
             self.client,
             keys,
+            (request.request_id, request.tokens),
             (
-                request.request_id,
-                request.tokens,
                 request.model or "",
                 request.tenant,
                 request.plan,

@@ -32,21 +32,6 @@ from tests.support.redis import RedisServer
 T = TypeVar("T")
 
 
-@pytest.fixture(scope="session")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def db(redis_server: RedisServer) -> Iterator[redis.Redis[str]]:
-    """A plain client on an empty database (for assertions and for writing limits)."""
-    with redis_server.client() as client:
-        client.flushall()
-        yield client
-
-
 # --- Admission harness (6A's; rebuilt by 6B after an edit of 6B's cut it off) -------------
 
 

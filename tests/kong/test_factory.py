@@ -28,23 +28,8 @@ from controller.sinks.redis import RedisSink
 from tests.kong.conftest import add_consumer, admin_client, plugins_by_owner
 from tests.kong.kong_admin import KongAdmin
 from tests.support.kube_api import CONFIG_MAPS, KONG_PLUGINS, KubeApi
-from tests.support.redis import RedisServer
 
 A = Address.parse
-
-
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def db(redis_server: RedisServer) -> Iterator[redis.Redis[str]]:
-    with redis_server.client() as client:
-        client.flushall()
-        yield client
 
 
 @pytest.fixture

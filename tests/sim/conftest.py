@@ -1,17 +1,11 @@
-"""Fixtures for the simulator tests: a real redis-server (the Lua parity test), small
-scenario files, and a short policy directory."""
+"""Fixtures for the simulator tests: small scenario files and a short policy directory (the
+real redis-server of the Lua parity test comes from tests/conftest.py)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
-
-# The real redis-server of the sink tests (one per session, flushed per test) serves the Lua
-# parity test too.
-from tests.sinks.conftest import db, redis_server
-
-__all__ = ["db", "redis_server"]
 
 REPO = Path(__file__).resolve().parents[2]
 POLICIES = REPO / "policies"

@@ -16,21 +16,6 @@ from controller.sinks.redis import RedisSink
 from tests.support.redis import RedisServer
 
 
-@pytest.fixture(scope="session")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def db(redis_server: RedisServer) -> Iterator[redis.Redis[str]]:
-    """A plain client on an empty database (for assertions and hand edits)."""
-    with redis_server.client() as client:
-        client.flushall()
-        yield client
-
-
 @pytest.fixture
 def keys() -> KeySchema:
     return KeySchema("governor")

@@ -320,8 +320,10 @@ end
 -- one lease per level, which the first call after its expiry releases. The settle record
 -- ('<credits held or ->,<tokens>', then '<level><holds>' per level) outlives the lease by
 -- a grace period, so a late settle still charges what was used.
+-- Lease scores go to ZADD as numbers: Redis turns them into the same double that a
+-- formatted string would give, and formatting one in Lua costs ~0.3 µs. Only `n`, a hash
+-- field, is stored as text, so only it goes through num().
 local expires = now + tonumber(ARGV[8])
-local expires_text = num(expires)
 local today_text = tostring(today)
 local record = (credit_cost and ARGV[10] or '-') .. ',' .. tokens_text
 local function commit(lv)
@@ -365,22 +367,22 @@ local function commit(lv)
   if lv.holds or lv == tenant_level then
     leased = {}
     if lv == tenant_level and credit_cost then
-      leased[1], leased[2], m = expires_text, '$|' .. rid .. '|' .. ARGV[10], 2
+      leased[1], leased[2], m = expires, '$|' .. rid .. '|' .. ARGV[10], 2
     end
     if lv.holds then
-      leased[m + 1], leased[m + 2] = expires_text, 'h|' .. rid .. '|' .. tokens_text .. '|' .. holds
+      leased[m + 1], leased[m + 2] = expires, 'h|' .. rid .. '|' .. tokens_text .. '|' .. holds
       m = m + 2
     end
     if lv == tenant_level then
       local record_field = 'x|' .. rid
       updates[k + 1], updates[k + 2] = record_field, record
       k = k + 2
-      leased[m + 1], leased[m + 2] = num(expires + tonumber(ARGV[9])), record_field
+      leased[m + 1], leased[m + 2] = expires + tonumber(ARGV[9]), record_field
       m = m + 2
     end
     -- The first lease is the earliest: note it unless an earlier one is due already.
     if not (values[2] and tonumber(values[2]) <= expires) then
-      updates[k + 1], updates[k + 2] = 'n', leased[1]
+      updates[k + 1], updates[k + 2] = 'n', num(leased[1])
       k = k + 2
     end
   end
