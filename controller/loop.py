@@ -174,6 +174,7 @@ class Controller:
                 JournalEvent(
                     kind=Kind.POLICY_REJECTED,
                     actor=CONTROLLER,
+                    tick=self.tick_id,
                     reason=f"the changed policy files are invalid; version "
                     f"{outcome.previous_version} keeps running",
                     policy_version=outcome.previous_version,
@@ -189,6 +190,7 @@ class Controller:
                 JournalEvent(
                     kind=Kind.POLICY_RELOADED,
                     actor=CONTROLLER,
+                    tick=self.tick_id,
                     reason=f"policy set {outcome.previous_version} → {outcome.policies.version}",
                     policy_version=outcome.policies.version,
                     details={"documents": [d.ref for d in outcome.policies.documents]},

@@ -1,0 +1,153 @@
+"""Leader election end to end: two daemons on one Redis, exactly one writes; a killed leader is
+replaced once its lease runs out, a stopped one (SIGTERM) hands over at once; and a deposed
+leader's late write is refused by the fence (in-process: the race cannot be timed from
+outside)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+
+import pytest
+import redis
+
+from controller.leader import RedisLeaderLock
+from controller.model import Address
+from controller.reconcile import Change
+from controller.settings import RedisSettings
+from controller.sinks.connection import connect
+from controller.sinks.fence import FencedError
+from controller.sinks.keys import KeySchema
+from controller.sinks.redis import RedisSink
+from tests.daemon.harness import (
+    ADDRESS,
+    FREE_RPM,
+    LEASE_SECONDS,
+    LOCK_KEY,
+    TICK_SECONDS,
+    Daemon,
+    DaemonFactory,
+    Gpu,
+    limit,
+    stream,
+)
+from tests.support.prometheus import wait_for
+from tests.support.redis import RedisServer
+
+pytestmark = pytest.mark.integration
+
+TIGHT = FREE_RPM * 0.5
+
+
+def _logged_at(line: dict[str, object]) -> float:
+    return dt.datetime.fromisoformat(str(line["timestamp"])).timestamp()
+
+
+def _pair(
+    db: redis.Redis[str], daemons: DaemonFactory, env: dict[str, str]
+) -> tuple[Daemon, Daemon]:
+    """Start replicas `a` and `b`; return (leader, follower) once exactly one leads and the
+    baseline is written."""
+    a = daemons("a", {**env, "GOVERNOR_LEADER__IDENTITY": "a"})
+    b = daemons("b", {**env, "GOVERNOR_LEADER__IDENTITY": "b"})
+
+    def settled() -> bool:
+        roles = [a.metric("governor_leader"), b.metric("governor_leader")]
+        return None not in roles and sorted(roles) == [0.0, 1.0]  # type: ignore[type-var]
+
+    wait_for(lambda: settled() and a.running() and b.running(), "exactly one replica leads")
+    wait_for(lambda: limit(db) == FREE_RPM, "the baseline is written")
+    return (a, b) if a.metric("governor_leader") == 1 else (b, a)
+
+
+def _ids(daemon: Daemon) -> set[str]:
+    return {e["event_id"] for e in daemon.journalled()}
+
+
+def test_two_daemons_one_writer_and_a_killed_leader_is_replaced_within_the_lease(
+    db: redis.Redis[str], gpu: Gpu, ready_env: dict[str, str], daemons: DaemonFactory
+) -> None:
+    leader, follower = _pair(db, daemons, ready_env)
+    assert str(db.get(LOCK_KEY)).startswith(f"{leader.env['GOVERNOR_LEADER__IDENTITY']}#")
+
+    gpu.set(0.95)
+    wait_for(lambda: limit(db) == TIGHT, "the hot GPU halves the free tier")
+    # Both evaluate (the follower saw the policy engage too), only the leader writes.
+    wait_for(lambda: bool(follower.logged("policy.transition")), "the follower sees it")
+    assert not follower.journalled()
+    assert not follower.logged("limit.changed")
+    assert (
+        follower.metric("governor_limit_changes_total", scope="plan", direction="tighten") is None
+    )
+    leader.wait_for_metric("governor_limit_changes_total", 1.0, scope="plan", direction="tighten")
+    assert {e["event_id"] for e in stream(db)} <= _ids(leader)
+
+    assert leader.kill() == -9
+    killed_at = time.time()
+    remaining = db.pttl(LOCK_KEY) / 1000
+    assert 0 < remaining <= LEASE_SECONDS
+    follower.wait_for_metric("governor_leader", 1.0, timeout=LEASE_SECONDS + 10)
+    acquired = _logged_at(follower.logged("leader.acquired")[-1])
+    assert acquired >= killed_at + remaining - 0.01  # not before the dead leader's lease ran out
+    # ... but right after: the lease, the follower's next tick, and a tick of slack.
+    assert acquired - killed_at <= LEASE_SECONDS + 3 * TICK_SECONDS
+    assert follower.logged("leader.acquired")[-1]["fence"] == db.get(LOCK_KEY)
+    assert str(db.get(LOCK_KEY)).startswith(f"{follower.env['GOVERNOR_LEADER__IDENTITY']}#")
+
+    gpu.set(0.5)  # the new leader writes: release, then the baseline after stabilization
+    wait_for(lambda: limit(db) == FREE_RPM, "the new leader restores the baseline", 20)
+    journal = stream(db)
+    mine, theirs = _ids(follower), _ids(leader)
+    assert all((e["event_id"] in mine) != (e["event_id"] in theirs) for e in journal)
+    after = [e for e in journal if e["at"] > killed_at]
+    assert {e["kind"] for e in after} == {"policy.transition", "limit.changed"}
+    assert all(e["event_id"] in mine for e in after)
+
+
+def test_sigterm_exits_0_flushes_the_journal_and_hands_over_at_once(
+    db: redis.Redis[str], ready_env: dict[str, str], daemons: DaemonFactory
+) -> None:
+    lease = 30.0  # long: a hand-over "at once" cannot be mistaken for a lease running out
+    env = {**ready_env, "GOVERNOR_LEADER__LEASE_SECONDS": f"{lease:g}"}
+    leader, follower = _pair(db, daemons, env)
+    token = db.get(LOCK_KEY)
+
+    stopped_at = time.time()
+    assert leader.terminate() == 0
+    assert db.get(LOCK_KEY) != token  # released, not left to expire
+    assert leader.logged("governor.stopped")
+    assert _ids(leader) <= {e["event_id"] for e in stream(db)}  # all of it reached the stream
+
+    follower.wait_for_metric("governor_leader", 1.0)
+    acquired = _logged_at(follower.logged("leader.acquired")[-1])
+    assert acquired - stopped_at < lease / 2
+    assert follower.terminate() == 0
+    assert db.get(LOCK_KEY) is None
+
+
+def test_a_deposed_leaders_late_write_is_refused(redis_server: RedisServer) -> None:
+    keys = KeySchema("governor")
+    address = Address.parse(ADDRESS)
+    with connect(redis_server.url, RedisSettings(), retries=0) as client:
+        old = RedisLeaderLock(client, keys.prefix, "old", lease_seconds=0.2)
+        new = RedisLeaderLock(client, keys.prefix, "new", lease_seconds=30)
+        assert old.ensure()
+        sink = RedisSink(client, keys)
+        sink.fence = old.fence  # as the daemon wires it
+        sink.apply([Change(address, None, 10.0)])
+        version = sink.version()
+
+        # The old leader stalls (GC pause, network partition) past its lease; another takes over.
+        wait_for(new.ensure, "the new replica takes the expired lock", timeout=10)
+        with pytest.raises(FencedError, match="no longer holds the leader lock"):
+            sink.apply([Change(address, 10.0, 1.0)])
+        assert sink.stored(address) == 10.0
+        assert sink.version() == version
+        assert client.hget(keys.written, ADDRESS) == "10"
+
+        # On its next tick the old leader learns it lost: no fence, no write attempt.
+        assert not old.ensure()
+        assert old.fence() is None
+        sink.fence = new.fence
+        sink.apply([Change(address, 10.0, 1.0)])
+        assert sink.stored(address) == 1.0

