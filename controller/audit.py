@@ -124,6 +124,16 @@ class Journal:
         self._log.info(kind, **data)
         if self.client is None:
             return
+        try:
+            _stream_fields(event)
+        except (TypeError, ValueError) as exc:
+            # One event the stream cannot hold (NaN, an odd type) must never wedge the buffer
+            # and hold back every later event: it stays in the log line above only.
+            self.dropped += 1
+            self._log.error(
+                "journal.unencodable", event_id=event.event_id, kind=kind, error=str(exc)
+            )
+            return
         if len(self._buffer) >= self.settings.buffer_max_events:
             lost = self._buffer.popleft()
             self.dropped += 1

@@ -148,3 +148,16 @@ def test_secrets_are_masked_in_log_lines() -> None:
     assert line["url"] == f"redis://:{MASK}@10.0.0.1:6379/0"
     assert line["settings"]["nested"] == [f"rediss://u:{MASK}@h/1"]
     assert line["password"] == MASK
+
+
+def test_an_event_the_stream_cannot_hold_is_dropped_and_never_wedges_the_journal(
+    journal: Journal, db: redis.Redis[str], keys: KeySchema
+) -> None:
+    bad = JournalEvent(kind="limit.changed", actor="controller", reason="x", old=float("nan"))
+    with capture_logs() as logs:
+        journal.emit(bad)
+        journal.emit(JournalEvent(kind="limit.changed", actor="controller", reason="fine"))
+    assert journal.flush()
+    assert [fields["kind"] for _, fields in db.xrange(keys.journal)] == ["limit.changed"]
+    assert journal.dropped == 1
+    assert any(entry["event"] == "journal.unencodable" for entry in logs)
