@@ -31,6 +31,9 @@ def show(
 ) -> None:
     """Print the effective settings; secrets are shown as '**********'."""
     data = json.loads(load_settings().model_dump_json())
+    # Extra HTTP headers often carry credentials (Authorization): show only their names.
+    headers = data.get("prometheus", {}).get("headers") or {}
+    data["prometheus"]["headers"] = dict.fromkeys(headers, "**********")
     if as_json:
         typer.echo(json.dumps(data, indent=2, sort_keys=True))
         return

@@ -31,6 +31,7 @@ SECRETS = {
     "GOVERNOR_REDIS__PASSWORD": "redispass-42",
     "GOVERNOR_PROMETHEUS__BEARER_TOKEN": "tok-3141",
     "GOVERNOR_PROMETHEUS__PASSWORD": "prompass-2718",
+    "GOVERNOR_PROMETHEUS__HEADERS": '{"Authorization": "Basic aGVhZGVyLXNlY3JldA=="}',
 }
 
 
@@ -46,6 +47,7 @@ def test_secrets_from_the_environment_are_masked(
     assert code == 0, stderr
     for secret in SECRETS.values():
         assert secret not in stdout + stderr
+    assert "aGVhZGVyLXNlY3JldA" not in stdout + stderr  # header values may hold credentials
     assert "secretpw" not in stdout + stderr
     if as_json:
         data = json.loads(stdout)
