@@ -26,8 +26,10 @@ _EXPLICIT_SCOPES = (Scope.GLOBAL, Scope.IP, Scope.PLAN)
 class AddressMemory:
     """What the resolver remembers per address: recent recommendations and values in force."""
 
-    recommendations: tuple[tuple[float, float], ...] = ()  # (time, recommended value)
-    values: tuple[tuple[float, float], ...] = ()  # (time, resolved value), oldest first
+    # One point per run of equal values, oldest first, so memory does not grow with the tick
+    # rate: (last time recommended, value) and (time it came into force, value).
+    recommendations: tuple[tuple[float, float], ...] = ()
+    values: tuple[tuple[float, float], ...] = ()
     policy: str | None = None  # the last policy that won: its behaviour paces the way back
 
     @property
@@ -136,7 +138,7 @@ def _resolve_one(
         behavior.tighten.period,
         behavior.loosen.period,
     )
-    recommendations = _trim((*memory.recommendations, (now, recommended)), now - horizon)
+    recommendations = _recommend(memory.recommendations, now, recommended, now - horizon)
     previous = memory.last
     if override is not None:
         value, source = override.value, Source.OVERRIDE
@@ -147,14 +149,14 @@ def _resolve_one(
         value, source = previous, Source.FROZEN
         reason = "automation is frozen: keeping the value in force"
     else:
-        value = _paced(behavior, recommendations, previous, now, memory, adjustments)
+        value = _paced(behavior, recommended, recommendations, previous, now, memory, adjustments)
         if winner is not None:
             source, reason = Source.POLICY, winner.reason
         elif value != recommended:
             source, reason = Source.PACING, f"returning to baseline {fmt_number(baseline)}"
         else:
             source, reason = Source.BASELINE, "no policy proposes a value: baseline"
-    values = _trim((*memory.values, (now, value)), now - horizon, keep_last=True)
+    values = _append(memory.values, now, value, now - horizon)
     remembered = AddressMemory(recommendations, values, winner.policy if winner else memory.policy)
     if value == UNLIMITED:
         return None, remembered
@@ -185,28 +187,40 @@ def _clamp(policies: PolicySet, address: Address, value: float, notes: list[str]
     return value
 
 
-def _trim(
-    points: tuple[tuple[float, float], ...], since: float, keep_last: bool = False
+def _append(
+    points: tuple[tuple[float, float], ...], now: float, value: float, since: float
 ) -> tuple[tuple[float, float], ...]:
-    """Drop points older than `since`; with keep_last, keep the newest older one (the value
-    that was in force when the window opened)."""
+    """Record `value` at `now` if it changed; drop points older than `since` but the newest
+    of them (the value that was in force when the window opened)."""
+    if not points or points[-1][1] != value:
+        points = (*points, (now, value))
     kept = tuple(p for p in points if p[0] >= since)
-    if keep_last:
-        older = [p for p in points if p[0] < since]
-        if older:
-            kept = (older[-1], *kept)
-    return kept
+    older = [p for p in points if p[0] < since]
+    return (older[-1], *kept) if older else kept
+
+
+def _recommend(
+    points: tuple[tuple[float, float], ...], now: float, value: float, since: float
+) -> tuple[tuple[float, float], ...]:
+    """Record a recommendation as (the last time it was made, value): a run of equal
+    recommendations is one point, and a value counts in a window exactly when it was last
+    recommended inside it. Points last made before `since` are dropped."""
+    if points and points[-1][1] == value:
+        points = (*points[:-1], (now, value))
+    else:
+        points = (*points, (now, value))
+    return tuple(p for p in points if p[0] >= since)
 
 
 def _paced(
     behavior: Behavior,
+    recommended: float,
     recommendations: tuple[tuple[float, float], ...],
     previous: float | None,
     now: float,
     memory: AddressMemory,
     notes: list[str],
 ) -> float:
-    recommended = recommendations[-1][1]
     if previous is None or recommended == previous:
         return recommended
     if recommended > previous:

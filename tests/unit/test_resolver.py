@@ -323,3 +323,17 @@ def test_a_seeded_resolver_paces_from_the_values_in_force() -> None:
     driver.resolver = ResolverState.seeded({addr(RPS): 500.0}, 0.0)
     assert value(driver.resolve(30.0), RPS) == 500.0
     assert value(driver.resolve(301.0), RPS) == 2000.0
+
+
+def test_memory_does_not_grow_with_the_number_of_ticks() -> None:
+    # A limit held for an hour of 1 s ticks keeps one point per run of equal values, not one
+    # per tick (100k tenants × a 5m window would otherwise hold 30M points).
+    driver = guarded()
+    for second in range(3600):
+        driver.resolve(float(second), [proposal(ACME, 5000.0)])
+    memory = driver.resolver.memory[addr(ACME)]
+    assert len(memory.recommendations) == 1
+    assert len(memory.values) == 1
+    assert value(driver.resolve(3600.0), ACME) == 5000.0  # loosening still waits 5m
+    assert value(driver.resolve(3600.0 + 299), ACME) == 5000.0
+    assert value(driver.resolve(3600.0 + 301), ACME) is None  # back to its plan: not written
