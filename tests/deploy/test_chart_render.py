@@ -51,12 +51,15 @@ def test_lint_is_clean_in_strict_mode(scenario: str, kube_version: str) -> None:
 
 @pytest.mark.parametrize("kube_version", KUBE_VERSIONS)
 def test_every_manifest_is_valid_kubernetes(docs: tuple[Manifest, ...], kube_version: str) -> None:
+    validated = 0
     for doc in docs:
         schema = CRD_SCHEMAS.get(doc["kind"])
         if schema is not None:
-            jsonschema.validate(doc, schema)
+            jsonschema.validate(doc, schema)  # raises on any violation
         else:  # anything else must be known to kubernetes-validate: no silent skip
             kubernetes_validate.validate(doc, kube_version, strict=True)
+        validated += 1
+    assert validated == len(docs) > 0
 
 
 def test_a_misspelt_field_is_caught_by_the_validation() -> None:

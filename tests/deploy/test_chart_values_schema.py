@@ -51,7 +51,9 @@ def test_a_bad_value_is_rejected_naming_its_key(values: dict[str, Any], key: str
 @pytest.mark.parametrize("scenario", scenarios())
 def test_every_scenario_passes_the_schema(scenario: str) -> None:
     with Chart.load(CHART) as chart:
+        # Raises HelmValuesError naming the key when the scenario breaks the schema.
         chart.validate_schema(scenario_values(scenario))
+    assert render(scenario_values(scenario))  # and the chart renders with it
 
 
 def test_a_chart_without_policies_refuses_to_render() -> None:
