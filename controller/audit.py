@@ -106,7 +106,8 @@ class Journal:
         self.settings = settings
         self.dropped = 0  # events lost from the buffer since start
         self._unreported_drops = 0
-        self._buffer: deque[JournalEvent] = deque()
+        # Events already encoded for the stream (encoded once, in emit): (event, fields).
+        self._buffer: deque[tuple[JournalEvent, dict[str, str]]] = deque()
         self._clock = clock
         self._retry_at = 0.0
         self._backoff = _FIRST_BACKOFF_SECONDS
@@ -125,7 +126,7 @@ class Journal:
         if self.client is None:
             return
         try:
-            _stream_fields(event)
+            fields = _stream_fields(event, {**data, "kind": kind})
         except (TypeError, ValueError) as exc:
             # One event the stream cannot hold (NaN, an odd type) must never wedge the buffer
             # and hold back every later event: it stays in the log line above only.
@@ -135,7 +136,7 @@ class Journal:
             )
             return
         if len(self._buffer) >= self.settings.buffer_max_events:
-            lost = self._buffer.popleft()
+            lost, _ = self._buffer.popleft()
             self.dropped += 1
             self._unreported_drops += 1
             self._log.error(
@@ -145,7 +146,7 @@ class Journal:
                 dropped_total=self.dropped,
                 buffer_max_events=self.settings.buffer_max_events,
             )
-        self._buffer.append(event)
+        self._buffer.append((event, fields))
         if self._clock() >= self._retry_at:
             self.flush()
 
@@ -153,15 +154,16 @@ class Journal:
         """Send every buffered event, in order, in one transaction; True when none is left."""
         if self.client is None or not self._buffer:
             return True
-        batch = list(self._buffer)
+        batch = [fields for _, fields in self._buffer]
         if self._unreported_drops:
-            batch.insert(0, _gap_event(self._unreported_drops))
+            gap = _gap_event(self._unreported_drops)
+            batch.insert(0, _stream_fields(gap, gap.to_dict()))
         try:
             pipe = self.client.pipeline(transaction=True)
-            for event in batch:
+            for fields in batch:
                 pipe.xadd(
                     self.keys.journal,
-                    _stream_fields(event),
+                    fields,
                     maxlen=self.settings.stream_max_length,
                     approximate=True,
                 )
@@ -190,11 +192,12 @@ def _gap_event(count: int) -> JournalEvent:
     )
 
 
-def _stream_fields(event: JournalEvent) -> dict[str, str]:
+def _stream_fields(event: JournalEvent, data: Mapping[str, Any]) -> dict[str, str]:
+    """The stream entry of `event`, whose `to_dict()` is `data` (computed once by the caller)."""
     return {
         "kind": event.kind,
         "address": event.address or "",
-        "data": json.dumps(event.to_dict(), sort_keys=True, allow_nan=False),
+        "data": json.dumps(data, sort_keys=True, allow_nan=False),
     }
 
 

@@ -424,8 +424,3 @@ def _direction(change: Change) -> str:
     if change.new is None:
         return "remove"
     return "tighten" if change.new < change.old else "loosen"
-
-
-def in_force(desired: Mapping[Address, float]) -> dict[str, float]:
-    """Address text → value, for printing (`--once --json`)."""
-    return {str(a): v for a, v in sorted(desired.items())}

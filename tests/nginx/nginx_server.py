@@ -6,14 +6,14 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 
-from tests.support.redis import _alive, free_port
+from tests.support.process import stop_pid, wait_for
+from tests.support.redis import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy" / "nginx"
@@ -96,11 +96,7 @@ class NginxServer:
         if self.pid is None:
             return
         pid, self.pid = self.pid, None
-        try:
-            os.kill(pid, signal.SIGQUIT)
-        except ProcessLookupError:
-            return
-        self._wait(lambda: not _alive(pid), f"exit (pid {pid})")
+        stop_pid(pid, signal.SIGQUIT, self._wait)
 
     def log_tail(self, size: int = 4000) -> str:
         if not self.error_log.exists():
@@ -122,8 +118,9 @@ class NginxServer:
             return False
 
     def _wait(self, ready: Callable[[], bool], what: str) -> None:
-        deadline = time.monotonic() + _READY_TIMEOUT_SECONDS
-        while not ready():
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"nginx on port {self.port} did not {what}:\n{self.log_tail()}")
-            time.sleep(0.02)
+        wait_for(
+            ready,
+            lambda: f"nginx on port {self.port} did not {what}:\n{self.log_tail()}",
+            _READY_TIMEOUT_SECONDS,
+            step=0.02,
+        )

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import subprocess
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import redis
+
+from tests.support.process import stop_pid, wait_for
 
 _READY_TIMEOUT_SECONDS = 10.0
 
@@ -79,11 +79,7 @@ class RedisServer:
         if self.pid is None:
             return
         pid, self.pid = self.pid, None
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            return
-        self._wait(lambda: not _alive(pid), f"exit (pid {pid})")
+        stop_pid(pid, signal.SIGTERM, self._wait)
 
     def restart(self) -> None:
         """Stop, then start again on the same port and directory."""
@@ -98,22 +94,8 @@ class RedisServer:
             return False
 
     def _wait(self, ready: Callable[[], bool], what: str) -> None:
-        deadline = time.monotonic() + _READY_TIMEOUT_SECONDS
-        while not ready():
-            if time.monotonic() > deadline:
-                log = (self.directory / "redis.log").read_text(errors="replace")[-2000:]
-                raise RuntimeError(f"redis-server on port {self.port} did not {what}:\n{log}")
-            time.sleep(0.01)
+        def failure() -> str:
+            log = (self.directory / "redis.log").read_text(errors="replace")[-2000:]
+            return f"redis-server on port {self.port} did not {what}:\n{log}"
 
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A daemonized server is re-parented; until its new parent reaps it, it is a zombie.
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rpartition(")")[2].split()[0] != "Z"
+        wait_for(ready, failure, _READY_TIMEOUT_SECONDS)
