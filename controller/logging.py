@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import sys
@@ -20,6 +21,8 @@ _URL_PASSWORD = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^:/
 
 def mask_text(text: str) -> str:
     """Hide the password of any `scheme://user:password@` URL inside `text`."""
+    if "@" not in text:  # no URL with credentials: skip the regex (every journal line)
+        return text
     return _URL_PASSWORD.sub(lambda m: f"{m['scheme']}{m['user']}:{MASK}@", text)
 
 
@@ -38,7 +41,13 @@ def _redact(value: Any) -> Any:
 
 
 def _is_secret_key(key: object) -> bool:
-    return isinstance(key, str) and bool(_SECRET_KEY.search(key))
+    return isinstance(key, str) and _secret_name(key)
+
+
+@functools.lru_cache(maxsize=1024)
+def _secret_name(key: str) -> bool:
+    """Log keys are a small fixed set: each is matched once."""
+    return bool(_SECRET_KEY.search(key))
 
 
 def redact_secrets(

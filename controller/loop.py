@@ -4,6 +4,7 @@ bookkeeping around it (leadership, readiness, metrics). Nothing in a tick may cr
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -99,7 +100,9 @@ class Controller:
         started = time.perf_counter()
         with bound_contextvars(tick=self.tick_id):
             try:
-                outcome = self._tick()
+                # The tick's events go to the stream together when it ends (one round trip).
+                with self.journal.batch():
+                    outcome = self._tick()
             except Exception as exc:  # the loop must survive anything a tick meets
                 self._log.exception("tick.failed", error=str(exc))
                 outcome = TickOutcome(self.tick_id, False, False, [f"tick failed: {exc}"])
@@ -157,7 +160,6 @@ class Controller:
             self._write(policies, resolution, baselines, outcome, now)
         self._report_flaps(now)
         outcome.ready = not outcome.reasons
-        self.journal.flush()
         return outcome
 
     # --- policies ---------------------------------------------------------------------------
@@ -279,15 +281,22 @@ class Controller:
             self.metrics.drift.inc(len(report.drift))
         if report.result is None:
             return
+        # Counted per label set, then added once each: thousands of changes per tick.
+        changes: Counter[tuple[str, str]] = Counter()
+        turns: Counter[str] = Counter()
         for change in report.result.applied:
             scope = change.address.scope.value
-            self.metrics.changes.labels(scope, _direction(change)).inc()
+            changes[scope, _direction(change)] += 1
             # A limit added or removed moves from or back to what it inherits: a turn too.
             inherited = baselines.value(change.address)
             old = change.old if change.old is not None else inherited
             new = change.new if change.new is not None else inherited
             if self.flaps.observe(change.address, old, new, now):
-                self.metrics.direction_changes.labels(scope).inc()
+                turns[scope] += 1
+        for (scope, direction), count in changes.items():
+            self.metrics.changes.labels(scope, direction).inc(count)
+        for scope, count in turns.items():
+            self.metrics.direction_changes.labels(scope).inc(count)
 
     def _report_unsupported(self, sink: str, skipped: Mapping[Address, str]) -> None:
         """Log each limit a sink cannot hold once, not every tick."""

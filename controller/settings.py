@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import difflib
 import json
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_origin
 
 from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -437,3 +439,57 @@ class Settings(BaseSettings):
     kong: KongSettings = Field(default_factory=KongSettings)
     kubernetes_sink: KubernetesSinkSettings = Field(default_factory=KubernetesSinkSettings)
     log_level: str = Field("info", description="debug, info, warning or error")
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """An error for each GOVERNOR_* variable that names no setting (a typo would otherwise be
+    ignored in silence and the default used), with the closest real name when there is one.
+
+    Only names that must be meant for Governor are judged: `GROUP__FIELD` forms, and
+    `GROUP_FIELD` (one underscore short). Anything else, such as the GOVERNOR_SERVICE_HOST
+    that Kubernetes injects for a Service named governor, is left alone.
+    """
+    exact, open_ended = _setting_names(Settings, "GOVERNOR_")
+    errors = []
+    for name in sorted(environ):
+        upper = name.upper()
+        if not upper.startswith("GOVERNOR_") or upper in exact:
+            continue
+        if any(upper.startswith(prefix + "__") for prefix in open_ended):
+            continue  # a key of a mapping setting (prices.models, prometheus.headers)
+        if "__" not in upper and not _one_underscore_short(upper, exact):
+            continue
+        guess = difflib.get_close_matches(upper, sorted(exact), n=1, cutoff=0.6)
+        hint = f" (did you mean {guess[0]}?)" if guess else ""
+        errors.append(
+            f"{name} is not a Governor setting{hint}: names are GOVERNOR_<GROUP>__<FIELD>, "
+            "two underscores between group and field; `governor config show` lists them"
+        )
+    return errors
+
+
+def _setting_names(model: type[BaseModel], prefix: str) -> tuple[set[str], set[str]]:
+    """The variable names a model reads, and those of its mapping fields (any key below)."""
+    exact: set[str] = set()
+    open_ended: set[str] = set()
+    for field_name, info in model.model_fields.items():
+        name = prefix + field_name.upper()
+        exact.add(name)
+        annotation = info.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            inner_exact, inner_open = _setting_names(annotation, name + "__")
+            exact |= inner_exact
+            open_ended |= inner_open
+        elif get_origin(annotation) is dict:
+            open_ended.add(name)
+    return exact, open_ended
+
+
+def _one_underscore_short(name: str, exact: set[str]) -> bool:
+    """GOVERNOR_REDIS_URL meant as GOVERNOR_REDIS__URL: a group, then a single underscore."""
+    rest = name.removeprefix("GOVERNOR_")
+    return any(
+        f"GOVERNOR_{rest[:i]}__{rest[i + 1 :]}" in exact
+        for i, char in enumerate(rest)
+        if char == "_"
+    )

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import bisect
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -152,7 +152,9 @@ class FlapDetector:
 
     threshold: int = 4
     _last_direction: dict[Address, int] = field(default_factory=dict)
-    _turns: dict[Address, deque[float]] = field(default_factory=dict)
+    # Turn times, oldest first. Lists, not deques: a deque allocates a 64-slot block even
+    # for one entry, and at 100k tenants every limit that ever turned keeps one.
+    _turns: dict[Address, list[float]] = field(default_factory=dict)
 
     def observe(self, address: Address, old: float | None, new: float | None, now: float) -> bool:
         """Record a change; True when it turned the limit's direction."""
@@ -163,15 +165,16 @@ class FlapDetector:
         self._last_direction[address] = direction
         if previous is None or previous == direction:
             return False
-        self._turns.setdefault(address, deque()).append(now)
+        self._turns.setdefault(address, []).append(now)
         return True
 
     def flapping(self, now: float) -> dict[Address, int]:
         """Addresses whose turns in the last hour exceed the threshold, with their count."""
         out: dict[Address, int] = {}
+        since = now - FLAP_WINDOW_SECONDS
         for address, turns in list(self._turns.items()):
-            while turns and turns[0] < now - FLAP_WINDOW_SECONDS:
-                turns.popleft()
+            if turns[0] < since:
+                del turns[: bisect.bisect_left(turns, since)]
             if not turns:
                 del self._turns[address]
             elif len(turns) > self.threshold:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 
 import typer
 from pydantic import ValidationError
 
-from controller.settings import Settings
+from controller.settings import Settings, unknown_variables
 
 app = typer.Typer(
     help="Inspect Governor's settings (environment GOVERNOR_*).", no_args_is_help=True
@@ -15,7 +16,12 @@ app = typer.Typer(
 
 
 def load_settings() -> Settings:
-    """Settings from the environment, or exit 2 naming each bad variable."""
+    """Settings from the environment, or exit 2 naming each bad or unknown variable."""
+    unknown = unknown_variables(os.environ)
+    for message in unknown:
+        typer.echo(f"error: {message}", err=True)
+    if unknown:
+        raise typer.Exit(2)
     try:
         return Settings()
     except ValidationError as exc:

@@ -6,15 +6,24 @@ same inputs always give the same proposals, which is what makes policy tests pos
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from controller.model import Address, AddressError, Proposal, SignalKey, SignalReading, Snapshot
+from controller.model import (
+    Address,
+    AddressError,
+    AddressTemplate,
+    Proposal,
+    SignalKey,
+    SignalReading,
+    Snapshot,
+)
 from controller.policy.adaptive import AdaptiveState, evaluate_adaptive
 from controller.policy.baselines import Baselines
-from controller.policy.conditions import ConditionState, Event, Rules, step
+from controller.policy.conditions import IDLE, ConditionState, Event, Rules, step
 from controller.policy.documents import Action, ThrottlePolicy, format_duration
 from controller.policy.inputs import (
     BoolArray,
@@ -166,7 +175,9 @@ def _scalar_policy(
         out.transitions.append(Transition(policy.ref, SCALAR_KEY, event, readings))
     if state.active:
         out.active.setdefault(policy.ref, []).append(SCALAR_KEY)
-        _propose(policy, {}, state, readings, baselines, out, _stale_note(inputs))
+        _Proposer(policy, baselines, out).propose(
+            None, SCALAR_KEY, state, readings, _stale_note(inputs)
+        )
     return {SCALAR_KEY: state} if _keep(state, now, policy) else {}
 
 
@@ -213,26 +224,36 @@ def _per_label_policy(
     position = {k: i for i, k in enumerate(universe)} if previous else {}
     candidates.update(position[k] for k in previous if k in position)
     rules = _rules(policy)
+    proposer = _Proposer(policy, baselines, out)
+    # Plain lists: a per-label-value loop reads them far faster than numpy scalars.
+    columns = [
+        (s.name, s.values.tolist(), s.timestamps.tolist(), s.valid.tolist(), s)
+        for s in inputs.values()
+    ]
+    engage, release, fires = valid_engage.tolist(), valid_release.tolist(), when.tolist()
+    releases = until.tolist() if until is not None else None
     states: dict[str, ConditionState] = {}
     for i in sorted(candidates):
         key = universe[i]
-        state = previous.get(key, ConditionState())
-        valid = valid_release if state.active else valid_engage
+        state = previous.get(key, IDLE)
         state, event = step(
             state,
-            valid=bool(valid[i]),
-            when=bool(when[i]),
-            until=bool(until[i]) if until is not None else None,
+            valid=release[i] if state.active else engage[i],
+            when=fires[i],
+            until=releases[i] if releases is not None else None,
             now=now,
             rules=rules,
         )
         if event or state.active:
-            readings = tuple(signal.reading(i) for signal in inputs.values())
+            readings = tuple(
+                SignalReading(name, values[i], times[i]) if ok[i] else signal.reading(i)
+                for name, values, times, ok, signal in columns
+            )
             if event:
                 out.transitions.append(Transition(policy.ref, key, event, readings))
             if state.active:
                 out.active.setdefault(policy.ref, []).append(key)
-                _propose(policy, {label: key}, state, readings, baselines, out, "")
+                proposer.propose(label, key, state, readings, "")
         if _keep(state, now, policy):
             states[key] = state
     return states
@@ -245,37 +266,66 @@ def _all_valid(inputs: Mapping[str, VectorInput], names: frozenset[str], size: i
     return valid
 
 
-def _propose(
-    policy: ThrottlePolicy,
-    labels: Mapping[str, str],
-    state: ConditionState,
-    readings: tuple[SignalReading, ...],
-    baselines: Baselines,
-    out: _Collector,
-    suffix: str,
-) -> None:
-    why = _why(policy, state, readings) + suffix
-    for action in policy.spec.actions:
-        try:
-            address = action.target.fill(labels)
-        except AddressError as exc:
-            out.notes.append(f"{policy.ref}: label value cannot form an address: {exc.problem}")
-            continue
-        value, how = _action_value(action, address, baselines)
-        if value is None:
-            out.notes.append(f"{policy.ref}: {how}")
-            continue
-        out.proposals.append(Proposal(address, value, policy.ref, f"{why}; {how}", readings))
+class _Proposer:
+    """Turns one policy's active conditions into proposals. The parts of a reason that many
+    label values share (the condition, the activation time, the action on a baseline) are
+    formatted once per tick, and each label value's address is parsed once per process."""
+
+    def __init__(self, policy: ThrottlePolicy, baselines: Baselines, out: _Collector) -> None:
+        self.policy, self.baselines, self.out = policy, baselines, out
+        spec = policy.spec
+        condition = f"`{spec.when}`" if spec.when else "scheduled"
+        held = f" held for {format_duration(spec.for_)}" if spec.for_ else " held"
+        self._head = condition + held
+        self._since: dict[float | None, str] = {}
+        self._actions: dict[tuple[int, float | None], tuple[float | None, str]] = {}
+
+    def propose(
+        self,
+        label: str | None,
+        key: str,
+        state: ConditionState,
+        readings: tuple[SignalReading, ...],
+        suffix: str,
+    ) -> None:
+        since = self._since.get(state.active_since)
+        if since is None:
+            since = self._head + (
+                f", active since {fmt_time(state.active_since)}"
+                if state.active_since is not None
+                else ""
+            )
+            self._since[state.active_since] = since
+        shown = ", ".join(f"{r.name}={fmt_number(r.value)}" for r in readings)
+        why = (f"{since} ({shown})" if shown else since) + suffix
+        ref = self.policy.ref
+        for index, action in enumerate(self.policy.spec.actions):
+            try:
+                address = _filled(action.target, label, key)
+            except AddressError as exc:
+                self.out.notes.append(f"{ref}: label value cannot form an address: {exc.problem}")
+                continue
+            value, how = self._value(index, action, address)
+            if value is None:
+                self.out.notes.append(f"{ref}: {how}")
+                continue
+            self.out.proposals.append(Proposal(address, value, ref, f"{why}; {how}", readings))
+
+    def _value(self, index: int, action: Action, address: Address) -> tuple[float | None, str]:
+        """`_action_value`, once per action and baseline value (most label values share one)."""
+        if action.set is not None:
+            return _action_value(action, address, self.baselines)
+        base = self.baselines.value(address)
+        found = self._actions.get((index, base))
+        if found is None:
+            found = self._actions[index, base] = _action_value(action, address, self.baselines)
+        return found
 
 
-def _why(policy: ThrottlePolicy, state: ConditionState, readings: tuple[SignalReading, ...]) -> str:
-    shown = ", ".join(f"{r.name}={fmt_number(r.value)}" for r in readings)
-    condition = f"`{policy.spec.when}`" if policy.spec.when else "scheduled"
-    held = f" held for {format_duration(policy.spec.for_)}" if policy.spec.for_ else " held"
-    since = (
-        f", active since {fmt_time(state.active_since)}" if state.active_since is not None else ""
-    )
-    return f"{condition}{held}{since}" + (f" ({shown})" if shown else "")
+@functools.lru_cache(maxsize=1 << 18)
+def _filled(target: AddressTemplate, label: str | None, key: str) -> Address:
+    """The address an action targets for one label value (label values repeat every tick)."""
+    return target.fill({label: key} if label is not None else {})
 
 
 def _action_value(

@@ -83,7 +83,7 @@ def resolve(
     addresses = set(stated) | set(by_address) | set(live_overrides) | set(state.memory)
     desired: dict[Address, Decision] = {}
     memory: dict[Address, AddressMemory] = {}
-    for address in sorted(addresses):
+    for address in sorted(addresses, key=_order):
         baseline = stated.get(address, baselines.value(address))
         decision, remembered = _resolve_one(
             policies,
@@ -102,6 +102,19 @@ def resolve(
     return Resolution(desired=desired, state=ResolverState(memory))
 
 
+def _order(address: Address) -> tuple[str, ...]:
+    """Address order as a tuple of strings: sorting 100k addresses by the dataclass's own
+    comparison builds two tuples per comparison, this one tuple per address."""
+    return (
+        address.scope,
+        address.limit,
+        address.plan or "",
+        address.tenant or "",
+        address.user or "",
+        address.model or "",
+    )
+
+
 def _explicit(decision: Decision, address: Address) -> bool:
     """Stated baselines are always written; others only when they differ from what they inherit."""
     if address.scope in _EXPLICIT_SCOPES and address.model is None:
@@ -114,7 +127,7 @@ def _settled(memory: AddressMemory, baseline: float | None, address: Address) ->
     if address.scope in _EXPLICIT_SCOPES and address.model is None:
         return False
     target = UNLIMITED if baseline is None else baseline
-    return all(value == target for _, value in memory.recommendations) and memory.last == target
+    return memory.last == target and all(value == target for _, value in memory.recommendations)
 
 
 def _resolve_one(
@@ -127,17 +140,18 @@ def _resolve_one(
     now: float,
     frozen: bool,
 ) -> tuple[Decision | None, AddressMemory]:
-    winner = min(proposals, key=lambda p: p.value) if proposals else None
+    winner = (
+        None
+        if not proposals
+        else proposals[0]
+        if len(proposals) == 1
+        else min(proposals, key=lambda p: p.value)
+    )
     recommended = winner.value if winner else (UNLIMITED if baseline is None else baseline)
     adjustments: list[str] = []
     recommended = _clamp(policies, address, recommended, adjustments)
     behavior = policies.behavior_for(winner.policy if winner else memory.policy)
-    horizon = max(
-        behavior.tighten.stabilization,
-        behavior.loosen.stabilization,
-        behavior.tighten.period,
-        behavior.loosen.period,
-    )
+    horizon = _horizon(behavior)
     recommendations = _recommend(memory.recommendations, now, recommended, now - horizon)
     previous = memory.last
     if override is not None:
@@ -167,11 +181,23 @@ def _resolve_one(
         policy=winner.policy if winner and source is Source.POLICY else None,
         reason=reason,
         signals=winner.signals if winner else (),
-        proposals=tuple(sorted(proposals, key=lambda p: (p.value, p.policy))),
+        proposals=tuple(proposals)
+        if len(proposals) < 2
+        else tuple(sorted(proposals, key=lambda p: (p.value, p.policy))),
         baseline=baseline,
         adjustments=tuple(adjustments),
     )
     return decision, remembered
+
+
+def _horizon(behavior: Behavior) -> float:
+    """How far back a behaviour looks: its memory is trimmed to this."""
+    return max(
+        behavior.tighten.stabilization,
+        behavior.loosen.stabilization,
+        behavior.tighten.period,
+        behavior.loosen.period,
+    )
 
 
 def _clamp(policies: PolicySet, address: Address, value: float, notes: list[str]) -> float:

@@ -1,28 +1,77 @@
-"""Turn one Prometheus query result into a snapshot sample, marking whole-query problems.
+"""Turn one Prometheus query answer into a snapshot sample, marking whole-query problems.
 
-Values are decoded into numpy arrays in two list passes; no per-series objects are built,
-so 100k series decode in tens of milliseconds. NaN and ±Inf stay in vector arrays as they
-are (the engine masks them); a scalar that is not finite is marked NOT_FINITE.
+A vector answer is read straight from the response bytes into arrays (`vector_from_body`):
+no object per series, so 100k series take tens of milliseconds and no transient hundreds
+of megabytes. Any other shape goes through a full JSON parse. NaN and ±Inf stay in vector
+arrays as they are (the engine masks them); a scalar that is not finite is NOT_FINITE.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import orjson
 
 from controller.model import ScalarSample, Validity, VectorSample
 
-# What prometheus-api-client's custom_query returns: data.result of the JSON answer, a list
-# of {"metric": {...}, "value": [ts, "v"]} (vector), {"metric", "values"} (matrix), or
-# [ts, "v"] (scalar and string results).
+# data.result of a parsed answer: a list of {"metric": {...}, "value": [ts, "v"]} (vector),
+# {"metric", "values"} (matrix), or [ts, "v"] (scalar and string results).
 RawResult = Sequence[Any]
+
+
+# In Prometheus' JSON a quote inside a string is always escaped, so an unescaped `"value":[`
+# or `"<label>":"` can only be a key. Each series is `{"metric":{...},"value":[t,"v"]}`.
+_SERIES = b'{"metric":{'
+_VALUE = re.compile(rb'"value":\[[^,\]]*,"([^"]*)"\]')
+_VECTOR = b'"resultType":"vector"'
 
 
 class ResultShapeError(ValueError):
     """A result that no signal can read (a range vector, text, or the wrong cardinality)."""
+
+
+def parse_body(body: bytes) -> dict[str, Any]:
+    """A whole Prometheus answer as JSON (ValueError when it is not JSON)."""
+    parsed: dict[str, Any] = orjson.loads(body)
+    return parsed
+
+
+def vector_from_body(
+    body: bytes, label: str, timestamp: float, validity: Validity, detail: str
+) -> VectorSample | None:
+    """The vector of a successful answer keyed by `label`, scanned from the bytes; None
+    when the answer is not a plain vector whose every series has the label once (then the
+    caller parses it fully, which also explains what is wrong)."""
+    if _VECTOR not in body:
+        return None
+    series = body.count(_SERIES)
+    name = re.escape(orjson.dumps(label))
+    keys = re.findall(name + rb':"((?:[^"\\]|\\.)*)"', body)
+    values = _VALUE.findall(body)
+    if not series or len(keys) != series or len(values) != series:
+        return None
+    if b"\\" in body:  # an escaped character in some label value: decode those exactly
+        texts = [orjson.loads(b'"' + k + b'"') if b"\\" in k else k.decode() for k in keys]
+    else:
+        texts = [k.decode() for k in keys]
+    if len(set(texts)) != len(texts):
+        return None  # several series per label value: the full path says how to aggregate
+    try:
+        numbers = np.array(values).astype(np.float64)  # numpy reads "NaN" and "+Inf" too
+    except ValueError:
+        return None
+    return VectorSample(
+        label=label,
+        keys=tuple(texts),
+        values=numbers,
+        timestamps=np.full(series, timestamp, dtype=np.float64),
+        validity=validity,
+        detail=detail,
+    )
 
 
 def _is_scalar(result: RawResult) -> bool:

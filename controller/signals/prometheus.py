@@ -21,13 +21,18 @@ from typing import Any
 import numpy as np
 import requests
 from prometheus_api_client import PrometheusConnect
-from prometheus_api_client.exceptions import PrometheusApiClientException
 from urllib3.util.retry import Retry
 
 from controller.errors import ConfigurationError, SignalError
 from controller.model import Sample, ScalarSample, SignalKey, Snapshot, Validity, VectorSample
 from controller.settings import PrometheusSettings
-from controller.signals.decode import ResultShapeError, decode_scalar, decode_vector
+from controller.signals.decode import (
+    ResultShapeError,
+    decode_scalar,
+    decode_vector,
+    parse_body,
+    vector_from_body,
+)
 from controller.signals.freshness import SampleTimes
 from controller.signals.promql import selectors
 
@@ -43,29 +48,35 @@ _RETRY = Retry(total=1, connect=1, read=False, status=0, other=0, redirect=0, ba
 # The root cause inside requests' long ConnectionError text, e.g. "Connection refused".
 _OS_ERROR = re.compile(r"\[Errno -?\d+\] ([^'\")]+)")
 _WARNINGS_KEY = b'"warnings":['
+_SUCCESS = b'"status":"success"'
 
 
 @dataclass(frozen=True, slots=True)
 class Answer:
-    """One query's raw result list, or why there is none."""
+    """One query's successful answer as received (Prometheus' JSON bytes), or why there is
+    none. The bytes are decoded by whoever reads them: a vector straight into arrays."""
 
-    result: Sequence[Any] = ()
+    body: bytes = b""
     warnings: tuple[str, ...] = ()
     error: str | None = None
+
+    @property
+    def result(self) -> Sequence[Any]:
+        """The answer's `data.result`, fully parsed (small answers: scalars, freshness)."""
+        if not self.body:
+            return ()
+        result: Sequence[Any] = parse_body(self.body)["data"]["result"]
+        return result
 
 
 @dataclass
 class _Connection:
-    """One prometheus-api-client connection (one requests session) per worker thread,
-    remembering the last HTTP response: the library returns only `data.result` and raises
-    on errors with a bare status, so warnings and error bodies are read from the response."""
+    """One prometheus-api-client connection (one requests session) per worker thread. Its
+    session (auth, headers, TLS, the retry policy) sends the queries; the answer bytes are
+    read here, not by the library, so a 100k-series vector is never built as objects."""
 
     client: PrometheusConnect
     session: requests.Session
-    last: requests.Response | None = None
-
-    def remember(self, response: requests.Response, *args: Any, **kwargs: Any) -> None:
-        self.last = response
 
 
 def _client_options(settings: PrometheusSettings) -> dict[str, Any]:
@@ -97,10 +108,10 @@ def _error_detail(response: requests.Response | None, fallback: str) -> str:
         return f"HTTP {response.status_code}: {text or response.reason}"
 
 
-def _warnings(response: requests.Response | None) -> tuple[str, ...]:
-    if response is None or response.content.rfind(_WARNINGS_KEY) < 0:
+def _warnings(body: bytes) -> tuple[str, ...]:
+    if body.rfind(_WARNINGS_KEY) < 0:
         return ()
-    return tuple(str(w) for w in response.json().get("warnings") or ())
+    return tuple(str(w) for w in parse_body(body).get("warnings") or ())
 
 
 @dataclass
@@ -168,23 +179,37 @@ class PrometheusSource:
         return answers
 
     def query(self, query: str, now: float) -> Answer:
-        """One instant query at `now` through prometheus-api-client, errors as values."""
+        """One instant query at `now` on the client's session, errors as values."""
         connection = self._connection()
-        connection.last = None
-        params = {"time": f"{now:.3f}", "timeout": f"{self.settings.timeout_seconds:g}"}
+        client = connection.client
+        params = {
+            "query": query,
+            "time": f"{now:.3f}",
+            "timeout": f"{self.settings.timeout_seconds:g}",
+        }
         try:
-            result = connection.client.custom_query(query, params=params, timeout=self.http_timeout)
-        except PrometheusApiClientException as exc:
-            return Answer(error=_error_detail(connection.last, str(exc)))
+            response = connection.session.get(
+                f"{client.url}/api/v1/query",
+                params=params,
+                headers=client.headers,
+                auth=client.auth,
+                timeout=self.http_timeout,
+            )
+            if response.status_code != 200:
+                return Answer(error=_error_detail(response, f"HTTP {response.status_code}"))
+            body = response.content
+            if _SUCCESS not in body:  # rare: parsed in full to say what it is instead
+                parse_body(body)["data"]["result"]
+            warnings = _warnings(body)
         except requests.Timeout:
             return Answer(error=f"no answer within {self.http_timeout:g}s (timeout)")
         except requests.ConnectionError as exc:
             reason = _OS_ERROR.search(str(exc))
             cause = reason.group(1) if reason else type(exc).__name__
             return Answer(error=f"cannot reach Prometheus at {self.url}: {cause}")
-        except (requests.RequestException, KeyError, TypeError) as exc:
+        except (requests.RequestException, KeyError, TypeError, ValueError) as exc:
             return Answer(error=f"not a Prometheus query answer: {exc}")
-        return Answer(result=result, warnings=_warnings(connection.last))
+        return Answer(body=body, warnings=warnings)
 
     def check(self, now: float | None = None) -> None:
         """Raise SignalError unless Prometheus answers a trivial query."""
@@ -229,7 +254,6 @@ class PrometheusSource:
                 **self._options,
             )
             connection = _Connection(client, session)
-            session.hooks["response"].append(connection.remember)
             self._local.connection = connection
             with self._lock:
                 self._connections.append(connection)
@@ -247,6 +271,9 @@ class PrometheusSource:
         try:
             if key.by is None:
                 return decode_scalar(answer.result, timestamp, validity, detail)
+            fast = vector_from_body(answer.body, key.by, timestamp, validity, detail)
+            if fast is not None:
+                return fast
             return decode_vector(answer.result, key.by, timestamp, validity, detail)
         except ResultShapeError as exc:
             return error_sample(key, f"query {key.query!r}: {exc}")

@@ -68,7 +68,8 @@ class Reconciler:
         self._reported_drift = set(drift)
         for entry in state.foreign:
             self._log.warning("limit.foreign_entry", entry=entry, tick=tick)
-        changes = diff({a: d.value for a, d in decisions.items()}, state)
+        # The plain dict, not the Mapping wrapper: 100k lookups per tick.
+        changes = diff({a: d.value for a, d in decisions.items()}, state.actual)
         result = None if dry_run else self.sink.apply(changes)
         for event in change_events(
             changes,

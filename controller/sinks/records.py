@@ -6,7 +6,7 @@ import json
 import math
 from typing import Any
 
-from controller.model import Address, Decision, Override, Proposal, SignalReading
+from controller.model import Address, Decision, Override, Proposal, SignalReading, Source
 
 
 def _signal(reading: SignalReading) -> dict[str, Any]:
@@ -36,6 +36,23 @@ def _proposal(proposal: Proposal) -> dict[str, Any]:
         "reason": proposal.reason,
         "signals": signals_to_list(proposal.signals),
     }
+
+
+def decision_key(decision: Decision) -> tuple[object, ...]:
+    """What makes a decision a different one: its value, where it came from and every
+    proposal's value and policy. The signal readings, and so the reason of a policy that
+    quotes them, are left out: a record is rewritten when the decision changes, not every
+    time a signal moves (its `tick` and `decided_at` say when it was made)."""
+    return (
+        decision.value,
+        decision.source,
+        decision.policy,
+        decision.baseline,
+        decision.adjustments,
+        # Other sources' reasons (an override's, pacing's) are part of the decision.
+        decision.reason if decision.source is not Source.POLICY else None,
+        [(p.value, p.policy) for p in decision.proposals],
+    )
 
 
 def decision_to_json(decision: Decision, *, tick: int | None, at: float) -> str:

@@ -19,7 +19,7 @@ from controller.sinks import ApplyResult, SinkState
 from controller.sinks.connection import connect, location, wrapped
 from controller.sinks.fence import Fence, FencedError
 from controller.sinks.keys import CONTRACT_VERSION, KeySchema, format_value, parse_value
-from controller.sinks.records import decision_to_json
+from controller.sinks.records import decision_key, decision_to_json
 
 # Bump the version, stamp the contract and announce, atomically inside the apply's MULTI.
 _BUMP = """
@@ -62,7 +62,8 @@ class RedisSink:
         self.fence: Callable[[], Fence | None] | None = None
         self._verify = client.register_script(_VERIFY)
         self._read = client.register_script(_READ)
-        self._recorded: dict[str, str] | None = None  # decision JSON last written, per address
+        # The decision last recorded per address (`decision_key`); None: not yet read back.
+        self._recorded: dict[Address, tuple[object, ...]] | None = None
 
     @classmethod
     def from_url(cls, url: str, settings: RedisSettings) -> RedisSink:
@@ -187,17 +188,21 @@ class RedisSink:
         return ApplyResult(version=version, applied=tuple(changes), mismatched=mismatched)
 
     def record_decisions(self, decisions: Mapping[Address, Decision], tick: int | None) -> int:
-        """Store each address's last decision for `explain`; only records that changed."""
+        """Store each address's last decision for `explain`; only records whose decision
+        changed (`decision_key`) are written, and records of addresses gone are removed."""
         now = self._clock()
-        if self._recorded is None:  # first call: forget records of addresses no longer desired
+        fresh = {a: decision_key(d) for a, d in decisions.items()}
+        gone: list[str] = []
+        recorded = self._recorded
+        if recorded is None:  # first call: forget records of addresses no longer desired
             with wrapped(self.client, "read decision records"):
-                self._recorded = dict.fromkeys(self.client.hkeys(self.keys.decisions), "")
-        fresh = {
-            str(a): decision_to_json(d, tick=None, at=0.0) for a, d in decisions.items()
-        }  # compared without tick/time, so an unchanged decision is not rewritten
-        changed = {a for a, text in fresh.items() if self._recorded.get(a) != text}
-        gone = [a for a in self._recorded if a not in fresh]
+                stored: list[str] = self.client.hkeys(self.keys.decisions)
+            gone = sorted(set(stored) - {str(a) for a in fresh})
+            recorded = {}
+        changed = [a for a, key in fresh.items() if recorded.get(a) != key]
+        gone += [str(a) for a in recorded if a not in fresh]
         if not changed and not gone:
+            self._recorded = fresh
             return 0
         with wrapped(self.client, "record decisions"):
             pipe = self.client.pipeline(transaction=False)
@@ -205,15 +210,13 @@ class RedisSink:
                 pipe.hset(
                     self.keys.decisions,
                     mapping={
-                        str(a): decision_to_json(d, tick=tick, at=now)
-                        for a, d in decisions.items()
-                        if str(a) in changed
+                        str(a): decision_to_json(decisions[a], tick=tick, at=now) for a in changed
                     },
                 )
             if gone:
                 pipe.hdel(self.keys.decisions, *gone)
             pipe.execute()
-        self._recorded = fresh
+        self._recorded = fresh  # only once written: a failed write is retried next tick
         return len(changed) + len(gone)
 
     def read_decision(self, address: Address) -> str | None:

@@ -161,3 +161,38 @@ def test_an_event_the_stream_cannot_hold_is_dropped_and_never_wedges_the_journal
     assert [fields["kind"] for _, fields in db.xrange(keys.journal)] == ["limit.changed"]
     assert journal.dropped == 1
     assert any(entry["event"] == "journal.unencodable" for entry in logs)
+
+
+def test_a_batch_reaches_the_stream_whole_and_in_order_when_it_ends(
+    redis_server: RedisServer, db: redis.Redis[str]
+) -> None:
+    client = connect(redis_server.url, RedisSettings(), retries=0)
+    journal = Journal(client, KEYS, JournalSettings(buffer_max_events=10))
+    db.delete("governor:journal")
+    with capture_logs(), journal.batch():
+        for n in range(5):
+            journal.emit(event(n))
+        assert db.xlen("governor:journal") == 0  # held until the batch ends
+        assert journal.pending == 5
+        # More events than the buffer holds: sent early rather than dropped.
+        for n in range(5, 25):
+            journal.emit(event(n))
+    assert (journal.pending, journal.dropped) == (0, 0)
+    assert stream_reasons(db) == [f"change {n}" for n in range(25)]
+
+
+def test_a_batch_while_redis_is_down_stays_buffered_until_it_returns(tmp_path: Path) -> None:
+    server = RedisServer(tmp_path / "b", persistent=True).start()
+    journal = Journal(connect(server.url, RedisSettings(), retries=0), KEYS, JournalSettings())
+    server.stop()
+    with capture_logs():
+        with journal.batch():
+            for n in range(3):
+                journal.emit(event(n))
+        assert journal.pending == 3
+        server.start()
+        with journal.batch():
+            journal.emit(event(3))
+    assert (journal.pending, journal.dropped) == (0, 0)
+    assert stream_reasons(server.client()) == [f"change {n}" for n in range(4)]
+    server.stop()

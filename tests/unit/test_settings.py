@@ -97,3 +97,42 @@ def test_every_bad_variable_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
     named = sorted(line.split(":")[1].strip() for line in stderr.splitlines())
     assert named == ["GOVERNOR_CONTROLLER__TICK_SECONDS", "GOVERNOR_TELEMETRY__PORT"]
     assert "secretpw" not in stderr
+
+
+@pytest.mark.parametrize(
+    ("variable", "meant"),
+    [
+        ("GOVERNOR_REDIS__URLL", "GOVERNOR_REDIS__URL"),  # a typo in the field
+        ("GOVERNOR_REDISS__URL", "GOVERNOR_REDIS__URL"),  # a typo in the group
+        ("GOVERNOR_REDIS_URL", "GOVERNOR_REDIS__URL"),  # one underscore short
+        ("governor_controller__tick_secs", "GOVERNOR_CONTROLLER__TICK_SECONDS"),
+    ],
+)
+def test_a_variable_naming_no_setting_exits_2_with_the_closest_name(
+    monkeypatch: pytest.MonkeyPatch, variable: str, meant: str
+) -> None:
+    monkeypatch.setenv(variable, "redis://:secretpw@h:1/0")
+
+    code, stdout, stderr = show()
+
+    assert (code, stdout) == (2, "")
+    assert stderr.startswith(f"error: {variable} is not a Governor setting")
+    assert f"did you mean {meant}?" in stderr
+    assert "secretpw" not in stderr
+
+
+def test_kubernetes_service_links_and_mapping_keys_are_not_mistaken_for_typos(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # What Kubernetes injects for a Service named governor (or a subchart's governor-redis),
+    # and keys below a mapping setting, which any name may take.
+    for name in ("GOVERNOR_SERVICE_HOST", "GOVERNOR_PORT_9100_TCP_PROTO",
+                 "GOVERNOR_REDIS_SERVICE_PORT"):  # fmt: skip
+        monkeypatch.setenv(name, "10.0.0.1")
+    monkeypatch.setenv("GOVERNOR_PRICES__MODELS__MY_MODEL__PROMPT_PER_1K", "0.002")
+    monkeypatch.setenv("GOVERNOR_PRICES__MODELS__MY_MODEL__COMPLETION_PER_1K", "0.004")
+
+    code, stdout, stderr = show("--json")
+
+    assert (code, stderr) == (0, "")
+    assert "my_model" in json.loads(stdout)["prices"]["models"]

@@ -11,6 +11,9 @@
 -- requests quota, tokens quota (address, limit, remaining, reset_ms, window_ms) and budget
 -- (address, kind, limit, remaining, resets_at_ms) — then the reservation id. Numbers are
 -- integers (ms rounded up); limits are returned as stored; '' stands for none.
+--
+-- Every call pays for each table and string it makes (and for collecting them later), so
+-- levels and checks are small arrays read through the named indexes below.
 
 local rid, tokens_text, model = ARGV[1], ARGV[2], ARGV[3]
 local tokens = tonumber(tokens_text)
@@ -18,40 +21,52 @@ local tenant, user = ARGV[4], ARGV[6]
 local credit_cost = tonumber(ARGV[10])
 local credits = KEYS[14]
 
--- How each limit is enforced: a GCRA period in ms, or 'b'udget, 'c'oncurrency, 'm'ax.
+-- The limit kinds, and how each is enforced: a GCRA period in ms, or 'b'udget,
+-- 'c'oncurrency, 'm'ax. TOKEN_RATE is the one rate counted in tokens.
 local KINDS = {'requests_per_second', 'requests_per_minute', 'tokens_per_minute',
   'tokens_per_day', 'concurrent_requests', 'max_tokens_per_request'}
-local HOW = {requests_per_second = 1000, requests_per_minute = 60000,
-  tokens_per_minute = 60000, tokens_per_day = 'b', concurrent_requests = 'c',
-  max_tokens_per_request = 'm'}
+local HOW = {1000, 60000, 60000, 'b', 'c', 'm'}
+local TOKEN_RATE = 3
 
--- Every level that applies, with the limit hashes it reads in lookup order (the tenant
--- level falls back to the plan's values: a plan limit is each tenant's default). Its
--- checks are checks[first..last].
-local tenant_owner = 'tenant/' .. tenant .. '/'
-local levels = {{id = 'g', owner = 'global/', h1 = KEYS[1], h2 = false, state = KEYS[6],
-  leases = KEYS[7], first = 1, last = 0, holds = false, values = false, names = false}}
+-- A level: id, owner (address prefix), its limit hashes in lookup order (the tenant level
+-- falls back to the plan's values: a plan limit is each tenant's default), state and lease
+-- keys, its checks (checks[first..last]), whether it holds anything, and the state read.
+local ID, OWNER, H1, H2, STATE, LEASES, FIRST, LAST, HOLDS, VALUES, NAMES =
+  1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11
+-- A check: its level, kind (index in KINDS), how, field, limit (number and as stored),
+-- where its last state value sits in the level's read, and what step 3/4 worked out.
+local LEVEL, KIND, HOW_, FIELD, LIMIT, TEXT, AT, AFTER, COUNT, HELD, FRESH =
+  1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11
+
+local tenant_level = {'t', 'tenant/' .. tenant .. '/', KEYS[4], KEYS[3], KEYS[10], KEYS[11],
+  1, 0, false, false, false}
+local levels = {{'g', 'global/', KEYS[1], false, KEYS[6], KEYS[7], 1, 0, false, false, false},
+  false, false, false}
+local n_levels = 1
 if ARGV[7] == '1' then
-  levels[2] = {id = 'i', owner = 'ip/', h1 = KEYS[2], h2 = false, state = KEYS[8],
-    leases = KEYS[9], first = 1, last = 0, holds = false, values = false, names = false}
+  n_levels = 2
+  levels[2] = {'i', 'ip/', KEYS[2], false, KEYS[8], KEYS[9], 1, 0, false, false, false}
 end
-local tenant_level = {id = 't', owner = tenant_owner, h1 = KEYS[4], h2 = KEYS[3],
-  state = KEYS[10], leases = KEYS[11], first = 1, last = 0, holds = false, values = false,
-  names = false}
-levels[#levels + 1] = tenant_level
+n_levels = n_levels + 1
+levels[n_levels] = tenant_level
 if user ~= '' then
-  levels[#levels + 1] = {id = 'u', owner = 'user/' .. tenant .. '/' .. user .. '/',
-    h1 = KEYS[5], h2 = false, state = KEYS[12], leases = KEYS[13], first = 1, last = 0,
-    holds = false, values = false, names = false}
+  n_levels = n_levels + 1
+  levels[n_levels] = {'u', 'user/' .. tenant .. '/' .. user .. '/', KEYS[5], false,
+    KEYS[12], KEYS[13], 1, 0, false, false, false}
 end
 
--- The fields to read: `limit@model` before `limit` (the contract's lookup rule).
-local fields, kind_of = KINDS, KINDS
+-- The fields that apply, in lookup order: `limit@model` before `limit` (the contract's
+-- rule), and each one's place in that order.
+local fields, kind_of, position = KINDS, {1, 2, 3, 4, 5, 6}, {requests_per_second = 1,
+  requests_per_minute = 2, tokens_per_minute = 3, tokens_per_day = 4, concurrent_requests = 5,
+  max_tokens_per_request = 6}
 if model ~= '' then
-  fields, kind_of = {}, {}
-  for _, kind in ipairs(KINDS) do
-    fields[#fields + 1], kind_of[#fields + 1] = kind .. '@' .. model, kind
-    fields[#fields + 1], kind_of[#fields + 1] = kind, kind
+  fields, kind_of, position = {}, {}, {}
+  for k = 1, 6 do
+    local scoped, kind = KINDS[k] .. '@' .. model, KINDS[k]
+    fields[2 * k - 1], fields[2 * k] = scoped, kind
+    kind_of[2 * k - 1], kind_of[2 * k] = k, k
+    position[scoped], position[kind] = 2 * k - 1, 2 * k
   end
 end
 local n_fields = #fields
@@ -62,69 +77,83 @@ local function answer(outcome, denied_by)
 end
 
 -- 1. Read every limit. A 0 anywhere is the controller shedding that traffic.
-local checks, n, found = {}, 0, {}  -- found: kind → the level that has a value for it
-for _, lv in ipairs(levels) do
-  lv.first = n + 1
-  for h = 1, lv.h2 and 2 or 1 do
-    local values = redis.call('HMGET', h == 1 and lv.h1 or lv.h2, unpack(fields))
-    for i = 1, n_fields do
+-- Tables are made at their final size where it is known: growing one costs a resize.
+local checks, n, found = {false, false, false, false, false, false, false, false}, 0,
+  {false, false, false, false, false, false}
+for l = 1, n_levels do
+  local lv = levels[l]
+  lv[FIRST] = n + 1
+  for h = H1, lv[H2] and H2 or H1 do
+    -- HGETALL answers only the fields a hash has (a limit hash holds a few): cheaper
+    -- than asking for every field that could apply and getting mostly nils back.
+    local all = call('HGETALL', lv[h])
+    local values = model == '' and {false, false, false, false, false, false} or
+      {false, false, false, false, false, false, false, false, false, false, false, false}
+    for j = 1, #all, 2 do
+      local i = position[all[j]]
+      if i then
+        values[i] = all[j + 1]
+      end
+    end
+    for i = 1, #all > 0 and n_fields or 0 do
       local text = values[i]
       if text then
         local value = tonumber(text)
         if value == 0 then
-          return answer('shed', (h == 2 and 'plan/' .. ARGV[5] .. '/' or lv.owner) .. fields[i])
+          return answer('shed', (h == H2 and 'plan/' .. ARGV[5] .. '/' or lv[OWNER]) .. fields[i])
         end
         local kind = kind_of[i]
         -- Anything but a number >= 0 was not written by Governor: it is ignored.
-        if value and value > 0 and found[kind] ~= lv then
-          found[kind] = lv
+        if value and value > 0 and found[kind] ~= l then
+          found[kind] = l
           local how = HOW[kind]
-          if tokens > value and (how == 'm' or kind == 'tokens_per_minute') then
-            return answer('too_large', lv.owner .. fields[i])  -- it can never fit
+          if tokens > value and (how == 'm' or kind == TOKEN_RATE) then
+            return answer('too_large', lv[OWNER] .. fields[i])  -- it can never fit
           end
           if how ~= 'm' then
             n = n + 1
-            checks[n] = {lv = lv, kind = kind, how = how, field = fields[i], limit = value,
-              text = text, at = 0, after = false, interval = 0, count = 0, held = 0,
-              fresh = false}
-            lv.holds = lv.holds or how == 'b' or how == 'c'
+            checks[n] = {lv, kind, how, fields[i], value, text, 0, false, 0, 0, false}
+            if how == 'b' or how == 'c' then
+              lv[HOLDS] = true
+            end
           end
         end
       end
     end
   end
-  lv.last = n
+  lv[LAST] = n
 end
 
 -- 2. Read each level's counters in one call; release expired leases first where one is
 -- due (the state notes when the next one is), then read again.
 local now = now_ms()
-local today = math.floor(now / DAY_MS)
+local today = floor(now / DAY_MS)
 local resets_at = (today + 1) * DAY_MS
-for _, lv in ipairs(levels) do
-  if lv.last >= lv.first or lv == tenant_level then
-    local names, k = {'e', 'n'}, 2
-    for i = lv.first, lv.last do
+for l = 1, n_levels do
+  local lv = levels[l]
+  if lv[LAST] >= lv[FIRST] or lv == tenant_level then
+    local names, k = {'e', 'n', false, false, false, false, false, false, false, false}, 2
+    for i = lv[FIRST], lv[LAST] do
       local c = checks[i]
-      local f = c.field
-      if c.how == 'b' then
+      local f, how = c[FIELD], c[HOW_]
+      if how == 'b' then
         names[k + 1], names[k + 2], names[k + 3] = 'd|' .. f, 'u|' .. f, 'v|' .. f
         k = k + 3
-      elseif c.how == 'c' then
+      elseif how == 'c' then
         names[k + 1] = 'c|' .. f
         k = k + 1
       else
         names[k + 1], names[k + 2] = 'g|' .. f, 'l|' .. f
         k = k + 2
       end
-      c.at = k  -- where this check's last state value sits
+      c[AT] = k
     end
-    local values = redis.call('HMGET', lv.state, unpack(names))
+    local values = call('HMGET', lv[STATE], unpack(names, 1, k))
     if values[2] and tonumber(values[2]) <= now then
-      sweep(lv.state, lv.leases, lv == tenant_level and credits or nil, now)
-      values = redis.call('HMGET', lv.state, unpack(names))
+      sweep(lv[STATE], lv[LEASES], lv == tenant_level and credits or nil, now)
+      values = call('HMGET', lv[STATE], unpack(names, 1, k))
     end
-    lv.values, lv.names = values, names
+    lv[VALUES], lv[NAMES] = values, names
   end
 end
 
@@ -132,18 +161,20 @@ end
 local budget, budget_share
 for i = 1, n do
   local c = checks[i]
-  if c.how == 'b' then
-    local values = c.lv.values
-    c.fresh = tonumber(values[c.at - 2] or '-1') ~= today
-    c.count = c.fresh and 0 or tonumber(values[c.at - 1] or '0')  -- settled today
-    c.held = tonumber(values[c.at] or '0')
-    local remaining = c.limit - c.count - c.held
+  if c[HOW_] == 'b' then
+    local values, at = c[LEVEL][VALUES], c[AT]
+    local fresh = tonumber(values[at - 2] or '-1') ~= today
+    local count = fresh and 0 or tonumber(values[at - 1] or '0')  -- settled today
+    local held = tonumber(values[at] or '0')
+    c[FRESH], c[COUNT], c[HELD] = fresh, count, held
+    local limit = c[LIMIT]
+    local remaining = limit - count - held
     if tokens > remaining then
-      local address = c.lv.owner .. c.field
-      return {'budget_exhausted', address, math.ceil(resets_at - now), '', '', '', '', '',
-        '', '', '', '', '', address, 'tokens', c.text, math.max(remaining, 0), resets_at, ''}
+      local address = c[LEVEL][OWNER] .. c[FIELD]
+      return {'budget_exhausted', address, ceil(resets_at - now), '', '', '', '', '', '', '',
+        '', '', '', address, 'tokens', c[TEXT], max(remaining, 0), resets_at, ''}
     end
-    local share = (remaining - tokens) / c.limit
+    local share = (remaining - tokens) / limit
     if budget == nil or share < budget_share then
       budget, budget_share = c, share
     end
@@ -151,7 +182,7 @@ for i = 1, n do
 end
 local credit_balance, credit_held = 0, 0
 if credit_cost then
-  local state = redis.call('HMGET', credits, 'balance', 'reserved')
+  local state = call('HMGET', credits, 'balance', 'reserved')
   credit_balance, credit_held = tonumber(state[1] or '0'), tonumber(state[2] or '0')
   local available = credit_balance - credit_held
   if available - credit_cost < tonumber(ARGV[11]) then
@@ -167,27 +198,39 @@ local wait_ms, denied = 0, nil
 local best_requests, best_tokens, left_requests, left_tokens = nil, nil, 0, 0
 for i = 1, n do
   local c = checks[i]
-  local how, values = c.how, c.lv.values
+  local how, values, at = c[HOW_], c[LEVEL][VALUES], c[AT]
   if how == 'c' then
-    c.count = tonumber(values[c.at] or '0')  -- open now
-    if c.count + 1 > c.limit and (denied == nil or wait_ms < 1000) then
+    local count = tonumber(values[at] or '0')  -- open now
+    c[COUNT] = count
+    if count + 1 > c[LIMIT] and (denied == nil or wait_ms < 1000) then
       denied, wait_ms = c, 1000  -- when a slot frees is unknown; a second is a polite guess
     end
   elseif how ~= 'b' then
-    local interval = how / c.limit
-    local tat = current_tat(values[c.at - 1], values[c.at], c.text, interval, now, how)
-    local is_tokens = c.kind == 'tokens_per_minute'
+    local interval = how / c[LIMIT]
+    -- The GCRA state, read under the limit in force. When the limit changed since the
+    -- state was written (its `l|` field), the backlog keeps its count of requests (or
+    -- tokens) and takes the new interval, so a loosened limit lets traffic through at
+    -- once and a tightened one is full at most.
+    local tat = tonumber(values[at - 1] or '0')
+    if tat <= now then
+      tat = now
+    else
+      local old_limit = values[at]
+      if old_limit and old_limit ~= c[TEXT] then
+        tat = now + min((tat - now) / (how / tonumber(old_limit)) * interval, how)
+      end
+    end
+    local is_tokens = c[KIND] == TOKEN_RATE
     local new_tat = tat + (is_tokens and tokens or 1) * interval
-    c.interval = interval
+    local after = new_tat
     if new_tat - now > how then
-      c.after = tat
+      after = tat
       if denied == nil or new_tat - now - how > wait_ms then
         denied, wait_ms = c, new_tat - now - how
       end
-    else
-      c.after = new_tat
     end
-    local left = math.floor((how - (c.after - now)) / interval + 1e-9)
+    c[AFTER] = after
+    local left = floor((how - (after - now)) / interval + 1e-9)
     if is_tokens then
       if best_tokens == nil or left < left_tokens then
         best_tokens, left_tokens = c, left
@@ -201,25 +244,25 @@ end
 local out = {'allow', '', 0, '', '', '', '', '', '', '', '', '', '', '', '', '', '', '', rid}
 if best_requests then
   local c = best_requests
-  out[4], out[5], out[6] = c.lv.owner .. c.field, c.text, math.max(left_requests, 0)
-  out[7], out[8] = math.ceil(c.after - now), c.how
+  out[4], out[5], out[6] = c[LEVEL][OWNER] .. c[FIELD], c[TEXT], max(left_requests, 0)
+  out[7], out[8] = ceil(c[AFTER] - now), c[HOW_]
 end
 if best_tokens then
   local c = best_tokens
-  out[9], out[10], out[11] = c.lv.owner .. c.field, c.text, math.max(left_tokens, 0)
-  out[12], out[13] = math.ceil(c.after - now), c.how
+  out[9], out[10], out[11] = c[LEVEL][OWNER] .. c[FIELD], c[TEXT], max(left_tokens, 0)
+  out[12], out[13] = ceil(c[AFTER] - now), c[HOW_]
 end
 if budget then
-  out[14], out[15], out[16] = budget.lv.owner .. budget.field, 'tokens', budget.text
-  out[17] = budget.limit - budget.count - budget.held - (denied and 0 or tokens)
+  out[14], out[15], out[16] = budget[LEVEL][OWNER] .. budget[FIELD], 'tokens', budget[TEXT]
+  out[17] = budget[LIMIT] - budget[COUNT] - budget[HELD] - (denied and 0 or tokens)
   out[18] = resets_at
 elseif credit_cost then
   out[14], out[15] = 'credits/' .. tenant, 'credits'
   out[17] = credit_balance - credit_held - (denied and 0 or credit_cost)
 end
 if denied then
-  out[1], out[2], out[3], out[19] = 'rate_limited', denied.lv.owner .. denied.field,
-    math.ceil(wait_ms), ''
+  out[1], out[2], out[3], out[19] = 'rate_limited', denied[LEVEL][OWNER] .. denied[FIELD],
+    ceil(wait_ms), ''
   return out
 end
 
@@ -227,40 +270,38 @@ end
 -- one lease per level, which the first call after its expiry releases. The settle record
 -- ('<credits held or ->,<tokens>', then '<level><holds>' per level) outlives the lease by
 -- a grace period, so a late settle still charges what was used.
--- Lease scores go to ZADD as numbers: Redis turns them into the same double that a
--- formatted string would give, and formatting one in Lua costs ~0.3 µs. Only `n`, a hash
--- field, is stored as text, so only it goes through num().
 local expires = now + tonumber(ARGV[8])
 local today_text = tostring(today)
 local record = (credit_cost and ARGV[10] or '-') .. ',' .. tokens_text
 local function commit(lv)
-  local values, names = lv.values, lv.names  -- names: the state fields read in step 2
-  local updates, k, holds = {}, 0, nil
-  for i = lv.first, lv.last do
+  local values, names = lv[VALUES], lv[NAMES]  -- names: the state fields read in step 2
+  local updates, k, holds = {false, false, false, false, false, false, false, false, false,
+    false, false, false}, 0, nil
+  for i = lv[FIRST], lv[LAST] do
     local c = checks[i]
-    local at, hold = c.at, nil
-    if c.how == 'b' then
-      if c.fresh then
+    local at, how, hold = c[AT], c[HOW_], nil
+    if how == 'b' then
+      if c[FRESH] then
         updates[k + 1], updates[k + 2], updates[k + 3], updates[k + 4] = names[at - 2], today,
           names[at - 1], 0
         k = k + 4
       end
-      updates[k + 1], updates[k + 2] = names[at], c.held + tokens
+      updates[k + 1], updates[k + 2] = names[at], c[HELD] + tokens
       k = k + 2
-      hold = 'b=' .. c.field
-    elseif c.how == 'c' then
-      updates[k + 1], updates[k + 2] = names[at], c.count + 1
+      hold = 'b=' .. c[FIELD]
+    elseif how == 'c' then
+      updates[k + 1], updates[k + 2] = names[at], c[COUNT] + 1
       k = k + 2
-      hold = 'c=' .. c.field
+      hold = 'c=' .. c[FIELD]
     else
-      updates[k + 1], updates[k + 2] = names[at - 1], num(c.after)
+      updates[k + 1], updates[k + 2] = names[at - 1], c[AFTER]
       k = k + 2
-      if values[at] ~= c.text then
-        updates[k + 1], updates[k + 2] = names[at], c.text
+      if values[at] ~= c[TEXT] then
+        updates[k + 1], updates[k + 2] = names[at], c[TEXT]
         k = k + 2
       end
-      if c.kind == 'tokens_per_minute' then
-        hold = 't=' .. c.field
+      if c[KIND] == TOKEN_RATE then
+        hold = 't=' .. c[FIELD]
       end
     end
     if hold then
@@ -268,15 +309,15 @@ local function commit(lv)
     end
   end
   if holds then
-    record = record .. ';' .. lv.id .. holds
+    record = record .. ';' .. lv[ID] .. holds
   end
   local leased, m = nil, 0
-  if lv.holds or lv == tenant_level then
-    leased = {}
+  if lv[HOLDS] or lv == tenant_level then
+    leased = {false, false, false, false, false, false}
     if lv == tenant_level and credit_cost then
       leased[1], leased[2], m = expires, '$|' .. rid .. '|' .. ARGV[10], 2
     end
-    if lv.holds then
+    if lv[HOLDS] then
       leased[m + 1], leased[m + 2] = expires, 'h|' .. rid .. '|' .. tokens_text .. '|' .. holds
       m = m + 2
     end
@@ -289,7 +330,7 @@ local function commit(lv)
     end
     -- The first lease is the earliest: note it unless an earlier one is due already.
     if not (values[2] and tonumber(values[2]) <= expires) then
-      updates[k + 1], updates[k + 2] = 'n', num(leased[1])
+      updates[k + 1], updates[k + 2] = 'n', leased[1]
       k = k + 2
     end
   end
@@ -297,23 +338,25 @@ local function commit(lv)
   local refresh = values[1] ~= today_text
   if refresh then
     updates[k + 1], updates[k + 2] = 'e', today_text
+    k = k + 2
   end
-  redis.call('HSET', lv.state, unpack(updates))
+  call('HSET', lv[STATE], unpack(updates, 1, k))
   if m > 0 then
-    redis.call('ZADD', lv.leases, unpack(leased))
+    call('ZADD', lv[LEASES], unpack(leased, 1, m))
   end
   if refresh then
-    redis.call('PEXPIRE', lv.state, STATE_TTL_MS)
-    redis.call('PEXPIRE', lv.leases, STATE_TTL_MS)
+    call('PEXPIRE', lv[STATE], STATE_TTL_MS)
+    call('PEXPIRE', lv[LEASES], STATE_TTL_MS)
   end
 end
 
 if credit_cost then
-  redis.call('HSET', credits, 'reserved', credit_held + credit_cost)
+  call('HSET', credits, 'reserved', credit_held + credit_cost)
 end
 -- The tenant level goes last: its settle record lists the holds of every level.
-for _, lv in ipairs(levels) do
-  if lv ~= tenant_level and lv.values then
+for l = 1, n_levels do
+  local lv = levels[l]
+  if lv ~= tenant_level and lv[VALUES] then
     commit(lv)
   end
 end

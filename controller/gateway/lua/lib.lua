@@ -3,19 +3,21 @@
 -- These scripts run on every request: they avoid what Lua makes dear inside Redis —
 -- building strings, formatting numbers, growing tables — and redis.call round trips.
 
+-- Globals cost a table lookup each inside Redis: the hot ones are bound to locals once.
+local call, tonumber, floor, ceil, max, min = redis.call, tonumber, math.floor, math.ceil,
+  math.max, math.min
+local sub, match, gmatch, unpack = string.sub, string.match, string.gmatch, unpack
+
 local DAY_MS = 86400000
 local STATE_TTL_MS = 2 * DAY_MS  -- a level's state outlives a day's budget, then goes
 
 local function now_ms()
-  local t = redis.call('TIME')
+  local t = call('TIME')
   return tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
 end
 
--- Lua's tostring keeps 14 digits: a millisecond time would lose its fraction (or come back
--- in exponent form), so a number that is stored goes through here.
-local function num(x)
-  return string.format('%.17g', x)
-end
+-- A number passed to call() reaches Redis formatted with %.17g (exact for a double), so
+-- times and counters go to Redis as numbers: formatting them here would only cost more.
 
 -- A level's state hash (one per level owner: global, ip, tenant, user) holds, for a limit
 -- field F (`limit` or `limit@model`):
@@ -30,21 +32,21 @@ end
 
 -- Undo one lease: give back what it held.
 local function release(state, credits, member)
-  local code = string.sub(member, 1, 1)
+  local code = sub(member, 1, 1)
   if code == 'h' then
-    local tokens, holds = string.match(member, '^h|[^|]*|([^|]*)|(.*)$')
-    for hold in string.gmatch(holds, '[^,]+') do
-      local kind, field = string.sub(hold, 1, 1), string.sub(hold, 3)
+    local tokens, holds = match(member, '^h|[^|]*|([^|]*)|(.*)$')
+    for hold in gmatch(holds, '[^,]+') do
+      local kind, field = sub(hold, 1, 1), sub(hold, 3)
       if kind == 'b' then
-        redis.call('HINCRBY', state, 'v|' .. field, -tonumber(tokens))
+        call('HINCRBY', state, 'v|' .. field, -tonumber(tokens))
       elseif kind == 'c' then
-        redis.call('HINCRBY', state, 'c|' .. field, -1)
+        call('HINCRBY', state, 'c|' .. field, -1)
       end
     end
   elseif code == '$' and credits then
-    redis.call('HINCRBY', credits, 'reserved', -tonumber(string.match(member, '([^|]*)$')))
+    call('HINCRBY', credits, 'reserved', -tonumber(match(member, '([^|]*)$')))
   elseif code == 'x' then
-    redis.call('HDEL', state, member)
+    call('HDEL', state, member)
   end
 end
 
@@ -52,18 +54,18 @@ end
 -- over the next calls), then note when the next one is due. A crashed gateway's
 -- reservations end here.
 local function sweep(state, leases, credits, now)
-  local expired = redis.call('ZRANGEBYSCORE', leases, '-inf', now, 'LIMIT', 0, 64)
-  for _, member in ipairs(expired) do
-    release(state, credits, member)
+  local expired = call('ZRANGEBYSCORE', leases, '-inf', now, 'LIMIT', 0, 64)
+  for i = 1, #expired do
+    release(state, credits, expired[i])
   end
   if #expired > 0 then
-    redis.call('ZREM', leases, unpack(expired))
+    call('ZREM', leases, unpack(expired))
   end
-  local next_due = redis.call('ZRANGE', leases, 0, 0, 'WITHSCORES')
+  local next_due = call('ZRANGE', leases, 0, 0, 'WITHSCORES')
   if next_due[2] then
-    redis.call('HSET', state, 'n', next_due[2])
+    call('HSET', state, 'n', next_due[2])
   else
-    redis.call('HDEL', state, 'n')
+    call('HDEL', state, 'n')
   end
 end
 
@@ -73,20 +75,4 @@ local function used_today(day_text, used_text, today)
     return 0
   end
   return tonumber(used_text or '0')
-end
-
--- A GCRA state read under the limit in force. When the limit changed since the state was
--- written (`old_limit`), the backlog keeps its count of requests (or tokens) and takes the
--- new interval, so a loosened limit lets traffic through at once and a tightened one is
--- full at most.
-local function current_tat(tat_text, old_limit, limit_text, interval, now, period)
-  local tat = tonumber(tat_text or '0')
-  if tat <= now then
-    return now
-  end
-  if old_limit and old_limit ~= limit_text then
-    local old = period / tonumber(old_limit)
-    return now + math.min((tat - now) / old * interval, period)
-  end
-  return tat
 end

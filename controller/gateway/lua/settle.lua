@@ -13,65 +13,65 @@ local LEVELS = {g = {KEYS[1], KEYS[2]}, i = {KEYS[3], KEYS[4]}, t = {KEYS[5], KE
   u = {KEYS[7], KEYS[8]}}
 local credits = KEYS[9]
 
-local text = redis.call('HGET', KEYS[5], 'x|' .. rid)
+local text = call('HGET', KEYS[5], 'x|' .. rid)
 if not text then
   return 0
 end
 -- The record: '<credits held or ->,<tokens held>', then '<level><holds>' per level.
 local parts = {}
-for part in string.gmatch(text, '[^;]+') do
+for part in gmatch(text, '[^;]+') do
   parts[#parts + 1] = part
 end
-local credit_text, tokens_text = string.match(parts[1], '^([^,]+),(.+)$')
+local credit_text, tokens_text = match(parts[1], '^([^,]+),(.+)$')
 local credit_held, reserved = tonumber(credit_text), tonumber(tokens_text)
 local now = now_ms()
-local today = math.floor(now / DAY_MS)
+local today = floor(now / DAY_MS)
 
 for i = 2, #parts do
-  local level, holds = string.sub(parts[i], 1, 1), string.sub(parts[i], 2)
+  local level, holds = sub(parts[i], 1, 1), sub(parts[i], 2)
   local state, leases = LEVELS[level][1], LEVELS[level][2]
   -- Its lease is gone when a sweep released it already: then only the usage counts.
   local member = 'h|' .. rid .. '|' .. tokens_text .. '|' .. holds
-  local held = redis.call('ZREM', leases, member) == 1
-  for hold in string.gmatch(holds, '[^,]+') do
-    local kind, field = string.sub(hold, 1, 1), string.sub(hold, 3)
+  local held = call('ZREM', leases, member) == 1
+  for hold in gmatch(holds, '[^,]+') do
+    local kind, field = sub(hold, 1, 1), sub(hold, 3)
     if kind == 't' then
       -- Move the GCRA state by the difference: unused tokens flow back, extra ones are
       -- owed, counted in the interval of the limit in force now.
-      local cur = redis.call('HMGET', state, 'g|' .. field, 'l|' .. field)
+      local cur = call('HMGET', state, 'g|' .. field, 'l|' .. field)
       if cur[2] then
-        local tat = math.max(tonumber(cur[1] or '0'), now)
-        redis.call('HSET', state, 'g|' .. field,
-          num(tat + (actual - reserved) * 60000 / tonumber(cur[2])))
+        local tat = max(tonumber(cur[1] or '0'), now)
+        call('HSET', state, 'g|' .. field,
+          tat + (actual - reserved) * 60000 / tonumber(cur[2]))
       end
     elseif kind == 'c' then
       if held then
-        redis.call('HINCRBY', state, 'c|' .. field, -1)
+        call('HINCRBY', state, 'c|' .. field, -1)
       end
     elseif kind == 'b' then
       if held then
-        redis.call('HINCRBY', state, 'v|' .. field, -reserved)
+        call('HINCRBY', state, 'v|' .. field, -reserved)
       end
-      local day = redis.call('HMGET', state, 'd|' .. field, 'u|' .. field)
-      redis.call('HSET', state, 'd|' .. field, today, 'u|' .. field,
+      local day = call('HMGET', state, 'd|' .. field, 'u|' .. field)
+      call('HSET', state, 'd|' .. field, today, 'u|' .. field,
         used_today(day[1], day[2], today) + actual)
     end
   end
 end
 
 if credit_held then
-  if redis.call('ZREM', LEVELS.t[2], '$|' .. rid .. '|' .. credit_text) == 1 then
-    redis.call('HINCRBY', credits, 'reserved', -credit_held)
+  if call('ZREM', LEVELS.t[2], '$|' .. rid .. '|' .. credit_text) == 1 then
+    call('HINCRBY', credits, 'reserved', -credit_held)
   end
   if cost > 0 then
-    local balance = redis.call('HINCRBY', credits, 'balance', -cost)
-    redis.call('XADD', KEYS[10], 'MAXLEN', '~', ARGV[5], '*', 'kind', 'charge',
+    local balance = call('HINCRBY', credits, 'balance', -cost)
+    call('XADD', KEYS[10], 'MAXLEN', '~', ARGV[5], '*', 'kind', 'charge',
       'amount_micro_usd', -cost, 'balance_micro_usd', balance, 'request', rid,
       'model', ARGV[4], 'tokens', ARGV[2], 'prompt_tokens', ARGV[6],
       'completion_tokens', ARGV[7])
   end
 end
 
-redis.call('HDEL', KEYS[5], 'x|' .. rid)
-redis.call('ZREM', LEVELS.t[2], 'x|' .. rid)
+call('HDEL', KEYS[5], 'x|' .. rid)
+call('ZREM', LEVELS.t[2], 'x|' .. rid)
 return 1

@@ -5,8 +5,8 @@
 --       5 history length kept
 -- Returns the new balance in micro-USD.
 
-local balance = redis.call('HINCRBY', KEYS[1], 'balance', ARGV[1])
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', 'kind', ARGV[2],
-  'amount_micro_usd', ARGV[1], 'balance_micro_usd', num(balance), 'reason', ARGV[3],
+local balance = call('HINCRBY', KEYS[1], 'balance', ARGV[1])
+call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', 'kind', ARGV[2],
+  'amount_micro_usd', ARGV[1], 'balance_micro_usd', balance, 'reason', ARGV[3],
   'actor', ARGV[4])
 return balance

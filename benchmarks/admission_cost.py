@@ -1,0 +1,152 @@
+"""Benchmark: what one admission decision costs Redis, in CPU instructions (callgrind).
+
+Timings on a shared 2-core machine move by more than a script change gains; instruction
+counts do not. This runs a redis-server under valgrind's callgrind, loads the limits of
+benchmarks/admission.py, and counts the instructions Redis executes per call (reading the
+command, running the script, answering) for the trivial `return 1` script, the one-level
+GCRA and the full decision (global + ip + plan + tenant + user + token budget), each on
+its own fresh server. Ratios are to the trivial script; `--against REV` also counts the
+full decision as a git revision had it (lib.lua + admit.lua of REV), to show what a change
+to the scripts gained; `--profile N` prints the N functions that cost most inside the full
+decision (names only where the redis-server binary has them).
+
+Needs valgrind (`apt-get install valgrind`); without it, says so and exits 0.
+Run: `.venv/bin/python -m benchmarks.admission_cost [--calls 1000] [--against HEAD~1]
+[--profile 30]`
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from benchmarks.admission import GCRA, HUGE, TRIVIAL, full_decision_call, write_limits
+from controller.gateway.scripts import ADMIT, Script
+from tests.support.redis import RedisServer, free_port
+
+LIMITS = {
+    "global/requests_per_second": HUGE,
+    "ip/requests_per_minute": HUGE,
+    "plan/bench/requests_per_minute": HUGE,
+    "plan/bench/tokens_per_minute": HUGE,
+    "plan/bench/tokens_per_day": HUGE,
+    "user/t-server/alice/requests_per_minute": HUGE,
+}
+WARM_UP = 200  # calls before counting: scripts compiled, hashes and lease sets in place
+
+
+def count(script: Script, keys: Sequence[str], args: Sequence[Any], calls: int,
+          out: Path) -> tuple[float, str]:  # fmt: skip
+    """Instructions per call of `script` on a fresh redis-server under callgrind."""
+    port = free_port()
+    dump = out / f"{script.name}.callgrind"
+    server = subprocess.Popen(
+        ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={dump}",
+         "redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+         "--appendonly", "no"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        client = redis.Redis(port=port, decode_responses=True)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("redis-server under valgrind did not start") from None
+                time.sleep(0.2)  # valgrind takes seconds to start the server
+        write_limits(RedisServer(out, port=port), LIMITS)
+        client.execute_command("SCRIPT LOAD", script.source)
+        ids = iter(range(WARM_UP + calls))
+
+        def call() -> None:
+            call_args = [f"c{next(ids)}" if arg == "s__rand_int__" else arg for arg in args]
+            client.execute_command("EVALSHA", script.sha, len(keys), *keys, *call_args)
+
+        for _ in range(WARM_UP):
+            call()
+        subprocess.run(["callgrind_control", "--instr=on", str(server.pid)], check=True,
+                       capture_output=True)  # fmt: skip
+        for _ in range(calls):
+            call()
+        subprocess.run(["callgrind_control", "--instr=off", str(server.pid)], check=True,
+                       capture_output=True)  # fmt: skip
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+    report = subprocess.run(
+        ["callgrind_annotate", "--inclusive=no", str(dump)],
+        check=True, capture_output=True, text=True,
+    ).stdout  # fmt: skip
+    total = re.search(r"([\d,]+) \(100\.0%\)\s+PROGRAM TOTALS", report)
+    if total is None:
+        raise RuntimeError(f"callgrind_annotate printed no total for {script.name}")
+    return int(total.group(1).replace(",", "")) / calls, report
+
+
+def script_at(revision: str) -> Script:
+    """admit.lua (with lib.lua, as Script.named builds it) at a git revision."""
+
+    def show(name: str) -> str:
+        path = f"controller/gateway/lua/{name}.lua"
+        return subprocess.run(["git", "show", f"{revision}:{path}"], check=True,
+                              capture_output=True, text=True).stdout  # fmt: skip
+
+    source = show("lib") + "\n" + show("admit")
+    return Script(f"admit@{revision}", source, hashlib.sha1(source.encode()).hexdigest())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--calls", type=int, default=1000, help="counted calls per script")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="print the N costliest functions of the full decision")  # fmt: skip
+    parser.add_argument("--against", metavar="REV",
+                        help="also count admit.lua as git revision REV had it")  # fmt: skip
+    options = parser.parse_args()
+    if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
+        print("admission_cost needs valgrind: apt-get install valgrind (skipped)")
+        return
+    keys, args = full_decision_call()
+    runs = {
+        "trivial (return 1)": (TRIVIAL, (), ()),
+        "one-level GCRA": (GCRA, ("gcra:cost",), (HUGE, 60000)),
+        "full decision (admit.lua)": (ADMIT, keys, args),
+    }
+    if options.against:
+        runs[f"full decision at {options.against}"] = (script_at(options.against), keys, args)
+    with tempfile.TemporaryDirectory() as tmp:
+        counts, reports = {}, {}
+        for name, (script, script_keys, script_args) in runs.items():
+            counts[name], reports[name] = count(
+                script, script_keys, script_args, options.calls, Path(tmp)
+            )
+    trivial = counts["trivial (return 1)"]
+    print(f"\ninstructions Redis executes per call (callgrind, {options.calls} calls each)")
+    print(f"{'script':34} {'instructions':>13} {'vs trivial':>11}")
+    for name, value in counts.items():
+        print(f"{name:34} {value:13,.0f} {value / trivial:10.1f}x")
+    if options.against:
+        before = counts[f"full decision at {options.against}"]
+        now = counts["full decision (admit.lua)"]
+        print(f"full decision now / at {options.against} = {now / before:.3f}")
+    if options.profile:
+        lines = reports["full decision (admit.lua)"].splitlines()
+        start = next(i for i, line in enumerate(lines) if "file:function" in line)
+        print("\n".join(lines[start : start + 2 + options.profile]))
+
+
+if __name__ == "__main__":
+    main()
