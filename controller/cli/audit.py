@@ -11,7 +11,9 @@ from rich.table import Table
 from controller.audit import JournalEntry, follow_events, read_events
 from controller.cli._redis import JSON_OPTION, console, number, parse_ttl, stores, when
 
-app = typer.Typer(help="Read the decision journal (every change and who made it).")
+app = typer.Typer(
+    help="Read the decision journal (every change and who made it).", no_args_is_help=True
+)
 
 
 def entry_json(entry: JournalEntry) -> str:

@@ -141,3 +141,35 @@ def test_the_sinks_follow_the_kong_and_rbac_switches() -> None:
         "rbac": {"kongPlugins": True},
     }
     assert sinks(both) == "redis,kong,kubernetes"
+
+
+def test_kong_cluster_plugins_get_a_cluster_role_bound_to_the_service_account() -> None:
+    from tests.deploy.chart import env, manifests, of_kind, one, render
+
+    docs = manifests(render({"rbac": {"kongClusterPlugins": True}}))
+
+    variables = env(docs)
+    assert variables["GOVERNOR_CONTROLLER__SINKS"]["value"] == "redis,kubernetes"
+    assert variables["GOVERNOR_KUBERNETES_SINK__CLUSTER_SCOPED"]["value"] == "true"
+    role = one(docs, "ClusterRole")
+    assert [r["resources"] for r in role["rules"]] == [["kongclusterplugins"]]
+    assert {"create", "patch", "delete"} <= set(role["rules"][0]["verbs"])
+    binding = one(docs, "ClusterRoleBinding")
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    account = one(docs, "ServiceAccount")["metadata"]
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": account["name"], "namespace": account["namespace"]}
+    ]
+    # The namespaced Role keeps only what else is on (the Lease), nothing of Kong's.
+    groups = {g for role in of_kind(docs, "Role") for r in role["rules"] for g in r["apiGroups"]}
+    assert "configuration.konghq.com" not in groups
+    assert one(docs, "Deployment")["spec"]["template"]["spec"]["automountServiceAccountToken"]
+
+
+def test_kong_plugins_and_kong_cluster_plugins_cannot_both_be_on() -> None:
+    from helm_python.errors import HelmRenderError
+
+    from tests.deploy.chart import render
+
+    with pytest.raises(HelmRenderError, match="exclusive"):
+        render({"rbac": {"kongPlugins": True, "kongClusterPlugins": True}})

@@ -26,12 +26,17 @@ from tests.deploy.chart import (
 )
 from tests.deploy.crds import CRD_SCHEMAS, SERVICE_MONITOR
 
+CLUSTER_SCOPED = {"ClusterRole", "ClusterRoleBinding"}  # no namespace of their own
+
 
 def test_the_chart_renders_the_objects_of_an_install(docs: tuple[Manifest, ...]) -> None:
     kinds = {doc["kind"] for doc in docs}
     assert {"Deployment", "ServiceAccount", "Service"} <= kinds
     for doc in docs:
-        assert doc["metadata"]["namespace"] == NAMESPACE, doc["metadata"]["name"]
+        if doc["kind"] in CLUSTER_SCOPED:
+            assert "namespace" not in doc["metadata"], doc["metadata"]["name"]
+        else:
+            assert doc["metadata"]["namespace"] == NAMESPACE, doc["metadata"]["name"]
         assert len(doc["metadata"]["name"]) <= 63
 
 

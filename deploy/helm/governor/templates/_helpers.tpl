@@ -86,10 +86,18 @@ Whether the controller uses a Kubernetes Lease ("true" or "").
 {{- end }}
 
 {{/*
-Whether the controller talks to the Kubernetes API at all ("true" or "").
+Whether the controller needs namespaced permissions, a Role ("true" or "").
+*/}}
+{{- define "governor.needsRole" -}}
+{{- if or (include "governor.usesLease" .) .Values.rbac.kongPlugins .Values.rbac.configMaps }}true{{ end }}
+{{- end }}
+
+{{/*
+Whether the controller talks to the Kubernetes API at all, then it needs its token
+("true" or "").
 */}}
 {{- define "governor.usesKubeApi" -}}
-{{- if or (include "governor.usesLease" .) .Values.rbac.kongPlugins .Values.rbac.configMaps }}true{{ end }}
+{{- if or (include "governor.usesLease" .) .Values.rbac.kongPlugins .Values.rbac.kongClusterPlugins .Values.rbac.configMaps }}true{{ end }}
 {{- end }}
 
 {{/*
