@@ -311,31 +311,28 @@ def change_events(
     dry_run: bool,
     runbooks: Mapping[str, str] | None = None,
     runbook_base_url: str = "",
-) -> list[JournalEvent]:
-    """One `limit.changed` event per change, with the decision (policy, signals) behind it."""
-    events = []
+) -> Iterator[JournalEvent]:
+    """One `limit.changed` event per change, with the decision (policy, signals) behind it;
+    made one at a time (the first tick journals every limit: 100k events never coexist)."""
     for change in changes:
         decision = decisions.get(change.address)
         policy = decision.policy if decision else None
         runbook = (runbooks or {}).get(policy or "")
-        events.append(
-            JournalEvent(
-                kind=Kind.LIMIT_CHANGED,
-                actor=CONTROLLER,
-                reason=decision.reason if decision else "no longer in the desired state",
-                address=str(change.address),
-                old=None if change.old is None or math.isnan(change.old) else change.old,
-                new=change.new,
-                tick=tick,
-                policy=policy,
-                policy_version=policy_version,
-                source=str(decision.source) if decision else None,
-                signals=tuple(signals_to_list(decision.signals)) if decision else (),
-                runbook=runbook_link(runbook, runbook_base_url),
-                dry_run=dry_run,
-            )
+        yield JournalEvent(
+            kind=Kind.LIMIT_CHANGED,
+            actor=CONTROLLER,
+            reason=decision.reason if decision else "no longer in the desired state",
+            address=str(change.address),
+            old=None if change.old is None or math.isnan(change.old) else change.old,
+            new=change.new,
+            tick=tick,
+            policy=policy,
+            policy_version=policy_version,
+            source=str(decision.source) if decision else None,
+            signals=tuple(signals_to_list(decision.signals)) if decision else (),
+            runbook=runbook_link(runbook, runbook_base_url),
+            dry_run=dry_run,
         )
-    return events
 
 
 def drift_events(drift: Sequence[Drift], *, tick: int | None) -> list[JournalEvent]:

@@ -26,15 +26,21 @@ def mask_text(text: str) -> str:
     return _URL_PASSWORD.sub(lambda m: f"{m['scheme']}{m['user']}:{MASK}@", text)
 
 
+# Values that cannot hold a secret, checked first: most of a journal line is numbers.
+_PLAIN = frozenset({int, float, bool, type(None)})
+
+
 def _redact(value: Any) -> Any:
-    if isinstance(value, SecretStr):
-        return MASK
+    if type(value) in _PLAIN:
+        return value
     if isinstance(value, str):
         return mask_text(value)
     if isinstance(value, dict):
         return {k: MASK if _is_secret_key(k) else _redact(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [_redact(v) for v in value]
+    if isinstance(value, SecretStr):
+        return MASK
     if isinstance(value, BaseException):
         return mask_text(str(value))
     return value

@@ -3,9 +3,12 @@ bookkeeping around it (leadership, readiness, metrics). Nothing in a tick may cr
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -27,6 +30,9 @@ from controller.sinks.factory import split_supported
 from controller.sinks.reconciler import Reconciler, TickReport
 from controller.sinks.records import signals_to_list
 from controller.telemetry import FlapDetector, Health, Metrics
+
+# A tick's leftovers in reference cycles wait at most this many ticks for a full collection.
+FULL_COLLECTION_TICKS = 120
 
 
 class SignalSource(Protocol):
@@ -98,7 +104,7 @@ class Controller:
         """Run one tick; every failure is logged, counted and reflected in readiness."""
         self.tick_id += 1
         started = time.perf_counter()
-        with bound_contextvars(tick=self.tick_id):
+        with bound_contextvars(tick=self.tick_id), _collections(self.tick_id):
             try:
                 # The tick's events go to the stream together when it ends (one round trip).
                 with self.journal.batch():
@@ -404,6 +410,47 @@ class Controller:
                     else 0.0
                 )
             self.metrics.overshoot.labels(adaptive.ref).set(over)
+
+
+@contextmanager
+def _collections(tick: int) -> Iterator[None]:
+    """Keep the cyclic garbage collector out of a tick, then freeze what the tick left.
+
+    A tick rebuilds per-tenant state (at 100k tenants, a million objects), and the collector
+    left on walks all of it several times per tick: at 20k tenants a fifth of the tick. That
+    state holds no reference cycles; reference counting frees it, frozen or not. Whatever a
+    tick leaves in cycles is reclaimed by a full collection every FULL_COLLECTION_TICKS.
+    Then the memory freed is handed back to the system (glibc keeps it otherwise)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+        if tick % FULL_COLLECTION_TICKS == 0:
+            gc.unfreeze()
+            gc.collect()
+        gc.freeze()
+        _trim()
+
+
+def _trim() -> None:
+    """glibc's malloc_trim(0): without it the freed pages of a tick's peak stay resident."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _libc() -> ctypes.CDLL | None:
+    # The process' own symbols include libc's on Linux: no `ldconfig` run at import time.
+    try:
+        libc = ctypes.CDLL(None)
+    except OSError:
+        return None
+    return libc if hasattr(libc, "malloc_trim") else None  # glibc only (not musl, macOS)
+
+
+_LIBC = _libc()
 
 
 def _news(transitions: Iterable[Transition], previous: EngineState) -> list[Transition]:

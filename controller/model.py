@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import functools
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -127,6 +128,13 @@ class Address:
         return Address(self.scope, self.limit, self.plan, self.tenant, self.user)
 
 
+@functools.lru_cache(maxsize=1 << 18)
+def interned(text: str) -> Address:
+    """`Address.parse`, one instance per address text in the process: the engine's targets
+    and the sink's read-back share it instead of holding a parsed copy each (100k tenants)."""
+    return Address.parse(text)
+
+
 def _shape_of(scope: Scope) -> str:
     return "/".join([scope.value, *(f"<{n}>" for n in _IDS_PER_SCOPE[scope]), "<limit>"])
 
@@ -152,7 +160,7 @@ class AddressTemplate:
     def fill(self, values: Mapping[str, str]) -> Address:
         """Substitute label values; raise AddressError when a value is not a safe id."""
         text = _PLACEHOLDER_PATTERN.sub(lambda m: values[m.group(1)], self.text)
-        return Address.parse(text)
+        return interned(text)
 
 
 class Validity(enum.StrEnum):

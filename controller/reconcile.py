@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from controller.model import Address
@@ -31,20 +30,18 @@ class Drift:
     actual: float | None  # what is there now (None: deleted; NaN: not a number)
 
 
-def _same(a: float | None, b: float | None) -> bool:
-    # NaN (a hand-written non-number) never equals anything, so it is always rewritten.
-    return a is not None and b is not None and a == b and not math.isnan(a)
-
-
 def diff(desired: Mapping[Address, float], actual: Mapping[Address, float]) -> list[Change]:
     """Changes that make `actual` equal `desired`, sorted by address; [] when they match.
 
     Pure: no side effects. An address in `actual` but not in `desired` is deleted.
     """
+    get = actual.get
+    # Plain `!=` on floats: None (absent) differs from any value, and NaN (a hand-written
+    # non-number) from everything, itself included, so it is always rewritten.
     changes = [
-        Change(address, actual.get(address), value)
+        Change(address, get(address), value)
         for address, value in desired.items()
-        if not _same(actual.get(address), value)
+        if get(address) != value
     ]
     changes.extend(Change(a, v, None) for a, v in actual.items() if a not in desired)
     changes.sort(key=lambda c: str(c.address))
@@ -53,12 +50,8 @@ def diff(desired: Mapping[Address, float], actual: Mapping[Address, float]) -> l
 
 def find_drift(actual: Mapping[Address, float], written: Mapping[Address, float]) -> list[Drift]:
     """Addresses whose stored value differs from Governor's ledger, sorted. Pure."""
-    addresses: Iterable[Address] = written.keys() | actual.keys()
-    return sorted(
-        (
-            Drift(a, written.get(a), actual.get(a))
-            for a in addresses
-            if not _same(written.get(a), actual.get(a))
-        ),
-        key=lambda d: str(d.address),
-    )
+    get = actual.get
+    # As in `diff`: a NaN on either side is always drift.
+    found = [Drift(a, value, get(a)) for a, value in written.items() if get(a) != value]
+    found.extend(Drift(a, None, value) for a, value in actual.items() if a not in written)
+    return sorted(found, key=lambda d: str(d.address))

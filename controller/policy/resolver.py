@@ -220,6 +220,8 @@ def _append(
     of them (the value that was in force when the window opened)."""
     if not points or points[-1][1] != value:
         points = (*points, (now, value))
+    if len(points) < 2 or (len(points) == 2 and points[1][0] >= since):
+        return points  # the usual case, spelled out: nothing to drop
     kept = tuple(p for p in points if p[0] >= since)
     older = [p for p in points if p[0] < since]
     return (older[-1], *kept) if older else kept
@@ -235,6 +237,8 @@ def _recommend(
         points = (*points[:-1], (now, value))
     else:
         points = (*points, (now, value))
+    if len(points) == 1 or (len(points) == 2 and points[0][0] >= since):
+        return points  # the usual case, spelled out: nothing to drop (the last is `now`)
     return tuple(p for p in points if p[0] >= since)
 
 

@@ -12,7 +12,7 @@ from typing import cast
 import redis
 
 from controller.errors import SinkError
-from controller.model import Address, AddressError, Decision, LimitKind
+from controller.model import Address, AddressError, Decision, LimitKind, interned
 from controller.reconcile import Change
 from controller.settings import RedisSettings
 from controller.sinks import ApplyResult, SinkState
@@ -49,6 +49,9 @@ return bad
 """
 
 
+_RECORDS_PER_WRITE = 5000
+
+
 class RedisSink:
     """Limits in Redis per docs/redis-contract.md. One instance per process; not thread-safe."""
 
@@ -62,8 +65,11 @@ class RedisSink:
         self.fence: Callable[[], Fence | None] | None = None
         self._verify = client.register_script(_VERIFY)
         self._read = client.register_script(_READ)
-        # The decision last recorded per address (`decision_key`); None: not yet read back.
-        self._recorded: dict[Address, tuple[object, ...]] | None = None
+        # The hash of the decision last recorded per address (`decision_key`): 8 bytes, not
+        # the key's tuples, per tenant. Two different decisions of one address with equal
+        # 64-bit hashes (odds 2^-64) would leave its record one decision behind.
+        # None: not yet read back.
+        self._recorded: dict[Address, int] | None = None
 
     @classmethod
     def from_url(cls, url: str, settings: RedisSettings) -> RedisSink:
@@ -191,7 +197,7 @@ class RedisSink:
         """Store each address's last decision for `explain`; only records whose decision
         changed (`decision_key`) are written, and records of addresses gone are removed."""
         now = self._clock()
-        fresh = {a: decision_key(d) for a, d in decisions.items()}
+        fresh = {a: hash(decision_key(d)) for a, d in decisions.items()}
         gone: list[str] = []
         recorded = self._recorded
         if recorded is None:  # first call: forget records of addresses no longer desired
@@ -205,17 +211,18 @@ class RedisSink:
             self._recorded = fresh
             return 0
         with wrapped(self.client, "record decisions"):
-            pipe = self.client.pipeline(transaction=False)
-            if changed:
-                pipe.hset(
+            # In slices: the first tick records every limit, and 100k JSON records encoded
+            # at once (then packed into one command) would set the process's memory peak.
+            for start in range(0, len(changed), _RECORDS_PER_WRITE):
+                self.client.hset(
                     self.keys.decisions,
                     mapping={
-                        str(a): decision_to_json(decisions[a], tick=tick, at=now) for a in changed
+                        str(a): decision_to_json(decisions[a], tick=tick, at=now)
+                        for a in changed[start : start + _RECORDS_PER_WRITE]
                     },
                 )
             if gone:
-                pipe.hdel(self.keys.decisions, *gone)
-            pipe.execute()
+                self.client.hdel(self.keys.decisions, *gone)
         self._recorded = fresh  # only once written: a failed write is retried next tick
         return len(changed) + len(gone)
 
@@ -242,7 +249,7 @@ def _target(prefix: str, address: Address) -> tuple[str, str, str]:
 def _ledger_entry(prefix: str, text: str) -> tuple[str, Address | None]:
     """A ledger field → (owner hash key, address); ("", None) for an entry we cannot read."""
     try:
-        address = Address.parse(text)
+        address = interned(text)
     except AddressError:
         return "", None  # a hand-made ledger entry: not ours to interpret
     owner = KeySchema(prefix).owner(address)
@@ -260,6 +267,6 @@ def _field_address(prefix: str, owner: str, name: str) -> Address | None:
     try:
         base = _OWNER_BASES[owner]
         address = dataclasses.replace(base, limit=LimitKind(limit), model=model if at else None)
-        return Address.parse(str(address))
+        return interned(str(address))
     except (KeyError, ValueError, AddressError):
         return None

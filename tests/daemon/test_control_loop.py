@@ -36,6 +36,8 @@ def test_a_hot_gpu_tightens_the_limit_and_it_returns_after_stabilization(
     hot_at = time.time()
     gpu.set(0.95)
     wait_for(lambda: limit(db) == TIGHT, "the hot GPU halves the free tier")
+    # A tick's journal events reach the stream when it ends, just after its writes.
+    wait_for(lambda: bool(events(db, "limit.changed", new=TIGHT)), "the change is journalled")
     [engaged] = events(db, "policy.transition", policy=POLICY)
     [tightened] = events(db, "limit.changed", address=ADDRESS, new=TIGHT)
     assert tightened["old"] == FREE_RPM
@@ -57,6 +59,7 @@ def test_a_hot_gpu_tightens_the_limit_and_it_returns_after_stabilization(
     # Released, but loosening waits for the window: still tightened right after the release.
     assert limit(db) == TIGHT
     wait_for(lambda: limit(db) == FREE_RPM, "the baseline returns", timeout=20)
+    wait_for(lambda: bool(events(db, "limit.changed", new=FREE_RPM, old=TIGHT)), "journalled")
     [restored] = events(db, "limit.changed", address=ADDRESS, new=FREE_RPM, old=TIGHT)
     assert restored["source"] == "baseline"
     # Nothing restrictive for the whole window: the last one came a tick before the release.
@@ -85,6 +88,7 @@ def test_an_invalid_policy_is_rejected_and_the_old_set_keeps_acting(
 
     (policy_dir / "broken.yaml").write_text(BROKEN)
     daemon.wait_for_metric("governor_policy_reload_failures_total", 1.0)
+    wait_for(lambda: bool(events(db, "policy.rejected")), "the rejection is journalled")
     [rejected] = events(db, "policy.rejected")
     assert rejected["policy_version"] == first_version
     assert rejected["tick"] > 1
@@ -101,6 +105,7 @@ def test_an_invalid_policy_is_rejected_and_the_old_set_keeps_acting(
     (policy_dir / "broken.yaml").unlink()
     write_throttle(policy_dir, gpu.case, scale=0.25)
     wait_for(lambda: limit(db) == FREE_RPM * 0.25, "the reloaded set tightens further")
+    wait_for(lambda: bool(events(db, "policy.reloaded")), "the reload is journalled")
     [reloaded] = events(db, "policy.reloaded")
     assert reloaded["policy_version"] != first_version
     assert reloaded["reason"] == f"policy set {first_version} → {reloaded['policy_version']}"

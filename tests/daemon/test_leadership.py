@@ -96,6 +96,11 @@ def test_two_daemons_one_writer_and_a_killed_leader_is_replaced_within_the_lease
 
     gpu.set(0.5)  # the new leader writes: release, then the baseline after stabilization
     wait_for(lambda: limit(db) == FREE_RPM, "the new leader restores the baseline", 20)
+    # A tick's journal events reach the stream when it ends, just after its writes.
+    wait_for(
+        lambda: any(e["kind"] == "limit.changed" and e["at"] > killed_at for e in stream(db)),
+        "the change is journalled",
+    )
     journal = stream(db)
     mine, theirs = _ids(follower), _ids(leader)
     assert all((e["event_id"] in mine) != (e["event_id"] in theirs) for e in journal)

@@ -75,6 +75,11 @@ def test_prometheus_killed_limits_hold_then_fall_back(
     assert daemon.http("/healthz")[0] == 200  # alive: ticks keep coming
 
     wait_for(lambda: limit(db) == FREE_RPM, "the declared fallback (baseline) returns", 20)
+    # A tick's journal events reach the stream when it ends, just after its writes.
+    wait_for(
+        lambda: any(e["kind"] == "limit.changed" and e["at"] > killed_at for e in stream(db)),
+        "it is journalled",
+    )
     transitions = [
         e for e in stream(db) if e["kind"] == "policy.transition" and e["at"] > killed_at
     ]
@@ -164,6 +169,10 @@ def test_a_limit_edited_into_a_non_number_is_reconciled_and_the_journal_keeps_wo
     assert (repaired["old"], repaired["new"]) == (None, FREE_RPM)
     gpu.set(0.95)  # the journal still works: the next change reaches the stream
     wait_for(lambda: limit(db) == TIGHT, "the hot GPU halves the free tier")
-    assert any(e["kind"] == "limit.changed" and e["new"] == TIGHT for e in stream(db))
+    # A tick's journal events reach the stream when it ends, just after its writes.
+    wait_for(
+        lambda: any(e["kind"] == "limit.changed" and e["new"] == TIGHT for e in stream(db)),
+        "the change is journalled",
+    )
     assert daemon.http("/readyz")[0] == 200
     assert daemon.metric("governor_ticks_total", outcome="degraded") is None

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
 import redis
 
 from controller.errors import SinkError
-from controller.model import Address
+from controller.model import Address, AddressTemplate
 from controller.reconcile import diff
 from controller.settings import RedisSettings
 from controller.sinks import Sink, sink_from_url
@@ -128,6 +129,31 @@ def test_a_hand_edit_is_reported_as_drift_and_reconciled(
     after = sink.read()
     assert after.drift == []
     assert dict(after) == DESIRED
+
+
+def test_a_limit_of_ours_edited_into_a_non_number_is_drift_and_rewritten(
+    sink: RedisSink, db: redis.Redis[str]
+) -> None:
+    sync(sink, DESIRED)
+    db.hset("governor:{t:acme}:limits", "tokens_per_minute@gpt-4", "lots")
+    state = sink.read()
+    [drift] = state.drift
+    assert str(drift.address) == "tenant/acme/tokens_per_minute@gpt-4"
+    assert drift.written == 5000.0
+    assert math.isnan(drift.actual or 0.0)
+    [change] = diff(DESIRED, state)
+    assert (change.address, change.new) == (drift.address, 5000.0)
+    assert math.isnan(change.old or 0.0)
+    sink.apply([change])
+    assert sink.read().drift == []
+
+
+def test_limits_read_back_are_the_instances_policies_target(sink: RedisSink) -> None:
+    # One parsed address per limit in the process, however many layers hold it.
+    sync(sink, DESIRED)
+    target = AddressTemplate.parse("tenant/$tenant/tokens_per_minute").fill({"tenant": "acme"})
+    [read] = [address for address in sink.read() if address == target]
+    assert read is target
 
 
 def test_a_key_replaced_by_another_type_is_a_sink_error_naming_the_fix(
