@@ -33,6 +33,8 @@ from controller.telemetry import FlapDetector, Health, Metrics
 
 # A tick's leftovers in reference cycles wait at most this many ticks for a full collection.
 FULL_COLLECTION_TICKS = 120
+# A tick longer than its interval is logged at most this often (it may be every tick).
+SLOW_TICK_WARN_SECONDS = 600.0
 
 
 class SignalSource(Protocol):
@@ -97,6 +99,7 @@ class Controller:
         self._was_leader = False
         self._journalling = False
         self._last_control = ControlState({}, None, {})
+        self._slow_warned: float | None = None  # monotonic time of the last tick.slow
         self._fallback_since: dict[str, float] = {}
         self._log = structlog.get_logger("governor.loop")
 
@@ -115,10 +118,31 @@ class Controller:
             self.health.update(outcome.ready, outcome.reasons, self.clock())
             self.metrics.ready.set(1 if outcome.ready else 0)
             self.metrics.ticks.labels("ok" if outcome.ready else "degraded").inc()
-            self.metrics.tick_seconds.observe(time.perf_counter() - started)
+            elapsed = time.perf_counter() - started
+            self.metrics.tick_seconds.observe(elapsed)
+            self._warn_if_slow(elapsed)
             self.metrics.journal_pending.set(self.journal.pending)
             self.metrics.journal_dropped.set(self.journal.dropped)
         return outcome
+
+    def _warn_if_slow(self, elapsed: float) -> None:
+        """Say so when ticks outlast their interval: the scheduler then coalesces them, so
+        limits move less often than configured. At most once per SLOW_TICK_WARN_SECONDS."""
+        interval = self.health.tick_seconds
+        if elapsed <= interval:
+            return
+        now = time.monotonic()
+        if self._slow_warned is not None and now - self._slow_warned < SLOW_TICK_WARN_SECONDS:
+            return
+        self._slow_warned = now
+        self._log.warning(
+            "tick.slow",
+            seconds=round(elapsed, 3),
+            interval_seconds=interval,
+            hint="ticks run back to back and missed ones are skipped; set "
+            "GOVERNOR_CONTROLLER__TICK_SECONDS above the tick time "
+            "(governor_tick_duration_seconds)",
+        )
 
     def _tick(self) -> TickOutcome:
         reasons: list[str] = []

@@ -165,3 +165,19 @@ def _processes_mentioning(text: str) -> list[str]:
         if text in command:
             found.append(command)
     return found
+
+
+def test_a_tick_longer_than_its_interval_is_logged_with_the_setting_to_raise(
+    db: redis.Redis[str], ready_env: dict[str, str]
+) -> None:
+    # Any real tick (a Prometheus query, Redis writes) takes longer than a millisecond.
+    done = run({**ready_env, "GOVERNOR_CONTROLLER__TICK_SECONDS": "0.001"}, "--once", "--json")
+    assert done.returncode == 0, done.stderr
+    slow = [json.loads(line) for line in done.stderr.splitlines() if '"tick.slow"' in line]
+    assert len(slow) == 1
+    assert slow[0]["seconds"] > slow[0]["interval_seconds"] == 0.001
+    assert "GOVERNOR_CONTROLLER__TICK_SECONDS" in slow[0]["hint"]
+
+    normal = run({**ready_env, "GOVERNOR_CONTROLLER__TICK_SECONDS": "60"}, "--once", "--json")
+    assert normal.returncode == 0, normal.stderr
+    assert '"tick.slow"' not in normal.stderr
