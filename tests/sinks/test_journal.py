@@ -196,3 +196,29 @@ def test_a_batch_while_redis_is_down_stays_buffered_until_it_returns(tmp_path: P
     assert (journal.pending, journal.dropped) == (0, 0)
     assert stream_reasons(server.client()) == [f"change {n}" for n in range(4)]
     server.stop()
+
+
+def test_an_event_as_a_dict_holds_every_field_as_asdict_would() -> None:
+    # to_dict is written by hand for speed: a field added to JournalEvent must not be lost.
+    import dataclasses
+
+    full = JournalEvent(
+        kind=Kind.LIMIT_CHANGED,
+        actor="controller",
+        reason="r",
+        address="tenant/acme/requests_per_minute",
+        old=1.0,
+        new=2.0,
+        tick=7,
+        policy="p",
+        policy_version="v",
+        source="policy",
+        signals=({"name": "gpu", "value": 0.9},),
+        runbook="runbooks/x.md",
+        dry_run=True,
+        details={"sink": "redis"},
+    )
+    data = full.to_dict()
+    assert list(data) == [f.name for f in dataclasses.fields(JournalEvent)]
+    assert data == dataclasses.asdict(full) | {"signals": [{"name": "gpu", "value": 0.9}]}
+    assert JournalEvent.from_dict(data) == full
