@@ -12,7 +12,7 @@ import structlog
 from controller.audit import Journal, JournalEvent, Kind, change_events, drift_events
 from controller.model import Address, Decision
 from controller.reconcile import Change, Drift, diff
-from controller.sinks import ApplyResult, Sink
+from controller.sinks import ApplyResult, Sink, SinkState
 
 
 @runtime_checkable
@@ -55,13 +55,16 @@ class Reconciler:
         policy_version: str | None,
         dry_run: bool = False,
         runbooks: Mapping[str, str] | None = None,
+        state: SinkState | None = None,
     ) -> TickReport:
         """Make the sink hold exactly `decisions` (the full desired state); journal each change.
 
         Drift (a value someone else wrote) is journalled once per distinct edit, then
         overwritten like any other difference. In a dry run nothing is written to the sink.
+        `state`: the sink as read earlier in the tick (default: read it now).
         """
-        state = self.sink.read()
+        if state is None:
+            state = self.sink.read()
         drift = tuple(state.drift)
         for event in drift_events([d for d in drift if d not in self._reported_drift], tick=tick):
             self._emit(event)
