@@ -29,6 +29,9 @@ LEASE_SECONDS = 3.0
 STABILIZATION_SECONDS = 4.0
 HOLD_FOR_SECONDS = 3.0
 FOR_SECONDS = 2.0
+# An event is stamped when journalled, some milliseconds into its tick (after the fetch, or
+# after the write), while windows run on the ticks' clock: differences of stamps allow this.
+STAMPING_SECONDS = 0.1
 FREE_RPM = 10.0  # the free plan's baseline requests_per_minute
 POLICY = "ThrottlePolicy/gpu-hot"
 ADDRESS = "plan/free/requests_per_minute"
