@@ -151,6 +151,10 @@ class FlapDetector:
     """Counts direction changes per address over the last hour (flaps = oscillation)."""
 
     threshold: int = 4
+    # Per address only the newest threshold + 1 turns are kept: enough to tell "more than
+    # threshold" (the controller's question) without a timestamp per turn of a limit that
+    # keeps turning all hour. The simulator keeps all: its scorecard counts them.
+    keep_all: bool = False
     _last_direction: dict[Address, int] = field(default_factory=dict)
     # Turn times, oldest first. Lists, not deques: a deque allocates a 64-slot block even
     # for one entry, and at 100k tenants every limit that ever turned keeps one.
@@ -165,11 +169,15 @@ class FlapDetector:
         self._last_direction[address] = direction
         if previous is None or previous == direction:
             return False
-        self._turns.setdefault(address, []).append(now)
+        turns = self._turns.setdefault(address, [])
+        turns.append(now)
+        if not self.keep_all and len(turns) > self.threshold + 1:
+            del turns[0]  # the oldest: the newest threshold + 1 decide whether it flaps
         return True
 
     def flapping(self, now: float) -> dict[Address, int]:
-        """Addresses whose turns in the last hour exceed the threshold, with their count."""
+        """Addresses whose turns in the last hour exceed the threshold, with their count
+        (at most threshold + 1 unless `keep_all`)."""
         out: dict[Address, int] = {}
         since = now - FLAP_WINDOW_SECONDS
         for address, turns in list(self._turns.items()):

@@ -124,7 +124,7 @@ class Simulation:
         self._good_tenant = np.array(
             [t.well_behaved and t.index not in world.runaway for t in world.tenants], dtype=bool
         )
-        self._flaps = FlapDetector()
+        self._flaps = FlapDetector(keep_all=True)  # every turn, for the scorecard
         self._served = np.zeros(len(self.pools))  # work served since the last scrape
         n = len(world.tenants)
         self._cost = np.zeros(n)
