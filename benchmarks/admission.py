@@ -55,6 +55,17 @@ CALLS = 2000  # per implementation per round
 LIMIT = 100  # per minute, for the exactness runs
 CLIENTS = 64
 HUGE = 1e12  # throughput runs: every level has a limit, none says no
+# The throughput runs' limits: a value at every level of the full decision, for the
+# client-side tenant (t-bench) and the server-side one (t-server).
+THROUGHPUT_LIMITS = {
+    "global/requests_per_second": HUGE,
+    "ip/requests_per_minute": HUGE,
+    "plan/bench/requests_per_minute": HUGE,
+    "plan/bench/tokens_per_minute": HUGE,
+    "plan/bench/tokens_per_day": HUGE,
+    "user/t-bench/alice/requests_per_minute": HUGE,
+    "user/t-server/alice/requests_per_minute": HUGE,
+}
 
 GCRA_ONE_LEVEL = """
 local t = redis.call('TIME')
@@ -323,13 +334,7 @@ def main() -> None:
             write_limits(
                 server,
                 {
-                    "global/requests_per_second": HUGE,
-                    "ip/requests_per_minute": HUGE,
-                    "plan/bench/requests_per_minute": HUGE,
-                    "plan/bench/tokens_per_minute": HUGE,
-                    "plan/bench/tokens_per_day": HUGE,
-                    "user/t-bench/alice/requests_per_minute": HUGE,
-                    "user/t-server/alice/requests_per_minute": HUGE,
+                    **THROUGHPUT_LIMITS,
                     "plan/boundary/requests_per_minute": LIMIT,
                     "plan/concurrent/requests_per_minute": LIMIT,
                     "plan/budget/tokens_per_day": 20_000,

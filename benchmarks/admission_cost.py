@@ -1,14 +1,14 @@
 """Benchmark: what one admission decision costs Redis, in CPU instructions (callgrind).
 
 Timings on a shared 2-core machine move by more than a script change gains; instruction
-counts do not. This runs a redis-server under valgrind's callgrind, loads the limits of
-benchmarks/admission.py, and counts the instructions Redis executes per call (reading the
-command, running the script, answering) for the trivial `return 1` script, the one-level
-GCRA and the full decision (global + ip + plan + tenant + user + token budget), each on
-its own fresh server. Ratios are to the trivial script; `--against REV` also counts the
-full decision as a git revision had it (lib.lua + admit.lua of REV), to show what a change
-to the scripts gained; `--profile N` prints the N functions that cost most inside the full
-decision (names only where the redis-server binary has them).
+counts do not. This runs a redis-server under valgrind's callgrind, loads the throughput
+limits of benchmarks/admission.py, and counts the instructions Redis executes per call
+(reading the command, running the script, answering) for the trivial `return 1` script,
+the one-level GCRA and the full decision (global + ip + plan + tenant + user + token
+budget), each on its own fresh server. Ratios are to the trivial script; `--against REV`
+also counts the full decision as a git revision had it (lib.lua + admit.lua of REV), to
+show what a change to the scripts gained; `--profile N` prints the N functions that cost
+most inside the full decision (names only where the redis-server binary has them).
 
 Needs valgrind (`apt-get install valgrind`); without it, says so and exits 0.
 Run: `.venv/bin/python -m benchmarks.admission_cost [--calls 1000] [--against HEAD~1]
@@ -30,18 +30,17 @@ from typing import Any
 
 import redis
 
-from benchmarks.admission import GCRA, HUGE, TRIVIAL, full_decision_call, write_limits
+from benchmarks.admission import (
+    GCRA,
+    HUGE,
+    THROUGHPUT_LIMITS,
+    TRIVIAL,
+    full_decision_call,
+    write_limits,
+)
 from controller.gateway.scripts import ADMIT, Script
 from tests.support.redis import RedisServer, free_port
 
-LIMITS = {
-    "global/requests_per_second": HUGE,
-    "ip/requests_per_minute": HUGE,
-    "plan/bench/requests_per_minute": HUGE,
-    "plan/bench/tokens_per_minute": HUGE,
-    "plan/bench/tokens_per_day": HUGE,
-    "user/t-server/alice/requests_per_minute": HUGE,
-}
 WARM_UP = 200  # calls before counting: scripts compiled, hashes and lease sets in place
 
 
@@ -67,7 +66,7 @@ def count(script: Script, keys: Sequence[str], args: Sequence[Any], calls: int,
                 if time.monotonic() > deadline:
                     raise RuntimeError("redis-server under valgrind did not start") from None
                 time.sleep(0.2)  # valgrind takes seconds to start the server
-        write_limits(RedisServer(out, port=port), LIMITS)
+        write_limits(RedisServer(out, port=port), THROUGHPUT_LIMITS)
         client.execute_command("SCRIPT LOAD", script.source)
         ids = iter(range(WARM_UP + calls))
 

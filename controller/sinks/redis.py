@@ -53,7 +53,8 @@ _RECORDS_PER_WRITE = 5000
 
 
 class RedisSink:
-    """Limits in Redis per docs/redis-contract.md. One instance per process; not thread-safe."""
+    """Limits in Redis per docs/redis-contract.md. One instance per process; not thread-safe,
+    except `read`, which keeps no state of its own (the loop reads back in a thread)."""
 
     def __init__(
         self, client: redis.Redis[str], keys: KeySchema, clock: Callable[[], float] = time.time
