@@ -1,6 +1,7 @@
 """Evaluate PromQL over the simulated series: the subset policies use, with Prometheus'
 semantics (5m lookback, extrapolated rate/increase, offsets, subqueries aligned to their
-step, aggregations by/without, arithmetic and comparisons with one-to-one matching).
+step, aggregations by/without, arithmetic and comparisons with one-to-one matching,
+`or`/`and`/`unless`, label_replace).
 
 Parsing is promql-parser's (the Prometheus grammar); anything this evaluator does not
 know raises SimQueryError naming it, so a scenario can map that query (`signals:`).
@@ -275,6 +276,8 @@ class Evaluator:
             low = bounds[0] if name in ("clamp_min", "clamp") else -math.inf
             high = bounds[-1] if name in ("clamp_max", "clamp") else math.inf
             return _apply(self.eval(args[0], t), lambda x: min(max(x, low), high))
+        if name == "label_replace":
+            return _label_replace(self.eval(args[0], t), [_string(a, name) for a in args[1:]])
         if name == "time":
             return t
         if name == "vector":
@@ -360,6 +363,58 @@ class Evaluator:
         if op in ("or", "and", "unless"):
             return _set_operation(op, lhs, rhs, expr.modifier)
         raise SimQueryError(f"the simulator does not evaluate the operator {op!r}")
+
+
+def _string(arg: pq.Expr, where: str) -> str:
+    if not isinstance(arg, pq.StringLiteral):
+        raise SimQueryError(f"{where}() takes string literals after the vector")
+    return str(arg.val)
+
+
+# Go's regexp.Expand: `$1`, `${1}`, `$name`, `${name}`; `$$` is a dollar sign.
+_REFERENCE = re.compile(r"\$(?:\$|\{([A-Za-z0-9_]+)\}|([A-Za-z0-9_]+))")
+
+
+def _expand(template: str, match: re.Match[str]) -> str:
+    def group(ref: re.Match[str]) -> str:
+        name = ref.group(1) or ref.group(2)
+        if name is None:
+            return "$"
+        try:
+            return match.group(int(name) if name.isdigit() else name) or ""
+        except IndexError:
+            return ""  # Go expands a group that does not exist to nothing
+
+    return _REFERENCE.sub(group, template)
+
+
+def _label_replace(value: Value, args: list[str]) -> list[Point]:
+    """Prometheus' label_replace: where `regex` matches the whole of `src`'s value, `dst` is
+    set to the expanded replacement (an empty result removes it); other series pass as is."""
+    if not isinstance(value, list):
+        raise SimQueryError("label_replace() takes an instant vector")
+    dst, replacement, src, regex = args
+    if not re.fullmatch(r"[a-zA-Z_][a-zA-Z0-9_]*", dst):
+        raise SimQueryError(f"label_replace(): invalid destination label name {dst!r}")
+    try:
+        pattern = re.compile(f"(?:{regex})\\Z")
+    except re.error as exc:
+        raise SimQueryError(f"label_replace(): invalid regex {regex!r}: {exc}") from exc
+    out = []
+    for point in _points(value):
+        labels = dict(point.labels)
+        match = pattern.match(labels.get(src, ""))
+        if match is not None:
+            expanded = _expand(replacement, match)
+            if expanded:
+                labels[dst] = expanded
+            else:
+                labels.pop(dst, None)
+        out.append(Point(tuple(sorted(labels.items())), point.value))
+    if len({p.labels for p in out}) < len(out):
+        # Prometheus refuses such a result too, rather than keep one of the series.
+        raise SimQueryError("label_replace(): the result has two series with the same labels")
+    return out
 
 
 def _apply(value: Value, fn: Callable[[float], float]) -> Value:

@@ -1,6 +1,6 @@
 """Backfilled history for the signal tests: GPU gauges, per-tenant gauges with awkward shapes,
-and two days of per-tenant spend with the anomaly cases (jump, steady, new, gap, shifted
-morning peak)."""
+and days of per-tenant spend with the anomaly cases (jump, steady, new, gap, shifted
+morning peak, weekly pattern)."""
 
 from __future__ import annotations
 
@@ -22,7 +22,16 @@ QUEUE_DEPTH = {"acme": 3.0, "globex": 5.0, "initech": math.nan}
 # The shipped policy's baseline and the recommended one (docs/signals.md).
 SPEND = "sum by (tenant) (rate(gateway_cost_usd_total[5m]))"
 USUAL_NAIVE = "sum by (tenant) (rate(gateway_cost_usd_total[1h] offset 1d))"
-USUAL = "max_over_time(sum by (tenant) (rate(gateway_cost_usd_total[1h]))[2h:10m] offset 23h)"
+USUAL_YESTERDAY = (
+    "max_over_time(sum by (tenant) (rate(gateway_cost_usd_total[1h]))[2h:10m] offset 23h)"
+)
+USUAL = (
+    "max by (tenant) ("
+    "max_over_time(sum by (tenant) (rate(gateway_cost_usd_total[1h]))[2h:10m] offset 23h) or "
+    "label_replace("
+    "max_over_time(sum by (tenant) (rate(gateway_cost_usd_total[1h]))[2h:10m] offset 6d23h), "
+    '"baseline", "7d", "", ""))'
+)
 CONDITION = "spend > 3.0 * usual && spend > 0.01"
 
 
@@ -65,9 +74,11 @@ def gauges(now: float) -> list[Series]:
 
 
 def spend(now: float) -> list[Series]:
-    """Two days of spend. `jumper` goes 5× for the last 15 minutes; `steady` never changes;
-    `newbie` exists for 20 minutes; `gappy` has no data from 27 h to 22 h ago; `morning`
-    has a daily peak that started 20 minutes ago today but 10 minutes later yesterday."""
+    """Two days of spend (eight for `weekly`). `jumper` goes 5× for the last 15 minutes;
+    `steady` never changes; `newbie` exists for 20 minutes; `gappy` has no data from 27 h to
+    22 h ago; `morning` has a daily peak that started 20 minutes ago today but 10 minutes
+    later yesterday; `weekly` is busy (5×) today and on this day last week, quiet yesterday
+    (a Monday after a Sunday)."""
     start = now - 2 * DAY
 
     def jump(t: float) -> float:
@@ -84,8 +95,14 @@ def spend(now: float) -> list[Series]:
         in_peak = day_start <= t < day_start + 2 * HOUR
         return PEAK_RATE if in_peak else BASE_RATE
 
+    def week(t: float) -> float:
+        ago = now - t
+        busy = ago < 6 * HOUR or abs(ago - 7 * DAY) < 6 * HOUR
+        return PEAK_RATE if busy else BASE_RATE
+
     return [
         _spend("jumper", jump, start, now),
+        _spend("weekly", week, now - 8 * DAY, now),
         _spend("steady", lambda t: BASE_RATE, start, now),
         _spend("newbie", lambda t: PEAK_RATE, now - 20 * MINUTE, now),
         _spend("gappy", gap, start, now),

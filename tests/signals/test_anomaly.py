@@ -1,5 +1,5 @@
 """Tenant cost anomalies end to end: the policy recommended in docs/signals.md, read from a
-real Prometheus on two days of backfilled spend, evaluated by the real engine tick by tick."""
+real Prometheus on days of backfilled spend, evaluated by the real engine tick by tick."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from controller.model import SignalKey, VectorSample
 from controller.policy.baselines import Baselines
@@ -42,6 +43,14 @@ def recommended_policy() -> str:
     return next(b for b in blocks if "name: tenant-cost-anomaly" in b)
 
 
+def with_usual(policy: str, query: str) -> str:
+    """The policy with another `usual` query (the block folds its query over lines)."""
+    document = yaml.safe_load(policy)
+    assert document["spec"]["signals"]["usual"]["query"] == history.USUAL
+    document["spec"]["signals"]["usual"]["query"] = query
+    return str(yaml.safe_dump(document))
+
+
 def policies(tmp_path: Path, policy: str) -> PolicySet:
     (tmp_path / "plans.yaml").write_text(PLANS)
     (tmp_path / "anomaly.yaml").write_text(policy)
@@ -72,10 +81,17 @@ def test_only_the_tenant_whose_spend_jumped_is_throttled(
 def test_the_plain_offset_baseline_flags_a_morning_peak_that_came_early(
     source: PrometheusSource, now: float, tmp_path: Path
 ) -> None:
-    naive = recommended_policy().replace(history.USUAL, history.USUAL_NAIVE)
-    assert naive != recommended_policy()
+    naive = with_usual(recommended_policy(), history.USUAL_NAIVE)
     result = run_ticks(source, policies(tmp_path, naive), now)
-    assert set(result.active.get(POLICY, ())) == {"jumper", "morning"}
+    assert set(result.active.get(POLICY, ())) == {"jumper", "morning", "weekly"}
+
+
+def test_a_baseline_of_yesterday_alone_flags_a_weekday_after_a_quiet_day(
+    source: PrometheusSource, now: float, tmp_path: Path
+) -> None:
+    yesterday_only = with_usual(recommended_policy(), history.USUAL_YESTERDAY)
+    result = run_ticks(source, policies(tmp_path, yesterday_only), now)
+    assert set(result.active.get(POLICY, ())) == {"jumper", "weekly"}
 
 
 def test_new_and_gappy_tenants_have_no_usual_so_the_condition_cannot_hold(
@@ -86,8 +102,10 @@ def test_new_and_gappy_tenants_have_no_usual_so_the_condition_cannot_hold(
     spend, usual = (snapshot.samples[k] for k in keys)
     assert isinstance(spend, VectorSample)
     assert isinstance(usual, VectorSample)
-    assert set(spend.keys) == {"jumper", "steady", "newbie", "gappy", "morning"}
-    assert set(usual.keys) == {"jumper", "steady", "morning"}
+    assert set(spend.keys) == {"jumper", "steady", "newbie", "gappy", "morning", "weekly"}
+    assert set(usual.keys) == {"jumper", "steady", "morning", "weekly"}
+    usual_of = dict(zip(usual.keys, usual.values.tolist(), strict=True))
+    assert usual_of["weekly"] == pytest.approx(history.PEAK_RATE)  # last week's, not yesterday's
     spend_of = dict(zip(spend.keys, spend.values.tolist(), strict=True))
     assert spend_of["newbie"] == pytest.approx(history.PEAK_RATE)
     assert spend_of["gappy"] == pytest.approx(history.PEAK_RATE)

@@ -232,4 +232,4 @@ def test_prometheus_killed_mid_test_makes_every_signal_an_error_until_it_restart
     assert {s.validity for s in again.samples.values()} == {Validity.OK}
     spend = again.samples[keys[1]]
     assert isinstance(spend, VectorSample)
-    assert set(spend.keys) == {"jumper", "steady", "newbie", "gappy", "morning"}
+    assert set(spend.keys) == {series.labels["tenant"] for series in history.spend(now)}

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import math
 import time
+import urllib.error
 from collections.abc import Iterator
 
 import pytest
 
-from controller.sim.promql import Evaluator, Point
+from controller.sim.promql import Evaluator, Point, SimQueryError
 from controller.sim.series import SeriesStore
 from tests.support.prometheus import PrometheusServer, Series, backfill, openmetrics
 
@@ -28,20 +29,31 @@ QUERIES = (
     'sum by (tenant) (rate(gateway_cost_usd_total{tenant="a"}[5m])) '
     "or sum by (tenant) (rate(gateway_cost_usd_total[5m])) * 0",
     "clamp_max(sum(rate(gateway_cost_usd_total[5m])) * 100, 5)",
+    'label_replace(DCGM_FI_DEV_GPU_UTIL, "device", "gpu-$1/${gpu}$$", "gpu", "(.*)")',
+    'label_replace(DCGM_FI_DEV_GPU_UTIL, "pool", "", "gpu", "1")',
+    'label_replace(avg by (pool) (DCGM_FI_DEV_GPU_UTIL), "kind", "$1", "pool", "(ba)t.*")',
+    # The shipped cost-anomaly baseline: the larger of yesterday's and last week's.
+    "max by (tenant) ("
+    "max_over_time(sum by (tenant) (rate(gateway_cost_usd_total[1h]))[2h:10m] offset 23h) "
+    "or label_replace(max_over_time(sum by (tenant) (rate(gateway_cost_usd_total[1h]))"
+    '[2h:10m] offset 6d23h), "baseline", "7d", "", ""))',
 )
+DAYS = 8  # enough history for `offset 6d23h` over 1h windows
 
 
 def _history(now: float) -> list[Series]:
-    """Two days of per-tenant cost (with a step change, a counter reset and a gap) and GPU
-    gauges, one sample a minute."""
-    start = now - 2 * 86400
-    times = [start + i * STEP for i in range(int(2 * 86400 / STEP))]
+    """Eight days of per-tenant cost (daily and weekly patterns, a step change, a counter
+    reset and a gap) and GPU gauges, one sample a minute."""
+    start = now - DAYS * 86400
+    times = [start + i * STEP for i in range(int(DAYS * 86400 / STEP))]
     out = []
-    for tenant, rate in (("a", 0.02), ("b", 0.05), ("c", 0.01)):
+    for phase, (tenant, rate) in enumerate((("a", 0.02), ("b", 0.05), ("c", 0.01))):
         total, samples = 0.0, []
         for t in times:
             day_fraction = ((t % 86400) / 86400) * 2 * math.pi
-            total += rate * (1 + 0.5 * math.sin(day_fraction)) * STEP
+            week_fraction = ((t % (7 * 86400)) / (7 * 86400)) * 2 * math.pi
+            weekly = 1 + 0.4 * math.sin(week_fraction + 2 * phase)  # peaks on other days
+            total += rate * (1 + 0.5 * math.sin(day_fraction)) * weekly * STEP
             if tenant == "b" and t > now - 3600:
                 total += 0.2 * STEP  # b runs away in the last hour
             if tenant == "c" and abs(t - (now - 30 * 60)) < STEP / 2:
@@ -103,3 +115,24 @@ def test_same_answer_as_prometheus(
     assert got.keys() == expected.keys()
     for labels, number in expected.items():
         assert got[labels] == pytest.approx(number, rel=1e-9, abs=1e-12), labels
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        # Removing the label that told the two inference GPUs apart: two equal label sets.
+        'label_replace(max by (pool, gpu) (DCGM_FI_DEV_GPU_UTIL), "gpu", "", "", "")',
+        'label_replace(DCGM_FI_DEV_GPU_UTIL, "0bad", "x", "gpu", "(.*)")',
+        'label_replace(DCGM_FI_DEV_GPU_UTIL, "x", "y", "gpu", "(")',
+    ],
+)
+def test_label_replace_refuses_what_prometheus_refuses(
+    query: str, both: tuple[PrometheusServer, Evaluator], now: float
+) -> None:
+    server, evaluator = both
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        server.query(query, now)
+    refused.value.close()  # the error holds the answer's socket
+    assert refused.value.code in (400, 422)
+    with pytest.raises(SimQueryError, match="label_replace"):
+        evaluator.instant(query, now)
