@@ -38,6 +38,8 @@ class Kind:
     FREEZE_SET = "freeze.set"
     FREEZE_CLEARED = "freeze.cleared"
     TENANT_SET = "tenant.set"
+    KEY_CREATED = "key.created"  # an API key made (details: key id, tenant, plan, user)
+    KEY_REVOKED = "key.revoked"
     GAP = "journal.gap"
     POLICY_TRANSITION = "policy.transition"  # a policy engaged or released (per label value)
     POLICY_RELOADED = "policy.reloaded"

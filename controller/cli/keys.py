@@ -5,13 +5,25 @@ from __future__ import annotations
 import typer
 from rich.table import Table
 
-from controller.cli._redis import JSON_OPTION, Stores, console, echo_json, stores, when
+from controller.audit import JournalEvent, Kind
+from controller.cli._redis import (
+    JSON_OPTION,
+    Stores,
+    console,
+    default_actor,
+    echo_json,
+    stores,
+    when,
+)
 from controller.gateway.keys import KeyStore
 
 app = typer.Typer(
     help="API keys for `governor gateway`: each stands for a tenant (and user) on a plan.",
     no_args_is_help=True,
 )
+
+
+ACTOR_OPTION = typer.Option(None, "--actor", help="Who does this; default: the OS user.")
 
 
 def _store(s: Stores) -> KeyStore:
@@ -25,21 +37,26 @@ def create(
     plan: str = typer.Option(..., "--plan", help="Plan name, as in a `kind: Plan` document."),
     user: str | None = typer.Option(None, "--user", help="User id within the tenant."),
     name: str | None = typer.Option(None, "--name", help="A label to recognise the key by."),
+    actor: str | None = ACTOR_OPTION,
+    reason: str = typer.Option("created by hand", "--reason", help="Why, for the journal."),
     as_json: bool = JSON_OPTION,
 ) -> None:
-    """Make a key and print it ONCE: only its hash is stored, it cannot be shown again."""
+    """Make a key and print it ONCE: only its hash is stored, it cannot be shown again.
+    Journalled as `key.created` with the key id, tenant, plan and user (never the key)."""
     with stores() as s:
         key, record = _store(s).create(tenant, plan, user, name)
-    if as_json:
-        echo_json({"key": key, **record.public()})
-        return
-    typer.echo(key)
-    typer.echo(
-        f"key id {record.key_id}: tenant {tenant}, plan {plan}"
-        + (f", user {user}" if user else "")
-        + ". Store the key now; Governor keeps only its hash.",
-        err=True,
-    )
+        # The key first: it exists now, and a journal failure must not lose it.
+        if as_json:
+            echo_json({"key": key, **record.public()})
+        else:
+            typer.echo(key)
+            typer.echo(
+                f"key id {record.key_id}: tenant {tenant}, plan {plan}"
+                + (f", user {user}" if user else "")
+                + ". Store the key now; Governor keeps only its hash.",
+                err=True,
+            )
+        s.record(_event(Kind.KEY_CREATED, actor, reason, record.public()))
 
 
 @app.command("list")
@@ -64,14 +81,26 @@ def list_keys(
 @app.command("revoke")
 def revoke(
     key_id: str = typer.Argument(..., help="The key id (as `keys list` shows it)."),
+    actor: str | None = ACTOR_OPTION,
+    reason: str = typer.Option("revoked by hand", "--reason", help="Why, for the journal."),
     as_json: bool = JSON_OPTION,
 ) -> None:
-    """Delete a key; gateways refuse it within their key cache time. Exit 1 if unknown."""
+    """Delete a key; gateways refuse it within their key cache time. Exit 1 if unknown.
+    Journalled as `key.revoked` with what the key stood for."""
     with stores() as s:
         removed = _store(s).revoke(key_id)
+        if removed is not None:
+            s.record(_event(Kind.KEY_REVOKED, actor, reason, removed))
     if as_json:
-        echo_json({"key_id": key_id, "revoked": removed})
+        echo_json({"key_id": key_id, "revoked": removed is not None})
+    elif removed is not None:
+        typer.echo(f"key {key_id} revoked")
     else:
-        typer.echo(f"key {key_id} revoked" if removed else f"no key {key_id!r}", err=not removed)
-    if not removed:
+        typer.echo(f"no key {key_id!r} (`governor keys list` shows the ids)", err=True)
+    if removed is None:
         raise typer.Exit(1)
+
+
+def _event(kind: str, actor: str | None, reason: str, key: dict[str, object]) -> JournalEvent:
+    details = {k: v for k, v in key.items() if k != "created_at"}
+    return JournalEvent(kind=kind, actor=actor or default_actor(), reason=reason, details=details)

@@ -125,10 +125,20 @@ class KeyStore:
             key=lambda r: (r.created_at, r.key_id),
         )
 
-    def revoke(self, key_id: str) -> bool:
-        """Delete a key's record; False when there was none."""
+    def revoke(self, key_id: str) -> dict[str, object] | None:
+        """Delete a key's record; what it said (never its digest, for the journal), or None
+        when there was none."""
         with wrapped(self.client, f"revoke API key {key_id}"):
-            return bool(self.client.hdel(self.key, key_id))
+            pipe = self.client.pipeline(transaction=True)
+            pipe.hget(self.key, key_id)
+            pipe.hdel(self.key, key_id)
+            text, removed = pipe.execute()
+        if not removed:
+            return None
+        try:
+            return KeyRecord.from_json(text).public()
+        except ValueError:
+            return {"key_id": key_id}  # a hand-written record is gone all the same
 
 
 class KeyVerifier:
