@@ -7,13 +7,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pydantic import BaseModel
 from typer.testing import CliRunner
 
 from controller.cli import app
 from controller.policy.loader import check_directory
 from controller.settings import Settings
-from tests.deploy.chart import Manifest, container, env, one, rendered_scenario, scenario_values
+from tests.deploy.chart import (
+    Manifest,
+    container,
+    env,
+    one,
+    rendered_scenario,
+    scenario_values,
+    setting_of,
+)
 
 # Settings of sinks that land later (issue 7): the chart passes them when kong.enabled, and they
 # must name real settings as soon as Settings has the group.
@@ -29,21 +36,6 @@ def _policy_files(docs: tuple[Manifest, ...], directory: Path) -> Path:
     for name, text in config_map["data"].items():
         (directory / name).write_text(text)
     return directory
-
-
-def _setting(path: str) -> Any:
-    """The pydantic field a GOVERNOR_<GROUP>__<FIELD> variable sets, or None."""
-    parts = path.removeprefix("GOVERNOR_").lower().split("__")
-    model: type[BaseModel] = Settings
-    field = None
-    for part in parts:
-        field = model.model_fields.get(part)
-        if field is None:
-            return None
-        annotation = field.annotation
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            model = annotation
-    return field
 
 
 def test_the_policy_configmap_is_mounted_where_the_controller_reads(
@@ -98,7 +90,7 @@ def test_every_variable_names_a_setting_and_parses(
         group = name.removeprefix("GOVERNOR_").split("__")[0].lower()
         if group in PENDING_GROUPS and group not in known_groups:
             continue
-        assert _setting(name) is not None, f"{name} sets no field of controller.settings"
+        assert setting_of(name) is not None, f"{name} sets no field of controller.settings"
         # Secret references stand for a value the kubelet fills in: use a valid stand-in.
         value = item.get("value")
         if value is None and "secretKeyRef" in item.get("valueFrom", {}):
@@ -124,7 +116,7 @@ def test_a_pending_setting_group_is_reported_once_it_exists() -> None:
     assert names == ["GOVERNOR_KONG__ADMIN_URL", "GOVERNOR_KONG__ADMIN_TOKEN"]
     for group in PENDING_GROUPS & set(Settings.model_fields):
         for name in names:
-            assert _setting(name) is not None, f"{name}: rename it to the real {group} setting"
+            assert setting_of(name) is not None, f"{name}: rename it to the real {group} setting"
 
 
 def test_the_sinks_follow_the_kong_and_rbac_switches() -> None:

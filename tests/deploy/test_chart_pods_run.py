@@ -8,17 +8,15 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from tests.deploy.chart import Manifest, container, manifests, render
+from tests.deploy.chart import container, manifests, pod_environment, render
 from tests.support.prometheus import PrometheusServer, wait_for
 from tests.support.redis import RedisServer, free_port
 
@@ -60,23 +58,9 @@ class Replica:
         return self.process.wait(timeout=STARTUP_SECONDS)
 
 
-def _environment(
-    docs: list[Manifest], pod: str, port: int, policies: Path, urls: dict[str, str]
-) -> dict[str, str]:
-    """The container's environment as the kubelet would build it, addresses made local."""
-    out = {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    fields = {"metadata.name": pod, "metadata.namespace": "governor"}
-    for item in container(docs)["env"]:
-        value_from: dict[str, Any] = item.get("valueFrom", {})
-        if "fieldRef" in value_from:
-            out[item["name"]] = fields[value_from["fieldRef"]["fieldPath"]]
-        elif "secretKeyRef" in value_from:
-            out[item["name"]] = urls[item["name"]]
-        else:
-            out[item["name"]] = item["value"]
-    out.update(GOVERNOR_CONTROLLER__POLICY_DIR=str(policies), GOVERNOR_TELEMETRY__PORT=str(port))
-    out.update({k: v for k, v in urls.items() if k in out})
-    return out
+def local(port: int, policies: Path) -> dict[str, str]:
+    """What differs from a pod here: the telemetry port and where the policies are."""
+    return {"GOVERNOR_TELEMETRY__PORT": str(port), "GOVERNOR_CONTROLLER__POLICY_DIR": str(policies)}
 
 
 @pytest.fixture
@@ -101,7 +85,7 @@ def replicas(tmp_path: Path) -> Iterator[list[Replica]]:
             with log.open("wb") as out:
                 process = subprocess.Popen(
                     [*main["command"], *main["args"]],
-                    env=_environment(docs, pod, port, policies, urls),
+                    env=pod_environment(docs, pod, {**urls, **local(port, policies)}),
                     stdout=out,
                     stderr=subprocess.STDOUT,
                 )

@@ -34,6 +34,12 @@ BAD_VALUES = [
     pytest.param({"leaderElection": {"mode": "zookeeper"}}, "mode", id="unknown election"),
     pytest.param({"extraArgs": ["--once"]}, "extraArgs", id="a daemon that exits"),
     pytest.param({"redis": {"keyPrefix": "gov:ernor"}}, "keyPrefix", id="prefix with a colon"),
+    pytest.param({"gateway": {"port": 80}}, "port", id="gateway on a root-only port"),
+    pytest.param({"gateway": {"upstream": "vllm:8000"}}, "upstream", id="upstream without scheme"),
+    pytest.param(
+        {"gateway": {"jwt": {"algorithms": ["HS256"]}}}, "algorithms", id="symmetric JWT algorithm"
+    ),
+    pytest.param({"gateway": {"replicas": 2}}, "replicas", id="misspelt gateway key"),
 ]
 
 

@@ -135,6 +135,16 @@ prometheus-bearer-token: {{ .bearerToken | b64enc | quote }}
 {{- if and .Values.kong.enabled (not .Values.kong.existingSecret) .Values.kong.adminToken }}
 kong-admin-token: {{ .Values.kong.adminToken | b64enc | quote }}
 {{- end }}
+{{- with .Values.gateway }}
+{{- if and .enabled (not .existingSecret) }}
+{{- if .apiKeySecret }}
+gateway-api-key-secret: {{ .apiKeySecret | b64enc | quote }}
+{{- end }}
+{{- if .upstreamApiKey }}
+gateway-upstream-api-key: {{ .upstreamApiKey | b64enc | quote }}
+{{- end }}
+{{- end }}
+{{- end }}
 {{- end }}
 
 {{/*
@@ -164,5 +174,66 @@ Nothing is rendered when neither a Secret nor a value is given.
     secretKeyRef:
       name: {{ include "governor.fullname" .root }}
       key: {{ .key }}
+{{- end }}
+{{- end }}
+
+{{/*
+The gateway's objects' name: the release's full name + "-gateway", at most 63 characters.
+*/}}
+{{- define "governor.gateway.fullname" -}}
+{{- printf "%s-gateway" (include "governor.fullname" . | trunc 55 | trimSuffix "-") }}
+{{- end }}
+
+{{/*
+Labels that select the gateway's pods. Its own name label: the controller's Service, PDB,
+NetworkPolicy and ServiceMonitor select `app.kubernetes.io/name: <name>` and must not catch
+gateway pods (and the controller's selector cannot change: a Deployment's is immutable).
+*/}}
+{{- define "governor.gateway.selectorLabels" -}}
+app.kubernetes.io/name: {{ printf "%s-gateway" (include "governor.name" . | trunc 55 | trimSuffix "-") }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{/*
+Labels of every gateway object.
+*/}}
+{{- define "governor.gateway.labels" -}}
+helm.sh/chart: {{ include "governor.chart" . }}
+{{ include "governor.gateway.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Values.image.tag | default .Chart.AppVersion | trunc 63 | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/component: gateway
+app.kubernetes.io/part-of: governor
+{{- end }}
+
+{{/*
+The Redis settings (GOVERNOR_REDIS__*) of the controller and the gateway: they must agree.
+*/}}
+{{- define "governor.redisEnv" -}}
+{{- with include "governor.secretEnv" (dict "root" . "name" "GOVERNOR_REDIS__URL" "existingSecret" .Values.redis.existingSecret "existingKey" .Values.redis.existingSecretUrlKey "value" .Values.redis.url "key" "redis-url") }}
+{{ . | trim }}
+{{- end }}
+{{- with include "governor.secretEnv" (dict "root" . "name" "GOVERNOR_REDIS__PASSWORD" "existingSecret" .Values.redis.existingSecret "existingKey" .Values.redis.existingSecretPasswordKey "value" .Values.redis.password "key" "redis-password" "optional" true) }}
+{{ . | trim }}
+{{- end }}
+{{- with .Values.redis.username }}
+- name: GOVERNOR_REDIS__USERNAME
+  value: {{ . | quote }}
+{{- end }}
+- name: GOVERNOR_REDIS__KEY_PREFIX
+  value: {{ .Values.redis.keyPrefix | quote }}
+{{- end }}
+
+{{/*
+The API keys' server secret (GOVERNOR_GATEWAY__API_KEY_SECRET), for the gateway and for the
+controller's pods (where `governor keys create` runs): empty without the gateway or a secret.
+*/}}
+{{- define "governor.gatewayKeyEnv" -}}
+{{- with .Values.gateway }}
+{{- if .enabled }}
+{{- with include "governor.secretEnv" (dict "root" $ "name" "GOVERNOR_GATEWAY__API_KEY_SECRET" "existingSecret" .existingSecret "existingKey" .existingSecretApiKeySecretKey "value" .apiKeySecret "key" "gateway-api-key-secret" "optional" true) }}
+{{- . | trim }}
+{{- end }}
+{{- end }}
 {{- end }}
 {{- end }}
