@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 import requests
+import structlog
+import urllib3
 from prometheus_api_client import PrometheusConnect
 from urllib3.util.retry import Retry
 
@@ -47,6 +49,7 @@ _RETRY = Retry(total=1, connect=1, read=False, status=0, other=0, redirect=0, ba
 # so these bytes can only be the top-level key.
 # The root cause inside requests' long ConnectionError text, e.g. "Connection refused".
 _OS_ERROR = re.compile(r"\[Errno -?\d+\] ([^'\")]+)")
+_TLS_REASON = re.compile(r"\[SSL[^\]]*\] ([^'\"(]+)")
 _WARNINGS_KEY = b'"warnings":['
 _SUCCESS = b'"status":"success"'
 
@@ -96,6 +99,18 @@ def _client_options(settings: PrometheusSettings) -> dict[str, Any]:
     return {"headers": headers or None, "auth": auth}
 
 
+def _tls_cause(exc: requests.exceptions.SSLError) -> str:
+    """The OpenSSL reason of a failed handshake, and the setting that fixes the usual one."""
+    found = _TLS_REASON.search(str(exc))
+    reason = found.group(1).strip() if found else type(exc).__name__
+    if "certificate verify failed" in reason:
+        reason += (
+            " (set GOVERNOR_PROMETHEUS__CA_FILE to the CA bundle that signed its certificate;"
+            " GOVERNOR_PROMETHEUS__VERIFY_TLS=false only to test)"
+        )
+    return reason
+
+
 def _error_detail(response: requests.Response | None, fallback: str) -> str:
     """`HTTP 400 bad_data: parse error ...` from Prometheus' error body, if it sent one."""
     if response is None:
@@ -127,6 +142,14 @@ class PrometheusSource:
     def __post_init__(self) -> None:
         self._options = _client_options(self.settings)
         self._times = SampleTimes(self.settings.sample_age_refresh_seconds)
+        if not self.settings.verify_tls and self.settings.url.startswith("https:"):
+            # Said once here instead of urllib3's warning on every query of every tick.
+            structlog.get_logger("governor.signals").warning(
+                "prometheus.tls_unverified",
+                url=self.url,
+                detail="GOVERNOR_PROMETHEUS__VERIFY_TLS=false: the server is not authenticated",
+            )
+            urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
         self._pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=self.settings.max_concurrency, thread_name_prefix="prometheus"
         )
@@ -194,6 +217,10 @@ class PrometheusSource:
                 headers=client.headers,
                 auth=client.auth,
                 timeout=self.http_timeout,
+                # Per request, not only on the session: requests lets REQUESTS_CA_BUNDLE /
+                # CURL_CA_BUNDLE (set in many images) replace a session's CA file and even
+                # turn verification back on (psf/requests#3829).
+                verify=connection.session.verify,
             )
             if response.status_code != 200:
                 return Answer(error=_error_detail(response, f"HTTP {response.status_code}"))
@@ -203,6 +230,8 @@ class PrometheusSource:
             warnings = _warnings(body)
         except requests.Timeout:
             return Answer(error=f"no answer within {self.http_timeout:g}s (timeout)")
+        except requests.exceptions.SSLError as exc:
+            return Answer(error=f"TLS with Prometheus at {self.url} failed: {_tls_cause(exc)}")
         except requests.ConnectionError as exc:
             reason = _OS_ERROR.search(str(exc))
             cause = reason.group(1) if reason else type(exc).__name__

@@ -3,10 +3,12 @@ history written with `promtool`, and a small exporter the test controls."""
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 import os
 import signal
+import ssl
 import subprocess
 import time
 import urllib.error
@@ -18,11 +20,13 @@ from pathlib import Path
 from typing import Any
 from wsgiref.simple_server import WSGIServer
 
+import bcrypt
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from tests.support.redis import free_port
+from tests.support.tls import TlsFiles
 
 READY_TIMEOUT_SECONDS = 15.0
 PROMETHEUS = "/usr/bin/prometheus"
@@ -123,16 +127,20 @@ def prometheus_config(
 
 @dataclass
 class PrometheusServer:
-    """One Prometheus process on its own data directory and port."""
+    """One Prometheus process on its own data directory and port; with `tls` it serves HTTPS
+    with that certificate, with `basic_auth` (user, password) it asks for that login (both
+    through Prometheus' own --web.config.file)."""
 
     directory: Path
     config: str = field(default_factory=prometheus_config)
     port: int = field(default_factory=free_port)
     process: subprocess.Popen[bytes] | None = None
+    tls: TlsFiles | None = None
+    basic_auth: tuple[str, str] | None = None
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
     @property
     def data_dir(self) -> Path:
@@ -147,6 +155,7 @@ class PrometheusServer:
         self.directory.mkdir(parents=True, exist_ok=True)
         config_file = self.directory / "prometheus.yml"
         config_file.write_text(self.config)
+        web = self._web_config()
         with self.log_file.open("ab") as log:
             self.process = subprocess.Popen(
                 [
@@ -156,6 +165,7 @@ class PrometheusServer:
                     f"--web.listen-address=127.0.0.1:{self.port}",
                     "--storage.tsdb.retention.time=30d",
                     "--web.enable-lifecycle",
+                    *([f"--web.config.file={web}"] if web else []),
                 ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -182,10 +192,38 @@ class PrometheusServer:
     def query(self, expression: str, at: float) -> list[dict[str, Any]]:
         """The raw result list of an instant query, for test set-up and polling."""
         params = urllib.parse.urlencode({"query": expression, "time": f"{at:.3f}"})
-        with urllib.request.urlopen(f"{self.url}/api/v1/query?{params}", timeout=5) as answer:
+        with self._open(f"/api/v1/query?{params}", timeout=5) as answer:
             body = json.load(answer)
         result: list[dict[str, Any]] = body["data"]["result"]
         return result
+
+    def _web_config(self) -> Path | None:
+        """Prometheus' web config file for TLS and basic auth, or None without either."""
+        lines = []
+        if self.tls is not None:
+            lines += [
+                "tls_server_config:",
+                f"  cert_file: {self.tls.cert_file}",
+                f"  key_file: {self.tls.key_file}",
+            ]
+        if self.basic_auth is not None:
+            user, password = self.basic_auth
+            hashed = bcrypt.hashpw(password.encode(), bcrypt.gensalt(rounds=4)).decode()
+            lines += ["basic_auth_users:", f"  {user}: '{hashed}'"]
+        if not lines:
+            return None
+        path = self.directory / "web.yml"
+        path.write_text("\n".join(lines) + "\n")
+        return path
+
+    def _open(self, path: str, timeout: float) -> Any:
+        """GET `path` as a trusted client: the test CA, the login."""
+        request = urllib.request.Request(f"{self.url}{path}")
+        if self.basic_auth is not None:
+            token = base64.b64encode(":".join(self.basic_auth).encode()).decode()
+            request.add_header("Authorization", f"Basic {token}")
+        context = ssl.create_default_context(cafile=str(self.tls.ca_file)) if self.tls else None
+        return urllib.request.urlopen(request, timeout=timeout, context=context)
 
     def _signal(self, signum: int) -> None:
         if self.process is None:
@@ -202,7 +240,7 @@ class PrometheusServer:
                 + self.log_file.read_text(errors="replace")[-3000:]
             )
         try:
-            with urllib.request.urlopen(f"{self.url}/-/ready", timeout=1) as answer:
+            with self._open("/-/ready", timeout=1) as answer:
                 return bool(answer.status == 200)
         except (urllib.error.URLError, ConnectionError):
             return False
