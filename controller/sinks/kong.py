@@ -69,9 +69,14 @@ class KongAdmin:
         try:
             response = self.client.request(method, path, params=params, json=json)
         except httpx.HTTPError as exc:
+            hint = "is GOVERNOR_KONG__ADMIN_URL right and Kong up?"
+            if "CERTIFICATE_VERIFY_FAILED" in str(exc):
+                hint = (
+                    "set GOVERNOR_KONG__CA_FILE to the CA bundle that signed the Admin API's "
+                    "certificate; GOVERNOR_KONG__VERIFY_TLS=false only to test"
+                )
             raise SinkError(
-                f"Kong Admin API at {self.location}: {method} {path} failed: {exc} (is "
-                "GOVERNOR_KONG__ADMIN_URL right and Kong up?)"
+                f"Kong Admin API at {self.location}: {method} {path} failed: {exc} ({hint})"
             ) from exc
         if response.status_code in (401, 403):
             raise SinkError(

@@ -29,6 +29,7 @@ from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 from tests.support.loopback import Loopback, Served
 from tests.support.redis import free_port
+from tests.support.tls import TlsFiles
 
 PERIODS = ("second", "minute", "hour", "day", "month", "year")
 _REDIS_DEFAULTS: dict[str, Any] = {
@@ -109,6 +110,7 @@ class KongAdmin(Served):
     _store: dict[str, dict[str, dict[str, dict[str, Any]]]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _server: Loopback | None = None
+    tls: TlsFiles | None = None
 
     def __post_init__(self) -> None:
         for workspace in self.workspaces:

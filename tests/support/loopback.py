@@ -4,10 +4,13 @@ callback: the transport under the contract-test fakes of Kubernetes and Kong."""
 from __future__ import annotations
 
 import json
+import ssl
 import threading
 from collections.abc import Callable, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Self
+
+from tests.support.tls import TlsFiles
 
 # (method, path with query, lower-cased headers, raw body) → (status, JSON body; None: empty)
 Respond = Callable[[str, str, Mapping[str, str], bytes], tuple[int, Any]]
@@ -16,14 +19,19 @@ Respond = Callable[[str, str, Mapping[str, str], bytes], tuple[int, Any]]
 class Loopback:
     """`start()` serves `respond` on 127.0.0.1:`port` until `stop()`."""
 
-    def __init__(self, port: int, respond: Respond) -> None:
+    def __init__(self, port: int, respond: Respond, tls: TlsFiles | None = None) -> None:
         self.port = port
         self.respond = respond
+        self.tls = tls
         self._server: ThreadingHTTPServer | None = None
 
     def start(self) -> None:
         self._server = ThreadingHTTPServer(("127.0.0.1", self.port), _handler(self.respond))
         self._server.daemon_threads = True
+        if self.tls is not None:  # HTTPS with the test CA's certificate for 127.0.0.1
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(self.tls.cert_file, self.tls.key_file)
+            self._server.socket = context.wrap_socket(self._server.socket, server_side=True)
         # A short poll interval: shutdown() waits for the next poll.
         threading.Thread(
             target=self._server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
@@ -41,10 +49,11 @@ class Served:
 
     port: int
     _server: Loopback | None
+    tls: TlsFiles | None = None  # HTTPS when set
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
     def _respond(
         self, method: str, path: str, headers: Mapping[str, str], raw: bytes
@@ -52,7 +61,7 @@ class Served:
         raise NotImplementedError
 
     def start(self) -> Self:
-        self._server = Loopback(self.port, self._respond)
+        self._server = Loopback(self.port, self._respond, self.tls)
         self._server.start()
         return self
 
