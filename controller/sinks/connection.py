@@ -105,7 +105,10 @@ def wrapped(client: redis.Redis[str], action: str) -> Iterator[None]:
             )
         raise SinkError(f"Redis at {location(client)}: {action} failed: {exc}{hint}") from exc
     except redis.RedisError as exc:
-        raise SinkError(
-            f"Redis at {location(client)}: {action} failed: {exc} "
-            "(is the server up and GOVERNOR_REDIS__URL right?)"
-        ) from exc
+        hint = "is the server up and GOVERNOR_REDIS__URL right?"
+        if "CERTIFICATE_VERIFY_FAILED" in str(exc):
+            hint = (
+                "set GOVERNOR_REDIS__CA_FILE to the CA bundle that signed the server's "
+                "certificate; GOVERNOR_REDIS__VERIFY_TLS=false only to test"
+            )
+        raise SinkError(f"Redis at {location(client)}: {action} failed: {exc} ({hint})") from exc

@@ -12,6 +12,7 @@ from pathlib import Path
 import redis
 
 from tests.support.process import stop_pid, wait_for
+from tests.support.tls import TlsFiles
 
 _READY_TIMEOUT_SECONDS = 10.0
 
@@ -33,20 +34,26 @@ class RedisServer:
     password: str | None = None
     persistent: bool = False
     pid: int | None = None
+    tls: TlsFiles | None = None  # TLS only (no plain port) with this certificate when set
 
     @property
     def url(self) -> str:
         auth = f":{self.password}@" if self.password else ""
-        return f"redis://{auth}127.0.0.1:{self.port}/0"
+        return f"{'rediss' if self.tls else 'redis'}://{auth}127.0.0.1:{self.port}/0"
 
     @property
     def pidfile(self) -> Path:
         return self.directory / "redis.pid"
 
     def client(self) -> redis.Redis[str]:
-        """A plain client for assertions (decoded strings)."""
+        """A plain client for assertions (decoded strings); it trusts the test CA."""
         return redis.Redis(
-            host="127.0.0.1", port=self.port, password=self.password, decode_responses=True
+            host="127.0.0.1",
+            port=self.port,
+            password=self.password,
+            decode_responses=True,
+            ssl=self.tls is not None,
+            ssl_ca_certs=str(self.tls.ca_file) if self.tls is not None else None,
         )
 
     def start(self) -> RedisServer:
@@ -69,6 +76,15 @@ class RedisServer:
         ]  # fmt: skip
         if self.password:
             args += ["--requirepass", self.password]
+        if self.tls is not None:
+            args[args.index("--port") + 1] = "0"  # no plain-text port at all
+            args += [
+                "--tls-port", str(self.port),
+                "--tls-cert-file", str(self.tls.cert_file),
+                "--tls-key-file", str(self.tls.key_file),
+                "--tls-ca-cert-file", str(self.tls.ca_file),
+                "--tls-auth-clients", "no",
+            ]  # fmt: skip
         subprocess.run(args, check=True, capture_output=True)
         self._wait(lambda: self.pidfile.exists() and self._pings(), "answer PING")
         self.pid = int(self.pidfile.read_text().strip())
