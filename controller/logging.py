@@ -17,13 +17,17 @@ _SECRET_KEY = re.compile(
     r"pass(word|wd)?|secret|token|authorization|api[_-]?key|credential|cookie", re.IGNORECASE
 )
 _URL_PASSWORD = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^:/@\s]*):[^/\s]+@")
+_QUERY_PASSWORD = re.compile(r"([?&][a-z_]*password=)[^&\s]+")
 
 
 def mask_text(text: str) -> str:
-    """Hide the password of any `scheme://user:password@` URL inside `text`."""
-    if "@" not in text:  # no URL with credentials: skip the regex (every journal line)
-        return text
-    return _URL_PASSWORD.sub(lambda m: f"{m['scheme']}{m['user']}:{MASK}@", text)
+    """Hide the password of any `scheme://user:password@` URL inside `text`, and a URL's
+    `...password=` query parameter (a Sentinel URL's `sentinel_password`)."""
+    if "@" in text:
+        text = _URL_PASSWORD.sub(lambda m: f"{m['scheme']}{m['user']}:{MASK}@", text)
+    if "password=" in text:  # rare: skip the regex for every journal line
+        text = _QUERY_PASSWORD.sub(lambda m: f"{m[1]}{MASK}", text)
+    return text
 
 
 # Values that cannot hold a secret, checked first: most of a journal line is numbers.

@@ -88,7 +88,7 @@ class ControllerSettings(BaseModel):
             if entry not in SINK_NAMES and not entry.startswith(_SINK_URL_SCHEMES):
                 raise ValueError(
                     f"sink {entry!r} is not one of {', '.join(SINK_NAMES)} nor a redis://, "
-                    "rediss:// or unix:// URL"
+                    "rediss://, unix:// or redis+sentinel:// URL"
                 )
         if len(set(value)) != len(value):
             raise ValueError(f"sinks {value!r} name a sink twice")
@@ -98,7 +98,7 @@ class ControllerSettings(BaseModel):
 
 
 SINK_NAMES = ("redis", "kong", "kubernetes", "configmap")
-_SINK_URL_SCHEMES = ("redis://", "rediss://", "unix://")
+_SINK_URL_SCHEMES = ("redis://", "rediss://", "unix://", "redis+sentinel://", "rediss+sentinel://")
 # Kong tags: printable ASCII except `,` and `/` (Kong's own rule); `|` is Governor's separator.
 _KONG_TAG = re.compile(r"[!-+\-.0-{}~]{1,64}")
 # A Kubernetes label value and DNS-1123 name part: what owner and name prefix must be.

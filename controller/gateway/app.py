@@ -6,12 +6,10 @@ import asyncio
 import contextlib
 import os
 import socket
-import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
@@ -37,30 +35,11 @@ from controller.gateway.proxy import UpstreamProxy
 from controller.gateway.responses import Answers
 from controller.gateway.tracing import Tracing
 from controller.policy.loader import load_directory
-from controller.settings import RedisSettings, Settings
-from controller.sinks.connection import url_from_settings
+from controller.settings import Settings
+from controller.sinks.connection import aclose, connect_async, url_from_settings
 from controller.sinks.keys import KeySchema
 
 _log = structlog.get_logger("governor.gateway")
-
-
-def connect_async(url: str, settings: RedisSettings) -> redis.asyncio.Redis[str]:
-    """An async client that fails fast: an admission that cannot reach Redis goes to the
-    plan's fail mode at once instead of waiting through retries."""
-    options: dict[str, Any] = {
-        "decode_responses": True,
-        "socket_timeout": settings.socket_timeout_seconds,
-        "socket_connect_timeout": settings.socket_timeout_seconds,
-    }
-    if settings.username is not None:
-        options["username"] = settings.username
-    if settings.password is not None:
-        options["password"] = settings.password.get_secret_value()
-    if urlsplit(url).scheme == "rediss":
-        options["ssl_cert_reqs"] = ssl.CERT_REQUIRED if settings.verify_tls else ssl.CERT_NONE
-        if settings.ca_file is not None:
-            options["ssl_ca_certs"] = str(settings.ca_file)
-    return redis.asyncio.Redis.from_url(url, **options)
 
 
 @dataclass
@@ -124,7 +103,7 @@ class GatewayRuntime:
             with contextlib.suppress(*STORE_ERRORS):  # the entry expires after 3 beats anyway
                 await self.presence.leave()
             await self.http.aclose()
-            await self.client.aclose()  # type: ignore[attr-defined]  # types-redis predates it
+            await aclose(self.client)
             if self.enforcement.tracing is not None:
                 self.enforcement.tracing.shutdown()
 

@@ -86,12 +86,13 @@ class Sink(Protocol):
 
 
 def sink_from_url(url: str, settings: RedisSettings) -> Sink:
-    """The sink for a URL, chosen by scheme (redis://, rediss://, unix://)."""
+    """The sink for a URL, chosen by scheme (redis://, rediss://, unix://, redis+sentinel://)."""
     scheme = urlsplit(url).scheme
     if scheme.startswith(("redis", "unix")):
         from controller.sinks.redis import RedisSink
 
         return RedisSink.from_url(url, settings)
     raise ConfigurationError(
-        f"no sink for URL scheme {scheme!r}; supported: redis://, rediss://, unix://"
+        f"no sink for URL scheme {scheme!r}; supported: redis://, rediss://, unix://, "
+        "redis+sentinel://"
     )

@@ -35,6 +35,7 @@ class RedisServer:
     persistent: bool = False
     pid: int | None = None
     tls: TlsFiles | None = None  # TLS only (no plain port) with this certificate when set
+    replica_of: int | None = None  # the port of the master this server replicates
 
     @property
     def url(self) -> str:
@@ -76,6 +77,10 @@ class RedisServer:
         ]  # fmt: skip
         if self.password:
             args += ["--requirepass", self.password]
+        if self.replica_of is not None:
+            args += ["--replicaof", "127.0.0.1", str(self.replica_of)]
+            if self.password:
+                args += ["--masterauth", self.password]  # after a failover, either way
         if self.tls is not None:
             args[args.index("--port") + 1] = "0"  # no plain-text port at all
             args += [
@@ -115,3 +120,71 @@ class RedisServer:
             return f"redis-server on port {self.port} did not {what}:\n{log}"
 
         wait_for(ready, failure, _READY_TIMEOUT_SECONDS)
+
+
+@dataclass
+class SentinelServer:
+    """One Redis Sentinel (`redis-server --sentinel`) watching `service` at `master_port`,
+    deciding alone (quorum 1) and quickly (down after 1 s)."""
+
+    directory: Path
+    master_port: int
+    service: str = "governor"
+    password: str | None = None  # the data nodes' password (auth-pass)
+    port: int = field(default_factory=free_port)
+    pid: int | None = None
+
+    def url(self, db: int = 0) -> str:
+        """The redis+sentinel:// URL Governor takes."""
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis+sentinel://{auth}127.0.0.1:{self.port}/{self.service}/{db}"
+
+    def client(self) -> redis.Redis[str]:
+        return redis.Redis(host="127.0.0.1", port=self.port, decode_responses=True)
+
+    def start(self) -> SentinelServer:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        pidfile = self.directory / "sentinel.pid"
+        pidfile.unlink(missing_ok=True)
+        lines = [
+            f"port {self.port}",
+            "bind 127.0.0.1",
+            "daemonize yes",
+            f"pidfile {pidfile}",
+            f"logfile {self.directory / 'sentinel.log'}",
+            f"dir {self.directory}",
+            f"sentinel monitor {self.service} 127.0.0.1 {self.master_port} 1",
+            f"sentinel down-after-milliseconds {self.service} 1000",
+            f"sentinel failover-timeout {self.service} 5000",
+        ]
+        if self.password:
+            lines.append(f"sentinel auth-pass {self.service} {self.password}")
+        config = self.directory / "sentinel.conf"  # Sentinel rewrites it: a file of its own
+        config.write_text("\n".join(lines) + "\n")
+        subprocess.run(["redis-server", str(config), "--sentinel"], check=True, capture_output=True)
+        wait_for(lambda: pidfile.exists() and self._pings(), self._failure, _READY_TIMEOUT_SECONDS)
+        self.pid = int(pidfile.read_text().strip())
+        return self
+
+    def master_port_now(self) -> int:
+        with self.client() as client:
+            _host, port = client.execute_command(
+                "SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.service
+            )
+            return int(port)
+
+    def stop(self) -> None:
+        if self.pid is not None:
+            pid, self.pid = self.pid, None
+            stop_pid(pid, signal.SIGTERM, lambda ready, what: wait_for(ready, lambda: what, 10.0))
+
+    def _pings(self) -> bool:
+        try:
+            with self.client() as client:
+                return bool(client.ping())
+        except redis.RedisError:
+            return False
+
+    def _failure(self) -> str:
+        log = (self.directory / "sentinel.log").read_text(errors="replace")[-2000:]
+        return f"Sentinel on port {self.port} did not answer PING:\n{log}"
