@@ -22,6 +22,7 @@ BAD_VALUES = [
     ),
     pytest.param({"redis": {"url": ""}}, "url", id="no Redis at all"),
     pytest.param({"redis": {"url": "http://redis:6379"}}, "url", id="not a Redis URL"),
+    pytest.param({"redis": {"url": "sentinel://s-0/mymaster"}}, "url", id="kombu-style Sentinel"),
     pytest.param({"image": {"pullPolicy": "Sometimes"}}, "pullPolicy", id="unknown pull policy"),
     pytest.param({"image": {"digest": "latest"}}, "digest", id="digest without sha256"),
     pytest.param(
