@@ -100,6 +100,12 @@ class GatewayRuntime:
             yield
         finally:
             task.cancel()
+            held = self.enforcement.pending
+            if len(held):  # a last try: what stays held now is lost with the process
+                await held.retry()
+                if len(held):
+                    _log.error("stopping with store calls held; their usage is not charged",
+                               calls=len(held))  # fmt: skip
             with contextlib.suppress(*STORE_ERRORS):  # the entry expires after 3 beats anyway
                 await self.presence.leave()
             await self.http.aclose()
@@ -114,6 +120,7 @@ class GatewayRuntime:
             try:
                 metrics.live_gateways.set(await self.presence.heartbeat())
                 await self.enforcement.failmode.refresh_plans(self.client, keys)
+                await self.enforcement.pending.retry()
             except STORE_ERRORS as exc:
                 metrics.store_errors.labels("heartbeat").inc()
                 _log.warning("heartbeat failed; keeping the last gateway count", error=str(exc))

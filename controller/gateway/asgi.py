@@ -23,6 +23,7 @@ from controller.gateway.catalog import PlanCatalog, PlanInfo
 from controller.gateway.failmode import FailMode
 from controller.gateway.metrics import GatewayMetrics
 from controller.gateway.openai import ROUTES, Kind, ModelRequest, RequestError, UsageMeter
+from controller.gateway.pending import PendingCalls, StoreCall
 from controller.gateway.prices import PriceTable
 from controller.gateway.responses import Answers, degrade_headers, rate_limit_headers
 from controller.gateway.tracing import Tracing
@@ -48,6 +49,14 @@ class Enforcement:
     tracing: Tracing | None = None
     routes: Mapping[str, Kind] = field(default_factory=lambda: dict(ROUTES))
     open_paths: tuple[str, ...] = ("/metrics", "/healthz")
+    # Settles and releases that met a Redis outage, repeated once it answers.
+    pending: PendingCalls = field(default_factory=lambda: PendingCalls(STORE_ERRORS))
+
+    def __post_init__(self) -> None:
+        self.pending.on_lost = lambda operation: self.metrics.store_calls_lost.labels(
+            operation
+        ).inc()
+        self.metrics.held_store_calls.set_function(lambda: len(self.pending))
 
 
 @dataclass
@@ -177,6 +186,8 @@ class GovernorMiddleware:
         except STORE_ERRORS as exc:
             metrics.store_errors.labels("admit").inc()
             return self._fail_mode(principal, plan, request, request_id, exc)
+        if len(self.e.pending):  # Redis answers again: charge what an outage held back
+            self.e.pending.retry_soon()
         if result.budget is not None and result.budget.kind == "tokens":
             metrics.budget(
                 principal.tenant,
@@ -281,10 +292,11 @@ class GovernorMiddleware:
         self.e.metrics.request(
             principal.tenant, call.plan, model, "upstream_error" if failed else call.outcome
         )
+        reservation = call.reservation
         if failed:
-            if call.reservation is not None:
+            if reservation is not None:
                 await self._store(
-                    "release", self.e.admission.release(call.reservation, principal.tenant)
+                    "release", lambda: self.e.admission.release(reservation, principal.tenant)
                 )
             return
         usage = call.meter.finish()
@@ -299,11 +311,11 @@ class GovernorMiddleware:
         self.e.metrics.usage(
             principal.tenant, call.plan, model, usage.prompt_tokens, usage.completion_tokens, cost
         )
-        if call.reservation is not None:
+        if reservation is not None:
             await self._store(
                 "settle",
-                self.e.admission.settle(
-                    call.reservation,
+                lambda: self.e.admission.settle(
+                    reservation,
                     principal.tenant,
                     usage.total_tokens,
                     model,
@@ -312,13 +324,20 @@ class GovernorMiddleware:
                 ),
             )
 
-    async def _store(self, operation: str, action: Any) -> None:
+    async def _store(self, operation: str, action: StoreCall) -> None:
         try:
-            await action
+            await action()
         except STORE_ERRORS as exc:
-            # The reservation's lease expires on its own; the usage of this call is lost.
+            # Held and repeated once Redis answers: the settle record outlives the lease by
+            # the record grace, so the usage is still charged (and a release still frees).
             self.e.metrics.store_errors.labels(operation).inc()
-            self._log.warning("limit store call failed", operation=operation, error=str(exc))
+            self.e.pending.hold(operation, action)
+            self._log.warning(
+                "limit store call failed; held until Redis answers",
+                operation=operation,
+                error=str(exc),
+                held=len(self.e.pending),
+            )
 
 
 def _degrade(request: ModelRequest, degrade: Degrade) -> bool:

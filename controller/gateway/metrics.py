@@ -84,6 +84,17 @@ class GatewayMetrics:
             ("operation",),
             registry=self.registry,
         )
+        self.held_store_calls = Gauge(
+            "gateway_held_store_calls",
+            "Settles and releases that met a Redis outage, held until it answers",
+            registry=self.registry,
+        )
+        self.store_calls_lost = Counter(
+            "gateway_store_calls_lost",
+            "Held settles and releases given up (past their settle record, or the queue full)",
+            ("operation",),
+            registry=self.registry,
+        )
         self.live_gateways = Gauge(
             "gateway_live_gateways",
             "Gateways alive at the last heartbeat (the fail-open divisor)",
