@@ -134,7 +134,7 @@ def test_the_command_parser_splits_pipelines_and_continuations() -> None:
 
 
 def test_kubectl_commands_name_objects_the_chart_creates() -> None:
-    docs = rendered_scenario("default")[1]
+    docs = rendered_scenario("gateway-values.yaml")[1]  # the controller's and the gateway's
     names: dict[str, set[str]] = {}
     for doc in docs:
         names.setdefault(doc["kind"].lower(), set()).add(doc["metadata"]["name"])
