@@ -14,10 +14,10 @@ from typer.testing import CliRunner
 
 from controller.cli import app
 from controller.errors import SinkError
-from controller.gateway.app import connect_async
 from controller.model import Address
 from controller.reconcile import diff
 from controller.settings import RedisSettings
+from controller.sinks.connection import connect_async
 from controller.sinks.redis import RedisSink
 from tests.support.redis import RedisServer
 from tests.support.tls import TlsFiles, make_tls_files
