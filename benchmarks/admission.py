@@ -11,11 +11,13 @@ next minute boundary: up to a minute). Server side: `redis-benchmark -P 16 -c 8`
 EVALSHA of the full decision, the one-level GCRA and the trivial script (target >= 40k
 full decisions/s).
 
-Run: `.venv/bin/python -m benchmarks.admission`
+Run: `.venv/bin/python -m benchmarks.admission [--server-only] [--rounds N]` (`--server-only`:
+only the redis-benchmark rows, N interleaved rounds of them, printed per round and as ranges)
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import gc
 import hashlib
@@ -41,6 +43,7 @@ from limits.aio.strategies import MovingWindowRateLimiter, SlidingWindowCounterR
 
 from controller.gateway.admission import Admission, AdmissionRequest
 from controller.gateway.catalog import PlanCatalog, PlanInfo
+from controller.gateway.limits import read_limits
 from controller.gateway.prices import PriceTable
 from controller.gateway.scripts import ADMIT, EnforcementKeys, Script
 from controller.model import Address
@@ -300,32 +303,49 @@ def redis_benchmark(port: int, *command: str | float) -> float:
     return float(found[-1])
 
 
-def server_side(server: RedisServer, keys: tuple[str, ...], args: list[Any]) -> None:
+def server_side(
+    server: RedisServer, keys: tuple[str, ...], args: list[Any], rounds: int = 1
+) -> None:
     with server.client() as client:
         for script in (TRIVIAL, GCRA, ADMIT):
             client.execute_command("SCRIPT LOAD", script.source)
-    full = redis_benchmark(server.port, "EVALSHA", ADMIT.sha, len(keys), *keys, *args)
-    gcra = redis_benchmark(server.port, "EVALSHA", GCRA.sha, 1, "gcra:server", HUGE, 60000)
-    trivial = redis_benchmark(server.port, "EVALSHA", TRIVIAL.sha, 0)
+    commands: dict[str, tuple[str | float, ...]] = {
+        "trivial (return 1)": ("EVALSHA", TRIVIAL.sha, 0),
+        "one-level GCRA": ("EVALSHA", GCRA.sha, 1, "gcra:server", HUGE, 60000),
+        "full decision (admit.lua)": ("EVALSHA", ADMIT.sha, len(keys), *keys, *args),
+    }
+    rates: dict[str, list[float]] = {name: [] for name in commands}
     print("\nserver side: redis-benchmark -n 200000 -P 16 -c 8")
-    print(f"{'script':34} {'calls/s':>9} {'vs trivial':>11}")
-    for name, rate in (("trivial (return 1)", trivial), ("one-level GCRA", gcra),
-                       ("full decision (admit.lua)", full)):  # fmt: skip
-        print(f"{name:34} {rate:9.0f} {rate / trivial:10.2f}x")
+    print(f"{'round':5} " + " ".join(f"{name:>26}" for name in commands))
+    for round_number in range(rounds):
+        # Interleaved, in this order each round: the rows see the same machine.
+        for name, command in commands.items():
+            rates[name].append(redis_benchmark(server.port, *command))
+        print(f"{round_number + 1:5} " + " ".join(f"{rates[n][-1]:26.0f}" for n in commands))
+    print(f"{'script':34} {'calls/s (median)':>17} {'range':>17} {'vs trivial':>11}")
+    trivial = statistics.median(rates["trivial (return 1)"])
+    for name, values in rates.items():
+        rate, span = statistics.median(values), f"{min(values):.0f}-{max(values):.0f}"
+        print(f"{name:34} {rate:17.0f} {span:>17} {rate / trivial:10.2f}x")
+    full = statistics.median(rates["full decision (admit.lua)"])
     print(f"full decisions/s = {full:.0f} (target >= 40000)")
 
 
-def full_decision_call() -> tuple[tuple[str, ...], list[Any]]:
-    """admit.lua's keys and arguments for the benchmark tenant; `__rand_int__` makes ids."""
-    keys = EnforcementKeys.for_prefix("governor").admit_keys(
-        "t-server", "bench", "alice", "10.1.2.3"
-    )
-    args: list[Any] = ["s__rand_int__", 1, "", "t-server", "bench", "alice", "1", 600000,
-                       3600000, "", ""]  # fmt: skip
-    return keys, args
+def full_decision_call(client: redis.Redis[str]) -> tuple[tuple[str, ...], list[Any]]:
+    """admit.lua's keys and arguments for the benchmark tenant, its limits resolved as a
+    gateway resolves them (read from `client`); `__rand_int__` makes ids."""
+    keys = EnforcementKeys.for_prefix("governor")
+    limits = read_limits(client, keys, "t-server", "bench", "alice", True, "")
+    args, fixed, tail = limits.argv("s__rand_int__", 1, ("600000", "3600000", ""), ())
+    return keys.admit_keys("t-server", "alice", "10.1.2.3"), [*args, *fixed, *tail]
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--server-only", action="store_true",
+                        help="only the redis-benchmark rows")  # fmt: skip
+    parser.add_argument("--rounds", type=int, default=1, help="server-side rounds")
+    options = parser.parse_args()
     # Other work on the machine slows every row alike; the ratios are the figures to read.
     print("load average at start: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
     with tempfile.TemporaryDirectory() as tmp:
@@ -340,8 +360,11 @@ def main() -> None:
                     "plan/budget/tokens_per_day": 20_000,
                 },
             )
-            asyncio.run(client_side(server))
-            server_side(server, *full_decision_call())
+            if not options.server_only:
+                asyncio.run(client_side(server))
+            with server.client() as client:
+                call = full_decision_call(client)
+            server_side(server, *call, rounds=options.rounds)
         finally:
             server.stop()
 

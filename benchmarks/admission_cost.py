@@ -6,9 +6,10 @@ limits of benchmarks/admission.py, and counts the instructions Redis executes pe
 (reading the command, running the script, answering) for the trivial `return 1` script,
 the one-level GCRA and the full decision (global + ip + plan + tenant + user + token
 budget), each on its own fresh server. Ratios are to the trivial script; `--against REV`
-also counts the full decision as a git revision had it (lib.lua + admit.lua of REV), to
-show what a change to the scripts gained; `--profile N` prints the N functions that cost
-most inside the full decision (names only where the redis-server binary has them).
+also counts the full decision as a git revision had it (lib.lua + admit.lua of REV, called
+as that revision's gateway called it), to show what a change to the scripts gained;
+`--profile N` prints the N functions that cost most inside the full decision (names only
+where the redis-server binary has them).
 
 Needs valgrind (`apt-get install valgrind`); without it, says so and exits 0.
 Run: `.venv/bin/python -m benchmarks.admission_cost [--calls 1000] [--against HEAD~1]
@@ -24,7 +25,7 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,14 +39,16 @@ from benchmarks.admission import (
     full_decision_call,
     write_limits,
 )
-from controller.gateway.scripts import ADMIT, Script
+from controller.gateway.scripts import ADMIT, EnforcementKeys, Script
+from controller.model import Scope
 from tests.support.redis import RedisServer, free_port
 
 WARM_UP = 200  # calls before counting: scripts compiled, hashes and lease sets in place
+# A script's keys and arguments, worked out once the limits are written.
+Call = Callable[["redis.Redis[str]"], tuple[Sequence[str], Sequence[Any]]]
 
 
-def count(script: Script, keys: Sequence[str], args: Sequence[Any], calls: int,
-          out: Path) -> tuple[float, str]:  # fmt: skip
+def count(script: Script, call_for: Call, calls: int, out: Path) -> tuple[float, str]:
     """Instructions per call of `script` on a fresh redis-server under callgrind."""
     port = free_port()
     dump = out / f"{script.name}.callgrind"
@@ -67,6 +70,7 @@ def count(script: Script, keys: Sequence[str], args: Sequence[Any], calls: int,
                     raise RuntimeError("redis-server under valgrind did not start") from None
                 time.sleep(0.2)  # valgrind takes seconds to start the server
         write_limits(RedisServer(out, port=port), THROUGHPUT_LIMITS)
+        keys, args = call_for(client)
         client.execute_command("SCRIPT LOAD", script.source)
         ids = iter(range(WARM_UP + calls))
 
@@ -95,8 +99,8 @@ def count(script: Script, keys: Sequence[str], args: Sequence[Any], calls: int,
     return int(total.group(1).replace(",", "")) / calls, report
 
 
-def script_at(revision: str) -> Script:
-    """admit.lua (with lib.lua, as Script.named builds it) at a git revision."""
+def script_at(revision: str) -> tuple[Script, Call]:
+    """admit.lua (with lib.lua, as Script.named builds it) at a git revision, and its call."""
 
     def show(name: str) -> str:
         path = f"controller/gateway/lua/{name}.lua"
@@ -104,7 +108,23 @@ def script_at(revision: str) -> Script:
                               capture_output=True, text=True).stdout  # fmt: skip
 
     source = show("lib") + "\n" + show("admit")
-    return Script(f"admit@{revision}", source, hashlib.sha1(source.encode()).hexdigest())
+    script = Script(f"admit@{revision}", source, hashlib.sha1(source.encode()).hexdigest())
+    # Scripts before the limits were resolved by the gateway read the five limit hashes.
+    return script, (hash_reading_call if "KEYS  1 global limits" in source else full_decision_call)
+
+
+def hash_reading_call(client: redis.Redis[str]) -> tuple[Sequence[str], Sequence[Any]]:
+    """The full decision's call to an admit.lua that reads the limit hashes itself (KEYS 1-5
+    the limit hashes, then the levels and credits; ARGV without resolved limits)."""
+    keys = EnforcementKeys.for_prefix("governor")
+    levels = (keys.global_level(), keys.ip_level("10.1.2.3"), keys.tenant_level("t-server"),
+              keys.user_level("t-server", "alice"))  # fmt: skip
+    hashes = (keys.limits(Scope.GLOBAL), keys.limits(Scope.IP),
+              keys.limits(Scope.PLAN, plan="bench"), keys.limits(Scope.TENANT, tenant="t-server"),
+              keys.limits(Scope.USER, tenant="t-server", user="alice"))  # fmt: skip
+    states = tuple(key for level in levels for key in (level.state, level.leases))
+    args = ["s__rand_int__", 1, "", "t-server", "bench", "alice", "1", 600000, 3600000, "", ""]
+    return (*hashes, *states, keys.credits("t-server")), args
 
 
 def main() -> None:
@@ -118,20 +138,17 @@ def main() -> None:
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
         print("admission_cost needs valgrind: apt-get install valgrind (skipped)")
         return
-    keys, args = full_decision_call()
-    runs = {
-        "trivial (return 1)": (TRIVIAL, (), ()),
-        "one-level GCRA": (GCRA, ("gcra:cost",), (HUGE, 60000)),
-        "full decision (admit.lua)": (ADMIT, keys, args),
+    runs: dict[str, tuple[Script, Call]] = {
+        "trivial (return 1)": (TRIVIAL, lambda _: ((), ())),
+        "one-level GCRA": (GCRA, lambda _: (("gcra:cost",), (HUGE, 60000))),
+        "full decision (admit.lua)": (ADMIT, full_decision_call),
     }
     if options.against:
-        runs[f"full decision at {options.against}"] = (script_at(options.against), keys, args)
+        runs[f"full decision at {options.against}"] = script_at(options.against)
     with tempfile.TemporaryDirectory() as tmp:
         counts, reports = {}, {}
-        for name, (script, script_keys, script_args) in runs.items():
-            counts[name], reports[name] = count(
-                script, script_keys, script_args, options.calls, Path(tmp)
-            )
+        for name, (script, call_for) in runs.items():
+            counts[name], reports[name] = count(script, call_for, options.calls, Path(tmp))
     trivial = counts["trivial (return 1)"]
     print(f"\ninstructions Redis executes per call (callgrind, {options.calls} calls each)")
     print(f"{'script':34} {'instructions':>13} {'vs trivial':>11}")

@@ -14,6 +14,7 @@ from typing import Literal
 import redis.asyncio
 
 from controller.gateway.catalog import PlanCatalog, PlanInfo
+from controller.gateway.limits import PERIOD_MS, LimitCache, Resolved
 from controller.gateway.prices import PriceTable, to_micro
 from controller.gateway.scripts import (
     ADMIT,
@@ -40,6 +41,9 @@ Outcome = Literal["allow", "rate_limited", "budget_exhausted", "shed", "too_larg
 _OUTCOMES: frozenset[str] = frozenset(
     ("allow", "rate_limited", "budget_exhausted", "shed", "too_large")
 )
+# A 'stale' answer (the limits changed since they were read) reads them again; a limit
+# written between that read and the next call is rare, three in a row is Redis misbehaving.
+_ATTEMPTS = 3
 
 
 @dataclass(frozen=True)
@@ -121,6 +125,7 @@ class Admission:
             raise ValueError("lease_seconds must be > 0 and record_grace_seconds >= 0")
         self.client = client
         self.keys = EnforcementKeys.for_prefix(prefix)
+        self.limits = LimitCache(client, self.keys)
         self.prices = prices
         self.catalog = catalog
         self._lease_ms = str(round(lease_seconds * 1000))
@@ -132,34 +137,34 @@ class Admission:
         await load_scripts(self.client)
 
     async def admit(self, request: AdmissionRequest) -> AdmissionResult:
-        """Decide on one request in one round trip; raise EnforcementError if Redis fails."""
+        """Decide on one request: one round trip while the limits stand still (after a change
+        admit.lua answers 'stale': the limits are read again and the call repeated). Raises
+        EnforcementError if Redis fails."""
         validate_id(request.request_id, "request id")
         if request.tokens < 0:
             raise ValueError(f"tokens {request.tokens} must be >= 0")
         plan = await self.catalog.current(request.plan)
         ip = ip_id(request.ip) if request.ip else ""
-        credit_cost = credit_floor = ""
+        credits: tuple[str, ...] = ()
         if plan.credits is not None:
-            credit_cost = str(to_micro(self.prices.worst_case(request.model, request.tokens)))
-            credit_floor = str(to_micro(plan.credits.min_balance_usd))
-        keys = self.keys.admit_keys(request.tenant, request.plan, request.user, ip)
-        reply = await ADMIT.run(
-            self.client,
-            keys,
-            (request.request_id, request.tokens),
-            (
-                request.model or "",
-                request.tenant,
-                request.plan,
-                request.user or "",
-                "1" if ip else "",
-                self._lease_ms,
-                self._record_ms,
-                credit_cost,
-                credit_floor,
-            ),
-        )
-        return _parse(reply, plan, request, ip)
+            credits = (
+                str(to_micro(self.prices.worst_case(request.model, request.tokens))),
+                str(to_micro(plan.credits.min_balance_usd)),
+            )
+        keys = self.keys.admit_keys(request.tenant, request.user, ip)
+        model = request.model or ""
+        settings = (self._lease_ms, self._record_ms, model)
+        for _ in range(_ATTEMPTS):
+            limits = await self.limits.get(
+                request.tenant, request.plan, request.user or "", bool(ip), model
+            )
+            args, fixed, tail = limits.argv(request.request_id, request.tokens, settings, credits)
+            reply = await ADMIT.run(self.client, keys, args, fixed, tail)
+            if isinstance(reply, list) and len(reply) == 2 and reply[0] == "stale":
+                self.limits.stale(str(reply[1]))
+                continue
+            return _parse(reply, plan, request, ip, limits)
+        raise EnforcementError(f"the limits changed {_ATTEMPTS} times during one admission")
 
     async def settle(
         self,
@@ -230,45 +235,63 @@ def _split_reservation(reservation: str) -> tuple[str, str, str]:
 Reply = list[str | int]  # admit.lua answers strings and integers
 
 
-def _quota(values: Reply) -> Quota | None:
-    address, limit, remaining, reset_ms, window_ms = values
-    if not address:
+def _quota(limits: Resolved, check: int, remaining: int, reset_ms: int) -> Quota | None:
+    if check <= 0:
         return None
+    found = limits.checks[check - 1]
     return Quota(
-        str(address), float(limit), float(remaining), int(reset_ms) / 1000, int(window_ms) / 1000
+        found.address,
+        found.value,
+        float(remaining),
+        reset_ms / 1000,
+        PERIOD_MS.get(found.kind, 0) / 1000,
     )
 
 
-def _budget(values: Reply) -> Budget | None:
-    address, kind, limit, remaining, resets_at_ms = values
-    if not address:
+def _budget(
+    limits: Resolved, tenant: str, check: int, remaining: int, resets_at_ms: int
+) -> Budget | None:
+    if check == 0:
         return None
-    if kind == "credits":
-        return Budget(str(address), "credits", None, int(remaining) / 1_000_000, None)
-    return Budget(str(address), "tokens", float(limit), float(remaining), int(resets_at_ms) / 1000)
+    if check < 0:
+        return Budget(f"credits/{tenant}", "credits", None, remaining / 1_000_000, None)
+    found = limits.checks[check - 1]
+    return Budget(found.address, "tokens", found.value, float(remaining), resets_at_ms / 1000)
 
 
-def _parse(reply: Reply, plan: PlanInfo, request: AdmissionRequest, ip: str) -> AdmissionResult:
-    """admit.lua's answer as a result; the reservation names the levels settle must touch."""
-    if not isinstance(reply, list) or len(reply) != 19 or reply[0] not in _OUTCOMES:
+def _parse(
+    reply: Reply,
+    plan: PlanInfo,
+    request: AdmissionRequest,
+    ip: str,
+    limits: Resolved,
+) -> AdmissionResult:
+    """admit.lua's answer as a result: its check numbers name the checks `limits` holds; the
+    reservation names the levels settle must touch."""
+    if not isinstance(reply, list) or len(reply) != 12 or reply[0] not in _OUTCOMES:
         raise EnforcementError(f"admit.lua answered {reply!r}: the script and client disagree")
     outcome: Outcome = reply[0]  # type: ignore[assignment]
-    budget = _budget(reply[13:18])
+    verdict = limits.verdict(request.tokens)
+    if verdict is not None:
+        return AdmissionResult(outcome, verdict[1], None, None, None, None, None, None)
+    # denied_by, retry_after_ms, then requests, tokens and budget: (check, remaining, ms) each
+    numbers = [int(value) for value in reply[1:]]
+    budget = _budget(limits, request.tenant, *numbers[8:11])
     retry: float | None = None
     if outcome == "rate_limited" or (
         outcome == "budget_exhausted" and budget is not None and budget.kind == "tokens"
     ):
-        retry = int(reply[2]) / 1000  # a credit balance does not refill by itself: no retry
+        retry = numbers[1] / 1000  # a credit balance does not refill by itself: no retry
     reservation = degrade = None
     if outcome == "allow":
         reservation = f"{request.request_id}/{request.user or ''}/{ip}"
         degrade = _degrade(plan, budget, request.model)
     return AdmissionResult(
         outcome=outcome,
-        denied_by=str(reply[1]) or None,
+        denied_by=limits.address(numbers[0], request.tenant),
         retry_after=retry,
-        requests=_quota(reply[3:8]),
-        tokens=_quota(reply[8:13]),
+        requests=_quota(limits, *numbers[2:5]),
+        tokens=_quota(limits, *numbers[5:8]),
         budget=budget,
         reservation=reservation,
         degrade=degrade,

@@ -71,17 +71,18 @@ class Script:
         keys: Sequence[str],
         args: Sequence[Arg],
         fixed: tuple[str, ...] = (),
+        tail: Sequence[Arg] = (),
     ) -> Any:
         """EVALSHA; on NOSCRIPT (a restarted or flushed server) load it and call again.
 
         The command goes out as RESP built here, on a connection of the client's own pool:
-        redis-py's generic packing costs ~0.7 µs per argument (~19 µs for admit.lua's 25),
-        more than the rest of the client side together. The keys, and `fixed` (arguments
-        that follow `args` and repeat from call to call: a tenant's plan, user, settings),
-        are encoded once and cached. No automatic retry: a retried admit could reserve twice.
+        redis-py's generic packing costs ~0.7 µs per argument, more than the rest of the
+        client side together. The keys, and `fixed` (arguments that follow `args` and repeat
+        from call to call: settings, a request's resolved limits), are encoded once and
+        cached; `tail` follows them. No automatic retry: a retried admit could reserve twice.
         """
         head = b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%s\r\n$%d\r\n%d\r\n" % (
-            3 + len(keys) + len(args) + len(fixed),
+            3 + len(keys) + len(args) + len(fixed) + len(tail),
             self._sha,
             len(str(len(keys))),
             len(keys),
@@ -92,6 +93,7 @@ class Script:
                 _packed(tuple(keys)),
                 *[_bulk(arg) for arg in args],
                 _packed_fixed(fixed),
+                *[_bulk(arg) for arg in tail],
             )
         )
         pool = client.connection_pool
@@ -214,11 +216,9 @@ class EnforcementKeys:
     def _level(state: str) -> Level:
         return Level(state, state + ":leases")
 
-    def admit_keys(
-        self, tenant: str, plan: str, user: str | None, ip: str | None
-    ) -> tuple[str, ...]:
-        """The 14 keys of admit.lua (absent levels get placeholder keys it never touches)."""
-        return _admit_keys(self, tenant, plan, user or "", ip or "")
+    def admit_keys(self, tenant: str, user: str | None, ip: str | None) -> tuple[str, ...]:
+        """The 10 keys of admit.lua (absent levels get placeholder keys it never touches)."""
+        return _admit_keys(self, tenant, user or "", ip or "")
 
     def settle_keys(self, tenant: str, user: str | None, ip: str | None) -> tuple[str, ...]:
         """The 10 keys of settle.lua."""
@@ -238,19 +238,8 @@ def _levels(keys: EnforcementKeys, tenant: str, user: str, ip: str) -> tuple[str
 
 
 @functools.lru_cache(maxsize=1 << 16)
-def _admit_keys(
-    keys: EnforcementKeys, tenant: str, plan: str, user: str, ip: str
-) -> tuple[str, ...]:
-    tenant_limits = keys.limits(Scope.TENANT, tenant=tenant)
-    return (
-        keys.limits(Scope.GLOBAL),
-        keys.limits(Scope.IP),
-        keys.limits(Scope.PLAN, plan=plan),
-        tenant_limits,
-        keys.limits(Scope.USER, tenant=tenant, user=user) if user else tenant_limits,
-        *_levels(keys, tenant, user, ip),
-        keys.credits(tenant),
-    )
+def _admit_keys(keys: EnforcementKeys, tenant: str, user: str, ip: str) -> tuple[str, ...]:
+    return (keys.schema.version, *_levels(keys, tenant, user, ip), keys.credits(tenant))
 
 
 @functools.lru_cache(maxsize=1 << 16)

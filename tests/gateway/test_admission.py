@@ -8,6 +8,7 @@ from collections.abc import Callable, Mapping
 import redis
 
 from controller.gateway.admission import Admission, AdmissionRequest, AdmissionResult
+from controller.gateway.limits import resolve
 from controller.gateway.scripts import ADMIT
 from tests.gateway.conftest import Gate, server_ms
 
@@ -219,3 +220,47 @@ def test_no_limits_admits_and_reports_no_quota(gate: Gate) -> None:
     assert (result.requests, result.tokens, result.budget) == (None, None, None)
     assert result.reservation is not None
     assert result.reservation.endswith("/alice/127.0.0.1")
+
+
+def test_limits_are_kept_by_version_and_read_again_when_it_moves(
+    gate: Gate, db: redis.Redis[str], set_limits: SetLimits
+) -> None:
+    set_limits({"plan/free/requests_per_minute": 1})
+
+    async def body(admission: Admission) -> list[str]:
+        first = await admission.admit(request())
+        # Written by hand, no version bump: this gateway keeps what it resolved.
+        db.hset("governor:limits:plan:free", "requests_per_minute", "100")
+        kept = await admission.admit(request())
+        db.incr("governor:version")  # what every apply of the controller does
+        moved = await admission.admit(request())  # 'stale', read again, repeated
+        # Without a bump, a resolution is read again once it is older than the maximum age.
+        db.hset("governor:limits:plan:free", "requests_per_minute", "0")
+        admission.limits.max_age_seconds = 0.0
+        aged = await admission.admit(request())
+        return [first.outcome, kept.outcome, moved.outcome, aged.outcome]
+
+    assert gate.run(body) == ["allow", "rate_limited", "allow", "shed"]
+
+
+def test_the_resolution_follows_the_order_admit_lua_read_in() -> None:
+    tenant = {"requests_per_minute": "5", "tokens_per_day": "abc"}  # not a number: ignored
+    plan = {"requests_per_minute": "0", "tokens_per_day": "100"}
+    levels: list[tuple[str, list[dict[str, str] | None]]] = [
+        ("global/", [{"max_tokens_per_request": "50"}]),
+        ("", [None]),
+        ("tenant/acme/", [tenant, plan]),
+        ("", [None]),
+    ]
+    resolved = resolve("7", levels, "plan/free/", "")
+    # A request too large for a value met before the 0 is too_large; else the 0 sheds.
+    assert resolved.verdict(51) == ("too_large", "global/max_tokens_per_request")
+    assert resolved.verdict(50) == ("shed", "plan/free/requests_per_minute")
+    levels[2] = ("tenant/acme/", [tenant, {"tokens_per_day@gpt-4": "100", "tokens_per_day": "9"}])
+    resolved = resolve("7", levels, "plan/free/", "gpt-4")
+    assert resolved.verdict(50) is None
+    assert resolved.letters == "//mD/"
+    assert [c.address for c in resolved.checks] == [
+        "tenant/acme/requests_per_minute",
+        "tenant/acme/tokens_per_day@gpt-4",  # a plan's value is the tenant's default
+    ]

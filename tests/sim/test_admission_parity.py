@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import pytest
 import redis
 
+from controller.gateway.limits import read_limits
 from controller.gateway.scripts import ADMIT, SETTLE, EnforcementKeys
 from controller.model import Address
 from controller.reconcile import Change
@@ -63,10 +64,18 @@ class Both:
     ) -> tuple[str, str | None]:
         self._rid += 1
         rid = f"r{self._rid}"
-        args = (rid, tokens, model, tenant, plan, user, "1" if ip else "", LEASE_MS, RECORD_MS,
-                "" if credit is None else credit, floor if credit is not None else "")  # fmt: skip
+        # The limits as a gateway resolves them (read now: the model has just been given them).
+        limits = read_limits(self.db, self.keys, tenant, plan, user, bool(ip), model)
+        credits = () if credit is None else (str(credit), str(floor))
+        args, fixed, tail = limits.argv(
+            rid, tokens, (str(LEASE_MS), str(RECORD_MS), model), credits
+        )
         now = self.now_ms()
-        reply = ADMIT.run_sync(self.db, self.keys.admit_keys(tenant, plan, user, ip), args)
+        reply = ADMIT.run_sync(
+            self.db, self.keys.admit_keys(tenant, user, ip), (*args, *fixed, *tail)
+        )
+        verdict = limits.verdict(tokens)
+        denied_by = verdict[1] if verdict else limits.address(int(reply[1]), tenant) or ""
         mine = self.model.admit(
             rid=rid,
             tokens=tokens,
@@ -79,7 +88,7 @@ class Both:
             credit_cost=None if credit is None else float(credit),
             credit_floor=float(floor),
         )
-        real = (reply[0], reply[1])
+        real = (reply[0], denied_by)
         self.answers.append((real, (mine.outcome, mine.denied_by or "")))
         return mine.outcome, mine.reservation
 

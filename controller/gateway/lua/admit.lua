@@ -1,365 +1,356 @@
 -- Admit one request: check every level's limits and reserve its worst-case tokens, atomically.
 --
--- KEYS  1 global limits  2 ip limits  3 plan limits  4 tenant limits  5 user limits
---       6/7 global state/leases  8/9 ip state/leases  10/11 tenant state/leases
---       12/13 user state/leases  14 tenant credits
--- ARGV  1 reservation id  2 tokens (worst case)  3 model ('' none)  4 tenant  5 plan
---       6 user ('' none)  7 '1' if the request has a client ip  8 lease ms
---       9 settle-record ms  10 credits to hold, micro-USD ('' when the plan has no
---       credits)  11 credits floor, micro-USD
--- Returns 19 values: outcome, denied_by, retry_after_ms, then three groups of five —
--- requests quota, tokens quota (address, limit, remaining, reset_ms, window_ms) and budget
--- (address, kind, limit, remaining, resets_at_ms) — then the reservation id. Numbers are
--- integers (ms rounded up); limits are returned as stored; '' stands for none.
+-- The gateway resolves which limits apply (the contract's lookup rule: first hit wins; a
+-- plan's value is each tenant's default) from the limit hashes, and keeps that by
+-- `<P>:version`, which the controller bumps in the same transaction as every limit it
+-- writes. The script checks the version first: when the limits changed since the gateway
+-- read them it answers 'stale' and does nothing, and the gateway reads them again and
+-- repeats the call. So a limit changed by Governor counts from the next request.
 --
--- Every call pays for each table and string it makes (and for collecting them later), so
--- levels and checks are small arrays read through the named indexes below.
+-- KEYS  1 <P>:version  2/3 global state/leases  4/5 ip state/leases
+--       6/7 tenant state/leases  8/9 user state/leases  10 tenant credits
+-- ARGV  1 reservation id  2 tokens (worst case)  3 the version the limits were read under
+--       ('' none)  4 lease ms  5 settle-record ms  6 model ('' none)
+--       7 the checks, a letter each, by level: global/ip/tenant/user (an absent level
+--         empty): s requests_per_second, m requests_per_minute, t tokens_per_minute,
+--         d tokens_per_day, c concurrent_requests; upper case: the model's own value
+--         (`limit@model`). E.g. 's/m/mtd/m'. Or 'shed' / 'too_large': the gateway's
+--         resolution decided already; only the version is checked.
+--       8... each check's limit as stored, in that order; then, when the plan has credits,
+--         the credits to hold and the credits floor (micro-USD).
+-- Returns {'stale', the current version ('' none)}, or 12 values: outcome, denied_by,
+-- retry_after_ms, then the tightest requests quota (check, remaining, reset_ms), tokens
+-- quota (check, remaining, reset_ms) and budget (check, remaining, resets_at_ms). A check
+-- is its number in ARGV 7's order (1: the first), 0 none, -1 the tenant's credits.
+-- Numbers are integers (ms rounded up).
+--
+-- Every call pays for each table and string it makes (and for collecting them later) and
+-- for each value that crosses between Redis and Lua: the checks live in one flat array,
+-- the plain fields' names are constants, integers go to Redis already formatted.
 
-local rid, tokens_text, model = ARGV[1], ARGV[2], ARGV[3]
-local tokens = tonumber(tokens_text)
-local tenant, user = ARGV[4], ARGV[6]
-local credit_cost = tonumber(ARGV[10])
-local credits = KEYS[14]
-
--- The limit kinds, and how each is enforced: a GCRA period in ms, or 'b'udget,
--- 'c'oncurrency, 'm'ax. TOKEN_RATE is the one rate counted in tokens.
-local KINDS = {'requests_per_second', 'requests_per_minute', 'tokens_per_minute',
-  'tokens_per_day', 'concurrent_requests', 'max_tokens_per_request'}
-local HOW = {1000, 60000, 60000, 'b', 'c', 'm'}
-local TOKEN_RATE = 3
-
--- A level: id, owner (address prefix), its limit hashes in lookup order (the tenant level
--- falls back to the plan's values: a plan limit is each tenant's default), state and lease
--- keys, its checks (checks[first..last]), whether it holds anything, and the state read.
-local ID, OWNER, H1, H2, STATE, LEASES, FIRST, LAST, HOLDS, VALUES, NAMES =
-  1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11
--- A check: its level, kind (index in KINDS), how, field, limit (number and as stored),
--- where its last state value sits in the level's read, and what step 3/4 worked out.
-local LEVEL, KIND, HOW_, FIELD, LIMIT, TEXT, AT, AFTER, COUNT, HELD, FRESH =
-  1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11
-
-local tenant_level = {'t', 'tenant/' .. tenant .. '/', KEYS[4], KEYS[3], KEYS[10], KEYS[11],
-  1, 0, false, false, false}
-local levels = {{'g', 'global/', KEYS[1], false, KEYS[6], KEYS[7], 1, 0, false, false, false},
-  false, false, false}
-local n_levels = 1
-if ARGV[7] == '1' then
-  n_levels = 2
-  levels[2] = {'i', 'ip/', KEYS[2], false, KEYS[8], KEYS[9], 1, 0, false, false, false}
+local KEYS, ARGV = KEYS, ARGV  -- globals cost a table lookup per use
+local version = call('GET', KEYS[1])
+if (version or '') ~= ARGV[3] then
+  return {'stale', version or ''}
 end
-n_levels = n_levels + 1
-levels[n_levels] = tenant_level
-if user ~= '' then
-  n_levels = n_levels + 1
-  levels[n_levels] = {'u', 'user/' .. tenant .. '/' .. user .. '/', KEYS[5], false,
-    KEYS[12], KEYS[13], 1, 0, false, false, false}
+local letters = ARGV[7]
+if letters == 'shed' or letters == 'too_large' then
+  return {letters, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0}
 end
 
--- The fields that apply, in lookup order: `limit@model` before `limit` (the contract's
--- rule), and each one's place in that order.
-local fields, kind_of, position = KINDS, {1, 2, 3, 4, 5, 6}, {requests_per_second = 1,
-  requests_per_minute = 2, tokens_per_minute = 3, tokens_per_day = 4, concurrent_requests = 5,
-  max_tokens_per_request = 6}
-if model ~= '' then
-  fields, kind_of, position = {}, {}, {}
-  for k = 1, 6 do
-    local scoped, kind = KINDS[k] .. '@' .. model, KINDS[k]
-    fields[2 * k - 1], fields[2 * k] = scoped, kind
-    kind_of[2 * k - 1], kind_of[2 * k] = k, k
-    position[scoped], position[kind] = 2 * k - 1, 2 * k
-  end
-end
-local n_fields = #fields
+local byte = string.byte
+local rid, tokens_text, model = ARGV[1], ARGV[2], ARGV[6]
+local tokens = tokens_text + 0
+local credits = KEYS[10]
+local TENANT = 3  -- the level always read and written: it keeps the settle record
+-- A kind is its letter's byte (lower case; upper case is 32 less).
+local RPS, RPM, TPM, TPD, CONCURRENT, SLASH = 115, 109, 116, 100, 99, 47
 
-local function answer(outcome, denied_by)
-  return {outcome, denied_by, 0, '', '', '', '', '', '', '', '', '', '', '', '', '', '', '',
-    ''}
-end
-
--- 1. Read every limit. A 0 anywhere is the controller shedding that traffic.
--- Tables are made at their final size where it is known: growing one costs a resize.
-local checks, n, found = {false, false, false, false, false, false, false, false}, 0,
-  {false, false, false, false, false, false}
-for l = 1, n_levels do
-  local lv = levels[l]
-  lv[FIRST] = n + 1
-  for h = H1, lv[H2] and H2 or H1 do
-    -- HGETALL answers only the fields a hash has (a limit hash holds a few): cheaper
-    -- than asking for every field that could apply and getting mostly nils back.
-    local all = call('HGETALL', lv[h])
-    local values = model == '' and {false, false, false, false, false, false} or
-      {false, false, false, false, false, false, false, false, false, false, false, false}
-    for j = 1, #all, 2 do
-      local i = position[all[j]]
-      if i then
-        values[i] = all[j + 1]
-      end
-    end
-    for i = 1, #all > 0 and n_fields or 0 do
-      local text = values[i]
-      if text then
-        local value = tonumber(text)
-        if value == 0 then
-          return answer('shed', (h == H2 and 'plan/' .. ARGV[5] .. '/' or lv[OWNER]) .. fields[i])
-        end
-        local kind = kind_of[i]
-        -- Anything but a number >= 0 was not written by Governor: it is ignored.
-        if value and value > 0 and found[kind] ~= l then
-          found[kind] = l
-          local how = HOW[kind]
-          if tokens > value and (how == 'm' or kind == TOKEN_RATE) then
-            return answer('too_large', lv[OWNER] .. fields[i])  -- it can never fit
-          end
-          if how ~= 'm' then
-            n = n + 1
-            checks[n] = {lv, kind, how, fields[i], value, text, 0, false, 0, 0, false}
-            if how == 'b' or how == 'c' then
-              lv[HOLDS] = true
-            end
-          end
-        end
-      end
-    end
-  end
-  lv[LAST] = n
-end
-
--- 2. Read each level's counters in one call; release expired leases first where one is
--- due (the state notes when the next one is), then read again.
-local now = now_ms()
+local time = call('TIME')
+local now = time[1] * 1000 + time[2] / 1000
 local today = floor(now / DAY_MS)
-local resets_at = (today + 1) * DAY_MS
-for l = 1, n_levels do
-  local lv = levels[l]
-  if lv[LAST] >= lv[FIRST] or lv == tenant_level then
-    local names, k = {'e', 'n', false, false, false, false, false, false, false, false}, 2
-    for i = lv[FIRST], lv[LAST] do
-      local c = checks[i]
-      local f, how = c[FIELD], c[HOW_]
-      if how == 'b' then
-        names[k + 1], names[k + 2], names[k + 3] = 'd|' .. f, 'u|' .. f, 'v|' .. f
-        k = k + 3
-      elseif how == 'c' then
-        names[k + 1] = 'c|' .. f
-        k = k + 1
+local midnight = (today + 1) * DAY_MS
+
+-- Check j's values sit at c[6j + KIND ...]: its kind, field, the state field its step 4
+-- writes (g|, v| or c|), where that field's value sits in its level's read, its limit
+-- (number; as stored it is ARGV[7 + j]), and what steps 2 and 3 worked out.
+local KIND, FIELD, NAME, AT, LIMIT, VALUE = -5, -4, -3, -2, -1, 0
+local c = {false, false, false, false, false, false, false, false, false, false, false, false,
+  false, false, false, false, false, false, false, false, false, false, false, false,
+  false, false, false, false, false, false, false, false, false, false, false, false}
+-- Level l's values sit at lv[5l + READ ...]: its state read (false: not read), its first
+-- and last checks, whether this call pushes its keys' TTL out, and where its `n` sits in
+-- the read (0: not read).
+local READ, FIRST, LAST, REFRESH, DUE = -4, -3, -2, -1, 0
+local lv = {false, 1, 0, false, 0, false, 1, 0, false, 0, false, 1, 0, false, 0,
+  false, 1, 0, false, 0}
+
+-- 1. Read each level's counters in one call. A level that can hold something (budgets,
+-- concurrency: leases), and the tenant's, also reads its `n` (lib.lua): once that has
+-- come, expired leases are released and the counters read again.
+local names = {false, false, false, false, false, false, false, false, false, false, false,
+  false}
+local n, p = 0, 1
+for l = 1, 4 do
+  local o = 5 * l
+  local k, cared = 0, l == TENANT
+  lv[o + FIRST] = n + 1
+  local kind = byte(letters, p)
+  while kind and kind ~= SLASH do
+    n = n + 1
+    local at = 6 * n
+    local f, a, b, d
+    if kind == RPM then
+      f, a, b = 'requests_per_minute', 'g|requests_per_minute', 'l|requests_per_minute'
+    elseif kind == TPM then
+      f, a, b = 'tokens_per_minute', 'g|tokens_per_minute', 'l|tokens_per_minute'
+    elseif kind == TPD then
+      f, a, b, d = 'tokens_per_day', 'd|tokens_per_day', 'u|tokens_per_day', 'v|tokens_per_day'
+    elseif kind == RPS then
+      f, a, b = 'requests_per_second', 'g|requests_per_second', 'l|requests_per_second'
+    elseif kind == CONCURRENT then
+      f, a = 'concurrent_requests', 'c|concurrent_requests'
+    else  -- upper case: the model's own value (`limit@model`), whose names are built
+      kind = kind + 32
+      f = (kind == RPM and 'requests_per_minute' or kind == TPM and 'tokens_per_minute'
+        or kind == TPD and 'tokens_per_day' or kind == RPS and 'requests_per_second'
+        or 'concurrent_requests') .. '@' .. model
+      if kind == TPD then
+        a, b, d = 'd|' .. f, 'u|' .. f, 'v|' .. f
+      elseif kind == CONCURRENT then
+        a = 'c|' .. f
       else
-        names[k + 1], names[k + 2] = 'g|' .. f, 'l|' .. f
-        k = k + 2
+        a, b = 'g|' .. f, 'l|' .. f
       end
-      c[AT] = k
     end
-    local values = call('HMGET', lv[STATE], unpack(names, 1, k))
-    if values[2] and tonumber(values[2]) <= now then
-      sweep(lv[STATE], lv[LEASES], lv == tenant_level and credits or nil, now)
-      values = call('HMGET', lv[STATE], unpack(names, 1, k))
+    if kind == TPD then
+      names[k + 1], names[k + 2], names[k + 3] = a, b, d
+      k, cared, a = k + 3, true, d
+    elseif kind == CONCURRENT then
+      names[k + 1] = a
+      k, cared = k + 1, true
+    else
+      names[k + 1], names[k + 2] = a, b
+      k = k + 2
     end
-    lv[VALUES], lv[NAMES] = values, names
+    c[at + KIND], c[at + FIELD], c[at + NAME], c[at + AT], c[at + LIMIT] = kind, f, a, k,
+      ARGV[7 + n] + 0
+    p = p + 1
+    kind = byte(letters, p)
+  end
+  p = p + 1
+  lv[o + LAST] = n
+  if cared then
+    names[k + 1] = 'n'
+    k = k + 1
+    lv[o + DUE] = k
+  end
+  if k > 0 then
+    local state = KEYS[2 * l]
+    local values = call('HMGET', state, unpack(names, 1, k))
+    if cared then
+      local due = values[k]
+      if not due then
+        lv[o + REFRESH] = true  -- new state (or no `n` written yet): step 4 notes it
+      elseif due + 0 <= now then
+        housekeep(state, KEYS[2 * l + 1], l == TENANT and credits or nil, now, midnight)
+        values = call('HMGET', state, unpack(names, 1, k))
+      end
+    end
+    lv[o + READ] = values
   end
 end
+local credit_text = ARGV[8 + n]
+local credit_cost = credit_text and credit_text + 0
 
--- 3. Budgets first: when a budget is spent, waiting a few seconds will not help (402).
-local budget, budget_share
-for i = 1, n do
-  local c = checks[i]
-  if c[HOW_] == 'b' then
-    local values, at = c[LEVEL][VALUES], c[AT]
-    local fresh = tonumber(values[at - 2] or '-1') ~= today
-    local count = fresh and 0 or tonumber(values[at - 1] or '0')  -- settled today
-    local held = tonumber(values[at] or '0')
-    c[FRESH], c[COUNT], c[HELD] = fresh, count, held
-    local limit = c[LIMIT]
-    local remaining = limit - count - held
-    if tokens > remaining then
-      local address = c[LEVEL][OWNER] .. c[FIELD]
-      return {'budget_exhausted', address, ceil(resets_at - now), '', '', '', '', '', '', '',
-        '', '', '', address, 'tokens', c[TEXT], max(remaining, 0), resets_at, ''}
-    end
-    local share = (remaining - tokens) / limit
-    if budget == nil or share < budget_share then
-      budget, budget_share = c, share
+-- 2. Budgets first: when a budget is spent, waiting a few seconds will not help (402).
+local budget, budget_share, budget_left = 0, 0, 0
+local fresh = nil  -- budgets whose day changed: their settled count starts again
+for l = 1, 4 do
+  local o = 5 * l
+  for j = lv[o + FIRST], lv[o + LAST] do
+    local at = 6 * j
+    if c[at + KIND] == TPD then
+      local values, a = lv[o + READ], c[at + AT]
+      local is_fresh = (values[a - 2] or -1) + 0 ~= today
+      local used = is_fresh and 0 or (values[a - 1] or 0) + 0  -- settled today
+      local held = (values[a] or 0) + 0
+      local limit = c[at + LIMIT]
+      local remaining = limit - used - held
+      if tokens > remaining then
+        return {'budget_exhausted', j, ceil(midnight - now), 0, 0, 0, 0, 0, 0, j,
+          max(remaining, 0), midnight}
+      end
+      if is_fresh then
+        fresh = fresh or {}
+        fresh[j] = true
+      end
+      c[at + VALUE] = held
+      local share = (remaining - tokens) / limit
+      if budget == 0 or share < budget_share then
+        budget, budget_share, budget_left = j, share, remaining
+      end
     end
   end
 end
 local credit_balance, credit_held = 0, 0
 if credit_cost then
   local state = call('HMGET', credits, 'balance', 'reserved')
-  credit_balance, credit_held = tonumber(state[1] or '0'), tonumber(state[2] or '0')
+  credit_balance, credit_held = (state[1] or 0) + 0, (state[2] or 0) + 0
   local available = credit_balance - credit_held
-  if available - credit_cost < tonumber(ARGV[11]) then
-    return {'budget_exhausted', 'credits/' .. tenant, 0, '', '', '', '', '', '', '', '', '',
-      '', 'credits/' .. tenant, 'credits', '', available, '', ''}
+  if available - credit_cost < ARGV[9 + n] + 0 then
+    return {'budget_exhausted', -1, 0, 0, 0, 0, 0, 0, 0, -1, available, 0}
   end
 end
 
--- 4. Rates (GCRA: a limit L per period P lets L through at once, then one per P/L) and
+-- 3. Rates (GCRA: a limit L per period P lets L through at once, then one per P/L) and
 -- concurrency, noting the tightest request and token quotas for the headers. Nothing is
 -- written until every check has passed.
-local wait_ms, denied = 0, nil
-local best_requests, best_tokens, left_requests, left_tokens = nil, nil, 0, 0
-for i = 1, n do
-  local c = checks[i]
-  local how, values, at = c[HOW_], c[LEVEL][VALUES], c[AT]
-  if how == 'c' then
-    local count = tonumber(values[at] or '0')  -- open now
-    c[COUNT] = count
-    if count + 1 > c[LIMIT] and (denied == nil or wait_ms < 1000) then
-      denied, wait_ms = c, 1000  -- when a slot frees is unknown; a second is a polite guess
-    end
-  elseif how ~= 'b' then
-    local interval = how / c[LIMIT]
-    -- The GCRA state, read under the limit in force. When the limit changed since the
-    -- state was written (its `l|` field), the backlog keeps its count of requests (or
-    -- tokens) and takes the new interval, so a loosened limit lets traffic through at
-    -- once and a tightened one is full at most.
-    local tat = tonumber(values[at - 1] or '0')
-    if tat <= now then
-      tat = now
-    else
-      local old_limit = values[at]
-      if old_limit and old_limit ~= c[TEXT] then
-        tat = now + min((tat - now) / (how / tonumber(old_limit)) * interval, how)
+local wait_ms, denied = 0, 0
+local out = {'allow', 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0}
+for l = 1, 4 do
+  local o = 5 * l
+  local values = lv[o + READ]
+  for j = lv[o + FIRST], lv[o + LAST] do
+    local at = 6 * j
+    local kind = c[at + KIND]
+    if kind == CONCURRENT then
+      local open = (values[c[at + AT]] or 0) + 0
+      c[at + VALUE] = open
+      if open + 1 > c[at + LIMIT] and (denied == 0 or wait_ms < 1000) then
+        denied, wait_ms = j, 1000  -- when a slot frees is unknown; a second is a polite guess
       end
-    end
-    local is_tokens = c[KIND] == TOKEN_RATE
-    local new_tat = tat + (is_tokens and tokens or 1) * interval
-    local after = new_tat
-    if new_tat - now > how then
-      after = tat
-      if denied == nil or new_tat - now - how > wait_ms then
-        denied, wait_ms = c, new_tat - now - how
+    elseif kind ~= TPD then
+      local period = kind == RPS and 1000 or 60000
+      local a = c[at + AT]
+      local interval = period / c[at + LIMIT]
+      -- The GCRA state, read under the limit in force. When the limit changed since the
+      -- state was written (its `l|` field), the backlog keeps its count of requests (or
+      -- tokens) and takes the new interval, so a loosened limit lets traffic through at
+      -- once and a tightened one is full at most.
+      local stored = (values[a - 1] or 0) + 0
+      local tat = stored
+      if tat <= now then
+        tat = now
+      else
+        local old_limit = values[a]
+        if old_limit and old_limit ~= ARGV[7 + j] then
+          tat = now + min((tat - now) / (period / old_limit) * interval, period)
+        end
       end
-    end
-    c[AFTER] = after
-    local left = floor((how - (after - now)) / interval + 1e-9)
-    if is_tokens then
-      if best_tokens == nil or left < left_tokens then
-        best_tokens, left_tokens = c, left
+      local is_tokens = kind == TPM
+      local new_tat = tat + (is_tokens and tokens or 1) * interval
+      local after = new_tat
+      if new_tat - now > period then
+        after = tat
+        if denied == 0 or new_tat - now - period > wait_ms then
+          denied, wait_ms = j, new_tat - now - period
+        end
       end
-    elseif best_requests == nil or left < left_requests then
-      best_requests, left_requests = c, left
+      c[at + VALUE] = after
+      -- A level with rates only (no `n`) pushes its keys' TTL out when a rate's state passes
+      -- a UTC midnight: the day's first write, or the one before that carried a backlog
+      -- into it.
+      if lv[o + DUE] == 0 and (after >= midnight and stored < midnight or
+          after >= midnight - DAY_MS and stored < midnight - DAY_MS) then
+        lv[o + REFRESH] = true
+      end
+      local left = floor((period - (after - now)) / interval + 1e-9)
+      local slot = is_tokens and 7 or 4
+      if out[slot] == 0 or left < out[slot + 1] then
+        out[slot], out[slot + 1], out[slot + 2] = j, left, after - now
+      end
     end
   end
 end
-
-local out = {'allow', '', 0, '', '', '', '', '', '', '', '', '', '', '', '', '', '', '', rid}
-if best_requests then
-  local c = best_requests
-  out[4], out[5], out[6] = c[LEVEL][OWNER] .. c[FIELD], c[TEXT], max(left_requests, 0)
-  out[7], out[8] = ceil(c[AFTER] - now), c[HOW_]
+if out[4] ~= 0 then
+  out[5], out[6] = max(out[5], 0), ceil(out[6])
 end
-if best_tokens then
-  local c = best_tokens
-  out[9], out[10], out[11] = c[LEVEL][OWNER] .. c[FIELD], c[TEXT], max(left_tokens, 0)
-  out[12], out[13] = ceil(c[AFTER] - now), c[HOW_]
+if out[7] ~= 0 then
+  out[8], out[9] = max(out[8], 0), ceil(out[9])
 end
-if budget then
-  out[14], out[15], out[16] = budget[LEVEL][OWNER] .. budget[FIELD], 'tokens', budget[TEXT]
-  out[17] = budget[LIMIT] - budget[COUNT] - budget[HELD] - (denied and 0 or tokens)
-  out[18] = resets_at
+if budget ~= 0 then
+  out[10], out[11], out[12] = budget, budget_left - (denied ~= 0 and 0 or tokens), midnight
 elseif credit_cost then
-  out[14], out[15] = 'credits/' .. tenant, 'credits'
-  out[17] = credit_balance - credit_held - (denied and 0 or credit_cost)
+  out[10], out[11] = -1, credit_balance - credit_held - (denied ~= 0 and 0 or credit_cost)
 end
-if denied then
-  out[1], out[2], out[3], out[19] = 'rate_limited', denied[LEVEL][OWNER] .. denied[FIELD],
-    ceil(wait_ms), ''
+if denied ~= 0 then
+  out[1], out[2], out[3] = 'rate_limited', denied, ceil(wait_ms)
   return out
 end
 
--- 5. Commit: advance the rate states, take concurrency slots and hold the tokens under
+-- 4. Commit: advance the rate states, take concurrency slots and hold the tokens under
 -- one lease per level, which the first call after its expiry releases. The settle record
 -- ('<credits held or ->,<tokens>', then '<level><holds>' per level) outlives the lease by
 -- a grace period, so a late settle still charges what was used.
-local expires = now + tonumber(ARGV[8])
-local today_text = tostring(today)
-local record = (credit_cost and ARGV[10] or '-') .. ',' .. tokens_text
-local function commit(lv)
-  local values, names = lv[VALUES], lv[NAMES]  -- names: the state fields read in step 2
-  local updates, k, holds = {false, false, false, false, false, false, false, false, false,
-    false, false, false}, 0, nil
-  for i = lv[FIRST], lv[LAST] do
-    local c = checks[i]
-    local at, how, hold = c[AT], c[HOW_], nil
-    if how == 'b' then
-      if c[FRESH] then
-        updates[k + 1], updates[k + 2], updates[k + 3], updates[k + 4] = names[at - 2], today,
-          names[at - 1], 0
-        k = k + 4
-      end
-      updates[k + 1], updates[k + 2] = names[at], c[HELD] + tokens
-      k = k + 2
-      hold = 'b=' .. c[FIELD]
-    elseif how == 'c' then
-      updates[k + 1], updates[k + 2] = names[at], c[COUNT] + 1
-      k = k + 2
-      hold = 'c=' .. c[FIELD]
-    else
-      updates[k + 1], updates[k + 2] = names[at - 1], c[AFTER]
-      k = k + 2
-      if values[at] ~= c[TEXT] then
-        updates[k + 1], updates[k + 2] = names[at], c[TEXT]
+local expires_ms = ceil(now + ARGV[4])
+local expires = format('%d', expires_ms)
+local record = (credit_text or '-') .. ',' .. tokens_text
+local updates = names  -- read already: reused for the writes
+local leased = {false, false, false, false, false, false}
+for i = 1, 4 do
+  local l = i == 3 and 4 or i == 4 and TENANT or i  -- the tenant's record lists every hold
+  local o = 5 * l
+  local values = lv[o + READ]
+  if values then
+    local k, holds, holding = 0, nil, false
+    for j = lv[o + FIRST], lv[o + LAST] do
+      local at = 6 * j
+      local kind, hold = c[at + KIND], nil
+      if kind == TPD then
+        if fresh and fresh[j] then
+          local f = c[at + FIELD]
+          updates[k + 1], updates[k + 2], updates[k + 3], updates[k + 4] = 'd|' .. f,
+            format('%d', today), 'u|' .. f, '0'
+          k = k + 4
+        end
+        updates[k + 1], updates[k + 2] = c[at + NAME], format('%d', c[at + VALUE] + tokens)
         k = k + 2
+        hold, holding = 'b=' .. c[at + FIELD], true
+      elseif kind == CONCURRENT then
+        updates[k + 1], updates[k + 2] = c[at + NAME], format('%d', c[at + VALUE] + 1)
+        k = k + 2
+        hold, holding = 'c=' .. c[at + FIELD], true
+      else
+        updates[k + 1], updates[k + 2] = c[at + NAME], c[at + VALUE]
+        k = k + 2
+        if values[c[at + AT]] ~= ARGV[7 + j] then
+          updates[k + 1], updates[k + 2] = 'l|' .. c[at + FIELD], ARGV[7 + j]
+          k = k + 2
+        end
+        if kind == TPM then
+          hold = 't=' .. c[at + FIELD]
+        end
       end
-      if c[KIND] == TOKEN_RATE then
-        hold = 't=' .. c[FIELD]
+      if hold then
+        holds = holds and holds .. ',' .. hold or hold
       end
     end
-    if hold then
-      holds = holds and holds .. ',' .. hold or hold
+    if holds then
+      record = record .. ';' .. (l == TENANT and 't' or l == 4 and 'u' or l == 2 and 'i' or 'g')
+        .. holds
     end
-  end
-  if holds then
-    record = record .. ';' .. lv[ID] .. holds
-  end
-  local leased, m = nil, 0
-  if lv[HOLDS] or lv == tenant_level then
-    leased = {false, false, false, false, false, false}
-    if lv == tenant_level and credit_cost then
-      leased[1], leased[2], m = expires, '$|' .. rid .. '|' .. ARGV[10], 2
+    local m = 0
+    if l == TENANT and credit_cost then
+      leased[1], leased[2], m = expires, '$|' .. rid .. '|' .. credit_text, 2
     end
-    if lv[HOLDS] then
+    if holding then
       leased[m + 1], leased[m + 2] = expires, 'h|' .. rid .. '|' .. tokens_text .. '|' .. holds
       m = m + 2
     end
-    if lv == tenant_level then
+    if l == TENANT then
       local record_field = 'x|' .. rid
       updates[k + 1], updates[k + 2] = record_field, record
-      k = k + 2
-      leased[m + 1], leased[m + 2] = expires + tonumber(ARGV[9]), record_field
-      m = m + 2
+      leased[m + 1], leased[m + 2] = format('%d', expires_ms + ARGV[5]), record_field
+      k, m = k + 2, m + 2
     end
-    -- The first lease is the earliest: note it unless an earlier one is due already.
-    if not (values[2] and tonumber(values[2]) <= expires) then
-      updates[k + 1], updates[k + 2] = 'n', leased[1]
-      k = k + 2
+    local due_at = lv[o + DUE]
+    if due_at > 0 then
+      -- `n`: when care is next due; the leases added now are due at `expires`.
+      local due = values[due_at]
+      if not due then
+        updates[k + 1], updates[k + 2] = 'n', m > 0 and expires_ms < midnight and expires or
+          format('%d', midnight)
+        k = k + 2
+      elseif m > 0 and due + 0 > expires_ms then
+        updates[k + 1], updates[k + 2] = 'n', expires
+        k = k + 2
+      end
     end
-  end
-  -- Push the keys' TTL out once a day ('e' holds the day it was last pushed), not per call.
-  local refresh = values[1] ~= today_text
-  if refresh then
-    updates[k + 1], updates[k + 2] = 'e', today_text
-    k = k + 2
-  end
-  call('HSET', lv[STATE], unpack(updates, 1, k))
-  if m > 0 then
-    call('ZADD', lv[LEASES], unpack(leased, 1, m))
-  end
-  if refresh then
-    call('PEXPIRE', lv[STATE], STATE_TTL_MS)
-    call('PEXPIRE', lv[LEASES], STATE_TTL_MS)
+    if k > 0 then
+      call('HSET', KEYS[2 * l], unpack(updates, 1, k))
+    end
+    if m > 0 then
+      call('ZADD', KEYS[2 * l + 1], unpack(leased, 1, m))
+    end
+    if lv[o + REFRESH] then
+      call('PEXPIRE', KEYS[2 * l], STATE_TTL_MS)
+      call('PEXPIRE', KEYS[2 * l + 1], STATE_TTL_MS)
+    end
   end
 end
 
 if credit_cost then
-  call('HSET', credits, 'reserved', credit_held + credit_cost)
+  call('HSET', credits, 'reserved', format('%d', credit_held + credit_cost))
 end
--- The tenant level goes last: its settle record lists the holds of every level.
-for l = 1, n_levels do
-  local lv = levels[l]
-  if lv ~= tenant_level and lv[VALUES] then
-    commit(lv)
-  end
-end
-commit(tenant_level)
-
 return out

@@ -7,6 +7,16 @@
 -- Returns 1 when the reservation was settled, 0 when it was unknown (settled already, or
 -- older than its lease plus the record grace).
 
+local tonumber, match, gmatch = tonumber, string.match, string.gmatch
+
+-- A daily budget's settled usage, 0 when the UTC day changed since it was last written.
+local function used_today(day_text, used_text, today)
+  if tonumber(day_text or '-1') ~= today then
+    return 0
+  end
+  return tonumber(used_text or '0')
+end
+
 local rid, actual = ARGV[1], tonumber(ARGV[2])
 local cost = tonumber(ARGV[3])
 local LEVELS = {g = {KEYS[1], KEYS[2]}, i = {KEYS[3], KEYS[4]}, t = {KEYS[5], KEYS[6]},
@@ -24,7 +34,8 @@ for part in gmatch(text, '[^;]+') do
 end
 local credit_text, tokens_text = match(parts[1], '^([^,]+),(.+)$')
 local credit_held, reserved = tonumber(credit_text), tonumber(tokens_text)
-local now = now_ms()
+local time = call('TIME')
+local now = time[1] * 1000 + time[2] / 1000
 local today = floor(now / DAY_MS)
 
 for i = 2, #parts do

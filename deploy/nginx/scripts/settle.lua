@@ -1,23 +1,22 @@
 -- Shared by every Governor enforcement script (prepended by controller/gateway/scripts.py).
 -- Time is Redis server time only: gateways' clocks may disagree, the server's cannot.
 -- These scripts run on every request: they avoid what Lua makes dear inside Redis —
--- building strings, formatting numbers, growing tables — and redis.call round trips.
+-- building strings and tables, converting numbers, values crossing between Redis and Lua,
+-- and redis.call round trips (docs/enforcement.md, "Cost, measured").
 
 -- Globals cost a table lookup each inside Redis: the hot ones are bound to locals once.
-local call, tonumber, floor, ceil, max, min = redis.call, tonumber, math.floor, math.ceil,
-  math.max, math.min
-local sub, match, gmatch, unpack = string.sub, string.match, string.gmatch, unpack
+local call, floor, ceil, max, min = redis.call, math.floor, math.ceil, math.max, math.min
+local sub, format, unpack = string.sub, string.format, unpack
 
 local DAY_MS = 86400000
 local STATE_TTL_MS = 2 * DAY_MS  -- a level's state outlives a day's budget, then goes
 
-local function now_ms()
-  local t = call('TIME')
-  return tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
-end
-
--- A number passed to call() reaches Redis formatted with %.17g (exact for a double), so
--- times and counters go to Redis as numbers: formatting them here would only cost more.
+-- Numbers read from Redis are strings: arithmetic converts them (`text + 0`) for half of
+-- what tonumber() costs (Lua 5.1's converts twice). A number passed to call() reaches
+-- Redis formatted with %.17g: exact for a double, but dear; integers go as
+-- format('%d', n), which costs half as much. Server time in ms is
+-- `t[1] * 1000 + t[2] / 1000` of call('TIME') (written out where used: a function costs
+-- a closure per call).
 
 -- A level's state hash (one per level owner: global, ip, tenant, user) holds, for a limit
 -- field F (`limit` or `limit@model`):
@@ -25,56 +24,57 @@ end
 --   c|F  open reservations (concurrency)
 --   d|F  UTC day of u|F   u|F  tokens settled that day   v|F  tokens held, not settled
 --   x|<id>  a reservation's settle record (tenant level)
---   n    the earliest lease expiry (ms; absent: none)   e  when the TTL is next pushed out
+--   n    when the level next needs care (ms): its earliest lease expiry or the next UTC
+--        midnight, whichever is first; kept by levels that can hold something (budgets,
+--        concurrency) and by the tenant's (settle records)
+--   e    the day the TTL was last pushed out (written by earlier scripts; no longer read)
+-- A level with rates only keeps no `n`: its keys' TTL is pushed out when a rate's state
+-- passes a UTC midnight (admit.lua).
 -- Its lease set (sorted by expiry) holds one member per reservation that holds something
 -- there: 'h|<id>|<tokens>|<holds>' (holds: 'b=F' budget, 'c=F' slot, 't=F' no hold,
 -- comma-separated), '$|<id>|<micro-USD>' (credits), 'x|<id>' (a settle record's end).
 
--- Undo one lease: give back what it held.
-local function release(state, credits, member)
-  local code = sub(member, 1, 1)
-  if code == 'h' then
-    local tokens, holds = match(member, '^h|[^|]*|([^|]*)|(.*)$')
-    for hold in gmatch(holds, '[^,]+') do
-      local kind, field = sub(hold, 1, 1), sub(hold, 3)
-      if kind == 'b' then
-        call('HINCRBY', state, 'v|' .. field, -tonumber(tokens))
-      elseif kind == 'c' then
-        call('HINCRBY', state, 'c|' .. field, -1)
+-- A level's care, due once its `n` has come: release up to 64 expired leases (bounded
+-- work per call; a backlog drains over the next calls) — a crashed gateway's reservations
+-- end here —, push the keys' TTL out and note when care is next due: the earliest lease
+-- expiry or `midnight`, whichever is first (so the TTL is pushed at least once a day).
+local function housekeep(state, leases, credits, now, midnight)
+  local match, gmatch = string.match, string.gmatch
+  -- Undo one lease: give back what it held.
+  local function release(member)
+    local code = sub(member, 1, 1)
+    if code == 'h' then
+      local tokens, holds = match(member, '^h|[^|]*|([^|]*)|(.*)$')
+      for hold in gmatch(holds, '[^,]+') do
+        local kind, field = sub(hold, 1, 1), sub(hold, 3)
+        if kind == 'b' then
+          call('HINCRBY', state, 'v|' .. field, -tokens)
+        elseif kind == 'c' then
+          call('HINCRBY', state, 'c|' .. field, -1)
+        end
       end
+    elseif code == '$' and credits then
+      call('HINCRBY', credits, 'reserved', -match(member, '([^|]*)$'))
+    elseif code == 'x' then
+      call('HDEL', state, member)
     end
-  elseif code == '$' and credits then
-    call('HINCRBY', credits, 'reserved', -tonumber(match(member, '([^|]*)$')))
-  elseif code == 'x' then
-    call('HDEL', state, member)
   end
-end
 
--- Release up to 64 expired leases of one level (bounded work per call; a backlog drains
--- over the next calls), then note when the next one is due. A crashed gateway's
--- reservations end here.
-local function sweep(state, leases, credits, now)
   local expired = call('ZRANGEBYSCORE', leases, '-inf', now, 'LIMIT', 0, 64)
   for i = 1, #expired do
-    release(state, credits, expired[i])
+    release(expired[i])
   end
   if #expired > 0 then
     call('ZREM', leases, unpack(expired))
   end
   local next_due = call('ZRANGE', leases, 0, 0, 'WITHSCORES')
-  if next_due[2] then
+  if next_due[2] and next_due[2] + 0 < midnight then
     call('HSET', state, 'n', next_due[2])
   else
-    call('HDEL', state, 'n')
+    call('HSET', state, 'n', format('%d', midnight))
   end
-end
-
--- A daily budget's settled usage, 0 when the UTC day changed since it was last written.
-local function used_today(day_text, used_text, today)
-  if tonumber(day_text or '-1') ~= today then
-    return 0
-  end
-  return tonumber(used_text or '0')
+  call('PEXPIRE', state, STATE_TTL_MS)
+  call('PEXPIRE', leases, STATE_TTL_MS)
 end
 
 -- Settle one reservation with what the request really used: refund or charge the difference.
@@ -85,6 +85,16 @@ end
 --       5 history length kept  6 prompt tokens  7 completion tokens
 -- Returns 1 when the reservation was settled, 0 when it was unknown (settled already, or
 -- older than its lease plus the record grace).
+
+local tonumber, match, gmatch = tonumber, string.match, string.gmatch
+
+-- A daily budget's settled usage, 0 when the UTC day changed since it was last written.
+local function used_today(day_text, used_text, today)
+  if tonumber(day_text or '-1') ~= today then
+    return 0
+  end
+  return tonumber(used_text or '0')
+end
 
 local rid, actual = ARGV[1], tonumber(ARGV[2])
 local cost = tonumber(ARGV[3])
@@ -103,7 +113,8 @@ for part in gmatch(text, '[^;]+') do
 end
 local credit_text, tokens_text = match(parts[1], '^([^,]+),(.+)$')
 local credit_held, reserved = tonumber(credit_text), tonumber(tokens_text)
-local now = now_ms()
+local time = call('TIME')
+local now = time[1] * 1000 + time[2] / 1000
 local today = floor(now / DAY_MS)
 
 for i = 2, #parts do

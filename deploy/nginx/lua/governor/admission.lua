@@ -1,6 +1,8 @@
 -- The Lua side of admit.lua and settle.lua: the same KEYS and ARGV as
--- controller/gateway/admission.py builds, and its reading of the 19-value answer.
+-- controller/gateway/admission.py builds (the limits resolved by governor.limits), and its
+-- reading of the answer.
 
+local limits_module = require 'governor.limits'
 local numbers = require 'governor.numbers'
 local prices_module = require 'governor.prices'
 local store = require 'governor.store'
@@ -11,27 +13,32 @@ local OUTCOMES = {allow = true, rate_limited = true, budget_exhausted = true, sh
   too_large = true}
 local to_micro = prices_module.to_micro
 
-local function quota(reply, first)
-  local address = reply[first]
-  if address == nil or address == '' then
+-- Stale answers (the limits changed since they were read) read them again; three in a row
+-- is Redis misbehaving.
+local ATTEMPTS = 3
+
+local function quota(resolved, reply, first)
+  local check = resolved.checks[tonumber(reply[first])]
+  if check == nil then
     return nil
   end
-  return {address = address, limit = tonumber(reply[first + 1]),
-    remaining = tonumber(reply[first + 2]), reset_seconds = tonumber(reply[first + 3]) / 1000,
-    window_seconds = tonumber(reply[first + 4]) / 1000}
+  return {address = check.address, limit = check.value, remaining = tonumber(reply[first + 1]),
+    reset_seconds = tonumber(reply[first + 2]) / 1000,
+    window_seconds = (limits_module.PERIOD_MS[check.kind] or 0) / 1000}
 end
 
-local function budget(reply)
-  local address = reply[14]
-  if address == nil or address == '' then
+local function budget(resolved, reply, tenant)
+  local number = tonumber(reply[10])
+  if number < 0 then
+    return {address = 'credits/' .. tenant, kind = 'credits', limit = nil,
+      remaining = tonumber(reply[11]) / 1000000, resets_at = nil}
+  end
+  local check = resolved.checks[number]
+  if check == nil then
     return nil
   end
-  if reply[15] == 'credits' then
-    return {address = address, kind = 'credits', limit = nil,
-      remaining = tonumber(reply[17]) / 1000000, resets_at = nil}
-  end
-  return {address = address, kind = 'tokens', limit = tonumber(reply[16]),
-    remaining = tonumber(reply[17]), resets_at = tonumber(reply[18]) / 1000}
+  return {address = check.address, kind = 'tokens', limit = check.value,
+    remaining = tonumber(reply[11]), resets_at = tonumber(reply[12]) / 1000}
 end
 
 -- admission._degrade: the plan's degradation once the tightest token budget is past
@@ -59,12 +66,18 @@ local function degrade(plan, spent_budget, model)
 end
 
 -- The answer as admission.AdmissionResult's fields, or nil and why it cannot be read.
-local function parse(reply, plan, request, ip)
-  if type(reply) ~= 'table' or #reply ~= 19 or not OUTCOMES[reply[1]] then
+local function parse(reply, plan, request, ip, resolved)
+  if type(reply) ~= 'table' or #reply ~= 12 or not OUTCOMES[reply[1]] then
     return nil, 'admit.lua answered something else: the script and this module disagree'
   end
-  local result = {outcome = reply[1], denied_by = reply[2] ~= '' and reply[2] or nil,
-    requests = quota(reply, 4), tokens = quota(reply, 9), budget = budget(reply)}
+  local verdict, address = limits_module.verdict(resolved, request.tokens)
+  if verdict then
+    return {outcome = reply[1], denied_by = address}
+  end
+  local result = {outcome = reply[1],
+    denied_by = limits_module.address(resolved, tonumber(reply[2]), request.tenant),
+    requests = quota(resolved, reply, 4), tokens = quota(resolved, reply, 7),
+    budget = budget(resolved, reply, request.tenant)}
   local spent_budget = result.budget
   if result.outcome == 'rate_limited' or (result.outcome == 'budget_exhausted'
       and spent_budget ~= nil and spent_budget.kind == 'tokens') then
@@ -84,6 +97,7 @@ Admission.__index = Admission
 function _M.new(settings, keys)
   return setmetatable({
     keys = keys,
+    limits = limits_module.new(keys),
     prices = prices_module.new(settings.prices),
     admit_script = settings.scripts.admit,
     settle_script = settings.scripts.settle,
@@ -98,30 +112,45 @@ end
 -- result, or nil and the Redis failure.
 function Admission:admit(client, request, plan)
   local ip = request.ip or ''
-  local credit_cost, credit_floor = '', ''
+  local tokens = string.format('%d', request.tokens)
+  local credits = {}
   if plan.credits ~= nil then
-    credit_cost = string.format('%d', to_micro(self.prices:worst_case(request.model,
-      request.tokens)))
-    credit_floor = string.format('%d', to_micro(plan.credits.min_balance_usd))
+    credits = {string.format('%d', to_micro(self.prices:worst_case(request.model,
+      request.tokens))), string.format('%d', to_micro(plan.credits.min_balance_usd))}
   end
-  local keys = self.keys:admit_keys(request.tenant, request.plan, request.user or '', ip)
-  local reply, err = store.run(client, self.admit_script, keys, {
-    request.request_id,
-    string.format('%d', request.tokens),
-    request.model or '',
-    request.tenant,
-    request.plan,
-    request.user or '',
-    ip ~= '' and '1' or '',
-    self.lease_ms,
-    self.record_ms,
-    credit_cost,
-    credit_floor,
-  })
-  if reply == nil then
-    return nil, err
+  local user, model = request.user or '', request.model or ''
+  local keys = self.keys:admit_keys(request.tenant, user, ip)
+  for _ = 1, ATTEMPTS do
+    local resolved, err = self.limits:get(client, request.tenant, request.plan, user, ip, model)
+    if resolved == nil then
+      return nil, err
+    end
+    local args = {request.request_id, tokens, resolved.version, self.lease_ms, self.record_ms,
+      model}
+    local verdict = limits_module.verdict(resolved, request.tokens)
+    if verdict then
+      args[7] = verdict
+    else
+      args[7] = resolved.letters
+      for _, text in ipairs(resolved.limits) do
+        args[#args + 1] = text
+      end
+      for _, text in ipairs(credits) do
+        args[#args + 1] = text
+      end
+    end
+    local reply
+    reply, err = store.run(client, self.admit_script, keys, args)
+    if reply == nil then
+      return nil, err
+    end
+    if type(reply) == 'table' and #reply == 2 and reply[1] == 'stale' then
+      self.limits:stale(reply[2])
+    else
+      return parse(reply, plan, request, ip, resolved)
+    end
   end
-  return parse(reply, plan, request, ip)
+  return nil, 'the limits changed ' .. ATTEMPTS .. ' times during one admission'
 end
 
 local function settle(self, client, reservation, tenant, tokens, cost_micro, model, prompt,

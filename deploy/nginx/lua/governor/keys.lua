@@ -127,7 +127,7 @@ function Keys:credits(tenant)
   return self:tag(tenant) .. ':credits'
 end
 
--- The 10 (state, leases) pairs of the levels, absent levels standing in with the tenant's.
+-- The (state, leases) keys of the 4 levels, absent levels standing in with the tenant's.
 function Keys:levels(tenant, user, ip)
   local tenant_state = self:tag(tenant) .. ':enforce'
   local states = {
@@ -143,16 +143,27 @@ function Keys:levels(tenant, user, ip)
   return keys
 end
 
--- The 14 keys of admit.lua (`user` and `ip` are '' when absent; `ip` as ip_id gives it).
-function Keys:admit_keys(tenant, plan, user, ip)
-  local tenant_limits = self:tag(tenant) .. ':limits'
-  local keys = {
-    self.prefix .. ':limits:global',
-    self.prefix .. ':limits:ip',
-    self.prefix .. ':limits:plan:' .. escape(plan),
-    tenant_limits,
-    user ~= '' and (self:tag(tenant) .. ':user:' .. escape(user) .. ':limits') or tenant_limits,
+function Keys:version()
+  return self.prefix .. ':version'
+end
+
+-- The limit hashes admission reads, per level (global, ip, tenant, user): {owner ('' when
+-- the level is absent), its hashes in lookup order (the tenant's, then its plan's)}.
+function Keys:limit_hashes(tenant, plan, user, ip)
+  local tag = self:tag(tenant)
+  return {
+    {'global/', {self.prefix .. ':limits:global'}},
+    ip ~= '' and {'ip/', {self.prefix .. ':limits:ip'}} or {'', {}},
+    {'tenant/' .. tenant .. '/',
+      {tag .. ':limits', self.prefix .. ':limits:plan:' .. escape(plan)}},
+    user ~= '' and {'user/' .. tenant .. '/' .. user .. '/',
+      {tag .. ':user:' .. escape(user) .. ':limits'}} or {'', {}},
   }
+end
+
+-- The 10 keys of admit.lua (`user` and `ip` are '' when absent; `ip` as ip_id gives it).
+function Keys:admit_keys(tenant, user, ip)
+  local keys = {self:version()}
   for _, key in ipairs(self:levels(tenant, user, ip)) do
     keys[#keys + 1] = key
   end
