@@ -6,7 +6,7 @@ import json
 import math
 import time
 import uuid
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -111,6 +111,12 @@ class Journal:
     `batch()`, whose events are sent together when it ends. When the buffer is full the
     oldest event is dropped from the buffer (it is still on stdout); drops are counted,
     logged, and recorded in the stream as one `journal.gap` event when Redis returns.
+
+    A batch (a tick) logs its first `log_events_per_tick` events one line each and counts
+    the rest in one `journal.summary` line when it ends: at 100k tenants a tick journals
+    10k changes, and their log lines were a tenth of the tick. The stream still gets every
+    event. An event that may not reach the stream is always logged in full: the cap holds
+    only while the stream is writable, and a failed write logs the events it held back.
     """
 
     def __init__(
@@ -126,12 +132,15 @@ class Journal:
         self.settings = settings
         self.dropped = 0  # events lost from the buffer since start
         self._unreported_drops = 0
-        # Events already encoded for the stream (encoded once, in emit): (event, fields).
-        self._buffer: deque[tuple[JournalEvent, dict[str, str]]] = deque()
+        # Events already encoded for the stream (encoded once, in emit): (event, fields,
+        # whether its log line was written).
+        self._buffer: deque[tuple[JournalEvent, dict[str, str], bool]] = deque()
         self._clock = clock
         self._retry_at = 0.0
         self._backoff = _FIRST_BACKOFF_SECONDS
         self._batching = 0  # nesting depth of batch()
+        self._kinds: Counter[str] = Counter()  # this batch's events by kind
+        self._unlogged = 0  # this batch's events not logged one line each
         self._log = structlog.get_logger("governor.journal")
 
     @property
@@ -151,30 +160,38 @@ class Journal:
         finally:
             self._batching -= 1
             if not self._batching:
+                self._summarize()
                 self.flush()
 
     def emit(self, event: JournalEvent) -> None:
-        """Log the event now; send it to the stream now or, if Redis is away, later."""
+        """Log the event now (within a batch's cap); send it to the stream now or, if Redis
+        is away, later."""
         data = event.to_dict()
         kind = data.pop("kind")
-        self._log.info(kind, **data)
         if self.client is None:
+            self._log.info(kind, **data)
             return
         try:
             fields = _stream_fields(event, {**data, "kind": kind})
         except (TypeError, ValueError) as exc:
             # One event the stream cannot hold (NaN, an odd type) must never wedge the buffer
-            # and hold back every later event: it stays in the log line above only.
+            # and hold back every later event: it stays in its log line only.
+            self._log.info(kind, **data)
             self.dropped += 1
             self._log.error(
                 "journal.unencodable", event_id=event.event_id, kind=kind, error=str(exc)
             )
             return
+        logged = self._logs(kind)
+        if logged:
+            self._log.info(kind, **data)
         full = len(self._buffer) >= self.settings.buffer_max_events
         if full and self._batching and self._clock() >= self._retry_at:
             full = not self.flush()  # a batch larger than the buffer: send what is held
         if full:
-            lost, _ = self._buffer.popleft()
+            lost, _, lost_logged = self._buffer.popleft()
+            if not lost_logged:  # defensive: a failed flush has logged what it held
+                self._log_in_full(lost)
             self.dropped += 1
             self._unreported_drops += 1
             self._log.error(
@@ -184,15 +201,45 @@ class Journal:
                 dropped_total=self.dropped,
                 buffer_max_events=self.settings.buffer_max_events,
             )
-        self._buffer.append((event, fields))
+        self._buffer.append((event, fields, logged))
         if not self._batching and self._clock() >= self._retry_at:
             self.flush()
+
+    def _logs(self, kind: str) -> bool:
+        """Whether this event gets a log line of its own: always outside a batch and while
+        the stream is not writable, else the batch's first `log_events_per_tick`."""
+        if not self._batching:
+            return True
+        self._kinds[kind] += 1
+        if self._retry_at or self._kinds.total() <= self.settings.log_events_per_tick:
+            return True
+        self._unlogged += 1
+        return False
+
+    def _summarize(self) -> None:
+        """One line for a batch whose events were not all logged; none otherwise (small
+        ticks log exactly as before)."""
+        if self._unlogged:
+            self._log.info(
+                "journal.summary",
+                events=self._kinds.total(),
+                by_kind=dict(self._kinds),
+                not_logged=self._unlogged,
+                hint="the journal stream holds every event (governor audit tail); "
+                "GOVERNOR_JOURNAL__LOG_EVENTS_PER_TICK logs more one line each",
+            )
+        self._kinds.clear()
+        self._unlogged = 0
+
+    def _log_in_full(self, event: JournalEvent) -> None:
+        data = event.to_dict()
+        self._log.info(data.pop("kind"), **data)
 
     def flush(self) -> bool:
         """Send every buffered event, in order, in one transaction; True when none is left."""
         if self.client is None or not self._buffer:
             return True
-        batch = [fields for _, fields in self._buffer]
+        batch = [fields for _, fields, _ in self._buffer]
         if self._unreported_drops:
             gap = _gap_event(self._unreported_drops)
             batch.insert(0, _stream_fields(gap, gap.to_dict()))
@@ -212,6 +259,12 @@ class Journal:
             self._log.warning(
                 "journal.redis_unavailable", pending=len(self._buffer), error=str(exc)
             )
+            # They may never reach the stream: every event held back from the log is logged.
+            if any(not logged for _, _, logged in self._buffer):
+                for event, _, logged in self._buffer:
+                    if not logged:
+                        self._log_in_full(event)
+                self._buffer = deque((e, f, True) for e, f, _ in self._buffer)
             return False
         self._buffer.clear()
         self._unreported_drops = 0

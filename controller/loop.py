@@ -180,9 +180,9 @@ class Controller:
         self._report_signals(policies, snapshot, now)
         control = self._read_control(reasons)
         baselines = Baselines(policies, control.tenants)
-        evaluation = evaluate(
-            policies, snapshot, self.engine, now, baselines, self.resolver.in_force()
-        )
+        # The limits in force matter to AdaptiveLimits only: not built for every limit else.
+        in_force = self.resolver.in_force() if policies.adaptives else None
+        evaluation = evaluate(policies, snapshot, self.engine, now, baselines, in_force)
         resolution = resolve(
             policies,
             baselines,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import enum
-import functools
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -84,6 +83,20 @@ class Address:
     tenant: str | None = None
     user: str | None = None
     model: str | None = None
+    # The hash, computed once: addresses key every per-limit dict, millions of lookups a
+    # tick at 100k tenants, and the generated __hash__ builds a tuple of six fields each time.
+    _hash: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        fields = (self.scope, self.limit, self.plan, self.tenant, self.user, self.model)
+        object.__setattr__(self, "_hash", hash(fields))
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __reduce__(self) -> tuple[type[Address], tuple[object, ...]]:
+        # Rebuilt, not restored: a string's hash differs from one process to the next.
+        return Address, (self.scope, self.limit, self.plan, self.tenant, self.user, self.model)
 
     @classmethod
     def parse(cls, text: str) -> Address:
@@ -128,11 +141,22 @@ class Address:
         return Address(self.scope, self.limit, self.plan, self.tenant, self.user)
 
 
-@functools.lru_cache(maxsize=1 << 18)
 def interned(text: str) -> Address:
     """`Address.parse`, one instance per address text in the process: the engine's targets
-    and the sink's read-back share it instead of holding a parsed copy each (100k tenants)."""
-    return Address.parse(text)
+    and the sink's read-back share it instead of holding a parsed copy each (100k tenants).
+    A plain dict, not an lru_cache: its per-entry links cost as much as the addresses."""
+    found = _INTERNED.get(text)
+    if found is None:
+        found = Address.parse(text)
+        if len(_INTERNED) >= INTERNED_MAX:
+            _INTERNED.clear()  # addresses gone for good (tenants churn): start over
+        _INTERNED[text] = found
+    return found
+
+
+# Beyond any deployment's limits; past it the table is rebuilt as addresses are met again.
+INTERNED_MAX = 1 << 20
+_INTERNED: dict[str, Address] = {}
 
 
 def _shape_of(scope: Scope) -> str:

@@ -282,6 +282,12 @@ class JournalSettings(BaseModel):
 
     stream_max_length: int = Field(100_000, ge=100, description="events kept in the stream")
     buffer_max_events: int = Field(10_000, ge=1, description="events held while Redis is away")
+    log_events_per_tick: int = Field(
+        100,
+        ge=0,
+        description="events logged one line each per tick; beyond it one journal.summary line "
+        "counts the rest (the stream holds every event)",
+    )
     runbook_base_url: str = Field(
         "https://github.com/governor/governor/blob/main/",
         description="prefix for relative runbook links in journal events",

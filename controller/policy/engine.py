@@ -6,7 +6,6 @@ same inputs always give the same proposals, which is what makes policy tests pos
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -233,6 +232,8 @@ def _per_label_policy(
     engage, release, fires = valid_engage.tolist(), valid_release.tolist(), when.tolist()
     releases = until.tolist() if until is not None else None
     states: dict[str, ConditionState] = {}
+    ref, transitions = policy.ref, out.transitions
+    active: list[str] | None = None
     for i in sorted(candidates):
         key = universe[i]
         state = previous.get(key, IDLE)
@@ -246,13 +247,17 @@ def _per_label_policy(
         )
         if event or state.active:
             readings = tuple(
-                SignalReading(name, values[i], times[i]) if ok[i] else signal.reading(i)
-                for name, values, times, ok, signal in columns
+                [
+                    SignalReading(name, values[i], times[i]) if ok[i] else signal.reading(i)
+                    for name, values, times, ok, signal in columns
+                ]
             )
             if event:
-                out.transitions.append(Transition(policy.ref, key, event, readings))
+                transitions.append(Transition(ref, key, event, readings))
             if state.active:
-                out.active.setdefault(policy.ref, []).append(key)
+                if active is None:
+                    active = out.active.setdefault(ref, [])
+                active.append(key)
                 proposer.propose(label, key, state, readings, "")
         if _keep(state, now, policy):
             states[key] = state
@@ -273,10 +278,14 @@ class _Proposer:
 
     def __init__(self, policy: ThrottlePolicy, baselines: Baselines, out: _Collector) -> None:
         self.policy, self.baselines, self.out = policy, baselines, out
+        self.ref = policy.ref
         spec = policy.spec
         condition = f"`{spec.when}`" if spec.when else "scheduled"
         held = f" held for {format_duration(spec.for_)}" if spec.for_ else " held"
         self._head = condition + held
+        label = spec.per and str(spec.per)
+        # Each action's addresses per label value, shared by every tick's proposer.
+        self._filled = [_FILLED.setdefault((a.target, label), {}) for a in spec.actions]
         self._since: dict[float | None, str] = {}
         self._actions: dict[tuple[int, float | None], tuple[float | None, str]] = {}
 
@@ -296,12 +305,13 @@ class _Proposer:
                 else ""
             )
             self._since[state.active_since] = since
-        shown = ", ".join(f"{r.name}={fmt_number(r.value)}" for r in readings)
+        shown = ", ".join([f"{r.name}={fmt_number(r.value)}" for r in readings])
         why = (f"{since} ({shown})" if shown else since) + suffix
-        ref = self.policy.ref
+        ref = self.ref
         for index, action in enumerate(self.policy.spec.actions):
+            filled = self._filled[index]
             try:
-                address = _filled(action.target, label, key)
+                address = filled.get(key) or _fill(filled, action.target, label, key)
             except AddressError as exc:
                 self.out.notes.append(f"{ref}: label value cannot form an address: {exc.problem}")
                 continue
@@ -322,10 +332,21 @@ class _Proposer:
         return found
 
 
-@functools.lru_cache(maxsize=1 << 18)
-def _filled(target: AddressTemplate, label: str | None, key: str) -> Address:
-    """The address an action targets for one label value (label values repeat every tick)."""
-    return target.fill({label: key} if label is not None else {})
+# (target, label) → label value → address: label values repeat every tick, so each is filled
+# once per process. Plain dicts: an lru_cache's per-entry links would double their memory.
+_FILLED: dict[tuple[AddressTemplate, str | None], dict[str, Address]] = {}
+_FILLED_MAX = 1 << 20  # per target; beyond any deployment (tenants churn: start over)
+
+
+def _fill(
+    filled: dict[str, Address], target: AddressTemplate, label: str | None, key: str
+) -> Address:
+    """The address an action targets for one label value, remembered in `filled`."""
+    address = target.fill({label: key} if label is not None else {})
+    if len(filled) >= _FILLED_MAX:
+        filled.clear()
+    filled[key] = address
+    return address
 
 
 def _action_value(

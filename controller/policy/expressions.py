@@ -9,13 +9,17 @@ Valid CEL outside that subset falls back to the CEL program, one row at a time.
 from __future__ import annotations
 
 import difflib
+import importlib.machinery
+import importlib.util
 import operator
 import re
+import sys
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
 from typing import Any, Literal
 
-import cel
 import numpy as np
 import numpy.typing as npt
 
@@ -112,9 +116,33 @@ def compile_expression(text: str, known: Collection[str]) -> Expression:
 _CEL_POSITION = re.compile(r"ERROR: <input>:(\d+):(\d+): ")
 
 
+def _cel() -> ModuleType:
+    """The CEL library's compiled extension (`cel.cel`), without the `cel` package itself:
+    its `__init__` imports the library's REPL first (typer, prompt_toolkit, rich, pygments),
+    ~20 MB resident in every controller for a command-line tool it never runs."""
+    loaded = sys.modules.get("cel.cel")
+    if loaded is not None:
+        return loaded
+    package = importlib.util.find_spec("cel")  # finds the package without importing it
+    if package is None or package.origin is None:
+        raise ImportError("the CEL library (package cel-python) is not installed")
+    folder = Path(package.origin).parent
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        spec = importlib.util.spec_from_file_location("cel.cel", folder / f"cel{suffix}")
+        if spec is None or spec.loader is None or not Path(str(spec.origin)).exists():
+            continue
+        module = importlib.util.module_from_spec(spec)
+        # Registered under its own name: a later `import cel` reuses it (an extension
+        # module is initialised once per process).
+        sys.modules["cel.cel"] = module
+        spec.loader.exec_module(module)
+        return module
+    raise ImportError(f"the CEL library's extension module is missing from {folder}")
+
+
 def _cel_compile(text: str) -> Any:
     try:
-        return cel.compile(text)
+        return _cel().compile(text)
     except ValueError as exc:
         message = str(exc)
         found = _CEL_POSITION.search(message)

@@ -9,7 +9,7 @@ cautious recommendation seen in the window) and a maximum change per period. Pur
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from controller.model import Address, Decision, Override, Proposal, Scope, Source
@@ -75,31 +75,72 @@ def resolve(
     frozen: bool = False,
 ) -> Resolution:
     """Resolve every address that has a baseline, a proposal, an override or a memory."""
-    by_address: dict[Address, list[Proposal]] = {}
+    # Most addresses have one proposal: held as a 1-tuple (the decision keeps it as is),
+    # a list only for the few with several (a list per address is 100k lists a tick).
+    by_address: dict[Address, tuple[Proposal] | list[Proposal]] = {}
     for proposal in proposals:
-        by_address.setdefault(proposal.address, []).append(proposal)
+        found = by_address.get(proposal.address)
+        if found is None:
+            by_address[proposal.address] = (proposal,)
+        elif isinstance(found, tuple):
+            by_address[proposal.address] = [*found, proposal]
+        else:
+            found.append(proposal)
     stated = dict(policies.baseline_addresses())
     live_overrides = {a: o for a, o in overrides.items() if o.expires_at > now}
-    addresses = set(stated) | set(by_address) | set(live_overrides) | set(state.memory)
+    addresses = set(by_address)  # one set, not one per source and their union (100k each)
+    addresses.update(stated, live_overrides, state.memory)
     desired: dict[Address, Decision] = {}
     memory: dict[Address, AddressMemory] = {}
+    remembered_before, none, forgotten = state.memory, (), AddressMemory()
+    shared = _Shared()
     for address in sorted(addresses, key=_order):
-        baseline = stated.get(address, baselines.value(address))
+        baseline = stated[address] if address in stated else baselines.value(address)
         decision, remembered = _resolve_one(
             policies,
             address,
             baseline,
-            by_address.get(address, []),
+            by_address.get(address, none),
             live_overrides.get(address),
-            state.memory.get(address, AddressMemory()),
+            remembered_before.get(address, forgotten),
             now,
             frozen,
+            shared,
         )
         if remembered.values and not _settled(remembered, baseline, address):
             memory[address] = remembered
         if decision is not None and _explicit(decision, address):
             desired[address] = decision
     return Resolution(desired=desired, state=ResolverState(memory))
+
+
+class _Shared:
+    """The memories of one resolve, equal ones made once: most of 100k tenants hold the same
+    few values since the same ticks. Rebuilt per address every tick, their 100k small
+    objects would be scattered among the tick's short-lived ones and keep the memory of
+    the tick's peak allocated after it (an allocator arena is freed only when empty)."""
+
+    def __init__(self) -> None:
+        self._points: dict[tuple[float, float], tuple[tuple[float, float], ...]] = {}
+        self._memories: dict[tuple[int, int, str | None], AddressMemory] = {}
+
+    def memory(
+        self,
+        recommendations: tuple[tuple[float, float], ...],
+        values: tuple[tuple[float, float], ...],
+        policy: str | None,
+    ) -> AddressMemory:
+        points = self._points
+        if len(recommendations) == 1:
+            recommendations = points.setdefault(recommendations[0], recommendations)
+        if len(values) == 1:
+            values = points.setdefault(values[0], values)
+        # By identity: the points are shared above, and the memory kept here holds them.
+        key = (id(recommendations), id(values), policy)
+        found = self._memories.get(key)
+        if found is None:
+            found = self._memories[key] = AddressMemory(recommendations, values, policy)
+        return found
 
 
 def _order(address: Address) -> tuple[str, ...]:
@@ -134,11 +175,12 @@ def _resolve_one(
     policies: PolicySet,
     address: Address,
     baseline: float | None,
-    proposals: list[Proposal],
+    proposals: Sequence[Proposal],
     override: Override | None,
     memory: AddressMemory,
     now: float,
     frozen: bool,
+    shared: _Shared,
 ) -> tuple[Decision | None, AddressMemory]:
     winner = (
         None
@@ -149,7 +191,9 @@ def _resolve_one(
     )
     recommended = winner.value if winner else (UNLIMITED if baseline is None else baseline)
     adjustments: list[str] = []
-    recommended = _clamp(policies, address, recommended, adjustments)
+    spec = policies.limits.spec
+    if spec.floors or spec.ceilings:
+        recommended = _clamp(policies, address, recommended, adjustments)
     behavior = policies.behavior_for(winner.policy if winner else memory.policy)
     horizon = _horizon(behavior)
     recommendations = _recommend(memory.recommendations, now, recommended, now - horizon)
@@ -171,7 +215,7 @@ def _resolve_one(
         else:
             source, reason = Source.BASELINE, "no policy proposes a value: baseline"
     values = _append(memory.values, now, value, now - horizon)
-    remembered = AddressMemory(recommendations, values, winner.policy if winner else memory.policy)
+    remembered = shared.memory(recommendations, values, winner.policy if winner else memory.policy)
     if value == UNLIMITED:
         return None, remembered
     decision = Decision(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -54,10 +55,13 @@ def vector_from_body(
     values = _VALUE.findall(body)
     if not series or len(keys) != series or len(values) != series:
         return None
+    # Interned: label values repeat every tick, and the engine's state keeps them as keys;
+    # one string per value for the whole process instead of a new one each tick.
+    intern = sys.intern
     if b"\\" in body:  # an escaped character in some label value: decode those exactly
-        texts = [orjson.loads(b'"' + k + b'"') if b"\\" in k else k.decode() for k in keys]
+        texts = [intern(orjson.loads(b'"' + k + b'"') if b"\\" in k else k.decode()) for k in keys]
     else:
-        texts = [k.decode() for k in keys]
+        texts = [intern(k.decode()) for k in keys]
     if len(set(texts)) != len(texts):
         return None  # several series per label value: the full path says how to aggregate
     try:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import math
 import re
 from dataclasses import dataclass
@@ -27,12 +26,8 @@ def escape_id(value: str) -> str:
 
 
 def checked(address: Address) -> Address:
-    """Return `address` if every id in it is safe to put in a key, else raise AddressError."""
-    return _checked(address)
-
-
-@functools.lru_cache(maxsize=1 << 18)
-def _checked(address: Address) -> Address:
+    """Return `address` if every id in it is safe to put in a key, else raise AddressError.
+    Not cached: the Redis sink keeps each address's key once (`RedisSink._place`)."""
     expected = _IDS.get(address.scope, ())
     for name in _ALL_IDS:
         value = getattr(address, name)
@@ -146,13 +141,12 @@ class KeySchema:
 
     def owner(self, address: Address) -> str:
         """The hash that holds this address's limit (field: `limit_field(address)`)."""
-        return _owner(self.prefix, checked(address).without_model())
+        return _owner(self.prefix, checked(address))
 
     def owner_and_field(self, address: Address) -> tuple[str, str]:
         return self.owner(address), limit_field(address)
 
 
-@functools.lru_cache(maxsize=1 << 18)
 def _owner(prefix: str, address: Address) -> str:
     if address.scope in (Scope.GLOBAL, Scope.IP):
         return f"{prefix}:limits:{address.scope}"

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 import time
 from collections import defaultdict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import cast
 
 import redis
@@ -54,7 +53,8 @@ _RECORDS_PER_WRITE = 5000
 
 class RedisSink:
     """Limits in Redis per docs/redis-contract.md. One instance per process; not thread-safe,
-    except `read`, which keeps no state of its own (the loop reads back in a thread)."""
+    except `read`, which only adds to the address table (`_place`, a cache whose entries
+    never change), so the loop can read back in a thread."""
 
     def __init__(
         self, client: redis.Redis[str], keys: KeySchema, clock: Callable[[], float] = time.time
@@ -71,6 +71,9 @@ class RedisSink:
         # 64-bit hashes (odds 2^-64) would leave its record one decision behind.
         # None: not yet read back.
         self._recorded: dict[Address, int] | None = None
+        # Each address's (owner hash, field), worked out once: 100k limits are read back
+        # and diffed every tick. One table per sink instead of a cache per step.
+        self._places: dict[Address, tuple[str, str]] = {}
 
     @classmethod
     def from_url(cls, url: str, settings: RedisSettings) -> RedisSink:
@@ -105,26 +108,55 @@ class RedisSink:
     def read(self) -> SinkState:
         """Every limit in the hashes Governor has written to, its ledger and the version."""
         with wrapped(self.client, "read limits"):
-            owners = sorted({_ledger_entry(self.keys.prefix, t)[0] for t in self._ledger()} - {""})
+            # Each owner hash's first ledger address (most hold one limit): its fields are
+            # matched against it, so nothing read back is parsed again.
+            bases: dict[str, Address] = {}
+            for text in self._ledger():
+                address = _ledger_address(text)
+                if address is not None:
+                    bases.setdefault(self._place(address)[0], address)
+            owners = sorted(bases)
             reply = self._read(keys=[*owners, self.keys.written, self.keys.version])
-        pairs = [_pairs(r) for r in reply[:-1]]
-        hashes, ledger, version = pairs[:-1], pairs[-1], reply[-1]
+        hashes, ledger, version = reply[:-2], reply[-2], reply[-1]
         actual: dict[Address, float] = {}
         foreign: list[str] = []
-        prefix = self.keys.prefix
-        for key, fields in zip(owners, hashes, strict=True):
-            for name, text in fields.items():
-                address = _field_address(prefix, key, name)
-                if address is None:
+        places = self._places
+        for key, flat in zip(owners, hashes, strict=True):
+            base = bases[key]
+            field = (places.get(base) or self._place(base))[1]
+            for name, text in _pairs(flat):
+                found = base if field == name else self._field_address(base, name)
+                if found is None:
                     foreign.append(f"{key} {name}")
                 else:
-                    actual[address] = parse_value(text)
+                    actual[found] = parse_value(text)
         written: dict[Address, float] = {}
-        for text, value in ledger.items():
-            address = _ledger_entry(prefix, text)[1]
+        for text, value in _pairs(ledger):
+            address = _ledger_address(text)
             if address is not None:
                 written[address] = parse_value(value)
         return SinkState(actual, written, int(version or 0), tuple(foreign))
+
+    def _place(self, address: Address) -> tuple[str, str]:
+        """(owner hash key, field) of a checked address, computed once per sink."""
+        place = self._places.get(address)
+        if place is None:
+            if len(self._places) >= _PLACES_MAX:
+                self._places.clear()  # addresses gone for good (tenants churn): start over
+            owner, name = self.keys.owner_and_field(address)
+            place = self._places[address] = (owner, _FIELDS.setdefault(name, name))
+        return place
+
+    def _field_address(self, base: Address, name: str) -> Address | None:
+        """Another field of `base`'s owner hash → its address; None when it is not a limit
+        we know (a hand-made entry). Parsed each time: rare (several limits per owner)."""
+        limit, at, model = name.partition("@")
+        try:
+            address = dataclasses.replace(base, limit=LimitKind(limit), model=model if at else None)
+            found = interned(str(address))
+        except (ValueError, AddressError):
+            return None
+        return found if self._place(found) == (self._place(base)[0], name) else None
 
     def _ledger(self) -> list[str]:
         names: list[str] = self.client.hkeys(self.keys.written)
@@ -138,7 +170,6 @@ class RedisSink:
         """
         if not changes:
             return ApplyResult(version=self.version())
-        prefix = self.keys.prefix
         sets: dict[str, dict[str | bytes, str | bytes | float | int]] = defaultdict(dict)
         deletes: dict[str, list[str]] = defaultdict(list)
         ledger_sets: dict[str | bytes, str | bytes | float | int] = {}
@@ -147,7 +178,8 @@ class RedisSink:
         verify_fields: list[str] = []
         verify_values: list[str] = []
         for change in changes:
-            key, name, text = _target(prefix, change.address)
+            key, name = self._place(change.address)
+            text = str(change.address)
             verify_keys.append(key)
             verify_fields.append(name)
             if change.new is None:
@@ -198,22 +230,32 @@ class RedisSink:
         """Store each address's last decision for `explain`; only records whose decision
         changed (`decision_key`) are written, and records of addresses gone are removed."""
         now = self._clock()
-        fresh = {a: hash(decision_key(d)) for a, d in decisions.items()}
-        gone: list[str] = []
+        gone: list[Address] = []
+        stale: list[str]
         recorded = self._recorded
         if recorded is None:  # first call: forget records of addresses no longer desired
             with wrapped(self.client, "read decision records"):
                 stored: list[str] = self.client.hkeys(self.keys.decisions)
-            gone = sorted(set(stored) - {str(a) for a in fresh})
+            stale = sorted(set(stored) - {str(a) for a in decisions})
             recorded = {}
-        changed = [a for a, key in fresh.items() if recorded.get(a) != key]
-        gone += [str(a) for a in recorded if a not in fresh]
-        if not changed and not gone:
-            self._recorded = fresh
+        else:
+            stale = []
+            gone = [a for a in recorded if a not in decisions]
+        # Only the changed hashes are kept: the table is updated in place, so a tick does not
+        # rebuild 100k entries (new objects between the tick's own, pinning its memory).
+        fresh: dict[Address, int] = {}
+        get = recorded.get
+        for address, decision in decisions.items():
+            key = hash(decision_key(decision))
+            if get(address) != key:
+                fresh[address] = key
+        if not fresh and not gone and not stale:
+            self._recorded = recorded
             return 0
         with wrapped(self.client, "record decisions"):
             # In slices: the first tick records every limit, and 100k JSON records encoded
             # at once (then packed into one command) would set the process's memory peak.
+            changed = list(fresh)
             for start in range(0, len(changed), _RECORDS_PER_WRITE):
                 self.client.hset(
                     self.keys.decisions,
@@ -222,10 +264,15 @@ class RedisSink:
                         for a in changed[start : start + _RECORDS_PER_WRITE]
                     },
                 )
-            if gone:
-                self.client.hdel(self.keys.decisions, *gone)
-        self._recorded = fresh  # only once written: a failed write is retried next tick
-        return len(changed) + len(gone)
+            removed = stale + [str(a) for a in gone]
+            if removed:
+                self.client.hdel(self.keys.decisions, *removed)
+        # Only once written: a failed write is retried next tick.
+        recorded.update(fresh)
+        for address in gone:
+            del recorded[address]
+        self._recorded = recorded
+        return len(changed) + len(removed)
 
     def read_decision(self, address: Address) -> str | None:
         """The JSON last-decision record of an address, if the controller wrote one."""
@@ -234,40 +281,23 @@ class RedisSink:
         return text
 
 
-def _pairs(flat: list[str]) -> dict[str, str]:
-    return dict(zip(flat[::2], flat[1::2], strict=True))
+def _pairs(flat: list[str]) -> Iterator[tuple[str, str]]:
+    """The (field, value) pairs of an HGETALL reply, without a dict or list per hash (one
+    per tenant at every read back)."""
+    items = iter(flat)
+    return zip(items, items, strict=True)
 
 
-@functools.lru_cache(maxsize=1 << 18)
-def _target(prefix: str, address: Address) -> tuple[str, str, str]:
-    """(owner hash key, field, address text) of a checked address, computed once."""
-    key, name = KeySchema(prefix).owner_and_field(address)
-    return key, name, str(address)
+# Sizes beyond any deployment's limits: past them a table is dropped and rebuilt, so
+# addresses gone for good do not stay in memory forever.
+_PLACES_MAX = 1 << 20
+_FIELDS: dict[str, str] = {}  # one string per field name (a few) for every address
 
 
-# Caches keyed by strings (hashed once) so a tick over 100k limits parses nothing twice.
-@functools.lru_cache(maxsize=1 << 18)
-def _ledger_entry(prefix: str, text: str) -> tuple[str, Address | None]:
-    """A ledger field → (owner hash key, address); ("", None) for an entry we cannot read."""
+def _ledger_address(text: str) -> Address | None:
+    """A ledger field → its address; None for an entry we cannot read (hand-made: not ours
+    to interpret)."""
     try:
-        address = interned(text)
+        return interned(text)
     except AddressError:
-        return "", None  # a hand-made ledger entry: not ours to interpret
-    owner = KeySchema(prefix).owner(address)
-    _OWNER_BASES[owner] = address.without_model()
-    return owner, address
-
-
-_OWNER_BASES: dict[str, Address] = {}
-
-
-@functools.lru_cache(maxsize=1 << 18)
-def _field_address(prefix: str, owner: str, name: str) -> Address | None:
-    """A field of an owner hash → its address; None when it is not a limit we know."""
-    limit, at, model = name.partition("@")
-    try:
-        base = _OWNER_BASES[owner]
-        address = dataclasses.replace(base, limit=LimitKind(limit), model=model if at else None)
-        return interned(str(address))
-    except (KeyError, ValueError, AddressError):
         return None

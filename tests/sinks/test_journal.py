@@ -222,3 +222,57 @@ def test_an_event_as_a_dict_holds_every_field_as_asdict_would() -> None:
     assert list(data) == [f.name for f in dataclasses.fields(JournalEvent)]
     assert data == dataclasses.asdict(full) | {"signals": [{"name": "gpu", "value": 0.9}]}
     assert JournalEvent.from_dict(data) == full
+
+
+def test_a_batch_logs_its_first_events_then_one_summary_and_streams_them_all(
+    redis_server: RedisServer, db: redis.Redis[str]
+) -> None:
+    client = connect(redis_server.url, RedisSettings(), retries=0)
+    journal = Journal(client, KEYS, JournalSettings(log_events_per_tick=3))
+    db.delete("governor:journal")
+    with capture_logs() as logs, journal.batch():
+        for n in range(7):
+            journal.emit(event(n))
+        journal.emit(JournalEvent(kind=Kind.LIMIT_DRIFT, actor="controller", reason="drift"))
+    assert [log.get("reason") for log in logs[:3]] == ["change 0", "change 1", "change 2"]
+    (summary,) = logs[3:]
+    assert summary["event"] == "journal.summary"
+    assert summary["events"] == 8
+    assert summary["not_logged"] == 5
+    assert summary["by_kind"] == {"limit.changed": 7, "limit.drift": 1}
+    assert stream_reasons(db) == [f"change {n}" for n in range(7)] + ["drift"]
+
+
+def test_a_batch_within_the_cap_and_single_events_log_every_line_and_no_summary(
+    journal: Journal,
+) -> None:
+    with capture_logs() as logs:
+        with journal.batch():
+            for n in range(3):
+                journal.emit(event(n))
+        for n in range(3, 6):  # outside a batch: never capped
+            journal.emit(event(n))
+    assert [log["event"] for log in logs] == ["limit.changed"] * 6
+
+
+def test_events_held_back_from_the_log_are_logged_when_the_stream_cannot_take_them(
+    tmp_path: Path,
+) -> None:
+    server = RedisServer(tmp_path / "c").start()
+    journal = Journal(
+        connect(server.url, RedisSettings(), retries=0),
+        KEYS,
+        JournalSettings(log_events_per_tick=2),
+    )
+    with capture_logs() as logs:
+        with journal.batch():
+            for n in range(5):
+                journal.emit(event(n))
+            server.stop()  # the batch's flush fails: the 3 unlogged events are logged then
+        with journal.batch():  # Redis still away: no cap while the stream is not writable
+            for n in range(5, 9):
+                journal.emit(event(n))
+    changed = [log["reason"] for log in logs if log["event"] == "limit.changed"]
+    assert sorted(changed) == [f"change {n}" for n in range(9)]
+    assert [log["event"] for log in logs].count("journal.summary") == 1
+    assert journal.pending == 9

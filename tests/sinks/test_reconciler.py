@@ -118,3 +118,19 @@ def test_an_address_that_leaves_the_desired_state_is_deleted(
     assert changed(logs) == [("plan/free/requests_per_minute", 10.0, None)]
     assert db.exists("governor:limits:plan:free") == 0
     assert db.hkeys("governor:decisions") == ["global/requests_per_second"]
+
+
+def test_decision_records_follow_the_desired_addresses(
+    sink: RedisSink, db: redis.Redis[str]
+) -> None:
+    wanted = decisions(5.0)
+    db.hset("governor:decisions", "tenant/gone/tokens_per_minute", "{}")  # an earlier run's
+    assert sink.record_decisions(wanted, 1) == 3  # both written, the stale one removed
+    assert sorted(db.hkeys("governor:decisions")) == sorted(str(a) for a in wanted)
+    assert sink.record_decisions(wanted, 2) == 0  # nothing changed: nothing written
+    del wanted[FREE_RPM]
+    assert sink.record_decisions(wanted, 3) == 1
+    assert db.hkeys("governor:decisions") == ["global/requests_per_second"]
+    assert sink.record_decisions(decisions(10.0), 4) == 1  # back, decided anew
+    record = json.loads(db.hget("governor:decisions", str(FREE_RPM)) or "")
+    assert (record["tick"], record["value"]) == (4, 10.0)

@@ -279,3 +279,18 @@ def test_numpy_path_matches_cel_row_by_row(tree: Tree, table: list[tuple[float, 
         except Exception:  # CEL errors (e.g. NaN in an ordering) are skipped by design
             continue
         assert ours == expected, (tree.text, row)
+
+
+def test_the_controller_does_not_load_the_cel_command_line_tool() -> None:
+    # The `cel` package imports its REPL (typer, prompt_toolkit: ~20 MB) before its parser.
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, controller.daemon\n"
+        "from controller.policy.expressions import compile_expression\n"
+        "compile_expression('a > 1.0', frozenset({'a'}))\n"
+        "print(sorted(m for m in ('cel.cli', 'prompt_toolkit', 'typer') if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"

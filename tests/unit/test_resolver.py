@@ -337,3 +337,15 @@ def test_memory_does_not_grow_with_the_number_of_ticks() -> None:
     assert value(driver.resolve(3600.0), ACME) == 5000.0  # loosening still waits 5m
     assert value(driver.resolve(3600.0 + 299), ACME) == 5000.0
     assert value(driver.resolve(3600.0 + 301), ACME) is None  # back to its plan: not written
+
+
+def test_addresses_with_the_same_history_share_one_memory() -> None:
+    # 100k tenants mostly hold the same few values: one memory object each would be rebuilt
+    # every tick (see resolver._Shared); equal histories give equal pacing either way.
+    driver = guarded(behavior=IMMEDIATE)
+    tenants = [f"tenant/t{i}/tokens_per_minute" for i in range(3)]
+    for now in (0.0, 15.0):
+        driver.resolve(now, [proposal(a, 500.0) for a in tenants])
+    first, *others = (driver.resolver.memory[addr(a)] for a in tenants)
+    assert all(memory is first for memory in others)
+    assert first.last == 500.0
