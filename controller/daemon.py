@@ -33,7 +33,7 @@ from controller.loop import Controller
 from controller.reload import PolicyWatcher
 from controller.settings import Settings
 from controller.signals.prometheus import PrometheusSource
-from controller.sinks.connection import connect, masked_url
+from controller.sinks.connection import close, connect, masked_url
 from controller.sinks.control import ControlStore
 from controller.sinks.factory import build_sinks
 from controller.sinks.keys import KeySchema
@@ -87,9 +87,9 @@ def build(settings: Settings, *, once: bool = False, dry_run: bool = False) -> D
         url, embedded = stack.enter_context(redis_url(settings))
         keys = KeySchema(settings.redis.key_prefix)
         client = connect(url, settings.redis)
-        stack.callback(client.close)
+        stack.callback(close, client)
         journal_client = connect(url, settings.redis, retries=0)  # an emit must never stall
-        stack.callback(journal_client.close)
+        stack.callback(close, journal_client)
         # Governor's own Redis always holds the limits (the primary: read back, `explain`);
         # every other entry of controller.sinks is driven beside it, named by its entry.
         named = dict(zip(settings.controller.sinks, build_sinks(settings, client), strict=True))
@@ -102,9 +102,9 @@ def build(settings: Settings, *, once: bool = False, dry_run: bool = False) -> D
         stack.callback(elector.release)
         for each in (sink, *(other for _, other in others)):
             each.fence = elector.fence  # type: ignore[attr-defined]
-            close = getattr(each, "close", None)
-            if callable(close) and each is not sink:
-                stack.callback(close)
+            shut = getattr(each, "close", None)
+            if callable(shut) and each is not sink:
+                stack.callback(shut)
         source = PrometheusSource(settings.prometheus)
         stack.callback(source.close)
         metrics = Metrics()

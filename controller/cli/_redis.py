@@ -22,7 +22,7 @@ from controller.logging import configure_logging, mask_text
 from controller.model import Address, AddressError
 from controller.policy.documents import parse_duration
 from controller.settings import Settings
-from controller.sinks.connection import connect, url_from_settings
+from controller.sinks.connection import close, connect, url_from_settings
 from controller.sinks.control import ControlStore
 from controller.sinks.keys import KeySchema
 from controller.sinks.redis import RedisSink
@@ -68,8 +68,8 @@ def stores() -> Iterator[Stores]:
                 Journal(journal_client, keys, settings.journal),
             )
         finally:
-            client.close()
-            journal_client.close()
+            close(client)
+            close(journal_client)
 
 
 @contextmanager

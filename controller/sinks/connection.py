@@ -198,6 +198,17 @@ def connect_async(url: str, settings: RedisSettings) -> redis.asyncio.Redis[str]
         raise ConfigurationError(f"Redis URL {masked_url(url)!r}: {exc}") from None
 
 
+def close(client: redis.Redis[str]) -> None:
+    """Close a client and, behind Sentinel, its connections to the Sentinels."""
+    client.close()
+    pool = client.connection_pool
+    if isinstance(pool, redis.sentinel.SentinelConnectionPool):
+        pool.disconnect()
+        for sentinel in pool.sentinel_manager.sentinels:
+            sentinel.close()
+            sentinel.connection_pool.disconnect()
+
+
 async def aclose(client: redis.asyncio.Redis[str]) -> None:
     """Close an async client and, behind Sentinel, its connections to the Sentinels."""
     await client.aclose()  # type: ignore[attr-defined]  # types-redis predates aclose

@@ -23,6 +23,7 @@ from controller.reconcile import diff
 from controller.settings import RedisSettings, Settings
 from controller.sinks.connection import (
     aclose,
+    close,
     connect,
     connect_async,
     masked_url,
@@ -61,10 +62,11 @@ def fleet(tmp_path: Path) -> Iterator[tuple[RedisServer, RedisServer, SentinelSe
 
 
 def test_writes_follow_the_master_through_a_failover(
-    fleet: tuple[RedisServer, RedisServer, SentinelServer],
+    fleet: tuple[RedisServer, RedisServer, SentinelServer], request: pytest.FixtureRequest
 ) -> None:
     master, replica, sentinel = fleet
     sink = RedisSink.from_url(sentinel.url(), RedisSettings(retries=8))
+    request.addfinalizer(lambda: close(sink.client))
     sink.apply(diff({FIRST: 10.0}, sink.read().actual))
     with master.client() as db:
         assert db.keys("governor:*")  # the write went to the master
