@@ -18,13 +18,14 @@ from controller.gateway.limits import PERIOD_MS, LimitCache, Resolved
 from controller.gateway.prices import PriceTable, to_micro
 from controller.gateway.scripts import (
     ADMIT,
+    CHARGE,
     SETTLE,
     EnforcementError,
     EnforcementKeys,
     ip_id,
     load_scripts,
 )
-from controller.model import validate_id
+from controller.model import Address, LimitKind, Scope, validate_id
 
 __all__ = [
     "Admission",
@@ -35,6 +36,7 @@ __all__ = [
     "EnforcementError",
     "Outcome",
     "Quota",
+    "Usage",
 ]
 
 Outcome = Literal["allow", "rate_limited", "budget_exhausted", "shed", "too_large"]
@@ -44,6 +46,20 @@ _OUTCOMES: frozenset[str] = frozenset(
 # A 'stale' answer (the limits changed since they were read) reads them again; a limit
 # written between that read and the next call is rare, three in a row is Redis misbehaving.
 _ATTEMPTS = 3
+# charge.lua's KEYS index of each level's state.
+_LEVEL_INDEX = {Scope.GLOBAL: 1, Scope.IP: 2, Scope.TENANT: 3, Scope.PLAN: 3, Scope.USER: 4}
+
+
+@dataclass(frozen=True)
+class Usage:
+    """What one request used, in tokens."""
+
+    prompt: int
+    completion: int
+
+    @property
+    def total(self) -> int:
+        return self.prompt + self.completion
 
 
 @dataclass(frozen=True)
@@ -194,6 +210,33 @@ class Admission:
             model,
             (prompt_tokens, completion_tokens),
         )
+
+    async def charge(self, request: AdmissionRequest, usage: Usage) -> int:
+        """Charge a request served without a reservation (a fail-open plan while Redis was
+        away) once Redis answers: the daily token budgets in force now and the credits, as a
+        settle would. Rates are not charged (their windows have passed). Returns how many
+        budgets were charged; raises EnforcementError if Redis fails (the caller holds it)."""
+        plan = await self.catalog.current(request.plan)
+        ip = ip_id(request.ip) if request.ip else ""
+        model = request.model or ""
+        limits = await self.limits.get(request.tenant, request.plan, request.user or "",
+                                       bool(ip), model)  # fmt: skip
+        budgets = [
+            f"{_LEVEL_INDEX[address.scope]}{address.limit}"
+            + (f"@{address.model}" if address.model else "")
+            for check in limits.checks
+            if check.kind is LimitKind.TOKENS_PER_DAY
+            for address in (Address.parse(check.address),)
+        ]
+        cost = ""
+        if plan.credits is not None and usage.total > 0:
+            price = self.prices.cost(request.model, usage.prompt, usage.completion)
+            cost = str(to_micro(price))
+        keys = self.keys.charge_keys(request.tenant, request.user, ip)
+        args: tuple[str | int, ...] = (request.request_id, usage.total, cost, model,
+                                       self._history_length, usage.prompt, usage.completion,
+                                       *budgets)  # fmt: skip
+        return int(await CHARGE.run(self.client, keys, args))
 
     async def release(self, reservation: str, tenant: str) -> bool:
         """The request failed before using anything: refund its whole hold."""

@@ -17,7 +17,13 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from controller.errors import SinkError
-from controller.gateway.admission import Admission, AdmissionRequest, AdmissionResult, Degrade
+from controller.gateway.admission import (
+    Admission,
+    AdmissionRequest,
+    AdmissionResult,
+    Degrade,
+    Usage,
+)
 from controller.gateway.auth import Authenticator, AuthError, Principal
 from controller.gateway.catalog import PlanCatalog, PlanInfo
 from controller.gateway.failmode import FailMode
@@ -73,6 +79,7 @@ class _Call:
     outcome: str = "allow"  # or "degraded", "fail_open": the metric's outcome label
     status: int | None = None
     settled: bool = False
+    unreserved: AdmissionRequest | None = None  # served fail-open: charged afterwards
 
 
 class GovernorMiddleware:
@@ -171,21 +178,20 @@ class GovernorMiddleware:
         tokens = request.worst_case_tokens
         metrics = self.e.metrics
         model = request.model
+        wanted = AdmissionRequest(
+            tenant=principal.tenant,
+            plan=principal.plan,
+            user=principal.user,
+            ip=_client_ip(scope, self.e.settings.trust_forwarded_for),
+            model=model,
+            tokens=tokens,
+            request_id=request_id,
+        )
         try:
-            result = await self.e.admission.admit(
-                AdmissionRequest(
-                    tenant=principal.tenant,
-                    plan=principal.plan,
-                    user=principal.user,
-                    ip=_client_ip(scope, self.e.settings.trust_forwarded_for),
-                    model=model,
-                    tokens=tokens,
-                    request_id=request_id,
-                )
-            )
+            result = await self.e.admission.admit(wanted)
         except STORE_ERRORS as exc:
             metrics.store_errors.labels("admit").inc()
-            return self._fail_mode(principal, plan, request, request_id, exc)
+            return self._fail_mode(principal, plan, request, wanted, exc)
         if len(self.e.pending):  # Redis answers again: charge what an outage held back
             self.e.pending.retry_soon()
         if result.budget is not None and result.budget.kind == "tokens":
@@ -229,7 +235,7 @@ class GovernorMiddleware:
         principal: Principal,
         plan: PlanInfo,
         request: ModelRequest,
-        request_id: str,
+        wanted: AdmissionRequest,
         error: BaseException,
     ) -> _Call | Response:
         decision = self.e.failmode.decide(
@@ -252,7 +258,9 @@ class GovernorMiddleware:
             return self.e.answers.locally_limited(decision.address or "local", decision.wait)
         gateways = self.e.failmode.presence.live if self.e.failmode.presence else 1
         headers = {"x-governor-fail-open": f"local limiter, 1/{gateways} of each limit"}
-        return self._call(principal, request, request_id, None, headers, "fail_open")
+        call = self._call(principal, request, wanted.request_id, None, headers, "fail_open")
+        call.unreserved = wanted  # charged when Redis answers again
+        return call
 
     async def _forward(self, scope: Scope, receive: Receive, send: Send, call: _Call) -> None:
         body = call.request.encoded()
@@ -311,6 +319,9 @@ class GovernorMiddleware:
         self.e.metrics.usage(
             principal.tenant, call.plan, model, usage.prompt_tokens, usage.completion_tokens, cost
         )
+        if call.unreserved is not None:
+            served, used = call.unreserved, Usage(usage.prompt_tokens, usage.completion_tokens)
+            await self._store("charge", lambda: self.e.admission.charge(served, used))
         if reservation is not None:
             await self._store(
                 "settle",

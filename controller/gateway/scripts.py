@@ -134,8 +134,9 @@ class Script:
 
 ADMIT = Script.named("admit")
 SETTLE = Script.named("settle")
+CHARGE = Script.named("charge")
 TOP_UP = Script.named("topup")
-ALL_SCRIPTS = (ADMIT, SETTLE, TOP_UP)
+ALL_SCRIPTS = (ADMIT, SETTLE, CHARGE, TOP_UP)
 
 
 async def load_scripts(client: redis.asyncio.Redis[str]) -> None:
@@ -223,6 +224,11 @@ class EnforcementKeys:
     def settle_keys(self, tenant: str, user: str | None, ip: str | None) -> tuple[str, ...]:
         """The 10 keys of settle.lua."""
         return _settle_keys(self, tenant, user or "", ip or "")
+
+    def charge_keys(self, tenant: str, user: str | None, ip: str | None) -> tuple[str, ...]:
+        """The 6 keys of charge.lua: each level's state, then the credits and their history."""
+        states = _levels(self, tenant, user or "", ip or "")[::2]
+        return (*states, self.credits(tenant), self.credit_history(tenant))
 
 
 def _levels(keys: EnforcementKeys, tenant: str, user: str, ip: str) -> tuple[str, ...]:

@@ -1,0 +1,38 @@
+-- Charge what a request used that was served without a reservation: a fail-open plan's
+-- request while Redis was away, charged once Redis answers. Daily token budgets and credits
+-- are charged as settle.lua charges them (rates are not: their windows have passed).
+--
+-- KEYS  1 global state  2 ip state  3 tenant state  4 user state (absent levels: the
+--       tenant's, never touched)  5 tenant credits  6 tenant credit history (stream)
+-- ARGV  1 request id  2 tokens  3 cost, micro-USD ('' when the plan has no credits)
+--       4 model  5 history length kept  6 prompt tokens  7 completion tokens
+--       8.. the daily token budgets in force: '<level 1-4><field>', e.g. '3tokens_per_day'
+-- Returns the number of budgets charged.
+
+local tonumber = tonumber
+local tokens, cost = ARGV[2] + 0, tonumber(ARGV[3])
+local t = call('TIME')
+local today = floor((t[1] * 1000 + t[2] / 1000) / DAY_MS)
+
+for i = 8, #ARGV do
+  local state, field = KEYS[sub(ARGV[i], 1, 1) + 0], sub(ARGV[i], 2)
+  local day = call('HMGET', state, 'd|' .. field, 'u|' .. field)
+  local used = 0
+  if day[1] and day[1] + 0 == today then
+    used = (day[2] or 0) + 0
+  end
+  call('HSET', state, 'd|' .. field, format('%d', today), 'u|' .. field,
+    format('%d', used + tokens))
+  if call('PTTL', state) == -1 then  -- made here: it must expire like every state hash
+    call('PEXPIRE', state, STATE_TTL_MS)
+  end
+end
+
+if cost and cost > 0 then
+  local balance = call('HINCRBY', KEYS[5], 'balance', -cost)
+  call('XADD', KEYS[6], 'MAXLEN', '~', ARGV[5], '*', 'kind', 'charge',
+    'amount_micro_usd', -cost, 'balance_micro_usd', balance, 'request', ARGV[1],
+    'model', ARGV[4], 'tokens', ARGV[2], 'prompt_tokens', ARGV[6],
+    'completion_tokens', ARGV[7], 'reason', 'served fail-open while Redis was away')
+end
+return #ARGV - 7
