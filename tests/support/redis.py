@@ -25,6 +25,15 @@ def free_port() -> int:
         return port
 
 
+def pings(client: Callable[[], redis.Redis[str]]) -> bool:
+    """Whether a server answers PING now (a fresh client, closed after)."""
+    try:
+        with client() as connection:
+            return bool(connection.ping())
+    except redis.RedisError:
+        return False
+
+
 @dataclass
 class RedisServer:
     """One redis-server under `directory`; `persistent` keeps data across restarts (AOF)."""
@@ -108,11 +117,7 @@ class RedisServer:
         self.start()
 
     def _pings(self) -> bool:
-        try:
-            with self.client() as client:
-                return bool(client.ping())
-        except redis.RedisError:
-            return False
+        return pings(self.client)
 
     def _wait(self, ready: Callable[[], bool], what: str) -> None:
         def failure() -> str:
@@ -179,11 +184,7 @@ class SentinelServer:
             stop_pid(pid, signal.SIGTERM, lambda ready, what: wait_for(ready, lambda: what, 10.0))
 
     def _pings(self) -> bool:
-        try:
-            with self.client() as client:
-                return bool(client.ping())
-        except redis.RedisError:
-            return False
+        return pings(self.client)
 
     def _failure(self) -> str:
         log = (self.directory / "sentinel.log").read_text(errors="replace")[-2000:]
