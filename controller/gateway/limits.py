@@ -255,7 +255,9 @@ class LimitCache:
             self._resolved.clear()
             self._version = resolved.version
         elif len(self._resolved) >= self.max_entries:
-            self._resolved.clear()  # a bound, not an LRU: the next calls read again
+            # The oldest entry goes (insertion order): past the bound, a gateway serving more
+            # request shapes than it keeps re-reads the least recent, not everything.
+            del self._resolved[next(iter(self._resolved))]
         key = (request.tenant, request.plan, request.user, request.has_ip, request.model)
         self._resolved[key] = (resolved, time.monotonic())
         return resolved

@@ -243,6 +243,28 @@ def test_limits_are_kept_by_version_and_read_again_when_it_moves(
     assert gate.run(body) == ["allow", "rate_limited", "allow", "shed"]
 
 
+def test_past_its_bound_the_cache_drops_its_oldest_resolution_only(
+    gate: Gate, db: redis.Redis[str], set_limits: SetLimits
+) -> None:
+    set_limits({"plan/free/requests_per_minute": 100})
+
+    def reads() -> int:
+        # GETs of the version: admit.lua makes one per call, a resolution read one more.
+        return int(db.info("commandstats").get("cmdstat_get", {}).get("calls", 0))
+
+    async def body(admission: Admission) -> list[int]:
+        admission.limits.max_entries = 2
+        counted = []
+        for tenant in ("a", "b", "c", "c", "b", "a"):
+            before = reads()
+            await admission.admit(request(tenant=tenant))
+            counted.append(reads() - before - 1)
+        return counted
+
+    # a, b, c read; c and b kept; a (the oldest, dropped for c) read again.
+    assert gate.run(body) == [1, 1, 1, 0, 0, 1]
+
+
 def test_the_resolution_follows_the_order_admit_lua_read_in() -> None:
     tenant = {"requests_per_minute": "5", "tokens_per_day": "abc"}  # not a number: ignored
     plan = {"requests_per_minute": "0", "tokens_per_day": "100"}
