@@ -71,6 +71,8 @@ function _M.load(options)
     end
     redis.password = getenv('GOVERNOR_REDIS__PASSWORD') or redis.password
     redis.username = getenv('GOVERNOR_REDIS__USERNAME') or redis.username
+    redis.ssl_verify = (getenv('GOVERNOR_REDIS__VERIFY_TLS') or 'true'):lower() ~= 'false'
+
   end
   local timeout = tonumber(getenv('GOVERNOR_REDIS__SOCKET_TIMEOUT_SECONDS') or '2')
   redis.timeout_ms = redis.timeout_ms or math.floor(timeout * 1000)

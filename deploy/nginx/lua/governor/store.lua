@@ -12,8 +12,10 @@ local _M = {}
 local POOL_IDLE_MS = 60000
 local POOL_SIZE = 100
 
--- { host, port } or { socket } from GOVERNOR_REDIS__URL's forms (redis://[user:pass@]host:
--- port/db, unix:///path?db=N). TLS (rediss://) is refused: this client speaks plain TCP.
+-- { host, port } or { socket } from GOVERNOR_REDIS__URL's forms (redis[s]://[user:pass@]
+-- host:port/db, unix:///path?db=N). rediss:// adds { ssl = true, server_name = host }: the
+-- handshake verifies the server against nginx's `lua_ssl_trusted_certificate` unless
+-- GOVERNOR_REDIS__VERIFY_TLS is false.
 function _M.parse_url(url)
   if type(url) ~= 'string' or url == '' then
     return nil, 'GOVERNOR_REDIS__URL is not set: give redis://host:port/db'
@@ -22,10 +24,10 @@ function _M.parse_url(url)
   if socket then
     return {socket = socket, database = tonumber(url:match('[?&]db=(%d+)') or '0')}
   end
-  local scheme, rest = url:match('^(%w+)://(.*)$')
-  if scheme ~= 'redis' then
+  local scheme, rest = url:match('^([%w+]+)://(.*)$')
+  if scheme ~= 'redis' and scheme ~= 'rediss' then
     return nil, 'GOVERNOR_REDIS__URL ' .. (scheme or '?') .. ':// is not supported here: '
-      .. 'use redis://host:port/db or unix:///path (terminate TLS in a local proxy)'
+      .. 'use redis://host:port/db, rediss://host:port/db or unix:///path'
   end
   local auth, hostpart = rest:match('^(.*)@([^@]*)$')
   hostpart = hostpart or rest
@@ -34,12 +36,22 @@ function _M.parse_url(url)
     return nil, 'GOVERNOR_REDIS__URL names no host: give redis://host:port/db'
   end
   local options = {host = host, port = tonumber(port) or 6379, database = tonumber(database) or 0}
+  if scheme == 'rediss' then
+    -- nginx checks a certificate's DNS names only: for an address, the chain alone is checked.
+    local address = host:match('^[%d.]+$') or host:find(':', 1, true)
+    options.ssl, options.server_name = true, (not address) and host or nil
+  end
   if auth then
     local user, password = auth:match('^([^:]*):(.*)$')
     options.username = (user ~= '' and user) or nil
     options.password = ngx.unescape_uri(password or auth)
   end
   return options
+end
+
+local function tls_failure(reason)
+  return 'TLS: ' .. tostring(reason) .. ' (is the Redis certificate signed by a CA in '
+    .. 'lua_ssl_trusted_certificate? the error log line before this one says more)'
 end
 
 -- A connected client; AUTH and SELECT run only on a fresh connection (a pooled one has had
@@ -60,23 +72,39 @@ function _M.connect(options)
     return nil, 'connect: ' .. tostring(err)
   end
   if client:get_reused_times() == 0 then
+    if options.ssl then
+      -- lua-resty-redis before 0.28 takes no TLS option: the handshake on its socket.
+      ok, err = rawget(client, '_sock'):sslhandshake(false, options.server_name,
+        options.ssl_verify ~= false)
+      if not ok then
+        client:close()
+        return nil, tls_failure(err)
+      end
+    end
+    local step
     if options.password then
+      step = 'auth'
       if options.username then
         ok, err = client:auth(options.username, options.password)
       else
         ok, err = client:auth(options.password)
       end
-      if not ok then
-        client:close()
-        return nil, 'auth: ' .. tostring(err)
-      end
+    elseif options.ssl then
+      -- Some ngx_lua builds report a certificate they refused as a handshake that worked
+      -- (and log the refusal): the first command on it then finds the socket closed.
+      step = 'ping'
+      ok, err = client:ping()
     end
-    if (options.database or 0) ~= 0 then
+    if ok and (options.database or 0) ~= 0 then
+      step = 'select'
       ok, err = client:select(options.database)
-      if not ok then
-        client:close()
-        return nil, 'select: ' .. tostring(err)
+    end
+    if not ok then
+      client:close()
+      if options.ssl and err == 'closed' then
+        return nil, tls_failure('the connection closed after the handshake')
       end
+      return nil, step .. ': ' .. tostring(err)
     end
   end
   return client
