@@ -7,6 +7,7 @@ from rich.table import Table
 
 from controller.audit import JournalEvent, Kind
 from controller.cli._redis import JSON_OPTION, console, default_actor, echo_json, stores
+from controller.gateway.keys import KeyStore
 
 app = typer.Typer(help="The tenant registry: which plan each tenant is on.", no_args_is_help=True)
 
@@ -18,18 +19,29 @@ def set_plan(
     actor: str | None = typer.Option(None, "--actor", help="Who does this; default: the OS user."),
     reason: str = typer.Option("registered by hand", "--reason", help="Why, for the journal."),
 ) -> None:
-    """Put TENANT on PLAN (journalled)."""
+    """Put TENANT on PLAN, and its API keys with it (journalled). A JWT's plan claim is the
+    token issuer's: change it there."""
     with stores() as s:
         previous = s.control.set_tenant(tenant, plan)
+        moved = KeyStore(s.client, s.keys, None).move_tenant(tenant, plan)
         s.record(
             JournalEvent(
                 kind=Kind.TENANT_SET,
                 actor=actor or default_actor(),
                 reason=reason,
-                details={"tenant": tenant, "plan": plan, "previous_plan": previous},
+                details={
+                    "tenant": tenant,
+                    "plan": plan,
+                    "previous_plan": previous,
+                    "keys_moved": list(moved),
+                },
             )
         )
-    typer.echo(f"tenant {tenant}: plan {plan}" + (f" (was {previous})" if previous else ""))
+    typer.echo(
+        f"tenant {tenant}: plan {plan}"
+        + (f" (was {previous})" if previous else "")
+        + (f"; {len(moved)} API key(s) moved to {plan}" if moved else "")
+    )
 
 
 @app.command("get")

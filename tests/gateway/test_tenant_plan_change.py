@@ -1,0 +1,40 @@
+"""`governor tenants set` moves a tenant's API keys to its new plan: the gateway enforces the
+new plan (its models, its limits) within its key cache time, and the journal says which keys
+moved. Other tenants' keys, and hand-written records, are left alone."""
+
+from __future__ import annotations
+
+import json
+
+import redis
+from typer.testing import CliRunner
+
+from controller.audit import read_events
+from controller.cli import app
+from controller.gateway.keys import store_key
+from controller.sinks.keys import KeySchema
+from tests.gateway.conftest import MakeGateway
+
+
+def test_a_tenant_moved_to_paid_gets_paid_models_through_its_old_key(
+    make_gateway: MakeGateway, db: redis.Redis[str]
+) -> None:
+    gateway = make_gateway(key_cache_seconds=0.0)
+    acme, other = gateway.key("acme", "free"), gateway.key("globex", "free")
+    db.hset(store_key(KeySchema()), "0123456789abcdef", "not a record")
+    assert gateway.chat(acme, model="gpt-4").status_code == 403  # free: gpt-3.5-turbo only
+
+    env = {"GOVERNOR_REDIS__URL": gateway.redis_url}
+    moved = CliRunner().invoke(app, ["tenants", "set", "acme", "paid", "--reason", "upgrade"],
+                               env=env)  # fmt: skip
+    assert moved.exit_code == 0, moved.output
+    assert "1 API key(s) moved to paid" in moved.stdout
+
+    assert gateway.chat(acme, model="gpt-4").status_code == 200  # the same key, now paid
+    assert gateway.chat(other, model="gpt-4").status_code == 403  # globex stays free
+    (event,) = [e.event for e in read_events(db, KeySchema()) if e.event.kind == "tenant.set"]
+    assert event.details["keys_moved"] == [acme.split("_")[1]]
+    assert db.hget(store_key(KeySchema()), "0123456789abcdef") == "not a record"
+    records = [json.loads(v) for k, v in db.hgetall(store_key(KeySchema())).items()
+               if k != "0123456789abcdef"]  # fmt: skip
+    assert sorted(r["plan"] for r in records) == ["free", "paid"]
