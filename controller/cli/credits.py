@@ -1,4 +1,4 @@
-"""`governor credits top-up|show|history`: the prepaid credit ledger of each tenant."""
+"""`governor credits top-up|adjust|show|history`: the prepaid credit ledger of each tenant."""
 
 from __future__ import annotations
 
@@ -64,6 +64,38 @@ def top_up(
         echo_json({**_state_json(state), "added_usd": usd})
         return
     typer.echo(f"tenant {tenant}: +{usd:,.2f} USD, balance {state.balance_usd:,.6f} USD")
+
+
+@app.command("adjust")
+def adjust(
+    tenant: str = TENANT,
+    charge: float | None = typer.Option(
+        None, "--charge", help="USD to take from the balance (e.g. usage served but not charged)."
+    ),
+    credit: float | None = typer.Option(
+        None, "--credit", help="USD to give back (e.g. a refund), unlike a top-up not paid for."
+    ),
+    reason: str = typer.Option(..., "--reason", help="Why (incident, ticket...), for the log."),
+    actor: str | None = typer.Option(None, "--actor", help="Who does this; default: the OS user."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Correct TENANT's balance by hand: --charge takes, --credit gives; logged in the credit
+    history as an adjustment with who and why."""
+    if (charge is None) == (credit is None):
+        raise typer.BadParameter("give exactly one of --charge USD or --credit USD")
+    given = charge if charge is not None else credit or 0.0
+    if not given > 0:
+        raise typer.BadParameter("the amount is a positive number of USD (e.g. 12.50)")
+    amount = -given if charge is not None else given
+    why = require_reason(reason)
+    with stores() as s:
+        state = CreditLedger(s.client, s.keys.prefix).adjust(
+            tenant, amount, why, actor or default_actor()
+        )
+    if as_json:
+        echo_json({**_state_json(state), "adjusted_usd": amount})
+        return
+    typer.echo(f"tenant {tenant}: {amount:+,.2f} USD, balance {state.balance_usd:,.6f} USD")
 
 
 @app.command("show")

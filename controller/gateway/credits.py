@@ -77,17 +77,28 @@ class CreditLedger:
 
     def top_up(self, tenant: str, usd: float, reason: str, actor: str) -> CreditState:
         """Add `usd` to `tenant`'s balance and log who and why; return the new state."""
-        if not math.isfinite(usd) or usd <= 0 or usd > MAX_TOP_UP_USD:
+        return self._book(tenant, "top-up", usd, reason, actor)
+
+    def adjust(self, tenant: str, usd: float, reason: str, actor: str) -> CreditState:
+        """Correct `tenant`'s balance by `usd` (negative: a charge by hand, e.g. usage served
+        but not charged during an outage), logged as an adjustment; return the new state."""
+        return self._book(tenant, "adjustment", usd, reason, actor)
+
+    def _book(self, tenant: str, kind: str, usd: float, reason: str, actor: str) -> CreditState:
+        # A top-up only adds; an adjustment goes either way, but is never 0.
+        smallest = "above 0" if kind == "top-up" else "other than 0"
+        allowed = usd > 0 if kind == "top-up" else usd != 0
+        if not (math.isfinite(usd) and allowed and abs(usd) <= MAX_TOP_UP_USD):
             raise ValueError(
-                f"top-up amount {usd!r} USD must be a number above 0 and at most "
-                f"{MAX_TOP_UP_USD:,.0f}"
+                f"{kind} amount {usd!r} USD must be a number {smallest} and at most "
+                f"{MAX_TOP_UP_USD:,.0f} in size"
             )
-        # Round to the micro-dollar the ledger keeps: a top-up credits exactly what it says.
+        # Round to the micro-dollar the ledger keeps: the entry books exactly what it says.
         micro = round(usd * MICRO)
         TOP_UP.run_sync(
             self.client,
             [self.keys.credits(tenant), self.keys.credit_history(tenant)],
-            [micro, "top-up", reason, actor, self.history_length],
+            [micro, kind, reason, actor, self.history_length],
         )
         return self.state(tenant)
 

@@ -193,9 +193,31 @@ def test_cli_top_up_show_and_history(redis_server: RedisServer, db: redis.Redis[
     assert "12.750000" in cli(url, "show", "acme").stdout
 
 
+def test_cli_adjust_charges_or_credits_by_hand(
+    redis_server: RedisServer, db: redis.Redis[str]
+) -> None:
+    url = redis_server.url
+    assert cli(url, "top-up", "acme", "10", "--reason", "invoice 7").exit_code == 0
+    charged = cli(url, "adjust", "acme", "--charge", "1.25", "--reason", "INC-42", "--json")
+    assert charged.exit_code == 0, charged.output
+    assert json.loads(charged.stdout)["balance_usd"] == 8.75
+    given = cli(url, "adjust", "acme", "--credit", "0.5", "--reason", "refund", "--actor", "ops")
+    assert "+0.50 USD, balance 9.250000 USD" in given.stdout
+    entries = json.loads(cli(url, "history", "acme", "--json").stdout)
+    assert [(e["kind"], e["amount_usd"], e["reason"]) for e in entries] == [  # newest first
+        ("adjustment", 0.5, "refund"),
+        ("adjustment", -1.25, "INC-42"),
+        ("top-up", 10.0, "invoice 7"),
+    ]
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
+        (("adjust", "acme", "--reason", "x"), "exactly one of --charge USD or --credit USD"),
+        (("adjust", "acme", "--charge", "1", "--credit", "1", "--reason", "x"), "exactly one"),
+        (("adjust", "acme", "--charge", "0", "--reason", "x"), "a positive number of USD"),
+        (("adjust", "acme", "--credit", "nan", "--reason", "x"), "a positive number of USD"),
         (("top-up", "acme", "--reason", "x", "--", "-5"), "must be a number above 0"),
         (("top-up", "acme", "0", "--reason", "x"), "must be a number above 0"),
         (("top-up", "acme", "nan", "--reason", "x"), "must be a number above 0"),
