@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -257,15 +258,57 @@ class SignalReading:
     validity: Validity = Validity.OK
 
 
-@dataclass(frozen=True, slots=True)
+def fmt_number(value: float | None) -> str:
+    """Six significant digits, `n/a` for a missing or NaN value (every reason reads so)."""
+    if value is None or math.isnan(value):
+        return "n/a"
+    return f"{value:.6g}"
+
+
+@dataclass(frozen=True, slots=True, init=False)
 class Proposal:
     """One policy's wish for one address, with why."""
 
     address: Address
     value: float
     policy: str  # "<Kind>/<name>"
-    reason: str
-    signals: tuple[SignalReading, ...] = ()
+    signals: tuple[SignalReading, ...]
+    # The reason as given; or, with `tail`, its head: the reason is then written when read,
+    # as `head (name=value, ...)tail` quoting the signals. A tick proposes for every tenant
+    # and reads the reasons of the few whose limit changes: 100k strings a tick otherwise.
+    head: str = field(repr=False)
+    tail: str | None = field(repr=False)
+
+    def __init__(
+        self,
+        address: Address,
+        value: float,
+        policy: str,
+        reason: str,
+        signals: tuple[SignalReading, ...] = (),
+        *,
+        tail: str | None = None,
+    ) -> None:
+        put = object.__setattr__  # frozen: as the generated __init__ does
+        put(self, "address", address)
+        put(self, "value", value)
+        put(self, "policy", policy)
+        put(self, "signals", signals)
+        put(self, "head", reason)
+        put(self, "tail", tail)
+
+    @property
+    def reason(self) -> str:
+        if self.tail is None:
+            return self.head
+        shown = ", ".join([f"{r.name}={fmt_number(r.value)}" for r in self.signals])
+        return (f"{self.head} ({shown})" if shown else self.head) + self.tail
+
+    def __repr__(self) -> str:
+        return (
+            f"Proposal(address={self.address!r}, value={self.value!r}, policy={self.policy!r}, "
+            f"reason={self.reason!r}, signals={self.signals!r})"
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -289,7 +332,7 @@ class Source(enum.StrEnum):
     PACING = "pacing"  # on its way back to the baseline at the pace `behavior` allows
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False)
 class Decision:
     """The resolver's verdict for one address: the value to enforce and everything behind it."""
 
@@ -297,8 +340,38 @@ class Decision:
     value: float
     source: Source
     policy: str | None  # the winning policy, `Kind/name`
-    reason: str
-    signals: tuple[SignalReading, ...] = ()
-    proposals: tuple[Proposal, ...] = ()  # every proposal that was considered
-    baseline: float | None = None
-    adjustments: tuple[str, ...] = ()  # e.g. "floor 200", "loosen stabilization 5m"
+    # The reason, or the winning proposal whose reason it is (written when read: see
+    # Proposal.reason).
+    why: str | Proposal = field(repr=False)
+    signals: tuple[SignalReading, ...]
+    proposals: tuple[Proposal, ...]  # every proposal that was considered
+    baseline: float | None
+    adjustments: tuple[str, ...]  # e.g. "floor 200", "loosen stabilization 5m"
+
+    def __init__(
+        self,
+        address: Address,
+        value: float,
+        source: Source,
+        policy: str | None,
+        reason: str | Proposal,
+        signals: tuple[SignalReading, ...] = (),
+        proposals: tuple[Proposal, ...] = (),
+        baseline: float | None = None,
+        adjustments: tuple[str, ...] = (),
+    ) -> None:
+        put = object.__setattr__  # frozen: as the generated __init__ does
+        put(self, "address", address)
+        put(self, "value", value)
+        put(self, "source", source)
+        put(self, "policy", policy)
+        put(self, "why", reason)
+        put(self, "signals", signals)
+        put(self, "proposals", proposals)
+        put(self, "baseline", baseline)
+        put(self, "adjustments", adjustments)
+
+    @property
+    def reason(self) -> str:
+        why = self.why
+        return why if isinstance(why, str) else why.reason

@@ -15,6 +15,7 @@ from controller.model import (
     Address,
     AddressError,
     AddressTemplate,
+    FloatArray,
     Proposal,
     SignalKey,
     SignalReading,
@@ -226,7 +227,7 @@ def _per_label_policy(
     proposer = _Proposer(policy, baselines, out)
     # Plain lists: a per-label-value loop reads them far faster than numpy scalars.
     columns = [
-        (s.name, s.values.tolist(), s.timestamps.tolist(), s.valid.tolist(), s)
+        (s.name, s.values.tolist(), _times(s.timestamps), s.valid.tolist(), s)
         for s in inputs.values()
     ]
     engage, release, fires = valid_engage.tolist(), valid_release.tolist(), when.tolist()
@@ -237,14 +238,23 @@ def _per_label_policy(
     for i in sorted(candidates):
         key = universe[i]
         state = previous.get(key, IDLE)
-        state, event = step(
-            state,
-            valid=release[i] if state.active else engage[i],
-            when=fires[i],
-            until=releases[i] if releases is not None else None,
-            now=now,
-            rules=rules,
-        )
+        event: Event
+        if (
+            state.active_since is not None
+            and state.invalid_since is None
+            and release[i]
+            and not (releases[i] if releases is not None else not fires[i])
+        ):
+            event = ""  # active and staying so, on trustworthy signals: `step`'s answer, inline
+        else:
+            state, event = step(
+                state,
+                valid=release[i] if state.active else engage[i],
+                when=fires[i],
+                until=releases[i] if releases is not None else None,
+                now=now,
+                rules=rules,
+            )
         if event or state.active:
             readings = tuple(
                 [
@@ -262,6 +272,15 @@ def _per_label_policy(
         if _keep(state, now, policy):
             states[key] = state
     return states
+
+
+def _times(timestamps: FloatArray) -> list[float]:
+    """A column's timestamps as a list; one shared float when they are all equal (a vector
+    answer is stamped with one time): 100k equal floats a tick otherwise."""
+    if len(timestamps) and timestamps[0] == timestamps[-1] and (timestamps == timestamps[0]).all():
+        return [float(timestamps[0])] * len(timestamps)
+    times: list[float] = timestamps.tolist()
+    return times
 
 
 def _all_valid(inputs: Mapping[str, VectorInput], names: frozenset[str], size: int) -> BoolArray:
@@ -288,6 +307,7 @@ class _Proposer:
         self._filled = [_FILLED.setdefault((a.target, label), {}) for a in spec.actions]
         self._since: dict[float | None, str] = {}
         self._actions: dict[tuple[int, float | None], tuple[float | None, str]] = {}
+        self._tails: dict[tuple[str, str], str] = {}
 
     def propose(
         self,
@@ -305,8 +325,6 @@ class _Proposer:
                 else ""
             )
             self._since[state.active_since] = since
-        shown = ", ".join([f"{r.name}={fmt_number(r.value)}" for r in readings])
-        why = (f"{since} ({shown})" if shown else since) + suffix
         ref = self.ref
         for index, action in enumerate(self.policy.spec.actions):
             filled = self._filled[index]
@@ -319,7 +337,11 @@ class _Proposer:
             if value is None:
                 self.out.notes.append(f"{ref}: {how}")
                 continue
-            self.out.proposals.append(Proposal(address, value, ref, f"{why}; {how}", readings))
+            # The reason, `since (readings)suffix; how`, is written when read (few are).
+            tail = self._tails.get((suffix, how))
+            if tail is None:
+                tail = self._tails[suffix, how] = f"{suffix}; {how}"
+            self.out.proposals.append(Proposal(address, value, ref, since, readings, tail=tail))
 
     def _value(self, index: int, action: Action, address: Address) -> tuple[float | None, str]:
         """`_action_value`, once per action and baseline value (most label values share one)."""

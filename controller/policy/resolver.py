@@ -198,6 +198,7 @@ def _resolve_one(
     horizon = _horizon(behavior)
     recommendations = _recommend(memory.recommendations, now, recommended, now - horizon)
     previous = memory.last
+    reason: str | Proposal
     if override is not None:
         value, source = override.value, Source.OVERRIDE
         reason = (
@@ -209,7 +210,8 @@ def _resolve_one(
     else:
         value = _paced(behavior, recommended, recommendations, previous, now, memory, adjustments)
         if winner is not None:
-            source, reason = Source.POLICY, winner.reason
+            # The proposal itself: its reason is written only if someone reads it.
+            source, reason = Source.POLICY, winner
         elif value != recommended:
             source, reason = Source.PACING, f"returning to baseline {fmt_number(baseline)}"
         else:

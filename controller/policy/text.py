@@ -3,14 +3,10 @@
 from __future__ import annotations
 
 import datetime as dt
-import math
 
+from controller.model import fmt_number
 
-def fmt_number(value: float | None) -> str:
-    """Six significant digits, `n/a` for a missing or NaN value."""
-    if value is None or math.isnan(value):
-        return "n/a"
-    return f"{value:.6g}"
+__all__ = ["fmt_number", "fmt_time"]
 
 
 def fmt_time(ts: float) -> str:
