@@ -77,9 +77,17 @@ def test_the_gateway_objects_select_only_the_gateway_pods() -> None:
     assert selects(monitor["spec"]["selector"]["matchLabels"], service["metadata"]["labels"])
     assert monitor["spec"]["endpoints"][0]["port"] == service["spec"]["ports"][0]["name"]
     assert service["spec"]["ports"][0]["targetPort"] == "http"
-    deployment = one(docs, "Deployment", GATEWAY)["spec"]
-    assert selects(deployment["selector"]["matchLabels"], gateway)
-    assert deployment["replicas"] == 3
+    deployment = one(docs, "Deployment", GATEWAY)
+    assert selects(deployment["spec"]["selector"]["matchLabels"], gateway)
+    # Autoscaled: the HPA owns the replica count (a fixed one would fight it on every apply).
+    assert "replicas" not in deployment["spec"]
+    scaler = one(docs, "HorizontalPodAutoscaler", GATEWAY)["spec"]
+    assert scaler["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": deployment["metadata"]["name"],
+    }
+    assert (scaler["minReplicas"], scaler["maxReplicas"]) == (3, 12)
 
 
 def test_the_gateway_pod_is_hardened_and_probed_on_its_port() -> None:
@@ -174,6 +182,10 @@ def test_gateway_credentials_come_from_secrets_and_reach_the_key_cli() -> None:
         (
             {"enabled": True, "upstream": "http://m:8000", "jwt": {"jwksUrl": "https://i/jwks"}},
             "issuer and gateway.jwt.audience are required",
+        ),
+        (
+            {"enabled": True, "upstream": "http://m:8000", "autoscaling": {"enabled": True}},
+            "needs gateway.resources.requests.cpu",
         ),
     ],
 )
@@ -332,5 +344,6 @@ def test_the_charts_gateway_enforces_what_the_charts_controller_wrote(
 
 def test_a_controller_without_the_gateway_has_no_gateway_objects_at_all() -> None:
     docs = manifests(render({"gateway": {"enabled": False, "upstream": "http://m:8000"}}))
-    for kind in ("Deployment", "Service", "ServiceMonitor", "PodDisruptionBudget"):
+    for kind in ("Deployment", "Service", "ServiceMonitor", "PodDisruptionBudget",
+                 "HorizontalPodAutoscaler"):  # fmt: skip
         assert of_kind(docs, kind, GATEWAY) == []
