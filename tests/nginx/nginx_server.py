@@ -48,6 +48,7 @@ class NginxServer:
     upstream_port: int
     env: Mapping[str, str]
     extra_locations: str = ""
+    init_options: str = ""  # more `init{...}` options, e.g. 'held_retry_seconds = 0.5'
     port: int = field(default_factory=free_port)
     pid: int | None = None
 
@@ -72,7 +73,8 @@ class NginxServer:
             (DEPLOY / "nginx.conf").read_text(),
             {
                 LUA_PATH: f"{DEPLOY / 'lua'}/?.lua",
-                EXPORT_DIR: f'export_dir = "{self.export_dir}"',
+                EXPORT_DIR: f'export_dir = "{self.export_dir}"'
+                + (f", {self.init_options}" if self.init_options else ""),
                 SERVER_D: f"{server_d}/",
                 LISTEN: f"listen 127.0.0.1:{self.port};",
                 UPSTREAM: f"server 127.0.0.1:{self.upstream_port};",

@@ -6,6 +6,7 @@
 --   response       (buffered calls) settle from the whole answer before Kong sends it
 --   header_filter  the rate-limit headers; body_filter: a stream's usage event is metered
 --   log            a streamed call is settled from a timer, just after its last byte
+--   init_worker    a timer repeating the settles that met a Redis outage
 
 local config = require 'governor.config'
 local gateway = require 'governor.gateway'
@@ -44,6 +45,22 @@ local function gateway_for(conf)
     gateways[conf] = gw
   end
   return gw
+end
+
+-- Settles that met a Redis outage are held by each gateway and repeated when it answers.
+local function retry_held(premature)
+  if not premature then
+    for _, gw in pairs(gateways) do
+      gw:retry_held()
+    end
+  end
+end
+
+function GovernorAdmission:init_worker()
+  local ok, err = ngx.timer.every(5, retry_held)
+  if not ok then
+    kong.log.err('governor: cannot start the held-settle timer: ', err)
+  end
 end
 
 function GovernorAdmission:access(conf)

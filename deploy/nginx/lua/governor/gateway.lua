@@ -26,8 +26,11 @@ function _M.new(settings)
       now),
     catalog = catalog.new(names:plans(), settings.plan_refresh_seconds, now),
     admission = admission.new(settings, names),
+    held = {},  -- settles and releases that met a Redis outage (per worker), oldest first
   }, Gateway)
 end
+
+local HELD_MAX = 10000
 
 local function warn(...)
   ngx.log(ngx.WARN, 'governor: ', ...)
@@ -164,6 +167,59 @@ function Gateway:feed(call, chunk)
   end
 end
 
+-- Keep a store call (settle or release) that met a Redis outage, to repeat when it answers:
+-- the reservation's settle record outlives its lease by the record grace, so a late settle
+-- still charges what was used (as controller/gateway/pending.py does for Python).
+function Gateway:hold(what, op)
+  local held = self.held
+  if #held >= HELD_MAX then
+    table.remove(held, 1)
+    warn('a held store call was given up (the queue is full): its usage is not charged')
+  end
+  held[#held + 1] = {at = ngx.now(), what = what, op = op}
+end
+
+-- Repeat the held calls oldest first, stopping at the first that fails (Redis still away);
+-- calls older than the record grace are given up. From a timer. Returns how many went.
+function Gateway:retry_held()
+  local held = self.held
+  if #held == 0 then
+    return 0
+  end
+  local client = store.connect(self.settings.redis)
+  if client == nil then
+    return 0
+  end
+  local grace, now, i, done = self.settings.record_grace_seconds or 3600, ngx.now(), 1, 0
+  while i <= #held do
+    local first = held[i]
+    if now - first.at > grace then
+      warn('a held ', first.what, ' was given up (its settle record has expired): its ',
+        'usage is not charged')
+    elseif first.op(client) == nil then
+      break
+    else
+      done = done + 1
+    end
+    i = i + 1
+  end
+  local rest = {}
+  for j = i, #held do
+    rest[#rest + 1] = held[j]
+  end
+  self.held = rest
+  if i <= #held then
+    client:close()  -- a failed exchange leaves the connection in an unknown state
+  else
+    store.release(client)
+  end
+  if done > 0 then
+    ngx.log(ngx.NOTICE, 'governor: ', done, ' held store calls went through; ', #rest,
+      ' still held')
+  end
+  return done
+end
+
 -- Settle an answered call (status: the upstream's; nil when it never answered): charge what
 -- the answer says it used, or release the whole hold when it failed. Runs once per call.
 function Gateway:finish(call, status)
@@ -171,25 +227,34 @@ function Gateway:finish(call, status)
     return
   end
   call.settled = true
-  local client, err = store.connect(self.settings.redis)
-  if client == nil then
-    warn('settle: cannot reach Redis (the lease releases the hold later): ', err)
-    return
-  end
-  local tenant, ok = call.principal.tenant, nil
+  local reservation, tenant, what, op = call.reservation, call.principal.tenant, nil, nil
   if status == nil or status >= 400 then
-    ok, err = self.admission:release(client, call.reservation, tenant)
+    what = 'release'
+    op = function(client)
+      return self.admission:release(client, reservation, tenant)
+    end
   else
-    local usage = call.meter:finish()
+    local usage, model = call.meter:finish(), call.request:model()
     if usage.estimated then
       ngx.log(ngx.INFO, 'governor: upstream sent no usage; settled from an estimate')
     end
-    ok, err = self.admission:settle(client, call.reservation, tenant, usage,
-      call.request:model())
+    what = 'settle'
+    op = function(client)
+      return self.admission:settle(client, reservation, tenant, usage, model)
+    end
   end
+  local client, err = store.connect(self.settings.redis)
+  if client == nil then
+    warn(what, ': cannot reach Redis (held, repeated when it answers): ', err)
+    self:hold(what, op)
+    return
+  end
+  local ok
+  ok, err = op(client)
   if ok == nil then
-    warn('settle failed (the lease releases the hold later): ', err)
+    warn(what, ' failed (held, repeated when it answers): ', err)
     client:close()
+    self:hold(what, op)
     return
   end
   store.release(client)

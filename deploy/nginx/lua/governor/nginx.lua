@@ -45,9 +45,20 @@ function _M.init(options)
   gw = gateway.new(settings)
 end
 
+local function retry_held(premature)
+  if not premature then
+    gw:retry_held()
+  end
+end
+
 function _M.init_worker()
   -- Retry-After jitter must differ between workers.
   math.randomseed(ngx.now() * 1000 + ngx.worker.pid())
+  -- Settles that met a Redis outage are repeated when it answers again.
+  local ok, err = ngx.timer.every(gw.settings.held_retry_seconds or 5, retry_held)
+  if not ok then
+    ngx.log(ngx.ERR, 'governor: cannot start the held-settle timer: ', err)
+  end
 end
 
 local function respond(status, headers, body)

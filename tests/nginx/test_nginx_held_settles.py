@@ -1,0 +1,89 @@
+"""nginx holds a settle that meets a Redis outage and repeats it when Redis answers: the
+budget afterwards is what it would have been without the outage (real nginx, real Redis
+paused with CLIENT PAUSE while a streamed answer ends)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+
+from controller.gateway.keys import KeyStore
+from controller.sinks.keys import KeySchema
+from tests.gateway.conftest import write_limits
+from tests.gateway.fake_upstream import FakeUpstream, ServerThread
+from tests.nginx.conftest import PREFIX, SECRET
+from tests.nginx.nginx_server import NginxServer
+from tests.support.prometheus import wait_for
+from tests.support.redis import RedisServer
+
+PAUSE_MS = 2000  # longer than the socket timeout these nginx get (0.5 s)
+BUDGET_FIELD = "u|tokens_per_day"
+
+
+@pytest.fixture
+def held(upstream: tuple[FakeUpstream, ServerThread]) -> Iterator[FakeUpstream]:
+    upstream[0].release.clear()
+    yield upstream[0]
+    upstream[0].release.set()
+
+
+@pytest.fixture
+def redis_own(tmp_path: Path, policy_dir: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path / "redis").start()
+    with server.client() as db:
+        write_limits(db, PREFIX, policy_dir)
+    yield server
+    server.stop()
+
+
+def test_a_settle_that_meets_an_outage_is_repeated_when_redis_answers(
+    tmp_path: Path,
+    export_dir: Path,
+    upstream: tuple[FakeUpstream, ServerThread],
+    held: FakeUpstream,
+    redis_own: RedisServer,
+) -> None:
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
+        "GOVERNOR_REDIS__URL": redis_own.url,
+        "GOVERNOR_REDIS__SOCKET_TIMEOUT_SECONDS": "0.5",
+        "GOVERNOR_GATEWAY__API_KEY_SECRET": SECRET,
+    }
+    nginx = NginxServer(tmp_path / "nginx", export_dir, upstream[1].port, env,
+                        init_options="held_retry_seconds = 0.3").start()  # fmt: skip
+    db: redis.Redis[str]
+    with redis_own.client() as db, httpx.Client(timeout=30.0) as http:
+        try:
+            key = KeyStore(db, KeySchema(PREFIX), SECRET).create("acme", "free")[0]
+            body = {"model": "gpt-3.5-turbo", "messages": [{"role": "user", "content": "hi"}],
+                    "max_tokens": 40, "stream": True}  # fmt: skip
+            headers = {"authorization": f"Bearer {key}", "x-fake-hold": "1", "x-fake-tokens": "6"}
+            with http.stream("POST", f"{nginx.url}/v1/chat/completions", json=body,
+                             headers=headers) as answer:  # fmt: skip
+                lines = (line for line in answer.iter_lines() if line.startswith("data:"))
+                next(lines)  # admitted: the reservation is in Redis, the answer streams
+                db.execute_command("CLIENT", "PAUSE", str(PAUSE_MS), "ALL")
+                paused_at = time.monotonic()
+                held.release.set()  # the stream ends while Redis does not answer
+                rest = list(lines)
+            used = json.loads(rest[-2][5:])["usage"]["total_tokens"]
+            state = f"{PREFIX}:{{t:acme}}:enforce"
+            time.sleep(max(0.0, PAUSE_MS / 1000 - (time.monotonic() - paused_at)) + 0.1)
+            wait_for(
+                lambda: (
+                    db.hget(state, BUDGET_FIELD) == str(used)
+                    and not any(f.startswith("x|") for f in db.hkeys(state))
+                ),
+                "the held settle charged the usage and closed the reservation",
+            )
+            assert "held, repeated when it answers" in nginx.log_tail(20000)
+            assert nginx.problems() == []
+        finally:
+            nginx.stop()
