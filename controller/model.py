@@ -7,7 +7,7 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TypeAlias
+from typing import Protocol, TypeAlias
 
 import numpy as np
 import numpy.typing as npt
@@ -265,14 +265,23 @@ def fmt_number(value: float | None) -> str:
     return f"{value:.6g}"
 
 
-@dataclass(frozen=True, slots=True, init=False)
+class Quotes(Protocol):
+    """A policy's signals over one tick, quoted per label value only when read: a tick
+    proposes for every tenant and the readings of the few whose limit changes are read."""
+
+    def readings(self, at: int) -> tuple[SignalReading, ...]: ...
+
+
+@dataclass(frozen=True, slots=True, init=False, eq=False)
 class Proposal:
     """One policy's wish for one address, with why."""
 
     address: Address
     value: float
     policy: str  # "<Kind>/<name>"
-    signals: tuple[SignalReading, ...]
+    # The readings, or where to quote them from (`Quotes`, at label value `at`).
+    quoted: tuple[SignalReading, ...] | Quotes = field(repr=False)
+    at: int = field(repr=False)
     # The reason as given; or, with `tail`, its head: the reason is then written when read,
     # as `head (name=value, ...)tail` quoting the signals. A tick proposes for every tenant
     # and reads the reasons of the few whose limit changes: 100k strings a tick otherwise.
@@ -285,17 +294,24 @@ class Proposal:
         value: float,
         policy: str,
         reason: str,
-        signals: tuple[SignalReading, ...] = (),
+        signals: tuple[SignalReading, ...] | Quotes = (),
         *,
         tail: str | None = None,
+        at: int = 0,
     ) -> None:
         put = object.__setattr__  # frozen: as the generated __init__ does
         put(self, "address", address)
         put(self, "value", value)
         put(self, "policy", policy)
-        put(self, "signals", signals)
+        put(self, "quoted", signals)
+        put(self, "at", at)
         put(self, "head", reason)
         put(self, "tail", tail)
+
+    @property
+    def signals(self) -> tuple[SignalReading, ...]:
+        quoted = self.quoted
+        return quoted if isinstance(quoted, tuple) else quoted.readings(self.at)
 
     @property
     def reason(self) -> str:
@@ -303,6 +319,20 @@ class Proposal:
             return self.head
         shown = ", ".join([f"{r.name}={fmt_number(r.value)}" for r in self.signals])
         return (f"{self.head} ({shown})" if shown else self.head) + self.tail
+
+    def _compared(self) -> tuple[object, ...]:
+        return (self.address, self.value, self.policy, self.signals, self.head, self.tail)
+
+    def __eq__(self, other: object) -> bool:
+        # As the generated one would, but with the readings quoted (however they are held).
+        if other is self:
+            return True
+        if not isinstance(other, Proposal):
+            return NotImplemented
+        return self._compared() == other._compared()
+
+    def __hash__(self) -> int:
+        return hash(self._compared())
 
     def __repr__(self) -> str:
         return (
@@ -343,7 +373,8 @@ class Decision:
     # The reason, or the winning proposal whose reason it is (written when read: see
     # Proposal.reason).
     why: str | Proposal = field(repr=False)
-    signals: tuple[SignalReading, ...]
+    # The signals behind it, or the winning proposal that quotes them (read when read).
+    quoted: tuple[SignalReading, ...] | Proposal = field(repr=False)
     proposals: tuple[Proposal, ...]  # every proposal that was considered
     baseline: float | None
     adjustments: tuple[str, ...]  # e.g. "floor 200", "loosen stabilization 5m"
@@ -355,7 +386,7 @@ class Decision:
         source: Source,
         policy: str | None,
         reason: str | Proposal,
-        signals: tuple[SignalReading, ...] = (),
+        signals: tuple[SignalReading, ...] | Proposal = (),
         proposals: tuple[Proposal, ...] = (),
         baseline: float | None = None,
         adjustments: tuple[str, ...] = (),
@@ -366,7 +397,7 @@ class Decision:
         put(self, "source", source)
         put(self, "policy", policy)
         put(self, "why", reason)
-        put(self, "signals", signals)
+        put(self, "quoted", signals)
         put(self, "proposals", proposals)
         put(self, "baseline", baseline)
         put(self, "adjustments", adjustments)
@@ -375,3 +406,8 @@ class Decision:
     def reason(self) -> str:
         why = self.why
         return why if isinstance(why, str) else why.reason
+
+    @property
+    def signals(self) -> tuple[SignalReading, ...]:
+        quoted = self.quoted
+        return quoted if isinstance(quoted, tuple) else quoted.signals

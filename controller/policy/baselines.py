@@ -32,7 +32,7 @@ class Baselines:
         """The baseline of an address, or None when nothing in the files limits it."""
         scope = address.scope
         if scope is Scope.TENANT:  # the most frequent by far
-            plan = self._plans.get(self._registry.get(str(address.tenant), self._default_plan))
+            plan = self._plans.get(self._registry.get(address.tenant or "", self._default_plan))
         elif scope is Scope.PLAN:
             plan = self._plans.get(str(address.plan))
         elif scope is Scope.GLOBAL:

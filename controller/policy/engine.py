@@ -6,7 +6,7 @@ same inputs always give the same proposals, which is what makes policy tests pos
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -15,11 +15,13 @@ from controller.model import (
     Address,
     AddressError,
     AddressTemplate,
-    FloatArray,
     Proposal,
+    Quotes,
+    Sample,
     SignalKey,
     SignalReading,
     Snapshot,
+    VectorSample,
 )
 from controller.policy.adaptive import AdaptiveState, evaluate_adaptive
 from controller.policy.baselines import Baselines
@@ -220,24 +222,30 @@ def _per_label_policy(
     # Only label values that fire now, or that the engine already tracks, need a state step.
     # So `on_stale.then: min` engages only label values that were pending or active when their
     # data went missing: a tenant never seen with valid data (a new one) is never flagged.
-    candidates = set(np.flatnonzero(when).tolist())
-    position = {k: i for i, k in enumerate(universe)} if previous else {}
-    candidates.update(position[k] for k in previous if k in position)
+    # A mask, not a set of positions: 100k ints in a set, then sorted, every tick otherwise.
+    candidates = when.copy()
+    if previous:
+        position = _positions(universe, samples.values())
+        tracked = [position[k] for k in previous if k in position]
+        candidates[np.array(tracked, dtype=np.int64)] = True
     rules = _rules(policy)
     proposer = _Proposer(policy, baselines, out)
+    # The readings are quoted only when read (a transition's, a changed limit's reason):
+    # built here for every active label value, they were a fifth of a tick's memory.
+    quotes = _Quotes(tuple(inputs.values()))
     # Plain lists: a per-label-value loop reads them far faster than numpy scalars.
-    columns = [
-        (s.name, s.values.tolist(), _times(s.timestamps), s.valid.tolist(), s)
-        for s in inputs.values()
-    ]
     engage, release, fires = valid_engage.tolist(), valid_release.tolist(), when.tolist()
     releases = until.tolist() if until is not None else None
     states: dict[str, ConditionState] = {}
+    # The states that changed this tick, equal ones made once: the label values that engaged
+    # (or went pending, or released) together share one (as few objects as possible survive
+    # a tick, scattered among its short-lived ones: they keep its peak's memory allocated).
+    made: dict[ConditionState, ConditionState] = {}
     ref, transitions = policy.ref, out.transitions
     active: list[str] | None = None
-    for i in sorted(candidates):
+    for i in np.flatnonzero(candidates).tolist():
         key = universe[i]
-        state = previous.get(key, IDLE)
+        state = before = previous.get(key, IDLE)
         event: Event
         if (
             state.active_since is not None
@@ -255,32 +263,43 @@ def _per_label_policy(
                 now=now,
                 rules=rules,
             )
-        if event or state.active:
-            readings = tuple(
-                [
-                    SignalReading(name, values[i], times[i]) if ok[i] else signal.reading(i)
-                    for name, values, times, ok, signal in columns
-                ]
-            )
-            if event:
-                transitions.append(Transition(ref, key, event, readings))
-            if state.active:
-                if active is None:
-                    active = out.active.setdefault(ref, [])
-                active.append(key)
-                proposer.propose(label, key, state, readings, "")
+        if event:
+            transitions.append(Transition(ref, key, event, quotes.readings(i)))
+        if state.active:
+            if active is None:
+                active = out.active.setdefault(ref, [])
+            active.append(key)
+            proposer.propose(label, key, state, quotes, "", i)
         if _keep(state, now, policy):
-            states[key] = state
+            states[key] = state if state is before else made.setdefault(state, state)
     return states
 
 
-def _times(timestamps: FloatArray) -> list[float]:
-    """A column's timestamps as a list; one shared float when they are all equal (a vector
-    answer is stamped with one time): 100k equal floats a tick otherwise."""
-    if len(timestamps) and timestamps[0] == timestamps[-1] and (timestamps == timestamps[0]).all():
-        return [float(timestamps[0])] * len(timestamps)
-    times: list[float] = timestamps.tolist()
-    return times
+def _positions(universe: tuple[str, ...], samples: Iterable[Sample | None]) -> Mapping[str, int]:
+    """Label value → its position in `universe`: a sample's own index when the universe is
+    its keys (`label_universe` checked they are distinct), else built."""
+    for sample in samples:
+        if isinstance(sample, VectorSample) and sample.keys is universe:
+            return sample.index()
+    return {k: i for i, k in enumerate(universe)}
+
+
+class _Quotes:
+    """One per-label policy's signals this tick, quoted per label value when read. A label
+    value read is read several times (its transition, its limit's journal event and decision
+    record): quoted once."""
+
+    __slots__ = ("_quoted", "inputs")
+
+    def __init__(self, inputs: tuple[VectorInput, ...]) -> None:
+        self.inputs = inputs
+        self._quoted: dict[int, tuple[SignalReading, ...]] = {}
+
+    def readings(self, at: int) -> tuple[SignalReading, ...]:
+        found = self._quoted.get(at)
+        if found is None:
+            found = self._quoted[at] = tuple([signal.reading(at) for signal in self.inputs])
+        return found
 
 
 def _all_valid(inputs: Mapping[str, VectorInput], names: frozenset[str], size: int) -> BoolArray:
@@ -314,8 +333,9 @@ class _Proposer:
         label: str | None,
         key: str,
         state: ConditionState,
-        readings: tuple[SignalReading, ...],
+        readings: tuple[SignalReading, ...] | Quotes,
         suffix: str,
+        at: int = 0,
     ) -> None:
         since = self._since.get(state.active_since)
         if since is None:
@@ -341,7 +361,9 @@ class _Proposer:
             tail = self._tails.get((suffix, how))
             if tail is None:
                 tail = self._tails[suffix, how] = f"{suffix}; {how}"
-            self.out.proposals.append(Proposal(address, value, ref, since, readings, tail=tail))
+            self.out.proposals.append(
+                Proposal(address, value, ref, since, readings, tail=tail, at=at)
+            )
 
     def _value(self, index: int, action: Action, address: Address) -> tuple[float | None, str]:
         """`_action_value`, once per action and baseline value (most label values share one)."""

@@ -89,8 +89,16 @@ def _element_validity(signal: VectorInput, i: int) -> Validity:
 def label_universe(samples: Sequence[Sample | None], extra: Sequence[str]) -> tuple[str, ...]:
     """Every label value seen in any vector, plus those the engine still tracks in its state."""
     vectors = [s for s in samples if isinstance(s, VectorSample)]
-    if len(vectors) == 1 and not extra:
-        return vectors[0].keys
+    if vectors:
+        # Usually every vector has the same label values, which include every tracked one:
+        # then the universe is the first vector's own keys (no 100k-entry copy each tick).
+        first = vectors[0]
+        if all(v.keys is first.keys or v.keys == first.keys for v in vectors[1:]):
+            if len(vectors) == 1 and not extra:
+                return first.keys
+            index = first.index()
+            if len(index) == len(first.keys) and all(k in index for k in extra):
+                return first.keys
     keys: dict[str, None] = {}
     for vector in vectors:
         keys.update(dict.fromkeys(vector.keys))

@@ -40,6 +40,9 @@ class AddressMemory:
 @dataclass(frozen=True)
 class ResolverState:
     memory: Mapping[Address, AddressMemory] = field(default_factory=dict)
+    # The addresses last resolved, in order: most ticks resolve the same ones again, and
+    # sorting 100k addresses is a tenth of a resolve.
+    order: tuple[Address, ...] = field(default=(), compare=False, repr=False)
 
     @classmethod
     def seeded(cls, values: Mapping[Address, float], now: float) -> ResolverState:
@@ -93,25 +96,76 @@ def resolve(
     desired: dict[Address, Decision] = {}
     memory: dict[Address, AddressMemory] = {}
     remembered_before, none, forgotten = state.memory, (), AddressMemory()
-    shared = _Shared()
-    for address in sorted(addresses, key=_order):
+    shared = _Shared(policies, now)
+    order = _sorted(addresses, state.order)
+    spec = policies.limits.spec
+    floors, ceilings = spec.floors, spec.ceilings
+    for address in order:
         baseline = stated[address] if address in stated else baselines.value(address)
-        decision, remembered = _resolve_one(
-            policies,
-            address,
-            baseline,
-            by_address.get(address, none),
-            live_overrides.get(address),
-            remembered_before.get(address, forgotten),
-            now,
-            frozen,
-            shared,
-        )
+        offered = by_address.get(address, none)
+        override = live_overrides.get(address)
+        before = remembered_before.get(address, forgotten)
+        decision = None
+        if (
+            offered
+            and override is None
+            and not frozen
+            and address not in floors
+            and address not in ceilings
+        ):
+            decision, remembered = _steady(address, baseline, offered, before, now, shared)
+        if decision is None:
+            decision, remembered = _resolve_one(
+                policies, address, baseline, offered, override, before, now, frozen, shared
+            )
         if remembered.values and not _settled(remembered, baseline, address):
             memory[address] = remembered
         if decision is not None and _explicit(decision, address):
             desired[address] = decision
-    return Resolution(desired=desired, state=ResolverState(memory))
+    return Resolution(desired=desired, state=ResolverState(memory, order))
+
+
+def _sorted(addresses: set[Address], last: tuple[Address, ...]) -> tuple[Address, ...]:
+    """`addresses` in order: last tick's order when they are the same addresses."""
+    if len(addresses) == len(last) and addresses.issuperset(last):
+        return last
+    return tuple(sorted(addresses, key=_order))
+
+
+def _steady(
+    address: Address,
+    baseline: float | None,
+    proposals: Sequence[Proposal],
+    memory: AddressMemory,
+    now: float,
+    shared: _Shared,
+) -> tuple[Decision | None, AddressMemory]:
+    """`_resolve_one`'s answer, short, for an address whose winning proposal is the value
+    in force (nothing to pace): most of them. (None, memory) for any other. The caller
+    checks that no override, freeze, floor or ceiling applies."""
+    winner = proposals[0] if len(proposals) == 1 else min(proposals, key=lambda p: p.value)
+    value, values = winner.value, memory.values
+    if not values or values[-1][1] != value or value == UNLIMITED:
+        return None, memory
+    since = shared.since(winner.policy)
+    remembered = shared.memory(
+        _recommend(memory.recommendations, now, value, since),
+        _append(values, now, value, since),
+        winner.policy,
+    )
+    decision = Decision(
+        address=address,
+        value=value,
+        source=Source.POLICY,
+        policy=winner.policy,
+        reason=winner,
+        signals=winner,
+        proposals=tuple(proposals)
+        if len(proposals) < 2
+        else tuple(sorted(proposals, key=lambda p: (p.value, p.policy))),
+        baseline=baseline,
+    )
+    return decision, remembered
 
 
 class _Shared:
@@ -120,8 +174,10 @@ class _Shared:
     objects would be scattered among the tick's short-lived ones and keep the memory of
     the tick's peak allocated after it (an allocator arena is freed only when empty)."""
 
-    def __init__(self) -> None:
-        self._points: dict[tuple[float, float], tuple[tuple[float, float], ...]] = {}
+    def __init__(self, policies: PolicySet, now: float) -> None:
+        self._policies, self._now = policies, now
+        self._since: dict[str | None, float] = {}
+        self._runs: dict[tuple[tuple[float, float], ...], tuple[tuple[float, float], ...]] = {}
         self._memories: dict[tuple[int, int, str | None], AddressMemory] = {}
 
     def memory(
@@ -130,16 +186,23 @@ class _Shared:
         values: tuple[tuple[float, float], ...],
         policy: str | None,
     ) -> AddressMemory:
-        points = self._points
-        if len(recommendations) == 1:
-            recommendations = points.setdefault(recommendations[0], recommendations)
-        if len(values) == 1:
-            values = points.setdefault(values[0], values)
+        # Equal runs of points made once, however many points (a limit that moved recently
+        # has two or more, and all the limits that moved on one tick have the same ones).
+        runs = self._runs
+        recommendations = runs.setdefault(recommendations, recommendations)
+        values = runs.setdefault(values, values)
         # By identity: the points are shared above, and the memory kept here holds them.
         key = (id(recommendations), id(values), policy)
         found = self._memories.get(key)
         if found is None:
             found = self._memories[key] = AddressMemory(recommendations, values, policy)
+        return found
+
+    def since(self, policy: str | None) -> float:
+        """The start of the window the behaviour of `policy` remembers."""
+        found = self._since.get(policy)
+        if found is None:
+            found = self._since[policy] = self._now - _horizon(self._policies.behavior_for(policy))
         return found
 
 
@@ -226,7 +289,7 @@ def _resolve_one(
         source=source,
         policy=winner.policy if winner and source is Source.POLICY else None,
         reason=reason,
-        signals=winner.signals if winner else (),
+        signals=winner if winner else (),  # quoted from it when read
         proposals=tuple(proposals)
         if len(proposals) < 2
         else tuple(sorted(proposals, key=lambda p: (p.value, p.policy))),

@@ -51,7 +51,7 @@ def decision_key(decision: Decision) -> tuple[object, ...]:
         decision.adjustments,
         # Other sources' reasons (an override's, pacing's) are part of the decision.
         decision.reason if decision.source is not Source.POLICY else None,
-        tuple((p.value, p.policy) for p in decision.proposals),
+        tuple([(p.value, p.policy) for p in decision.proposals]),
     )
 
 

@@ -74,6 +74,10 @@ class RedisSink:
         # Each address's (owner hash, field), worked out once: 100k limits are read back
         # and diffed every tick. One table per sink instead of a cache per step.
         self._places: dict[Address, tuple[str, str]] = {}
+        # One int per distinct decision hash (few: most limits are decided alike), shared by
+        # the addresses in `_recorded`: a new int per changed record would outlive its tick
+        # scattered among the tick's short-lived objects, and keep their memory allocated.
+        self._hashes: dict[int, int] = {}
 
     @classmethod
     def from_url(cls, url: str, settings: RedisSettings) -> RedisSink:
@@ -121,6 +125,9 @@ class RedisSink:
         actual: dict[Address, float] = {}
         foreign: list[str] = []
         places = self._places
+        # Limits hold few distinct values: each text parsed once (one float each, not one per
+        # limit: 200k floats a read at 100k tenants, allocated while the tick decodes).
+        values: dict[str, float] = {}
         for key, flat in zip(owners, hashes, strict=True):
             base = bases[key]
             field = (places.get(base) or self._place(base))[1]
@@ -129,12 +136,12 @@ class RedisSink:
                 if found is None:
                     foreign.append(f"{key} {name}")
                 else:
-                    actual[found] = parse_value(text)
+                    actual[found] = values.get(text) or _parsed(values, text)
         written: dict[Address, float] = {}
         for text, value in _pairs(ledger):
             address = _ledger_address(text)
             if address is not None:
-                written[address] = parse_value(value)
+                written[address] = values.get(value) or _parsed(values, value)
         return SinkState(actual, written, int(version or 0), tuple(foreign))
 
     def _place(self, address: Address) -> tuple[str, str]:
@@ -245,10 +252,13 @@ class RedisSink:
         # rebuild 100k entries (new objects between the tick's own, pinning its memory).
         fresh: dict[Address, int] = {}
         get = recorded.get
+        hashes = self._hashes
+        if len(hashes) >= _PLACES_MAX:
+            hashes.clear()  # decisions long gone: start over
         for address, decision in decisions.items():
             key = hash(decision_key(decision))
             if get(address) != key:
-                fresh[address] = key
+                fresh[address] = hashes.setdefault(key, key)
         if not fresh and not gone and not stale:
             self._recorded = recorded
             return 0
@@ -279,6 +289,12 @@ class RedisSink:
         with wrapped(self.client, "read a decision"):
             text: str | None = self.client.hget(self.keys.decisions, str(address))
         return text
+
+
+def _parsed(values: dict[str, float], text: str) -> float:
+    """`parse_value(text)`, remembered in `values`."""
+    value = values[text] = parse_value(text)
+    return value
 
 
 def _pairs(flat: list[str]) -> Iterator[tuple[str, str]]:
