@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import typer
 from rich.table import Table
@@ -55,15 +56,7 @@ def top_up(
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Add USD to TENANT's balance; the top-up is logged in the credit history."""
-    why = require_reason(reason)
-    with stores() as s:
-        state = CreditLedger(s.client, s.keys.prefix).top_up(
-            tenant, usd, why, actor or default_actor()
-        )
-    if as_json:
-        echo_json({**_state_json(state), "added_usd": usd})
-        return
-    typer.echo(f"tenant {tenant}: +{usd:,.2f} USD, balance {state.balance_usd:,.6f} USD")
+    _book(tenant, usd, reason, actor, as_json, "added_usd", CreditLedger.top_up)
 
 
 @app.command("adjust")
@@ -87,15 +80,27 @@ def adjust(
     if not given > 0:
         raise typer.BadParameter("the amount is a positive number of USD (e.g. 12.50)")
     amount = -given if charge is not None else given
+    _book(tenant, amount, reason, actor, as_json, "adjusted_usd", CreditLedger.adjust)
+
+
+def _book(
+    tenant: str,
+    usd: float,
+    reason: str,
+    actor: str | None,
+    as_json: bool,
+    name: str,
+    entry: Callable[[CreditLedger, str, float, str, str], CreditState],
+) -> None:
+    """One ledger entry (top-up or adjustment), then the new balance."""
     why = require_reason(reason)
     with stores() as s:
-        state = CreditLedger(s.client, s.keys.prefix).adjust(
-            tenant, amount, why, actor or default_actor()
-        )
+        state = entry(CreditLedger(s.client, s.keys.prefix), tenant, usd, why,
+                      actor or default_actor())  # fmt: skip
     if as_json:
-        echo_json({**_state_json(state), "adjusted_usd": amount})
+        echo_json({**_state_json(state), name: usd})
         return
-    typer.echo(f"tenant {tenant}: {amount:+,.2f} USD, balance {state.balance_usd:,.6f} USD")
+    typer.echo(f"tenant {tenant}: {usd:+,.2f} USD, balance {state.balance_usd:,.6f} USD")
 
 
 @app.command("show")
