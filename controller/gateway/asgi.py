@@ -320,8 +320,11 @@ class GovernorMiddleware:
             principal.tenant, call.plan, model, usage.prompt_tokens, usage.completion_tokens, cost
         )
         if call.unreserved is not None:
+            # Held at once, not tried now: Redis was unreachable a moment ago, and a try could
+            # hold the answer's last byte for a whole socket timeout. The heartbeat, or the
+            # next admission that reaches Redis, charges it.
             served, used = call.unreserved, Usage(usage.prompt_tokens, usage.completion_tokens)
-            await self._store("charge", lambda: self.e.admission.charge(served, used))
+            self.e.pending.hold("charge", lambda: self.e.admission.charge(served, used))
         if reservation is not None:
             await self._store(
                 "settle",
