@@ -19,3 +19,12 @@ class SignalError(GovernorError):
 
 class SinkError(GovernorError):
     """A sink (Redis, Kong, Kubernetes) could not be read or written."""
+
+
+def untrusted_certificate_hint(group: str, server: str) -> str:
+    """What to set when a TLS server's certificate did not verify: `group` is the settings
+    group (`REDIS`, `KONG`, `PROMETHEUS`), `server` names whose certificate it was."""
+    return (
+        f"set GOVERNOR_{group}__CA_FILE to the CA bundle that signed {server} certificate; "
+        f"GOVERNOR_{group}__VERIFY_TLS=false only to test"
+    )

@@ -25,7 +25,7 @@ import urllib3
 from prometheus_api_client import PrometheusConnect
 from urllib3.util.retry import Retry
 
-from controller.errors import ConfigurationError, SignalError
+from controller.errors import ConfigurationError, SignalError, untrusted_certificate_hint
 from controller.model import Sample, ScalarSample, SignalKey, Snapshot, Validity, VectorSample
 from controller.settings import PrometheusSettings
 from controller.signals.decode import (
@@ -104,10 +104,7 @@ def _tls_cause(exc: requests.exceptions.SSLError) -> str:
     found = _TLS_REASON.search(str(exc))
     reason = found.group(1).strip() if found else type(exc).__name__
     if "certificate verify failed" in reason:
-        reason += (
-            " (set GOVERNOR_PROMETHEUS__CA_FILE to the CA bundle that signed its certificate;"
-            " GOVERNOR_PROMETHEUS__VERIFY_TLS=false only to test)"
-        )
+        reason += f" ({untrusted_certificate_hint('PROMETHEUS', 'its')})"
     return reason
 
 

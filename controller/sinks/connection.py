@@ -18,7 +18,7 @@ import redis.sentinel
 from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.retry import Retry
 
-from controller.errors import ConfigurationError, SinkError
+from controller.errors import ConfigurationError, SinkError, untrusted_certificate_hint
 from controller.settings import RedisSettings, Settings
 
 SCHEMES = ("redis", "rediss", "unix", "redis+sentinel", "rediss+sentinel")
@@ -245,8 +245,5 @@ def wrapped(client: redis.Redis[str], action: str) -> Iterator[None]:
     except redis.RedisError as exc:
         hint = "is the server up and GOVERNOR_REDIS__URL right?"
         if "CERTIFICATE_VERIFY_FAILED" in str(exc):
-            hint = (
-                "set GOVERNOR_REDIS__CA_FILE to the CA bundle that signed the server's "
-                "certificate; GOVERNOR_REDIS__VERIFY_TLS=false only to test"
-            )
+            hint = untrusted_certificate_hint("REDIS", "the server's")
         raise SinkError(f"Redis at {location(client)}: {action} failed: {exc} ({hint})") from exc

@@ -17,7 +17,7 @@ from urllib.parse import quote
 import httpx
 import redis
 
-from controller.errors import ConfigurationError, SinkError
+from controller.errors import ConfigurationError, SinkError, untrusted_certificate_hint
 from controller.model import Address, AddressError
 from controller.settings import KongSettings
 from controller.sinks.keys import format_value, parse_value
@@ -71,10 +71,7 @@ class KongAdmin:
         except httpx.HTTPError as exc:
             hint = "is GOVERNOR_KONG__ADMIN_URL right and Kong up?"
             if "CERTIFICATE_VERIFY_FAILED" in str(exc):
-                hint = (
-                    "set GOVERNOR_KONG__CA_FILE to the CA bundle that signed the Admin API's "
-                    "certificate; GOVERNOR_KONG__VERIFY_TLS=false only to test"
-                )
+                hint = untrusted_certificate_hint("KONG", "the Admin API's")
             raise SinkError(
                 f"Kong Admin API at {self.location}: {method} {path} failed: {exc} ({hint})"
             ) from exc
