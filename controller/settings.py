@@ -334,8 +334,24 @@ class GatewaySettings(BaseModel):
     )
     jwt_issuer: str | None = Field(None, description="required `iss`; must be set with JWT auth")
     jwt_audience: str | None = Field(None, description="required `aud`; must be set with JWT auth")
-    jwt_leeway_seconds: float = Field(30.0, ge=0, le=300, description="clock skew for exp/nbf")
+    jwt_leeway_seconds: float = Field(
+        30.0,
+        ge=0,
+        le=300,
+        description="clock skew for exp/nbf/iat (an iat further ahead is refused)",
+    )
     jwt_max_length: int = Field(8192, ge=256, description="longer bearer tokens are refused")
+    jwt_max_lifetime_seconds: float = Field(
+        86400.0,
+        gt=0,
+        description="longest token lifetime accepted (exp - iat); a token valid for years "
+        "is a leaked credential that cannot be revoked",
+    )
+    jwt_require_exp_iat: bool = Field(
+        True,
+        description="refuse a token without exp or iat; false only for an issuer that omits "
+        "them (a token without both then has no lifetime check)",
+    )
     plan_claim: str = Field("plan", description="JWT claim naming the plan")
     tenant_claims: list[str] = Field(
         default_factory=lambda: ["tenant", "sub"],

@@ -1,7 +1,9 @@
 """Admission: one EVALSHA per request checks every level and reserves its worst-case tokens.
 
 `admit` answers allow / rate_limited (429) / budget_exhausted (402) / shed (503) /
-too_large (400: the request can never fit a per-request or per-minute token limit);
+too_large (400: the request can never fit a per-request or per-minute token limit) /
+unknown_plan (403: the plan is not in the catalog) / not_configured (503: the controller has
+written no limits yet) — the last two without running the script: nothing is reserved;
 `settle` charges what the request really used, `release` refunds a request that failed.
 The algorithm and the keys are described in docs/enforcement.md.
 """
@@ -39,7 +41,16 @@ __all__ = [
     "Usage",
 ]
 
-Outcome = Literal["allow", "rate_limited", "budget_exhausted", "shed", "too_large"]
+Outcome = Literal[
+    "allow",
+    "rate_limited",
+    "budget_exhausted",
+    "shed",
+    "too_large",
+    "unknown_plan",
+    "not_configured",
+]
+# What admit.lua answers (the others are decided before it runs).
 _OUTCOMES: frozenset[str] = frozenset(
     ("allow", "rate_limited", "budget_exhausted", "shed", "too_large")
 )
@@ -160,6 +171,8 @@ class Admission:
         if request.tokens < 0:
             raise ValueError(f"tokens {request.tokens} must be >= 0")
         plan = await self.catalog.current(request.plan)
+        if plan is None:  # never a default: an unknown plan would be served unrestricted
+            return _decided("unknown_plan", f"plan/{request.plan}")
         ip = ip_id(request.ip) if request.ip else ""
         credits: tuple[str, ...] = ()
         if plan.credits is not None:
@@ -174,6 +187,8 @@ class Admission:
             limits = await self.limits.get(
                 request.tenant, request.plan, request.user or "", bool(ip), model
             )
+            if not limits.version:  # the controller has written nothing: no limit is known
+                return _decided("not_configured", None)
             args, fixed, tail = limits.argv(request.request_id, request.tokens, settings, credits)
             reply = await ADMIT.run(self.client, keys, args, fixed, tail)
             if isinstance(reply, list) and len(reply) == 2 and reply[0] == "stale":
@@ -229,7 +244,7 @@ class Admission:
             for address in (Address.parse(check.address),)
         ]
         cost = ""
-        if plan.credits is not None and usage.total > 0:
+        if plan is not None and plan.credits is not None and usage.total > 0:
             price = self.prices.cost(request.model, usage.prompt, usage.completion)
             cost = str(to_micro(price))
         keys = self.keys.charge_keys(request.tenant, request.user, ip)
@@ -263,6 +278,11 @@ class Admission:
             "" if split[1] is None else split[1],
         )
         return bool(await SETTLE.run(self.client, keys, args))
+
+
+def _decided(outcome: Outcome, denied_by: str | None) -> AdmissionResult:
+    """A refusal decided before admit.lua: nothing reserved, no quota read."""
+    return AdmissionResult(outcome, denied_by, None, None, None, None, None, None)
 
 
 def _split_reservation(reservation: str) -> tuple[str, str, str]:

@@ -72,9 +72,12 @@ class GatewayRuntime:
         memory = LimitMemory()
         catalog = PlanCatalog(client, keys.prefix)
         if policies is not None:
-            plans = load_directory(policies).plans
+            loaded = load_directory(policies)
+            plans = loaded.plans
             infos = {name: PlanInfo.from_spec(plan.spec) for name, plan in plans.items()}
-            catalog = PlanCatalog.fixed(client, keys.prefix, infos)
+            catalog = PlanCatalog.fixed(
+                client, keys.prefix, infos, f"{loaded.version} (--policies)"
+            )
             for name, plan in plans.items():  # fail-open knows each plan's rates from the start
                 memory.set_plan(name, {k.value: v for k, v in plan.spec.limits.items()})
         gateway_id = gateway.gateway_id or f"{socket.gethostname()}:{os.getpid()}"
@@ -113,6 +116,21 @@ class GatewayRuntime:
             if self.enforcement.tracing is not None:
                 self.enforcement.tracing.shutdown()
 
+    async def catalog_state(self) -> str:
+        """The plan catalog as the start line says it: its version and size, or why none."""
+        catalog = self.enforcement.catalog
+        if catalog.refresh_seconds != float("inf"):  # read from Redis: read it now
+            try:
+                await catalog.refresh()
+            except STORE_ERRORS as exc:
+                return f"none yet (the limit store is unreachable: {exc}); every request is refused"
+        if not catalog.plans:
+            return (
+                "none yet (no controller has published one); every request is refused 503 "
+                "not-configured until it does"
+            )
+        return f"{catalog.version or 'unversioned'} ({len(catalog.plans)} plans)"
+
     async def _heartbeat(self) -> None:
         metrics = self.enforcement.metrics
         keys = KeySchema(self.settings.redis.key_prefix)
@@ -127,10 +145,14 @@ class GatewayRuntime:
             await asyncio.sleep(self.settings.gateway.heartbeat_seconds)
 
 
-def create_app(settings: Settings, upstream: str, policies: Path | None = None) -> Starlette:
+def create_app(
+    settings: Settings, upstream: str, policies: Path | None = None, listen: str | None = None
+) -> Starlette:
     """The gateway app: `/v1/*` proxied to `upstream` under enforcement, plus `/metrics` and
-    `/healthz`."""
+    `/healthz`. It logs one line when it starts (where it listens — `listen`, default the
+    settings' host:port —, the upstream, the plan catalog) and one when it has stopped."""
     runtime = GatewayRuntime.from_settings(settings, policies)
+    where = listen or f"{settings.gateway.host}:{settings.gateway.port}"
     e = runtime.enforcement
     gateway = settings.gateway
     api_key = gateway.upstream_api_key.get_secret_value() if gateway.upstream_api_key else None
@@ -139,7 +161,13 @@ def create_app(settings: Settings, upstream: str, policies: Path | None = None) 
     @asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
         async with runtime.running():
+            catalog = await runtime.catalog_state()
+            _log.info(
+                f"governor gateway listening on http://{where}, upstream {upstream}, "
+                f"plan catalog {catalog}"
+            )
             yield
+        _log.info("governor gateway stopped (in-flight requests drained, held charges tried)")
 
     async def metrics_endpoint(_request: Request) -> Response:
         return Response(generate_latest(e.metrics.registry), media_type=CONTENT_TYPE_LATEST)

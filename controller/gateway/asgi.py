@@ -126,11 +126,33 @@ class GovernorMiddleware:
             await self.e.answers.enforcement_unavailable(None)(scope, receive, send)
             return
         scope.setdefault("state", {})[STATE_KEY] = principal
+        plan = await self._plan(principal)
+        if isinstance(plan, Response):
+            await plan(scope, receive, send)
+            return
         kind = self.e.routes.get(scope["path"]) if scope["method"] == "POST" else None
         if kind is None:  # not a model call: authenticated pass-through, nothing to count
             await self.app(scope, receive, send)
             return
-        await self._model_call(scope, receive, send, principal, kind, started)
+        await self._model_call(scope, receive, send, principal, plan, kind, started)
+
+    async def _plan(self, principal: Principal) -> PlanInfo | Response:
+        """The caller's plan from the catalog, or the refusal: a plan the catalog does not
+        hold is never served (it would have no models list, no rate, no budget)."""
+        catalog = self.e.catalog
+        plan = await catalog.current(principal.plan)
+        if plan is not None:
+            self.e.failmode.memory.plans_seen.add(principal.plan)
+            return plan
+        known = catalog.plans
+        if known is None:  # never read: Redis has been away since start, no plan is known
+            outcome, answer = "fail_closed", self.e.answers.enforcement_unavailable(principal.plan)
+        elif not known:
+            outcome, answer = "not_configured", self.e.answers.not_configured()
+        else:
+            outcome, answer = "unknown_plan", self.e.answers.unknown_plan(principal.plan)
+        self.e.metrics.request(principal.tenant, principal.plan, None, outcome)
+        return answer
 
     async def _model_call(
         self,
@@ -138,6 +160,7 @@ class GovernorMiddleware:
         receive: Receive,
         send: Send,
         principal: Principal,
+        plan: PlanInfo,
         kind: Kind,
         started: float,
     ) -> None:
@@ -154,8 +177,6 @@ class GovernorMiddleware:
             self.e.metrics.request(principal.tenant, principal.plan, None, "bad_request")
             await refusal(scope, receive, send)
             return
-        plan = await self.e.catalog.current(principal.plan)
-        self.e.failmode.memory.plans_seen.add(principal.plan)
         if not plan.allows(request.model):
             self.e.metrics.request(
                 principal.tenant, principal.plan, request.model, "model_not_allowed"
@@ -194,6 +215,8 @@ class GovernorMiddleware:
             return self._fail_mode(principal, plan, request, wanted, exc)
         if len(self.e.pending):  # Redis answers again: charge what an outage held back
             self.e.pending.retry_soon()
+        if result.outcome == "not_configured" and plan.fail_mode == "open":
+            return self._fail_mode(principal, plan, request, wanted, None)
         if result.budget is not None and result.budget.kind == "tokens":
             metrics.budget(
                 principal.tenant,
@@ -236,20 +259,25 @@ class GovernorMiddleware:
         plan: PlanInfo,
         request: ModelRequest,
         wanted: AdmissionRequest,
-        error: BaseException,
+        error: BaseException | None,
     ) -> _Call | Response:
+        """Redis unreachable (`error`), or reachable with no limits written yet (None): the
+        plan's fail mode decides, through the local limiter."""
         decision = self.e.failmode.decide(
             principal.tenant, principal.user, principal.plan, plan.fail_mode,
             request.worst_case_tokens,
         )  # fmt: skip
         self._log.warning(
-            "limit store unreachable",
+            "limit store unreachable" if error is not None else "no limits written yet",
             plan=principal.plan,
             fail_mode=plan.fail_mode,
             decision=decision.outcome,
-            error=type(error).__name__,
+            error=type(error).__name__ if error is not None else None,
         )
         metrics = self.e.metrics
+        if decision.outcome == "closed" and error is None:
+            metrics.request(principal.tenant, principal.plan, request.model, "not_configured")
+            return self.e.answers.not_configured()
         if decision.outcome == "closed":
             metrics.request(principal.tenant, principal.plan, request.model, "fail_closed")
             return self.e.answers.enforcement_unavailable(principal.plan)

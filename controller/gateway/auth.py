@@ -166,9 +166,29 @@ class Authenticator:
             audience=self.settings.jwt_audience,
             issuer=self.settings.jwt_issuer,
             leeway=self.settings.jwt_leeway_seconds,
-            options={"require": ["exp", "iss", "aud"]},
+            # iat is validated when present: one further ahead than the leeway is refused.
+            options={"require": self._required, "verify_iat": True},
         )
+        self._check_lifetime(claims)
         return self._principal(claims)
+
+    @property
+    def _required(self) -> list[str]:
+        required = ["iss", "aud"]
+        return [*required, "exp", "iat"] if self.settings.jwt_require_exp_iat else required
+
+    def _check_lifetime(self, claims: Mapping[str, Any]) -> None:
+        """Refuse a token issued for longer than `jwt_max_lifetime_seconds` (exp - iat)."""
+        exp, iat = claims.get("exp"), claims.get("iat")
+        if exp is None or iat is None:  # only when jwt_require_exp_iat is off
+            return
+        lifetime = float(exp) - float(iat)
+        longest = self.settings.jwt_max_lifetime_seconds
+        if lifetime > longest:
+            raise AuthError(
+                f"invalid token: lifetime (exp - iat) {lifetime:.0f} s is above the "
+                f"{longest:.0f} s accepted; ask the issuer for a shorter-lived token"
+            )
 
     def _principal(self, claims: Mapping[str, Any]) -> Principal:
         settings = self.settings
@@ -212,10 +232,11 @@ def _claim_id(claims: Mapping[str, Any], claim: str, what: str) -> str:
 def _reason(exc: jwt.PyJWTError) -> str:
     reasons: list[tuple[type[jwt.PyJWTError], str]] = [
         (jwt.ExpiredSignatureError, "expired"),
-        (jwt.ImmatureSignatureError, "not valid yet (nbf)"),
+        (jwt.ImmatureSignatureError, "not valid yet (nbf or iat in the future)"),
         (jwt.InvalidAudienceError, "wrong audience"),
         (jwt.InvalidIssuerError, "wrong issuer"),
-        (jwt.MissingRequiredClaimError, "a required claim (exp, iss, aud) is missing"),
+        (jwt.MissingRequiredClaimError, "a required claim (exp, iat, iss, aud) is missing"),
+        (jwt.InvalidIssuedAtError, "iat is not a number"),
         (jwt.InvalidSignatureError, "bad signature"),
         (jwt.InvalidAlgorithmError, "algorithm not accepted"),
     ]

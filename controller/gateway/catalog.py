@@ -1,15 +1,18 @@
 """The plan catalog: what each plan allows beyond numbers (models, fail mode, degrade, credits).
 
-The daemon publishes it to `<P>:plans` on each policy load (`publish_catalog`); gateways read
-it through `PlanCatalog`, cached and refreshed every few seconds or when told to.
+The daemon publishes it to `<P>:plans` on each policy load (`publish_catalog`), with the
+policy set's version in `<P>:plans:version`; gateways read it through `PlanCatalog`, cached
+and refreshed every few seconds or when told to. A plan the catalog does not hold is no plan:
+gateways refuse it (403 unknown-plan), and refuse everyone while no catalog is published.
 """
 
 from __future__ import annotations
 
+import difflib
 import json
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
 from typing import Literal
 
 import redis
@@ -27,6 +30,20 @@ _FIELDS = {"models", "fail_mode", "degrade", "credits"}
 def catalog_key(prefix: str) -> str:
     """`<P>:plans`: a hash plan → JSON {models, fail_mode, degrade, credits}."""
     return f"{KeySchema(prefix).prefix}:plans"
+
+
+def catalog_version_key(prefix: str) -> str:
+    """`<P>:plans:version`: the version of the policy set the catalog was published from."""
+    return f"{catalog_key(prefix)}:version"
+
+
+def unknown_plan_message(plan: str, known: Collection[str], source: str) -> str:
+    """Why `plan` is refused, naming the known plans (from `source`) and the closest one."""
+    names = sorted(known)
+    close = difflib.get_close_matches(plan, names, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    listed = ", ".join(names) if names else "none"
+    return f"no plan {plan!r} in {source} (known plans: {listed}){hint}"
 
 
 @dataclass(frozen=True)
@@ -60,13 +77,10 @@ class PlanInfo:
         return json.dumps(spec.model_dump(mode="json", include=_FIELDS), sort_keys=True)
 
 
-DEFAULT_PLAN = PlanInfo()  # a plan the catalog does not know: any model, fail closed
-
-
 def publish_catalog(
     client: redis.Redis[str], policies: PolicySet, *, prefix: str = "governor"
 ) -> None:
-    """Replace `<P>:plans` with the plans of `policies` in one transaction."""
+    """Replace `<P>:plans` and its version with the plans of `policies` in one transaction."""
     key = catalog_key(prefix)
     entries: dict[str | bytes, bytes | float | int | str] = {
         name: PlanInfo.from_spec(plan.spec).to_json() for name, plan in policies.plans.items()
@@ -76,6 +90,7 @@ def publish_catalog(
             pipe.delete(key)
             if entries:
                 pipe.hset(key, mapping=entries)
+            pipe.set(catalog_version_key(prefix), policies.version)
             pipe.execute()
     except redis.RedisError as exc:
         raise SinkError(f"publishing the plan catalog to {key} failed: {exc}") from exc
@@ -88,22 +103,32 @@ class PlanCatalog:
     client: redis.asyncio.Redis[str]
     prefix: str
     refresh_seconds: float = 5.0
-    _plans: dict[str, PlanInfo] = field(default_factory=dict)
+    version: str | None = None  # the policy set's version; None: none published (or fixed)
+    _plans: dict[str, PlanInfo] | None = None  # None: never read
     _loaded_at: float | None = None
 
     @classmethod
     def fixed(
-        cls, client: redis.asyncio.Redis[str], prefix: str, plans: Mapping[str, PlanInfo]
+        cls,
+        client: redis.asyncio.Redis[str],
+        prefix: str,
+        plans: Mapping[str, PlanInfo],
+        version: str | None = None,
     ) -> PlanCatalog:
         """A catalog that never reads Redis (for embedding and tests)."""
-        catalog = cls(client, prefix, refresh_seconds=float("inf"))
+        catalog = cls(client, prefix, refresh_seconds=float("inf"), version=version)
         catalog._plans = dict(plans)
         catalog._loaded_at = time.monotonic()
         return catalog
 
-    def get(self, plan: str) -> PlanInfo:
-        """The cached plan; DEFAULT_PLAN for a plan the catalog does not hold."""
-        return self._plans.get(plan, DEFAULT_PLAN)
+    @property
+    def plans(self) -> Mapping[str, PlanInfo] | None:
+        """Every cached plan; None while the catalog was never read (Redis away since start)."""
+        return self._plans
+
+    def get(self, plan: str) -> PlanInfo | None:
+        """The cached plan; None for a plan the catalog does not hold (never a default)."""
+        return None if self._plans is None else self._plans.get(plan)
 
     def invalidate(self) -> None:
         """Read Redis again on the next `current` call (e.g. on a `<P>:changes` message)."""
@@ -114,17 +139,24 @@ class PlanCatalog:
         """Load every plan now; raise SinkError when Redis cannot be read."""
         key = catalog_key(self.prefix)
         try:
-            raw = await self.client.hgetall(key)
+            pipe = self.client.pipeline(transaction=True)
+            pipe.hgetall(key)
+            pipe.get(catalog_version_key(self.prefix))
+            raw, version = await pipe.execute()
+            plans = {name: PlanInfo.from_json(text) for name, text in raw.items()}
         except redis.RedisError as exc:
             raise SinkError(f"reading the plan catalog {key} failed: {exc}") from exc
-        plans: dict[str, PlanInfo] = {}
-        for name, text in raw.items():
-            plans[name] = PlanInfo.from_json(text)
+        except ValueError as exc:  # pydantic's ValidationError: a hand-written entry
+            raise SinkError(
+                f"the plan catalog {key} holds an entry that is no plan: {exc}"
+            ) from None
         self._plans = plans
+        self.version = version if plans else None
         self._loaded_at = time.monotonic()
 
-    async def current(self, plan: str) -> PlanInfo:
-        """The plan, refreshing first when the cache is older than `refresh_seconds`.
+    async def current(self, plan: str) -> PlanInfo | None:
+        """The plan (None: not in the catalog), refreshing first when the cache is older than
+        `refresh_seconds`.
 
         A failed refresh keeps the last good catalog: the admission call that follows
         reports the Redis failure itself, and the plan's fail mode must stay known.

@@ -251,6 +251,8 @@ class LimitCache:
             resolved = request.resolve(self.keys, await pipe.execute())
         except redis.RedisError as exc:
             raise EnforcementError(f"reading the limits failed: {exc}") from exc
+        if not resolved.version:
+            return resolved  # nothing written yet: kept would outlive the first write
         if resolved.version != self._version:
             self._resolved.clear()
             self._version = resolved.version

@@ -25,6 +25,8 @@ OUTCOMES = (
     "upstream_error",
     "fail_open",
     "fail_closed",
+    "unknown_plan",
+    "not_configured",
 )
 
 

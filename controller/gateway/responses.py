@@ -75,11 +75,40 @@ class Answers:
             allowed_models=list(allowed),
         )
 
+    def unknown_plan(self, plan: str) -> JSONResponse:
+        """403: the credential names a plan the published catalog does not hold (a typo, or a
+        plan since removed from the policies); never served as if it had no limits."""
+        return problem(
+            403,
+            self.type_uri("unknown-plan"),
+            "Unknown plan",
+            f"plan {plan!r} is not in the plan catalog; the API's operator must move this "
+            "tenant or key to a known plan (governor tenants list flags them)",
+            plan=plan,
+        )
+
+    def not_configured(self) -> JSONResponse:
+        """503: no plan catalog or no limits in the store yet (the controller has not
+        published them); nothing is served unrestricted meanwhile."""
+        return problem(
+            503,
+            self.type_uri("not-configured"),
+            "Limits not configured yet",
+            "no plan catalog or limits are published yet (the controller has not completed "
+            "its first tick); retry later",
+            {"Retry-After": self.retry_after(_SHED_RETRY_SECONDS)},
+        )
+
     def bad_request(self, detail: str, status: int = 400) -> JSONResponse:
         return problem(status, self.type_uri("bad-request"), "Bad request", detail)
 
     def refused(self, result: AdmissionResult) -> JSONResponse:
-        """The answer to an admission that said no: 429, 402, 503 or 400 (too large)."""
+        """The answer to an admission that said no: 429, 402, 503, 403 (unknown plan) or 400
+        (too large)."""
+        if result.outcome == "unknown_plan":
+            return self.unknown_plan((result.denied_by or "plan/").partition("/")[2])
+        if result.outcome == "not_configured":
+            return self.not_configured()
         headers = rate_limit_headers(result)
         if result.outcome == "budget_exhausted":
             return self._budget_exhausted(result, headers)

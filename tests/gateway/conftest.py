@@ -47,7 +47,10 @@ class Gate:
 
     url: str
     prefix: str = "governor"
-    plans: Mapping[str, PlanInfo] = field(default_factory=dict)
+    # The plans the requests name must be in the catalog: an unknown plan is refused.
+    plans: Mapping[str, PlanInfo] = field(
+        default_factory=lambda: {"free": PlanInfo(), "paid": PlanInfo()}
+    )
     lease_seconds: float = 600.0
 
     def run(self, body: Callable[[Admission], Awaitable[T]]) -> T:

@@ -8,6 +8,7 @@ from collections.abc import Callable, Mapping
 import redis
 
 from controller.gateway.admission import Admission, AdmissionRequest, AdmissionResult
+from controller.gateway.catalog import PlanInfo
 from controller.gateway.limits import resolve
 from controller.gateway.scripts import ADMIT
 from tests.gateway.conftest import Gate, server_ms
@@ -214,7 +215,33 @@ def test_scripts_are_reloaded_after_script_flush(
     assert outcomes(burst(gate, 2)) == ["allow", "rate_limited"]  # state survived the flush
 
 
-def test_no_limits_admits_and_reports_no_quota(gate: Gate) -> None:
+def test_nothing_written_yet_is_not_configured_and_reserves_nothing(
+    gate: Gate, db: redis.Redis[str]
+) -> None:
+    # Before the controller's first write no limit is known: never "no limits, allow".
+    result = burst(gate, 1, user="alice", ip="127.0.0.1")[0]
+    assert (result.outcome, result.reservation) == ("not_configured", None)
+    assert db.keys("governor:{t:acme}*") == []
+
+
+def test_an_unknown_plan_is_refused_before_anything_is_reserved(
+    gate: Gate, db: redis.Redis[str], set_limits: SetLimits
+) -> None:
+    set_limits({"plan/free/requests_per_minute": 5})
+    gate.plans = {"paid": PlanInfo()}  # "free" is not in the catalog (removed, or a typo)
+    result = burst(gate, 1)[0]
+    assert (result.outcome, result.denied_by, result.reservation) == (
+        "unknown_plan",
+        "plan/free",
+        None,
+    )
+    assert db.keys("governor:{t:acme}*") == []
+
+
+def test_no_applicable_limits_admits_and_reports_no_quota(
+    gate: Gate, set_limits: SetLimits
+) -> None:
+    set_limits({"tenant/someone-else/requests_per_minute": 5})  # written: a version exists
     result = burst(gate, 1, user="alice", ip="127.0.0.1")[0]
     assert result.outcome == "allow"
     assert (result.requests, result.tokens, result.budget) == (None, None, None)

@@ -12,7 +12,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from controller.errors import SinkError
-from controller.gateway.catalog import DEFAULT_PLAN, PlanCatalog, PlanInfo, publish_catalog
+from controller.gateway.catalog import PlanCatalog, PlanInfo, publish_catalog
 from controller.policy.loader import load_directory
 from tests.support.redis import RedisServer, free_port
 
@@ -22,7 +22,7 @@ def test_published_plans_reach_the_gateway(
 ) -> None:
     publish_catalog(db, load_directory(policy_dir), prefix="governor")
 
-    async def read() -> tuple[PlanInfo, PlanInfo, PlanInfo, PlanInfo]:
+    async def read() -> tuple[PlanInfo | None, ...]:
         client = redis.asyncio.Redis.from_url(redis_server.url, decode_responses=True)
         try:
             catalog = PlanCatalog(client, "governor")
@@ -37,7 +37,9 @@ def test_published_plans_reach_the_gateway(
 
     free, cached, gone, paid = asyncio.run(read())
     assert free == cached == PlanInfo(models=("gpt-3.5-turbo",), fail_mode="closed")
-    assert gone == DEFAULT_PLAN
+    assert gone is None  # a plan removed from the catalog is no plan, never a default
+    assert free is not None
+    assert paid is not None
     assert paid.degrade is not None
     assert paid.degrade.at_percent == 50
     assert paid.allows("gpt-4")
@@ -49,7 +51,7 @@ def test_published_plans_reach_the_gateway(
 
 
 def test_an_unreachable_redis_keeps_the_last_catalog() -> None:
-    async def run() -> PlanInfo:
+    async def run() -> PlanInfo | None:
         no_retry = Retry(NoBackoff(), 0)
         client = redis.asyncio.Redis(port=free_port(), decode_responses=True, retry=no_retry)
         try:
@@ -61,4 +63,6 @@ def test_an_unreachable_redis_keeps_the_last_catalog() -> None:
         finally:
             await client.aclose()  # type: ignore[attr-defined]  # types-redis predates aclose
 
-    assert asyncio.run(run()).fail_mode == "open"
+    kept = asyncio.run(run())
+    assert kept is not None
+    assert kept.fail_mode == "open"

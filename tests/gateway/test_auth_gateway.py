@@ -41,7 +41,8 @@ def jwt_gateway(make_gateway: MakeGateway, signing_key: rsa.RSAPrivateKey) -> Ga
 
 def token(key: rsa.RSAPrivateKey, **claims: Any) -> str:
     body: dict[str, Any] = {"iss": ISSUER, "aud": AUDIENCE, "sub": "acme", "plan": "free"}
-    body["exp"] = int(time.time()) + 600
+    body["iat"] = int(time.time())
+    body["exp"] = body["iat"] + 600
     body.update(claims)
     return jwt.encode({k: v for k, v in body.items() if v is not None}, key, "RS256")
 

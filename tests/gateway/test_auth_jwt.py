@@ -236,3 +236,46 @@ def test_jwks_keys_are_fetched_over_http_and_picked_by_kid(
     assert results[0] == Principal("acme", "free", None, "jwt", "acme")
     assert results[1] == "no signing key 'k9' at the issuer's JWKS"
     assert results[2] == "invalid token: bad signature"
+
+
+def test_a_token_living_longer_than_the_maximum_is_refused(rsa_key: rsa.RSAPrivateKey) -> None:
+    auth = Authenticator(jwt_settings(public_pem(rsa_key)), None)
+    now = int(time.time())
+    forever = jwt.encode(claims(exp=1e30), rsa_key, algorithm="RS256")
+    a_day_and_a_second = jwt.encode(claims(exp=now + 86401, iat=now), rsa_key, algorithm="RS256")
+    a_day = jwt.encode(claims(exp=now + 86400, iat=now), rsa_key, algorithm="RS256")
+
+    for token in (forever, a_day_and_a_second):
+        with pytest.raises(AuthError, match=r"lifetime \(exp - iat\)"):
+            authenticate(auth, token)
+    assert authenticate(auth, a_day).plan == "free"
+    shorter = Authenticator(jwt_settings(public_pem(rsa_key), jwt_max_lifetime_seconds=60), None)
+    with pytest.raises(AuthError, match="above the 60 s accepted"):
+        authenticate(shorter, jwt.encode(claims(), rsa_key, algorithm="RS256"))  # 600 s
+
+
+def test_exp_and_iat_are_required_unless_configured_otherwise(
+    rsa_key: rsa.RSAPrivateKey,
+) -> None:
+    strict = Authenticator(jwt_settings(public_pem(rsa_key)), None)
+    lenient = Authenticator(jwt_settings(public_pem(rsa_key), jwt_require_exp_iat=False), None)
+    no_iat = jwt.encode(claims(iat=None), rsa_key, algorithm="RS256")
+    no_exp = jwt.encode(claims(exp=None), rsa_key, algorithm="RS256")
+
+    for token in (no_iat, no_exp):
+        with pytest.raises(AuthError, match="a required claim"):
+            authenticate(strict, token)
+        assert authenticate(lenient, token).tenant == "acme"
+
+
+def test_a_token_issued_in_the_future_is_refused_beyond_the_leeway(
+    rsa_key: rsa.RSAPrivateKey,
+) -> None:
+    auth = Authenticator(jwt_settings(public_pem(rsa_key)), None)  # leeway 30 s
+    now = int(time.time())
+    ahead = jwt.encode(claims(iat=now + 3600, exp=now + 4000), rsa_key, algorithm="RS256")
+    skewed = jwt.encode(claims(iat=now + 10, exp=now + 600), rsa_key, algorithm="RS256")
+
+    with pytest.raises(AuthError, match="iat in the future"):
+        authenticate(auth, ahead)
+    assert authenticate(auth, skewed).tenant == "acme"

@@ -6,6 +6,7 @@ import asyncio
 import json
 import random
 import uuid
+from collections.abc import Callable, Mapping
 
 import pytest
 import redis
@@ -34,8 +35,10 @@ def ledger(db: redis.Redis[str]) -> CreditLedger:
 
 
 @pytest.fixture
-def paid(gate: Gate) -> Gate:
+def paid(gate: Gate, set_limits: Callable[[Mapping[str, float]], None]) -> Gate:
     gate.plans = {"paid": PlanInfo(credits=Credits(min_balance_usd=0.10))}
+    # The controller has written its limits (none of them acme's): credits alone decide.
+    set_limits({"tenant/someone-else/requests_per_minute": 5})
     return gate
 
 
@@ -147,8 +150,9 @@ def test_a_crashed_gateways_credit_hold_ends_with_its_lease(
 
 @pytest.mark.parametrize(("credits", "charged"), [(True, 0.06), (False, 0.0)])
 def test_usage_beyond_the_hold_is_charged_on_credit_plans_only(
-    gate: Gate, ledger: CreditLedger, credits: bool, charged: float
+    paid: Gate, ledger: CreditLedger, credits: bool, charged: float
 ) -> None:
+    gate = paid
     gate.plans = {"paid": PlanInfo(credits=Credits() if credits else None)}
     ledger.top_up("acme", 1.0, "trial", "test")
 
