@@ -6,6 +6,7 @@ import typer
 from rich.table import Table
 
 from controller.audit import JournalEvent, Kind
+from controller.cli._plans import known_plans
 from controller.cli._redis import (
     JSON_OPTION,
     Stores,
@@ -42,8 +43,10 @@ def create(
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Make a key and print it ONCE: only its hash is stored, it cannot be shown again.
-    Journalled as `key.created` with the key id, tenant, plan and user (never the key)."""
+    Journalled as `key.created` with the key id, tenant, plan and user (never the key).
+    Exit 2 if no `kind: Plan` document defines PLAN."""
     with stores() as s:
+        known_plans(s).require(plan)
         key, record = _store(s).create(tenant, plan, user, name)
         # The key first: it exists now, and a journal failure must not lose it.
         if as_json:

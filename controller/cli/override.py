@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 
 from controller.audit import JournalEvent, Kind
+from controller.cli._plans import known_plans
 from controller.cli._redis import (
     JSON_OPTION,
     console,
@@ -73,6 +74,8 @@ def set_override(
     target, seconds, why = parse_address(address), parse_ttl(ttl), require_reason(reason)
     who = actor or default_actor()
     with stores() as s:
+        if target.plan is not None:  # a plan/<p>/… override on no plan would pin nothing
+            known_plans(s).require(target.plan)
         override, previous = s.control.set_override(
             target, value, ttl_seconds=seconds, actor=who, reason=why
         )

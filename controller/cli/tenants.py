@@ -1,4 +1,5 @@
-"""`governor tenants set|get|list`: the tenant registry (tenant → plan) in Redis."""
+"""`governor tenants set|get|list`: the tenant registry (tenant → plan) in Redis; a plan must
+exist (`controller.cli._plans`), and `list` flags tenants on a plan that no longer does."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ import typer
 from rich.table import Table
 
 from controller.audit import JournalEvent, Kind
-from controller.cli._redis import JSON_OPTION, console, default_actor, echo_json, stores
+from controller.cli._plans import KnownPlans, known_plans
+from controller.cli._redis import JSON_OPTION, Stores, console, default_actor, echo_json, stores
+from controller.errors import ConfigurationError
 from controller.gateway.keys import KeyStore
 
 app = typer.Typer(help="The tenant registry: which plan each tenant is on.", no_args_is_help=True)
@@ -19,9 +22,10 @@ def set_plan(
     actor: str | None = typer.Option(None, "--actor", help="Who does this; default: the OS user."),
     reason: str = typer.Option("registered by hand", "--reason", help="Why, for the journal."),
 ) -> None:
-    """Put TENANT on PLAN, and its API keys with it (journalled). A JWT's plan claim is the
-    token issuer's: change it there."""
+    """Put TENANT on PLAN, and its API keys with it (journalled); exit 2 if no `kind: Plan`
+    document defines PLAN. A JWT's plan claim is the token issuer's: change it there."""
     with stores() as s:
+        known_plans(s).require(plan)
         previous = s.control.set_tenant(tenant, plan)
         moved = KeyStore(s.client, s.keys, None).move_tenant(tenant, plan)
         s.record(
@@ -61,17 +65,37 @@ def get(
         raise typer.Exit(1)
 
 
+def _known(s: Stores) -> KnownPlans | None:
+    """The known plans, or None (said on stderr) when neither source can be read."""
+    try:
+        return known_plans(s)
+    except ConfigurationError as exc:
+        typer.echo(f"warning: cannot tell which plans exist: {exc}", err=True)
+        return None
+
+
 @app.command("list")
 def list_tenants(as_json: bool = JSON_OPTION) -> None:
-    """Print every registered tenant and its plan."""
+    """Print every registered tenant and its plan, flagging a plan no `kind: Plan` document
+    defines any more (gateways refuse its tenants 403 unknown-plan until they are moved)."""
     with stores() as s:
         registry = s.control.tenants()
+        known = _known(s)
+    flags = {t: None if known is None else p not in known.names for t, p in registry.items()}
     if as_json:
-        echo_json(registry)
-        return
-    table = Table(title=f"tenants ({len(registry)})")
-    table.add_column("tenant")
-    table.add_column("plan")
-    for tenant, plan in registry.items():
-        table.add_row(tenant, plan)
-    console().print(table)
+        echo_json({t: {"plan": p, "unknown_plan": flags[t]} for t, p in registry.items()})
+    else:
+        table = Table(title=f"tenants ({len(registry)})")
+        for column in ("tenant", "plan", "plan known"):
+            table.add_column(column)
+        marks = {None: "?", True: "NO: refused by gateways", False: "yes"}
+        for tenant, plan in registry.items():
+            table.add_row(tenant, plan, marks[flags[tenant]])
+        console().print(table)
+    unknown = sorted(t for t, flagged in flags.items() if flagged)
+    if unknown and known is not None:
+        typer.echo(
+            f"{len(unknown)} tenant(s) on a plan not in {known.source}: {', '.join(unknown)}; "
+            "move them (governor tenants set TENANT PLAN)",
+            err=True,
+        )

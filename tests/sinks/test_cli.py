@@ -114,7 +114,8 @@ def test_tenants_set_get_list(url: str) -> None:
     assert ok(url, "tenants", "get", "acme").stdout.strip() == "free"
     missing = run(url, "tenants", "get", "nobody")
     assert missing.exit_code == 1
-    assert json.loads(ok(url, "tenants", "list", "--json").stdout) == {"acme": "free"}
+    listed = json.loads(ok(url, "tenants", "list", "--json").stdout)
+    assert listed == {"acme": {"plan": "free", "unknown_plan": False}}
     assert "acme" in ok(url, "tenants", "list").stdout
     assert run(url, "tenants", "set", "a}{b", "paid").exit_code == 2
 

@@ -1,0 +1,108 @@
+"""The commands that put someone on a plan refuse a plan no `kind: Plan` document defines (exit
+2, the known plans, "did you mean"), and `tenants list` flags tenants on a plan since removed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import redis
+from typer.testing import CliRunner, Result
+
+from controller.cli import app
+from controller.gateway.catalog import publish_catalog
+from controller.gateway.keys import store_key
+from controller.policy.loader import load_directory
+from controller.sinks.keys import KeySchema
+from tests.gateway.conftest import PLANS_YAML, write_limits
+from tests.support.redis import RedisServer
+
+CATALOG = "the plan catalog the controller published (governor:plans)"
+
+
+def governor(server: RedisServer, *args: str, policy_dir: Path | None = None) -> Result:
+    env = {"GOVERNOR_REDIS__URL": server.url, "GOVERNOR_GATEWAY__API_KEY_SECRET": "s3cret"}
+    if policy_dir is not None:
+        env["GOVERNOR_CONTROLLER__POLICY_DIR"] = str(policy_dir)
+    return CliRunner().invoke(app, list(args), env=env)
+
+
+@pytest.fixture
+def published(redis_server: RedisServer, db: redis.Redis[str], policy_dir: Path) -> RedisServer:
+    """Redis with the limits and the catalog (free, paid, enterprise) a controller wrote."""
+    write_limits(db, "governor", policy_dir)
+    return redis_server
+
+
+@pytest.mark.parametrize(
+    ("command", "hint"),
+    [
+        (("tenants", "set", "acme", "platinum"), ""),
+        (("tenants", "set", "acme", "fre"), "did you mean 'free'?"),
+        (("keys", "create", "--tenant", "acme", "--plan", "no-such-plan"), ""),
+        (("keys", "create", "--tenant", "acme", "--plan", "paidd"), "did you mean 'paid'?"),
+        (("override", "set", "plan/nosuchplan/requests_per_minute", "5", "--ttl", "1h",
+          "--reason", "INC-1"), ""),
+    ],
+)  # fmt: skip
+def test_an_unknown_plan_is_refused_with_the_known_plans(
+    published: RedisServer, db: redis.Redis[str], command: tuple[str, ...], hint: str
+) -> None:
+    result = governor(published, *command)
+
+    assert result.exit_code == 2, result.output
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert CATALOG in result.stderr
+    assert "known plans: enterprise, free, paid" in result.stderr
+    assert hint in result.stderr
+    # Nothing was written: no registry entry, no key, no override, no journal event.
+    assert db.hgetall("governor:tenants") == {}
+    assert db.hgetall(store_key(KeySchema())) == {}
+    assert db.keys("governor:override:*") == []
+    assert db.xlen(KeySchema().journal) == 0
+
+
+def test_a_known_plan_is_accepted(published: RedisServer, db: redis.Redis[str]) -> None:
+    assert governor(published, "tenants", "set", "acme", "paid").exit_code == 0
+    assert (
+        governor(published, "keys", "create", "--tenant", "acme", "--plan", "free").exit_code == 0
+    )
+    pinned = governor(published, "override", "set", "plan/free/requests_per_minute", "5",
+                      "--ttl", "1h", "--reason", "INC-2")  # fmt: skip
+    assert pinned.exit_code == 0, pinned.output
+    assert db.hget("governor:tenants", "acme") == "paid"
+
+
+def test_before_any_catalog_the_configured_policy_directory_says_which_plans_exist(
+    redis_server: RedisServer, db: redis.Redis[str], policy_dir: Path, tmp_path: Path
+) -> None:
+    refused = governor(redis_server, "tenants", "set", "acme", "gold", policy_dir=policy_dir)
+    assert refused.exit_code == 2
+    assert f"the policy directory {policy_dir} (no plan catalog in Redis" in refused.stderr
+    accepted = governor(redis_server, "tenants", "set", "acme", "free", policy_dir=policy_dir)
+    assert accepted.exit_code == 0, accepted.output
+    (tmp_path / "broken.yaml").write_text("kind: Plan\nspec: [\n")
+    broken = governor(redis_server, "tenants", "set", "acme", "free", policy_dir=tmp_path)
+    assert broken.exit_code == 2
+    assert "start the controller (governor run)" in broken.stderr
+
+
+def test_tenants_list_flags_a_plan_removed_from_the_policies(
+    published: RedisServer, db: redis.Redis[str], tmp_path: Path
+) -> None:
+    assert governor(published, "tenants", "set", "acme", "free").exit_code == 0
+    assert governor(published, "tenants", "set", "initech", "paid").exit_code == 0
+    (tmp_path / "plans.yaml").write_text(PLANS_YAML.replace("name: paid", "name: paid-v2"))
+    publish_catalog(db, load_directory(tmp_path), prefix="governor")  # paid is gone
+
+    listed = governor(published, "tenants", "list", "--json")
+    assert listed.exit_code == 0, listed.output
+    assert json.loads(listed.stdout) == {
+        "acme": {"plan": "free", "unknown_plan": False},
+        "initech": {"plan": "paid", "unknown_plan": True},
+    }
+    assert "1 tenant(s) on a plan not in the plan catalog" in listed.stderr
+    table = governor(published, "tenants", "list")
+    assert "NO: refused by gateways" in table.stdout
+    assert "initech" in table.stderr
