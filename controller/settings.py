@@ -382,6 +382,12 @@ class GatewaySettings(BaseModel):
     heartbeat_seconds: float = Field(
         5.0, gt=0, description="how often a gateway announces itself (live-gateway count)"
     )
+    drain_seconds: int = Field(
+        30,
+        ge=0,
+        description="on SIGTERM `governor gateway` stops accepting and lets in-flight requests "
+        "finish for up to this long (then cuts them: their holds are released or settled)",
+    )
     metrics_max_tenants: int = Field(
         1000, ge=1, description="distinct tenant label values; later tenants count as `other`"
     )

@@ -12,6 +12,7 @@ from rich.table import Table
 
 from controller.cli._redis import JSON_OPTION, cli_errors
 from controller.cli.config import load_settings
+from controller.errors import ConfigurationError, PolicyError
 from controller.logging import configure_logging
 
 
@@ -46,30 +47,28 @@ def gateway(
     ),
 ) -> None:
     """Serve /v1/chat/completions, /v1/completions and /v1/embeddings (others pass through)
-    with API-key/JWT auth, Governor's limits from Redis, and /metrics for Prometheus."""
+    with API-key/JWT auth, Governor's limits from Redis, and /metrics for Prometheus. Logs one
+    line at start (listen address, upstream, plan catalog) and at stop; SIGTERM drains
+    in-flight requests (GOVERNOR_GATEWAY__DRAIN_SECONDS) and exits 0."""
     if ctx.invoked_subcommand is not None:
         return
     if upstream is None:
         raise typer.BadParameter("give the model server's root URL", param_hint="--upstream")
     # Imported here: the web stack loads only for the command that serves.
-    import uvicorn
-
-    from controller.gateway.app import create_app, require_upstream
+    from controller.gateway.app import create_app, require_upstream, serve
 
     with cli_errors():
         settings = load_settings()
         configure_logging(settings.log_level, "stderr")
-        app = create_app(settings, require_upstream(upstream), policies)
-    uvicorn.run(
-        app,
-        host=host or settings.gateway.host,
-        port=port or settings.gateway.port,
-        log_level="warning",  # our own structlog lines say what matters
-        ws="none",
-        proxy_headers=False,  # the client IP comes from GOVERNOR_GATEWAY__TRUST_FORWARDED_FOR
-        server_header=False,
-        lifespan="on",
-    )
+        listen_host, listen_port = host or settings.gateway.host, port or settings.gateway.port
+        try:
+            app = create_app(
+                settings, require_upstream(upstream), policies, f"{listen_host}:{listen_port}"
+            )
+        except PolicyError as exc:  # file:line:col: message per error, not a traceback
+            raise ConfigurationError(str(exc)) from None
+    if not serve(app, listen_host, listen_port, settings.gateway.drain_seconds):
+        raise typer.Exit(1)  # it could not listen; uvicorn said why
 
 
 def export_lua(

@@ -5,16 +5,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 from urllib.parse import urlsplit
 
 import httpx
 import redis.asyncio
 import structlog
+import uvicorn
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -195,3 +198,39 @@ def require_upstream(url: str) -> str:
             "http://127.0.0.1:8000 (the gateway appends /v1/...)"
         )
     return url
+
+
+class _DrainingServer(uvicorn.Server):
+    """uvicorn's server, saying when a stop begins (its own lines are below our log level)."""
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if not self.should_exit:
+            _log.info(
+                f"governor gateway stopping on signal {sig}: no new connections; in-flight "
+                f"requests may finish for {self.config.timeout_graceful_shutdown} s"
+            )
+        super().handle_exit(sig, frame)
+
+
+def serve(app: Starlette, host: str, port: int, drain_seconds: int) -> bool:
+    """Serve `app` until SIGTERM or SIGINT, then drain: stop accepting, let in-flight
+    requests finish for up to `drain_seconds`, run the app's shutdown. False when the server
+    never started (e.g. the port is taken)."""
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level="warning",  # our own structlog lines say what matters
+        ws="none",
+        proxy_headers=False,  # the client IP comes from GOVERNOR_GATEWAY__TRUST_FORWARDED_FOR
+        server_header=False,
+        lifespan="on",
+        timeout_graceful_shutdown=drain_seconds,
+    )
+    server = _DrainingServer(config)
+    # After draining, uvicorn raises the signal again under the handler that was there
+    # before it: with Python's default, a cleanly drained gateway died of SIGTERM (exit 143).
+    # The server's own handler is that handler now: one more call only notes the signal.
+    signal.signal(signal.SIGTERM, server.handle_exit)
+    server.run()
+    return server.started
