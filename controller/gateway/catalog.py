@@ -152,7 +152,8 @@ class PlanCatalog:
             ) from None
         self._plans = plans
         self.version = version if plans else None
-        self._loaded_at = time.monotonic()
+        # None published: read again at the next request, so the first publish counts at once.
+        self._loaded_at = time.monotonic() if plans else None
 
     async def current(self, plan: str) -> PlanInfo | None:
         """The plan (None: not in the catalog), refreshing first when the cache is older than

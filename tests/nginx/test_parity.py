@@ -28,6 +28,7 @@ CALLERS = {
     "paid": ("initech", "paid"),
     "broke": ("hooli", "enterprise"),
     "rich": ("umbrella", "enterprise"),
+    "platinum": ("wonka", "platinum"),  # a key on a plan no `kind: Plan` defines
 }
 # Headers that differ by nature: the server's own, framing, and the random reservation id.
 VOLATILE = {"date", "server", "content-length", "connection", "keep-alive", "transfer-encoding",
@@ -55,6 +56,13 @@ def sequence() -> list[Step]:
         Step("unknown key", None, headers={"authorization": f"Bearer {UNKNOWN_KEY}"}),
         Step("wrong scheme", None, headers={"authorization": "Basic dXNlcjpwYXNz"}),
         Step("model outside the plan", "free", chat_body(model="gpt-4")),
+        Step("a plan not in the catalog", "platinum", chat_body(model="gpt-9")),
+        Step(
+            "a plan not in the catalog, not a model call",
+            "platinum",
+            method="GET",
+            path="/v1/models",
+        ),
         Step("not an object", "free", b"[1, 2]"),
         Step("no messages", "free", {"model": "gpt-3.5-turbo"}),
         Step("not a model call", "free", method="GET", path="/v1/models"),
@@ -200,7 +208,8 @@ def test_nginx_answers_as_the_python_gateway_does(
     assert mismatches == [], "\n".join(mismatches)
     # The sequence covers what it claims to (a broken sequence must not compare trivially).
     assert statuses.count(401) == 3
-    assert [s for s in statuses if s in (402, 403, 429, 503)] == [403, 429, 402, 503, 402]
+    assert [s for s in statuses if s in (402, 403, 429, 503)] == [403, 403, 403, 429, 402, 503,
+                                                                  402]  # fmt: skip
     assert statuses.count(400) == 3
     assert statuses.count(200) >= 15
     assert books(nginx) == books(python_gateway)

@@ -42,6 +42,10 @@ local function gateway_for(conf)
         timeout_ms = conf.redis_timeout_ms},
     })
     gw = gateway.new(settings)
+    -- The start line, at this configuration's first request in this worker (a plugin has
+    -- no start of its own with its configuration in hand).
+    gw.announce_as = 'Kong plugin governor-admission ready (worker ' .. ngx.worker.id()
+      .. '): listening on the route, upstream the route\'s service'
     gateways[conf] = gw
   end
   return gw

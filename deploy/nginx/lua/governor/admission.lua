@@ -125,6 +125,9 @@ function Admission:admit(client, request, plan)
     if resolved == nil then
       return nil, err
     end
+    if resolved.version == '' then  -- the controller has written nothing: no limit is known
+      return {outcome = 'not_configured'}
+    end
     local args = {request.request_id, tokens, resolved.version, self.lease_ms, self.record_ms,
       model}
     local verdict = limits_module.verdict(resolved, request.tokens)

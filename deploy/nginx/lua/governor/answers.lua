@@ -1,5 +1,6 @@
 -- What a Lua gateway answers, as controller/gateway/responses.py does: RFC 9457 problem
--- documents (401, 400, 402, 403, 413, 429, 502/504, 503) and the IETF RateLimit /
+-- documents (401, 400, 402, 403 model-not-allowed / unknown-plan, 413, 429, 502/504, 503
+-- shed / enforcement-unavailable / not-configured) and the IETF RateLimit /
 -- RateLimit-Policy and OpenAI x-ratelimit-* headers. An answer is {status, headers, body}.
 
 local cjson = require 'cjson.safe'
@@ -164,6 +165,22 @@ function Answers:model_not_allowed(plan, model, allowed)
     nil, {plan = plan, model = model, allowed_models = allowed})
 end
 
+-- 403: the credential names a plan the published catalog does not hold.
+function Answers:unknown_plan(plan)
+  return problem(403, self:type_uri('unknown-plan'), 'Unknown plan',
+    format('plan %s is not in the plan catalog; the API\'s operator must move this tenant or '
+      .. 'key to a known plan (governor tenants list flags them)', repr(plan)),
+    nil, {plan = plan})
+end
+
+-- 503: no plan catalog or no limits in the store yet.
+function Answers:not_configured()
+  return problem(503, self:type_uri('not-configured'), 'Limits not configured yet',
+    'no plan catalog or limits are published yet (the controller has not completed its '
+      .. 'first tick); retry later',
+    {['Retry-After'] = self:retry_after(SHED_RETRY_SECONDS)})
+end
+
 function Answers:bad_request(detail, status)
   return problem(status or 400, self:type_uri('bad-request'), 'Bad request', detail)
 end
@@ -204,6 +221,9 @@ end
 
 -- The answer to an admission that said no: 429, 402, 503 or 400 (too large).
 function Answers:refused(result)
+  if result.outcome == 'not_configured' then
+    return self:not_configured()
+  end
   local headers = _M.rate_limit_headers(result, self.now())
   if result.outcome == 'budget_exhausted' then
     return self:budget_exhausted(result, headers)

@@ -1,13 +1,13 @@
 -- The plan catalog `<P>:plans` the controller publishes (controller/gateway/catalog.py):
--- models, fail mode, degradation and credits per plan, cached per worker and reread every
--- `plan_refresh_seconds`. A plan it does not hold allows any model and fails closed.
+-- models, fail mode, degradation and credits per plan, and `<P>:plans:version`, cached per
+-- worker and reread every `plan_refresh_seconds`. A plan it does not hold is no plan: the
+-- gateway refuses it (403 unknown-plan), and everyone while no catalog is published.
 
 local cjson = require 'cjson.safe'
 
 local _M = {}
 
 local null = cjson.null
-local DEFAULT_PLAN = {models = {}, fail_mode = 'closed'}
 
 local function value(x)
   if x == null then
@@ -39,29 +39,70 @@ end
 local Catalog = {}
 Catalog.__index = Catalog
 
+-- plans: nil until the catalog was read once (Redis away since start), then plan → info;
+-- count: how many plans it holds (0: none published).
 function _M.new(key, refresh_seconds, now)
-  return setmetatable({key = key, refresh_seconds = refresh_seconds, now = now, plans = {},
-    loaded_at = nil}, Catalog)
+  return setmetatable({key = key, refresh_seconds = refresh_seconds, now = now, plans = nil,
+    count = 0, version = nil, loaded_at = nil}, Catalog)
 end
 
--- The plan, rereading the whole catalog when the cache is older than refresh_seconds. A
--- failed read keeps the last good catalog (the admission that follows reports Redis's
--- failure itself) and waits a period before trying again.
+-- Read the whole catalog and its version now; false when Redis did not answer (the last
+-- good catalog is kept). An entry that is no plan is left out: it names no plan.
+function Catalog:refresh(client)
+  client:init_pipeline()
+  client:hgetall(self.key)
+  client:get(self.key .. ':version')
+  local replies = client:commit_pipeline()
+  if type(replies) ~= 'table' or type(replies[1]) ~= 'table' then
+    return false
+  end
+  local plans, count, entries = {}, 0, replies[1]
+  for i = 1, #entries, 2 do
+    local info = plan_info(entries[i + 1])
+    if info ~= nil then
+      plans[entries[i]], count = info, count + 1
+    end
+  end
+  self.plans, self.count = plans, count
+  self.version = count > 0 and type(replies[2]) == 'string' and replies[2] or nil
+  if count == 0 then
+    self.loaded_at = nil  -- none published: read again at the next request
+  end
+  return true
+end
+
+-- The plan (nil: not in the catalog), rereading the catalog when the cache is older than
+-- refresh_seconds. A failed read keeps the last good catalog (the admission that follows
+-- reports Redis's failure itself) and waits a period before trying again.
 function Catalog:current(client, plan)
   local now = self.now()
   local due = self.loaded_at == nil or now - self.loaded_at >= self.refresh_seconds
   if client ~= nil and due then
     self.loaded_at = now
-    local entries = client:hgetall(self.key)
-    if type(entries) == 'table' then
-      local plans = {}
-      for i = 1, #entries, 2 do
-        plans[entries[i]] = plan_info(entries[i + 1])
-      end
-      self.plans = plans
-    end
+    self:refresh(client)
   end
-  return self.plans[plan] or DEFAULT_PLAN
+  return self.plans and self.plans[plan]
+end
+
+-- Why a plan the catalog does not hold is refused: 'unreachable' (never read), 'empty' (no
+-- catalog published) or 'unknown' (not in it).
+function Catalog:missing()
+  if self.plans == nil then
+    return 'unreachable'
+  end
+  return self.count == 0 and 'empty' or 'unknown'
+end
+
+-- The catalog as the start line says it: its version and size, or why there is none.
+function Catalog:describe()
+  if self.plans == nil then
+    return 'none yet (the limit store is unreachable); every request is refused'
+  end
+  if self.count == 0 then
+    return 'none yet (no controller has published one); every request is refused 503 '
+      .. 'not-configured until it does'
+  end
+  return (self.version or 'unversioned') .. ' (' .. self.count .. ' plans)'
 end
 
 local function contains(list, item)

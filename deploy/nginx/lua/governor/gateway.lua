@@ -1,5 +1,6 @@
 -- The enforcement flow of controller/gateway/asgi.py, for any nginx-based gateway: authenticate
--- → parse → plan's models (403) → admit (429/402/503/400) → the call to forward → settle.
+-- → the plan in the catalog (403 unknown-plan, 503 not-configured) → parse → plan's models
+-- (403) → admit (429/402/503/400) → the call to forward → settle.
 -- The adapters (governor.nginx, Kong's governor-admission plugin) do the I/O of their phase.
 
 local admission = require 'governor.admission'
@@ -66,8 +67,38 @@ function Gateway:client_ip(req)
   return keys.ip_id(req.client_ip)
 end
 
--- The model call after authentication: parse, check the plan, admit.
-function Gateway:model_call(client, req, principal, kind)
+-- One line saying the module is ready and what it enforces from: `where` (listen address,
+-- upstream) and the plan catalog, read now. At warn, the example's error_log level, so it
+-- shows wherever errors do. Returns whether the catalog could be read.
+function Gateway:announce(client, where)
+  local read = false
+  if client ~= nil then
+    self.catalog.loaded_at = self.catalog.now()
+    read = self.catalog:refresh(client)
+  end
+  ngx.log(ngx.WARN, 'governor: ', where, ', plan catalog ', self.catalog:describe())
+  return read
+end
+
+-- The caller's plan from the catalog, or the refusal: a plan the catalog does not hold is
+-- never served (it would have no models list, no rate, no budget).
+function Gateway:plan_of(client, principal)
+  local plan = self.catalog:current(client, principal.plan)
+  if plan ~= nil then
+    return plan
+  end
+  local why = self.catalog:missing()
+  if why == 'unreachable' then  -- never read: no plan can be known
+    return nil, {answer = self.answers:enforcement_unavailable(principal.plan), broken = true}
+  end
+  if why == 'empty' then
+    return nil, {answer = self.answers:not_configured()}
+  end
+  return nil, {answer = self.answers:unknown_plan(principal.plan)}
+end
+
+-- The model call after authentication and the plan: parse, check the models, admit.
+function Gateway:model_call(client, req, principal, kind, plan)
   local say = self.answers
   local limit = self.settings.max_body_bytes
   if (req.content_length or 0) > limit then
@@ -81,7 +112,6 @@ function Gateway:model_call(client, req, principal, kind)
   if not request then
     return {answer = say:bad_request(problem)}
   end
-  local plan = self.catalog:current(client, principal.plan)
   if not catalog.allows(plan, request:model()) then
     return {answer = say:model_not_allowed(principal.plan, request:model(), plan.models)}
   end
@@ -133,11 +163,15 @@ function Gateway:decide_with(client, req)
   end
   local principal = {tenant = record.tenant, plan = record.plan, user = record.user,
     credential = record.key_id}
+  local plan, refusal = self:plan_of(client, principal)
+  if plan == nil then
+    return refusal
+  end
   local kind = req.method == 'POST' and openai.ROUTES[req.path]
   if not kind then  -- not a model call: authenticated pass-through, nothing to count
     return {pass = true, principal = principal}
   end
-  return self:model_call(client, req, principal, kind)
+  return self:model_call(client, req, principal, kind, plan)
 end
 
 -- One request's decision. req: method, path, headers (lower-case names), content_length,
@@ -147,6 +181,10 @@ function Gateway:decide(req)
   local client, err = store.connect(self.settings.redis)
   if client == nil then
     warn('cannot reach Redis: ', err)
+  end
+  if self.announce_as ~= nil then  -- a gateway made at its first request (Kong): say so once
+    self:announce(client, self.announce_as)
+    self.announce_as = nil
   end
   local outcome = self:decide_with(client, req)
   if client ~= nil then

@@ -152,6 +152,9 @@ function Cache:get(client, tenant, plan, user, ip, model)
   end
   found = _M.resolve(version, levels, 'plan/' .. plan .. '/', model)
   found.read_at = now
+  if version == '' then
+    return found  -- nothing written yet: kept, it would outlive the controller's first write
+  end
   if version ~= self.version or self.size >= MAX_ENTRIES then
     self.entries, self.size, self.version = {}, 0, version  -- a bound, not an LRU
   end

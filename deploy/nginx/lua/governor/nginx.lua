@@ -9,6 +9,7 @@
 
 local config = require 'governor.config'
 local gateway = require 'governor.gateway'
+local store = require 'governor.store'
 
 local _M = {}
 
@@ -38,7 +39,8 @@ end
 
 -- options: export_dir (what `governor gateway export-lua DIR` wrote), upstream_location
 -- (the internal location that proxies to the model server; default /_governor/upstream),
--- and optional overrides of governor.json's settings.
+-- listen and upstream (optional, for the start line only: Lua cannot see nginx's listen and
+-- upstream directives), and optional overrides of governor.json's settings.
 function _M.init(options)
   local settings = config.load(options)
   settings.upstream_location = options.upstream_location or '/_governor/upstream'
@@ -51,7 +53,33 @@ local function retry_held(premature)
   end
 end
 
+-- The start line, from the first worker (cosockets need a timer here).
+local function announce(premature)
+  if premature then
+    return
+  end
+  local client, err = store.connect(gw.settings.redis)
+  if client == nil then
+    ngx.log(ngx.ERR, 'governor: cannot reach Redis at start: ', err)
+  end
+  local settings = gw.settings
+  local read = gw:announce(client, 'nginx module ready (' .. ngx.worker.count()
+    .. ' workers): listening on ' .. (settings.listen or "nginx.conf's listen directives")
+    .. ', upstream ' .. (settings.upstream or 'via ' .. settings.upstream_location))
+  if read then
+    store.release(client)
+  elseif client ~= nil then
+    client:close()  -- a failed exchange leaves the connection in an unknown state
+  end
+end
+
 function _M.init_worker()
+  if ngx.worker.id() == 0 then
+    local ok, err = ngx.timer.at(0, announce)
+    if not ok then
+      ngx.log(ngx.ERR, 'governor: cannot start the start-line timer: ', err)
+    end
+  end
   -- Retry-After jitter must differ between workers.
   math.randomseed(ngx.now() * 1000 + ngx.worker.pid())
   -- Settles that met a Redis outage are repeated when it answers again.

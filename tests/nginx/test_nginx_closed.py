@@ -1,0 +1,115 @@
+"""Fail closed in the nginx module as in `governor gateway`: the same 503 not-configured before
+the controller's first tick, the same 403 unknown-plan, and one start line in the error log."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+
+from controller.gateway.catalog import publish_catalog
+from controller.policy.loader import load_directory
+from tests.gateway.conftest import PROBLEM, start_gateway
+from tests.gateway.fake_upstream import FakeUpstream, ServerThread
+from tests.nginx.conftest import SECRET, Side, chat_body
+from tests.nginx.nginx_server import NginxServer
+from tests.nginx.test_parity import shape
+from tests.support.redis import RedisServer
+
+pytestmark = pytest.mark.integration
+
+BASE = "https://github.com/governor/governor/blob/main/docs/gateway.md"
+
+
+@contextmanager
+def fresh_sides(
+    root: Path, export_dir: Path, upstream: tuple[FakeUpstream, ServerThread], plans: Path | None
+) -> Iterator[tuple[Side, Side, NginxServer]]:
+    """A new nginx and a new Python gateway, each on a new Redis holding only the plan
+    catalog of `plans` (None: nothing at all), started after it was written."""
+    stores = [RedisServer(root / name).start() for name in ("redis-nginx", "redis-python")]
+    started: list[NginxServer] = []
+    try:
+        for store in stores:
+            if plans is not None:
+                with store.client() as db:
+                    publish_catalog(db, load_directory(plans), prefix="governor")
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+               "GOVERNOR_REDIS__URL": stores[0].url,
+               "GOVERNOR_GATEWAY__API_KEY_SECRET": SECRET}  # fmt: skip
+        started.append(NginxServer(root / "nginx", export_dir, upstream[1].port, env).start())
+        python = start_gateway(stores[1].url, upstream[1].url, retry_after_jitter=0.0)
+        with stores[0].client() as ndb, stores[1].client() as pdb, httpx.Client() as http:
+            try:
+                yield (Side("nginx", started[0].url, ndb, http),
+                       Side("python", python.url, pdb, python.http), started[0])  # fmt: skip
+            finally:
+                python.stop()
+        assert started[0].problems() == []
+    finally:
+        for server in started:
+            server.stop()
+        for store in stores:
+            store.stop()
+
+
+def start_line(server: NginxServer) -> str:
+    (line,) = [
+        line
+        for line in server.error_log.read_text().splitlines()
+        if "governor: nginx module ready" in line
+    ]
+    return line
+
+
+def test_before_the_first_tick_both_answer_503_not_configured(
+    tmp_path: Path, export_dir: Path, upstream: tuple[FakeUpstream, ServerThread]
+) -> None:
+    seen = len(upstream[0].seen)
+    with fresh_sides(tmp_path, export_dir, upstream, None) as (nginx, python, server):
+        answers = {
+            side.name: [side.chat(side.key("acme", "free"), chat_body(model=m))
+                        for m in ("gpt-4", "gpt-9")]
+            for side in (nginx, python)
+        }  # fmt: skip
+        line = start_line(server)
+    assert [shape(a)[0] for a in answers["nginx"]] == [shape(a)[0] for a in answers["python"]]
+    for answer in answers["nginx"]:
+        assert answer.status_code == 503
+        assert answer.headers["content-type"] == PROBLEM
+        assert answer.json()["type"] == f"{BASE}#not-configured"
+    assert len(upstream[0].seen) == seen  # nothing served unrestricted
+    assert "listening on nginx.conf's listen directives, upstream via /_governor/upstream" in line
+    assert "plan catalog none yet (no controller has published one)" in line
+
+
+def test_a_catalog_without_limits_and_an_unknown_plan_answer_alike(
+    tmp_path: Path,
+    export_dir: Path,
+    upstream: tuple[FakeUpstream, ServerThread],
+    policy_dir: Path,
+) -> None:
+    seen = len(upstream[0].seen)
+    with fresh_sides(tmp_path, export_dir, upstream, policy_dir) as (nginx, python, server):
+        answers = {
+            side.name: [side.chat(side.key("acme", plan), chat_body(model="gpt-9"))
+                        for plan in ("free", "enterprise", "platinum", "fre")]
+            for side in (nginx, python)
+        }  # fmt: skip
+        line = start_line(server)
+    assert [shape(a)[0] for a in answers["nginx"]] == [shape(a)[0] for a in answers["python"]]
+    # free: its models refuse gpt-9 first; enterprise (any model) meets no limits: 503 (its
+    # fail_mode: open knows no rate to hold it to either).
+    assert [a.status_code for a in answers["nginx"]] == [403, 503, 403, 403]
+    assert answers["nginx"][0].json()["type"] == f"{BASE}#model-not-allowed"
+    assert answers["nginx"][1].json()["type"] == f"{BASE}#not-configured"
+    for answer in answers["nginx"][2:]:
+        assert answer.json()["type"] == f"{BASE}#unknown-plan"
+        assert answer.json()["plan"] in ("platinum", "fre")
+    assert len(upstream[0].seen) == seen
+    version = load_directory(policy_dir).version
+    assert f"plan catalog {version} (3 plans)" in line
