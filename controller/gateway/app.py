@@ -166,7 +166,7 @@ def create_app(
         async with runtime.running():
             catalog = await runtime.catalog_state()
             _log.info(
-                f"governor gateway listening on http://{where}, upstream {upstream}, "
+                f"governor gateway listening on http://{where}, upstream {_shown(upstream)}, "
                 f"plan catalog {catalog}"
             )
             yield
@@ -187,6 +187,15 @@ def create_app(
         middleware=[Middleware(GovernorMiddleware, enforcement=e)],
         lifespan=lifespan,
     )
+
+
+def _shown(url: str) -> str:
+    """An upstream URL for a log line: no user info, query or fragment (they may hold a key)."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    host = f"[{host}]" if ":" in host else host  # IPv6
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{host}{port}{parts.path}"
 
 
 def require_upstream(url: str) -> str:

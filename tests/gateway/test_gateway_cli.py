@@ -164,13 +164,17 @@ def test_the_start_line_says_when_no_catalog_is_published(
     db: redis.Redis[str], redis_server: RedisServer, upstream: tuple[FakeUpstream, str]
 ) -> None:
     port = free_port()
-    process = start_process(gateway_env(redis_server), port, "--upstream", upstream[1])
+    with_secrets = upstream[1].replace("http://", "http://user:hunter2@") + "/?token=t0ken"
+    process = start_process(gateway_env(redis_server), port, "--upstream", with_secrets)
     process.terminate()
     assert process.wait(timeout=30) == 0
     assert process.stderr is not None
     text = process.stderr.read()
     process.stderr.close()
     assert "plan catalog none yet (no controller has published one)" in text
+    assert f"upstream {upstream[1]}/, plan catalog" in text  # user info and query left out
+    assert "hunter2" not in text
+    assert "t0ken" not in text
 
 
 def test_a_broken_policy_file_is_one_located_line_and_exit_2(
