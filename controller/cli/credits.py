@@ -10,6 +10,7 @@ from rich.table import Table
 
 from controller.cli._redis import (
     JSON_OPTION,
+    NUMBER_ARGUMENTS,
     console,
     default_actor,
     echo_json,
@@ -47,7 +48,7 @@ def _print_state(state: CreditState) -> None:
     console().print(table)
 
 
-@app.command("top-up")
+@app.command("top-up", context_settings=NUMBER_ARGUMENTS)
 def top_up(
     tenant: str = TENANT,
     usd: float = typer.Argument(..., help="Amount to add, in USD (e.g. 25 or 12.50)."),
