@@ -46,6 +46,12 @@ def check_redis_url(url: str) -> str:
     return url
 
 
+# Where the controller's telemetry port serves the shipped runbooks and docs by default
+# (controller/shipped.py): the default base of journal runbook links and problem types. The
+# Helm chart sets both to the controller's Service.
+_OWN_PAGES = "http://127.0.0.1:9100"
+
+
 class PrometheusSettings(BaseModel):
     """Where signals are read from."""
 
@@ -343,8 +349,9 @@ class JournalSettings(BaseModel):
         "counts the rest (the stream holds every event)",
     )
     runbook_base_url: str = Field(
-        "https://github.com/governor/governor/blob/main/",
-        description="prefix for relative runbook links in journal events",
+        f"{_OWN_PAGES}/",
+        description="prefix for relative runbook links in journal events; default: this "
+        "controller's telemetry port, which serves the shipped runbooks/ and docs/",
     )
 
 
@@ -432,8 +439,9 @@ class GatewaySettings(BaseModel):
         "unset: no spans (needs the `otel` extra)",
     )
     problem_base_url: str = Field(
-        "https://github.com/governor/governor/blob/main/docs/gateway.md",
-        description="problem+json `type` URIs are this plus an anchor",
+        f"{_OWN_PAGES}/docs/gateway.md",
+        description="problem+json `type` URIs are this plus an anchor; default: docs/gateway.md "
+        "as the controller's telemetry port serves it",
     )
 
     @field_validator("jwt_algorithms")
@@ -499,6 +507,20 @@ class Settings(BaseSettings):
     kong: KongSettings = Field(default_factory=KongSettings)
     kubernetes_sink: KubernetesSinkSettings = Field(default_factory=KubernetesSinkSettings)
     log_level: str = Field("info", description="debug, info, warning or error")
+
+    @model_validator(mode="after")
+    def _links_follow_the_telemetry_port(self) -> Settings:
+        # The default links point at the telemetry port that serves the pages: when that
+        # port is moved, they move with it (unless set; port 0 serves nothing: left alone).
+        port = self.telemetry.port
+        if port in (0, 9100):
+            return self
+        own = _OWN_PAGES.replace(":9100", f":{port}")
+        if "runbook_base_url" not in self.journal.model_fields_set:
+            self.journal.runbook_base_url = f"{own}/"
+        if "problem_base_url" not in self.gateway.model_fields_set:
+            self.gateway.problem_base_url = f"{own}/docs/gateway.md"
+        return self
 
 
 def unknown_variables(environ: Mapping[str, str]) -> list[str]:
