@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from controller.cli._redis import console as fitted
 from controller.errors import GovernorError
 
 _FIGURES = (
@@ -142,7 +143,7 @@ def simulate(
             mark = "" if met is None else (" [green]✓[/green]" if met else " [red]✗[/red]")
             row.append(text + mark)
         table.add_row(*row)
-    console.print(table)
+    fitted().print(table)  # stacked when narrower than the table, like every CLI table
     first = next(iter(cards.values()))
     console.print(
         f"window {first.window[0] / 60:g}–{first.window[1] / 60:g} min; baseline p99 TTFT "
