@@ -101,9 +101,11 @@ def backtest(
     out: Path | None = typer.Option(None, "--out", help="Directory for the PNG."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
-    """OPEN-LOOP replay: evaluate the policies over Prometheus's history (range queries)
-    and show when each would have fired and which limits it would have written. The history
-    is what happened under the limits in force then: the writes shown never feed back.
+    """Replay the policies over Prometheus's history (OPEN LOOP): when each would have fired.
+
+    Evaluates the policies over range queries and shows when each would have fired and which
+    limits it would have written. The history is what happened under the limits in force
+    then: the writes shown never feed back.
 
     Prometheus is read with the live settings (GOVERNOR_PROMETHEUS__*: auth, TLS, headers);
     the tenant registry from Redis when GOVERNOR_REDIS__URL is set. Exit 1 when Prometheus

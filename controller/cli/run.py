@@ -44,8 +44,10 @@ def run(
     ),
     as_json: bool = typer.Option(False, "--json", help="With --once: print the tick as JSON."),
 ) -> None:
-    """Run the controller: every tick reads Prometheus, evaluates the policies and writes the
-    resulting limits to Redis, journalling every change with its reasons.
+    """Run the controller (the daemon), or one tick with --once.
+
+    Every tick reads Prometheus, evaluates the policies and writes the resulting limits to
+    Redis, journalling every change with its reasons.
 
     Settings come from GOVERNOR_* variables (`governor config show`). Without
     GOVERNOR_REDIS__URL an embedded Redis is started (for a laptop; limits are lost on exit).

@@ -220,10 +220,11 @@ def signals(
     ),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
-    """Run every query of the loaded policies once, now, and print per policy and signal the
-    value (vectors: count, min/median/max, and the top N label values or those given with
-    --label, e.g. --label tenant=acme), the sample age and the validity the engine would
-    give it.
+    """Run the policies' Prometheus queries once and show what the engine would see.
+
+    Per policy and signal: the value (vectors: count, min/median/max, and the top N label
+    values or those given with --label, e.g. --label tenant=acme), the sample age and the
+    validity the engine would give it.
 
     Exit 0 when every signal is usable, 1 when any is not (empty, error, stale, NaN,
     partial), 2 when the policies cannot be loaded.

@@ -68,9 +68,11 @@ def simulate(
         2, "--workers", help="Processes for the comparison runs (0: run them one by one)."
     ),
 ) -> None:
-    """Run SCENARIO's simulated fleet in closed loop with the REAL engine, resolver, Redis
+    """Run the policies against a simulated fleet beside static limits and plain AIMD.
+
+    SCENARIO's simulated fleet runs in closed loop with the REAL engine, resolver, Redis
     sink (embedded Redis) and journal on a simulated clock, for the given policies AND, in
-    the same run, static limits and plain AIMD; print the scorecard and write a PNG.
+    the same run, static limits and plain AIMD; prints the scorecard and writes a PNG.
 
     Never touches a configured Redis or Prometheus.
     """
