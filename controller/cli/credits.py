@@ -79,7 +79,7 @@ def adjust(
         raise typer.BadParameter("give exactly one of --charge USD or --credit USD")
     given = charge if charge is not None else credit or 0.0
     if not given > 0:
-        raise typer.BadParameter("the amount is a positive number of USD (e.g. 12.50)")
+        raise typer.BadParameter(f"{given:g}: the amount is a positive number of USD (e.g. 12.50)")
     amount = -given if charge is not None else given
     _book(tenant, amount, reason, actor, as_json, "adjusted_usd", CreditLedger.adjust)
 

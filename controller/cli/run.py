@@ -94,8 +94,9 @@ def run(
 def _require_directory(directory: Path) -> None:
     """Refuse a policy directory that is not there, saying so (not as an invalid policy)."""
     if not directory.is_dir():
+        what = "is not a directory" if directory.exists() else "does not exist"
         raise GovernorError(
-            f"policy directory {str(directory)!r} does not exist (looked in {Path.cwd()}): "
+            f"policy directory {str(directory)!r} {what} (looked in {Path.cwd()}): "
             "run where policies/ is, or give --policies DIR or GOVERNOR_CONTROLLER__POLICY_DIR"
         )
 

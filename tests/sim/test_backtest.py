@@ -236,6 +236,18 @@ def test_an_unreachable_prometheus_exits_1_with_one_line(base: float, tmp_path: 
     assert not (tmp_path / "out").exists()  # no empty PNG
 
 
+def test_an_unreachable_redis_exits_1_with_one_line(
+    prometheus: str, base: float, tmp_path: Path
+) -> None:
+    down = f"redis://127.0.0.1:{free_port()}/0"
+    result = _backtest(tmp_path, base - DAY - 300, "--prometheus", prometheus, redis_url=down)
+    assert result.exit_code == 1
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("error: Redis at 127.0.0.1:")
+    assert "list tenants failed" in line
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_range_without_data_says_every_signal_was_empty(
     prometheus: str, base: float, tmp_path: Path
 ) -> None:
