@@ -28,7 +28,7 @@ def run(url: str, *args: str, columns: int = 200) -> Result:
 def test_a_negative_override_is_refused_as_a_number(url: str, db: redis.Redis[str]) -> None:
     result = run(url, "override", "set", ADDRESS, "-5", "--ttl", "1h", "--reason", "x")
     assert result.exit_code == 2
-    assert "-5 is not a limit: give a finite number >= 0" in result.output
+    assert "override value -5.0 must be a finite number >= 0" in result.output
     assert "No such option" not in result.output
     assert db.keys("*override*") == []
 
