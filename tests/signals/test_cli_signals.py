@@ -64,8 +64,11 @@ def test_json_shows_each_signal_with_value_age_and_validity(
     spend = found["ThrottlePolicy/spenders", "spend"]
     tenants = len({series.labels["tenant"] for series in history.spend(now)})
     assert (spend["validity"], spend["series"], spend["usable"]) == ("ok", tenants, tenants)
-    assert spend["min"] == pytest.approx(history.BASE_RATE, rel=0.05)
-    assert spend["max"] == pytest.approx(history.PEAK_RATE, rel=0.05)
+    # The command evaluates at its own `now`, seconds after the history's last sample: once
+    # that gap passes 1.1 sample intervals, rate() extrapolates to the window's end by half
+    # an interval only (Prometheus), a value up to ~12% low on a slow machine.
+    assert spend["min"] == pytest.approx(history.BASE_RATE, rel=0.15)
+    assert spend["max"] == pytest.approx(history.PEAK_RATE, rel=0.15)
     backlog = found["ThrottlePolicy/spenders", "backlog"]
     assert (backlog["validity"], backlog["detail"]) == ("empty", "query returned no series")
 
