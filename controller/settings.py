@@ -8,9 +8,48 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Literal, get_origin
+from urllib.parse import SplitResult, urlsplit
 
 from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from controller.logging import mask_text
+
+
+def _split(url: str, kind: str, example: str) -> SplitResult:
+    """`url` in parts; ValueError naming the URL (password masked) and an example."""
+    parts = urlsplit(url)
+    try:
+        parts.port  # noqa: B018 -- raises ValueError on a port that is not a number
+    except ValueError:
+        raise ValueError(
+            f"{kind} URL {mask_text(url)!r}: the port is not a number; e.g. {example}"
+        ) from None
+    if not parts.hostname:
+        raise ValueError(f"{kind} URL {mask_text(url)!r} names no host; e.g. {example}")
+    return parts
+
+
+def check_redis_url(url: str) -> str:
+    """A redis:// or rediss:// URL must name a host, a numeric port and database: redis-py
+    reads `redis://` as localhost:6379 and ignores `/abc`, which may be someone else's
+    Redis. unix:// and Sentinel URLs, and wrong schemes, are judged where they are parsed
+    (controller.sinks.connection)."""
+    if urlsplit(url).scheme not in ("redis", "rediss"):
+        return url
+    example = "redis://127.0.0.1:6379/0"
+    database = _split(url, "Redis", example).path.strip("/")
+    if database and not database.isdigit():
+        raise ValueError(
+            f"Redis URL {mask_text(url)!r}: database {database!r} is not a number; e.g. {example}"
+        )
+    return url
+
+
+# Where the controller's telemetry port serves the shipped runbooks and docs by default
+# (controller/shipped.py): the default base of journal runbook links and problem types. The
+# Helm chart sets both to the controller's Service.
+_OWN_PAGES = "http://127.0.0.1:9100"
 
 
 class PrometheusSettings(BaseModel):
@@ -33,6 +72,19 @@ class PrometheusSettings(BaseModel):
         "at most this much, never under-estimated",
     )
 
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        # Refused at start: without a scheme every query would fail as "No host specified".
+        example = "http://prometheus:9090"
+        if urlsplit(value).scheme not in ("http", "https"):
+            raise ValueError(
+                f"Prometheus URL {mask_text(value)!r} needs an http:// or https:// scheme; "
+                f"e.g. {example}"
+            )
+        _split(value, "Prometheus", example)
+        return value
+
 
 class RedisSettings(BaseModel):
     """Where limits, overrides and the journal live."""
@@ -54,6 +106,13 @@ class RedisSettings(BaseModel):
     )
     ca_file: Path | None = Field(None, description="CA bundle for rediss://; default: system CAs")
     verify_tls: bool = Field(True, description="verify the server certificate for rediss://")
+
+    @field_validator("url")
+    @classmethod
+    def _redis_url(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            check_redis_url(value.get_secret_value())
+        return value
 
 
 class ControllerSettings(BaseModel):
@@ -90,6 +149,7 @@ class ControllerSettings(BaseModel):
                     f"sink {entry!r} is not one of {', '.join(SINK_NAMES)} nor a redis://, "
                     "rediss://, unix:// or redis+sentinel:// URL"
                 )
+            check_redis_url(entry)
         if len(set(value)) != len(value):
             raise ValueError(f"sinks {value!r} name a sink twice")
         if not value:
@@ -289,8 +349,9 @@ class JournalSettings(BaseModel):
         "counts the rest (the stream holds every event)",
     )
     runbook_base_url: str = Field(
-        "https://github.com/governor/governor/blob/main/",
-        description="prefix for relative runbook links in journal events",
+        f"{_OWN_PAGES}/",
+        description="prefix for relative runbook links in journal events; default: this "
+        "controller's telemetry port, which serves the shipped runbooks/ and docs/",
     )
 
 
@@ -400,8 +461,9 @@ class GatewaySettings(BaseModel):
         "unset: no spans (needs the `otel` extra)",
     )
     problem_base_url: str = Field(
-        "https://github.com/governor/governor/blob/main/docs/gateway.md",
-        description="problem+json `type` URIs are this plus an anchor",
+        f"{_OWN_PAGES}/docs/gateway.md",
+        description="problem+json `type` URIs are this plus an anchor; default: docs/gateway.md "
+        "as the controller's telemetry port serves it",
     )
 
     @field_validator("jwt_algorithms")
@@ -467,6 +529,20 @@ class Settings(BaseSettings):
     kong: KongSettings = Field(default_factory=KongSettings)
     kubernetes_sink: KubernetesSinkSettings = Field(default_factory=KubernetesSinkSettings)
     log_level: str = Field("info", description="debug, info, warning or error")
+
+    @model_validator(mode="after")
+    def _links_follow_the_telemetry_port(self) -> Settings:
+        # The default links point at the telemetry port that serves the pages: when that
+        # port is moved, they move with it (unless set; port 0 serves nothing: left alone).
+        port = self.telemetry.port
+        if port in (0, 9100):
+            return self
+        own = _OWN_PAGES.replace(":9100", f":{port}")
+        if "runbook_base_url" not in self.journal.model_fields_set:
+            self.journal.runbook_base_url = f"{own}/"
+        if "problem_base_url" not in self.gateway.model_fields_set:
+            self.gateway.problem_base_url = f"{own}/docs/gateway.md"
+        return self
 
 
 def unknown_variables(environ: Mapping[str, str]) -> list[str]:

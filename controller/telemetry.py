@@ -19,6 +19,7 @@ from prometheus_client import (
 )
 
 from controller.model import Address
+from controller.shipped import is_shipped, shipped_page
 
 FLAP_WINDOW_SECONDS = 3600.0
 
@@ -263,6 +264,8 @@ def _handler(
             elif path == "/readyz":
                 ok, text = health.readiness()
                 self._send(200 if ok else 503, (text + "\n").encode(), "text/plain")
+            elif is_shipped(path):  # the runbooks and docs that links point to
+                self._send(*shipped_page(path))
             else:
                 self._send(404, b"try /metrics, /healthz or /readyz\n", "text/plain")
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import typer
+import typer.core
 
 from controller import __version__
 from controller.cli import (
@@ -21,6 +24,18 @@ from controller.cli import (
 from controller.cli import backtest as backtest_cli
 from controller.cli import signals as signals_cli
 from controller.cli import simulate as simulate_cli
+from controller.cli._redis import OUTPUT
+
+_option_type = typer.core.TyperOption.display_type_rich
+
+
+def _flag_has_no_type(self: typer.core.TyperOption, ctx: Any) -> str | None:
+    """Typer's help shows `<bool>` beside plain flags (--json, --help), as if they took a
+    value; a flag takes none, so its type column stays empty."""
+    return None if self.is_flag else _option_type(self, ctx)
+
+
+typer.core.TyperOption.display_type_rich = _flag_has_no_type  # type: ignore[method-assign]
 
 app = typer.Typer(
     name="governor",
@@ -35,7 +50,7 @@ app.add_typer(policy.app, name="policy")
 app.add_typer(limits.app, name="limits")
 app.add_typer(audit.app, name="audit")
 app.add_typer(tenants.app, name="tenants")
-app.add_typer(signals_cli.app, name="signals")
+signals_cli.register(app)  # top-level `signals` (one command, no subcommands)
 app.add_typer(credits.app, name="credits")
 override.register(app)  # `override` group plus top-level `freeze` / `unfreeze`
 explain.register(app)  # top-level `explain ADDRESS`
@@ -57,8 +72,16 @@ def _root(
     version: bool = typer.Option(
         False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
     ),
+    verbose: bool = typer.Option(
+        False,
+        "-v",
+        "--verbose",
+        help="Log at GOVERNOR_LOG_LEVEL on stderr, each journal event as a JSON line; "
+        "default: warnings and errors only.",
+    ),
 ) -> None:
     """Governor keeps gateway limits in line with GPU load and tenant spend."""
+    OUTPUT.verbose = verbose
 
 
 def main() -> None:

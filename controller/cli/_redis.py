@@ -5,6 +5,8 @@ from __future__ import annotations
 import datetime as dt
 import getpass
 import json
+import logging
+import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -13,7 +15,11 @@ from typing import Any
 
 import redis
 import typer
-from rich.console import Console
+from rich.console import Console, Group
+from rich.measure import Measurement
+from rich.rule import Rule
+from rich.table import Table
+from rich.text import Text
 
 from controller.audit import Journal, JournalEvent
 from controller.cli.config import load_settings
@@ -28,6 +34,30 @@ from controller.sinks.keys import KeySchema
 from controller.sinks.redis import RedisSink
 
 JSON_OPTION = typer.Option(False, "--json", help="Print JSON for scripts instead of a table.")
+# Commands taking a number argument: click would read `-50` as the short options -5 -0 and
+# answer "No such option: -5"; unknown dashes are left as arguments instead, so the value is
+# judged (and refused with its own message) and a misspelt option is still an extra argument.
+NUMBER_ARGUMENTS = {"ignore_unknown_options": True}
+
+
+@dataclass
+class Output:
+    """What `governor -v` asked for; set by the root command before any subcommand runs."""
+
+    verbose: bool = False
+
+
+OUTPUT = Output()
+
+
+def log_level(settings: Settings) -> str:
+    """The CLI's log level: warnings and errors only, so a write command says one line and
+    not its journal event as JSON (the stream in Redis holds every event; `governor audit`
+    shows them); `governor -v` logs at GOVERNOR_LOG_LEVEL, journal lines included."""
+    if OUTPUT.verbose:
+        return settings.log_level
+    quiet = logging.getLevelName(settings.log_level.upper())
+    return settings.log_level if isinstance(quiet, int) and quiet > logging.WARNING else "warning"
 
 
 @dataclass
@@ -53,7 +83,7 @@ def stores() -> Iterator[Stores]:
     """Open Redis from GOVERNOR_REDIS__*; turn Governor errors into exit codes and messages."""
     with cli_errors():
         settings = load_settings()
-        configure_logging(settings.log_level, "stderr")
+        configure_logging(log_level(settings), "stderr")
         url = url_from_settings(settings)
         keys = KeySchema(settings.redis.key_prefix)
         client = connect(url, settings.redis)
@@ -133,6 +163,42 @@ def echo_json(data: Any) -> None:
     typer.echo(json.dumps(data, indent=2, sort_keys=True))
 
 
+_UNBOUNDED = 100_000
+
+
+class _Console(Console):
+    """A console whose tables that do not fit its width are stacked, one `column  value`
+    line per cell and a rule between rows: squeezed into 80 columns, rich would wrap every
+    column down to a word per line."""
+
+    def print(self, *objects: Any, **kwargs: Any) -> None:
+        super().print(*(self._fitted(o) for o in objects), **kwargs)
+
+    def _fitted(self, renderable: Any) -> Any:
+        if not isinstance(renderable, Table) or not renderable.columns:
+            return renderable
+        unbounded = self.options.update(width=_UNBOUNDED)  # the width it wants, not clamped
+        if Measurement.get(self, unbounded, renderable).maximum <= self.width:
+            return renderable
+        return _stacked(renderable)
+
+
+def _stacked(table: Table) -> Group:
+    """The rows of `table` as name/value grids under its title."""
+    parts: list[Any] = [Text(str(table.title), style="bold")] if table.title else []
+    columns = [(str(c.header), list(c.cells)) for c in table.columns]
+    for row in range(table.row_count):
+        grid = Table.grid(padding=(0, 2))
+        grid.add_column(style="bold", no_wrap=True)
+        grid.add_column(overflow="fold")
+        for header, cells in columns:
+            grid.add_row(header, cells[row] if row < len(cells) else "")
+        parts.extend([Rule(style="dim"), grid])
+    return Group(*parts)
+
+
 def console() -> Console:
-    """A rich console on the current stdout (so test runners capture it)."""
-    return Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+    """A rich console on the current stdout (so test runners capture it): the terminal's
+    width, else $COLUMNS, else 160 columns for a pipe."""
+    wide = sys.stdout.isatty() or "COLUMNS" in os.environ
+    return _Console(highlight=False, width=None if wide else 160)

@@ -10,6 +10,7 @@ from rich.table import Table
 
 from controller.cli._redis import (
     JSON_OPTION,
+    NUMBER_ARGUMENTS,
     console,
     default_actor,
     echo_json,
@@ -47,7 +48,7 @@ def _print_state(state: CreditState) -> None:
     console().print(table)
 
 
-@app.command("top-up")
+@app.command("top-up", context_settings=NUMBER_ARGUMENTS)
 def top_up(
     tenant: str = TENANT,
     usd: float = typer.Argument(..., help="Amount to add, in USD (e.g. 25 or 12.50)."),
@@ -78,7 +79,7 @@ def adjust(
         raise typer.BadParameter("give exactly one of --charge USD or --credit USD")
     given = charge if charge is not None else credit or 0.0
     if not given > 0:
-        raise typer.BadParameter("the amount is a positive number of USD (e.g. 12.50)")
+        raise typer.BadParameter(f"{given:g}: the amount is a positive number of USD (e.g. 12.50)")
     amount = -given if charge is not None else given
     _book(tenant, amount, reason, actor, as_json, "adjusted_usd", CreditLedger.adjust)
 

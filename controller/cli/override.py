@@ -12,6 +12,7 @@ from controller.audit import JournalEvent, Kind
 from controller.cli._plans import known_plans
 from controller.cli._redis import (
     JSON_OPTION,
+    NUMBER_ARGUMENTS,
     console,
     default_actor,
     echo_json,
@@ -61,7 +62,7 @@ def _freeze_json(freeze: Freeze | None) -> dict[str, Any] | None:
     }
 
 
-@app.command("set")
+@app.command("set", context_settings=NUMBER_ARGUMENTS)
 def set_override(
     address: str = typer.Argument(..., help="Limit address, e.g. tenant/acme/tokens_per_minute."),
     value: float = typer.Argument(..., help="The value to enforce (>= 0)."),

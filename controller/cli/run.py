@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.table import Table
@@ -13,6 +14,13 @@ from controller.cli.config import load_settings
 from controller.errors import GovernorError
 from controller.logging import configure_logging
 from controller.reconcile import Change
+
+if TYPE_CHECKING:
+    from controller.loop import TickOutcome
+    from controller.model import Decision
+
+# What the journal says of a change that no decision stands behind (a limit deleted).
+_NO_DECISION = "no longer in the desired state"
 
 
 def register(app: typer.Typer) -> None:
@@ -36,8 +44,10 @@ def run(
     ),
     as_json: bool = typer.Option(False, "--json", help="With --once: print the tick as JSON."),
 ) -> None:
-    """Run the controller: every tick reads Prometheus, evaluates the policies and writes the
-    resulting limits to Redis, journalling every change with its reasons.
+    """Run the controller (the daemon), or one tick with --once.
+
+    Every tick reads Prometheus, evaluates the policies and writes the resulting limits to
+    Redis, journalling every change with its reasons.
 
     Settings come from GOVERNOR_* variables (`governor config show`). Without
     GOVERNOR_REDIS__URL an embedded Redis is started (for a laptop; limits are lost on exit).
@@ -53,6 +63,7 @@ def run(
     # log lines go to stderr; the daemon logs to stdout.
     configure_logging(settings.log_level, "stderr" if once else "stdout")
     try:
+        _require_directory(settings.controller.policy_dir)
         daemon = build(settings, once=once, dry_run=dry_run)
     except GovernorError as exc:
         typer.echo(f"error: {exc}", err=True)
@@ -69,28 +80,57 @@ def run(
         "ready": outcome.ready,
         "reasons": outcome.reasons,
         "dry_run": daemon.controller.dry_run,
-        "changes": [
-            {"address": str(c.address), "old": c.old, "new": c.new} for c in outcome.changes
-        ],
+        "changes": [_change_json(c, _decision(outcome, c)) for c in outcome.changes],
     }
     if as_json:
         typer.echo(json.dumps(summary, indent=2))
     else:
-        _print_changes(outcome.changes, outcome.tick, daemon.controller.dry_run)
+        _print_changes(outcome, daemon.controller.dry_run)
         for reason in outcome.reasons:
             typer.echo(f"not ready: {reason}", err=True)
     raise typer.Exit(0 if outcome.ready else 1)
 
 
-def _print_changes(changes: tuple[Change, ...], tick: int, dry_run: bool) -> None:
-    """A rich table of the tick's changes (old → new per address)."""
+def _require_directory(directory: Path) -> None:
+    """Refuse a policy directory that is not there, saying so (not as an invalid policy)."""
+    if not directory.is_dir():
+        what = "is not a directory" if directory.exists() else "does not exist"
+        raise GovernorError(
+            f"policy directory {str(directory)!r} {what} (looked in {Path.cwd()}): "
+            "run where policies/ is, or give --policies DIR or GOVERNOR_CONTROLLER__POLICY_DIR"
+        )
+
+
+def _decision(outcome: TickOutcome, change: Change) -> Decision | None:
+    return outcome.resolution.desired.get(change.address) if outcome.resolution else None
+
+
+def _change_json(change: Change, decision: Decision | None) -> dict[str, object]:
+    """One change with why, as the journal's `limit.changed` event says it."""
+    return {
+        "address": str(change.address),
+        "old": change.old,
+        "new": change.new,
+        "policy": decision.policy if decision else None,
+        "source": str(decision.source) if decision else None,
+        "reason": decision.reason if decision else _NO_DECISION,
+    }
+
+
+def _print_changes(outcome: TickOutcome, dry_run: bool) -> None:
+    """A rich table of the tick's changes: old → new per address, and why."""
     verb = "would change" if dry_run else "changed"
-    typer.echo(f"tick {tick}: {verb} {len(changes)} limits")
-    if not changes:
+    typer.echo(f"tick {outcome.tick}: {verb} {len(outcome.changes)} limits")
+    if not outcome.changes:
         return
     table = Table()
-    for column in ("address", "old", "new"):
-        table.add_column(column, justify="left" if column == "address" else "right")
-    for change in changes:
-        table.add_row(str(change.address), number(change.old), number(change.new))
+    for column in ("address", "old", "new", "policy", "why"):
+        table.add_column(column, justify="right" if column in ("old", "new") else "left")
+    for change in outcome.changes:
+        decision = _decision(outcome, change)
+        table.add_row(
+            str(change.address), number(change.old), number(change.new),
+            (decision.policy or str(decision.source)) if decision else "-",
+            decision.reason if decision else _NO_DECISION,
+        )  # fmt: skip
     console().print(table)

@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from controller.cli._redis import console as fitted
 from controller.errors import GovernorError
 
 _FIGURES = (
@@ -67,9 +68,11 @@ def simulate(
         2, "--workers", help="Processes for the comparison runs (0: run them one by one)."
     ),
 ) -> None:
-    """Run SCENARIO's simulated fleet in closed loop with the REAL engine, resolver, Redis
+    """Run the policies against a simulated fleet beside static limits and plain AIMD.
+
+    SCENARIO's simulated fleet runs in closed loop with the REAL engine, resolver, Redis
     sink (embedded Redis) and journal on a simulated clock, for the given policies AND, in
-    the same run, static limits and plain AIMD; print the scorecard and write a PNG.
+    the same run, static limits and plain AIMD; prints the scorecard and writes a PNG.
 
     Never touches a configured Redis or Prometheus.
     """
@@ -142,7 +145,7 @@ def simulate(
             mark = "" if met is None else (" [green]✓[/green]" if met else " [red]✗[/red]")
             row.append(text + mark)
         table.add_row(*row)
-    console.print(table)
+    fitted().print(table)  # stacked when narrower than the table, like every CLI table
     first = next(iter(cards.values()))
     console.print(
         f"window {first.window[0] / 60:g}–{first.window[1] / 60:g} min; baseline p99 TTFT "

@@ -8,6 +8,7 @@ names the query and the cause, so only the policies that read it degrade.
 from __future__ import annotations
 
 import concurrent.futures
+import datetime as dt
 import math
 import re
 import threading
@@ -23,6 +24,7 @@ import requests
 import structlog
 import urllib3
 from prometheus_api_client import PrometheusConnect
+from prometheus_api_client.exceptions import PrometheusApiClientException
 from urllib3.util.retry import Retry
 
 from controller.errors import ConfigurationError, SignalError, untrusted_certificate_hint
@@ -225,17 +227,43 @@ class PrometheusSource:
             if _SUCCESS not in body:  # rare: parsed in full to say what it is instead
                 parse_body(body)["data"]["result"]
             warnings = _warnings(body)
-        except requests.Timeout:
-            return Answer(error=f"no answer within {self.http_timeout:g}s (timeout)")
-        except requests.exceptions.SSLError as exc:
-            return Answer(error=f"TLS with Prometheus at {self.url} failed: {_tls_cause(exc)}")
-        except requests.ConnectionError as exc:
-            reason = _OS_ERROR.search(str(exc))
-            cause = reason.group(1) if reason else type(exc).__name__
-            return Answer(error=f"cannot reach Prometheus at {self.url}: {cause}")
-        except (requests.RequestException, KeyError, TypeError, ValueError) as exc:
+        except requests.RequestException as exc:
+            return Answer(error=self._failure(exc))
+        except (KeyError, TypeError, ValueError) as exc:
             return Answer(error=f"not a Prometheus query answer: {exc}")
         return Answer(body=body, warnings=warnings)
+
+    def query_range(self, query: str, start: float, end: float, step: float) -> Sequence[Any]:
+        """One range query (the backtest) on this thread's connection: the auth, headers,
+        TLS and retry policy of the live path. Raises SignalError naming the query and the
+        cause in one line."""
+        client = self._connection().client
+        try:
+            result: Sequence[Any] = client.custom_query_range(
+                query,
+                start_time=dt.datetime.fromtimestamp(start, dt.UTC),
+                end_time=dt.datetime.fromtimestamp(end, dt.UTC),
+                step=f"{step:g}s",
+                params={"timeout": f"{self.settings.timeout_seconds:g}"},
+                timeout=self.http_timeout,
+            )
+        except requests.RequestException as exc:
+            raise SignalError(f"range query {query!r} failed: {self._failure(exc)}") from exc
+        except (PrometheusApiClientException, KeyError, TypeError, ValueError) as exc:
+            raise SignalError(f"range query {query!r} failed: {exc}") from exc
+        return result
+
+    def _failure(self, exc: requests.RequestException) -> str:
+        """One line for a failed request: the root cause, not requests' nested repr."""
+        if isinstance(exc, requests.Timeout):
+            return f"no answer within {self.http_timeout:g}s (timeout)"
+        if isinstance(exc, requests.exceptions.SSLError):
+            return f"TLS with Prometheus at {self.url} failed: {_tls_cause(exc)}"
+        if isinstance(exc, requests.ConnectionError):
+            reason = _OS_ERROR.search(str(exc))
+            cause = reason.group(1) if reason else type(exc).__name__
+            return f"cannot reach Prometheus at {self.url}: {cause}"
+        return f"not a Prometheus query answer: {exc}"
 
     def check(self, now: float | None = None) -> None:
         """Raise SignalError unless Prometheus answers a trivial query."""

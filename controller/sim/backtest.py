@@ -1,23 +1,19 @@
 """Backtest: replay the policies over a real Prometheus's history, OPEN LOOP.
 
-Every distinct policy query runs once as a range query (prometheus-api-client
-`custom_query_range`), with the newest-sample time of each selector it reads (as the live
-signal source measures staleness); then the real engine and resolver step through the
-history on a virtual clock. What the policies would have written never feeds back into that
-history: the history is what happened under whatever limits were in force then.
+Every distinct policy query runs once as a range query (on the live signal source's
+connection: its auth, headers, TLS and retry policy), with the newest-sample time of each
+selector it reads (as the live signal source measures staleness); then the real engine and
+resolver step through the history on a virtual clock. What the policies would have written
+never feeds back into that history: the history is what happened under whatever limits were
+in force then.
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
-
-from prometheus_api_client import PrometheusConnect
-from prometheus_api_client.exceptions import PrometheusApiClientException
-from requests import RequestException
 
 from controller.errors import SignalError
 from controller.model import Address, Sample, ScalarSample, SignalKey, Snapshot, VectorSample
@@ -27,7 +23,7 @@ from controller.policy.policyset import PolicySet
 from controller.policy.resolver import ResolverState, resolve
 from controller.signals.decode import ResultShapeError, decode_scalar, decode_vector
 from controller.signals.freshness import UNKNOWN_SAMPLE_TIME
-from controller.signals.prometheus import error_sample
+from controller.signals.prometheus import PrometheusSource, error_sample
 from controller.signals.promql import freshness_query, selectors
 
 OPEN_LOOP = (
@@ -70,6 +66,14 @@ class BacktestResult:
     limits: list[dict[Address, float]] = field(default_factory=list)  # per step, explicit
     signals: dict[str, list[float]] = field(default_factory=dict)  # "policy:name" per step
     errors: list[str] = field(default_factory=list)
+    queries: int = 0  # distinct policy queries run
+    empty: list[str] = field(default_factory=list)  # queries without one sample in the range
+    notes: dict[str, float] = field(default_factory=dict)  # engine note → first time said
+
+    @property
+    def all_empty(self) -> bool:
+        """No query returned a sample in the whole range: nothing was evaluated."""
+        return self.queries > 0 and len(self.empty) == self.queries
 
 
 Matrix = dict[int, list[tuple[dict[str, str], str]]]  # ms → [(labels, value text)]
@@ -80,20 +84,11 @@ def _ms(t: float) -> int:
 
 
 def range_query(
-    client: PrometheusConnect, query: str, start: float, end: float, step: float
+    source: PrometheusSource, query: str, start: float, end: float, step: float
 ) -> Matrix:
     """One range query; raise SignalError naming the query and the cause."""
-    try:
-        result = client.custom_query_range(
-            query,
-            start_time=dt.datetime.fromtimestamp(start, dt.UTC),
-            end_time=dt.datetime.fromtimestamp(end, dt.UTC),
-            step=f"{step:g}s",
-        )
-    except (PrometheusApiClientException, RequestException, ValueError, KeyError) as exc:
-        raise SignalError(f"range query {query!r} failed: {exc}") from exc
     out: Matrix = {}
-    for series in result:
+    for series in source.query_range(query, start, end, step):
         labels = dict(series.get("metric", {}))
         for t, text in series.get("values", []):
             out.setdefault(_ms(float(t)), []).append((labels, text))
@@ -115,7 +110,7 @@ def _sample(key: SignalKey, matrix: Matrix, fresh: float, t: float) -> Sample:
 
 
 def backtest(
-    client: PrometheusConnect,
+    source: PrometheusSource,
     policies: PolicySet,
     start: float,
     end: float,
@@ -125,22 +120,7 @@ def backtest(
     """Step the engine and resolver through [start, end] every `step` seconds."""
     result = BacktestResult(start, end, step)
     keys = sorted(policies.signal_keys(), key=lambda k: (k.query, k.by or ""))
-    history: dict[str, Matrix | str] = {}
-    ages: dict[str, Matrix | str] = {}
-    for query in dict.fromkeys(k.query for k in keys):
-        try:
-            history[query] = range_query(client, query, start, end, step)
-        except SignalError as exc:
-            history[query] = str(exc)
-            result.errors.append(str(exc))
-        for selector in selectors(query):
-            if selector not in ages:
-                try:
-                    ages[selector] = range_query(
-                        client, freshness_query(selector), start, end, step
-                    )
-                except SignalError as exc:
-                    ages[selector] = str(exc)
+    history, ages = _histories(source, keys, result)
     baselines = Baselines(policies, tenants or {})
     engine, resolver = EngineState(), ResolverState()
     written: dict[Address, float] = {}
@@ -157,6 +137,8 @@ def backtest(
         result.limits.append(desired)
         for transition in evaluation.transitions:
             result.firings.append(Firing(t, transition.policy, transition.key, transition.event))
+        for note in evaluation.notes:  # said every step while it holds: kept once, first time
+            result.notes.setdefault(note, t)
         for address in sorted(set(desired) | set(written)):
             old, new = written.get(address), desired.get(address)
             if old != new and index > 0:
@@ -174,6 +156,35 @@ def backtest(
         written = desired
         _record_signals(result, policies, snapshot, index, count)
     return result
+
+
+def _histories(
+    source: PrometheusSource, keys: Sequence[SignalKey], result: BacktestResult
+) -> tuple[dict[str, Matrix | str], dict[str, Matrix | str]]:
+    """Each distinct query's history and each selector's newest-sample times over the
+    range (a failed query: its error); failures and empty queries noted in `result`."""
+    start, end, step = result.start, result.end, result.step
+    history: dict[str, Matrix | str] = {}
+    ages: dict[str, Matrix | str] = {}
+    for query in dict.fromkeys(k.query for k in keys):
+        result.queries += 1
+        try:
+            history[query] = found = range_query(source, query, start, end, step)
+        except SignalError as exc:
+            history[query] = str(exc)
+            result.errors.append(str(exc))
+        else:
+            if not found:
+                result.empty.append(query)
+        for selector in selectors(query):
+            if selector not in ages:
+                try:
+                    ages[selector] = range_query(
+                        source, freshness_query(selector), start, end, step
+                    )
+                except SignalError as exc:
+                    ages[selector] = str(exc)
+    return history, ages
 
 
 def _samples(

@@ -84,6 +84,42 @@ def test_dry_run_journals_what_it_would_write_and_writes_no_limit(
     ]
 
 
+def test_dry_run_json_says_why_each_limit_would_change(
+    db: redis.Redis[str], ready_env: dict[str, str]
+) -> None:
+    done = run(ready_env, "--once", "--dry-run", "--json")
+    assert done.returncode == 0, done.stderr
+    changes = {c["address"]: c for c in json.loads(done.stdout)["changes"]}
+    journal = {e["address"]: e for e in stream(db) if e["kind"] == "limit.changed"}
+    assert set(changes) == set(journal) == {ADDRESS, "global/requests_per_second"}
+    for address, change in changes.items():
+        assert change["reason"], address
+        assert change["reason"] == journal[address]["reason"]  # what the journal says
+        assert change["source"] == journal[address]["source"] == "baseline"
+        assert change["policy"] is None
+    human = run(ready_env, "--once", "--dry-run")
+    assert journal[ADDRESS]["reason"] in human.stdout
+
+
+def test_without_a_policy_directory_here_it_says_so(
+    prometheus: PrometheusServer, policy_dir: Path, env: dict[str, str], tmp_path: Path
+) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    bare = {k: v for k, v in env.items() if k != "GOVERNOR_CONTROLLER__POLICY_DIR"}
+    done = subprocess.run(
+        [sys.executable, "-m", "controller", "run", "--once"],
+        cwd=elsewhere, env=bare, capture_output=True, text=True, timeout=TIMEOUT_SECONDS,
+        check=False,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert done.stderr.startswith(
+        f"error: policy directory 'policies' does not exist (looked in {elsewhere})"
+    )
+    assert "invalid" not in done.stderr
+    assert "--policies DIR" in done.stderr
+
+
 def _fails_with(env: dict[str, str], *args: str) -> str:
     done = run(env, *args)
     assert done.returncode == 2, (done.stdout, done.stderr)

@@ -18,7 +18,8 @@ from tests.deploy.series import METRIC, PENDING_METRICS
 
 TESTS = Path(__file__).with_name("alerts_test.yaml")
 SOURCE = CHART / "files" / "alerts.yaml"
-DEFAULT_BASE = "https://github.com/governor/governor/blob/main/runbooks/"
+# The runbooks the controller's Service serves (release governor, namespace governor).
+DEFAULT_BASE = "http://governor.governor.svc:9100/runbooks/"
 
 
 def _rules(values: dict[str, Any]) -> list[dict[str, Any]]:

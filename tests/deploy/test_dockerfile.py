@@ -151,6 +151,10 @@ def test_the_package_builds_from_the_copied_files(tmp_path: Path) -> None:
     assert lua, "no Lua scripts found"
     assert lua <= names, "the Lua scripts must ship in the package"
     assert "governor = controller.cli:main" in scripts
+    # The pages the telemetry port serves (the default target of every runbook and doc link).
+    runbooks = {f"controller/_shipped/runbooks/{p.name}" for p in (REPO / "runbooks").glob("*.md")}
+    assert "controller/_shipped/runbooks/GovernorGpuSaturation.md" in runbooks <= names
+    assert "controller/_shipped/docs/gateway.md" in names
     dev_only = [r for r in requires if "pytest" in r]
     assert dev_only
     assert all("extra == 'dev'" in r for r in dev_only)

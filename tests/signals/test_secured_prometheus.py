@@ -4,12 +4,16 @@ of getting the connection wrong is an error naming what to fix — never a silen
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
+from typer.testing import CliRunner
 
+from controller.cli import app
 from controller.errors import SignalError
 from controller.model import ScalarSample, SignalKey, Validity
 from controller.signals import PrometheusSource
@@ -88,3 +92,42 @@ def test_the_start_up_check_refuses_a_server_it_cannot_trust(secured: Prometheus
         pytest.raises(SignalError, match=r"certificate verify failed.*CA_FILE"),
     ):
         src.check()
+
+
+SECURED_POLICY = """\
+apiVersion: governor/v1
+kind: ThrottlePolicy
+metadata: {name: answer}
+spec:
+  signals:
+    answer: {query: 'vector(42)'}
+  when: answer > 1
+  actions: [{target: global/requests_per_second, set: 100}]
+"""
+
+
+def test_backtest_reads_with_the_live_tls_and_auth_settings(
+    secured: PrometheusServer, tls: TlsFiles, tmp_path: Path
+) -> None:
+    (tmp_path / "policies").mkdir()
+    (tmp_path / "policies" / "answer.yaml").write_text(SECURED_POLICY)
+    now = int(time.time())
+    args = ["backtest", "--from", str(now - 300), "--to", str(now), "--policies",
+            str(tmp_path / "policies"), "--out", str(tmp_path / "out"), "--json"]  # fmt: skip
+    env = {
+        "GOVERNOR_PROMETHEUS__URL": secured.url,
+        "GOVERNOR_PROMETHEUS__CA_FILE": str(tls.ca_file),
+        "GOVERNOR_PROMETHEUS__USERNAME": LOGIN[0],
+        "GOVERNOR_PROMETHEUS__PASSWORD": LOGIN[1],
+        "GOVERNOR_REDIS__URL": None,
+    }
+    result = CliRunner().invoke(app, args, env=env)
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    assert payload["errors"] == []
+    assert [f["event"] for f in payload["firings"]] == ["engaged"]
+    wrong = CliRunner().invoke(app, args, env={**env, "GOVERNOR_PROMETHEUS__PASSWORD": "nope"})
+    assert wrong.exit_code == 1
+    (line,) = wrong.stderr.splitlines()
+    assert "HTTP 401" in line
+    assert LOGIN[1] not in wrong.output

@@ -16,16 +16,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from prometheus_api_client import PrometheusConnect
-from typer.testing import CliRunner
+import redis
+from typer.testing import CliRunner, Result
 
 from controller.cli import app
 from controller.policy.baselines import Baselines
 from controller.policy.loader import check_files
 from controller.policy.testing import PolicyTestFile, read_test_file
+from controller.signals.prometheus import PrometheusSource
 from controller.sim.backtest import backtest
 from tests.sim.conftest import POLICIES
 from tests.support.prometheus import PrometheusServer, Series, backfill, openmetrics
+from tests.support.redis import RedisServer, free_port
 
 DAY = 86400.0
 # Both GPU policies read DCGM_FI_DEV_GPU_UTIL (percent) and divide by 100.
@@ -66,6 +68,9 @@ def prometheus(tmp_path_factory: pytest.TempPathFactory, base: float) -> Iterato
             ]
             labels = {"pool": "inference", "gpu": "0", "case": f"{name}-{number}"}
             series.append(Series("DCGM_FI_DEV_GPU_UTIL", labels, samples))
+    # One runaway tenant for a day before day 0 (the tenant-registry tests).
+    spend = [(base - DAY + i * 60.0, 5.0) for i in range(60)]
+    series.append(Series("tenant_spend", {"tenant": "acme"}, spend))
     server = PrometheusServer(tmp_path_factory.mktemp("prometheus-backtest"))
     backfill(server.data_dir, openmetrics(series))
     server.start()
@@ -80,7 +85,7 @@ def test_backtest_fires_when_the_policy_test_expects(
     spec = _spec(name)
     policies, errors = check_files([POLICIES / f for f in spec.policy_files], POLICIES)
     assert policies is not None, errors
-    client = PrometheusConnect(url=prometheus, disable_ssl=True)
+    source = PrometheusSource.from_url(prometheus)
     for number, case in enumerate(spec.tests):
         start = _origin(base, name, number)
         (values,) = case.signals.values()
@@ -88,7 +93,7 @@ def test_backtest_fires_when_the_policy_test_expects(
         if shift and policies.adaptives:
             continue
         last = max(e.at for e in case.expect) + shift
-        result = backtest(client, policies, start, start + last, spec.interval, case.tenants)
+        result = backtest(source, policies, start, start + last, spec.interval, case.tenants)
         assert result.errors == []
         baselines = Baselines(policies, case.tenants)
         for expectation in case.expect:
@@ -134,3 +139,136 @@ def test_backtest_cli_is_labelled_open_loop(prometheus: str, base: float, tmp_pa
          str(chosen), "--prometheus", prometheus, "--out", str(tmp_path)],
     )  # fmt: skip
     assert "OPEN-LOOP backtest" in human.stdout
+
+
+RUNAWAY = """\
+apiVersion: governor/v1
+kind: Plan
+metadata: {name: free}
+spec:
+  limits: {requests_per_minute: 10}
+---
+apiVersion: governor/v1
+kind: Plan
+metadata: {name: paid}
+spec:
+  limits: {requests_per_minute: 100, tokens_per_minute: 10000}
+---
+apiVersion: governor/v1
+kind: Limits
+metadata: {name: global}
+spec:
+  default_plan: free
+  global: {requests_per_second: 100}
+---
+apiVersion: governor/v1
+kind: ThrottlePolicy
+metadata: {name: runaway}
+spec:
+  per: tenant
+  signals:
+    spend: {query: 'max by (tenant) (tenant_spend)', stale_after: 5m}
+  when: spend > 1
+  actions: [{target: tenant/$tenant/tokens_per_minute, scale: 0.25}]
+"""
+
+
+def _backtest(tmp_path: Path, start: float, *args: str, redis_url: str | None = None) -> Result:
+    """The runaway policies backtested over ten minutes from `start` ."""
+    chosen = tmp_path / "runaway"
+    chosen.mkdir(exist_ok=True)
+    (chosen / "policies.yaml").write_text(RUNAWAY)
+    return CliRunner().invoke(
+        app,
+        ["backtest", "--from", str(start), "--to", str(start + 600), "--policies", str(chosen),
+         "--out", str(tmp_path / "out"), *args],
+        env={"GOVERNOR_REDIS__URL": redis_url},
+    )  # fmt: skip
+
+
+def test_without_a_registry_the_engine_says_why_nothing_was_written(
+    prometheus: str, base: float, tmp_path: Path
+) -> None:
+    result = _backtest(tmp_path, base - DAY - 300, "--prometheus", prometheus, "--json")
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    assert [(f["key"], f["event"]) for f in payload["firings"]] == [("acme", "engaged")]
+    assert [w for w in payload["writes"] if w["address"].startswith("tenant/")] == []
+    notes = "\n".join(payload["notes"])
+    assert "tenant registry: none, so every tenant is on the default plan" in notes
+    assert "cannot scale tenant/acme/tokens_per_minute: it has no baseline" in notes
+    human = _backtest(tmp_path, base - DAY - 300, "--prometheus", prometheus)
+    assert "note: " in human.stdout
+    assert "it has no baseline" in human.stdout
+
+
+def test_the_tenant_registry_is_read_from_redis(
+    prometheus: str, base: float, tmp_path: Path, redis_server: RedisServer, db: redis.Redis[str]
+) -> None:
+    registered = CliRunner().invoke(
+        app, ["tenants", "set", "acme", "paid"], env={"GOVERNOR_REDIS__URL": redis_server.url}
+    )
+    assert registered.exit_code == 0, registered.output
+    result = _backtest(
+        tmp_path, base - DAY - 300, "--prometheus", prometheus, "--json", redis_url=redis_server.url
+    )
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    (write,) = [w for w in payload["writes"] if w["address"] == "tenant/acme/tokens_per_minute"]
+    assert write["new"] == 2500  # a quarter of the paid plan's 10000
+    assert write["policy"] == "ThrottlePolicy/runaway"
+    assert "tenant registry: 1 tenants from Redis, 0 from --tenant" in payload["notes"]
+    # --tenant goes on top of Redis's registry.
+    free = _backtest(tmp_path, base - DAY - 300, "--prometheus", prometheus, "--json",
+                     "--tenant", "acme=free", redis_url=redis_server.url)  # fmt: skip
+    assert [w for w in json.loads(free.stdout)["writes"] if "acme" in w["address"]] == []
+
+
+def test_an_unreachable_prometheus_exits_1_with_one_line(base: float, tmp_path: Path) -> None:
+    url = f"http://user:secret@127.0.0.1:{free_port()}"
+    result = _backtest(tmp_path, base - DAY - 300, "--prometheus", url)
+    assert result.exit_code == 1
+    assert result.stdout == ""
+    (line,) = result.stderr.splitlines()
+    assert line.startswith(f"error: Prometheus at http://127.0.0.1:{url.rsplit(':', 1)[1]} ")
+    assert "Connection refused" in line
+    assert "secret" not in result.output
+    assert not (tmp_path / "out").exists()  # no empty PNG
+
+
+def test_an_unreachable_redis_exits_1_with_one_line(
+    prometheus: str, base: float, tmp_path: Path
+) -> None:
+    down = f"redis://127.0.0.1:{free_port()}/0"
+    result = _backtest(tmp_path, base - DAY - 300, "--prometheus", prometheus, redis_url=down)
+    assert result.exit_code == 1
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("error: Redis at 127.0.0.1:")
+    assert "list tenants failed" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_range_without_data_says_every_signal_was_empty(
+    prometheus: str, base: float, tmp_path: Path
+) -> None:
+    result = _backtest(tmp_path, base - 5 * DAY, "--prometheus", prometheus)
+    assert result.exit_code == 1
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("error: every signal was empty from ")
+    assert "1 policy queries" in line
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--prometheus", "prometheus:9090"), "needs an http:// or https:// scheme"),
+        (("--prometheus", "http://127.0.0.1:1", "--tenant", "acme"), "give TENANT=PLAN"),
+    ],
+)
+def test_bad_input_exits_2(
+    base: float, tmp_path: Path, args: tuple[str, ...], message: str
+) -> None:
+    result = _backtest(tmp_path, base, *args)
+    assert result.exit_code == 2
+    assert message in result.output

@@ -237,3 +237,16 @@ controller's pods (where `governor keys create` runs): empty without the gateway
 {{- end }}
 {{- end }}
 {{- end }}
+
+{{/*
+Where the controller's telemetry port serves the shipped runbooks and docs (through its
+Service): the default base of every runbook link and problem type, so they resolve.
+*/}}
+{{- define "governor.pagesUrl" -}}
+http://{{ include "governor.fullname" . }}.{{ .Release.Namespace }}.svc:{{ .Values.service.port }}/
+{{- end }}
+
+{{/* The runbook base of the alerts: prometheusRule.runbookBaseUrl, else the served pages. */}}
+{{- define "governor.alertRunbookBase" -}}
+{{- .Values.prometheusRule.runbookBaseUrl | default (printf "%srunbooks/" (include "governor.pagesUrl" .)) }}
+{{- end }}

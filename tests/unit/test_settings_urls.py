@@ -1,0 +1,96 @@
+"""Redis and Prometheus URLs are judged when the settings are read: a URL that redis-py
+would quietly read as localhost:6379, or a Prometheus URL without a scheme, is refused at
+start naming the variable; every supported scheme still passes."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from pydantic import SecretStr
+from typer.testing import CliRunner
+
+from controller.cli import app
+from controller.settings import ControllerSettings, PrometheusSettings, RedisSettings
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(os.environ):
+        if name.startswith("GOVERNOR_"):
+            monkeypatch.delenv(name)
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("redis://127.0.0.1:6379/abc", "database 'abc' is not a number"),
+        ("redis://", "names no host"),
+        ("rediss://:6380/0", "names no host"),
+        ("redis://127.0.0.1:port/0", "the port is not a number"),
+    ],
+)
+def test_a_malformed_redis_url_is_refused_at_start(url: str, message: str) -> None:
+    result = CliRunner().invoke(app, ["config", "show"], env={"GOVERNOR_REDIS__URL": url})
+    assert result.exit_code == 2
+    assert result.stderr.startswith("error: GOVERNOR_REDIS__URL: ")
+    assert message in result.stderr
+    assert "redis://127.0.0.1:6379/0" in result.stderr  # an example of a right one
+
+
+def test_the_password_of_a_refused_url_is_masked() -> None:
+    result = CliRunner().invoke(
+        app, ["config", "show"], env={"GOVERNOR_REDIS__URL": "redis://u:hunter2@h:6379/x"}
+    )
+    assert result.exit_code == 2
+    assert "hunter2" not in result.output
+    assert "database 'x'" in result.output
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://127.0.0.1:6379/0",
+        "redis://h",
+        "redis://:pw@h:6379/",
+        "rediss://user:pw@h:6380/15",
+        "unix:///var/run/redis.sock?db=2",
+        "redis+sentinel://s1:26379,s2:26379/mymaster/0",
+        "rediss+sentinel://:pw@s1/mymaster",
+    ],
+)
+def test_every_supported_redis_url_still_passes(url: str) -> None:
+    assert RedisSettings(url=SecretStr(url)).url is not None
+    assert ControllerSettings(sinks=["redis", url]).sinks == ["redis", url]
+
+
+def test_a_malformed_sink_url_is_refused() -> None:
+    result = CliRunner().invoke(
+        app, ["config", "show"], env={"GOVERNOR_CONTROLLER__SINKS": "redis,redis:///abc"}
+    )
+    assert result.exit_code == 2
+    assert "GOVERNOR_CONTROLLER__SINKS" in result.stderr
+    assert "names no host" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("prometheus:9090", "needs an http:// or https:// scheme"),
+        ("127.0.0.1:9090", "needs an http:// or https:// scheme"),
+        ("ftp://prometheus:9090", "needs an http:// or https:// scheme"),
+        ("http://", "names no host"),
+    ],
+)
+def test_a_prometheus_url_without_scheme_or_host_is_refused_at_start(
+    url: str, message: str
+) -> None:
+    result = CliRunner().invoke(app, ["config", "show"], env={"GOVERNOR_PROMETHEUS__URL": url})
+    assert result.exit_code == 2
+    assert result.stderr.startswith("error: GOVERNOR_PROMETHEUS__URL: ")
+    assert message in result.stderr
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:9090", "https://u:pw@prom.example/sub/"])
+def test_http_and_https_prometheus_urls_pass(url: str) -> None:
+    assert PrometheusSettings(url=url).url == url
