@@ -110,7 +110,7 @@ class Controller:
         # Per policy with signals: (last time one of its signals was usable, its stale_after).
         self._usable: dict[str, tuple[float, float]] = {}
         # /metrics reads readiness when scraped, as /readyz does: a stuck tick shows there too.
-        metrics.ready.set_function(lambda: 1.0 if health.readiness(clock())[0] else 0.0)
+        metrics.ready.set_function(lambda: 1.0 if health.readiness(self.clock())[0] else 0.0)
         self._log = structlog.get_logger("governor.loop")
         _tune_malloc()
 
