@@ -81,6 +81,19 @@ class DroppedLabels:
         return due
 
 
+def _plain_ascii(body: bytes, keys: list[bytes]) -> bool:
+    """Whether every label value is valid, seen from the raw answer at C speed: JSON escapes
+    every control character but DEL, so an ASCII answer without a backslash or DEL holds
+    printable label values only; then only their lengths are left to check."""
+    return (
+        body.isascii()
+        and b"\\" not in body
+        and b"\x7f" not in body
+        and max(map(len, keys)) <= MAX_LABEL_LENGTH
+        and all(keys)
+    )
+
+
 def _valid_only(
     keys: list[str], values: list[Any], dropped: list[str] | None
 ) -> tuple[list[str], list[Any]]:
@@ -143,7 +156,8 @@ def vector_from_body(
         texts = [intern(k.decode()) for k in keys]
     if len(set(texts)) != len(texts):
         return None  # several series per label value: the full path says how to aggregate
-    texts, values = _valid_only(texts, values, dropped)
+    if not _plain_ascii(body, keys):
+        texts, values = _valid_only(texts, values, dropped)
     if not texts:
         return _no_valid_series(label, series)
     try:
