@@ -172,8 +172,7 @@ class Journal:
         self._log = structlog.get_logger("governor.journal")
         # Set by the daemon: the leader's fence, checked atomically by every flush.
         self.fence: Callable[[], Fence | None] | None = None
-        # The fence the buffered events were emitted under: a flush after this replica
-        # learned it lost (fence() is None by then) still checks what they were written as.
+        # The fence of the last event emitted while this replica had one.
         self._emitted_under: Fence | None = None
         self._append = client.register_script(_APPEND) if client is not None else None
 
@@ -311,7 +310,9 @@ class Journal:
         """XADD the batch in one script call (atomic, in order); True when it was marked
         stale because this replica's fence no longer holds."""
         assert self._append is not None
-        fence = self._emitted_under
+        # The fence this replica holds now; if it learned it lost (None), the one its events
+        # were emitted under: either way a deposed writer's check fails.
+        fence = (self.fence() if self.fence is not None else None) or self._emitted_under
         keys = [self.keys.journal] if fence is None else [self.keys.journal, fence.key]
         args = [str(self.settings.stream_max_length), fence.token if fence else ""]
         for fields in batch:
