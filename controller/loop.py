@@ -6,12 +6,13 @@ from __future__ import annotations
 import contextvars
 import ctypes
 import gc
+import math
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import structlog
@@ -106,6 +107,10 @@ class Controller:
         # Reads the primary sink back while the signal queries are in flight (see _tick).
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="governor-read")
         self._fallback_since: dict[str, float] = {}
+        # Per policy with signals: (last time one of its signals was usable, its stale_after).
+        self._usable: dict[str, tuple[float, float]] = {}
+        # /metrics reads readiness when scraped, as /readyz does: a stuck tick shows there too.
+        metrics.ready.set_function(lambda: 1.0 if health.readiness(self.clock())[0] else 0.0)
         self._log = structlog.get_logger("governor.loop")
         _tune_malloc()
 
@@ -121,8 +126,10 @@ class Controller:
             except Exception as exc:  # the loop must survive anything a tick meets
                 self._log.exception("tick.failed", error=str(exc))
                 outcome = TickOutcome(self.tick_id, False, False, [f"tick failed: {exc}"])
-            self.health.update(outcome.ready, outcome.reasons, self.clock())
-            self.metrics.ready.set(1 if outcome.ready else 0)
+            ended = self.clock()
+            self.health.update(outcome.ready, outcome.reasons, ended, self._usable)
+            if outcome.ready:
+                self.metrics.last_success.set(ended)
             self.metrics.ticks.labels("ok" if outcome.ready else "degraded").inc()
             elapsed = time.perf_counter() - started
             self.metrics.tick_seconds.observe(elapsed)
@@ -178,7 +185,7 @@ class Controller:
                 f"every signal query failed (Prometheus unreachable?): limits hold, then "
                 f"fall back per policy; e.g. {next(iter(snapshot.samples.values())).detail}"
             )
-        self._report_signals(policies, snapshot, now)
+        unusable = self._report_signals(policies, snapshot, now)
         control = self._read_control(reasons)
         baselines = Baselines(policies, control.tenants)
         # The limits in force matter to AdaptiveLimits only: not built for every limit else.
@@ -197,7 +204,7 @@ class Controller:
         self._journal_transitions(policies, _news(evaluation.transitions, previous))
         for note in evaluation.notes:
             self._log.warning("policy.note", note=note)
-        self._report_activity(policies, evaluation)
+        self._report_activity(policies, evaluation, unusable)
         self._report_limits(policies, resolution, control)
         outcome = TickOutcome(self.tick_id, leader, True, reasons, (), evaluation, resolution)
         if state is not None:  # the leader
@@ -253,7 +260,7 @@ class Controller:
             # A new leader continues pacing from what is enforced, not from scratch.
             try:
                 state = self.reconciler.sink.read()
-                self.resolver = ResolverState.seeded(dict(state.actual), self.clock())
+                self.resolver = _reseeded(self.resolver, state.actual, self.clock())
             except GovernorError as exc:
                 reasons.append(f"cannot read the sink: {exc}")
         self._was_leader = leader
@@ -405,13 +412,18 @@ class Controller:
                 )
             )
 
-    def _report_signals(self, policies: PolicySet, snapshot: Snapshot, now: float) -> None:
+    def _report_signals(self, policies: PolicySet, snapshot: Snapshot, now: float) -> set[str]:
+        """Log and count the signals that cannot be trusted; the policies with any such."""
         bad: dict[str, int] = {}
+        usable: dict[str, tuple[float, float]] = {}
         for use in policies.signal_uses():
             sample = snapshot.samples.get(use.key)
             broken = sample is None or sample.validity is not Validity.OK
             if isinstance(sample, ScalarSample):
                 broken = broken or not now - sample.timestamp <= use.spec.stale_after
+            # A policy's signals are as usable as the most lenient of them allows.
+            seen, stale_after = usable.get(use.policy, (-math.inf, 0.0))
+            usable[use.policy] = (seen if broken else now, max(stale_after, use.spec.stale_after))
             if broken:
                 bad[use.policy] = bad.get(use.policy, 0) + 1
                 detail = sample.detail if sample is not None else "not fetched"
@@ -420,13 +432,29 @@ class Controller:
                 )
         for document in (*policies.throttles, *policies.adaptives):
             self.metrics.signals_invalid.labels(document.ref).set(bad.get(document.ref, 0))
+        self._remember_usable(usable, now)
+        return set(bad)
 
-    def _report_activity(self, policies: PolicySet, evaluation: Evaluation) -> None:
+    def _remember_usable(self, usable: Mapping[str, tuple[float, float]], now: float) -> None:
+        """When each policy last had a usable signal, for readiness. A policy never seen with
+        one counts from its first tick (a start or a reload is not already stale)."""
+        remembered = {}
+        for policy, (seen, stale_after) in usable.items():
+            if seen == -math.inf:
+                seen = self._usable.get(policy, (now, 0.0))[0]
+            remembered[policy] = (seen, stale_after)
+        self._usable = remembered
+
+    def _report_activity(
+        self, policies: PolicySet, evaluation: Evaluation, unusable: set[str]
+    ) -> None:
         now = self.clock()
         for document in (*policies.throttles, *policies.adaptives):
             ref = document.ref
             self.metrics.active.labels(ref).set(len(evaluation.active.get(ref, ())))
-            stale = _in_fallback(ref, evaluation)
+            # Once `then: baseline` has released it, the engine forgets the condition; the
+            # policy still acts on its fallback for as long as its signals stay bad.
+            stale = ref in unusable or _in_fallback(ref, evaluation)
             self.metrics.fallback.labels(ref).set(1 if stale else 0)
             if stale:
                 since = self._fallback_since.setdefault(ref, now)
@@ -529,6 +557,26 @@ def _in_fallback(ref: str, evaluation: Evaluation) -> bool:
         return True
     adaptive = evaluation.state.adaptives.get(ref)
     return adaptive is not None and adaptive.invalid_since is not None
+
+
+def _reseeded(
+    previous: ResolverState, enforced: Mapping[Address, float], now: float
+) -> ResolverState:
+    """The resolver state of a replica that becomes leader: what the sink holds, continued
+    from this replica's own memory (it resolved every tick while following) where that
+    memory ends at the value enforced, so stabilization windows and the behaviour of the
+    policy that won carry on instead of starting over from the Limits default."""
+    seeded = ResolverState.seeded(enforced, now)
+    memory = dict(seeded.memory)
+    for address, fresh in seeded.memory.items():
+        known = previous.memory.get(address)
+        if known is None:
+            continue
+        if known.last == fresh.last:
+            memory[address] = known
+        else:  # another leader moved it: its value, but the same policy's behaviour
+            memory[address] = replace(fresh, policy=known.policy)
+    return ResolverState(memory)
 
 
 def _direction(change: Change) -> str:

@@ -121,6 +121,12 @@ class ControllerSettings(BaseModel):
     policy_dir: Path = Field(Path("policies"), description="directory of policy YAML files")
     tick_seconds: float = Field(5.0, gt=0, description="time between ticks, seconds")
     dry_run: bool = Field(False, description="journal what would change, write nothing")
+    unready_after_ticks: float = Field(
+        3.0,
+        gt=0,
+        description="/readyz answers 503 once the last successful tick is older than this "
+        "many tick intervals (a tick stuck on a stalled Redis never reports itself)",
+    )
     sinks: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["redis"],
         description="where limits are written, each with its own drift report: `redis` (the "

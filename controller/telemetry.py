@@ -5,7 +5,7 @@ from __future__ import annotations
 import bisect
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -55,6 +55,11 @@ class Metrics:
             "governor_leader", "1 while this replica is the leader (the only writer).", registry=r
         )
         self.ready = Gauge("governor_ready", "1 while /readyz answers 200.", registry=r)
+        self.last_success = Gauge(
+            "governor_last_successful_tick_timestamp_seconds",
+            "Unix time at which the last tick without a reason against readiness ended.",
+            registry=r,
+        )
         self.fallback = Gauge(
             "governor_policy_in_fallback",
             "1 while a policy acts on untrustworthy signals (on_stale hold or fallback).",
@@ -71,6 +76,12 @@ class Metrics:
             "governor_policy_active",
             "Label values (1 for a policy without `per:`) for which a policy is active.",
             ["policy"],
+            registry=r,
+        )
+        self.labels_dropped = Counter(
+            "governor_signal_labels_dropped_total",
+            "Series dropped because their label value is not valid (control characters, "
+            "over 256 characters: docs/signals.md).",
             registry=r,
         )
         self.reload_failures = Counter(
@@ -193,18 +204,34 @@ class FlapDetector:
 
 @dataclass
 class Health:
-    """What /healthz and /readyz answer; the loop updates it every tick."""
+    """What /healthz and /readyz answer. The loop reports each tick's outcome; readiness is
+    worked out when asked, so a tick that never ends (a stalled Redis) still shows."""
 
     tick_seconds: float
+    # Not ready once the last successful tick is older than this many intervals.
+    unready_after_ticks: float = 3.0
     started: float = field(default_factory=time.time)
     last_tick: float | None = None
+    last_success: float | None = None  # the end of the last tick without a reason
     ready: bool = False
     reasons: list[str] = field(default_factory=lambda: ["no tick has run yet"])
+    # Per policy with signals: (last time one of its signals was usable, its stale_after).
+    _usable: dict[str, tuple[float, float]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def update(self, ready: bool, reasons: list[str], now: float) -> None:
+    def update(
+        self,
+        ready: bool,
+        reasons: list[str],
+        now: float,
+        usable: Mapping[str, tuple[float, float]] | None = None,
+    ) -> None:
         with self._lock:
             self.last_tick, self.ready, self.reasons = now, ready, reasons
+            if ready:
+                self.last_success = now
+            if usable is not None:
+                self._usable = dict(usable)
 
     def live(self, now: float) -> tuple[bool, str]:
         """Alive while ticks keep coming (a wedged loop fails liveness and is restarted)."""
@@ -215,9 +242,36 @@ class Health:
             return False, f"no tick for {now - reference:.0f}s (allowed {allowed:.0f}s)"
         return True, "ok"
 
-    def readiness(self) -> tuple[bool, str]:
+    def readiness(self, now: float) -> tuple[bool, str]:
+        """Ready when the last tick had no reason against it, the last successful one is
+        recent, and every policy with signals had a usable one within its stale_after; else
+        each reason on a line of its own."""
         with self._lock:
-            return self.ready, "ok" if self.ready else "; ".join(self.reasons)
+            reasons = [] if self.ready else list(self.reasons)
+            reasons += self._tick_age(now) + _signal_ages(self._usable, now)
+        return (False, "\n".join(reasons)) if reasons else (True, "ok")
+
+    def _tick_age(self, now: float) -> list[str]:
+        allowed = self.unready_after_ticks * self.tick_seconds
+        since = self.last_success if self.last_success is not None else self.started
+        age = now - since
+        if age <= allowed:
+            return []
+        what = "last successful tick" if self.last_success is not None else "no successful tick"
+        when = "ago" if self.last_success is not None else "since start"
+        return [
+            f"{what} {age:.0f} s {when} > {self.unready_after_ticks:g} × "
+            f"{self.tick_seconds:g} s (GOVERNOR_CONTROLLER__UNREADY_AFTER_TICKS)"
+        ]
+
+
+def _signal_ages(usable: Mapping[str, tuple[float, float]], now: float) -> list[str]:
+    return [
+        f"no usable signal for policy {policy} for {now - seen:.0f} s "
+        f"(stale_after {stale_after:g} s)"
+        for policy, (seen, stale_after) in sorted(usable.items())
+        if now - seen > stale_after
+    ]
 
 
 class TelemetryServer:
@@ -262,7 +316,7 @@ def _handler(
                 ok, text = health.live(clock())
                 self._send(200 if ok else 503, (text + "\n").encode(), "text/plain")
             elif path == "/readyz":
-                ok, text = health.readiness()
+                ok, text = health.readiness(clock())
                 self._send(200 if ok else 503, (text + "\n").encode(), "text/plain")
             elif is_shipped(path):  # the runbooks and docs that links point to
                 self._send(*shipped_page(path))

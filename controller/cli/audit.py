@@ -7,8 +7,9 @@ import time
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
-from controller.audit import JournalEntry, follow_events, read_events
+from controller.audit import STALE_LEADER, JournalEntry, follow_events, read_events
 from controller.cli._redis import JSON_OPTION, console, number, parse_ttl, stores, when
 
 app = typer.Typer(
@@ -18,7 +19,18 @@ app = typer.Typer(
 
 def entry_json(entry: JournalEntry) -> str:
     """One journal entry as a JSON line (`id` is the stream id)."""
-    return json.dumps({"id": entry.id, **entry.event.to_dict()}, sort_keys=True)
+    data = {"id": entry.id, **entry.event.to_dict()}
+    if entry.stale_leader:
+        data[STALE_LEADER] = True
+    return json.dumps(data, sort_keys=True)
+
+
+def shown(value: str) -> Text:
+    """A journal value as a table cell: plain text (no rich markup), every control or other
+    unprintable character escaped (`\\x1b`, `\\n`): journal data may come from anywhere."""
+    if not value.isprintable():
+        value = "".join(c if c.isprintable() else ascii(c)[1:-1] for c in value)
+    return Text(value)
 
 
 def entries_table(entries: list[JournalEntry], title: str) -> Table:
@@ -28,14 +40,16 @@ def entries_table(entries: list[JournalEntry], title: str) -> Table:
         table.add_column(column)
     for entry in entries:
         e = entry.event
+        kind = e.kind + (" (dry run)" if e.dry_run else "")
+        kind += " (stale leader: not in force)" if entry.stale_leader else ""
         table.add_row(
             when(e.at),
-            e.kind + (" (dry run)" if e.dry_run else ""),
-            e.address or "-",
+            shown(kind),
+            shown(e.address or "-"),
             f"{number(e.old)} → {number(e.new)}" if e.address else "-",
-            e.actor,
-            e.policy or "-",
-            e.reason,
+            shown(e.actor),
+            shown(e.policy or "-"),
+            shown(e.reason),
         )
     return table
 

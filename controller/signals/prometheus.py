@@ -14,7 +14,7 @@ import re
 import threading
 import time
 import urllib.parse
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -31,6 +31,8 @@ from controller.errors import ConfigurationError, SignalError, untrusted_certifi
 from controller.model import Sample, ScalarSample, SignalKey, Snapshot, Validity, VectorSample
 from controller.settings import PrometheusSettings
 from controller.signals.decode import (
+    MAX_LABEL_LENGTH,
+    DroppedLabels,
     ResultShapeError,
     decode_scalar,
     decode_vector,
@@ -137,6 +139,9 @@ class PrometheusSource:
     _connections: list[_Connection] = field(default_factory=list, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _pool: concurrent.futures.ThreadPoolExecutor | None = field(default=None, repr=False)
+    # Called with how many series were dropped for an invalid label value (a metric).
+    on_labels_dropped: Callable[[int], None] | None = field(default=None, repr=False)
+    dropped_labels: DroppedLabels = field(default_factory=DroppedLabels, repr=False)
 
     def __post_init__(self) -> None:
         self._options = _client_options(self.settings)
@@ -175,10 +180,29 @@ class PrometheusSource:
         every = [s for found in reads.values() for s in found]
         answers = self.run([*reads, *self._times.due(every, now)], now)
         self._times.update(every, answers, now)
+        dropped: list[str] = []
         samples = {
-            key: self._sample(key, answers[key.query], reads[key.query], now) for key in wanted
+            key: self._sample(key, answers[key.query], reads[key.query], now, dropped)
+            for key in wanted
         }
+        self._note_dropped(dropped, now)
         return Snapshot(taken_at=now, samples=samples)
+
+    def _note_dropped(self, values: list[str], now: float) -> None:
+        """Count the label values dropped as invalid; note each at most once an hour, shown
+        escaped and cut short (the value itself is what cannot be trusted)."""
+        if not values:
+            return
+        for value in self.dropped_labels.add(values, now):
+            structlog.get_logger("governor.signals").warning(
+                "signal.label_dropped",
+                value=ascii(value[:64]),
+                length=len(value),
+                rule=f"a label value is 1 to {MAX_LABEL_LENGTH} printable characters "
+                "(docs/signals.md); its series is ignored, noted once an hour",
+            )
+        if self.on_labels_dropped is not None:
+            self.on_labels_dropped(len(values))
 
     def run(self, queries: Iterable[str], now: float) -> dict[str, Answer]:
         """Run distinct queries concurrently (bounded pool); a query without an answer in
@@ -313,7 +337,14 @@ class PrometheusSource:
                 self._connections.append(connection)
         return connection
 
-    def _sample(self, key: SignalKey, answer: Answer, reads: Sequence[str], now: float) -> Sample:
+    def _sample(
+        self,
+        key: SignalKey,
+        answer: Answer,
+        reads: Sequence[str],
+        now: float,
+        dropped: list[str] | None = None,
+    ) -> Sample:
         if answer.error is not None:
             return error_sample(key, f"query {key.query!r} failed: {answer.error}")
         fresh = self._times.of(reads, now)
@@ -325,10 +356,10 @@ class PrometheusSource:
         try:
             if key.by is None:
                 return decode_scalar(answer.result, timestamp, validity, detail)
-            fast = vector_from_body(answer.body, key.by, timestamp, validity, detail)
+            fast = vector_from_body(answer.body, key.by, timestamp, validity, detail, dropped)
             if fast is not None:
                 return fast
-            return decode_vector(answer.result, key.by, timestamp, validity, detail)
+            return decode_vector(answer.result, key.by, timestamp, validity, detail, dropped)
         except ResultShapeError as exc:
             return error_sample(key, f"query {key.query!r}: {exc}")
         except (KeyError, IndexError, TypeError, ValueError) as exc:

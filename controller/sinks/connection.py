@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import re
 import ssl
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import parse_qs, unquote, urlsplit, urlunsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import redis
 import redis.asyncio
@@ -20,6 +19,7 @@ from redis.retry import Retry
 
 from controller.errors import ConfigurationError, SinkError, untrusted_certificate_hint
 from controller.settings import RedisSettings, Settings
+from controller.urls import mask_url
 
 SCHEMES = ("redis", "rediss", "unix", "redis+sentinel", "rediss+sentinel")
 _SENTINEL = ("redis+sentinel", "rediss+sentinel")
@@ -30,15 +30,8 @@ _SENTINEL_EXAMPLE = "redis+sentinel://:password@sentinel-0:26379,sentinel-1:2637
 
 
 def masked_url(url: str) -> str:
-    """The URL with any password replaced by '****' (safe for logs and messages)."""
-    parts = urlsplit(url)
-    if parts.password is None and "sentinel_password=" not in parts.query:
-        return url
-    user = parts.username or ""
-    host = parts.netloc.rpartition("@")[2]
-    netloc = f"{user}:****@{host}" if parts.password is not None else parts.netloc
-    query = re.sub(r"(sentinel_password=)[^&]*", r"\1****", parts.query)
-    return urlunsplit(parts._replace(netloc=netloc, query=query))
+    """The URL with any password masked (safe for logs and messages): `mask_url`."""
+    return mask_url(url)
 
 
 def url_from_settings(settings: Settings) -> str:

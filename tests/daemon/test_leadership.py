@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import datetime as dt
 import time
+from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -37,6 +39,8 @@ from tests.support.redis import RedisServer
 pytestmark = pytest.mark.integration
 
 TIGHT = FREE_RPM * 0.5
+POLICY_LOOSEN_SECONDS = 8.0
+STAMPING = 0.1  # an event is stamped some milliseconds into its tick
 
 
 def _logged_at(line: dict[str, object]) -> float:
@@ -156,3 +160,53 @@ def test_a_deposed_leaders_late_write_is_refused(redis_server: RedisServer) -> N
         sink.fence = new.fence
         sink.apply([Change(address, 10.0, 1.0)])
         assert sink.stored(address) == 1.0
+
+
+def test_a_leader_that_loses_and_wins_back_the_lock_keeps_its_policies_behaviour(
+    db: redis.Redis[str],
+    gpu: Gpu,
+    policy_dir: Path,
+    ready_env: dict[str, str],
+    daemons: DaemonFactory,
+) -> None:
+    # Limits make every limit wait 120 s before loosening; the policy's own behaviour 8 s.
+    limits = policy_dir / "limits.yaml"
+    limits.write_text(limits.read_text().replace("stabilization: 4s", "stabilization: 120s"))
+    with (policy_dir / "gpu-hot.yaml").open("a") as policy:
+        policy.write(f"  behavior: {{loosen: {{stabilization: {POLICY_LOOSEN_SECONDS:g}s}}}}\n")
+    daemon = daemons("a", ready_env)
+    wait_for(lambda: limit(db) == FREE_RPM, "the baseline is written")
+    gpu.set(0.95)
+    wait_for(lambda: limit(db) == TIGHT, "the hot GPU halves the free tier")
+    gpu.set(0.5)
+    wait_for(lambda: bool(_released(db)), "the policy is released: the loosening window opens")
+    released_at = _released(db)[0]["at"]
+
+    # Within the window another replica takes the lock (as after a pause past the lease),
+    # then gives it back: the window must go on at the policy's pace.
+    db.set(LOCK_KEY, "intruder#999", px=60_000)
+    daemon.wait_for_metric("governor_leader", 0.0)
+    db.delete(LOCK_KEY)
+    daemon.wait_for_metric("governor_leader", 1.0)
+    assert len(daemon.logged("leader.acquired")) == 2
+    assert time.time() < released_at + POLICY_LOOSEN_SECONDS  # regained within the window
+    assert limit(db) == TIGHT
+
+    wait_for(lambda: limit(db) == FREE_RPM, "the free tier loosens at the policy's pace", 30)
+    wait_for(
+        lambda: any(e["kind"] == "limit.changed" and e["new"] == FREE_RPM for e in stream(db)),
+        "the change is journalled",
+    )
+    [restored] = [e for e in stream(db) if e["kind"] == "limit.changed" and e["at"] > released_at]
+    assert (restored["old"], restored["new"]) == (TIGHT, FREE_RPM)
+    # The policy's 8 s window, not the Limits' 120 s one, and not restarted at the regain.
+    assert restored["at"] - released_at >= POLICY_LOOSEN_SECONDS - TICK_SECONDS - STAMPING
+    assert restored["at"] - released_at < 60
+
+
+def _released(db: redis.Redis[str]) -> list[dict[str, Any]]:
+    return [
+        e
+        for e in stream(db)
+        if e["kind"] == "policy.transition" and e["details"]["event"] == "released"
+    ]

@@ -98,6 +98,19 @@ def test_prometheus_killed_limits_hold_then_fall_back(
     seconds = daemon.metric("governor_fallback_seconds_total", policy=POLICY)
     assert seconds is not None
     assert seconds > 0
+    # The fallback (baseline) is applied and Prometheus is still down: the policy still acts
+    # on its fallback, so the gauge stays 1 and the time in fallback keeps growing.
+    fallback_ticks = daemon.metric("governor_ticks_total", outcome="degraded") or 0
+    wait_for(
+        lambda: (
+            (daemon.metric("governor_ticks_total", outcome="degraded") or 0) >= fallback_ticks + 3
+        ),
+        "three more ticks on the fallback",
+    )
+    assert daemon.metric("governor_policy_in_fallback", policy=POLICY) == 1
+    later = daemon.metric("governor_fallback_seconds_total", policy=POLICY)
+    assert later is not None
+    assert later >= seconds + 2 * TICK_SECONDS
     assert daemon.running()
 
 

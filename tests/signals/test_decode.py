@@ -9,7 +9,13 @@ from typing import Any
 import numpy as np
 
 from controller.model import Validity, VectorSample
-from controller.signals.decode import decode_vector, parse_body, vector_from_body
+from controller.signals.decode import (
+    DroppedLabels,
+    decode_vector,
+    parse_body,
+    valid_label,
+    vector_from_body,
+)
 
 
 def answer(series: list[dict[str, Any]], result_type: str = "vector", **extra: Any) -> bytes:
@@ -58,3 +64,55 @@ def test_answers_the_scan_cannot_read_exactly_go_to_the_full_parse() -> None:
     assert isinstance(full, VectorSample)
     assert full.keys == ("a",)
     assert "1 series without label 'tenant' dropped" in full.detail
+
+
+HOSTILE = {
+    "newline": 'evil\n{"event":"limit.changed","forged":true}',
+    "escape": "\x1b[2J\x1b[31mred",
+    "long": "x" * 10_000,
+    "empty-ish": "\u200b",  # a zero-width space: not printable
+}
+
+
+def test_invalid_label_values_are_dropped_by_both_decoders_and_collected() -> None:
+    longest = "ok-" + "y" * 253  # 256 characters: the longest allowed
+    hostile = [one({"tenant": v}, "2") for v in HOSTILE.values()]
+    body = answer([one({"tenant": "acme"}, "1"), *hostile, one({"tenant": longest}, "3")])
+    fast_dropped: list[str] = []
+    full_dropped: list[str] = []
+    fast = vector_from_body(body, "tenant", 1.0, Validity.OK, "", fast_dropped)
+    full = decode_vector(
+        parse_body(body)["data"]["result"], "tenant", 1.0, Validity.OK, "", full_dropped
+    )
+    for sample in (fast, full):
+        assert isinstance(sample, VectorSample)
+        assert sample.keys == ("acme", "ok-" + "y" * 253)
+        assert sample.values.tolist() == [1.0, 3.0]
+        assert sample.validity is Validity.OK
+        assert "4 series with an invalid 'tenant' label value dropped" in sample.detail
+    assert fast_dropped == full_dropped == list(HOSTILE.values())
+    assert [valid_label(v) for v in HOSTILE.values()] == [False] * 4
+    assert valid_label("acme")
+    assert valid_label("ünï")
+
+
+def test_a_vector_of_invalid_label_values_only_is_empty() -> None:
+    body = answer([one({"tenant": v}, "1") for v in HOSTILE.values()])
+    dropped: list[str] = []
+    sample = vector_from_body(body, "tenant", 1.0, Validity.OK, "", dropped)
+    assert isinstance(sample, VectorSample)
+    assert sample.keys == ()
+    assert sample.validity is Validity.EMPTY
+    assert "4 series with an invalid 'tenant' label value dropped" in sample.detail
+    assert len(dropped) == 4
+
+
+def test_each_dropped_value_is_counted_and_noted_once_per_period() -> None:
+    notes = DroppedLabels(every=3600.0)
+    first = notes.add([HOSTILE["escape"], HOSTILE["long"]], now=1000.0)
+    again = notes.add([HOSTILE["escape"], HOSTILE["long"], HOSTILE["newline"]], now=1060.0)
+    later = notes.add([HOSTILE["escape"]], now=1000.0 + 3600.0)
+    assert first == [HOSTILE["escape"], HOSTILE["long"]]
+    assert again == [HOSTILE["newline"]]
+    assert later == [HOSTILE["escape"]]
+    assert notes.total == 6

@@ -180,3 +180,31 @@ def test_a_password_in_the_url_never_appears_in_output(tmp_path: Path) -> None:
     for output in [*outputs, failed.output, down.output]:
         assert "s3cr3t-pw" not in output
         assert "wr0ng-pw" not in output
+
+
+def test_audit_tail_escapes_control_characters_and_rich_markup(url: str) -> None:
+    from controller.audit import Journal, JournalEvent, Kind
+    from controller.settings import JournalSettings
+    from controller.sinks.keys import KeySchema
+
+    client = redis.Redis.from_url(url, decode_responses=True)
+    journal = Journal(client, KeySchema("governor"), JournalSettings())
+    journal.emit(
+        JournalEvent(
+            kind=Kind.POLICY_TRANSITION,
+            actor="controller",
+            reason="\x1b[2J\x1b[31mowned [bold red]LOUD[/bold red]\nforged line",
+            policy="ThrottlePolicy/[blink]x[/blink]",
+        )
+    )
+    client.close()
+
+    table = ok(url, "audit", "tail").stdout
+    assert "\x1b" not in table  # no escape sequence reaches the terminal
+    assert "\\x1b[2J\\x1b[31mowned" in table.replace("\n", "").replace("│", "").replace(" ", "")
+    assert "[bold" in table  # markup is shown as text, not interpreted
+    assert "[blink]x[/blink]" in table
+    assert "\\nforged" in table.replace(" ", "")  # the newline is shown escaped
+    (line,) = ok(url, "audit", "tail", "--json").stdout.splitlines()
+    assert "\x1b" not in line  # JSON escapes it (\u001b)
+    assert json.loads(line)["reason"].startswith("\x1b[2J")

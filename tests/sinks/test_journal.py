@@ -9,12 +9,16 @@ from pathlib import Path
 import redis
 import structlog
 from structlog.testing import capture_logs
+from typer.testing import CliRunner
 
 from controller.audit import Journal, JournalEvent, Kind, read_events
+from controller.cli import app
+from controller.leader import RedisLeaderLock
 from controller.logging import MASK, configure_logging
 from controller.settings import JournalSettings, RedisSettings
 from controller.sinks.connection import connect
 from controller.sinks.keys import KeySchema
+from tests.support.prometheus import wait_for
 from tests.support.redis import RedisServer
 
 KEYS = KeySchema("governor")
@@ -276,3 +280,77 @@ def test_events_held_back_from_the_log_are_logged_when_the_stream_cannot_take_th
     assert sorted(changed) == [f"change {n}" for n in range(9)]
     assert [log["event"] for log in logs].count("journal.summary") == 1
     assert journal.pending == 9
+
+
+def test_a_deposed_leaders_late_journal_write_is_marked_stale_leader(
+    redis_server: RedisServer, db: redis.Redis[str]
+) -> None:
+    with connect(redis_server.url, RedisSettings(), retries=0) as client:
+        old = RedisLeaderLock(client, KEYS.prefix, "old", lease_seconds=0.2)
+        new = RedisLeaderLock(client, KEYS.prefix, "new", lease_seconds=30)
+        assert old.ensure()
+        journal = Journal(client, KEYS, JournalSettings())
+        journal.fence = old.fence  # as the daemon wires it
+        with capture_logs():
+            journal.emit(event(1))  # written while leading: current
+            # The leader stalls (SIGSTOP, GC pause) past its lease; another replica takes over.
+            wait_for(new.ensure, "the new replica takes the expired lock", timeout=10)
+            with journal.batch():  # it wakes mid-tick and journals a transition
+                journal.emit(_transition("zombie"))
+            rivals = Journal(client, KEYS, JournalSettings())
+            rivals.fence = new.fence
+            rivals.emit(_transition("current"))
+
+    entries = read_events(db, KEYS, count=10)
+    assert [(e.event.reason, e.stale_leader) for e in entries] == [
+        ("change 1", False),
+        ("zombie engaged", True),
+        ("current engaged", False),
+    ]
+    stored = db.xrange("governor:journal")
+    assert [f.get("stale_leader") for _, f in stored] == [None, "1", None]
+
+    result = CliRunner().invoke(
+        app, ["audit", "tail", "--json"], env={"GOVERNOR_REDIS__URL": redis_server.url}
+    )
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [line.get("stale_leader", False) for line in lines] == [False, True, False]
+    table = CliRunner().invoke(
+        app, ["audit", "tail"], env={"GOVERNOR_REDIS__URL": redis_server.url}
+    )
+    assert table.exit_code == 0, table.output
+    [zombie_row] = [line for line in table.stdout.splitlines() if "zombie engaged" in line]
+    assert "(stale" in zombie_row  # the event column: "(stale leader: not in force)"
+    assert table.stdout.count("(stale") == 1
+
+
+def test_a_flush_after_the_replica_learned_it_lost_still_marks_what_it_buffered(
+    redis_server: RedisServer, db: redis.Redis[str]
+) -> None:
+    with connect(redis_server.url, RedisSettings(), retries=0) as client:
+        old = RedisLeaderLock(client, KEYS.prefix, "old", lease_seconds=0.2)
+        new = RedisLeaderLock(client, KEYS.prefix, "new", lease_seconds=30)
+        assert old.ensure()
+        journal = Journal(client, KEYS, JournalSettings())
+        journal.fence = old.fence
+        with capture_logs() as logs, journal.batch():
+            journal.emit(_transition("zombie"))
+            wait_for(new.ensure, "the new replica takes the expired lock", timeout=10)
+            assert not old.ensure()  # it learns it lost: no fence any more
+            assert old.fence() is None
+    [entry] = read_events(db, KEYS, count=10)
+    assert entry.stale_leader
+    assert [line["event"] for line in logs if line["log_level"] == "error"] == [
+        "journal.stale_leader"
+    ]
+
+
+def _transition(who: str) -> JournalEvent:
+    return JournalEvent(
+        kind=Kind.POLICY_TRANSITION,
+        actor="controller",
+        reason=f"{who} engaged",
+        policy="ThrottlePolicy/gpu-hot",
+        details={"event": "engaged", "key": ""},
+    )

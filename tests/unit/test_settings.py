@@ -51,11 +51,61 @@ def test_secrets_from_the_environment_are_masked(
     assert "secretpw" not in stdout + stderr
     if as_json:
         data = json.loads(stdout)
-        assert data["redis"]["url"] == MASK
+        assert data["redis"]["url"] == f"redis://:{MASK}@h:1/0"
         assert data["redis"]["password"] == MASK
         assert data["prometheus"]["bearer_token"] == MASK
     else:
-        assert f'  url: "{MASK}"' in stdout.splitlines()
+        assert f'  url: "redis://:{MASK}@h:1/0"' in stdout.splitlines()
+
+
+URLS = {
+    "GOVERNOR_PROMETHEUS__URL": (
+        "https://reader:prom%40pw-77@prom.example:9443/prom",
+        f"https://reader:{MASK}@prom.example:9443/prom",
+    ),
+    "GOVERNOR_REDIS__URL": (
+        "redis+sentinel://app:sentpw-11@s-0:26380,s-1/mymaster/2?sentinel_password=sp-22",
+        f"redis+sentinel://app:{MASK}@s-0:26380,s-1/mymaster/2?sentinel_password={MASK}",
+    ),
+    "GOVERNOR_CONTROLLER__SINKS": (
+        "redis,rediss://:sinkpw-33@10.0.0.5:6380/2,redis://cache.internal:6379/3",
+        ["redis", f"rediss://:{MASK}@10.0.0.5:6380/2", "redis://cache.internal:6379/3"],
+    ),
+}
+
+
+@pytest.mark.parametrize("as_json", [False, True], ids=["text", "json"])
+def test_exactly_the_password_of_every_url_is_masked(
+    monkeypatch: pytest.MonkeyPatch, as_json: bool
+) -> None:
+    for name, (value, _) in URLS.items():
+        monkeypatch.setenv(name, value)
+
+    code, stdout, stderr = show(*(["--json"] if as_json else []))
+
+    assert code == 0, stderr
+    for secret in ("prom%40pw-77", "prom@pw-77", "sentpw-11", "sp-22", "sinkpw-33"):
+        assert secret not in stdout + stderr
+    shown = {
+        "GOVERNOR_PROMETHEUS__URL": ("prometheus", "url"),
+        "GOVERNOR_REDIS__URL": ("redis", "url"),
+        "GOVERNOR_CONTROLLER__SINKS": ("controller", "sinks"),
+    }
+    for name, (group, key) in shown.items():
+        expected = URLS[name][1]
+        if as_json:
+            assert json.loads(stdout)[group][key] == expected
+        else:
+            assert f"  {key}: {json.dumps(expected)}" in stdout.splitlines()
+
+
+def test_a_redis_url_without_a_password_is_shown_whole(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GOVERNOR_REDIS__URL", "redis://cache.internal:6379/0")
+
+    code, stdout, stderr = show("--json")
+
+    assert code == 0, stderr
+    assert json.loads(stdout)["redis"]["url"] == "redis://cache.internal:6379/0"
 
 
 def test_unset_secrets_show_as_null_and_plain_values_as_set(
