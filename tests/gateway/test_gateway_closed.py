@@ -21,8 +21,8 @@ from tests.gateway.fake_upstream import FakeUpstream
 from tests.gateway.test_auth_jwt import AUDIENCE, ISSUER
 from tests.support.redis import RedisServer
 
-UNKNOWN_PLAN = "https://github.com/governor/governor/blob/main/docs/gateway.md#unknown-plan"
-NOT_CONFIGURED = "https://github.com/governor/governor/blob/main/docs/gateway.md#not-configured"
+UNKNOWN_PLAN = "/docs/gateway.md#unknown-plan"  # after the configured problem base URL
+NOT_CONFIGURED = "/docs/gateway.md#not-configured"
 
 
 def requests_counted(gateway: Gateway, outcome: str, plan: str) -> float:
@@ -47,7 +47,7 @@ def test_a_key_on_an_unknown_plan_is_refused_for_every_model(
     assert [a.status_code for a in answers] == [403, 403, 403]
     for answer in answers:
         assert answer.headers["content-type"] == PROBLEM
-        assert answer.json()["type"] == UNKNOWN_PLAN
+        assert answer.json()["type"].endswith(UNKNOWN_PLAN)
         assert answer.json()["plan"] == plan
         assert "ratelimit" not in answer.headers
     assert len(fake.seen) == seen  # nothing reached the model server
@@ -72,7 +72,7 @@ def test_a_plan_removed_from_the_policies_refuses_its_tenants(
         assert time.monotonic() < deadline, "the removed plan is still served"
         time.sleep(0.2)
     assert answer.status_code == 403
-    assert answer.json()["type"] == UNKNOWN_PLAN
+    assert answer.json()["type"].endswith(UNKNOWN_PLAN)
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +95,7 @@ def test_a_validly_signed_token_on_an_unknown_plan_is_refused(
     gateway = make_gateway(jwt_public_key=pem.decode(), jwt_issuer=ISSUER, jwt_audience=AUDIENCE)
     platinum = gateway.chat(signed(signing_key, plan="platinum"), "gpt-4")
     assert platinum.status_code == 403
-    assert platinum.json()["type"] == UNKNOWN_PLAN
+    assert platinum.json()["type"].endswith(UNKNOWN_PLAN)
     assert gateway.chat(signed(signing_key, plan="free"), "gpt-4").status_code == 403  # a model
     assert gateway.chat(signed(signing_key, plan="free")).status_code == 200
 
@@ -119,7 +119,7 @@ def test_before_the_first_tick_every_request_is_refused_not_configured(
         assert [a.status_code for a in answers] == [503, 503]
         for answer in answers:
             assert answer.headers["content-type"] == PROBLEM
-            assert answer.json()["type"] == NOT_CONFIGURED
+            assert answer.json()["type"].endswith(NOT_CONFIGURED)
             assert int(answer.headers["retry-after"]) >= 1
         assert len(upstream[0].seen) == seen
         assert requests_counted(gateway, "not_configured", "free") == 2
@@ -135,7 +135,7 @@ def test_with_plans_but_no_limits_only_a_fail_open_plan_is_served(
     try:
         closed = gateway.chat(gateway.key("acme", "free"))
         assert closed.status_code == 503
-        assert closed.json()["type"] == NOT_CONFIGURED
+        assert closed.json()["type"].endswith(NOT_CONFIGURED)
         # enterprise declares fail_mode: open: served under the local limiter, from the
         # plan's own rates (6 requests a minute), never unlimited.
         key = gateway.key("umbrella", "enterprise")

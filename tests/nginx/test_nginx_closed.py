@@ -22,7 +22,7 @@ from tests.support.redis import RedisServer
 
 pytestmark = pytest.mark.integration
 
-BASE = "https://github.com/governor/governor/blob/main/docs/gateway.md"
+BASE = "/docs/gateway.md"  # after the configured problem base URL
 
 
 @contextmanager
@@ -81,7 +81,7 @@ def test_before_the_first_tick_both_answer_503_not_configured(
     for answer in answers["nginx"]:
         assert answer.status_code == 503
         assert answer.headers["content-type"] == PROBLEM
-        assert answer.json()["type"] == f"{BASE}#not-configured"
+        assert answer.json()["type"].endswith(f"{BASE}#not-configured")
     assert len(upstream[0].seen) == seen  # nothing served unrestricted
     assert "listening on nginx.conf's listen directives, upstream via /_governor/upstream" in line
     assert "plan catalog none yet (no controller has published one)" in line
@@ -105,10 +105,10 @@ def test_a_catalog_without_limits_and_an_unknown_plan_answer_alike(
     # free: its models refuse gpt-9 first; enterprise (any model) meets no limits: 503 (its
     # fail_mode: open knows no rate to hold it to either).
     assert [a.status_code for a in answers["nginx"]] == [403, 503, 403, 403]
-    assert answers["nginx"][0].json()["type"] == f"{BASE}#model-not-allowed"
-    assert answers["nginx"][1].json()["type"] == f"{BASE}#not-configured"
+    assert answers["nginx"][0].json()["type"].endswith(f"{BASE}#model-not-allowed")
+    assert answers["nginx"][1].json()["type"].endswith(f"{BASE}#not-configured")
     for answer in answers["nginx"][2:]:
-        assert answer.json()["type"] == f"{BASE}#unknown-plan"
+        assert answer.json()["type"].endswith(f"{BASE}#unknown-plan")
         assert answer.json()["plan"] in ("platinum", "fre")
     assert len(upstream[0].seen) == seen
     version = load_directory(policy_dir).version
