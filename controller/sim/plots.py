@@ -18,7 +18,7 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
-from matplotlib.ticker import FuncFormatter, NullFormatter
+from matplotlib.ticker import FuncFormatter, MultipleLocator, NullFormatter
 
 from controller.model import Address, FloatArray, LimitKind, Scope
 from controller.sim.backtest import OPEN_LOOP, BacktestResult
@@ -29,7 +29,12 @@ from controller.sim.scorecard import UTILIZATION_MARGIN, Scorecard
 from controller.sim.variants import AIMD, POLICIES, STATIC
 
 COLORS = {POLICIES: "tab:blue", STATIC: "tab:red", AIMD: "tab:green", BASELINE: "0.5"}
-NAMES = {POLICIES: "policies", STATIC: "static limits", AIMD: "plain AIMD", BASELINE: "no overload"}
+NAMES = {
+    POLICIES: "policies",
+    STATIC: "static limits",
+    AIMD: "plain AIMD",
+    BASELINE: "baseline: no event, static limits",
+}
 AZURE_CREDIT = (
     'Traffic: Azure LLM inference trace 2023 (Patel et al., "Splitwise", ISCA 2024, CC BY 4.0)'
 )
@@ -103,6 +108,14 @@ class Clock:
             (a * self.tick_minutes, b * self.tick_minutes)
             for a, b in zip(starts, ends, strict=True)
         ]
+
+    def window(self, card: Scorecard) -> str:
+        a, b = card.window
+        return f"{self.text(a / 60)}–{self.text(b / 60)}"
+
+    def step(self, minutes: float) -> float:
+        """Minutes between time labels: a round step giving at most a dozen."""
+        return next((s for s in (1, 2, 5, 10, 15, 30, 60, 120) if minutes / s <= 12), 240)
 
     def when(self, spans: Sequence[tuple[float, float]], most: int = 3) -> str:
         shown = ", ".join(f"{self.text(a)}–{self.text(b)}" for a, b in spans[:most])
@@ -315,7 +328,8 @@ def _utilization(ax: Axes, comparison: Comparison, clock: Clock) -> str:
     where = f"above {ceiling:.0%} at {clock.when(above)}" if above else f"never above {ceiling:.0%}"
     return (
         f"Verdict: with the policies utilization stayed ≤ {ceiling:.0%} on "
-        f"{card.utilization_within:.0%} of the disturbance window's ticks (goal ≥ 95%: "
+        f"{card.utilization_within:.0%} of the ticks of the scored window {clock.window(card)} "
+        f"(goal ≥ 95%: "
         f"{_met(card, 'utilization_within')}); {others}. Policies: {where}."
     )
 
@@ -348,7 +362,8 @@ def _latency(ax: Axes, comparison: Comparison, clock: Clock) -> str:
     return (
         f"Verdict: with the policies the per-tick p99 TTFT stayed under the {slo:g} s SLO "
         f"{where} ({others}). Over the window {clock.text(a / 60)}–{clock.text(b / 60)}: "
-        f"p99 {card.p99_ttft:.2f} s vs {card.baseline_p99_ttft:.2f} s with no overload "
+        f"p99 {card.p99_ttft:.2f} s vs {card.baseline_p99_ttft:.2f} s for the baseline (the "
+        f"same traffic without the events, under static limits) "
         f"({card.p99_increase:+.0%}; goal ≤ +15%: {_met(card, 'p99_increase')})."
     )
 
@@ -546,11 +561,14 @@ def _tenant_verdict(comparison: Comparison, index: int, role: str, clock: Clock)
 def _title(comparison: Comparison) -> str:
     scenario = comparison.scenario
     record = comparison.runs[POLICIES]
-    names = ", ".join(record.policy_names) or "no policy"
+    names = ", ".join(record.policy_names) or "none"
+    minutes = scenario.duration / 60
+    length = f"{minutes / 60:g} h" if minutes >= 120 else f"{minutes:g} min"
     return (
-        f"Simulated scenario '{scenario.name}': {scenario.description}\n"
-        f"policy set {comparison.policies.name}/ ({names}) compared with static limits "
-        f"and plain AIMD — seed {scenario.seed}, {scenario.duration / 60:g} simulated minutes"
+        f"Simulated scenario '{scenario.name}' (seed {scenario.seed}, {length}): "
+        f"{scenario.description}\n"
+        f"The policy set {comparison.policies.name}/ (policies: {names})\n"
+        f"compared with static limits (its Plans and Limits only) and plain AIMD"
     )
 
 
@@ -565,7 +583,8 @@ def _panels(comparison: Comparison, clock: Clock) -> list[Panel]:
         lambda ax: _latency(ax, comparison, clock),
         lambda ax: _work(ax, comparison),
     ]
-    for unit, lines in sorted(_by_unit(comparison).items()):
+    order = list(UNITS.values())
+    for unit, lines in sorted(_by_unit(comparison).items(), key=lambda i: order.index(i[0])):
         # The events are listed once, under the first limits panel; every one marks them.
         panels.append(_limit_panel(lines, unit, clock, marks, summary if len(panels) == 3 else ""))
     if len(panels) == 3:
@@ -602,7 +621,7 @@ def figure(comparison: Comparison) -> Figure:
     """The comparison as one figure: a panel per quantity, sharing the time axis."""
     clock = Clock(comparison)
     panels = _panels(comparison, clock)
-    height = 3.6 * len(panels) + 1.0  # an inch for the title and the disturbances' legend
+    height = 3.6 * len(panels) + 1.2  # for the title and the disturbances' legend
     fig, axes = plt.subplots(len(panels), 1, figsize=(14, height), sharex=True, squeeze=False)
     column = list(axes[:, 0])
     windows = _windows(column, comparison)
@@ -615,13 +634,16 @@ def figure(comparison: Comparison) -> Figure:
         _caption(ax, caption, 30 if ax is column[-1] else 16)
     column[-1].set_xlabel(f"simulated time (UTC, {clock.text(0)} = start of the run)")
     column[-1].xaxis.set_major_formatter(FuncFormatter(lambda v, _: clock.text(v)))
-    top = 1.0 - 1.0 / height  # the top inch, in figure fractions
+    column[-1].xaxis.set_major_locator(
+        MultipleLocator(clock.step(comparison.scenario.duration / 60))
+    )
+    top = 1.0 - 1.2 / height  # the title's inches, in figure fractions
     fig.suptitle(_title(comparison), fontsize=11, y=1.0 - 0.1 / height, va="top")
     if windows:
         fig.legend(
             handles=windows,
             loc="upper center",
-            bbox_to_anchor=(0.5, 1.0 - 0.55 / height),
+            bbox_to_anchor=(0.5, 1.0 - 0.75 / height),
             ncol=len(windows),
             fontsize=8.5,
             frameon=False,

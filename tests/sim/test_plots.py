@@ -183,9 +183,9 @@ def test_the_title_names_the_scenario_and_the_policy_set(
     comparison: Comparison, fig: Figure
 ) -> None:
     title = fig.get_suptitle()
-    assert "'cut': Tenant ent-2 runs away, then every enterprise tenant surges." in title
-    assert "policy set policies/ (business-hours-free-tier, global-rps-by-gpu," in title
-    assert "compared with static limits and plain AIMD" in title
+    assert "'cut' (seed 5, 10 min): Tenant ent-2 runs away, then every enterprise" in title
+    assert "policy set policies/ (policies: business-hours-free-tier, global-rps-by-gpu," in title
+    assert "compared with static limits (its Plans and Limits only) and plain AIMD" in title
     assert "policies: policies" not in title
 
 
