@@ -343,6 +343,13 @@ def _time_over(spans: Sequence[tuple[float, float]]) -> str:
     return f"above it for {total:g} min" if total else "never above it"
 
 
+def _two_and_five(value: float, _position: float | None = None) -> str:
+    if value <= 0:
+        return ""
+    mantissa = round(value / 10 ** math.floor(math.log10(value)), 6)
+    return f"{value:g}" if mantissa in (2.0, 5.0) else ""
+
+
 def _latency(ax: Axes, comparison: Comparison, clock: Clock) -> str:
     slo = comparison.runs[POLICIES].slo_seconds
     over: dict[str, list[tuple[float, float]]] = {}
@@ -353,6 +360,10 @@ def _latency(ax: Axes, comparison: Comparison, clock: Clock) -> str:
         over[name] = clock.spans(np.nan_to_num(series) > slo)
     ax.axhline(slo, color="k", linestyle=":", linewidth=1.0, label=f"TTFT SLO {slo:g} s")
     ax.set_yscale("log")
+    # Seconds as plain numbers (0.5, 2, 10), not 2×10⁰; 2 and 5 of each decade labelled
+    # too, so a calm run (under one decade) still has numbers on its axis.
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_minor_formatter(FuncFormatter(_two_and_five))
     ax.set_ylabel("p99 time to first token (s)")
     card = comparison.cards[POLICIES]
     mine = over[POLICIES]
@@ -452,6 +463,8 @@ def _value_axis(ax: Axes, values: np.ndarray) -> None:
         ax.yaxis.set_minor_formatter(NullFormatter())
         # Room below the smallest reference drawn, not down to a near-empty tick's value.
         ax.set_ylim(bottom=float(positive.min()) / 4)
+    else:
+        ax.set_ylim(bottom=0)  # a limit or a rate: its distance from 0 is what matters
     ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: _quantity(v)))
 
 
@@ -476,8 +489,6 @@ def _limits(ax: Axes, lines: Sequence[LimitLine], unit: str, clock: Clock) -> st
     ax.set_ylabel(f"limit ({unit})")
     bases = np.array([line.baseline for line in shown])
     _value_axis(ax, np.concatenate([bases, *(line.values for line in shown)]))
-    if ax.get_yscale() == "linear":
-        ax.set_ylim(bottom=0)
     said = "; ".join(_describe(line, clock, unit) for line in lines[:3])
     extra = len(lines) - 3
     return f"{said}" + (f"; and {extra} more limits in {unit}" if extra > 0 else "") + "."
@@ -663,12 +674,42 @@ def plot(comparison: Comparison, path: Path) -> Path:
     return path
 
 
+def _backtest_units(result: BacktestResult) -> dict[str, list[str]]:
+    """The limits the backtest would have written, grouped by unit (units in UNITS order)."""
+    groups: dict[str, list[str]] = {unit: [] for unit in UNITS.values()}
+    for address in sorted({w.address for w in result.writes}):
+        groups[UNITS[Address.parse(address).limit]].append(address)
+    return {unit: found for unit, found in groups.items() if found}
+
+
+def _backtest_limits(ax: Axes, result: BacktestResult, unit: str, addresses: list[str]) -> None:
+    """The values each limit would have had, in its unit; absent where none was written."""
+    minutes = (np.array(result.times) - result.start) / 60.0
+    for address in addresses[:LINES_PER_PANEL]:
+        written = np.array([step.get(Address.parse(address), np.nan) for step in result.limits])
+        ax.step(minutes, written, where="post", label=address)
+    ax.set_ylabel(f"limit it would write ({unit})", fontsize=8)
+    values = np.array([v for step in result.limits for a, v in step.items() if str(a) in addresses])
+    _value_axis(ax, values)
+    _legend(ax)
+
+
 def plot_backtest(result: BacktestResult, path: Path) -> Path:
-    """One panel per policy (its signals, shaded where it was active), then the limits it
-    would have written; titled as the open-loop replay it is."""
+    """Write the backtest's figure as a PNG; returns its path."""
+    fig = backtest_figure(result)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def backtest_figure(result: BacktestResult) -> Figure:
+    """One panel per policy (its signals, shaded where it was active), then one per unit of
+    the limits it would have written; titled as the open-loop replay it is."""
     policies = sorted({name.split(":", 1)[0] for name in result.signals})
-    fig, axes = plt.subplots(len(policies) + 1, 1, figsize=(11, 2.6 * (len(policies) + 1)),
-                             sharex=True, squeeze=False)  # fmt: skip
+    units = _backtest_units(result)
+    count = len(policies) + max(len(units), 1)
+    fig, axes = plt.subplots(count, 1, figsize=(13, 2.6 * count), sharex=True, squeeze=False)
     minutes = (np.array(result.times) - result.start) / 60.0
     for ax, policy in zip(axes[:, 0], policies, strict=False):
         for name, series in sorted(result.signals.items()):
@@ -681,23 +722,15 @@ def plot_backtest(result: BacktestResult, path: Path) -> Path:
             ax.axvspan(minutes[index], minutes[index] + result.step / 60, color="orange",
                        alpha=0.25, linewidth=0)  # fmt: skip
         ax.set_ylabel(policy, fontsize=8)
-        ax.legend(loc="upper right", fontsize=6)
+        _legend(ax)
         ax.grid(alpha=0.3)
-    limits = axes[-1, 0]
-    changed = sorted({w.address for w in result.writes})
-    for address in changed[:8]:
-        written = np.array([step.get(Address.parse(address), np.nan) for step in result.limits])
-        scale = float(np.nanmax(written)) if np.isfinite(written).any() else 1.0
-        limits.step(minutes, written / (scale or 1.0), where="post",
-                    label=f"{address} (max {scale:,.6g})")  # fmt: skip
-    limits.set_ylabel("limit it would write / its max")
-    limits.set_xlabel("minutes since --from")
-    if changed:
-        limits.legend(loc="upper right", fontsize=6)
-    limits.grid(alpha=0.3)
+    for ax, (unit, addresses) in zip(axes[len(policies) :, 0], units.items(), strict=False):
+        _backtest_limits(ax, result, unit, addresses)
+    if not units:
+        axes[-1, 0].set_ylabel("limits it would write (none)", fontsize=8)
+    axes[-1, 0].set_xlabel("minutes since --from")
+    for ax in axes[len(policies) :, 0]:
+        ax.grid(alpha=0.3)
     fig.suptitle(OPEN_LOOP, fontsize=9)
     fig.tight_layout(rect=(0, 0, 1, 0.97))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return fig

@@ -17,8 +17,9 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
 from controller.model import Address
+from controller.sim.backtest import BacktestResult, Write
 from controller.sim.compare import Comparison, compare
-from controller.sim.plots import CAPTION, MARK, UNITS, WINDOWS, figure, plot
+from controller.sim.plots import CAPTION, MARK, UNITS, WINDOWS, backtest_figure, figure, plot
 from controller.sim.scenario import load_scenario
 from controller.sim.variants import AIMD, POLICIES
 from tests.sim.conftest import POLICIES as SHIPPED
@@ -192,3 +193,37 @@ def test_the_title_names_the_scenario_and_the_policy_set(
 def test_plot_writes_the_png(comparison: Comparison, tmp_path: Path) -> None:
     path = plot(comparison, tmp_path / "out" / "cut.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_backtest_draws_each_limit_in_its_unit() -> None:
+    """The open-loop picture too: requests/s and tokens/min on separate axes, in their own
+    values (not a share of their maximum), legends outside."""
+    rps = Address.parse("global/requests_per_second")
+    tpm = Address.parse("tenant/acme/tokens_per_minute")
+    result = BacktestResult(start=0.0, end=120.0, step=30.0, times=[0.0, 30.0, 60.0, 90.0])
+    result.limits = [{rps: 60.0}, {rps: 48.0, tpm: 100_000.0}, {rps: 48.0}, {rps: 60.0}]
+    result.writes = [
+        Write(30.0, str(rps), 60.0, 48.0, "AdaptiveLimit/a", "hot"),
+        Write(30.0, str(tpm), None, 100_000.0, "ThrottlePolicy/b", "spend"),
+    ]
+    result.signals = {"a:util": [0.5, 0.95, 0.9, 0.6]}
+    result.active = [{}, {"AdaptiveLimit/a": ("",)}, {}, {}]
+    fig = backtest_figure(result)
+    fig.canvas.draw()
+    by_unit = {}
+    for ax in fig.axes[1:]:
+        found = UNIT.search(ax.get_ylabel())
+        assert found, ax.get_ylabel()
+        by_unit[found.group(1)] = ax
+    assert set(by_unit) == {"requests/s", "tokens/min"}
+    (line,) = by_unit["requests/s"].get_lines()
+    assert list(np.asarray(line.get_ydata())) == [60.0, 48.0, 48.0, 60.0]
+    (line,) = by_unit["tokens/min"].get_lines()
+    assert np.asarray(line.get_ydata())[1] == 100_000.0
+    renderer = fig.canvas.get_renderer()  # type: ignore[attr-defined]
+    for ax in fig.axes:
+        legend = ax.get_legend()
+        assert legend is not None
+        box = legend.get_window_extent(renderer)
+        assert not any(box.overlaps(other.get_window_extent(renderer)) for other in fig.axes)
+    plt.close(fig)
