@@ -632,7 +632,8 @@ def figure(comparison: Comparison) -> Figure:
     """The comparison as one figure: a panel per quantity, sharing the time axis."""
     clock = Clock(comparison)
     panels = _panels(comparison, clock)
-    height = 3.6 * len(panels) + 1.2  # for the title and the disturbances' legend
+    header = 1.2 if comparison.scenario.events else 0.8  # the title, the windows' legend
+    height = 3.6 * len(panels) + header
     fig, axes = plt.subplots(len(panels), 1, figsize=(14, height), sharex=True, squeeze=False)
     column = list(axes[:, 0])
     windows = _windows(column, comparison)
@@ -648,7 +649,7 @@ def figure(comparison: Comparison) -> Figure:
     column[-1].xaxis.set_major_locator(
         MultipleLocator(clock.step(comparison.scenario.duration / 60))
     )
-    top = 1.0 - 1.2 / height  # the title's inches, in figure fractions
+    top = 1.0 - header / height
     fig.suptitle(_title(comparison), fontsize=11, y=1.0 - 0.1 / height, va="top")
     if windows:
         fig.legend(
