@@ -310,7 +310,7 @@ def _utilization(ax: Axes, comparison: Comparison, clock: Clock) -> str:
         alpha=0.3,
         label=f"tolerance: target + {UTILIZATION_MARGIN * 100:g} pts = {ceiling:.0%}",
     )
-    for name in (*VARIANTS, BASELINE):
+    for name in (BASELINE, *VARIANTS):  # the reference underneath
         record = comparison.runs[name]
         ax.plot(
             _minutes(record),
@@ -353,7 +353,7 @@ def _two_and_five(value: float, _position: float | None = None) -> str:
 def _latency(ax: Axes, comparison: Comparison, clock: Clock) -> str:
     slo = comparison.runs[POLICIES].slo_seconds
     over: dict[str, list[tuple[float, float]]] = {}
-    for name in (*VARIANTS, BASELINE):
+    for name in (BASELINE, *VARIANTS):  # the reference underneath
         record = comparison.runs[name]
         series = _p99_per_tick(record)
         ax.plot(_minutes(record), series, color=COLORS[name], label=NAMES[name], linewidth=1.0)
@@ -632,7 +632,7 @@ def figure(comparison: Comparison) -> Figure:
     """The comparison as one figure: a panel per quantity, sharing the time axis."""
     clock = Clock(comparison)
     panels = _panels(comparison, clock)
-    header = 1.2 if comparison.scenario.events else 0.8  # the title, the windows' legend
+    header = 1.0 if comparison.scenario.events else 0.75  # the title, the windows' legend
     height = 3.6 * len(panels) + header
     fig, axes = plt.subplots(len(panels), 1, figsize=(14, height), sharex=True, squeeze=False)
     column = list(axes[:, 0])
@@ -650,12 +650,13 @@ def figure(comparison: Comparison) -> Figure:
         MultipleLocator(clock.step(comparison.scenario.duration / 60))
     )
     top = 1.0 - header / height
-    fig.suptitle(_title(comparison), fontsize=11, y=1.0 - 0.1 / height, va="top")
+    title = fig.suptitle(_title(comparison), fontsize=11, y=1.0 - 0.1 / height, va="top")
+    title.set_in_layout(False)  # its room is `header`: tight_layout would reserve it twice
     if windows:
         fig.legend(
             handles=windows,
             loc="upper center",
-            bbox_to_anchor=(0.5, 1.0 - 0.75 / height),
+            bbox_to_anchor=(0.5, 1.0 - 0.68 / height),
             ncol=len(windows),
             fontsize=8.5,
             frameon=False,
