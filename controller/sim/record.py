@@ -73,6 +73,7 @@ class RunRecord:
     flaps: int = 0
     budget_overrun: float = 0.0
     errors: list[str] = field(default_factory=list)
+    policy_names: list[str] = field(default_factory=list)  # the run's policies, for the plot
 
     @classmethod
     def empty(

@@ -119,6 +119,9 @@ class Simulation:
         )
         self.record.events = [(e.kind, e.at, e.end) for e in scenario.events]
         self.record.runaway = sorted(world.runaway)
+        self.record.policy_names = sorted(
+            p.metadata.name for p in (*policies.throttles, *policies.adaptives)
+        )
         self._settles: list[tuple[float, int, str, int, float, float]] = []
         self._seq = 0
         self._good_tenant = np.array(
