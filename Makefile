@@ -5,14 +5,19 @@ BIN := $(VENV)/bin
 # Re-install only when the dependencies change: the stamp is newer than pyproject.toml.
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test lint fmt pytest demo bench clean
+.PHONY: venv test lint fmt pytest demo bench clean system-packages
 
 venv: $(STAMP)
 
+# uv when it can be had (seconds), pip otherwise; either way it says what it is doing.
 $(STAMP): pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
-	touch $@
+	@.ci/venv $(PYTHON) $(VENV)
+	@touch $@
+
+# The Debian packages the tests need (.ci/system-packages): installed when root, otherwise
+# named with the command that installs them, before any venv work.
+system-packages:
+	@.ci/system-packages
 
 lint: venv
 	$(BIN)/ruff check .
@@ -20,10 +25,11 @@ lint: venv
 	$(BIN)/mypy
 	$(BIN)/lint-imports --no-cache
 
-pytest: venv
+pytest: system-packages venv
 	$(BIN)/pytest
 
-test: lint pytest
+test: system-packages
+	@$(MAKE) --no-print-directory lint pytest
 
 fmt: venv
 	$(BIN)/ruff check --fix .
