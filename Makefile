@@ -14,10 +14,15 @@ $(STAMP): pyproject.toml
 	@.ci/venv $(PYTHON) $(VENV)
 	@touch $@
 
-# The Debian packages the tests need (.ci/system-packages): installed when root, otherwise
-# named with the command that installs them, before any venv work.
+# The Debian packages the tests need (.ci/system-packages), before any venv work: root
+# installs the missing ones (apt-get's output shown); anyone else gets one line naming them
+# and the command that installs them, and make stops there.
 system-packages:
+ifeq ($(shell id -u),0)
 	@.ci/system-packages
+else
+	$(eval MISSING := $(shell .ci/system-packages 2>&1))$(if $(MISSING),$(error $(MISSING)))
+endif
 
 lint: venv
 	$(BIN)/ruff check .
