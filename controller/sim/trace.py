@@ -26,7 +26,7 @@ from controller.sim.scenario import ScenarioError, resolve_data_file
 
 IntArray = npt.NDArray[np.int64]
 COLUMNS = ("TIMESTAMP", "ContextTokens", "GeneratedTokens")
-# A scenario's `trace.file` (or --trace) naming a trace shipped in the package, not a path.
+# A scenario's `trace.file` naming a trace shipped in the package instead of a path.
 SHIPPED_PREFIX = "shipped:"
 SHIPPED_DIR = "azure-llm-inference-2023"
 SHIPPED = {
