@@ -5,14 +5,24 @@ BIN := $(VENV)/bin
 # Re-install only when the dependencies change: the stamp is newer than pyproject.toml.
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test lint fmt pytest demo bench clean
+.PHONY: venv test lint fmt pytest demo bench clean system-packages
 
 venv: $(STAMP)
 
+# uv when it can be had (seconds), pip otherwise; either way it says what it is doing.
 $(STAMP): pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
-	touch $@
+	@.ci/venv $(PYTHON) $(VENV)
+	@touch $@
+
+# The Debian packages the tests need (.ci/system-packages), before any venv work: root
+# installs the missing ones (apt-get's output shown); anyone else gets one line naming them
+# and the command that installs them, and make stops there.
+system-packages:
+ifeq ($(shell id -u),0)
+	@.ci/system-packages
+else
+	$(eval MISSING := $(shell .ci/system-packages 2>&1))$(if $(MISSING),$(error $(MISSING)))
+endif
 
 lint: venv
 	$(BIN)/ruff check .
@@ -20,10 +30,11 @@ lint: venv
 	$(BIN)/mypy
 	$(BIN)/lint-imports --no-cache
 
-pytest: venv
+pytest: system-packages venv
 	$(BIN)/pytest
 
-test: lint pytest
+test: system-packages
+	@$(MAKE) --no-print-directory lint pytest
 
 fmt: venv
 	$(BIN)/ruff check --fix .

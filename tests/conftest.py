@@ -1,13 +1,59 @@
-"""Fixtures shared by every test directory: one real redis-server per session."""
+"""Fixtures shared by every test directory: one real redis-server per session; and, before
+any test runs, one line naming the programs the selected tests start that are missing."""
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import redis
 
+from tests.support.prometheus import PROMETHEUS, PROMTOOL
 from tests.support.redis import RedisServer
+
+TESTS = Path(__file__).parent
+_REDIS = frozenset({"daemon", "deploy", "gateway", "kong", "nginx", "sim", "sinks"})
+_PROMETHEUS = frozenset({"daemon", "deploy", "signals", "sim"})
+_NGINX = frozenset({"nginx"})
+# Each program the tests start: its Debian package (.ci/system-packages installs them all)
+# and the test folders that start it. Without this check a missing one surfaced as dozens of
+# FileNotFoundError deep in fixtures.
+PROGRAMS: dict[str, tuple[str, frozenset[str]]] = {
+    "redis-server": ("redis-server", _REDIS),
+    PROMETHEUS: ("prometheus", _PROMETHEUS),
+    PROMTOOL: ("prometheus", _PROMETHEUS),
+    "nginx": ("nginx-extras", _NGINX),
+    "lua5.1": ("lua5.1", _NGINX),
+    "luac5.1": ("lua5.1", _NGINX),
+}
+
+
+def missing_programs(folders: set[str]) -> dict[str, str]:
+    """Program → package, for each program tests in `folders` start that is not installed."""
+    return {
+        program: package
+        for program, (package, users) in PROGRAMS.items()
+        if users & folders and shutil.which(program) is None
+    }
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    folders = {
+        item.path.relative_to(TESTS).parts[0]
+        for item in session.items
+        if item.path.is_relative_to(TESTS)
+    }
+    missing = missing_programs(folders)
+    if missing:
+        named = ", ".join(f"{program} ({package})" for program, package in missing.items())
+        packages = " ".join(sorted(set(missing.values())))
+        pytest.exit(
+            f"missing programs: {named}; install them with: apt-get install -y "
+            f"--no-install-recommends {packages} (the whole list: .ci/system-packages)",
+            returncode=pytest.ExitCode.USAGE_ERROR,
+        )
 
 
 @pytest.fixture(scope="session")

@@ -16,9 +16,9 @@ from controller.policy.loader import load_directory
 from controller.reload import PolicyWatcher
 from controller.sim.record import RunRecord
 from controller.sim.run import Simulation, TickCallback, embedded_redis
-from controller.sim.scenario import Scenario, resolve_data_file
+from controller.sim.scenario import Scenario
 from controller.sim.scorecard import Scorecard, score
-from controller.sim.trace import TraceData, peak_minute_rate, read_trace
+from controller.sim.trace import TraceData, open_trace, peak_minute_rate
 from controller.sim.traffic import build_world
 from controller.sim.variants import AIMD, POLICIES, STATIC, FixedPolicies, plain_aimd, static_limits
 
@@ -43,7 +43,7 @@ class Comparison:
 def load_trace(scenario: Scenario, scenario_file: Path | None = None) -> TraceData | None:
     if scenario.trace is None:
         return None
-    return read_trace(resolve_data_file(scenario.trace.file, scenario_file))
+    return open_trace(scenario.trace.file, scenario_file)
 
 
 def run_variant(

@@ -248,7 +248,8 @@ def load_scenario(name_or_path: str) -> Scenario:
 
 def resolve_data_file(text: str, scenario_file: Path | None = None) -> Path:
     """A data file named by a scenario: absolute, else relative to the working directory, the
-    scenario's folder or the repository root (so `../shared/data/...` works from the repo)."""
+    scenario's folder or the repository root. Traces shipped in the package are named
+    `shipped:<name>` instead (controller.sim.trace.open_trace)."""
     path = Path(text)
     candidates = [path] if path.is_absolute() else [Path.cwd() / path, REPO_ROOT / path]
     if scenario_file is not None and not path.is_absolute():

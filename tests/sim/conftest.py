@@ -9,7 +9,10 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 POLICIES = REPO / "policies"
-AZURE_CONV = REPO.parent / "shared/data/azure-llm-inference-2023/AzureLLMInferenceTrace_conv.csv"
+# The traces ship gzipped inside the package (read through importlib.resources by the code;
+# here by path, to check what is in the repository).
+AZURE_DATA = REPO / "controller" / "data" / "azure-llm-inference-2023"
+AZURE_CONV = AZURE_DATA / "AzureLLMInferenceTrace_conv.csv.gz"
 
 # A small fleet and eight minutes: a closed loop in about a second.
 SHORT_SCENARIO = """

