@@ -62,6 +62,13 @@ class ControllerSettings(BaseModel):
     policy_dir: Path = Field(Path("policies"), description="directory of policy YAML files")
     tick_seconds: float = Field(5.0, gt=0, description="time between ticks, seconds")
     dry_run: bool = Field(False, description="journal what would change, write nothing")
+    reload_max_removed_share: float = Field(
+        0.2,
+        ge=0,
+        le=1,
+        description="a policy reload that would stop writing more than this share of the "
+        "current set's limits waits for `governor policy confirm-reload` (docs/policies.md)",
+    )
     sinks: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["redis"],
         description="where limits are written, each with its own drift report: `redis` (the "

@@ -74,7 +74,9 @@ class Metrics:
         )
         self.reload_failures = Counter(
             "governor_policy_reload_failures_total",
-            "Policy directory changes rejected (the last good set kept running).",
+            "Policy directory changes rejected (the last good set kept running), by reason: "
+            "invalid, removal (waits for confirm-reload), error.",
+            ["reason"],
             registry=r,
         )
         self.policy_version = Gauge(

@@ -17,9 +17,21 @@ _SEQ_TAG = "tag:yaml.org,2002:seq"
 _NULL_TAG = "tag:yaml.org,2002:null"
 _MERGE_TAG = "tag:yaml.org,2002:merge"
 # Aliases can make a small file expand into a huge value ("billion laughs"); policies are
-# small, so these bounds only ever stop hostile or broken input.
+# small, so these bounds only ever stop hostile or broken input. MAX_VALUES and MAX_DOCUMENTS
+# are shared by every file of a set (a Budget), so many files cannot multiply them.
 MAX_VALUES = 100_000
 MAX_DEPTH = 64
+MAX_DOCUMENTS = 1_000
+# A syntax error in a file up to this size is worded by PyYAML's parser (see _explained).
+REPARSE_CHARS = 64 * 1024
+
+
+@dataclass(slots=True)
+class Budget:
+    """What is left to read of one policy set: values (after alias expansion) and documents."""
+
+    values: int = MAX_VALUES
+    documents: int = MAX_DOCUMENTS
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -98,17 +110,56 @@ class _Lines:
         return self.position(len(lines) - 1, len(lines[-1]))
 
 
-def parse_yaml(text: str) -> SourceFile:
-    """Every non-empty document of `text`; never raises for bad input, returns problems."""
+class _DepthLimitedLoader(yaml.SafeLoader):
+    """Refuses nesting deeper than MAX_DEPTH while composing: PyYAML's composer recurses once
+    per level, so `[[[[...` would otherwise end in a RecursionError deep inside it."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                mark = self.peek_event().start_mark  # type: ignore[no-untyped-call]
+                raise yaml.composer.ComposerError(
+                    None, None, f"the document nests deeper than {MAX_DEPTH} levels", mark
+                )
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+# libyaml (bundled with PyYAML's wheels) composes ten times faster than PyYAML's own Python
+# and refuses nesting past 1,000 levels itself; the Python loader is the fallback.
+_LOADER: type[yaml.SafeLoader] | type[yaml.CSafeLoader] = (
+    yaml.CSafeLoader if yaml.__with_libyaml__ else _DepthLimitedLoader
+)
+
+
+def parse_yaml(text: str, budget: Budget | None = None) -> SourceFile:
+    """Every non-empty document of `text`; never raises for bad input, returns problems.
+
+    `budget` is shared by the files of one set; each call gets its own when None."""
     lines = _Lines(text)
+    budget = Budget() if budget is None else budget
     documents: list[SourceDocument] = []
     try:
-        for node in yaml.compose_all(text, Loader=yaml.SafeLoader):
+        for node in yaml.compose_all(text, Loader=_LOADER):
             if node.tag == _NULL_TAG and isinstance(node, yaml.ScalarNode) and not node.value:
                 continue  # an empty document between `---` lines
-            documents.append(_Converter(lines).document(node))
+            budget.documents -= 1
+            if budget.documents < 0:
+                problem = SourceProblem(
+                    lines.at_mark(node.start_mark),
+                    (),
+                    f"over {MAX_DOCUMENTS} documents: a policy set holds at most that many",
+                )
+                return SourceFile(tuple(documents), (problem,))
+            documents.append(_Converter(lines, budget).document(node))
     except yaml.MarkedYAMLError as exc:
-        return SourceFile(tuple(documents), (_syntax_problem(exc, lines),))
+        return SourceFile(tuple(documents), (_syntax_problem(_explained(text, exc), lines),))
     except yaml.reader.ReaderError as exc:
         message = f"YAML: character #x{exc.character:04x} is not allowed ({exc.reason})"
         problem = SourceProblem(lines.at_offset(text, exc.position), (), message)
@@ -117,6 +168,21 @@ def parse_yaml(text: str) -> SourceFile:
         problem = SourceProblem(Position(1, 1), (), "YAML nests too deeply to be a policy")
         return SourceFile(tuple(documents), (problem,))
     return SourceFile(tuple(documents), ())
+
+
+def _explained(text: str, exc: yaml.MarkedYAMLError) -> yaml.MarkedYAMLError:
+    """PyYAML's own parser words a syntax error better than libyaml (it names the tab that
+    cannot start a token): a file of ordinary size is read again by it to say so."""
+    if _LOADER is _DepthLimitedLoader or len(text) > REPARSE_CHARS:
+        return exc
+    try:
+        for _ in yaml.compose_all(text, Loader=_DepthLimitedLoader):
+            pass
+    except yaml.MarkedYAMLError as worded:
+        return worded
+    except yaml.YAMLError:
+        return exc
+    return exc
 
 
 def _syntax_problem(exc: yaml.MarkedYAMLError, lines: _Lines) -> SourceProblem:
@@ -134,9 +200,10 @@ class _Converter:
     """Builds Python values from a node tree, recording spots and YAML-level problems."""
 
     lines: _Lines
+    budget: Budget
     spots: dict[Path, Spot] = field(default_factory=dict)
     problems: list[SourceProblem] = field(default_factory=list)
-    count: int = 0
+    over_budget: bool = False
     active: set[int] = field(default_factory=set)
     scalars: yaml.SafeLoader = field(default_factory=lambda: yaml.SafeLoader(""))
 
@@ -150,10 +217,11 @@ class _Converter:
         self.problems.append(SourceProblem(self.lines.at_mark(node.start_mark), path, message))
 
     def value(self, node: yaml.Node, path: Path) -> object:
-        self.count += 1
-        if self.count > MAX_VALUES:
-            if self.count == MAX_VALUES + 1:
-                self.problem(node, path, f"the document expands to over {MAX_VALUES} values")
+        self.budget.values -= 1
+        if self.budget.values < 0:
+            if not self.over_budget:  # once per document, in every document past the bound
+                self.over_budget = True
+                self.problem(node, path, f"the policy set expands to over {MAX_VALUES} values")
             return None
         if len(path) > MAX_DEPTH:
             self.problem(node, path, f"the document nests deeper than {MAX_DEPTH} levels")
@@ -194,9 +262,10 @@ class _Converter:
 
     def mapping(self, node: yaml.MappingNode, path: Path) -> dict[Hashable, object]:
         result: dict[Hashable, object] = {}
+        merged_spots: dict[Path, Spot] = {}
         for key_node, value_node in node.value:
             if key_node.tag == _MERGE_TAG:
-                self.merge(value_node, path, result)
+                self.merge(value_node, path, result, merged_spots)
         first_seen: dict[Hashable, Position] = {}
         for key_node, value_node in node.value:
             key = None if key_node.tag == _MERGE_TAG else self.key(key_node, path)
@@ -212,10 +281,16 @@ class _Converter:
                 )
                 continue
             first_seen[key] = where
-            if key in result:  # written here and merged: forget where the merged one was
-                self.forget((*path, key))
             self.spots[(*path, key)] = Spot(where, self.lines.at_mark(value_node.start_mark))
             result[key] = self.value(value_node, (*path, key))
+        # A merged key's spots count only where the mapping does not write that key itself;
+        # one pass over them keeps merges linear (no search per overridden key).
+        depth = len(path)
+        self.spots.update(
+            (spot_path, spot)
+            for spot_path, spot in merged_spots.items()
+            if spot_path[depth] not in first_seen
+        )
         return result
 
     def key(self, node: yaml.Node, path: Path) -> Hashable | None:
@@ -228,16 +303,20 @@ class _Converter:
             return None
         return key if isinstance(key, Hashable) else str(key)
 
-    def merge(self, node: yaml.Node, path: Path, into: dict[Hashable, object]) -> None:
-        """`<<: *defaults`: keys written in the mapping win, then earlier merged mappings."""
-        sources = node.value if isinstance(node, yaml.SequenceNode) else [node]
-        for source in reversed(sources):
-            merged = self.value(source, path)
-            if isinstance(merged, dict):
-                into.update(merged)
-            else:
-                self.problem(source, path, "`<<` merges only mappings")
+    def merge(
+        self, node: yaml.Node, path: Path, into: dict[Hashable, object], spots: dict[Path, Spot]
+    ) -> None:
+        """`<<: *defaults`: keys written in the mapping win, then earlier merged mappings.
 
-    def forget(self, path: Path) -> None:
-        for recorded in [p for p in self.spots if p[: len(path)] == path]:
-            del self.spots[recorded]
+        The merged values' spots go to `spots`, for `mapping` to keep those not overridden."""
+        sources = node.value if isinstance(node, yaml.SequenceNode) else [node]
+        mine, self.spots = self.spots, spots
+        try:
+            for source in reversed(sources):
+                merged = self.value(source, path)
+                if isinstance(merged, dict):
+                    into.update(merged)
+                else:
+                    self.problem(source, path, "`<<` merges only mappings")
+        finally:
+            self.spots = mine
