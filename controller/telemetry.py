@@ -79,6 +79,9 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        # At 0 from the start, so that increase() (the alert) sees a reason's first failure.
+        for reason in ("invalid", "removal", "error"):
+            self.reload_failures.labels(reason)
         self.policy_version = Gauge(
             "governor_policy_version_info",
             "The policy set in force (value 1, version as a label).",

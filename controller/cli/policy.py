@@ -147,10 +147,11 @@ def confirm_reload(
     Exit 0 when stored and journalled; 1 when Redis failed; 2 on a malformed VERSION.
     """
     if not _VERSION.fullmatch(version):
-        raise typer.BadParameter(
-            f"{version!r} is not a policy version: give the 12 hex digits the refusal names",
-            param_hint="VERSION",
+        typer.echo(
+            f"error: {version!r} is not a policy version: give the 12 hex digits the refusal names",
+            err=True,
         )
+        raise typer.Exit(2)
     seconds, why, who = parse_ttl(ttl), require_reason(reason), actor or default_actor()
     with stores() as s:
         confirmation = s.control.confirm_reload(version, ttl_seconds=seconds, actor=who, reason=why)

@@ -8,7 +8,9 @@ import shutil
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
+from controller.cli import app
 from controller.policy.loader import check_directory
 from controller.reload import ERROR, INVALID, REMOVAL, PolicyWatcher
 from controller.sinks.control import ReloadConfirmation
@@ -145,3 +147,13 @@ def test_the_share_is_a_setting(policies: Path) -> None:
     without_plan(policies, "enterprise")
 
     assert watcher.poll().policies is not None
+
+
+@pytest.mark.parametrize("version", ["latest", "0123456789AB", "0123456789abc", ""])
+def test_confirm_reload_refuses_anything_but_a_policy_version(version: str) -> None:
+    result = CliRunner().invoke(
+        app, ["policy", "confirm-reload", version, "--reason", "planned", "--actor", "sre"]
+    )
+
+    assert result.exit_code == 2
+    assert "is not a policy version: give the 12 hex digits the refusal names" in result.stderr
