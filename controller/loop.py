@@ -26,7 +26,7 @@ from controller.policy.engine import EngineState, Evaluation, Transition, evalua
 from controller.policy.policyset import PolicySet
 from controller.policy.resolver import Resolution, ResolverState, resolve
 from controller.reconcile import Change
-from controller.reload import PolicyWatcher, ReloadOutcome
+from controller.reload import ERROR, PolicyWatcher, ReloadOutcome
 from controller.sinks import SinkState
 from controller.sinks.control import ControlState, ControlStore, ReloadConfirmation
 from controller.sinks.factory import split_supported
@@ -255,7 +255,7 @@ class Controller:
         why = (
             removal.explain(self.watcher.directory)
             if removal is not None
-            else "the changed policy files are invalid"
+            else _REJECTED.get(outcome.reason or "", "the changed policy files are invalid")
         )
         self._emit(
             JournalEvent(
@@ -569,6 +569,9 @@ def _direction(change: Change) -> str:
     if change.new is None:
         return "remove"
     return "tighten" if change.new < change.old else "loosen"
+
+
+_REJECTED = {ERROR: "the policy reload failed (see the errors)"}
 
 
 def _confirmed_by(outcome: ReloadOutcome) -> dict[str, object]:

@@ -165,7 +165,8 @@ class Degrade(Strict):
     at_percent: Annotated[float, Field(gt=0, lt=100)] = Field(
         90.0, description="start degrading once this share of a budget is spent"
     )
-    max_tokens: Annotated[int, Field(gt=0)] | None = Field(
+    # At most a 32-bit integer: gateways (Lua, JSON) read it as a number, not a big integer.
+    max_tokens: Annotated[int, Field(gt=0, lt=2**31)] | None = Field(
         None, description="cap the request's max_tokens to this"
     )
     model: Annotated[str, Field(min_length=1)] | None = Field(

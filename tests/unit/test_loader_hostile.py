@@ -94,9 +94,9 @@ def test_a_condition_of_1000_terms_is_a_located_error(shipped: Path) -> None:
     assert f"at most {MAX_EXPRESSION_CHARS} characters" in error.message
 
 
-def test_a_condition_at_the_depth_bound_still_loads(shipped: Path) -> None:
-    # 49 `!` over a comparison of two leaves: well inside the bound, and still compiled.
-    (shipped / "ok.yaml").write_text(condition("!" * 48 + "(x > 1.0)"))
+def test_a_condition_just_inside_the_depth_bound_still_loads(shipped: Path) -> None:
+    # 90 `!` over a comparison: 92 levels deep, inside the bound of 100.
+    (shipped / "ok.yaml").write_text(condition("!" * 90 + "(x > 1.0)"))
 
     assert check_directory(shipped, complete=True)[1] == []
 
@@ -359,3 +359,13 @@ def test_an_unreadable_directory_is_a_clear_refusal(tmp_path: Path) -> None:
     locked.mkdir(mode=0)
     with pytest.raises(PolicyError, match="cannot list policy directory"):
         policy_files(locked)
+
+
+def test_a_max_tokens_past_32_bits_is_a_located_error(shipped: Path) -> None:
+    path = shipped / "plans.yaml"
+    path.write_text(path.read_text().replace("max_tokens: 256", "max_tokens: 1" + "0" * 400))
+
+    error = only_error(shipped, "plans.yaml")
+
+    assert (error.line, error.path) == (29, "spec.degrade.max_tokens")
+    assert "less than 2147483648" in error.message
