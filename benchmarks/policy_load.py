@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from controller.policy.loader import Sources, check_sources
+from controller.policy.loader import MAX_FILE_BYTES, MAX_SET_BYTES, Sources, check_sources
 from tests.support.policy_mutations import SHIPPED, _merge_bomb, cases, shipped_files
 from tests.unit.test_policy_fuzz import COUNT, SEED
 
@@ -28,9 +28,10 @@ def _named() -> dict[str, Sources]:
         ),
         "flow nesting 100,000 deep": "a: " + "[" * 100_000 + "]" * 100_000,
         "1,000 `&&` terms": "when: '" + " && ".join(["x > 1.0"] * 1000) + "'",
-        "a 1 MiB string": "x: '" + "y" * ((1 << 20) - 10) + "'",
+        "a string of the largest file": "x: '" + "y" * (MAX_FILE_BYTES - 10) + "'",
+        "keys filling the largest file": "".join(f"k{i}: 1\n" for i in range(MAX_FILE_BYTES // 9)),
     }
-    return {
+    named = {
         name: Sources(
             SHIPPED,
             tuple(sorted({**files, Path(SHIPPED / "zz.yaml"): text.encode()}.items())),
@@ -38,6 +39,22 @@ def _named() -> dict[str, Sources]:
         )
         for name, text in extra.items()
     }
+    # The largest set the bounds let through, of the densest YAML: flow lists of numbers.
+    room = MAX_SET_BYTES - sum(len(data) for data in files.values()) - MAX_FILE_BYTES
+    largest = {
+        **files,
+        SHIPPED / "zz1.yaml": _flow_list(MAX_FILE_BYTES),
+        SHIPPED / "zz2.yaml": _flow_list(room),
+    }
+    named["the largest set of the densest YAML"] = Sources(
+        SHIPPED, tuple(sorted(largest.items())), ()
+    )
+    return named
+
+
+def _flow_list(size: int) -> bytes:
+    """`[1,1,...,1]` of at most `size` bytes: a node every two bytes."""
+    return b"[" + b"1," * ((size - 3) // 2) + b"1]"
 
 
 def _time(sources: Sources) -> float:

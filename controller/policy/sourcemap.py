@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Hashable, Mapping
+from collections.abc import Hashable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import yaml
@@ -19,9 +19,12 @@ _MERGE_TAG = "tag:yaml.org,2002:merge"
 # Aliases can make a small file expand into a huge value ("billion laughs"); policies are
 # small, so these bounds only ever stop hostile or broken input. MAX_VALUES and MAX_DOCUMENTS
 # are shared by every file of a set (a Budget), so many files cannot multiply them.
-MAX_VALUES = 100_000
+MAX_VALUES = 50_000
 MAX_DEPTH = 64
 MAX_DOCUMENTS = 1_000
+# Nodes as YAML writes them, before aliases expand: reading one costs ~5 µs even in libyaml
+# (tags are resolved in Python), so this bound keeps a set's parse near half a second.
+MAX_NODES = 100_000
 # A syntax error in a file up to this size is worded by PyYAML's parser (see _explained).
 REPARSE_CHARS = 64 * 1024
 
@@ -32,6 +35,24 @@ class Budget:
 
     values: int = MAX_VALUES
     documents: int = MAX_DOCUMENTS
+    nodes: int = MAX_NODES
+
+
+class _TooManyNodesError(Exception):
+    """The set's YAML holds more nodes than MAX_NODES (raised while composing)."""
+
+
+class _Counting:
+    """Counts the nodes a loader composes against the set's Budget: every node with an
+    implicit tag passes through `resolve`, in the Python loader and in libyaml's alike."""
+
+    budget: Budget
+
+    def resolve(self, kind: type[yaml.Node], value: object, implicit: object) -> str:
+        self.budget.nodes -= 1
+        if self.budget.nodes < 0:
+            raise _TooManyNodesError
+        return super().resolve(kind, value, implicit)  # type: ignore[misc,no-any-return]
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -110,13 +131,14 @@ class _Lines:
         return self.position(len(lines) - 1, len(lines[-1]))
 
 
-class _DepthLimitedLoader(yaml.SafeLoader):
+class _DepthLimitedLoader(_Counting, yaml.SafeLoader):
     """Refuses nesting deeper than MAX_DEPTH while composing: PyYAML's composer recurses once
     per level, so `[[[[...` would otherwise end in a RecursionError deep inside it."""
 
     def __init__(self, stream: str) -> None:
         super().__init__(stream)
         self._depth = 0
+        self.budget = Budget()
 
     def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
         self._depth += 1
@@ -131,11 +153,30 @@ class _DepthLimitedLoader(yaml.SafeLoader):
             self._depth -= 1
 
 
+class _CountingCLoader(_Counting, yaml.CSafeLoader):
+    """libyaml's loader, counting nodes."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self.budget = Budget()
+
+
 # libyaml (bundled with PyYAML's wheels) composes ten times faster than PyYAML's own Python
 # and refuses nesting past 1,000 levels itself; the Python loader is the fallback.
-_LOADER: type[yaml.SafeLoader] | type[yaml.CSafeLoader] = (
-    yaml.CSafeLoader if yaml.__with_libyaml__ else _DepthLimitedLoader
+_LOADER: type[_DepthLimitedLoader] | type[_CountingCLoader] = (
+    _CountingCLoader if yaml.__with_libyaml__ else _DepthLimitedLoader
 )
+
+
+def _compose(text: str, loader_class: type[_Counting], budget: Budget) -> Iterator[yaml.Node]:
+    """yaml.compose_all, with the set's budget."""
+    loader = loader_class(text)  # type: ignore[call-arg]
+    loader.budget = budget
+    try:
+        while loader.check_node():  # type: ignore[attr-defined]
+            yield loader.get_node()  # type: ignore[attr-defined]
+    finally:
+        loader.dispose()  # type: ignore[attr-defined]
 
 
 def parse_yaml(text: str, budget: Budget | None = None) -> SourceFile:
@@ -146,7 +187,7 @@ def parse_yaml(text: str, budget: Budget | None = None) -> SourceFile:
     budget = Budget() if budget is None else budget
     documents: list[SourceDocument] = []
     try:
-        for node in yaml.compose_all(text, Loader=_LOADER):
+        for node in _compose(text, _LOADER, budget):
             if node.tag == _NULL_TAG and isinstance(node, yaml.ScalarNode) and not node.value:
                 continue  # an empty document between `---` lines
             budget.documents -= 1
@@ -164,6 +205,12 @@ def parse_yaml(text: str, budget: Budget | None = None) -> SourceFile:
         message = f"YAML: character #x{exc.character:04x} is not allowed ({exc.reason})"
         problem = SourceProblem(lines.at_offset(text, exc.position), (), message)
         return SourceFile(tuple(documents), (problem,))
+    except _TooManyNodesError:
+        message = (
+            f"the policy set's YAML holds over {MAX_NODES} nodes (keys, values, list items); "
+            "policies are small: remove what is not policy"
+        )
+        return SourceFile(tuple(documents), (SourceProblem(Position(1, 1), (), message),))
     except RecursionError:
         problem = SourceProblem(Position(1, 1), (), "YAML nests too deeply to be a policy")
         return SourceFile(tuple(documents), (problem,))
@@ -176,11 +223,11 @@ def _explained(text: str, exc: yaml.MarkedYAMLError) -> yaml.MarkedYAMLError:
     if _LOADER is _DepthLimitedLoader or len(text) > REPARSE_CHARS:
         return exc
     try:
-        for _ in yaml.compose_all(text, Loader=_DepthLimitedLoader):
+        for _ in _compose(text, _DepthLimitedLoader, Budget()):
             pass
     except yaml.MarkedYAMLError as worded:
         return worded
-    except yaml.YAMLError:
+    except (yaml.YAMLError, _TooManyNodesError):
         return exc
     return exc
 
@@ -255,6 +302,8 @@ class _Converter:
     def sequence(self, node: yaml.SequenceNode, path: Path) -> list[object]:
         items: list[object] = []
         for index, child in enumerate(node.value):
+            if self.budget.values < 0:
+                break  # over the bound (reported once): the rest cannot matter
             here = self.lines.at_mark(child.start_mark)
             self.spots[(*path, index)] = Spot(here, here)
             items.append(self.value(child, (*path, index)))

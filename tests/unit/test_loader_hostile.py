@@ -17,13 +17,20 @@ from controller.policy.expressions import MAX_EXPRESSION_CHARS, MAX_EXPRESSION_D
 from controller.policy.loader import (
     MAX_FILE_BYTES,
     MAX_FILES,
+    MAX_SET_BYTES,
     LocatedError,
     PolicyLoadError,
     check_directory,
     load_directory,
     policy_files,
 )
-from controller.policy.sourcemap import MAX_DEPTH, MAX_DOCUMENTS, MAX_VALUES, parse_yaml
+from controller.policy.sourcemap import (
+    MAX_DEPTH,
+    MAX_DOCUMENTS,
+    MAX_NODES,
+    MAX_VALUES,
+    parse_yaml,
+)
 
 SHIPPED = Path(__file__).parents[2] / "policies"
 
@@ -185,6 +192,34 @@ def test_an_oversized_file_is_refused_before_it_is_parsed(shipped: Path) -> None
 
     assert (error.line, error.column) == (1, 1)
     assert f"over {MAX_FILE_BYTES} bytes" in error.message
+
+
+def test_a_set_over_its_byte_bound_is_refused_at_the_file_that_crosses_it(tmp_path: Path) -> None:
+    for name in ("a.yaml", "b.yaml", "c.yaml"):  # each under the file bound, together over
+        (tmp_path / name).write_bytes(b"# " + b"x" * (MAX_SET_BYTES // 3) + b"\n")
+
+    errors = refused(tmp_path)
+
+    [crossing] = [e for e in errors if "bytes with this file" in e.message]
+    assert (Path(crossing.file).name, crossing.line, crossing.column) == ("c.yaml", 1, 1)
+    assert f"over {MAX_SET_BYTES} bytes" in crossing.message
+
+
+@pytest.mark.parametrize("loader", ["libyaml", "python"])
+def test_yaml_of_too_many_nodes_is_refused_before_it_is_converted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, loader: str
+) -> None:
+    if loader == "python":
+        monkeypatch.setattr(sourcemap, "_LOADER", sourcemap._DepthLimitedLoader)
+    half = MAX_NODES // 2 + 1  # two files, each under the bound: the set is over it
+    for name in ("a.yaml", "b.yaml"):
+        (tmp_path / name).write_text("[" + "1," * half + "1]\n")
+
+    errors = refused(tmp_path)
+
+    [over] = [e for e in errors if "nodes" in e.message]
+    assert (Path(over.file).name, over.line, over.column) == ("b.yaml", 1, 1)
+    assert f"holds over {MAX_NODES} nodes" in over.message
 
 
 def test_too_many_files_is_a_clear_refusal(tmp_path: Path) -> None:
