@@ -102,20 +102,23 @@ def policy_files(directory: Path) -> list[Path]:
         entries = list(directory.iterdir())
     except OSError as exc:
         raise PolicyError(f"cannot list policy directory {str(directory)!r}: {exc}") from None
-    found = sorted(
-        path
-        for path in entries
-        if path.name.endswith(SUFFIXES)
-        and not path.name.endswith(TEST_SUFFIXES)
-        and not path.name.startswith(".")
-        and path.is_file()
-    )
+    found = sorted(path for path in entries if _is_policy_file(path))
     if len(found) > MAX_FILES:
         raise PolicyError(
             f"policy directory {str(directory)!r} holds {len(found)} policy files, over the "
             f"{MAX_FILES} a set may have: remove the files that are not policies"
         )
     return found
+
+
+def _is_policy_file(path: Path) -> bool:
+    """A policy by its name; anything but a directory or a dangling link (a ConfigMap update
+    leaves one for a moment) is read, so a FIFO or a link out is refused, not skipped."""
+    if not path.name.endswith(SUFFIXES) or path.name.endswith(TEST_SUFFIXES):
+        return False
+    if path.name.startswith(".") or not path.exists():
+        return False
+    return path.is_symlink() or not path.is_dir()
 
 
 def check_directory(
@@ -216,6 +219,11 @@ def _read(path: Path, root: Path, room: int) -> bytes:
             raise PolicyError(
                 f"the file is a symbolic link to {str(path.resolve())!r}, outside the policy "
                 "directory: copy the file into the directory instead"
+            )
+        if not path.is_file():  # opening a FIFO would wait for a writer
+            raise PolicyError(
+                "the file is not a regular file (a FIFO, a device or a directory): policies "
+                "are plain files"
             )
         with path.open("rb") as handle:
             data = handle.read(min(MAX_FILE_BYTES, room) + 1)

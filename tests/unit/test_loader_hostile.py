@@ -249,6 +249,34 @@ def test_a_symlink_out_of_the_directory_is_refused_and_one_inside_is_read(
     assert check_directory(shipped, complete=True)[1] == []
 
 
+@pytest.mark.parametrize("target", ["/dev/zero", "/dev/urandom", "/etc", "/proc/self/environ"])
+def test_a_link_out_of_the_directory_to_anything_is_refused_unread(
+    shipped: Path, target: str
+) -> None:
+    (shipped / "out.yaml").symlink_to(target)
+
+    error = only_error(shipped, "out.yaml")
+
+    assert (error.line, error.column) == (1, 1)
+    assert "outside the policy directory" in error.message
+
+
+def test_a_fifo_is_refused_without_waiting_for_a_writer(shipped: Path) -> None:
+    os.mkfifo(shipped / "pipe.yaml")
+    (shipped / "link.yaml").symlink_to("pipe.yaml")  # inside, to the FIFO
+
+    errors = refused(shipped)
+
+    assert {Path(e.file).name for e in errors} == {"pipe.yaml", "link.yaml"}
+    assert all("not a regular file" in e.message for e in errors)
+
+
+def test_a_dangling_link_is_skipped_as_a_configmap_update_leaves_one(shipped: Path) -> None:
+    (shipped / "gone.yaml").symlink_to(Path("..data") / "gone.yaml")
+
+    assert check_directory(shipped, complete=True)[1] == []
+
+
 @pytest.mark.parametrize(
     ("data", "line", "column"),
     [
