@@ -83,7 +83,8 @@ def test_a_hostile_file_keeps_the_last_good_set_and_is_reported_again_when_broke
     wait_for(lambda: bool(events(db, "policy.rejected")), "the rejection is journalled")
     [first] = events(db, "policy.rejected")
     assert any(e.startswith(f"{policy_dir / 'deep.yaml'}:6:9:") for e in first["details"]["errors"])
-    assert daemon.http("/readyz")[0] == 200  # ticks keep running: no tick failed
+    wait_ticks(daemon, 3)
+    assert daemon.logged("tick.failed") == []  # the reload failed, no tick did
 
     gpu.set(0.95)  # the last good set acts (scale 0.5), not the hostile file's 0.1
     wait_for(lambda: limit(db) == FREE_RPM * 0.5, "the last good set tightens")
