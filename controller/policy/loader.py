@@ -212,6 +212,11 @@ def _incomplete(policies: PolicySet, root: Path) -> list[LocatedError]:
     ]
 
 
+def read_file(path: Path, root: Path) -> bytes:
+    """The bytes of one file of `root` under the same bounds as a policy file (PolicyError)."""
+    return _read(path, root, MAX_FILE_BYTES)
+
+
 def _read(path: Path, root: Path, room: int) -> bytes:
     """The bytes of one policy file; PolicyError says why it cannot be used."""
     try:

@@ -432,3 +432,14 @@ def test_a_max_tokens_past_32_bits_is_a_located_error(shipped: Path) -> None:
 
     assert (error.line, error.path) == (29, "spec.degrade.max_tokens")
     assert "less than 2147483648" in error.message
+
+
+def test_policy_test_files_are_read_under_the_same_bounds(shipped: Path) -> None:
+    os.mkfifo(shipped / "pipe_test.yaml")
+    (shipped / "huge_test.yaml").write_bytes(b"# " + b"x" * MAX_FILE_BYTES + b"\n")
+
+    result = CliRunner().invoke(app, ["policy", "test", str(shipped)])
+
+    assert result.exit_code == 1
+    assert f"{shipped / 'huge_test.yaml'}:1:1: the file is over" in result.stderr
+    assert "pipe_test.yaml" not in result.output + result.stderr  # not a file: not opened
