@@ -46,7 +46,8 @@ class Kind:
     GAP = "journal.gap"
     POLICY_TRANSITION = "policy.transition"  # a policy engaged or released (per label value)
     POLICY_RELOADED = "policy.reloaded"
-    POLICY_REJECTED = "policy.rejected"  # a changed policy directory was invalid
+    POLICY_REJECTED = "policy.rejected"  # a changed policy directory was invalid or refused
+    POLICY_CONFIRMED = "policy.confirmed"  # a person confirmed a reload that removes limits
 
 
 @dataclass(frozen=True)

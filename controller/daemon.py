@@ -83,7 +83,9 @@ def build(settings: Settings, *, once: bool = False, dry_run: bool = False) -> D
     """Assemble the controller; raise ConfigurationError naming what to fix."""
     stack = ExitStack()
     try:
-        watcher = PolicyWatcher(settings.controller.policy_dir)
+        watcher = PolicyWatcher(
+            settings.controller.policy_dir, settings.controller.reload_max_removed_share
+        )
         policies = watcher.load()
         url, embedded = stack.enter_context(redis_url(settings))
         keys = KeySchema(settings.redis.key_prefix)

@@ -27,9 +27,9 @@ from controller.policy.engine import EngineState, Evaluation, Transition, evalua
 from controller.policy.policyset import PolicySet
 from controller.policy.resolver import Resolution, ResolverState, resolve
 from controller.reconcile import Change
-from controller.reload import PolicyWatcher, ReloadOutcome
+from controller.reload import ERROR, PolicyWatcher, ReloadOutcome
 from controller.sinks import SinkState
-from controller.sinks.control import ControlState, ControlStore
+from controller.sinks.control import ControlState, ControlStore, ReloadConfirmation
 from controller.sinks.factory import split_supported
 from controller.sinks.reconciler import Reconciler, TickReport
 from controller.sinks.records import signals_to_list
@@ -217,24 +217,11 @@ class Controller:
     # --- policies ---------------------------------------------------------------------------
 
     def _reload(self) -> None:
-        outcome: ReloadOutcome = self.watcher.poll()
+        outcome: ReloadOutcome = self.watcher.poll(self._reload_confirmation)
         if not outcome.changed:
             return
         if outcome.rejected:
-            self.metrics.reload_failures.inc()
-            for error in outcome.errors:
-                self._log.error("policy.reload_rejected", error=str(error))
-            self._emit(
-                JournalEvent(
-                    kind=Kind.POLICY_REJECTED,
-                    actor=CONTROLLER,
-                    tick=self.tick_id,
-                    reason=f"the changed policy files are invalid; version "
-                    f"{outcome.previous_version} keeps running",
-                    policy_version=outcome.previous_version,
-                    details={"errors": [str(e) for e in outcome.errors[:20]]},
-                )
-            )
+            self._reload_rejected(outcome)
             return
         assert outcome.policies is not None
         self.metrics.policy_version.clear()
@@ -247,9 +234,54 @@ class Controller:
                     tick=self.tick_id,
                     reason=f"policy set {outcome.previous_version} → {outcome.policies.version}",
                     policy_version=outcome.policies.version,
-                    details={"documents": [d.ref for d in outcome.policies.documents]},
+                    details={
+                        "documents": [d.ref for d in outcome.policies.documents],
+                        **_confirmed_by(outcome),
+                    },
                 )
             )
+
+    def _reload_rejected(self, outcome: ReloadOutcome) -> None:
+        """Count, log and journal a change that was not taken; the set in force keeps acting."""
+        self.metrics.reload_failures.labels(outcome.reason or "invalid").inc()
+        for error in outcome.errors:
+            self._log.error("policy.reload_rejected", error=str(error), reason=outcome.reason)
+        keeps = f"version {outcome.previous_version} keeps running"
+        removal = outcome.removal
+        details: dict[str, object] = {
+            "errors": [str(e) for e in outcome.errors[:20]],
+            "reason": outcome.reason,
+        }
+        if removal is not None:
+            details.update(
+                version=removal.version,
+                removed=list(removal.removed[:100]),
+                limits_in_force=removal.total,
+                confirm=f"governor policy confirm-reload {removal.version} --reason '...'",
+            )
+        why = (
+            removal.explain(self.watcher.directory)
+            if removal is not None
+            else _REJECTED.get(outcome.reason or "", "the changed policy files are invalid")
+        )
+        self._emit(
+            JournalEvent(
+                kind=Kind.POLICY_REJECTED,
+                actor=CONTROLLER,
+                tick=self.tick_id,
+                reason=f"{why}; {keeps}",
+                policy_version=outcome.previous_version,
+                details=details,
+            )
+        )
+
+    def _reload_confirmation(self, version: str) -> ReloadConfirmation | None:
+        """The reload confirmation in Redis; none while it cannot be read (fail closed)."""
+        try:
+            return self.control.reload_confirmation()
+        except GovernorError as exc:
+            self._log.warning("policy.confirmation_unreadable", version=version, error=str(exc))
+            return None
 
     # --- leadership and people's input -------------------------------------------------------
 
@@ -585,3 +617,14 @@ def _direction(change: Change) -> str:
     if change.new is None:
         return "remove"
     return "tighten" if change.new < change.old else "loosen"
+
+
+_REJECTED = {ERROR: "the policy reload failed (see the errors)"}
+
+
+def _confirmed_by(outcome: ReloadOutcome) -> dict[str, object]:
+    """Who let a reload that removes many limits in, for its journal event."""
+    confirmation = outcome.confirmation
+    if confirmation is None:
+        return {}
+    return {"confirmed_by": confirmation.actor, "confirmation_reason": confirmation.reason}

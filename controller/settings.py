@@ -127,6 +127,13 @@ class ControllerSettings(BaseModel):
         description="/readyz answers 503 once the last successful tick is older than this "
         "many tick intervals (a tick stuck on a stalled Redis never reports itself)",
     )
+    reload_max_removed_share: float = Field(
+        0.2,
+        ge=0,
+        le=1,
+        description="a policy reload that would stop writing more than this share of the "
+        "current set's limits waits for `governor policy confirm-reload` (docs/policies.md)",
+    )
     sinks: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["redis"],
         description="where limits are written, each with its own drift report: `redis` (the "

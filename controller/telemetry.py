@@ -86,9 +86,14 @@ class Metrics:
         )
         self.reload_failures = Counter(
             "governor_policy_reload_failures_total",
-            "Policy directory changes rejected (the last good set kept running).",
+            "Policy directory changes rejected (the last good set kept running), by reason: "
+            "invalid, removal (waits for confirm-reload), error.",
+            ["reason"],
             registry=r,
         )
+        # At 0 from the start, so that increase() (the alert) sees a reason's first failure.
+        for reason in ("invalid", "removal", "error"):
+            self.reload_failures.labels(reason)
         self.policy_version = Gauge(
             "governor_policy_version_info",
             "The policy set in force (value 1, version as a label).",

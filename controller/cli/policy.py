@@ -1,20 +1,25 @@
-"""`governor policy`: check policy files before they reach the controller, and the editor schema."""
+"""`governor policy`: check policy files before they reach the controller, the editor schema, and
+the confirmation of a reload that removes many limits."""
 
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from pathlib import Path
 
 import typer
 
+from controller.audit import JournalEvent, Kind
+from controller.cli._redis import default_actor, parse_ttl, require_reason, stores, when
 from controller.cli.policy_test import run_policy_tests
 from controller.errors import PolicyError
 from controller.policy.documents import KINDS, json_schema
 from controller.policy.loader import check_files, policy_files
 
 app = typer.Typer(
-    help="Check policy files (lint), run their tests (test) and print the editor schema.",
+    help="Check policy files (lint), run their tests (test), print the editor schema, and "
+    "confirm a reload that removes many limits (confirm-reload).",
     no_args_is_help=True,
 )
 
@@ -61,9 +66,11 @@ def lint(
     Exit 1 with one `file:line:column: message` line per error (on stderr).
 
     Exit 2 when DIR is missing or holds no policy files.
+
+    The set is checked as the controller runs it: it needs a Limits and a Plan document.
     """
     files = files_or_exit(directory)
-    policies, errors = check_files(files, directory)
+    policies, errors = check_files(files, directory, complete=True)
     if as_json:
         typer.echo(json.dumps([error.to_dict() for error in errors], indent=2))
         raise typer.Exit(1 if errors else 0)
@@ -115,3 +122,49 @@ def run_tests(
     file:line:col for a broken test file; exit 2 when DIR holds no tests.
     """
     run_policy_tests(directory, as_json)
+
+
+_VERSION = re.compile(r"[0-9a-f]{12}")
+
+
+@app.command("confirm-reload")
+def confirm_reload(
+    version: str = typer.Argument(
+        ...,
+        help="The policy version the refusal names (`governor policy lint DIR` prints it too).",
+        show_default=False,
+    ),
+    reason: str = typer.Option(..., "--reason", help="Why these limits may go (journalled)."),
+    actor: str | None = typer.Option(None, "--actor", help="Who confirms; default: the OS user."),
+    ttl: str = typer.Option(
+        "1h", "--ttl", help="How long the confirmation waits for the controller to take it."
+    ),
+) -> None:
+    """Let the controller take policy set VERSION although it removes more limits than
+    GOVERNOR_CONTROLLER__RELOAD_MAX_REMOVED_SHARE allows (the refusal's journal event and log
+    line name VERSION). Only that exact set is let in; any other change is checked anew.
+
+    Exit 0 when stored and journalled; 1 when Redis failed; 2 on a malformed VERSION.
+    """
+    if not _VERSION.fullmatch(version):
+        typer.echo(
+            f"error: {version!r} is not a policy version: give the 12 hex digits the refusal names",
+            err=True,
+        )
+        raise typer.Exit(2)
+    seconds, why, who = parse_ttl(ttl), require_reason(reason), actor or default_actor()
+    with stores() as s:
+        confirmation = s.control.confirm_reload(version, ttl_seconds=seconds, actor=who, reason=why)
+        s.record(
+            JournalEvent(
+                kind=Kind.POLICY_CONFIRMED,
+                actor=who,
+                reason=why,
+                policy_version=version,
+                details={"expires_at": confirmation.expires_at, "ttl_seconds": seconds},
+            )
+        )
+    typer.echo(
+        f"policy set {version} confirmed until {when(confirmation.expires_at)}: the controller "
+        "takes it on its next tick if the files still hold exactly that set"
+    )

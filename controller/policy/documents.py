@@ -3,10 +3,12 @@ and AdaptiveLimit documents. Pure: parsing and validation only."""
 
 from __future__ import annotations
 
+import math
 import re
 import sys
+from functools import cache
 from typing import Annotated, Any, Literal
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from zoneinfo import available_timezones
 
 from pydantic import (
     BaseModel,
@@ -29,10 +31,24 @@ API_VERSION = "governor/v1"
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+# No window, hold or cooldown of a control loop lasts a year; past that a duration is a typo.
+MAX_DURATION_SECONDS = 366 * 86400.0
+# PromQL is sent to Prometheus on every tick in a URL; real queries are a few hundred bytes.
+MAX_QUERY_CHARS = 8192
 
 
 def parse_duration(value: object) -> float:
     """`90s`, `2m`, `1h30m`, `0s` (or a bare number of seconds) → seconds as a float."""
+    return _bounded_duration(value, _seconds(value))
+
+
+def _bounded_duration(value: object, seconds: float) -> float:
+    if not math.isfinite(seconds) or seconds > MAX_DURATION_SECONDS:
+        raise ValueError(f"{value!r} is not a duration of at most 366d")
+    return seconds
+
+
+def _seconds(value: object) -> float:
     if isinstance(value, bool):
         raise ValueError("a duration is text like 30s, 2m, 1h30m")
     if isinstance(value, int | float):
@@ -149,7 +165,8 @@ class Degrade(Strict):
     at_percent: Annotated[float, Field(gt=0, lt=100)] = Field(
         90.0, description="start degrading once this share of a budget is spent"
     )
-    max_tokens: Annotated[int, Field(gt=0)] | None = Field(
+    # At most a 32-bit integer: gateways (Lua, JSON) read it as a number, not a big integer.
+    max_tokens: Annotated[int, Field(gt=0, lt=2**31)] | None = Field(
         None, description="cap the request's max_tokens to this"
     )
     model: Annotated[str, Field(min_length=1)] | None = Field(
@@ -230,7 +247,7 @@ class LimitsSpec(Strict):
 
 
 class SignalSpec(Strict):
-    query: Annotated[str, Field(min_length=1)]
+    query: Annotated[str, Field(min_length=1, max_length=MAX_QUERY_CHARS)]
     stale_after: Duration = Field(120.0, gt=0)
 
 
@@ -266,13 +283,18 @@ class Schedule(Strict):
     @field_validator("timezone")
     @classmethod
     def _known_zone(cls, value: str) -> str:
-        try:
-            ZoneInfo(value)
-        except (ZoneInfoNotFoundError, ValueError):
+        # Checked against the tz database's list, never opened by name: a name is a path
+        # below the database, and a long or odd one made ZoneInfo raise OSError.
+        if value not in _time_zones():
             raise ValueError(
-                f"unknown time zone {value!r}: use an IANA name like Europe/Berlin or UTC"
-            ) from None
+                f"unknown time zone {value[:80]!r}: use an IANA name like Europe/Berlin or UTC"
+            )
         return value
+
+
+@cache
+def _time_zones() -> frozenset[str]:
+    return frozenset(available_timezones())
 
 
 class OnStale(Strict):

@@ -31,6 +31,11 @@ _Fn = Callable[[_Env], _Value]
 _Kind = Literal["double", "int", "bool"]
 
 _EXAMPLE = "`gpu_util > 0.9 && spend > 3.0 * usual`"
+# A condition is a line or two; these bounds stop hostile text before any parser recurses on
+# it. Depth counts every operator on the way down: `!!x` is 3 deep, and a chain of N `&&`
+# terms is N deep (the parser nests them).
+MAX_EXPRESSION_CHARS = 4096
+MAX_EXPRESSION_DEPTH = 100
 
 
 class ExpressionError(ValueError):
@@ -98,6 +103,12 @@ def compile_expression(text: str, known: Collection[str]) -> Expression:
         raise ExpressionError(
             f"a condition cannot be empty: write a CEL expression like {_EXAMPLE}"
         )
+    if len(text) > MAX_EXPRESSION_CHARS:
+        raise ExpressionError(
+            f"a condition is at most {MAX_EXPRESSION_CHARS} characters, this one has "
+            f"{len(text)}: split it into signals (recording rules) and shorter conditions"
+        )
+    _check_brackets(text)
     program = _cel_compile(text)
     names = frozenset(program.variables()) - _comprehension_variables(text)
     _check_names(text, names, known)
@@ -109,6 +120,23 @@ def compile_expression(text: str, known: Collection[str]) -> Expression:
     if kind != "bool":
         raise _not_a_condition(text)
     return Expression(text, names, True, vector, program)
+
+
+def _too_deep(text: str) -> ExpressionError:
+    return ExpressionError(
+        f"condition {text[:80]!r}... nests deeper than {MAX_EXPRESSION_DEPTH} levels "
+        "(brackets, ! and - signs, and each term of a && or || chain count one): "
+        "write a flatter condition"
+    )
+
+
+def _check_brackets(text: str) -> None:
+    """Bracket nesting, in one pass and before the CEL parser sees the text."""
+    depth = 0
+    for char in text:
+        depth += (char in "([{") - (char in ")]}")
+        if depth > MAX_EXPRESSION_DEPTH:
+            raise _too_deep(text)
 
 
 # --- validation with the CEL library ---------------------------------------------------------
@@ -237,6 +265,7 @@ class _Node:
     pos: int
     args: tuple[_Node, ...] = ()
     value: float | int | bool | str = 0.0
+    depth: int = 1  # of the tree below: the compiler and the closures recurse this deep
 
 
 def _tokenize(text: str) -> list[_Token]:
@@ -255,8 +284,17 @@ def _tokenize(text: str) -> list[_Token]:
 
 class _Parser:
     def __init__(self, text: str) -> None:
+        self.text = text
         self.tokens = _tokenize(text)
         self.at = 0
+        self.level = 0  # nested expression() calls
+
+    def node(self, op: str, pos: int, args: tuple[_Node, ...], value: str = "") -> _Node:
+        """An operator node; refused past MAX_EXPRESSION_DEPTH (before anything recurses)."""
+        depth = 1 + max(arg.depth for arg in args)
+        if depth > MAX_EXPRESSION_DEPTH:
+            raise _too_deep(self.text)
+        return _Node(op, pos, args, value or 0.0, depth)
 
     def parse(self) -> _Node:
         node = self.expression()
@@ -277,25 +315,33 @@ class _Parser:
             raise _OutsideSubsetError  # CEL accepted it, so it is a construct we do not parse
 
     def expression(self, power: int = 0) -> _Node:
-        left = self.prefix()
+        self.level += 1
+        if self.level > MAX_EXPRESSION_DEPTH:
+            raise _too_deep(self.text)
+        try:
+            return self.operators(self.prefix(), power)
+        finally:
+            self.level -= 1
+
+    def operators(self, left: _Node, power: int) -> _Node:
         while True:
             token = self.peek()
             if token.text == "?" and power < 1:
                 self.next()
                 middle = self.expression()
                 self.expect(":")
-                left = _Node("?:", token.pos, (left, middle, self.expression(0)))
+                left = self.node("?:", token.pos, (left, middle, self.expression(0)))
                 continue
             bound = _INFIX.get(token.text) if token.kind == "op" else None
             if bound is None or bound <= power:
                 return left
             self.next()
-            left = _Node(token.text, token.pos, (left, self.expression(bound)))
+            left = self.node(token.text, token.pos, (left, self.expression(bound)))
 
     def prefix(self) -> _Node:
         token = self.next()
         if token.text in ("-", "!") and token.kind == "op":
-            return _Node(token.text + "x", token.pos, (self.expression(_PREFIX_POWER),))
+            return self.node(token.text + "x", token.pos, (self.expression(_PREFIX_POWER),))
         if token.text == "(":
             node = self.expression()
             self.expect(")")
@@ -319,7 +365,7 @@ class _Parser:
         self.next()
         argument = self.expression()
         self.expect(")")
-        return _Node("call", token.pos, (argument,), token.text)
+        return self.node("call", token.pos, (argument,), token.text)
 
 
 # --- the numeric subset: type check and compile to numpy --------------------------------------

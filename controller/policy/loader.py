@@ -12,12 +12,24 @@ from pydantic import ValidationError
 
 from controller.errors import PolicyError
 from controller.policy.diagnostics import diagnose, format_path, located
-from controller.policy.documents import Document, DocumentFile
+from controller.policy.documents import Document, DocumentFile, Limits
 from controller.policy.policyset import PolicySet, PolicySetError
-from controller.policy.sourcemap import Position, SourceDocument, SourceProblem, parse_yaml
+from controller.policy.sourcemap import (
+    Budget,
+    Position,
+    SourceDocument,
+    SourceProblem,
+    parse_yaml,
+)
 
 SUFFIXES = (".yaml", ".yml")
 TEST_SUFFIXES = ("_test.yaml", "_test.yml")  # policy tests live beside the policies
+# Policies are a few kilobytes; these bounds only ever stop hostile or broken input (a file
+# that grew without end, a directory filled by mistake) before it is read whole. Reading YAML
+# costs about 5 µs per node, so 512 KiB (at most ~250k nodes) loads in about a second.
+MAX_FILE_BYTES = 256 << 10
+MAX_SET_BYTES = 512 << 10
+MAX_FILES = 500
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +60,25 @@ class PolicyLoadError(PolicyError):
 
 
 @dataclass(frozen=True, slots=True)
+class Sources:
+    """The bytes of a set's files as read once (name, data), and the files that could not be
+    read; hot reload fingerprints exactly what it then checks."""
+
+    root: Path
+    files: tuple[tuple[Path, bytes], ...]
+    errors: tuple[LocatedError, ...]
+
+    def fingerprint(self) -> str:
+        """A hash of every file's name and bytes, and of every read error."""
+        digest = hashlib.sha256()
+        for path, data in self.files:
+            digest.update(_relative_name(path, self.root).encode() + b"\0" + data + b"\0")
+        for error in self.errors:
+            digest.update(str(error).encode() + b"\0")
+        return digest.hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
 class _Loaded:
     """A document that validated, with the file and source map it came from."""
 
@@ -67,52 +98,153 @@ def policy_files(directory: Path) -> list[Path]:
             f"policy directory {str(directory)!r} {what}: give the directory that holds the "
             "policy YAML files (the controller reads GOVERNOR_CONTROLLER__POLICY_DIR)"
         )
-    return sorted(
-        path
-        for path in directory.iterdir()
-        if path.name.endswith(SUFFIXES)
-        and not path.name.endswith(TEST_SUFFIXES)
-        and not path.name.startswith(".")
-        and path.is_file()
-    )
+    try:
+        entries = list(directory.iterdir())
+    except OSError as exc:
+        raise PolicyError(f"cannot list policy directory {str(directory)!r}: {exc}") from None
+    found = sorted(path for path in entries if _is_policy_file(path))
+    if len(found) > MAX_FILES:
+        raise PolicyError(
+            f"policy directory {str(directory)!r} holds {len(found)} policy files, over the "
+            f"{MAX_FILES} a set may have: remove the files that are not policies"
+        )
+    return found
 
 
-def check_directory(directory: Path) -> tuple[PolicySet | None, list[LocatedError]]:
-    """Load every policy file of `directory`; the set, or None and every error found."""
-    return check_files(policy_files(directory), directory)
+def _is_policy_file(path: Path) -> bool:
+    """A policy by its name; anything but a directory or a dangling link (a ConfigMap update
+    leaves one for a moment) is read, so a FIFO or a link out is refused, not skipped."""
+    if not path.name.endswith(SUFFIXES) or path.name.endswith(TEST_SUFFIXES):
+        return False
+    if path.name.startswith(".") or not path.exists():
+        return False
+    return path.is_symlink() or not path.is_dir()
 
 
-def load_directory(directory: Path) -> PolicySet:
+def check_directory(
+    directory: Path, *, complete: bool = False
+) -> tuple[PolicySet | None, list[LocatedError]]:
+    """Load every policy file of `directory`; the set, or None and every error found.
+
+    `complete`: as in `check_files`."""
+    return check_files(policy_files(directory), directory, complete=complete)
+
+
+def load_directory(directory: Path, *, complete: bool = False) -> PolicySet:
     """Load every policy file of `directory`, or raise PolicyLoadError listing every error."""
-    policies, errors = check_directory(directory)
+    policies, errors = check_directory(directory, complete=complete)
     if policies is None:
         raise PolicyLoadError(errors)
     return policies
 
 
-def check_files(files: Sequence[Path], root: Path) -> tuple[PolicySet | None, list[LocatedError]]:
-    """Load `files` (in this order) as one set; its version hashes their names below `root`."""
-    digest = hashlib.sha256()
+def check_files(
+    files: Sequence[Path], root: Path, *, complete: bool = False
+) -> tuple[PolicySet | None, list[LocatedError]]:
+    """Load `files` (in this order) as one set; its version hashes their names below `root`.
+
+    `complete`: the set is what the controller runs (`governor run`, hot reload, `policy
+    lint`), so it must hold a Limits and a Plan; tools that read a few files need not."""
+    return check_sources(read_sources(files, root), complete=complete)
+
+
+def read_sources(files: Sequence[Path], root: Path) -> Sources:
+    """Read each file once, refusing symbolic links that leave `root` and oversized files."""
+    read: list[tuple[Path, bytes]] = []
     errors: list[LocatedError] = []
-    loaded: list[_Loaded] = []
+    total = 0
     for path in files:
         try:
-            data = path.read_bytes()
-        except OSError as exc:
-            errors.append(LocatedError(str(path), 1, 1, "", f"cannot read the file: {exc}"))
+            data = _read(path, root, MAX_SET_BYTES - total)
+        except PolicyError as exc:
+            errors.append(LocatedError(str(path), 1, 1, "", str(exc)))
             continue
-        digest.update(_relative_name(path, root).encode() + b"\0" + data + b"\0")
-        loaded += _load_file(str(path), data, errors)
+        total += len(data)
+        read.append((path, data))
+    return Sources(root, tuple(read), tuple(errors))
+
+
+def check_sources(
+    sources: Sources, *, complete: bool = False
+) -> tuple[PolicySet | None, list[LocatedError]]:
+    """Validate what `read_sources` read as one set (see `check_files`)."""
+    errors = list(sources.errors)
+    loaded: list[_Loaded] = []
+    budget = Budget()  # shared: many files cannot multiply the alias-expansion bound
+    for path, data in sources.files:
+        try:
+            loaded += _load_file(str(path), data, errors, budget)
+        except Exception as exc:  # a guard the loader lacks must still name the file
+            message = f"the loader failed on this file ({type(exc).__name__}: {exc})"
+            errors.append(LocatedError(str(path), 1, 1, "", f"{message}: please report it"))
     if errors:
         return None, errors
+    version = sources.fingerprint()[:12]
     try:
-        policies = PolicySet.from_documents([d.document for d in loaded], digest.hexdigest()[:12])
+        policies = PolicySet.from_documents([d.document for d in loaded], version)
     except PolicySetError as exc:
         for problem in exc.problems:
             origin = loaded[problem.document]
             errors.append(_locate(origin.file, origin.source, problem.path, problem.message))
         return None, errors
-    return policies, []
+    if complete:
+        errors = _incomplete(policies, sources.root)
+    return (None, errors) if errors else (policies, [])
+
+
+def _incomplete(policies: PolicySet, root: Path) -> list[LocatedError]:
+    """A set without Limits or Plan is a directory emptied or half-synced, not a policy."""
+    missing = []
+    if not any(isinstance(document, Limits) for document in policies.documents):
+        missing.append("`kind: Limits` document (global limits and default_plan)")
+    if not policies.plans:
+        missing.append("`kind: Plan` document")
+    return [
+        LocatedError(
+            str(root),
+            1,
+            1,
+            "",
+            f"the policy set has no {what}: every set needs one; a directory emptied or "
+            "half-written by a failed sync is refused, never applied",
+        )
+        for what in missing
+    ]
+
+
+def read_file(path: Path, root: Path) -> bytes:
+    """The bytes of one file of `root` under the same bounds as a policy file (PolicyError)."""
+    return _read(path, root, MAX_FILE_BYTES)
+
+
+def _read(path: Path, root: Path, room: int) -> bytes:
+    """The bytes of one policy file; PolicyError says why it cannot be used."""
+    try:
+        if path.is_symlink() and not path.resolve(strict=True).is_relative_to(root.resolve()):
+            raise PolicyError(
+                f"the file is a symbolic link to {str(path.resolve())!r}, outside the policy "
+                "directory: copy the file into the directory instead"
+            )
+        if not path.is_file():  # opening a FIFO would wait for a writer
+            raise PolicyError(
+                "the file is not a regular file (a FIFO, a device or a directory): policies "
+                "are plain files"
+            )
+        with path.open("rb") as handle:
+            data = handle.read(min(MAX_FILE_BYTES, room) + 1)
+    except (OSError, RuntimeError) as exc:  # RuntimeError: a symbolic link loop (Python 3.11)
+        raise PolicyError(f"cannot read the file: {exc}") from None
+    if len(data) > MAX_FILE_BYTES:
+        raise PolicyError(
+            f"the file is over {MAX_FILE_BYTES} bytes, the most a policy file may hold: "
+            "split it or remove what is not policy"
+        )
+    if len(data) > room:
+        raise PolicyError(
+            f"the policy set is over {MAX_SET_BYTES} bytes with this file, the most a set "
+            "may hold: remove files that are not policies"
+        )
+    return data
 
 
 def _relative_name(path: Path, root: Path) -> str:
@@ -122,7 +254,7 @@ def _relative_name(path: Path, root: Path) -> str:
         return path.as_posix()
 
 
-def _load_file(file: str, data: bytes, errors: list[LocatedError]) -> list[_Loaded]:
+def _load_file(file: str, data: bytes, errors: list[LocatedError], budget: Budget) -> list[_Loaded]:
     """The documents of one file that validate; the others add to `errors`."""
     try:
         text = data.decode("utf-8-sig")
@@ -131,7 +263,7 @@ def _load_file(file: str, data: bytes, errors: list[LocatedError]) -> list[_Load
         column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
         errors.append(LocatedError(file, line, column, "", "the file is not UTF-8 text"))
         return []
-    source = parse_yaml(text)
+    source = parse_yaml(text, budget)
     found = [_from_problem(file, problem) for problem in source.problems]
     out: list[_Loaded] = []
     for document in source.documents:

@@ -144,6 +144,14 @@ class PolicySet:
                 yield Address(Scope.PLAN, kind, plan=name), value
 
 
+def removed_limits(current: PolicySet, new: PolicySet) -> list[Address]:
+    """The limits `current` writes from its files (global, ip, plan) that `new` would not."""
+    kept = {address for address, _ in new.baseline_addresses()}
+    return sorted(
+        (address for address, _ in current.baseline_addresses() if address not in kept), key=str
+    )
+
+
 def _implicit_limits(plans: Mapping[str, Plan]) -> Limits:
     """With no Limits document: no global limits, the first plan (by name) as default."""
     default = min(plans) if plans else "default"

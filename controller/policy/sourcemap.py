@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Hashable, Mapping
+from collections.abc import Hashable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import yaml
@@ -17,9 +17,42 @@ _SEQ_TAG = "tag:yaml.org,2002:seq"
 _NULL_TAG = "tag:yaml.org,2002:null"
 _MERGE_TAG = "tag:yaml.org,2002:merge"
 # Aliases can make a small file expand into a huge value ("billion laughs"); policies are
-# small, so these bounds only ever stop hostile or broken input.
-MAX_VALUES = 100_000
+# small, so these bounds only ever stop hostile or broken input. MAX_VALUES and MAX_DOCUMENTS
+# are shared by every file of a set (a Budget), so many files cannot multiply them.
+MAX_VALUES = 50_000
 MAX_DEPTH = 64
+MAX_DOCUMENTS = 1_000
+# Nodes as YAML writes them, before aliases expand: reading one costs ~5 µs even in libyaml
+# (tags are resolved in Python), so this bound keeps a set's parse near half a second.
+MAX_NODES = 100_000
+# A syntax error in a file up to this size is worded by PyYAML's parser (see _explained).
+REPARSE_CHARS = 64 * 1024
+
+
+@dataclass(slots=True)
+class Budget:
+    """What is left to read of one policy set: values (after alias expansion) and documents."""
+
+    values: int = MAX_VALUES
+    documents: int = MAX_DOCUMENTS
+    nodes: int = MAX_NODES
+
+
+class _TooManyNodesError(Exception):
+    """The set's YAML holds more nodes than MAX_NODES (raised while composing)."""
+
+
+class _Counting:
+    """Counts the nodes a loader composes against the set's Budget: every node with an
+    implicit tag passes through `resolve`, in the Python loader and in libyaml's alike."""
+
+    budget: Budget
+
+    def resolve(self, kind: type[yaml.Node], value: object, implicit: object) -> str:
+        self.budget.nodes -= 1
+        if self.budget.nodes < 0:
+            raise _TooManyNodesError
+        return super().resolve(kind, value, implicit)  # type: ignore[misc,no-any-return]
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -98,25 +131,105 @@ class _Lines:
         return self.position(len(lines) - 1, len(lines[-1]))
 
 
-def parse_yaml(text: str) -> SourceFile:
-    """Every non-empty document of `text`; never raises for bad input, returns problems."""
+class _DepthLimitedLoader(_Counting, yaml.SafeLoader):
+    """Refuses nesting deeper than MAX_DEPTH while composing: PyYAML's composer recurses once
+    per level, so `[[[[...` would otherwise end in a RecursionError deep inside it."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+        self.budget = Budget()
+
+    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                mark = self.peek_event().start_mark  # type: ignore[no-untyped-call]
+                raise yaml.composer.ComposerError(
+                    None, None, f"the document nests deeper than {MAX_DEPTH} levels", mark
+                )
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+class _CountingCLoader(_Counting, yaml.CSafeLoader):
+    """libyaml's loader, counting nodes."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self.budget = Budget()
+
+
+# libyaml (bundled with PyYAML's wheels) composes ten times faster than PyYAML's own Python
+# and refuses nesting past 1,000 levels itself; the Python loader is the fallback.
+_LOADER: type[_DepthLimitedLoader] | type[_CountingCLoader] = (
+    _CountingCLoader if yaml.__with_libyaml__ else _DepthLimitedLoader
+)
+
+
+def _compose(text: str, loader_class: type[_Counting], budget: Budget) -> Iterator[yaml.Node]:
+    """yaml.compose_all, with the set's budget."""
+    loader = loader_class(text)  # type: ignore[call-arg]
+    loader.budget = budget
+    try:
+        while loader.check_node():  # type: ignore[attr-defined]
+            yield loader.get_node()  # type: ignore[attr-defined]
+    finally:
+        loader.dispose()  # type: ignore[attr-defined]
+
+
+def parse_yaml(text: str, budget: Budget | None = None) -> SourceFile:
+    """Every non-empty document of `text`; never raises for bad input, returns problems.
+
+    `budget` is shared by the files of one set; each call gets its own when None."""
     lines = _Lines(text)
+    budget = Budget() if budget is None else budget
     documents: list[SourceDocument] = []
     try:
-        for node in yaml.compose_all(text, Loader=yaml.SafeLoader):
+        for node in _compose(text, _LOADER, budget):
             if node.tag == _NULL_TAG and isinstance(node, yaml.ScalarNode) and not node.value:
                 continue  # an empty document between `---` lines
-            documents.append(_Converter(lines).document(node))
+            budget.documents -= 1
+            if budget.documents < 0:
+                problem = SourceProblem(
+                    lines.at_mark(node.start_mark),
+                    (),
+                    f"over {MAX_DOCUMENTS} documents: a policy set holds at most that many",
+                )
+                return SourceFile(tuple(documents), (problem,))
+            documents.append(_Converter(lines, budget).document(node))
     except yaml.MarkedYAMLError as exc:
-        return SourceFile(tuple(documents), (_syntax_problem(exc, lines),))
+        return SourceFile(tuple(documents), (_syntax_problem(_explained(text, exc), lines),))
     except yaml.reader.ReaderError as exc:
         message = f"YAML: character #x{exc.character:04x} is not allowed ({exc.reason})"
         problem = SourceProblem(lines.at_offset(text, exc.position), (), message)
         return SourceFile(tuple(documents), (problem,))
+    except _TooManyNodesError:
+        message = (
+            f"the policy set's YAML holds over {MAX_NODES} nodes (keys, values, list items); "
+            "policies are small: remove what is not policy"
+        )
+        return SourceFile(tuple(documents), (SourceProblem(Position(1, 1), (), message),))
     except RecursionError:
         problem = SourceProblem(Position(1, 1), (), "YAML nests too deeply to be a policy")
         return SourceFile(tuple(documents), (problem,))
     return SourceFile(tuple(documents), ())
+
+
+def _explained(text: str, exc: yaml.MarkedYAMLError) -> yaml.MarkedYAMLError:
+    """PyYAML's own parser words a syntax error better than libyaml (it names the tab that
+    cannot start a token): a file of ordinary size is read again by it to say so."""
+    if _LOADER is _DepthLimitedLoader or len(text) > REPARSE_CHARS:
+        return exc
+    try:
+        for _ in _compose(text, _DepthLimitedLoader, Budget()):
+            pass
+    except yaml.MarkedYAMLError as worded:
+        return worded
+    except (yaml.YAMLError, _TooManyNodesError):
+        return exc
+    return exc
 
 
 def _syntax_problem(exc: yaml.MarkedYAMLError, lines: _Lines) -> SourceProblem:
@@ -134,9 +247,10 @@ class _Converter:
     """Builds Python values from a node tree, recording spots and YAML-level problems."""
 
     lines: _Lines
+    budget: Budget
     spots: dict[Path, Spot] = field(default_factory=dict)
     problems: list[SourceProblem] = field(default_factory=list)
-    count: int = 0
+    over_budget: bool = False
     active: set[int] = field(default_factory=set)
     scalars: yaml.SafeLoader = field(default_factory=lambda: yaml.SafeLoader(""))
 
@@ -150,10 +264,11 @@ class _Converter:
         self.problems.append(SourceProblem(self.lines.at_mark(node.start_mark), path, message))
 
     def value(self, node: yaml.Node, path: Path) -> object:
-        self.count += 1
-        if self.count > MAX_VALUES:
-            if self.count == MAX_VALUES + 1:
-                self.problem(node, path, f"the document expands to over {MAX_VALUES} values")
+        self.budget.values -= 1
+        if self.budget.values < 0:
+            if not self.over_budget:  # once per document, in every document past the bound
+                self.over_budget = True
+                self.problem(node, path, f"the policy set expands to over {MAX_VALUES} values")
             return None
         if len(path) > MAX_DEPTH:
             self.problem(node, path, f"the document nests deeper than {MAX_DEPTH} levels")
@@ -187,6 +302,8 @@ class _Converter:
     def sequence(self, node: yaml.SequenceNode, path: Path) -> list[object]:
         items: list[object] = []
         for index, child in enumerate(node.value):
+            if self.budget.values < 0:
+                break  # over the bound (reported once): the rest cannot matter
             here = self.lines.at_mark(child.start_mark)
             self.spots[(*path, index)] = Spot(here, here)
             items.append(self.value(child, (*path, index)))
@@ -194,9 +311,10 @@ class _Converter:
 
     def mapping(self, node: yaml.MappingNode, path: Path) -> dict[Hashable, object]:
         result: dict[Hashable, object] = {}
+        merged_spots: dict[Path, Spot] = {}
         for key_node, value_node in node.value:
             if key_node.tag == _MERGE_TAG:
-                self.merge(value_node, path, result)
+                self.merge(value_node, path, result, merged_spots)
         first_seen: dict[Hashable, Position] = {}
         for key_node, value_node in node.value:
             key = None if key_node.tag == _MERGE_TAG else self.key(key_node, path)
@@ -212,10 +330,16 @@ class _Converter:
                 )
                 continue
             first_seen[key] = where
-            if key in result:  # written here and merged: forget where the merged one was
-                self.forget((*path, key))
             self.spots[(*path, key)] = Spot(where, self.lines.at_mark(value_node.start_mark))
             result[key] = self.value(value_node, (*path, key))
+        # A merged key's spots count only where the mapping does not write that key itself;
+        # one pass over them keeps merges linear (no search per overridden key).
+        depth = len(path)
+        self.spots.update(
+            (spot_path, spot)
+            for spot_path, spot in merged_spots.items()
+            if spot_path[depth] not in first_seen
+        )
         return result
 
     def key(self, node: yaml.Node, path: Path) -> Hashable | None:
@@ -228,16 +352,20 @@ class _Converter:
             return None
         return key if isinstance(key, Hashable) else str(key)
 
-    def merge(self, node: yaml.Node, path: Path, into: dict[Hashable, object]) -> None:
-        """`<<: *defaults`: keys written in the mapping win, then earlier merged mappings."""
-        sources = node.value if isinstance(node, yaml.SequenceNode) else [node]
-        for source in reversed(sources):
-            merged = self.value(source, path)
-            if isinstance(merged, dict):
-                into.update(merged)
-            else:
-                self.problem(source, path, "`<<` merges only mappings")
+    def merge(
+        self, node: yaml.Node, path: Path, into: dict[Hashable, object], spots: dict[Path, Spot]
+    ) -> None:
+        """`<<: *defaults`: keys written in the mapping win, then earlier merged mappings.
 
-    def forget(self, path: Path) -> None:
-        for recorded in [p for p in self.spots if p[: len(path)] == path]:
-            del self.spots[recorded]
+        The merged values' spots go to `spots`, for `mapping` to keep those not overridden."""
+        sources = node.value if isinstance(node, yaml.SequenceNode) else [node]
+        mine, self.spots = self.spots, spots
+        try:
+            for source in reversed(sources):
+                merged = self.value(source, path)
+                if isinstance(merged, dict):
+                    into.update(merged)
+                else:
+                    self.problem(source, path, "`<<` merges only mappings")
+        finally:
+            self.spots = mine

@@ -18,6 +18,7 @@ from typing import Annotated
 import numpy as np
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
+from controller.errors import PolicyError
 from controller.model import (
     Address,
     Override,
@@ -32,7 +33,7 @@ from controller.policy.baselines import Baselines
 from controller.policy.diagnostics import format_path
 from controller.policy.documents import AddressField, Duration, format_duration
 from controller.policy.engine import EngineState, evaluate
-from controller.policy.loader import LocatedError
+from controller.policy.loader import LocatedError, read_file
 from controller.policy.policyset import PolicySet
 from controller.policy.resolver import ResolverState, resolve
 from controller.policy.sourcemap import parse_yaml
@@ -146,9 +147,11 @@ def find_test_files(directory: Path) -> list[Path]:
 def read_test_file(path: Path) -> tuple[PolicyTestFile | None, list[LocatedError]]:
     """Parse one test file; every error is located at file:line:column."""
     try:
-        text = path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as exc:
+        text = read_file(path, path.parent).decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
         return None, [LocatedError(str(path), 1, 1, "", f"cannot read the file: {exc}")]
+    except PolicyError as exc:  # too large, a FIFO, a link out of the directory
+        return None, [LocatedError(str(path), 1, 1, "", str(exc))]
     source = parse_yaml(text)
     errors = [
         LocatedError(str(path), p.position.line, p.position.column, format_path(p.path), p.message)

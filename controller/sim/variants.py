@@ -8,7 +8,7 @@ from controller.errors import PolicyError
 from controller.policy.baselines import Baselines
 from controller.policy.documents import AdaptiveLimit, DocumentFile, Limits, Plan
 from controller.policy.policyset import PolicySet
-from controller.reload import PolicyWatcher, ReloadOutcome
+from controller.reload import Confirmations, PolicyWatcher, ReloadOutcome
 from controller.sim.scenario import PlainAimd
 
 POLICIES, STATIC, AIMD = "policies", "static", "plain-aimd"
@@ -21,7 +21,7 @@ class FixedPolicies(PolicyWatcher):
         super().__init__(Path(f"<{policies.version}>"))
         self.current = policies
 
-    def poll(self) -> ReloadOutcome:
+    def poll(self, confirmations: Confirmations | None = None) -> ReloadOutcome:
         return ReloadOutcome(changed=False)
 
     def load(self) -> PolicySet:

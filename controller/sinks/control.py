@@ -27,6 +27,17 @@ class Freeze:
 
 
 @dataclass(frozen=True, slots=True)
+class ReloadConfirmation:
+    """A person let the policy set `version` in although it removes many limits."""
+
+    version: str
+    actor: str
+    reason: str
+    set_at: float
+    expires_at: float
+
+
+@dataclass(frozen=True, slots=True)
 class ControlState:
     """Everything the resolver takes from people each tick."""
 
@@ -155,6 +166,42 @@ class ControlStore:
             return None
         data = json.loads(text)
         return Freeze(data["actor"], data["reason"], data["set_at"], data["expires_at"])
+
+    # Reload confirmation: one key, for one policy version, whose TTL ends it.
+    def confirm_reload(
+        self, version: str, *, ttl_seconds: float, actor: str, reason: str
+    ) -> ReloadConfirmation:
+        ttl = _ttl_ms(ttl_seconds)
+        now = self._clock()
+        confirmation = ReloadConfirmation(version, actor, reason, now, now + ttl / 1000)
+        record = json.dumps(
+            {
+                "version": version,
+                "actor": actor,
+                "reason": reason,
+                "set_at": now,
+                "expires_at": confirmation.expires_at,
+            },
+            sort_keys=True,
+        )
+        with wrapped(self.client, "confirm the policy reload"):
+            self.client.set(self.keys.reload_confirmation, record, px=ttl)
+        return confirmation
+
+    def reload_confirmation(self) -> ReloadConfirmation | None:
+        """The confirmation in force, whatever version it names (None: there is none)."""
+        with wrapped(self.client, "read the policy reload confirmation"):
+            text: str | None = self.client.get(self.keys.reload_confirmation)
+        if text is None:
+            return None
+        data = json.loads(text)
+        return ReloadConfirmation(
+            str(data["version"]),
+            str(data["actor"]),
+            str(data["reason"]),
+            float(data["set_at"]),
+            float(data["expires_at"]),
+        )
 
     # The tenant registry: tenant → plan.
     def set_tenant(self, tenant: str, plan: str) -> str | None:

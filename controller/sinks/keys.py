@@ -128,6 +128,10 @@ class KeySchema:
         return self._key("journal")
 
     @property
+    def reload_confirmation(self) -> str:
+        return self._key("reload-confirmation")
+
+    @property
     def override_index(self) -> str:
         return self._key("overrides")
 

@@ -89,7 +89,7 @@ def test_an_invalid_policy_is_rejected_and_the_old_set_keeps_acting(
     first_version = daemon.wait_for_log("governor.started")["policy_version"]
 
     (policy_dir / "broken.yaml").write_text(BROKEN)
-    daemon.wait_for_metric("governor_policy_reload_failures_total", 1.0)
+    daemon.wait_for_metric("governor_policy_reload_failures_total", 1.0, reason="invalid")
     wait_for(lambda: bool(events(db, "policy.rejected")), "the rejection is journalled")
     [rejected] = events(db, "policy.rejected")
     assert rejected["policy_version"] == first_version
@@ -115,4 +115,4 @@ def test_an_invalid_policy_is_rejected_and_the_old_set_keeps_acting(
     assert daemon.metric("governor_policy_version_info", version=first_version) is None
     # The same broken content was reported once, not on every tick.
     assert len(events(db, "policy.rejected")) == 1
-    assert daemon.metric("governor_policy_reload_failures_total") == 1
+    assert daemon.metric("governor_policy_reload_failures_total", reason="invalid") == 1

@@ -1,0 +1,159 @@
+"""Hot reload (controller.reload) on real files: a set is validated whole before it is taken,
+the last good set survives anything, a change broken again is reported again, and a reload
+that removes more than the allowed share of limits waits for a confirmation of its version."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from controller.cli import app
+from controller.policy.loader import check_directory
+from controller.reload import ERROR, INVALID, REMOVAL, PolicyWatcher
+from controller.sinks.control import ReloadConfirmation
+
+SHIPPED = Path(__file__).parents[2] / "policies"
+DEEP = (
+    "apiVersion: governor/v1\nkind: ThrottlePolicy\nmetadata: {name: deep}\nspec:\n"
+    "  signals: {x: {query: up}}\n  when: '" + "!" * 500 + "(x > 1.0)'\n"
+    "  actions: [{target: global/requests_per_second, scale: 0.5}]\n"
+)
+
+
+@pytest.fixture
+def policies(tmp_path: Path) -> Path:
+    target = tmp_path / "policies"
+    shutil.copytree(SHIPPED, target)
+    return target
+
+
+@pytest.fixture
+def watcher(policies: Path) -> PolicyWatcher:
+    started = PolicyWatcher(policies)
+    started.load()
+    return started
+
+
+def confirming(version: str) -> ReloadConfirmation:
+    return ReloadConfirmation(version, "sre", "planned", 0.0, 3600.0)
+
+
+def without_plan(policies: Path, plan: str) -> None:
+    """Drop one plan document from plans.yaml, and the policies that target it."""
+    documents = (policies / "plans.yaml").read_text().split("---\n")
+    kept = [d for d in documents if f"name: {plan}\n" not in d]
+    (policies / "plans.yaml").write_text("---\n".join(kept))
+
+
+def test_an_emptied_directory_keeps_the_set_in_force(
+    policies: Path, watcher: PolicyWatcher
+) -> None:
+    before = watcher.current
+    for file in policies.iterdir():
+        file.unlink()
+
+    outcome = watcher.poll()
+
+    assert outcome.rejected
+    assert outcome.reason == INVALID
+    assert watcher.current is before
+    assert {e.message.split(":")[0] for e in outcome.errors} == {"the policy set has no `kind"}
+    assert watcher.poll().changed is False  # reported once
+
+
+def test_a_hostile_file_is_rejected_and_reported_again_when_broken_again(
+    policies: Path, watcher: PolicyWatcher
+) -> None:
+    before = watcher.current
+    (policies / "deep.yaml").write_text(DEEP)
+
+    first = watcher.poll()
+    assert first.rejected
+    assert first.reason == INVALID
+    assert str(first.errors[0]).startswith(f"{policies / 'deep.yaml'}:6:9: spec.when:")
+    assert watcher.poll().changed is False
+
+    (policies / "deep.yaml").unlink()
+    assert watcher.poll().changed is False  # back to the set in force
+    (policies / "deep.yaml").write_text(DEEP)
+
+    again = watcher.poll()
+    assert again.rejected
+    assert again.errors == first.errors
+    assert watcher.current is before
+
+
+def test_a_failure_inside_the_reload_keeps_the_set_and_is_reported_once(
+    policies: Path, watcher: PolicyWatcher
+) -> None:
+    before = watcher.current
+    without_plan(policies, "paid")  # 3 of 12 limits go: the confirmation store is asked
+
+    def unreachable(version: str) -> ReloadConfirmation | None:
+        raise ConnectionError("confirmation store unreachable")
+
+    outcome = watcher.poll(unreachable)
+
+    assert outcome.rejected
+    assert outcome.reason == ERROR
+    assert "ConnectionError: confirmation store unreachable" in outcome.errors[0].message
+    assert watcher.current is before
+    assert watcher.poll(unreachable).changed is False
+
+
+def test_removing_up_to_the_share_reloads_and_more_waits_for_its_confirmation(
+    policies: Path, watcher: PolicyWatcher
+) -> None:
+    assert watcher.current is not None
+    total = sum(1 for _ in watcher.current.baseline_addresses())
+    free = (policies / "plans.yaml").read_text()
+    # Removing one limit of twelve is under the 20 % share: taken without a word.
+    (policies / "plans.yaml").write_text(free.replace("    tokens_per_day: 1000\n", ""))
+    assert watcher.poll().policies is not None
+
+    without_plan(policies, "enterprise")  # four more of eleven: over the share
+    held, _ = check_directory(policies, complete=True)
+    assert held is not None
+    refused = watcher.poll(lambda version: confirming("0123456789ab"))
+
+    assert refused.rejected
+    assert refused.reason == REMOVAL
+    assert refused.removal is not None
+    assert refused.removal.version == held.version
+    assert refused.removal.total == total - 1
+    assert refused.removal.removed == (
+        "plan/enterprise/concurrent_requests",
+        "plan/enterprise/requests_per_minute",
+        "plan/enterprise/tokens_per_day",
+        "plan/enterprise/tokens_per_minute",
+    )
+    assert f"governor policy confirm-reload {held.version}" in refused.errors[0].message
+    assert watcher.poll(lambda version: None).changed is False
+
+    taken = watcher.poll(lambda version: confirming(version))
+
+    assert taken.policies is not None
+    assert taken.policies.version == held.version
+    assert taken.confirmation == confirming(held.version)
+    assert watcher.current is taken.policies
+
+
+def test_the_share_is_a_setting(policies: Path) -> None:
+    watcher = PolicyWatcher(policies, max_removed_share=0.5)
+    watcher.load()
+    without_plan(policies, "enterprise")
+
+    assert watcher.poll().policies is not None
+
+
+@pytest.mark.parametrize("version", ["latest", "0123456789AB", "0123456789abc", ""])
+def test_confirm_reload_refuses_anything_but_a_policy_version(version: str) -> None:
+    result = CliRunner().invoke(
+        app, ["policy", "confirm-reload", version, "--reason", "planned", "--actor", "sre"]
+    )
+
+    assert result.exit_code == 2
+    assert "is not a policy version: give the 12 hex digits the refusal names" in result.stderr
