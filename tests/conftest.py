@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import redis
+import structlog
 
 from tests.support.prometheus import PROMETHEUS, PROMTOOL
 from tests.support.redis import RedisServer
@@ -70,3 +71,13 @@ def db(redis_server: RedisServer) -> Iterator[redis.Redis[str]]:
     with redis_server.client() as client:
         client.flushall()
         yield client
+
+
+@pytest.fixture(autouse=True)
+def _fresh_logging() -> Iterator[None]:
+    """Each test starts from structlog's defaults: a CLI command run in-process configures
+    logging at `warning` (quiet by default), which would hide info events from a later
+    test's `capture_logs()`."""
+    structlog.reset_defaults()
+    yield
+    structlog.reset_defaults()

@@ -316,9 +316,9 @@ def test_a_deposed_leaders_late_journal_write_is_marked_stale_leader(
     assert result.exit_code == 0, result.output
     lines = [json.loads(line) for line in result.stdout.splitlines()]
     assert [line.get("stale_leader", False) for line in lines] == [False, True, False]
-    table = CliRunner().invoke(
-        app, ["audit", "tail"], env={"GOVERNOR_REDIS__URL": redis_server.url}
-    )
+    # Wide enough for one line per event (narrower, the table is stacked column by column).
+    wide = {"GOVERNOR_REDIS__URL": redis_server.url, "COLUMNS": "250"}
+    table = CliRunner().invoke(app, ["audit", "tail"], env=wide)
     assert table.exit_code == 0, table.output
     [zombie_row] = [line for line in table.stdout.splitlines() if "zombie engaged" in line]
     assert "(stale" in zombie_row  # the event column: "(stale leader: not in force)"
