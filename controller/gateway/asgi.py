@@ -226,7 +226,7 @@ class GovernorMiddleware:
             )
         if result.outcome != "allow":
             metrics.request(principal.tenant, principal.plan, model, result.outcome)
-            return self.e.answers.refused(result)
+            return self.e.answers.refused(result, plan.insufficient_quota)
         self.e.failmode.memory.remember(principal.tenant, principal.user, result)
         headers = rate_limit_headers(result)
         outcome = "allow"

@@ -137,3 +137,10 @@ def test_the_meter_finds_usage_split_across_chunks() -> None:
     usage = meter.finish()
 
     assert (usage.prompt_tokens, usage.completion_tokens, usage.estimated) == (7, 2, False)
+
+
+def test_a_sub_second_wait_is_said_in_milliseconds_too() -> None:
+    answers = Answers("https://docs.example/gateway.md", 0.0)
+
+    assert answers.retry_headers(0.03) == {"Retry-After": "1", "retry-after-ms": "30"}
+    assert answers.retry_headers(6.5) == {"Retry-After": "7", "retry-after-ms": "6500"}

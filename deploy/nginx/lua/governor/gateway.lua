@@ -128,7 +128,7 @@ function Gateway:model_call(client, req, principal, kind, plan)
     return {answer = say:enforcement_unavailable(principal.plan), broken = true}
   end
   if result.outcome ~= 'allow' then
-    return {answer = say:refused(result)}
+    return {answer = say:refused(result, plan.insufficient_quota)}
   end
   local headers = answers.rate_limit_headers(result, ngx.now())
   if result.degrade ~= nil and apply_degrade(request, result.degrade) then
@@ -187,6 +187,9 @@ function Gateway:decide(req)
     self.announce_as = nil
   end
   local outcome = self:decide_with(client, req)
+  if outcome.answer ~= nil then
+    outcome.answer = answers.rendered(outcome.answer, req.headers.accept)
+  end
   if client ~= nil then
     if outcome.broken then
       client:close()  -- a failed exchange leaves the connection in an unknown state
