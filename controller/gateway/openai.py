@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -93,14 +94,17 @@ class ModelRequest:
         self.body["model"] = model
         self.changed = True
 
-    def ask_for_stream_usage(self) -> None:
-        """Streamed chat/completions send usage only when asked: ask, so settling is exact."""
+    def ask_for_stream_usage(self) -> bool:
+        """Streamed chat/completions send usage only when asked: ask, so settling is exact.
+        True when the client had not asked: its usage chunk is then the gateway's to strip."""
         options = self.body.get("stream_options")
         if not isinstance(options, dict):
             options = {}
-        if options.get("include_usage") is not True:
-            self.body["stream_options"] = {**options, "include_usage": True}
-            self.changed = True
+        if options.get("include_usage") is True:
+            return False
+        self.body["stream_options"] = {**options, "include_usage": True}
+        self.changed = True
+        return True
 
     def encoded(self) -> bytes:
         """The body to send on: the client's own bytes unless the gateway changed something."""
@@ -136,6 +140,51 @@ def _tokens(value: Any) -> int:
     if isinstance(value, dict):
         return sum(_tokens(v) for k, v in value.items() if k != "role")
     return 0
+
+
+# The end of one server-sent event: a blank line (any of the three line endings).
+_EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
+
+
+@dataclass
+class UsageChunkFilter:
+    """Takes the usage-only event (`choices: []`) out of a stream whose client did not ask
+    for it: the gateway asked in its place, and `chunk.choices[0]` loops fail on it. Every
+    other event passes as soon as it is complete, byte for byte."""
+
+    _pending: bytearray = field(default_factory=bytearray)
+
+    def feed(self, chunk: bytes, last: bool = False) -> bytes:
+        """What of the stream so far may go on to the client (all of it when `last`)."""
+        self._pending.extend(chunk)
+        passed = bytearray()
+        start = 0
+        for end in _EVENT_END.finditer(self._pending):
+            event = bytes(self._pending[start : end.end()])
+            if not _usage_only(event):
+                passed.extend(event)
+            start = end.end()
+        del self._pending[:start]
+        if last:
+            if not _usage_only(bytes(self._pending)):
+                passed.extend(self._pending)
+            self._pending.clear()
+        return bytes(passed)
+
+
+def _usage_only(event: bytes) -> bool:
+    data = b"".join(line[5:].strip() for line in event.splitlines() if line.startswith(b"data:"))
+    if not data.startswith(b"{"):
+        return False
+    try:
+        document = json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        return False
+    return (
+        isinstance(document, dict)
+        and document.get("choices") == []
+        and isinstance(document.get("usage"), dict)
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -135,13 +135,15 @@ function Gateway:model_call(client, req, principal, kind, plan)
     answers.degrade_headers(result.degrade, headers)
   end
   local streaming = request:streaming()
-  if streaming then
-    request:ask_for_stream_usage()
+  local strip = nil
+  if streaming and request:ask_for_stream_usage() then
+    strip = openai.usage_filter()  -- the usage event the client did not ask for
   end
   headers['x-governor-request-id'] = req.request_id
   return {call = {principal = principal, request = request, streaming = streaming,
     reservation = result.reservation, headers = headers, body = request.raw,
-    changed = request.changed, meter = openai.meter(streaming, request.prompt_tokens)}}
+    changed = request.changed, meter = openai.meter(streaming, request.prompt_tokens),
+    strip = strip}}
 end
 
 function Gateway:decide_with(client, req)

@@ -188,6 +188,9 @@ function _M.header_filter()
   for name, value in pairs(call.headers) do
     ngx.header[name] = value
   end
+  if call.strip ~= nil and call.replacement == nil then
+    ngx.header['Content-Length'] = nil  -- the body will be shorter than the upstream said
+  end
 end
 
 function _M.body_filter()
@@ -201,6 +204,9 @@ function _M.body_filter()
     return
   end
   gw:feed(call, ngx.arg[1])
+  if call.strip ~= nil then  -- metered above from the bytes as they came
+    ngx.arg[1] = call.strip:feed(ngx.arg[1], ngx.arg[2])
+  end
 end
 
 function _M.log()
