@@ -215,6 +215,7 @@ class GovernorMiddleware:
             model=model,
             tokens=tokens,
             request_id=request_id,
+            least_tokens=request.least_tokens,
         )
         try:
             result = await self.e.admission.admit(wanted)
@@ -237,6 +238,9 @@ class GovernorMiddleware:
             return self.e.answers.refused(result, plan.insufficient_quota)
         self.e.failmode.memory.remember(principal.tenant, principal.user, result)
         headers = rate_limit_headers(result)
+        if result.reserved is not None and request.fit(result.reserved):
+            # No max_tokens from the client: the default is lowered to what is left, and said.
+            headers["x-governor-max-tokens"] = str(request.max_tokens)
         outcome = "allow"
         if result.degrade is not None and _degrade(request, result.degrade):
             headers.update(degrade_headers(result.degrade))

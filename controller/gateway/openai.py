@@ -2,7 +2,8 @@
 
 Worst-case rule (documented in docs/gateway.md): prompt estimate + max_tokens × n, where the
 prompt estimate is ⌈characters / 4⌉ of every text the model reads plus 4 tokens per chat
-message, and a completion request without max_tokens gets the configured default written in.
+message, and a completion request without max_tokens gets the configured default written in
+(lowered at admission to what the limits and the budget still hold: `least_tokens`).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ class ModelRequest:
     body: dict[str, Any]
     prompt_tokens: int
     changed: bool = False
+    defaulted: bool = False  # max_tokens is the gateway's default, not the client's
 
     @classmethod
     def parse(cls, kind: Kind, raw: bytes, default_max_tokens: int) -> ModelRequest:
@@ -57,6 +59,7 @@ class ModelRequest:
         request = cls(kind, raw, body, _prompt_tokens(kind, body))
         if kind != "embedding" and request.max_tokens is None:
             request.set_max_tokens(default_max_tokens)
+            request.defaulted = True
         return request
 
     @property
@@ -84,6 +87,19 @@ class ModelRequest:
     def worst_case_tokens(self) -> int:
         """What this request can cost at most: the reservation."""
         return self.prompt_tokens + (self.max_tokens or 0) * self.choices
+
+    @property
+    def least_tokens(self) -> int | None:
+        """The smallest reservation it may be lowered to (one token per choice) when the
+        gateway chose its max_tokens; None when the client did (its choice is kept)."""
+        return self.prompt_tokens + self.choices if self.defaulted else None
+
+    def fit(self, reserved: int) -> bool:
+        """Lower a default max_tokens to what `reserved` holds; True when it changed."""
+        if not self.defaulted or reserved >= self.worst_case_tokens:
+            return False
+        self.set_max_tokens(max(1, (reserved - self.prompt_tokens) // self.choices))
+        return True
 
     def set_max_tokens(self, value: int) -> None:
         name = "max_completion_tokens" if "max_completion_tokens" in self.body else "max_tokens"

@@ -7,7 +7,11 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping
 
-from tests.gateway.conftest import PROBLEM, Gateway
+import httpx
+
+from controller.gateway.openai import ModelRequest
+from tests.gateway.conftest import PROBLEM, Gateway, budget_remaining
+from tests.gateway.fake_upstream import FakeUpstream
 
 SetLimits = Callable[[Mapping[str, float]], None]
 
@@ -104,3 +108,58 @@ def test_openai_headers_are_per_minute_and_ietf_fields_keep_their_windows(
     policy = answer.headers["ratelimit-policy"]
     assert '"tenant/acme/requests_per_second";q=2;w=1' in policy
     assert re.search(r'tokens_per_day";q=1000;qu="tokens";w=86400', policy)
+
+
+def chat_without_max_tokens(gateway: Gateway, key: str, **headers: str) -> httpx.Response:
+    body = {"model": "gpt-3.5-turbo", "messages": [{"role": "user", "content": "hi"}]}
+    sent = {"authorization": f"Bearer {key}", **OPENAI, **headers}
+    return gateway.http.post(f"{gateway.url}/v1/chat/completions", json=body, headers=sent)
+
+
+def test_no_max_tokens_on_the_free_plan_reserves_what_is_left(
+    gateway: Gateway, upstream: tuple[FakeUpstream, str]
+) -> None:
+    key = gateway.key("acme", "free")  # 1,000 tokens a day; the default max_tokens is 1024
+    prompt = ModelRequest.parse("chat", b'{"model":"m","messages":[{"content":"hi"}]}', 1)
+
+    first = chat_without_max_tokens(gateway, key, **{"x-fake-tokens": "600"})
+    sent = upstream[0].last().body
+
+    assert first.status_code == 200
+    assert sent is not None
+    assert sent["max_tokens"] == 1000 - prompt.prompt_tokens  # the day's budget, not 1024
+    assert first.headers["x-governor-max-tokens"] == str(sent["max_tokens"])
+    used = first.json()["usage"]["total_tokens"]  # settled from the actual usage
+    second = chat_without_max_tokens(gateway, key)
+    assert second.status_code == 200
+    again = upstream[0].last().body
+    assert again is not None
+    assert again["max_tokens"] == 1000 - used - prompt.prompt_tokens
+    assert budget_remaining(second) < 1000 - used
+
+
+def test_a_request_that_can_never_fit_is_400_without_retry_after(gateway: Gateway) -> None:
+    key = gateway.key("acme", "free")
+
+    answer = gateway.chat(key, headers=OPENAI, max_tokens=5000)
+
+    assert answer.status_code == 400
+    error = answer.json()["error"]
+    assert (error["code"], error["param"]) == ("request_too_large", "max_tokens")
+    assert error["violated-policies"] == ["tenant/acme/tokens_per_day"]  # the plan's value
+    assert "retry-after" not in answer.headers
+
+
+def test_a_spent_day_without_max_tokens_is_402_until_midnight(
+    gateway: Gateway, set_limits: SetLimits
+) -> None:
+    set_limits({"tenant/acme/tokens_per_day": 40})
+    key = gateway.key("acme", "free")
+    assert chat_without_max_tokens(gateway, key, **{"x-fake-tokens": "40"}).status_code == 200
+
+    refused = chat_without_max_tokens(gateway, key)
+
+    assert refused.status_code == 402  # nothing is left for even one token: tomorrow it fits
+    seconds = int(refused.headers["retry-after"])
+    assert 0 < seconds <= 86400
+    assert refused.json()["error"]["remaining"] < 10

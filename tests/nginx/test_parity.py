@@ -30,7 +30,9 @@ CALLERS = {
     "rich": ("umbrella", "enterprise"),
     "platinum": ("wonka", "platinum"),  # a key on a plan no `kind: Plan` defines
     "metered": ("stark", "metered"),  # a spent budget is OpenAI's 429 insufficient_quota
+    "trial": ("wayne", "free"),  # sends no max_tokens
 }
+NO_MAX_TOKENS = {"model": "gpt-3.5-turbo", "messages": [{"role": "user", "content": "hi"}]}
 PROBLEM = {"accept": "application/problem+json"}  # else OpenAI's error envelope
 # Headers that differ by nature: the server's own, framing, and the random reservation id.
 VOLATILE = {"date", "server", "content-length", "connection", "keep-alive", "transfer-encoding",
@@ -93,6 +95,10 @@ def sequence() -> list[Step]:
         Step("no credits", "broke"),
         Step("credits", "rich", chat_body(model="gpt-4", max_tokens=50)),
         Step("larger than a minute's tokens", "rich", chat_body(max_tokens=2_000_000)),
+        Step("no max_tokens on the free plan: what the day holds", "trial", NO_MAX_TOKENS,
+             {"x-fake-tokens": "700"}),
+        Step("no max_tokens again: what is left of the day", "trial", NO_MAX_TOKENS),
+        Step("more than the day: never fits", "trial", chat_body(max_tokens=5000)),
         Step("no max_tokens: the default is written in", "rich", {
             "model": "gpt-4o", "messages": [{"role": "user", "content": "héllo wörld"}]}),
     ]  # fmt: skip
@@ -229,7 +235,7 @@ def test_nginx_answers_as_the_python_gateway_does(
     assert [s for s in statuses if s in (402, 403, 429, 503)] == [403, 403, 403, 403, 429, 429,
                                                                   402, 402, 429, 503,
                                                                   402]  # fmt: skip
-    assert statuses.count(400) == 3
+    assert statuses.count(400) == 4
     assert statuses.count(200) >= 15
     assert books(nginx) == books(python_gateway)
     assert books(nginx)["umbrella:credits"]["balance"] != "1000000"  # the call was charged

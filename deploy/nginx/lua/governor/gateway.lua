@@ -120,7 +120,7 @@ function Gateway:model_call(client, req, principal, kind, plan)
     result, err = self.admission:admit(client, {tenant = principal.tenant,
       plan = principal.plan, user = principal.user, ip = self:client_ip(req),
       model = request:model(), tokens = request:worst_case_tokens(),
-      request_id = req.request_id}, plan)
+      request_id = req.request_id, least_tokens = request:least_tokens()}, plan)
   end
   if result == nil then
     -- No local limiter here: every plan fails closed (never "unlimited").
@@ -131,6 +131,10 @@ function Gateway:model_call(client, req, principal, kind, plan)
     return {answer = say:refused(result, plan.insufficient_quota)}
   end
   local headers = answers.rate_limit_headers(result, ngx.now())
+  if result.reserved ~= nil and request:fit(result.reserved) then
+    -- No max_tokens from the client: the default is lowered to what is left, and said.
+    headers['x-governor-max-tokens'] = string.format('%d', request:max_tokens())
+  end
   if result.degrade ~= nil and apply_degrade(request, result.degrade) then
     answers.degrade_headers(result.degrade, headers)
   end

@@ -89,6 +89,7 @@ function _M.parse(kind, raw, default_max_tokens)
     {kind = kind, raw = raw, body = body, prompt_tokens = prompt, changed = false}, Request)
   if kind ~= 'embedding' and request:max_tokens() == nil then
     request:set_max_tokens(default_max_tokens)
+    request.defaulted = true  -- the gateway's default, not the client's
   end
   return request
 end
@@ -125,6 +126,20 @@ end
 -- What this request can cost at most: the reservation.
 function Request:worst_case_tokens()
   return self.prompt_tokens + (self:max_tokens() or 0) * self:choices()
+end
+
+-- The smallest reservation a default max_tokens may be lowered to; nil for the client's own.
+function Request:least_tokens()
+  return self.defaulted and self.prompt_tokens + self:choices() or nil
+end
+
+-- Lower a default max_tokens to what `reserved` holds; true when it changed.
+function Request:fit(reserved)
+  if not self.defaulted or reserved >= self:worst_case_tokens() then
+    return false
+  end
+  self:set_max_tokens(math.max(1, math.floor((reserved - self.prompt_tokens) / self:choices())))
+  return true
 end
 
 function Request:set(name, value)
