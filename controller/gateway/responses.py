@@ -254,9 +254,10 @@ class Answers:
                 extensions["ledger"] = budget.address
         if result.retry_after is not None:
             headers.update(self.retry_headers(result.retry_after, jitter=False))
-        else:
-            # A credit balance does not refill by itself: an SDK must not retry a 429 for it.
-            headers["x-should-retry"] = "false"
+        # A spent budget is not for an automatic retry: Retry-After says when a daily budget
+        # resets (credits never refill by themselves), and the OpenAI Node SDK would sleep
+        # until then on a 429 insufficient_quota. The OpenAI SDKs obey this header.
+        headers["x-should-retry"] = "false"
         status = 429 if insufficient_quota else 402
         code = "insufficient_quota" if insufficient_quota else "budget_exhausted"
         return problem(

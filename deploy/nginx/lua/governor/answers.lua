@@ -276,10 +276,11 @@ function Answers:budget_exhausted(result, headers, insufficient_quota)
   end
   if result.retry_after ~= nil then
     self:retry_headers(result.retry_after, true, headers)
-  else
-    -- A credit balance does not refill by itself: an SDK must not retry a 429 for it.
-    headers['x-should-retry'] = 'false'
   end
+  -- A spent budget is not for an automatic retry: Retry-After says when a daily budget
+  -- resets (credits never refill by themselves), and the OpenAI Node SDK would sleep until
+  -- then on a 429 insufficient_quota. The OpenAI SDKs obey this header.
+  headers['x-should-retry'] = 'false'
   local status = insufficient_quota and 429 or 402
   local code = insufficient_quota and 'insufficient_quota' or 'budget_exhausted'
   return problem(status, self:type_uri('budget-exhausted'), 'Budget exhausted',
