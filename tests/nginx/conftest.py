@@ -66,6 +66,18 @@ location = /_probe/request {
             prompt = request.prompt_tokens, body = request.raw}))
     }
 }
+location = /_probe/strip {
+    content_by_lua_block {
+        local openai = require 'governor.openai'
+        ngx.req.read_body()
+        local stream, size = ngx.req.get_body_data() or '', tonumber(ngx.var.arg_size)
+        local strip, passed = openai.usage_filter(), {}
+        for i = 1, #stream, size do
+            passed[#passed + 1] = strip:feed(stream:sub(i, i + size - 1), i + size > #stream)
+        end
+        ngx.print(table.concat(passed))
+    }
+}
 """
 
 
