@@ -189,6 +189,8 @@ class UsageChunkFilter:
 
 
 def _usage_only(event: bytes) -> bool:
+    if b'"usage"' not in event:  # most events: not parsed a second time (the meter did)
+        return False
     data = b"".join(line[5:].strip() for line in event.splitlines() if line.startswith(b"data:"))
     if not data.startswith(b"{"):
         return False

@@ -179,6 +179,9 @@ end
 
 -- openai._usage_only: an event whose data is {"choices": [], "usage": {...}}.
 local function usage_only(event)
+  if not event:find('"usage"', 1, true) then
+    return false  -- most events: not parsed a second time (the meter did)
+  end
   local parts = {}
   for line in event:gmatch('[^\r\n]+') do
     if line:sub(1, 5) == 'data:' then
