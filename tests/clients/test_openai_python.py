@@ -160,3 +160,15 @@ def test_async_client_success_streaming_and_refusals(world: World) -> None:
 
     asyncio.run(main())
     assert world.outcomes("acme", "rate_limited") >= 1
+
+
+def test_a_bad_key_is_an_authentication_error(world: World) -> None:
+    client = sdk(world, "gov_0123456789abcdef_" + "x" * 43)
+
+    with pytest.raises(openai.AuthenticationError) as refused:
+        client.chat.completions.create(model="gpt-3.5-turbo", messages=MESSAGES)
+
+    assert refused.value.code == "invalid_api_key"
+    body = refused.value.body  # the SDK's parse of {"error": {...}}
+    assert isinstance(body, dict)
+    assert body["message"] == "unknown or revoked API key"
