@@ -24,6 +24,7 @@ from controller.cli import (
 from controller.cli import backtest as backtest_cli
 from controller.cli import signals as signals_cli
 from controller.cli import simulate as simulate_cli
+from controller.cli import usage as usage_cli
 from controller.cli._redis import OUTPUT
 
 _option_type = typer.core.TyperOption.display_type_rich
@@ -59,6 +60,7 @@ gateway.register(app)  # top-level `gateway --upstream URL`
 run.register(app)  # top-level `run` (the daemon)
 simulate_cli.register(app)  # top-level `simulate` (the closed-loop simulator)
 backtest_cli.register(app)  # top-level `backtest` (open-loop replay over Prometheus history)
+usage_cli.register(app)  # top-level `usage TENANT` (limits, used, remaining, resets)
 
 
 def _version(value: bool) -> None:

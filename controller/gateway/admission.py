@@ -10,7 +10,8 @@ The algorithm and the keys are described in docs/enforcement.md.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import redis.asyncio
@@ -84,6 +85,9 @@ class AdmissionRequest:
     model: str | None
     tokens: int  # worst case to reserve: prompt estimate + max_tokens
     request_id: str  # unique; the reservation's id (letters, digits, ._:+=~-)
+    # Set when max_tokens was the gateway's default, not the client's: the reservation may
+    # then be lowered to what the limits and the budget hold, down to this (prompt + 1 each).
+    least_tokens: int | None = None
 
 
 @dataclass(frozen=True)
@@ -129,6 +133,7 @@ class AdmissionResult:
     budget: Budget | None  # the tightest budget (the one that said no, if one did)
     reservation: str | None  # set when allowed: pass to settle() or release()
     degrade: Degrade | None  # allowed, but a budget is past the plan's degrade.at_percent
+    reserved: int | None = None  # allowed: the tokens held (below `tokens` when lowered)
 
 
 class Admission:
@@ -174,28 +179,42 @@ class Admission:
         if plan is None:  # never a default: an unknown plan would be served unrestricted
             return _decided("unknown_plan", f"plan/{request.plan}")
         ip = ip_id(request.ip) if request.ip else ""
-        credits: tuple[str, ...] = ()
-        if plan.credits is not None:
-            credits = (
-                str(to_micro(self.prices.worst_case(request.model, request.tokens))),
-                str(to_micro(plan.credits.min_balance_usd)),
-            )
         keys = self.keys.admit_keys(request.tenant, request.user, ip)
         model = request.model or ""
         settings = (self._lease_ms, self._record_ms, model)
+        last: AdmissionResult | None = None
         for _ in range(_ATTEMPTS):
             limits = await self.limits.get(
                 request.tenant, request.plan, request.user or "", bool(ip), model
             )
             if not limits.version:  # the controller has written nothing: no limit is known
                 return _decided("not_configured", None)
+            if request.least_tokens is not None:
+                request = replace(request, tokens=limits.fitted(request.tokens,
+                                                                request.least_tokens))  # fmt: skip
+            credits = self._credits(plan, request)
             args, fixed, tail = limits.argv(request.request_id, request.tokens, settings, credits)
             reply = await ADMIT.run(self.client, keys, args, fixed, tail)
             if isinstance(reply, list) and len(reply) == 2 and reply[0] == "stale":
                 self.limits.stale(str(reply[1]))
                 continue
-            return _parse(reply, plan, request, ip, limits)
+            last = _parse(reply, plan, request, ip, limits)
+            lowered = _lowered(last, request)
+            if lowered is None:
+                return last
+            request = replace(request, tokens=lowered)  # a default that fits what is left
+        if last is not None:
+            return last
         raise EnforcementError(f"the limits changed {_ATTEMPTS} times during one admission")
+
+    def _credits(self, plan: PlanInfo, request: AdmissionRequest) -> tuple[str, ...]:
+        """admit.lua's credit arguments: the request's worst-case cost and the plan's floor."""
+        if plan.credits is None:
+            return ()
+        return (
+            str(to_micro(self.prices.worst_case(request.model, request.tokens))),
+            str(to_micro(plan.credits.min_balance_usd)),
+        )
 
     async def settle(
         self,
@@ -285,6 +304,19 @@ def _decided(outcome: Outcome, denied_by: str | None) -> AdmissionResult:
     return AdmissionResult(outcome, denied_by, None, None, None, None, None, None)
 
 
+def _lowered(result: AdmissionResult, request: AdmissionRequest) -> int | None:
+    """A daily budget refused a reservation the gateway sized by default: what is left of
+    that budget, when the request still fits in it (else None: the refusal stands)."""
+    budget = result.budget
+    least = request.least_tokens
+    if least is None or result.outcome != "budget_exhausted" or budget is None:
+        return None
+    room = math.floor(budget.remaining)
+    if budget.kind != "tokens" or not least <= room < request.tokens:
+        return None
+    return room
+
+
 def _split_reservation(reservation: str) -> tuple[str, str, str]:
     parts = reservation.split("/")
     if len(parts) != 3 or not parts[0]:
@@ -358,6 +390,7 @@ def _parse(
         budget=budget,
         reservation=reservation,
         degrade=degrade,
+        reserved=request.tokens if outcome == "allow" else None,
     )
 
 

@@ -28,7 +28,14 @@ from controller.gateway.auth import Authenticator, AuthError, Principal
 from controller.gateway.catalog import PlanCatalog, PlanInfo
 from controller.gateway.failmode import FailMode
 from controller.gateway.metrics import GatewayMetrics
-from controller.gateway.openai import ROUTES, Kind, ModelRequest, RequestError, UsageMeter
+from controller.gateway.openai import (
+    ROUTES,
+    Kind,
+    ModelRequest,
+    RequestError,
+    UsageChunkFilter,
+    UsageMeter,
+)
 from controller.gateway.pending import PendingCalls, StoreCall
 from controller.gateway.prices import PriceTable
 from controller.gateway.responses import Answers, degrade_headers, rate_limit_headers
@@ -80,6 +87,7 @@ class _Call:
     status: int | None = None
     settled: bool = False
     unreserved: AdmissionRequest | None = None  # served fail-open: charged afterwards
+    strip: UsageChunkFilter | None = None  # the usage event the client did not ask for
 
 
 class GovernorMiddleware:
@@ -207,6 +215,7 @@ class GovernorMiddleware:
             model=model,
             tokens=tokens,
             request_id=request_id,
+            least_tokens=request.least_tokens,
         )
         try:
             result = await self.e.admission.admit(wanted)
@@ -226,9 +235,12 @@ class GovernorMiddleware:
             )
         if result.outcome != "allow":
             metrics.request(principal.tenant, principal.plan, model, result.outcome)
-            return self.e.answers.refused(result)
+            return self.e.answers.refused(result, plan.insufficient_quota)
         self.e.failmode.memory.remember(principal.tenant, principal.user, result)
         headers = rate_limit_headers(result)
+        if result.reserved is not None and request.fit(result.reserved):
+            # No max_tokens from the client: the default is lowered to what is left, and said.
+            headers["x-governor-max-tokens"] = str(request.max_tokens)
         outcome = "allow"
         if result.degrade is not None and _degrade(request, result.degrade):
             headers.update(degrade_headers(result.degrade))
@@ -244,14 +256,17 @@ class GovernorMiddleware:
         headers: dict[str, str],
         outcome: str,
     ) -> _Call:
-        if request.streaming:
-            request.ask_for_stream_usage()
+        strip = None
+        if request.streaming and request.ask_for_stream_usage():
+            strip = UsageChunkFilter()
         headers["x-governor-request-id"] = request_id
         meter = UsageMeter(request.streaming, request.prompt_tokens)
         reservation = result.reservation if result is not None else None
-        return _Call(
+        call = _Call(
             principal, principal.plan, request, request_id, reservation, meter, headers, outcome
         )
+        call.strip = strip
+        return call
 
     def _fail_mode(
         self,
@@ -298,11 +313,14 @@ class GovernorMiddleware:
         async def observe(message: Message) -> None:
             if message["type"] == "http.response.start":
                 call.status = int(message["status"])
-                message = {**message, "headers": _merged(message, call.headers)}
+                message = {**message, "headers": _merged(message, call.headers, call.strip)}
             elif message["type"] == "http.response.body":
                 chunk = message.get("body", b"")
                 if chunk and call.status is not None and call.status < 400:
                     call.meter.feed(chunk)
+                if call.strip is not None:  # metered above from the bytes as they came
+                    last = not message.get("more_body", False)
+                    message = {**message, "body": call.strip.feed(chunk, last)}
                 if not message.get("more_body", False):
                     # Charge before the last byte: a client that sends its next request when
                     # this one ends always finds this one's usage on the books.
@@ -446,8 +464,12 @@ def _with_body_length(scope: Scope, body: bytes) -> Scope:
     return {**scope, "headers": headers}
 
 
-def _merged(message: MutableMapping[str, Any], extra: Mapping[str, str]) -> list[Any]:
+def _merged(
+    message: MutableMapping[str, Any], extra: Mapping[str, str], strip: object = None
+) -> list[Any]:
     names = {name.lower().encode("latin-1") for name in extra}
+    if strip is not None:  # the body will be shorter than the upstream said
+        names.add(b"content-length")
     kept = [(k, v) for k, v in message.get("headers", []) if k.lower() not in names]
     kept.extend((k.encode("latin-1"), _ascii(v)) for k, v in extra.items())
     return kept

@@ -24,11 +24,11 @@ from controller.policy.documents import Degrade as DegradeSpec
 from controller.policy.policyset import PolicySet
 from controller.sinks.keys import KeySchema
 
-_FIELDS = {"models", "fail_mode", "degrade", "credits"}
+_FIELDS = {"models", "fail_mode", "degrade", "credits", "quota_exhausted"}
 
 
 def catalog_key(prefix: str) -> str:
-    """`<P>:plans`: a hash plan → JSON {models, fail_mode, degrade, credits}."""
+    """`<P>:plans`: a hash plan → JSON {models, fail_mode, degrade, credits, quota_exhausted}."""
     return f"{KeySchema(prefix).prefix}:plans"
 
 
@@ -54,6 +54,8 @@ class PlanInfo:
     fail_mode: Literal["open", "closed"] = "closed"
     degrade: DegradeSpec | None = None
     credits: Credits | None = None
+    # A spent budget is 402, or (True) OpenAI's 429 insufficient_quota.
+    insufficient_quota: bool = False
 
     def allows(self, model: str | None) -> bool:
         """Whether the plan may call `model` (a request naming no model is always allowed)."""
@@ -61,7 +63,13 @@ class PlanInfo:
 
     @classmethod
     def from_spec(cls, spec: PlanSpec) -> PlanInfo:
-        return cls(tuple(spec.models), spec.fail_mode, spec.degrade, spec.credits)
+        return cls(
+            tuple(spec.models),
+            spec.fail_mode,
+            spec.degrade,
+            spec.credits,
+            spec.quota_exhausted == "insufficient_quota",
+        )
 
     @classmethod
     def from_json(cls, text: str) -> PlanInfo:
@@ -73,6 +81,7 @@ class PlanInfo:
             fail_mode=self.fail_mode,
             degrade=self.degrade,
             credits=self.credits,
+            quota_exhausted="insufficient_quota" if self.insufficient_quota else "payment_required",
         )
         return json.dumps(spec.model_dump(mode="json", include=_FIELDS), sort_keys=True)
 

@@ -5,12 +5,14 @@ The resolution is the contract's lookup rule exactly as admit.lua applied it whe
 the hashes itself (docs/enforcement.md, "What one call checks"): per level, per limit kind,
 the first of `limit@model` and `limit` that holds a number > 0 wins (the tenant level falls
 back to the plan's hash); a 0 read anywhere on the way sheds; a request larger than a
-`max_tokens_per_request` or `tokens_per_minute` value met before that is `too_large`.
+`max_tokens_per_request`, `tokens_per_minute` or `tokens_per_day` value met before that is
+`too_large` (it can never fit: no wait helps it).
 """
 
 from __future__ import annotations
 
 import functools
+import math
 import re
 import time
 from collections.abc import Sequence
@@ -39,7 +41,7 @@ PERIOD_MS = {
     LimitKind.REQUESTS_PER_MINUTE: 60000,
     LimitKind.TOKENS_PER_MINUTE: 60000,
 }
-_SIZED = (LimitKind.MAX_TOKENS_PER_REQUEST, LimitKind.TOKENS_PER_MINUTE)
+_SIZED = (LimitKind.MAX_TOKENS_PER_REQUEST, LimitKind.TOKENS_PER_MINUTE, LimitKind.TOKENS_PER_DAY)
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +85,12 @@ class Resolved:
         if verdict is not None:
             return (request_id, tokens), (*fixed, verdict[0]), ()
         return (request_id, tokens), (*fixed, *self.limits), credits
+
+    def fitted(self, tokens: int, least: int) -> int:
+        """`tokens` lowered to the smallest size limit (never below `least`): what a request
+        whose max_tokens the gateway chose may reserve."""
+        room = min((value for value, _ in self.sized), default=float(tokens))
+        return max(least, min(tokens, math.floor(room)))
 
     def verdict(self, tokens: int) -> tuple[str, str] | None:
         """too_large or shed when the limits alone decide (admit.lua then checks only the

@@ -2,13 +2,15 @@
 
 Worst-case rule (documented in docs/gateway.md): prompt estimate + max_tokens × n, where the
 prompt estimate is ⌈characters / 4⌉ of every text the model reads plus 4 tokens per chat
-message, and a completion request without max_tokens gets the configured default written in.
+message, and a completion request without max_tokens gets the configured default written in
+(lowered at admission to what the limits and the budget still hold: `least_tokens`).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -41,6 +43,7 @@ class ModelRequest:
     body: dict[str, Any]
     prompt_tokens: int
     changed: bool = False
+    defaulted: bool = False  # max_tokens is the gateway's default, not the client's
 
     @classmethod
     def parse(cls, kind: Kind, raw: bytes, default_max_tokens: int) -> ModelRequest:
@@ -56,6 +59,7 @@ class ModelRequest:
         request = cls(kind, raw, body, _prompt_tokens(kind, body))
         if kind != "embedding" and request.max_tokens is None:
             request.set_max_tokens(default_max_tokens)
+            request.defaulted = True
         return request
 
     @property
@@ -84,6 +88,19 @@ class ModelRequest:
         """What this request can cost at most: the reservation."""
         return self.prompt_tokens + (self.max_tokens or 0) * self.choices
 
+    @property
+    def least_tokens(self) -> int | None:
+        """The smallest reservation it may be lowered to (one token per choice) when the
+        gateway chose its max_tokens; None when the client did (its choice is kept)."""
+        return self.prompt_tokens + self.choices if self.defaulted else None
+
+    def fit(self, reserved: int) -> bool:
+        """Lower a default max_tokens to what `reserved` holds; True when it changed."""
+        if not self.defaulted or reserved >= self.worst_case_tokens:
+            return False
+        self.set_max_tokens(max(1, (reserved - self.prompt_tokens) // self.choices))
+        return True
+
     def set_max_tokens(self, value: int) -> None:
         name = "max_completion_tokens" if "max_completion_tokens" in self.body else "max_tokens"
         self.body[name] = value
@@ -93,14 +110,17 @@ class ModelRequest:
         self.body["model"] = model
         self.changed = True
 
-    def ask_for_stream_usage(self) -> None:
-        """Streamed chat/completions send usage only when asked: ask, so settling is exact."""
+    def ask_for_stream_usage(self) -> bool:
+        """Streamed chat/completions send usage only when asked: ask, so settling is exact.
+        True when the client had not asked: its usage chunk is then the gateway's to strip."""
         options = self.body.get("stream_options")
         if not isinstance(options, dict):
             options = {}
-        if options.get("include_usage") is not True:
-            self.body["stream_options"] = {**options, "include_usage": True}
-            self.changed = True
+        if options.get("include_usage") is True:
+            return False
+        self.body["stream_options"] = {**options, "include_usage": True}
+        self.changed = True
+        return True
 
     def encoded(self) -> bytes:
         """The body to send on: the client's own bytes unless the gateway changed something."""
@@ -136,6 +156,53 @@ def _tokens(value: Any) -> int:
     if isinstance(value, dict):
         return sum(_tokens(v) for k, v in value.items() if k != "role")
     return 0
+
+
+# The end of one server-sent event: a blank line (any of the three line endings).
+_EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
+
+
+@dataclass
+class UsageChunkFilter:
+    """Takes the usage-only event (`choices: []`) out of a stream whose client did not ask
+    for it: the gateway asked in its place, and `chunk.choices[0]` loops fail on it. Every
+    other event passes as soon as it is complete, byte for byte."""
+
+    _pending: bytearray = field(default_factory=bytearray)
+
+    def feed(self, chunk: bytes, last: bool = False) -> bytes:
+        """What of the stream so far may go on to the client (all of it when `last`)."""
+        self._pending.extend(chunk)
+        passed = bytearray()
+        start = 0
+        for end in _EVENT_END.finditer(self._pending):
+            event = bytes(self._pending[start : end.end()])
+            if not _usage_only(event):
+                passed.extend(event)
+            start = end.end()
+        del self._pending[:start]
+        if last:
+            if not _usage_only(bytes(self._pending)):
+                passed.extend(self._pending)
+            self._pending.clear()
+        return bytes(passed)
+
+
+def _usage_only(event: bytes) -> bool:
+    if b'"usage"' not in event:  # most events: not parsed a second time (the meter did)
+        return False
+    data = b"".join(line[5:].strip() for line in event.splitlines() if line.startswith(b"data:"))
+    if not data.startswith(b"{"):
+        return False
+    try:
+        document = json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        return False
+    return (
+        isinstance(document, dict)
+        and document.get("choices") == []
+        and isinstance(document.get("usage"), dict)
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,4 +1,5 @@
-"""What the gateway answers: problem+json refusals and the rate-limit headers of every answer."""
+"""What the gateway answers: refusals (OpenAI's error envelope, or problem+json when asked)
+and the rate-limit headers of every answer."""
 
 from __future__ import annotations
 
@@ -7,11 +8,13 @@ import math
 import random
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
+from starlette.types import Receive, Scope, Send
 
-from controller.gateway.admission import AdmissionResult, Budget, Degrade
+from controller.gateway.admission import AdmissionResult, Budget, Degrade, Quota
 
 PROBLEM_JSON = "application/problem+json"
 # IANA problem types of draft-ietf-httpapi-ratelimit-headers (section "Problem Types").
@@ -20,17 +23,84 @@ REDUCED_CAPACITY = "https://iana.org/assignments/http-problem-types#temporary-re
 _SHED_RETRY_SECONDS = 5.0  # the controller re-decides every few seconds
 
 
+@dataclass(frozen=True)
+class OpenAIError:
+    """What OpenAI-compatible clients read from `{"error": {...}}`: `e.type`, `e.code`,
+    `e.param` (docs/gateway.md, "Refusals")."""
+
+    type: str
+    code: str
+    param: str | None = None
+
+
+class Problem(Response):
+    """An RFC 9457 problem: rendered as OpenAI's error envelope (what every OpenAI SDK parses)
+    unless the client's Accept names `application/problem+json`. `body` is the problem+json."""
+
+    def __init__(
+        self,
+        status: int,
+        document: dict[str, Any],
+        error: OpenAIError,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        self.document = document
+        self.error = error
+        self.extra_headers = dict(headers or {})
+        rendered = JSONResponse(document).body
+        super().__init__(rendered, status, self.extra_headers, PROBLEM_JSON)
+
+    def envelope(self) -> dict[str, Any]:
+        """`{"error": {message, type, code, param, ...the problem's other fields}}`; the
+        problem's `type` URI is kept as `problem_type`, its `detail` is the message."""
+        error = self.error
+        fields = {"message": self.document["detail"], "type": error.type, "code": error.code,
+                  "param": error.param, "problem_type": self.document["type"]}  # fmt: skip
+        rest = {k: v for k, v in self.document.items() if k not in ("detail", "type")}
+        return {"error": {**rest, **fields}}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if wants_problem_json(scope):
+            await super().__call__(scope, receive, send)
+            return
+        openai = JSONResponse(self.envelope(), self.status_code, self.extra_headers)
+        await openai(scope, receive, send)
+
+
+def wants_problem_json(scope: Scope) -> bool:
+    """Whether the client's Accept names problem+json (then it gets RFC 9457 documents)."""
+    for name, value in scope.get("headers", ()):
+        if name.lower() == b"accept" and PROBLEM_JSON.encode() in value.lower():
+            return True
+    return False
+
+
 def problem(
     status: int,
     type_uri: str,
     title: str,
     detail: str,
     headers: dict[str, str] | None = None,
+    *,
+    error: OpenAIError,
     **extensions: Any,
-) -> JSONResponse:
-    """An RFC 9457 problem document (`application/problem+json`)."""
+) -> Problem:
+    """An RFC 9457 problem document, and what it is in OpenAI's terms."""
     body = {"type": type_uri, "title": title, "status": status, "detail": detail, **extensions}
-    return JSONResponse(body, status_code=status, headers=headers, media_type=PROBLEM_JSON)
+    return Problem(status, body, error, headers)
+
+
+def _invalid(code: str, param: str | None = None) -> OpenAIError:
+    return OpenAIError("invalid_request_error", code, param)
+
+
+def _server(code: str) -> OpenAIError:
+    return OpenAIError("server_error", code)
+
+
+def _rate_limited(address: str) -> OpenAIError:
+    # OpenAI's rate-limit errors say which quota ran out in `type`: requests or tokens.
+    return OpenAIError("tokens" if "tokens" in address else "requests", "rate_limit_exceeded")
 
 
 class Answers:
@@ -47,9 +117,18 @@ class Answers:
     def retry_after(self, seconds: float) -> str:
         """Delay-seconds grown by a random share (≤ jitter) so refused clients do not return
         in lockstep; never below the true wait, never 0."""
-        return str(max(1, math.ceil(seconds * (1.0 + self.rng.uniform(0.0, self.jitter)))))
+        return self.retry_headers(seconds)["Retry-After"]
 
-    def unauthenticated(self, detail: str) -> JSONResponse:
+    def retry_headers(self, seconds: float, jitter: bool = True) -> dict[str, str]:
+        """Retry-After (whole seconds, never 0) and retry-after-ms (which the OpenAI SDKs read
+        first): a wait of 30 ms is not announced as a whole second only."""
+        grown = seconds * (1.0 + self.rng.uniform(0.0, self.jitter)) if jitter else seconds
+        return {
+            "Retry-After": str(max(1, math.ceil(grown))),
+            "retry-after-ms": str(max(1, math.ceil(grown * 1000))),
+        }
+
+    def unauthenticated(self, detail: str) -> Problem:
         # RFC 6750: the challenge names the scheme and the error; the quote-free detail is safe.
         description = detail.replace('"', "'").replace("\\", "/")
         # Header values must be latin-1: a detail quoting a token or written with "…" must not
@@ -62,20 +141,22 @@ class Answers:
             "Unauthenticated",
             detail,
             headers={"WWW-Authenticate": challenge},
+            error=_invalid("invalid_api_key"),
         )
 
-    def model_not_allowed(self, plan: str, model: str, allowed: Sequence[str]) -> JSONResponse:
+    def model_not_allowed(self, plan: str, model: str, allowed: Sequence[str]) -> Problem:
         return problem(
             403,
             self.type_uri("model-not-allowed"),
             "Model not allowed on this plan",
             f"plan {plan!r} may call {', '.join(allowed)}; not {model!r}",
+            error=_invalid("model_not_allowed", "model"),
             plan=plan,
             model=model,
             allowed_models=list(allowed),
         )
 
-    def unknown_plan(self, plan: str) -> JSONResponse:
+    def unknown_plan(self, plan: str) -> Problem:
         """403: the credential names a plan the published catalog does not hold (a typo, or a
         plan since removed from the policies); never served as if it had no limits."""
         return problem(
@@ -84,10 +165,11 @@ class Answers:
             "Unknown plan",
             f"plan {plan!r} is not in the plan catalog; the API's operator must move this "
             "tenant or key to a known plan (governor tenants list flags them)",
+            error=_invalid("unknown_plan"),
             plan=plan,
         )
 
-    def not_configured(self) -> JSONResponse:
+    def not_configured(self) -> Problem:
         """503: no plan catalog or no limits in the store yet (the controller has not
         published them); nothing is served unrestricted meanwhile."""
         return problem(
@@ -96,24 +178,33 @@ class Answers:
             "Limits not configured yet",
             "no plan catalog or limits are published yet (the controller has not completed "
             "its first tick); retry later",
-            {"Retry-After": self.retry_after(_SHED_RETRY_SECONDS)},
+            self.retry_headers(_SHED_RETRY_SECONDS),
+            error=_server("not_configured"),
         )
 
-    def bad_request(self, detail: str, status: int = 400) -> JSONResponse:
-        return problem(status, self.type_uri("bad-request"), "Bad request", detail)
+    def bad_request(self, detail: str, status: int = 400, param: str | None = None) -> Problem:
+        return problem(
+            status,
+            self.type_uri("bad-request"),
+            "Bad request",
+            detail,
+            error=_invalid("bad_request", param),
+        )
 
-    def refused(self, result: AdmissionResult) -> JSONResponse:
-        """The answer to an admission that said no: 429, 402, 503, 403 (unknown plan) or 400
-        (too large)."""
+    def refused(self, result: AdmissionResult, insufficient_quota: bool = False) -> Problem:
+        """The answer to an admission that said no: 429, 402 (or 429 insufficient_quota when
+        the plan says so), 503, 403 (unknown plan) or 400 (too large)."""
         if result.outcome == "unknown_plan":
             return self.unknown_plan((result.denied_by or "plan/").partition("/")[2])
         if result.outcome == "not_configured":
             return self.not_configured()
         headers = rate_limit_headers(result)
         if result.outcome == "budget_exhausted":
-            return self._budget_exhausted(result, headers)
+            return self._budget_exhausted(result, headers, insufficient_quota)
         address = result.denied_by or "unknown"
+        violated = {"violated-policies": [address]}
         if result.outcome == "too_large":
+            # No Retry-After: waiting never makes it fit.
             return problem(
                 400,
                 self.type_uri("request-too-large"),
@@ -121,30 +212,37 @@ class Answers:
                 f"its worst case (prompt estimate + max_tokens) is above {address}; "
                 "lower max_tokens or the prompt",
                 headers,
-                **{"violated-policies": [address]},
+                error=_invalid("request_too_large", "max_tokens"),
+                **violated,
             )
         if result.outcome == "shed":
-            headers["Retry-After"] = self.retry_after(result.retry_after or _SHED_RETRY_SECONDS)
+            headers.update(self.retry_headers(result.retry_after or _SHED_RETRY_SECONDS))
             return problem(
                 503,
                 REDUCED_CAPACITY,
                 "Temporarily shed",
                 f"the controller has shed this traffic ({address} is 0); retry later",
                 headers,
-                **{"violated-policies": [address]},
+                error=_server("temporarily_shed"),
+                **violated,
             )
         wait = result.retry_after if result.retry_after is not None else 1.0
-        headers["Retry-After"] = self.retry_after(wait)
+        headers.update(self.retry_headers(wait))
         return problem(
             429,
             QUOTA_EXCEEDED,
             "Rate limit exceeded",
             f"{address} is used up; retry in {math.ceil(wait)} s",
             headers,
-            **{"violated-policies": [address]},
+            error=_rate_limited(address),
+            **violated,
         )
 
-    def _budget_exhausted(self, result: AdmissionResult, headers: dict[str, str]) -> JSONResponse:
+    def _budget_exhausted(
+        self, result: AdmissionResult, headers: dict[str, str], insufficient_quota: bool
+    ) -> Problem:
+        """402, or OpenAI's own answer to a spent quota (429 insufficient_quota) when the plan
+        chose it (`quota_exhausted: insufficient_quota`)."""
         budget = result.budget
         address = result.denied_by or (budget.address if budget else "unknown")
         extensions: dict[str, Any] = {"budget": address}
@@ -155,17 +253,24 @@ class Answers:
             if budget.kind == "credits":
                 extensions["ledger"] = budget.address
         if result.retry_after is not None:
-            headers["Retry-After"] = str(max(1, math.ceil(result.retry_after)))
+            headers.update(self.retry_headers(result.retry_after, jitter=False))
+        # A spent budget is not for an automatic retry: Retry-After says when a daily budget
+        # resets (credits never refill by themselves), and the OpenAI Node SDK would sleep
+        # until then on a 429 insufficient_quota. The OpenAI SDKs obey this header.
+        headers["x-should-retry"] = "false"
+        status = 429 if insufficient_quota else 402
+        code = "insufficient_quota" if insufficient_quota else "budget_exhausted"
         return problem(
-            402,
+            status,
             self.type_uri("budget-exhausted"),
             "Budget exhausted",
             _budget_detail(address, budget),
             headers,
+            error=OpenAIError("insufficient_quota", code),
             **extensions,
         )
 
-    def enforcement_unavailable(self, plan: str | None) -> JSONResponse:
+    def enforcement_unavailable(self, plan: str | None) -> Problem:
         """503 while Redis is away: the plan fails closed, or (no plan) the credential could
         not be checked."""
         detail = (
@@ -178,23 +283,31 @@ class Answers:
             self.type_uri("enforcement-unavailable"),
             "Limits cannot be checked",
             detail,
-            {"Retry-After": self.retry_after(_SHED_RETRY_SECONDS)},
+            self.retry_headers(_SHED_RETRY_SECONDS),
+            error=_server("enforcement_unavailable"),
         )
 
-    def locally_limited(self, address: str, wait: float) -> JSONResponse:
+    def locally_limited(self, address: str, wait: float) -> Problem:
         return problem(
             429,
             QUOTA_EXCEEDED,
             "Rate limit exceeded",
             f"{address} (this gateway's share while the limit store is unreachable) is used "
             f"up; retry in {math.ceil(wait)} s",
-            {"Retry-After": self.retry_after(wait)},
+            self.retry_headers(wait),
+            error=_rate_limited(address),
             **{"violated-policies": [address]},
         )
 
-    def upstream_failed(self, detail: str, status: int = 502) -> JSONResponse:
+    def upstream_failed(self, detail: str, status: int = 502) -> Problem:
         title = "Upstream timed out" if status == 504 else "Upstream unavailable"
-        return problem(status, self.type_uri("upstream-failed"), title, detail)
+        return problem(
+            status,
+            self.type_uri("upstream-failed"),
+            title,
+            detail,
+            error=_server("upstream_failed"),
+        )
 
 
 def _budget_detail(address: str, budget: Budget | None) -> str:
@@ -214,8 +327,10 @@ def _iso(timestamp: float) -> str:
 
 
 def rate_limit_headers(result: AdmissionResult) -> dict[str, str]:
-    """IETF RateLimit/RateLimit-Policy (draft-ietf-httpapi-ratelimit-headers-10) and OpenAI's
-    x-ratelimit-{limit,remaining,reset}-{requests,tokens} for the tightest quotas."""
+    """IETF RateLimit/RateLimit-Policy (draft-ietf-httpapi-ratelimit-headers-10), each quota
+    with its own window, and OpenAI's x-ratelimit-{limit,remaining,reset}-{requests,tokens}
+    for the tightest quotas: the limit per minute (as OpenAI clients read it), what may be
+    sent now, and the time until the quota is full again."""
     policies: list[str] = []
     states: list[str] = []
     headers: dict[str, str] = {}
@@ -224,7 +339,7 @@ def rate_limit_headers(result: AdmissionResult) -> dict[str, str]:
             continue
         policies.append(_policy(quota.address, quota.limit, quota.window_seconds, unit))
         states.append(_state(quota.address, quota.remaining, quota.reset_seconds))
-        headers[f"x-ratelimit-limit-{unit}"] = str(_count(quota.limit))
+        headers[f"x-ratelimit-limit-{unit}"] = str(_count(per_minute(quota)))
         headers[f"x-ratelimit-remaining-{unit}"] = str(_count(quota.remaining))
         headers[f"x-ratelimit-reset-{unit}"] = openai_duration(quota.reset_seconds)
     budget = result.budget
@@ -237,6 +352,14 @@ def rate_limit_headers(result: AdmissionResult) -> dict[str, str]:
         headers["RateLimit-Policy"] = ", ".join(policies)
         headers["RateLimit"] = ", ".join(states)
     return headers
+
+
+def per_minute(quota: Quota) -> float:
+    """A rate quota's limit per minute: OpenAI's x-ratelimit-limit-* are requests or tokens
+    per minute, so 5 requests/second is 300 (a concurrency limit has no window: as is)."""
+    if quota.window_seconds <= 0:
+        return quota.limit
+    return quota.limit * 60.0 / quota.window_seconds
 
 
 def _policy(address: str, limit: float, window: float, unit: str) -> str:

@@ -202,6 +202,11 @@ class PlanSpec(Strict):
     credits: Credits | None = Field(
         None, description="charge a prepaid credit balance (USD) as well as token budgets"
     )
+    quota_exhausted: Literal["payment_required", "insufficient_quota"] = Field(
+        "payment_required",
+        description="the answer when a token budget or the credits are spent: 402 "
+        "(payment_required), or 429 with code insufficient_quota as OpenAI itself answers",
+    )
 
     @model_validator(mode="after")
     def _degrade_model_allowed(self) -> PlanSpec:

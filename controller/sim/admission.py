@@ -19,6 +19,8 @@ from controller.model import Address, LimitKind, Scope
 
 Outcome = Literal["allow", "rate_limited", "budget_exhausted", "shed", "too_large"]
 DAY_MS = 86_400_000.0
+# As controller/gateway/limits.py: a request above one of these can never fit (too_large).
+_SIZED = (LimitKind.MAX_TOKENS_PER_REQUEST, LimitKind.TOKENS_PER_MINUTE, LimitKind.TOKENS_PER_DAY)
 KINDS = tuple(LimitKind)
 PERIOD_MS = {
     LimitKind.REQUESTS_PER_SECOND: 1000.0,
@@ -74,7 +76,7 @@ class _Check:
             period,
             period / limit if period is not None else 0.0,
             kind is LimitKind.TOKENS_PER_MINUTE,
-            kind in (LimitKind.MAX_TOKENS_PER_REQUEST, LimitKind.TOKENS_PER_MINUTE),
+            kind in _SIZED,
             "g|" + name,
             "i|" + name,
             "c|" + name,

@@ -124,6 +124,13 @@ spec:
   credits: {min_balance_usd: 0}
 ---
 apiVersion: governor/v1
+kind: Plan
+metadata: {name: metered}
+spec:
+  limits: {requests_per_minute: 600, tokens_per_day: 1000}
+  quota_exhausted: insufficient_quota
+---
+apiVersion: governor/v1
 kind: Limits
 metadata: {name: global}
 spec:
@@ -205,7 +212,9 @@ def start_gateway(
         gateway=GatewaySettings(**{"api_key_secret": SecretStr("test-secret"), **gateway}),
     )
     server = ServerThread(create_app(settings, upstream_url, policies)).start()
-    return Gateway(server.url, redis_url, settings, server, httpx.Client(timeout=30.0))
+    # These tests read problem documents; the default (OpenAI's envelope) has its own tests.
+    http = httpx.Client(timeout=30.0, headers={"accept": PROBLEM})
+    return Gateway(server.url, redis_url, settings, server, http)
 
 
 MakeGateway = Callable[..., Gateway]

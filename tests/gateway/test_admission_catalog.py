@@ -46,7 +46,8 @@ def test_published_plans_reach_the_gateway(
     assert not free.allows("gpt-4")
     assert free.allows(None)
     assert db.hget("governor:plans", "enterprise") == (
-        '{"credits": {"min_balance_usd": 0.0}, "degrade": null, "fail_mode": "open", "models": []}'
+        '{"credits": {"min_balance_usd": 0.0}, "degrade": null, "fail_mode": "open", "models": [], '
+        '"quota_exhausted": "payment_required"}'
     )
 
 

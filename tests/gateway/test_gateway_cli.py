@@ -156,7 +156,7 @@ def test_sigterm_drains_the_request_in_flight_and_exits_0(
     started = [line for line in lines if "listening on" in line]
     assert len(started) == 1
     assert f"listening on http://127.0.0.1:{port}, upstream {upstream_url}" in started[0]
-    assert "(--policies) (3 plans)" in started[0]
+    assert "(--policies) (4 plans)" in started[0]
     assert "governor gateway stopped" in lines[-1]
 
 

@@ -9,7 +9,7 @@ import re
 from typing import Any
 
 from controller.gateway.admission import AdmissionResult, Budget, Quota
-from controller.gateway.openai import ModelRequest, UsageMeter
+from controller.gateway.openai import ModelRequest, UsageChunkFilter, UsageMeter
 from controller.gateway.responses import Answers, openai_duration, rate_limit_headers
 
 REQUESTS = Quota("tenant/acme/requests_per_minute", 10, 3.6, 38.2, 60)
@@ -137,3 +137,27 @@ def test_the_meter_finds_usage_split_across_chunks() -> None:
     usage = meter.finish()
 
     assert (usage.prompt_tokens, usage.completion_tokens, usage.estimated) == (7, 2, False)
+
+
+def test_a_sub_second_wait_is_said_in_milliseconds_too() -> None:
+    answers = Answers("https://docs.example/gateway.md", 0.0)
+
+    assert answers.retry_headers(0.03) == {"Retry-After": "1", "retry-after-ms": "30"}
+    assert answers.retry_headers(6.5) == {"Retry-After": "7", "retry-after-ms": "6500"}
+
+
+def test_the_usage_only_event_is_taken_out_wherever_the_chunks_split() -> None:
+    stream = (
+        b'data: {"choices":[{"delta":{"content":"hi"}}]}\r\n\r\n'
+        b'data: {"choices":[],"usage":{"prompt_tokens":7,"completion_tokens":2}}\n\n'
+        b": a comment\n\ndata: [DONE]\n\n"
+    )
+    expected = stream.replace(
+        b'data: {"choices":[],"usage":{"prompt_tokens":7,"completion_tokens":2}}\n\n', b""
+    )
+
+    for size in (1, 7, len(stream)):
+        strip = UsageChunkFilter()
+        pieces = [stream[i : i + size] for i in range(0, len(stream), size)]
+        passed = b"".join(strip.feed(p, last=i == len(pieces) - 1) for i, p in enumerate(pieces))
+        assert passed == expected, size

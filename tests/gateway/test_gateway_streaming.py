@@ -71,15 +71,39 @@ def test_chunks_reach_the_client_while_the_upstream_is_still_streaming(
         rest = list(events)
 
     assert rest[-1] == "data: [DONE]"
-    usage = json.loads(rest[-2][5:])["usage"]
-    assert usage["completion_tokens"] == 6
     # The gateway asked for the usage chunk on the client's behalf...
     sent = held.last().body
     assert sent is not None
     assert sent["stream_options"] == {"include_usage": True}
+    # ...took it out of the stream (the client did not ask: `choices[0]` must always work)...
+    chunks = [json.loads(line[5:]) for line in rest[:-1]]
+    assert len(chunks) == 5
+    assert all(chunk["choices"] for chunk in chunks)
     # ...and settled from it: the next admission sees exactly that usage spent.
+    prompt = 7 + len(json.dumps(MESSAGES)) // 10  # the fake's own count
     after = gateway.chat(key, messages=MESSAGES, max_tokens=40)
-    assert budget_remaining(after) == 1000 - usage["total_tokens"] - worst_case(40)
+    assert budget_remaining(after) == 1000 - (prompt + 6) - worst_case(40)
+
+
+def test_a_client_that_asks_for_usage_gets_its_chunk(gateway: Gateway) -> None:
+    key = gateway.key("acme", "free")
+    body = {"model": "gpt-3.5-turbo", "messages": MESSAGES, "max_tokens": 40, "stream": True,
+            "stream_options": {"include_usage": True}}  # fmt: skip
+
+    with gateway.http.stream(
+        "POST",
+        f"{gateway.url}/v1/chat/completions",
+        json=body,
+        headers={"authorization": f"Bearer {key}", "x-fake-tokens": "3"},
+    ) as answer:
+        lines = list(data_lines(answer.iter_lines()))
+
+    assert lines[-1] == "data: [DONE]"
+    last = json.loads(lines[-2][5:])
+    assert last["choices"] == []
+    assert last["usage"]["completion_tokens"] == 3
+    after = gateway.chat(key, messages=MESSAGES, max_tokens=40)
+    assert budget_remaining(after) == 1000 - last["usage"]["total_tokens"] - worst_case(40)
 
 
 def test_a_stream_without_usage_is_settled_from_an_estimate(

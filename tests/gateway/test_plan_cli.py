@@ -54,7 +54,7 @@ def test_an_unknown_plan_is_refused_with_the_known_plans(
     assert result.exit_code == 2, result.output
     assert len(result.stderr.strip().splitlines()) == 1
     assert CATALOG in result.stderr
-    assert "known plans: enterprise, free, paid" in result.stderr
+    assert "known plans: enterprise, free, metered, paid" in result.stderr
     assert hint in result.stderr
     # Nothing was written: no registry entry, no key, no override, no journal event.
     assert db.hgetall("governor:tenants") == {}

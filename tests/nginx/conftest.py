@@ -66,6 +66,18 @@ location = /_probe/request {
             prompt = request.prompt_tokens, body = request.raw}))
     }
 }
+location = /_probe/strip {
+    content_by_lua_block {
+        local openai = require 'governor.openai'
+        ngx.req.read_body()
+        local stream, size = ngx.req.get_body_data() or '', tonumber(ngx.var.arg_size)
+        local strip, passed = openai.usage_filter(), {}
+        for i = 1, #stream, size do
+            passed[#passed + 1] = strip:feed(stream:sub(i, i + size - 1), i + size > #stream)
+        end
+        ngx.print(table.concat(passed))
+    }
+}
 """
 
 
@@ -168,7 +180,9 @@ def chat_body(model: str = "gpt-3.5-turbo", max_tokens: int = 5, **extra: Any) -
 def nginx(nginx_session: NginxServer, redis_nginx: RedisServer, policy_dir: Path) -> Iterator[Side]:
     """The nginx side on a flushed Redis holding the plans' limits and catalog; fails the
     test if the module logged a Lua error meanwhile."""
-    with redis_nginx.client() as db, httpx.Client(timeout=30.0) as http:
+    # These tests read problem documents; the default (OpenAI's envelope) has its own tests.
+    accept = {"accept": "application/problem+json"}
+    with redis_nginx.client() as db, httpx.Client(timeout=30.0, headers=accept) as http:
         db.flushall()
         write_limits(db, PREFIX, policy_dir)
         # The workers keep limits by version across tests: a flushed Redis must not count

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from controller.gateway.openai import Kind, ModelRequest, RequestError
+from controller.gateway.openai import Kind, ModelRequest, RequestError, UsageChunkFilter
 from controller.gateway.scripts import EnforcementKeys, ip_id
 from tests.nginx.conftest import Side
 
@@ -114,3 +114,23 @@ def test_refusals_say_what_python_says(nginx: Side, kind: Kind, body: Any) -> No
     with pytest.raises(RequestError) as refused:
         ModelRequest.parse(kind, raw, DEFAULT_MAX_TOKENS)
     assert lua == {"error": str(refused.value)}
+
+
+STREAM = (
+    b'data: {"choices":[{"delta":{"content":"h\\u00e9"}}]}\r\n\r\n'
+    b'data: {"choices":[],"usage":{"prompt_tokens":7,"completion_tokens":2}}\n\n'
+    b'data: {"choices":[],"note":"no usage: kept"}\n\n'
+    b": a comment\n\ndata: [DONE]\n\n"
+)
+
+
+@pytest.mark.parametrize("size", [1, 5, 64, len(STREAM)])
+def test_the_usage_chunk_is_stripped_as_python_strips_it(nginx: Side, size: int) -> None:
+    lua = nginx.http.post(f"{nginx.url}/_probe/strip", params={"size": size}, content=STREAM)
+
+    strip = UsageChunkFilter()
+    pieces = [STREAM[i : i + size] for i in range(0, len(STREAM), size)]
+    python = b"".join(strip.feed(p, last=i == len(pieces) - 1) for i, p in enumerate(pieces))
+    assert lua.content == python
+    assert b'"usage"' not in python
+    assert b"no usage: kept" in python

@@ -43,7 +43,11 @@ def fresh_sides(
                "GOVERNOR_GATEWAY__API_KEY_SECRET": SECRET}  # fmt: skip
         started.append(NginxServer(root / "nginx", export_dir, upstream[1].port, env).start())
         python = start_gateway(stores[1].url, upstream[1].url, retry_after_jitter=0.0)
-        with stores[0].client() as ndb, stores[1].client() as pdb, httpx.Client() as http:
+        with (
+            stores[0].client() as ndb,
+            stores[1].client() as pdb,
+            httpx.Client(headers={"accept": PROBLEM}) as http,
+        ):
             try:
                 yield (Side("nginx", started[0].url, ndb, http),
                        Side("python", python.url, pdb, python.http), started[0])  # fmt: skip
@@ -112,4 +116,4 @@ def test_a_catalog_without_limits_and_an_unknown_plan_answer_alike(
         assert answer.json()["plan"] in ("platinum", "fre")
     assert len(upstream[0].seen) == seen
     version = load_directory(policy_dir).version
-    assert f"plan catalog {version} (3 plans)" in line
+    assert f"plan catalog {version} (4 plans)" in line

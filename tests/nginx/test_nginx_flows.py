@@ -142,7 +142,7 @@ def test_an_unreachable_model_server_is_a_502_problem_and_charges_nothing(
     dead = NginxServer(tmp_path, export_dir, free_port(), env).start()  # nothing listens there
     try:
         key = nginx.key("acme", "free")
-        with httpx.Client(timeout=30.0) as http:
+        with httpx.Client(timeout=30.0, headers={"accept": PROBLEM}) as http:
             side = Side("dead", dead.url, nginx.db, http)
             answer = side.chat(key, chat_body(stream=stream))
             request_id = answer.headers.get("x-governor-request-id")
@@ -181,7 +181,7 @@ def test_without_redis_every_plan_fails_closed(
            "GOVERNOR_GATEWAY__API_KEY_SECRET": SECRET}  # fmt: skip
     server = NginxServer(tmp_path / "nginx", export_dir, upstream[1].port, env).start()
     try:
-        with store.client() as db, httpx.Client(timeout=30.0) as http:
+        with store.client() as db, httpx.Client(timeout=30.0, headers={"accept": PROBLEM}) as http:
             write_limits(db, "governor", policy_dir)
             side = Side("nginx", server.url, db, http)
             # enterprise declares fail_mode: open; this module has no local limiter.

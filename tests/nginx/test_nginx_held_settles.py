@@ -63,7 +63,8 @@ def test_a_settle_that_meets_an_outage_is_repeated_when_redis_answers(
         try:
             key = KeyStore(db, KeySchema(PREFIX), SECRET).create("acme", "free")[0]
             body = {"model": "gpt-3.5-turbo", "messages": [{"role": "user", "content": "hi"}],
-                    "max_tokens": 40, "stream": True}  # fmt: skip
+                    "max_tokens": 40, "stream": True,
+                    "stream_options": {"include_usage": True}}  # fmt: skip
             headers = {"authorization": f"Bearer {key}", "x-fake-hold": "1", "x-fake-tokens": "6"}
             with http.stream("POST", f"{nginx.url}/v1/chat/completions", json=body,
                              headers=headers) as answer:  # fmt: skip

@@ -29,7 +29,11 @@ CALLERS = {
     "broke": ("hooli", "enterprise"),
     "rich": ("umbrella", "enterprise"),
     "platinum": ("wonka", "platinum"),  # a key on a plan no `kind: Plan` defines
+    "metered": ("stark", "metered"),  # a spent budget is OpenAI's 429 insufficient_quota
+    "trial": ("wayne", "free"),  # sends no max_tokens
 }
+NO_MAX_TOKENS = {"model": "gpt-3.5-turbo", "messages": [{"role": "user", "content": "hi"}]}
+PROBLEM = {"accept": "application/problem+json"}  # else OpenAI's error envelope
 # Headers that differ by nature: the server's own, framing, and the random reservation id.
 VOLATILE = {"date", "server", "content-length", "connection", "keep-alive", "transfer-encoding",
             "x-governor-request-id"}  # fmt: skip
@@ -54,8 +58,14 @@ def sequence() -> list[Step]:
     steps = [
         Step("no credential", None),
         Step("unknown key", None, headers={"authorization": f"Bearer {UNKNOWN_KEY}"}),
+        Step(
+            "unknown key, problem+json",
+            None,
+            headers={"authorization": f"Bearer {UNKNOWN_KEY}", **PROBLEM},
+        ),
         Step("wrong scheme", None, headers={"authorization": "Basic dXNlcjpwYXNz"}),
         Step("model outside the plan", "free", chat_body(model="gpt-4")),
+        Step("model outside the plan, problem+json", "free", chat_body(model="gpt-4"), PROBLEM),
         Step("a plan not in the catalog", "platinum", chat_body(model="gpt-9")),
         Step(
             "a plan not in the catalog, not a model call",
@@ -70,9 +80,13 @@ def sequence() -> list[Step]:
     steps += [Step(f"request {i + 1} of 10/minute", "free") for i in range(10)]
     steps += [
         Step("the 11th in the minute", "free"),
+        Step("the 12th in the minute, problem+json", "free", headers=PROBLEM),
         Step("budget 1", "small"),
         Step("budget 2", "small"),
         Step("budget spent", "small"),
+        Step("budget spent, problem+json", "small", headers=PROBLEM),
+        Step("metered budget", "metered"),
+        Step("metered budget spent: 429 insufficient_quota", "metered"),
         Step("past 50 % of the budget: degraded", "paid", chat_body(model="gpt-4", max_tokens=600)),
         Step("degraded again", "paid", chat_body(model="gpt-4", max_tokens=600)),
         Step("streamed", "paid", chat_body(stream=True), {"x-fake-tokens": "3"}),
@@ -81,6 +95,10 @@ def sequence() -> list[Step]:
         Step("no credits", "broke"),
         Step("credits", "rich", chat_body(model="gpt-4", max_tokens=50)),
         Step("larger than a minute's tokens", "rich", chat_body(max_tokens=2_000_000)),
+        Step("no max_tokens on the free plan: what the day holds", "trial", NO_MAX_TOKENS,
+             {"x-fake-tokens": "700"}),
+        Step("no max_tokens again: what is left of the day", "trial", NO_MAX_TOKENS),
+        Step("more than the day: never fits", "trial", chat_body(max_tokens=5000)),
         Step("no max_tokens: the default is written in", "rich", {
             "model": "gpt-4o", "messages": [{"role": "user", "content": "héllo wörld"}]}),
     ]  # fmt: skip
@@ -91,12 +109,13 @@ def prepare(side: Side) -> dict[str, str]:
     """Keys for every caller, the small budget, and $1 of credits for "rich"."""
     keys = {name: side.key(tenant, plan) for name, (tenant, plan) in CALLERS.items()}
     set_limit(side, "tenant/globex/tokens_per_day", 30)
+    set_limit(side, "tenant/stark/tokens_per_day", 20)
     CreditLedger(side.db, PREFIX).top_up("umbrella", 1.0, "parity test", "test")
     return keys
 
 
 def send(side: Side, keys: dict[str, str], step: Step) -> httpx.Response:
-    headers = dict(step.headers)
+    headers = {"accept": "application/json", **step.headers}
     if step.caller is not None:
         headers["authorization"] = f"Bearer {keys[step.caller]}"
     body = chat_body() if step.body is None and step.method == "POST" else step.body
@@ -134,6 +153,8 @@ def shape(answer: httpx.Response) -> tuple[dict[str, Any], dict[str, float]]:
             continue
         if name == "retry-after":
             times[name], value = float(value), "#"
+        elif name == "retry-after-ms":
+            times[name], value = float(value) / 1000, "#"
         elif name.startswith("x-ratelimit-reset-"):
             times[name], value = seconds(value), "#"
         else:
@@ -143,6 +164,9 @@ def shape(answer: httpx.Response) -> tuple[dict[str, Any], dict[str, float]]:
     if answer.headers.get("content-type") == "application/problem+json":
         body = json.loads(answer.content)
         body["detail"] = TIMED.sub(taker("detail"), body["detail"])
+    elif answer.headers.get("content-type") == "application/json" and answer.status_code >= 400:
+        body = json.loads(answer.content)  # OpenAI's envelope
+        body["error"]["message"] = TIMED.sub(taker("message"), body["error"]["message"])
     return {"status": answer.status_code, "headers": headers, "body": body}, times
 
 
@@ -207,10 +231,11 @@ def test_nginx_answers_as_the_python_gateway_does(
 
     assert mismatches == [], "\n".join(mismatches)
     # The sequence covers what it claims to (a broken sequence must not compare trivially).
-    assert statuses.count(401) == 3
-    assert [s for s in statuses if s in (402, 403, 429, 503)] == [403, 403, 403, 429, 402, 503,
+    assert statuses.count(401) == 4
+    assert [s for s in statuses if s in (402, 403, 429, 503)] == [403, 403, 403, 403, 429, 429,
+                                                                  402, 402, 429, 503,
                                                                   402]  # fmt: skip
-    assert statuses.count(400) == 3
+    assert statuses.count(400) == 4
     assert statuses.count(200) >= 15
     assert books(nginx) == books(python_gateway)
     assert books(nginx)["umbrella:credits"]["balance"] != "1000000"  # the call was charged

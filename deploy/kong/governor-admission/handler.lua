@@ -119,12 +119,18 @@ function GovernorAdmission:header_filter(conf)
   for name, value in pairs(call.headers) do
     kong.response.set_header(name, value)
   end
+  if call.strip ~= nil then
+    kong.response.clear_header('Content-Length')  -- the body will be shorter than upstream's
+  end
 end
 
 function GovernorAdmission:body_filter(conf)
   local call = kong.ctx.plugin.call
   if call ~= nil and call.streaming then
     gateway_for(conf):feed(call, ngx.arg[1])
+    if call.strip ~= nil then  -- metered above from the bytes as they came
+      ngx.arg[1] = call.strip:feed(ngx.arg[1], ngx.arg[2])
+    end
   end
 end
 

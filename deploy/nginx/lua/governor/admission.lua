@@ -86,8 +86,34 @@ local function parse(reply, plan, request, ip, resolved)
   if result.outcome == 'allow' then
     result.reservation = {id = request.request_id, user = request.user or '', ip = ip}
     result.degrade = degrade(plan, spent_budget, request.model)
+    result.reserved = request.tokens
   end
   return result
+end
+
+-- admission._lowered: a daily budget refused a reservation sized by default: what is left
+-- of it when the request still fits there, else nil (the refusal stands).
+local function lowered(result, request)
+  local spent, least = result.budget, request.least_tokens
+  if least == nil or result.outcome ~= 'budget_exhausted' or spent == nil
+      or spent.kind ~= 'tokens' then
+    return nil
+  end
+  local room = math.floor(spent.remaining)
+  if least <= room and room < request.tokens then
+    return room
+  end
+  return nil
+end
+
+-- A copy of the request with another reservation size.
+local function sized(request, tokens)
+  local copy = {}
+  for name, value in pairs(request) do
+    copy[name] = value
+  end
+  copy.tokens = tokens
+  return copy
 end
 
 local Admission = {}
@@ -110,16 +136,19 @@ end
 -- Decide on one request in one round trip. request: tenant, plan, user (nil: none), ip
 -- (ip_id form or nil), model, tokens, request_id; plan: the catalog's entry. Returns the
 -- result, or nil and the Redis failure.
+function Admission:credits(plan, request)
+  if plan.credits == nil then
+    return {}
+  end
+  return {string.format('%d', to_micro(self.prices:worst_case(request.model, request.tokens))),
+    string.format('%d', to_micro(plan.credits.min_balance_usd))}
+end
+
 function Admission:admit(client, request, plan)
   local ip = request.ip or ''
-  local tokens = string.format('%d', request.tokens)
-  local credits = {}
-  if plan.credits ~= nil then
-    credits = {string.format('%d', to_micro(self.prices:worst_case(request.model,
-      request.tokens))), string.format('%d', to_micro(plan.credits.min_balance_usd))}
-  end
   local user, model = request.user or '', request.model or ''
   local keys = self.keys:admit_keys(request.tenant, user, ip)
+  local last = nil
   for _ = 1, ATTEMPTS do
     local resolved, err = self.limits:get(client, request.tenant, request.plan, user, ip, model)
     if resolved == nil then
@@ -128,8 +157,13 @@ function Admission:admit(client, request, plan)
     if resolved.version == '' then  -- the controller has written nothing: no limit is known
       return {outcome = 'not_configured'}
     end
-    local args = {request.request_id, tokens, resolved.version, self.lease_ms, self.record_ms,
-      model}
+    if request.least_tokens ~= nil then
+      request = sized(request, limits_module.fitted(resolved, request.tokens,
+        request.least_tokens))
+    end
+    local credits = self:credits(plan, request)
+    local args = {request.request_id, string.format('%d', request.tokens), resolved.version,
+      self.lease_ms, self.record_ms, model}
     local verdict = limits_module.verdict(resolved, request.tokens)
     if verdict then
       args[7] = verdict
@@ -150,8 +184,20 @@ function Admission:admit(client, request, plan)
     if type(reply) == 'table' and #reply == 2 and reply[1] == 'stale' then
       self.limits:stale(reply[2])
     else
-      return parse(reply, plan, request, ip, resolved)
+      local result, problem = parse(reply, plan, request, ip, resolved)
+      if result == nil then
+        return nil, problem
+      end
+      last = result
+      local room = lowered(result, request)
+      if room == nil then
+        return result
+      end
+      request = sized(request, room)  -- a default that fits what is left
     end
+  end
+  if last ~= nil then
+    return last
   end
   return nil, 'the limits changed ' .. ATTEMPTS .. ' times during one admission'
 end

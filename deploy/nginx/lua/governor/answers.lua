@@ -1,6 +1,7 @@
 -- What a Lua gateway answers, as controller/gateway/responses.py does: RFC 9457 problem
 -- documents (401, 400, 402, 403 model-not-allowed / unknown-plan, 413, 429, 502/504, 503
--- shed / enforcement-unavailable / not-configured) and the IETF RateLimit /
+-- shed / enforcement-unavailable / not-configured), sent as OpenAI's error envelope unless
+-- the client's Accept names application/problem+json (`rendered`), and the IETF RateLimit /
 -- RateLimit-Policy and OpenAI x-ratelimit-* headers. An answer is {status, headers, body}.
 
 local cjson = require 'cjson.safe'
@@ -65,6 +66,15 @@ local function repr(text)
   return quote .. escaped .. quote
 end
 
+-- A rate quota's limit per minute, as OpenAI's x-ratelimit-limit-* mean it (a concurrency
+-- limit has no window: as is).
+local function per_minute(quota)
+  if quota.window_seconds <= 0 then
+    return quota.limit
+  end
+  return quota.limit * 60.0 / quota.window_seconds
+end
+
 local function policy(address, limit, window, unit)
   -- "requests" is the draft's default unit; a token quota says so, or it reads as requests.
   local unit_parameter = unit == 'requests' and '' or ';qu="' .. unit .. '"'
@@ -89,7 +99,7 @@ function _M.rate_limit_headers(result, now)
     if quota ~= nil then
       policies[#policies + 1] = policy(quota.address, quota.limit, quota.window_seconds, unit)
       states[#states + 1] = state(quota.address, quota.remaining, quota.reset_seconds)
-      headers['x-ratelimit-limit-' .. unit] = tostring(count(quota.limit))
+      headers['x-ratelimit-limit-' .. unit] = tostring(count(per_minute(quota)))
       headers['x-ratelimit-remaining-' .. unit] = tostring(count(quota.remaining))
       headers['x-ratelimit-reset-' .. unit] = _M.openai_duration(quota.reset_seconds)
     end
@@ -129,25 +139,74 @@ function _M.new(base_url, jitter, now)
   return setmetatable({base_url = base_url, jitter = jitter, now = now}, Answers)
 end
 
-function _M.problem(status, type_uri, title, detail, headers, extensions)
+-- err: what the problem is in OpenAI's terms, {type, code, param}.
+function _M.problem(status, type_uri, title, detail, headers, extensions, err)
   local body = {type = type_uri, title = title, status = status, detail = detail}
   for name, value in pairs(extensions or {}) do
     body[name] = value
   end
   headers = headers or {}
   headers['Content-Type'] = PROBLEM_JSON
-  return {status = status, headers = headers, body = cjson.encode(body)}
+  return {status = status, headers = headers, body = cjson.encode(body), document = body,
+    error = err}
 end
 local problem = _M.problem
+
+local function invalid(code, param)
+  return {type = 'invalid_request_error', code = code, param = param}
+end
+
+local function server(code)
+  return {type = 'server_error', code = code}
+end
+
+-- OpenAI's rate-limit errors say which quota ran out in `type`: requests or tokens.
+local function rate_limited(address)
+  return {type = address:find('tokens', 1, true) and 'tokens' or 'requests',
+    code = 'rate_limit_exceeded'}
+end
+
+-- The answer as the client asked for it: problem+json when its Accept names it, else
+-- OpenAI's envelope {"error": {message, type, code, param, ...the problem's other fields}}.
+function _M.rendered(answer, accept)
+  if type(accept) == 'table' then
+    accept = table.concat(accept, ',')
+  end
+  local document = answer.document
+  if document == nil or (type(accept) == 'string'
+      and accept:lower():find(PROBLEM_JSON, 1, true)) then
+    return answer
+  end
+  local err = answer.error
+  local fields = {}
+  for name, value in pairs(document) do
+    if name ~= 'detail' and name ~= 'type' then
+      fields[name] = value
+    end
+  end
+  fields.message, fields.type, fields.code = document.detail, err.type, err.code
+  fields.param = err.param == nil and cjson.null or err.param
+  fields.problem_type = document.type
+  local headers = {}
+  for name, value in pairs(answer.headers) do
+    headers[name] = value
+  end
+  headers['Content-Type'] = 'application/json'
+  return {status = answer.status, headers = headers, body = cjson.encode({error = fields})}
+end
 
 function Answers:type_uri(anchor)
   return self.base_url .. '#' .. anchor
 end
 
--- Delay-seconds grown by a random share (<= jitter), never below the true wait, never 0.
-function Answers:retry_after(seconds)
-  local grown = seconds * (1.0 + math.random() * self.jitter)
-  return tostring(max(1, ceil(grown)))
+-- Retry-After (delay-seconds, never 0) and retry-after-ms (which the OpenAI SDKs read
+-- first), grown by a random share (<= jitter) unless `exact`; never below the true wait.
+function Answers:retry_headers(seconds, exact, headers)
+  local grown = exact and seconds or seconds * (1.0 + math.random() * self.jitter)
+  headers = headers or {}
+  headers['Retry-After'] = tostring(max(1, ceil(grown)))
+  headers['retry-after-ms'] = format('%d', max(1, ceil(grown * 1000)))
+  return headers
 end
 
 function Answers:unauthenticated(detail)
@@ -156,13 +215,14 @@ function Answers:unauthenticated(detail)
   local description = detail:gsub('"', "'"):gsub('\\', '/'):gsub('[\192-\255][\128-\191]*', '?')
   return problem(401, self:type_uri('unauthenticated'), 'Unauthenticated', detail, {
     ['WWW-Authenticate'] = 'Bearer error="invalid_token", error_description="'
-      .. description .. '"'})
+      .. description .. '"'}, nil, invalid('invalid_api_key'))
 end
 
 function Answers:model_not_allowed(plan, model, allowed)
   return problem(403, self:type_uri('model-not-allowed'), 'Model not allowed on this plan',
     format('plan %s may call %s; not %s', repr(plan), table.concat(allowed, ', '), repr(model)),
-    nil, {plan = plan, model = model, allowed_models = allowed})
+    nil, {plan = plan, model = model, allowed_models = allowed},
+    invalid('model_not_allowed', 'model'))
 end
 
 -- 403: the credential names a plan the published catalog does not hold.
@@ -170,7 +230,7 @@ function Answers:unknown_plan(plan)
   return problem(403, self:type_uri('unknown-plan'), 'Unknown plan',
     format('plan %s is not in the plan catalog; the API\'s operator must move this tenant or '
       .. 'key to a known plan (governor tenants list flags them)', repr(plan)),
-    nil, {plan = plan})
+    nil, {plan = plan}, invalid('unknown_plan'))
 end
 
 -- 503: no plan catalog or no limits in the store yet.
@@ -178,11 +238,12 @@ function Answers:not_configured()
   return problem(503, self:type_uri('not-configured'), 'Limits not configured yet',
     'no plan catalog or limits are published yet (the controller has not completed its '
       .. 'first tick); retry later',
-    {['Retry-After'] = self:retry_after(SHED_RETRY_SECONDS)})
+    self:retry_headers(SHED_RETRY_SECONDS), nil, server('not_configured'))
 end
 
-function Answers:bad_request(detail, status)
-  return problem(status or 400, self:type_uri('bad-request'), 'Bad request', detail)
+function Answers:bad_request(detail, status, param)
+  return problem(status or 400, self:type_uri('bad-request'), 'Bad request', detail, nil, nil,
+    invalid('bad_request', param))
 end
 
 local function budget_detail(address, budget)
@@ -198,7 +259,8 @@ local function budget_detail(address, budget)
   return format('%s has %d tokens left%s', address, max(0, floor(budget.remaining)), when)
 end
 
-function Answers:budget_exhausted(result, headers)
+-- 402, or OpenAI's own answer to a spent quota (429 insufficient_quota) when the plan chose it.
+function Answers:budget_exhausted(result, headers, insufficient_quota)
   local budget = result.budget
   local address = result.denied_by or (budget and budget.address) or 'unknown'
   local extensions = {budget = address}
@@ -213,38 +275,48 @@ function Answers:budget_exhausted(result, headers)
     end
   end
   if result.retry_after ~= nil then
-    headers['Retry-After'] = tostring(max(1, ceil(result.retry_after)))
+    self:retry_headers(result.retry_after, true, headers)
   end
-  return problem(402, self:type_uri('budget-exhausted'), 'Budget exhausted',
-    budget_detail(address, budget), headers, extensions)
+  -- A spent budget is not for an automatic retry: Retry-After says when a daily budget
+  -- resets (credits never refill by themselves), and the OpenAI Node SDK would sleep until
+  -- then on a 429 insufficient_quota. The OpenAI SDKs obey this header.
+  headers['x-should-retry'] = 'false'
+  local status = insufficient_quota and 429 or 402
+  local code = insufficient_quota and 'insufficient_quota' or 'budget_exhausted'
+  return problem(status, self:type_uri('budget-exhausted'), 'Budget exhausted',
+    budget_detail(address, budget), headers, extensions,
+    {type = 'insufficient_quota', code = code})
 end
 
--- The answer to an admission that said no: 429, 402, 503 or 400 (too large).
-function Answers:refused(result)
+-- The answer to an admission that said no: 429, 402 (or 429 insufficient_quota when the
+-- plan says so), 503 or 400 (too large).
+function Answers:refused(result, insufficient_quota)
   if result.outcome == 'not_configured' then
     return self:not_configured()
   end
   local headers = _M.rate_limit_headers(result, self.now())
   if result.outcome == 'budget_exhausted' then
-    return self:budget_exhausted(result, headers)
+    return self:budget_exhausted(result, headers, insufficient_quota)
   end
   local address = result.denied_by or 'unknown'
   local violated = {['violated-policies'] = {address}}
   if result.outcome == 'too_large' then
     return problem(400, self:type_uri('request-too-large'), 'Request can never fit',
       'its worst case (prompt estimate + max_tokens) is above ' .. address
-        .. '; lower max_tokens or the prompt', headers, violated)
+        .. '; lower max_tokens or the prompt', headers, violated,
+      invalid('request_too_large', 'max_tokens'))
   end
   if result.outcome == 'shed' then
-    headers['Retry-After'] = self:retry_after(result.retry_after or SHED_RETRY_SECONDS)
+    self:retry_headers(result.retry_after or SHED_RETRY_SECONDS, false, headers)
     return problem(503, REDUCED_CAPACITY, 'Temporarily shed',
       'the controller has shed this traffic (' .. address .. ' is 0); retry later', headers,
-      violated)
+      violated, server('temporarily_shed'))
   end
   local wait = result.retry_after or 1.0
-  headers['Retry-After'] = self:retry_after(wait)
+  self:retry_headers(wait, false, headers)
   return problem(429, QUOTA_EXCEEDED, 'Rate limit exceeded',
-    format('%s is used up; retry in %d s', address, ceil(wait)), headers, violated)
+    format('%s is used up; retry in %d s', address, ceil(wait)), headers, violated,
+    rate_limited(address))
 end
 
 -- 503 while Redis is away: the plan fails closed, or (no plan) the key could not be checked.
@@ -253,12 +325,13 @@ function Answers:enforcement_unavailable(plan)
     .. 'retry later', repr(plan))
     or 'the limit store is unreachable and this API key was not seen before; retry'
   return problem(503, self:type_uri('enforcement-unavailable'), 'Limits cannot be checked',
-    detail, {['Retry-After'] = self:retry_after(SHED_RETRY_SECONDS)})
+    detail, self:retry_headers(SHED_RETRY_SECONDS), nil, server('enforcement_unavailable'))
 end
 
 function Answers:upstream_failed(detail, status)
   local title = status == 504 and 'Upstream timed out' or 'Upstream unavailable'
-  return problem(status or 502, self:type_uri('upstream-failed'), title, detail)
+  return problem(status or 502, self:type_uri('upstream-failed'), title, detail, nil, nil,
+    server('upstream_failed'))
 end
 
 return _M

@@ -23,7 +23,8 @@ local function plan_info(text)
     return nil
   end
   local info = {models = type(spec.models) == 'table' and spec.models or {},
-    fail_mode = spec.fail_mode == 'open' and 'open' or 'closed'}
+    fail_mode = spec.fail_mode == 'open' and 'open' or 'closed',
+    insufficient_quota = spec.quota_exhausted == 'insufficient_quota'}
   local degrade = value(spec.degrade)
   if type(degrade) == 'table' then
     info.degrade = {at_percent = tonumber(value(degrade.at_percent)) or 90.0,

@@ -120,7 +120,7 @@ function Gateway:model_call(client, req, principal, kind, plan)
     result, err = self.admission:admit(client, {tenant = principal.tenant,
       plan = principal.plan, user = principal.user, ip = self:client_ip(req),
       model = request:model(), tokens = request:worst_case_tokens(),
-      request_id = req.request_id}, plan)
+      request_id = req.request_id, least_tokens = request:least_tokens()}, plan)
   end
   if result == nil then
     -- No local limiter here: every plan fails closed (never "unlimited").
@@ -128,20 +128,26 @@ function Gateway:model_call(client, req, principal, kind, plan)
     return {answer = say:enforcement_unavailable(principal.plan), broken = true}
   end
   if result.outcome ~= 'allow' then
-    return {answer = say:refused(result)}
+    return {answer = say:refused(result, plan.insufficient_quota)}
   end
   local headers = answers.rate_limit_headers(result, ngx.now())
+  if result.reserved ~= nil and request:fit(result.reserved) then
+    -- No max_tokens from the client: the default is lowered to what is left, and said.
+    headers['x-governor-max-tokens'] = string.format('%d', request:max_tokens())
+  end
   if result.degrade ~= nil and apply_degrade(request, result.degrade) then
     answers.degrade_headers(result.degrade, headers)
   end
   local streaming = request:streaming()
-  if streaming then
-    request:ask_for_stream_usage()
+  local strip = nil
+  if streaming and request:ask_for_stream_usage() then
+    strip = openai.usage_filter()  -- the usage event the client did not ask for
   end
   headers['x-governor-request-id'] = req.request_id
   return {call = {principal = principal, request = request, streaming = streaming,
     reservation = result.reservation, headers = headers, body = request.raw,
-    changed = request.changed, meter = openai.meter(streaming, request.prompt_tokens)}}
+    changed = request.changed, meter = openai.meter(streaming, request.prompt_tokens),
+    strip = strip}}
 end
 
 function Gateway:decide_with(client, req)
@@ -187,6 +193,9 @@ function Gateway:decide(req)
     self.announce_as = nil
   end
   local outcome = self:decide_with(client, req)
+  if outcome.answer ~= nil then
+    outcome.answer = answers.rendered(outcome.answer, req.headers.accept)
+  end
   if client ~= nil then
     if outcome.broken then
       client:close()  -- a failed exchange leaves the connection in an unknown state

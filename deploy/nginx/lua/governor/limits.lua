@@ -11,7 +11,8 @@ local LETTERS = {requests_per_second = 's', requests_per_minute = 'm', tokens_pe
   tokens_per_day = 'd', concurrent_requests = 'c'}
 _M.PERIOD_MS = {requests_per_second = 1000, requests_per_minute = 60000,
   tokens_per_minute = 60000}
-local SIZED = {max_tokens_per_request = true, tokens_per_minute = true}
+-- A request above one of these can never fit (400 too_large): no wait helps it.
+local SIZED = {max_tokens_per_request = true, tokens_per_minute = true, tokens_per_day = true}
 local MAX_ENTRIES = 65536
 local MAX_AGE_SECONDS = 60  -- limits.LimitCache: a version number can come back after a loss
 
@@ -74,6 +75,15 @@ function _M.resolve(version, levels, plan_owner, model)
   end
   return {version = version, letters = table.concat(letters, '/'), checks = checks,
     limits = limits, sized = sized}
+end
+
+-- limits.Resolved.fitted: `tokens` lowered to the smallest size limit, never below `least`.
+function _M.fitted(resolved, tokens, least)
+  local room = tokens
+  for _, gate in ipairs(resolved.sized) do
+    room = math.min(room, math.floor(gate[1]))
+  end
+  return math.max(least, room)
 end
 
 -- too_large or shed (outcome, address) when the limits alone decide, else nil.

@@ -7,6 +7,7 @@
 --   log_by_lua           log(): a streamed call is settled from a timer (cosockets are not
 --                        allowed in filters or the log phase), just after its last byte
 
+local answers = require 'governor.answers'
 local config = require 'governor.config'
 local gateway = require 'governor.gateway'
 local store = require 'governor.store'
@@ -24,7 +25,7 @@ local HOP_BY_HOP = {connection = true, ['keep-alive'] = true, ['proxy-authentica
 local function upstream_answer(status)
   local detail = status == 504 and 'the model server timed out'
     or 'the model server could not be reached'
-  return gw.answers:upstream_failed(detail, status)
+  return answers.rendered(gw.answers:upstream_failed(detail, status), ngx.var.http_accept)
 end
 
 local function unanswered(status, header_time)
@@ -187,6 +188,9 @@ function _M.header_filter()
   for name, value in pairs(call.headers) do
     ngx.header[name] = value
   end
+  if call.strip ~= nil and call.replacement == nil then
+    ngx.header['Content-Length'] = nil  -- the body will be shorter than the upstream said
+  end
 end
 
 function _M.body_filter()
@@ -200,6 +204,9 @@ function _M.body_filter()
     return
   end
   gw:feed(call, ngx.arg[1])
+  if call.strip ~= nil then  -- metered above from the bytes as they came
+    ngx.arg[1] = call.strip:feed(ngx.arg[1], ngx.arg[2])
+  end
 end
 
 function _M.log()

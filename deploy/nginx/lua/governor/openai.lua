@@ -89,6 +89,7 @@ function _M.parse(kind, raw, default_max_tokens)
     {kind = kind, raw = raw, body = body, prompt_tokens = prompt, changed = false}, Request)
   if kind ~= 'embedding' and request:max_tokens() == nil then
     request:set_max_tokens(default_max_tokens)
+    request.defaulted = true  -- the gateway's default, not the client's
   end
   return request
 end
@@ -127,6 +128,20 @@ function Request:worst_case_tokens()
   return self.prompt_tokens + (self:max_tokens() or 0) * self:choices()
 end
 
+-- The smallest reservation a default max_tokens may be lowered to; nil for the client's own.
+function Request:least_tokens()
+  return self.defaulted and self.prompt_tokens + self:choices() or nil
+end
+
+-- Lower a default max_tokens to what `reserved` holds; true when it changed.
+function Request:fit(reserved)
+  if not self.defaulted or reserved >= self:worst_case_tokens() then
+    return false
+  end
+  self:set_max_tokens(math.max(1, math.floor((reserved - self.prompt_tokens) / self:choices())))
+  return true
+end
+
 function Request:set(name, value)
   self.body[name] = value
   self.raw = jsontext.set(self.raw, name, cjson.encode(value))
@@ -142,11 +157,12 @@ function Request:set_model(model)
   self:set('model', model)
 end
 
--- Streamed answers carry usage only when asked: ask, so settling is exact.
+-- Streamed answers carry usage only when asked: ask, so settling is exact. True when the
+-- client had not asked: its usage chunk is then the gateway's to strip.
 function Request:ask_for_stream_usage()
   local options = self.body.stream_options
   if type(options) == 'table' and options.include_usage == true then
-    return
+    return false
   end
   local text = '{"include_usage":true}'
   if type(options) == 'table' and jsontext.member(self.raw, 'stream_options'):match('^{') then
@@ -158,6 +174,72 @@ function Request:ask_for_stream_usage()
   self.body.stream_options = options
   self.raw = jsontext.set(self.raw, 'stream_options', text)
   self.changed = true
+  return true
+end
+
+-- openai._usage_only: an event whose data is {"choices": [], "usage": {...}}.
+local function usage_only(event)
+  if not event:find('"usage"', 1, true) then
+    return false  -- most events: not parsed a second time (the meter did)
+  end
+  local parts = {}
+  for line in event:gmatch('[^\r\n]+') do
+    if line:sub(1, 5) == 'data:' then
+      parts[#parts + 1] = line:sub(6):match('^%s*(.-)%s*$')
+    end
+  end
+  local data = table.concat(parts)
+  if data:sub(1, 1) ~= '{' then
+    return false
+  end
+  local document = cjson.decode(data)
+  return type(document) == 'table' and type(document.choices) == 'table'
+    and next(document.choices) == nil and type(document.usage) == 'table'
+end
+
+local Strip = {}
+Strip.__index = Strip
+
+-- openai.UsageChunkFilter: takes the usage-only event out of a stream whose client did not
+-- ask for it; every other event passes as soon as it is complete, byte for byte.
+function _M.usage_filter()
+  return setmetatable({pending = ''}, Strip)
+end
+
+-- The end of the event that starts at `start`: a blank line in any line ending.
+local function event_end(text, start)
+  local best
+  for _, blank in ipairs({'\r\n\r\n', '\n\n', '\r\r'}) do
+    local _, stop = text:find(blank, start, true)
+    if stop and (best == nil or stop < best) then
+      best = stop
+    end
+  end
+  return best
+end
+
+function Strip:feed(chunk, last)
+  local text = self.pending .. (chunk or '')
+  local passed, start = {}, 1
+  while true do
+    local stop = event_end(text, start)
+    if not stop then
+      break
+    end
+    local event = text:sub(start, stop)
+    if not usage_only(event) then
+      passed[#passed + 1] = event
+    end
+    start = stop + 1
+  end
+  self.pending = text:sub(start)
+  if last then
+    if not usage_only(self.pending) then
+      passed[#passed + 1] = self.pending
+    end
+    self.pending = ''
+  end
+  return table.concat(passed)
 end
 
 -- openai._usage: prompt and completion (completion made up to a larger total), or nil.

@@ -1,0 +1,186 @@
+"""A tenant's usage against each limit in force for it (`governor usage`): the limits resolved
+by the gateway's own lookup rule (`limits.read_limits`), their state read from the level
+hashes admit.lua keeps (docs/enforcement.md), at Redis's time."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import redis
+
+from controller.errors import SinkError
+from controller.gateway.limits import PERIOD_MS, Check, Resolved, read_limits
+from controller.gateway.scripts import EnforcementKeys
+from controller.model import Address, LimitKind, Scope
+
+_DAY_MS = 86_400_000
+_WINDOWS = {
+    LimitKind.REQUESTS_PER_SECOND: "second",
+    LimitKind.REQUESTS_PER_MINUTE: "minute",
+    LimitKind.TOKENS_PER_MINUTE: "minute",
+    LimitKind.TOKENS_PER_DAY: "UTC day",
+    LimitKind.CONCURRENT_REQUESTS: "in flight",
+    LimitKind.MAX_TOKENS_PER_REQUEST: "per request",
+}
+
+
+@dataclass(frozen=True)
+class LimitUsage:
+    """One limit: what it allows, what is used of it now, what remains, when it is full."""
+
+    address: str  # where its value is written (a plan's value under the tenant's address)
+    kind: LimitKind
+    window: str
+    limit: float
+    used: float | None  # None: nothing is counted (max_tokens_per_request)
+    held: float  # tokens held by requests in flight (daily budgets), else 0
+    remaining: float | None
+    resets_in: float | None  # seconds until fully available again; None: when a slot frees
+
+
+@dataclass(frozen=True)
+class TenantUsage:
+    """Everything `governor usage` shows for one tenant."""
+
+    tenant: str
+    plan: str
+    user: str | None
+    model: str | None
+    version: str  # the limits' version ('' : the controller has written none yet)
+    shed: str | None  # a limit at 0: the controller sheds this traffic
+    limits: tuple[LimitUsage, ...]
+
+
+def gcra(check: Check, tat: float, stored_limit: str | None, now: float) -> LimitUsage:
+    """A rate's state as admit.lua reads it: the backlog before now, in requests or tokens."""
+    period = PERIOD_MS[check.kind]
+    interval = period / check.value
+    backlog = max(0.0, tat - now)
+    old = _float(stored_limit)
+    if backlog and old and stored_limit != check.text:  # built under another limit: rescaled
+        backlog = min(backlog / (period / old) * interval, period)
+    left = math.floor((period - backlog) / interval + 1e-9)
+    used = backlog / interval
+    return LimitUsage(check.address, check.kind, _WINDOWS[check.kind], check.value,
+                      used, 0.0, max(0, left), backlog / 1000)  # fmt: skip
+
+
+def budget(check: Check, values: Sequence[str | None], now: float) -> LimitUsage:
+    """A daily budget from (day, settled, held): settled today (0 once the UTC day changed)
+    and held by requests in flight."""
+    day, settled, held = values
+    today = math.floor(now / _DAY_MS)
+    used = (_float(settled) or 0.0) if _float(day) == today else 0.0
+    holding = _float(held) or 0.0
+    resets = ((today + 1) * _DAY_MS - now) / 1000
+    return LimitUsage(check.address, check.kind, _WINDOWS[check.kind], check.value, used,
+                      holding, max(0.0, check.value - used - holding), resets)  # fmt: skip
+
+
+def concurrency(check: Check, open_now: str | None) -> LimitUsage:
+    used = _float(open_now) or 0.0
+    return LimitUsage(check.address, check.kind, _WINDOWS[check.kind], check.value, used, 0.0,
+                      max(0.0, check.value - used), None)  # fmt: skip
+
+
+def _float(text: str | None) -> float | None:
+    try:
+        return float(text) if text is not None else None
+    except ValueError:
+        return None
+
+
+def _fields(check: Check) -> tuple[str, ...]:
+    """The state fields admit.lua keeps for one check (docs/enforcement.md)."""
+    name = check.address.rsplit("/", 1)[1]  # e.g. "tokens_per_day@gpt-4"
+    if check.kind is LimitKind.TOKENS_PER_DAY:
+        return (f"d|{name}", f"u|{name}", f"v|{name}")
+    if check.kind is LimitKind.CONCURRENT_REQUESTS:
+        return (f"c|{name}",)
+    return (f"g|{name}", f"l|{name}")
+
+
+def _state_key(keys: EnforcementKeys, check: Check) -> str:
+    address = Address.parse(check.address)
+    if address.scope is Scope.GLOBAL:
+        return keys.global_level().state
+    if address.scope is Scope.USER and address.tenant and address.user:
+        return keys.user_level(address.tenant, address.user).state
+    return keys.tenant_level(address.tenant or "").state
+
+
+def usage_of(check: Check, values: Sequence[str | None], now: float) -> LimitUsage:
+    """One check's usage from its state fields (`_fields` order) at Redis time `now` (ms)."""
+    if check.kind is LimitKind.TOKENS_PER_DAY:
+        return budget(check, values, now)
+    if check.kind is LimitKind.CONCURRENT_REQUESTS:
+        return concurrency(check, values[0])
+    return gcra(check, _float(values[0]) or 0.0, values[1], now)
+
+
+def _size_limits(resolved: Resolved) -> list[LimitUsage]:
+    """`max_tokens_per_request`: a size, nothing counted."""
+    found = []
+    for value, address in resolved.sized:
+        kind = LimitKind(address.rsplit("/", 1)[1].partition("@")[0])
+        if kind is LimitKind.MAX_TOKENS_PER_REQUEST:
+            found.append(LimitUsage(address, kind, _WINDOWS[kind], value, None, 0.0, None, None))
+    return found
+
+
+def read_usage(
+    client: redis.Redis[str],
+    keys: EnforcementKeys,
+    tenant: str,
+    plan: str,
+    user: str | None = None,
+    model: str | None = None,
+) -> TenantUsage:
+    """Every limit a request of `tenant` (on `plan`, as `user`, for `model`) is checked
+    against, except the per-client-address ones, with its state now. Raises SinkError."""
+    try:
+        resolved = read_limits(client, keys, tenant, plan, user or "", False, model or "")
+        pipe = client.pipeline(transaction=True)
+        pipe.time()
+        for check in resolved.checks:
+            pipe.hmget(_state_key(keys, check), list(_fields(check)))
+        replies = pipe.execute()
+    except redis.RedisError as exc:
+        raise SinkError(f"reading the usage of tenant {tenant!r} failed: {exc}") from exc
+    seconds, micros = replies[0]
+    now = seconds * 1000 + micros / 1000
+    limits = [usage_of(c, v, now) for c, v in zip(resolved.checks, replies[1:], strict=True)]
+    return TenantUsage(tenant, plan, user, model, resolved.version, resolved.shed,
+                       tuple(limits + _size_limits(resolved)))  # fmt: skip
+
+
+def usage_json(usage: TenantUsage) -> Mapping[str, object]:
+    """The --json shape: numbers as numbers, a GCRA's used count rounded up to whole units."""
+    return {
+        "tenant": usage.tenant,
+        "plan": usage.plan,
+        "user": usage.user,
+        "model": usage.model,
+        "limits_version": usage.version or None,
+        "shed_by": usage.shed,
+        "limits": [
+            {
+                "address": item.address,
+                "kind": str(item.kind),
+                "window": item.window,
+                "limit": item.limit,
+                "used": None if item.used is None else whole(item.used),
+                "held": item.held,
+                "remaining": item.remaining,
+                "resets_in_seconds": item.resets_in,
+            }
+            for item in usage.limits
+        ],
+    }
+
+
+def whole(value: float) -> float:
+    # A GCRA backlog decays continuously: 2.9997 requests still in the window is 3.
+    return float(math.ceil(value - 1e-6))

@@ -1,0 +1,174 @@
+"""The official `openai` Python SDK, sync and async, through `governor gateway`: success
+(without max_tokens, on a 1,000-token free plan), streaming with the usual `choices[0]` loop,
+429 retried on retry-after-ms, 402 and 429 insufficient_quota, 403."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+
+import openai
+import pytest
+
+from tests.clients.conftest import World
+
+pytestmark = pytest.mark.integration
+
+MESSAGES: list[openai.types.chat.ChatCompletionMessageParam] = [{"role": "user", "content": "hi"}]
+
+
+def sdk(world: World, key: str, retries: int = 2) -> openai.OpenAI:
+    return openai.OpenAI(api_key=key, base_url=world.base_url, max_retries=retries)
+
+
+def test_success_without_max_tokens_on_the_free_plan(world: World) -> None:
+    client = sdk(world, world.key("acme"))
+
+    answer = client.chat.completions.create(model="gpt-3.5-turbo", messages=MESSAGES)
+
+    assert answer.choices[0].message.content
+    assert answer.usage is not None
+    assert answer.usage.total_tokens > 0
+
+
+def test_streaming_without_asking_for_usage_never_yields_an_empty_choices_chunk(
+    world: World,
+) -> None:
+    client = sdk(world, world.key("acme"))
+
+    stream = client.chat.completions.create(
+        model="gpt-3.5-turbo", messages=MESSAGES, max_tokens=20, stream=True
+    )
+    text = "".join(chunk.choices[0].delta.content or "" for chunk in stream)
+
+    assert text
+
+
+def test_streaming_with_usage_asked_for_gets_it(world: World) -> None:
+    client = sdk(world, world.key("acme"))
+
+    chunks = list(
+        client.chat.completions.create(
+            model="gpt-3.5-turbo",
+            messages=MESSAGES,
+            max_tokens=20,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+
+    assert chunks[-1].choices == []
+    assert chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens > 0
+
+
+def test_a_429_is_retried_after_the_milliseconds_the_gateway_says(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    client = sdk(world, world.key("acme"), retries=3)
+    caplog.set_level(logging.INFO, logger="openai")
+
+    answers = [
+        client.chat.completions.create(model="gpt-3.5-turbo", messages=MESSAGES, max_tokens=5)
+        for _ in range(8)
+    ]
+
+    assert all(answer.choices[0].message.content for answer in answers)
+    assert world.outcomes("acme", "rate_limited") >= 1  # refused, then retried and served
+    waits = [float(w) for w in re.findall(r"Retrying request to \S+ in ([\d.]+) seconds",
+                                          caplog.text)]  # fmt: skip
+    assert waits
+    assert all(wait < 1.0 for wait in waits), waits  # retry-after-ms, not a whole second
+
+
+def test_a_429_without_retries_names_the_limit(world: World) -> None:
+    client = sdk(world, world.key("acme"), retries=0)
+
+    def burst() -> None:
+        for _ in range(8):
+            client.chat.completions.create(model="gpt-3.5-turbo", messages=MESSAGES, max_tokens=5)
+
+    with pytest.raises(openai.RateLimitError) as refused:
+        burst()
+
+    error = refused.value
+    assert (error.code, error.type) == ("rate_limit_exceeded", "requests")
+    assert "tenant/acme/requests_per_second" in error.message
+    assert 0 < float(error.response.headers["retry-after-ms"]) < 1000  # 250 ms, jittered
+
+
+def test_a_spent_budget_is_402_with_its_code(world: World) -> None:
+    client = sdk(world, world.spent("acme"))
+
+    with pytest.raises(openai.APIStatusError) as refused:
+        client.chat.completions.create(model="gpt-3.5-turbo", messages=MESSAGES)
+
+    assert refused.value.status_code == 402
+    assert refused.value.code == "budget_exhausted"
+    assert "tenant/acme/tokens_per_day" in refused.value.message
+
+
+def test_a_spent_metered_budget_is_insufficient_quota_and_not_retried(world: World) -> None:
+    client = sdk(world, world.spent("stark", "metered"), retries=2)
+
+    with pytest.raises(openai.RateLimitError) as refused:
+        client.chat.completions.create(model="gpt-3.5-turbo", messages=MESSAGES)
+
+    assert (refused.value.code, refused.value.type) == ("insufficient_quota", "insufficient_quota")
+    # Retry-After points at midnight: the SDK does not retry what a wait will not cure soon.
+    assert world.outcomes("stark", "budget_exhausted") == 1
+
+
+def test_a_model_outside_the_plan_is_403(world: World) -> None:
+    client = sdk(world, world.key("acme"))
+
+    with pytest.raises(openai.PermissionDeniedError) as refused:
+        client.chat.completions.create(model="gpt-4", messages=MESSAGES)
+
+    assert (refused.value.code, refused.value.param) == ("model_not_allowed", "model")
+
+
+def test_async_client_success_streaming_and_refusals(world: World) -> None:
+    async def main() -> None:
+        # 12 at once on 4 a second: each refused one comes back after its retry-after-ms;
+        # enough retries for the last of them to find a slot (one frees each 250 ms).
+        async with openai.AsyncOpenAI(
+            api_key=world.key("acme"), base_url=world.base_url, max_retries=12
+        ) as client:
+            answer = await client.chat.completions.create(model="gpt-3.5-turbo", messages=MESSAGES)
+            assert answer.choices[0].message.content
+            stream = await client.chat.completions.create(
+                model="gpt-3.5-turbo", messages=MESSAGES, max_tokens=10, stream=True
+            )
+            text = [chunk.choices[0].delta.content or "" async for chunk in stream]
+            assert "".join(text)
+            with pytest.raises(openai.PermissionDeniedError):
+                await client.chat.completions.create(model="gpt-4", messages=MESSAGES)
+            burst = await asyncio.gather(*(
+                client.chat.completions.create(model="gpt-3.5-turbo", messages=MESSAGES,
+                                               max_tokens=5)
+                for _ in range(12)
+            ))  # fmt: skip
+            assert all(answer.choices[0].message.content for answer in burst)
+        async with openai.AsyncOpenAI(
+            api_key=world.spent("globex"), base_url=world.base_url
+        ) as spent:
+            with pytest.raises(openai.APIStatusError) as refused:
+                await spent.chat.completions.create(model="gpt-3.5-turbo", messages=MESSAGES)
+            assert refused.value.status_code == 402
+
+    asyncio.run(main())
+    assert world.outcomes("acme", "rate_limited") >= 1
+
+
+def test_a_bad_key_is_an_authentication_error(world: World) -> None:
+    client = sdk(world, "gov_0123456789abcdef_" + "x" * 43)
+
+    with pytest.raises(openai.AuthenticationError) as refused:
+        client.chat.completions.create(model="gpt-3.5-turbo", messages=MESSAGES)
+
+    assert refused.value.code == "invalid_api_key"
+    body = refused.value.body  # the SDK's parse of {"error": {...}}
+    assert isinstance(body, dict)
+    assert body["message"] == "unknown or revoked API key"
