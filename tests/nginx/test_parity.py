@@ -37,8 +37,10 @@ PROBLEM = {"accept": "application/problem+json"}  # else OpenAI's error envelope
 # Headers that differ by nature: the server's own, framing, and the random reservation id.
 VOLATILE = {"date", "server", "content-length", "connection", "keep-alive", "transfer-encoding",
             "x-governor-request-id"}  # fmt: skip
-# Seconds that depend on when each side ran (GCRA waits, the budget's reset hint).
-TIMED = re.compile(r"(;t=|retry in )(\d+)")
+# Numbers that depend on when each side ran: seconds (GCRA waits, the budget's reset hint)
+# and what a refilling quota has left (600/minute refills one request every 100 ms, so the
+# two sides, run one after the other, may see one more or less). Compared within ±1.
+TIMED = re.compile(r"(;t=|;r=|retry in )(\d+)")
 DURATION = re.compile(r"(?:(\d+)h)?(?:(\d+)m(?!s))?(?:(\d+)s)?(?:(\d+)ms)?")
 
 
@@ -157,6 +159,8 @@ def shape(answer: httpx.Response) -> tuple[dict[str, Any], dict[str, float]]:
             times[name], value = float(value) / 1000, "#"
         elif name.startswith("x-ratelimit-reset-"):
             times[name], value = seconds(value), "#"
+        elif name == "x-ratelimit-remaining-requests":
+            times[name], value = float(value), "#"
         else:
             value = TIMED.sub(taker(name), value)
         headers[name] = value
