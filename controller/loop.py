@@ -107,6 +107,7 @@ class Controller:
         # Reads the primary sink back while the signal queries are in flight (see _tick).
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="governor-read")
         self._fallback_since: dict[str, float] = {}
+        self._dropped_counted = 0  # journal drops already added to their counter
         # Per policy with signals: (last time one of its signals was usable, its stale_after).
         self._usable: dict[str, tuple[float, float]] = {}
         # /metrics reads readiness when scraped, as /readyz does: a stuck tick shows there too.
@@ -135,8 +136,16 @@ class Controller:
             self.metrics.tick_seconds.observe(elapsed)
             self._warn_if_slow(elapsed)
             self.metrics.journal_pending.set(self.journal.pending)
-            self.metrics.journal_dropped.set(self.journal.dropped)
+            self._count_dropped()
         return outcome
+
+    def _count_dropped(self) -> None:
+        """Add the journal's drops since the last tick to their counter (the journal keeps
+        a running total; a counter only goes up)."""
+        dropped = self.journal.dropped
+        if dropped > self._dropped_counted:
+            self.metrics.journal_dropped.inc(dropped - self._dropped_counted)
+        self._dropped_counted = dropped
 
     def _warn_if_slow(self, elapsed: float) -> None:
         """Say so when ticks outlast their interval: the scheduler then coalesces them, so
