@@ -108,6 +108,8 @@ class Controller:
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="governor-read")
         self._fallback_since: dict[str, float] = {}
         self._dropped_counted = 0  # journal drops already added to their counter
+        # (policy, signal) waiting for enough history (`history:`): noted once, not each tick.
+        self._warming: set[tuple[str, str]] = set()
         # Per policy with signals: (last time one of its signals was usable, its stale_after).
         self._usable: dict[str, tuple[float, float]] = {}
         # /metrics reads readiness when scraped, as /readyz does: a stuck tick shows there too.
@@ -425,8 +427,14 @@ class Controller:
         """Log and count the signals that cannot be trusted; the policies with any such."""
         bad: dict[str, int] = {}
         usable: dict[str, tuple[float, float]] = {}
+        warming: set[tuple[str, str]] = set()
         for use in policies.signal_uses():
             sample = snapshot.samples.get(use.key)
+            if sample is not None and sample.validity is Validity.NO_HISTORY:
+                # A fresh install, not a fault: Prometheus answered; said once, not counted.
+                warming.add((use.policy, use.name))
+                self._note_warming(use.policy, use.name, sample.detail)
+                continue
             broken = sample is None or sample.validity is not Validity.OK
             if isinstance(sample, ScalarSample):
                 broken = broken or not now - sample.timestamp <= use.spec.stale_after
@@ -441,8 +449,14 @@ class Controller:
                 )
         for document in (*policies.throttles, *policies.adaptives):
             self.metrics.signals_invalid.labels(document.ref).set(bad.get(document.ref, 0))
+        self._warming = warming
         self._remember_usable(usable, now)
         return set(bad)
+
+    def _note_warming(self, policy: str, signal: str, detail: str) -> None:
+        """Log a signal waiting for its history once, when it starts waiting."""
+        if (policy, signal) not in self._warming:
+            self._log.info("signal.no_history", policy=policy, signal=signal, detail=detail)
 
     def _remember_usable(self, usable: Mapping[str, tuple[float, float]], now: float) -> None:
         """When each policy last had a usable signal, for readiness. A policy never seen with

@@ -18,7 +18,6 @@ from controller.model import (
     Proposal,
     Quotes,
     Sample,
-    SignalKey,
     SignalReading,
     Snapshot,
     VectorSample,
@@ -202,7 +201,7 @@ def _per_label_policy(
             if state.active:
                 out.transitions.append(Transition(policy.ref, key, "released", ()))
         return {}
-    keys = {name: SignalKey(spec.query, label) for name, spec in policy.spec.signals.items()}
+    keys = {name: spec.key(label) for name, spec in policy.spec.signals.items()}
     samples = {name: snapshot.samples.get(key) for name, key in keys.items()}
     universe = label_universe(list(samples.values()), [k for k in previous if k])
     inputs = {
