@@ -110,6 +110,7 @@ class Controller:
         self._dropped_counted = 0  # journal drops already added to their counter
         # (policy, signal) waiting for enough history (`history:`): noted once, not each tick.
         self._warming: set[tuple[str, str]] = set()
+        self._unwritten: set[tuple[str, str]] = set()  # engagements writing nothing, logged
         # Per policy with signals: (last time one of its signals was usable, its stale_after).
         self._usable: dict[str, tuple[float, float]] = {}
         # /metrics reads readiness when scraped, as /readyz does: a stuck tick shows there too.
@@ -216,6 +217,7 @@ class Controller:
         for note in evaluation.notes:
             self._log.warning("policy.note", note=note)
         self._report_activity(policies, evaluation, unusable)
+        self._report_unwritten(evaluation.unwritten)
         self._report_limits(policies, resolution, control)
         outcome = TickOutcome(self.tick_id, leader, True, reasons, (), evaluation, resolution)
         if state is not None:  # the leader
@@ -453,6 +455,23 @@ class Controller:
         self._remember_usable(usable, now)
         return set(bad)
 
+    def _report_unwritten(self, unwritten: Mapping[tuple[str, str], str]) -> None:
+        """An engagement that writes no limit is an error: on-call is told the policy acts
+        while nothing is enforced. Logged and counted once per engagement, not every tick."""
+        for (policy, key), why in unwritten.items():
+            if (policy, key) in self._unwritten:
+                continue
+            self.metrics.unwritten.labels(policy).inc()
+            self._log.error(
+                "policy.engagement_unwritten",
+                policy=policy,
+                key=key,
+                reason=why,
+                hint="the policy is active but no limit is written; give the tenant a plan "
+                "with that limit (`governor tenants set`, or its API keys' plan) or use `set:`",
+            )
+        self._unwritten = set(unwritten)
+
     def _note_warming(self, policy: str, signal: str, detail: str) -> None:
         """Log a signal waiting for its history once, when it starts waiting."""
         if (policy, signal) not in self._warming:
@@ -475,6 +494,7 @@ class Controller:
         for document in (*policies.throttles, *policies.adaptives):
             ref = document.ref
             self.metrics.active.labels(ref).set(len(evaluation.active.get(ref, ())))
+            self.metrics.unwritten.labels(ref)  # exported at 0 from the policy's first tick
             # Once `then: baseline` has released it, the engine forgets the condition; the
             # policy still acts on its fallback for as long as its signals stay bad.
             stale = ref in unusable or _in_fallback(ref, evaluation)

@@ -69,6 +69,9 @@ class Evaluation:
     transitions: tuple[Transition, ...] = ()
     notes: tuple[str, ...] = ()  # things an operator should know (a skipped action, a bad label)
     active: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # policy → active keys
+    # Active (policy, label value) pairs none of whose actions gave a limit, with why: the
+    # policy says it acts while nothing is enforced (the loop logs and counts them).
+    unwritten: Mapping[tuple[str, str], str] = field(default_factory=dict)
 
 
 def evaluate(
@@ -113,6 +116,7 @@ def evaluate(
         transitions=tuple(out.transitions),
         notes=tuple(out.notes),
         active={k: tuple(v) for k, v in out.active.items()},
+        unwritten=out.unwritten,
     )
 
 
@@ -122,6 +126,7 @@ class _Collector:
         self.transitions: list[Transition] = []
         self.notes: list[str] = []
         self.active: dict[str, list[str]] = {}
+        self.unwritten: dict[tuple[str, str], str] = {}
 
 
 def _rules(policy: ThrottlePolicy) -> Rules:
@@ -345,16 +350,17 @@ class _Proposer:
             )
             self._since[state.active_since] = since
         ref = self.ref
+        missed: list[str] = []
         for index, action in enumerate(self.policy.spec.actions):
             filled = self._filled[index]
             try:
                 address = filled.get(key) or _fill(filled, action.target, label, key)
             except AddressError as exc:
-                self.out.notes.append(f"{ref}: label value cannot form an address: {exc.problem}")
+                missed.append(f"label value cannot form an address: {exc.problem}")
                 continue
             value, how = self._value(index, action, address)
             if value is None:
-                self.out.notes.append(f"{ref}: {how}")
+                missed.append(how)
                 continue
             # The reason, `since (readings)suffix; how`, is written when read (few are).
             tail = self._tails.get((suffix, how))
@@ -363,6 +369,13 @@ class _Proposer:
             self.out.proposals.append(
                 Proposal(address, value, ref, since, readings, tail=tail, at=at)
             )
+        self._missed(key, missed)
+
+    def _missed(self, key: str, missed: list[str]) -> None:
+        """Note the actions that gave no limit; all of them: an engagement writing nothing."""
+        self.out.notes.extend(f"{self.ref}: {why}" for why in missed)
+        if missed and len(missed) == len(self.policy.spec.actions):
+            self.out.unwritten[self.ref, key] = "; ".join(dict.fromkeys(missed))
 
     def _value(self, index: int, action: Action, address: Address) -> tuple[float | None, str]:
         """`_action_value`, once per action and baseline value (most label values share one)."""
