@@ -494,7 +494,9 @@ class Controller:
         for document in (*policies.throttles, *policies.adaptives):
             ref = document.ref
             self.metrics.active.labels(ref).set(len(evaluation.active.get(ref, ())))
-            self.metrics.unwritten.labels(ref)  # exported at 0 from the policy's first tick
+            # Exported at 0 from the policy's first tick: increase()/rate() see the first event.
+            self.metrics.unwritten.labels(ref)
+            self.metrics.fallback_seconds.labels(ref)
             # Once `then: baseline` has released it, the engine forgets the condition; the
             # policy still acts on its fallback for as long as its signals stay bad.
             stale = ref in unusable or _in_fallback(ref, evaluation)

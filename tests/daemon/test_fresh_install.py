@@ -60,6 +60,9 @@ def test_a_fresh_install_is_quiet_ready_and_not_in_fallback(
     assert daemon.metric("governor_signals_invalid", policy=POLICY) == 0.0
     assert daemon.metric("governor_policy_in_fallback", policy=POLICY) == 0.0
     assert daemon.metric("governor_ticks_total", outcome="degraded") == 0.0
+    # Per-policy counters exist at 0 before their first event (increase() sees it).
+    assert daemon.metric("governor_fallback_seconds_total", policy=POLICY) == 0.0
+    assert daemon.metric("governor_engagements_unwritten_total", policy=POLICY) == 0.0
     assert daemon.http("/readyz") == (200, "ok\n")
     assert daemon.logged("signal.invalid") == []
     waiting = daemon.logged("signal.no_history")
