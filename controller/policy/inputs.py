@@ -119,7 +119,7 @@ def vector_input(
     """Align a sample to `universe`; a scalar sample is broadcast to every label value."""
     size = len(universe)
     if spec.absent == "zero" and sample is not None and sample.validity is Validity.EMPTY:
-        sample = replace(sample, validity=Validity.OK)  # no series: every value absent
+        sample = _absent(sample, now)
     if sample is None or sample.validity is not Validity.OK:
         whole = Validity.MISSING if sample is None else sample.validity
         nan = np.full(size, np.nan)
@@ -137,6 +137,13 @@ def vector_input(
     with np.errstate(invalid="ignore"):
         valid = np.isfinite(values) & (now - timestamps <= spec.stale_after)
     return VectorInput(name, values, timestamps, valid, Validity.OK)
+
+
+def _absent(sample: Sample, now: float) -> Sample:
+    """An answer without series, for a signal with `absent: zero`: every value is 0 now."""
+    if isinstance(sample, ScalarSample):
+        return ScalarSample(0.0, now, Validity.OK, sample.detail)
+    return replace(sample, validity=Validity.OK)  # no keys: each label value aligns to 0
 
 
 def _align(sample: VectorSample, universe: tuple[str, ...]) -> tuple[FloatArray, FloatArray]:

@@ -50,7 +50,14 @@ def test_a_scalar_of_a_never_written_series_is_zero(source: PrometheusSource, no
     sample = fetch(source, SignalKey(query, absent_zero=True), now)
     assert isinstance(sample, ScalarSample)
     assert (sample.validity, sample.value) == (Validity.OK, 0.0)
-    assert fetch(source, SignalKey(query), now).validity is Validity.EMPTY
+    empty = fetch(source, SignalKey(query), now)
+    assert empty.validity is Validity.EMPTY
+    # An empty scalar answer in a `per:` policy is 0 for every label value, with absent: zero.
+    spec = SignalSpec(query=query, absent="zero")
+    seen = vector_input("refused", spec, empty, ("acme", "evil"), now)
+    assert (seen.values.tolist(), seen.valid.tolist()) == ([0.0, 0.0], [True, True])
+    strict = vector_input("refused", SignalSpec(query=query), empty, ("acme", "evil"), now)
+    assert not strict.valid.any()
 
 
 def test_an_absent_selector_beside_a_fresh_one_is_not_stale(
