@@ -4,12 +4,16 @@ metrics` finds nothing, no `_created` series, closed label sets exported at 0 fr
 from __future__ import annotations
 
 import subprocess
+from pathlib import Path
 
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from controller.gateway.metrics import HELD_OPERATIONS, STORE_OPERATIONS, GatewayMetrics
 from controller.telemetry import Metrics
+from tests.deploy.series import series_names
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def check_metrics(promtool: str, exposition: bytes) -> str:
@@ -84,3 +88,24 @@ def test_closed_label_sets_start_at_zero() -> None:
 def test_journal_drops_are_a_counter() -> None:
     families = {f.name: f.type for f in text_string_to_metric_families(_used_controller().decode())}
     assert families["governor_journal_dropped_events"] == "counter"
+
+
+def _documented(path: str, heading: str) -> str:
+    text = (REPO / path).read_text()
+    start = text.index(heading)
+    end = text.find("\n## ", start + len(heading))
+    return text[start : end if end >= 0 else len(text)]
+
+
+def test_every_gateway_family_is_in_the_metrics_table_of_docs_gateway() -> None:
+    table = _documented("docs/gateway.md", "## Metrics")
+    names = series_names(GatewayMetrics(max_tenants=10, max_models=10).registry)
+    exported = {n.removesuffix("_bucket") for n in names if not n.endswith(("_sum", "_count"))}
+    assert {n for n in exported if f"`{n}`" not in table and f"`{n}{{" not in table} == set()
+
+
+def test_every_controller_family_is_in_the_metrics_table_of_docs_operations() -> None:
+    table = _documented("docs/operations.md", "## Telemetry")
+    names = series_names(Metrics().registry)
+    exported = {n.removesuffix("_bucket") for n in names if not n.endswith(("_sum", "_count"))}
+    assert {n for n in exported if f"`{n}`" not in table and f"`{n}{{" not in table} == set()
