@@ -107,6 +107,10 @@ class Controller:
         # Reads the primary sink back while the signal queries are in flight (see _tick).
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="governor-read")
         self._fallback_since: dict[str, float] = {}
+        self._dropped_counted = 0  # journal drops already added to their counter
+        # (policy, signal) waiting for enough history (`history:`): noted once, not each tick.
+        self._warming: set[tuple[str, str]] = set()
+        self._unwritten: set[tuple[str, str]] = set()  # engagements writing nothing, logged
         # Per policy with signals: (last time one of its signals was usable, its stale_after).
         self._usable: dict[str, tuple[float, float]] = {}
         # /metrics reads readiness when scraped, as /readyz does: a stuck tick shows there too.
@@ -135,8 +139,16 @@ class Controller:
             self.metrics.tick_seconds.observe(elapsed)
             self._warn_if_slow(elapsed)
             self.metrics.journal_pending.set(self.journal.pending)
-            self.metrics.journal_dropped.set(self.journal.dropped)
+            self._count_dropped()
         return outcome
+
+    def _count_dropped(self) -> None:
+        """Add the journal's drops since the last tick to their counter (the journal keeps
+        a running total; a counter only goes up)."""
+        dropped = self.journal.dropped
+        if dropped > self._dropped_counted:
+            self.metrics.journal_dropped.inc(dropped - self._dropped_counted)
+        self._dropped_counted = dropped
 
     def _warn_if_slow(self, elapsed: float) -> None:
         """Say so when ticks outlast their interval: the scheduler then coalesces them, so
@@ -205,6 +217,7 @@ class Controller:
         for note in evaluation.notes:
             self._log.warning("policy.note", note=note)
         self._report_activity(policies, evaluation, unusable)
+        self._report_unwritten(evaluation.unwritten)
         self._report_limits(policies, resolution, control)
         outcome = TickOutcome(self.tick_id, leader, True, reasons, (), evaluation, resolution)
         if state is not None:  # the leader
@@ -448,8 +461,14 @@ class Controller:
         """Log and count the signals that cannot be trusted; the policies with any such."""
         bad: dict[str, int] = {}
         usable: dict[str, tuple[float, float]] = {}
+        warming: set[tuple[str, str]] = set()
         for use in policies.signal_uses():
             sample = snapshot.samples.get(use.key)
+            if sample is not None and sample.validity is Validity.NO_HISTORY:
+                # A fresh install, not a fault: Prometheus answered; said once, not counted.
+                warming.add((use.policy, use.name))
+                self._note_warming(use.policy, use.name, sample.detail)
+                continue
             broken = sample is None or sample.validity is not Validity.OK
             if isinstance(sample, ScalarSample):
                 broken = broken or not now - sample.timestamp <= use.spec.stale_after
@@ -464,8 +483,31 @@ class Controller:
                 )
         for document in (*policies.throttles, *policies.adaptives):
             self.metrics.signals_invalid.labels(document.ref).set(bad.get(document.ref, 0))
+        self._warming = warming
         self._remember_usable(usable, now)
         return set(bad)
+
+    def _report_unwritten(self, unwritten: Mapping[tuple[str, str], str]) -> None:
+        """An engagement that writes no limit is an error: on-call is told the policy acts
+        while nothing is enforced. Logged and counted once per engagement, not every tick."""
+        for (policy, key), why in unwritten.items():
+            if (policy, key) in self._unwritten:
+                continue
+            self.metrics.unwritten.labels(policy).inc()
+            self._log.error(
+                "policy.engagement_unwritten",
+                policy=policy,
+                key=key,
+                reason=why,
+                hint="the policy is active but no limit is written; give the tenant a plan "
+                "with that limit (`governor tenants set`, or its API keys' plan) or use `set:`",
+            )
+        self._unwritten = set(unwritten)
+
+    def _note_warming(self, policy: str, signal: str, detail: str) -> None:
+        """Log a signal waiting for its history once, when it starts waiting."""
+        if (policy, signal) not in self._warming:
+            self._log.info("signal.no_history", policy=policy, signal=signal, detail=detail)
 
     def _remember_usable(self, usable: Mapping[str, tuple[float, float]], now: float) -> None:
         """When each policy last had a usable signal, for readiness. A policy never seen with
@@ -484,6 +526,9 @@ class Controller:
         for document in (*policies.throttles, *policies.adaptives):
             ref = document.ref
             self.metrics.active.labels(ref).set(len(evaluation.active.get(ref, ())))
+            # Exported at 0 from the policy's first tick: increase()/rate() see the first event.
+            self.metrics.unwritten.labels(ref)
+            self.metrics.fallback_seconds.labels(ref)
             # Once `then: baseline` has released it, the engine forgets the condition; the
             # policy still acts on its fallback for as long as its signals stay bad.
             stale = ref in unusable or _in_fallback(ref, evaluation)

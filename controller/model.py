@@ -198,6 +198,9 @@ class Validity(enum.StrEnum):
     ERROR = "error"  # the query failed (syntax, timeout, 5xx, connection refused)
     MISSING = "missing"  # a vector has no value for this label value
     PARTIAL = "partial"  # Prometheus answered with warnings (some data unavailable)
+    # The query reads further back (`history:`) than Prometheus holds its data: a fresh
+    # install, not a fault. Untrustworthy like the others, but not stale (docs/signals.md).
+    NO_HISTORY = "no_history"
 
 
 @dataclass(frozen=True, slots=True)
@@ -238,6 +241,9 @@ class SignalKey:
 
     query: str
     by: str | None = None  # the label a vector result is keyed by (the policy's `per:`)
+    # `absent: zero`: a selector without any series is an event not yet seen, read as 0.
+    absent_zero: bool = False
+    history: float = 0.0  # `history:` in seconds: how far back the query reads (0: now)
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,4 +1,8 @@
-"""The controller's own telemetry: Prometheus metrics, /healthz and /readyz on one HTTP port."""
+"""The controller's own telemetry: Prometheus metrics, /healthz and /readyz on one HTTP port.
+
+Counters whose label sets are closed start at 0, so `increase()` sees their first event; no
+counter exports a `_created` series (docs/operations.md, Metrics).
+"""
 
 from __future__ import annotations
 
@@ -15,13 +19,22 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    disable_created_metrics,
     generate_latest,
 )
 
-from controller.model import Address
+from controller.model import Address, Scope
 from controller.shipped import is_shipped, shipped_page
 
+# `_created` series would double every counter's series for a value nothing reads; the
+# switch is process-wide, so it is set where the metrics are made.
+disable_created_metrics()  # type: ignore[no-untyped-call]
+
 FLAP_WINDOW_SECONDS = 3600.0
+# The closed label sets, exported at 0 before their first event.
+TICK_OUTCOMES = ("ok", "degraded")
+DIRECTIONS = ("tighten", "loosen", "add", "remove")
+REDIS_OPERATIONS = ("catalog", "control", "sink")
 
 
 class Metrics:
@@ -110,9 +123,9 @@ class Metrics:
             "Journal events waiting for Redis.",
             registry=r,
         )
-        self.journal_dropped = Gauge(
+        self.journal_dropped = Counter(
             "governor_journal_dropped_events",
-            "Journal events dropped from the full buffer since start (they are in the log).",
+            "Journal events dropped from the full buffer (they are in the log).",
             registry=r,
         )
         self.flapping = Gauge(
@@ -158,6 +171,25 @@ class Metrics:
         self.frozen = Gauge(
             "governor_automation_frozen", "1 while `governor freeze` holds.", registry=r
         )
+        self.unwritten = Counter(
+            "governor_engagements_unwritten",
+            "Policy engagements for a label value that wrote no limit (e.g. a tenant without "
+            "a known plan): the policy says it acts, and nothing is enforced.",
+            ["policy"],
+            registry=r,
+        )
+        self._start_at_zero()
+
+    def _start_at_zero(self) -> None:
+        """Export every child of a closed label set before its first event."""
+        for outcome in TICK_OUTCOMES:
+            self.ticks.labels(outcome)
+        for scope in Scope:
+            self.direction_changes.labels(scope.value)
+            for direction in DIRECTIONS:
+                self.changes.labels(scope.value, direction)
+        for operation in REDIS_OPERATIONS:
+            self.redis_errors.labels(operation)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -174,6 +174,11 @@ def _vector_text(row: Row, pick: Pick) -> str:
     return "\n".join(lines)
 
 
+# A signal waiting for its history (a fresh install) is not a fault: shown apart, exit 0.
+_STYLES = {Validity.OK.value: "green", Validity.NO_HISTORY.value: "yellow"}
+_FINE = frozenset(_STYLES)
+
+
 def _print_table(found: list[Row], url: str, pick: Pick) -> None:
     table = Table(title=f"Signals from {url}", show_lines=False)
     for column in ("policy", "signal", "value", "age", "validity", "detail"):
@@ -181,7 +186,7 @@ def _print_table(found: list[Row], url: str, pick: Pick) -> None:
     for row in found:
         value = _show(row.value) if row.series is None else _vector_text(row, pick)
         age = "unknown" if row.age_seconds is None else f"{row.age_seconds:.0f}s"
-        style = "green" if row.validity == Validity.OK.value else "red"
+        style = _STYLES.get(row.validity, "red")
         table.add_row(
             row.policy, row.signal, value, f"{age} (stale after {row.stale_after:g}s)",
             f"[{style}]{row.validity}[/{style}]", row.detail or row.query,
@@ -226,8 +231,9 @@ def signals(
     values or those given with --label, e.g. --label tenant=acme), the sample age and the
     validity the engine would give it.
 
-    Exit 0 when every signal is usable, 1 when any is not (empty, error, stale, NaN,
-    partial), 2 when the policies cannot be loaded.
+    Exit 0 when every signal is usable or waiting for its history (`no_history`: a fresh
+    install), 1 when any is not (empty, error, stale, NaN, partial), 2 when the policies
+    cannot be loaded.
     """
     pick = _pick(top, label)
     settings = load_settings()
@@ -242,5 +248,5 @@ def signals(
         typer.echo(json.dumps({**payload, "signals": [asdict(r) for r in found]}, indent=2))
     else:
         _print_table(found, url, pick)
-    if any(r.validity != Validity.OK.value for r in found):
+    if any(r.validity not in _FINE for r in found):
         raise typer.Exit(1)

@@ -3,13 +3,26 @@
 Cardinality cap: the first `metrics_max_tenants` tenants and `metrics_max_models` models
 seen keep their names; later ones are counted as `other`. Plans come from the policy files
 (few). So each series family holds at most tenants × plans × models × (outcomes or kinds).
+
+Counters whose label sets are closed (the store operations) start at 0, so `increase()` sees
+their first event; no counter exports a `_created` series (docs/gateway.md, Metrics).
 """
 
 from __future__ import annotations
 
 import threading
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+)
+
+# A `_created` series beside every counter child doubles the capped per-tenant series for a
+# value nothing reads. prometheus_client's switch is process-wide: set where metrics are made.
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 OTHER = "other"
 OUTCOMES = (
@@ -28,6 +41,10 @@ OUTCOMES = (
     "unknown_plan",
     "not_configured",
 )
+# The limit store calls a gateway makes and may see fail (`gateway_limit_store_errors_total`),
+# and those it holds through an outage and may give up (`gateway_store_calls_lost_total`).
+STORE_OPERATIONS = ("authenticate", "admit", "heartbeat", "release", "settle")
+HELD_OPERATIONS = ("release", "settle", "charge")
 
 
 class LabelCap:
@@ -115,6 +132,12 @@ class GatewayMetrics:
             buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0),
             registry=self.registry,
         )
+        # Closed label sets exported at 0 from the start: a counter child born at its first
+        # event has no earlier sample, so `increase()` would miss that event.
+        for operation in STORE_OPERATIONS:
+            self.store_errors.labels(operation)
+        for operation in HELD_OPERATIONS:
+            self.store_calls_lost.labels(operation)
 
     def request(
         self, tenant: str | None, plan: str | None, model: str | None, outcome: str

@@ -23,7 +23,7 @@ from pydantic import (
     model_validator,
 )
 
-from controller.model import Address, AddressError, AddressTemplate, LimitKind
+from controller.model import Address, AddressError, AddressTemplate, LimitKind, SignalKey
 from controller.policy.expressions import Expression, ExpressionError, compile_expression
 from controller.policy.schedule import Window, parse_window
 
@@ -254,6 +254,21 @@ class LimitsSpec(Strict):
 class SignalSpec(Strict):
     query: Annotated[str, Field(min_length=1, max_length=MAX_QUERY_CHARS)]
     stale_after: Duration = Field(120.0, gt=0)
+    absent: Literal["missing", "zero"] = Field(
+        "missing",
+        description="what a series that does not exist (yet) means: `missing` (untrustworthy, "
+        "on_stale decides) or `zero` (a count of events that have not happened: read as 0)",
+    )
+    history: Duration | None = Field(
+        None,
+        gt=0,
+        description="how far back the query reads (e.g. 23h for `offset 23h`): until "
+        "Prometheus holds its series from that long ago, the signal is `no_history`, not stale",
+    )
+
+    def key(self, by: str | None = None) -> SignalKey:
+        """The query result this signal reads, keyed by `by` (a policy's `per:`)."""
+        return SignalKey(self.query, by, self.absent == "zero", self.history or 0.0)
 
 
 class Action(Strict):

@@ -18,7 +18,6 @@ from controller.model import (
     Proposal,
     Quotes,
     Sample,
-    SignalKey,
     SignalReading,
     Snapshot,
     VectorSample,
@@ -70,6 +69,9 @@ class Evaluation:
     transitions: tuple[Transition, ...] = ()
     notes: tuple[str, ...] = ()  # things an operator should know (a skipped action, a bad label)
     active: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # policy → active keys
+    # Active (policy, label value) pairs none of whose actions gave a limit, with why: the
+    # policy says it acts while nothing is enforced (the loop logs and counts them).
+    unwritten: Mapping[tuple[str, str], str] = field(default_factory=dict)
 
 
 def evaluate(
@@ -114,6 +116,7 @@ def evaluate(
         transitions=tuple(out.transitions),
         notes=tuple(out.notes),
         active={k: tuple(v) for k, v in out.active.items()},
+        unwritten=out.unwritten,
     )
 
 
@@ -123,6 +126,7 @@ class _Collector:
         self.transitions: list[Transition] = []
         self.notes: list[str] = []
         self.active: dict[str, list[str]] = {}
+        self.unwritten: dict[tuple[str, str], str] = {}
 
 
 def _rules(policy: ThrottlePolicy) -> Rules:
@@ -202,7 +206,7 @@ def _per_label_policy(
             if state.active:
                 out.transitions.append(Transition(policy.ref, key, "released", ()))
         return {}
-    keys = {name: SignalKey(spec.query, label) for name, spec in policy.spec.signals.items()}
+    keys = {name: spec.key(label) for name, spec in policy.spec.signals.items()}
     samples = {name: snapshot.samples.get(key) for name, key in keys.items()}
     universe = label_universe(list(samples.values()), [k for k in previous if k])
     inputs = {
@@ -346,16 +350,17 @@ class _Proposer:
             )
             self._since[state.active_since] = since
         ref = self.ref
+        missed: list[str] = []
         for index, action in enumerate(self.policy.spec.actions):
             filled = self._filled[index]
             try:
                 address = filled.get(key) or _fill(filled, action.target, label, key)
             except AddressError as exc:
-                self.out.notes.append(f"{ref}: label value cannot form an address: {exc.problem}")
+                missed.append(f"label value cannot form an address: {exc.problem}")
                 continue
             value, how = self._value(index, action, address)
             if value is None:
-                self.out.notes.append(f"{ref}: {how}")
+                missed.append(how)
                 continue
             # The reason, `since (readings)suffix; how`, is written when read (few are).
             tail = self._tails.get((suffix, how))
@@ -364,6 +369,13 @@ class _Proposer:
             self.out.proposals.append(
                 Proposal(address, value, ref, since, readings, tail=tail, at=at)
             )
+        self._missed(key, missed)
+
+    def _missed(self, key: str, missed: list[str]) -> None:
+        """Note the actions that gave no limit; all of them: an engagement writing nothing."""
+        self.out.notes.extend(f"{self.ref}: {why}" for why in missed)
+        if missed and len(missed) == len(self.policy.spec.actions):
+            self.out.unwritten[self.ref, key] = "; ".join(dict.fromkeys(missed))
 
     def _value(self, index: int, action: Action, address: Address) -> tuple[float | None, str]:
         """`_action_value`, once per action and baseline value (most label values share one)."""

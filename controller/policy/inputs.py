@@ -1,13 +1,15 @@
 """Turn snapshot samples into the arrays a condition reads, with a validity mask per value.
 
 A value is valid only when its query succeeded, it is finite and it is no older than the
-signal's `stale_after`. Invalid values are NaN and masked out: never read as 0.
+signal's `stale_after`. Invalid values are NaN and masked out: never read as 0, unless the
+signal says `absent: zero` and the value is absent (no series: an event not yet seen), which
+is not the same as stale or failed.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import numpy.typing as npt
@@ -16,7 +18,6 @@ from controller.model import (
     FloatArray,
     Sample,
     ScalarSample,
-    SignalKey,
     SignalReading,
     Snapshot,
     Validity,
@@ -48,9 +49,11 @@ def scalar_input(
     name: str, spec: SignalSpec, snapshot: Snapshot, by: str | None, now: float
 ) -> ScalarInput:
     """Read one scalar signal; anything but a fresh finite number is marked invalid."""
-    sample = snapshot.samples.get(SignalKey(spec.query, by))
+    sample = snapshot.samples.get(spec.key(by))
     if sample is None:
         return ScalarInput(name, float("nan"), float("nan"), Validity.MISSING)
+    if spec.absent == "zero" and sample.validity is Validity.EMPTY:
+        return ScalarInput(name, 0.0, now, Validity.OK)
     if isinstance(sample, VectorSample):
         return ScalarInput(name, float("nan"), float("nan"), Validity.ERROR)
     validity = sample.validity
@@ -115,6 +118,8 @@ def vector_input(
 ) -> VectorInput:
     """Align a sample to `universe`; a scalar sample is broadcast to every label value."""
     size = len(universe)
+    if spec.absent == "zero" and sample is not None and sample.validity is Validity.EMPTY:
+        sample = _absent(sample, now)
     if sample is None or sample.validity is not Validity.OK:
         whole = Validity.MISSING if sample is None else sample.validity
         nan = np.full(size, np.nan)
@@ -126,9 +131,19 @@ def vector_input(
         values, timestamps = sample.values, sample.timestamps
     else:
         values, timestamps = _align(sample, universe)
+        if spec.absent == "zero":
+            absent = np.isnan(timestamps)  # no series for the label value: zero, as of now
+            values[absent], timestamps[absent] = 0.0, now
     with np.errstate(invalid="ignore"):
         valid = np.isfinite(values) & (now - timestamps <= spec.stale_after)
     return VectorInput(name, values, timestamps, valid, Validity.OK)
+
+
+def _absent(sample: Sample, now: float) -> Sample:
+    """An answer without series, for a signal with `absent: zero`: every value is 0 now."""
+    if isinstance(sample, ScalarSample):
+        return ScalarSample(0.0, now, Validity.OK, sample.detail)
+    return replace(sample, validity=Validity.OK)  # no keys: each label value aligns to 0
 
 
 def _align(sample: VectorSample, universe: tuple[str, ...]) -> tuple[FloatArray, FloatArray]:

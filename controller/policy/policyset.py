@@ -108,10 +108,10 @@ class PolicySet:
         """Every named signal of every policy with the query result it needs."""
         for policy in self.throttles:
             for name, spec in policy.spec.signals.items():
-                yield SignalUse(policy.ref, name, spec, SignalKey(spec.query, policy.spec.per))
+                yield SignalUse(policy.ref, name, spec, spec.key(policy.spec.per))
         for adaptive in self.adaptives:
             spec = adaptive.spec.signal
-            yield SignalUse(adaptive.ref, adaptive.spec.signal_name, spec, SignalKey(spec.query))
+            yield SignalUse(adaptive.ref, adaptive.spec.signal_name, spec, spec.key())
 
     def signal_keys(self) -> set[SignalKey]:
         """The distinct query results one tick must fetch (each query runs once)."""

@@ -5,6 +5,13 @@ lookback, keeps answering with the last sample of a series that stopped being wr
 `rate(x[5m])` keeps a value for 5 minutes after `x` went away. So the age of a result is
 asked separately, as `max(timestamp(selector))` per selector the query reads.
 
+A selector with no sample in that window is absent. For most signals that makes the data
+unknown (stale); a signal with `absent: zero` counts events that may not have happened yet,
+so its absent selectors are left out of its age (`of(..., absent_ok=True)`).
+
+A signal with `history: D` reads D into the past. Until Prometheus holds a sample of each of
+its selectors from D ago (`History`), an empty answer means "not enough history yet".
+
 That costs a pass over the selector's series, so an answer may be reused for
 `refresh_seconds`. A reused time is a lower bound of the true newest-sample time (it only
 grows), so ages are over-estimated by at most `refresh_seconds`, never under-estimated.
@@ -17,7 +24,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from controller.signals.promql import freshness_query
+from controller.signals.promql import freshness_query, history_query
 
 # A selector with no sample in Prometheus' lookback window (5 m by default): its age is
 # unknown and large, so every stale_after check fails.
@@ -70,20 +77,56 @@ class SampleTimes:
                 continue
             self._known[selector] = _Known(now, _newest(answer.result))
 
-    def of(self, reads: Sequence[str], now: float) -> tuple[float, str] | str:
+    def of(
+        self, reads: Sequence[str], now: float, absent_ok: bool = False
+    ) -> tuple[float, str] | str:
         """The time of the data behind a query reading `reads`: the oldest of their newest
         samples (every input must be fresh), with a note; or why it cannot be told. A query
-        reading no series (`vector(1)`, `time()`) is as fresh as its evaluation."""
+        reading no series (`vector(1)`, `time()`) is as fresh as its evaluation. With
+        `absent_ok`, a selector without any sample is left out (absent, not old)."""
         oldest, notes = now, []
         for selector in reads:
             if selector in self._failed:
                 return f"cannot tell the age of {selector}: {self._failed[selector]}"
             known = self._known.get(selector)
             newest = UNKNOWN_SAMPLE_TIME if known is None else known.newest
+            if newest == UNKNOWN_SAMPLE_TIME and absent_ok:
+                notes.append(f"no series of {selector} yet (absent: zero)")
+                continue
             if newest == UNKNOWN_SAMPLE_TIME:
                 notes.append(f"no sample of {selector} within Prometheus' lookback window")
             oldest = min(oldest, newest)
         return oldest, "; ".join(notes)
+
+
+@dataclass
+class History:
+    """Whether Prometheus holds each selector's samples from far enough back. Asked every
+    tick until it does, then never again (history, once there, stays: retention is far
+    longer than any signal's look back)."""
+
+    _held: set[tuple[str, float]] = field(default_factory=set)
+
+    def due(self, needs: Mapping[str, float], now: float) -> dict[str, tuple[str, float]]:
+        """The probe queries to run at `now`: query → (selector, seconds back)."""
+        return {
+            history_query(selector, now - back): (selector, back)
+            for selector, back in needs.items()
+            if (selector, back) not in self._held
+        }
+
+    def update(
+        self, probes: Mapping[str, tuple[str, float]], answers: Mapping[str, Answered]
+    ) -> None:
+        """Record which probes found a sample (a failed probe proves nothing: asked again)."""
+        for query, held in probes.items():
+            answer = answers.get(query)
+            if answer is not None and answer.error is None and _newest(answer.result):
+                self._held.add(held)
+
+    def lacking(self, reads: Sequence[str], back: float) -> list[str]:
+        """The selectors of `reads` without a sample from `back` seconds ago (yet)."""
+        return [selector for selector in reads if (selector, back) not in self._held]
 
 
 def _newest(result: Sequence[Any]) -> float:

@@ -15,7 +15,7 @@ import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import TracebackType
 from typing import Any
 
@@ -39,7 +39,7 @@ from controller.signals.decode import (
     parse_body,
     vector_from_body,
 )
-from controller.signals.freshness import SampleTimes
+from controller.signals.freshness import History, SampleTimes
 from controller.signals.promql import selectors
 
 # The server-side `timeout` fires first, so the answer says "timeout" with Prometheus' own
@@ -146,6 +146,7 @@ class PrometheusSource:
     def __post_init__(self) -> None:
         self._options = _client_options(self.settings)
         self._times = SampleTimes(self.settings.sample_age_refresh_seconds)
+        self._history = History()
         if not self.settings.verify_tls and self.settings.url.startswith("https:"):
             # Said once here instead of urllib3's warning on every query of every tick.
             structlog.get_logger("governor.signals").warning(
@@ -178,8 +179,11 @@ class PrometheusSource:
         wanted = list(dict.fromkeys(keys))
         reads = {query: selectors(query) for query in dict.fromkeys(k.query for k in wanted)}
         every = [s for found in reads.values() for s in found]
-        answers = self.run([*reads, *self._times.due(every, now)], now)
+        needs = {s: k.history for k in wanted if k.history for s in reads[k.query]}
+        probes = self._history.due(needs, now)
+        answers = self.run([*reads, *self._times.due(every, now), *probes], now)
         self._times.update(every, answers, now)
+        self._history.update(probes, answers)
         dropped: list[str] = []
         samples = {
             key: self._sample(key, answers[key.query], reads[key.query], now, dropped)
@@ -347,23 +351,54 @@ class PrometheusSource:
     ) -> Sample:
         if answer.error is not None:
             return error_sample(key, f"query {key.query!r} failed: {answer.error}")
-        fresh = self._times.of(reads, now)
+        fresh = self._times.of(reads, now, absent_ok=key.absent_zero)
         if isinstance(fresh, str):
             return error_sample(key, f"query {key.query!r}: {fresh}")
         timestamp, note = fresh
         validity = Validity.PARTIAL if answer.warnings else Validity.OK
         detail = "; ".join(filter(None, [*answer.warnings, note]))
         try:
-            if key.by is None:
-                return decode_scalar(answer.result, timestamp, validity, detail)
-            fast = vector_from_body(answer.body, key.by, timestamp, validity, detail, dropped)
-            if fast is not None:
-                return fast
-            return decode_vector(answer.result, key.by, timestamp, validity, detail, dropped)
+            sample = self._decode(key, answer, timestamp, validity, detail, dropped)
         except ResultShapeError as exc:
             return error_sample(key, f"query {key.query!r}: {exc}")
         except (KeyError, IndexError, TypeError, ValueError) as exc:
             return error_sample(key, f"query {key.query!r}: not a Prometheus result ({exc!r})")
+        if sample.validity is not Validity.EMPTY:
+            return sample
+        return self._empty(key, sample, reads, timestamp)
+
+    def _decode(
+        self,
+        key: SignalKey,
+        answer: Answer,
+        timestamp: float,
+        validity: Validity,
+        detail: str,
+        dropped: list[str] | None,
+    ) -> Sample:
+        if key.by is None:
+            return decode_scalar(answer.result, timestamp, validity, detail)
+        fast = vector_from_body(answer.body, key.by, timestamp, validity, detail, dropped)
+        if fast is not None:
+            return fast
+        return decode_vector(answer.result, key.by, timestamp, validity, detail, dropped)
+
+    def _empty(self, key: SignalKey, sample: Sample, reads: Sequence[str], at: float) -> Sample:
+        """What an answer without series means for this signal: not enough history yet (its
+        look back reaches before Prometheus' data), zero (`absent: zero`), or EMPTY."""
+        lacking = self._history.lacking(reads, key.history) if key.history else []
+        if lacking:
+            why = (
+                f"not enough history yet: no sample of {', '.join(lacking)} from "
+                f"{key.history:g} s ago (history:)"
+            )
+            return replace(sample, validity=Validity.NO_HISTORY, detail=why)
+        if not key.absent_zero:
+            return sample
+        why = "no series: read as 0 (absent: zero)"
+        if isinstance(sample, ScalarSample):
+            return ScalarSample(0.0, at, Validity.OK, why)
+        return replace(sample, validity=Validity.OK, detail=why)
 
 
 def error_sample(key: SignalKey, detail: str) -> Sample:

@@ -104,3 +104,10 @@ def selectors(query: str) -> tuple[str, ...]:
 def freshness_query(selector: str) -> str:
     """The query answering the time of the newest sample of `selector`."""
     return f"max(timestamp({selector}))"
+
+
+def history_query(selector: str, at: float) -> str:
+    """The query answering whether `selector` had a sample in the hour before `at` (unix
+    seconds): its newest time then, or no series. One hour, so a short gap in the scrapes
+    at exactly that time does not read as missing history."""
+    return f"max(timestamp(last_over_time({selector}[1h] @ {at:.0f})))"

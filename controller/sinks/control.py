@@ -1,10 +1,17 @@
-"""What people set by hand in Redis: overrides and the freeze flag (both expire by TTL), tenants."""
+"""What people set by hand in Redis: overrides and the freeze flag (both expire by TTL), tenants.
+
+A tenant's plan has one source of truth that the controller and the gateway both read: the
+registry (`governor tenants set`, which also moves the tenant's API keys), and for a tenant
+known only through its API keys (`governor keys create --tenant X --plan P`), the plan of
+those keys, which is what the gateway enforces. Keys on several plans make it unknown.
+"""
 
 from __future__ import annotations
 
 import json
 import math
 import time
+from collections import defaultdict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -43,11 +50,35 @@ class ControlState:
 
     overrides: Mapping[Address, Override]
     freeze: Freeze | None
-    tenants: Mapping[str, str]  # tenant → plan
+    tenants: Mapping[str, str]  # tenant → plan (the registry, else its API keys' plan)
 
     @property
     def frozen(self) -> bool:
         return self.freeze is not None
+
+
+# The plan of a tenant whose API keys are on several plans and which is not registered: no
+# plan has this name, so an action scaling its plan's limit finds no baseline, and the loop
+# reports the engagement as writing nothing (governor_engagements_unwritten_total).
+CONFLICTING_PLANS = ""
+# Key records are read again when their count changes, else at most this often (a plan
+# moved by `governor tenants set` is in the registry at once, which wins).
+KEY_PLANS_REFRESH_SECONDS = 60.0
+
+
+def key_plans(records: Mapping[str, str]) -> dict[str, str]:
+    """tenant → plan of the API key records (`KeyRecord` JSON); a record that does not
+    parse stands for nobody (the gateway refuses it too)."""
+    plans: defaultdict[str, set[str]] = defaultdict(set)
+    for text in records.values():
+        try:
+            data = json.loads(text)
+            tenant, plan = data["tenant"], data["plan"]
+        except (ValueError, TypeError, KeyError):
+            continue
+        if isinstance(tenant, str) and isinstance(plan, str):
+            plans[tenant].add(plan)
+    return {t: next(iter(p)) if len(p) == 1 else CONFLICTING_PLANS for t, p in plans.items()}
 
 
 def _ttl_ms(ttl_seconds: float) -> int:
@@ -65,6 +96,8 @@ class ControlStore:
         self.client = client
         self.keys = keys
         self._clock = clock
+        # The key-registered tenants: (record count, read at, tenant → plan).
+        self._key_plans: tuple[int, float, dict[str, str]] = (-1, -math.inf, {})
 
     # Overrides: the string key's TTL is the promise; the sorted set only indexes them.
     def set_override(
@@ -226,7 +259,21 @@ class ControlStore:
             registry: dict[str, str] = self.client.hgetall(self.keys.tenants)
         return dict(sorted(registry.items()))
 
+    def plans(self) -> dict[str, str]:
+        """Every known tenant → its plan: the registry, else its API keys' plan."""
+        with wrapped(self.client, "read the API keys' tenants"):
+            return {**self._tenants_of_keys(), **self.tenants()}
+
+    def _tenants_of_keys(self) -> dict[str, str]:
+        count, read_at, plans = self._key_plans
+        now = self._clock()
+        found = int(self.client.hlen(self.keys.api_keys))
+        if found != count or not 0 <= now - read_at < KEY_PLANS_REFRESH_SECONDS:
+            plans = key_plans(self.client.hgetall(self.keys.api_keys))
+            self._key_plans = (found, now, plans)
+        return plans
+
     def read(self) -> ControlState:
         """Overrides, freeze and tenants for one tick."""
         with wrapped(self.client, "read overrides, freeze and tenants"):
-            return ControlState(self._overrides(), self._freeze(), self.tenants())
+            return ControlState(self._overrides(), self._freeze(), self.plans())

@@ -120,6 +120,11 @@ class KeySchema:
         return self._key("tenants")
 
     @property
+    def api_keys(self) -> str:
+        """The gateway's API key records: key id → JSON with `tenant` and `plan`."""
+        return self._key("apikeys")
+
+    @property
     def freeze(self) -> str:
         return self._key("freeze")
 

@@ -11,9 +11,9 @@ METRIC = re.compile(r"\b((?:governor|gateway)_[a-z_]+)\b")
 # Once the exporter has one, remove it here (test_alert_rules insists).
 PENDING_METRICS: dict[str, str] = {}
 _SUFFIXES = {
-    "counter": ("_total", "_created"),
-    "histogram": ("_bucket", "_sum", "_count", "_created"),
-    "summary": ("_sum", "_count", "_created"),
+    "counter": ("_total",),
+    "histogram": ("_bucket", "_sum", "_count"),
+    "summary": ("_sum", "_count"),
     "gauge": ("",),
     "info": ("_info",),
 }

@@ -57,4 +57,7 @@ def test_a_settle_held_through_an_outage_is_charged_when_redis_answers(
     third = gateway.chat(key, messages=MESSAGES, max_tokens=40)
     used = first + second.json()["usage"]["total_tokens"]
     assert budget_remaining(third) == 1000 - used - worst_case(40)
-    assert not re.search(r"^gateway_store_calls_lost_total\{", gateway.metrics(), re.M)
+    # Exported at 0 from the start (closed label set); none was given up.
+    lost = re.findall(r"^gateway_store_calls_lost_total\{.*\} (\S+)$", gateway.metrics(), re.M)
+    assert lost
+    assert {float(value) for value in lost} == {0.0}

@@ -7,8 +7,10 @@ import time
 import pytest
 import redis
 
+from controller.gateway.keys import KeyStore
 from controller.model import Address
-from controller.sinks.control import ControlStore
+from controller.sinks.control import CONFLICTING_PLANS, ControlStore
+from controller.sinks.keys import KeySchema
 
 A = Address.parse
 TPM = A("tenant/acme/tokens_per_minute")
@@ -105,3 +107,27 @@ def test_the_tenant_registry(control: ControlStore) -> None:
         control.set_tenant("a}{b", "paid")
     with pytest.raises(ValueError, match="plan"):
         control.set_tenant("acme", "pl an")
+
+
+def test_a_tenant_known_only_through_its_api_keys_has_their_plan(
+    control: ControlStore, client: redis.Redis[str], keys: KeySchema
+) -> None:
+    """One source of truth: what the gateway enforces (the key's plan) is what the controller
+    reads, for a tenant never registered with `tenants set`; the registry wins when set."""
+    store = KeyStore(client, keys, secret=None)
+    store.create("bigco", "enterprise")
+    store.create("bigco", "enterprise", user="bob")
+    store.create("acme", "paid")
+    control.set_tenant("acme", "free")  # registered: the registry is the truth
+    client.hset(keys.api_keys, "junk", "not a record")  # stands for nobody
+    assert control.read().tenants == {"acme": "free", "bigco": "enterprise"}
+    assert control.tenants() == {"acme": "free"}  # the registry itself is unchanged
+    # A key created later is seen at the next read (the record count changed).
+    store.create("newco", "paid")
+    assert control.read().tenants["newco"] == "paid"
+    # Keys on two plans and no registration: no plan, so nothing is scaled from a guess.
+    store.create("split", "paid")
+    store.create("split", "enterprise")
+    assert control.read().tenants["split"] == CONFLICTING_PLANS
+    control.set_tenant("split", "paid")
+    assert control.read().tenants["split"] == "paid"

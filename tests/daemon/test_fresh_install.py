@@ -1,0 +1,84 @@
+"""A fresh install comes up quiet: the shipped cost-anomaly policy against a Prometheus that
+has neither gateway series nor a day of history. Its baseline is "not enough history yet"
+(`no_history`), its event counters are absent (`absent: zero`), and so no signal counts as
+invalid, nothing is in fallback, nothing warns every tick, and /readyz stays green past the
+signals' stale_after."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import redis
+import yaml
+
+from tests.daemon.harness import REPO, DaemonFactory, daemon_env
+from tests.support.prometheus import PrometheusServer, wait_for
+from tests.support.redis import RedisServer
+
+pytestmark = pytest.mark.integration
+
+POLICY = "ThrottlePolicy/tenant-cost-anomaly"
+STALE_AFTER = "2s"  # the shipped default is 2m: shortened so the test outlives it
+
+
+def shipped_cost_policy(directory: Path) -> Path:
+    """The shipped plans, limits and cost-anomaly policy, its signals' stale_after short."""
+    directory.mkdir(parents=True)
+    for name in ("plans.yaml", "limits.yaml"):
+        shutil.copy(REPO / "policies" / name, directory / name)
+    policy = yaml.safe_load((REPO / "policies" / "tenant-cost-anomaly.yaml").read_text())
+    for signal in policy["spec"]["signals"].values():
+        signal["stale_after"] = STALE_AFTER
+    (directory / "tenant-cost-anomaly.yaml").write_text(yaml.safe_dump(policy))
+    return directory
+
+
+def test_a_fresh_install_is_quiet_ready_and_not_in_fallback(
+    tmp_path: Path,
+    redis_server: RedisServer,
+    db: redis.Redis[str],
+    prometheus: PrometheusServer,
+    daemons: DaemonFactory,
+) -> None:
+    policies = shipped_cost_policy(tmp_path / "policies")
+    env = daemon_env(redis_server.url, prometheus.url, policies)
+    daemon = daemons("fresh", env)
+    daemon.wait_for_metric("governor_ready", 1.0)
+    started = time.time()
+    # Well past stale_after (2 s) at a 0.5 s tick: a signal counted unusable would show.
+    wait_for(lambda: time.time() - started > 5.0, "5 s of ticks", timeout=10.0)
+    wait_for(
+        lambda: (daemon.metric("governor_ticks_total", outcome="ok") or 0) >= 10,
+        "ten ticks",
+    )
+    assert daemon.metric("governor_signals_invalid", policy=POLICY) == 0.0
+    assert daemon.metric("governor_policy_in_fallback", policy=POLICY) == 0.0
+    assert daemon.metric("governor_ticks_total", outcome="degraded") == 0.0
+    # Per-policy counters exist at 0 before their first event (increase() sees it).
+    assert daemon.metric("governor_fallback_seconds_total", policy=POLICY) == 0.0
+    assert daemon.metric("governor_engagements_unwritten_total", policy=POLICY) == 0.0
+    assert daemon.http("/readyz") == (200, "ok\n")
+    assert daemon.logged("signal.invalid") == []
+    waiting = daemon.logged("signal.no_history")
+    assert [line["signal"] for line in waiting] == ["usual"]  # said once, not every tick
+    assert "not enough history yet" in waiting[0]["detail"]
+
+    # `governor signals` shows the state and exits 0; spend and refused read as 0.
+    shown = subprocess.run(
+        [sys.executable, "-m", "controller", "signals", "--policies", str(policies), "--json"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert shown.returncode == 0, shown.stdout + shown.stderr
+    validity = {r["signal"]: r["validity"] for r in json.loads(shown.stdout)["signals"]}
+    assert validity == {"spend": "ok", "usual": "no_history", "refused": "ok"}
