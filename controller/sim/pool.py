@@ -112,23 +112,3 @@ class PoolModel:
         tpot = (1.0 + self.spec.decode_slowdown * utilization) / self.spec.decode_tokens_per_second
         e2e = ttft + output * tpot
         return StepResult(utilization, offered, self.backlog, ttft, e2e, timed_out)
-
-
-def max_good_utilization(model: PoolModel, slo_seconds: float, prefill_p99: float) -> float:
-    """The highest utilization at which this pool's p99 TTFT stays within the SLO: what an
-    oracle that knows the true capacity would admit up to (bisection on the model)."""
-
-    def p99(rho: float) -> float:
-        probability = model.wait_probability(rho)
-        wait = 0.0 if probability <= 0.01 else math.log(probability / 0.01) / model.tail_rate(rho)
-        return wait + prefill_p99
-
-    if p99(0.0) > slo_seconds:
-        return 0.0
-    low, high = 0.0, 1.0
-    if p99(_RHO_MAX) <= slo_seconds:
-        return _RHO_MAX
-    for _ in range(40):
-        middle = (low + high) / 2
-        low, high = (middle, high) if p99(middle) <= slo_seconds else (low, middle)
-    return low
