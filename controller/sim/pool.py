@@ -59,7 +59,13 @@ class PoolModel:
     mean_work: float  # tokens per request, for the service rate of a slot
     backlog: float = 0.0
     load: float = 0.0  # admitted work / capacity, smoothed over SMOOTHING_SECONDS
+    scale: float = 1.0  # share of the pool's GPUs up (a `capacity` event: a node down)
     _erlang: dict[int, float] = field(default_factory=dict)
+
+    @property
+    def capacity(self) -> float:
+        """Tokens/s of the GPUs up now."""
+        return self.spec.capacity_tokens_per_second * self.scale
 
     @property
     def servers(self) -> int:
@@ -75,7 +81,7 @@ class PoolModel:
 
     def tail_rate(self, rho: float) -> float:
         """Rate of the exponential wait of those who wait: c·μ·(1−ρ), per second."""
-        mu = (self.spec.capacity_tokens_per_second / self.servers) / self.mean_work
+        mu = (self.capacity / self.servers) / self.mean_work
         return self.servers * mu * max(1.0 - min(rho, _RHO_MAX), 1.0 - _RHO_MAX)
 
     def step(
@@ -86,7 +92,7 @@ class PoolModel:
         rng: np.random.Generator,
     ) -> StepResult:
         """Serve one step of `dt` seconds in which these requests were admitted."""
-        capacity = self.spec.capacity_tokens_per_second
+        capacity = self.capacity
         work = prompt + output
         offered = float(work.sum()) / (capacity * dt)
         count = len(work)

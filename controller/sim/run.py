@@ -310,11 +310,14 @@ class Simulation:
         served = 0.0
         routes = self._route[arrivals.tenant]
         latencies: list[FloatArray] = []
+        up = 0.0
         for p, pool in enumerate(self.pools):
             routed = routes == p
             index = np.flatnonzero(allowed & routed)
             result = pool.step(dt, arrivals.prompt[index], arrivals.output[index], self.pool_rng)
-            capacity = pool.spec.capacity_tokens_per_second
+            pool.scale = self._capacity_scale(p, elapsed)
+            capacity = pool.capacity
+            up += capacity
             self._served[p] += result.utilization
             served += result.utilization * capacity
             offered_good = float(work[routed & good_request].sum())
@@ -342,7 +345,7 @@ class Simulation:
                 heapq.heappush(
                     self._settles, (times[j] + float(done[k]), self._seq, rid, tenant_ids[j], *used)
                 )
-        record.utilization[tick] += served / self.capacity
+        record.utilization[tick] += served / up  # the busy share of the GPUs up
         # The gateway's own latency samples, as an adaptive concurrency limiter sees them.
         gate = self.gate
         if gate is not None and latencies and gate.observe(np.concatenate(latencies),
@@ -407,7 +410,8 @@ class Simulation:
         for p, pool in enumerate(self.scenario.pools):
             busy = 100.0 * self._served[p] / steps
             if not self._outage("DCGM_FI_DEV_GPU_UTIL", elapsed):
-                for gpu in range(pool.gpus):
+                # A GPU that is down stops reporting (its last sample goes stale).
+                for gpu in range(max(1, round(pool.gpus * self.pools[p].scale))):
                     labels = {"pool": pool.name, "gpu": str(gpu)}
                     self.store.record("DCGM_FI_DEV_GPU_UTIL", labels, at, busy)
             if not self._outage("inference_queue_backlog_tokens", elapsed):
@@ -433,6 +437,15 @@ class Simulation:
                         at,
                         float(self._requests[i, o]),
                     )
+
+    def _capacity_scale(self, pool: int, elapsed: float) -> float:
+        """The share of a pool's GPUs up: the product of the `capacity` events acting on it."""
+        scale = 1.0
+        name = self.scenario.pools[pool].name
+        for e in self.scenario.events:
+            if e.kind == "capacity" and e.at <= elapsed < e.end and e.pool in ("", name):
+                scale *= e.factor
+        return scale
 
     def _outage(self, metric: str, elapsed: float) -> bool:
         return any(

@@ -134,3 +134,23 @@ def test_the_baseline_run_is_not_overloaded(short_scenario: Path) -> None:
     baseline = run_variant(scenario, SHIPPED, BASELINE, None)
     assert baseline.utilization.max() < scenario.target_utilization + 0.05
     assert baseline.timed_out.sum() == 0
+
+
+def test_a_node_down_takes_its_capacity_away(short_scenario: Path, tmp_path: Path) -> None:
+    # The short fleet at ~50% load loses half its GPUs from minute 2 to minute 5.
+    text = short_scenario.read_text().replace(
+        "  - {kind: burst, at: 1m, duration: 5m, factor: 4, tenants: [ent]}",
+        "  - {kind: capacity, at: 2m, duration: 3m, factor: 0.5}",
+    )
+    path = tmp_path / "down.yaml"
+    path.write_text(text)
+    scenario = load_scenario(str(path))
+    record = run_variant(scenario, SHIPPED, NO_LIMIT, None)
+    before, during = record.utilization[1:8], record.utilization[9:20]
+    # The same demand on half the GPUs: their busy share doubles, to the full.
+    assert before.mean() < 0.7
+    assert during.mean() > 0.9
+    # The oracle serves at most its good share of what is up.
+    capacity = scenario.pools[0].capacity_tokens_per_second
+    assert record.oracle[9:20].max() <= 0.5 * capacity * 1.5
+    assert record.oracle[9:20].max() < record.oracle[1:8].max()
