@@ -218,7 +218,10 @@ def _scoreboard(
 
     started = time.monotonic()
     try:
-        board = run_board(_scenarios(scenario, every), policies, seeds, workers)
+        board = run_board(
+            _scenarios(scenario, every), policies, seeds, workers,
+            progress=lambda line: typer.echo(line, err=True),
+        )  # fmt: skip
     except GovernorError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None

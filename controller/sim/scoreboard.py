@@ -7,7 +7,7 @@ import concurrent.futures
 import math
 import multiprocessing
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -158,9 +158,11 @@ def run_board(
     policies: Path,
     seeds: int,
     workers: int = 2,
+    progress: Callable[[str], None] | None = None,
 ) -> Board:
     """Every scenario on `seeds` seeds (the scenario's own seed, +1, ...), one (scenario,
-    seed) per task in `workers` processes (0: here, one after the other)."""
+    seed) per task in `workers` processes (0: here, one after the other); `progress` hears
+    of each one done."""
     offsets = list(range(seeds))
     board = Board(seeds=offsets, policies=policies)
     units = [
@@ -168,6 +170,8 @@ def run_board(
         for s, trace in scenarios
         for k in offsets
     ]
+    # The longest simulations first, so that no worker is left alone with one at the end.
+    units.sort(key=lambda u: -u[0].duration / u[0].step)
     for scenario, _ in scenarios:
         board.cards[scenario.name] = {v: [] for v in SCORED}
         board.descriptions[scenario.name] = scenario.description
@@ -178,13 +182,29 @@ def run_board(
             initargs=("warning", "stderr"),
         ) as pool:  # fmt: skip
             futures = [pool.submit(score_seed, s, policies, t) for s, t in units]
-            results = [f.result() for f in futures]
+            results = [_told(f.result(), u[0], k, len(units), progress)
+                       for k, (f, u) in enumerate(zip(futures, units, strict=True))]  # fmt: skip
     else:
-        results = [score_seed(s, policies, t) for s, t in units]
-    for (scenario, _), cards in zip(units, results, strict=True):
+        results = [
+            _told(score_seed(s, policies, t), s, k, len(units), progress)
+            for k, (s, t) in enumerate(units)
+        ]
+    # Seed order within each scenario, whatever order they ran in.
+    for (scenario, _), cards in sorted(
+        zip(units, results, strict=True), key=lambda r: r[0][0].seed
+    ):
         for variant, card in cards.items():
             board.cards[scenario.name][variant].append(card)
     return board
+
+
+def _told(
+    cards: dict[str, Scorecard], scenario: Scenario, k: int, total: int,
+    progress: Callable[[str], None] | None,
+) -> dict[str, Scorecard]:  # fmt: skip
+    if progress is not None:
+        progress(f"scored {scenario.name} seed {scenario.seed} ({k + 1}/{total})")
+    return cards
 
 
 DOCUMENT_HEAD = """# Control quality: the scoreboard
