@@ -19,11 +19,12 @@ from controller.policy.policyset import PolicySet
 from controller.reload import PolicyWatcher
 from controller.sim.limiters import FixedKnob, Gate, Gradient2, NoLimit
 from controller.sim.record import RunRecord
+from controller.sim.reference import better, no_overload
 from controller.sim.run import Simulation, TickCallback, embedded_redis
 from controller.sim.scenario import Scenario, resolve_data_file
-from controller.sim.scorecard import Scorecard, attainment, score, window_ticks
+from controller.sim.scorecard import Scorecard, score
 from controller.sim.trace import TraceData, peak_minute_rate, read_trace
-from controller.sim.traffic import build_world, size_means
+from controller.sim.traffic import build_world
 from controller.sim.variants import (
     AIMD,
     GRADIENT,
@@ -40,9 +41,6 @@ from controller.sim.variants import (
 BASELINE = "baseline"
 VARIANTS = (POLICIES, STATIC, AIMD)  # drawn by plots.py
 SCORED = (POLICIES, STATIC, AIMD, GRADIENT, NO_LIMIT)  # every scorecard
-# A scenario without events is compared with the same pool under a demand capped at this
-# share of its capacity at its peak: a real run with no overload, not the static run.
-NO_OVERLOAD_SHARE = 0.5
 
 
 @dataclass
@@ -63,24 +61,6 @@ def load_trace(scenario: Scenario, scenario_file: Path | None = None) -> TraceDa
     if scenario.trace is None:
         return None
     return read_trace(resolve_data_file(scenario.trace.file, scenario_file))
-
-
-def no_overload(scenario: Scenario) -> Scenario:
-    """The no-overload baseline's world: without events (a trace at 1×, whose pool is sized
-    for it); a scenario that has none instead keeps its shape with every synthetic tenant's
-    rate scaled so its peak demand is NO_OVERLOAD_SHARE of the capacity."""
-    quiet = scenario.without_events()
-    if scenario.events or not scenario.tenants:
-        return quiet
-    peak = 0.0
-    for group in scenario.tenants:
-        prompt, output = size_means(group.size)
-        swing = 1.0 + (group.diurnal.amplitude if group.pattern == "diurnal" else 0.0)
-        peak += group.count * group.rate * swing * (prompt + output)
-    capacity = sum(p.capacity_tokens_per_second for p in scenario.pools)
-    scale = min(1.0, NO_OVERLOAD_SHARE * capacity / peak) if peak > 0 else 1.0
-    groups = [g.model_copy(update={"rate": g.rate * scale}) for g in scenario.tenants]
-    return quiet.model_copy(update={"tenants": groups})
 
 
 def _controller(
@@ -132,18 +112,6 @@ def run_variant(
     return record
 
 
-def _better(candidate: RunRecord, best: RunRecord | None) -> bool:
-    """Hindsight's choice: the higher SLO attainment over the window (then goodput)."""
-    if best is None:
-        return True
-    first, last = window_ticks(candidate)
-    mine = (attainment(candidate, first, last), float(candidate.goodput[first:last].sum()))
-    theirs = (attainment(best, first, last), float(best.goodput[first:last].sum()))
-    return tuple(-1.0 if math.isnan(x) else x for x in mine) > tuple(
-        -1.0 if math.isnan(x) else x for x in theirs
-    )
-
-
 Task = tuple[str, float | None]
 
 
@@ -162,7 +130,7 @@ def tasks(scenario: Scenario, policies: Path) -> list[Task]:
 def _keep(result: Comparison, variant: str, record: RunRecord) -> None:
     if variant != STATIC:
         result.runs[variant] = record
-    elif _better(record, result.runs.get(STATIC)):
+    elif better(record, result.runs.get(STATIC)):
         result.runs[STATIC] = record
 
 

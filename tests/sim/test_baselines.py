@@ -12,9 +12,10 @@ import pytest
 
 from controller.model import Address
 from controller.policy.loader import load_directory
-from controller.sim.compare import BASELINE, no_overload, run_variant
+from controller.sim.compare import BASELINE, run_variant
 from controller.sim.limiters import GLOBAL_CONCURRENCY, Gradient2
 from controller.sim.oracle import CACHE_ENV, good_load, probe_p99, size_sample
+from controller.sim.reference import no_overload
 from controller.sim.scenario import load_scenario
 from controller.sim.traffic import build_world, size_means
 from controller.sim.variants import AIMD, GRADIENT, NO_LIMIT, POLICIES, STATIC, policy_knob
