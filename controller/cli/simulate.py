@@ -231,5 +231,5 @@ def _scoreboard(
                f"({workers} workers)")  # fmt: skip
     if markdown is not None:
         markdown.parent.mkdir(parents=True, exist_ok=True)
-        markdown.write_text(document(board), encoding="utf-8")
+        markdown.write_text(document(board, elapsed, workers), encoding="utf-8")
         typer.echo(f"wrote {markdown}")

@@ -249,7 +249,12 @@ Efficient generative LLM inference using phase splitting", ISCA 2024.
 """
 
 
-def document(board: Board) -> str:
-    """docs/control-quality.md: the generated scoreboard with how to read and reproduce it."""
+def document(board: Board, elapsed: float, workers: int) -> str:
+    """docs/control-quality.md: the generated scoreboard with how to read and reproduce it,
+    and how long this run took."""
     head = DOCUMENT_HEAD.format(seeds=len(board.seeds), policies=board.policies)
-    return head + render(board) + DOCUMENT_TAIL
+    took = (
+        f"This run: {len(board.cards)} scenarios × {len(board.seeds)} seeds in "
+        f"{elapsed / 60:.1f} minutes of wall-clock time with {workers} worker processes.\n\n"
+    )
+    return head + took + render(board) + DOCUMENT_TAIL
