@@ -314,8 +314,8 @@ class Simulation:
         for p, pool in enumerate(self.pools):
             routed = routes == p
             index = np.flatnonzero(allowed & routed)
-            result = pool.step(dt, arrivals.prompt[index], arrivals.output[index], self.pool_rng)
             pool.scale = self._capacity_scale(p, elapsed)
+            result = pool.step(dt, arrivals.prompt[index], arrivals.output[index], self.pool_rng)
             capacity = pool.capacity
             up += capacity
             self._served[p] += result.utilization
