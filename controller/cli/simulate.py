@@ -1,11 +1,13 @@
-"""`governor simulate`: the policies against a simulated fleet, beside static limits and
-plain AIMD, scored and plotted."""
+"""`governor simulate`: the policies against a simulated fleet, beside every baseline, scored
+and plotted; `--all --seeds N` scores every scenario on many seeds (the scoreboard)."""
 
 from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
@@ -14,7 +16,13 @@ from rich.table import Table
 from controller.cli._redis import console as fitted
 from controller.errors import GovernorError
 
+if TYPE_CHECKING:
+    from controller.sim.compare import Comparison
+    from controller.sim.scenario import Scenario
+    from controller.sim.trace import TraceData
+
 _FIGURES = (
+    ("attainment", "SLO attainment (well-behaved)", "{:.1%}"),
     ("p99_ttft", "p99 TTFT (s)", "{:.2f}"),
     ("p99_increase", "p99 vs no-overload baseline", "{:+.0%}"),
     ("utilization_mean", "mean utilization", "{:.2f}"),
@@ -22,12 +30,16 @@ _FIGURES = (
     ("goodput_ratio", "goodput / oracle", "{:.0%}"),
     ("flaps_per_hour", "flaps per hour", "{:.1f}"),
     ("settling_ticks", "settling (ticks)", "{}"),
+    ("recovery_ticks", "settling after the window (ticks)", "{}"),
     ("budget_overrun", "budget overrun (tokens)", "{:,.0f}"),
-    ("jain", "Jain fairness (well-behaved)", "{:.3f}"),
-    ("throttle_ticks", "runaway throttled after (ticks)", "{}"),
-    ("throttle_after_for_ticks", "… after its `for:` (ticks)", "{}"),
+    ("jain", "Jain fairness (every well-behaved)", "{:.3f}"),
+    ("worst_share", "worst-off tenant's share", "{:.0%}"),
+    ("throttle_ticks", "runaway throttled from its start (ticks)", "{}"),
+    ("runaway_attainment", "… others' attainment meanwhile", "{:.1%}"),
+    ("knob_value", "static value found (hindsight)", "{:g}"),
     ("timed_out", "requests timed out", "{:,}"),
 )
+_NEVER = ("settling_ticks", "recovery_ticks", "throttle_ticks")
 
 
 def register(root: typer.Typer) -> None:
@@ -37,7 +49,7 @@ def register(root: typer.Typer) -> None:
 
 def _show(value: object, pattern: str, figure: str) -> str:
     if value is None:
-        return "never" if figure in ("settling_ticks", "throttle_ticks") else "—"
+        return "never" if figure in _NEVER else "—"
     if isinstance(value, float) and math.isnan(value):
         return "—"
     return pattern.format(value)
@@ -67,6 +79,16 @@ def simulate(
     workers: int = typer.Option(
         2, "--workers", help="Processes for the comparison runs (0: run them one by one)."
     ),
+    every: bool = typer.Option(False, "--all", help="Every shipped scenario (the scoreboard)."),
+    seeds: int = typer.Option(
+        1, "--seeds", min=1, help="Seeds per scenario: its own seed, +1, ...; median and worst."
+    ),
+    markdown: Path | None = typer.Option(
+        None,
+        "--markdown",
+        help="Write the scoreboard as this markdown file "
+        "(docs/control-quality.md is generated this way).",
+    ),
 ) -> None:
     """Run the policies against a simulated fleet beside static limits and plain AIMD.
 
@@ -74,13 +96,17 @@ def simulate(
     sink (embedded Redis) and journal on a simulated clock, for the given policies AND, in
     the same run, static limits and plain AIMD; prints the scorecard and writes a PNG.
 
-    Never touches a configured Redis or Prometheus.
+    Never touches a configured Redis or Prometheus. With --all, --seeds N or --markdown:
+    the scoreboard (median and worst seed per scenario and variant), no PNG.
     """
+    if every or seeds > 1 or markdown is not None:
+        _scoreboard(scenario, every, policies, seeds, workers, markdown)
+        return
     from controller.sim.compare import compare, load_trace, trace_scenario
     from controller.sim.live import LiveView
     from controller.sim.plots import plot
     from controller.sim.scenario import find_scenario, load_scenario
-    from controller.sim.trace import TraceData, read_trace
+    from controller.sim.trace import read_trace
 
     console = Console()
     try:
@@ -132,6 +158,14 @@ def simulate(
         }
         typer.echo(json.dumps(payload, indent=2, default=_plain))
         return
+    _print_scorecards(console, comparison, world, picture, directory)
+
+
+def _print_scorecards(
+    console: Console, comparison: Comparison, world: Scenario, picture: Path, directory: Path
+) -> None:
+    """The human table of one run: a column per variant, ✓/✗ against each goal."""
+    cards = comparison.cards
     table = Table(title=f"scorecard: {world.name} (seed {world.seed}) — {world.description}")
     table.add_column("figure")
     for name in cards:
@@ -162,3 +196,43 @@ def _plain(value: object) -> object:
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return str(value)
+
+
+def _scenarios(scenario: str | None, every: bool) -> list[tuple[Scenario, TraceData | None]]:
+    from controller.sim.compare import load_trace
+    from controller.sim.scenario import find_scenario, load_scenario, scenario_names
+
+    if every == (scenario is not None):
+        raise GovernorError("give either a SCENARIO or --all for the scoreboard")
+    names = scenario_names() if every else [str(scenario)]
+    found: list[tuple[Scenario, TraceData | None]] = []
+    for name in names:
+        world = load_scenario(name)
+        found.append((world, load_trace(world, find_scenario(name))))
+    return found
+
+
+def _scoreboard(
+    scenario: str | None, every: bool, policies: Path, seeds: int, workers: int,
+    markdown: Path | None,
+) -> None:  # fmt: skip
+    """`--all` / `--seeds`: every (scenario, seed) in `workers` processes, then the table."""
+    from controller.sim.scoreboard import document, render, run_board
+
+    started = time.monotonic()
+    try:
+        board = run_board(
+            _scenarios(scenario, every), policies, seeds, workers,
+            progress=lambda line: typer.echo(line, err=True),
+        )  # fmt: skip
+    except GovernorError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    elapsed = time.monotonic() - started
+    typer.echo(render(board))
+    typer.echo(f"wall-clock: {elapsed:.0f} s for {len(board.cards)} scenarios × {seeds} seeds "
+               f"({workers} workers)")  # fmt: skip
+    if markdown is not None:
+        markdown.parent.mkdir(parents=True, exist_ok=True)
+        markdown.write_text(document(board, elapsed, workers), encoding="utf-8")
+        typer.echo(f"wrote {markdown}")

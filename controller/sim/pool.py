@@ -59,7 +59,13 @@ class PoolModel:
     mean_work: float  # tokens per request, for the service rate of a slot
     backlog: float = 0.0
     load: float = 0.0  # admitted work / capacity, smoothed over SMOOTHING_SECONDS
+    scale: float = 1.0  # share of the pool's GPUs up (a `capacity` event: a node down)
     _erlang: dict[int, float] = field(default_factory=dict)
+
+    @property
+    def capacity(self) -> float:
+        """Tokens/s of the GPUs up now."""
+        return self.spec.capacity_tokens_per_second * self.scale
 
     @property
     def servers(self) -> int:
@@ -75,7 +81,7 @@ class PoolModel:
 
     def tail_rate(self, rho: float) -> float:
         """Rate of the exponential wait of those who wait: c·μ·(1−ρ), per second."""
-        mu = (self.spec.capacity_tokens_per_second / self.servers) / self.mean_work
+        mu = (self.capacity / self.servers) / self.mean_work
         return self.servers * mu * max(1.0 - min(rho, _RHO_MAX), 1.0 - _RHO_MAX)
 
     def step(
@@ -86,7 +92,7 @@ class PoolModel:
         rng: np.random.Generator,
     ) -> StepResult:
         """Serve one step of `dt` seconds in which these requests were admitted."""
-        capacity = self.spec.capacity_tokens_per_second
+        capacity = self.capacity
         work = prompt + output
         offered = float(work.sum()) / (capacity * dt)
         count = len(work)
@@ -112,23 +118,3 @@ class PoolModel:
         tpot = (1.0 + self.spec.decode_slowdown * utilization) / self.spec.decode_tokens_per_second
         e2e = ttft + output * tpot
         return StepResult(utilization, offered, self.backlog, ttft, e2e, timed_out)
-
-
-def max_good_utilization(model: PoolModel, slo_seconds: float, prefill_p99: float) -> float:
-    """The highest utilization at which this pool's p99 TTFT stays within the SLO: what an
-    oracle that knows the true capacity would admit up to (bisection on the model)."""
-
-    def p99(rho: float) -> float:
-        probability = model.wait_probability(rho)
-        wait = 0.0 if probability <= 0.01 else math.log(probability / 0.01) / model.tail_rate(rho)
-        return wait + prefill_p99
-
-    if p99(0.0) > slo_seconds:
-        return 0.0
-    low, high = 0.0, 1.0
-    if p99(_RHO_MAX) <= slo_seconds:
-        return _RHO_MAX
-    for _ in range(40):
-        middle = (low + high) / 2
-        low, high = (middle, high) if p99(middle) <= slo_seconds else (low, middle)
-    return low

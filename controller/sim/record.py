@@ -65,6 +65,12 @@ class RunRecord:
     tenant_requests: FloatArray = field(default_factory=lambda: np.empty((0, 0)))  # eligible
     tenant_admitted: FloatArray = field(default_factory=lambda: np.empty((0, 0)))
     tenant_good: FloatArray = field(default_factory=lambda: np.empty((0, 0)))
+    # Requests (not tokens) served within the SLO: the numerator of SLO attainment, whose
+    # denominator is tenant_requests (refusals and timeouts are misses).
+    tenant_good_requests: FloatArray = field(default_factory=lambda: np.empty((0, 0)))
+    held_back: FloatArray = field(default_factory=lambda: np.empty(0))  # well-behaved 429/shed
+    flap_times: list[float] = field(default_factory=list)  # seconds since start, every turn
+    knob_value: float | None = None  # a static sweep's value of the policy's knob
     limits: dict[str, FloatArray] = field(default_factory=dict)  # in force after the tick
     baselines: dict[str, float] = field(default_factory=dict)
     signals: dict[str, FloatArray] = field(default_factory=dict)
@@ -109,6 +115,8 @@ class RunRecord:
             tenant_requests=np.zeros((ticks, n)),
             tenant_admitted=np.zeros((ticks, n)),
             tenant_good=np.zeros((ticks, n)),
+            tenant_good_requests=np.zeros((ticks, n)),
+            held_back=np.zeros(ticks),
         )
 
     def series(self, table: dict[str, FloatArray], name: str) -> FloatArray:

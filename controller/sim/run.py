@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,13 +19,23 @@ from controller.daemon import redis_url
 from controller.gateway.prices import PriceTable, to_micro
 from controller.leader import AlwaysLeader
 from controller.loop import Controller, TickOutcome
-from controller.model import Address, LimitKind, ScalarSample, Scope, Validity, VectorSample
+from controller.model import (
+    Address,
+    FloatArray,
+    LimitKind,
+    ScalarSample,
+    Scope,
+    Validity,
+    VectorSample,
+)
 from controller.policy.baselines import Baselines
 from controller.policy.policyset import PolicySet
 from controller.reload import PolicyWatcher
 from controller.settings import JournalSettings, PricesSettings, RedisSettings, Settings
 from controller.sim.admission import AdmissionModel
-from controller.sim.pool import PoolModel, max_good_utilization
+from controller.sim.limiters import Gate
+from controller.sim.oracle import good_load
+from controller.sim.pool import PoolModel
 from controller.sim.record import OUTCOMES, TTFT_EDGES, Change, RunRecord, Transition
 from controller.sim.scenario import Pool, Scenario
 from controller.sim.series import SeriesStore
@@ -80,8 +90,10 @@ class Simulation:
         watcher: PolicyWatcher,
         client: redis.Redis[str],
         variant: str,
+        gate: Gate | None = None,
     ) -> None:
         self.scenario = scenario
+        self.gate = gate  # a gateway-side baseline (limiters.py), None: the limits in Redis
         self.world = world
         self.watcher = watcher
         policies = watcher.load()
@@ -96,15 +108,16 @@ class Simulation:
         self.pools = [PoolModel(p, _mean_work(world, p)) for p in scenario.pools]
         self._route = np.array([self._pool_of(t) for t in world.tenants], dtype=np.int64)
         self.capacity = sum(p.capacity_tokens_per_second for p in scenario.pools)
-        prompt_p99 = max(
-            min(t.size.prompt.max, t.size.prompt.median * math.exp(2.326 * t.size.prompt.sigma))
-            for t in world.tenants
-        )
+        # The oracle admits up to the load at which this very pool model meets the SLO.
         self.good_share = [
-            max_good_utilization(
-                m, scenario.slo.ttft_seconds, prompt_p99 / m.spec.prefill_tokens_per_second
+            good_load(
+                world,
+                p,
+                [t for t in world.tenants if self._route[t.index] == i],
+                scenario.slo.ttft_seconds,
+                scenario.step,
             )
-            for m in self.pools
+            for i, p in enumerate(scenario.pools)
         ]
         self.arrival_rng = np.random.default_rng([scenario.seed, 0])
         self.pool_rng = np.random.default_rng([scenario.seed, 2])
@@ -129,6 +142,7 @@ class Simulation:
         )
         self._flaps = FlapDetector(keep_all=True)  # every turn, for the scorecard
         self._served = np.zeros(len(self.pools))  # work served since the last scrape
+        self._written: Mapping[Address, float] = {}  # the limits in Redis after the last tick
         n = len(world.tenants)
         self._cost = np.zeros(n)
         self._prompt = np.zeros(n)
@@ -224,7 +238,8 @@ class Simulation:
         if not outcome.ready:
             record.errors.extend(f"tick {tick}: {r}" for r in outcome.reasons)
         limits = self.sink.read().actual
-        self.gateway.load(limits)
+        self._written = limits
+        self.gateway.load(limits if self.gate is None else self.gate.limits(limits))
         baselines = Baselines(self.policies, {t.name: t.plan for t in self.world.tenants})
         for address, value in limits.items():
             name = str(address)
@@ -239,7 +254,8 @@ class Simulation:
             base = baselines.value(change.address)
             old = change.old if change.old is not None else base
             new = change.new if change.new is not None else base
-            self._flaps.observe(change.address, old, new, self.now)
+            if self._flaps.observe(change.address, old, new, self.now):
+                record.flap_times.append(self.now - self.scenario.start_time)
         if outcome.evaluation is not None:
             for t in outcome.evaluation.transitions:
                 record.transitions.append(Transition(tick, t.policy, t.key, t.event))
@@ -283,6 +299,8 @@ class Simulation:
             record.outcomes[outcome][tick] += 1
             rids.append(rid)
             eligible[j] = outcome not in _CONTRACT_REFUSALS
+            if outcome in _HELD_BACK and self._good_tenant[tenant_ids[j]]:
+                record.held_back[tick] += 1
         allowed = np.array([rid is not None for rid in rids], dtype=bool)
         # Demand is what the tenant's own contract allows: a request its budget, its plan's
         # models or a size limit refuses is nobody's loss to control (402, 403, 400).
@@ -294,11 +312,15 @@ class Simulation:
         self.now = start + elapsed + dt
         served = 0.0
         routes = self._route[arrivals.tenant]
+        latencies: list[FloatArray] = []
+        up = 0.0
         for p, pool in enumerate(self.pools):
             routed = routes == p
             index = np.flatnonzero(allowed & routed)
+            pool.scale = self._capacity_scale(p, elapsed)
             result = pool.step(dt, arrivals.prompt[index], arrivals.output[index], self.pool_rng)
-            capacity = pool.spec.capacity_tokens_per_second
+            capacity = pool.capacity
+            up += capacity
             self._served[p] += result.utilization
             served += result.utilization * capacity
             offered_good = float(work[routed & good_request].sum())
@@ -306,12 +328,16 @@ class Simulation:
             ok = ~result.timed_out
             good = ok & (result.ttft <= self.scenario.slo.ttft_seconds) & good_request[index]
             record.timed_out[tick] += float(result.timed_out.sum())
-            record.ttft[tick] += np.histogram(result.ttft[ok], TTFT_EDGES)[0]
+            # A timed-out request counts at the timeout: it waited that long for nothing.
+            waited = np.where(ok, result.ttft, pool.spec.timeout_seconds)
+            record.ttft[tick] += np.histogram(waited, TTFT_EDGES)[0]
+            latencies.append(waited)
             admitted = work[index]
             record.admitted[tick] += float(admitted.sum())
             record.goodput[tick] += float(admitted[good].sum())
             np.add.at(record.tenant_admitted[tick], arrivals.tenant[index], admitted)
             np.add.at(record.tenant_good[tick], arrivals.tenant[index[good]], admitted[good])
+            np.add.at(record.tenant_good_requests[tick], arrivals.tenant[index[good]], 1.0)
             done = np.where(ok, result.e2e, pool.spec.timeout_seconds)
             prompt, output = arrivals.prompt[index].tolist(), arrivals.output[index].tolist()
             for k, j in enumerate(index.tolist()):
@@ -322,7 +348,12 @@ class Simulation:
                 heapq.heappush(
                     self._settles, (times[j] + float(done[k]), self._seq, rid, tenant_ids[j], *used)
                 )
-        record.utilization[tick] += served / self.capacity
+        record.utilization[tick] += served / up  # the busy share of the GPUs up
+        # The gateway's own latency samples, as an adaptive concurrency limiter sees them.
+        gate = self.gate
+        if gate is not None and latencies and gate.observe(np.concatenate(latencies),
+                                                           len(self._settles)):  # fmt: skip
+            self.gateway.load(gate.limits(self._written))
         step_index = round((elapsed + dt) / self.scenario.step)
         if step_index % round(self.scenario.scrape_interval / self.scenario.step) == 0:
             self._settle_until(self.now)
@@ -382,7 +413,8 @@ class Simulation:
         for p, pool in enumerate(self.scenario.pools):
             busy = 100.0 * self._served[p] / steps
             if not self._outage("DCGM_FI_DEV_GPU_UTIL", elapsed):
-                for gpu in range(pool.gpus):
+                # A GPU that is down stops reporting (its last sample goes stale).
+                for gpu in range(max(1, round(pool.gpus * self.pools[p].scale))):
                     labels = {"pool": pool.name, "gpu": str(gpu)}
                     self.store.record("DCGM_FI_DEV_GPU_UTIL", labels, at, busy)
             if not self._outage("inference_queue_backlog_tokens", elapsed):
@@ -409,6 +441,15 @@ class Simulation:
                         float(self._requests[i, o]),
                     )
 
+    def _capacity_scale(self, pool: int, elapsed: float) -> float:
+        """The share of a pool's GPUs up: the product of the `capacity` events acting on it."""
+        scale = 1.0
+        name = self.scenario.pools[pool].name
+        for e in self.scenario.events:
+            if e.kind == "capacity" and e.at <= elapsed < e.end and e.pool in ("", name):
+                scale *= e.factor
+        return scale
+
     def _outage(self, metric: str, elapsed: float) -> bool:
         return any(
             e.kind == "signal_outage" and e.at <= elapsed < e.end and metric.startswith(e.metric)
@@ -432,6 +473,7 @@ class Simulation:
 
 _OUTCOME_INDEX = {o: i for i, o in enumerate(OUTCOMES)}
 _CONTRACT_REFUSALS = frozenset({"budget_exhausted", "too_large", "model_not_allowed"})
+_HELD_BACK = frozenset({"rate_limited", "shed"})  # control refusals: demand held back
 
 
 def _mean_work(world: World, pool: Pool) -> float:

@@ -69,10 +69,13 @@ class TenantGroup(Strict):
 class Event(Strict):
     """Something that happens during the run."""
 
-    kind: Literal["burst", "runaway", "ddos", "signal_outage"]
+    kind: Literal["burst", "runaway", "ddos", "signal_outage", "capacity"]
     at: Duration
     duration: Duration = Field(gt=0)
-    factor: float = Field(5.0, gt=0, description="burst/runaway: rate multiplier")
+    factor: float = Field(
+        5.0, gt=0, description="burst/runaway: rate multiplier; capacity: share of GPUs up"
+    )
+    pool: str = Field("", description="capacity: the pool that loses GPUs (empty: every pool)")
     tenants: list[str] = Field(
         default_factory=list,
         description="burst: tenant or group names (empty: every well-behaved tenant); "

@@ -11,9 +11,9 @@ import numpy as np
 from controller.sim.record import RunRecord, p99
 
 UTILIZATION_MARGIN = 0.05
-# Jain's index over tenants with at least this many requests in the window: a tenant that
-# sent three requests has a served share of 0, 1/3, 2/3 or 1 by chance alone.
-FAIRNESS_MIN_REQUESTS = 30
+# The shipped runaway policy's `for: 5m` (20 ticks of 15 s) plus 2 ticks, counted from the
+# runaway's start: the goal the design set, no longer counted from when the policy engaged.
+THROTTLE_GOAL_TICKS = 22.0
 
 
 @dataclass(frozen=True)
@@ -27,7 +27,7 @@ class Goal:
 
     def met(self, value: float | None) -> bool | None:
         if value is None or (isinstance(value, float) and math.isnan(value)):
-            return None if self.figure in ("throttle_after_for_ticks", "jain") else False
+            return None if self.figure == "jain" else False
         return value <= self.bound if self.check == "le" else value >= self.bound
 
 
@@ -35,35 +35,44 @@ GOALS = (
     Goal("p99_increase", "p99 TTFT ≤ +15% over the no-overload baseline", "le", 0.15),
     Goal("utilization_within", "utilization ≤ target + 5% on ≥ 95% of ticks", "ge", 0.95),
     Goal("goodput_ratio", "goodput ≥ 90% of the oracle", "ge", 0.90),
-    Goal("flaps_per_hour", "≤ 2 flaps per hour", "le", 2.0),
-    Goal("settling_ticks", "settles within 3 ticks", "le", 3.0),
-    Goal("throttle_after_for_ticks", "runaway throttled ≤ 2 ticks after its `for:`", "le", 2.0),
-    Goal("jain", "Jain fairness among well-behaved tenants ≥ 0.95", "ge", 0.95),
+    Goal("flaps_per_hour", "≤ 2 flaps per hour of the window", "le", 2.0),
+    Goal("settling_ticks", "settles (within ±5% of target) within 3 ticks", "le", 3.0),
+    Goal("recovery_ticks", "settles again within 3 ticks of the disturbance's end", "le", 3.0),
+    Goal(
+        "throttle_ticks", "runaway throttled ≤ 22 ticks from its start", "le", THROTTLE_GOAL_TICKS
+    ),
+    Goal("jain", "Jain fairness over every well-behaved tenant ≥ 0.95", "ge", 0.95),
     Goal("budget_overrun", "no token spent beyond a daily budget", "le", 0.0),
 )
 
 
 @dataclass(frozen=True)
 class Scorecard:
-    """Figures of one run over the scenario's disturbance window (the whole run if none)."""
+    """Figures of one run over the scenario's disturbance window (the whole run if none);
+    docs/simulator.md defines each one."""
 
     variant: str
     window: tuple[float, float]  # seconds since start
-    p99_ttft: float  # seconds, over the window
+    attainment: float  # the headline: well-behaved requests served within the SLO / offered
+    p99_ttft: float  # seconds, admitted requests, a timeout counted at the timeout
     baseline_p99_ttft: float
     p99_increase: float  # p99 / baseline − 1
     utilization_mean: float
     utilization_within: float  # share of ticks with utilization ≤ target + 5%
     goodput_ratio: float  # Σ goodput / Σ oracle
-    flaps_per_hour: float
+    flaps_per_hour: float  # turns in the window per hour of the window
     settling_ticks: int | None  # None: never settled within the window
+    recovery_ticks: int | None  # None: never settled after the window (or no time after it)
     budget_overrun: float  # tokens
-    jain: float | None  # None: fewer than two well-behaved tenants with traffic
-    throttle_ticks: int | None  # runaway: event start → its limit below baseline
-    throttle_after_for_ticks: int | None  # runaway: engaged → its limit below baseline
+    jain: float | None  # None: fewer than two well-behaved tenants with demand
+    worst_share: float | None  # the worst-off well-behaved tenant's good work / demand
+    throttle_ticks: int | None  # runaway: its start → a limit of its own below baseline
+    runaway_attainment: float | None  # the others' attainment from its start until then
     timed_out: int
     errors: int
     has_runaway: bool = False
+    has_after: bool = False  # ticks after the window exist (recovery is measurable)
+    knob_value: float | None = None  # static sweep: the value found best in hindsight
 
     def figures(self) -> dict[str, object]:
         return asdict(self)
@@ -73,7 +82,9 @@ class Scorecard:
         out: dict[str, bool | None] = {}
         for goal in GOALS:
             value = getattr(self, goal.figure)
-            if goal.figure.startswith("throttle") and not self.has_runaway:
+            if (goal.figure == "throttle_ticks" and not self.has_runaway) or (
+                goal.figure == "recovery_ticks" and not self.has_after
+            ):
                 out[goal.figure] = None
                 continue
             out[goal.figure] = goal.met(None if value is None else float(value))
@@ -90,14 +101,23 @@ def window_ticks(record: RunRecord) -> tuple[int, int]:
     return first, min(last, record.ticks)
 
 
+def settled(record: RunRecord) -> np.ndarray:
+    """Per tick: utilization within ±5% of the target, or below it while no well-behaved
+    request was held back (the demand itself is lower: nothing to loosen)."""
+    u = record.utilization
+    band = np.abs(u - record.target) <= UTILIZATION_MARGIN + 1e-12
+    idle = (u < record.target) & (record.held_back == 0)
+    return np.asarray(band | idle)
+
+
 def settling(record: RunRecord, first: int, last: int) -> int | None:
-    """Ticks from the window's start until utilization stays ≤ target + 5% to its end."""
-    ok = record.utilization[first:last] <= record.target + UTILIZATION_MARGIN + 1e-12
+    """Ticks from `first` until the run stays settled (both directions) up to `last`."""
+    ok = settled(record)[first:last]
     if ok.all():
         return 0
     bad = np.flatnonzero(~ok)
-    settled = int(bad[-1]) + 1
-    return settled if settled < last - first else None
+    done = int(bad[-1]) + 1
+    return done if done < last - first else None
 
 
 def jain_index(values: np.ndarray) -> float | None:
@@ -108,30 +128,54 @@ def jain_index(values: np.ndarray) -> float | None:
     return float(values.sum() ** 2 / (len(values) * squares)) if squares > 0 else None
 
 
-def _fairness(record: RunRecord, first: int, last: int) -> float | None:
+def _good_tenants(record: RunRecord) -> np.ndarray:
+    return np.array(
+        [t.well_behaved and t.index not in record.runaway for t in record.tenants], dtype=bool
+    )
+
+
+def attainment(record: RunRecord, first: int, last: int) -> float:
+    """Well-behaved requests served within the SLO over those they offered (a refusal by
+    the controller, a shed or a timeout is a miss; NaN when they offered none)."""
+    good = _good_tenants(record)
+    offered = float(record.tenant_requests[first:last, good].sum())
+    served = float(record.tenant_good_requests[first:last, good].sum())
+    return served / offered if offered else math.nan
+
+
+def fairness(record: RunRecord, first: int, last: int) -> tuple[float | None, float | None]:
+    """Jain's index over every well-behaved tenant with demand in the window, x = its good
+    work / its demand; and the smallest x (the worst-off tenant)."""
     offered = record.tenant_offered[first:last].sum(axis=0)
-    requests = record.tenant_requests[first:last].sum(axis=0)
     good = record.tenant_good[first:last].sum(axis=0)
-    chosen = [
-        t.index
-        for t in record.tenants
-        if t.well_behaved
-        and t.index not in record.runaway
-        and requests[t.index] >= FAIRNESS_MIN_REQUESTS
-    ]
-    return jain_index(good[chosen] / offered[chosen]) if chosen else None
+    chosen = _good_tenants(record) & (offered > 0)
+    if not chosen.any():
+        return None, None
+    shares = good[chosen] / offered[chosen]
+    return jain_index(shares), float(shares.min())
 
 
-def _throttle(record: RunRecord) -> tuple[int | None, int | None]:
-    """For the first runaway tenant: ticks until a limit of its own was below its baseline
-    (or 0) from the event's start, and from the tick a policy engaged for it."""
-    runaways = [(kind, a) for kind, a, _ in record.events if kind == "runaway"]
+def _throttle(record: RunRecord) -> tuple[int | None, float | None]:
+    """For the first runaway tenant: ticks from the event's start until a limit of its own
+    was below its baseline (or 0), and the others' attainment from its start until then (or
+    until its end, when never throttled)."""
+    runaways = [(a, b) for kind, a, b in record.events if kind == "runaway"]
     if not record.runaway or not runaways:
         return None, None
     name = record.tenants[record.runaway[0]].name
-    start = math.floor(runaways[0][1] / record.tick_seconds)
-    prefix = f"tenant/{name}/"
-    throttled: int | None = None
+    start = math.floor(runaways[0][0] / record.tick_seconds)
+    end = min(math.ceil(runaways[0][1] / record.tick_seconds), record.ticks)
+    throttled = _first_below(record, f"tenant/{name}/", start)
+    until = end if throttled is None else throttled
+    meanwhile = attainment(record, start, until) if until > start else math.nan
+    return (None if throttled is None else throttled - start), (
+        None if math.isnan(meanwhile) else meanwhile
+    )
+
+
+def _first_below(record: RunRecord, prefix: str, start: int) -> int | None:
+    """The first tick from `start` at which a limit under `prefix` is 0 or below baseline."""
+    found: int | None = None
     for address, values in record.limits.items():
         if not address.startswith(prefix):
             continue
@@ -141,47 +185,49 @@ def _throttle(record: RunRecord) -> tuple[int | None, int | None]:
         )
         if len(below):
             tick = start + int(below[0])
-            throttled = tick if throttled is None else min(throttled, tick)
-    engaged = [
-        t.tick
-        for t in record.transitions
-        if t.key == name and t.event in ("engaged", "stale-engaged") and t.tick >= start
-    ]
-    if throttled is None:
-        return None, None
-    after = throttled - engaged[0] if engaged else None
-    return throttled - start, after
+            found = tick if found is None else min(found, tick)
+    return found
+
+
+def _flaps_per_hour(record: RunRecord, first: int, last: int) -> float:
+    low, high = first * record.tick_seconds, last * record.tick_seconds
+    hours = (high - low) / 3600.0
+    turns = sum(1 for t in record.flap_times if low <= t < high)
+    return turns / hours if hours else 0.0
 
 
 def score(record: RunRecord, baseline: RunRecord) -> Scorecard:
     """The scorecard of `record`, its latency judged against `baseline` (the same world with
-    no event) over the same window."""
+    no overload) over the same window."""
     first, last = window_ticks(record)
     latency = p99(record.ttft[first:last].sum(axis=0))
     reference = p99(baseline.ttft[first:last].sum(axis=0))
     utilization = record.utilization[first:last]
     oracle = float(record.oracle[first:last].sum())
-    throttle, after = _throttle(record)
-    hours = record.ticks * record.tick_seconds / 3600.0
-    card = Scorecard(
+    throttle, meanwhile = _throttle(record)
+    jain, worst = fairness(record, first, last)
+    within = utilization <= record.target + UTILIZATION_MARGIN + 1e-12
+    return Scorecard(
         variant=record.variant,
         window=(first * record.tick_seconds, last * record.tick_seconds),
+        attainment=attainment(record, first, last),
         p99_ttft=latency,
         baseline_p99_ttft=reference,
         p99_increase=latency / reference - 1.0 if reference > 0 else math.nan,
         utilization_mean=float(utilization.mean()) if len(utilization) else math.nan,
-        utilization_within=float((utilization <= record.target + UTILIZATION_MARGIN + 1e-12).mean())
-        if len(utilization)
-        else math.nan,
+        utilization_within=float(within.mean()) if len(utilization) else math.nan,
         goodput_ratio=float(record.goodput[first:last].sum()) / oracle if oracle else math.nan,
-        flaps_per_hour=record.flaps / hours if hours else 0.0,
+        flaps_per_hour=_flaps_per_hour(record, first, last),
         settling_ticks=settling(record, first, last),
+        recovery_ticks=settling(record, last, record.ticks) if last < record.ticks else None,
         budget_overrun=record.budget_overrun,
-        jain=_fairness(record, first, last),
+        jain=jain,
+        worst_share=worst,
         throttle_ticks=throttle,
-        throttle_after_for_ticks=after,
+        runaway_attainment=meanwhile,
         timed_out=int(record.timed_out.sum()),
         errors=len(record.errors),
         has_runaway=bool(record.runaway),
+        has_after=last < record.ticks,
+        knob_value=record.knob_value,
     )
-    return card

@@ -1,10 +1,15 @@
-"""The controllers compared in one run: the given policies, static limits, plain AIMD."""
+"""The controllers compared in one run: the given policies and the baselines on the policy's own
+knob (static sweep, AIMD), a gradient concurrency limiter and no limit (docs/simulator.md)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from controller.errors import PolicyError
+from controller.model import Address
 from controller.policy.baselines import Baselines
 from controller.policy.documents import AdaptiveLimit, DocumentFile, Limits, Plan
 from controller.policy.policyset import PolicySet
@@ -12,6 +17,25 @@ from controller.reload import Confirmations, PolicyWatcher, ReloadOutcome
 from controller.sim.scenario import PlainAimd
 
 POLICIES, STATIC, AIMD = "policies", "static", "plain-aimd"
+GRADIENT, NO_LIMIT = "gradient", "no-limit"
+SWEEP_POINTS = 6  # static values tried, evenly over the knob's bounds
+
+
+@dataclass(frozen=True)
+class Knob:
+    """The limit a policy set moves and how: what the AIMD and static baselines move too."""
+
+    target: Address
+    signal: str
+    increase: float
+    decrease_factor: float
+    low: float
+    high: float
+    source: str  # "AdaptiveLimit/<name>", or the scenario's plain_aimd when there is none
+
+    def sweep(self, points: int = SWEEP_POINTS) -> list[float]:
+        """The static values tried in hindsight: evenly spaced over the bounds."""
+        return [float(v) for v in np.linspace(self.low, self.high, points)]
 
 
 class FixedPolicies(PolicyWatcher):
@@ -35,10 +59,17 @@ def static_limits(policies: PolicySet) -> PolicySet:
     return PolicySet.from_documents(kept, version=f"static-{policies.version}")
 
 
-def plain_aimd(policies: PolicySet, spec: PlainAimd, setpoint: float) -> PolicySet:
-    """The static set plus one textbook AIMD on `spec.target`: no band, no stabilization,
-    no step limits; its bounds default to the Limits floor/ceiling, else 5%–100% of the
-    baseline."""
+def policy_knob(policies: PolicySet, spec: PlainAimd) -> Knob:
+    """The first AIMD AdaptiveLimit's target, signal, gains and bounds; without one, the
+    scenario's `plain_aimd` (its bounds default to the Limits floor/ceiling, else 5%–100% of
+    the baseline, its increase to 5% of the baseline)."""
+    for adaptive in policies.adaptives:
+        aimd = adaptive.spec.aimd
+        if adaptive.spec.algorithm == "aimd" and aimd is not None:
+            bounds = adaptive.spec.bounds
+            return Knob(adaptive.spec.target, adaptive.spec.signal.query, aimd.increase,
+                        aimd.decrease_factor, bounds.min, bounds.max,
+                        f"AdaptiveLimit/{adaptive.metadata.name}")  # fmt: skip
     base = static_limits(policies)
     baseline = Baselines(base, {}).value(spec.target)
     floors, ceilings = base.limits.spec.floors, base.limits.spec.ceilings
@@ -50,21 +81,29 @@ def plain_aimd(policies: PolicySet, spec: PlainAimd, setpoint: float) -> PolicyS
     reference = baseline if baseline is not None else float(spec.max or 1.0)
     high = spec.max or ceilings.get(spec.target) or reference
     low = spec.min if spec.min is not None else floors.get(spec.target, 0.05 * reference)
+    return Knob(spec.target, spec.signal, spec.increase or 0.05 * reference,
+                spec.decrease_factor, min(low, high), high, "scenario plain_aimd")  # fmt: skip
+
+
+def plain_aimd(policies: PolicySet, knob: Knob, setpoint: float) -> PolicySet:
+    """The static set plus one textbook AIMD on the knob with its gains and bounds: no band,
+    no stabilization, no step limits."""
+    base = static_limits(policies)
     document = {
         "apiVersion": "governor/v1",
         "kind": "AdaptiveLimit",
         "metadata": {"name": "plain-aimd", "description": "textbook AIMD, for comparison"},
         "spec": {
-            "target": str(spec.target),
-            "signal": {"name": "utilization", "query": spec.signal, "stale_after": "60s"},
+            "target": str(knob.target),
+            "signal": {"name": "utilization", "query": knob.signal, "stale_after": "60s"},
             "setpoint": setpoint,
             "algorithm": "aimd",
             "aimd": {
-                "increase": spec.increase or 0.05 * reference,
-                "decrease_factor": spec.decrease_factor,
+                "increase": knob.increase,
+                "decrease_factor": knob.decrease_factor,
                 "tolerance": 0,
             },
-            "bounds": {"min": min(low, high), "max": high},
+            "bounds": {"min": knob.low, "max": knob.high},
             "behavior": {"tighten": {"stabilization": "0s"}, "loosen": {"stabilization": "0s"}},
         },
     }

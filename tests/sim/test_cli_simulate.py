@@ -22,7 +22,14 @@ def test_simulate_a_short_scenario(short_scenario: Path, tmp_path: Path) -> None
     assert result.exit_code == 0, result.output
     payload = json.loads(result.stdout)
     assert payload["scenario"] == "short"
-    assert set(payload["scorecards"]) == {"policies", "static", "plain-aimd"}
+    assert set(payload["scorecards"]) == {
+        "policies",
+        "static",
+        "plain-aimd",
+        "gradient",
+        "no-limit",
+    }
+    assert payload["scorecards"]["static"]["knob_value"] in (10, 20, 30, 40, 50, 60)
     for card in payload["scorecards"].values():
         assert 0 <= card["utilization_within"] <= 1
         assert card["budget_overrun"] == 0

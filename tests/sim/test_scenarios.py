@@ -17,7 +17,10 @@ from tests.sim.conftest import AZURE_CONV
 
 def test_the_shipped_scenarios_load() -> None:
     names = scenario_names()
-    assert {"burst-5x", "runaway-tenant", "ddos", "diurnal", "azure-conv-3x", "demo"} <= set(names)
+    assert {
+        "burst-5x", "runaway-tenant", "ddos", "diurnal", "azure-conv-3x", "demo",
+        "capacity-lost", "mixed-burst", "slow-scrape", "burst-5x-small", "burst-5x-large",
+    } <= set(names)  # fmt: skip
     for name in names:
         scenario = load_scenario(name)
         assert scenario.ticks > 0

@@ -37,10 +37,14 @@ def run() -> RunRecord:
     record.tenant_offered[2:6, 0] = 100
     record.tenant_offered[2:6, 1] = 100
     record.tenant_offered[2:6, 3] = 100  # the attacker: never counted
-    record.tenant_requests[2:6, :] = 10  # 40 each in the window (≥ 30)
+    record.tenant_requests[2:6, :] = 10  # 40 each in the window
+    record.tenant_good_requests[2:6, 0] = 10  # t0: all 40 within the SLO
+    record.tenant_good_requests[2:6, 1] = 5  # t1: 20 of 40
     record.tenant_good[2:6, 0] = 100  # share 1
     record.tenant_good[2:6, 1] = 50  # share 0.5
+    record.held_back[2:4] = 7  # requests refused while hot
     record.flaps = 3
+    record.flap_times = [10.0, 40.0, 60.0, 75.0, 120.0]  # three inside the window [30, 90)
     record.budget_overrun = 0.0
     record.limits["tenant/t2/tokens_per_minute"] = np.array(
         [np.nan, np.nan, np.nan, 1e5, 1e5, 25e3, 25e3, 25e3, 25e3, 25e3]
@@ -66,15 +70,25 @@ def test_every_figure(run: RunRecord, baseline: RunRecord) -> None:
     assert card.utilization_mean == pytest.approx((0.9 + 0.9 + 0.8 + 0.7) / 4)
     assert card.utilization_within == pytest.approx(0.5)  # 0.8 and 0.7 of four ticks
     assert card.goodput_ratio == pytest.approx(100 / 160)
-    assert card.settling_ticks == 2  # within target + 5% from the window's third tick on
-    assert card.flaps_per_hour == pytest.approx(3 / (150 / 3600))  # 72
+    # Requests, not tokens: t0 40 of 40, t1 20 of 40; t2 (the runaway) and t3 (the
+    # attacker) are not well-behaved and not counted.
+    assert card.attainment == pytest.approx(60 / 80)
+    # 0.9, 0.9 out of the ±5% band; 0.8 in it; 0.7 below it with nothing held back.
+    assert card.settling_ticks == 2
+    # After the window 0.5 is below the band, but nothing is held back there: settled.
+    assert card.recovery_ticks == 0
+    assert card.flaps_per_hour == pytest.approx(3 / (60 / 3600))  # turns in the window only
+    # Every well-behaved tenant with demand: t0 share 1, t1 share 0.5.
     assert card.jain == pytest.approx(1.5**2 / (2 * (1 + 0.25)))  # 0.9
+    assert card.worst_share == pytest.approx(0.5)
     assert card.throttle_ticks == 3  # limit below baseline at tick 5, event at tick 2
-    assert card.throttle_after_for_ticks == 1  # engaged at tick 4
+    # Others' attainment from the runaway's start (tick 2) to its throttling (tick 5).
+    assert card.runaway_attainment == pytest.approx(45 / 60)
     verdicts = card.verdicts()
     assert verdicts["utilization_within"] is False
     assert verdicts["settling_ticks"] is True
-    assert verdicts["throttle_after_for_ticks"] is True
+    assert verdicts["recovery_ticks"] is True
+    assert verdicts["throttle_ticks"] is True
     assert verdicts["jain"] is False
     assert verdicts["budget_overrun"] is True
     assert verdicts["flaps_per_hour"] is False
@@ -86,8 +100,36 @@ def test_a_run_that_never_settles_or_throttles(run: RunRecord, baseline: RunReco
     card = score(run, baseline)
     assert card.settling_ticks is None
     assert card.throttle_ticks is None
-    assert card.throttle_after_for_ticks is None
+    # Never throttled: the others' attainment over the whole runaway (ticks 2..5).
+    assert card.runaway_attainment == pytest.approx(60 / 80)
     assert card.verdicts()["settling_ticks"] is False
+    assert card.verdicts()["throttle_ticks"] is False
+
+
+def test_held_back_below_the_band_is_not_settled(run: RunRecord, baseline: RunRecord) -> None:
+    # Below the band while the controller refuses well-behaved requests: it holds back
+    # demand it could serve, so it has not settled (the other direction of settling).
+    run.utilization[6:] = 0.5
+    run.held_back[7] = 3
+    card = score(run, baseline)
+    assert card.recovery_ticks == 2  # tick 7 held back; settled from tick 8 on
+    run.held_back[9] = 1
+    assert score(run, baseline).recovery_ticks is None  # still holding back at the end
+
+
+def test_a_small_tenant_counts_in_fairness(run: RunRecord, baseline: RunRecord) -> None:
+    # A tenant with one request is a well-behaved tenant too: served none, its share is 0.
+    run.tenants[2] = _tenant(2)  # no longer the runaway's index in this check
+    run.runaway = []
+    run.events = [("burst", 30.0, 90.0)]
+    run.tenant_requests[2:6, 2] = 0
+    run.tenant_requests[3, 2] = 1
+    run.tenant_offered[2:6, 2] = 0
+    run.tenant_offered[3, 2] = 500
+    card = score(run, baseline)
+    assert card.worst_share == 0.0
+    assert card.jain == pytest.approx(1.5**2 / (3 * (1 + 0.25)))  # 0.6
+    assert card.attainment == pytest.approx(60 / 81)
 
 
 def test_jain_index() -> None:

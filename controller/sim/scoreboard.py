@@ -1,0 +1,260 @@
+"""Many seeds of many scenarios: every variant's scorecards, their median and worst seed, goals
+judged on the worst seed, and the markdown of docs/control-quality.md (generated, never edited)."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import math
+import multiprocessing
+import statistics
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from controller.logging import configure_logging
+from controller.sim.compare import SCORED, compare
+from controller.sim.scenario import Scenario
+from controller.sim.scorecard import GOALS, Scorecard
+from controller.sim.trace import TraceData
+
+
+@dataclass(frozen=True)
+class Figure:
+    """A column of the table: the scorecard field, its label, its format, which way is worse."""
+
+    name: str
+    label: str
+    pattern: str
+    worse: str  # "low" or "high"
+
+
+FIGURES = (
+    Figure("attainment", "SLO attainment", "{:.1%}", "low"),
+    Figure("p99_ttft", "p99 TTFT s", "{:.2f}", "high"),
+    Figure("p99_increase", "p99 vs no-overload", "{:+.0%}", "high"),
+    Figure("goodput_ratio", "goodput / oracle", "{:.0%}", "low"),
+    Figure("jain", "Jain", "{:.3f}", "low"),
+    Figure("worst_share", "worst-off share", "{:.0%}", "low"),
+    Figure("utilization_within", "ticks ≤ target+5%", "{:.0%}", "low"),
+    Figure("flaps_per_hour", "flaps/h", "{:.1f}", "high"),
+    Figure("settling_ticks", "settling ticks", "{:.0f}", "high"),
+    Figure("recovery_ticks", "recovery ticks", "{:.0f}", "high"),
+    Figure("throttle_ticks", "runaway throttled ticks", "{:.0f}", "high"),
+    Figure("runaway_attainment", "others' attainment meanwhile", "{:.1%}", "low"),
+    Figure("knob_value", "static value", "{:g}", "high"),
+)
+_NEVER = ("settling_ticks", "recovery_ticks", "throttle_ticks")  # None there means "never"
+
+
+def value(card: Scorecard, figure: str) -> float | None:
+    """A figure as a number: None when it does not apply, +inf for "never"."""
+    raw = getattr(card, figure)
+    applies = {
+        "recovery_ticks": card.has_after,
+        "throttle_ticks": card.has_runaway,
+        "runaway_attainment": card.has_runaway,
+    }.get(figure, True)
+    if not applies:
+        return None
+    if raw is None:
+        return math.inf if figure in _NEVER else None
+    number = float(raw)
+    return None if math.isnan(number) else number
+
+
+def median_and_worst(values: Sequence[float], worse: str) -> tuple[float, float]:
+    worst = max(values) if worse == "high" else min(values)
+    return statistics.median(values), worst
+
+
+@dataclass
+class Board:
+    """Scenario name → variant → one scorecard per seed (in seed order)."""
+
+    seeds: list[int]
+    policies: Path
+    cards: dict[str, dict[str, list[Scorecard]]] = field(default_factory=dict)
+    descriptions: dict[str, str] = field(default_factory=dict)
+
+    def summary(self, scenario: str, variant: str, figure: Figure) -> tuple[float, float] | None:
+        found = [value(c, figure.name) for c in self.cards[scenario][variant]]
+        numbers = [v for v in found if v is not None]
+        return median_and_worst(numbers, figure.worse) if numbers else None
+
+    def verdicts(self, scenario: str, variant: str) -> dict[str, bool | None]:
+        """Each goal judged on the worst seed (None: not applicable)."""
+        out: dict[str, bool | None] = {}
+        for goal in GOALS:
+            figure = Figure(goal.figure, "", "", "high" if goal.check == "le" else "low")
+            found = self.summary(scenario, variant, figure)
+            out[goal.figure] = None if found is None else goal.met(found[1])
+        return out
+
+
+def _cell(found: tuple[float, float] | None, pattern: str) -> str:
+    if found is None:
+        return "—"
+
+    def show(number: float) -> str:
+        return "never" if math.isinf(number) else pattern.format(number)
+
+    median, worst = found
+    return show(median) if median == worst else f"{show(median)} / {show(worst)}"
+
+
+def table(board: Board, scenario: str) -> list[str]:
+    """One markdown table: a row per variant, a column per figure, `median / worst`."""
+    used = [
+        f
+        for f in FIGURES
+        if any(board.summary(scenario, v, f) is not None for v in board.cards[scenario])
+    ]
+    lines = [
+        "| variant | " + " | ".join(f.label for f in used) + " |",
+        "|---|" + "---|" * len(used),
+    ]
+    for variant in board.cards[scenario]:
+        cells = [_cell(board.summary(scenario, variant, f), f.pattern) for f in used]
+        lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def goal_table(board: Board, scenario: str) -> list[str]:
+    """Each goal × variant, judged on the worst seed."""
+    variants = list(board.cards[scenario])
+    lines = [
+        "| goal (worst seed) | " + " | ".join(variants) + " |",
+        "|---|" + "---|" * len(variants),
+    ]
+    verdicts = {v: board.verdicts(scenario, v) for v in variants}
+    for goal in GOALS:
+        row = [{True: "✓", False: "✗", None: "—"}[verdicts[v][goal.figure]] for v in variants]
+        if any(mark != "—" for mark in row):
+            lines.append(f"| {goal.text} | " + " | ".join(row) + " |")
+    return lines
+
+
+def render(board: Board) -> str:
+    """The scoreboard as printed and as docs/control-quality.md's generated part."""
+    parts = [
+        f"{len(board.seeds)} seeds per scenario (its own seed + 0 … {board.seeds[-1]}); "
+        f"policies: `{board.policies}`. Each cell: median / worst seed (one value when they "
+        "agree). Goals are judged on the worst seed.",
+        "",
+    ]
+    for scenario in board.cards:
+        parts += [f"### {scenario}", "", board.descriptions.get(scenario, ""), ""]
+        parts += [*table(board, scenario), "", *goal_table(board, scenario), ""]
+    return "\n".join(parts)
+
+
+def score_seed(scenario: Scenario, policies: Path, trace: TraceData | None) -> dict[str, Scorecard]:
+    """Every variant's scorecard for one scenario and seed, all runs in this process."""
+    return compare(scenario, policies, trace=trace, workers=0).cards
+
+
+def run_board(
+    scenarios: Sequence[tuple[Scenario, TraceData | None]],
+    policies: Path,
+    seeds: int,
+    workers: int = 2,
+    progress: Callable[[str], None] | None = None,
+) -> Board:
+    """Every scenario on `seeds` seeds (the scenario's own seed, +1, ...), one (scenario,
+    seed) per task in `workers` processes (0: here, one after the other); `progress` hears
+    of each one done."""
+    offsets = list(range(seeds))
+    board = Board(seeds=offsets, policies=policies)
+    units = [
+        (s.model_copy(update={"seed": s.seed + k}), trace)
+        for s, trace in scenarios
+        for k in offsets
+    ]
+    # The longest simulations first, so that no worker is left alone with one at the end.
+    units.sort(key=lambda u: -u[0].duration / u[0].step)
+    for scenario, _ in scenarios:
+        board.cards[scenario.name] = {v: [] for v in SCORED}
+        board.descriptions[scenario.name] = scenario.description
+    if workers > 0:
+        context = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(
+            workers, mp_context=context, initializer=configure_logging,
+            initargs=("warning", "stderr"),
+        ) as pool:  # fmt: skip
+            futures = [pool.submit(score_seed, s, policies, t) for s, t in units]
+            results = [_told(f.result(), u[0], k, len(units), progress)
+                       for k, (f, u) in enumerate(zip(futures, units, strict=True))]  # fmt: skip
+    else:
+        results = [
+            _told(score_seed(s, policies, t), s, k, len(units), progress)
+            for k, (s, t) in enumerate(units)
+        ]
+    # Seed order within each scenario, whatever order they ran in.
+    for (scenario, _), cards in sorted(
+        zip(units, results, strict=True), key=lambda r: r[0][0].seed
+    ):
+        for variant, card in cards.items():
+            board.cards[scenario.name][variant].append(card)
+    return board
+
+
+def _told(
+    cards: dict[str, Scorecard], scenario: Scenario, k: int, total: int,
+    progress: Callable[[str], None] | None,
+) -> dict[str, Scorecard]:  # fmt: skip
+    if progress is not None:
+        progress(f"scored {scenario.name} seed {scenario.seed} ({k + 1}/{total})")
+    return cards
+
+
+DOCUMENT_HEAD = """# Control quality: the scoreboard
+
+<!-- Generated by `governor simulate --all --seeds {seeds} --markdown docs/control-quality.md`
+     from the runs; do not edit by hand: run the command again. -->
+
+Measured with the closed-loop simulator (`docs/simulator.md`, which defines every figure):
+the real engine, resolver, Redis sink and journal on a simulated clock, a gateway model with
+the admission scripts' semantics, and a GPU pool model. Every scenario runs on {seeds} seeds;
+on each seed the policies and every baseline see the same arrivals:
+
+- **policies**: the policy directory given (`{policies}`);
+- **static**: the best static value in hindsight of the policies' own knob (the first AIMD
+  AdaptiveLimit's target), a sweep over its bounds per scenario and seed, the best SLO
+  attainment kept; the value found is in the last column;
+- **plain-aimd**: AIMD on the same knob with the policy's own gains and bounds, every tick,
+  no band, no stabilization;
+- **gradient**: a global concurrency limit adapted like Netflix concurrency-limits'
+  Gradient2 from the latency the gateway sees;
+- **no-limit**: the gateway admits everything.
+
+The headline is **SLO attainment**: the share of the well-behaved tenants' requests served
+within the TTFT SLO (a refusal or a timeout is a miss). Goals are judged on the **worst
+seed**; a goal no variant can meet in a scenario is still shown as missed. The scenarios were
+written before any policy was scored against them and are not tuned to any policy.
+
+Reproduce: `governor simulate --all --seeds {seeds} --markdown docs/control-quality.md`
+(one scenario: `governor simulate burst-5x --seeds {seeds}`).
+
+## Results
+
+"""
+
+DOCUMENT_TAIL = """
+## Credits
+
+Request sizes and the `azure-conv-3x` traffic: the Azure LLM inference trace 2023,
+published by Microsoft (AzurePublicDataset) under CC BY 4.0 — Pratyush Patel, Esha Choukse,
+Chaojie Zhang, Aashaka Shah, Íñigo Goiri, Saeed Maleki, Ricardo Bianchini. "Splitwise:
+Efficient generative LLM inference using phase splitting", ISCA 2024.
+"""
+
+
+def document(board: Board, elapsed: float, workers: int) -> str:
+    """docs/control-quality.md: the generated scoreboard with how to read and reproduce it,
+    and how long this run took."""
+    head = DOCUMENT_HEAD.format(seeds=len(board.seeds), policies=board.policies)
+    took = (
+        f"This run: {len(board.cards)} scenarios × {len(board.seeds)} seeds in "
+        f"{elapsed / 60:.1f} minutes of wall-clock time with {workers} worker processes.\n\n"
+    )
+    return head + took + render(board) + DOCUMENT_TAIL

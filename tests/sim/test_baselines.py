@@ -1,0 +1,157 @@
+"""The scorecard's baselines and its oracle: each on the same arrivals as the policies, on the
+policies' own knob, the Gradient2 arithmetic, the oracle measured on the pool and cached, and
+the no-overload baseline of a scenario without events."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from controller.model import Address
+from controller.policy.loader import load_directory
+from controller.sim.compare import BASELINE, run_variant
+from controller.sim.limiters import GLOBAL_CONCURRENCY, Gradient2
+from controller.sim.oracle import CACHE_ENV, good_load, probe_p99, size_sample
+from controller.sim.reference import no_overload
+from controller.sim.scenario import load_scenario
+from controller.sim.traffic import build_world, size_means
+from controller.sim.variants import AIMD, GRADIENT, NO_LIMIT, POLICIES, STATIC, policy_knob
+from tests.sim.conftest import POLICIES as SHIPPED
+
+KNOB = Address.parse("global/requests_per_second")
+
+
+def test_the_knob_is_the_policies_own() -> None:
+    knob = policy_knob(load_directory(SHIPPED), load_scenario("burst-5x").plain_aimd)
+    # policies/global-rps-by-gpu.yaml: aimd increase 1, ×0.8, bounds 10–60.
+    assert knob.target == KNOB
+    assert (knob.increase, knob.decrease_factor, knob.low, knob.high) == (1, 0.8, 10, 60)
+    assert knob.source == "AdaptiveLimit/global-rps-by-gpu"
+    assert knob.sweep() == [10, 20, 30, 40, 50, 60]
+
+
+def test_gradient2_grows_without_queueing_and_cuts_with_it() -> None:
+    limiter = Gradient2()
+    flat = np.full(10, 0.1)
+    limiter.observe(flat, inflight=20)  # the first window: the long RTT is its mean
+    assert limiter.long_rtt == pytest.approx(0.1)
+    # No queueing (gradient 1): 0.8·L + 0.2·(L + 4) = L + 0.8 per window.
+    assert limiter.limit == pytest.approx(20.8)
+    limiter.observe(np.full(5, 0.1), inflight=20)  # half a window: nothing decided yet
+    assert limiter.limit == pytest.approx(20.8)
+    limiter.observe(np.full(5, 0.1), inflight=20)
+    assert limiter.limit == pytest.approx(21.6)
+    # Latency 4× the long RTT: 1.5 × 0.1 / 0.4 < 0.5, so the gradient is clamped at 0.5:
+    # 0.8·L + 0.2·(0.5·L + 4) = 0.9·L + 0.8.
+    long = limiter.long_rtt
+    before = limiter.limit
+    limiter.observe(np.full(10, 0.4), inflight=100)
+    assert limiter.long_rtt > long  # the long average moved toward 0.4, a little
+    assert limiter.limit == pytest.approx(0.9 * before + 0.8)
+    # Application-limited (fewer than half the limit in flight): the limit stays.
+    held = limiter.limit
+    limiter.observe(np.full(10, 0.1), inflight=1)
+    assert limiter.limit == held
+    assert limiter.limits({})[GLOBAL_CONCURRENCY] == float(int(held))
+
+
+def test_every_baseline_sees_the_same_arrivals(short_scenario: Path) -> None:
+    scenario = load_scenario(str(short_scenario))
+    runs = {
+        name: run_variant(scenario, SHIPPED, name, None, value=value)
+        for name, value in (
+            (POLICIES, None),
+            (STATIC, 10.0),
+            (AIMD, None),
+            (GRADIENT, None),
+            (NO_LIMIT, None),
+        )
+    }
+    offered = runs[POLICIES].offered
+    for name, record in runs.items():
+        assert np.array_equal(record.offered, offered), name
+    # No limit: nothing is refused for rate or shed, whatever the load.
+    free = runs[NO_LIMIT]
+    assert free.outcomes["rate_limited"].sum() == 0
+    assert free.outcomes["shed"].sum() == 0
+    # The static knob at 10 requests/s: never more than 10/s (plus a one-second burst).
+    static = runs[STATIC]
+    assert static.knob_value == 10.0
+    allowed = static.outcomes["allow"].sum()
+    assert allowed <= 10 * scenario.duration + 10
+    assert static.outcomes["rate_limited"].sum() > 0
+    # AIMD writes the policies' knob, within the policy's bounds, and moves it.
+    written = runs[AIMD].limits[str(KNOB)]
+    assert np.nanmin(written) >= 10
+    assert np.nanmax(written) <= 60
+    assert len(np.unique(written[np.isfinite(written)])) > 2
+
+
+def test_the_oracle_is_measured_on_the_pool_and_cached(
+    short_scenario: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    scenario = load_scenario(str(short_scenario))
+    world = build_world(scenario, None, scenario.seed)
+    pool = scenario.pools[0]
+    slo = scenario.slo.ttft_seconds
+    found = good_load(world, pool, world.tenants, slo, scenario.step)
+    assert 0.5 < found < 1.5
+    # It is the edge on this very pool model: within the SLO there, above it a bit higher.
+    prompt, output = size_sample(world, world.tenants)
+    assert probe_p99(pool, prompt, output, found, scenario.step) <= slo
+    assert probe_p99(pool, prompt, output, found + 0.02, scenario.step) > slo
+    # Cached: the next call reads the file (a changed file is what it returns).
+    files = list((tmp_path / "cache").glob("*.json"))
+    assert len(files) == 1
+    files[0].write_text(json.dumps({"good_load": 0.123}))
+    assert good_load(world, pool, world.tenants, slo, scenario.step) == 0.123
+    # Another SLO is another measurement.
+    assert good_load(world, pool, world.tenants, slo / 4, scenario.step) < found
+
+
+def test_the_no_overload_baseline_of_a_scenario_without_events() -> None:
+    diurnal = load_scenario("diurnal")
+    quiet = no_overload(diurnal)
+    capacity = diurnal.pools[0].capacity_tokens_per_second
+    peak = 0.0
+    for group in quiet.tenants:
+        prompt, output = size_means(group.size)
+        swing = 1 + (group.diurnal.amplitude if group.pattern == "diurnal" else 0)
+        peak += group.count * group.rate * swing * (prompt + output)
+    assert peak == pytest.approx(0.5 * capacity)
+    assert quiet.tenants[0].rate < diurnal.tenants[0].rate
+    # With events: the same world without them, nothing scaled.
+    burst = load_scenario("burst-5x")
+    assert no_overload(burst).events == []
+    assert no_overload(burst).tenants == burst.tenants
+
+
+def test_the_baseline_run_is_not_overloaded(short_scenario: Path) -> None:
+    scenario = load_scenario(str(short_scenario))
+    baseline = run_variant(scenario, SHIPPED, BASELINE, None)
+    assert baseline.utilization.max() < scenario.target_utilization + 0.05
+    assert baseline.timed_out.sum() == 0
+
+
+def test_a_node_down_takes_its_capacity_away(short_scenario: Path, tmp_path: Path) -> None:
+    # The short fleet at ~50% load loses half its GPUs from minute 2 to minute 5.
+    text = short_scenario.read_text().replace(
+        "  - {kind: burst, at: 1m, duration: 5m, factor: 4, tenants: [ent]}",
+        "  - {kind: capacity, at: 2m, duration: 3m, factor: 0.5}",
+    )
+    path = tmp_path / "down.yaml"
+    path.write_text(text)
+    scenario = load_scenario(str(path))
+    record = run_variant(scenario, SHIPPED, NO_LIMIT, None)
+    before, during = record.utilization[1:8], record.utilization[9:20]
+    # The same demand on half the GPUs: their busy share doubles, to the full.
+    assert before.mean() < 0.7
+    assert during.mean() > 0.9
+    # The oracle serves at most its good share of what is up.
+    capacity = scenario.pools[0].capacity_tokens_per_second
+    assert record.oracle[9:20].max() <= 0.5 * capacity * 1.5
+    assert record.oracle[9:20].max() < record.oracle[1:8].max()
