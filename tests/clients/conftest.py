@@ -6,9 +6,12 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import httpx
 import pytest
@@ -21,6 +24,25 @@ from controller.sinks.redis import RedisSink
 from tests.gateway.conftest import Gateway, start_gateway, write_limits
 from tests.gateway.fake_upstream import FakeUpstream, ServerThread
 from tests.support.redis import RedisServer
+
+T = TypeVar("T")
+
+
+def at_once(call: Callable[[], T], times: int = 8) -> list[T]:
+    """`times` calls released together from as many threads: a burst past the plan's 4 per
+    second on any machine (calls made one after another may each take longer than the
+    250 ms the quota refills in on a loaded machine, and then none is refused). The first
+    error is raised."""
+    gate = threading.Barrier(times)
+
+    def released() -> T:
+        gate.wait()
+        return call()
+
+    with ThreadPoolExecutor(times) as pool:
+        futures = [pool.submit(released) for _ in range(times)]
+        return [future.result() for future in futures]
+
 
 SAMPLE = re.compile(r"^gateway_requests_total\{(.*)\} (\S+)$", re.M)
 LABEL = re.compile(r'(\w+)="([^"]*)"')
