@@ -16,14 +16,33 @@ local function value(x)
   return x
 end
 
--- One catalog entry (PlanSpec JSON with models, fail_mode, degrade, credits), or nil.
-local function plan_info(text)
-  local spec = cjson.decode(text)
-  if type(spec) ~= 'table' then
+-- A JSON array of non-empty strings, or nil: an empty models list means any model, so a
+-- models value that is a string, null or an object must not read as one.
+local function string_list(x)
+  if type(x) ~= 'table' then
     return nil
   end
-  local info = {models = type(spec.models) == 'table' and spec.models or {},
-    fail_mode = spec.fail_mode == 'open' and 'open' or 'closed'}
+  local size = 0
+  for _, item in pairs(x) do
+    if type(item) ~= 'string' or item == '' then
+      return nil
+    end
+    size = size + 1
+  end
+  return size == #x and x or nil
+end
+
+-- One catalog entry (PlanSpec JSON with models, fail_mode, degrade, credits), or nil when it
+-- is not one as the controller writes it (Python's PlanInfo.from_json refuses the same).
+local function plan_info(text)
+  local spec = cjson.decode(text)
+  if type(spec) ~= 'table' or (spec.fail_mode ~= 'open' and spec.fail_mode ~= 'closed') then
+    return nil
+  end
+  local info = {models = string_list(spec.models), fail_mode = spec.fail_mode}
+  if info.models == nil then
+    return nil
+  end
   local degrade = value(spec.degrade)
   if type(degrade) == 'table' then
     info.degrade = {at_percent = tonumber(value(degrade.at_percent)) or 90.0,
