@@ -112,3 +112,23 @@ def test_a_catalog_entry_the_controller_never_writes_names_no_plan(
             assert answer.status_code == 403, (side.name, plan, answer.text[:300])
             assert answer.json()["type"].endswith("#unknown-plan"), (side.name, plan)
             assert len(fake.seen) == seen, f"{side.name} served plan {plan} unrestricted"
+
+
+@pytest.mark.parametrize("stored", ["abc", "", "nan", "inf", "-1", "1e400", "0x10"])
+def test_a_limit_value_governor_never_writes_sheds_instead_of_lifting_the_limit(
+    stored: str, nginx: Side, python_gateway: Side, upstream: tuple[FakeUpstream, ServerThread]
+) -> None:
+    """Ignored, such a value served the plan with no budget (and no rate) at all."""
+    fake = upstream[0]
+    answers = {}
+    for side in (python_gateway, nginx):
+        side.db.hset(f"{PREFIX}:limits:plan:free", "tokens_per_day", stored)
+        side.db.incr(f"{PREFIX}:version")  # gateways read the limits again at once
+        seen = len(fake.seen)
+        answers[side.name] = side.chat(side.key("acme", "free"), chat_body(max_tokens=5000))
+        assert len(fake.seen) == seen, f"{side.name} served past a broken limit"
+    for name, answer in answers.items():
+        assert answer.status_code == 503, (name, answer.text[:300])
+        problem = answer.json()
+        assert problem["type"].endswith("#temporary-reduced-capacity"), (name, problem)
+        assert problem["violated-policies"] == ["plan/free/tokens_per_day"], (name, problem)
