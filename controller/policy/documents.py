@@ -195,8 +195,10 @@ class Degrade(Strict):
 class Credits(Strict):
     """A prepaid USD balance per tenant, charged at each model's price."""
 
+    # At most a top-up's size (credits.MAX_TOP_UP_USD): in micro-USD a larger floor leaves
+    # the integers a double holds exactly, which the nginx module's string.format('%d') needs.
     min_balance_usd: NonNegativeNumber = Field(
-        0.0, description="answer 402 once a tenant's balance would fall below this"
+        0.0, le=1e9, description="answer 402 once a tenant's balance would fall below this"
     )
 
 

@@ -199,6 +199,13 @@ BROKEN: dict[str, tuple[dict[str, str], str, str, int, str]] = {
         0,
         "spec.target: target 'plan/gold/requests_per_minute' names plan 'gold', which no Plan",
     ),
+    "a credits floor no top-up could reach": (
+        {"p.yaml": PLAN + "  credits: {min_balance_usd: 1e308}\n"},
+        "p.yaml",
+        "1e308",
+        0,
+        "spec.credits.min_balance_usd: input should be less than or equal to 1000000000",
+    ),
     "a floor above its ceiling": (
         {"p.yaml": PLAN, "l.yaml": FREE_LIMITS + "  floors: {global/requests_per_second: 10}\n"
          "  ceilings: {global/requests_per_second: 5}\n"},
