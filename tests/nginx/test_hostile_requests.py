@@ -83,7 +83,7 @@ def test_content_nested_deeper_than_python_counts_is_a_bad_request(
 
 # Entries the controller never writes (PlanInfo.to_json writes all four fields): each must
 # name no plan, never one whose empty models list lets any model through.
-BROKEN_ENTRIES = {
+BROKEN_ENTRIES: dict[str, object] = {
     "models-text": {"models": "gpt-3.5-turbo", "fail_mode": "closed"},
     "models-null": {"models": None, "fail_mode": "closed"},
     "models-object": {"models": {"gpt-3.5-turbo": 1}, "fail_mode": "closed"},
@@ -92,6 +92,8 @@ BROKEN_ENTRIES = {
     "fail-mode-left-out": {"models": [], "degrade": None, "credits": None},
     "fail-mode-odd": {"models": [], "fail_mode": "OPEN"},
     "empty": {},
+    "a-list": [],
+    "a-number": 5,
 }
 
 
