@@ -93,6 +93,9 @@ BROKEN_ENTRIES: dict[str, object] = {
     "fail-mode-odd": {"models": [], "fail_mode": "OPEN"},
     "empty": {},
     "a-list": [],
+    "degrade-text": {"models": [], "fail_mode": "closed", "degrade": {"max_tokens": "abc"}},
+    "degrade-list": {"models": [], "fail_mode": "closed", "degrade": [1]},
+    "credits-text": {"models": [], "fail_mode": "closed", "credits": "lots"},
     "a-number": 5,
 }
 

@@ -32,6 +32,23 @@ local function string_list(x)
   return size == #x and x or nil
 end
 
+-- A JSON object (cjson gives arrays and objects alike as tables).
+local function object(x)
+  return type(x) == 'table' and #x == 0
+end
+
+-- A degrade spec the gateway can act on: max_tokens is formatted with %d and model is sent
+-- on as the model's name, so anything else there makes the entry no plan.
+local function degrade_spec(x)
+  if not object(x) then
+    return false
+  end
+  local max_tokens, model = value(x.max_tokens), value(x.model)
+  local count = type(max_tokens) == 'number' and max_tokens == math.floor(max_tokens)
+    and max_tokens >= 1 and max_tokens < 2 ^ 31
+  return (max_tokens == nil or count) and (model == nil or type(model) == 'string')
+end
+
 -- One catalog entry (PlanSpec JSON with models, fail_mode, degrade, credits), or nil when it
 -- is not one as the controller writes it (Python's PlanInfo.from_json refuses the same).
 local function plan_info(text)
@@ -43,13 +60,15 @@ local function plan_info(text)
   if info.models == nil then
     return nil
   end
-  local degrade = value(spec.degrade)
-  if type(degrade) == 'table' then
+  local degrade, credits = value(spec.degrade), value(spec.credits)
+  if not (degrade == nil or degrade_spec(degrade)) or not (credits == nil or object(credits)) then
+    return nil
+  end
+  if degrade ~= nil then
     info.degrade = {at_percent = tonumber(value(degrade.at_percent)) or 90.0,
       max_tokens = value(degrade.max_tokens), model = value(degrade.model)}
   end
-  local credits = value(spec.credits)
-  if type(credits) == 'table' then
+  if credits ~= nil then
     info.credits = {min_balance_usd = tonumber(value(credits.min_balance_usd)) or 0.0}
   end
   return info
