@@ -48,6 +48,7 @@ class Kind:
     POLICY_RELOADED = "policy.reloaded"
     POLICY_REJECTED = "policy.rejected"  # a changed policy directory was invalid or refused
     POLICY_CONFIRMED = "policy.confirmed"  # a person confirmed a reload that removes limits
+    UNREADABLE = "journal.unreadable"  # a stream entry Governor did not write (shown, not fatal)
 
 
 @dataclass(frozen=True)
@@ -341,8 +342,32 @@ def _stream_fields(event: JournalEvent, data: Mapping[str, Any]) -> dict[str, st
 
 
 def _entry(entry_id: str, fields: Mapping[str, str]) -> JournalEntry:
-    event = JournalEvent.from_dict(json.loads(fields["data"]))
+    try:
+        event = _event(json.loads(fields["data"]))
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        # One entry written by hand made `audit tail` and `explain` fail outright: show it
+        # as what it is instead (the CLI escapes its text like any other).
+        event = JournalEvent(
+            Kind.UNREADABLE,
+            actor="?",
+            reason=f"not an event Governor writes ({type(exc).__name__}): {dict(fields)!r:.200}",
+            at=int(entry_id.partition("-")[0]) / 1000 if entry_id[:1].isdigit() else 0.0,
+        )
     return JournalEntry(entry_id, event, fields.get(STALE_LEADER) == "1")
+
+
+def _event(data: Mapping[str, Any]) -> JournalEvent:
+    """A stored event; TypeError when a field the readers format has the wrong type."""
+    event = JournalEvent.from_dict(data)
+    texts = (event.kind, event.actor, event.reason)
+    numbers = (event.at, *(v for v in (event.old, event.new) if v is not None))
+    if (
+        not all(isinstance(t, str) for t in texts)
+        or not all(isinstance(n, int | float) and not isinstance(n, bool) for n in numbers)
+        or not isinstance(event.details, Mapping)
+    ):
+        raise TypeError("a field of the wrong type")
+    return event
 
 
 def read_events(

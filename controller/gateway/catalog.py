@@ -25,6 +25,7 @@ from controller.policy.policyset import PolicySet
 from controller.sinks.keys import KeySchema
 
 _FIELDS = {"models", "fail_mode", "degrade", "credits", "quota_exhausted"}
+_REQUIRED = {"models", "fail_mode"}
 
 
 def catalog_key(prefix: str) -> str:
@@ -73,7 +74,13 @@ class PlanInfo:
 
     @classmethod
     def from_json(cls, text: str) -> PlanInfo:
-        return cls.from_spec(PlanSpec.model_validate_json(text))
+        """An entry as `to_json` writes it; ValueError for any other (an empty models list
+        means any model, so an entry that leaves it or the fail mode out is no plan)."""
+        spec = PlanSpec.model_validate_json(text)
+        missing = sorted(_REQUIRED - spec.model_fields_set)
+        if missing:
+            raise ValueError(f"a catalog entry without {' and '.join(missing)}")
+        return cls.from_spec(spec)
 
     def to_json(self) -> str:
         spec = PlanSpec(

@@ -108,8 +108,9 @@ _DECIMAL = re.compile(r"\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*", re.ASCII)
 
 
 def _number(text: str) -> float | None:
-    """A stored value as a number; None (ignored) unless it is a plain decimal."""
-    return float(text) if _DECIMAL.fullmatch(text) else None
+    """A stored value as a number; None unless it is a plain, finite decimal ≥ 0."""
+    value = float(text) if _DECIMAL.fullmatch(text) else None
+    return value if value is not None and 0 <= value < math.inf else None
 
 
 def resolve(
@@ -140,11 +141,13 @@ def resolve(
                 if text is None:
                     continue
                 value = _number(text)
-                if value == 0:
+                # A 0 sheds. So does a value Governor never writes (`abc`, -1, 1e400): ignoring
+                # it served that traffic with no limit at all until drift repair (fail closed).
+                if value is None or value == 0:
                     shed_owner = plan_owner if position == 1 else owner
                     return Resolved(version, "", (), tuple(sized), shed_owner + name)
-                if value is None or value < 0 or kind in found:
-                    continue  # not written by Governor: ignored, as admit.lua always did
+                if kind in found:
+                    continue
                 found.add(kind)
                 if kind in _SIZED:
                     sized.append((value, owner + name))

@@ -48,6 +48,19 @@ class ModelRequest:
     @classmethod
     def parse(cls, kind: Kind, raw: bytes, default_max_tokens: int) -> ModelRequest:
         try:
+            request = cls._read(kind, raw)
+        except RecursionError:
+            # Decoding and counting recurse per level: a body nested ~1,000 deep is refused as
+            # the nginx module's cjson refuses it, never a 500 with a traceback.
+            raise RequestError("the request body is not JSON: it nests too deep") from None
+        if kind != "embedding" and request.max_tokens is None:
+            request.set_max_tokens(default_max_tokens)
+            request.defaulted = True
+        return request
+
+    @classmethod
+    def _read(cls, kind: Kind, raw: bytes) -> ModelRequest:
+        try:
             body = json.loads(raw)
         except (ValueError, UnicodeDecodeError) as exc:
             raise RequestError(f"the request body is not JSON: {exc}") from None
@@ -56,11 +69,7 @@ class ModelRequest:
         model = body.get("model")
         if not isinstance(model, str) or not model:
             raise RequestError("the request names no model (`model` must be a string)")
-        request = cls(kind, raw, body, _prompt_tokens(kind, body))
-        if kind != "embedding" and request.max_tokens is None:
-            request.set_max_tokens(default_max_tokens)
-            request.defaulted = True
-        return request
+        return cls(kind, raw, body, _prompt_tokens(kind, body))
 
     @property
     def model(self) -> str:

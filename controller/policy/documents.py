@@ -136,8 +136,20 @@ TargetField = Annotated[
         {"type": "string", "description": "an address; $label stands for a label value"}
     ),
 ]
-PositiveNumber = Annotated[float, Field(gt=0, allow_inf_nan=False)]
-NonNegativeNumber = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+
+
+def _not_a_boolean(value: object) -> object:
+    # YAML reads yes/on/true as true and no/off/false as false, and pydantic takes those as 1
+    # and 0: `requests_per_minute: off` would stop all traffic. (Text stays: YAML 1.1 reads
+    # `1e6` as text, and that is a number people write.)
+    if isinstance(value, bool):
+        raise ValueError(f"write a number, not {value!r} (YAML reads yes/no/on/off as true/false)")
+    return value
+
+
+NotBoolean = BeforeValidator(_not_a_boolean)
+PositiveNumber = Annotated[float, Field(gt=0, allow_inf_nan=False), NotBoolean]
+NonNegativeNumber = Annotated[float, Field(ge=0, allow_inf_nan=False), NotBoolean]
 Name = Annotated[str, Field(pattern=r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$")]
 SignalName = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
 LimitValues = dict[LimitKind, NonNegativeNumber]
@@ -162,11 +174,11 @@ class Metadata(Strict):
 class Degrade(Strict):
     """Graceful degradation as a budget nears its end, before the hard 402."""
 
-    at_percent: Annotated[float, Field(gt=0, lt=100)] = Field(
+    at_percent: Annotated[float, Field(gt=0, lt=100), NotBoolean] = Field(
         90.0, description="start degrading once this share of a budget is spent"
     )
     # At most a 32-bit integer: gateways (Lua, JSON) read it as a number, not a big integer.
-    max_tokens: Annotated[int, Field(gt=0, lt=2**31)] | None = Field(
+    max_tokens: Annotated[int, Field(gt=0, lt=2**31), NotBoolean] | None = Field(
         None, description="cap the request's max_tokens to this"
     )
     model: Annotated[str, Field(min_length=1)] | None = Field(
@@ -183,8 +195,10 @@ class Degrade(Strict):
 class Credits(Strict):
     """A prepaid USD balance per tenant, charged at each model's price."""
 
+    # At most a top-up's size (credits.MAX_TOP_UP_USD): in micro-USD a larger floor leaves
+    # the integers a double holds exactly, which the nginx module's string.format('%d') needs.
     min_balance_usd: NonNegativeNumber = Field(
-        0.0, description="answer 402 once a tenant's balance would fall below this"
+        0.0, le=1e9, description="answer 402 once a tenant's balance would fall below this"
     )
 
 
@@ -249,6 +263,18 @@ class LimitsSpec(Strict):
     behavior: Behavior = Field(
         default_factory=Behavior, description="default behaviour for every limit"
     )
+
+    @model_validator(mode="after")
+    def _floors_under_ceilings(self) -> LimitsSpec:
+        # A floor over its ceiling leaves no value both allow: which one wins would be an
+        # accident of the resolver's order, not the operator's intent.
+        for address, floor in self.floors.items():
+            ceiling = self.ceilings.get(address)
+            if ceiling is not None and floor > ceiling:
+                raise ValueError(
+                    f"the floor of {address} ({floor:g}) is above its ceiling ({ceiling:g})"
+                )
+        return self
 
 
 class SignalSpec(Strict):
@@ -404,7 +430,7 @@ class ThrottlePolicySpec(Strict):
 
 class AimdSpec(Strict):
     increase: PositiveNumber = Field(description="added per tick while below the setpoint")
-    decrease_factor: Annotated[float, Field(gt=0, lt=1)] = Field(
+    decrease_factor: Annotated[float, Field(gt=0, lt=1), NotBoolean] = Field(
         description="multiplied per tick while above the setpoint"
     )
     tolerance: NonNegativeNumber = Field(0.0, description="dead band around the setpoint")
@@ -413,8 +439,8 @@ class AimdSpec(Strict):
 class GradientSpec(Strict):
     """new = value × clamp(setpoint / signal, 1 - max_step, 1 + max_step), smoothed."""
 
-    max_step: Annotated[float, Field(gt=0, le=1)] = 0.25
-    smoothing: Annotated[float, Field(gt=0, le=1)] = 0.5
+    max_step: Annotated[float, Field(gt=0, le=1), NotBoolean] = 0.25
+    smoothing: Annotated[float, Field(gt=0, le=1), NotBoolean] = 0.5
     tolerance: NonNegativeNumber = 0.0
 
 
@@ -438,7 +464,7 @@ class AdaptiveSignal(SignalSpec):
 class AdaptiveLimitSpec(Strict):
     target: AddressField
     signal: AdaptiveSignal
-    setpoint: float = Field(allow_inf_nan=False)
+    setpoint: Annotated[float, NotBoolean] = Field(allow_inf_nan=False)
     algorithm: Literal["aimd", "gradient"] = "aimd"
     aimd: AimdSpec | None = None
     gradient: GradientSpec | None = None

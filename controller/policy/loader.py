@@ -275,8 +275,17 @@ def _load_file(file: str, data: bytes, errors: list[LocatedError], budget: Budge
             continue
         if not document.problems:
             out.append(_Loaded(file, document, parsed))
+    if not source.documents and not found:
+        # A policy file truncated by a failed sync is empty, and its policy would go silently.
+        found.append(LocatedError(file, 1, 1, "", _NO_DOCUMENT))
     errors += sorted(found, key=lambda error: (error.line, error.column))
     return out
+
+
+_NO_DOCUMENT = (
+    "the file holds no policy document (it is empty or only comments): a sync that did not "
+    "finish writing it? Delete the file if it is meant to hold nothing"
+)
 
 
 def _validation_errors(

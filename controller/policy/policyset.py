@@ -168,19 +168,37 @@ def _implicit_limits(plans: Mapping[str, Plan]) -> Limits:
 def _check_plan_targets(
     documents: Sequence[Document], plans: Mapping[str, Plan]
 ) -> Iterator[SetProblem]:
+    """Every address a document names (a policy's target, a floor or ceiling) that names a
+    plan no Plan defines: it would drive, bound or write a limit no gateway serves."""
+    # With no Plan at all, the Limits document's floors are not reported one by one: the set
+    # is refused once as incomplete (as default_plan is).
+    for index, path, text in _named_addresses(documents, bounds=bool(plans)):
+        parts = text.split("/")
+        if parts[0] == Scope.PLAN.value and "$" not in parts[1] and parts[1] not in plans:
+            yield SetProblem(
+                index,
+                path,
+                f"{path[-1] if path[-1] == 'target' else 'address'} {text!r} names plan "
+                f"{parts[1]!r}, which no Plan defines "
+                f"(plans: {', '.join(sorted(plans)) or 'none'})",
+            )
+
+
+def _named_addresses(
+    documents: Sequence[Document], *, bounds: bool
+) -> Iterator[tuple[int, tuple[str | int, ...], str]]:
+    """(document index, field path, address text) of every address the documents name (the
+    floors and ceilings only with `bounds`)."""
     for index, doc in enumerate(documents):
-        if not isinstance(doc, ThrottlePolicy):
-            continue
-        for number, action in enumerate(doc.spec.actions):
-            text = action.target.text
-            parts = text.split("/")
-            if parts[0] == Scope.PLAN.value and "$" not in parts[1] and parts[1] not in plans:
-                yield SetProblem(
-                    index,
-                    ("spec", "actions", number, "target"),
-                    f"target {text!r} names plan {parts[1]!r}, which no Plan defines "
-                    f"(plans: {', '.join(sorted(plans)) or 'none'})",
-                )
+        if isinstance(doc, ThrottlePolicy):
+            for number, action in enumerate(doc.spec.actions):
+                yield index, ("spec", "actions", number, "target"), action.target.text
+        elif isinstance(doc, AdaptiveLimit):
+            yield index, ("spec", "target"), str(doc.spec.target)
+        elif bounds and isinstance(doc, Limits):
+            for bound in ("floors", "ceilings"):
+                for address in getattr(doc.spec, bound):
+                    yield index, ("spec", bound, str(address)), str(address)
 
 
 def _check_adaptive_targets(documents: Sequence[Document]) -> Iterator[SetProblem]:

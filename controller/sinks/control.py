@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 import redis
 
-from controller.model import Address, Override, validate_id
+from controller.errors import SinkError
+from controller.model import Address, AddressError, Override, validate_id
 from controller.sinks.connection import wrapped
 from controller.sinks.keys import KeySchema, checked
 from controller.sinks.records import override_from_json, override_to_json
@@ -111,7 +112,7 @@ class ControlStore:
         override = Override(checked(address), value, now + ttl / 1000, actor, reason)
         key = self.keys.override(address)
         with wrapped(self.client, f"set the override of {address}"):
-            previous = self._get_override(address)
+            previous = self._replaced_override(address)
             pipe = self.client.pipeline(transaction=True)
             pipe.set(key, override_to_json(override, set_at=now), px=ttl)
             pipe.zadd(self.keys.override_index, {str(address): override.expires_at})
@@ -121,7 +122,7 @@ class ControlStore:
     def clear_override(self, address: Address) -> Override | None:
         """Remove an override; returns what was removed (None: there was none)."""
         with wrapped(self.client, f"clear the override of {address}"):
-            previous = self._get_override(address)
+            previous = self._replaced_override(address)
             pipe = self.client.pipeline(transaction=True)
             pipe.delete(self.keys.override(address))
             pipe.zrem(self.keys.override_index, str(address))
@@ -137,13 +138,26 @@ class ControlStore:
         pipe.get(self.keys.override(address))
         pipe.pttl(self.keys.override(address))
         text, pttl = pipe.execute()
-        return self._decode_override(text, pttl)
+        return self._decode_override(self.keys.override(address), text, pttl)
 
-    def _decode_override(self, text: str | None, pttl: int) -> Override | None:
+    def _replaced_override(self, address: Address) -> Override | None:
+        """The override about to be replaced or cleared; None for an unreadable one, which
+        setting or clearing is the way to repair."""
+        try:
+            return self._get_override(address)
+        except SinkError:
+            return None
+
+    def _decode_override(self, key: str, text: str | None, pttl: int) -> Override | None:
         if text is None or pttl == -2:
             return None
-        # The key's remaining TTL is the truth (server clock), not the stored expiry.
-        return override_from_json(text, expires_at=self._clock() + max(pttl, 0) / 1000)
+        try:
+            # The key's remaining TTL is the truth (server clock), not the stored expiry.
+            return override_from_json(text, expires_at=self._clock() + max(pttl, 0) / 1000)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise _unreadable(
+                key, text, exc, "`governor override clear ADDRESS` removes it"
+            ) from None
 
     def overrides(self) -> dict[Address, Override]:
         """Every override in force now (expired ones are gone with their keys)."""
@@ -152,17 +166,16 @@ class ControlStore:
 
     def _overrides(self) -> dict[Address, Override]:
         index = self.keys.override_index
-        names: list[str] = self.client.zrange(index, 0, -1)
+        names, expired = self._indexed_addresses()
+        keys = [self.keys.override(Address.parse(name)) for name in names]
         pipe = self.client.pipeline(transaction=False)
-        for name in names:
-            key = self.keys.override(Address.parse(name))
+        for key in keys:
             pipe.get(key)
             pipe.pttl(key)
         replies = pipe.execute()
         found: dict[Address, Override] = {}
-        expired: list[str] = []
         for i, name in enumerate(names):
-            override = self._decode_override(replies[2 * i], replies[2 * i + 1])
+            override = self._decode_override(keys[i], replies[2 * i], replies[2 * i + 1])
             if override is None:
                 expired.append(name)
             else:
@@ -171,6 +184,19 @@ class ControlStore:
         if expired:
             self.client.zrem(index, *expired)
         return found
+
+    def _indexed_addresses(self) -> tuple[list[str], list[str]]:
+        """The override index's addresses, and the members that are none (pruned with the
+        expired: the index is Governor's own, and such a member indexes no override)."""
+        names: list[str] = self.client.zrange(self.keys.override_index, 0, -1)
+        good: list[str] = []
+        for name in names:
+            try:
+                Address.parse(name)
+            except AddressError:
+                continue
+            good.append(name)
+        return good, [name for name in names if name not in good]
 
     # Freeze: one key whose TTL ends it.
     def freeze(self, *, ttl_seconds: float, actor: str, reason: str) -> Freeze:
@@ -185,7 +211,10 @@ class ControlStore:
     def unfreeze(self) -> Freeze | None:
         """Lift the freeze; returns the freeze that was lifted (None: there was none)."""
         with wrapped(self.client, "unfreeze"):
-            previous = self._freeze()
+            try:
+                previous = self._freeze()
+            except SinkError:  # an unreadable flag is lifted all the same
+                previous = None
             self.client.delete(self.keys.freeze)
         return previous
 
@@ -197,8 +226,18 @@ class ControlStore:
         text: str | None = self.client.get(self.keys.freeze)
         if text is None:
             return None
-        data = json.loads(text)
-        return Freeze(data["actor"], data["reason"], data["set_at"], data["expires_at"])
+        try:
+            data = json.loads(text)
+            return Freeze(
+                str(data["actor"]),
+                str(data["reason"]),
+                float(data["set_at"]),
+                float(data["expires_at"]),
+            )
+        except (ValueError, KeyError, TypeError) as exc:
+            raise _unreadable(
+                self.keys.freeze, text, exc, "`governor unfreeze` clears it"
+            ) from None
 
     # Reload confirmation: one key, for one policy version, whose TTL ends it.
     def confirm_reload(
@@ -277,3 +316,11 @@ class ControlStore:
         """Overrides, freeze and tenants for one tick."""
         with wrapped(self.client, "read overrides, freeze and tenants"):
             return ControlState(self._overrides(), self._freeze(), self.plans())
+
+
+def _unreadable(key: str, text: str, exc: Exception, fix: str) -> SinkError:
+    """A record at `key` that Governor never wrote; the tick keeps the last control state it
+    read (loop.py) instead of failing on it every tick."""
+    return SinkError(
+        f"{key} holds {text[:80]!r}, not a record Governor writes ({type(exc).__name__}): {fix}"
+    )

@@ -95,9 +95,12 @@ def override_to_json(override: Override, *, set_at: float) -> str:
 def override_from_json(text: str, *, expires_at: float | None = None) -> Override:
     """An override record; `expires_at` (from the key's TTL) wins over the stored one."""
     data = json.loads(text)
+    value = float(data["value"])
+    if not (math.isfinite(value) and value >= 0):  # NaN would pin a limit no gateway reads
+        raise ValueError(f"override value {value!r} is not a finite number >= 0")
     return Override(
         address=Address.parse(data["address"]),
-        value=float(data["value"]),
+        value=value,
         expires_at=float(data["expires_at"] if expires_at is None else expires_at),
         actor=str(data["actor"]),
         reason=str(data["reason"]),

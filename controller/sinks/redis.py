@@ -100,7 +100,19 @@ class RedisSink:
 
     def version(self) -> int:
         with wrapped(self.client, "read the version"):
-            return int(self.client.get(self.keys.version) or 0)
+            return self._version(self.client.get(self.keys.version))
+
+    def _version(self, text: str | None) -> int:
+        """The stored version; SinkError for one Governor never wrote (an INCR on it would fail
+        inside the apply's MULTI after the limits were written: applied, but never announced)."""
+        try:
+            return int(text or 0)
+        except ValueError:
+            raise SinkError(
+                f"Redis at {self.location}: {self.keys.version} holds {str(text)[:40]!r}, not the "
+                "integer version Governor writes: delete the key (the count starts again and "
+                "gateways reread their limits within a minute)"
+            ) from None
 
     def stored(self, address: Address) -> float | None:
         """The value gateways see for one address now (None: not set)."""
@@ -142,7 +154,7 @@ class RedisSink:
             address = _ledger_address(text)
             if address is not None:
                 written[address] = values.get(value) or _parsed(values, value)
-        return SinkState(actual, written, int(version or 0), tuple(foreign))
+        return SinkState(actual, written, self._version(version), tuple(foreign))
 
     def _place(self, address: Address) -> tuple[str, str]:
         """(owner hash key, field) of a checked address, computed once per sink."""

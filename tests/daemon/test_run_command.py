@@ -217,3 +217,18 @@ def test_a_tick_longer_than_its_interval_is_logged_with_the_setting_to_raise(
     normal = run({**ready_env, "GOVERNOR_CONTROLLER__TICK_SECONDS": "60"}, "--once", "--json")
     assert normal.returncode == 0, normal.stderr
     assert '"tick.slow"' not in normal.stderr
+
+
+def test_a_freeze_flag_written_by_hand_does_not_fail_the_tick(
+    db: redis.Redis[str], ready_env: dict[str, str]
+) -> None:
+    """It failed every tick (`tick failed: Expecting value`): no limit was written at all."""
+    db.set("governor:freeze", "frozen, ask bob")
+
+    done = run(ready_env, "--once", "--json")
+
+    summary = json.loads(done.stdout)
+    assert "tick failed" not in " ".join(summary["reasons"]), summary
+    assert any("governor:freeze holds" in r and "governor unfreeze" in r
+               for r in summary["reasons"]), summary  # fmt: skip
+    assert limit(db) == FREE_RPM  # the tick wrote the limits

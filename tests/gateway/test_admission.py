@@ -293,7 +293,7 @@ def test_past_its_bound_the_cache_drops_its_oldest_resolution_only(
 
 
 def test_the_resolution_follows_the_order_admit_lua_read_in() -> None:
-    tenant = {"requests_per_minute": "5", "tokens_per_day": "abc"}  # not a number: ignored
+    tenant = {"requests_per_minute": "5"}
     plan = {"requests_per_minute": "0", "tokens_per_day": "100"}
     levels: list[tuple[str, list[dict[str, str] | None]]] = [
         ("global/", [{"max_tokens_per_request": "50"}]),

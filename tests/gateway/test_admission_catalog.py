@@ -67,3 +67,25 @@ def test_an_unreachable_redis_keeps_the_last_catalog() -> None:
     kept = asyncio.run(run())
     assert kept is not None
     assert kept.fail_mode == "open"
+
+
+@pytest.mark.parametrize(
+    "entry", ["{}", '{"fail_mode": "closed"}', '{"models": [], "degrade": null, "credits": null}']
+)
+def test_an_entry_that_leaves_models_or_fail_mode_out_is_no_plan(
+    db: redis.Redis[str], redis_server: RedisServer, entry: str
+) -> None:
+    """An empty models list means any model: an entry written by hand without one must not
+    read as a plan that serves every model (the last good catalog is kept instead)."""
+    db.delete("governor:plans")
+    db.hset("governor:plans", "hand-written", entry)
+
+    async def read() -> None:
+        client = redis.asyncio.Redis.from_url(redis_server.url, decode_responses=True)
+        try:
+            with pytest.raises(SinkError, match="holds an entry that is no plan"):
+                await PlanCatalog(client, "governor").refresh()
+        finally:
+            await client.aclose()  # type: ignore[attr-defined]  # types-redis predates aclose
+
+    asyncio.run(read())

@@ -208,3 +208,29 @@ def test_audit_tail_escapes_control_characters_and_rich_markup(url: str) -> None
     (line,) = ok(url, "audit", "tail", "--json").stdout.splitlines()
     assert "\x1b" not in line  # JSON escapes it (\u001b)
     assert json.loads(line)["reason"].startswith("\x1b[2J")
+
+
+def test_audit_tail_shows_an_entry_governor_never_wrote_instead_of_failing(url: str) -> None:
+    """One hand-written stream entry made `audit tail` exit 2 with a bare JSON error."""
+    from controller.audit import Journal, JournalEvent, Kind
+    from controller.settings import JournalSettings
+    from controller.sinks.keys import KeySchema
+
+    client = redis.Redis.from_url(url, decode_responses=True)
+    journal = Journal(client, KeySchema("governor"), JournalSettings())
+    journal.emit(JournalEvent(kind=Kind.FREEZE_SET, actor="alice", reason="before"))
+    journal.flush()
+    client.xadd("governor:journal", {"garbage": "1"})
+    client.xadd("governor:journal", {"kind": "x", "data": '{"kind": "limit.changed", "a'})
+    client.xadd("governor:journal", {"kind": "x", "data": '{"kind": "x", "actor": "a", '
+                                     '"reason": "r", "old": "abc"}'})  # fmt: skip
+    client.xadd("governor:journal", {"kind": "x", "data": "\x1b[31m[1]"})
+    client.close()
+
+    lines = ok(url, "audit", "tail", "--json").stdout.splitlines()
+    events = [json.loads(line) for line in lines]
+    assert [e["kind"] for e in events] == [Kind.FREEZE_SET] + [Kind.UNREADABLE] * 4
+    assert all("not an event Governor writes" in e["reason"] for e in events[1:])
+    table = ok(url, "audit", "tail").stdout
+    assert "journal.unreadable" in table
+    assert "\x1b" not in table

@@ -7,6 +7,7 @@ import time
 import pytest
 import redis
 
+from controller.errors import SinkError
 from controller.gateway.keys import KeyStore
 from controller.model import Address
 from controller.sinks.control import CONFLICTING_PLANS, ControlStore
@@ -131,3 +132,53 @@ def test_a_tenant_known_only_through_its_api_keys_has_their_plan(
     assert control.read().tenants["split"] == CONFLICTING_PLANS
     control.set_tenant("split", "paid")
     assert control.read().tenants["split"] == "paid"
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        "not json",
+        '{"actor": "alice"}',
+        '["a"]',
+        '{"actor": 1, "reason": 2, "set_at": "x", "expires_at": 3}',
+    ],
+)
+def test_a_freeze_flag_governor_never_wrote_is_a_sink_error_unfreeze_clears(
+    control: ControlStore, db: redis.Redis[str], record: str
+) -> None:
+    """A hand-written flag failed every tick with a bare JSON error; a SinkError makes the
+    tick keep the last control state it read, and says which key and how to fix it."""
+    db.set("governor:freeze", record)
+
+    with pytest.raises(SinkError, match=r"governor:freeze holds .* `governor unfreeze` clears it"):
+        control.read()
+    assert control.unfreeze() is None
+    assert not control.read().frozen
+
+
+@pytest.mark.parametrize(
+    "record",
+    ["garbage", '{"address": "tenant/acme/tokens_per_minute"}',
+     '{"address": "tenant/acme/tokens_per_minute", "value": NaN, "expires_at": 1, '
+     '"actor": "a", "reason": "r"}'],
+)  # fmt: skip
+def test_an_override_governor_never_wrote_is_a_sink_error_clearing_repairs_it(
+    control: ControlStore, db: redis.Redis[str], record: str
+) -> None:
+    db.set("governor:override:tenant/acme/tokens_per_minute", record, ex=600)
+    db.zadd("governor:overrides", {"tenant/acme/tokens_per_minute": time.time() + 600})
+
+    with pytest.raises(SinkError, match=r"override clear ADDRESS` removes it"):
+        control.read()
+    assert control.clear_override(TPM) is None
+    assert control.read().overrides == {}
+
+
+def test_an_index_member_that_is_no_address_is_pruned(
+    control: ControlStore, db: redis.Redis[str]
+) -> None:
+    control.set_override(TPM, 5, ttl_seconds=60, actor="alice", reason="x")
+    db.zadd("governor:overrides", {"not an address": 1, "plan/": 2})
+
+    assert list(control.read().overrides) == [TPM]
+    assert db.zrange("governor:overrides", 0, -1) == [str(TPM)]

@@ -243,3 +243,16 @@ def test_unsupported_urls_name_the_supported_schemes(redis_server: RedisServer) 
         connect("redis+cluster://:pw@h:1", RedisSettings())
     sink = RedisSink(connect(redis_server.url, RedisSettings()), KeySchema("other"))
     assert sink.read().version == 0
+
+
+def test_a_version_governor_never_wrote_is_a_sink_error_naming_the_key_and_fix(
+    sink: RedisSink, db: redis.Redis[str]
+) -> None:
+    """It raised a bare ValueError from int(): every tick failed with no hint of the key."""
+    db.set("governor:version", "abc")
+
+    for read in (sink.read, sink.version):
+        with pytest.raises(SinkError, match=r"governor:version holds 'abc'.*delete the key"):
+            read()
+    db.delete("governor:version")
+    assert sink.read().version == 0

@@ -46,6 +46,21 @@ spec:
   default_plan: gold
 """
 
+FREE_LIMITS = LIMITS.replace("gold", "free")
+
+ADAPTIVE = """\
+apiVersion: governor/v1
+kind: AdaptiveLimit
+metadata: {name: steer}
+spec:
+  target: plan/gold/requests_per_minute
+  signal: {name: gpu, query: avg(gpu_util)}
+  setpoint: 0.8
+  algorithm: aimd
+  aimd: {increase: 1, decrease_factor: 0.8}
+  bounds: {min: 1, max: 10}
+"""
+
 
 def where(text: str, needle: str, occurrence: int = 0) -> tuple[int, int]:
     """1-based line and column of the `occurrence`-th `needle` in `text`."""
@@ -155,7 +170,51 @@ BROKEN: dict[str, tuple[dict[str, str], str, str, int, str]] = {
         0,
         "spec.default_plan: default_plan 'gold' is not a Plan (plans: free)",
     ),
-}
+    "a limit written as a word YAML reads as false": (
+        {"p.yaml": PLAN.replace("requests_per_minute: 10", "requests_per_minute: off")},
+        "p.yaml",
+        "off",
+        0,
+        "spec.limits.requests_per_minute: write a number, not False",
+    ),
+    "a floor on a plan no Plan defines": (
+        {"p.yaml": PLAN, "l.yaml": FREE_LIMITS + "  floors: {plan/gold/requests_per_minute: 5}\n"},
+        "l.yaml",
+        "5}",
+        0,
+        "address 'plan/gold/requests_per_minute' names plan 'gold', which no Plan defines",
+    ),
+    "a ceiling on a plan no Plan defines": (
+        {"p.yaml": PLAN,
+         "l.yaml": FREE_LIMITS + "  ceilings: {plan/gold/requests_per_minute: 5}\n"},
+        "l.yaml",
+        "5}",
+        0,
+        "address 'plan/gold/requests_per_minute' names plan 'gold', which no Plan defines",
+    ),
+    "an AdaptiveLimit on a plan no Plan defines": (
+        {"p.yaml": PLAN, "a.yaml": ADAPTIVE},
+        "a.yaml",
+        "plan/gold/requests_per_minute",
+        0,
+        "spec.target: target 'plan/gold/requests_per_minute' names plan 'gold', which no Plan",
+    ),
+    "a credits floor no top-up could reach": (
+        {"p.yaml": PLAN + "  credits: {min_balance_usd: 1e308}\n"},
+        "p.yaml",
+        "1e308",
+        0,
+        "spec.credits.min_balance_usd: input should be less than or equal to 1000000000",
+    ),
+    "a floor above its ceiling": (
+        {"p.yaml": PLAN, "l.yaml": FREE_LIMITS + "  floors: {global/requests_per_second: 10}\n"
+         "  ceilings: {global/requests_per_second: 5}\n"},
+        "l.yaml",
+        "default_plan",
+        0,
+        "spec: the floor of global/requests_per_second (10) is above its ceiling (5)",
+    ),
+}  # fmt: skip
 
 
 @pytest.mark.parametrize("case", list(BROKEN))

@@ -443,3 +443,16 @@ def test_policy_test_files_are_read_under_the_same_bounds(shipped: Path) -> None
     assert result.exit_code == 1
     assert f"{shipped / 'huge_test.yaml'}:1:1: the file is over" in result.stderr
     assert "pipe_test.yaml" not in result.output + result.stderr  # not a file: not opened
+
+
+@pytest.mark.parametrize("text", ["", "\n", "# disabled for now\n", "---\n---\n...\n"])
+def test_a_policy_file_that_holds_no_document_is_refused(shipped: Path, text: str) -> None:
+    """A sync that truncated gpu-saturation.yaml would otherwise drop its policy silently
+    (it removes no limit, so the reload guard would not stop it either)."""
+    (shipped / "gpu-saturation.yaml").write_text(text)
+
+    error = only_error(shipped, "gpu-saturation.yaml")
+
+    assert (error.line, error.column) == (1, 1)
+    assert "holds no policy document" in error.message
+    assert "Delete the file if it is meant to hold nothing" in error.message

@@ -42,10 +42,12 @@ def confirming(version: str) -> ReloadConfirmation:
 
 
 def without_plan(policies: Path, plan: str) -> None:
-    """Drop one plan document from plans.yaml, and the policies that target it."""
+    """Drop one plan document from plans.yaml, and the floors and ceilings that name it."""
     documents = (policies / "plans.yaml").read_text().split("---\n")
     kept = [d for d in documents if f"name: {plan}\n" not in d]
     (policies / "plans.yaml").write_text("---\n".join(kept))
+    lines = (policies / "limits.yaml").read_text().splitlines(keepends=True)
+    (policies / "limits.yaml").write_text("".join(li for li in lines if f"plan/{plan}/" not in li))
 
 
 def test_an_emptied_directory_keeps_the_set_in_force(

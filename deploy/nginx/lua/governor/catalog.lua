@@ -16,22 +16,60 @@ local function value(x)
   return x
 end
 
--- One catalog entry (PlanSpec JSON with models, fail_mode, degrade, credits), or nil.
-local function plan_info(text)
-  local spec = cjson.decode(text)
-  if type(spec) ~= 'table' then
+-- A JSON array of non-empty strings, or nil: an empty models list means any model, so a
+-- models value that is a string, null or an object must not read as one.
+local function string_list(x)
+  if type(x) ~= 'table' then
     return nil
   end
-  local info = {models = type(spec.models) == 'table' and spec.models or {},
-    fail_mode = spec.fail_mode == 'open' and 'open' or 'closed',
+  local size = 0
+  for _, item in pairs(x) do
+    if type(item) ~= 'string' or item == '' then
+      return nil
+    end
+    size = size + 1
+  end
+  return size == #x and x or nil
+end
+
+-- A JSON object (cjson gives arrays and objects alike as tables).
+local function object(x)
+  return type(x) == 'table' and #x == 0
+end
+
+-- A degrade spec the gateway can act on: max_tokens is formatted with %d and model is sent
+-- on as the model's name, so anything else there makes the entry no plan.
+local function degrade_spec(x)
+  if not object(x) then
+    return false
+  end
+  local max_tokens, model = value(x.max_tokens), value(x.model)
+  local count = type(max_tokens) == 'number' and max_tokens == math.floor(max_tokens)
+    and max_tokens >= 1 and max_tokens < 2 ^ 31
+  return (max_tokens == nil or count) and (model == nil or type(model) == 'string')
+end
+
+-- One catalog entry (PlanSpec JSON with models, fail_mode, degrade, credits), or nil when it
+-- is not one as the controller writes it (Python's PlanInfo.from_json refuses the same).
+local function plan_info(text)
+  local spec = cjson.decode(text)
+  if type(spec) ~= 'table' or (spec.fail_mode ~= 'open' and spec.fail_mode ~= 'closed') then
+    return nil
+  end
+  local info = {models = string_list(spec.models), fail_mode = spec.fail_mode,
     insufficient_quota = spec.quota_exhausted == 'insufficient_quota'}
-  local degrade = value(spec.degrade)
-  if type(degrade) == 'table' then
+  if info.models == nil then
+    return nil
+  end
+  local degrade, credits = value(spec.degrade), value(spec.credits)
+  if not (degrade == nil or degrade_spec(degrade)) or not (credits == nil or object(credits)) then
+    return nil
+  end
+  if degrade ~= nil then
     info.degrade = {at_percent = tonumber(value(degrade.at_percent)) or 90.0,
       max_tokens = value(degrade.max_tokens), model = value(degrade.model)}
   end
-  local credits = value(spec.credits)
-  if type(credits) == 'table' then
+  if credits ~= nil then
     info.credits = {min_balance_usd = tonumber(value(credits.min_balance_usd)) or 0.0}
   end
   return info

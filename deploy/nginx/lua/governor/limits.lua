@@ -16,7 +16,7 @@ local SIZED = {max_tokens_per_request = true, tokens_per_minute = true, tokens_p
 local MAX_ENTRIES = 65536
 local MAX_AGE_SECONDS = 60  -- limits.LimitCache: a version number can come back after a loss
 
--- A stored value as a number; nil (ignored) unless it is a plain decimal (limits._number).
+-- A stored value as a number; nil unless it is a plain, finite decimal >= 0 (limits._number).
 local function number(text)
   if type(text) ~= 'string' then
     return nil
@@ -26,7 +26,11 @@ local function number(text)
       or not (exponent == '' or exponent:match('^[eE][-+]?%d+$')) then
     return nil
   end
-  return tonumber(mantissa .. exponent)
+  local value = tonumber(mantissa .. exponent)
+  if value == nil or value < 0 or value == math.huge then
+    return nil
+  end
+  return value
 end
 
 -- limits.resolve: `levels` = per level (global, ip, tenant, user) {owner ('' absent), its
@@ -48,11 +52,13 @@ function _M.resolve(version, levels, plan_owner, model)
           local kind, name = field[1], field[2]
           local text = values[name]
           local value = number(text)
-          if text ~= nil and value == 0 then
+          -- A 0 sheds; so does a value Governor never writes (abc, -1, 1e400): ignoring it
+          -- served that traffic with no limit at all until drift repair (fail closed).
+          if text ~= nil and (value == nil or value == 0) then
             return {version = version, letters = '', checks = {}, limits = {}, sized = sized,
               shed = (position == 2 and plan_owner or owner) .. name}
           end
-          if value ~= nil and value > 0 and not found[kind] then
+          if value ~= nil and not found[kind] then
             found[kind] = true
             if SIZED[kind] then
               sized[#sized + 1] = {value, owner .. name}

@@ -19,8 +19,15 @@ local function text_tokens(text)
   return math.ceil(jsontext.length(text) / CHARS_PER_TOKEN)
 end
 
+-- cjson reads JSON numbers as doubles: 1e30 or 1e400 (infinity) is "integral" too. An
+-- infinity is no count (as in Python, where it is a float), and a reservation is capped at
+-- 2^53, the largest count a double holds exactly: past it string.format('%d') wrapped to a
+-- negative reservation and admitted the request.
+local MAX_EXACT_COUNT = 2 ^ 53
+
 local function is_int(value)
   return type(value) == 'number' and value == math.floor(value)
+    and value > -math.huge and value < math.huge
 end
 
 -- Tokens of any text-bearing JSON: strings by length, token ids one each, `role` skipped.
@@ -125,7 +132,7 @@ end
 
 -- What this request can cost at most: the reservation.
 function Request:worst_case_tokens()
-  return self.prompt_tokens + (self:max_tokens() or 0) * self:choices()
+  return math.min(self.prompt_tokens + (self:max_tokens() or 0) * self:choices(), MAX_EXACT_COUNT)
 end
 
 -- The smallest reservation a default max_tokens may be lowered to; nil for the client's own.

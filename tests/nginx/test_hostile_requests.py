@@ -1,0 +1,139 @@
+"""Hostile inputs through the nginx module and `governor gateway` alike: numbers a double
+cannot count, nesting past any parser's depth, and plan catalog entries the controller never
+writes are refused and never reach the model server."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from tests.gateway.fake_upstream import FakeUpstream, ServerThread
+from tests.nginx.conftest import PREFIX, Side, chat_body
+
+PLAN_REFRESH_SECONDS = 5.0  # PlanCatalog's and the exported module's default
+
+pytestmark = pytest.mark.integration
+
+MESSAGES = b'"messages":[{"role":"user","content":"hi"}]'
+# On the free plan (1,000 tokens a day) each of these asks for far more than the budget.
+OVER_THE_BUDGET = {
+    "max_tokens 1e30": b'{"model":"gpt-3.5-turbo",' + MESSAGES + b',"max_tokens":1e30}',
+    "max_tokens 10^30": b'{"model":"gpt-3.5-turbo",'
+    + MESSAGES
+    + b',"max_tokens":'
+    + b"1"
+    + b"0" * 30
+    + b"}",
+    "max_tokens Infinity": b'{"model":"gpt-3.5-turbo",' + MESSAGES + b',"max_tokens":Infinity}',
+    "max_tokens NaN": b'{"model":"gpt-3.5-turbo",' + MESSAGES + b',"max_tokens":NaN}',
+    "n 10^30": b'{"model":"gpt-3.5-turbo",'
+    + MESSAGES
+    + b',"max_tokens":5,"n":'
+    + b"1"
+    + b"0" * 30
+    + b"}",
+    "max_completion_tokens 1e300": b'{"model":"gpt-3.5-turbo",'
+    + MESSAGES
+    + b',"max_completion_tokens":1e300,"n":1e300}',
+}
+
+
+@pytest.mark.parametrize("name", sorted(OVER_THE_BUDGET))
+def test_a_count_past_what_a_double_holds_is_refused_by_the_budget(
+    name: str, nginx: Side, python_gateway: Side, upstream: tuple[FakeUpstream, ServerThread]
+) -> None:
+    fake = upstream[0]
+    for index, side in enumerate((python_gateway, nginx)):
+        seen = len(fake.seen)
+        key = side.key(f"hostile{index}", "free")
+        answer = side.chat(key, OVER_THE_BUDGET[name])
+        assert answer.status_code == 402, (side.name, answer.status_code, answer.text[:300])
+        assert answer.headers["content-type"] == "application/problem+json", side.name
+        assert len(fake.seen) == seen, f"{side.name} sent {name} on to the model server"
+
+
+def test_nesting_past_the_parsers_depth_is_a_bad_request(
+    nginx: Side, python_gateway: Side, upstream: tuple[FakeUpstream, ServerThread]
+) -> None:
+    fake = upstream[0]
+    deep = b'{"model":"gpt-3.5-turbo","messages":' + b"[" * 5000 + b"]" * 5000 + b"}"
+    for side in (python_gateway, nginx):
+        seen = len(fake.seen)
+        answer = side.chat(side.key("nested", "free"), deep)
+        assert answer.status_code == 400, (side.name, answer.status_code, answer.text[:300])
+        assert "nest" in answer.json()["detail"], (side.name, answer.text[:300])
+        assert len(fake.seen) == seen
+
+
+def test_content_nested_deeper_than_python_counts_is_a_bad_request(
+    python_gateway: Side, upstream: tuple[FakeUpstream, ServerThread]
+) -> None:
+    """JSON Python decodes but cannot count (900 levels of content) is a 400, not a 500."""
+    fake = upstream[0]
+    content = b"[" * 900 + b"]" * 900
+    body = b'{"model":"gpt-3.5-turbo","messages":[{"role":"user","content":' + content + b"}]}"
+    seen = len(fake.seen)
+    answer = python_gateway.chat(python_gateway.key("nested", "free"), body)
+    assert answer.status_code == 400, answer.text[:300]
+    assert answer.json()["detail"] == "the request body is not JSON: it nests too deep"
+    assert len(fake.seen) == seen
+
+
+# Entries the controller never writes (PlanInfo.to_json writes all four fields): each must
+# name no plan, never one whose empty models list lets any model through.
+BROKEN_ENTRIES: dict[str, object] = {
+    "models-text": {"models": "gpt-3.5-turbo", "fail_mode": "closed"},
+    "models-null": {"models": None, "fail_mode": "closed"},
+    "models-object": {"models": {"gpt-3.5-turbo": 1}, "fail_mode": "closed"},
+    "models-numbers": {"models": [1, 2], "fail_mode": "closed"},
+    "models-left-out": {"fail_mode": "closed", "degrade": None, "credits": None},
+    "fail-mode-left-out": {"models": [], "degrade": None, "credits": None},
+    "fail-mode-odd": {"models": [], "fail_mode": "OPEN"},
+    "empty": {},
+    "a-list": [],
+    "degrade-text": {"models": [], "fail_mode": "closed", "degrade": {"max_tokens": "abc"}},
+    "degrade-list": {"models": [], "fail_mode": "closed", "degrade": [1]},
+    "credits-text": {"models": [], "fail_mode": "closed", "credits": "lots"},
+    "a-number": 5,
+}
+
+
+def test_a_catalog_entry_the_controller_never_writes_names_no_plan(
+    nginx: Side, python_gateway: Side, upstream: tuple[FakeUpstream, ServerThread]
+) -> None:
+    fake = upstream[0]
+    for side in (python_gateway, nginx):
+        entries: dict[str | bytes, bytes | float | int | str] = {
+            plan: json.dumps(entry) for plan, entry in BROKEN_ENTRIES.items()
+        }
+        side.db.hset(f"{PREFIX}:plans", mapping=entries)
+    time.sleep(PLAN_REFRESH_SECONDS + 0.5)  # both gateways reread the catalog by then
+    for side in (python_gateway, nginx):
+        for plan in BROKEN_ENTRIES:
+            seen = len(fake.seen)
+            answer = side.chat(side.key("acme", plan), chat_body(model="gpt-4"))
+            assert answer.status_code == 403, (side.name, plan, answer.text[:300])
+            assert answer.json()["type"].endswith("#unknown-plan"), (side.name, plan)
+            assert len(fake.seen) == seen, f"{side.name} served plan {plan} unrestricted"
+
+
+@pytest.mark.parametrize("stored", ["abc", "", "nan", "inf", "-1", "1e400", "0x10"])
+def test_a_limit_value_governor_never_writes_sheds_instead_of_lifting_the_limit(
+    stored: str, nginx: Side, python_gateway: Side, upstream: tuple[FakeUpstream, ServerThread]
+) -> None:
+    """Ignored, such a value served the plan with no budget (and no rate) at all."""
+    fake = upstream[0]
+    answers = {}
+    for side in (python_gateway, nginx):
+        side.db.hset(f"{PREFIX}:limits:plan:free", "tokens_per_day", stored)
+        side.db.incr(f"{PREFIX}:version")  # gateways read the limits again at once
+        seen = len(fake.seen)
+        answers[side.name] = side.chat(side.key("acme", "free"), chat_body(max_tokens=5000))
+        assert len(fake.seen) == seen, f"{side.name} served past a broken limit"
+    for name, answer in answers.items():
+        assert answer.status_code == 503, (name, answer.text[:300])
+        problem = answer.json()
+        assert problem["type"].endswith("#temporary-reduced-capacity"), (name, problem)
+        assert problem["violated-policies"] == ["plan/free/tokens_per_day"], (name, problem)
