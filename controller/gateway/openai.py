@@ -69,6 +69,7 @@ class ModelRequest:
         model = body.get("model")
         if not isinstance(model, str) or not model:
             raise RequestError("the request names no model (`model` must be a string)")
+        _check_counts(body)
         return cls(kind, raw, body, _prompt_tokens(kind, body))
 
     @property
@@ -134,6 +135,22 @@ class ModelRequest:
     def encoded(self) -> bytes:
         """The body to send on: the client's own bytes unless the gateway changed something."""
         return json.dumps(self.body, separators=(",", ":")).encode() if self.changed else self.raw
+
+
+_COUNTS = ("max_tokens", "max_completion_tokens", "n", "best_of")
+
+
+def _check_counts(body: Mapping[str, Any]) -> None:
+    """A count the client sent must be a positive integer, as OpenAI's API requires: a float
+    such as 1e30, NaN or a string is refused (400), never read as absent and replaced by the
+    gateway's default (the client's request would then be served changed)."""
+    for name in _COUNTS:
+        value = body.get(name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            shown = json.dumps(value)[:40]
+            raise RequestError(f"`{name}` must be a positive integer, not {shown}")
 
 
 def _prompt_tokens(kind: Kind, body: Mapping[str, Any]) -> int:

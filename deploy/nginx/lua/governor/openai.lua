@@ -73,6 +73,22 @@ local function prompt_tokens(kind, body)
   return tokens(body[name])
 end
 
+local COUNTS = {'max_tokens', 'max_completion_tokens', 'n', 'best_of'}
+
+-- A count the client sent must be a positive integer (the Python gateway's check; OpenAI's
+-- API requires it): NaN, Infinity or a string is a 400, never read as absent and replaced by
+-- the gateway's default. (cjson reads 1e30 as the integer it equals; it then meets the budget.)
+local function bad_count(body)
+  for _, name in ipairs(COUNTS) do
+    local value = body[name]
+    if value ~= nil and value ~= cjson.null and not (is_int(value) and value >= 1) then
+      local shown = cjson.encode(value) or tostring(value)
+      return '`' .. name .. '` must be a positive integer, not ' .. shown:sub(1, 40)
+    end
+  end
+  return nil
+end
+
 local Request = {}
 Request.__index = Request
 
@@ -87,6 +103,10 @@ function _M.parse(kind, raw, default_max_tokens)
   end
   if type(body.model) ~= 'string' or body.model == '' then
     return nil, 'the request names no model (`model` must be a string)'
+  end
+  local wrong = bad_count(body)
+  if wrong then
+    return nil, wrong
   end
   local prompt, problem = prompt_tokens(kind, body)
   if not prompt then
