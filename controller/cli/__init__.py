@@ -104,7 +104,8 @@ def _root(
         "-v",
         "--verbose",
         help="Log at GOVERNOR_LOG_LEVEL on stderr, each journal event as a JSON line; "
-        "default: warnings and errors only.",
+        "default: warnings and errors only (`run` and `gateway` always log at "
+        "GOVERNOR_LOG_LEVEL: their logs are their output).",
     ),
 ) -> None:
     """Governor keeps gateway limits in line with GPU load and tenant spend."""
