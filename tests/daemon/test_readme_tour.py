@@ -164,6 +164,11 @@ def _controller_ticked(tour: Tour, _: subprocess.CompletedProcess[str]) -> None:
     wait_for(lambda: tour.get(tour.telemetry, "/readyz") == 200, "the controller is ready", 60)
 
 
+def _verbose(_: Tour, result: subprocess.CompletedProcess[str]) -> None:
+    event = json.loads(result.stderr.splitlines()[-1])
+    assert (event["event"], event["details"]["tenant"]) == ("tenant.set", "acme")
+
+
 def _key_on_stdout(tour: Tour, result: subprocess.CompletedProcess[str]) -> None:
     tour.key = result.stdout.strip()
     assert tour.key.startswith("gov_")
@@ -189,6 +194,15 @@ def _lua_is_the_shipped_one(tour: Tour, _: subprocess.CompletedProcess[str]) -> 
     for name in ("admit.lua", "settle.lua"):
         written = (tour.workdir / "tmp" / "governor-lua" / name).read_text()
         assert written == (REPO / "deploy" / "nginx" / "scripts" / name).read_text()
+
+
+def _next_tick_writes_it(tour: Tour, _: subprocess.CompletedProcess[str]) -> None:
+    # The README's `sleep 6`: the override reaches the limits at the controller's next tick
+    # (every 5 s); three ticks' time allows for a loaded machine.
+    def written() -> bool:
+        return tour.db.hget("governor:{t:acme}:limits", "tokens_per_minute") == "5000"
+
+    wait_for(written, "the controller's next tick writes the override", 15)
 
 
 def _override_is_stored(_: Tour, result: subprocess.CompletedProcess[str]) -> None:
@@ -217,7 +231,7 @@ STEPS = [
         "every signal was empty from 2026-11-26T00:00:00Z",
     ),
     Step("governor run &", check=_controller_ticked),
-    Step("governor tenants set acme paid", shows="tenant acme: plan paid"),
+    Step("governor -v tenants set acme paid", shows="tenant acme: plan paid", check=_verbose),
     Step("governor credits top-up acme 50 --reason 'invoice 1234'", shows="balance 50.0"),
     Step("governor keys create --tenant acme --plan paid", check=_key_on_stdout),
     Step("governor gateway --upstream http://127.0.0.1:8000 &", check=_gateway_serves_the_key),
@@ -229,6 +243,7 @@ STEPS = [
     Step(
         "governor override set tenant/acme/tokens_per_minute 5000 --ttl 1h --reason INC-42",
         shows="override tenant/acme/tokens_per_minute = 5000",
+        check=_next_tick_writes_it,
     ),
     Step("governor limits get tenant/acme --json", check=_override_is_stored),
     Step("governor explain tenant/acme/tokens_per_minute", shows="winner: 5000 from override"),
