@@ -157,6 +157,7 @@ def _dry_run_writes_nothing(tour: Tour, result: subprocess.CompletedProcess[str]
     assert {change["source"] for change in changes.values()} == {"baseline"}
     assert tour.db.keys("governor:limits:*") == []  # a dry run writes no limit
     assert tour.db.get("governor:version") is None
+    assert tour.db.get("governor:plans:version") is None  # nor the plans gateways enforce
 
 
 def _controller_ticked(tour: Tour, _: subprocess.CompletedProcess[str]) -> None:
