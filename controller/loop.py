@@ -312,7 +312,8 @@ class Controller:
         return leader
 
     def _publish(self, policies: PolicySet, reasons: list[str]) -> None:
-        if self.publish is None or self._published == policies.version:
+        # A dry run writes nothing: its plans would replace what every gateway enforces.
+        if self.publish is None or self.dry_run or self._published == policies.version:
             return
         try:
             self.publish(policies)

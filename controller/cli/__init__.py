@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import typer
 import typer.core
+import typer.rich_utils
 
 from controller import __version__
 from controller.cli import (
@@ -37,6 +39,31 @@ def _flag_has_no_type(self: typer.core.TyperOption, ctx: Any) -> str | None:
 
 
 typer.core.TyperOption.display_type_rich = _flag_has_no_type  # type: ignore[method-assign]
+
+
+def _one_line_paragraphs(text: str) -> str:
+    """Each paragraph of a help text on one line (a `\\b` paragraph keeps its breaks). Typer's
+    rich mode keeps a docstring's own line breaks in the description and the command list, so
+    at 80 columns each source line ended in a half-empty line; rich wraps the joined text."""
+    paragraphs = inspect.cleandoc(text).split("\n\n")
+    return "\n\n".join(p if p.startswith("\b") else " ".join(p.split()) for p in paragraphs)
+
+
+_command_help = typer.rich_utils._make_command_help
+
+
+def _command_help_joined(*, help_text: str, markup_mode: Any) -> Any:
+    return _command_help(help_text=_one_line_paragraphs(help_text), markup_mode=markup_mode)
+
+
+typer.rich_utils._make_command_help = _command_help_joined
+
+
+def _paragraphs_joined(paragraphs: list[str], markup_mode: Any) -> str:
+    return _one_line_paragraphs("\n\n".join(paragraphs))
+
+
+typer.rich_utils._fix_linebreaks = _paragraphs_joined
 
 app = typer.Typer(
     name="governor",
@@ -79,7 +106,8 @@ def _root(
         "-v",
         "--verbose",
         help="Log at GOVERNOR_LOG_LEVEL on stderr, each journal event as a JSON line; "
-        "default: warnings and errors only.",
+        "default: warnings and errors only (`run` and `gateway` always log at "
+        "GOVERNOR_LOG_LEVEL: their logs are their output).",
     ),
 ) -> None:
     """Governor keeps gateway limits in line with GPU load and tenant spend."""

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
-from rich.table import Table
+from rich.table import Column, Table
 
 from controller.cli._redis import JSON_OPTION, cli_errors
 from controller.cli.config import load_settings
@@ -88,7 +88,11 @@ def export_lua(
         rows = [{"path": str(f.path), "sha1": f.sha} for f in files]
         typer.echo(json.dumps(rows, indent=2))
         return
-    table = Table("file", "SHA1 (EVALSHA)")
+    # Cut to fit 80 columns, a SHA1 or a path ending in "…" was of no use: the SHA1 keeps its
+    # 40 characters, a long path folds onto the next lines.
+    table = Table(
+        Column("file", overflow="fold"), Column("SHA1 (EVALSHA)", no_wrap=True, min_width=40)
+    )
     for exported in files:
         table.add_row(str(exported.path), exported.sha or "-")
     Console().print(table)

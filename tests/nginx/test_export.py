@@ -126,3 +126,22 @@ def test_the_kong_plugin_has_the_phases_and_fields_kong_looks_up() -> None:
     assert (name, priority, version) == ("governor-admission", "number", "0.1.0")
     assert phases.split(",") == ["access", "response", "header_filter", "body_filter", "log"]
     assert set(fields.split(",")) >= {"export_dir", "redis_host", "redis_port", "api_key_secret"}
+
+
+def test_the_export_table_keeps_whole_paths_and_sha1s_at_80_columns(tmp_path: Path) -> None:
+    directory = tmp_path / ("a-directory-name-long-enough-to-fold" * 2)
+
+    result = CliRunner().invoke(
+        app, ["gateway", "export-lua", str(directory)], env={"COLUMNS": "80"}
+    )
+
+    assert result.exit_code == 0, result.output
+    rows = [line for line in result.stdout.splitlines() if line.startswith("│")]
+    assert max(len(line) for line in result.stdout.splitlines()) <= 80
+    assert "…" not in result.stdout
+    files = "".join(row.split("│")[1].strip() for row in rows)  # a folded path, rejoined
+    shas = {row.split("│")[2].strip() for row in rows}
+    assert files == "".join(
+        str(directory / name) for name in ("admit.lua", "settle.lua", SETTINGS_FILE)
+    )
+    assert {ADMIT.sha, SETTLE.sha} < shas
