@@ -248,6 +248,7 @@ STEPS = [
     ),
     Step("governor limits get tenant/acme --json", check=_override_is_stored),
     Step("governor explain tenant/acme/tokens_per_minute", shows="winner: 5000 from override"),
+    Step("governor usage acme --json", shows='"address": "tenant/acme/tokens_per_minute"'),
     Step("governor audit tail --since 1h --address tenant/acme", shows="override.set"),
     Step("governor signals --label tenant=acme", 1, "tenant=acme: - (absent)"),
     Step("governor freeze --ttl 30m --reason 'INC-42: investigating'", shows="frozen until"),
