@@ -101,7 +101,10 @@ def build(settings: Settings, *, once: bool = False, dry_run: bool = False) -> D
         others = [(masked_url(name), other) for name, other in named.items()]
         journal = Journal(journal_client, keys, settings.journal)
         stack.callback(journal.flush)
-        elector = _elector(settings, client, keys, once=once or embedded)
+        dry_run = dry_run or settings.controller.dry_run
+        # A dry run writes nothing, so it never takes the lock: started against production it
+        # would otherwise win it and stop the real controller from writing limits.
+        elector = _elector(settings, client, keys, once=once or embedded or dry_run)
         stack.callback(elector.release)
         journal.fence = elector.fence  # a deposed leader's events are marked, as its writes fail
         for each in (sink, *(other for _, other in others)):
@@ -124,7 +127,7 @@ def build(settings: Settings, *, once: bool = False, dry_run: bool = False) -> D
             elector=elector,
             metrics=metrics,
             health=health,
-            dry_run=dry_run or settings.controller.dry_run,
+            dry_run=dry_run,
             runbook_base_url=settings.journal.runbook_base_url,
             publish=lambda p: publish_catalog(client, p, prefix=keys.prefix),
             extra_reconcilers=[

@@ -208,3 +208,26 @@ def _released(db: redis.Redis[str]) -> list[dict[str, Any]]:
         for e in stream(db)
         if e["kind"] == "policy.transition" and e["details"]["event"] == "released"
     ]
+
+
+def test_a_dry_run_beside_the_leader_never_takes_the_lock(
+    db: redis.Redis[str], gpu: Gpu, ready_env: dict[str, str], daemons: DaemonFactory
+) -> None:
+    """A `governor run --dry-run` pointed at production must not contend for leadership: it
+    writes nothing, so winning the lock would leave nobody writing limits."""
+    leader = daemons("leader", {**ready_env, "GOVERNOR_LEADER__IDENTITY": "leader"})
+    wait_for(lambda: limit(db) == FREE_RPM, "the leader writes the baseline")
+    token = db.get(LOCK_KEY)
+    assert str(token).startswith("leader#")
+    trial = daemons("trial", {**ready_env, "GOVERNOR_LEADER__IDENTITY": "trial"}, "--dry-run")
+    trial.wait_for_metric("governor_leader", 1.0)  # it evaluates as if it led ...
+
+    assert leader.kill() == -9  # ... and when the lock is free for the taking,
+    wait_for(lambda: db.get(LOCK_KEY) is None, "the dead leader's lease runs out", 20)
+    time.sleep(3 * TICK_SECONDS)
+    assert db.get(LOCK_KEY) is None  # the dry run still does not take it
+    assert trial.running()
+    assert not trial.logged("leader.acquired")
+    gpu.set(0.95)
+    trial.wait_for_log("policy.transition")
+    assert limit(db) == FREE_RPM  # and it wrote nothing
