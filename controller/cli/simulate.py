@@ -181,6 +181,12 @@ def _print_scorecards(
         table.add_row(*row)
     fitted().print(table)  # stacked when narrower than the table, like every CLI table
     first = next(iter(cards.values()))
+    static = cards.get("static")
+    if static is not None and static.knob_edge:
+        console.print(
+            f"[yellow]static: {static.knob_value:g} is on the edge of the range searched "
+            "(0.1–2× the pool's capacity); the best static value may lie beyond it[/yellow]"
+        )
     console.print(
         f"window {first.window[0] / 60:g}–{first.window[1] / 60:g} min; baseline p99 TTFT "
         f"{first.baseline_p99_ttft:.2f}s; ✓/✗ against the goals in docs/control-quality.md"

@@ -105,7 +105,7 @@ class Simulation:
         self.store = SeriesStore()
         self.source = SimSignalSource(self.store, scenario.signals)
         self.gateway = AdmissionModel()
-        self.pools = [PoolModel(p, _mean_work(world, p)) for p in scenario.pools]
+        self.pools = [PoolModel(p, mean_work(world, p)) for p in scenario.pools]
         self._route = np.array([self._pool_of(t) for t in world.tenants], dtype=np.int64)
         self.capacity = sum(p.capacity_tokens_per_second for p in scenario.pools)
         # The oracle admits up to the load at which this very pool model meets the SLO.
@@ -476,7 +476,8 @@ _CONTRACT_REFUSALS = frozenset({"budget_exhausted", "too_large", "model_not_allo
 _HELD_BACK = frozenset({"rate_limited", "shed"})  # control refusals: demand held back
 
 
-def _mean_work(world: World, pool: Pool) -> float:
+def mean_work(world: World, pool: Pool) -> float:
+    """Tokens (prompt + output) a request to `pool`, weighted by the tenants' rates."""
     tenants = [t for t in world.tenants if not pool.models or t.model in pool.models]
     weights = [max(t.rate, 1e-9) for t in tenants] or [1.0]
     works = [t.mean_prompt + t.mean_output for t in tenants] or [1000.0]

@@ -219,10 +219,10 @@ on each seed the policies and every baseline see the same arrivals:
 
 - **policies**: the policy directory given (`{policies}`);
 - **static**: the best static value in hindsight of the policies' own knob (the first AIMD
-  AdaptiveLimit's target), a sweep over its bounds per scenario and seed, the best SLO
-  attainment kept; the value found is in the last column;
-- **plain-aimd**: AIMD on the same knob with the policy's own gains and bounds, every tick,
-  no band, no stabilization;
+  AdaptiveLimit's target), searched over 0.1–2× the pool's capacity to 1 req/s per scenario
+  and seed, the best SLO attainment kept; the value found is in the last column;
+- **plain-aimd**: AIMD on the same knob with the policy's own gains, tolerance band and
+  bounds, every tick, no stabilization;
 - **gradient**: a global concurrency limit adapted like Netflix concurrency-limits'
   Gradient2 from the latency the gateway sees;
 - **no-limit**: the gateway admits everything.

@@ -67,12 +67,13 @@ class Scorecard:
     jain: float | None  # None: fewer than two well-behaved tenants with demand
     worst_share: float | None  # the worst-off well-behaved tenant's good work / demand
     throttle_ticks: int | None  # runaway: its start → a limit of its own below baseline
-    runaway_attainment: float | None  # the others' attainment from its start until then
+    runaway_attainment: float | None  # the others' attainment from its start to the deadline
     timed_out: int
     errors: int
     has_runaway: bool = False
     has_after: bool = False  # ticks after the window exist (recovery is measurable)
     knob_value: float | None = None  # static sweep: the value found best in hindsight
+    knob_edge: bool = False  # ... on the edge of the range searched: the best may lie beyond
 
     def figures(self) -> dict[str, object]:
         return asdict(self)
@@ -157,16 +158,17 @@ def fairness(record: RunRecord, first: int, last: int) -> tuple[float | None, fl
 
 def _throttle(record: RunRecord) -> tuple[int | None, float | None]:
     """For the first runaway tenant: ticks from the event's start until a limit of its own
-    was below its baseline (or 0), and the others' attainment from its start until then (or
-    until its end, when never throttled)."""
+    was below its baseline (or 0), and the others' attainment over one span fixed for every
+    variant: the runaway's start to the goal's deadline (start + THROTTLE_GOAL_TICKS), so a
+    controller that throttles early is not measured over a quieter span than one that never
+    does."""
     runaways = [(a, b) for kind, a, b in record.events if kind == "runaway"]
     if not record.runaway or not runaways:
         return None, None
     name = record.tenants[record.runaway[0]].name
     start = math.floor(runaways[0][0] / record.tick_seconds)
-    end = min(math.ceil(runaways[0][1] / record.tick_seconds), record.ticks)
     throttled = _first_below(record, f"tenant/{name}/", start)
-    until = end if throttled is None else throttled
+    until = min(start + int(THROTTLE_GOAL_TICKS), record.ticks)
     meanwhile = attainment(record, start, until) if until > start else math.nan
     return (None if throttled is None else throttled - start), (
         None if math.isnan(meanwhile) else meanwhile
@@ -230,4 +232,5 @@ def score(record: RunRecord, baseline: RunRecord) -> Scorecard:
         has_runaway=bool(record.runaway),
         has_after=last < record.ticks,
         knob_value=record.knob_value,
+        knob_edge=record.knob_edge,
     )

@@ -5,6 +5,7 @@ the no-overload baseline of a scenario without events."""
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -12,13 +13,22 @@ import pytest
 
 from controller.model import Address
 from controller.policy.loader import load_directory
-from controller.sim.compare import BASELINE, run_variant
+from controller.sim.compare import BASELINE, run_variant, static_grid
 from controller.sim.limiters import GLOBAL_CONCURRENCY, Gradient2
 from controller.sim.oracle import CACHE_ENV, good_load, probe_p99, size_sample
-from controller.sim.reference import no_overload
+from controller.sim.record import RunRecord
+from controller.sim.reference import StaticSearch, merit, no_overload
 from controller.sim.scenario import load_scenario
 from controller.sim.traffic import build_world, size_means
-from controller.sim.variants import AIMD, GRADIENT, NO_LIMIT, POLICIES, STATIC, policy_knob
+from controller.sim.variants import (
+    AIMD,
+    GRADIENT,
+    NO_LIMIT,
+    POLICIES,
+    STATIC,
+    plain_aimd,
+    policy_knob,
+)
 from tests.sim.conftest import POLICIES as SHIPPED
 
 KNOB = Address.parse("global/requests_per_second")
@@ -30,7 +40,50 @@ def test_the_knob_is_the_policies_own() -> None:
     assert knob.target == KNOB
     assert (knob.increase, knob.decrease_factor, knob.low, knob.high) == (1, 0.8, 10, 60)
     assert knob.source == "AdaptiveLimit/global-rps-by-gpu"
-    assert knob.sweep() == [10, 20, 30, 40, 50, 60]
+    # Its tolerance band (0.05) is one of its gains: plain AIMD keeps it.
+    assert knob.tolerance == 0.05
+    aimd = plain_aimd(load_directory(SHIPPED), knob, 0.8).adaptives[0].spec.aimd
+    assert aimd is not None
+    assert (aimd.increase, aimd.decrease_factor, aimd.tolerance) == (1, 0.8, 0.05)
+
+
+def test_the_static_search_range_is_set_by_the_pool_not_the_policy_bounds() -> None:
+    # burst-5x: ~58 req/s of capacity; the search goes from 0.1× to 2× of it, past the
+    # policy's ceiling of 60 (where the auditor found 54 req/s beat the old sweep's 50).
+    for name, capacity in (("burst-5x", 58.0), ("burst-5x-large", 174.0)):
+        scenario = load_scenario(name)
+        world = build_world(scenario, None, scenario.seed)
+        grid, resolution = static_grid(scenario, SHIPPED, world)
+        assert resolution == 1.0
+        assert grid[0] == pytest.approx(0.1 * capacity, abs=1.5)
+        assert grid[-1] == pytest.approx(2 * capacity, abs=4)
+        assert grid[-1] > 60
+
+
+def test_the_static_search_refines_to_one_request_per_second(short_scenario: Path) -> None:
+    scenario = load_scenario(str(short_scenario))
+    grid, resolution = static_grid(scenario, SHIPPED, build_world(scenario, None, scenario.seed))
+    runs: list[float] = []
+
+    def evaluate(values: Sequence[float]) -> list[RunRecord]:
+        runs.extend(values)
+        return [run_variant(scenario, SHIPPED, STATIC, None, value=v) for v in values]
+
+    search = StaticSearch(evaluate, resolution)
+    found = search.best(grid)
+    assert found.knob_value is not None
+    # Each value is run once, whole numbers of req/s, and a modest number of runs in all.
+    assert len(runs) == len(set(runs)) <= len(grid) + 8
+    assert all(v == round(v) for v in runs)
+    # Nothing tried did better, and the values on either side of the best one, at most
+    # 2 req/s away, were tried (or it sits on the edge, and says so).
+    assert all(merit(found) >= merit(r) for r in search.seen.values())
+    value = found.knob_value
+    beside = [v for v in runs if 0 < abs(v - value) <= 2 * resolution]
+    assert len(beside) >= 1
+    assert found.knob_edge == (value in (grid[0], grid[-1]))
+    assert set(grid) <= set(runs)
+    assert len(runs) > len(grid)  # refined beyond the coarse grid
 
 
 def test_gradient2_grows_without_queueing_and_cuts_with_it() -> None:

@@ -29,7 +29,10 @@ def test_simulate_a_short_scenario(short_scenario: Path, tmp_path: Path) -> None
         "gradient",
         "no-limit",
     }
-    assert payload["scorecards"]["static"]["knob_value"] in (10, 20, 30, 40, 50, 60)
+    # The static search: whole req/s within 0.1–2× the short pool's ~14 req/s.
+    found = payload["scorecards"]["static"]["knob_value"]
+    assert found == round(found)
+    assert 1 <= found <= 28
     for card in payload["scorecards"].values():
         assert 0 <= card["utilization_within"] <= 1
         assert card["budget_overrun"] == 0

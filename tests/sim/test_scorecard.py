@@ -82,8 +82,10 @@ def test_every_figure(run: RunRecord, baseline: RunRecord) -> None:
     assert card.jain == pytest.approx(1.5**2 / (2 * (1 + 0.25)))  # 0.9
     assert card.worst_share == pytest.approx(0.5)
     assert card.throttle_ticks == 3  # limit below baseline at tick 5, event at tick 2
-    # Others' attainment from the runaway's start (tick 2) to its throttling (tick 5).
-    assert card.runaway_attainment == pytest.approx(45 / 60)
+    # Others' attainment over one span for every variant: the runaway's start (tick 2) to
+    # the goal's deadline (2 + 22, cut at the run's end), not until it was throttled (5):
+    # t0 40 of 40, t1 20 of 40 (the 45 of 60 until tick 5 would flatter an early throttle).
+    assert card.runaway_attainment == pytest.approx(60 / 80)
     verdicts = card.verdicts()
     assert verdicts["utilization_within"] is False
     assert verdicts["settling_ticks"] is True
@@ -100,7 +102,7 @@ def test_a_run_that_never_settles_or_throttles(run: RunRecord, baseline: RunReco
     card = score(run, baseline)
     assert card.settling_ticks is None
     assert card.throttle_ticks is None
-    # Never throttled: the others' attainment over the whole runaway (ticks 2..5).
+    # Never throttled: the same span, so the same figure as the run throttled at tick 5.
     assert card.runaway_attainment == pytest.approx(60 / 80)
     assert card.verdicts()["settling_ticks"] is False
     assert card.verdicts()["throttle_ticks"] is False
