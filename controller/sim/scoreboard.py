@@ -14,7 +14,7 @@ from pathlib import Path
 from controller.logging import configure_logging
 from controller.sim.compare import SCORED, compare
 from controller.sim.scenario import Scenario
-from controller.sim.scorecard import GOALS, Scorecard
+from controller.sim.scorecard import GOALS, HEADLINE_TEXT, Scorecard, headline
 from controller.sim.trace import TraceData
 
 
@@ -88,7 +88,15 @@ class Board:
             figure = Figure(goal.figure, "", "", "high" if goal.check == "le" else "low")
             found = self.summary(scenario, variant, figure)
             out[goal.figure] = None if found is None else goal.met(found[1])
+        out["attainment"] = self.headline(scenario)[variant]
         return out
+
+    def headline(self, scenario: str) -> dict[str, bool | None]:
+        """The headline goal: each variant's worst-seed attainment against the best
+        baseline's worst seed."""
+        figure = FIGURES[0]  # attainment
+        worst = {v: self.summary(scenario, v, figure) for v in self.cards[scenario]}
+        return headline({v: None if w is None else w[1] for v, w in worst.items()})
 
 
 def _cell(found: tuple[float, float] | None, pattern: str) -> str:
@@ -127,10 +135,10 @@ def goal_table(board: Board, scenario: str) -> list[str]:
         "|---|" + "---|" * len(variants),
     ]
     verdicts = {v: board.verdicts(scenario, v) for v in variants}
-    for goal in GOALS:
-        row = [{True: "✓", False: "✗", None: "—"}[verdicts[v][goal.figure]] for v in variants]
+    for figure, text in [("attainment", HEADLINE_TEXT), *((g.figure, g.text) for g in GOALS)]:
+        row = [{True: "✓", False: "✗", None: "—"}[verdicts[v][figure]] for v in variants]
         if any(mark != "—" for mark in row):
-            lines.append(f"| {goal.text} | " + " | ".join(row) + " |")
+            lines.append(f"| {text} | " + " | ".join(row) + " |")
     return lines
 
 
