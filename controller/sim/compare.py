@@ -34,6 +34,7 @@ from controller.sim.variants import (
     FixedPolicies,
     Knob,
     plain_aimd,
+    plans_only,
     policy_knob,
     static_limits,
 )
@@ -72,10 +73,11 @@ def _controller(
         return PolicyWatcher(policies), None
     if variant == AIMD:
         return FixedPolicies(plain_aimd(loaded, knob, scenario.target_utilization)), None
+    if variant == GRADIENT:  # the only global limit: no Limits document's global rate
+        return FixedPolicies(plans_only(loaded)), Gradient2()
     static = FixedPolicies(static_limits(loaded))
     gates: dict[str, Callable[[], Gate | None]] = {
         STATIC: lambda: None if value is None else FixedKnob(knob.target, value),
-        GRADIENT: Gradient2,
         NO_LIMIT: NoLimit,
         BASELINE: lambda: None,
     }

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from controller.errors import PolicyError
-from controller.model import Address, LimitKind
+from controller.model import Address, LimitKind, Scope
 from controller.policy.baselines import Baselines
 from controller.policy.documents import AdaptiveLimit, DocumentFile, Limits, Plan
 from controller.policy.policyset import PolicySet
@@ -80,6 +80,25 @@ def static_limits(policies: PolicySet) -> PolicySet:
     """Only the Plans and the Limits document: every limit stays at its baseline."""
     kept = [d for d in policies.documents if isinstance(d, Plan | Limits)]
     return PolicySet.from_documents(kept, version=f"static-{policies.version}")
+
+
+def plans_only(policies: PolicySet) -> PolicySet:
+    """The Plans, and the Limits document without its gateway-wide (`global`) limits and
+    their floors and ceilings: the gradient limiter is the only global limit, a peer of the
+    policies rather than one capped by the Limits document's global rate."""
+    static = static_limits(policies)
+    spec = static.limits.spec
+
+    def local(bounds: dict[Address, float]) -> dict[Address, float]:
+        return {a: v for a, v in bounds.items() if a.scope is not Scope.GLOBAL}
+
+    limits = static.limits.model_copy(
+        update={"spec": spec.model_copy(update={
+            "global_": {}, "floors": local(spec.floors), "ceilings": local(spec.ceilings),
+        })}
+    )  # fmt: skip
+    kept = [d for d in static.documents if isinstance(d, Plan)]
+    return PolicySet.from_documents([*kept, limits], version=f"plans-{policies.version}")
 
 
 def policy_knob(policies: PolicySet, spec: PlainAimd) -> Knob:

@@ -141,6 +141,11 @@ def test_every_baseline_sees_the_same_arrivals(short_scenario: Path) -> None:
     assert np.nanmin(written) >= 10
     assert np.nanmax(written) <= 60
     assert len(np.unique(written[np.isfinite(written)])) > 2
+    # Gradient is a peer, not capped by the Limits document's global rate: no global limit
+    # is written beside its own concurrency limit (the static run has the 60 req/s one).
+    gradient = runs[GRADIENT].limits
+    assert not any(k.startswith("global/") and np.isfinite(v).any() for k, v in gradient.items())
+    assert np.nanmax(runs[STATIC].limits[str(KNOB)]) == 60
 
 
 def test_the_oracle_is_measured_on_the_pool_and_cached(
