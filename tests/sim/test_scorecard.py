@@ -157,6 +157,15 @@ def test_a_small_tenant_counts_in_fairness(run: RunRecord, baseline: RunRecord) 
     assert card.attainment == pytest.approx(60 / 81)
 
 
+def test_goodput_above_the_oracle_counts_as_the_oracle(run: RunRecord, baseline: RunRecord) -> None:
+    # ρ* is the highest constant load meeting the p99 SLO, not an upper bound: a run that
+    # serves more good work than it (here 104%) scores 100%, not more.
+    run.goodput[2:6] = 41.6
+    assert score(run, baseline).goodput_ratio == 1.0
+    run.goodput[2:6] = 20
+    assert score(run, baseline).goodput_ratio == pytest.approx(0.5)
+
+
 def test_jain_index() -> None:
     assert jain_index(np.array([1.0, 1.0, 1.0])) == pytest.approx(1.0)
     assert jain_index(np.array([1.0, 0.0, 0.0, 0.0])) == pytest.approx(0.25)
