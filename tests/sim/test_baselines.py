@@ -97,18 +97,44 @@ def test_gradient2_grows_without_queueing_and_cuts_with_it() -> None:
     assert limiter.limit == pytest.approx(20.8)
     limiter.observe(np.full(5, 0.1), inflight=20)
     assert limiter.limit == pytest.approx(21.6)
-    # Latency 4× the long RTT: 1.5 × 0.1 / 0.4 < 0.5, so the gradient is clamped at 0.5:
-    # 0.8·L + 0.2·(0.5·L + 4) = 0.9·L + 0.8.
-    long = limiter.long_rtt
+    # Latency 4× the long RTT: the long RTT takes this window as its 3rd sample of the
+    # warm-up (a plain mean of windows: (0.1 + 0.1 + 0.4) / 3 = 0.2), and the gradient reads
+    # it before the ×0.95 decay: 1.5 × 0.2 / 0.4 = 0.75: 0.8·L + 0.2·(0.75·L + 4).
     before = limiter.limit
     limiter.observe(np.full(10, 0.4), inflight=100)
-    assert limiter.long_rtt > long  # the long average moved toward 0.4, a little
-    assert limiter.limit == pytest.approx(0.9 * before + 0.8)
+    assert limiter.limit == pytest.approx(0.95 * before + 0.8)
+    assert limiter.long_rtt == pytest.approx(0.2)  # 0.2 / 0.4 ≤ 2: no decay
     # Application-limited (fewer than half the limit in flight): the limit stays.
     held = limiter.limit
     limiter.observe(np.full(10, 0.1), inflight=1)
     assert limiter.limit == held
     assert limiter.limits({})[GLOBAL_CONCURRENCY] == float(int(held))
+
+
+def test_gradient2_takes_one_sample_a_window_as_the_library_does() -> None:
+    # A window of 1,000 requests weighs as much as one of 10 in the long RTT: one sample.
+    many, few = Gradient2(), Gradient2()
+    for limiter, size in ((many, 1000), (few, 10)):
+        for _ in range(12):  # past the 10-window warm-up
+            limiter.observe(np.full(size, 0.1), inflight=1)
+        limiter.observe(np.full(size, 0.5), inflight=1)
+    alpha = 2 / 601
+    assert many.long_rtt == pytest.approx(0.1 + alpha * 0.4)
+    assert few.long_rtt == pytest.approx(many.long_rtt)
+    # In flight: the window's largest count, not the last step's.
+    limiter = Gradient2()
+    limiter.observe(np.full(5, 0.1), inflight=40)  # half a window at 40 in flight
+    limiter.observe(np.full(5, 0.1), inflight=1)  # the window closes at 1 in flight
+    assert limiter.limit == pytest.approx(20.8)  # not application-limited: it grew
+    # The gradient reads the long RTT before its decay: after a long slow spell the short
+    # RTT drops to a third of it; the gradient is clamped at 1 and the decay comes after.
+    slow = Gradient2()
+    for _ in range(10):
+        slow.observe(np.full(10, 0.3), inflight=1)
+    limit = slow.limit
+    slow.observe(np.full(10, 0.1), inflight=100)
+    assert slow.long_rtt == pytest.approx((0.3 + 2 / 601 * (0.1 - 0.3)) * 0.95)
+    assert slow.limit == pytest.approx(limit + 0.8)
 
 
 def test_every_baseline_sees_the_same_arrivals(short_scenario: Path) -> None:
