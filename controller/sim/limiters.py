@@ -61,9 +61,10 @@ class Gradient2:
     the short RTT the window's mean, the long RTT a plain mean over the first 10 windows then an
     exponential average over `long_window` windows (one sample a window, as WindowedLimit
     calls the limit once a window; ×0.95 after the gradient when it exceeds twice the short
-    one), no change while the window's largest in-flight count is below half the limit. Its RTT is the latency the gateway sees first, TTFT. Defaults are
-    the library's, except the maximum: its 200 would bind below this fleet's concurrency, and
-    an adaptive peer must find the limit itself. Plans and the Limits stay in force beside it."""
+    one), no change while the window's largest in-flight count is below half the limit. Its
+    RTT is the latency the gateway sees first, TTFT. Defaults are the library's, except the
+    maximum: its 200 would bind below this fleet's concurrency, and an adaptive peer must find
+    the limit itself. The Plans stay in force beside it, not the Limits' global limits."""
 
     limit: float = 20.0
     min_limit: float = 20.0
