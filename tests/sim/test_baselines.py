@@ -172,6 +172,11 @@ def test_every_baseline_sees_the_same_arrivals(short_scenario: Path) -> None:
     gradient = runs[GRADIENT].limits
     assert not any(k.startswith("global/") and np.isfinite(v).any() for k, v in gradient.items())
     assert np.nanmax(runs[STATIC].limits[str(KNOB)]) == 60
+    # Its limit lives in the gate, not Redis; its direction changes are flaps all the same
+    # (the same FlapDetector), while a fixed static knob never turns.
+    assert runs[GRADIENT].flaps > 0
+    assert len(runs[GRADIENT].flap_times) == runs[GRADIENT].flaps
+    assert runs[STATIC].flaps == 0
 
 
 def test_the_oracle_is_measured_on_the_pool_and_cached(
@@ -239,3 +244,39 @@ def test_a_node_down_takes_its_capacity_away(short_scenario: Path, tmp_path: Pat
     capacity = scenario.pools[0].capacity_tokens_per_second
     assert record.oracle[9:20].max() <= 0.5 * capacity * 1.5
     assert record.oracle[9:20].max() < record.oracle[1:8].max()
+
+
+CUT_TOKENS = """
+apiVersion: governor/v1
+kind: AdaptiveLimit
+metadata: {name: cut-enterprise-tokens, description: cut below any request's size}
+spec:
+  target: plan/enterprise/tokens_per_minute
+  signal: {name: fleet_gpu_util, query: 'avg(DCGM_FI_DEV_GPU_UTIL) / 100', stale_after: 60s}
+  setpoint: 0.01
+  algorithm: aimd
+  aimd: {increase: 1, decrease_factor: 0.01}
+  bounds: {min: 10, max: 400000}
+  behavior: {tighten: {stabilization: 0s}, loosen: {stabilization: 0s}}
+"""
+
+
+def test_a_request_too_large_for_a_policy_cut_limit_is_a_miss(
+    short_scenario: Path, tmp_path: Path
+) -> None:
+    # A policy cuts the enterprise plan's tokens per minute below any request's size: its
+    # requests are refused as too_large, by a limit below its baseline: control, not the
+    # contract, so they stay in the attainment's denominator (as misses).
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    for name in ("plans.yaml", "limits.yaml"):
+        (policies / name).write_text((SHIPPED / name).read_text())
+    (policies / "cut.yaml").write_text(CUT_TOKENS)
+    scenario = load_scenario(str(short_scenario))
+    cut = run_variant(scenario, policies, POLICIES, None)
+    free = run_variant(scenario, policies, NO_LIMIT, None)
+    assert np.nanmin(cut.limits["plan/enterprise/tokens_per_minute"]) == 10
+    assert cut.outcomes["too_large"].sum() > 100
+    # Every request the tenants offered is counted, as without any limit.
+    assert cut.tenant_requests.sum() == free.tenant_requests.sum()
+    assert cut.tenant_good_requests.sum() < cut.tenant_requests.sum() / 2
