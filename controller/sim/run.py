@@ -132,6 +132,7 @@ class Simulation:
         )
         self.record.events = [(e.kind, e.at, e.end) for e in scenario.events]
         self.record.runaway = sorted(world.runaway)
+        self.record.bursting = [t.index for t in world.tenants if world.has_own_event(t)]
         self.record.policy_names = sorted(
             p.metadata.name for p in (*policies.throttles, *policies.adaptives)
         )

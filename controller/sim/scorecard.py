@@ -87,6 +87,7 @@ class Scorecard:
     worst_share: float | None  # the worst-off well-behaved tenant's good work / demand
     throttle_ticks: int | None  # runaway: its start → a limit of its own below baseline
     runaway_attainment: float | None  # the others' attainment from its start to the deadline
+    quiet_attainment: float | None  # well-behaved tenants without an event of their own
     timed_out: int
     errors: int
     has_runaway: bool = False
@@ -161,10 +162,11 @@ def _good_tenants(record: RunRecord) -> np.ndarray:
     )
 
 
-def attainment(record: RunRecord, first: int, last: int) -> float:
+def attainment(record: RunRecord, first: int, last: int, only: np.ndarray | None = None) -> float:
     """Well-behaved requests served within the SLO over those they offered (a refusal by
-    the controller, a shed or a timeout is a miss; NaN when they offered none)."""
-    good = _good_tenants(record)
+    the controller, a shed or a timeout is a miss; NaN when they offered none); `only`: of
+    these tenants alone (a mask)."""
+    good = _good_tenants(record) if only is None else _good_tenants(record) & only
     offered = float(record.tenant_requests[first:last, good].sum())
     served = float(record.tenant_good_requests[first:last, good].sum())
     return served / offered if offered else math.nan
@@ -224,6 +226,15 @@ def _flaps_per_hour(record: RunRecord, first: int, last: int) -> float:
     return turns / hours if hours else 0.0
 
 
+def _quiet_attainment(record: RunRecord, first: int, last: int) -> float | None:
+    """The attainment of the well-behaved tenants that had no event of their own (None when
+    every one had): what a surge cost those who did not surge, which Jain can hide."""
+    quiet = np.ones(len(record.tenants), dtype=bool)
+    quiet[record.bursting] = False
+    found = attainment(record, first, last, quiet)
+    return None if math.isnan(found) else found
+
+
 def _goodput_ratio(goodput: float, oracle: float) -> float:
     """Goodput over the oracle's, at most 1: the oracle (ρ*, the highest constant load that
     meets the p99 SLO, applied as a per-step cap) is a reference, not an upper bound: a
@@ -272,6 +283,7 @@ def score(record: RunRecord, baseline: RunRecord) -> Scorecard:
         worst_share=worst,
         throttle_ticks=throttle,
         runaway_attainment=meanwhile,
+        quiet_attainment=_quiet_attainment(record, first, last),
         timed_out=int(record.timed_out.sum()),
         errors=len(record.errors),
         has_runaway=bool(record.runaway),

@@ -13,6 +13,7 @@ import pytest
 
 from controller.model import Address
 from controller.policy.loader import load_directory
+from controller.sim import oracle
 from controller.sim.compare import BASELINE, run_variant, static_grid
 from controller.sim.limiters import GLOBAL_CONCURRENCY, Gradient2
 from controller.sim.oracle import CACHE_ENV, good_load, probe_p99, size_sample
@@ -198,6 +199,10 @@ def test_the_oracle_is_measured_on_the_pool_and_cached(
     assert len(files) == 1
     files[0].write_text(json.dumps({"good_load": 0.123}))
     assert good_load(world, pool, world.tenants, slo, scenario.step) == 0.123
+    # Keyed by the pool model's own source, not a hand-bumped version: another model's
+    # answer is not read.
+    monkeypatch.setattr(oracle, "MODEL_SOURCE", "another pool model")
+    assert good_load(world, pool, world.tenants, slo, scenario.step) == pytest.approx(found)
     # Another SLO is another measurement.
     assert good_load(world, pool, world.tenants, slo / 4, scenario.step) < found
 

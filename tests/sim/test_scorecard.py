@@ -4,14 +4,15 @@ here in the comments."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from controller.sim.record import TTFT_EDGES, RunRecord, Transition
-from controller.sim.scenario import RequestSize
+from controller.sim.scenario import RequestSize, load_scenario
 from controller.sim.scorecard import headline, jain_index, score
-from controller.sim.traffic import SimTenant
+from controller.sim.traffic import SimTenant, build_world
 
 
 def _tenant(index: int, role: str = "tenant") -> SimTenant:
@@ -164,6 +165,26 @@ def test_goodput_above_the_oracle_counts_as_the_oracle(run: RunRecord, baseline:
     assert score(run, baseline).goodput_ratio == 1.0
     run.goodput[2:6] = 20
     assert score(run, baseline).goodput_ratio == pytest.approx(0.5)
+
+
+def test_the_tenants_that_did_not_burst_have_their_own_figure(
+    run: RunRecord, baseline: RunRecord
+) -> None:
+    # t1 surged (an event of its own): the others' share is the quiet tenants' figure, t0's
+    # 40 of 40, beside the 60 of 80 of every well-behaved tenant.
+    run.bursting = [1]
+    card = score(run, baseline)
+    assert card.attainment == pytest.approx(60 / 80)
+    assert card.quiet_attainment == pytest.approx(1.0)
+    run.bursting = [0, 1]  # every well-behaved tenant surged: no such figure
+    assert score(run, baseline).quiet_attainment is None
+
+
+def test_a_burst_names_the_tenants_with_an_event_of_their_own(short_scenario: Path) -> None:
+    scenario = load_scenario(str(short_scenario))  # a burst of the `ent` group only
+    world = build_world(scenario, None, scenario.seed)
+    own = {t.group for t in world.tenants if world.has_own_event(t)}
+    assert own == {"ent"}
 
 
 def test_jain_index() -> None:
