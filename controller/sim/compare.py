@@ -114,7 +114,6 @@ def run_variant(
     return record
 
 
-Task = tuple[str, float | None]
 OTHERS = (AIMD, GRADIENT, NO_LIMIT, BASELINE)  # every run but the policies' and static's
 
 

@@ -40,11 +40,6 @@ def merit(record: RunRecord) -> tuple[float, float]:
     return (-1.0 if math.isnan(mine[0]) else mine[0], -1.0 if math.isnan(mine[1]) else mine[1])
 
 
-def better(candidate: RunRecord, best: RunRecord | None) -> bool:
-    """Hindsight's choice: the higher SLO attainment over the window (then goodput)."""
-    return best is None or merit(candidate) > merit(best)
-
-
 Evaluate = Callable[[Sequence[float]], list[RunRecord]]  # runs static at each value
 _GOLDEN = (math.sqrt(5) - 1) / 2
 
