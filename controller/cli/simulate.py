@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
 _FIGURES = (
     ("attainment", "SLO attainment (well-behaved)", "{:.1%}"),
+    ("quiet_attainment", "… of tenants with no event of their own", "{:.1%}"),
     ("p99_ttft", "p99 TTFT (s)", "{:.2f}"),
     ("p99_increase", "p99 vs no-overload baseline", "{:+.0%}"),
     ("utilization_mean", "mean utilization", "{:.2f}"),
@@ -40,6 +41,9 @@ _FIGURES = (
     ("timed_out", "requests timed out", "{:,}"),
 )
 _NEVER = ("settling_ticks", "recovery_ticks", "throttle_ticks")
+# The shipped scenarios, for --help (read from the package's directory, without loading the
+# simulator).
+_SHIPPED = sorted(p.stem for p in (Path(__file__).parents[1] / "sim" / "scenarios").glob("*.yaml"))
 
 
 def register(root: typer.Typer) -> None:
@@ -58,8 +62,8 @@ def _show(value: object, pattern: str, figure: str) -> str:
 def simulate(
     scenario: str | None = typer.Argument(
         None,
-        help="A shipped scenario (burst-5x, runaway-tenant, ddos, diurnal, azure-conv-3x, "
-        "demo) or a scenario YAML file. Optional with --trace.",
+        help=f"A shipped scenario ({', '.join(_SHIPPED)}) or a scenario YAML file. "
+        "Optional with --trace.",
     ),
     policies: Path = typer.Option(Path("policies"), "--policies", help="Policy directory."),
     seed: int | None = typer.Option(None, "--seed", help="Random seed (default: the scenario's)."),
@@ -90,46 +94,31 @@ def simulate(
         "(docs/control-quality.md is generated this way).",
     ),
 ) -> None:
-    """Run the policies against a simulated fleet beside static limits and plain AIMD.
+    """Run the policies against a simulated fleet beside the baselines.
 
     SCENARIO's simulated fleet runs in closed loop with the REAL engine, resolver, Redis
-    sink (embedded Redis) and journal on a simulated clock, for the given policies AND, in
-    the same run, static limits and plain AIMD; prints the scorecard and writes a PNG.
+    sink (embedded Redis) and journal on a simulated clock, for the given policies AND, on
+    the same arrivals, the baselines: the best static limit in hindsight, plain AIMD on the
+    policies' knob, a Gradient2 concurrency limiter and no limit; prints the scorecard and
+    writes a PNG.
 
     Never touches a configured Redis or Prometheus. With --all, --seeds N or --markdown:
     the scoreboard (median and worst seed per scenario and variant), no PNG.
     """
     if every or seeds > 1 or markdown is not None:
-        _scoreboard(scenario, every, policies, seeds, workers, markdown)
+        unused = {"--live": live, "--pace": pace != 0.0, "--out": out is not None,
+                  "--json": as_json}  # fmt: skip
+        refused = [name for name, given in unused.items() if given]
+        _scoreboard(scenario, every, policies, seeds, workers, markdown,
+                    (trace, speed, seed), refused)  # fmt: skip
         return
-    from controller.sim.compare import compare, load_trace, trace_scenario
+    from controller.sim.compare import compare
     from controller.sim.live import LiveView
     from controller.sim.plots import plot
-    from controller.sim.scenario import find_scenario, load_scenario
-    from controller.sim.trace import read_trace
 
     console = Console()
     try:
-        if scenario is None and trace is None:
-            raise GovernorError("give a SCENARIO, or --trace FILE to replay a trace")
-        if scenario is None:
-            assert trace is not None
-            replayed = read_trace(trace)
-            world = trace_scenario(replayed, trace, speed, seed if seed is not None else 1)
-            data: TraceData | None = replayed
-            source = None
-        else:
-            world = load_scenario(scenario)
-            source = find_scenario(scenario)
-            if trace is not None:
-                if world.trace is None:
-                    raise GovernorError(f"scenario {world.name!r} has no `trace` to replace")
-                world = world.model_copy(
-                    update={"trace": world.trace.model_copy(update={"file": str(trace)})}
-                )
-            data = load_trace(world, source)
-        if seed is not None:
-            world = world.model_copy(update={"seed": seed})
+        world, data = _world(scenario, trace, speed, seed)
         directory = out or Path("sim-out") / world.name
         directory.mkdir(parents=True, exist_ok=True)
         view = LiveView(f"governor simulate {world.name}", world.duration, pace, console)
@@ -170,7 +159,11 @@ def _print_scorecards(
     table.add_column("figure")
     for name in cards:
         table.add_column(name, justify="right")
+    from controller.sim.scorecard import headline  # the simulator loads only when used
+
     verdicts = {name: card.verdicts() for name, card in cards.items()}
+    for name, met in headline({n: c.attainment for n, c in cards.items()}).items():
+        verdicts[name]["attainment"] = met  # the headline goal: against the best baseline
     for figure, label, pattern in _FIGURES:
         row = [label]
         for name, card in cards.items():
@@ -181,6 +174,12 @@ def _print_scorecards(
         table.add_row(*row)
     fitted().print(table)  # stacked when narrower than the table, like every CLI table
     first = next(iter(cards.values()))
+    static = cards.get("static")
+    if static is not None and static.knob_edge:
+        console.print(
+            f"[yellow]static: {static.knob_value:g} is on the edge of the range searched "
+            "(0.1–2× the pool's capacity); the best static value may lie beyond it[/yellow]"
+        )
     console.print(
         f"window {first.window[0] / 60:g}–{first.window[1] / 60:g} min; baseline p99 TTFT "
         f"{first.baseline_p99_ttft:.2f}s; ✓/✗ against the goals in docs/control-quality.md"
@@ -198,31 +197,81 @@ def _plain(value: object) -> object:
     return str(value)
 
 
-def _scenarios(scenario: str | None, every: bool) -> list[tuple[Scenario, TraceData | None]]:
+def _world(
+    scenario: str | None, trace: Path | None, speed: float, seed: int | None
+) -> tuple[Scenario, TraceData | None]:
+    """The one world SCENARIO / --trace / --speed / --seed describe, and its trace."""
+    from controller.sim.compare import load_trace, trace_scenario
+    from controller.sim.scenario import find_scenario, load_scenario
+    from controller.sim.trace import read_trace
+
+    if scenario is None and trace is None:
+        raise GovernorError("give a SCENARIO, or --trace FILE to replay a trace")
+    if scenario is None:
+        assert trace is not None
+        replayed = read_trace(trace)
+        return trace_scenario(replayed, trace, speed, seed if seed is not None else 1), replayed
+    if speed != 1.0:
+        raise GovernorError("--speed applies to --trace without a SCENARIO; drop it")
+    world = load_scenario(scenario)
+    if trace is not None:
+        if world.trace is None:
+            raise GovernorError(f"scenario {world.name!r} has no `trace` to replace")
+        world = world.model_copy(
+            update={"trace": world.trace.model_copy(update={"file": str(trace)})}
+        )
+    if seed is not None:
+        world = world.model_copy(update={"seed": seed})
+    return world, load_trace(world, find_scenario(scenario))
+
+
+Given = tuple[Path | None, float, int | None]  # --trace, --speed, --seed
+
+
+def _scenarios(
+    scenario: str | None, every: bool, given: Given
+) -> list[tuple[Scenario, TraceData | None]]:
+    """The scoreboard's worlds: every shipped scenario, or the one the options describe."""
     from controller.sim.compare import load_trace
     from controller.sim.scenario import find_scenario, load_scenario, scenario_names
 
-    if every == (scenario is not None):
-        raise GovernorError("give either a SCENARIO or --all for the scoreboard")
-    names = scenario_names() if every else [str(scenario)]
-    found: list[tuple[Scenario, TraceData | None]] = []
-    for name in names:
-        world = load_scenario(name)
-        found.append((world, load_trace(world, find_scenario(name))))
-    return found
+    trace, speed, seed = given
+    if not every:
+        return [_world(scenario, trace, speed, seed)]
+    if scenario is not None:
+        raise GovernorError("give either a SCENARIO (or --trace) or --all, not both")
+    if trace is not None or speed != 1.0 or seed is not None:
+        raise GovernorError("--trace, --speed and --seed describe one scenario; not with --all")
+    return [(w, load_trace(w, find_scenario(n))) for n in scenario_names()
+            for w in [load_scenario(n)]]  # fmt: skip
+
+
+def _command(scenario: str | None, every: bool, given: Given, seeds: int, markdown: Path) -> str:
+    """The command that makes this scoreboard again, for the document's header."""
+    trace, speed, seed = given
+    words = ["governor simulate", "--all" if every else scenario or ""]
+    words += [f"--trace {trace}"] if trace is not None else []
+    words += [f"--speed {speed:g}"] if speed != 1.0 else []
+    words += [f"--seed {seed}"] if seed is not None else []
+    return " ".join(w for w in [*words, f"--seeds {seeds}", f"--markdown {markdown}"] if w)
 
 
 def _scoreboard(
     scenario: str | None, every: bool, policies: Path, seeds: int, workers: int,
-    markdown: Path | None,
+    markdown: Path | None, given: Given, unused: list[str],
 ) -> None:  # fmt: skip
     """`--all` / `--seeds`: every (scenario, seed) in `workers` processes, then the table."""
     from controller.sim.scoreboard import document, render, run_board
 
     started = time.monotonic()
     try:
+        if unused:
+            raise GovernorError(
+                f"{', '.join(unused)}: not used by the scoreboard (--all, --seeds, --markdown); "
+                "drop them, or run one scenario on one seed"
+            )
         board = run_board(
-            _scenarios(scenario, every), policies, seeds, workers,
+            _scenarios(scenario, every, given), policies, seeds, workers,
             progress=lambda line: typer.echo(line, err=True),
         )  # fmt: skip
     except GovernorError as exc:
@@ -234,5 +283,6 @@ def _scoreboard(
                f"({workers} workers)")  # fmt: skip
     if markdown is not None:
         markdown.parent.mkdir(parents=True, exist_ok=True)
-        markdown.write_text(document(board, elapsed, workers), encoding="utf-8")
+        text = document(board, elapsed, workers, _command(scenario, every, given, seeds, markdown))
+        markdown.write_text(text, encoding="utf-8")
         typer.echo(f"wrote {markdown}")

@@ -19,12 +19,12 @@ from controller.policy.policyset import PolicySet
 from controller.reload import PolicyWatcher
 from controller.sim.limiters import FixedKnob, Gate, Gradient2, NoLimit
 from controller.sim.record import RunRecord
-from controller.sim.reference import better, no_overload
-from controller.sim.run import Simulation, TickCallback, embedded_redis
+from controller.sim.reference import StaticSearch, no_overload
+from controller.sim.run import Simulation, TickCallback, embedded_redis, mean_work
 from controller.sim.scenario import Scenario
 from controller.sim.scorecard import Scorecard, score
 from controller.sim.trace import TraceData, open_trace, peak_minute_rate
-from controller.sim.traffic import build_world
+from controller.sim.traffic import World, build_world
 from controller.sim.variants import (
     AIMD,
     GRADIENT,
@@ -34,6 +34,7 @@ from controller.sim.variants import (
     FixedPolicies,
     Knob,
     plain_aimd,
+    plans_only,
     policy_knob,
     static_limits,
 )
@@ -72,10 +73,11 @@ def _controller(
         return PolicyWatcher(policies), None
     if variant == AIMD:
         return FixedPolicies(plain_aimd(loaded, knob, scenario.target_utilization)), None
+    if variant == GRADIENT:  # the only global limit: no Limits document's global rate
+        return FixedPolicies(plans_only(loaded)), Gradient2()
     static = FixedPolicies(static_limits(loaded))
     gates: dict[str, Callable[[], Gate | None]] = {
         STATIC: lambda: None if value is None else FixedKnob(knob.target, value),
-        GRADIENT: Gradient2,
         NO_LIMIT: NoLimit,
         BASELINE: lambda: None,
     }
@@ -112,26 +114,18 @@ def run_variant(
     return record
 
 
-Task = tuple[str, float | None]
+OTHERS = (AIMD, GRADIENT, NO_LIMIT, BASELINE)  # every run but the policies' and static's
 
 
-def tasks(scenario: Scenario, policies: Path) -> list[Task]:
-    """Every run but the policies': the static sweep over the knob, then the others."""
+def static_grid(scenario: Scenario, policies: Path, world: World) -> tuple[list[float], float]:
+    """The static search's coarse grid over a range set by the pool (not the policy's
+    bounds), and the resolution it is refined to."""
     knob = policy_knob(load_directory(policies), scenario.plain_aimd)
-    return [
-        *((STATIC, value) for value in knob.sweep()),
-        (AIMD, None),
-        (GRADIENT, None),
-        (NO_LIMIT, None),
-        (BASELINE, None),
-    ]
-
-
-def _keep(result: Comparison, variant: str, record: RunRecord) -> None:
-    if variant != STATIC:
-        result.runs[variant] = record
-    elif better(record, result.runs.get(STATIC)):
-        result.runs[STATIC] = record
+    capacity = sum(p.capacity_tokens_per_second for p in scenario.pools)
+    work = max(mean_work(world, p) for p in scenario.pools)
+    low, high, resolution = knob.search_range(capacity, work)
+    grid = {round(v / resolution) * resolution for v in knob.sweep(low, high)}
+    return sorted(grid), resolution
 
 
 def compare(
@@ -144,9 +138,9 @@ def compare(
     on_tick: TickCallback | None = None,
 ) -> Comparison:
     """Run the policies (in this process, calling `on_tick`) and, meanwhile, every baseline
-    in `workers` processes (0: one after the other, here)."""
+    in `workers` processes (0: one after the other, here); then refine the static search."""
     result = Comparison(scenario, policies)
-    others = tasks(scenario, policies)
+    grid, resolution = static_grid(scenario, policies, build_world(scenario, trace, scenario.seed))
 
     def log(name: str) -> Path | None:
         return None if log_dir is None or name == STATIC else log_dir / f"journal-{name}.log"
@@ -154,29 +148,35 @@ def compare(
     def own() -> RunRecord:
         return run_variant(scenario, policies, POLICIES, log(POLICIES), trace, on_tick)
 
+    def task(name: str, value: float | None = None) -> Callable[[], RunRecord]:
+        return lambda: run_variant(scenario, policies, name, log(name), trace, None, value)
+
     if workers > 0:
         context = multiprocessing.get_context("spawn")  # no inherited sockets or threads
         with concurrent.futures.ProcessPoolExecutor(
             workers, mp_context=context, initializer=configure_logging,
             initargs=("warning", "stderr"),
         ) as pool:  # fmt: skip
-            futures = [
-                (
-                    name,
-                    pool.submit(
-                        run_variant, scenario, policies, name, log(name), trace, None, value
-                    ),
-                )
-                for name, value in others
-            ]
+
+            def submit(name: str, value: float | None) -> concurrent.futures.Future[RunRecord]:
+                return pool.submit(run_variant, scenario, policies, name, log(name), trace,
+                                   None, value)  # fmt: skip
+
+            futures = {name: submit(name, None) for name in OTHERS}
+            first = [submit(STATIC, v) for v in grid]  # the grid runs beside the policies
             result.runs[POLICIES] = own()
-            for name, future in futures:
-                _keep(result, name, future.result())
+            search = StaticSearch(
+                lambda values: [f.result() for f in [submit(STATIC, v) for v in values]],
+                resolution,
+            )
+            search.seen.update(zip(grid, [f.result() for f in first], strict=True))
+            result.runs[STATIC] = search.best(grid)
+            result.runs.update({name: f.result() for name, f in futures.items()})
     else:
         result.runs[POLICIES] = own()
-        for name, value in others:
-            _keep(result, name, run_variant(scenario, policies, name, log(name), trace,
-                                            None, value))  # fmt: skip
+        search = StaticSearch(lambda values: [task(STATIC, v)() for v in values], resolution)
+        result.runs[STATIC] = search.best(grid)
+        result.runs.update({name: task(name)() for name in OTHERS})
     for name in SCORED:
         result.cards[name] = score(result.runs[name], result.baseline)
     return result

@@ -58,11 +58,13 @@ class Gradient2:
         gradient = clamp(rtt_tolerance · long RTT / short RTT, 0.5, 1)
         limit    = (1 − smoothing) · limit + smoothing · (gradient · limit + queue size)
 
-    the short RTT the window's mean, the long RTT an exponential average over `long_window`
-    samples (×0.95 when it exceeds twice the short one), no change while fewer than half the
-    limit are in flight. Its RTT is the latency the gateway sees first, TTFT. Defaults are
-    the library's, except the maximum: its 200 would bind below this fleet's concurrency, and
-    an adaptive peer must find the limit itself. Plans and the Limits stay in force beside it."""
+    the short RTT the window's mean, the long RTT a plain mean over the first 10 windows then an
+    exponential average over `long_window` windows (one sample a window, as WindowedLimit
+    calls the limit once a window; ×0.95 after the gradient when it exceeds twice the short
+    one), no change while the window's largest in-flight count is below half the limit. Its
+    RTT is the latency the gateway sees first, TTFT. Defaults are the library's, except the
+    maximum: its 200 would bind below this fleet's concurrency, and an adaptive peer must find
+    the limit itself. The Plans stay in force beside it, not the Limits' global limits."""
 
     limit: float = 20.0
     min_limit: float = 20.0
@@ -70,29 +72,39 @@ class Gradient2:
     smoothing: float = 0.2
     queue_size: float = 4.0
     rtt_tolerance: float = 1.5
-    long_window: int = 600
-    warmup: int = 10  # the library averages its first samples plainly
+    long_window: int = 600  # in windows: the library's delegate hears one sample a window
+    warmup: int = 10  # windows averaged plainly before the exponential average starts
     window_samples: int = 10
     long_rtt: float = math.nan
-    _samples: int = field(default=0, repr=False)
+    _windows: int = field(default=0, repr=False)
     _window: list[float] = field(default_factory=list, repr=False)
+    _max_inflight: int = field(default=0, repr=False)
 
     def limits(self, written: Mapping[Address, float]) -> dict[Address, float]:
         return {**written, GLOBAL_CONCURRENCY: float(math.floor(self.limit))}
 
     def observe(self, ttft: FloatArray, inflight: int) -> bool:
-        """Called once a step (1 s by default): closes the window when it holds enough."""
+        """Called once a step (1 s by default): closes the window when it holds enough, and
+        hands its mean RTT and its largest in-flight count on as one sample (WindowedLimit)."""
         self._window.extend(ttft.tolist())
+        self._max_inflight = max(self._max_inflight, inflight)
         if len(self._window) < self.window_samples:
             return False
         short = sum(self._window) / len(self._window)
-        self._update_long(len(self._window), short)
+        peak = self._max_inflight
         self._window.clear()
-        if self.long_rtt / short > 2:
-            self.long_rtt *= 0.95
+        self._max_inflight = 0
+        return self._update(short, peak)
+
+    def _update(self, short: float, inflight: int) -> bool:
+        """One window's sample, as Gradient2Limit's update: the gradient reads the long RTT
+        with this sample in it, before the decay that applies to the next windows."""
+        long = self._add_long(short)
+        if long / short > 2:
+            self.long_rtt *= 0.95  # latency back to normal after long overload: catch up
         if inflight < self.limit / 2:
             return False  # application-limited: the latency says nothing about the limit
-        gradient = max(0.5, min(1.0, self.rtt_tolerance * self.long_rtt / short))
+        gradient = max(0.5, min(1.0, self.rtt_tolerance * long / short))
         new = (1 - self.smoothing) * self.limit + self.smoothing * (
             gradient * self.limit + self.queue_size
         )
@@ -101,12 +113,13 @@ class Gradient2:
         self.limit = new
         return changed
 
-    def _update_long(self, count: int, mean: float) -> None:
-        if self._samples < self.warmup:  # a plain mean over the first samples
-            previous = 0.0 if math.isnan(self.long_rtt) else self.long_rtt * self._samples
-            self._samples += count
-            self.long_rtt = (previous + mean * count) / self._samples
-            return
-        # then an exponential average; n samples at once weigh 1 − (1 − α)^n
-        alpha = 2.0 / (self.long_window + 1)
-        self.long_rtt += (mean - self.long_rtt) * (1.0 - (1.0 - alpha) ** count)
+    def _add_long(self, sample: float) -> float:
+        """The long RTT with one more window's sample: a plain mean over the first `warmup`
+        windows, then an exponential average over `long_window` windows."""
+        if self._windows < self.warmup:
+            previous = 0.0 if math.isnan(self.long_rtt) else self.long_rtt * self._windows
+            self._windows += 1
+            self.long_rtt = (previous + sample) / self._windows
+        else:
+            self.long_rtt += (sample - self.long_rtt) * 2.0 / (self.long_window + 1)
+        return self.long_rtt

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from controller.model import FloatArray
+from controller.sim import pool as pool_module
 from controller.sim.pool import PoolModel
 from controller.sim.scenario import REPO_ROOT, Pool
 from controller.sim.traffic import SimTenant, World, _lognormal
@@ -21,8 +22,11 @@ WARMUP_SECONDS = 60.0  # left out of the probe's p99: the queue starts empty
 SEARCH_STEPS = 12  # bisection steps over the load: 1.5 / 2^12 ≈ 0.0004 of capacity
 HIGHEST_LOAD = 1.5
 SAMPLE = 20_000  # request sizes drawn for the probes (fixed seed: the same for every run)
-# Bump when the pool model changes: a cached answer of another model is not this one's.
-MODEL_VERSION = 1
+# The pool model's and this probe's source, hashed into the cache key: a cached answer of
+# another model is not this one's, and no hand-bumped version can be forgotten.
+MODEL_SOURCE = hashlib.sha256(
+    Path(pool_module.__file__ or "").read_bytes() + Path(__file__).read_bytes()
+).hexdigest()
 CACHE_ENV = "GOVERNOR_SIM_CACHE"
 
 
@@ -94,7 +98,7 @@ def good_load(world: World, pool: Pool, tenants: Sequence[SimTenant], slo: float
     holds this exact pool, mix, SLO and step, else measured now and stored."""
     prompt, output = size_sample(world, tenants)
     digest = hashlib.sha256()
-    digest.update(json.dumps([MODEL_VERSION, pool.model_dump(), slo, step]).encode())
+    digest.update(json.dumps([MODEL_SOURCE, pool.model_dump(), slo, step]).encode())
     digest.update(prompt.tobytes())
     digest.update(output.tobytes())
     path = cache_dir() / f"{digest.hexdigest()[:24]}.json"

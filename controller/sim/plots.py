@@ -329,8 +329,7 @@ def _utilization(ax: Axes, comparison: Comparison, clock: Clock) -> str:
     return (
         f"Verdict: with the policies utilization stayed ≤ {ceiling:.0%} on "
         f"{card.utilization_within:.0%} of the ticks of the scored window {clock.window(card)} "
-        f"(goal ≥ 95%: "
-        f"{_met(card, 'utilization_within')}); {others}. Policies: {where}."
+        f"(a diagnostic, no goal); {others}. Policies: {where}."
     )
 
 

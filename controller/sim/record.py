@@ -70,7 +70,9 @@ class RunRecord:
     tenant_good_requests: FloatArray = field(default_factory=lambda: np.empty((0, 0)))
     held_back: FloatArray = field(default_factory=lambda: np.empty(0))  # well-behaved 429/shed
     flap_times: list[float] = field(default_factory=list)  # seconds since start, every turn
+    bursting: list[int] = field(default_factory=list)  # tenants with an event of their own
     knob_value: float | None = None  # a static sweep's value of the policy's knob
+    knob_edge: bool = False  # that value sits on the edge of the range searched
     limits: dict[str, FloatArray] = field(default_factory=dict)  # in force after the tick
     baselines: dict[str, float] = field(default_factory=dict)
     signals: dict[str, FloatArray] = field(default_factory=dict)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 
 from controller.sim.record import RunRecord
 from controller.sim.scenario import Scenario
@@ -32,13 +33,53 @@ def no_overload(scenario: Scenario) -> Scenario:
     return quiet.model_copy(update={"tenants": groups})
 
 
-def better(candidate: RunRecord, best: RunRecord | None) -> bool:
-    """Hindsight's choice: the higher SLO attainment over the window (then goodput)."""
-    if best is None:
-        return True
-    first, last = window_ticks(candidate)
-    mine = (attainment(candidate, first, last), float(candidate.goodput[first:last].sum()))
-    theirs = (attainment(best, first, last), float(best.goodput[first:last].sum()))
-    return tuple(-1.0 if math.isnan(x) else x for x in mine) > tuple(
-        -1.0 if math.isnan(x) else x for x in theirs
-    )
+def merit(record: RunRecord) -> tuple[float, float]:
+    """Hindsight's order: the SLO attainment over the window, then goodput (NaN lowest)."""
+    first, last = window_ticks(record)
+    mine = (attainment(record, first, last), float(record.goodput[first:last].sum()))
+    return (-1.0 if math.isnan(mine[0]) else mine[0], -1.0 if math.isnan(mine[1]) else mine[1])
+
+
+Evaluate = Callable[[Sequence[float]], list[RunRecord]]  # runs static at each value
+_GOLDEN = (math.sqrt(5) - 1) / 2
+
+
+class StaticSearch:
+    """The best static value in hindsight: a coarse grid over the range, then a golden-section
+    refinement around the grid's best (attainment is unimodal enough in the value), each
+    value rounded to `resolution` and run once."""
+
+    def __init__(self, evaluate: Evaluate, resolution: float) -> None:
+        self.evaluate = evaluate
+        self.resolution = resolution
+        self.seen: dict[float, RunRecord] = {}
+
+    def at(self, values: Sequence[float]) -> list[RunRecord]:
+        """Runs at `values` (rounded), the new ones in one batch (parallel if it can)."""
+        rounded = [round(v / self.resolution) * self.resolution for v in values]
+        new = sorted({v for v in rounded if v not in self.seen})
+        self.seen.update(zip(new, self.evaluate(new), strict=True))
+        return [self.seen[v] for v in rounded]
+
+    def best(self, grid: Sequence[float]) -> RunRecord:
+        """The best run found; its `knob_edge` says it sits on the range's edge."""
+        scores = [merit(r) for r in self.at(grid)]
+        k = scores.index(max(scores))
+        self._refine(grid[max(k - 1, 0)], grid[min(k + 1, len(grid) - 1)])
+        found = max(self.seen.values(), key=merit)
+        value = found.knob_value if found.knob_value is not None else math.nan
+        found.knob_edge = min(abs(value - grid[0]), abs(value - grid[-1])) <= self.resolution
+        return found
+
+    def _refine(self, low: float, high: float) -> None:
+        inner = [high - _GOLDEN * (high - low), low + _GOLDEN * (high - low)]
+        scores = [merit(r) for r in self.at(inner)]
+        while high - low > 2 * self.resolution:
+            if scores[0] >= scores[1]:  # the peak is left of the right probe
+                high, inner[1], scores[1] = inner[1], inner[0], scores[0]
+                inner[0] = high - _GOLDEN * (high - low)
+                scores[0] = merit(self.at([inner[0]])[0])
+            else:
+                low, inner[0], scores[0] = inner[0], inner[1], scores[1]
+                inner[1] = low + _GOLDEN * (high - low)
+                scores[1] = merit(self.at([inner[1]])[0])

@@ -105,7 +105,7 @@ class Simulation:
         self.store = SeriesStore()
         self.source = SimSignalSource(self.store, scenario.signals)
         self.gateway = AdmissionModel()
-        self.pools = [PoolModel(p, _mean_work(world, p)) for p in scenario.pools]
+        self.pools = [PoolModel(p, mean_work(world, p)) for p in scenario.pools]
         self._route = np.array([self._pool_of(t) for t in world.tenants], dtype=np.int64)
         self.capacity = sum(p.capacity_tokens_per_second for p in scenario.pools)
         # The oracle admits up to the load at which this very pool model meets the SLO.
@@ -132,6 +132,7 @@ class Simulation:
         )
         self.record.events = [(e.kind, e.at, e.end) for e in scenario.events]
         self.record.runaway = sorted(world.runaway)
+        self.record.bursting = [t.index for t in world.tenants if world.has_own_event(t)]
         self.record.policy_names = sorted(
             p.metadata.name for p in (*policies.throttles, *policies.adaptives)
         )
@@ -141,8 +142,10 @@ class Simulation:
             [t.well_behaved and t.index not in world.runaway for t in world.tenants], dtype=bool
         )
         self._flaps = FlapDetector(keep_all=True)  # every turn, for the scorecard
+        self._gate_limits: dict[Address, float] = {}  # the gate's own, last loaded
         self._served = np.zeros(len(self.pools))  # work served since the last scrape
         self._written: Mapping[Address, float] = {}  # the limits in Redis after the last tick
+        self._written_names: dict[str, float] = {}  # the same by name, as denied_by names them
         n = len(world.tenants)
         self._cost = np.zeros(n)
         self._prompt = np.zeros(n)
@@ -239,6 +242,7 @@ class Simulation:
             record.errors.extend(f"tick {tick}: {r}" for r in outcome.reasons)
         limits = self.sink.read().actual
         self._written = limits
+        self._written_names = {str(a): v for a, v in limits.items()}
         self.gateway.load(limits if self.gate is None else self.gate.limits(limits))
         baselines = Baselines(self.policies, {t.name: t.plan for t in self.world.tenants})
         for address, value in limits.items():
@@ -293,17 +297,18 @@ class Simulation:
             now = times[j]
             self._settle_until(now)
             tenant = tenants[tenant_ids[j]]
-            outcome, rid = self._admit(tenant, reserve[j], now, ips[j], users[j])
+            outcome, rid, denied_by = self._admit(tenant, reserve[j], now, ips[j], users[j])
             self._requests[tenant.index, _OUTCOME_INDEX[outcome]] += 1
             self._seen[tenant.index] = True
             record.outcomes[outcome][tick] += 1
             rids.append(rid)
-            eligible[j] = outcome not in _CONTRACT_REFUSALS
+            eligible[j] = not self._contract_refusal(outcome, denied_by, tenant.plan)
             if outcome in _HELD_BACK and self._good_tenant[tenant_ids[j]]:
                 record.held_back[tick] += 1
         allowed = np.array([rid is not None for rid in rids], dtype=bool)
         # Demand is what the tenant's own contract allows: a request its budget, its plan's
-        # models or a size limit refuses is nobody's loss to control (402, 403, 400).
+        # models or a size limit refuses is nobody's loss to control (402, 403, 400), unless
+        # a policy had cut that limit below its baseline (`_contract_refusal`).
         good_request &= eligible
         np.add.at(record.tenant_offered[tick], arrivals.tenant[eligible], work[eligible])
         np.add.at(record.tenant_requests[tick], arrivals.tenant[eligible], 1.0)
@@ -353,18 +358,52 @@ class Simulation:
         gate = self.gate
         if gate is not None and latencies and gate.observe(np.concatenate(latencies),
                                                            len(self._settles)):  # fmt: skip
-            self.gateway.load(gate.limits(self._written))
+            limits = gate.limits(self._written)
+            self._gate_turns(limits)
+            self.gateway.load(limits)
         step_index = round((elapsed + dt) / self.scenario.step)
         if step_index % round(self.scenario.scrape_interval / self.scenario.step) == 0:
             self._settle_until(self.now)
             self._scrape(start + elapsed + dt, elapsed + dt)
 
+    def _gate_turns(self, limits: Mapping[Address, float]) -> None:
+        """The gate's own limits (a Gradient2's concurrency lives there, not in Redis) go
+        through the same FlapDetector as the written ones: their turns are flaps too."""
+        for address, new in limits.items():
+            if self._written.get(address) == new:
+                continue  # a written limit passed through: counted where it was written
+            old = self._gate_limits.get(address)
+            self._gate_limits[address] = new
+            if old is not None and old != new and self._flaps.observe(address, old, new, self.now):
+                self.record.flap_times.append(self.now - self.scenario.start_time)
+
+    def _contract_refusal(self, outcome: str, denied_by: str | None, plan: str) -> bool:
+        """A refusal by the tenant's contract (out of the attainment's denominator) only if
+        the limit that refused it is at or above its baseline: a policy-cut limit (a
+        tokens_per_minute cut that makes a request too_large) is control, so a miss."""
+        if outcome not in _CONTRACT_REFUSALS:
+            return False
+        if denied_by is None:  # the plan's models: no limit a policy moves
+            return True
+        # The scripts name the tenant level (`tenant/<t>/<field>`) even when the value came
+        # from the plan's hash: the limit in force is the tenant's own, else its plan's.
+        keys = [denied_by]
+        if denied_by.startswith("tenant/"):
+            keys.append(f"plan/{plan}/{denied_by.split('/', 2)[2]}")
+        for key in keys:
+            value = self._written_names.get(key)
+            if value is not None:
+                baseline = self.record.baselines.get(key, math.nan)
+                return math.isnan(baseline) or value >= baseline
+        return True  # no limit Governor wrote: the contract's own
+
     def _admit(
         self, tenant: SimTenant, tokens: float, now: float, ip: int, user: int
-    ) -> tuple[str, str | None]:
+    ) -> tuple[str, str | None, str | None]:
+        """The outcome, the reservation (allowed only) and the limit that refused it."""
         allowed, price, floor = self._terms[tenant.index]
         if not allowed:
-            return "model_not_allowed", None
+            return "model_not_allowed", None, None
         self._seq += 1
         decision = self.gateway.admit(
             rid=str(self._seq),
@@ -379,7 +418,7 @@ class Simulation:
             credit_cost=float(to_micro(tokens * price / 1000.0)) if floor is not None else None,
             credit_floor=floor or 0.0,
         )
-        return decision.outcome, decision.reservation
+        return decision.outcome, decision.reservation, decision.denied_by
 
     def _tenant_terms(self, tenant: SimTenant) -> tuple[bool, float, float | None]:
         """(model allowed by the plan, worst-case USD per 1k tokens, credit floor or None)."""
@@ -476,7 +515,8 @@ _CONTRACT_REFUSALS = frozenset({"budget_exhausted", "too_large", "model_not_allo
 _HELD_BACK = frozenset({"rate_limited", "shed"})  # control refusals: demand held back
 
 
-def _mean_work(world: World, pool: Pool) -> float:
+def mean_work(world: World, pool: Pool) -> float:
+    """Tokens (prompt + output) a request to `pool`, weighted by the tenants' rates."""
     tenants = [t for t in world.tenants if not pool.models or t.model in pool.models]
     weights = [max(t.rate, 1e-9) for t in tenants] or [1.0]
     works = [t.mean_prompt + t.mean_output for t in tenants] or [1000.0]

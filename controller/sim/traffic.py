@@ -142,6 +142,15 @@ class World:
     def is_runaway(self, index: int) -> bool:
         return index in self.runaway
 
+    def has_own_event(self, tenant: SimTenant) -> bool:
+        """Whether an event changes this tenant's own demand (a burst naming it, or every
+        well-behaved tenant; a runaway naming it)."""
+        return any(
+            (e.kind == "burst" and self._in_burst(tenant, e))
+            or (e.kind == "runaway" and e.tenants == [tenant.name])
+            for e in self.scenario.events
+        )
+
     def rates(self, elapsed: float) -> FloatArray:
         """Requests/s of every synthetic tenant now (trace and attackers: 0 here)."""
         at = self.start + elapsed

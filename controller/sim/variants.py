@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from controller.errors import PolicyError
-from controller.model import Address
+from controller.model import Address, LimitKind, Scope
 from controller.policy.baselines import Baselines
 from controller.policy.documents import AdaptiveLimit, DocumentFile, Limits, Plan
 from controller.policy.policyset import PolicySet
@@ -18,7 +18,14 @@ from controller.sim.scenario import PlainAimd
 
 POLICIES, STATIC, AIMD = "policies", "static", "plain-aimd"
 GRADIENT, NO_LIMIT = "gradient", "no-limit"
-SWEEP_POINTS = 6  # static values tried, evenly over the knob's bounds
+SWEEP_POINTS = 6  # the static search's coarse grid, evenly over its range
+# The static search's range, in shares of the pool's capacity in the knob's unit: set by the
+# pool, not by the policy's bounds, so a hindsight value beyond them is found too.
+SEARCH_RANGE = (0.1, 2.0)
+SEARCH_RESOLUTION = 1.0  # in the knob's unit (1 req/s); token knobs: this share of capacity
+# What a capacity in tokens/s is in each knob unit (requests: divided by the mean work).
+_PER_SECOND = {LimitKind.REQUESTS_PER_SECOND: 1.0, LimitKind.REQUESTS_PER_MINUTE: 60.0}
+_TOKENS_PER_SECOND = {LimitKind.TOKENS_PER_MINUTE: 60.0}
 
 
 @dataclass(frozen=True)
@@ -32,10 +39,26 @@ class Knob:
     low: float
     high: float
     source: str  # "AdaptiveLimit/<name>", or the scenario's plain_aimd when there is none
+    tolerance: float = 0.0  # the policy's dead band around the setpoint: one of its gains
 
-    def sweep(self, points: int = SWEEP_POINTS) -> list[float]:
-        """The static values tried in hindsight: evenly spaced over the bounds."""
-        return [float(v) for v in np.linspace(self.low, self.high, points)]
+    def search_range(self, capacity: float, mean_work: float) -> tuple[float, float, float]:
+        """Where the static value is searched, and to what resolution: 0.1–2× the pool's
+        `capacity` (tokens/s; `mean_work` tokens a request) in the knob's unit; a knob of
+        another unit (concurrency, ...) keeps the policy's bounds."""
+        kind = self.target.limit
+        if kind in _PER_SECOND:
+            full = capacity / mean_work * _PER_SECOND[kind]
+            resolution = SEARCH_RESOLUTION * _PER_SECOND[kind]
+        elif kind in _TOKENS_PER_SECOND:
+            full = capacity * _TOKENS_PER_SECOND[kind]
+            resolution = full / 100
+        else:
+            return self.low, self.high, max((self.high - self.low) / 100, 1e-9)
+        return SEARCH_RANGE[0] * full, SEARCH_RANGE[1] * full, resolution
+
+    def sweep(self, low: float, high: float, points: int = SWEEP_POINTS) -> list[float]:
+        """The static search's coarse grid: evenly spaced over [low, high]."""
+        return [float(v) for v in np.linspace(low, high, points)]
 
 
 class FixedPolicies(PolicyWatcher):
@@ -59,6 +82,25 @@ def static_limits(policies: PolicySet) -> PolicySet:
     return PolicySet.from_documents(kept, version=f"static-{policies.version}")
 
 
+def plans_only(policies: PolicySet) -> PolicySet:
+    """The Plans, and the Limits document without its gateway-wide (`global`) limits and
+    their floors and ceilings: the gradient limiter is the only global limit, a peer of the
+    policies rather than one capped by the Limits document's global rate."""
+    static = static_limits(policies)
+    spec = static.limits.spec
+
+    def local(bounds: dict[Address, float]) -> dict[Address, float]:
+        return {a: v for a, v in bounds.items() if a.scope is not Scope.GLOBAL}
+
+    limits = static.limits.model_copy(
+        update={"spec": spec.model_copy(update={
+            "global_": {}, "floors": local(spec.floors), "ceilings": local(spec.ceilings),
+        })}
+    )  # fmt: skip
+    kept = [d for d in static.documents if isinstance(d, Plan)]
+    return PolicySet.from_documents([*kept, limits], version=f"plans-{policies.version}")
+
+
 def policy_knob(policies: PolicySet, spec: PlainAimd) -> Knob:
     """The first AIMD AdaptiveLimit's target, signal, gains and bounds; without one, the
     scenario's `plain_aimd` (its bounds default to the Limits floor/ceiling, else 5%–100% of
@@ -69,7 +111,7 @@ def policy_knob(policies: PolicySet, spec: PlainAimd) -> Knob:
             bounds = adaptive.spec.bounds
             return Knob(adaptive.spec.target, adaptive.spec.signal.query, aimd.increase,
                         aimd.decrease_factor, bounds.min, bounds.max,
-                        f"AdaptiveLimit/{adaptive.metadata.name}")  # fmt: skip
+                        f"AdaptiveLimit/{adaptive.metadata.name}", aimd.tolerance)  # fmt: skip
     base = static_limits(policies)
     baseline = Baselines(base, {}).value(spec.target)
     floors, ceilings = base.limits.spec.floors, base.limits.spec.ceilings
@@ -86,8 +128,8 @@ def policy_knob(policies: PolicySet, spec: PlainAimd) -> Knob:
 
 
 def plain_aimd(policies: PolicySet, knob: Knob, setpoint: float) -> PolicySet:
-    """The static set plus one textbook AIMD on the knob with its gains and bounds: no band,
-    no stabilization, no step limits."""
+    """The static set plus one textbook AIMD on the knob with its gains, tolerance band and
+    bounds: no stabilization, no step limits."""
     base = static_limits(policies)
     document = {
         "apiVersion": "governor/v1",
@@ -101,7 +143,7 @@ def plain_aimd(policies: PolicySet, knob: Knob, setpoint: float) -> PolicySet:
             "aimd": {
                 "increase": knob.increase,
                 "decrease_factor": knob.decrease_factor,
-                "tolerance": 0,
+                "tolerance": knob.tolerance,
             },
             "bounds": {"min": knob.low, "max": knob.high},
             "behavior": {"tighten": {"stabilization": "0s"}, "loosen": {"stabilization": "0s"}},

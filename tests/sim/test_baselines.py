@@ -5,6 +5,7 @@ the no-overload baseline of a scenario without events."""
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -12,13 +13,23 @@ import pytest
 
 from controller.model import Address
 from controller.policy.loader import load_directory
-from controller.sim.compare import BASELINE, run_variant
+from controller.sim import oracle
+from controller.sim.compare import BASELINE, run_variant, static_grid
 from controller.sim.limiters import GLOBAL_CONCURRENCY, Gradient2
 from controller.sim.oracle import CACHE_ENV, good_load, probe_p99, size_sample
-from controller.sim.reference import no_overload
+from controller.sim.record import RunRecord
+from controller.sim.reference import StaticSearch, merit, no_overload
 from controller.sim.scenario import load_scenario
 from controller.sim.traffic import build_world, size_means
-from controller.sim.variants import AIMD, GRADIENT, NO_LIMIT, POLICIES, STATIC, policy_knob
+from controller.sim.variants import (
+    AIMD,
+    GRADIENT,
+    NO_LIMIT,
+    POLICIES,
+    STATIC,
+    plain_aimd,
+    policy_knob,
+)
 from tests.sim.conftest import POLICIES as SHIPPED
 
 KNOB = Address.parse("global/requests_per_second")
@@ -30,7 +41,50 @@ def test_the_knob_is_the_policies_own() -> None:
     assert knob.target == KNOB
     assert (knob.increase, knob.decrease_factor, knob.low, knob.high) == (1, 0.8, 10, 60)
     assert knob.source == "AdaptiveLimit/global-rps-by-gpu"
-    assert knob.sweep() == [10, 20, 30, 40, 50, 60]
+    # Its tolerance band (0.05) is one of its gains: plain AIMD keeps it.
+    assert knob.tolerance == 0.05
+    aimd = plain_aimd(load_directory(SHIPPED), knob, 0.8).adaptives[0].spec.aimd
+    assert aimd is not None
+    assert (aimd.increase, aimd.decrease_factor, aimd.tolerance) == (1, 0.8, 0.05)
+
+
+def test_the_static_search_range_is_set_by_the_pool_not_the_policy_bounds() -> None:
+    # burst-5x: ~58 req/s of capacity; the search goes from 0.1× to 2× of it, past the
+    # policy's ceiling of 60 (where the auditor found 54 req/s beat the old sweep's 50).
+    for name, capacity in (("burst-5x", 58.0), ("burst-5x-large", 174.0)):
+        scenario = load_scenario(name)
+        world = build_world(scenario, None, scenario.seed)
+        grid, resolution = static_grid(scenario, SHIPPED, world)
+        assert resolution == 1.0
+        assert grid[0] == pytest.approx(0.1 * capacity, abs=1.5)
+        assert grid[-1] == pytest.approx(2 * capacity, abs=4)
+        assert grid[-1] > 60
+
+
+def test_the_static_search_refines_to_one_request_per_second(short_scenario: Path) -> None:
+    scenario = load_scenario(str(short_scenario))
+    grid, resolution = static_grid(scenario, SHIPPED, build_world(scenario, None, scenario.seed))
+    runs: list[float] = []
+
+    def evaluate(values: Sequence[float]) -> list[RunRecord]:
+        runs.extend(values)
+        return [run_variant(scenario, SHIPPED, STATIC, None, value=v) for v in values]
+
+    search = StaticSearch(evaluate, resolution)
+    found = search.best(grid)
+    assert found.knob_value is not None
+    # Each value is run once, whole numbers of req/s, and a modest number of runs in all.
+    assert len(runs) == len(set(runs)) <= len(grid) + 8
+    assert all(v == round(v) for v in runs)
+    # Nothing tried did better, and the values on either side of the best one, at most
+    # 2 req/s away, were tried (or it sits on the edge, and says so).
+    assert all(merit(found) >= merit(r) for r in search.seen.values())
+    value = found.knob_value
+    beside = [v for v in runs if 0 < abs(v - value) <= 2 * resolution]
+    assert len(beside) >= 1
+    assert found.knob_edge == (value in (grid[0], grid[-1]))
+    assert set(grid) <= set(runs)
+    assert len(runs) > len(grid)  # refined beyond the coarse grid
 
 
 def test_gradient2_grows_without_queueing_and_cuts_with_it() -> None:
@@ -44,18 +98,44 @@ def test_gradient2_grows_without_queueing_and_cuts_with_it() -> None:
     assert limiter.limit == pytest.approx(20.8)
     limiter.observe(np.full(5, 0.1), inflight=20)
     assert limiter.limit == pytest.approx(21.6)
-    # Latency 4× the long RTT: 1.5 × 0.1 / 0.4 < 0.5, so the gradient is clamped at 0.5:
-    # 0.8·L + 0.2·(0.5·L + 4) = 0.9·L + 0.8.
-    long = limiter.long_rtt
+    # Latency 4× the long RTT: the long RTT takes this window as its 3rd sample of the
+    # warm-up (a plain mean of windows: (0.1 + 0.1 + 0.4) / 3 = 0.2), and the gradient reads
+    # it before the ×0.95 decay: 1.5 × 0.2 / 0.4 = 0.75: 0.8·L + 0.2·(0.75·L + 4).
     before = limiter.limit
     limiter.observe(np.full(10, 0.4), inflight=100)
-    assert limiter.long_rtt > long  # the long average moved toward 0.4, a little
-    assert limiter.limit == pytest.approx(0.9 * before + 0.8)
+    assert limiter.limit == pytest.approx(0.95 * before + 0.8)
+    assert limiter.long_rtt == pytest.approx(0.2)  # 0.2 / 0.4 ≤ 2: no decay
     # Application-limited (fewer than half the limit in flight): the limit stays.
     held = limiter.limit
     limiter.observe(np.full(10, 0.1), inflight=1)
     assert limiter.limit == held
     assert limiter.limits({})[GLOBAL_CONCURRENCY] == float(int(held))
+
+
+def test_gradient2_takes_one_sample_a_window_as_the_library_does() -> None:
+    # A window of 1,000 requests weighs as much as one of 10 in the long RTT: one sample.
+    many, few = Gradient2(), Gradient2()
+    for limiter, size in ((many, 1000), (few, 10)):
+        for _ in range(12):  # past the 10-window warm-up
+            limiter.observe(np.full(size, 0.1), inflight=1)
+        limiter.observe(np.full(size, 0.5), inflight=1)
+    alpha = 2 / 601
+    assert many.long_rtt == pytest.approx(0.1 + alpha * 0.4)
+    assert few.long_rtt == pytest.approx(many.long_rtt)
+    # In flight: the window's largest count, not the last step's.
+    limiter = Gradient2()
+    limiter.observe(np.full(5, 0.1), inflight=40)  # half a window at 40 in flight
+    limiter.observe(np.full(5, 0.1), inflight=1)  # the window closes at 1 in flight
+    assert limiter.limit == pytest.approx(20.8)  # not application-limited: it grew
+    # The gradient reads the long RTT before its decay: after a long slow spell the short
+    # RTT drops to a third of it; the gradient is clamped at 1 and the decay comes after.
+    slow = Gradient2()
+    for _ in range(10):
+        slow.observe(np.full(10, 0.3), inflight=1)
+    limit = slow.limit
+    slow.observe(np.full(10, 0.1), inflight=100)
+    assert slow.long_rtt == pytest.approx((0.3 + 2 / 601 * (0.1 - 0.3)) * 0.95)
+    assert slow.limit == pytest.approx(limit + 0.8)
 
 
 def test_every_baseline_sees_the_same_arrivals(short_scenario: Path) -> None:
@@ -88,6 +168,16 @@ def test_every_baseline_sees_the_same_arrivals(short_scenario: Path) -> None:
     assert np.nanmin(written) >= 10
     assert np.nanmax(written) <= 60
     assert len(np.unique(written[np.isfinite(written)])) > 2
+    # Gradient is a peer, not capped by the Limits document's global rate: no global limit
+    # is written beside its own concurrency limit (the static run has the 60 req/s one).
+    gradient = runs[GRADIENT].limits
+    assert not any(k.startswith("global/") and np.isfinite(v).any() for k, v in gradient.items())
+    assert np.nanmax(runs[STATIC].limits[str(KNOB)]) == 60
+    # Its limit lives in the gate, not Redis; its direction changes are flaps all the same
+    # (the same FlapDetector), while a fixed static knob never turns.
+    assert runs[GRADIENT].flaps > 0
+    assert len(runs[GRADIENT].flap_times) == runs[GRADIENT].flaps
+    assert runs[STATIC].flaps == 0
 
 
 def test_the_oracle_is_measured_on_the_pool_and_cached(
@@ -109,6 +199,10 @@ def test_the_oracle_is_measured_on_the_pool_and_cached(
     assert len(files) == 1
     files[0].write_text(json.dumps({"good_load": 0.123}))
     assert good_load(world, pool, world.tenants, slo, scenario.step) == 0.123
+    # Keyed by the pool model's own source, not a hand-bumped version: another model's
+    # answer is not read.
+    monkeypatch.setattr(oracle, "MODEL_SOURCE", "another pool model")
+    assert good_load(world, pool, world.tenants, slo, scenario.step) == pytest.approx(found)
     # Another SLO is another measurement.
     assert good_load(world, pool, world.tenants, slo / 4, scenario.step) < found
 
@@ -155,3 +249,39 @@ def test_a_node_down_takes_its_capacity_away(short_scenario: Path, tmp_path: Pat
     capacity = scenario.pools[0].capacity_tokens_per_second
     assert record.oracle[9:20].max() <= 0.5 * capacity * 1.5
     assert record.oracle[9:20].max() < record.oracle[1:8].max()
+
+
+CUT_TOKENS = """
+apiVersion: governor/v1
+kind: AdaptiveLimit
+metadata: {name: cut-enterprise-tokens, description: cut below any request's size}
+spec:
+  target: plan/enterprise/tokens_per_minute
+  signal: {name: fleet_gpu_util, query: 'avg(DCGM_FI_DEV_GPU_UTIL) / 100', stale_after: 60s}
+  setpoint: 0.01
+  algorithm: aimd
+  aimd: {increase: 1, decrease_factor: 0.01}
+  bounds: {min: 10, max: 400000}
+  behavior: {tighten: {stabilization: 0s}, loosen: {stabilization: 0s}}
+"""
+
+
+def test_a_request_too_large_for_a_policy_cut_limit_is_a_miss(
+    short_scenario: Path, tmp_path: Path
+) -> None:
+    # A policy cuts the enterprise plan's tokens per minute below any request's size: its
+    # requests are refused as too_large, by a limit below its baseline: control, not the
+    # contract, so they stay in the attainment's denominator (as misses).
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    for name in ("plans.yaml", "limits.yaml"):
+        (policies / name).write_text((SHIPPED / name).read_text())
+    (policies / "cut.yaml").write_text(CUT_TOKENS)
+    scenario = load_scenario(str(short_scenario))
+    cut = run_variant(scenario, policies, POLICIES, None)
+    free = run_variant(scenario, policies, NO_LIMIT, None)
+    assert np.nanmin(cut.limits["plan/enterprise/tokens_per_minute"]) == 10
+    assert cut.outcomes["too_large"].sum() > 100
+    # Every request the tenants offered is counted, as without any limit.
+    assert cut.tenant_requests.sum() == free.tenant_requests.sum()
+    assert cut.tenant_good_requests.sum() < cut.tenant_requests.sum() / 2

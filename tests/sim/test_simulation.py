@@ -61,9 +61,10 @@ def test_limits_far_above_capacity_score_badly(short_scenario: Path, tmp_path: P
     assert overloaded.utilization_within < 0.5
     assert overloaded.goodput_ratio < 0.5
     assert overloaded.p99_increase > 1.0
-    assert overloaded.settling_ticks is None
+    # Steady (settling reads attainment) but at almost nothing served within the SLO.
+    assert overloaded.attainment < 0.05
     verdicts = overloaded.verdicts()
-    assert verdicts["utilization_within"] is False
+    assert "utilization_within" not in verdicts  # a diagnostic, not a goal
     assert verdicts["goodput_ratio"] is False
     # A controller whose bounds fit the fleet (plain AIMD on the shipped Limits) does better.
     assert controlled.goodput_ratio > overloaded.goodput_ratio
