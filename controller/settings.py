@@ -13,7 +13,7 @@ from urllib.parse import SplitResult, urlsplit
 from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from controller.logging import mask_text
+from controller.urls import mask_url
 
 
 def _split(url: str, kind: str, example: str) -> SplitResult:
@@ -23,10 +23,10 @@ def _split(url: str, kind: str, example: str) -> SplitResult:
         parts.port  # noqa: B018 -- raises ValueError on a port that is not a number
     except ValueError:
         raise ValueError(
-            f"{kind} URL {mask_text(url)!r}: the port is not a number; e.g. {example}"
+            f"{kind} URL {mask_url(url)!r}: the port is not a number; e.g. {example}"
         ) from None
     if not parts.hostname:
-        raise ValueError(f"{kind} URL {mask_text(url)!r} names no host; e.g. {example}")
+        raise ValueError(f"{kind} URL {mask_url(url)!r} names no host; e.g. {example}")
     return parts
 
 
@@ -41,7 +41,7 @@ def check_redis_url(url: str) -> str:
     database = _split(url, "Redis", example).path.strip("/")
     if database and not database.isdigit():
         raise ValueError(
-            f"Redis URL {mask_text(url)!r}: database {database!r} is not a number; e.g. {example}"
+            f"Redis URL {mask_url(url)!r}: database {database!r} is not a number; e.g. {example}"
         )
     return url
 
@@ -79,7 +79,7 @@ class PrometheusSettings(BaseModel):
         example = "http://prometheus:9090"
         if urlsplit(value).scheme not in ("http", "https"):
             raise ValueError(
-                f"Prometheus URL {mask_text(value)!r} needs an http:// or https:// scheme; "
+                f"Prometheus URL {mask_url(value)!r} needs an http:// or https:// scheme; "
                 f"e.g. {example}"
             )
         _split(value, "Prometheus", example)

@@ -74,7 +74,7 @@ def _records(values: Iterable[str]) -> list[KeyRecord]:
 
 def store_key(keys: KeySchema) -> str:
     """The hash of every API key record: field = key id, value = KeyRecord JSON."""
-    return f"{keys.prefix}:apikeys"
+    return keys.api_keys
 
 
 def key_id_of(key: str) -> str | None:
