@@ -30,6 +30,8 @@ PROGRAMS: dict[str, tuple[str, frozenset[str]]] = {
     "nginx": ("nginx-extras", _NGINX),
     "lua5.1": ("lua5.1", _NGINX),
     "luac5.1": ("lua5.1", _NGINX),
+    "node": ("nodejs", frozenset({"clients"})),  # the OpenAI Node SDK (tests/clients)
+    "npm": ("npm", frozenset({"clients"})),
 }
 
 
