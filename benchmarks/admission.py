@@ -41,15 +41,17 @@ from limits import RateLimitItemPerMinute
 from limits.aio.storage import RedisStorage
 from limits.aio.strategies import MovingWindowRateLimiter, SlidingWindowCounterRateLimiter
 
+from controller.changes import diff
+from controller.clients.scripts import ADMIT, Script
+from controller.contract.catalog import PlanInfo
+from controller.contract.enforcement import EnforcementKeys
+from controller.contract.keys import KeySchema
 from controller.gateway.admission import Admission, AdmissionRequest
-from controller.gateway.catalog import PlanCatalog, PlanInfo
+from controller.gateway.catalog import PlanCatalog
 from controller.gateway.limits import read_limits
 from controller.gateway.prices import PriceTable
-from controller.gateway.scripts import ADMIT, EnforcementKeys, Script
 from controller.model import Address
-from controller.reconcile import diff
 from controller.settings import PricesSettings
-from controller.sinks.keys import KeySchema
 from controller.sinks.redis import RedisSink
 from tests.support.redis import RedisServer
 

@@ -39,7 +39,8 @@ from benchmarks.admission import (
     full_decision_call,
     write_limits,
 )
-from controller.gateway.scripts import ADMIT, EnforcementKeys, Script
+from controller.clients.scripts import ADMIT, Script
+from controller.contract.enforcement import EnforcementKeys
 from controller.model import Scope
 from tests.support.redis import RedisServer, free_port
 
@@ -103,7 +104,7 @@ def script_at(revision: str) -> tuple[Script, Call]:
     """admit.lua (with lib.lua, as Script.named builds it) at a git revision, and its call."""
 
     def show(name: str) -> str:
-        path = f"controller/gateway/lua/{name}.lua"
+        path = f"controller/contract/lua/{name}.lua"
         return subprocess.run(["git", "show", f"{revision}:{path}"], check=True,
                               capture_output=True, text=True).stdout  # fmt: skip
 

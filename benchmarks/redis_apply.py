@@ -18,11 +18,11 @@ from pathlib import Path
 
 import redis
 
+from controller.changes import diff
+from controller.clients.redis import connect
+from controller.contract.keys import KeySchema, format_value
 from controller.model import Address, LimitKind, Scope
-from controller.reconcile import diff
 from controller.settings import RedisSettings
-from controller.sinks.connection import connect
-from controller.sinks.keys import KeySchema, format_value
 from controller.sinks.redis import RedisSink
 from tests.support.redis import RedisServer
 

@@ -4,7 +4,7 @@ Run from the repository root: `.venv/bin/python -m benchmarks.tick_scale [--tena
 Each scale runs in a child process of its own (so its RSS is its own), with its own
 Prometheus (backfilled with promtool: per tenant `tenant_load`, `tenant_queue`,
 `tenant_errors`) and its own redis-server, both on free loopback ports. The controller is
-the daemon's (`controller.daemon.build`: real PrometheusSource, RedisSink, journal), ticking
+the daemon's (`controller.control.daemon.build`: real PrometheusSource, RedisSink, journal), ticking
 on a virtual clock 5 s apart through the backfilled history. Every tick one tenth of the
 tenants turns hot or cool, so 10% of the 100k+ limits change per tick (each change written,
 journalled, its decision recorded).
@@ -43,7 +43,8 @@ import httpx
 import redis
 from pyinstrument import Profiler
 
-from controller.daemon import Daemon, build
+from controller.contract.keys import KeySchema, format_value
+from controller.control.daemon import Daemon, build
 from controller.logging import configure_logging
 from controller.model import Address
 from controller.settings import (
@@ -54,7 +55,6 @@ from controller.settings import (
     Settings,
     TelemetrySettings,
 )
-from controller.sinks.keys import KeySchema, format_value
 from tests.support.prometheus import PrometheusServer, Series, backfill, openmetrics
 from tests.support.redis import RedisServer
 

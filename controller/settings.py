@@ -34,7 +34,7 @@ def check_redis_url(url: str) -> str:
     """A redis:// or rediss:// URL must name a host, a numeric port and database: redis-py
     reads `redis://` as localhost:6379 and ignores `/abc`, which may be someone else's
     Redis. unix:// and Sentinel URLs, and wrong schemes, are judged where they are parsed
-    (controller.sinks.connection)."""
+    (controller.clients.redis)."""
     if urlsplit(url).scheme not in ("redis", "rediss"):
         return url
     example = "redis://127.0.0.1:6379/0"

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import redis
 
 from controller.cli._redis import Stores
+from controller.contract.catalog import unknown_plan_message
 from controller.errors import ConfigurationError, PolicyError, SinkError
-from controller.gateway.catalog import catalog_key, unknown_plan_message
 from controller.policy.loader import load_directory
 
 
@@ -34,7 +34,7 @@ def known_plans(s: Stores) -> KnownPlans:
     """The catalog the controller published to Redis: what every gateway enforces. Before its
     first publish (no controller has loaded the policies yet), the policy directory it is
     configured with (GOVERNOR_CONTROLLER__POLICY_DIR), which it will publish."""
-    key = catalog_key(s.keys.prefix)
+    key = s.keys.catalog
     try:
         names = s.client.hkeys(key)
     except redis.RedisError as exc:

@@ -21,16 +21,16 @@ from rich.rule import Rule
 from rich.table import Table
 from rich.text import Text
 
-from controller.audit import Journal, JournalEvent
 from controller.cli.config import load_settings
+from controller.clients.redis import close, connect, url_from_settings
+from controller.contract.keys import KeySchema
+from controller.control.overrides import ControlStore
 from controller.errors import ConfigurationError, SinkError
+from controller.journal.journal import Journal, JournalEvent
 from controller.logging import configure_logging, mask_text
 from controller.model import Address, AddressError
 from controller.policy.documents import parse_duration
 from controller.settings import Settings
-from controller.sinks.connection import close, connect, url_from_settings
-from controller.sinks.control import ControlStore
-from controller.sinks.keys import KeySchema
 from controller.sinks.redis import RedisSink
 
 JSON_OPTION = typer.Option(False, "--json", help="Print JSON for scripts instead of a table.")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
@@ -14,6 +15,9 @@ from controller.cli._redis import JSON_OPTION, cli_errors
 from controller.cli.config import load_settings
 from controller.errors import ConfigurationError, PolicyError
 from controller.logging import configure_logging
+
+if TYPE_CHECKING:
+    from controller.gateway.app import FixedPlans
 
 
 def register(root: typer.Typer) -> None:
@@ -62,8 +66,9 @@ def gateway(
         configure_logging(settings.log_level, "stderr")
         listen_host, listen_port = host or settings.gateway.host, port or settings.gateway.port
         try:
+            plans = None if policies is None else fixed_plans(policies)
             app = create_app(
-                settings, require_upstream(upstream), policies, f"{listen_host}:{listen_port}"
+                settings, require_upstream(upstream), plans, f"{listen_host}:{listen_port}"
             )
         except PolicyError as exc:  # file:line:col: message per error, not a traceback
             raise ConfigurationError(str(exc)) from None
@@ -96,3 +101,20 @@ def export_lua(
     for exported in files:
         table.add_row(str(exported.path), exported.sha or "-")
     Console().print(table)
+
+
+def fixed_plans(directory: Path) -> FixedPlans:
+    """The plans of a policy directory, as `governor gateway --policies` serves them."""
+    from controller.contract.catalog import PlanInfo
+    from controller.gateway.app import FixedPlans
+    from controller.policy.loader import load_directory
+
+    loaded = load_directory(directory)
+    return FixedPlans(
+        f"{loaded.version} (--policies)",
+        {name: PlanInfo.from_spec(plan.spec) for name, plan in loaded.plans.items()},
+        {
+            name: {k.value: v for k, v in plan.spec.limits.items()}
+            for name, plan in loaded.plans.items()
+        },
+    )

@@ -5,7 +5,6 @@ from __future__ import annotations
 import typer
 from rich.table import Table
 
-from controller.audit import JournalEvent, Kind
 from controller.cli._plans import known_plans
 from controller.cli._redis import (
     JSON_OPTION,
@@ -17,6 +16,7 @@ from controller.cli._redis import (
     when,
 )
 from controller.gateway.keys import KeyStore
+from controller.journal.journal import JournalEvent, Kind
 
 app = typer.Typer(
     help="API keys for `governor gateway`: each stands for a tenant (and user) on a plan.",

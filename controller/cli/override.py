@@ -8,7 +8,6 @@ from typing import Any
 import typer
 from rich.table import Table
 
-from controller.audit import JournalEvent, Kind
 from controller.cli._plans import known_plans
 from controller.cli._redis import (
     JSON_OPTION,
@@ -23,9 +22,10 @@ from controller.cli._redis import (
     stores,
     when,
 )
+from controller.control.overrides import Freeze
+from controller.journal.journal import JournalEvent, Kind
 from controller.model import Override
 from controller.policy.documents import format_duration
-from controller.sinks.control import Freeze
 
 app = typer.Typer(
     help="Pin a limit to a value until it expires (manual override beats automation).",

@@ -9,14 +9,14 @@ from typing import TYPE_CHECKING
 import typer
 from rich.table import Table
 
+from controller.changes import Change
 from controller.cli._redis import console, number
 from controller.cli.config import load_settings
 from controller.errors import GovernorError
 from controller.logging import configure_logging
-from controller.reconcile import Change
 
 if TYPE_CHECKING:
-    from controller.loop import TickOutcome
+    from controller.control.tick import TickOutcome
     from controller.model import Decision
 
 # What the journal says of a change that no decision stands behind (a limit deleted).
@@ -54,7 +54,7 @@ def run(
     Telemetry: /metrics, /healthz, /readyz on GOVERNOR_TELEMETRY__PORT (default 9100).
     SIGTERM or Ctrl-C finishes the running tick, flushes the journal and steps down.
     """
-    from controller.daemon import build, run_forever
+    from controller.control.daemon import build, run_forever
 
     settings = load_settings()
     if policies is not None:

@@ -9,12 +9,12 @@ from rich.table import Table
 
 from controller.cli._plans import known_plans
 from controller.cli._redis import JSON_OPTION, Stores, console, echo_json, number, stores
+from controller.contract.catalog import PlanInfo
+from controller.contract.enforcement import EnforcementKeys
 from controller.errors import ConfigurationError, SinkError
-from controller.gateway.catalog import PlanInfo, catalog_key
 from controller.gateway.credits import CreditLedger
 from controller.gateway.keys import KeyStore
 from controller.gateway.responses import openai_duration
-from controller.gateway.scripts import EnforcementKeys
 from controller.gateway.usage import LimitUsage, TenantUsage, read_usage, usage_json, whole
 
 
@@ -98,7 +98,7 @@ def usage(
 
 def _credits(s: Stores, tenant: str, plan: str) -> dict[str, float] | None:
     """The credit balance when the published plan charges credits (a limit too), else None."""
-    key = catalog_key(s.keys.prefix)
+    key = s.keys.catalog
     try:
         text = s.client.hget(key, plan)
     except redis.RedisError as exc:

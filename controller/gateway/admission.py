@@ -16,18 +16,12 @@ from typing import Literal
 
 import redis.asyncio
 
-from controller.gateway.catalog import PlanCatalog, PlanInfo
+from controller.clients.scripts import ADMIT, CHARGE, SETTLE, EnforcementError, load_scripts
+from controller.contract.catalog import PlanInfo
+from controller.contract.enforcement import EnforcementKeys, ip_id
+from controller.gateway.catalog import PlanCatalog
 from controller.gateway.limits import PERIOD_MS, LimitCache, Resolved
 from controller.gateway.prices import PriceTable, to_micro
-from controller.gateway.scripts import (
-    ADMIT,
-    CHARGE,
-    SETTLE,
-    EnforcementError,
-    EnforcementKeys,
-    ip_id,
-    load_scripts,
-)
 from controller.model import Address, LimitKind, Scope, validate_id
 
 __all__ = [

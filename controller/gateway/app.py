@@ -7,10 +7,9 @@ import contextlib
 import os
 import signal
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from types import FrameType
 from urllib.parse import urlsplit
 
@@ -25,11 +24,14 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Mount, Route
 
+from controller.clients.redis import aclose, connect_async, url_from_settings
+from controller.contract.catalog import PlanInfo
+from controller.contract.keys import KeySchema
 from controller.errors import ConfigurationError
 from controller.gateway.admission import Admission
 from controller.gateway.asgi import STORE_ERRORS, Enforcement, GovernorMiddleware
 from controller.gateway.auth import Authenticator, JwksCache
-from controller.gateway.catalog import PlanCatalog, PlanInfo
+from controller.gateway.catalog import PlanCatalog
 from controller.gateway.failmode import FailMode, LimitMemory, LocalLimiter, Presence
 from controller.gateway.keys import KeyVerifier
 from controller.gateway.metrics import GatewayMetrics
@@ -37,12 +39,19 @@ from controller.gateway.prices import PriceTable
 from controller.gateway.proxy import UpstreamProxy
 from controller.gateway.responses import Answers
 from controller.gateway.tracing import Tracing
-from controller.policy.loader import load_directory
 from controller.settings import Settings
-from controller.sinks.connection import aclose, connect_async, url_from_settings
-from controller.sinks.keys import KeySchema
 
 _log = structlog.get_logger("governor.gateway")
+
+
+@dataclass(frozen=True)
+class FixedPlans:
+    """Plans given at start (`governor gateway --policies DIR`) instead of read from Redis:
+    each plan's catalog terms and its limits (which fail-open needs before any tick)."""
+
+    version: str
+    terms: Mapping[str, PlanInfo]
+    limits: Mapping[str, Mapping[str, float]]
 
 
 @dataclass
@@ -57,8 +66,8 @@ class GatewayRuntime:
     enforcement: Enforcement
 
     @classmethod
-    def from_settings(cls, settings: Settings, policies: Path | None = None) -> GatewayRuntime:
-        """With `policies`, plans come from that directory instead of `<P>:plans`."""
+    def from_settings(cls, settings: Settings, plans: FixedPlans | None = None) -> GatewayRuntime:
+        """With `plans` (from a policy directory), plans come from there, not `<P>:plans`."""
         gateway = settings.gateway
         keys = KeySchema(settings.redis.key_prefix)
         client = connect_async(url_from_settings(settings), settings.redis)
@@ -74,15 +83,10 @@ class GatewayRuntime:
         prices = PriceTable.from_settings(settings.prices)
         memory = LimitMemory()
         catalog = PlanCatalog(client, keys.prefix)
-        if policies is not None:
-            loaded = load_directory(policies)
-            plans = loaded.plans
-            infos = {name: PlanInfo.from_spec(plan.spec) for name, plan in plans.items()}
-            catalog = PlanCatalog.fixed(
-                client, keys.prefix, infos, f"{loaded.version} (--policies)"
-            )
-            for name, plan in plans.items():  # fail-open knows each plan's rates from the start
-                memory.set_plan(name, {k.value: v for k, v in plan.spec.limits.items()})
+        if plans is not None:
+            catalog = PlanCatalog.fixed(client, keys.prefix, plans.terms, plans.version)
+            for name, rates in plans.limits.items():  # fail-open knows each plan's rates
+                memory.set_plan(name, dict(rates))
         gateway_id = gateway.gateway_id or f"{socket.gethostname()}:{os.getpid()}"
         presence = Presence(client, keys, gateway_id, gateway.heartbeat_seconds)
         enforcement = Enforcement(
@@ -149,12 +153,12 @@ class GatewayRuntime:
 
 
 def create_app(
-    settings: Settings, upstream: str, policies: Path | None = None, listen: str | None = None
+    settings: Settings, upstream: str, plans: FixedPlans | None = None, listen: str | None = None
 ) -> Starlette:
     """The gateway app: `/v1/*` proxied to `upstream` under enforcement, plus `/metrics` and
     `/healthz`. It logs one line when it starts (where it listens — `listen`, default the
     settings' host:port —, the upstream, the plan catalog) and one when it has stopped."""
-    runtime = GatewayRuntime.from_settings(settings, policies)
+    runtime = GatewayRuntime.from_settings(settings, plans)
     where = listen or f"{settings.gateway.host}:{settings.gateway.port}"
     e = runtime.enforcement
     gateway = settings.gateway

@@ -16,6 +16,7 @@ import structlog
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from controller.contract.catalog import PlanInfo
 from controller.errors import SinkError
 from controller.gateway.admission import (
     Admission,
@@ -25,7 +26,7 @@ from controller.gateway.admission import (
     Usage,
 )
 from controller.gateway.auth import Authenticator, AuthError, Principal
-from controller.gateway.catalog import PlanCatalog, PlanInfo
+from controller.gateway.catalog import PlanCatalog
 from controller.gateway.failmode import FailMode
 from controller.gateway.metrics import GatewayMetrics
 from controller.gateway.openai import (

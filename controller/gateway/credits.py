@@ -12,9 +12,10 @@ from dataclasses import dataclass
 
 import redis
 
+from controller.clients.scripts import TOP_UP
+from controller.contract.enforcement import EnforcementKeys
 from controller.errors import SinkError
 from controller.gateway.prices import MICRO, from_micro
-from controller.gateway.scripts import TOP_UP, EnforcementKeys
 
 MAX_TOP_UP_USD = 1_000_000_000.0  # far below 2^53 micro-USD, where integers stop being exact
 

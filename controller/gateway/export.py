@@ -14,12 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from controller.clients.scripts import ADMIT, SETTLE, Script
+from controller.contract.keys import KeySchema
 from controller.errors import ConfigurationError
 from controller.gateway.admission import Admission
 from controller.gateway.prices import PriceTable
-from controller.gateway.scripts import ADMIT, SETTLE, Script
 from controller.settings import GatewaySettings, PricesSettings
-from controller.sinks.keys import KeySchema
 
 EXPORTED: tuple[Script, ...] = (ADMIT, SETTLE)
 SETTINGS_FILE = "governor.json"

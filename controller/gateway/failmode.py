@@ -19,9 +19,9 @@ from typing import Literal
 
 import redis.asyncio
 
+from controller.contract.keys import KeySchema, parse_value
 from controller.gateway.admission import AdmissionResult, Quota
 from controller.model import Address, LimitKind, Scope
-from controller.sinks.keys import KeySchema, parse_value
 
 _PRESENCE = """
 local t = redis.call('TIME')
@@ -43,10 +43,6 @@ _WINDOWS: dict[LimitKind, tuple[float, Literal["requests", "tokens"]]] = {
 }
 
 
-def presence_key(keys: KeySchema) -> str:
-    return f"{keys.prefix}:gateways"
-
-
 class Presence:
     """This gateway's heartbeat and the live gateway count it returns."""
 
@@ -54,7 +50,7 @@ class Presence:
         self, client: redis.asyncio.Redis[str], keys: KeySchema, gateway_id: str, beat: float
     ) -> None:
         self.client = client
-        self.key = presence_key(keys)
+        self.key = keys.gateways
         self.gateway_id = gateway_id
         self.beat = beat
         self.live = 1  # until the first beat answers: this gateway alone (the strictest share)

@@ -4,77 +4,26 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import re
 import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import replace
 from typing import cast
 
 import redis
 import redis.asyncio
 
+from controller.clients.redis import wrapped
+from controller.contract.apikeys import KeyRecord, parsed_records
+from controller.contract.keys import KeySchema
 from controller.errors import SinkError
 from controller.model import validate_id
-from controller.sinks.connection import wrapped
-from controller.sinks.keys import KeySchema
 
 # `gov_<id>_<secret>`: the id is public (listing, revoking, logs), the secret never stored.
 _KEY_PATTERN = re.compile(r"gov_([0-9a-f]{16})_([A-Za-z0-9_-]{43})")
 _CACHE_SIZE = 10_000
-
-
-@dataclass(frozen=True, slots=True)
-class KeyRecord:
-    """What Redis holds for one key: who it stands for, and the hash of the key."""
-
-    key_id: str
-    tenant: str
-    plan: str
-    user: str | None
-    digest: str  # "hmac-sha256:<hex>" or "sha256:<hex>"
-    created_at: float
-    name: str | None = None
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> KeyRecord:
-        """Parse a stored record; ValueError when someone wrote something else there."""
-        try:
-            data = json.loads(text)
-            record = cls(**{name: data.get(name) for name in cls.__dataclass_fields__})
-        except (ValueError, TypeError, AttributeError) as exc:
-            raise ValueError(f"API key record {text[:80]!r} is not a key record: {exc}") from None
-        if not all(isinstance(v, str) for v in (record.key_id, record.tenant, record.plan,
-                                                record.digest)):  # fmt: skip
-            raise ValueError(f"API key record {text[:80]!r} misses key_id/tenant/plan/digest")
-        return record
-
-    def public(self) -> dict[str, object]:
-        """The record without its digest, for listings."""
-        data = asdict(self)
-        del data["digest"]
-        return data
-
-
-def _records(values: Iterable[str]) -> list[KeyRecord]:
-    """The records that parse (a hand-written one authenticates nobody and is left alone)."""
-    out = []
-    for text in values:
-        try:
-            out.append(KeyRecord.from_json(text))
-        except ValueError:
-            continue
-    return out
-
-
-def store_key(keys: KeySchema) -> str:
-    """The hash of every API key record: field = key id, value = KeyRecord JSON."""
-    return keys.api_keys
 
 
 def key_id_of(key: str) -> str | None:
@@ -106,7 +55,7 @@ class KeyStore:
 
     def __init__(self, client: redis.Redis[str], keys: KeySchema, secret: str | None) -> None:
         self.client = client
-        self.key = store_key(keys)
+        self.key = keys.api_keys
         self.secret = secret
 
     def create(
@@ -152,7 +101,7 @@ class KeyStore:
                     moved: dict[str | bytes, bytes | float | int | str] = {
                         record.key_id: replace(record, plan=plan).to_json()
                         # Immediate while WATCHing (before MULTI): the values themselves.
-                        for record in _records(cast(Iterable[str], pipe.hvals(self.key)))
+                        for record in parsed_records(cast(Iterable[str], pipe.hvals(self.key)))
                         if record.tenant == tenant and record.plan != plan
                     }
                     pipe.multi()
@@ -191,7 +140,7 @@ class KeyVerifier:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.client = client
-        self.key = store_key(keys)
+        self.key = keys.api_keys
         self.secret = secret
         self.cache_seconds = cache_seconds
         self._clock = clock

@@ -22,7 +22,8 @@ from typing import Any, Protocol, cast
 import redis
 import redis.asyncio
 
-from controller.gateway.scripts import EnforcementError, EnforcementKeys
+from controller.clients.scripts import EnforcementError
+from controller.contract.enforcement import EnforcementKeys
 from controller.model import LimitKind, Scope
 
 __all__ = ["Check", "LimitCache", "Resolved", "read_limits", "resolve"]

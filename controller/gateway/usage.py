@@ -10,9 +10,9 @@ from dataclasses import dataclass
 
 import redis
 
+from controller.contract.enforcement import EnforcementKeys
 from controller.errors import SinkError
 from controller.gateway.limits import PERIOD_MS, Check, Resolved, read_limits
-from controller.gateway.scripts import EnforcementKeys
 from controller.model import Address, LimitKind, Scope
 
 _DAY_MS = 86_400_000

@@ -23,6 +23,13 @@ from pydantic import (
     model_validator,
 )
 
+from controller.contract.catalog import (
+    NonNegativeNumber,
+    NotBoolean,
+    PlanTerms,
+    PositiveNumber,
+    Strict,
+)
 from controller.model import Address, AddressError, AddressTemplate, LimitKind, SignalKey
 from controller.policy.expressions import Expression, ExpressionError, compile_expression
 from controller.policy.schedule import Window, parse_window
@@ -138,27 +145,9 @@ TargetField = Annotated[
 ]
 
 
-def _not_a_boolean(value: object) -> object:
-    # YAML reads yes/on/true as true and no/off/false as false, and pydantic takes those as 1
-    # and 0: `requests_per_minute: off` would stop all traffic. (Text stays: YAML 1.1 reads
-    # `1e6` as text, and that is a number people write.)
-    if isinstance(value, bool):
-        raise ValueError(f"write a number, not {value!r} (YAML reads yes/no/on/off as true/false)")
-    return value
-
-
-NotBoolean = BeforeValidator(_not_a_boolean)
-PositiveNumber = Annotated[float, Field(gt=0, allow_inf_nan=False), NotBoolean]
-NonNegativeNumber = Annotated[float, Field(ge=0, allow_inf_nan=False), NotBoolean]
 Name = Annotated[str, Field(pattern=r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$")]
 SignalName = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
 LimitValues = dict[LimitKind, NonNegativeNumber]
-
-
-class Strict(BaseModel):
-    """Every document part: unknown fields are errors, values are not coerced loosely."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
 
 class Metadata(Strict):
@@ -171,66 +160,10 @@ class Metadata(Strict):
         return self.annotations.get("runbook")
 
 
-class Degrade(Strict):
-    """Graceful degradation as a budget nears its end, before the hard 402."""
+class PlanSpec(PlanTerms):
+    """A plan: the catalog's terms (models, fail mode, degrade, credits) and its limits."""
 
-    at_percent: Annotated[float, Field(gt=0, lt=100), NotBoolean] = Field(
-        90.0, description="start degrading once this share of a budget is spent"
-    )
-    # At most a 32-bit integer: gateways (Lua, JSON) read it as a number, not a big integer.
-    max_tokens: Annotated[int, Field(gt=0, lt=2**31), NotBoolean] | None = Field(
-        None, description="cap the request's max_tokens to this"
-    )
-    model: Annotated[str, Field(min_length=1)] | None = Field(
-        None, description="route to this (cheaper) model instead; must be one the plan allows"
-    )
-
-    @model_validator(mode="after")
-    def _does_something(self) -> Degrade:
-        if self.max_tokens is None and self.model is None:
-            raise ValueError("degrade needs `max_tokens`, `model` or both")
-        return self
-
-
-class Credits(Strict):
-    """A prepaid USD balance per tenant, charged at each model's price."""
-
-    # At most a top-up's size (credits.MAX_TOP_UP_USD): in micro-USD a larger floor leaves
-    # the integers a double holds exactly, which the nginx module's string.format('%d') needs.
-    min_balance_usd: NonNegativeNumber = Field(
-        0.0, le=1e9, description="answer 402 once a tenant's balance would fall below this"
-    )
-
-
-class PlanSpec(Strict):
-    models: list[Annotated[str, Field(min_length=1)]] = Field(
-        default_factory=list, description="models the plan may call; empty means any"
-    )
     limits: LimitValues = Field(default_factory=dict)
-    fail_mode: Literal["open", "closed"] = Field(
-        "closed",
-        description="when the gateway cannot reach Redis: closed refuses (503), open admits "
-        "through a local limiter of the limit divided by the live gateway count",
-    )
-    degrade: Degrade | None = None
-    credits: Credits | None = Field(
-        None, description="charge a prepaid credit balance (USD) as well as token budgets"
-    )
-    quota_exhausted: Literal["payment_required", "insufficient_quota"] = Field(
-        "payment_required",
-        description="the answer when a token budget or the credits are spent: 402 "
-        "(payment_required), or 429 with code insufficient_quota as OpenAI itself answers",
-    )
-
-    @model_validator(mode="after")
-    def _degrade_model_allowed(self) -> PlanSpec:
-        target = self.degrade.model if self.degrade else None
-        if target is not None and self.models and target not in self.models:
-            raise ValueError(
-                f"degrade.model {target!r} is not one of the plan's models "
-                f"({', '.join(self.models)})"
-            )
-        return self
 
 
 class BehaviorRule(Strict):

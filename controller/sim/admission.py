@@ -1,4 +1,4 @@
-"""A Python model of the enforcement scripts (controller/gateway/lua/admit.lua, settle.lua)
+"""A Python model of the enforcement scripts (controller/contract/lua/admit.lua, settle.lua)
 on a clock the caller gives: the simulator cannot run the Lua, which reads Redis TIME.
 
 Same levels, same lookup order, same checks in the same order, same arithmetic (doubles),

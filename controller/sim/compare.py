@@ -13,10 +13,10 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from controller.control.reload import PolicyWatcher
 from controller.logging import configure_logging
 from controller.policy.loader import load_directory
 from controller.policy.policyset import PolicySet
-from controller.reload import PolicyWatcher
 from controller.sim.limiters import FixedKnob, Gate, Gradient2, NoLimit
 from controller.sim.record import RunRecord
 from controller.sim.reference import StaticSearch, no_overload

@@ -14,11 +14,17 @@ from pathlib import Path
 import numpy as np
 import redis
 
-from controller.audit import Journal
-from controller.daemon import redis_url
+from controller.clients.redis import connect
+from controller.contract.keys import KeySchema
+from controller.control.daemon import redis_url
+from controller.control.leader import AlwaysLeader
+from controller.control.overrides import ControlStore
+from controller.control.reconciler import Reconciler
+from controller.control.reload import PolicyWatcher
+from controller.control.telemetry import FlapDetector, Health, Metrics
+from controller.control.tick import Controller, TickOutcome
 from controller.gateway.prices import PriceTable, to_micro
-from controller.leader import AlwaysLeader
-from controller.loop import Controller, TickOutcome
+from controller.journal.journal import Journal
 from controller.model import (
     Address,
     FloatArray,
@@ -30,7 +36,6 @@ from controller.model import (
 )
 from controller.policy.baselines import Baselines
 from controller.policy.policyset import PolicySet
-from controller.reload import PolicyWatcher
 from controller.settings import JournalSettings, PricesSettings, RedisSettings, Settings
 from controller.sim.admission import AdmissionModel
 from controller.sim.limiters import Gate
@@ -41,12 +46,7 @@ from controller.sim.scenario import Pool, Scenario
 from controller.sim.series import SeriesStore
 from controller.sim.signals import SimSignalSource
 from controller.sim.traffic import SimTenant, World
-from controller.sinks.connection import connect
-from controller.sinks.control import ControlStore
-from controller.sinks.keys import KeySchema
-from controller.sinks.reconciler import Reconciler
 from controller.sinks.redis import RedisSink
-from controller.telemetry import FlapDetector, Health, Metrics
 
 HISTORY_SECONDS = 2 * 86400.0  # series before the run: enough for `offset 1d` over 1h windows
 HISTORY_STEP = 60.0

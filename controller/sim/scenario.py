@@ -12,10 +12,11 @@ from typing import Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
+from controller.contract.catalog import Strict
 from controller.errors import GovernorError
 from controller.model import Address
 from controller.policy.diagnostics import format_path
-from controller.policy.documents import AddressField, Duration, Strict
+from controller.policy.documents import AddressField, Duration
 from controller.policy.sourcemap import parse_yaml
 
 SCENARIO_DIR = Path(__file__).parent / "scenarios"

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import numpy as np
 
+from controller.control.reload import Confirmations, PolicyWatcher, ReloadOutcome
 from controller.errors import PolicyError
 from controller.model import Address, LimitKind, Scope
 from controller.policy.baselines import Baselines
 from controller.policy.documents import AdaptiveLimit, DocumentFile, Limits, Plan
 from controller.policy.policyset import PolicySet
-from controller.reload import Confirmations, PolicyWatcher, ReloadOutcome
 from controller.sim.scenario import PlainAimd
 
 POLICIES, STATIC, AIMD = "policies", "static", "plain-aimd"

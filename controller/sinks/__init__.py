@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 from urllib.parse import urlsplit
 
+from controller.changes import Change, Drift, find_drift
 from controller.errors import ConfigurationError
 from controller.model import Address
-from controller.reconcile import Change, Drift, find_drift
 from controller.settings import RedisSettings
 
 

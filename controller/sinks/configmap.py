@@ -15,12 +15,12 @@ from typing import Any
 
 import redis
 
+from controller.changes import Change
+from controller.contract.fence import Fence
 from controller.errors import SinkError
 from controller.model import Address, AddressError
-from controller.reconcile import Change
 from controller.settings import KubernetesSinkSettings
 from controller.sinks import ApplyResult, SinkState
-from controller.sinks.fence import Fence
 from controller.sinks.kong_layout import number
 from controller.sinks.kong_plugins import check_fence, holds
 from controller.sinks.kubernetes import (

@@ -7,12 +7,11 @@ from typing import Any, Protocol, runtime_checkable
 
 import redis
 
+from controller.contract.keys import KeySchema
 from controller.errors import ConfigurationError
 from controller.model import Address
 from controller.settings import Settings
 from controller.sinks import Sink, sink_from_url
-from controller.sinks.control import ControlStore
-from controller.sinks.keys import KeySchema
 from controller.sinks.redis import RedisSink
 
 
@@ -49,18 +48,19 @@ def build_sinks(
     settings: Settings,
     redis_client: redis.Redis[str],
     *,
+    registry: Callable[[], Mapping[str, str]],
     kube_api: Any = None,
     kong_transport: Any = None,
 ) -> list[Sink]:
     """The sinks of `settings.controller.sinks`, in that order.
 
-    `redis_client` is Governor's own Redis: the `redis` sink, the tenant registry (which
-    folds plan limits into Kong consumers) and the leader fence. `kube_api` (an ApiClient)
-    and `kong_transport` (an httpx transport) replace the real connections in tests.
+    `redis_client` is Governor's own Redis: the `redis` sink and the leader fence;
+    `registry` reads tenant → plan (Kong and Kubernetes fold plan limits into consumers).
+    `kube_api` (an ApiClient) and `kong_transport` (an httpx transport) replace the real
+    connections in tests.
     Raises ConfigurationError naming the setting to fix.
     """
     keys = KeySchema(settings.redis.key_prefix)
-    registry = ControlStore(redis_client, keys).tenants
     sinks: list[Sink] = []
     api = kube_api
     for entry in settings.controller.sinks:

@@ -17,10 +17,10 @@ from urllib.parse import quote
 import httpx
 import redis
 
+from controller.contract.keys import format_value, parse_value
 from controller.errors import ConfigurationError, SinkError, untrusted_certificate_hint
 from controller.model import Address, AddressError
 from controller.settings import KongSettings
-from controller.sinks.keys import format_value, parse_value
 from controller.sinks.kong_layout import GLOBAL, PLUGIN, Owner, OwnerKind
 from controller.sinks.kong_plugins import Body, Instance, Listing, PluginSink, WriteRejectedError
 

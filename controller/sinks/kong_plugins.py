@@ -14,13 +14,13 @@ from typing import Any, Literal, Protocol
 import redis
 import structlog
 
+from controller.changes import Change
+from controller.clients.redis import wrapped
+from controller.contract.fence import Fence, FencedError
 from controller.errors import SinkError
 from controller.model import Address
-from controller.reconcile import Change
 from controller.settings import KongSettings
 from controller.sinks import ApplyResult, SinkState
-from controller.sinks.connection import wrapped
-from controller.sinks.fence import Fence, FencedError
 from controller.sinks.kong_layout import (
     FIELDS,
     Owner,

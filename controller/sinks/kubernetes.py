@@ -14,23 +14,22 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import redis
 import urllib3
 from kubernetes import client as k8s
-from kubernetes import config as k8s_config
 from kubernetes.client.exceptions import ApiException
 
+from controller.clients.kubernetes import api_client as kube_client
+from controller.clients.kubernetes import pod_namespace
+from controller.contract.keys import parse_value
 from controller.errors import ConfigurationError, SinkError
 from controller.model import Address, AddressError
 from controller.settings import KongSettings, KubernetesSinkSettings
-from controller.sinks.keys import parse_value
 from controller.sinks.kong_layout import GLOBAL, PLUGIN, Owner, OwnerKind, number
 from controller.sinks.kong_plugins import (
     Body,
@@ -49,7 +48,6 @@ SCOPE_ANNOTATION = "governor.io/scope"
 WRITTEN_ANNOTATION = "governor.io/written"
 VERSION_ANNOTATION = "governor.io/version"
 MERGE_PATCH = "application/merge-patch+json"
-SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 # The verbs each sink uses, per resource (docs/sinks.md#rbac; tests hold the chart to it).
 RBAC_VERBS: Mapping[str, tuple[str, ...]] = {
     "kongplugins": ("list", "get", "create", "patch", "delete"),
@@ -99,33 +97,15 @@ def _status_message(exc: ApiException) -> str:
 
 
 def api_client(settings: KubernetesSinkSettings) -> Any:
-    """A kubernetes ApiClient: in-cluster credentials, else the kubeconfig."""
-    configuration = k8s.Configuration()
-    try:
-        if settings.kubeconfig is None and "KUBERNETES_SERVICE_HOST" in os.environ:
-            k8s_config.load_incluster_config(  # type: ignore[no-untyped-call]
-                client_configuration=configuration
-            )
-        else:
-            k8s_config.load_kube_config(  # type: ignore[no-untyped-call]
-                config_file=str(settings.kubeconfig) if settings.kubeconfig else None,
-                context=settings.context,
-                client_configuration=configuration,
-            )
-    except (k8s_config.ConfigException, OSError) as exc:
-        raise ConfigurationError(
-            f"the Kubernetes sinks need API credentials: {exc} (run in a pod with a "
-            "ServiceAccount, or set GOVERNOR_KUBERNETES_SINK__KUBECONFIG)"
-        ) from exc
-    return k8s.ApiClient(configuration)
+    """A kubernetes ApiClient for the sinks (controller.clients.kubernetes' one rule)."""
+    return kube_client(settings.kubeconfig, settings.context, "the Kubernetes sinks")
 
 
 def sink_namespace(settings: KubernetesSinkSettings) -> str:
     """The configured namespace, else the pod's own, else ConfigurationError."""
-    if settings.namespace:
-        return settings.namespace
-    if SERVICE_ACCOUNT_NAMESPACE.exists():
-        return SERVICE_ACCOUNT_NAMESPACE.read_text().strip()
+    namespace = settings.namespace or pod_namespace()
+    if namespace:
+        return namespace
     raise ConfigurationError(
         "no namespace for the Kubernetes sinks: set GOVERNOR_KUBERNETES_SINK__NAMESPACE"
     )

@@ -10,15 +10,15 @@ from typing import cast
 
 import redis
 
+from controller.changes import Change
+from controller.clients.redis import connect, location, wrapped
+from controller.contract.fence import Fence, FencedError
+from controller.contract.keys import CONTRACT_VERSION, KeySchema, format_value, parse_value
+from controller.contract.records import decision_key, decision_to_json
 from controller.errors import SinkError
 from controller.model import Address, AddressError, Decision, LimitKind, interned
-from controller.reconcile import Change
 from controller.settings import RedisSettings
 from controller.sinks import ApplyResult, SinkState
-from controller.sinks.connection import connect, location, wrapped
-from controller.sinks.fence import Fence, FencedError
-from controller.sinks.keys import CONTRACT_VERSION, KeySchema, format_value, parse_value
-from controller.sinks.records import decision_key, decision_to_json
 
 # Bump the version, stamp the contract and announce, atomically inside the apply's MULTI.
 _BUMP = """

@@ -17,9 +17,9 @@ import httpx
 import pytest
 import redis
 
+from controller.changes import diff
+from controller.contract.keys import KeySchema
 from controller.model import Address
-from controller.reconcile import diff
-from controller.sinks.keys import KeySchema
 from controller.sinks.redis import RedisSink
 from tests.gateway.conftest import Gateway, start_gateway, write_limits
 from tests.gateway.fake_upstream import FakeUpstream, ServerThread

@@ -17,9 +17,9 @@ import httpx
 import pytest
 import redis
 
+from controller.contract.keys import KeySchema
+from controller.control.overrides import ControlStore
 from controller.gateway.keys import KeyStore
-from controller.sinks.control import ControlStore
-from controller.sinks.keys import KeySchema
 from tests.daemon.harness import REPO, Daemon, daemon_env
 from tests.gateway.fake_upstream import FakeUpstream, ServerThread
 from tests.support.prometheus import PrometheusServer, prometheus_config, wait_for

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import redis
 
-from controller.daemon import build
+from controller.control.daemon import build
+from controller.control.telemetry import TelemetryServer
 from controller.settings import Settings
-from controller.telemetry import TelemetryServer
 from tests.daemon.harness import REPO, TICK_SECONDS, DaemonFactory, limit
 from tests.support.prometheus import PrometheusServer, prometheus_config, wait_for
 from tests.support.redis import RedisServer

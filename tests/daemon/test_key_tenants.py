@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import redis
 
+from controller.contract.keys import KeySchema
 from controller.gateway.keys import KeyStore
-from controller.sinks.keys import KeySchema
 from tests.daemon.harness import DaemonFactory, daemon_env, events, limit
 from tests.support.prometheus import Exporter, PrometheusServer, wait_for
 from tests.support.redis import RedisServer

@@ -13,11 +13,11 @@ import pytest
 import redis
 from kubernetes import client as k8s
 
-from controller.leader import KubernetesLease
+from controller.changes import Change
+from controller.contract.fence import FencedError
+from controller.contract.keys import KeySchema
+from controller.control.leader import KubernetesLease
 from controller.model import Address
-from controller.reconcile import Change
-from controller.sinks.fence import FencedError
-from controller.sinks.keys import KeySchema
 from controller.sinks.redis import RedisSink
 from tests.daemon.harness import ADDRESS, LOCK_KEY, DaemonFactory, daemon_env
 from tests.support.kube_api import LEASES, MERGE_PATCHES, KubeApi

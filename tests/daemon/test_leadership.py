@@ -13,13 +13,13 @@ from typing import Any
 import pytest
 import redis
 
-from controller.leader import RedisLeaderLock
+from controller.changes import Change
+from controller.clients.redis import connect
+from controller.contract.fence import FencedError
+from controller.contract.keys import KeySchema
+from controller.control.leader import RedisLeaderLock
 from controller.model import Address
-from controller.reconcile import Change
 from controller.settings import RedisSettings
-from controller.sinks.connection import connect
-from controller.sinks.fence import FencedError
-from controller.sinks.keys import KeySchema
 from controller.sinks.redis import RedisSink
 from tests.daemon.harness import (
     ADDRESS,

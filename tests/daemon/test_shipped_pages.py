@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
-from controller.audit import runbook_link
+from controller.control.telemetry import Health, Metrics, TelemetryServer
 from controller.gateway.responses import Answers
+from controller.journal.journal import runbook_link
 from controller.settings import Settings
-from controller.telemetry import Health, Metrics, TelemetryServer
 from tests.support.redis import free_port
 
 REPO = Path(__file__).resolve().parents[2]

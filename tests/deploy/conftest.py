@@ -6,15 +6,15 @@ import shutil
 
 import pytest
 
+from controller.control.telemetry import Metrics
 from controller.gateway.metrics import GatewayMetrics
-from controller.telemetry import Metrics
 from tests.deploy.chart import Manifest, rendered_scenario, scenarios
 from tests.deploy.series import series_names
 
 
 @pytest.fixture(scope="session")
 def controller_metrics() -> set[str]:
-    """Every series name the controller exports (controller/telemetry.py)."""
+    """Every series name the controller exports (controller/control/telemetry.py)."""
     return series_names(Metrics().registry)
 
 

@@ -21,9 +21,8 @@ import pytest
 import redis
 from helm_python.errors import HelmRenderError
 
-from controller.gateway.failmode import presence_key
+from controller.contract.keys import KeySchema
 from controller.settings import Settings
-from controller.sinks.keys import KeySchema
 from tests.deploy.chart import (
     Manifest,
     component,
@@ -331,7 +330,7 @@ def test_the_charts_gateway_enforces_what_the_charts_controller_wrote(
     # SIGTERM, as the kubelet stops a pod: the controller exits 0; the gateway finishes, takes
     # itself out of the live-gateway count (fail-open shares grow at once), then re-raises
     # the signal as uvicorn does (exit status 143 in Kubernetes).
-    live = presence_key(KeySchema())
+    live = KeySchema().gateways
     with redis.Redis.from_url(release["redis_url"], decode_responses=True) as db:
         assert db.zscore(live, "governor-gateway-0") is not None
         controller, gateway = release["processes"]

@@ -9,8 +9,8 @@ from pathlib import Path
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from controller.control.telemetry import Metrics
 from controller.gateway.metrics import HELD_OPERATIONS, STORE_OPERATIONS, GatewayMetrics
-from controller.telemetry import Metrics
 from tests.deploy.series import series_names
 
 REPO = Path(__file__).resolve().parents[2]

@@ -15,16 +15,19 @@ import redis
 import redis.asyncio
 from pydantic import SecretStr
 
+from controller.changes import diff
+from controller.cli.gateway import fixed_plans
+from controller.contract.catalog import PlanInfo
+from controller.contract.keys import KeySchema
+from controller.control.catalog import publish_catalog
 from controller.gateway.admission import Admission
 from controller.gateway.app import create_app
-from controller.gateway.catalog import PlanCatalog, PlanInfo, publish_catalog
+from controller.gateway.catalog import PlanCatalog
 from controller.gateway.keys import KeyStore
 from controller.gateway.prices import PriceTable
 from controller.model import Address
 from controller.policy.loader import load_directory
-from controller.reconcile import diff
 from controller.settings import GatewaySettings, PricesSettings, RedisSettings, Settings
-from controller.sinks.keys import KeySchema
 from controller.sinks.redis import RedisSink
 from tests.gateway.fake_upstream import FakeUpstream, ServerThread
 from tests.support.redis import RedisServer
@@ -211,7 +214,8 @@ def start_gateway(
         redis=RedisSettings(url=SecretStr(redis_url), socket_timeout_seconds=1.0),
         gateway=GatewaySettings(**{"api_key_secret": SecretStr("test-secret"), **gateway}),
     )
-    server = ServerThread(create_app(settings, upstream_url, policies)).start()
+    plans = None if policies is None else fixed_plans(policies)
+    server = ServerThread(create_app(settings, upstream_url, plans)).start()
     # These tests read problem documents; the default (OpenAI's envelope) has its own tests.
     http = httpx.Client(timeout=30.0, headers={"accept": PROBLEM})
     return Gateway(server.url, redis_url, settings, server, http)

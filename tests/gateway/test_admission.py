@@ -7,10 +7,10 @@ from collections.abc import Callable, Mapping
 
 import redis
 
+from controller.clients.scripts import ADMIT
+from controller.contract.catalog import PlanInfo
 from controller.gateway.admission import Admission, AdmissionRequest, AdmissionResult
-from controller.gateway.catalog import PlanInfo
 from controller.gateway.limits import resolve
-from controller.gateway.scripts import ADMIT
 from tests.gateway.conftest import Gate, server_ms
 
 SetLimits = Callable[[Mapping[str, float]], None]

@@ -9,10 +9,10 @@ from collections.abc import Callable, Mapping
 
 import redis
 
+from controller.contract.catalog import Degrade as DegradeSpec
+from controller.contract.catalog import PlanInfo
+from controller.contract.enforcement import EnforcementKeys
 from controller.gateway.admission import Admission, AdmissionRequest, AdmissionResult
-from controller.gateway.catalog import PlanInfo
-from controller.gateway.scripts import EnforcementKeys
-from controller.policy.documents import Degrade as DegradeSpec
 from tests.gateway.conftest import Gate, server_ms
 
 SetLimits = Callable[[Mapping[str, float]], None]

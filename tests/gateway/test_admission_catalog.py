@@ -11,8 +11,10 @@ import redis.asyncio
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from controller.contract.catalog import PlanInfo
+from controller.control.catalog import publish_catalog
 from controller.errors import SinkError
-from controller.gateway.catalog import PlanCatalog, PlanInfo, publish_catalog
+from controller.gateway.catalog import PlanCatalog
 from controller.policy.loader import load_directory
 from tests.support.redis import RedisServer, free_port
 

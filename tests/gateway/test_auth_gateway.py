@@ -15,8 +15,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from typer.testing import CliRunner, Result
 
 from controller.cli import app
-from controller.gateway.keys import digest, store_key
-from controller.sinks.keys import KeySchema
+from controller.contract.keys import KeySchema
+from controller.gateway.keys import digest
 from tests.gateway.conftest import PROBLEM, Gateway, MakeGateway
 from tests.gateway.test_auth_jwt import AUDIENCE, ISSUER, claims, forged_hs256
 
@@ -98,7 +98,7 @@ def test_keys_are_shown_once_stored_as_hmac_and_revocable(
     made = json.loads(created.stdout)
     key, key_id = made["key"], made["key_id"]
 
-    stored = db.hget(store_key(KeySchema("governor")), key_id)
+    stored = db.hget(KeySchema("governor").api_keys, key_id)
     assert stored is not None
     assert key not in stored
     assert key.split("_")[-1] not in stored
@@ -131,9 +131,9 @@ def test_a_key_made_under_another_secret_does_not_open_the_gateway(
 ) -> None:
     created = run_cli(jwt_gateway.redis_url, "keys", "create", "--tenant", "acme", "--plan", "free")
     key = created.stdout.strip()
-    record = json.loads(db.hget(store_key(KeySchema("governor")), key[4:20]) or "{}")
+    record = json.loads(db.hget(KeySchema("governor").api_keys, key[4:20]) or "{}")
     record["digest"] = digest(key, "another-secret")
-    db.hset(store_key(KeySchema("governor")), key[4:20], json.dumps(record))
+    db.hset(KeySchema("governor").api_keys, key[4:20], json.dumps(record))
 
     assert jwt_gateway.chat(key).status_code == 401
 

@@ -13,11 +13,10 @@ import redis
 from typer.testing import CliRunner, Result
 
 from controller.cli import app
+from controller.contract.catalog import Credits, PlanInfo
 from controller.gateway.admission import Admission, AdmissionRequest, AdmissionResult
-from controller.gateway.catalog import PlanInfo
 from controller.gateway.credits import CreditLedger
 from controller.gateway.prices import PriceTable, to_micro
-from controller.policy.documents import Credits
 from controller.settings import ModelPrice, PricesSettings, Settings
 from tests.gateway.conftest import Gate, server_ms
 from tests.support.redis import RedisServer

@@ -14,7 +14,7 @@ import redis
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from controller.gateway.catalog import publish_catalog
+from controller.control.catalog import publish_catalog
 from controller.policy.loader import load_directory
 from tests.gateway.conftest import PLANS_YAML, PROBLEM, Gateway, MakeGateway, start_gateway
 from tests.gateway.fake_upstream import FakeUpstream

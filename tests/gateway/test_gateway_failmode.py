@@ -10,9 +10,9 @@ from pathlib import Path
 
 import redis.asyncio
 
+from controller.contract.keys import KeySchema
 from controller.gateway.credits import CreditLedger
 from controller.gateway.failmode import Presence
-from controller.sinks.keys import KeySchema
 from tests.gateway.conftest import Gateway, start_gateway, write_limits
 from tests.gateway.fake_upstream import FakeUpstream
 from tests.support.redis import RedisServer

@@ -10,9 +10,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from controller.contract.enforcement import EnforcementKeys
 from controller.gateway.credits import CreditLedger
 from controller.gateway.prices import PriceTable
-from controller.gateway.scripts import EnforcementKeys
 from controller.settings import PricesSettings
 from tests.gateway.conftest import start_gateway, write_limits
 from tests.gateway.fake_upstream import FakeUpstream

@@ -9,12 +9,12 @@ import re
 
 import redis
 
+from controller.changes import Change
+from controller.contract.keys import KeySchema
 from controller.gateway.credits import CreditLedger
 from controller.gateway.prices import PriceTable
 from controller.model import Address
-from controller.reconcile import Change
 from controller.settings import PricesSettings
-from controller.sinks.keys import KeySchema
 from controller.sinks.redis import RedisSink
 from tests.gateway.conftest import PROBLEM, Gateway
 from tests.gateway.fake_upstream import FakeUpstream

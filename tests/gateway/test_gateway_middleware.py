@@ -17,12 +17,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from controller.contract.keys import KeySchema
 from controller.gateway.app import GatewayRuntime
 from controller.gateway.asgi import STATE_KEY, GovernorMiddleware
 from controller.gateway.auth import Principal
 from controller.gateway.keys import KeyStore
 from controller.settings import GatewaySettings, RedisSettings, Settings
-from controller.sinks.keys import KeySchema
 from tests.gateway.conftest import budget_remaining, write_limits
 from tests.gateway.fake_upstream import ServerThread
 from tests.support.redis import RedisServer

@@ -7,10 +7,9 @@ import json
 import redis
 from typer.testing import CliRunner, Result
 
-from controller.audit import read_events
 from controller.cli import app
-from controller.gateway.keys import store_key
-from controller.sinks.keys import KeySchema
+from controller.contract.keys import KeySchema
+from controller.journal.journal import read_events
 from tests.support.redis import RedisServer
 
 runner = CliRunner()
@@ -28,7 +27,7 @@ def test_create_and_revoke_are_journalled_without_the_key(
     created = governor(redis_server, "keys", "create", "--tenant", "acme", "--plan", "paid", *who)
     assert created.exit_code == 0, created.output
     made = json.loads(created.stdout)
-    digest = json.loads(db.hget(store_key(KeySchema()), made["key_id"]) or "{}")["digest"]
+    digest = json.loads(db.hget(KeySchema().api_keys, made["key_id"]) or "{}")["digest"]
 
     revoked = governor(redis_server, "keys", "revoke", made["key_id"], "--reason", "leaked")
     assert revoked.exit_code == 0, revoked.output

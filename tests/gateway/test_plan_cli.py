@@ -11,10 +11,9 @@ import redis
 from typer.testing import CliRunner, Result
 
 from controller.cli import app
-from controller.gateway.catalog import publish_catalog
-from controller.gateway.keys import store_key
+from controller.contract.keys import KeySchema
+from controller.control.catalog import publish_catalog
 from controller.policy.loader import load_directory
-from controller.sinks.keys import KeySchema
 from tests.gateway.conftest import PLANS_YAML, write_limits
 from tests.support.redis import RedisServer
 
@@ -58,7 +57,7 @@ def test_an_unknown_plan_is_refused_with_the_known_plans(
     assert hint in result.stderr
     # Nothing was written: no registry entry, no key, no override, no journal event.
     assert db.hgetall("governor:tenants") == {}
-    assert db.hgetall(store_key(KeySchema())) == {}
+    assert db.hgetall(KeySchema().api_keys) == {}
     assert db.keys("governor:override:*") == []
     assert db.xlen(KeySchema().journal) == 0
 

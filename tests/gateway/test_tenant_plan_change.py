@@ -9,10 +9,9 @@ import json
 import redis
 from typer.testing import CliRunner
 
-from controller.audit import read_events
 from controller.cli import app
-from controller.gateway.keys import store_key
-from controller.sinks.keys import KeySchema
+from controller.contract.keys import KeySchema
+from controller.journal.journal import read_events
 from tests.gateway.conftest import MakeGateway
 
 
@@ -21,7 +20,7 @@ def test_a_tenant_moved_to_paid_gets_paid_models_through_its_old_key(
 ) -> None:
     gateway = make_gateway(key_cache_seconds=0.0)
     acme, other = gateway.key("acme", "free"), gateway.key("globex", "free")
-    db.hset(store_key(KeySchema()), "0123456789abcdef", "not a record")
+    db.hset(KeySchema().api_keys, "0123456789abcdef", "not a record")
     assert gateway.chat(acme, model="gpt-4").status_code == 403  # free: gpt-3.5-turbo only
 
     env = {"GOVERNOR_REDIS__URL": gateway.redis_url}
@@ -34,7 +33,7 @@ def test_a_tenant_moved_to_paid_gets_paid_models_through_its_old_key(
     assert gateway.chat(other, model="gpt-4").status_code == 403  # globex stays free
     (event,) = [e.event for e in read_events(db, KeySchema()) if e.event.kind == "tenant.set"]
     assert event.details["keys_moved"] == [acme.split("_")[1]]
-    assert db.hget(store_key(KeySchema()), "0123456789abcdef") == "not a record"
-    records = [json.loads(v) for k, v in db.hgetall(store_key(KeySchema())).items()
+    assert db.hget(KeySchema().api_keys, "0123456789abcdef") == "not a record"
+    records = [json.loads(v) for k, v in db.hgetall(KeySchema().api_keys).items()
                if k != "0123456789abcdef"]  # fmt: skip
     assert sorted(r["plan"] for r in records) == ["free", "paid"]

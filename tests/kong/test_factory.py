@@ -3,7 +3,7 @@ tenant registry, the leader fence) — and each reconciled with its own drift re
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import pytest
@@ -11,19 +11,19 @@ import redis
 from kubernetes import client as k8s
 from pydantic import ValidationError
 
-from controller.audit import Journal, read_events
+from controller.changes import Change
+from controller.contract.fence import Fence, FencedError
+from controller.contract.keys import KeySchema
+from controller.control.overrides import ControlStore
+from controller.control.reconciler import Reconciler
 from controller.errors import ConfigurationError
+from controller.journal.journal import Journal, read_events
 from controller.model import Address, Decision, Source
-from controller.reconcile import Change
 from controller.settings import JournalSettings, Settings
 from controller.sinks.configmap import ConfigMapSink
-from controller.sinks.control import ControlStore
 from controller.sinks.factory import LimitFilter, build_sinks, sink_label, split_supported
-from controller.sinks.fence import Fence, FencedError
-from controller.sinks.keys import KeySchema
 from controller.sinks.kong import KongSink
 from controller.sinks.kubernetes import KubernetesSink
-from controller.sinks.reconciler import Reconciler
 from controller.sinks.redis import RedisSink
 from tests.kong.conftest import add_consumer, admin_client, plugins_by_owner
 from tests.kong.kong_admin import KongAdmin
@@ -40,6 +40,11 @@ def kube_api() -> Iterator[Any]:
     with k8s.ApiClient(configuration) as api:
         yield api
     server.stop()
+
+
+def registry(db: redis.Redis[str]) -> Callable[[], Mapping[str, str]]:
+    """The tenant registry the daemon hands the sinks."""
+    return ControlStore(db, KeySchema()).tenants
 
 
 def settings(monkeypatch: pytest.MonkeyPatch, **env: str) -> Settings:
@@ -64,7 +69,7 @@ def test_every_named_sink_is_built_in_order(
         KONG__ADMIN_URL=kong.url,
         KUBERNETES_SINK__NAMESPACE="kong",
     )
-    sinks = build_sinks(configured, db, kube_api=kube_api)
+    sinks = build_sinks(configured, db, registry=registry(db), kube_api=kube_api)
     assert [type(s) for s in sinks] == [RedisSink, KongSink, KubernetesSink, ConfigMapSink]
     assert [sink_label(s) for s in sinks] == ["redis", "kong", "kubernetes", "configmap"]
     assert [isinstance(s, LimitFilter) for s in sinks] == [False, True, True, False]
@@ -90,7 +95,11 @@ def test_settings_name_what_to_fix(monkeypatch: pytest.MonkeyPatch, db: redis.Re
         "kong",
     ]
     with pytest.raises(ConfigurationError, match="GOVERNOR_KONG__ADMIN_URL"):
-        build_sinks(settings(monkeypatch, CONTROLLER__SINKS="kong"), db)
+        build_sinks(
+            settings(monkeypatch, CONTROLLER__SINKS="kong"),
+            db,
+            registry=registry(db),
+        )
     monkeypatch.setenv("GOVERNOR_CONTROLLER__SINKS", "redis,nginx")
     with pytest.raises(ValidationError, match="'nginx' is not one of"):
         Settings()
@@ -112,7 +121,7 @@ def test_the_kong_sink_reads_the_tenant_registry_and_keeps_its_own_drift_report(
     control.set_tenant("acme", "gold")
     control.set_tenant("beta", "gold")
     configured = settings(monkeypatch, CONTROLLER__SINKS="redis,kong", KONG__ADMIN_URL=kong.url)
-    redis_sink, kong_sink = build_sinks(configured, db)
+    redis_sink, kong_sink = build_sinks(configured, db, registry=registry(db))
     journal = Journal(db, KeySchema("governor"), JournalSettings())
     reconcilers = [Reconciler(sink, journal) for sink in (redis_sink, kong_sink)]
     wanted = decisions({"plan/gold/requests_per_minute": 600.0, "global/requests_per_second": 50})
@@ -141,7 +150,7 @@ def test_a_deposed_leader_writes_nothing_to_kong(
 ) -> None:
     add_consumer(kong, custom_id="acme")
     configured = settings(monkeypatch, CONTROLLER__SINKS="kong", KONG__ADMIN_URL=kong.url)
-    (sink,) = build_sinks(configured, db)
+    (sink,) = build_sinks(configured, db, registry=registry(db))
     assert isinstance(sink, KongSink)
     sink.fence = lambda: Fence("governor:leader", "me#1")
     db.set("governor:leader", "someone-else#2")

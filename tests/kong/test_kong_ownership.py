@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from structlog.testing import capture_logs
 
-from controller.reconcile import diff
+from controller.changes import diff
 from tests.kong.conftest import A, SinkFactory, add_consumer, admin_client, plugins_by_owner
 from tests.kong.kong_admin import KongAdmin
 from tests.support.sink_ticks import converge

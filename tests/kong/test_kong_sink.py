@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 from structlog.testing import capture_logs
 
+from controller.changes import Change, Drift, diff
 from controller.errors import SinkError
-from controller.reconcile import Change, Drift, diff
 from controller.sinks import Sink
 from controller.sinks.kong import KongSink
 from tests.kong.conftest import (

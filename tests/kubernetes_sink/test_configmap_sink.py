@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
+from controller.changes import Change, Drift, diff
 from controller.errors import SinkError
 from controller.model import Address
-from controller.reconcile import Change, Drift, diff
 from controller.sinks.configmap import LEDGER_KEY, LIMITS_KEY, ConfigMapSink
 from tests.kubernetes_sink.conftest import NAMESPACE
 from tests.support.kube_api import CONFIG_MAPS, MERGE_PATCHES, KubeApi

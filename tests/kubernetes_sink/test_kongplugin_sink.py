@@ -10,9 +10,9 @@ import pytest
 from kubernetes import client as k8s
 from structlog.testing import capture_logs
 
+from controller.changes import Change, Drift, diff
 from controller.errors import SinkError
 from controller.model import Address
-from controller.reconcile import Change, Drift, diff
 from controller.settings import KongSettings, KubernetesSinkSettings
 from controller.sinks.kong_layout import Owner, OwnerKind
 from controller.sinks.kubernetes import KubernetesSink, object_name

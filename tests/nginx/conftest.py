@@ -16,11 +16,11 @@ import pytest
 import redis
 from typer.testing import CliRunner
 
+from controller.changes import diff
 from controller.cli import app
+from controller.contract.keys import KeySchema
 from controller.gateway.keys import KeyStore
 from controller.model import Address
-from controller.reconcile import diff
-from controller.sinks.keys import KeySchema
 from controller.sinks.redis import RedisSink
 from tests.gateway.conftest import PLANS_YAML, Gateway, start_gateway, write_limits
 from tests.gateway.fake_upstream import FakeUpstream, ServerThread

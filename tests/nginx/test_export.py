@@ -13,8 +13,8 @@ import pytest
 from typer.testing import CliRunner
 
 from controller.cli import app
+from controller.clients.scripts import ADMIT, SETTLE
 from controller.gateway.export import EXPORTED, SETTINGS_FILE, export_lua, gateway_document
-from controller.gateway.scripts import ADMIT, SETTLE
 from controller.settings import GatewaySettings, PricesSettings
 from tests.nginx.nginx_server import REPO
 

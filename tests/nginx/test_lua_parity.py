@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
+from controller.contract.enforcement import EnforcementKeys, ip_id
 from controller.gateway.openai import Kind, ModelRequest, RequestError, UsageChunkFilter
-from controller.gateway.scripts import EnforcementKeys, ip_id
 from tests.nginx.conftest import Side
 
 pytestmark = pytest.mark.integration

@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from controller.gateway.catalog import publish_catalog
+from controller.control.catalog import publish_catalog
 from controller.policy.loader import load_directory
 from tests.gateway.conftest import PROBLEM, start_gateway
 from tests.gateway.fake_upstream import FakeUpstream, ServerThread

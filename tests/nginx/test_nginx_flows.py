@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from controller.gateway.scripts import ADMIT, SETTLE
+from controller.clients.scripts import ADMIT, SETTLE
 from tests.gateway.conftest import write_limits
 from tests.gateway.fake_upstream import FakeUpstream, ServerThread
 from tests.nginx.conftest import (

@@ -14,8 +14,8 @@ import httpx
 import pytest
 import redis
 
+from controller.contract.keys import KeySchema
 from controller.gateway.keys import KeyStore
-from controller.sinks.keys import KeySchema
 from tests.gateway.conftest import write_limits
 from tests.gateway.fake_upstream import FakeUpstream, ServerThread
 from tests.nginx.conftest import PREFIX, SECRET

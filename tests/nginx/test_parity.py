@@ -14,8 +14,8 @@ from typing import Any
 import httpx
 import pytest
 
+from controller.contract.enforcement import EnforcementKeys
 from controller.gateway.credits import CreditLedger
-from controller.gateway.scripts import EnforcementKeys
 from tests.gateway.fake_upstream import FakeUpstream, ServerThread
 from tests.nginx.conftest import PREFIX, UNKNOWN_KEY, Side, chat_body, set_limit, wait_settled
 

@@ -9,12 +9,13 @@ from dataclasses import dataclass, field
 import pytest
 import redis
 
+from controller.changes import Change
+from controller.clients.scripts import ADMIT, SETTLE
+from controller.contract.enforcement import EnforcementKeys
+from controller.contract.keys import KeySchema
 from controller.gateway.limits import read_limits
-from controller.gateway.scripts import ADMIT, SETTLE, EnforcementKeys
 from controller.model import Address
-from controller.reconcile import Change
 from controller.sim.admission import AdmissionModel
-from controller.sinks.keys import KeySchema
 from controller.sinks.redis import RedisSink
 
 PREFIX = "governor"

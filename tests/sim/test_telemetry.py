@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from controller.reload import PolicyWatcher
+from controller.control.reload import PolicyWatcher
 from controller.sim.run import Simulation, TickView, embedded_redis
 from controller.sim.scenario import load_scenario
 from controller.sim.traffic import build_world

@@ -7,11 +7,11 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from controller.audit import Journal
+from controller.clients.redis import connect
+from controller.contract.keys import KeySchema
+from controller.control.overrides import ControlStore
+from controller.journal.journal import Journal
 from controller.settings import JournalSettings, RedisSettings
-from controller.sinks.connection import connect
-from controller.sinks.control import ControlStore
-from controller.sinks.keys import KeySchema
 from controller.sinks.redis import RedisSink
 from tests.support.redis import RedisServer
 

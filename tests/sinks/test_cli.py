@@ -9,9 +9,9 @@ import pytest
 import redis
 from typer.testing import CliRunner, Result
 
+from controller.changes import diff
 from controller.cli import app
 from controller.model import Address
-from controller.reconcile import diff
 from controller.settings import RedisSettings
 from controller.sinks.redis import RedisSink
 from tests.support.redis import RedisServer
@@ -121,12 +121,12 @@ def test_tenants_set_get_list(url: str) -> None:
 
 
 def test_explain_shows_proposals_override_winner_and_history(url: str) -> None:
-    from controller.audit import Journal
+    from controller.clients.redis import connect
+    from controller.contract.keys import KeySchema
+    from controller.control.reconciler import Reconciler
+    from controller.journal.journal import Journal
     from controller.model import Decision, Proposal, SignalReading, Source
     from controller.settings import JournalSettings
-    from controller.sinks.connection import connect
-    from controller.sinks.keys import KeySchema
-    from controller.sinks.reconciler import Reconciler
 
     address = Address.parse("plan/free/requests_per_minute")
     gpu = SignalReading("gpu_util", 0.95, 1_700_000_000.0)
@@ -183,9 +183,9 @@ def test_a_password_in_the_url_never_appears_in_output(tmp_path: Path) -> None:
 
 
 def test_audit_tail_escapes_control_characters_and_rich_markup(url: str) -> None:
-    from controller.audit import Journal, JournalEvent, Kind
+    from controller.contract.keys import KeySchema
+    from controller.journal.journal import Journal, JournalEvent, Kind
     from controller.settings import JournalSettings
-    from controller.sinks.keys import KeySchema
 
     client = redis.Redis.from_url(url, decode_responses=True)
     journal = Journal(client, KeySchema("governor"), JournalSettings())
@@ -212,9 +212,9 @@ def test_audit_tail_escapes_control_characters_and_rich_markup(url: str) -> None
 
 def test_audit_tail_shows_an_entry_governor_never_wrote_instead_of_failing(url: str) -> None:
     """One hand-written stream entry made `audit tail` exit 2 with a bare JSON error."""
-    from controller.audit import Journal, JournalEvent, Kind
+    from controller.contract.keys import KeySchema
+    from controller.journal.journal import Journal, JournalEvent, Kind
     from controller.settings import JournalSettings
-    from controller.sinks.keys import KeySchema
 
     client = redis.Redis.from_url(url, decode_responses=True)
     journal = Journal(client, KeySchema("governor"), JournalSettings())

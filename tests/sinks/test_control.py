@@ -7,11 +7,11 @@ import time
 import pytest
 import redis
 
+from controller.contract.keys import KeySchema
+from controller.control.overrides import CONFLICTING_PLANS, ControlStore
 from controller.errors import SinkError
 from controller.gateway.keys import KeyStore
 from controller.model import Address
-from controller.sinks.control import CONFLICTING_PLANS, ControlStore
-from controller.sinks.keys import KeySchema
 
 A = Address.parse
 TPM = A("tenant/acme/tokens_per_minute")

@@ -11,13 +11,13 @@ import structlog
 from structlog.testing import capture_logs
 from typer.testing import CliRunner
 
-from controller.audit import Journal, JournalEvent, Kind, read_events
 from controller.cli import app
-from controller.leader import RedisLeaderLock
+from controller.clients.redis import connect
+from controller.contract.keys import KeySchema
+from controller.control.leader import RedisLeaderLock
+from controller.journal.journal import Journal, JournalEvent, Kind, read_events
 from controller.logging import MASK, configure_logging
 from controller.settings import JournalSettings, RedisSettings
-from controller.sinks.connection import connect
-from controller.sinks.keys import KeySchema
 from tests.support.prometheus import wait_for
 from tests.support.redis import RedisServer
 

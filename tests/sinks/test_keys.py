@@ -8,9 +8,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from controller.contract.keys import KeySchema, format_value, limit_field, parse_value
 from controller.errors import ConfigurationError
 from controller.model import Address, AddressError, LimitKind, Scope
-from controller.sinks.keys import KeySchema, format_value, limit_field, parse_value
 
 KEYS = KeySchema("governor")
 TPM = LimitKind.TOKENS_PER_MINUTE

@@ -9,9 +9,9 @@ from typing import Any
 import redis
 from structlog.testing import capture_logs
 
-from controller.audit import Journal
+from controller.control.reconciler import Reconciler
+from controller.journal.journal import Journal
 from controller.model import Address, Decision, Proposal, SignalReading, Source
-from controller.sinks.reconciler import Reconciler
 from controller.sinks.redis import RedisSink
 
 A = Address.parse

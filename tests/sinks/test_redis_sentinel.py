@@ -15,13 +15,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from controller.changes import diff
 from controller.cli import app
-from controller.errors import ConfigurationError, SinkError
-from controller.logging import mask_text
-from controller.model import Address
-from controller.reconcile import diff
-from controller.settings import RedisSettings, Settings
-from controller.sinks.connection import (
+from controller.clients.redis import (
     aclose,
     close,
     connect,
@@ -29,6 +25,10 @@ from controller.sinks.connection import (
     masked_url,
     parse_sentinel_url,
 )
+from controller.errors import ConfigurationError, SinkError
+from controller.logging import mask_text
+from controller.model import Address
+from controller.settings import RedisSettings, Settings
 from controller.sinks.redis import RedisSink
 from tests.support.process import wait_for
 from tests.support.redis import RedisServer, SentinelServer

@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 import redis
 
+from controller.changes import diff
+from controller.clients.redis import connect
+from controller.contract.keys import KeySchema
 from controller.errors import SinkError
 from controller.model import Address, AddressTemplate
-from controller.reconcile import diff
 from controller.settings import RedisSettings
 from controller.sinks import Sink, sink_from_url
-from controller.sinks.connection import connect
-from controller.sinks.keys import KeySchema
 from controller.sinks.redis import RedisSink
 from tests.support.redis import RedisServer
 

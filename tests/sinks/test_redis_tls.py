@@ -12,12 +12,12 @@ from collections.abc import Iterator
 import pytest
 from typer.testing import CliRunner
 
+from controller.changes import diff
 from controller.cli import app
+from controller.clients.redis import connect_async
 from controller.errors import SinkError
 from controller.model import Address
-from controller.reconcile import diff
 from controller.settings import RedisSettings
-from controller.sinks.connection import connect_async
 from controller.sinks.redis import RedisSink
 from tests.support.redis import RedisServer
 from tests.support.tls import TlsFiles, make_tls_files

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from controller.daemon import build
+from controller.control.daemon import build
 from controller.settings import Settings
 from tests.support.redis import RedisServer
 

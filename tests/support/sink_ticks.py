@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from controller.changes import Change, diff
 from controller.model import Address
-from controller.reconcile import Change, diff
 from controller.sinks import Sink
 
 

@@ -287,7 +287,7 @@ def test_the_controller_does_not_load_the_cel_command_line_tool() -> None:
     import sys
 
     code = (
-        "import sys, controller.daemon\n"
+        "import sys, controller.control.daemon\n"
         "from controller.policy.expressions import compile_expression\n"
         "compile_expression('a > 1.0', frozenset({'a'}))\n"
         "print(sorted(m for m in ('cel.cli', 'prompt_toolkit', 'typer') if m in sys.modules))"

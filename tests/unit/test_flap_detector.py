@@ -3,8 +3,8 @@ flaps; memory per limit stays bounded however often it turns."""
 
 from __future__ import annotations
 
+from controller.control.telemetry import FLAP_WINDOW_SECONDS, FlapDetector
 from controller.model import Address
-from controller.telemetry import FLAP_WINDOW_SECONDS, FlapDetector
 
 LIMIT = Address.parse("tenant/acme/tokens_per_minute")
 OTHER = Address.parse("tenant/calm/tokens_per_minute")

@@ -1,5 +1,5 @@
-"""Hot reload (controller.reload) on real files: a set is validated whole before it is taken,
-the last good set survives anything, a change broken again is reported again, and a reload
+"""Hot reload (controller.control.reload) on real files: a set is validated whole before it is
+taken, the last good set survives anything, a change broken again is reported again, and a reload
 that removes more than the allowed share of limits waits for a confirmation of its version."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import pytest
 from typer.testing import CliRunner
 
 from controller.cli import app
+from controller.control.overrides import ReloadConfirmation
+from controller.control.reload import ERROR, INVALID, REMOVAL, PolicyWatcher
 from controller.policy.loader import check_directory
-from controller.reload import ERROR, INVALID, REMOVAL, PolicyWatcher
-from controller.sinks.control import ReloadConfirmation
 
 SHIPPED = Path(__file__).parents[2] / "policies"
 DEEP = (

@@ -1,5 +1,5 @@
--- Redis key names of docs/redis-contract.md, built exactly as controller/gateway/scripts.py
--- and controller/sinks/keys.py build them (same ids, same escapes, same hash tags).
+-- Redis key names of docs/redis-contract.md, built exactly as controller/clients/scripts.py
+-- and controller/contract/keys.py build them (same ids, same escapes, same hash tags).
 
 local _M = {}
 

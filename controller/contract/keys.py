@@ -137,6 +137,31 @@ class KeySchema:
         return self._key("reload-confirmation")
 
     @property
+    def catalog(self) -> str:
+        """`<P>:plans`: hash plan → JSON {models, fail_mode, degrade, credits, quota_exhausted}."""
+        return self._key("plans")
+
+    @property
+    def catalog_version(self) -> str:
+        """`<P>:plans:version`: the version of the policy set the catalog was published from."""
+        return self._key("plans", "version")
+
+    @property
+    def gateways(self) -> str:
+        """`<P>:gateways`: a sorted set of live gateways by heartbeat (fail-open shares)."""
+        return self._key("gateways")
+
+    @property
+    def leader(self) -> str:
+        """`<P>:leader`: the Redis leader lock (holder's token)."""
+        return self._key("leader")
+
+    @property
+    def leader_epoch(self) -> str:
+        """`<P>:leader:epoch`: the fencing epoch, raised at each change of leader."""
+        return self._key("leader", "epoch")
+
+    @property
     def override_index(self) -> str:
         return self._key("overrides")
 

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from controller.control.overrides import ReloadConfirmation
 from controller.errors import PolicyError
 from controller.policy.loader import (
     LocatedError,
@@ -17,7 +18,6 @@ from controller.policy.loader import (
     read_sources,
 )
 from controller.policy.policyset import PolicySet, removed_limits
-from controller.sinks.control import ReloadConfirmation
 
 # Why a change was not taken (the `reason` label of governor_policy_reload_failures_total).
 INVALID = "invalid"  # the files do not load as a complete set

@@ -1,4 +1,4 @@
--- Shared by every Governor enforcement script (prepended by controller/gateway/scripts.py).
+-- Shared by every Governor enforcement script (prepended by controller/clients/scripts.py).
 -- Time is Redis server time only: gateways' clocks may disagree, the server's cannot.
 -- These scripts run on every request: they avoid what Lua makes dear inside Redis —
 -- building strings and tables, converting numbers, values crossing between Redis and Lua,

@@ -25,24 +25,23 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from controller.audit import Journal
+from controller.clients.redis import close, connect, masked_url
+from controller.contract.keys import KeySchema
+from controller.control.catalog import publish_catalog
+from controller.control.leader import AlwaysLeader, Elector, KubernetesLease, RedisLeaderLock
+from controller.control.overrides import ControlStore
+from controller.control.reconciler import Reconciler
+from controller.control.reload import PolicyWatcher
+from controller.control.telemetry import Health, Metrics, TelemetryServer
+from controller.control.tick import Controller
 from controller.errors import ConfigurationError
-from controller.gateway.catalog import publish_catalog
-from controller.leader import AlwaysLeader, Elector, KubernetesLease, RedisLeaderLock
-from controller.loop import Controller
-from controller.reload import PolicyWatcher
+from controller.journal.journal import Journal
 from controller.settings import Settings
 from controller.signals.prometheus import PrometheusSource
-from controller.sinks.connection import close, connect, masked_url
-from controller.sinks.control import ControlStore
 from controller.sinks.factory import build_sinks
-from controller.sinks.keys import KeySchema
-from controller.sinks.reconciler import Reconciler
 from controller.sinks.redis import RedisSink
-from controller.telemetry import Health, Metrics, TelemetryServer
 from controller.urls import mask_url
 
-SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 _log = structlog.get_logger("governor.daemon")
 
 
@@ -95,7 +94,14 @@ def build(settings: Settings, *, once: bool = False, dry_run: bool = False) -> D
         stack.callback(close, journal_client)
         # Governor's own Redis always holds the limits (the primary: read back, `explain`);
         # every other entry of controller.sinks is driven beside it, named by its entry.
-        named = dict(zip(settings.controller.sinks, build_sinks(settings, client), strict=True))
+        control = ControlStore(client, keys)
+        named = dict(
+            zip(
+                settings.controller.sinks,
+                build_sinks(settings, client, registry=control.tenants),
+                strict=True,
+            )
+        )
         primary = named.pop("redis", None)
         sink = primary if isinstance(primary, RedisSink) else RedisSink(client, keys)
         others = [(masked_url(name), other) for name, other in named.items()]
@@ -122,7 +128,7 @@ def build(settings: Settings, *, once: bool = False, dry_run: bool = False) -> D
             reconciler=Reconciler(
                 sink, journal, runbook_base_url=settings.journal.runbook_base_url
             ),
-            control=ControlStore(client, keys),
+            control=control,
             journal=journal,
             elector=elector,
             metrics=metrics,
@@ -197,35 +203,25 @@ def _kubernetes_lease(
     settings: Settings, client: redis.Redis[str], keys: KeySchema, identity: str
 ) -> KubernetesLease:
     from kubernetes import client as k8s
-    from kubernetes import config as k8s_config
 
-    try:
-        k8s_config.load_incluster_config()  # type: ignore[no-untyped-call]
-    except k8s_config.ConfigException:
-        try:
-            k8s_config.load_kube_config()  # type: ignore[no-untyped-call]
-        except Exception as exc:
-            raise ConfigurationError(
-                "leader election by Kubernetes Lease needs in-cluster credentials or a "
-                f"kubeconfig ({exc}); set GOVERNOR_LEADER__MODE=redis outside a cluster"
-            ) from exc
-    namespace = settings.leader.namespace or _pod_namespace()
+    from controller.clients.kubernetes import api_client, pod_namespace
+
+    credentials = settings.kubernetes_sink
+    api = api_client(
+        credentials.kubeconfig,
+        credentials.context,
+        "leader election by Kubernetes Lease (or set GOVERNOR_LEADER__MODE=redis)",
+    )
+    namespace = settings.leader.namespace or pod_namespace() or "default"
     return KubernetesLease(
-        k8s.CoordinationV1Api(),
+        k8s.CoordinationV1Api(api),
         namespace,
         settings.leader.lease_name,
         identity,
         settings.leader.lease_seconds,
         client,
-        f"{keys.prefix}:leader",
+        keys.leader,
     )
-
-
-def _pod_namespace() -> str:
-    try:
-        return SERVICE_ACCOUNT_NAMESPACE.read_text().strip()
-    except OSError:
-        return "default"
 
 
 def run_forever(daemon: Daemon) -> int:

@@ -17,11 +17,12 @@ from dataclasses import dataclass
 
 import redis
 
+from controller.clients.redis import wrapped
+from controller.contract.apikeys import parsed_records
+from controller.contract.keys import KeySchema, checked
+from controller.contract.records import override_from_json, override_to_json
 from controller.errors import SinkError
 from controller.model import Address, AddressError, Override, validate_id
-from controller.sinks.connection import wrapped
-from controller.sinks.keys import KeySchema, checked
-from controller.sinks.records import override_from_json, override_to_json
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,17 +69,11 @@ KEY_PLANS_REFRESH_SECONDS = 60.0
 
 
 def key_plans(records: Mapping[str, str]) -> dict[str, str]:
-    """tenant → plan of the API key records (`KeyRecord` JSON); a record that does not
-    parse stands for nobody (the gateway refuses it too)."""
+    """tenant → plan of the API key records; a record that does not parse as the gateway
+    parses it stands for nobody (the gateway refuses it too)."""
     plans: defaultdict[str, set[str]] = defaultdict(set)
-    for text in records.values():
-        try:
-            data = json.loads(text)
-            tenant, plan = data["tenant"], data["plan"]
-        except (ValueError, TypeError, KeyError):
-            continue
-        if isinstance(tenant, str) and isinstance(plan, str):
-            plans[tenant].add(plan)
+    for record in parsed_records(records.values()):
+        plans[record.tenant].add(record.plan)
     return {t: next(iter(p)) if len(p) == 1 else CONFLICTING_PLANS for t, p in plans.items()}
 
 

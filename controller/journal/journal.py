@@ -15,13 +15,13 @@ from typing import Any
 import redis
 import structlog
 
+from controller.changes import Change, Drift
+from controller.clients.redis import wrapped
+from controller.contract.fence import Fence
+from controller.contract.keys import KeySchema
+from controller.contract.records import signals_to_list
 from controller.model import Address, Decision
-from controller.reconcile import Change, Drift
 from controller.settings import JournalSettings
-from controller.sinks.connection import wrapped
-from controller.sinks.fence import Fence
-from controller.sinks.keys import KeySchema
-from controller.sinks.records import signals_to_list
 
 CONTROLLER = "controller"
 # The stream field that marks an event appended by a replica whose fence was stale.

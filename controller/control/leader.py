@@ -12,7 +12,8 @@ from typing import Any, Protocol
 import redis
 import structlog
 
-from controller.sinks.fence import Fence
+from controller.contract.fence import Fence
+from controller.contract.keys import KeySchema
 
 _RENEW = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
@@ -78,8 +79,9 @@ class RedisLeaderLock:
     ) -> None:
         self.client = client
         self.identity = identity
-        self.key = f"{prefix}:leader"
-        self.epoch_key = f"{prefix}:leader:epoch"
+        schema = KeySchema(prefix)
+        self.key = schema.leader
+        self.epoch_key = schema.leader_epoch
         self.lease_ms = int(lease_seconds * 1000)
         self._token: str | None = None
         self._acquire = client.register_script(_ACQUIRE)

@@ -18,22 +18,22 @@ from typing import Protocol
 import structlog
 from structlog.contextvars import bound_contextvars
 
-from controller.audit import CONTROLLER, Journal, JournalEvent, Kind, runbook_link
+from controller.changes import Change
+from controller.contract.records import signals_to_list
+from controller.control.leader import Elector
+from controller.control.overrides import ControlState, ControlStore, ReloadConfirmation
+from controller.control.reconciler import Reconciler, TickReport
+from controller.control.reload import ERROR, PolicyWatcher, ReloadOutcome
+from controller.control.telemetry import FlapDetector, Health, Metrics
 from controller.errors import GovernorError
-from controller.leader import Elector
+from controller.journal.journal import CONTROLLER, Journal, JournalEvent, Kind, runbook_link
 from controller.model import Address, ScalarSample, Scope, SignalKey, Snapshot, Validity
 from controller.policy.baselines import Baselines
 from controller.policy.engine import EngineState, Evaluation, Transition, evaluate
 from controller.policy.policyset import PolicySet
 from controller.policy.resolver import Resolution, ResolverState, resolve
-from controller.reconcile import Change
-from controller.reload import ERROR, PolicyWatcher, ReloadOutcome
 from controller.sinks import SinkState
-from controller.sinks.control import ControlState, ControlStore, ReloadConfirmation
 from controller.sinks.factory import split_supported
-from controller.sinks.reconciler import Reconciler, TickReport
-from controller.sinks.records import signals_to_list
-from controller.telemetry import FlapDetector, Health, Metrics
 
 # A tick's leftovers in reference cycles wait at most this many ticks for a full collection.
 FULL_COLLECTION_TICKS = 120

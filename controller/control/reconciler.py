@@ -9,9 +9,9 @@ from typing import Protocol, runtime_checkable
 
 import structlog
 
-from controller.audit import Journal, JournalEvent, Kind, change_events, drift_events
+from controller.changes import Change, Drift, diff
+from controller.journal.journal import Journal, JournalEvent, Kind, change_events, drift_events
 from controller.model import Address, Decision
-from controller.reconcile import Change, Drift, diff
 from controller.sinks import ApplyResult, Sink, SinkState
 
 

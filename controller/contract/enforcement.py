@@ -1,0 +1,115 @@
+"""The keys each Lua enforcement script takes, built on the KeySchema (same ids, same tags)."""
+
+from __future__ import annotations
+
+import functools
+import ipaddress
+from dataclasses import dataclass
+
+from controller.contract.keys import KeySchema, escape_id
+from controller.model import Address, LimitKind, Scope, validate_id
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def ip_id(ip: str) -> str:
+    """A client address as an id: IPv4 as is, IPv6 by its /64 (one host usually owns one)."""
+    try:
+        address = ipaddress.ip_address(ip.strip())
+    except ValueError:
+        raise ValueError(f"client ip {ip!r} is not an IPv4 or IPv6 address") from None
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return address.exploded[:19] + "::"  # the first four groups: the /64 network
+    return str(address)
+
+
+_ANY = LimitKind.REQUESTS_PER_MINUTE  # a limits hash does not depend on the limit
+
+
+@dataclass(frozen=True, slots=True)
+class Level:
+    """One level's enforcement state: a hash (rates, counters, holds) and its lease set."""
+
+    state: str
+    leases: str
+
+
+@dataclass(frozen=True)
+class EnforcementKeys:
+    """Every key the scripts touch, built on the contract's KeySchema (same ids, same tags)."""
+
+    schema: KeySchema
+
+    @classmethod
+    def for_prefix(cls, prefix: str) -> EnforcementKeys:
+        return cls(KeySchema(prefix))
+
+    def _key(self, *parts: str) -> str:
+        return ":".join((self.schema.prefix, *parts))
+
+    def limits(self, scope: Scope, *, plan: str = "", tenant: str = "", user: str = "") -> str:
+        """A limits hash the controller writes (validates every id on the way)."""
+        ids = {"plan": plan or None, "tenant": tenant or None, "user": user or None}
+        return self.schema.owner(Address(scope, _ANY, **ids))
+
+    def global_level(self) -> Level:
+        return self._level(self._key("enforce", "global"))
+
+    def ip_level(self, ip: str) -> Level:
+        """`ip` as returned by `ip_id`."""
+        return self._level(self._key("enforce", "ip", escape_id(ip)))
+
+    def tenant_level(self, tenant: str) -> Level:
+        return self._level(self._key(self.schema.tenant_tag(tenant), "enforce"))
+
+    def user_level(self, tenant: str, user: str) -> Level:
+        user_part = escape_id(validate_id(user, "user"))
+        return self._level(self._key(self.schema.tenant_tag(tenant), "user", user_part, "enforce"))
+
+    def credits(self, tenant: str) -> str:
+        """Hash: balance and reserved (micro-USD), one `r|<reservation>` field per hold."""
+        return self._key(self.schema.tenant_tag(tenant), "credits")
+
+    def credit_history(self, tenant: str) -> str:
+        """Stream: one entry per top-up, adjustment or charge."""
+        return self._key(self.schema.tenant_tag(tenant), "credits", "history")
+
+    @staticmethod
+    def _level(state: str) -> Level:
+        return Level(state, state + ":leases")
+
+    def admit_keys(self, tenant: str, user: str | None, ip: str | None) -> tuple[str, ...]:
+        """The 10 keys of admit.lua (absent levels get placeholder keys it never touches)."""
+        return _admit_keys(self, tenant, user or "", ip or "")
+
+    def settle_keys(self, tenant: str, user: str | None, ip: str | None) -> tuple[str, ...]:
+        """The 10 keys of settle.lua."""
+        return _settle_keys(self, tenant, user or "", ip or "")
+
+    def charge_keys(self, tenant: str, user: str | None, ip: str | None) -> tuple[str, ...]:
+        """The 6 keys of charge.lua: each level's state, then the credits and their history."""
+        states = _levels(self, tenant, user or "", ip or "")[::2]
+        return (*states, self.credits(tenant), self.credit_history(tenant))
+
+
+def _levels(keys: EnforcementKeys, tenant: str, user: str, ip: str) -> tuple[str, ...]:
+    # Absent levels still need a key in their slot; the tenant's own keep Cluster happy.
+    spare = keys.tenant_level(tenant)
+    levels = (
+        keys.global_level(),
+        keys.ip_level(ip) if ip else spare,
+        spare,
+        keys.user_level(tenant, user) if user else spare,
+    )
+    return tuple(key for level in levels for key in (level.state, level.leases))
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _admit_keys(keys: EnforcementKeys, tenant: str, user: str, ip: str) -> tuple[str, ...]:
+    return (keys.schema.version, *_levels(keys, tenant, user, ip), keys.credits(tenant))
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _settle_keys(keys: EnforcementKeys, tenant: str, user: str, ip: str) -> tuple[str, ...]:
+    return (*_levels(keys, tenant, user, ip), keys.credits(tenant), keys.credit_history(tenant))
