@@ -26,7 +26,8 @@ from controller.clients.redis import close, connect, url_from_settings
 from controller.contract.keys import KeySchema
 from controller.control.overrides import ControlStore
 from controller.errors import ConfigurationError, SinkError
-from controller.journal.journal import Journal, JournalEvent
+from controller.journal.events import JournalEvent
+from controller.journal.writer import Journal
 from controller.logging import configure_logging, mask_text
 from controller.model import Address, AddressError
 from controller.policy.documents import parse_duration

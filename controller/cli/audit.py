@@ -10,7 +10,8 @@ from rich.table import Table
 from rich.text import Text
 
 from controller.cli._redis import JSON_OPTION, console, number, parse_ttl, stores, when
-from controller.journal.journal import STALE_LEADER, JournalEntry, follow_events, read_events
+from controller.journal.events import STALE_LEADER, JournalEntry
+from controller.journal.reader import follow_events, read_events
 
 app = typer.Typer(
     help="Read the decision journal (every change and who made it).", no_args_is_help=True

@@ -11,7 +11,7 @@ from rich.table import Table
 from controller.cli._redis import JSON_OPTION, console, echo_json, number, parse_address, stores
 from controller.cli._redis import when as at
 from controller.cli.audit import entries_table
-from controller.journal.journal import read_events
+from controller.journal.reader import read_events
 
 _EVENTS = 10
 

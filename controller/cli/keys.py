@@ -16,7 +16,7 @@ from controller.cli._redis import (
     when,
 )
 from controller.gateway.keys import KeyStore
-from controller.journal.journal import JournalEvent, Kind
+from controller.journal.events import JournalEvent, Kind
 
 app = typer.Typer(
     help="API keys for `governor gateway`: each stands for a tenant (and user) on a plan.",

@@ -23,7 +23,7 @@ from controller.cli._redis import (
     when,
 )
 from controller.control.overrides import Freeze
-from controller.journal.journal import JournalEvent, Kind
+from controller.journal.events import JournalEvent, Kind
 from controller.model import Override
 from controller.policy.documents import format_duration
 

@@ -13,7 +13,7 @@ import typer
 from controller.cli._redis import default_actor, parse_ttl, require_reason, stores, when
 from controller.cli.policy_tests import run_policy_tests
 from controller.errors import PolicyError
-from controller.journal.journal import JournalEvent, Kind
+from controller.journal.events import JournalEvent, Kind
 from controller.policy.documents import KINDS, json_schema
 from controller.policy.loader import check_files, policy_files
 

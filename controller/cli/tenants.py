@@ -10,7 +10,7 @@ from controller.cli._plans import KnownPlans, known_plans
 from controller.cli._redis import JSON_OPTION, Stores, console, default_actor, echo_json, stores
 from controller.errors import ConfigurationError
 from controller.gateway.keys import KeyStore
-from controller.journal.journal import JournalEvent, Kind
+from controller.journal.events import JournalEvent, Kind
 
 app = typer.Typer(help="The tenant registry: which plan each tenant is on.", no_args_is_help=True)
 

@@ -35,7 +35,7 @@ from controller.control.reload import PolicyWatcher
 from controller.control.telemetry import Health, Metrics, TelemetryServer
 from controller.control.tick import Controller
 from controller.errors import ConfigurationError
-from controller.journal.journal import Journal
+from controller.journal.writer import Journal
 from controller.settings import Settings
 from controller.signals.prometheus import PrometheusSource
 from controller.sinks.factory import build_sinks

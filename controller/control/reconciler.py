@@ -10,7 +10,8 @@ from typing import Protocol, runtime_checkable
 import structlog
 
 from controller.changes import Change, Drift, diff
-from controller.journal.journal import Journal, JournalEvent, Kind, change_events, drift_events
+from controller.journal.events import JournalEvent, Kind, change_events, drift_events
+from controller.journal.writer import Journal
 from controller.model import Address, Decision
 from controller.sinks import ApplyResult, Sink, SinkState
 

@@ -26,7 +26,8 @@ from controller.control.reconciler import Reconciler, TickReport
 from controller.control.reload import ERROR, PolicyWatcher, ReloadOutcome
 from controller.control.telemetry import FlapDetector, Health, Metrics
 from controller.errors import GovernorError
-from controller.journal.journal import CONTROLLER, Journal, JournalEvent, Kind, runbook_link
+from controller.journal.events import CONTROLLER, JournalEvent, Kind, runbook_link
+from controller.journal.writer import Journal
 from controller.model import Address, ScalarSample, Scope, SignalKey, Snapshot, Validity
 from controller.policy.baselines import Baselines
 from controller.policy.engine import EngineState, Evaluation, Transition, evaluate

@@ -13,7 +13,7 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 
-from controller.journal.journal import read_events
+from controller.journal.reader import read_events
 from controller.sim.record import p99
 from controller.sim.run import TickView
 

@@ -24,7 +24,7 @@ from controller.control.reload import PolicyWatcher
 from controller.control.telemetry import FlapDetector, Health, Metrics
 from controller.control.tick import Controller, TickOutcome
 from controller.gateway.prices import PriceTable, to_micro
-from controller.journal.journal import Journal
+from controller.journal.writer import Journal
 from controller.model import (
     Address,
     FloatArray,

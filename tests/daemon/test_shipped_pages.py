@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry
 
 from controller.control.telemetry import Health, Metrics, TelemetryServer
 from controller.gateway.responses import Answers
-from controller.journal.journal import runbook_link
+from controller.journal.events import runbook_link
 from controller.settings import Settings
 from tests.support.redis import free_port
 

@@ -9,7 +9,7 @@ from typer.testing import CliRunner, Result
 
 from controller.cli import app
 from controller.contract.keys import KeySchema
-from controller.journal.journal import read_events
+from controller.journal.reader import read_events
 from tests.support.redis import RedisServer
 
 runner = CliRunner()

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from controller.cli import app
 from controller.contract.keys import KeySchema
-from controller.journal.journal import read_events
+from controller.journal.reader import read_events
 from tests.gateway.conftest import MakeGateway
 
 

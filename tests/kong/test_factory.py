@@ -17,7 +17,8 @@ from controller.contract.keys import KeySchema
 from controller.control.overrides import ControlStore
 from controller.control.reconciler import Reconciler
 from controller.errors import ConfigurationError
-from controller.journal.journal import Journal, read_events
+from controller.journal.reader import read_events
+from controller.journal.writer import Journal
 from controller.model import Address, Decision, Source
 from controller.settings import JournalSettings, Settings
 from controller.sinks.configmap import ConfigMapSink

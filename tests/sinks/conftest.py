@@ -10,7 +10,7 @@ import redis
 from controller.clients.redis import connect
 from controller.contract.keys import KeySchema
 from controller.control.overrides import ControlStore
-from controller.journal.journal import Journal
+from controller.journal.writer import Journal
 from controller.settings import JournalSettings, RedisSettings
 from controller.sinks.redis import RedisSink
 from tests.support.redis import RedisServer

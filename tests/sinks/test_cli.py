@@ -124,7 +124,7 @@ def test_explain_shows_proposals_override_winner_and_history(url: str) -> None:
     from controller.clients.redis import connect
     from controller.contract.keys import KeySchema
     from controller.control.reconciler import Reconciler
-    from controller.journal.journal import Journal
+    from controller.journal.writer import Journal
     from controller.model import Decision, Proposal, SignalReading, Source
     from controller.settings import JournalSettings
 
@@ -184,7 +184,8 @@ def test_a_password_in_the_url_never_appears_in_output(tmp_path: Path) -> None:
 
 def test_audit_tail_escapes_control_characters_and_rich_markup(url: str) -> None:
     from controller.contract.keys import KeySchema
-    from controller.journal.journal import Journal, JournalEvent, Kind
+    from controller.journal.events import JournalEvent, Kind
+    from controller.journal.writer import Journal
     from controller.settings import JournalSettings
 
     client = redis.Redis.from_url(url, decode_responses=True)
@@ -213,7 +214,8 @@ def test_audit_tail_escapes_control_characters_and_rich_markup(url: str) -> None
 def test_audit_tail_shows_an_entry_governor_never_wrote_instead_of_failing(url: str) -> None:
     """One hand-written stream entry made `audit tail` exit 2 with a bare JSON error."""
     from controller.contract.keys import KeySchema
-    from controller.journal.journal import Journal, JournalEvent, Kind
+    from controller.journal.events import JournalEvent, Kind
+    from controller.journal.writer import Journal
     from controller.settings import JournalSettings
 
     client = redis.Redis.from_url(url, decode_responses=True)

@@ -15,7 +15,9 @@ from controller.cli import app
 from controller.clients.redis import connect
 from controller.contract.keys import KeySchema
 from controller.control.leader import RedisLeaderLock
-from controller.journal.journal import Journal, JournalEvent, Kind, read_events
+from controller.journal.events import JournalEvent, Kind
+from controller.journal.reader import read_events
+from controller.journal.writer import Journal
 from controller.logging import MASK, configure_logging
 from controller.settings import JournalSettings, RedisSettings
 from tests.support.prometheus import wait_for

@@ -10,7 +10,7 @@ import redis
 from structlog.testing import capture_logs
 
 from controller.control.reconciler import Reconciler
-from controller.journal.journal import Journal
+from controller.journal.writer import Journal
 from controller.model import Address, Decision, Proposal, SignalReading, Source
 from controller.sinks.redis import RedisSink
 
