@@ -29,11 +29,11 @@ __all__ = [
     "AdmissionRequest",
     "AdmissionResult",
     "Budget",
-    "Degrade",
+    "Degradation",
     "EnforcementError",
     "Outcome",
     "Quota",
-    "Usage",
+    "TokensUsed",
 ]
 
 Outcome = Literal[
@@ -57,7 +57,7 @@ _LEVEL_INDEX = {Scope.GLOBAL: 1, Scope.IP: 2, Scope.TENANT: 3, Scope.PLAN: 3, Sc
 
 
 @dataclass(frozen=True)
-class Usage:
+class TokensUsed:
     """What one request used, in tokens."""
 
     prompt: int
@@ -107,7 +107,7 @@ class Budget:
 
 
 @dataclass(frozen=True)
-class Degrade:
+class Degradation:
     """Allowed, but a budget is nearly spent: what the gateway should change, and why."""
 
     max_tokens: int | None
@@ -126,7 +126,7 @@ class AdmissionResult:
     tokens: Quota | None  # the tightest token-rate quota
     budget: Budget | None  # the tightest budget (the one that said no, if one did)
     reservation: str | None  # set when allowed: pass to settle() or release()
-    degrade: Degrade | None  # allowed, but a budget is past the plan's degrade.at_percent
+    degrade: Degradation | None  # allowed, but a budget is past the plan's degrade.at_percent
     reserved: int | None = None  # allowed: the tokens held (below `tokens` when lowered)
 
 
@@ -239,7 +239,7 @@ class Admission:
             (prompt_tokens, completion_tokens),
         )
 
-    async def charge(self, request: AdmissionRequest, usage: Usage) -> int:
+    async def charge(self, request: AdmissionRequest, usage: TokensUsed) -> int:
         """Charge a request served without a reservation (a fail-open plan while Redis was
         away) once Redis answers: the daily token budgets in force now and the credits, as a
         settle would. Rates are not charged (their windows have passed). Returns how many
@@ -388,7 +388,7 @@ def _parse(
     )
 
 
-def _degrade(plan: PlanInfo, budget: Budget | None, model: str | None) -> Degrade | None:
+def _degrade(plan: PlanInfo, budget: Budget | None, model: str | None) -> Degradation | None:
     """The plan's degradation once the tightest token budget is past `at_percent` spent."""
     spec = plan.degrade
     if spec is None or budget is None or budget.kind != "tokens" or not budget.limit:
@@ -399,7 +399,7 @@ def _degrade(plan: PlanInfo, budget: Budget | None, model: str | None) -> Degrad
     target = spec.model if spec.model != model else None
     if spec.max_tokens is None and target is None:
         return None
-    return Degrade(
+    return Degradation(
         spec.max_tokens,
         target,
         f"{budget.address} is {spent:.0f}% spent (the plan degrades from {spec.at_percent:g}%)",

@@ -22,8 +22,8 @@ from controller.gateway.admission import (
     Admission,
     AdmissionRequest,
     AdmissionResult,
-    Degrade,
-    Usage,
+    Degradation,
+    TokensUsed,
 )
 from controller.gateway.auth import Authenticator, AuthError, Principal
 from controller.gateway.catalog import PlanCatalog
@@ -31,9 +31,9 @@ from controller.gateway.failmode import FailMode
 from controller.gateway.metrics import GatewayMetrics
 from controller.gateway.openai import (
     ROUTES,
-    Kind,
     ModelRequest,
     RequestError,
+    RequestKind,
     UsageChunkFilter,
     UsageMeter,
 )
@@ -61,7 +61,7 @@ class Enforcement:
     metrics: GatewayMetrics
     answers: Answers
     tracing: Tracing | None = None
-    routes: Mapping[str, Kind] = field(default_factory=lambda: dict(ROUTES))
+    routes: Mapping[str, RequestKind] = field(default_factory=lambda: dict(ROUTES))
     open_paths: tuple[str, ...] = ("/metrics", "/healthz")
     # Settles and releases that met a Redis outage, repeated once it answers.
     pending: PendingCalls = field(default_factory=lambda: PendingCalls(STORE_ERRORS))
@@ -170,7 +170,7 @@ class GovernorMiddleware:
         send: Send,
         principal: Principal,
         plan: PlanInfo,
-        kind: Kind,
+        kind: RequestKind,
         started: float,
     ) -> None:
         raw = await _read_body(receive, self.e.settings.max_body_bytes)
@@ -370,7 +370,7 @@ class GovernorMiddleware:
             # Held at once, not tried now: Redis was unreachable a moment ago, and a try could
             # hold the answer's last byte for a whole socket timeout. The heartbeat, or the
             # next admission that reaches Redis, charges it.
-            served, used = call.unreserved, Usage(usage.prompt_tokens, usage.completion_tokens)
+            served, used = call.unreserved, TokensUsed(usage.prompt_tokens, usage.completion_tokens)
             self.e.pending.hold("charge", lambda: self.e.admission.charge(served, used))
         if reservation is not None:
             await self._store(
@@ -401,7 +401,7 @@ class GovernorMiddleware:
             )
 
 
-def _degrade(request: ModelRequest, degrade: Degrade) -> bool:
+def _degrade(request: ModelRequest, degrade: Degradation) -> bool:
     """Apply the plan's degradation to the request; False when it changed nothing."""
     changed = False
     if degrade.max_tokens is not None and (request.max_tokens or 0) > degrade.max_tokens:

@@ -15,8 +15,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-Kind = Literal["chat", "completion", "embedding"]
-ROUTES: dict[str, Kind] = {
+RequestKind = Literal["chat", "completion", "embedding"]
+ROUTES: dict[str, RequestKind] = {
     "/v1/chat/completions": "chat",
     "/v1/completions": "completion",
     "/v1/embeddings": "embedding",
@@ -38,7 +38,7 @@ def text_tokens(text: str) -> int:
 class ModelRequest:
     """One parsed OpenAI request body, with what it may spend; rewritten in place."""
 
-    kind: Kind
+    kind: RequestKind
     raw: bytes  # the body as the client sent it
     body: dict[str, Any]
     prompt_tokens: int
@@ -46,7 +46,7 @@ class ModelRequest:
     defaulted: bool = False  # max_tokens is the gateway's default, not the client's
 
     @classmethod
-    def parse(cls, kind: Kind, raw: bytes, default_max_tokens: int) -> ModelRequest:
+    def parse(cls, kind: RequestKind, raw: bytes, default_max_tokens: int) -> ModelRequest:
         try:
             request = cls._read(kind, raw)
         except RecursionError:
@@ -59,7 +59,7 @@ class ModelRequest:
         return request
 
     @classmethod
-    def _read(cls, kind: Kind, raw: bytes) -> ModelRequest:
+    def _read(cls, kind: RequestKind, raw: bytes) -> ModelRequest:
         try:
             body = json.loads(raw)
         except (ValueError, UnicodeDecodeError) as exc:
@@ -153,7 +153,7 @@ def _check_counts(body: Mapping[str, Any]) -> None:
             raise RequestError(f"`{name}` must be a positive integer, not {shown}")
 
 
-def _prompt_tokens(kind: Kind, body: Mapping[str, Any]) -> int:
+def _prompt_tokens(kind: RequestKind, body: Mapping[str, Any]) -> int:
     if kind == "chat":
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:

@@ -14,7 +14,7 @@ from typing import Any
 from starlette.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 
-from controller.gateway.admission import AdmissionResult, Budget, Degrade, Quota
+from controller.gateway.admission import AdmissionResult, Budget, Degradation, Quota
 
 PROBLEM_JSON = "application/problem+json"
 # IANA problem types of draft-ietf-httpapi-ratelimit-headers (section "Problem Types").
@@ -390,7 +390,7 @@ def openai_duration(seconds: float) -> str:
     return f"{minutes}m{secs}s" if minutes else f"{secs}s"
 
 
-def degrade_headers(degrade: Degrade) -> dict[str, str]:
+def degrade_headers(degrade: Degradation) -> dict[str, str]:
     """Say what was changed in the request and why."""
     changes = []
     if degrade.model is not None:

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from controller.contract.enforcement import EnforcementKeys, ip_id
-from controller.gateway.openai import Kind, ModelRequest, RequestError, UsageChunkFilter
+from controller.gateway.openai import ModelRequest, RequestError, RequestKind, UsageChunkFilter
 from tests.nginx.conftest import Side
 
 pytestmark = pytest.mark.integration
@@ -58,7 +58,7 @@ TOOL = {
     "type": "function",
     "function": {"name": "f", "description": 'ünï "q"', "parameters": {"a": [1, 2.5, True, None]}},
 }
-BODIES: list[tuple[Kind, Any]] = [
+BODIES: list[tuple[RequestKind, Any]] = [
     ("chat", {"model": "m", "messages": [{"role": "user", "content": "héllo wörld ✓ 😀"}]}),
     ("chat", {"model": "m", "n": 3, "max_tokens": 7, "messages": [
         {"role": "system", "content": "be brief", "name": "x"},
@@ -73,7 +73,7 @@ BODIES: list[tuple[Kind, Any]] = [
     ("completion", {"model": "m", "prompt": "no max tokens"}),
     ("embedding", {"model": "m", "input": ["a", "bb", "ccc"]}),
 ]  # fmt: skip
-REFUSED: list[tuple[Kind, Any]] = [
+REFUSED: list[tuple[RequestKind, Any]] = [
     ("chat", {"model": "m", "messages": []}),
     ("chat", {"model": 5, "messages": [{"role": "user", "content": "s"}]}),
     ("embedding", {"model": "m"}),
@@ -82,14 +82,14 @@ REFUSED: list[tuple[Kind, Any]] = [
 ]
 
 
-def probe(nginx: Side, kind: Kind, raw: bytes) -> Any:
+def probe(nginx: Side, kind: RequestKind, raw: bytes) -> Any:
     """openai.parse in the running nginx: the estimate and the body it would send on."""
     params = {"kind": kind, "default": str(DEFAULT_MAX_TOKENS)}
     return nginx.http.post(f"{nginx.url}/_probe/request", params=params, content=raw).json()
 
 
 @pytest.mark.parametrize(("kind", "body"), BODIES)
-def test_estimates_and_rewrites_are_pythons(nginx: Side, kind: Kind, body: Any) -> None:
+def test_estimates_and_rewrites_are_pythons(nginx: Side, kind: RequestKind, body: Any) -> None:
     raw = json.dumps(body, ensure_ascii=False).encode()
 
     lua = probe(nginx, kind, raw)
@@ -106,7 +106,7 @@ def test_estimates_and_rewrites_are_pythons(nginx: Side, kind: Kind, body: Any) 
 
 
 @pytest.mark.parametrize(("kind", "body"), REFUSED)
-def test_refusals_say_what_python_says(nginx: Side, kind: Kind, body: Any) -> None:
+def test_refusals_say_what_python_says(nginx: Side, kind: RequestKind, body: Any) -> None:
     raw = json.dumps(body).encode()
 
     lua = probe(nginx, kind, raw)
