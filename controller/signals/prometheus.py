@@ -10,7 +10,6 @@ from __future__ import annotations
 import concurrent.futures
 import datetime as dt
 import math
-import re
 import threading
 import time
 import urllib.parse
@@ -23,11 +22,17 @@ import numpy as np
 import requests
 import structlog
 import urllib3
-from prometheus_api_client import PrometheusConnect
 from prometheus_api_client.exceptions import PrometheusApiClientException
-from urllib3.util.retry import Retry
 
-from controller.errors import ConfigurationError, SignalError, untrusted_certificate_hint
+from controller.clients.prometheus import (
+    PrometheusConnection,
+    client_options,
+    connection_cause,
+    error_detail,
+    open_connection,
+    tls_cause,
+)
+from controller.errors import SignalError
 from controller.model import Sample, ScalarSample, SignalKey, Snapshot, Validity, VectorSample
 from controller.settings import PrometheusSettings
 from controller.signals.decode import (
@@ -45,15 +50,8 @@ from controller.signals.promql import selectors
 # The server-side `timeout` fires first, so the answer says "timeout" with Prometheus' own
 # words instead of a bare socket error; the HTTP timeout is the backstop.
 _HTTP_GRACE_SECONDS = 1.0
-# The library's default retries 3 times with back-off on 5xx: 6 s of waiting inside one tick,
-# and again on a query that timed out. One immediate retry of a refused or reset connection
-# (a pooled keep-alive socket closed by the server) is all a 5 s control loop can afford.
-_RETRY = Retry(total=1, connect=1, read=False, status=0, other=0, redirect=0, backoff_factor=0)
 # Prometheus' answer puts `warnings` after `data`; inside a JSON string a quote is escaped,
 # so these bytes can only be the top-level key.
-# The root cause inside requests' long ConnectionError text, e.g. "Connection refused".
-_OS_ERROR = re.compile(r"\[Errno -?\d+\] ([^'\")]+)")
-_TLS_REASON = re.compile(r"\[SSL[^\]]*\] ([^'\"(]+)")
 _WARNINGS_KEY = b'"warnings":['
 _SUCCESS = b'"status":"success"'
 
@@ -76,54 +74,6 @@ class Answer:
         return result
 
 
-@dataclass
-class _Connection:
-    """One prometheus-api-client connection (one requests session) per worker thread. Its
-    session (auth, headers, TLS, the retry policy) sends the queries; the answer bytes are
-    read here, not by the library, so a 100k-series vector is never built as objects."""
-
-    client: PrometheusConnect
-    session: requests.Session
-
-
-def _client_options(settings: PrometheusSettings) -> dict[str, Any]:
-    """Headers and auth for PrometheusConnect; secrets are unwrapped only here."""
-    if settings.bearer_token is not None and settings.username is not None:
-        raise ConfigurationError(
-            "Prometheus: set either GOVERNOR_PROMETHEUS__BEARER_TOKEN or "
-            "GOVERNOR_PROMETHEUS__USERNAME/PASSWORD, not both"
-        )
-    headers = dict(settings.headers)
-    if settings.bearer_token is not None:
-        headers["Authorization"] = f"Bearer {settings.bearer_token.get_secret_value()}"
-    auth = None
-    if settings.username is not None:
-        password = settings.password.get_secret_value() if settings.password else ""
-        auth = (settings.username, password)
-    return {"headers": headers or None, "auth": auth}
-
-
-def _tls_cause(exc: requests.exceptions.SSLError) -> str:
-    """The OpenSSL reason of a failed handshake, and the setting that fixes the usual one."""
-    found = _TLS_REASON.search(str(exc))
-    reason = found.group(1).strip() if found else type(exc).__name__
-    if "certificate verify failed" in reason:
-        reason += f" ({untrusted_certificate_hint('PROMETHEUS', 'its')})"
-    return reason
-
-
-def _error_detail(response: requests.Response | None, fallback: str) -> str:
-    """`HTTP 400 bad_data: parse error ...` from Prometheus' error body, if it sent one."""
-    if response is None:
-        return fallback
-    try:
-        body = response.json()
-        return f"HTTP {response.status_code} {body['errorType']}: {body['error']}"
-    except (ValueError, KeyError, TypeError):
-        text = response.text[:200].strip()
-        return f"HTTP {response.status_code}: {text or response.reason}"
-
-
 def _warnings(body: bytes) -> tuple[str, ...]:
     if body.rfind(_WARNINGS_KEY) < 0:
         return ()
@@ -136,7 +86,7 @@ class PrometheusSource:
 
     settings: PrometheusSettings
     _local: threading.local = field(default_factory=threading.local, repr=False)
-    _connections: list[_Connection] = field(default_factory=list, repr=False)
+    _connections: list[PrometheusConnection] = field(default_factory=list, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _pool: concurrent.futures.ThreadPoolExecutor | None = field(default=None, repr=False)
     # Called with how many series were dropped for an invalid label value (a metric).
@@ -144,7 +94,7 @@ class PrometheusSource:
     dropped_labels: DroppedLabels = field(default_factory=DroppedLabels, repr=False)
 
     def __post_init__(self) -> None:
-        self._options = _client_options(self.settings)
+        self._options = client_options(self.settings)
         self._times = SampleTimes(self.settings.sample_age_refresh_seconds)
         self._history = History()
         if not self.settings.verify_tls and self.settings.url.startswith("https:"):
@@ -250,7 +200,7 @@ class PrometheusSource:
                 verify=connection.session.verify,
             )
             if response.status_code != 200:
-                return Answer(error=_error_detail(response, f"HTTP {response.status_code}"))
+                return Answer(error=error_detail(response, f"HTTP {response.status_code}"))
             body = response.content
             if _SUCCESS not in body:  # rare: parsed in full to say what it is instead
                 parse_body(body)["data"]["result"]
@@ -286,11 +236,9 @@ class PrometheusSource:
         if isinstance(exc, requests.Timeout):
             return f"no answer within {self.http_timeout:g}s (timeout)"
         if isinstance(exc, requests.exceptions.SSLError):
-            return f"TLS with Prometheus at {self.url} failed: {_tls_cause(exc)}"
+            return f"TLS with Prometheus at {self.url} failed: {tls_cause(exc)}"
         if isinstance(exc, requests.ConnectionError):
-            reason = _OS_ERROR.search(str(exc))
-            cause = reason.group(1) if reason else type(exc).__name__
-            return f"cannot reach Prometheus at {self.url}: {cause}"
+            return f"cannot reach Prometheus at {self.url}: {connection_cause(exc)}"
         return f"not a Prometheus query answer: {exc}"
 
     def check(self, now: float | None = None) -> None:
@@ -322,20 +270,10 @@ class PrometheusSource:
     ) -> None:
         self.close()
 
-    def _connection(self) -> _Connection:
-        connection: _Connection | None = getattr(self._local, "connection", None)
+    def _connection(self) -> PrometheusConnection:
+        connection: PrometheusConnection | None = getattr(self._local, "connection", None)
         if connection is None:
-            session = requests.Session()
-            ca_file = self.settings.ca_file
-            session.verify = str(ca_file) if ca_file is not None else self.settings.verify_tls
-            client = PrometheusConnect(
-                url=self.settings.url.rstrip("/"),
-                disable_ssl=not self.settings.verify_tls,
-                retry=_RETRY,
-                session=session,
-                **self._options,
-            )
-            connection = _Connection(client, session)
+            connection = open_connection(self.settings, self._options)
             self._local.connection = connection
             with self._lock:
                 self._connections.append(connection)

@@ -1,0 +1,92 @@
+"""The Prometheus HTTP client: one prometheus-api-client connection per worker thread, with
+auth, TLS and a retry policy a 5 s control loop can afford; failures as one line each."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import requests
+from prometheus_api_client import PrometheusConnect
+from urllib3.util.retry import Retry
+
+from controller.errors import ConfigurationError, untrusted_certificate_hint
+from controller.settings import PrometheusSettings
+
+# The library's default retries 3 times with back-off on 5xx: 6 s of waiting inside one tick,
+# and again on a query that timed out. One immediate retry of a refused or reset connection
+# (a pooled keep-alive socket closed by the server) is all a 5 s control loop can afford.
+_RETRY = Retry(total=1, connect=1, read=False, status=0, other=0, redirect=0, backoff_factor=0)
+# The root cause inside requests' long ConnectionError text, e.g. "Connection refused".
+_OS_ERROR = re.compile(r"\[Errno -?\d+\] ([^'\")]+)")
+_TLS_REASON = re.compile(r"\[SSL[^\]]*\] ([^'\"(]+)")
+
+
+@dataclass
+class PrometheusConnection:
+    """One prometheus-api-client connection (one requests session) per worker thread. Its
+    session (auth, headers, TLS, the retry policy) sends the queries; the answer bytes are
+    read here, not by the library, so a 100k-series vector is never built as objects."""
+
+    client: PrometheusConnect
+    session: requests.Session
+
+
+def client_options(settings: PrometheusSettings) -> dict[str, Any]:
+    """Headers and auth for PrometheusConnect; secrets are unwrapped only here."""
+    if settings.bearer_token is not None and settings.username is not None:
+        raise ConfigurationError(
+            "Prometheus: set either GOVERNOR_PROMETHEUS__BEARER_TOKEN or "
+            "GOVERNOR_PROMETHEUS__USERNAME/PASSWORD, not both"
+        )
+    headers = dict(settings.headers)
+    if settings.bearer_token is not None:
+        headers["Authorization"] = f"Bearer {settings.bearer_token.get_secret_value()}"
+    auth = None
+    if settings.username is not None:
+        password = settings.password.get_secret_value() if settings.password else ""
+        auth = (settings.username, password)
+    return {"headers": headers or None, "auth": auth}
+
+
+def tls_cause(exc: requests.exceptions.SSLError) -> str:
+    """The OpenSSL reason of a failed handshake, and the setting that fixes the usual one."""
+    found = _TLS_REASON.search(str(exc))
+    reason = found.group(1).strip() if found else type(exc).__name__
+    if "certificate verify failed" in reason:
+        reason += f" ({untrusted_certificate_hint('PROMETHEUS', 'its')})"
+    return reason
+
+
+def error_detail(response: requests.Response | None, fallback: str) -> str:
+    """`HTTP 400 bad_data: parse error ...` from Prometheus' error body, if it sent one."""
+    if response is None:
+        return fallback
+    try:
+        body = response.json()
+        return f"HTTP {response.status_code} {body['errorType']}: {body['error']}"
+    except (ValueError, KeyError, TypeError):
+        text = response.text[:200].strip()
+        return f"HTTP {response.status_code}: {text or response.reason}"
+
+
+def connection_cause(exc: requests.ConnectionError) -> str:
+    """The root cause inside requests' long ConnectionError text, e.g. "Connection refused"."""
+    reason = _OS_ERROR.search(str(exc))
+    return reason.group(1) if reason else type(exc).__name__
+
+
+def open_connection(settings: PrometheusSettings, options: dict[str, Any]) -> PrometheusConnection:
+    """A new session and client for `settings` (`options` from `client_options`)."""
+    session = requests.Session()
+    ca_file = settings.ca_file
+    session.verify = str(ca_file) if ca_file is not None else settings.verify_tls
+    client = PrometheusConnect(
+        url=settings.url.rstrip("/"),
+        disable_ssl=not settings.verify_tls,
+        retry=_RETRY,
+        session=session,
+        **options,
+    )
+    return PrometheusConnection(client, session)
