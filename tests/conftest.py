@@ -17,7 +17,7 @@ from tests.support.prometheus import PROMETHEUS, PROMTOOL
 from tests.support.redis import RedisServer
 
 TESTS = Path(__file__).parent
-_REDIS = frozenset({"daemon", "deploy", "gateway", "kong", "nginx", "sim", "sinks"})
+_REDIS = frozenset({"cluster", "daemon", "deploy", "gateway", "kong", "nginx", "sim", "sinks"})
 _PROMETHEUS = frozenset({"daemon", "deploy", "signals", "sim"})
 _NGINX = frozenset({"nginx"})
 # Each program the tests start: its Debian package (.ci/system-packages installs them all)
@@ -25,6 +25,7 @@ _NGINX = frozenset({"nginx"})
 # FileNotFoundError deep in fixtures.
 PROGRAMS: dict[str, tuple[str, frozenset[str]]] = {
     "redis-server": ("redis-server", _REDIS),
+    "redis-cli": ("redis-tools", frozenset({"cluster"})),  # forms the test Redis Cluster
     PROMETHEUS: ("prometheus", _PROMETHEUS),
     PROMTOOL: ("prometheus", _PROMETHEUS),
     "nginx": ("nginx-extras", _NGINX),
