@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import cast
 
 import redis
@@ -19,6 +19,7 @@ from controller.errors import SinkError
 from controller.model import Address, AddressError, Decision, LimitKind, interned
 from controller.settings import RedisSettings
 from controller.sinks import ApplyResult, SinkState
+from controller.sinks.redis_pages import read_with_ledger
 
 # Bump the version, stamp the contract and announce, atomically inside the apply's MULTI.
 _BUMP = """
@@ -26,16 +27,6 @@ local version = redis.call('INCR', KEYS[1])
 redis.call('SET', KEYS[2], ARGV[2])
 redis.call('PUBLISH', ARGV[1], version)
 return version
-"""
-# Read every owner hash, the ledger and the version in one atomic call (one command to pack
-# and parse instead of one per hash: the client, not Redis, is the cost at 100k limits).
-_READ = """
-local out = {}
-for i, key in ipairs(KEYS) do
-  if i < #KEYS then out[i] = redis.call('HGETALL', key) end
-end
-out[#KEYS] = redis.call('GET', KEYS[#KEYS]) or '0'
-return out
 """
 # Read back after EXEC: which (key, field) pairs do not hold what we wrote ('' = deleted).
 _VERIFY = """
@@ -65,7 +56,6 @@ class RedisSink:
         # Set by the daemon: the leader's fence, checked atomically by every apply.
         self.fence: Callable[[], Fence | None] | None = None
         self._verify = client.register_script(_VERIFY)
-        self._read = client.register_script(_READ)
         # The hash of the decision last recorded per address (`decision_key`): 8 bytes, not
         # the key's tuples, per tenant. Two different decisions of one address with equal
         # 64-bit hashes (odds 2^-64) would leave its record one decision behind.
@@ -122,39 +112,44 @@ class RedisSink:
         return None if text is None else parse_value(text)
 
     def read(self) -> SinkState:
-        """Every limit in the hashes Governor has written to, its ledger and the version."""
+        """Every limit in the hashes Governor has written to, its ledger and the version, in
+        short commands (`redis_pages`): the version first, so what follows is no older."""
+        # Each owner hash's first ledger address (most hold one limit): its fields are
+        # matched against it, so nothing read back is parsed again.
+        bases: dict[str, Address] = {}
+
+        def owner_of(text: str) -> str | None:
+            address = _ledger_address(text)
+            if address is None:
+                return None
+            key = self._place(address)[0]
+            bases.setdefault(key, address)
+            return key
+
         with wrapped(self.client, "read limits"):
-            # Each owner hash's first ledger address (most hold one limit): its fields are
-            # matched against it, so nothing read back is parsed again.
-            bases: dict[str, Address] = {}
-            for text in self._ledger():
-                address = _ledger_address(text)
-                if address is not None:
-                    bases.setdefault(self._place(address)[0], address)
-            owners = sorted(bases)
-            reply = self._read(keys=[*owners, self.keys.written, self.keys.version])
-        hashes, ledger, version = reply[:-2], reply[-2], reply[-1]
+            version = self._version(self.client.get(self.keys.version))
+            ledger, hashes = read_with_ledger(self.client, self.keys.written, owner_of)
         actual: dict[Address, float] = {}
         foreign: list[str] = []
         places = self._places
         # Limits hold few distinct values: each text parsed once (one float each, not one per
         # limit: 200k floats a read at 100k tenants, allocated while the tick decodes).
         values: dict[str, float] = {}
-        for key, flat in zip(owners, hashes, strict=True):
+        for key, pairs in hashes.items():
             base = bases[key]
             field = (places.get(base) or self._place(base))[1]
-            for name, text in _pairs(flat):
+            for name, text in pairs:
                 found = base if field == name else self._field_address(base, name)
                 if found is None:
                     foreign.append(f"{key} {name}")
                 else:
                     actual[found] = values.get(text) or _parsed(values, text)
         written: dict[Address, float] = {}
-        for text, value in _pairs(ledger):
+        for text, value in ledger.items():
             address = _ledger_address(text)
             if address is not None:
                 written[address] = values.get(value) or _parsed(values, value)
-        return SinkState(actual, written, self._version(version), tuple(foreign))
+        return SinkState(actual, written, version, tuple(foreign))
 
     def _place(self, address: Address) -> tuple[str, str]:
         """(owner hash key, field) of a checked address, computed once per sink."""
@@ -176,10 +171,6 @@ class RedisSink:
         except (ValueError, AddressError):
             return None
         return found if self._place(found) == (self._place(base)[0], name) else None
-
-    def _ledger(self) -> list[str]:
-        names: list[str] = self.client.hkeys(self.keys.written)
-        return names
 
     def apply(self, changes: Sequence[Change]) -> ApplyResult:
         """Write `changes` and the ledger in ONE MULTI/EXEC with a version bump; read back.
@@ -307,13 +298,6 @@ def _parsed(values: dict[str, float], text: str) -> float:
     """`parse_value(text)`, remembered in `values`."""
     value = values[text] = parse_value(text)
     return value
-
-
-def _pairs(flat: list[str]) -> Iterator[tuple[str, str]]:
-    """The (field, value) pairs of an HGETALL reply, without a dict or list per hash (one
-    per tenant at every read back)."""
-    items = iter(flat)
-    return zip(items, items, strict=True)
 
 
 # Sizes beyond any deployment's limits: past them a table is dropped and rebuilt, so
