@@ -9,7 +9,7 @@ from typing import Protocol, runtime_checkable
 from urllib.parse import urlsplit
 
 from controller.changes import Change, Drift, find_drift
-from controller.errors import ConfigurationError
+from controller.errors import ConfigurationError, SinkError
 from controller.model import Address
 from controller.settings import RedisSettings
 
@@ -63,6 +63,16 @@ class ApplyResult:
     @property
     def verified(self) -> bool:
         return not self.mismatched
+
+
+class PartialApplyError(SinkError):
+    """An apply written in several transactions stopped part-way: `applied` landed, each
+    with its ledger entry, the rest did not, and the version was not bumped (gateways'
+    cached limits stay until the next tick writes the rest and bumps it)."""
+
+    def __init__(self, message: str, applied: Sequence[Change]) -> None:
+        super().__init__(message)
+        self.applied = tuple(applied)
 
 
 @runtime_checkable

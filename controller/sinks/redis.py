@@ -5,7 +5,8 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections import defaultdict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from operator import itemgetter
 from typing import cast
 
 import redis
@@ -18,8 +19,16 @@ from controller.contract.records import decision_key, decision_to_json
 from controller.errors import SinkError
 from controller.model import Address, AddressError, Decision, LimitKind, interned
 from controller.settings import RedisSettings
-from controller.sinks import ApplyResult, SinkState
-from controller.sinks.redis_pages import read_with_ledger
+from controller.sinks import ApplyResult, PartialApplyError, SinkState
+from controller.sinks.redis_pages import (
+    CHANGES_PER_TRANSACTION,
+    FIELDS_PER_WRITE,
+    KEYS_PER_READ,
+    batches,
+    grouped_batches,
+    read_with_ledger,
+    scan_fields,
+)
 
 # Bump the version, stamp the contract and announce, atomically inside the apply's MULTI.
 _BUMP = """
@@ -40,6 +49,7 @@ return bad
 
 
 _RECORDS_PER_WRITE = 5000
+_Placed = tuple[str, str, Change]  # a change with its owner hash and field
 
 
 class RedisSink:
@@ -55,7 +65,6 @@ class RedisSink:
         self._clock = clock
         # Set by the daemon: the leader's fence, checked atomically by every apply.
         self.fence: Callable[[], Fence | None] | None = None
-        self._verify = client.register_script(_VERIFY)
         # The hash of the decision last recorded per address (`decision_key`): 8 bytes, not
         # the key's tuples, per tenant. Two different decisions of one address with equal
         # 64-bit hashes (odds 2^-64) would leave its record one decision behind.
@@ -173,68 +182,106 @@ class RedisSink:
         return found if self._place(found) == (self._place(base)[0], name) else None
 
     def apply(self, changes: Sequence[Change]) -> ApplyResult:
-        """Write `changes` and the ledger in ONE MULTI/EXEC with a version bump; read back.
+        """Write `changes` and their ledger entries, a few hundred per MULTI/EXEC (one EXEC
+        runs as one command: 10k changes in one would hold every admission waiting); the
+        last transaction also bumps the version. Each read back after its EXEC.
 
-        Nothing to do: no command is sent. Redis runs a transaction all-or-nothing with
-        respect to connection failures, so a retried apply never lands half-way.
+        Nothing to do: no command is sent. Each transaction lands whole or not at all, its
+        limits with their ledger entries, so a stop part-way (PartialApplyError) leaves only
+        values this tick decided, no drift, and the old version: gateways keep what they
+        cached under it, and the next tick diffs against what landed, writes the rest and
+        bumps it. An owner hash's changes stay in one transaction (up to the bound).
         """
         if not changes:
             return ApplyResult(version=self.version())
+        placed = sorted(
+            ((*self._place(change.address), change) for change in changes), key=itemgetter(0)
+        )
+        parts = grouped_batches(placed, itemgetter(0), CHANGES_PER_TRANSACTION)
+        applied: list[Change] = []
+        mismatched: list[Change] = []
+        version = 0
+        try:
+            with wrapped(self.client, f"apply {len(changes)} limit changes"):
+                for index, part in enumerate(parts):
+                    version = self._transact(part, len(changes), bump=index == len(parts) - 1)
+                    applied.extend(change for _, _, change in part)
+                    mismatched.extend(self._verified(part))
+        except SinkError as exc:
+            if not applied:
+                raise
+            raise PartialApplyError(
+                f"{exc}; {len(applied)} of the {len(changes)} changes were written before "
+                "(each with its ledger entry) and the version was not bumped: the next tick "
+                "writes the rest",
+                applied,
+            ) from exc
+        return ApplyResult(version=version, applied=tuple(changes), mismatched=tuple(mismatched))
+
+    def _transact(self, part: Sequence[_Placed], total: int, *, bump: bool) -> int:
+        """One MULTI/EXEC: `part`'s limits and ledger entries (and the version bump when
+        `bump`), fenced; the version after it (0 when not bumped)."""
         sets: dict[str, dict[str | bytes, str | bytes | float | int]] = defaultdict(dict)
         deletes: dict[str, list[str]] = defaultdict(list)
         ledger_sets: dict[str | bytes, str | bytes | float | int] = {}
         ledger_deletes: list[str] = []
-        verify_keys: list[str] = []
-        verify_fields: list[str] = []
-        verify_values: list[str] = []
-        for change in changes:
-            key, name = self._place(change.address)
-            text = str(change.address)
-            verify_keys.append(key)
-            verify_fields.append(name)
+        for key, name, change in part:
             if change.new is None:
                 deletes[key].append(name)
-                ledger_deletes.append(text)
-                verify_values.append("")
+                ledger_deletes.append(str(change.address))
             else:
-                value = format_value(change.new)
-                sets[key][name] = ledger_sets[text] = value
-                verify_values.append(value)
-        with wrapped(self.client, f"apply {len(changes)} limit changes"):
-            pipe = self.client.pipeline(transaction=True)
-            fence = self.fence() if self.fence is not None else None
-            if fence is not None:
-                # WATCH, check the token, then MULTI: EXEC fails if leadership changed meanwhile.
-                pipe.watch(fence.key)
-                # After WATCH the pipeline runs commands at once: `get` returns the value.
-                holder = cast("str | None", pipe.get(fence.key))
-                if holder != fence.token:
-                    pipe.reset()
-                    raise FencedError(
-                        f"not applying {len(changes)} changes: this replica no longer holds "
-                        f"the leader lock {fence.key!r}"
-                    )
-                pipe.multi()
-            for key, mapping in sets.items():
-                pipe.hset(key, mapping=mapping)
-            for key, names in deletes.items():
-                pipe.hdel(key, *names)
-            if ledger_sets:
-                pipe.hset(self.keys.written, mapping=ledger_sets)
-            if ledger_deletes:
-                pipe.hdel(self.keys.written, *ledger_deletes)
+                sets[key][name] = ledger_sets[str(change.address)] = format_value(change.new)
+        pipe = self._fenced(total)
+        for key, mapping in sets.items():
+            pipe.hset(key, mapping=mapping)
+        for key, names in deletes.items():
+            pipe.hdel(key, *names)
+        if ledger_sets:
+            pipe.hset(self.keys.written, mapping=ledger_sets)
+        if ledger_deletes:
+            pipe.hdel(self.keys.written, *ledger_deletes)
+        if bump:
             # Inline EVAL: a registered script in a pipeline costs an extra SCRIPT EXISTS trip.
             pipe.eval(_BUMP, 2, self.keys.version, self.keys.contract, self.keys.channel,
                       CONTRACT_VERSION)  # fmt: skip
-            try:
-                version = int(pipe.execute()[-1])
-            except redis.WatchError:
+        try:
+            replies = pipe.execute()
+        except redis.WatchError:
+            raise FencedError(
+                f"not applied: leadership changed while writing {total} changes"
+            ) from None
+        return int(replies[-1]) if bump else 0
+
+    def _fenced(self, total: int) -> redis.client.Pipeline[str]:
+        """A transaction pipeline; with a fence, WATCHed and checked, then in MULTI: its EXEC
+        fails if leadership changes meanwhile (FencedError now if it already has)."""
+        pipe = self.client.pipeline(transaction=True)
+        fence = self.fence() if self.fence is not None else None
+        if fence is not None:
+            pipe.watch(fence.key)
+            # After WATCH the pipeline runs commands at once: `get` returns the value.
+            holder = cast("str | None", pipe.get(fence.key))
+            if holder != fence.token:
+                pipe.reset()
                 raise FencedError(
-                    f"not applied: leadership changed while writing {len(changes)} changes"
-                ) from None
-            bad = self._verify(keys=verify_keys, args=verify_fields + verify_values)
-        mismatched = tuple(changes[int(i) - 1] for i in bad)
-        return ApplyResult(version=version, applied=tuple(changes), mismatched=mismatched)
+                    f"not applying {total} changes: this replica no longer holds "
+                    f"the leader lock {fence.key!r}"
+                )
+            pipe.multi()
+        return pipe
+
+    def _verified(self, part: Sequence[_Placed]) -> Iterator[Change]:
+        """The changes of `part` whose field does not hold what was written ('' = deleted),
+        read back by `_VERIFY` in bounded batches, one round trip."""
+        pipe = self.client.pipeline(transaction=False)
+        chunks = list(batches(part, KEYS_PER_READ))
+        for chunk in chunks:
+            values = ["" if c.new is None else format_value(c.new) for _, _, c in chunk]
+            pipe.eval(_VERIFY, len(chunk), *(key for key, _, _ in chunk),
+                      *(name for _, name, _ in chunk), *values)  # fmt: skip
+        for chunk, bad in zip(chunks, pipe.execute(), strict=True):
+            for i in bad:
+                yield chunk[int(i) - 1][2]
 
     def record_decisions(self, decisions: Mapping[Address, Decision], tick: int | None) -> int:
         """Store each address's last decision for `explain`; only records whose decision
@@ -245,8 +292,8 @@ class RedisSink:
         recorded = self._recorded
         if recorded is None:  # first call: forget records of addresses no longer desired
             with wrapped(self.client, "read decision records"):
-                stored: list[str] = self.client.hkeys(self.keys.decisions)
-            stale = sorted(set(stored) - {str(a) for a in decisions})
+                stored = scan_fields(self.client, self.keys.decisions)
+            stale = sorted(stored - {str(a) for a in decisions})
             recorded = {}
         else:
             stale = []
@@ -265,27 +312,42 @@ class RedisSink:
         if not fresh and not gone and not stale:
             self._recorded = recorded
             return 0
+        changed = list(fresh)
+        removed = stale + [str(a) for a in gone]
         with wrapped(self.client, "record decisions"):
-            # In slices: the first tick records every limit, and 100k JSON records encoded
-            # at once (then packed into one command) would set the process's memory peak.
-            changed = list(fresh)
-            for start in range(0, len(changed), _RECORDS_PER_WRITE):
-                self.client.hset(
-                    self.keys.decisions,
-                    mapping={
-                        str(a): decision_to_json(decisions[a], tick=tick, at=now)
-                        for a in changed[start : start + _RECORDS_PER_WRITE]
-                    },
-                )
-            removed = stale + [str(a) for a in gone]
-            if removed:
-                self.client.hdel(self.keys.decisions, *removed)
+            self._write_records(changed, removed, decisions, tick, now)
         # Only once written: a failed write is retried next tick.
         recorded.update(fresh)
         for address in gone:
             del recorded[address]
         self._recorded = recorded
         return len(changed) + len(removed)
+
+    def _write_records(
+        self,
+        changed: Sequence[Address],
+        removed: Sequence[str],
+        decisions: Mapping[Address, Decision],
+        tick: int | None,
+        now: float,
+    ) -> None:
+        """HSET the `changed` addresses' records, HDEL the `removed` fields."""
+        # In slices: the first tick records every limit, and 100k JSON records encoded at
+        # once would set the process's memory peak. Each slice is pipelined in HSETs of a
+        # few hundred records: one HSET of thousands would hold Redis for milliseconds.
+        for start in range(0, len(changed), _RECORDS_PER_WRITE):
+            pipe = self.client.pipeline(transaction=False)
+            for batch in batches(changed[start : start + _RECORDS_PER_WRITE], FIELDS_PER_WRITE):
+                records: dict[str | bytes, str | bytes | float | int] = {
+                    str(a): decision_to_json(decisions[a], tick=tick, at=now) for a in batch
+                }
+                pipe.hset(self.keys.decisions, mapping=records)
+            pipe.execute()
+        if removed:
+            pipe = self.client.pipeline(transaction=False)
+            for names in batches(removed, FIELDS_PER_WRITE):
+                pipe.hdel(self.keys.decisions, *names)
+            pipe.execute()
 
     def read_decision(self, address: Address) -> str | None:
         """The JSON last-decision record of an address, if the controller wrote one."""

@@ -10,6 +10,7 @@ millisecond on an idle Redis, leaving room for a loaded one.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from itertools import groupby
 from typing import Any, TypeVar
 
 import redis
@@ -58,6 +59,25 @@ def batches(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
     """`items` in consecutive slices of at most `size`."""
     for start in range(0, len(items), size):
         yield items[start : start + size]
+
+
+def grouped_batches(items: Sequence[T], key: Callable[[T], object], size: int) -> list[list[T]]:
+    """`items` (sorted by `key`) cut into batches of at most `size`, each run of equal keys
+    kept in one batch unless the run alone is longer than `size`."""
+    done: list[list[T]] = []
+    batch: list[T] = []
+    for _, run in groupby(items, key=key):
+        group = list(run)
+        if batch and len(batch) + len(group) > size:
+            done.append(batch)
+            batch = []
+        batch.extend(group)
+        while len(batch) > size:  # one run longer than a batch: cut inside it
+            done.append(batch[:size])
+            batch = batch[size:]
+    if batch:
+        done.append(batch)
+    return done
 
 
 def scan_hash(client: redis.Redis[str], key: str) -> dict[str, str]:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from controller.changes import diff
+from controller.changes import Change, diff
 from controller.clients.redis import connect
 from controller.contract.keys import KeySchema
 from controller.errors import SinkError
@@ -173,8 +173,10 @@ def test_verify_reports_what_does_not_read_back(sink: RedisSink, db: redis.Redis
     changes = diff(DESIRED, sink.read())
     result = sink.apply(changes)
     assert result.verified
-    bad = sink._verify(keys=["governor:limits:global"], args=["requests_per_second", "1"])
-    assert bad == [1]
+    unwritten = Change(A("global/requests_per_second"), old=2000.0, new=1.0)
+    written = changes[0]
+    part = [(*sink._place(c.address), c) for c in (written, unwritten)]
+    assert list(sink._verified(part)) == [unwritten]
 
 
 def test_hostile_ids_cannot_touch_another_tenants_keys(
