@@ -18,6 +18,7 @@ from controller.settings import JournalSettings
 
 _FIRST_BACKOFF_SECONDS = 0.5
 _MAX_BACKOFF_SECONDS = 30.0
+_EVENTS_PER_APPEND = 128
 
 
 # Append a batch of events, each (kind, address, data); with a fence key, check atomically
@@ -217,14 +218,22 @@ class Journal:
         return True
 
     def _send(self, batch: Sequence[Mapping[str, str]]) -> bool:
-        """XADD the batch in one script call (atomic, in order); True when it was marked
-        stale because this replica's fence no longer holds."""
+        """XADD the batch in order, by script calls of a bounded size (each atomic with its
+        fence check); True when any was marked stale because this replica's fence no
+        longer holds."""
         assert self._append is not None
+        assert self.client is not None
         # The fence this replica holds now; if it learned it lost (None), the one its events
         # were emitted under: either way a deposed writer's check fails.
         fence = (self.fence() if self.fence is not None else None) or self._emitted_under
         keys = [self.keys.journal] if fence is None else [self.keys.journal, fence.key]
-        args = [str(self.settings.stream_max_length), fence.token if fence else ""]
-        for fields in batch:
-            args += (fields["kind"], fields["address"], fields["data"])
-        return bool(self._append(keys=keys, args=args))
+        head = [str(self.settings.stream_max_length), fence.token if fence else ""]
+        # A few hundred events per script call, pipelined in order: one call with a tick's
+        # 10k events would hold Redis (and every admission) for its whole length (#18).
+        pipe = self.client.pipeline(transaction=False)
+        for start in range(0, len(batch), _EVENTS_PER_APPEND):
+            args = list(head)
+            for fields in batch[start : start + _EVENTS_PER_APPEND]:
+                args += (fields["kind"], fields["address"], fields["data"])
+            self._append(keys=keys, args=args, client=pipe)
+        return any(pipe.execute())

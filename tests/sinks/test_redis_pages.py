@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 import redis
@@ -33,6 +34,7 @@ TENANTS = 1500  # one limit each: several ledger pages and read batches
 WIDE = 300  # tenants with 6 model limits: a read batch's field budget runs out
 MODELS = [f"m{j}" for j in range(6)]
 BIG_MODELS = FIELDS_PER_READ + 100  # one tenant's hash too big for any read call: scanned
+Fields = Mapping[str | bytes, str | bytes | float | int]  # what redis-py's HSET takes
 MORE = re.compile(r"\.\.\. \((\d+) more arguments\)")
 
 
@@ -121,7 +123,8 @@ def same(got: dict[Address, float], expected: dict[Address, float]) -> bool:
 def filled(sink: RedisSink, db: redis.Redis[str]) -> dict[Address, float]:
     """The desired limits applied (in chunks), then edited by hand: what gateways see."""
     result = sink.apply(diff(desired(), sink.read()))
-    assert result.verified and result.version == 1
+    assert result.verified
+    assert result.version == 1
     return edited(db)
 
 
@@ -161,9 +164,11 @@ def test_no_read_back_command_goes_over_its_bound(
     assert len([c for c in scans if c.args[1] == "governor:written"]) > 4
     reads = [c for c in commands if c.name == "EVAL"]
     # EVAL script numkeys key... budget
-    assert reads and all(c.argc == 4 + int(c.args[2]) <= 4 + KEYS_PER_READ for c in reads)
+    assert reads
+    assert all(c.argc == 4 + int(c.args[2]) <= 4 + KEYS_PER_READ for c in reads)
     whole = [c.args[1] for c in commands if c.name == "HGETALL"]
-    assert "governor:{t:big}:limits" not in whole and "governor:written" not in whole
+    assert "governor:{t:big}:limits" not in whole
+    assert "governor:written" not in whole
     # Each hash the ledger names read once (global, plan, tenants; the big one scanned).
     assert len(whole) == len(set(whole)) == 2 + TENANTS + WIDE
 
@@ -176,7 +181,8 @@ def test_an_apply_is_cut_into_bounded_transactions_with_one_version_bump(
     watch(db)
     result = sink.apply(changes)
     commands = ran(db)
-    assert result.verified and result.version == 2
+    assert result.verified
+    assert result.version == 2
     # SLOWLOG leaves EXEC out but logs each command it runs, after its MULTI.
     transactions = split(commands, "MULTI")[1:]
     assert len(transactions) >= math.ceil(len(changes) / CHANGES_PER_TRANSACTION)
@@ -189,7 +195,8 @@ def test_an_apply_is_cut_into_bounded_transactions_with_one_version_bump(
     assert bumps == [len(transactions) - 1]  # the version moves with the last one only
     # The verify script reads back in batches too.
     verifies = [c for c in commands if c.name == "EVAL" and "HGET" in c.args[1]]
-    assert verifies and all(int(c.args[2]) <= KEYS_PER_READ for c in verifies)
+    assert verifies
+    assert all(int(c.args[2]) <= KEYS_PER_READ for c in verifies)
     assert [c.name for c in commands].count("PUBLISH") == 1
     assert same(dict(sink.read().actual), halved)
 
@@ -214,7 +221,7 @@ def fence_lost_after(db: redis.Redis[str], transactions: int) -> Callable[[], Fe
     return fence
 
 
-def changed(logs: list[dict[str, object]]) -> list[object]:
+def changed(logs: list[MutableMapping[str, Any]]) -> list[object]:
     return [e["address"] for e in logs if e["event"] == "limit.changed"]
 
 
@@ -228,11 +235,13 @@ def test_an_apply_stopped_part_way_leaves_no_drift_and_the_old_version(
         reconciler.tick(decided(limits), tick=1, policy_version="v1")
     landed = {c.address for c in stopped.value.applied}
     assert len(landed) == 2 * CHANGES_PER_TRANSACTION
-    assert "leader lock" in str(stopped.value) and "next tick writes the rest" in str(stopped.value)
+    assert "leader lock" in str(stopped.value)
+    assert "next tick writes the rest" in str(stopped.value)
     # What landed is journalled (the next diff will not show it), with its ledger entries.
     assert sorted(map(str, changed(logs))) == sorted(map(str, landed))
     state = sink.read()
-    assert state.version == 0 and not state.drift
+    assert state.version == 0
+    assert not state.drift
     assert dict(state.actual) == dict(state.written) == {a: limits[a] for a in landed}
     # Leadership back: the next tick writes the rest only, and bumps the version once.
     sink.fence = fence_lost_after(db, -1)
@@ -240,7 +249,8 @@ def test_an_apply_stopped_part_way_leaves_no_drift_and_the_old_version(
         report = reconciler.tick(decided(limits), tick=2, policy_version="v1")
     assert {c.address for c in report.changes} == limits.keys() - landed
     assert len(changed(logs)) == len(limits) - len(landed)
-    assert report.result is not None and report.result.version == 1
+    assert report.result is not None
+    assert report.result.version == 1
     assert dict(sink.read().actual) == limits
 
 
@@ -248,7 +258,7 @@ def test_decision_records_are_written_and_pruned_in_bounded_commands(
     sink: RedisSink, db: redis.Redis[str]
 ) -> None:
     limits = {a: v for a, v in desired().items() if "big" not in str(a)}
-    stale = {f"tenant/gone{i}/tokens_per_minute": "{}" for i in range(3 * SCAN_COUNT)}
+    stale: Fields = {f"tenant/gone{i}/tokens_per_minute": "{}" for i in range(3 * SCAN_COUNT)}
     db.hset("governor:decisions", mapping=stale)
     watch(db)
     written = sink.record_decisions(decided(limits), tick=1)
@@ -265,7 +275,7 @@ def test_decision_records_are_written_and_pruned_in_bounded_commands(
 
 def test_a_hash_of_any_size_is_read_whole(sink: RedisSink, db: redis.Redis[str]) -> None:
     """The read script answers a hash over its budget with the size; it is scanned instead."""
-    many = {f"tokens_per_day@x{j}": str(j) for j in range(3 * FIELDS_PER_READ)}
+    many: Fields = {f"tokens_per_day@x{j}": str(j) for j in range(3 * FIELDS_PER_READ)}
     db.hset("governor:{t:huge}:limits", mapping=many)
     db.hset("governor:written", "tenant/huge/tokens_per_day@x0", "0")
     state = sink.read()
@@ -278,7 +288,7 @@ def test_a_read_call_stops_at_its_field_budget_and_the_rest_follow(
 ) -> None:
     tenants, width = 600, 10  # one ledger entry each, but 10 limits in each hash
     for i in range(tenants):
-        fields = {f"tokens_per_day@x{j}": str(j) for j in range(width)}
+        fields: Fields = {f"tokens_per_day@x{j}": str(j) for j in range(width)}
         db.hset(f"governor:{{t:u{i}}}:limits", mapping=fields)
         db.hset("governor:written", f"tenant/u{i}/tokens_per_day@x0", "0")
     watch(db)
