@@ -11,6 +11,7 @@ from contextlib import contextmanager
 import redis
 import structlog
 
+from controller.clients.paging import batches
 from controller.contract.fence import Fence
 from controller.contract.keys import KeySchema
 from controller.journal.events import JournalEvent, gap_event, stream_fields
@@ -231,9 +232,9 @@ class Journal:
         # A few hundred events per script call, pipelined in order: one call with a tick's
         # 10k events would hold Redis (and every admission) for its whole length (#18).
         pipe = self.client.pipeline(transaction=False)
-        for start in range(0, len(batch), _EVENTS_PER_APPEND):
+        for part in batches(batch, _EVENTS_PER_APPEND):
             args = list(head)
-            for fields in batch[start : start + _EVENTS_PER_APPEND]:
+            for fields in part:
                 args += (fields["kind"], fields["address"], fields["data"])
             self._append(keys=keys, args=args, client=pipe)
         return any(pipe.execute())

@@ -1,4 +1,4 @@
-"""The Redis sink: limit hashes per scope owner, a ledger for drift, one MULTI/EXEC per apply."""
+"""The Redis sink: limit hashes per owner, a ledger for drift, applies in bounded transactions."""
 
 from __future__ import annotations
 
@@ -12,15 +12,7 @@ from typing import cast
 import redis
 
 from controller.changes import Change
-from controller.clients.redis import connect, location, wrapped
-from controller.contract.fence import Fence, FencedError
-from controller.contract.keys import CONTRACT_VERSION, KeySchema, format_value, parse_value
-from controller.contract.records import decision_key, decision_to_json
-from controller.errors import SinkError
-from controller.model import Address, AddressError, Decision, LimitKind, interned
-from controller.settings import RedisSettings
-from controller.sinks import ApplyResult, PartialApplyError, SinkState
-from controller.sinks.redis_pages import (
+from controller.clients.paging import (
     CHANGES_PER_TRANSACTION,
     FIELDS_PER_WRITE,
     KEYS_PER_READ,
@@ -29,6 +21,14 @@ from controller.sinks.redis_pages import (
     read_with_ledger,
     scan_fields,
 )
+from controller.clients.redis import connect, location, wrapped
+from controller.contract.fence import Fence, FencedError
+from controller.contract.keys import CONTRACT_VERSION, KeySchema, format_value, parse_value
+from controller.contract.records import decision_key, decision_to_json
+from controller.errors import SinkError
+from controller.model import Address, AddressError, Decision, LimitKind, interned
+from controller.settings import RedisSettings
+from controller.sinks import ApplyResult, PartialApplyError, SinkState
 
 # Bump the version, stamp the contract and announce, atomically inside the apply's MULTI.
 _BUMP = """
@@ -122,7 +122,8 @@ class RedisSink:
 
     def read(self) -> SinkState:
         """Every limit in the hashes Governor has written to, its ledger and the version, in
-        short commands (`redis_pages`): the version first, so what follows is no older."""
+        short commands (`controller.clients.paging`): the version first, so what follows
+        is no older."""
         # Each owner hash's first ledger address (most hold one limit): its fields are
         # matched against it, so nothing read back is parsed again.
         bases: dict[str, Address] = {}

@@ -15,19 +15,19 @@ import redis
 from structlog.testing import capture_logs
 
 from controller.changes import diff
-from controller.contract.fence import Fence
-from controller.control.reconciler import Reconciler
-from controller.journal.writer import Journal
-from controller.model import Address, Decision, Source
-from controller.sinks import PartialApplyError
-from controller.sinks.redis import RedisSink
-from controller.sinks.redis_pages import (
+from controller.clients.paging import (
     CHANGES_PER_TRANSACTION,
     FIELDS_PER_READ,
     FIELDS_PER_WRITE,
     KEYS_PER_READ,
     SCAN_COUNT,
 )
+from controller.contract.fence import Fence
+from controller.control.reconciler import Reconciler
+from controller.journal.writer import Journal
+from controller.model import Address, Decision, Source
+from controller.sinks import PartialApplyError
+from controller.sinks.redis import RedisSink
 
 A = Address.parse
 TENANTS = 1500  # one limit each: several ledger pages and read batches

@@ -1,4 +1,4 @@
-"""Big Redis state read and written in commands that each stay short (issue #18: ≤ 5 ms).
+"""Big Redis state read and written in commands that each stay short (#18: ≤ 5 ms).
 
 Redis runs one command at a time: a script, an EXEC or an HGETALL over 100k fields keeps
 every gateway's admission waiting until it ends. So hashes of any size are walked with
