@@ -30,7 +30,7 @@ from controller.model import Address, AddressError, Decision, LimitKind, interne
 from controller.settings import RedisSettings
 from controller.sinks import ApplyResult, PartialApplyError, SinkState
 
-# Bump the version, stamp the contract and announce, atomically inside the apply's MULTI.
+# Bump the version, stamp the contract and announce, inside the apply's last MULTI.
 _BUMP = """
 local version = redis.call('INCR', KEYS[1])
 redis.call('SET', KEYS[2], ARGV[2])
