@@ -105,7 +105,7 @@ def scan_fields(client: redis.Redis[str], key: str) -> set[str]:
 
 def read_with_ledger(
     client: redis.Redis[str], ledger: str, owner_of: Callable[[str], str | None]
-) -> tuple[dict[str, str], dict[str, Iterable[tuple[str, str]]]]:
+) -> tuple[dict[str, str], dict[str, Iterable[Sequence[str]]]]:
     """The ledger hash (field → value) and the (field, value) pairs of every hash that
     `owner_of` names for a ledger field (None: no hash), each read once.
 
@@ -113,7 +113,7 @@ def read_with_ledger(
     as the next page (both depend only on the page before), by `_READ` calls in batches.
     """
     entries: dict[str, str] = {}
-    hashes: dict[str, Iterable[tuple[str, str]]] = {}
+    hashes: dict[str, Iterable[Sequence[str]]] = {}
     seen: set[str] = set()
     waiting: list[str] = []  # hashes named but not yet read
     cursor: int | None = 0  # None: the ledger is walked to its end
@@ -143,14 +143,16 @@ def _store(
     client: redis.Redis[str],
     keys: list[str],
     replies: list[Any],
-    hashes: dict[str, Iterable[tuple[str, str]]],
+    hashes: dict[str, Iterable[Sequence[str]]],
 ) -> list[str]:
     """Keep what the `_READ` calls for `keys` returned; the keys they left for later."""
     left: list[str] = []
     for batch, reply in zip(batches(keys, KEYS_PER_READ), replies, strict=True):
         for key, flat in zip(batch, reply, strict=False):
-            # A number: the hash is too big for one call.
-            hashes[key] = scan_hash(client, key).items() if isinstance(flat, int) else _pairs(flat)
+            if isinstance(flat, int):  # its size: too big for one call
+                hashes[key] = scan_hash(client, key).items()
+            else:  # most hold one limit: its pair as is, not a zip over it
+                hashes[key] = (flat,) if len(flat) == 2 else _pairs(flat)
         left.extend(batch[len(reply) :])
     return left
 
