@@ -19,7 +19,7 @@ from controller.settings import JournalSettings
 
 _FIRST_BACKOFF_SECONDS = 0.5
 _MAX_BACKOFF_SECONDS = 30.0
-_EVENTS_PER_APPEND = 128
+EVENTS_PER_APPEND = 128
 
 
 # Append a batch of events, each (kind, address, data); with a fence key, check atomically
@@ -95,7 +95,7 @@ class Journal:
 
     @contextmanager
     def batch(self) -> Iterator[None]:
-        """Hold the events emitted inside and send them in one transaction at the end (a
+        """Hold the events emitted inside and send them together at the end (a
         tick's thousands of events: one round trip instead of one each). Nothing is lost
         meanwhile: a buffer about to overflow is sent early, and what Redis refuses stays
         buffered for the next flush, as outside a batch."""
@@ -183,7 +183,7 @@ class Journal:
         self._log.info(data.pop("kind"), **data)
 
     def flush(self) -> bool:
-        """Send every buffered event, in order, in one transaction; True when none is left."""
+        """Send every buffered event, in order, pipelined; True when none is left."""
         if self.client is None or not self._buffer:
             return True
         batch = [fields for _, fields, _ in self._buffer]
@@ -232,7 +232,7 @@ class Journal:
         # A few hundred events per script call, pipelined in order: one call with a tick's
         # 10k events would hold Redis (and every admission) for its whole length (#18).
         pipe = self.client.pipeline(transaction=False)
-        for part in batches(batch, _EVENTS_PER_APPEND):
+        for part in batches(batch, EVENTS_PER_APPEND):
             args = list(head)
             for fields in part:
                 args += (fields["kind"], fields["address"], fields["data"])

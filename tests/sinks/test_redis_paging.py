@@ -5,9 +5,7 @@ the chunked read-back, apply and decision records still do exactly what they did
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable, Mapping, MutableMapping
-from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -28,6 +26,7 @@ from controller.journal.writer import Journal
 from controller.model import Address, Decision, Source
 from controller.sinks import PartialApplyError
 from controller.sinks.redis import RedisSink
+from tests.support.slowlog import Command, ran, watch
 
 A = Address.parse
 TENANTS = 1500  # one limit each: several ledger pages and read batches
@@ -35,7 +34,6 @@ WIDE = 300  # tenants with 6 model limits: a read batch's field budget runs out
 MODELS = [f"m{j}" for j in range(6)]
 BIG_MODELS = FIELDS_PER_READ + 100  # one tenant's hash too big for any read call: scanned
 Fields = Mapping[str | bytes, str | bytes | float | int]  # what redis-py's HSET takes
-MORE = re.compile(r"\.\.\. \((\d+) more arguments\)")
 
 
 def desired() -> dict[Address, float]:
@@ -47,39 +45,6 @@ def desired() -> dict[Address, float]:
     for j in range(BIG_MODELS):
         limits[A(f"tenant/big/tokens_per_day@b{j}")] = 5.5 + j
     return limits
-
-
-@dataclass(frozen=True)
-class Command:
-    """One command as Redis logged it: its arguments (at most 32 shown) and their count."""
-
-    args: tuple[str, ...]
-    argc: int
-
-    @property
-    def name(self) -> str:
-        return self.args[0].upper()
-
-
-def watch(db: redis.Redis[str]) -> None:
-    db.config_set("slowlog-log-slower-than", 0)
-    db.config_set("slowlog-max-len", 1_000_000)
-    db.slowlog_reset()
-
-
-def ran(db: redis.Redis[str]) -> list[Command]:
-    """Every command since `watch`, but the SLOWLOG's own and a connection's set-up."""
-    # The raw reply: redis-py's parser joins the arguments with spaces (JSON has spaces).
-    entries = db.execute_command("SLOWLOG", "GET", 1_000_000)
-    assert len(entries) < 1_000_000, "the SLOWLOG overflowed: raise slowlog-max-len"
-    found = []
-    for entry in reversed(entries):
-        args = tuple(a.decode() if isinstance(a, bytes) else str(a) for a in entry[3])
-        more = MORE.fullmatch(args[-1])
-        argc = len(args) - 1 + int(more.group(1)) if more else len(args)
-        if args[0].upper() not in ("SLOWLOG", "CONFIG", "HELLO", "CLIENT", "AUTH", "SELECT"):
-            found.append(Command(args, argc))
-    return found
 
 
 def split(commands: list[Command], name: str) -> list[list[Command]]:
