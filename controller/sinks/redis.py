@@ -49,7 +49,8 @@ return bad
 
 
 _RECORDS_PER_WRITE = 5000
-_Placed = tuple[str, str, Change]  # a change with its owner hash and field
+# A change with its owner hash, its field and its value as stored ('' = deleted).
+_Placed = tuple[str, str, Change, str]
 
 
 class RedisSink:
@@ -195,8 +196,13 @@ class RedisSink:
         """
         if not changes:
             return ApplyResult(version=self.version())
+        # Every value formatted before anything is sent: a bad one fails the whole apply.
         placed = sorted(
-            ((*self._place(change.address), change) for change in changes), key=itemgetter(0)
+            (
+                (*self._place(c.address), c, "" if c.new is None else format_value(c.new))
+                for c in changes
+            ),
+            key=itemgetter(0),
         )
         parts = grouped_batches(placed, itemgetter(0), CHANGES_PER_TRANSACTION)
         applied: list[Change] = []
@@ -206,7 +212,7 @@ class RedisSink:
             with wrapped(self.client, f"apply {len(changes)} limit changes"):
                 for index, part in enumerate(parts):
                     version = self._transact(part, len(changes), bump=index == len(parts) - 1)
-                    applied.extend(change for _, _, change in part)
+                    applied.extend(change for _, _, change, _ in part)
                     mismatched.extend(self._verified(part))
         except SinkError as exc:
             if not applied:
@@ -226,12 +232,12 @@ class RedisSink:
         deletes: dict[str, list[str]] = defaultdict(list)
         ledger_sets: dict[str | bytes, str | bytes | float | int] = {}
         ledger_deletes: list[str] = []
-        for key, name, change in part:
+        for key, name, change, text in part:
             if change.new is None:
                 deletes[key].append(name)
                 ledger_deletes.append(str(change.address))
             else:
-                sets[key][name] = ledger_sets[str(change.address)] = format_value(change.new)
+                sets[key][name] = ledger_sets[str(change.address)] = text
         pipe = self._fenced(total)
         for key, mapping in sets.items():
             pipe.hset(key, mapping=mapping)
@@ -277,9 +283,9 @@ class RedisSink:
         pipe = self.client.pipeline(transaction=False)
         chunks = list(batches(part, KEYS_PER_READ))
         for chunk in chunks:
-            values = ["" if c.new is None else format_value(c.new) for _, _, c in chunk]
-            pipe.eval(_VERIFY, len(chunk), *(key for key, _, _ in chunk),
-                      *(name for _, name, _ in chunk), *values)  # fmt: skip
+            pipe.eval(_VERIFY, len(chunk), *(key for key, _, _, _ in chunk),
+                      *(name for _, name, _, _ in chunk),
+                      *(text for _, _, _, text in chunk))  # fmt: skip
         for chunk, bad in zip(chunks, pipe.execute(), strict=True):
             for i in bad:
                 yield chunk[int(i) - 1][2]

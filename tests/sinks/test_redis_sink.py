@@ -10,7 +10,7 @@ import redis
 
 from controller.changes import Change, diff
 from controller.clients.redis import connect
-from controller.contract.keys import KeySchema
+from controller.contract.keys import KeySchema, format_value
 from controller.errors import SinkError
 from controller.model import Address, AddressTemplate
 from controller.settings import RedisSettings
@@ -175,7 +175,7 @@ def test_verify_reports_what_does_not_read_back(sink: RedisSink, db: redis.Redis
     assert result.verified
     unwritten = Change(A("global/requests_per_second"), old=2000.0, new=1.0)
     written = changes[0]
-    part = [(*sink._place(c.address), c) for c in (written, unwritten)]
+    part = [(*sink._place(c.address), c, format_value(c.new or 0)) for c in (written, unwritten)]
     assert list(sink._verified(part)) == [unwritten]
 
 
