@@ -146,7 +146,7 @@ def test_the_package_builds_from_the_copied_files(tmp_path: Path) -> None:
         ]
         scripts = archive.read(entry_points).decode()
     assert "controller/cli/__init__.py" in names
-    lua_dir = REPO / "controller" / "gateway" / "lua"
+    lua_dir = REPO / "controller" / "contract" / "lua"
     lua = {f"controller/contract/lua/{p.name}" for p in lua_dir.glob("*.lua")}
     assert lua, "no Lua scripts found"
     assert lua <= names, "the Lua scripts must ship in the package"
