@@ -23,10 +23,10 @@ from rich.text import Text
 
 from controller.audit import Journal, JournalEvent
 from controller.cli.config import load_settings
+from controller.durations import parse_duration
 from controller.errors import ConfigurationError, SinkError
 from controller.logging import configure_logging, mask_text
 from controller.model import Address, AddressError
-from controller.policy.documents import parse_duration
 from controller.settings import Settings
 from controller.sinks.connection import close, connect, url_from_settings
 from controller.sinks.control import ControlStore

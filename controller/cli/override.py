@@ -23,8 +23,8 @@ from controller.cli._redis import (
     stores,
     when,
 )
+from controller.durations import format_duration
 from controller.model import Override
-from controller.policy.documents import format_duration
 from controller.sinks.control import Freeze
 
 app = typer.Typer(

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from controller.durations import format_duration
 from controller.model import (
     Address,
     AddressError,
@@ -25,7 +26,7 @@ from controller.model import (
 from controller.policy.adaptive import AdaptiveState, evaluate_adaptive
 from controller.policy.baselines import Baselines
 from controller.policy.conditions import IDLE, ConditionState, Event, Rules, step
-from controller.policy.documents import Action, ThrottlePolicy, format_duration
+from controller.policy.documents import Action, ThrottlePolicy
 from controller.policy.inputs import (
     BoolArray,
     ScalarInput,
