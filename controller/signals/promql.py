@@ -63,7 +63,7 @@ def _matchers(group: Iterable[pq.Matcher]) -> str:
     )
 
 
-def selector_text(selector: pq.VectorSelector) -> str:
+def _selector_text(selector: pq.VectorSelector) -> str:
     """The selector without range, offset or `@`: `name{label="value", ...}`."""
     # The parser keeps `{a="1" or b="2"}` as groups of matchers, and plain ones as one group.
     groups = selector.matchers.or_matchers or [selector.matchers.matchers]
@@ -84,13 +84,14 @@ def selectors(query: str) -> tuple[str, ...]:
     except ValueError as exc:  # the parser's message says where and what
         raise QuerySyntaxError(
             f"does not parse with Prometheus' grammar ({exc}), so the age of its data "
-            "cannot be told; fix the query (promtool or Prometheus' UI shows the error too)"
+            "cannot be told: fix the query, or move what the grammar does not know (a "
+            "function of another Prometheus version) into a recording rule"
         ) from None
     found: dict[str, None] = {}
 
     def visit(node: pq.Expr) -> bool:
         if isinstance(node, pq.VectorSelector):
-            found[selector_text(node)] = None
+            found[_selector_text(node)] = None
         return True
 
     pq.walk(expr, visit)
