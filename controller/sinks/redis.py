@@ -50,6 +50,58 @@ return bad
 
 _RECORDS_PER_WRITE = 5000
 
+_Mapping = dict[str | bytes, str | bytes | float | int]
+
+
+@dataclasses.dataclass
+class _Writes:
+    """One apply's writes grouped per hash, its ledger's, and the (key, field, value)
+    triples read back after EXEC ('' for a deletion)."""
+
+    sets: defaultdict[str, _Mapping] = dataclasses.field(default_factory=lambda: defaultdict(dict))
+    deletes: defaultdict[str, list[str]] = dataclasses.field(
+        default_factory=lambda: defaultdict(list)
+    )
+    ledger_sets: _Mapping = dataclasses.field(default_factory=dict)
+    ledger_deletes: list[str] = dataclasses.field(default_factory=list)
+    verify_keys: list[str] = dataclasses.field(default_factory=list)
+    verify_fields: list[str] = dataclasses.field(default_factory=list)
+    verify_values: list[str] = dataclasses.field(default_factory=list)
+
+    @classmethod
+    def of(cls, changes: Sequence[Change], place: Callable[[Address], tuple[str, str]]) -> _Writes:
+        """The writes of `changes`; `place` gives an address's (owner hash key, field)."""
+        writes = cls()
+        for change in changes:
+            key, name = place(change.address)
+            text = str(change.address)
+            writes.verify_keys.append(key)
+            writes.verify_fields.append(name)
+            if change.new is None:
+                writes.deletes[key].append(name)
+                writes.ledger_deletes.append(text)
+                writes.verify_values.append("")
+            else:
+                value = format_value(change.new)
+                writes.sets[key][name] = writes.ledger_sets[text] = value
+                writes.verify_values.append(value)
+        return writes
+
+    @property
+    def verify_args(self) -> list[str]:
+        return self.verify_fields + self.verify_values
+
+    def queue(self, pipe: redis.client.Pipeline[str], ledger: str) -> None:
+        """HSET and HDEL per hash, then the ledger's."""
+        for key, mapping in self.sets.items():
+            pipe.hset(key, mapping=mapping)
+        for key, names in self.deletes.items():
+            pipe.hdel(key, *names)
+        if self.ledger_sets:
+            pipe.hset(ledger, mapping=self.ledger_sets)
+        if self.ledger_deletes:
+            pipe.hdel(ledger, *self.ledger_deletes)
+
 
 class RedisSink:
     """Limits in Redis per docs/redis-contract.md. One instance per process; not thread-safe,
@@ -189,49 +241,11 @@ class RedisSink:
         """
         if not changes:
             return ApplyResult(version=self.version())
-        sets: dict[str, dict[str | bytes, str | bytes | float | int]] = defaultdict(dict)
-        deletes: dict[str, list[str]] = defaultdict(list)
-        ledger_sets: dict[str | bytes, str | bytes | float | int] = {}
-        ledger_deletes: list[str] = []
-        verify_keys: list[str] = []
-        verify_fields: list[str] = []
-        verify_values: list[str] = []
-        for change in changes:
-            key, name = self._place(change.address)
-            text = str(change.address)
-            verify_keys.append(key)
-            verify_fields.append(name)
-            if change.new is None:
-                deletes[key].append(name)
-                ledger_deletes.append(text)
-                verify_values.append("")
-            else:
-                value = format_value(change.new)
-                sets[key][name] = ledger_sets[text] = value
-                verify_values.append(value)
+        writes = _Writes.of(changes, self._place)
         with wrapped(self.client, f"apply {len(changes)} limit changes"):
             pipe = self.client.pipeline(transaction=True)
-            fence = self.fence() if self.fence is not None else None
-            if fence is not None:
-                # WATCH, check the token, then MULTI: EXEC fails if leadership changed meanwhile.
-                pipe.watch(fence.key)
-                # After WATCH the pipeline runs commands at once: `get` returns the value.
-                holder = cast("str | None", pipe.get(fence.key))
-                if holder != fence.token:
-                    pipe.reset()
-                    raise FencedError(
-                        f"not applying {len(changes)} changes: this replica no longer holds "
-                        f"the leader lock {fence.key!r}"
-                    )
-                pipe.multi()
-            for key, mapping in sets.items():
-                pipe.hset(key, mapping=mapping)
-            for key, names in deletes.items():
-                pipe.hdel(key, *names)
-            if ledger_sets:
-                pipe.hset(self.keys.written, mapping=ledger_sets)
-            if ledger_deletes:
-                pipe.hdel(self.keys.written, *ledger_deletes)
+            self._watch_fence(pipe, len(changes))
+            writes.queue(pipe, self.keys.written)
             # Inline EVAL: a registered script in a pipeline costs an extra SCRIPT EXISTS trip.
             pipe.eval(_BUMP, 2, self.keys.version, self.keys.contract, self.keys.channel,
                       CONTRACT_VERSION)  # fmt: skip
@@ -241,9 +255,26 @@ class RedisSink:
                 raise FencedError(
                     f"not applied: leadership changed while writing {len(changes)} changes"
                 ) from None
-            bad = self._verify(keys=verify_keys, args=verify_fields + verify_values)
+            bad = self._verify(keys=writes.verify_keys, args=writes.verify_args)
         mismatched = tuple(changes[int(i) - 1] for i in bad)
         return ApplyResult(version=version, applied=tuple(changes), mismatched=mismatched)
+
+    def _watch_fence(self, pipe: redis.client.Pipeline[str], count: int) -> None:
+        """With a fence: WATCH it, check the token, then MULTI, so that EXEC fails if the
+        leadership changed meanwhile. Without one the pipeline is a plain MULTI/EXEC."""
+        fence = self.fence() if self.fence is not None else None
+        if fence is None:
+            return
+        pipe.watch(fence.key)
+        # After WATCH the pipeline runs commands at once: `get` returns the value.
+        holder = cast("str | None", pipe.get(fence.key))
+        if holder != fence.token:
+            pipe.reset()
+            raise FencedError(
+                f"not applying {count} changes: this replica no longer holds "
+                f"the leader lock {fence.key!r}"
+            )
+        pipe.multi()
 
     def record_decisions(self, decisions: Mapping[Address, Decision], tick: int | None) -> int:
         """Store each address's last decision for `explain`; only records whose decision
