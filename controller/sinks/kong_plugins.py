@@ -125,6 +125,53 @@ class _Memory:
     owners: dict[Owner, dict[Address, float]] = field(default_factory=dict)
     virtual: dict[Address, float] = field(default_factory=dict)  # desired, held nowhere
 
+    def fill_in(
+        self,
+        listing: Listing,
+        carriers: Mapping[Address, object],
+        actual: dict[Address, float],
+        written: dict[Address, float],
+    ) -> None:
+        """Add what the listing cannot show: the ledger of an instance gone from it, and the
+        desired values no instance holds."""
+        for owner, ledger in self.owners.items():
+            if owner not in listing.instances:  # deleted behind Governor's back: drift
+                for address, wrote in ledger.items():
+                    written.setdefault(address, wrote)
+        for address, value in self.virtual.items():
+            if address not in carriers and address not in written:
+                actual[address] = written[address] = value
+
+
+# Per address, what each instance carrying it holds (None: disabled or no such field) and
+# what Governor wrote there.
+_Carriers = dict[Address, list[tuple[float | None, float]]]
+
+
+def _carriers(listing: Listing) -> _Carriers:
+    carriers: _Carriers = defaultdict(list)
+    for instance in listing.instances.values():
+        for address, wrote in instance.written.items():
+            name = FIELDS.get(address.limit)
+            value = field_value(instance.config, name) if name and instance.enabled else None
+            carriers[address].append((value, wrote))
+    return carriers
+
+
+def _carried(carriers: _Carriers) -> tuple[dict[Address, float], dict[Address, float]]:
+    """Actual and written values: an address carried by several instances reads as their
+    common value, or as the first that differs from the ledger (drift)."""
+    actual: dict[Address, float] = {}
+    written: dict[Address, float] = {}
+    for address, pairs in carriers.items():
+        written[address] = pairs[0][1]
+        off = [value for value, wrote in pairs if not _same(value, wrote)]
+        if not off:
+            actual[address] = pairs[0][1]
+        elif off[0] is not None:
+            actual[address] = off[0]
+    return actual, written
+
 
 class PluginSink:
     """A Sink over rate-limiting instances. One per process; not thread-safe."""
@@ -179,28 +226,9 @@ class PluginSink:
         """
         listing = self.store.listing()
         registry = dict(self.registry()) if self.registry is not None else None
-        carriers: dict[Address, list[tuple[float | None, float]]] = defaultdict(list)
-        for instance in listing.instances.values():
-            for address, wrote in instance.written.items():
-                name = FIELDS.get(address.limit)
-                value = field_value(instance.config, name) if name and instance.enabled else None
-                carriers[address].append((value, wrote))
-        actual: dict[Address, float] = {}
-        written: dict[Address, float] = {}
-        for address, pairs in carriers.items():
-            written[address] = pairs[0][1]
-            off = [value for value, wrote in pairs if not _same(value, wrote)]
-            if not off:
-                actual[address] = pairs[0][1]
-            elif off[0] is not None:
-                actual[address] = off[0]
-        for owner, ledger in self._memory.owners.items():
-            if owner not in listing.instances:  # deleted behind Governor's back: drift
-                for address, wrote in ledger.items():
-                    written.setdefault(address, wrote)
-        for address, value in self._memory.virtual.items():
-            if address not in carriers and address not in written:
-                actual[address] = written[address] = value
+        carriers = _carriers(listing)
+        actual, written = _carried(carriers)
+        self._memory.fill_in(listing, carriers, actual, written)
         versions = [instance.version for instance in listing.instances.values()]
         self._version = max([self._version, *versions])
         self._snapshot = _Snapshot(listing, actual, registry)

@@ -5,8 +5,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from operator import itemgetter
+from collections.abc import Callable, Mapping, Sequence
 from typing import cast
 
 import redis
@@ -15,7 +14,6 @@ from controller.changes import Change
 from controller.clients.paging import (
     CHANGES_PER_TRANSACTION,
     FIELDS_PER_WRITE,
-    KEYS_PER_READ,
     batches,
     grouped_batches,
     read_with_ledger,
@@ -49,8 +47,58 @@ return bad
 
 
 _RECORDS_PER_WRITE = 5000
-# A change with its owner hash, its field and its value as stored ('' = deleted).
-_Placed = tuple[str, str, Change, str]
+
+_Mapping = dict[str | bytes, str | bytes | float | int]
+
+
+@dataclasses.dataclass
+class _Writes:
+    """One transaction's writes grouped per hash, its ledger's, and the (key, field, value)
+    triples read back after EXEC ('' for a deletion)."""
+
+    sets: defaultdict[str, _Mapping] = dataclasses.field(default_factory=lambda: defaultdict(dict))
+    deletes: defaultdict[str, list[str]] = dataclasses.field(
+        default_factory=lambda: defaultdict(list)
+    )
+    ledger_sets: _Mapping = dataclasses.field(default_factory=dict)
+    ledger_deletes: list[str] = dataclasses.field(default_factory=list)
+    verify_keys: list[str] = dataclasses.field(default_factory=list)
+    verify_fields: list[str] = dataclasses.field(default_factory=list)
+    verify_values: list[str] = dataclasses.field(default_factory=list)
+
+    @classmethod
+    def of(cls, changes: Sequence[Change], place: Callable[[Address], tuple[str, str]]) -> _Writes:
+        """The writes of `changes`; `place` gives an address's (owner hash key, field)."""
+        writes = cls()
+        for change in changes:
+            key, name = place(change.address)
+            text = str(change.address)
+            writes.verify_keys.append(key)
+            writes.verify_fields.append(name)
+            if change.new is None:
+                writes.deletes[key].append(name)
+                writes.ledger_deletes.append(text)
+                writes.verify_values.append("")
+            else:
+                value = format_value(change.new)
+                writes.sets[key][name] = writes.ledger_sets[text] = value
+                writes.verify_values.append(value)
+        return writes
+
+    @property
+    def verify_args(self) -> list[str]:
+        return self.verify_fields + self.verify_values
+
+    def queue(self, pipe: redis.client.Pipeline[str], ledger: str) -> None:
+        """HSET and HDEL per hash, then the ledger's."""
+        for key, mapping in self.sets.items():
+            pipe.hset(key, mapping=mapping)
+        for key, names in self.deletes.items():
+            pipe.hdel(key, *names)
+        if self.ledger_sets:
+            pipe.hset(ledger, mapping=self.ledger_sets)
+        if self.ledger_deletes:
+            pipe.hdel(ledger, *self.ledger_deletes)
 
 
 class RedisSink:
@@ -66,6 +114,7 @@ class RedisSink:
         self._clock = clock
         # Set by the daemon: the leader's fence, checked atomically by every apply.
         self.fence: Callable[[], Fence | None] | None = None
+        self._verify = client.register_script(_VERIFY)
         # The hash of the decision last recorded per address (`decision_key`): 8 bytes, not
         # the key's tuples, per tenant. Two different decisions of one address with equal
         # 64-bit hashes (odds 2^-64) would leave its record one decision behind.
@@ -196,24 +245,24 @@ class RedisSink:
         """
         if not changes:
             return ApplyResult(version=self.version())
-        # Every value formatted before anything is sent: a bad one fails the whole apply.
-        placed = sorted(
-            (
-                (*self._place(c.address), c, "" if c.new is None else format_value(c.new))
-                for c in changes
-            ),
-            key=itemgetter(0),
-        )
-        parts = grouped_batches(placed, itemgetter(0), CHANGES_PER_TRANSACTION)
+
+        def owner(change: Change) -> str:
+            return self._place(change.address)[0]
+
+        parts = grouped_batches(sorted(changes, key=owner), owner, CHANGES_PER_TRANSACTION)
+        # Every part's writes made (each value formatted) before the first is sent: a value
+        # that cannot be stored fails the whole apply, not its middle.
+        writes = [_Writes.of(part, self._place) for part in parts]
         applied: list[Change] = []
         mismatched: list[Change] = []
         version = 0
         try:
             with wrapped(self.client, f"apply {len(changes)} limit changes"):
-                for index, part in enumerate(parts):
-                    version = self._transact(part, len(changes), bump=index == len(parts) - 1)
-                    applied.extend(change for _, _, change, _ in part)
-                    mismatched.extend(self._verified(part))
+                for index, (part, write) in enumerate(zip(parts, writes, strict=True)):
+                    version = self._transact(write, len(changes), bump=index == len(parts) - 1)
+                    applied.extend(part)
+                    bad = self._verify(keys=write.verify_keys, args=write.verify_args)
+                    mismatched.extend(part[int(i) - 1] for i in bad)
         except SinkError as exc:
             if not applied:
                 raise
@@ -225,28 +274,12 @@ class RedisSink:
             ) from exc
         return ApplyResult(version=version, applied=tuple(changes), mismatched=tuple(mismatched))
 
-    def _transact(self, part: Sequence[_Placed], total: int, *, bump: bool) -> int:
-        """One MULTI/EXEC: `part`'s limits and ledger entries (and the version bump when
-        `bump`), fenced; the version after it (0 when not bumped)."""
-        sets: dict[str, dict[str | bytes, str | bytes | float | int]] = defaultdict(dict)
-        deletes: dict[str, list[str]] = defaultdict(list)
-        ledger_sets: dict[str | bytes, str | bytes | float | int] = {}
-        ledger_deletes: list[str] = []
-        for key, name, change, text in part:
-            if change.new is None:
-                deletes[key].append(name)
-                ledger_deletes.append(str(change.address))
-            else:
-                sets[key][name] = ledger_sets[str(change.address)] = text
-        pipe = self._fenced(total)
-        for key, mapping in sets.items():
-            pipe.hset(key, mapping=mapping)
-        for key, names in deletes.items():
-            pipe.hdel(key, *names)
-        if ledger_sets:
-            pipe.hset(self.keys.written, mapping=ledger_sets)
-        if ledger_deletes:
-            pipe.hdel(self.keys.written, *ledger_deletes)
+    def _transact(self, writes: _Writes, total: int, *, bump: bool) -> int:
+        """One MULTI/EXEC of `writes` (and the version bump when `bump`), fenced; the
+        version after it (0 when not bumped)."""
+        pipe = self.client.pipeline(transaction=True)
+        self._watch_fence(pipe, total)
+        writes.queue(pipe, self.keys.written)
         if bump:
             # Inline EVAL: a registered script in a pipeline costs an extra SCRIPT EXISTS trip.
             pipe.eval(_BUMP, 2, self.keys.version, self.keys.contract, self.keys.channel,
@@ -259,36 +292,22 @@ class RedisSink:
             ) from None
         return int(replies[-1]) if bump else 0
 
-    def _fenced(self, total: int) -> redis.client.Pipeline[str]:
-        """A transaction pipeline; with a fence, WATCHed and checked, then in MULTI: its EXEC
-        fails if leadership changes meanwhile (FencedError now if it already has)."""
-        pipe = self.client.pipeline(transaction=True)
+    def _watch_fence(self, pipe: redis.client.Pipeline[str], count: int) -> None:
+        """With a fence: WATCH it, check the token, then MULTI, so that EXEC fails if the
+        leadership changed meanwhile. Without one the pipeline is a plain MULTI/EXEC."""
         fence = self.fence() if self.fence is not None else None
-        if fence is not None:
-            pipe.watch(fence.key)
-            # After WATCH the pipeline runs commands at once: `get` returns the value.
-            holder = cast("str | None", pipe.get(fence.key))
-            if holder != fence.token:
-                pipe.reset()
-                raise FencedError(
-                    f"not applying {total} changes: this replica no longer holds "
-                    f"the leader lock {fence.key!r}"
-                )
-            pipe.multi()
-        return pipe
-
-    def _verified(self, part: Sequence[_Placed]) -> Iterator[Change]:
-        """The changes of `part` whose field does not hold what was written ('' = deleted),
-        read back by `_VERIFY` in bounded batches, one round trip."""
-        pipe = self.client.pipeline(transaction=False)
-        chunks = list(batches(part, KEYS_PER_READ))
-        for chunk in chunks:
-            pipe.eval(_VERIFY, len(chunk), *(key for key, _, _, _ in chunk),
-                      *(name for _, name, _, _ in chunk),
-                      *(text for _, _, _, text in chunk))  # fmt: skip
-        for chunk, bad in zip(chunks, pipe.execute(), strict=True):
-            for i in bad:
-                yield chunk[int(i) - 1][2]
+        if fence is None:
+            return
+        pipe.watch(fence.key)
+        # After WATCH the pipeline runs commands at once: `get` returns the value.
+        holder = cast("str | None", pipe.get(fence.key))
+        if holder != fence.token:
+            pipe.reset()
+            raise FencedError(
+                f"not applying {count} changes: this replica no longer holds "
+                f"the leader lock {fence.key!r}"
+            )
+        pipe.multi()
 
     def record_decisions(self, decisions: Mapping[Address, Decision], tick: int | None) -> int:
         """Store each address's last decision for `explain`; only records whose decision

@@ -158,10 +158,10 @@ def test_an_apply_is_cut_into_bounded_transactions_with_one_version_bump(
         assert limits == ledger <= 2 * CHANGES_PER_TRANSACTION  # HSET: field and value each
     bumps = [i for i, t in enumerate(transactions) if any(c.name == "INCR" for c in t)]
     assert bumps == [len(transactions) - 1]  # the version moves with the last one only
-    # The verify script reads back in batches too.
-    verifies = [c for c in commands if c.name == "EVAL" and "HGET" in c.args[1]]
-    assert verifies
-    assert all(int(c.args[2]) <= KEYS_PER_READ for c in verifies)
+    # Each transaction read back by one call of the verify script.
+    verifies = [c for c in commands if c.name == "EVALSHA"]
+    assert len(verifies) == len(transactions)
+    assert all(int(c.args[2]) <= CHANGES_PER_TRANSACTION for c in verifies)
     assert [c.name for c in commands].count("PUBLISH") == 1
     assert same(dict(sink.read().actual), halved)
 
