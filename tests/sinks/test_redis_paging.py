@@ -30,7 +30,7 @@ from tests.support.slowlog import Command, ran, watch
 
 A = Address.parse
 TENANTS = 1500  # one limit each: several ledger pages and read batches
-WIDE = 300  # tenants with 6 model limits: a read batch's field budget runs out
+WIDE = 300  # tenants with 6 model limits each: hashes of several fields, kept whole
 MODELS = [f"m{j}" for j in range(6)]
 BIG_MODELS = FIELDS_PER_READ + 100  # one tenant's hash too big for any read call: scanned
 Fields = Mapping[str | bytes, str | bytes | float | int]  # what redis-py's HSET takes
