@@ -271,9 +271,11 @@ def _watch(client: redis.Redis[str]) -> None:
     client.execute_command("LATENCY", "RESET")
 
 
-# Commands whose work is constant (one key, at most one field): when one of them takes
-# milliseconds, Redis was waiting for a CPU, not working. Their worst is the run's noise.
-_CONSTANT = {"GET", "SET", "HLEN", "HGET", "HSET", "HDEL", "INCR", "PUBLISH", "PTTL", "EXISTS"}
+# Commands whose work is constant (one key, at most one field or one stream entry), with
+# their most arguments so: when one of them takes milliseconds, Redis was waiting for a CPU,
+# not working. Their worst is the run's noise.
+_CONSTANT = dict.fromkeys(("GET", "SET", "HLEN", "HGET", "HSET", "HDEL", "INCR", "PUBLISH"), 4)
+_CONSTANT["XADD"] = 16
 
 
 def _longest(client: redis.Redis[str]) -> dict[str, Any]:
@@ -289,7 +291,7 @@ def _longest(client: redis.Redis[str]) -> dict[str, Any]:
         key = words[3] if scripted else [*words, ""][1]
         kind = f"{words[0].upper()} {re.sub(r'[{]t:[^}]*[}]', '{t:*}', key)}"[:60]
         worst[kind] = max(worst.get(kind, 0), int(entry[2]))
-        if words[0].upper() in _CONSTANT and len(words) <= 4:
+        if len(words) <= _CONSTANT.get(words[0].upper(), 0):
             worst["noise"] = max(worst.get("noise", 0), int(entry[2]))
     latency = {str(row[0]): int(row[3]) for row in client.execute_command("LATENCY", "LATEST")}
     durations = [int(e[2]) for e in entries]
