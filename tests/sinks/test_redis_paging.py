@@ -21,6 +21,7 @@ from controller.clients.paging import (
     SCAN_COUNT,
 )
 from controller.contract.fence import Fence
+from controller.control.overrides import ControlStore
 from controller.control.reconciler import Reconciler
 from controller.journal.writer import Journal
 from controller.model import Address, Decision, Source
@@ -264,3 +265,18 @@ def test_a_read_call_stops_at_its_field_budget_and_the_rest_follow(
     assert len(whole) == len(set(whole)) == tenants
     reads = [c for c in commands if c.name == "EVAL"]
     assert len(reads) >= tenants * width / FIELDS_PER_READ
+
+
+def test_the_control_read_walks_a_large_tenant_registry_in_pages(
+    control: ControlStore, db: redis.Redis[str]
+) -> None:
+    registry: Fields = {f"t{i}": ("pro" if i % 3 else "free") for i in range(3 * SCAN_COUNT)}
+    db.hset("governor:tenants", mapping=registry)
+    watch(db)
+    state = control.read()
+    commands = ran(db)
+    assert dict(state.tenants) == registry
+    scans = [c for c in commands if c.name == "HSCAN"]
+    assert len([c for c in scans if c.args[1] == "governor:tenants"]) > 2
+    assert all(int(c.args[-1]) <= SCAN_COUNT for c in scans)
+    assert not [c for c in commands if c.name in ("HGETALL", "HKEYS", "HVALS")]
