@@ -21,7 +21,9 @@ _REJECTED = {ERROR: "the policy reload failed (see the errors)"}
 class TickEvents:
     """Builds the tick's events and sends them to the journal while this replica writes."""
 
-    def __init__(self, journal: Journal, *, runbook_base_url: str = "", dry_run: bool = False):
+    def __init__(
+        self, journal: Journal, *, runbook_base_url: str = "", dry_run: bool = False
+    ) -> None:
         self.journal = journal
         self.runbook_base_url = runbook_base_url
         self.dry_run = dry_run

@@ -193,6 +193,7 @@ class TickReporter:
         self._report_unwritten(evaluation.unwritten)
 
     def _activity(self, ref: str, active: int, stale: bool, now: float) -> None:
+        """A policy's engaged keys and whether (and since when) it acts on its fallback."""
         self.metrics.active.labels(ref).set(active)
         # Exported at 0 from the policy's first tick: increase()/rate() see the first event.
         self.metrics.unwritten.labels(ref)
