@@ -24,6 +24,7 @@ from rich.text import Text
 from controller.cli.config import load_settings
 from controller.clients.redis import close, connect, url_from_settings
 from controller.contract.keys import KeySchema
+from controller.control.compose import build_journal
 from controller.control.overrides import ControlStore
 from controller.durations import parse_duration
 from controller.errors import ConfigurationError, SinkError
@@ -96,7 +97,7 @@ def stores() -> Iterator[Stores]:
                 client,
                 RedisSink(client, keys),
                 ControlStore(client, keys),
-                Journal(journal_client, keys, settings.journal),
+                build_journal(journal_client, keys, settings.journal),
             )
         finally:
             close(client)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 from urllib.parse import urlsplit
 
 from controller.changes import Change, Drift, find_drift
+from controller.contract.fence import Fence
 from controller.errors import ConfigurationError, SinkError
 from controller.model import Address
 from controller.settings import RedisSettings
@@ -78,6 +79,11 @@ class PartialApplyError(SinkError):
 @runtime_checkable
 class Sink(Protocol):
     """A place gateways read limits from. Implementations wrap client errors into SinkError."""
+
+    # The leader's fence (None while not leading) that every apply checks: a deposed
+    # leader's late write is refused. None (the default): writes are not fenced. Set by the
+    # composition root (controller.control.compose) to the elector's `fence`.
+    fence: Callable[[], Fence | None] | None
 
     def read(self) -> SinkState:
         """The limits stored now, with Governor's ledger (for drift) and the version."""
