@@ -65,15 +65,20 @@ def probe_p99(pool: Pool, prompt: FloatArray, output: FloatArray, load: float,
     """p99 TTFT (a timeout counted at the timeout) of the pool under a constant Poisson load
     of `load` × capacity with these sizes."""
     rng = np.random.default_rng(1)
-    model = PoolModel(pool, float((prompt + output).mean()))
+    model = PoolModel(pool, float(prompt.mean()), float(output.mean()))
     rate = load * pool.capacity_tokens_per_second / float((prompt + output).mean())
     seen: list[FloatArray] = []
+    tag = 0
     for k in range(round(PROBE_SECONDS / step)):
         count = int(rng.poisson(rate * step))
         rows = rng.integers(0, len(prompt), count)
-        result = model.step(step, prompt[rows], output[rows], rng)
+        arrival = k * step + np.sort(rng.random(count)) * step
+        tags = np.arange(tag, tag + count, dtype=np.int64)
+        tag += count
+        result = model.step(k * step, step, tags, arrival, prompt[rows], output[rows])
         if k * step >= WARMUP_SECONDS:
-            seen.append(np.where(result.timed_out, pool.timeout_seconds, result.ttft))
+            seen.append(result.ttft)
+            seen.append(np.full(len(result.gave_up), pool.timeout_seconds))
     ttft = np.concatenate(seen) if seen else np.empty(0)
     return float(np.quantile(ttft, 0.99)) if len(ttft) else 0.0
 
