@@ -13,6 +13,7 @@ import numpy as np
 
 from controller.model import FloatArray
 from controller.sim import pool as pool_module
+from controller.sim import queue as queue_module
 from controller.sim.pool import PoolModel
 from controller.sim.scenario import REPO_ROOT, Pool
 from controller.sim.traffic import SimTenant, World, _lognormal
@@ -25,7 +26,8 @@ SAMPLE = 20_000  # request sizes drawn for the probes (fixed seed: the same for 
 # The pool model's and this probe's source, hashed into the cache key: a cached answer of
 # another model is not this one's, and no hand-bumped version can be forgotten.
 MODEL_SOURCE = hashlib.sha256(
-    Path(pool_module.__file__ or "").read_bytes() + Path(__file__).read_bytes()
+    b"".join(Path(module.__file__ or "").read_bytes() for module in (pool_module, queue_module))
+    + Path(__file__).read_bytes()
 ).hexdigest()
 CACHE_ENV = "GOVERNOR_SIM_CACHE"
 

@@ -19,6 +19,7 @@ import numpy as np
 import numpy.typing as npt
 
 from controller.model import FloatArray
+from controller.sim.queue import Queue, Rows
 from controller.sim.scenario import Pool
 
 IntArray = npt.NDArray[np.int64]
@@ -35,7 +36,6 @@ _EPS = 1e-9
 # generated); KV: tokens it holds in the cache; FIRST: 1 once its first token came (its TTFT is
 # recorded; the client no longer times out). Tags are exact in float64 up to 2^53.
 TAG, ARRIVAL, PROMPT, OUTPUT, TODO, GEN, KV, FIRST = range(8)
-Rows = npt.NDArray[np.float64]
 
 
 def _empty() -> Rows:
@@ -124,7 +124,7 @@ class PoolModel:
         tokens = max(mean_prompt + mean_output, _EPS)
         cost = mean_output + mean_prompt / spec.prefill_decode_ratio
         self.compute = spec.capacity_tokens_per_second * max(cost, _EPS) / tokens
-        self.waiting = _empty()  # queue order (preempted requests at the front)
+        self.queue = Queue(8)  # queue order (preempted requests at the front)
         self.running = _empty()  # admission order (the newest last: preempted first)
         self.counters = Counters()
 
@@ -150,6 +150,11 @@ class PoolModel:
         return self.spec.kv_cache_tokens * self.gpus_up
 
     # --- what vLLM exports --------------------------------------------------------------------
+
+    @property
+    def waiting(self) -> Rows:
+        """The waiting requests, front first."""
+        return self.queue.rows
 
     @property
     def kv_usage(self) -> float:
@@ -190,7 +195,7 @@ class PoolModel:
         used = busy = 0.0
         for k, batch in enumerate(np.split(new, cuts, axis=1)):
             if batch.shape[1]:
-                self.waiting = np.concatenate([self.waiting, batch], axis=1)
+                self.queue.push(batch)
             u, b = self._engine_step(elapsed + k * h, h, resolved)
             used += u
             busy += b
@@ -228,7 +233,7 @@ class PoolModel:
             # client sees a failure, counted as a give-up.
             resolved.gave_up.append(waiting[TAG, :1].astype(np.int64))
             resolved.gave_up_at.append(np.array([t0]))
-            self.waiting = waiting[:, 1:]
+            self.queue.pop(1)
             return
         # A request joins if its prefill can start in the compute the batch leaves.
         plan = self._plan(t0, h)
@@ -236,7 +241,7 @@ class PoolModel:
         take = min(take, int(np.searchsorted(need - todo - 1.0, room, side="left")))
         if take:
             self.running = np.concatenate([running, waiting[:, :take]], axis=1)
-            self.waiting = waiting[:, take:]
+            self.queue.pop(take)
 
     def _speed(self, n: int) -> float:
         """Decode tokens/s of one sequence in a batch of `n`: slower as the batch fills; but
@@ -339,19 +344,21 @@ class PoolModel:
         out[TODO] = out[PROMPT] + out[GEN]
         out[KV] = 0.0
         self.running = r[:, :cut]
-        self.waiting = np.concatenate([out, self.waiting], axis=1)
+        self.queue.push_front(out)
         self.counters.preemptions += out.shape[1]
 
     def _time_out(self, now: float, resolved: _Resolved) -> None:
         """Clients without a first token after `timeout_seconds` give up, wherever they
         are; a running one frees its slot and KV (vLLM aborts it)."""
         limit = self.spec.timeout_seconds
-        for name in ("waiting", "running"):
-            rows: Rows = getattr(self, name)
+        for rows in (self.waiting, self.running):
             if not rows.shape[1] or rows[ARRIVAL].min() + limit > now:
                 continue
             gone = (rows[FIRST] == 0.0) & (rows[ARRIVAL] + limit <= now)
             if gone.any():
                 resolved.gave_up.append(rows[TAG, gone].astype(np.int64))
                 resolved.gave_up_at.append(rows[ARRIVAL, gone] + limit)
-                setattr(self, name, rows[:, ~gone])
+                if rows is self.running:
+                    self.running = rows[:, ~gone]
+                else:
+                    self.queue.drop(gone)
