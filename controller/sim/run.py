@@ -473,23 +473,8 @@ class Simulation:
             self._cost[index] += cost
 
     def _scrape(self, at: float, elapsed: float) -> None:
-        """What Prometheus would store at `at`: gateway counters, the GPUs' busy share and
-        the pools' vLLM series."""
-        steps = self.scenario.scrape_interval / self.scenario.step
-        for p, pool in enumerate(self.scenario.pools):
-            busy = 100.0 * self._busy[p] / steps
-            if not self._outage("DCGM_FI_DEV_GPU_UTIL", elapsed):
-                # A GPU that is down stops reporting (its last sample goes stale).
-                for gpu in range(max(1, round(pool.gpus * self.pools[p].scale))):
-                    labels = {"pool": pool.name, "gpu": str(gpu)}
-                    self.store.record("DCGM_FI_DEV_GPU_UTIL", labels, at, busy)
-            if not self._outage("inference_queue_backlog_tokens", elapsed):
-                labels = {"pool": pool.name}
-                backlog = self.pools[p].backlog
-                self.store.record("inference_queue_backlog_tokens", labels, at, backlog)
-            if not self._outage("vllm:", elapsed):
-                record_vllm(self.store, self.pools[p], at)
-        self._busy[:] = 0.0
+        """What Prometheus would store at `at`: the pools' series and the gateway counters."""
+        self._scrape_pools(at, elapsed)
         if self._outage("gateway", elapsed):
             return
         for i in np.flatnonzero(self._seen).tolist():
@@ -508,6 +493,24 @@ class Simulation:
                         at,
                         float(self._requests[i, o]),
                     )
+
+    def _scrape_pools(self, at: float, elapsed: float) -> None:
+        """The GPUs' busy share (DCGM), the queue's backlog and the pools' vLLM series."""
+        steps = self.scenario.scrape_interval / self.scenario.step
+        for p, pool in enumerate(self.scenario.pools):
+            busy = 100.0 * self._busy[p] / steps
+            if not self._outage("DCGM_FI_DEV_GPU_UTIL", elapsed):
+                # A GPU that is down stops reporting (its last sample goes stale).
+                for gpu in range(max(1, round(pool.gpus * self.pools[p].scale))):
+                    labels = {"pool": pool.name, "gpu": str(gpu)}
+                    self.store.record("DCGM_FI_DEV_GPU_UTIL", labels, at, busy)
+            if not self._outage("inference_queue_backlog_tokens", elapsed):
+                labels = {"pool": pool.name}
+                backlog = self.pools[p].backlog
+                self.store.record("inference_queue_backlog_tokens", labels, at, backlog)
+            if not self._outage("vllm:", elapsed):
+                record_vllm(self.store, self.pools[p], at)
+        self._busy[:] = 0.0
 
     def _capacity_scale(self, pool: int, elapsed: float) -> float:
         """The share of a pool's GPUs up: the product of the `capacity` events acting on it."""
