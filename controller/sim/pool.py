@@ -117,13 +117,13 @@ class PoolModel:
     def __init__(self, spec: Pool, mean_prompt: float, mean_output: float) -> None:
         self.spec = spec
         self.mean_prompt, self.mean_output = mean_prompt, mean_output
-        self.scale = 1.0  # share of the pool's GPUs up (a `capacity` event: a node down)
         # `capacity_tokens_per_second` is in the gateway's unit (prompt + output tokens/s) at
         # this pool's own mix; the engine counts GPU time in decode tokens, a prompt token
         # costing 1/ratio of one: the same GPU-seconds, so a scenario's load keeps its meaning.
         tokens = max(mean_prompt + mean_output, _EPS)
         cost = mean_output + mean_prompt / spec.prefill_decode_ratio
         self.compute = spec.capacity_tokens_per_second * max(cost, _EPS) / tokens
+        self.scale = 1.0  # share of the pool's GPUs up (a `capacity` event: a node down)
         self.queue = Queue(8)  # queue order (preempted requests at the front)
         self.running = _empty()  # admission order (the newest last: preempted first)
         self.counters = Counters()
@@ -136,18 +136,19 @@ class PoolModel:
         return self.spec.capacity_tokens_per_second * self.scale
 
     @property
-    def gpus_up(self) -> float:
-        return max(self.spec.gpus * self.scale, _EPS)
+    def scale(self) -> float:
+        return self._scale
 
-    @property
-    def max_seqs(self) -> int:
-        """vLLM's max_num_seqs over the GPUs up."""
-        return max(1, round(self.spec.batch_slots * self.gpus_up))
-
-    @property
-    def kv_capacity(self) -> float:
-        """KV-cache tokens of the GPUs up."""
-        return self.spec.kv_cache_tokens * self.gpus_up
+    @scale.setter
+    def scale(self, value: float) -> None:
+        """The GPUs up set the batch's slots, the cache and the compute (read every step)."""
+        self._scale = value
+        spec = self.spec
+        self.gpus_up = max(spec.gpus * value, _EPS)
+        self.max_seqs = max(1, round(spec.batch_slots * self.gpus_up))  # vLLM's max_num_seqs
+        self.kv_capacity = spec.kv_cache_tokens * self.gpus_up  # KV-cache tokens
+        self.power = self.compute * value  # decode-token equivalents a second
+        self.token_budget = spec.max_num_batched_tokens * self.gpus_up  # an iteration's
 
     # --- what vLLM exports --------------------------------------------------------------------
 
@@ -250,7 +251,7 @@ class PoolModel:
         spec = self.spec
         fill = min(1.0, n / self.max_seqs)
         idle = spec.decode_tokens_per_second / (1.0 + spec.decode_slowdown * fill)
-        return max(idle, self.compute * self.scale / self.max_seqs)
+        return max(idle, self.power / self.max_seqs)
 
     def _plan(self, t0: float, h: float) -> _Plan:
         """The step's iterations: each decodes a token of every decoding request and
@@ -265,9 +266,9 @@ class PoolModel:
         reach = spec.prefill_tokens_per_second * np.maximum(t0 + h - start, 0.0)
         chunk = np.where(decoding, 0.0, np.minimum(r[TODO], reach))
         pending = float(chunk.sum())
-        budget = self.compute * self.scale * h  # decode-token equivalents
+        budget = self.power * h  # decode-token equivalents
         most = h * self._speed(r.shape[1])
-        beside = max(spec.max_num_batched_tokens * self.gpus_up - decoders, 0.0)
+        beside = max(self.token_budget - decoders, 0.0)
         full = min(most, budget / max(decoders + beside / ratio, _EPS))
         stream = full * beside  # prompt tokens the step can prefill at most
         if pending >= stream:
@@ -308,7 +309,7 @@ class PoolModel:
         r[KV] += got + tokens
         r[FIRST] = np.maximum(r[FIRST], done & ~late)
         self.counters.generation_tokens += float(tokens.sum())
-        budget = self.compute * self.scale * h
+        budget = self.power * h
         used = float(want.sum()) + float(got.sum()) / spec.prefill_decode_ratio
         # DCGM: a GPU with a running decode batch runs kernels all the step, whatever the
         # batch's size; GPUs only prefilling are busy for the prefill's share of their time.
