@@ -19,8 +19,8 @@ from controller.policy.documents import AddressField, Duration, Strict
 from controller.policy.sourcemap import parse_yaml
 
 # A decode token costs this many prompt tokens' GPU time: SARATHI (Agrawal et al. 2023,
-# arXiv:2308.16369) measures decode an order of magnitude dearer per token than prefill at the
-# batch sizes continuous batching keeps (docs/simulator.md).
+# arXiv:2308.16369): decodes in a compute-saturated batch cost "up to an order of magnitude
+# less" than in a decode-only one, decode throughput up to 10× (docs/simulator.md).
 PREFILL_DECODE_RATIO = 10.0
 # The shipped policies' saturation signal over vLLM's metrics (policies/global-rps-by-gpu.yaml).
 SATURATION = (
