@@ -60,8 +60,13 @@ def test_kv_overflow_preempts_the_newest_which_reruns_and_finishes() -> None:
     assert sorted(done) == [0, 1]
     # The newest (tag 1) was the one preempted: it finishes after the oldest, which ran on.
     assert done[1] > done[0]
-    # Recompute: the preempted request's prompt and output so far were prefilled again.
+    # Every output token was generated once...
     assert model.counters.generation_tokens == pytest.approx(3000.0)
+    # ... but the GPU did more than both requests need (2 × 1,500 decode tokens, 2 × 1,000
+    # prompt tokens at a tenth of one): the preempted one prefilled its prompt and its output
+    # so far again (recompute).
+    used = sum(r.utilization for r in results) * model.power
+    assert used > 3000.0 + 2000.0 / 10 + 1000.0 / 10
     assert model.in_flight == 0
 
 
