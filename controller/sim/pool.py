@@ -3,10 +3,11 @@ much cheaper per token than decode, a KV cache in tokens with preemption (docs/s
 
 Requests stay in the pool and are stepped through it in engine steps of
 `engine_step_seconds`: each step the waiting queue's head joins the running batch while
-batch slots (`max_num_seqs`) and KV cache remain; the running decodes take their tokens first,
-then the prefills, first come first served, share the compute they leave (vLLM V1's
-scheduler). A request holds KV for its prompt and its generated tokens; when the cache
-overflows the newest running requests are preempted and recomputed from the queue's front.
+batch slots (`max_num_seqs`), KV cache and token budget remain; each engine iteration decodes
+a token of every decoding request and fills the rest of its token budget with prefill chunks,
+first come first served (vLLM V1's scheduler with chunked prefill). A request holds KV for its
+prompt and its generated tokens; when the cache overflows the newest running requests are
+preempted and recomputed from the queue's front.
 TTFT is set when the first token is produced; a client whose first token has not come after
 `timeout_seconds` gives up. Everything within a step is vectorised over the requests.
 """
