@@ -46,12 +46,16 @@ def test_fallback_overshoot_and_flaps(short_scenario: Path, tmp_path: Path) -> N
             for s in ("global", "ip", "plan", "tenant", "user")
         )
     tick = scenario.tick
-    # Overshoot is the signal the tick read over the setpoint (0.8), minus 1, or 0.
+    # Overshoot is the signal the tick read over the setpoint (0.8), minus 1; 0 at or below
+    # it, and 0 while the signal is stale (from 5 min until fresh again after 7 min).
     signal = record.signals["global-rps-by-gpu:saturation"]
     assert max(overshoot) > 0.0
     for over, seen in zip(overshoot, signal.tolist(), strict=True):
-        expected = max(0.0, seen / 0.8 - 1.0) if seen == seen else 0.0
-        assert abs(over - expected) <= 1e-9 * max(1.0, expected)
+        if over > 0.0:
+            assert abs(over - (seen / 0.8 - 1.0)) <= 1e-9 * over
+        if seen <= 0.8:
+            assert over == 0.0
+    assert all(o == 0.0 for o in overshoot[int(300 / tick) + 1 : int(420 / tick)])
     # The metric stops at 4 min; it is stale (60 s) from 5 min, fresh again after 7 min.
     before = int(300 / tick) - 1
     assert fallback[before] == 0.0
