@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 from urllib.parse import urlsplit
 
+import redis
+
 from controller.changes import Change, Drift, find_drift
 from controller.contract.fence import Fence
 from controller.errors import ConfigurationError, SinkError
@@ -101,13 +103,16 @@ class Sink(Protocol):
         ...
 
 
-def sink_from_url(url: str, settings: RedisSettings) -> Sink:
-    """The sink for a URL, chosen by scheme (redis://, rediss://, unix://, redis+sentinel://)."""
+def sink_from_url(
+    url: str, settings: RedisSettings, fence_client: redis.Redis[str] | None = None
+) -> Sink:
+    """The sink for a URL, chosen by scheme (redis://, rediss://, unix://, redis+sentinel://);
+    `fence_client` is Governor's own Redis, where the leader fence lives."""
     scheme = urlsplit(url).scheme
     if scheme.startswith(("redis", "unix")):
         from controller.sinks.redis import RedisSink
 
-        return RedisSink.from_url(url, settings)
+        return RedisSink.from_url(url, settings, fence_client)
     raise ConfigurationError(
         f"no sink for URL scheme {scheme!r}; supported: redis://, rediss://, unix://, "
         "redis+sentinel://"

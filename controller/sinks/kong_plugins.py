@@ -15,12 +15,12 @@ import redis
 import structlog
 
 from controller.changes import Change
-from controller.clients.redis import wrapped
-from controller.contract.fence import Fence, FencedError
+from controller.contract.fence import Fence
 from controller.errors import SinkError
 from controller.model import Address
 from controller.settings import KongSettings
 from controller.sinks import ApplyResult, SinkState
+from controller.sinks.fencing import check_fence
 from controller.sinks.kong_layout import (
     FIELDS,
     Owner,
@@ -368,22 +368,3 @@ def holds(state: SinkState, change: Change) -> bool:
     if change.new is None:
         return change.address not in state
     return _same(state.actual.get(change.address), change.new)
-
-
-def check_fence(
-    fence: Callable[[], Fence | None] | None, client: redis.Redis[str] | None, what: str
-) -> None:
-    """Refuse to write when this replica no longer holds the leader fence.
-
-    Kong and Kubernetes share no transaction with Redis, so unlike the Redis sink this is a
-    check just before writing, not an atomic one: it narrows a deposed leader's window.
-    """
-    current = fence() if fence is not None else None
-    if current is None or client is None:
-        return
-    with wrapped(client, "check the leader fence"):
-        holder = client.get(current.key)
-    if holder != current.token:
-        raise FencedError(
-            f"not writing {what}: this replica no longer holds the leader lock {current.key!r}"
-        )

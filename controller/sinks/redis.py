@@ -27,6 +27,7 @@ from controller.errors import SinkError
 from controller.model import Address, AddressError, Decision, LimitKind, interned
 from controller.settings import RedisSettings
 from controller.sinks import ApplyResult, PartialApplyError, SinkState
+from controller.sinks.fencing import check_fence
 
 # Bump the version, stamp the contract and announce, inside the apply's last MULTI.
 _BUMP = """
@@ -107,13 +108,20 @@ class RedisSink:
     never change), so the loop can read back in a thread."""
 
     def __init__(
-        self, client: redis.Redis[str], keys: KeySchema, clock: Callable[[], float] = time.time
+        self,
+        client: redis.Redis[str],
+        keys: KeySchema,
+        clock: Callable[[], float] = time.time,
+        fence_client: redis.Redis[str] | None = None,
     ) -> None:
         self.client = client
         self.keys = keys
         self._clock = clock
-        # Set by the daemon: the leader's fence, checked atomically by every apply.
+        # Set by the composition root: the leader's fence, checked atomically by every apply
+        # when it lives on this sink's server; on `fence_client` (Governor's own Redis, for a
+        # further Redis sink) it is checked just before writing, as the Kong sink does.
         self.fence: Callable[[], Fence | None] | None = None
+        self.fence_client = fence_client
         self._verify = client.register_script(_VERIFY)
         # The hash of the decision last recorded per address (`decision_key`): 8 bytes, not
         # the key's tuples, per tenant. Two different decisions of one address with equal
@@ -129,8 +137,13 @@ class RedisSink:
         self._hashes: dict[int, int] = {}
 
     @classmethod
-    def from_url(cls, url: str, settings: RedisSettings) -> RedisSink:
-        return cls(connect(url, settings), KeySchema(settings.key_prefix))
+    def from_url(
+        cls, url: str, settings: RedisSettings, fence_client: redis.Redis[str] | None = None
+    ) -> RedisSink:
+        """A further Redis sink: its fence (if any) lives on `fence_client`."""
+        return cls(
+            connect(url, settings), KeySchema(settings.key_prefix), fence_client=fence_client
+        )
 
     @property
     def location(self) -> str:
@@ -295,6 +308,9 @@ class RedisSink:
     def _watch_fence(self, pipe: redis.client.Pipeline[str], count: int) -> None:
         """With a fence: WATCH it, check the token, then MULTI, so that EXEC fails if the
         leadership changed meanwhile. Without one the pipeline is a plain MULTI/EXEC."""
+        if self.fence_client is not None:
+            check_fence(self.fence, self.fence_client, f"{count} changes to {self.location}")
+            return
         fence = self.fence() if self.fence is not None else None
         if fence is None:
             return

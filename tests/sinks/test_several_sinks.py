@@ -109,3 +109,26 @@ def test_the_leaders_fence_guards_every_sink_and_the_journal(
     finally:
         daemon.close()
         kong.stop()
+
+
+def test_a_further_redis_sink_is_written_by_the_leader_and_fenced_by_governors_redis(
+    redis_server: RedisServer, db: redis.Redis[str]
+) -> None:
+    """The leader fence lives in Governor's own Redis: a further Redis sink (here database 1)
+    checks it there, so the leader writes it, and a deposed leader does not."""
+    second = redis_server.url.replace("/0", "/1")
+    daemon = build(_settings(redis_server, ["redis", second], leader={"mode": "redis"}))
+    try:
+        outcome = daemon.controller.tick()
+        assert outcome.leader
+        assert not [r for r in outcome.reasons if "cannot write" in r]  # Prometheus is away
+        with redis.Redis(port=redis_server.port, db=1, decode_responses=True) as other:
+            assert _limits(other) == _limits(db) != {}
+        db.set(KeySchema().leader, "someone-else#99")
+        writes = daemon.controller.parts.writes
+        (further,) = [r.sink for r in writes.extra_reconcilers]
+        change = Change(Address.parse("tenant/acme/requests_per_minute"), None, 60.0)
+        with pytest.raises(FencedError, match="no longer holds the leader lock"):
+            further.apply([change])
+    finally:
+        daemon.close()
