@@ -22,7 +22,7 @@ from rich.table import Table
 from rich.text import Text
 
 from controller.cli.config import load_settings
-from controller.clients.redis import close, connect, url_from_settings
+from controller.clients.redis import close, connect, refuse_cluster_node, url_from_settings
 from controller.contract.keys import KeySchema
 from controller.control.overrides import ControlStore
 from controller.errors import ConfigurationError, SinkError
@@ -90,6 +90,7 @@ def stores() -> Iterator[Stores]:
         client = connect(url, settings.redis)
         journal_client = connect(url, settings.redis, retries=0)
         try:
+            refuse_cluster_node(journal_client)  # no retries: a Redis down fails below
             yield Stores(
                 settings,
                 keys,

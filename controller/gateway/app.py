@@ -24,7 +24,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Mount, Route
 
-from controller.clients.redis import aclose, connect_async, url_from_settings
+from controller.clients.redis import aclose, connect_async, refuse_cluster_url, url_from_settings
 from controller.contract.catalog import PlanInfo
 from controller.contract.keys import KeySchema
 from controller.errors import ConfigurationError
@@ -70,7 +70,9 @@ class GatewayRuntime:
         """With `plans` (from a policy directory), plans come from there, not `<P>:plans`."""
         gateway = settings.gateway
         keys = KeySchema(settings.redis.key_prefix)
-        client = connect_async(url_from_settings(settings), settings.redis)
+        url = url_from_settings(settings)
+        refuse_cluster_url(url, settings.redis)  # ConfigurationError: the gateway exits 2
+        client = connect_async(url, settings.redis)
         http = httpx.AsyncClient(
             timeout=httpx.Timeout(gateway.upstream_timeout_seconds, connect=10.0),
             limits=httpx.Limits(max_connections=1000, max_keepalive_connections=100),

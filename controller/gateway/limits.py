@@ -21,7 +21,9 @@ from typing import Any, Protocol, cast
 
 import redis
 import redis.asyncio
+from redis.exceptions import RedisClusterException
 
+from controller.clients.redis import explained, is_cluster
 from controller.clients.scripts import EnforcementError
 from controller.contract.enforcement import EnforcementKeys
 from controller.model import LimitKind, Scope
@@ -261,8 +263,9 @@ class LimitCache:
             pipe = self.client.pipeline(transaction=True)
             request.queue(self.keys, cast(_Transaction, pipe))
             resolved = request.resolve(self.keys, await pipe.execute())
-        except redis.RedisError as exc:
-            raise EnforcementError(f"reading the limits failed: {exc}") from exc
+        except (redis.RedisError, RedisClusterException) as exc:
+            text = explained(exc, is_cluster(self.client))
+            raise EnforcementError(f"reading the limits failed: {text}") from exc
         if not resolved.version:
             return resolved  # nothing written yet: kept would outlive the first write
         if resolved.version != self._version:

@@ -86,7 +86,8 @@ class Sink(Protocol):
 
 
 def sink_from_url(url: str, settings: RedisSettings) -> Sink:
-    """The sink for a URL, chosen by scheme (redis://, rediss://, unix://, redis+sentinel://)."""
+    """The sink for a URL, chosen by scheme (redis://, rediss://, unix://, redis+sentinel://,
+    redis+cluster://)."""
     scheme = urlsplit(url).scheme
     if scheme.startswith(("redis", "unix")):
         from controller.sinks.redis import RedisSink
@@ -94,5 +95,5 @@ def sink_from_url(url: str, settings: RedisSettings) -> Sink:
         return RedisSink.from_url(url, settings)
     raise ConfigurationError(
         f"no sink for URL scheme {scheme!r}; supported: redis://, rediss://, unix://, "
-        "redis+sentinel://"
+        "redis+sentinel://, redis+cluster://"
     )

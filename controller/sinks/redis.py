@@ -11,7 +11,13 @@ from typing import cast
 import redis
 
 from controller.changes import Change
-from controller.clients.redis import connect, location, wrapped
+from controller.clients.redis import (
+    connect,
+    location,
+    refuse_cluster_node,
+    refuse_cluster_url,
+    wrapped,
+)
 from controller.contract.fence import Fence, FencedError
 from controller.contract.keys import CONTRACT_VERSION, KeySchema, format_value, parse_value
 from controller.contract.records import decision_key, decision_to_json
@@ -81,6 +87,7 @@ class RedisSink:
 
     @classmethod
     def from_url(cls, url: str, settings: RedisSettings) -> RedisSink:
+        refuse_cluster_url(url, settings)
         return cls(connect(url, settings), KeySchema(settings.key_prefix))
 
     @property
@@ -88,7 +95,9 @@ class RedisSink:
         return location(self.client)
 
     def check(self) -> None:
-        """PING, and refuse a Redis written under another contract version."""
+        """PING, and refuse a Cluster node behind a plain URL, or a Redis written under
+        another contract version."""
+        refuse_cluster_node(self.client)
         with wrapped(self.client, "check"):
             self.client.ping()
             found = self.client.get(self.keys.contract)
