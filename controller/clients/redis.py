@@ -20,6 +20,7 @@ from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.exceptions import AskError, MovedError, RedisClusterException
 from redis.retry import Retry
 
+from controller.contract.keys import KeySchema
 from controller.errors import ConfigurationError, SinkError, untrusted_certificate_hint
 from controller.settings import RedisSettings, Settings
 from controller.urls import mask_url
@@ -265,6 +266,12 @@ def _connect_cluster(url: str, options: dict[str, Any]) -> redis.Redis[str]:
 def is_cluster(client: object) -> bool:
     """Whether `client` is a Redis Cluster client (sync or async)."""
     return isinstance(client, redis.cluster.RedisCluster | redis.asyncio.cluster.RedisCluster)
+
+
+def key_schema(client: object, prefix: str) -> KeySchema:
+    """The contract's key names for this client: contract 2 (sharded) on a Redis Cluster,
+    contract 1 on one Redis (its names, scripts and costs unchanged)."""
+    return KeySchema(prefix, sharded=is_cluster(client))
 
 
 def connect_async(url: str, settings: RedisSettings) -> redis.asyncio.Redis[str]:

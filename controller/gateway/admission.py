@@ -16,6 +16,7 @@ from typing import Literal
 
 import redis.asyncio
 
+from controller.clients.redis import key_schema
 from controller.clients.scripts import ADMIT, CHARGE, SETTLE, EnforcementError, load_scripts
 from controller.contract.catalog import PlanInfo
 from controller.contract.enforcement import EnforcementKeys, ip_id
@@ -150,7 +151,7 @@ class Admission:
         if lease_seconds <= 0 or record_grace_seconds < 0:
             raise ValueError("lease_seconds must be > 0 and record_grace_seconds >= 0")
         self.client = client
-        self.keys = EnforcementKeys.for_prefix(prefix)
+        self.keys = EnforcementKeys(key_schema(client, prefix))
         self.limits = LimitCache(client, self.keys)
         self.prices = prices
         self.catalog = catalog

@@ -13,6 +13,7 @@ import redis
 from controller.changes import Change
 from controller.clients.redis import (
     connect,
+    key_schema,
     location,
     refuse_cluster_node,
     refuse_cluster_url,
@@ -25,6 +26,7 @@ from controller.errors import SinkError
 from controller.model import Address, AddressError, Decision, LimitKind, interned
 from controller.settings import RedisSettings
 from controller.sinks import ApplyResult, SinkState
+from controller.sinks.redis_cluster import ClusterWrites
 
 # Bump the version, stamp the contract and announce, atomically inside the apply's MULTI.
 _BUMP = """
@@ -84,11 +86,14 @@ class RedisSink:
         # the addresses in `_recorded`: a new int per changed record would outlive its tick
         # scattered among the tick's short-lived objects, and keep their memory allocated.
         self._hashes: dict[int, int] = {}
+        # Contract 2 (a Redis Cluster): writes, read back and records per slot.
+        self._cluster = ClusterWrites(client, keys, self._place) if keys.sharded else None
 
     @classmethod
     def from_url(cls, url: str, settings: RedisSettings) -> RedisSink:
         refuse_cluster_url(url, settings)
-        return cls(connect(url, settings), KeySchema(settings.key_prefix))
+        client = connect(url, settings)
+        return cls(client, key_schema(client, settings.key_prefix))
 
     @property
     def location(self) -> str:
@@ -101,10 +106,11 @@ class RedisSink:
         with wrapped(self.client, "check"):
             self.client.ping()
             found = self.client.get(self.keys.contract)
-        if found is not None and found != str(CONTRACT_VERSION):
+        speaks = self.keys.contract_version
+        if found is not None and found != str(speaks):
             raise SinkError(
                 f"Redis at {self.location} holds key contract {found}, this Governor speaks "
-                f"{CONTRACT_VERSION}; use another GOVERNOR_REDIS__KEY_PREFIX or migrate"
+                f"{speaks}; use another GOVERNOR_REDIS__KEY_PREFIX or migrate"
             )
 
     def version(self) -> int:
@@ -132,6 +138,8 @@ class RedisSink:
 
     def read(self) -> SinkState:
         """Every limit in the hashes Governor has written to, its ledger and the version."""
+        if self._cluster is not None:
+            return self._read_sharded(self._cluster)
         with wrapped(self.client, "read limits"):
             # Each owner hash's first ledger address (most hold one limit): its fields are
             # matched against it, so nothing read back is parsed again.
@@ -165,6 +173,33 @@ class RedisSink:
                 written[address] = values.get(value) or _parsed(values, value)
         return SinkState(actual, written, self._version(version), tuple(foreign))
 
+    def _read_sharded(self, cluster: ClusterWrites) -> SinkState:
+        """`read` on a Cluster: every slot's ledger, then the owner hashes they name (both
+        pipelined per master), then the version. Not one atomic read: a tick's diff
+        repairs next tick what an apply running meanwhile changed."""
+        written: dict[Address, float] = {}
+        values: dict[str, float] = {}
+        with wrapped(self.client, "read limits"):
+            for ledger in cluster.hashes(self.keys.ledgers()):
+                for text, value in ledger.items():
+                    address = _ledger_address(text)
+                    if address is not None:
+                        written[address] = values.get(value) or _parsed(values, value)
+            owners = sorted({self._place(address)[0] for address in written})
+            hashes = cluster.hashes(owners)
+            version = self.client.get(self.keys.version)
+        base = {self._place(address)[0]: address for address in written}
+        actual: dict[Address, float] = {}
+        foreign: list[str] = []
+        for owner, fields in zip(owners, hashes, strict=True):
+            for name, text in fields.items():
+                found = self._field_address(base[owner], name)
+                if found is None:
+                    foreign.append(f"{owner} {name}")
+                else:
+                    actual[found] = values.get(text) or _parsed(values, text)
+        return SinkState(actual, written, self._version(version), tuple(foreign))
+
     def _place(self, address: Address) -> tuple[str, str]:
         """(owner hash key, field) of a checked address, computed once per sink."""
         place = self._places.get(address)
@@ -191,13 +226,23 @@ class RedisSink:
         return names
 
     def apply(self, changes: Sequence[Change]) -> ApplyResult:
-        """Write `changes` and the ledger in ONE MULTI/EXEC with a version bump; read back.
-
-        Nothing to do: no command is sent. Redis runs a transaction all-or-nothing with
-        respect to connection failures, so a retried apply never lands half-way.
-        """
+        """Write `changes` and the ledger with a version bump. Nothing to do: no command is
+        sent. On a Cluster: one script per slot, fenced in each (`ClusterWrites.apply`)."""
         if not changes:
             return ApplyResult(version=self.version())
+        if self._cluster is not None:
+            fence = self.fence() if self.fence is not None else None
+            with wrapped(self.client, f"apply {len(changes)} limit changes"):
+                version = self._cluster.apply(changes, fence)
+            return ApplyResult(version=version, applied=tuple(changes))
+        return self._apply_transaction(changes)
+
+    def _apply_transaction(self, changes: Sequence[Change]) -> ApplyResult:
+        """Write `changes` and the ledger in ONE MULTI/EXEC with a version bump; read back.
+
+        Redis runs a transaction all-or-nothing with respect to connection failures, so a
+        retried apply never lands half-way.
+        """
         sets: dict[str, dict[str | bytes, str | bytes | float | int]] = defaultdict(dict)
         deletes: dict[str, list[str]] = defaultdict(list)
         ledger_sets: dict[str | bytes, str | bytes | float | int] = {}
@@ -263,7 +308,7 @@ class RedisSink:
         recorded = self._recorded
         if recorded is None:  # first call: forget records of addresses no longer desired
             with wrapped(self.client, "read decision records"):
-                stored: list[str] = self.client.hkeys(self.keys.decisions)
+                stored = self._recorded_addresses()
             stale = sorted(set(stored) - {str(a) for a in decisions})
             recorded = {}
         else:
@@ -283,21 +328,10 @@ class RedisSink:
         if not fresh and not gone and not stale:
             self._recorded = recorded
             return 0
+        changed = list(fresh)
+        removed = stale + [str(a) for a in gone]
         with wrapped(self.client, "record decisions"):
-            # In slices: the first tick records every limit, and 100k JSON records encoded
-            # at once (then packed into one command) would set the process's memory peak.
-            changed = list(fresh)
-            for start in range(0, len(changed), _RECORDS_PER_WRITE):
-                self.client.hset(
-                    self.keys.decisions,
-                    mapping={
-                        str(a): decision_to_json(decisions[a], tick=tick, at=now)
-                        for a in changed[start : start + _RECORDS_PER_WRITE]
-                    },
-                )
-            removed = stale + [str(a) for a in gone]
-            if removed:
-                self.client.hdel(self.keys.decisions, *removed)
+            self._write_records(decisions, changed, removed, tick, now)
         # Only once written: a failed write is retried next tick.
         recorded.update(fresh)
         for address in gone:
@@ -307,9 +341,56 @@ class RedisSink:
 
     def read_decision(self, address: Address) -> str | None:
         """The JSON last-decision record of an address, if the controller wrote one."""
+        key = self.keys.decisions_of(self._place(address)[0])
         with wrapped(self.client, "read a decision"):
-            text: str | None = self.client.hget(self.keys.decisions, str(address))
+            text: str | None = self.client.hget(key, str(address))
         return text
+
+    def _recorded_addresses(self) -> list[str]:
+        """Every address with a decision record (contract 2: in every slot's hash)."""
+        if self._cluster is None:
+            names: list[str] = self.client.hkeys(self.keys.decisions)
+            return names
+        decisions = [self.keys.decisions_of(ledger) for ledger in self.keys.ledgers()]
+        return [name for fields in self._cluster.hashes(decisions) for name in fields]
+
+    def _write_records(
+        self,
+        decisions: Mapping[Address, Decision],
+        changed: list[Address],
+        removed: list[str],
+        tick: int | None,
+        now: float,
+    ) -> None:
+        """Write the changed records and delete the removed ones, each in its hash (one, or
+        one per slot on a Cluster; pipelined per master). In slices: the first tick records
+        every limit, and 100k JSON records encoded at once (then packed into one command)
+        would set the process's memory peak."""
+        for start in range(0, len(changed), _RECORDS_PER_WRITE):
+            records: dict[str, dict[str | bytes, str | bytes | float | int]] = defaultdict(dict)
+            for address in changed[start : start + _RECORDS_PER_WRITE]:
+                records[self._records_of(address)][str(address)] = decision_to_json(
+                    decisions[address], tick=tick, at=now
+                )
+            pipe = self.client.pipeline(transaction=False)
+            for key, mapping in records.items():
+                pipe.hset(key, mapping=mapping)
+            pipe.execute()
+        gone: dict[str, list[str]] = defaultdict(list)
+        for text in removed:
+            parsed = _ledger_address(text)
+            if parsed is not None or self._cluster is None:  # v2: a hand-made name stays
+                gone[self._records_of(parsed)].append(text)
+        pipe = self.client.pipeline(transaction=False)
+        for key, names in gone.items():
+            pipe.hdel(key, *names)
+        pipe.execute()
+
+    def _records_of(self, address: Address | None) -> str:
+        """The hash that holds `address`'s decision record."""
+        if self._cluster is None or address is None:
+            return self.keys.decisions
+        return self.keys.decisions_of(self._place(address)[0])
 
 
 def _parsed(values: dict[str, float], text: str) -> float:
