@@ -258,11 +258,22 @@ class LimitCache:
             self._resolved.clear()
             self._version = None
 
+    async def _replies(self, request: _Request) -> list[Any]:
+        """The version and the hashes: in one MULTI; on a Cluster (several slots) the
+        version first, then the hashes: limits read after their version are at least as
+        new, and a change since makes admit.lua answer 'stale' (read again)."""
+        clustered = is_cluster(self.client)
+        before = await self.client.get(self.keys.schema.version) if clustered else None
+        pipe = self.client.pipeline(transaction=not clustered)
+        request.queue(self.keys, cast(_Transaction, pipe))
+        replies = list(await pipe.execute())
+        if clustered:
+            replies[0] = before
+        return replies
+
     async def _read(self, request: _Request) -> Resolved:
         try:
-            pipe = self.client.pipeline(transaction=True)
-            request.queue(self.keys, cast(_Transaction, pipe))
-            resolved = request.resolve(self.keys, await pipe.execute())
+            resolved = request.resolve(self.keys, await self._replies(request))
         except (redis.RedisError, RedisClusterException) as exc:
             text = explained(exc, is_cluster(self.client))
             raise EnforcementError(f"reading the limits failed: {text}") from exc
