@@ -397,11 +397,11 @@ def explained(exc: Exception, clustered: bool) -> str:
     return str(exc)
 
 
-# A command or transaction over several slots on a cluster client: key contract 1 keeps
-# keys that are used together in different slots (docs/redis-contract.md, "Redis Cluster").
+# A command or transaction over several slots on a cluster client: contract 2 keeps the
+# keys used together in one slot, so this is a call that does not fit it yet.
 LAYOUT_HINT = (
-    "key contract 1 keeps keys used together in different Cluster slots: on a Redis Cluster "
-    "only what keeps to one slot works yet (docs/redis-contract.md, Redis Cluster)"
+    "its keys are in different Cluster slots: this call does not fit key contract 2 yet "
+    "(docs/redis-contract.md, Redis Cluster, lists what works on a Cluster)"
 )
 
 

@@ -217,9 +217,14 @@ def read_limits(
 ) -> Resolved:
     """One resolution read now, for a synchronous client (tests, tools)."""
     request = _Request(tenant, plan, user, has_ip, model)
-    pipe = client.pipeline(transaction=True)
+    clustered = is_cluster(client)  # several slots: the version first, as LimitCache does
+    before = client.get(keys.schema.version) if clustered else None
+    pipe = client.pipeline(transaction=not clustered)
     request.queue(keys, cast(_Transaction, pipe))
-    return request.resolve(keys, pipe.execute())
+    replies = list(pipe.execute())
+    if clustered:
+        replies[0] = before
+    return request.resolve(keys, replies)
 
 
 class LimitCache:

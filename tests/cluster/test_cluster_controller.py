@@ -75,6 +75,11 @@ def test_run_once_then_limits_get_on_a_cluster(cluster: RedisClusterServers) -> 
         assert version > 10**15  # a time-ordered token (server µs), not a counter
         assert client.get(V2.contract) == "2"
         assert client.hget(V2.catalog, "free") is not None
+    usage = CliRunner().invoke(
+        app, ["usage", "acme", "--plan", "paid", "--json"], env=env_for(cluster)
+    )
+    assert usage.exit_code == 0, usage.output
+    assert "tenant/acme/tokens_per_day" in usage.stdout  # the plan's value, per tenant
     # Read back and diffed: nothing to write, no new version.
     assert "tick 1: changed 0 limits" in run_once(cluster)
     with cluster.client() as client:

@@ -1,5 +1,5 @@
 """The gateway logs what a store error says (which server, what to do), not just its type:
-during authentication (Redis gone) and at admission (a read the cluster cannot serve yet)."""
+during authentication (Redis gone) and at admission (a key replaced by hand)."""
 
 from __future__ import annotations
 
@@ -68,12 +68,12 @@ def test_an_error_during_authentication_is_logged_with_its_message(tmp_path: Pat
 def test_an_admission_error_on_a_cluster_is_logged_with_its_message(
     cluster: RedisClusterServers,
 ) -> None:
+    schema = KeySchema(sharded=True)
     with cluster.client() as client:
-        key, _ = KeyStore(client, KeySchema(), SECRET).create(  # type: ignore[arg-type]
-            "acme", "free"
-        )
+        key, _ = KeyStore(client, schema, SECRET).create("acme", "free")  # type: ignore[arg-type]
+        client.rpush(schema.version, "not a version")  # a key replaced by hand: WRONGTYPE
     status, lines = serve_and_ask(cluster.url, key)
     assert status == 503  # free fails closed
     [line] = [x for x in lines if x["event"] == "limit store unreachable"]
-    assert line["error"].startswith("EnforcementError: reading the limits failed")
-    assert "key contract 1" in line["error"]  # the hint: what does not fit, and where to read
+    assert line["error"].startswith("EnforcementError: reading the limits failed: WRONGTYPE")
+    assert "delete it and Governor rewrites it" in line["error"]  # the hint: what to do
