@@ -57,6 +57,10 @@ class ClusterNodeServer(RedisServer):
             "--cluster-config-file", str(self.directory / "nodes.conf"),
             # A killed master is failed over within a few seconds in the failover test.
             "--cluster-node-timeout", "2000",
+            # Replicas sync at once (not after the default 5 s): a replica that never
+            # synced refuses to fail over ("disconnected from master for longer than
+            # allowed").
+            "--repl-diskless-sync-delay", "0",
         ]  # fmt: skip
         if self.password:
             args += ["--requirepass", self.password, "--masterauth", self.password]
@@ -140,13 +144,22 @@ class RedisClusterServers:
             except redis.RedisError:
                 return False
             state = info.get("cluster_state") if isinstance(info, dict) else None
-            if state != "ok":
+            if state != "ok" or not self._synced(node):
                 return False
         try:
             with self.client() as cluster:
                 return bool(cluster.ping())
         except redis.RedisError:
             return False
+
+    @staticmethod
+    def _synced(node: ClusterNodeServer) -> bool:
+        """A master, or a replica whose link to its master is up (it has synced)."""
+        with node.client() as client:
+            replication = client.info("replication")
+        return replication.get("role") == "master" or (
+            replication.get("master_link_status") == "up"
+        )
 
     def _not_formed(self) -> str:
         logs = [
