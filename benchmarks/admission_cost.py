@@ -104,9 +104,13 @@ def script_at(revision: str) -> tuple[Script, Call]:
     """admit.lua (with lib.lua, as Script.named builds it) at a git revision, and its call."""
 
     def show(name: str) -> str:
-        path = f"controller/contract/lua/{name}.lua"
-        return subprocess.run(["git", "show", f"{revision}:{path}"], check=True,
-                              capture_output=True, text=True).stdout  # fmt: skip
+        # The scripts lived in controller/gateway/lua/ until the contract got its package.
+        for folder in ("controller/contract/lua", "controller/gateway/lua"):
+            found = subprocess.run(["git", "show", f"{revision}:{folder}/{name}.lua"],
+                                   capture_output=True, text=True, check=False)  # fmt: skip
+            if found.returncode == 0:
+                return found.stdout
+        raise SystemExit(f"no {name}.lua at revision {revision}")
 
     source = show("lib") + "\n" + show("admit")
     script = Script(f"admit@{revision}", source, hashlib.sha1(source.encode()).hexdigest())

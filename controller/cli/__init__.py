@@ -29,6 +29,7 @@ from controller.cli import signals as signals_cli
 from controller.cli import simulate as simulate_cli
 from controller.cli import usage as usage_cli
 from controller.cli._redis import OUTPUT
+from controller.extras import MissingExtraError
 
 _option_type = typer.core.TyperOption.display_type_rich
 
@@ -118,4 +119,8 @@ def _root(
 
 def main() -> None:
     """Entry point of the `governor` console script."""
-    app()
+    try:
+        app()
+    except MissingExtraError as exc:  # wherever a command met it: one line, not a traceback
+        typer.echo(f"error: {exc}", err=True)
+        raise SystemExit(2) from None

@@ -30,13 +30,14 @@ from controller.clients.redis import (
     url_from_settings,
 )
 from controller.contract.keys import KeySchema
+from controller.control.compose import build_journal
 from controller.control.overrides import ControlStore
+from controller.durations import parse_duration
 from controller.errors import ConfigurationError, SinkError
 from controller.journal.events import JournalEvent
 from controller.journal.writer import Journal
 from controller.logging import configure_logging, mask_text
 from controller.model import Address, AddressError
-from controller.policy.documents import parse_duration
 from controller.settings import Settings
 from controller.sinks.redis import RedisSink
 
@@ -103,7 +104,7 @@ def stores() -> Iterator[Stores]:
                 client,
                 RedisSink(client, keys),
                 ControlStore(client, keys),
-                Journal(journal_client, keys, settings.journal),
+                build_journal(journal_client, keys, settings.journal),
             )
         finally:
             close(client)

@@ -16,7 +16,7 @@ import math
 import re
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol, cast
 
 import redis
@@ -125,19 +125,45 @@ def resolve(
     """`hashes`: per level (global, ip, tenant, user), its owner ("tenant/acme/"; '' for an
     absent level) and its limit hashes in lookup order (the tenant's own, then its plan's,
     whose shed is reported under `plan_owner`)."""
+    fields = _fields(model)
+    found = _Found()
+    for owner, level_hashes in hashes:
+        shed = found.level(owner, level_hashes if owner else (), fields, plan_owner)
+        if shed is not None:
+            return Resolved(version, "", (), tuple(found.sized), shed)
+    return Resolved(version, "/".join(found.letters), tuple(found.checks), tuple(found.sized), None)
+
+
+def _fields(model: str) -> list[tuple[LimitKind, str, bool]]:
+    """The hash fields looked up per kind, in order: `kind@model` (scoped) first, then `kind`."""
     fields: list[tuple[LimitKind, str, bool]] = []
     for kind in KINDS:
         if model:
             fields.append((kind, f"{kind}@{model}", True))
         fields.append((kind, str(kind), False))
-    checks: list[Check] = []
-    sized: list[tuple[float, str]] = []
-    letters: list[str] = []
-    for owner, level_hashes in hashes:
-        found: set[LimitKind] = set()
-        level_letters = ""
+    return fields
+
+
+@dataclass(slots=True)
+class _Found:
+    """The limits found so far, level by level: per level the first value of a kind wins."""
+
+    checks: list[Check] = field(default_factory=list)
+    sized: list[tuple[float, str]] = field(default_factory=list)
+    letters: list[str] = field(default_factory=list)
+
+    def level(
+        self,
+        owner: str,
+        level_hashes: Sequence[dict[str, str] | None],
+        fields: Sequence[tuple[LimitKind, str, bool]],
+        plan_owner: str,
+    ) -> str | None:
+        """Take one level's limits; or the address of a value that sheds."""
+        kinds: set[LimitKind] = set()
+        letters = ""
         for position, values in enumerate(level_hashes):
-            if not values or owner == "":
+            if not values:
                 continue
             for kind, name, scoped in fields:
                 text = values.get(name)
@@ -147,19 +173,22 @@ def resolve(
                 # A 0 sheds. So does a value Governor never writes (`abc`, -1, 1e400): ignoring
                 # it served that traffic with no limit at all until drift repair (fail closed).
                 if value is None or value == 0:
-                    shed_owner = plan_owner if position == 1 else owner
-                    return Resolved(version, "", (), tuple(sized), shed_owner + name)
-                if kind in found:
-                    continue
-                found.add(kind)
-                if kind in _SIZED:
-                    sized.append((value, owner + name))
-                letter = LETTERS.get(kind)
-                if letter is not None:
-                    checks.append(Check(owner + name, kind, text, value))
-                    level_letters += letter.upper() if scoped else letter
-        letters.append(level_letters)
-    return Resolved(version, "/".join(letters), tuple(checks), tuple(sized), None)
+                    return (plan_owner if position == 1 else owner) + name
+                if kind not in kinds:
+                    kinds.add(kind)
+                    letters += self._take(owner + name, kind, text, value, scoped)
+        self.letters.append(letters)
+        return None
+
+    def _take(self, address: str, kind: LimitKind, text: str, value: float, scoped: bool) -> str:
+        """Note a limit; admit.lua's letter for it ('' for a kind it does not check)."""
+        if kind in _SIZED:
+            self.sized.append((value, address))
+        letter = LETTERS.get(kind)
+        if letter is None:
+            return ""
+        self.checks.append(Check(address, kind, text, value))
+        return letter.upper() if scoped else letter
 
 
 class _Transaction(Protocol):

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from controller.durations import format_duration
 from controller.model import Proposal, Snapshot
 from controller.policy.baselines import Baselines
-from controller.policy.documents import AdaptiveLimit, AdaptiveLimitSpec, format_duration
+from controller.policy.documents import AdaptiveLimit, AdaptiveLimitSpec
 from controller.policy.inputs import scalar_input
 from controller.policy.schedule import in_windows
 from controller.policy.text import fmt_number

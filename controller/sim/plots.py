@@ -9,7 +9,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib
+from controller.extras import MissingExtraError
+
+try:
+    import matplotlib
+except ImportError as exc:  # the sim extra: not in the controller's image
+    raise MissingExtraError.of(exc, "the simulator's and the backtest's PNG plots") from None
 
 matplotlib.use("Agg")  # files only: no display, safe in CI and in worker processes
 

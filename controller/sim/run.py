@@ -16,15 +16,14 @@ import redis
 
 from controller.clients.redis import connect
 from controller.contract.keys import KeySchema
+from controller.control.compose import build_controller, build_journal
 from controller.control.daemon import redis_url
 from controller.control.leader import AlwaysLeader
 from controller.control.overrides import ControlStore
-from controller.control.reconciler import Reconciler
 from controller.control.reload import PolicyWatcher
 from controller.control.telemetry import FlapDetector, Health, Metrics
-from controller.control.tick import Controller, TickOutcome
+from controller.control.tick import TickOutcome
 from controller.gateway.prices import PriceTable, to_micro
-from controller.journal.writer import Journal
 from controller.model import (
     Address,
     FloatArray,
@@ -156,25 +155,20 @@ class Simulation:
         self._terms = [self._tenant_terms(t) for t in world.tenants]
         self._prepare_redis()
         self._history()
-        self.controller = Controller(
+        self.sink = RedisSink(self.client, self.keys)
+        self.controller = build_controller(
             watcher=watcher,
             source=self.source,
-            reconciler=Reconciler(RedisSink(self.client, self.keys), self._journal()),
             control=ControlStore(self.client, self.keys),
-            journal=self._journal(),
             elector=AlwaysLeader("simulator"),
+            journal=build_journal(self.client, self.keys, JournalSettings()),
+            sink=self.sink,
             metrics=Metrics(),
             health=Health(scenario.tick),
             clock=lambda: self.now,
         )
-        self.sink = self.controller.reconciler.sink
 
     # --- set-up -----------------------------------------------------------------------------
-
-    def _journal(self) -> Journal:
-        if not hasattr(self, "_journal_instance"):
-            self._journal_instance = Journal(self.client, self.keys, JournalSettings())
-        return self._journal_instance
 
     def _pool_of(self, tenant: SimTenant) -> int:
         for index, pool in enumerate(self.scenario.pools):

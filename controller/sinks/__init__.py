@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 from urllib.parse import urlsplit
 
+import redis
+
 from controller.changes import Change, Drift, find_drift
+from controller.contract.fence import Fence
 from controller.errors import ConfigurationError
 from controller.model import Address
 from controller.settings import RedisSettings
@@ -69,6 +72,11 @@ class ApplyResult:
 class Sink(Protocol):
     """A place gateways read limits from. Implementations wrap client errors into SinkError."""
 
+    # The leader's fence (None while not leading) that every apply checks: a deposed
+    # leader's late write is refused. None (the default): writes are not fenced. Set by the
+    # composition root (controller.control.compose) to the elector's `fence`.
+    fence: Callable[[], Fence | None] | None
+
     def read(self) -> SinkState:
         """The limits stored now, with Governor's ledger (for drift) and the version."""
         ...
@@ -85,14 +93,16 @@ class Sink(Protocol):
         ...
 
 
-def sink_from_url(url: str, settings: RedisSettings) -> Sink:
+def sink_from_url(
+    url: str, settings: RedisSettings, fence_client: redis.Redis[str] | None = None
+) -> Sink:
     """The sink for a URL, chosen by scheme (redis://, rediss://, unix://, redis+sentinel://,
-    redis+cluster://)."""
+    redis+cluster://); `fence_client` is Governor's own Redis, where the leader fence lives."""
     scheme = urlsplit(url).scheme
     if scheme.startswith(("redis", "unix")):
         from controller.sinks.redis import RedisSink
 
-        return RedisSink.from_url(url, settings)
+        return RedisSink.from_url(url, settings, fence_client)
     raise ConfigurationError(
         f"no sink for URL scheme {scheme!r}; supported: redis://, rediss://, unix://, "
         "redis+sentinel://, redis+cluster://"

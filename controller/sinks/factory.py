@@ -72,7 +72,7 @@ def build_sinks(
             api = api if api is not None else _kube_api(settings)
             sinks.append(_kubernetes(entry, settings, api, registry, redis_client))
         else:
-            sinks.append(sink_from_url(entry, settings.redis))
+            sinks.append(sink_from_url(entry, settings.redis, fence_client=redis_client))
     return sinks
 
 

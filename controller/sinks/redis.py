@@ -26,6 +26,7 @@ from controller.errors import SinkError
 from controller.model import Address, AddressError, Decision, LimitKind, interned
 from controller.settings import RedisSettings
 from controller.sinks import ApplyResult, SinkState
+from controller.sinks.fencing import check_fence
 from controller.sinks.redis_cluster import ClusterWrites
 
 # Bump the version, stamp the contract and announce, atomically inside the apply's MULTI.
@@ -58,6 +59,58 @@ return bad
 
 _RECORDS_PER_WRITE = 5000
 
+_Mapping = dict[str | bytes, str | bytes | float | int]
+
+
+@dataclasses.dataclass
+class _Writes:
+    """One apply's writes grouped per hash, its ledger's, and the (key, field, value)
+    triples read back after EXEC ('' for a deletion)."""
+
+    sets: defaultdict[str, _Mapping] = dataclasses.field(default_factory=lambda: defaultdict(dict))
+    deletes: defaultdict[str, list[str]] = dataclasses.field(
+        default_factory=lambda: defaultdict(list)
+    )
+    ledger_sets: _Mapping = dataclasses.field(default_factory=dict)
+    ledger_deletes: list[str] = dataclasses.field(default_factory=list)
+    verify_keys: list[str] = dataclasses.field(default_factory=list)
+    verify_fields: list[str] = dataclasses.field(default_factory=list)
+    verify_values: list[str] = dataclasses.field(default_factory=list)
+
+    @classmethod
+    def of(cls, changes: Sequence[Change], place: Callable[[Address], tuple[str, str]]) -> _Writes:
+        """The writes of `changes`; `place` gives an address's (owner hash key, field)."""
+        writes = cls()
+        for change in changes:
+            key, name = place(change.address)
+            text = str(change.address)
+            writes.verify_keys.append(key)
+            writes.verify_fields.append(name)
+            if change.new is None:
+                writes.deletes[key].append(name)
+                writes.ledger_deletes.append(text)
+                writes.verify_values.append("")
+            else:
+                value = format_value(change.new)
+                writes.sets[key][name] = writes.ledger_sets[text] = value
+                writes.verify_values.append(value)
+        return writes
+
+    @property
+    def verify_args(self) -> list[str]:
+        return self.verify_fields + self.verify_values
+
+    def queue(self, pipe: redis.client.Pipeline[str], ledger: str) -> None:
+        """HSET and HDEL per hash, then the ledger's."""
+        for key, mapping in self.sets.items():
+            pipe.hset(key, mapping=mapping)
+        for key, names in self.deletes.items():
+            pipe.hdel(key, *names)
+        if self.ledger_sets:
+            pipe.hset(ledger, mapping=self.ledger_sets)
+        if self.ledger_deletes:
+            pipe.hdel(ledger, *self.ledger_deletes)
+
 
 class RedisSink:
     """Limits in Redis per docs/redis-contract.md. One instance per process; not thread-safe,
@@ -65,13 +118,20 @@ class RedisSink:
     never change), so the loop can read back in a thread."""
 
     def __init__(
-        self, client: redis.Redis[str], keys: KeySchema, clock: Callable[[], float] = time.time
+        self,
+        client: redis.Redis[str],
+        keys: KeySchema,
+        clock: Callable[[], float] = time.time,
+        fence_client: redis.Redis[str] | None = None,
     ) -> None:
         self.client = client
         self.keys = keys
         self._clock = clock
-        # Set by the daemon: the leader's fence, checked atomically by every apply.
+        # Set by the composition root: the leader's fence, checked atomically by every apply
+        # when it lives on this sink's server; on `fence_client` (Governor's own Redis, for a
+        # further Redis sink) it is checked just before writing, as the Kong sink does.
         self.fence: Callable[[], Fence | None] | None = None
+        self.fence_client = fence_client
         self._verify = client.register_script(_VERIFY)
         self._read = client.register_script(_READ)
         # The hash of the decision last recorded per address (`decision_key`): 8 bytes, not
@@ -90,10 +150,13 @@ class RedisSink:
         self._cluster = ClusterWrites(client, keys, self._place) if keys.sharded else None
 
     @classmethod
-    def from_url(cls, url: str, settings: RedisSettings) -> RedisSink:
+    def from_url(
+        cls, url: str, settings: RedisSettings, fence_client: redis.Redis[str] | None = None
+    ) -> RedisSink:
+        """A further Redis sink: its fence (if any) lives on `fence_client`."""
         refuse_cluster_url(url, settings)
         client = connect(url, settings)
-        return cls(client, key_schema(client, settings.key_prefix))
+        return cls(client, key_schema(client, settings.key_prefix), fence_client=fence_client)
 
     @property
     def location(self) -> str:
@@ -231,11 +294,18 @@ class RedisSink:
         if not changes:
             return ApplyResult(version=self.version())
         if self._cluster is not None:
-            fence = self.fence() if self.fence is not None else None
-            with wrapped(self.client, f"apply {len(changes)} limit changes"):
-                version = self._cluster.apply(changes, fence)
-            return ApplyResult(version=version, applied=tuple(changes))
+            return self._apply_sharded(self._cluster, changes)
         return self._apply_transaction(changes)
+
+    def _apply_sharded(self, cluster: ClusterWrites, changes: Sequence[Change]) -> ApplyResult:
+        """On a Cluster: one script per slot, fenced in each (`ClusterWrites.apply`); a lock
+        kept on Governor's own Redis (a further sink) is checked just before, as elsewhere."""
+        fence = self.fence() if self.fence is not None else None
+        if self.fence_client is not None:
+            check_fence(self.fence, self.fence_client, f"{len(changes)} changes to {self.location}")
+        with wrapped(self.client, f"apply {len(changes)} limit changes"):
+            version = cluster.apply(changes, fence, lock_here=self.fence_client is None)
+        return ApplyResult(version=version, applied=tuple(changes))
 
     def _apply_transaction(self, changes: Sequence[Change]) -> ApplyResult:
         """Write `changes` and the ledger in ONE MULTI/EXEC with a version bump; read back.
@@ -243,49 +313,11 @@ class RedisSink:
         Redis runs a transaction all-or-nothing with respect to connection failures, so a
         retried apply never lands half-way.
         """
-        sets: dict[str, dict[str | bytes, str | bytes | float | int]] = defaultdict(dict)
-        deletes: dict[str, list[str]] = defaultdict(list)
-        ledger_sets: dict[str | bytes, str | bytes | float | int] = {}
-        ledger_deletes: list[str] = []
-        verify_keys: list[str] = []
-        verify_fields: list[str] = []
-        verify_values: list[str] = []
-        for change in changes:
-            key, name = self._place(change.address)
-            text = str(change.address)
-            verify_keys.append(key)
-            verify_fields.append(name)
-            if change.new is None:
-                deletes[key].append(name)
-                ledger_deletes.append(text)
-                verify_values.append("")
-            else:
-                value = format_value(change.new)
-                sets[key][name] = ledger_sets[text] = value
-                verify_values.append(value)
+        writes = _Writes.of(changes, self._place)
         with wrapped(self.client, f"apply {len(changes)} limit changes"):
             pipe = self.client.pipeline(transaction=True)
-            fence = self.fence() if self.fence is not None else None
-            if fence is not None:
-                # WATCH, check the token, then MULTI: EXEC fails if leadership changed meanwhile.
-                pipe.watch(fence.key)
-                # After WATCH the pipeline runs commands at once: `get` returns the value.
-                holder = cast("str | None", pipe.get(fence.key))
-                if holder != fence.token:
-                    pipe.reset()
-                    raise FencedError(
-                        f"not applying {len(changes)} changes: this replica no longer holds "
-                        f"the leader lock {fence.key!r}"
-                    )
-                pipe.multi()
-            for key, mapping in sets.items():
-                pipe.hset(key, mapping=mapping)
-            for key, names in deletes.items():
-                pipe.hdel(key, *names)
-            if ledger_sets:
-                pipe.hset(self.keys.written, mapping=ledger_sets)
-            if ledger_deletes:
-                pipe.hdel(self.keys.written, *ledger_deletes)
+            self._watch_fence(pipe, len(changes))
+            writes.queue(pipe, self.keys.written)
             # Inline EVAL: a registered script in a pipeline costs an extra SCRIPT EXISTS trip.
             pipe.eval(_BUMP, 2, self.keys.version, self.keys.contract, self.keys.channel,
                       CONTRACT_VERSION)  # fmt: skip
@@ -295,9 +327,29 @@ class RedisSink:
                 raise FencedError(
                     f"not applied: leadership changed while writing {len(changes)} changes"
                 ) from None
-            bad = self._verify(keys=verify_keys, args=verify_fields + verify_values)
+            bad = self._verify(keys=writes.verify_keys, args=writes.verify_args)
         mismatched = tuple(changes[int(i) - 1] for i in bad)
         return ApplyResult(version=version, applied=tuple(changes), mismatched=mismatched)
+
+    def _watch_fence(self, pipe: redis.client.Pipeline[str], count: int) -> None:
+        """With a fence: WATCH it, check the token, then MULTI, so that EXEC fails if the
+        leadership changed meanwhile. Without one the pipeline is a plain MULTI/EXEC."""
+        if self.fence_client is not None:
+            check_fence(self.fence, self.fence_client, f"{count} changes to {self.location}")
+            return
+        fence = self.fence() if self.fence is not None else None
+        if fence is None:
+            return
+        pipe.watch(fence.key)
+        # After WATCH the pipeline runs commands at once: `get` returns the value.
+        holder = cast("str | None", pipe.get(fence.key))
+        if holder != fence.token:
+            pipe.reset()
+            raise FencedError(
+                f"not applying {count} changes: this replica no longer holds "
+                f"the leader lock {fence.key!r}"
+            )
+        pipe.multi()
 
     def record_decisions(self, decisions: Mapping[Address, Decision], tick: int | None) -> int:
         """Store each address's last decision for `explain`; only records whose decision

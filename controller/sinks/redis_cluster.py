@@ -101,9 +101,10 @@ class ClusterWrites:
         self.keys = keys
         self.place = place
 
-    def apply(self, changes: Sequence[Change], fence: Fence | None) -> int:
+    def apply(self, changes: Sequence[Change], fence: Fence | None, *, lock_here: bool) -> int:
         """Write `changes` (one script per slot, pipelined: redis-py sends each master its
-        share before reading any answer), then bump the version; the new version."""
+        share before reading any answer), then bump the version; the new version.
+        `lock_here`: the leader lock is on this cluster (the bump checks it atomically)."""
         groups: dict[str, _SlotWrite] = {}
         for change in changes:
             owner, name = self.place(change.address)
@@ -121,7 +122,7 @@ class ClusterWrites:
                 " slot(s) already; this replica no longer leads"
             )
         keys = [self.keys.version, self.keys.contract, self.keys.leader]
-        holder = fence.token if fence is not None else ""
+        holder = fence.token if fence is not None and lock_here else ""
         args = [self.keys.channel, str(self.keys.contract_version), holder]
         (version,) = self._scripts(_BUMP, [(keys, args)])
         if int(version) < 0:

@@ -96,7 +96,7 @@ def test_a_broken_link_and_a_missing_path_are_caught(tmp_path: Path) -> None:
     page.write_text(
         "[gone](no-such.md) [anchor](architecture.md#no-such-heading) "
         "[ok](architecture.md#the-tick) [out](../../x.md) [web](https://example.org/a.md)\n"
-        "`controller/no_such_module.py` `controller/control/tick.py` `policies/*.yaml`\n"
+        "`controller/no_such_module.py` `controller/loop.py` `policies/*.yaml`\n"
     )
     assert _broken_links(page, tmp_path) == [
         "no-such.md (no such file)",
