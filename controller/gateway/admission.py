@@ -268,10 +268,12 @@ class Admission:
         if plan is not None and plan.credits is not None and usage.total > 0:
             price = self.prices.cost(request.model, usage.prompt, usage.completion)
             cost = str(to_micro(price))
-        keys = self.keys.charge_keys(request.tenant, request.user, ip)
         args: tuple[str | int, ...] = (request.request_id, usage.total, cost, model,
                                        self._history_length, usage.prompt, usage.completion,
                                        *budgets)  # fmt: skip
+        if self.slots is not None:
+            return await self.slots.charge((request.tenant, request.user or "", ip), args)
+        keys = self.keys.charge_keys(request.tenant, request.user, ip)
         return int(await CHARGE.run(self.client, keys, args))
 
     async def release(self, reservation: str, tenant: str) -> bool:

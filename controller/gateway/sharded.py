@@ -10,7 +10,7 @@ from typing import Any
 
 import redis.asyncio
 
-from controller.clients.scripts import ADMIT, SETTLE, Arg
+from controller.clients.scripts import ADMIT, CHARGE, SETTLE, Arg
 from controller.contract.enforcement import EnforcementKeys, Level
 
 Reply = list[str | int]
@@ -219,6 +219,30 @@ class SlotAdmission:
         calls = settle_keys(self.keys, *who)
         done = await asyncio.gather(*(SETTLE.run(self.client, k, args, ()) for k in calls))
         return bool(done[-1])
+
+    async def charge(self, who: tuple[str, str, str], args: tuple[Arg, ...]) -> int:
+        """charge.lua per slot: each slot's daily budgets (ARGV 8...: '<level><field>'),
+        the credits with the tenant's; the number of budgets charged."""
+        tenant, user, ip = who
+        head, budgets = args[:7], [str(b) for b in args[7:]]
+        shared = self.keys.global_level().state
+        own = self.keys.tenant_level(tenant).state
+        mine = self.keys.user_level(tenant, user).state if user else own
+        calls = [((shared,) * 6, [b for b in budgets if b[0] == "1"], False)]
+        if ip:
+            calls.append(((self.keys.ip_level(ip).state,) * 6, [b for b in budgets if b[0] == "2"],
+                          False))  # fmt: skip
+        tenant_keys = (own, own, own, mine, self.keys.credits(tenant),
+                       self.keys.credit_history(tenant))  # fmt: skip
+        calls.append((tenant_keys, [b for b in budgets if b[0] in "34"], True))
+        runs = [
+            CHARGE.run(
+                self.client, keys, (*head[:2], head[2] if paid else "", *head[3:], *own_budgets)
+            )
+            for keys, own_budgets, paid in calls
+            if own_budgets or paid
+        ]
+        return sum(int(n) for n in await asyncio.gather(*runs))
 
     async def _release(self, request_id: str, calls: list[tuple[str, ...]]) -> None:
         args: tuple[Arg, ...] = (request_id, 0, 0, "", 1, "", "")

@@ -15,7 +15,7 @@ from controller.clients.redis import aclose, close, connect, connect_async, key_
 from controller.contract.catalog import PlanInfo
 from controller.contract.enforcement import EnforcementKeys
 from controller.control.catalog import publish_catalog
-from controller.gateway.admission import Admission, AdmissionRequest
+from controller.gateway.admission import Admission, AdmissionRequest, TokensUsed
 from controller.gateway.catalog import PlanCatalog
 from controller.gateway.keys import KeyStore
 from controller.gateway.prices import PriceTable
@@ -143,3 +143,20 @@ def test_plans_are_read_from_the_shared_slot(cluster: RedisClusterServers, limit
     plans = asyncio.run(read())
     assert plans is not None
     assert set(plans) == {"free", "solo"}
+
+
+def test_a_fail_open_charge_reaches_every_slot(cluster: RedisClusterServers, limits: Path) -> None:
+    async def charge() -> int:
+        client = connect_async(cluster.url, RedisSettings())
+        admission = Admission(client, "governor", PriceTable.from_settings(PricesSettings()),
+                              PlanCatalog(client, "governor"))  # fmt: skip
+        try:
+            served = AdmissionRequest("acme", "free", None, "10.0.0.7", None, 50, "open1")
+            return await admission.charge(served, TokensUsed(30, 12))
+        finally:
+            await aclose(client)
+
+    assert asyncio.run(charge()) == 2  # the global and the tenant's daily budgets
+    with cluster.client() as client:
+        assert client.hget(V2.global_level().state, "u|tokens_per_day") == "42"
+        assert client.hget(V2.tenant_level("acme").state, "u|tokens_per_day") == "42"
