@@ -18,6 +18,7 @@ from controller.cli import (
     gateway,
     keys,
     limits,
+    migrate,
     override,
     policy,
     run,
@@ -84,6 +85,7 @@ app.add_typer(credits.app, name="credits")
 override.register(app)  # `override` group plus top-level `freeze` / `unfreeze`
 explain.register(app)  # top-level `explain ADDRESS`
 app.add_typer(keys.app, name="keys")
+app.add_typer(migrate.app, name="redis")
 gateway.register(app)  # top-level `gateway --upstream URL`
 run.register(app)  # top-level `run` (the daemon)
 simulate_cli.register(app)  # top-level `simulate` (the closed-loop simulator)

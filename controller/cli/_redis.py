@@ -22,7 +22,13 @@ from rich.table import Table
 from rich.text import Text
 
 from controller.cli.config import load_settings
-from controller.clients.redis import close, connect, url_from_settings
+from controller.clients.redis import (
+    close,
+    connect,
+    key_schema,
+    refuse_cluster_node,
+    url_from_settings,
+)
 from controller.contract.keys import KeySchema
 from controller.control.compose import build_journal
 from controller.control.overrides import ControlStore
@@ -87,10 +93,11 @@ def stores() -> Iterator[Stores]:
         settings = load_settings()
         configure_logging(log_level(settings), "stderr")
         url = url_from_settings(settings)
-        keys = KeySchema(settings.redis.key_prefix)
         client = connect(url, settings.redis)
+        keys = key_schema(client, settings.redis.key_prefix)
         journal_client = connect(url, settings.redis, retries=0)
         try:
+            refuse_cluster_node(journal_client)  # no retries: a Redis down fails below
             yield Stores(
                 settings,
                 keys,

@@ -25,7 +25,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from controller.clients.redis import close, connect, masked_url
+from controller.clients.redis import close, connect, key_schema, masked_url, refuse_cluster_node
 from controller.contract.keys import KeySchema
 from controller.control.catalog import publish_catalog
 from controller.control.compose import build_controller, build_journal
@@ -86,11 +86,12 @@ def build(settings: Settings, *, once: bool = False, dry_run: bool = False) -> D
         )
         policies = watcher.load()
         url, embedded = stack.enter_context(redis_url(settings))
-        keys = KeySchema(settings.redis.key_prefix)
         client = connect(url, settings.redis)
+        keys = key_schema(client, settings.redis.key_prefix)
         stack.callback(close, client)
         journal_client = connect(url, settings.redis, retries=0)  # an emit must never stall
         stack.callback(close, journal_client)
+        refuse_cluster_node(journal_client)  # no retries: a Redis that is down starts later
         # Governor's own Redis always holds the limits (the primary: read back, `explain`);
         # every other entry of controller.sinks is driven beside it, named by its entry.
         control = ControlStore(client, keys)

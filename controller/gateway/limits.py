@@ -21,7 +21,9 @@ from typing import Any, Protocol, cast
 
 import redis
 import redis.asyncio
+from redis.exceptions import RedisClusterException
 
+from controller.clients.redis import explained, is_cluster
 from controller.clients.scripts import EnforcementError
 from controller.contract.enforcement import EnforcementKeys
 from controller.model import LimitKind, Scope
@@ -244,9 +246,14 @@ def read_limits(
 ) -> Resolved:
     """One resolution read now, for a synchronous client (tests, tools)."""
     request = _Request(tenant, plan, user, has_ip, model)
-    pipe = client.pipeline(transaction=True)
+    clustered = is_cluster(client)  # several slots: the version first, as LimitCache does
+    before = client.get(keys.schema.version) if clustered else None
+    pipe = client.pipeline(transaction=not clustered)
     request.queue(keys, cast(_Transaction, pipe))
-    return request.resolve(keys, pipe.execute())
+    replies = list(pipe.execute())
+    if clustered:
+        replies[0] = before
+    return request.resolve(keys, replies)
 
 
 class LimitCache:
@@ -285,13 +292,25 @@ class LimitCache:
             self._resolved.clear()
             self._version = None
 
+    async def _replies(self, request: _Request) -> list[Any]:
+        """The version and the hashes: in one MULTI; on a Cluster (several slots) the
+        version first, then the hashes: limits read after their version are at least as
+        new, and a change since makes admit.lua answer 'stale' (read again)."""
+        clustered = is_cluster(self.client)
+        before = await self.client.get(self.keys.schema.version) if clustered else None
+        pipe = self.client.pipeline(transaction=not clustered)
+        request.queue(self.keys, cast(_Transaction, pipe))
+        replies = list(await pipe.execute())
+        if clustered:
+            replies[0] = before
+        return replies
+
     async def _read(self, request: _Request) -> Resolved:
         try:
-            pipe = self.client.pipeline(transaction=True)
-            request.queue(self.keys, cast(_Transaction, pipe))
-            resolved = request.resolve(self.keys, await pipe.execute())
-        except redis.RedisError as exc:
-            raise EnforcementError(f"reading the limits failed: {exc}") from exc
+            resolved = request.resolve(self.keys, await self._replies(request))
+        except (redis.RedisError, RedisClusterException) as exc:
+            text = explained(exc, is_cluster(self.client))
+            raise EnforcementError(f"reading the limits failed: {text}") from exc
         if not resolved.version:
             return resolved  # nothing written yet: kept would outlive the first write
         if resolved.version != self._version:

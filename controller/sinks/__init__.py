@@ -106,8 +106,8 @@ class Sink(Protocol):
 def sink_from_url(
     url: str, settings: RedisSettings, fence_client: redis.Redis[str] | None = None
 ) -> Sink:
-    """The sink for a URL, chosen by scheme (redis://, rediss://, unix://, redis+sentinel://);
-    `fence_client` is Governor's own Redis, where the leader fence lives."""
+    """The sink for a URL, chosen by scheme (redis://, rediss://, unix://, redis+sentinel://,
+    redis+cluster://); `fence_client` is Governor's own Redis, where the leader fence lives."""
     scheme = urlsplit(url).scheme
     if scheme.startswith(("redis", "unix")):
         from controller.sinks.redis import RedisSink
@@ -115,5 +115,5 @@ def sink_from_url(
         return RedisSink.from_url(url, settings, fence_client)
     raise ConfigurationError(
         f"no sink for URL scheme {scheme!r}; supported: redis://, rediss://, unix://, "
-        "redis+sentinel://"
+        "redis+sentinel://, redis+cluster://"
     )

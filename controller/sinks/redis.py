@@ -19,7 +19,14 @@ from controller.clients.paging import (
     read_with_ledger,
     scan_fields,
 )
-from controller.clients.redis import connect, location, wrapped
+from controller.clients.redis import (
+    connect,
+    key_schema,
+    location,
+    refuse_cluster_node,
+    refuse_cluster_url,
+    wrapped,
+)
 from controller.contract.fence import Fence, FencedError
 from controller.contract.keys import CONTRACT_VERSION, KeySchema, format_value, parse_value
 from controller.contract.records import decision_key, decision_to_json
@@ -28,6 +35,7 @@ from controller.model import Address, AddressError, Decision, LimitKind, interne
 from controller.settings import RedisSettings
 from controller.sinks import ApplyResult, PartialApplyError, SinkState
 from controller.sinks.fencing import check_fence
+from controller.sinks.redis_cluster import ClusterWrites
 
 # Bump the version, stamp the contract and announce, inside the apply's last MULTI.
 _BUMP = """
@@ -135,29 +143,34 @@ class RedisSink:
         # the addresses in `_recorded`: a new int per changed record would outlive its tick
         # scattered among the tick's short-lived objects, and keep their memory allocated.
         self._hashes: dict[int, int] = {}
+        # Contract 2 (a Redis Cluster): writes, read back and records per slot.
+        self._cluster = ClusterWrites(client, keys, self._place) if keys.sharded else None
 
     @classmethod
     def from_url(
         cls, url: str, settings: RedisSettings, fence_client: redis.Redis[str] | None = None
     ) -> RedisSink:
         """A further Redis sink: its fence (if any) lives on `fence_client`."""
-        return cls(
-            connect(url, settings), KeySchema(settings.key_prefix), fence_client=fence_client
-        )
+        refuse_cluster_url(url, settings)
+        client = connect(url, settings)
+        return cls(client, key_schema(client, settings.key_prefix), fence_client=fence_client)
 
     @property
     def location(self) -> str:
         return location(self.client)
 
     def check(self) -> None:
-        """PING, and refuse a Redis written under another contract version."""
+        """PING, and refuse a Cluster node behind a plain URL, or a Redis written under
+        another contract version."""
+        refuse_cluster_node(self.client)
         with wrapped(self.client, "check"):
             self.client.ping()
             found = self.client.get(self.keys.contract)
-        if found is not None and found != str(CONTRACT_VERSION):
+        speaks = self.keys.contract_version
+        if found is not None and found != str(speaks):
             raise SinkError(
                 f"Redis at {self.location} holds key contract {found}, this Governor speaks "
-                f"{CONTRACT_VERSION}; use another GOVERNOR_REDIS__KEY_PREFIX or migrate"
+                f"{speaks}; use another GOVERNOR_REDIS__KEY_PREFIX or migrate"
             )
 
     def version(self) -> int:
@@ -186,7 +199,9 @@ class RedisSink:
     def read(self) -> SinkState:
         """Every limit in the hashes Governor has written to, its ledger and the version, in
         short commands (`controller.clients.paging`): the version first, so what follows
-        is no older."""
+        is no older. On a Cluster: per slot (`ClusterWrites`)."""
+        if self._cluster is not None:
+            return self._read_sharded(self._cluster)
         # Each owner hash's first ledger address (most hold one limit): its fields are
         # matched against it, so nothing read back is parsed again.
         bases: dict[str, Address] = {}
@@ -224,6 +239,33 @@ class RedisSink:
                 written[address] = values.get(value) or _parsed(values, value)
         return SinkState(actual, written, version, tuple(foreign))
 
+    def _read_sharded(self, cluster: ClusterWrites) -> SinkState:
+        """`read` on a Cluster: every slot's ledger, then the owner hashes they name (both
+        pipelined per master), then the version. Not one atomic read: a tick's diff
+        repairs next tick what an apply running meanwhile changed."""
+        written: dict[Address, float] = {}
+        values: dict[str, float] = {}
+        with wrapped(self.client, "read limits"):
+            for ledger in cluster.hashes(self.keys.ledgers()):
+                for text, value in ledger.items():
+                    address = _ledger_address(text)
+                    if address is not None:
+                        written[address] = values.get(value) or _parsed(values, value)
+            owners = sorted({self._place(address)[0] for address in written})
+            hashes = cluster.hashes(owners)
+            version = self.client.get(self.keys.version)
+        base = {self._place(address)[0]: address for address in written}
+        actual: dict[Address, float] = {}
+        foreign: list[str] = []
+        for owner, fields in zip(owners, hashes, strict=True):
+            for name, text in fields.items():
+                found = self._field_address(base[owner], name)
+                if found is None:
+                    foreign.append(f"{owner} {name}")
+                else:
+                    actual[found] = values.get(text) or _parsed(values, text)
+        return SinkState(actual, written, self._version(version), tuple(foreign))
+
     def _place(self, address: Address) -> tuple[str, str]:
         """(owner hash key, field) of a checked address, computed once per sink."""
         place = self._places.get(address)
@@ -255,9 +297,12 @@ class RedisSink:
         values this tick decided, no drift, and the old version: gateways keep what they
         cached under it, and the next tick diffs against what landed, writes the rest and
         bumps it. An owner hash's changes stay in one transaction (up to the bound).
+        On a Cluster: one script per slot, fenced in each (`ClusterWrites.apply`).
         """
         if not changes:
             return ApplyResult(version=self.version())
+        if self._cluster is not None:
+            return self._apply_sharded(self._cluster, changes)
 
         def owner(change: Change) -> str:
             return self._place(change.address)[0]
@@ -286,6 +331,16 @@ class RedisSink:
                 applied,
             ) from exc
         return ApplyResult(version=version, applied=tuple(changes), mismatched=tuple(mismatched))
+
+    def _apply_sharded(self, cluster: ClusterWrites, changes: Sequence[Change]) -> ApplyResult:
+        """On a Cluster: one script per slot, fenced in each (`ClusterWrites.apply`); a lock
+        kept on Governor's own Redis (a further sink) is checked just before, as elsewhere."""
+        fence = self.fence() if self.fence is not None else None
+        if self.fence_client is not None:
+            check_fence(self.fence, self.fence_client, f"{len(changes)} changes to {self.location}")
+        with wrapped(self.client, f"apply {len(changes)} limit changes"):
+            version = cluster.apply(changes, fence, lock_here=self.fence_client is None)
+        return ApplyResult(version=version, applied=tuple(changes))
 
     def _transact(self, writes: _Writes, total: int, *, bump: bool) -> int:
         """One MULTI/EXEC of `writes` (and the version bump when `bump`), fenced; the
@@ -334,8 +389,8 @@ class RedisSink:
         recorded = self._recorded
         if recorded is None:  # first call: forget records of addresses no longer desired
             with wrapped(self.client, "read decision records"):
-                stored = scan_fields(self.client, self.keys.decisions)
-            stale = sorted(stored - {str(a) for a in decisions})
+                stored = self._recorded_addresses()
+            stale = sorted(set(stored) - {str(a) for a in decisions})
             recorded = {}
         else:
             stale = []
@@ -365,6 +420,21 @@ class RedisSink:
         self._recorded = recorded
         return len(changed) + len(removed)
 
+    def read_decision(self, address: Address) -> str | None:
+        """The JSON last-decision record of an address, if the controller wrote one."""
+        key = self.keys.decisions_of(self._place(address)[0])
+        with wrapped(self.client, "read a decision"):
+            text: str | None = self.client.hget(key, str(address))
+        return text
+
+    def _recorded_addresses(self) -> set[str]:
+        """Every address with a decision record (contract 2: in every slot's hash), read in
+        pages on a single Redis."""
+        if self._cluster is None:
+            return scan_fields(self.client, self.keys.decisions)
+        decisions = [self.keys.decisions_of(ledger) for ledger in self.keys.ledgers()]
+        return {name for fields in self._cluster.hashes(decisions) for name in fields}
+
     def _write_records(
         self,
         changed: Sequence[Address],
@@ -373,29 +443,40 @@ class RedisSink:
         tick: int | None,
         now: float,
     ) -> None:
-        """HSET the `changed` addresses' records, HDEL the `removed` fields."""
-        # In slices: the first tick records every limit, and 100k JSON records encoded at
-        # once would set the process's memory peak. Each slice is pipelined in HSETs of a
-        # few hundred records: one HSET of thousands would hold Redis for milliseconds.
+        """HSET the `changed` addresses' records, HDEL the `removed` fields, each in its hash
+        (one, or one per slot on a Cluster; pipelined per master). In slices: the first tick
+        records every limit, and 100k JSON records encoded at once would set the process's
+        memory peak; and in commands of a few hundred fields: one HSET of thousands would
+        hold Redis for milliseconds."""
         for start in range(0, len(changed), _RECORDS_PER_WRITE):
+            records: dict[str, dict[str | bytes, str | bytes | float | int]] = defaultdict(dict)
+            for address in changed[start : start + _RECORDS_PER_WRITE]:
+                records[self._records_of(address)][str(address)] = decision_to_json(
+                    decisions[address], tick=tick, at=now
+                )
             pipe = self.client.pipeline(transaction=False)
-            for batch in batches(changed[start : start + _RECORDS_PER_WRITE], FIELDS_PER_WRITE):
-                records: dict[str | bytes, str | bytes | float | int] = {
-                    str(a): decision_to_json(decisions[a], tick=tick, at=now) for a in batch
-                }
-                pipe.hset(self.keys.decisions, mapping=records)
+            for key, mapping in records.items():
+                for names in batches(list(mapping), FIELDS_PER_WRITE):
+                    pipe.hset(key, mapping={name: mapping[name] for name in names})
             pipe.execute()
-        if removed:
-            pipe = self.client.pipeline(transaction=False)
-            for names in batches(removed, FIELDS_PER_WRITE):
-                pipe.hdel(self.keys.decisions, *names)
-            pipe.execute()
+        gone: dict[str, list[str]] = defaultdict(list)
+        for text in removed:
+            parsed = _ledger_address(text)
+            if parsed is not None or self._cluster is None:  # v2: a hand-made name stays
+                gone[self._records_of(parsed)].append(text)
+        if not gone:
+            return
+        pipe = self.client.pipeline(transaction=False)
+        for key, names in gone.items():
+            for batch in batches(names, FIELDS_PER_WRITE):
+                pipe.hdel(key, *batch)
+        pipe.execute()
 
-    def read_decision(self, address: Address) -> str | None:
-        """The JSON last-decision record of an address, if the controller wrote one."""
-        with wrapped(self.client, "read a decision"):
-            text: str | None = self.client.hget(self.keys.decisions, str(address))
-        return text
+    def _records_of(self, address: Address | None) -> str:
+        """The hash that holds `address`'s decision record."""
+        if self._cluster is None or address is None:
+            return self.keys.decisions
+        return self.keys.decisions_of(self._place(address)[0])
 
 
 def _parsed(values: dict[str, float], text: str) -> float:
