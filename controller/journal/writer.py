@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
 import redis
+import redis.cluster
 import structlog
 
 from controller.clients.paging import batches
@@ -231,10 +232,18 @@ class Journal:
         head = [str(self.settings.stream_max_length), fence.token if fence else ""]
         # A few hundred events per script call, pipelined in order: one call with a tick's
         # 10k events would hold Redis (and every admission) for its whole length (#18).
-        pipe = self.client.pipeline(transaction=False)
+        calls = []
         for part in batches(batch, EVENTS_PER_APPEND):
             args = list(head)
             for fields in part:
                 args += (fields["kind"], fields["address"], fields["data"])
+            calls.append(args)
+        if isinstance(self.client, redis.cluster.RedisCluster):
+            # A cluster pipeline does not load scripts on NOSCRIPT: one call each (all go to
+            # the stream's one slot, in order).
+            stale = [bool(self._append(keys=keys, args=args)) for args in calls]
+            return any(stale)  # every call sent first: any() alone would stop at a stale one
+        pipe = self.client.pipeline(transaction=False)
+        for args in calls:
             self._append(keys=keys, args=args, client=pipe)
         return any(pipe.execute())
