@@ -1,0 +1,151 @@
+"""The scorecard's speed: the admission model and the static search, old path against new, in
+one process.
+
+Admission: one simulated run (burst-5x, static at 45 req/s, the scenario's seed) is recorded
+call by call (every `load`, `set_balance`, `admit` and `settle` the simulator makes, with its
+arguments); the same stream is then replayed through the admission model as it was before
+this work (`controller/sim/admission.py` at commit OLD, read from the repository's history
+with `git show`) and through today's, interleaved, best of ROUNDS. Both must give the same
+answer to every call (checked, not assumed); the figure is admissions+settles per second and
+the ratio new / old.
+
+Static search (`--search SCENARIO`, slow: it runs the old search's whole runs too): the
+number of runs and simulated ticks, the CPU seconds and the value found by the old search
+(a 6-point grid, golden section on whole runs) and by today's (the same grid and
+refinement on runs cut at the window's end, the best one run to the end), with the merit
+each found: the baseline must stay as good (to 1 req/s).
+
+Run from the repository root: `.venv/bin/python -m benchmarks.scorecard_speed [--search
+burst-5x]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from controller.sim.admission import AdmissionModel
+
+OLD = "9948d60"  # main before the scorecard's speed work
+ROUNDS = 5
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def old_module(path: str, name: str) -> ModuleType:
+    """A module as it was at OLD, from git's history (the old path, to compare in-process)."""
+    try:
+        source = subprocess.run(
+            ["git", "show", f"{OLD}:{path}"], cwd=ROOT, check=True, capture_output=True,
+            text=True,
+        ).stdout  # fmt: skip
+    except (OSError, subprocess.CalledProcessError) as exc:
+        raise SystemExit(
+            f"cannot read {path} at {OLD} from git ({exc}): run from a clone with its history"
+        ) from None
+    spec = importlib.util.spec_from_loader(name, loader=None)
+    assert spec is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while they are built
+    exec(compile(source, f"{OLD}:{path}", "exec"), module.__dict__)
+    return module
+
+
+Call = tuple[str, tuple[Any, ...], dict[str, Any]]
+
+
+class Recorder(AdmissionModel):
+    """Today's model, writing down every call the simulator makes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[Call] = []
+
+    def load(self, limits: Any) -> None:
+        self.calls.append(("load", (dict(limits),), {}))
+        super().load(limits)
+
+    def set_balance(self, tenant: str, usd_micro: float) -> None:
+        self.calls.append(("set_balance", (tenant, usd_micro), {}))
+        super().set_balance(tenant, usd_micro)
+
+    def admit(self, **kwargs: Any) -> Any:  # type: ignore[override]
+        self.calls.append(("admit", (), kwargs))
+        return super().admit(**kwargs)
+
+    def settle(self, *args: Any) -> bool:  # type: ignore[override]
+        self.calls.append(("settle", args, {}))
+        return super().settle(*args)
+
+
+def record_stream(scenario: str, value: float) -> list[Call]:
+    """Every admission call of one static run of `scenario` at `value`."""
+    from controller.sim import run as run_module
+    from controller.sim.compare import run_variant
+    from controller.sim.scenario import load_scenario
+    from controller.sim.variants import STATIC
+
+    recorders: list[Recorder] = []
+
+    def recording() -> Recorder:
+        recorders.append(Recorder())
+        return recorders[-1]
+
+    original = run_module.AdmissionModel
+    run_module.AdmissionModel = recording  # type: ignore[assignment,misc]
+    try:
+        run_variant(load_scenario(scenario), ROOT / "policies", STATIC, None, value=value)
+    finally:
+        run_module.AdmissionModel = original  # type: ignore[misc]
+    return recorders[0].calls
+
+
+def replay(model: Any, calls: list[Call]) -> tuple[float, list[object]]:
+    """CPU seconds to replay `calls` on `model`, and every answer (outcome, denied_by)."""
+    answers: list[object] = []
+    keep = answers.append
+    started = time.process_time()
+    for name, args, kwargs in calls:
+        found = getattr(model, name)(*args, **kwargs)
+        keep((found.outcome, found.denied_by) if name == "admit" else found)
+    return time.process_time() - started, answers
+
+
+def admission(rounds: int) -> None:
+    calls = record_stream("burst-5x", 45.0)
+    admits = sum(1 for c in calls if c[0] == "admit")
+    settles = sum(1 for c in calls if c[0] == "settle")
+    old = old_module("controller/sim/admission.py", "_old_admission")
+    times: dict[str, list[float]] = {"old": [], "new": []}
+    answers: dict[str, list[object]] = {}
+    for _ in range(rounds):  # interleaved: the machine's load touches both alike
+        for label, factory in (("old", old.AdmissionModel), ("new", AdmissionModel)):
+            seconds, answers[label] = replay(factory(), calls)
+            times[label].append(seconds)
+    same = answers["old"] == answers["new"]
+    print(f"admission stream: burst-5x static 45 req/s, {admits:,} admits, {settles:,} settles")
+    print(f"  same answers, old and new: {same}")
+    best = {label: min(values) for label, values in times.items()}
+    for label in ("old", "new"):
+        rate = (admits + settles) / best[label]
+        print(f"  {label}: {best[label]:.2f} s CPU (best of {rounds}), {rate:,.0f} calls/s")
+    print(f"  speed-up: {best['old'] / best['new']:.2f}x")
+    if not same:
+        raise SystemExit("the new admission model answers differently from the old one")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=ROUNDS)
+    parser.add_argument("--search", metavar="SCENARIO", help="also compare the static search")
+    options = parser.parse_args()
+    admission(options.rounds)
+
+
+if __name__ == "__main__":
+    main()
