@@ -94,6 +94,9 @@ class Simulation:
     ) -> None:
         self.scenario = scenario
         self.gate = gate  # a gateway-side baseline (limiters.py), None: the limits in Redis
+        # A controller with nothing to move (no policy; its set never changes): its first
+        # tick writes the limits, the later ones would write nothing and are not run.
+        self.standing = False
         self.world = world
         self.watcher = watcher
         policies = watcher.load()
@@ -216,13 +219,19 @@ class Simulation:
 
     # --- the loop ---------------------------------------------------------------------------
 
-    def run(self, on_tick: TickCallback | None = None) -> RunRecord:
+    def run(self, on_tick: TickCallback | None = None, until: int | None = None) -> RunRecord:
+        """The run's record, its ticks run from the first up to `until` (default: all)."""
         scenario = self.scenario
         steps = round(scenario.tick / scenario.step)
-        for tick in range(scenario.ticks):
+        still: TickOutcome | None = None
+        for tick in range(scenario.ticks if until is None else min(until, scenario.ticks)):
             elapsed = tick * scenario.tick
             self.now = scenario.start_time + elapsed
-            outcome = self.controller.tick()
+            outcome = still or self.controller.tick()
+            if self.standing and still is None and outcome.ready:
+                # Nothing can move the limits the first tick wrote: a later tick writes
+                # nothing (docs/simulator.md), so it is not run (a tenth of a static run).
+                still = TickOutcome(outcome.tick, outcome.leader, True, [])
             self._after_tick(tick, outcome)
             for k in range(steps):
                 self._step(tick, elapsed + k * scenario.step, scenario.step)
