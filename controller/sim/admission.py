@@ -482,14 +482,19 @@ class AdmissionModel:
                     state.pop(f"r|{c.field}|{rid}", None)
                 used = used_today(state.get(c.day), state.get(c.used), today)
                 state[c.day], state[c.used] = today, used + actual
+        if record.charge:  # admitted on credits (else there is nothing to move)
+            self._settle_credits(record, rid, tenant, cost)
+        record.tenant.unlease("x|" + rid)
+        return True
+
+    def _settle_credits(self, record: _Record, rid: str, tenant: str, cost: float) -> None:
+        """Release the credits held (unless their lease expired) and charge `cost`."""
         ledger = self.credits.setdefault(tenant, {"reserved": 0.0})
         if record.credit > 0 and record.tenant.unlease("$|" + rid):
             ledger["reserved"] -= record.credit
             ledger.pop("r|" + rid, None)
-        if cost > 0 and record.charge:
+        if cost > 0:
             ledger["balance"] = ledger.get("balance", 0.0) - cost
-        record.tenant.unlease("x|" + rid)
-        return True
 
     # --- reading ----------------------------------------------------------------------------
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 import redis
 
 from controller.audit import Journal
@@ -301,19 +302,20 @@ class Simulation:
         reserve = (arrivals.prompt + arrivals.max_tokens).tolist()
         ips, users = arrivals.ip.tolist(), arrivals.user.tolist()
         rids: list[str | None] = []
+        codes: list[int] = []
         eligible = np.ones(count, dtype=bool)
+        settles = self._settles
         for j in range(count):
             now = times[j]
-            self._settle_until(now)
+            if settles and settles[0][0] <= now:
+                self._settle_until(now)
             tenant = tenants[tenant_ids[j]]
             outcome, rid, denied_by = self._admit(tenant, reserve[j], now, ips[j], users[j])
-            self._requests[tenant.index, _OUTCOME_INDEX[outcome]] += 1
-            self._seen[tenant.index] = True
-            record.outcomes[outcome][tick] += 1
+            codes.append(_OUTCOME_INDEX[outcome])
             rids.append(rid)
-            eligible[j] = not self._contract_refusal(outcome, denied_by, tenant.plan)
-            if outcome in _HELD_BACK and self._good_tenant[tenant_ids[j]]:
-                record.held_back[tick] += 1
+            if outcome in _CONTRACT_REFUSALS:
+                eligible[j] = not self._contract_refusal(outcome, denied_by, tenant.plan)
+        self._count_outcomes(tick, arrivals.tenant, np.array(codes, dtype=np.int64))
         allowed = np.array([rid is not None for rid in rids], dtype=bool)
         # Demand is what the tenant's own contract allows: a request its budget, its plan's
         # models or a size limit refuses is nobody's loss to control (402, 403, 400), unless
@@ -374,6 +376,19 @@ class Simulation:
         if step_index % round(self.scenario.scrape_interval / self.scenario.step) == 0:
             self._settle_until(self.now)
             self._scrape(start + elapsed + dt, elapsed + dt)
+
+    def _count_outcomes(self, tick: int, tenant: npt.NDArray[np.int64],
+                        code: npt.NDArray[np.int64]) -> None:  # fmt: skip
+        """A step's admission answers counted once it is over (the counters are read at the
+        scrape, after the step): per tenant and outcome, per tick, and the well-behaved
+        tenants' requests held back by control."""
+        np.add.at(self._requests, (tenant, code), 1.0)
+        self._seen[tenant] = True
+        counts = np.bincount(code, minlength=len(OUTCOMES))
+        for outcome, number in zip(OUTCOMES, counts.tolist(), strict=True):
+            self.record.outcomes[outcome][tick] += number
+        held = np.isin(code, _HELD_BACK_CODES) & self._good_tenant[tenant]
+        self.record.held_back[tick] += float(held.sum())
 
     def _gate_turns(self, limits: Mapping[Address, float]) -> None:
         """The gate's own limits (a Gradient2's concurrency lives there, not in Redis) go
@@ -522,6 +537,7 @@ class Simulation:
 _OUTCOME_INDEX = {o: i for i, o in enumerate(OUTCOMES)}
 _CONTRACT_REFUSALS = frozenset({"budget_exhausted", "too_large", "model_not_allowed"})
 _HELD_BACK = frozenset({"rate_limited", "shed"})  # control refusals: demand held back
+_HELD_BACK_CODES = [_OUTCOME_INDEX[o] for o in sorted(_HELD_BACK)]
 
 
 def mean_work(world: World, pool: Pool) -> float:
