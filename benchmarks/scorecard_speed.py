@@ -139,12 +139,64 @@ def admission(rounds: int) -> None:
         raise SystemExit("the new admission model answers differently from the old one")
 
 
+def search(name: str) -> None:
+    """The static search of `name` (its own seed) the old way and today's, in this process."""
+    from controller.sim import compare as compare_module
+    from controller.sim import run as run_module
+    from controller.sim.compare import run_variant, search_ticks, standing, static_grid, whole
+    from controller.sim.reference import StaticSearch, merit
+    from controller.sim.scenario import load_scenario
+    from controller.sim.traffic import build_world
+    from controller.sim.variants import STATIC
+
+    scenario = load_scenario(name)
+    policies = ROOT / "policies"
+    grid, resolution = static_grid(scenario, policies, build_world(scenario, None, scenario.seed))
+    old = old_module("controller/sim/admission.py", "_old_admission")
+    until = search_ticks(scenario)
+    ticks: dict[str, int] = {"old": 0, "new": 0}
+
+    def run(label: str, value: float, cut: int | None) -> Any:
+        record = run_variant(scenario, policies, STATIC, None, value=value, until=cut)
+        ticks[label] += scenario.ticks if cut is None else cut
+        return record
+
+    def old_way() -> Any:  # whole runs, the controller ticking, the old admission model
+        setattr(compare_module, "standing", lambda watcher: False)  # noqa: B010
+        setattr(run_module, "AdmissionModel", old.AdmissionModel)  # noqa: B010
+        try:
+            found = StaticSearch(lambda vs: [run("old", v, None) for v in vs], resolution)
+            return found, found.best(grid)
+        finally:
+            setattr(compare_module, "standing", standing)  # noqa: B010
+            setattr(run_module, "AdmissionModel", AdmissionModel)  # noqa: B010
+
+    def new_way() -> Any:  # as compare() does it
+        found = StaticSearch(lambda vs: [run("new", v, until) for v in vs], resolution)
+        best = found.best(grid)
+        return found, whole(best, until, lambda v: run("new", v, None))
+
+    print(f"static search: {name}, seed {scenario.seed}, grid {grid}")
+    results = {}
+    for label, way in (("old", old_way), ("new", new_way)):
+        started = time.process_time()
+        found, best = way()
+        seconds = time.process_time() - started
+        results[label] = (best.knob_value, merit(best))
+        runs = len(found.seen) + (label == "new" and until is not None)
+        print(f"  {label}: {runs} runs, {ticks[label]:,} simulated ticks, {seconds:.1f} s CPU; "
+              f"best {best.knob_value:g} req/s, attainment {merit(best)[0]:.4f}")  # fmt: skip
+    print(f"  same value and merit found: {results['old'] == results['new']}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=ROUNDS)
     parser.add_argument("--search", metavar="SCENARIO", help="also compare the static search")
     options = parser.parse_args()
     admission(options.rounds)
+    if options.search:
+        search(options.search)
 
 
 if __name__ == "__main__":
