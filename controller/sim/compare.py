@@ -19,6 +19,7 @@ from controller.policy.policyset import PolicySet
 from controller.reload import PolicyWatcher
 from controller.sim.limiters import FixedKnob, Gate, Gradient2, NoLimit
 from controller.sim.record import RunRecord
+from controller.sim.recorded import recorded_world
 from controller.sim.reference import StaticSearch, no_overload
 from controller.sim.run import Simulation, TickCallback, embedded_redis, mean_work
 from controller.sim.scenario import Scenario
@@ -106,7 +107,7 @@ def run_variant(
         knob = policy_knob(loaded, scenario.plain_aimd)
         watcher, gate = _controller(variant, policies, loaded, knob, scenario, value)
         world_scenario = no_overload(scenario) if variant == BASELINE else scenario
-        world = build_world(world_scenario, trace, scenario.seed)
+        world = recorded_world(world_scenario, trace, scenario.seed)
         directory = stack.enter_context(tempfile.TemporaryDirectory(prefix="governor-sim-"))
         client = stack.enter_context(embedded_redis(Path(directory)))
         simulation = Simulation(world_scenario, world, watcher, client, variant, gate)

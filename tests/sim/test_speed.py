@@ -1,6 +1,7 @@
 """The scorecard's shortcuts change no figure: a run whose controller has nothing to move ticks
-it once and records the same run, and a static search's candidate cut at the window's end has
-the merit of the whole run (benchmarks/scorecard_speed.py measures what they save)."""
+it once and records the same run, a static search's candidate cut at the window's end has
+the merit of the whole run, and arrivals drawn once are those every run would have drawn
+(benchmarks/scorecard_speed.py measures what they save)."""
 
 from __future__ import annotations
 
@@ -17,9 +18,11 @@ from controller.reload import PolicyWatcher
 from controller.sim import compare as compare_module
 from controller.sim.compare import run_variant, search_ticks, standing, whole
 from controller.sim.record import RunRecord
+from controller.sim.recorded import recorded_world
 from controller.sim.reference import merit
 from controller.sim.scenario import load_scenario
 from controller.sim.scorecard import window_ticks
+from controller.sim.traffic import Arrivals, build_world
 from controller.sim.variants import (
     GRADIENT,
     NO_LIMIT,
@@ -102,3 +105,25 @@ def test_a_static_candidate_cut_at_the_window_end_has_the_whole_runs_merit(
     # A window that ends with the run: candidates are whole already.
     assert search_ticks(scenario.without_events()) is None
     assert whole(full, None, lambda v: pytest.fail("not run again")) is full
+
+
+def test_recorded_arrivals_are_those_a_fresh_generator_draws(short_scenario: Path) -> None:
+    scenario = load_scenario(str(short_scenario)).model_copy(update={"seed": 11})
+    step = scenario.step
+    fresh = build_world(scenario, None, scenario.seed)
+    rng = np.random.default_rng([scenario.seed, 0])
+    expected = [fresh.arrivals(k * step, step, rng) for k in range(40)]
+    world = recorded_world(scenario, None, scenario.seed)
+    assert recorded_world(scenario, None, scenario.seed) is world  # the next run shares it
+    # A run cut short, then one that goes further: each with its own fresh generator.
+    for steps in (15, 40):
+        own = np.random.default_rng([scenario.seed, 0])
+        got = [world.arrivals(k * step, step, own) for k in range(steps)]
+        for mine, theirs in zip(got, expected, strict=False):
+            assert all(
+                np.array_equal(getattr(mine, f.name), getattr(theirs, f.name))
+                for f in dataclasses.fields(Arrivals)
+            )
+    assert sum(len(a) for a in expected) > 100  # requests, not empty steps
+    with pytest.raises(ValueError, match="in order"):
+        world.arrivals(100 * step, step, np.random.default_rng(0))
