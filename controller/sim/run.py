@@ -387,7 +387,7 @@ class Simulation:
         counts = np.bincount(code, minlength=len(OUTCOMES))
         for outcome, number in zip(OUTCOMES, counts.tolist(), strict=True):
             self.record.outcomes[outcome][tick] += number
-        held = np.isin(code, _HELD_BACK_CODES) & self._good_tenant[tenant]
+        held = _HELD_BACK_CODES[code] & self._good_tenant[tenant]
         self.record.held_back[tick] += float(held.sum())
 
     def _gate_turns(self, limits: Mapping[Address, float]) -> None:
@@ -537,7 +537,7 @@ class Simulation:
 _OUTCOME_INDEX = {o: i for i, o in enumerate(OUTCOMES)}
 _CONTRACT_REFUSALS = frozenset({"budget_exhausted", "too_large", "model_not_allowed"})
 _HELD_BACK = frozenset({"rate_limited", "shed"})  # control refusals: demand held back
-_HELD_BACK_CODES = [_OUTCOME_INDEX[o] for o in sorted(_HELD_BACK)]
+_HELD_BACK_CODES = np.array([o in _HELD_BACK for o in OUTCOMES], dtype=bool)  # by code
 
 
 def mean_work(world: World, pool: Pool) -> float:
