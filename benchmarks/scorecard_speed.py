@@ -30,6 +30,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from controller.logging import configure_logging
 from controller.sim.admission import AdmissionModel
 
 OLD = "9948d60"  # main before the scorecard's speed work
@@ -144,6 +145,7 @@ def search(name: str) -> None:
     from controller.sim import compare as compare_module
     from controller.sim import run as run_module
     from controller.sim.compare import run_variant, search_ticks, standing, static_grid, whole
+    from controller.sim.recorded import recorded_world
     from controller.sim.reference import StaticSearch, merit
     from controller.sim.scenario import load_scenario
     from controller.sim.traffic import build_world
@@ -161,14 +163,18 @@ def search(name: str) -> None:
         ticks[label] += scenario.ticks if cut is None else cut
         return record
 
-    def old_way() -> Any:  # whole runs, the controller ticking, the old admission model
+    def old_way() -> Any:
+        # Whole runs, the controller ticking, arrivals drawn by every run, the old admission
+        # model (the step's outcome counting is today's in both).
         setattr(compare_module, "standing", lambda watcher: False)  # noqa: B010
+        setattr(compare_module, "recorded_world", build_world)  # noqa: B010
         setattr(run_module, "AdmissionModel", old.AdmissionModel)  # noqa: B010
         try:
             found = StaticSearch(lambda vs: [run("old", v, None) for v in vs], resolution)
             return found, found.best(grid)
         finally:
             setattr(compare_module, "standing", standing)  # noqa: B010
+            setattr(compare_module, "recorded_world", recorded_world)  # noqa: B010
             setattr(run_module, "AdmissionModel", AdmissionModel)  # noqa: B010
 
     def new_way() -> Any:  # as compare() does it
@@ -194,6 +200,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=ROUNDS)
     parser.add_argument("--search", metavar="SCENARIO", help="also compare the static search")
     options = parser.parse_args()
+    configure_logging("warning", "stderr")  # the runs' journals are not the benchmark's output
     admission(options.rounds)
     if options.search:
         search(options.search)
