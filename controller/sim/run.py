@@ -231,7 +231,7 @@ class Simulation:
             outcome = still or self.controller.tick()
             if self.standing and still is None and outcome.ready:
                 # Nothing can move the limits the first tick wrote: a later tick writes
-                # nothing (docs/simulator.md), so it is not run (a tenth of a static run).
+                # nothing (docs/simulator.md), so it is not run (a fifth of a static run).
                 still = TickOutcome(outcome.tick, outcome.leader, True, [])
             self._after_tick(tick, outcome)
             for k in range(steps):
