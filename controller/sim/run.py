@@ -289,6 +289,19 @@ class Simulation:
                 for key, value in zip(sample.keys, sample.values.tolist(), strict=True):
                     self.record.series(self.record.signals, f"{name}[{key}]")[tick] = value
 
+    def _count_outcomes(self, tick: int, tenant: npt.NDArray[np.int64],
+                        code: npt.NDArray[np.int64]) -> None:  # fmt: skip
+        """A step's admission answers counted once it is over (the counters are read at the
+        scrape, after the step): per tenant and outcome, per tick, and the well-behaved
+        tenants' requests held back by control."""
+        np.add.at(self._requests, (tenant, code), 1.0)
+        self._seen[tenant] = True
+        counts = np.bincount(code, minlength=len(OUTCOMES))
+        for outcome, number in zip(OUTCOMES, counts.tolist(), strict=True):
+            self.record.outcomes[outcome][tick] += number
+        held = _HELD_BACK_CODES[code] & self._good_tenant[tenant]
+        self.record.held_back[tick] += float(held.sum())
+
     def _step(self, tick: int, elapsed: float, dt: float) -> None:
         world, record = self.world, self.record
         arrivals = world.arrivals(elapsed, dt, self.arrival_rng)
@@ -376,19 +389,6 @@ class Simulation:
         if step_index % round(self.scenario.scrape_interval / self.scenario.step) == 0:
             self._settle_until(self.now)
             self._scrape(start + elapsed + dt, elapsed + dt)
-
-    def _count_outcomes(self, tick: int, tenant: npt.NDArray[np.int64],
-                        code: npt.NDArray[np.int64]) -> None:  # fmt: skip
-        """A step's admission answers counted once it is over (the counters are read at the
-        scrape, after the step): per tenant and outcome, per tick, and the well-behaved
-        tenants' requests held back by control."""
-        np.add.at(self._requests, (tenant, code), 1.0)
-        self._seen[tenant] = True
-        counts = np.bincount(code, minlength=len(OUTCOMES))
-        for outcome, number in zip(OUTCOMES, counts.tolist(), strict=True):
-            self.record.outcomes[outcome][tick] += number
-        held = _HELD_BACK_CODES[code] & self._good_tenant[tenant]
-        self.record.held_back[tick] += float(held.sum())
 
     def _gate_turns(self, limits: Mapping[Address, float]) -> None:
         """The gate's own limits (a Gradient2's concurrency lives there, not in Redis) go
