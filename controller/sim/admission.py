@@ -13,7 +13,7 @@ import heapq
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from controller.model import Address, LimitKind, Scope
 
@@ -30,8 +30,7 @@ PERIOD_MS = {
 _SWEEP = 64  # leases released per level per call, as the script does
 
 
-@dataclass(frozen=True, slots=True)
-class Decision:
+class Decision(NamedTuple):
     """The script's first three answers and the reservation (allowed only)."""
 
     outcome: Outcome
@@ -84,6 +83,40 @@ class _Check:
             "u|" + name,
             "v|" + name,
         )
+
+
+@dataclass(frozen=True, slots=True)
+class _Compiled:
+    """The checks of one (tenant, plan, user, ip?, model), split by what the script does
+    with them, each list in the script's order (so the first refusal is the script's)."""
+
+    shed: str | None  # the first 0 found: every request is shed
+    sized: tuple[_Check, ...] = ()  # too_large when a request exceeds one
+    smallest: float = math.inf  # the smallest sized limit: at or below it, none refuses
+    budgets: tuple[_Check, ...] = ()  # tokens_per_day
+    rates: tuple[_Check, ...] = ()  # GCRA and concurrency
+
+    @classmethod
+    def of(cls, checks: list[_Check]) -> _Compiled:
+        sized = tuple(c for c in checks if c.sized)
+        return cls(
+            None,
+            sized,
+            min((c.limit for c in sized), default=math.inf),
+            tuple(c for c in checks if c.kind is LimitKind.TOKENS_PER_DAY),
+            tuple(
+                c for c in checks if c.period is not None or c.kind is LimitKind.CONCURRENT_REQUESTS
+            ),
+        )
+
+    def refusal(self, tokens: float) -> Decision | None:
+        """Shed (a 0 anywhere) or too_large: answered before any state is read."""
+        if self.shed is not None:
+            return Decision("shed", self.shed, 0.0)
+        if tokens > self.smallest:
+            first = next(c for c in self.sized if tokens > c.limit)
+            return Decision("too_large", first.address, 0.0)
+        return None
 
 
 @dataclass
@@ -145,6 +178,28 @@ def current_tat(
     return value
 
 
+def _fields(model: str) -> list[tuple[int, str]]:
+    """Each kind's field names in the order the script looks them up (`limit@model` first)."""
+    fields: list[tuple[int, str]] = []
+    for index, kind in enumerate(KINDS):
+        if model:
+            fields.append((index, f"{kind}@{model}"))
+        fields.append((index, str(kind)))
+    return fields
+
+
+def _next_tat(state: dict[str, float], c: _Check, tokens: float, now: float) -> float:
+    """The GCRA state after this request, read under the limit in force (`current_tat`)."""
+    # current_tat's arithmetic inlined: this runs for every limit of every request.
+    tat = state.get(c.tat) or 0.0
+    value = tat if tat > now else now
+    previous = state.get(c.ivl) or 0.0
+    interval = c.interval
+    if previous > 0 and previous != interval and value > now:
+        value = now + min((value - now) / previous * interval, c.period or 0.0)
+    return value + (tokens if c.tokens else 1.0) * interval
+
+
 class AdmissionModel:
     """State of every level, keyed like the scripts' hashes; times in milliseconds."""
 
@@ -155,7 +210,7 @@ class AdmissionModel:
         self.levels: dict[str, _Level] = {}
         self.credits: dict[str, dict[str, float]] = {}
         self._records: dict[str, _Record] = {}
-        self._compiled: dict[tuple[str, str, str, bool, str], tuple[str | None, list[_Check]]] = {}
+        self._compiled: dict[tuple[str, str, str, bool, str], _Compiled] = {}
         self._level_cache: dict[tuple[str, str, str], tuple[_Level | None, ...]] = {}
 
     # --- limits -----------------------------------------------------------------------------
@@ -170,46 +225,49 @@ class AdmissionModel:
     def set_balance(self, tenant: str, usd_micro: float) -> None:
         self.credits.setdefault(tenant, {"reserved": 0.0})["balance"] = usd_micro
 
-    def _checks(
-        self, tenant: str, plan: str, user: str, has_ip: bool, model: str
-    ) -> tuple[str | None, list[_Check]]:
+    def _checks(self, tenant: str, plan: str, user: str, has_ip: bool, model: str) -> _Compiled:
         key = (tenant, plan, user, has_ip, model)
         found = self._compiled.get(key)
         if found is None:
             found = self._compiled[key] = self._compile(tenant, plan, user, has_ip, model)
         return found
 
-    def _compile(
-        self, tenant: str, plan: str, user: str, has_ip: bool, model: str
-    ) -> tuple[str | None, list[_Check]]:
+    def _compile(self, tenant: str, plan: str, user: str, has_ip: bool, model: str) -> _Compiled:
+        """The script's walk: level by level, each of its hashes (a tenant's own before its
+        plan's), each kind `limit@model` before `limit`; the first value of a kind wins."""
         levels: list[tuple[int, str, list[str]]] = [(_G, "global/", ["global/"])]
         if has_ip:
             levels.append((_I, "ip/", ["ip/"]))
         levels.append((_T, f"tenant/{tenant}/", [f"tenant/{tenant}/", f"plan/{plan}/"]))
         if user:
             levels.append((_U, f"user/{tenant}/{user}/", [f"user/{tenant}/{user}/"]))
-        fields: list[tuple[int, str]] = []
-        for index, kind in enumerate(KINDS):
-            if model:
-                fields.append((index, f"{kind}@{model}"))
-            fields.append((index, str(kind)))
+        fields = _fields(model)
         checks: list[_Check] = []
         for level, owner, hashes in levels:
             found: set[int] = set()
             for name in hashes:
-                values = self.hashes.get(name, {})
-                for index, field_name in fields:
-                    value = values.get(field_name)
-                    if value is None or math.isnan(value) or value < 0:
-                        continue  # not written by Governor: the script ignores it
-                    if value == 0:
-                        return name + field_name, []
-                    if index not in found:
-                        found.add(index)
-                        checks.append(
-                            _Check.of(level, KINDS[index], field_name, value, owner + field_name)
-                        )
-        return None, checks
+                shed = self._walk(level, owner, name, fields, found, checks)
+                if shed is not None:
+                    return _Compiled(shed)
+        return _Compiled.of(checks)
+
+    def _walk(
+        self, level: int, owner: str, name: str, fields: list[tuple[int, str]],
+        found: set[int], checks: list[_Check],
+    ) -> str | None:  # fmt: skip
+        """One hash of a level: its checks appended to `checks`; the shed address if it
+        holds a 0."""
+        values = self.hashes.get(name, {})
+        for index, field_name in fields:
+            value = values.get(field_name)
+            if value is None or math.isnan(value) or value < 0:
+                continue  # not written by Governor: the script ignores it
+            if value == 0:
+                return name + field_name
+            if index not in found:
+                found.add(index)
+                checks.append(_Check.of(level, KINDS[index], field_name, value, owner + field_name))
+        return None
 
     # --- admit ------------------------------------------------------------------------------
 
@@ -234,54 +292,103 @@ class AdmissionModel:
         credit_floor: float = 0.0,
     ) -> Decision:
         """One admit.lua call at `now` (ms). Credits in micro-USD (None: no credits)."""
-        shed, checks = self._checks(tenant, plan, user, bool(ip), model)
-        if shed is not None:
-            return Decision("shed", shed, 0.0)
-        for c in checks:
-            if c.sized and tokens > c.limit:
-                return Decision("too_large", c.address, 0.0)
-        today = math.floor(now / DAY_MS)
+        compiled = self._compiled.get((tenant, plan, user, bool(ip), model))
+        if compiled is None:
+            compiled = self._checks(tenant, plan, user, bool(ip), model)
+        refusal = compiled.refusal(tokens)
+        if refusal is not None:
+            return refusal
         levels = self._levels(tenant, ip, user)
+        self._sweep_due(levels, tenant, now)
+        today = math.floor(now / DAY_MS)
+        # Budgets first: when a budget is spent, waiting will not help (402).
+        budgets: list[tuple[_Check, float, float]] = []
+        refusal = self._budgets(compiled.budgets, levels, tokens, today, now, budgets)
+        if refusal is None and credit_cost is not None:
+            refusal = self._credits(tenant, credit_cost, credit_floor)
+        if refusal is not None:
+            return refusal
+        # Rates (GCRA) and concurrency; nothing is written until every check passed.
+        moves = self._rates(compiled.rates, levels, tokens, now)
+        if isinstance(moves, Decision):
+            return moves
+        expires = now + self.lease_ms
+        holds = self._move(moves, levels, tokens, rid, expires)
+        tenant_level = levels[_T]
+        assert tenant_level is not None
+        self._hold_budgets(budgets, levels, tokens, today, rid, expires, holds)
+        if credit_cost is not None:
+            ledger = self.credits[tenant]
+            ledger["reserved"] += credit_cost
+            ledger["r|" + rid] = credit_cost
+            tenant_level.lease("$|" + rid, expires)
+        self._records[rid] = _Record(
+            holds, tenant_level, credit_cost or 0.0, credit_cost is not None
+        )
+        tenant_level.lease("x|" + rid, now + self.lease_ms + self.record_ms)
+        return Decision("allow", None, 0.0, rid)
+
+    def _sweep_due(self, levels: tuple[_Level | None, ...], tenant: str, now: float) -> None:
+        """Release the expired leases of each level, as the script does before its checks."""
         for code, level in enumerate(levels):
             if level is not None and level.heap and level.heap[0][0] <= now:
                 self._sweep(level, tenant if code == _T else None, now)
-        # Budgets first: when a budget is spent, waiting will not help (402).
-        budgets: list[tuple[_Check, float, float]] = []
+
+    @staticmethod
+    def _budgets(
+        checks: tuple[_Check, ...], levels: tuple[_Level | None, ...], tokens: float,
+        today: float, now: float, out: list[tuple[_Check, float, float]],
+    ) -> Decision | None:  # fmt: skip
+        """The daily budgets: a refusal (402) when one cannot hold `tokens` more; else each
+        budget's (check, used today, held) appended to `out`."""
         for c in checks:
-            if c.kind is LimitKind.TOKENS_PER_DAY:
-                state = levels[c.level].fields  # type: ignore[union-attr]
-                used = used_today(state.get(c.day), state.get(c.used), today)
-                held = state.get(c.held, 0.0)
-                if tokens > c.limit - used - held:
-                    return Decision("budget_exhausted", c.address, (today + 1) * DAY_MS - now)
-                budgets.append((c, used, held))
+            state = levels[c.level].fields  # type: ignore[union-attr]
+            used = used_today(state.get(c.day), state.get(c.used), today)
+            held = state.get(c.held, 0.0)
+            if tokens > c.limit - used - held:
+                return Decision("budget_exhausted", c.address, (today + 1) * DAY_MS - now)
+            out.append((c, used, held))
+        return None
+
+    def _credits(self, tenant: str, cost: float, floor: float) -> Decision | None:
+        """A refusal (402) when the balance less what is reserved cannot pay `cost`."""
         ledger = self.credits.get(tenant)
-        if credit_cost is not None:
-            if ledger is None:
-                ledger = self.credits[tenant] = {"reserved": 0.0}
-            available = ledger.get("balance", 0.0) - ledger["reserved"]
-            if available - credit_cost < credit_floor:
-                return Decision("budget_exhausted", f"credits/{tenant}", 0.0)
-        # Rates (GCRA) and concurrency; nothing is written until every check passed.
+        if ledger is None:
+            ledger = self.credits[tenant] = {"reserved": 0.0}
+        available = ledger.get("balance", 0.0) - ledger["reserved"]
+        if available - cost < floor:
+            return Decision("budget_exhausted", f"credits/{tenant}", 0.0)
+        return None
+
+    @staticmethod
+    def _rates(
+        checks: tuple[_Check, ...], levels: tuple[_Level | None, ...], tokens: float, now: float
+    ) -> Decision | list[tuple[_Check, float]]:
+        """Every GCRA rate and concurrency check: a refusal (429) naming the one that waits
+        longest, or each check's new state (written only if all pass)."""
         wait, denied_by = 0.0, None
         moves: list[tuple[_Check, float]] = []
         for c in checks:
             state = levels[c.level].fields  # type: ignore[union-attr]
             if c.period is not None:
-                tat = current_tat(state.get(c.tat), state.get(c.ivl), c.interval, now, c.period)
-                new_tat = tat + (tokens if c.tokens else 1.0) * c.interval
-                over = new_tat - now - c.period
-                if over > 0 and (denied_by is None or over > wait):
-                    denied_by, wait = c.address, over
-                moves.append((c, new_tat))
-            elif c.kind is LimitKind.CONCURRENT_REQUESTS:
-                opened = state.get(c.open, 0.0)
-                if opened + 1 > c.limit and (denied_by is None or wait < 1000.0):
-                    denied_by, wait = c.address, 1000.0
-                moves.append((c, opened + 1))
+                value = _next_tat(state, c, tokens, now)
+                over = value - now - c.period
+            else:  # concurrency: one more open request; refused for a second
+                value = state.get(c.open, 0.0) + 1
+                over = 1000.0 if value > c.limit else 0.0
+            # The script keeps the largest wait; a concurrency refusal never shortens one.
+            if over > 0 and (denied_by is None or over > wait):
+                denied_by, wait = c.address, over
+            moves.append((c, value))
         if denied_by is not None:
             return Decision("rate_limited", denied_by, wait)
-        expires = now + self.lease_ms
+        return moves
+
+    def _move(
+        self, moves: list[tuple[_Check, float]], levels: tuple[_Level | None, ...],
+        tokens: float, rid: str, expires: float,
+    ) -> list[tuple[_Level, str, _Check, float, float]]:  # fmt: skip
+        """Write the rates' and concurrency's new state; what settle must give back."""
         holds: list[tuple[_Level, str, _Check, float, float]] = []
         for c, value in moves:
             level = levels[c.level]
@@ -294,6 +401,15 @@ class AdmissionModel:
                 level.fields[c.open] = value
                 level.lease(f"{c.open}|{rid}", expires)
                 holds.append((level, "c", c, 1.0, 0.0))
+        return holds
+
+    @staticmethod
+    def _hold_budgets(
+        budgets: list[tuple[_Check, float, float]], levels: tuple[_Level | None, ...],
+        tokens: float, today: float, rid: str, expires: float,
+        holds: list[tuple[_Level, str, _Check, float, float]],
+    ) -> None:  # fmt: skip
+        """Reserve `tokens` of each budget under a lease (released if never settled)."""
         for c, used, held in budgets:
             level = levels[c.level]
             assert level is not None
@@ -302,17 +418,6 @@ class AdmissionModel:
             state[f"r|{c.field}|{rid}"] = tokens
             level.lease(f"b|{c.field}|{rid}", expires)
             holds.append((level, "b", c, tokens, 0.0))
-        tenant_level = levels[_T]
-        assert tenant_level is not None
-        if credit_cost is not None and ledger is not None:
-            ledger["reserved"] += credit_cost
-            ledger["r|" + rid] = credit_cost
-            tenant_level.lease("$|" + rid, expires)
-        self._records[rid] = _Record(
-            holds, tenant_level, credit_cost or 0.0, credit_cost is not None
-        )
-        tenant_level.lease("x|" + rid, now + self.lease_ms + self.record_ms)
-        return Decision("allow", None, 0.0, rid)
 
     def _levels(self, tenant: str, ip: str, user: str) -> tuple[_Level | None, ...]:
         key = (tenant, ip, user)
@@ -377,14 +482,19 @@ class AdmissionModel:
                     state.pop(f"r|{c.field}|{rid}", None)
                 used = used_today(state.get(c.day), state.get(c.used), today)
                 state[c.day], state[c.used] = today, used + actual
+        if record.charge:  # admitted on credits (else there is nothing to move)
+            self._settle_credits(record, rid, tenant, cost)
+        record.tenant.unlease("x|" + rid)
+        return True
+
+    def _settle_credits(self, record: _Record, rid: str, tenant: str, cost: float) -> None:
+        """Release the credits held (unless their lease expired) and charge `cost`."""
         ledger = self.credits.setdefault(tenant, {"reserved": 0.0})
         if record.credit > 0 and record.tenant.unlease("$|" + rid):
             ledger["reserved"] -= record.credit
             ledger.pop("r|" + rid, None)
-        if cost > 0 and record.charge:
+        if cost > 0:
             ledger["balance"] = ledger.get("balance", 0.0) - cost
-        record.tenant.unlease("x|" + rid)
-        return True
 
     # --- reading ----------------------------------------------------------------------------
 

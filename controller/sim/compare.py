@@ -19,10 +19,11 @@ from controller.policy.loader import load_directory
 from controller.policy.policyset import PolicySet
 from controller.sim.limiters import FixedKnob, Gate, Gradient2, NoLimit
 from controller.sim.record import RunRecord
+from controller.sim.recorded import recorded_world
 from controller.sim.reference import StaticSearch, no_overload
 from controller.sim.run import Simulation, TickCallback, embedded_redis, mean_work
 from controller.sim.scenario import Scenario
-from controller.sim.scorecard import Scorecard, score
+from controller.sim.scorecard import Scorecard, score, window_of
 from controller.sim.trace import TraceData, open_trace, peak_minute_rate
 from controller.sim.traffic import World, build_world
 from controller.sim.variants import (
@@ -92,9 +93,11 @@ def run_variant(
     trace: TraceData | None = None,
     on_tick: TickCallback | None = None,
     value: float | None = None,
+    until: int | None = None,
 ) -> RunRecord:
     """One run in this process, on its own embedded Redis; its journal (structlog JSON) goes
-    to `log_file`, then logging returns to stderr. `value`: the static knob's value."""
+    to `log_file`, then logging returns to stderr. `value`: the static knob's value;
+    `until`: the ticks run (default all: a static search's candidate needs only its window)."""
     with ExitStack() as stack:
         if log_file is not None:
             handle = stack.enter_context(log_file.open("w", encoding="utf-8"))
@@ -104,14 +107,26 @@ def run_variant(
         knob = policy_knob(loaded, scenario.plain_aimd)
         watcher, gate = _controller(variant, policies, loaded, knob, scenario, value)
         world_scenario = no_overload(scenario) if variant == BASELINE else scenario
-        world = build_world(world_scenario, trace, scenario.seed)
+        world = recorded_world(world_scenario, trace, scenario.seed)
         directory = stack.enter_context(tempfile.TemporaryDirectory(prefix="governor-sim-"))
         client = stack.enter_context(embedded_redis(Path(directory)))
-        record = Simulation(world_scenario, world, watcher, client, variant, gate).run(on_tick)
+        simulation = Simulation(world_scenario, world, watcher, client, variant, gate)
+        simulation.standing = standing(watcher)
+        record = simulation.run(on_tick, until)
     # The baseline is scored over the scenario's window too, though nothing happened in it.
     record.events = [(e.kind, e.at, e.end) for e in scenario.events]
     record.knob_value = value
     return record
+
+
+def standing(watcher: PolicyWatcher) -> bool:
+    """Whether a run's controller has nothing to move after its first tick: a fixed set
+    (never reloaded) without any policy, only Plans and Limits (static, no-limit, gradient,
+    the no-overload run): its limits are their baselines on every tick."""
+    if not isinstance(watcher, FixedPolicies):
+        return False
+    policies = watcher.load()
+    return not (policies.throttles or policies.adaptives)
 
 
 OTHERS = (AIMD, GRADIENT, NO_LIMIT, BASELINE)  # every run but the policies' and static's
@@ -126,6 +141,24 @@ def static_grid(scenario: Scenario, policies: Path, world: World) -> tuple[list[
     low, high, resolution = knob.search_range(capacity, work)
     grid = {round(v / resolution) * resolution for v in knob.sweep(low, high)}
     return sorted(grid), resolution
+
+
+def search_ticks(scenario: Scenario) -> int | None:
+    """How far a static search's candidate runs: to the window's end, the last tick its merit
+    (attainment, then goodput, over the window) reads; None: the window ends with the run."""
+    events = [(e.kind, e.at, e.end) for e in scenario.events]
+    last = window_of(events, scenario.tick, scenario.ticks)[1]
+    return None if last >= scenario.ticks else last
+
+
+def whole(found: RunRecord, until: int | None, rerun: Callable[[float], RunRecord]) -> RunRecord:
+    """The static search's best candidate run again to the end (the same run: same seed,
+    same value, so the same ticks up to the window's end and its merit), to be scored."""
+    if until is None or found.knob_value is None:
+        return found
+    record = rerun(found.knob_value)
+    record.knob_edge = found.knob_edge
+    return record
 
 
 def compare(
@@ -148,9 +181,12 @@ def compare(
     def own() -> RunRecord:
         return run_variant(scenario, policies, POLICIES, log(POLICIES), trace, on_tick)
 
-    def task(name: str, value: float | None = None) -> Callable[[], RunRecord]:
-        return lambda: run_variant(scenario, policies, name, log(name), trace, None, value)
+    def task(
+        name: str, value: float | None = None, ticks: int | None = None
+    ) -> Callable[[], RunRecord]:
+        return lambda: run_variant(scenario, policies, name, log(name), trace, None, value, ticks)
 
+    until = search_ticks(scenario)
     if workers > 0:
         context = multiprocessing.get_context("spawn")  # no inherited sockets or threads
         with concurrent.futures.ProcessPoolExecutor(
@@ -158,24 +194,27 @@ def compare(
             initargs=("warning", "stderr"),
         ) as pool:  # fmt: skip
 
-            def submit(name: str, value: float | None) -> concurrent.futures.Future[RunRecord]:
+            def submit(
+                name: str, value: float | None, ticks: int | None = None
+            ) -> concurrent.futures.Future[RunRecord]:
                 return pool.submit(run_variant, scenario, policies, name, log(name), trace,
-                                   None, value)  # fmt: skip
+                                   None, value, ticks)  # fmt: skip
 
             futures = {name: submit(name, None) for name in OTHERS}
-            first = [submit(STATIC, v) for v in grid]  # the grid runs beside the policies
+            first = [submit(STATIC, v, until) for v in grid]  # the grid runs beside the policies
             result.runs[POLICIES] = own()
             search = StaticSearch(
-                lambda values: [f.result() for f in [submit(STATIC, v) for v in values]],
+                lambda values: [f.result() for f in [submit(STATIC, v, until) for v in values]],
                 resolution,
             )
             search.seen.update(zip(grid, [f.result() for f in first], strict=True))
-            result.runs[STATIC] = search.best(grid)
+            found = search.best(grid)
+            result.runs[STATIC] = whole(found, until, lambda v: submit(STATIC, v).result())
             result.runs.update({name: f.result() for name, f in futures.items()})
     else:
         result.runs[POLICIES] = own()
-        search = StaticSearch(lambda values: [task(STATIC, v)() for v in values], resolution)
-        result.runs[STATIC] = search.best(grid)
+        search = StaticSearch(lambda values: [task(STATIC, v, until)() for v in values], resolution)
+        result.runs[STATIC] = whole(search.best(grid), until, lambda v: task(STATIC, v)())
         result.runs.update({name: task(name)() for name in OTHERS})
     for name in SCORED:
         result.cards[name] = score(result.runs[name], result.baseline)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 import redis
 
 from controller.clients.redis import connect
@@ -95,6 +96,9 @@ class Simulation:
     ) -> None:
         self.scenario = scenario
         self.gate = gate  # a gateway-side baseline (limiters.py), None: the limits in Redis
+        # A controller with nothing to move (no policy; its set never changes): its first
+        # tick writes the limits, the later ones would write nothing and are not run.
+        self.standing = False
         self.world = world
         self.watcher = watcher
         policies = watcher.load()
@@ -214,13 +218,19 @@ class Simulation:
 
     # --- the loop ---------------------------------------------------------------------------
 
-    def run(self, on_tick: TickCallback | None = None) -> RunRecord:
+    def run(self, on_tick: TickCallback | None = None, until: int | None = None) -> RunRecord:
+        """The run's record, its ticks run from the first up to `until` (default: all)."""
         scenario = self.scenario
         steps = round(scenario.tick / scenario.step)
-        for tick in range(scenario.ticks):
+        still: TickOutcome | None = None
+        for tick in range(scenario.ticks if until is None else min(until, scenario.ticks)):
             elapsed = tick * scenario.tick
             self.now = scenario.start_time + elapsed
-            outcome = self.controller.tick()
+            outcome = still or self.controller.tick()
+            if self.standing and still is None and outcome.ready:
+                # Nothing can move the limits the first tick wrote: a later tick writes
+                # nothing (docs/simulator.md), so it is not run (a fifth of a static run).
+                still = TickOutcome(outcome.tick, outcome.leader, True, [])
             self._after_tick(tick, outcome)
             for k in range(steps):
                 self._step(tick, elapsed + k * scenario.step, scenario.step)
@@ -277,6 +287,19 @@ class Simulation:
                 for key, value in zip(sample.keys, sample.values.tolist(), strict=True):
                     self.record.series(self.record.signals, f"{name}[{key}]")[tick] = value
 
+    def _count_outcomes(self, tick: int, tenant: npt.NDArray[np.int64],
+                        code: npt.NDArray[np.int64]) -> None:  # fmt: skip
+        """A step's admission answers counted once it is over (the counters are read at the
+        scrape, after the step): per tenant and outcome, per tick, and the well-behaved
+        tenants' requests held back by control."""
+        np.add.at(self._requests, (tenant, code), 1.0)
+        self._seen[tenant] = True
+        counts = np.bincount(code, minlength=len(OUTCOMES))
+        for outcome, number in zip(OUTCOMES, counts.tolist(), strict=True):
+            self.record.outcomes[outcome][tick] += number
+        held = _HELD_BACK_CODES[code] & self._good_tenant[tenant]
+        self.record.held_back[tick] += float(held.sum())
+
     def _step(self, tick: int, elapsed: float, dt: float) -> None:
         world, record = self.world, self.record
         arrivals = world.arrivals(elapsed, dt, self.arrival_rng)
@@ -290,19 +313,20 @@ class Simulation:
         reserve = (arrivals.prompt + arrivals.max_tokens).tolist()
         ips, users = arrivals.ip.tolist(), arrivals.user.tolist()
         rids: list[str | None] = []
+        codes: list[int] = []
         eligible = np.ones(count, dtype=bool)
+        settles = self._settles
         for j in range(count):
             now = times[j]
-            self._settle_until(now)
+            if settles and settles[0][0] <= now:
+                self._settle_until(now)
             tenant = tenants[tenant_ids[j]]
             outcome, rid, denied_by = self._admit(tenant, reserve[j], now, ips[j], users[j])
-            self._requests[tenant.index, _OUTCOME_INDEX[outcome]] += 1
-            self._seen[tenant.index] = True
-            record.outcomes[outcome][tick] += 1
+            codes.append(_OUTCOME_INDEX[outcome])
             rids.append(rid)
-            eligible[j] = not self._contract_refusal(outcome, denied_by, tenant.plan)
-            if outcome in _HELD_BACK and self._good_tenant[tenant_ids[j]]:
-                record.held_back[tick] += 1
+            if outcome in _CONTRACT_REFUSALS:
+                eligible[j] = not self._contract_refusal(outcome, denied_by, tenant.plan)
+        self._count_outcomes(tick, arrivals.tenant, np.array(codes, dtype=np.int64))
         allowed = np.array([rid is not None for rid in rids], dtype=bool)
         # Demand is what the tenant's own contract allows: a request its budget, its plan's
         # models or a size limit refuses is nobody's loss to control (402, 403, 400), unless
@@ -539,6 +563,7 @@ class Simulation:
 _OUTCOME_INDEX = {o: i for i, o in enumerate(OUTCOMES)}
 _CONTRACT_REFUSALS = frozenset({"budget_exhausted", "too_large", "model_not_allowed"})
 _HELD_BACK = frozenset({"rate_limited", "shed"})  # control refusals: demand held back
+_HELD_BACK_CODES = np.array([o in _HELD_BACK for o in OUTCOMES], dtype=bool)  # by code
 
 
 def mean_sizes(world: World, pool: Pool) -> tuple[float, float]:

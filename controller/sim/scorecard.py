@@ -4,7 +4,7 @@ defines every figure; docs/control-quality.md holds the goals and the results)."
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -114,12 +114,19 @@ class Scorecard:
 
 def window_ticks(record: RunRecord) -> tuple[int, int]:
     """The ticks of the disturbance: from the first event's start to the last one's end."""
-    spans = [(a, b) for kind, a, b in record.events if kind != "signal_outage"]
+    return window_of(record.events, record.tick_seconds, record.ticks)
+
+
+def window_of(
+    events: Sequence[tuple[str, float, float]], tick_seconds: float, ticks: int
+) -> tuple[int, int]:
+    """The window of these events (kind, start, end) in ticks (the whole run without any)."""
+    spans = [(a, b) for kind, a, b in events if kind != "signal_outage"]
     if not spans:
-        return 0, record.ticks
-    first = math.floor(min(a for a, _ in spans) / record.tick_seconds)
-    last = math.ceil(max(b for _, b in spans) / record.tick_seconds)
-    return first, min(last, record.ticks)
+        return 0, ticks
+    first = math.floor(min(a for a, _ in spans) / tick_seconds)
+    last = math.ceil(max(b for _, b in spans) / tick_seconds)
+    return first, min(last, ticks)
 
 
 def tick_attainment(record: RunRecord) -> np.ndarray:
