@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from controller import loop
-from controller.loop import Controller, TickOutcome
+from controller.control import tick as loop
+from controller.control.reload import PolicyWatcher
+from controller.control.tick import Controller, TickOutcome
 from controller.policy.loader import load_directory
-from controller.reload import PolicyWatcher
 from controller.sim import compare as compare_module
 from controller.sim.compare import run_variant, search_ticks, standing, whole
 from controller.sim.record import RunRecord
