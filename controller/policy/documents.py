@@ -392,6 +392,33 @@ class AdaptiveSignal(SignalSpec):
     name: SignalName | None = Field(
         None, description="how tests and the journal call it; default `signal`"
     )
+    window: Duration | None = Field(
+        None,
+        description="the span of time one sample describes (a gauge: the scrape interval; "
+        "`rate(x[1m])`: 1m): after a cut, a sample no later than the cut + this cannot show "
+        "it and is not acted on; default: the observed time between two samples",
+    )
+
+
+class FilterSpec(Strict):
+    """Smooth a noisy signal before the control law reads it (per sample, not per tick)."""
+
+    smoothing: Annotated[float, Field(gt=0, le=1), NotBoolean] = Field(
+        0.3,
+        description="weight of each new sample in an exponentially weighted moving average "
+        "(1: no smoothing)",
+    )
+    noise_band: NonNegativeNumber = Field(
+        2.0,
+        description="widen the tolerance to this many standard deviations of the filtered "
+        "signal's noise, measured online from the samples (0: the tolerance alone)",
+    )
+    jump_band: NonNegativeNumber = Field(
+        4.0,
+        description="a sample this many standard deviations of the noise away from the "
+        "filtered value is a real change, not noise: the filter restarts from it, so a burst "
+        "is acted on at once (0: never)",
+    )
 
 
 class AdaptiveLimitSpec(Strict):
@@ -402,6 +429,9 @@ class AdaptiveLimitSpec(Strict):
     aimd: AimdSpec | None = None
     gradient: GradientSpec | None = None
     bounds: Bounds
+    filter: FilterSpec | None = Field(
+        None, description="smooth the signal and widen the dead band to its noise"
+    )
     behavior: Behavior | None = None
     on_stale: OnStale = Field(default_factory=OnStale)
     schedule: Schedule | None = None
