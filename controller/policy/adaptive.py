@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 
 from controller.model import Proposal, Snapshot
 from controller.policy.baselines import Baselines
+from controller.policy.capacity import estimate
 from controller.policy.documents import (
     AdaptiveLimit,
     AdaptiveLimitSpec,
@@ -36,6 +37,7 @@ class AdaptiveState:
     level: float | None = None  # the filtered signal (None: start over from the next sample)
     variance: float | None = None  # of a sample around the filtered signal (the noise)
     how: str = ""  # its last step, quoted while no new sample comes
+    capacity: float | None = None  # the serving capacity estimated (`capacity:`)
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,7 +73,8 @@ def evaluate_adaptive(
     if state.cut_at is not None and signal.timestamp <= state.cut_at + window:
         return _dead_time(policy, state, signal, start, interval, window)
     level, variance = _filtered(spec.filter, state, signal.value)
-    value, how = _next_value(spec, start, level, _tolerance(spec, variance))
+    step = _law(spec, state.capacity, start, signal.value, level, variance, snapshot, now)
+    value, how, capacity = step.value, step.how, step.capacity
     value = min(max(value, spec.bounds.min), spec.bounds.max)
     filtered = f" (filtered {fmt_number(level)})" if spec.filter is not None else ""
     reason = (
@@ -81,11 +84,60 @@ def evaluate_adaptive(
         f"{fmt_number(spec.bounds.max)})"
     )
     proposal = Proposal(spec.target, value, policy.ref, reason, (signal.reading(),))
-    cut_at = now if value < start else state.cut_at
+    # Only the algorithm's cuts wait for a sample that can show them: a capacity estimate
+    # reads the throughput and the utilization of one and the same span.
+    cut_at = now if step.cut and value < start else state.cut_at
     return AdaptiveResult(
         proposal,
-        AdaptiveState(value, None, signal.timestamp, interval, cut_at, level, variance, how),
+        AdaptiveState(
+            value, None, signal.timestamp, interval, cut_at, level, variance, how, capacity
+        ),
     )
+
+
+@dataclass(frozen=True, slots=True)
+class _Step:
+    value: float
+    how: str
+    cut: bool  # the algorithm's own step (a cut waits for a sample that can show it)
+    capacity: float | None
+
+
+def _law(
+    spec: AdaptiveLimitSpec,
+    capacity: float | None,
+    start: float,
+    sample: float,
+    level: float,
+    variance: float | None,
+    snapshot: Snapshot,
+    now: float,
+) -> _Step:
+    """The control law on a new sample. With `capacity:`, below saturation the limit is the
+    capacity estimated × the setpoint; at saturation (the estimate is too high: capacity
+    was lost) the algorithm cuts from the lower of that and the value in force, until the
+    samples fall below saturation and the estimate can follow. Otherwise the algorithm."""
+    seek = spec.capacity
+    tolerance = _tolerance(spec, variance)
+    if seek is None:
+        value, how = _next_value(spec, start, level, tolerance)
+        return _Step(value, how, True, None)
+    found = estimate(seek, capacity, sample, snapshot, now)
+    if found.value is None:
+        value, how = _next_value(spec, start, level, tolerance)
+        return _Step(value, f"{how}; {found.how}", True, None)
+    aimed = found.value * spec.setpoint
+    if level < seek.saturated:
+        how = f"capacity ≈ {fmt_number(found.value)} ({found.how}) × setpoint"
+        # The tolerance, as a share of the limit: a change that would move the signal by
+        # less is the estimate's noise (a limit moved on every sample flaps).
+        band = start * tolerance / spec.setpoint
+        if abs(aimed - start) <= band:
+            return _Step(start, f"{how} = {fmt_number(aimed)}, within ±{fmt_number(band)}: hold",
+                         False, found.value)  # fmt: skip
+        return _Step(aimed, how, False, found.value)
+    value, how = _next_value(spec, min(start, aimed), level, tolerance)
+    return _Step(value, f"saturated ({found.how}): {how}", True, found.value)
 
 
 def _start_value(

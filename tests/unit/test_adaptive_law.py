@@ -26,11 +26,13 @@ class Loop:
     scrape: float
     decisions: list[Decision] = field(default_factory=list)
 
-    def tick(self, now: float, signal: float) -> Decision:
+    def tick(self, now: float, signal: float, **others: float) -> Decision:
+        """One tick; `others` are further scalar signals by query, scraped with the first."""
         taken = self.scrape * (now // self.scrape)  # the newest scrape at or before now
         in_force = self.driver.resolver.in_force()
+        scalars = {GPU_QUERY: signal, **others}
         evaluation = self.driver.tick(
-            now, {GPU_QUERY: ScalarSample(signal, taken)}, current=in_force
+            now, {q: ScalarSample(v, taken) for q, v in scalars.items()}, current=in_force
         )
         decision = self.driver.resolve(now, evaluation.proposals).desired[RPS]
         self.decisions.append(decision)
@@ -203,3 +205,70 @@ def test_without_jumps_the_filter_averages_out_single_noisy_samples() -> None:
     for number in range(8):
         calm.tick(15.0 * number, 0.8)
     assert calm.tick(120.0, 0.9).value == calm.decisions[-2].value  # filtered 0.83: hold
+
+
+ADMITTED = 'sum(irate(gateway_requests_total{outcome="allow"}[5m]))'
+SEEK = {"throughput": {"name": "admitted", "query": ADMITTED, "stale_after": "60s"}}
+RAILS = {"min": 1, "max": 100000}
+
+
+def pool(capacity: float, demands: list[float], **spec: Any) -> list[Decision]:
+    """A capacity-seeking limit (setpoint 0.8) on a pool serving `capacity` requests/s,
+    offered each of `demands` in turn: each 15 s sample shows the admitted rate and the
+    utilization it caused under the limit in force over the last scrape."""
+    spec.setdefault("capacity", SEEK)
+    control = loop(15.0, bounds=RAILS, **spec)
+    limit = 2000.0  # the standard set's baseline
+    for number, demand in enumerate(demands):
+        admitted = min(demand, limit)
+        utilization = min(1.0, admitted / capacity)
+        limit = control.tick(15.0 * number, utilization, **{ADMITTED: admitted}).value
+    return control.decisions
+
+
+@pytest.mark.parametrize("capacity", [20.0, 60.0, 180.0])
+def test_the_same_policy_finds_the_capacity_of_any_pool(capacity: float) -> None:
+    # Half loaded, then offered 5× its capacity: the limit is the capacity × 0.8 before the
+    # burst, so the burst is held from its first second, whatever the pool's size (the
+    # bounds are only rails).
+    decisions = pool(capacity, [0.5 * capacity] * 4 + [5 * capacity] * 8)
+    assert "capacity ≈" in decisions[3].reason
+    assert [d.value for d in decisions] == pytest.approx([0.8 * capacity] * 12)
+
+
+def test_a_saturated_sample_cuts_and_does_not_update_the_estimate() -> None:
+    control = loop(15.0, bounds=RAILS, capacity=SEEK)
+    assert control.tick(0.0, 0.5, **{ADMITTED: 30.0}).value == 48.0  # capacity 60
+    # The pool lost capacity: the same throughput saturates it. Cut from 48, keep 60.
+    cut = control.tick(15.0, 1.0, **{ADMITTED: 48.0})
+    assert cut.value == pytest.approx(48.0 * 0.8)
+    assert "saturated" in cut.reason
+    assert "capacity not updated" in cut.reason
+    held = control.tick(30.0, 1.0, **{ADMITTED: 38.4})  # cannot show the cut yet
+    assert held.value == pytest.approx(38.4)
+    # Below saturation again: the estimate follows the pool's new capacity (30 / 0.9).
+    found = control.tick(45.0, 0.9, **{ADMITTED: 30.0})
+    assert found.value == pytest.approx(0.8 * (60 + 0.3 * (30 / 0.9 - 60)))
+
+
+def test_a_noisy_estimate_inside_the_band_does_not_move_the_limit() -> None:
+    control = loop(15.0, bounds=RAILS, capacity=SEEK)
+    assert control.tick(0.0, 0.5, **{ADMITTED: 30.0}).value == 48.0
+    for number, admitted in enumerate([31.0, 29.0, 30.5, 29.5, 31.5], start=1):
+        assert control.tick(15.0 * number, 0.5, **{ADMITTED: admitted}).value == 48.0
+
+
+def test_without_an_estimate_the_algorithm_acts() -> None:
+    control = loop(15.0, bounds=RAILS, capacity=SEEK)
+    first = control.tick(0.0, 0.9)  # no throughput sample: AIMD from the baseline 2000
+    assert first.value == 1600.0
+    assert "admitted is missing: capacity not updated" in first.reason
+
+
+def test_capacity_settings_are_checked() -> None:
+    with pytest.raises(ValueError, match="setpoint is a utilization"):
+        adaptive(capacity=SEEK, setpoint=0.97)
+    with pytest.raises(ValueError, match="min_signal"):
+        adaptive(capacity={**SEEK, "min_signal": 0.9, "saturated": 0.9})
+    policies = policy_set(adaptive(capacity=SEEK))
+    assert {u.key.query for u in policies.signal_uses()} == {GPU_QUERY, ADMITTED}
