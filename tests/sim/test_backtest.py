@@ -41,6 +41,25 @@ def _spec(name: str) -> PolicyTestFile:
     return spec
 
 
+def _series(
+    signal: str, values: list[float | None], start: float, interval: float, case: str
+) -> Series:
+    """A test's signal as the series its query reads: the GPU's utilization (percent), or
+    the gateway's counter of admitted requests, whose `irate` is the test's requests/s (it
+    starts one interval early, so that `irate` has two samples from the case's start)."""
+    if signal == "admitted_rps":
+        total, samples = 0.0, [(start - interval, 0.0)]
+        for i, value in enumerate(values):
+            if value is not None:
+                total += value * interval
+                samples.append((start + i * interval, total))
+        labels = {"outcome": "allow", "case": case}
+        return Series("gateway_requests_total", labels, samples)
+    samples = [(start + i * interval, 100.0 * v) for i, v in enumerate(values) if v is not None]
+    labels = {"pool": "inference", "gpu": "0", "case": case}
+    return Series("DCGM_FI_DEV_GPU_UTIL", labels, samples)
+
+
 def _origin(base: float, name: str, case: int) -> float:
     return base + (TESTS[name] + case) * DAY
 
@@ -58,16 +77,10 @@ def prometheus(tmp_path_factory: pytest.TempPathFactory, base: float) -> Iterato
     for name in TESTS:
         spec = _spec(name)
         for number, case in enumerate(spec.tests):
-            (values,) = case.signals.values()
-            assert isinstance(values, list)
             start = _origin(base, name, number)
-            samples = [
-                (start + i * spec.interval, 100.0 * v)
-                for i, v in enumerate(values)
-                if v is not None
-            ]
-            labels = {"pool": "inference", "gpu": "0", "case": f"{name}-{number}"}
-            series.append(Series("DCGM_FI_DEV_GPU_UTIL", labels, samples))
+            for signal, values in case.signals.items():
+                assert isinstance(values, list)
+                series.append(_series(signal, values, start, spec.interval, f"{name}-{number}"))
     # One runaway tenant for a day before day 0 (the tenant-registry tests).
     spend = [(base - DAY + i * 60.0, 5.0) for i in range(60)]
     series.append(Series("tenant_spend", {"tenant": "acme"}, spend))
@@ -88,8 +101,8 @@ def test_backtest_fires_when_the_policy_test_expects(
     source = PrometheusSource.from_url(prometheus)
     for number, case in enumerate(spec.tests):
         start = _origin(base, name, number)
-        (values,) = case.signals.values()
-        shift = STALE_AFTER if isinstance(values, list) and None in values else 0.0
+        gaps = any(isinstance(v, list) and None in v for v in case.signals.values())
+        shift = STALE_AFTER if gaps else 0.0
         if shift and policies.adaptives:
             continue
         last = max(e.at for e in case.expect) + shift

@@ -164,10 +164,10 @@ def test_every_baseline_sees_the_same_arrivals(short_scenario: Path) -> None:
     allowed = static.outcomes["allow"].sum()
     assert allowed <= 10 * scenario.duration + 10
     assert static.outcomes["rate_limited"].sum() > 0
-    # AIMD writes the policies' knob, within the policy's bounds, and moves it.
+    # AIMD writes the policies' knob, within the policy's bounds (10–1000), and moves it.
     written = runs[AIMD].limits[str(KNOB)]
     assert np.nanmin(written) >= 10
-    assert np.nanmax(written) <= 60
+    assert np.nanmax(written) <= 1000
     assert len(np.unique(written[np.isfinite(written)])) > 2
     # Gradient is a peer, not capped by the Limits document's global rate: no global limit
     # is written beside its own concurrency limit (the static run has the 60 req/s one).

@@ -46,13 +46,16 @@ def test_fallback_overshoot_and_flaps(short_scenario: Path, tmp_path: Path) -> N
             for s in ("global", "ip", "plan", "tenant", "user")
         )
     tick = scenario.tick
-    hot = record.utilization > 0.85
+    hot = record.utilization > 0.80  # over the setpoint
     # Overshoot is exported on the tick after a hot one (the GPUs are read one scrape late).
     assert max(overshoot) > 0.0
     assert all(o == 0.0 for o, was_hot in zip(overshoot[1:], hot[:-1], strict=True) if not was_hot)
     # The metric stops at 4 min; it is stale (60 s) from 5 min, fresh again after 7 min.
     before = int(300 / tick) - 1
-    assert fallback[before] == 0.0
-    assert 0.0 < fallback[-1] <= 180.0
+    # The admitted rate (`irate`) needs two scrapes: the first two ticks estimate no
+    # capacity and act on AIMD alone (15 s of fallback), then nothing until the outage.
+    assert fallback[1] <= 15.0
+    assert fallback[before] == fallback[1]
+    assert 0.0 < fallback[-1] - fallback[before] <= 180.0
     assert fallback[-1] == fallback[int(450 / tick)]  # nothing more once the data is back
     assert changes == turns
