@@ -251,7 +251,9 @@ async def budget_overrun(bench: Bench) -> tuple[int, int]:
 
 async def client_side(server: RedisServer) -> None:
     client = redis.asyncio.Redis(port=server.port, decode_responses=True)
-    catalog = PlanCatalog.fixed(client, "governor", {"bench": PlanInfo()})
+    # Every plan the runs use is in the catalog: an unknown plan is refused (fail closed).
+    plans = ("bench", "boundary", "concurrent", "budget")
+    catalog = PlanCatalog.fixed(client, "governor", dict.fromkeys(plans, PlanInfo()))
     admission = Admission(client, "governor", PriceTable.from_settings(PricesSettings()), catalog)
     storage = RedisStorage(
         f"async+redis://127.0.0.1:{server.port}",

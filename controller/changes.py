@@ -16,10 +16,6 @@ class Change:
     old: float | None
     new: float | None
 
-    @property
-    def is_delete(self) -> bool:
-        return self.new is None
-
 
 @dataclass(frozen=True, slots=True)
 class Drift:

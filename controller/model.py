@@ -25,10 +25,6 @@ class LimitKind(enum.StrEnum):
     CONCURRENT_REQUESTS = "concurrent_requests"
     MAX_TOKENS_PER_REQUEST = "max_tokens_per_request"
 
-    @property
-    def is_budget(self) -> bool:
-        return self is LimitKind.TOKENS_PER_DAY
-
 
 class Scope(enum.StrEnum):
     """Who a limit applies to, from the widest to the narrowest."""

@@ -160,7 +160,8 @@ class ControllerSettings(BaseModel):
             if entry not in SINK_NAMES and not entry.startswith(_SINK_URL_SCHEMES):
                 raise ValueError(
                     f"sink {entry!r} is not one of {', '.join(SINK_NAMES)} nor a redis://, "
-                    "rediss://, unix:// or redis+sentinel:// URL"
+                    "rediss://, unix://, redis+sentinel:// or redis+cluster:// URL (a URL "
+                    'with a list of hosts needs the JSON form: ["redis", "redis+cluster://..."])'
                 )
             check_redis_url(entry)
         if len(set(value)) != len(value):
@@ -171,7 +172,15 @@ class ControllerSettings(BaseModel):
 
 
 SINK_NAMES = ("redis", "kong", "kubernetes", "configmap")
-_SINK_URL_SCHEMES = ("redis://", "rediss://", "unix://", "redis+sentinel://", "rediss+sentinel://")
+_SINK_URL_SCHEMES = (
+    "redis://",
+    "rediss://",
+    "unix://",
+    "redis+sentinel://",
+    "rediss+sentinel://",
+    "redis+cluster://",
+    "rediss+cluster://",
+)
 # Kong tags: printable ASCII except `,` and `/` (Kong's own rule); `|` is Governor's separator.
 _KONG_TAG = re.compile(r"[!-+\-.0-{}~]{1,64}")
 # A Kubernetes label value and DNS-1123 name part: what owner and name prefix must be.

@@ -18,6 +18,7 @@ from controller.cli import (
     gateway,
     keys,
     limits,
+    migrate,
     override,
     policy,
     run,
@@ -28,6 +29,7 @@ from controller.cli import signals as signals_cli
 from controller.cli import simulate as simulate_cli
 from controller.cli import usage as usage_cli
 from controller.cli._redis import OUTPUT
+from controller.extras import MissingExtraError
 
 _option_type = typer.core.TyperOption.display_type_rich
 
@@ -83,6 +85,7 @@ app.add_typer(credits.app, name="credits")
 override.register(app)  # `override` group plus top-level `freeze` / `unfreeze`
 explain.register(app)  # top-level `explain ADDRESS`
 app.add_typer(keys.app, name="keys")
+app.add_typer(migrate.app, name="redis")
 gateway.register(app)  # top-level `gateway --upstream URL`
 run.register(app)  # top-level `run` (the daemon)
 simulate_cli.register(app)  # top-level `simulate` (the closed-loop simulator)
@@ -116,4 +119,8 @@ def _root(
 
 def main() -> None:
     """Entry point of the `governor` console script."""
-    app()
+    try:
+        app()
+    except MissingExtraError as exc:  # wherever a command met it: one line, not a traceback
+        typer.echo(f"error: {exc}", err=True)
+        raise SystemExit(2) from None

@@ -22,15 +22,22 @@ from rich.table import Table
 from rich.text import Text
 
 from controller.cli.config import load_settings
-from controller.clients.redis import close, connect, url_from_settings
+from controller.clients.redis import (
+    close,
+    connect,
+    key_schema,
+    refuse_cluster_node,
+    url_from_settings,
+)
 from controller.contract.keys import KeySchema
+from controller.control.compose import build_journal
 from controller.control.overrides import ControlStore
+from controller.durations import parse_duration
 from controller.errors import ConfigurationError, SinkError
 from controller.journal.events import JournalEvent
 from controller.journal.writer import Journal
 from controller.logging import configure_logging, mask_text
 from controller.model import Address, AddressError
-from controller.policy.documents import parse_duration
 from controller.settings import Settings
 from controller.sinks.redis import RedisSink
 
@@ -86,17 +93,18 @@ def stores() -> Iterator[Stores]:
         settings = load_settings()
         configure_logging(log_level(settings), "stderr")
         url = url_from_settings(settings)
-        keys = KeySchema(settings.redis.key_prefix)
         client = connect(url, settings.redis)
+        keys = key_schema(client, settings.redis.key_prefix)
         journal_client = connect(url, settings.redis, retries=0)
         try:
+            refuse_cluster_node(journal_client)  # no retries: a Redis down fails below
             yield Stores(
                 settings,
                 keys,
                 client,
                 RedisSink(client, keys),
                 ControlStore(client, keys),
-                Journal(journal_client, keys, settings.journal),
+                build_journal(journal_client, keys, settings.journal),
             )
         finally:
             close(client)

@@ -12,8 +12,8 @@ from rich.table import Table
 
 from controller.cli._redis import console, stores
 from controller.cli.config import load_settings
+from controller.durations import parse_duration
 from controller.errors import GovernorError, SignalError
-from controller.policy.documents import parse_duration
 from controller.settings import PrometheusSettings, Settings
 
 if TYPE_CHECKING:

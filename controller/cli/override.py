@@ -23,9 +23,9 @@ from controller.cli._redis import (
     when,
 )
 from controller.control.overrides import Freeze
+from controller.durations import format_duration
 from controller.journal.events import JournalEvent, Kind
 from controller.model import Override
-from controller.policy.documents import format_duration
 
 app = typer.Typer(
     help="Pin a limit to a value until it expires (manual override beats automation).",

@@ -82,7 +82,7 @@ def usage(
     address (ip/...) limits are not shown: they depend on where a request comes from."""
     with stores() as s:
         chosen = known_plans(s).require(_plan_of(s, tenant, plan))
-        keys = EnforcementKeys.for_prefix(s.keys.prefix)
+        keys = EnforcementKeys(s.keys)
         found = read_usage(s.client, keys, tenant, chosen, user, model)
         if not found.version:
             raise ConfigurationError(

@@ -3,30 +3,50 @@
 from __future__ import annotations
 
 import ssl
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import redis
 import redis.asyncio
+import redis.asyncio.cluster
 import redis.asyncio.retry
 import redis.asyncio.sentinel
+import redis.cluster
 import redis.sentinel
 from redis.backoff import ExponentialBackoff, NoBackoff
+from redis.exceptions import AskError, MovedError, RedisClusterException
 from redis.retry import Retry
 
+from controller.contract.keys import KeySchema
 from controller.errors import ConfigurationError, SinkError, untrusted_certificate_hint
 from controller.settings import RedisSettings, Settings
 from controller.urls import mask_url
 
-SCHEMES = ("redis", "rediss", "unix", "redis+sentinel", "rediss+sentinel")
+SCHEMES = (
+    "redis",
+    "rediss",
+    "unix",
+    "redis+sentinel",
+    "rediss+sentinel",
+    "redis+cluster",
+    "rediss+cluster",
+)
 _SENTINEL = ("redis+sentinel", "rediss+sentinel")
-_PLANNED = {"redis+cluster": "Cluster"}
+_CLUSTER = ("redis+cluster", "rediss+cluster")
 _BACKOFF_CAP_SECONDS = 2.0
 _SENTINEL_PORT = 26379
+_REDIS_PORT = 6379
 _SENTINEL_EXAMPLE = "redis+sentinel://:password@sentinel-0:26379,sentinel-1:26379/mymaster/0"
+_CLUSTER_EXAMPLE = "redis+cluster://node-0:6379,node-1:6379,node-2:6379/0"
+# What a MOVED, ASK or CROSSSLOT error means for a Governor user: a cluster node reached
+# through a plain URL, or a key layout that does not fit a cluster.
+CLUSTER_HINT = (
+    "this Redis is a Cluster node: set GOVERNOR_REDIS__URL to a redis+cluster:// URL listing "
+    f"the nodes, e.g. {_CLUSTER_EXAMPLE} (rediss+cluster:// for TLS)"
+)
 
 
 def masked_url(url: str) -> str:
@@ -40,7 +60,7 @@ def url_from_settings(settings: Settings) -> str:
         raise ConfigurationError(
             "no Redis configured: set GOVERNOR_REDIS__URL, e.g. redis://127.0.0.1:6379/0 "
             "(rediss:// for TLS, unix:///path/to/redis.sock for a socket, "
-            f"{_SENTINEL_EXAMPLE} for Sentinel)"
+            f"{_SENTINEL_EXAMPLE} for Sentinel, {_CLUSTER_EXAMPLE} for a Cluster)"
         )
     return settings.redis.url.get_secret_value()
 
@@ -61,21 +81,9 @@ class SentinelTarget:
 def parse_sentinel_url(url: str) -> SentinelTarget:
     """`redis+sentinel://[user:password@]host[:port][,host[:port]...]/service[/db]
     [?sentinel_password=...]`; ConfigurationError naming what is wrong."""
-
-    def bad(why: str) -> ConfigurationError:
-        return ConfigurationError(
-            f"Redis Sentinel URL {masked_url(url)!r}: {why}; expected e.g. {_SENTINEL_EXAMPLE}"
-        )
-
+    bad = _complaint("Sentinel", url, _SENTINEL_EXAMPLE)
     parts = urlsplit(url)
-    auth, _, hosts = parts.netloc.rpartition("@")
-    username, _, password = auth.partition(":") if auth else ("", "", "")
-    sentinels = []
-    for entry in filter(None, hosts.split(",")):
-        host, _, port = entry.rpartition(":") if entry.count(":") == 1 else (entry, "", "")
-        if not port.isdigit() and port:
-            raise bad(f"port {port!r} of {entry!r} is not a number")
-        sentinels.append((host, int(port) if port else _SENTINEL_PORT))
+    sentinels, username, password = _host_list(parts.netloc, _SENTINEL_PORT, bad)
     if not sentinels:
         raise bad("no Sentinel host")
     path = [p for p in parts.path.split("/") if p]
@@ -97,9 +105,61 @@ def parse_sentinel_url(url: str) -> SentinelTarget:
     )
 
 
+def _complaint(kind: str, url: str, example: str) -> Callable[[str], ConfigurationError]:
+    """What a URL parser raises: the URL (password masked), why, and an example."""
+
+    def bad(why: str) -> ConfigurationError:
+        return ConfigurationError(
+            f"Redis {kind} URL {masked_url(url)!r}: {why}; expected e.g. {example}"
+        )
+
+    return bad
+
+
+def _host_list(
+    netloc: str, default_port: int, bad: Callable[[str], ConfigurationError]
+) -> tuple[list[tuple[str, int]], str, str]:
+    """`[user:password@]host[:port][,host[:port]...]` → (hosts, user, password), as written."""
+    auth, _, hosts = netloc.rpartition("@")
+    username, _, password = auth.partition(":") if auth else ("", "", "")
+    found = []
+    for entry in filter(None, hosts.split(",")):
+        host, _, port = entry.rpartition(":") if entry.count(":") == 1 else (entry, "", "")
+        if not port.isdigit() and port:
+            raise bad(f"port {port!r} of {entry!r} is not a number")
+        found.append((host, int(port) if port else default_port))
+    return found, username, password
+
+
+@dataclass(frozen=True)
+class ClusterTarget:
+    """What a `redis+cluster://` URL names: the nodes to start from (any reachable one
+    tells the client the rest), and the data nodes' credentials."""
+
+    nodes: list[tuple[str, int]]
+    username: str | None
+    password: str | None
+
+
+def parse_cluster_url(url: str) -> ClusterTarget:
+    """`redis+cluster://[user:password@]host[:port][,host[:port]...][/0]`;
+    ConfigurationError naming what is wrong."""
+    bad = _complaint("Cluster", url, _CLUSTER_EXAMPLE)
+    parts = urlsplit(url)
+    nodes, username, password = _host_list(parts.netloc, _REDIS_PORT, bad)
+    if not nodes:
+        raise bad("no node")
+    if parts.path.strip("/") not in ("", "0"):
+        raise bad(f"a Cluster has database 0 only, not {parts.path.strip('/')!r}")
+    if parts.query:
+        raise bad("it takes no parameters")
+    return ClusterTarget(nodes, unquote(username) or None, unquote(password) or None)
+
+
 def client_options(url: str, settings: RedisSettings) -> dict[str, Any]:
     """What every Governor client (sync or async) sets: decoded answers, timeouts, the login
-    from settings (it wins over the URL's), TLS for rediss:// and rediss+sentinel://."""
+    from settings (it wins over the URL's), TLS for rediss://, rediss+sentinel:// and
+    rediss+cluster://."""
     options: dict[str, Any] = {
         "decode_responses": True,
         "socket_timeout": settings.socket_timeout_seconds,
@@ -118,11 +178,6 @@ def client_options(url: str, settings: RedisSettings) -> dict[str, Any]:
 
 def _check_scheme(url: str) -> str:
     scheme = urlsplit(url).scheme
-    if scheme in _PLANNED:
-        raise ConfigurationError(
-            f"Redis {_PLANNED[scheme]} URLs are not supported yet ({masked_url(url)}); "
-            "use redis://, rediss://, unix:// or redis+sentinel://"
-        )
     if scheme not in SCHEMES:
         raise ConfigurationError(
             f"Redis URL {masked_url(url)!r} has scheme {scheme!r}; use one of "
@@ -136,20 +191,34 @@ def _sentinel_setup(url: str, options: dict[str, Any]) -> tuple[SentinelTarget, 
     """The target, and the options of the connections to the Sentinels themselves (same
     timeouts and TLS as the data nodes, their own password if the URL gives one)."""
     target = parse_sentinel_url(url)
-    if target.username is not None:
-        options.setdefault("username", target.username)
-    if target.password is not None:
-        options.setdefault("password", target.password)
-    options["ssl"] = urlsplit(url).scheme == "rediss+sentinel"
+    _join_login(options, url, target.username, target.password)
     own = {k: v for k, v in options.items() if k.startswith(("socket_", "ssl"))}
     if target.sentinel_password is not None:
         own["password"] = target.sentinel_password
     return target, own
 
 
+def _cluster_setup(url: str, options: dict[str, Any]) -> ClusterTarget:
+    """The target; the URL's login joins the options (settings' win), TLS for rediss+."""
+    target = parse_cluster_url(url)
+    _join_login(options, url, target.username, target.password)
+    return target
+
+
+def _join_login(
+    options: dict[str, Any], url: str, username: str | None, password: str | None
+) -> None:
+    """The URL's login where settings gave none; TLS for the rediss+ schemes."""
+    if username is not None:
+        options.setdefault("username", username)
+    if password is not None:
+        options.setdefault("password", password)
+    options["ssl"] = urlsplit(url).scheme.startswith("rediss+")
+
+
 def connect(url: str, settings: RedisSettings, *, retries: int | None = None) -> redis.Redis[str]:
-    """A client for `url` (redis://, rediss://, unix://, redis+sentinel://);
-    `retries` overrides settings.retries.
+    """A client for `url` (redis://, rediss://, unix://, redis+sentinel://,
+    redis+cluster://); `retries` overrides settings.retries.
 
     Retries cover connection errors and timeouts only, with exponential backoff; MULTI/EXEC
     makes a retried transaction all-or-nothing. Behind Sentinel a failover is such an error
@@ -167,9 +236,42 @@ def connect(url: str, settings: RedisSettings, *, retries: int | None = None) ->
             target, own = _sentinel_setup(url, options)
             manager = redis.sentinel.Sentinel(target.sentinels, sentinel_kwargs=own, **options)
             return manager.master_for(target.service, db=target.db)
+        if scheme in _CLUSTER:
+            return _connect_cluster(url, options)
         return redis.Redis.from_url(url, **options)
     except (ValueError, redis.RedisError) as exc:
         raise ConfigurationError(f"Redis URL {masked_url(url)!r}: {exc}") from None
+
+
+def _connect_cluster(url: str, options: dict[str, Any]) -> redis.Redis[str]:
+    """A cluster client; it asks the nodes for the slot map at once, so an unreachable
+    cluster is a SinkError here (redis-py's sync cluster client has no lazy start)."""
+    target = _cluster_setup(url, options)
+    nodes = [redis.cluster.ClusterNode(host, port) for host, port in target.nodes]
+    options.pop("retry_on_error", None)  # the cluster client retries those itself
+    try:
+        client: redis.cluster.RedisCluster[str] = redis.cluster.RedisCluster(
+            startup_nodes=nodes, **options
+        )
+    except (RedisClusterException, redis.ConnectionError, redis.TimeoutError) as exc:
+        raise SinkError(
+            f"Redis Cluster {masked_url(url)}: no node answered ({exc}); are the nodes up "
+            "and GOVERNOR_REDIS__URL right?"
+        ) from None
+    # It answers the same commands (RedisClusterCommands); what differs — scripts and
+    # transactions must keep to one slot — callers ask `is_cluster` for.
+    return cast("redis.Redis[str]", client)
+
+
+def is_cluster(client: object) -> bool:
+    """Whether `client` is a Redis Cluster client (sync or async)."""
+    return isinstance(client, redis.cluster.RedisCluster | redis.asyncio.cluster.RedisCluster)
+
+
+def key_schema(client: object, prefix: str) -> KeySchema:
+    """The contract's key names for this client: contract 2 (sharded) on a Redis Cluster,
+    contract 1 on one Redis (its names, scripts and costs unchanged)."""
+    return KeySchema(prefix, sharded=is_cluster(client))
 
 
 def connect_async(url: str, settings: RedisSettings) -> redis.asyncio.Redis[str]:
@@ -186,14 +288,29 @@ def connect_async(url: str, settings: RedisSettings) -> redis.asyncio.Redis[str]
                 target.sentinels, sentinel_kwargs=own, **options
             )
             return manager.master_for(target.service, db=target.db)
+        if scheme in _CLUSTER:
+            return _connect_cluster_async(url, options)
         return redis.asyncio.Redis.from_url(url, **options)
-    except (ValueError, redis.RedisError) as exc:
+    except (ValueError, redis.RedisError, RedisClusterException) as exc:
         raise ConfigurationError(f"Redis URL {masked_url(url)!r}: {exc}") from None
+
+
+def _connect_cluster_async(url: str, options: dict[str, Any]) -> redis.asyncio.Redis[str]:
+    """Lazy: the slot map is read on the first command, so a gateway starts while the
+    cluster is away and serves the plans' fail modes meanwhile. No retries, as above."""
+    target = _cluster_setup(url, options)
+    nodes = [redis.asyncio.cluster.ClusterNode(host, port) for host, port in target.nodes]
+    cluster: redis.asyncio.cluster.RedisCluster[str] = redis.asyncio.cluster.RedisCluster(
+        startup_nodes=nodes, **options
+    )
+    return cast("redis.asyncio.Redis[str]", cluster)
 
 
 def close(client: redis.Redis[str]) -> None:
     """Close a client and, behind Sentinel, its connections to the Sentinels."""
     client.close()
+    if is_cluster(client):
+        return
     pool = client.connection_pool
     if isinstance(pool, redis.sentinel.SentinelConnectionPool):
         pool.disconnect()
@@ -205,6 +322,8 @@ def close(client: redis.Redis[str]) -> None:
 async def aclose(client: redis.asyncio.Redis[str]) -> None:
     """Close an async client and, behind Sentinel, its connections to the Sentinels."""
     await client.aclose()  # type: ignore[attr-defined]  # types-redis predates aclose
+    if is_cluster(client):
+        return
     pool = client.connection_pool
     if isinstance(pool, redis.asyncio.sentinel.SentinelConnectionPool):
         for sentinel in pool.sentinel_manager.sentinels:
@@ -213,6 +332,9 @@ async def aclose(client: redis.asyncio.Redis[str]) -> None:
 
 def location(client: redis.Redis[str]) -> str:
     """Where a client points, without credentials, for error messages."""
+    if is_cluster(client):
+        nodes = cast("redis.cluster.RedisCluster[str]", client).get_primaries()
+        return "cluster " + ",".join(sorted(f"{n.host}:{n.port}" for n in nodes))
     pool = client.connection_pool
     if isinstance(pool, redis.sentinel.SentinelConnectionPool):
         return f"the master of Sentinel service {pool.service_name!r}"
@@ -222,21 +344,85 @@ def location(client: redis.Redis[str]) -> str:
     return f"{kwargs.get('host', '?')}:{kwargs.get('port', '?')}/{kwargs.get('db', 0)}"
 
 
+def refuse_cluster_node(client: redis.Redis[str]) -> None:
+    """ConfigurationError when a plain URL (redis://, rediss://, unix://, Sentinel) names a
+    Cluster node: `INFO cluster` says `cluster_enabled:1`. Commands on one would half work
+    (a key of another slot answers MOVED), so nothing starts. A server that does not answer,
+    or refuses INFO (an ACL), is left to the first real command to report."""
+    if is_cluster(client):
+        return
+    try:
+        info = client.info("cluster")
+    except redis.RedisError:
+        return
+    if str(info.get("cluster_enabled", "0")) == "1":
+        raise ConfigurationError(f"Redis at {location(client)}: {CLUSTER_HINT}")
+
+
+def refuse_cluster_url(url: str, settings: RedisSettings) -> None:
+    """`refuse_cluster_node` on a client of its own without retries (a Redis that is down
+    is not waited for here; its first real command reports it)."""
+    if urlsplit(url).scheme in _CLUSTER:
+        return
+    probe = connect(url, settings, retries=0)
+    try:
+        refuse_cluster_node(probe)
+    finally:
+        close(probe)
+
+
+def response_hint(exc: redis.ResponseError, clustered: bool) -> str:
+    """What to do about a Redis error reply, if we know; '' otherwise."""
+    text = str(exc)
+    if isinstance(exc, AskError):  # MOVED or ASK: a slot served elsewhere
+        kind = "MOVED" if isinstance(exc, MovedError) else "ASK"
+        return f" ({kind}: the key's slot is served by another node; {CLUSTER_HINT})"
+    if "CROSSSLOT" in text or "hash to the same slot" in text:  # redis-py drops the keyword
+        return " (CROSSSLOT: " + (LAYOUT_HINT if clustered else CLUSTER_HINT) + ")"
+    if "WRONGTYPE" in text:
+        return (
+            " (a key Governor owns was replaced by hand with another type: "
+            "delete it and Governor rewrites it on the next tick)"
+        )
+    return ""
+
+
+def explained(exc: Exception, clustered: bool) -> str:
+    """An error of a Redis client (a reply, or a refusal of the cluster client itself) with
+    what to do about it, when we know."""
+    if isinstance(exc, RedisClusterException):
+        return f"{exc} ({cluster_client_hint(exc)})"
+    if isinstance(exc, redis.ResponseError):
+        return f"{exc}{response_hint(exc, clustered)}"
+    return str(exc)
+
+
+# A command or transaction over several slots on a cluster client: contract 2 keeps the
+# keys used together in one slot, so this is a call that does not fit it yet.
+LAYOUT_HINT = (
+    "its keys are in different Cluster slots: this call does not fit key contract 2 yet "
+    "(docs/redis-contract.md, Redis Cluster, lists what works on a Cluster)"
+)
+
+
+def cluster_client_hint(exc: RedisClusterException) -> str:
+    """What a refusal of redis-py's cluster client itself (not a reply) means."""
+    return "are the Cluster's nodes up?" if "connect" in str(exc) else LAYOUT_HINT
+
+
 @contextmanager
 def wrapped(client: redis.Redis[str], action: str) -> Iterator[None]:
     """Turn any Redis client error inside the block into a SinkError naming server and action."""
     try:
         yield
     except redis.ResponseError as exc:
-        hint = ""
-        if "WRONGTYPE" in str(exc):
-            hint = (
-                " (a key Governor owns was replaced by hand with another type: "
-                "delete it and Governor rewrites it on the next tick)"
-            )
+        hint = response_hint(exc, is_cluster(client))
         raise SinkError(f"Redis at {location(client)}: {action} failed: {exc}{hint}") from exc
     except redis.RedisError as exc:
         hint = "is the server up and GOVERNOR_REDIS__URL right?"
         if "CERTIFICATE_VERIFY_FAILED" in str(exc):
             hint = untrusted_certificate_hint("REDIS", "the server's")
+        raise SinkError(f"Redis at {location(client)}: {action} failed: {exc} ({hint})") from exc
+    except RedisClusterException as exc:  # raised by the cluster client itself, not a reply
+        hint = cluster_client_hint(exc)
         raise SinkError(f"Redis at {location(client)}: {action} failed: {exc} ({hint})") from exc

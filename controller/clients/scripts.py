@@ -10,8 +10,9 @@ from typing import Any, Protocol, cast
 
 import redis
 import redis.asyncio
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, RedisClusterException
 
+from controller.clients.redis import explained, is_cluster
 from controller.contract.scripts import script_source
 from controller.errors import SinkError
 
@@ -89,6 +90,8 @@ class Script:
                 *[_bulk(arg) for arg in tail],
             )
         )
+        if is_cluster(client):
+            return await self._run_routed(client, (*keys, *args, *fixed, *tail), len(keys))
         pool = client.connection_pool
         connection = await pool.get_connection()
         try:
@@ -101,9 +104,28 @@ class Script:
                 await connection.send_packed_command(payload)
                 return await connection.read_response()
         except redis.RedisError as exc:
-            raise EnforcementError(f"the {self.name} script failed: {exc}") from exc
+            raise self._failed(exc, clustered=False) from exc
         finally:
             await pool.release(connection)
+
+    async def _run_routed(
+        self, client: redis.asyncio.Redis[str], values: Sequence[Arg], key_count: int
+    ) -> Any:
+        """On a Cluster: the client routes by the keys' slot (and follows MOVED); a script
+        missing on the node that serves it (a promoted replica) is loaded there first."""
+        commands = cast(_AsyncCommands, client)
+        try:
+            try:
+                return await commands.execute_command("EVALSHA", self.sha, key_count, *values)
+            except NoScriptError:
+                # SCRIPT LOAD goes to every master: the next miss is on another new one.
+                await cast(Any, client).script_load(self.source)
+                return await commands.execute_command("EVALSHA", self.sha, key_count, *values)
+        except (redis.RedisError, RedisClusterException) as exc:
+            raise self._failed(exc, clustered=True) from exc
+
+    def _failed(self, exc: Exception, *, clustered: bool) -> EnforcementError:
+        return EnforcementError(f"the {self.name} script failed: {explained(exc, clustered)}")
 
     @functools.cached_property
     def _sha(self) -> bytes:
@@ -121,8 +143,8 @@ class Script:
             except NoScriptError:
                 client.execute_command("SCRIPT LOAD", self.source)
                 return client.execute_command("EVALSHA", self.sha, len(keys), *keys, *args)
-        except redis.RedisError as exc:
-            raise EnforcementError(f"the {self.name} script failed: {exc}") from exc
+        except (redis.RedisError, RedisClusterException) as exc:
+            raise self._failed(exc, clustered=is_cluster(client)) from exc
 
 
 ADMIT = Script.named("admit")
@@ -137,5 +159,5 @@ async def load_scripts(client: redis.asyncio.Redis[str]) -> None:
     try:
         for script in ALL_SCRIPTS:
             await cast(_AsyncCommands, client).execute_command("SCRIPT LOAD", script.source)
-    except redis.RedisError as exc:
+    except (redis.RedisError, RedisClusterException) as exc:
         raise EnforcementError(f"loading the enforcement scripts failed: {exc}") from exc

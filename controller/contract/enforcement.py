@@ -6,7 +6,7 @@ import functools
 import ipaddress
 from dataclasses import dataclass
 
-from controller.contract.keys import KeySchema, escape_id
+from controller.contract.keys import SHARED_TAG, KeySchema, escape_id
 from controller.model import Address, LimitKind, Scope, validate_id
 
 
@@ -42,8 +42,8 @@ class EnforcementKeys:
     schema: KeySchema
 
     @classmethod
-    def for_prefix(cls, prefix: str) -> EnforcementKeys:
-        return cls(KeySchema(prefix))
+    def for_prefix(cls, prefix: str, *, sharded: bool = False) -> EnforcementKeys:
+        return cls(KeySchema(prefix, sharded))
 
     def _key(self, *parts: str) -> str:
         return ":".join((self.schema.prefix, *parts))
@@ -54,10 +54,14 @@ class EnforcementKeys:
         return self.schema.owner(Address(scope, _ANY, **ids))
 
     def global_level(self) -> Level:
+        if self.schema.sharded:
+            return self._level(self._key(SHARED_TAG, "enforce", "global"))
         return self._level(self._key("enforce", "global"))
 
     def ip_level(self, ip: str) -> Level:
         """`ip` as returned by `ip_id`."""
+        if self.schema.sharded:
+            return self._level(self._key(self.schema.ip_tag(ip), "enforce"))
         return self._level(self._key("enforce", "ip", escape_id(ip)))
 
     def tenant_level(self, tenant: str) -> Level:
@@ -87,10 +91,33 @@ class EnforcementKeys:
         """The 10 keys of settle.lua."""
         return _settle_keys(self, tenant, user or "", ip or "")
 
+    def admit_groups(
+        self, tenant: str, user: str | None, ip: str | None
+    ) -> tuple[tuple[str, ...], ...]:
+        """Contract 2: an admission's keys by slot, one script call each — the shared slot
+        (the version, the global state and leases), the client address's (its state and
+        leases; absent without an ip) and the tenant's (tenant and user state and leases,
+        credits and their history)."""
+        shared = (self.schema.version, *_pair(self.global_level()))
+        tenant_level = self.tenant_level(tenant)
+        own = (
+            *_pair(tenant_level),
+            *_pair(self.user_level(tenant, user) if user else tenant_level),
+            self.credits(tenant),
+            self.credit_history(tenant),
+        )
+        if not ip:
+            return (shared, own)
+        return (shared, _pair(self.ip_level(ip)), own)
+
     def charge_keys(self, tenant: str, user: str | None, ip: str | None) -> tuple[str, ...]:
         """The 6 keys of charge.lua: each level's state, then the credits and their history."""
         states = _levels(self, tenant, user or "", ip or "")[::2]
         return (*states, self.credits(tenant), self.credit_history(tenant))
+
+
+def _pair(level: Level) -> tuple[str, str]:
+    return (level.state, level.leases)
 
 
 def _levels(keys: EnforcementKeys, tenant: str, user: str, ip: str) -> tuple[str, ...]:

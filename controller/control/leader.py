@@ -12,8 +12,8 @@ from typing import Any, Protocol
 import redis
 import structlog
 
+from controller.clients.redis import key_schema
 from controller.contract.fence import Fence
-from controller.contract.keys import KeySchema
 
 _RENEW = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
@@ -79,7 +79,7 @@ class RedisLeaderLock:
     ) -> None:
         self.client = client
         self.identity = identity
-        schema = KeySchema(prefix)
+        schema = key_schema(client, prefix)
         self.key = schema.leader
         self.epoch_key = schema.leader_epoch
         self.lease_ms = int(lease_seconds * 1000)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+import functools
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -13,7 +14,7 @@ from controller.changes import Change, Drift, diff
 from controller.journal.events import JournalEvent, Kind, change_events, drift_events
 from controller.journal.writer import Journal
 from controller.model import Address, Decision
-from controller.sinks import ApplyResult, Sink, SinkState
+from controller.sinks import ApplyResult, PartialApplyError, Sink, SinkState
 
 
 @runtime_checkable
@@ -74,7 +75,37 @@ class Reconciler:
             self._log.warning("limit.foreign_entry", entry=entry, tick=tick)
         # The plain dict, not the Mapping wrapper: 100k lookups per tick.
         changes = diff({a: d.value for a, d in decisions.items()}, state.actual)
-        result = None if dry_run else self.sink.apply(changes)
+        journalled = functools.partial(
+            self._journal_changes,
+            decisions=decisions,
+            tick=tick,
+            policy_version=policy_version,
+            dry_run=dry_run,
+            runbooks=runbooks,
+        )
+        try:
+            result = None if dry_run else self.sink.apply(changes)
+        except PartialApplyError as exc:
+            # What landed is in force and the next diff will not show it: journal it now.
+            journalled(exc.applied)
+            raise
+        journalled(changes)
+        if result is not None and result.mismatched:
+            self._report_mismatch(result, tick)
+        if isinstance(self.sink, DecisionRecorder):
+            self.sink.record_decisions(decisions, tick)
+        return TickReport(tuple(changes), drift, result, dry_run)
+
+    def _journal_changes(
+        self,
+        changes: Sequence[Change],
+        *,
+        decisions: Mapping[Address, Decision],
+        tick: int,
+        policy_version: str | None,
+        dry_run: bool,
+        runbooks: Mapping[str, str] | None,
+    ) -> None:
         for event in change_events(
             changes,
             decisions,
@@ -85,11 +116,6 @@ class Reconciler:
             runbook_base_url=self.runbook_base_url,
         ):
             self._emit(event)
-        if result is not None and result.mismatched:
-            self._report_mismatch(result, tick)
-        if isinstance(self.sink, DecisionRecorder):
-            self.sink.record_decisions(decisions, tick)
-        return TickReport(tuple(changes), drift, result, dry_run)
 
     def _emit(self, event: JournalEvent) -> None:
         if self.name:

@@ -16,12 +16,14 @@ from typing import Literal
 
 import redis.asyncio
 
+from controller.clients.redis import key_schema
 from controller.clients.scripts import ADMIT, CHARGE, SETTLE, EnforcementError, load_scripts
 from controller.contract.catalog import PlanInfo
 from controller.contract.enforcement import EnforcementKeys, ip_id
 from controller.gateway.catalog import PlanCatalog
 from controller.gateway.limits import PERIOD_MS, LimitCache, Resolved
 from controller.gateway.prices import PriceTable, to_micro
+from controller.gateway.sharded import SlotAdmission
 from controller.model import Address, LimitKind, Scope, validate_id
 
 __all__ = [
@@ -150,8 +152,10 @@ class Admission:
         if lease_seconds <= 0 or record_grace_seconds < 0:
             raise ValueError("lease_seconds must be > 0 and record_grace_seconds >= 0")
         self.client = client
-        self.keys = EnforcementKeys.for_prefix(prefix)
+        self.keys = EnforcementKeys(key_schema(client, prefix))
         self.limits = LimitCache(client, self.keys)
+        # A Redis Cluster: one call per slot (contract 2) instead of one call.
+        self.slots = SlotAdmission(client, self.keys) if self.keys.schema.sharded else None
         self.prices = prices
         self.catalog = catalog
         self._lease_ms = str(round(lease_seconds * 1000))
@@ -188,7 +192,11 @@ class Admission:
                                                                 request.least_tokens))  # fmt: skip
             credits = self._credits(plan, request)
             args, fixed, tail = limits.argv(request.request_id, request.tokens, settings, credits)
-            reply = await ADMIT.run(self.client, keys, args, fixed, tail)
+            if self.slots is None:
+                reply = await ADMIT.run(self.client, keys, args, fixed, tail)
+            else:
+                who = (request.tenant, request.user or "", ip)
+                reply = await self.slots.admit(who, args, fixed[:4], _resolved(fixed), tail)
             if isinstance(reply, list) and len(reply) == 2 and reply[0] == "stale":
                 self.limits.stale(str(reply[1]))
                 continue
@@ -260,10 +268,12 @@ class Admission:
         if plan is not None and plan.credits is not None and usage.total > 0:
             price = self.prices.cost(request.model, usage.prompt, usage.completion)
             cost = str(to_micro(price))
-        keys = self.keys.charge_keys(request.tenant, request.user, ip)
         args: tuple[str | int, ...] = (request.request_id, usage.total, cost, model,
                                        self._history_length, usage.prompt, usage.completion,
                                        *budgets)  # fmt: skip
+        if self.slots is not None:
+            return await self.slots.charge((request.tenant, request.user or "", ip), args)
+        keys = self.keys.charge_keys(request.tenant, request.user, ip)
         return int(await CHARGE.run(self.client, keys, args))
 
     async def release(self, reservation: str, tenant: str) -> bool:
@@ -280,8 +290,7 @@ class Admission:
         split: tuple[int | None, int | None],
     ) -> bool:
         request_id, user, ip = _split_reservation(reservation)
-        keys = self.keys.settle_keys(tenant, user, ip)
-        args = (
+        args: tuple[str | int, ...] = (
             request_id,
             tokens,
             cost_micro,
@@ -290,7 +299,17 @@ class Admission:
             "" if split[0] is None else split[0],
             "" if split[1] is None else split[1],
         )
+        if self.slots is not None:
+            return await self.slots.settle((tenant, user, ip), args)
+        keys = self.keys.settle_keys(tenant, user, ip)
         return bool(await SETTLE.run(self.client, keys, args))
+
+
+def _resolved(fixed: tuple[str, ...]) -> tuple[str, tuple[str, ...], tuple[float, ...]]:
+    """From admit.lua's fixed arguments (version, 3 settings, ARGV 7, the values): ARGV 7,
+    the values, and the values as numbers (the combined answer's tightest budget)."""
+    values = fixed[5:]
+    return fixed[4], values, tuple(float(value) for value in values)
 
 
 def _decided(outcome: Outcome, denied_by: str | None) -> AdmissionResult:

@@ -24,9 +24,14 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Mount, Route
 
-from controller.clients.redis import aclose, connect_async, url_from_settings
+from controller.clients.redis import (
+    aclose,
+    connect_async,
+    key_schema,
+    refuse_cluster_url,
+    url_from_settings,
+)
 from controller.contract.catalog import PlanInfo
-from controller.contract.keys import KeySchema
 from controller.errors import ConfigurationError
 from controller.gateway.admission import Admission
 from controller.gateway.asgi import STORE_ERRORS, Enforcement, GovernorMiddleware
@@ -69,8 +74,10 @@ class GatewayRuntime:
     def from_settings(cls, settings: Settings, plans: FixedPlans | None = None) -> GatewayRuntime:
         """With `plans` (from a policy directory), plans come from there, not `<P>:plans`."""
         gateway = settings.gateway
-        keys = KeySchema(settings.redis.key_prefix)
-        client = connect_async(url_from_settings(settings), settings.redis)
+        url = url_from_settings(settings)
+        refuse_cluster_url(url, settings.redis)  # ConfigurationError: the gateway exits 2
+        client = connect_async(url, settings.redis)
+        keys = key_schema(client, settings.redis.key_prefix)
         http = httpx.AsyncClient(
             timeout=httpx.Timeout(gateway.upstream_timeout_seconds, connect=10.0),
             limits=httpx.Limits(max_connections=1000, max_keepalive_connections=100),
@@ -140,7 +147,7 @@ class GatewayRuntime:
 
     async def _heartbeat(self) -> None:
         metrics = self.enforcement.metrics
-        keys = KeySchema(self.settings.redis.key_prefix)
+        keys = key_schema(self.client, self.settings.redis.key_prefix)
         while True:
             try:
                 metrics.live_gateways.set(await self.presence.heartbeat())

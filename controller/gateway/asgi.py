@@ -13,6 +13,7 @@ from typing import Any
 import anyio
 import redis
 import structlog
+from redis.exceptions import RedisClusterException
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -43,8 +44,9 @@ from controller.gateway.responses import Answers, degrade_headers, rate_limit_he
 from controller.gateway.tracing import Tracing
 from controller.settings import GatewaySettings
 
-# What an unreachable or failing limit store raises, whoever wraps it.
-STORE_ERRORS = (redis.RedisError, SinkError, OSError)
+# What an unreachable or failing limit store raises, whoever wraps it (redis-py's cluster
+# client raises some of its own refusals outside RedisError).
+STORE_ERRORS = (redis.RedisError, RedisClusterException, SinkError, OSError)
 STATE_KEY = "governor"  # scope["state"]["governor"]: the Principal, for the app behind us
 
 
@@ -130,8 +132,9 @@ class GovernorMiddleware:
             self.e.metrics.request(None, None, None, "unauthenticated")
             await self.e.answers.unauthenticated(exc.detail)(scope, receive, send)
             return
-        except STORE_ERRORS:
+        except STORE_ERRORS as exc:
             self.e.metrics.store_errors.labels("authenticate").inc()
+            self._log.warning("limit store unreachable during authentication", error=_said(exc))
             await self.e.answers.enforcement_unavailable(None)(scope, receive, send)
             return
         scope.setdefault("state", {})[STATE_KEY] = principal
@@ -288,7 +291,7 @@ class GovernorMiddleware:
             plan=principal.plan,
             fail_mode=plan.fail_mode,
             decision=decision.outcome,
-            error=type(error).__name__ if error is not None else None,
+            error=_said(error) if error is not None else None,
         )
         metrics = self.e.metrics
         if decision.outcome == "closed" and error is None:
@@ -399,6 +402,12 @@ class GovernorMiddleware:
                 error=str(exc),
                 held=len(self.e.pending),
             )
+
+
+def _said(error: BaseException) -> str:
+    """A store error for the log: its type and message (the message names the server and
+    what to do, e.g. the Cluster URL to set; a bare type name helps no operator)."""
+    return f"{type(error).__name__}: {error}"
 
 
 def _degrade(request: ModelRequest, degrade: Degradation) -> bool:

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import redis
 import redis.asyncio
 
+from controller.clients.redis import key_schema
 from controller.contract.catalog import PlanInfo
-from controller.contract.keys import KeySchema
 from controller.errors import SinkError
 
 
@@ -61,11 +61,12 @@ class PlanCatalog:
 
     async def refresh(self) -> None:
         """Load every plan now; raise SinkError when Redis cannot be read."""
-        key = KeySchema(self.prefix).catalog
+        schema = key_schema(self.client, self.prefix)
+        key = schema.catalog
         try:
             pipe = self.client.pipeline(transaction=True)
             pipe.hgetall(key)
-            pipe.get(KeySchema(self.prefix).catalog_version)
+            pipe.get(schema.catalog_version)
             raw, version = await pipe.execute()
             plans = {name: PlanInfo.from_json(text) for name, text in raw.items()}
         except redis.RedisError as exc:

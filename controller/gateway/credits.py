@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import redis
 
+from controller.clients.redis import key_schema
 from controller.clients.scripts import TOP_UP
 from controller.contract.enforcement import EnforcementKeys
 from controller.errors import SinkError
@@ -73,7 +74,7 @@ class CreditLedger:
 
     def __init__(self, client: redis.Redis[str], prefix: str, history_length: int = 10_000):
         self.client = client
-        self.keys = EnforcementKeys.for_prefix(prefix)
+        self.keys = EnforcementKeys(key_schema(client, prefix))
         self.history_length = history_length
 
     def top_up(self, tenant: str, usd: float, reason: str, actor: str) -> CreditState:

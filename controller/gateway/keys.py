@@ -93,7 +93,7 @@ class KeyStore:
         validate_id(plan, "plan")
         with (
             wrapped(self.client, f"move the API keys of tenant {tenant}"),
-            self.client.pipeline() as pipe,
+            self.client.pipeline(transaction=True) as pipe,
         ):
             while True:
                 try:

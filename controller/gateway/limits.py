@@ -16,12 +16,14 @@ import math
 import re
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol, cast
 
 import redis
 import redis.asyncio
+from redis.exceptions import RedisClusterException
 
+from controller.clients.redis import explained, is_cluster
 from controller.clients.scripts import EnforcementError
 from controller.contract.enforcement import EnforcementKeys
 from controller.model import LimitKind, Scope
@@ -123,19 +125,45 @@ def resolve(
     """`hashes`: per level (global, ip, tenant, user), its owner ("tenant/acme/"; '' for an
     absent level) and its limit hashes in lookup order (the tenant's own, then its plan's,
     whose shed is reported under `plan_owner`)."""
+    fields = _fields(model)
+    found = _Found()
+    for owner, level_hashes in hashes:
+        shed = found.level(owner, level_hashes if owner else (), fields, plan_owner)
+        if shed is not None:
+            return Resolved(version, "", (), tuple(found.sized), shed)
+    return Resolved(version, "/".join(found.letters), tuple(found.checks), tuple(found.sized), None)
+
+
+def _fields(model: str) -> list[tuple[LimitKind, str, bool]]:
+    """The hash fields looked up per kind, in order: `kind@model` (scoped) first, then `kind`."""
     fields: list[tuple[LimitKind, str, bool]] = []
     for kind in KINDS:
         if model:
             fields.append((kind, f"{kind}@{model}", True))
         fields.append((kind, str(kind), False))
-    checks: list[Check] = []
-    sized: list[tuple[float, str]] = []
-    letters: list[str] = []
-    for owner, level_hashes in hashes:
-        found: set[LimitKind] = set()
-        level_letters = ""
+    return fields
+
+
+@dataclass(slots=True)
+class _Found:
+    """The limits found so far, level by level: per level the first value of a kind wins."""
+
+    checks: list[Check] = field(default_factory=list)
+    sized: list[tuple[float, str]] = field(default_factory=list)
+    letters: list[str] = field(default_factory=list)
+
+    def level(
+        self,
+        owner: str,
+        level_hashes: Sequence[dict[str, str] | None],
+        fields: Sequence[tuple[LimitKind, str, bool]],
+        plan_owner: str,
+    ) -> str | None:
+        """Take one level's limits; or the address of a value that sheds."""
+        kinds: set[LimitKind] = set()
+        letters = ""
         for position, values in enumerate(level_hashes):
-            if not values or owner == "":
+            if not values:
                 continue
             for kind, name, scoped in fields:
                 text = values.get(name)
@@ -145,19 +173,22 @@ def resolve(
                 # A 0 sheds. So does a value Governor never writes (`abc`, -1, 1e400): ignoring
                 # it served that traffic with no limit at all until drift repair (fail closed).
                 if value is None or value == 0:
-                    shed_owner = plan_owner if position == 1 else owner
-                    return Resolved(version, "", (), tuple(sized), shed_owner + name)
-                if kind in found:
-                    continue
-                found.add(kind)
-                if kind in _SIZED:
-                    sized.append((value, owner + name))
-                letter = LETTERS.get(kind)
-                if letter is not None:
-                    checks.append(Check(owner + name, kind, text, value))
-                    level_letters += letter.upper() if scoped else letter
-        letters.append(level_letters)
-    return Resolved(version, "/".join(letters), tuple(checks), tuple(sized), None)
+                    return (plan_owner if position == 1 else owner) + name
+                if kind not in kinds:
+                    kinds.add(kind)
+                    letters += self._take(owner + name, kind, text, value, scoped)
+        self.letters.append(letters)
+        return None
+
+    def _take(self, address: str, kind: LimitKind, text: str, value: float, scoped: bool) -> str:
+        """Note a limit; admit.lua's letter for it ('' for a kind it does not check)."""
+        if kind in _SIZED:
+            self.sized.append((value, address))
+        letter = LETTERS.get(kind)
+        if letter is None:
+            return ""
+        self.checks.append(Check(address, kind, text, value))
+        return letter.upper() if scoped else letter
 
 
 class _Transaction(Protocol):
@@ -215,9 +246,14 @@ def read_limits(
 ) -> Resolved:
     """One resolution read now, for a synchronous client (tests, tools)."""
     request = _Request(tenant, plan, user, has_ip, model)
-    pipe = client.pipeline(transaction=True)
+    clustered = is_cluster(client)  # several slots: the version first, as LimitCache does
+    before = client.get(keys.schema.version) if clustered else None
+    pipe = client.pipeline(transaction=not clustered)
     request.queue(keys, cast(_Transaction, pipe))
-    return request.resolve(keys, pipe.execute())
+    replies = list(pipe.execute())
+    if clustered:
+        replies[0] = before
+    return request.resolve(keys, replies)
 
 
 class LimitCache:
@@ -256,13 +292,25 @@ class LimitCache:
             self._resolved.clear()
             self._version = None
 
+    async def _replies(self, request: _Request) -> list[Any]:
+        """The version and the hashes: in one MULTI; on a Cluster (several slots) the
+        version first, then the hashes: limits read after their version are at least as
+        new, and a change since makes admit.lua answer 'stale' (read again)."""
+        clustered = is_cluster(self.client)
+        before = await self.client.get(self.keys.schema.version) if clustered else None
+        pipe = self.client.pipeline(transaction=not clustered)
+        request.queue(self.keys, cast(_Transaction, pipe))
+        replies = list(await pipe.execute())
+        if clustered:
+            replies[0] = before
+        return replies
+
     async def _read(self, request: _Request) -> Resolved:
         try:
-            pipe = self.client.pipeline(transaction=True)
-            request.queue(self.keys, cast(_Transaction, pipe))
-            resolved = request.resolve(self.keys, await pipe.execute())
-        except redis.RedisError as exc:
-            raise EnforcementError(f"reading the limits failed: {exc}") from exc
+            resolved = request.resolve(self.keys, await self._replies(request))
+        except (redis.RedisError, RedisClusterException) as exc:
+            text = explained(exc, is_cluster(self.client))
+            raise EnforcementError(f"reading the limits failed: {text}") from exc
         if not resolved.version:
             return resolved  # nothing written yet: kept would outlive the first write
         if resolved.version != self._version:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import redis
 
+from controller.clients.redis import is_cluster
 from controller.contract.enforcement import EnforcementKeys
 from controller.errors import SinkError
 from controller.gateway.limits import PERIOD_MS, Check, Resolved, read_limits
@@ -142,11 +143,17 @@ def read_usage(
     against, except the per-client-address ones, with its state now. Raises SinkError."""
     try:
         resolved = read_limits(client, keys, tenant, plan, user or "", False, model or "")
-        pipe = client.pipeline(transaction=True)
-        pipe.time()
+        # One instant on one Redis; on a Cluster each slot's read is its own (and TIME, a
+        # node's clock, cannot be pipelined there).
+        clustered = is_cluster(client)
+        pipe = client.pipeline(transaction=not clustered)
+        if not clustered:
+            pipe.time()
         for check in resolved.checks:
             pipe.hmget(_state_key(keys, check), list(_fields(check)))
         replies = pipe.execute()
+        if clustered:
+            replies = [client.time(), *replies]
     except redis.RedisError as exc:
         raise SinkError(f"reading the usage of tenant {tenant!r} failed: {exc}") from exc
     seconds, micros = replies[0]

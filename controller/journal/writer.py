@@ -11,6 +11,7 @@ from contextlib import contextmanager
 import redis
 import structlog
 
+from controller.clients.paging import batches
 from controller.contract.fence import Fence
 from controller.contract.keys import KeySchema
 from controller.journal.events import JournalEvent, gap_event, stream_fields
@@ -18,6 +19,7 @@ from controller.settings import JournalSettings
 
 _FIRST_BACKOFF_SECONDS = 0.5
 _MAX_BACKOFF_SECONDS = 30.0
+EVENTS_PER_APPEND = 128
 
 
 # Append a batch of events, each (kind, address, data); with a fence key, check atomically
@@ -93,7 +95,7 @@ class Journal:
 
     @contextmanager
     def batch(self) -> Iterator[None]:
-        """Hold the events emitted inside and send them in one transaction at the end (a
+        """Hold the events emitted inside and send them together at the end (a
         tick's thousands of events: one round trip instead of one each). Nothing is lost
         meanwhile: a buffer about to overflow is sent early, and what Redis refuses stays
         buffered for the next flush, as outside a batch."""
@@ -181,7 +183,7 @@ class Journal:
         self._log.info(data.pop("kind"), **data)
 
     def flush(self) -> bool:
-        """Send every buffered event, in order, in one transaction; True when none is left."""
+        """Send every buffered event, in order, pipelined; True when none is left."""
         if self.client is None or not self._buffer:
             return True
         batch = [fields for _, fields, _ in self._buffer]
@@ -217,14 +219,22 @@ class Journal:
         return True
 
     def _send(self, batch: Sequence[Mapping[str, str]]) -> bool:
-        """XADD the batch in one script call (atomic, in order); True when it was marked
-        stale because this replica's fence no longer holds."""
+        """XADD the batch in order, by script calls of a bounded size (each atomic with its
+        fence check); True when any was marked stale because this replica's fence no
+        longer holds."""
         assert self._append is not None
+        assert self.client is not None
         # The fence this replica holds now; if it learned it lost (None), the one its events
         # were emitted under: either way a deposed writer's check fails.
         fence = (self.fence() if self.fence is not None else None) or self._emitted_under
         keys = [self.keys.journal] if fence is None else [self.keys.journal, fence.key]
-        args = [str(self.settings.stream_max_length), fence.token if fence else ""]
-        for fields in batch:
-            args += (fields["kind"], fields["address"], fields["data"])
-        return bool(self._append(keys=keys, args=args))
+        head = [str(self.settings.stream_max_length), fence.token if fence else ""]
+        # A few hundred events per script call, pipelined in order: one call with a tick's
+        # 10k events would hold Redis (and every admission) for its whole length (#18).
+        pipe = self.client.pipeline(transaction=False)
+        for part in batches(batch, EVENTS_PER_APPEND):
+            args = list(head)
+            for fields in part:
+                args += (fields["kind"], fields["address"], fields["data"])
+            self._append(keys=keys, args=args, client=pipe)
+        return any(pipe.execute())

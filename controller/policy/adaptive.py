@@ -11,15 +11,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
+from controller.durations import format_duration
 from controller.model import Proposal, Snapshot
 from controller.policy.baselines import Baselines
 from controller.policy.capacity import estimate
-from controller.policy.documents import (
-    AdaptiveLimit,
-    AdaptiveLimitSpec,
-    FilterSpec,
-    format_duration,
-)
+from controller.policy.documents import AdaptiveLimit, AdaptiveLimitSpec, FilterSpec
 from controller.policy.inputs import ScalarInput, scalar_input
 from controller.policy.schedule import in_windows
 from controller.policy.text import fmt_number, fmt_time

@@ -25,16 +25,6 @@ class ConditionState:
     def active(self) -> bool:
         return self.active_since is not None
 
-    @property
-    def idle(self) -> bool:
-        """Nothing worth remembering: the state can be dropped (keeps per-tenant state sparse)."""
-        return self == IDLE or (
-            self.pending_since is None
-            and self.active_since is None
-            and self.invalid_since is None
-            and self.released_at is None
-        )
-
 
 IDLE = ConditionState()
 

@@ -3,8 +3,6 @@ and AdaptiveLimit documents. Pure: parsing and validation only."""
 
 from __future__ import annotations
 
-import math
-import re
 import sys
 from functools import cache
 from typing import Annotated, Any, Literal
@@ -30,76 +28,34 @@ from controller.contract.catalog import (
     PositiveNumber,
     Strict,
 )
+from controller.durations import (
+    DURATION_PATTERN,
+    MAX_DURATION_SECONDS,
+    format_duration,
+    parse_duration,
+)
 from controller.model import Address, AddressError, AddressTemplate, LimitKind, SignalKey
 from controller.policy.expressions import Expression, ExpressionError, compile_expression
 from controller.policy.schedule import Window, parse_window
 
 API_VERSION = "governor/v1"
 
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
-_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-# No window, hold or cooldown of a control loop lasts a year; past that a duration is a typo.
-MAX_DURATION_SECONDS = 366 * 86400.0
 # PromQL is sent to Prometheus on every tick in a URL; real queries are a few hundred bytes.
 MAX_QUERY_CHARS = 8192
-
-
-def parse_duration(value: object) -> float:
-    """`90s`, `2m`, `1h30m`, `0s` (or a bare number of seconds) → seconds as a float."""
-    return _bounded_duration(value, _seconds(value))
-
-
-def _bounded_duration(value: object, seconds: float) -> float:
-    if not math.isfinite(seconds) or seconds > MAX_DURATION_SECONDS:
-        raise ValueError(f"{value!r} is not a duration of at most 366d")
-    return seconds
-
-
-def _seconds(value: object) -> float:
-    if isinstance(value, bool):
-        raise ValueError("a duration is text like 30s, 2m, 1h30m")
-    if isinstance(value, int | float):
-        if value < 0:
-            raise ValueError("a duration cannot be negative")
-        return float(value)
-    if not isinstance(value, str):
-        raise ValueError("a duration is text like 30s, 2m, 1h30m")
-    text = value.strip()
-    pos, total = 0, 0.0
-    for match in _DURATION_PART.finditer(text):
-        if match.start() != pos:
-            break
-        total += float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
-        pos = match.end()
-    if not text or pos != len(text):
-        raise ValueError(
-            f"{value!r} is not a duration: use a number and a unit (ms, s, m, h, d), "
-            "e.g. 30s, 2m, 1h30m"
-        )
-    return total
-
-
-def format_duration(seconds: float) -> str:
-    """Seconds → the shortest `1h30m`-style text (the inverse of parse_duration)."""
-    if seconds == 0:
-        return "0s"
-    out, rest = [], seconds
-    for unit in ("d", "h", "m", "s"):
-        size = _UNIT_SECONDS[unit]
-        count = int(rest // size)
-        if count:
-            out.append(f"{count}{unit}")
-            rest -= count * size
-    if rest > 1e-9:
-        out.append(f"{round(rest * 1000)}ms")
-    return "".join(out)
 
 
 Duration = Annotated[
     float,
     BeforeValidator(parse_duration),
     PlainSerializer(format_duration, return_type=str),
-    WithJsonSchema({"type": "string", "pattern": r"^(\d+(\.\d+)?(ms|s|m|h|d))+$"}),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "string", "pattern": DURATION_PATTERN},
+                {"type": "number", "minimum": 0, "maximum": MAX_DURATION_SECONDS},
+            ]
+        }
+    ),
 ]
 
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from controller.durations import format_duration
 from controller.model import (
     Address,
     AddressError,
@@ -25,7 +26,8 @@ from controller.model import (
 from controller.policy.adaptive import AdaptiveState, evaluate_adaptive
 from controller.policy.baselines import Baselines
 from controller.policy.conditions import IDLE, ConditionState, Event, Rules, step
-from controller.policy.documents import Action, ThrottlePolicy, format_duration
+from controller.policy.documents import Action, ThrottlePolicy
+from controller.policy.expressions import Bools
 from controller.policy.inputs import (
     BoolArray,
     ScalarInput,
@@ -202,9 +204,7 @@ def _per_label_policy(
 ) -> Mapping[str, ConditionState]:
     label = str(policy.spec.per)
     if not _scheduled(policy, now):
-        for key, state in previous.items():
-            if state.active:
-                out.transitions.append(Transition(policy.ref, key, "released", ()))
+        _release_all(policy, previous, out)
         return {}
     keys = {name: spec.key(label) for name, spec in policy.spec.signals.items()}
     samples = {name: snapshot.samples.get(key) for name, key in keys.items()}
@@ -227,11 +227,7 @@ def _per_label_policy(
     # So `on_stale.then: min` engages only label values that were pending or active when their
     # data went missing: a tenant never seen with valid data (a new one) is never flagged.
     # A mask, not a set of positions: 100k ints in a set, then sorted, every tick otherwise.
-    candidates = when.copy()
-    if previous:
-        position = _positions(universe, samples.values())
-        tracked = [position[k] for k in previous if k in position]
-        candidates[np.array(tracked, dtype=np.int64)] = True
+    candidates = _candidates(when, previous, universe, samples.values())
     rules = _rules(policy)
     proposer = _Proposer(policy, baselines, out)
     # The readings are quoted only when read (a transition's, a changed limit's reason):
@@ -277,6 +273,30 @@ def _per_label_policy(
         if _keep(state, now, policy):
             states[key] = state if state is before else made.setdefault(state, state)
     return states
+
+
+def _release_all(
+    policy: ThrottlePolicy, previous: Mapping[str, ConditionState], out: _Collector
+) -> None:
+    """Outside its schedule a per-label policy releases every active label value."""
+    for key, state in previous.items():
+        if state.active:
+            out.transitions.append(Transition(policy.ref, key, "released", ()))
+
+
+def _candidates(
+    when: Bools,
+    previous: Mapping[str, ConditionState],
+    universe: tuple[str, ...],
+    samples: Iterable[Sample | None],
+) -> Bools:
+    """The label values that fire now or that the engine already tracks, as a mask."""
+    candidates = when.copy()
+    if previous:
+        position = _positions(universe, samples)
+        tracked = [position[k] for k in previous if k in position]
+        candidates[np.array(tracked, dtype=np.int64)] = True
+    return candidates
 
 
 def _positions(universe: tuple[str, ...], samples: Iterable[Sample | None]) -> Mapping[str, int]:

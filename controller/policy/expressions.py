@@ -16,7 +16,6 @@ import re
 import sys
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from types import ModuleType
 from typing import Any, Literal
 
@@ -144,28 +143,53 @@ def _check_brackets(text: str) -> None:
 _CEL_POSITION = re.compile(r"ERROR: <input>:(\d+):(\d+): ")
 
 
+# The distribution that provides `import cel` (cel-python provides `celpy`, another library).
+CEL_DISTRIBUTION = "common-expression-language"
+
+
 def _cel() -> ModuleType:
-    """The CEL library's compiled extension (`cel.cel`), without the `cel` package itself:
-    its `__init__` imports the library's REPL first (typer, prompt_toolkit, rich, pygments),
-    ~20 MB resident in every controller for a command-line tool it never runs."""
-    loaded = sys.modules.get("cel.cel")
-    if loaded is not None:
-        return loaded
-    package = importlib.util.find_spec("cel")  # finds the package without importing it
-    if package is None or package.origin is None:
-        raise ImportError("the CEL library (package cel-python) is not installed")
-    folder = Path(package.origin).parent
-    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
-        spec = importlib.util.spec_from_file_location("cel.cel", folder / f"cel{suffix}")
-        if spec is None or spec.loader is None or not Path(str(spec.origin)).exists():
-            continue
-        module = importlib.util.module_from_spec(spec)
-        # Registered under its own name: a later `import cel` reuses it (an extension
-        # module is initialised once per process).
-        sys.modules["cel.cel"] = module
-        spec.loader.exec_module(module)
-        return module
-    raise ImportError(f"the CEL library's extension module is missing from {folder}")
+    """The CEL library: `import cel`, from the common-expression-language distribution."""
+    if "cel" not in sys.modules:
+        _defer_cel_cli()
+    try:
+        import cel
+    except ImportError as exc:
+        raise ImportError(
+            f"the CEL library that policy conditions are checked with is missing ({exc}): "
+            f"install the {CEL_DISTRIBUTION} distribution, "
+            f"pip install '{CEL_DISTRIBUTION}>=0.10,<0.11' (or reinstall governor)"
+        ) from exc
+    return cel
+
+
+def _defer_cel_cli() -> None:
+    """Put the `cel` package's REPL module (`cel.cli`) in place unrun before `import cel`: the
+    package's `__init__` imports it first (typer, prompt_toolkit, rich, pygments: ~15 MB
+    resident and 0.5 s in every controller, for a command-line tool it never runs). Found by
+    the package's own finder; its code runs when one of its names is first asked for."""
+    package = importlib.util.find_spec("cel")  # a top-level spec: nothing imported yet
+    if package is None or not package.submodule_search_locations:
+        return  # `import cel` fails next, with the message that names the distribution
+    spec = importlib.machinery.PathFinder.find_spec("cel.cli", package.submodule_search_locations)
+    if spec is None or spec.loader is None:
+        return  # a version without the REPL module: nothing to defer
+    module = importlib.util.module_from_spec(spec)
+    module.__class__ = _RunOnFirstUse
+    sys.modules["cel.cli"] = module
+
+
+class _RunOnFirstUse(ModuleType):
+    """A module whose code runs when a name it does not have yet is first asked for.
+    (importlib's LazyLoader runs it on any attribute, and the import system reads
+    `__spec__` of every module it imports, so it would run at `import cel` itself.)"""
+
+    def __getattr__(self, name: str) -> Any:
+        object.__setattr__(self, "__class__", ModuleType)  # a plain module again: runs once
+        spec = self.__spec__
+        if spec is None or spec.loader is None:  # cannot be: it was made from a found spec
+            raise AttributeError(name)
+        spec.loader.exec_module(self)
+        return getattr(self, name)
 
 
 def _cel_compile(text: str) -> Any:

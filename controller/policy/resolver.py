@@ -12,9 +12,10 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from controller.durations import format_duration
 from controller.model import Address, Decision, Override, Proposal, Scope, Source
 from controller.policy.baselines import Baselines
-from controller.policy.documents import Behavior, BehaviorRule, format_duration
+from controller.policy.documents import Behavior, BehaviorRule
 from controller.policy.policyset import PolicySet
 from controller.policy.text import fmt_number, fmt_time
 

@@ -18,6 +18,7 @@ from typing import Annotated
 import numpy as np
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
+from controller.durations import format_duration
 from controller.errors import PolicyError
 from controller.model import (
     Address,
@@ -31,7 +32,7 @@ from controller.model import (
 )
 from controller.policy.baselines import Baselines
 from controller.policy.diagnostics import format_path
-from controller.policy.documents import AddressField, Duration, format_duration
+from controller.policy.documents import AddressField, Duration
 from controller.policy.engine import EngineState, evaluate
 from controller.policy.loader import LocatedError, read_file
 from controller.policy.policyset import PolicySet

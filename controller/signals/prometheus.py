@@ -45,7 +45,7 @@ from controller.signals.decode import (
     vector_from_body,
 )
 from controller.signals.freshness import History, SampleTimes
-from controller.signals.promql import selectors
+from controller.signals.promql import QuerySyntaxError, selectors
 
 # The server-side `timeout` fires first, so the answer says "timeout" with Prometheus' own
 # words instead of a bare socket error; the HTTP timeout is the backstop.
@@ -127,7 +127,7 @@ class PrometheusSource:
     def fetch(self, keys: Iterable[SignalKey], now: float) -> Snapshot:
         """Evaluate every distinct query once at `now`; never raises for a failing query."""
         wanted = list(dict.fromkeys(keys))
-        reads = {query: selectors(query) for query in dict.fromkeys(k.query for k in wanted)}
+        reads, unparsed = _reads(dict.fromkeys(k.query for k in wanted))
         every = [s for found in reads.values() for s in found]
         needs = {s: k.history for k in wanted if k.history for s in reads[k.query]}
         probes = self._history.due(needs, now)
@@ -139,6 +139,7 @@ class PrometheusSource:
             key: self._sample(key, answers[key.query], reads[key.query], now, dropped)
             for key in wanted
         }
+        _untold_ages(samples, unparsed)
         self._note_dropped(dropped, now)
         return Snapshot(taken_at=now, samples=samples)
 
@@ -337,6 +338,27 @@ class PrometheusSource:
         if isinstance(sample, ScalarSample):
             return ScalarSample(0.0, at, Validity.OK, why)
         return replace(sample, validity=Validity.OK, detail=why)
+
+
+def _reads(queries: Iterable[str]) -> tuple[dict[str, tuple[str, ...]], dict[str, str]]:
+    """The selectors each query reads; and, apart, why they cannot be told for a query that
+    does not parse (it still runs: Prometheus' own error, if it has one, is the clearer)."""
+    reads: dict[str, tuple[str, ...]] = {}
+    unparsed: dict[str, str] = {}
+    for query in queries:
+        try:
+            reads[query] = selectors(query)
+        except QuerySyntaxError as exc:
+            reads[query], unparsed[query] = (), str(exc)
+    return reads, unparsed
+
+
+def _untold_ages(samples: dict[SignalKey, Sample], unparsed: Mapping[str, str]) -> None:
+    """An answer whose data's age cannot be told is not trusted: fail closed, as when an age
+    query fails."""
+    for key, sample in samples.items():
+        if key.query in unparsed and sample.validity is not Validity.ERROR:
+            samples[key] = error_sample(key, f"query {key.query!r} {unparsed[key.query]}")
 
 
 def error_sample(key: SignalKey, detail: str) -> Sample:

@@ -3,101 +3,98 @@
 Prometheus stamps instant-query results with the evaluation time, not the time of the data
 they were computed from, so an answer never shows its own age. The selectors an expression
 reads (`metric{label="x"}`) are what tell: `timestamp(selector)` is the time of the newest
-raw sample. This is a lexer, not a parser: it only has to tell selectors from function names,
-keywords and label lists, which PromQL's grammar makes possible token by token.
+raw sample. The expression is parsed with Prometheus' grammar (promql-parser, as the simulator
+does) and each selector written back in one canonical spelling, so `a{b='c'}` and
+`a{b = "c"}` are one selector, asked about once.
 """
 
 from __future__ import annotations
 
+import functools
+import json
 import re
+from collections.abc import Iterable
 
-_TOKEN = re.compile(
-    r"""
-    (?P<space>\s+|\#[^\n]*)
-    | (?P<string>"(?:[^"\\]|\\.)*"|'(?:[^'\\]|\\.)*'|`[^`]*`)
-    | (?P<number>\.?[0-9][0-9a-zA-Z_.]*)
-    | (?P<ident>[a-zA-Z_:][a-zA-Z0-9_:]*)
-    | (?P<other>.)
-    """,
-    re.VERBOSE | re.DOTALL,
+import promql_parser as pq
+
+from controller.errors import GovernorError
+
+# Keyed by name: the parser's MatchOp values are not hashable.
+_OPERATORS = {
+    str(pq.MatchOp.Equal): "=",
+    str(pq.MatchOp.NotEqual): "!=",
+    str(pq.MatchOp.Re): "=~",
+    str(pq.MatchOp.NotRe): "!~",
+}
+_PLAIN_LABEL = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
+# String literals and comments, each whole, left to right (so a backtick inside a quoted
+# string or a comment is not taken for the start of a raw string).
+_LITERAL = re.compile(
+    r'"(?:[^"\\\n]|\\.)*"'  # double-quoted: escapes, no raw newline
+    r"|'(?:[^'\\\n]|\\.)*'"  # single-quoted: the same
+    r"|`[^`]*`"  # raw: no escapes at all
+    r"|#[^\n]*"  # a comment
 )
 
-# Identifiers that are never metric names where they stand.
-_KEYWORDS = frozenset(
-    {"and", "or", "unless", "by", "without", "on", "ignoring", "group_left", "group_right"}
-    | {"bool", "offset", "atan2", "inf", "nan"}
-)
-# An identifier followed by one of these is an aggregation: `sum by (tenant) (...)`.
-_GROUPING = frozenset({"by", "without"})
-# These are followed by a parenthesised list of label names, not by an expression.
-_LABEL_LISTS = frozenset({"by", "without", "on", "ignoring", "group_left", "group_right"})
+
+class QuerySyntaxError(GovernorError):
+    """A query Prometheus' grammar does not accept: the series it reads cannot be told."""
 
 
-def _tokens(query: str) -> list[tuple[str, str]]:
-    tokens = []
-    for match in _TOKEN.finditer(query):
-        kind = match.lastgroup or "other"
-        if kind != "space":
-            tokens.append((kind, match.group()))
-    return tokens
+def _quoted(text: str) -> str:
+    # JSON's escapes (\" \\ \n \uXXXX) are all valid in a double-quoted PromQL string.
+    return json.dumps(text, ensure_ascii=False)
 
 
-def _closing(tokens: list[tuple[str, str]], start: int, opening: str, closing: str) -> int:
-    """Index of the token closing the bracket at `start` (or the last token if unbalanced)."""
-    depth = 0
-    for index in range(start, len(tokens)):
-        kind, text = tokens[index]
-        if kind == "other" and text == opening:
-            depth += 1
-        elif kind == "other" and text == closing:
-            depth -= 1
-            if depth == 0:
-                return index
-    return len(tokens) - 1
+def _raw_strings_quoted(query: str) -> str:
+    """`query` with each raw string (backticks) written as the double-quoted string of the same
+    value. promql-parser 0.12 reads escapes inside raw strings (`\\d` is an error to it), where
+    Prometheus reads none: regexes such as `\\d+` are raw strings' common use."""
+    return _LITERAL.sub(
+        lambda m: _quoted(m.group()[1:-1]) if m.group().startswith("`") else m.group(), query
+    )
 
 
-def _text(tokens: list[tuple[str, str]], start: int, end: int) -> str:
-    """Tokens start..end joined back; strings keep their quoting, so matchers stay exact."""
-    out = []
-    for kind, text in tokens[start : end + 1]:
-        out.append(text)
-        if kind == "other" and text == ",":
-            out.append(" ")
-    return "".join(out)
+def _matchers(group: Iterable[pq.Matcher]) -> str:
+    return ", ".join(
+        f"{m.name if _PLAIN_LABEL.fullmatch(m.name) else _quoted(m.name)}"
+        f"{_OPERATORS[str(m.op)]}{_quoted(m.value)}"
+        for m in group
+    )
 
 
+def _selector_text(selector: pq.VectorSelector) -> str:
+    """The selector without range, offset or `@`: `name{label="value", ...}`."""
+    # The parser keeps `{a="1" or b="2"}` as groups of matchers, and plain ones as one group.
+    groups = selector.matchers.or_matchers or [selector.matchers.matchers]
+    body = " or ".join(filter(None, (_matchers(group) for group in groups)))
+    name = selector.name or ""
+    return f"{name}{{{body}}}" if body else name
+
+
+@functools.lru_cache(maxsize=4096)  # the same policy queries are asked every tick
 def selectors(query: str) -> tuple[str, ...]:
     """Every distinct instant selector the query reads, without range, offset or `@`.
 
     `sum by (tenant) (rate(cost_total{env="prod"}[5m] offset 1d))` → `cost_total{env="prod"}`.
+    Raises QuerySyntaxError for a query that does not parse.
     """
-    tokens = _tokens(query)
+    try:
+        expr = pq.parse(_raw_strings_quoted(query))
+    except ValueError as exc:  # the parser's message says where and what
+        raise QuerySyntaxError(
+            f"does not parse with Prometheus' grammar ({exc}), so the age of its data "
+            "cannot be told: fix the query, or move what the grammar does not know (a "
+            "function of another Prometheus version) into a recording rule"
+        ) from None
     found: dict[str, None] = {}
-    index = 0
-    while index < len(tokens):
-        kind, text = tokens[index]
-        following = tokens[index + 1][1] if index + 1 < len(tokens) else ""
-        if kind == "ident" and text.lower() in _LABEL_LISTS and following == "(":
-            index = _closing(tokens, index + 1, "(", ")") + 1
-        elif kind == "other" and text == "[":  # a range or subquery step, `[5m:1m]`
-            index = _closing(tokens, index, "[", "]") + 1
-        elif kind == "ident" and (
-            following == "(" or following.lower() in _GROUPING or text.lower() in _KEYWORDS
-        ):
-            index += 1
-        elif kind == "ident" and following == "{":
-            end = _closing(tokens, index + 1, "{", "}")
-            found[_text(tokens, index, end)] = None
-            index = end + 1
-        elif kind == "ident":
-            found[text] = None
-            index += 1
-        elif kind == "other" and text == "{":
-            end = _closing(tokens, index, "{", "}")
-            found[_text(tokens, index, end)] = None
-            index = end + 1
-        else:
-            index += 1
+
+    def visit(node: pq.Expr) -> bool:
+        if isinstance(node, pq.VectorSelector):
+            found[_selector_text(node)] = None
+        return True
+
+    pq.walk(expr, visit)
     return tuple(found)
 
 

@@ -24,7 +24,7 @@ from controller.policy.resolver import ResolverState, resolve
 from controller.signals.decode import ResultShapeError, decode_scalar, decode_vector
 from controller.signals.freshness import UNKNOWN_SAMPLE_TIME
 from controller.signals.prometheus import PrometheusSource, error_sample
-from controller.signals.promql import freshness_query, selectors
+from controller.signals.promql import QuerySyntaxError, freshness_query, selectors
 
 OPEN_LOOP = (
     "OPEN-LOOP backtest: what the policies would have done on this history; the limits "
@@ -169,6 +169,12 @@ def _histories(
     for query in dict.fromkeys(k.query for k in keys):
         result.queries += 1
         try:
+            reads = selectors(query)
+        except QuerySyntaxError as exc:  # the age of its data cannot be told: not replayed
+            history[query] = error = f"query {query!r} {exc}"
+            result.errors.append(error)
+            continue
+        try:
             history[query] = found = range_query(source, query, start, end, step)
         except SignalError as exc:
             history[query] = str(exc)
@@ -176,7 +182,7 @@ def _histories(
         else:
             if not found:
                 result.empty.append(query)
-        for selector in selectors(query):
+        for selector in reads:
             if selector not in ages:
                 try:
                     ages[selector] = range_query(

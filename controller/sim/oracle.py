@@ -13,6 +13,7 @@ import numpy as np
 
 from controller.model import FloatArray
 from controller.sim import pool as pool_module
+from controller.sim import queue as queue_module
 from controller.sim.pool import PoolModel
 from controller.sim.scenario import REPO_ROOT, Pool
 from controller.sim.traffic import SimTenant, World, _lognormal
@@ -25,7 +26,8 @@ SAMPLE = 20_000  # request sizes drawn for the probes (fixed seed: the same for 
 # The pool model's and this probe's source, hashed into the cache key: a cached answer of
 # another model is not this one's, and no hand-bumped version can be forgotten.
 MODEL_SOURCE = hashlib.sha256(
-    Path(pool_module.__file__ or "").read_bytes() + Path(__file__).read_bytes()
+    b"".join(Path(module.__file__ or "").read_bytes() for module in (pool_module, queue_module))
+    + Path(__file__).read_bytes()
 ).hexdigest()
 CACHE_ENV = "GOVERNOR_SIM_CACHE"
 
@@ -65,15 +67,20 @@ def probe_p99(pool: Pool, prompt: FloatArray, output: FloatArray, load: float,
     """p99 TTFT (a timeout counted at the timeout) of the pool under a constant Poisson load
     of `load` × capacity with these sizes."""
     rng = np.random.default_rng(1)
-    model = PoolModel(pool, float((prompt + output).mean()))
+    model = PoolModel(pool, float(prompt.mean()), float(output.mean()))
     rate = load * pool.capacity_tokens_per_second / float((prompt + output).mean())
     seen: list[FloatArray] = []
+    tag = 0
     for k in range(round(PROBE_SECONDS / step)):
         count = int(rng.poisson(rate * step))
         rows = rng.integers(0, len(prompt), count)
-        result = model.step(step, prompt[rows], output[rows], rng)
+        arrival = k * step + np.sort(rng.random(count)) * step
+        tags = np.arange(tag, tag + count, dtype=np.int64)
+        tag += count
+        result = model.step(k * step, step, tags, arrival, prompt[rows], output[rows])
         if k * step >= WARMUP_SECONDS:
-            seen.append(np.where(result.timed_out, pool.timeout_seconds, result.ttft))
+            seen.append(result.ttft)
+            seen.append(np.full(len(result.gave_up), pool.timeout_seconds))
     ttft = np.concatenate(seen) if seen else np.empty(0)
     return float(np.quantile(ttft, 0.99)) if len(ttft) else 0.0
 

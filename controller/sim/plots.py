@@ -9,7 +9,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib
+from controller.extras import MissingExtraError
+
+try:
+    import matplotlib
+except ImportError as exc:  # the sim extra: not in the controller's image
+    raise MissingExtraError.of(exc, "the simulator's and the backtest's PNG plots") from None
 
 matplotlib.use("Agg")  # files only: no display, safe in CI and in worker processes
 
@@ -319,7 +324,7 @@ def _utilization(ax: Axes, comparison: Comparison, clock: Clock) -> str:
             label=NAMES[name],
             linewidth=1.0 if name != BASELINE else 0.8,
         )
-    ax.set_ylabel("GPU utilization (%)")
+    ax.set_ylabel("GPU utilization: compute used (%)")
     ax.set_ylim(0, 105)
     cards = comparison.cards
     card = cards[POLICIES]

@@ -16,15 +16,14 @@ import redis
 
 from controller.clients.redis import connect
 from controller.contract.keys import KeySchema
+from controller.control.compose import build_controller, build_journal
 from controller.control.daemon import redis_url
 from controller.control.leader import AlwaysLeader
 from controller.control.overrides import ControlStore
-from controller.control.reconciler import Reconciler
 from controller.control.reload import PolicyWatcher
 from controller.control.telemetry import FlapDetector, Health, Metrics
-from controller.control.tick import Controller, TickOutcome
+from controller.control.tick import TickOutcome
 from controller.gateway.prices import PriceTable, to_micro
-from controller.journal.writer import Journal
 from controller.model import (
     Address,
     FloatArray,
@@ -38,13 +37,15 @@ from controller.policy.baselines import Baselines
 from controller.policy.policyset import PolicySet
 from controller.settings import JournalSettings, PricesSettings, RedisSettings, Settings
 from controller.sim.admission import AdmissionModel
+from controller.sim.exporter import pool_labels, record_vllm, usual_running, usual_series
 from controller.sim.limiters import Gate
 from controller.sim.oracle import good_load
-from controller.sim.pool import PoolModel
+from controller.sim.pool import PoolModel, StepResult
 from controller.sim.record import OUTCOMES, TTFT_EDGES, Change, RunRecord, Transition
 from controller.sim.scenario import Pool, Scenario
 from controller.sim.series import SeriesStore
 from controller.sim.signals import SimSignalSource
+from controller.sim.tickets import Tickets
 from controller.sim.traffic import SimTenant, World
 from controller.sinks.redis import RedisSink
 
@@ -105,7 +106,8 @@ class Simulation:
         self.store = SeriesStore()
         self.source = SimSignalSource(self.store, scenario.signals)
         self.gateway = AdmissionModel()
-        self.pools = [PoolModel(p, mean_work(world, p)) for p in scenario.pools]
+        self.pools = [PoolModel(p, *mean_sizes(world, p)) for p in scenario.pools]
+        self._tickets = Tickets()  # the requests in the pools, by tag
         self._route = np.array([self._pool_of(t) for t in world.tenants], dtype=np.int64)
         self.capacity = sum(p.capacity_tokens_per_second for p in scenario.pools)
         # The oracle admits up to the load at which this very pool model meets the SLO.
@@ -120,7 +122,6 @@ class Simulation:
             for i, p in enumerate(scenario.pools)
         ]
         self.arrival_rng = np.random.default_rng([scenario.seed, 0])
-        self.pool_rng = np.random.default_rng([scenario.seed, 2])
         self.record = RunRecord.empty(
             variant,
             scenario.ticks,
@@ -143,7 +144,7 @@ class Simulation:
         )
         self._flaps = FlapDetector(keep_all=True)  # every turn, for the scorecard
         self._gate_limits: dict[Address, float] = {}  # the gate's own, last loaded
-        self._served = np.zeros(len(self.pools))  # work served since the last scrape
+        self._busy = np.zeros(len(self.pools))  # DCGM busy share summed since the last scrape
         self._written: Mapping[Address, float] = {}  # the limits in Redis after the last tick
         self._written_names: dict[str, float] = {}  # the same by name, as denied_by names them
         n = len(world.tenants)
@@ -156,25 +157,20 @@ class Simulation:
         self._terms = [self._tenant_terms(t) for t in world.tenants]
         self._prepare_redis()
         self._history()
-        self.controller = Controller(
+        self.sink = RedisSink(self.client, self.keys)
+        self.controller = build_controller(
             watcher=watcher,
             source=self.source,
-            reconciler=Reconciler(RedisSink(self.client, self.keys), self._journal()),
             control=ControlStore(self.client, self.keys),
-            journal=self._journal(),
             elector=AlwaysLeader("simulator"),
+            journal=build_journal(self.client, self.keys, JournalSettings()),
+            sink=self.sink,
             metrics=Metrics(),
             health=Health(scenario.tick),
             clock=lambda: self.now,
         )
-        self.sink = self.controller.reconciler.sink
 
     # --- set-up -----------------------------------------------------------------------------
-
-    def _journal(self) -> Journal:
-        if not hasattr(self, "_journal_instance"):
-            self._journal_instance = Journal(self.client, self.keys, JournalSettings())
-        return self._journal_instance
 
     def _pool_of(self, tenant: SimTenant) -> int:
         for index, pool in enumerate(self.scenario.pools):
@@ -197,7 +193,7 @@ class Simulation:
         start = self.scenario.start_time
         times = np.arange(start - HISTORY_SECONDS, start, HISTORY_STEP)
         rates = np.array([self.world.usual_rates(t) for t in times])  # times × tenants
-        work = np.zeros((len(times), len(self.pools)))
+        requests = np.zeros((len(times), len(self.pools)))
         for i, tenant in enumerate(self.world.tenants):
             if tenant.role == "attacker" or not rates[:, i].any():
                 continue
@@ -207,11 +203,13 @@ class Simulation:
             self.store.history("gateway_cost_usd_total", labels, times, counter)
             self._cost[i] = counter[-1]
             self._seen[i] = True
-            work[:, self._route[i]] += rates[:, i] * (tenant.mean_prompt + tenant.mean_output)
-        for p, pool in enumerate(self.scenario.pools):
-            busy = np.minimum(work[:, p] / pool.capacity_tokens_per_second, 1.0) * 100
-            for gpu in range(pool.gpus):
-                labels = {"pool": pool.name, "gpu": str(gpu)}
+            requests[:, self._route[i]] += rates[:, i]
+        for p, pool in enumerate(self.pools):
+            for name, values in usual_series(pool, requests[:, p]).items():
+                self.store.history(name, pool_labels(pool), times, values)
+            busy = 100.0 * np.minimum(usual_running(pool, requests[:, p]) / pool.spec.gpus, 1.0)
+            for gpu in range(pool.spec.gpus):
+                labels = {"pool": pool.spec.name, "gpu": str(gpu)}
                 self.store.history("DCGM_FI_DEV_GPU_UTIL", labels, times, busy)
 
     # --- the loop ---------------------------------------------------------------------------
@@ -323,41 +321,34 @@ class Simulation:
             routed = routes == p
             index = np.flatnonzero(allowed & routed)
             pool.scale = self._capacity_scale(p, elapsed)
-            result = pool.step(dt, arrivals.prompt[index], arrivals.output[index], self.pool_rng)
+            tags = self._tickets.add(
+                arrivals.tenant[index],
+                good_request[index],
+                arrivals.prompt[index],
+                arrivals.output[index],
+                start + arrivals.time[index],
+                [rids[j] or "" for j in index.tolist()],
+            )
+            result = pool.step(
+                elapsed, dt, tags, arrivals.time[index], arrivals.prompt[index],
+                arrivals.output[index],
+            )  # fmt: skip
             capacity = pool.capacity
             up += capacity
-            self._served[p] += result.utilization
+            self._busy[p] += result.busy
             served += result.utilization * capacity
             offered_good = float(work[routed & good_request].sum())
             record.oracle[tick] += min(offered_good, self.good_share[p] * capacity * dt)
-            ok = ~result.timed_out
-            good = ok & (result.ttft <= self.scenario.slo.ttft_seconds) & good_request[index]
-            record.timed_out[tick] += float(result.timed_out.sum())
-            # A timed-out request counts at the timeout: it waited that long for nothing.
-            waited = np.where(ok, result.ttft, pool.spec.timeout_seconds)
-            record.ttft[tick] += np.histogram(waited, TTFT_EDGES)[0]
-            latencies.append(waited)
             admitted = work[index]
             record.admitted[tick] += float(admitted.sum())
-            record.goodput[tick] += float(admitted[good].sum())
             np.add.at(record.tenant_admitted[tick], arrivals.tenant[index], admitted)
-            np.add.at(record.tenant_good[tick], arrivals.tenant[index[good]], admitted[good])
-            np.add.at(record.tenant_good_requests[tick], arrivals.tenant[index[good]], 1.0)
-            done = np.where(ok, result.e2e, pool.spec.timeout_seconds)
-            prompt, output = arrivals.prompt[index].tolist(), arrivals.output[index].tolist()
-            for k, j in enumerate(index.tolist()):
-                used = (prompt[k], output[k]) if ok[k] else (0.0, 0.0)
-                rid = rids[j]
-                assert rid is not None
-                self._seq += 1
-                heapq.heappush(
-                    self._settles, (times[j] + float(done[k]), self._seq, rid, tenant_ids[j], *used)
-                )
+            latencies.append(self._resolved(tick, pool, result))
         record.utilization[tick] += served / up  # the busy share of the GPUs up
         # The gateway's own latency samples, as an adaptive concurrency limiter sees them.
         gate = self.gate
+        in_flight = len(self._settles) + sum(pool.in_flight for pool in self.pools)
         if gate is not None and latencies and gate.observe(np.concatenate(latencies),
-                                                           len(self._settles)):  # fmt: skip
+                                                           in_flight):  # fmt: skip
             limits = gate.limits(self._written)
             self._gate_turns(limits)
             self.gateway.load(limits)
@@ -365,6 +356,35 @@ class Simulation:
         if step_index % round(self.scenario.scrape_interval / self.scenario.step) == 0:
             self._settle_until(self.now)
             self._scrape(start + elapsed + dt, elapsed + dt)
+
+    def _resolved(self, tick: int, pool: PoolModel, result: StepResult) -> FloatArray:
+        """Account the requests the pool resolved in this step: a first token sets the TTFT
+        (good within the SLO), a client that gave up counts at the timeout; each is settled
+        when its response ends (a give-up with 0 tokens). Returns the gateway's latencies."""
+        record, tickets = self.record, self._tickets
+        timeout = pool.spec.timeout_seconds
+        first, ttft = result.first, result.ttft
+        good = tickets.good[first] & (ttft <= self.scenario.slo.ttft_seconds)
+        won, work = tickets.tenant[first][good], tickets.work[first][good]
+        record.goodput[tick] += float(work.sum())
+        np.add.at(record.tenant_good[tick], won, work)
+        np.add.at(record.tenant_good_requests[tick], won, 1.0)
+        record.timed_out[tick] += float(len(result.gave_up))
+        # A timed-out request counts at the timeout: it waited that long for nothing.
+        waited = np.concatenate([ttft, np.full(len(result.gave_up), timeout)])
+        record.ttft[tick] += np.histogram(waited, TTFT_EDGES)[0]
+        start = self.scenario.start_time
+        for tags, ends, used in ((result.finished, result.finished_at, True),
+                                 (result.gave_up, result.gave_up_at, False)):  # fmt: skip
+            prompt, output = tickets.prompt[tags].tolist(), tickets.output[tags].tolist()
+            tenant = tickets.tenant[tags].tolist()
+            for k, (tag, end) in enumerate(zip(tags.tolist(), ends.tolist(), strict=True)):
+                self._seq += 1
+                tokens = (prompt[k], output[k]) if used else (0.0, 0.0)
+                heapq.heappush(
+                    self._settles, (start + end, self._seq, tickets.rid[tag], tenant[k], *tokens)
+                )
+        return waited
 
     def _gate_turns(self, limits: Mapping[Address, float]) -> None:
         """The gate's own limits (a Gradient2's concurrency lives there, not in Redis) go
@@ -447,20 +467,8 @@ class Simulation:
             self._cost[index] += cost
 
     def _scrape(self, at: float, elapsed: float) -> None:
-        """What Prometheus would store at `at`: gateway counters and the GPUs' busy share."""
-        steps = self.scenario.scrape_interval / self.scenario.step
-        for p, pool in enumerate(self.scenario.pools):
-            busy = 100.0 * self._served[p] / steps
-            if not self._outage("DCGM_FI_DEV_GPU_UTIL", elapsed):
-                # A GPU that is down stops reporting (its last sample goes stale).
-                for gpu in range(max(1, round(pool.gpus * self.pools[p].scale))):
-                    labels = {"pool": pool.name, "gpu": str(gpu)}
-                    self.store.record("DCGM_FI_DEV_GPU_UTIL", labels, at, busy)
-            if not self._outage("inference_queue_backlog_tokens", elapsed):
-                labels = {"pool": pool.name}
-                backlog = self.pools[p].backlog
-                self.store.record("inference_queue_backlog_tokens", labels, at, backlog)
-        self._served[:] = 0.0
+        """What Prometheus would store at `at`: the pools' series and the gateway counters."""
+        self._scrape_pools(at, elapsed)
         if self._outage("gateway", elapsed):
             return
         for i in np.flatnonzero(self._seen).tolist():
@@ -479,6 +487,24 @@ class Simulation:
                         at,
                         float(self._requests[i, o]),
                     )
+
+    def _scrape_pools(self, at: float, elapsed: float) -> None:
+        """The GPUs' busy share (DCGM), the queue's backlog and the pools' vLLM series."""
+        steps = self.scenario.scrape_interval / self.scenario.step
+        for p, pool in enumerate(self.scenario.pools):
+            busy = 100.0 * self._busy[p] / steps
+            if not self._outage("DCGM_FI_DEV_GPU_UTIL", elapsed):
+                # A GPU that is down stops reporting (its last sample goes stale).
+                for gpu in range(max(1, round(pool.gpus * self.pools[p].scale))):
+                    labels = {"pool": pool.name, "gpu": str(gpu)}
+                    self.store.record("DCGM_FI_DEV_GPU_UTIL", labels, at, busy)
+            if not self._outage("inference_queue_backlog_tokens", elapsed):
+                labels = {"pool": pool.name}
+                backlog = self.pools[p].backlog
+                self.store.record("inference_queue_backlog_tokens", labels, at, backlog)
+            if not self._outage("vllm:", elapsed):
+                record_vllm(self.store, self.pools[p], at)
+        self._busy[:] = 0.0
 
     def _capacity_scale(self, pool: int, elapsed: float) -> float:
         """The share of a pool's GPUs up: the product of the `capacity` events acting on it."""
@@ -515,9 +541,15 @@ _CONTRACT_REFUSALS = frozenset({"budget_exhausted", "too_large", "model_not_allo
 _HELD_BACK = frozenset({"rate_limited", "shed"})  # control refusals: demand held back
 
 
-def mean_work(world: World, pool: Pool) -> float:
-    """Tokens (prompt + output) a request to `pool`, weighted by the tenants' rates."""
+def mean_sizes(world: World, pool: Pool) -> tuple[float, float]:
+    """Prompt and output tokens of a request to `pool`, weighted by the tenants' rates."""
     tenants = [t for t in world.tenants if not pool.models or t.model in pool.models]
     weights = [max(t.rate, 1e-9) for t in tenants] or [1.0]
-    works = [t.mean_prompt + t.mean_output for t in tenants] or [1000.0]
-    return float(np.average(works, weights=weights))
+    prompts = [t.mean_prompt for t in tenants] or [850.0]
+    outputs = [t.mean_output for t in tenants] or [150.0]
+    return float(np.average(prompts, weights=weights)), float(np.average(outputs, weights=weights))
+
+
+def mean_work(world: World, pool: Pool) -> float:
+    """Tokens (prompt + output) a request to `pool`, weighted by the tenants' rates."""
+    return sum(mean_sizes(world, pool))

@@ -19,6 +19,15 @@ from controller.policy.diagnostics import format_path
 from controller.policy.documents import AddressField, Duration
 from controller.policy.sourcemap import parse_yaml
 
+# A decode token costs this many prompt tokens' GPU time: SARATHI (Agrawal et al. 2023,
+# arXiv:2308.16369): decodes in a compute-saturated batch cost "up to an order of magnitude
+# less" than in a decode-only one, decode throughput up to 10× (docs/simulator.md).
+PREFILL_DECODE_RATIO = 10.0
+# The shipped policies' saturation signal over vLLM's metrics (policies/global-rps-by-gpu.yaml).
+SATURATION = (
+    "avg(vllm:kv_cache_usage_perc) + clamp_max(sum(vllm:num_requests_waiting)"
+    " / clamp_min(sum(vllm:num_requests_running), 1), 1)"
+)
 SCENARIO_DIR = Path(__file__).parent / "scenarios"
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -102,17 +111,35 @@ class Event(Strict):
 
 
 class Pool(Strict):
-    """GPUs serving models: capacity and the parameters of the latency model."""
+    """GPUs serving models like vLLM: capacity and the engine's parameters (docs/simulator.md)."""
 
     name: str = "inference"
     models: list[str] = Field(default_factory=list, description="empty: every model")
     gpus: int = Field(8, ge=1)
-    capacity_tokens_per_second: float = Field(gt=0, description="prompt + output tokens")
-    batch_slots: int = Field(16, ge=1, description="concurrent sequences per GPU")
-    prefill_tokens_per_second: float = Field(10_000, gt=0, description="per GPU")
+    capacity_tokens_per_second: float = Field(
+        gt=0, description="prompt + output tokens/s at saturation, at the pool's traffic mix"
+    )
+    batch_slots: int = Field(16, ge=1, description="vLLM's max_num_seqs, per GPU")
+    prefill_tokens_per_second: float = Field(
+        10_000, gt=0, description="one prompt's prefill speed on one GPU"
+    )
     decode_tokens_per_second: float = Field(50, gt=0, description="per sequence, idle pool")
-    decode_slowdown: float = Field(0.5, ge=0, description="TPOT × (1 + this × utilization)")
-    timeout_seconds: float = Field(60, gt=0, description="clients give up queueing this long")
+    decode_slowdown: float = Field(
+        0.5, ge=0, description="per-sequence decode speed ÷ (1 + this × batch fill)"
+    )
+    prefill_decode_ratio: float = Field(
+        PREFILL_DECODE_RATIO,
+        gt=0,
+        description="GPU time of a decode token ÷ that of a prompt token (docs/simulator.md)",
+    )
+    kv_cache_tokens: int = Field(16_384, ge=1, description="KV-cache capacity per GPU, tokens")
+    max_num_batched_tokens: int = Field(
+        8192, ge=1, description="vLLM's token budget of an engine iteration, per GPU"
+    )
+    engine_step_seconds: float = Field(
+        0.5, gt=0, description="the pool is stepped this often (at most the scenario's step)"
+    )
+    timeout_seconds: float = Field(60, gt=0, description="clients give up without a first token")
 
 
 class Trace(Strict):
@@ -134,7 +161,7 @@ class PlainAimd(Strict):
     no band, no stabilization, no step limits."""
 
     target: AddressField = Address.parse("global/tokens_per_minute")
-    signal: str = "avg(DCGM_FI_DEV_GPU_UTIL) / 100"
+    signal: str = SATURATION
     increase: float | None = Field(None, gt=0, description="default: 5% of the baseline")
     decrease_factor: float = Field(0.8, gt=0, lt=1)
     min: float | None = Field(None, ge=0, description="default: the floor, else 5% of baseline")

@@ -9,7 +9,6 @@ its keys and addresses. Everything is drawn from one seeded generator, in a fixe
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -104,7 +103,6 @@ class World:
     runaway: dict[int, Event] = field(default_factory=dict)
     ddos: list[tuple[Event, int, int, int]] = field(default_factory=list)  # event, first key,
     # first ip, ips
-    ip_count: int = 0
 
     @property
     def start(self) -> float:
@@ -314,7 +312,6 @@ def build_world(scenario: Scenario, trace: TraceData | None, seed: int) -> World
             world.runaway[found[0]] = event
         elif event.kind == "ddos":
             next_ip = _add_botnet(world, event, next_ip)
-    world.ip_count = next_ip
     return world
 
 
@@ -377,12 +374,6 @@ def _add_botnet(world: World, event: Event, next_ip: int) -> int:
         )
     world.ddos.append((event, first_key, next_ip, event.ips))
     return next_ip + event.ips
-
-
-def tenant_indices(world: World, names: Sequence[str]) -> list[int]:
-    """Indices of tenants named, or of every tenant of the groups named."""
-    wanted = set(names)
-    return [t.index for t in world.tenants if t.name in wanted or t.group in wanted]
 
 
 BoolArray = npt.NDArray[np.bool_]

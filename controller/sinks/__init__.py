@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 from urllib.parse import urlsplit
 
+import redis
+
 from controller.changes import Change, Drift, find_drift
-from controller.errors import ConfigurationError
+from controller.contract.fence import Fence
+from controller.errors import ConfigurationError, SinkError
 from controller.model import Address
 from controller.settings import RedisSettings
 
@@ -65,9 +68,24 @@ class ApplyResult:
         return not self.mismatched
 
 
+class PartialApplyError(SinkError):
+    """An apply written in several transactions stopped part-way: `applied` landed, each
+    with its ledger entry, the rest did not, and the version was not bumped (gateways'
+    cached limits stay until the next tick writes the rest and bumps it)."""
+
+    def __init__(self, message: str, applied: Sequence[Change]) -> None:
+        super().__init__(message)
+        self.applied = tuple(applied)
+
+
 @runtime_checkable
 class Sink(Protocol):
     """A place gateways read limits from. Implementations wrap client errors into SinkError."""
+
+    # The leader's fence (None while not leading) that every apply checks: a deposed
+    # leader's late write is refused. None (the default): writes are not fenced. Set by the
+    # composition root (controller.control.compose) to the elector's `fence`.
+    fence: Callable[[], Fence | None] | None
 
     def read(self) -> SinkState:
         """The limits stored now, with Governor's ledger (for drift) and the version."""
@@ -85,14 +103,17 @@ class Sink(Protocol):
         ...
 
 
-def sink_from_url(url: str, settings: RedisSettings) -> Sink:
-    """The sink for a URL, chosen by scheme (redis://, rediss://, unix://, redis+sentinel://)."""
+def sink_from_url(
+    url: str, settings: RedisSettings, fence_client: redis.Redis[str] | None = None
+) -> Sink:
+    """The sink for a URL, chosen by scheme (redis://, rediss://, unix://, redis+sentinel://,
+    redis+cluster://); `fence_client` is Governor's own Redis, where the leader fence lives."""
     scheme = urlsplit(url).scheme
     if scheme.startswith(("redis", "unix")):
         from controller.sinks.redis import RedisSink
 
-        return RedisSink.from_url(url, settings)
+        return RedisSink.from_url(url, settings, fence_client)
     raise ConfigurationError(
         f"no sink for URL scheme {scheme!r}; supported: redis://, rediss://, unix://, "
-        "redis+sentinel://"
+        "redis+sentinel://, redis+cluster://"
     )

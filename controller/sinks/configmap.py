@@ -21,8 +21,9 @@ from controller.errors import SinkError
 from controller.model import Address, AddressError
 from controller.settings import KubernetesSinkSettings
 from controller.sinks import ApplyResult, SinkState
+from controller.sinks.fencing import check_fence
 from controller.sinks.kong_layout import number
-from controller.sinks.kong_plugins import check_fence, holds
+from controller.sinks.kong_plugins import holds
 from controller.sinks.kubernetes import (
     MANAGED_BY,
     MANAGED_BY_LABEL,

@@ -7,7 +7,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import redis
 
-from controller.contract.keys import KeySchema
+from controller.clients.redis import key_schema
 from controller.errors import ConfigurationError
 from controller.model import Address
 from controller.settings import Settings
@@ -60,7 +60,7 @@ def build_sinks(
     connections in tests.
     Raises ConfigurationError naming the setting to fix.
     """
-    keys = KeySchema(settings.redis.key_prefix)
+    keys = key_schema(redis_client, settings.redis.key_prefix)
     sinks: list[Sink] = []
     api = kube_api
     for entry in settings.controller.sinks:
@@ -72,7 +72,7 @@ def build_sinks(
             api = api if api is not None else _kube_api(settings)
             sinks.append(_kubernetes(entry, settings, api, registry, redis_client))
         else:
-            sinks.append(sink_from_url(entry, settings.redis))
+            sinks.append(sink_from_url(entry, settings.redis, fence_client=redis_client))
     return sinks
 
 

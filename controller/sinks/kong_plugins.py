@@ -15,12 +15,12 @@ import redis
 import structlog
 
 from controller.changes import Change
-from controller.clients.redis import wrapped
-from controller.contract.fence import Fence, FencedError
+from controller.contract.fence import Fence
 from controller.errors import SinkError
 from controller.model import Address
 from controller.settings import KongSettings
 from controller.sinks import ApplyResult, SinkState
+from controller.sinks.fencing import check_fence
 from controller.sinks.kong_layout import (
     FIELDS,
     Owner,
@@ -125,6 +125,53 @@ class _Memory:
     owners: dict[Owner, dict[Address, float]] = field(default_factory=dict)
     virtual: dict[Address, float] = field(default_factory=dict)  # desired, held nowhere
 
+    def fill_in(
+        self,
+        listing: Listing,
+        carriers: Mapping[Address, object],
+        actual: dict[Address, float],
+        written: dict[Address, float],
+    ) -> None:
+        """Add what the listing cannot show: the ledger of an instance gone from it, and the
+        desired values no instance holds."""
+        for owner, ledger in self.owners.items():
+            if owner not in listing.instances:  # deleted behind Governor's back: drift
+                for address, wrote in ledger.items():
+                    written.setdefault(address, wrote)
+        for address, value in self.virtual.items():
+            if address not in carriers and address not in written:
+                actual[address] = written[address] = value
+
+
+# Per address, what each instance carrying it holds (None: disabled or no such field) and
+# what Governor wrote there.
+_Carriers = dict[Address, list[tuple[float | None, float]]]
+
+
+def _carriers(listing: Listing) -> _Carriers:
+    carriers: _Carriers = defaultdict(list)
+    for instance in listing.instances.values():
+        for address, wrote in instance.written.items():
+            name = FIELDS.get(address.limit)
+            value = field_value(instance.config, name) if name and instance.enabled else None
+            carriers[address].append((value, wrote))
+    return carriers
+
+
+def _carried(carriers: _Carriers) -> tuple[dict[Address, float], dict[Address, float]]:
+    """Actual and written values: an address carried by several instances reads as their
+    common value, or as the first that differs from the ledger (drift)."""
+    actual: dict[Address, float] = {}
+    written: dict[Address, float] = {}
+    for address, pairs in carriers.items():
+        written[address] = pairs[0][1]
+        off = [value for value, wrote in pairs if not _same(value, wrote)]
+        if not off:
+            actual[address] = pairs[0][1]
+        elif off[0] is not None:
+            actual[address] = off[0]
+    return actual, written
+
 
 class PluginSink:
     """A Sink over rate-limiting instances. One per process; not thread-safe."""
@@ -179,28 +226,9 @@ class PluginSink:
         """
         listing = self.store.listing()
         registry = dict(self.registry()) if self.registry is not None else None
-        carriers: dict[Address, list[tuple[float | None, float]]] = defaultdict(list)
-        for instance in listing.instances.values():
-            for address, wrote in instance.written.items():
-                name = FIELDS.get(address.limit)
-                value = field_value(instance.config, name) if name and instance.enabled else None
-                carriers[address].append((value, wrote))
-        actual: dict[Address, float] = {}
-        written: dict[Address, float] = {}
-        for address, pairs in carriers.items():
-            written[address] = pairs[0][1]
-            off = [value for value, wrote in pairs if not _same(value, wrote)]
-            if not off:
-                actual[address] = pairs[0][1]
-            elif off[0] is not None:
-                actual[address] = off[0]
-        for owner, ledger in self._memory.owners.items():
-            if owner not in listing.instances:  # deleted behind Governor's back: drift
-                for address, wrote in ledger.items():
-                    written.setdefault(address, wrote)
-        for address, value in self._memory.virtual.items():
-            if address not in carriers and address not in written:
-                actual[address] = written[address] = value
+        carriers = _carriers(listing)
+        actual, written = _carried(carriers)
+        self._memory.fill_in(listing, carriers, actual, written)
         versions = [instance.version for instance in listing.instances.values()]
         self._version = max([self._version, *versions])
         self._snapshot = _Snapshot(listing, actual, registry)
@@ -340,22 +368,3 @@ def holds(state: SinkState, change: Change) -> bool:
     if change.new is None:
         return change.address not in state
     return _same(state.actual.get(change.address), change.new)
-
-
-def check_fence(
-    fence: Callable[[], Fence | None] | None, client: redis.Redis[str] | None, what: str
-) -> None:
-    """Refuse to write when this replica no longer holds the leader fence.
-
-    Kong and Kubernetes share no transaction with Redis, so unlike the Redis sink this is a
-    check just before writing, not an atomic one: it narrows a deposed leader's window.
-    """
-    current = fence() if fence is not None else None
-    if current is None or client is None:
-        return
-    with wrapped(client, "check the leader fence"):
-        holder = client.get(current.key)
-    if holder != current.token:
-        raise FencedError(
-            f"not writing {what}: this replica no longer holds the leader lock {current.key!r}"
-        )

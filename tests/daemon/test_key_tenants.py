@@ -75,8 +75,13 @@ def test_a_key_only_tenant_is_cut_on_its_plan_and_a_tenant_without_one_is_an_err
     assert logged["level"] == "error"
     assert (logged["policy"], logged["key"]) == (POLICY, "nokey")
     assert "no baseline" in logged["reason"]
-    engaged = {e["details"]["key"] for e in events(db, "policy.transition")}
-    assert engaged >= {"bigco", "nokey"}
+    # The tick's events reach the stream when the tick ends, after the line above is logged.
+    wait_for(
+        lambda: (
+            {e["details"]["key"] for e in events(db, "policy.transition")} >= {"bigco", "nokey"}
+        ),
+        "both engagements are journalled",
+    )
     # Said once per engagement, not every tick.
     wait_for(lambda: (daemon.metric("governor_ticks_total", outcome="ok") or 0) >= 10, "ten ticks")
     assert len(daemon.logged("policy.engagement_unwritten")) == 1

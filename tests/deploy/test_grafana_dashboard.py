@@ -17,7 +17,12 @@ DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "govern
 # Grafana's variables, replaced by what they stand for so promtool can parse the queries.
 VARIABLES = {"$__rate_interval": "1m", "$__range": "6h", "$namespace": "governor"}
 # Series of other exporters that the shipped policies read as signals.
-SIGNAL_SERIES = {"DCGM_FI_DEV_GPU_UTIL", "up"}
+SIGNAL_SERIES = {
+    "vllm:kv_cache_usage_perc",
+    "vllm:num_requests_waiting",
+    "vllm:num_requests_running",
+    "up",
+}
 
 
 def _dashboard() -> dict[str, Any]:

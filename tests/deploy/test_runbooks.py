@@ -133,14 +133,30 @@ def test_the_command_parser_splits_pipelines_and_continuations() -> None:
     assert exec_form[0].governor_args() == ("explain", "x")
 
 
+_ALIASES = {"deploy": "deployment", "svc": "service", "cm": "configmap"}
+
+
+def _named_objects(words: tuple[str, ...], resource_words: set[str]) -> list[tuple[str, str]]:
+    """(kind, name) of every object a kubectl command names: `kind/name` or `kind name`."""
+    found = []
+    for index, word in enumerate(words):
+        kind, _, name = word.partition("/")
+        if not (name and kind in resource_words):
+            if word not in resource_words or index + 1 >= len(words):
+                continue
+            kind, name = word, words[index + 1]
+        if not name.startswith(("-", "<")) and "/" not in name:
+            found.append((_ALIASES.get(kind, kind), name))
+    return found
+
+
 def test_kubectl_commands_name_objects_the_chart_creates() -> None:
     docs = rendered_scenario("gateway-values.yaml")[1]  # the controller's and the gateway's
     names: dict[str, set[str]] = {}
     for doc in docs:
         names.setdefault(doc["kind"].lower(), set()).add(doc["metadata"]["name"])
     names["lease"] = {env(docs)["GOVERNOR_LEADER__LEASE_NAME"]["value"]}
-    aliases = {"deploy": "deployment", "svc": "service", "cm": "configmap"}
-    resource_words = set(names) | set(aliases)
+    resource_words = set(names) | set(_ALIASES)
     labels = docs[0]["metadata"]["labels"]
     checked = 0
     for path, cmd in _commands():
@@ -149,17 +165,7 @@ def test_kubectl_commands_name_objects_the_chart_creates() -> None:
             continue
         if "-n" in words:
             assert words[words.index("-n") + 1] == NAMESPACE, f"{path.name}:{cmd.line}"
-        for index, word in enumerate(words):
-            kind, _, name = word.partition("/")
-            if name and kind in resource_words:
-                pass
-            elif word in resource_words and index + 1 < len(words):
-                kind, name = word, words[index + 1]
-            else:
-                continue
-            if name.startswith(("-", "<")) or "/" in name:
-                continue
-            kind = aliases.get(kind, kind)
+        for kind, name in _named_objects(words, resource_words):
             assert name in names.get(kind, set()), f"{path.name}:{cmd.line}: no {kind} {name}"
             checked += 1
         for selector in (w for i, w in enumerate(words) if i and words[i - 1] == "-l"):

@@ -420,6 +420,15 @@ def _rate_limiting(config: dict[str, Any]) -> dict[str, Any]:
         out["redis"] = dict(_REDIS_DEFAULTS)
     if set(out["redis"]) - set(_REDIS_DEFAULTS):
         raise _schema_violation({"config": {"redis": "unknown field"}}, "schema violation")
+    problems = _field_problems(out)
+    if problems:
+        raise _schema_violation({"config": problems}, "schema violation")
+    _check_entity(out)
+    return out
+
+
+def _field_problems(out: dict[str, Any]) -> dict[str, str]:
+    """Each field's own type and range check, as Kong reports them together."""
     problems: dict[str, str] = {}
     for period in PERIODS:
         value = out[period]
@@ -433,8 +442,12 @@ def _rate_limiting(config: dict[str, Any]) -> dict[str, Any]:
         )  # fmt: skip
     if out["policy"] not in ("local", "cluster", "redis"):
         problems["policy"] = "expected one of: local, cluster, redis"
-    if problems:
-        raise _schema_violation({"config": problems}, "schema violation")
+    return problems
+
+
+def _check_entity(out: dict[str, Any]) -> None:
+    """The entity checks Kong runs after the fields: one period at least, periods ordered,
+    a Redis host for the redis policy."""
     if all(out[p] is None for p in PERIODS):
         raise _schema_violation(
             {"@entity": ["at least one of these fields must be non-empty: 'config.second', "
@@ -456,7 +469,6 @@ def _rate_limiting(config: dict[str, Any]) -> dict[str, Any]:
             {"config": {"redis": {"host": "required field missing"}}},
             "schema violation (config.redis.host: required field missing)",
         )
-    return out
 
 
 def _merge(target: Any, patch: Any) -> Any:

@@ -136,6 +136,17 @@ def seconds(duration: str) -> float:
     return h * 3600 + m * 60 + s + ms / 1000
 
 
+def _timed_header(name: str, value: str) -> float | None:
+    """The run-dependent number a header carries, in seconds or a count; None for others."""
+    if name == "retry-after" or name == "x-ratelimit-remaining-requests":
+        return float(value)
+    if name == "retry-after-ms":
+        return float(value) / 1000
+    if name.startswith("x-ratelimit-reset-"):
+        return seconds(value)
+    return None
+
+
 def shape(answer: httpx.Response) -> tuple[dict[str, Any], dict[str, float]]:
     """The answer with every run-dependent number taken out, and those numbers by place."""
     times: dict[str, float] = {}
@@ -153,17 +164,11 @@ def shape(answer: httpx.Response) -> tuple[dict[str, Any], dict[str, float]]:
     for name, value in answer.headers.items():
         if name in VOLATILE:
             continue
-        if name == "retry-after":
-            times[name], value = float(value), "#"
-        elif name == "retry-after-ms":
-            times[name], value = float(value) / 1000, "#"
-        elif name.startswith("x-ratelimit-reset-"):
-            times[name], value = seconds(value), "#"
-        elif name == "x-ratelimit-remaining-requests":
-            times[name], value = float(value), "#"
+        number = _timed_header(name, value)
+        if number is None:
+            headers[name] = TIMED.sub(taker(name), value)
         else:
-            value = TIMED.sub(taker(name), value)
-        headers[name] = value
+            times[name], headers[name] = number, "#"
     body: Any = answer.content
     if answer.headers.get("content-type") == "application/problem+json":
         body = json.loads(answer.content)

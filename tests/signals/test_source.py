@@ -127,6 +127,25 @@ def test_unusable_queries_are_errors_naming_the_query(
     assert cause in sample.detail
 
 
+def test_a_raw_string_regex_selector_has_its_age_told(source: PrometheusSource, now: float) -> None:
+    # promql-parser alone rejects `\d` in a raw string; Prometheus reads it as a regex.
+    sample = scalar(source, r"avg(gpu_util{gpu=~`[0-9]\d*`})", now)
+    assert (sample.validity, sample.timestamp) == (Validity.OK, history.last_sample(now))
+    assert sample.value == pytest.approx(np.mean(list(history.GPU_UTIL.values())))
+
+
+def test_an_answer_whose_age_cannot_be_told_is_an_error_naming_the_query(
+    source: PrometheusSource, now: float
+) -> None:
+    query = "avg(holt_winters(gpu_util[10m], 0.5, 0.5))"
+    assert source.run([query], now)[query].error is None  # Prometheus 2 knows the function
+    sample = source.fetch([SignalKey(query)], now).samples[SignalKey(query)]
+    assert sample.validity is Validity.ERROR
+    assert repr(query) in sample.detail
+    assert "does not parse with Prometheus' grammar" in sample.detail
+    assert "fix the query" in sample.detail
+
+
 def test_a_query_over_its_time_budget_is_a_timeout_error(
     history_prometheus: PrometheusServer, now: float
 ) -> None:

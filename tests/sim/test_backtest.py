@@ -30,9 +30,10 @@ from tests.support.prometheus import PrometheusServer, Series, backfill, openmet
 from tests.support.redis import RedisServer, free_port
 
 DAY = 86400.0
-# Both GPU policies read DCGM_FI_DEV_GPU_UTIL (percent) and divide by 100.
+# Both saturation policies read vLLM's KV-cache usage plus its queue as a share of the batch:
+# backfilled with nothing waiting, the signal is the KV-cache usage.
 TESTS = {"gpu-saturation_test.yaml": 0, "global-rps-by-gpu_test.yaml": 10}
-STALE_AFTER = 60.0  # both policies' GPU signal
+STALE_AFTER = 60.0  # both policies' saturation signal
 
 
 def _spec(name: str) -> PolicyTestFile:
@@ -43,21 +44,29 @@ def _spec(name: str) -> PolicyTestFile:
 
 def _series(
     signal: str, values: list[float | None], start: float, interval: float, case: str
-) -> Series:
-    """A test's signal as the series its query reads: the GPU's utilization (percent), or
-    the gateway's counter of admitted requests, whose `irate` is the test's requests/s (it
-    starts one interval early, so that `irate` has two samples from the case's start)."""
+) -> list[Series]:
+    """A test's signal as the series its query reads: vLLM's KV cache in use (with an empty
+    queue beside one running request: the saturation is the KV share), or the gateway's
+    counter of admitted requests, whose `irate` is the test's requests/s (it starts one
+    interval early, so that `irate` has two samples from the case's start)."""
     if signal == "admitted_rps":
         total, samples = 0.0, [(start - interval, 0.0)]
         for i, value in enumerate(values):
             if value is not None:
                 total += value * interval
                 samples.append((start + i * interval, total))
-        labels = {"outcome": "allow", "case": case}
-        return Series("gateway_requests_total", labels, samples)
-    samples = [(start + i * interval, 100.0 * v) for i, v in enumerate(values) if v is not None]
-    labels = {"pool": "inference", "gpu": "0", "case": case}
-    return Series("DCGM_FI_DEV_GPU_UTIL", labels, samples)
+        return [Series("gateway_requests_total", {"outcome": "allow", "case": case}, samples)]
+    times = [start + i * interval for i, v in enumerate(values) if v is not None]
+    kv = [v for v in values if v is not None]
+    labels = {"model_name": "llama", "engine": "0", "case": case}
+    return [
+        Series(metric, labels, list(zip(times, column, strict=True)))
+        for metric, column in (
+            ("vllm:kv_cache_usage_perc", kv),
+            ("vllm:num_requests_waiting", [0.0] * len(kv)),
+            ("vllm:num_requests_running", [1.0] * len(kv)),
+        )
+    ]
 
 
 def _origin(base: float, name: str, case: int) -> float:
@@ -72,7 +81,7 @@ def base() -> float:
 
 @pytest.fixture(scope="module")
 def prometheus(tmp_path_factory: pytest.TempPathFactory, base: float) -> Iterator[str]:
-    """Every case's GPU series, one case per simulated day, backfilled with promtool."""
+    """Every case's vLLM series, one case per simulated day, backfilled with promtool."""
     series = []
     for name in TESTS:
         spec = _spec(name)
@@ -80,7 +89,7 @@ def prometheus(tmp_path_factory: pytest.TempPathFactory, base: float) -> Iterato
             start = _origin(base, name, number)
             for signal, values in case.signals.items():
                 assert isinstance(values, list)
-                series.append(_series(signal, values, start, spec.interval, f"{name}-{number}"))
+                series += _series(signal, values, start, spec.interval, f"{name}-{number}")
     # One runaway tenant for a day before day 0 (the tenant-registry tests).
     spend = [(base - DAY + i * 60.0, 5.0) for i in range(60)]
     series.append(Series("tenant_spend", {"tenant": "acme"}, spend))

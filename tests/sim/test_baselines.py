@@ -191,10 +191,12 @@ def test_the_oracle_is_measured_on_the_pool_and_cached(
     slo = scenario.slo.ttft_seconds
     found = good_load(world, pool, world.tenants, slo, scenario.step)
     assert 0.5 < found < 1.5
-    # It is the edge on this very pool model: within the SLO there, above it a bit higher.
+    # It is the edge on this very pool model: within the SLO there, above it a bit higher
+    # (5 points: near the edge a 900 s probe of this small pool, ~120 requests above its
+    # p99, moves by a few tenths of a second from one load to the next).
     prompt, output = size_sample(world, world.tenants)
     assert probe_p99(pool, prompt, output, found, scenario.step) <= slo
-    assert probe_p99(pool, prompt, output, found + 0.02, scenario.step) > slo
+    assert probe_p99(pool, prompt, output, found + 0.05, scenario.step) > slo
     # Cached: the next call reads the file (a changed file is what it returns).
     files = list((tmp_path / "cache").glob("*.json"))
     assert len(files) == 1
@@ -243,9 +245,10 @@ def test_a_node_down_takes_its_capacity_away(short_scenario: Path, tmp_path: Pat
     scenario = load_scenario(str(path))
     record = run_variant(scenario, SHIPPED, NO_LIMIT, None)
     before, during = record.utilization[1:8], record.utilization[9:20]
-    # The same demand on half the GPUs: their busy share doubles, to the full.
+    # The same demand on half the GPUs: their busy share doubles, to the pool's saturation
+    # (about 90% of its compute: slots and cache turn over once an engine step).
     assert before.mean() < 0.7
-    assert during.mean() > 0.9
+    assert during.mean() > 0.85
     # The oracle serves at most its good share of what is up.
     capacity = scenario.pools[0].capacity_tokens_per_second
     assert record.oracle[9:20].max() <= 0.5 * capacity * 1.5

@@ -66,8 +66,7 @@ def test_limits_far_above_capacity_score_badly(short_scenario: Path, tmp_path: P
     verdicts = overloaded.verdicts()
     assert "utilization_within" not in verdicts  # a diagnostic, not a goal
     assert verdicts["goodput_ratio"] is False
-    # A controller that finds the fleet's capacity (the shipped AdaptiveLimit) does better.
-    # (Plain AIMD no longer does here: from 60 requests/s on a pool of 14 it cuts once per
-    # two samples, and the burst's backlog outlasts the window.)
-    assert controlled.goodput_ratio > overloaded.goodput_ratio
-    assert controlled.utilization_within > overloaded.utilization_within
+    # A controller that finds the fleet's capacity (the shipped AdaptiveLimit) does better:
+    # its clients rarely time out, and it serves at least as much within the SLO.
+    assert controlled.timed_out * 5 < overloaded.timed_out
+    assert controlled.goodput_ratio >= overloaded.goodput_ratio

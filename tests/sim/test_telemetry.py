@@ -1,6 +1,6 @@
 """The controller's own control-quality metrics, observed while the simulator drives it: an
-outage of the GPU metric is counted as time in fallback, overshoot is exported while the
-fleet runs above the setpoint, and direction changes match the flap detector's turns."""
+outage of the pool's vLLM metrics is counted as time in fallback, overshoot is exported while
+the pool runs above the setpoint, and direction changes match the flap detector's turns."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ ADAPTIVE = "AdaptiveLimit/global-rps-by-gpu"
 
 def test_fallback_overshoot_and_flaps(short_scenario: Path, tmp_path: Path) -> None:
     scenario = load_scenario(str(short_scenario))
-    outage = {"kind": "signal_outage", "at": 240, "duration": 180, "metric": "DCGM"}
+    outage = {"kind": "signal_outage", "at": 240, "duration": 180, "metric": "vllm:"}
     scenario = scenario.model_validate(
         {**scenario.model_dump(), "events": [*scenario.model_dump()["events"], outage]}
     )
@@ -46,10 +46,16 @@ def test_fallback_overshoot_and_flaps(short_scenario: Path, tmp_path: Path) -> N
             for s in ("global", "ip", "plan", "tenant", "user")
         )
     tick = scenario.tick
-    hot = record.utilization > 0.80  # over the setpoint
-    # Overshoot is exported on the tick after a hot one (the GPUs are read one scrape late).
+    # Overshoot is the signal the tick read over the setpoint (0.8), minus 1; 0 at or below
+    # it, and 0 while the signal is stale (from 5 min until fresh again after 7 min).
+    signal = record.signals["global-rps-by-gpu:saturation"]
     assert max(overshoot) > 0.0
-    assert all(o == 0.0 for o, was_hot in zip(overshoot[1:], hot[:-1], strict=True) if not was_hot)
+    for over, seen in zip(overshoot, signal.tolist(), strict=True):
+        if over > 0.0:
+            assert abs(over - (seen / 0.8 - 1.0)) <= 1e-9 * over
+        if seen <= 0.8:
+            assert over == 0.0
+    assert all(o == 0.0 for o in overshoot[int(300 / tick) + 1 : int(420 / tick)])
     # The metric stops at 4 min; it is stale (60 s) from 5 min, fresh again after 7 min.
     before = int(300 / tick) - 1
     # The admitted rate (`irate`) needs two scrapes: the first two ticks estimate no

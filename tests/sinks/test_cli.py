@@ -90,6 +90,17 @@ def test_a_reason_is_required_and_addresses_are_checked(url: str) -> None:
     assert "not a safe id" in bad.output or "letters, digits" in bad.output
 
 
+def test_a_bad_ttl_names_itself_and_the_durations_accepted(url: str) -> None:
+    bad = run(url, "freeze", "--ttl", "an hour", "--reason", "x")
+    assert bad.exit_code == 2
+    said = " ".join(bad.output.replace("│", " ").split())  # the usage box wraps lines
+    assert "'an hour' is not a duration: write a number and a unit (ms, s, m, h, d)" in said
+    assert "e.g. 250ms, 30s, 2m, 1h30m" in said
+    since = run(url, "audit", "tail", "--since", "1 week")
+    assert since.exit_code == 2
+    assert "'1 week' is not a duration" in " ".join(since.output.replace("│", " ").split())
+
+
 def test_freeze_and_unfreeze(url: str, db: redis.Redis[str]) -> None:
     ok(url, "freeze", "--ttl", "30m", "--reason", "INC-7 investigating", "--actor", "carol")
     assert 1_700_000 < db.pttl("governor:freeze") <= 1_800_000

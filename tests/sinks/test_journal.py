@@ -17,11 +17,12 @@ from controller.contract.keys import KeySchema
 from controller.control.leader import RedisLeaderLock
 from controller.journal.events import JournalEvent, Kind
 from controller.journal.reader import read_events
-from controller.journal.writer import Journal
+from controller.journal.writer import EVENTS_PER_APPEND, Journal
 from controller.logging import MASK, configure_logging
 from controller.settings import JournalSettings, RedisSettings
 from tests.support.prometheus import wait_for
 from tests.support.redis import RedisServer
+from tests.support.slowlog import ran, watch
 
 KEYS = KeySchema("governor")
 
@@ -356,3 +357,19 @@ def _transition(who: str) -> JournalEvent:
         policy="ThrottlePolicy/gpu-hot",
         details={"event": "engaged", "key": ""},
     )
+
+
+def test_a_large_batch_is_stored_in_order_by_bounded_script_calls(
+    client: redis.Redis[str], db: redis.Redis[str]
+) -> None:
+    """One script call with a tick's 10k events would hold Redis for its whole length (#18)."""
+    journal = Journal(client, KEYS, JournalSettings(stream_max_length=10_000))
+    watch(db)
+    count = 2 * EVENTS_PER_APPEND + 7
+    with journal.batch():
+        for n in range(count):
+            journal.emit(event(n))
+    calls = [c for c in ran(db) if c.name == "EVALSHA"]
+    assert stream_reasons(db) == [f"change {n}" for n in range(count)]
+    # EVALSHA sha numkeys key maxlen token, then 3 arguments per event.
+    assert [(c.argc - 6) / 3 for c in calls] == [EVENTS_PER_APPEND, EVENTS_PER_APPEND, 7]

@@ -239,8 +239,8 @@ def test_unsupported_urls_name_the_supported_schemes(redis_server: RedisServer) 
 
     with pytest.raises(ConfigurationError, match=r"redis://, rediss://, unix://"):
         sink_from_url("http://x", RedisSettings())
-    with pytest.raises(ConfigurationError, match="Cluster URLs are not supported yet"):
-        connect("redis+cluster://:pw@h:1", RedisSettings())
+    with pytest.raises(ConfigurationError, match="a Cluster has database 0 only"):
+        connect("redis+cluster://:pw@h:1/2", RedisSettings())
     sink = RedisSink(connect(redis_server.url, RedisSettings()), KeySchema("other"))
     assert sink.read().version == 0
 

@@ -3,6 +3,7 @@ each with `replicas` replicas, formed by `redis-cli --cluster create` and stoppe
 
 from __future__ import annotations
 
+import socket
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +15,25 @@ from tests.support.process import wait_for
 from tests.support.redis import RedisServer, free_port, redis_server_binary
 
 _FORM_TIMEOUT_SECONDS = 30.0
+# A node's cluster bus listens on its port + 10000: Redis refuses ports above this.
+_HIGHEST_NODE_PORT = 55535
+
+
+def node_port() -> int:
+    """A free port whose cluster bus port (+10000) is free too."""
+    while True:
+        port = free_port()
+        if port <= _HIGHEST_NODE_PORT and _free(port + 10000):
+            return port
+
+
+def _free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
 
 
 @dataclass
@@ -37,6 +57,10 @@ class ClusterNodeServer(RedisServer):
             "--cluster-config-file", str(self.directory / "nodes.conf"),
             # A killed master is failed over within a few seconds in the failover test.
             "--cluster-node-timeout", "2000",
+            # Replicas sync at once (not after the default 5 s): a replica that never
+            # synced refuses to fail over ("disconnected from master for longer than
+            # allowed").
+            "--repl-diskless-sync-delay", "0",
         ]  # fmt: skip
         if self.password:
             args += ["--requirepass", self.password, "--masterauth", self.password]
@@ -80,9 +104,17 @@ class RedisClusterServers:
         """Start every node, form the cluster and wait until every slot is served."""
         count = self.masters * (1 + self.replicas)
         self.nodes = [
-            ClusterNodeServer(self.directory / f"node{i}", port=free_port(), password=self.password)
+            ClusterNodeServer(self.directory / f"node{i}", port=node_port(), password=self.password)
             for i in range(count)
         ]
+        try:
+            self._form()
+        except BaseException:
+            self.stop()  # no daemonized node outlives a failed start
+            raise
+        return self
+
+    def _form(self) -> None:
         for node in self.nodes:
             node.start()
         args = ["redis-cli", "--cluster", "create"]
@@ -92,7 +124,6 @@ class RedisClusterServers:
             args += ["-a", self.password, "--no-auth-warning"]
         subprocess.run(args, check=True, capture_output=True, timeout=60)
         wait_for(self._formed, self._not_formed, _FORM_TIMEOUT_SECONDS)
-        return self
 
     def flush(self) -> None:
         """Empty every master (between tests)."""
@@ -113,13 +144,22 @@ class RedisClusterServers:
             except redis.RedisError:
                 return False
             state = info.get("cluster_state") if isinstance(info, dict) else None
-            if state != "ok":
+            if state != "ok" or not self._synced(node):
                 return False
         try:
             with self.client() as cluster:
                 return bool(cluster.ping())
         except redis.RedisError:
             return False
+
+    @staticmethod
+    def _synced(node: ClusterNodeServer) -> bool:
+        """A master, or a replica whose link to its master is up (it has synced)."""
+        with node.client() as client:
+            replication = client.info("replication")
+        return replication.get("role") == "master" or (
+            replication.get("master_link_status") == "up"
+        )
 
     def _not_formed(self) -> str:
         logs = [

@@ -365,7 +365,7 @@ def test_policy_test_reports_a_wrong_expectation_with_expected_and_actual(tmp_pa
         "interval: 30s\n"
         "tests:\n"
         "  - name: wrong on purpose\n"
-        "    signals: {gpu_util: '0.95x20'}\n"
+        "    signals: {saturation: '0.95x20'}\n"
         "    expect:\n"
         "      - at: 5m\n"
         "        limits: {plan/free/requests_per_minute: 10}\n"
@@ -375,7 +375,7 @@ def test_policy_test_reports_a_wrong_expectation_with_expected_and_actual(tmp_pa
     report = json.loads(result.stdout)
     (failure,) = report["files"][0]["tests"][0]["failures"]
     assert "plan/free/requests_per_minute: expected 10, got 5" in failure
-    assert "gpu_util=0.95" in failure
+    assert "saturation=0.95" in failure
 
 
 def test_policy_test_locates_a_broken_test_file(tmp_path: Path) -> None:

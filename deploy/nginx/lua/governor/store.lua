@@ -11,6 +11,11 @@ local _M = {}
 
 local POOL_IDLE_MS = 60000
 local POOL_SIZE = 100
+-- Why a Redis Cluster is refused: this module speaks to one Redis; Debian packages no
+-- maintained Lua Redis Cluster client, and a hand-made slot router is untested here.
+local NO_CLUSTER = 'the nginx/Kong module does not support Redis Cluster (it speaks to one '
+  .. 'Redis; no maintained Lua Cluster client is packaged): serve through `governor gateway` '
+  .. '(redis+cluster://) or give the module a standalone Redis (docs/nginx-kong.md)'
 
 -- { host, port } or { socket } from GOVERNOR_REDIS__URL's forms (redis[s]://[user:pass@]
 -- host:port/db, unix:///path?db=N). rediss:// adds { ssl = true, server_name = host }: the
@@ -25,6 +30,9 @@ function _M.parse_url(url)
     return {socket = socket, database = tonumber(url:match('[?&]db=(%d+)') or '0')}
   end
   local scheme, rest = url:match('^([%w+]+)://(.*)$')
+  if scheme == 'redis+cluster' or scheme == 'rediss+cluster' then
+    return nil, 'GOVERNOR_REDIS__URL ' .. scheme .. '://: ' .. NO_CLUSTER
+  end
   if scheme ~= 'redis' and scheme ~= 'rediss' then
     return nil, 'GOVERNOR_REDIS__URL ' .. (scheme or '?') .. ':// is not supported here: '
       .. 'use redis://host:port/db, rediss://host:port/db or unix:///path'
@@ -105,6 +113,14 @@ function _M.connect(options)
         return nil, tls_failure('the connection closed after the handshake')
       end
       return nil, step .. ': ' .. tostring(err)
+    end
+    -- Once per new connection: a Cluster node behind a plain URL is refused (each request
+    -- fails closed, saying why) instead of answering MOVED for most keys.
+    local info = client:info('cluster')
+    if type(info) == 'string' and info:find('cluster_enabled:1', 1, true) then
+      client:close()
+      return nil, 'Redis at ' .. (options.socket or (options.host .. ':' .. options.port))
+        .. ' is a Cluster node: ' .. NO_CLUSTER
     end
   end
   return client

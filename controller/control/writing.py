@@ -1,0 +1,98 @@
+"""What only the leader does in a tick: read the primary sink back, publish the plan catalog
+(once per policy version), and write the limits to every further sink and to the primary."""
+
+from __future__ import annotations
+
+import contextvars
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+
+from controller.control.reconciler import Reconciler, TickReport
+from controller.control.reporting import TickReporter
+from controller.errors import GovernorError
+from controller.policy.policyset import PolicySet
+from controller.policy.resolver import Resolution
+from controller.sinks import SinkState
+from controller.sinks.factory import split_supported
+
+
+class LeaderWrites:
+    """The leader's sinks and plan catalog, and what it last published."""
+
+    def __init__(
+        self,
+        reconciler: Reconciler,
+        extra_reconcilers: Sequence[Reconciler] = (),
+        publish: Callable[[PolicySet], None] | None = None,
+        *,
+        reporter: TickReporter,
+        dry_run: bool = False,
+    ) -> None:
+        self.reconciler = reconciler  # the primary sink (Redis): read back, seeds the resolver
+        self.extra_reconcilers = tuple(extra_reconcilers)  # Kong, Kubernetes...: beside it
+        # Publishes what gateways need from the policies (the plan catalog), once per version.
+        self.publish = publish
+        self.reporter = reporter
+        self.dry_run = dry_run
+        self._published: str | None = None
+        # Reads the primary sink back while the signal queries are in flight (see read_back).
+        self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="governor-read")
+
+    def read_back(self) -> Future[SinkState]:
+        """What the primary sink holds, read in a thread: it does not depend on the signals,
+        so it is read while the queries are in flight (the fetch mostly waits on Prometheus;
+        at 100k tenants the read-back is a seventh of a tick). A failed read fails the write."""
+        return self._reader.submit(contextvars.copy_context().run, self.reconciler.sink.read)
+
+    def catalog(self, policies: PolicySet, reasons: list[str]) -> None:
+        """Publish the plan catalog of a policy version not yet published."""
+        # A dry run writes nothing: its plans would replace what every gateway enforces.
+        if self.publish is None or self.dry_run or self._published == policies.version:
+            return
+        try:
+            self.publish(policies)
+        except GovernorError as exc:
+            self.reporter.redis_failed("catalog")
+            reasons.append(f"cannot publish the plan catalog: {exc}")
+            return
+        self._published = policies.version
+
+    def limits(
+        self,
+        policies: PolicySet,
+        resolution: Resolution,
+        tick: int,
+        state: Future[SinkState],
+        reasons: list[str],
+    ) -> TickReport | None:
+        """Write the desired limits to every sink; the primary's report (None: it failed)."""
+        runbooks = {d.ref: d.metadata.runbook for d in policies.documents if d.metadata.runbook}
+        for extra in self.extra_reconcilers:
+            # Every further sink (Kong, Kubernetes...) gets the limits it can hold and its
+            # own drift report; a failing one never stops the primary sink.
+            kept, skipped = split_supported(extra.sink, resolution.desired)
+            self.reporter.unsupported(extra.name, skipped)
+            try:
+                extra.tick(
+                    kept,
+                    tick=tick,
+                    policy_version=policies.version,
+                    dry_run=self.dry_run,
+                    runbooks=runbooks,
+                )
+            except GovernorError as exc:
+                self.reporter.sink_failed(exc, extra.name)
+                reasons.append(f"cannot write limits to {extra.name}: {exc}")
+        try:
+            return self.reconciler.tick(
+                resolution.desired,
+                tick=tick,
+                policy_version=policies.version,
+                dry_run=self.dry_run,
+                runbooks=runbooks,
+                state=state.result(),
+            )
+        except GovernorError as exc:
+            self.reporter.sink_failed(exc)
+            reasons.append(f"cannot write limits: {exc}")
+            return None

@@ -1,0 +1,162 @@
+"""The gateway on a real Redis Cluster (contract 2): admission as one admit.lua per slot,
+sent together; what a slot took is released when another slot refuses; settles reach every
+slot; NOSCRIPT on the masters is handled."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from controller.changes import diff
+from controller.clients.redis import aclose, close, connect, connect_async, key_schema
+from controller.contract.catalog import PlanInfo
+from controller.contract.enforcement import EnforcementKeys
+from controller.control.catalog import publish_catalog
+from controller.gateway.admission import Admission, AdmissionRequest, TokensUsed
+from controller.gateway.catalog import PlanCatalog
+from controller.gateway.keys import KeyStore
+from controller.gateway.prices import PriceTable
+from controller.policy.loader import load_directory
+from controller.settings import PricesSettings, RedisSettings
+from controller.sinks.redis import RedisSink
+from tests.gateway.conftest import start_gateway
+from tests.gateway.fake_upstream import FakeUpstream, ServerThread
+from tests.support.redis_cluster import RedisClusterServers
+
+SECRET = "test-secret"  # start_gateway's
+# Global concurrency and a global daily budget: the shared slot holds leases to release.
+POLICIES = """\
+{apiVersion: governor/v1, kind: Plan, metadata: {name: free},
+ spec: {models: [gpt-3.5-turbo], limits: {requests_per_minute: 10, tokens_per_day: 1000}}}
+---
+{apiVersion: governor/v1, kind: Plan, metadata: {name: solo},
+ spec: {limits: {requests_per_minute: 600, concurrent_requests: 1}}}
+---
+{apiVersion: governor/v1, kind: Limits, metadata: {name: global},
+ spec: {default_plan: free, ip: {requests_per_minute: 1000},
+        global: {requests_per_second: 1000, concurrent_requests: 100, tokens_per_day: 1000000}}}
+"""
+V2 = EnforcementKeys.for_prefix("governor", sharded=True)
+
+
+@pytest.fixture
+def limits(cluster: RedisClusterServers, tmp_path: Path) -> Path:
+    """The limits and catalog of POLICIES on the cluster, written as the controller does."""
+    directory = tmp_path / "policies"
+    directory.mkdir()
+    (directory / "plans.yaml").write_text(POLICIES)
+    policies = load_directory(directory)
+    client = connect(cluster.url, RedisSettings())
+    try:
+        sink = RedisSink(client, key_schema(client, "governor"))
+        sink.apply(diff(dict(policies.baseline_addresses()), sink.read().actual))
+        publish_catalog(client, policies)
+    finally:
+        close(client)
+    return directory
+
+
+@pytest.fixture
+def upstream() -> Iterator[tuple[FakeUpstream, str]]:
+    fake = FakeUpstream()
+    server = ServerThread(fake.app()).start()
+    yield fake, server.url
+    server.stop()
+
+
+def test_the_gateway_admits_and_refuses_on_a_cluster(
+    cluster: RedisClusterServers, limits: Path, upstream: tuple[FakeUpstream, str]
+) -> None:
+    with cluster.client() as client:
+        key, _ = KeyStore(client, V2.schema, SECRET).create("acme", "free")  # type: ignore[arg-type]
+    gateway = start_gateway(cluster.url, upstream[1])
+    try:
+        first = [gateway.chat(key).status_code for _ in range(5)]
+        for node in cluster.nodes:  # every master forgets the scripts: NOSCRIPT, then loaded
+            with node.client() as direct:
+                direct.script_flush()
+        answers = [gateway.chat(key) for _ in range(7)]
+    finally:
+        gateway.stop()
+    assert first == [200] * 5
+    assert [a.status_code for a in answers] == [200] * 5 + [429, 429]
+    refusal = answers[-1].json()
+    assert "requests_per_minute" in refusal["violated-policies"][0]
+    assert answers[0].headers["ratelimit-policy"]
+    with cluster.client() as client:
+        shared = V2.global_level()
+        assert client.hget(shared.state, "c|concurrent_requests") == "0"  # all settled
+        assert client.zcard(shared.leases) == 0
+        used = client.hget(V2.tenant_level("acme").state, "u|tokens_per_day")
+        assert used is not None
+        assert int(used) > 0
+        assert client.hget(shared.state, "u|tokens_per_day") == used  # both slots charged
+
+
+def test_a_refusal_in_one_slot_releases_what_the_others_took(
+    cluster: RedisClusterServers, limits: Path
+) -> None:
+    def request(rid: str) -> AdmissionRequest:
+        return AdmissionRequest("solo1", "solo", None, "10.0.0.7", None, 10, rid)
+
+    async def scenario() -> tuple[list[str], list[str | None], bool]:
+        client = connect_async(cluster.url, RedisSettings())
+        catalog = PlanCatalog(client, "governor")
+        admission = Admission(client, "governor", PriceTable.from_settings(PricesSettings()),
+                              catalog)  # fmt: skip
+        try:
+            held = await admission.admit(request("r1"))
+            refused = await admission.admit(request("r2"))  # the tenant's 1 slot is taken
+            shared = V2.global_level().state
+            during = await client.hget(shared, "c|concurrent_requests")
+            assert held.reservation is not None
+            settled = await admission.settle(held.reservation, "solo1", 12, None)
+            after = await client.hget(shared, "c|concurrent_requests")
+            return [held.outcome, refused.outcome], [during, after], settled
+        finally:
+            await aclose(client)
+
+    outcomes, concurrency, settled = asyncio.run(scenario())
+    assert outcomes == ["allow", "rate_limited"]
+    # The refused request's global slot was taken in the shared slot, then given back.
+    assert concurrency == ["1", "0"]
+    assert settled
+    with cluster.client() as client:
+        assert client.zcard(V2.global_level().leases) == 0
+        assert client.zcard(V2.ip_level("10.0.0.7").leases) == 0
+        assert client.hget(V2.global_level().state, "u|tokens_per_day") == "12"
+
+
+def test_plans_are_read_from_the_shared_slot(cluster: RedisClusterServers, limits: Path) -> None:
+    async def read() -> dict[str, PlanInfo] | None:
+        client = connect_async(cluster.url, RedisSettings())
+        try:
+            catalog = PlanCatalog(client, "governor")
+            await catalog.refresh()
+            return dict(catalog.plans or {})
+        finally:
+            await aclose(client)
+
+    plans = asyncio.run(read())
+    assert plans is not None
+    assert set(plans) == {"free", "solo"}
+
+
+def test_a_fail_open_charge_reaches_every_slot(cluster: RedisClusterServers, limits: Path) -> None:
+    async def charge() -> int:
+        client = connect_async(cluster.url, RedisSettings())
+        admission = Admission(client, "governor", PriceTable.from_settings(PricesSettings()),
+                              PlanCatalog(client, "governor"))  # fmt: skip
+        try:
+            served = AdmissionRequest("acme", "free", None, "10.0.0.7", None, 50, "open1")
+            return await admission.charge(served, TokensUsed(30, 12))
+        finally:
+            await aclose(client)
+
+    assert asyncio.run(charge()) == 2  # the global and the tenant's daily budgets
+    with cluster.client() as client:
+        assert client.hget(V2.global_level().state, "u|tokens_per_day") == "42"
+        assert client.hget(V2.tenant_level("acme").state, "u|tokens_per_day") == "42"
