@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from controller.durations import format_duration
 from controller.model import Proposal, Snapshot
 from controller.policy.baselines import Baselines
-from controller.policy.capacity import estimate
+from controller.policy.capacity import Capacity, estimate
 from controller.policy.documents import AdaptiveLimit, AdaptiveLimitSpec, FilterSpec
 from controller.policy.inputs import ScalarInput, scalar_input
 from controller.policy.schedule import in_windows
@@ -34,6 +34,7 @@ class AdaptiveState:
     variance: float | None = None  # of a sample around the filtered signal (the noise)
     how: str = ""  # its last step, quoted while no new sample comes
     capacity: float | None = None  # the serving capacity estimated (`capacity:`)
+    capacity_variance: float | None = None  # of a sample around it (the estimate's noise)
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,7 +70,8 @@ def evaluate_adaptive(
     if state.cut_at is not None and signal.timestamp <= state.cut_at + window:
         return _dead_time(policy, state, signal, start, interval, window)
     level, variance = _filtered(spec.filter, state, signal.value)
-    step = _law(spec, state.capacity, start, signal.value, level, variance, snapshot, now)
+    known = Capacity(state.capacity, "", state.capacity_variance)
+    step = _law(spec, known, start, signal.value, level, variance, snapshot, now)
     value, how, capacity = step.value, step.how, step.capacity
     value = min(max(value, spec.bounds.min), spec.bounds.max)
     filtered = f" (filtered {fmt_number(level)})" if spec.filter is not None else ""
@@ -86,7 +88,16 @@ def evaluate_adaptive(
     return AdaptiveResult(
         proposal,
         AdaptiveState(
-            value, None, signal.timestamp, interval, cut_at, level, variance, how, capacity
+            value,
+            None,
+            signal.timestamp,
+            interval,
+            cut_at,
+            level,
+            variance,
+            how,
+            capacity.value,
+            capacity.variance,
         ),
     )
 
@@ -96,12 +107,12 @@ class _Step:
     value: float
     how: str
     cut: bool  # the algorithm's own step (a cut waits for a sample that can show it)
-    capacity: float | None
+    capacity: Capacity
 
 
 def _law(
     spec: AdaptiveLimitSpec,
-    capacity: float | None,
+    capacity: Capacity,
     start: float,
     sample: float,
     level: float,
@@ -117,23 +128,26 @@ def _law(
     tolerance = _tolerance(spec, variance)
     if seek is None:
         value, how = _next_value(spec, start, level, tolerance)
-        return _Step(value, how, True, None)
+        return _Step(value, how, True, capacity)
     found = estimate(seek, capacity, sample, snapshot, now)
     if found.value is None:
         value, how = _next_value(spec, start, level, tolerance)
-        return _Step(value, f"{how}; {found.how}", True, None)
+        return _Step(value, f"{how}; {found.how}", True, found)
     aimed = found.value * spec.setpoint
     if level < seek.saturated:
         how = f"capacity ≈ {fmt_number(found.value)} ({found.how}) × setpoint"
-        # The tolerance, as a share of the limit: a change that would move the signal by
-        # less is the estimate's noise (a limit moved on every sample flaps).
-        band = start * tolerance / spec.setpoint
+        # A change that would move the signal by less than the tolerance, or the limit by
+        # less than the estimate's own noise (`filter.noise_band` deviations), holds: a
+        # limit moved on every noisy estimate flaps.
+        widen = spec.filter.noise_band if spec.filter is not None else 0.0
+        noise = widen * found.noise(seek.smoothing) * spec.setpoint
+        band = max(start * tolerance / spec.setpoint, noise)
         if abs(aimed - start) <= band:
             return _Step(start, f"{how} = {fmt_number(aimed)}, within ±{fmt_number(band)}: hold",
-                         False, found.value)  # fmt: skip
-        return _Step(aimed, how, False, found.value)
+                         False, found)  # fmt: skip
+        return _Step(aimed, how, False, found)
     value, how = _next_value(spec, min(start, aimed), level, tolerance)
-    return _Step(value, f"saturated ({found.how}): {how}", True, found.value)
+    return _Step(value, f"saturated ({found.how}): {how}", True, found)
 
 
 def _start_value(

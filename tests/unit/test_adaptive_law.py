@@ -3,6 +3,7 @@ wind-up, reasons that say what was enforced, and a filter against a noisy signal
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -272,3 +273,25 @@ def test_capacity_settings_are_checked() -> None:
         adaptive(capacity={**SEEK, "min_signal": 0.9, "saturated": 0.9})
     policies = policy_set(adaptive(capacity=SEEK))
     assert {u.key.query for u in policies.signal_uses()} == {GPU_QUERY, ADMITTED}
+
+
+def turns(values: list[float]) -> int:
+    """Direction changes (tighten ↔ loosen) of a series of limits."""
+    moves = [b - a for a, b in itertools.pairwise(values) if b != a]
+    return sum(1 for a, b in itertools.pairwise(moves) if (a > 0) != (b > 0))
+
+
+def test_the_estimates_own_noise_widens_the_band() -> None:
+    # The admitted rate is noisy from sample to sample at the same utilization (bursty
+    # requests: ±20%), around a capacity of 60. The band of the tolerance alone (6%) moves the
+    # limit again and again; widened to the estimate's own noise it rarely does.
+    noise = np.random.default_rng(4).normal(1.0, 0.2, 120)
+
+    def run(**spec: Any) -> list[float]:
+        control = loop(15.0, bounds=RAILS, capacity=SEEK, **spec)
+        admitted = [30.0 * float(x) for x in noise]
+        return [control.tick(15.0 * n, 0.5, **{ADMITTED: x}).value for n, x in enumerate(admitted)]
+
+    plain, filtered = run(), run(filter={"smoothing": 0.3})
+    assert turns(filtered[20:]) * 2 <= turns(plain[20:])
+    assert np.mean(filtered[20:]) == pytest.approx(48.0, rel=0.1)  # still the capacity × 0.8
