@@ -1,28 +1,40 @@
 """AdaptiveLimit: move one limit so that a signal tracks its setpoint (AIMD or gradient).
 
-Pure. The controller continues from its own last output (then the value in force, the baseline,
-`bounds.max`); see `_start_value` for how it avoids wind-up.
+Pure. The control law acts once per new sample of its signal (the sample's own timestamp
+says which is new), never again on a sample that predates its last cut plus the signal's
+window (that sample cannot show the cut yet), optionally on a filtered signal, and always
+steps from the value in force (back-calculation: nothing the resolver held back winds up).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 
 from controller.durations import format_duration
 from controller.model import Proposal, Snapshot
 from controller.policy.baselines import Baselines
-from controller.policy.documents import AdaptiveLimit, AdaptiveLimitSpec
-from controller.policy.inputs import scalar_input
+from controller.policy.capacity import Capacity, estimate
+from controller.policy.documents import AdaptiveLimit, AdaptiveLimitSpec, FilterSpec
+from controller.policy.inputs import ScalarInput, scalar_input
 from controller.policy.schedule import in_windows
-from controller.policy.text import fmt_number
+from controller.policy.text import fmt_number, fmt_time
 
 
 @dataclass(frozen=True, slots=True)
 class AdaptiveState:
-    """The controller's memory: its last output and since when its signal is untrustworthy."""
+    """The controller's memory between ticks."""
 
-    value: float | None = None
-    invalid_since: float | None = None
+    value: float | None = None  # its last proposal
+    invalid_since: float | None = None  # since when its signal is untrustworthy
+    sample_at: float | None = None  # the timestamp of the last sample it acted on
+    interval: float | None = None  # the time between its last two samples (the scrape)
+    cut_at: float | None = None  # when it last proposed a cut
+    level: float | None = None  # the filtered signal (None: start over from the next sample)
+    variance: float | None = None  # of a sample around the filtered signal (the noise)
+    how: str = ""  # its last step, quoted while no new sample comes
+    capacity: float | None = None  # the serving capacity estimated (`capacity:`)
+    capacity_variance: float | None = None  # of a sample around it (the estimate's noise)
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,51 +61,201 @@ def evaluate_adaptive(
     signal = scalar_input(spec.signal_name, spec.signal, snapshot, None, now)
     if not signal.valid:
         return _on_invalid(policy, state, now, signal.validity.value)
-    value, how = _next_value(
-        spec, _start_value(spec, state, baselines, in_force, signal.value), signal.value
-    )
+    seen, last = state.sample_at, state.value
+    if last is not None and seen is not None and signal.timestamp <= seen:
+        return _repeat(policy, state, last, seen, signal)
+    start = _start_value(spec, state, baselines, in_force)
+    interval = _interval(state, signal.timestamp)
+    window = spec.signal.window if spec.signal.window is not None else (interval or 0.0)
+    if state.cut_at is not None and signal.timestamp <= state.cut_at + window:
+        return _dead_time(policy, state, signal, start, interval, window)
+    level, variance = _filtered(spec.filter, state, signal.value)
+    known = Capacity(state.capacity, "", state.capacity_variance)
+    step = _law(spec, known, start, signal.value, level, variance, snapshot, now)
+    value, how, capacity = step.value, step.how, step.capacity
     value = min(max(value, spec.bounds.min), spec.bounds.max)
+    filtered = f" (filtered {fmt_number(level)})" if spec.filter is not None else ""
     reason = (
-        f"{spec.signal_name}={fmt_number(signal.value)} vs setpoint {fmt_number(spec.setpoint)}: "
-        f"{how} → {fmt_number(value)} (bounds {fmt_number(spec.bounds.min)}–"
+        f"{spec.signal_name}={fmt_number(signal.value)}{filtered} vs setpoint "
+        f"{fmt_number(spec.setpoint)}: {how} from {fmt_number(start)} in force → "
+        f"{fmt_number(value)} (bounds {fmt_number(spec.bounds.min)}–"
         f"{fmt_number(spec.bounds.max)})"
     )
     proposal = Proposal(spec.target, value, policy.ref, reason, (signal.reading(),))
-    return AdaptiveResult(proposal, AdaptiveState(value=value))
+    # Only the algorithm's cuts wait for a sample that can show them: a capacity estimate
+    # reads the throughput and the utilization of one and the same span.
+    cut_at = now if step.cut and value < start else state.cut_at
+    return AdaptiveResult(
+        proposal,
+        AdaptiveState(
+            value,
+            None,
+            signal.timestamp,
+            interval,
+            cut_at,
+            level,
+            variance,
+            how,
+            capacity.value,
+            capacity.variance,
+        ),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class _Step:
+    value: float
+    how: str
+    cut: bool  # the algorithm's own step (a cut waits for a sample that can show it)
+    capacity: Capacity
+
+
+def _law(
+    spec: AdaptiveLimitSpec,
+    capacity: Capacity,
+    start: float,
+    sample: float,
+    level: float,
+    variance: float | None,
+    snapshot: Snapshot,
+    now: float,
+) -> _Step:
+    """The control law on a new sample. With `capacity:`, below saturation the limit is the
+    capacity estimated × the setpoint; at saturation (the estimate is too high: capacity
+    was lost) the algorithm cuts from the lower of that and the value in force, until the
+    samples fall below saturation and the estimate can follow. Otherwise the algorithm."""
+    seek = spec.capacity
+    tolerance = _tolerance(spec, variance)
+    if seek is None:
+        value, how = _next_value(spec, start, level, tolerance)
+        return _Step(value, how, True, capacity)
+    found = estimate(seek, capacity, sample, snapshot, now)
+    if found.value is None:
+        value, how = _next_value(spec, start, level, tolerance)
+        return _Step(value, f"{how}; {found.how}", True, found)
+    aimed = found.value * spec.setpoint
+    if level < seek.saturated:
+        how = f"capacity ≈ {fmt_number(found.value)} ({found.how}) × setpoint"
+        # A change that would move the signal by less than the tolerance, or the limit by
+        # less than the estimate's own noise (`filter.noise_band` deviations), holds: a
+        # limit moved on every noisy estimate flaps.
+        widen = spec.filter.noise_band if spec.filter is not None else 0.0
+        noise = widen * found.noise(seek.smoothing) * spec.setpoint
+        band = max(start * tolerance / spec.setpoint, noise)
+        if abs(aimed - start) <= band:
+            return _Step(start, f"{how} = {fmt_number(aimed)}, within ±{fmt_number(band)}: hold",
+                         False, found)  # fmt: skip
+        return _Step(aimed, how, False, found)
+    value, how = _next_value(spec, min(start, aimed), level, tolerance)
+    return _Step(value, f"saturated ({found.how}): {how}", True, found)
 
 
 def _start_value(
-    spec: AdaptiveLimitSpec,
-    state: AdaptiveState,
-    baselines: Baselines,
-    in_force: float | None,
-    signal: float,
+    spec: AdaptiveLimitSpec, state: AdaptiveState, baselines: Baselines, in_force: float | None
 ) -> float:
-    """Where this step starts. Increases continue the controller's own trajectory (a loosen
-    stabilization window may hold the enforced value back meanwhile); decreases start from
-    the lower of that and the value in force, so a held-back or overridden limit never makes
-    the controller react late (anti-windup)."""
+    """Where this step starts: the value in force (back-calculation), so a step the
+    resolver held back (a stabilization window, pacing, a floor, an override) never piles up
+    inside the controller; before anything is in force, its last proposal or the baseline."""
     current = next(
-        (v for v in (state.value, in_force, baselines.value(spec.target)) if v is not None),
+        (v for v in (in_force, state.value, baselines.value(spec.target)) if v is not None),
         spec.bounds.max,
     )
-    if in_force is not None and signal > spec.setpoint:
-        current = min(current, in_force)
     return min(max(current, spec.bounds.min), spec.bounds.max)
 
 
-def _next_value(spec: AdaptiveLimitSpec, current: float, signal: float) -> tuple[float, str]:
+def _interval(state: AdaptiveState, timestamp: float) -> float | None:
+    """The time between the last two samples: how often the signal is scraped."""
+    if state.sample_at is None or timestamp <= state.sample_at:
+        return state.interval
+    return timestamp - state.sample_at
+
+
+def _repeat(
+    policy: AdaptiveLimit, state: AdaptiveState, value: float, sample_at: float, signal: ScalarInput
+) -> AdaptiveResult:
+    """No new sample since the last step: propose the same value again (acting on the same
+    reading twice would multiply one observation into several steps)."""
+    reason = (
+        f"no new {signal.name} sample since {fmt_time(sample_at)}: keeping "
+        f"{fmt_number(value)} ({state.how})"
+    )
+    proposal = Proposal(policy.spec.target, value, policy.ref, reason, (signal.reading(),))
+    return AdaptiveResult(proposal, state)
+
+
+def _dead_time(
+    policy: AdaptiveLimit,
+    state: AdaptiveState,
+    signal: ScalarInput,
+    start: float,
+    interval: float | None,
+    window: float,
+) -> AdaptiveResult:
+    """A new sample that covers time before the last cut took effect: hold. The filter
+    starts over from the first sample that can show the cut."""
+    assert state.cut_at is not None  # checked by the caller
+    how = (
+        f"the sample of {fmt_time(signal.timestamp)} cannot show the cut of "
+        f"{fmt_time(state.cut_at)} yet (window {format_duration(window)}): hold"
+    )
+    reason = f"{signal.name}={fmt_number(signal.value)}: {how} {fmt_number(start)} in force"
+    proposal = Proposal(policy.spec.target, start, policy.ref, reason, (signal.reading(),))
+    held = replace(
+        state, value=start, sample_at=signal.timestamp, interval=interval, level=None, how=how
+    )
+    return AdaptiveResult(proposal, held)
+
+
+def _filtered(
+    spec: FilterSpec | None, state: AdaptiveState, sample: float
+) -> tuple[float, float | None]:
+    """The exponentially weighted moving average of the samples and of their squared
+    deviation from it (the noise); without a filter, the sample itself."""
+    if spec is None:
+        return sample, None
+    if state.level is None:
+        return sample, state.variance
+    deviation = sample - state.level
+    squared = deviation * deviation
+    variance = state.variance
+    if variance is None:
+        return state.level + spec.smoothing * deviation, squared
+    if spec.jump_band > 0 and squared > spec.jump_band * spec.jump_band * variance:
+        return sample, variance  # a change of level, not noise: start over from it
+    level = state.level + spec.smoothing * deviation
+    # The noise is averaged over four times as many samples as the level: a noise estimate
+    # as jumpy as the signal would take every other sample for a jump.
+    return level, variance + spec.smoothing / 4 * (squared - variance)
+
+
+def _tolerance(spec: AdaptiveLimitSpec, variance: float | None) -> float:
+    """The dead band: the algorithm's tolerance, widened to `noise_band` standard deviations
+    of the filtered signal's noise (an EWMA of weight a keeps a/(2-a) of white noise's
+    variance), so noise alone does not move the limit."""
+    tolerance = spec.aimd.tolerance if spec.aimd is not None else 0.0
+    if spec.algorithm == "gradient" and spec.gradient is not None:
+        tolerance = spec.gradient.tolerance
+    if spec.filter is None or variance is None:
+        return tolerance
+    alpha = spec.filter.smoothing
+    noise = math.sqrt(max(variance, 0.0) * alpha / (2.0 - alpha))
+    return max(tolerance, spec.filter.noise_band * noise)
+
+
+def _next_value(
+    spec: AdaptiveLimitSpec, current: float, signal: float, tolerance: float
+) -> tuple[float, str]:
     if spec.algorithm == "aimd" and spec.aimd is not None:
         aimd = spec.aimd
-        if signal > spec.setpoint + aimd.tolerance:
+        if signal > spec.setpoint + tolerance:
             return current * aimd.decrease_factor, f"above: × {fmt_number(aimd.decrease_factor)}"
-        if signal < spec.setpoint - aimd.tolerance:
+        if signal < spec.setpoint - tolerance:
             return current + aimd.increase, f"below: + {fmt_number(aimd.increase)}"
-        return current, f"within ±{fmt_number(aimd.tolerance)}: hold"
+        return current, f"within ±{fmt_number(tolerance)}: hold"
     gradient = spec.gradient
     assert gradient is not None  # the document validator fills the default
-    if abs(signal - spec.setpoint) <= gradient.tolerance:
-        return current, f"within ±{fmt_number(gradient.tolerance)}: hold"
+    if abs(signal - spec.setpoint) <= tolerance:
+        return current, f"within ±{fmt_number(tolerance)}: hold"
     ratio = spec.setpoint / signal if signal > 0 else 1.0 + gradient.max_step
     ratio = min(max(ratio, 1.0 - gradient.max_step), 1.0 + gradient.max_step)
     factor = 1.0 + gradient.smoothing * (ratio - 1.0)
@@ -106,7 +268,7 @@ def _on_invalid(
     spec = policy.spec
     since = state.invalid_since if state.invalid_since is not None else now
     waited = now - since
-    held = AdaptiveState(value=state.value, invalid_since=since)
+    held = replace(state, invalid_since=since)
     prefix = f"{spec.signal_name} is {why} for {format_duration(waited)}"
     if waited < spec.on_stale.hold_for or spec.on_stale.then == "hold":
         if state.value is None:

@@ -348,6 +348,67 @@ class AdaptiveSignal(SignalSpec):
     name: SignalName | None = Field(
         None, description="how tests and the journal call it; default `signal`"
     )
+    window: Duration | None = Field(
+        None,
+        description="the span of time one sample describes (a gauge: the scrape interval; "
+        "`rate(x[1m])`: 1m): after a cut, a sample no later than the cut + this cannot show "
+        "it and is not acted on; default: the observed time between two samples",
+    )
+
+
+class FilterSpec(Strict):
+    """Smooth a noisy signal before the control law reads it (per sample, not per tick)."""
+
+    smoothing: Annotated[float, Field(gt=0, le=1), NotBoolean] = Field(
+        0.3,
+        description="weight of each new sample in an exponentially weighted moving average "
+        "(1: no smoothing)",
+    )
+    noise_band: NonNegativeNumber = Field(
+        2.0,
+        description="widen the tolerance to this many standard deviations of the filtered "
+        "signal's noise, measured online from the samples (0: the tolerance alone)",
+    )
+    jump_band: NonNegativeNumber = Field(
+        4.0,
+        description="a sample this many standard deviations of the noise away from the "
+        "filtered value is a real change, not noise: the filter restarts from it, so a burst "
+        "is acted on at once (0: never)",
+    )
+
+
+class CapacitySpec(Strict):
+    """Seek the serving capacity online instead of writing it into the bounds. By the
+    utilization law (U = X / C), a utilization signal U caused by the admitted throughput X
+    says the capacity is C = X / U; the limit is set to C × setpoint, so it follows the pool
+    whatever its size, and binds from the first second of a burst."""
+
+    throughput: AdaptiveSignal = Field(
+        description="the throughput admitted, in the target's unit (requests/s for a "
+        "requests_per_second target), over the same span as one sample of `signal` "
+        '(e.g. `sum(irate(gateway_requests_total{outcome="allow"}[5m]))`)'
+    )
+    saturated: Annotated[float, Field(gt=0, le=1), NotBoolean] = Field(
+        0.95,
+        description="a sample of `signal` at or above this is saturation (a queue): it "
+        "says nothing about the capacity, and the algorithm cuts from the lower of the value "
+        "in force and the estimate × setpoint",
+    )
+    min_signal: Annotated[float, Field(ge=0, lt=1), NotBoolean] = Field(
+        0.05, description="below this utilization X / U is mostly noise: not estimated"
+    )
+    smoothing: Annotated[float, Field(gt=0, le=1), NotBoolean] = Field(
+        0.3, description="weight of each new estimate in an exponentially weighted average"
+    )
+
+    @model_validator(mode="after")
+    def _ordered(self) -> CapacitySpec:
+        if self.min_signal >= self.saturated:
+            raise ValueError(
+                f"capacity.min_signal ({self.min_signal}) must be below capacity.saturated "
+                f"({self.saturated})"
+            )
+        return self
 
 
 class AdaptiveLimitSpec(Strict):
@@ -358,6 +419,14 @@ class AdaptiveLimitSpec(Strict):
     aimd: AimdSpec | None = None
     gradient: GradientSpec | None = None
     bounds: Bounds
+    filter: FilterSpec | None = Field(
+        None, description="smooth the signal and widen the dead band to its noise"
+    )
+    capacity: CapacitySpec | None = Field(
+        None,
+        description="set the limit from the capacity estimated online (`signal` must then "
+        "be a utilization, 0–1, proportional to the work served)",
+    )
     behavior: Behavior | None = None
     on_stale: OnStale = Field(default_factory=OnStale)
     schedule: Schedule | None = None
@@ -368,6 +437,11 @@ class AdaptiveLimitSpec(Strict):
             raise ValueError("algorithm `aimd` needs an `aimd:` block (increase, decrease_factor)")
         if self.algorithm == "gradient" and self.gradient is None:
             object.__setattr__(self, "gradient", GradientSpec())
+        if self.capacity is not None and not 0 < self.setpoint < self.capacity.saturated:
+            raise ValueError(
+                f"with `capacity:` the setpoint is a utilization: it must be above 0 and below "
+                f"capacity.saturated ({self.capacity.saturated}), not {self.setpoint}"
+            )
         return self
 
     @property

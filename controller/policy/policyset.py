@@ -112,6 +112,10 @@ class PolicySet:
         for adaptive in self.adaptives:
             spec = adaptive.spec.signal
             yield SignalUse(adaptive.ref, adaptive.spec.signal_name, spec, spec.key())
+            if adaptive.spec.capacity is not None:
+                throughput = adaptive.spec.capacity.throughput
+                name = throughput.name or "throughput"
+                yield SignalUse(adaptive.ref, name, throughput, throughput.key())
 
     def signal_keys(self) -> set[SignalKey]:
         """The distinct query results one tick must fetch (each query runs once)."""

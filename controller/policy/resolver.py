@@ -274,8 +274,11 @@ def _resolve_one(
     else:
         value = _paced(behavior, recommended, recommendations, previous, now, memory, adjustments)
         if winner is not None:
-            # The proposal itself: its reason is written only if someone reads it.
-            source, reason = Source.POLICY, winner
+            # The proposal itself: its reason is written only if someone reads it; unless
+            # pacing or a floor changed the value, which the reason must then say (the
+            # journal quotes it: a proposal's "+ 1 → 51" beside the 45 enforced misleads).
+            source = Source.POLICY
+            reason = winner if value == winner.value else _altered(winner, value, adjustments)
         elif value != recommended:
             source, reason = Source.PACING, f"returning to baseline {fmt_number(baseline)}"
         else:
@@ -298,6 +301,12 @@ def _resolve_one(
         adjustments=tuple(adjustments),
     )
     return decision, remembered
+
+
+def _altered(winner: Proposal, value: float, adjustments: list[str]) -> str:
+    """The reason of a decision whose value is not the winning proposal's."""
+    why = "; ".join(adjustments) or "paced"
+    return f"{winner.reason}; {fmt_number(value)} enforced instead: {why}"
 
 
 def _horizon(behavior: Behavior) -> float:

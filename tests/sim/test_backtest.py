@@ -42,6 +42,33 @@ def _spec(name: str) -> PolicyTestFile:
     return spec
 
 
+def _series(
+    signal: str, values: list[float | None], start: float, interval: float, case: str
+) -> list[Series]:
+    """A test's signal as the series its query reads: vLLM's KV cache in use (with an empty
+    queue beside one running request: the saturation is the KV share), or the gateway's
+    counter of admitted requests, whose `irate` is the test's requests/s (it starts one
+    interval early, so that `irate` has two samples from the case's start)."""
+    if signal == "admitted_rps":
+        total, samples = 0.0, [(start - interval, 0.0)]
+        for i, value in enumerate(values):
+            if value is not None:
+                total += value * interval
+                samples.append((start + i * interval, total))
+        return [Series("gateway_requests_total", {"outcome": "allow", "case": case}, samples)]
+    times = [start + i * interval for i, v in enumerate(values) if v is not None]
+    kv = [v for v in values if v is not None]
+    labels = {"model_name": "llama", "engine": "0", "case": case}
+    return [
+        Series(metric, labels, list(zip(times, column, strict=True)))
+        for metric, column in (
+            ("vllm:kv_cache_usage_perc", kv),
+            ("vllm:num_requests_waiting", [0.0] * len(kv)),
+            ("vllm:num_requests_running", [1.0] * len(kv)),
+        )
+    ]
+
+
 def _origin(base: float, name: str, case: int) -> float:
     return base + (TESTS[name] + case) * DAY
 
@@ -59,18 +86,10 @@ def prometheus(tmp_path_factory: pytest.TempPathFactory, base: float) -> Iterato
     for name in TESTS:
         spec = _spec(name)
         for number, case in enumerate(spec.tests):
-            (values,) = case.signals.values()
-            assert isinstance(values, list)
             start = _origin(base, name, number)
-            times = [start + i * spec.interval for i, v in enumerate(values) if v is not None]
-            kv = [v for v in values if v is not None]
-            labels = {"model_name": "llama", "engine": "0", "case": f"{name}-{number}"}
-            for metric, column in (
-                ("vllm:kv_cache_usage_perc", kv),
-                ("vllm:num_requests_waiting", [0.0] * len(kv)),
-                ("vllm:num_requests_running", [1.0] * len(kv)),
-            ):
-                series.append(Series(metric, labels, list(zip(times, column, strict=True))))
+            for signal, values in case.signals.items():
+                assert isinstance(values, list)
+                series += _series(signal, values, start, spec.interval, f"{name}-{number}")
     # One runaway tenant for a day before day 0 (the tenant-registry tests).
     spend = [(base - DAY + i * 60.0, 5.0) for i in range(60)]
     series.append(Series("tenant_spend", {"tenant": "acme"}, spend))
@@ -91,8 +110,8 @@ def test_backtest_fires_when_the_policy_test_expects(
     source = PrometheusSource.from_url(prometheus)
     for number, case in enumerate(spec.tests):
         start = _origin(base, name, number)
-        (values,) = case.signals.values()
-        shift = STALE_AFTER if isinstance(values, list) and None in values else 0.0
+        gaps = any(isinstance(v, list) and None in v for v in case.signals.values())
+        shift = STALE_AFTER if gaps else 0.0
         if shift and policies.adaptives:
             continue
         last = max(e.at for e in case.expect) + shift

@@ -479,8 +479,11 @@ def test_aimd_respects_its_bounds(signal: float, current: float, expected: float
 def test_aimd_starts_from_the_baseline_then_from_its_own_last_value() -> None:
     driver = Driver(policy_set(adaptive()))
     assert values_of(driver.tick(0.0, {GPU_QUERY: 0.9})) == {str(RPS): 1600.0}
-    assert values_of(driver.tick(30.0, {GPU_QUERY: 0.9})) == {str(RPS): 1280.0}
-    assert values_of(driver.tick(60.0, {GPU_QUERY: 0.5})) == {str(RPS): 1330.0}
+    # The sample of 30s covers 0s–30s, when the cut was not yet in force everywhere: hold.
+    assert values_of(driver.tick(30.0, {GPU_QUERY: 0.9})) == {str(RPS): 1600.0}
+    assert values_of(driver.tick(60.0, {GPU_QUERY: 0.9})) == {str(RPS): 1280.0}
+    assert values_of(driver.tick(90.0, {GPU_QUERY: 0.5})) == {str(RPS): 1280.0}
+    assert values_of(driver.tick(120.0, {GPU_QUERY: 0.5})) == {str(RPS): 1330.0}
 
 
 def test_aimd_decreases_from_the_value_in_force_when_it_is_lower_than_its_memory() -> None:
@@ -488,6 +491,8 @@ def test_aimd_decreases_from_the_value_in_force_when_it_is_lower_than_its_memory
     driver.tick(0.0, {GPU_QUERY: 0.9})  # remembers 1600
     # Someone holds the limit at 500: the controller cuts from there (anti-windup).
     result = driver.tick(30.0, {GPU_QUERY: 0.9}, current={RPS: 500.0})
+    assert values_of(result) == {str(RPS): 500.0}  # the cut's dead time: hold what is in force
+    result = driver.tick(60.0, {GPU_QUERY: 0.9}, current={RPS: 500.0})
     assert values_of(result) == {str(RPS): 400.0}
 
 

@@ -193,11 +193,14 @@ def test_an_aimd_limit_over_a_series() -> None:
     policies = policy_set(adaptive(behavior=IMMEDIATE))
     expect = [
         {"at": "0s", "limits": {"global/requests_per_second": 1600}},  # 2000 × 0.8
-        {"at": "30s", "limits": {"global/requests_per_second": 1280}},
-        {"at": "1m", "limits": {"global/requests_per_second": 1280}},  # in the dead band
-        {"at": "1m30s", "limits": {"global/requests_per_second": 1330}},  # + 50
+        {"at": "30s", "limits": {"global/requests_per_second": 1600}},  # cannot show the cut
+        {"at": "1m", "limits": {"global/requests_per_second": 1280}},
+        {"at": "1m30s", "limits": {"global/requests_per_second": 1280}},  # cannot show it
+        {"at": "2m", "limits": {"global/requests_per_second": 1280}},  # in the dead band
+        {"at": "2m30s", "limits": {"global/requests_per_second": 1330}},  # + 50
     ]
-    assert failures(policies, signals={"gpu_util": "0.9 0.9 0.8 0.5"}, expect=expect) == []
+    series = "0.9 0.9 0.9 0.9 0.8 0.5"
+    assert failures(policies, signals={"gpu_util": series}, expect=expect) == []
 
 
 def test_an_override_wins_during_the_test() -> None:

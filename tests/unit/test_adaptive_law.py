@@ -1,0 +1,297 @@
+"""The AdaptiveLimit's control law over time: once per sample, the scrape's dead time, no
+wind-up, reasons that say what was enforced, and a filter against a noisy signal."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pytest
+
+from controller.model import Address, Decision, ScalarSample
+from controller.policy.documents import DocumentFile
+from tests.unit.policy_builders import GPU_QUERY, Driver, adaptive, policy_set
+
+RPS = Address.parse("global/requests_per_second")  # baseline 2000 in the standard set
+FAST = {"tighten": {"stabilization": "0s"}, "loosen": {"stabilization": "0s"}}
+
+
+@dataclass
+class Loop:
+    """The engine and the resolver in closed loop on a virtual clock: each tick reads the
+    last sample scraped at or before it and steps from the value the resolver holds."""
+
+    driver: Driver
+    scrape: float
+    decisions: list[Decision] = field(default_factory=list)
+
+    def tick(self, now: float, signal: float, **others: float) -> Decision:
+        """One tick; `others` are further scalar signals by query, scraped with the first."""
+        taken = self.scrape * (now // self.scrape)  # the newest scrape at or before now
+        in_force = self.driver.resolver.in_force()
+        scalars = {GPU_QUERY: signal, **others}
+        evaluation = self.driver.tick(
+            now, {q: ScalarSample(v, taken) for q, v in scalars.items()}, current=in_force
+        )
+        decision = self.driver.resolve(now, evaluation.proposals).desired[RPS]
+        self.decisions.append(decision)
+        return decision
+
+
+def loop(scrape: float, **spec: Any) -> Loop:
+    spec.setdefault("behavior", FAST)
+    return Loop(Driver(policy_set(adaptive(**spec))), scrape)
+
+
+def test_a_second_tick_on_the_same_sample_does_nothing() -> None:
+    control = loop(15.0)
+    first = control.tick(0.0, 0.5)  # below: + 50 from the baseline 2000
+    assert first.value == 2050.0
+    for now in (5.0, 10.0):  # the same sample (scraped at 0s), read twice more
+        again = control.tick(now, 0.5)
+        assert again.value == 2050.0
+        assert "no new gpu_util sample since" in again.reason
+    assert control.tick(15.0, 0.5).value == 2100.0  # a new sample: one more step
+
+
+def test_ticking_faster_than_the_scrape_does_not_multiply_the_cut() -> None:
+    # A 60 s scrape read by a 5 s tick: one hot sample is one cut (60 → 48), not 60 → 24.6.
+    control = loop(60.0, bounds={"min": 10, "max": 60})
+    values = [control.tick(now, 1.0).value for now in np.arange(0.0, 60.0, 5.0)]
+    assert values == [48.0] * 12
+
+
+def test_a_cut_is_not_repeated_before_a_sample_can_show_it() -> None:
+    control = loop(15.0, bounds={"min": 10, "max": 60})
+    assert control.tick(0.0, 1.0).value == 48.0  # the cut, at 0s
+    held = control.tick(15.0, 1.0)  # scraped at 15s: 0s–15s, not yet all under the cut
+    assert held.value == 48.0
+    assert "cannot show the cut" in held.reason
+    assert control.tick(30.0, 1.0).value == pytest.approx(38.4)  # 15s–30s: it can
+
+
+def test_the_signal_window_sets_how_long_a_cut_takes_to_show() -> None:
+    signal = {"query": GPU_QUERY, "stale_after": "5m", "name": "gpu_util", "window": "1m"}
+    control = loop(15.0, signal=signal, bounds={"min": 10, "max": 60})
+    values = [control.tick(now, 1.0).value for now in (0.0, 15.0, 30.0, 45.0, 60.0, 75.0)]
+    assert values == [48.0, 48.0, 48.0, 48.0, 48.0, pytest.approx(38.4)]
+
+
+def test_each_step_starts_from_the_value_in_force_not_the_controllers_own() -> None:
+    # Loosening waits 3 minutes: the controller proposes in force + 50 every sample and
+    # never runs ahead of what is enforced (the old law climbed to 2000 + 50 × 12 inside).
+    behavior = {"tighten": {"stabilization": "0s"}, "loosen": {"stabilization": "3m"}}
+    control = loop(15.0, behavior=behavior)
+    for now in (0.0, 15.0, 30.0, 45.0):  # 2000 → 1600, hold (dead time), → 1280, hold
+        control.tick(now, 0.95)
+    for now in np.arange(60.0, 225.0, 15.0):
+        decision = control.tick(now, 0.5)
+        [proposal] = decision.proposals
+        assert proposal.value == 1280.0 + 50.0  # in force + increase, each sample
+        assert decision.value == 1280.0  # held by the window
+
+
+def test_hold_never_raises_the_limit() -> None:
+    behavior = {"tighten": {"stabilization": "0s"}, "loosen": {"stabilization": "3m"}}
+    control = loop(15.0, behavior=behavior)
+    control.tick(0.0, 0.95)  # 1600
+    control.tick(15.0, 0.95)  # the cut's dead time
+    assert control.tick(30.0, 0.5).proposals[0].value == 1650.0  # held at 1600
+    for now in np.arange(45.0, 600.0, 15.0):
+        decision = control.tick(now, 0.8)  # on the setpoint: hold
+        assert decision.value == 1600.0
+        assert decision.proposals[0].value == 1600.0
+
+
+def test_the_journalled_reason_names_the_value_enforced_when_pacing_holds_it() -> None:
+    behavior = {"tighten": {"stabilization": "0s"}, "loosen": {"stabilization": "3m"}}
+    control = loop(15.0, behavior=behavior)
+    control.tick(0.0, 0.95)
+    control.tick(15.0, 0.95)
+    held = control.tick(30.0, 0.5)
+    assert held.value == 1600.0
+    assert "below: + 50 from 1600 in force → 1650" in held.reason
+    assert "1600 enforced instead: loosening held by the 3m stabilization window" in held.reason
+    # Unpaced, the reason's arrow points at the value enforced.
+    free = loop(15.0)
+    decision = free.tick(0.0, 0.95)
+    assert decision.value == 1600.0
+    assert decision.reason.endswith("→ 1600 (bounds 200–5000)")
+
+
+def test_a_paced_cut_is_never_reported_as_a_raise() -> None:
+    # Tightening at most 10% per minute: the controller's next step starts from the paced
+    # value, so a "below: +" proposal never lowers the limit.
+    behavior = {
+        "tighten": {"stabilization": "0s", "max_change_percent": 10, "period": "1m"},
+        "loosen": {"stabilization": "0s"},
+    }
+    control = loop(15.0, behavior=behavior)
+    assert control.tick(0.0, 0.8).value == 2000.0
+    cut = control.tick(15.0, 0.95)  # proposes 1600
+    assert cut.value == 1800.0
+    assert "1800 enforced instead: tightening limited to 10% per 1m" in cut.reason
+    control.tick(30.0, 0.95)  # the cut's dead time
+    raised = control.tick(45.0, 0.5)
+    assert raised.proposals[0].value == 1850.0  # from 1800 in force (the old law: 1650)
+    assert raised.value == 1850.0
+
+
+def test_the_filter_is_strict_and_documented() -> None:
+    spec = adaptive(filter={"smoothing": 0.5}).spec
+    assert spec.filter is not None
+    assert spec.filter.noise_band == 2.0
+    for bad in ({"smoothing": 0}, {"smoothing": 1.5}, {"noise_band": -1}, {"alpha": 0.3}):
+        with pytest.raises(ValueError, match="filter"):
+            adaptive(filter=bad)
+    schema = DocumentFile.model_json_schema(by_alias=True)["$defs"]["FilterSpec"]
+    assert all(p.get("description") for p in schema["properties"].values())
+
+
+def noisy_plant(seed: int, **spec: Any) -> tuple[float, int]:
+    """AIMD (+1, × 0.8, setpoint 0.70 ± 0.05, bounds 10–200) on a pool of 100 requests/s
+    offered 100: utilization = admitted / 100 + Gaussian noise (σ 0.05), one 15 s sample per
+    tick showing the limit in force over the last scrape. The mean utilization and the
+    number of cuts over the last 300 of 400 samples."""
+    control = loop(
+        15.0,
+        setpoint=0.7,
+        aimd={"increase": 1, "decrease_factor": 0.8, "tolerance": 0.05},
+        bounds={"min": 10, "max": 200},
+        **spec,
+    )
+    noise = np.random.default_rng(seed).normal(0.0, 0.05, 400)
+    limit, utilization, cuts = 70.0, [], 0
+    for number in range(400):
+        value = min(100.0, limit) / 100.0
+        decision = control.tick(15.0 * number, value + float(noise[number]))
+        if number >= 100:
+            utilization.append(value)
+            cuts += decision.value < limit
+        limit = decision.value
+    return float(np.mean(utilization)), cuts
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_a_filter_stops_noise_from_driving_a_limit_cycle(seed: int) -> None:
+    raw_mean, raw_cuts = noisy_plant(seed)
+    filtered_mean, filtered_cuts = noisy_plant(seed, filter={"smoothing": 0.3})
+    assert filtered_cuts * 3 <= raw_cuts
+    assert abs(filtered_mean - 0.7) < abs(raw_mean - 0.7)
+    assert abs(filtered_mean - 0.7) <= 0.05
+
+
+def test_a_filtered_signal_still_cuts_at_once_on_a_jump() -> None:
+    # Noise of ±0.02 around 0.5, then the burst: 0.5 → 1.0 is 25 standard deviations, not
+    # noise; the filter restarts from it and the first hot sample cuts.
+    control = loop(15.0, filter={"smoothing": 0.3})
+    for number, value in enumerate([0.5, 0.52, 0.48, 0.51, 0.49, 0.5, 0.52, 0.48]):
+        control.tick(15.0 * number, value)
+    before = control.decisions[-1].value
+    hot = control.tick(120.0, 1.0)
+    assert hot.value == pytest.approx(before * 0.8)
+    assert "(filtered 1)" in hot.reason
+
+
+def test_without_jumps_the_filter_averages_out_single_noisy_samples() -> None:
+    control = loop(15.0, filter={"smoothing": 0.3, "jump_band": 0})
+    for number in range(8):
+        control.tick(15.0 * number, 0.8)
+    spike = control.tick(120.0, 1.0)  # one sample: filtered 0.86, inside the widened band?
+    assert "filtered 0.86" in spike.reason
+    assert spike.value == control.decisions[-2].value * 0.8  # 0.86 > 0.85: still a cut
+    calm = loop(15.0, filter={"smoothing": 0.3, "jump_band": 0})
+    for number in range(8):
+        calm.tick(15.0 * number, 0.8)
+    assert calm.tick(120.0, 0.9).value == calm.decisions[-2].value  # filtered 0.83: hold
+
+
+ADMITTED = 'sum(irate(gateway_requests_total{outcome="allow"}[5m]))'
+SEEK = {"throughput": {"name": "admitted", "query": ADMITTED, "stale_after": "60s"}}
+RAILS = {"min": 1, "max": 100000}
+
+
+def pool(capacity: float, demands: list[float], **spec: Any) -> list[Decision]:
+    """A capacity-seeking limit (setpoint 0.8) on a pool serving `capacity` requests/s,
+    offered each of `demands` in turn: each 15 s sample shows the admitted rate and the
+    utilization it caused under the limit in force over the last scrape."""
+    spec.setdefault("capacity", SEEK)
+    control = loop(15.0, bounds=RAILS, **spec)
+    limit = 2000.0  # the standard set's baseline
+    for number, demand in enumerate(demands):
+        admitted = min(demand, limit)
+        utilization = min(1.0, admitted / capacity)
+        limit = control.tick(15.0 * number, utilization, **{ADMITTED: admitted}).value
+    return control.decisions
+
+
+@pytest.mark.parametrize("capacity", [20.0, 60.0, 180.0])
+def test_the_same_policy_finds_the_capacity_of_any_pool(capacity: float) -> None:
+    # Half loaded, then offered 5× its capacity: the limit is the capacity × 0.8 before the
+    # burst, so the burst is held from its first second, whatever the pool's size (the
+    # bounds are only rails).
+    decisions = pool(capacity, [0.5 * capacity] * 4 + [5 * capacity] * 8)
+    assert "capacity ≈" in decisions[3].reason
+    assert [d.value for d in decisions] == pytest.approx([0.8 * capacity] * 12)
+
+
+def test_a_saturated_sample_cuts_and_does_not_update_the_estimate() -> None:
+    control = loop(15.0, bounds=RAILS, capacity=SEEK)
+    assert control.tick(0.0, 0.5, **{ADMITTED: 30.0}).value == 48.0  # capacity 60
+    # The pool lost capacity: the same throughput saturates it. Cut from 48, keep 60.
+    cut = control.tick(15.0, 1.0, **{ADMITTED: 48.0})
+    assert cut.value == pytest.approx(48.0 * 0.8)
+    assert "saturated" in cut.reason
+    assert "capacity not updated" in cut.reason
+    held = control.tick(30.0, 1.0, **{ADMITTED: 38.4})  # cannot show the cut yet
+    assert held.value == pytest.approx(38.4)
+    # Below saturation again: the estimate follows the pool's new capacity (30 / 0.9).
+    found = control.tick(45.0, 0.9, **{ADMITTED: 30.0})
+    assert found.value == pytest.approx(0.8 * (60 + 0.3 * (30 / 0.9 - 60)))
+
+
+def test_a_noisy_estimate_inside_the_band_does_not_move_the_limit() -> None:
+    control = loop(15.0, bounds=RAILS, capacity=SEEK)
+    assert control.tick(0.0, 0.5, **{ADMITTED: 30.0}).value == 48.0
+    for number, admitted in enumerate([31.0, 29.0, 30.5, 29.5, 31.5], start=1):
+        assert control.tick(15.0 * number, 0.5, **{ADMITTED: admitted}).value == 48.0
+
+
+def test_without_an_estimate_the_algorithm_acts() -> None:
+    control = loop(15.0, bounds=RAILS, capacity=SEEK)
+    first = control.tick(0.0, 0.9)  # no throughput sample: AIMD from the baseline 2000
+    assert first.value == 1600.0
+    assert "admitted is missing: capacity not updated" in first.reason
+
+
+def test_capacity_settings_are_checked() -> None:
+    with pytest.raises(ValueError, match="setpoint is a utilization"):
+        adaptive(capacity=SEEK, setpoint=0.97)
+    with pytest.raises(ValueError, match="min_signal"):
+        adaptive(capacity={**SEEK, "min_signal": 0.9, "saturated": 0.9})
+    policies = policy_set(adaptive(capacity=SEEK))
+    assert {u.key.query for u in policies.signal_uses()} == {GPU_QUERY, ADMITTED}
+
+
+def turns(values: list[float]) -> int:
+    """Direction changes (tighten ↔ loosen) of a series of limits."""
+    moves = [b - a for a, b in itertools.pairwise(values) if b != a]
+    return sum(1 for a, b in itertools.pairwise(moves) if (a > 0) != (b > 0))
+
+
+def test_the_estimates_own_noise_widens_the_band() -> None:
+    # The admitted rate is noisy from sample to sample at the same utilization (bursty
+    # requests: ±20%), around a capacity of 60. The band of the tolerance alone (6%) moves the
+    # limit again and again; widened to the estimate's own noise it rarely does.
+    noise = np.random.default_rng(4).normal(1.0, 0.2, 120)
+
+    def run(**spec: Any) -> list[float]:
+        control = loop(15.0, bounds=RAILS, capacity=SEEK, **spec)
+        admitted = [30.0 * float(x) for x in noise]
+        return [control.tick(15.0 * n, 0.5, **{ADMITTED: x}).value for n, x in enumerate(admitted)]
+
+    plain, filtered = run(), run(filter={"smoothing": 0.3})
+    assert turns(filtered[20:]) * 2 <= turns(plain[20:])
+    assert np.mean(filtered[20:]) == pytest.approx(48.0, rel=0.1)  # still the capacity × 0.8
