@@ -77,8 +77,11 @@ def explain(
             + (f" ({decision['policy']})" if decision["policy"] else "")
             + f": {decision['reason']}"
         )
-        if decision["adjustments"]:
-            out.print("adjustments: " + "; ".join(decision["adjustments"]))
+        # The reason already quotes the adjustments that changed the value (the resolver
+        # says what was enforced instead); the others are listed once here.
+        extra = [a for a in decision["adjustments"] if a not in decision["reason"]]
+        if extra:
+            out.print("adjustments: " + "; ".join(extra))
     out.print(entries_table(events, f"last {len(events)} journal events"))
 
 
