@@ -148,6 +148,11 @@ def test_redis_restarted_gets_the_full_state_back_and_no_journal_event_is_lost(
     wait_for(lambda: _ledger(db) == desired, "the full desired state is back in Redis")
     assert limit(db) == FREE_RPM * 0.4
     assert db.hget("governor:limits:global", "requests_per_second") == "100"
+    # The tick's events reach the stream when the tick ends, after its writes.
+    wait_for(
+        lambda: {e["address"] for e in stream(db) if e["kind"] == "limit.changed"} >= set(desired),
+        "the re-applied limits are journalled",
+    )
     reapplied = [e for e in stream(db) if e["kind"] == "limit.changed"]
     assert {e["address"]: e["new"] for e in reapplied} == desired
     assert all(e["old"] is None for e in reapplied)  # Redis came back empty
