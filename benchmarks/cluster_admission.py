@@ -27,10 +27,8 @@ import argparse
 import asyncio
 import random
 import statistics
-import tempfile
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 from controller.changes import Change
 from controller.clients.redis import aclose, close, connect, connect_async, key_schema
@@ -41,8 +39,7 @@ from controller.gateway.prices import PriceTable
 from controller.model import Address
 from controller.settings import PricesSettings, RedisSettings
 from controller.sinks.redis import RedisSink
-from tests.support.redis import RedisServer
-from tests.support.redis_cluster import RedisClusterServers
+from tests.support.redis_cluster import single_and_cluster
 
 GLOBAL_PER_MINUTE = 600
 IN_FLIGHT = 32
@@ -131,26 +128,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     rounds = parser.parse_args().rounds
-    with tempfile.TemporaryDirectory() as directory:
-        single = RedisServer(Path(directory) / "single").start()
-        cluster = RedisClusterServers(Path(directory) / "cluster", masters=3).start()
-        try:
+    with single_and_cluster() as (single, cluster):
+        print(
+            f"global limit {GLOBAL_PER_MINUTE}/min, requests shuffled, {IN_FLIGHT} in "
+            f"flight; medians of {rounds} rounds; admitted (seconds the burst took)"
+        )
+        print(f"{'mix':<20} {'single Redis':>13} {'cluster':>13} {'ratio':>6}"
+              f" {'single/s':>9} {'cluster/s':>10}")  # fmt: skip
+        for mix in MIXES:
+            one, one_rate, one_s = measure(single.url, mix, rounds)
+            many, many_rate, many_s = measure(cluster.url, mix, rounds)
             print(
-                f"global limit {GLOBAL_PER_MINUTE}/min, requests shuffled, {IN_FLIGHT} in "
-                f"flight; medians of {rounds} rounds; admitted (seconds the burst took)"
+                f"{mix.name:<20} {one:>6.0f} ({one_s:>4.1f}) {many:>6.0f} ({many_s:>4.1f}) "
+                f"{many / one:>6.2f} {one_rate:>9.0f} {many_rate:>10.0f}"
             )
-            print(f"{'mix':<20} {'single Redis':>13} {'cluster':>13} {'ratio':>6}"
-                  f" {'single/s':>9} {'cluster/s':>10}")  # fmt: skip
-            for mix in MIXES:
-                one, one_rate, one_s = measure(single.url, mix, rounds)
-                many, many_rate, many_s = measure(cluster.url, mix, rounds)
-                print(
-                    f"{mix.name:<20} {one:>6.0f} ({one_s:>4.1f}) {many:>6.0f} ({many_s:>4.1f}) "
-                    f"{many / one:>6.2f} {one_rate:>9.0f} {many_rate:>10.0f}"
-                )
-        finally:
-            cluster.stop()
-            single.stop()
 
 
 if __name__ == "__main__":

@@ -16,37 +16,14 @@ from __future__ import annotations
 import argparse
 import random
 import statistics
-import tempfile
-import time
-from collections.abc import Callable
 from functools import partial
-from pathlib import Path
 
+from benchmarks.redis_apply import CHANGED, KINDS, TENANTS, desired_state, timed
 from controller.changes import Change, diff
 from controller.clients.redis import close, connect, key_schema
-from controller.model import Address, LimitKind, Scope
 from controller.settings import RedisSettings
 from controller.sinks.redis import RedisSink
-from tests.support.redis import RedisServer
-from tests.support.redis_cluster import RedisClusterServers
-
-TENANTS = 20_000
-KINDS = list(LimitKind)[:5]  # 20k tenants x 5 limits = 100k addresses
-CHANGED = 10_000
-
-
-def desired_state() -> dict[Address, float]:
-    return {
-        Address(Scope.TENANT, kind, tenant=f"tenant-{t:05d}"): 1000.0
-        for t in range(TENANTS)
-        for kind in KINDS
-    }
-
-
-def timed(action: Callable[[], object]) -> float:
-    started = time.perf_counter()
-    action()
-    return time.perf_counter() - started
+from tests.support.redis_cluster import single_and_cluster
 
 
 def measure(url: str, rounds: int) -> dict[str, float]:
@@ -74,15 +51,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     rounds = parser.parse_args().rounds
-    with tempfile.TemporaryDirectory() as directory:
-        single = RedisServer(Path(directory) / "single").start()
-        cluster = RedisClusterServers(Path(directory) / "cluster", masters=3).start()
-        try:
-            one = measure(single.url, rounds)
-            many = measure(cluster.url, rounds)
-        finally:
-            cluster.stop()
-            single.stop()
+    with single_and_cluster() as (single, cluster):
+        one = measure(single.url, rounds)
+        many = measure(cluster.url, rounds)
     print(f"addresses: {TENANTS * len(KINDS)}, changed in the diff: {CHANGED}, "
           f"medians of {rounds} rounds")  # fmt: skip
     print(f"{'step':<12} {'one Redis':>10} {'cluster':>10} {'ratio':>6}")

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import socket
 import subprocess
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -175,3 +178,19 @@ def master_of(cluster: RedisClusterServers, key: str) -> ClusterNodeServer:
         node = client.get_node_from_key(key)
     assert node is not None
     return next(n for n in cluster.nodes if n.port == int(node.port))
+
+
+@contextmanager
+def single_and_cluster() -> Iterator[tuple[RedisServer, RedisClusterServers]]:
+    """One redis-server and a 3-master cluster in a temporary folder, stopped after (the
+    benchmarks compare the two)."""
+    with tempfile.TemporaryDirectory() as directory:
+        single = RedisServer(Path(directory) / "single").start()
+        try:
+            cluster = RedisClusterServers(Path(directory) / "cluster", masters=3).start()
+            try:
+                yield single, cluster
+            finally:
+                cluster.stop()
+        finally:
+            single.stop()
