@@ -33,10 +33,10 @@ _BUCKET_EDGES = np.array([-np.inf, *TTFT_BUCKETS, np.inf])
 _EPS = 1e-9
 
 # One column a request, one row a field (each field contiguous: the step reads fields).
-# TODO: prompt tokens still to compute (a preempted request recomputes its prompt and what it
+# UNCOMPUTED: prompt tokens still to compute (a preempted request recomputes its prompt and what it
 # generated); KV: tokens it holds in the cache; FIRST: 1 once its first token came (its TTFT is
 # recorded; the client no longer times out). Tags are exact in float64 up to 2^53.
-TAG, ARRIVAL, PROMPT, OUTPUT, TODO, GEN, KV, FIRST = range(8)
+TAG, ARRIVAL, PROMPT, OUTPUT, UNCOMPUTED, GEN, KV, FIRST = range(8)
 
 
 def _empty() -> Rows:
@@ -167,7 +167,7 @@ class PoolModel:
     def backlog(self) -> float:
         """Tokens (prompt + output) of the waiting requests still to serve."""
         w = self.waiting
-        return float(w[TODO].sum() + (w[OUTPUT] - w[GEN]).sum())
+        return float(w[UNCOMPUTED].sum() + (w[OUTPUT] - w[GEN]).sum())
 
     @property
     def in_flight(self) -> int:
@@ -191,7 +191,7 @@ class PoolModel:
         order = np.argsort(arrival, kind="stable")
         new = np.zeros((8, len(order)))
         new[TAG], new[ARRIVAL], new[PROMPT] = tags[order], arrival[order], prompt[order]
-        new[OUTPUT], new[TODO] = np.maximum(output[order], 1.0), new[PROMPT]
+        new[OUTPUT], new[UNCOMPUTED] = np.maximum(output[order], 1.0), new[PROMPT]
         cuts = np.searchsorted(new[ARRIVAL], elapsed + h * np.arange(1, count), side="left")
         resolved = _Resolved()
         used = busy = 0.0
@@ -227,7 +227,7 @@ class PoolModel:
         if not waiting.shape[1] or slots <= 0:
             return
         free = self.kv_capacity - float(running[KV].sum())
-        todo = waiting[TODO, :slots]
+        todo = waiting[UNCOMPUTED, :slots]
         need = np.cumsum(todo + 1.0)
         take = int(np.searchsorted(need, free, side="right"))
         if take == 0 and not running.shape[1] and need[0] > self.kv_capacity:
@@ -260,12 +260,12 @@ class PoolModel:
         at the batch's speed and the compute allows at their cost."""
         r, spec = self.running, self.spec
         ratio = spec.prefill_decode_ratio
-        decoding = r[TODO] <= 0.0
+        decoding = r[UNCOMPUTED] <= 0.0
         decoders = int(np.count_nonzero(decoding))
         # Each prefill at most at one GPU's prefill speed from its arrival.
         start = np.maximum(t0, r[ARRIVAL])
         reach = spec.prefill_tokens_per_second * np.maximum(t0 + h - start, 0.0)
-        chunk = np.where(decoding, 0.0, np.minimum(r[TODO], reach))
+        chunk = np.where(decoding, 0.0, np.minimum(r[UNCOMPUTED], reach))
         pending = float(chunk.sum())
         budget = self.power * h  # decode-token equivalents
         most = h * self._speed(r.shape[1])
@@ -292,12 +292,12 @@ class PoolModel:
         want = np.where(decoding, np.minimum(left, plan.iterations), 0.0)
         cum = np.cumsum(chunk)  # FCFS: in admission order
         got = np.clip(plan.prefill - (cum - chunk), 0.0, chunk)
-        done = ~decoding & (got >= r[TODO] - _EPS)
+        done = ~decoding & (got >= r[UNCOMPUTED] - _EPS)
         # When a prefill ends: where the prefill stream reaches it, not before its own
         # prompt at one GPU's speed.
         at = np.maximum(
             t0 + h * cum / max(plan.stream, _EPS),
-            plan.start + r[TODO] / spec.prefill_tokens_per_second,
+            plan.start + r[UNCOMPUTED] / spec.prefill_tokens_per_second,
         )
         fresh = done & (r[FIRST] == 0.0)
         # A first token after the client's timeout comes too late: it gave up (below).
@@ -305,7 +305,7 @@ class PoolModel:
         self._first_tokens(r, fresh & ~late, at, resolved)
         ends = np.where(done, at, t0 + h * left / max(plan.iterations, _EPS))
         tokens = want + done  # the prefill's iteration yields a token too
-        r[TODO] -= got
+        r[UNCOMPUTED] -= got
         r[GEN] += tokens
         r[KV] += got + tokens
         r[FIRST] = np.maximum(r[FIRST], done & ~late)
@@ -343,7 +343,7 @@ class PoolModel:
             return
         cut = int(np.argmax(np.cumsum(r[KV]) > self.kv_capacity + _EPS))
         out = r[:, cut:].copy()
-        out[TODO] = out[PROMPT] + out[GEN]
+        out[UNCOMPUTED] = out[PROMPT] + out[GEN]
         out[KV] = 0.0
         self.running = r[:, :cut]
         self.queue.push_front(out)

@@ -131,6 +131,7 @@ class RedisServer:
         ]  # fmt: skip
         if self.password:
             args += ["--requirepass", self.password]
+        args += self.options()
         if self.replica_of is not None:
             args += ["--replicaof", "127.0.0.1", str(self.replica_of)]
             if self.password:
@@ -148,6 +149,10 @@ class RedisServer:
         self._wait(lambda: self.pidfile.exists() and self._pings(), "answer PING")
         self.pid = int(self.pidfile.read_text().strip())
         return self
+
+    def options(self) -> list[str]:
+        """Further redis-server options of a kind of server (a cluster node's)."""
+        return []
 
     def stop(self) -> None:
         """Stop the server by its PID (SIGTERM: with AOF it flushes first) and wait for exit."""

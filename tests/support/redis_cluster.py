@@ -15,7 +15,7 @@ import redis
 from redis.cluster import ClusterNode, RedisCluster
 
 from tests.support.process import wait_for
-from tests.support.redis import RedisServer, free_port, redis_server_binary
+from tests.support.redis import RedisServer, free_port
 
 _FORM_TIMEOUT_SECONDS = 30.0
 # A node's cluster bus listens on its port + 10000: Redis refuses ports above this.
@@ -43,19 +43,9 @@ def _free(port: int) -> bool:
 class ClusterNodeServer(RedisServer):
     """One cluster node: a RedisServer started with cluster mode on (its own nodes.conf)."""
 
-    def start(self) -> ClusterNodeServer:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self.pidfile.unlink(missing_ok=True)
-        args = [
-            redis_server_binary(),
-            "--port", str(self.port),
-            "--bind", "127.0.0.1",
-            "--daemonize", "yes",
-            "--save", "",
-            "--appendonly", "no",
-            "--dir", str(self.directory),
-            "--pidfile", str(self.pidfile),
-            "--logfile", str(self.directory / "redis.log"),
+    def options(self) -> list[str]:
+        auth = ["--masterauth", self.password] if self.password else []
+        return [
             "--cluster-enabled", "yes",
             "--cluster-config-file", str(self.directory / "nodes.conf"),
             # A killed master is failed over within a few seconds in the failover test.
@@ -64,13 +54,8 @@ class ClusterNodeServer(RedisServer):
             # synced refuses to fail over ("disconnected from master for longer than
             # allowed").
             "--repl-diskless-sync-delay", "0",
+            *auth,
         ]  # fmt: skip
-        if self.password:
-            args += ["--requirepass", self.password, "--masterauth", self.password]
-        subprocess.run(args, check=True, capture_output=True)
-        self._wait(lambda: self.pidfile.exists() and self._pings(), "answer PING")
-        self.pid = int(self.pidfile.read_text().strip())
-        return self
 
 
 @dataclass
