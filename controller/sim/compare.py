@@ -138,7 +138,8 @@ def static_grid(scenario: Scenario, policies: Path, world: World) -> tuple[list[
     knob = policy_knob(load_directory(policies), scenario.plain_aimd)
     capacity = sum(p.capacity_tokens_per_second for p in scenario.pools)
     work = max(mean_work(world, p) for p in scenario.pools)
-    low, high, resolution = knob.search_range(capacity, work)
+    held = sum(p.concurrency(mean_work(world, p)) for p in scenario.pools)
+    low, high, resolution = knob.search_range(capacity, work, held)
     grid = {round(v / resolution) * resolution for v in knob.sweep(low, high)}
     return sorted(grid), resolution
 

@@ -141,6 +141,11 @@ class Pool(Strict):
     )
     timeout_seconds: float = Field(60, gt=0, description="clients give up without a first token")
 
+    def concurrency(self, mean_work: float) -> float:
+        """The requests it can hold at once: its batch slots, or its KV cache filled with
+        requests of `mean_work` tokens (prompt + output), whichever binds first."""
+        return min(self.batch_slots * self.gpus, self.kv_cache_tokens * self.gpus / mean_work)
+
 
 class Trace(Strict):
     """Replay of a CSV `TIMESTAMP,ContextTokens,GeneratedTokens` (the Azure LLM trace schema)."""

@@ -41,11 +41,15 @@ class Knob:
     source: str  # "AdaptiveLimit/<name>", or the scenario's plain_aimd when there is none
     tolerance: float = 0.0  # the policy's dead band around the setpoint: one of its gains
 
-    def search_range(self, capacity: float, mean_work: float) -> tuple[float, float, float]:
+    def search_range(
+        self, capacity: float, mean_work: float, concurrency: float | None = None
+    ) -> tuple[float, float, float]:
         """Where the static value is searched, and to what resolution: 0.1–2× the pool's
-        `capacity` (tokens/s; `mean_work` tokens a request) in the knob's unit; a knob of
-        another unit (concurrency, ...) keeps the policy's bounds."""
+        `capacity` (tokens/s; `mean_work` tokens a request; `concurrency` requests it can
+        hold at once) in the knob's unit; a knob of another unit keeps the policy's bounds."""
         kind = self.target.limit
+        if kind is LimitKind.CONCURRENT_REQUESTS and concurrency is not None:
+            return SEARCH_RANGE[0] * concurrency, SEARCH_RANGE[1] * concurrency, 1.0
         if kind in _PER_SECOND:
             full = capacity / mean_work * _PER_SECOND[kind]
             resolution = SEARCH_RESOLUTION * _PER_SECOND[kind]
