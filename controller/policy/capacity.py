@@ -44,6 +44,10 @@ def estimate(
     shown = f"{name}={fmt_number(throughput.value)}"
     if utilization >= spec.saturated:
         return Capacity(value, f"{shown}, saturated: capacity not updated", variance)
+    if throughput.value <= 0:
+        # Load on the pool with nothing admitted or in flight: the two series disagree (one
+        # lags, or counts something else); their ratio would say the pool holds nothing.
+        return Capacity(value, f"{shown} under load: capacity not updated", variance)
     if utilization < spec.min_signal:
         return Capacity(value, f"{shown}, too little load: capacity not updated", variance)
     sample = throughput.value / utilization

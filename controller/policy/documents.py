@@ -388,7 +388,7 @@ class CapacitySpec(Strict):
         "requests_per_second target), over the same span as one sample of `signal` "
         '(e.g. `sum(irate(gateway_requests_total{outcome="allow"}[5m]))`)'
     )
-    saturated: Annotated[float, Field(gt=0, le=1), NotBoolean] = Field(
+    saturated: Annotated[float, Field(gt=0, le=4), NotBoolean] = Field(
         0.95,
         description="a sample of `signal` at or above this is saturation (a queue): it "
         "says nothing about the capacity, and the algorithm cuts from the lower of the value "
