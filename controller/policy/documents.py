@@ -392,7 +392,8 @@ class CapacitySpec(Strict):
         0.95,
         description="a sample of `signal` at or above this is saturation (a queue): it "
         "says nothing about the capacity, and the algorithm cuts from the lower of the value "
-        "in force and the estimate × setpoint",
+        "in force and the estimate × setpoint; up to 4 for an occupancy signal that counts a "
+        "queue beyond 1 (a full cache at 1.0)",
     )
     min_signal: Annotated[float, Field(ge=0, lt=1), NotBoolean] = Field(
         0.05, description="below this utilization X / U is mostly noise: not estimated"
@@ -425,7 +426,8 @@ class AdaptiveLimitSpec(Strict):
     capacity: CapacitySpec | None = Field(
         None,
         description="set the limit from the capacity estimated online (`signal` must then "
-        "be a utilization, 0–1, proportional to the work served)",
+        "be proportional to the work served: a utilization, 0–1, or an occupancy whose 1.0 "
+        "is full and whose excess is a queue)",
     )
     behavior: Behavior | None = None
     on_stale: OnStale = Field(default_factory=OnStale)

@@ -295,3 +295,31 @@ def test_the_estimates_own_noise_widens_the_band() -> None:
     plain, filtered = run(), run(filter={"smoothing": 0.3})
     assert turns(filtered[20:]) * 2 <= turns(plain[20:])
     assert np.mean(filtered[20:]) == pytest.approx(48.0, rel=0.1)  # still the capacity × 0.8
+
+
+OCCUPANCY = {**SEEK, "saturated": 1.6}  # an occupancy: 1.0 a full cache, above it a queue
+
+
+def test_an_occupancy_setpoint_above_one_allows_a_short_queue() -> None:
+    # A pool that holds 300 requests (150 in flight fill its cache halfway): the limit is
+    # 300 × 1.1 = 330; a sample of 1.1 (a queue of a tenth) holds it, a queue of 60% cuts.
+    control = loop(15.0, bounds=RAILS, capacity=OCCUPANCY, setpoint=1.1)
+    assert control.tick(0.0, 0.5, **{ADMITTED: 150.0}).value == pytest.approx(330.0)
+    # With a queue the same ratio is the running batch: 330 / 1.1 = 300, the estimate stays.
+    held = control.tick(15.0, 1.1, **{ADMITTED: 330.0})
+    assert held.value == pytest.approx(330.0)
+    cut = control.tick(30.0, 1.7, **{ADMITTED: 330.0})
+    assert cut.value == pytest.approx(330.0 * 0.8)
+    assert "saturated" in cut.reason
+    with pytest.raises(ValueError, match="less than or equal to 4"):
+        adaptive(capacity={**SEEK, "saturated": 4.5}, setpoint=1.1)
+
+
+def test_nothing_in_flight_under_load_does_not_estimate_a_pool_of_nothing() -> None:
+    control = loop(15.0, bounds=RAILS, capacity=SEEK)
+    assert control.tick(0.0, 0.5, **{ADMITTED: 30.0}).value == 48.0  # capacity 60
+    # The throughput series says 0 while the pool is half busy (it lags): the estimate
+    # stays 60 instead of collapsing to 0 / 0.5.
+    lagging = control.tick(15.0, 0.5, **{ADMITTED: 0.0})
+    assert lagging.value == 48.0
+    assert "under load: capacity not updated" in lagging.reason
