@@ -377,6 +377,19 @@ class FilterSpec(Strict):
     )
 
 
+class QueueSpec(Strict):
+    """The queue an in-flight limit may let form beyond a full pool, from the TTFT SLO: by
+    Little's law a queue of `arrivals` × `wait` requests waits `wait` on average."""
+
+    wait: Duration = Field(
+        gt=0, description="the wait for a first token the SLO leaves to queueing (e.g. half of it)"
+    )
+    arrivals: AdaptiveSignal = Field(
+        description="the requests admitted per second, e.g. "
+        '`sum(rate(gateway_requests_total{outcome="allow"}[1m]))`'
+    )
+
+
 class CapacitySpec(Strict):
     """Seek the serving capacity online instead of writing it into the bounds. By the
     utilization law (U = X / C), a utilization signal U caused by the admitted throughput X
@@ -400,6 +413,11 @@ class CapacitySpec(Strict):
     )
     smoothing: Annotated[float, Field(gt=0, le=1), NotBoolean] = Field(
         0.3, description="weight of each new estimate in an exponentially weighted average"
+    )
+    queue: QueueSpec | None = Field(
+        None,
+        description="add the queue the TTFT SLO allows to the limit (arrivals × wait): for "
+        "an in-flight target, with the setpoint at a full pool",
     )
 
     @model_validator(mode="after")

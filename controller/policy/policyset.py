@@ -116,6 +116,11 @@ class PolicySet:
                 throughput = adaptive.spec.capacity.throughput
                 name = throughput.name or "throughput"
                 yield SignalUse(adaptive.ref, name, throughput, throughput.key())
+                queue = adaptive.spec.capacity.queue
+                if queue is not None:
+                    arrivals = queue.arrivals
+                    named = arrivals.name or "arrivals"
+                    yield SignalUse(adaptive.ref, named, arrivals, arrivals.key())
 
     def signal_keys(self) -> set[SignalKey]:
         """The distinct query results one tick must fetch (each query runs once)."""

@@ -55,9 +55,20 @@ def _series(
     queue (the occupancy is the KV share) and a running batch of the case's `in_flight`
     requests (none when the case has no such signal: then nobody is counted in flight, and no
     capacity is estimated, as in the policy test where the signal is absent). `in_flight`
-    itself is read from that running batch, so it has no series of its own."""
+    itself is read from that running batch, so it has no series of its own; `admitted_rps`
+    is the gateway's counter of admitted requests (from two intervals early at the first
+    rate, so that a 1m `rate` has two samples in its window from the case's start)."""
     if signal == "in_flight":
         return []
+    if signal == "admitted_rps":  # the gateway's counter of admitted requests, `rate` of it
+        first = next((v for v in values if v is not None), 0.0)
+        total, samples = first * interval, [(start - 2 * interval, 0.0)]
+        samples.append((start - interval, total))
+        for i, value in enumerate(values):
+            if value is not None:
+                total += value * interval
+                samples.append((start + i * interval, total))
+        return [Series("gateway_requests_total", {"outcome": "allow", "case": case}, samples)]
     times = [start + i * interval for i, v in enumerate(values) if v is not None]
     kv = [v for v in values if v is not None]
     running = [float(v or 0.0) for v in (in_flight or [])]

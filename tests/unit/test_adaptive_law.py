@@ -323,3 +323,28 @@ def test_nothing_in_flight_under_load_does_not_estimate_a_pool_of_nothing() -> N
     lagging = control.tick(15.0, 0.5, **{ADMITTED: 0.0})
     assert lagging.value == 48.0
     assert "under load: capacity not updated" in lagging.reason
+
+
+ARRIVALS = 'sum(rate(gateway_requests_total{outcome="allow"}[1m]))'
+QUEUED = {
+    **OCCUPANCY,
+    "queue": {"wait": "500ms", "arrivals": {"name": "arrivals", "query": ARRIVALS}},
+}
+
+
+def test_the_ttft_slo_sets_the_queue_allowed_beyond_a_full_pool() -> None:
+    # The pool holds 300 (150 in flight at 0.5) and 60 requests/s are admitted: half a second
+    # of queueing is 30 more in flight (Little's law): 300 × 1.0 + 30.
+    control = loop(15.0, bounds=RAILS, capacity=QUEUED, setpoint=1.0)
+    first = control.tick(0.0, 0.5, **{ADMITTED: 150.0, ARRIVALS: 60.0})
+    assert first.value == pytest.approx(330.0)
+    assert "a queue of 30 (arrivals=60/s × 0.5s)" in first.reason
+    # Twice the arrivals (shorter requests on the same pool): twice the queue, same wait.
+    faster = control.tick(15.0, 0.5, **{ADMITTED: 150.0, ARRIVALS: 120.0})
+    assert faster.value == pytest.approx(360.0)
+    # The arrival rate unknown: no queue at all (the safe side), the pool's own size.
+    unknown = control.tick(30.0, 0.5, **{ADMITTED: 150.0})
+    assert unknown.value == pytest.approx(300.0)
+    assert "no queue (arrivals is missing)" in unknown.reason
+    policies = policy_set(adaptive(capacity=QUEUED, setpoint=1.0))
+    assert ARRIVALS in {u.key.query for u in policies.signal_uses()}
