@@ -30,10 +30,11 @@ def test_simulate_a_short_scenario(short_scenario: Path, tmp_path: Path) -> None
         "gradient",
         "no-limit",
     }
-    # The static search: whole req/s within 0.1–2× the short pool's ~14 req/s.
+    # The static search on the in-flight knob: whole requests within 0.1–2× of what the
+    # short pool holds at once (its 4 GPUs × 8 batch slots = 32, fewer than its KV cache).
     found = payload["scorecards"]["static"]["knob_value"]
     assert found == round(found)
-    assert 1 <= found <= 28
+    assert 3 <= found <= 64
     for card in payload["scorecards"].values():
         assert 0 <= card["utilization_within"] <= 1
         assert card["budget_overrun"] == 0
