@@ -7,7 +7,7 @@ same inputs always give the same proposals, which is what makes policy tests pos
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -28,6 +28,7 @@ from controller.policy.baselines import Baselines
 from controller.policy.conditions import IDLE, ConditionState, Event, Rules, step
 from controller.policy.documents import Action, ThrottlePolicy
 from controller.policy.expressions import Bools
+from controller.policy.fairshare import evaluate_fair
 from controller.policy.inputs import (
     BoolArray,
     ScalarInput,
@@ -50,6 +51,7 @@ class EngineState:
 
     conditions: Mapping[str, Mapping[str, ConditionState]] = field(default_factory=dict)
     adaptives: Mapping[str, AdaptiveState] = field(default_factory=dict)
+    fair: frozenset[str] = frozenset()  # the FairShare policies engaged (under contention)
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,12 +115,48 @@ def evaluate(
     return Evaluation(
         proposals=tuple(out.proposals),
         state=EngineState(
-            conditions={k: v for k, v in conditions.items() if v}, adaptives=adaptives
+            conditions={k: v for k, v in conditions.items() if v},
+            adaptives=adaptives,
+            fair=state.fair,
         ),
         transitions=tuple(out.transitions),
         notes=tuple(out.notes),
         active={k: tuple(v) for k, v in out.active.items()},
         unwritten=out.unwritten,
+    )
+
+
+def share(
+    policies: PolicySet,
+    evaluation: Evaluation,
+    snapshot: Snapshot,
+    now: float,
+    baselines: Baselines,
+    levels: Mapping[Address, float],
+) -> Evaluation:
+    """Add every FairShare's proposals to `evaluation`: each splits the value its level
+    takes on this tick (`levels`, from the resolver: after the AdaptiveLimit that moves it)."""
+    proposals, notes = list(evaluation.proposals), list(evaluation.notes)
+    transitions, active = list(evaluation.transitions), dict(evaluation.active)
+    engaged: set[str] = set()
+    for policy in policies.fair_shares:
+        result = evaluate_fair(policy, snapshot, now, baselines, levels.get(policy.spec.level))
+        proposals.extend(result.proposals)
+        notes.extend(result.notes)
+        was = policy.ref in evaluation.state.fair
+        if result.engaged:
+            engaged.add(policy.ref)
+            active[policy.ref] = result.held
+        if result.engaged != was:
+            event: Event = "engaged" if result.engaged else "released"
+            transitions.append(Transition(policy.ref, SCALAR_KEY, event, result.readings))
+    return replace(
+        evaluation,
+        proposals=tuple(proposals),
+        notes=tuple(notes),
+        transitions=tuple(transitions),
+        active=active,
+        state=replace(evaluation.state, fair=frozenset(engaged)),
     )
 
 

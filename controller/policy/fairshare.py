@@ -1,0 +1,197 @@
+"""FairShare: split a shared limit among the tenants by weight while it binds (water-filling).
+
+Pure. Weighted max-min fairness (the allocation the Virtual Token Counter of "Fairness in
+Serving Large Language Models", OSDI 2024, converges to): the level L in force is filled like
+water, each tenant's share rising with its weight until it meets the tenant's demand; a tenant
+whose demand is below its share keeps no limit from this policy (it is never refused because of
+another tenant), the others are held to their shares, and the shares add up to L. Stateless
+per sample: the same demands and L give the same shares, so a tick without a new sample
+repeats them instead of acting again.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from controller.model import (
+    Address,
+    AddressError,
+    FloatArray,
+    LimitKind,
+    Proposal,
+    Scope,
+    SignalReading,
+    Snapshot,
+)
+from controller.policy.baselines import Baselines
+from controller.policy.documents import FairShare, FairShareSpec
+from controller.policy.inputs import BoolArray, label_universe, vector_input
+from controller.policy.policyset import FAIR_LABEL as LABEL
+from controller.policy.text import fmt_number
+
+# Limits that count things (requests in flight): a share is a whole number, at least one.
+_WHOLE = frozenset({LimitKind.CONCURRENT_REQUESTS})
+
+
+def water_fill(demands: FloatArray, weights: FloatArray, level: float) -> FloatArray:
+    """Weighted max-min shares of `level`: share_i = min(demand_i, weight_i × λ), with the
+    water level λ such that the shares add up to `level`; when the demands add up to no more
+    than `level`, every share is its demand. Demands ≥ 0, weights > 0."""
+    if len(demands) == 0 or float(demands.sum()) <= level:
+        return demands.astype(np.float64, copy=True)
+    ratio = demands / weights
+    order = np.argsort(ratio, kind="stable")
+    d, w, r = demands[order], weights[order], ratio[order]
+    before = np.concatenate(([0.0], np.cumsum(d)[:-1]))  # the demands met below each
+    from_here = np.cumsum(w[::-1])[::-1]  # the weight of each and those above it
+    # With λ = r_k every demand below k is met and the rest get w × r_k: the total rises
+    # with k, and the first k where it reaches the level holds the water line.
+    filled = before + r * from_here
+    k = min(int(np.searchsorted(filled, level, side="left")), len(d) - 1)
+    water = max(level - before[k], 0.0) / from_here[k]
+    shares: FloatArray = np.minimum(demands, weights * water)
+    return shares
+
+
+def whole_shares(shares: FloatArray, held: BoolArray, budget: float) -> FloatArray:
+    """The shares of the tenants `held` (a mask) as whole numbers ≥ 1 adding up to the
+    budget rounded down (largest remainders get the units left), the others unchanged."""
+    out = shares.copy()
+    if not held.any():
+        return out
+    part = shares[held]
+    floors = np.floor(part)
+    left = int(math.floor(budget + 1e-9) - floors.sum())
+    if left > 0:
+        # Stable, so equal remainders go to the earlier tenants (a deterministic tie-break).
+        order = np.argsort(-(part - floors), kind="stable")[:left]
+        floors[order] += 1.0
+    out[held] = np.maximum(floors, 1.0)
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class FairResult:
+    proposals: tuple[Proposal, ...]
+    engaged: bool  # contention: the demands reach engage_at × the level
+    held: tuple[str, ...]  # the tenants held to their share
+    notes: tuple[str, ...] = ()
+    readings: tuple[SignalReading, ...] = ()
+
+
+def evaluate_fair(
+    policy: FairShare,
+    snapshot: Snapshot,
+    now: float,
+    baselines: Baselines,
+    level: float | None,
+) -> FairResult:
+    """One FairShare step: the level's value being applied this tick (`level`; None or inf:
+    no limit there, nothing to split) split over the tenants' demands."""
+    spec = policy.spec
+    if level is None or not math.isfinite(level):
+        return FairResult((), False, ())
+    sample = snapshot.samples.get(spec.demand.key(LABEL))
+    universe = label_universe([sample], [])
+    demand = vector_input("demand", spec.demand, sample, universe, now)
+    keep = demand.valid & (demand.values >= 0)
+    positions = [
+        i for i in np.flatnonzero(keep).tolist() if _takes_part(spec, universe[i], baselines)
+    ]
+    positions, addresses, ceilings = _addresses(policy, universe, positions, baselines)
+    tenants = [universe[i] for i in positions]
+    # A tenant's own limit (its plan's) caps what it can use: demand above it is not its share.
+    wanted = np.minimum(demand.values[positions], ceilings)
+    total = float(wanted.sum())
+    readings = (
+        SignalReading("demand", total, float(demand.timestamps[keep].max()) if keep.any() else now),
+        SignalReading("level", level, now),
+    )
+    notes = (f"{policy.ref}: no valid demand sample",) if universe and not keep.any() else ()
+    if not tenants or total < spec.engage_at * level:
+        return FairResult((), False, (), notes, readings)
+    plans = [baselines.plan_of(t) for t in tenants]
+    weights = np.array([spec.weights.get(p, spec.default_weight) for p in plans])
+    shares = water_fill(wanted, weights, level)
+    held = wanted > shares
+    if spec.level.limit in _WHOLE:
+        shares = whole_shares(shares, held, level - float(wanted[~held].sum()))
+    why = _Why(policy, level, wanted, weights, held)
+    at = np.flatnonzero(held).tolist()
+    proposals = tuple(
+        Proposal(
+            addresses[i],
+            float(shares[i]),
+            policy.ref,
+            why.reason(i, plans[i], float(shares[i])),
+            readings,
+        )
+        for i in at
+    )
+    return FairResult(proposals, True, tuple(tenants[i] for i in at), notes, readings)
+
+
+def _takes_part(spec: FairShareSpec, tenant: str, baselines: Baselines) -> bool:
+    """Every tenant shares a global level; a plan's level, only that plan's tenants."""
+    return spec.level.scope is not Scope.PLAN or baselines.plan_of(tenant) == spec.level.plan
+
+
+def _addresses(
+    policy: FairShare, universe: tuple[str, ...], positions: list[int], baselines: Baselines
+) -> tuple[list[int], list[Address], FloatArray]:
+    """The positions of the tenants whose target address can be formed, each address and the
+    tenant's own limit there (inf: none); a label value that cannot form an address is left
+    out (no gateway could enforce it)."""
+    kept: list[int] = []
+    addresses: list[Address] = []
+    ceilings: list[float] = []
+    for i in positions:
+        try:
+            address = policy.spec.target.fill({LABEL: universe[i]})
+        except AddressError:
+            continue
+        own = baselines.value(address)
+        kept.append(i)
+        addresses.append(address)
+        ceilings.append(math.inf if own is None else own)
+    return kept, addresses, np.array(ceilings, dtype=np.float64)
+
+
+class _Why:
+    """The journal's reason for a tenant held to its share: L, its weight, demand and share,
+    and what the smaller demands took first."""
+
+    def __init__(
+        self,
+        policy: FairShare,
+        level: float,
+        demands: FloatArray,
+        weights: FloatArray,
+        held: BoolArray,
+    ) -> None:
+        self.demands = demands
+        self.weights = weights
+        met = demands[~held]
+        self.left = level - float(met.sum())
+        self.weight = float(weights[held].sum())
+        name = str(policy.spec.level)
+        total = fmt_number(float(demands.sum()))
+        self.head = f"{name} = {fmt_number(level)} under contention (demands {total})"
+        self.after = (
+            f" after the {len(met)} smaller demands ({fmt_number(float(met.sum()))}) are met"
+            if len(met)
+            else ""
+        )
+
+    def reason(self, i: int, plan: str, share: float) -> str:
+        weight = float(self.weights[i])
+        exact = self.left * weight / self.weight
+        rounded = f" → {fmt_number(share)}" if share != exact else ""
+        return (
+            f"{self.head}: demand {fmt_number(float(self.demands[i]))} > share "
+            f"{fmt_number(exact)} = {fmt_number(self.left)} × {fmt_number(weight)} ({plan}) / "
+            f"{fmt_number(self.weight)}{self.after}{rounded}"
+        )
