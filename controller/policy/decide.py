@@ -23,8 +23,8 @@ def decide(
     frozen: bool = False,
 ) -> tuple[Evaluation, Resolution]:
     """Evaluate every policy and resolve every limit for one tick."""
-    # The limits in force matter to AdaptiveLimits only: not built for every limit else.
-    in_force = resolver.in_force() if policies.adaptives else None
+    # The limits in force matter to AdaptiveLimits and FairShares only: not built else.
+    in_force = resolver.in_force() if policies.adaptives or policies.fair_shares else None
     evaluation = evaluate(policies, snapshot, engine, now, baselines, in_force)
     if policies.fair_shares:
         # A FairShare splits the level as this tick applies it: an AdaptiveLimit may move it
@@ -39,7 +39,7 @@ def decide(
             {fair.spec.level for fair in policies.fair_shares},
             frozen,
         )
-        evaluation = share(policies, evaluation, snapshot, now, baselines, levels)
+        evaluation = share(policies, evaluation, snapshot, now, baselines, levels, in_force or {})
     resolution = resolve(
         policies, baselines, evaluation.proposals, overrides, resolver, now, frozen=frozen
     )

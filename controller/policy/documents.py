@@ -473,6 +473,12 @@ class FairShareSpec(Strict):
         description="contention: the demands add up to at least this share of the level; "
         "below it no tenant is limited by this policy",
     )
+    tolerance: NonNegativeNumber = Field(
+        0.1,
+        description="a tenant's new share within this fraction of its limit in force (for "
+        "concurrency: at least one request) keeps that limit, so the shares do not turn "
+        "with every noisy sample",
+    )
     behavior: Behavior | None = None
 
     @model_validator(mode="after")

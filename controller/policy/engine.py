@@ -133,14 +133,17 @@ def share(
     now: float,
     baselines: Baselines,
     levels: Mapping[Address, float],
+    in_force: Mapping[Address, float],
 ) -> Evaluation:
     """Add every FairShare's proposals to `evaluation`: each splits the value its level
-    takes on this tick (`levels`, from the resolver: after the AdaptiveLimit that moves it)."""
+    takes on this tick (`levels`, from the resolver: after the AdaptiveLimit that moves it);
+    `in_force`: the limits in force before this tick (a share close to its tenant's holds)."""
     proposals, notes = list(evaluation.proposals), list(evaluation.notes)
     transitions, active = list(evaluation.transitions), dict(evaluation.active)
     engaged: set[str] = set()
     for policy in policies.fair_shares:
-        result = evaluate_fair(policy, snapshot, now, baselines, levels.get(policy.spec.level))
+        level = levels.get(policy.spec.level)
+        result = evaluate_fair(policy, snapshot, now, baselines, level, in_force)
         proposals.extend(result.proposals)
         notes.extend(result.notes)
         was = policy.ref in evaluation.state.fair

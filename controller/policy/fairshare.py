@@ -12,6 +12,7 @@ repeats them instead of acting again.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -88,9 +89,11 @@ def evaluate_fair(
     now: float,
     baselines: Baselines,
     level: float | None,
+    in_force: Mapping[Address, float],
 ) -> FairResult:
     """One FairShare step: the level's value being applied this tick (`level`; None or inf:
-    no limit there, nothing to split) split over the tenants' demands."""
+    no limit there, nothing to split) split over the tenants' demands; a share within the
+    tolerance of the tenant's limit in force (`in_force`) keeps that limit."""
     spec = policy.spec
     if level is None or not math.isfinite(level):
         return FairResult((), False, ())
@@ -122,16 +125,29 @@ def evaluate_fair(
     why = _Why(policy, level, wanted, weights, held)
     at = np.flatnonzero(held).tolist()
     proposals = tuple(
-        Proposal(
-            addresses[i],
-            float(shares[i]),
-            policy.ref,
-            why.reason(i, plans[i], float(shares[i])),
-            readings,
-        )
+        Proposal(addresses[i], value, policy.ref, why.reason(i, plans[i], exact, held_at), readings)
         for i in at
+        for exact, value, held_at in [_kept(spec, float(shares[i]), in_force.get(addresses[i]))]
     )
     return FairResult(proposals, True, tuple(tenants[i] for i in at), notes, readings)
+
+
+def _kept(spec: FairShareSpec, share: float, current: float | None) -> tuple[float, float, str]:
+    """(the share, the value proposed, why it differs): a share within the tolerance of the
+    limit in force keeps that limit (a limit moved by every noisy sample turns up and down:
+    a flap)."""
+    if current is None or not math.isfinite(current) or current == share:
+        return share, share, ""
+    band = spec.tolerance * current
+    if spec.level.limit in _WHOLE:
+        band = max(band, 1.0)
+    if abs(share - current) <= band:
+        return (
+            share,
+            current,
+            f"; within ±{fmt_number(band)} of {fmt_number(current)} in force: hold",
+        )
+    return share, share, ""
 
 
 def _takes_part(spec: FairShareSpec, tenant: str, baselines: Baselines) -> bool:
@@ -186,12 +202,12 @@ class _Why:
             else ""
         )
 
-    def reason(self, i: int, plan: str, share: float) -> str:
+    def reason(self, i: int, plan: str, share: float, held: str) -> str:
         weight = float(self.weights[i])
         exact = self.left * weight / self.weight
         rounded = f" → {fmt_number(share)}" if share != exact else ""
         return (
             f"{self.head}: demand {fmt_number(float(self.demands[i]))} > share "
             f"{fmt_number(exact)} = {fmt_number(self.left)} × {fmt_number(weight)} ({plan}) / "
-            f"{fmt_number(self.weight)}{self.after}{rounded}"
+            f"{fmt_number(self.weight)}{self.after}{rounded}{held}"
         )
