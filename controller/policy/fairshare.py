@@ -122,32 +122,48 @@ def evaluate_fair(
     held = wanted > shares
     if spec.level.limit in _WHOLE:
         shares = whole_shares(shares, held, level - float(wanted[~held].sum()))
-    why = _Why(policy, level, wanted, weights, held)
+    budget = level - float(wanted[~held].sum())  # what the tenants held may take together
     at = np.flatnonzero(held).tolist()
+    current = np.array([in_force.get(addresses[i], math.nan) for i in at], dtype=np.float64)
+    bands = spec.tolerance * current
+    if spec.level.limit in _WHOLE:
+        bands = np.maximum(bands, 1.0)
+    values, kept = hysteresis(shares[at], current, bands, budget)
+    why = _Why(policy, level, wanted, weights, held)
     proposals = tuple(
-        Proposal(addresses[i], value, policy.ref, why.reason(i, plans[i], exact, held_at), readings)
-        for i in at
-        for exact, value, held_at in [_kept(spec, float(shares[i]), in_force.get(addresses[i]))]
+        Proposal(
+            addresses[i],
+            float(values[k]),
+            policy.ref,
+            why.reason(i, plans[i], float(shares[i]), float(bands[k]) if kept[k] else None),
+            readings,
+        )
+        for k, i in enumerate(at)
     )
     return FairResult(proposals, True, tuple(tenants[i] for i in at), notes, readings)
 
 
-def _kept(spec: FairShareSpec, share: float, current: float | None) -> tuple[float, float, str]:
-    """(the share, the value proposed, why it differs): a share within the tolerance of the
-    limit in force keeps that limit (a limit moved by every noisy sample turns up and down:
-    a flap)."""
-    if current is None or not math.isfinite(current) or current == share:
-        return share, share, ""
-    band = spec.tolerance * current
-    if spec.level.limit in _WHOLE:
-        band = max(band, 1.0)
-    if abs(share - current) <= band:
-        return (
-            share,
-            current,
-            f"; within ±{fmt_number(band)} of {fmt_number(current)} in force: hold",
-        )
-    return share, share, ""
+def hysteresis(
+    shares: FloatArray, current: FloatArray, bands: FloatArray, budget: float
+) -> tuple[FloatArray, BoolArray]:
+    """The values to propose for the tenants held, and which of them keep their limit in
+    force (`current`, NaN: none): a share within its band of the limit in force keeps it
+    (a limit moved by every noisy sample turns up and down: a flap) — below its share
+    always, above it only while the limits still add up to no more than `budget`, the
+    smallest excesses first (a hold must not take another tenant's share)."""
+    with np.errstate(invalid="ignore"):
+        near = np.isfinite(current) & (np.abs(shares - current) <= bands) & (current != shares)
+    lower = near & (current < shares)
+    values = np.where(lower, current, shares)
+    slack = budget - float(values.sum())
+    higher = np.flatnonzero(near & (current > shares))
+    excess = (current - shares)[higher]
+    order = np.argsort(excess, kind="stable")
+    accepted = higher[order][np.cumsum(excess[order]) <= slack + 1e-9]
+    values[accepted] = current[accepted]
+    kept = lower.copy()
+    kept[accepted] = True
+    return values, kept
 
 
 def _takes_part(spec: FairShareSpec, tenant: str, baselines: Baselines) -> bool:
@@ -202,10 +218,11 @@ class _Why:
             else ""
         )
 
-    def reason(self, i: int, plan: str, share: float, held: str) -> str:
+    def reason(self, i: int, plan: str, share: float, band: float | None) -> str:
         weight = float(self.weights[i])
         exact = self.left * weight / self.weight
         rounded = f" → {fmt_number(share)}" if share != exact else ""
+        held = "" if band is None else f"; within ±{fmt_number(band)} of the limit in force: hold"
         return (
             f"{self.head}: demand {fmt_number(float(self.demands[i]))} > share "
             f"{fmt_number(exact)} = {fmt_number(self.left)} × {fmt_number(weight)} ({plan}) / "

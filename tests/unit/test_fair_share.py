@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from controller.model import ScalarSample, Validity
-from controller.policy.fairshare import water_fill, whole_shares
+from controller.policy.fairshare import hysteresis, water_fill, whole_shares
 from controller.policy.policyset import PolicySet
 from tests.unit.policy_builders import (
     DEMAND_QUERY,
@@ -125,6 +125,31 @@ def test_a_whole_share_is_at_least_one_request() -> None:
     assert whole_shares(shares, np.ones(3, dtype=bool), 1.0).tolist() == [1.0, 1.0, 1.0]
 
 
+def test_a_share_near_the_limit_in_force_keeps_it_within_the_budget() -> None:
+    nan = math.nan
+    values, kept = hysteresis(
+        np.array([10.0, 10.0, 10.0]), np.array([11.0, 9.0, nan]), np.ones(3), 30.0
+    )
+    # 9 is kept below its share, which frees the one request 11 keeps above its own.
+    assert values.tolist() == [11.0, 9.0, 10.0]
+    assert kept.tolist() == [True, True, False]
+
+
+def test_a_hold_above_the_share_never_takes_another_tenants_share() -> None:
+    values, kept = hysteresis(np.array([10.0, 10.0]), np.array([11.0, 11.0]), np.ones(2), 20.0)
+    assert values.tolist() == [10.0, 10.0]
+    assert kept.tolist() == [False, False]
+    # With one request free, the smallest excess is kept first.
+    values, _ = hysteresis(np.array([10.0, 10.0]), np.array([12.0, 11.0]), np.full(2, 2.0), 21.0)
+    assert values.tolist() == [10.0, 11.0]
+
+
+def test_a_share_outside_its_band_moves() -> None:
+    values, kept = hysteresis(np.array([10.0]), np.array([15.0]), np.ones(1), 100.0)
+    assert values.tolist() == [10.0]
+    assert kept.tolist() == [False]
+
+
 # --- the engine and the resolver --------------------------------------------------------------
 
 
@@ -152,6 +177,20 @@ def test_the_runaway_is_held_to_what_is_left_on_the_first_sample() -> None:
         "global/concurrent_requests = 100 under contention (demands 430): demand 400 > share "
         "70 = 70 × 2 (paid) / 2 after the 1 smaller demands (30) are met"
     )
+
+
+def test_a_small_move_of_the_share_keeps_the_cap_in_force() -> None:
+    run = driver(fair_share(behavior={"loosen": {"stabilization": "0s"}}))
+    run.decide(0.0, tenants={DEMAND_QUERY: {"acme": 30, "evil": 400}})  # evil: 70
+    _, resolution = run.decide(15.0, tenants={DEMAND_QUERY: {"acme": 27, "evil": 400}})
+    decision = resolution.desired[addr(cap("evil"))]
+    assert decision.value == 70  # its share is 73, within ±7 of 70
+    assert decision.reason.endswith(
+        "share 73 = 73 × 2 (paid) / 2 after the 1 smaller demands (27) are met; "
+        "within ±7 of the limit in force: hold"
+    )
+    _, resolution = run.decide(30.0, tenants={DEMAND_QUERY: {"acme": 10, "evil": 400}})
+    assert limits_of(resolution) == {cap("evil"): 90}  # 20 more: moves
 
 
 def test_the_split_uses_the_level_the_adaptive_limit_applies_on_the_same_tick() -> None:
