@@ -15,7 +15,6 @@ from controller.durations import format_duration
 from controller.model import (
     Address,
     AddressError,
-    AddressTemplate,
     Proposal,
     Quotes,
     Sample,
@@ -40,6 +39,7 @@ from controller.policy.inputs import (
 )
 from controller.policy.policyset import PolicySet
 from controller.policy.schedule import in_windows
+from controller.policy.targets import fill, filled
 from controller.policy.text import fmt_number, fmt_time
 
 SCALAR_KEY = ""  # the state key of a policy without `per:`
@@ -388,7 +388,7 @@ class _Proposer:
         self._head = condition + held
         label = spec.per and str(spec.per)
         # Each action's addresses per label value, shared by every tick's proposer.
-        self._filled = [_FILLED.setdefault((a.target, label), {}) for a in spec.actions]
+        self._filled = [filled(a.target, label) for a in spec.actions]
         self._since: dict[float | None, str] = {}
         self._actions: dict[tuple[int, float | None], tuple[float | None, str]] = {}
         self._tails: dict[tuple[str, str], str] = {}
@@ -413,9 +413,9 @@ class _Proposer:
         ref = self.ref
         missed: list[str] = []
         for index, action in enumerate(self.policy.spec.actions):
-            filled = self._filled[index]
+            known = self._filled[index]
             try:
-                address = filled.get(key) or _fill(filled, action.target, label, key)
+                address = known.get(key) or fill(known, action.target, label, key)
             except AddressError as exc:
                 missed.append(f"label value cannot form an address: {exc.problem}")
                 continue
@@ -447,23 +447,6 @@ class _Proposer:
         if found is None:
             found = self._actions[index, base] = _action_value(action, address, self.baselines)
         return found
-
-
-# (target, label) → label value → address: label values repeat every tick, so each is filled
-# once per process. Plain dicts: an lru_cache's per-entry links would double their memory.
-_FILLED: dict[tuple[AddressTemplate, str | None], dict[str, Address]] = {}
-_FILLED_MAX = 1 << 20  # per target; beyond any deployment (tenants churn: start over)
-
-
-def _fill(
-    filled: dict[str, Address], target: AddressTemplate, label: str | None, key: str
-) -> Address:
-    """The address an action targets for one label value, remembered in `filled`."""
-    address = target.fill({label: key} if label is not None else {})
-    if len(filled) >= _FILLED_MAX:
-        filled.clear()
-    filled[key] = address
-    return address
 
 
 def _action_value(

@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 
 from controller.model import (
     Address,
@@ -31,6 +32,7 @@ from controller.policy.baselines import Baselines
 from controller.policy.documents import FairShare, FairShareSpec
 from controller.policy.inputs import BoolArray, label_universe, vector_input
 from controller.policy.policyset import FAIR_LABEL as LABEL
+from controller.policy.targets import fill, filled
 from controller.policy.text import fmt_number
 
 # Limits that count things (requests in flight): a share is a whole number, at least one.
@@ -118,29 +120,27 @@ def evaluate_fair(
         return FairResult((), False, (), notes, readings)
     plans = [baselines.plan_of(t) for t in tenants]
     weights = np.array([spec.weights.get(p, spec.default_weight) for p in plans])
-    shares = water_fill(wanted, weights, level)
-    held = wanted > shares
-    if spec.level.limit in _WHOLE:
-        shares = whole_shares(shares, held, level - float(wanted[~held].sum()))
-    budget = level - float(wanted[~held].sum())  # what the tenants held may take together
-    at = np.flatnonzero(held).tolist()
-    current = np.array([in_force.get(addresses[i], math.nan) for i in at], dtype=np.float64)
+    split = _Split(policy, level, wanted, weights, now)
+    at = np.flatnonzero(split.held)
+    current = np.array([in_force.get(addresses[i], math.nan) for i in at.tolist()])
     bands = spec.tolerance * current
     if spec.level.limit in _WHOLE:
         bands = np.maximum(bands, 1.0)
-    values, kept = hysteresis(shares[at], current, bands, budget)
-    why = _Why(policy, level, wanted, weights, held)
+    values, kept = hysteresis(split.shares[at], current, bands, split.budget)
+    quotes = split.quotes(at)
     proposals = tuple(
         Proposal(
             addresses[i],
             float(values[k]),
             policy.ref,
-            why.reason(i, plans[i], float(shares[i]), float(bands[k]) if kept[k] else None),
-            readings,
+            split.head,
+            quotes,
+            tail=split.kept if kept[k] else split.tail,
+            at=k,
         )
-        for k, i in enumerate(at)
+        for k, i in enumerate(at.tolist())
     )
-    return FairResult(proposals, True, tuple(tenants[i] for i in at), notes, readings)
+    return FairResult(proposals, True, tuple(tenants[i] for i in at.tolist()), notes, readings)
 
 
 def hysteresis(
@@ -177,12 +177,14 @@ def _addresses(
     """The positions of the tenants whose target address can be formed, each address and the
     tenant's own limit there (inf: none); a label value that cannot form an address is left
     out (no gateway could enforce it)."""
+    known = filled(policy.spec.target, LABEL)
     kept: list[int] = []
     addresses: list[Address] = []
     ceilings: list[float] = []
     for i in positions:
+        key = universe[i]
         try:
-            address = policy.spec.target.fill({LABEL: universe[i]})
+            address = known.get(key) or fill(known, policy.spec.target, LABEL, key)
         except AddressError:
             continue
         own = baselines.value(address)
@@ -192,39 +194,57 @@ def _addresses(
     return kept, addresses, np.array(ceilings, dtype=np.float64)
 
 
-class _Why:
-    """The journal's reason for a tenant held to its share: L, its weight, demand and share,
-    and what the smaller demands took first."""
+class _Split:
+    """One split of the level: the shares, and the parts of the reasons every tenant held
+    shares (its own figures are quoted only when its reason is read: tens of thousands of
+    tenants may be held, and the journal reads the few whose limit changes)."""
 
     def __init__(
-        self,
-        policy: FairShare,
-        level: float,
-        demands: FloatArray,
-        weights: FloatArray,
-        held: BoolArray,
+        self, policy: FairShare, level: float, demands: FloatArray, weights: FloatArray, now: float
     ) -> None:
-        self.demands = demands
-        self.weights = weights
+        spec = policy.spec
+        self.demands, self.weights, self.now = demands, weights, now
+        shares = water_fill(demands, weights, level)
+        self.held = held = demands > shares
         met = demands[~held]
-        self.left = level - float(met.sum())
-        self.weight = float(weights[held].sum())
-        name = str(policy.spec.level)
-        total = fmt_number(float(demands.sum()))
-        self.head = f"{name} = {fmt_number(level)} under contention (demands {total})"
-        self.after = (
-            f" after the {len(met)} smaller demands ({fmt_number(float(met.sum()))}) are met"
-            if len(met)
-            else ""
+        self.budget = budget = level - float(met.sum())  # what the tenants held may take
+        self.exact = shares
+        if spec.level.limit in _WHOLE:
+            shares = whole_shares(shares, held, budget)
+        self.shares = shares
+        weight = float(weights[held].sum())
+        self.head = (
+            f"{spec.level} = {fmt_number(level)} under contention (demands "
+            f"{fmt_number(float(demands.sum()))}): held to its weighted max-min share"
         )
+        after = f" after the {len(met)} smaller demands ({fmt_number(float(met.sum()))}) are met"
+        self.tail = (
+            f"; share = {fmt_number(budget)} × weight / {fmt_number(weight)}"
+            f"{after if len(met) else ''}"
+        )
+        band = f"±{fmt_number(spec.tolerance * 100)}%"
+        if spec.level.limit in _WHOLE:
+            band += " (at least 1)"
+        self.kept = f"{self.tail}; within {band} of the limit in force: hold"
 
-    def reason(self, i: int, plan: str, share: float, band: float | None) -> str:
-        weight = float(self.weights[i])
-        exact = self.left * weight / self.weight
-        rounded = f" → {fmt_number(share)}" if share != exact else ""
-        held = "" if band is None else f"; within ±{fmt_number(band)} of the limit in force: hold"
+    def quotes(self, at: npt.NDArray[np.int64]) -> _Quoted:
+        return _Quoted(self.demands[at], self.weights[at], self.exact[at], self.now)
+
+
+class _Quoted:
+    """The figures of each tenant held, quoted when its reason is read (`Quotes`)."""
+
+    __slots__ = ("demands", "now", "shares", "weights")
+
+    def __init__(
+        self, demands: FloatArray, weights: FloatArray, shares: FloatArray, now: float
+    ) -> None:
+        self.demands, self.weights, self.shares, self.now = demands, weights, shares, now
+
+    def readings(self, at: int) -> tuple[SignalReading, ...]:
+        now = self.now
         return (
-            f"{self.head}: demand {fmt_number(float(self.demands[i]))} > share "
-            f"{fmt_number(exact)} = {fmt_number(self.left)} × {fmt_number(weight)} ({plan}) / "
-            f"{fmt_number(self.weight)}{self.after}{rounded}{held}"
+            SignalReading("demand", float(self.demands[at]), now),
+            SignalReading("weight", float(self.weights[at]), now),
+            SignalReading("share", float(self.shares[at]), now),
         )

@@ -174,8 +174,9 @@ def test_the_runaway_is_held_to_what_is_left_on_the_first_sample() -> None:
     assert events_of(evaluation) == [(FAIR, "", "engaged")]
     reason = resolution.desired[addr(cap("evil"))].reason
     assert reason == (
-        "global/concurrent_requests = 100 under contention (demands 430): demand 400 > share "
-        "70 = 70 × 2 (paid) / 2 after the 1 smaller demands (30) are met"
+        "global/concurrent_requests = 100 under contention (demands 430): held to its weighted "
+        "max-min share (demand=400, weight=2, share=70); share = 70 × weight / 2 after the 1 "
+        "smaller demands (30) are met"
     )
 
 
@@ -186,8 +187,8 @@ def test_a_small_move_of_the_share_keeps_the_cap_in_force() -> None:
     decision = resolution.desired[addr(cap("evil"))]
     assert decision.value == 70  # its share is 73, within ±7 of 70
     assert decision.reason.endswith(
-        "share 73 = 73 × 2 (paid) / 2 after the 1 smaller demands (27) are met; "
-        "within ±7 of the limit in force: hold"
+        "(demand=400, weight=2, share=73); share = 73 × weight / 2 after the 1 smaller demands "
+        "(27) are met; within ±10% (at least 1) of the limit in force: hold"
     )
     _, resolution = run.decide(30.0, tenants={DEMAND_QUERY: {"acme": 10, "evil": 400}})
     assert limits_of(resolution) == {cap("evil"): 90}  # 20 more: moves
