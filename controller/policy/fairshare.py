@@ -52,8 +52,8 @@ def water_fill(demands: FloatArray, weights: FloatArray, level: float) -> FloatA
     from_here = np.cumsum(w[::-1])[::-1]  # the weight of each and those above it
     # With λ = r_k every demand below k is met and the rest get w × r_k: the total rises
     # with k, and the first k where it reaches the level holds the water line.
-    filled = before + r * from_here
-    k = min(int(np.searchsorted(filled, level, side="left")), len(d) - 1)
+    totals = before + r * from_here
+    k = min(int(np.searchsorted(totals, level, side="left")), len(d) - 1)
     water = max(level - before[k], 0.0) / from_here[k]
     shares: FloatArray = np.minimum(demands, weights * water)
     return shares
