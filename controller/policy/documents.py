@@ -473,6 +473,13 @@ class FairShareSpec(Strict):
         description="contention: the demands add up to at least this share of the level; "
         "below it no tenant is limited by this policy",
     )
+    reserve: NonNegativeNumber = Field(
+        2.0,
+        description="for concurrency: keep this many standard deviations of the requests the "
+        "tenants not held have in flight free for their swings (a count in flight varies as "
+        "a Poisson count: its variance is its mean), so they are not refused at the level; "
+        "0: none",
+    )
     tolerance: NonNegativeNumber = Field(
         0.1,
         description="a tenant's new share within this fraction of its limit in force (for "

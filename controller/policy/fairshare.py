@@ -4,9 +4,9 @@ Pure. Weighted max-min fairness (the allocation the Virtual Token Counter of "Fa
 Serving Large Language Models", OSDI 2024, converges to): the level L in force is filled like
 water, each tenant's share rising with its weight until it meets the tenant's demand; a tenant
 whose demand is below its share keeps no limit from this policy (it is never refused because of
-another tenant), the others are held to their shares, and the shares add up to L. Stateless
-per sample: the same demands and L give the same shares, so a tick without a new sample
-repeats them instead of acting again.
+another tenant), the others are held to their shares, and the shares add up to L (less a
+reserve for the others' swings, for concurrency). Stateless per sample: the same demands and
+L give the same shares, so a tick without a new sample repeats them instead of acting again.
 """
 
 from __future__ import annotations
@@ -166,6 +166,15 @@ def hysteresis(
     return values, kept
 
 
+def _reserve(spec: FairShareSpec, met: FloatArray) -> float:
+    """What is kept free for the tenants not held: their demand is an average, and a count
+    in flight swings around it (as a Poisson count: its variance is its mean), so
+    `spec.reserve` standard deviations of their total; only for counts (concurrency)."""
+    if spec.level.limit not in _WHOLE or not spec.reserve:
+        return 0.0
+    return spec.reserve * math.sqrt(float(met.sum()))
+
+
 def _takes_part(spec: FairShareSpec, tenant: str, baselines: Baselines) -> bool:
     """Every tenant shares a global level; a plan's level, only that plan's tenants."""
     return spec.level.scope is not Scope.PLAN or baselines.plan_of(tenant) == spec.level.plan
@@ -205,9 +214,13 @@ class _Split:
         spec = policy.spec
         self.demands, self.weights, self.now = demands, weights, now
         shares = water_fill(demands, weights, level)
+        self.reserve = reserve = _reserve(spec, demands[demands <= shares])
+        if reserve > 0:
+            shares = water_fill(demands, weights, max(level - reserve, 0.0))
         self.held = held = demands > shares
         met = demands[~held]
-        self.budget = budget = level - float(met.sum())  # what the tenants held may take
+        # What the tenants held may take together.
+        self.budget = budget = max(level - reserve - float(met.sum()), 0.0)
         self.exact = shares
         if spec.level.limit in _WHOLE:
             shares = whole_shares(shares, held, budget)
@@ -218,6 +231,8 @@ class _Split:
             f"{fmt_number(float(demands.sum()))}): held to its weighted max-min share"
         )
         after = f" after the {len(met)} smaller demands ({fmt_number(float(met.sum()))}) are met"
+        if reserve > 0:
+            after += f" and {fmt_number(reserve)} kept free for their swings"
         self.tail = (
             f"; share = {fmt_number(budget)} × weight / {fmt_number(weight)}"
             f"{after if len(met) else ''}"

@@ -127,6 +127,7 @@ def fair_share(name: str = "fair", **spec: Any) -> FairShare:
         "target": "tenant/$tenant/concurrent_requests",
         "demand": {"query": DEMAND_QUERY, "stale_after": "60s"},
         "weights": {"paid": 2, "free": 1},
+        "reserve": 0,  # shares by plain water-filling (the reserve has tests of its own)
         **spec,
     }
     doc = document("FairShare", name, body)

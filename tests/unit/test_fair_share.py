@@ -194,6 +194,17 @@ def test_a_small_move_of_the_share_keeps_the_cap_in_force() -> None:
     assert limits_of(resolution) == {cap("evil"): 90}  # 20 more: moves
 
 
+def test_the_reserve_keeps_room_for_the_swings_of_the_tenants_not_held() -> None:
+    run = driver(fair_share(reserve=2))
+    _, resolution = run.decide(0.0, tenants={DEMAND_QUERY: {"acme": 36, "evil": 400}})
+    # acme has 36 in flight on average, ± 6 (a Poisson count): 2 × 6 are kept free for it.
+    assert limits_of(resolution) == {cap("evil"): 52}
+    assert resolution.desired[addr(cap("evil"))].reason.endswith(
+        "share = 52 × weight / 2 after the 1 smaller demands (36) are met and 12 kept free for "
+        "their swings"
+    )
+
+
 def test_the_split_uses_the_level_the_adaptive_limit_applies_on_the_same_tick() -> None:
     limit = adaptive(
         target=LEVEL,
