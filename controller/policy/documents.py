@@ -481,7 +481,7 @@ class FairShareSpec(Strict):
         "0: none",
     )
     tolerance: NonNegativeNumber = Field(
-        0.1,
+        0.2,
         description="a tenant's new share within this fraction of its limit in force (for "
         "concurrency: at least one request) keeps that limit, so the shares do not turn "
         "with every noisy sample",

@@ -185,13 +185,13 @@ def test_a_small_move_of_the_share_keeps_the_cap_in_force() -> None:
     run.decide(0.0, tenants={DEMAND_QUERY: {"acme": 30, "evil": 400}})  # evil: 70
     _, resolution = run.decide(15.0, tenants={DEMAND_QUERY: {"acme": 27, "evil": 400}})
     decision = resolution.desired[addr(cap("evil"))]
-    assert decision.value == 70  # its share is 73, within ±7 of 70
+    assert decision.value == 70  # its share is 73, within ±14 of 70
     assert decision.reason.endswith(
         "(demand=400, weight=2, share=73); share = 73 × weight / 2 after the 1 smaller demands "
-        "(27) are met; within ±10% (at least 1) of the limit in force: hold"
+        "(27) are met; within ±20% (at least 1) of the limit in force: hold"
     )
-    _, resolution = run.decide(30.0, tenants={DEMAND_QUERY: {"acme": 10, "evil": 400}})
-    assert limits_of(resolution) == {cap("evil"): 90}  # 20 more: moves
+    _, resolution = run.decide(30.0, tenants={DEMAND_QUERY: {"acme": 5, "evil": 400}})
+    assert limits_of(resolution) == {cap("evil"): 95}  # 25 more: moves
 
 
 def test_the_reserve_keeps_room_for_the_swings_of_the_tenants_not_held() -> None:
