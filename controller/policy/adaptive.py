@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from controller.durations import format_duration
 from controller.model import Proposal, Snapshot
 from controller.policy.baselines import Baselines
-from controller.policy.capacity import Capacity, estimate
+from controller.policy.capacity import Capacity, estimate, queue_allowance
 from controller.policy.documents import AdaptiveLimit, AdaptiveLimitSpec, FilterSpec
 from controller.policy.inputs import ScalarInput, scalar_input
 from controller.policy.schedule import in_windows
@@ -133,9 +133,10 @@ def _law(
     if found.value is None:
         value, how = _next_value(spec, start, level, tolerance)
         return _Step(value, f"{how}; {found.how}", True, found)
-    aimed = found.value * spec.setpoint
+    queued, why = queue_allowance(seek.queue, snapshot, now)
+    aimed = found.value * spec.setpoint + queued
     if level < seek.saturated:
-        how = f"capacity ≈ {fmt_number(found.value)} ({found.how}) × setpoint"
+        how = f"capacity ≈ {fmt_number(found.value)} ({found.how}) × setpoint{why}"
         # A change that would move the signal by less than the tolerance, or the limit by
         # less than the estimate's own noise (`filter.noise_band` deviations), holds: a
         # limit moved on every noisy estimate flaps.

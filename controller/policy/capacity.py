@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass
 
 from controller.model import Snapshot
-from controller.policy.documents import CapacitySpec
+from controller.policy.documents import CapacitySpec, QueueSpec
 from controller.policy.inputs import scalar_input
 from controller.policy.text import fmt_number
 
@@ -29,6 +29,21 @@ class Capacity:
         return math.sqrt(max(self.variance, 0.0) * smoothing / (2.0 - smoothing))
 
 
+def queue_allowance(spec: QueueSpec | None, snapshot: Snapshot, now: float) -> tuple[float, str]:
+    """The requests that may wait beyond a full pool (arrivals × wait, Little's law) and how
+    it was found; none while the arrival rate is unknown (the safe side: no queue)."""
+    if spec is None:
+        return 0.0, ""
+    name = spec.arrivals.name or "arrivals"
+    arrivals = scalar_input(name, spec.arrivals, snapshot, None, now)
+    wait = fmt_number(spec.wait)
+    if not arrivals.valid or arrivals.value < 0:
+        return 0.0, f" + no queue ({name} is {arrivals.validity.value})"
+    allowed = arrivals.value * spec.wait
+    shown = f"{name}={fmt_number(arrivals.value)}/s × {wait}s"
+    return allowed, f" + a queue of {fmt_number(allowed)} ({shown})"
+
+
 def estimate(
     spec: CapacitySpec, previous: Capacity, utilization: float, snapshot: Snapshot, now: float
 ) -> Capacity:
@@ -44,6 +59,10 @@ def estimate(
     shown = f"{name}={fmt_number(throughput.value)}"
     if utilization >= spec.saturated:
         return Capacity(value, f"{shown}, saturated: capacity not updated", variance)
+    if throughput.value <= 0:
+        # Load on the pool with nothing admitted or in flight: the two series disagree (one
+        # lags, or counts something else); their ratio would say the pool holds nothing.
+        return Capacity(value, f"{shown} under load: capacity not updated", variance)
     if utilization < spec.min_signal:
         return Capacity(value, f"{shown}, too little load: capacity not updated", variance)
     sample = throughput.value / utilization

@@ -377,6 +377,19 @@ class FilterSpec(Strict):
     )
 
 
+class QueueSpec(Strict):
+    """The queue an in-flight limit may let form beyond a full pool, from the TTFT SLO: by
+    Little's law a queue of `arrivals` × `wait` requests waits `wait` on average."""
+
+    wait: Duration = Field(
+        gt=0, description="the wait for a first token the SLO leaves to queueing (e.g. half of it)"
+    )
+    arrivals: AdaptiveSignal = Field(
+        description="the requests admitted per second, e.g. "
+        '`sum(rate(gateway_requests_total{outcome="allow"}[1m]))`'
+    )
+
+
 class CapacitySpec(Strict):
     """Seek the serving capacity online instead of writing it into the bounds. By the
     utilization law (U = X / C), a utilization signal U caused by the admitted throughput X
@@ -388,17 +401,23 @@ class CapacitySpec(Strict):
         "requests_per_second target), over the same span as one sample of `signal` "
         '(e.g. `sum(irate(gateway_requests_total{outcome="allow"}[5m]))`)'
     )
-    saturated: Annotated[float, Field(gt=0, le=1), NotBoolean] = Field(
+    saturated: Annotated[float, Field(gt=0, le=4), NotBoolean] = Field(
         0.95,
         description="a sample of `signal` at or above this is saturation (a queue): it "
         "says nothing about the capacity, and the algorithm cuts from the lower of the value "
-        "in force and the estimate × setpoint",
+        "in force and the estimate × setpoint; up to 4 for an occupancy signal that counts a "
+        "queue beyond 1 (a full cache at 1.0)",
     )
     min_signal: Annotated[float, Field(ge=0, lt=1), NotBoolean] = Field(
         0.05, description="below this utilization X / U is mostly noise: not estimated"
     )
     smoothing: Annotated[float, Field(gt=0, le=1), NotBoolean] = Field(
         0.3, description="weight of each new estimate in an exponentially weighted average"
+    )
+    queue: QueueSpec | None = Field(
+        None,
+        description="add the queue the TTFT SLO allows to the limit (arrivals × wait): for "
+        "an in-flight target, with the setpoint at a full pool",
     )
 
     @model_validator(mode="after")
@@ -425,7 +444,8 @@ class AdaptiveLimitSpec(Strict):
     capacity: CapacitySpec | None = Field(
         None,
         description="set the limit from the capacity estimated online (`signal` must then "
-        "be a utilization, 0–1, proportional to the work served)",
+        "be proportional to the work served: a utilization, 0–1, or an occupancy whose 1.0 "
+        "is full and whose excess is a queue)",
     )
     behavior: Behavior | None = None
     on_stale: OnStale = Field(default_factory=OnStale)

@@ -121,6 +121,11 @@ class PolicySet:
                 throughput = adaptive.spec.capacity.throughput
                 name = throughput.name or "throughput"
                 yield SignalUse(adaptive.ref, name, throughput, throughput.key())
+                queue = adaptive.spec.capacity.queue
+                if queue is not None:
+                    arrivals = queue.arrivals
+                    named = arrivals.name or "arrivals"
+                    yield SignalUse(adaptive.ref, named, arrivals, arrivals.key())
         for fair in self.fair_shares:
             demand = fair.spec.demand
             yield SignalUse(fair.ref, "demand", demand, demand.key(FAIR_LABEL))

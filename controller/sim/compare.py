@@ -73,7 +73,8 @@ def _controller(
     if variant == POLICIES:
         return PolicyWatcher(policies), None
     if variant == AIMD:
-        return FixedPolicies(plain_aimd(loaded, knob, scenario.target_utilization)), None
+        setpoint = scenario.target_utilization if knob.setpoint is None else knob.setpoint
+        return FixedPolicies(plain_aimd(loaded, knob, setpoint)), None
     if variant == GRADIENT:  # the only global limit: no Limits document's global rate
         return FixedPolicies(plans_only(loaded)), Gradient2()
     static = FixedPolicies(static_limits(loaded))

@@ -23,7 +23,8 @@ from controller.policy.sourcemap import parse_yaml
 # arXiv:2308.16369): decodes in a compute-saturated batch cost "up to an order of magnitude
 # less" than in a decode-only one, decode throughput up to 10× (docs/simulator.md).
 PREFILL_DECODE_RATIO = 10.0
-# The shipped policies' saturation signal over vLLM's metrics (policies/global-rps-by-gpu.yaml).
+# The shipped policies' saturation signal over vLLM's metrics
+# (policies/global-inflight-by-gpu.yaml).
 SATURATION = (
     "avg(vllm:kv_cache_usage_perc) + clamp_max(sum(vllm:num_requests_waiting)"
     " / clamp_min(sum(vllm:num_requests_running), 1), 1)"

@@ -245,7 +245,8 @@ on each seed the policies and every baseline see the same arrivals:
 
 - **policies**: the policy directory given (`{policies}`);
 - **static**: the best static value in hindsight of the policies' own knob (the first AIMD
-  AdaptiveLimit's target), searched over 0.1–2× the pool's capacity to 1 req/s per scenario
+  AdaptiveLimit's target), searched over 0.1–2× the pool's capacity in the knob's unit (to
+  1 request in flight, or 1 req/s) per scenario
   and seed, the best SLO attainment kept; the value found is in the last column;
 - **plain-aimd**: AIMD on the same knob with the policy's own gains, tolerance band and
   bounds, every tick, no stabilization;

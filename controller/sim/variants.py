@@ -40,6 +40,7 @@ class Knob:
     high: float
     source: str  # "AdaptiveLimit/<name>", or the scenario's plain_aimd when there is none
     tolerance: float = 0.0  # the policy's dead band around the setpoint: one of its gains
+    setpoint: float | None = None  # the policy's own; None: the scenario's target
 
     def search_range(
         self, capacity: float, mean_work: float, concurrency: float | None = None
@@ -115,7 +116,8 @@ def policy_knob(policies: PolicySet, spec: PlainAimd) -> Knob:
             bounds = adaptive.spec.bounds
             return Knob(adaptive.spec.target, adaptive.spec.signal.query, aimd.increase,
                         aimd.decrease_factor, bounds.min, bounds.max,
-                        f"AdaptiveLimit/{adaptive.metadata.name}", aimd.tolerance)  # fmt: skip
+                        f"AdaptiveLimit/{adaptive.metadata.name}", aimd.tolerance,
+                        adaptive.spec.setpoint)  # fmt: skip
     base = static_limits(policies)
     baseline = Baselines(base, {}).value(spec.target)
     floors, ceilings = base.limits.spec.floors, base.limits.spec.ceilings

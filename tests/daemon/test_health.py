@@ -24,7 +24,7 @@ pytestmark = pytest.mark.integration
 
 PAUSE_SECONDS = 6.0
 SHIPPED_WITH_SIGNALS = {  # policy: stale_after of its most lenient signal, seconds
-    "AdaptiveLimit/global-rps-by-gpu": 60.0,
+    "AdaptiveLimit/global-inflight-by-gpu": 60.0,
     "ThrottlePolicy/gpu-saturation": 60.0,
     "ThrottlePolicy/tenant-cost-anomaly": 120.0,
 }

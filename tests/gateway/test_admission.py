@@ -197,6 +197,32 @@ def test_concurrency_counts_open_reservations(gate: Gate, set_limits: SetLimits)
     assert gate.run(body) == ["allow", "allow", "rate_limited", "allow"]
 
 
+def test_the_edges_in_flight_limit_is_shared_by_every_tenant_and_given_back(
+    gate: Gate, set_limits: SetLimits
+) -> None:
+    # The cascade's inner loop: `global/concurrent_requests` (set by the shipped AdaptiveLimit
+    # once per sample) counts every tenant's open reservations; a settle or a release gives
+    # a place back at once, between two of the controller's samples.
+    set_limits({"global/concurrent_requests": 2})
+
+    async def body(admission: Admission) -> list[str]:
+        first = await admission.admit(request(tenant="acme"))
+        second = await admission.admit(request(tenant="globex"))
+        third = await admission.admit(request(tenant="initech"))
+        assert first.reservation is not None
+        assert second.reservation is not None
+        assert third.denied_by == "global/concurrent_requests"
+        await admission.settle(first.reservation, "acme", 5, None)
+        fourth = await admission.admit(request(tenant="initech"))
+        fifth = await admission.admit(request(tenant="acme"))
+        assert fifth.denied_by == "global/concurrent_requests"
+        await admission.release(second.reservation, "globex")
+        sixth = await admission.admit(request(tenant="acme"))
+        return [r.outcome for r in (first, second, third, fourth, fifth, sixth)]
+
+    assert gate.run(body) == ["allow", "allow", "rate_limited", "allow", "rate_limited", "allow"]
+
+
 def test_scripts_are_reloaded_after_script_flush(
     gate: Gate, db: redis.Redis[str], set_limits: SetLimits
 ) -> None:

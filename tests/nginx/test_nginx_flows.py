@@ -205,3 +205,30 @@ def test_without_redis_every_plan_fails_closed(
     }
     assert all(a.headers["content-type"] == PROBLEM for a in answers)
     assert all(int(a.headers["retry-after"]) >= 5 for a in answers)
+
+
+def test_the_edges_in_flight_limit_holds_every_tenant_until_a_request_ends(
+    nginx: Side, upstream: tuple[FakeUpstream, ServerThread]
+) -> None:
+    # The cascade's inner loop in nginx: one request in flight for the whole gateway; a
+    # second tenant is refused while the first one's answer streams, admitted once it ends.
+    set_limit(nginx, "global/concurrent_requests", 1)
+    first, second = nginx.key("acme", "free"), nginx.key("globex", "free")
+    fake = upstream[0]
+    fake.release.clear()
+    body = chat_body(stream=True)
+    headers = {"authorization": f"Bearer {first}", "x-fake-hold": "1", "x-fake-tokens": "3"}
+    try:
+        with nginx.http.stream("POST", f"{nginx.url}/v1/chat/completions", json=body,
+                               headers=headers) as held:  # fmt: skip
+            lines = (line for line in held.iter_lines() if line.startswith("data:"))
+            next(lines)  # admitted and streaming: its lease is taken
+            refused = nginx.chat(second)
+            assert refused.status_code == 429
+            assert refused.json()["violated-policies"] == ["global/concurrent_requests"]
+            fake.release.set()
+            list(lines)
+        wait_settled(nginx, "acme", held.headers["x-governor-request-id"])
+        assert nginx.chat(second).status_code == 200
+    finally:
+        fake.release.set()

@@ -31,8 +31,9 @@ from tests.support.redis import RedisServer, free_port
 
 DAY = 86400.0
 # Both saturation policies read vLLM's KV-cache usage plus its queue as a share of the batch:
-# backfilled with nothing waiting, the signal is the KV-cache usage.
-TESTS = {"gpu-saturation_test.yaml": 0, "global-rps-by-gpu_test.yaml": 10}
+# backfilled with nothing waiting, the signal is the KV-cache usage; the in-flight policy's
+# count is the running batch.
+TESTS = {"gpu-saturation_test.yaml": 0, "global-inflight-by-gpu_test.yaml": 10}
 STALE_AFTER = 60.0  # both policies' saturation signal
 
 
@@ -43,14 +44,26 @@ def _spec(name: str) -> PolicyTestFile:
 
 
 def _series(
-    signal: str, values: list[float | None], start: float, interval: float, case: str
+    signal: str,
+    values: list[float | None],
+    start: float,
+    interval: float,
+    case: str,
+    in_flight: list[float | None] | None = None,
 ) -> list[Series]:
-    """A test's signal as the series its query reads: vLLM's KV cache in use (with an empty
-    queue beside one running request: the saturation is the KV share), or the gateway's
-    counter of admitted requests, whose `irate` is the test's requests/s (it starts one
-    interval early, so that `irate` has two samples from the case's start)."""
-    if signal == "admitted_rps":
-        total, samples = 0.0, [(start - interval, 0.0)]
+    """A test's signal as the series its query reads: vLLM's KV cache in use beside an empty
+    queue (the occupancy is the KV share) and a running batch of the case's `in_flight`
+    requests (none when the case has no such signal: then nobody is counted in flight, and no
+    capacity is estimated, as in the policy test where the signal is absent). `in_flight`
+    itself is read from that running batch, so it has no series of its own; `admitted_rps`
+    is the gateway's counter of admitted requests (from two intervals early at the first
+    rate, so that a 1m `rate` has two samples in its window from the case's start)."""
+    if signal == "in_flight":
+        return []
+    if signal == "admitted_rps":  # the gateway's counter of admitted requests, `rate` of it
+        first = next((v for v in values if v is not None), 0.0)
+        total, samples = first * interval, [(start - 2 * interval, 0.0)]
+        samples.append((start - interval, total))
         for i, value in enumerate(values):
             if value is not None:
                 total += value * interval
@@ -58,13 +71,15 @@ def _series(
         return [Series("gateway_requests_total", {"outcome": "allow", "case": case}, samples)]
     times = [start + i * interval for i, v in enumerate(values) if v is not None]
     kv = [v for v in values if v is not None]
+    running = [float(v or 0.0) for v in (in_flight or [])]
+    batch = [running[i] if i < len(running) else 0.0 for i, v in enumerate(values) if v is not None]
     labels = {"model_name": "llama", "engine": "0", "case": case}
     return [
         Series(metric, labels, list(zip(times, column, strict=True)))
         for metric, column in (
             ("vllm:kv_cache_usage_perc", kv),
             ("vllm:num_requests_waiting", [0.0] * len(kv)),
-            ("vllm:num_requests_running", [1.0] * len(kv)),
+            ("vllm:num_requests_running", batch),
         )
     ]
 
@@ -87,9 +102,12 @@ def prometheus(tmp_path_factory: pytest.TempPathFactory, base: float) -> Iterato
         spec = _spec(name)
         for number, case in enumerate(spec.tests):
             start = _origin(base, name, number)
+            in_flight = case.signals.get("in_flight")
+            assert in_flight is None or isinstance(in_flight, list)
             for signal, values in case.signals.items():
                 assert isinstance(values, list)
-                series += _series(signal, values, start, spec.interval, f"{name}-{number}")
+                case_name = f"{name}-{number}"
+                series += _series(signal, values, start, spec.interval, case_name, in_flight)
     # One runaway tenant for a day before day 0 (the tenant-registry tests).
     spend = [(base - DAY + i * 60.0, 5.0) for i in range(60)]
     series.append(Series("tenant_spend", {"tenant": "acme"}, spend))

@@ -32,34 +32,39 @@ from controller.sim.variants import (
 )
 from tests.sim.conftest import POLICIES as SHIPPED
 
-KNOB = Address.parse("global/requests_per_second")
+KNOB = Address.parse("global/concurrent_requests")
 
 
 def test_the_knob_is_the_policies_own() -> None:
     knob = policy_knob(load_directory(SHIPPED), load_scenario("burst-5x").plain_aimd)
-    # policies/global-rps-by-gpu.yaml: aimd increase 1, ×0.8, bounds 10–1000 (safety rails:
-    # its capacity estimate sets the value; plain AIMD has only the rails).
+    # policies/global-inflight-by-gpu.yaml: aimd increase 4, ×0.8, bounds 8–100000 (safety
+    # rails: its capacity estimate sets the value; plain AIMD has only the rails), setpoint 1.1.
     assert knob.target == KNOB
-    assert (knob.increase, knob.decrease_factor, knob.low, knob.high) == (1, 0.8, 10, 1000)
-    assert knob.source == "AdaptiveLimit/global-rps-by-gpu"
+    assert (knob.increase, knob.decrease_factor, knob.low, knob.high) == (4, 0.8, 8, 100000)
+    assert knob.setpoint == 1.1
+    assert knob.source == "AdaptiveLimit/global-inflight-by-gpu"
     # Its tolerance band (0.05) is one of its gains: plain AIMD keeps it.
     assert knob.tolerance == 0.05
-    aimd = plain_aimd(load_directory(SHIPPED), knob, 0.8).adaptives[0].spec.aimd
+    aimd = plain_aimd(load_directory(SHIPPED), knob, 1.1).adaptives[0].spec.aimd
     assert aimd is not None
-    assert (aimd.increase, aimd.decrease_factor, aimd.tolerance) == (1, 0.8, 0.05)
+    assert (aimd.increase, aimd.decrease_factor, aimd.tolerance) == (4, 0.8, 0.05)
 
 
 def test_the_static_search_range_is_set_by_the_pool_not_the_policy_bounds() -> None:
-    # burst-5x: ~58 req/s of capacity; the search goes from 0.1× to 2× of it, past the
-    # policy's ceiling of 60 (where the auditor found 54 req/s beat the old sweep's 50).
-    for name, capacity in (("burst-5x", 58.0), ("burst-5x-large", 174.0)):
+    # The knob is the in-flight limit: the search goes from 0.1× to 2× of what the pool holds
+    # at once (its KV cache at the mean request: 16,384 tokens × 32 GPUs ÷ ~1,438 ≈ 365 for
+    # burst-5x, 3× that on 96 GPUs), nowhere near the policy's rails (8–100,000).
+    for name, held in (("burst-5x", 365.0), ("burst-5x-large", 1094.0)):
         scenario = load_scenario(name)
         world = build_world(scenario, None, scenario.seed)
         grid, resolution = static_grid(scenario, SHIPPED, world)
         assert resolution == 1.0
-        assert grid[0] == pytest.approx(0.1 * capacity, abs=1.5)
-        assert grid[-1] == pytest.approx(2 * capacity, abs=4)
-        assert grid[-1] > 60
+        assert grid[0] == pytest.approx(0.1 * held, abs=1.5)
+        assert grid[-1] == pytest.approx(2 * held, abs=4)
+    # Batch slots bind first when requests are small (ddos: ~361 tokens; 32 GPUs × 16 slots).
+    ddos = load_scenario("ddos")
+    grid, _ = static_grid(ddos, SHIPPED, build_world(ddos, None, ddos.seed))
+    assert grid[-1] == pytest.approx(2 * 512, abs=4)
 
 
 def test_the_static_search_refines_to_one_request_per_second(short_scenario: Path) -> None:
@@ -158,22 +163,24 @@ def test_every_baseline_sees_the_same_arrivals(short_scenario: Path) -> None:
     free = runs[NO_LIMIT]
     assert free.outcomes["rate_limited"].sum() == 0
     assert free.outcomes["shed"].sum() == 0
-    # The static knob at 10 requests/s: never more than 10/s (plus a one-second burst).
+    # The static knob at 10 requests in flight: never more than 10 at once, so fewer than
+    # 10 a second are admitted (each takes longer than a second to answer).
     static = runs[STATIC]
     assert static.knob_value == 10.0
     allowed = static.outcomes["allow"].sum()
     assert allowed <= 10 * scenario.duration + 10
     assert static.outcomes["rate_limited"].sum() > 0
-    # AIMD writes the policies' knob, within the policy's bounds (10–1000), and moves it.
+    # AIMD writes the policies' knob, within the policy's bounds (8–100000), and moves it.
     written = runs[AIMD].limits[str(KNOB)]
-    assert np.nanmin(written) >= 10
-    assert np.nanmax(written) <= 1000
+    assert np.nanmin(written) >= 8
+    assert np.nanmax(written) <= 100000
     assert len(np.unique(written[np.isfinite(written)])) > 2
     # Gradient is a peer, not capped by the Limits document's global rate: no global limit
-    # is written beside its own concurrency limit (the static run has the 60 req/s one).
+    # is written beside its own concurrency limit (the static run has the Limits' 300 in
+    # flight in Redis, under the gate's fixed value).
     gradient = runs[GRADIENT].limits
     assert not any(k.startswith("global/") and np.isfinite(v).any() for k, v in gradient.items())
-    assert np.nanmax(runs[STATIC].limits[str(KNOB)]) == 60
+    assert np.nanmax(runs[STATIC].limits[str(KNOB)]) == 300
     # Its limit lives in the gate, not Redis; its direction changes are flaps all the same
     # (the same FlapDetector), while a fixed static knob never turns.
     assert runs[GRADIENT].flaps > 0

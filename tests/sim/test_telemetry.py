@@ -12,7 +12,7 @@ from controller.sim.scenario import load_scenario
 from controller.sim.traffic import build_world
 from tests.sim.conftest import POLICIES
 
-ADAPTIVE = "AdaptiveLimit/global-rps-by-gpu"
+ADAPTIVE = "AdaptiveLimit/global-inflight-by-gpu"
 
 
 def test_fallback_overshoot_and_flaps(short_scenario: Path, tmp_path: Path) -> None:
@@ -46,14 +46,14 @@ def test_fallback_overshoot_and_flaps(short_scenario: Path, tmp_path: Path) -> N
             for s in ("global", "ip", "plan", "tenant", "user")
         )
     tick = scenario.tick
-    # Overshoot is the signal the tick read over the setpoint (0.8), minus 1; 0 at or below
+    # Overshoot is the signal the tick read over the setpoint (1.1), minus 1; 0 at or below
     # it, and 0 while the signal is stale (from 5 min until fresh again after 7 min).
-    signal = record.signals["global-rps-by-gpu:saturation"]
+    signal = record.signals["global-inflight-by-gpu:occupancy"]
     assert max(overshoot) > 0.0
     for over, seen in zip(overshoot, signal.tolist(), strict=True):
         if over > 0.0:
-            assert abs(over - (seen / 0.8 - 1.0)) <= 1e-9 * over
-        if seen <= 0.8:
+            assert abs(over - (seen / 1.1 - 1.0)) <= 1e-9 * over
+        if seen <= 1.1:
             assert over == 0.0
     assert all(o == 0.0 for o in overshoot[int(300 / tick) + 1 : int(420 / tick)])
     # The metric stops at 4 min; it is stale (60 s) from 5 min, fresh again after 7 min.

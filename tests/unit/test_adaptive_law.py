@@ -295,3 +295,56 @@ def test_the_estimates_own_noise_widens_the_band() -> None:
     plain, filtered = run(), run(filter={"smoothing": 0.3})
     assert turns(filtered[20:]) * 2 <= turns(plain[20:])
     assert np.mean(filtered[20:]) == pytest.approx(48.0, rel=0.1)  # still the capacity × 0.8
+
+
+OCCUPANCY = {**SEEK, "saturated": 1.6}  # an occupancy: 1.0 a full cache, above it a queue
+
+
+def test_an_occupancy_setpoint_above_one_allows_a_short_queue() -> None:
+    # A pool that holds 300 requests (150 in flight fill its cache halfway): the limit is
+    # 300 × 1.1 = 330; a sample of 1.1 (a queue of a tenth) holds it, a queue of 60% cuts.
+    control = loop(15.0, bounds=RAILS, capacity=OCCUPANCY, setpoint=1.1)
+    assert control.tick(0.0, 0.5, **{ADMITTED: 150.0}).value == pytest.approx(330.0)
+    # With a queue the same ratio is the running batch: 330 / 1.1 = 300, the estimate stays.
+    held = control.tick(15.0, 1.1, **{ADMITTED: 330.0})
+    assert held.value == pytest.approx(330.0)
+    cut = control.tick(30.0, 1.7, **{ADMITTED: 330.0})
+    assert cut.value == pytest.approx(330.0 * 0.8)
+    assert "saturated" in cut.reason
+    with pytest.raises(ValueError, match="less than or equal to 4"):
+        adaptive(capacity={**SEEK, "saturated": 4.5}, setpoint=1.1)
+
+
+def test_nothing_in_flight_under_load_does_not_estimate_a_pool_of_nothing() -> None:
+    control = loop(15.0, bounds=RAILS, capacity=SEEK)
+    assert control.tick(0.0, 0.5, **{ADMITTED: 30.0}).value == 48.0  # capacity 60
+    # The throughput series says 0 while the pool is half busy (it lags): the estimate
+    # stays 60 instead of collapsing to 0 / 0.5.
+    lagging = control.tick(15.0, 0.5, **{ADMITTED: 0.0})
+    assert lagging.value == 48.0
+    assert "under load: capacity not updated" in lagging.reason
+
+
+ARRIVALS = 'sum(rate(gateway_requests_total{outcome="allow"}[1m]))'
+QUEUED = {
+    **OCCUPANCY,
+    "queue": {"wait": "500ms", "arrivals": {"name": "arrivals", "query": ARRIVALS}},
+}
+
+
+def test_the_ttft_slo_sets_the_queue_allowed_beyond_a_full_pool() -> None:
+    # The pool holds 300 (150 in flight at 0.5) and 60 requests/s are admitted: half a second
+    # of queueing is 30 more in flight (Little's law): 300 × 1.0 + 30.
+    control = loop(15.0, bounds=RAILS, capacity=QUEUED, setpoint=1.0)
+    first = control.tick(0.0, 0.5, **{ADMITTED: 150.0, ARRIVALS: 60.0})
+    assert first.value == pytest.approx(330.0)
+    assert "a queue of 30 (arrivals=60/s × 0.5s)" in first.reason
+    # Twice the arrivals (shorter requests on the same pool): twice the queue, same wait.
+    faster = control.tick(15.0, 0.5, **{ADMITTED: 150.0, ARRIVALS: 120.0})
+    assert faster.value == pytest.approx(360.0)
+    # The arrival rate unknown: no queue at all (the safe side), the pool's own size.
+    unknown = control.tick(30.0, 0.5, **{ADMITTED: 150.0})
+    assert unknown.value == pytest.approx(300.0)
+    assert "no queue (arrivals is missing)" in unknown.reason
+    policies = policy_set(adaptive(capacity=QUEUED, setpoint=1.0))
+    assert ARRIVALS in {u.key.query for u in policies.signal_uses()}
