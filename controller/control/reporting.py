@@ -156,7 +156,7 @@ class TickReporter:
                 self._log.warning(
                     "signal.invalid", policy=use.policy, signal=use.name, detail=detail
                 )
-        for document in (*policies.throttles, *policies.adaptives):
+        for document in policies.controllers:
             self.metrics.signals_invalid.labels(document.ref).set(bad.get(document.ref, 0))
         self._warming = warming
         self._remember_usable(usable, now)
@@ -183,7 +183,7 @@ class TickReporter:
         """The engine's notes, each policy's activity and fallback, unwritten engagements."""
         for note in evaluation.notes:
             self._log.warning("policy.note", note=note)
-        for document in (*policies.throttles, *policies.adaptives):
+        for document in policies.controllers:
             # Once `then: baseline` has released it, the engine forgets the condition; the
             # policy still acts on its fallback for as long as its signals stay bad.
             stale = document.ref in unusable or _in_fallback(document.ref, evaluation)

@@ -24,8 +24,9 @@ from controller.control.writing import LeaderWrites
 from controller.errors import GovernorError
 from controller.model import SignalKey, Snapshot, Validity
 from controller.policy.baselines import Baselines
-from controller.policy.engine import EngineState, Evaluation, evaluate
-from controller.policy.resolver import Resolution, ResolverState, resolve
+from controller.policy.decide import decide
+from controller.policy.engine import EngineState, Evaluation
+from controller.policy.resolver import Resolution, ResolverState
 
 
 class SignalSource(Protocol):
@@ -130,16 +131,14 @@ class Controller:
         unusable = self.reporter.signals(policies, snapshot, now)
         control = self._read_control(reasons)
         baselines = Baselines(policies, control.tenants)
-        # The limits in force matter to AdaptiveLimits only: not built for every limit else.
-        in_force = self.resolver.in_force() if policies.adaptives else None
-        evaluation = evaluate(policies, snapshot, self.engine, now, baselines, in_force)
-        resolution = resolve(
+        evaluation, resolution = decide(
             policies,
-            baselines,
-            evaluation.proposals,
-            control.overrides,
+            snapshot,
+            self.engine,
             self.resolver,
             now,
+            baselines,
+            control.overrides,
             frozen=control.frozen,
         )
         previous, self.engine, self.resolver = self.engine, evaluation.state, resolution.state

@@ -270,6 +270,8 @@ class GovernorMiddleware:
             principal, principal.plan, request, request_id, reservation, meter, headers, outcome
         )
         call.strip = strip
+        # In flight from here until `_settle` (which `_forward` always reaches).
+        self.e.metrics.started(principal.tenant, principal.plan, request.model)
         return call
 
     def _fail_mode(
@@ -346,6 +348,7 @@ class GovernorMiddleware:
         call.settled = True
         principal = call.principal
         model = call.request.model
+        self.e.metrics.finished(principal.tenant, call.plan, model)
         failed = call.status is None or call.status >= 400
         self.e.metrics.request(
             principal.tenant, call.plan, model, "upstream_error" if failed else call.outcome

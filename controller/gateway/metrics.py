@@ -88,6 +88,14 @@ class GatewayMetrics:
             (*labels, "kind"),
             registry=self.registry,
         )
+        # Requests admitted and not yet settled or released: a tenant held to a concurrency
+        # limit shows its cap here, so its demand is this × offered ÷ admitted (Little's law).
+        self.in_flight = Gauge(
+            "gateway_requests_in_flight",
+            "Requests admitted and not yet finished, by tenant, plan and model",
+            labels,
+            registry=self.registry,
+        )
         self.cost = Counter(
             "gateway_cost_usd", "Cost of the tokens used, in USD", labels, registry=self.registry
         )
@@ -143,6 +151,14 @@ class GatewayMetrics:
         self, tenant: str | None, plan: str | None, model: str | None, outcome: str
     ) -> None:
         self.requests.labels(self.tenant(tenant), self.plan(plan), self.model(model), outcome).inc()
+
+    def started(self, tenant: str, plan: str, model: str) -> None:
+        """An admitted request begins (its `finished` must follow, once)."""
+        self.in_flight.labels(self.tenant(tenant), self.plan(plan), self.model(model)).inc()
+
+    def finished(self, tenant: str, plan: str, model: str) -> None:
+        """An admitted request settled or released."""
+        self.in_flight.labels(self.tenant(tenant), self.plan(plan), self.model(model)).dec()
 
     def usage(
         self,

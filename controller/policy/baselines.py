@@ -24,6 +24,10 @@ class Baselines:
         self._global, self._ip = spec.global_, spec.ip
         self._plans = {name: plan.spec.limits for name, plan in policies.plans.items()}
 
+    def plan_of(self, tenant: str) -> str:
+        """A tenant's plan: the registry's, else the Limits document's default plan."""
+        return self._registry.get(tenant, self._default_plan)
+
     def value(self, address: Address) -> float | None:
         """The baseline of an address, or None when nothing in the files limits it."""
         scope = address.scope

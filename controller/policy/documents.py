@@ -1,5 +1,5 @@
-"""The policy file format (governor/v1): strict pydantic models for Plan, Limits, ThrottlePolicy
-and AdaptiveLimit documents. Pure: parsing and validation only."""
+"""The policy file format (governor/v1): strict pydantic models for Plan, Limits, ThrottlePolicy,
+AdaptiveLimit and FairShare documents. Pure: parsing and validation only."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ from controller.durations import (
     format_duration,
     parse_duration,
 )
-from controller.model import Address, AddressError, AddressTemplate, LimitKind, SignalKey
+from controller.model import Address, AddressError, AddressTemplate, LimitKind, Scope, SignalKey
 from controller.policy.expressions import Expression, ExpressionError, compile_expression
 from controller.policy.schedule import Window, parse_window
 
@@ -469,6 +469,67 @@ class AdaptiveLimitSpec(Strict):
         return self.signal.name or "signal"
 
 
+class FairShareSpec(Strict):
+    """Split a shared limit among the tenants by weight while it binds (weighted max-min
+    fairness, water-filling): a tenant asking less than its share is not limited, the others
+    are held to theirs, and the shares add up to the shared limit."""
+
+    level: AddressField = Field(
+        description="the shared limit whose value in force is split (global or plan scope)"
+    )
+    target: TargetField = Field(
+        description="each tenant's limit in the level's unit: tenant/$tenant/<the level's limit>"
+    )
+    demand: SignalSpec = Field(
+        description="each tenant's demand in the target's unit, keyed by the `tenant` label "
+        "(what it would use if nothing held it back: a capped tenant's use is its cap)"
+    )
+    weights: dict[Name, PositiveNumber] = Field(
+        default_factory=dict, description="weight by plan (the tenant registry's plan)"
+    )
+    default_weight: PositiveNumber = Field(1.0, description="the weight of a plan not listed")
+    engage_at: Annotated[float, Field(gt=0), NotBoolean] = Field(
+        0.9,
+        description="contention: the demands add up to at least this share of the level; "
+        "below it no tenant is limited by this policy",
+    )
+    reserve: NonNegativeNumber = Field(
+        2.0,
+        description="for concurrency: keep this many standard deviations of the requests the "
+        "tenants not held have in flight free for their swings (a count in flight varies as "
+        "a Poisson count: its variance is its mean), so they are not refused at the level; "
+        "0: none",
+    )
+    tolerance: NonNegativeNumber = Field(
+        0.2,
+        description="a tenant's new share within this fraction of its limit in force (for "
+        "concurrency: at least one request) keeps that limit, so the shares do not turn "
+        "with every noisy sample",
+    )
+    behavior: Behavior | None = None
+
+    @model_validator(mode="after")
+    def _fits(self) -> FairShareSpec:
+        level, target = self.level, self.target
+        if level.scope not in (Scope.GLOBAL, Scope.PLAN):
+            raise ValueError(
+                f"level {str(level)!r} is not shared by tenants: use a global or plan limit, "
+                "e.g. global/concurrent_requests"
+            )
+        if target.placeholders != ("tenant",) or not target.text.startswith("tenant/$tenant/"):
+            raise ValueError(
+                f"target {target.text!r} must be each tenant's limit: tenant/$tenant/<limit>"
+            )
+        probe = target.fill({"tenant": "x"})
+        if probe.limit is not level.limit or probe.model != level.model:
+            raise ValueError(
+                f"target {target.text!r} and level {str(level)!r} must be the same limit "
+                f"(the shares of {level.limit}{'@' + level.model if level.model else ''} add "
+                "up to the level)"
+            )
+        return self
+
+
 class _Document(Strict):
     api_version: Literal["governor/v1"] = Field(alias="apiVersion")
     metadata: Metadata
@@ -504,8 +565,15 @@ class AdaptiveLimit(_Document):
     spec: AdaptiveLimitSpec
 
 
-Document = Annotated[Plan | Limits | ThrottlePolicy | AdaptiveLimit, Field(discriminator="kind")]
-KINDS: tuple[str, ...] = ("Plan", "Limits", "ThrottlePolicy", "AdaptiveLimit")
+class FairShare(_Document):
+    kind: Literal["FairShare"]
+    spec: FairShareSpec
+
+
+Document = Annotated[
+    Plan | Limits | ThrottlePolicy | AdaptiveLimit | FairShare, Field(discriminator="kind")
+]
+KINDS: tuple[str, ...] = ("Plan", "Limits", "ThrottlePolicy", "AdaptiveLimit", "FairShare")
 
 
 class DocumentFile(BaseModel):

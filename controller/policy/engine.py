@@ -7,7 +7,7 @@ same inputs always give the same proposals, which is what makes policy tests pos
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -15,7 +15,6 @@ from controller.durations import format_duration
 from controller.model import (
     Address,
     AddressError,
-    AddressTemplate,
     Proposal,
     Quotes,
     Sample,
@@ -28,6 +27,7 @@ from controller.policy.baselines import Baselines
 from controller.policy.conditions import IDLE, ConditionState, Event, Rules, step
 from controller.policy.documents import Action, ThrottlePolicy
 from controller.policy.expressions import Bools
+from controller.policy.fairshare import evaluate_fair
 from controller.policy.inputs import (
     BoolArray,
     ScalarInput,
@@ -39,6 +39,7 @@ from controller.policy.inputs import (
 )
 from controller.policy.policyset import PolicySet
 from controller.policy.schedule import in_windows
+from controller.policy.targets import fill, filled
 from controller.policy.text import fmt_number, fmt_time
 
 SCALAR_KEY = ""  # the state key of a policy without `per:`
@@ -50,6 +51,7 @@ class EngineState:
 
     conditions: Mapping[str, Mapping[str, ConditionState]] = field(default_factory=dict)
     adaptives: Mapping[str, AdaptiveState] = field(default_factory=dict)
+    fair: frozenset[str] = frozenset()  # the FairShare policies engaged (under contention)
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,12 +115,51 @@ def evaluate(
     return Evaluation(
         proposals=tuple(out.proposals),
         state=EngineState(
-            conditions={k: v for k, v in conditions.items() if v}, adaptives=adaptives
+            conditions={k: v for k, v in conditions.items() if v},
+            adaptives=adaptives,
+            fair=state.fair,
         ),
         transitions=tuple(out.transitions),
         notes=tuple(out.notes),
         active={k: tuple(v) for k, v in out.active.items()},
         unwritten=out.unwritten,
+    )
+
+
+def share(
+    policies: PolicySet,
+    evaluation: Evaluation,
+    snapshot: Snapshot,
+    now: float,
+    baselines: Baselines,
+    levels: Mapping[Address, float],
+    in_force: Mapping[Address, float],
+) -> Evaluation:
+    """Add every FairShare's proposals to `evaluation`: each splits the value its level
+    takes on this tick (`levels`, from the resolver: after the AdaptiveLimit that moves it);
+    `in_force`: the limits in force before this tick (a share close to its tenant's holds)."""
+    proposals, notes = list(evaluation.proposals), list(evaluation.notes)
+    transitions, active = list(evaluation.transitions), dict(evaluation.active)
+    engaged: set[str] = set()
+    for policy in policies.fair_shares:
+        level = levels.get(policy.spec.level)
+        result = evaluate_fair(policy, snapshot, now, baselines, level, in_force)
+        proposals.extend(result.proposals)
+        notes.extend(result.notes)
+        was = policy.ref in evaluation.state.fair
+        if result.engaged:
+            engaged.add(policy.ref)
+            active[policy.ref] = result.held
+        if result.engaged != was:
+            event: Event = "engaged" if result.engaged else "released"
+            transitions.append(Transition(policy.ref, SCALAR_KEY, event, result.readings))
+    return replace(
+        evaluation,
+        proposals=tuple(proposals),
+        notes=tuple(notes),
+        transitions=tuple(transitions),
+        active=active,
+        state=replace(evaluation.state, fair=frozenset(engaged)),
     )
 
 
@@ -347,7 +388,7 @@ class _Proposer:
         self._head = condition + held
         label = spec.per and str(spec.per)
         # Each action's addresses per label value, shared by every tick's proposer.
-        self._filled = [_FILLED.setdefault((a.target, label), {}) for a in spec.actions]
+        self._filled = [filled(a.target, label) for a in spec.actions]
         self._since: dict[float | None, str] = {}
         self._actions: dict[tuple[int, float | None], tuple[float | None, str]] = {}
         self._tails: dict[tuple[str, str], str] = {}
@@ -372,9 +413,9 @@ class _Proposer:
         ref = self.ref
         missed: list[str] = []
         for index, action in enumerate(self.policy.spec.actions):
-            filled = self._filled[index]
+            known = self._filled[index]
             try:
-                address = filled.get(key) or _fill(filled, action.target, label, key)
+                address = known.get(key) or fill(known, action.target, label, key)
             except AddressError as exc:
                 missed.append(f"label value cannot form an address: {exc.problem}")
                 continue
@@ -406,23 +447,6 @@ class _Proposer:
         if found is None:
             found = self._actions[index, base] = _action_value(action, address, self.baselines)
         return found
-
-
-# (target, label) → label value → address: label values repeat every tick, so each is filled
-# once per process. Plain dicts: an lru_cache's per-entry links would double their memory.
-_FILLED: dict[tuple[AddressTemplate, str | None], dict[str, Address]] = {}
-_FILLED_MAX = 1 << 20  # per target; beyond any deployment (tenants churn: start over)
-
-
-def _fill(
-    filled: dict[str, Address], target: AddressTemplate, label: str | None, key: str
-) -> Address:
-    """The address an action targets for one label value, remembered in `filled`."""
-    address = target.fill({label: key} if label is not None else {})
-    if len(filled) >= _FILLED_MAX:
-        filled.clear()
-    filled[key] = address
-    return address
 
 
 def _action_value(

@@ -11,6 +11,7 @@ from controller.policy.documents import (
     AdaptiveLimit,
     Behavior,
     Document,
+    FairShare,
     Limits,
     LimitsSpec,
     Metadata,
@@ -18,6 +19,8 @@ from controller.policy.documents import (
     SignalSpec,
     ThrottlePolicy,
 )
+
+FAIR_LABEL = "tenant"  # a FairShare's demand is keyed by tenant (its target's $tenant)
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +58,7 @@ class PolicySet:
     limits: Limits
     throttles: tuple[ThrottlePolicy, ...]
     adaptives: tuple[AdaptiveLimit, ...]
+    fair_shares: tuple[FairShare, ...] = ()
     version: str = "unversioned"
     documents: tuple[Document, ...] = field(default=(), repr=False)
 
@@ -100,6 +104,7 @@ class PolicySet:
             limits=limits,
             throttles=tuple(d for d in documents if isinstance(d, ThrottlePolicy)),
             adaptives=tuple(d for d in documents if isinstance(d, AdaptiveLimit)),
+            fair_shares=tuple(d for d in documents if isinstance(d, FairShare)),
             version=version,
             documents=tuple(documents),
         )
@@ -121,6 +126,9 @@ class PolicySet:
                     arrivals = queue.arrivals
                     named = arrivals.name or "arrivals"
                     yield SignalUse(adaptive.ref, named, arrivals, arrivals.key())
+        for fair in self.fair_shares:
+            demand = fair.spec.demand
+            yield SignalUse(fair.ref, "demand", demand, demand.key(FAIR_LABEL))
 
     def signal_keys(self) -> set[SignalKey]:
         """The distinct query results one tick must fetch (each query runs once)."""
@@ -140,7 +148,15 @@ class PolicySet:
         for adaptive in self.adaptives:
             if adaptive.spec.behavior is not None:
                 found[adaptive.ref] = adaptive.spec.behavior
+        for fair in self.fair_shares:
+            if fair.spec.behavior is not None:
+                found[fair.ref] = fair.spec.behavior
         return found
+
+    @property
+    def controllers(self) -> tuple[ThrottlePolicy | AdaptiveLimit | FairShare, ...]:
+        """Every document that proposes limits."""
+        return (*self.throttles, *self.adaptives, *self.fair_shares)
 
     def baseline_addresses(self) -> Iterator[tuple[Address, float]]:
         """Addresses whose baseline is stated in the files: global, ip and plan limits."""
@@ -187,7 +203,7 @@ def _check_plan_targets(
             yield SetProblem(
                 index,
                 path,
-                f"{path[-1] if path[-1] == 'target' else 'address'} {text!r} names plan "
+                f"{path[-1] if path[-1] in ('target', 'level') else 'address'} {text!r} names plan "
                 f"{parts[1]!r}, which no Plan defines "
                 f"(plans: {', '.join(sorted(plans)) or 'none'})",
             )
@@ -204,6 +220,8 @@ def _named_addresses(
                 yield index, ("spec", "actions", number, "target"), action.target.text
         elif isinstance(doc, AdaptiveLimit):
             yield index, ("spec", "target"), str(doc.spec.target)
+        elif isinstance(doc, FairShare):
+            yield index, ("spec", "level"), str(doc.spec.level)
         elif bounds and isinstance(doc, Limits):
             for bound in ("floors", "ceilings"):
                 for address in getattr(doc.spec, bound):

@@ -126,6 +126,39 @@ def resolve(
     return Resolution(desired=desired, state=ResolverState(memory, order))
 
 
+def applied(
+    policies: PolicySet,
+    baselines: Baselines,
+    proposals: Iterable[Proposal],
+    overrides: Mapping[Address, Override],
+    state: ResolverState,
+    now: float,
+    addresses: Iterable[Address],
+    frozen: bool = False,
+) -> dict[Address, float]:
+    """The value `resolve` will apply to each of `addresses` on this tick (inf: no limit),
+    given these proposals, without moving its state: a FairShare splits the level in force
+    after this tick's override, pacing and bounds, not the level a controller proposed."""
+    wanted = set(addresses)
+    offered: dict[Address, list[Proposal]] = {a: [] for a in wanted}
+    for proposal in proposals:
+        if proposal.address in wanted:
+            offered[proposal.address].append(proposal)
+    stated = dict(policies.baseline_addresses())
+    shared, forgotten = _Shared(policies, now), AddressMemory()
+    out: dict[Address, float] = {}
+    for address, mine in offered.items():
+        override = overrides.get(address)
+        live = override if override is not None and override.expires_at > now else None
+        baseline = stated[address] if address in stated else baselines.value(address)
+        memory = state.memory.get(address, forgotten)
+        decision, _ = _resolve_one(
+            policies, address, baseline, mine, live, memory, now, frozen, shared
+        )
+        out[address] = UNLIMITED if decision is None else decision.value
+    return out
+
+
 def _sorted(addresses: set[Address], last: tuple[Address, ...]) -> tuple[Address, ...]:
     """`addresses` in order: last tick's order when they are the same addresses."""
     if len(addresses) == len(last) and addresses.issuperset(last):

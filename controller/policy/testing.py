@@ -31,12 +31,13 @@ from controller.model import (
     VectorSample,
 )
 from controller.policy.baselines import Baselines
+from controller.policy.decide import decide
 from controller.policy.diagnostics import format_path
 from controller.policy.documents import AddressField, Duration
-from controller.policy.engine import EngineState, evaluate
+from controller.policy.engine import EngineState
 from controller.policy.loader import LocatedError, read_file
 from controller.policy.policyset import PolicySet
-from controller.policy.resolver import ResolverState, resolve
+from controller.policy.resolver import ResolverState
 from controller.policy.sourcemap import parse_yaml
 from controller.policy.text import fmt_number
 
@@ -215,9 +216,10 @@ def run_case(policies: PolicySet, case: PolicyTestCase, interval: float) -> Case
     for tick in range(max(due, default=-1) + 1):
         now = start + tick * interval
         snapshot = Snapshot(now, _samples(case, keys, tick, now))
-        evaluation = evaluate(policies, snapshot, engine, now, baselines, resolver.in_force())
         overrides = _overrides(case, tick * interval, start)
-        resolution = resolve(policies, baselines, evaluation.proposals, overrides, resolver, now)
+        evaluation, resolution = decide(
+            policies, snapshot, engine, resolver, now, baselines, overrides
+        )
         engine, resolver = evaluation.state, resolution.state
         for expectation in due.get(tick, []):
             when = format_duration(expectation.at)

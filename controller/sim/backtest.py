@@ -18,9 +18,10 @@ from typing import Any
 from controller.errors import SignalError
 from controller.model import Address, Sample, ScalarSample, SignalKey, Snapshot, VectorSample
 from controller.policy.baselines import Baselines
-from controller.policy.engine import EngineState, evaluate
+from controller.policy.decide import decide
+from controller.policy.engine import EngineState
 from controller.policy.policyset import PolicySet
-from controller.policy.resolver import ResolverState, resolve
+from controller.policy.resolver import ResolverState
 from controller.signals.decode import ResultShapeError, decode_scalar, decode_vector
 from controller.signals.freshness import UNKNOWN_SAMPLE_TIME
 from controller.signals.prometheus import PrometheusSource, error_sample
@@ -128,8 +129,7 @@ def backtest(
     for index in range(count):
         t = start + index * step
         snapshot = Snapshot(t, _samples(keys, history, ages, t))
-        evaluation = evaluate(policies, snapshot, engine, t, baselines, resolver.in_force())
-        resolution = resolve(policies, baselines, evaluation.proposals, {}, resolver, t)
+        evaluation, resolution = decide(policies, snapshot, engine, resolver, t, baselines, {})
         engine, resolver = evaluation.state, resolution.state
         result.times.append(t)
         result.active.append(dict(evaluation.active))

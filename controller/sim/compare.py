@@ -127,7 +127,7 @@ def standing(watcher: PolicyWatcher) -> bool:
     if not isinstance(watcher, FixedPolicies):
         return False
     policies = watcher.load()
-    return not (policies.throttles or policies.adaptives)
+    return not policies.controllers
 
 
 OTHERS = (AIMD, GRADIENT, NO_LIMIT, BASELINE)  # every run but the policies' and static's

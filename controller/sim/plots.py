@@ -437,10 +437,16 @@ def _moved(record: RunRecord, variant: str) -> list[LimitLine]:
 
 
 def _by_unit(comparison: Comparison) -> dict[str, list[LimitLine]]:
+    """The limits that moved, by unit: every variant's fleet-wide limits before any
+    tenant's (a panel shows the first LINES_PER_PANEL, and a fair share moves one limit per
+    tenant held)."""
     groups: dict[str, list[LimitLine]] = {}
     for variant in VARIANTS:
         for line in _moved(comparison.runs[variant], variant):
             groups.setdefault(UNITS[line.address.limit], []).append(line)
+    narrow = (Scope.TENANT, Scope.USER)
+    for lines in groups.values():
+        lines.sort(key=lambda line: line.address.scope in narrow)  # stable: variant order kept
     return groups
 
 

@@ -138,9 +138,7 @@ class Simulation:
         self.record.events = [(e.kind, e.at, e.end) for e in scenario.events]
         self.record.runaway = sorted(world.runaway)
         self.record.bursting = [t.index for t in world.tenants if world.has_own_event(t)]
-        self.record.policy_names = sorted(
-            p.metadata.name for p in (*policies.throttles, *policies.adaptives)
-        )
+        self.record.policy_names = sorted(p.metadata.name for p in policies.controllers)
         self._settles: list[tuple[float, int, str, int, float, float]] = []
         self._seq = 0
         self._good_tenant = np.array(
@@ -156,6 +154,7 @@ class Simulation:
         self._prompt = np.zeros(n)
         self._completion = np.zeros(n)
         self._requests = np.zeros((n, len(OUTCOMES)))
+        self._in_flight = np.zeros(n)  # admitted, not yet settled (the gateway's gauge)
         self._seen = np.zeros(n, dtype=bool)
         self._plans = {t.plan for t in world.tenants}
         self._terms = [self._tenant_terms(t) for t in world.tenants]
@@ -328,6 +327,7 @@ class Simulation:
                 eligible[j] = not self._contract_refusal(outcome, denied_by, tenant.plan)
         self._count_outcomes(tick, arrivals.tenant, np.array(codes, dtype=np.int64))
         allowed = np.array([rid is not None for rid in rids], dtype=bool)
+        np.add.at(self._in_flight, arrivals.tenant[allowed], 1.0)
         # Demand is what the tenant's own contract allows: a request its budget, its plan's
         # models or a size limit refuses is nobody's loss to control (402, 403, 400), unless
         # a policy had cut that limit below its baseline (`_contract_refusal`).
@@ -486,6 +486,7 @@ class Simulation:
             self.gateway.settle(
                 rid, tenant.name, actual, to_micro(cost) if actual else 0, done * 1e3
             )
+            self._in_flight[index] -= 1.0
             self._prompt[index] += prompt
             self._completion[index] += output
             self._cost[index] += cost
@@ -499,6 +500,7 @@ class Simulation:
             tenant = self.world.tenants[i]
             labels = {"tenant": tenant.name, "plan": tenant.plan, "model": tenant.model}
             self.store.record("gateway_cost_usd_total", labels, at, float(self._cost[i]))
+            self.store.record("gateway_requests_in_flight", labels, at, float(self._in_flight[i]))
             for kind, table in (("prompt", self._prompt), ("completion", self._completion)):
                 self.store.record(
                     "gateway_tokens_total", {**labels, "kind": kind}, at, float(table[i])

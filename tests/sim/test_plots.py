@@ -19,7 +19,16 @@ from matplotlib.patches import Patch
 from controller.model import Address
 from controller.sim.backtest import BacktestResult, Write
 from controller.sim.compare import Comparison, compare
-from controller.sim.plots import CAPTION, MARK, UNITS, WINDOWS, backtest_figure, figure, plot
+from controller.sim.plots import (
+    CAPTION,
+    LINES_PER_PANEL,
+    MARK,
+    UNITS,
+    WINDOWS,
+    backtest_figure,
+    figure,
+    plot,
+)
 from controller.sim.scenario import load_scenario
 from controller.sim.variants import AIMD, POLICIES
 from tests.sim.conftest import POLICIES as SHIPPED
@@ -91,6 +100,7 @@ def test_every_axis_has_a_unit_and_never_two(comparison: Comparison, fig: Figure
     assert len({units[ax] for ax in limits}) == len(limits)
     assert {"concurrent requests", "tokens/min"} <= {units[ax] for ax in limits}
     drawn: dict[str, Axes] = {}
+    per_unit: dict[str, int] = {}
     for ax in limits:
         for line in ax.get_lines():
             label = str(line.get_label())
@@ -98,8 +108,18 @@ def test_every_axis_has_a_unit_and_never_two(comparison: Comparison, fig: Figure
                 address = Address.parse(label.split(": ", 1)[1])
                 assert UNITS[address.limit] == units[ax], (label, units[ax])
                 drawn[str(address)] = ax
-    # Every limit that moved in a run is drawn: the tenant's cut as well as the fleet's.
-    assert _moved(comparison, POLICIES) | _moved(comparison, AIMD) == set(drawn)
+                per_unit[units[ax]] = per_unit.get(units[ax], 0) + 1
+    # Every limit that moved in a run is drawn, the tenant's cut as well as the fleet's, up
+    # to LINES_PER_PANEL per unit (the fair shares move a limit per tenant held).
+    moved = {
+        (variant, name) for variant in (POLICIES, AIMD) for name in _moved(comparison, variant)
+    }
+    assert set(drawn) <= {name for _, name in moved}
+    for unit, count in per_unit.items():
+        in_unit = [n for _, n in moved if UNITS[Address.parse(n).limit] == unit]
+        assert count == min(len(in_unit), LINES_PER_PANEL), unit
+    fleet = {n for _, n in moved if not n.startswith(("tenant/", "user/"))}
+    assert fleet <= set(drawn)  # the fleet's limits come first, every variant's
     assert "tenant/ent-2/tokens_per_minute" in drawn
     assert _axis(fig, "GPU utilization").get_ylabel().endswith("(%)")
     assert _axis(fig, "p99 time to first token").get_ylabel().endswith("(s)")
@@ -185,7 +205,7 @@ def test_the_title_names_the_scenario_and_the_policy_set(
 ) -> None:
     title = fig.get_suptitle()
     assert "'cut' (seed 5, 10 min): Tenant ent-2 runs away, then every enterprise" in title
-    shipped = "policy set policies/ (policies: business-hours-free-tier, global-inflight-by-gpu,"
+    shipped = "policy set policies/ (policies: business-hours-free-tier, fair-share,"
     assert shipped in title
     assert "compared with static limits (its Plans and Limits only) and plain AIMD" in title
     assert "policies: policies" not in title

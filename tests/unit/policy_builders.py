@@ -22,10 +22,12 @@ from controller.model import (
     VectorSample,
 )
 from controller.policy.baselines import Baselines
+from controller.policy.decide import decide
 from controller.policy.documents import (
     AdaptiveLimit,
     Document,
     DocumentFile,
+    FairShare,
     Limits,
     Plan,
     ThrottlePolicy,
@@ -112,6 +114,24 @@ def adaptive(name: str = "rps-by-gpu", **spec: Any) -> AdaptiveLimit:
     }
     doc = document("AdaptiveLimit", name, body)
     assert isinstance(doc, AdaptiveLimit)
+    return doc
+
+
+DEMAND_QUERY = "sum by (tenant) (gateway_requests_in_flight)"
+
+
+def fair_share(name: str = "fair", **spec: Any) -> FairShare:
+    """A FairShare of global/concurrent_requests by plan weight; keyword arguments override."""
+    body: dict[str, Any] = {
+        "level": "global/concurrent_requests",
+        "target": "tenant/$tenant/concurrent_requests",
+        "demand": {"query": DEMAND_QUERY, "stale_after": "60s"},
+        "weights": {"paid": 2, "free": 1},
+        "reserve": 0,  # shares by plain water-filling (the reserve has tests of its own)
+        **spec,
+    }
+    doc = document("FairShare", name, body)
+    assert isinstance(doc, FairShare)
     return doc
 
 
@@ -208,6 +228,27 @@ class Driver:
         result = evaluate(self.policies, snapshot, self.engine, now, self.baselines, current)
         self.engine = result.state
         return result
+
+    def decide(
+        self,
+        now: float,
+        scalars: Mapping[str, Reading] | None = None,
+        tenants: Mapping[str, Mapping[str, float] | Sample] | None = None,
+        overrides: Mapping[Address, Override] | None = None,
+    ) -> tuple[Evaluation, Resolution]:
+        """One whole decision at `now` (engine, fair shares, resolver), as a tick makes it."""
+        snapshot = self.snapshot(now, scalars or {}, tenants or {})
+        evaluation, resolution = decide(
+            self.policies,
+            snapshot,
+            self.engine,
+            self.resolver,
+            now,
+            self.baselines,
+            overrides or {},
+        )
+        self.engine, self.resolver = evaluation.state, resolution.state
+        return evaluation, resolution
 
     def gpu(self, now: float, value: Reading) -> Evaluation:
         return self.tick(now, {GPU_QUERY: value})

@@ -140,7 +140,7 @@ BROKEN: dict[str, tuple[dict[str, str], str, str, int, str]] = {
         "p.yaml",
         "apiVersion",
         1,
-        "missing `kind`: write one of Plan, Limits, ThrottlePolicy or AdaptiveLimit",
+        "missing `kind`: write one of Plan, Limits, ThrottlePolicy, AdaptiveLimit or FairShare",
     ),
     "unknown kind": (
         {"p.yaml": PLAN.replace("kind: Plan", "kind: Plna")},
