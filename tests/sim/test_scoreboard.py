@@ -84,3 +84,38 @@ def test_the_scoreboard_needs_one_scenario_or_all(short_scenario: Path) -> None:
     assert "give a SCENARIO, or --trace FILE" in result.output
     result = runner.invoke(app, ["simulate", str(short_scenario), "--all"])
     assert result.exit_code == 2
+
+
+def test_a_scenarios_other_seeds_start_from_the_value_its_own_seed_found(
+    short_scenario: Path,
+) -> None:
+    from concurrent.futures import Future
+
+    from controller.sim.scenario import load_scenario
+    from controller.sim.scoreboard import _schedule, _Unit, _units
+
+    short = load_scenario(str(short_scenario))
+    longer = short.model_copy(update={"name": "longer", "duration": 2 * short.duration})
+    units = _units([(short, None), (longer, None)], 3)
+    calls: list[tuple[str, int, float | None]] = []
+
+    def run(unit: _Unit, start: float | None) -> Future[dict[str, Scorecard]]:
+        scenario = unit.scenario
+        calls.append((scenario.name, scenario.seed, start))
+        # The value "found" on a seed: its seed number, so each start can be traced back.
+        future: Future[dict[str, Scorecard]] = Future()
+        card = dataclasses.replace(CARD, variant="static", knob_value=float(scenario.seed))
+        future.set_result({"static": card})
+        return future
+
+    results = _schedule(units, run, 2, None)
+    own = {"short": short.seed, "longer": longer.seed}
+    for name, seed, start in calls:
+        # The own seed is searched in full; the others start where it ended.
+        assert start == (None if seed == own[name] else float(own[name]))
+        if start is not None:
+            assert calls.index((name, own[name], None)) < calls.index((name, seed, start))
+    assert len(calls) == len(units) == 6
+    assert calls[0][0] == "longer"  # the longest simulation first
+    # Results come back in the units' order, each its own seed's.
+    assert [r["static"].knob_value for r in results] == [float(u.scenario.seed) for u in units]
