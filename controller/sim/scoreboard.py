@@ -7,6 +7,7 @@ import concurrent.futures
 import math
 import multiprocessing
 import statistics
+import time
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from controller.sim.scorecard import GOALS, HEADLINE_TEXT, Scorecard, headline
 from controller.sim.trace import TraceData
 from controller.sim.variants import STATIC
 
-Scored = dict[str, "Scorecard"]  # a unit's scorecards, by variant
+Scored = tuple[dict[str, "Scorecard"], float]  # a unit's scorecards by variant, its CPU s
 
 
 @dataclass(frozen=True)
@@ -180,10 +181,13 @@ def render(board: Board) -> str:
 
 def score_seed(
     scenario: Scenario, policies: Path, trace: TraceData | None, start: float | None = None
-) -> dict[str, Scorecard]:
-    """Every variant's scorecard for one scenario and seed, all runs in this process;
-    `start`: the static value found on the scenario's own seed, where its search begins."""
-    return compare(scenario, policies, trace=trace, workers=0, start=start).cards
+) -> Scored:
+    """Every variant's scorecard for one scenario and seed, all runs in this process, and
+    the CPU seconds they took; `start`: the static value found on the scenario's own seed,
+    where its search begins."""
+    started = time.process_time()
+    cards = compare(scenario, policies, trace=trace, workers=0, start=start).cards
+    return cards, time.process_time() - started
 
 
 @dataclass
@@ -233,8 +237,7 @@ def _schedule(
         done, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
         for future in done:
             k = running.pop(future)
-            results[k] = _told(future.result(), units[k].scenario, len(results), len(units),
-                               progress)  # fmt: skip
+            results[k] = _told(*future.result(), units[k], len(results), len(units), progress)
             ready += [j for j, u in enumerate(units) if u.after == k]
     return [results[k] for k in range(len(units))]
 
@@ -281,11 +284,14 @@ def run_board(
 
 
 def _told(
-    cards: dict[str, Scorecard], scenario: Scenario, k: int, total: int,
+    cards: dict[str, Scorecard], seconds: float, unit: _Unit, k: int, total: int,
     progress: Callable[[str], None] | None,
 ) -> dict[str, Scorecard]:  # fmt: skip
     if progress is not None:
-        progress(f"scored {scenario.name} seed {scenario.seed} ({k + 1}/{total})")
+        scenario = unit.scenario
+        how = "full static search" if unit.after is None else "warm-started static search"
+        progress(f"scored {scenario.name} seed {scenario.seed} ({k + 1}/{total}; "
+                 f"{seconds:.0f} s CPU, {how})")  # fmt: skip
     return cards
 
 
