@@ -197,7 +197,6 @@ class _Unit:
 
     scenario: Scenario
     trace: TraceData | None
-    name: str
     after: int | None = None
 
     @property
@@ -207,12 +206,11 @@ class _Unit:
 
 def _units(scenarios: Sequence[tuple[Scenario, TraceData | None]], seeds: int) -> list[_Unit]:
     units: list[_Unit] = []
-    for k, (s, trace) in enumerate(scenarios):
+    for s, trace in scenarios:
         own = len(units)
-        units.append(_Unit(s, trace, f"{k}"))
+        units.append(_Unit(s, trace))
         units += [
-            _Unit(s.model_copy(update={"seed": s.seed + j}), trace, f"{k}", own)
-            for j in range(1, seeds)
+            _Unit(s.model_copy(update={"seed": s.seed + j}), trace, own) for j in range(1, seeds)
         ]
     return units
 
