@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import resource
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -256,6 +257,14 @@ def _command(scenario: str | None, every: bool, given: Given, seeds: int, markdo
     return " ".join(w for w in [*words, f"--seeds {seeds}", f"--markdown {markdown}"] if w)
 
 
+def _cpu_seconds() -> float:
+    """CPU seconds of this process and of its children that ended (the workers, and the
+    Redis servers they ran)."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def _scoreboard(
     scenario: str | None, every: bool, policies: Path, seeds: int, workers: int,
     markdown: Path | None, given: Given, unused: list[str],
@@ -280,7 +289,8 @@ def _scoreboard(
     elapsed = time.monotonic() - started
     typer.echo(render(board))
     typer.echo(f"wall-clock: {elapsed:.0f} s for {len(board.cards)} scenarios × {seeds} seeds "
-               f"({workers} workers)")  # fmt: skip
+               f"({workers} workers); {_cpu_seconds():.0f} CPU s (this process and its "
+               "workers)")  # fmt: skip
     if markdown is not None:
         markdown.parent.mkdir(parents=True, exist_ok=True)
         text = document(board, elapsed, workers, _command(scenario, every, given, seeds, markdown))

@@ -138,7 +138,23 @@ class _Level:
         return self.leases.pop(member, None) is not None
 
 
-@dataclass
+_Rate = tuple[_Check, dict[str, float], _Level, bool]  # check, its level's state, level, GCRA
+
+
+@dataclass(frozen=True, slots=True)
+class _Bound:
+    """One request's checks bound to the state they read (the levels of its tenant, user and
+    ip): what admit walks for every request, without looking a level up per check."""
+
+    compiled: _Compiled
+    levels: tuple[_Level | None, ...]
+    swept: tuple[tuple[_Level, str | None], ...]  # each level, and the tenant its leases hold
+    budgets: tuple[tuple[_Check, _Level], ...]
+    rates: tuple[_Rate, ...]
+    tenant: _Level
+
+
+@dataclass(slots=True)
 class _Record:
     holds: list[tuple[_Level, str, _Check, float, float]]  # level, code, check, amount, interval
     tenant: _Level
@@ -188,16 +204,50 @@ def _fields(model: str) -> list[tuple[int, str]]:
     return fields
 
 
-def _next_tat(state: dict[str, float], c: _Check, tokens: float, now: float) -> float:
-    """The GCRA state after this request, read under the limit in force (`current_tat`)."""
-    # current_tat's arithmetic inlined: this runs for every limit of every request.
-    tat = state.get(c.tat) or 0.0
-    value = tat if tat > now else now
-    previous = state.get(c.ivl) or 0.0
-    interval = c.interval
-    if previous > 0 and previous != interval and value > now:
-        value = now + min((value - now) / previous * interval, c.period or 0.0)
-    return value + (tokens if c.tokens else 1.0) * interval
+def _rates(rates: tuple[_Rate, ...], tokens: float, now: float) -> Decision | list[float]:
+    """Every GCRA rate and concurrency check: a refusal (429) naming the one that waits
+    longest, or each check's new state (written only if all pass)."""
+    wait, denied_by = 0.0, None
+    values: list[float] = []
+    for c, state, _, gcra in rates:
+        if gcra:
+            # current_tat's arithmetic, inlined: this runs for every limit of every request.
+            tat = state.get(c.tat) or 0.0
+            value = tat if tat > now else now
+            previous = state.get(c.ivl) or 0.0
+            interval = c.interval
+            period: float = c.period  # type: ignore[assignment]
+            if previous > 0 and previous != interval and value > now:
+                value = now + min((value - now) / previous * interval, period)
+            value = value + (tokens if c.tokens else 1.0) * interval
+            over = value - now - period
+        else:  # concurrency: one more open request; refused for a second
+            value = state.get(c.open, 0.0) + 1
+            over = 1000.0 if value > c.limit else 0.0
+        # The script keeps the largest wait; a concurrency refusal never shortens one.
+        if over > 0 and (denied_by is None or over > wait):
+            denied_by, wait = c.address, over
+        values.append(value)
+    if denied_by is not None:
+        return Decision("rate_limited", denied_by, wait)
+    return values
+
+
+def _move(
+    rates: tuple[_Rate, ...], values: list[float], tokens: float, rid: str, expires: float
+) -> list[tuple[_Level, str, _Check, float, float]]:
+    """Write the rates' and concurrency's new state; what settle must give back."""
+    holds: list[tuple[_Level, str, _Check, float, float]] = []
+    for (c, state, level, gcra), value in zip(rates, values, strict=True):
+        if gcra:
+            state[c.tat], state[c.ivl] = value, c.interval
+            if c.tokens:
+                holds.append((level, "t", c, tokens, c.interval))
+        else:
+            state[c.open] = value
+            level.lease(c.open + "|" + rid, expires)
+            holds.append((level, "c", c, 1.0, 0.0))
+    return holds
 
 
 class AdmissionModel:
@@ -212,6 +262,7 @@ class AdmissionModel:
         self._records: dict[str, _Record] = {}
         self._compiled: dict[tuple[str, str, str, bool, str], _Compiled] = {}
         self._level_cache: dict[tuple[str, str, str], tuple[_Level | None, ...]] = {}
+        self._bound: dict[tuple[str, str, str, str, str], _Bound] = {}
 
     # --- limits -----------------------------------------------------------------------------
 
@@ -221,6 +272,7 @@ class AdmissionModel:
         if hashes != self.hashes:
             self.hashes = hashes
             self._compiled.clear()
+            self._bound.clear()
 
     def set_balance(self, tenant: str, usd_micro: float) -> None:
         self.credits.setdefault(tenant, {"reserved": 0.0})["balance"] = usd_micro
@@ -279,7 +331,6 @@ class AdmissionModel:
 
     def admit(
         self,
-        *,
         rid: str,
         tokens: float,
         tenant: str,
@@ -291,32 +342,35 @@ class AdmissionModel:
         credit_cost: float | None = None,
         credit_floor: float = 0.0,
     ) -> Decision:
-        """One admit.lua call at `now` (ms). Credits in micro-USD (None: no credits)."""
-        compiled = self._compiled.get((tenant, plan, user, bool(ip), model))
-        if compiled is None:
-            compiled = self._checks(tenant, plan, user, bool(ip), model)
-        refusal = compiled.refusal(tokens)
-        if refusal is not None:
-            return refusal
-        levels = self._levels(tenant, ip, user)
-        self._sweep_due(levels, tenant, now)
+        """One admit.lua call at `now` (ms). Credits in micro-USD (None: no credits). The
+        simulator passes its arguments by position (it calls this for every request)."""
+        bound = self._bound.get((tenant, plan, user, ip, model))
+        if bound is None:
+            bound = self._bind(tenant, plan, user, ip, model)
+        compiled = bound.compiled
+        if compiled.shed is not None or tokens > compiled.smallest:
+            return compiled.refusal(tokens)  # type: ignore[return-value]
+        for level, owner in bound.swept:  # the expired leases go first, as in the script
+            heap = level.heap
+            if heap and heap[0][0] <= now:
+                self._sweep(level, owner, now)
         today = math.floor(now / DAY_MS)
         # Budgets first: when a budget is spent, waiting will not help (402).
         budgets: list[tuple[_Check, float, float]] = []
-        refusal = self._budgets(compiled.budgets, levels, tokens, today, now, budgets)
+        refusal = self._budgets(bound.budgets, tokens, today, now, budgets)
         if refusal is None and credit_cost is not None:
             refusal = self._credits(tenant, credit_cost, credit_floor)
         if refusal is not None:
             return refusal
         # Rates (GCRA) and concurrency; nothing is written until every check passed.
-        moves = self._rates(compiled.rates, levels, tokens, now)
-        if isinstance(moves, Decision):
-            return moves
+        values = _rates(bound.rates, tokens, now)
+        if isinstance(values, Decision):
+            return values
         expires = now + self.lease_ms
-        holds = self._move(moves, levels, tokens, rid, expires)
-        tenant_level = levels[_T]
-        assert tenant_level is not None
-        self._hold_budgets(budgets, levels, tokens, today, rid, expires, holds)
+        holds = _move(bound.rates, values, tokens, rid, expires)
+        tenant_level = bound.tenant
+        if budgets:
+            self._hold_budgets(budgets, bound.levels, tokens, today, rid, expires, holds)
         if credit_cost is not None:
             ledger = self.credits[tenant]
             ledger["reserved"] += credit_cost
@@ -325,24 +379,47 @@ class AdmissionModel:
         self._records[rid] = _Record(
             holds, tenant_level, credit_cost or 0.0, credit_cost is not None
         )
-        tenant_level.lease("x|" + rid, now + self.lease_ms + self.record_ms)
+        tenant_level.lease("x|" + rid, expires + self.record_ms)
         return Decision("allow", None, 0.0, rid)
 
-    def _sweep_due(self, levels: tuple[_Level | None, ...], tenant: str, now: float) -> None:
-        """Release the expired leases of each level, as the script does before its checks."""
-        for code, level in enumerate(levels):
-            if level is not None and level.heap and level.heap[0][0] <= now:
-                self._sweep(level, tenant if code == _T else None, now)
+    def _bind(self, tenant: str, plan: str, user: str, ip: str, model: str) -> _Bound:
+        compiled = self._checks(tenant, plan, user, bool(ip), model)
+        levels = self._levels(tenant, ip, user)
+        tenant_level = levels[_T]
+        assert tenant_level is not None
+        swept = tuple(
+            (level, tenant if code == _T else None)
+            for code, level in enumerate(levels)
+            if level is not None
+        )
+
+        def level_of(c: _Check) -> _Level:
+            found = levels[c.level]
+            assert found is not None
+            return found
+
+        bound = _Bound(
+            compiled,
+            levels,
+            swept,
+            tuple((c, level_of(c)) for c in compiled.budgets),
+            tuple(
+                (c, level_of(c).fields, level_of(c), c.period is not None) for c in compiled.rates
+            ),
+            tenant_level,
+        )
+        self._bound[(tenant, plan, user, ip, model)] = bound
+        return bound
 
     @staticmethod
     def _budgets(
-        checks: tuple[_Check, ...], levels: tuple[_Level | None, ...], tokens: float,
-        today: float, now: float, out: list[tuple[_Check, float, float]],
+        checks: tuple[tuple[_Check, _Level], ...], tokens: float, today: float, now: float,
+        out: list[tuple[_Check, float, float]],
     ) -> Decision | None:  # fmt: skip
         """The daily budgets: a refusal (402) when one cannot hold `tokens` more; else each
         budget's (check, used today, held) appended to `out`."""
-        for c in checks:
-            state = levels[c.level].fields  # type: ignore[union-attr]
+        for c, level in checks:
+            state = level.fields
             used = used_today(state.get(c.day), state.get(c.used), today)
             held = state.get(c.held, 0.0)
             if tokens > c.limit - used - held:
@@ -359,49 +436,6 @@ class AdmissionModel:
         if available - cost < floor:
             return Decision("budget_exhausted", f"credits/{tenant}", 0.0)
         return None
-
-    @staticmethod
-    def _rates(
-        checks: tuple[_Check, ...], levels: tuple[_Level | None, ...], tokens: float, now: float
-    ) -> Decision | list[tuple[_Check, float]]:
-        """Every GCRA rate and concurrency check: a refusal (429) naming the one that waits
-        longest, or each check's new state (written only if all pass)."""
-        wait, denied_by = 0.0, None
-        moves: list[tuple[_Check, float]] = []
-        for c in checks:
-            state = levels[c.level].fields  # type: ignore[union-attr]
-            if c.period is not None:
-                value = _next_tat(state, c, tokens, now)
-                over = value - now - c.period
-            else:  # concurrency: one more open request; refused for a second
-                value = state.get(c.open, 0.0) + 1
-                over = 1000.0 if value > c.limit else 0.0
-            # The script keeps the largest wait; a concurrency refusal never shortens one.
-            if over > 0 and (denied_by is None or over > wait):
-                denied_by, wait = c.address, over
-            moves.append((c, value))
-        if denied_by is not None:
-            return Decision("rate_limited", denied_by, wait)
-        return moves
-
-    def _move(
-        self, moves: list[tuple[_Check, float]], levels: tuple[_Level | None, ...],
-        tokens: float, rid: str, expires: float,
-    ) -> list[tuple[_Level, str, _Check, float, float]]:  # fmt: skip
-        """Write the rates' and concurrency's new state; what settle must give back."""
-        holds: list[tuple[_Level, str, _Check, float, float]] = []
-        for c, value in moves:
-            level = levels[c.level]
-            assert level is not None
-            if c.period is not None:
-                level.fields[c.tat], level.fields[c.ivl] = value, c.interval
-                if c.tokens:
-                    holds.append((level, "t", c, tokens, c.interval))
-            else:
-                level.fields[c.open] = value
-                level.lease(f"{c.open}|{rid}", expires)
-                holds.append((level, "c", c, 1.0, 0.0))
-        return holds
 
     @staticmethod
     def _hold_budgets(

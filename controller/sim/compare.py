@@ -20,7 +20,7 @@ from controller.policy.policyset import PolicySet
 from controller.sim.limiters import FixedKnob, Gate, Gradient2, NoLimit
 from controller.sim.record import RunRecord
 from controller.sim.recorded import recorded_world
-from controller.sim.reference import StaticSearch, no_overload
+from controller.sim.reference import StaticSearch, bracket, no_overload
 from controller.sim.run import Simulation, TickCallback, embedded_redis, mean_work
 from controller.sim.scenario import Scenario
 from controller.sim.scorecard import Scorecard, score, window_of
@@ -171,11 +171,15 @@ def compare(
     log_dir: Path | None = None,
     workers: int = 2,
     on_tick: TickCallback | None = None,
+    start: float | None = None,
 ) -> Comparison:
     """Run the policies (in this process, calling `on_tick`) and, meanwhile, every baseline
-    in `workers` processes (0: one after the other, here); then refine the static search."""
+    in `workers` processes (0: one after the other, here); then refine the static search.
+    `start`: the static value found on another seed of the scenario, where the search
+    begins (StaticSearch.around) instead of on the whole grid."""
     result = Comparison(scenario, policies)
     grid, resolution = static_grid(scenario, policies, build_world(scenario, trace, scenario.seed))
+    first_values = grid if start is None else bracket(grid, start, resolution)
 
     def log(name: str) -> Path | None:
         return None if log_dir is None or name == STATIC else log_dir / f"journal-{name}.log"
@@ -203,20 +207,20 @@ def compare(
                                    None, value, ticks)  # fmt: skip
 
             futures = {name: submit(name, None) for name in OTHERS}
-            first = [submit(STATIC, v, until) for v in grid]  # the grid runs beside the policies
+            first = [submit(STATIC, v, until) for v in first_values]  # beside the policies
             result.runs[POLICIES] = own()
             search = StaticSearch(
                 lambda values: [f.result() for f in [submit(STATIC, v, until) for v in values]],
                 resolution,
             )
-            search.seen.update(zip(grid, [f.result() for f in first], strict=True))
-            found = search.best(grid)
+            search.seen.update(zip(first_values, [f.result() for f in first], strict=True))
+            found = search.best(grid, start)
             result.runs[STATIC] = whole(found, until, lambda v: submit(STATIC, v).result())
             result.runs.update({name: f.result() for name, f in futures.items()})
     else:
         result.runs[POLICIES] = own()
         search = StaticSearch(lambda values: [task(STATIC, v, until)() for v in values], resolution)
-        result.runs[STATIC] = whole(search.best(grid), until, lambda v: task(STATIC, v)())
+        result.runs[STATIC] = whole(search.best(grid, start), until, lambda v: task(STATIC, v)())
         result.runs.update({name: task(name)() for name in OTHERS})
     for name in SCORED:
         result.cards[name] = score(result.runs[name], result.baseline)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 import numpy.typing as npt
@@ -127,6 +127,25 @@ class RunRecord:
         if found is None:
             found = table[name] = np.full(self.ticks, np.nan)
         return found
+
+
+def differences(a: RunRecord, b: RunRecord) -> list[str]:
+    """The fields in which two records differ (arrays compared exactly, NaN equal to NaN):
+    how a shortcut or a faster path shows it records the same run."""
+    differ = []
+    for f in fields(RunRecord):
+        x, y = getattr(a, f.name), getattr(b, f.name)
+        if isinstance(x, np.ndarray):
+            same = np.array_equal(x, y, equal_nan=True)
+        elif isinstance(x, dict) and x and isinstance(next(iter(x.values())), np.ndarray):
+            same = x.keys() == y.keys() and all(
+                np.array_equal(x[k], y[k], equal_nan=True) for k in x
+            )
+        else:
+            same = x == y or (x != x and y != y)
+        if not same:
+            differ.append(f.name)
+    return differ
 
 
 def p99(histogram: npt.NDArray[np.int64]) -> float:

@@ -24,7 +24,7 @@ from controller.control.overrides import ControlStore
 from controller.control.reload import PolicyWatcher
 from controller.control.telemetry import FlapDetector, Health, Metrics
 from controller.control.tick import TickOutcome
-from controller.gateway.prices import PriceTable, to_micro
+from controller.gateway.prices import MICRO, PriceTable, to_micro
 from controller.model import (
     Address,
     FloatArray,
@@ -158,6 +158,10 @@ class Simulation:
         self._seen = np.zeros(n, dtype=bool)
         self._plans = {t.plan for t in world.tenants}
         self._terms = [self._tenant_terms(t) for t in world.tenants]
+        self._dearer = np.array([price for _, price, _ in self._terms], dtype=np.float64)
+        # Each tenant's prices per 1k tokens (prompt, completion), for its settles.
+        self._prices = [self.prices.price(t.model) for t in world.tenants]
+        self._names: dict[int, str] = {}  # "ip<n>" at n, "u<n>" at -1 - n: made once
         self._prepare_redis()
         self._history()
         self.sink = RedisSink(self.client, self.keys)
@@ -309,7 +313,12 @@ class Simulation:
         good_request = self._good_tenant[arrivals.tenant]
         times = (start + arrivals.time).tolist()
         tenant_ids = arrivals.tenant.tolist()
-        reserve = (arrivals.prompt + arrivals.max_tokens).tolist()
+        reserved = arrivals.prompt + arrivals.max_tokens
+        reserve = reserved.tolist()
+        # Credits: the worst case at the dearer of the model's two prices, in micro-USD
+        # (to_micro's arithmetic, element by element: the same doubles).
+        credits = np.ceil(reserved * self._dearer[arrivals.tenant] / 1000.0 * MICRO - 1e-9)
+        costs = credits.tolist()
         ips, users = arrivals.ip.tolist(), arrivals.user.tolist()
         rids: list[str | None] = []
         codes: list[int] = []
@@ -320,7 +329,9 @@ class Simulation:
             if settles and settles[0][0] <= now:
                 self._settle_until(now)
             tenant = tenants[tenant_ids[j]]
-            outcome, rid, denied_by = self._admit(tenant, reserve[j], now, ips[j], users[j])
+            outcome, rid, denied_by = self._admit(
+                tenant, reserve[j], now, ips[j], users[j], costs[j]
+            )
             codes.append(_OUTCOME_INDEX[outcome])
             rids.append(rid)
             if outcome in _CONTRACT_REFUSALS:
@@ -442,26 +453,27 @@ class Simulation:
         return True  # no limit Governor wrote: the contract's own
 
     def _admit(
-        self, tenant: SimTenant, tokens: float, now: float, ip: int, user: int
+        self, tenant: SimTenant, tokens: float, now: float, ip: int, user: int, credit: float
     ) -> tuple[str, str | None, str | None]:
-        """The outcome, the reservation (allowed only) and the limit that refused it."""
-        allowed, price, floor = self._terms[tenant.index]
+        """The outcome, the reservation (allowed only) and the limit that refused it;
+        `credit`: its worst-case cost in micro-USD (charged if its plan has credits)."""
+        allowed, _, floor = self._terms[tenant.index]
         if not allowed:
             return "model_not_allowed", None, None
         self._seq += 1
+        names = self._names
+        user_name = names.get(-1 - user) if user >= 0 else ""
+        if user_name is None:
+            user_name = names[-1 - user] = f"u{user}"
+        ip_name = names.get(ip)
+        if ip_name is None:
+            ip_name = names[ip] = f"ip{ip}"
+        # By position (rid, tokens, tenant, plan, now in ms, model, user, ip, credit cost,
+        # credit floor): binding ten keywords costs more than the call's own checks.
         decision = self.gateway.admit(
-            rid=str(self._seq),
-            tokens=tokens,
-            tenant=tenant.name,
-            plan=tenant.plan,
-            now=now * 1000.0,
-            model=tenant.model,
-            user=f"u{user}" if user >= 0 else "",
-            ip=f"ip{ip}",
-            # Credits: the worst case at the dearer of the model's two prices, in micro-USD.
-            credit_cost=float(to_micro(tokens * price / 1000.0)) if floor is not None else None,
-            credit_floor=floor or 0.0,
-        )
+            str(self._seq), tokens, tenant.name, tenant.plan, now * 1000.0, tenant.model,
+            user_name, ip_name, credit if floor is not None else None, floor or 0.0,
+        )  # fmt: skip
         return decision.outcome, decision.reservation, decision.denied_by
 
     def _tenant_terms(self, tenant: SimTenant) -> tuple[bool, float, float | None]:
@@ -477,15 +489,17 @@ class Simulation:
 
     def _settle_until(self, now: float) -> None:
         """Settle every request that finished by `now`, as the gateway does on its response."""
-        settles, tenants = self._settles, self.world.tenants
+        settles, tenants, prices = self._settles, self.world.tenants, self._prices
+        settle = self.gateway.settle
         while settles and settles[0][0] <= now:
             done, _, rid, index, prompt, output = heapq.heappop(settles)
-            tenant = tenants[index]
-            cost = self.prices.cost(tenant.model, int(prompt), int(output))
+            price = prices[index]
+            # PriceTable.cost's arithmetic, with the tenant's price looked up once.
+            cost = (
+                int(prompt) * price.prompt_per_1k + int(output) * price.completion_per_1k
+            ) / 1000.0
             actual = prompt + output
-            self.gateway.settle(
-                rid, tenant.name, actual, to_micro(cost) if actual else 0, done * 1e3
-            )
+            settle(rid, tenants[index].name, actual, to_micro(cost) if actual else 0, done * 1e3)
             self._in_flight[index] -= 1.0
             self._prompt[index] += prompt
             self._completion[index] += output

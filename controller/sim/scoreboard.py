@@ -7,7 +7,9 @@ import concurrent.futures
 import math
 import multiprocessing
 import statistics
+import time
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +18,9 @@ from controller.sim.compare import SCORED, compare
 from controller.sim.scenario import Scenario
 from controller.sim.scorecard import GOALS, HEADLINE_TEXT, Scorecard, headline
 from controller.sim.trace import TraceData
+from controller.sim.variants import STATIC
+
+Scored = tuple[dict[str, "Scorecard"], float]  # a unit's scorecards by variant, its CPU s
 
 
 @dataclass(frozen=True)
@@ -174,9 +179,65 @@ def render(board: Board) -> str:
     return "\n".join(parts)
 
 
-def score_seed(scenario: Scenario, policies: Path, trace: TraceData | None) -> dict[str, Scorecard]:
-    """Every variant's scorecard for one scenario and seed, all runs in this process."""
-    return compare(scenario, policies, trace=trace, workers=0).cards
+def score_seed(
+    scenario: Scenario, policies: Path, trace: TraceData | None, start: float | None = None
+) -> Scored:
+    """Every variant's scorecard for one scenario and seed, all runs in this process, and
+    the CPU seconds they took; `start`: the static value found on the scenario's own seed,
+    where its search begins."""
+    started = time.process_time()
+    cards = compare(scenario, policies, trace=trace, workers=0, start=start).cards
+    return cards, time.process_time() - started
+
+
+@dataclass
+class _Unit:
+    """One (scenario, seed) to score; `after`: its scenario's own seed, whose static value
+    warm-starts this one's search (None: the own seed itself, searched in full)."""
+
+    scenario: Scenario
+    trace: TraceData | None
+    after: int | None = None
+
+    @property
+    def length(self) -> float:
+        return self.scenario.duration / self.scenario.step
+
+
+def _units(scenarios: Sequence[tuple[Scenario, TraceData | None]], seeds: int) -> list[_Unit]:
+    units: list[_Unit] = []
+    for s, trace in scenarios:
+        own = len(units)
+        units.append(_Unit(s, trace))
+        units += [
+            _Unit(s.model_copy(update={"seed": s.seed + j}), trace, own) for j in range(1, seeds)
+        ]
+    return units
+
+
+def _schedule(
+    units: list[_Unit], run: Callable[[_Unit, float | None], concurrent.futures.Future[Scored]],
+    workers: int, progress: Callable[[str], None] | None,
+) -> list[dict[str, Scorecard]]:  # fmt: skip
+    """Every unit scored, at most `workers` at a time: a scenario's own seed first, its
+    other seeds once it is done (from the static value it found); of the units ready, the
+    longest simulation first, so that no worker is left alone with one at the end."""
+    results: dict[int, dict[str, Scorecard]] = {}
+    ready = [k for k, u in enumerate(units) if u.after is None]
+    running: dict[concurrent.futures.Future[Scored], int] = {}
+    while ready or running:
+        ready.sort(key=lambda k: units[k].length)
+        while ready and len(running) < max(workers, 1):
+            k = ready.pop()
+            after = units[k].after
+            start = None if after is None else results[after][STATIC].knob_value
+            running[run(units[k], start)] = k
+        done, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
+        for future in done:
+            k = running.pop(future)
+            results[k] = _told(*future.result(), units[k], len(results), len(units), progress)
+            ready += [j for j, u in enumerate(units) if u.after == k]
+    return [results[k] for k in range(len(units))]
 
 
 def run_board(
@@ -188,48 +249,47 @@ def run_board(
 ) -> Board:
     """Every scenario on `seeds` seeds (the scenario's own seed, +1, ...), one (scenario,
     seed) per task in `workers` processes (0: here, one after the other); `progress` hears
-    of each one done."""
-    offsets = list(range(seeds))
-    board = Board(seeds=offsets, policies=policies)
-    units = [
-        (s.model_copy(update={"seed": s.seed + k}), trace)
-        for s, trace in scenarios
-        for k in offsets
-    ]
-    # The longest simulations first, so that no worker is left alone with one at the end.
-    units.sort(key=lambda u: -u[0].duration / u[0].step)
+    of each one done. A scenario's other seeds start their static search from the value
+    its own seed found (StaticSearch.around)."""
+    board = Board(seeds=list(range(seeds)), policies=policies)
+    units = _units(scenarios, seeds)
     for scenario, _ in scenarios:
         board.cards[scenario.name] = {v: [] for v in SCORED}
         board.descriptions[scenario.name] = scenario.description
-    if workers > 0:
-        context = multiprocessing.get_context("spawn")
-        with concurrent.futures.ProcessPoolExecutor(
-            workers, mp_context=context, initializer=configure_logging,
-            initargs=("warning", "stderr"),
-        ) as pool:  # fmt: skip
-            futures = [pool.submit(score_seed, s, policies, t) for s, t in units]
-            results = [_told(f.result(), u[0], k, len(units), progress)
-                       for k, (f, u) in enumerate(zip(futures, units, strict=True))]  # fmt: skip
-    else:
-        results = [
-            _told(score_seed(s, policies, t), s, k, len(units), progress)
-            for k, (s, t) in enumerate(units)
-        ]
+    with ExitStack() as stack:
+        if workers > 0:
+            context = multiprocessing.get_context("spawn")
+            pool = stack.enter_context(concurrent.futures.ProcessPoolExecutor(
+                workers, mp_context=context, initializer=configure_logging,
+                initargs=("warning", "stderr"),
+            ))  # fmt: skip
+
+            def run(unit: _Unit, start: float | None) -> concurrent.futures.Future[Scored]:
+                return pool.submit(score_seed, unit.scenario, policies, unit.trace, start)
+        else:
+
+            def run(unit: _Unit, start: float | None) -> concurrent.futures.Future[Scored]:
+                future: concurrent.futures.Future[Scored] = concurrent.futures.Future()
+                future.set_result(score_seed(unit.scenario, policies, unit.trace, start))
+                return future
+
+        results = _schedule(units, run, workers, progress)
     # Seed order within each scenario, whatever order they ran in.
-    for (scenario, _), cards in sorted(
-        zip(units, results, strict=True), key=lambda r: r[0][0].seed
-    ):
+    for unit, cards in sorted(zip(units, results, strict=True), key=lambda r: r[0].scenario.seed):
         for variant, card in cards.items():
-            board.cards[scenario.name][variant].append(card)
+            board.cards[unit.scenario.name][variant].append(card)
     return board
 
 
 def _told(
-    cards: dict[str, Scorecard], scenario: Scenario, k: int, total: int,
+    cards: dict[str, Scorecard], seconds: float, unit: _Unit, k: int, total: int,
     progress: Callable[[str], None] | None,
 ) -> dict[str, Scorecard]:  # fmt: skip
     if progress is not None:
-        progress(f"scored {scenario.name} seed {scenario.seed} ({k + 1}/{total})")
+        scenario = unit.scenario
+        how = "full static search" if unit.after is None else "warm-started static search"
+        progress(f"scored {scenario.name} seed {scenario.seed} ({k + 1}/{total}; "
+                 f"{seconds:.0f} s CPU, {how})")  # fmt: skip
     return cards
 
 

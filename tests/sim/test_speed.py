@@ -17,7 +17,7 @@ from controller.control.tick import Controller, TickOutcome
 from controller.policy.loader import load_directory
 from controller.sim import compare as compare_module
 from controller.sim.compare import run_variant, search_ticks, standing, whole
-from controller.sim.record import RunRecord
+from controller.sim.record import differences
 from controller.sim.recorded import recorded_world
 from controller.sim.reference import merit
 from controller.sim.scenario import load_scenario
@@ -33,24 +33,6 @@ from controller.sim.variants import (
     static_limits,
 )
 from tests.sim.conftest import POLICIES
-
-
-def same_record(a: RunRecord, b: RunRecord) -> list[str]:
-    """The fields in which two records differ (arrays compared exactly, NaN equal to NaN)."""
-    differ = []
-    for f in dataclasses.fields(RunRecord):
-        x, y = getattr(a, f.name), getattr(b, f.name)
-        if isinstance(x, np.ndarray):
-            same = np.array_equal(x, y, equal_nan=True)
-        elif isinstance(x, dict) and x and isinstance(next(iter(x.values())), np.ndarray):
-            same = x.keys() == y.keys() and all(
-                np.array_equal(x[k], y[k], equal_nan=True) for k in x
-            )
-        else:
-            same = x == y or (x != x and y != y)
-        if not same:
-            differ.append(f.name)
-    return differ
 
 
 def test_only_a_fixed_set_without_policies_stands() -> None:
@@ -79,7 +61,7 @@ def test_a_standing_run_ticks_once_and_records_the_same_run(
     monkeypatch.setattr(compare_module, "standing", lambda watcher: False)
     ticking = run_variant(scenario, POLICIES, variant, None, value=value)
     assert len(ticks) == 1 + scenario.ticks
-    assert same_record(still, ticking) == []
+    assert differences(still, ticking) == []
     assert still.changes  # a real run, not an empty one
     assert still.outcomes["allow"].sum() > 0
 
@@ -101,7 +83,7 @@ def test_a_static_candidate_cut_at_the_window_end_has_the_whole_runs_merit(
     again = whole(cut, until, lambda v: run_variant(scenario, POLICIES, STATIC, None, value=v))
     assert again.knob_value == 12.0
     assert again.knob_edge
-    assert same_record(dataclasses.replace(again, knob_edge=False), full) == []
+    assert differences(dataclasses.replace(again, knob_edge=False), full) == []
     # A window that ends with the run: candidates are whole already.
     assert search_ticks(scenario.without_events()) is None
     assert whole(full, None, lambda v: pytest.fail("not run again")) is full
