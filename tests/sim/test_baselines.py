@@ -38,10 +38,11 @@ KNOB = Address.parse("global/concurrent_requests")
 def test_the_knob_is_the_policies_own() -> None:
     knob = policy_knob(load_directory(SHIPPED), load_scenario("burst-5x").plain_aimd)
     # policies/global-inflight-by-gpu.yaml: aimd increase 4, ×0.8, bounds 8–100000 (safety
-    # rails: its capacity estimate sets the value; plain AIMD has only the rails), setpoint 1.1.
+    # rails: its capacity estimate sets the value; plain AIMD has only the rails), setpoint 1.0
+    # (a full pool: the queue the SLO allows is its own `capacity.queue` term).
     assert knob.target == KNOB
     assert (knob.increase, knob.decrease_factor, knob.low, knob.high) == (4, 0.8, 8, 100000)
-    assert knob.setpoint == 1.1
+    assert knob.setpoint == 1.0
     assert knob.source == "AdaptiveLimit/global-inflight-by-gpu"
     # Its tolerance band (0.05) is one of its gains: plain AIMD keeps it.
     assert knob.tolerance == 0.05

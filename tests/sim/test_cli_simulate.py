@@ -65,8 +65,8 @@ def test_an_unseen_trace_is_scored_by_the_scoreboard_too(tmp_path: Path) -> None
     assert result.exit_code == 0, result.output
     text = markdown.read_text()
     assert "### trace-mine-2x" in text  # the trace, at the speed given
-    assert "scored trace-mine-2x seed 6 (2/2)" in result.output or (
-        "scored trace-mine-2x seed 5 (2/2)" in result.output
+    assert "scored trace-mine-2x seed 6 (2/2;" in result.output or (
+        "scored trace-mine-2x seed 5 (2/2;" in result.output
     )  # from the seed given
 
 

@@ -52,7 +52,7 @@ def test_one_tick_writes_every_sink_and_reports_drift_per_sink(
             assert _limits(db) == _limits(other) != {}
             other.hset("governor:limits:global", "requests_per_second", "999")  # a hand edit
             daemon.controller.tick()
-            assert other.hget("governor:limits:global", "requests_per_second") == "60"
+            assert other.hget("governor:limits:global", "requests_per_second") == "1000"
         drift = [
             entry for _, entry in db.xrange("governor:journal") if entry["kind"] == "limit.drift"
         ]
