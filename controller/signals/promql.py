@@ -42,7 +42,8 @@ class QuerySyntaxError(GovernorError):
 
 
 def _quoted(text: str) -> str:
-    # JSON's escapes (\" \\ \n \uXXXX) are all valid in a double-quoted PromQL string.
+    # JSON's escapes (\" \\ \n, and \u with four hex digits) are all valid in a
+    # double-quoted PromQL string.
     return json.dumps(text, ensure_ascii=False)
 
 

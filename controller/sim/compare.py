@@ -138,9 +138,9 @@ def static_grid(scenario: Scenario, policies: Path, world: World) -> tuple[list[
     bounds), and the resolution it is refined to."""
     knob = policy_knob(load_directory(policies), scenario.plain_aimd)
     capacity = sum(p.capacity_tokens_per_second for p in scenario.pools)
-    work = max(mean_work(world, p) for p in scenario.pools)
-    held = sum(p.concurrency(mean_work(world, p)) for p in scenario.pools)
-    low, high, resolution = knob.search_range(capacity, work, held)
+    works = [mean_work(world, p) for p in scenario.pools]
+    held = sum(p.concurrency(w) for p, w in zip(scenario.pools, works, strict=True))
+    low, high, resolution = knob.search_range(capacity, max(works), held)
     grid = {round(v / resolution) * resolution for v in knob.sweep(low, high)}
     return sorted(grid), resolution
 
