@@ -14,9 +14,10 @@ from dataclasses import dataclass, replace
 from controller.durations import format_duration
 from controller.model import Proposal, Snapshot
 from controller.policy.baselines import Baselines
-from controller.policy.capacity import Capacity, estimate, queue_allowance
+from controller.policy.capacity import Capacity, estimate
 from controller.policy.documents import AdaptiveLimit, AdaptiveLimitSpec, FilterSpec
 from controller.policy.inputs import ScalarInput, scalar_input
+from controller.policy.queueing import next_wait, queue_allowance
 from controller.policy.schedule import in_windows
 from controller.policy.text import fmt_number, fmt_time
 
@@ -35,6 +36,7 @@ class AdaptiveState:
     how: str = ""  # its last step, quoted while no new sample comes
     capacity: float | None = None  # the serving capacity estimated (`capacity:`)
     capacity_variance: float | None = None  # of a sample around it (the estimate's noise)
+    wait: float | None = None  # the queue's wait (`capacity.queue`), when it follows a latency
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,8 +72,7 @@ def evaluate_adaptive(
     if state.cut_at is not None and signal.timestamp <= state.cut_at + window:
         return _dead_time(policy, state, signal, start, interval, window)
     level, variance = _filtered(spec.filter, state, signal.value)
-    known = Capacity(state.capacity, "", state.capacity_variance)
-    step = _law(spec, known, start, signal.value, level, variance, snapshot, now)
+    step = _law(spec, state, start, signal.value, level, variance, snapshot, now)
     value, how, capacity = step.value, step.how, step.capacity
     value = min(max(value, spec.bounds.min), spec.bounds.max)
     filtered = f" (filtered {fmt_number(level)})" if spec.filter is not None else ""
@@ -98,6 +99,7 @@ def evaluate_adaptive(
             how,
             capacity.value,
             capacity.variance,
+            step.wait,
         ),
     )
 
@@ -108,11 +110,12 @@ class _Step:
     how: str
     cut: bool  # the algorithm's own step (a cut waits for a sample that can show it)
     capacity: Capacity
+    wait: float | None = None  # the queue's wait after this sample
 
 
 def _law(
     spec: AdaptiveLimitSpec,
-    capacity: Capacity,
+    state: AdaptiveState,
     start: float,
     sample: float,
     level: float,
@@ -123,17 +126,21 @@ def _law(
     """The control law on a new sample. With `capacity:`, below saturation the limit is the
     capacity estimated × the setpoint; at saturation (the estimate is too high: capacity
     was lost) the algorithm cuts from the lower of that and the value in force, until the
-    samples fall below saturation and the estimate can follow. Otherwise the algorithm."""
+    samples fall below saturation and the estimate can follow. Otherwise the algorithm.
+    The queue allowed beyond it (`capacity.queue`) waits the wait in use, which a sample
+    above the setpoint (a queue formed) may lengthen and a latency above its objective
+    shortens."""
     seek = spec.capacity
     tolerance = _tolerance(spec, variance)
+    capacity = Capacity(state.capacity, "", state.capacity_variance)
     if seek is None:
         value, how = _next_value(spec, start, level, tolerance)
         return _Step(value, how, True, capacity)
     found = estimate(seek, capacity, sample, snapshot, now)
     if found.value is None:
         value, how = _next_value(spec, start, level, tolerance)
-        return _Step(value, f"{how}; {found.how}", True, found)
-    queued, why = queue_allowance(seek.queue, snapshot, now)
+        return _Step(value, f"{how}; {found.how}", True, found, state.wait)
+    queued, why, wait = _queue(spec, state.wait, sample, snapshot, now)
     aimed = found.value * spec.setpoint + queued
     if level < seek.saturated:
         how = f"capacity ≈ {fmt_number(found.value)} ({found.how}) × setpoint{why}"
@@ -145,10 +152,23 @@ def _law(
         band = max(start * tolerance / spec.setpoint, noise)
         if abs(aimed - start) <= band:
             return _Step(start, f"{how} = {fmt_number(aimed)}, within ±{fmt_number(band)}: hold",
-                         False, found)  # fmt: skip
-        return _Step(aimed, how, False, found)
+                         False, found, wait)  # fmt: skip
+        return _Step(aimed, how, False, found, wait)
     value, how = _next_value(spec, min(start, aimed), level, tolerance)
-    return _Step(value, f"saturated ({found.how}): {how}", True, found)
+    return _Step(value, f"saturated ({found.how}): {how}", True, found, wait)
+
+
+def _queue(
+    spec: AdaptiveLimitSpec, wait: float | None, sample: float, snapshot: Snapshot, now: float
+) -> tuple[float, str, float | None]:
+    """The queue allowed beyond the estimate, how it was found, and the wait to remember
+    (None: the queue's wait is fixed, nothing to remember)."""
+    queue = spec.capacity.queue if spec.capacity is not None else None
+    if queue is None:
+        return 0.0, "", None
+    moved = next_wait(queue, wait, sample > spec.setpoint, snapshot, now)
+    allowed, why = queue_allowance(queue, moved.seconds, snapshot, now)
+    return allowed, why + moved.how, moved.seconds if queue.latency is not None else None
 
 
 def _start_value(

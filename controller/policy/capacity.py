@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass
 
 from controller.model import Snapshot
-from controller.policy.documents import CapacitySpec, QueueSpec
+from controller.policy.documents import CapacitySpec
 from controller.policy.inputs import scalar_input
 from controller.policy.text import fmt_number
 
@@ -27,21 +27,6 @@ class Capacity:
         if self.variance is None:
             return 0.0
         return math.sqrt(max(self.variance, 0.0) * smoothing / (2.0 - smoothing))
-
-
-def queue_allowance(spec: QueueSpec | None, snapshot: Snapshot, now: float) -> tuple[float, str]:
-    """The requests that may wait beyond a full pool (arrivals × wait, Little's law) and how
-    it was found; none while the arrival rate is unknown (the safe side: no queue)."""
-    if spec is None:
-        return 0.0, ""
-    name = spec.arrivals.name or "arrivals"
-    arrivals = scalar_input(name, spec.arrivals, snapshot, None, now)
-    wait = fmt_number(spec.wait)
-    if not arrivals.valid or arrivals.value < 0:
-        return 0.0, f" + no queue ({name} is {arrivals.validity.value})"
-    allowed = arrivals.value * spec.wait
-    shown = f"{name}={fmt_number(arrivals.value)}/s × {wait}s"
-    return allowed, f" + a queue of {fmt_number(allowed)} ({shown})"
 
 
 def estimate(

@@ -377,17 +377,68 @@ class FilterSpec(Strict):
     )
 
 
+class LatencySpec(Strict):
+    """Let the queue's wait follow a measured latency: the wait shrinks while the latency is
+    above its objective and grows while a queue forms and the latency stays below it."""
+
+    signal: AdaptiveSignal = Field(
+        description="the latency the objective is about, in seconds, e.g. the p99 TTFT: "
+        "`histogram_quantile(0.99, sum by (le) "
+        "(rate(vllm:time_to_first_token_seconds_bucket[1m])))`"
+    )
+    objective: Duration = Field(gt=0, description="what `signal` must stay under (the SLO)")
+    min_wait: Duration | None = Field(
+        None, gt=0, description="the shortest wait it may come to; default objective ÷ 20"
+    )
+    max_wait: Duration | None = Field(
+        None, gt=0, description="the longest wait it may come to; default the objective"
+    )
+
+    @property
+    def wait_range(self) -> tuple[float, float]:
+        low = self.min_wait if self.min_wait is not None else self.objective / 20
+        high = self.max_wait if self.max_wait is not None else self.objective
+        return low, high
+
+    @model_validator(mode="after")
+    def _ordered(self) -> LatencySpec:
+        low, high = self.wait_range
+        if low > high:
+            raise ValueError(
+                f"queue.latency.min_wait ({low}s) must not be above max_wait ({high}s)"
+            )
+        return self
+
+
 class QueueSpec(Strict):
     """The queue an in-flight limit may let form beyond a full pool, from the TTFT SLO: by
     Little's law a queue of `arrivals` × `wait` requests waits `wait` on average."""
 
     wait: Duration = Field(
-        gt=0, description="the wait for a first token the SLO leaves to queueing (e.g. half of it)"
+        gt=0,
+        description="the wait for a first token the SLO leaves to queueing (e.g. a quarter "
+        "of it); with `latency`, where the wait starts",
     )
     arrivals: AdaptiveSignal = Field(
         description="the requests admitted per second, e.g. "
         '`sum(rate(gateway_requests_total{outcome="allow"}[1m]))`'
     )
+    latency: LatencySpec | None = Field(
+        None,
+        description="let the wait follow a measured latency (the TTFT against its SLO) "
+        "instead of staying at `wait`",
+    )
+
+    @model_validator(mode="after")
+    def _wait_in_range(self) -> QueueSpec:
+        if self.latency is not None:
+            low, high = self.latency.wait_range
+            if not low <= self.wait <= high:
+                raise ValueError(
+                    f"queue.wait ({self.wait}s) must lie within queue.latency's wait range "
+                    f"{low}s–{high}s (min_wait–max_wait; defaults objective ÷ 20 to objective)"
+                )
+        return self
 
 
 class CapacitySpec(Strict):

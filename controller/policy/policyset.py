@@ -126,6 +126,10 @@ class PolicySet:
                     arrivals = queue.arrivals
                     named = arrivals.name or "arrivals"
                     yield SignalUse(adaptive.ref, named, arrivals, arrivals.key())
+                if queue is not None and queue.latency is not None:
+                    latency = queue.latency.signal
+                    named = latency.name or "latency"
+                    yield SignalUse(adaptive.ref, named, latency, latency.key())
         for fair in self.fair_shares:
             demand = fair.spec.demand
             yield SignalUse(fair.ref, "demand", demand, demand.key(FAIR_LABEL))

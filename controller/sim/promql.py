@@ -1,7 +1,7 @@
 """Evaluate PromQL over the simulated series: the subset policies use, with Prometheus'
 semantics (5m lookback, extrapolated rate/increase, offsets, subqueries aligned to their
 step, aggregations by/without, arithmetic and comparisons with one-to-one matching,
-`or`/`and`/`unless`, label_replace).
+`or`/`and`/`unless`, label_replace, histogram_quantile).
 
 Parsing is promql-parser's (the Prometheus grammar); anything this evaluator does not
 know raises SimQueryError naming it, so a scenario can map that query (`signals:`).
@@ -276,6 +276,13 @@ class Evaluator:
             low = bounds[0] if name in ("clamp_min", "clamp") else -math.inf
             high = bounds[-1] if name in ("clamp_max", "clamp") else math.inf
             return _apply(self.eval(args[0], t), lambda x: min(max(x, low), high))
+        return self._special(name, args, t)
+
+    def _special(self, name: str, args: list[pq.Expr], t: float) -> Value:
+        """The functions that are neither per-element nor over a range."""
+        if name == "histogram_quantile":
+            quantile = self._scalar(args[0], t, name)
+            return _histogram_quantile(quantile, _points(self.eval(args[1], t)))
         if name == "label_replace":
             return _label_replace(self.eval(args[0], t), [_string(a, name) for a in args[1:]])
         if name == "time":
@@ -415,6 +422,48 @@ def _label_replace(value: Value, args: list[str]) -> list[Point]:
         # Prometheus refuses such a result too, rather than keep one of the series.
         raise SimQueryError("label_replace(): the result has two series with the same labels")
     return out
+
+
+def _histogram_quantile(quantile: float, buckets: list[Point]) -> list[Point]:
+    """Prometheus' histogram_quantile over classic buckets (`le`), per label set without
+    `le`: linear within the bucket the rank falls in, 0 as the lowest bucket's start, the
+    highest finite bound when the rank falls in +Inf, NaN without observations."""
+    groups: dict[Labels, dict[float, float]] = {}
+    for point in buckets:
+        found = dict(point.labels)
+        if "le" not in found:
+            continue
+        key = tuple(p for p in _drop_name(point.labels) if p[0] != "le")
+        bound = float(found["le"])
+        group = groups.setdefault(key, {})
+        group[bound] = group.get(bound, 0.0) + point.value
+    return [Point(key, _bucket_quantile(quantile, group)) for key, group in groups.items()]
+
+
+def _bucket_quantile(quantile: float, counts: dict[float, float]) -> float:
+    if math.isnan(quantile):
+        return math.nan
+    if quantile < 0 or quantile > 1:
+        return -math.inf if quantile < 0 else math.inf
+    bounds = sorted(counts)
+    if len(bounds) < 2 or not math.isinf(bounds[-1]):
+        return math.nan
+    # Counts sampled at slightly different times may dip: held monotonic, as Prometheus does.
+    cumulative = np.maximum.accumulate([counts[b] for b in bounds])
+    total = float(cumulative[-1])
+    if total <= 0:
+        return math.nan
+    rank = quantile * total
+    k = int(np.searchsorted(cumulative, rank, side="left"))
+    if k >= len(bounds) - 1:
+        return bounds[-2]
+    if k == 0 and bounds[0] <= 0:
+        return bounds[0]
+    start, below = (0.0, 0.0) if k == 0 else (bounds[k - 1], float(cumulative[k - 1]))
+    inside = float(cumulative[k]) - below
+    if inside <= 0:
+        return bounds[k]
+    return start + (bounds[k] - start) * (rank - below) / inside
 
 
 def _apply(value: Value, fn: Callable[[float], float]) -> Value:

@@ -57,8 +57,10 @@ def _series(
     capacity is estimated, as in the policy test where the signal is absent). `in_flight`
     itself is read from that running batch, so it has no series of its own; `admitted_rps`
     is the gateway's counter of admitted requests (from two intervals early at the first
-    rate, so that a 1m `rate` has two samples in its window from the case's start)."""
-    if signal == "in_flight":
+    rate, so that a 1m `rate` has two samples in its window from the case's start).
+    `ttft_p99` (a quantile of vLLM's TTFT histogram) is not backfilled: the case that reads it
+    has a gap, so it is left to the policy test, and without it the others keep their wait."""
+    if signal in ("in_flight", "ttft_p99"):
         return []
     if signal == "admitted_rps":  # the gateway's counter of admitted requests, `rate` of it
         first = next((v for v in values if v is not None), 0.0)

@@ -33,6 +33,11 @@ QUERIES = (
     'label_replace(DCGM_FI_DEV_GPU_UTIL, "pool", "", "gpu", "1")',
     'label_replace(avg by (pool) (DCGM_FI_DEV_GPU_UTIL), "kind", "$1", "pool", "(ba)t.*")',
     # The shipped cost-anomaly baseline: the larger of yesterday's and last week's.
+    # A TTFT objective read from a histogram's buckets (the shipped in-flight policy's).
+    "histogram_quantile(0.99, sum by (le) (rate(ttft_seconds_bucket[5m])))",
+    "histogram_quantile(0.5, sum by (pool, le) (rate(ttft_seconds_bucket[5m])))",
+    "histogram_quantile(0.05, rate(ttft_seconds_bucket[5m]))",
+    "histogram_quantile(0.999, sum by (le) (increase(ttft_seconds_bucket[10m])))",
     "max by (tenant) ("
     "max_over_time(sum by (tenant) (rate(gateway_cost_usd_total[1h]))[2h:10m] offset 23h) "
     "or label_replace(max_over_time(sum by (tenant) (rate(gateway_cost_usd_total[1h]))"
@@ -67,6 +72,30 @@ def _history(now: float) -> list[Series]:
         for gpu in range(gpus):
             samples = [(t, level + 10 * math.sin(t / 900) + gpu) for t in times]
             out.append(Series("DCGM_FI_DEV_GPU_UTIL", {"pool": pool, "gpu": str(gpu)}, samples))
+    return out + _ttft_buckets(times)
+
+
+TTFT_BOUNDS = ("0.1", "0.5", "1", "2.5", "5", "+Inf")
+
+
+def _ttft_buckets(times: list[float]) -> list[Series]:
+    """A TTFT histogram's cumulative buckets on two pools, its latencies drifting with time
+    (a quantile moves between buckets) and the last observations beyond every finite bound."""
+    out = []
+    for pool, slow in (("inference", 1.0), ("batch", 3.0)):
+        totals = [0.0] * len(TTFT_BOUNDS)
+        samples: list[list[tuple[float, float]]] = [[] for _ in TTFT_BOUNDS]
+        for t in times:
+            drift = slow * (1 + 0.8 * math.sin(t / 7200))  # seconds, 0.2 to 7.2 on batch
+            for k, bound in enumerate(TTFT_BOUNDS):
+                # The share of this minute's 30 requests with a TTFT under the bound.
+                share = 1.0 if bound == "+Inf" else 1 - math.exp(-float(bound) / drift)
+                totals[k] += round(30 * share)
+                samples[k].append((t, totals[k]))
+        out += [
+            Series("ttft_seconds_bucket", {"pool": pool, "le": bound}, samples[k])
+            for k, bound in enumerate(TTFT_BOUNDS)
+        ]
     return out
 
 

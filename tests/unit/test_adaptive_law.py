@@ -348,3 +348,59 @@ def test_the_ttft_slo_sets_the_queue_allowed_beyond_a_full_pool() -> None:
     assert "no queue (arrivals is missing)" in unknown.reason
     policies = policy_set(adaptive(capacity=QUEUED, setpoint=1.0))
     assert ARRIVALS in {u.key.query for u in policies.signal_uses()}
+
+
+TTFT = "histogram_quantile(0.99, sum by (le) (rate(ttft_bucket[1m])))"
+FOLLOWED = {
+    **OCCUPANCY,
+    "queue": {
+        "wait": "500ms",
+        "arrivals": {"name": "arrivals", "query": ARRIVALS},
+        "latency": {"signal": {"name": "ttft_p99", "query": TTFT}, "objective": "2s"},
+    },
+}
+
+
+def test_the_queues_wait_follows_the_ttft_against_its_objective() -> None:
+    # A pool of 300 with 200 requests/s admitted: 0.5 s of queueing is 100 more in flight.
+    control = loop(15.0, bounds=RAILS, capacity=FOLLOWED, setpoint=1.0)
+    seen = {ARRIVALS: 200.0}
+    # Nothing waits (occupancy 0.5): a TTFT far below the objective says nothing about a
+    # queue, so the wait does not grow (it would let the next burst queue too long).
+    quiet = control.tick(0.0, 0.5, **{ADMITTED: 150.0, TTFT: 0.5, **seen})
+    assert quiet.value == pytest.approx(400.0)
+    assert "wait 0.5s kept (ttft_p99=0.5s vs 2s)" in quiet.reason
+    # A queue formed (occupancy 1.2, the running batch still 300) and its TTFT is half the
+    # objective: the wait grows, by a quarter at most per sample.
+    grown = control.tick(15.0, 1.2, **{ADMITTED: 360.0, TTFT: 1.0, **seen})
+    assert grown.value == pytest.approx(300.0 + 200.0 * 0.625)
+    assert "wait 0.5 → 0.625s (ttft_p99=1s vs 2s)" in grown.reason
+    # Twice the objective: the wait halves at once.
+    over = control.tick(30.0, 1.2, **{ADMITTED: 360.0, TTFT: 4.0, **seen})
+    assert over.value == pytest.approx(300.0 + 200.0 * 0.3125)
+    # No TTFT (no first token in the window: NaN): the wait in use is kept.
+    unknown = control.tick(45.0, 1.2, **{ADMITTED: 360.0, TTFT: float("nan"), **seen})
+    assert "wait 0.3125s kept (ttft_p99 is not_finite)" in unknown.reason
+    policies = policy_set(adaptive(capacity=FOLLOWED, setpoint=1.0))
+    assert TTFT in {u.key.query for u in policies.signal_uses()}
+
+
+@pytest.mark.parametrize(("ttft", "rail"), [(0.2, 2.0), (20.0, 0.1)])
+def test_the_queues_wait_stays_within_its_rails(ttft: float, rail: float) -> None:
+    # Defaults: from the objective ÷ 20 to the objective itself.
+    control = loop(15.0, bounds=RAILS, capacity=FOLLOWED, setpoint=1.0)
+    for number in range(30):
+        last = control.tick(15.0 * number, 1.2, **{ADMITTED: 360.0, ARRIVALS: 1000.0, TTFT: ttft})
+    assert f"wait {rail:g}s kept" in last.reason
+    # Within the hold band (5% of the value in force) of the queue at the rail.
+    assert last.value == pytest.approx(300.0 + 1000.0 * rail, rel=0.05)
+
+
+def test_the_queues_wait_range_is_checked() -> None:
+    latency = {"signal": {"query": TTFT}, "objective": "2s"}
+    queue = {"wait": "3s", "arrivals": {"query": ARRIVALS}, "latency": latency}
+    with pytest.raises(ValueError, match=r"queue.wait \(3.0s\) must lie within .* 0.1s–2.0s"):
+        adaptive(capacity={**OCCUPANCY, "queue": queue}, setpoint=1.0)
+    reversed_range = {**latency, "min_wait": "1s", "max_wait": "500ms"}
+    with pytest.raises(ValueError, match=r"min_wait \(1.0s\) must not be above max_wait"):
+        adaptive(capacity={**OCCUPANCY, "queue": {**queue, "latency": reversed_range}})
