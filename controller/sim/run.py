@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -47,7 +48,7 @@ from controller.sim.scenario import Pool, Scenario
 from controller.sim.series import SeriesStore
 from controller.sim.signals import SimSignalSource
 from controller.sim.tickets import Tickets
-from controller.sim.traffic import SimTenant, World
+from controller.sim.traffic import Arrivals, SimTenant, World
 from controller.sinks.redis import RedisSink
 
 HISTORY_SECONDS = 2 * 86400.0  # series before the run: enough for `offset 1d` over 1h windows
@@ -80,6 +81,29 @@ class TickView:
 
 
 TickCallback = Callable[[TickView], None]
+
+
+class _Admitting(NamedTuple):
+    """A step's arrivals as the admission loop reads them, element by element: plain lists
+    (a numpy scalar per element costs more than the checks themselves)."""
+
+    times: list[float]
+    tenants: list[int]
+    reserve: list[float]
+    costs: list[float]
+    ips: list[int]
+    users: list[int]
+
+
+def _admitting(arrivals: Arrivals, start: float, dearer: FloatArray) -> _Admitting:
+    reserved = arrivals.prompt + arrivals.max_tokens
+    # Credits: the worst case at the dearer of the model's two prices, in micro-USD
+    # (to_micro's arithmetic, element by element: the same doubles).
+    credits = np.ceil(reserved * dearer[arrivals.tenant] / 1000.0 * MICRO - 1e-9)
+    return _Admitting(
+        (start + arrivals.time).tolist(), arrivals.tenant.tolist(), reserved.tolist(),
+        credits.tolist(), arrivals.ip.tolist(), arrivals.user.tolist(),
+    )  # fmt: skip
 
 
 class Simulation:
@@ -147,6 +171,9 @@ class Simulation:
         self._flaps = FlapDetector(keep_all=True)  # every turn, for the scorecard
         self._gate_limits: dict[Address, float] = {}  # the gate's own, last loaded
         self._busy = np.zeros(len(self.pools))  # DCGM busy share summed since the last scrape
+        # Admission and the pools advance together, window by window of the shortest engine
+        # step: what ends in one window is settled before the next one's arrivals come.
+        self._window = min(p.engine_step_seconds for p in scenario.pools)
         self._written: Mapping[Address, float] = {}  # the limits in Redis after the last tick
         self._written_names: dict[str, float] = {}  # the same by name, as denied_by names them
         n = len(world.tenants)
@@ -304,82 +331,109 @@ class Simulation:
         self.record.held_back[tick] += float(held.sum())
 
     def _step(self, tick: int, elapsed: float, dt: float) -> None:
+        """One step's arrivals, admitted and served window by window of the pools' engine
+        step: a request that ends in one window gives its lease back before the next
+        window's arrivals are admitted, as a gateway hears of each response when it ends (a
+        step's arrivals all admitted before any of its ends would hold the step's arrivals
+        in flight on top of the pool: a whole step of them at its end)."""
         world, record = self.world, self.record
         arrivals = world.arrivals(elapsed, dt, self.arrival_rng)
         start = self.scenario.start_time
-        tenants = world.tenants
         count = len(arrivals)
         work = arrivals.prompt + arrivals.output
         good_request = self._good_tenant[arrivals.tenant]
-        times = (start + arrivals.time).tolist()
-        tenant_ids = arrivals.tenant.tolist()
-        reserved = arrivals.prompt + arrivals.max_tokens
-        reserve = reserved.tolist()
-        # Credits: the worst case at the dearer of the model's two prices, in micro-USD
-        # (to_micro's arithmetic, element by element: the same doubles).
-        credits = np.ceil(reserved * self._dearer[arrivals.tenant] / 1000.0 * MICRO - 1e-9)
-        costs = credits.tolist()
-        ips, users = arrivals.ip.tolist(), arrivals.user.tolist()
-        rids: list[str | None] = []
-        codes: list[int] = []
+        windows = max(1, round(dt / self._window))
+        h = dt / windows
+        cuts = [0, *np.searchsorted(arrivals.time, elapsed + h * np.arange(1, windows)).tolist()]
+        cuts.append(count)
+        codes = np.zeros(count, dtype=np.int64)
         eligible = np.ones(count, dtype=bool)
-        settles = self._settles
-        for j in range(count):
-            now = times[j]
-            if settles and settles[0][0] <= now:
-                self._settle_until(now)
-            tenant = tenants[tenant_ids[j]]
-            outcome, rid, denied_by = self._admit(
-                tenant, reserve[j], now, ips[j], users[j], costs[j]
-            )
-            codes.append(_OUTCOME_INDEX[outcome])
-            rids.append(rid)
-            if outcome in _CONTRACT_REFUSALS:
-                eligible[j] = not self._contract_refusal(outcome, denied_by, tenant.plan)
-        self._count_outcomes(tick, arrivals.tenant, np.array(codes, dtype=np.int64))
-        allowed = np.array([rid is not None for rid in rids], dtype=bool)
-        np.add.at(self._in_flight, arrivals.tenant[allowed], 1.0)
+        allowed = np.zeros(count, dtype=bool)
+        rids: list[str | None] = [None] * count
+        admit = _admitting(arrivals, start, self._dearer)
+        latencies: list[FloatArray] = []
+        served = up = 0.0
+        for p, pool in enumerate(self.pools):
+            pool.scale = self._capacity_scale(p, elapsed)
+        for k in range(windows):
+            for j in range(cuts[k], cuts[k + 1]):
+                codes[j], rids[j], eligible[j] = self._admit_one(admit, j)
+            window = slice(cuts[k], cuts[k + 1])
+            allowed[window] = [rid is not None for rid in rids[window]]
+            np.add.at(self._in_flight, arrivals.tenant[window][allowed[window]], 1.0)
+            good_request[window] &= eligible[window]
+            served_k, latency = self._serve(tick, elapsed + k * h, h, arrivals, window, allowed,
+                                            good_request, rids)  # fmt: skip
+            served += served_k / windows
+            latencies += latency
+        self._count_outcomes(tick, arrivals.tenant, codes)
         # Demand is what the tenant's own contract allows: a request its budget, its plan's
         # models or a size limit refuses is nobody's loss to control (402, 403, 400), unless
         # a policy had cut that limit below its baseline (`_contract_refusal`).
-        good_request &= eligible
         np.add.at(record.tenant_offered[tick], arrivals.tenant[eligible], work[eligible])
         np.add.at(record.tenant_requests[tick], arrivals.tenant[eligible], 1.0)
         record.offered[tick] += float(work.sum())
         record.offered_good[tick] += float(work[good_request].sum())
         self.now = start + elapsed + dt
-        served = 0.0
         routes = self._route[arrivals.tenant]
-        latencies: list[FloatArray] = []
-        up = 0.0
         for p, pool in enumerate(self.pools):
-            routed = routes == p
-            index = np.flatnonzero(allowed & routed)
-            pool.scale = self._capacity_scale(p, elapsed)
-            tags = self._tickets.add(
-                arrivals.tenant[index],
-                good_request[index],
-                arrivals.prompt[index],
-                arrivals.output[index],
-                start + arrivals.time[index],
-                [rids[j] or "" for j in index.tolist()],
-            )
-            result = pool.step(
-                elapsed, dt, tags, arrivals.time[index], arrivals.prompt[index],
-                arrivals.output[index],
-            )  # fmt: skip
             capacity = pool.capacity
             up += capacity
-            self._busy[p] += result.busy
-            served += result.utilization * capacity
-            offered_good = float(work[routed & good_request].sum())
+            offered_good = float(work[(routes == p) & good_request].sum())
             record.oracle[tick] += min(offered_good, self.good_share[p] * capacity * dt)
-            admitted = work[index]
-            record.admitted[tick] += float(admitted.sum())
-            np.add.at(record.tenant_admitted[tick], arrivals.tenant[index], admitted)
-            latencies.append(self._resolved(tick, pool, result))
         record.utilization[tick] += served / up  # the busy share of the GPUs up
-        # The gateway's own latency samples, as an adaptive concurrency limiter sees them.
+        self._observe_gate(latencies)
+        step_index = round((elapsed + dt) / self.scenario.step)
+        if step_index % round(self.scenario.scrape_interval / self.scenario.step) == 0:
+            self._settle_until(self.now)
+            self._scrape(start + elapsed + dt, elapsed + dt)
+
+    def _admit_one(self, admit: _Admitting, j: int) -> tuple[int, str | None, bool]:
+        """Arrival j's answer (its outcome's index), its reservation (admitted only) and
+        whether it is demand (a contract's refusal is not)."""
+        now = admit.times[j]
+        settles = self._settles
+        if settles and settles[0][0] <= now:
+            self._settle_until(now)
+        tenant = self.world.tenants[admit.tenants[j]]
+        outcome, rid, denied_by = self._admit(
+            tenant, admit.reserve[j], now, admit.ips[j], admit.users[j], admit.costs[j]
+        )
+        eligible = True
+        if outcome in _CONTRACT_REFUSALS:
+            eligible = not self._contract_refusal(outcome, denied_by, tenant.plan)
+        return _OUTCOME_INDEX[outcome], rid, eligible
+
+    def _serve(
+        self, tick: int, at: float, h: float, arrivals: Arrivals, window: slice,
+        allowed: npt.NDArray[np.bool_], good_request: npt.NDArray[np.bool_],
+        rids: list[str | None],
+    ) -> tuple[float, list[FloatArray]]:  # fmt: skip
+        """Every pool serves one window from `at` (elapsed seconds) with the window's
+        admitted arrivals: the busy work (tokens/s of capacity) and the latencies."""
+        record, start = self.record, self.scenario.start_time
+        tenant, routes = arrivals.tenant, self._route[arrivals.tenant]
+        served = 0.0
+        latencies: list[FloatArray] = []
+        for p, pool in enumerate(self.pools):
+            index = np.flatnonzero(allowed[window] & (routes[window] == p)) + window.start
+            tags = self._tickets.add(
+                tenant[index], good_request[index], arrivals.prompt[index],
+                arrivals.output[index], start + arrivals.time[index],
+                [rids[j] or "" for j in index.tolist()],
+            )  # fmt: skip
+            result = pool.step(at, h, tags, arrivals.time[index], arrivals.prompt[index],
+                               arrivals.output[index])  # fmt: skip
+            self._busy[p] += result.busy * h / self.scenario.step
+            served += result.utilization * pool.capacity
+            admitted = arrivals.prompt[index] + arrivals.output[index]
+            record.admitted[tick] += float(admitted.sum())
+            np.add.at(record.tenant_admitted[tick], tenant[index], admitted)
+            latencies.append(self._resolved(tick, pool, result))
+        return served, latencies
+
+    def _observe_gate(self, latencies: list[FloatArray]) -> None:
+        """The gateway's own latency samples, as an adaptive concurrency limiter sees them."""
         gate = self.gate
         in_flight = len(self._settles) + sum(pool.in_flight for pool in self.pools)
         if gate is not None and latencies and gate.observe(np.concatenate(latencies),
@@ -387,10 +441,6 @@ class Simulation:
             limits = gate.limits(self._written)
             self._gate_turns(limits)
             self.gateway.load(limits)
-        step_index = round((elapsed + dt) / self.scenario.step)
-        if step_index % round(self.scenario.scrape_interval / self.scenario.step) == 0:
-            self._settle_until(self.now)
-            self._scrape(start + elapsed + dt, elapsed + dt)
 
     def _resolved(self, tick: int, pool: PoolModel, result: StepResult) -> FloatArray:
         """Account the requests the pool resolved in this step: a first token sets the TTFT
