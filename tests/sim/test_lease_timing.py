@@ -9,6 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from controller.control.reload import PolicyWatcher
 from controller.sim.pool import StepResult
 from controller.sim.run import Simulation, embedded_redis
@@ -18,7 +20,7 @@ from tests.sim.conftest import POLICIES
 
 
 def test_leases_are_given_back_window_by_window_of_the_engine_step(
-    short_scenario: Path, tmp_path: Path
+    short_scenario: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Steps of 3 s, the engine's of 0.5 s: six windows a step.
     scenario = load_scenario(str(short_scenario)).model_copy(update={"step": 3.0})
@@ -46,8 +48,8 @@ def test_leases_are_given_back_window_by_window_of_the_engine_step(
             admitted.clear()
             return step(*args)
 
-        gateway.admit = counted  # type: ignore[method-assign]
-        pool.step = stepped  # type: ignore[method-assign]
+        monkeypatch.setattr(gateway, "admit", counted)
+        monkeypatch.setattr(pool, "step", stepped)
         simulation.run(until=12)
     assert len(checked) > 1000
     # Every lease is a request the pool holds, one that ended and is not settled yet, or one
