@@ -332,12 +332,18 @@ class PrometheusSource:
                 f"{key.history:g} s ago (history:)"
             )
             return replace(sample, validity=Validity.NO_HISTORY, detail=why)
-        if not key.absent_zero:
-            return sample
-        why = "no series: read as 0 (absent: zero)"
-        if isinstance(sample, ScalarSample):
-            return ScalarSample(0.0, at, Validity.OK, why)
-        return replace(sample, validity=Validity.OK, detail=why)
+        return absent_as_zero(key, sample, at)
+
+
+def absent_as_zero(key: SignalKey, sample: Sample, at: float) -> Sample:
+    """An answer without series for a signal with `absent: zero` (it counts events that
+    may not have happened yet): 0, valid; any other signal's empty answer is kept EMPTY."""
+    if not key.absent_zero or sample.validity is not Validity.EMPTY:
+        return sample
+    why = "no series: read as 0 (absent: zero)"
+    if isinstance(sample, ScalarSample):
+        return ScalarSample(0.0, at, Validity.OK, why)
+    return replace(sample, validity=Validity.OK, detail=why)
 
 
 def _reads(queries: Iterable[str]) -> tuple[dict[str, tuple[str, ...]], dict[str, str]]:

@@ -8,7 +8,7 @@ from collections.abc import Iterable, Mapping
 
 from controller.model import Sample, SignalKey, Snapshot
 from controller.signals.decode import ResultShapeError, decode_scalar, decode_vector
-from controller.signals.prometheus import error_sample
+from controller.signals.prometheus import absent_as_zero, error_sample
 from controller.sim.promql import Evaluator, SimQueryError, as_api_result
 from controller.sim.series import SeriesStore
 
@@ -39,11 +39,13 @@ class SimSignalSource:
                 continue
             result, fresh = answer
             try:
-                samples[key] = (
+                decoded = (
                     decode_scalar(result, fresh)
                     if key.by is None
                     else decode_vector(result, key.by, fresh)
                 )
+                # As the Prometheus source reads it: no series of an `absent: zero` signal is 0.
+                samples[key] = absent_as_zero(key, decoded, now)
             except ResultShapeError as exc:
                 samples[key] = error_sample(key, f"query {key.query!r}: {exc}")
         self.last = Snapshot(taken_at=now, samples=samples)
