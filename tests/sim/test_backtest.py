@@ -35,6 +35,7 @@ DAY = 86400.0
 # count is the running batch.
 TESTS = {"gpu-saturation_test.yaml": 0, "global-inflight-by-gpu_test.yaml": 10}
 STALE_AFTER = 60.0  # both policies' saturation signal
+EARLY = 5  # intervals of a counter's history before a case: a 2m rate's window at 30 s, and one
 
 
 def _spec(name: str) -> PolicyTestFile:
@@ -56,16 +57,18 @@ def _series(
     requests (none when the case has no such signal: then nobody is counted in flight, and no
     capacity is estimated, as in the policy test where the signal is absent). `in_flight`
     itself is read from that running batch, so it has no series of its own; `admitted_rps`
-    is the gateway's counter of admitted requests (from two intervals early at the first
-    rate, so that a 1m `rate` has two samples in its window from the case's start).
+    is the gateway's counter of admitted requests (from EARLY intervals early at the first
+    rate, so that the policy's 2m `rate` has a whole window of samples from the case's start).
     `ttft_p99` (a quantile of vLLM's TTFT histogram) is not backfilled: the case that reads it
     has a gap, so it is left to the policy test, and without it the others keep their wait."""
     if signal in ("in_flight", "ttft_p99"):
         return []
     if signal == "admitted_rps":  # the gateway's counter of admitted requests, `rate` of it
         first = next((v for v in values if v is not None), 0.0)
-        total, samples = first * interval, [(start - 2 * interval, 0.0)]
-        samples.append((start - interval, total))
+        samples = [
+            (start - k * interval, first * interval * (EARLY - k)) for k in range(EARLY, 0, -1)
+        ]
+        total = samples[-1][1]
         for i, value in enumerate(values):
             if value is not None:
                 total += value * interval
