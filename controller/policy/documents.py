@@ -505,8 +505,8 @@ class FairShareSpec(Strict):
         description="for concurrency: a tenant's swing in standard deviations of its own "
         "count in flight (√ of its share): it is held only when its demand exceeds its share "
         "of the level by more than that (or it is held already and still asks more than its "
-        "share), and a new share within that of its limit in force keeps the limit; below "
-        "it a cap clips the count's noise while the pool has room; 0: any excess",
+        "share of the level), and a new share within that of its limit in force keeps the "
+        "limit; below it a cap clips the count's noise while the pool has room; 0: any excess",
     )
     tolerance: NonNegativeNumber = Field(
         0.2,

@@ -5,8 +5,10 @@ Serving Large Language Models", OSDI 2024, converges to): the level L in force i
 water, each tenant's share rising with its weight until it meets the tenant's demand; a tenant
 whose demand is below its share keeps no limit from this policy (it is never refused because of
 another tenant), the others are held to their shares, and the shares add up to L (less a
-reserve for the others' swings, for concurrency). Stateless per sample: the same demands and
-L give the same shares, so a tick without a new sample repeats them instead of acting again.
+reserve for the others' swings, for concurrency) — for concurrency a tenant only once its
+demand is beyond its share of L by more than its own swing, or while a hold in force still
+finds it over that share. Stateless per sample: the same demands, L and limits in force give
+the same shares, so a tick without a new sample repeats them instead of acting again.
 """
 
 from __future__ import annotations
@@ -182,16 +184,17 @@ def _beyond_swing(
 ) -> BoolArray:
     """Which tenants over their share may be held (a mask). For a count: those whose demand
     exceeds their share of the whole level by more than their swing (`spec.swing` standard
-    deviations of a Poisson count: √ of the share), and those held already. A demand within
-    its swing of the share is the count's noise, not a surge: held there, a tenant is
-    refused at its own cap on every upward swing while the others' downward swings leave the
-    pool room (tenants alike lose the pool's multiplexing), and no one is protected. Held
-    already, a tenant stays held while it asks more than its share: a dip of its noisy
-    demand does not lift the cap only to set it again. Other limits: every tenant over."""
+    deviations of a Poisson count: √ of that share), and those held already (`holding`) while
+    they still ask more than that share. A demand within its swing of the share is the
+    count's noise, not a surge: held there, a tenant is refused at its own cap on every
+    upward swing while the others' downward swings leave the pool room (tenants alike lose
+    the pool's multiplexing), and no one is protected. Held already, a dip of its noisy
+    demand does not lift the cap only to set it again; asking no more than its share of the
+    level, it would fit beside the others' averages. Other limits: every tenant over."""
     if spec.level.limit not in _WHOLE:
         return np.ones(len(demands), dtype=bool)
-    margin = spec.swing * np.sqrt(level_shares)
-    beyond: BoolArray = (demands - level_shares > margin) | holding
+    above = demands - level_shares
+    beyond: BoolArray = (above > spec.swing * np.sqrt(level_shares)) | (holding & (above > 0))
     return beyond
 
 
@@ -305,7 +308,7 @@ def _texts(
         tail += (
             "; held: its demand exceeds share_of_level by more than its swing "
             f"({fmt_number(spec.swing)} × √share_of_level), or it is held already and still "
-            "asks more than its share"
+            "asks more than share_of_level"
         )
     band = f"±{fmt_number(spec.tolerance * 100)}%"
     if count:

@@ -34,7 +34,11 @@ from tests.unit.policy_builders import (
 FAIR = "FairShare/fair"
 LEVEL = "global/concurrent_requests"
 REGISTRY = {"acme": "paid", "bob": "paid", "carl": "free", "evil": "paid", "ent": "big"}
-SWING = "1 × √share_of_level"
+# Why a tenant is held, as every reason of the default FairShare (swing 1) says it.
+HELD = (
+    "held: its demand exceeds share_of_level by more than its swing (1 × √share_of_level), "
+    "or it is held already and still asks more than share_of_level"
+)
 
 
 def fill(demands: list[float], weights: list[float], level: float) -> list[float]:
@@ -177,9 +181,7 @@ def test_the_runaway_is_held_to_what_is_left_on_the_first_sample() -> None:
     assert reason == (
         "global/concurrent_requests = 100 under contention (demands 430): held to its weighted "
         "max-min share (demand=400, weight=2, share=70, share_of_level=70); share = 70 × weight "
-        "/ 2 after the 1 smaller demands (30) are met; held: its demand exceeds share_of_level "
-        f"by more than its swing ({SWING}), or it is held already and still asks more than its "
-        "share"
+        f"/ 2 after the 1 smaller demands (30) are met; {HELD}"
     )
 
 
@@ -191,9 +193,8 @@ def test_a_small_move_of_the_share_keeps_the_cap_in_force() -> None:
     assert decision.value == 70  # its share is 73, within ±14 of 70
     assert decision.reason.endswith(
         "(demand=400, weight=2, share=73, share_of_level=73); share = 73 × weight / 2 after the "
-        f"1 smaller demands (27) are met; held: its demand exceeds share_of_level by more than "
-        f"its swing ({SWING}), or it is held already and still asks more than its share; within "
-        "±20% (at least 1 and 1 × √ the limit) of the limit in force: hold"
+        f"1 smaller demands (27) are met; {HELD}; within ±20% (at least 1 and 1 × √ the limit) "
+        "of the limit in force: hold"
     )
     _, resolution = run.decide(30.0, tenants={DEMAND_QUERY: {"acme": 5, "evil": 400}})
     assert limits_of(resolution) == {cap("evil"): 95}  # 25 more: moves
@@ -238,6 +239,16 @@ def test_a_tenant_held_stays_held_while_it_asks_more_than_its_share() -> None:
     assert limits_of(resolution) == {}  # the same demands, nobody held before: nobody held
     # At its share or below it, the hold ends.
     evaluation, resolution = run.decide(30.0, tenants={DEMAND_QUERY: {"acme": 30, "evil": 65}})
+    assert limits_of(resolution) == {}
+    assert evaluation.active[FAIR] == ()
+
+
+def test_a_hold_ends_when_the_tenant_asks_no_more_than_its_share_of_the_level() -> None:
+    run = driver(fair_share(reserve=2, behavior={"loosen": {"stabilization": "0s"}}))
+    run.decide(0.0, tenants={DEMAND_QUERY: {"acme": 36, "evil": 400}})  # evil: 100 - 36 - 12
+    # 60 is above evil's share after the reserve (52) but within its share of the level (64):
+    # it would fit beside acme's average, so it is no longer held.
+    evaluation, resolution = run.decide(15.0, tenants={DEMAND_QUERY: {"acme": 36, "evil": 60}})
     assert limits_of(resolution) == {}
     assert evaluation.active[FAIR] == ()
 
