@@ -551,11 +551,19 @@ class FairShareSpec(Strict):
         "a Poisson count: its variance is its mean), so they are not refused at the level; "
         "0: none",
     )
+    swing: NonNegativeNumber = Field(
+        1.0,
+        description="for concurrency: a tenant's swing in standard deviations of its own "
+        "count in flight (√ of its share): it is held only when its demand exceeds its share "
+        "of the level by more than that (or it is held already and still asks more than its "
+        "share of the level), and a new share within that of its limit in force keeps the "
+        "limit; below it a cap clips the count's noise while the pool has room; 0: any excess",
+    )
     tolerance: NonNegativeNumber = Field(
         0.2,
         description="a tenant's new share within this fraction of its limit in force (for "
-        "concurrency: at least one request) keeps that limit, so the shares do not turn "
-        "with every noisy sample",
+        "concurrency: at least one request, and at least its swing) keeps that limit, so "
+        "the shares do not turn with every noisy sample",
     )
     behavior: Behavior | None = None
 

@@ -5,8 +5,10 @@ Serving Large Language Models", OSDI 2024, converges to): the level L in force i
 water, each tenant's share rising with its weight until it meets the tenant's demand; a tenant
 whose demand is below its share keeps no limit from this policy (it is never refused because of
 another tenant), the others are held to their shares, and the shares add up to L (less a
-reserve for the others' swings, for concurrency). Stateless per sample: the same demands and
-L give the same shares, so a tick without a new sample repeats them instead of acting again.
+reserve for the others' swings, for concurrency) — for concurrency a tenant only once its
+demand is beyond its share of L by more than its own swing, or while a hold in force still
+finds it over that share. Stateless per sample: the same demands, L and limits in force give
+the same shares, so a tick without a new sample repeats them instead of acting again.
 """
 
 from __future__ import annotations
@@ -120,13 +122,12 @@ def evaluate_fair(
         return FairResult((), False, (), notes, readings)
     plans = [baselines.plan_of(t) for t in tenants]
     weights = np.array([spec.weights.get(p, spec.default_weight) for p in plans])
-    split = _Split(policy, level, wanted, weights, now)
+    # Held now: a limit in force below the tenant's own (a hold not lifted yet).
+    forced = np.array([in_force.get(a, math.inf) for a in addresses], dtype=np.float64)
+    split = _Split(policy, level, wanted, weights, now, forced < ceilings)
     at = np.flatnonzero(split.held)
     current = np.array([in_force.get(addresses[i], math.nan) for i in at.tolist()])
-    bands = spec.tolerance * current
-    if spec.level.limit in _WHOLE:
-        bands = np.maximum(bands, 1.0)
-    values, kept = hysteresis(split.shares[at], current, bands, split.budget)
+    values, kept = hysteresis(split.shares[at], current, _bands(spec, current), split.budget)
     quotes = split.quotes(at)
     proposals = tuple(
         Proposal(
@@ -164,6 +165,37 @@ def hysteresis(
     kept = lower.copy()
     kept[accepted] = True
     return values, kept
+
+
+def _bands(spec: FairShareSpec, current: FloatArray) -> FloatArray:
+    """How far a new share may be from the limit in force (NaN: none) and keep it: the
+    tolerance; for a count, at least one request and its swing (a count held to c swings by
+    √c on its own: a smaller move of the share is the demands' noise, and every move of a
+    cap that comes back is a flap)."""
+    bands: FloatArray = spec.tolerance * current
+    if spec.level.limit in _WHOLE:
+        with np.errstate(invalid="ignore"):
+            bands = np.maximum(bands, np.maximum(spec.swing * np.sqrt(current), 1.0))
+    return bands
+
+
+def _beyond_swing(
+    spec: FairShareSpec, demands: FloatArray, level_shares: FloatArray, holding: BoolArray
+) -> BoolArray:
+    """Which tenants over their share may be held (a mask). For a count: those whose demand
+    exceeds their share of the whole level by more than their swing (`spec.swing` standard
+    deviations of a Poisson count: √ of that share), and those held already (`holding`) while
+    they still ask more than that share. A demand within its swing of the share is the
+    count's noise, not a surge: held there, a tenant is refused at its own cap on every
+    upward swing while the others' downward swings leave the pool room (tenants alike lose
+    the pool's multiplexing), and no one is protected. Held already, a dip of its noisy
+    demand does not lift the cap only to set it again; asking no more than its share of the
+    level, it would fit beside the others' averages. Other limits: every tenant over."""
+    if spec.level.limit not in _WHOLE:
+        return np.ones(len(demands), dtype=bool)
+    above = demands - level_shares
+    beyond: BoolArray = (above > spec.swing * np.sqrt(level_shares)) | (holding & (above > 0))
+    return beyond
 
 
 def _reserve(spec: FairShareSpec, met: FloatArray) -> float:
@@ -209,52 +241,96 @@ class _Split:
     tenants may be held, and the journal reads the few whose limit changes)."""
 
     def __init__(
-        self, policy: FairShare, level: float, demands: FloatArray, weights: FloatArray, now: float
+        self,
+        policy: FairShare,
+        level: float,
+        demands: FloatArray,
+        weights: FloatArray,
+        now: float,
+        holding: BoolArray,
     ) -> None:
         spec = policy.spec
         self.demands, self.weights, self.now = demands, weights, now
-        shares = water_fill(demands, weights, level)
+        shares = level_shares = water_fill(demands, weights, level)
         self.reserve = reserve = _reserve(spec, demands[demands <= shares])
         if reserve > 0:
             shares = water_fill(demands, weights, max(level - reserve, 0.0))
-        self.held = held = demands > shares
-        met = demands[~held]
-        # What the tenants held may take together.
-        self.budget = budget = max(level - reserve - float(met.sum()), 0.0)
+        over = demands > shares
+        self.held = held = over & _beyond_swing(spec, demands, level_shares, holding)
+        met = demands[~over]
+        # What the tenants held may take together: their shares (those over their share by
+        # less than their swing are not held, and theirs is not given to the others).
+        self.budget = budget = float(shares[held].sum())
         self.exact = shares
         if spec.level.limit in _WHOLE:
             shares = whole_shares(shares, held, budget)
         self.shares = shares
-        weight = float(weights[held].sum())
-        self.head = (
-            f"{spec.level} = {fmt_number(level)} under contention (demands "
-            f"{fmt_number(float(demands.sum()))}): held to its weighted max-min share"
+        self.level_shares = level_shares
+        self.head, self.tail, self.kept = _texts(
+            spec, level, demands, float(weights[held].sum()), budget, reserve, met, over & ~held
         )
-        after = f" after the {len(met)} smaller demands ({fmt_number(float(met.sum()))}) are met"
-        if reserve > 0:
-            after += f" and {fmt_number(reserve)} kept free for their swings"
-        self.tail = (
-            f"; share = {fmt_number(budget)} × weight / {fmt_number(weight)}"
-            f"{after if len(met) else ''}"
-        )
-        band = f"±{fmt_number(spec.tolerance * 100)}%"
-        if spec.level.limit in _WHOLE:
-            band += " (at least 1)"
-        self.kept = f"{self.tail}; within {band} of the limit in force: hold"
 
     def quotes(self, at: npt.NDArray[np.int64]) -> _Quoted:
-        return _Quoted(self.demands[at], self.weights[at], self.exact[at], self.now)
+        return _Quoted(
+            self.demands[at], self.weights[at], self.exact[at], self.level_shares[at], self.now
+        )
+
+
+def _texts(
+    spec: FairShareSpec,
+    level: float,
+    demands: FloatArray,
+    weight: float,
+    budget: float,
+    reserve: float,
+    met: FloatArray,
+    unheld: BoolArray,
+) -> tuple[str, str, str]:
+    """The parts of the reasons every tenant held shares: the head (the level split), the
+    tail (how the share is made, and why the tenant is held) and the tail of a limit kept
+    within its band."""
+    count = spec.level.limit in _WHOLE
+    head = (
+        f"{spec.level} = {fmt_number(level)} under contention (demands "
+        f"{fmt_number(float(demands.sum()))}): held to its weighted max-min share"
+    )
+    tail = f"; share = {fmt_number(budget)} × weight / {fmt_number(weight)}"
+    if len(met):
+        tail += f" after the {len(met)} smaller demands ({fmt_number(float(met.sum()))}) are met"
+        if reserve > 0:
+            tail += f" and {fmt_number(reserve)} kept free for their swings"
+    if unheld.any():
+        tail += (
+            f"; {int(unheld.sum())} over their share by no more than their swing "
+            f"({fmt_number(float(demands[unheld].sum()))}) are not held"
+        )
+    if count:
+        tail += (
+            "; held: its demand exceeds share_of_level by more than its swing "
+            f"({fmt_number(spec.swing)} × √share_of_level), or it is held already and still "
+            "asks more than share_of_level"
+        )
+    band = f"±{fmt_number(spec.tolerance * 100)}%"
+    if count:
+        band += f" (at least 1 and {fmt_number(spec.swing)} × √ the limit)"
+    return head, tail, f"{tail}; within {band} of the limit in force: hold"
 
 
 class _Quoted:
     """The figures of each tenant held, quoted when its reason is read (`Quotes`)."""
 
-    __slots__ = ("demands", "now", "shares", "weights")
+    __slots__ = ("demands", "level_shares", "now", "shares", "weights")
 
     def __init__(
-        self, demands: FloatArray, weights: FloatArray, shares: FloatArray, now: float
+        self,
+        demands: FloatArray,
+        weights: FloatArray,
+        shares: FloatArray,
+        level_shares: FloatArray,
+        now: float,
     ) -> None:
         self.demands, self.weights, self.shares, self.now = demands, weights, shares, now
+        self.level_shares = level_shares
 
     def readings(self, at: int) -> tuple[SignalReading, ...]:
         now = self.now
@@ -262,4 +338,5 @@ class _Quoted:
             SignalReading("demand", float(self.demands[at]), now),
             SignalReading("weight", float(self.weights[at]), now),
             SignalReading("share", float(self.shares[at]), now),
+            SignalReading("share_of_level", float(self.level_shares[at]), now),
         )

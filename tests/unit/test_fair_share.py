@@ -34,6 +34,11 @@ from tests.unit.policy_builders import (
 FAIR = "FairShare/fair"
 LEVEL = "global/concurrent_requests"
 REGISTRY = {"acme": "paid", "bob": "paid", "carl": "free", "evil": "paid", "ent": "big"}
+# Why a tenant is held, as every reason of the default FairShare (swing 1) says it.
+HELD = (
+    "held: its demand exceeds share_of_level by more than its swing (1 × √share_of_level), "
+    "or it is held already and still asks more than share_of_level"
+)
 
 
 def fill(demands: list[float], weights: list[float], level: float) -> list[float]:
@@ -175,8 +180,8 @@ def test_the_runaway_is_held_to_what_is_left_on_the_first_sample() -> None:
     reason = resolution.desired[addr(cap("evil"))].reason
     assert reason == (
         "global/concurrent_requests = 100 under contention (demands 430): held to its weighted "
-        "max-min share (demand=400, weight=2, share=70); share = 70 × weight / 2 after the 1 "
-        "smaller demands (30) are met"
+        "max-min share (demand=400, weight=2, share=70, share_of_level=70); share = 70 × weight "
+        f"/ 2 after the 1 smaller demands (30) are met; {HELD}"
     )
 
 
@@ -187,8 +192,9 @@ def test_a_small_move_of_the_share_keeps_the_cap_in_force() -> None:
     decision = resolution.desired[addr(cap("evil"))]
     assert decision.value == 70  # its share is 73, within ±14 of 70
     assert decision.reason.endswith(
-        "(demand=400, weight=2, share=73); share = 73 × weight / 2 after the 1 smaller demands "
-        "(27) are met; within ±20% (at least 1) of the limit in force: hold"
+        "(demand=400, weight=2, share=73, share_of_level=73); share = 73 × weight / 2 after the "
+        f"1 smaller demands (27) are met; {HELD}; within ±20% (at least 1 and 1 × √ the limit) "
+        "of the limit in force: hold"
     )
     _, resolution = run.decide(30.0, tenants={DEMAND_QUERY: {"acme": 5, "evil": 400}})
     assert limits_of(resolution) == {cap("evil"): 95}  # 25 more: moves
@@ -199,10 +205,63 @@ def test_the_reserve_keeps_room_for_the_swings_of_the_tenants_not_held() -> None
     _, resolution = run.decide(0.0, tenants={DEMAND_QUERY: {"acme": 36, "evil": 400}})
     # acme has 36 in flight on average, ± 6 (a Poisson count): 2 × 6 are kept free for it.
     assert limits_of(resolution) == {cap("evil"): 52}
-    assert resolution.desired[addr(cap("evil"))].reason.endswith(
+    assert (
         "share = 52 × weight / 2 after the 1 smaller demands (36) are met and 12 kept free for "
-        "their swings"
+        "their swings; held:" in resolution.desired[addr(cap("evil"))].reason
     )
+
+
+def test_tenants_over_their_share_by_less_than_their_swing_are_not_held() -> None:
+    run = driver()
+    # 108 asked of 100: 33.3 each, and each asks 36 — within its swing (√33.3 = 5.8): a cap
+    # of 33 would refuse each one's upward swings while the others' downward ones leave room.
+    alike = {"acme": 36, "bob": 36, "evil": 36}
+    evaluation, resolution = run.decide(0.0, tenants={DEMAND_QUERY: alike})
+    assert limits_of(resolution) == {}
+    assert evaluation.active[FAIR] == ()  # contention, but nobody beyond its swing
+    # A runaway beside them is held to its share; the two within their swing are not, and
+    # their shares are not handed to it.
+    _, resolution = run.decide(15.0, tenants={DEMAND_QUERY: {**alike, "evil": 60}})
+    assert limits_of(resolution) == {cap("evil"): 33}
+    assert "; 2 over their share by no more than their swing (72) are not held;" in (
+        resolution.desired[addr(cap("evil"))].reason
+    )
+
+
+def test_a_tenant_held_stays_held_while_it_asks_more_than_its_share() -> None:
+    run = driver(fair_share(behavior={"loosen": {"stabilization": "0s"}}))
+    run.decide(0.0, tenants={DEMAND_QUERY: {"acme": 30, "evil": 400}})  # evil: 70
+    # 74 is within evil's swing of its share (70 ± 8.4): not held anew, but held already.
+    evaluation, resolution = run.decide(15.0, tenants={DEMAND_QUERY: {"acme": 30, "evil": 74}})
+    assert limits_of(resolution) == {cap("evil"): 70}
+    assert evaluation.active[FAIR] == ("evil",)
+    _, resolution = driver().decide(0.0, tenants={DEMAND_QUERY: {"acme": 30, "evil": 74}})
+    assert limits_of(resolution) == {}  # the same demands, nobody held before: nobody held
+    # At its share or below it, the hold ends.
+    evaluation, resolution = run.decide(30.0, tenants={DEMAND_QUERY: {"acme": 30, "evil": 65}})
+    assert limits_of(resolution) == {}
+    assert evaluation.active[FAIR] == ()
+
+
+def test_a_hold_ends_when_the_tenant_asks_no_more_than_its_share_of_the_level() -> None:
+    run = driver(fair_share(reserve=2, behavior={"loosen": {"stabilization": "0s"}}))
+    run.decide(0.0, tenants={DEMAND_QUERY: {"acme": 36, "evil": 400}})  # evil: 100 - 36 - 12
+    # 60 is above evil's share after the reserve (52) but within its share of the level (64):
+    # it would fit beside acme's average, so it is no longer held.
+    evaluation, resolution = run.decide(15.0, tenants={DEMAND_QUERY: {"acme": 36, "evil": 60}})
+    assert limits_of(resolution) == {}
+    assert evaluation.active[FAIR] == ()
+
+
+@pytest.mark.parametrize(("swing", "cap_after"), [(1, 12), (0, 15)])
+def test_a_share_within_the_caps_swing_keeps_it(swing: float, cap_after: float) -> None:
+    run = driver(fair_share(swing=swing, behavior={"loosen": {"stabilization": "0s"}}), level=24)
+    _, resolution = run.decide(0.0, tenants={DEMAND_QUERY: {"acme": 12, "evil": 400}})
+    assert limits_of(resolution) == {cap("evil"): 12}
+    # The share becomes 15: 3 above the cap of 12, within its swing (√12 = 3.5) though 20%
+    # of 12 is 2.4; without a swing it moves.
+    _, resolution = run.decide(15.0, tenants={DEMAND_QUERY: {"acme": 9, "evil": 400}})
+    assert limits_of(resolution) == {cap("evil"): cap_after}
 
 
 def test_the_split_uses_the_level_the_adaptive_limit_applies_on_the_same_tick() -> None:
