@@ -384,7 +384,7 @@ class LatencySpec(Strict):
     signal: AdaptiveSignal = Field(
         description="the latency the objective is about, in seconds, e.g. the p99 TTFT: "
         "`histogram_quantile(0.99, sum by (le) "
-        "(rate(vllm:time_to_first_token_seconds_bucket[1m])))`"
+        "(rate(vllm:time_to_first_token_seconds_bucket[2m])))`"
     )
     objective: Duration = Field(gt=0, description="what `signal` must stay under (the SLO)")
     min_wait: Duration | None = Field(
@@ -421,7 +421,7 @@ class QueueSpec(Strict):
     )
     arrivals: AdaptiveSignal = Field(
         description="the requests admitted per second, e.g. "
-        '`sum(rate(gateway_requests_total{outcome="allow"}[1m]))`'
+        '`sum(rate(gateway_requests_total{outcome="allow"}[2m]))`'
     )
     latency: LatencySpec | None = Field(
         None,
