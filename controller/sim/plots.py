@@ -56,6 +56,7 @@ CAPTION = "caption"  # gid of the verdict under each panel (tests find it by thi
 MARK = "mark"  # gid of an event mark (engaged, released, cut, restored)
 LINES_PER_PANEL = 6
 LABELLED_MARKS = 10  # more text than this on one panel hides the data
+MARKS_NAMED = 2  # events of one kind at one tick named one by one; more are counted
 
 
 @dataclass(frozen=True)
@@ -273,7 +274,7 @@ def _draw_marks(
         line = ax.axvline(x, color=color, linewidth=0.9, linestyle="-.", alpha=0.8)
         line.set_gid(MARK)
         if number <= LABELLED_MARKS:
-            text = f"{number}: " + " + ".join(m.short for m in group)
+            text = f"{number}: " + " + ".join(condensed(group, short=True))
             ax.text(
                 x,
                 0.97,
@@ -288,12 +289,31 @@ def _draw_marks(
             )
 
 
+def condensed(group: Sequence[Mark], short: bool = False, most: int = MARKS_NAMED) -> list[str]:
+    """A tick's events as text, each kind (engaged, cut, restored, ...) naming at most `most`
+    tenants and counting the rest: a fair share holding thirty tenants at once is one line,
+    not thirty that run off the panel."""
+    kinds: dict[str, list[Mark]] = {}
+    for mark in group:
+        kinds.setdefault(mark.short.split(" ", 1)[0], []).append(mark)
+    out: list[str] = []
+    for kind, marks in kinds.items():
+        named = [m.short if short else m.text for m in marks]
+        if len(marks) <= most:
+            out += named
+        elif short:
+            out.append(f"{kind} {len(marks)} tenants")
+        else:
+            out.append(f"{', '.join(named[:most])} and {len(marks) - most} more {kind}")
+    return out
+
+
 def _marks_summary(marks: Sequence[Mark], clock: Clock, most: int = 6) -> str:
     if not marks:
         return "Events of the policies: none (no policy engaged or released, no tenant cut)."
     groups = _numbered(marks)
     shown = "; ".join(
-        f"{n}: {clock.text(group[0].tick * clock.tick_minutes)} " + ", ".join(m.text for m in group)
+        f"{n}: {clock.text(group[0].tick * clock.tick_minutes)} " + ", ".join(condensed(group))
         for n, group in groups[:most]
     )
     extra = len(groups) - most

@@ -25,7 +25,9 @@ from controller.sim.plots import (
     MARK,
     UNITS,
     WINDOWS,
+    Mark,
     backtest_figure,
+    condensed,
     figure,
     plot,
 )
@@ -248,3 +250,20 @@ def test_the_backtest_draws_each_limit_in_its_unit() -> None:
         box = legend.get_window_extent(renderer)
         assert not any(box.overlaps(other.get_window_extent(renderer)) for other in fig.axes)
     plt.close(fig)
+
+
+def test_many_events_of_one_kind_at_one_tick_are_counted_not_listed() -> None:
+    # A fair share holding thirty tenants at once: one line beside the mark, not thirty that
+    # run off the panel, and the caption names two of them.
+    engaged = Mark(5, "engaged fair-share", "fair-share engaged", "tab:red", None)
+    cuts = [
+        Mark(5, f"cut ent-{i}", f"ent-{i} cut to 13 concurrent requests", "tab:purple", f"ent-{i}")
+        for i in range(30)
+    ]
+    assert condensed([engaged, *cuts], short=True) == ["engaged fair-share", "cut 30 tenants"]
+    assert condensed([engaged, *cuts]) == [
+        "fair-share engaged",
+        "ent-0 cut to 13 concurrent requests, ent-1 cut to 13 concurrent requests and 28 more cut",
+    ]
+    # Two of a kind are still named one by one.
+    assert condensed(cuts[:2], short=True) == ["cut ent-0", "cut ent-1"]
