@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import difflib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import redis
 
 from controller.cli._redis import Stores
-from controller.contract.catalog import unknown_plan_message
+from controller.contract.catalog import PlanInfo, unknown_plan_message
 from controller.errors import ConfigurationError, PolicyError, SinkError
 from controller.policy.loader import load_directory
 
@@ -18,6 +20,7 @@ class KnownPlans:
 
     names: frozenset[str]
     source: str
+    models: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # per plan; (): any
 
     def require(self, plan: str) -> str:
         """`plan`, or ConfigurationError (exit 2) naming the known plans and the closest."""
@@ -29,6 +32,37 @@ class KnownPlans:
             )
         return plan
 
+    def require_model(self, model: str, plan: str | None) -> str:
+        """`model`, or ConfigurationError (exit 2) when no plan in scope (`plan`, else every
+        plan) may call it: a limit narrowed to it (`…@model`) would pin what no request meets.
+        A plan that may call any model (or a catalog entry that cannot be read) accepts it."""
+        scope = [plan] if plan is not None else sorted(self.names)
+        lists = [self.models.get(name, ()) for name in scope]
+        if not lists or not all(lists):
+            return model
+        known = sorted({m for found in lists for m in found})
+        if model in known:
+            return model
+        close = difflib.get_close_matches(model, known, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        who = f"plan {plan!r} may not call" if plan is not None else "no plan may call"
+        raise ConfigurationError(
+            f"{who} model {model!r} (models in {self.source}: {', '.join(known)}){hint}: a "
+            f"limit narrowed to @{model} would pin what no request meets; pick one of them"
+        )
+
+
+def _models(entries: Mapping[str, str]) -> dict[str, tuple[str, ...]]:
+    """Each catalog entry's models; an entry that does not read is left out (any model: the
+    gateways refuse that plan anyway, this check does not guess for them)."""
+    found: dict[str, tuple[str, ...]] = {}
+    for name, text in entries.items():
+        try:
+            found[name] = PlanInfo.from_json(text).models
+        except ValueError:
+            continue
+    return found
+
 
 def known_plans(s: Stores) -> KnownPlans:
     """The catalog the controller published to Redis: what every gateway enforces. Before its
@@ -36,11 +70,12 @@ def known_plans(s: Stores) -> KnownPlans:
     configured with (GOVERNOR_CONTROLLER__POLICY_DIR), which it will publish."""
     key = s.keys.catalog
     try:
-        names = s.client.hkeys(key)
+        entries = s.client.hgetall(key)
     except redis.RedisError as exc:
         raise SinkError(f"reading the plan catalog {key} failed: {exc}") from exc
-    if names:
-        return KnownPlans(frozenset(names), f"the plan catalog the controller published ({key})")
+    if entries:
+        source = f"the plan catalog the controller published ({key})"
+        return KnownPlans(frozenset(entries), source, _models(entries))
     directory = s.settings.controller.policy_dir
     try:
         policies = load_directory(directory)
@@ -54,4 +89,5 @@ def known_plans(s: Stores) -> KnownPlans:
     return KnownPlans(
         frozenset(policies.plans),
         f"the policy directory {directory} (no plan catalog in Redis {key} yet)",
+        {name: tuple(plan.spec.models) for name, plan in policies.plans.items()},
     )

@@ -75,8 +75,14 @@ def set_override(
     target, seconds, why = parse_address(address), parse_ttl(ttl), require_reason(reason)
     who = actor or default_actor()
     with stores() as s:
-        if target.plan is not None:  # a plan/<p>/… override on no plan would pin nothing
-            known_plans(s).require(target.plan)
+        # A plan/<p>/… override on no plan, or a …@model one on a model no plan in scope
+        # may call, would pin nothing.
+        if target.plan is not None or target.model is not None:
+            plans = known_plans(s)
+            if target.plan is not None:
+                plans.require(target.plan)
+            if target.model is not None:
+                plans.require_model(target.model, target.plan)
         override, previous = s.control.set_override(
             target, value, ttl_seconds=seconds, actor=who, reason=why
         )

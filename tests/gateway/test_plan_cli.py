@@ -105,3 +105,47 @@ def test_tenants_list_flags_a_plan_removed_from_the_policies(
     table = governor(published, "tenants", "list")
     assert "NO: refused by gateways" in table.stdout
     assert "initech" in table.stderr
+
+
+@pytest.mark.parametrize(
+    ("address", "refused"),
+    [
+        # free may call gpt-3.5-turbo only: a free limit on gpt-4 pins what no request meets.
+        ("plan/free/requests_per_minute@gpt-4", "plan 'free' may not call model 'gpt-4'"),
+        ("plan/paid/requests_per_minute@gpt-4", None),
+        ("plan/free/requests_per_minute@gpt-3.5-turbo", None),
+        # enterprise and metered may call any model: a global narrowing is theirs to meet.
+        ("global/requests_per_second@gpt-5", None),
+    ],
+)
+def test_an_override_on_a_model_no_plan_in_scope_may_call_is_refused(
+    published: RedisServer, db: redis.Redis[str], address: str, refused: str | None
+) -> None:
+    result = governor(published, "override", "set", address, "5", "--ttl", "1h",
+                      "--reason", "INC-3")  # fmt: skip
+    if refused is None:
+        assert result.exit_code == 0, result.output
+        assert db.keys("governor:override:*") != []
+        return
+    assert result.exit_code == 2, result.output
+    assert refused in result.stderr
+    assert f"models in {CATALOG}: gpt-3.5-turbo" in result.stderr
+    assert db.keys("governor:override:*") == []
+    assert db.xlen(KeySchema().journal) == 0
+
+
+def test_where_every_plan_names_its_models_a_global_override_needs_one_of_them(
+    redis_server: RedisServer, db: redis.Redis[str]
+) -> None:
+    # The shipped plans all list their models (no catalog yet: the policy directory says).
+    shipped = Path(__file__).resolve().parents[2] / "policies"
+    refused = governor(redis_server, "override", "set", "global/requests_per_second@gpt-5",
+                       "5", "--ttl", "1h", "--reason", "INC-4", policy_dir=shipped)  # fmt: skip
+    assert refused.exit_code == 2, refused.output
+    assert "no plan may call model 'gpt-5'" in refused.stderr
+    assert "gpt-3.5-turbo, gpt-4, gpt-4o" in refused.stderr
+    assert "did you mean 'gpt-4'?" in refused.stderr
+    assert db.keys("governor:override:*") == []
+    accepted = governor(redis_server, "override", "set", "global/requests_per_second@gpt-4o",
+                        "5", "--ttl", "1h", "--reason", "INC-4", policy_dir=shipped)  # fmt: skip
+    assert accepted.exit_code == 0, accepted.output
