@@ -15,7 +15,7 @@ from controller.durations import format_duration
 from controller.model import Proposal, Snapshot
 from controller.policy.baselines import Baselines
 from controller.policy.capacity import Capacity, estimate
-from controller.policy.documents import AdaptiveLimit, AdaptiveLimitSpec, FilterSpec
+from controller.policy.documents import AdaptiveLimit, AdaptiveLimitSpec, FilterSpec, QueueSpec
 from controller.policy.inputs import ScalarInput, scalar_input
 from controller.policy.queueing import next_wait, queue_allowance
 from controller.policy.schedule import in_windows
@@ -140,7 +140,7 @@ def _law(
     if found.value is None:
         value, how = _next_value(spec, start, level, tolerance)
         return _Step(value, f"{how}; {found.how}", True, found, state.wait)
-    queued, why, wait = _queue(spec, state.wait, sample, snapshot, now)
+    queued, why, wait = _queue(seek.queue, sample > spec.setpoint, state.wait, snapshot, now)
     aimed = found.value * spec.setpoint + queued
     if level < seek.saturated:
         how = f"capacity ≈ {fmt_number(found.value)} ({found.how}) × setpoint{why}"
@@ -159,14 +159,14 @@ def _law(
 
 
 def _queue(
-    spec: AdaptiveLimitSpec, wait: float | None, sample: float, snapshot: Snapshot, now: float
+    queue: QueueSpec | None, queued: bool, wait: float | None, snapshot: Snapshot, now: float
 ) -> tuple[float, str, float | None]:
     """The queue allowed beyond the estimate, how it was found, and the wait to remember
-    (None: the queue's wait is fixed, nothing to remember)."""
-    queue = spec.capacity.queue if spec.capacity is not None else None
+    (None: the queue's wait is fixed, nothing to remember); `queued`: the sample is above
+    the setpoint (a queue formed)."""
     if queue is None:
         return 0.0, "", None
-    moved = next_wait(queue, wait, sample > spec.setpoint, snapshot, now)
+    moved = next_wait(queue, wait, queued, snapshot, now)
     allowed, why = queue_allowance(queue, moved.seconds, snapshot, now)
     return allowed, why + moved.how, moved.seconds if queue.latency is not None else None
 

@@ -62,12 +62,10 @@ def _factor(latency: LatencySpec, measured: float, queued: bool) -> float:
     return 1.0
 
 
-def queue_allowance(spec: QueueSpec | None, wait: float, snapshot: Snapshot,
+def queue_allowance(spec: QueueSpec, wait: float, snapshot: Snapshot,
                     now: float) -> tuple[float, str]:  # fmt: skip
     """The requests that may wait beyond a full pool (arrivals × wait, Little's law) and how
     it was found; none while the arrival rate is unknown (the safe side: no queue)."""
-    if spec is None:
-        return 0.0, ""
     name = spec.arrivals.name or "arrivals"
     arrivals = scalar_input(name, spec.arrivals, snapshot, None, now)
     if not arrivals.valid or arrivals.value < 0:

@@ -95,6 +95,19 @@ class _Admitting(NamedTuple):
     users: list[int]
 
 
+class _Requests(NamedTuple):
+    """A step's arrivals as the pools are served them, window by window: what each asks
+    (work), where it goes (route), and what admission made of it so far (allowed, the
+    reservation, well-behaved demand), filled in as the windows are admitted."""
+
+    arrivals: Arrivals
+    work: FloatArray
+    routes: npt.NDArray[np.int64]
+    allowed: npt.NDArray[np.bool_]
+    good: npt.NDArray[np.bool_]
+    rids: list[str | None]
+
+
 def _admitting(arrivals: Arrivals, start: float, dearer: FloatArray) -> _Admitting:
     reserved = arrivals.prompt + arrivals.max_tokens
     # Credits: the worst case at the dearer of the model's two prices, in micro-USD
@@ -350,6 +363,8 @@ class Simulation:
         eligible = np.ones(count, dtype=bool)
         allowed = np.zeros(count, dtype=bool)
         rids: list[str | None] = [None] * count
+        routes = self._route[arrivals.tenant]
+        requests = _Requests(arrivals, work, routes, allowed, good_request, rids)
         admit = _admitting(arrivals, start, self._dearer)
         latencies: list[FloatArray] = []
         served = up = 0.0
@@ -362,8 +377,7 @@ class Simulation:
             allowed[window] = [rid is not None for rid in rids[window]]
             np.add.at(self._in_flight, arrivals.tenant[window][allowed[window]], 1.0)
             good_request[window] &= eligible[window]
-            served_k, latency = self._serve(tick, elapsed + k * h, h, arrivals, window, allowed,
-                                            good_request, rids)  # fmt: skip
+            served_k, latency = self._serve(tick, elapsed + k * h, h, requests, window)
             served += served_k / windows
             latencies += latency
         self._count_outcomes(tick, arrivals.tenant, codes)
@@ -375,7 +389,6 @@ class Simulation:
         record.offered[tick] += float(work.sum())
         record.offered_good[tick] += float(work[good_request].sum())
         self.now = start + elapsed + dt
-        routes = self._route[arrivals.tenant]
         for p, pool in enumerate(self.pools):
             capacity = pool.capacity
             up += capacity
@@ -405,20 +418,20 @@ class Simulation:
         return _OUTCOME_INDEX[outcome], rid, eligible
 
     def _serve(
-        self, tick: int, at: float, h: float, arrivals: Arrivals, window: slice,
-        allowed: npt.NDArray[np.bool_], good_request: npt.NDArray[np.bool_],
-        rids: list[str | None],
-    ) -> tuple[float, list[FloatArray]]:  # fmt: skip
+        self, tick: int, at: float, h: float, requests: _Requests, window: slice
+    ) -> tuple[float, list[FloatArray]]:
         """Every pool serves one window from `at` (elapsed seconds) with the window's
         admitted arrivals: the busy work (tokens/s of capacity) and the latencies."""
         record, start = self.record, self.scenario.start_time
-        tenant, routes = arrivals.tenant, self._route[arrivals.tenant]
+        arrivals, rids = requests.arrivals, requests.rids
+        tenant = arrivals.tenant
         served = 0.0
         latencies: list[FloatArray] = []
         for p, pool in enumerate(self.pools):
-            index = np.flatnonzero(allowed[window] & (routes[window] == p)) + window.start
+            chosen = requests.allowed[window] & (requests.routes[window] == p)
+            index = np.flatnonzero(chosen) + window.start
             tags = self._tickets.add(
-                tenant[index], good_request[index], arrivals.prompt[index],
+                tenant[index], requests.good[index], arrivals.prompt[index],
                 arrivals.output[index], start + arrivals.time[index],
                 [rids[j] or "" for j in index.tolist()],
             )  # fmt: skip
@@ -426,7 +439,7 @@ class Simulation:
                                arrivals.output[index])  # fmt: skip
             self._busy[p] += result.busy * h / self.scenario.step
             served += result.utilization * pool.capacity
-            admitted = arrivals.prompt[index] + arrivals.output[index]
+            admitted = requests.work[index]
             record.admitted[tick] += float(admitted.sum())
             np.add.at(record.tenant_admitted[tick], tenant[index], admitted)
             latencies.append(self._resolved(tick, pool, result))
