@@ -24,6 +24,11 @@ class LimitKind(enum.StrEnum):
     TOKENS_PER_DAY = "tokens_per_day"
     CONCURRENT_REQUESTS = "concurrent_requests"
     MAX_TOKENS_PER_REQUEST = "max_tokens_per_request"
+    # Not limits but how a concurrency limit is shared: `global/concurrent_headroom` (a ratio)
+    # lets a tenant within its weighted share go that much above global/concurrent_requests;
+    # `plan/…` or `tenant/…/concurrent_weight` is the tenant's weight there (default 1).
+    CONCURRENT_HEADROOM = "concurrent_headroom"
+    CONCURRENT_WEIGHT = "concurrent_weight"
 
 
 class Scope(enum.StrEnum):
@@ -120,6 +125,9 @@ class Address:
                 text,
                 f"limit {parts[-1]!r} is not one of {', '.join(k.value for k in LimitKind)}",
             ) from None
+        problem = placement_problem(scope, limit, model if at else None)
+        if problem is not None:
+            raise AddressError(text, problem)
         ids: dict[str, str] = {}
         for name, value in zip(names, parts[1:-1], strict=True):
             try:
@@ -154,6 +162,42 @@ def interned(text: str) -> Address:
 # Beyond any deployment's limits; past it the table is rebuilt as addresses are met again.
 INTERNED_MAX = 1 << 20
 _INTERNED: dict[str, Address] = {}
+
+
+# How a concurrency limit is shared (docs/enforcement.md, "Sharing the in-flight limit"): where
+# each term may be written, and its values. A term is no limit: 0 would not mean "shed".
+_SHARE_TERMS: dict[LimitKind, tuple[frozenset[Scope], float, str]] = {
+    LimitKind.CONCURRENT_HEADROOM: (
+        frozenset({Scope.GLOBAL}),
+        1.0,
+        "global/concurrent_headroom (a share of global/concurrent_requests, > 0 and <= 1)",
+    ),
+    LimitKind.CONCURRENT_WEIGHT: (
+        frozenset({Scope.PLAN, Scope.TENANT}),
+        math.inf,
+        "plan/<plan>/concurrent_weight or tenant/<tenant>/concurrent_weight (> 0)",
+    ),
+}
+
+
+def placement_problem(scope: Scope, limit: LimitKind, model: str | None) -> str | None:
+    """Why `limit` cannot be written at `scope` (or for one model); None when it can."""
+    terms = _SHARE_TERMS.get(limit)
+    if terms is None:
+        return None
+    scopes, _, shape = terms
+    if scope not in scopes or model:
+        return f"{limit.value} is written only as {shape}"
+    return None
+
+
+def value_problem(limit: LimitKind, value: float) -> str | None:
+    """Why `value` cannot be written for `limit`; None when it can (limits: any number >= 0,
+    0 sheds)."""
+    terms = _SHARE_TERMS.get(limit)
+    if terms is None or (0 < value <= terms[1]):
+        return None
+    return f"{limit.value} must be > 0" + (f" and <= {terms[1]:g}" if terms[1] < math.inf else "")
 
 
 def _shape_of(scope: Scope) -> str:

@@ -23,7 +23,7 @@ from controller.contract.apikeys import parsed_records
 from controller.contract.keys import KeySchema, checked
 from controller.contract.records import override_from_json, override_to_json
 from controller.errors import SinkError
-from controller.model import Address, AddressError, Override, validate_id
+from controller.model import Address, AddressError, Override, validate_id, value_problem
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +103,9 @@ class ControlStore:
         """Pin `address` to `value` for `ttl_seconds`; returns (new, previous or None)."""
         if not (math.isfinite(value) and value >= 0):
             raise ValueError(f"override value {value!r} must be a finite number >= 0")
+        problem = value_problem(address.limit, value)
+        if problem is not None:
+            raise ValueError(f"override value {value!r}: {problem}")
         ttl = _ttl_ms(ttl_seconds)
         now = self._clock()
         override = Override(checked(address), value, now + ttl / 1000, actor, reason)

@@ -307,9 +307,10 @@ class Admission:
 
 def _resolved(fixed: tuple[str, ...]) -> tuple[str, tuple[str, ...], tuple[float, ...]]:
     """From admit.lua's fixed arguments (version, 3 settings, ARGV 7, the values): ARGV 7,
-    the values, and the values as numbers (the combined answer's tightest budget)."""
+    the values, and the values as numbers (the combined answer's tightest budget; a share's
+    'headroom weight tenant' counts as its headroom)."""
     values = fixed[5:]
-    return fixed[4], values, tuple(float(value) for value in values)
+    return fixed[4], values, tuple(float(value.partition(" ")[0]) for value in values)
 
 
 def _decided(outcome: Outcome, denied_by: str | None) -> AdmissionResult:

@@ -131,6 +131,7 @@ def resolve(
         shed = found.level(owner, level_hashes if owner else (), fields, plan_owner)
         if shed is not None:
             return Resolved(version, "", (), tuple(found.sized), shed)
+    found.share(hashes[2][0])
     return Resolved(version, "/".join(found.letters), tuple(found.checks), tuple(found.sized), None)
 
 
@@ -151,6 +152,8 @@ class _Found:
     checks: list[Check] = field(default_factory=list)
     sized: list[tuple[float, str]] = field(default_factory=list)
     letters: list[str] = field(default_factory=list)
+    headroom: Check | None = None  # global/concurrent_headroom
+    weight: str = "1"  # the tenant's concurrent_weight (its own, else its plan's), as stored
 
     def level(
         self,
@@ -182,6 +185,12 @@ class _Found:
 
     def _take(self, address: str, kind: LimitKind, text: str, value: float, scoped: bool) -> str:
         """Note a limit; admit.lua's letter for it ('' for a kind it does not check)."""
+        if scoped:
+            pass  # a share's terms hold for the whole pool: no `@model` (Address refuses one)
+        elif kind is LimitKind.CONCURRENT_HEADROOM and address.startswith("global/"):
+            self.headroom = Check(address, kind, text, value)
+        elif kind is LimitKind.CONCURRENT_WEIGHT and address.startswith("tenant/"):
+            self.weight = text.strip()
         if kind in _SIZED:
             self.sized.append((value, address))
         letter = LETTERS.get(kind)
@@ -189,6 +198,18 @@ class _Found:
             return ""
         self.checks.append(Check(address, kind, text, value))
         return letter.upper() if scoped else letter
+
+    def share(self, tenant_owner: str) -> None:
+        """With a global headroom and global concurrent_requests, the f check after the
+        global level's others: admit.lua shares that limit by weight (its value: headroom,
+        the tenant's weight, the tenant)."""
+        headroom = self.headroom
+        if headroom is None or not tenant_owner or "c" not in self.letters[0]:
+            return
+        text = f"{headroom.text.strip()} {self.weight} {tenant_owner}"
+        at = len(self.letters[0])  # after the global level's checks, a letter each
+        self.checks.insert(at, Check(headroom.address, headroom.kind, text, headroom.value))
+        self.letters[0] += "f"
 
 
 class _Transaction(Protocol):

@@ -17,6 +17,8 @@ from controller.gateway.limits import PERIOD_MS, Check, Resolved, read_limits
 from controller.model import Address, LimitKind, Scope
 
 _DAY_MS = 86_400_000
+_SHARE = LimitKind.CONCURRENT_HEADROOM  # the gateway's f check: how the limit below is shared
+_SHARED = "global/concurrent_requests"
 _WINDOWS = {
     LimitKind.REQUESTS_PER_SECOND: "second",
     LimitKind.REQUESTS_PER_MINUTE: "minute",
@@ -86,6 +88,21 @@ def concurrency(check: Check, open_now: str | None) -> LimitUsage:
                       max(0.0, check.value - used), None)  # fmt: skip
 
 
+def share(check: Check, resolved: Resolved, values: Sequence[str | None]) -> LimitUsage:
+    """The tenant's share of global/concurrent_requests as admit.lua's f check sees it now:
+    the limit × its weight ÷ the weight in flight (its own included), and its requests in
+    flight there; beyond it, it meets the limit where the others may take the headroom."""
+    weight = float(check.text.split()[1])
+    limit = next(c.value for c in resolved.checks if c.address == _SHARED)
+    mine, active = _float(values[0]) or 0.0, _float(values[1]) or 0.0
+    if mine <= 0:
+        active += weight
+    allowed = limit * weight / max(active, weight)
+    address = f"{_SHARED}: its share (weight {weight:g} of {active:g} in flight)"
+    return LimitUsage(address, LimitKind.CONCURRENT_WEIGHT, _WINDOWS[LimitKind.CONCURRENT_REQUESTS],
+                      allowed, mine, 0.0, max(0.0, allowed - mine), None)  # fmt: skip
+
+
 def _float(text: str | None) -> float | None:
     try:
         return float(text) if text is not None else None
@@ -95,6 +112,8 @@ def _float(text: str | None) -> float | None:
 
 def _fields(check: Check) -> tuple[str, ...]:
     """The state fields admit.lua keeps for one check (docs/enforcement.md)."""
+    if check.kind is _SHARE:  # the tenant's requests in flight there, the weight in flight
+        return (f"o|{check.text.split()[2]}", "a")
     name = check.address.rsplit("/", 1)[1]  # e.g. "tokens_per_day@gpt-4"
     if check.kind is LimitKind.TOKENS_PER_DAY:
         return (f"d|{name}", f"u|{name}", f"v|{name}")
@@ -143,13 +162,14 @@ def read_usage(
     against, except the per-client-address ones, with its state now. Raises SinkError."""
     try:
         resolved = read_limits(client, keys, tenant, plan, user or "", False, model or "")
+        checks = [c for c in resolved.checks if c.kind in _WINDOWS or c.kind is _SHARE]
         # One instant on one Redis; on a Cluster each slot's read is its own (and TIME, a
         # node's clock, cannot be pipelined there).
         clustered = is_cluster(client)
         pipe = client.pipeline(transaction=not clustered)
         if not clustered:
             pipe.time()
-        for check in resolved.checks:
+        for check in checks:
             pipe.hmget(_state_key(keys, check), list(_fields(check)))
         replies = pipe.execute()
         if clustered:
@@ -158,7 +178,10 @@ def read_usage(
         raise SinkError(f"reading the usage of tenant {tenant!r} failed: {exc}") from exc
     seconds, micros = replies[0]
     now = seconds * 1000 + micros / 1000
-    limits = [usage_of(c, v, now) for c, v in zip(resolved.checks, replies[1:], strict=True)]
+    limits = [
+        share(c, resolved, v) if c.kind is _SHARE else usage_of(c, v, now)
+        for c, v in zip(checks, replies[1:], strict=True)
+    ]
     return TenantUsage(tenant, plan, user, model, resolved.version, resolved.shed,
                        tuple(limits + _size_limits(resolved)))  # fmt: skip
 

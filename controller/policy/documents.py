@@ -34,7 +34,16 @@ from controller.durations import (
     format_duration,
     parse_duration,
 )
-from controller.model import Address, AddressError, AddressTemplate, LimitKind, Scope, SignalKey
+from controller.model import (
+    Address,
+    AddressError,
+    AddressTemplate,
+    LimitKind,
+    Scope,
+    SignalKey,
+    placement_problem,
+    value_problem,
+)
 from controller.policy.expressions import Expression, ExpressionError, compile_expression
 from controller.policy.schedule import Window, parse_window
 
@@ -106,6 +115,15 @@ SignalName = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
 LimitValues = dict[LimitKind, NonNegativeNumber]
 
 
+def _check_terms(scope: Scope, values: LimitValues) -> None:
+    """A share term (concurrent_headroom, concurrent_weight) where it may stand, with a value
+    it may take: ValueError naming the term and where it goes."""
+    for kind, value in values.items():
+        problem = placement_problem(scope, kind, None) or value_problem(kind, value)
+        if problem is not None:
+            raise ValueError(problem)
+
+
 class Metadata(Strict):
     name: Name
     description: str | None = None
@@ -120,6 +138,11 @@ class PlanSpec(PlanTerms):
     """A plan: the catalog's terms (models, fail mode, degrade, credits) and its limits."""
 
     limits: LimitValues = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _terms_in_place(self) -> PlanSpec:
+        _check_terms(Scope.PLAN, self.limits)
+        return self
 
 
 class BehaviorRule(Strict):
@@ -152,6 +175,12 @@ class LimitsSpec(Strict):
     behavior: Behavior = Field(
         default_factory=Behavior, description="default behaviour for every limit"
     )
+
+    @model_validator(mode="after")
+    def _terms_in_place(self) -> LimitsSpec:
+        _check_terms(Scope.GLOBAL, self.global_)
+        _check_terms(Scope.IP, self.ip)
+        return self
 
     @model_validator(mode="after")
     def _floors_under_ceilings(self) -> LimitsSpec:

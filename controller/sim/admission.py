@@ -3,7 +3,8 @@ on a clock the caller gives: the simulator cannot run the Lua, which reads Redis
 
 Same levels, same lookup order, same checks in the same order, same arithmetic (doubles),
 same answers: shed when a limit is 0, too_large, budget_exhausted (tokens, then credits),
-rate_limited (GCRA and concurrency), allow with a reservation settled later. The parity
+rate_limited (GCRA and concurrency, global/concurrent_requests shared by weight when
+global/concurrent_headroom is set), allow with a reservation settled later. The parity
 test (tests/sim/test_admission_parity.py) feeds one request sequence to both.
 """
 
@@ -11,8 +12,8 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 from typing import Literal, NamedTuple
 
 from controller.model import Address, LimitKind, Scope
@@ -28,6 +29,9 @@ PERIOD_MS = {
     LimitKind.TOKENS_PER_MINUTE: 60000.0,
 }
 _SWEEP = 64  # leases released per level per call, as the script does
+# The fields that share global/concurrent_requests by weight (only their plain values count).
+_SLOTS = str(LimitKind.CONCURRENT_REQUESTS)
+_HEADROOM, _WEIGHT = str(LimitKind.CONCURRENT_HEADROOM), str(LimitKind.CONCURRENT_WEIGHT)
 
 
 class Decision(NamedTuple):
@@ -40,6 +44,51 @@ class Decision(NamedTuple):
 
 
 _G, _I, _T, _U = 0, 1, 2, 3  # the levels, in the order the script walks them
+
+
+@dataclass(frozen=True, slots=True)
+class _Share:
+    """global/concurrent_requests shared by weight, as one tenant meets it (admit.lua's f
+    check): a request within the tenant's share may also take the headroom above it."""
+
+    headroom: float
+    weight: float
+    mine: str  # o|<owner>: the tenant's requests in flight at the global level
+    joined: str  # q|<owner>: the weight it joined the active weight `a` with
+
+    def limit(self, state: dict[str, float], limit: float) -> float:
+        """The limit for the tenant's next request: with the headroom while that request is
+        within its share (weight ÷ the weight in flight, its own included)."""
+        mine = state.get(self.mine, 0.0)
+        weight = self.weight
+        active = state.get("a", 0.0)
+        if mine <= 0:
+            active += weight
+        if mine + 1 <= limit * weight / max(active, weight):
+            return limit * (1 + self.headroom)
+        return limit
+
+    def join(self, state: dict[str, float]) -> None:
+        """One more request in flight: the tenant's first brings its weight in."""
+        mine = state.get(self.mine, 0.0)
+        state[self.mine] = max(mine, 0.0) + 1
+        if mine <= 0:
+            state[self.joined] = self.weight
+            state["a"] = state.get("a", 0.0) + self.weight
+
+
+def _unshare(state: dict[str, float], owner: str) -> None:
+    """lib.lua's unshare: one request of `owner` fewer in flight; its last takes the weight
+    it joined with out of the active weight."""
+    mine = "o|" + owner
+    left = state.pop(mine, 0.0) - 1
+    if left > 0:
+        state[mine] = left
+        return
+    weight = state.pop("q|" + owner, None)
+    if weight is not None:
+        active = state.get("a", 0.0) - weight
+        state["a"] = active if active >= 1e-9 else 0.0  # rounding left over: nobody
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +111,8 @@ class _Check:
     day: str = ""
     used: str = ""
     held: str = ""
+    member: str = ""  # its lease member less the reservation id (concurrency)
+    share: _Share | None = None  # global concurrent_requests shared by weight
 
     @classmethod
     def of(cls, level: int, kind: LimitKind, name: str, limit: float, address: str) -> _Check:
@@ -82,6 +133,7 @@ class _Check:
             "d|" + name,
             "u|" + name,
             "v|" + name,
+            "c|" + name + "|",
         )
 
 
@@ -139,6 +191,8 @@ class _Level:
 
 
 _Rate = tuple[_Check, dict[str, float], _Level, bool]  # check, its level's state, level, GCRA
+_Hold = tuple[_Level, str, _Check, float, float]  # level, code, check, amount, interval
+_Move = Callable[[tuple[_Rate, ...], list[float], float, str, float], list[_Hold]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,11 +206,12 @@ class _Bound:
     budgets: tuple[tuple[_Check, _Level], ...]
     rates: tuple[_Rate, ...]
     tenant: _Level
+    move: _Move  # _move, or _move_shared when a concurrency limit is shared by weight
 
 
 @dataclass(slots=True)
 class _Record:
-    holds: list[tuple[_Level, str, _Check, float, float]]  # level, code, check, amount, interval
+    holds: list[_Hold]
     tenant: _Level
     credit: float
     charge: bool
@@ -194,6 +249,26 @@ def current_tat(
     return value
 
 
+def _shared(checks: list[_Check], tenant: str) -> list[_Check]:
+    """`checks` with global/concurrent_requests shared by weight when a global headroom is
+    set (as controller/gateway/limits.py `_Found.share`): the tenant's weight is its own
+    `concurrent_weight`, else its plan's, else 1. A value for one model does not count."""
+    headroom, weight, slots = 0.0, 1.0, -1
+    for i, c in enumerate(checks):
+        if c.level == _G and c.field == _HEADROOM:
+            headroom = c.limit
+        elif c.level == _G and c.field == _SLOTS:
+            slots = i
+        elif c.level == _T and c.field == _WEIGHT:
+            weight = c.limit
+    if headroom <= 0 or slots < 0:
+        return checks
+    owner = f"tenant/{tenant}/"
+    share = _Share(headroom, weight, "o|" + owner, "q|" + owner)
+    checks[slots] = replace(checks[slots], member=f"o|{owner}|", share=share)
+    return checks
+
+
 def _fields(model: str) -> list[tuple[int, str]]:
     """Each kind's field names in the order the script looks them up (`limit@model` first)."""
     fields: list[tuple[int, str]] = []
@@ -223,7 +298,12 @@ def _rates(rates: tuple[_Rate, ...], tokens: float, now: float) -> Decision | li
             over = value - now - period
         else:  # concurrency: one more open request; refused for a second
             value = state.get(c.open, 0.0) + 1
-            over = 1000.0 if value > c.limit else 0.0
+            # A share is read only over the limit: below it the headroom changes nothing.
+            over = (
+                1000.0
+                if value > c.limit and (c.share is None or value > c.share.limit(state, c.limit))
+                else 0.0
+            )
         # The script keeps the largest wait; a concurrency refusal never shortens one.
         if over > 0 and (denied_by is None or over > wait):
             denied_by, wait = c.address, over
@@ -235,9 +315,9 @@ def _rates(rates: tuple[_Rate, ...], tokens: float, now: float) -> Decision | li
 
 def _move(
     rates: tuple[_Rate, ...], values: list[float], tokens: float, rid: str, expires: float
-) -> list[tuple[_Level, str, _Check, float, float]]:
+) -> list[_Hold]:
     """Write the rates' and concurrency's new state; what settle must give back."""
-    holds: list[tuple[_Level, str, _Check, float, float]] = []
+    holds: list[_Hold] = []
     for (c, state, level, gcra), value in zip(rates, values, strict=True):
         if gcra:
             state[c.tat], state[c.ivl] = value, c.interval
@@ -245,8 +325,21 @@ def _move(
                 holds.append((level, "t", c, tokens, c.interval))
         else:
             state[c.open] = value
-            level.lease(c.open + "|" + rid, expires)
+            level.lease(c.member + rid, expires)
             holds.append((level, "c", c, 1.0, 0.0))
+    return holds
+
+
+def _move_shared(
+    rates: tuple[_Rate, ...], values: list[float], tokens: float, rid: str, expires: float
+) -> list[_Hold]:
+    """_move, and the tenant's request in flight on the limit shared by weight (admit.lua's
+    f check, step 4): one lease gives back the slot and the share (code `o`)."""
+    holds = _move(rates, values, tokens, rid, expires)
+    for i, (level, _, c, amount, interval) in enumerate(holds):
+        if c.share is not None:
+            c.share.join(level.fields)
+            holds[i] = (level, "o", c, amount, interval)
     return holds
 
 
@@ -301,7 +394,7 @@ class AdmissionModel:
                 shed = self._walk(level, owner, name, fields, found, checks)
                 if shed is not None:
                     return _Compiled(shed)
-        return _Compiled.of(checks)
+        return _Compiled.of(_shared(checks, tenant))
 
     def _walk(
         self, level: int, owner: str, name: str, fields: list[tuple[int, str]],
@@ -367,7 +460,7 @@ class AdmissionModel:
         if isinstance(values, Decision):
             return values
         expires = now + self.lease_ms
-        holds = _move(bound.rates, values, tokens, rid, expires)
+        holds = bound.move(bound.rates, values, tokens, rid, expires)
         tenant_level = bound.tenant
         if budgets:
             self._hold_budgets(budgets, bound.levels, tokens, today, rid, expires, holds)
@@ -398,6 +491,7 @@ class AdmissionModel:
             assert found is not None
             return found
 
+        shared = any(c.share is not None for c in compiled.rates)
         bound = _Bound(
             compiled,
             levels,
@@ -407,6 +501,7 @@ class AdmissionModel:
                 (c, level_of(c).fields, level_of(c), c.period is not None) for c in compiled.rates
             ),
             tenant_level,
+            _move_shared if shared else _move,
         )
         self._bound[(tenant, plan, user, ip, model)] = bound
         return bound
@@ -440,8 +535,7 @@ class AdmissionModel:
     @staticmethod
     def _hold_budgets(
         budgets: list[tuple[_Check, float, float]], levels: tuple[_Level | None, ...],
-        tokens: float, today: float, rid: str, expires: float,
-        holds: list[tuple[_Level, str, _Check, float, float]],
+        tokens: float, today: float, rid: str, expires: float, holds: list[_Hold],
     ) -> None:  # fmt: skip
         """Reserve `tokens` of each budget under a lease (released if never settled)."""
         for c, used, held in budgets:
@@ -491,6 +585,9 @@ class AdmissionModel:
             ledger = self.credits.setdefault(tenant, {"reserved": 0.0})
             held = ledger.pop("r|" + member[2:], 0.0)
             ledger["reserved"] = ledger.get("reserved", 0.0) - held
+        elif code == "o":  # 'o|<owner>|<id>': a slot of the limit shared by weight, and its share
+            state["c|" + _SLOTS] = state.get("c|" + _SLOTS, 0.0) - 1
+            _unshare(state, member[2 : member.rindex("|")])
 
     # --- settle -----------------------------------------------------------------------------
 
@@ -508,7 +605,7 @@ class AdmissionModel:
                 tat = max(state.get(c.tat, 0.0), now)
                 state[c.tat], state[c.ivl] = tat + (actual - reserved) * interval, interval
             elif code == "c":
-                if level.unlease(f"{c.open}|{rid}"):
+                if level.unlease(c.member + rid):
                     state[c.open] = state.get(c.open, 0.0) - 1
             elif code == "b":
                 if level.unlease(f"b|{c.field}|{rid}"):
@@ -516,6 +613,10 @@ class AdmissionModel:
                     state.pop(f"r|{c.field}|{rid}", None)
                 used = used_today(state.get(c.day), state.get(c.used), today)
                 state[c.day], state[c.used] = today, used + actual
+            elif code == "o" and level.unlease(c.member + rid):
+                # A slot of the limit shared by weight: the tenant's share goes with it.
+                state[c.open] = state.get(c.open, 0.0) - 1
+                _unshare(state, c.member[2:-1])  # the owner, from 'o|<owner>|'
         if record.charge:  # admitted on credits (else there is nothing to move)
             self._settle_credits(record, rid, tenant, cost)
         record.tenant.unlease("x|" + rid)

@@ -37,6 +37,10 @@ _UNSUPPORTED_KINDS: Mapping[LimitKind, str] = {
     "not requests in flight",
     LimitKind.MAX_TOKENS_PER_REQUEST: "Kong's rate-limiting plugin does not read request "
     "bodies; enforce max tokens with Governor's gateway scripts",
+    LimitKind.CONCURRENT_HEADROOM: "Kong's rate-limiting plugin has no in-flight limit to "
+    "share; Governor's governor-admission plugin enforces it on the Redis sink",
+    LimitKind.CONCURRENT_WEIGHT: "Kong's rate-limiting plugin has no in-flight limit to "
+    "share; Governor's governor-admission plugin enforces it on the Redis sink",
 }
 
 

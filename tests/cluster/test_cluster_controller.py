@@ -62,8 +62,9 @@ def sink(cluster: RedisClusterServers) -> Iterator[RedisSink]:
 
 
 def test_run_once_then_limits_get_on_a_cluster(cluster: RedisClusterServers) -> None:
-    # The shipped baselines: 3 global (in flight, requests/s, tokens/min), 1 per IP, 9 plans.
-    assert "tick 1: changed 13 limits" in run_once(cluster)
+    # The shipped baselines: 4 global (in flight and its headroom, requests/s, tokens/min), 1 per
+    # IP, 12 plans (3 of them the plans' in-flight weights).
+    assert "tick 1: changed 17 limits" in run_once(cluster)
     shown = CliRunner().invoke(app, ["limits", "get", "--json"], env=env_for(cluster))
     assert shown.exit_code == 0, shown.output
     shown_json = json.loads(shown.stdout)

@@ -27,7 +27,8 @@ from tests.gateway.fake_upstream import FakeUpstream, ServerThread
 from tests.support.redis_cluster import RedisClusterServers
 
 SECRET = "test-secret"  # start_gateway's
-# Global concurrency and a global daily budget: the shared slot holds leases to release.
+# Global concurrency (shared by weight) and a global daily budget: the shared slot holds
+# leases to release.
 POLICIES = """\
 {apiVersion: governor/v1, kind: Plan, metadata: {name: free},
  spec: {models: [gpt-3.5-turbo], limits: {requests_per_minute: 10, tokens_per_day: 1000}}}
@@ -37,7 +38,8 @@ POLICIES = """\
 ---
 {apiVersion: governor/v1, kind: Limits, metadata: {name: global},
  spec: {default_plan: free, ip: {requests_per_minute: 1000},
-        global: {requests_per_second: 1000, concurrent_requests: 100, tokens_per_day: 1000000}}}
+        global: {requests_per_second: 1000, concurrent_requests: 100, concurrent_headroom: 0.1,
+                 tokens_per_day: 1000000}}}
 """
 V2 = EnforcementKeys.for_prefix("governor", sharded=True)
 
@@ -111,18 +113,19 @@ def test_a_refusal_in_one_slot_releases_what_the_others_took(
             held = await admission.admit(request("r1"))
             refused = await admission.admit(request("r2"))  # the tenant's 1 slot is taken
             shared = V2.global_level().state
-            during = await client.hget(shared, "c|concurrent_requests")
+            during = await client.hmget(shared, ["c|concurrent_requests", "o|tenant/solo1/", "a"])
             assert held.reservation is not None
             settled = await admission.settle(held.reservation, "solo1", 12, None)
-            after = await client.hget(shared, "c|concurrent_requests")
-            return [held.outcome, refused.outcome], [during, after], settled
+            after = await client.hmget(shared, ["c|concurrent_requests", "o|tenant/solo1/", "a"])
+            return [held.outcome, refused.outcome], [*during, *after], settled
         finally:
             await aclose(client)
 
     outcomes, concurrency, settled = asyncio.run(scenario())
     assert outcomes == ["allow", "rate_limited"]
-    # The refused request's global slot was taken in the shared slot, then given back.
-    assert concurrency == ["1", "0"]
+    # The refused request's global slot and share were taken in the shared slot, then given
+    # back; the settle gives back the first one's.
+    assert concurrency == ["1", "1", "1", "0", None, "0"]
     assert settled
     with cluster.client() as client:
         assert client.zcard(V2.global_level().leases) == 0

@@ -66,6 +66,17 @@ location = /_probe/request {
             prompt = request.prompt_tokens, body = request.raw}))
     }
 }
+location = /_probe/limits {
+    content_by_lua_block {
+        local cjson = require 'cjson.safe'
+        local limits = require 'governor.limits'
+        ngx.req.read_body()
+        local asked = cjson.decode(ngx.req.get_body_data())
+        local found = limits.resolve(asked.version, asked.levels, asked.plan_owner, asked.model)
+        ngx.say(cjson.encode({letters = found.letters, limits = found.limits,
+            shed = found.shed or cjson.null}))
+    }
+}
 location = /_probe/strip {
     content_by_lua_block {
         local openai = require 'governor.openai'

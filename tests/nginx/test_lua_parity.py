@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from controller.contract.enforcement import EnforcementKeys, ip_id
+from controller.gateway.limits import resolve
 from controller.gateway.openai import ModelRequest, RequestError, RequestKind, UsageChunkFilter
 from tests.nginx.conftest import Side
 
@@ -134,3 +135,39 @@ def test_the_usage_chunk_is_stripped_as_python_strips_it(nginx: Side, size: int)
     assert lua.content == python
     assert b'"usage"' not in python
     assert b"no usage: kept" in python
+
+
+SHARED = {"concurrent_requests": "40", "concurrent_headroom": "0.05"}
+
+
+@pytest.mark.parametrize(
+    ("global_", "tenant", "plan", "model"),
+    [
+        (SHARED, {}, {"concurrent_weight": "4"}, ""),  # the plan's weight
+        (SHARED, {"concurrent_weight": " 2.5 "}, {"concurrent_weight": "4"}, "gpt-4"),  # its own
+        (SHARED, {"requests_per_minute": "60"}, {}, ""),  # no weight written: 1
+        ({"concurrent_headroom": "0.1"}, {}, {"concurrent_weight": "3"}, ""),  # nothing to share
+        ({"concurrent_requests@gpt-4": "9", "concurrent_headroom": "0.1"}, {}, {}, "gpt-4"),
+        ({**SHARED, "requests_per_second": "5"}, {"concurrent_requests": "3"}, {}, ""),
+        (SHARED, {"concurrent_weight": "0"}, {}, ""),  # a 0 sheds, like any value
+        ({"concurrent_headroom": "x", "concurrent_requests": "4"}, {}, {}, ""),
+    ],
+)
+def test_the_limits_resolve_as_pythons(
+    nginx: Side, global_: dict[str, str], tenant: dict[str, str], plan: dict[str, str],
+    model: str,
+) -> None:  # fmt: skip
+    levels: list[tuple[str, list[dict[str, str]]]] = [
+        ("global/", [global_]), ("", []), ("tenant/acme/", [tenant, plan]), ("", []),
+    ]  # fmt: skip
+    asked = {"version": "7", "levels": levels, "plan_owner": "plan/free/", "model": model}
+
+    lua = nginx.http.post(f"{nginx.url}/_probe/limits", content=json.dumps(asked)).json()
+    lua["limits"] = lua["limits"] or []  # cjson writes an empty array as {}
+
+    hashes: list[tuple[str, list[dict[str, str] | None]]] = [
+        (owner, [*found] or [None]) for owner, found in levels
+    ]
+    python = resolve("7", hashes, "plan/free/", model)
+    assert lua == {"letters": python.letters, "limits": list(python.limits[1:]),
+                   "shed": python.shed}  # fmt: skip

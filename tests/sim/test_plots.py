@@ -207,7 +207,7 @@ def test_the_title_names_the_scenario_and_the_policy_set(
 ) -> None:
     title = fig.get_suptitle()
     assert "'cut' (seed 5, 10 min): Tenant ent-2 runs away, then every enterprise" in title
-    shipped = "policy set policies/ (policies: business-hours-free-tier, fair-share,"
+    shipped = "policy set policies/ (policies: business-hours-free-tier, global-inflight-by-gpu,"
     assert shipped in title
     assert "compared with static limits (its Plans and Limits only) and plain AIMD" in title
     assert "policies: policies" not in title

@@ -33,6 +33,32 @@ def test_a_negative_override_is_refused_as_a_number(url: str, db: redis.Redis[st
     assert db.keys("*override*") == []
 
 
+@pytest.mark.parametrize(
+    ("address", "value", "message"),
+    [
+        ("global/concurrent_weight", "2", "concurrent_weight is written only as plan/<plan>/"),
+        ("tenant/acme/concurrent_headroom", "0.1", "is written only as global/concurrent_headroom"),
+        ("global/concurrent_headroom", "0", "concurrent_headroom must be > 0 and <= 1"),
+        ("tenant/acme/concurrent_weight", "0", "concurrent_weight must be > 0"),
+    ],
+)
+def test_a_sharing_term_out_of_place_or_range_is_refused(
+    url: str, db: redis.Redis[str], address: str, value: str, message: str
+) -> None:
+    # A 0 would shed (as any limit's) instead of meaning "no share": refused, never written.
+    result = run(url, "override", "set", address, value, "--ttl", "1h", "--reason", "x")
+    assert result.exit_code == 2
+    assert message in result.output
+    assert db.keys("*override*") == []
+
+
+def test_an_override_of_a_tenant_weight_is_written(url: str, db: redis.Redis[str]) -> None:
+    result = run(url, "override", "set", "tenant/acme/concurrent_weight", "8", "--ttl", "1h",
+                 "--reason", "contracted burst")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "override tenant/acme/concurrent_weight = 8" in result.output
+
+
 def test_a_negative_top_up_is_refused_naming_the_amount_given(
     url: str, db: redis.Redis[str]
 ) -> None:

@@ -214,6 +214,35 @@ BROKEN: dict[str, tuple[dict[str, str], str, str, int, str]] = {
         0,
         "spec: the floor of global/requests_per_second (10) is above its ceiling (5)",
     ),
+    "a plan's weight written as a global one": (
+        {"p.yaml": PLAN, "l.yaml": FREE_LIMITS + "  global: {concurrent_weight: 2}\n"},
+        "l.yaml",
+        "default_plan",
+        0,
+        "spec: concurrent_weight is written only as plan/<plan>/concurrent_weight or "
+        "tenant/<tenant>/concurrent_weight (> 0)",
+    ),
+    "a headroom in a plan": (
+        {"p.yaml": PLAN.replace("{requests", "{concurrent_headroom: 0.1, requests")},
+        "p.yaml",
+        "limits",
+        0,
+        "spec: concurrent_headroom is written only as global/concurrent_headroom",
+    ),
+    "a headroom above the limit itself": (
+        {"p.yaml": PLAN, "l.yaml": FREE_LIMITS + "  global: {concurrent_headroom: 2}\n"},
+        "l.yaml",
+        "default_plan",
+        0,
+        "spec: concurrent_headroom must be > 0 and <= 1",
+    ),
+    "a weight of 0": (
+        {"p.yaml": PLAN.replace("{requests", "{concurrent_weight: 0, requests")},
+        "p.yaml",
+        "limits",
+        0,
+        "spec: concurrent_weight must be > 0",
+    ),
 }  # fmt: skip
 
 
@@ -350,8 +379,9 @@ def test_schema_output_writes_the_same_schema_to_a_file(tmp_path: Path) -> None:
     assert json.loads(target.read_text()) == schema_of()
 
 
-def test_policy_test_passes_on_the_shipped_policies() -> None:
-    result = CliRunner().invoke(app, ["policy", "test", str(SHIPPED)])
+@pytest.mark.parametrize("directory", [SHIPPED, SHIPPED / "examples" / "fair-share"])
+def test_policy_test_passes_on_the_shipped_policies_and_examples(directory: Path) -> None:
+    result = CliRunner().invoke(app, ["policy", "test", str(directory)])
     assert result.exit_code == 0, result.output
     assert "0 failing" in result.output
     assert "FAIL" not in result.output

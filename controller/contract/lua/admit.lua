@@ -14,8 +14,10 @@
 --       7 the checks, a letter each, by level: global/ip/tenant/user (an absent level
 --         empty): s requests_per_second, m requests_per_minute, t tokens_per_minute,
 --         d tokens_per_day, c concurrent_requests; upper case: the model's own value
---         (`limit@model`). E.g. 's/m/mtd/m'. Or 'shed' / 'too_large': the gateway's
---         resolution decided already; only the version is checked.
+--         (`limit@model`); f: the level's `concurrent_requests` is shared by weight, its
+--         value '<headroom> <weight> <owner>' (after the level's c: see step 3). E.g.
+--         's/m/mtd/m' or 'cf//m/'. Or 'shed' / 'too_large': the gateway's resolution
+--         decided already; only the version is checked.
 --       8... each check's limit as stored, in that order; then, when the plan has credits,
 --         the credits to hold and the credits floor (micro-USD).
 -- Returns {'stale', the current version ('' none)}, or 12 values: outcome, denied_by,
@@ -44,7 +46,7 @@ local tokens = tokens_text + 0
 local credits = KEYS[10]
 local TENANT = 3  -- the level always read and written: it keeps the settle record
 -- A kind is its letter's byte (lower case; upper case is 32 less).
-local RPS, RPM, TPM, TPD, CONCURRENT, SLASH = 115, 109, 116, 100, 99, 47
+local RPS, RPM, TPM, TPD, CONCURRENT, FAIR, SLASH = 115, 109, 116, 100, 99, 102, 47
 
 local time = call('TIME')
 local now = time[1] * 1000 + time[2] / 1000
@@ -70,6 +72,7 @@ local lv = {false, 1, 0, false, 0, false, 1, 0, false, 0, false, 1, 0, false, 0,
 -- come, expired leases are released and the counters read again.
 local names = {false, false, false, false, false, false, false, false, false, false, false,
   false}
+local fair = 0  -- the f check, if any (a level's weighted share of its concurrency)
 local n, p = 0, 1
 for l = 1, 4 do
   local o = 5 * l
@@ -80,6 +83,7 @@ for l = 1, 4 do
     n = n + 1
     local at = 6 * n
     local f, a, b, d
+    local value = ARGV[7 + n]
     if kind == RPM then
       f, a, b = 'requests_per_minute', 'g|requests_per_minute', 'l|requests_per_minute'
     elseif kind == TPM then
@@ -90,6 +94,11 @@ for l = 1, 4 do
       f, a, b = 'requests_per_second', 'g|requests_per_second', 'l|requests_per_second'
     elseif kind == CONCURRENT then
       f, a = 'concurrent_requests', 'c|concurrent_requests'
+    elseif kind == FAIR then
+      -- The level's active weight `a` and this owner's requests in flight there `o|<owner>`.
+      local headroom, weight, owner = string.match(value, '^(%S+) (%S+) (%S+)$')
+      f, a, b, d, value = owner, 'a', 'o|' .. owner, weight + 0, headroom
+      fair = n
     else  -- upper case: the model's own value (`limit@model`), whose names are built
       kind = kind + 32
       f = (kind == RPM and 'requests_per_minute' or kind == TPM and 'tokens_per_minute'
@@ -109,12 +118,15 @@ for l = 1, 4 do
     elseif kind == CONCURRENT then
       names[k + 1] = a
       k, cared = k + 1, true
+    elseif kind == FAIR then
+      names[k + 1], names[k + 2] = a, b
+      k, cared, a = k + 2, true, d  -- NAME: the weight
     else
       names[k + 1], names[k + 2] = a, b
       k = k + 2
     end
     c[at + KIND], c[at + FIELD], c[at + NAME], c[at + AT], c[at + LIMIT] = kind, f, a, k,
-      ARGV[7 + n] + 0
+      value + 0
     p = p + 1
     kind = byte(letters, p)
   end
@@ -197,10 +209,26 @@ for l = 1, 4 do
     if kind == CONCURRENT then
       local open = (values[c[at + AT]] or 0) + 0
       c[at + VALUE] = open
-      if open + 1 > c[at + LIMIT] and (denied == 0 or wait_ms < 1000) then
+      local limit = c[at + LIMIT]
+      if fair > j and fair <= lv[o + LAST] and c[at + FIELD] == 'concurrent_requests' then
+        -- Shared by weight (the level's f check): a tenant within its share of the limit
+        -- (weight ÷ the weight of the tenants with requests in flight here, itself
+        -- included) may also take the headroom above it; one beyond its share meets the
+        -- limit itself. So a burst is held at the edge while the others still get in.
+        local f = 6 * fair
+        local mine, weight = (values[c[f + AT]] or 0) + 0, c[f + NAME]
+        local active = (values[c[f + AT] - 1] or 0) + 0
+        if mine <= 0 then
+          active = active + weight
+        end
+        if mine + 1 <= limit * weight / max(active, weight) then
+          limit = limit * (1 + c[f + LIMIT])
+        end
+      end
+      if open + 1 > limit and (denied == 0 or wait_ms < 1000) then
         denied, wait_ms = j, 1000  -- when a slot frees is unknown; a second is a polite guess
       end
-    elseif kind ~= TPD then
+    elseif kind ~= TPD and kind ~= FAIR then
       local period = kind == RPS and 1000 or 60000
       local a = c[at + AT]
       local interval = period / c[at + LIMIT]
@@ -291,6 +319,17 @@ for i = 1, 4 do
         updates[k + 1], updates[k + 2] = c[at + NAME], format('%d', c[at + VALUE] + 1)
         k = k + 2
         hold, holding = 'c=' .. c[at + FIELD], true
+      elseif kind == FAIR then
+        local owner, a = c[at + FIELD], c[at + AT]
+        local mine = (values[a] or 0) + 0
+        updates[k + 1], updates[k + 2] = 'o|' .. owner, format('%d', max(mine, 0) + 1)
+        k = k + 2
+        if mine <= 0 then  -- its first in flight here: its weight joins the active weight
+          updates[k + 1], updates[k + 2] = 'q|' .. owner, c[at + NAME]
+          updates[k + 3], updates[k + 4] = 'a', (values[a - 1] or 0) + c[at + NAME]
+          k = k + 4
+        end
+        hold, holding = 'o=' .. owner, true
       else
         updates[k + 1], updates[k + 2] = c[at + NAME], c[at + VALUE]
         k = k + 2

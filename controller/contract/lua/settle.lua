@@ -59,6 +59,10 @@ for i = 2, #parts do
       if held then
         call('HINCRBY', state, 'c|' .. field, -1)
       end
+    elseif kind == 'o' then
+      if held then
+        unshare(state, field)
+      end
     elseif kind == 'b' then
       if held then
         call('HINCRBY', state, 'v|' .. field, -reserved)

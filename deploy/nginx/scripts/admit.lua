@@ -24,6 +24,9 @@ local STATE_TTL_MS = 2 * DAY_MS  -- a level's state outlives a day's budget, the
 --   c|F  open reservations (concurrency)
 --   d|F  UTC day of u|F   u|F  tokens settled that day   v|F  tokens held, not settled
 --   x|<id>  a reservation's settle record (tenant level)
+--   a    the weight of the owners with requests in flight here (a level whose concurrency
+--        is shared by weight: admit.lua's f check)   o|<owner>  that owner's requests in
+--        flight here   q|<owner>  the weight it joined with
 --   n    when the level next needs care (ms): its earliest lease expiry or the next UTC
 --        midnight, whichever is first; kept by levels that can hold something (budgets,
 --        concurrency) and by the tenant's (settle records)
@@ -32,7 +35,23 @@ local STATE_TTL_MS = 2 * DAY_MS  -- a level's state outlives a day's budget, the
 -- passes a UTC midnight (admit.lua).
 -- Its lease set (sorted by expiry) holds one member per reservation that holds something
 -- there: 'h|<id>|<tokens>|<holds>' (holds: 'b=F' budget, 'c=F' slot, 't=F' no hold,
--- comma-separated), '$|<id>|<micro-USD>' (credits), 'x|<id>' (a settle record's end).
+-- 'o=<owner>' an owner's share, comma-separated), '$|<id>|<micro-USD>' (credits), 'x|<id>'
+-- (a settle record's end).
+
+-- Give back an owner's request in flight on a level shared by weight: its last one out
+-- takes the weight it joined with from the level's active weight.
+-- The subtraction is Lua's (a double, written back with %.17g as admit.lua's addition is):
+-- HINCRBYFLOAT's long double would leave `a` a last digit off, and an exact share refused.
+local function unshare(state, owner)
+  if call('HINCRBY', state, 'o|' .. owner, -1) <= 0 then
+    local values = call('HMGET', state, 'a', 'q|' .. owner)
+    call('HDEL', state, 'o|' .. owner, 'q|' .. owner)
+    if values[2] then
+      local left = (values[1] or 0) - values[2]
+      call('HSET', state, 'a', left < 1e-9 and '0' or left)  -- rounding left: nobody in flight
+    end
+  end
+end
 
 -- A level's care, due once its `n` has come: release up to 64 expired leases (bounded
 -- work per call; a backlog drains over the next calls) — a crashed gateway's reservations
@@ -51,6 +70,8 @@ local function housekeep(state, leases, credits, now, midnight)
           call('HINCRBY', state, 'v|' .. field, -tokens)
         elseif kind == 'c' then
           call('HINCRBY', state, 'c|' .. field, -1)
+        elseif kind == 'o' then
+          unshare(state, field)
         end
       end
     elseif code == '$' and credits then
@@ -93,8 +114,10 @@ end
 --       7 the checks, a letter each, by level: global/ip/tenant/user (an absent level
 --         empty): s requests_per_second, m requests_per_minute, t tokens_per_minute,
 --         d tokens_per_day, c concurrent_requests; upper case: the model's own value
---         (`limit@model`). E.g. 's/m/mtd/m'. Or 'shed' / 'too_large': the gateway's
---         resolution decided already; only the version is checked.
+--         (`limit@model`); f: the level's `concurrent_requests` is shared by weight, its
+--         value '<headroom> <weight> <owner>' (after the level's c: see step 3). E.g.
+--         's/m/mtd/m' or 'cf//m/'. Or 'shed' / 'too_large': the gateway's resolution
+--         decided already; only the version is checked.
 --       8... each check's limit as stored, in that order; then, when the plan has credits,
 --         the credits to hold and the credits floor (micro-USD).
 -- Returns {'stale', the current version ('' none)}, or 12 values: outcome, denied_by,
@@ -123,7 +146,7 @@ local tokens = tokens_text + 0
 local credits = KEYS[10]
 local TENANT = 3  -- the level always read and written: it keeps the settle record
 -- A kind is its letter's byte (lower case; upper case is 32 less).
-local RPS, RPM, TPM, TPD, CONCURRENT, SLASH = 115, 109, 116, 100, 99, 47
+local RPS, RPM, TPM, TPD, CONCURRENT, FAIR, SLASH = 115, 109, 116, 100, 99, 102, 47
 
 local time = call('TIME')
 local now = time[1] * 1000 + time[2] / 1000
@@ -149,6 +172,7 @@ local lv = {false, 1, 0, false, 0, false, 1, 0, false, 0, false, 1, 0, false, 0,
 -- come, expired leases are released and the counters read again.
 local names = {false, false, false, false, false, false, false, false, false, false, false,
   false}
+local fair = 0  -- the f check, if any (a level's weighted share of its concurrency)
 local n, p = 0, 1
 for l = 1, 4 do
   local o = 5 * l
@@ -159,6 +183,7 @@ for l = 1, 4 do
     n = n + 1
     local at = 6 * n
     local f, a, b, d
+    local value = ARGV[7 + n]
     if kind == RPM then
       f, a, b = 'requests_per_minute', 'g|requests_per_minute', 'l|requests_per_minute'
     elseif kind == TPM then
@@ -169,6 +194,11 @@ for l = 1, 4 do
       f, a, b = 'requests_per_second', 'g|requests_per_second', 'l|requests_per_second'
     elseif kind == CONCURRENT then
       f, a = 'concurrent_requests', 'c|concurrent_requests'
+    elseif kind == FAIR then
+      -- The level's active weight `a` and this owner's requests in flight there `o|<owner>`.
+      local headroom, weight, owner = string.match(value, '^(%S+) (%S+) (%S+)$')
+      f, a, b, d, value = owner, 'a', 'o|' .. owner, weight + 0, headroom
+      fair = n
     else  -- upper case: the model's own value (`limit@model`), whose names are built
       kind = kind + 32
       f = (kind == RPM and 'requests_per_minute' or kind == TPM and 'tokens_per_minute'
@@ -188,12 +218,15 @@ for l = 1, 4 do
     elseif kind == CONCURRENT then
       names[k + 1] = a
       k, cared = k + 1, true
+    elseif kind == FAIR then
+      names[k + 1], names[k + 2] = a, b
+      k, cared, a = k + 2, true, d  -- NAME: the weight
     else
       names[k + 1], names[k + 2] = a, b
       k = k + 2
     end
     c[at + KIND], c[at + FIELD], c[at + NAME], c[at + AT], c[at + LIMIT] = kind, f, a, k,
-      ARGV[7 + n] + 0
+      value + 0
     p = p + 1
     kind = byte(letters, p)
   end
@@ -276,10 +309,26 @@ for l = 1, 4 do
     if kind == CONCURRENT then
       local open = (values[c[at + AT]] or 0) + 0
       c[at + VALUE] = open
-      if open + 1 > c[at + LIMIT] and (denied == 0 or wait_ms < 1000) then
+      local limit = c[at + LIMIT]
+      if fair > j and fair <= lv[o + LAST] and c[at + FIELD] == 'concurrent_requests' then
+        -- Shared by weight (the level's f check): a tenant within its share of the limit
+        -- (weight ÷ the weight of the tenants with requests in flight here, itself
+        -- included) may also take the headroom above it; one beyond its share meets the
+        -- limit itself. So a burst is held at the edge while the others still get in.
+        local f = 6 * fair
+        local mine, weight = (values[c[f + AT]] or 0) + 0, c[f + NAME]
+        local active = (values[c[f + AT] - 1] or 0) + 0
+        if mine <= 0 then
+          active = active + weight
+        end
+        if mine + 1 <= limit * weight / max(active, weight) then
+          limit = limit * (1 + c[f + LIMIT])
+        end
+      end
+      if open + 1 > limit and (denied == 0 or wait_ms < 1000) then
         denied, wait_ms = j, 1000  -- when a slot frees is unknown; a second is a polite guess
       end
-    elseif kind ~= TPD then
+    elseif kind ~= TPD and kind ~= FAIR then
       local period = kind == RPS and 1000 or 60000
       local a = c[at + AT]
       local interval = period / c[at + LIMIT]
@@ -370,6 +419,17 @@ for i = 1, 4 do
         updates[k + 1], updates[k + 2] = c[at + NAME], format('%d', c[at + VALUE] + 1)
         k = k + 2
         hold, holding = 'c=' .. c[at + FIELD], true
+      elseif kind == FAIR then
+        local owner, a = c[at + FIELD], c[at + AT]
+        local mine = (values[a] or 0) + 0
+        updates[k + 1], updates[k + 2] = 'o|' .. owner, format('%d', max(mine, 0) + 1)
+        k = k + 2
+        if mine <= 0 then  -- its first in flight here: its weight joins the active weight
+          updates[k + 1], updates[k + 2] = 'q|' .. owner, c[at + NAME]
+          updates[k + 3], updates[k + 4] = 'a', (values[a - 1] or 0) + c[at + NAME]
+          k = k + 4
+        end
+        hold, holding = 'o=' .. owner, true
       else
         updates[k + 1], updates[k + 2] = c[at + NAME], c[at + VALUE]
         k = k + 2

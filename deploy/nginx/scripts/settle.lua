@@ -24,6 +24,9 @@ local STATE_TTL_MS = 2 * DAY_MS  -- a level's state outlives a day's budget, the
 --   c|F  open reservations (concurrency)
 --   d|F  UTC day of u|F   u|F  tokens settled that day   v|F  tokens held, not settled
 --   x|<id>  a reservation's settle record (tenant level)
+--   a    the weight of the owners with requests in flight here (a level whose concurrency
+--        is shared by weight: admit.lua's f check)   o|<owner>  that owner's requests in
+--        flight here   q|<owner>  the weight it joined with
 --   n    when the level next needs care (ms): its earliest lease expiry or the next UTC
 --        midnight, whichever is first; kept by levels that can hold something (budgets,
 --        concurrency) and by the tenant's (settle records)
@@ -32,7 +35,23 @@ local STATE_TTL_MS = 2 * DAY_MS  -- a level's state outlives a day's budget, the
 -- passes a UTC midnight (admit.lua).
 -- Its lease set (sorted by expiry) holds one member per reservation that holds something
 -- there: 'h|<id>|<tokens>|<holds>' (holds: 'b=F' budget, 'c=F' slot, 't=F' no hold,
--- comma-separated), '$|<id>|<micro-USD>' (credits), 'x|<id>' (a settle record's end).
+-- 'o=<owner>' an owner's share, comma-separated), '$|<id>|<micro-USD>' (credits), 'x|<id>'
+-- (a settle record's end).
+
+-- Give back an owner's request in flight on a level shared by weight: its last one out
+-- takes the weight it joined with from the level's active weight.
+-- The subtraction is Lua's (a double, written back with %.17g as admit.lua's addition is):
+-- HINCRBYFLOAT's long double would leave `a` a last digit off, and an exact share refused.
+local function unshare(state, owner)
+  if call('HINCRBY', state, 'o|' .. owner, -1) <= 0 then
+    local values = call('HMGET', state, 'a', 'q|' .. owner)
+    call('HDEL', state, 'o|' .. owner, 'q|' .. owner)
+    if values[2] then
+      local left = (values[1] or 0) - values[2]
+      call('HSET', state, 'a', left < 1e-9 and '0' or left)  -- rounding left: nobody in flight
+    end
+  end
+end
 
 -- A level's care, due once its `n` has come: release up to 64 expired leases (bounded
 -- work per call; a backlog drains over the next calls) — a crashed gateway's reservations
@@ -51,6 +70,8 @@ local function housekeep(state, leases, credits, now, midnight)
           call('HINCRBY', state, 'v|' .. field, -tokens)
         elseif kind == 'c' then
           call('HINCRBY', state, 'c|' .. field, -1)
+        elseif kind == 'o' then
+          unshare(state, field)
         end
       end
     elseif code == '$' and credits then
@@ -137,6 +158,10 @@ for i = 2, #parts do
     elseif kind == 'c' then
       if held then
         call('HINCRBY', state, 'c|' .. field, -1)
+      end
+    elseif kind == 'o' then
+      if held then
+        unshare(state, field)
       end
     elseif kind == 'b' then
       if held then

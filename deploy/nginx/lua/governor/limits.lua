@@ -5,7 +5,8 @@
 local _M = {}
 
 local KINDS = {'requests_per_second', 'requests_per_minute', 'tokens_per_minute',
-  'tokens_per_day', 'concurrent_requests', 'max_tokens_per_request'}
+  'tokens_per_day', 'concurrent_requests', 'max_tokens_per_request', 'concurrent_headroom',
+  'concurrent_weight'}
 -- admit.lua's letter for each kind it checks (upper case: the model's own value).
 local LETTERS = {requests_per_second = 's', requests_per_minute = 'm', tokens_per_minute = 't',
   tokens_per_day = 'd', concurrent_requests = 'c'}
@@ -33,6 +34,22 @@ local function number(text)
   return value
 end
 
+local function trimmed(text)
+  return text:match('^%s*(.-)%s*$')
+end
+
+-- limits._Found.share: with a global headroom and global concurrent_requests, the f check
+-- after the global level's others (its value: headroom, the tenant's weight, the tenant).
+local function share(checks, letters, headroom, weight, tenant_owner)
+  if not headroom or tenant_owner == '' or not letters[1]:find('c', 1, true) then
+    return
+  end
+  table.insert(checks, #letters[1] + 1, {address = headroom.address, kind = headroom.kind,
+    text = trimmed(headroom.text) .. ' ' .. weight .. ' ' .. tenant_owner,
+    value = headroom.value})
+  letters[1] = letters[1] .. 'f'
+end
+
 -- limits.resolve: `levels` = per level (global, ip, tenant, user) {owner ('' absent), its
 -- hashes (field → value) in lookup order}; the tenant's second hash is its plan's.
 function _M.resolve(version, levels, plan_owner, model)
@@ -44,6 +61,7 @@ function _M.resolve(version, levels, plan_owner, model)
     fields[#fields + 1] = {kind, kind, false}
   end
   local checks, sized, letters = {}, {}, {}
+  local headroom, weight = nil, '1'
   for l, level in ipairs(levels) do
     local owner, found, level_letters = level[1], {}, {}
     for position, values in ipairs(level[2]) do
@@ -63,6 +81,13 @@ function _M.resolve(version, levels, plan_owner, model)
             if SIZED[kind] then
               sized[#sized + 1] = {value, owner .. name}
             end
+            -- A share's terms hold for the whole pool: no `@model`.
+            if kind == 'concurrent_headroom' and owner == 'global/' and not field[3] then
+              headroom = {address = owner .. name, kind = kind, text = text, value = value}
+            elseif kind == 'concurrent_weight' and owner:sub(1, 7) == 'tenant/'
+                and not field[3] then
+              weight = trimmed(text)
+            end
             local letter = LETTERS[kind]
             if letter then
               checks[#checks + 1] = {address = owner .. name, kind = kind, text = text,
@@ -75,6 +100,7 @@ function _M.resolve(version, levels, plan_owner, model)
     end
     letters[l] = table.concat(level_letters)
   end
+  share(checks, letters, headroom, weight, levels[3] and levels[3][1] or '')
   local limits = {}
   for i, check in ipairs(checks) do
     limits[i] = check.text
