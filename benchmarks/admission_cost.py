@@ -5,9 +5,11 @@ counts do not. This runs a redis-server under valgrind's callgrind, loads the th
 limits of benchmarks/admission.py, and counts the instructions Redis executes per call
 (reading the command, running the script, answering) for the trivial `return 1` script,
 the one-level GCRA and the full decision (global + ip + plan + tenant + user + token
-budget), each on its own fresh server. Ratios are to the trivial script; `--against REV`
-also counts the full decision as a git revision had it (lib.lua + admit.lua of REV, called
-as that revision's gateway called it), to show what a change to the scripts gained;
+budget), then the full decision with a global in-flight limit, plain and shared by weight
+(`concurrent_headroom`), each on its own fresh server. Ratios are to the trivial script;
+`--against REV` also counts the full decision as a git revision had it (lib.lua + admit.lua
+of REV, called as that revision's gateway called it), to show what a change to the scripts
+gained;
 `--profile N` prints the N functions that cost most inside the full decision (names only
 where the redis-server binary has them).
 
@@ -47,10 +49,15 @@ from tests.support.redis import RedisServer, free_port
 WARM_UP = 200  # calls before counting: scripts compiled, hashes and lease sets in place
 # A script's keys and arguments, worked out once the limits are written.
 Call = Callable[["redis.Redis[str]"], tuple[Sequence[str], Sequence[Any]]]
+IN_FLIGHT = {**THROUGHPUT_LIMITS, "global/concurrent_requests": HUGE}
+SHARED = {**IN_FLIGHT, "global/concurrent_headroom": 0.05, "plan/bench/concurrent_weight": 2}
 
 
-def count(script: Script, call_for: Call, calls: int, out: Path) -> tuple[float, str]:
-    """Instructions per call of `script` on a fresh redis-server under callgrind."""
+def count(
+    script: Script, call_for: Call, calls: int, out: Path, limits: dict[str, float]
+) -> tuple[float, str]:
+    """Instructions per call of `script` on a fresh redis-server under callgrind, with
+    `limits` written."""
     port = free_port()
     dump = out / f"{script.name}.callgrind"
     server = subprocess.Popen(
@@ -70,7 +77,7 @@ def count(script: Script, call_for: Call, calls: int, out: Path) -> tuple[float,
                 if time.monotonic() > deadline:
                     raise RuntimeError("redis-server under valgrind did not start") from None
                 time.sleep(0.2)  # valgrind takes seconds to start the server
-        write_limits(RedisServer(out, port=port), THROUGHPUT_LIMITS)
+        write_limits(RedisServer(out, port=port), limits)
         keys, args = call_for(client)
         client.execute_command("SCRIPT LOAD", script.source)
         ids = iter(range(WARM_UP + calls))
@@ -143,22 +150,29 @@ def main() -> None:
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
         print("admission_cost needs valgrind: apt-get install valgrind (skipped)")
         return
-    runs: dict[str, tuple[Script, Call]] = {
-        "trivial (return 1)": (TRIVIAL, lambda _: ((), ())),
-        "one-level GCRA": (GCRA, lambda _: (("gcra:cost",), (HUGE, 60000))),
-        "full decision (admit.lua)": (ADMIT, full_decision_call),
+    runs: dict[str, tuple[Script, Call, dict[str, float]]] = {
+        "trivial (return 1)": (TRIVIAL, lambda _: ((), ()), THROUGHPUT_LIMITS),
+        "one-level GCRA": (GCRA, lambda _: (("gcra:cost",), (HUGE, 60000)), THROUGHPUT_LIMITS),
+        "full decision (admit.lua)": (ADMIT, full_decision_call, THROUGHPUT_LIMITS),
+        "+ global in flight": (ADMIT, full_decision_call, IN_FLIGHT),
+        "+ global in flight, shared": (ADMIT, full_decision_call, SHARED),
     }
     if options.against:
-        runs[f"full decision at {options.against}"] = script_at(options.against)
+        runs[f"full decision at {options.against}"] = (*script_at(options.against),
+                                                        THROUGHPUT_LIMITS)  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         counts, reports = {}, {}
-        for name, (script, call_for) in runs.items():
-            counts[name], reports[name] = count(script, call_for, options.calls, Path(tmp))
+        for name, (script, call_for, limits) in runs.items():
+            counts[name], reports[name] = count(script, call_for, options.calls, Path(tmp), limits)
     trivial = counts["trivial (return 1)"]
     print(f"\ninstructions Redis executes per call (callgrind, {options.calls} calls each)")
     print(f"{'script':34} {'instructions':>13} {'vs trivial':>11}")
     for name, value in counts.items():
         print(f"{name:34} {value:13,.0f} {value / trivial:10.1f}x")
+    shared, plain = counts["+ global in flight, shared"], counts["+ global in flight"]
+    print(
+        f"sharing the in-flight limit by weight / the plain in-flight limit = {shared / plain:.3f}"
+    )
     if options.against:
         before = counts[f"full decision at {options.against}"]
         now = counts["full decision (admit.lua)"]
