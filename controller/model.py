@@ -164,18 +164,19 @@ INTERNED_MAX = 1 << 20
 _INTERNED: dict[str, Address] = {}
 
 
-# How a concurrency limit is shared (docs/enforcement.md, "Sharing the in-flight limit"): where
-# each term may be written, and its values. A term is no limit: 0 would not mean "shed".
-_SHARE_TERMS: dict[LimitKind, tuple[frozenset[Scope], float, str]] = {
+# How a concurrency limit is shared (docs/enforcement.md, "Sharing the in-flight limit by
+# weight"): where each term may be written, and its range. A term is no limit: 0 would not
+# mean "shed"; a headroom above 1 or a weight far out of scale is no share anyone meant.
+_SHARE_TERMS: dict[LimitKind, tuple[frozenset[Scope], tuple[float, float], str]] = {
     LimitKind.CONCURRENT_HEADROOM: (
         frozenset({Scope.GLOBAL}),
-        1.0,
-        "global/concurrent_headroom (a share of global/concurrent_requests, > 0 and <= 1)",
+        (0.001, 1.0),
+        "global/concurrent_headroom (a share of global/concurrent_requests)",
     ),
     LimitKind.CONCURRENT_WEIGHT: (
         frozenset({Scope.PLAN, Scope.TENANT}),
-        math.inf,
-        "plan/<plan>/concurrent_weight or tenant/<tenant>/concurrent_weight (> 0)",
+        (0.001, 1_000_000.0),
+        "plan/<plan>/concurrent_weight or tenant/<tenant>/concurrent_weight",
     ),
 }
 
@@ -191,13 +192,19 @@ def placement_problem(scope: Scope, limit: LimitKind, model: str | None) -> str 
     return None
 
 
-def value_problem(limit: LimitKind, value: float) -> str | None:
-    """Why `value` cannot be written for `limit`; None when it can (limits: any number >= 0,
-    0 sheds)."""
+def term_range(limit: LimitKind) -> tuple[float, float] | None:
+    """The values a sharing term may take (both ends included); None for a limit (any
+    number >= 0, 0 sheds)."""
     terms = _SHARE_TERMS.get(limit)
-    if terms is None or (0 < value <= terms[1]):
+    return None if terms is None else terms[1]
+
+
+def value_problem(limit: LimitKind, value: float) -> str | None:
+    """Why `value` cannot be written for `limit`; None when it can."""
+    bounds = term_range(limit)
+    if bounds is None or bounds[0] <= value <= bounds[1]:
         return None
-    return f"{limit.value} must be > 0" + (f" and <= {terms[1]:g}" if terms[1] < math.inf else "")
+    return f"{limit.value} must be between {bounds[0]:.10g} and {bounds[1]:.10g}"
 
 
 def _shape_of(scope: Scope) -> str:

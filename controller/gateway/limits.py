@@ -26,7 +26,7 @@ from redis.exceptions import RedisClusterException
 from controller.clients.redis import explained, is_cluster
 from controller.clients.scripts import EnforcementError
 from controller.contract.enforcement import EnforcementKeys
-from controller.model import LimitKind, Scope
+from controller.model import LimitKind, Scope, placement_problem, term_range, value_problem
 
 __all__ = ["Check", "LimitCache", "Resolved", "read_limits", "resolve"]
 
@@ -173,9 +173,10 @@ class _Found:
                 if text is None:
                     continue
                 value = _number(text)
-                # A 0 sheds. So does a value Governor never writes (`abc`, -1, 1e400): ignoring
-                # it served that traffic with no limit at all until drift repair (fail closed).
-                if value is None or value == 0:
+                # A 0 sheds. So does a value Governor never writes (`abc`, -1, 1e400, a sharing
+                # term out of its place or range): ignoring it served that traffic with no
+                # limit at all until drift repair (fail closed).
+                if value is None or value == 0 or _misplaced(owner, position, kind, value, scoped):
                     return (plan_owner if position == 1 else owner) + name
                 if kind not in kinds:
                     kinds.add(kind)
@@ -185,11 +186,11 @@ class _Found:
 
     def _take(self, address: str, kind: LimitKind, text: str, value: float, scoped: bool) -> str:
         """Note a limit; admit.lua's letter for it ('' for a kind it does not check)."""
-        if scoped:
-            pass  # a share's terms hold for the whole pool: no `@model` (Address refuses one)
-        elif kind is LimitKind.CONCURRENT_HEADROOM and address.startswith("global/"):
+        # Sharing terms reach here only where they belong (global headroom, a tenant's or
+        # its plan's weight, no `@model`): anywhere else they shed.
+        if kind is LimitKind.CONCURRENT_HEADROOM:
             self.headroom = Check(address, kind, text, value)
-        elif kind is LimitKind.CONCURRENT_WEIGHT and address.startswith("tenant/"):
+        elif kind is LimitKind.CONCURRENT_WEIGHT:
             self.weight = text.strip()
         if kind in _SIZED:
             self.sized.append((value, address))
@@ -210,6 +211,16 @@ class _Found:
         at = len(self.letters[0])  # after the global level's checks, a letter each
         self.checks.insert(at, Check(headroom.address, headroom.kind, text, headroom.value))
         self.letters[0] += "f"
+
+
+def _misplaced(owner: str, position: int, kind: LimitKind, value: float, scoped: bool) -> bool:
+    """A sharing term where Governor never writes one (another level, `@model`) or out of
+    its range."""
+    if term_range(kind) is None:
+        return False
+    scope = Scope.PLAN if position == 1 else Scope(owner.partition("/")[0])
+    problem = placement_problem(scope, kind, "m" if scoped else None)
+    return problem is not None or value_problem(kind, value) is not None
 
 
 class _Transaction(Protocol):

@@ -95,9 +95,10 @@ def share(check: Check, resolved: Resolved, values: Sequence[str | None]) -> Lim
     weight = float(check.text.split()[1])
     limit = next(c.value for c in resolved.checks if c.address == _SHARED)
     mine, active = _float(values[0]) or 0.0, _float(values[1]) or 0.0
-    if mine <= 0:
-        active += weight
-    allowed = limit * weight / max(active, weight)
+    if mine > 0:  # its own weight counts as it is now
+        active = max(active - (_float(values[2]) or weight), 0.0)
+    active += weight
+    allowed = limit * weight / active
     address = f"{_SHARED}: its share (weight {weight:g} of {active:g} in flight)"
     return LimitUsage(address, LimitKind.CONCURRENT_WEIGHT, _WINDOWS[LimitKind.CONCURRENT_REQUESTS],
                       allowed, mine, 0.0, max(0.0, allowed - mine), None)  # fmt: skip
@@ -112,8 +113,9 @@ def _float(text: str | None) -> float | None:
 
 def _fields(check: Check) -> tuple[str, ...]:
     """The state fields admit.lua keeps for one check (docs/enforcement.md)."""
-    if check.kind is _SHARE:  # the tenant's requests in flight there, the weight in flight
-        return (f"o|{check.text.split()[2]}", "a")
+    if check.kind is _SHARE:  # its requests in flight there, the weight in flight, its own
+        owner = check.text.split()[2]
+        return (f"o|{owner}", "a", f"q|{owner}")
     name = check.address.rsplit("/", 1)[1]  # e.g. "tokens_per_day@gpt-4"
     if check.kind is LimitKind.TOKENS_PER_DAY:
         return (f"d|{name}", f"u|{name}", f"v|{name}")

@@ -180,6 +180,11 @@ class LimitsSpec(Strict):
     def _terms_in_place(self) -> LimitsSpec:
         _check_terms(Scope.GLOBAL, self.global_)
         _check_terms(Scope.IP, self.ip)
+        for bounds in (self.floors, self.ceilings):
+            for address, value in bounds.items():
+                problem = value_problem(address.limit, value)
+                if problem is not None:
+                    raise ValueError(f"{address}: {problem}")
         return self
 
     @model_validator(mode="after")
@@ -228,6 +233,11 @@ class Action(Strict):
             raise ValueError("an action needs exactly one of `scale` or `set`")
         if self.min is not None and self.max is not None and self.min > self.max:
             raise ValueError(f"min ({self.min}) is above max ({self.max})")
+        kind = LimitKind(self.target.text.rpartition("/")[2].partition("@")[0])
+        for value in (self.set, self.min, self.max):
+            problem = None if value is None else value_problem(kind, value)
+            if problem is not None:
+                raise ValueError(f"{self.target.text}: {problem}")
         return self
 
 

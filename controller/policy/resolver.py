@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from controller.durations import format_duration
-from controller.model import Address, Decision, Override, Proposal, Scope, Source
+from controller.model import Address, Decision, Override, Proposal, Scope, Source, term_range
 from controller.policy.baselines import Baselines
 from controller.policy.documents import Behavior, BehaviorRule
 from controller.policy.policyset import PolicySet
@@ -362,6 +362,13 @@ def _clamp(policies: PolicySet, address: Address, value: float, notes: list[str]
     if ceiling is not None and value > ceiling:
         notes.append(f"lowered to ceiling {fmt_number(ceiling)} (recommended {fmt_number(value)})")
         value = ceiling
+    bounds = term_range(address.limit)
+    if bounds is not None and not bounds[0] <= value <= bounds[1]:
+        # A sharing term out of its range would shed at the gateways (as a value not ours).
+        held = min(max(value, bounds[0]), bounds[1])
+        notes.append(f"held within {address.limit.value}'s range {fmt_number(bounds[0])}–"
+                     f"{fmt_number(bounds[1])} (recommended {fmt_number(value)})")  # fmt: skip
+        value = held
     return value
 
 

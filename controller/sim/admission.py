@@ -57,24 +57,32 @@ class _Share:
     joined: str  # q|<owner>: the weight it joined the active weight `a` with
 
     def limit(self, state: dict[str, float], limit: float) -> float:
-        """The limit for the tenant's next request: with the headroom while that request is
-        within its share (weight ÷ the weight in flight, its own included)."""
+        """The limit for the tenant's next request: with the headroom (at least one request)
+        while that request is within its share (weight ÷ the weight in flight, its own
+        included, as it is now); a tenant with nothing in flight is always within."""
         mine = state.get(self.mine, 0.0)
-        weight = self.weight
-        active = state.get("a", 0.0)
+        with_headroom = limit + max(1.0, limit * self.headroom)
         if mine <= 0:
-            active += weight
-        if mine + 1 <= limit * weight / max(active, weight):
-            return limit * (1 + self.headroom)
+            return with_headroom
+        weight = self.weight
+        others = max(state.get("a", 0.0) - state.get(self.joined, weight), 0.0)
+        if mine + 1 <= limit * weight / max(others + weight, weight):
+            return with_headroom
         return limit
 
     def join(self, state: dict[str, float]) -> None:
-        """One more request in flight: the tenant's first brings its weight in."""
+        """One more request in flight: the tenant's first brings its weight in, and a weight
+        changed since it joined replaces the one it joined with."""
         mine = state.get(self.mine, 0.0)
         state[self.mine] = max(mine, 0.0) + 1
-        if mine <= 0:
-            state[self.joined] = self.weight
-            state["a"] = state.get("a", 0.0) + self.weight
+        weight = self.weight
+        joined = state.get(self.joined, weight)
+        if mine <= 0 or joined != weight:
+            active = state.get("a", 0.0)
+            if mine > 0:
+                active = max(active - joined, 0.0)
+            state[self.joined] = weight
+            state["a"] = active + weight
 
 
 def _unshare(state: dict[str, float], owner: str) -> None:
@@ -85,10 +93,8 @@ def _unshare(state: dict[str, float], owner: str) -> None:
     if left > 0:
         state[mine] = left
         return
-    weight = state.pop("q|" + owner, None)
-    if weight is not None:
-        active = state.get("a", 0.0) - weight
-        state["a"] = active if active >= 1e-9 else 0.0  # rounding left over: nobody
+    active = state.get("a", 0.0) - state.pop("q|" + owner, 0.0)
+    state["a"] = active if 1e-9 <= active < math.inf else 0.0  # rounding left over: nobody
 
 
 @dataclass(frozen=True, slots=True)

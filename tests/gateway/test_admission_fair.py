@@ -132,3 +132,49 @@ def test_usage_shows_a_tenants_share_and_its_requests_in_flight(
     assert rows["global/concurrent_requests"]["used"] == 15  # 3 of them on the headroom
     table = CliRunner().invoke(app, ["usage", "hog", "--plan", "free"], env=env)
     assert "its share (weight 1 of 3 in flight)" in table.stdout  # 4 of 12; it holds 12
+
+
+def test_a_newcomer_gets_one_request_in_even_when_its_share_is_under_one(
+    gate: Gate, db: redis.Redis[str], set_limits: SetLimits
+) -> None:
+    # 10 tenants hold one request each: a newcomer's share is 10/11 < 1, and 5% of 10 is
+    # half a request. A tenant with nothing in flight is within its share, and the headroom
+    # is at least one request: it gets in; its second does not.
+    set_limits({"global/concurrent_requests": 10, "global/concurrent_headroom": 0.05})
+    assert admit_all(gate, [(f"t{i}", "free") for i in range(10)])[-1][0] == "allow"
+    got = admit_all(gate, [("new", "free"), ("new", "free"), ("other", "free")])
+    assert [o for o, _ in got] == ["allow", "rate_limited", "rate_limited"]
+
+
+def test_a_weight_raised_in_flight_counts_as_it_is_now(
+    gate: Gate, db: redis.Redis[str], set_limits: SetLimits
+) -> None:
+    set_limits({"global/concurrent_requests": 20, "global/concurrent_headroom": 1})
+    admit_all(gate, [("x", "free")] + [("y", "free")] * 20)  # x 1, y 20: the limit is full
+    set_limits({"global/concurrent_requests": 20, "global/concurrent_headroom": 1,
+                "tenant/x/concurrent_weight": 3})  # fmt: skip
+    # x's share is 20 × 3/4 = 15 (not 20 × 3/max(2, 3), its old weight still in `a`).
+    got = admit_all(gate, [("x", "free")] * 15)
+    assert [o for o, _ in got] == ["allow"] * 14 + ["rate_limited"]
+    state = global_state(db)
+    assert (state["a"], state["q|tenant/x/"], state["o|tenant/x/"]) == ("4", "3", "15")
+
+
+def test_values_not_ours_read_as_nothing_and_an_idle_pool_forgets_stale_shares(
+    gate: Gate, db: redis.Redis[str], set_limits: SetLimits
+) -> None:
+    set_limits({"global/concurrent_requests": 4, "global/concurrent_headroom": 0.5})
+    state = EnforcementKeys.for_prefix("governor").global_level().state
+    # What a settle by a script that predates sharing leaves behind, and a hand edit.
+    db.hset(state, mapping={"o|tenant/gone/": "3", "q|tenant/gone/": "2", "a": "2",
+                            "q|tenant/odd/": "abc"})  # fmt: skip
+    first = admit_all(gate, [("a", "free")])  # nobody holds a slot: the shares start again
+    assert first[0][0] == "allow"
+    shares = {k: v for k, v in global_state(db).items() if k[:2] in ("o|", "q|") or k == "a"}
+    assert shares == {"o|tenant/a/": "1", "q|tenant/a/": "1", "a": "1"}
+    db.hset(state, mapping={"a": "nan", "o|tenant/a/": "x"})
+    assert admit_all(gate, [("b", "free")])[0][0] == "allow"  # garbage reads as nothing
+    reservation = first[0][1]
+    assert reservation is not None
+    settle_all(gate, [(reservation, "a")])  # unshare reads 'x' as nothing: no error
+    assert global_state(db)["c|concurrent_requests"] == "1"

@@ -151,6 +151,15 @@ SHARED = {"concurrent_requests": "40", "concurrent_headroom": "0.05"}
         ({**SHARED, "requests_per_second": "5"}, {"concurrent_requests": "3"}, {}, ""),
         (SHARED, {"concurrent_weight": "0"}, {}, ""),  # a 0 sheds, like any value
         ({"concurrent_headroom": "x", "concurrent_requests": "4"}, {}, {}, ""),
+        # Out of range, out of place or for one model: no share anyone meant, it sheds.
+        ({"concurrent_requests": "9", "concurrent_headroom": "5"}, {}, {}, ""),
+        (SHARED, {}, {"concurrent_weight": "2e6"}, ""),
+        (SHARED, {"concurrent_weight": "0.0001"}, {}, ""),
+        ({**SHARED, "concurrent_weight": "2"}, {}, {}, ""),
+        (SHARED, {}, {"concurrent_headroom": "0.1"}, ""),
+        (SHARED, {"concurrent_weight@gpt-4": "8", "concurrent_weight": "2"}, {}, "gpt-4"),
+        ({**SHARED, "concurrent_headroom@gpt-4": "0.5"}, {}, {}, "gpt-4"),
+        (SHARED, {"concurrent_weight@gpt-4": "8"}, {}, ""),  # another model's: not read
     ],
 )
 def test_the_limits_resolve_as_pythons(

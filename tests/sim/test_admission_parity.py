@@ -346,6 +346,21 @@ def test_a_share_needs_the_plain_global_limit_and_headroom(both: Both) -> None:
     both.check()
 
 
+def test_a_newcomer_and_a_weight_raised_in_flight_alike(both: Both) -> None:
+    both.limits({"global/concurrent_requests": 10, "global/concurrent_headroom": 0.05})
+    for i in range(10):
+        assert both.admit(f"t{i}", "free", 10)[0] == "allow"
+    # Its share is 10/11 < 1 and 5% is half a request: nothing in flight, it gets one in.
+    assert [both.admit("new", "free", 10)[0] for _ in range(2)] == ["allow", "rate_limited"]
+    both.limits({"global/concurrent_requests": 10, "global/concurrent_headroom": 0.2,
+                 "tenant/t0/concurrent_weight": 30})  # fmt: skip
+    # t0 joined at 1: now 30 of 40 in flight, its share 7.5, within: the headroom's last one.
+    assert [both.admit("t0", "free", 10)[0] for _ in range(2)] == ["allow", "rate_limited"]
+    both.check_shares()
+    assert both.shares()[0]["a"] == 40.0
+    both.check()
+
+
 def test_weights_inexact_in_binary_leave_an_exact_share_exact(both: Both) -> None:
     # Weights 0.7, 0.8, 0.1, 0.3 joining and leaving: the active weight comes back to exactly
     # 2, so a's share is exactly 10 × 1/2 = 5 and its 5th request takes the headroom. (When

@@ -38,8 +38,8 @@ def test_a_negative_override_is_refused_as_a_number(url: str, db: redis.Redis[st
     [
         ("global/concurrent_weight", "2", "concurrent_weight is written only as plan/<plan>/"),
         ("tenant/acme/concurrent_headroom", "0.1", "is written only as global/concurrent_headroom"),
-        ("global/concurrent_headroom", "0", "concurrent_headroom must be > 0 and <= 1"),
-        ("tenant/acme/concurrent_weight", "0", "concurrent_weight must be > 0"),
+        ("global/concurrent_headroom", "0", "concurrent_headroom must be between 0.001 and 1"),
+        ("tenant/acme/concurrent_weight", "2e6", "must be between 0.001 and 1000000"),
     ],
 )
 def test_a_sharing_term_out_of_place_or_range_is_refused(

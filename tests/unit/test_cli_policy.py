@@ -220,7 +220,7 @@ BROKEN: dict[str, tuple[dict[str, str], str, str, int, str]] = {
         "default_plan",
         0,
         "spec: concurrent_weight is written only as plan/<plan>/concurrent_weight or "
-        "tenant/<tenant>/concurrent_weight (> 0)",
+        "tenant/<tenant>/concurrent_weight",
     ),
     "a headroom in a plan": (
         {"p.yaml": PLAN.replace("{requests", "{concurrent_headroom: 0.1, requests")},
@@ -234,14 +234,30 @@ BROKEN: dict[str, tuple[dict[str, str], str, str, int, str]] = {
         "l.yaml",
         "default_plan",
         0,
-        "spec: concurrent_headroom must be > 0 and <= 1",
+        "spec: concurrent_headroom must be between 0.001 and 1",
+    ),
+    "a policy setting a weight of 0": (
+        {"p.yaml": PLAN, "t.yaml": THROTTLE.replace(
+            "{target: plan/free/requests_per_minute, scale: 0.5}",
+            "{target: plan/free/concurrent_weight, set: 0}")},
+        "t.yaml",
+        "{target",
+        0,
+        "spec.actions[0]: plan/free/concurrent_weight: concurrent_weight must be between 0.001",
+    ),
+    "a ceiling above a headroom's range": (
+        {"p.yaml": PLAN, "l.yaml": FREE_LIMITS + "  ceilings: {global/concurrent_headroom: 3}\n"},
+        "l.yaml",
+        "default_plan",
+        0,
+        "spec: global/concurrent_headroom: concurrent_headroom must be between 0.001 and 1",
     ),
     "a weight of 0": (
         {"p.yaml": PLAN.replace("{requests", "{concurrent_weight: 0, requests")},
         "p.yaml",
         "limits",
         0,
-        "spec: concurrent_weight must be > 0",
+        "spec: concurrent_weight must be between 0.001 and 1000000",
     ),
 }  # fmt: skip
 

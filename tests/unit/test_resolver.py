@@ -125,6 +125,24 @@ def test_a_ceiling_lowers_an_automatic_value() -> None:
     assert any("ceiling 6e+06" in note for note in decision.adjustments)
 
 
+@pytest.mark.parametrize(
+    ("address", "wanted", "held"),
+    [
+        ("plan/paid/concurrent_weight", 0.0, 0.001),
+        ("global/concurrent_headroom", 40.0, 1.0),
+        ("tenant/acme/concurrent_weight", 5e6, 1e6),
+    ],
+)
+def test_a_policy_cannot_move_a_sharing_term_out_of_its_range(
+    address: str, wanted: float, held: float
+) -> None:
+    # Out of range, the gateways would shed it (a value Governor never writes): a policy's
+    # weight of 0 would refuse the whole plan.
+    decision = guarded().resolve(0.0, [proposal(address, wanted)]).desired[addr(address)]
+    assert decision.value == held
+    assert any("range" in note for note in decision.adjustments)
+
+
 # --- pacing (the Kubernetes HPA `behavior`) ---------------------------------------------------
 
 

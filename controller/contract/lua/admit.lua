@@ -73,6 +73,9 @@ local lv = {false, 1, 0, false, 0, false, 1, 0, false, 0, false, 1, 0, false, 0,
 local names = {false, false, false, false, false, false, false, false, false, false, false,
   false}
 local fair = 0  -- the f check, if any (a level's weighted share of its concurrency)
+-- Its state as step 3 read it (step 4 writes from it): this owner's requests in flight, the
+-- active weight without it, the weight it joined with, and whether stale shares go first.
+local share_mine, share_active, share_joined, share_stale = 0, 0, 0, false
 local n, p = 0, 1
 for l = 1, 4 do
   local o = 5 * l
@@ -95,7 +98,8 @@ for l = 1, 4 do
     elseif kind == CONCURRENT then
       f, a = 'concurrent_requests', 'c|concurrent_requests'
     elseif kind == FAIR then
-      -- The level's active weight `a` and this owner's requests in flight there `o|<owner>`.
+      -- The level's active weight `a`, this owner's requests in flight there `o|<owner>` and
+      -- the weight it joined with `q|<owner>`.
       local headroom, weight, owner = string.match(value, '^(%S+) (%S+) (%S+)$')
       f, a, b, d, value = owner, 'a', 'o|' .. owner, weight + 0, headroom
       fair = n
@@ -119,8 +123,8 @@ for l = 1, 4 do
       names[k + 1] = a
       k, cared = k + 1, true
     elseif kind == FAIR then
-      names[k + 1], names[k + 2] = a, b
-      k, cared, a = k + 2, true, d  -- NAME: the weight
+      names[k + 1], names[k + 2], names[k + 3] = a, b, 'q|' .. f
+      k, cared, a = k + 3, true, d  -- NAME: the weight; AT: `q|` (`o|`, `a` before it)
     else
       names[k + 1], names[k + 2] = a, b
       k = k + 2
@@ -213,16 +217,34 @@ for l = 1, 4 do
       if fair > j and fair <= lv[o + LAST] and c[at + FIELD] == 'concurrent_requests' then
         -- Shared by weight (the level's f check): a tenant within its share of the limit
         -- (weight ÷ the weight of the tenants with requests in flight here, itself
-        -- included) may also take the headroom above it; one beyond its share meets the
-        -- limit itself. So a burst is held at the edge while the others still get in.
+        -- included) may also take the headroom above it (at least one request); one
+        -- beyond its share meets the limit itself. So a burst is held at the edge while
+        -- the others still get in; a tenant with nothing in flight is always within.
         local f = 6 * fair
-        local mine, weight = (values[c[f + AT]] or 0) + 0, c[f + NAME]
-        local active = (values[c[f + AT] - 1] or 0) + 0
-        if mine <= 0 then
-          active = active + weight
+        local weight, q = c[f + NAME], c[f + AT]
+        local mine = tonumber(values[q - 1]) or 0  -- a value not ours reads as nothing
+        local active = tonumber(values[q - 2]) or 0
+        local joined = tonumber(values[q]) or weight
+        if open <= 0 then
+          -- Nobody holds a slot: any share left is stale (a lease given back by a script
+          -- that predates sharing, a hand edit): the shares start again from nothing.
+          share_stale = mine ~= 0 or active ~= 0
+          mine, active = 0, 0
+        else
+          if not (active >= 0 and active < math.huge) then
+            active = 0
+          end
+          if not (mine >= 0 and mine < math.huge) then
+            mine = 0
+          end
         end
-        if mine + 1 <= limit * weight / max(active, weight) then
-          limit = limit * (1 + c[f + LIMIT])
+        if mine > 0 then
+          -- Its own weight counts as it is now (step 4 rebases the active weight on it).
+          active = max(active - joined, 0)
+        end
+        share_mine, share_active, share_joined = mine, active, joined
+        if mine <= 0 or mine + 1 <= limit * weight / max(active + weight, weight) then
+          limit = limit + max(1, limit * c[f + LIMIT])
         end
       end
       if open + 1 > limit and (denied == 0 or wait_ms < 1000) then
@@ -320,13 +342,26 @@ for i = 1, 4 do
         k = k + 2
         hold, holding = 'c=' .. c[at + FIELD], true
       elseif kind == FAIR then
-        local owner, a = c[at + FIELD], c[at + AT]
-        local mine = (values[a] or 0) + 0
-        updates[k + 1], updates[k + 2] = 'o|' .. owner, format('%d', max(mine, 0) + 1)
+        local owner, weight = c[at + FIELD], c[at + NAME]
+        if share_stale then
+          local stale = {}
+          for _, name in ipairs(call('HKEYS', KEYS[2 * l])) do
+            local code = sub(name, 1, 2)
+            if code == 'o|' or code == 'q|' then
+              stale[#stale + 1] = name
+            end
+          end
+          if #stale > 0 then
+            call('HDEL', KEYS[2 * l], unpack(stale))
+          end
+        end
+        updates[k + 1], updates[k + 2] = 'o|' .. owner, format('%d', max(share_mine, 0) + 1)
         k = k + 2
-        if mine <= 0 then  -- its first in flight here: its weight joins the active weight
-          updates[k + 1], updates[k + 2] = 'q|' .. owner, c[at + NAME]
-          updates[k + 3], updates[k + 4] = 'a', (values[a - 1] or 0) + c[at + NAME]
+        -- Its first in flight here, or its weight changed since it joined: the active
+        -- weight takes its weight as it is now.
+        if share_mine <= 0 or share_joined ~= weight then
+          updates[k + 1], updates[k + 2] = 'q|' .. owner, weight
+          updates[k + 3], updates[k + 4] = 'a', share_active + weight
           k = k + 4
         end
         hold, holding = 'o=' .. owner, true

@@ -39,18 +39,21 @@ local STATE_TTL_MS = 2 * DAY_MS  -- a level's state outlives a day's budget, the
 -- (a settle record's end).
 
 -- Give back an owner's request in flight on a level shared by weight: its last one out
--- takes the weight it joined with from the level's active weight.
--- The subtraction is Lua's (a double, written back with %.17g as admit.lua's addition is):
--- HINCRBYFLOAT's long double would leave `a` a last digit off, and an exact share refused.
+-- takes the weight it joined with from the level's active weight. The subtraction is Lua's
+-- (a double, written back with %.17g as admit.lua's addition is): HINCRBYFLOAT's long double
+-- would leave `a` a last digit off, and an exact share refused. A value not ours (a hand
+-- edit) reads as nothing rather than stopping the sweep halfway.
 local function unshare(state, owner)
-  if call('HINCRBY', state, 'o|' .. owner, -1) <= 0 then
-    local values = call('HMGET', state, 'a', 'q|' .. owner)
-    call('HDEL', state, 'o|' .. owner, 'q|' .. owner)
-    if values[2] then
-      local left = (values[1] or 0) - values[2]
-      call('HSET', state, 'a', left < 1e-9 and '0' or left)  -- rounding left: nobody in flight
-    end
+  local values = call('HMGET', state, 'o|' .. owner, 'a', 'q|' .. owner)
+  local left = (tonumber(values[1]) or 0) - 1
+  if left > 0 then
+    call('HSET', state, 'o|' .. owner, format('%d', left))
+    return
   end
+  call('HDEL', state, 'o|' .. owner, 'q|' .. owner)
+  local active = (tonumber(values[2]) or 0) - (tonumber(values[3]) or 0)
+  -- Rounding left over (nobody in flight), or a value not a number: nothing.
+  call('HSET', state, 'a', (active >= 1e-9 and active < math.huge) and active or '0')
 end
 
 -- A level's care, due once its `n` has come: release up to 64 expired leases (bounded

@@ -38,6 +38,22 @@ local function trimmed(text)
   return text:match('^%s*(.-)%s*$')
 end
 
+-- The sharing terms (model.py's _SHARE_TERMS): the level owners they may stand at and their
+-- range; anywhere else, for one model, or out of range, they shed (limits._misplaced).
+local TERMS = {
+  concurrent_headroom = {owners = {['global/'] = true}, low = 0.001, high = 1},
+  concurrent_weight = {owners = {['tenant/'] = true}, low = 0.001, high = 1000000},
+}
+
+local function misplaced(owner, kind, value, scoped)
+  local term = TERMS[kind]
+  if not term then
+    return false
+  end
+  local placed = term.owners[owner] or term.owners[owner:match('^[^/]+/')]
+  return scoped or not placed or value < term.low or value > term.high
+end
+
 -- limits._Found.share: with a global headroom and global concurrent_requests, the f check
 -- after the global level's others (its value: headroom, the tenant's weight, the tenant).
 local function share(checks, letters, headroom, weight, tenant_owner)
@@ -70,9 +86,11 @@ function _M.resolve(version, levels, plan_owner, model)
           local kind, name = field[1], field[2]
           local text = values[name]
           local value = number(text)
-          -- A 0 sheds; so does a value Governor never writes (abc, -1, 1e400): ignoring it
-          -- served that traffic with no limit at all until drift repair (fail closed).
-          if text ~= nil and (value == nil or value == 0) then
+          -- A 0 sheds; so does a value Governor never writes (abc, -1, 1e400, a sharing term
+          -- out of its place or range): ignoring it served that traffic with no limit at
+          -- all until drift repair (fail closed).
+          if text ~= nil and (value == nil or value == 0
+              or misplaced(owner, kind, value, field[3])) then
             return {version = version, letters = '', checks = {}, limits = {}, sized = sized,
               shed = (position == 2 and plan_owner or owner) .. name}
           end
@@ -81,11 +99,10 @@ function _M.resolve(version, levels, plan_owner, model)
             if SIZED[kind] then
               sized[#sized + 1] = {value, owner .. name}
             end
-            -- A share's terms hold for the whole pool: no `@model`.
-            if kind == 'concurrent_headroom' and owner == 'global/' and not field[3] then
+            -- Sharing terms reach here only where they belong (else they shed).
+            if kind == 'concurrent_headroom' then
               headroom = {address = owner .. name, kind = kind, text = text, value = value}
-            elseif kind == 'concurrent_weight' and owner:sub(1, 7) == 'tenant/'
-                and not field[3] then
+            elseif kind == 'concurrent_weight' then
               weight = trimmed(text)
             end
             local letter = LETTERS[kind]
