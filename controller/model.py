@@ -207,6 +207,15 @@ def value_problem(limit: LimitKind, value: float) -> str | None:
     return f"{limit.value} must be between {bounds[0]:.10g} and {bounds[1]:.10g}"
 
 
+def weight_in_flight(weight: float, active: float, joined: float | None) -> float:
+    """The weight a tenant's share of a limit shared by weight is taken against (admit.lua's
+    f check): the weight in flight with the tenant's own as it is now. `active`: the weight
+    in flight as stored; `joined`: the weight the tenant joined it with (None: it has
+    nothing in flight). Its share is the limit × `weight` ÷ this."""
+    others = active if joined is None else active - joined
+    return max(others, 0.0) + weight
+
+
 def _shape_of(scope: Scope) -> str:
     return "/".join([scope.value, *(f"<{n}>" for n in _IDS_PER_SCOPE[scope]), "<limit>"])
 
@@ -228,6 +237,11 @@ class AddressTemplate:
         except AddressError as exc:
             raise AddressError(text, exc.problem) from None
         return cls(text=text, placeholders=placeholders)
+
+    @property
+    def limit(self) -> LimitKind:
+        """What every address it becomes counts."""
+        return Address.parse(_PLACEHOLDER_PATTERN.sub("x", self.text)).limit
 
     def fill(self, values: Mapping[str, str]) -> Address:
         """Substitute label values; raise AddressError when a value is not a safe id."""

@@ -196,7 +196,8 @@ class Admission:
                 reply = await ADMIT.run(self.client, keys, args, fixed, tail)
             else:
                 who = (request.tenant, request.user or "", ip)
-                reply = await self.slots.admit(who, args, fixed[:4], _resolved(fixed), tail)
+                reply = await self.slots.admit(who, args, fixed[:4], _resolved(fixed, limits),
+                                               tail)  # fmt: skip
             if isinstance(reply, list) and len(reply) == 2 and reply[0] == "stale":
                 self.limits.stale(str(reply[1]))
                 continue
@@ -305,12 +306,14 @@ class Admission:
         return bool(await SETTLE.run(self.client, keys, args))
 
 
-def _resolved(fixed: tuple[str, ...]) -> tuple[str, tuple[str, ...], tuple[float, ...]]:
+def _resolved(
+    fixed: tuple[str, ...], limits: Resolved
+) -> tuple[str, tuple[str, ...], tuple[float, ...]]:
     """From admit.lua's fixed arguments (version, 3 settings, ARGV 7, the values): ARGV 7,
-    the values, and the values as numbers (the combined answer's tightest budget; a share's
-    'headroom weight tenant' counts as its headroom)."""
+    the values, and their checks' limits as numbers (the combined answer's tightest budget;
+    none after a verdict, which passes no values)."""
     values = fixed[5:]
-    return fixed[4], values, tuple(float(value.partition(" ")[0]) for value in values)
+    return fixed[4], values, tuple(check.value for check in limits.checks) if values else ()
 
 
 def _decided(outcome: Outcome, denied_by: str | None) -> AdmissionResult:

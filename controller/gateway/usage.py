@@ -14,7 +14,7 @@ from controller.clients.redis import is_cluster
 from controller.contract.enforcement import EnforcementKeys
 from controller.errors import SinkError
 from controller.gateway.limits import PERIOD_MS, Check, Resolved, read_limits
-from controller.model import Address, LimitKind, Scope
+from controller.model import Address, LimitKind, Scope, weight_in_flight
 
 _DAY_MS = 86_400_000
 _SHARE = LimitKind.CONCURRENT_HEADROOM  # the gateway's f check: how the limit below is shared
@@ -94,12 +94,11 @@ def share(check: Check, resolved: Resolved, values: Sequence[str | None]) -> Lim
     flight there; beyond it, it meets the limit where the others may take the headroom."""
     weight = float(check.text.split()[1])
     limit = next(c.value for c in resolved.checks if c.address == _SHARED)
-    mine, active = _float(values[0]) or 0.0, _float(values[1]) or 0.0
-    if mine > 0:  # its own weight counts as it is now
-        active = max(active - (_float(values[2]) or weight), 0.0)
-    active += weight
-    allowed = limit * weight / active
-    address = f"{_SHARED}: its share (weight {weight:g} of {active:g} in flight)"
+    mine = _float(values[0]) or 0.0
+    joined = (_float(values[2]) or weight) if mine > 0 else None
+    total = weight_in_flight(weight, _float(values[1]) or 0.0, joined)
+    allowed = limit * weight / total
+    address = f"{_SHARED}: its share (weight {weight:g} of {total:g} in flight)"
     return LimitUsage(address, LimitKind.CONCURRENT_WEIGHT, _WINDOWS[LimitKind.CONCURRENT_REQUESTS],
                       allowed, mine, 0.0, max(0.0, allowed - mine), None)  # fmt: skip
 

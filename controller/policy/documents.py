@@ -233,9 +233,8 @@ class Action(Strict):
             raise ValueError("an action needs exactly one of `scale` or `set`")
         if self.min is not None and self.max is not None and self.min > self.max:
             raise ValueError(f"min ({self.min}) is above max ({self.max})")
-        kind = LimitKind(self.target.text.rpartition("/")[2].partition("@")[0])
         for value in (self.set, self.min, self.max):
-            problem = None if value is None else value_problem(kind, value)
+            problem = None if value is None else value_problem(self.target.limit, value)
             if problem is not None:
                 raise ValueError(f"{self.target.text}: {problem}")
         return self

@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Literal, NamedTuple
 
-from controller.model import Address, LimitKind, Scope
+from controller.model import Address, LimitKind, Scope, weight_in_flight
 
 Outcome = Literal["allow", "rate_limited", "budget_exhausted", "shed", "too_large"]
 DAY_MS = 86_400_000.0
@@ -65,10 +65,8 @@ class _Share:
         if mine <= 0:
             return with_headroom
         weight = self.weight
-        others = max(state.get("a", 0.0) - state.get(self.joined, weight), 0.0)
-        if mine + 1 <= limit * weight / max(others + weight, weight):
-            return with_headroom
-        return limit
+        total = weight_in_flight(weight, state.get("a", 0.0), state.get(self.joined, weight))
+        return with_headroom if mine + 1 <= limit * weight / total else limit
 
     def join(self, state: dict[str, float]) -> None:
         """One more request in flight: the tenant's first brings its weight in, and a weight

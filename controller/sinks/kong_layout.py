@@ -26,6 +26,10 @@ FIELDS: Mapping[LimitKind, str] = {
     LimitKind.REQUESTS_PER_MINUTE: "minute",
 }
 PERIODS = ("second", "minute", "hour", "day", "month", "year")
+_NO_SHARING = (
+    "Kong's rate-limiting plugin has no in-flight limit to share; Governor's "
+    "governor-admission plugin enforces it on the Redis sink"
+)
 _UNSUPPORTED_KINDS: Mapping[LimitKind, str] = {
     LimitKind.TOKENS_PER_MINUTE: "token limits need Kong's AI Rate Limiting Advanced plugin "
     "(Enterprise), which Governor does not write; enforce them with Governor's gateway "
@@ -37,10 +41,8 @@ _UNSUPPORTED_KINDS: Mapping[LimitKind, str] = {
     "not requests in flight",
     LimitKind.MAX_TOKENS_PER_REQUEST: "Kong's rate-limiting plugin does not read request "
     "bodies; enforce max tokens with Governor's gateway scripts",
-    LimitKind.CONCURRENT_HEADROOM: "Kong's rate-limiting plugin has no in-flight limit to "
-    "share; Governor's governor-admission plugin enforces it on the Redis sink",
-    LimitKind.CONCURRENT_WEIGHT: "Kong's rate-limiting plugin has no in-flight limit to "
-    "share; Governor's governor-admission plugin enforces it on the Redis sink",
+    LimitKind.CONCURRENT_HEADROOM: _NO_SHARING,
+    LimitKind.CONCURRENT_WEIGHT: _NO_SHARING,
 }
 
 
