@@ -17,14 +17,19 @@ _SECRET_KEY = re.compile(
     r"pass(word|wd)?|secret|token|authorization|api[_-]?key|credential|cookie", re.IGNORECASE
 )
 _URL_PASSWORD = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^:/@\s]*):[^/\s]+@")
+# A userinfo without a ':' (`redis://secret@host`, `https://TOKEN@host`): clients read it as
+# the password or a token, so it is masked whole.
+_URL_LONE_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^:/@\s]+@")
 _QUERY_PASSWORD = re.compile(r"([?&][a-z_]*password=)[^&\s]+")
 
 
 def mask_text(text: str) -> str:
-    """Hide the password of any `scheme://user:password@` URL inside `text`, and a URL's
-    `...password=` query parameter (a Sentinel URL's `sentinel_password`)."""
+    """Hide the password of any `scheme://user:password@` URL inside `text`, the whole
+    userinfo of a `scheme://secret@` one, and a URL's `...password=` query parameter (a
+    Sentinel URL's `sentinel_password`)."""
     if "@" in text:
         text = _URL_PASSWORD.sub(lambda m: f"{m['scheme']}{m['user']}:{MASK}@", text)
+        text = _URL_LONE_USERINFO.sub(lambda m: f"{m['scheme']}{MASK}@", text)
     if "password=" in text:  # rare: skip the regex for every journal line
         text = _QUERY_PASSWORD.sub(lambda m: f"{m[1]}{MASK}", text)
     return text

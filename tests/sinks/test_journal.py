@@ -147,6 +147,8 @@ def test_secrets_are_masked_in_log_lines() -> None:
             settings={"bearer_token": "hunter2", "nested": ["rediss://u:hunter2@h/1"]},
             secret=SecretStr("hunter2"),
             error=ValueError("failed for redis://bob:hunter2@h:1"),
+            token_url="https://hunter2@prom.example/api",  # a token written as the user
+            lone=ValueError("redis://hunter2@10.0.0.2:6379 refused"),
         )
     finally:
         structlog.reset_defaults()
@@ -155,6 +157,7 @@ def test_secrets_are_masked_in_log_lines() -> None:
     assert line["url"] == f"redis://:{MASK}@10.0.0.1:6379/0"
     assert line["settings"]["nested"] == [f"rediss://u:{MASK}@h/1"]
     assert line["password"] == MASK
+    assert line["lone"] == f"redis://{MASK}@10.0.0.2:6379 refused"
 
 
 def test_an_event_the_stream_cannot_hold_is_dropped_and_never_wedges_the_journal(

@@ -68,14 +68,20 @@ URLS = {
         f"redis+sentinel://app:{MASK}@s-0:26380,s-1/mymaster/2?sentinel_password={MASK}",
     ),
     "GOVERNOR_CONTROLLER__SINKS": (
-        "redis,rediss://:sinkpw-33@10.0.0.5:6380/2,redis://cache.internal:6379/3",
-        ["redis", f"rediss://:{MASK}@10.0.0.5:6380/2", "redis://cache.internal:6379/3"],
+        "redis,rediss://:sinkpw-33@10.0.0.5:6380/2,redis://cache.internal:6379/3,"
+        "redis://lonepw-44@10.0.0.6:6379/0",  # a password written as the user: masked whole
+        [
+            "redis",
+            f"rediss://:{MASK}@10.0.0.5:6380/2",
+            "redis://cache.internal:6379/3",
+            f"redis://{MASK}@10.0.0.6:6379/0",
+        ],
     ),
 }
 
 
 @pytest.mark.parametrize("as_json", [False, True], ids=["text", "json"])
-def test_exactly_the_password_of_every_url_is_masked(
+def test_exactly_the_secret_of_every_url_is_masked(
     monkeypatch: pytest.MonkeyPatch, as_json: bool
 ) -> None:
     for name, (value, _) in URLS.items():
@@ -84,7 +90,7 @@ def test_exactly_the_password_of_every_url_is_masked(
     code, stdout, stderr = show(*(["--json"] if as_json else []))
 
     assert code == 0, stderr
-    for secret in ("prom%40pw-77", "prom@pw-77", "sentpw-11", "sp-22", "sinkpw-33"):
+    for secret in ("prom%40pw-77", "prom@pw-77", "sentpw-11", "sp-22", "sinkpw-33", "lonepw-44"):
         assert secret not in stdout + stderr
     shown = {
         "GOVERNOR_PROMETHEUS__URL": ("prometheus", "url"),
