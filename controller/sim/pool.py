@@ -190,7 +190,10 @@ class PoolModel:
         h = dt / count
         order = np.argsort(arrival, kind="stable")
         new = np.zeros((8, len(order)))
-        new[TAG], new[ARRIVAL], new[PROMPT] = tags[order], arrival[order], prompt[order]
+        # At least one token each: vLLM prefills at least one prompt token (BOS) before the
+        # first output token, and a trace row of 0 (BurstGPT's failures) still ran.
+        new[TAG], new[ARRIVAL] = tags[order], arrival[order]
+        new[PROMPT] = np.maximum(prompt[order], 1.0)
         new[OUTPUT], new[UNCOMPUTED] = np.maximum(output[order], 1.0), new[PROMPT]
         cuts = np.searchsorted(new[ARRIVAL], elapsed + h * np.arange(1, count), side="left")
         resolved = _Resolved()

@@ -125,6 +125,17 @@ def test_a_client_without_a_first_token_gives_up_at_the_timeout() -> None:
     assert 1 not in _times(results, "ttft")
 
 
+def test_requests_of_zero_tokens_still_get_a_first_token_and_finish() -> None:
+    """A trace row of 0 prompt or 0 output tokens (BurstGPT's failures) is a request that ran:
+    at least one token each, as vLLM prefills at least one and yields at least one."""
+    model = PoolModel(_pool(), 1000.0, 200.0)
+    results = _run(model, [0.0, 0.0, 300.0], [0.0, 50.0, 0.0], 10)
+    ttft, done = _times(results, "ttft"), _times(results, "end")
+    assert sorted(ttft) == sorted(done) == [0, 1, 2]
+    assert all(0.0 < t < 1.0 for t in ttft.values())
+    assert model.in_flight == 0
+
+
 def test_vllm_series_are_exported_and_consistent() -> None:
     """Every second some requests arrive; at each scrape the exported gauges, read back
     through PromQL, count exactly the requests admitted and not yet resolved, and the
