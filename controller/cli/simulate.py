@@ -7,6 +7,7 @@ import json
 import math
 import resource
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,6 +22,7 @@ if TYPE_CHECKING:
     from controller.sim.compare import Comparison
     from controller.sim.scenario import Scenario
     from controller.sim.trace import TraceData
+    from controller.sim.trace_formats import TimeUnit
 
 _FIGURES = (
     ("attainment", "SLO attainment (well-behaved)", "{:.1%}"),
@@ -75,10 +77,26 @@ def simulate(
     trace: Path | None = typer.Option(
         None,
         "--trace",
-        help="Replay this CSV (TIMESTAMP,ContextTokens,GeneratedTokens, the Azure LLM trace "
-        "schema): alone, on a pool sized for it at 1×; with SCENARIO, instead of its trace.",
+        help="Replay this trace, CSV or JSON lines, gzipped or not (the Azure LLM inference, "
+        "BurstGPT or Mooncake format; docs/simulator.md): alone, on a pool sized for it at "
+        "1×; with SCENARIO, instead of its trace.",
     ),
     speed: float = typer.Option(1.0, "--speed", help="With --trace alone: replay speed."),
+    start: str | None = typer.Option(
+        None, "--start", help="With --trace alone: where the replay starts (e.g. 3d, 90m)."
+    ),
+    duration: str | None = typer.Option(
+        None,
+        "--duration",
+        help="With --trace alone: how long the run lasts (default: to the trace's end, "
+        "at most a day).",
+    ),
+    time_unit: str | None = typer.Option(
+        None,
+        "--time-unit",
+        help="With --trace: the unit of numeric arrival times, s or ms (default: s in CSV, "
+        "ms in JSON lines).",
+    ),
     live: bool = typer.Option(False, "--live", help="Show a live table while it runs."),
     pace: float = typer.Option(0.0, "--pace", help="Wall seconds per tick (with --live)."),
     workers: int = typer.Option(
@@ -106,12 +124,16 @@ def simulate(
     Never touches a configured Redis or Prometheus. With --all, --seeds N or --markdown:
     the scoreboard (median and worst seed per scenario and variant), no PNG.
     """
+    try:
+        replay = _replay(trace, speed, start, duration, time_unit, seed)
+    except GovernorError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
     if every or seeds > 1 or markdown is not None:
         unused = {"--live": live, "--pace": pace != 0.0, "--out": out is not None,
                   "--json": as_json}  # fmt: skip
         refused = [name for name, given in unused.items() if given]
-        _scoreboard(scenario, every, policies, seeds, workers, markdown,
-                    (trace, speed, seed), refused)  # fmt: skip
+        _scoreboard(scenario, every, policies, seeds, workers, markdown, replay, refused)
         return
     from controller.sim.compare import compare
     from controller.sim.live import LiveView
@@ -119,7 +141,7 @@ def simulate(
 
     console = Console()
     try:
-        world, data = _world(scenario, trace, speed, seed)
+        world, data = _world(scenario, replay)
         directory = out or Path("sim-out") / world.name
         directory.mkdir(parents=True, exist_ok=True)
         view = LiveView(f"governor simulate {world.name}", world.duration, pace, console)
@@ -198,62 +220,109 @@ def _plain(value: object) -> object:
     return str(value)
 
 
-def _world(
-    scenario: str | None, trace: Path | None, speed: float, seed: int | None
-) -> tuple[Scenario, TraceData | None]:
-    """The one world SCENARIO / --trace / --speed / --seed describe, and its trace."""
+@dataclass(frozen=True)
+class Replay:
+    """What --trace, --speed, --start, --duration, --time-unit and --seed ask for."""
+
+    file: Path | None
+    speed: float = 1.0
+    start: float | None = None
+    duration: float | None = None
+    unit: TimeUnit | None = None
+    seed: int | None = None
+
+    @property
+    def windowed(self) -> bool:
+        return self.start is not None or self.duration is not None
+
+
+def _replay(
+    file: Path | None, speed: float, start: str | None, duration: str | None,
+    unit: str | None, seed: int | None,
+) -> Replay:  # fmt: skip
+    """The options checked: durations in the policies' forms, a known time unit."""
+    from controller.durations import parse_duration
+
+    def seconds(option: str, text: str | None) -> float | None:
+        try:
+            return None if text is None else parse_duration(text)
+        except ValueError as exc:
+            raise GovernorError(f"{option}: {exc}") from None
+
+    if unit is not None and unit not in ("s", "ms"):
+        raise GovernorError(f"--time-unit {unit!r}: give s or ms")
+    length = seconds("--duration", duration)
+    if length == 0.0:
+        raise GovernorError("--duration 0s: give a window longer than 0, e.g. --duration 1h")
+    known: TimeUnit | None = "s" if unit == "s" else "ms" if unit == "ms" else None
+    return Replay(file, speed, seconds("--start", start), length, known, seed)
+
+
+def _world(scenario: str | None, replay: Replay) -> tuple[Scenario, TraceData | None]:
+    """The one world SCENARIO and the replay options describe, and its trace."""
     from controller.sim.compare import load_trace, trace_scenario
     from controller.sim.scenario import find_scenario, load_scenario
-    from controller.sim.trace import read_trace
+    from controller.sim.trace import read_trace, replay_window
 
+    trace, seed = replay.file, replay.seed
     if scenario is None and trace is None:
         raise GovernorError("give a SCENARIO, or --trace FILE to replay a trace")
     if scenario is None:
         assert trace is not None
-        replayed = read_trace(trace)
-        return trace_scenario(replayed, trace, speed, seed if seed is not None else 1), replayed
-    if speed != 1.0:
-        raise GovernorError("--speed applies to --trace without a SCENARIO; drop it")
+        start = replay.start or 0.0
+        whole = read_trace(trace, replay.unit)
+        replayed = replay_window(whole, trace, replay.speed, start, replay.duration)
+        world = trace_scenario(replayed, trace, replay.speed, 1 if seed is None else seed,
+                               start, replay.unit, replay.duration)  # fmt: skip
+        return world, replayed
+    if replay.speed != 1.0 or replay.windowed:
+        raise GovernorError(
+            "--speed, --start and --duration apply to --trace without a SCENARIO (a scenario "
+            "file sets `trace.speed`, `trace.start` and `duration`); drop them"
+        )
     world = load_scenario(scenario)
     if trace is not None:
         if world.trace is None:
             raise GovernorError(f"scenario {world.name!r} has no `trace` to replace")
-        world = world.model_copy(
-            update={"trace": world.trace.model_copy(update={"file": str(trace)})}
-        )
+        update = {"file": str(trace), "time_unit": replay.unit}
+        world = world.model_copy(update={"trace": world.trace.model_copy(update=update)})
     if seed is not None:
         world = world.model_copy(update={"seed": seed})
     return world, load_trace(world, find_scenario(scenario))
 
 
-Given = tuple[Path | None, float, int | None]  # --trace, --speed, --seed
-
-
 def _scenarios(
-    scenario: str | None, every: bool, given: Given
+    scenario: str | None, every: bool, replay: Replay
 ) -> list[tuple[Scenario, TraceData | None]]:
     """The scoreboard's worlds: every shipped scenario, or the one the options describe."""
     from controller.sim.compare import load_trace
     from controller.sim.scenario import find_scenario, load_scenario, scenario_names
 
-    trace, speed, seed = given
     if not every:
-        return [_world(scenario, trace, speed, seed)]
+        return [_world(scenario, replay)]
     if scenario is not None:
         raise GovernorError("give either a SCENARIO (or --trace) or --all, not both")
-    if trace is not None or speed != 1.0 or seed is not None:
-        raise GovernorError("--trace, --speed and --seed describe one scenario; not with --all")
+    if replay != Replay(None):
+        raise GovernorError(
+            "--trace, --speed, --start, --duration, --time-unit and --seed describe one "
+            "scenario; not with --all"
+        )
     return [(w, load_trace(w, find_scenario(n))) for n in scenario_names()
             for w in [load_scenario(n)]]  # fmt: skip
 
 
-def _command(scenario: str | None, every: bool, given: Given, seeds: int, markdown: Path) -> str:
+def _command(scenario: str | None, every: bool, replay: Replay, seeds: int, markdown: Path) -> str:
     """The command that makes this scoreboard again, for the document's header."""
-    trace, speed, seed = given
+    from controller.durations import format_duration
+
     words = ["governor simulate", "--all" if every else scenario or ""]
-    words += [f"--trace {trace}"] if trace is not None else []
-    words += [f"--speed {speed:g}"] if speed != 1.0 else []
-    words += [f"--seed {seed}"] if seed is not None else []
+    words += [f"--trace {replay.file}"] if replay.file is not None else []
+    words += [f"--speed {replay.speed:g}"] if replay.speed != 1.0 else []
+    words += [f"--start {format_duration(replay.start)}"] if replay.start is not None else []
+    if replay.duration is not None:
+        words.append(f"--duration {format_duration(replay.duration)}")
+    words += [f"--time-unit {replay.unit}"] if replay.unit is not None else []
+    words += [f"--seed {replay.seed}"] if replay.seed is not None else []
     return " ".join(w for w in [*words, f"--seeds {seeds}", f"--markdown {markdown}"] if w)
 
 
@@ -267,7 +336,7 @@ def _cpu_seconds() -> float:
 
 def _scoreboard(
     scenario: str | None, every: bool, policies: Path, seeds: int, workers: int,
-    markdown: Path | None, given: Given, unused: list[str],
+    markdown: Path | None, replay: Replay, unused: list[str],
 ) -> None:  # fmt: skip
     """`--all` / `--seeds`: every (scenario, seed) in `workers` processes, then the table."""
     from controller.sim.scoreboard import document, render, run_board
@@ -280,7 +349,7 @@ def _scoreboard(
                 "drop them, or run one scenario on one seed"
             )
         board = run_board(
-            _scenarios(scenario, every, given), policies, seeds, workers,
+            _scenarios(scenario, every, replay), policies, seeds, workers,
             progress=lambda line: typer.echo(line, err=True),
         )  # fmt: skip
     except GovernorError as exc:
@@ -293,6 +362,6 @@ def _scoreboard(
                "workers)")  # fmt: skip
     if markdown is not None:
         markdown.parent.mkdir(parents=True, exist_ok=True)
-        text = document(board, elapsed, workers, _command(scenario, every, given, seeds, markdown))
+        text = document(board, elapsed, workers, _command(scenario, every, replay, seeds, markdown))
         markdown.write_text(text, encoding="utf-8")
         typer.echo(f"wrote {markdown}")

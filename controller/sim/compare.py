@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from controller.control.reload import PolicyWatcher
+from controller.durations import format_duration
 from controller.logging import configure_logging
 from controller.policy.loader import load_directory
 from controller.policy.policyset import PolicySet
@@ -24,7 +25,8 @@ from controller.sim.reference import StaticSearch, bracket, no_overload
 from controller.sim.run import Simulation, TickCallback, embedded_redis, mean_work
 from controller.sim.scenario import Scenario
 from controller.sim.scorecard import Scorecard, score, window_of
-from controller.sim.trace import TraceData, open_trace, peak_minute_rate
+from controller.sim.trace import TraceData, open_trace, peak_minute_rate, trace_name
+from controller.sim.trace_formats import TimeUnit
 from controller.sim.traffic import World, build_world
 from controller.sim.variants import (
     AIMD,
@@ -60,9 +62,13 @@ class Comparison:
 
 
 def load_trace(scenario: Scenario, scenario_file: Path | None = None) -> TraceData | None:
-    if scenario.trace is None:
+    """The window of its trace a scenario replays: from `trace.start`, as long as the run
+    lasts at the replay's speed (None: no trace)."""
+    spec = scenario.trace
+    if spec is None:
         return None
-    return open_trace(scenario.trace.file, scenario_file)
+    whole = open_trace(spec.file, scenario_file, spec.time_unit)
+    return whole.window(spec.start, scenario.duration * spec.speed)
 
 
 def _controller(
@@ -227,15 +233,20 @@ def compare(
     return result
 
 
-def trace_scenario(trace: TraceData, path: Path, speed: float, seed: int) -> Scenario:
-    """A scenario replaying `trace` at `speed` on a pool sized for it at 1× (its busiest
-    minute at the 0.8 target), over 20 tenants split by Zipf(1)."""
+def trace_scenario(
+    trace: TraceData, path: Path, speed: float, seed: int, start: float = 0.0,
+    unit: TimeUnit | None = None, duration: float | None = None,
+) -> Scenario:  # fmt: skip
+    """A scenario replaying `trace` (the window from `start`, `duration` seconds long: else
+    to its last request) at `speed` on a pool sized for it at 1× (its busiest minute at the
+    0.8 target), over 20 tenants split by Zipf(1)."""
     capacity = peak_minute_rate(trace) / 0.8
+    at = f" from {format_duration(start)}" if start else ""
     return Scenario.model_validate(
         {
-            "name": f"trace-{path.stem}-{speed:g}x",
-            "description": f"{path.name} replayed at {speed:g}× on a pool sized for 1×",
-            "duration": max(trace.span / speed, 60.0),
+            "name": f"trace-{trace_name(path)}-{speed:g}x",
+            "description": f"{path.name}{at} replayed at {speed:g}× on a pool sized for 1×",
+            "duration": duration or max(trace.span / speed, 60.0),
             "seed": seed,
             "pools": [
                 {
@@ -244,6 +255,6 @@ def trace_scenario(trace: TraceData, path: Path, speed: float, seed: int) -> Sce
                     "capacity_tokens_per_second": capacity,
                 }
             ],
-            "trace": {"file": str(path), "speed": speed},
+            "trace": {"file": str(path), "speed": speed, "start": start, "time_unit": unit},
         }
     )

@@ -149,10 +149,16 @@ class Pool(Strict):
 
 
 class Trace(Strict):
-    """Replay of a CSV `TIMESTAMP,ContextTokens,GeneratedTokens` (the Azure LLM trace schema)."""
+    """Replay of a request trace: CSV or JSON lines with an arrival time and the prompt and
+    output tokens (the Azure LLM inference, BurstGPT and Mooncake formats, or the same
+    columns under the names docs/simulator.md lists), from `start` for the run's duration."""
 
     file: str
     speed: float = Field(1.0, gt=0, description="time scale: 3 replays at 3× the rate")
+    start: Duration = Field(0.0, description="where the replay starts, from the first request")
+    time_unit: Literal["s", "ms"] | None = Field(
+        None, description="numeric times' unit (default: s in CSV, ms in JSON lines)"
+    )
     tenants: int = Field(20, ge=1, description="requests are split over this many tenants")
     zipf: float = Field(1.0, ge=0, description="tenant k gets a share ∝ 1/(k+1)^zipf")
     name: str = "trace"

@@ -1,5 +1,6 @@
-"""Replay of a request trace in the Azure LLM inference schema (`TIMESTAMP,ContextTokens,
-GeneratedTokens`): time-scaled, and spread over synthetic tenants by a Zipf rule.
+"""Replay of a request trace (the Azure LLM inference schema, BurstGPT, Mooncake or any
+CSV/JSON lines with the same columns: trace_formats): a window of it, time-scaled, and
+spread over synthetic tenants by a Zipf rule.
 
 Credit for the shipped traces: Patel, Choukse, Zhang, Shah, Goiri, Maleki, Bianchini,
 "Splitwise: Efficient generative LLM inference using phase splitting", ISCA 2024 (CC BY 4.0);
@@ -9,10 +10,9 @@ they ship gzipped in controller/data/azure-llm-inference-2023/, with that credit
 from __future__ import annotations
 
 import csv
-import datetime as dt
 import gzip
 import io
-from collections.abc import Iterable
+import itertools
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -21,11 +21,12 @@ from typing import IO
 import numpy as np
 import numpy.typing as npt
 
+from controller.durations import format_duration
 from controller.model import FloatArray
 from controller.sim.scenario import ScenarioError, resolve_data_file
+from controller.sim.trace_formats import Rows, TimeUnit, reader_for
 
 IntArray = npt.NDArray[np.int64]
-COLUMNS = ("TIMESTAMP", "ContextTokens", "GeneratedTokens")
 # A scenario's `trace.file` naming a trace shipped in the package instead of a path.
 SHIPPED_PREFIX = "shipped:"
 SHIPPED_DIR = "azure-llm-inference-2023"
@@ -48,20 +49,36 @@ class TraceData:
     def span(self) -> float:
         return float(self.offsets[-1]) if len(self.offsets) else 0.0
 
+    def window(self, start: float, length: float | None = None) -> TraceData:
+        """The requests from `start` seconds into the trace for `length` seconds (None: to
+        its end), their offsets from the window's start; refused when it holds none."""
+        if start == 0.0 and length is None:
+            return self
+        end = np.inf if length is None else start + length
+        low, high = np.searchsorted(self.offsets, [start, end], side="left")
+        if high <= low:
+            span = "the rest" if length is None else format_duration(round(length))
+            raise ScenarioError(
+                f"{self.source}: no request from {format_duration(round(start))} for {span} "
+                f"of the trace, which spans {format_duration(round(self.span))}; start the "
+                "window earlier"
+            )
+        kept = slice(int(low), int(high))
+        return TraceData(
+            offsets=self.offsets[kept] - start,
+            prompt=self.prompt[kept],
+            output=self.output[kept],
+            source=self.source,
+        )
 
-def _timestamp(text: str) -> float:
-    # Seven fractional digits (the Azure files) are more than fromisoformat takes.
-    head, dot, fraction = text.strip().partition(".")
-    moment = dt.datetime.fromisoformat(head).replace(tzinfo=dt.UTC)
-    return moment.timestamp() + (float("0." + fraction) if dot and fraction else 0.0)
 
-
-def read_trace(path: Path) -> TraceData:
-    """Read a trace CSV (gzipped if it ends in .gz); raise ScenarioError naming the line that
-    is not in the schema, or the file that cannot be read."""
+def read_trace(path: Path, unit: TimeUnit | None = None) -> TraceData:
+    """Read a trace, CSV or JSON lines (gzipped if it ends in .gz); raise ScenarioError
+    naming the line that cannot be read, or the file. `unit`: numeric times' unit (default:
+    the format's, trace_formats)."""
     try:
         with path.open("rb") as raw:
-            return _read(raw, str(path), gzipped=path.suffix == ".gz")
+            return _read(raw, str(path), gzipped=path.suffix == ".gz", unit=unit)
     except OSError as exc:
         raise ScenarioError(
             f"{path}: cannot read the trace ({exc}); pass a readable CSV with --trace or fix "
@@ -79,58 +96,74 @@ def shipped_trace(name: str) -> TraceData:
         )
     resource = resources.files("controller.data").joinpath(SHIPPED_DIR, SHIPPED[name])
     with resource.open("rb") as raw:
-        return _read(raw, SHIPPED_PREFIX + name, gzipped=True)
+        return _read(raw, SHIPPED_PREFIX + name, gzipped=True, unit=None)
 
 
-def open_trace(text: str, scenario_file: Path | None = None) -> TraceData:
+def open_trace(
+    text: str, scenario_file: Path | None = None, unit: TimeUnit | None = None
+) -> TraceData:
     """The trace a scenario's `trace.file` or --trace names: `shipped:<name>`, else a path
     (resolved as resolve_data_file does)."""
     if text.startswith(SHIPPED_PREFIX):
         return shipped_trace(text.removeprefix(SHIPPED_PREFIX))
-    return read_trace(resolve_data_file(text, scenario_file))
+    return read_trace(resolve_data_file(text, scenario_file), unit)
 
 
-def _read(raw: IO[bytes], source: str, *, gzipped: bool) -> TraceData:
+def _read(raw: IO[bytes], source: str, *, gzipped: bool, unit: TimeUnit | None) -> TraceData:
     # A damaged archive or bytes that are not UTF-8 are refused like a bad row: named.
     try:
         binary: IO[bytes] | gzip.GzipFile = gzip.GzipFile(fileobj=raw) if gzipped else raw
-        with io.TextIOWrapper(binary, encoding="utf-8", newline="") as handle:
-            return _parse(csv.reader(handle), source)
+        with io.TextIOWrapper(binary, encoding="utf-8-sig", newline="") as handle:
+            first = handle.readline()
+            lines = itertools.chain([first], handle)
+            return _sorted(reader_for(first)(lines, source, unit), source)
     except (OSError, EOFError, UnicodeDecodeError, csv.Error) as exc:
         raise ScenarioError(f"{source}: not a readable trace ({exc})") from None
 
 
-def _parse(reader: Iterable[list[str]], source: str) -> TraceData:
-    times: list[float] = []
-    prompt: list[float] = []
-    output: list[float] = []
-    rows = iter(reader)
-    header = next(rows, None)
-    if header is None or tuple(h.strip() for h in header) != COLUMNS:
-        raise ScenarioError(
-            f"{source}:1: expected the header {','.join(COLUMNS)} (the Azure LLM inference "
-            f"trace schema), found {','.join(header or [])!r}"
-        )
-    for number, row in enumerate(rows, start=2):
-        try:
-            times.append(_timestamp(row[0]))
-            prompt.append(float(int(row[1])))
-            output.append(float(int(row[2])))
-        except (IndexError, ValueError) as exc:
-            raise ScenarioError(
-                f"{source}:{number}: not `TIMESTAMP,ContextTokens,GeneratedTokens` "
-                f"({exc}): {','.join(row)!r}"
-            ) from None
-    if not times:
+def _sorted(rows: Rows, source: str) -> TraceData:
+    """The requests in arrival order, their offsets from the first."""
+    if not rows.times:
         raise ScenarioError(f"{source}: the trace holds no requests")
-    order = np.argsort(np.array(times), kind="stable")
-    stamps = np.array(times)[order]
+    order = np.argsort(np.array(rows.times), kind="stable")
+    stamps = np.array(rows.times)[order]
     return TraceData(
         offsets=stamps - stamps[0],
-        prompt=np.array(prompt)[order],
-        output=np.array(output)[order],
+        prompt=np.array(rows.prompt)[order],
+        output=np.array(rows.output)[order],
         source=source,
     )
+
+
+# A replay longer than this needs its window named (--duration): a run's CPU time grows
+# with its ticks, and a month of trace would run for hours unasked.
+LONGEST_UNASKED_SECONDS = 86400.0
+
+
+def replay_window(
+    trace: TraceData, path: Path, speed: float, start: float, duration: float | None
+) -> TraceData:
+    """The window of `trace` a `--trace` replay runs: from `start` for `duration` seconds
+    of the run (at `speed`), else to its end if that is at most a day of simulated time."""
+    if duration is not None:
+        return trace.window(start, duration * speed)
+    window = trace.window(start)
+    if window.span / speed > LONGEST_UNASKED_SECONDS:
+        raise ScenarioError(
+            f"{path}: from {format_duration(start)} the trace spans "
+            f"{format_duration(round(window.span / speed))} at {speed:g}×, more than a day of "
+            "simulated time (hours of CPU): pass --duration (e.g. --duration 1h) and --start "
+            "(e.g. --start 3d) to replay a window of it"
+        )
+    return window
+
+
+def trace_name(path: Path) -> str:
+    """A trace file's name without its format's suffixes (`moon.jsonl.gz` → `moon`)."""
+    name = path.name
+    for suffix in (".gz", ".csv", ".jsonl", ".json"):
+        name = name.removesuffix(suffix)
+    return name or path.name
 
 
 def zipf_shares(tenants: int, exponent: float) -> FloatArray:

@@ -84,7 +84,7 @@ def test_the_scoreboard_refuses_options_it_cannot_honour(short_scenario: Path) -
     assert "describe one scenario; not with --all" in result.output
     result = runner.invoke(app, ["simulate", str(short_scenario), "--speed", "2"])
     assert result.exit_code == 2
-    assert "--speed applies to --trace without a SCENARIO" in result.output
+    assert "--speed, --start and --duration apply to --trace without a SCENARIO" in result.output
 
 
 def test_simulate_human_output_and_a_trace(tmp_path: Path) -> None:
