@@ -17,7 +17,7 @@ from controller.policy.baselines import Baselines
 from controller.policy.capacity import Capacity, estimate
 from controller.policy.documents import AdaptiveLimit, AdaptiveLimitSpec, FilterSpec, QueueSpec
 from controller.policy.inputs import ScalarInput, scalar_input
-from controller.policy.queueing import next_wait, queue_allowance
+from controller.policy.queueing import Wait, next_wait, queue_allowance
 from controller.policy.schedule import in_windows
 from controller.policy.text import fmt_number, fmt_time
 
@@ -37,6 +37,7 @@ class AdaptiveState:
     capacity: float | None = None  # the serving capacity estimated (`capacity:`)
     capacity_variance: float | None = None  # of a sample around it (the estimate's noise)
     wait: float | None = None  # the queue's wait (`capacity.queue`), when it follows a latency
+    fill: float | None = None  # the share of the pool's capacity filled (None: all of it)
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +101,7 @@ def evaluate_adaptive(
             capacity.value,
             capacity.variance,
             step.wait,
+            step.fill,
         ),
     )
 
@@ -111,6 +113,7 @@ class _Step:
     cut: bool  # the algorithm's own step (a cut waits for a sample that can show it)
     capacity: Capacity
     wait: float | None = None  # the queue's wait after this sample
+    fill: float | None = None  # the share of the pool filled after this sample
 
 
 def _law(
@@ -139,11 +142,15 @@ def _law(
     found = estimate(seek, capacity, sample, snapshot, now)
     if found.value is None:
         value, how = _next_value(spec, start, level, tolerance)
-        return _Step(value, f"{how}; {found.how}", True, found, state.wait)
-    queued, why, wait = _queue(seek.queue, sample > spec.setpoint, state.wait, snapshot, now)
-    aimed = found.value * spec.setpoint + queued
+        return _Step(value, f"{how}; {found.how}", True, found, state.wait, state.fill)
+    moved, queued, why = _queue(seek.queue, sample > spec.setpoint, state, snapshot, now)
+    aimed = found.value * spec.setpoint * moved.fill + queued
+    # What to remember of the wait and the fill: nothing while they are fixed.
+    follows = seek.queue is not None and seek.queue.latency is not None
+    memory = (moved.seconds, moved.fill) if follows else (None, None)
     if level < seek.saturated:
-        how = f"capacity ≈ {fmt_number(found.value)} ({found.how}) × setpoint{why}"
+        filled = f" × {fmt_number(moved.fill)} filled" if moved.fill < 1 else ""
+        how = f"capacity ≈ {fmt_number(found.value)} ({found.how}) × setpoint{filled}{why}"
         # A change that would move the signal by less than the tolerance, or the limit by
         # less than the estimate's own noise (`filter.noise_band` deviations), holds: a
         # limit moved on every noisy estimate flaps.
@@ -152,23 +159,22 @@ def _law(
         band = max(start * tolerance / spec.setpoint, noise)
         if abs(aimed - start) <= band:
             return _Step(start, f"{how} = {fmt_number(aimed)}, within ±{fmt_number(band)}: hold",
-                         False, found, wait)  # fmt: skip
-        return _Step(aimed, how, False, found, wait)
+                         False, found, *memory)  # fmt: skip
+        return _Step(aimed, how, False, found, *memory)
     value, how = _next_value(spec, min(start, aimed), level, tolerance)
-    return _Step(value, f"saturated ({found.how}): {how}", True, found, wait)
+    return _Step(value, f"saturated ({found.how}): {how}", True, found, *memory)
 
 
 def _queue(
-    queue: QueueSpec | None, queued: bool, wait: float | None, snapshot: Snapshot, now: float
-) -> tuple[float, str, float | None]:
-    """The queue allowed beyond the estimate, how it was found, and the wait to remember
-    (None: the queue's wait is fixed, nothing to remember); `queued`: the sample is above
-    the setpoint (a queue formed)."""
+    queue: QueueSpec | None, queued: bool, state: AdaptiveState, snapshot: Snapshot, now: float
+) -> tuple[Wait, float, str]:
+    """The wait and the fill after this sample, the queue allowed beyond the estimate, and
+    how it was found; `queued`: the sample is above the setpoint (a queue formed)."""
     if queue is None:
-        return 0.0, "", None
-    moved = next_wait(queue, wait, queued, snapshot, now)
+        return Wait(0.0, ""), 0.0, ""
+    moved = next_wait(queue, state.wait, state.fill, queued, snapshot, now)
     allowed, why = queue_allowance(queue, moved.seconds, snapshot, now)
-    return allowed, why + moved.how, moved.seconds if queue.latency is not None else None
+    return moved, allowed, why + moved.how
 
 
 def _start_value(

@@ -417,7 +417,8 @@ class FilterSpec(Strict):
 
 class LatencySpec(Strict):
     """Let the queue's wait follow a measured latency: the wait shrinks while the latency is
-    above its objective and grows while a queue forms and the latency stays below it."""
+    above its objective and grows while a queue forms and the latency stays below it; with
+    the wait at its shortest and the latency still above, the pool is held below full."""
 
     signal: AdaptiveSignal = Field(
         description="the latency the objective is about, in seconds, e.g. the p99 TTFT: "
@@ -430,6 +431,18 @@ class LatencySpec(Strict):
     )
     max_wait: Duration | None = Field(
         None, gt=0, description="the longest wait it may come to; default the objective"
+    )
+    min_fill: Annotated[float, Field(gt=0, le=1), NotBoolean] = Field(
+        0.25,
+        description="while the latency stays far above its objective (`cut_fill_above`) "
+        "with the wait at its shortest, the pool is held below full: at least this share of "
+        "its capacity (1: never below full)",
+    )
+    cut_fill_above: Annotated[float, Field(ge=1, le=10), NotBoolean] = Field(
+        2.0,
+        description="the latency, as a multiple of the objective, above which the pool is "
+        "held below full; it fills again below the objective (a tail a little above it is "
+        "the price of serving the most within it)",
     )
 
     @property

@@ -1,5 +1,6 @@
 """The queue an in-flight limit allows beyond a full pool: arrivals × wait (Little's law), the
-wait following a measured latency against its objective when the policy asks for it. Pure."""
+wait following a measured latency against its objective when the policy asks for it; with
+the wait at its shortest and the latency still above, the share of the pool filled. Pure."""
 
 from __future__ import annotations
 
@@ -17,49 +18,81 @@ GROW = 1.25
 SHRINK = 0.5
 # A latency within 10% of its objective holds the wait: the p99 of a minute is noisy.
 BAND = 0.1
+# The pool's fill moves in gentler steps than the wait (each changes every request's service,
+# not only the queue's): down by at most a quarter per sample, up by at most a tenth.
+FILL_SHRINK = 0.75
+FILL_GROW = 1.1
 
 
 @dataclass(frozen=True, slots=True)
 class Wait:
-    """The wait the queue is sized with after one sample, and how it was found."""
+    """The wait the queue is sized with after one sample, the share of the pool's capacity
+    filled (1: a full pool), and how they were found."""
 
     seconds: float
     how: str
+    fill: float = 1.0
 
 
-def next_wait(spec: QueueSpec, wait: float | None, queued: bool, snapshot: Snapshot,
-              now: float) -> Wait:  # fmt: skip
+def next_wait(spec: QueueSpec, wait: float | None, fill: float | None, queued: bool,
+              snapshot: Snapshot, now: float) -> Wait:  # fmt: skip
     """The wait after one sample: `spec.wait` without `latency`; with it, from the wait in
     use, shrunk in proportion while the latency is above its objective, grown while it is
     below and a queue formed (`queued`: without a queue the latency says nothing about
-    one, and a wait grown then would let the next burst queue too long), else kept."""
+    one, and a wait grown then would let the next burst queue too long), else kept. At the
+    shortest wait a latency still far above its objective (`cut_fill_above` times) holds the
+    pool below full (`fill`, down to `min_fill`), and below the objective the pool fills
+    again before any queue grows."""
     latency = spec.latency
     if latency is None:
         return Wait(spec.wait, "")
     current = spec.wait if wait is None else wait
+    held = 1.0 if fill is None else fill
     name = latency.signal.name or "latency"
     found = scalar_input(name, latency.signal, snapshot, None, now)
     if not found.valid or found.value <= 0:
         shown = found.validity.value if not found.valid else fmt_number(found.value)
-        return Wait(current, f"; wait {fmt_number(current)}s kept ({name} is {shown})")
-    factor = _factor(latency, found.value, queued)
-    low, high = latency.wait_range
-    seconds = min(max(current * factor, low), high)
+        return Wait(current, f"; {_kept(current, held)} ({name} is {shown})", held)
+    seconds, share = _moved(latency, latency.objective / found.value, current, held, queued)
     shown = f"{name}={fmt_number(found.value)}s vs {fmt_number(latency.objective)}s"
-    if seconds == current:
-        return Wait(current, f"; wait {fmt_number(current)}s kept ({shown})")
-    return Wait(seconds, f"; wait {fmt_number(current)} → {fmt_number(seconds)}s ({shown})")
+    moves = []
+    if seconds != current:
+        moves.append(f"wait {fmt_number(current)} → {fmt_number(seconds)}s")
+    if share != held:
+        moves.append(f"pool filled to {fmt_number(held)} → {fmt_number(share)} of capacity")
+    if not moves:
+        return Wait(current, f"; {_kept(current, held)} ({shown})", held)
+    return Wait(seconds, f"; {', '.join(moves)} ({shown})", share)
 
 
-def _factor(latency: LatencySpec, measured: float, queued: bool) -> float:
-    ratio = latency.objective / measured
+def _kept(wait: float, fill: float) -> str:
+    held = f", pool filled to {fmt_number(fill)} of capacity" if fill < 1 else ""
+    return f"wait {fmt_number(wait)}s kept{held}"
+
+
+def _moved(
+    latency: LatencySpec, ratio: float, wait: float, fill: float, queued: bool
+) -> tuple[float, float]:
+    """The wait and the fill after a latency at 1/`ratio` of its objective: one axis, the
+    fill below a full pool, then the wait beyond it."""
+    low, high = latency.wait_range
     if ratio < 1 - BAND:
-        return max(ratio, SHRINK)
-    if ratio > 1 + BAND and queued:
+        if wait > low:
+            return max(wait * max(ratio, SHRINK), low), fill
+        # Only far above the objective is the pool too full for these requests.
+        beyond = ratio * latency.cut_fill_above
+        if beyond < 1:
+            return wait, max(fill * max(math.sqrt(beyond), FILL_SHRINK), latency.min_fill)
+        return wait, fill
+    if ratio > 1 + BAND:
         # Half the distance in log terms: the latency grows faster than the wait near the
         # objective (a p99 is a tail), so a full step would overshoot it.
-        return min(math.sqrt(ratio), GROW)
-    return 1.0
+        step = min(math.sqrt(ratio), GROW)
+        if fill < 1:
+            return wait, min(fill * min(step, FILL_GROW), 1.0)
+        if queued:
+            return min(wait * step, high), fill
+    return wait, fill
 
 
 def queue_allowance(spec: QueueSpec, wait: float, snapshot: Snapshot,

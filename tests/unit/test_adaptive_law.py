@@ -351,14 +351,13 @@ def test_the_ttft_slo_sets_the_queue_allowed_beyond_a_full_pool() -> None:
 
 
 TTFT = "histogram_quantile(0.99, sum by (le) (rate(ttft_bucket[1m])))"
-FOLLOWED = {
-    **OCCUPANCY,
-    "queue": {
-        "wait": "500ms",
-        "arrivals": {"name": "arrivals", "query": ARRIVALS},
-        "latency": {"signal": {"name": "ttft_p99", "query": TTFT}, "objective": "2s"},
-    },
+LATENCY: dict[str, Any] = {"signal": {"name": "ttft_p99", "query": TTFT}, "objective": "2s"}
+FOLLOWING: dict[str, Any] = {
+    "wait": "500ms",
+    "arrivals": {"name": "arrivals", "query": ARRIVALS},
+    "latency": LATENCY,
 }
+FOLLOWED = {**OCCUPANCY, "queue": FOLLOWING}
 
 
 def test_the_queues_wait_follows_the_ttft_against_its_objective() -> None:
@@ -385,15 +384,58 @@ def test_the_queues_wait_follows_the_ttft_against_its_objective() -> None:
     assert TTFT in {u.key.query for u in policies.signal_uses()}
 
 
-@pytest.mark.parametrize(("ttft", "rail"), [(0.2, 2.0), (20.0, 0.1)])
-def test_the_queues_wait_stays_within_its_rails(ttft: float, rail: float) -> None:
-    # Defaults: from the objective ÷ 20 to the objective itself.
+@pytest.mark.parametrize(("ttft", "rail", "fill"), [(0.2, 2.0, 1.0), (20.0, 0.1, 0.25)])
+def test_the_queues_wait_stays_within_its_rails(ttft: float, rail: float, fill: float) -> None:
+    # Defaults: from the objective ÷ 20 to the objective itself; a TTFT far above the
+    # objective at the shortest wait holds the pool down to its least fill (default 0.25).
     control = loop(15.0, bounds=RAILS, capacity=FOLLOWED, setpoint=1.0)
     for number in range(30):
         last = control.tick(15.0 * number, 1.2, **{ADMITTED: 360.0, ARRIVALS: 1000.0, TTFT: ttft})
     assert f"wait {rail:g}s kept" in last.reason
     # Within the hold band (5% of the value in force) of the queue at the rail.
-    assert last.value == pytest.approx(300.0 + 1000.0 * rail, rel=0.05)
+    assert last.value == pytest.approx(300.0 * fill + 1000.0 * rail, rel=0.05)
+
+
+def test_a_latency_over_its_objective_at_the_shortest_wait_holds_the_pool_below_full() -> None:
+    """Long prompts on a full cache miss the TTFT objective far (2× by default) with no
+    queue to shorten: the pool is filled less, a quarter at most per sample, and fills again
+    (a tenth at most per sample) once the latency is below the objective, before any queue
+    grows again."""
+    shortest = {**FOLLOWING, "wait": "100ms"}
+    control = loop(15.0, bounds=RAILS, capacity={**FOLLOWED, "queue": shortest}, setpoint=1.0)
+    seen = {ADMITTED: 150.0, ARRIVALS: 100.0}  # a pool of 300; 0.1 s of queue is 10 more
+    near = control.tick(0.0, 0.5, **{TTFT: 3.8, **seen})  # above, but within 2×: full
+    assert near.value == pytest.approx(310.0)
+    assert "filled" not in near.reason
+    cut = control.tick(15.0, 0.5, **{TTFT: 8.0, **seen})  # twice 2×: a quarter less
+    assert cut.value == pytest.approx(300.0 * 0.75 + 10.0)
+    assert "× 0.75 filled" in cut.reason
+    assert "pool filled to 1 → 0.75 of capacity (ttft_p99=8s vs 2s)" in cut.reason
+    again = control.tick(30.0, 0.5, **{TTFT: 5.0, **seen})  # 1.25 × 2×: √0.8 ≈ 0.894
+    assert again.value == pytest.approx(300.0 * 0.75 * 0.8**0.5 + 10.0)
+    held = control.tick(45.0, 0.5, **{TTFT: 3.5, **seen})  # between the objective and 2×
+    assert held.value == again.value
+    assert "wait 0.1s kept, pool filled to 0.67082 of capacity" in held.reason
+    fills = [control.tick(60.0 + 15.0 * n, 0.5, **{TTFT: 0.5, **seen}) for n in range(6)]
+    # Far below the objective: a tenth more per sample, up to a full pool, the wait kept.
+    assert fills[0].value == pytest.approx(300.0 * 0.67082 * 1.1 + 10.0, rel=1e-4)
+    assert "pool filled to 0.98" in fills[4].reason
+    assert "→ 1 of capacity" in fills[4].reason
+    # Full again (within the hold band of a full pool): the wait, not the fill, moves next.
+    assert fills[-1].value == pytest.approx(300.0 + 10.0, rel=0.05)
+    assert "wait 0.1s kept (ttft_p99=0.5s vs 2s)" in fills[-1].reason
+
+
+def test_a_least_fill_of_one_never_holds_the_pool_below_full() -> None:
+    latency = {**LATENCY, "min_fill": 1}
+    queue = {**FOLLOWING, "wait": "100ms", "latency": latency}
+    control = loop(15.0, bounds=RAILS, capacity={**FOLLOWED, "queue": queue}, setpoint=1.0)
+    for number in range(5):
+        last = control.tick(15.0 * number, 0.5, **{ADMITTED: 150.0, ARRIVALS: 100.0, TTFT: 9.0})
+    assert last.value == pytest.approx(310.0)
+    assert "filled" not in last.reason
+    with pytest.raises(ValueError, match="min_fill"):
+        adaptive(capacity={**OCCUPANCY, "queue": {**queue, "latency": {**latency, "min_fill": 0}}})
 
 
 def test_the_queues_wait_range_is_checked() -> None:
