@@ -17,7 +17,7 @@ from controller.policy.baselines import Baselines
 from controller.policy.capacity import Capacity, estimate
 from controller.policy.documents import AdaptiveLimit, AdaptiveLimitSpec, FilterSpec, QueueSpec
 from controller.policy.inputs import ScalarInput, scalar_input
-from controller.policy.queueing import Wait, next_wait, queue_allowance
+from controller.policy.queueing import Fill, Wait, next_wait, queue_allowance
 from controller.policy.schedule import in_windows
 from controller.policy.text import fmt_number, fmt_time
 
@@ -37,7 +37,7 @@ class AdaptiveState:
     capacity: float | None = None  # the serving capacity estimated (`capacity:`)
     capacity_variance: float | None = None  # of a sample around it (the estimate's noise)
     wait: float | None = None  # the queue's wait (`capacity.queue`), when it follows a latency
-    fill: float | None = None  # the share of the pool's capacity filled (None: all of it)
+    fill: Fill | None = None  # the share of the pool's capacity filled (None: all of it)
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,7 +113,7 @@ class _Step:
     cut: bool  # the algorithm's own step (a cut waits for a sample that can show it)
     capacity: Capacity
     wait: float | None = None  # the queue's wait after this sample
-    fill: float | None = None  # the share of the pool filled after this sample
+    fill: Fill | None = None  # the share of the pool filled after this sample
 
 
 def _law(
@@ -144,12 +144,13 @@ def _law(
         value, how = _next_value(spec, start, level, tolerance)
         return _Step(value, f"{how}; {found.how}", True, found, state.wait, state.fill)
     moved, queued, why = _queue(seek.queue, sample > spec.setpoint, state, snapshot, now)
-    aimed = found.value * spec.setpoint * moved.fill + queued
+    aimed = found.value * spec.setpoint * moved.fill.share + queued
     # What to remember of the wait and the fill: nothing while they are fixed.
     follows = seek.queue is not None and seek.queue.latency is not None
     memory = (moved.seconds, moved.fill) if follows else (None, None)
     if level < seek.saturated:
-        filled = f" × {fmt_number(moved.fill)} filled" if moved.fill < 1 else ""
+        share = moved.fill.share
+        filled = f" × {fmt_number(share)} filled" if share < 1 else ""
         how = f"capacity ≈ {fmt_number(found.value)} ({found.how}) × setpoint{filled}{why}"
         # A change that would move the signal by less than the tolerance, or the limit by
         # less than the estimate's own noise (`filter.noise_band` deviations), holds: a

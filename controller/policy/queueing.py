@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from controller.durations import format_duration
 from controller.model import Snapshot
 from controller.policy.documents import LatencySpec, QueueSpec
 from controller.policy.inputs import scalar_input
@@ -25,16 +26,25 @@ FILL_GROW = 1.1
 
 
 @dataclass(frozen=True, slots=True)
+class Fill:
+    """The share of the pool's capacity filled (1: a full pool) and the time of the latency
+    sample it last moved on (None: never)."""
+
+    share: float = 1.0
+    moved_on: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Wait:
-    """The wait the queue is sized with after one sample, the share of the pool's capacity
-    filled (1: a full pool), and how they were found."""
+    """The wait the queue is sized with after one sample, the pool's fill, and how they were
+    found."""
 
     seconds: float
     how: str
-    fill: float = 1.0
+    fill: Fill = Fill()
 
 
-def next_wait(spec: QueueSpec, wait: float | None, fill: float | None, queued: bool,
+def next_wait(spec: QueueSpec, wait: float | None, fill: Fill | None, queued: bool,
               snapshot: Snapshot, now: float) -> Wait:  # fmt: skip
     """The wait after one sample: `spec.wait` without `latency`; with it, from the wait in
     use, shrunk in proportion while the latency is above its objective, grown while it is
@@ -42,31 +52,39 @@ def next_wait(spec: QueueSpec, wait: float | None, fill: float | None, queued: b
     one, and a wait grown then would let the next burst queue too long), else kept. At the
     shortest wait a latency still far above its objective (`cut_fill_above` times) holds the
     pool below full (`fill`, down to `min_fill`), and below the objective the pool fills
-    again before any queue grows."""
+    again before any queue grows; the fill moves once per latency window (the latency's
+    `window`), so it never steps again on a latency that cannot show its last step."""
     latency = spec.latency
     if latency is None:
         return Wait(spec.wait, "")
     current = spec.wait if wait is None else wait
-    held = 1.0 if fill is None else fill
+    held = fill or Fill()
     name = latency.signal.name or "latency"
     found = scalar_input(name, latency.signal, snapshot, None, now)
     if not found.valid or found.value <= 0:
         shown = found.validity.value if not found.valid else fmt_number(found.value)
         return Wait(current, f"; {_kept(current, held)} ({name} is {shown})", held)
-    seconds, share = _moved(latency, latency.objective / found.value, current, held, queued)
+    seconds, share = _moved(latency, latency.objective / found.value, current, held.share, queued)
     shown = f"{name}={fmt_number(found.value)}s vs {fmt_number(latency.objective)}s"
     moves = []
     if seconds != current:
         moves.append(f"wait {fmt_number(current)} → {fmt_number(seconds)}s")
-    if share != held:
-        moves.append(f"pool filled to {fmt_number(held)} → {fmt_number(share)} of capacity")
+    if share != held.share:
+        window = latency.signal.window or 0.0
+        if held.moved_on is not None and found.timestamp <= held.moved_on + window:
+            shown += f"; the fill's last step shows after {format_duration(window)}"
+        else:
+            moves.append(
+                f"pool filled to {fmt_number(held.share)} → {fmt_number(share)} of capacity"
+            )
+            held = Fill(share, found.timestamp)
     if not moves:
         return Wait(current, f"; {_kept(current, held)} ({shown})", held)
-    return Wait(seconds, f"; {', '.join(moves)} ({shown})", share)
+    return Wait(seconds, f"; {', '.join(moves)} ({shown})", held)
 
 
-def _kept(wait: float, fill: float) -> str:
-    held = f", pool filled to {fmt_number(fill)} of capacity" if fill < 1 else ""
+def _kept(wait: float, fill: Fill) -> str:
+    held = f", pool filled to {fmt_number(fill.share)} of capacity" if fill.share < 1 else ""
     return f"wait {fmt_number(wait)}s kept{held}"
 
 

@@ -426,6 +426,21 @@ def test_a_latency_over_its_objective_at_the_shortest_wait_holds_the_pool_below_
     assert "wait 0.1s kept (ttft_p99=0.5s vs 2s)" in fills[-1].reason
 
 
+def test_the_fill_steps_once_per_latency_window() -> None:
+    """A p99 over 1m cannot show a fill's step before a minute has passed: read every 15 s,
+    it moves the fill once per minute, never again on the latency of the old fill."""
+    windowed = {**LATENCY, "signal": {**LATENCY["signal"], "window": "1m"}}
+    queue = {**FOLLOWING, "wait": "100ms", "latency": windowed}
+    control = loop(15.0, bounds=RAILS, capacity={**FOLLOWED, "queue": queue}, setpoint=1.0)
+    seen = {ADMITTED: 150.0, ARRIVALS: 100.0, TTFT: 8.0}  # always twice 2× the objective
+    values = [control.tick(15.0 * n, 0.5, **seen).value for n in range(11)]
+    fills = [round((v - 10.0) / 300.0, 4) for v in values]
+    assert fills == [0.75] * 5 + [0.5625] * 5 + [0.4219]  # moved on 0 s, 75 s, 150 s
+    held = control.decisions[1].reason
+    assert "the fill's last step shows after 1m" in held
+    assert "pool filled to 0.75 of capacity" in held
+
+
 def test_a_least_fill_of_one_never_holds_the_pool_below_full() -> None:
     latency = {**LATENCY, "min_fill": 1}
     queue = {**FOLLOWING, "wait": "100ms", "latency": latency}
