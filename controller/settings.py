@@ -460,7 +460,9 @@ class GatewaySettings(BaseModel):
         0.25, ge=0, le=1, description="Retry-After grows by a random 0..this share of itself"
     )
     trust_forwarded_for: bool = Field(
-        False, description="take the client IP from X-Forwarded-For (behind a trusted proxy)"
+        False,
+        description="take the client IP from X-Forwarded-For's last entry, the one the "
+        "trusted proxy in front appended (a last entry that is no address: 400)",
     )
     heartbeat_seconds: float = Field(
         5.0, gt=0, description="how often a gateway announces itself (live-gateway count)"

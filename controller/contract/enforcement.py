@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from controller.contract.keys import SHARED_TAG, KeySchema, escape_id
+from controller.errors import GovernorError
 from controller.model import Address, LimitKind, Scope, validate_id
+
+
+class ForwardedForError(GovernorError):
+    """A trusted X-Forwarded-For that names no client address; the message is safe to show."""
 
 
 @functools.lru_cache(maxsize=1 << 16)
@@ -22,6 +28,31 @@ def ip_id(ip: str) -> str:
             return str(address.ipv4_mapped)
         return address.exploded[:19] + "::"  # the first four groups: the /64 network
     return str(address)
+
+
+FORWARDED_FOR_REFUSAL = (
+    "X-Forwarded-For must end in the client's IPv4 or IPv6 address, as the proxy in front "
+    "of the gateway appends it; its last entry is not one"
+)
+
+
+def forwarded_client(values: Sequence[str]) -> str | None:
+    """The client address in X-Forwarded-For (`values`: each header line, in order), as
+    `ip_id` gives it; None when there is none (no header, or only blanks).
+
+    The last entry is the address the trusted proxy saw and appended; the entries before it
+    are whatever the client sent, so they decide nothing (taking the first let any caller
+    pick its ip level's counter). A last entry that is no address is refused
+    (ForwardedForError): serving it without an ip level would let the caller opt out of it.
+    """
+    joined = ",".join(values)  # repeated lines are one list (RFC 9110 §5.3)
+    if not joined.strip():
+        return None
+    last = joined.rsplit(",", 1)[-1].strip()
+    try:
+        return ip_id(last)
+    except ValueError:
+        raise ForwardedForError(FORWARDED_FOR_REFUSAL) from None
 
 
 _ANY = LimitKind.REQUESTS_PER_MINUTE  # a limits hash does not depend on the limit

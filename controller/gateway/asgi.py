@@ -18,6 +18,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from controller.contract.catalog import PlanInfo
+from controller.contract.enforcement import ForwardedForError, forwarded_client
 from controller.errors import SinkError
 from controller.gateway.admission import (
     Admission,
@@ -196,7 +197,13 @@ class GovernorMiddleware:
             answer = self.e.answers.model_not_allowed(principal.plan, request.model, plan.models)
             await answer(scope, receive, send)
             return
-        call = await self._admit(scope, principal, plan, request)
+        try:
+            ip = _client_ip(scope, self.e.settings.trust_forwarded_for)
+        except ForwardedForError as exc:
+            self.e.metrics.request(principal.tenant, principal.plan, request.model, "bad_request")
+            await self.e.answers.bad_request(str(exc))(scope, receive, send)
+            return
+        call = await self._admit(principal, plan, request, ip)
         self.e.metrics.admission_seconds.observe(time.perf_counter() - started)
         if isinstance(call, Response):
             await call(scope, receive, send)
@@ -204,7 +211,7 @@ class GovernorMiddleware:
         await self._forward(scope, receive, send, call)
 
     async def _admit(
-        self, scope: Scope, principal: Principal, plan: PlanInfo, request: ModelRequest
+        self, principal: Principal, plan: PlanInfo, request: ModelRequest, ip: str | None
     ) -> _Call | Response:
         """Admit or refuse; an admitted request comes back rewritten as the plan degrades it."""
         request_id = uuid.uuid4().hex
@@ -215,7 +222,7 @@ class GovernorMiddleware:
             tenant=principal.tenant,
             plan=principal.plan,
             user=principal.user,
-            ip=_client_ip(scope, self.e.settings.trust_forwarded_for),
+            ip=ip,
             model=model,
             tokens=tokens,
             request_id=request_id,
@@ -430,10 +437,15 @@ def _headers(scope: Scope) -> dict[str, str]:
 
 
 def _client_ip(scope: Scope, trust_forwarded_for: bool) -> str | None:
+    """The client address the ip level counts: the last X-Forwarded-For entry when the proxy
+    in front is trusted (ForwardedForError when it is no address), else the peer's."""
     if trust_forwarded_for:
-        forwarded = _headers(scope).get("x-forwarded-for")
-        if forwarded:
-            return forwarded.split(",")[0].strip() or None
+        lines = [
+            v.decode("latin-1") for k, v in scope["headers"] if k.lower() == b"x-forwarded-for"
+        ]
+        forwarded = forwarded_client(lines)
+        if forwarded is not None:
+            return forwarded
     client = scope.get("client")
     return str(client[0]) if client else None
 

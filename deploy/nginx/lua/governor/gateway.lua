@@ -51,17 +51,34 @@ local function apply_degrade(request, degrade)
   return changed
 end
 
+-- The message of enforcement.FORWARDED_FOR_REFUSAL (Python's), word for word.
+local FORWARDED_FOR_REFUSAL = "X-Forwarded-For must end in the client's IPv4 or IPv6 address, "
+  .. 'as the proxy in front of the gateway appends it; its last entry is not one'
+
+-- enforcement.forwarded_client: the last X-Forwarded-For entry (the address the trusted proxy
+-- saw and appended; the entries before it are the client's own words) as keys.ip_id gives
+-- it; nil when there is none; false and the refusal when the last entry is no address.
+function _M.forwarded_client(forwarded)
+  if type(forwarded) == 'table' then
+    forwarded = table.concat(forwarded, ',')  -- repeated lines are one list
+  end
+  if type(forwarded) ~= 'string' or not forwarded:find('%S') then
+    return nil
+  end
+  local last = forwarded:match('([^,]*)$')
+  local ip = keys.ip_id(last)
+  if ip == nil then
+    return false, FORWARDED_FOR_REFUSAL
+  end
+  return ip
+end
+
+-- The client address the ip level counts, or false and the refusal (asgi._client_ip).
 function Gateway:client_ip(req)
   if self.settings.trust_forwarded_for then
-    local forwarded = req.headers['x-forwarded-for']
-    if type(forwarded) == 'table' then
-      forwarded = forwarded[1]
-    end
-    if forwarded then
-      local first = forwarded:match('^%s*([^,]-)%s*,') or forwarded:match('^%s*(.-)%s*$')
-      if first ~= '' then
-        return keys.ip_id(first)
-      end
+    local ip, refusal = _M.forwarded_client(req.headers['x-forwarded-for'])
+    if ip ~= nil then
+      return ip, refusal
     end
   end
   return keys.ip_id(req.client_ip)
@@ -115,10 +132,14 @@ function Gateway:model_call(client, req, principal, kind, plan)
   if not catalog.allows(plan, request:model()) then
     return {answer = say:model_not_allowed(principal.plan, request:model(), plan.models)}
   end
+  local ip, refusal = self:client_ip(req)
+  if ip == false then
+    return {answer = say:bad_request(refusal)}
+  end
   local result, err = nil, 'no connection'
   if client ~= nil then
     result, err = self.admission:admit(client, {tenant = principal.tenant,
-      plan = principal.plan, user = principal.user, ip = self:client_ip(req),
+      plan = principal.plan, user = principal.user, ip = ip,
       model = request:model(), tokens = request:worst_case_tokens(),
       request_id = req.request_id, least_tokens = request:least_tokens()}, plan)
   end
