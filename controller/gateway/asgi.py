@@ -433,7 +433,13 @@ def _degrade(request: ModelRequest, degrade: Degradation) -> bool:
 
 
 def _headers(scope: Scope) -> dict[str, str]:
-    return {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+    """Header names lower-cased; a repeated header's lines joined by ',' in order (RFC 9110
+    §5.3), so no line is silently dropped (the authenticator refuses two credentials)."""
+    joined: dict[str, str] = {}
+    for key, value in scope["headers"]:
+        name, text = key.decode("latin-1").lower(), value.decode("latin-1")
+        joined[name] = f"{joined[name]},{text}" if name in joined else text
+    return joined
 
 
 def _client_ip(scope: Scope, trust_forwarded_for: bool) -> str | None:

@@ -204,17 +204,32 @@ class Authenticator:
         return Principal(tenant, plan, user, "jwt", str(credential)[:128])
 
 
+ONE_CREDENTIAL = (
+    "send one credential: {header} holds several (a repeated header, or a list); "
+    "the gateway will not pick one of them"
+)
+
+
 def _credential(headers: Mapping[str, str]) -> str:
+    """The token of `Authorization: Bearer …`, else of `x-api-key`. `headers` holds repeated
+    lines joined by ',' (RFC 9110 §5.3); no key or JWT holds one, so a ',' means two
+    credentials, and which one counts is not the gateway's guess: refused."""
     authorization = headers.get("authorization")
     if authorization is not None:
         scheme, _, token = authorization.strip().partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise AuthError("Authorization must be `Bearer <API key or JWT>`")
-        return token.strip()
+        return _one(token.strip(), "Authorization")
     api_key = headers.get("x-api-key")
     if api_key:
-        return api_key.strip()
+        return _one(api_key.strip(), "x-api-key")
     raise AuthError("no credential: send Authorization: Bearer <API key or JWT>")
+
+
+def _one(token: str, header: str) -> str:
+    if "," in token:
+        raise AuthError(ONE_CREDENTIAL.format(header=header))
+    return token
 
 
 def _claim_id(claims: Mapping[str, Any], claim: str, what: str) -> str:

@@ -146,3 +146,28 @@ def test_a_non_key_bearer_without_jwt_configured_is_a_401_not_a_500(
     assert answer.status_code == 401
     assert answer.headers["www-authenticate"].isascii()
     assert answer.json()["status"] == 401
+
+
+def test_two_authorization_lines_are_refused_not_picked_from(
+    jwt_gateway: Gateway, signing_key: rsa.RSAPrivateKey
+) -> None:
+    """The gateway kept the last Authorization line: a request carrying a free tenant's key
+    and a paid tenant's token was served as whichever came last (nginx refuses a repeated
+    Authorization itself, with its own 400)."""
+    free = jwt_gateway.key("payer-free", "free")
+    paid = token(signing_key, sub="payer-paid", plan="paid")
+    for lines in ([free, paid], [paid, free]):
+        answer = jwt_gateway.http.post(
+            f"{jwt_gateway.url}/v1/chat/completions",
+            json={
+                "model": "gpt-4",
+                "messages": [{"role": "user", "content": "hi"}],
+                "max_tokens": 5,
+            },
+            headers=[("authorization", f"Bearer {line}") for line in lines],
+        )
+        assert answer.status_code == 401, answer.text[:300]
+        assert answer.json()["detail"] == (
+            "send one credential: Authorization holds several (a repeated header, or a list); "
+            "the gateway will not pick one of them"
+        )

@@ -140,3 +140,34 @@ def test_a_limit_value_governor_never_writes_sheds_instead_of_lifting_the_limit(
         problem = answer.json()
         assert problem["type"].endswith("#temporary-reduced-capacity"), (name, problem)
         assert problem["violated-policies"] == ["plan/free/tokens_per_day"], (name, problem)
+
+
+ONE_CREDENTIAL = (
+    "send one credential: {} holds several (a repeated header, or a list); the gateway will "
+    "not pick one of them"
+)
+
+
+@pytest.mark.parametrize("how", ["two x-api-key lines", "a list in x-api-key", "a list in Bearer"])
+def test_two_credentials_in_one_request_are_refused_not_picked_from(
+    how: str, nginx: Side, python_gateway: Side, upstream: tuple[FakeUpstream, ServerThread]
+) -> None:
+    """The Python gateway took the last x-api-key line, nginx the first: one request spent
+    another tenant's limits depending on the gateway it met (paid may call gpt-4, free not)."""
+    fake = upstream[0]
+    for side in (python_gateway, nginx):
+        free, paid = side.key("payer-free", "free"), side.key("payer-paid", "paid")
+        headers = {
+            "two x-api-key lines": [("x-api-key", free), ("x-api-key", paid)],
+            "a list in x-api-key": [("x-api-key", f"{free}, {paid}")],
+            "a list in Bearer": [("authorization", f"Bearer {paid},{free}")],
+        }[how]
+        seen = len(fake.seen)
+        answer = side.http.post(
+            f"{side.url}/v1/chat/completions", json=chat_body(model="gpt-4"), headers=headers
+        )
+        header = "Authorization" if how == "a list in Bearer" else "x-api-key"
+        assert answer.status_code == 401, (side.name, answer.status_code, answer.text[:300])
+        assert answer.json()["detail"] == ONE_CREDENTIAL.format(header), side.name
+        assert len(fake.seen) == seen, f"{side.name} served a request carrying two keys"
+        assert not side.db.keys(f"{PREFIX}:{{t:payer-*}}:*"), side.name  # nothing counted

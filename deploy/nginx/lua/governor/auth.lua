@@ -10,12 +10,29 @@ local _M = {}
 
 local CACHE_SIZE = 10000
 
+-- auth.ONE_CREDENTIAL (Python's), word for word.
+local ONE_CREDENTIAL = 'send one credential: %s holds several (a repeated header, or a list); '
+  .. 'the gateway will not pick one of them'
+
+-- A repeated header's lines joined by ',' in order, as Python's `_headers` joins them.
+local function joined(value)
+  if type(value) == 'table' then
+    return table.concat(value, ',')
+  end
+  return value
+end
+
+-- No key or JWT holds a ',': one means two credentials, and which counts is not our guess.
+local function one(token, header)
+  if token:find(',', 1, true) then
+    return nil, string.format(ONE_CREDENTIAL, header)
+  end
+  return token
+end
+
 -- The token of `Authorization: Bearer …` or `x-api-key`, or nil and the 401 detail.
 function _M.credential(headers)
-  local authorization = headers['authorization']
-  if type(authorization) == 'table' then
-    authorization = authorization[1]
-  end
+  local authorization = joined(headers['authorization'])
   if authorization ~= nil then
     -- As Python's `strip().partition(" ")`: the scheme ends at the first space.
     local text = authorization:match('^%s*(.-)%s*$')
@@ -25,14 +42,11 @@ function _M.credential(headers)
     if scheme:lower() ~= 'bearer' or token == '' then
       return nil, 'Authorization must be `Bearer <API key or JWT>`'
     end
-    return token
+    return one(token, 'Authorization')
   end
-  local api_key = headers['x-api-key']
-  if type(api_key) == 'table' then
-    api_key = api_key[1]
-  end
+  local api_key = joined(headers['x-api-key'])
   if api_key ~= nil and api_key ~= '' then
-    return api_key:match('^%s*(.-)%s*$')
+    return one(api_key:match('^%s*(.-)%s*$'), 'x-api-key')
   end
   return nil, 'no credential: send Authorization: Bearer <API key or JWT>'
 end
