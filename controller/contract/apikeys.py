@@ -6,6 +6,8 @@ import json
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
+from controller.model import validate_id
+
 
 @dataclass(frozen=True, slots=True)
 class KeyRecord:
@@ -34,6 +36,21 @@ class KeyRecord:
                                                 record.digest)):  # fmt: skip
             raise ValueError(f"API key record {text[:80]!r} misses key_id/tenant/plan/digest")
         return record
+
+    def usable(self) -> KeyRecord:
+        """The record if it may authenticate: its tenant, plan and user (absent, or a string)
+        are ids safe to put in key names, as `governor keys create` checks them; ValueError
+        naming the field otherwise. A hand-written record with an unsafe id, or a user that
+        is not a string (read as no user, it escaped the user's limits), authenticates
+        nobody."""
+        names = {"tenant": self.tenant, "plan": self.plan}
+        if self.user is not None:
+            names["user"] = self.user
+        for what, value in names.items():
+            if not isinstance(value, str):
+                raise ValueError(f"API key record {self.key_id}: {what} is not a string")
+            validate_id(value, f"API key record {self.key_id}: {what}")
+        return self
 
     def public(self) -> dict[str, object]:
         """The record without its digest, for listings."""

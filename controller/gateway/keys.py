@@ -14,6 +14,7 @@ from typing import cast
 
 import redis
 import redis.asyncio
+import structlog
 
 from controller.clients.redis import wrapped
 from controller.contract.apikeys import KeyRecord, parsed_records
@@ -24,6 +25,7 @@ from controller.model import validate_id
 # `gov_<id>_<secret>`: the id is public (listing, revoking, logs), the secret never stored.
 _KEY_PATTERN = re.compile(r"gov_([0-9a-f]{16})_([A-Za-z0-9_-]{43})")
 _CACHE_SIZE = 10_000
+_log = structlog.get_logger("governor.gateway")
 
 
 def key_id_of(key: str) -> str | None:
@@ -169,9 +171,11 @@ class KeyVerifier:
             if text is None:
                 return None
             try:
-                record = KeyRecord.from_json(text)
-            except ValueError:
-                return None  # a hand-edited record authenticates nobody
+                record = KeyRecord.from_json(text).usable()
+            except ValueError as exc:
+                # A hand-edited record authenticates nobody; the operator is told which.
+                _log.warning("API key record unusable; it authenticates nobody", error=str(exc))
+                return None
         if not matches(record, key, self.secret):
             return None
         self._remember(record)

@@ -9,8 +9,9 @@ import time
 
 import pytest
 
+from controller.gateway.keys import digest
 from tests.gateway.fake_upstream import FakeUpstream, ServerThread
-from tests.nginx.conftest import PREFIX, Side, chat_body
+from tests.nginx.conftest import PREFIX, SECRET, Side, chat_body
 
 PLAN_REFRESH_SECONDS = 5.0  # PlanCatalog's and the exported module's default
 
@@ -171,3 +172,34 @@ def test_two_credentials_in_one_request_are_refused_not_picked_from(
         assert answer.json()["detail"] == ONE_CREDENTIAL.format(header), side.name
         assert len(fake.seen) == seen, f"{side.name} served a request carrying two keys"
         assert not side.db.keys(f"{PREFIX}:{{t:payer-*}}:*"), side.name  # nothing counted
+
+
+# Key records written by hand (a migration script, an edit), each with the right digest.
+UNUSABLE_RECORDS: dict[str, dict[str, object]] = {
+    "tenant opening a hash tag": {"tenant": "acme}x", "plan": "free"},
+    "tenant with ':' and '*'": {"tenant": "a:*", "plan": "free"},
+    "tenant of 300 characters": {"tenant": "a" * 300, "plan": "free"},
+    "user with '/'": {"tenant": "acme", "plan": "free", "user": "a/b"},
+    "user that is a number": {"tenant": "acme", "plan": "free", "user": 5},
+    "user that is empty": {"tenant": "acme", "plan": "free", "user": ""},
+}
+
+
+@pytest.mark.parametrize("name", sorted(UNUSABLE_RECORDS))
+def test_a_key_record_with_an_unsafe_id_authenticates_nobody(
+    name: str, nginx: Side, python_gateway: Side, upstream: tuple[FakeUpstream, ServerThread]
+) -> None:
+    """The Python gateway answered 500 for most of these, and served an empty user with no
+    user level; nginx served a user that is a number with no user level."""
+    fake = upstream[0]
+    key_id = "00000000000000ff"
+    key = f"gov_{key_id}_" + "A" * 43
+    record = {"key_id": key_id, "digest": digest(key, SECRET), "created_at": 1.0, "name": None}
+    record.update({"user": None, **UNUSABLE_RECORDS[name]})
+    for side in (python_gateway, nginx):
+        side.db.hset(f"{PREFIX}:apikeys", key_id, json.dumps(record))
+        seen = len(fake.seen)
+        answer = side.chat(key)
+        assert answer.status_code == 401, (side.name, answer.status_code, answer.text[:300])
+        assert answer.json()["detail"] == "unknown or revoked API key", side.name
+        assert len(fake.seen) == seen, f"{side.name} served a key record with {name}"

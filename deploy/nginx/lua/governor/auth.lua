@@ -71,12 +71,16 @@ local function record_of(text)
       return nil
     end
   end
-  if type(record.user) ~= 'string' then
+  if record.user == cjson.null then
     record.user = nil
   end
-  -- Ids go into key names: one that is not safe authenticates nobody.
+  -- Ids go into key names: one that is not safe authenticates nobody, and neither does a
+  -- user that is not a string (read as no user, it escaped the user's limits).
   if not (keys.valid_id(record.tenant) and keys.valid_id(record.plan)
-      and (record.user == nil or keys.valid_id(record.user))) then
+      and (record.user == nil or type(record.user) == 'string' and keys.valid_id(record.user)))
+  then
+    ngx.log(ngx.WARN, 'governor: API key record ', record.key_id, ' unusable (tenant, plan ',
+      'or user is not a safe id); it authenticates nobody')
     return nil
   end
   return record
