@@ -66,6 +66,10 @@ class Enforcement:
     tracing: Tracing | None = None
     routes: Mapping[str, RequestKind] = field(default_factory=lambda: dict(ROUTES))
     open_paths: tuple[str, ...] = ("/metrics", "/healthz")
+    # Authenticated, forwarded as they are and counted nowhere: GET (or HEAD) of these paths
+    # and below them. Any other route that is not a model call is refused (404): an upstream
+    # serves model work on routes Governor does not meter.
+    pass_paths: tuple[str, ...] = ("/v1/models",)
     # Settles and releases that met a Redis outage, repeated once it answers.
     pending: PendingCalls = field(default_factory=lambda: PendingCalls(STORE_ERRORS))
 
@@ -144,8 +148,12 @@ class GovernorMiddleware:
             await plan(scope, receive, send)
             return
         kind = self.e.routes.get(scope["path"]) if scope["method"] == "POST" else None
-        if kind is None:  # not a model call: authenticated pass-through, nothing to count
-            await self.app(scope, receive, send)
+        if kind is None:
+            if passes(scope["method"], scope["path"], self.e.pass_paths):
+                await self.app(scope, receive, send)  # nothing to count: forwarded as is
+                return
+            self.e.metrics.request(principal.tenant, principal.plan, None, "bad_request")
+            await self.e.answers.unmetered_route()(scope, receive, send)
             return
         await self._model_call(scope, receive, send, principal, plan, kind, started)
 
@@ -412,6 +420,14 @@ class GovernorMiddleware:
                 error=str(exc),
                 held=len(self.e.pending),
             )
+
+
+def passes(method: str, path: str, pass_paths: tuple[str, ...]) -> bool:
+    """May a request that is no model call go upstream uncounted? Only a read (GET, HEAD) of
+    a pass path or below it, with no '..' segment (an upstream would resolve it elsewhere)."""
+    if method not in ("GET", "HEAD") or ".." in path.split("/"):
+        return False
+    return any(path == root or path.startswith(root + "/") for root in pass_paths)
 
 
 def _said(error: BaseException) -> str:

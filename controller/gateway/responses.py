@@ -90,6 +90,13 @@ def problem(
     return Problem(status, body, error, headers)
 
 
+UNMETERED_ROUTE = (
+    "this gateway serves POST /v1/chat/completions, /v1/completions and /v1/embeddings "
+    "(metered) and GET /v1/models; any other route could spend model work that no limit "
+    "counts, so it is not forwarded"
+)
+
+
 def _invalid(code: str, param: str | None = None) -> OpenAIError:
     return OpenAIError("invalid_request_error", code, param)
 
@@ -167,6 +174,17 @@ class Answers:
             "tenant or key to a known plan (governor tenants list flags them)",
             error=_invalid("unknown_plan"),
             plan=plan,
+        )
+
+    def unmetered_route(self) -> Problem:
+        """404: a route the gateway neither meters nor passes: forwarded, it could spend model
+        work no limit counts (an upstream's /v1/responses, /v1/rerank, /invocations)."""
+        return problem(
+            404,
+            self.type_uri("unmetered-route"),
+            "Route not served",
+            UNMETERED_ROUTE,
+            error=_invalid("unknown_route"),
         )
 
     def not_configured(self) -> Problem:

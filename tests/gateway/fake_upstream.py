@@ -55,6 +55,9 @@ class FakeUpstream:
                 Route("/v1/completions", self._completion, methods=["POST"]),
                 Route("/v1/embeddings", self._embedding, methods=["POST"]),
                 Route("/v1/models", self._models, methods=["GET"]),
+                # Model work on a route Governor does not meter (vLLM serves it): recorded,
+                # so a test sees whether a gateway let it through.
+                Route("/v1/responses", self._completion, methods=["POST"]),
                 Route("/jwks", self._jwks, methods=["GET"]),
             ]
         )

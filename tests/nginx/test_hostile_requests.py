@@ -203,3 +203,53 @@ def test_a_key_record_with_an_unsafe_id_authenticates_nobody(
         assert answer.status_code == 401, (side.name, answer.status_code, answer.text[:300])
         assert answer.json()["detail"] == "unknown or revoked API key", side.name
         assert len(fake.seen) == seen, f"{side.name} served a key record with {name}"
+
+
+UNMETERED_ROUTE = (
+    "this gateway serves POST /v1/chat/completions, /v1/completions and /v1/embeddings "
+    "(metered) and GET /v1/models; any other route could spend model work that no limit "
+    "counts, so it is not forwarded"
+)
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("POST", "/v1/responses"),
+        ("POST", "/v1/rerank"),
+        ("POST", "/v1/audio/transcriptions"),
+        ("GET", "/v1/chat/completions"),
+        ("DELETE", "/v1/models/gpt-3.5-turbo"),
+        ("POST", "/v1/models"),
+    ],
+)
+def test_a_route_neither_metered_nor_passed_is_refused_not_forwarded_uncounted(
+    method: str,
+    path: str,
+    nginx: Side,
+    python_gateway: Side,
+    upstream: tuple[FakeUpstream, ServerThread],
+) -> None:
+    """Both gateways forwarded every route but the three they meter, uncounted: a tenant
+    whose budget was spent (402 on chat) still had the model server answer POST /v1/responses
+    (vLLM serves it), with no limit, budget or credit counting it."""
+    fake = upstream[0]
+    body = b'{"model":"gpt-3.5-turbo","input":"hi","max_tokens":5000}'
+    for side in (python_gateway, nginx):
+        key = side.key("spent", "free")
+        used = side.chat(key, chat_body(max_tokens=990), **{"x-fake-tokens": "990"})
+        assert used.status_code == 200, (side.name, used.text[:300])  # most of the 1,000
+        spent = side.chat(key)
+        assert spent.status_code == 402, (side.name, spent.text[:300])
+        seen = len(fake.seen)
+        answer = side.http.request(
+            method, f"{side.url}{path}", content=body, headers={"authorization": f"Bearer {key}"}
+        )
+        assert answer.status_code == 404, (side.name, answer.status_code, answer.text[:300])
+        assert answer.headers["content-type"] == "application/problem+json", side.name
+        problem = answer.json()
+        assert problem["type"].endswith("#unmetered-route"), (side.name, problem)
+        assert problem["detail"] == UNMETERED_ROUTE, side.name
+        assert len(fake.seen) == seen, f"{side.name} forwarded {method} {path} uncounted"
+        models = side.http.get(f"{side.url}/v1/models", headers={"authorization": f"Bearer {key}"})
+        assert models.status_code == 200, (side.name, models.text[:300])  # still passed

@@ -233,6 +233,15 @@ function Answers:unknown_plan(plan)
     nil, {plan = plan}, invalid('unknown_plan'))
 end
 
+-- 404: a route neither metered nor passed (responses.UNMETERED_ROUTE, word for word).
+function Answers:unmetered_route()
+  return problem(404, self:type_uri('unmetered-route'), 'Route not served',
+    'this gateway serves POST /v1/chat/completions, /v1/completions and /v1/embeddings '
+      .. '(metered) and GET /v1/models; any other route could spend model work that no limit '
+      .. 'counts, so it is not forwarded',
+    nil, nil, invalid('unknown_route'))
+end
+
 -- 503: no plan catalog or no limits in the store yet.
 function Answers:not_configured()
   return problem(503, self:type_uri('not-configured'), 'Limits not configured yet',

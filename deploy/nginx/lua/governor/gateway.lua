@@ -171,6 +171,24 @@ function Gateway:model_call(client, req, principal, kind, plan)
     strip = strip}}
 end
 
+-- asgi.Enforcement.pass_paths: authenticated, forwarded as they are and counted nowhere.
+local PASS_PATHS = {'/v1/models'}
+
+-- asgi.passes: only a read (GET, HEAD) of a pass path or below it, with no '..' segment, goes
+-- upstream uncounted; any other route that is no model call could spend model work that no
+-- limit counts.
+function _M.passes(method, path, pass_paths)
+  if (method ~= 'GET' and method ~= 'HEAD') or ('/' .. path .. '/'):find('/../', 1, true) then
+    return false
+  end
+  for _, root in ipairs(pass_paths) do
+    if path == root or path:sub(1, #root + 1) == root .. '/' then
+      return true
+    end
+  end
+  return false
+end
+
 function Gateway:decide_with(client, req)
   local token, detail = auth.credential(req.headers)
   if token == nil then
@@ -195,8 +213,11 @@ function Gateway:decide_with(client, req)
     return refusal
   end
   local kind = req.method == 'POST' and openai.ROUTES[req.path]
-  if not kind then  -- not a model call: authenticated pass-through, nothing to count
-    return {pass = true, principal = principal}
+  if not kind then
+    if _M.passes(req.method, req.path, self.settings.pass_paths or PASS_PATHS) then
+      return {pass = true, principal = principal}  -- nothing to count: forwarded as is
+    end
+    return {answer = self.answers:unmetered_route()}
   end
   return self:model_call(client, req, principal, kind, plan)
 end
