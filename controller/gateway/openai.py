@@ -70,6 +70,7 @@ class ModelRequest:
         if not isinstance(model, str) or not model:
             raise RequestError("the request names no model (`model` must be a string)")
         _check_counts(body)
+        _check_stream(kind, body)
         return cls(kind, raw, body, _prompt_tokens(kind, body))
 
     @property
@@ -151,6 +152,16 @@ def _check_counts(body: Mapping[str, Any]) -> None:
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             shown = json.dumps(value)[:40]
             raise RequestError(f"`{name}` must be a positive integer, not {shown}")
+
+
+def _check_stream(kind: RequestKind, body: Mapping[str, Any]) -> None:
+    """`stream` must be a JSON boolean (or null), as OpenAI's API requires. A model server
+    reads 1 or "true" as true (pydantic's lax booleans) and streams, while the gateway, which
+    streams only for `true`, did not ask for the usage event and read the stream as a broken
+    JSON answer: the completion was settled as 0 tokens, whatever it cost."""
+    value = body.get("stream")
+    if kind != "embedding" and value is not None and not isinstance(value, bool):
+        raise RequestError(f"`stream` must be true or false, not {json.dumps(value)[:40]}")
 
 
 def _prompt_tokens(kind: RequestKind, body: Mapping[str, Any]) -> int:

@@ -253,3 +253,29 @@ def test_a_route_neither_metered_nor_passed_is_refused_not_forwarded_uncounted(
         assert len(fake.seen) == seen, f"{side.name} forwarded {method} {path} uncounted"
         models = side.http.get(f"{side.url}/v1/models", headers={"authorization": f"Bearer {key}"})
         assert models.status_code == 200, (side.name, models.text[:300])  # still passed
+
+
+@pytest.mark.parametrize("stream", ["1", '"true"', '"yes"', "{}"])
+def test_a_stream_flag_that_is_no_boolean_is_a_bad_request(
+    stream: str, nginx: Side, python_gateway: Side, upstream: tuple[FakeUpstream, ServerThread]
+) -> None:
+    """`"stream": 1` streamed from a model server that reads it as true (vLLM's pydantic
+    does), while both gateways read it as false: no usage event asked for, the SSE answer
+    read as a broken JSON document, the completion settled as 0 tokens. A free-plan tenant
+    was charged ~10 tokens a request for up to 900 generated."""
+    fake = upstream[0]
+    body = (
+        b'{"model":"gpt-3.5-turbo",' + MESSAGES + b',"max_tokens":900,"stream":' + stream.encode()
+    )
+    for side in (python_gateway, nginx):
+        key = side.key("streamer", "free")
+        seen = len(fake.seen)
+        answer = side.chat(key, body + b"}", **{"x-fake-tokens": "900"})
+        assert answer.status_code == 400, (side.name, answer.status_code, answer.text[:300])
+        assert answer.json()["detail"] == f"`stream` must be true or false, not {stream}", side.name
+        assert len(fake.seen) == seen, f"{side.name} sent stream={stream} on to the model server"
+    for side in (python_gateway, nginx):  # a real boolean, or none, still passes
+        for flag in (b"true", b"false", b"null"):
+            plain = b'{"model":"gpt-3.5-turbo",' + MESSAGES + b',"max_tokens":5,"stream":' + flag
+            answer = side.chat(side.key("streamer", "free"), plain + b"}")
+            assert answer.status_code == 200, (side.name, flag, answer.text[:300])

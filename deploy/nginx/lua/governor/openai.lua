@@ -89,6 +89,18 @@ local function bad_count(body)
   return nil
 end
 
+-- `stream` must be a JSON boolean or null (the Python gateway's check): a model server reads 1
+-- or "true" as true and streams, which was settled as a broken JSON answer of 0 tokens.
+local function bad_stream(kind, body)
+  local value = body.stream
+  if kind ~= 'embedding' and value ~= nil and value ~= cjson.null and type(value) ~= 'boolean'
+  then
+    local shown = cjson.encode(value) or tostring(value)
+    return '`stream` must be true or false, not ' .. shown:sub(1, 40)
+  end
+  return nil
+end
+
 local Request = {}
 Request.__index = Request
 
@@ -104,7 +116,7 @@ function _M.parse(kind, raw, default_max_tokens)
   if type(body.model) ~= 'string' or body.model == '' then
     return nil, 'the request names no model (`model` must be a string)'
   end
-  local wrong = bad_count(body)
+  local wrong = bad_count(body) or bad_stream(kind, body)
   if wrong then
     return nil, wrong
   end
