@@ -329,7 +329,7 @@ class GovernorMiddleware:
     async def _forward(self, scope: Scope, receive: Receive, send: Send, call: _Call) -> None:
         body = call.request.encoded()
         inner_scope = _with_body_length(scope, body) if call.request.changed else scope
-        replay = _replay(body, receive)
+        replay = _replay(body, receive, passes_disconnect=call.request.streaming)
 
         async def observe(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -490,9 +490,16 @@ async def _read_body(receive: Receive, limit: int) -> bytes | None:
     return b"".join(chunks)
 
 
-def _replay(body: bytes, receive: Receive) -> Receive:
+def _replay(body: bytes, receive: Receive, passes_disconnect: bool) -> Receive:
     """A receive that hands the app the (possibly rewritten) body once, then waits for the
-    client's disconnect like the real one."""
+    client's disconnect like the real one (`passes_disconnect`), or for nothing.
+
+    A stream's disconnect is passed on: the app stops reading the upstream, and the model
+    server stops generating. A non-streamed answer is generated whole before its first byte:
+    a client gone by then must not cut the app's relaying of it (Starlette's response stops
+    at the disconnect), or the gateway meters no byte of an answer the model server produced
+    in full, and settles it as the prompt alone (or nothing). Unaware, the app relays it all
+    into a closed connection (the server drops the writes) and the usage is charged."""
     sent = False
 
     async def replay() -> Message:
@@ -500,7 +507,10 @@ def _replay(body: bytes, receive: Receive) -> Receive:
         if not sent:
             sent = True
             return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()
+        if passes_disconnect:
+            return await receive()
+        await anyio.sleep_forever()
+        raise AssertionError("unreachable")  # pragma: no cover
 
     return replay
 

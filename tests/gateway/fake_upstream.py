@@ -5,7 +5,8 @@ from the request, streams SSE when asked, and records what reached it. Test knob
 request headers (the gateway forwards them): `x-fake-status` answers that status,
 `x-fake-usage: none` leaves usage out, `x-fake-tokens: N` generates N tokens (at most
 max_tokens), `x-fake-hold: 1` holds a stream after its first
-chunk until the test releases it.
+chunk until the test releases it, `x-fake-delay: S` waits S seconds before answering (a
+model generating).
 """
 
 from __future__ import annotations
@@ -75,6 +76,7 @@ class FakeUpstream:
         failed = _failure(request)
         if failed is not None:
             return failed
+        await anyio.sleep(float(request.headers.get("x-fake-delay", "0")))
         prompt = 7 + len(json.dumps(body.get("messages") or body.get("prompt"))) // 10
         limit = body.get("max_completion_tokens") or body.get("max_tokens") or 10_000
         wanted = int(request.headers.get("x-fake-tokens", self.completion_tokens))

@@ -5,13 +5,14 @@ writes are refused and never reach the model server."""
 from __future__ import annotations
 
 import json
+import socket
 import time
 
 import pytest
 
 from controller.gateway.keys import digest
 from tests.gateway.fake_upstream import FakeUpstream, ServerThread
-from tests.nginx.conftest import PREFIX, SECRET, Side, chat_body
+from tests.nginx.conftest import PREFIX, SECRET, Side, chat_body, set_limit, tenant_state
 
 PLAN_REFRESH_SECONDS = 5.0  # PlanCatalog's and the exported module's default
 
@@ -279,3 +280,47 @@ def test_a_stream_flag_that_is_no_boolean_is_a_bad_request(
             plain = b'{"model":"gpt-3.5-turbo",' + MESSAGES + b',"max_tokens":5,"stream":' + flag
             answer = side.chat(side.key("streamer", "free"), plain + b"}")
             assert answer.status_code == 200, (side.name, flag, answer.text[:300])
+
+
+def _send_raw(side: Side, key: str, body: bytes, headers: dict[str, str]) -> socket.socket:
+    """Send a request on a raw connection, reading nothing; the caller closes it."""
+    host, _, port = side.url.removeprefix("http://").partition(":")
+    lines = [
+        "POST /v1/chat/completions HTTP/1.1", f"Host: {host}", f"Authorization: Bearer {key}",
+        "Content-Type: application/json", f"Content-Length: {len(body)}",
+        *(f"{name}: {value}" for name, value in headers.items()),
+    ]  # fmt: skip
+    connection = socket.create_connection((host, int(port)))
+    connection.sendall("\r\n".join(lines).encode() + b"\r\n\r\n" + body)
+    return connection
+
+
+def test_a_client_gone_before_a_whole_answer_still_pays_for_it(
+    nginx: Side, python_gateway: Side, upstream: tuple[FakeUpstream, ServerThread]
+) -> None:
+    """The Python gateway read no byte of a non-streamed answer whose client had closed the
+    connection while the model generated it (Starlette's response stops at the disconnect)
+    and settled it as the prompt alone: 900 tokens generated, 5 charged. nginx fetches the
+    whole answer first, so it charged it all."""
+    fake = upstream[0]
+    body = json.dumps(chat_body(max_tokens=900)).encode()
+    fake_headers = {"x-fake-tokens": "900", "x-fake-delay": "0.2"}
+    for side in (python_gateway, nginx):
+        set_limit(side, "tenant/leaver/tokens_per_day", 100_000)
+        key = side.key("leaver", "paid")
+        stayed = side.chat(key, body, **fake_headers)
+        assert stayed.status_code == 200, (side.name, stayed.text[:300])
+        cost = stayed.json()["usage"]["total_tokens"]
+        assert tenant_state(side, "leaver")["u|tokens_per_day"] == str(cost), side.name
+        seen = len(fake.seen)
+        for _ in range(20):  # the client leaves at once, before any answer
+            _send_raw(side, key, body, fake_headers).close()
+            time.sleep(0.1)
+        deadline = time.monotonic() + 10.0
+        while tenant_state(side, "leaver").get("v|tokens_per_day") != "0":
+            assert time.monotonic() < deadline, f"{side.name} never settled the requests"
+            time.sleep(0.05)
+        answered = len(fake.seen) - seen  # a request whose body was not read is not sent on
+        assert answered > 0, side.name
+        state = tenant_state(side, "leaver")
+        assert state["u|tokens_per_day"] == str((1 + answered) * cost), (side.name, answered, cost)
