@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -36,6 +37,10 @@ FORWARDED_FOR_REFUSAL = (
 )
 
 
+# `a.b.c.d:port`, `[v6]` or `[v6]:port` (Azure Application Gateway appends the port).
+_WITH_PORT = re.compile(r"\[([^\]]+)\](?::[0-9]{1,5})?|([0-9.]+):[0-9]{1,5}")
+
+
 def forwarded_client(values: Sequence[str]) -> str | None:
     """The client address in X-Forwarded-For (`values`: each header line, in order), as
     `ip_id` gives it; None when there is none (no header, or only blanks).
@@ -49,6 +54,9 @@ def forwarded_client(values: Sequence[str]) -> str | None:
     if not joined.strip():
         return None
     last = joined.rsplit(",", 1)[-1].strip()
+    ported = _WITH_PORT.fullmatch(last)  # some proxies append the client's port too
+    if ported is not None:
+        last = ported.group(1) or ported.group(2)
     try:
         return ip_id(last)
     except ValueError:

@@ -83,7 +83,11 @@ def test_addresses_the_client_writes_before_the_proxys_count_nothing(sides: list
             assert _send(side, key, PROXY_SAW).status_code == 200, side.name
         # The same client, claiming other addresses in front of the one the proxy appended:
         # in one line, and in a line of its own before the proxy's.
-        for claimed in (f"198.51.100.1, {PROXY_SAW}", f"198.51.100.2,{PROXY_SAW}"):
+        for claimed in (
+            f"198.51.100.1, {PROXY_SAW}",
+            f"198.51.100.2,{PROXY_SAW}",
+            f"198.51.100.4, {PROXY_SAW}:4711",  # a proxy that appends the port too
+        ):
             answer = _send(side, key, claimed)
             assert answer.status_code == 429, (side.name, claimed, answer.text)
             assert "ip/requests_per_minute" in answer.json()["detail"], side.name
@@ -106,3 +110,13 @@ def test_an_x_forwarded_for_ending_in_no_address_is_a_bad_request(
             assert answer.headers["content-type"] == "application/problem+json", side.name
             assert answer.json()["detail"] == REFUSAL, side.name
         assert len(fake.seen) == seen, f"{side.name} sent it on to the model server"
+
+
+def test_an_ipv6_client_counts_by_its_64_with_or_without_a_port(sides: list[Side]) -> None:
+    for side in sides:
+        key = side.key("acme", "paid")
+        for forwarded in ("[2001:db8:0:1::5]:443", "2001:db8:0:1::6"):
+            assert _send(side, key, forwarded).status_code == 200, side.name
+        answer = _send(side, key, "198.51.100.1, [2001:db8:0:1::7]")
+        assert answer.status_code == 429, (side.name, answer.text[:300])
+        assert side.db.keys(f"{PREFIX}:enforce:ip:2001%3A0db8%3A0000%3A0001%3A%3A"), side.name

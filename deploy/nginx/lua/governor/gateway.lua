@@ -65,7 +65,14 @@ function _M.forwarded_client(forwarded)
   if type(forwarded) ~= 'string' or not forwarded:find('%S') then
     return nil
   end
-  local last = forwarded:match('([^,]*)$')
+  local last = forwarded:match('([^,]*)$'):match('^%s*(.-)%s*$')
+  -- `a.b.c.d:port`, `[v6]` or `[v6]:port` (some proxies append the client's port too).
+  local v6, v6_port = last:match('^%[([^%]]+)%](.*)$')
+  if v6 and (v6_port == '' or v6_port:match('^:%d%d?%d?%d?%d?$')) then
+    last = v6
+  else
+    last = last:match('^([%d.]+):%d%d?%d?%d?%d?$') or last
+  end
   local ip = keys.ip_id(last)
   if ip == nil then
     return false, FORWARDED_FOR_REFUSAL
