@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Annotated, Literal, get_origin
 from urllib.parse import SplitResult, urlsplit
 
-from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from controller.urls import mask_url
@@ -52,7 +52,16 @@ def check_redis_url(url: str) -> str:
 _OWN_PAGES = "http://127.0.0.1:9100"
 
 
-class PrometheusSettings(BaseModel):
+class _Group(BaseModel):
+    """A group of settings. No number in it may be NaN or ±Inf: `inf` passes a bound such as
+    `gt=0` and reached the clients as it is (a socket timeout of inf is an OverflowError
+    deep in redis-py, a tick or lease of inf never ends), so it is refused at start naming
+    the variable, like any other value out of range."""
+
+    model_config = ConfigDict(allow_inf_nan=False)
+
+
+class PrometheusSettings(_Group):
     """Where signals are read from."""
 
     url: str = Field("http://127.0.0.1:9090", description="Prometheus base URL")
@@ -86,7 +95,7 @@ class PrometheusSettings(BaseModel):
         return value
 
 
-class RedisSettings(BaseModel):
+class RedisSettings(_Group):
     """Where limits, overrides and the journal live."""
 
     url: SecretStr | None = Field(
@@ -115,7 +124,7 @@ class RedisSettings(BaseModel):
         return value
 
 
-class ControllerSettings(BaseModel):
+class ControllerSettings(_Group):
     """The control loop."""
 
     policy_dir: Path = Field(Path("policies"), description="directory of policy YAML files")
@@ -187,7 +196,7 @@ _KONG_TAG = re.compile(r"[!-+\-.0-{}~]{1,64}")
 _KUBE_NAME = re.compile(r"[a-z0-9]([-a-z0-9]{0,38}[a-z0-9])?")
 
 
-class KongSettings(BaseModel):
+class KongSettings(_Group):
     """The Kong sinks: the Admin API connection, and the `rate-limiting` plugin configuration
     that both the Kong sink and the Kubernetes (KongPlugin) sink write."""
 
@@ -289,7 +298,7 @@ class KongSettings(BaseModel):
         return self
 
 
-class KubernetesSinkSettings(BaseModel):
+class KubernetesSinkSettings(_Group):
     """The Kubernetes sinks: KongPlugin objects for the Kong Ingress Controller, and the
     optional ConfigMap holding the whole limit document for other gateways."""
 
@@ -343,7 +352,7 @@ class KubernetesSinkSettings(BaseModel):
         return value
 
 
-class LeaderSettings(BaseModel):
+class LeaderSettings(_Group):
     """Leader election: only the leader writes; the others evaluate and stand by."""
 
     mode: Literal["auto", "kubernetes", "redis", "none"] = Field(
@@ -359,7 +368,7 @@ class LeaderSettings(BaseModel):
     identity: str | None = Field(None, description="this replica's name; default: host-pid")
 
 
-class JournalSettings(BaseModel):
+class JournalSettings(_Group):
     """The audit journal."""
 
     stream_max_length: int = Field(100_000, ge=100, description="events kept in the stream")
@@ -377,7 +386,7 @@ class JournalSettings(BaseModel):
     )
 
 
-class TelemetrySettings(BaseModel):
+class TelemetrySettings(_Group):
     """The controller's own /metrics, /healthz and /readyz."""
 
     host: str = Field("0.0.0.0", description="listen address")
@@ -389,7 +398,7 @@ _ASYMMETRIC_ALGORITHMS = frozenset(
 )
 
 
-class GatewaySettings(BaseModel):
+class GatewaySettings(_Group):
     """The reference gateway (`governor gateway`): auth, answers, metrics, tracing."""
 
     host: str = Field("127.0.0.1", description="listen address of `governor gateway`")
@@ -503,7 +512,7 @@ class GatewaySettings(BaseModel):
         return value
 
 
-class ModelPrice(BaseModel):
+class ModelPrice(_Group):
     """What one model costs, in USD per 1,000 tokens."""
 
     prompt_per_1k: float = Field(ge=0, allow_inf_nan=False, description="USD per 1k prompt tokens")
@@ -521,7 +530,7 @@ def _default_prices() -> dict[str, ModelPrice]:
     }
 
 
-class PricesSettings(BaseModel):
+class PricesSettings(_Group):
     """The price table: credits are charged and gateway cost metrics computed from it."""
 
     models: dict[str, ModelPrice] = Field(

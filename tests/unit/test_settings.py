@@ -6,9 +6,11 @@ import json
 import os
 
 import pytest
+from pydantic import BaseModel
 from typer.testing import CliRunner
 
 from controller.cli import app
+from controller.settings import Settings
 
 MASK = "**********"
 
@@ -192,3 +194,47 @@ def test_kubernetes_service_links_and_mapping_keys_are_not_mistaken_for_typos(
 
     assert (code, stderr) == (0, "")
     assert "my_model" in json.loads(stdout)["prices"]["models"]
+
+
+def _float_settings() -> list[str]:
+    """The GOVERNOR_* name of every number setting that is a float (NaN and ±Inf parse)."""
+    names = []
+    for group, field in Settings.model_fields.items():
+        model = field.annotation
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            continue
+        for name, inner in model.model_fields.items():
+            if inner.annotation in (float, float | None):
+                names.append(f"GOVERNOR_{group.upper()}__{name.upper()}")
+    return names
+
+
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan", "Infinity"])
+@pytest.mark.parametrize("variable", _float_settings())
+def test_a_number_setting_that_is_not_finite_exits_2_naming_the_variable(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str
+) -> None:
+    # inf passed `gt=0` and reached the clients: a tick or lease that never ends, a socket
+    # timeout redis-py turns into an OverflowError traceback.
+    monkeypatch.setenv(variable, value)
+
+    code, stdout, stderr = show()
+
+    assert (code, stdout) == (2, "")
+    assert stderr.startswith(f"error: {variable}: ")
+    assert "finite number" in stderr
+
+
+def test_an_infinite_redis_timeout_is_refused_before_any_connection(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("GOVERNOR_REDIS__URL", "redis://127.0.0.1:1/0")
+    monkeypatch.setenv("GOVERNOR_REDIS__SOCKET_TIMEOUT_SECONDS", "inf")
+
+    result = CliRunner().invoke(app, ["override", "list"])
+
+    assert result.exit_code == 2
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert result.stderr.strip().splitlines() == [
+        "error: GOVERNOR_REDIS__SOCKET_TIMEOUT_SECONDS: Input should be a finite number"
+    ]
