@@ -71,11 +71,12 @@ class SampleTimes:
             answer = answers.get(freshness_query(selector))
             if answer is None:
                 continue
-            if answer.error is not None:
+            newest = answer.error if answer.error is not None else _read_newest(answer, now)
+            if isinstance(newest, str):
                 self._known.pop(selector, None)
-                self._failed[selector] = answer.error
+                self._failed[selector] = newest
                 continue
-            self._known[selector] = _Known(now, _newest(answer.result))
+            self._known[selector] = _Known(now, newest)
 
     def of(
         self, reads: Sequence[str], now: float, absent_ok: bool = False
@@ -121,12 +122,37 @@ class History:
         """Record which probes found a sample (a failed probe proves nothing: asked again)."""
         for query, held in probes.items():
             answer = answers.get(query)
-            if answer is not None and answer.error is None and _newest(answer.result):
+            if answer is None or answer.error is not None:
+                continue
+            newest = _read_newest(answer, math.inf)
+            if not isinstance(newest, str) and newest != UNKNOWN_SAMPLE_TIME:
                 self._held.add(held)
 
     def lacking(self, reads: Sequence[str], back: float) -> list[str]:
         """The selectors of `reads` without a sample from `back` seconds ago (yet)."""
         return [selector for selector in reads if (selector, back) not in self._held]
+
+
+# How far past the evaluation time a newest-sample time may be (the answer carries
+# milliseconds; the evaluation time is sent with three decimals).
+_CLOCK_SLACK_SECONDS = 1.0
+
+
+def _read_newest(answer: Answered, now: float) -> float | str:
+    """The newest sample time an age or history answer holds; or, for an answer no
+    Prometheus gives (not a vector of one number, a time that is not finite or after the
+    evaluation at `now`), why it tells nothing. Never raises: a proxy or a broken server
+    answering the age query must make the signals reading it errors, not fail the fetch."""
+    try:
+        value = _newest(answer.result)
+    except (AttributeError, IndexError, KeyError, TypeError, ValueError) as exc:
+        return f"not a Prometheus answer to the age query ({exc!r})"
+    if math.isinf(value) or value > now + _CLOCK_SLACK_SECONDS:
+        return (
+            f"the newest sample time {value!r} is after the evaluation time {now:.3f}: "
+            "not a Prometheus answer to the age query"
+        )
+    return value
 
 
 def _newest(result: Sequence[Any]) -> float:

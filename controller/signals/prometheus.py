@@ -300,7 +300,7 @@ class PrometheusSource:
             sample = self._decode(key, answer, timestamp, validity, detail, dropped)
         except ResultShapeError as exc:
             return error_sample(key, f"query {key.query!r}: {exc}")
-        except (KeyError, IndexError, TypeError, ValueError) as exc:
+        except (AttributeError, KeyError, IndexError, TypeError, ValueError) as exc:
             return error_sample(key, f"query {key.query!r}: not a Prometheus result ({exc!r})")
         if sample.validity is not Validity.EMPTY:
             return sample
