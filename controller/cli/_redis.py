@@ -168,6 +168,21 @@ def number(value: float | None) -> str:
     return str(int(value)) if float(value).is_integer() else f"{value:g}"
 
 
+def plain(value: str) -> str:
+    """Text stored by anyone (a reason, an actor, a key's name) as one printable line: every
+    control or other unprintable character escaped (`\\x1b`, `\\n`), so it can neither
+    drive the terminal nor pass for another line. Print it with rich's markup off, or as
+    `shown()`: `[red]` in a reason is text, not a style."""
+    if value.isprintable():
+        return value
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in value)
+
+
+def shown(value: str) -> Text:
+    """`plain(value)` as a table cell: plain text, no rich markup."""
+    return Text(plain(value))
+
+
 def echo_json(data: Any) -> None:
     typer.echo(json.dumps(data, indent=2, sort_keys=True))
 

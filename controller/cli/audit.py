@@ -7,9 +7,8 @@ import time
 
 import typer
 from rich.table import Table
-from rich.text import Text
 
-from controller.cli._redis import JSON_OPTION, console, number, parse_ttl, stores, when
+from controller.cli._redis import JSON_OPTION, console, number, parse_ttl, shown, stores, when
 from controller.journal.events import STALE_LEADER, JournalEntry
 from controller.journal.reader import follow_events, read_events
 
@@ -24,14 +23,6 @@ def entry_json(entry: JournalEntry) -> str:
     if entry.stale_leader:
         data[STALE_LEADER] = True
     return json.dumps(data, sort_keys=True)
-
-
-def shown(value: str) -> Text:
-    """A journal value as a table cell: plain text (no rich markup), every control or other
-    unprintable character escaped (`\\x1b`, `\\n`): journal data may come from anywhere."""
-    if not value.isprintable():
-        value = "".join(c if c.isprintable() else ascii(c)[1:-1] for c in value)
-    return Text(value)
 
 
 def entries_table(entries: list[JournalEntry], title: str) -> Table:

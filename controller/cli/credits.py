@@ -15,6 +15,7 @@ from controller.cli._redis import (
     default_actor,
     echo_json,
     require_reason,
+    shown,
     stores,
     when,
 )
@@ -133,11 +134,11 @@ def history(
     for e in entries:
         table.add_row(
             when(e.at),
-            e.kind,
+            shown(e.kind),
             f"{e.amount_usd:+,.6f}",
             f"{e.balance_usd:,.6f}",
-            e.request or f"{e.reason} ({e.actor})",
-            e.model or "-",
+            shown(e.request or f"{e.reason} ({e.actor})"),
+            shown(e.model or "-"),
             "-" if e.tokens is None else str(e.tokens),
         )
     console().print(table)

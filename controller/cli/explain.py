@@ -8,7 +8,16 @@ from typing import Any
 import typer
 from rich.table import Table
 
-from controller.cli._redis import JSON_OPTION, console, echo_json, number, parse_address, stores
+from controller.cli._redis import (
+    JSON_OPTION,
+    console,
+    echo_json,
+    number,
+    parse_address,
+    plain,
+    shown,
+    stores,
+)
 from controller.cli._redis import when as at
 from controller.cli.audit import entries_table
 from controller.journal.reader import read_events
@@ -62,11 +71,15 @@ def explain(
     out = console()
     out.print(f"[bold]{target}[/bold]  stored value: {number(stored)}")
     if freeze is not None:
-        out.print(f"automation FROZEN until {at(freeze.expires_at)} ({freeze.reason})")
+        out.print(
+            f"automation FROZEN until {at(freeze.expires_at)} ({plain(freeze.reason)})",
+            markup=False,
+        )
     if override is not None:
         out.print(
             f"override: {number(override.value)} until {at(override.expires_at)} "
-            f"by {override.actor}: {override.reason}"
+            f"by {plain(override.actor)}: {plain(override.reason)}",
+            markup=False,
         )
     if decision is None:
         out.print("no decision recorded: the controller has not decided this address explicitly")
@@ -75,13 +88,14 @@ def explain(
         out.print(
             f"winner: {number(decision['value'])} from {decision['source']}"
             + (f" ({decision['policy']})" if decision["policy"] else "")
-            + f": {decision['reason']}"
+            + f": {plain(decision['reason'])}",
+            markup=False,
         )
         # The reason already quotes the adjustments that changed the value (the resolver
         # says what was enforced instead); the others are listed once here.
         extra = [a for a in decision["adjustments"] if a not in decision["reason"]]
         if extra:
-            out.print("adjustments: " + "; ".join(extra))
+            out.print("adjustments: " + plain("; ".join(extra)), markup=False)
     out.print(entries_table(events, f"last {len(events)} journal events"))
 
 
@@ -94,9 +108,9 @@ def _decision_table(decision: dict[str, Any]) -> Table:
         wins = decision["source"] == "policy" and proposal["policy"] == decision["policy"]
         table.add_row(
             "★" if wins else "",
-            proposal["policy"],
+            shown(proposal["policy"]),
             number(proposal["value"]),
-            proposal["reason"],
-            _signals(proposal["signals"]),
+            shown(proposal["reason"]),
+            shown(_signals(proposal["signals"])),
         )
     return table

@@ -12,6 +12,7 @@ from controller.cli._redis import (
     console,
     default_actor,
     echo_json,
+    shown,
     stores,
     when,
 )
@@ -77,7 +78,14 @@ def list_keys(
     for column in ("key id", "tenant", "plan", "user", "name", "created"):
         table.add_column(column)
     for r in records:
-        table.add_row(r.key_id, r.tenant, r.plan, r.user or "-", r.name or "-", when(r.created_at))
+        table.add_row(
+            shown(r.key_id),
+            shown(r.tenant),
+            shown(r.plan),
+            shown(r.user or "-"),
+            shown(r.name or "-"),
+            when(r.created_at),
+        )
     console().print(table)
 
 

@@ -18,7 +18,9 @@ from controller.cli._redis import (
     number,
     parse_address,
     parse_ttl,
+    plain,
     require_reason,
+    shown,
     stores,
     when,
 )
@@ -102,7 +104,7 @@ def set_override(
         return
     typer.echo(
         f"override {target} = {number(value)} until {when(override.expires_at)} "
-        f"({format_duration(seconds)}, by {who})"
+        f"({format_duration(seconds)}, by {plain(who)})"
     )
 
 
@@ -150,8 +152,8 @@ def list_overrides(as_json: bool = JSON_OPTION) -> None:
         return
     if state.freeze is not None:
         typer.echo(
-            f"automation FROZEN until {when(state.freeze.expires_at)} by {state.freeze.actor}: "
-            f"{state.freeze.reason}"
+            f"automation FROZEN until {when(state.freeze.expires_at)} by "
+            f"{plain(state.freeze.actor)}: {plain(state.freeze.reason)}"
         )
     table = Table(title=f"overrides ({len(overrides)})")
     for column in ("address", "value", "expires", "left", "actor", "reason"):
@@ -159,7 +161,14 @@ def list_overrides(as_json: bool = JSON_OPTION) -> None:
     now = time.time()
     for o in overrides:
         left = format_duration(max(0, round(o.expires_at - now)))
-        table.add_row(str(o.address), number(o.value), when(o.expires_at), left, o.actor, o.reason)
+        table.add_row(
+            str(o.address),
+            number(o.value),
+            when(o.expires_at),
+            left,
+            shown(o.actor),
+            shown(o.reason),
+        )
     console().print(table)
 
 

@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from controller.changes import Change
-from controller.cli._redis import console, number
+from controller.cli._redis import console, number, shown
 from controller.cli.config import load_settings
 from controller.errors import GovernorError
 from controller.logging import configure_logging
@@ -131,6 +131,6 @@ def _print_changes(outcome: TickOutcome, dry_run: bool) -> None:
         table.add_row(
             str(change.address), number(change.old), number(change.new),
             (decision.policy or str(decision.source)) if decision else "-",
-            decision.reason if decision else _NO_DECISION,
+            shown(decision.reason) if decision else _NO_DECISION,
         )  # fmt: skip
     console().print(table)

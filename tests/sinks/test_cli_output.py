@@ -107,3 +107,47 @@ def test_a_wide_table_is_stacked_at_80_columns_instead_of_wrapping_words(url: st
     wide = run(url, "override", "list", columns=200)
     assert "┃ address" in wide.stdout  # a table where it fits
     assert reason in wide.stdout
+
+
+HOSTILE = "\x1b[2J\x1b]0;pwned\x07 [bold red]LOUD[/bold red]\nforged line"
+
+
+def _flat(text: str) -> str:
+    return text.replace("\n", "").replace("│", "").replace(" ", "")
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ("override", "list"),
+        ("explain", ADDRESS),
+        ("credits", "history", "acme"),
+        ("keys", "list"),
+    ],
+)
+def test_stored_reasons_actors_and_names_are_shown_escaped_never_run_by_the_terminal(
+    url: str, command: tuple[str, ...]
+) -> None:
+    # Anyone with the CLI (or Redis) writes these: shown as audit tail shows the journal,
+    # an escape sequence escaped and [markup] as text. They reached the terminal raw, and
+    # rich took `[bold red]…` as a style and `[link=…]` as a link.
+    for args in (
+        ("override", "set", ADDRESS, "5", "--ttl", "1h", "--reason", HOSTILE,
+         "--actor", "[blink]eve[/blink]\x1b[5m"),
+        ("freeze", "--ttl", "1h", "--reason", HOSTILE),
+        ("tenants", "set", "acme", "paid"),
+        ("credits", "top-up", "acme", "5", "--reason", HOSTILE),
+        ("keys", "create", "--tenant", "acme", "--plan", "paid", "--name", HOSTILE),
+    ):  # fmt: skip
+        written = run(url, *args)
+        assert written.exit_code == 0, written.output
+
+    result = run(url, *command, columns=400)
+
+    assert result.exit_code == 0, result.output
+    assert "\x1b" not in result.stdout
+    assert "\x07" not in result.stdout
+    flat = _flat(result.stdout)
+    assert "\\x1b[2J\\x1b]0;pwned\\x07[boldred]LOUD[/boldred]\\nforgedline" in flat
+    if command[0] in ("override", "explain"):
+        assert "[blink]eve[/blink]\\x1b[5m" in flat
