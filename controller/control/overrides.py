@@ -265,14 +265,22 @@ class ControlStore:
             text: str | None = self.client.get(self.keys.reload_confirmation)
         if text is None:
             return None
-        data = json.loads(text)
-        return ReloadConfirmation(
-            str(data["version"]),
-            str(data["actor"]),
-            str(data["reason"]),
-            float(data["set_at"]),
-            float(data["expires_at"]),
-        )
+        try:
+            data = json.loads(text)
+            return ReloadConfirmation(
+                str(data["version"]),
+                str(data["actor"]),
+                str(data["reason"]),
+                float(data["set_at"]),
+                float(data["expires_at"]),
+            )
+        except (ValueError, KeyError, TypeError) as exc:
+            raise _unreadable(
+                self.keys.reload_confirmation,
+                text,
+                exc,
+                "`governor policy confirm-reload VERSION --reason '...'` replaces it",
+            ) from None
 
     # The tenant registry: tenant → plan.
     def set_tenant(self, tenant: str, plan: str) -> str | None:

@@ -151,6 +151,34 @@ def test_a_reload_removing_most_limits_waits_for_confirm_reload(
     assert daemon.metric(FAILURES, reason="removal") == 1
 
 
+def test_a_hand_written_confirmation_holds_the_removal_back_naming_its_key(
+    db: redis.Redis[str], policy_dir: Path, daemon: Daemon, ready_env: dict[str, str]
+) -> None:
+    # Not JSON: it failed the whole reload as a bug ('the policy reload failed
+    # (JSONDecodeError: ...)', reason="error", naming the directory) instead of saying which
+    # key holds what and holding the set back for confirm-reload like any removal.
+    db.set("governor:reload-confirmation", "yes, go ahead")
+    daemon.wait_for_log("governor.started")
+    limits = policy_dir / "limits.yaml"
+    limits.write_text(limits.read_text().replace("  global: {requests_per_second: 100}\n", ""))
+
+    daemon.wait_for_metric(FAILURES, 1.0, reason="removal")
+    unreadable = daemon.wait_for_log("policy.confirmation_unreadable")
+    assert unreadable["error"].startswith("governor:reload-confirmation holds 'yes, go ahead'")
+    assert (
+        "`governor policy confirm-reload VERSION --reason '...'` replaces it"
+        in (unreadable["error"])
+    )
+    [refused] = events(db, "policy.rejected")
+    new = refused["details"]["version"]
+    assert daemon.metric(FAILURES, reason="error") == 0
+    assert db.hget(GLOBAL_KEY, "requests_per_second") is not None  # not removed meanwhile
+
+    done = confirm(ready_env, new)  # the fix the message names
+    assert done.returncode == 0, done.stderr
+    wait_for(lambda: bool(events(db, "policy.reloaded")), "the confirmed set is taken")
+
+
 @pytest.mark.parametrize(
     ("keep", "missing"),
     [((), "Limits"), (("plans.yaml",), "Limits"), (("limits.yaml",), "Plan")],

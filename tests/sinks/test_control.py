@@ -182,3 +182,18 @@ def test_an_index_member_that_is_no_address_is_pruned(
 
     assert list(control.read().overrides) == [TPM]
     assert db.zrange("governor:overrides", 0, -1) == [str(TPM)]
+
+
+@pytest.mark.parametrize("record", ["yes, go ahead", '{"version": "abc"}', "[1]"])
+def test_a_reload_confirmation_governor_never_wrote_is_a_sink_error_naming_the_key(
+    control: ControlStore, db: redis.Redis[str], record: str
+) -> None:
+    # It raised json's or a KeyError, which the reload took for a bug of its own.
+    db.set("governor:reload-confirmation", record)
+
+    with pytest.raises(SinkError, match=r"^governor:reload-confirmation holds .* replaces it$"):
+        control.reload_confirmation()
+    control.confirm_reload("3f2a9c1b7e4d", ttl_seconds=60, actor="alice", reason="CHG-1")
+    confirmation = control.reload_confirmation()
+    assert confirmation is not None
+    assert confirmation.version == "3f2a9c1b7e4d"
