@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import ssl
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, cast
@@ -410,13 +410,48 @@ def cluster_client_hint(exc: RedisClusterException) -> str:
     return "are the Cluster's nodes up?" if "connect" in str(exc) else LAYOUT_HINT
 
 
+@dataclass(frozen=True, slots=True)
+class Owned:
+    """What a key Governor owns holds (its type as Redis' TYPE says it), and how a person
+    repairs it when it holds something else."""
+
+    type: str
+    fix: str
+
+
+def is_wrong_type(exc: redis.ResponseError) -> bool:
+    return "WRONGTYPE" in str(exc)
+
+
+def wrong_types(client: redis.Redis[str], owned: Mapping[str, Owned]) -> str:
+    """Each key of `owned` that holds another type, with its repair; '' when none does (or
+    Redis cannot tell)."""
+    found = []
+    for key, want in owned.items():
+        try:
+            held = str(client.type(key))  # type: ignore[no-untyped-call]
+        except redis.RedisError:
+            return ""
+        if held not in ("none", want.type):
+            found.append(f"{key} is a {held}, not the {want.type} Governor keeps there: {want.fix}")
+    return "; ".join(found)
+
+
 @contextmanager
-def wrapped(client: redis.Redis[str], action: str) -> Iterator[None]:
-    """Turn any Redis client error inside the block into a SinkError naming server and action."""
+def wrapped(
+    client: redis.Redis[str],
+    action: str,
+    owned: Callable[[], Mapping[str, Owned]] | None = None,
+) -> Iterator[None]:
+    """Turn any Redis client error inside the block into a SinkError naming server and action.
+    `owned()` gives the keys the block uses and their types: a WRONGTYPE error names the key
+    replaced by hand and its repair instead of a generic hint."""
     try:
         yield
     except redis.ResponseError as exc:
         hint = response_hint(exc, is_cluster(client))
+        named = wrong_types(client, owned()) if owned and is_wrong_type(exc) else ""
+        hint = f" ({named})" if named else hint
         raise SinkError(f"Redis at {location(client)}: {action} failed: {exc}{hint}") from exc
     except redis.RedisError as exc:
         hint = "is the server up and GOVERNOR_REDIS__URL right?"

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import redis
 
 from controller.clients.paging import scan_hash
-from controller.clients.redis import wrapped
+from controller.clients.redis import Owned, is_wrong_type, wrapped
 from controller.contract.apikeys import parsed_records
 from controller.contract.keys import KeySchema, checked
 from controller.contract.records import override_from_json, override_to_json
@@ -110,7 +110,7 @@ class ControlStore:
         now = self._clock()
         override = Override(checked(address), value, now + ttl / 1000, actor, reason)
         key = self.keys.override(address)
-        with wrapped(self.client, f"set the override of {address}"):
+        with wrapped(self.client, f"set the override of {address}", self._owned):
             previous = self._replaced_override(address)
             pipe = self.client.pipeline(transaction=True)
             pipe.set(key, override_to_json(override, set_at=now), px=ttl)
@@ -120,7 +120,7 @@ class ControlStore:
 
     def clear_override(self, address: Address) -> Override | None:
         """Remove an override; returns what was removed (None: there was none)."""
-        with wrapped(self.client, f"clear the override of {address}"):
+        with wrapped(self.client, f"clear the override of {address}", self._owned):
             previous = self._replaced_override(address)
             pipe = self.client.pipeline(transaction=True)
             pipe.delete(self.keys.override(address))
@@ -129,7 +129,7 @@ class ControlStore:
         return previous
 
     def override(self, address: Address) -> Override | None:
-        with wrapped(self.client, f"read the override of {address}"):
+        with wrapped(self.client, f"read the override of {address}", self._owned):
             return self._get_override(address)
 
     def _get_override(self, address: Address) -> Override | None:
@@ -141,10 +141,14 @@ class ControlStore:
 
     def _replaced_override(self, address: Address) -> Override | None:
         """The override about to be replaced or cleared; None for an unreadable one, which
-        setting or clearing is the way to repair."""
+        setting or clearing is the way to repair (also when the key holds another type)."""
         try:
             return self._get_override(address)
         except SinkError:
+            return None
+        except redis.ResponseError as exc:
+            if not is_wrong_type(exc):
+                raise
             return None
 
     def _decode_override(self, key: str, text: str | None, pttl: int) -> Override | None:
@@ -160,7 +164,7 @@ class ControlStore:
 
     def overrides(self) -> dict[Address, Override]:
         """Every override in force now (expired ones are gone with their keys)."""
-        with wrapped(self.client, "list overrides"):
+        with wrapped(self.client, "list overrides", self._owned):
             return self._overrides()
 
     def _overrides(self) -> dict[Address, Override]:
@@ -209,16 +213,20 @@ class ControlStore:
 
     def unfreeze(self) -> Freeze | None:
         """Lift the freeze; returns the freeze that was lifted (None: there was none)."""
-        with wrapped(self.client, "unfreeze"):
+        with wrapped(self.client, "unfreeze", self._owned):
             try:
                 previous = self._freeze()
             except SinkError:  # an unreadable flag is lifted all the same
+                previous = None
+            except redis.ResponseError as exc:  # so is a key of another type
+                if not is_wrong_type(exc):
+                    raise
                 previous = None
             self.client.delete(self.keys.freeze)
         return previous
 
     def frozen(self) -> Freeze | None:
-        with wrapped(self.client, "read the freeze flag"):
+        with wrapped(self.client, "read the freeze flag", self._owned):
             return self._freeze()
 
     def _freeze(self) -> Freeze | None:
@@ -261,7 +269,7 @@ class ControlStore:
 
     def reload_confirmation(self) -> ReloadConfirmation | None:
         """The confirmation in force, whatever version it names (None: there is none)."""
-        with wrapped(self.client, "read the policy reload confirmation"):
+        with wrapped(self.client, "read the policy reload confirmation", self._owned):
             text: str | None = self.client.get(self.keys.reload_confirmation)
         if text is None:
             return None
@@ -287,7 +295,7 @@ class ControlStore:
         """Put `tenant` on `plan`; returns the previous plan (None: it was not registered)."""
         validate_id(tenant, "tenant")
         validate_id(plan, "plan")
-        with wrapped(self.client, f"register tenant {tenant}"):
+        with wrapped(self.client, f"register tenant {tenant}", self._owned):
             pipe = self.client.pipeline(transaction=True)
             pipe.hget(self.keys.tenants, tenant)
             pipe.hset(self.keys.tenants, tenant, plan)
@@ -296,19 +304,19 @@ class ControlStore:
 
     def tenant_plan(self, tenant: str) -> str | None:
         validate_id(tenant, "tenant")
-        with wrapped(self.client, f"read tenant {tenant}"):
+        with wrapped(self.client, f"read tenant {tenant}", self._owned):
             plan: str | None = self.client.hget(self.keys.tenants, tenant)
         return plan
 
     def tenants(self) -> dict[str, str]:
-        with wrapped(self.client, "list tenants"):
+        with wrapped(self.client, "list tenants", self._owned):
             # In HSCAN pages: a registry of 100k tenants in one HGETALL holds Redis ~0.1 s.
             registry = scan_hash(self.client, self.keys.tenants)
         return dict(sorted(registry.items()))
 
     def plans(self) -> dict[str, str]:
         """Every known tenant → its plan: the registry, else its API keys' plan."""
-        with wrapped(self.client, "read the API keys' tenants"):
+        with wrapped(self.client, "read the API keys' tenants", self._owned):
             return {**self._tenants_of_keys(), **self.tenants()}
 
     def _tenants_of_keys(self) -> dict[str, str]:
@@ -322,8 +330,42 @@ class ControlStore:
 
     def read(self) -> ControlState:
         """Overrides, freeze and tenants for one tick."""
-        with wrapped(self.client, "read overrides, freeze and tenants"):
+        with wrapped(self.client, "read overrides, freeze and tenants", self._owned):
             return ControlState(self._overrides(), self._freeze(), self.plans())
+
+    def _owned(self) -> dict[str, Owned]:
+        """The keys people's state lives in, each with its type and its repair (asked only
+        to name the key of a WRONGTYPE error)."""
+        k = self.keys
+        owned = {
+            k.override_index: Owned(
+                "zset",
+                f"delete it (redis-cli DEL {k.override_index}), then set the overrides in force "
+                "again with `governor override set`: they are found through it",
+            ),
+            k.freeze: Owned("string", "`governor unfreeze` deletes it"),
+            k.reload_confirmation: Owned(
+                "string", "`governor policy confirm-reload VERSION --reason '...'` replaces it"
+            ),
+            k.tenants: Owned(
+                "hash",
+                f"delete it (redis-cli DEL {k.tenants}) and register the tenants again with "
+                "`governor tenants set`",
+            ),
+            k.api_keys: Owned(
+                "hash",
+                f"delete it (redis-cli DEL {k.api_keys}) and create the API keys again with "
+                "`governor keys create`",
+            ),
+        }
+        try:
+            names, _ = self._indexed_addresses()
+        except redis.RedisError:
+            names = []
+        for name in names:
+            key = k.override(Address.parse(name))
+            owned[key] = Owned("string", f"`governor override clear {name}` deletes it")
+        return owned
 
 
 def _unreadable(key: str, text: str, exc: Exception, fix: str) -> SinkError:

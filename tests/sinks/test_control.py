@@ -197,3 +197,56 @@ def test_a_reload_confirmation_governor_never_wrote_is_a_sink_error_naming_the_k
     confirmation = control.reload_confirmation()
     assert confirmation is not None
     assert confirmation.version == "3f2a9c1b7e4d"
+
+
+@pytest.mark.parametrize(
+    ("key", "fix"),
+    [
+        ("governor:freeze", "`governor unfreeze` deletes it"),
+        ("governor:overrides", "delete it (redis-cli DEL governor:overrides), then set the "),
+        ("governor:tenants", "register the tenants again with `governor tenants set`"),
+        ("governor:apikeys", "create the API keys again with `governor keys create`"),
+        ("governor:override:tenant/acme/tokens_per_minute",
+         "`governor override clear tenant/acme/tokens_per_minute` deletes it"),
+    ],
+)  # fmt: skip
+def test_a_key_of_another_type_is_named_with_its_repair(
+    control: ControlStore, db: redis.Redis[str], key: str, fix: str
+) -> None:
+    # WRONGTYPE said only "a key Governor owns was replaced by hand ...: delete it and
+    # Governor rewrites it on the next tick": not which key, and Governor rewrites none of
+    # these (the runbook promises the error names the key).
+    control.set_override(TPM, 5, ttl_seconds=600, actor="alice", reason="x")
+    db.delete(key)
+    if key == "governor:overrides":
+        db.set(key, "by hand")
+    else:
+        db.rpush(key, "by hand")
+    held = "string" if key == "governor:overrides" else "list"
+
+    with pytest.raises(SinkError) as raised:
+        control.read()
+
+    message = str(raised.value)
+    assert "WRONGTYPE" in message
+    assert f"({key} is a {held}, not the " in message
+    assert fix in message
+    assert "rewrites it on the next tick" not in message
+
+
+def test_unfreeze_and_override_clear_repair_a_key_of_another_type(
+    control: ControlStore, db: redis.Redis[str]
+) -> None:
+    # The repairs the messages name failed on the same WRONGTYPE they were to repair.
+    db.hset("governor:freeze", "frozen", "yes")
+    control.set_override(TPM, 5, ttl_seconds=600, actor="alice", reason="x")
+    db.delete("governor:override:tenant/acme/tokens_per_minute")
+    db.hset("governor:override:tenant/acme/tokens_per_minute", "value", "5")
+
+    assert control.unfreeze() is None
+    assert control.clear_override(TPM) is None
+
+    assert db.exists("governor:freeze", "governor:override:tenant/acme/tokens_per_minute") == 0
+    state = control.read()
+    assert state.freeze is None
+    assert state.overrides == {}
