@@ -359,6 +359,26 @@ def refuse_cluster_node(client: redis.Redis[str]) -> None:
         raise ConfigurationError(f"Redis at {location(client)}: {CLUSTER_HINT}")
 
 
+def check_contract(found: str | None, keys: KeySchema, where: str) -> None:
+    """SinkError when `found` (what `<P>:contract` holds) is another key contract than the
+    one `keys` lays out: its keys mean something else there, so nothing may be read as
+    limits or written over them (each apply would also stamp our number over theirs)."""
+    speaks = keys.contract_version
+    if found is not None and found != str(speaks):
+        raise SinkError(
+            f"Redis at {where} holds key contract {found[:40]!r} in {keys.contract}, this "
+            f"Governor speaks {speaks}: nothing is read or written there; use another "
+            "GOVERNOR_REDIS__KEY_PREFIX, or migrate (docs/redis-contract.md)"
+        )
+
+
+def refuse_other_contract(client: redis.Redis[str], keys: KeySchema, action: str) -> None:
+    """`check_contract` on what Redis holds now (one GET), before `action`."""
+    with wrapped(client, action):
+        found: str | None = client.get(keys.contract)
+    check_contract(found, keys, location(client))
+
+
 def refuse_cluster_url(url: str, settings: RedisSettings) -> None:
     """`refuse_cluster_node` on a client of its own without retries (a Redis that is down
     is not waited for here; its first real command reports it)."""

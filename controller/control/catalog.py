@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import redis
 
-from controller.clients.redis import key_schema
+from controller.clients.redis import key_schema, refuse_other_contract
 from controller.contract.catalog import PlanInfo
 from controller.errors import SinkError
 from controller.policy.policyset import PolicySet
@@ -15,6 +15,7 @@ def publish_catalog(
 ) -> None:
     """Replace `<P>:plans` and its version with the plans of `policies` in one transaction."""
     keys = key_schema(client, prefix)
+    refuse_other_contract(client, keys, "publish the plan catalog")  # another layout's plans
     key = keys.catalog
     entries: dict[str | bytes, bytes | float | int | str] = {
         name: PlanInfo.from_spec(plan.spec).to_json() for name, plan in policies.plans.items()

@@ -20,11 +20,13 @@ from controller.clients.paging import (
     scan_fields,
 )
 from controller.clients.redis import (
+    check_contract,
     connect,
     key_schema,
     location,
     refuse_cluster_node,
     refuse_cluster_url,
+    refuse_other_contract,
     wrapped,
 )
 from controller.contract.fence import Fence, FencedError
@@ -166,12 +168,7 @@ class RedisSink:
         with wrapped(self.client, "check"):
             self.client.ping()
             found = self.client.get(self.keys.contract)
-        speaks = self.keys.contract_version
-        if found is not None and found != str(speaks):
-            raise SinkError(
-                f"Redis at {self.location} holds key contract {found}, this Governor speaks "
-                f"{speaks}; use another GOVERNOR_REDIS__KEY_PREFIX or migrate"
-            )
+        check_contract(found, self.keys, self.location)
 
     def version(self) -> int:
         with wrapped(self.client, "read the version"):
@@ -215,7 +212,9 @@ class RedisSink:
             return key
 
         with wrapped(self.client, "read limits"):
-            version = self._version(self.client.get(self.keys.version))
+            text, contract = self.client.mget(self.keys.version, self.keys.contract)
+            check_contract(contract, self.keys, self.location)
+            version = self._version(text)
             ledger, hashes = read_with_ledger(self.client, self.keys.written, owner_of)
         actual: dict[Address, float] = {}
         foreign: list[str] = []
@@ -254,6 +253,7 @@ class RedisSink:
             owners = sorted({self._place(address)[0] for address in written})
             hashes = cluster.hashes(owners)
             version = self.client.get(self.keys.version)
+            check_contract(self.client.get(self.keys.contract), self.keys, self.location)
         base = {self._place(address)[0]: address for address in written}
         actual: dict[Address, float] = {}
         foreign: list[str] = []
@@ -301,6 +301,7 @@ class RedisSink:
         """
         if not changes:
             return ApplyResult(version=self.version())
+        refuse_other_contract(self.client, self.keys, f"apply {len(changes)} limit changes")
         if self._cluster is not None:
             return self._apply_sharded(self._cluster, changes)
 

@@ -230,8 +230,32 @@ def test_check_refuses_another_contract_and_the_factory_picks_redis(
     assert isinstance(sink, Sink)
     sink.check()
     db.set("governor:contract", "2")
-    with pytest.raises(SinkError, match="contract 2"):
+    with pytest.raises(SinkError, match="contract '2'"):
         sink.check()
+
+
+@pytest.mark.parametrize("contract", ["2", "99", "not a number"])
+def test_a_redis_of_another_contract_is_neither_read_nor_written(
+    sink: RedisSink, db: redis.Redis[str], contract: str
+) -> None:
+    # Only check() refused it, and nothing calls check(): every tick read the other
+    # layout's keys as limits, wrote contract 1 keys beside them and stamped 1 over its
+    # number, and published its plans to the gateways reading that Redis.
+    from controller.control.catalog import publish_catalog
+    from controller.policy.loader import load_directory
+
+    db.set("governor:contract", contract)
+    refused = f"holds key contract {contract!r} in governor:contract, this Governor speaks 1"
+
+    with pytest.raises(SinkError, match=refused):
+        sink.read()
+    with pytest.raises(SinkError, match=refused):
+        sink.apply(diff(DESIRED, {}))
+    with pytest.raises(SinkError, match=refused):
+        publish_catalog(db, load_directory(Path("policies")), prefix="governor")
+
+    assert db.keys("*") == ["governor:contract"]
+    assert db.get("governor:contract") == contract
 
 
 def test_unsupported_urls_name_the_supported_schemes(redis_server: RedisServer) -> None:
