@@ -25,12 +25,23 @@ def register(root: typer.Typer) -> None:
     root.command("backtest")(backtest)
 
 
+# The unix times a datetime holds: 1970-01-01 to 9999-12-31.
+_LATEST = 253_402_300_799.0
+
+
 def _time(text: str) -> float:
-    """RFC 3339 (with a zone) or unix seconds."""
+    """RFC 3339 (with a zone) or unix seconds from 1970 to 9999 (not nan, inf, 1e300)."""
     try:
-        return float(text)
+        seconds = float(text)
     except ValueError:
         pass
+    else:
+        if not 0 <= seconds <= _LATEST:  # False for nan too
+            raise typer.BadParameter(
+                f"{text!r} is not a time: unix seconds from 0 to {_LATEST:.0f} (9999-12-31), "
+                "or RFC 3339 (2026-03-02T09:00:00Z)"
+            )
+        return seconds
     try:
         moment = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
@@ -114,12 +125,14 @@ def backtest(
     from controller.policy.loader import load_directory
     from controller.signals.prometheus import PrometheusSource
     from controller.sim.backtest import backtest as run_backtest
+    from controller.sim.backtest import window_problem
 
     given = _registry(tenant)
     try:
         begin, finish, every = _time(start), _time(end), parse_duration(step)
-        if finish <= begin or every <= 0:
-            raise GovernorError("--to must be after --from, and --step positive")
+        problem = window_problem(begin, finish, every)
+        if problem is not None:
+            raise GovernorError(problem)
         settings = load_settings()
         loaded = load_directory(policies)
         registry, where = _tenants(settings, given)

@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from controller.durations import format_duration
 from controller.errors import SignalError
 from controller.model import Address, Sample, ScalarSample, SignalKey, Snapshot, VectorSample
 from controller.policy.baselines import Baselines
@@ -31,6 +32,28 @@ OPEN_LOOP = (
     "OPEN-LOOP backtest: what the policies would have done on this history; the limits "
     "they would have written do not feed back into it"
 )
+
+
+# Prometheus answers no range query of more points per series ("exceeded maximum
+# resolution of 11,000 points per timeseries"), and each query is one range query.
+MAX_STEPS = 11_000
+
+
+def window_problem(start: float, end: float, step: float) -> str | None:
+    """Why [start, end] every `step` seconds cannot be replayed; None when it can. Past
+    MAX_STEPS every query was refused by Prometheus and the engine still stepped through
+    each point: minutes and gigabytes for a `--step 1ms`, for nothing."""
+    if not end > start or not step > 0:
+        return "--to must be after --from, and --step positive"
+    steps = math.floor((end - start) / step + 1e-9) + 1
+    if steps > MAX_STEPS:
+        least = math.ceil((end - start) / (MAX_STEPS - 1))
+        return (
+            f"{format_duration(end - start)} from --from to --to every {format_duration(step)} "
+            f"is {steps:,} evaluations; Prometheus answers at most {MAX_STEPS:,} points per "
+            f"query: use --step {format_duration(least)} or more, or a shorter range"
+        )
+    return None
 
 
 @dataclass(frozen=True)

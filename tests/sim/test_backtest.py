@@ -317,3 +317,41 @@ def test_bad_input_exits_2(
     result = _backtest(tmp_path, base, *args)
     assert result.exit_code == 2
     assert message in result.output
+
+
+@pytest.mark.parametrize(
+    ("start", "end", "step", "message"),
+    [
+        ("nan", "+600", "30s", "'nan' is not a time: unix seconds from 0 to 253402300799"),
+        ("+0", "inf", "30s", "'inf' is not a time"),
+        ("+0", "1e300", "30s", "'1e300' is not a time"),
+        ("-1e300", "+0", "30s", "'-1e300' is not a time"),
+        ("+0", "+86400", "1s", "1d from --from to --to every 1s is 86,401 evaluations; "
+         "Prometheus answers at most 11,000 points per query: use --step 8s or more"),
+        ("+0", "+600", "1ms", "is 600,001 evaluations"),
+    ],
+)  # fmt: skip
+def test_a_window_prometheus_cannot_answer_exits_2_naming_the_input(
+    prometheus: str, base: float, tmp_path: Path, start: str, end: str, step: str, message: str
+) -> None:
+    # nan ended in "cannot convert float NaN to integer", inf and 1e300 in an OverflowError
+    # traceback (exit 1, read as "Prometheus lacks it"), and a step past Prometheus' 11,000
+    # points stepped the engine through every point of refused queries: 800 MB in 25 s for
+    # --step 1ms over four hours, and counting.
+    def moment(text: str) -> str:
+        return str(base - DAY + float(text[1:])) if text.startswith("+") else text
+
+    chosen = tmp_path / "runaway"
+    chosen.mkdir()
+    (chosen / "policies.yaml").write_text(RUNAWAY)
+    started = time.monotonic()
+    result = CliRunner().invoke(
+        app,
+        ["backtest", "--from", moment(start), "--to", moment(end), "--step", step,
+         "--policies", str(chosen), "--prometheus", prometheus, "--out", str(tmp_path / "out")],
+    )  # fmt: skip
+
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(result.output.replace("│", "").split())
+    assert time.monotonic() - started < 10
+    assert not (tmp_path / "out").exists()
