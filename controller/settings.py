@@ -52,6 +52,25 @@ def check_redis_url(url: str) -> str:
 _OWN_PAGES = "http://127.0.0.1:9100"
 
 
+# What an HTTP client refuses in a header (requests: a value is `^\S[^\r\n]*$` or empty),
+# quoting the whole header in its error: a token read from a file that ends in a newline
+# (`kubectl create secret --from-file`) was printed by every failed query, into log lines,
+# `governor signals` and /readyz.
+_HEADER_VALUE = re.compile(r"[^\s\x00][^\r\n\x00]*(?<!\s)|")
+_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_HEADER_FIX = (
+    "a line break, NUL, or space at its start or end, which no HTTP header may carry (often "
+    "the newline ending the file a Secret was made from): remove it"
+)
+
+
+def _header_value(value: SecretStr | None) -> SecretStr | None:
+    """A secret sent as an HTTP header value; the error never quotes it."""
+    if value is not None and not _HEADER_VALUE.fullmatch(value.get_secret_value()):
+        raise ValueError(f"the value (not shown) holds {_HEADER_FIX}")
+    return value
+
+
 class _Group(BaseModel):
     """A group of settings. No number in it may be NaN or ±Inf: `inf` passes a bound such as
     `gt=0` and reached the clients as it is (a socket timeout of inf is an OverflowError
@@ -92,6 +111,21 @@ class PrometheusSettings(_Group):
                 f"e.g. {example}"
             )
         _split(value, "Prometheus", example)
+        return value
+
+    @field_validator("bearer_token")
+    @classmethod
+    def _sendable_token(cls, value: SecretStr | None) -> SecretStr | None:
+        return _header_value(value)
+
+    @field_validator("headers")
+    @classmethod
+    def _sendable_headers(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, text in value.items():
+            if not _HEADER_NAME.fullmatch(name):
+                raise ValueError(f"header name {name!r} is not an HTTP header name (a token)")
+            if not _HEADER_VALUE.fullmatch(text):
+                raise ValueError(f"the value (not shown) of header {name!r} holds {_HEADER_FIX}")
         return value
 
 
@@ -208,6 +242,12 @@ class KongSettings(_Group):
     admin_token: SecretStr | None = Field(
         None, description="sent as the Kong-Admin-Token header (Kong Enterprise RBAC)"
     )
+
+    @field_validator("admin_token")
+    @classmethod
+    def _sendable_token(cls, value: SecretStr | None) -> SecretStr | None:
+        return _header_value(value)
+
     workspace: str | None = Field(
         None, description="Kong Enterprise workspace: every path becomes /<workspace>/..."
     )
@@ -465,6 +505,12 @@ class GatewaySettings(_Group):
     upstream_api_key: SecretStr | None = Field(
         None, description="sent upstream as Authorization: Bearer (the client's never is)"
     )
+
+    @field_validator("upstream_api_key")
+    @classmethod
+    def _sendable_key(cls, value: SecretStr | None) -> SecretStr | None:
+        return _header_value(value)
+
     retry_after_jitter: float = Field(
         0.25, ge=0, le=1, description="Retry-After grows by a random 0..this share of itself"
     )

@@ -240,6 +240,11 @@ class PrometheusSource:
             return f"TLS with Prometheus at {self.url} failed: {tls_cause(exc)}"
         if isinstance(exc, requests.ConnectionError):
             return f"cannot reach Prometheus at {self.url}: {connection_cause(exc)}"
+        if isinstance(exc, requests.exceptions.InvalidHeader):  # its text quotes the header
+            return (
+                "a header sent to Prometheus is not a valid HTTP header (check "
+                "GOVERNOR_PROMETHEUS__BEARER_TOKEN and __HEADERS; the value is not shown)"
+            )
         return f"not a Prometheus query answer: {exc}"
 
     def check(self, now: float | None = None) -> None:

@@ -151,3 +151,52 @@ def test_a_malformed_label_exits_2(history_prometheus: PrometheusServer, given: 
     )
     assert result.exit_code == 2
     assert "NAME=VALUE" in result.output
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("GOVERNOR_PROMETHEUS__BEARER_TOKEN", "tok-S3CRET\n"),  # a Secret made from a file
+        ("GOVERNOR_PROMETHEUS__HEADERS", '{"Authorization": "Basic UzNDUkVU\\r\\n"}'),
+        ("GOVERNOR_PROMETHEUS__HEADERS", '{"X-Scope-OrgID": " S3CRET"}'),
+    ],
+)
+def test_a_token_no_http_header_can_carry_exits_2_without_showing_it(
+    history_prometheus: PrometheusServer, policy_dir: Path, variable: str, value: str
+) -> None:
+    # requests refused the header on every query and quoted it whole in its error: the token
+    # was in each signal's detail, `governor signals`, the daemon's log lines and /readyz.
+    result = CliRunner().invoke(
+        app,
+        ["signals", "--policies", str(policy_dir), "--json"],
+        env={"GOVERNOR_PROMETHEUS__URL": history_prometheus.url, variable: value},
+    )
+
+    assert result.exit_code == 2
+    assert result.stdout == ""
+    (line,) = result.stderr.splitlines()
+    assert line.startswith(f"error: {variable}: ")
+    assert "(not shown)" in line
+    assert "remove it" in line
+    assert "S3CRET" not in result.output
+    assert "UzNDUkVU" not in result.output
+
+
+def test_a_header_the_client_refuses_is_never_quoted_in_a_signal(
+    history_prometheus: PrometheusServer, now: float
+) -> None:
+    # Settings refuse such a token; the source itself never quotes one either.
+    from pydantic import SecretStr
+
+    from controller.model import SignalKey
+    from controller.settings import PrometheusSettings
+    from controller.signals import PrometheusSource
+
+    unchecked = PrometheusSettings(url=history_prometheus.url).model_copy(
+        update={"bearer_token": SecretStr("tok-S3CRET\n")}  # model_copy does not validate
+    )
+    with PrometheusSource(unchecked) as source:
+        sample = source.fetch([SignalKey("avg(gpu_util)")], now).samples[SignalKey("avg(gpu_util)")]
+
+    assert "S3CRET" not in sample.detail
+    assert "GOVERNOR_PROMETHEUS__BEARER_TOKEN" in sample.detail

@@ -238,3 +238,24 @@ def test_an_infinite_redis_timeout_is_refused_before_any_connection(
     assert result.stderr.strip().splitlines() == [
         "error: GOVERNOR_REDIS__SOCKET_TIMEOUT_SECONDS: Input should be a finite number"
     ]
+
+
+@pytest.mark.parametrize(
+    "variable",
+    [
+        "GOVERNOR_PROMETHEUS__BEARER_TOKEN",
+        "GOVERNOR_KONG__ADMIN_TOKEN",
+        "GOVERNOR_GATEWAY__UPSTREAM_API_KEY",
+    ],
+)
+@pytest.mark.parametrize("value", ["tok-S3CRET\n", "tok-S3CRET\r\n", " tok-S3CRET", "tok-S3CRET\t"])
+def test_a_token_sent_as_a_header_that_no_header_can_carry_exits_2_unshown(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str
+) -> None:
+    monkeypatch.setenv(variable, value)
+
+    code, stdout, stderr = show()
+
+    assert (code, stdout) == (2, "")
+    assert stderr.startswith(f"error: {variable}: Value error, the value (not shown) holds ")
+    assert "S3CRET" not in stderr
