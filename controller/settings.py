@@ -609,6 +609,16 @@ class Settings(BaseSettings):
     kubernetes_sink: KubernetesSinkSettings = Field(default_factory=KubernetesSinkSettings)
     log_level: str = Field("info", description="debug, info, warning or error")
 
+    @field_validator("log_level")
+    @classmethod
+    def _known_level(cls, value: str) -> str:
+        # Judged with the others: unchecked it passed `config show` and ended `governor run`
+        # in a ValueError traceback when logging was set up.
+        level = value.strip().lower()
+        if level not in ("debug", "info", "warning", "error"):
+            raise ValueError(f"{value!r} is not one of debug, info, warning, error")
+        return level
+
     @model_validator(mode="after")
     def _links_follow_the_telemetry_port(self) -> Settings:
         # The default links point at the telemetry port that serves the pages: when that

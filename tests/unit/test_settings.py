@@ -259,3 +259,30 @@ def test_a_token_sent_as_a_header_that_no_header_can_carry_exits_2_unshown(
     assert (code, stdout) == (2, "")
     assert stderr.startswith(f"error: {variable}: Value error, the value (not shown) holds ")
     assert "S3CRET" not in stderr
+
+
+@pytest.mark.parametrize(
+    "command", [("config", "show"), ("run", "--once", "--dry-run", "--policies", "policies")]
+)
+def test_an_unknown_log_level_exits_2_naming_the_variable(
+    monkeypatch: pytest.MonkeyPatch, command: tuple[str, ...]
+) -> None:
+    # config show accepted it, and `governor run` ended in a ValueError traceback.
+    monkeypatch.setenv("GOVERNOR_LOG_LEVEL", "verbose")
+
+    result = CliRunner().invoke(app, list(command))
+
+    assert result.exit_code == 2
+    assert result.stderr.splitlines() == [
+        "error: GOVERNOR_LOG_LEVEL: Value error, 'verbose' is not one of debug, info, warning, "
+        "error"
+    ]
+
+
+def test_a_log_level_is_read_in_any_case(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GOVERNOR_LOG_LEVEL", "Warning")
+
+    code, stdout, _ = show("--json")
+
+    assert code == 0
+    assert json.loads(stdout)["log_level"] == "warning"
