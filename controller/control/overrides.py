@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import redis
 
 from controller.clients.paging import scan_hash
-from controller.clients.redis import Owned, is_wrong_type, wrapped
+from controller.clients.redis import Owned, is_wrong_type, location, wrapped, wrong_types
 from controller.contract.apikeys import parsed_records
 from controller.contract.keys import KeySchema, checked
 from controller.contract.records import override_from_json, override_to_json
@@ -112,6 +112,15 @@ class ControlStore:
         key = self.keys.override(address)
         with wrapped(self.client, f"set the override of {address}", self._owned):
             previous = self._replaced_override(address)
+            # MULTI does not roll back: with an index of another type the record would be
+            # written and its ZADD refused, an override that is never applied nor listed.
+            index = self.keys.override_index
+            named = wrong_types(self.client, {index: self._owned()[index]})
+            if named:
+                raise SinkError(
+                    f"Redis at {location(self.client)}: set the override of {address} failed, "
+                    f"nothing written: {named}"
+                )
             pipe = self.client.pipeline(transaction=True)
             pipe.set(key, override_to_json(override, set_at=now), px=ttl)
             pipe.zadd(self.keys.override_index, {str(address): override.expires_at})

@@ -250,3 +250,15 @@ def test_unfreeze_and_override_clear_repair_a_key_of_another_type(
     state = control.read()
     assert state.freeze is None
     assert state.overrides == {}
+
+
+def test_an_override_is_not_half_written_beside_an_index_of_another_type(
+    control: ControlStore, db: redis.Redis[str]
+) -> None:
+    # MULTI wrote the record and refused its ZADD: an override neither applied nor listed.
+    db.set("governor:overrides", "by hand")
+
+    with pytest.raises(SinkError, match=r"nothing written: governor:overrides is a string"):
+        control.set_override(TPM, 5, ttl_seconds=600, actor="alice", reason="x")
+
+    assert db.keys("governor:override:*") == []
