@@ -16,9 +16,10 @@ _PART = re.compile(rf"({_NUMBER})({_UNITS})")
 # The whole text: one or more parts; JSON schema's pattern, so editors check what we parse.
 DURATION_PATTERN = rf"^\s*(?:{_NUMBER}(?:{_UNITS}))+\s*$"
 _WHOLE = re.compile(DURATION_PATTERN)
+_BARE = re.compile(rf"^\s*{_NUMBER}\s*$")
 FORMS = (
     f"write a number and a unit ({', '.join(UNIT_SECONDS)}), parts added up, e.g. 250ms, 30s, "
-    "2m, 1h30m; or a number of seconds"
+    "2m, 1h30m (a YAML number, unquoted, is seconds)"
 )
 
 
@@ -36,6 +37,10 @@ def _seconds(value: object) -> float:
         if value < 0:
             raise ValueError(f"{value!r} is not a duration: a duration cannot be negative")
         return float(value)
+    if isinstance(value, str) and _BARE.match(value):
+        # Text (a command line, a quoted YAML string) names its unit: "5" is 5 what?
+        shown = value.strip()
+        raise ValueError(f"{value!r} is not a duration: give its unit, e.g. {shown}s or {shown}m")
     if not isinstance(value, str) or not _WHOLE.match(value):
         raise ValueError(f"{value!r} is not a duration: {FORMS}")
     return sum(float(n) * UNIT_SECONDS[unit] for n, unit in _PART.findall(value))
