@@ -14,6 +14,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import redis
 
@@ -24,6 +25,8 @@ from controller.contract.keys import KeySchema, checked
 from controller.contract.records import override_from_json, override_to_json
 from controller.errors import SinkError
 from controller.model import Address, AddressError, Override, validate_id, value_problem
+
+_Record = TypeVar("_Record")
 
 
 @dataclass(frozen=True, slots=True)
@@ -242,18 +245,17 @@ class ControlStore:
         text: str | None = self.client.get(self.keys.freeze)
         if text is None:
             return None
-        try:
-            data = json.loads(text)
-            return Freeze(
+        return _record(
+            self.keys.freeze,
+            text,
+            lambda data: Freeze(
                 str(data["actor"]),
                 str(data["reason"]),
                 float(data["set_at"]),
                 float(data["expires_at"]),
-            )
-        except (ValueError, KeyError, TypeError) as exc:
-            raise _unreadable(
-                self.keys.freeze, text, exc, "`governor unfreeze` clears it"
-            ) from None
+            ),
+            "`governor unfreeze` clears it",
+        )
 
     # Reload confirmation: one key, for one policy version, whose TTL ends it.
     def confirm_reload(
@@ -282,22 +284,18 @@ class ControlStore:
             text: str | None = self.client.get(self.keys.reload_confirmation)
         if text is None:
             return None
-        try:
-            data = json.loads(text)
-            return ReloadConfirmation(
+        return _record(
+            self.keys.reload_confirmation,
+            text,
+            lambda data: ReloadConfirmation(
                 str(data["version"]),
                 str(data["actor"]),
                 str(data["reason"]),
                 float(data["set_at"]),
                 float(data["expires_at"]),
-            )
-        except (ValueError, KeyError, TypeError) as exc:
-            raise _unreadable(
-                self.keys.reload_confirmation,
-                text,
-                exc,
-                "`governor policy confirm-reload VERSION --reason '...'` replaces it",
-            ) from None
+            ),
+            "`governor policy confirm-reload VERSION --reason '...'` replaces it",
+        )
 
     # The tenant registry: tenant → plan.
     def set_tenant(self, tenant: str, plan: str) -> str | None:
@@ -383,3 +381,11 @@ def _unreadable(key: str, text: str, exc: Exception, fix: str) -> SinkError:
     return SinkError(
         f"{key} holds {text[:80]!r}, not a record Governor writes ({type(exc).__name__}): {fix}"
     )
+
+
+def _record(key: str, text: str, build: Callable[[Any], _Record], fix: str) -> _Record:
+    """A JSON record read back from `key` and built, or the error naming the key and `fix`."""
+    try:
+        return build(json.loads(text))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise _unreadable(key, text, exc, fix) from None
