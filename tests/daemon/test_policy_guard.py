@@ -169,6 +169,8 @@ def test_a_hand_written_confirmation_holds_the_removal_back_naming_its_key(
         "`governor policy confirm-reload VERSION --reason '...'` replaces it"
         in (unreadable["error"])
     )
+    # The metric and the log come before the journal's write: wait for the write itself.
+    wait_for(lambda: bool(events(db, "policy.rejected")), "the refusal is journalled")
     [refused] = events(db, "policy.rejected")
     new = refused["details"]["version"]
     assert daemon.metric(FAILURES, reason="error") == 0
