@@ -407,6 +407,24 @@ def response_hint(exc: redis.ResponseError, clustered: bool) -> str:
     return ""
 
 
+# Error replies that say the server (or the cluster) cannot serve anyone right now, not that
+# it refused this one call: an outage in all but name.
+_WHOLE_SERVER_REPLIES = ("OOM", "MASTERDOWN", "NOREPLICAS", "BUSY", "LOADING", "TRYAGAIN",
+                         "CLUSTERDOWN", "READONLY", "NOAUTH", "NOPERM")  # fmt: skip
+
+
+def refused_this_call(exc: BaseException) -> bool:
+    """Whether a failed call reached a Redis that answered and refused this call alone (a key
+    of the wrong type, a script error on one tenant's record), seen through our own wrapping:
+    repeating other calls then goes on, where an outage stops them all."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, redis.ResponseError):
+            return not str(seen).startswith(_WHOLE_SERVER_REPLIES)
+        seen = seen.__cause__
+    return False
+
+
 def explained(exc: Exception, clustered: bool) -> str:
     """An error of a Redis client (a reply, or a refusal of the cluster client itself) with
     what to do about it, when we know."""

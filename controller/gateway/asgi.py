@@ -17,6 +17,7 @@ from redis.exceptions import RedisClusterException
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from controller.clients.redis import refused_this_call
 from controller.contract.catalog import PlanInfo
 from controller.contract.enforcement import ForwardedForError, forwarded_client
 from controller.errors import SinkError
@@ -71,7 +72,9 @@ class Enforcement:
     # serves model work on routes Governor does not meter.
     pass_paths: tuple[str, ...] = ("/v1/models",)
     # Settles and releases that met a Redis outage, repeated once it answers.
-    pending: PendingCalls = field(default_factory=lambda: PendingCalls(STORE_ERRORS))
+    pending: PendingCalls = field(
+        default_factory=lambda: PendingCalls(STORE_ERRORS, refused_alone=refused_this_call)
+    )
 
     def __post_init__(self) -> None:
         self.pending.on_lost = lambda operation: self.metrics.store_calls_lost.labels(

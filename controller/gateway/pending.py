@@ -3,7 +3,11 @@ a Redis blip between admission and settle must not hand the tenant its tokens fo
 
 A settle stays possible until the reservation's settle record expires (its lease plus the
 record grace, an hour by default): the queue keeps a call no longer than `max_age_seconds`,
-and no more than `max_calls` of them (the oldest go first); what it gives up is counted."""
+and no more than `max_calls` of them (the oldest go first); what it gives up is counted.
+
+A call that Redis refuses by itself (a key of the wrong type on one tenant) stays held, and
+the calls behind it go on: one broken record must not hold every other tenant's settle until
+all of them expire."""
 
 from __future__ import annotations
 
@@ -30,6 +34,11 @@ class PendingCalls:
     clock: Callable[[], float] = time.monotonic
     lost: int = 0  # given up: too old, or pushed out by newer ones
     on_lost: Callable[[str], None] = lambda operation: None  # e.g. a metric, per operation
+    # Whether a failure was Redis refusing that one call (the others may go on), not an outage.
+    refused_alone: Callable[[BaseException], bool] = lambda error: False
+    # This many refusals in a row and Redis is taken to refuse every call (out of memory, a
+    # read-only replica): the pass stops instead of trying each held call on every heartbeat.
+    max_refusals_in_a_row: int = 8
     _calls: deque[tuple[float, str, StoreCall]] = field(default_factory=deque)
     _retrying: bool = False
     _task: asyncio.Task[int] | None = None
@@ -51,30 +60,51 @@ class PendingCalls:
             self._task = asyncio.get_running_loop().create_task(self.retry())
 
     async def retry(self) -> int:
-        """Repeat the held calls oldest first; stop at the first that fails (Redis is still
-        away). Returns how many went through. Calls past their age are given up."""
+        """Repeat the held calls oldest first; stop at the first that meets an outage (Redis
+        is still away). A call Redis refuses by itself goes to the back of the queue and the
+        pass goes on. Returns how many went through. Calls past their age are given up."""
         if self._retrying:  # one pass at a time: the heartbeat and the middleware both call
             return 0
         self._retrying = True
-        done = 0
         try:
-            while self._calls:
-                at, operation, call = self._calls[0]
-                if self.clock() - at > self.max_age_seconds:
-                    self._calls.popleft()
-                    self._give_up(operation, "its settle record has expired")
-                    continue
-                try:
-                    await call()
-                except self.store_errors:
-                    break
-                self._calls.popleft()
-                done += 1
+            done = await self._pass()
         finally:
             self._retrying = False
         if done:
             _log.info("held store calls went through", calls=done, still_held=len(self._calls))
         return done
+
+    async def _pass(self) -> int:
+        done = refusals = 0
+        for _ in range(len(self._calls)):  # each call once: a refused one comes round again
+            if not self._calls or refusals >= self.max_refusals_in_a_row:
+                break
+            held = at, operation, call = self._calls[0]
+            if self.clock() - at > self.max_age_seconds:
+                self._calls.popleft()
+                self._give_up(operation, "its settle record has expired")
+                continue
+            try:
+                await call()
+            except self.store_errors as exc:
+                if not self.refused_alone(exc):
+                    break
+                refusals += 1
+                self._off_the_head(held, requeue=True)
+                _log.warning("a held store call was refused; the ones behind it go on",
+                             operation=operation, error=str(exc))  # fmt: skip
+                continue
+            refusals = 0
+            done += 1
+            self._off_the_head(held, requeue=False)
+        return done
+
+    def _off_the_head(self, held: tuple[float, str, StoreCall], *, requeue: bool) -> None:
+        # `hold` may have pushed it out meanwhile (a full queue): then it is gone already.
+        if self._calls and self._calls[0] is held:
+            self._calls.popleft()
+            if requeue:
+                self._calls.append(held)
 
     def _give_up(self, operation: str, why: str) -> None:
         self.lost += 1
