@@ -30,8 +30,10 @@ lint: venv
 	$(BIN)/mypy
 	$(BIN)/lint-imports --no-cache
 
+# One worker per core (pytest-xdist): each starts its own Redis, Prometheus and nginx on free
+# ports. `.venv/bin/pytest FILE` alone runs in one process, for reading a failure.
 pytest: system-packages venv
-	$(BIN)/pytest
+	$(BIN)/pytest -n auto
 
 test: system-packages
 	@$(MAKE) --no-print-directory lint pytest

@@ -88,6 +88,15 @@ def _fresh_logging() -> Iterator[None]:
     structlog.reset_defaults()
 
 
+@pytest.fixture(autouse=True)
+def _no_terminal_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CLI's tables fit $COLUMNS when it is set (else 160 columns for a pipe): a terminal
+    size inherited from whoever runs the tests (a narrow window, pytest-xdist's workers) must
+    not change what a test reads."""
+    monkeypatch.delenv("COLUMNS", raising=False)
+    monkeypatch.delenv("LINES", raising=False)
+
+
 # Folders whose tests drive third-party clients (LiteLLM, LangChain, the OpenAI SDK) that leave
 # event loops and connections of their own unclosed.
 _LEAKY_THIRD_PARTY = "clients"
