@@ -457,6 +457,12 @@ class Owned:
     fix: str
 
 
+def not_governors(where: str, text: str, why: str, fix: str) -> str:
+    """The one wording for a value at `where` that Governor never wrote (a record, a counter
+    a person edited by hand): what it holds, why it is refused and its repair."""
+    return f"{where} holds {text[:80]!r}, not a record Governor writes ({why}): {fix}"
+
+
 def is_wrong_type(exc: redis.ResponseError) -> bool:
     return "WRONGTYPE" in str(exc)
 

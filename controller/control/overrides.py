@@ -19,7 +19,14 @@ from typing import Any, TypeVar
 import redis
 
 from controller.clients.paging import scan_hash
-from controller.clients.redis import Owned, is_wrong_type, location, wrapped, wrong_types
+from controller.clients.redis import (
+    Owned,
+    is_wrong_type,
+    location,
+    not_governors,
+    wrapped,
+    wrong_types,
+)
 from controller.contract.apikeys import parsed_records
 from controller.contract.keys import KeySchema, checked
 from controller.contract.records import override_from_json, override_to_json
@@ -378,9 +385,7 @@ class ControlStore:
 def _unreadable(key: str, text: str, exc: Exception, fix: str) -> SinkError:
     """A record at `key` that Governor never wrote; the tick keeps the last control state it
     read (loop.py) instead of failing on it every tick."""
-    return SinkError(
-        f"{key} holds {text[:80]!r}, not a record Governor writes ({type(exc).__name__}): {fix}"
-    )
+    return SinkError(not_governors(key, text, type(exc).__name__, fix))
 
 
 def _record(key: str, text: str, build: Callable[[Any], _Record], fix: str) -> _Record:

@@ -2,6 +2,7 @@
 
 `admit` answers allow / rate_limited (429) / budget_exhausted (402) / shed (503) /
 too_large (400: the request can never fit a per-request or per-minute token limit) /
+corrupt_state (503: a counter in Redis holds what no script writes; admit.lua names it) /
 unknown_plan (403: the plan is not in the catalog) / not_configured (503: the controller has
 written no limits yet) — the last two without running the script: nothing is reserved;
 `settle` charges what the request really used, `release` refunds a request that failed.
@@ -16,7 +17,7 @@ from typing import Literal
 
 import redis.asyncio
 
-from controller.clients.redis import key_schema
+from controller.clients.redis import key_schema, not_governors
 from controller.clients.scripts import ADMIT, CHARGE, SETTLE, EnforcementError, load_scripts
 from controller.contract.catalog import PlanInfo
 from controller.contract.enforcement import EnforcementKeys, ip_id
@@ -44,6 +45,7 @@ Outcome = Literal[
     "budget_exhausted",
     "shed",
     "too_large",
+    "corrupt_state",
     "unknown_plan",
     "not_configured",
 ]
@@ -130,6 +132,7 @@ class AdmissionResult:
     reservation: str | None  # set when allowed: pass to settle() or release()
     degrade: Degradation | None  # allowed, but a budget is past the plan's degrade.at_percent
     reserved: int | None = None  # allowed: the tokens held (below `tokens` when lowered)
+    damage: str | None = None  # corrupt_state: the key and field, what it holds, its repair
 
 
 class Admission:
@@ -380,6 +383,8 @@ def _parse(
 ) -> AdmissionResult:
     """admit.lua's answer as a result: its check numbers name the checks `limits` holds; the
     reservation names the levels settle must touch."""
+    if isinstance(reply, list) and len(reply) == 5 and reply[0] == "corrupt":
+        return _corrupt(reply)
     if not isinstance(reply, list) or len(reply) != 12 or reply[0] not in _OUTCOMES:
         raise EnforcementError(f"admit.lua answered {reply!r}: the script and client disagree")
     outcome: Outcome = reply[0]  # type: ignore[assignment]
@@ -409,6 +414,14 @@ def _parse(
         degrade=degrade,
         reserved=request.tokens if outcome == "allow" else None,
     )
+
+
+def _corrupt(reply: Reply) -> AdmissionResult:
+    """admit.lua's {'corrupt', key, field, what it holds, repair}: refused whatever the
+    plan's fail mode (Redis answered; its count is what cannot be trusted)."""
+    key, field, text, fix = (str(value) for value in reply[1:])
+    damage = not_governors(f"{key} field {field}", text, "refused: fail closed", fix)
+    return replace(_decided("corrupt_state", f"{key} {field}"), damage=damage)
 
 
 def _degrade(plan: PlanInfo, budget: Budget | None, model: str | None) -> Degradation | None:

@@ -255,6 +255,8 @@ class GovernorMiddleware:
                 result.budget.limit,
                 result.budget.remaining,
             )
+        if result.outcome == "corrupt_state":  # the operator must repair it: said loudly
+            self._log.error("limit state damaged", damage=result.damage)
         if result.outcome != "allow":
             metrics.request(principal.tenant, principal.plan, model, result.outcome)
             return self.e.answers.refused(result, plan.insufficient_quota)

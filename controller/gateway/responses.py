@@ -200,6 +200,18 @@ class Answers:
             error=_server("not_configured"),
         )
 
+    def corrupt_state(self, damage: str) -> Problem:
+        """503: a counter this request is checked against holds what no script writes (a
+        hand edit): its true count is unknown, so nothing is served until it is repaired."""
+        return problem(
+            503,
+            self.type_uri("corrupt-state"),
+            "Limit state damaged",
+            f"the limits cannot be checked: {damage}",
+            self.retry_headers(_SHED_RETRY_SECONDS),
+            error=_server("corrupt_state"),
+        )
+
     def bad_request(self, detail: str, status: int = 400, param: str | None = None) -> Problem:
         return problem(
             status,
@@ -216,6 +228,8 @@ class Answers:
             return self.unknown_plan((result.denied_by or "plan/").partition("/")[2])
         if result.outcome == "not_configured":
             return self.not_configured()
+        if result.outcome == "corrupt_state":
+            return self.corrupt_state(result.damage or "a limit counter is damaged")
         headers = rate_limit_headers(result)
         if result.outcome == "budget_exhausted":
             return self._budget_exhausted(result, headers, insufficient_quota)

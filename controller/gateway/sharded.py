@@ -19,6 +19,8 @@ _LEVELS = 4
 # requests quota, the tokens quota and the budget. The check numbers sit at these indexes.
 _CHECKS = (1, 3, 6, 9)
 _REFUSALS = ("budget_exhausted", "rate_limited")
+# Answers that end the admission as they are: the limits moved, or a counter is damaged.
+_FINAL = ("stale", "corrupt")
 
 
 @dataclass(frozen=True)
@@ -200,15 +202,15 @@ class SlotAdmission:
         ]
         replies: list[Any] = await asyncio.gather(*runs, return_exceptions=True)
         failed = [r for r in replies if isinstance(r, BaseException)]
-        whole = not failed and not any(r[0] == "stale" or refused(r) for r in replies)
+        whole = not failed and not any(r[0] in _FINAL or refused(r) for r in replies)
         if not whole:
             taken = [c for c, r in zip(calls, replies, strict=True) if _took(r)]
             await self._release(str(head[0]), [c.settle for c in taken])
         if failed:
             raise failed[0]
-        stale = [r for r in replies if r[0] == "stale"]
-        if stale or "/" not in letters:
-            return list((stale or replies)[0])
+        final = [r for r in replies if r[0] in _FINAL]
+        if final or "/" not in letters:
+            return list((final or replies)[0])
         return combined(
             [renumbered(r, c.offset) for c, r in zip(calls, replies, strict=True)], limits
         )

@@ -133,6 +133,34 @@ def test_a_refusal_in_one_slot_releases_what_the_others_took(
         assert client.hget(V2.global_level().state, "u|tokens_per_day") == "12"
 
 
+def test_a_damaged_counter_in_one_slot_is_named_and_releases_what_the_others_took(
+    cluster: RedisClusterServers, limits: Path
+) -> None:
+    tenant = V2.tenant_level("solo2").state
+    with cluster.client() as client:
+        client.hset(tenant, "c|concurrent_requests", "nan")  # Lua 5.1 reads it as a number
+
+    async def scenario() -> tuple[str, str | None, list[str | None]]:
+        client = connect_async(cluster.url, RedisSettings())
+        catalog = PlanCatalog(client, "governor")
+        admission = Admission(client, "governor", PriceTable.from_settings(PricesSettings()),
+                              catalog)  # fmt: skip
+        try:
+            wanted = AdmissionRequest("solo2", "solo", None, None, None, 10, "r1")
+            refused = await admission.admit(wanted)
+            shared = V2.global_level().state
+            after = await client.hmget(shared, ["c|concurrent_requests", "o|tenant/solo2/"])
+            return refused.outcome, refused.damage, after
+        finally:
+            await aclose(client)
+
+    outcome, damage, shared_after = asyncio.run(scenario())
+    assert outcome == "corrupt_state"
+    assert damage is not None
+    assert f"{tenant} field c|concurrent_requests holds 'nan'" in damage
+    assert shared_after == ["0", None]  # the shared slot's hold was given back
+
+
 def test_plans_are_read_from_the_shared_slot(cluster: RedisClusterServers, limits: Path) -> None:
     async def read() -> dict[str, PlanInfo] | None:
         client = connect_async(cluster.url, RedisSettings())

@@ -14,7 +14,9 @@ import redis
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from controller.contract.enforcement import EnforcementKeys
 from controller.control.catalog import publish_catalog
+from controller.gateway.credits import CreditLedger
 from controller.policy.loader import load_directory
 from tests.gateway.conftest import PLANS_YAML, PROBLEM, Gateway, MakeGateway, start_gateway
 from tests.gateway.fake_upstream import FakeUpstream
@@ -145,3 +147,27 @@ def test_with_plans_but_no_limits_only_a_fail_open_plan_is_served(
         assert unknown.status_code == 403
     finally:
         gateway.stop()
+
+
+def test_a_damaged_counter_refuses_even_a_fail_open_plan_naming_its_repair(
+    gateway: Gateway, db: redis.Redis[str], upstream: tuple[FakeUpstream, str]
+) -> None:
+    CreditLedger(db, "governor").top_up("globex", 1.0, reason="test", actor="pytest")
+    key = gateway.key("globex", "enterprise")  # fail_mode: open
+    assert gateway.chat(key).status_code == 200
+    state = EnforcementKeys.for_prefix("governor").tenant_level("globex").state
+    db.hset(state, "g|requests_per_minute", "nan")  # Lua 5.1 reads it as a number
+    seen = len(upstream[0].seen)
+
+    answer = gateway.chat(key)
+
+    # Redis answered: not an outage for the local limiter to serve, a count to repair.
+    assert answer.status_code == 503
+    problem = answer.json()
+    assert problem["type"].endswith("/docs/gateway.md#corrupt-state")
+    assert f"{state} field g|requests_per_minute holds 'nan'" in problem["detail"]
+    repair = f"redis-cli HDEL {state} g|requests_per_minute l|requests_per_minute"
+    assert repair in problem["detail"]
+    assert "x-governor-fail-open" not in answer.headers
+    assert len(upstream[0].seen) == seen
+    assert requests_counted(gateway, "corrupt_state", "enterprise") == 1

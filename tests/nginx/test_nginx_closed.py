@@ -11,6 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from controller.contract.enforcement import EnforcementKeys
 from controller.control.catalog import publish_catalog
 from controller.policy.loader import load_directory
 from tests.gateway.conftest import PROBLEM, start_gateway
@@ -117,3 +118,21 @@ def test_a_catalog_without_limits_and_an_unknown_plan_answer_alike(
     assert len(upstream[0].seen) == seen
     version = load_directory(policy_dir).version
     assert f"plan catalog {version} (4 plans)" in line
+
+
+def test_a_damaged_counter_is_refused_by_both_naming_its_repair(
+    nginx: Side, python_gateway: Side, nginx_session: NginxServer
+) -> None:
+    state = EnforcementKeys.for_prefix("governor").tenant_level("acme").state
+    answers = {}
+    for side in (nginx, python_gateway):
+        key = side.key("acme", "free")
+        assert side.chat(key).status_code == 200
+        side.db.hset(state, "u|tokens_per_day", "inf")  # Lua 5.1 reads it as a number
+        answers[side.name] = side.chat(key)
+    for answer in answers.values():
+        assert answer.status_code == 503
+        assert answer.json()["type"].endswith(f"{BASE}#corrupt-state")
+        assert f"{state} field u|tokens_per_day holds 'inf'" in answer.json()["detail"]
+    assert answers["nginx"].json() == answers["python"].json()
+    assert "limit state damaged" in nginx_session.error_log.read_text()

@@ -20,7 +20,9 @@
 --         decided already; only the version is checked.
 --       8... each check's limit as stored, in that order; then, when the plan has credits,
 --         the credits to hold and the credits floor (micro-USD).
--- Returns {'stale', the current version ('' none)}, or 12 values: outcome, denied_by,
+-- Returns {'stale', the current version ('' none)}; or {'corrupt', key, field, what it holds,
+-- its repair} when a state field read holds what no script writes (fail closed: nothing is
+-- reserved, and the gateway refuses naming it, whatever the plan's fail mode); or 12 values: outcome, denied_by,
 -- retry_after_ms, then the tightest requests quota (check, remaining, reset_ms), tokens
 -- quota (check, remaining, reset_ms) and budget (check, remaining, resets_at_ms). A check
 -- is its number in ARGV 7's order (1: the first), 0 none, -1 the tenant's credits.
@@ -41,6 +43,29 @@ if letters == 'shed' or letters == 'too_large' then
 end
 
 local byte = string.byte
+
+-- The answer naming a state field that holds what no script writes (not a finite number, a
+-- settled count below 0), and how a person repairs it: admission stops there, since the
+-- true count is unknown and any guess could serve that traffic with no limit.
+local function corrupt(key, field, text)
+  local code, name = sub(field, 1, 2), sub(field, 3)
+  local fix
+  if code == 'u|' or code == 'd|' then
+    fix = format("set %s to the tokens settled today (redis-cli HSET %s %s N), or delete the " ..
+      "day's count (redis-cli HDEL %s d|%s u|%s): it starts again from 0", 'u|' .. name, key,
+      'u|' .. name, key, name, name)
+  elseif code == 'g|' or code == 'l|' then
+    fix = format("delete the rate's state (redis-cli HDEL %s g|%s l|%s): its window starts " ..
+      'again', key, name, name)
+  elseif field == 'balance' then
+    fix = format('set it to the last balance_micro_usd of %s:history (redis-cli XREVRANGE ' ..
+      '%s:history + - COUNT 1, then redis-cli HSET %s balance N)', key, key, key)
+  else  -- a hold counter (v|, c|, reserved): below 0 counts as 0, so deleting it is safe
+    fix = format('delete it (redis-cli HDEL %s %s): what requests in flight hold is counted ' ..
+      'again as they start', key, field)
+  end
+  return {'corrupt', key, field, sub(text, 1, 80), fix}
+end
 local rid, tokens_text, model = ARGV[1], ARGV[2], ARGV[6]
 local tokens = tokens_text + 0
 local credits = KEYS[10]
@@ -148,7 +173,7 @@ for l = 1, 4 do
       local due = values[k]
       if not due then
         lv[o + REFRESH] = true  -- new state (or no `n` written yet): step 4 notes it
-      elseif due + 0 <= now then
+      elseif not ((tonumber(due) or 0) > now) then  -- an `n` not a number: care is due now
         housekeep(state, KEYS[2 * l + 1], l == TENANT and credits or nil, now, midnight)
         values = call('HMGET', state, unpack(names, 1, k))
       end
@@ -168,9 +193,22 @@ for l = 1, 4 do
     local at = 6 * j
     if c[at + KIND] == TPD then
       local values, a = lv[o + READ], c[at + AT]
-      local is_fresh = (values[a - 2] or -1) + 0 ~= today
-      local used = is_fresh and 0 or (values[a - 1] or 0) + 0  -- settled today
-      local held = (values[a] or 0) + 0
+      local day = number_at(values[a - 2], 0)
+      if not day then
+        return corrupt(KEYS[2 * l], 'd|' .. c[at + FIELD], values[a - 2])
+      end
+      local is_fresh = day ~= today
+      -- Settled today: below 0 only by a hand edit (a DECR), which would hand out tokens.
+      local used = is_fresh and 0 or number_at(values[a - 1], 0)
+      if not used then
+        return corrupt(KEYS[2 * l], 'u|' .. c[at + FIELD], values[a - 1])
+      end
+      local held = number_at(values[a], -huge)
+      if not held then
+        return corrupt(KEYS[2 * l], c[at + NAME], values[a])
+      end
+      -- Held: below 0 when releases outran a count deleted or lost; never headroom.
+      held = max(held, 0)
       local limit = c[at + LIMIT]
       local remaining = limit - used - held
       if tokens > remaining then
@@ -192,7 +230,13 @@ end
 local credit_balance, credit_held = 0, 0
 if credit_cost then
   local state = call('HMGET', credits, 'balance', 'reserved')
-  credit_balance, credit_held = (state[1] or 0) + 0, (state[2] or 0) + 0
+  credit_balance, credit_held = number_at(state[1], -huge), number_at(state[2], -huge)
+  if not credit_balance then
+    return corrupt(credits, 'balance', state[1])
+  elseif not credit_held then
+    return corrupt(credits, 'reserved', state[2])
+  end
+  credit_held = max(credit_held, 0)  -- as a level's holds: below 0 is never headroom
   local available = credit_balance - credit_held
   if available - credit_cost < ARGV[9 + n] + 0 then
     return {'budget_exhausted', -1, 0, 0, 0, 0, 0, 0, 0, -1, available, 0}
@@ -211,7 +255,11 @@ for l = 1, 4 do
     local at = 6 * j
     local kind = c[at + KIND]
     if kind == CONCURRENT then
-      local open = (values[c[at + AT]] or 0) + 0
+      local open = number_at(values[c[at + AT]], -huge)
+      if not open then
+        return corrupt(KEYS[2 * l], c[at + NAME], values[c[at + AT]])
+      end
+      open = max(open, 0)  -- as the budgets' holds: below 0 is never headroom
       c[at + VALUE] = open
       local limit = c[at + LIMIT]
       if fair > j and fair <= lv[o + LAST] and c[at + FIELD] == 'concurrent_requests' then
@@ -258,13 +306,20 @@ for l = 1, 4 do
       -- state was written (its `l|` field), the backlog keeps its count of requests (or
       -- tokens) and takes the new interval, so a loosened limit lets traffic through at
       -- once and a tightened one is full at most.
-      local stored = (values[a - 1] or 0) + 0
+      local stored = number_at(values[a - 1], -huge)
+      if not stored then
+        return corrupt(KEYS[2 * l], c[at + NAME], values[a - 1])
+      end
       local tat = stored
       if tat <= now then
         tat = now
       else
-        local old_limit = values[a]
-        if old_limit and old_limit ~= ARGV[7 + j] then
+        local old_text = values[a]
+        if old_text and old_text ~= ARGV[7 + j] then
+          local old_limit = number_at(old_text, 0)
+          if not old_limit or old_limit == 0 then  -- 0 would forget the backlog
+            return corrupt(KEYS[2 * l], 'l|' .. c[at + FIELD], old_text)
+          end
           tat = now + min((tat - now) / (period / old_limit) * interval, period)
         end
       end

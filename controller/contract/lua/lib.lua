@@ -7,6 +7,7 @@
 -- Globals cost a table lookup each inside Redis: the hot ones are bound to locals once.
 local call, floor, ceil, max, min = redis.call, math.floor, math.ceil, math.max, math.min
 local sub, format, unpack = string.sub, string.format, unpack
+local tonumber, huge = tonumber, math.huge
 
 local DAY_MS = 86400000
 local STATE_TTL_MS = 2 * DAY_MS  -- a level's state outlives a day's budget, then goes
@@ -17,6 +18,26 @@ local STATE_TTL_MS = 2 * DAY_MS  -- a level's state outlives a day's budget, the
 -- format('%d', n), which costs half as much. Server time in ms is
 -- `t[1] * 1000 + t[2] / 1000` of call('TIME') (written out where used: a function costs
 -- a closure per call).
+
+-- A state field as read (`text`; nil: absent, which counts as 0) as a number, or nil when it
+-- holds what no script writes: Lua 5.1's tonumber takes 'nan', 'inf' and '1e400' (C's
+-- strtod), which compare false both ways and so pass every check, and arithmetic on 'abc'
+-- stops the script (a failing store: fail-open plans would be served). `least`: the
+-- smallest value that makes sense there. `x - x == 0` is false for nan and both infinities.
+local function number_at(text, least)
+  local value = tonumber(text or 0)
+  if value and value >= least and value - value == 0 then
+    return value
+  end
+  return nil
+end
+
+-- Lower a hold counter by `by`. A counter that no longer holds an integer (a hand edit) stays
+-- as it is rather than stopping the script halfway, its earlier writes kept (Redis does not
+-- undo them): admit.lua refuses naming it until it is repaired.
+local function lower(state, field, by)
+  redis.pcall('HINCRBY', state, field, by)
+end
 
 -- A level's state hash (one per level owner: global, ip, tenant, user) holds, for a limit
 -- field F (`limit` or `limit@model`):
@@ -70,15 +91,15 @@ local function housekeep(state, leases, credits, now, midnight)
       for hold in gmatch(holds, '[^,]+') do
         local kind, field = sub(hold, 1, 1), sub(hold, 3)
         if kind == 'b' then
-          call('HINCRBY', state, 'v|' .. field, -tokens)
+          lower(state, 'v|' .. field, -tokens)
         elseif kind == 'c' then
-          call('HINCRBY', state, 'c|' .. field, -1)
+          lower(state, 'c|' .. field, -1)
         elseif kind == 'o' then
           unshare(state, field)
         end
       end
     elseif code == '$' and credits then
-      call('HINCRBY', credits, 'reserved', -match(member, '([^|]*)$'))
+      lower(credits, 'reserved', -match(member, '([^|]*)$'))
     elseif code == 'x' then
       call('HDEL', state, member)
     end

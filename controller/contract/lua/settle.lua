@@ -6,15 +6,21 @@
 --       5 history length kept  6 prompt tokens  7 completion tokens
 -- Returns 1 when the reservation was settled, 0 when it was unknown (settled already, or
 -- older than its lease plus the record grace).
+--
+-- A state field that holds what no script writes (admit.lua refuses naming it) is left as
+-- it is: a count added to it would hide the damage or pass for a repair, and an error
+-- halfway would keep the writes before it, charging them again when the settle is repeated.
 
 local tonumber, match, gmatch = tonumber, string.match, string.gmatch
 
--- A daily budget's settled usage, 0 when the UTC day changed since it was last written.
+-- A daily budget's settled usage, 0 when the UTC day changed since it was last written; nil
+-- when its day or count holds what no script writes.
 local function used_today(day_text, used_text, today)
-  if tonumber(day_text or '-1') ~= today then
-    return 0
+  local day = number_at(day_text, 0)
+  if day ~= today then
+    return day and 0
   end
-  return tonumber(used_text or '0')
+  return number_at(used_text, 0)
 end
 
 local rid, actual = ARGV[1], tonumber(ARGV[2])
@@ -38,6 +44,29 @@ local time = call('TIME')
 local now = time[1] * 1000 + time[2] / 1000
 local today = floor(now / DAY_MS)
 
+-- The credits first: a balance that is no integer (a hand edit) refuses the whole settle
+-- before anything is written, so the gateway repeats it once the balance is repaired.
+if credit_held then
+  local balance = 0
+  if cost > 0 then
+    balance = redis.pcall('HINCRBY', credits, 'balance', -cost)
+    if type(balance) == 'table' then
+      return redis.error_reply(format('%s field balance holds what no script writes (%s): ' ..
+        'set it to the last balance_micro_usd of %s (redis-cli XREVRANGE %s + - COUNT 1, ' ..
+        'then redis-cli HSET %s balance N)', credits, balance.err, KEYS[10], KEYS[10], credits))
+    end
+  end
+  if call('ZREM', LEVELS.t[2], '$|' .. rid .. '|' .. credit_text) == 1 then
+    lower(credits, 'reserved', -credit_held)
+  end
+  if cost > 0 then
+    call('XADD', KEYS[10], 'MAXLEN', '~', ARGV[5], '*', 'kind', 'charge',
+      'amount_micro_usd', -cost, 'balance_micro_usd', balance, 'request', rid,
+      'model', ARGV[4], 'tokens', ARGV[2], 'prompt_tokens', ARGV[6],
+      'completion_tokens', ARGV[7])
+  end
+end
+
 for i = 2, #parts do
   local level, holds = sub(parts[i], 1, 1), sub(parts[i], 2)
   local state, leases = LEVELS[level][1], LEVELS[level][2]
@@ -50,14 +79,13 @@ for i = 2, #parts do
       -- Move the GCRA state by the difference: unused tokens flow back, extra ones are
       -- owed, counted in the interval of the limit in force now.
       local cur = call('HMGET', state, 'g|' .. field, 'l|' .. field)
-      if cur[2] then
-        local tat = max(tonumber(cur[1] or '0'), now)
-        call('HSET', state, 'g|' .. field,
-          tat + (actual - reserved) * 60000 / tonumber(cur[2]))
+      local tat, limit = number_at(cur[1], -huge), number_at(cur[2], 0)
+      if cur[2] and tat and limit and limit > 0 then
+        call('HSET', state, 'g|' .. field, max(tat, now) + (actual - reserved) * 60000 / limit)
       end
     elseif kind == 'c' then
       if held then
-        call('HINCRBY', state, 'c|' .. field, -1)
+        lower(state, 'c|' .. field, -1)
       end
     elseif kind == 'o' then
       if held then
@@ -65,25 +93,14 @@ for i = 2, #parts do
       end
     elseif kind == 'b' then
       if held then
-        call('HINCRBY', state, 'v|' .. field, -reserved)
+        lower(state, 'v|' .. field, -reserved)
       end
       local day = call('HMGET', state, 'd|' .. field, 'u|' .. field)
-      call('HSET', state, 'd|' .. field, today, 'u|' .. field,
-        used_today(day[1], day[2], today) + actual)
+      local used = used_today(day[1], day[2], today)
+      if used then
+        call('HSET', state, 'd|' .. field, today, 'u|' .. field, used + actual)
+      end
     end
-  end
-end
-
-if credit_held then
-  if call('ZREM', LEVELS.t[2], '$|' .. rid .. '|' .. credit_text) == 1 then
-    call('HINCRBY', credits, 'reserved', -credit_held)
-  end
-  if cost > 0 then
-    local balance = call('HINCRBY', credits, 'balance', -cost)
-    call('XADD', KEYS[10], 'MAXLEN', '~', ARGV[5], '*', 'kind', 'charge',
-      'amount_micro_usd', -cost, 'balance_micro_usd', balance, 'request', rid,
-      'model', ARGV[4], 'tokens', ARGV[2], 'prompt_tokens', ARGV[6],
-      'completion_tokens', ARGV[7])
   end
 end
 

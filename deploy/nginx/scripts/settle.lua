@@ -7,6 +7,7 @@
 -- Globals cost a table lookup each inside Redis: the hot ones are bound to locals once.
 local call, floor, ceil, max, min = redis.call, math.floor, math.ceil, math.max, math.min
 local sub, format, unpack = string.sub, string.format, unpack
+local tonumber, huge = tonumber, math.huge
 
 local DAY_MS = 86400000
 local STATE_TTL_MS = 2 * DAY_MS  -- a level's state outlives a day's budget, then goes
@@ -17,6 +18,26 @@ local STATE_TTL_MS = 2 * DAY_MS  -- a level's state outlives a day's budget, the
 -- format('%d', n), which costs half as much. Server time in ms is
 -- `t[1] * 1000 + t[2] / 1000` of call('TIME') (written out where used: a function costs
 -- a closure per call).
+
+-- A state field as read (`text`; nil: absent, which counts as 0) as a number, or nil when it
+-- holds what no script writes: Lua 5.1's tonumber takes 'nan', 'inf' and '1e400' (C's
+-- strtod), which compare false both ways and so pass every check, and arithmetic on 'abc'
+-- stops the script (a failing store: fail-open plans would be served). `least`: the
+-- smallest value that makes sense there. `x - x == 0` is false for nan and both infinities.
+local function number_at(text, least)
+  local value = tonumber(text or 0)
+  if value and value >= least and value - value == 0 then
+    return value
+  end
+  return nil
+end
+
+-- Lower a hold counter by `by`. A counter that no longer holds an integer (a hand edit) stays
+-- as it is rather than stopping the script halfway, its earlier writes kept (Redis does not
+-- undo them): admit.lua refuses naming it until it is repaired.
+local function lower(state, field, by)
+  redis.pcall('HINCRBY', state, field, by)
+end
 
 -- A level's state hash (one per level owner: global, ip, tenant, user) holds, for a limit
 -- field F (`limit` or `limit@model`):
@@ -70,15 +91,15 @@ local function housekeep(state, leases, credits, now, midnight)
       for hold in gmatch(holds, '[^,]+') do
         local kind, field = sub(hold, 1, 1), sub(hold, 3)
         if kind == 'b' then
-          call('HINCRBY', state, 'v|' .. field, -tokens)
+          lower(state, 'v|' .. field, -tokens)
         elseif kind == 'c' then
-          call('HINCRBY', state, 'c|' .. field, -1)
+          lower(state, 'c|' .. field, -1)
         elseif kind == 'o' then
           unshare(state, field)
         end
       end
     elseif code == '$' and credits then
-      call('HINCRBY', credits, 'reserved', -match(member, '([^|]*)$'))
+      lower(credits, 'reserved', -match(member, '([^|]*)$'))
     elseif code == 'x' then
       call('HDEL', state, member)
     end
@@ -109,15 +130,21 @@ end
 --       5 history length kept  6 prompt tokens  7 completion tokens
 -- Returns 1 when the reservation was settled, 0 when it was unknown (settled already, or
 -- older than its lease plus the record grace).
+--
+-- A state field that holds what no script writes (admit.lua refuses naming it) is left as
+-- it is: a count added to it would hide the damage or pass for a repair, and an error
+-- halfway would keep the writes before it, charging them again when the settle is repeated.
 
 local tonumber, match, gmatch = tonumber, string.match, string.gmatch
 
--- A daily budget's settled usage, 0 when the UTC day changed since it was last written.
+-- A daily budget's settled usage, 0 when the UTC day changed since it was last written; nil
+-- when its day or count holds what no script writes.
 local function used_today(day_text, used_text, today)
-  if tonumber(day_text or '-1') ~= today then
-    return 0
+  local day = number_at(day_text, 0)
+  if day ~= today then
+    return day and 0
   end
-  return tonumber(used_text or '0')
+  return number_at(used_text, 0)
 end
 
 local rid, actual = ARGV[1], tonumber(ARGV[2])
@@ -141,6 +168,29 @@ local time = call('TIME')
 local now = time[1] * 1000 + time[2] / 1000
 local today = floor(now / DAY_MS)
 
+-- The credits first: a balance that is no integer (a hand edit) refuses the whole settle
+-- before anything is written, so the gateway repeats it once the balance is repaired.
+if credit_held then
+  local balance = 0
+  if cost > 0 then
+    balance = redis.pcall('HINCRBY', credits, 'balance', -cost)
+    if type(balance) == 'table' then
+      return redis.error_reply(format('%s field balance holds what no script writes (%s): ' ..
+        'set it to the last balance_micro_usd of %s (redis-cli XREVRANGE %s + - COUNT 1, ' ..
+        'then redis-cli HSET %s balance N)', credits, balance.err, KEYS[10], KEYS[10], credits))
+    end
+  end
+  if call('ZREM', LEVELS.t[2], '$|' .. rid .. '|' .. credit_text) == 1 then
+    lower(credits, 'reserved', -credit_held)
+  end
+  if cost > 0 then
+    call('XADD', KEYS[10], 'MAXLEN', '~', ARGV[5], '*', 'kind', 'charge',
+      'amount_micro_usd', -cost, 'balance_micro_usd', balance, 'request', rid,
+      'model', ARGV[4], 'tokens', ARGV[2], 'prompt_tokens', ARGV[6],
+      'completion_tokens', ARGV[7])
+  end
+end
+
 for i = 2, #parts do
   local level, holds = sub(parts[i], 1, 1), sub(parts[i], 2)
   local state, leases = LEVELS[level][1], LEVELS[level][2]
@@ -153,14 +203,13 @@ for i = 2, #parts do
       -- Move the GCRA state by the difference: unused tokens flow back, extra ones are
       -- owed, counted in the interval of the limit in force now.
       local cur = call('HMGET', state, 'g|' .. field, 'l|' .. field)
-      if cur[2] then
-        local tat = max(tonumber(cur[1] or '0'), now)
-        call('HSET', state, 'g|' .. field,
-          tat + (actual - reserved) * 60000 / tonumber(cur[2]))
+      local tat, limit = number_at(cur[1], -huge), number_at(cur[2], 0)
+      if cur[2] and tat and limit and limit > 0 then
+        call('HSET', state, 'g|' .. field, max(tat, now) + (actual - reserved) * 60000 / limit)
       end
     elseif kind == 'c' then
       if held then
-        call('HINCRBY', state, 'c|' .. field, -1)
+        lower(state, 'c|' .. field, -1)
       end
     elseif kind == 'o' then
       if held then
@@ -168,25 +217,14 @@ for i = 2, #parts do
       end
     elseif kind == 'b' then
       if held then
-        call('HINCRBY', state, 'v|' .. field, -reserved)
+        lower(state, 'v|' .. field, -reserved)
       end
       local day = call('HMGET', state, 'd|' .. field, 'u|' .. field)
-      call('HSET', state, 'd|' .. field, today, 'u|' .. field,
-        used_today(day[1], day[2], today) + actual)
+      local used = used_today(day[1], day[2], today)
+      if used then
+        call('HSET', state, 'd|' .. field, today, 'u|' .. field, used + actual)
+      end
     end
-  end
-end
-
-if credit_held then
-  if call('ZREM', LEVELS.t[2], '$|' .. rid .. '|' .. credit_text) == 1 then
-    call('HINCRBY', credits, 'reserved', -credit_held)
-  end
-  if cost > 0 then
-    local balance = call('HINCRBY', credits, 'balance', -cost)
-    call('XADD', KEYS[10], 'MAXLEN', '~', ARGV[5], '*', 'kind', 'charge',
-      'amount_micro_usd', -cost, 'balance_micro_usd', balance, 'request', rid,
-      'model', ARGV[4], 'tokens', ARGV[2], 'prompt_tokens', ARGV[6],
-      'completion_tokens', ARGV[7])
   end
 end
 

@@ -65,8 +65,20 @@ local function degrade(plan, spent_budget, model)
       .. '% spent (the plan degrades from ' .. numbers.format('%g', spec.at_percent) .. '%)'}
 end
 
+-- admission._corrupt: {'corrupt', key, field, what it holds, repair}, refused (fail closed);
+-- the wording is clients/redis.not_governors'.
+local function corrupt(reply)
+  local where = reply[2] .. ' field ' .. reply[3]
+  return {outcome = 'corrupt_state', denied_by = reply[2] .. ' ' .. reply[3],
+    damage = where .. " holds '" .. reply[4] .. "', not a record Governor writes (refused: "
+      .. 'fail closed): ' .. reply[5]}
+end
+
 -- The answer as admission.AdmissionResult's fields, or nil and why it cannot be read.
 local function parse(reply, plan, request, ip, resolved)
+  if type(reply) == 'table' and #reply == 5 and reply[1] == 'corrupt' then
+    return corrupt(reply)
+  end
   if type(reply) ~= 'table' or #reply ~= 12 or not OUTCOMES[reply[1]] then
     return nil, 'admit.lua answered something else: the script and this module disagree'
   end

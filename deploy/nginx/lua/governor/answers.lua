@@ -250,6 +250,13 @@ function Answers:not_configured()
     self:retry_headers(SHED_RETRY_SECONDS), nil, server('not_configured'))
 end
 
+-- 503: a counter the request is checked against holds what no script writes.
+function Answers:corrupt_state(damage)
+  return problem(503, self:type_uri('corrupt-state'), 'Limit state damaged',
+    'the limits cannot be checked: ' .. damage, self:retry_headers(SHED_RETRY_SECONDS), nil,
+    server('corrupt_state'))
+end
+
 function Answers:bad_request(detail, status, param)
   return problem(status or 400, self:type_uri('bad-request'), 'Bad request', detail, nil, nil,
     invalid('bad_request', param))
@@ -302,6 +309,9 @@ end
 function Answers:refused(result, insufficient_quota)
   if result.outcome == 'not_configured' then
     return self:not_configured()
+  end
+  if result.outcome == 'corrupt_state' then
+    return self:corrupt_state(result.damage)
   end
   local headers = _M.rate_limit_headers(result, self.now())
   if result.outcome == 'budget_exhausted' then

@@ -155,6 +155,9 @@ function Gateway:model_call(client, req, principal, kind, plan)
     warn('limit store unreachable, plan ', principal.plan, ' fails closed: ', err)
     return {answer = say:enforcement_unavailable(principal.plan), broken = true}
   end
+  if result.outcome == 'corrupt_state' then  -- the operator must repair it: said loudly
+    ngx.log(ngx.ERR, 'governor: limit state damaged: ', result.damage)
+  end
   if result.outcome ~= 'allow' then
     return {answer = say:refused(result, plan.insufficient_quota)}
   end
