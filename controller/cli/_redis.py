@@ -27,6 +27,7 @@ from controller.clients.redis import (
     connect,
     key_schema,
     refuse_cluster_node,
+    refuse_other_contract,
     url_from_settings,
 )
 from controller.contract.keys import KeySchema
@@ -98,6 +99,9 @@ def stores() -> Iterator[Stores]:
         journal_client = connect(url, settings.redis, retries=0)
         try:
             refuse_cluster_node(journal_client)  # no retries: a Redis down fails below
+            # Every command reads or writes Governor's keys (API keys, credits, the journal):
+            # a Redis laid out by another key contract is refused before any of them.
+            refuse_other_contract(client, keys, "read the key contract")
             yield Stores(
                 settings,
                 keys,

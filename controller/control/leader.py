@@ -12,8 +12,9 @@ from typing import Any, Protocol
 import redis
 import structlog
 
-from controller.clients.redis import key_schema
+from controller.clients.redis import check_contract, key_schema, location
 from controller.contract.fence import Fence
+from controller.errors import SinkError
 
 _RENEW = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
@@ -79,7 +80,7 @@ class RedisLeaderLock:
     ) -> None:
         self.client = client
         self.identity = identity
-        schema = key_schema(client, prefix)
+        schema = self.schema = key_schema(client, prefix)
         self.key = schema.leader
         self.epoch_key = schema.leader_epoch
         self.lease_ms = int(lease_seconds * 1000)
@@ -96,6 +97,10 @@ class RedisLeaderLock:
             ):
                 return True
             lost = self._token is not None
+            # Another key contract's Redis: no lock (nor epoch) of ours is written there, and
+            # not leading, this replica writes nothing else there either.
+            check_contract(self.client.get(self.schema.contract), self.schema,
+                           location(self.client))  # fmt: skip
             self._token = self._acquire(
                 keys=[self.key, self.epoch_key], args=[self.identity, self.lease_ms]
             )
@@ -103,6 +108,10 @@ class RedisLeaderLock:
             # Without Redis nobody can write anyway; keep the token so a renewal can succeed
             # if the lock survived the outage, and report not-leading meanwhile.
             self._log.warning("leader.redis_unavailable", error=str(exc))
+            return False
+        except SinkError as exc:
+            self._token = None
+            self._log.error("leader.refused", error=str(exc))
             return False
         if lost:
             self._log.warning("leader.lost", identity=self.identity)

@@ -24,6 +24,7 @@ from controller.clients.redis import (
     is_wrong_type,
     location,
     not_governors,
+    refuse_other_contract,
     wrapped,
     wrong_types,
 )
@@ -121,6 +122,7 @@ class ControlStore:
         override = Override(checked(address), value, now + ttl / 1000, actor, reason)
         key = self.keys.override(address)
         with wrapped(self.client, f"set the override of {address}", self._owned):
+            self._refuse_other_contract(f"set the override of {address}")
             previous = self._replaced_override(address)
             # MULTI does not roll back: with an index of another type the record would be
             # written and its ZADD refused, an override that is never applied nor listed.
@@ -140,6 +142,7 @@ class ControlStore:
     def clear_override(self, address: Address) -> Override | None:
         """Remove an override; returns what was removed (None: there was none)."""
         with wrapped(self.client, f"clear the override of {address}", self._owned):
+            self._refuse_other_contract(f"clear the override of {address}")
             previous = self._replaced_override(address)
             pipe = self.client.pipeline(transaction=True)
             pipe.delete(self.keys.override(address))
@@ -227,12 +230,14 @@ class ControlStore:
         freeze = Freeze(actor, reason, now, now + ttl / 1000)
         record = {"actor": actor, "reason": reason, "set_at": now, "expires_at": freeze.expires_at}
         with wrapped(self.client, "freeze"):
+            self._refuse_other_contract("freeze")
             self.client.set(self.keys.freeze, json.dumps(record, sort_keys=True), px=ttl)
         return freeze
 
     def unfreeze(self) -> Freeze | None:
         """Lift the freeze; returns the freeze that was lifted (None: there was none)."""
         with wrapped(self.client, "unfreeze", self._owned):
+            self._refuse_other_contract("unfreeze")
             try:
                 previous = self._freeze()
             except SinkError:  # an unreadable flag is lifted all the same
@@ -282,6 +287,7 @@ class ControlStore:
             sort_keys=True,
         )
         with wrapped(self.client, "confirm the policy reload"):
+            self._refuse_other_contract("confirm the policy reload")
             self.client.set(self.keys.reload_confirmation, record, px=ttl)
         return confirmation
 
@@ -310,6 +316,7 @@ class ControlStore:
         validate_id(tenant, "tenant")
         validate_id(plan, "plan")
         with wrapped(self.client, f"register tenant {tenant}", self._owned):
+            self._refuse_other_contract(f"register tenant {tenant}")
             pipe = self.client.pipeline(transaction=True)
             pipe.hget(self.keys.tenants, tenant)
             pipe.hset(self.keys.tenants, tenant, plan)
@@ -346,6 +353,11 @@ class ControlStore:
         """Overrides, freeze and tenants for one tick."""
         with wrapped(self.client, "read overrides, freeze and tenants", self._owned):
             return ControlState(self._overrides(), self._freeze(), self.plans())
+
+    def _refuse_other_contract(self, action: str) -> None:
+        """Before any write: a Redis laid out by another key contract is refused, as the sink
+        and the catalog refuse it (its keys mean something else there)."""
+        refuse_other_contract(self.client, self.keys, action)
 
     def _owned(self) -> dict[str, Owned]:
         """The keys people's state lives in, each with its type and its repair (asked only

@@ -13,8 +13,10 @@ import redis.cluster
 import structlog
 
 from controller.clients.paging import batches
+from controller.clients.redis import check_contract, location
 from controller.contract.fence import Fence
 from controller.contract.keys import KeySchema
+from controller.errors import SinkError
 from controller.journal.events import JournalEvent, gap_event, stream_fields
 from controller.settings import JournalSettings
 
@@ -193,11 +195,14 @@ class Journal:
             batch.insert(0, stream_fields(gap, gap.to_dict()))
         try:
             stale = self._send(batch)
-        except redis.RedisError as exc:
+        except (redis.RedisError, SinkError) as exc:
             self._retry_at = self._clock() + self._backoff
             self._backoff = min(self._backoff * 2, _MAX_BACKOFF_SECONDS)
+            unavailable = isinstance(exc, redis.RedisError)
             self._log.warning(
-                "journal.redis_unavailable", pending=len(self._buffer), error=str(exc)
+                "journal.redis_unavailable" if unavailable else "journal.refused",
+                pending=len(self._buffer),
+                error=str(exc),
             )
             # They may never reach the stream: every event held back from the log is logged.
             if any(not logged for _, _, logged in self._buffer):
@@ -225,6 +230,8 @@ class Journal:
         longer holds."""
         assert self._append is not None
         assert self.client is not None
+        # Another key contract's Redis: its keys mean something else there, the stream too.
+        check_contract(self.client.get(self.keys.contract), self.keys, location(self.client))
         # The fence this replica holds now; if it learned it lost (None), the one its events
         # were emitted under: either way a deposed writer's check fails.
         fence = (self.fence() if self.fence is not None else None) or self._emitted_under

@@ -247,3 +247,30 @@ def test_audit_tail_shows_an_entry_governor_never_wrote_instead_of_failing(url: 
     table = ok(url, "audit", "tail").stdout
     assert "journal.unreadable" in table
     assert "\x1b" not in table
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ("override", "set", "tenant/acme/requests_per_minute", "5", "--ttl", "5m", "--reason", "x"),
+        ("override", "clear", "tenant/acme/requests_per_minute", "--reason", "x"),
+        ("freeze", "--ttl", "5m", "--reason", "x"),
+        ("unfreeze", "--reason", "x"),
+        ("tenants", "set", "acme", "paid"),
+        ("keys", "create", "--tenant", "acme", "--plan", "paid", "--reason", "x"),
+    ],
+)
+def test_a_redis_of_another_key_contract_is_refused_before_any_write(
+    url: str, db: redis.Redis[str], command: tuple[str, ...]
+) -> None:
+    # Only `limits apply` and the catalog checked it: these wrote our keys (and a journal
+    # entry) into another layout's Redis.
+    db.set("governor:contract", "2")
+
+    refused = run(url, *command)
+
+    assert refused.exit_code == 1, refused.output
+    said = " ".join(refused.output.split())
+    assert "holds key contract '2' in governor:contract, this Governor speaks 1" in said
+    assert "nothing is read or written there" in said
+    assert db.keys("*") == ["governor:contract"]  # nothing written, not even the journal

@@ -376,3 +376,30 @@ def test_a_large_batch_is_stored_in_order_by_bounded_script_calls(
     assert stream_reasons(db) == [f"change {n}" for n in range(count)]
     # EVALSHA sha numkeys key maxlen token, then 3 arguments per event.
     assert [(c.argc - 6) / 3 for c in calls] == [EVENTS_PER_APPEND, EVENTS_PER_APPEND, 7]
+
+
+def test_a_redis_of_another_key_contract_gets_neither_journal_nor_leader_lock(
+    journal: Journal, client: redis.Redis[str], db: redis.Redis[str]
+) -> None:
+    # The sink refused such a Redis, but the daemon still took the lock there (a new epoch
+    # key too) and appended its journal: our keys in another layout's keyspace.
+    db.set("governor:contract", "2")
+    lock = RedisLeaderLock(client, KEYS.prefix, "replica-1", lease_seconds=30)
+    with capture_logs() as logs:
+        leading = lock.ensure()
+        journal.emit(event(1))
+        flushed = journal.flush()
+
+    assert not leading
+    assert lock.fence() is None
+    assert not flushed
+    assert journal.pending == 1  # kept, as in an outage: sent once the contract is ours
+    refusals = [log for log in logs if log["event"] in ("leader.refused", "journal.refused")]
+    assert [log["event"] for log in refusals][:2] == ["leader.refused", "journal.refused"]
+    for log in refusals:
+        assert "holds key contract '2' in governor:contract" in log["error"]
+    assert db.keys("*") == ["governor:contract"]
+    db.delete("governor:contract")
+    assert lock.ensure()
+    assert journal.flush()
+    assert stream_reasons(db) == ["change 1"]
