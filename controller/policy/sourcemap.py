@@ -16,6 +16,12 @@ _MAP_TAG = "tag:yaml.org,2002:map"
 _SEQ_TAG = "tag:yaml.org,2002:seq"
 _NULL_TAG = "tag:yaml.org,2002:null"
 _MERGE_TAG = "tag:yaml.org,2002:merge"
+# The scalars a policy means: text, numbers, booleans, null, and timestamps (a policy test's
+# `start:`). SafeLoader also builds `!!binary` into bytes, which no field takes as such and
+# which hides what a value says from a reviewer: refused by its tag like `!!set`.
+_SCALAR_TAGS = frozenset(
+    f"tag:yaml.org,2002:{name}" for name in ("str", "int", "float", "bool", "null", "timestamp")
+)
 # Aliases can make a small file expand into a huge value ("billion laughs"); policies are
 # small, so these bounds only ever stop hostile or broken input. MAX_VALUES and MAX_DOCUMENTS
 # are shared by every file of a set (a Budget), so many files cannot multiply them.
@@ -290,6 +296,14 @@ class _Converter:
         return None
 
     def scalar(self, node: yaml.Node, path: Path) -> object:
+        if node.tag.startswith("tag:yaml.org,2002:") and node.tag not in _SCALAR_TAGS:
+            self.problem(
+                node,
+                path,
+                f"YAML tag {node.tag!r} is not supported here: a policy takes text, numbers, "
+                "booleans and null; write the value itself, without the tag",
+            )
+            return None
         try:
             return self.scalars.construct_object(node, deep=True)
         except yaml.YAMLError as exc:

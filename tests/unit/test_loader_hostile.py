@@ -470,3 +470,27 @@ def test_a_policy_file_that_holds_no_document_is_refused(shipped: Path, text: st
     assert (error.line, error.column) == (1, 1)
     assert "holds no policy document" in error.message
     assert "Delete the file if it is meant to hold nothing" in error.message
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        ("name: global", "name: !!binary Z2xvYmFs"),  # 'global', as bytes
+        ("default_plan: free", "default_plan: !!binary ZnJlZQ=="),
+    ],
+)
+def test_a_binary_scalar_is_a_located_error_naming_its_fix(
+    shipped: Path, old: str, new: str
+) -> None:
+    # SafeLoader builds `!!binary` into bytes: a value a reviewer cannot read, which the
+    # loader took (a `name` of b'global' even loaded) where `!!set` was refused.
+    path = shipped / "limits.yaml"
+    path.write_text(path.read_text().replace(old, new, 1))
+
+    errors = [e for e in refused(shipped) if Path(e.file).name == "limits.yaml"]
+
+    line = line_of(path, "!!binary")
+    column = path.read_text().splitlines()[line - 1].index("!!") + 1
+    tagged = [e for e in errors if "'tag:yaml.org,2002:binary' is not supported" in e.message]
+    assert [(e.line, e.column) for e in tagged] == [(line, column)]
+    assert "write the value itself, without the tag" in tagged[0].message
