@@ -3,6 +3,7 @@ but for reading the files."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -113,12 +114,23 @@ def policy_files(directory: Path) -> list[Path]:
 
 def _is_policy_file(path: Path) -> bool:
     """A policy by its name; anything but a directory or a dangling link (a ConfigMap update
-    leaves one for a moment) is read, so a FIFO or a link out is refused, not skipped."""
+    leaves one for a moment) is read, so a FIFO, a link out or a link loop is refused, not
+    skipped."""
     if not path.name.endswith(SUFFIXES) or path.name.endswith(TEST_SUFFIXES):
         return False
-    if path.name.startswith(".") or not path.exists():
+    if path.name.startswith(".") or not (path.exists() or _loops(path)):
         return False
     return path.is_symlink() or not path.is_dir()
+
+
+def _loops(path: Path) -> bool:
+    """A symbolic link that leads back to itself: `exists()` says False as for a dangling
+    link, but no update ever completes it; skipped, its policies vanished unreported."""
+    try:
+        path.stat()
+    except OSError as exc:
+        return exc.errno == errno.ELOOP
+    return False
 
 
 def check_directory(
@@ -219,6 +231,11 @@ def read_file(path: Path, root: Path) -> bytes:
 
 def _read(path: Path, root: Path, room: int) -> bytes:
     """The bytes of one policy file; PolicyError says why it cannot be used."""
+    if _loops(path):
+        raise PolicyError(
+            "the file is a symbolic link that leads back to itself (a link loop): point it "
+            "at a policy file, or remove it"
+        )
     try:
         if path.is_symlink() and not path.resolve(strict=True).is_relative_to(root.resolve()):
             raise PolicyError(

@@ -494,3 +494,12 @@ def test_a_binary_scalar_is_a_located_error_naming_its_fix(
     tagged = [e for e in errors if "'tag:yaml.org,2002:binary' is not supported" in e.message]
     assert [(e.line, e.column) for e in tagged] == [(line, column)]
     assert "write the value itself, without the tag" in tagged[0].message
+
+
+def test_a_symlink_loop_is_refused_naming_it_not_skipped(shipped: Path) -> None:
+    (shipped / "loop.yaml").symlink_to("loop.yaml")
+
+    error = only_error(shipped, "loop.yaml")
+
+    assert (error.line, error.column) == (1, 1)
+    assert "leads back to itself (a link loop)" in error.message

@@ -163,3 +163,23 @@ def test_confirm_reload_refuses_anything_but_a_policy_version(version: str) -> N
 
     assert result.exit_code == 2
     assert "is not a policy version: give the 12 hex digits the refusal names" in result.stderr
+
+
+def test_a_policy_file_turned_into_a_link_loop_is_rejected_naming_it(
+    policies: Path, watcher: PolicyWatcher
+) -> None:
+    # It was skipped like a dangling ConfigMap link: the set reloaded without its policy.
+    before = watcher.current
+    looped = policies / "gpu-saturation.yaml"
+    looped.unlink()
+    looped.symlink_to("gpu-saturation.yml")
+    (policies / "gpu-saturation.yml").symlink_to("gpu-saturation.yaml")
+
+    outcome = watcher.poll()
+
+    assert outcome.rejected
+    assert outcome.reason == INVALID
+    said = [str(error) for error in outcome.errors]
+    assert {s.split(":", 1)[0] for s in said} == {str(looped), str(looped.with_suffix(".yml"))}
+    assert all("a link loop" in s and "point it at a policy file, or remove it" in s for s in said)
+    assert watcher.current is before
