@@ -158,6 +158,12 @@ class RedisSettings(_Group):
         return value
 
 
+# The shortest tick: each one queries Prometheus (which scrapes every 15 s or so) and
+# writes Redis, so a millisecond's tick only hammered both and kept /readyz red (its
+# staleness bound is a few ticks). Half a second is what the daemon tests tick at.
+MIN_TICK_SECONDS = 0.5
+
+
 class ControllerSettings(_Group):
     """The control loop."""
 
@@ -184,6 +190,17 @@ class ControllerSettings(_Group):
         "`configmap` (one ConfigMap with the whole limit document), or a redis:// URL; "
         "a JSON list or comma-separated (docs/sinks.md)",
     )
+
+    @field_validator("tick_seconds")
+    @classmethod
+    def _tick_floor(cls, value: float) -> float:
+        if value < MIN_TICK_SECONDS:
+            raise ValueError(
+                f"a tick of {value:g} s is below the {MIN_TICK_SECONDS:g} s floor: each tick "
+                "queries Prometheus and writes Redis; set it to "
+                f"{MIN_TICK_SECONDS:g} or more (the default is 5, Prometheus scrapes every 15 s)"
+            )
+        return value
 
     @field_validator("sinks", mode="before")
     @classmethod

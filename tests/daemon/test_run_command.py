@@ -8,6 +8,13 @@ import json
 import socket
 import subprocess
 import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -203,15 +210,60 @@ def _processes_mentioning(text: str) -> list[str]:
     return found
 
 
+@contextmanager
+def delayed(target: str, seconds: float) -> Iterator[str]:
+    """An HTTP proxy to `target` that answers each request `seconds` late (a slow Prometheus)."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self._forward()
+
+        def do_POST(self) -> None:
+            self._forward()
+
+        def _forward(self) -> None:
+            time.sleep(seconds)
+            length = int(self.headers.get("content-length") or 0)
+            sent = {k: v for k, v in self.headers.items() if k.lower() == "content-type"}
+            request = urllib.request.Request(
+                target + self.path, self.rfile.read(length) or None, sent, method=self.command
+            )
+            try:
+                with urllib.request.urlopen(request, timeout=10) as answer:
+                    status, body = answer.status, answer.read()
+                    kind = answer.headers["content-type"]
+            except urllib.error.HTTPError as error:
+                status, kind, body = error.code, error.headers["content-type"], error.read()
+            self.send_response(status)
+            self.send_header("content-type", kind or "application/json")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_a_tick_longer_than_its_interval_is_logged_with_the_setting_to_raise(
     db: redis.Redis[str], ready_env: dict[str, str]
 ) -> None:
-    # Any real tick (a Prometheus query, Redis writes) takes longer than a millisecond.
-    done = run({**ready_env, "GOVERNOR_CONTROLLER__TICK_SECONDS": "0.001"}, "--once", "--json")
+    # The shortest tick allowed (0.5 s), and a Prometheus that answers 0.6 s late.
+    with delayed(ready_env["GOVERNOR_PROMETHEUS__URL"], 0.6) as slow_prometheus:
+        env = {**ready_env, "GOVERNOR_PROMETHEUS__URL": slow_prometheus}
+        done = run({**env, "GOVERNOR_CONTROLLER__TICK_SECONDS": "0.5"}, "--once", "--json")
     assert done.returncode == 0, done.stderr
     slow = [json.loads(line) for line in done.stderr.splitlines() if '"tick.slow"' in line]
     assert len(slow) == 1
-    assert slow[0]["seconds"] > slow[0]["interval_seconds"] == 0.001
+    assert slow[0]["seconds"] > slow[0]["interval_seconds"] == 0.5
     assert "GOVERNOR_CONTROLLER__TICK_SECONDS" in slow[0]["hint"]
 
     normal = run({**ready_env, "GOVERNOR_CONTROLLER__TICK_SECONDS": "60"}, "--once", "--json")

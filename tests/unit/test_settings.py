@@ -286,3 +286,27 @@ def test_a_log_level_is_read_in_any_case(monkeypatch: pytest.MonkeyPatch) -> Non
 
     assert code == 0
     assert json.loads(stdout)["log_level"] == "warning"
+
+
+@pytest.mark.parametrize("value", ["0.001", "0.49", "1e-9"])
+def test_a_tick_below_the_floor_exits_2_naming_the_variable_and_its_fix(
+    monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    # Only `gt=0` bounded it: a 1 ms tick queried Prometheus and wrote Redis in a loop.
+    monkeypatch.setenv("GOVERNOR_CONTROLLER__TICK_SECONDS", value)
+
+    code, stdout, stderr = show()
+
+    assert (code, stdout) == (2, "")
+    assert stderr.startswith("error: GOVERNOR_CONTROLLER__TICK_SECONDS: ")
+    assert f"a tick of {float(value):g} s is below the 0.5 s floor" in stderr
+    assert "set it to 0.5 or more" in stderr
+
+
+def test_a_tick_at_the_floor_is_taken(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GOVERNOR_CONTROLLER__TICK_SECONDS", "0.5")
+
+    code, stdout, _ = show("--json")
+
+    assert code == 0
+    assert json.loads(stdout)["controller"]["tick_seconds"] == 0.5
