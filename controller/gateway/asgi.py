@@ -48,6 +48,8 @@ from controller.settings import GatewaySettings
 
 # What an unreachable or failing limit store raises, whoever wraps it (redis-py's cluster
 # client raises some of its own refusals outside RedisError).
+# Outcomes where one limit said no: `gateway_refusals_total` counts which level and kind.
+_LIMIT_REFUSALS = ("rate_limited", "budget_exhausted", "too_large")
 STORE_ERRORS = (redis.RedisError, RedisClusterException, SinkError, OSError)
 STATE_KEY = "governor"  # scope["state"]["governor"]: the Principal, for the app behind us
 
@@ -259,6 +261,8 @@ class GovernorMiddleware:
             self._log.error("limit state damaged", damage=result.damage)
         if result.outcome != "allow":
             metrics.request(principal.tenant, principal.plan, model, result.outcome)
+            if result.outcome in _LIMIT_REFUSALS and result.denied_by:
+                metrics.refused_by(result.denied_by)
             return self.e.answers.refused(result, plan.insufficient_quota)
         self.e.failmode.memory.remember(principal.tenant, principal.user, result)
         headers = rate_limit_headers(result)

@@ -20,6 +20,8 @@ from prometheus_client import (
     disable_created_metrics,
 )
 
+from controller.model import LimitKind, Scope
+
 # A `_created` series beside every counter child doubles the capped per-tenant series for a
 # value nothing reads. prometheus_client's switch is process-wide: set where metrics are made.
 disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -45,6 +47,24 @@ OUTCOMES = (
 # and those it holds through an outage and may give up (`gateway_store_calls_lost_total`).
 STORE_OPERATIONS = ("authenticate", "admit", "heartbeat", "release", "settle")
 HELD_OPERATIONS = ("release", "settle", "charge")
+# Who refused (`gateway_refusals_total`): the level of the limit and its kind, never the tenant
+# (that series family stays small; the answer and the log name the tenant's own address).
+REFUSING_LEVELS = (*(scope.value for scope in Scope), "credits")
+_SHARING_TERMS = (LimitKind.CONCURRENT_HEADROOM, LimitKind.CONCURRENT_WEIGHT)
+REFUSING_LIMITS = (*(kind.value for kind in LimitKind if kind not in _SHARING_TERMS), "balance")
+
+
+def refusing(address: str) -> tuple[str, str]:
+    """The (level, limit) of a refusing address: `tenant/acme/requests_per_minute@gpt-4` is
+    (tenant, requests_per_minute), `credits/acme` (credits, balance); anything else `other`."""
+    level, _, rest = address.partition("/")
+    if level == "credits":
+        return level, "balance"
+    limit = rest.rpartition("/")[2].partition("@")[0]
+    return (
+        level if level in REFUSING_LEVELS else OTHER,
+        limit if limit in REFUSING_LIMITS else OTHER,
+    )
 
 
 class LabelCap:
@@ -80,6 +100,13 @@ class GatewayMetrics:
             "gateway_requests",
             "Requests by tenant, plan, model and outcome",
             (*labels, "outcome"),
+            registry=self.registry,
+        )
+        self.refusals = Counter(
+            "gateway_refusals",
+            "Requests a limit refused (429, 402, 400 too large), by the limit's level and kind: which level "
+            "binds (global, plan, tenant, ...), without a series per tenant",
+            ("level", "limit"),
             registry=self.registry,
         )
         self.tokens = Counter(
@@ -146,6 +173,14 @@ class GatewayMetrics:
             self.store_errors.labels(operation)
         for operation in HELD_OPERATIONS:
             self.store_calls_lost.labels(operation)
+        for level in REFUSING_LEVELS:
+            for limit in REFUSING_LIMITS:
+                if (level == "credits") == (limit == "balance"):
+                    self.refusals.labels(level, limit)
+
+    def refused_by(self, address: str) -> None:
+        """A request a limit refused (429, 402, or too large for it): counted by that limit's level and kind."""
+        self.refusals.labels(*refusing(address)).inc()
 
     def request(
         self, tenant: str | None, plan: str | None, model: str | None, outcome: str

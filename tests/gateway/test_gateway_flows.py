@@ -129,3 +129,29 @@ def test_a_plan_the_controller_shed_is_answered_503(gateway: Gateway, db: redis.
     assert answer.json()["type"].endswith("#temporary-reduced-capacity")
     assert answer.json()["violated-policies"] == ["plan/free/requests_per_minute"]
     assert int(answer.headers["retry-after"]) >= 1
+
+
+def refusals(gateway: Gateway) -> dict[tuple[str, str], float]:
+    found = re.findall(
+        r'^gateway_refusals_total\{level="([^"]+)",limit="([^"]+)"\} (\S+)$',
+        gateway.metrics(),
+        re.M,
+    )
+    return {(level, limit): float(value) for level, limit, value in found}
+
+
+def test_a_refusal_is_counted_by_the_level_and_kind_of_the_limit_that_bound(
+    gateway: Gateway,
+) -> None:
+    before = refusals(gateway)
+    assert before  # every pair exported at 0 from the start
+    assert set(before.values()) == {0.0}
+    key = gateway.key("acme", "free")
+
+    answers = [gateway.chat(key, max_tokens=5) for _ in range(12)]
+
+    assert [a.status_code for a in answers[-2:]] == [429, 429]
+    level, *_, limit = answers[-1].json()["violated-policies"][0].split("/")
+    after = refusals(gateway)
+    assert after[(level, limit)] == 2
+    assert sum(after.values()) == 2  # nothing else counted, no tenant in the labels
