@@ -13,8 +13,11 @@ import structlog
 from pydantic import SecretStr
 
 MASK = "**********"
+# `token(?!s)`: a bearer or admin token is a secret, a count of tokens (`tokens`,
+# `max_tokens`, `tokens_per_minute`) is what an operator reads the line for.
 _SECRET_KEY = re.compile(
-    r"pass(word|wd)?|secret|token|authorization|api[_-]?key|credential|cookie", re.IGNORECASE
+    r"pass(word|wd)?|secret|token(?!s)|authorization|api[_-]?key|credential|cookie",
+    re.IGNORECASE,
 )
 _URL_PASSWORD = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^:/@\s]*):[^/\s]+@")
 # A userinfo without a ':' (`redis://secret@host`, `https://TOKEN@host`): clients read it as

@@ -403,3 +403,23 @@ def test_a_redis_of_another_key_contract_gets_neither_journal_nor_leader_lock(
     assert lock.ensure()
     assert journal.flush()
     assert stream_reasons(db) == ["change 1"]
+
+
+def test_token_counts_are_logged_while_tokens_that_are_credentials_are_masked() -> None:
+    out = io.StringIO()
+    configure_logging("info", out)
+    try:
+        structlog.get_logger().info(
+            "upstream sent no usage; settled from an estimate",
+            tokens=130,
+            details={"max_tokens": 256, "tokens_per_minute": 4000},
+            bearer_token="hunter2",
+            access_token="hunter2",
+        )
+    finally:
+        structlog.reset_defaults()
+    line = json.loads(out.getvalue())
+    assert "hunter2" not in out.getvalue()
+    assert line["tokens"] == 130
+    assert line["details"] == {"max_tokens": 256, "tokens_per_minute": 4000}
+    assert line["bearer_token"] == line["access_token"] == MASK
