@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -203,14 +204,44 @@ def _check_plan_targets(
     # is refused once as incomplete (as default_plan is).
     for index, path, text in _named_addresses(documents, bounds=bool(plans)):
         parts = text.split("/")
+        what = path[-1] if path[-1] in ("target", "level") else "address"
         if parts[0] == Scope.PLAN.value and "$" not in parts[1] and parts[1] not in plans:
             yield SetProblem(
                 index,
                 path,
-                f"{path[-1] if path[-1] in ('target', 'level') else 'address'} {text!r} names plan "
-                f"{parts[1]!r}, which no Plan defines "
+                f"{what} {text!r} names plan {parts[1]!r}, which no Plan defines "
                 f"(plans: {', '.join(sorted(plans)) or 'none'})",
             )
+            continue
+        problem = _model_problem(text, plans)
+        if problem is not None:
+            yield SetProblem(index, path, f"{what} {text!r}: {problem}")
+
+
+def _model_problem(text: str, plans: Mapping[str, Plan]) -> str | None:
+    """Why an address narrowed to a model (`…@model`) names a model no plan in its scope may
+    call (its plan for `plan/<p>/…`, else every plan), or None. Such a limit is met by no
+    request: a floor, ceiling or action on it bounds nothing (as `governor override set`
+    refuses the same address)."""
+    body, at, model = text.partition("@")
+    parts = body.split("/")
+    if not at or "$" in model or not plans:
+        return None
+    one = parts[0] == Scope.PLAN.value
+    scope = [parts[1]] if one else sorted(plans)
+    lists = [plans[name].spec.models for name in scope if name in plans]
+    if not lists or not all(lists):
+        return None  # a plan that may call any model may call this one
+    known = sorted({m for found in lists for m in found})
+    if model in known:
+        return None
+    close = difflib.get_close_matches(model, known, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    who = f"plan {parts[1]!r} may not call" if one else "no plan may call"
+    return (
+        f"{who} model {model!r}, so no request meets this limit{hint}; "
+        f"name one of {', '.join(known)}, or add the model to the plan's `models`"
+    )
 
 
 def _named_addresses(

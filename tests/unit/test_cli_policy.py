@@ -199,6 +199,25 @@ BROKEN: dict[str, tuple[dict[str, str], str, str, int, str]] = {
         0,
         "spec.target: target 'plan/gold/requests_per_minute' names plan 'gold', which no Plan",
     ),
+    "a floor narrowed to a model its plan may not call": (
+        {"p.yaml": PLAN.replace("spec:\n", "spec:\n  models: [small]\n"),
+         "l.yaml": FREE_LIMITS + "  floors: {plan/free/requests_per_minute@big: 5}\n"},
+        "l.yaml",
+        "5}",
+        0,
+        "address 'plan/free/requests_per_minute@big': plan 'free' may not call model 'big', so "
+        "no request meets this limit; name one of small, or add the model to the plan's `models`",
+    ),
+    "an action narrowed to a model no plan may call": (
+        {"p.yaml": PLAN.replace("spec:\n", "spec:\n  models: [small]\n"),
+         "t.yaml": THROTTLE.replace("plan/free/requests_per_minute,",
+                                    "tenant/acme/requests_per_minute@smal,")},
+        "t.yaml",
+        "tenant/acme",
+        0,
+        "target 'tenant/acme/requests_per_minute@smal': no plan may call model 'smal', so no "
+        "request meets this limit (did you mean 'small'?)",
+    ),
     "a credits floor no top-up could reach": (
         {"p.yaml": PLAN + "  credits: {min_balance_usd: 1e308}\n"},
         "p.yaml",
