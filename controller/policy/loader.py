@@ -278,7 +278,14 @@ def _load_file(file: str, data: bytes, errors: list[LocatedError], budget: Budge
     except UnicodeDecodeError as exc:
         line = data.count(b"\n", 0, exc.start) + 1
         column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
-        errors.append(LocatedError(file, line, column, "", "the file is not UTF-8 text"))
+        # The byte and a fix: an editor or a ConfigMap made from a Latin-1 file writes `é` as
+        # 0xe9, which the reader cannot see in the text it looks at.
+        bad = data[exc.start]
+        message = (
+            f"the file is not UTF-8 text (byte 0x{bad:02x}): save it as UTF-8 "
+            f"(e.g. iconv -f latin1 -t utf-8), or remove the byte"
+        )
+        errors.append(LocatedError(file, line, column, "", message))
         return []
     source = parse_yaml(text, budget)
     found = [_from_problem(file, problem) for problem in source.problems]

@@ -185,7 +185,11 @@ def test_bytes_that_are_not_utf8_are_located(tmp_path: Path) -> None:
 
     [error] = errors_of(tmp_path)
 
-    assert (error.line, error.column, error.message) == (2, 9, "the file is not UTF-8 text")
+    assert (error.line, error.column) == (2, 9)
+    assert error.message == (
+        "the file is not UTF-8 text (byte 0xff): save it as UTF-8 (e.g. iconv -f latin1 -t "
+        "utf-8), or remove the byte"
+    )
 
 
 def test_a_control_character_is_located(tmp_path: Path) -> None:
