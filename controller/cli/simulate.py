@@ -142,6 +142,7 @@ def simulate(
     console = Console()
     try:
         world, data = _world(scenario, replay)
+        _require_plans([world], policies)
         directory = out or Path("sim-out") / world.name
         directory.mkdir(parents=True, exist_ok=True)
         view = LiveView(f"governor simulate {world.name}", world.duration, pace, console)
@@ -291,6 +292,41 @@ def _world(scenario: str | None, replay: Replay) -> tuple[Scenario, TraceData | 
     return world, load_trace(world, find_scenario(scenario))
 
 
+def _scenario_plans(world: Scenario) -> dict[str, list[str]]:
+    """Each plan the world puts traffic on, with who is on it (tenant groups, a trace's
+    tenants, a ddos botnet's keys)."""
+    found: dict[str, list[str]] = {}
+    for group in world.tenants:
+        found.setdefault(group.plan, []).append(f"tenants {group.name!r}")
+    if world.trace is not None:
+        found.setdefault(world.trace.plan, []).append("the trace's tenants")
+    for event in world.events:
+        if event.kind == "ddos":
+            found.setdefault(event.plan, []).append("the ddos event's keys")
+    return found
+
+
+def _require_plans(worlds: list[Scenario], policies: Path) -> None:
+    """Refuse a world whose traffic is on a plan the policy set does not define: a gateway
+    refuses such a plan (403 unknown-plan), while the simulated one serves it with no plan
+    limit and every model, so the scorecard would say nothing about these policies."""
+    from controller.policy.loader import load_directory
+
+    defined = load_directory(policies).plans
+    for world in worlds:
+        missing = {p: who for p, who in _scenario_plans(world).items() if p not in defined}
+        if not missing:
+            continue
+        named = "; ".join(f"{plan!r} ({', '.join(who)})" for plan, who in sorted(missing.items()))
+        raise GovernorError(
+            f"scenario {world.name!r} puts traffic on plans {policies} does not define: "
+            f"{named} (plans: {', '.join(sorted(defined)) or 'none'}). A gateway refuses an "
+            "unknown plan; the simulator would serve it unlimited. Write a scenario file "
+            "naming your plans and their models (docs/simulator.md, 'Scenario files'; a trace: "
+            "`trace: {file: ..., plan: ..., model: ...}`), or add those `kind: Plan` documents"
+        )
+
+
 def _scenarios(
     scenario: str | None, every: bool, replay: Replay
 ) -> list[tuple[Scenario, TraceData | None]]:
@@ -348,8 +384,10 @@ def _scoreboard(
                 f"{', '.join(unused)}: not used by the scoreboard (--all, --seeds, --markdown); "
                 "drop them, or run one scenario on one seed"
             )
+        worlds = _scenarios(scenario, every, replay)
+        _require_plans([world for world, _ in worlds], policies)
         board = run_board(
-            _scenarios(scenario, every, replay), policies, seeds, workers,
+            worlds, policies, seeds, workers,
             progress=lambda line: typer.echo(line, err=True),
         )  # fmt: skip
     except GovernorError as exc:

@@ -123,3 +123,29 @@ def test_the_help_lists_every_shipped_scenario_and_baseline() -> None:
         assert name in text, name
     assert "Gradient2" in text
     assert "static limits and plain AIMD" not in text
+
+
+def test_traffic_on_a_plan_the_policies_do_not_define_is_refused(
+    short_scenario: Path, tmp_path: Path
+) -> None:
+    # An SRE's own set names its own plans; the shipped scenarios put tenants on free, paid
+    # and enterprise, which a gateway would refuse (403) and the simulator served unlimited.
+    policies = tmp_path / "mine"
+    policies.mkdir()
+    (policies / "p.yaml").write_text(
+        "apiVersion: governor/v1\nkind: Plan\nmetadata: {name: hobby}\n"
+        "spec: {limits: {requests_per_minute: 10}}\n---\n"
+        "apiVersion: governor/v1\nkind: Limits\nmetadata: {name: l}\n"
+        "spec: {default_plan: hobby}\n"
+    )
+    runs = (
+        [str(short_scenario)],
+        [str(short_scenario), "--seeds", "2"],
+        ["--trace", str(_trace(tmp_path))],
+    )
+    for words in runs:
+        result = runner.invoke(app, ["simulate", *words, "--policies", str(policies)])
+        assert result.exit_code == 2, result.output
+        assert f"puts traffic on plans {policies} does not define: " in result.output
+        assert "(plans: hobby). A gateway refuses an unknown plan" in result.output
+    assert "'enterprise' (the trace's tenants)" in result.output
