@@ -104,8 +104,8 @@ class GatewayMetrics:
         )
         self.refusals = Counter(
             "gateway_refusals",
-            "Requests a limit refused (429, 402, 400 too large), by the limit's level and kind: which level "
-            "binds (global, plan, tenant, ...), without a series per tenant",
+            "Requests a limit refused (429, 402, 400 too large), by the limit's level and "
+            "kind: which level binds (global, plan, tenant, ...), without a series per tenant",
             ("level", "limit"),
             registry=self.registry,
         )
@@ -179,7 +179,8 @@ class GatewayMetrics:
                     self.refusals.labels(level, limit)
 
     def refused_by(self, address: str) -> None:
-        """A request a limit refused (429, 402, or too large for it): counted by that limit's level and kind."""
+        """A request a limit refused (429, 402, or too large for it): counted by that
+        limit's level and kind."""
         self.refusals.labels(*refusing(address)).inc()
 
     def request(
