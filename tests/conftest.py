@@ -103,6 +103,18 @@ _LEAKY_THIRD_PARTY = "clients"
 _previous_folder: list[str] = [""]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _collect_third_party_leftovers_at_the_end() -> Iterator[None]:
+    """The same at the end of a session (a worker of pytest-xdist, or `pytest tests/clients`
+    alone) whose last test was in tests/clients: else pytest reports the clients' leftovers
+    as errors once every test has passed."""
+    yield
+    if _previous_folder[0] == _LEAKY_THIRD_PARTY:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ResourceWarning)
+            gc.collect()
+
+
 @pytest.fixture(autouse=True)
 def _collect_third_party_leftovers(request: pytest.FixtureRequest) -> None:
     """The first test after tests/clients collects what those clients left, with their

@@ -92,28 +92,39 @@ class FakeUpstream:
         if body.get("stream"):
             wants_usage = bool((body.get("stream_options") or {}).get("include_usage"))
             hold = request.headers.get("x-fake-hold") == "1"
-            events = self._events(model, completion, usage if wants_usage else {}, hold)
+            finish = _finish(completion, limit)
+            events = self._events(model, completion, usage if wants_usage else {}, hold, finish)
             return StreamingResponse(events, media_type="text/event-stream")
         text = "".join(WORDS[i % len(WORDS)] for i in range(completion))
         answer: dict[str, Any] = {
             "id": "cmpl-fake",
             "object": "chat.completion",
             "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}}],
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text},
+                    "finish_reason": _finish(completion, limit),
+                }
+            ],
         }
         if usage:
             answer["usage"] = usage
         return JSONResponse(answer, headers={"x-upstream": "fake"})
 
     async def _events(
-        self, model: str, completion: int, usage: dict[str, int], hold: bool
+        self, model: str, completion: int, usage: dict[str, int], hold: bool, finish: str
     ) -> AsyncIterator[bytes]:
         for i in range(completion):
-            chunk = {
-                "id": "chunk",
-                "model": model,
-                "choices": [{"index": 0, "delta": {"content": WORDS[i % len(WORDS)]}}],
+            # As OpenAI and vLLM stream: `finish_reason` null until the last choice chunk
+            # (LiteLLM >= 1.100 raises on a stream that ends without one).
+            last = finish if i == completion - 1 else None
+            choice = {
+                "index": 0,
+                "delta": {"content": WORDS[i % len(WORDS)]},
+                "finish_reason": last,
             }
+            chunk = {"id": "chunk", "model": model, "choices": [choice]}
             yield f"data: {json.dumps(chunk)}\n\n".encode()
             if i == 0 and hold:
                 await anyio.to_thread.run_sync(self.release.wait, _HOLD_TIMEOUT_SECONDS)
@@ -179,3 +190,8 @@ class ServerThread:
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=30.0)
+
+
+def _finish(completion: int, limit: int) -> str:
+    """Why generation stopped: at max_tokens ("length"), else the model's own end ("stop")."""
+    return "length" if completion >= int(limit) else "stop"

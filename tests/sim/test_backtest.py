@@ -289,7 +289,9 @@ def test_an_unreachable_redis_exits_1_with_one_line(
     assert result.exit_code == 1
     (line,) = result.stderr.splitlines()
     assert line.startswith("error: Redis at 127.0.0.1:")
-    assert "list tenants failed" in line
+    # Its first command: the key contract, read before anything else (never written over).
+    assert "read the key contract failed" in line
+    assert "Connection refused" in line
     assert not (tmp_path / "out").exists()
 
 
