@@ -109,12 +109,7 @@ class Address:
         if at and not _MODEL_PATTERN.fullmatch(model):
             raise AddressError(text, f"model {model!r} after '@' is not a valid model name")
         parts = body.split("/")
-        try:
-            scope = Scope(parts[0])
-        except ValueError:
-            raise AddressError(
-                text, f"scope {parts[0]!r} is not one of {', '.join(s.value for s in Scope)}"
-            ) from None
+        scope = _scope(text, parts[0])
         names = _IDS_PER_SCOPE[scope]
         if len(parts) != len(names) + 2:
             raise AddressError(text, f"expected the shape {_shape_of(scope)}")
@@ -128,13 +123,24 @@ class Address:
         problem = placement_problem(scope, limit, model if at else None)
         if problem is not None:
             raise AddressError(text, problem)
-        ids: dict[str, str] = {}
-        for name, value in zip(names, parts[1:-1], strict=True):
-            try:
-                ids[name] = validate_id(value, name)
-            except ValueError as exc:
-                raise AddressError(text, str(exc)) from None
+        ids = _ids(text, names, parts[1:-1])
         return cls(scope=scope, limit=limit, model=model if at else None, **ids)
+
+    @classmethod
+    def check_prefix(cls, text: str) -> str:
+        """`text` when it is the start of an address, whole segments up to the limit (`tenant/`,
+        `tenant/acme`, `global/`) or the whole address; else the AddressError `parse` raises
+        for the same mistake. A filter (`governor audit tail --address`, `limits get`) that
+        no address can start with would match nothing and say only "0 events"."""
+        trimmed = text.removesuffix("/")
+        parts = trimmed.split("/")
+        scope = _scope(text, parts[0])
+        names = _IDS_PER_SCOPE[scope]
+        if "@" in text or len(parts) > len(names) + 1:
+            cls.parse(text)  # it reaches the limit: the whole address, checked as one
+        else:
+            _ids(text, names, parts[1:])
+        return text
 
     def __str__(self) -> str:
         ids = [getattr(self, name) for name in _IDS_PER_SCOPE[self.scope]]
@@ -214,6 +220,28 @@ def weight_in_flight(weight: float, active: float, joined: float | None) -> floa
     nothing in flight). Its share is the limit × `weight` ÷ this."""
     others = active if joined is None else active - joined
     return max(others, 0.0) + weight
+
+
+def _scope(text: str, name: str) -> Scope:
+    """The scope `name` of address `text`, or AddressError naming the scopes."""
+    try:
+        return Scope(name)
+    except ValueError:
+        raise AddressError(
+            text, f"scope {name!r} is not one of {', '.join(s.value for s in Scope)}"
+        ) from None
+
+
+def _ids(text: str, names: tuple[str, ...], values: list[str]) -> dict[str, str]:
+    """The ids of address `text` by name (as many as given, in order), each a safe id, or
+    AddressError naming the one that is not."""
+    ids: dict[str, str] = {}
+    for name, value in zip(names, values, strict=False):
+        try:
+            ids[name] = validate_id(value, name)
+        except ValueError as exc:
+            raise AddressError(text, str(exc)) from None
+    return ids
 
 
 def _shape_of(scope: Scope) -> str:

@@ -136,6 +136,17 @@ def parse_address(text: str) -> Address:
         raise typer.BadParameter(str(exc)) from None
 
 
+def parse_address_prefix(text: str) -> str:
+    """An address filter (`tenant/acme`, `global/`, a whole address; "" for none), or the
+    usage error `parse_address` gives for the same mistake."""
+    if not text:
+        return text
+    try:
+        return Address.check_prefix(text)
+    except AddressError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
 def parse_ttl(text: str) -> float:
     """A TTL like 30m or 1h; must be positive."""
     try:

@@ -8,7 +8,16 @@ import time
 import typer
 from rich.table import Table
 
-from controller.cli._redis import JSON_OPTION, console, number, parse_ttl, shown, stores, when
+from controller.cli._redis import (
+    JSON_OPTION,
+    console,
+    number,
+    parse_address_prefix,
+    parse_ttl,
+    shown,
+    stores,
+    when,
+)
 from controller.journal.events import STALE_LEADER, JournalEntry
 from controller.journal.reader import follow_events, read_events
 
@@ -51,12 +60,16 @@ def tail(
     count: int = typer.Option(20, "-n", "--lines", min=1, help="How many events to show."),
     since: str | None = typer.Option(None, "--since", help="Only events newer than, e.g. 1h."),
     address: str | None = typer.Option(
-        None, "--address", help="Only events whose address starts with this, e.g. tenant/acme."
+        None,
+        "--address",
+        help="Only events whose address starts with this: whole parts of an address, e.g. "
+        "tenant/acme, global/ or tenant/acme/tokens_per_minute.",
     ),
     follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing new events."),
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Print the newest journal events (JSON: one object per line)."""
+    address = parse_address_prefix(address) if address else None
     start = time.time() - parse_ttl(since) if since else None
     with stores() as s:
         entries = read_events(s.client, s.keys, count=count, since=start, address=address)

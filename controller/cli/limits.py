@@ -7,7 +7,7 @@ import json
 import typer
 from rich.table import Table
 
-from controller.cli._redis import JSON_OPTION, console, stores
+from controller.cli._redis import JSON_OPTION, console, parse_address_prefix, stores
 
 app = typer.Typer(help="Read the limits that gateways enforce (from Redis).", no_args_is_help=True)
 
@@ -15,11 +15,14 @@ app = typer.Typer(help="Read the limits that gateways enforce (from Redis).", no
 @app.command("get")
 def get(
     prefix: str = typer.Argument(
-        "", help="Only addresses starting with this text, e.g. tenant/acme or plan/free/."
+        "",
+        help="Only addresses starting with this: whole parts of an address, e.g. tenant/acme "
+        "or plan/free/.",
     ),
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Print the stored limits and the version: JSON is {"version": N, "limits": {...}}."""
+    prefix = parse_address_prefix(prefix)
     with stores() as s:
         data = s.sink.read().as_json(prefix)
     if as_json:

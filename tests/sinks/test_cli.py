@@ -90,6 +90,47 @@ def test_a_reason_is_required_and_addresses_are_checked(url: str) -> None:
     assert "not a safe id" in bad.output or "letters, digits" in bad.output
 
 
+def said(result: Result) -> str:
+    """The output as one line: the usage box wraps its message over lines between '│'."""
+    return " ".join(result.output.replace("│", " ").split())
+
+
+@pytest.mark.parametrize(
+    ("address", "problem"),
+    [
+        ("nope/x", "scope 'nope' is not one of global, ip, plan, tenant, user"),
+        ("tenant/a}{b/tokens_per_minute", "tenant 'a}{b' must be 1-128 characters"),
+        ("tenant/acme/tpm", "limit 'tpm' is not one of"),
+        ("global/requests_per_second/", "expected the shape global/<limit>"),
+    ],
+)
+def test_an_address_filter_is_refused_as_explain_refuses_the_address(
+    url: str, address: str, problem: str
+) -> None:
+    """`audit tail --address nope/x` exited 0 saying "0 events": a filter no address can
+    start with matched nothing, while `explain nope/x` named the mistake."""
+    explained = said(run(url, "explain", address))
+    message = explained[explained.index("invalid limit address") : explained.index("╰")].strip()
+    assert problem in message
+    for command in (("audit", "tail", "--since", "1h", "--address", address),
+                    ("limits", "get", address)):  # fmt: skip
+        result = run(url, *command)
+        assert result.exit_code == 2, result.output
+        assert message in said(result)
+
+
+def test_an_address_filter_of_whole_parts_still_filters(url: str) -> None:
+    partial = run(url, "audit", "tail", "--address", "tenant/a}{b")
+    assert partial.exit_code == 2  # a tenant id no address can hold, though no limit follows
+    assert "invalid limit address 'tenant/a}{b': tenant 'a}{b' must be" in said(partial)
+    tenant, wide = "tenant/acme/tokens_per_minute", "global/requests_per_second"
+    for address in (tenant, wide):
+        ok(url, "override", "set", address, "5", "--ttl", "1h", "--reason", "INC-5")
+    for prefix, shown in (("tenant/", tenant), ("tenant/acme", tenant), (wide, wide)):
+        lines = ok(url, "audit", "tail", "--address", prefix, "--json").stdout.splitlines()
+        assert [json.loads(line)["address"] for line in lines] == [shown]
+
+
 def test_a_bad_ttl_names_itself_and_the_durations_accepted(url: str) -> None:
     bad = run(url, "freeze", "--ttl", "an hour", "--reason", "x")
     assert bad.exit_code == 2
