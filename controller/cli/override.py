@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import time
 from typing import Any
 
@@ -12,6 +13,7 @@ from controller.cli._plans import known_plans
 from controller.cli._redis import (
     JSON_OPTION,
     NUMBER_ARGUMENTS,
+    Stores,
     console,
     default_actor,
     echo_json,
@@ -27,7 +29,7 @@ from controller.cli._redis import (
 from controller.control.overrides import Freeze
 from controller.durations import format_duration
 from controller.journal.events import JournalEvent, Kind
-from controller.model import Override
+from controller.model import Address, Override
 
 app = typer.Typer(
     help="Pin a limit to a value until it expires (manual override beats automation).",
@@ -77,14 +79,7 @@ def set_override(
     target, seconds, why = parse_address(address), parse_ttl(ttl), require_reason(reason)
     who = actor or default_actor()
     with stores() as s:
-        # A plan/<p>/… override on no plan, or a …@model one on a model no plan in scope
-        # may call, would pin nothing.
-        if target.plan is not None or target.model is not None:
-            plans = known_plans(s)
-            if target.plan is not None:
-                plans.require(target.plan)
-            if target.model is not None:
-                plans.require_model(target.model, target.plan)
+        unknown_tenant = _require_target(s, target)
         override, previous = s.control.set_override(
             target, value, ttl_seconds=seconds, actor=who, reason=why
         )
@@ -99,12 +94,49 @@ def set_override(
                 details={"expires_at": override.expires_at, "ttl_seconds": seconds},
             )
         )
+    if unknown_tenant is not None:
+        typer.echo(unknown_tenant, err=True)
     if as_json:
         echo_json(_override_json(override))
         return
     typer.echo(
         f"override {target} = {number(value)} until {when(override.expires_at)} "
         f"({format_duration(seconds)}, by {plain(who)})"
+    )
+
+
+def _require_target(s: Stores, target: Address) -> str | None:
+    """Refuse (exit 2) an override that would pin nothing: a plan/<p>/… one on no plan, a
+    …@model one on a model no plan in scope may call. Returns a warning to print once the
+    override is written: its tenant is not known."""
+    _, warning = (None, None) if target.tenant is None else _tenant_plan(s, target.tenant)
+    if target.plan is None and target.model is None:
+        return warning
+    plans = known_plans(s)
+    if target.plan is not None:
+        plans.require(target.plan)
+    if target.model is not None:
+        plans.require_model(target.model, target.plan)
+    return warning
+
+
+def _tenant_plan(s: Stores, tenant: str) -> tuple[str | None, str | None]:
+    """`tenant`'s plan as the controller reads it (the registry, else its API keys'), and a
+    warning when neither names it while other tenants are known: likely a typo, pinning a
+    limit nobody has. Not refused: a tenant may send traffic (a JWT's plan claim) before it
+    is registered."""
+    plan = s.control.tenant_plan(tenant)  # one HGET: the usual case reads no more
+    if plan is not None:
+        return plan, None
+    known = s.control.plans()
+    if not known or tenant in known:
+        return known.get(tenant) or None, None  # "": keys on several plans, none known
+    close = difflib.get_close_matches(tenant, sorted(known), n=3)
+    hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else "."
+    return None, (
+        f"warning: tenant {tenant!r} is not registered (no `governor tenants set`, no API "
+        f"key names it){hint} The override is written anyway, for when it sends traffic; "
+        f"register it with `governor tenants set {tenant} PLAN`"
     )
 
 

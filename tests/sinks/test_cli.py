@@ -78,6 +78,32 @@ def test_override_set_list_clear_are_journalled(url: str, db: redis.Redis[str]) 
     ]
 
 
+def test_an_override_on_an_unregistered_tenant_is_written_with_a_warning(
+    url: str, db: redis.Redis[str]
+) -> None:
+    """`override set tenant/nobody/…` succeeded silently: a typo pinned a limit nobody has."""
+    pin = ("tokens_per_minute", "5000", "--ttl", "1h", "--reason", "INC-8")
+    empty = ok(url, "override", "set", "tenant/nobody/" + pin[0], *pin[1:])
+    assert empty.stderr == ""  # no tenant registered yet: nothing to say it is not one of
+    ok(url, "tenants", "set", "acme", "paid")
+    ok(url, "tenants", "set", "acme-eu", "paid")
+    ok(url, "keys", "create", "--tenant", "initech", "--plan", "paid", "--reason", "x")
+    typo = ok(url, "override", "set", "tenant/acmee/" + pin[0], *pin[1:])
+    assert typo.stderr.startswith("warning: tenant 'acmee' is not registered")
+    assert "did you mean 'acme' or 'acme-eu'?" in typo.stderr
+    assert "governor tenants set acmee PLAN" in typo.stderr
+    assert "override tenant/acmee/tokens_per_minute = 5000" in typo.stdout  # still written
+    assert db.exists("governor:override:tenant/acmee/tokens_per_minute") == 1
+    refused = run(url, "override", "set", "tenant/acmee/tokens_per_minute@gpt-5", *pin[1:])
+    assert refused.exit_code == 2  # no shipped plan calls gpt-5: nothing is "written anyway"
+    assert "warning" not in refused.stderr
+    far = ok(url, "override", "set", "user/zzz/u1/" + pin[0], *pin[1:])
+    assert "tenant 'zzz' is not registered (no `governor tenants set`, no API key" in far.stderr
+    assert "did you mean" not in far.stderr
+    for known in ("acme", "initech"):  # registered, or known by its API key as gateways know it
+        assert ok(url, "override", "set", f"tenant/{known}/" + pin[0], *pin[1:]).stderr == ""
+
+
 def test_a_reason_is_required_and_addresses_are_checked(url: str) -> None:
     missing = run(url, "override", "set", "global/requests_per_second", "1", "--ttl", "1h")
     assert missing.exit_code == 2
