@@ -32,10 +32,11 @@ class KnownPlans:
             )
         return plan
 
-    def require_model(self, model: str, plan: str | None) -> str:
+    def require_model(self, model: str, plan: str | None, tenant: str | None = None) -> str:
         """`model`, or ConfigurationError (exit 2) when no plan in scope (`plan`, else every
         plan) may call it: a limit narrowed to it (`…@model`) would pin what no request meets.
-        A plan that may call any model (or a catalog entry that cannot be read) accepts it."""
+        A plan that may call any model (or a catalog entry that cannot be read) accepts it.
+        `tenant`: the limit is that tenant's, `plan` its plan (named in the refusal)."""
         scope = [plan] if plan is not None else sorted(self.names)
         lists = [self.models.get(name, ()) for name in scope]
         if not lists or not all(lists):
@@ -46,6 +47,8 @@ class KnownPlans:
         close = difflib.get_close_matches(model, known, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         who = f"plan {plan!r} may not call" if plan is not None else "no plan may call"
+        if tenant is not None:
+            who = f"tenant {tenant!r} is on plan {plan!r}, which may not call"
         raise ConfigurationError(
             f"{who} model {model!r} (models in {self.source}: {', '.join(known)}){hint}: a "
             f"limit narrowed to @{model} would pin what no request meets; pick one of them"

@@ -107,15 +107,19 @@ def set_override(
 
 def _require_target(s: Stores, target: Address) -> str | None:
     """Refuse (exit 2) an override that would pin nothing: a plan/<p>/… one on no plan, a
-    …@model one on a model no plan in scope may call. Returns a warning to print once the
+    …@model one on a model no plan in scope may call. The scope of a tenant's (or its
+    user's) override is the tenant's plan, when it is on a known one: another plan calling
+    any model does not make the tenant's plan call it. Returns a warning to print once the
     override is written: its tenant is not known."""
-    _, warning = (None, None) if target.tenant is None else _tenant_plan(s, target.tenant)
+    plan, warning = (None, None) if target.tenant is None else _tenant_plan(s, target.tenant)
     if target.plan is None and target.model is None:
         return warning
     plans = known_plans(s)
     if target.plan is not None:
         plans.require(target.plan)
-    if target.model is not None:
+    if target.model is not None and plan in plans.names:
+        plans.require_model(target.model, plan, tenant=target.tenant)
+    elif target.model is not None:
         plans.require_model(target.model, target.plan)
     return warning
 

@@ -149,3 +149,36 @@ def test_where_every_plan_names_its_models_a_global_override_needs_one_of_them(
     accepted = governor(redis_server, "override", "set", "global/requests_per_second@gpt-4o",
                         "5", "--ttl", "1h", "--reason", "INC-4", policy_dir=shipped)  # fmt: skip
     assert accepted.exit_code == 0, accepted.output
+
+
+@pytest.mark.parametrize(
+    ("address", "refused"),
+    [
+        # bob is on free (gpt-3.5-turbo only): that enterprise calls any model is not bob's.
+        ("tenant/bob/tokens_per_minute@gpt-4", "tenant 'bob' is on plan 'free', which may not"),
+        ("user/bob/u1/tokens_per_minute@gpt-4", "tenant 'bob' is on plan 'free', which may not"),
+        ("tenant/bob/tokens_per_minute@gpt-3.5-turbo", None),
+        # dave is known by his API key, on paid (gpt-3.5-turbo, gpt-4).
+        ("tenant/dave/tokens_per_minute@gpt-4", None),
+        ("tenant/dave/tokens_per_minute@llama-3-70b", "tenant 'dave' is on plan 'paid', which"),
+        ("tenant/carol/tokens_per_minute@llama-3-70b", None),  # enterprise: any model
+        # Not known: any plan's tenant it may become (enterprise calls any model).
+        ("tenant/nobody/tokens_per_minute@llama-3-70b", None),
+    ],
+)
+def test_an_override_on_a_tenants_model_is_checked_against_the_tenants_plan(
+    published: RedisServer, db: redis.Redis[str], address: str, refused: str | None
+) -> None:
+    db.hset("governor:tenants", mapping={"bob": "free", "carol": "enterprise"})
+    created = governor(published, "keys", "create", "--tenant", "dave", "--plan", "paid")
+    assert created.exit_code == 0, created.output
+    result = governor(published, "override", "set", address, "5", "--ttl", "1h",
+                      "--reason", "INC-6")  # fmt: skip
+    if refused is None:
+        assert result.exit_code == 0, result.output
+        assert db.exists(f"governor:override:{address}") == 1
+        return
+    assert result.exit_code == 2, result.output
+    assert refused in result.stderr
+    assert f"(models in {CATALOG}: " in result.stderr
+    assert db.keys("governor:override:*") == []
