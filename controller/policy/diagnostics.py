@@ -87,7 +87,7 @@ def _explain(error: ErrorDetails, path: Path, at_key: bool) -> str:
     if kind_of in {"literal_error", "enum"} and "expected" in ctx:
         choices = _QUOTED.findall(str(ctx["expected"]))
         what = "key" if at_key else "value"
-        return f"{what} {value!r} is not one of {', '.join(choices)}{_did_you_mean(value, choices)}"
+        return f"{what} {value!r} is not one of {', '.join(choices)}{did_you_mean(value, choices)}"
     message = error["msg"]
     return f"{message[:1].lower()}{message[1:]}, got {_describe(value)}"
 
@@ -96,20 +96,22 @@ def _bad_kind(value: object) -> Diagnosis:
     tag = value.get("kind") if isinstance(value, dict) else None
     return Diagnosis(
         ("kind",),
-        f"kind: {_describe(tag)} is not a kind of policy document{_did_you_mean(tag, KINDS)}; "
+        f"kind: {_describe(tag)} is not a kind of policy document{did_you_mean(tag, KINDS)}; "
         f"write one of {_KIND_LIST}",
     )
 
 
 def _unknown_field(kind: str | None, path: Path) -> Diagnosis:
     known = _fields_at(kind, path[:-1]) if kind else []
-    message = f"unknown field {path[-1]!r}{_did_you_mean(path[-1], known)}"
-    if known and not _did_you_mean(path[-1], known):
+    message = f"unknown field {path[-1]!r}{did_you_mean(path[-1], known)}"
+    if known and not did_you_mean(path[-1], known):
         message += f"; fields here: {', '.join(known)}"
     return Diagnosis(path, located(path[:-1], message), at_key=True)
 
 
-def _did_you_mean(value: object, choices: Sequence[str]) -> str:
+def did_you_mean(value: object, choices: Sequence[str]) -> str:
+    """` (did you mean 'x'?)` for the choice closest to `value` (the same one in another
+    case first), else "": the hint every unknown name in a policy file gets."""
     if not isinstance(value, str) or not choices:
         return ""
     folded = {choice.lower(): choice for choice in choices}

@@ -14,7 +14,7 @@ from pydantic import ValidationError
 from controller.errors import PolicyError
 from controller.policy.diagnostics import diagnose, format_path, located
 from controller.policy.documents import Document, DocumentFile, Limits
-from controller.policy.policyset import PolicySet, PolicySetError
+from controller.policy.policyset import PolicySet, PolicySetError, SetProblem
 from controller.policy.sourcemap import (
     Budget,
     Position,
@@ -195,9 +195,7 @@ def check_sources(
     try:
         policies = PolicySet.from_documents([d.document for d in loaded], version)
     except PolicySetError as exc:
-        for problem in exc.problems:
-            origin = loaded[problem.document]
-            errors.append(_locate(origin.file, origin.source, problem.path, problem.message))
+        errors += (_located_problem(loaded, problem) for problem in exc.problems)
         return None, errors
     if complete:
         errors = _incomplete(policies, sources.root)
@@ -333,6 +331,19 @@ def _locate(
 ) -> LocatedError:
     _, spot = source.spot(path)
     return _error(file, spot.value, format_path(path), located(path, message))
+
+
+def _located_problem(loaded: Sequence[_Loaded], problem: SetProblem) -> LocatedError:
+    """A cross-document problem at its document's field, naming the file:line of the
+    definition it clashes with (the other one may be in another file)."""
+    message = problem.message
+    if problem.first is not None:
+        index, path = problem.first
+        _, spot = loaded[index].source.spot(path)
+        at = spot.value
+        message += f"; first defined at {loaded[index].file}:{at.line}:{at.column}"
+    origin = loaded[problem.document]
+    return _locate(origin.file, origin.source, problem.path, message)
 
 
 def _from_problem(file: str, problem: SourceProblem) -> LocatedError:

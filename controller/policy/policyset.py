@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 
 from controller.model import Address, Scope, SignalKey
+from controller.policy.diagnostics import did_you_mean
 from controller.policy.documents import (
     AdaptiveLimit,
     Behavior,
@@ -31,6 +32,9 @@ class SetProblem:
     document: int
     path: tuple[str | int, ...]
     message: str
+    # The earlier definition a duplicate clashes with (document, field path): the loader
+    # names its file:line, which this module, seeing documents only, cannot.
+    first: tuple[int, tuple[str | int, ...]] | None = None
 
 
 class PolicySetError(ValueError):
@@ -77,6 +81,7 @@ class PolicySet:
                         ("metadata", "name"),
                         f"{doc.kind} {doc.metadata.name!r} is defined twice "
                         f"(names are unique per kind)",
+                        first=(seen[key], ("metadata", "name")),
                     )
                 )
             seen.setdefault(key, index)
@@ -93,7 +98,8 @@ class PolicySet:
                     limit_docs[0][0],
                     ("spec", "default_plan"),
                     f"default_plan {limits.spec.default_plan!r} is not a Plan "
-                    f"(plans: {', '.join(sorted(plans))})",
+                    f"(plans: {', '.join(sorted(plans))})"
+                    f"{did_you_mean(limits.spec.default_plan, sorted(plans))}",
                 )
             )
         problems += _check_plan_targets(documents, plans)
@@ -210,7 +216,8 @@ def _check_plan_targets(
                 index,
                 path,
                 f"{what} {text!r} names plan {parts[1]!r}, which no Plan defines "
-                f"(plans: {', '.join(sorted(plans)) or 'none'})",
+                f"(plans: {', '.join(sorted(plans)) or 'none'})"
+                f"{did_you_mean(parts[1], sorted(plans))}",
             )
             continue
         problem = _model_problem(text, plans)

@@ -199,6 +199,28 @@ BROKEN: dict[str, tuple[dict[str, str], str, str, int, str]] = {
         0,
         "spec.target: target 'plan/gold/requests_per_minute' names plan 'gold', which no Plan",
     ),
+    "a floor on a misspelt plan": (
+        {"p.yaml": PLAN, "l.yaml": FREE_LIMITS + "  floors: {plan/fre/requests_per_minute: 5}\n"},
+        "l.yaml",
+        "5}",
+        0,
+        "names plan 'fre', which no Plan defines (plans: free) (did you mean 'free'?)",
+    ),
+    "an action on a misspelt plan": (
+        {"p.yaml": PLAN, "t.yaml": THROTTLE.replace("plan/free/", "plan/freee/")},
+        "t.yaml",
+        "plan/freee/",
+        0,
+        "target 'plan/freee/requests_per_minute' names plan 'freee', which no Plan defines "
+        "(plans: free) (did you mean 'free'?)",
+    ),
+    "a default plan misspelt": (
+        {"p.yaml": PLAN, "l.yaml": LIMITS.replace("gold", "fre")},
+        "l.yaml",
+        "fre",
+        0,
+        "default_plan 'fre' is not a Plan (plans: free) (did you mean 'free'?)",
+    ),
     "a floor narrowed to a model its plan may not call": (
         {"p.yaml": PLAN.replace("spec:\n", "spec:\n  models: [small]\n"),
          "l.yaml": FREE_LIMITS + "  floors: {plan/free/requests_per_minute@big: 5}\n"},
@@ -297,6 +319,21 @@ def test_lint_reports_each_error_at_its_file_line_and_column(tmp_path: Path, cas
     assert found, f"no error at {prefix!r} in:\n{stderr}"
     assert message in found[0]
     assert stderr.splitlines()[-1] == "1 error in 1 file"
+
+
+def test_lint_names_where_a_duplicate_name_was_first_defined(tmp_path: Path) -> None:
+    """A name defined twice was reported at its second definition only."""
+    first = THROTTLE + "---\n" + PLAN
+    (tmp_path / "a.yaml").write_text(first)
+    (tmp_path / "b.yaml").write_text(PLAN.replace("{name: free}", "\n  name: free"))
+
+    code, _, stderr = lint(str(tmp_path))
+
+    assert code == 1
+    line, column = where(first, "free}")
+    first_at = f"first defined at {tmp_path / 'a.yaml'}:{line}:{column}"
+    assert f"Plan 'free' is defined twice (names are unique per kind); {first_at}" in stderr
+    assert stderr.startswith(f"{tmp_path / 'b.yaml'}:4:9: metadata.name: ")
 
 
 def test_lint_json_lists_every_error_as_an_object(tmp_path: Path) -> None:
