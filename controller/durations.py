@@ -37,6 +37,14 @@ def _seconds(value: object) -> float:
         if value < 0:
             raise ValueError(f"{value!r} is not a duration: a duration cannot be negative")
         return float(value)
+    if isinstance(value, str) and _negative(value):
+        # `--ttl -1h` has a number and a unit: "write a number and a unit" would not say
+        # that the sign is what is wrong.
+        shown = value.strip()[1:].strip()
+        shown += "" if _WHOLE.match(shown) else "s"
+        raise ValueError(
+            f"{value!r} is not a duration: a duration cannot be negative; write {shown}"
+        )
     if isinstance(value, str) and _BARE.match(value):
         # Text (a command line, a quoted YAML string) names its unit: "5" is 5 what?
         shown = value.strip()
@@ -44,6 +52,12 @@ def _seconds(value: object) -> float:
     if not isinstance(value, str) or not _WHOLE.match(value):
         raise ValueError(f"{value!r} is not a duration: {FORMS}")
     return sum(float(n) * UNIT_SECONDS[unit] for n, unit in _PART.findall(value))
+
+
+def _negative(text: str) -> bool:
+    """Whether `text` is a duration (or a bare number) with a minus sign before it."""
+    body = text.strip()
+    return body.startswith("-") and bool(_WHOLE.match(body[1:]) or _BARE.match(body[1:]))
 
 
 def format_duration(seconds: float) -> str:

@@ -168,6 +168,25 @@ def test_a_bad_ttl_names_itself_and_the_durations_accepted(url: str) -> None:
     assert "'1 week' is not a duration" in " ".join(since.output.replace("│", " ").split())
 
 
+@pytest.mark.parametrize(
+    "command",
+    [
+        ("override", "set", "tenant/acme/tokens_per_minute", "5", "--ttl", "-1h", "--reason", "x"),
+        ("freeze", "--ttl", "-1h", "--reason", "x"),
+        ("policy", "confirm-reload", "3f2a9c1b7e4d", "--ttl", "-1h", "--reason", "x"),
+        ("audit", "tail", "--since", "-1h"),
+    ],
+)
+def test_a_negative_duration_is_refused_as_negative(
+    url: str, db: redis.Redis[str], command: tuple[str, ...]
+) -> None:
+    """`--ttl -1h` said only "is not a duration: write a number and a unit"."""
+    result = run(url, *command)
+    assert result.exit_code == 2, result.output
+    assert "'-1h' is not a duration: a duration cannot be negative; write 1h" in said(result)
+    assert db.keys("governor:*") == []  # nothing written, not even a journal event
+
+
 def test_freeze_and_unfreeze(url: str, db: redis.Redis[str]) -> None:
     ok(url, "freeze", "--ttl", "30m", "--reason", "INC-7 investigating", "--actor", "carol")
     assert 1_700_000 < db.pttl("governor:freeze") <= 1_800_000

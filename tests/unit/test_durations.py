@@ -42,7 +42,10 @@ def test_durations_are_numbers_with_units_or_seconds(text: object, seconds: floa
         ("two minutes", "'two minutes' is not a duration: write a number and a unit"),
         ("90", "'90' is not a duration: give its unit, e.g. 90s or 90m"),
         ("1w", "'1w' is not a duration"),
-        ("-5m", "'-5m' is not a duration"),
+        ("-5m", "'-5m' is not a duration: a duration cannot be negative; write 5m"),
+        (" -1h30m", "' -1h30m' is not a duration: a duration cannot be negative; write 1h30m"),
+        ("-90", "'-90' is not a duration: a duration cannot be negative; write 90s"),
+        ("-soon", "'-soon' is not a duration: write a number and a unit"),  # not a sign
         ("5 m", "'5 m' is not a duration"),
         ("1e3s", "'1e3s' is not a duration"),
         ("", "'' is not a duration"),
