@@ -7,6 +7,7 @@ import json
 import math
 import resource
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -24,7 +25,16 @@ if TYPE_CHECKING:
     from controller.sim.trace import TraceData
     from controller.sim.trace_formats import TimeUnit
 
-_FIGURES = (
+
+def _amount(value: float) -> str:
+    """A limit's value as people read one: 1,849,990, not `{:g}`'s 1.84999e+06 (its six
+    significant digits turn to an exponent from a million on); below 1,000 as written
+    (12, 2.5), thousands separated like the other counts of the scorecard."""
+    return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:g}"
+
+
+# (figure, label, its format: a str.format pattern, or a function of the value)
+_FIGURES: tuple[tuple[str, str, str | Callable[[float], str]], ...] = (
     ("attainment", "SLO attainment (well-behaved)", "{:.1%}"),
     ("quiet_attainment", "… of tenants with no event of their own", "{:.1%}"),
     ("p99_ttft", "p99 TTFT (s)", "{:.2f}"),
@@ -40,7 +50,7 @@ _FIGURES = (
     ("worst_share", "worst-off tenant's share", "{:.0%}"),
     ("throttle_ticks", "runaway throttled from its start (ticks)", "{}"),
     ("runaway_attainment", "… others' attainment meanwhile", "{:.1%}"),
-    ("knob_value", "static value found (hindsight)", "{:g}"),
+    ("knob_value", "static value found (hindsight)", _amount),
     ("timed_out", "requests timed out", "{:,}"),
 )
 _NEVER = ("settling_ticks", "recovery_ticks", "throttle_ticks")
@@ -54,11 +64,13 @@ def register(root: typer.Typer) -> None:
     root.command("simulate")(simulate)
 
 
-def _show(value: object, pattern: str, figure: str) -> str:
+def _show(value: object, pattern: str | Callable[[float], str], figure: str) -> str:
     if value is None:
         return "never" if figure in _NEVER else "—"
     if isinstance(value, float) and math.isnan(value):
         return "—"
+    if callable(pattern):
+        return pattern(float(value)) if isinstance(value, int | float) else str(value)
     return pattern.format(value)
 
 
@@ -199,10 +211,11 @@ def _print_scorecards(
     fitted().print(table)  # stacked when narrower than the table, like every CLI table
     first = next(iter(cards.values()))
     static = cards.get("static")
-    if static is not None and static.knob_edge:
+    if static is not None and static.knob_value is not None and static.knob_edge:
         console.print(
-            f"[yellow]static: {static.knob_value:g} is on the edge of the range searched "
-            "(0.1–2× the pool's capacity); the best static value may lie beyond it[/yellow]"
+            f"[yellow]static: {_amount(static.knob_value)} is on the edge of the range "
+            "searched (0.1–2× the pool's capacity); the best static value may lie beyond "
+            "it[/yellow]"
         )
     console.print(
         f"window {first.window[0] / 60:g}–{first.window[1] / 60:g} min; baseline p99 TTFT "

@@ -3,13 +3,20 @@ a PNG on disk."""
 
 from __future__ import annotations
 
+import dataclasses
+import io
 import json
 from pathlib import Path
 
+import pytest
+from rich.console import Console
 from typer.testing import CliRunner
 
 from controller.cli import app
-from controller.sim.scenario import scenario_names
+from controller.cli.simulate import _print_scorecards
+from controller.sim.compare import Comparison
+from controller.sim.scenario import load_scenario, scenario_names
+from controller.sim.scorecard import Scorecard
 
 runner = CliRunner()
 
@@ -149,3 +156,29 @@ def test_traffic_on_a_plan_the_policies_do_not_define_is_refused(
         assert f"puts traffic on plans {policies} does not define: " in result.output
         assert "(plans: hobby). A gateway refuses an unknown plan" in result.output
     assert "'enterprise' (the trace's tenants)" in result.output
+
+
+def test_the_scorecard_prints_a_static_value_in_full_not_as_an_exponent(
+    short_scenario: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A static tokens-per-minute value was printed `1.84999e+06` (`{:g}`)."""
+    card = Scorecard(
+        variant="policies", window=(0.0, 60.0), attainment=0.5, p99_ttft=1.0,
+        baseline_p99_ttft=1.0, p99_increase=0.0, utilization_mean=0.8, utilization_within=1.0,
+        goodput_ratio=0.9, flaps_per_hour=1.0, settling_ticks=2, recovery_ticks=0,
+        budget_overrun=0.0, jain=0.99, worst_share=0.9, throttle_ticks=None,
+        runaway_attainment=None, quiet_attainment=None, timed_out=1234, errors=0,
+        knob_value=12.5,  # no variant but static has one; here to show a small value
+    )  # fmt: skip
+    static = dataclasses.replace(card, variant="static", knob_value=1_849_990.0000001,
+                                 knob_edge=True)  # fmt: skip
+    world = load_scenario(str(short_scenario))
+    comparison = Comparison(world, tmp_path, cards={"policies": card, "static": static})
+    written = io.StringIO()
+    notes = Console(file=written, width=200)
+
+    _print_scorecards(notes, comparison, world, tmp_path / "plot.png", tmp_path)
+
+    row = next(x for x in capsys.readouterr().out.splitlines() if "static value found" in x)
+    assert row.replace("│", " ").split()[-2:] == ["12.5", "1,849,990"]
+    assert "static: 1,849,990 is on the edge of the range searched" in written.getvalue()
