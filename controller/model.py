@@ -187,6 +187,15 @@ _SHARE_TERMS: dict[LimitKind, tuple[frozenset[Scope], tuple[float, float], str]]
 }
 
 
+def under_prefix(address: str, prefix: str) -> bool:
+    """Whether `address` lies under a filter `Address.check_prefix` accepts, by whole
+    segments: `tenant/acme` holds `tenant/acme/…` (and `tenant/acme/limit@model`), never
+    `tenant/acmecorp/…` — a filter that shows a tenant its own events must not show another's."""
+    if not prefix or prefix.endswith("/"):
+        return address.startswith(prefix)
+    return address == prefix or address.startswith((f"{prefix}/", f"{prefix}@"))
+
+
 def placement_problem(scope: Scope, limit: LimitKind, model: str | None) -> str | None:
     """Why `limit` cannot be written at `scope` (or for one model); None when it can."""
     terms = _SHARE_TERMS.get(limit)

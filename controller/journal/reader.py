@@ -9,6 +9,7 @@ import redis
 from controller.clients.redis import wrapped
 from controller.contract.keys import KeySchema
 from controller.journal.events import JournalEntry, stored_entry
+from controller.model import under_prefix
 
 
 def read_events(
@@ -42,7 +43,7 @@ def read_events(
 def _matches(value: str, wanted: str | None, exact: bool) -> bool:
     if wanted is None:
         return True
-    return value == wanted if exact else value.startswith(wanted)
+    return value == wanted if exact else under_prefix(value, wanted)
 
 
 def follow_events(

@@ -13,7 +13,7 @@ import redis
 from controller.changes import Change, Drift, find_drift
 from controller.contract.fence import Fence
 from controller.errors import ConfigurationError, SinkError
-from controller.model import Address
+from controller.model import Address, under_prefix
 from controller.settings import RedisSettings
 
 
@@ -45,7 +45,7 @@ class SinkState(Mapping[Address, float]):
 
     def as_json(self, prefix: str = "") -> dict[str, object]:
         """The stable `governor limits get --json` shape, limited to addresses under `prefix`."""
-        limits = {str(a): _plain(v) for a, v in self.actual.items() if str(a).startswith(prefix)}
+        limits = {str(a): _plain(v) for a, v in self.actual.items() if under_prefix(str(a), prefix)}
         return {"version": self.version, "limits": dict(sorted(limits.items()))}
 
 

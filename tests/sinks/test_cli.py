@@ -157,6 +157,28 @@ def test_an_address_filter_of_whole_parts_still_filters(url: str) -> None:
         assert [json.loads(line)["address"] for line in lines] == [shown]
 
 
+def test_a_tenant_filter_never_shows_a_tenant_whose_id_only_starts_the_same(url: str) -> None:
+    # The runbook shows a tenant its own events with `--address tenant/<id>`: acme's filter
+    # showed acmecorp's overrides and limits too (the filter was a plain text prefix).
+    for tenant in ("acme", "acmecorp"):
+        address = f"tenant/{tenant}/tokens_per_minute"
+        ok(url, "override", "set", address, "5", "--ttl", "1h", "--reason", "INC-6")
+    sink = RedisSink.from_url(url, RedisSettings())
+    desired = {
+        Address.parse("tenant/acme/tokens_per_minute@gpt-4"): 3.0,
+        Address.parse("tenant/acmecorp/tokens_per_minute"): 4.0,
+    }
+    sink.apply(diff(desired, sink.read()))
+
+    for prefix in ("tenant/acme", "tenant/acme/tokens_per_minute"):
+        lines = ok(url, "audit", "tail", "--address", prefix, "--json").stdout.splitlines()
+        assert [json.loads(line)["address"] for line in lines] == ["tenant/acme/tokens_per_minute"]
+        shown = json.loads(ok(url, "limits", "get", prefix, "--json").stdout)["limits"]
+        assert shown == {"tenant/acme/tokens_per_minute@gpt-4": 3}
+    both = ok(url, "audit", "tail", "--address", "tenant/", "--json").stdout.splitlines()
+    assert len(both) == 2
+
+
 def test_a_bad_ttl_names_itself_and_the_durations_accepted(url: str) -> None:
     bad = run(url, "freeze", "--ttl", "an hour", "--reason", "x")
     assert bad.exit_code == 2
