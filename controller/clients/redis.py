@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import ssl
+import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -39,6 +41,10 @@ _CLUSTER = ("redis+cluster", "rediss+cluster")
 _BACKOFF_CAP_SECONDS = 2.0
 _SENTINEL_PORT = 26379
 _REDIS_PORT = 6379
+# How often (at most, and only while commands are sent) a client behind Sentinel asks it where
+# the master is: the longest a pooled connection keeps writing to an old master after a
+# failover, where redis-py alone asks only when it opens a connection.
+MASTER_CHECK_SECONDS = 1.0
 _SENTINEL_EXAMPLE = "redis+sentinel://:password@sentinel-0:26379,sentinel-1:26379/mymaster/0"
 _CLUSTER_EXAMPLE = "redis+cluster://node-0:6379,node-1:6379,node-2:6379/0"
 # What a MOVED, ASK or CROSSSLOT error means for a Governor user: a cluster node reached
@@ -216,13 +222,73 @@ def _join_login(
     options["ssl"] = urlsplit(url).scheme.startswith("rediss+")
 
 
+class _MasterCheck:
+    """When a client behind Sentinel is due to ask it where the master is again.
+
+    redis-py asks Sentinel only when it opens a connection, and drops one only when the
+    server closes it or answers READONLY. After a failover Sentinel names the new master at
+    once, but turns the old one (still up, still a master) into a replica, killing its
+    clients, only 8 s or more later, and not at all while Sentinel is in TILT mode or cannot
+    reach it: until then a pooled connection writes to the old master without an error and
+    what it writes is lost (the leader lock, the limits, the gateway's admissions). Asking
+    now and then lets redis-py's own `get_master_address` see the change: it closes the idle
+    connections, and the pool's `release` the busy ones, so they reconnect to the new one.
+    """
+
+    def __init__(self) -> None:
+        self._last = -MASTER_CHECK_SECONDS
+
+    def due(self) -> bool:
+        # Marked before asking: concurrent callers (the gateway's tasks) ask once between them.
+        now = time.monotonic()
+        if now - self._last < MASTER_CHECK_SECONDS:
+            return False
+        self._last = now
+        return True
+
+
+# A Sentinel that does not answer leaves the connections where they are: the master they
+# reach may be fine, and opening a connection asks Sentinel (and reports it) anyway.
+_UNANSWERED = (redis.ConnectionError, redis.TimeoutError)
+
+
+class _FollowingPool(redis.sentinel.SentinelConnectionPool):
+    """A master's pool that follows a failover within MASTER_CHECK_SECONDS (`_MasterCheck`)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._check = _MasterCheck()
+
+    def get_connection(self, *args: Any, **kwargs: Any) -> redis.connection.Connection:
+        if self._check.due():
+            with contextlib.suppress(*_UNANSWERED):
+                self.get_master_address()
+        return super().get_connection(*args, **kwargs)
+
+
+class _AsyncFollowingPool(redis.asyncio.sentinel.SentinelConnectionPool):  # type: ignore[type-arg]
+    """`_FollowingPool` for the gateway: its admissions send on a connection of the pool
+    (`Script.run`), so they follow the master too."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._check = _MasterCheck()
+
+    async def get_connection(self, *args: Any, **kwargs: Any) -> Any:
+        if self._check.due():
+            with contextlib.suppress(*_UNANSWERED):
+                await self.get_master_address()
+        return await super().get_connection(*args, **kwargs)
+
+
 def connect(url: str, settings: RedisSettings, *, retries: int | None = None) -> redis.Redis[str]:
     """A client for `url` (redis://, rediss://, unix://, redis+sentinel://,
     redis+cluster://); `retries` overrides settings.retries.
 
     Retries cover connection errors and timeouts only, with exponential backoff; MULTI/EXEC
     makes a retried transaction all-or-nothing. Behind Sentinel a failover is such an error
-    for a moment: the retry asks the Sentinels for the new master.
+    for a moment: the retry asks the Sentinels for the new master; an old master that stays
+    up is left within MASTER_CHECK_SECONDS (`_MasterCheck`).
     """
     scheme = _check_scheme(url)
     count = settings.retries if retries is None else retries
@@ -235,7 +301,9 @@ def connect(url: str, settings: RedisSettings, *, retries: int | None = None) ->
         if scheme in _SENTINEL:
             target, own = _sentinel_setup(url, options)
             manager = redis.sentinel.Sentinel(target.sentinels, sentinel_kwargs=own, **options)
-            return manager.master_for(target.service, db=target.db)
+            return manager.master_for(
+                target.service, connection_pool_class=_FollowingPool, db=target.db
+            )
         if scheme in _CLUSTER:
             return _connect_cluster(url, options)
         return redis.Redis.from_url(url, **options)
@@ -287,7 +355,9 @@ def connect_async(url: str, settings: RedisSettings) -> redis.asyncio.Redis[str]
             manager = redis.asyncio.sentinel.Sentinel(
                 target.sentinels, sentinel_kwargs=own, **options
             )
-            return manager.master_for(target.service, db=target.db)
+            return manager.master_for(
+                target.service, connection_pool_class=_AsyncFollowingPool, db=target.db
+            )
         if scheme in _CLUSTER:
             return _connect_cluster_async(url, options)
         return redis.asyncio.Redis.from_url(url, **options)
@@ -337,7 +407,10 @@ def location(client: redis.Redis[str]) -> str:
         return "cluster " + ",".join(sorted(f"{n.host}:{n.port}" for n in nodes))
     pool = client.connection_pool
     if isinstance(pool, redis.sentinel.SentinelConnectionPool):
-        return f"the master of Sentinel service {pool.service_name!r}"
+        service = f"the master of Sentinel service {pool.service_name!r}"
+        # The stubs predate redis-py's `master_address` (None until Sentinel was asked).
+        named: tuple[str, int] | None = getattr(pool, "master_address", None)
+        return service if named is None else f"{service} (last named {named[0]}:{named[1]})"
     kwargs = pool.connection_kwargs
     if "path" in kwargs:
         return f"unix://{kwargs['path']}"

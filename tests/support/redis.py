@@ -130,12 +130,14 @@ class RedisServer:
             "--appendonly", "no"
         ]  # fmt: skip
         if self.password:
-            args += ["--requirepass", self.password]
+            # masterauth on every server: a master that a failover turns into a replica
+            # must log in to the new master to resync (without it, it keeps stale data).
+            args += ["--requirepass", self.password, "--masterauth", self.password]
+        # A replica syncs at once instead of after the default 5 s wait for others to join.
+        args += ["--repl-diskless-sync-delay", "0"]
         args += self.options()
         if self.replica_of is not None:
             args += ["--replicaof", "127.0.0.1", str(self.replica_of)]
-            if self.password:
-                args += ["--masterauth", self.password]  # after a failover, either way
         if self.tls is not None:
             args[args.index("--port") + 1] = "0"  # no plain-text port at all
             args += [
