@@ -6,9 +6,18 @@ from __future__ import annotations
 import redis
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from controller.cli._plans import known_plans
-from controller.cli._redis import JSON_OPTION, Stores, console, echo_json, number, stores
+from controller.cli._redis import (
+    JSON_OPTION,
+    Stores,
+    console,
+    echo_json,
+    number,
+    shown,
+    stores,
+)
 from controller.contract.catalog import PlanInfo
 from controller.contract.enforcement import EnforcementKeys
 from controller.errors import ConfigurationError, SinkError
@@ -61,6 +70,8 @@ def _print(usage: TenantUsage, credits: dict[str, float] | None) -> None:
     out.print(table)
     if usage.shed:
         out.print(f"shed: {usage.shed} is 0, every request is refused 503")
+    for problem in usage.damaged:  # the figures above read such a field as 0
+        out.print(Text("damaged: ").append(shown(problem)))
     if credits is not None:
         out.print(
             f"credits: {credits['balance_usd']:,.6f} USD, {credits['reserved_usd']:,.6f} held, "

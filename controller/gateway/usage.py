@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import redis
 
-from controller.clients.redis import is_cluster
+from controller.clients.redis import is_cluster, not_governors
 from controller.contract.enforcement import EnforcementKeys
 from controller.errors import SinkError
 from controller.gateway.limits import PERIOD_MS, Check, Resolved, read_limits
@@ -54,6 +54,8 @@ class TenantUsage:
     version: str  # the limits' version ('' : the controller has written none yet)
     shed: str | None  # a limit at 0: the controller sheds this traffic
     limits: tuple[LimitUsage, ...]
+    # State fields that hold what no script writes: admission refuses 503 #corrupt-state.
+    damaged: tuple[str, ...] = ()
 
 
 def gcra(check: Check, tat: float, stored_limit: str | None, now: float) -> LimitUsage:
@@ -183,8 +185,29 @@ def read_usage(
         share(c, resolved, v) if c.kind is _SHARE else usage_of(c, v, now)
         for c, v in zip(checks, replies[1:], strict=True)
     ]
+    damaged = [
+        problem
+        for c, v in zip(checks, replies[1:], strict=True)
+        for problem in _damage(_state_key(keys, c), _fields(c), v)
+    ]
     return TenantUsage(tenant, plan, user, model, resolved.version, resolved.shed,
-                       tuple(limits + _size_limits(resolved)))  # fmt: skip
+                       tuple(limits + _size_limits(resolved)), tuple(damaged))  # fmt: skip
+
+
+def _damage(key: str, fields: Sequence[str], values: Sequence[str | None]) -> list[str]:
+    """The fields read that admit.lua would refuse (not a finite number; a settled count
+    below 0): shown, not read as 0, so `governor usage` explains a 503 #corrupt-state."""
+    found = []
+    for field, text in zip(fields, values, strict=True):
+        value = _float(text) if text is not None else 0.0
+        settled = field.startswith("u|")
+        if value is None or not math.isfinite(value) or (settled and value < 0):
+            found.append(not_governors(f"{key} field {field}", text or "", _REFUSED, _REPAIR))
+    return found
+
+
+_REFUSED = "admission refuses this tenant 503 #corrupt-state until it is repaired"
+_REPAIR = "the gateway's answer names the redis-cli command that repairs it (docs/enforcement.md)"
 
 
 def usage_json(usage: TenantUsage) -> Mapping[str, object]:
@@ -196,6 +219,7 @@ def usage_json(usage: TenantUsage) -> Mapping[str, object]:
         "model": usage.model,
         "limits_version": usage.version or None,
         "shed_by": usage.shed,
+        "damaged": list(usage.damaged),
         "limits": [
             {
                 "address": item.address,

@@ -11,6 +11,7 @@ import redis
 from typer.testing import CliRunner, Result
 
 from controller.cli import app
+from controller.contract.enforcement import EnforcementKeys
 from controller.gateway.credits import CreditLedger
 from controller.gateway.openai import ModelRequest
 from tests.gateway.conftest import Gateway, budget_remaining
@@ -72,3 +73,30 @@ def test_a_tenant_with_no_plan_is_refused_with_the_fix(gateway: Gateway) -> None
 
     assert result.exit_code == 2
     assert "not registered and has no API key; give its plan with --plan" in result.stderr
+
+
+def test_a_damaged_counter_is_named_beside_the_figures_that_read_it_as_zero(
+    gateway: Gateway, db: redis.Redis[str]
+) -> None:
+    key = gateway.key("acme", "free")  # 10 requests a minute, 1,000 tokens a day
+    assert gateway.chat(key, max_tokens=5).status_code == 200
+    state = EnforcementKeys.for_prefix("governor").tenant_level("acme").state
+    db.hset(state, "u|tokens_per_day", "-500")  # a hand edit: 500 tokens of free headroom
+    db.hset(state, "g|requests_per_minute", "abc")
+    assert gateway.chat(key, max_tokens=5).status_code == 503  # what usage must explain
+
+    table = governor(gateway, "acme")
+    damaged = json.loads(governor(gateway, "acme", "--json").stdout)["damaged"]
+
+    assert table.exit_code == 0, table.output
+    shown = " ".join(table.stdout.split())
+    assert f"damaged: {state} field u|tokens_per_day holds '-500'" in shown
+    assert f"damaged: {state} field g|requests_per_minute holds 'abc'" in shown
+    assert "503 #corrupt-state" in shown
+    assert [text.split(" holds ")[0] for text in damaged] == [
+        f"{state} field g|requests_per_minute",
+        f"{state} field u|tokens_per_day",
+    ]
+
+    db.hdel(state, "u|tokens_per_day", "d|tokens_per_day", "g|requests_per_minute")  # repaired
+    assert json.loads(governor(gateway, "acme", "--json").stdout)["damaged"] == []
