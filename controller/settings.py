@@ -523,7 +523,13 @@ class GatewaySettings(_Group):
         None, description="sent upstream as Authorization: Bearer (the client's never is)"
     )
 
-    @field_validator("upstream_api_key")
+    metrics_token: SecretStr | None = Field(
+        None,
+        description="when set, /metrics answers only `Authorization: Bearer <this>` (401 "
+        "otherwise): its series name every tenant and its spend",
+    )
+
+    @field_validator("upstream_api_key", "metrics_token")
     @classmethod
     def _sendable_key(cls, value: SecretStr | None) -> SecretStr | None:
         return _header_value(value)

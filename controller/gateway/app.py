@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import os
 import signal
 import socket
@@ -18,6 +19,7 @@ import redis.asyncio
 import structlog
 import uvicorn
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import SecretStr
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
@@ -183,7 +185,13 @@ def create_app(
             yield
         _log.info("governor gateway stopped (in-flight requests drained, held charges tried)")
 
-    async def metrics_endpoint(_request: Request) -> Response:
+    async def metrics_endpoint(request: Request) -> Response:
+        if not scrape_allowed(gateway.metrics_token, request.headers.get("authorization")):
+            return PlainTextResponse(
+                "401: /metrics needs Authorization: Bearer <GOVERNOR_GATEWAY__METRICS_TOKEN>",
+                status_code=401,
+                headers={"www-authenticate": 'Bearer realm="metrics"'},
+            )
         return Response(generate_latest(e.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     async def healthz(_request: Request) -> Response:
@@ -198,6 +206,16 @@ def create_app(
         middleware=[Middleware(GovernorMiddleware, enforcement=e)],
         lifespan=lifespan,
     )
+
+
+def scrape_allowed(token: SecretStr | None, authorization: str | None) -> bool:
+    """Whether a scrape may read /metrics: always without a token; with one, only a request
+    bearing it (compared in constant time: the answer must not leak it byte by byte)."""
+    if token is None:
+        return True
+    scheme, _, given = (authorization or "").partition(" ")
+    expected = token.get_secret_value().encode()
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), expected)
 
 
 def _shown(url: str) -> str:

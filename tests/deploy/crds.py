@@ -59,6 +59,20 @@ ENDPOINT = _closed(
         "honorLabels": {"type": "boolean"},
         "relabelings": {"type": "array"},
         "metricRelabelings": {"type": "array"},
+        # SafeAuthorization: the scrape's Authorization header from a Secret's key.
+        "authorization": _closed(
+            {
+                "type": {"type": "string"},
+                "credentials": _closed(
+                    {
+                        "name": {"type": "string"},
+                        "key": {"type": "string"},
+                        "optional": {"type": "boolean"},
+                    },
+                    required=("key",),
+                ),
+            }
+        ),
     },
     required=("port",),
 )

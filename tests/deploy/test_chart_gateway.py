@@ -346,3 +346,38 @@ def test_a_controller_without_the_gateway_has_no_gateway_objects_at_all() -> Non
     for kind in ("Deployment", "Service", "ServiceMonitor", "PodDisruptionBudget",
                  "HorizontalPodAutoscaler"):  # fmt: skip
         assert of_kind(docs, kind, GATEWAY) == []
+
+
+@pytest.mark.parametrize(
+    ("gateway", "ref"),
+    [
+        ({"metricsToken": "scr4pe-t0ken"}, {"name": "governor", "key": "gateway-metrics-token"}),
+        (
+            {"existingSecret": "mine", "existingSecretMetricsTokenKey": "scrape"},
+            {"name": "mine", "key": "scrape"},
+        ),
+    ],
+    ids=["chart's Secret", "existingSecret"],
+)
+def test_a_metrics_token_reaches_the_gateway_and_its_service_monitor_from_one_secret(
+    gateway: dict[str, str], ref: dict[str, str]
+) -> None:
+    values = {"gateway": {"enabled": True, "upstream": "http://vllm:8000", **gateway}}
+    own = manifests(render({**values, "serviceMonitor": {"enabled": True}}))
+
+    assert env(own, GATEWAY)["GOVERNOR_GATEWAY__METRICS_TOKEN"]["valueFrom"] == {
+        "secretKeyRef": ref
+    }
+    [endpoint] = one(own, "ServiceMonitor", GATEWAY)["spec"]["endpoints"]
+    assert endpoint["authorization"] == {"type": "Bearer", "credentials": ref}
+    assert "scr4pe-t0ken" not in str(own)
+    if "metricsToken" in gateway:
+        assert "gateway-metrics-token" in one(own, "Secret")["data"]
+
+
+def test_without_a_metrics_token_the_gateway_metrics_stay_open_as_before() -> None:
+    values = {"gateway": {"enabled": True, "upstream": "http://vllm:8000"}}
+    own = manifests(render({**values, "serviceMonitor": {"enabled": True}}))
+    assert "GOVERNOR_GATEWAY__METRICS_TOKEN" not in env(own, GATEWAY)
+    [endpoint] = one(own, "ServiceMonitor", GATEWAY)["spec"]["endpoints"]
+    assert "authorization" not in endpoint

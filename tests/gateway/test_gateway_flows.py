@@ -8,6 +8,7 @@ import datetime as dt
 import re
 
 import redis
+from pydantic import SecretStr
 
 from controller.changes import Change
 from controller.contract.keys import KeySchema
@@ -16,7 +17,7 @@ from controller.gateway.prices import PriceTable
 from controller.model import Address
 from controller.settings import PricesSettings
 from controller.sinks.redis import RedisSink
-from tests.gateway.conftest import PROBLEM, Gateway
+from tests.gateway.conftest import PROBLEM, Gateway, MakeGateway
 from tests.gateway.fake_upstream import FakeUpstream
 
 
@@ -155,3 +156,27 @@ def test_a_refusal_is_counted_by_the_level_and_kind_of_the_limit_that_bound(
     after = refusals(gateway)
     assert after[(level, limit)] == 2
     assert sum(after.values()) == 2  # nothing else counted, no tenant in the labels
+
+
+def test_with_a_metrics_token_only_a_scrape_bearing_it_reads_the_series(
+    make_gateway: MakeGateway,
+) -> None:
+    gateway = make_gateway(metrics_token=SecretStr("scrape-me"))
+    key = gateway.key("acme", "free")
+    assert gateway.chat(key, max_tokens=5).status_code == 200  # serving needs no token
+    url = f"{gateway.url}/metrics"
+
+    refused = [
+        gateway.http.get(url),
+        gateway.http.get(url, headers={"authorization": "Bearer scrape-mE"}),
+        gateway.http.get(url, headers={"authorization": f"Bearer {key}"}),  # a tenant's key
+        gateway.http.get(url, headers={"authorization": "Basic scrape-me"}),
+    ]
+    scraped = gateway.http.get(url, headers={"authorization": "Bearer scrape-me"})
+
+    assert [answer.status_code for answer in refused] == [401] * 4
+    assert refused[0].headers["www-authenticate"] == 'Bearer realm="metrics"'
+    assert "acme" not in "".join(answer.text for answer in refused)
+    assert scraped.status_code == 200
+    assert 'tenant="acme"' in scraped.text
+    assert gateway.http.get(f"{gateway.url}/healthz").status_code == 200  # probes stay open

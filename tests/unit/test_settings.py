@@ -246,6 +246,7 @@ def test_an_infinite_redis_timeout_is_refused_before_any_connection(
         "GOVERNOR_PROMETHEUS__BEARER_TOKEN",
         "GOVERNOR_KONG__ADMIN_TOKEN",
         "GOVERNOR_GATEWAY__UPSTREAM_API_KEY",
+        "GOVERNOR_GATEWAY__METRICS_TOKEN",
     ],
 )
 @pytest.mark.parametrize("value", ["tok-S3CRET\n", "tok-S3CRET\r\n", " tok-S3CRET", "tok-S3CRET\t"])

@@ -143,6 +143,9 @@ gateway-api-key-secret: {{ .apiKeySecret | b64enc | quote }}
 {{- if .upstreamApiKey }}
 gateway-upstream-api-key: {{ .upstreamApiKey | b64enc | quote }}
 {{- end }}
+{{- if .metricsToken }}
+gateway-metrics-token: {{ .metricsToken | b64enc | quote }}
+{{- end }}
 {{- end }}
 {{- end }}
 {{- end }}
@@ -249,4 +252,21 @@ http://{{ include "governor.fullname" . }}.{{ .Release.Namespace }}.svc:{{ .Valu
 {{/* The runbook base of the alerts: prometheusRule.runbookBaseUrl, else the served pages. */}}
 {{- define "governor.alertRunbookBase" -}}
 {{- .Values.prometheusRule.runbookBaseUrl | default (printf "%srunbooks/" (include "governor.pagesUrl" .)) }}
+{{- end }}
+
+{{/*
+Where the gateway's metrics token lives, as a secretKeyRef ({name, key}), or "" when /metrics
+has none: the gateway's env and the ServiceMonitor's authorization read the same one.
+*/}}
+{{- define "governor.gateway.metricsTokenRef" -}}
+{{- $gw := .Values.gateway -}}
+{{- if $gw.existingSecret -}}
+{{- if $gw.existingSecretMetricsTokenKey -}}
+name: {{ $gw.existingSecret }}
+key: {{ $gw.existingSecretMetricsTokenKey }}
+{{- end -}}
+{{- else if $gw.metricsToken -}}
+name: {{ include "governor.fullname" . }}
+key: gateway-metrics-token
+{{- end -}}
 {{- end }}
