@@ -486,6 +486,11 @@ _WHOLE_SERVER_REPLIES = ("OOM", "MASTERDOWN", "NOREPLICAS", "BUSY", "LOADING", "
                          "CLUSTERDOWN", "READONLY", "NOAUTH", "NOPERM")  # fmt: skip
 
 
+_WHOLE_SERVER = (redis.ReadOnlyError, redis.exceptions.NoPermissionError,
+                 redis.exceptions.MasterDownError, redis.exceptions.TryAgainError,
+                 redis.exceptions.ClusterDownError)  # fmt: skip
+
+
 def refused_this_call(exc: BaseException) -> bool:
     """Whether a failed call reached a Redis that answered and refused this call alone (a key
     of the wrong type, a script error on one tenant's record), seen through our own wrapping:
@@ -493,7 +498,10 @@ def refused_this_call(exc: BaseException) -> bool:
     seen: BaseException | None = exc
     while seen is not None:
         if isinstance(seen, redis.ResponseError):
-            return not str(seen).startswith(_WHOLE_SERVER_REPLIES)
+            # redis-py strips the code off the replies it knows (OOM, READONLY, NOPERM,
+            # MASTERDOWN …) and keeps it apart: the message alone no longer names it.
+            code = getattr(seen, "status_code", None) or str(seen).split(" ", 1)[0]
+            return code not in _WHOLE_SERVER_REPLIES and not isinstance(seen, _WHOLE_SERVER)
         seen = seen.__cause__
     return False
 

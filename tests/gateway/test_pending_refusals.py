@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from pathlib import Path
 
 import redis
 import redis.asyncio
@@ -146,3 +147,41 @@ def test_refusals_of_the_whole_server_count_as_an_outage() -> None:
         assert not refused_this_call(wrapped(reply)), reply
     assert not refused_this_call(EnforcementError("down"))
     assert not refused_this_call(redis.ConnectionError("Connection refused"))
+
+
+def test_a_redis_out_of_memory_or_read_only_stops_the_pass_at_the_first_call(
+    redis_server: RedisServer, db: redis.Redis[str], tmp_path: Path
+) -> None:
+    # redis-py strips the code off the replies it knows (OOM, READONLY, NOPERM, MASTERDOWN …):
+    # the message alone no longer says the whole server refuses.
+    replica = RedisServer(tmp_path / "replica", replica_of=redis_server.port).start()
+    try:
+        db.config_set("maxmemory", "1")
+        db.config_set("maxmemory-policy", "noeviction")
+        try:
+            for url in (redis_server.url, replica.url):
+                calls: list[str] = []
+
+                async def run(url: str = url, calls: list[str] = calls) -> tuple[int, int]:
+                    client: redis.asyncio.Redis[str] = redis.asyncio.from_url(
+                        url, decode_responses=True
+                    )
+                    pending = PendingCalls(STORE_ERRORS, refused_alone=refused_this_call)
+                    add = counter(client)
+                    for key in "abcd":
+
+                        async def tried(key: str = key) -> None:
+                            calls.append(key)
+                            await add(key)()
+
+                        pending.hold("settle", tried)
+                    through = await pending.retry()
+                    await aclose(client)
+                    return through, len(pending)
+
+                assert asyncio.run(run()) == (0, 4), url
+                assert calls == ["a"], url  # an outage in all but name: the pass stops
+        finally:
+            db.config_set("maxmemory", "0")
+    finally:
+        replica.stop()
