@@ -156,3 +156,37 @@ def test_a_settle_on_a_broken_balance_fails_whole_and_is_repeatable(
     assert (db.hgetall(STATE), db.hgetall(KEYS.credits("acme"))) == before  # nothing written
     db.hset(KEYS.credits("acme"), "balance", "1000000")
     assert paid.run(settle)  # repaired: the held settle goes through
+
+
+@pytest.mark.parametrize("broken", ["leases", "history"])
+def test_a_settle_redis_refuses_halfway_charges_the_credits_once(
+    paid: Gate, db: redis.Redis[str], broken: str
+) -> None:
+    """A key of the wrong type (a hand edit) the settle writes after the balance: the
+    gateway repeats a refused settle on every heartbeat, so one written before the refusal
+    is charged again each time."""
+    CreditLedger(db, "governor").top_up("acme", 1.0, "trial", "test")
+    held = admit(paid, request(100, plan="paid"))[0]
+    assert held.reservation is not None
+    key = KEYS.tenant_level("acme").leases if broken == "leases" else KEYS.credit_history("acme")
+    saved = db.dump(key)
+    db.delete(key)
+    db.set(key, "a hand edit")
+    balance = db.hget(KEYS.credits("acme"), "balance")
+
+    async def settle(admission: Admission) -> bool:
+        assert held.reservation is not None
+        return await admission.settle(held.reservation, "acme", 50, "gpt-4")
+
+    for _ in range(3):  # the gateway's retries while the key stays broken
+        with pytest.raises(EnforcementError):
+            paid.run(settle)
+    assert db.hget(KEYS.credits("acme"), "balance") == balance  # nothing charged yet
+    db.delete(key)
+    assert saved is not None
+    db.restore(key, 0, saved)
+    assert paid.run(settle)  # repaired: charged once
+    history = db.xrange(KEYS.credit_history("acme"))
+    assert [entry["kind"] for _id, entry in history] == ["top-up", "charge"]
+    charged = -int(history[-1][1]["amount_micro_usd"])
+    assert int(db.hget(KEYS.credits("acme"), "balance") or 0) == int(balance or 0) - charged

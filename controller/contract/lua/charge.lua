@@ -14,6 +14,18 @@ local tokens, cost = ARGV[2] + 0, tonumber(ARGV[3])
 local t = call('TIME')
 local today = floor((t[1] * 1000 + t[2] / 1000) / DAY_MS)
 
+local writes = {}
+if cost and cost > 0 then
+  writes = {KEYS[5], 'hash', KEYS[6], 'stream'}
+end
+for i = 8, #ARGV do
+  writes[#writes + 1], writes[#writes + 2] = KEYS[sub(ARGV[i], 1, 1) + 0], 'hash'
+end
+local refused = wrong_type(writes)
+if refused then
+  return refused
+end
+
 -- The credits first: a balance that is no integer (a hand edit) refuses the whole charge
 -- before anything is written (settle.lua's reason), and the gateway holds it for later.
 if cost and cost > 0 then

@@ -39,6 +39,21 @@ local function lower(state, field, by)
   redis.pcall('HINCRBY', state, field, by)
 end
 
+-- The refusal of a script, before it writes anything, when a key it writes holds another
+-- type (a hand edit); nil when none does. Redis keeps what a script wrote before an error, and
+-- the gateway repeats a refused settle or charge, which would apply those writes (the credits
+-- charged, the usage counted) again each time. `keys`: key, its type, key, its type, …
+local function wrong_type(keys)
+  for i = 1, #keys, 2 do
+    local kind = call('TYPE', keys[i]).ok
+    if kind ~= 'none' and kind ~= keys[i + 1] then
+      return redis.error_reply(format('WRONGTYPE %s holds a %s, not the %s Governor writes',
+        keys[i], kind, keys[i + 1]))
+    end
+  end
+  return nil
+end
+
 -- A level's state hash (one per level owner: global, ip, tenant, user) holds, for a limit
 -- field F (`limit` or `limit@model`):
 --   g|F  GCRA theoretical arrival time, ms      l|F  the limit it was computed under

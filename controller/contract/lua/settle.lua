@@ -44,6 +44,21 @@ local time = call('TIME')
 local now = time[1] * 1000 + time[2] / 1000
 local today = floor(now / DAY_MS)
 
+local writes = {KEYS[5], 'hash', KEYS[6], 'zset'}
+for i = 2, #parts do
+  local level = LEVELS[sub(parts[i], 1, 1)]
+  writes[#writes + 1], writes[#writes + 2], writes[#writes + 3], writes[#writes + 4] =
+    level[1], 'hash', level[2], 'zset'
+end
+if credit_held then
+  writes[#writes + 1], writes[#writes + 2], writes[#writes + 3], writes[#writes + 4] =
+    credits, 'hash', KEYS[10], 'stream'
+end
+local refused = wrong_type(writes)
+if refused then
+  return refused
+end
+
 -- The credits first: a balance that is no integer (a hand edit) refuses the whole settle
 -- before anything is written, so the gateway repeats it once the balance is repaired.
 if credit_held then

@@ -39,6 +39,21 @@ local function lower(state, field, by)
   redis.pcall('HINCRBY', state, field, by)
 end
 
+-- The refusal of a script, before it writes anything, when a key it writes holds another
+-- type (a hand edit); nil when none does. Redis keeps what a script wrote before an error, and
+-- the gateway repeats a refused settle or charge, which would apply those writes (the credits
+-- charged, the usage counted) again each time. `keys`: key, its type, key, its type, …
+local function wrong_type(keys)
+  for i = 1, #keys, 2 do
+    local kind = call('TYPE', keys[i]).ok
+    if kind ~= 'none' and kind ~= keys[i + 1] then
+      return redis.error_reply(format('WRONGTYPE %s holds a %s, not the %s Governor writes',
+        keys[i], kind, keys[i + 1]))
+    end
+  end
+  return nil
+end
+
 -- A level's state hash (one per level owner: global, ip, tenant, user) holds, for a limit
 -- field F (`limit` or `limit@model`):
 --   g|F  GCRA theoretical arrival time, ms      l|F  the limit it was computed under
@@ -167,6 +182,21 @@ local credit_held, reserved = tonumber(credit_text), tonumber(tokens_text)
 local time = call('TIME')
 local now = time[1] * 1000 + time[2] / 1000
 local today = floor(now / DAY_MS)
+
+local writes = {KEYS[5], 'hash', KEYS[6], 'zset'}
+for i = 2, #parts do
+  local level = LEVELS[sub(parts[i], 1, 1)]
+  writes[#writes + 1], writes[#writes + 2], writes[#writes + 3], writes[#writes + 4] =
+    level[1], 'hash', level[2], 'zset'
+end
+if credit_held then
+  writes[#writes + 1], writes[#writes + 2], writes[#writes + 3], writes[#writes + 4] =
+    credits, 'hash', KEYS[10], 'stream'
+end
+local refused = wrong_type(writes)
+if refused then
+  return refused
+end
 
 -- The credits first: a balance that is no integer (a hand edit) refuses the whole settle
 -- before anything is written, so the gateway repeats it once the balance is repaired.
