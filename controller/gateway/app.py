@@ -215,7 +215,11 @@ def scrape_allowed(token: SecretStr | None, authorization: str | None) -> bool:
         return True
     scheme, _, given = (authorization or "").partition(" ")
     expected = token.get_secret_value().encode()
-    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), expected)
+    given = given.strip()
+    # An empty token (a Secret's empty key) matches no scrape: `Bearer` alone must not pass.
+    return (
+        scheme.lower() == "bearer" and bool(given) and hmac.compare_digest(given.encode(), expected)
+    )
 
 
 def _shown(url: str) -> str:

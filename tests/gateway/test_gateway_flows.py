@@ -180,3 +180,15 @@ def test_with_a_metrics_token_only_a_scrape_bearing_it_reads_the_series(
     assert scraped.status_code == 200
     assert 'tenant="acme"' in scraped.text
     assert gateway.http.get(f"{gateway.url}/healthz").status_code == 200  # probes stay open
+
+
+def test_an_empty_metrics_token_opens_metrics_to_no_scrape(make_gateway: MakeGateway) -> None:
+    # GOVERNOR_GATEWAY__METRICS_TOKEN= (a Secret's empty key) is a token all the same: an
+    # `Authorization: Bearer` with nothing after it must not match it.
+    gateway = make_gateway(metrics_token=SecretStr(""))
+    url = f"{gateway.url}/metrics"
+
+    answers = [gateway.http.get(url, headers={"authorization": value}) for value in
+               ("Bearer", "bearer")]  # fmt: skip
+
+    assert [answer.status_code for answer in answers] == [401] * 2
