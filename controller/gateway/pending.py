@@ -50,8 +50,11 @@ class PendingCalls:
         """Keep a call that failed, to be repeated by `retry`."""
         self._calls.append((self.clock(), operation, call))
         while len(self._calls) > self.max_calls:
-            _at, dropped, _call = self._calls.popleft()
-            self._give_up(dropped, "the queue of store calls is full")
+            # The oldest, wherever it is: a refused call moved to the back is older than the
+            # head, whose settle record still has the longest to live.
+            oldest = min(self._calls, key=lambda held: held[0])
+            self._calls.remove(oldest)
+            self._give_up(oldest[1], "the queue of store calls is full")
 
     def retry_soon(self) -> None:
         """Start `retry` in the background unless it runs already (from a request's path:

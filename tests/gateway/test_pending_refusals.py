@@ -185,3 +185,36 @@ def test_a_redis_out_of_memory_or_read_only_stops_the_pass_at_the_first_call(
             db.config_set("maxmemory", "0")
     finally:
         replica.stop()
+
+
+def test_a_full_queue_gives_up_its_oldest_call_even_once_a_refusal_moved_it_back(
+    redis_server: RedisServer, db: redis.Redis[str]
+) -> None:
+    db.rpush("tenant:broken", "not a counter")
+    now = [0.0]
+
+    async def run() -> tuple[list[str], int]:
+        client: redis.asyncio.Redis[str] = redis.asyncio.from_url(
+            redis_server.url, decode_responses=True
+        )
+        pending = PendingCalls(
+            STORE_ERRORS,
+            max_calls=3,
+            clock=lambda: now[0],
+            refused_alone=refused_this_call,
+            max_refusals_in_a_row=1,  # the pass ends at the first refusal: "a", "b" untried
+        )
+        add = counter(client)
+        for key in ("tenant:broken", "a", "b"):  # held at t = 0, 1, 2
+            pending.hold(key, add(key))
+            now[0] += 1
+        await pending.retry()  # the broken call goes behind "a" and "b"
+        pending.hold("c", add("c"))  # a fourth: the oldest must go
+        kept = [operation for _at, operation, _call in pending._calls]
+        await aclose(client)
+        return kept, pending.lost
+
+    kept, lost = asyncio.run(run())
+
+    assert lost == 1
+    assert kept == ["a", "b", "c"]  # the broken call (held at 0) went, not "a" at the head
