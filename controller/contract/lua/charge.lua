@@ -29,11 +29,9 @@ end
 -- The credits first: a balance that is no integer (a hand edit) refuses the whole charge
 -- before anything is written (settle.lua's reason), and the gateway holds it for later.
 if cost and cost > 0 then
-  local balance = redis.pcall('HINCRBY', KEYS[5], 'balance', -cost)
-  if type(balance) == 'table' then
-    return redis.error_reply(format('%s field balance holds what no script writes (%s): set ' ..
-      'it to the last balance_micro_usd of %s (redis-cli XREVRANGE %s + - COUNT 1, then ' ..
-      'redis-cli HSET %s balance N)', KEYS[5], balance.err, KEYS[6], KEYS[6], KEYS[5]))
+  local balance, broken = debit(KEYS[5], KEYS[6], cost)
+  if broken then
+    return broken
   end
   call('XADD', KEYS[6], 'MAXLEN', '~', ARGV[5], '*', 'kind', 'charge',
     'amount_micro_usd', -cost, 'balance_micro_usd', balance, 'request', ARGV[1],

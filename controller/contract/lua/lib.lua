@@ -54,6 +54,19 @@ local function wrong_type(keys)
   return nil
 end
 
+-- Take `cost` (micro-USD, > 0) off the balance of `credits`: the balance after it, or the
+-- error reply that refuses the whole call when the balance holds no integer (a hand edit),
+-- before anything else is written, so that the gateway repeats it once it is repaired.
+local function debit(credits, history, cost)
+  local balance = redis.pcall('HINCRBY', credits, 'balance', -cost)
+  if type(balance) == 'table' then
+    return nil, redis.error_reply(format('%s field balance holds what no script writes (%s): ' ..
+      'set it to the last balance_micro_usd of %s (redis-cli XREVRANGE %s + - COUNT 1, then ' ..
+      'redis-cli HSET %s balance N)', credits, balance.err, history, history, credits))
+  end
+  return balance, nil
+end
+
 -- A level's state hash (one per level owner: global, ip, tenant, user) holds, for a limit
 -- field F (`limit` or `limit@model`):
 --   g|F  GCRA theoretical arrival time, ms      l|F  the limit it was computed under

@@ -62,13 +62,11 @@ end
 -- The credits first: a balance that is no integer (a hand edit) refuses the whole settle
 -- before anything is written, so the gateway repeats it once the balance is repaired.
 if credit_held then
-  local balance = 0
+  local balance, broken = 0, nil
   if cost > 0 then
-    balance = redis.pcall('HINCRBY', credits, 'balance', -cost)
-    if type(balance) == 'table' then
-      return redis.error_reply(format('%s field balance holds what no script writes (%s): ' ..
-        'set it to the last balance_micro_usd of %s (redis-cli XREVRANGE %s + - COUNT 1, ' ..
-        'then redis-cli HSET %s balance N)', credits, balance.err, KEYS[10], KEYS[10], credits))
+    balance, broken = debit(credits, KEYS[10], cost)
+    if broken then
+      return broken
     end
   end
   if call('ZREM', LEVELS.t[2], '$|' .. rid .. '|' .. credit_text) == 1 then
