@@ -46,10 +46,10 @@ from controller.gateway.responses import Answers, degrade_headers, rate_limit_he
 from controller.gateway.tracing import Tracing
 from controller.settings import GatewaySettings
 
-# What an unreachable or failing limit store raises, whoever wraps it (redis-py's cluster
-# client raises some of its own refusals outside RedisError).
 # Outcomes where one limit said no: `gateway_refusals_total` counts which level and kind.
 _LIMIT_REFUSALS = ("rate_limited", "budget_exhausted", "too_large")
+# What an unreachable or failing limit store raises, whoever wraps it (redis-py's cluster
+# client raises some of its own refusals outside RedisError).
 STORE_ERRORS = (redis.RedisError, RedisClusterException, SinkError, OSError)
 STATE_KEY = "governor"  # scope["state"]["governor"]: the Principal, for the app behind us
 

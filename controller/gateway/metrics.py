@@ -20,7 +20,7 @@ from prometheus_client import (
     disable_created_metrics,
 )
 
-from controller.model import LimitKind, Scope
+from controller.model import AddressError, LimitKind, Scope, interned
 
 # A `_created` series beside every counter child doubles the capped per-tenant series for a
 # value nothing reads. prometheus_client's switch is process-wide: set where metrics are made.
@@ -57,14 +57,14 @@ REFUSING_LIMITS = (*(kind.value for kind in LimitKind if kind not in _SHARING_TE
 def refusing(address: str) -> tuple[str, str]:
     """The (level, limit) of a refusing address: `tenant/acme/requests_per_minute@gpt-4` is
     (tenant, requests_per_minute), `credits/acme` (credits, balance); anything else `other`."""
-    level, _, rest = address.partition("/")
-    if level == "credits":
-        return level, "balance"
-    limit = rest.rpartition("/")[2].partition("@")[0]
-    return (
-        level if level in REFUSING_LEVELS else OTHER,
-        limit if limit in REFUSING_LIMITS else OTHER,
-    )
+    if address.startswith("credits/"):
+        return "credits", "balance"
+    try:
+        parsed = interned(address)
+    except AddressError:
+        return OTHER, OTHER
+    limit = parsed.limit.value
+    return parsed.scope.value, limit if limit in REFUSING_LIMITS else OTHER
 
 
 class LabelCap:

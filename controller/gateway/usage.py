@@ -166,14 +166,15 @@ def read_usage(
     try:
         resolved = read_limits(client, keys, tenant, plan, user or "", False, model or "")
         checks = [c for c in resolved.checks if c.kind in _WINDOWS or c.kind is _SHARE]
+        read = [(_state_key(keys, c), _fields(c)) for c in checks]  # where each check's state is
         # One instant on one Redis; on a Cluster each slot's read is its own (and TIME, a
         # node's clock, cannot be pipelined there).
         clustered = is_cluster(client)
         pipe = client.pipeline(transaction=not clustered)
         if not clustered:
             pipe.time()
-        for check in checks:
-            pipe.hmget(_state_key(keys, check), list(_fields(check)))
+        for key, fields in read:
+            pipe.hmget(key, list(fields))
         replies = pipe.execute()
         if clustered:
             replies = [client.time(), *replies]
@@ -187,8 +188,8 @@ def read_usage(
     ]
     damaged = [
         problem
-        for c, v in zip(checks, replies[1:], strict=True)
-        for problem in _damage(_state_key(keys, c), _fields(c), v)
+        for (key, fields), v in zip(read, replies[1:], strict=True)
+        for problem in _damage(key, fields, v)
     ]
     return TenantUsage(tenant, plan, user, model, resolved.version, resolved.shed,
                        tuple(limits + _size_limits(resolved)), tuple(damaged))  # fmt: skip
