@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import math
 import re
+import string
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol, TypeAlias
@@ -54,7 +55,12 @@ class AddressError(ValueError):
 # mistaken for a separator (`/`, `@`), a Redis hash tag (`{}`), a glob (`*?[]`) or a
 # placeholder (`$`) are allowed.
 _ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:+=~-]{0,127}")
-_MODEL_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+# A model name as model servers spell it, Hugging Face's `org/name` included (vLLM serves a
+# model under its repository id unless told otherwise): the `@` before it ends the address's
+# path, so a `/` inside the name is no separator.
+_MODEL_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]*(?:/[A-Za-z0-9._:-]+)*")
+MODEL_NAME_MAX = 200
+_ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
 _PLACEHOLDER_PATTERN = re.compile(r"\$([A-Za-z_][A-Za-z0-9_]*)")
 _IDS_PER_SCOPE: dict[Scope, tuple[str, ...]] = {
     Scope.GLOBAL: (),
@@ -63,6 +69,13 @@ _IDS_PER_SCOPE: dict[Scope, tuple[str, ...]] = {
     Scope.TENANT: ("tenant",),
     Scope.USER: ("tenant", "user"),
 }
+
+
+def model_key(model: str) -> str:
+    """The form a model name is limited and priced under: ASCII letters in lower case (as Lua's
+    `string.lower` makes them), so `GPT-4` meets the limits written for `@gpt-4` instead of
+    slipping past them on a model server or router that does not tell case apart."""
+    return model.translate(_ASCII_LOWER)
 
 
 def validate_id(value: str, what: str = "id") -> str:
@@ -106,8 +119,13 @@ class Address:
         if not isinstance(text, str) or not text:
             raise AddressError(str(text), "an address is a non-empty string")
         body, at, model = text.partition("@")
-        if at and not _MODEL_PATTERN.fullmatch(model):
-            raise AddressError(text, f"model {model!r} after '@' is not a valid model name")
+        if at and (len(model) > MODEL_NAME_MAX or not _MODEL_PATTERN.fullmatch(model)):
+            raise AddressError(
+                text,
+                f"model {model!r} after '@' is not a valid model name (1-{MODEL_NAME_MAX} "
+                "letters, digits and ._:- in parts split by single '/', e.g. "
+                "gpt-4o or meta-llama/Llama-3.1-8B-Instruct)",
+            )
         parts = body.split("/")
         scope = _scope(text, parts[0])
         names = _IDS_PER_SCOPE[scope]
@@ -124,7 +142,7 @@ class Address:
         if problem is not None:
             raise AddressError(text, problem)
         ids = _ids(text, names, parts[1:-1])
-        return cls(scope=scope, limit=limit, model=model if at else None, **ids)
+        return cls(scope=scope, limit=limit, model=model_key(model) if at else None, **ids)
 
     @classmethod
     def check_prefix(cls, text: str) -> str:

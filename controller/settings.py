@@ -612,6 +612,21 @@ class PricesSettings(_Group):
         "of the table, so an unpriced model is never free",
     )
 
+    @field_validator("models")
+    @classmethod
+    def _one_price_per_model(cls, models: dict[str, ModelPrice]) -> dict[str, ModelPrice]:
+        # Models are priced without regard to case (model.model_key): two names that differ
+        # only in case would be one entry, and which price won would depend on their order.
+        seen: dict[bytes, str] = {}
+        for name in models:
+            other = seen.setdefault(name.encode().lower(), name)  # ASCII only, as model_key
+            if other != name:
+                raise ValueError(
+                    f"models {other!r} and {name!r} differ only in case; models are priced "
+                    "without regard to case: keep one of them"
+                )
+        return models
+
 
 class Settings(BaseSettings):
     """Every setting of Governor. Environment: GOVERNOR_<GROUP>__<FIELD>."""

@@ -11,6 +11,7 @@ import redis
 from controller.cli._redis import Stores
 from controller.contract.catalog import PlanInfo, unknown_plan_message
 from controller.errors import ConfigurationError, PolicyError, SinkError
+from controller.model import model_key
 from controller.policy.loader import load_directory
 
 
@@ -42,8 +43,8 @@ class KnownPlans:
         if not lists or not all(lists):
             return model
         known = sorted({m for found in lists for m in found})
-        if model in known:
-            return model
+        if model_key(model) in {model_key(m) for m in known}:
+            return model  # limits are met without regard to case (model_key)
         close = difflib.get_close_matches(model, known, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         who = f"plan {plan!r} may not call" if plan is not None else "no plan may call"

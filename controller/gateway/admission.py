@@ -25,7 +25,7 @@ from controller.gateway.catalog import PlanCatalog
 from controller.gateway.limits import PERIOD_MS, LimitCache, Resolved
 from controller.gateway.prices import PriceTable, to_micro
 from controller.gateway.sharded import SlotAdmission
-from controller.model import Address, LimitKind, Scope, validate_id
+from controller.model import Address, LimitKind, Scope, model_key, validate_id
 
 __all__ = [
     "Admission",
@@ -181,7 +181,7 @@ class Admission:
             return _decided("unknown_plan", f"plan/{request.plan}")
         ip = ip_id(request.ip) if request.ip else ""
         keys = self.keys.admit_keys(request.tenant, request.user, ip)
-        model = request.model or ""
+        model = model_key(request.model or "")  # its limits are met without case
         settings = (self._lease_ms, self._record_ms, model)
         last: AdmissionResult | None = None
         for _ in range(_ATTEMPTS):
@@ -258,7 +258,7 @@ class Admission:
         budgets were charged; raises EnforcementError if Redis fails (the caller holds it)."""
         plan = await self.catalog.current(request.plan)
         ip = ip_id(request.ip) if request.ip else ""
-        model = request.model or ""
+        model = model_key(request.model or "")  # its limits are met without case
         limits = await self.limits.get(request.tenant, request.plan, request.user or "",
                                        bool(ip), model)  # fmt: skip
         budgets = [

@@ -6,6 +6,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from controller.model import model_key
 from controller.settings import ModelPrice, PricesSettings
 
 MICRO = 1_000_000  # credits are kept in integer micro-USD: no float drift in the ledger
@@ -24,7 +25,8 @@ def from_micro(micro: int | float) -> float:
 
 @dataclass(frozen=True)
 class PriceTable:
-    """Per-model prices; models not in the table cost the `default` price."""
+    """Per-model prices, keyed by `model_key` (a model is priced without regard to case, as
+    it is limited); models not in the table cost the `default` price."""
 
     models: Mapping[str, ModelPrice]
     default: ModelPrice
@@ -39,10 +41,10 @@ class PriceTable:
                 key=lambda p: (max(p.prompt_per_1k, p.completion_per_1k), p.prompt_per_1k),
                 default=ModelPrice(prompt_per_1k=0.0, completion_per_1k=0.0),
             )
-        return cls(dict(settings.models), default)
+        return cls({model_key(name): p for name, p in settings.models.items()}, default)
 
     def price(self, model: str | None) -> ModelPrice:
-        return self.models.get(model, self.default) if model else self.default
+        return self.models.get(model_key(model), self.default) if model else self.default
 
     def cost(self, model: str | None, prompt_tokens: int, completion_tokens: int) -> float:
         """USD for one request's actual usage."""

@@ -14,7 +14,7 @@ from controller.clients.redis import is_cluster, not_governors
 from controller.contract.enforcement import EnforcementKeys
 from controller.errors import SinkError
 from controller.gateway.limits import PERIOD_MS, Check, Resolved, read_limits
-from controller.model import Address, LimitKind, Scope, weight_in_flight
+from controller.model import Address, LimitKind, Scope, model_key, weight_in_flight
 
 _DAY_MS = 86_400_000
 _SHARE = LimitKind.CONCURRENT_HEADROOM  # the gateway's f check: how the limit below is shared
@@ -117,7 +117,8 @@ def _fields(check: Check) -> tuple[str, ...]:
     if check.kind is _SHARE:  # its requests in flight there, the weight in flight, its own
         owner = check.text.split()[2]
         return (f"o|{owner}", "a", f"q|{owner}")
-    name = check.address.rsplit("/", 1)[1]  # e.g. "tokens_per_day@gpt-4"
+    body, at, model = check.address.partition("@")  # a model may hold a `/` (org/name)
+    name = body.rsplit("/", 1)[1] + at + model  # e.g. "tokens_per_day@gpt-4"
     if check.kind is LimitKind.TOKENS_PER_DAY:
         return (f"d|{name}", f"u|{name}", f"v|{name}")
     if check.kind is LimitKind.CONCURRENT_REQUESTS:
@@ -147,7 +148,7 @@ def _size_limits(resolved: Resolved) -> list[LimitUsage]:
     """`max_tokens_per_request`: a size, nothing counted."""
     found = []
     for value, address in resolved.sized:
-        kind = LimitKind(address.rsplit("/", 1)[1].partition("@")[0])
+        kind = LimitKind(address.partition("@")[0].rsplit("/", 1)[1])
         if kind is LimitKind.MAX_TOKENS_PER_REQUEST:
             found.append(LimitUsage(address, kind, _WINDOWS[kind], value, None, 0.0, None, None))
     return found
@@ -164,7 +165,9 @@ def read_usage(
     """Every limit a request of `tenant` (on `plan`, as `user`, for `model`) is checked
     against, except the per-client-address ones, with its state now. Raises SinkError."""
     try:
-        resolved = read_limits(client, keys, tenant, plan, user or "", False, model or "")
+        resolved = read_limits(
+            client, keys, tenant, plan, user or "", False, model_key(model or "")
+        )
         checks = [c for c in resolved.checks if c.kind in _WINDOWS or c.kind is _SHARE]
         read = [(_state_key(keys, c), _fields(c)) for c in checks]  # where each check's state is
         # One instant on one Redis; on a Cluster each slot's read is its own (and TIME, a

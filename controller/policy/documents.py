@@ -90,9 +90,30 @@ def _parse_template(value: object) -> AddressTemplate:
         raise ValueError(str(exc)) from None
 
 
+def distinct_addresses(value: object) -> object:
+    """A mapping keyed by address text whose keys are distinct addresses: two keys that differ
+    only in the model's case (`…@GPT-4`, `…@gpt-4`) are one address (model_key), and which
+    value won would be an accident of their order. ValueError naming both."""
+    if not isinstance(value, dict):
+        return value
+    seen: dict[Address, str] = {}
+    for key in value:
+        try:
+            address = _parse_address(key)
+        except ValueError:
+            continue  # the field's own validation names it
+        other = seen.setdefault(address, str(key))
+        if other != str(key):
+            raise ValueError(
+                f"{other!r} and {key!r} are one address ({address}: a model is met without "
+                "regard to case); keep one of them"
+            )
+    return value
+
+
 _ADDRESS_SCHEMA = {
     "type": "string",
-    "pattern": r"^(global|ip|plan/[^/@]+|tenant/[^/@]+|user/[^/@]+/[^/@]+)/[a-z_]+(@[^/@]+)?$",
+    "pattern": r"^(global|ip|plan/[^/@]+|tenant/[^/@]+|user/[^/@]+/[^/@]+)/[a-z_]+(@[^@]+)?$",
 }
 AddressField = Annotated[
     Address,
@@ -166,12 +187,12 @@ class LimitsSpec(Strict):
     default_plan: Name
     global_: LimitValues = Field(default_factory=dict, alias="global")
     ip: LimitValues = Field(default_factory=dict)
-    floors: dict[AddressField, NonNegativeNumber] = Field(
-        default_factory=dict, description="no automatic change may go below these"
-    )
-    ceilings: dict[AddressField, NonNegativeNumber] = Field(
-        default_factory=dict, description="no automatic change may go above these"
-    )
+    floors: Annotated[
+        dict[AddressField, NonNegativeNumber], BeforeValidator(distinct_addresses)
+    ] = Field(default_factory=dict, description="no automatic change may go below these")
+    ceilings: Annotated[
+        dict[AddressField, NonNegativeNumber], BeforeValidator(distinct_addresses)
+    ] = Field(default_factory=dict, description="no automatic change may go above these")
     behavior: Behavior = Field(
         default_factory=Behavior, description="default behaviour for every limit"
     )

@@ -7,7 +7,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 
-from controller.model import Address, Scope, SignalKey
+from controller.model import Address, Scope, SignalKey, model_key
 from controller.policy.diagnostics import did_you_mean
 from controller.policy.documents import (
     AdaptiveLimit,
@@ -240,8 +240,8 @@ def _model_problem(text: str, plans: Mapping[str, Plan]) -> str | None:
     if not lists or not all(lists):
         return None  # a plan that may call any model may call this one
     known = sorted({m for found in lists for m in found})
-    if model in known:
-        return None
+    if model_key(model) in {model_key(m) for m in known}:
+        return None  # limits are met without regard to case (model_key)
     close = difflib.get_close_matches(model, known, n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
     who = f"plan {parts[1]!r} may not call" if one else "no plan may call"

@@ -33,7 +33,7 @@ from controller.model import (
 from controller.policy.baselines import Baselines
 from controller.policy.decide import decide
 from controller.policy.diagnostics import format_path
-from controller.policy.documents import AddressField, Duration
+from controller.policy.documents import AddressField, Duration, distinct_addresses
 from controller.policy.engine import EngineState
 from controller.policy.loader import LocatedError, read_file
 from controller.policy.policyset import PolicySet
@@ -89,8 +89,8 @@ class TestOverride(_Strict):
 
 class Expectation(_Strict):
     at: Duration
-    limits: dict[AddressField, float | None] = Field(
-        default_factory=dict, description="limits in force; null = no limit"
+    limits: Annotated[dict[AddressField, float | None], BeforeValidator(distinct_addresses)] = (
+        Field(default_factory=dict, description="limits in force; null = no limit")
     )
     active: list[str] | None = Field(
         None, description="names of the policies active at that time (`name` or `name/key`)"

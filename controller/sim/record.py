@@ -19,6 +19,7 @@ OUTCOMES = (
     "shed",
     "too_large",
     "model_not_allowed",
+    "unknown_plan",  # a plan the policy set does not define: refused, as the gateways do
 )
 
 

@@ -520,9 +520,9 @@ class Simulation:
     ) -> tuple[str, str | None, str | None]:
         """The outcome, the reservation (allowed only) and the limit that refused it;
         `credit`: its worst-case cost in micro-USD (charged if its plan has credits)."""
-        allowed, _, floor = self._terms[tenant.index]
-        if not allowed:
-            return "model_not_allowed", None, None
+        refusal, _, floor = self._terms[tenant.index]
+        if refusal is not None:
+            return refusal, None, None
         self._seq += 1
         names = self._names
         user_name = names.get(-1 - user) if user >= 0 else ""
@@ -534,21 +534,26 @@ class Simulation:
         # By position (rid, tokens, tenant, plan, now in ms, model, user, ip, credit cost,
         # credit floor): binding ten keywords costs more than the call's own checks.
         decision = self.gateway.admit(
-            str(self._seq), tokens, tenant.name, tenant.plan, now * 1000.0, tenant.model,
+            str(self._seq), tokens, tenant.name, tenant.plan, now * 1000.0, tenant.model_key,
             user_name, ip_name, credit if floor is not None else None, floor or 0.0,
         )  # fmt: skip
         return decision.outcome, decision.reservation, decision.denied_by
 
-    def _tenant_terms(self, tenant: SimTenant) -> tuple[bool, float, float | None]:
-        """(model allowed by the plan, worst-case USD per 1k tokens, credit floor or None)."""
+    def _tenant_terms(self, tenant: SimTenant) -> tuple[str | None, float, float | None]:
+        """(why every request is refused: an unknown plan, a model the plan does not allow;
+        None: admission decides), worst-case USD per 1k tokens, credit floor or None)."""
         plan = self.policies.plans.get(tenant.plan)
-        allowed = plan is None or not plan.spec.models or tenant.model in plan.spec.models
+        refusal = None
+        if plan is None:  # never a default: the gateways refuse a plan their catalog lacks
+            refusal = "unknown_plan"
+        elif plan.spec.models and tenant.model not in plan.spec.models:
+            refusal = "model_not_allowed"
         price = self.prices.price(tenant.model)
         dearer = max(price.prompt_per_1k, price.completion_per_1k)
         floor = None
         if plan is not None and plan.spec.credits is not None:
             floor = float(to_micro(plan.spec.credits.min_balance_usd))
-        return allowed, dearer, floor
+        return refusal, dearer, floor
 
     def _settle_until(self, now: float) -> None:
         """Settle every request that finished by `now`, as the gateway does on its response."""
@@ -640,7 +645,9 @@ class Simulation:
 
 
 _OUTCOME_INDEX = {o: i for i, o in enumerate(OUTCOMES)}
-_CONTRACT_REFUSALS = frozenset({"budget_exhausted", "too_large", "model_not_allowed"})
+_CONTRACT_REFUSALS = frozenset(
+    {"budget_exhausted", "too_large", "model_not_allowed", "unknown_plan"}
+)
 _HELD_BACK = frozenset({"rate_limited", "shed"})  # control refusals: demand held back
 _HELD_BACK_CODES = np.array([o in _HELD_BACK for o in OUTCOMES], dtype=bool)  # by code
 

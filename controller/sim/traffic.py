@@ -15,7 +15,7 @@ from typing import Literal
 import numpy as np
 import numpy.typing as npt
 
-from controller.model import FloatArray
+from controller.model import FloatArray, model_key
 from controller.sim.scenario import Diurnal, Event, RequestSize, Scenario
 from controller.sim.trace import IntArray, TraceData, assign_tenants, zipf_shares
 
@@ -48,6 +48,11 @@ class SimTenant:
     @property
     def well_behaved(self) -> bool:
         return self.role != "attacker"
+
+    @property
+    def model_key(self) -> str:
+        """Its model as the gateways limit it (without regard to case)."""
+        return model_key(self.model)
 
 
 @dataclass(frozen=True)

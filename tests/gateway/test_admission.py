@@ -9,6 +9,8 @@ import redis
 
 from controller.clients.scripts import ADMIT
 from controller.contract.catalog import PlanInfo
+from controller.contract.enforcement import EnforcementKeys
+from controller.contract.keys import KeySchema
 from controller.gateway.admission import Admission, AdmissionRequest, AdmissionResult
 from controller.gateway.limits import resolve
 from tests.gateway.conftest import Gate, server_ms
@@ -141,6 +143,32 @@ def test_per_model_limits_follow_the_lookup_rule(gate: Gate, set_limits: SetLimi
     # Other models use the plain limit and their own counter.
     assert outcomes(burst(gate, 2, tokens=500, model="gpt-3.5-turbo")) == ["allow"] * 2
     assert outcomes(burst(gate, 2, model="gpt-4o")) == ["allow", "rate_limited"]
+
+
+def test_a_model_is_limited_whatever_the_case_of_its_name(
+    gate: Gate, db: redis.Redis[str], set_limits: SetLimits
+) -> None:
+    # Written as a policy names them (case and all); a request spelling the model otherwise
+    # meets the same limit and the same counter instead of the plain limit.
+    set_limits(
+        {
+            "plan/free/requests_per_minute": 1_000,
+            "plan/free/requests_per_minute@GPT-4": 2,
+            "tenant/acme/requests_per_minute@meta-llama/Llama-3.1-8B-Instruct": 1,
+        }
+    )
+    spelled = [burst(gate, 1, model=m)[0] for m in ("gpt-4", "GPT-4", "Gpt-4")]
+    assert outcomes(spelled) == ["allow", "allow", "rate_limited"]
+    assert spelled[-1].denied_by == "tenant/acme/requests_per_minute@gpt-4"
+    hf = [burst(gate, 1, model=m)[0] for m in ("meta-llama/Llama-3.1-8B-Instruct",
+                                                "META-LLAMA/llama-3.1-8b-instruct")]  # fmt: skip
+    assert outcomes(hf) == ["allow", "rate_limited"]
+    assert hf[-1].denied_by == "tenant/acme/requests_per_minute@meta-llama/llama-3.1-8b-instruct"
+    # One counter per model, kept under the lower-case name admit.lua was given.
+    state = db.hgetall(EnforcementKeys(KeySchema("governor")).tenant_level("acme").state)
+    assert "g|requests_per_minute@meta-llama/llama-3.1-8b-instruct" in state
+    assert not [f for f in state if any(c.isupper() for c in f)]
+    assert outcomes(burst(gate, 2, model="gpt-4o")) == ["allow"] * 2  # others: the plain limit
 
 
 def test_a_limit_of_zero_anywhere_is_a_shed(gate: Gate, set_limits: SetLimits) -> None:

@@ -255,6 +255,15 @@ BROKEN: dict[str, tuple[dict[str, str], str, str, int, str]] = {
         0,
         "spec: the floor of global/requests_per_second (10) is above its ceiling (5)",
     ),
+    "one address twice, its model in two cases": (
+        {"p.yaml": PLAN, "l.yaml": FREE_LIMITS + "  floors: {plan/free/requests_per_minute@GPT-4:"
+         " 1, plan/free/requests_per_minute@gpt-4: 2}\n"},
+        "l.yaml",
+        "{plan/free/requests_per_minute@GPT-4",
+        0,
+        "spec.floors: 'plan/free/requests_per_minute@GPT-4' and "
+        "'plan/free/requests_per_minute@gpt-4' are one address",
+    ),
     "a plan's weight written as a global one": (
         {"p.yaml": PLAN, "l.yaml": FREE_LIMITS + "  global: {concurrent_weight: 2}\n"},
         "l.yaml",

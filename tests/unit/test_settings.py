@@ -10,6 +10,7 @@ from pydantic import BaseModel
 from typer.testing import CliRunner
 
 from controller.cli import app
+from controller.gateway.prices import PriceTable
 from controller.settings import Settings
 
 MASK = "**********"
@@ -311,3 +312,24 @@ def test_a_tick_at_the_floor_is_taken(monkeypatch: pytest.MonkeyPatch) -> None:
 
     assert code == 0
     assert json.loads(stdout)["controller"]["tick_seconds"] == 0.5
+
+
+def test_two_prices_for_one_model_in_two_cases_are_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Models are priced as they are limited, without regard to case: which of two prices
+    # for GPT-4 and gpt-4 won would depend on the table's order.
+    prices = {"gpt-4": {"prompt_per_1k": 0.03, "completion_per_1k": 0.06},
+              "GPT-4": {"prompt_per_1k": 0.0, "completion_per_1k": 0.0}}  # fmt: skip
+    monkeypatch.setenv("GOVERNOR_PRICES__MODELS", json.dumps(prices))
+
+    code, _, stderr = show()
+
+    assert code == 2
+    assert "models 'gpt-4' and 'GPT-4' differ only in case" in stderr
+
+
+def test_a_model_is_priced_whatever_the_case_of_its_name() -> None:
+    table = PriceTable.from_settings(Settings().prices)
+    assert table.price("GPT-4") == table.price("gpt-4") != table.price("gpt-4o")
+    assert table.cost("Gpt-4", 1000, 0) == pytest.approx(0.03)

@@ -158,7 +158,8 @@ end
 
 function Admission:admit(client, request, plan)
   local ip = request.ip or ''
-  local user, model = request.user or '', request.model or ''
+  -- A model's limits are met without regard to case (model.py's model_key: ASCII only, as here).
+  local user, model = request.user or '', string.lower(request.model or '')
   local keys = self.keys:admit_keys(request.tenant, user, ip)
   local last = nil
   for _ = 1, ATTEMPTS do

@@ -20,8 +20,10 @@ function _M.new(document)
   return setmetatable({models = document.models or {}, default = document.default}, Table)
 end
 
+-- The table's names are in lower case (prices.py keys it by model_key): a model is priced
+-- without regard to case, as it is limited.
 function Table:price(model)
-  return (model and self.models[model]) or self.default
+  return (model and self.models[string.lower(model)]) or self.default
 end
 
 -- USD for one request's actual usage.
