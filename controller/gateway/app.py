@@ -105,7 +105,11 @@ class GatewayRuntime:
             catalog=catalog,
             failmode=FailMode(presence, memory, LocalLimiter()),
             prices=prices,
-            metrics=GatewayMetrics(gateway.metrics_max_tenants, gateway.metrics_max_models),
+            metrics=GatewayMetrics(
+                gateway.metrics_max_tenants,
+                gateway.metrics_max_models,
+                known_model=lambda model: model in prices.models or catalog.names(model),
+            ),
             answers=Answers(gateway.problem_base_url, gateway.retry_after_jitter),
             tracing=Tracing(gateway.otlp_endpoint) if gateway.otlp_endpoint else None,
         )

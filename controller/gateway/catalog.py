@@ -18,6 +18,7 @@ import redis.asyncio
 from controller.clients.redis import key_schema
 from controller.contract.catalog import PlanInfo
 from controller.errors import SinkError
+from controller.model import model_key
 
 
 @dataclass
@@ -53,6 +54,12 @@ class PlanCatalog:
     def get(self, plan: str) -> PlanInfo | None:
         """The cached plan; None for a plan the catalog does not hold (never a default)."""
         return None if self._plans is None else self._plans.get(plan)
+
+    def names(self, model: str) -> bool:
+        """Whether a plan lists `model` among its `models` (compared as limits are: model_key)."""
+        return any(
+            model in {model_key(m) for m in plan.models} for plan in (self._plans or {}).values()
+        )
 
     def invalidate(self) -> None:
         """Read Redis again on the next `current` call (e.g. on a `<P>:changes` message)."""

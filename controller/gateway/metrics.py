@@ -3,6 +3,11 @@
 Cardinality cap: the first `metrics_max_tenants` tenants and `metrics_max_models` models
 seen keep their names; later ones are counted as `other`. Plans come from the policy files
 (few). So each series family holds at most tenants × plans × models × (outcomes or kinds).
+A model the operator named (in the price table or a plan's `models`) always keeps its name
+and takes no place under the cap, and a model a plan refused takes none either: a caller
+sending made-up model names cannot push the real ones into `other`, where the policies
+reading these series would no longer see them. Models are labelled in lower case, as they
+are limited (model.model_key).
 
 Counters whose label sets are closed (the store operations) start at 0, so `increase()` sees
 their first event; no counter exports a `_created` series (docs/gateway.md, Metrics).
@@ -11,6 +16,7 @@ their first event; no counter exports a `_created` series (docs/gateway.md, Metr
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 
 from prometheus_client import (
     CollectorRegistry,
@@ -20,7 +26,7 @@ from prometheus_client import (
     disable_created_metrics,
 )
 
-from controller.model import AddressError, LimitKind, Scope, interned
+from controller.model import AddressError, LimitKind, Scope, interned, model_key
 
 # A `_created` series beside every counter child doubles the capped per-tenant series for a
 # value nothing reads. prometheus_client's switch is process-wide: set where metrics are made.
@@ -68,11 +74,14 @@ def refusing(address: str) -> tuple[str, str]:
 
 
 class LabelCap:
-    """Keeps the first `limit` distinct values of one label; later values become `other`."""
+    """Keeps the first `limit` distinct values of one label; later values become `other`.
+    `known` values keep their name without taking a place under the cap."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, known: Callable[[str], bool] | None = None) -> None:
         self.limit = limit
+        self.known = known
         self._seen: set[str] = set()
+        self._capped = 0  # values in _seen that took a place under the cap
         self._lock = threading.Lock()
 
     def __call__(self, value: str | None) -> str:
@@ -80,20 +89,36 @@ class LabelCap:
             return "none"
         if value in self._seen:
             return value
+        known = self.known is not None and self.known(value)
         with self._lock:
-            if len(self._seen) < self.limit:
+            if value in self._seen or known:
                 self._seen.add(value)
                 return value
+            if self._capped < self.limit:
+                self._capped += 1
+                self._seen.add(value)
+                return value
+        return OTHER
+
+    def peek(self, value: str | None) -> str:
+        """The label `value` has now, without taking a place for it (a value refused before
+        it did anything, such as a model its plan does not list)."""
+        if value is None or value == "":
+            return "none"
+        if value in self._seen or (self.known is not None and self.known(value)):
+            return value
         return OTHER
 
 
 class GatewayMetrics:
     """Every series the gateway exports, on its own registry (served at /metrics)."""
 
-    def __init__(self, max_tenants: int, max_models: int) -> None:
+    def __init__(
+        self, max_tenants: int, max_models: int, known_model: Callable[[str], bool] | None = None
+    ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.tenant = LabelCap(max_tenants)
-        self.model = LabelCap(max_models)
+        self._model = LabelCap(max_models, known_model)
         self.plan = LabelCap(max_models)  # plans are few; the cap only guards forged claims
         labels = ("tenant", "plan", "model")
         self.requests = Counter(
@@ -183,10 +208,17 @@ class GatewayMetrics:
         limit's level and kind."""
         self.refusals.labels(*refusing(address)).inc()
 
+    def model(self, model: str | None) -> str:
+        """A model's label: lower case, capped (known models always named)."""
+        return self._model(model_key(model) if model else model)
+
     def request(
         self, tenant: str | None, plan: str | None, model: str | None, outcome: str
     ) -> None:
-        self.requests.labels(self.tenant(tenant), self.plan(plan), self.model(model), outcome).inc()
+        # A model its plan refused did nothing: it is named only if it already is.
+        key = model_key(model) if model else model
+        name = self._model.peek(key) if outcome == "model_not_allowed" else self._model(key)
+        self.requests.labels(self.tenant(tenant), self.plan(plan), name, outcome).inc()
 
     def started(self, tenant: str, plan: str, model: str) -> None:
         """An admitted request begins (its `finished` must follow, once)."""

@@ -8,11 +8,15 @@ import datetime as dt
 import re
 
 import redis
+from prometheus_client import generate_latest
 from pydantic import SecretStr
 
 from controller.changes import Change
+from controller.contract.catalog import PlanInfo
 from controller.contract.keys import KeySchema
+from controller.gateway.catalog import PlanCatalog
 from controller.gateway.credits import CreditLedger
+from controller.gateway.metrics import GatewayMetrics
 from controller.gateway.prices import PriceTable
 from controller.model import Address
 from controller.settings import PricesSettings
@@ -192,3 +196,41 @@ def test_an_empty_metrics_token_opens_metrics_to_no_scrape(make_gateway: MakeGat
                ("Bearer", "bearer")]  # fmt: skip
 
     assert [answer.status_code for answer in answers] == [401] * 2
+
+
+def model_labels(gateway: Gateway) -> set[str]:
+    """The model label values of gateway_requests_total."""
+    return set(re.findall(r'^gateway_requests_total\{[^}]*model="([^"]*)"', gateway.metrics(),
+                          re.MULTILINE))  # fmt: skip
+
+
+def test_made_up_model_names_cannot_push_the_real_models_into_other(
+    make_gateway: MakeGateway,
+) -> None:
+    # Two places for models outside the price table and the plans' lists. Refusals take none;
+    # a model the operator named takes none and is always named, in lower case.
+    gateway = make_gateway(metrics_max_models=2)
+    free, metered = gateway.key("acme", "free"), gateway.key("stark", "metered")
+    refused = [gateway.chat(free, model=f"refused-{i}").status_code for i in range(3)]
+    served = [gateway.chat(metered, model=f"made-up-{i}", max_tokens=1).status_code
+              for i in range(3)]  # fmt: skip
+    named = [gateway.chat(metered, model=m, max_tokens=1).status_code for m in ("GPT-4o", "gpt-4")]
+
+    assert refused == [403] * 3
+    assert served + named == [200] * 5
+    labels = model_labels(gateway)
+    assert {"made-up-0", "made-up-1", "gpt-4o", "gpt-4", "other"} <= labels
+    assert not {"made-up-2", "refused-0", "GPT-4o"} & labels
+
+
+def test_a_model_a_plan_lists_keeps_its_name_past_the_cap() -> None:
+    plans = {"open": PlanInfo(()), "vllm": PlanInfo(("Qwen/Qwen2.5-7B-Instruct",))}
+    catalog = PlanCatalog.fixed(None, "governor", plans)  # type: ignore[arg-type]
+    metrics = GatewayMetrics(10, 1, known_model=catalog.names)
+    metrics.request("acme", "open", "first", "allow")  # takes the one place
+
+    metrics.request("acme", "vllm", "QWEN/qwen2.5-7b-instruct", "allow")
+    metrics.request("acme", "open", "second", "allow")
+
+    labels = set(re.findall(r'model="([^"]*)"', generate_latest(metrics.registry).decode()))
+    assert labels == {"first", "qwen/qwen2.5-7b-instruct", "other"}
