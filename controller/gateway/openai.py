@@ -21,6 +21,14 @@ ROUTES: dict[str, RequestKind] = {
     "/v1/completions": "completion",
     "/v1/embeddings": "embedding",
 }
+# Where each route reads its output cap. A completions request has no
+# `max_completion_tokens` (OpenAI's legacy API, vLLM's CompletionRequest): a model server
+# ignores it and generates up to `max_tokens`, or to its own default without one.
+MAX_TOKENS_NAMES: dict[RequestKind, tuple[str, ...]] = {
+    "chat": ("max_completion_tokens", "max_tokens"),
+    "completion": ("max_tokens",),
+    "embedding": (),
+}
 CHARS_PER_TOKEN = 4
 MESSAGE_OVERHEAD_TOKENS = 4
 _MAX_BUFFERED_RESPONSE = 32 * 1024 * 1024
@@ -83,11 +91,14 @@ class ModelRequest:
 
     @property
     def max_tokens(self) -> int | None:
-        for name in ("max_completion_tokens", "max_tokens"):
-            value = self.body.get(name)
-            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-                return value
-        return None
+        """The output cap the route's model server reads; with both chat names, the larger:
+        servers differ in which one wins, and the reservation is the worst case."""
+        values = [
+            value
+            for value in (self.body.get(name) for name in MAX_TOKENS_NAMES[self.kind])
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0
+        ]
+        return max(values, default=None)
 
     @property
     def choices(self) -> int:
@@ -113,8 +124,11 @@ class ModelRequest:
         return True
 
     def set_max_tokens(self, value: int) -> None:
-        name = "max_completion_tokens" if "max_completion_tokens" in self.body else "max_tokens"
-        self.body[name] = value
+        """Cap the output: every name the route reads that the client sent, else max_tokens
+        (one left as it was could be the one the model server honours)."""
+        names = [name for name in MAX_TOKENS_NAMES[self.kind] if name in self.body]
+        for name in names or ["max_tokens"]:
+            self.body[name] = value
         self.changed = True
 
     def set_model(self, model: str) -> None:

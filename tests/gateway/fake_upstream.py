@@ -78,7 +78,10 @@ class FakeUpstream:
             return failed
         await anyio.sleep(float(request.headers.get("x-fake-delay", "0")))
         prompt = 7 + len(json.dumps(body.get("messages") or body.get("prompt"))) // 10
-        limit = body.get("max_completion_tokens") or body.get("max_tokens") or 10_000
+        # As vLLM reads the cap: a completions request has no max_completion_tokens.
+        chat = request.url.path == "/v1/chat/completions"
+        cap = body.get("max_completion_tokens") if chat else None
+        limit = cap or body.get("max_tokens") or 10_000
         wanted = int(request.headers.get("x-fake-tokens", self.completion_tokens))
         completion = min(wanted, int(limit))
         usage = {

@@ -324,3 +324,63 @@ def test_a_client_gone_before_a_whole_answer_still_pays_for_it(
         assert answered > 0, side.name
         state = tenant_state(side, "leaver")
         assert state["u|tokens_per_day"] == str((1 + answered) * cost), (side.name, answered, cost)
+
+
+COMPLETION = b'{"model":"gpt-3.5-turbo","prompt":"hi"'
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/completions", COMPLETION + b',"max_completion_tokens":1,"max_tokens":5000}'),
+        ("/v1/chat/completions", b'{"model":"gpt-3.5-turbo",' + MESSAGES
+         + b',"max_completion_tokens":1,"max_tokens":5000}'),
+    ],
+    ids=["completion", "chat"],
+)  # fmt: skip
+def test_the_larger_output_cap_is_reserved_not_the_one_the_model_server_ignores(
+    path: str,
+    body: bytes,
+    nginx: Side,
+    python_gateway: Side,
+    upstream: tuple[FakeUpstream, ServerThread],
+) -> None:
+    """Both gateways reserved `max_completion_tokens: 1`, which a completions request does not
+    have (vLLM generates up to its `max_tokens`): 3,000 tokens served on a 1,000-token day.
+    A chat server may honour either name, so the larger one is the worst case."""
+    fake = upstream[0]
+    for side in (python_gateway, nginx):
+        seen = len(fake.seen)
+        answer = side.http.post(
+            f"{side.url}{path}",
+            content=body,
+            headers={
+                "authorization": f"Bearer {side.key('capper', 'free')}",
+                "x-fake-tokens": "3000",
+            },
+        )
+        assert answer.status_code == 400, (side.name, answer.status_code, answer.text[:300])
+        assert answer.json()["type"].endswith("#request-too-large"), side.name
+        assert len(fake.seen) == seen, f"{side.name} reserved the cap the model server ignores"
+
+
+def test_a_completion_capped_only_by_max_completion_tokens_gets_max_tokens_written_in(
+    nginx: Side, python_gateway: Side, upstream: tuple[FakeUpstream, ServerThread]
+) -> None:
+    """Without `max_tokens`, a completions model server generates to its own default (the
+    context's end on some): the gateway's default, lowered to what the day holds, goes in."""
+    fake = upstream[0]
+    for side in (python_gateway, nginx):
+        answer = side.http.post(
+            f"{side.url}/v1/completions",
+            content=COMPLETION + b',"max_completion_tokens":1}',
+            headers={
+                "authorization": f"Bearer {side.key('capper', 'free')}",
+                "x-fake-tokens": "3000",
+            },
+        )
+        assert answer.status_code == 200, (side.name, answer.status_code, answer.text[:300])
+        forwarded = fake.last().body or {}
+        assert forwarded["max_tokens"] == int(answer.headers["x-governor-max-tokens"]), side.name
+        # Generation stopped at the day's tokens, not at the 3,000 the model server would give.
+        assert answer.json()["usage"]["completion_tokens"] == forwarded["max_tokens"] < 1000

@@ -72,6 +72,14 @@ BODIES: list[tuple[RequestKind, Any]] = [
               "max_tokens": 3, "big": 12345678901234567}),
     ("completion", {"model": "m", "prompt": [[1, 2, 3], "text"], "best_of": 2, "max_tokens": 4}),
     ("completion", {"model": "m", "prompt": "no max tokens"}),
+    # Completions have no max_completion_tokens: max_tokens counts, or the default goes in.
+    ("completion", {"model": "m", "prompt": "p", "max_completion_tokens": 1, "max_tokens": 90}),
+    ("completion", {"model": "m", "prompt": "p", "max_completion_tokens": 1}),
+    # Both chat caps: the larger is reserved; no cap but a null one: the default goes there.
+    ("chat", {"model": "m", "messages": [{"role": "user", "content": "s"}],
+              "max_completion_tokens": 1, "max_tokens": 90}),
+    ("chat", {"model": "m", "messages": [{"role": "user", "content": "s"}],
+              "max_completion_tokens": None}),
     ("embedding", {"model": "m", "input": ["a", "bb", "ccc"]}),
 ]  # fmt: skip
 REFUSED: list[tuple[RequestKind, Any]] = [

@@ -11,6 +11,13 @@ _M.ROUTES = {
   ['/v1/completions'] = 'completion',
   ['/v1/embeddings'] = 'embedding',
 }
+-- openai.MAX_TOKENS_NAMES: where each route reads its output cap. A completions request has
+-- no `max_completion_tokens` (a model server ignores it and generates up to `max_tokens`).
+local MAX_TOKENS_NAMES = {
+  chat = {'max_completion_tokens', 'max_tokens'},
+  completion = {'max_tokens'},
+  embedding = {},
+}
 local CHARS_PER_TOKEN = 4
 local MESSAGE_OVERHEAD_TOKENS = 4
 local MAX_BUFFERED_RESPONSE = 32 * 1024 * 1024
@@ -141,14 +148,17 @@ function Request:streaming()
   return self.kind ~= 'embedding' and self.body.stream == true
 end
 
+-- The output cap the route's model server reads; with both chat names, the larger (servers
+-- differ in which one wins, and the reservation is the worst case).
 function Request:max_tokens()
-  for _, name in ipairs({'max_completion_tokens', 'max_tokens'}) do
+  local most = nil
+  for _, name in ipairs(MAX_TOKENS_NAMES[self.kind]) do
     local value = self.body[name]
-    if is_int(value) and value > 0 then
-      return value
+    if is_int(value) and value > 0 and (most == nil or value > most) then
+      most = value
     end
   end
-  return nil
+  return most
 end
 
 function Request:choices()
@@ -187,9 +197,19 @@ function Request:set(name, value)
   self.changed = true
 end
 
+-- Cap the output: every name the route reads that the client sent (null included), else
+-- max_tokens (one left as it was could be the one the model server honours).
 function Request:set_max_tokens(value)
-  local name = self.body.max_completion_tokens ~= nil and 'max_completion_tokens' or 'max_tokens'
-  self:set(name, value)
+  local set = false
+  for _, name in ipairs(MAX_TOKENS_NAMES[self.kind]) do
+    if self.body[name] ~= nil then
+      self:set(name, value)
+      set = true
+    end
+  end
+  if not set then
+    self:set('max_tokens', value)
+  end
 end
 
 function Request:set_model(model)
