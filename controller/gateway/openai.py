@@ -38,6 +38,11 @@ class RequestError(ValueError):
     """A body the gateway cannot account for; the message is shown to the client (400)."""
 
 
+def not_utf8(offset: int) -> str:
+    """The refusal of a body that is no UTF-8, naming the first bad byte (counted from 0)."""
+    return f"the request body is not UTF-8 (byte {offset} is not): send JSON encoded in UTF-8"
+
+
 def text_tokens(text: str) -> int:
     return math.ceil(len(text) / CHARS_PER_TOKEN)
 
@@ -69,8 +74,14 @@ class ModelRequest:
     @classmethod
     def _read(cls, kind: RequestKind, raw: bytes) -> ModelRequest:
         try:
-            body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as exc:
+            # UTF-8 only (RFC 8259 §8.1), as the nginx module reads it: json.loads(bytes)
+            # would also take UTF-16 and UTF-32, which nginx refuses and some model servers too.
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise RequestError(not_utf8(exc.start)) from None
+        try:
+            body = json.loads(text)
+        except ValueError as exc:
             raise RequestError(f"the request body is not JSON: {exc}") from None
         if not isinstance(body, dict):
             raise RequestError("the request body must be a JSON object")

@@ -125,6 +125,40 @@ def test_refusals_say_what_python_says(nginx: Side, kind: RequestKind, body: Any
     assert lua == {"error": str(refused.value)}
 
 
+PREFIX_BYTES = b'{"model":"m","prompt":"'
+# Bytes that are no UTF-8 (after 23 + 9 bytes that are): latin-1, a lone continuation byte,
+# overlong forms, a surrogate, past U+10FFFF, no lead byte at all, a sequence cut short.
+NOT_UTF8 = [b"\xe9", b"\x80", b"\xc0\xaf", b"\xe0\x80\xaf", b"\xed\xa0\x80",
+            b"\xf4\x90\x80\x80", b"\xf5", b"\xe2\x82"]  # fmt: skip
+
+
+@pytest.mark.parametrize("bad", NOT_UTF8, ids=lambda bad: bad.hex())
+def test_a_body_that_is_no_utf8_is_refused_at_the_byte_python_names(
+    nginx: Side, bad: bytes
+) -> None:
+    """lua-cjson takes any byte inside a string: nginx forwarded a latin-1 body, which the
+    Python gateway refuses."""
+    raw = PREFIX_BYTES + "é✓😀".encode() + bad + b'","max_tokens":5}'
+
+    lua = probe(nginx, "completion", raw)
+
+    with pytest.raises(RequestError) as refused:
+        ModelRequest.parse("completion", raw, DEFAULT_MAX_TOKENS)
+    assert lua == {"error": str(refused.value)}
+    assert "(byte 32 is not)" in lua["error"]
+
+
+def test_utf16_or_a_byte_order_mark_is_no_json_for_either_gateway(nginx: Side) -> None:
+    """Python's json.loads(bytes) read UTF-16 and UTF-32 (and a UTF-8 BOM), which nginx
+    refuses: the same body was served by one gateway and refused by the other."""
+    document = {"model": "m", "prompt": "p", "max_tokens": 5}
+    for raw in (json.dumps(document).encode("utf-16"), json.dumps(document).encode("utf-32"),
+                b"\xef\xbb\xbf" + json.dumps(document).encode()):  # fmt: skip
+        with pytest.raises(RequestError):
+            ModelRequest.parse("completion", raw, DEFAULT_MAX_TOKENS)
+        assert "error" in probe(nginx, "completion", raw)
+
+
 STREAM = (
     b'data: {"choices":[{"delta":{"content":"h\\u00e9"}}]}\r\n\r\n'
     b'data: {"choices":[],"usage":{"prompt_tokens":7,"completion_tokens":2}}\n\n'

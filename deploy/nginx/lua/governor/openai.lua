@@ -108,11 +108,57 @@ local function bad_stream(kind, body)
   return nil
 end
 
+-- The first byte (from 1) of `text` that is no part of well-formed UTF-8 (RFC 3629: no
+-- overlong forms, surrogates or code points past U+10FFFF, as Python's codec), or nil.
+-- lua-cjson passes any byte inside a string: unchecked, a latin-1 body went to the model
+-- server, where the Python gateway refuses it.
+local function bad_utf8(text)
+  local i = 1
+  while true do
+    i = text:find('[\128-\255]', i)  -- ASCII runs are skipped at C speed
+    if i == nil then
+      return nil
+    end
+    local c = text:byte(i)
+    local size, low, high = 0, 0x80, 0xbf  -- the second byte's range
+    if c >= 0xc2 and c <= 0xdf then
+      size = 2
+    elseif c >= 0xe0 and c <= 0xef then
+      size = 3
+      low = c == 0xe0 and 0xa0 or low
+      high = c == 0xed and 0x9f or high
+    elseif c >= 0xf0 and c <= 0xf4 then
+      size = 4
+      low = c == 0xf0 and 0x90 or low
+      high = c == 0xf4 and 0x8f or high
+    else
+      return i
+    end
+    for k = 1, size - 1 do
+      local b = text:byte(i + k)
+      if b == nil or b < (k == 1 and low or 0x80) or b > (k == 1 and high or 0xbf) then
+        return i
+      end
+    end
+    i = i + size
+  end
+end
+
+-- openai.not_utf8 (Python's wording): `at` counts from 1, Python's offset from 0.
+local function not_utf8(at)
+  return 'the request body is not UTF-8 (byte ' .. (at - 1) .. ' is not): send JSON encoded '
+    .. 'in UTF-8'
+end
+
 local Request = {}
 Request.__index = Request
 
 -- One request body, or nil and the message for a 400 (the Python gateway's wording).
 function _M.parse(kind, raw, default_max_tokens)
+  local bad = bad_utf8(raw)
+  if bad ~= nil then
+    return nil, not_utf8(bad)
+  end
   local body, err = cjson.decode(raw)
   if body == nil then
     return nil, 'the request body is not JSON: ' .. tostring(err)
