@@ -1,9 +1,10 @@
 """The OpenAI wire format: what a request may spend at most, what its response says it spent.
 
-Worst-case rule (documented in docs/gateway.md): prompt estimate + max_tokens × n, where the
-prompt estimate is ⌈characters / 4⌉ of every text the model reads plus 4 tokens per chat
-message, and a completion request without max_tokens gets the configured default written in
-(lowered at admission to what the limits and the budget still hold: `least_tokens`).
+Worst-case rule (documented in docs/gateway.md): prompt estimate + max_tokens × n × prompts
+(a completions batch is answered prompt by prompt), where the prompt estimate is
+⌈characters / 4⌉ of every text the model reads plus 4 tokens per chat message, and a
+completion request without max_tokens gets the configured default written in (lowered at
+admission to what the limits and the budget still hold: `least_tokens`).
 """
 
 from __future__ import annotations
@@ -113,8 +114,10 @@ class ModelRequest:
 
     @property
     def choices(self) -> int:
+        """Answers generated, each up to max_tokens: n (or best_of, the larger) per prompt."""
         counts = [self.body.get(name) for name in ("n", "best_of")]
-        return max([1, *(c for c in counts if isinstance(c, int) and not isinstance(c, bool))])
+        each = max([1, *(c for c in counts if isinstance(c, int) and not isinstance(c, bool))])
+        return each * _prompts(self.kind, self.body)
 
     @property
     def worst_case_tokens(self) -> int:
@@ -187,6 +190,17 @@ def _check_stream(kind: RequestKind, body: Mapping[str, Any]) -> None:
     value = body.get("stream")
     if kind != "embedding" and value is not None and not isinstance(value, bool):
         raise RequestError(f"`stream` must be true or false, not {json.dumps(value)[:40]}")
+
+
+def _prompts(kind: RequestKind, body: Mapping[str, Any]) -> int:
+    """Prompts in a completions request: a list of texts (or of token lists) is a batch, and
+    the model server answers each in full (OpenAI's legacy API, vLLM); a list of token ids is
+    one prompt. Items that are neither count too (the nginx module cannot tell a list from an
+    object; a model server refuses them anyway)."""
+    prompt = body.get("prompt") if kind == "completion" else None
+    if not isinstance(prompt, list):
+        return 1
+    return max(1, sum(1 for item in prompt if isinstance(item, str | list | dict)))
 
 
 def _prompt_tokens(kind: RequestKind, body: Mapping[str, Any]) -> int:

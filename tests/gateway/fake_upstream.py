@@ -4,7 +4,7 @@ The fake answers chat, completions and embeddings with real `usage` figures it c
 from the request, streams SSE when asked, and records what reached it. Test knobs travel as
 request headers (the gateway forwards them): `x-fake-status` answers that status,
 `x-fake-usage: none` leaves usage out, `x-fake-tokens: N` generates N tokens (at most
-max_tokens), `x-fake-hold: 1` holds a stream after its first
+max_tokens; per prompt of a completions batch), `x-fake-hold: 1` holds a stream after its first
 chunk until the test releases it, `x-fake-delay: S` waits S seconds before answering (a
 model generating).
 """
@@ -83,7 +83,12 @@ class FakeUpstream:
         cap = body.get("max_completion_tokens") if chat else None
         limit = cap or body.get("max_tokens") or 10_000
         wanted = int(request.headers.get("x-fake-tokens", self.completion_tokens))
-        completion = min(wanted, int(limit))
+        # A completions batch (a list of texts) is answered prompt by prompt, as vLLM does.
+        prompts = body.get("prompt") if not chat else None
+        batch = 1  # a text, or a list of token ids, is one prompt
+        if isinstance(prompts, list) and all(isinstance(item, str | list) for item in prompts):
+            batch = max(1, len(prompts))
+        completion = min(wanted, int(limit)) * batch
         usage = {
             "prompt_tokens": prompt,
             "completion_tokens": completion,

@@ -384,3 +384,34 @@ def test_a_completion_capped_only_by_max_completion_tokens_gets_max_tokens_writt
         assert forwarded["max_tokens"] == int(answer.headers["x-governor-max-tokens"]), side.name
         # Generation stopped at the day's tokens, not at the 3,000 the model server would give.
         assert answer.json()["usage"]["completion_tokens"] == forwarded["max_tokens"] < 1000
+
+
+def test_a_completions_batch_reserves_max_tokens_for_every_prompt(
+    nginx: Side, python_gateway: Side, upstream: tuple[FakeUpstream, ServerThread]
+) -> None:
+    """A list of prompts is answered prompt by prompt (OpenAI's legacy API, vLLM), yet both
+    gateways reserved max_tokens × n once: 50 prompts × 100 tokens were served on a
+    1,000-token day for a reservation of 150."""
+    fake = upstream[0]
+    batch = json.dumps({"model": "gpt-3.5-turbo", "prompt": ["a"] * 50, "max_tokens": 100})
+    for side in (python_gateway, nginx):
+        key = side.key("batcher", "free")
+        seen = len(fake.seen)
+        answer = side.http.post(
+            f"{side.url}/v1/completions",
+            content=batch.encode(),
+            headers={"authorization": f"Bearer {key}", "x-fake-tokens": "100"},
+        )
+        assert answer.status_code == 400, (side.name, answer.status_code, answer.text[:300])
+        assert answer.json()["type"].endswith("#request-too-large"), side.name
+        assert len(fake.seen) == seen, f"{side.name} served a batch past the day's tokens"
+        # Without max_tokens, the default is lowered so that every prompt's answer fits.
+        answer = side.http.post(
+            f"{side.url}/v1/completions",
+            json={"model": "gpt-3.5-turbo", "prompt": ["a", "b", "c", "d"]},
+            headers={"authorization": f"Bearer {key}", "x-fake-tokens": "5000"},
+        )
+        assert answer.status_code == 200, (side.name, answer.status_code, answer.text[:300])
+        each = int(answer.headers["x-governor-max-tokens"])
+        assert (fake.last().body or {})["max_tokens"] == each, side.name
+        assert answer.json()["usage"]["completion_tokens"] == 4 * each < 1000, side.name

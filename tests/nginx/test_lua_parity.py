@@ -72,6 +72,11 @@ BODIES: list[tuple[RequestKind, Any]] = [
               "max_tokens": 3, "big": 12345678901234567}),
     ("completion", {"model": "m", "prompt": [[1, 2, 3], "text"], "best_of": 2, "max_tokens": 4}),
     ("completion", {"model": "m", "prompt": "no max tokens"}),
+    # A batch is answered prompt by prompt; token ids are one prompt; odd items count too.
+    ("completion", {"model": "m", "prompt": ["a", "bb", "ccc"], "n": 2, "max_tokens": 5}),
+    ("completion", {"model": "m", "prompt": [1, 2, 3], "n": 2, "max_tokens": 5}),
+    ("completion", {"model": "m", "prompt": ["a", {"b": 1}, 7, None], "max_tokens": 5}),
+    ("completion", {"model": "m", "prompt": ["a", "b"]}),
     # Completions have no max_completion_tokens: max_tokens counts, or the default goes in.
     ("completion", {"model": "m", "prompt": "p", "max_completion_tokens": 1, "max_tokens": 90}),
     ("completion", {"model": "m", "prompt": "p", "max_completion_tokens": 1}),

@@ -1,5 +1,5 @@
 -- The OpenAI wire format, as controller/gateway/openai.py reads it: what a request may spend
--- at most (prompt estimate + max_tokens × n), and what its answer says it spent.
+-- at most (prompt estimate + max_tokens × n × prompts), and what its answer says it spent.
 
 local cjson = require 'cjson.safe'
 local jsontext = require 'governor.jsontext'
@@ -207,6 +207,24 @@ function Request:max_tokens()
   return most
 end
 
+-- openai._prompts: a completions batch (a list of texts or token lists) is answered prompt by
+-- prompt; a list of token ids is one prompt. cjson cannot tell a list from an object: any
+-- item that is a string or a table counts (Python counts objects too).
+local function prompts(kind, body)
+  local prompt = kind == 'completion' and body.prompt or nil
+  if type(prompt) ~= 'table' then
+    return 1
+  end
+  local count = 0
+  for _, item in ipairs(prompt) do
+    if type(item) == 'string' or type(item) == 'table' then
+      count = count + 1
+    end
+  end
+  return math.max(1, count)
+end
+
+-- Answers generated, each up to max_tokens: n (or best_of, the larger) per prompt.
 function Request:choices()
   local most = 1
   for _, name in ipairs({'n', 'best_of'}) do
@@ -215,7 +233,7 @@ function Request:choices()
       most = value
     end
   end
-  return most
+  return most * prompts(self.kind, self.body)
 end
 
 -- What this request can cost at most: the reservation.
