@@ -288,7 +288,7 @@ class GovernorMiddleware:
         if request.streaming and request.ask_for_stream_usage():
             strip = UsageChunkFilter()
         headers["x-governor-request-id"] = request_id
-        meter = UsageMeter(request.streaming, request.prompt_tokens)
+        meter = UsageMeter(request.streaming, request.prompt_tokens, request.worst_case_tokens)
         reservation = result.reservation if result is not None else None
         call = _Call(
             principal, principal.plan, request, request_id, reservation, meter, headers, outcome

@@ -301,6 +301,9 @@ class UsageMeter:
 
     streaming: bool
     prompt_estimate: int
+    # What an answer too big to read is charged: the reservation (its `usage` is unseen, and
+    # the prompt alone let 30k generated tokens with logprobs go for the price of the prompt).
+    ceiling: int | None = None
     _buffer: bytearray = field(default_factory=bytearray)
     _usage: Usage | None = None
     _completion_chars: int = 0
@@ -327,6 +330,8 @@ class UsageMeter:
         if self._usage is not None:
             return self._usage
         completion = math.ceil(self._completion_chars / CHARS_PER_TOKEN)
+        if self._overflow and self.ceiling is not None:
+            completion = max(completion, self.ceiling - self.prompt_estimate)
         return Usage(self.prompt_estimate, completion, estimated=True)
 
     def _read_events(self) -> None:

@@ -6,7 +6,7 @@ request headers (the gateway forwards them): `x-fake-status` answers that status
 `x-fake-usage: none` leaves usage out, `x-fake-tokens: N` generates N tokens (at most
 max_tokens; per prompt of a completions batch), `x-fake-hold: 1` holds a stream after its first
 chunk until the test releases it, `x-fake-delay: S` waits S seconds before answering (a
-model generating).
+model generating), `x-fake-pad: N` adds N bytes of logprobs to a non-streamed answer.
 """
 
 from __future__ import annotations
@@ -118,6 +118,9 @@ class FakeUpstream:
         }
         if usage:
             answer["usage"] = usage
+        pad = int(request.headers.get("x-fake-pad", "0"))  # an answer of more bytes (logprobs)
+        if pad:
+            answer["choices"][0]["logprobs"] = {"content": "x" * pad}
         return JSONResponse(answer, headers={"x-upstream": "fake"})
 
     async def _events(

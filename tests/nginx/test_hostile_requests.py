@@ -12,7 +12,15 @@ import pytest
 
 from controller.gateway.keys import digest
 from tests.gateway.fake_upstream import FakeUpstream, ServerThread
-from tests.nginx.conftest import PREFIX, SECRET, Side, chat_body, set_limit, tenant_state
+from tests.nginx.conftest import (
+    PREFIX,
+    SECRET,
+    Side,
+    chat_body,
+    set_limit,
+    tenant_state,
+    wait_settled,
+)
 
 PLAN_REFRESH_SECONDS = 5.0  # PlanCatalog's and the exported module's default
 
@@ -415,3 +423,22 @@ def test_a_completions_batch_reserves_max_tokens_for_every_prompt(
         each = int(answer.headers["x-governor-max-tokens"])
         assert (fake.last().body or {})["max_tokens"] == each, side.name
         assert answer.json()["usage"]["completion_tokens"] == 4 * each < 1000, side.name
+
+
+def test_an_answer_too_big_to_read_is_charged_its_reservation_not_its_prompt(
+    nginx: Side, python_gateway: Side, upstream: tuple[FakeUpstream, ServerThread]
+) -> None:
+    """Past 32 MiB both gateways stop reading a non-streamed answer and settled the prompt
+    estimate alone: asking for logprobs (about 1 KiB a token) made 900 generated tokens cost
+    a handful. Its usage unread, it is charged what it was admitted for."""
+    body = json.dumps(chat_body(max_tokens=900)).encode()
+    fake_headers = {"x-fake-tokens": "900", "x-fake-pad": str(33 * 1024 * 1024)}
+    for side in (python_gateway, nginx):
+        set_limit(side, "tenant/verbose/tokens_per_day", 100_000)
+        key = side.key("verbose", "paid")
+        answer = side.chat(key, body, **fake_headers)
+        assert answer.status_code == 200, (side.name, answer.status_code, answer.text[:300])
+        assert answer.json()["usage"]["completion_tokens"] == 900
+        wait_settled(side, "verbose", answer.headers["x-governor-request-id"])
+        charged = int(tenant_state(side, "verbose")["u|tokens_per_day"])
+        assert charged >= 900, (side.name, charged)

@@ -177,7 +177,8 @@ function Gateway:model_call(client, req, principal, kind, plan)
   headers['x-governor-request-id'] = req.request_id
   return {call = {principal = principal, request = request, streaming = streaming,
     reservation = result.reservation, headers = headers, body = request.raw,
-    changed = request.changed, meter = openai.meter(streaming, request.prompt_tokens),
+    changed = request.changed, meter = openai.meter(streaming, request.prompt_tokens,
+      request:worst_case_tokens()),
     strip = strip}}
 end
 

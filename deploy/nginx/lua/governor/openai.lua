@@ -401,9 +401,11 @@ local Meter = {}
 Meter.__index = Meter
 
 -- Watches answer bytes as they pass and finds the usage: the JSON body's, or for SSE the
--- event that carries it (the last one).
-function _M.meter(streaming, prompt_estimate)
-  return setmetatable({streaming = streaming, prompt_estimate = prompt_estimate, buffer = {},
+-- event that carries it (the last one). `ceiling`: what an answer too big to read is charged
+-- (the reservation; openai.UsageMeter's).
+function _M.meter(streaming, prompt_estimate, ceiling)
+  return setmetatable({streaming = streaming, prompt_estimate = prompt_estimate,
+    ceiling = ceiling, buffer = {},
     size = 0, usage = nil, completion_chars = 0, overflow = false, pending = ''}, Meter)
 end
 
@@ -475,6 +477,9 @@ function Meter:finish()
     return self.usage
   end
   local completion = math.ceil(self.completion_chars / CHARS_PER_TOKEN)
+  if self.overflow and self.ceiling ~= nil then
+    completion = math.max(completion, self.ceiling - self.prompt_estimate)
+  end
   return {prompt = self.prompt_estimate, completion = completion, estimated = true}
 end
 
