@@ -44,6 +44,32 @@ def not_utf8(offset: int) -> str:
     return f"the request body is not UTF-8 (byte {offset} is not): send JSON encoded in UTF-8"
 
 
+def named_twice(name: str) -> str:
+    """The refusal of a body whose top level names a member twice."""
+    return (
+        f"the request body names `{name}` twice: send each member once (which "
+        "one a model server reads differs, so the one checked here may not be the one it runs)"
+    )
+
+
+class _Members(dict[str, Any]):
+    """A decoded JSON object that remembers the first member it met a second time. The
+    gateway checks the last `model`, `max_tokens` or `n` (as json and cjson keep it); a model
+    server that reads the first would run what no check saw: a model the plan forbids, an
+    output cap beyond the reservation."""
+
+    twice: str | None = None
+
+    @classmethod
+    def of(cls, pairs: list[tuple[str, Any]]) -> _Members:
+        found = cls()
+        for name, value in pairs:
+            if found.twice is None and name in found:
+                found.twice = name
+            found[name] = value
+        return found
+
+
 def text_tokens(text: str) -> int:
     return math.ceil(len(text) / CHARS_PER_TOKEN)
 
@@ -81,11 +107,13 @@ class ModelRequest:
         except UnicodeDecodeError as exc:
             raise RequestError(not_utf8(exc.start)) from None
         try:
-            body = json.loads(text)
+            body = json.loads(text, object_pairs_hook=_Members.of)
         except ValueError as exc:
             raise RequestError(f"the request body is not JSON: {exc}") from None
         if not isinstance(body, dict):
             raise RequestError("the request body must be a JSON object")
+        if isinstance(body, _Members) and body.twice is not None:
+            raise RequestError(named_twice(body.twice))
         model = body.get("model")
         if not isinstance(model, str) or not model:
             raise RequestError("the request names no model (`model` must be a string)")

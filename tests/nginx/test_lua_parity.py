@@ -153,6 +153,36 @@ def test_a_body_that_is_no_utf8_is_refused_at_the_byte_python_names(
     assert "(byte 32 is not)" in lua["error"]
 
 
+TWICE = {
+    "model": b'{"model":"gpt-4","prompt":"p","model":"gpt-3.5-turbo"}',
+    "max_tokens": b'{"model":"m","max_tokens":1,"prompt":"p","max_tokens":9000}',
+    "escaped": b'{"model":"m","prompt":"p","\\u006dodel":"n"}',
+    "first of two": b'{"n":1,"model":"m","prompt":"p","stream":false,"stream":true,"n":2}',
+}
+
+
+@pytest.mark.parametrize("case", list(TWICE))
+def test_a_member_named_twice_is_refused_by_both_gateways(nginx: Side, case: str) -> None:
+    """Both gateways checked the last `model` or `max_tokens` of a body naming one twice; a
+    model server reading the first would run a model the plan forbids or an uncapped answer."""
+    raw = TWICE[case]
+
+    lua = probe(nginx, "completion", raw)
+
+    with pytest.raises(RequestError) as refused:
+        ModelRequest.parse("completion", raw, DEFAULT_MAX_TOKENS)
+    assert lua == {"error": str(refused.value)}
+    named = {"model": "model", "max_tokens": "max_tokens", "escaped": "model",
+             "first of two": "stream"}[case]  # fmt: skip
+    assert f"names `{named}` twice: send each member once" in lua["error"]
+
+
+def test_a_name_repeated_only_inside_a_message_is_no_refusal(nginx: Side) -> None:
+    raw = b'{"model":"m","messages":[{"role":"user","content":"a","content":"b"}]}'
+    assert "error" not in probe(nginx, "chat", raw)
+    ModelRequest.parse("chat", raw, DEFAULT_MAX_TOKENS)
+
+
 def test_utf16_or_a_byte_order_mark_is_no_json_for_either_gateway(nginx: Side) -> None:
     """Python's json.loads(bytes) read UTF-16 and UTF-32 (and a UTF-8 BOM), which nginx
     refuses: the same body was served by one gateway and refused by the other."""

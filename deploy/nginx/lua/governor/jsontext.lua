@@ -108,6 +108,19 @@ function _M.member(text, name)
   return value
 end
 
+-- The first member name of the object `text` (valid JSON) met a second time, or nil (the
+-- Python gateway's openai._Members).
+function _M.twice(text)
+  local seen = {}
+  for _, member in ipairs(members(text) or {}) do
+    if seen[member.name] then
+      return member.name
+    end
+    seen[member.name] = true
+  end
+  return nil
+end
+
 -- `text` with member `name` set to the JSON `value` (replaced where it is, else appended).
 function _M.set(text, name, value)
   local found, close = members(text)

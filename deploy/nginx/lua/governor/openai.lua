@@ -166,6 +166,12 @@ function _M.parse(kind, raw, default_max_tokens)
   if type(body) ~= 'table' or raw:match('^%s*(.)') ~= '{' then
     return nil, 'the request body must be a JSON object'
   end
+  local twice = jsontext.twice(raw)
+  if twice ~= nil then  -- openai.named_twice's wording
+    return nil, 'the request body names `' .. twice .. '` twice: send each member '
+      .. 'once (which one a model server reads differs, so the one checked here may not be '
+      .. 'the one it runs)'
+  end
   if type(body.model) ~= 'string' or body.model == '' then
     return nil, 'the request names no model (`model` must be a string)'
   end
