@@ -70,6 +70,19 @@ class _Members(dict[str, Any]):
         return found
 
 
+def _check_surrogates(body: dict[str, Any]) -> None:
+    """RequestError when a `\\uD800`-style escape left half a surrogate pair in a string:
+    no UTF-8 text holds one (the nginx module's cjson refuses it, and a model server may
+    too), so the body would be served by one gateway and refused by the other."""
+    try:
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise RequestError(
+            "the request body is not JSON: a \\u escape names half a surrogate pair (a "
+            "character beyond U+FFFF is written as two, \\uD83D\\uDE00, or sent as UTF-8)"
+        ) from None
+
+
 def text_tokens(text: str) -> int:
     return math.ceil(len(text) / CHARS_PER_TOKEN)
 
@@ -114,6 +127,8 @@ class ModelRequest:
             raise RequestError("the request body must be a JSON object")
         if isinstance(body, _Members) and body.twice is not None:
             raise RequestError(named_twice(body.twice))
+        if "\\u" in text:
+            _check_surrogates(body)
         model = body.get("model")
         if not isinstance(model, str) or not model:
             raise RequestError("the request names no model (`model` must be a string)")

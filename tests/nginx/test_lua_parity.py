@@ -177,6 +177,21 @@ def test_a_member_named_twice_is_refused_by_both_gateways(nginx: Side, case: str
     assert f"names `{named}` twice: send each member once" in lua["error"]
 
 
+@pytest.mark.parametrize("escape", [rb"\ud800", rb"\udc00x", rb"\ud83d\u0041"])
+def test_half_a_surrogate_pair_is_refused_by_both_gateways(nginx: Side, escape: bytes) -> None:
+    """Python's json read `\\ud800` into a string no UTF-8 can hold and served it; the nginx
+    module's cjson refuses it: one body, two answers."""
+    raw = b'{"model":"m","max_tokens":5,"prompt":"a' + escape + b'"}'
+
+    assert "error" in probe(nginx, "completion", raw)
+    with pytest.raises(RequestError) as refused:
+        ModelRequest.parse("completion", raw, DEFAULT_MAX_TOKENS)
+    assert "half a surrogate pair" in str(refused.value)
+    whole = b'{"model":"m","max_tokens":5,"prompt":"a\\ud83d\\ude00 \\\\ud800"}'
+    assert "error" not in probe(nginx, "completion", whole)  # a pair, and an escaped backslash
+    ModelRequest.parse("completion", whole, DEFAULT_MAX_TOKENS)
+
+
 def test_a_name_repeated_only_inside_a_message_is_no_refusal(nginx: Side) -> None:
     raw = b'{"model":"m","messages":[{"role":"user","content":"a","content":"b"}]}'
     assert "error" not in probe(nginx, "chat", raw)
