@@ -16,7 +16,9 @@ from tests.deploy.chart import (
     Manifest,
     container,
     env,
+    manifests,
     one,
+    render,
     rendered_scenario,
     scenario_values,
     setting_of,
@@ -77,6 +79,27 @@ def test_inline_policies_replace_the_bundled_ones(tmp_path: Path) -> None:
     assert errors == []
     assert policies is not None
     assert policies.limits.spec.floors
+
+
+# What `--set-file` hands the chart as it was written: an indented first line (a comment
+# block, a file cut out of a larger YAML), a tab, no document at all, leading blank lines.
+INLINE_TEXTS = [
+    "  # plans for the EU fleet\napiVersion: governor/v1\nkind: Plan\nmetadata: {name: eu}\n"
+    "spec: {limits: {requests_per_minute: 5}}\n",
+    "\n\n    indented: after blank lines\n",
+    "\tkey: tab first\n",
+    "",
+]
+
+
+@pytest.mark.parametrize("text", INLINE_TEXTS)
+def test_an_inline_policy_file_reaches_the_configmap_byte_for_byte(text: str) -> None:
+    # A block scalar guesses its indentation from its first line: a file whose first line is
+    # indented rendered a ConfigMap that is no YAML (helm install failed on the chart's own
+    # output), or one holding other bytes than the file.
+    docs = manifests(render({"policies": {"files": {"eu.yaml": text}}}))
+    config_map = next(d for d in docs if d["kind"] == "ConfigMap")
+    assert config_map["data"]["eu.yaml"] == text
 
 
 def test_every_variable_names_a_setting_and_parses(
