@@ -113,14 +113,12 @@ def policy_files(directory: Path) -> list[Path]:
 
 
 def _is_policy_file(path: Path) -> bool:
-    """A policy by its name; anything but a directory or a dangling link (a ConfigMap update
-    leaves one for a moment) is read, so a FIFO, a link out or a link loop is refused, not
-    skipped."""
+    """A policy by its name; anything but a dangling link (a ConfigMap update leaves one for
+    a moment) is read, so a FIFO, a directory, a link out or a link loop is refused, not
+    skipped: skipped, the policy its name stands for vanished from the set unreported."""
     if not path.name.endswith(SUFFIXES) or path.name.endswith(TEST_SUFFIXES):
         return False
-    if path.name.startswith(".") or not (path.exists() or _loops(path)):
-        return False
-    return path.is_symlink() or not path.is_dir()
+    return not path.name.startswith(".") and (path.exists() or _loops(path))
 
 
 def _loops(path: Path) -> bool:
@@ -240,10 +238,14 @@ def _read(path: Path, root: Path, room: int) -> bytes:
                 f"the file is a symbolic link to {str(path.resolve())!r}, outside the policy "
                 "directory: copy the file into the directory instead"
             )
+        if path.is_dir():
+            raise PolicyError(
+                "the file is a directory: policies are plain files and subdirectories are not "
+                "read; put the policy file back, or rename the directory (no .yaml/.yml)"
+            )
         if not path.is_file():  # opening a FIFO would wait for a writer
             raise PolicyError(
-                "the file is not a regular file (a FIFO, a device or a directory): policies "
-                "are plain files"
+                "the file is not a regular file (a FIFO or a device): policies are plain files"
             )
         with path.open("rb") as handle:
             data = handle.read(min(MAX_FILE_BYTES, room) + 1)

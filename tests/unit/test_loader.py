@@ -74,8 +74,8 @@ def test_every_example_of_the_format_document_loads() -> None:
 def test_policy_files_are_sorted_and_leave_out_tests_and_other_files(examples: Path) -> None:
     (examples / "notes.txt").write_text("not yaml")
     (examples / ".hidden.yaml").write_text("broken: [")
-    (examples / "sub.yaml").mkdir()
-    (examples / "sub.yaml" / "inner.yaml").write_text("broken: [")
+    (examples / "sub").mkdir()  # not read: the directory is not searched recursively
+    (examples / "sub" / "inner.yaml").write_text("broken: [")
     (examples / "broken_test.yml").write_text("broken: [")
 
     assert [p.name for p in policy_files(examples)] == [p.name for p in EXAMPLE_FILES]

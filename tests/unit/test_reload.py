@@ -183,3 +183,29 @@ def test_a_policy_file_turned_into_a_link_loop_is_rejected_naming_it(
     assert {s.split(":", 1)[0] for s in said} == {str(looped), str(looped.with_suffix(".yml"))}
     assert all("a link loop" in s and "point it at a policy file, or remove it" in s for s in said)
     assert watcher.current is before
+
+
+def test_a_policy_file_replaced_by_a_directory_is_rejected_naming_it(
+    policies: Path, watcher: PolicyWatcher
+) -> None:
+    # A directory was skipped whatever its name: the set reloaded without the policy, as a
+    # `policy.reloaded` at info level, and `policy lint` said ok.
+    before = watcher.current
+    replaced = policies / "gpu-saturation.yaml"
+    replaced.unlink()
+    replaced.mkdir()
+    (replaced / "gpu-saturation.yaml").write_text((SHIPPED / "gpu-saturation.yaml").read_text())
+
+    outcome = watcher.poll()
+
+    assert outcome.rejected
+    assert outcome.reason == INVALID
+    [error] = outcome.errors
+    assert str(error) == (
+        f"{replaced}:1:1: the file is a directory: policies are plain files and subdirectories "
+        "are not read; put the policy file back, or rename the directory (no .yaml/.yml)"
+    )
+    assert watcher.current is before
+    lint = CliRunner().invoke(app, ["policy", "lint", str(policies)])
+    assert lint.exit_code == 1, lint.output
+    assert f"{replaced}:1:1: the file is a directory" in lint.output
