@@ -16,7 +16,16 @@ from pathlib import Path
 from typing import Annotated
 
 import numpy as np
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+)
 
 from controller.durations import format_duration
 from controller.errors import PolicyError
@@ -48,8 +57,21 @@ _TERM = re.compile(
 )
 
 
-def expand_series(text: str) -> list[float | None]:
+# Evaluations one test case may run, and samples one series may hold: a test a few days
+# long at 1s is far within it (the shipped ones run at most 50), while a typo (`0.5x999999999`,
+# `interval: 1ms` beside `at: 30d`) would hold `governor policy test`, and the CI job running
+# it, for hours or exhaust its memory (~0.3 ms an evaluation, ~32 bytes a sample).
+MAX_STEPS = 100_000
+SCALAR, VECTOR = "one series", "a series per label value"  # tags of a signal's two shapes
+
+
+def expand_series(text: object) -> list[float | None]:
     """`'0.5x2 1+1x2 _'` → [0.5, 0.5, 0.5, 1, 2, 3, None]. Raise ValueError naming the term."""
+    if isinstance(text, list | dict):
+        raise ValueError(
+            f"{text!r} is not expanding notation: write a series as one string, e.g. "
+            "'0.5x4 0.95x10', and a series per label value as a mapping of such strings"
+        )
     values: list[float | None] = []
     for term in str(text).split():
         match = _TERM.match(term)
@@ -59,6 +81,11 @@ def expand_series(text: str) -> list[float | None]:
                 "`a+bxN` / `a-bxN` (a then N steps of b), or `_` / `_xN` for missing samples"
             )
         count = int(match.group("count") or 0)
+        if len(values) + count + 1 > MAX_STEPS:
+            raise ValueError(
+                f"{term!r} makes the series longer than {MAX_STEPS:,} samples, the most a "
+                "test evaluates: samples past the last expectation are never read"
+            )
         if match.group("start") == "_":
             if match.group("step"):
                 raise ValueError(f"{term!r}: a missing sample `_` cannot have a step")
@@ -71,6 +98,12 @@ def expand_series(text: str) -> list[float | None]:
 
 
 Series = Annotated[list[float | None], BeforeValidator(expand_series)]
+# One series, or one per label value: the shape written picks the branch, so a bad series is
+# one error, not one per shape it could have had ("Input should be a valid dictionary").
+SignalSeries = Annotated[
+    Annotated[Series, Tag(SCALAR)] | Annotated[dict[str, Series], Tag(VECTOR)],
+    Discriminator(lambda value: VECTOR if isinstance(value, Mapping) else SCALAR),
+]
 
 
 class _Strict(BaseModel):
@@ -103,7 +136,7 @@ class PolicyTestCase(_Strict):
     name: str
     start: dt.datetime | None = None
     tenants: dict[str, str] = Field(default_factory=dict)
-    signals: dict[str, Series | dict[str, Series]] = Field(default_factory=dict)
+    signals: dict[str, SignalSeries] = Field(default_factory=dict)
     overrides: list[TestOverride] = Field(default_factory=list)
     expect: list[Expectation] = Field(min_length=1)
 
@@ -169,7 +202,11 @@ def read_test_file(path: Path) -> tuple[PolicyTestFile | None, list[LocatedError
         spec = PolicyTestFile.model_validate(document.value)
     except ValidationError as exc:
         for error in exc.errors():
-            loc = tuple(part for part in error["loc"] if not str(part).startswith("function-"))
+            loc = tuple(
+                part
+                for part in error["loc"]
+                if not str(part).startswith("function-") and part not in (SCALAR, VECTOR)
+            )
             _, spot = document.spot(loc)
             where = format_path(loc)
             errors.append(
@@ -204,11 +241,9 @@ def run_case(policies: PolicySet, case: PolicyTestCase, interval: float) -> Case
     due: dict[int, list[Expectation]] = {}
     for expectation in case.expect:
         tick = expectation.at / interval
-        if not math.isclose(tick, round(tick)):
-            result.failures.append(
-                f"expect at {format_duration(expectation.at)}: not a multiple of the interval "
-                f"{format_duration(interval)}"
-            )
+        problem = _step_problem(tick, interval)
+        if problem is not None:
+            result.failures.append(f"expect at {format_duration(expectation.at)}: {problem}")
             continue
         due.setdefault(round(tick), []).append(expectation)
     baselines = Baselines(policies, case.tenants)
@@ -244,6 +279,18 @@ def run_case(policies: PolicySet, case: PolicyTestCase, interval: float) -> Case
                         f"got {active}"
                     )
     return result
+
+
+def _step_problem(tick: float, interval: float) -> str | None:
+    """Why an expectation `tick` intervals after the start cannot be checked, else None."""
+    if not math.isclose(tick, round(tick)):
+        return f"not a multiple of the interval {format_duration(interval)}"
+    if tick > MAX_STEPS:
+        return (
+            f"{round(tick):,} evaluations at the interval {format_duration(interval)}, over the "
+            f"{MAX_STEPS:,} a test may run: lengthen the interval or expect sooner"
+        )
+    return None
 
 
 def _same(actual: float | None, expected: float | None) -> bool:

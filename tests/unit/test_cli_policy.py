@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from pathlib import Path
 
 import jsonschema
@@ -498,6 +499,82 @@ def test_policy_test_locates_a_broken_test_file(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["policy", "test", str(tmp_path)])
     assert result.exit_code == 1
     assert f"{tmp_path / 'x_test.yaml'}:1:28: policy_files[1]: 'nowhere.yaml'" in result.output
+
+
+@pytest.mark.parametrize(
+    ("interval", "series", "at", "said"),
+    [
+        # ~10^12 samples: the expansion alone held the run for hours and its memory grew
+        # without bound (the CI job's runner ends it or the kernel kills it)
+        (
+            "30s",
+            "0.5x999999999999",
+            "1m",
+            "6:19: tests[0].signals.saturation: Value error, "
+            "'0.5x999999999999' makes the series longer than 100,000 samples",
+        ),
+        # 3.2 × 10^10 evaluations (~0.3 ms each): a run of months
+        (
+            "1ms",
+            "0.5x4",
+            "366d",
+            "expect at 366d: 31,622,400,000 evaluations at the interval "
+            "1ms, over the 100,000 a test may run: lengthen the interval or expect sooner",
+        ),
+    ],
+    ids=["series", "evaluations"],
+)
+def test_policy_test_refuses_a_test_too_long_to_run_in_good_time(
+    tmp_path: Path, interval: str, series: str, at: str, said: str
+) -> None:
+    for name in ("plans.yaml", "limits.yaml", "gpu-saturation.yaml"):
+        (tmp_path / name).write_text((SHIPPED / name).read_text())
+    (tmp_path / "gpu_test.yaml").write_text(
+        "policy_files: [plans.yaml, limits.yaml, gpu-saturation.yaml]\n"
+        f"interval: {interval}\n"
+        "tests:\n"
+        "  - name: a typo\n"
+        "    signals:\n"
+        f"      saturation: '{series}'\n"
+        f"    expect: [{{at: {at}, limits: {{plan/free/requests_per_minute: 10}}}}]\n"
+    )
+    started = time.monotonic()
+    result = CliRunner().invoke(app, ["policy", "test", str(tmp_path)])
+    assert result.exit_code == 1, result.output
+    assert said in result.output
+    assert time.monotonic() - started < 10
+
+
+@pytest.mark.parametrize(
+    ("signal", "said"),
+    [
+        ("saturation: '0.5 NaN'", "5:27: tests[0].signals.saturation: Value error, 'NaN' is not"),
+        ("saturation: {acme: '1 abc'}", "5:34: tests[0].signals.saturation.acme: Value error, "),
+        (
+            "saturation: [0.5, 1]",
+            "5:27: tests[0].signals.saturation: Value error, [0.5, 1] is "
+            "not expanding notation: write a series as one string",
+        ),
+    ],
+    ids=["scalar", "per label value", "a list"],
+)
+def test_a_bad_series_is_one_error_at_its_value(tmp_path: Path, signal: str, said: str) -> None:
+    # Each bad series also drew an error for the shape it was not written in: "…signals.
+    # saturation['dict[str,function-before[expand_series(), …]]']: Input should be a valid
+    # dictionary", or a located "Value error" on a mapping of series.
+    for name in ("plans.yaml", "limits.yaml", "gpu-saturation.yaml"):
+        (tmp_path / name).write_text((SHIPPED / name).read_text())
+    (tmp_path / "gpu_test.yaml").write_text(
+        "policy_files: [plans.yaml, limits.yaml, gpu-saturation.yaml]\n"
+        "tests:\n"
+        "  - name: t\n"
+        "    expect: [{at: 1m}]\n"
+        f"    signals: {{{signal}}}\n"
+    )
+    result = CliRunner().invoke(app, ["policy", "test", str(tmp_path)])
+    assert result.exit_code == 1, result.output
+    [error] = [line for line in result.output.splitlines() if "gpu_test.yaml:" in line]
+    assert said in error
 
 
 def test_policy_test_without_tests_exits_2(tmp_path: Path) -> None:
