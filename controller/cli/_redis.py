@@ -147,14 +147,17 @@ def parse_address_prefix(text: str) -> str:
         raise typer.BadParameter(str(exc)) from None
 
 
-def parse_ttl(text: str) -> float:
-    """A TTL like 30m or 1h; must be positive."""
+def parse_ttl(text: str, option: str = "--ttl") -> float:
+    """A positive duration like 30m or 1h given to `option`, or the usage error naming it."""
     try:
         seconds = parse_duration(text)
     except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from None
+        raise typer.BadParameter(str(exc), param_hint=option) from None
     if seconds <= 0:
-        raise typer.BadParameter(f"TTL {text!r} must be longer than 0s")
+        raise typer.BadParameter(
+            f"{text!r} is no time at all: give a duration longer than 0s, e.g. 30m or 1h",
+            param_hint=option,
+        )
     return seconds
 
 

@@ -70,7 +70,7 @@ def tail(
 ) -> None:
     """Print the newest journal events (JSON: one object per line)."""
     address = parse_address_prefix(address) if address else None
-    start = time.time() - parse_ttl(since) if since else None
+    start = time.time() - parse_ttl(since, "--since") if since else None
     with stores() as s:
         entries = read_events(s.client, s.keys, count=count, since=start, address=address)
         if as_json:

@@ -191,6 +191,28 @@ def test_a_bad_ttl_names_itself_and_the_durations_accepted(url: str) -> None:
 
 
 @pytest.mark.parametrize(
+    ("command", "option"),
+    [
+        (("override", "set", "tenant/acme/tokens_per_minute", "5", "--reason", "x"), "--ttl"),
+        (("freeze", "--reason", "x"), "--ttl"),
+        (("policy", "confirm-reload", "3f2a9c1b7e4d", "--reason", "x"), "--ttl"),
+        (("audit", "tail"), "--since"),
+    ],
+)
+@pytest.mark.parametrize("duration", ["0s", "400d"])
+def test_a_duration_out_of_range_is_refused_naming_its_option(
+    url: str, db: redis.Redis[str], command: tuple[str, ...], option: str, duration: str
+) -> None:
+    """`audit tail --since 0s` said "TTL '0s' must be longer than 0s", and no refusal of a
+    duration named the option it was given to ("Invalid value: '400d' is not a ...")."""
+    result = run(url, *command, option, duration)
+    assert result.exit_code == 2, result.output
+    assert f"Invalid value for {option}: '{duration}' is " in said(result)
+    assert "TTL" not in said(result)
+    assert db.keys("governor:*") == []
+
+
+@pytest.mark.parametrize(
     "command",
     [
         ("override", "set", "tenant/acme/tokens_per_minute", "5", "--ttl", "-1h", "--reason", "x"),
