@@ -105,7 +105,19 @@ class PrometheusSettings(_Group):
     def _http_url(cls, value: str) -> str:
         # Refused at start: without a scheme every query would fail as "No host specified".
         example = "http://prometheus:9090"
-        if urlsplit(value).scheme not in ("http", "https"):
+        parts = urlsplit(value)
+        if parts.query or parts.fragment:
+            # The client appends /api/v1/query after it (`/?token=T/api/v1/query&query=…`), so
+            # no query reached Prometheus, and a token in it went to every log line naming
+            # the URL. Checked first: no message shows it.
+            base = mask_url(parts._replace(query="", fragment="").geturl())
+            raise ValueError(
+                f"Prometheus URL {base!r} is followed by a query or fragment (not shown), which "
+                "would break every query's path: give the base URL alone, e.g. "
+                f"{example}/prefix, and a token as GOVERNOR_PROMETHEUS__BEARER_TOKEN or "
+                "GOVERNOR_PROMETHEUS__HEADERS"
+            )
+        if parts.scheme not in ("http", "https"):
             raise ValueError(
                 f"Prometheus URL {mask_url(value)!r} needs an http:// or https:// scheme; "
                 f"e.g. {example}"

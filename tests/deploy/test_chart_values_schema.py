@@ -38,6 +38,9 @@ BAD_VALUES = [
     pytest.param({"gateway": {"port": 80}}, "port", id="gateway on a root-only port"),
     pytest.param({"gateway": {"upstream": "vllm:8000"}}, "upstream", id="upstream without scheme"),
     pytest.param(
+        {"prometheus": {"url": "http://prom:9090/?token=t"}}, "url", id="Prometheus URL query"
+    ),
+    pytest.param(
         {"gateway": {"jwt": {"algorithms": ["HS256"]}}}, "algorithms", id="symmetric JWT algorithm"
     ),
     pytest.param({"gateway": {"replicas": 2}}, "replicas", id="misspelt gateway key"),

@@ -91,6 +91,31 @@ def test_a_prometheus_url_without_scheme_or_host_is_refused_at_start(
     assert message in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("http://prom.example:9090/?access_token=S3CRET", "http://prom.example:9090/"),
+        ("https://u:S3CRET@prom.example/sub?token=S3CRET", "https://u:**********@prom.example/sub"),
+        ("http://prom.example:9090#S3CRET", "http://prom.example:9090"),
+        ("http://prom.example:port/?token=S3CRET", "http://prom.example:port/"),  # port too
+    ],
+)
+def test_a_prometheus_url_with_a_query_is_refused_without_showing_it(url: str, shown: str) -> None:
+    # The client appends /api/v1/query after the query (`/?token=T/api/v1/query&query=…`):
+    # no query ever reached Prometheus, and the token was in the start-up log line, every
+    # failed query's message, `governor signals` and `governor config show`.
+    for command in (["config", "show"], ["backtest", "--from", "0", "--to", "60"]):
+        env = {"GOVERNOR_PROMETHEUS__URL": url}
+        result = CliRunner().invoke(app, command, env=env)
+        assert result.exit_code == 2, result.output
+        assert result.stderr.startswith("error: GOVERNOR_PROMETHEUS__URL: ")
+        assert f"Prometheus URL {shown!r} is followed by a query or fragment (not shown)" in (
+            result.stderr
+        )
+        assert "GOVERNOR_PROMETHEUS__BEARER_TOKEN or GOVERNOR_PROMETHEUS__HEADERS" in result.stderr
+        assert "S3CRET" not in result.output
+
+
 @pytest.mark.parametrize("url", ["http://127.0.0.1:9090", "https://u:pw@prom.example/sub/"])
 def test_http_and_https_prometheus_urls_pass(url: str) -> None:
     assert PrometheusSettings(url=url).url == url
