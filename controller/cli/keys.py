@@ -16,6 +16,7 @@ from controller.cli._redis import (
     stores,
     when,
 )
+from controller.errors import ConfigurationError
 from controller.gateway.keys import KeyStore
 from controller.journal.events import JournalEvent, Kind
 
@@ -48,6 +49,7 @@ def create(
     Exit 2 if no `kind: Plan` document defines PLAN."""
     with stores() as s:
         known_plans(s).require(plan)
+        _require_tenants_plan(s, tenant, plan)
         key, record = _store(s).create(tenant, plan, user, name)
         # The key first: it exists now, and a journal failure must not lose it.
         if as_json:
@@ -61,6 +63,22 @@ def create(
                 err=True,
             )
         s.record(_event(Kind.KEY_CREATED, actor, reason, record.public()))
+
+
+def _require_tenants_plan(s: Stores, tenant: str, plan: str) -> None:
+    """Refuse (exit 2) a key on another plan than its tenant's: the gateways enforce the key's
+    plan while the controller reads the registry's (else the keys'), and an unregistered
+    tenant whose keys disagree has no plan at all. `tenants set` moves a tenant with its keys."""
+    current, source = s.control.tenant_plan(tenant), "the tenant registry"
+    if current is None:
+        current, source = s.control.plans().get(tenant), "its API keys"
+    if current and current != plan:
+        raise ConfigurationError(
+            f"tenant {tenant!r} is on plan {current!r} ({source}) and a key carries its "
+            f"tenant's plan: gateways would enforce {plan!r} on this key while the controller "
+            f"reads {current!r}. Create it with --plan {current}, or move the tenant and its "
+            f"keys first: governor tenants set {tenant} {plan}"
+        )
 
 
 @app.command("list")

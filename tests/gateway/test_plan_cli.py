@@ -65,12 +65,49 @@ def test_an_unknown_plan_is_refused_with_the_known_plans(
 def test_a_known_plan_is_accepted(published: RedisServer, db: redis.Redis[str]) -> None:
     assert governor(published, "tenants", "set", "acme", "paid").exit_code == 0
     assert (
-        governor(published, "keys", "create", "--tenant", "acme", "--plan", "free").exit_code == 0
+        governor(published, "keys", "create", "--tenant", "initech", "--plan", "free").exit_code
+        == 0
     )
     pinned = governor(published, "override", "set", "plan/free/requests_per_minute", "5",
                       "--ttl", "1h", "--reason", "INC-2")  # fmt: skip
     assert pinned.exit_code == 0, pinned.output
     assert db.hget("governor:tenants", "acme") == "paid"
+
+
+@pytest.mark.parametrize(
+    ("first", "source"),
+    [
+        (("tenants", "set", "acme", "paid"), "the tenant registry"),
+        (("keys", "create", "--tenant", "acme", "--plan", "paid"), "its API keys"),
+    ],
+    ids=["registered", "known by its keys"],
+)
+def test_a_key_on_another_plan_than_its_tenants_is_refused(
+    published: RedisServer, db: redis.Redis[str], first: tuple[str, ...], source: str
+) -> None:
+    # It was created: gateways enforced `free` on it while the controller, reading the
+    # registry, held acme to `paid`; a tenant known only by keys on two plans had none.
+    assert governor(published, *first).exit_code == 0
+    keys, events = db.hgetall(KeySchema().api_keys), db.xlen(KeySchema().journal)
+
+    result = governor(published, "keys", "create", "--tenant", "acme", "--plan", "free")
+
+    assert result.exit_code == 2, result.output
+    assert result.stderr == (
+        f"error: tenant 'acme' is on plan 'paid' ({source}) and a key carries its tenant's "
+        "plan: gateways would enforce 'free' on this key while the controller reads 'paid'. "
+        "Create it with --plan paid, or move the tenant and its keys first: governor tenants "
+        "set acme free\n"
+    )
+    assert result.stdout == ""  # no key shown
+    assert db.hgetall(KeySchema().api_keys) == keys
+    assert db.xlen(KeySchema().journal) == events
+    # The way it names: the tenant moves with its keys, and then takes a key on `free`.
+    assert governor(published, "tenants", "set", "acme", "free").exit_code == 0
+    created = governor(published, "keys", "create", "--tenant", "acme", "--plan", "free")
+    assert created.exit_code == 0, created.output
+    plans = {json.loads(r)["plan"] for r in db.hvals(KeySchema().api_keys)}
+    assert plans == {"free"}
 
 
 def test_before_any_catalog_the_configured_policy_directory_says_which_plans_exist(
