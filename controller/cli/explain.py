@@ -8,8 +8,10 @@ from typing import Any
 import typer
 from rich.table import Table
 
+from controller.cli._plans import known_plans
 from controller.cli._redis import (
     JSON_OPTION,
+    Stores,
     console,
     echo_json,
     number,
@@ -20,7 +22,9 @@ from controller.cli._redis import (
 )
 from controller.cli._redis import when as at
 from controller.cli.audit import entries_table
+from controller.errors import ConfigurationError
 from controller.journal.reader import read_events
+from controller.model import Address
 
 _EVENTS = 10
 
@@ -48,6 +52,8 @@ def explain(
         override = s.control.override(target)
         freeze = s.control.frozen()
         events = read_events(s.client, s.keys, count=_EVENTS, address=str(target), exact=True)
+        if stored is None and record is None and override is None and not events:
+            _require_known_plan(s, target)
     decision = json.loads(record) if record else None
     if as_json:
         echo_json(
@@ -97,6 +103,20 @@ def explain(
         if extra:
             out.print("adjustments: " + plain("; ".join(extra)), markup=False)
     out.print(entries_table(events, f"last {len(events)} journal events"))
+
+
+def _require_known_plan(s: Stores, target: Address) -> None:
+    """Refuse (exit 2) an address nothing is known about on a plan that does not exist, as
+    `override set` refuses it: a typo (plan/fre/…) read as a limit nobody ever set. A plan
+    since removed keeps its history; with no plans to judge by (no catalog, no policy
+    directory) nothing is refused."""
+    if target.plan is None:
+        return
+    try:
+        plans = known_plans(s)
+    except ConfigurationError:
+        return
+    plans.require(target.plan)
 
 
 def _decision_table(decision: dict[str, Any]) -> Table:

@@ -145,6 +145,26 @@ def test_an_address_filter_is_refused_as_explain_refuses_the_address(
         assert message in said(result)
 
 
+def test_explain_of_a_plan_that_does_not_exist_names_the_known_plans(
+    url: str, db: redis.Redis[str]
+) -> None:
+    """`explain plan/fre/requests_per_minute` exited 0 with "stored value: -" and "no decision
+    recorded": a typo read as a limit nobody set, where `override set` names the plans."""
+    shipped = str(Path(__file__).parents[2] / "policies")
+    env = {"GOVERNOR_REDIS__URL": url, "GOVERNOR_CONTROLLER__POLICY_DIR": shipped}
+    typo = runner.invoke(app, ["explain", "plan/fre/requests_per_minute"], env=env)
+    assert typo.exit_code == 2, typo.output
+    assert typo.stdout == ""
+    assert "error: no plan 'fre' in the policy directory" in typo.stderr
+    assert "(known plans: enterprise, free, paid); did you mean 'free'?" in typo.stderr
+    assert runner.invoke(app, ["explain", "plan/free/requests_per_minute"], env=env).exit_code == 0
+    # A plan since removed keeps its history: what is stored is shown, not refused.
+    db.hset("governor:limits:plan:retired", "requests_per_minute", "5")
+    kept = runner.invoke(app, ["explain", "plan/retired/requests_per_minute"], env=env)
+    assert kept.exit_code == 0, kept.output
+    assert "stored value: 5" in kept.stdout
+
+
 def test_an_address_filter_of_whole_parts_still_filters(url: str) -> None:
     partial = run(url, "audit", "tail", "--address", "tenant/a}{b")
     assert partial.exit_code == 2  # a tenant id no address can hold, though no limit follows
