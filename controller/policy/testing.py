@@ -130,6 +130,10 @@ class Expectation(_Strict):
     )
 
 
+_EARLIEST_START = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+_LATEST_START = dt.datetime(9000, 1, 1, tzinfo=dt.UTC)
+
+
 class PolicyTestCase(_Strict):
     __test__ = False  # not a pytest class
 
@@ -145,6 +149,13 @@ class PolicyTestCase(_Strict):
     def _aware(cls, value: dt.datetime | None) -> dt.datetime | None:
         if value is not None and value.tzinfo is None:
             raise ValueError("start needs a time zone, e.g. 2026-03-02T09:00:00Z")
+        # A schedule reads the test's clock as a local date, which Python cannot make before
+        # year 1 or after 9999: such a start (and up to 366d after it) ended in a traceback.
+        if value is not None and not _EARLIEST_START <= value <= _LATEST_START:
+            raise ValueError(
+                f"start {value.isoformat()} is outside the years 1970 to 9000 a test may start "
+                "in, e.g. 2026-03-02T09:00:00Z"
+            )
         return value
 
 

@@ -249,6 +249,14 @@ def test_a_start_without_time_zone_is_rejected() -> None:
         case(start="2026-03-02T09:00:00", expect=[{"at": "0s"}])
 
 
+@pytest.mark.parametrize("start", ["9999-12-31T23:00:00Z", "0001-01-01T00:00:00+05:00"])
+def test_a_start_no_clock_can_show_is_rejected(start: str) -> None:
+    # It was taken, and a schedule's local date at it ended `policy test` in a traceback
+    # (OverflowError: date value out of range; ValueError: year 0 is out of range).
+    with pytest.raises(ValueError, match="outside the years 1970 to 9000 a test may start in"):
+        case(start=start, expect=[{"at": "0s"}])
+
+
 def test_an_unknown_signal_is_reported() -> None:
     got = failures(policy_set(GPU), signals={"gpu": "1"}, expect=[{"at": "0s"}])
     assert got == ["signal 'gpu' is not used by any policy in policy_files (signals: gpu_util)"]
