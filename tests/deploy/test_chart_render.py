@@ -19,8 +19,10 @@ from tests.deploy.chart import (
     Manifest,
     container,
     env,
+    manifests,
     of_kind,
     one,
+    render,
     rendered_scenario,
     scenario_values,
 )
@@ -240,3 +242,25 @@ def test_a_changed_secret_rolls_the_pods_but_a_policy_change_does_not() -> None:
     inline = one(rendered_scenario("inline-policies-values.yaml")[1], "Deployment")
     annotations = inline["spec"]["template"]["metadata"]["annotations"]
     assert annotations == {"checksum/secret": checksum}  # other policies, same pod template
+
+
+def test_a_file_the_shared_settings_name_is_mounted_in_every_pod() -> None:
+    """rediss:// with a private CA: GOVERNOR_REDIS__CA_FILE (env, shared by the controller and
+    the gateway) names a file from extraVolumes, so both pods must mount it."""
+    values = {
+        "redis": {"url": "rediss://:pw@redis.data.svc:6380/0"},
+        "env": {"GOVERNOR_REDIS__CA_FILE": "/etc/redis-ca/ca.crt"},
+        "extraVolumes": [{"name": "redis-ca", "secret": {"secretName": "redis-ca"}}],
+        "extraVolumeMounts": [{"name": "redis-ca", "mountPath": "/etc/redis-ca", "readOnly": True}],
+        "gateway": {"enabled": True, "upstream": "http://vllm:8000"},
+    }
+    docs = manifests(render(values))
+    for part in ("controller", "gateway"):
+        pod = one(docs, "Deployment", part)["spec"]["template"]["spec"]
+        volumes = {v["name"] for v in pod["volumes"]}
+        mounts = {m["mountPath"]: m["name"] for m in container(docs, part)["volumeMounts"]}
+        ca_file = env(docs, part)["GOVERNOR_REDIS__CA_FILE"]["value"]
+        assert mounts.get(ca_file.rsplit("/", 1)[0]) == "redis-ca", f"{part}: {ca_file} missing"
+        assert "redis-ca" in volumes, part
+        for kube_version in KUBE_VERSIONS:
+            kubernetes_validate.validate(one(docs, "Deployment", part), kube_version, strict=True)

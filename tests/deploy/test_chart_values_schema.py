@@ -9,8 +9,10 @@ from typing import Any
 import pytest
 from helm_python.chart import Chart
 from helm_python.errors import HelmRenderError, HelmValuesError
+from pydantic import BaseModel, SecretStr
 
-from tests.deploy.chart import CHART, render, scenario_values, scenarios
+from controller.settings import Settings
+from tests.deploy.chart import CHART, env, manifests, render, scenario_values, scenarios
 
 BAD_VALUES = [
     pytest.param({"replicas": 2}, "replicas", id="unknown top-level key"),
@@ -44,6 +46,9 @@ BAD_VALUES = [
         {"gateway": {"jwt": {"algorithms": ["HS256"]}}}, "algorithms", id="symmetric JWT algorithm"
     ),
     pytest.param({"gateway": {"replicas": 2}}, "replicas", id="misspelt gateway key"),
+    pytest.param(
+        {"gateway": {"existingSecret": "Gateway_Keys"}}, "existingSecret", id="gateway Secret name"
+    ),
 ]
 
 
@@ -78,3 +83,103 @@ def test_values_yaml_names_its_schema_for_editors() -> None:
     assert schema["additionalProperties"] is False
     with Chart.load(CHART) as chart:
         assert set(chart.values) == set(schema["properties"]) - {"global"}
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis+cluster://:pw@node-0:6379,node-1:6379,node-2:6379/0",
+        "rediss+cluster://node-0:6379/0",
+    ],
+)
+def test_a_cluster_url_is_accepted_and_kept_in_the_secret(url: str) -> None:
+    """docs/redis-contract.md: redis+cluster:// is a Redis URL like the others."""
+    values = {"redis": {"url": url}, "gateway": {"enabled": True, "upstream": "http://m:8000"}}
+    with Chart.load(CHART) as chart:
+        chart.validate_schema(values)
+    docs = manifests(render(values))
+    for part in ("controller", "gateway"):
+        assert "valueFrom" in env(docs, part)["GOVERNOR_REDIS__URL"]
+    assert url not in str(docs)
+
+
+def _secret_variables() -> list[str]:
+    """Every GOVERNOR_* variable whose setting is a secret (a SecretStr field)."""
+    out = []
+    for group, info in Settings.model_fields.items():
+        model = info.annotation
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            continue
+        for name, field in model.model_fields.items():
+            if SecretStr in (field.annotation, *getattr(field.annotation, "__args__", ())):
+                out.append(f"GOVERNOR_{group.upper()}__{name.upper()}")
+    return out
+
+
+RENDER_REFUSALS = [
+    pytest.param(
+        {"kong": {"enabled": True}}, ["kong.adminUrl", "http://"], id="Kong sink without its URL"
+    ),
+    pytest.param(
+        {"podDisruptionBudget": {"enabled": True, "minAvailable": "", "maxUnavailable": ""}},
+        ["podDisruptionBudget.minAvailable", "maxUnavailable"],
+        id="a budget with neither bound",
+    ),
+    pytest.param(
+        {
+            "gateway": {
+                "enabled": True,
+                "upstream": "http://m:8000",
+                "podDisruptionBudget": {"enabled": True, "minAvailable": ""},
+            }
+        },
+        ["gateway.podDisruptionBudget.minAvailable"],
+        id="a gateway budget with neither bound",
+    ),
+    *(
+        pytest.param({"env": {name: "s3cret"}}, [f"env.{name}", "set it through"], id=f"env {name}")
+        for name in _secret_variables()
+    ),
+    pytest.param(
+        {"extraEnv": [{"name": "GOVERNOR_KONG__REDIS_PASSWORD", "value": "s3cret"}]},
+        ["GOVERNOR_KONG__REDIS_PASSWORD", "valueFrom.secretKeyRef"],
+        id="a secret as a plain extraEnv value",
+    ),
+    pytest.param(
+        {"prometheus": {"url": "https://governor:s3cret@prometheus:9090"}},
+        ["prometheus.url", "prometheus.password"],
+        id="a login in the Prometheus URL",
+    ),
+    pytest.param(
+        {"kong": {"enabled": True, "adminUrl": "http://s3cret@kong:8001"}},
+        ["kong.adminUrl", "kong.adminToken"],
+        id="a token in the Kong Admin URL",
+    ),
+    pytest.param(
+        {"gateway": {"enabled": True, "upstream": "https://u:s3cret@vllm:8000"}},
+        ["gateway.upstream", "gateway.upstreamApiKey"],
+        id="a login in the upstream URL",
+    ),
+]
+
+
+@pytest.mark.parametrize(("values", "named"), RENDER_REFUSALS)
+def test_a_mistake_stops_the_render_naming_the_value_and_the_fix(
+    values: dict[str, Any], named: list[str]
+) -> None:
+    with pytest.raises(HelmRenderError) as refused:
+        render(values)
+    for text in named:
+        assert text in str(refused.value)
+    assert "s3cret" not in str(refused.value)
+
+
+def test_every_secret_setting_is_known_to_the_chart() -> None:
+    """The list above follows Settings: a new secret setting is refused in env too."""
+    assert len(_secret_variables()) >= 9
+    # A secret from a Secret is fine, in extraEnv as through the chart's own values.
+    ref = {"secretKeyRef": {"name": "kong-redis", "key": "password"}}
+    docs = manifests(
+        render({"extraEnv": [{"name": "GOVERNOR_KONG__REDIS_PASSWORD", "valueFrom": ref}]})
+    )
+    assert env(docs)["GOVERNOR_KONG__REDIS_PASSWORD"]["valueFrom"] == ref

@@ -270,3 +270,43 @@ name: {{ include "governor.fullname" . }}
 key: gateway-metrics-token
 {{- end -}}
 {{- end }}
+
+{{/*
+Refuse values that would put a credential where anyone who can read the Deployment sees it:
+a secret setting as a plain env value (env, or extraEnv without valueFrom), and a login in a
+URL that is passed as a plain value. Each message names the value and where the secret goes.
+*/}}
+{{- define "governor.refusePlainSecrets" -}}
+{{- $fixes := dict
+  "GOVERNOR_REDIS__URL" "redis.url (kept in the chart's Secret) or redis.existingSecret"
+  "GOVERNOR_REDIS__PASSWORD" "redis.password or redis.existingSecret"
+  "GOVERNOR_PROMETHEUS__PASSWORD" "prometheus.password or prometheus.existingSecret"
+  "GOVERNOR_PROMETHEUS__BEARER_TOKEN" "prometheus.bearerToken or prometheus.existingSecret"
+  "GOVERNOR_KONG__ADMIN_TOKEN" "kong.adminToken or kong.existingSecret"
+  "GOVERNOR_KONG__REDIS_PASSWORD" "extraEnv with valueFrom.secretKeyRef"
+  "GOVERNOR_GATEWAY__API_KEY_SECRET" "gateway.apiKeySecret or gateway.existingSecret"
+  "GOVERNOR_GATEWAY__UPSTREAM_API_KEY" "gateway.upstreamApiKey or gateway.existingSecret"
+  "GOVERNOR_GATEWAY__METRICS_TOKEN" "gateway.metricsToken or gateway.existingSecret"
+}}
+{{- range $name, $_ := .Values.env }}
+{{- with get $fixes $name }}
+{{- fail (printf "env.%s is a secret and env values are plain text in the Deployment: set it through %s" $name .) }}
+{{- end }}
+{{- end }}
+{{- range .Values.extraEnv }}
+{{- if and (hasKey $fixes (toString .name)) (not .valueFrom) }}
+{{- fail (printf "extraEnv %s is a secret without valueFrom, so plain text in the Deployment: set it through %s" .name (get $fixes (toString .name))) }}
+{{- end }}
+{{- end }}
+{{- $urls := dict
+  "prometheus.url" (list .Values.prometheus.url "prometheus.username and prometheus.password (or prometheus.existingSecret)")
+  "kong.adminUrl" (list .Values.kong.adminUrl "kong.adminToken (or kong.existingSecret)")
+  "gateway.upstream" (list .Values.gateway.upstream "gateway.upstreamApiKey (or gateway.existingSecret)")
+  "gateway.jwt.jwksUrl" (list .Values.gateway.jwt.jwksUrl "a JWKS URL without a login")
+}}
+{{- range $value, $pair := $urls }}
+{{- if regexMatch "^[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*@" (toString (first $pair)) }}
+{{- fail (printf "%s holds a login (user:password@host), which would be plain text in the Deployment: remove it and use %s" $value (last $pair)) }}
+{{- end }}
+{{- end }}
+{{- end }}
