@@ -53,6 +53,12 @@ CLUSTER_HINT = (
     "this Redis is a Cluster node: set GOVERNOR_REDIS__URL to a redis+cluster:// URL listing "
     f"the nodes, e.g. {_CLUSTER_EXAMPLE} (rediss+cluster:// for TLS)"
 )
+# The other way round: a redis+cluster:// URL naming a server without cluster mode.
+NOT_CLUSTER_HINT = (
+    "this Redis is not a Cluster node (cluster_enabled:0): set GOVERNOR_REDIS__URL to a "
+    "redis:// URL (rediss:// for TLS, redis+sentinel:// behind Sentinel); redis+cluster:// is "
+    "for a Redis Cluster only"
+)
 
 
 def masked_url(url: str) -> str:
@@ -322,6 +328,7 @@ def _connect_cluster(url: str, options: dict[str, Any]) -> redis.Redis[str]:
             startup_nodes=nodes, **options
         )
     except (RedisClusterException, redis.ConnectionError, redis.TimeoutError) as exc:
+        refuse_plain_nodes(target.nodes, options)  # a node that is no Cluster node: exit 2
         raise SinkError(
             f"Redis Cluster {masked_url(url)}: no node answered ({exc}); are the nodes up "
             "and GOVERNOR_REDIS__URL right?"
@@ -452,10 +459,31 @@ def refuse_other_contract(client: redis.Redis[str], keys: KeySchema, action: str
     check_contract(found, keys, location(client))
 
 
+def refuse_plain_nodes(nodes: list[tuple[str, int]], options: Mapping[str, Any]) -> None:
+    """ConfigurationError when a node of a redis+cluster:// URL answers `INFO cluster` with
+    `cluster_enabled:0`: every command would fail (redis-py reads no slot map from it), which
+    the gateway would serve as an outage in each plan's fail mode. A node that does not
+    answer, or refuses INFO, is left to the cluster client to report."""
+    plain = {k: v for k, v in options.items() if k != "retry"}
+    for host, port in nodes:
+        probe: redis.Redis[str] = redis.Redis(host=host, port=port, **plain)
+        try:
+            info = probe.info("cluster")
+        except redis.RedisError:
+            continue
+        finally:
+            probe.close()
+        if str(info.get("cluster_enabled", "1")) == "0":
+            raise ConfigurationError(f"Redis at {host}:{port}: {NOT_CLUSTER_HINT}")
+
+
 def refuse_cluster_url(url: str, settings: RedisSettings) -> None:
     """`refuse_cluster_node` on a client of its own without retries (a Redis that is down
-    is not waited for here; its first real command reports it)."""
+    is not waited for here; its first real command reports it); for a redis+cluster:// URL,
+    `refuse_plain_nodes`."""
     if urlsplit(url).scheme in _CLUSTER:
+        options = client_options(url, settings)
+        refuse_plain_nodes(_cluster_setup(url, options).nodes, options)
         return
     probe = connect(url, settings, retries=0)
     try:

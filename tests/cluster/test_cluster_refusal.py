@@ -121,3 +121,52 @@ def test_a_plain_redis_is_not_refused(redis_server: object, db: redis.Redis[str]
     url = redis_server.url  # type: ignore[attr-defined]
     result = CliRunner().invoke(app, ["limits", "get"], env=env_for(url))
     assert result.exit_code == 0, result.output
+
+
+def _cluster_url_of(redis_server: object) -> str:
+    """A redis+cluster:// URL naming a plain (non-Cluster) redis-server."""
+    port = redis_server.port  # type: ignore[attr-defined]
+    return f"redis+cluster://127.0.0.1:{port}/0"
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["limits", "get"],
+        ["tenants", "set", "acme", "free"],
+        ["keys", "create", "--tenant", "acme", "--plan", "free"],
+    ],
+)
+def test_cli_commands_refuse_a_cluster_url_naming_a_plain_redis_with_exit_2(
+    redis_server: object, db: redis.Redis[str], command: list[str]
+) -> None:
+    result = CliRunner().invoke(app, command, env=env_for(_cluster_url_of(redis_server)))
+    assert result.exit_code == 2, result.output
+    assert "is not a Cluster node" in result.stderr
+    assert "redis://" in result.stderr
+    assert db.dbsize() == 0  # nothing written
+
+
+def test_run_once_and_the_gateway_refuse_a_cluster_url_naming_a_plain_redis(
+    redis_server: object, db: redis.Redis[str]
+) -> None:
+    url = _cluster_url_of(redis_server)
+    env = {**env_for(url), "GOVERNOR_CONTROLLER__POLICY_DIR": str(POLICIES)}
+    run = subprocess.run(
+        [sys.executable, "-m", "controller", "run", "--once"],
+        env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert run.returncode == 2, run.stderr
+    assert "is not a Cluster node" in run.stderr
+    # Before, the gateway started, answered /healthz 200 and failed every admission.
+    gateway = subprocess.run(
+        [sys.executable, "-m", "controller", "gateway", "--port", str(free_port()),
+         "--upstream", "http://127.0.0.1:9"],
+        env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert gateway.returncode == 2, gateway.stderr
+    assert "is not a Cluster node" in gateway.stderr
+    settings = RedisSettings(url=SecretStr(url))
+    with pytest.raises(ConfigurationError, match="is not a Cluster node"):
+        RedisSink.from_url(url, settings)
+    assert db.dbsize() == 0
