@@ -264,3 +264,25 @@ def test_a_file_the_shared_settings_name_is_mounted_in_every_pod() -> None:
         assert "redis-ca" in volumes, part
         for kube_version in KUBE_VERSIONS:
             kubernetes_validate.validate(one(docs, "Deployment", part), kube_version, strict=True)
+
+
+def _egress_ports(docs: tuple[Manifest, ...] | list[Manifest]) -> set[int]:
+    policy = one(docs, "NetworkPolicy")["spec"]
+    return {p["port"] for rule in policy["egress"] for p in rule["ports"]}
+
+
+def test_locked_down_egress_reaches_the_servers_the_urls_name() -> None:
+    """production-values.yaml: Redis over TLS on 6380 must not be cut off by the egress
+    rules (6379 by default); nor Sentinels, nor the Kong Admin API on its own port."""
+    production = rendered_scenario("production-values.yaml")[1]
+    assert {6380, 9090} <= _egress_ports(production)
+    values = {
+        "networkPolicy": {"enabled": True, "egress": {"enabled": True}},
+        "redis": {"url": "redis+sentinel://:pw@sentinel-0:26380,sentinel-1/mymaster/0"},
+        "prometheus": {"url": "https://prometheus.monitoring.svc"},
+        "kong": {"enabled": True, "adminUrl": "https://kong-admin.kong.svc:8444"},
+    }
+    docs = manifests(render(values))
+    assert {26380, 26379, 6379, 443, 8444} <= _egress_ports(docs)
+    for kube_version in KUBE_VERSIONS:
+        kubernetes_validate.validate(one(docs, "NetworkPolicy"), kube_version, strict=True)

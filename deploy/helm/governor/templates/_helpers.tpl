@@ -310,3 +310,30 @@ URL that is passed as a plain value. Each message names the value and where the 
 {{- end }}
 {{- end }}
 {{- end }}
+
+{{/*
+The TCP ports of the servers the controller's settings name (redis.url's hosts — Sentinels or
+Cluster nodes too —, prometheus.url, kong.adminUrl), one per line: the NetworkPolicy lets the
+controller reach them whatever egress rules say, so a Redis on 6380 is not cut off. A URL in
+an existingSecret is not known here: the egress rules must allow it.
+*/}}
+{{- define "governor.egressPorts" -}}
+{{- $urls := list }}
+{{- if not .Values.redis.existingSecret }}{{ $urls = append $urls .Values.redis.url }}{{ end }}
+{{- $urls = append $urls .Values.prometheus.url }}
+{{- if .Values.kong.enabled }}{{ $urls = append $urls .Values.kong.adminUrl }}{{ end }}
+{{- $defaults := dict "redis" 6379 "rediss" 6379 "redis+cluster" 6379 "rediss+cluster" 6379 "redis+sentinel" 26379 "rediss+sentinel" 26379 "http" 80 "https" 443 }}
+{{- range $urls }}
+{{- $scheme := regexFind "^[a-z+]+" (toString .) }}
+{{- if hasKey $defaults $scheme }}
+{{- $hosts := regexReplaceAll "^.*@" (regexReplaceAll "^[a-z+]+://([^/?#]*).*$" (toString .) "${1}") "" }}
+{{- range splitList "," $hosts }}
+{{- if regexMatch ":[0-9]+$" . }}
+{{ regexFind "[0-9]+$" . }}
+{{- else if . }}
+{{ get $defaults $scheme }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
