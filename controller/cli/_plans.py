@@ -26,11 +26,12 @@ class KnownPlans:
     def require(self, plan: str) -> str:
         """`plan`, or ConfigurationError (exit 2) naming the known plans and the closest."""
         if plan not in self.names:
+            found = unknown_plan_message(plan, self.names, self.source)
             raise ConfigurationError(
-                unknown_plan_message(plan, self.names, self.source)
-                + ". Gateways refuse a plan their catalog does not hold; add a `kind: Plan` "
+                found + ("" if found.endswith("?") else ".")  # no "?." after a guess
+                + " Gateways refuse a plan their catalog does not hold; add a `kind: Plan` "
                 "document first, or pick a known plan"
-            )
+            )  # fmt: skip
         return plan
 
     def require_model(self, model: str, plan: str | None, tenant: str | None = None) -> str:

@@ -46,6 +46,7 @@ from controller.model import (
 )
 from controller.policy.expressions import Expression, ExpressionError, compile_expression
 from controller.policy.schedule import Window, parse_window
+from controller.promql_grammar import parse
 
 API_VERSION = "governor/v1"
 
@@ -235,6 +236,22 @@ class SignalSpec(Strict):
         description="how far back the query reads (e.g. 23h for `offset 23h`): until "
         "Prometheus holds its series from that long ago, the signal is `no_history`, not stale",
     )
+
+    @field_validator("query")
+    @classmethod
+    def _query_parses(cls, query: str) -> str:
+        # A query Prometheus' grammar does not take never yields a trusted value (the age of
+        # its data cannot be told: signals.promql), so its policy would sit in on_stale for
+        # good. Said here, at the query's line, before the set replaces a working one.
+        try:
+            parse(query)
+        except ValueError as exc:
+            raise ValueError(
+                f"the query does not parse with Prometheus' grammar ({exc}): fix it, or move "
+                "what the grammar does not know (a function of another Prometheus version) "
+                "into a recording rule and read that"
+            ) from None
+        return query
 
     def key(self, by: str | None = None) -> SignalKey:
         """The query result this signal reads, keyed by `by` (a policy's `per:`)."""

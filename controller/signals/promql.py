@@ -11,13 +11,13 @@ does) and each selector written back in one canonical spelling, so `a{b='c'}` an
 from __future__ import annotations
 
 import functools
-import json
 import re
 from collections.abc import Iterable
 
 import promql_parser as pq
 
 from controller.errors import GovernorError
+from controller.promql_grammar import parse, quoted
 
 # Keyed by name: the parser's MatchOp values are not hashable.
 _OPERATORS = {
@@ -27,39 +27,16 @@ _OPERATORS = {
     str(pq.MatchOp.NotRe): "!~",
 }
 _PLAIN_LABEL = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
-# String literals and comments, each whole, left to right (so a backtick inside a quoted
-# string or a comment is not taken for the start of a raw string).
-_LITERAL = re.compile(
-    r'"(?:[^"\\\n]|\\.)*"'  # double-quoted: escapes, no raw newline
-    r"|'(?:[^'\\\n]|\\.)*'"  # single-quoted: the same
-    r"|`[^`]*`"  # raw: no escapes at all
-    r"|#[^\n]*"  # a comment
-)
 
 
 class QuerySyntaxError(GovernorError):
     """A query Prometheus' grammar does not accept: the series it reads cannot be told."""
 
 
-def _quoted(text: str) -> str:
-    # JSON's escapes (\" \\ \n, and \u with four hex digits) are all valid in a
-    # double-quoted PromQL string.
-    return json.dumps(text, ensure_ascii=False)
-
-
-def _raw_strings_quoted(query: str) -> str:
-    """`query` with each raw string (backticks) written as the double-quoted string of the same
-    value. promql-parser 0.12 reads escapes inside raw strings (`\\d` is an error to it), where
-    Prometheus reads none: regexes such as `\\d+` are raw strings' common use."""
-    return _LITERAL.sub(
-        lambda m: _quoted(m.group()[1:-1]) if m.group().startswith("`") else m.group(), query
-    )
-
-
 def _matchers(group: Iterable[pq.Matcher]) -> str:
     return ", ".join(
-        f"{m.name if _PLAIN_LABEL.fullmatch(m.name) else _quoted(m.name)}"
-        f"{_OPERATORS[str(m.op)]}{_quoted(m.value)}"
+        f"{m.name if _PLAIN_LABEL.fullmatch(m.name) else quoted(m.name)}"
+        f"{_OPERATORS[str(m.op)]}{quoted(m.value)}"
         for m in group
     )
 
@@ -81,7 +58,7 @@ def selectors(query: str) -> tuple[str, ...]:
     Raises QuerySyntaxError for a query that does not parse.
     """
     try:
-        expr = pq.parse(_raw_strings_quoted(query))
+        expr = parse(query)
     except ValueError as exc:  # the parser's message says where and what
         raise QuerySyntaxError(
             f"does not parse with Prometheus' grammar ({exc}), so the age of its data "

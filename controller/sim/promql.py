@@ -21,6 +21,7 @@ import promql_parser as pq
 
 from controller.errors import GovernorError
 from controller.model import FloatArray
+from controller.promql_grammar import parse
 from controller.sim.series import Labels, SeriesStore
 
 LOOKBACK = 300.0  # Prometheus' default lookback delta for instant selectors
@@ -156,7 +157,7 @@ class Evaluator:
         found = self._parsed.get(query)
         if found is None:
             try:
-                found = self._parsed[query] = pq.parse(query)
+                found = self._parsed[query] = parse(query)
             except Exception as exc:  # the parser raises bare errors with its message
                 raise SimQueryError(f"query {query!r} does not parse: {exc}") from None
         return found

@@ -37,8 +37,8 @@ def published(redis_server: RedisServer, db: redis.Redis[str], policy_dir: Path)
 @pytest.mark.parametrize(
     ("command", "hint"),
     [
-        (("tenants", "set", "acme", "platinum"), ""),
-        (("tenants", "set", "acme", "fre"), "did you mean 'free'?"),
+        (("tenants", "set", "acme", "platinum"), "paid). Gateways refuse"),
+        (("tenants", "set", "acme", "fre"), "did you mean 'free'? Gateways refuse"),
         (("keys", "create", "--tenant", "acme", "--plan", "no-such-plan"), ""),
         (("keys", "create", "--tenant", "acme", "--plan", "paidd"), "did you mean 'paid'?"),
         (("override", "set", "plan/nosuchplan/requests_per_minute", "5", "--ttl", "1h",

@@ -256,6 +256,24 @@ BROKEN: dict[str, tuple[dict[str, str], str, str, int, str]] = {
         0,
         "spec: the floor of global/requests_per_second (10) is above its ceiling (5)",
     ),
+    "a query Prometheus' grammar does not take": (
+        {"p.yaml": PLAN, "t.yaml": THROTTLE.replace("avg(gpu_util)", "'avg(rate(gpu_util[5m])'"),
+         "l.yaml": FREE_LIMITS},
+        "t.yaml",
+        "'avg(rate",
+        0,
+        "spec.signals.gpu.query: the query does not parse with Prometheus' grammar (unclosed "
+        "left parenthesis): fix it",
+    ),
+    "a query of blanks": (
+        {"p.yaml": PLAN, "t.yaml": THROTTLE.replace("avg(gpu_util)", "'   '"),
+         "l.yaml": FREE_LIMITS},
+        "t.yaml",
+        "'   '",
+        0,
+        "spec.signals.gpu.query: the query does not parse with Prometheus' grammar (no "
+        "expression found in input)",
+    ),
     "one address twice, its model in two cases": (
         {"p.yaml": PLAN, "l.yaml": FREE_LIMITS + "  floors: {plan/free/requests_per_minute@GPT-4:"
          " 1, plan/free/requests_per_minute@gpt-4: 2}\n"},
