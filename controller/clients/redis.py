@@ -534,6 +534,18 @@ def refused_this_call(exc: BaseException) -> bool:
     return False
 
 
+def unanswered(exc: BaseException) -> bool:
+    """Whether a failed call, seen through our own wrapping, met a timeout or a cut connection:
+    when it had been sent, the server may have run it all the same (a stall, then the answer
+    to a connection already given up)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, _UNANSWERED):
+            return True
+        seen = seen.__cause__
+    return False
+
+
 def explained(exc: Exception, clustered: bool) -> str:
     """An error of a Redis client (a reply, or a refusal of the cluster client itself) with
     what to do about it, when we know."""

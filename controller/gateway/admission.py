@@ -17,7 +17,7 @@ from typing import Literal
 
 import redis.asyncio
 
-from controller.clients.redis import key_schema, not_governors
+from controller.clients.redis import key_schema, not_governors, unanswered
 from controller.clients.scripts import ADMIT, CHARGE, SETTLE, EnforcementError, load_scripts
 from controller.contract.catalog import PlanInfo
 from controller.contract.enforcement import EnforcementKeys, ip_id
@@ -37,6 +37,7 @@ __all__ = [
     "Outcome",
     "Quota",
     "TokensUsed",
+    "UnansweredAdmissionError",
 ]
 
 Outcome = Literal[
@@ -58,6 +59,16 @@ _OUTCOMES: frozenset[str] = frozenset(
 _ATTEMPTS = 3
 # charge.lua's KEYS index of each level's state.
 _LEVEL_INDEX = {Scope.GLOBAL: 1, Scope.IP: 2, Scope.TENANT: 3, Scope.PLAN: 3, Scope.USER: 4}
+
+
+class UnansweredAdmissionError(EnforcementError):
+    """admit.lua went out and no answer came back (a timeout, a cut connection): Redis may
+    have run it all the same — a stalled server runs what it had read once it wakes — and then
+    holds the request's tokens, slot and credits until `reservation` is released."""
+
+    def __init__(self, message: str, reservation: str) -> None:
+        super().__init__(message)
+        self.reservation = reservation
 
 
 @dataclass(frozen=True)
@@ -195,12 +206,7 @@ class Admission:
                                                                 request.least_tokens))  # fmt: skip
             credits = self._credits(plan, request)
             args, fixed, tail = limits.argv(request.request_id, request.tokens, settings, credits)
-            if self.slots is None:
-                reply = await ADMIT.run(self.client, keys, args, fixed, tail)
-            else:
-                who = (request.tenant, request.user or "", ip)
-                reply = await self.slots.admit(who, args, fixed[:4], _resolved(fixed, limits),
-                                               tail)  # fmt: skip
+            reply = await self._call(request, ip, keys, limits, (args, fixed, tail))
             if isinstance(reply, list) and len(reply) == 2 and reply[0] == "stale":
                 self.limits.stale(str(reply[1]))
                 continue
@@ -212,6 +218,28 @@ class Admission:
         if last is not None:
             return last
         raise EnforcementError(f"the limits changed {_ATTEMPTS} times during one admission")
+
+    async def _call(
+        self,
+        request: AdmissionRequest,
+        ip: str,
+        keys: tuple[str, ...],
+        limits: Resolved,
+        argv: tuple[tuple[str | int, ...], tuple[str, ...], tuple[str, ...]],
+    ) -> Reply:
+        """admit.lua, once (one call per slot on a Cluster); UnansweredAdmissionError when it
+        went out and no answer came back."""
+        args, fixed, tail = argv
+        try:
+            if self.slots is None:
+                reply: Reply = await ADMIT.run(self.client, keys, args, fixed, tail)
+                return reply
+            who = (request.tenant, request.user or "", ip)
+            return await self.slots.admit(who, args, fixed[:4], _resolved(fixed, limits), tail)
+        except EnforcementError as exc:  # raised once the call was sent
+            if unanswered(exc):
+                raise UnansweredAdmissionError(str(exc), _reservation(request, ip)) from exc
+            raise
 
     def _credits(self, plan: PlanInfo, request: AdmissionRequest) -> tuple[str, ...]:
         """admit.lua's credit arguments: the request's worst-case cost and the plan's floor."""
@@ -337,6 +365,11 @@ def _lowered(result: AdmissionResult, request: AdmissionRequest) -> int | None:
     return room
 
 
+def _reservation(request: AdmissionRequest, ip: str) -> str:
+    """What settle() and release() take: the request id, the user and the client's ip id."""
+    return f"{request.request_id}/{request.user or ''}/{ip}"
+
+
 def _split_reservation(reservation: str) -> tuple[str, str, str]:
     parts = reservation.split("/")
     if len(parts) != 3 or not parts[0]:
@@ -401,7 +434,7 @@ def _parse(
         retry = numbers[1] / 1000  # a credit balance does not refill by itself: no retry
     reservation = degrade = None
     if outcome == "allow":
-        reservation = f"{request.request_id}/{request.user or ''}/{ip}"
+        reservation = _reservation(request, ip)
         degrade = _degrade(plan, budget, request.model)
     return AdmissionResult(
         outcome=outcome,

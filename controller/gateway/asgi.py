@@ -27,6 +27,7 @@ from controller.gateway.admission import (
     AdmissionResult,
     Degradation,
     TokensUsed,
+    UnansweredAdmissionError,
 )
 from controller.gateway.auth import Authenticator, AuthError, Principal
 from controller.gateway.catalog import PlanCatalog
@@ -275,6 +276,20 @@ class GovernorMiddleware:
             outcome = "degraded"
         return self._call(principal, request, request_id, result, headers, outcome)
 
+    def _release_unanswered(self, reservation: str, tenant: str) -> None:
+        """An admission that went out unanswered may have reserved all the same (a stalled
+        Redis runs it once it wakes): its release is held, so the slot, tokens and credits it
+        may hold come back once Redis answers, not at the end of its lease minutes later. A
+        release of a reservation never made changes nothing."""
+        self.e.pending.hold(
+            "release", lambda: self.e.admission.release(reservation, tenant), spare=True
+        )
+        self._log.warning(
+            "admission unanswered; its release is held until Redis answers",
+            reservation=reservation,
+            held=len(self.e.pending),
+        )
+
     def _call(
         self,
         principal: Principal,
@@ -308,6 +323,8 @@ class GovernorMiddleware:
     ) -> _Call | Response:
         """Redis unreachable (`error`), or reachable with no limits written yet (None): the
         plan's fail mode decides, through the local limiter."""
+        if isinstance(error, UnansweredAdmissionError):
+            self._release_unanswered(error.reservation, principal.tenant)
         decision = self.e.failmode.decide(
             principal.tenant, principal.user, principal.plan, plan.fail_mode,
             request.worst_case_tokens,

@@ -7,7 +7,11 @@ and no more than `max_calls` of them (the oldest go first); what it gives up is 
 
 A call that Redis refuses by itself (a key of the wrong type on one tenant) stays held, and
 the calls behind it go on: one broken record must not hold every other tenant's settle until
-all of them expire."""
+all of them expire.
+
+A release held for an admission that got no answer (Redis may have run it) is `spare`: it
+frees holds a lease would free later anyway, charges nothing, so a full queue gives it up
+before any settle or charge."""
 
 from __future__ import annotations
 
@@ -20,6 +24,8 @@ from dataclasses import dataclass, field
 import structlog
 
 StoreCall = Callable[[], Awaitable[object]]
+# When it was held, its operation, the call, and whether it is spare (charges nothing).
+_Held = tuple[float, str, StoreCall, bool]
 
 _log = structlog.get_logger("governor.gateway")
 
@@ -39,22 +45,23 @@ class PendingCalls:
     # This many refusals in a row and Redis is taken to refuse every call (out of memory, a
     # read-only replica): the pass stops instead of trying each held call on every heartbeat.
     max_refusals_in_a_row: int = 8
-    _calls: deque[tuple[float, str, StoreCall]] = field(default_factory=deque)
+    _calls: deque[_Held] = field(default_factory=deque)
     _retrying: bool = False
     _task: asyncio.Task[int] | None = None
 
     def __len__(self) -> int:
         return len(self._calls)
 
-    def hold(self, operation: str, call: StoreCall) -> None:
-        """Keep a call that failed, to be repeated by `retry`."""
-        self._calls.append((self.clock(), operation, call))
+    def hold(self, operation: str, call: StoreCall, *, spare: bool = False) -> None:
+        """Keep a call that failed, to be repeated by `retry`; a `spare` one charges nothing
+        (a lease would undo it later) and is the first given up from a full queue."""
+        self._calls.append((self.clock(), operation, call, spare))
         while len(self._calls) > self.max_calls:
-            # The oldest, wherever it is: a refused call moved to the back is older than the
-            # head, whose settle record still has the longest to live.
-            oldest = min(self._calls, key=lambda held: held[0])
+            # The oldest spare one, else the oldest, wherever it is: a refused call moved to
+            # the back is older than the head, whose settle record still has the longest to live.
+            oldest = min(self._calls, key=lambda held: (not held[3], held[0]))
             self._calls.remove(oldest)
-            self._give_up(oldest[1], "the queue of store calls is full")
+            self._give_up(oldest, "the queue of store calls is full")
 
     def retry_soon(self) -> None:
         """Start `retry` in the background unless it runs already (from a request's path:
@@ -82,10 +89,10 @@ class PendingCalls:
         for _ in range(len(self._calls)):  # each call once: a refused one comes round again
             if not self._calls or refusals >= self.max_refusals_in_a_row:
                 break
-            held = at, operation, call = self._calls[0]
+            held = at, operation, call, _ = self._calls[0]
             if self.clock() - at > self.max_age_seconds:
                 self._calls.popleft()
-                self._give_up(operation, "its settle record has expired")
+                self._give_up(held, "its settle record has expired")
                 continue
             try:
                 await call()
@@ -102,14 +109,19 @@ class PendingCalls:
             self._off_the_head(held, requeue=False)
         return done
 
-    def _off_the_head(self, held: tuple[float, str, StoreCall], *, requeue: bool) -> None:
+    def _off_the_head(self, held: _Held, *, requeue: bool) -> None:
         # `hold` may have pushed it out meanwhile (a full queue): then it is gone already.
         if self._calls and self._calls[0] is held:
             self._calls.popleft()
             if requeue:
                 self._calls.append(held)
 
-    def _give_up(self, operation: str, why: str) -> None:
+    def _give_up(self, held: _Held, why: str) -> None:
+        operation = held[1]
+        if held[3]:  # nothing to charge: what it held ends with its lease
+            _log.warning("a held release of an unanswered admission was given up; its holds "
+                         "end with their lease", operation=operation, reason=why)  # fmt: skip
+            return
         self.lost += 1
         self.on_lost(operation)
         _log.error("a held store call was given up; its usage is not charged",

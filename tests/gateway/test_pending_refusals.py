@@ -210,7 +210,7 @@ def test_a_full_queue_gives_up_its_oldest_call_even_once_a_refusal_moved_it_back
             now[0] += 1
         await pending.retry()  # the broken call goes behind "a" and "b"
         pending.hold("c", add("c"))  # a fourth: the oldest must go
-        kept = [operation for _at, operation, _call in pending._calls]
+        kept = [held[1] for held in pending._calls]
         await aclose(client)
         return kept, pending.lost
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -88,3 +89,53 @@ def test_a_settle_that_meets_an_outage_is_repeated_when_redis_answers(
             assert nginx.problems() == []
         finally:
             nginx.stop()
+
+
+def test_an_admission_redis_ran_after_the_timeout_is_released_when_redis_answers(
+    tmp_path: Path,
+    export_dir: Path,
+    upstream: tuple[FakeUpstream, ServerThread],
+    policy_dir: Path,
+) -> None:
+    """A Redis stalled past the socket timeout (DEBUG SLEEP) runs the admit it had read once
+    it wakes: the slot and tokens it took come back when Redis answers, not with the lease."""
+    server = RedisServer(tmp_path / "redis", debug_command=True).start()
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
+        "GOVERNOR_REDIS__URL": server.url,
+        "GOVERNOR_REDIS__SOCKET_TIMEOUT_SECONDS": "0.5",
+        "GOVERNOR_GATEWAY__API_KEY_SECRET": SECRET,
+    }
+    nginx = NginxServer(tmp_path / "nginx", export_dir, upstream[1].port, env,
+                        init_options="held_retry_seconds = 0.3").start()  # fmt: skip
+    db: redis.Redis[str]
+    with server.client() as db, httpx.Client(timeout=30.0) as http:
+        try:
+            write_limits(db, PREFIX, policy_dir)
+            key = KeyStore(db, KeySchema(PREFIX), SECRET).create("acme", "paid")[0]
+            body = {"model": "gpt-3.5-turbo", "messages": [{"role": "user", "content": "hi"}],
+                    "max_tokens": 5}  # fmt: skip
+            headers = {"authorization": f"Bearer {key}"}
+            url = f"{nginx.url}/v1/chat/completions"
+            assert http.post(url, json=body, headers=headers).status_code == 200
+
+            def sleep() -> None:
+                with server.client() as client:
+                    client.execute_command("DEBUG", "SLEEP", "2")
+
+            sleeper = threading.Thread(target=sleep)
+            sleeper.start()
+            time.sleep(0.3)
+            assert http.post(url, json=body, headers=headers).status_code == 503
+            sleeper.join()
+            state = f"{PREFIX}:{{t:acme}}:enforce"
+            wait_for(
+                lambda: not any(f.startswith("x|") for f in db.hkeys(state)),
+                "the held release closed the reservation",
+            )
+            assert db.hget(state, "v|tokens_per_day") == "0"
+            assert db.zcard(f"{state}:leases") == 0
+            assert "admission unanswered; its release is held" in nginx.log_tail(20000)
+        finally:
+            nginx.stop()
+            server.stop()

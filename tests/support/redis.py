@@ -90,6 +90,7 @@ class RedisServer:
     pid: int | None = None
     tls: TlsFiles | None = None  # TLS only (no plain port) with this certificate when set
     replica_of: int | None = None  # the port of the master this server replicates
+    debug_command: bool = False  # DEBUG (e.g. DEBUG SLEEP: a stalled server) from loopback
 
     @property
     def url(self) -> str:
@@ -135,6 +136,8 @@ class RedisServer:
             args += ["--requirepass", self.password, "--masterauth", self.password]
         # A replica syncs at once instead of after the default 5 s wait for others to join.
         args += ["--repl-diskless-sync-delay", "0"]
+        if self.debug_command:
+            args += ["--enable-debug-command", "local"]
         args += self.options()
         if self.replica_of is not None:
             args += ["--replicaof", "127.0.0.1", str(self.replica_of)]

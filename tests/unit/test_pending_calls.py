@@ -54,3 +54,20 @@ def test_too_old_and_overflowing_calls_are_given_up_and_counted() -> None:
     assert asyncio.run(pending.retry()) == 1
     assert store.done == ["newest"]
     assert (lost, pending.lost) == (["settle", "release"], 2)
+
+
+def test_a_full_queue_gives_up_a_spare_release_before_any_charge() -> None:
+    """A release of an unanswered admission charges nothing (a lease undoes it later): a full
+    queue drops it first, and it is not counted as a charge lost."""
+    store, now = Store(), [0.0]
+    lost: list[str] = []
+    pending = PendingCalls((ConnectionError,), max_calls=2, clock=lambda: now[0])
+    pending.on_lost = lost.append
+    pending.hold("settle", store.call("old settle"))
+    now[0] = 1.0
+    pending.hold("release", store.call("spare"), spare=True)
+    now[0] = 2.0
+    pending.hold("settle", store.call("new settle"))  # full: the spare one goes, not the oldest
+    assert (lost, pending.lost) == ([], 0)
+    assert asyncio.run(pending.retry()) == 2
+    assert store.done == ["old settle", "new settle"]

@@ -153,6 +153,10 @@ function Gateway:model_call(client, req, principal, kind, plan)
   if result == nil then
     -- No local limiter here: every plan fails closed (never "unlimited").
     warn('limit store unreachable, plan ', principal.plan, ' fails closed: ', err)
+    if _M.unanswered(err) then
+      self:release_unanswered({id = req.request_id, user = principal.user or '', ip = ip or ''},
+        principal.tenant)
+    end
     return {answer = say:enforcement_unavailable(principal.plan), broken = true}
   end
   if result.outcome == 'corrupt_state' then  -- the operator must repair it: said loudly
@@ -267,16 +271,47 @@ function Gateway:feed(call, chunk)
   end
 end
 
+-- Whether admit.lua went out and no answer came back (a timeout, a cut connection): Redis may
+-- have run it all the same (a stalled server runs what it had read once it wakes).
+function _M.unanswered(err)
+  local said = tostring(err)
+  return said:find('^admit: ') ~= nil and (said:find('timeout', 1, true) ~= nil
+    or said:find('closed', 1, true) ~= nil or said:find('reset', 1, true) ~= nil)
+end
+
+-- asgi._release_unanswered: an admission that went out unanswered may have reserved all the
+-- same; its release is held, so its slot, tokens and credits come back once Redis answers,
+-- not at the end of its lease. A release of a reservation never made changes nothing.
+function Gateway:release_unanswered(reservation, tenant)
+  self:hold('release', function(client)
+    return self.admission:release(client, reservation, tenant)
+  end, true)
+  warn('admission unanswered; its release is held until Redis answers (', reservation.id, ')')
+end
+
 -- Keep a store call (settle or release) that met a Redis outage, to repeat when it answers:
 -- the reservation's settle record outlives its lease by the record grace, so a late settle
--- still charges what was used (as controller/gateway/pending.py does for Python).
-function Gateway:hold(what, op)
+-- still charges what was used (as controller/gateway/pending.py does for Python). A `spare`
+-- call charges nothing (a lease undoes it later): a full queue gives it up first.
+function Gateway:hold(what, op, spare)
   local held = self.held
   if #held >= HELD_MAX then
-    table.remove(held, 1)
-    warn('a held store call was given up (the queue is full): its usage is not charged')
+    local first = 1
+    for i, call in ipairs(held) do
+      if call.spare then
+        first = i
+        break
+      end
+    end
+    local gone = table.remove(held, first)
+    if gone.spare then
+      warn('a held release of an unanswered admission was given up (the queue is full): ',
+        'its holds end with their lease')
+    else
+      warn('a held store call was given up (the queue is full): its usage is not charged')
+    end
   end
-  held[#held + 1] = {at = ngx.now(), what = what, op = op}
+  held[#held + 1] = {at = ngx.now(), what = what, op = op, spare = spare}
 end
 
 -- Repeat the held calls oldest first, stopping at the first that fails (Redis still away);
