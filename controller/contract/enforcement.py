@@ -149,10 +149,21 @@ class EnforcementKeys:
             return (shared, own)
         return (shared, _pair(self.ip_level(ip)), own)
 
-    def charge_keys(self, tenant: str, user: str | None, ip: str | None) -> tuple[str, ...]:
-        """The 6 keys of charge.lua: each level's state, then the credits and their history."""
+    def charge_keys(
+        self, tenant: str, user: str | None, ip: str | None, request_id: str
+    ) -> tuple[str, ...]:
+        """The 7 keys of charge.lua: each level's state, the credits and their history, then
+        the request's charge record (beside the tenant's state)."""
         states = _levels(self, tenant, user or "", ip or "")[::2]
-        return (*states, self.credits(tenant), self.credit_history(tenant))
+        record = charge_record(states[2], request_id)
+        return (*states, self.credits(tenant), self.credit_history(tenant), record)
+
+
+def charge_record(state: str, request_id: str) -> str:
+    """String, kept the record grace: the fail-open request `request_id` was charged by
+    charge.lua from the slot of the level state `state`; a repeated charge finds it and
+    charges nothing."""
+    return f"{state}:charged:{request_id}"
 
 
 def _pair(level: Level) -> tuple[str, str]:

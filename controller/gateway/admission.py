@@ -282,8 +282,10 @@ class Admission:
     async def charge(self, request: AdmissionRequest, usage: TokensUsed) -> int:
         """Charge a request served without a reservation (a fail-open plan while Redis was
         away) once Redis answers: the daily token budgets in force now and the credits, as a
-        settle would. Rates are not charged (their windows have passed). Returns how many
-        budgets were charged; raises EnforcementError if Redis fails (the caller holds it)."""
+        settle would. Rates are not charged (their windows have passed). Once only: a repeat
+        (its first answer lost) finds the request's charge record and charges nothing.
+        Returns how many budgets were charged; raises EnforcementError if Redis fails (the
+        caller holds it)."""
         plan = await self.catalog.current(request.plan)
         ip = ip_id(request.ip) if request.ip else ""
         model = model_key(request.model or "")  # its limits are met without case
@@ -302,10 +304,10 @@ class Admission:
             cost = str(to_micro(price))
         args: tuple[str | int, ...] = (request.request_id, usage.total, cost, model,
                                        self._history_length, usage.prompt, usage.completion,
-                                       *budgets)  # fmt: skip
+                                       self._record_ms, *budgets)  # fmt: skip
         if self.slots is not None:
             return await self.slots.charge((request.tenant, request.user or "", ip), args)
-        keys = self.keys.charge_keys(request.tenant, request.user, ip)
+        keys = self.keys.charge_keys(request.tenant, request.user, ip, request.request_id)
         return int(await CHARGE.run(self.client, keys, args))
 
     async def release(self, reservation: str, tenant: str) -> bool:

@@ -11,7 +11,7 @@ from typing import Any
 import redis.asyncio
 
 from controller.clients.scripts import ADMIT, CHARGE, SETTLE, Arg
-from controller.contract.enforcement import EnforcementKeys, Level
+from controller.contract.enforcement import EnforcementKeys, Level, charge_record
 
 Reply = list[str | int]
 _LEVELS = 4
@@ -223,19 +223,23 @@ class SlotAdmission:
         return bool(done[-1])
 
     async def charge(self, who: tuple[str, str, str], args: tuple[Arg, ...]) -> int:
-        """charge.lua per slot: each slot's daily budgets (ARGV 8...: '<level><field>'),
-        the credits with the tenant's; the number of budgets charged."""
+        """charge.lua per slot: each slot's daily budgets (ARGV 9...: '<level><field>'),
+        the credits with the tenant's; the number of budgets charged. Each slot keeps its own
+        charge record: a repeat after a partial failure charges only the slots it missed."""
         tenant, user, ip = who
-        head, budgets = args[:7], [str(b) for b in args[7:]]
+        head, budgets = args[:8], [str(b) for b in args[8:]]
+        rid = str(head[0])
         shared = self.keys.global_level().state
         own = self.keys.tenant_level(tenant).state
         mine = self.keys.user_level(tenant, user).state if user else own
-        calls = [((shared,) * 6, [b for b in budgets if b[0] == "1"], False)]
+        calls = [((shared,) * 6 + (charge_record(shared, rid),),
+                  [b for b in budgets if b[0] == "1"], False)]  # fmt: skip
         if ip:
-            calls.append(((self.keys.ip_level(ip).state,) * 6, [b for b in budgets if b[0] == "2"],
-                          False))  # fmt: skip
+            state = self.keys.ip_level(ip).state
+            calls.append(((state,) * 6 + (charge_record(state, rid),),
+                          [b for b in budgets if b[0] == "2"], False))  # fmt: skip
         tenant_keys = (own, own, own, mine, self.keys.credits(tenant),
-                       self.keys.credit_history(tenant))  # fmt: skip
+                       self.keys.credit_history(tenant), charge_record(own, rid))  # fmt: skip
         calls.append((tenant_keys, [b for b in budgets if b[0] in "34"], True))
         runs = [
             CHARGE.run(

@@ -4,16 +4,23 @@ token budget and the credit ledger end exactly where they would have without the
 
 from __future__ import annotations
 
+import asyncio
 import re
+import threading
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
 import pytest
+from pydantic import SecretStr
 
+from controller.clients.redis import aclose, connect_async
 from controller.contract.enforcement import EnforcementKeys
+from controller.gateway.admission import Admission, AdmissionRequest, EnforcementError, TokensUsed
+from controller.gateway.catalog import PlanCatalog
 from controller.gateway.credits import CreditLedger
 from controller.gateway.prices import PriceTable
-from controller.settings import PricesSettings
+from controller.settings import PricesSettings, RedisSettings
 from tests.gateway.conftest import start_gateway, write_limits
 from tests.gateway.fake_upstream import FakeUpstream
 from tests.support.prometheus import wait_for
@@ -92,3 +99,58 @@ def test_usage_served_fail_open_is_charged_when_redis_returns(
         assert sum("fail-open" in e.reason for e in charges) == 2
     finally:
         server.stop()
+
+
+def test_a_charge_repeated_after_its_answer_was_lost_charges_once(
+    tmp_path: Path, policies: Path
+) -> None:
+    """Redis stalled past the socket timeout (DEBUG SLEEP) runs the charge it had read once it
+    wakes; the gateway, which saw a timeout, holds it and repeats it: the budget and the
+    credits are charged once, not once per try."""
+    server = RedisServer(tmp_path / "redis", debug_command=True).start()
+    try:
+        with server.client() as client:
+            write_limits(client, "governor", policies)
+            CreditLedger(client, "governor").top_up("globex", 5.0, reason="test", actor="pytest")
+        served = AdmissionRequest("globex", "enterprise", None, None, MODEL, 40, "served-open")
+        usage = TokensUsed(10, 20)
+
+        async def charge_twice() -> list[str]:
+            settings = RedisSettings(url=SecretStr(server.url), socket_timeout_seconds=0.5)
+            client = connect_async(server.url, settings)
+            prices = PriceTable.from_settings(PricesSettings())
+            admission = Admission(client, "governor", prices, PlanCatalog(client, "governor"))
+            tries = []
+            sleeper = threading.Thread(target=stall, args=(server,))
+            try:
+                # Another request first: loads the script, reads the limits.
+                await admission.charge(replace(served, request_id="served-before"), usage)
+                sleeper.start()
+                await asyncio.sleep(0.3)  # asleep by now
+                for _ in range(2):  # the first times out (and runs later), the retry answers
+                    try:
+                        await admission.charge(served, usage)
+                        tries.append("answered")
+                    except EnforcementError:
+                        tries.append("timed out")
+                        await asyncio.to_thread(sleeper.join)
+            finally:
+                await aclose(client)
+            return tries
+
+        assert asyncio.run(charge_twice()) == ["timed out", "answered"]
+        prices = PriceTable.from_settings(PricesSettings())
+        with server.client() as client:
+            state = EnforcementKeys.for_prefix("governor").tenant_level("globex").state
+            # Two requests' worth: the one before, and the repeated one once.
+            assert int(client.hget(state, "u|tokens_per_day") or 0) == 2 * usage.total
+            ledger = CreditLedger(client, "governor")
+            cost = prices.cost(MODEL, usage.prompt, usage.completion)
+            assert ledger.state("globex").balance_usd == pytest.approx(5.0 - 2 * cost, abs=1e-5)
+    finally:
+        server.stop()
+
+
+def stall(server: RedisServer) -> None:
+    with server.client() as client:
+        client.execute_command("DEBUG", "SLEEP", "1.5")

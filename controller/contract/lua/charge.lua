@@ -4,12 +4,21 @@
 --
 -- KEYS  1 global state  2 ip state  3 tenant state  4 user state (absent levels: the
 --       tenant's, never touched)  5 tenant credits  6 tenant credit history (stream)
+--       7 the request's charge record (in the slot of the call's own keys)
 -- ARGV  1 request id  2 tokens  3 cost, micro-USD ('' when the plan has no credits)
 --       4 model  5 history length kept  6 prompt tokens  7 completion tokens
---       8.. the daily token budgets in force: '<level 1-4><field>', e.g. '3tokens_per_day'
--- Returns the number of budgets charged.
+--       8 how long the charge record is kept, ms
+--       9.. the daily token budgets in force: '<level 1-4><field>', e.g. '3tokens_per_day'
+-- Returns the number of budgets charged (0 when the request was charged already).
+--
+-- A gateway repeats a charge whose answer it did not get (a timeout), and a stalled Redis may
+-- have run it all the same: the charge record, written with the charge, makes the repeat a
+-- no-op, as a settle record does for settle.lua.
 
 local tonumber = tonumber
+if call('EXISTS', KEYS[7]) == 1 then
+  return 0
+end
 local tokens, cost = ARGV[2] + 0, tonumber(ARGV[3])
 local t = call('TIME')
 local today = floor((t[1] * 1000 + t[2] / 1000) / DAY_MS)
@@ -18,7 +27,7 @@ local writes = {}
 if cost and cost > 0 then
   writes = {KEYS[5], 'hash', KEYS[6], 'stream'}
 end
-for i = 8, #ARGV do
+for i = 9, #ARGV do
   writes[#writes + 1], writes[#writes + 2] = KEYS[sub(ARGV[i], 1, 1) + 0], 'hash'
 end
 local refused = wrong_type(writes)
@@ -42,7 +51,7 @@ end
 -- A day or count that holds what no script writes is left as it is (settle.lua's reason):
 -- admit.lua refuses naming it. Such a budget is not counted as charged.
 local charged = 0
-for i = 8, #ARGV do
+for i = 9, #ARGV do
   local state, field = KEYS[sub(ARGV[i], 1, 1) + 0], sub(ARGV[i], 2)
   local day = call('HMGET', state, 'd|' .. field, 'u|' .. field)
   local stored, used = number_at(day[1], 0), 0
@@ -58,4 +67,5 @@ for i = 8, #ARGV do
     charged = charged + 1
   end
 end
+call('SET', KEYS[7], format('%d', charged), 'PX', ARGV[8])
 return charged
