@@ -14,7 +14,7 @@ import httpx
 import pytest
 from pydantic import SecretStr
 
-from controller.clients.redis import aclose, connect_async
+from controller.clients.redis import aclose, connect_async, refused_this_call
 from controller.contract.enforcement import EnforcementKeys
 from controller.gateway.admission import Admission, AdmissionRequest, EnforcementError, TokensUsed
 from controller.gateway.catalog import PlanCatalog
@@ -154,3 +154,49 @@ def test_a_charge_repeated_after_its_answer_was_lost_charges_once(
 def stall(server: RedisServer) -> None:
     with server.client() as client:
         client.execute_command("DEBUG", "SLEEP", "1.5")
+
+
+def test_a_charge_refused_by_a_full_redis_says_so_not_a_damaged_balance(
+    tmp_path: Path, policies: Path
+) -> None:
+    """Redis at maxmemory (noeviction) refuses the charge's first write: the error is the
+    server's OOM, a whole-server refusal that ends the held calls' pass, never 'balance holds
+    what no script writes' with a repair command for a balance that is fine."""
+    server = RedisServer(tmp_path / "redis").start()
+    try:
+        with server.client() as client:
+            write_limits(client, "governor", policies)
+            CreditLedger(client, "governor").top_up("globex", 5.0, reason="test", actor="pytest")
+        served = AdmissionRequest("globex", "enterprise", None, None, MODEL, 40, "served-open")
+
+        async def charge() -> BaseException | None:
+            settings = RedisSettings(url=SecretStr(server.url))
+            client = connect_async(server.url, settings)
+            prices = PriceTable.from_settings(PricesSettings())
+            admission = Admission(client, "governor", prices, PlanCatalog(client, "governor"))
+            try:
+                # Another request first, while Redis has room: the limits are read and kept.
+                await admission.charge(replace(served, request_id="before"), TokensUsed(1, 1))
+                with server.client() as full:
+                    full.config_set("maxmemory-policy", "noeviction")
+                    full.config_set("maxmemory", 1)
+                await admission.charge(served, TokensUsed(10, 20))
+            except EnforcementError as exc:
+                return exc
+            finally:
+                await aclose(client)
+            return None
+
+        refused = asyncio.run(charge())
+        prices = PriceTable.from_settings(PricesSettings())
+        assert refused is not None
+        assert "maxmemory" in str(refused)
+        assert "holds what no script writes" not in str(refused)
+        assert not refused_this_call(refused)  # the whole server: the pass stops
+        with server.client() as client:
+            client.config_set("maxmemory", 0)
+            before = prices.cost(MODEL, 1, 1)
+            balance = CreditLedger(client, "governor").state("globex").balance_usd
+            assert balance == pytest.approx(5.0 - before, abs=1e-5)  # nothing half-applied
+    finally:
+        server.stop()

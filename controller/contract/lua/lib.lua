@@ -59,6 +59,11 @@ end
 -- before anything else is written, so that the gateway repeats it once it is repaired.
 local function debit(credits, history, cost)
   local balance = redis.pcall('HINCRBY', credits, 'balance', -cost)
+  if type(balance) == 'table' and not string.find(balance.err, 'not an integer', 1, true) then
+    -- The server refused the write itself (OOM: maxmemory reached), not the balance: its own
+    -- error, so the gateway holds the call as a whole-server refusal, naming the real cause.
+    return nil, balance
+  end
   if type(balance) == 'table' then
     return nil, redis.error_reply(format('%s field balance holds what no script writes (%s): ' ..
       'set it to the last balance_micro_usd of %s (redis-cli XREVRANGE %s + - COUNT 1, then ' ..
