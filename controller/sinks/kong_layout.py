@@ -26,6 +26,17 @@ FIELDS: Mapping[LimitKind, str] = {
     LimitKind.REQUESTS_PER_MINUTE: "minute",
 }
 PERIODS = ("second", "minute", "hour", "day", "month", "year")
+# Kong's rate-limiting refuses a request once a period's count has reached its limit
+# (`remaining = limit - usage`, refused at <= 0), its schema wants every limit above 0 and a
+# longer period's limit no lower than a shorter one's: a limit of 0 (shed everything) cannot
+# be written as such, and the least it counts lets one request a period through. So an
+# instance holding a 0 is written as shedding: each of its periods 1, and `year: 1` beside
+# them. After one request its consumer (or the whole gateway, for the global instance) is
+# refused until Governor lifts the 0, which writes its values back and removes `year`.
+# Never the previous, higher values kept because Kong refused the 0: that served what the
+# policy shed.
+SHED_STAND_IN = 1
+SHED_PERIOD = "year"
 _NO_SHARING = (
     "Kong's rate-limiting plugin has no in-flight limit to share; Governor's "
     "governor-admission plugin enforces it on the Redis sink"
@@ -172,6 +183,17 @@ def number(value: float) -> int | float:
     return int(value) if float(value).is_integer() else float(value)
 
 
+def sheds(values: Iterable[float]) -> bool:
+    """Whether an instance holding `values` is written as shedding (one of them is 0)."""
+    return any(value == 0 for value in values)
+
+
+def kong_value(value: float, shedding: bool) -> float:
+    """What a limit is written as in its period's field: itself, or SHED_STAND_IN in an
+    instance that sheds."""
+    return SHED_STAND_IN if shedding else value
+
+
 def plugin_config(
     settings: KongSettings, owner: Owner, slots: Slots, *, password: bool = True
 ) -> dict[str, Any]:
@@ -182,8 +204,11 @@ def plugin_config(
     Secret instead of writing it into an object).
     """
     config: dict[str, Any] = dict.fromkeys(PERIODS)
+    shedding = sheds(value for _, value in slots.values())
     for field, (_, value) in slots.items():
-        config[field] = number(value)
+        config[field] = number(kong_value(value, shedding))
+    if shedding:
+        config[SHED_PERIOD] = SHED_STAND_IN  # one request, then refused until lifted
     config.update(
         limit_by=settings.global_limit_by if owner.kind is OwnerKind.GLOBAL else settings.limit_by,
         policy=settings.policy,

@@ -27,9 +27,11 @@ from controller.sinks.kong_layout import (
     Slots,
     config_differences,
     field_value,
+    kong_value,
     layout,
     placed,
     plugin_config,
+    sheds,
     unsupported_reason,
 )
 
@@ -143,18 +145,20 @@ class _Memory:
                 actual[address] = written[address] = value
 
 
-# Per address, what each instance carrying it holds (None: disabled or no such field) and
-# what Governor wrote there.
-_Carriers = dict[Address, list[tuple[float | None, float]]]
+# Per address, what each instance carrying it holds (None: disabled or no such field), what
+# that field should hold (the value, or SHED_STAND_IN in an instance that sheds) and the
+# value Governor wrote there (its ledger).
+_Carriers = dict[Address, list[tuple[float | None, float, float]]]
 
 
 def _carriers(listing: Listing) -> _Carriers:
     carriers: _Carriers = defaultdict(list)
     for instance in listing.instances.values():
+        shedding = sheds(instance.written.values())  # its fields hold SHED_STAND_IN
         for address, wrote in instance.written.items():
             name = FIELDS.get(address.limit)
             value = field_value(instance.config, name) if name and instance.enabled else None
-            carriers[address].append((value, wrote))
+            carriers[address].append((value, kong_value(wrote, shedding), wrote))
     return carriers
 
 
@@ -163,11 +167,11 @@ def _carried(carriers: _Carriers) -> tuple[dict[Address, float], dict[Address, f
     common value, or as the first that differs from the ledger (drift)."""
     actual: dict[Address, float] = {}
     written: dict[Address, float] = {}
-    for address, pairs in carriers.items():
-        written[address] = pairs[0][1]
-        off = [value for value, wrote in pairs if not _same(value, wrote)]
+    for address, found in carriers.items():
+        written[address] = found[0][2]
+        off = [value for value, expected, _ in found if not _same(value, expected)]
         if not off:
-            actual[address] = pairs[0][1]
+            actual[address] = found[0][2]
         elif off[0] is not None:
             actual[address] = off[0]
     return actual, written

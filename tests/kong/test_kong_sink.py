@@ -102,6 +102,40 @@ def test_one_changed_limit_patches_one_plugin(kong: KongAdmin, converged: KongSi
     assert sink.read().version == version + 1
 
 
+def test_a_limit_of_zero_is_written_as_one_request_then_refused_until_lifted(
+    kong: KongAdmin, converged: KongSink
+) -> None:
+    # Kong refuses a 0 (its schema wants > 0): the sink kept acme's 600 a minute and served
+    # what the policy shed, reporting a failed write every tick. The least Kong counts lets one request a period through, so the
+    # 0 stands as 1 with `year: 1` beside it: one request, then refused.
+    sink = converged
+    shed = {
+        **DESIRED,
+        A("tenant/acme/requests_per_minute"): 0.0,
+        A("global/requests_per_second"): 0.0,
+    }
+    assert converge(sink, shed) == [
+        Change(A("global/requests_per_second"), 200.0, 0.0),
+        Change(A("tenant/acme/requests_per_minute"), 600.0, 0.0),
+    ]
+    plugins = plugins_by_owner(kong)
+    acme, glob = plugins["tenant|acme"]["config"], plugins["global"]["config"]
+    assert (acme["minute"], acme["year"]) == (1, 1)
+    # Kong wants a longer period's limit no lower than a shorter one's: the whole instance
+    # sheds (its minute too), as a 0 anywhere in it lets nothing through anyway.
+    assert (glob["second"], glob["minute"], glob["year"]) == (1, 1, 1)
+    assert plugins["tenant|beta"]["config"]["year"] is None  # beta sheds nothing
+    state = sink.read()
+    assert dict(state) == shed  # read back as the 0 it stands for: no drift, no rewrite
+    assert state.drift == []
+    writes = kong.writes()
+    assert sink.apply(diff(shed, sink.read())).applied == ()
+    assert kong.writes() == writes
+    converge(sink, DESIRED)  # lifted: the stand-in and `year` go
+    acme = plugins_by_owner(kong)["tenant|acme"]["config"]
+    assert (acme["minute"], acme["year"]) == (600, None)
+
+
 def test_a_hand_edit_is_reported_as_drift_then_reconciled(
     kong: KongAdmin, converged: KongSink
 ) -> None:
