@@ -106,8 +106,9 @@ def test_a_limit_of_zero_is_written_as_one_request_then_refused_until_lifted(
     kong: KongAdmin, converged: KongSink
 ) -> None:
     # Kong refuses a 0 (its schema wants > 0): the sink kept acme's 600 a minute and served
-    # what the policy shed, reporting a failed write every tick. The least Kong counts lets one request a period through, so the
-    # 0 stands as 1 with `year: 1` beside it: one request, then refused.
+    # what the policy shed, reporting a failed write every tick. The least Kong counts lets
+    # one request a period through, so the 0 stands as 1 with `year: 1` beside it: one
+    # request, then refused.
     sink = converged
     shed = {
         **DESIRED,
