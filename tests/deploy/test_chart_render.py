@@ -184,6 +184,27 @@ def test_the_production_scenario_turns_on_monitoring_and_protection() -> None:
     assert {53, 6379, 9090, 443} <= egress_ports
 
 
+@pytest.mark.parametrize(("allowed", "spec"), [
+    (0, {"maxUnavailable": 0}),  # no eviction at all: 0 is a value, not "unset"
+    ("50%", {"maxUnavailable": "50%"}),
+    ("", {"minAvailable": 1}),
+    (None, {"minAvailable": 1}),
+])  # fmt: skip
+def test_a_budget_of_max_unavailable_zero_is_kept_not_read_as_unset(
+    allowed: object, spec: dict[str, object]
+) -> None:
+    """`maxUnavailable: 0` rendered `minAvailable: 1`: with two replicas one could be evicted
+    where the operator asked for none."""
+    budget = {"enabled": True, "maxUnavailable": allowed}
+    values = {"podDisruptionBudget": budget,
+              "gateway": {"enabled": True, "upstream": "http://vllm:8000",
+                          "podDisruptionBudget": budget}}  # fmt: skip
+    found = [d for d in manifests(render(values)) if d["kind"] == "PodDisruptionBudget"]
+    assert len(found) == 2
+    for doc in found:
+        assert {k: v for k, v in doc["spec"].items() if k != "selector"} == spec
+
+
 def test_credentials_come_from_secrets_never_from_plain_values(
     docs: tuple[Manifest, ...], scenario: str
 ) -> None:
