@@ -351,11 +351,17 @@ class UsageMeter:
     _usage: Usage | None = None
     _completion_chars: int = 0
     _overflow: bool = False
+    _unreadable: bool = False  # a whole answer that is no JSON object (cut off, garbled)
+    _events: bool = False  # a `data:` line was seen
 
     def feed(self, chunk: bytes) -> None:
         if self._overflow:
             return
         self._buffer.extend(chunk)
+        if self.streaming and not self._events and self._buffer.lstrip()[:1] == b"{":
+            # A stream asked for and one JSON document answered (a model server or proxy that
+            # ignores `stream`): read as the document it is, not as events it has none of.
+            self.streaming = False
         if self.streaming:
             self._read_events()
         elif len(self._buffer) > _MAX_BUFFERED_RESPONSE:
@@ -368,12 +374,14 @@ class UsageMeter:
             self._buffer.extend(b"\n")
             self._read_events()
         elif not self._overflow:
-            self._read_document(bytes(self._buffer))
+            self._unreadable = not self._read_document(bytes(self._buffer))
         self._buffer.clear()
         if self._usage is not None:
             return self._usage
         completion = math.ceil(self._completion_chars / CHARS_PER_TOKEN)
-        if self._overflow and self.ceiling is not None:
+        # An answer that could not be read whole (too big, cut off mid-body, garbled) hides
+        # what was generated: it is charged its reservation, never the prompt alone.
+        if (self._overflow or self._unreadable) and self.ceiling is not None:
             completion = max(completion, self.ceiling - self.prompt_estimate)
         return Usage(self.prompt_estimate, completion, estimated=True)
 
@@ -385,23 +393,26 @@ class UsageMeter:
             line = bytes(self._buffer[:end]).strip()
             del self._buffer[: end + 1]
             if line.startswith(b"data:"):
+                self._events = True
                 data = line[5:].strip()
                 if data and data != b"[DONE]":
                     self._read_document(data)
 
-    def _read_document(self, data: bytes) -> None:
+    def _read_document(self, data: bytes) -> bool:
+        """Read one JSON document's usage and text; False when it is no JSON object."""
         try:
             document = json.loads(data)
         except (ValueError, UnicodeDecodeError):
-            return
+            return False
         if not isinstance(document, dict):
-            return
+            return False
         usage = _usage(document.get("usage"))
         if usage is not None:
             self._usage = usage
         for choice in document.get("choices") or ():
             if isinstance(choice, dict):
                 self._completion_chars += _choice_chars(choice)
+        return True
 
 
 def _usage(value: Any) -> Usage | None:

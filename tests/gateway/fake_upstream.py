@@ -6,7 +6,9 @@ request headers (the gateway forwards them): `x-fake-status` answers that status
 `x-fake-usage: none` leaves usage out, `x-fake-tokens: N` generates N tokens (at most
 max_tokens; per prompt of a completions batch), `x-fake-hold: 1` holds a stream after its first
 chunk until the test releases it, `x-fake-delay: S` waits S seconds before answering (a
-model generating), `x-fake-pad: N` adds N bytes of logprobs to a non-streamed answer.
+model generating), `x-fake-pad: N` adds N bytes of logprobs to a non-streamed answer,
+`x-fake-cut: N` sends only the first N bytes of a non-streamed answer (a body cut off
+mid-way), and `x-fake-ignore-stream: 1` answers a stream request with one JSON document.
 """
 
 from __future__ import annotations
@@ -97,7 +99,7 @@ class FakeUpstream:
         if request.headers.get("x-fake-usage") == "none":
             usage = {}
         model = body["model"]
-        if body.get("stream"):
+        if body.get("stream") and request.headers.get("x-fake-ignore-stream") != "1":
             wants_usage = bool((body.get("stream_options") or {}).get("include_usage"))
             hold = request.headers.get("x-fake-hold") == "1"
             finish = _finish(completion, limit)
@@ -121,6 +123,11 @@ class FakeUpstream:
         pad = int(request.headers.get("x-fake-pad", "0"))  # an answer of more bytes (logprobs)
         if pad:
             answer["choices"][0]["logprobs"] = {"content": "x" * pad}
+        cut = request.headers.get("x-fake-cut")
+        if cut is not None:  # what a client sees of a body the server broke off
+            whole = json.dumps(answer).encode()
+            return Response(whole[: int(cut)], media_type="application/json",
+                            headers={"x-upstream": "fake"})  # fmt: skip
         return JSONResponse(answer, headers={"x-upstream": "fake"})
 
     async def _events(

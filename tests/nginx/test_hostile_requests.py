@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import socket
 import time
+from typing import Any
 
 import pytest
 
@@ -442,3 +443,34 @@ def test_an_answer_too_big_to_read_is_charged_its_reservation_not_its_prompt(
         wait_settled(side, "verbose", answer.headers["x-governor-request-id"])
         charged = int(tenant_state(side, "verbose")["u|tokens_per_day"])
         assert charged >= 900, (side.name, charged)
+
+
+@pytest.mark.parametrize(
+    ("case", "extra", "fake_headers"),
+    [
+        ("cut off mid-body", {}, {"x-fake-cut": "60"}),
+        ("garbled", {}, {"x-fake-cut": "0"}),
+        ("a stream answered as one document", {"stream": True}, {"x-fake-ignore-stream": "1"}),
+    ],
+)
+def test_an_answer_whose_usage_cannot_be_read_is_not_charged_the_prompt_alone(
+    nginx: Side, python_gateway: Side, case: str, extra: dict[str, Any],
+    fake_headers: dict[str, str],
+) -> None:  # fmt: skip
+    """Both gateways settled an unreadable 200 (a body the model server broke off, or one
+    JSON document sent for a stream request, whose meter looked for `data:` lines) as the
+    prompt estimate alone. A cut or garbled answer now costs its reservation; a document
+    sent for a stream is read as the document it is (its `usage`)."""
+    body = json.dumps(chat_body(max_tokens=300, **extra)).encode()
+    for side in (python_gateway, nginx):
+        tenant = f"unread{len(case)}"
+        set_limit(side, f"tenant/{tenant}/tokens_per_day", 100_000)
+        key = side.key(tenant, "paid")
+        answer = side.chat(key, body, **{"x-fake-tokens": "200", **fake_headers})
+        assert answer.status_code == 200, (side.name, case, answer.status_code)
+        wait_settled(side, tenant, answer.headers["x-governor-request-id"])
+        charged = int(tenant_state(side, tenant)["u|tokens_per_day"])
+        if "stream" in extra:
+            assert charged == answer.json()["usage"]["total_tokens"], (side.name, charged)
+        else:
+            assert charged >= 300, (side.name, case, charged)  # the reservation, at least

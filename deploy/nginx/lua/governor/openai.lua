@@ -412,13 +412,15 @@ Meter.__index = Meter
 function _M.meter(streaming, prompt_estimate, ceiling)
   return setmetatable({streaming = streaming, prompt_estimate = prompt_estimate,
     ceiling = ceiling, buffer = {},
-    size = 0, usage = nil, completion_chars = 0, overflow = false, pending = ''}, Meter)
+    size = 0, usage = nil, completion_chars = 0, overflow = false, pending = '',
+    unreadable = false, events = false}, Meter)
 end
 
+-- Read one JSON document's usage and text; false when it is no JSON object.
 function Meter:read_document(data)
   local document = cjson.decode(data)
-  if type(document) ~= 'table' then
-    return
+  if type(document) ~= 'table' or data:match('^%s*(.)') ~= '{' then
+    return false
   end
   local usage = usage_of(document.usage)
   if usage then
@@ -431,6 +433,7 @@ function Meter:read_document(data)
       end
     end
   end
+  return true
 end
 
 function Meter:read_events()
@@ -444,6 +447,7 @@ function Meter:read_events()
     local line = text:sub(start, stop - 1):match('^%s*(.-)%s*$')
     start = stop + 1
     if line:sub(1, 5) == 'data:' then
+      self.events = true
       local data = line:sub(6):match('^%s*(.-)%s*$')
       if data ~= '' and data ~= '[DONE]' then
         self:read_document(data)
@@ -456,6 +460,11 @@ end
 function Meter:feed(chunk)
   if self.overflow or chunk == nil or chunk == '' then
     return
+  end
+  if self.streaming and not self.events and (self.pending .. chunk):match('^%s*{') then
+    -- A stream asked for and one JSON document answered (openai.UsageMeter.feed): read as
+    -- the document it is.
+    self.streaming, chunk, self.pending = false, self.pending .. chunk, ''
   end
   if self.streaming then
     self.pending = self.pending .. chunk
@@ -476,14 +485,15 @@ function Meter:finish()
     self.pending = self.pending .. '\n'
     self:read_events()
   elseif not self.overflow then
-    self:read_document(table.concat(self.buffer))
+    self.unreadable = not self:read_document(table.concat(self.buffer))
   end
   self.buffer, self.pending = {}, ''
   if self.usage then
     return self.usage
   end
   local completion = math.ceil(self.completion_chars / CHARS_PER_TOKEN)
-  if self.overflow and self.ceiling ~= nil then
+  -- An answer that could not be read whole (too big, cut off, garbled): its reservation.
+  if (self.overflow or self.unreadable) and self.ceiling ~= nil then
     completion = math.max(completion, self.ceiling - self.prompt_estimate)
   end
   return {prompt = self.prompt_estimate, completion = completion, estimated = true}
