@@ -60,21 +60,29 @@ def test_cli_commands_refuse_a_cluster_node_with_exit_2(
         assert client.dbsize() == 0
 
 
-def test_run_once_and_the_gateway_refuse_a_cluster_node_with_exit_2(
-    cluster: RedisClusterServers,
-) -> None:
-    env = {**env_for(cluster.first_url), "GOVERNOR_CONTROLLER__POLICY_DIR": str(POLICIES)}
+def run_once_and_gateway(
+    env: dict[str, str],
+) -> tuple[subprocess.CompletedProcess[str], subprocess.CompletedProcess[str]]:
+    """`governor run --once` and `governor gateway` started with `env`, each to its exit."""
     run = subprocess.run(
         [sys.executable, "-m", "controller", "run", "--once"],
         env=env, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
-    assert run.returncode == 2, run.stderr
-    assert "redis+cluster://" in run.stderr
     gateway = subprocess.run(
         [sys.executable, "-m", "controller", "gateway", "--port", str(free_port()),
          "--upstream", "http://127.0.0.1:9"],
         env=env, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
+    return run, gateway
+
+
+def test_run_once_and_the_gateway_refuse_a_cluster_node_with_exit_2(
+    cluster: RedisClusterServers,
+) -> None:
+    env = {**env_for(cluster.first_url), "GOVERNOR_CONTROLLER__POLICY_DIR": str(POLICIES)}
+    run, gateway = run_once_and_gateway(env)
+    assert run.returncode == 2, run.stderr
+    assert "redis+cluster://" in run.stderr
     assert gateway.returncode == 2, gateway.stderr
     assert "is a Cluster node" in gateway.stderr
     assert "redis+cluster://" in gateway.stderr
@@ -152,18 +160,10 @@ def test_run_once_and_the_gateway_refuse_a_cluster_url_naming_a_plain_redis(
 ) -> None:
     url = _cluster_url_of(redis_server)
     env = {**env_for(url), "GOVERNOR_CONTROLLER__POLICY_DIR": str(POLICIES)}
-    run = subprocess.run(
-        [sys.executable, "-m", "controller", "run", "--once"],
-        env=env, capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+    run, gateway = run_once_and_gateway(env)
     assert run.returncode == 2, run.stderr
     assert "is not a Cluster node" in run.stderr
     # Before, the gateway started, answered /healthz 200 and failed every admission.
-    gateway = subprocess.run(
-        [sys.executable, "-m", "controller", "gateway", "--port", str(free_port()),
-         "--upstream", "http://127.0.0.1:9"],
-        env=env, capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
     assert gateway.returncode == 2, gateway.stderr
     assert "is not a Cluster node" in gateway.stderr
     settings = RedisSettings(url=SecretStr(url))
