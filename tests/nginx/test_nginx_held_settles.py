@@ -44,6 +44,20 @@ def redis_own(tmp_path: Path, policy_dir: Path) -> Iterator[RedisServer]:
     server.stop()
 
 
+def impatient_nginx(
+    tmp_path: Path, export_dir: Path, upstream_port: int, redis_url: str
+) -> NginxServer:
+    """nginx on `redis_url` giving up on Redis after 0.5 s and retrying held calls every 0.3 s."""
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
+        "GOVERNOR_REDIS__URL": redis_url,
+        "GOVERNOR_REDIS__SOCKET_TIMEOUT_SECONDS": "0.5",
+        "GOVERNOR_GATEWAY__API_KEY_SECRET": SECRET,
+    }
+    return NginxServer(tmp_path / "nginx", export_dir, upstream_port, env,
+                       init_options="held_retry_seconds = 0.3").start()  # fmt: skip
+
+
 def test_a_settle_that_meets_an_outage_is_repeated_when_redis_answers(
     tmp_path: Path,
     export_dir: Path,
@@ -51,14 +65,7 @@ def test_a_settle_that_meets_an_outage_is_repeated_when_redis_answers(
     held: FakeUpstream,
     redis_own: RedisServer,
 ) -> None:
-    env = {
-        "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
-        "GOVERNOR_REDIS__URL": redis_own.url,
-        "GOVERNOR_REDIS__SOCKET_TIMEOUT_SECONDS": "0.5",
-        "GOVERNOR_GATEWAY__API_KEY_SECRET": SECRET,
-    }
-    nginx = NginxServer(tmp_path / "nginx", export_dir, upstream[1].port, env,
-                        init_options="held_retry_seconds = 0.3").start()  # fmt: skip
+    nginx = impatient_nginx(tmp_path, export_dir, upstream[1].port, redis_own.url)
     db: redis.Redis[str]
     with redis_own.client() as db, httpx.Client(timeout=30.0) as http:
         try:
@@ -100,14 +107,7 @@ def test_an_admission_redis_ran_after_the_timeout_is_released_when_redis_answers
     """A Redis stalled past the socket timeout (DEBUG SLEEP) runs the admit it had read once
     it wakes: the slot and tokens it took come back when Redis answers, not with the lease."""
     server = RedisServer(tmp_path / "redis", debug_command=True).start()
-    env = {
-        "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
-        "GOVERNOR_REDIS__URL": server.url,
-        "GOVERNOR_REDIS__SOCKET_TIMEOUT_SECONDS": "0.5",
-        "GOVERNOR_GATEWAY__API_KEY_SECRET": SECRET,
-    }
-    nginx = NginxServer(tmp_path / "nginx", export_dir, upstream[1].port, env,
-                        init_options="held_retry_seconds = 0.3").start()  # fmt: skip
+    nginx = impatient_nginx(tmp_path, export_dir, upstream[1].port, server.url)
     db: redis.Redis[str]
     with server.client() as db, httpx.Client(timeout=30.0) as http:
         try:
