@@ -115,13 +115,32 @@ def stores() -> Iterator[Stores]:
             close(journal_client)
 
 
+def _server_hint(exc: BaseException) -> str:
+    """What to do about a Redis that answered but refused the whole command (a replica, a
+    full memory): the reply alone names no fix an on-call engineer can act on."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, redis.ReadOnlyError):
+            return (
+                " (this Redis is a read-only replica: point GOVERNOR_REDIS__URL at the master, "
+                "or at its Sentinels with redis+sentinel://, which follow failovers)"
+            )
+        if isinstance(cause, redis.exceptions.OutOfMemoryError):
+            return (
+                " (this Redis is full: maxmemory is reached and its policy evicts nothing; "
+                "raise maxmemory or free memory, as Governor's keys must not be evicted)"
+            )
+        cause = cause.__cause__ or cause.__context__
+    return ""
+
+
 @contextmanager
 def cli_errors() -> Iterator[None]:
     """Exit 1 on a Redis failure, 2 on bad configuration or input, with the message on stderr."""
     try:
         yield
     except SinkError as exc:
-        typer.echo(f"error: {mask_text(str(exc))}", err=True)
+        typer.echo(f"error: {mask_text(str(exc))}{_server_hint(exc)}", err=True)
         raise typer.Exit(1) from None
     except (ConfigurationError, ValueError) as exc:
         typer.echo(f"error: {mask_text(str(exc))}", err=True)

@@ -424,3 +424,32 @@ def test_a_redis_of_another_key_contract_is_refused_before_any_write(
     assert "holds key contract '2' in governor:contract, this Governor speaks 1" in said
     assert "nothing is read or written there" in said
     assert db.keys("*") == ["governor:contract"]  # nothing written, not even the journal
+
+
+@pytest.mark.parametrize(
+    ("make_it", "hint"),
+    [
+        ({"replicaof": "127.0.0.1 9", "replica-read-only": "yes"},
+         "this Redis is a read-only replica: point GOVERNOR_REDIS__URL at the master"),
+        ({"maxmemory-policy": "noeviction", "maxmemory": "1"}, "this Redis is full"),
+    ],
+)  # fmt: skip
+def test_a_redis_refusing_every_write_is_named_with_what_to_do(
+    url: str, db: redis.Redis[str], make_it: dict[str, str], hint: str
+) -> None:
+    """A replica's READONLY and a full Redis's OOM reached the on-call engineer as the bare
+    reply, which names no fix."""
+    ok(url, "override", "set", "global/requests_per_second", "5", "--ttl", "1h", "--reason", "a")
+    for name, value in make_it.items():
+        if name == "replicaof":
+            db.execute_command("REPLICAOF", *value.split())
+        else:
+            db.config_set(name, value)
+    try:
+        refused = run(url, "override", "set", "global/requests_per_second", "7", "--ttl", "1h",
+                      "--reason", "INC-7")  # fmt: skip
+    finally:
+        db.execute_command("REPLICAOF", "NO", "ONE")
+        db.config_set("maxmemory", "0")
+    assert refused.exit_code == 1, refused.output
+    assert hint in refused.stderr
