@@ -47,6 +47,7 @@ class Reconciler:
         self.runbook_base_url = runbook_base_url
         self.name = name  # which sink, in every event, when the daemon drives several
         self._reported_drift: set[Drift] = set()
+        self._reported_foreign: set[str] = set()
         self._log = structlog.get_logger("governor.reconciler")
 
     def tick(
@@ -71,8 +72,12 @@ class Reconciler:
         for event in drift_events([d for d in drift if d not in self._reported_drift], tick=tick):
             self._emit(event)
         self._reported_drift = set(drift)
+        # Once per entry while it stays (a hand-made field, or one an older version spelled
+        # otherwise, as `limit@GPT-4` before models were kept in lower case): not every tick.
         for entry in state.foreign:
-            self._log.warning("limit.foreign_entry", entry=entry, tick=tick)
+            if entry not in self._reported_foreign:
+                self._log.warning("limit.foreign_entry", entry=entry, tick=tick)
+        self._reported_foreign = set(state.foreign)
         # The plain dict, not the Mapping wrapper: 100k lookups per tick.
         changes = diff({a: d.value for a, d in decisions.items()}, state.actual)
         journalled = functools.partial(

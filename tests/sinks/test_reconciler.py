@@ -107,6 +107,26 @@ def test_drift_is_journalled_once_and_corrected(
     assert db.hget("governor:limits:plan:free", "requests_per_minute") == "10"
 
 
+def test_a_foreign_entry_is_warned_of_once_while_it_stays(
+    sink: RedisSink, journal: Journal, db: redis.Redis[str]
+) -> None:
+    """It was warned of every tick (every 5 s, for good): a field an older version spelled
+    otherwise (`limit@GPT-4`, before models were kept in lower case) or a hand-made one."""
+    reconciler = Reconciler(sink, journal)
+    reconciler.tick(decisions(10.0), tick=1, policy_version="v1")
+    db.hset("governor:limits:plan:free", "tokens_per_minute@GPT-4", "9")
+    with capture_logs() as logs:
+        for tick in (2, 3, 4):
+            reconciler.tick(decisions(10.0), tick=tick, policy_version="v1")
+        db.hdel("governor:limits:plan:free", "tokens_per_minute@GPT-4")
+        reconciler.tick(decisions(10.0), tick=5, policy_version="v1")
+        db.hset("governor:limits:plan:free", "tokens_per_minute@GPT-4", "9")  # back again
+        reconciler.tick(decisions(10.0), tick=6, policy_version="v1")
+    warned = [(e["entry"], e["tick"]) for e in logs if e["event"] == "limit.foreign_entry"]
+    entry = "governor:limits:plan:free tokens_per_minute@GPT-4"
+    assert warned == [(entry, 2), (entry, 6)]
+
+
 def test_an_address_that_leaves_the_desired_state_is_deleted(
     sink: RedisSink, journal: Journal, db: redis.Redis[str]
 ) -> None:
