@@ -25,6 +25,7 @@ from controller.cli.config import load_settings
 from controller.clients.redis import (
     close,
     connect,
+    hint_for,
     key_schema,
     refuse_cluster_node,
     refuse_other_contract,
@@ -115,32 +116,15 @@ def stores() -> Iterator[Stores]:
             close(journal_client)
 
 
-def _server_hint(exc: BaseException) -> str:
-    """What to do about a Redis that answered but refused the whole command (a replica, a
-    full memory): the reply alone names no fix an on-call engineer can act on."""
-    cause: BaseException | None = exc
-    while cause is not None:
-        if isinstance(cause, redis.ReadOnlyError):
-            return (
-                " (this Redis is a read-only replica: point GOVERNOR_REDIS__URL at the master, "
-                "or at its Sentinels with redis+sentinel://, which follow failovers)"
-            )
-        if isinstance(cause, redis.exceptions.OutOfMemoryError):
-            return (
-                " (this Redis is full: maxmemory is reached and its policy evicts nothing; "
-                "raise maxmemory or free memory, as Governor's keys must not be evicted)"
-            )
-        cause = cause.__cause__ or cause.__context__
-    return ""
-
-
 @contextmanager
 def cli_errors() -> Iterator[None]:
     """Exit 1 on a Redis failure, 2 on bad configuration or input, with the message on stderr."""
     try:
         yield
     except SinkError as exc:
-        typer.echo(f"error: {mask_text(str(exc))}{_server_hint(exc)}", err=True)
+        text = mask_text(str(exc))
+        hint = hint_for(exc)
+        typer.echo(f"error: {text}{'' if hint in text else hint}", err=True)
         raise typer.Exit(1) from None
     except (ConfigurationError, ValueError) as exc:
         typer.echo(f"error: {mask_text(str(exc))}", err=True)

@@ -505,6 +505,28 @@ def response_hint(exc: redis.ResponseError, clustered: bool) -> str:
             " (a key Governor owns was replaced by hand with another type: "
             "delete it and Governor rewrites it on the next tick)"
         )
+    # redis-py keeps the code of a reply it knows apart from its message (status_code).
+    code = getattr(exc, "status_code", None) or text.split(" ", 1)[0]
+    if code == "READONLY" or isinstance(exc, redis.ReadOnlyError):
+        return (
+            " (this Redis is a read-only replica: point GOVERNOR_REDIS__URL at the master, "
+            "or at its Sentinels with redis+sentinel://, which follow failovers)"
+        )
+    if code == "OOM":
+        return (
+            " (this Redis is full: maxmemory is reached and its policy evicts nothing; "
+            "raise maxmemory or free memory, as Governor's keys must not be evicted)"
+        )
+    return ""
+
+
+def hint_for(exc: BaseException) -> str:
+    """`response_hint` of the Redis reply behind one of our own errors, if any; '' otherwise."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, redis.ResponseError):
+            return response_hint(seen, clustered=False)
+        seen = seen.__cause__ or seen.__context__
     return ""
 
 
