@@ -16,11 +16,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-RequestKind = Literal["chat", "completion", "embedding"]
+RequestKind = Literal["chat", "completion", "embedding", "response"]
 ROUTES: dict[str, RequestKind] = {
     "/v1/chat/completions": "chat",
     "/v1/completions": "completion",
     "/v1/embeddings": "embedding",
+    "/v1/responses": "response",  # OpenAI's Responses API (the SDK's `client.responses`; vLLM)
 }
 # Where each route reads its output cap. A completions request has no
 # `max_completion_tokens` (OpenAI's legacy API, vLLM's CompletionRequest): a model server
@@ -29,6 +30,7 @@ MAX_TOKENS_NAMES: dict[RequestKind, tuple[str, ...]] = {
     "chat": ("max_completion_tokens", "max_tokens"),
     "completion": ("max_tokens",),
     "embedding": (),
+    "response": ("max_output_tokens",),
 }
 CHARS_PER_TOKEN = 4
 MESSAGE_OVERHEAD_TOKENS = 4
@@ -184,7 +186,7 @@ class ModelRequest:
         """Cap the output: every name the route reads that the client sent, else max_tokens
         (one left as it was could be the one the model server honours)."""
         names = [name for name in MAX_TOKENS_NAMES[self.kind] if name in self.body]
-        for name in names or ["max_tokens"]:
+        for name in names or [MAX_TOKENS_NAMES[self.kind][-1]]:
             self.body[name] = value
         self.changed = True
 
@@ -194,7 +196,10 @@ class ModelRequest:
 
     def ask_for_stream_usage(self) -> bool:
         """Streamed chat/completions send usage only when asked: ask, so settling is exact.
-        True when the client had not asked: its usage chunk is then the gateway's to strip."""
+        True when the client had not asked: its usage chunk is then the gateway's to strip.
+        A Responses stream always ends with `response.completed`, which carries the usage."""
+        if self.kind == "response":
+            return False
         options = self.body.get("stream_options")
         if not isinstance(options, dict):
             options = {}
@@ -209,7 +214,7 @@ class ModelRequest:
         return json.dumps(self.body, separators=(",", ":")).encode() if self.changed else self.raw
 
 
-_COUNTS = ("max_tokens", "max_completion_tokens", "n", "best_of")
+_COUNTS = ("max_tokens", "max_completion_tokens", "max_output_tokens", "n", "best_of")
 
 
 def _check_counts(body: Mapping[str, Any]) -> None:
@@ -259,7 +264,24 @@ def _prompt_tokens(kind: RequestKind, body: Mapping[str, Any]) -> int:
     name = "prompt" if kind == "completion" else "input"
     if name not in body:
         raise RequestError(f"a {kind} request needs `{name}`")
+    if kind == "response":
+        return _response_tokens(body)
     return _tokens(body[name])
+
+
+def _response_tokens(body: Mapping[str, Any]) -> int:
+    """A Responses request's prompt: its `input` (a text, or items counted as chat messages)
+    and `instructions`, and the tool and output-format schemas the model reads too. (An
+    earlier response it names, `previous_response_id`, is read by the model server from its
+    own store: the gateway cannot see it, and settling charges what the server reports.)"""
+    items = body["input"]
+    tokens = _tokens(items) + _tokens(body.get("instructions"))
+    if isinstance(items, list):
+        tokens += MESSAGE_OVERHEAD_TOKENS * len(items)
+    for extra in ("tools", "text"):
+        if extra in body:
+            tokens += text_tokens(json.dumps(body[extra]))
+    return tokens
 
 
 def _tokens(value: Any) -> int:
@@ -407,19 +429,42 @@ class UsageMeter:
         if not isinstance(document, dict):
             return False
         usage = _usage(document.get("usage"))
+        held = document.get("response")  # a Responses event (`response.completed`) holds it
+        if usage is None and isinstance(held, dict):
+            usage = _usage(held.get("usage"))
         if usage is not None:
             self._usage = usage
         for choice in document.get("choices") or ():
             if isinstance(choice, dict):
                 self._completion_chars += _choice_chars(choice)
+        self._completion_chars += _output_chars(document)
         return True
 
 
+def _output_chars(document: Mapping[str, Any]) -> int:
+    """Characters of a Responses answer's text: a whole response's `output` items, or one
+    `response.output_text.delta` event (never both for one answer: a stream's events carry
+    no `object: response`)."""
+    if document.get("type") == "response.output_text.delta":
+        delta = document.get("delta")
+        return len(delta) if isinstance(delta, str) else 0
+    if document.get("object") != "response":
+        return 0
+    total = 0
+    for item in document.get("output") or ():
+        for part in (item.get("content") or ()) if isinstance(item, dict) else ():
+            if isinstance(part, dict) and isinstance(part.get("text"), str):
+                total += len(part["text"])
+    return total
+
+
 def _usage(value: Any) -> Usage | None:
+    """Chat and completions' `prompt_tokens`/`completion_tokens`, or the Responses API's
+    `input_tokens`/`output_tokens`."""
     if not isinstance(value, dict):
         return None
-    prompt = value.get("prompt_tokens")
-    completion = value.get("completion_tokens", 0)
+    prompt = value.get("prompt_tokens", value.get("input_tokens"))
+    completion = value.get("completion_tokens", value.get("output_tokens", 0))
     total = value.get("total_tokens")
     if not isinstance(prompt, int) or not isinstance(completion, int):
         return Usage(0, total, estimated=False) if isinstance(total, int) else None

@@ -91,9 +91,9 @@ def problem(
 
 
 UNMETERED_ROUTE = (
-    "this gateway serves POST /v1/chat/completions, /v1/completions and /v1/embeddings "
-    "(metered) and GET /v1/models; any other route could spend model work that no limit "
-    "counts, so it is not forwarded"
+    "this gateway serves POST /v1/chat/completions, /v1/completions, /v1/embeddings and "
+    "/v1/responses (metered) and GET /v1/models; any other route could spend model work that "
+    "no limit counts, so it is not forwarded"
 )
 
 
@@ -178,7 +178,7 @@ class Answers:
 
     def unmetered_route(self) -> Problem:
         """404: a route the gateway neither meters nor passes: forwarded, it could spend model
-        work no limit counts (an upstream's /v1/responses, /v1/rerank, /invocations)."""
+        work no limit counts (an upstream's /v1/score, /v1/rerank, /invocations)."""
         return problem(
             404,
             self.type_uri("unmetered-route"),

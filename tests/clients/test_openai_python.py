@@ -11,7 +11,9 @@ import re
 import openai
 import pytest
 
+from controller.contract.enforcement import EnforcementKeys
 from tests.clients.conftest import World, at_once
+from tests.support.process import wait_for
 
 # The clients under test leave connections and event loops of their own unclosed (the
 # garbage collector's warning about them is theirs, not ours): tests/conftest.py collects
@@ -181,3 +183,35 @@ def test_a_bad_key_is_an_authentication_error(world: World) -> None:
     body = refused.value.body  # the SDK's parse of {"error": {...}}
     assert isinstance(body, dict)
     assert body["message"] == "unknown or revoked API key"
+
+
+def charged(world: World, state: str, tokens: int) -> None:
+    """Wait until the tenant's day holds `tokens` used (settling runs as the answer ends)."""
+    wait_for(
+        lambda: world.db.hget(state, "u|tokens_per_day") == str(tokens),
+        lambda: f"used {world.db.hget(state, 'u|tokens_per_day')}, not {tokens}",
+        timeout=10,
+    )
+
+
+def test_the_responses_api_is_served_and_charged_what_it_used(world: World) -> None:
+    """`client.responses.create` (the SDK's recommended API; vLLM serves it) was refused as an
+    unmetered route. It is metered now: its usage is read (a stream's from its
+    `response.completed` event) and charged exactly, on the day's budget."""
+    client = sdk(world, world.key("respond"))
+    state = EnforcementKeys.for_prefix("governor").tenant_level("respond").state
+
+    answer = client.responses.create(model="gpt-3.5-turbo", input="hi", max_output_tokens=16)
+    assert answer.output_text
+    assert answer.usage is not None
+    first = answer.usage.total_tokens
+    charged(world, state, first)
+
+    with client.responses.stream(model="gpt-3.5-turbo", input=[{"role": "user", "content": "hi"}],
+                                 max_output_tokens=16) as stream:  # fmt: skip
+        text = "".join(e.delta for e in stream if e.type == "response.output_text.delta")
+        final = stream.get_final_response()
+    assert text == final.output_text
+    assert final.usage is not None
+    total = first + final.usage.total_tokens
+    charged(world, state, total)

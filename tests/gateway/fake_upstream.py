@@ -60,7 +60,7 @@ class FakeUpstream:
                 Route("/v1/models", self._models, methods=["GET"]),
                 # Model work on a route Governor does not meter (vLLM serves it): recorded,
                 # so a test sees whether a gateway let it through.
-                Route("/v1/responses", self._completion, methods=["POST"]),
+                Route("/v1/responses", self._response, methods=["POST"]),
                 Route("/jwks", self._jwks, methods=["GET"]),
             ]
         )
@@ -149,6 +149,52 @@ class FakeUpstream:
         if usage:
             yield f"data: {json.dumps({'id': 'chunk', 'choices': [], 'usage': usage})}\n\n".encode()
         yield b"data: [DONE]\n\n"
+
+    async def _response(self, request: Request) -> Response:
+        """OpenAI's Responses API as vLLM serves it: `usage` with input/output tokens, and a
+        stream of typed events ending with `response.completed` (which holds the usage)."""
+        body = await self._record(request)
+        failed = _failure(request)
+        if failed is not None:
+            return failed
+        prompt = 7 + len(json.dumps(body.get("input"))) // 10
+        limit = body.get("max_output_tokens") or 10_000
+        completion = min(int(request.headers.get("x-fake-tokens", self.completion_tokens)), limit)
+        text = "".join(WORDS[i % len(WORDS)] for i in range(completion))
+        usage = {"input_tokens": prompt, "output_tokens": completion,
+                 "total_tokens": prompt + completion}  # fmt: skip
+        answer: dict[str, Any] = {
+            "id": "resp-fake", "object": "response", "model": body["model"],
+            "status": "completed",
+            "output": [{"type": "message", "id": "msg-fake", "role": "assistant",
+                        "status": "completed",
+                        "content": [{"type": "output_text", "text": text, "annotations": []}]}],
+            "usage": usage,
+        }  # fmt: skip
+        if not body.get("stream"):
+            return JSONResponse(answer, headers={"x-upstream": "fake"})
+
+        async def events() -> AsyncIterator[bytes]:
+            # As OpenAI and vLLM stream it: created, the item and its part added, the deltas,
+            # then completed (the SDK builds its snapshot from these, in this order).
+            item = {**answer["output"][0], "status": "in_progress", "content": []}
+            part = {"type": "output_text", "text": "", "annotations": []}
+            place = {"item_id": "msg-fake", "output_index": 0}
+            started = {**answer, "status": "in_progress", "output": [], "usage": None}
+            steps: list[dict[str, Any]] = [
+                {"type": "response.created", "response": started},
+                {"type": "response.output_item.added", "output_index": 0, "item": item},
+                {"type": "response.content_part.added", **place, "content_index": 0,
+                 "part": part},
+                *({"type": "response.output_text.delta", **place, "content_index": 0,
+                   "delta": WORDS[i % len(WORDS)]} for i in range(completion)),
+                {"type": "response.completed", "response": answer},
+            ]  # fmt: skip
+            for number, step in enumerate(steps):
+                step["sequence_number"] = number
+                yield f"event: {step['type']}\ndata: {json.dumps(step)}\n\n".encode()
+
+        return StreamingResponse(events(), media_type="text/event-stream")
 
     async def _embedding(self, request: Request) -> Response:
         body = await self._record(request)

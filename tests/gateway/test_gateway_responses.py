@@ -8,6 +8,8 @@ import random
 import re
 from typing import Any
 
+import pytest
+
 from controller.gateway.admission import AdmissionResult, Budget, Quota
 from controller.gateway.openai import ModelRequest, UsageChunkFilter, UsageMeter
 from controller.gateway.responses import Answers, openai_duration, rate_limit_headers
@@ -137,6 +139,38 @@ def test_the_meter_finds_usage_split_across_chunks() -> None:
     usage = meter.finish()
 
     assert (usage.prompt_tokens, usage.completion_tokens, usage.estimated) == (7, 2, False)
+
+
+RESPONSE_STREAM = (
+    b'event: response.created\ndata: {"type":"response.created","response":{"usage":null}}\n\n'
+    b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta",'
+    b'"delta":"hello world!"}\n\n'
+    b'event: response.completed\ndata: {"type":"response.completed","response":{'
+    b'"object":"response","output":[{"content":[{"text":"hello world!"}]}],'
+    b'"usage":{"input_tokens":7,"output_tokens":3,"total_tokens":10}}}\n\n'
+)
+
+
+@pytest.mark.parametrize("chunk", [5, 1000])
+def test_the_meter_reads_a_responses_stream_from_its_completed_event(chunk: int) -> None:
+    meter = UsageMeter(streaming=True, prompt_estimate=99)
+    for i in range(0, len(RESPONSE_STREAM), chunk):
+        meter.feed(RESPONSE_STREAM[i : i + chunk])
+    usage = meter.finish()
+    assert (usage.prompt_tokens, usage.completion_tokens, usage.estimated) == (7, 3, False)
+
+
+def test_a_responses_answer_without_usage_is_estimated_from_its_text_once() -> None:
+    """The deltas are counted, the completed response's whole text not a second time."""
+    stream = RESPONSE_STREAM.replace(
+        b',"usage":{"input_tokens":7,"output_tokens":3,"total_tokens":10}', b""
+    )
+    meter = UsageMeter(streaming=True, prompt_estimate=99)
+    meter.feed(stream)
+    assert (meter.finish().completion_tokens, meter.finish().estimated) == (3, True)
+    whole = UsageMeter(streaming=False, prompt_estimate=5)
+    whole.feed(b'{"object":"response","output":[{"content":[{"text":"12345678"}]}]}')
+    assert (whole.finish().prompt_tokens, whole.finish().completion_tokens) == (5, 2)
 
 
 def test_a_sub_second_wait_is_said_in_milliseconds_too() -> None:

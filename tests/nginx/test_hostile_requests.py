@@ -216,17 +216,18 @@ def test_a_key_record_with_an_unsafe_id_authenticates_nobody(
 
 
 UNMETERED_ROUTE = (
-    "this gateway serves POST /v1/chat/completions, /v1/completions and /v1/embeddings "
-    "(metered) and GET /v1/models; any other route could spend model work that no limit "
-    "counts, so it is not forwarded"
+    "this gateway serves POST /v1/chat/completions, /v1/completions, /v1/embeddings and "
+    "/v1/responses (metered) and GET /v1/models; any other route could spend model work that "
+    "no limit counts, so it is not forwarded"
 )
 
 
 @pytest.mark.parametrize(
     ("method", "path"),
     [
-        ("POST", "/v1/responses"),
         ("POST", "/v1/rerank"),
+        ("POST", "/v1/score"),
+        ("GET", "/v1/responses"),
         ("POST", "/v1/audio/transcriptions"),
         ("GET", "/v1/chat/completions"),
         ("DELETE", "/v1/models/gpt-3.5-turbo"),
@@ -240,9 +241,10 @@ def test_a_route_neither_metered_nor_passed_is_refused_not_forwarded_uncounted(
     python_gateway: Side,
     upstream: tuple[FakeUpstream, ServerThread],
 ) -> None:
-    """Both gateways forwarded every route but the three they meter, uncounted: a tenant
-    whose budget was spent (402 on chat) still had the model server answer POST /v1/responses
-    (vLLM serves it), with no limit, budget or credit counting it."""
+    """Both gateways forwarded every route but the ones they meter, uncounted: a tenant
+    whose budget was spent (402 on chat) still had the model server answer POST /v1/score or
+    /v1/responses (vLLM serves them; /v1/responses is metered now), with no limit, budget or
+    credit counting it."""
     fake = upstream[0]
     body = b'{"model":"gpt-3.5-turbo","input":"hi","max_tokens":5000}'
     for side in (python_gateway, nginx):

@@ -86,6 +86,15 @@ BODIES: list[tuple[RequestKind, Any]] = [
     ("chat", {"model": "m", "messages": [{"role": "user", "content": "s"}],
               "max_completion_tokens": None}),
     ("embedding", {"model": "m", "input": ["a", "bb", "ccc"]}),
+    # The Responses API: input a text or items (each counted as a chat message), instructions,
+    # tools and the output format read too; its cap is max_output_tokens (written in when
+    # absent), and its stream carries the usage unasked (stream_options left alone).
+    ("response", {"model": "m", "input": "héllo ✓", "max_output_tokens": 12}),
+    ("response", {"model": "m", "instructions": "be brief", "input": [
+        {"role": "user", "content": [{"type": "input_text", "text": "hi there"}]},
+        {"role": "assistant", "content": "earlier"}], "tools": [TOOL],
+        "text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": "object"}}}}),
+    ("response", {"model": "m", "input": "s", "stream": True, "max_tokens": 50}),
 ]  # fmt: skip
 REFUSED: list[tuple[RequestKind, Any]] = [
     ("chat", {"model": "m", "messages": []}),
@@ -93,6 +102,8 @@ REFUSED: list[tuple[RequestKind, Any]] = [
     ("embedding", {"model": "m"}),
     ("completion", {"model": "m"}),
     ("chat", [1, 2]),
+    ("response", {"model": "m", "instructions": "no input"}),
+    ("response", {"model": "m", "input": "x", "max_output_tokens": 0}),
 ]
 
 

@@ -105,6 +105,13 @@ def sequence() -> list[Step]:
         Step("more than the day: never fits", "trial", chat_body(max_tokens=5000)),
         Step("no max_tokens: the default is written in", "rich", {
             "model": "gpt-4o", "messages": [{"role": "user", "content": "héllo wörld"}]}),
+        Step("the Responses API", "rich", {"model": "gpt-4o", "input": "hi",
+             "max_output_tokens": 20}, {"x-fake-tokens": "6"}, path="/v1/responses"),
+        Step("the Responses API, streamed", "rich", {"model": "gpt-4o", "input": [
+             {"role": "user", "content": "hi"}], "stream": True, "max_output_tokens": 20},
+             {"x-fake-tokens": "5"}, path="/v1/responses"),
+        Step("the Responses API, no cap: the default written in", "rich",
+             {"model": "gpt-4o", "input": "hi"}, path="/v1/responses"),
         Step("a model's limit, its name in another case", "models", chat_body(model="GPT-4o")),
         Step("the same model's limit, spent", "models", chat_body(model="gpt-4o")),
         Step("a model named org/name", "models", chat_body(model=HF_MODEL)),
@@ -232,12 +239,14 @@ def test_nginx_answers_as_the_python_gateway_does(
     keys = {side.name: prepare(side) for side in (python_gateway, nginx)}
     mismatches: list[str] = []
     statuses: list[int] = []
+    by_name: dict[str, Outcome] = {}
 
     for step in sequence():
         python = run(python_gateway, keys["python"], step, fake)
         lua = run(nginx, keys["nginx"], step, fake)
         (expected, expected_times), (got, got_times) = shape(python.answer), shape(lua.answer)
         statuses.append(got["status"])
+        by_name[step.name] = lua
         if got != expected:
             mismatches.append(f"{step.name}:\n  python {expected}\n  nginx  {got}")
         if expected_times.keys() != got_times.keys() or any(
@@ -256,6 +265,13 @@ def test_nginx_answers_as_the_python_gateway_does(
                                                                   402, 429, 429]  # fmt: skip
     assert statuses[-5:] == [200, 429, 200, 429, 200]  # a model's limit, whatever its case
     assert statuses.count(400) == 4
-    assert statuses.count(200) >= 18
+    assert statuses.count(200) >= 21
     assert books(nginx) == books(python_gateway)
+    # The Responses API is metered: served, its usage read (a stream's from response.completed)
+    # and its cap written in when absent, as max_output_tokens.
+    responses = [outcome for name, outcome in by_name.items() if "Responses" in name]
+    assert [outcome.answer.status_code for outcome in responses] == [200] * 3
+    assert responses[0].answer.json()["usage"]["output_tokens"] == 6
+    assert "response.completed" in responses[1].answer.text
+    assert responses[2].upstream_saw["max_output_tokens"] > 0
     assert books(nginx)["umbrella:credits"]["balance"] != "1000000"  # the call was charged

@@ -236,9 +236,9 @@ end
 -- 404: a route neither metered nor passed (responses.UNMETERED_ROUTE, word for word).
 function Answers:unmetered_route()
   return problem(404, self:type_uri('unmetered-route'), 'Route not served',
-    'this gateway serves POST /v1/chat/completions, /v1/completions and /v1/embeddings '
-      .. '(metered) and GET /v1/models; any other route could spend model work that no limit '
-      .. 'counts, so it is not forwarded',
+    'this gateway serves POST /v1/chat/completions, /v1/completions, /v1/embeddings and '
+      .. '/v1/responses (metered) and GET /v1/models; any other route could spend model work '
+      .. 'that no limit counts, so it is not forwarded',
     nil, nil, invalid('unknown_route'))
 end
 

@@ -10,6 +10,7 @@ _M.ROUTES = {
   ['/v1/chat/completions'] = 'chat',
   ['/v1/completions'] = 'completion',
   ['/v1/embeddings'] = 'embedding',
+  ['/v1/responses'] = 'response',  -- OpenAI's Responses API (the SDK's client.responses; vLLM)
 }
 -- openai.MAX_TOKENS_NAMES: where each route reads its output cap. A completions request has
 -- no `max_completion_tokens` (a model server ignores it and generates up to `max_tokens`).
@@ -17,6 +18,7 @@ local MAX_TOKENS_NAMES = {
   chat = {'max_completion_tokens', 'max_tokens'},
   completion = {'max_tokens'},
   embedding = {},
+  response = {'max_output_tokens'},
 }
 local CHARS_PER_TOKEN = 4
 local MESSAGE_OVERHEAD_TOKENS = 4
@@ -56,6 +58,22 @@ local function tokens(value)
   return 0
 end
 
+-- openai._response_tokens: `input` (a text, or items counted as chat messages; an object has
+-- no length here, as in Python) and `instructions`, and the tool and output-format schemas.
+local function response_tokens(body)
+  local items = body.input
+  local total = tokens(items) + tokens(body.instructions)
+  if type(items) == 'table' then
+    total = total + MESSAGE_OVERHEAD_TOKENS * #items
+  end
+  for _, extra in ipairs({'tools', 'text'}) do
+    if body[extra] ~= nil then
+      total = total + math.ceil(jsontext.dumps_length(body[extra]) / CHARS_PER_TOKEN)
+    end
+  end
+  return total
+end
+
 local function prompt_tokens(kind, body)
   if kind == 'chat' then
     local messages = body.messages
@@ -77,10 +95,13 @@ local function prompt_tokens(kind, body)
   if body[name] == nil then
     return nil, 'a ' .. kind .. ' request needs `' .. name .. '`'
   end
+  if kind == 'response' then
+    return response_tokens(body)
+  end
   return tokens(body[name])
 end
 
-local COUNTS = {'max_tokens', 'max_completion_tokens', 'n', 'best_of'}
+local COUNTS = {'max_tokens', 'max_completion_tokens', 'max_output_tokens', 'n', 'best_of'}
 
 -- A count the client sent must be a positive integer (the Python gateway's check; OpenAI's
 -- API requires it): NaN, Infinity or a string is a 400, never read as absent and replaced by
@@ -277,8 +298,9 @@ function Request:set_max_tokens(value)
       set = true
     end
   end
-  if not set then
-    self:set('max_tokens', value)
+  if not set then  -- the route's own name (max_tokens; max_output_tokens for responses)
+    local names = MAX_TOKENS_NAMES[self.kind]
+    self:set(names[#names] or 'max_tokens', value)
   end
 end
 
@@ -289,6 +311,9 @@ end
 -- Streamed answers carry usage only when asked: ask, so settling is exact. True when the
 -- client had not asked: its usage chunk is then the gateway's to strip.
 function Request:ask_for_stream_usage()
+  if self.kind == 'response' then  -- its stream ends with response.completed, usage and all
+    return false
+  end
   local options = self.body.stream_options
   if type(options) == 'table' and options.include_usage == true then
     return false
@@ -377,6 +402,12 @@ local function usage_of(value)
     return nil
   end
   local prompt, completion, total = value.prompt_tokens, value.completion_tokens, value.total_tokens
+  if prompt == nil then  -- the Responses API's names
+    prompt = value.input_tokens
+  end
+  if completion == nil then
+    completion = value.output_tokens
+  end
   if completion == nil then
     completion = 0
   end
@@ -396,6 +427,27 @@ local function choice_chars(choice)
       for _, name in ipairs({'content', 'text'}) do
         if type(holder[name]) == 'string' then
           total = total + jsontext.length(holder[name])
+        end
+      end
+    end
+  end
+  return total
+end
+
+-- openai._output_chars: a whole response's `output` text, or one output_text delta event.
+local function output_chars(document)
+  if document.type == 'response.output_text.delta' then
+    return type(document.delta) == 'string' and jsontext.length(document.delta) or 0
+  end
+  if document.object ~= 'response' or type(document.output) ~= 'table' then
+    return 0
+  end
+  local total = 0
+  for _, item in ipairs(document.output) do
+    if type(item) == 'table' and type(item.content) == 'table' then
+      for _, part in ipairs(item.content) do
+        if type(part) == 'table' and type(part.text) == 'string' then
+          total = total + jsontext.length(part.text)
         end
       end
     end
@@ -423,9 +475,13 @@ function Meter:read_document(data)
     return false
   end
   local usage = usage_of(document.usage)
+  if usage == nil and type(document.response) == 'table' then  -- response.completed holds it
+    usage = usage_of(document.response.usage)
+  end
   if usage then
     self.usage = usage
   end
+  self.completion_chars = self.completion_chars + output_chars(document)
   if type(document.choices) == 'table' then
     for _, choice in ipairs(document.choices) do
       if type(choice) == 'table' then
