@@ -22,9 +22,10 @@ from controller.cli._redis import (
 )
 from controller.cli._redis import when as at
 from controller.cli.audit import entries_table
+from controller.cli.usage import plan_of
 from controller.errors import ConfigurationError
 from controller.journal.reader import read_events
-from controller.model import Address
+from controller.model import Address, Scope
 
 _EVENTS = 10
 
@@ -54,6 +55,7 @@ def explain(
         events = read_events(s.client, s.keys, count=_EVENTS, address=str(target), exact=True)
         if stored is None and record is None and override is None and not events:
             _require_known_plan(s, target)
+        follows = _follows(s, target) if stored is None and override is None else None
     decision = json.loads(record) if record else None
     if as_json:
         echo_json(
@@ -70,6 +72,7 @@ def explain(
                     "reason": override.reason,
                 },
                 "frozen": freeze is not None,
+                "follows": None if follows is None else str(follows),
                 "events": [{"id": e.id, **e.event.to_dict()} for e in events],
             }
         )
@@ -85,6 +88,13 @@ def explain(
         out.print(
             f"override: {number(override.value)} until {at(override.expires_at)} "
             f"by {plain(override.actor)}: {plain(override.reason)}",
+            markup=False,
+        )
+    if follows is not None:
+        out.print(
+            f"no value of its own: tenant {target.tenant} is on plan {follows.plan}, whose value "
+            f"the gateway applies: governor explain {follows} (governor usage {target.tenant} "
+            "shows every limit in force)",
             markup=False,
         )
     if decision is None:
@@ -103,6 +113,19 @@ def explain(
         if extra:
             out.print("adjustments: " + plain("; ".join(extra)), markup=False)
     out.print(entries_table(events, f"last {len(events)} journal events"))
+
+
+def _follows(s: Stores, target: Address) -> Address | None:
+    """The plan address a tenant's limit without a value of its own stands for: a refusal
+    names `tenant/acme/…` while the gateway applies acme's plan's value there. None for other
+    scopes and for a tenant whose plan cannot be told (unregistered, keys on several plans)."""
+    if target.scope is not Scope.TENANT or target.tenant is None:
+        return None
+    try:
+        plan = plan_of(s, target.tenant, None)
+    except ConfigurationError:
+        return None
+    return Address(Scope.PLAN, target.limit, plan=plan, model=target.model)
 
 
 def _require_known_plan(s: Stores, target: Address) -> None:

@@ -27,7 +27,7 @@ from controller.gateway.responses import openai_duration
 from controller.gateway.usage import LimitUsage, TenantUsage, read_usage, usage_json, whole
 
 
-def _plan_of(s: Stores, tenant: str, plan: str | None) -> str:
+def plan_of(s: Stores, tenant: str, plan: str | None) -> str:
     """The plan the gateway would apply: --plan, else the tenant registry's, else the one
     plan of the tenant's API keys; never a guess."""
     if plan is not None:
@@ -92,7 +92,7 @@ def usage(
     remains and when it is full again, from the same lookup the gateway makes. Per-client-
     address (ip/...) limits are not shown: they depend on where a request comes from."""
     with stores() as s:
-        chosen = known_plans(s).require(_plan_of(s, tenant, plan))
+        chosen = known_plans(s).require(plan_of(s, tenant, plan))
         keys = EnforcementKeys(s.keys)
         found = read_usage(s.client, keys, tenant, chosen, user, model)
         if not found.version:

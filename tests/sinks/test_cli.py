@@ -165,6 +165,31 @@ def test_explain_of_a_plan_that_does_not_exist_names_the_known_plans(
     assert "stored value: 5" in kept.stdout
 
 
+def test_explain_of_a_tenant_limit_without_its_own_value_names_the_plan_it_follows(
+    url: str,
+) -> None:
+    """A 429 names `tenant/carol/requests_per_minute`; `explain` of it said only "stored
+    value: -" and "no decision recorded", though the gateway enforces carol's plan's value:
+    the on-call had no way from there to the value and its reasons."""
+    ok(url, "tenants", "set", "carol", "free", "--reason", "test")
+    out = said(ok(url, "explain", "tenant/carol/requests_per_minute@gpt-4"))
+    assert (
+        "no value of its own: tenant carol is on plan free, whose value the gateway applies: "
+        "governor explain plan/free/requests_per_minute@gpt-4 (governor usage carol shows "
+        "every limit in force)"
+    ) in out
+    shown = json.loads(ok(url, "explain", "tenant/carol/requests_per_minute", "--json").stdout)
+    assert shown["follows"] == "plan/free/requests_per_minute"
+    # A tenant of unknown plan: nothing to point at, nothing guessed.
+    unknown = json.loads(ok(url, "explain", "tenant/nobody/requests_per_minute", "--json").stdout)
+    assert unknown["follows"] is None
+    # A value of its own (an override here): no pointer elsewhere.
+    ok(url, "override", "set", "tenant/carol/requests_per_minute", "3", "--ttl", "1h",
+       "--reason", "test")  # fmt: skip
+    pinned = json.loads(ok(url, "explain", "tenant/carol/requests_per_minute", "--json").stdout)
+    assert pinned["follows"] is None
+
+
 def test_an_address_filter_of_whole_parts_still_filters(url: str) -> None:
     partial = run(url, "audit", "tail", "--address", "tenant/a}{b")
     assert partial.exit_code == 2  # a tenant id no address can hold, though no limit follows
