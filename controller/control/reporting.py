@@ -147,9 +147,12 @@ class TickReporter:
             broken = sample is None or sample.validity is not Validity.OK
             if isinstance(sample, ScalarSample):
                 broken = broken or not now - sample.timestamp <= use.spec.stale_after
-            # A policy's signals are as usable as the most lenient of them allows.
-            seen, stale_after = usable.get(use.policy, (-math.inf, 0.0))
-            usable[use.policy] = (seen if broken else now, max(stale_after, use.spec.stale_after))
+            # A policy's signals are as usable as the most lenient of them allows; one that
+            # only refines its decision (SignalUse.advisory) vouches for none of them.
+            if not use.advisory:
+                seen, stale_after = usable.get(use.policy, (-math.inf, 0.0))
+                stale_after = max(stale_after, use.spec.stale_after)
+                usable[use.policy] = (seen if broken else now, stale_after)
             if broken:
                 bad[use.policy] = bad.get(use.policy, 0) + 1
                 detail = sample.detail if sample is not None else "not fetched"

@@ -53,6 +53,10 @@ class SignalUse:
     name: str
     spec: SignalSpec
     key: SignalKey
+    # Refines a decision the policy takes without it (an AdaptiveLimit's queue inputs: no
+    # arrivals is no queue, no latency keeps the wait): its answer, 0 for an absent series
+    # included, is no sign that the signals the policy acts on are there.
+    advisory: bool = False
 
 
 @dataclass(frozen=True)
@@ -132,11 +136,11 @@ class PolicySet:
                 if queue is not None:
                     arrivals = queue.arrivals
                     named = arrivals.name or "arrivals"
-                    yield SignalUse(adaptive.ref, named, arrivals, arrivals.key())
+                    yield SignalUse(adaptive.ref, named, arrivals, arrivals.key(), advisory=True)
                 if queue is not None and queue.latency is not None:
                     latency = queue.latency.signal
                     named = latency.name or "latency"
-                    yield SignalUse(adaptive.ref, named, latency, latency.key())
+                    yield SignalUse(adaptive.ref, named, latency, latency.key(), advisory=True)
         for fair in self.fair_shares:
             demand = fair.spec.demand
             yield SignalUse(fair.ref, "demand", demand, demand.key(FAIR_LABEL))

@@ -71,12 +71,16 @@ def _matches(labels: Labels, matchers: Iterable[pq.Matcher]) -> bool:
 
 
 def _selected(store: SeriesStore, selector: pq.VectorSelector) -> Iterable[Any]:
+    """The series a selector picks: by its name, or by `__name__` matchers (a regex such as
+    `{__name__=~"vllm[:_]kv_cache_usage_perc"}` reads either spelling of a name)."""
     matchers = list(selector.matchers.matchers)
-    name = selector.name
-    if name is None:
-        names = [m.value for m in matchers if m.name == "__name__" and m.op == pq.MatchOp.Equal]
-        name = names[0] if names else None
-    return (s for s in store.named(name) if _matches(s.labels, matchers))
+    on_name = [m for m in matchers if m.name == "__name__"]
+    others = [m for m in matchers if m.name != "__name__"]
+    if selector.name is not None:
+        names = [selector.name]
+    else:
+        names = [n for n in store.by_name if _matches((("__name__", n),), on_name)]
+    return (s for name in names for s in store.named(name) if _matches(s.labels, others))
 
 
 def extrapolated(

@@ -17,8 +17,8 @@ import pytest
 import redis
 import yaml
 
-from tests.daemon.harness import REPO, DaemonFactory, daemon_env
-from tests.support.prometheus import PrometheusServer, wait_for
+from tests.daemon.harness import REPO, DaemonFactory, daemon_env, scraping
+from tests.support.prometheus import Exporter, PrometheusServer, wait_for
 from tests.support.redis import RedisServer
 
 pytestmark = pytest.mark.integration
@@ -82,3 +82,52 @@ def test_a_fresh_install_is_quiet_ready_and_not_in_fallback(
     assert shown.returncode == 0, shown.stdout + shown.stderr
     validity = {r["signal"]: r["validity"] for r in json.loads(shown.stdout)["signals"]}
     assert validity == {"spend": "ok", "usual": "no_history", "refused": "ok"}
+
+
+ADAPTIVE = "AdaptiveLimit/global-inflight-by-gpu"
+TTFT = "vllm:time_to_first_token_seconds"
+
+
+def test_an_idle_pool_is_no_signal_failure_of_the_shipped_adaptive_limit(
+    tmp_path: Path, redis_server: RedisServer, daemons: DaemonFactory
+) -> None:
+    """A vLLM pool with no traffic (the night, a fresh install) made the shipped AdaptiveLimit
+    warn every tick and count two signals invalid, so GovernorSignalsStale paged for nothing:
+    no gateway had admitted a request (`admitted_rps`: no series) and no first token came in
+    2m (`ttft_p99`: NaN). Neither is a fault: none arrive, and nothing was slow.
+
+    The series come from prometheus_client, as vLLM's do: scraped in OpenMetrics, its 0.26
+    writes `vllm:kv_cache_usage_perc` as `vllm_kv_cache_usage_perc` (client_python#1177), and
+    the shipped queries, which named the colon spelling only, matched nothing at all."""
+    exporter = Exporter().start()
+    exporter.set("exporter_up", 1.0)
+    for name in ("vllm:kv_cache_usage_perc", "vllm:num_requests_running",
+                 "vllm:num_requests_waiting", f"{TTFT}_count", f"{TTFT}_sum"):  # fmt: skip
+        exporter.set(name, 0.0)
+    for edge in ("0.1", "1.0", "+Inf"):
+        exporter.set(f"{TTFT}_bucket", 0.0, {"le": edge})
+    prometheus = scraping(tmp_path / "prometheus", exporter)
+    try:
+        policies = tmp_path / "policies"
+        policies.mkdir()
+        for name in ("plans.yaml", "limits.yaml", "global-inflight-by-gpu.yaml"):
+            shutil.copy(REPO / "policies" / name, policies / name)
+        daemon = daemons("idle", daemon_env(redis_server.url, prometheus.url, policies))
+        daemon.wait_for_metric("governor_ready", 1.0)
+        started = time.time()
+
+        def ticks() -> float:
+            return sum(daemon.metric("governor_ticks_total", outcome=o) or 0.0
+                       for o in ("ok", "degraded"))  # fmt: skip
+
+        # Ten ticks, on two scrapes at least (a rate needs them).
+        wait_for(lambda: ticks() >= 10 and time.time() - started > 3.0, "ten ticks")
+        assert daemon.metric("governor_ticks_total", outcome="degraded") == 0.0
+        stored = {r["metric"]["__name__"] for r in prometheus.query(
+            '{__name__=~"vllm[:_]kv_cache_usage_perc"}', time.time())}  # fmt: skip
+        assert stored in ({"vllm_kv_cache_usage_perc"}, {"vllm:kv_cache_usage_perc"})
+        assert daemon.metric("governor_signals_invalid", policy=ADAPTIVE) == 0.0
+        assert daemon.logged("signal.invalid") == []
+    finally:
+        prometheus.stop()
+        exporter.stop()
