@@ -450,12 +450,14 @@ def _output_chars(document: Mapping[str, Any]) -> int:
         return len(delta) if isinstance(delta, str) else 0
     if document.get("object") != "response":
         return 0
-    total = 0
-    for item in document.get("output") or ():
-        for part in (item.get("content") or ()) if isinstance(item, dict) else ():
-            if isinstance(part, dict) and isinstance(part.get("text"), str):
-                total += len(part["text"])
-    return total
+    parts = [
+        part
+        for item in document.get("output") or ()
+        if isinstance(item, dict)
+        for part in item.get("content") or ()
+        if isinstance(part, dict)
+    ]
+    return sum(_choice_chars(part) for part in parts)  # a part's `text`, as a choice's
 
 
 def _usage(value: Any) -> Usage | None:

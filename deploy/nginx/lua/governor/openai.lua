@@ -444,11 +444,10 @@ local function output_chars(document)
   end
   local total = 0
   for _, item in ipairs(document.output) do
-    if type(item) == 'table' and type(item.content) == 'table' then
-      for _, part in ipairs(item.content) do
-        if type(part) == 'table' and type(part.text) == 'string' then
-          total = total + jsontext.length(part.text)
-        end
+    for _, part in ipairs(type(item) == 'table' and type(item.content) == 'table'
+        and item.content or {}) do
+      if type(part) == 'table' then
+        total = total + choice_chars(part)  -- a part's `text`, as a choice's
       end
     end
   end
