@@ -5,12 +5,14 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
+import redis
 import typer
 from rich.table import Table
 
 from controller.cli._redis import (
     JSON_OPTION,
     NUMBER_ARGUMENTS,
+    Stores,
     console,
     default_actor,
     echo_json,
@@ -19,6 +21,9 @@ from controller.cli._redis import (
     stores,
     when,
 )
+from controller.cli.usage import plan_of
+from controller.contract.catalog import PlanInfo
+from controller.errors import ConfigurationError
 from controller.gateway.credits import CreditLedger, CreditState
 
 app = typer.Typer(
@@ -110,10 +115,30 @@ def show(tenant: str = TENANT, as_json: bool = JSON_OPTION) -> None:
     """Print TENANT's balance, what requests in flight hold, and what is available."""
     with stores() as s:
         state = CreditLedger(s.client, s.keys.prefix).state(tenant)
+        note = None if as_json else _uncharged(s, tenant)
     if as_json:
         echo_json(_state_json(state))
     else:
         _print_state(state)
+        if note is not None:
+            console().print(note)
+
+
+def _uncharged(s: Stores, tenant: str) -> str | None:
+    """Why the balance shown does not move: the tenant's plan charges no credits (a 0 there
+    read as "spent"). None when the plan does, or when it cannot be told."""
+    try:
+        plan = plan_of(s, tenant, None)
+        raw = s.client.hget(s.keys.catalog, plan)
+        info = PlanInfo.from_json(raw) if raw is not None else None
+    except (ConfigurationError, ValueError, redis.RedisError):
+        return None
+    if info is None or info.credits is not None:
+        return None
+    return (
+        f"plan {plan!r} of tenant {tenant!r} charges no credits: its requests are limited by "
+        f"its token budgets (governor usage {tenant}), not by this balance"
+    )
 
 
 @app.command("history")

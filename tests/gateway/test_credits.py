@@ -7,6 +7,7 @@ import json
 import random
 import uuid
 from collections.abc import Callable, Mapping
+from pathlib import Path
 
 import pytest
 import redis
@@ -18,7 +19,7 @@ from controller.gateway.admission import Admission, AdmissionRequest, AdmissionR
 from controller.gateway.credits import CreditLedger
 from controller.gateway.prices import PriceTable, to_micro
 from controller.settings import ModelPrice, PricesSettings, Settings
-from tests.gateway.conftest import Gate, server_ms
+from tests.gateway.conftest import Gate, server_ms, write_limits
 from tests.support.redis import RedisServer
 
 runner = CliRunner()
@@ -235,3 +236,24 @@ def test_cli_refuses_bad_input(
     assert result.exit_code == 2
     assert message in result.output
     assert db.keys("*credits*") == []
+
+
+def test_cli_show_says_when_the_tenants_plan_charges_no_credits(
+    redis_server: RedisServer, db: redis.Redis[str], policy_dir: Path
+) -> None:
+    """A balance of 0 on a plan without credits read as "spent" to on-call (a runbook sent
+    them there for a 402 that came from a token budget)."""
+    url = redis_server.url
+    write_limits(db, "governor", policy_dir)
+    ok = runner.invoke(app, ["tenants", "set", "acme", "free"], env={"GOVERNOR_REDIS__URL": url})
+    assert ok.exit_code == 0, ok.output
+    assert runner.invoke(app, ["tenants", "set", "umbrella", "enterprise"],
+                         env={"GOVERNOR_REDIS__URL": url}).exit_code == 0  # fmt: skip
+
+    free = cli(url, "show", "acme")
+    enterprise = cli(url, "show", "umbrella")
+
+    assert free.exit_code == enterprise.exit_code == 0, free.output + enterprise.output
+    assert "plan 'free' of tenant 'acme' charges no credits" in " ".join(free.stdout.split())
+    assert "charges no credits" not in enterprise.stdout  # enterprise charges credits
+    assert json.loads(cli(url, "show", "acme", "--json").stdout)["balance_usd"] == 0.0
