@@ -23,6 +23,7 @@ from controller.model import Address, AddressError
 from controller.settings import KongSettings
 from controller.sinks.kong_layout import GLOBAL, PLUGIN, Owner, OwnerKind
 from controller.sinks.kong_plugins import Body, Instance, Listing, PluginSink, WriteRejectedError
+from controller.urls import mask_url
 
 
 class KongAdmin:
@@ -40,7 +41,8 @@ class KongAdmin:
         base = settings.admin_url.rstrip("/")
         if settings.workspace:
             base += "/" + quote(settings.workspace, safe="")
-        self.location = base  # never holds the token
+        # For messages: never the token, nor a password in the URL (a basic-auth proxy).
+        self.location = mask_url(base)
         headers = {"Accept": "application/json"}
         if settings.admin_token is not None:
             headers["Kong-Admin-Token"] = settings.admin_token.get_secret_value()

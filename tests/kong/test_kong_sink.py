@@ -410,3 +410,17 @@ def test_an_unreachable_admin_api_is_a_sink_error(make_sink: SinkFactory) -> Non
     gone = KongAdmin()  # never started: nothing listens on its port
     with pytest.raises(SinkError, match="GOVERNOR_KONG__ADMIN_URL"):
         make_sink(gone).read()
+
+
+def test_credentials_in_the_admin_url_never_reach_an_error(
+    kong: KongAdmin, make_sink: SinkFactory
+) -> None:
+    # An Admin API behind a basic-auth proxy (Kong's own "secure the Admin API" loopback):
+    # the errors named the URL as configured, password included.
+    kong.before = lambda method, path: 503
+    sink = make_sink(kong, admin_url=kong.url.replace("://", "://ops:pa55w0rd@"))
+    with pytest.raises(SinkError, match="answered 503") as raised:
+        sink.read()
+    assert "pa55w0rd" not in str(raised.value)
+    assert "ops:" in str(raised.value)  # which user, still said
+    assert "pa55w0rd" not in sink.location
