@@ -275,6 +275,7 @@ class KubernetesStore:
                         f"{attempt} re-reads; the next tick tries again"
                     ) from exc
             current = self._get(instance.ref)
+            _refuse_another_writers(instance, current)
 
     def delete(self, instance: Instance) -> None:
         try:
@@ -351,6 +352,21 @@ class KubernetesStore:
             "configPatches": wanted.get("configPatches"),
             "disabled": None,
         }
+
+
+def _refuse_another_writers(instance: Instance, current: Mapping[str, Any] | None) -> None:
+    """After a 409: a hand edit keeps Governor's version annotation and is merged into; a
+    new version means another Governor replica (a new leader) decided since this tick read,
+    and writing this tick's body over it would put a deposed leader's limits back."""
+    if current is None:
+        return
+    listed = (instance.handle["metadata"].get("annotations") or {}).get(VERSION_ANNOTATION)
+    found = (current["metadata"].get("annotations") or {}).get(VERSION_ANNOTATION)
+    if found != listed:
+        raise WriteRejectedError(
+            f"{instance.ref}: another Governor wrote it (version {found}, this tick read "
+            f"{listed}) since this tick read it; not overwritten, the next tick re-reads"
+        )
 
 
 def _pruned(config: Mapping[str, Any]) -> dict[str, Any]:

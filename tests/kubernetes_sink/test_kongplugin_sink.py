@@ -271,3 +271,25 @@ def test_check_reports_missing_crds() -> None:
                 sink.check()
     finally:
         server.stop()
+
+
+def test_a_deposed_leader_does_not_overwrite_the_new_leaders_write_on_a_conflict(
+    kube: KubeApi, converged: KubernetesSink, make_sink: PluginSinkFactory
+) -> None:
+    # The old leader read, then lost the lock mid-tick (its fence check came before); the
+    # new leader wrote acme's object. The old leader's patch met a 409, re-read the object
+    # and wrote its stale decision over the new leader's.
+    stale = converged
+    stale_state = stale.read()
+    leader = make_sink(Registry(REGISTRY))
+    converge(leader, {**DESIRED, A("tenant/acme/requests_per_second"): 7.0})
+    with capture_logs() as logs:
+        result = stale.apply(
+            diff({**DESIRED, A("tenant/acme/requests_per_second"): 3.0}, stale_state)
+        )
+    assert [c.address for c in result.mismatched] == [A("tenant/acme/requests_per_second")]
+    assert objects(kube)["governor-tenant-acme"]["config"]["second"] == 7  # the leader's
+    assert "another Governor wrote it" in next(
+        e["error"] for e in logs if e["event"] == "sink.write_rejected"
+    )
+    assert leader.read().drift == []
