@@ -21,7 +21,7 @@ from controller.contract.keys import format_value, parse_value
 from controller.errors import ConfigurationError, SinkError, untrusted_certificate_hint
 from controller.model import Address, AddressError
 from controller.settings import KongSettings
-from controller.sinks.kong_layout import GLOBAL, PLUGIN, Owner, OwnerKind
+from controller.sinks.kong_layout import GLOBAL, PLUGIN, Owner, OwnerKind, restored_protocols
 from controller.sinks.kong_plugins import Body, Instance, Listing, PluginSink, WriteRejectedError
 from controller.urls import mask_url
 
@@ -215,7 +215,11 @@ class KongStore:
             return None, problem
         config = plugin.get("config") or {}
         enabled = plugin.get("enabled") is not False
-        handle = {"id": plugin["id"], "misplaced": problem == "misplaced"}
+        handle = {
+            "id": plugin["id"],
+            "misplaced": problem == "misplaced",
+            "protocols": restored_protocols(plugin.get("protocols")),
+        }
         return Instance(owner, str(plugin["id"]), config, written, enabled, version, handle), ""
 
     def _scope_problem(self, plugin: Mapping[str, Any], owner: Owner) -> str:
@@ -296,6 +300,8 @@ class KongStore:
             self.create(body)
             return
         payload = {"config": body.config, "tags": self._tags(body), "enabled": True}
+        if instance.handle["protocols"] is not None:
+            payload["protocols"] = instance.handle["protocols"]
         path = "/plugins/" + quote(instance.ref, safe="")
         response = self.admin.request("PATCH", path, json=payload)
         if response.status_code != 200:
@@ -313,7 +319,8 @@ class KongStore:
             )
 
     def differences(self, instance: Instance, body: Body) -> list[str]:
-        return ["scope (GOVERNOR_KONG__SERVICE changed)"] if instance.handle["misplaced"] else []
+        why = ["scope (GOVERNOR_KONG__SERVICE changed)"] if instance.handle["misplaced"] else []
+        return why + (["protocols"] if instance.handle["protocols"] is not None else [])
 
     def close(self) -> None:
         self.admin.close()

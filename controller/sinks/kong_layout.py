@@ -26,6 +26,9 @@ FIELDS: Mapping[LimitKind, str] = {
     LimitKind.REQUESTS_PER_MINUTE: "minute",
 }
 PERIODS = ("second", "minute", "hour", "day", "month", "year")
+# The rate-limiting schema's default `protocols` (typedefs.protocols_http): the traffic its
+# limits count. An instance whose protocols leave one out does not limit that traffic.
+PROTOCOLS = ("grpc", "grpcs", "http", "https")
 # Kong's rate-limiting refuses a request once a period's count has reached its limit
 # (`remaining = limit - usage`, refused at <= 0), its schema wants every limit above 0 and a
 # longer period's limit no lower than a shorter one's: a limit of 0 (shed everything) cannot
@@ -262,3 +265,13 @@ def field_value(config: Mapping[str, Any], field: str) -> float | None:
     if isinstance(value, bool) or not isinstance(value, int | float):
         return math.nan
     return float(value) if math.isfinite(float(value)) else math.nan
+
+
+def restored_protocols(protocols: Any) -> list[str] | None:
+    """The `protocols` to write back when a hand edit left one of PROTOCOLS out (every one
+    found is kept), else None: the instance counts all the traffic it should."""
+    if not isinstance(protocols, list):
+        return None  # unset: Kong's default, every one of PROTOCOLS
+    found = [str(p) for p in protocols]
+    missing = [p for p in PROTOCOLS if p not in found]
+    return sorted({*found, *missing}) if missing else None

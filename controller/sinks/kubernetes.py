@@ -30,7 +30,14 @@ from controller.contract.keys import parse_value
 from controller.errors import ConfigurationError, SinkError
 from controller.model import Address, AddressError
 from controller.settings import KongSettings, KubernetesSinkSettings
-from controller.sinks.kong_layout import GLOBAL, PLUGIN, Owner, OwnerKind, number
+from controller.sinks.kong_layout import (
+    GLOBAL,
+    PLUGIN,
+    Owner,
+    OwnerKind,
+    number,
+    restored_protocols,
+)
 from controller.sinks.kong_plugins import (
     Body,
     Instance,
@@ -292,6 +299,8 @@ class KubernetesStore:
             why.append("label global")
         if (obj.get("configPatches") or None) != (self._config_patches() or None):
             why.append("configPatches")
+        if restored_protocols(obj.get("protocols")) is not None:
+            why.append("protocols")
         return why
 
     def _labels(self, owner: Owner) -> dict[str, str]:
@@ -342,7 +351,7 @@ class KubernetesStore:
         labels: dict[str, Any] = dict(wanted["metadata"]["labels"])
         if "global" not in labels and "global" in (current["metadata"].get("labels") or {}):
             labels["global"] = None
-        return {
+        patch: dict[str, Any] = {
             "metadata": {
                 "resourceVersion": current["metadata"]["resourceVersion"],
                 "labels": labels,
@@ -352,6 +361,10 @@ class KubernetesStore:
             "configPatches": wanted.get("configPatches"),
             "disabled": None,
         }
+        protocols = restored_protocols(current.get("protocols"))
+        if protocols is not None:  # a hand edit left some traffic unlimited
+            patch["protocols"] = protocols
+        return patch
 
 
 def _refuse_another_writers(instance: Instance, current: Mapping[str, Any] | None) -> None:

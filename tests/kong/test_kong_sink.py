@@ -188,6 +188,23 @@ def test_a_hand_changed_setting_is_rewritten_without_a_limit_change(
     assert (config["limit_by"], config["hour"]) == ("consumer", None)
 
 
+def test_protocols_narrowed_by_hand_are_restored(kong: KongAdmin, converged: KongSink) -> None:
+    # `protocols: [grpc, grpcs]` set by hand: Kong stopped running acme's instance on HTTP
+    # (its limit enforced on nothing acme sends) while Governor read the limit as held.
+    sink = converged
+    acme = plugins_by_owner(kong)["tenant|acme"]
+    with admin_client(kong) as operator:
+        body = {"protocols": ["grpc", "grpcs"]}
+        assert operator.patch(f"/plugins/{acme['id']}", json=body).status_code == 200
+    with capture_logs() as logs:
+        assert sink.apply(diff(DESIRED, sink.read())).applied == ()
+    write = next(e for e in logs if e["event"] == "sink.write")
+    assert (write["owner"], write["why"]) == ("tenant/acme", ["protocols"])
+    protocols = plugins_by_owner(kong)["tenant|acme"]["protocols"]
+    assert sorted(protocols) == ["grpc", "grpcs", "http", "https"]
+    assert sink.apply(diff(DESIRED, sink.read())).applied == ()  # settled
+
+
 def test_plans_are_folded_into_each_tenant_in_the_community_edition(
     kong: KongAdmin, make_sink: SinkFactory
 ) -> None:

@@ -161,6 +161,22 @@ def test_a_hand_edit_is_drift_and_is_reconciled(kube: KubeApi, converged: Kubern
     assert "disabled" not in objects(kube)["governor-tenant-acme"]
 
 
+def test_protocols_narrowed_by_hand_are_restored(kube: KubeApi, converged: KubernetesSink) -> None:
+    # `protocols: [grpc]` added by hand: the KIC configured acme's plugin for gRPC only (its
+    # limit off for HTTP) while Governor read the limit as held and wrote nothing.
+    sink = converged
+    acme = objects(kube)["governor-tenant-acme"]
+    acme["protocols"] = ["grpc"]
+    kube.put_object(KONG_PLUGINS, NAMESPACE, acme)
+    with capture_logs() as logs:
+        assert sink.apply(diff(DESIRED, sink.read())).applied == ()
+    write = next(e for e in logs if e["event"] == "sink.write")
+    assert (write["owner"], write["why"]) == ("tenant/acme", ["protocols"])
+    protocols = objects(kube)["governor-tenant-acme"]["protocols"]
+    assert sorted(protocols) == ["grpc", "grpcs", "http", "https"]
+    assert sink.apply(diff(DESIRED, sink.read())).applied == ()
+
+
 def test_objects_governor_does_not_own_are_never_touched(
     kube: KubeApi, make_sink: PluginSinkFactory
 ) -> None:
