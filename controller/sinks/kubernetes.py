@@ -256,10 +256,13 @@ class KubernetesStore:
                 ) from exc
             try:
                 instance = self._parse(existing)
-            except (KeyError, TypeError, ValueError, AddressError) as bad:
-                raise WriteRejectedError(
-                    f"{self.kind} {name} is labelled Governor's: {bad}"
-                ) from bad
+            except (KeyError, TypeError, ValueError, AddressError):
+                # Governor's labels and the name only this owner's object has (object_name
+                # is injective): Governor's own object with its annotations (or `plugin`)
+                # edited by hand. Refusing left the limit unrepaired on every tick; the
+                # update writes them back.
+                config = existing.get("config") or {}
+                instance = Instance(body.owner, name, config, {}, handle=existing)
             self.update(instance, body)
 
     def update(self, instance: Instance, body: Body) -> None:
@@ -357,6 +360,7 @@ class KubernetesStore:
                 "labels": labels,
                 "annotations": wanted["metadata"]["annotations"],
             },
+            "plugin": PLUGIN,
             "config": _merge_patch(current.get("config") or {}, wanted["config"]),
             "configPatches": wanted.get("configPatches"),
             "disabled": None,

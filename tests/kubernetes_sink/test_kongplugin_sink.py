@@ -177,6 +177,27 @@ def test_protocols_narrowed_by_hand_are_restored(kube: KubeApi, converged: Kuber
     assert sink.apply(diff(DESIRED, sink.read())).applied == ()
 
 
+def test_an_object_whose_annotations_were_stripped_is_taken_back(
+    kube: KubeApi, converged: KubernetesSink
+) -> None:
+    # Governor's labels and name, annotations stripped by hand (a `kubectl apply` of an old
+    # manifest): reported as unreadable, and every create met the 409 and gave up, so the
+    # limit was reported unenforced on every tick and never repaired.
+    sink = converged
+    acme = objects(kube)["governor-tenant-acme"]
+    acme["metadata"]["annotations"] = {"team": "payments"}
+    acme["config"]["second"] = 50
+    kube.put_object(KONG_PLUGINS, NAMESPACE, acme)
+    assert any("governor-tenant-acme" in f for f in sink.read().foreign)
+    converge(sink, DESIRED)
+    stored = objects(kube)["governor-tenant-acme"]
+    assert stored["config"]["second"] == 5
+    assert stored["metadata"]["annotations"]["governor.io/scope"] == "tenant/acme"
+    assert stored["metadata"]["annotations"]["team"] == "payments"
+    state = sink.read()
+    assert (state.foreign, state.drift) == ((), [])
+
+
 def test_objects_governor_does_not_own_are_never_touched(
     kube: KubeApi, make_sink: PluginSinkFactory
 ) -> None:
