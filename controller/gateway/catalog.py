@@ -30,6 +30,7 @@ class PlanCatalog:
     refresh_seconds: float = 5.0
     version: str | None = None  # the policy set's version; None: none published (or fixed)
     _plans: dict[str, PlanInfo] | None = None  # None: never read
+    _models: frozenset[str] = frozenset()  # every model a plan lists, as model_key has it
     _loaded_at: float | None = None
 
     @classmethod
@@ -42,7 +43,7 @@ class PlanCatalog:
     ) -> PlanCatalog:
         """A catalog that never reads Redis (for embedding and tests)."""
         catalog = cls(client, prefix, refresh_seconds=float("inf"), version=version)
-        catalog._plans = dict(plans)
+        catalog._hold(dict(plans))
         catalog._loaded_at = time.monotonic()
         return catalog
 
@@ -57,9 +58,13 @@ class PlanCatalog:
 
     def names(self, model: str) -> bool:
         """Whether a plan lists `model` among its `models` (compared as limits are: model_key)."""
-        return any(
-            model in {model_key(m) for m in plan.models} for plan in (self._plans or {}).values()
-        )
+        return model in self._models
+
+    def _hold(self, plans: dict[str, PlanInfo]) -> None:
+        """Take `plans` as the catalog, with the model names they list, read once per load
+        (the metrics ask for every model they have not named yet, on every request)."""
+        self._plans = plans
+        self._models = frozenset(model_key(m) for plan in plans.values() for m in plan.models)
 
     def invalidate(self) -> None:
         """Read Redis again on the next `current` call (e.g. on a `<P>:changes` message)."""
@@ -82,7 +87,7 @@ class PlanCatalog:
             raise SinkError(
                 f"the plan catalog {key} holds an entry that is no plan: {exc}"
             ) from None
-        self._plans = plans
+        self._hold(plans)
         self.version = version if plans else None
         # None published: read again at the next request, so the first publish counts at once.
         self._loaded_at = time.monotonic() if plans else None

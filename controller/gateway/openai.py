@@ -299,6 +299,8 @@ def _tokens(value: Any) -> int:
     return 0
 
 
+# A JSON object begins the bytes (read in place: no copy of a growing buffer per chunk).
+_DOCUMENT_START = re.compile(rb"[ \t\r\n]*\{")
 # The end of one server-sent event: a blank line (any of the three line endings).
 _EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
 
@@ -380,7 +382,7 @@ class UsageMeter:
         if self._overflow:
             return
         self._buffer.extend(chunk)
-        if self.streaming and not self._events and self._buffer.lstrip()[:1] == b"{":
+        if self.streaming and not self._events and _DOCUMENT_START.match(self._buffer):
             # A stream asked for and one JSON document answered (a model server or proxy that
             # ignores `stream`): read as the document it is, not as events it has none of.
             self.streaming = False

@@ -516,15 +516,16 @@ function Meter:feed(chunk)
   if self.overflow or chunk == nil or chunk == '' then
     return
   end
-  if self.streaming and not self.events and (self.pending .. chunk):match('^%s*{') then
+  if self.streaming then
+    local text = self.pending .. chunk
+    if self.events or not text:match('^%s*{') then
+      self.pending = text
+      self:read_events()
+      return
+    end
     -- A stream asked for and one JSON document answered (openai.UsageMeter.feed): read as
     -- the document it is.
-    self.streaming, chunk, self.pending = false, self.pending .. chunk, ''
-  end
-  if self.streaming then
-    self.pending = self.pending .. chunk
-    self:read_events()
-    return
+    self.streaming, chunk, self.pending = false, text, ''
   end
   self.size = self.size + #chunk
   if self.size > MAX_BUFFERED_RESPONSE then
