@@ -152,10 +152,13 @@ def static_grid(scenario: Scenario, policies: Path, world: World) -> tuple[list[
 
 
 def search_ticks(scenario: Scenario) -> int | None:
-    """How far a static search's candidate runs: to the window's end, the last tick its merit
-    (attainment, then goodput, over the window) reads; None: the window ends with the run."""
+    """How far a static search's candidate runs: past the window's end, the last tick its
+    merit (attainment, then goodput, over the window) reads, by the TTFT SLO (a request
+    that arrived in the window and is served within the SLO counts there, its first token
+    up to the SLO later); None: that reaches the run's end."""
     events = [(e.kind, e.at, e.end) for e in scenario.events]
     last = window_of(events, scenario.tick, scenario.ticks)[1]
+    last += math.ceil(scenario.slo.ttft_seconds / scenario.tick)
     return None if last >= scenario.ticks else last
 
 

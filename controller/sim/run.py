@@ -445,6 +445,12 @@ class Simulation:
             latencies.append(self._resolved(tick, pool, result))
         return served, latencies
 
+    def _arrival_tick(self, times: FloatArray) -> npt.NDArray[np.int64]:
+        """The tick each arrival time (unix seconds) falls in."""
+        elapsed = times - self.scenario.start_time
+        ticks = np.floor(elapsed / self.scenario.tick).astype(np.int64)
+        return np.clip(ticks, 0, len(self.record.tenant_good) - 1)
+
     def _observe_gate(self, latencies: list[FloatArray]) -> None:
         """The gateway's own latency samples, as an adaptive concurrency limiter sees them."""
         gate = self.gate
@@ -465,8 +471,12 @@ class Simulation:
         good = tickets.good[first] & (ttft <= self.scenario.slo.ttft_seconds)
         won, work = tickets.tenant[first][good], tickets.work[first][good]
         record.goodput[tick] += float(work.sum())
-        np.add.at(record.tenant_good[tick], won, work)
-        np.add.at(record.tenant_good_requests[tick], won, 1.0)
+        # A tenant's good requests count in the tick they arrived, as their demand does: a
+        # share of one span is then of the requests offered in it (counted when served, a
+        # short span could read above 100%).
+        arrived = self._arrival_tick(tickets.time[first][good])
+        np.add.at(record.tenant_good, (arrived, won), work)
+        np.add.at(record.tenant_good_requests, (arrived, won), 1.0)
         record.timed_out[tick] += float(len(result.gave_up))
         # A timed-out request counts at the timeout: it waited that long for nothing.
         waited = np.concatenate([ttft, np.full(len(result.gave_up), timeout)])

@@ -70,3 +70,16 @@ def test_limits_far_above_capacity_score_badly(short_scenario: Path, tmp_path: P
     # its clients rarely time out, and it serves at least as much within the SLO.
     assert controlled.timed_out * 5 < overloaded.timed_out
     assert controlled.goodput_ratio >= overloaded.goodput_ratio
+
+
+def test_good_requests_count_in_the_tick_they_arrived(short_scenario: Path) -> None:
+    """A tenant's requests served within the SLO are a share of those it offered in the same
+    tick, for every tenant and tick: none can read above 100% (counted when served, a request
+    that arrived at a tick's end counted in the next, where the tenant may have sent none)."""
+    scenario = load_scenario(str(short_scenario))
+    for seed in (3, 4, 5):
+        record = run_variant(scenario.model_copy(update={"seed": seed}), SHIPPED, POLICIES, None)
+        good, offered = record.tenant_good_requests, record.tenant_requests
+        assert good.sum() > 0.3 * offered.sum()  # a burst of 2.6× capacity: many are served
+        assert (good <= offered).all(), np.argwhere(good > offered)[:5]
+        assert (record.tenant_good <= record.tenant_offered + 1e-9).all()
