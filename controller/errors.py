@@ -20,6 +20,8 @@ class SignalError(GovernorError):
 class SinkError(GovernorError):
     """A sink (Redis, Kong, Kubernetes) could not be read or written."""
 
+    hinted = False  # its message already says what to do about the server's reply
+
 
 def untrusted_certificate_hint(group: str, server: str) -> str:
     """What to set when a TLS server's certificate did not verify: `group` is the settings

@@ -26,8 +26,9 @@ def set_plan(
     document defines PLAN. A JWT's plan claim is the token issuer's: change it there."""
     with stores() as s:
         known_plans(s).require(plan)
-        previous = s.control.set_tenant(tenant, plan)
-        moved = KeyStore(s.client, s.keys, None).move_tenant(tenant, plan)
+        # The registry and the tenant's keys in one transaction: never one without the other.
+        register = s.control.tenant_registration(tenant, plan)
+        moved, (previous, _) = KeyStore(s.client, s.keys, None).move_tenant(tenant, plan, register)
         s.record(
             JournalEvent(
                 kind=Kind.TENANT_SET,

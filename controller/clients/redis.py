@@ -521,9 +521,12 @@ def response_hint(exc: redis.ResponseError, clustered: bool) -> str:
 
 
 def hint_for(exc: BaseException) -> str:
-    """`response_hint` of the Redis reply behind one of our own errors, if any; '' otherwise."""
+    """`response_hint` of the Redis reply behind one of our own errors, if any; '' otherwise
+    (or when the error's own message gives the repair already)."""
     seen: BaseException | None = exc
     while seen is not None:
+        if isinstance(seen, SinkError) and seen.hinted:
+            return ""
         if isinstance(seen, redis.ResponseError):
             return response_hint(seen, clustered=False)
         seen = seen.__cause__ or seen.__context__
@@ -639,7 +642,9 @@ def wrapped(
         hint = response_hint(exc, is_cluster(client))
         named = wrong_types(client, owned()) if owned and is_wrong_type(exc) else ""
         hint = f" ({named})" if named else hint
-        raise SinkError(f"Redis at {location(client)}: {action} failed: {exc}{hint}") from exc
+        error = SinkError(f"Redis at {location(client)}: {action} failed: {exc}{hint}")
+        error.hinted = True
+        raise error from exc
     except redis.RedisError as exc:
         hint = "is the server up and GOVERNOR_REDIS__URL right?"
         if "CERTIFICATE_VERIFY_FAILED" in str(exc):

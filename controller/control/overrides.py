@@ -14,7 +14,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import redis
 
@@ -33,6 +33,9 @@ from controller.contract.keys import KeySchema, checked
 from controller.contract.records import override_from_json, override_to_json
 from controller.errors import SinkError
 from controller.model import Address, AddressError, Override, validate_id, value_problem
+
+if TYPE_CHECKING:
+    from redis.client import Pipeline
 
 _Record = TypeVar("_Record")
 
@@ -313,15 +316,27 @@ class ControlStore:
     # The tenant registry: tenant → plan.
     def set_tenant(self, tenant: str, plan: str) -> str | None:
         """Put `tenant` on `plan`; returns the previous plan (None: it was not registered)."""
+        register = self.tenant_registration(tenant, plan)
+        with wrapped(self.client, f"register tenant {tenant}", self._owned):
+            pipe = self.client.pipeline(transaction=True)
+            register(pipe)
+            previous: str | None = pipe.execute()[0]
+        return previous
+
+    def tenant_registration(self, tenant: str, plan: str) -> Callable[[Pipeline[str]], None]:
+        """What puts `tenant` on `plan`, to queue in a transaction (the CLI's, beside its
+        API keys' move: both or neither): an HGET of the previous plan (the first of the
+        queued results), then the HSET. Checked before anything is queued."""
         validate_id(tenant, "tenant")
         validate_id(plan, "plan")
         with wrapped(self.client, f"register tenant {tenant}", self._owned):
             self._refuse_other_contract(f"register tenant {tenant}")
-            pipe = self.client.pipeline(transaction=True)
+
+        def queue(pipe: Pipeline[str]) -> None:
             pipe.hget(self.keys.tenants, tenant)
             pipe.hset(self.keys.tenants, tenant, plan)
-            previous: str | None = pipe.execute()[0]
-        return previous
+
+        return queue
 
     def tenant_plan(self, tenant: str) -> str | None:
         validate_id(tenant, "tenant")

@@ -8,19 +8,22 @@ import re
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
-from typing import cast
+from typing import TYPE_CHECKING, Any, cast
 
 import redis
 import redis.asyncio
 import structlog
 
-from controller.clients.redis import wrapped
+from controller.clients.redis import Owned, wrapped
 from controller.contract.apikeys import KeyRecord, parsed_records
 from controller.contract.keys import KeySchema
 from controller.errors import SinkError
 from controller.model import validate_id
+
+if TYPE_CHECKING:
+    from redis.client import Pipeline
 
 # `gov_<id>_<secret>`: the id is public (listing, revoking, logs), the secret never stored.
 _KEY_PATTERN = re.compile(r"gov_([0-9a-f]{16})_([A-Za-z0-9_-]{43})")
@@ -60,6 +63,18 @@ class KeyStore:
         self.key = keys.api_keys
         self.secret = secret
 
+    def _owned(self) -> dict[str, Owned]:
+        """The key the API keys live in, and its repair when it holds something else: not a
+        delete (that revokes every key; nothing writes them again)."""
+        return {
+            self.key: Owned(
+                "hash",
+                f"every API key lives in it, and deleting it revokes them all: move it aside "
+                f"(redis-cli RENAME {self.key} {self.key}.damaged), then restore the hash from "
+                "a backup or issue the keys again (governor keys create)",
+            )
+        }
+
     def create(
         self, tenant: str, plan: str, user: str | None = None, name: str | None = None
     ) -> tuple[str, KeyRecord]:
@@ -69,7 +84,7 @@ class KeyStore:
         if user is not None:
             validate_id(user, "user")
         key_id, key = new_key()
-        with wrapped(self.client, "create an API key"):
+        with wrapped(self.client, "create an API key", self._owned):
             seconds, micros = self.client.time()
             record = KeyRecord(
                 key_id, tenant, plan, user, digest(key, self.secret), seconds + micros / 1e6, name
@@ -80,7 +95,7 @@ class KeyStore:
 
     def list(self, tenant: str | None = None) -> list[KeyRecord]:
         """Every key's record (digests included), optionally of one tenant, oldest first."""
-        with wrapped(self.client, "list API keys"):
+        with wrapped(self.client, "list API keys", self._owned):
             values = self.client.hvals(self.key)
         records = [KeyRecord.from_json(text) for text in values]
         return sorted(
@@ -88,13 +103,17 @@ class KeyStore:
             key=lambda r: (r.created_at, r.key_id),
         )
 
-    def move_tenant(self, tenant: str, plan: str) -> tuple[str, ...]:
+    def move_tenant(
+        self, tenant: str, plan: str, first: Callable[[Pipeline[str]], None] | None = None
+    ) -> tuple[tuple[str, ...], Sequence[Any]]:
         """Put every key of `tenant` on `plan` (the tenant changed plans); returns the ids of
-        the keys that moved. Atomic against concurrent key changes (WATCH/MULTI)."""
+        the keys that moved and the results of what `first` queued in the same transaction
+        (the tenant's registration: both are written or neither). Atomic against concurrent
+        key changes (WATCH/MULTI)."""
         validate_id(tenant, "tenant")
         validate_id(plan, "plan")
         with (
-            wrapped(self.client, f"move the API keys of tenant {tenant}"),
+            wrapped(self.client, f"move the API keys of tenant {tenant}", self._owned),
             self.client.pipeline(transaction=True) as pipe,
         ):
             while True:
@@ -107,17 +126,20 @@ class KeyStore:
                         if record.tenant == tenant and record.plan != plan
                     }
                     pipe.multi()
+                    if first is not None:
+                        first(pipe)
                     if moved:
                         pipe.hset(self.key, mapping=moved)
-                    pipe.execute()
-                    return tuple(sorted(str(key_id) for key_id in moved))
+                    results = pipe.execute()
+                    firsts = results[: len(results) - 1] if moved else results  # the HSET's last
+                    return tuple(sorted(str(key_id) for key_id in moved)), firsts
                 except redis.WatchError:
                     continue  # a key was made or revoked meanwhile: read again
 
     def revoke(self, key_id: str) -> dict[str, object] | None:
         """Delete a key's record; what it said (never its digest, for the journal), or None
         when there was none."""
-        with wrapped(self.client, f"revoke API key {key_id}"):
+        with wrapped(self.client, f"revoke API key {key_id}", self._owned):
             pipe = self.client.pipeline(transaction=True)
             pipe.hget(self.key, key_id)
             pipe.hdel(self.key, key_id)
