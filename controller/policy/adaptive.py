@@ -158,10 +158,19 @@ def _law(
         widen = spec.filter.noise_band if spec.filter is not None else 0.0
         noise = widen * found.noise(seek.smoothing) * spec.setpoint
         band = max(start * tolerance / spec.setpoint, noise)
-        if abs(aimed - start) <= band:
-            return _Step(start, f"{how} = {fmt_number(aimed)}, within ±{fmt_number(band)}: hold",
-                         False, found, *memory)  # fmt: skip
-        return _Step(aimed, how, False, found, *memory)
+        if abs(aimed - start) > band:
+            return _Step(aimed, how, False, found, *memory)
+        # Unless the signal itself is above the setpoint beyond its own dead band: a queue
+        # is there, not noise, and a lower estimate is applied however small the step (held,
+        # a pool that fills from idle stayed over its capacity at a limit estimated at light
+        # load until the estimate's average came down). Below the setpoint a limit binds
+        # nothing, so a loosening within the band still holds.
+        if aimed < start and level > spec.setpoint + tolerance:
+            over = f"{spec.signal_name} above {fmt_number(spec.setpoint + tolerance)}"
+            return _Step(aimed, f"{how} = {fmt_number(aimed)}, within ±{fmt_number(band)} but "
+                         f"{over}: applied", False, found, *memory)  # fmt: skip
+        return _Step(start, f"{how} = {fmt_number(aimed)}, within ±{fmt_number(band)}: hold",
+                     False, found, *memory)  # fmt: skip
     value, how = _next_value(spec, min(start, aimed), level, tolerance)
     return _Step(value, f"saturated ({found.how}): {how}", True, found, *memory)
 

@@ -315,6 +315,27 @@ def test_an_occupancy_setpoint_above_one_allows_a_short_queue() -> None:
         adaptive(capacity={**SEEK, "saturated": 4.5}, setpoint=1.1)
 
 
+@pytest.mark.parametrize(("occupancy", "moved"), [(1.3, True), (0.9, False)])
+def test_a_queue_cuts_however_small_the_step(occupancy: float, moved: bool) -> None:
+    # A pool estimated at light load to hold 300 (90 in flight at 0.3). The load jumps and
+    # the pool shows a queue (1.3: above the setpoint beyond its band) with a capacity sample
+    # 10% under the estimate: the estimate moves by 3%, inside the dead band (the 5%
+    # tolerance), and is applied all the same (held, the pool stayed over its capacity at a
+    # limit estimated at light load). The same step without a queue (0.9, below the
+    # setpoint) holds: there the limit binds nothing.
+    control = loop(15.0, bounds=RAILS, capacity=OCCUPANCY, filter={"smoothing": 0.3}, setpoint=1.0)
+    for n in range(6):
+        assert control.tick(15.0 * n, 0.3, **{ADMITTED: 90.0}).value == pytest.approx(300.0)
+    sample = control.tick(90.0, occupancy, **{ADMITTED: 0.9 * 300.0 * occupancy})
+    assert "within ±15" in sample.reason  # a step inside the dead band
+    if moved:
+        assert sample.value == pytest.approx(300.0 + 0.3 * (270.0 - 300.0))
+        assert "but gpu_util above 1.05: applied" in sample.reason
+    else:
+        assert sample.value == pytest.approx(300.0)
+        assert ": hold" in sample.reason
+
+
 def test_nothing_in_flight_under_load_does_not_estimate_a_pool_of_nothing() -> None:
     control = loop(15.0, bounds=RAILS, capacity=SEEK)
     assert control.tick(0.0, 0.5, **{ADMITTED: 30.0}).value == 48.0  # capacity 60
