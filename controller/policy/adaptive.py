@@ -165,12 +165,11 @@ def _law(
         # a pool that fills from idle stayed over its capacity at a limit estimated at light
         # load until the estimate's average came down). Below the setpoint a limit binds
         # nothing, so a loosening within the band still holds.
+        within = f"{how} = {fmt_number(aimed)}, within ±{fmt_number(band)}"
         if aimed < start and level > spec.setpoint + tolerance:
             over = f"{spec.signal_name} above {fmt_number(spec.setpoint + tolerance)}"
-            return _Step(aimed, f"{how} = {fmt_number(aimed)}, within ±{fmt_number(band)} but "
-                         f"{over}: applied", False, found, *memory)  # fmt: skip
-        return _Step(start, f"{how} = {fmt_number(aimed)}, within ±{fmt_number(band)}: hold",
-                     False, found, *memory)  # fmt: skip
+            return _Step(aimed, f"{within} but {over}: applied", False, found, *memory)
+        return _Step(start, f"{within}: hold", False, found, *memory)
     value, how = _next_value(spec, min(start, aimed), level, tolerance)
     return _Step(value, f"saturated ({found.how}): {how}", True, found, *memory)
 
