@@ -9,6 +9,7 @@ kept in the plugin's own tags: `<tag>|owner|tenant|acme`, `<tag>|wrote|<address>
 
 from __future__ import annotations
 
+import dataclasses
 import ssl
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -21,6 +22,7 @@ from controller.contract.keys import format_value, parse_value
 from controller.errors import ConfigurationError, SinkError, untrusted_certificate_hint
 from controller.model import Address, AddressError
 from controller.settings import KongSettings
+from controller.sinks.kong_consumers import ConsumerIndex
 from controller.sinks.kong_layout import GLOBAL, PLUGIN, Owner, OwnerKind, restored_protocols
 from controller.sinks.kong_plugins import Body, Instance, Listing, PluginSink, WriteRejectedError
 from controller.urls import mask_url
@@ -134,7 +136,8 @@ class KongStore:
         self.location = admin.location
         self.tag = settings.tag
         self._edition: str | None = None
-        self._consumers: dict[str, str] = {}  # tenant → consumer id, as resolved
+        # tenant ↔ consumer, for one pass only (kong_consumers: operators edit consumers)
+        self._consumers = ConsumerIndex(admin, settings.consumer_match, settings.page_size)
 
     @property
     def groups(self) -> bool:
@@ -179,16 +182,48 @@ class KongStore:
     # --- reading ------------------------------------------------------------------------------
 
     def listing(self) -> Listing:
-        instances: dict[Owner, Instance] = {}
+        self._consumers.start()  # a new pass: no consumer is trusted from the last one
+        parsed: list[Instance] = []
         foreign: list[str] = []
         for plugin in self.admin.pages("/plugins", {"tags": self.tag}):
             instance, problem = self._parse(plugin)
-            if instance is None or instance.owner in instances:
-                what = problem or f"a second instance for {instance.owner if instance else '?'}"
-                foreign.append(f"kong plugin {plugin.get('id')}: {what}")
+            if instance is None:
+                foreign.append(f"kong plugin {plugin.get('id')}: {problem}")
             else:
+                parsed.append(instance)
+        self._consumers.load({i.handle["consumer"] for i in parsed if i.handle["consumer"]})
+        instances: dict[Owner, Instance] = {}
+        strays: list[Instance] = []
+        # The instance on its tenant's consumer first: of several claiming one tenant, it is
+        # kept and the others (on consumers no longer the tenant's) are removed.
+        for instance in sorted(map(self._checked, parsed), key=lambda i: bool(i.stale)):
+            if instance.owner not in instances:
                 instances[instance.owner] = instance
-        return Listing(instances, tuple(foreign))
+            elif instance.stale:
+                strays.append(instance)
+            else:
+                second = f"a second instance for {instance.owner}"
+                foreign.append(f"kong plugin {instance.ref}: {second}")
+        return Listing(instances, tuple(foreign), tuple(strays))
+
+    def _checked(self, instance: Instance) -> Instance:
+        """The instance, marked stale when the consumer it sits on is no longer its tenant's
+        (a custom_id moved by hand, the consumer deleted): it limits someone else, or no one."""
+        tenant, consumer = instance.owner.id, instance.handle["consumer"]
+        if instance.owner.kind is not OwnerKind.TENANT or consumer is None:
+            return instance
+        carried = self._consumers.tenant_of(consumer)
+        if carried == tenant:
+            return instance
+        field = self.settings.consumer_match
+        if not self._consumers.exists(consumer):
+            now = "no longer exists"
+        elif carried is None:
+            now = f"has no {field} now"
+        else:
+            now = f"has {field} {carried!r} now"
+        where = f"plugin {instance.ref} of tenant {tenant!r} sits on consumer {consumer}"
+        return dataclasses.replace(instance, stale=f"{where}, which {now}")
 
     def _parse(self, plugin: Mapping[str, Any]) -> tuple[Instance | None, str]:
         owner: Owner | None = None
@@ -217,6 +252,7 @@ class KongStore:
         enabled = plugin.get("enabled") is not False
         handle = {
             "id": plugin["id"],
+            "consumer": _ref(plugin, "consumer"),
             "misplaced": problem == "misplaced",
             "protocols": restored_protocols(plugin.get("protocols")),
         }
@@ -238,10 +274,7 @@ class KongStore:
             return "" if group is not None and consumer is None else f"tagged {owner}, no group"
         if consumer is None or group is not None:
             return f"tagged {owner} but not scoped to one consumer"
-        known = self._consumers.get(str(owner.id))
-        if known is not None and known != consumer:
-            return f"tagged {owner} but on consumer {consumer}, not {known}"
-        return ""
+        return ""  # which consumer: checked against Kong's consumers in listing (_checked)
 
     # --- writing ------------------------------------------------------------------------------
 
@@ -251,30 +284,21 @@ class KongStore:
             if owner.kind is not OwnerKind.TENANT or owner.id is None:
                 continue
             if self.consumer(owner.id) is None and not self.settings.create_consumers:
-                blocked[owner] = (
-                    f"no Kong consumer with {self.settings.consumer_match} {owner.id!r}: "
-                    "create it, or set GOVERNOR_KONG__CREATE_CONSUMERS=true"
-                )
+                blocked[owner] = self._no_consumer(owner.id)
         return blocked
 
-    def consumer(self, tenant: str) -> str | None:
-        """The id of the tenant's consumer, matched exactly on custom_id (or username)."""
-        if tenant in self._consumers:
-            return self._consumers[tenant]
+    def _no_consumer(self, tenant: str) -> str:
         field = self.settings.consumer_match
-        if field == "custom_id":
-            response = self.admin.request("GET", "/consumers", params={"custom_id": tenant})
-            found = (response.json().get("data") or []) if response.status_code == 200 else []
-        else:
-            # /consumers/{x} reads x as the primary key when it looks like a UUID: a tenant
-            # named like another consumer's id must not reach that consumer.
-            response = self.admin.request("GET", "/consumers/" + quote(tenant, safe=""))
-            found = [response.json()] if response.status_code == 200 else []
-        matches = [c for c in found if isinstance(c, dict) and c.get(field) == tenant]
-        if not matches:
-            return None
-        self._consumers[tenant] = str(matches[0]["id"])
-        return self._consumers[tenant]
+        return (
+            f"tenant {tenant!r} has no Kong consumer with {field} {tenant!r} at "
+            f"{self.location}: give its consumer that {field} (or create one), or set "
+            "GOVERNOR_KONG__CREATE_CONSUMERS=true; its limits wait until then"
+        )
+
+    def consumer(self, tenant: str) -> str | None:
+        """The id of the tenant's consumer, matched exactly on custom_id (or username), as
+        Kong holds it in this pass."""
+        return self._consumers.consumer_of(tenant)
 
     def create(self, body: Body) -> None:
         payload = {"name": PLUGIN, "config": body.config, "tags": self._tags(body), "enabled": True}
@@ -287,8 +311,8 @@ class KongStore:
             payload["consumer"] = {"id": self._consumer_for_write(body.owner.id)}
         response = self.admin.request("POST", path, json=payload)
         if response.status_code != 201:
-            if body.owner.id is not None and response.status_code == 400:
-                self._consumers.pop(body.owner.id, None)  # perhaps deleted meanwhile
+            # A consumer deleted since the listing is a 400 (foreign key): the next pass
+            # looks the tenant's consumer up afresh and writes again.
             raise WriteRejectedError(
                 f"Kong refused the {PLUGIN} plugin for {body.owner} ({response.status_code}): "
                 f"{message(response)}" + _conflict_hint(response)
@@ -298,6 +322,9 @@ class KongStore:
         if instance.handle["misplaced"]:  # the service setting changed: move it
             self.delete(instance)
             self.create(body)
+            return
+        if instance.stale:
+            self._move(instance, body)
             return
         payload = {"config": body.config, "tags": self._tags(body), "enabled": True}
         if instance.handle["protocols"] is not None:
@@ -310,6 +337,33 @@ class KongStore:
                 f"{response.status_code}): {message(response)}"
             )
 
+    def _move(self, instance: Instance, body: Body) -> None:
+        """Put a tenant's plugin left on another consumer onto the tenant's consumer, with its
+        config and ledger, in one PATCH: the limit is never on both consumers nor on neither."""
+        tenant = str(instance.owner.id)
+        consumer = self._consumer_for_write(tenant)
+        payload: dict[str, Any] = {
+            "consumer": {"id": consumer},
+            "config": body.config,
+            "tags": self._tags(body),
+            "enabled": True,
+        }
+        if instance.handle["protocols"] is not None:
+            payload["protocols"] = instance.handle["protocols"]
+        path = "/plugins/" + quote(instance.ref, safe="")
+        response = self.admin.request("PATCH", path, json=payload)
+        if response.status_code == 200:
+            return
+        # Refused (409: the tenant's consumer holds another rate-limiting plugin, e.g. the
+        # stale one of a tenant whose custom_id was swapped with this one's). The limit must
+        # not stay on a consumer that is not the tenant's: removed now, created next pass.
+        self.delete(instance)
+        raise WriteRejectedError(
+            f"{instance.stale}; moving it to consumer {consumer} was refused "
+            f"({response.status_code}: {message(response)}), so it was removed and tenant "
+            f"{tenant!r}'s limit is written on the next pass" + _conflict_hint(response)
+        )
+
     def delete(self, instance: Instance) -> None:
         response = self.admin.request("DELETE", "/plugins/" + quote(instance.ref, safe=""))
         if response.status_code not in (200, 204, 404):
@@ -320,6 +374,7 @@ class KongStore:
 
     def differences(self, instance: Instance, body: Body) -> list[str]:
         why = ["scope (GOVERNOR_KONG__SERVICE changed)"] if instance.handle["misplaced"] else []
+        why += [f"consumer ({instance.stale})"] if instance.stale else []
         return why + (["protocols"] if instance.handle["protocols"] is not None else [])
 
     def close(self) -> None:
@@ -341,16 +396,17 @@ class KongStore:
         if found is not None:
             return found
         if not self.settings.create_consumers:
-            raise WriteRejectedError(f"no Kong consumer for tenant {tenant!r}")
+            raise WriteRejectedError(self._no_consumer(tenant))
         payload = {
             self.settings.consumer_match: tenant,
             "tags": self._ownership_tags(Owner(OwnerKind.TENANT, tenant)),
         }
         response = self.admin.request("POST", "/consumers", json=payload)
         if response.status_code == 201:
-            self._consumers[tenant] = str(response.json()["id"])
-            return self._consumers[tenant]
-        found = self.consumer(tenant)  # 409: created meanwhile
+            self._consumers.remember(response.json())
+            return str(response.json()["id"])
+        self._consumers.start()  # 409: created meanwhile; look again, not at this pass's answer
+        found = self.consumer(tenant)
         if found is None:
             raise WriteRejectedError(
                 f"Kong refused consumer {tenant!r} ({response.status_code}): {message(response)}"

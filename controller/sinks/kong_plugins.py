@@ -51,6 +51,10 @@ class Instance:
     enabled: bool = True
     version: int = 0
     handle: Any = None  # what the store needs to write it back (ids, resourceVersion)
+    # Why it does not limit its owner although it exists ('' when it does): a Kong plugin on
+    # a consumer that is no longer its tenant's. It carries no value (drift) and is moved to
+    # the owner's entity, or removed when the owner is no longer desired or has none.
+    stale: str = ""
 
 
 @dataclass(frozen=True)
@@ -69,6 +73,9 @@ class Listing:
 
     instances: Mapping[Owner, Instance]
     foreign: tuple[str, ...] = ()
+    # Governor's own instances to remove whatever is desired: stale ones whose owner has
+    # another instance (e.g. one on the tenant's consumer beside one on its former consumer).
+    strays: tuple[Instance, ...] = ()
 
 
 class PluginStore(Protocol):
@@ -157,7 +164,8 @@ def _carriers(listing: Listing) -> _Carriers:
         shedding = sheds(instance.written.values())  # its fields hold SHED_STAND_IN
         for address, wrote in instance.written.items():
             name = FIELDS.get(address.limit)
-            value = field_value(instance.config, name) if name and instance.enabled else None
+            live = instance.enabled and not instance.stale  # a stale one limits someone else
+            value = field_value(instance.config, name) if name and live else None
             carriers[address].append((value, kong_value(wrote, shedding), wrote))
     return carriers
 
@@ -256,14 +264,16 @@ class PluginSink:
                 desired[change.address] = change.new
         target = layout(desired, snapshot.registry, groups=self.store.groups)
         instances = snapshot.listing.instances
-        self._hold_back(target, self.store.resolve([o for o in target if o not in instances]))
+        # Every owner, not only new ones: an existing instance's entity may be gone (a Kong
+        # consumer deleted or its custom_id moved); the store answers from this pass's reads.
+        self._hold_back(target, self.store.resolve(list(target)))
         # Owners enter the memory as they exist: a create that fails is no deletion (drift).
         self._memory = _Memory(
             {owner: _ledger(slots) for owner, slots in target.items() if owner in instances},
             {a: v for a, v in desired.items() if a not in placed(target.values())},
         )
         version = self._version + 1
-        operations = self._operations(target, instances, version)
+        operations = self._operations(target, snapshot.listing, version)
         if not operations:
             return ApplyResult(version=self._version, applied=tuple(supported))
         check_fence(self.fence, self.fence_client, f"{len(operations)} {self.name} writes")
@@ -304,24 +314,32 @@ class PluginSink:
             self._log.warning(event, sink=self.name, address=str(address), reason=reason)
 
     def _operations(
-        self, target: Mapping[Owner, Slots], instances: Mapping[Owner, Instance], version: int
+        self, target: Mapping[Owner, Slots], listing: Listing, version: int
     ) -> list[_Operation]:
+        instances = listing.instances
         operations = [
-            _Operation("delete", owner, instance, None, ("no longer desired",))
+            _Operation("delete", stray.owner, stray, None, (stray.stale,))
+            for stray in listing.strays
+        ]
+        operations += [
+            _Operation("delete", owner, instance, None, (instance.stale or "no longer desired",))
             for owner, instance in sorted(instances.items())
             if owner not in target
         ]
+        writes: list[_Operation] = []
         for owner, slots in sorted(target.items()):
             config = plugin_config(self.settings, owner, slots, password=self.store.writes_password)
             body = Body(owner, config, _ledger(slots), version)
             instance = instances.get(owner)
             if instance is None:
-                operations.append(_Operation("create", owner, None, body, ("missing",)))
+                writes.append(_Operation("create", owner, None, body, ("missing",)))
                 continue
             why = self._differences(instance, body)
             if why:
-                operations.append(_Operation("update", owner, instance, body, tuple(why)))
-        return operations
+                writes.append(_Operation("update", owner, instance, body, tuple(why)))
+        # Deletions, then moves of stale instances, then the rest: each frees the entity a
+        # later write may need (Kong holds one rate-limiting plugin per consumer).
+        return operations + sorted(writes, key=lambda o: o.instance is None or not o.instance.stale)
 
     def _differences(self, instance: Instance, body: Body) -> list[str]:
         why = [f"config.{key}" for key in config_differences(body.config, instance.config)]

@@ -4,7 +4,9 @@ touches, for contract tests where no Kong can run: `GET /`, `/consumers`, `/cons
 with Kong's pagination (`size` ≤ 1000, opaque `offset`, `next` without the workspace prefix),
 tag filtering (`a,b` all of, `a/b` any of), `?custom_id=` on consumers, the workspace path
 prefix, the `Kong-Admin-Token` header, and Kong's error bodies (400 schema/foreign-key
-violation, 404 `Not found`, 409 unique violation).
+violation, 404 `Not found`, 409 unique violation). Deleting a consumer, service or consumer
+group deletes the plugins scoped to it (the schema's `on_delete = "cascade"`); PATCH may
+change any field, a consumer's `custom_id` or a plugin's `consumer` included.
 
 The `rate-limiting` config is validated like kong/plugins/rate-limiting/schema.lua (periods
 > 0 and ordered, `limit_by`, `policy`, `policy: redis` needs `redis.host`, unknown fields
@@ -269,6 +271,7 @@ class KongAdmin(Served):
         if method == "DELETE":
             if entity is not None:  # Kong answers 204 whether or not it existed
                 del store[collection][entity["id"]]
+                _cascade(store, collection, entity["id"])
             return 204, None
         if entity is None:
             raise _not_found()
@@ -407,6 +410,21 @@ class KongAdmin(Served):
                         "fields": key,
                     },
                 )
+
+
+# kong/db/schema/entities/plugins.lua: `consumer`, `service` (and in Kong Enterprise
+# `consumer_group`) are foreign keys with `on_delete = "cascade"`: deleting the entity deletes
+# the plugins scoped to it.
+_CASCADE = {"consumers": "consumer", "services": "service", "consumer_groups": "consumer_group"}
+
+
+def _cascade(store: dict[str, dict[str, dict[str, Any]]], collection: str, deleted: str) -> None:
+    key = _CASCADE.get(collection)
+    if key is None:
+        return
+    for plugin_id, plugin in list(store["plugins"].items()):
+        if (plugin.get(key) or {}).get("id") == deleted:
+            del store["plugins"][plugin_id]
 
 
 def _rate_limiting(config: dict[str, Any]) -> dict[str, Any]:

@@ -79,8 +79,11 @@ def test_nothing_is_written_when_nothing_changed(kong: KongAdmin, converged: Kon
         assert result.applied == ()
         assert result.version == version
     assert kong.writes() == before_writes
-    # One listing per tick (the three reads plus the one above): no per-consumer lookups.
-    assert kong.count("GET") - before_reads == 4
+    # Per tick (the three reads plus the one above) one listing of the plugins and one of the
+    # consumers (which tenant each plugin's consumer is now): no per-tenant lookups.
+    gets = [r.path.partition("?")[0] for r in kong.requests[-8:]]
+    assert kong.count("GET") - before_reads == 8
+    assert gets == ["/plugins", "/consumers"] * 4
 
 
 def test_one_changed_limit_patches_one_plugin(kong: KongAdmin, converged: KongSink) -> None:
