@@ -4,6 +4,8 @@ checked by editors through its yaml-language-server line."""
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -46,6 +48,20 @@ BAD_VALUES = [
         {"gateway": {"jwt": {"algorithms": ["HS256"]}}}, "algorithms", id="symmetric JWT algorithm"
     ),
     pytest.param({"gateway": {"replicas": 2}}, "replicas", id="misspelt gateway key"),
+    *(
+        pytest.param(
+            {"gateway": {"enabled": True, "upstream": "http://m:8000", "replicaCount": count}},
+            "replicaCount",
+            id=f"an enabled gateway with {count} replicas",
+        )
+        for count in (0, -1, 1.5, "2")
+    ),
+    *(
+        pytest.param(
+            {"replicaCount": count}, "replicaCount", id=f"a controller of {count} replicas"
+        )
+        for count in (0, -1, 1.5)
+    ),
     pytest.param(
         {"gateway": {"existingSecret": "Gateway_Keys"}}, "existingSecret", id="gateway Secret name"
     ),
@@ -183,3 +199,78 @@ def test_every_secret_setting_is_known_to_the_chart() -> None:
         render({"extraEnv": [{"name": "GOVERNOR_KONG__REDIS_PASSWORD", "valueFrom": ref}]})
     )
     assert env(docs)["GOVERNOR_KONG__REDIS_PASSWORD"]["valueFrom"] == ref
+
+
+def test_a_disabled_gateway_may_say_no_replicas() -> None:
+    values = {"gateway": {"enabled": False, "replicaCount": 0}}
+    with Chart.load(CHART) as chart:
+        chart.validate_schema(values)
+    names = [d["metadata"]["name"] for d in manifests(render(values)) if d["kind"] == "Deployment"]
+    assert names == ["governor"]  # the switch for no gateway is enabled: false
+
+
+@pytest.fixture(scope="module")
+def chart_without_schema(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The chart as `helm template --skip-schema-validation` sees it: no values.schema.json
+    (files/policies, a link, copied as files)."""
+    copy = tmp_path_factory.mktemp("chart") / "governor"
+    shutil.copytree(CHART, copy, symlinks=False)
+    (copy / "values.schema.json").unlink()
+    return copy
+
+
+GATEWAY = {"enabled": True, "upstream": "http://m:8000"}
+NO_PODS = [
+    *(
+        pytest.param(
+            {"gateway": {**GATEWAY, "replicaCount": count}},
+            [
+                f"gateway.replicaCount is {json.dumps(count)}",
+                "gateway.enabled=false to deploy no gateway",
+            ],
+            id=f"gateway {count}",
+        )
+        for count in (0, -2, 1.5, "3")
+    ),
+    pytest.param(
+        {
+            "gateway": {
+                **GATEWAY,
+                "replicaCount": 0,
+                "autoscaling": {"enabled": True},
+                "resources": {"requests": {"cpu": "500m"}},
+            }
+        },
+        ["gateway.replicaCount is 0"],
+        id="gateway 0 under an autoscaler",
+    ),
+    *(
+        pytest.param(
+            {"replicaCount": count},
+            [f"replicaCount is {count}", "the controller has no off switch"],
+            id=f"controller {count}",
+        )
+        for count in (0, -1, 0.5)
+    ),
+]
+
+
+@pytest.mark.parametrize(("values", "named"), NO_PODS)
+def test_a_replica_count_that_runs_no_pod_stops_the_render_without_the_schema_too(
+    chart_without_schema: Path, values: dict[str, Any], named: list[str]
+) -> None:
+    # Kubernetes takes `replicas: 0` and runs nothing: the gateway's Service then answers
+    # every client with a connection refused, and nothing says why.
+    with Chart.load(chart_without_schema) as chart, pytest.raises(HelmRenderError) as refused:
+        chart.render(values, name="governor", namespace="governor", is_install=True)
+    for text in named:
+        assert text in str(refused.value)
+    assert "whole number of at least 1" in str(refused.value)
+
+
+def test_a_disabled_gateways_replicas_are_not_checked_without_the_schema_either(
+    chart_without_schema: Path,
+) -> None:
+    with Chart.load(chart_without_schema) as chart:
+        rendered = chart.render({"gateway": {"replicaCount": 0}}, name="governor")
+    assert "governor-gateway" not in str(manifests(rendered))

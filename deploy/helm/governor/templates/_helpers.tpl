@@ -312,6 +312,22 @@ URL that is passed as a plain value. Each message names the value and where the 
 {{- end }}
 
 {{/*
+Refuse a replica count that is not a whole number of at least 1: Kubernetes takes 0 and runs
+no pod, silently (a negative or fractional count is only refused at apply, by the API
+server). values.schema.json says the same; this holds when the schema is skipped
+(`helm template --skip-schema-validation`, tools that render without it). The argument is a
+list: the value's name, the value, what to do instead.
+*/}}
+{{- define "governor.requireReplicas" -}}
+{{- $name := index . 0 }}
+{{- $value := index . 1 }}
+{{- $number := or (kindIs "int" $value) (kindIs "int64" $value) (kindIs "float64" $value) }}
+{{- if or (not $number) (lt (float64 $value) 1.0) (ne (float64 $value) (float64 (int $value))) }}
+{{- fail (printf "%s is %#v: it must be a whole number of at least 1 (0 runs no pod at all; a negative or fractional count is refused by Kubernetes); %s" $name $value (index . 2)) }}
+{{- end }}
+{{- end }}
+
+{{/*
 The TCP ports of the servers the controller's settings name (redis.url's hosts — Sentinels or
 Cluster nodes too —, prometheus.url, kong.adminUrl), one per line: the NetworkPolicy lets the
 controller reach them whatever egress rules say, so a Redis on 6380 is not cut off. A URL in
