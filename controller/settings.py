@@ -528,6 +528,25 @@ class GatewaySettings(_Group):
     max_body_bytes: int = Field(
         8 * 1024 * 1024, ge=1024, description="larger request bodies are refused (413)"
     )
+    previous_response_ttl_seconds: float = Field(
+        30 * 86400.0,
+        gt=0,
+        description="how long a Responses answer's tokens (input + output) are recorded, for "
+        "a later request naming it as `previous_response_id` (OpenAI keeps responses 30 days)",
+    )
+    unknown_previous_response_tokens: int = Field(
+        128_000,
+        ge=0,
+        description="tokens reserved for a `previous_response_id` the gateway holds no record "
+        "of for the tenant (expired, made elsewhere, another tenant's), when CONTEXT_WINDOWS "
+        "does not name the model: the most the model server may read back",
+    )
+    context_windows: dict[str, Annotated[int, Field(ge=1)]] = Field(
+        default_factory=dict,
+        description="model → its context window in tokens (JSON in the environment; models "
+        "met without regard to case): what a `previous_response_id` without a record reserves "
+        "for that model",
+    )
     upstream_timeout_seconds: float = Field(
         600.0, gt=0, description="read timeout of the upstream model server"
     )

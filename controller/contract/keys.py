@@ -194,6 +194,14 @@ class KeySchema:
         """The Cluster hash tag shared by every key of one tenant."""
         return "{t:" + escape_id(validate_id(tenant, "tenant")) + "}"
 
+    def response(self, tenant: str, response_id: str) -> str:
+        """String, expiring: the tokens a later Responses request naming `response_id` as its
+        `previous_response_id` makes the model server read again, recorded for `tenant`. Under
+        the tenant's tag (one tenant never reads another's record; a Cluster keeps it in the
+        tenant's slot). ValueError for an id that is no safe id: it is never put in a key."""
+        escaped = escape_id(validate_id(response_id, "response id"))
+        return self._key(self.tenant_tag(tenant), "response", escaped)
+
     def ip_tag(self, ip: str) -> str:
         """The hash tag of one client address's enforcement state (contract 2)."""
         return "{ip:" + escape_id(ip) + "}"

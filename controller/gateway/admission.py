@@ -310,6 +310,38 @@ class Admission:
         keys = self.keys.charge_keys(request.tenant, request.user, ip, request.request_id)
         return int(await CHARGE.run(self.client, keys, args))
 
+    async def earlier_tokens(self, tenant: str, response_id: str) -> int | None:
+        """The tokens recorded for `tenant`'s response `response_id` (what a request naming it
+        as `previous_response_id` makes the model server read again); None when there is no
+        record: expired, made elsewhere, another tenant's (only the tenant's own key is read),
+        an id that is no safe id, or a value no gateway writes."""
+        try:
+            key = self.keys.schema.response(tenant, response_id)
+        except ValueError:
+            return None  # never put in a key; the caller reserves its conservative default
+        try:
+            text = await self.client.get(key)
+        except redis.RedisError as exc:
+            raise EnforcementError(f"reading {key} failed: {exc}") from exc
+        # Decimal digits only, as the Lua module reads it ('^%d+$'): not '²', '-1' or '1e9'.
+        return int(text) if text is not None and text.isascii() and text.isdigit() else None
+
+    async def remember_response(
+        self, tenant: str, response_id: str, tokens: int, ttl_seconds: float
+    ) -> bool:
+        """Record what a later request naming `response_id` will read back: its input and
+        output tokens (the input holds its own earlier conversation already), for
+        `ttl_seconds`. False for an id that is no safe id (nothing written)."""
+        try:
+            key = self.keys.schema.response(tenant, response_id)
+        except ValueError:
+            return False
+        try:
+            await self.client.set(key, str(max(tokens, 0)), px=max(1, round(ttl_seconds * 1000)))
+        except redis.RedisError as exc:
+            raise EnforcementError(f"recording {key} failed: {exc}") from exc
+        return True
+
     async def release(self, reservation: str, tenant: str) -> bool:
         """The request failed before using anything: refund its whole hold."""
         return await self._settle(reservation, tenant, 0, 0, None, (None, None))

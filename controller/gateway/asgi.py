@@ -45,6 +45,7 @@ from controller.gateway.pending import PendingCalls, StoreCall
 from controller.gateway.prices import PriceTable
 from controller.gateway.responses import Answers, degrade_headers, rate_limit_headers
 from controller.gateway.tracing import Tracing
+from controller.model import model_key
 from controller.settings import GatewaySettings
 
 # Outcomes where one limit said no: `gateway_refusals_total` counts which level and kind.
@@ -217,12 +218,49 @@ class GovernorMiddleware:
             self.e.metrics.request(principal.tenant, principal.plan, request.model, "bad_request")
             await self.e.answers.bad_request(str(exc))(scope, receive, send)
             return
+        if request.previous_response_id is not None:
+            await self._add_earlier(principal.tenant, request, request.previous_response_id)
         call = await self._admit(principal, plan, request, ip)
         self.e.metrics.admission_seconds.observe(time.perf_counter() - started)
         if isinstance(call, Response):
             await call(scope, receive, send)
             return
         await self._forward(scope, receive, send, call)
+
+    async def _add_earlier(self, tenant: str, request: ModelRequest, response_id: str) -> None:
+        """A Responses request continuing an earlier response: the model server reads that
+        conversation back and bills it as input, so the reservation holds it too. What was
+        recorded when it settled; without a record of this tenant's (expired, made elsewhere,
+        another tenant's id, Redis away) the model's context window or the configured
+        default, never nothing: concurrent requests naming a long conversation would each
+        reserve a few tokens and together spend far past the budget."""
+        tokens = None
+        try:
+            tokens = await self.e.admission.earlier_tokens(tenant, response_id)
+        except STORE_ERRORS as exc:
+            self.e.metrics.store_errors.labels("lookup").inc()
+            self._log.warning("limit store unreachable reading an earlier response's tokens; "
+                              "the default is reserved", error=_said(exc))  # fmt: skip
+        if tokens is None:
+            tokens = unknown_earlier_tokens(self.e.settings, request.model)
+        request.add_earlier(tokens)
+
+    async def _remember(self, call: _Call, tokens: int) -> None:
+        """A Responses answer the model server keeps: record what a later request naming it
+        will read back (its input, which holds its own earlier turns, and its output). A
+        record that cannot be written leaves that request the conservative default."""
+        response_id = call.meter.response_id
+        if response_id is None or not call.request.stored:
+            return
+        ttl = self.e.settings.previous_response_ttl_seconds
+        try:
+            await self.e.admission.remember_response(
+                call.principal.tenant, response_id, tokens, ttl
+            )
+        except STORE_ERRORS as exc:
+            self.e.metrics.store_errors.labels("record").inc()
+            self._log.warning("cannot record a response's tokens; a request continuing it "
+                              "reserves the default", error=_said(exc))  # fmt: skip
 
     async def _admit(
         self, principal: Principal, plan: PlanInfo, request: ModelRequest, ip: str | None
@@ -420,6 +458,9 @@ class GovernorMiddleware:
             served, used = call.unreserved, TokensUsed(usage.prompt_tokens, usage.completion_tokens)
             self.e.pending.hold("charge", lambda: self.e.admission.charge(served, used))
         if reservation is not None:
+            # Recorded before the settle (as nginx does): a settle seen means the record that
+            # the next turn reads is in place.
+            await self._remember(call, usage.total_tokens)
             await self._store(
                 "settle",
                 lambda: self.e.admission.settle(
@@ -446,6 +487,13 @@ class GovernorMiddleware:
                 error=str(exc),
                 held=len(self.e.pending),
             )
+
+
+def unknown_earlier_tokens(settings: GatewaySettings, model: str) -> int:
+    """What a `previous_response_id` without a record reserves: the model's context window
+    when the settings name it (the most the model server can read back), else the default."""
+    windows = {model_key(name): tokens for name, tokens in settings.context_windows.items()}
+    return windows.get(model_key(model), settings.unknown_previous_response_tokens)
 
 
 def passes(method: str, path: str, pass_paths: tuple[str, ...]) -> bool:

@@ -19,6 +19,7 @@ from controller.contract.keys import KeySchema
 from controller.errors import ConfigurationError
 from controller.gateway.admission import Admission
 from controller.gateway.prices import PriceTable
+from controller.model import model_key
 from controller.settings import GatewaySettings, PricesSettings
 
 EXPORTED: tuple[Script, ...] = (ADMIT, SETTLE)
@@ -58,6 +59,12 @@ def gateway_document(
         "problem_base_url": gateway.problem_base_url,
         "key_cache_seconds": gateway.key_cache_seconds,
         "trust_forwarded_for": gateway.trust_forwarded_for,
+        "previous_response_ttl_seconds": gateway.previous_response_ttl_seconds,
+        "unknown_previous_response_tokens": gateway.unknown_previous_response_tokens,
+        # Lower-cased as the module meets models (string.lower), so it looks them up as is.
+        "context_windows": {
+            model_key(name): tokens for name, tokens in sorted(gateway.context_windows.items())
+        },
         "plan_refresh_seconds": 5.0,  # PlanCatalog's default refresh
         "lease_seconds": _admission_default("lease_seconds"),
         "record_grace_seconds": _admission_default("record_grace_seconds"),

@@ -51,7 +51,8 @@ OUTCOMES = (
 )
 # The limit store calls a gateway makes and may see fail (`gateway_limit_store_errors_total`),
 # and those it holds through an outage and may give up (`gateway_store_calls_lost_total`).
-STORE_OPERATIONS = ("authenticate", "admit", "heartbeat", "release", "settle")
+# `lookup` and `record`: the tokens of an earlier Responses answer, read and written.
+STORE_OPERATIONS = ("authenticate", "admit", "heartbeat", "lookup", "record", "release", "settle")
 HELD_OPERATIONS = ("release", "settle", "charge")
 # Who refused (`gateway_refusals_total`): the level of the limit and its kind, never the tenant
 # (that series family stays small; the answer and the log name the tenant's own address).

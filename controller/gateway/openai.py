@@ -4,7 +4,10 @@ Worst-case rule (documented in docs/gateway.md): prompt estimate + max_tokens ×
 (a completions batch is answered prompt by prompt), where the prompt estimate is
 ⌈characters / 4⌉ of every text the model reads plus 4 tokens per chat message, and a
 completion request without max_tokens gets the configured default written in (lowered at
-admission to what the limits and the budget still hold: `least_tokens`).
+admission to what the limits and the budget still hold: `least_tokens`). A Responses request
+naming `previous_response_id` adds the earlier conversation the model server reads back
+(`add_earlier`: what the gateway recorded when that response settled, or a conservative
+default).
 """
 
 from __future__ import annotations
@@ -136,6 +139,7 @@ class ModelRequest:
             raise RequestError("the request names no model (`model` must be a string)")
         _check_counts(body)
         _check_stream(kind, body)
+        _check_previous(kind, body)
         return cls(kind, raw, body, _prompt_tokens(kind, body))
 
     @property
@@ -145,6 +149,24 @@ class ModelRequest:
     @property
     def streaming(self) -> bool:
         return self.kind != "embedding" and self.body.get("stream") is True
+
+    @property
+    def previous_response_id(self) -> str | None:
+        """The earlier response a Responses request continues: the model server reads its
+        input and output back from its own store and bills them as this request's input."""
+        value = self.body.get("previous_response_id") if self.kind == "response" else None
+        return value if isinstance(value, str) else None
+
+    @property
+    def stored(self) -> bool:
+        """Whether the model server keeps this Responses answer for a later request to name
+        (`store`, true by default); one it does not keep needs no record."""
+        return self.kind == "response" and self.body.get("store") is not False
+
+    def add_earlier(self, tokens: int) -> None:
+        """Count the earlier conversation the model server reads back into the prompt, so the
+        reservation (and a settle from an estimate) holds it."""
+        self.prompt_tokens += tokens
 
     @property
     def max_tokens(self) -> int | None:
@@ -240,6 +262,15 @@ def _check_stream(kind: RequestKind, body: Mapping[str, Any]) -> None:
         raise RequestError(f"`stream` must be true or false, not {json.dumps(value)[:40]}")
 
 
+def _check_previous(kind: RequestKind, body: Mapping[str, Any]) -> None:
+    """`previous_response_id` must be a string (or null): a model server that read another
+    JSON value as an id would bill a conversation no reservation counted."""
+    value = body.get("previous_response_id")
+    if kind == "response" and value is not None and not isinstance(value, str):
+        shown = json.dumps(value)[:40]
+        raise RequestError(f"`previous_response_id` must be a string, not {shown}")
+
+
 def _prompts(kind: RequestKind, body: Mapping[str, Any]) -> int:
     """Prompts in a completions request: a list of texts (or of token lists) is a batch, and
     the model server answers each in full (OpenAI's legacy API, vLLM); a list of token ids is
@@ -273,7 +304,7 @@ def _response_tokens(body: Mapping[str, Any]) -> int:
     """A Responses request's prompt: its `input` (a text, or items counted as chat messages)
     and `instructions`, and the tool and output-format schemas the model reads too. (An
     earlier response it names, `previous_response_id`, is read by the model server from its
-    own store: the gateway cannot see it, and settling charges what the server reports.)"""
+    own store: the gateway adds it at admission, `ModelRequest.add_earlier`.)"""
     items = body["input"]
     tokens = _tokens(items) + _tokens(body.get("instructions"))
     if isinstance(items, list):
@@ -377,6 +408,8 @@ class UsageMeter:
     _overflow: bool = False
     _unreadable: bool = False  # a whole answer that is no JSON object (cut off, garbled)
     _events: bool = False  # a `data:` line was seen
+    # A Responses answer's id (`resp_…`): the response object's, or the one an event holds.
+    response_id: str | None = None
 
     def feed(self, chunk: bytes) -> None:
         if self._overflow:
@@ -436,11 +469,20 @@ class UsageMeter:
             usage = _usage(held.get("usage"))
         if usage is not None:
             self._usage = usage
+        found = _response_id(held if isinstance(held, dict) else document)
+        if found is not None:
+            self.response_id = found
         for choice in document.get("choices") or ():
             if isinstance(choice, dict):
                 self._completion_chars += _choice_chars(choice)
         self._completion_chars += _output_chars(document)
         return True
+
+
+def _response_id(document: Mapping[str, Any]) -> str | None:
+    """The id of a response object (`object: response`), else None."""
+    found = document.get("id")
+    return found if document.get("object") == "response" and isinstance(found, str) else None
 
 
 def _output_chars(document: Mapping[str, Any]) -> int:

@@ -215,3 +215,31 @@ def test_the_responses_api_is_served_and_charged_what_it_used(world: World) -> N
     assert final.usage is not None
     total = first + final.usage.total_tokens
     charged(world, state, total)
+
+
+def test_a_continued_conversation_is_reserved_whole(world: World) -> None:
+    """`previous_response_id`: the model server reads the earlier turns back and bills them as
+    input, so the gateway reserves them too (what it recorded when they settled). A turn the
+    day cannot hold any more is refused 402 before the model server, where it used to reserve
+    its own few tokens and spend far past the budget."""
+    client = sdk(world, world.key("chatty"))
+    state = EnforcementKeys.for_prefix("governor").tenant_level("chatty").state
+
+    first = client.responses.create(model="gpt-3.5-turbo", input="x" * 400,
+                                    max_output_tokens=300,
+                                    extra_headers={"x-fake-tokens": "300"})  # fmt: skip
+    assert first.usage is not None
+    second = client.responses.create(model="gpt-3.5-turbo", input="and?", max_output_tokens=16,
+                                     previous_response_id=first.id)  # fmt: skip
+    assert second.usage is not None
+    assert second.usage.input_tokens > first.usage.total_tokens  # billed again
+    spent = first.usage.total_tokens + second.usage.total_tokens
+    charged(world, state, spent)
+
+    with pytest.raises(openai.APIStatusError) as refused:
+        client.responses.create(model="gpt-3.5-turbo", input="and?", max_output_tokens=16,
+                                previous_response_id=second.id)  # fmt: skip
+
+    assert refused.value.status_code == 402
+    assert refused.value.code == "budget_exhausted"
+    charged(world, state, spent)  # nothing more

@@ -22,7 +22,7 @@ from controller.gateway.prices import PriceTable
 from controller.policy.loader import load_directory
 from controller.settings import PricesSettings, RedisSettings
 from controller.sinks.redis import RedisSink
-from tests.gateway.conftest import start_gateway
+from tests.gateway.conftest import budget_remaining, start_gateway
 from tests.gateway.fake_upstream import FakeUpstream, ServerThread
 from tests.support.redis_cluster import RedisClusterServers
 
@@ -191,3 +191,26 @@ def test_a_fail_open_charge_reaches_every_slot(cluster: RedisClusterServers, lim
     with cluster.client() as client:
         assert client.hget(V2.global_level().state, "u|tokens_per_day") == "42"
         assert client.hget(V2.tenant_level("acme").state, "u|tokens_per_day") == "42"
+
+
+def test_a_continued_conversation_is_recorded_and_reserved_on_a_cluster(
+    cluster: RedisClusterServers, limits: Path, upstream: tuple[FakeUpstream, str]
+) -> None:
+    """The record sits in the tenant's slot (`{t:acme}`), read and written by the cluster
+    client like any one-key command."""
+    with cluster.client() as client:
+        key, _ = KeyStore(client, V2.schema, SECRET).create("acme", "free")  # type: ignore[arg-type]
+    gateway = start_gateway(cluster.url, upstream[1])
+    try:
+        sent = {"authorization": f"Bearer {key}", "x-fake-tokens": "300"}
+        body = {"model": "gpt-3.5-turbo", "input": "hi", "max_output_tokens": 300}
+        first = gateway.http.post(f"{gateway.url}/v1/responses", json=body, headers=sent)
+        assert first.status_code == 200, first.text
+        with cluster.client() as client:
+            assert client.get(V2.schema.response("acme", first.json()["id"])) == "307"
+        body = {**body, "max_output_tokens": 16, "previous_response_id": first.json()["id"]}
+        second = gateway.http.post(f"{gateway.url}/v1/responses", json=body, headers=sent)
+        assert second.status_code == 200, second.text
+        assert budget_remaining(second) == 1000 - 307 - (307 + 1 + 16)
+    finally:
+        gateway.stop()

@@ -85,6 +85,7 @@ def test_each_write_keeps_to_its_owners_slot() -> None:
         mine = [V2.owner(a) for a in addresses() if a.tenant == tenant]
         mine += [keys.credits(tenant), keys.credit_history(tenant), keys.tenant_level(tenant).state]
         mine += [keys.user_level(tenant, "alice").leases]
+        mine += [V2.response(tenant, "resp_0a1b"), V2.response(tenant, "r:1")]  # its answers
         assert one_slot(mine)
     ledgers = V2.ledgers()
     assert len(set(ledgers)) == SLOTS
@@ -111,6 +112,10 @@ def test_contract_1_names_are_unchanged() -> None:
         "governor:override:global/requests_per_minute"
     )
     assert keys.global_level().state == "governor:enforce:global"
+    assert v1.response("a:b", "resp:1") == V2.response("a:b", "resp:1")
+    assert v1.response("a:b", "resp:1") == "governor:{t:a%3Ab}:response:resp%3A1"
+    with pytest.raises(ValueError, match="response id"):
+        v1.response("acme", "resp}{g")  # never a key: it would open another hash tag
     assert keys.ip_level("10.0.0.7").leases == "governor:enforce:ip:10.0.0.7:leases"
     assert v1.ledger_of("governor:{t:acme}:limits") == "governor:written"
     assert v1.ledgers() == ("governor:written",)

@@ -9,10 +9,14 @@ chunk until the test releases it, `x-fake-delay: S` waits S seconds before answe
 model generating), `x-fake-pad: N` adds N bytes of logprobs to a non-streamed answer,
 `x-fake-cut: N` sends only the first N bytes of a non-streamed answer (a body cut off
 mid-way), and `x-fake-ignore-stream: 1` answers a stream request with one JSON document.
+Responses are kept (unless `store: false`) as a model server keeps them: a request naming one
+as `previous_response_id` is billed its input and output again as input, and one naming a
+response it does not hold is refused 400, as OpenAI and vLLM refuse it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 import time
@@ -50,6 +54,8 @@ class FakeUpstream:
     jwks: dict[str, Any] = field(default_factory=lambda: {"keys": []})
     release: threading.Event = field(default_factory=threading.Event)
     completion_tokens: int = 5  # what a completion "generates" (capped by max_tokens)
+    # Responses kept for a later `previous_response_id`: id → its input + output tokens.
+    stored: dict[str, int] = field(default_factory=dict)
 
     def app(self) -> Starlette:
         return Starlette(
@@ -158,13 +164,23 @@ class FakeUpstream:
         if failed is not None:
             return failed
         prompt = 7 + len(json.dumps(body.get("input"))) // 10
+        previous = body.get("previous_response_id")
+        if previous is not None:  # the earlier conversation, read back and billed as input
+            if previous not in self.stored:
+                message = f"Previous response with id '{previous}' not found."
+                return JSONResponse({"error": {"message": message, "param": "previous_response_id",
+                                               "type": "invalid_request_error"}}, 400)  # fmt: skip
+            prompt += self.stored[previous]
         limit = body.get("max_output_tokens") or 10_000
         completion = min(int(request.headers.get("x-fake-tokens", self.completion_tokens)), limit)
         text = "".join(WORDS[i % len(WORDS)] for i in range(completion))
         usage = {"input_tokens": prompt, "output_tokens": completion,
                  "total_tokens": prompt + completion}  # fmt: skip
+        identity = response_id(body, completion)
+        if body.get("store") is not False:
+            self.stored[identity] = prompt + completion
         answer: dict[str, Any] = {
-            "id": "resp-fake", "object": "response", "model": body["model"],
+            "id": identity, "object": "response", "model": body["model"],
             "status": "completed",
             "output": [{"type": "message", "id": "msg-fake", "role": "assistant",
                         "status": "completed",
@@ -217,6 +233,13 @@ class FakeUpstream:
 
     async def _jwks(self, _request: Request) -> Response:
         return JSONResponse(self.jwks)
+
+
+def response_id(body: Any, completion: int) -> str:
+    """The id the fake gives the answer to a Responses `body` that generated `completion`
+    tokens: the same for the same request, so two gateways sent it get the same answer."""
+    seed = json.dumps([body, completion], sort_keys=True).encode()
+    return "resp_" + hashlib.sha256(seed).hexdigest()[:32]
 
 
 def _failure(request: Request) -> Response | None:
