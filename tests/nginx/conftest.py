@@ -45,7 +45,8 @@ location = /_probe/keys {
         local ip = keys.ip_id(args.ip) or ''
         ngx.say(cjson.encode({ip = ip,
             admit = names:admit_keys(args.tenant, args.user or '', ip),
-            settle = names:settle_keys(args.tenant, args.user or '', ip)}))
+            settle = names:settle_keys(args.tenant, args.user or '', ip),
+            response = names:response(args.tenant, args.response or '') or cjson.null}))
     }
 }
 location = /_probe/request {
@@ -63,7 +64,9 @@ location = /_probe/request {
             request:ask_for_stream_usage()
         end
         ngx.say(cjson.encode({tokens = request:worst_case_tokens(),
-            prompt = request.prompt_tokens, body = request.raw}))
+            prompt = request.prompt_tokens, body = request.raw,
+            previous = request:previous_response_id() or cjson.null,
+            stored = request:stored()}))
     }
 }
 location = /_probe/limits {
@@ -75,6 +78,21 @@ location = /_probe/limits {
         local found = limits.resolve(asked.version, asked.levels, asked.plan_owner, asked.model)
         ngx.say(cjson.encode({letters = found.letters, limits = found.limits,
             shed = found.shed or cjson.null}))
+    }
+}
+location = /_probe/meter {
+    content_by_lua_block {
+        local cjson = require 'cjson.safe'
+        local openai = require 'governor.openai'
+        ngx.req.read_body()
+        local answer, size = ngx.req.get_body_data() or '', tonumber(ngx.var.arg_size)
+        local meter = openai.meter(ngx.var.arg_streaming == '1', 99, nil)
+        for i = 1, #answer, size do
+            meter:feed(answer:sub(i, i + size - 1))
+        end
+        local usage = meter:finish()
+        ngx.say(cjson.encode({prompt = usage.prompt, completion = usage.completion,
+            response_id = meter.response_id or cjson.null}))
     }
 }
 location = /_probe/strip {

@@ -16,7 +16,8 @@ from controller.cli import app
 from controller.clients.scripts import ADMIT, SETTLE
 from controller.gateway.export import EXPORTED, SETTINGS_FILE, export_lua, gateway_document
 from controller.settings import GatewaySettings, PricesSettings
-from tests.nginx.nginx_server import REPO
+from tests.nginx.nginx_server import REPO, NginxServer
+from tests.support.redis import free_port
 
 CHECKED_IN = REPO / "deploy" / "nginx" / "scripts"
 KONG = REPO / "deploy" / "kong" / "governor-admission"
@@ -145,3 +146,35 @@ def test_the_export_table_keeps_whole_paths_and_sha1s_at_80_columns(tmp_path: Pa
         str(directory / name) for name in ("admit.lua", "settle.lua", SETTINGS_FILE)
     )
     assert {ADMIT.sha, SETTLE.sha} < shas
+
+
+def test_the_context_windows_are_exported_as_the_module_meets_models(tmp_path: Path) -> None:
+    """nginx looks a model up lower-cased (string.lower): the export lowers the names."""
+    settings = GatewaySettings(context_windows={"GPT-4o": 128_000, "meta-llama/Llama-3": 8192},
+                               unknown_previous_response_tokens=64_000)  # fmt: skip
+
+    document = gateway_document(settings, PricesSettings(), "governor")
+
+    assert document["context_windows"] == {"gpt-4o": 128_000, "meta-llama/llama-3": 8192}
+    assert document["unknown_previous_response_tokens"] == 64_000
+    assert document["previous_response_ttl_seconds"] == 30 * 86400
+
+
+def test_an_export_older_than_the_module_stops_nginx_at_start(tmp_path: Path) -> None:
+    """Without the settings of a continued conversation the module would have to guess what
+    an unknown `previous_response_id` reserves: it refuses to start, saying to export again."""
+    scripts = tmp_path / "scripts"
+    export_lua(scripts, GatewaySettings(), PricesSettings(), "governor")
+    document = json.loads((scripts / SETTINGS_FILE).read_text())
+    del document["unknown_previous_response_tokens"]
+    (scripts / SETTINGS_FILE).write_text(json.dumps(document))
+    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "GOVERNOR_REDIS__URL": "redis://127.0.0.1:1/0"}
+    server = NginxServer(tmp_path / "nginx", scripts, free_port(), env)
+
+    with pytest.raises(RuntimeError, match="nginx did not start") as refused:
+        server.start()
+
+    assert "has no previous_response_ttl_seconds, unknown_previous_response_tokens or " in str(
+        refused.value
+    )
+    assert "export again" in str(refused.value)

@@ -10,7 +10,13 @@ import pytest
 
 from controller.contract.enforcement import EnforcementKeys, ip_id
 from controller.gateway.limits import resolve
-from controller.gateway.openai import ModelRequest, RequestError, RequestKind, UsageChunkFilter
+from controller.gateway.openai import (
+    ModelRequest,
+    RequestError,
+    RequestKind,
+    UsageChunkFilter,
+    UsageMeter,
+)
 from tests.nginx.conftest import Side
 
 pytestmark = pytest.mark.integration
@@ -40,6 +46,25 @@ def test_key_names_are_pythons(
     assert lua["ip"] == python_ip
     assert lua["admit"] == list(keys.admit_keys(tenant, user, python_ip))
     assert lua["settle"] == list(keys.settle_keys(tenant, user, python_ip))
+
+
+@pytest.mark.parametrize(
+    "response_id", ["resp_0123abcd", "a:b", "resp/../x", "", "x" * 128, "x" * 129, "résp"]
+)
+def test_a_responses_record_key_is_pythons(nginx: Side, response_id: str) -> None:
+    """The tokens of an earlier response, under the tenant's tag; an id that is no safe id
+    makes no key in either gateway (a request naming it reserves the default)."""
+    params = {"prefix": "gov-1", "tenant": "a:b", "plan": "p", "response": response_id}
+
+    lua = nginx.http.get(f"{nginx.url}/_probe/keys", params=params).json()
+
+    try:
+        python: str | None = EnforcementKeys.for_prefix("gov-1").schema.response("a:b", response_id)
+    except ValueError:
+        python = None
+    assert lua["response"] == python
+    if python is not None:
+        assert python.startswith("gov-1:{t:a%3Ab}:response:")
 
 
 @pytest.mark.parametrize("ip", ["999.1.1.1", "01.2.3.4", "fe80::1%eth0", "1::2::3", "x"])
@@ -95,6 +120,13 @@ BODIES: list[tuple[RequestKind, Any]] = [
         {"role": "assistant", "content": "earlier"}], "tools": [TOOL],
         "text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": "object"}}}}),
     ("response", {"model": "m", "input": "s", "stream": True, "max_tokens": 50}),
+    # An earlier response named (its tokens are added at admission, from Redis), or none.
+    ("response", {"model": "m", "input": "go on", "previous_response_id": "resp_1",
+                  "store": False}),
+    ("response", {"model": "m", "input": "go on", "previous_response_id": None}),
+    ("response", {"model": "m", "input": "go on", "previous_response_id": ""}),
+    ("chat", {"model": "m", "messages": [{"role": "user", "content": "s"}],
+              "previous_response_id": "resp_1"}),
 ]  # fmt: skip
 REFUSED: list[tuple[RequestKind, Any]] = [
     ("chat", {"model": "m", "messages": []}),
@@ -104,6 +136,9 @@ REFUSED: list[tuple[RequestKind, Any]] = [
     ("chat", [1, 2]),
     ("response", {"model": "m", "instructions": "no input"}),
     ("response", {"model": "m", "input": "x", "max_output_tokens": 0}),
+    ("response", {"model": "m", "input": "x", "previous_response_id": 5}),
+    ("response", {"model": "m", "input": "x", "previous_response_id": ["resp_a"]}),
+    ("response", {"model": "m", "input": "x", "previous_response_id": True}),
 ]
 
 
@@ -124,6 +159,7 @@ def test_estimates_and_rewrites_are_pythons(nginx: Side, kind: RequestKind, body
         request.ask_for_stream_usage()
     assert lua["tokens"] == request.worst_case_tokens
     assert lua["prompt"] == request.prompt_tokens
+    assert (lua["previous"], lua["stored"]) == (request.previous_response_id, request.stored)
     # The rewritten body says what Python's says; what was not rewritten keeps its bytes.
     assert json.loads(lua["body"]) == json.loads(request.encoded())
     if not request.changed:
@@ -283,3 +319,39 @@ def test_the_limits_resolve_as_pythons(
     python = resolve("7", hashes, "plan/free/", model)
     assert lua == {"letters": python.letters, "limits": list(python.limits[1:]),
                    "shed": python.shed}  # fmt: skip
+
+
+RESPONSE_ANSWERS = {
+    "whole": (False, b'{"id":"resp_1","object":"response","output":[{"content":[{"text":"hi '
+                     b'there"}]}],"usage":{"input_tokens":7,"output_tokens":3}}'),
+    "stream": (True, b'event: response.created\ndata: {"type":"response.created","response":'
+                     b'{"id":"resp_2","object":"response","usage":null}}\n\n'
+                     b'event: response.output_text.delta\ndata: {"type":"response.output_text'
+                     b'.delta","delta":"hello"}\n\nevent: response.completed\ndata: {"type":'
+                     b'"response.completed","response":{"id":"resp_2","object":"response",'
+                     b'"usage":{"input_tokens":40,"output_tokens":2,"total_tokens":45}}}\n\n'),
+    "no usage": (True, b'data: {"type":"response.created","response":{"id":"resp_3","object":'
+                       b'"response"}}\n\ndata: {"type":"response.output_text.delta","delta":'
+                       b'"12345"}\n\n'),
+    "a chat answer": (False, b'{"id":"cmpl-1","object":"chat.completion","choices":[],'
+                             b'"usage":{"prompt_tokens":1,"completion_tokens":1}}'),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(RESPONSE_ANSWERS))
+@pytest.mark.parametrize("size", [3, 4096])
+def test_the_meter_finds_a_responses_id_as_python_does(nginx: Side, case: str, size: int) -> None:
+    """The id a later `previous_response_id` names, recorded with the answer's tokens."""
+    streaming, answer = RESPONSE_ANSWERS[case]
+    params = {"size": size, "streaming": "1" if streaming else "0"}
+
+    lua = nginx.http.post(f"{nginx.url}/_probe/meter", params=params, content=answer).json()
+
+    meter = UsageMeter(streaming, 99)
+    for i in range(0, len(answer), size):
+        meter.feed(answer[i : i + size])
+    usage = meter.finish()
+    assert lua == {"prompt": usage.prompt_tokens, "completion": usage.completion_tokens,
+                   "response_id": meter.response_id}  # fmt: skip
+    assert meter.response_id == {"whole": "resp_1", "stream": "resp_2", "no usage": "resp_3",
+                                 "a chat answer": None}[case]  # fmt: skip

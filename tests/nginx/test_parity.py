@@ -16,7 +16,7 @@ import pytest
 
 from controller.contract.enforcement import EnforcementKeys
 from controller.gateway.credits import CreditLedger
-from tests.gateway.fake_upstream import FakeUpstream, ServerThread
+from tests.gateway.fake_upstream import FakeUpstream, ServerThread, response_id
 from tests.nginx.conftest import PREFIX, UNKNOWN_KEY, Side, chat_body, set_limit, wait_settled
 
 pytestmark = pytest.mark.integration
@@ -32,6 +32,7 @@ CALLERS = {
     "metered": ("stark", "metered"),  # a spent budget is OpenAI's 429 insufficient_quota
     "trial": ("wayne", "free"),  # sends no max_tokens
     "models": ("cyberdyne", "metered"),  # any model; one request a minute for two of them
+    "converse": ("soylent", "free"),  # continues its Responses answers
 }
 HF_MODEL = "meta-llama/Llama-3.1-8B-Instruct"  # as vLLM serves it by default
 NO_MAX_TOKENS = {"model": "gpt-3.5-turbo", "messages": [{"role": "user", "content": "hi"}]}
@@ -112,6 +113,7 @@ def sequence() -> list[Step]:
              {"x-fake-tokens": "5"}, path="/v1/responses"),
         Step("the Responses API, no cap: the default written in", "rich",
              {"model": "gpt-4o", "input": "hi"}, path="/v1/responses"),
+        *conversation(),
         Step("a model's limit, its name in another case", "models", chat_body(model="GPT-4o")),
         Step("the same model's limit, spent", "models", chat_body(model="gpt-4o")),
         Step("a model named org/name", "models", chat_body(model=HF_MODEL)),
@@ -119,6 +121,50 @@ def sequence() -> list[Step]:
         Step("another model: the plain limit", "models", chat_body(model="gpt-4")),
     ]  # fmt: skip
     return steps
+
+
+def conversation() -> list[Step]:
+    """Responses answers continued by `previous_response_id`: each reserves the conversation
+    it continues (recorded when the last one settled, a stream's from its events), until one
+    does not fit what is left of the day; one the gateways never saw reserves the default."""
+    kept = {"model": "gpt-3.5-turbo", "input": "hi", "max_output_tokens": 300}
+    more = {
+        "model": "gpt-3.5-turbo",
+        "input": "and?",
+        "max_output_tokens": 20,
+        "previous_response_id": response_id(kept, 300),
+    }
+    streamed = {
+        "model": "gpt-3.5-turbo",
+        "input": "more",
+        "max_output_tokens": 20,
+        "stream": True,
+        "previous_response_id": response_id(more, 4),
+    }
+    past = {
+        "model": "gpt-3.5-turbo",
+        "input": "and?",
+        "max_output_tokens": 5,
+        "previous_response_id": response_id(streamed, 5),
+    }
+    unseen = {
+        "model": "gpt-3.5-turbo",
+        "input": "hi",
+        "max_output_tokens": 5,
+        "previous_response_id": "resp_made_elsewhere",
+    }
+    path = "/v1/responses"
+    return [
+        Step("an answer the model server keeps", "converse", kept, {"x-fake-tokens": "300"},
+             path=path),
+        Step("continuing it: the conversation reserved", "converse", more,
+             {"x-fake-tokens": "4"}, path=path),
+        Step("continuing that, streamed", "converse", streamed, {"x-fake-tokens": "5"},
+             path=path),
+        Step("continuing the stream: more than the day has left", "converse", past, path=path),
+        Step("an answer neither gateway saw: the default, above the day", "trial", unseen,
+             path=path),
+    ]  # fmt: skip
 
 
 def prepare(side: Side) -> dict[str, str]:
@@ -229,6 +275,8 @@ def books(side: Side) -> dict[str, Any]:
             {k: v for k, v in entry.items() if k not in ("request", "actor")}
             for _id, entry in history
         ]
+        records = keys.schema.response(tenant, "x")[:-1] + "*"  # its Responses answers' tokens
+        found[f"{tenant}:responses"] = {key: side.db.get(key) for key in side.db.scan_iter(records)}
     return found
 
 
@@ -262,9 +310,10 @@ def test_nginx_answers_as_the_python_gateway_does(
     assert statuses.count(401) == 4
     assert [s for s in statuses if s in (402, 403, 429, 503)] == [403, 403, 403, 403, 429, 429,
                                                                   402, 402, 429, 503,
-                                                                  402, 429, 429]  # fmt: skip
+                                                                  402, 402, 429, 429]  # fmt: skip
     assert statuses[-5:] == [200, 429, 200, 429, 200]  # a model's limit, whatever its case
-    assert statuses.count(400) == 4
+    assert statuses[-10:-5] == [200, 200, 200, 402, 400]  # continued until the day is spent
+    assert statuses.count(400) == 5
     assert statuses.count(200) >= 21
     assert books(nginx) == books(python_gateway)
     # The Responses API is metered: served, its usage read (a stream's from response.completed)
@@ -275,3 +324,5 @@ def test_nginx_answers_as_the_python_gateway_does(
     assert "response.completed" in responses[1].answer.text
     assert responses[2].upstream_saw["max_output_tokens"] > 0
     assert books(nginx)["umbrella:credits"]["balance"] != "1000000"  # the call was charged
+    # Each answer kept is recorded with its tokens, the conversation before it included.
+    assert sorted(books(nginx)["soylent:responses"].values()) == ["307", "318", "330"]

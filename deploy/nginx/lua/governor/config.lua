@@ -51,6 +51,15 @@ function _M.load(options)
     error('governor: ' .. directory .. '/governor.json is not an export of format 1 ('
       .. tostring(err or settings and settings.format) .. '); export again', 0)
   end
+  -- An export from before these settings has none: what a request continuing an earlier
+  -- Responses answer reserves must be known, never guessed here.
+  if type(settings.unknown_previous_response_tokens) ~= 'number'
+      or type(settings.previous_response_ttl_seconds) ~= 'number'
+      or type(settings.context_windows) ~= 'table' then
+    error('governor: ' .. directory .. '/governor.json has no previous_response_ttl_seconds, '
+      .. 'unknown_previous_response_tokens or context_windows (an export older than this '
+      .. 'module); export again', 0)
+  end
   for name, value in pairs(options) do
     if name ~= 'export_dir' and name ~= 'redis' then
       settings[name] = value

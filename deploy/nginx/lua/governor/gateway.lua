@@ -143,6 +143,15 @@ function Gateway:model_call(client, req, principal, kind, plan)
   if ip == false then
     return {answer = say:bad_request(refusal)}
   end
+  local earlier = request:previous_response_id()
+  if earlier ~= nil and client ~= nil then
+    local tokens, failed = self:earlier_tokens(client, principal.tenant, earlier, request:model())
+    if tokens == nil then
+      warn('limit store unreachable, plan ', principal.plan, ' fails closed: ', failed)
+      return {answer = say:enforcement_unavailable(principal.plan), broken = true}
+    end
+    request:add_earlier(tokens)
+  end
   local result, err = nil, 'no connection'
   if client ~= nil then
     result, err = self.admission:admit(client, {tenant = principal.tenant,
@@ -184,6 +193,55 @@ function Gateway:model_call(client, req, principal, kind, plan)
     changed = request.changed, meter = openai.meter(streaming, request.prompt_tokens,
       request:worst_case_tokens()),
     strip = strip}}
+end
+
+-- asgi.unknown_earlier_tokens: what a previous_response_id without a record reserves: the
+-- model's context window when the settings name it (lower-cased by the export), else the
+-- configured default.
+local function unknown_earlier(settings, model)
+  return settings.context_windows[string.lower(model)]
+    or settings.unknown_previous_response_tokens
+end
+
+-- asgi._add_earlier: the tokens recorded for the tenant's response when it settled (the
+-- conversation the model server reads back and bills as input); without a record of this
+-- tenant's (expired, made elsewhere, another tenant's id, an id that is no safe id) the
+-- model's context window or the configured default, never nothing: concurrent requests naming
+-- a long conversation would each reserve a few tokens and together spend far past the budget.
+-- nil and why when Redis fails (every plan then fails closed here).
+function Gateway:earlier_tokens(client, tenant, response_id, model)
+  local key = self.admission.keys:response(tenant, response_id)
+  if key ~= nil then
+    local text, err = client:get(key)
+    if text == nil then
+      return nil, 'GET ' .. key .. ': ' .. tostring(err)
+    end
+    if type(text) == 'string' and text:match('^%d+$') then
+      return tonumber(text)
+    end
+  end
+  return unknown_earlier(self.settings, model)
+end
+
+-- asgi._remember: a Responses answer the model server keeps: record what a later request
+-- naming it will read back (its input, which holds its own earlier turns, and its output).
+-- A record that cannot be written leaves that request the conservative default.
+function Gateway:remember(client, call, usage)
+  local response_id = call.meter.response_id
+  if response_id == nil or not call.request:stored() then
+    return
+  end
+  local key = self.admission.keys:response(call.principal.tenant, response_id)
+  if key == nil then
+    return  -- never put in a key: a request naming it reserves the default
+  end
+  local ttl_ms = math.max(1, math.floor(self.settings.previous_response_ttl_seconds * 1000 + 0.5))
+  local ok, err = client:set(key, string.format('%d', math.max(0, usage.prompt
+    + usage.completion)), 'PX', string.format('%d', ttl_ms))
+  if not ok then
+    warn('cannot record a response\'s tokens; a request continuing it reserves the default: ',
+      err)
+  end
 end
 
 -- asgi.Enforcement.pass_paths: authenticated, forwarded as they are and counted nowhere.
@@ -363,13 +421,15 @@ function Gateway:finish(call, status)
   end
   call.settled = true
   local reservation, tenant, what, op = call.reservation, call.principal.tenant, nil, nil
+  local usage = nil  -- a settle's: recorded for a later request continuing this response
   if status == nil or status >= 400 then
     what = 'release'
     op = function(client)
       return self.admission:release(client, reservation, tenant)
     end
   else
-    local usage, model = call.meter:finish(), call.request:model()
+    local model
+    usage, model = call.meter:finish(), call.request:model()
     if usage.estimated then
       ngx.log(ngx.INFO, 'governor: upstream sent no usage; settled from an estimate')
     end
@@ -383,6 +443,12 @@ function Gateway:finish(call, status)
     warn(what, ': cannot reach Redis (held, repeated when it answers): ', err)
     self:hold(what, op)
     return
+  end
+  if usage ~= nil then
+    -- Recorded before the settle, so a settle seen (the stream's, from this timer) means the
+    -- record is in place for the next turn. A failure is said and leaves that turn the
+    -- default; a connection it broke fails the settle below, which is held.
+    self:remember(client, call, usage)
   end
   local ok
   ok, err = op(client)

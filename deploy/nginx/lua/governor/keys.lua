@@ -143,6 +143,16 @@ function Keys:levels(tenant, user, ip)
   return keys
 end
 
+-- KeySchema.response: the tokens a request naming `response_id` as its previous_response_id
+-- makes the model server read again, recorded for `tenant` under its tag. nil for an id that
+-- is no safe id: it is never put in a key.
+function Keys:response(tenant, response_id)
+  if not _M.valid_id(response_id) then
+    return nil
+  end
+  return self:tag(tenant) .. ':response:' .. escape(response_id)
+end
+
 function Keys:version()
   return self.prefix .. ':version'
 end

@@ -101,6 +101,18 @@ local function prompt_tokens(kind, body)
   return tokens(body[name])
 end
 
+-- openai._check_previous: `previous_response_id` must be a string (or null); a model server
+-- reading another JSON value as an id would bill a conversation no reservation counted.
+local function bad_previous(kind, body)
+  local value = body.previous_response_id
+  if kind == 'response' and value ~= nil and value ~= cjson.null and type(value) ~= 'string'
+  then
+    local shown = cjson.encode(value) or tostring(value)
+    return '`previous_response_id` must be a string, not ' .. shown:sub(1, 40)
+  end
+  return nil
+end
+
 local COUNTS = {'max_tokens', 'max_completion_tokens', 'max_output_tokens', 'n', 'best_of'}
 
 -- A count the client sent must be a positive integer (the Python gateway's check; OpenAI's
@@ -196,7 +208,7 @@ function _M.parse(kind, raw, default_max_tokens)
   if type(body.model) ~= 'string' or body.model == '' then
     return nil, 'the request names no model (`model` must be a string)'
   end
-  local wrong = bad_count(body) or bad_stream(kind, body)
+  local wrong = bad_count(body) or bad_stream(kind, body) or bad_previous(kind, body)
   if wrong then
     return nil, wrong
   end
@@ -215,6 +227,25 @@ end
 
 function Request:model()
   return self.body.model
+end
+
+-- The earlier response a Responses request continues (the model server reads it back from
+-- its own store and bills it as this request's input), or nil.
+function Request:previous_response_id()
+  local value = self.kind == 'response' and self.body.previous_response_id or nil
+  return type(value) == 'string' and value or nil
+end
+
+-- Whether the model server keeps this Responses answer for a later request to name (`store`,
+-- true by default).
+function Request:stored()
+  return self.kind == 'response' and self.body.store ~= false
+end
+
+-- Count the earlier conversation into the prompt: the reservation (and an estimated settle)
+-- holds it (ModelRequest.add_earlier).
+function Request:add_earlier(tokens)
+  self.prompt_tokens = self.prompt_tokens + tokens
 end
 
 function Request:streaming()
@@ -479,6 +510,11 @@ function Meter:read_document(data)
   end
   if usage then
     self.usage = usage
+  end
+  -- openai._response_id: a response object's id, whole or held by an event.
+  local held = type(document.response) == 'table' and document.response or document
+  if held.object == 'response' and type(held.id) == 'string' then
+    self.response_id = held.id
   end
   self.completion_chars = self.completion_chars + output_chars(document)
   if type(document.choices) == 'table' then
