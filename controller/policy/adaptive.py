@@ -163,15 +163,25 @@ def _law(
         # Unless the signal itself is above the setpoint beyond its own dead band: a queue
         # is there, not noise, and a lower estimate is applied however small the step (held,
         # a pool that fills from idle stayed over its capacity at a limit estimated at light
-        # load until the estimate's average came down). Below the setpoint a limit binds
-        # nothing, so a loosening within the band still holds.
+        # load until the estimate's average came down). So is a latency above its objective
+        # (held, spiky traffic kept the band wider than any step the fill asked for). Below
+        # the setpoint and within the objective a limit binds nothing, so a loosening within
+        # the band still holds.
         within = f"{how} = {fmt_number(aimed)}, within ±{fmt_number(band)}"
-        if aimed < start and level > spec.setpoint + tolerance:
-            over = f"{spec.signal_name} above {fmt_number(spec.setpoint + tolerance)}"
+        over = _overloaded(spec, level, tolerance, moved)
+        if aimed < start and over:
             return _Step(aimed, f"{within} but {over}: applied", False, found, *memory)
         return _Step(start, f"{within}: hold", False, found, *memory)
     value, how = _next_value(spec, min(start, aimed), level, tolerance)
     return _Step(value, f"saturated ({found.how}): {how}", True, found, *memory)
+
+
+def _overloaded(spec: AdaptiveLimitSpec, level: float, tolerance: float, moved: Wait) -> str:
+    """Why the pool is overloaded now ("": it is not): the signal above the setpoint beyond
+    its dead band (a queue), or the latency above its objective (requests wait)."""
+    if level > spec.setpoint + tolerance:
+        return f"{spec.signal_name} above {fmt_number(spec.setpoint + tolerance)}"
+    return moved.slow
 
 
 def _queue(

@@ -42,6 +42,7 @@ class Wait:
     seconds: float
     how: str
     fill: Fill = Fill()
+    slow: str = ""  # the latency above its objective beyond the band (requests wait), as said
 
 
 def next_wait(spec: QueueSpec, wait: float | None, fill: Fill | None, queued: bool,
@@ -64,7 +65,9 @@ def next_wait(spec: QueueSpec, wait: float | None, fill: Fill | None, queued: bo
     if not found.valid or found.value <= 0:
         shown = found.validity.value if not found.valid else fmt_number(found.value)
         return Wait(current, f"; {_kept(current, held)} ({name} is {shown})", held)
-    seconds, share = _moved(latency, latency.objective / found.value, current, held.share, queued)
+    ratio = latency.objective / found.value
+    seconds, share = _moved(latency, ratio, current, held.share, queued)
+    slow = f"{name} above {fmt_number(latency.objective / (1 - BAND))}s" if ratio < 1 - BAND else ""
     shown = f"{name}={fmt_number(found.value)}s vs {fmt_number(latency.objective)}s"
     moves = []
     if seconds != current:
@@ -79,8 +82,8 @@ def next_wait(spec: QueueSpec, wait: float | None, fill: Fill | None, queued: bo
             )
             held = Fill(share, found.timestamp)
     if not moves:
-        return Wait(current, f"; {_kept(current, held)} ({shown})", held)
-    return Wait(seconds, f"; {', '.join(moves)} ({shown})", held)
+        return Wait(current, f"; {_kept(current, held)} ({shown})", held, slow)
+    return Wait(seconds, f"; {', '.join(moves)} ({shown})", held, slow)
 
 
 def _kept(wait: float, fill: Fill) -> str:

@@ -482,3 +482,32 @@ def test_the_queues_wait_range_is_checked() -> None:
     reversed_range = {**latency, "min_wait": "1s", "max_wait": "500ms"}
     with pytest.raises(ValueError, match=r"min_wait \(1.0s\) must not be above max_wait"):
         adaptive(capacity={**OCCUPANCY, "queue": {**queue, "latency": reversed_range}})
+
+
+@pytest.mark.parametrize(("ttft", "applied"), [(8.0, True), (0.5, False)])
+def test_a_latency_far_above_its_objective_cuts_through_a_noisy_estimate(
+    ttft: float, applied: bool
+) -> None:
+    """Spiky traffic: the capacity samples swing (100 and 400, one spike in every other
+    scrape), so the estimate's noise band is wider than any fill step. A TTFT four times its
+    objective at the shortest wait fills the pool less, and that cut is applied although it
+    lies within the band (held, a spike every other minute met a pool filled as for light
+    load: the journal said "within ±…: hold" for twenty samples at a p99 of 7 s). The same
+    swings with the TTFT within its objective hold."""
+    shortest = {**FOLLOWING, "wait": "100ms"}
+    noisy = {"smoothing": 0.3, "noise_band": 2}
+    capacity = {**FOLLOWED, "queue": shortest}
+    control = loop(15.0, bounds=RAILS, capacity=capacity, setpoint=1.0, filter=noisy)
+    calm = {ARRIVALS: 0.0, TTFT: 0.5}
+    for n in range(8):  # capacity samples 100 and 400 in turn: the noise band grows
+        occupancy, in_flight = (0.2, 20.0) if n % 2 else (0.8, 320.0)
+        last = control.tick(15.0 * n, occupancy, **{ADMITTED: in_flight, **calm})
+    spike = control.tick(120.0, 0.8, **{ADMITTED: 320.0, ARRIVALS: 0.0, TTFT: ttft})
+    assert "within ±" in spike.reason  # the step lies inside the estimate's noise band
+    if applied:
+        assert spike.value < 0.8 * last.value
+        assert "pool filled to 1 → 0.75 of capacity" in spike.reason
+        assert "but ttft_p99 above 2.22222s: applied" in spike.reason
+    else:
+        assert spike.value == last.value
+        assert ": hold" in spike.reason
