@@ -158,6 +158,11 @@ def _law(
         widen = spec.filter.noise_band if spec.filter is not None else 0.0
         noise = widen * found.noise(seek.smoothing) * spec.setpoint
         band = max(start * tolerance / spec.setpoint, noise)
+        # No estimate loosens the limit while requests wait too long (a light-load sample
+        # reads high: loosened, the limit turned up between the latency's cuts).
+        if aimed > start + band and moved.slow:
+            held = f"{how} = {fmt_number(aimed)}, but {moved.slow}: no loosening"
+            return _Step(start, held, False, found, *memory)
         if abs(aimed - start) > band:
             return _Step(aimed, how, False, found, *memory)
         # Unless the signal itself is above the setpoint beyond its own dead band: a queue

@@ -511,3 +511,20 @@ def test_a_latency_far_above_its_objective_cuts_through_a_noisy_estimate(
     else:
         assert spike.value == last.value
         assert ": hold" in spike.reason
+
+
+@pytest.mark.parametrize(("ttft", "loosened"), [(3.0, False), (1.5, True)])
+def test_no_loosening_while_the_latency_is_above_its_objective(ttft: float, loosened: bool) -> None:
+    """Requests already wait too long: a higher capacity estimate (a light-load sample reads
+    high) does not raise the limit until the latency is back within its objective (raised,
+    the limit turned up between the cuts the latency asked for, twice as often)."""
+    shortest = {**FOLLOWING, "wait": "100ms"}
+    control = loop(15.0, bounds=RAILS, capacity={**FOLLOWED, "queue": shortest}, setpoint=1.0)
+    seen = {ARRIVALS: 0.0}
+    assert control.tick(0.0, 0.5, **{ADMITTED: 150.0, TTFT: 1.5, **seen}).value == 300.0
+    higher = control.tick(15.0, 0.5, **{ADMITTED: 250.0, TTFT: ttft, **seen})  # reads 500
+    if loosened:
+        assert higher.value == pytest.approx(300.0 + 0.3 * 200.0)
+    else:
+        assert higher.value == 300.0
+        assert "but ttft_p99 above 2.22222s: no loosening" in higher.reason
