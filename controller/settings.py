@@ -541,6 +541,14 @@ class GatewaySettings(_Group):
         "of for the tenant (expired, made elsewhere, another tenant's), when CONTEXT_WINDOWS "
         "does not name the model: the most the model server may read back",
     )
+    previous_response_scope: Literal["tenant", "shared"] = Field(
+        "tenant",
+        description="whose `previous_response_id` / `conversation` a request may name: "
+        "`tenant` (only ids the gateway recorded for the same tenant; any other is refused "
+        "404 before the model server, which every tenant reaches with the one upstream key) "
+        "or `shared` (the behaviour before it: an unknown id reserves the default and is "
+        "forwarded, so a tenant can read another tenant's conversation)",
+    )
     context_windows: dict[str, Annotated[int, Field(ge=1)]] = Field(
         default_factory=dict,
         description="model → its context window in tokens (JSON in the environment; models "

@@ -202,6 +202,14 @@ class KeySchema:
         escaped = escape_id(validate_id(response_id, "response id"))
         return self._key(self.tenant_tag(tenant), "response", escaped)
 
+    def conversation(self, tenant: str, conversation_id: str) -> str:
+        """String, expiring: as `response`, for a Conversations API id (`conv_…`) a Responses
+        answer of `tenant`'s belonged to: the tokens a request naming it as `conversation`
+        makes the model server read again. Its own kind, so a conversation and a response
+        that happen to share an id never meet."""
+        escaped = escape_id(validate_id(conversation_id, "conversation id"))
+        return self._key(self.tenant_tag(tenant), "conversation", escaped)
+
     def ip_tag(self, ip: str) -> str:
         """The hash tag of one client address's enforcement state (contract 2)."""
         return "{ip:" + escape_id(ip) + "}"

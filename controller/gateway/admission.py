@@ -23,6 +23,7 @@ from controller.contract.catalog import PlanInfo
 from controller.contract.enforcement import EnforcementKeys, ip_id
 from controller.gateway.catalog import PlanCatalog
 from controller.gateway.limits import PERIOD_MS, LimitCache, Resolved
+from controller.gateway.openai import EarlierKind
 from controller.gateway.prices import PriceTable, to_micro
 from controller.gateway.sharded import SlotAdmission
 from controller.model import Address, LimitKind, Scope, model_key, validate_id
@@ -310,15 +311,24 @@ class Admission:
         keys = self.keys.charge_keys(request.tenant, request.user, ip, request.request_id)
         return int(await CHARGE.run(self.client, keys, args))
 
-    async def earlier_tokens(self, tenant: str, response_id: str) -> int | None:
-        """The tokens recorded for `tenant`'s response `response_id` (what a request naming it
-        as `previous_response_id` makes the model server read again); None when there is no
-        record: expired, made elsewhere, another tenant's (only the tenant's own key is read),
-        an id that is no safe id, or a value no gateway writes."""
+    def _earlier_key(self, what: EarlierKind, tenant: str, found: str) -> str:
+        """`tenant`'s record of response or conversation `found`; ValueError for an id that is
+        no safe id (never put in a key)."""
+        if what == "conversation":
+            return self.keys.schema.conversation(tenant, found)
+        return self.keys.schema.response(tenant, found)
+
+    async def earlier_tokens(
+        self, tenant: str, response_id: str, what: EarlierKind = "response"
+    ) -> int | None:
+        """The tokens recorded for `tenant`'s response (or conversation) `response_id` (what a
+        request naming it makes the model server read again); None when there is no record:
+        expired, made elsewhere, another tenant's (only the tenant's own key is read), an id
+        that is no safe id, or a value no gateway writes."""
         try:
-            key = self.keys.schema.response(tenant, response_id)
+            key = self._earlier_key(what, tenant, response_id)
         except ValueError:
-            return None  # never put in a key; the caller reserves its conservative default
+            return None  # never put in a key: the caller refuses it, or reserves its default
         try:
             text = await self.client.get(key)
         except redis.RedisError as exc:
@@ -327,13 +337,18 @@ class Admission:
         return int(text) if text is not None and text.isascii() and text.isdigit() else None
 
     async def remember_response(
-        self, tenant: str, response_id: str, tokens: int, ttl_seconds: float
+        self,
+        tenant: str,
+        response_id: str,
+        tokens: int,
+        ttl_seconds: float,
+        what: EarlierKind = "response",
     ) -> bool:
-        """Record what a later request naming `response_id` will read back: its input and
-        output tokens (the input holds its own earlier conversation already), for
-        `ttl_seconds`. False for an id that is no safe id (nothing written)."""
+        """Record what a later request naming `response_id` (or the conversation) will read
+        back: its input and output tokens (the input holds its own earlier conversation
+        already), for `ttl_seconds`. False for an id that is no safe id (nothing written)."""
         try:
-            key = self.keys.schema.response(tenant, response_id)
+            key = self._earlier_key(what, tenant, response_id)
         except ValueError:
             return False
         try:

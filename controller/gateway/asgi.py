@@ -35,6 +35,7 @@ from controller.gateway.failmode import FailMode
 from controller.gateway.metrics import GatewayMetrics
 from controller.gateway.openai import (
     ROUTES,
+    EarlierKind,
     ModelRequest,
     RequestError,
     RequestKind,
@@ -218,8 +219,11 @@ class GovernorMiddleware:
             self.e.metrics.request(principal.tenant, principal.plan, request.model, "bad_request")
             await self.e.answers.bad_request(str(exc))(scope, receive, send)
             return
-        if request.previous_response_id is not None:
-            await self._add_earlier(principal.tenant, request, request.previous_response_id)
+        unknown = await self._add_earlier(principal, request)
+        if unknown is not None:
+            self.e.metrics.request(principal.tenant, principal.plan, request.model, "bad_request")
+            await unknown(scope, receive, send)
+            return
         call = await self._admit(principal, plan, request, ip)
         self.e.metrics.admission_seconds.observe(time.perf_counter() - started)
         if isinstance(call, Response):
@@ -227,40 +231,46 @@ class GovernorMiddleware:
             return
         await self._forward(scope, receive, send, call)
 
-    async def _add_earlier(self, tenant: str, request: ModelRequest, response_id: str) -> None:
-        """A Responses request continuing an earlier response: the model server reads that
-        conversation back and bills it as input, so the reservation holds it too. What was
-        recorded when it settled; without a record of this tenant's (expired, made elsewhere,
-        another tenant's id, Redis away) the model's context window or the configured
-        default, never nothing: concurrent requests naming a long conversation would each
-        reserve a few tokens and together spend far past the budget."""
-        tokens = None
-        try:
-            tokens = await self.e.admission.earlier_tokens(tenant, response_id)
-        except STORE_ERRORS as exc:
-            self.e.metrics.store_errors.labels("lookup").inc()
-            self._log.warning("limit store unreachable reading an earlier response's tokens; "
-                              "the default is reserved", error=_said(exc))  # fmt: skip
-        if tokens is None:
-            tokens = unknown_earlier_tokens(self.e.settings, request.model)
-        request.add_earlier(tokens)
+    async def _add_earlier(self, principal: Principal, request: ModelRequest) -> Response | None:
+        """A Responses request continuing an earlier response or a conversation: the model
+        server reads it back and bills it as input, so the reservation holds what was recorded
+        when it settled. Every tenant reaches the model server with the one upstream key, so
+        an id without a record of this tenant's (unknown, expired, another tenant's, no safe
+        id) would let it read another tenant's conversation: refused 404 (`tenant` scope),
+        before anything is forwarded. `shared` reserves the model's context window or the
+        configured default instead, never nothing. Redis away: 503, as nothing can be
+        checked (the plan's fail mode cannot vouch for whose id it is)."""
+        for what, named in request.earlier:
+            try:
+                tokens = await self.e.admission.earlier_tokens(principal.tenant, named, what)
+            except STORE_ERRORS as exc:
+                self.e.metrics.store_errors.labels("lookup").inc()
+                self._log.warning("limit store unreachable reading an earlier response's "
+                                  "tokens; refused", error=_said(exc))  # fmt: skip
+                return self.e.answers.enforcement_unavailable(principal.plan)
+            if tokens is None and self.e.settings.previous_response_scope == "tenant":
+                return self.e.answers.unknown_earlier(what, named)
+            if tokens is None:
+                tokens = unknown_earlier_tokens(self.e.settings, request.model)
+            request.add_earlier(tokens)
+        return None
 
     async def _remember(self, call: _Call, tokens: int) -> None:
         """A Responses answer the model server keeps: record what a later request naming it
-        will read back (its input, which holds its own earlier turns, and its output). A
-        record that cannot be written leaves that request the conservative default."""
-        response_id = call.meter.response_id
-        if response_id is None or not call.request.stored:
-            return
+        (or its conversation) will read back (its input, which holds its own earlier turns,
+        and its output), and so that this tenant may name it. A record that cannot be written
+        leaves that request refused 404 (`shared`: the conservative default)."""
         ttl = self.e.settings.previous_response_ttl_seconds
         try:
-            await self.e.admission.remember_response(
-                call.principal.tenant, response_id, tokens, ttl
-            )
+            for what, named in _kept(call):
+                await self.e.admission.remember_response(
+                    call.principal.tenant, named, tokens, ttl, what
+                )
         except STORE_ERRORS as exc:
             self.e.metrics.store_errors.labels("record").inc()
             self._log.warning("cannot record a response's tokens; a request continuing it "
-                              "reserves the default", error=_said(exc))  # fmt: skip
+                              "is refused (or, shared, reserves the default)",
+                              error=_said(exc))  # fmt: skip
 
     async def _admit(
         self, principal: Principal, plan: PlanInfo, request: ModelRequest, ip: str | None
@@ -487,6 +497,18 @@ class GovernorMiddleware:
                 error=str(exc),
                 held=len(self.e.pending),
             )
+
+
+def _kept(call: _Call) -> list[tuple[EarlierKind, str]]:
+    """What a settled Responses answer lets a later request name: its id, when the model
+    server keeps it (`store` not false), and the conversation it belongs to (its items are
+    kept in the conversation whatever `store` says); each holds the answer's tokens."""
+    kept: list[tuple[EarlierKind, str]] = []
+    if call.meter.response_id is not None and call.request.stored:
+        kept.append(("response", call.meter.response_id))
+    if call.meter.conversation_id is not None:
+        kept.append(("conversation", call.meter.conversation_id))
+    return kept
 
 
 def unknown_earlier_tokens(settings: GatewaySettings, model: str) -> int:

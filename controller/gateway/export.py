@@ -61,6 +61,8 @@ def gateway_document(
         "trust_forwarded_for": gateway.trust_forwarded_for,
         "previous_response_ttl_seconds": gateway.previous_response_ttl_seconds,
         "unknown_previous_response_tokens": gateway.unknown_previous_response_tokens,
+        # `tenant` refuses an id the tenant's records lack; `shared` reserves the default.
+        "previous_response_scope": gateway.previous_response_scope,
         # Lower-cased as the module meets models (string.lower), so it looks them up as is.
         "context_windows": {
             model_key(name): tokens for name, tokens in sorted(gateway.context_windows.items())

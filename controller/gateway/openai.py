@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 RequestKind = Literal["chat", "completion", "embedding", "response"]
+# What a Responses request may name for the model server to read back from its own store.
+EarlierKind = Literal["response", "conversation"]
 ROUTES: dict[str, RequestKind] = {
     "/v1/chat/completions": "chat",
     "/v1/completions": "completion",
@@ -158,6 +160,27 @@ class ModelRequest:
         return value if isinstance(value, str) else None
 
     @property
+    def conversation_id(self) -> str | None:
+        """The Conversations API conversation a Responses request belongs to (`conversation`:
+        its id, or an object holding it): the model server prepends its items to the input
+        and bills them, as it does an earlier response's."""
+        value = self.body.get("conversation") if self.kind == "response" else None
+        if isinstance(value, dict):
+            value = value.get("id")
+        return value if isinstance(value, str) else None
+
+    @property
+    def earlier(self) -> list[tuple[EarlierKind, str]]:
+        """What the model server reads back from its own store for this request: the earlier
+        response and the conversation it names (each admitted only when the gateway holds a
+        record of it for the tenant, and reserved)."""
+        named: list[tuple[EarlierKind, str | None]] = [
+            ("response", self.previous_response_id),
+            ("conversation", self.conversation_id),
+        ]
+        return [(what, found) for what, found in named if found is not None]
+
+    @property
     def stored(self) -> bool:
         """Whether the model server keeps this Responses answer for a later request to name
         (`store`, true by default); one it does not keep needs no record."""
@@ -263,12 +286,21 @@ def _check_stream(kind: RequestKind, body: Mapping[str, Any]) -> None:
 
 
 def _check_previous(kind: RequestKind, body: Mapping[str, Any]) -> None:
-    """`previous_response_id` must be a string (or null): a model server that read another
-    JSON value as an id would bill a conversation no reservation counted."""
+    """`previous_response_id` must be a string (or null), `conversation` a string or an object
+    whose `id` is one (or null): a model server that read another JSON value as an id would
+    bill a conversation no reservation counted, or one the gateway never checked was the
+    tenant's."""
+    if kind != "response":
+        return
     value = body.get("previous_response_id")
-    if kind == "response" and value is not None and not isinstance(value, str):
+    if value is not None and not isinstance(value, str):
         shown = json.dumps(value)[:40]
         raise RequestError(f"`previous_response_id` must be a string, not {shown}")
+    value = body.get("conversation")
+    named = value.get("id") if isinstance(value, dict) else value
+    if value is not None and not isinstance(named, str):
+        # Not quoted back: JSON encoders order and space an object differently (nginx's too).
+        raise RequestError("`conversation` must be a string or an object with a string `id`")
 
 
 def _prompts(kind: RequestKind, body: Mapping[str, Any]) -> int:
@@ -410,6 +442,8 @@ class UsageMeter:
     _events: bool = False  # a `data:` line was seen
     # A Responses answer's id (`resp_…`): the response object's, or the one an event holds.
     response_id: str | None = None
+    # The conversation the answer belongs to (the response object's `conversation.id`).
+    conversation_id: str | None = None
 
     def feed(self, chunk: bytes) -> None:
         if self._overflow:
@@ -469,9 +503,11 @@ class UsageMeter:
             usage = _usage(held.get("usage"))
         if usage is not None:
             self._usage = usage
-        found = _response_id(held if isinstance(held, dict) else document)
+        response = held if isinstance(held, dict) else document
+        found = _response_id(response)
         if found is not None:
             self.response_id = found
+            self.conversation_id = _conversation_id(response) or self.conversation_id
         for choice in document.get("choices") or ():
             if isinstance(choice, dict):
                 self._completion_chars += _choice_chars(choice)
@@ -483,6 +519,13 @@ def _response_id(document: Mapping[str, Any]) -> str | None:
     """The id of a response object (`object: response`), else None."""
     found = document.get("id")
     return found if document.get("object") == "response" and isinstance(found, str) else None
+
+
+def _conversation_id(response: Mapping[str, Any]) -> str | None:
+    """The id of the conversation a response object belongs to (`conversation: {id}`)."""
+    held = response.get("conversation")
+    found = held.get("id") if isinstance(held, dict) else None
+    return found if isinstance(found, str) else None
 
 
 def _output_chars(document: Mapping[str, Any]) -> int:

@@ -15,6 +15,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 
 from controller.gateway.admission import AdmissionResult, Budget, Degradation, Quota
+from controller.model import validate_id
 
 PROBLEM_JSON = "application/problem+json"
 # IANA problem types of draft-ietf-httpapi-ratelimit-headers (section "Problem Types").
@@ -65,6 +66,15 @@ class Problem(Response):
             return
         openai = JSONResponse(self.envelope(), self.status_code, self.extra_headers)
         await openai(scope, receive, send)
+
+
+def safe_id(value: str) -> bool:
+    """An id that may be put in a key, and quoted back (no quote, no control character)."""
+    try:
+        validate_id(value)
+    except ValueError:
+        return False
+    return True
 
 
 def wants_problem_json(scope: Scope) -> bool:
@@ -185,6 +195,24 @@ class Answers:
             "Route not served",
             UNMETERED_ROUTE,
             error=_invalid("unknown_route"),
+        )
+
+    def unknown_earlier(self, what: str, named: str) -> Problem:
+        """404: a `previous_response_id` (`what` "response") or `conversation` this gateway
+        holds no record of for the caller's tenant. The same words whether the id is unknown,
+        expired or another tenant's (nothing tells them apart); an id that is no safe id is
+        not quoted back."""
+        shown = f"'{named}'" if safe_id(named) else "with that id"
+        # OpenAI's own code for a previous response it does not hold; the same form for the other.
+        param, code = ("previous_response_id", "previous_response_not_found")
+        if what != "response":
+            param, code = ("conversation", "conversation_not_found")
+        return problem(
+            404,
+            self.type_uri("unknown-" + what),
+            f"Unknown {what}",
+            f"no {what} {shown} for this API key",
+            error=_invalid(code, param),
         )
 
     def not_configured(self) -> Problem:

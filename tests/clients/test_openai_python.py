@@ -13,6 +13,7 @@ import pytest
 
 from controller.contract.enforcement import EnforcementKeys
 from tests.clients.conftest import World, at_once
+from tests.gateway.fake_upstream import FakeUpstream
 from tests.support.process import wait_for
 
 # The clients under test leave connections and event loops of their own unclosed (the
@@ -243,3 +244,29 @@ def test_a_continued_conversation_is_reserved_whole(world: World) -> None:
     assert refused.value.status_code == 402
     assert refused.value.code == "budget_exhausted"
     charged(world, state, spent)  # nothing more
+
+
+def test_another_tenants_response_id_is_not_found(
+    world: World, model_server: tuple[FakeUpstream, str]
+) -> None:
+    """Every tenant reaches the model server with the gateway's one upstream key: tenant B
+    naming tenant A's response would read A's conversation. The SDK gets OpenAI's 404 with
+    the words an id that was never made gets, and the model server never sees the request."""
+    mine = sdk(world, world.key("chatty")).responses.create(
+        model="gpt-3.5-turbo", input="a secret", max_output_tokens=16
+    )
+    client = sdk(world, world.key("nosy"))
+    before = len(model_server[0].seen)
+
+    errors = []
+    for named in (mine.id, "resp_never_made"):
+        with pytest.raises(openai.NotFoundError) as refused:
+            client.responses.create(model="gpt-3.5-turbo", input="and?", max_output_tokens=16,
+                                    previous_response_id=named)  # fmt: skip
+        assert refused.value.code == "previous_response_not_found"
+        assert refused.value.param == "previous_response_id"
+        assert isinstance(refused.value.body, dict)
+        errors.append(str(refused.value.body["message"]).replace(named, "X"))
+
+    assert errors[0] == errors[1] == "no response 'X' for this API key"
+    assert len(model_server[0].seen) == before

@@ -11,7 +11,8 @@ model generating), `x-fake-pad: N` adds N bytes of logprobs to a non-streamed an
 mid-way), and `x-fake-ignore-stream: 1` answers a stream request with one JSON document.
 Responses are kept (unless `store: false`) as a model server keeps them: a request naming one
 as `previous_response_id` is billed its input and output again as input, and one naming a
-response it does not hold is refused 400, as OpenAI and vLLM refuse it.
+response it does not hold is refused 400, as OpenAI and vLLM refuse it. A `conversation` the
+test put in `conversations` is billed as input too and named in the answer (404 otherwise).
 """
 
 from __future__ import annotations
@@ -56,6 +57,8 @@ class FakeUpstream:
     completion_tokens: int = 5  # what a completion "generates" (capped by max_tokens)
     # Responses kept for a later `previous_response_id`: id → its input + output tokens.
     stored: dict[str, int] = field(default_factory=dict)
+    # Conversations (the Conversations API's `conv_…`, made by the test): id → their tokens.
+    conversations: dict[str, int] = field(default_factory=dict)
 
     def app(self) -> Starlette:
         return Starlette(
@@ -156,6 +159,26 @@ class FakeUpstream:
             yield f"data: {json.dumps({'id': 'chunk', 'choices': [], 'usage': usage})}\n\n".encode()
         yield b"data: [DONE]\n\n"
 
+    def _earlier(self, body: dict[str, Any]) -> int | Response:
+        """The tokens of the earlier response and the conversation a request names (read back
+        and billed as input), or the model server's refusal of one it does not hold."""
+        tokens = 0
+        previous = body.get("previous_response_id")
+        if previous is not None:
+            if previous not in self.stored:
+                message = f"Previous response with id '{previous}' not found."
+                return JSONResponse({"error": {"message": message, "param": "previous_response_id",
+                                               "type": "invalid_request_error"}}, 400)  # fmt: skip
+            tokens += self.stored[previous]
+        conversation = _conversation(body)
+        if conversation is not None:
+            if conversation not in self.conversations:
+                message = f"Conversation with id '{conversation}' not found."
+                return JSONResponse({"error": {"message": message, "param": "conversation",
+                                               "type": "invalid_request_error"}}, 404)  # fmt: skip
+            tokens += self.conversations[conversation]
+        return tokens
+
     async def _response(self, request: Request) -> Response:
         """OpenAI's Responses API as vLLM serves it: `usage` with input/output tokens, and a
         stream of typed events ending with `response.completed` (which holds the usage)."""
@@ -164,13 +187,11 @@ class FakeUpstream:
         if failed is not None:
             return failed
         prompt = 7 + len(json.dumps(body.get("input"))) // 10
-        previous = body.get("previous_response_id")
-        if previous is not None:  # the earlier conversation, read back and billed as input
-            if previous not in self.stored:
-                message = f"Previous response with id '{previous}' not found."
-                return JSONResponse({"error": {"message": message, "param": "previous_response_id",
-                                               "type": "invalid_request_error"}}, 400)  # fmt: skip
-            prompt += self.stored[previous]
+        earlier = self._earlier(body)
+        if isinstance(earlier, Response):
+            return earlier
+        prompt += earlier
+        conversation = _conversation(body)
         limit = body.get("max_output_tokens") or 10_000
         completion = min(int(request.headers.get("x-fake-tokens", self.completion_tokens)), limit)
         text = "".join(WORDS[i % len(WORDS)] for i in range(completion))
@@ -187,6 +208,9 @@ class FakeUpstream:
                         "content": [{"type": "output_text", "text": text, "annotations": []}]}],
             "usage": usage,
         }  # fmt: skip
+        if conversation is not None:  # this turn's items join the conversation
+            self.conversations[conversation] = prompt + completion
+            answer["conversation"] = {"id": conversation}
         if not body.get("stream"):
             return JSONResponse(answer, headers={"x-upstream": "fake"})
 
@@ -233,6 +257,12 @@ class FakeUpstream:
 
     async def _jwks(self, _request: Request) -> Response:
         return JSONResponse(self.jwks)
+
+
+def _conversation(body: dict[str, Any]) -> Any:
+    """The conversation a Responses request names: its id, or an object holding it."""
+    named = body.get("conversation")
+    return named.get("id") if isinstance(named, dict) else named
 
 
 def response_id(body: Any, completion: int) -> str:

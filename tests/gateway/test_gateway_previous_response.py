@@ -159,12 +159,13 @@ def test_an_answer_the_model_server_does_not_keep_is_not_recorded(
     ["resp_never_made", "resp/../odd", "x" * 200, ""],
     ids=["unknown", "unsafe", "long", "empty"],
 )
-def test_a_response_without_a_record_reserves_the_configured_default(
+def test_shared_a_response_without_a_record_reserves_the_configured_default(
     make_gateway: MakeGateway, db: redis.Redis[str], response_id: str
 ) -> None:
-    """Expired, made elsewhere, or no id at all: never nothing. (The fake refuses an id it does
-    not hold, as OpenAI does: the reservation is then released.)"""
-    gateway = make_gateway(unknown_previous_response_tokens=300)
+    """`shared` (the behaviour before tenant scope): expired, made elsewhere, or no id at all
+    is forwarded, reserving the default, never nothing. (The fake refuses an id it does not
+    hold, as OpenAI does: the reservation is then released.)"""
+    gateway = make_gateway(unknown_previous_response_tokens=300, previous_response_scope="shared")
     key = gateway.key("acme", "free")
 
     answer = respond(gateway, key, previous_response_id=response_id)
@@ -179,7 +180,7 @@ def test_a_response_without_a_record_reserves_the_configured_default(
 def test_the_default_is_the_models_context_window_when_the_settings_name_it(
     make_gateway: MakeGateway,
 ) -> None:
-    gateway = make_gateway(context_windows={"GPT-3.5-Turbo": 200})
+    gateway = make_gateway(context_windows={"GPT-3.5-Turbo": 200}, previous_response_scope="shared")
     key = gateway.key("acme", "free")
 
     answer = respond(gateway, key, previous_response_id="resp_never_made")
@@ -188,10 +189,11 @@ def test_the_default_is_the_models_context_window_when_the_settings_name_it(
     assert budget_remaining(answer) == DAY - (200 + 1 + 16)
 
 
-def test_by_default_an_unknown_conversation_can_never_fit_a_small_day(
-    gateway: Gateway, upstream: tuple[FakeUpstream, str]
+def test_shared_an_unknown_conversation_can_never_fit_a_small_day_by_default(
+    make_gateway: MakeGateway, upstream: tuple[FakeUpstream, str]
 ) -> None:
     """128,000 tokens by default: above the free plan's whole day, so never served."""
+    gateway = make_gateway(previous_response_scope="shared")
     key = gateway.key("acme", "free")
     before = len(upstream[0].seen)
 
@@ -202,13 +204,13 @@ def test_by_default_an_unknown_conversation_can_never_fit_a_small_day(
     assert len(upstream[0].seen) == before
 
 
-def test_another_tenants_response_is_no_record_of_ones_own(
+def test_shared_another_tenants_response_is_no_record_of_ones_own(
     make_gateway: MakeGateway, db: redis.Redis[str]
 ) -> None:
-    """Globex naming acme's response reserves the default, not acme's count: the lookup reads
-    only globex's own records, so nothing of acme's shows (the fake model server, which
-    serves every tenant under one upstream key, still serves it)."""
-    gateway = make_gateway(unknown_previous_response_tokens=300)
+    """`shared`: globex naming acme's response reserves the default, not acme's count: the
+    lookup reads only globex's own records (the fake model server, which serves every tenant
+    under one upstream key, serves it: globex reads acme's conversation, as `shared` says)."""
+    gateway = make_gateway(unknown_previous_response_tokens=300, previous_response_scope="shared")
     acme, globex = gateway.key("acme", "free"), gateway.key("globex", "free")
     first = respond(gateway, acme, tokens=100, cap=100)
     assert first.status_code == 200
@@ -227,3 +229,125 @@ def test_a_previous_response_id_that_is_no_string_is_a_bad_request(gateway: Gate
 
     assert answer.status_code == 400
     assert answer.json()["detail"] == '`previous_response_id` must be a string, not ["resp_a"]'
+
+
+def _never_forwarded(upstream: tuple[FakeUpstream, str], before: int, answer: httpx.Response,
+                     what: str, named: str) -> None:  # fmt: skip
+    """Refused 404 in OpenAI's shape, saying nothing of whether the id exists, and never sent."""
+    assert answer.status_code == 404, answer.text
+    assert len(upstream[0].seen) == before
+    document = answer.json()
+    assert document["detail"] == f"no {what} '{named}' for this API key"
+    assert (document["status"], document["title"]) == (404, f"Unknown {what}")
+    assert document["type"].endswith(f"#unknown-{what}")
+
+
+def test_another_tenants_response_is_refused_before_the_model_server(
+    gateway: Gateway, db: redis.Redis[str], upstream: tuple[FakeUpstream, str]
+) -> None:
+    """Every tenant reaches the model server with the one upstream key: forwarded, globex
+    would read acme's conversation. Refused 404, in the words an unknown id gets."""
+    acme, globex = gateway.key("acme", "free"), gateway.key("globex", "free")
+    first = respond(gateway, acme, tokens=100, cap=100)
+    assert first.status_code == 200
+    mine = first.json()["id"]
+    before = len(upstream[0].seen)
+
+    theirs = respond(gateway, globex, previous_response_id=mine)
+    unknown = respond(gateway, globex, previous_response_id="resp_never_made")
+
+    _never_forwarded(upstream, before, theirs, "response", mine)
+    _never_forwarded(upstream, before, unknown, "response", "resp_never_made")
+    # Nothing tells the two apart but the id quoted back.
+    shown = theirs.json()["detail"].replace(mine, "X")
+    assert shown == unknown.json()["detail"].replace("resp_never_made", "X")
+    assert used(db, "globex") == 0
+    assert respond(gateway, acme, previous_response_id=mine).status_code == 200  # its own
+    # What an OpenAI SDK reads: its error envelope, OpenAI's code for an id it does not hold.
+    envelope = gateway.http.post(
+        f"{gateway.url}/v1/responses",
+        json={"model": "gpt-3.5-turbo", "input": "hi", "previous_response_id": mine},
+        headers={"authorization": f"Bearer {globex}", "accept": "application/json"},
+    )
+    assert envelope.status_code == 404
+    assert {k: v for k, v in envelope.json()["error"].items() if k != "problem_type"} == {
+        "message": f"no response '{mine}' for this API key", "type": "invalid_request_error",
+        "code": "previous_response_not_found", "param": "previous_response_id",
+        "title": "Unknown response", "status": 404}  # fmt: skip
+
+
+@pytest.mark.parametrize("response_id", ["resp_never_made", "resp/../odd", "x" * 200, ""])
+def test_a_response_without_a_record_is_refused(
+    gateway: Gateway, upstream: tuple[FakeUpstream, str], response_id: str
+) -> None:
+    key = gateway.key("acme", "free")
+    before = len(upstream[0].seen)
+
+    answer = respond(gateway, key, previous_response_id=response_id)
+
+    assert answer.status_code == 404, answer.text
+    assert len(upstream[0].seen) == before
+    if response_id != "resp_never_made":  # no safe id: not quoted back
+        assert answer.json()["detail"] == "no response with that id for this API key"
+
+
+def test_an_expired_record_is_refused(
+    gateway: Gateway, db: redis.Redis[str], upstream: tuple[FakeUpstream, str]
+) -> None:
+    key = gateway.key("acme", "free")
+    first = respond(gateway, key)
+    assert first.status_code == 200
+    mine = first.json()["id"]
+    db.pexpire(KeySchema("governor").response("acme", mine), 1)  # its TTL ran out
+    while recorded(db, "acme", mine) is not None:
+        pass
+    before = len(upstream[0].seen)
+
+    answer = respond(gateway, key, previous_response_id=mine)
+
+    _never_forwarded(upstream, before, answer, "response", mine)
+
+
+@pytest.mark.parametrize("shape", ["text", "object"])
+def test_a_conversation_is_served_only_once_recorded_for_the_tenant(
+    make_gateway: MakeGateway,
+    db: redis.Redis[str],
+    upstream: tuple[FakeUpstream, str],
+    shape: str,
+) -> None:
+    """A conversation (made with the upstream key: the gateway does not proxy the
+    Conversations API) no record names for the tenant is refused; `shared` forwards it with
+    the default reserved, and records it from the answer's `conversation`, so it is then the
+    tenant's, and only the tenant's, in `tenant` scope too."""
+    upstream[0].conversations["conv_0123abcd"] = 50
+    named: Any = "conv_0123abcd" if shape == "text" else {"id": "conv_0123abcd"}
+    strict = make_gateway()
+    acme, globex = strict.key("acme", "free"), strict.key("globex", "free")
+    before = len(upstream[0].seen)
+
+    refused = respond(strict, acme, conversation=named)
+
+    _never_forwarded(upstream, before, refused, "conversation", "conv_0123abcd")
+    shared = make_gateway(unknown_previous_response_tokens=300, previous_response_scope="shared")
+    served = respond(shared, acme, conversation=named)
+    assert served.status_code == 200, served.text
+    assert budget_remaining(served) == DAY - (300 + 1 + 16)
+    total = served.json()["usage"]["total_tokens"]
+    assert db.get(KeySchema("governor").conversation("acme", "conv_0123abcd")) == str(total)
+
+    again = respond(strict, acme, conversation=named)
+    assert again.status_code == 200, again.text
+    assert budget_remaining(again) == DAY - total - (total + 1 + 16)  # as recorded
+    before = len(upstream[0].seen)
+    _never_forwarded(upstream, before, respond(strict, globex, conversation=named),
+                     "conversation", "conv_0123abcd")  # fmt: skip
+
+
+@pytest.mark.parametrize("value", [5, {"id": 5}, {}, ["conv_a"]])
+def test_a_conversation_that_names_no_id_is_a_bad_request(gateway: Gateway, value: Any) -> None:
+    answer = respond(gateway, gateway.key("acme", "free"), conversation=value)
+
+    assert answer.status_code == 400
+    assert answer.json()["detail"] == (
+        "`conversation` must be a string or an object with a string `id`"
+    )

@@ -46,7 +46,8 @@ location = /_probe/keys {
         ngx.say(cjson.encode({ip = ip,
             admit = names:admit_keys(args.tenant, args.user or '', ip),
             settle = names:settle_keys(args.tenant, args.user or '', ip),
-            response = names:response(args.tenant, args.response or '') or cjson.null}))
+            response = names:response(args.tenant, args.response or '') or cjson.null,
+            conversation = names:conversation(args.tenant, args.response or '') or cjson.null}))
     }
 }
 location = /_probe/request {
@@ -66,6 +67,7 @@ location = /_probe/request {
         ngx.say(cjson.encode({tokens = request:worst_case_tokens(),
             prompt = request.prompt_tokens, body = request.raw,
             previous = request:previous_response_id() or cjson.null,
+            conversation = request:conversation_id() or cjson.null,
             stored = request:stored()}))
     }
 }
@@ -92,7 +94,8 @@ location = /_probe/meter {
         end
         local usage = meter:finish()
         ngx.say(cjson.encode({prompt = usage.prompt, completion = usage.completion,
-            response_id = meter.response_id or cjson.null}))
+            response_id = meter.response_id or cjson.null,
+            conversation_id = meter.conversation_id or cjson.null}))
     }
 }
 location = /_probe/strip {

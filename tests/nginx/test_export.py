@@ -178,3 +178,35 @@ def test_an_export_older_than_the_module_stops_nginx_at_start(tmp_path: Path) ->
         refused.value
     )
     assert "export again" in str(refused.value)
+
+
+@pytest.mark.parametrize("scope", [None, "everyone"])
+def test_an_export_without_a_known_previous_response_scope_stops_nginx(
+    tmp_path: Path, scope: str | None
+) -> None:
+    """Whose earlier response a request may name is never guessed: an export without the
+    setting (or with a value no version writes) stops nginx, saying to export again."""
+    scripts = tmp_path / "scripts"
+    export_lua(scripts, GatewaySettings(), PricesSettings(), "governor")
+    document = json.loads((scripts / SETTINGS_FILE).read_text())
+    assert document["previous_response_scope"] == "tenant"  # strict by default
+    document.pop("previous_response_scope")
+    if scope is not None:
+        document["previous_response_scope"] = scope
+    (scripts / SETTINGS_FILE).write_text(json.dumps(document))
+    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "GOVERNOR_REDIS__URL": "redis://127.0.0.1:1/0"}
+    server = NginxServer(tmp_path / "nginx", scripts, free_port(), env)
+
+    with pytest.raises(RuntimeError, match="nginx did not start") as refused:
+        server.start()
+
+    assert "has no previous_response_scope" in str(refused.value)
+    assert "export again" in str(refused.value)
+
+
+def test_the_previous_response_scope_is_exported() -> None:
+    shared = GatewaySettings(previous_response_scope="shared")
+
+    assert gateway_document(shared, PricesSettings(), "governor")["previous_response_scope"] == (
+        "shared"
+    )

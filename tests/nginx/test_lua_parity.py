@@ -65,6 +65,10 @@ def test_a_responses_record_key_is_pythons(nginx: Side, response_id: str) -> Non
     assert lua["response"] == python
     if python is not None:
         assert python.startswith("gov-1:{t:a%3Ab}:response:")
+        conversation = EnforcementKeys.for_prefix("gov-1").schema.conversation("a:b", response_id)
+        assert lua["conversation"] == conversation
+    else:
+        assert lua["conversation"] is None
 
 
 @pytest.mark.parametrize("ip", ["999.1.1.1", "01.2.3.4", "fe80::1%eth0", "1::2::3", "x"])
@@ -127,6 +131,10 @@ BODIES: list[tuple[RequestKind, Any]] = [
     ("response", {"model": "m", "input": "go on", "previous_response_id": ""}),
     ("chat", {"model": "m", "messages": [{"role": "user", "content": "s"}],
               "previous_response_id": "resp_1"}),
+    # A conversation named: by its id, or an object holding it.
+    ("response", {"model": "m", "input": "go on", "conversation": "conv_1"}),
+    ("response", {"model": "m", "input": "go on", "conversation": {"id": "conv_2"}}),
+    ("response", {"model": "m", "input": "go on", "conversation": None}),
 ]  # fmt: skip
 REFUSED: list[tuple[RequestKind, Any]] = [
     ("chat", {"model": "m", "messages": []}),
@@ -139,6 +147,9 @@ REFUSED: list[tuple[RequestKind, Any]] = [
     ("response", {"model": "m", "input": "x", "previous_response_id": 5}),
     ("response", {"model": "m", "input": "x", "previous_response_id": ["resp_a"]}),
     ("response", {"model": "m", "input": "x", "previous_response_id": True}),
+    ("response", {"model": "m", "input": "x", "conversation": 5}),
+    ("response", {"model": "m", "input": "x", "conversation": {"id": 5}}),
+    ("response", {"model": "m", "input": "x", "conversation": {}}),
 ]
 
 
@@ -160,6 +171,7 @@ def test_estimates_and_rewrites_are_pythons(nginx: Side, kind: RequestKind, body
     assert lua["tokens"] == request.worst_case_tokens
     assert lua["prompt"] == request.prompt_tokens
     assert (lua["previous"], lua["stored"]) == (request.previous_response_id, request.stored)
+    assert lua["conversation"] == request.conversation_id
     # The rewritten body says what Python's says; what was not rewritten keeps its bytes.
     assert json.loads(lua["body"]) == json.loads(request.encoded())
     if not request.changed:
@@ -333,6 +345,8 @@ RESPONSE_ANSWERS = {
     "no usage": (True, b'data: {"type":"response.created","response":{"id":"resp_3","object":'
                        b'"response"}}\n\ndata: {"type":"response.output_text.delta","delta":'
                        b'"12345"}\n\n'),
+    "in a conversation": (False, b'{"id":"resp_4","object":"response","conversation":{"id":'
+                                 b'"conv_9"},"usage":{"input_tokens":7,"output_tokens":3}}'),
     "a chat answer": (False, b'{"id":"cmpl-1","object":"chat.completion","choices":[],'
                              b'"usage":{"prompt_tokens":1,"completion_tokens":1}}'),
 }  # fmt: skip
@@ -352,6 +366,9 @@ def test_the_meter_finds_a_responses_id_as_python_does(nginx: Side, case: str, s
         meter.feed(answer[i : i + size])
     usage = meter.finish()
     assert lua == {"prompt": usage.prompt_tokens, "completion": usage.completion_tokens,
-                   "response_id": meter.response_id}  # fmt: skip
+                   "response_id": meter.response_id,
+                   "conversation_id": meter.conversation_id}  # fmt: skip
     assert meter.response_id == {"whole": "resp_1", "stream": "resp_2", "no usage": "resp_3",
+                                 "in a conversation": "resp_4",
                                  "a chat answer": None}[case]  # fmt: skip
+    assert meter.conversation_id == ("conv_9" if case == "in a conversation" else None)

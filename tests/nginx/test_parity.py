@@ -126,7 +126,8 @@ def sequence() -> list[Step]:
 def conversation() -> list[Step]:
     """Responses answers continued by `previous_response_id`: each reserves the conversation
     it continues (recorded when the last one settled, a stream's from its events), until one
-    does not fit what is left of the day; one the gateways never saw reserves the default."""
+    does not fit what is left of the day; one the gateways never saw for the tenant (another
+    tenant's too), and a conversation never seen, are refused 404 before the model server."""
     kept = {"model": "gpt-3.5-turbo", "input": "hi", "max_output_tokens": 300}
     more = {
         "model": "gpt-3.5-turbo",
@@ -162,8 +163,15 @@ def conversation() -> list[Step]:
         Step("continuing that, streamed", "converse", streamed, {"x-fake-tokens": "5"},
              path=path),
         Step("continuing the stream: more than the day has left", "converse", past, path=path),
-        Step("an answer neither gateway saw: the default, above the day", "trial", unseen,
+        Step("an answer neither gateway saw: refused 404, never forwarded", "trial", unseen,
              path=path),
+        Step("another tenant's answer: the same 404, never forwarded", "trial",
+             {**more, "previous_response_id": response_id(kept, 300)}, path=path),
+        Step("a conversation neither gateway saw: 404", "trial",
+             {**unseen, "previous_response_id": None, "conversation": {"id": "conv_x"}},
+             path=path),
+        Step("a conversation that names no id: 400", "trial",
+             {**unseen, "previous_response_id": None, "conversation": {"id": 7}}, path=path),
     ]  # fmt: skip
 
 
@@ -312,8 +320,13 @@ def test_nginx_answers_as_the_python_gateway_does(
                                                                   402, 402, 429, 503,
                                                                   402, 402, 429, 429]  # fmt: skip
     assert statuses[-5:] == [200, 429, 200, 429, 200]  # a model's limit, whatever its case
-    assert statuses[-10:-5] == [200, 200, 200, 402, 400]  # continued until the day is spent
+    # Continued until the day is spent; ids and a conversation not the tenant's: 404.
+    assert statuses[-13:-5] == [200, 200, 200, 402, 404, 404, 404, 400]
     assert statuses.count(400) == 5
+    for name in ("an answer neither gateway saw: refused 404, never forwarded",
+                 "another tenant's answer: the same 404, never forwarded",
+                 "a conversation neither gateway saw: 404"):  # fmt: skip
+        assert by_name[name].upstream_saw is None  # nothing reached the model server
     assert statuses.count(200) >= 21
     assert books(nginx) == books(python_gateway)
     # The Responses API is metered: served, its usage read (a stream's from response.completed)

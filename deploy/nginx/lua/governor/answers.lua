@@ -5,6 +5,7 @@
 -- RateLimit-Policy and OpenAI x-ratelimit-* headers. An answer is {status, headers, body}.
 
 local cjson = require 'cjson.safe'
+local keys = require 'governor.keys'
 local numbers = require 'governor.numbers'
 
 local _M = {}
@@ -240,6 +241,19 @@ function Answers:unmetered_route()
       .. '/v1/responses (metered) and GET /v1/models; any other route could spend model work '
       .. 'that no limit counts, so it is not forwarded',
     nil, nil, invalid('unknown_route'))
+end
+
+-- 404: a previous_response_id (`what` 'response') or conversation the gateway holds no record
+-- of for the caller's tenant (Answers.unknown_earlier, word for word): the same words whether
+-- unknown, expired or another tenant's; an id that is no safe id is not quoted back.
+function Answers:unknown_earlier(what, named)
+  local shown = keys.valid_id(named) and ("'" .. named .. "'") or 'with that id'
+  local param, code = 'previous_response_id', 'previous_response_not_found'
+  if what ~= 'response' then
+    param, code = 'conversation', 'conversation_not_found'
+  end
+  return problem(404, self:type_uri('unknown-' .. what), 'Unknown ' .. what,
+    format('no %s %s for this API key', what, shown), nil, nil, invalid(code, param))
 end
 
 -- 503: no plan catalog or no limits in the store yet.

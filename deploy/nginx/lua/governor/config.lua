@@ -65,6 +65,15 @@ function _M.load(options)
       settings[name] = value
     end
   end
+  -- Whose earlier response or conversation a request may name: never guessed. An export
+  -- from before the setting (or a value no version writes) would otherwise forward another
+  -- tenant's id under the one upstream key.
+  local scope = settings.previous_response_scope
+  if scope ~= 'tenant' and scope ~= 'shared' then
+    error('governor: ' .. directory .. '/governor.json has no previous_response_scope '
+      .. '"tenant" or "shared" (' .. tostring(scope) .. '; an export older than this module?); '
+      .. 'export again', 0)
+  end
   settings.scripts = {
     admit = script(directory, 'admit', settings.scripts.admit),
     settle = script(directory, 'settle', settings.scripts.settle),

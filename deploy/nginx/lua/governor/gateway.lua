@@ -143,14 +143,11 @@ function Gateway:model_call(client, req, principal, kind, plan)
   if ip == false then
     return {answer = say:bad_request(refusal)}
   end
-  local earlier = request:previous_response_id()
-  if earlier ~= nil and client ~= nil then
-    local tokens, failed = self:earlier_tokens(client, principal.tenant, earlier, request:model())
-    if tokens == nil then
-      warn('limit store unreachable, plan ', principal.plan, ' fails closed: ', failed)
-      return {answer = say:enforcement_unavailable(principal.plan), broken = true}
+  if client ~= nil then
+    local unknown = self:add_earlier(client, principal, request)
+    if unknown ~= nil then
+      return unknown
     end
-    request:add_earlier(tokens)
   end
   local result, err = nil, 'no connection'
   if client ~= nil then
@@ -203,44 +200,73 @@ local function unknown_earlier(settings, model)
     or settings.unknown_previous_response_tokens
 end
 
--- asgi._add_earlier: the tokens recorded for the tenant's response when it settled (the
--- conversation the model server reads back and bills as input); without a record of this
--- tenant's (expired, made elsewhere, another tenant's id, an id that is no safe id) the
--- model's context window or the configured default, never nothing: concurrent requests naming
--- a long conversation would each reserve a few tokens and together spend far past the budget.
--- nil and why when Redis fails (every plan then fails closed here).
-function Gateway:earlier_tokens(client, tenant, response_id, model)
-  local key = self.admission.keys:response(tenant, response_id)
-  if key ~= nil then
-    local text, err = client:get(key)
-    if text == nil then
-      return nil, 'GET ' .. key .. ': ' .. tostring(err)
-    end
-    if type(text) == 'string' and text:match('^%d+$') then
-      return tonumber(text)
-    end
+-- The tokens recorded for the tenant's response or conversation when it settled (the
+-- conversation the model server reads back and bills as input); false without a record of
+-- this tenant's (expired, made elsewhere, another tenant's id, an id that is no safe id);
+-- nil and why when Redis fails.
+function Gateway:earlier_tokens(client, tenant, what, named)
+  local keys = self.admission.keys
+  local key = (what == 'conversation' and keys.conversation or keys.response)(keys, tenant, named)
+  if key == nil then
+    return false
   end
-  return unknown_earlier(self.settings, model)
+  local text, err = client:get(key)
+  if text == nil then
+    return nil, 'GET ' .. key .. ': ' .. tostring(err)
+  end
+  if type(text) == 'string' and text:match('^%d+$') then
+    return tonumber(text)
+  end
+  return false
+end
+
+-- asgi._add_earlier: each earlier response or conversation named is reserved as recorded.
+-- Every tenant reaches the model server with the one upstream key, so one without a record
+-- of this tenant's would let it read another tenant's conversation: refused 404 (scope
+-- 'tenant') before anything is forwarded; 'shared' reserves the model's context window or
+-- the configured default instead, never nothing. Redis failing: every plan fails closed.
+-- The refusal ({answer = ...}), or nil when the request goes on to admission.
+function Gateway:add_earlier(client, principal, request)
+  for _, named in ipairs(request:earlier()) do
+    local what, id = named[1], named[2]
+    local tokens, failed = self:earlier_tokens(client, principal.tenant, what, id)
+    if tokens == nil then
+      warn('limit store unreachable, plan ', principal.plan, ' fails closed: ', failed)
+      return {answer = self.answers:enforcement_unavailable(principal.plan), broken = true}
+    end
+    if tokens == false and self.settings.previous_response_scope == 'tenant' then
+      return {answer = self.answers:unknown_earlier(what, id)}
+    end
+    request:add_earlier(tokens or unknown_earlier(self.settings, request:model()))
+  end
+  return nil
 end
 
 -- asgi._remember: a Responses answer the model server keeps: record what a later request
 -- naming it will read back (its input, which holds its own earlier turns, and its output).
 -- A record that cannot be written leaves that request the conservative default.
+-- Recorded so that this tenant (only) may name it, and its conversation (asgi._kept: the
+-- response's id when the model server keeps it, the conversation whatever `store` says).
 function Gateway:remember(client, call, usage)
-  local response_id = call.meter.response_id
-  if response_id == nil or not call.request:stored() then
-    return
+  local keys, tenant = self.admission.keys, call.principal.tenant
+  local kept = {}
+  if call.meter.response_id ~= nil and call.request:stored() then
+    kept[#kept + 1] = keys:response(tenant, call.meter.response_id)
   end
-  local key = self.admission.keys:response(call.principal.tenant, response_id)
-  if key == nil then
-    return  -- never put in a key: a request naming it reserves the default
+  if call.meter.conversation_id ~= nil then
+    kept[#kept + 1] = keys:conversation(tenant, call.meter.conversation_id)
   end
+  -- (An id that is no safe id makes no key and is skipped: a request naming it is refused,
+  -- or reserves the default.)
   local ttl_ms = math.max(1, math.floor(self.settings.previous_response_ttl_seconds * 1000 + 0.5))
-  local ok, err = client:set(key, string.format('%d', math.max(0, usage.prompt
-    + usage.completion)), 'PX', string.format('%d', ttl_ms))
-  if not ok then
-    warn('cannot record a response\'s tokens; a request continuing it reserves the default: ',
-      err)
+  local tokens = string.format('%d', math.max(0, usage.prompt + usage.completion))
+  for _, key in pairs(kept) do
+    local ok, err = client:set(key, tokens, 'PX', string.format('%d', ttl_ms))
+    if not ok then
+      warn('cannot record a response\'s tokens; a request continuing it is refused (or, '
+        .. 'shared, reserves the default): ', err)
+      return
+    end
   end
 end
 

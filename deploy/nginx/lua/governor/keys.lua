@@ -153,6 +153,15 @@ function Keys:response(tenant, response_id)
   return self:tag(tenant) .. ':response:' .. escape(response_id)
 end
 
+-- KeySchema.conversation: as Keys:response, for a Conversations API id the tenant's answers
+-- belonged to (its own kind: a conversation and a response sharing an id never meet).
+function Keys:conversation(tenant, conversation_id)
+  if not _M.valid_id(conversation_id) then
+    return nil
+  end
+  return self:tag(tenant) .. ':conversation:' .. escape(conversation_id)
+end
+
 function Keys:version()
   return self.prefix .. ':version'
 end

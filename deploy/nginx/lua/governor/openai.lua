@@ -103,12 +103,21 @@ end
 
 -- openai._check_previous: `previous_response_id` must be a string (or null); a model server
 -- reading another JSON value as an id would bill a conversation no reservation counted.
+-- `conversation` a string or an object whose `id` is one (or null): one the gateway never
+-- checked was the tenant's must not reach the model server either.
 local function bad_previous(kind, body)
+  if kind ~= 'response' then
+    return nil
+  end
   local value = body.previous_response_id
-  if kind == 'response' and value ~= nil and value ~= cjson.null and type(value) ~= 'string'
-  then
+  if value ~= nil and value ~= cjson.null and type(value) ~= 'string' then
     local shown = cjson.encode(value) or tostring(value)
     return '`previous_response_id` must be a string, not ' .. shown:sub(1, 40)
+  end
+  value = body.conversation
+  local named = type(value) == 'table' and value.id or value
+  if value ~= nil and value ~= cjson.null and type(named) ~= 'string' then
+    return '`conversation` must be a string or an object with a string `id`'
   end
   return nil
 end
@@ -234,6 +243,29 @@ end
 function Request:previous_response_id()
   local value = self.kind == 'response' and self.body.previous_response_id or nil
   return type(value) == 'string' and value or nil
+end
+
+-- ModelRequest.conversation_id: the Conversations API conversation a Responses request
+-- belongs to (its id, or an object holding it), or nil.
+function Request:conversation_id()
+  local value = self.kind == 'response' and self.body.conversation or nil
+  if type(value) == 'table' then
+    value = value.id
+  end
+  return type(value) == 'string' and value or nil
+end
+
+-- ModelRequest.earlier: {what, id} of each earlier response or conversation named, in order.
+function Request:earlier()
+  local named = {}
+  local response, conversation = self:previous_response_id(), self:conversation_id()
+  if response ~= nil then
+    named[#named + 1] = {'response', response}
+  end
+  if conversation ~= nil then
+    named[#named + 1] = {'conversation', conversation}
+  end
+  return named
 end
 
 -- Whether the model server keeps this Responses answer for a later request to name (`store`,
@@ -515,6 +547,11 @@ function Meter:read_document(data)
   local held = type(document.response) == 'table' and document.response or document
   if held.object == 'response' and type(held.id) == 'string' then
     self.response_id = held.id
+    -- openai._conversation_id: the conversation it belongs to.
+    local conversation = type(held.conversation) == 'table' and held.conversation.id
+    if type(conversation) == 'string' then
+      self.conversation_id = conversation
+    end
   end
   self.completion_chars = self.completion_chars + output_chars(document)
   if type(document.choices) == 'table' then
