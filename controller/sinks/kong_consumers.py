@@ -90,13 +90,7 @@ class ConsumerIndex:
     def _fetch(self, consumer_id: str) -> None:
         # A UUID-shaped segment is read as the primary key; any other as a username, so the
         # answer's id is checked: a username that looks like the id is another consumer.
-        response = self.admin.request("GET", "/consumers/" + quote(consumer_id, safe=""))
-        found = response.json() if response.status_code == 200 else None
-        if response.status_code not in (200, 404):
-            raise SinkError(
-                f"Kong Admin API at {self.admin.location}: GET /consumers/{consumer_id} "
-                f"answered {response.status_code}"
-            )
+        found = self._get("/consumers/" + quote(consumer_id, safe=""))
         if isinstance(found, dict) and str(found.get("id")) == consumer_id:
             self.remember(found)
         else:
@@ -104,15 +98,28 @@ class ConsumerIndex:
 
     def _search(self, tenant: str) -> None:
         if self.field == "custom_id":
-            response = self.admin.request("GET", "/consumers", params={"custom_id": tenant})
-            found = (response.json().get("data") or []) if response.status_code == 200 else []
+            listing = self._get("/consumers", {"custom_id": tenant})
+            found = (listing.get("data") or []) if isinstance(listing, dict) else []
         else:
             # /consumers/{x} reads x as the primary key when it looks like a UUID: a tenant
             # named like another consumer's id must not reach that consumer (checked below).
-            response = self.admin.request("GET", "/consumers/" + quote(tenant, safe=""))
-            found = [response.json()] if response.status_code == 200 else []
+            consumer = self._get("/consumers/" + quote(tenant, safe=""))
+            found = [consumer] if consumer is not None else []
         matches = [c for c in found if isinstance(c, dict) and c.get(self.field) == tenant]
         if matches:
             self.remember(matches[0])
         else:
             self._by_tenant[tenant] = None
+
+    def _get(self, path: str, params: dict[str, str] | None = None) -> Any:
+        """The JSON Kong answers, None for 404 (no such consumer); any other refusal raises:
+        read as "no consumer", it would take the tenant's limit off its consumer."""
+        response = self.admin.request("GET", path, params=params)
+        if response.status_code == 404:
+            return None
+        if response.status_code != 200:
+            raise SinkError(
+                f"Kong Admin API at {self.admin.location}: GET {path} answered "
+                f"{response.status_code}"
+            )
+        return response.json()
