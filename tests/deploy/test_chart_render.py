@@ -185,16 +185,17 @@ def test_the_production_scenario_turns_on_monitoring_and_protection() -> None:
 
 
 @pytest.mark.parametrize(("allowed", "spec"), [
-    (0, {"maxUnavailable": 0}),  # no eviction at all: 0 is a value, not "unset"
     ("50%", {"maxUnavailable": "50%"}),
+    (1, {"maxUnavailable": 1}),
     ("", {"minAvailable": 1}),
     (None, {"minAvailable": 1}),
 ])  # fmt: skip
-def test_a_budget_of_max_unavailable_zero_is_kept_not_read_as_unset(
+def test_a_set_max_unavailable_is_kept_and_an_unset_one_is_not(
     allowed: object, spec: dict[str, object]
 ) -> None:
-    """`maxUnavailable: 0` rendered `minAvailable: 1`: with two replicas one could be evicted
-    where the operator asked for none."""
+    """`maxUnavailable: 0` once rendered `minAvailable: 1`: with two replicas one could be
+    evicted where the operator asked for none. 0 is a value, not "unset" — one no eviction can
+    satisfy, so the chart now refuses it naming maxUnavailable (test_chart_disruption_budget)."""
     budget = {"enabled": True, "maxUnavailable": allowed}
     values = {"podDisruptionBudget": budget,
               "gateway": {"enabled": True, "upstream": "http://vllm:8000",

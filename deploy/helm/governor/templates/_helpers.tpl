@@ -328,6 +328,45 @@ list: the value's name, the value, what to do instead.
 {{- end }}
 
 {{/*
+Refuse a PodDisruptionBudget that no eviction can satisfy: Kubernetes accepts it, and every
+node drain then retries the eviction of these pods until it times out. Blocking: maxUnavailable
+0 or 0%; an integer minAvailable at or above the replicas; a minAvailable percentage that
+Kubernetes (which rounds a percentage up) makes every replica. maxUnavailable, when set, is the
+bound the budget renders, so the only one checked. The replicas are the Deployment's, or the
+autoscaler's minReplicas (the least it may scale to); not a whole number of at least 1, they
+are left to requireReplicas. The argument is a list: the budget's name (its values path), its
+values, the replicas' name, the replicas, what its pods are ("controller", "gateway").
+*/}}
+{{- define "governor.requireEvictableBudget" -}}
+{{- $name := index . 0 }}
+{{- $budget := index . 1 }}
+{{- $replicasName := index . 2 }}
+{{- $replicas := index . 3 }}
+{{- $pod := index . 4 }}
+{{- $max := toString $budget.maxUnavailable }}
+{{- $min := toString $budget.minAvailable }}
+{{- if and (ne $max "") (ne $max "<nil>") }}
+{{- if regexMatch "^0+%?$" $max }}
+{{- fail (printf "%s.maxUnavailable (%s) lets no %s pod be evicted, so a node drain can never finish: set it to 1 or more (or a percentage above 0%%), or clear it and set %s.minAvailable below %s (%v)" $name $max $pod $name $replicasName $replicas) }}
+{{- end }}
+{{- else if and (or (kindIs "int" $replicas) (kindIs "int64" $replicas) (kindIs "float64" $replicas)) (regexMatch "^[0-9]+$" (toString $replicas)) (ge (int64 $replicas) 1) }}
+{{- $n := int64 $replicas }}
+{{- if regexMatch "^[0-9]+$" $min }}
+{{- if ge (int64 $min) $n }}
+{{- fail (printf "%s.minAvailable (%s) must be below %s (%d), or a node drain can never evict a %s pod: lower it or raise %s" $name $min $replicasName $n $pod $replicasName) }}
+{{- end }}
+{{- else if regexMatch "^[0-9]+%$" $min }}
+{{- $percent := int64 (trimSuffix "%" $min) }}
+{{- /* intstr.GetScaledValueFromIntOrPercent with roundUp, as the disruption controller does */}}
+{{- $kept := div (add (mul $percent $n) 99) 100 }}
+{{- if ge (int64 $kept) $n }}
+{{- fail (printf "%s.minAvailable (%s) must be below %s (%d) once Kubernetes rounds it up (it comes to %d), or a node drain can never evict a %s pod: lower it to at most %d%% or raise %s" $name $min $replicasName $n $kept $pod (div (mul 100 (sub $n 1)) $n) $replicasName) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
 The TCP ports of the servers the controller's settings name (redis.url's hosts — Sentinels or
 Cluster nodes too —, prometheus.url, kong.adminUrl), one per line: the NetworkPolicy lets the
 controller reach them whatever egress rules say, so a Redis on 6380 is not cut off. A URL in
