@@ -16,14 +16,43 @@ from controller.control.overrides import ControlState
 from controller.control.reconciler import TickReport
 from controller.control.reload import ReloadOutcome
 from controller.control.telemetry import FlapDetector, Health, Metrics
+from controller.durations import format_duration
 from controller.errors import GovernorError
 from controller.journal.writer import Journal
-from controller.model import Address, ScalarSample, Scope, Snapshot, Validity
+from controller.model import Address, Sample, ScalarSample, Scope, Snapshot, Validity
 from controller.policy.baselines import Baselines
 from controller.policy.documents import AdaptiveLimit
 from controller.policy.engine import Evaluation
 from controller.policy.policyset import PolicySet
 from controller.policy.resolver import Resolution
+from controller.policy.text import fmt_time
+
+# What an operator reads when a signal cannot be used and its sample says nothing more.
+_INVALID = {
+    Validity.EMPTY: "the query returned no series: check its metric names and labels against "
+    "what Prometheus holds (`governor signals` shows each query's answer)",
+    Validity.NOT_FINITE: "the query returned NaN or ±Inf (a division by zero?)",
+    Validity.ERROR: "the query failed",
+    Validity.MISSING: "no series for this label value",
+    Validity.PARTIAL: "Prometheus answered with warnings: some data was unavailable",
+}
+
+
+def why_invalid(sample: Sample | None, stale_after: float, now: float) -> tuple[str, str]:
+    """The validity of a signal that cannot be used and why, in words: never an empty
+    reason (a `detail=''` every tick tells an on-call engineer nothing)."""
+    if sample is None:
+        return "missing", "not fetched: no answer for this query this tick"
+    said = sample.detail
+    if sample.validity is Validity.OK and isinstance(sample, ScalarSample):  # too old
+        age = format_duration(round(max(now - sample.timestamp, 0.0)))
+        stale = (
+            f"the sample of {fmt_time(sample.timestamp)} is {age} old, older than "
+            f"stale_after {format_duration(stale_after)}"
+        )
+        return str(Validity.STALE), "; ".join(filter(None, [stale, said]))
+    return str(sample.validity), said or _INVALID.get(sample.validity, str(sample.validity))
+
 
 # A tick longer than its interval is logged at most this often (it may be every tick).
 SLOW_TICK_WARN_SECONDS = 600.0
@@ -155,10 +184,11 @@ class TickReporter:
                 usable[use.policy] = (seen if broken else now, stale_after)
             if broken:
                 bad[use.policy] = bad.get(use.policy, 0) + 1
-                detail = sample.detail if sample is not None else "not fetched"
+                validity, detail = why_invalid(sample, use.spec.stale_after, now)
                 self._log.warning(
-                    "signal.invalid", policy=use.policy, signal=use.name, detail=detail
-                )
+                    "signal.invalid", policy=use.policy, signal=use.name, validity=validity,
+                    detail=detail,
+                )  # fmt: skip
         for document in policies.controllers:
             self.metrics.signals_invalid.labels(document.ref).set(bad.get(document.ref, 0))
         self._warming = warming
