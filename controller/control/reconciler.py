@@ -30,7 +30,7 @@ class DecisionRecorder(Protocol):
 class TickReport:
     """What one reconcile found and did."""
 
-    changes: tuple[Change, ...]
+    changes: tuple[Change, ...]  # journalled as changed: not those the sink held back waiting
     drift: tuple[Drift, ...]
     result: ApplyResult | None  # None: dry run, nothing written
     dry_run: bool
@@ -94,6 +94,11 @@ class Reconciler:
             # What landed is in force and the next diff will not show it: journal it now.
             journalled(exc.applied)
             raise
+        if result is not None and result.waiting:
+            # Held back by the sink (a Kong consumer missing, logged there with why): not in
+            # force, so not journalled as changed; the tick that writes them journals them.
+            waits = {change.address for change in result.waiting}
+            changes = [change for change in changes if change.address not in waits]
         journalled(changes)
         if result is not None and result.mismatched:
             self._report_mismatch(result, tick)

@@ -62,6 +62,10 @@ class ApplyResult:
     version: int
     applied: tuple[Change, ...] = ()
     mismatched: tuple[Change, ...] = field(default=())  # read back different after writing
+    # Held back, not written: the sink cannot hold them yet (a tenant without a Kong
+    # consumer). Neither applied nor in force (a read does not show them); written by the
+    # first apply after the sink can, which the sink tells apart (Kong: `pending`).
+    waiting: tuple[Change, ...] = ()
 
     @property
     def verified(self) -> bool:

@@ -132,7 +132,9 @@ class _Memory:
     """What this process last made the store hold (for drift on a deleted instance)."""
 
     owners: dict[Owner, dict[Address, float]] = field(default_factory=dict)
-    virtual: dict[Address, float] = field(default_factory=dict)  # desired, held nowhere
+    # Desired, on no instance because none needs it (a plan without members): read as in
+    # force. Never a limit held back for want of its entity (pending): Kong does not hold it.
+    virtual: dict[Address, float] = field(default_factory=dict)
 
     def fill_in(
         self,
@@ -234,7 +236,8 @@ class PluginSink:
         """Every limit Governor's instances carry, the ledger stored with them, the version.
 
         An address carried by several instances (a plan folded into its tenants) reads as
-        its common value, or as the first value that differs from the ledger (drift).
+        its common value, or as the first value that differs from the ledger (drift). A
+        limit waiting for its owner's entity (`pending`) is not read: no instance holds it.
         """
         listing = self.store.listing()
         registry = dict(self.registry()) if self.registry is not None else None
@@ -250,7 +253,9 @@ class PluginSink:
         """Make the store hold the layout of (what was read + `changes`); write only the
         instances that differ, then read back.
 
-        Unsupported addresses are skipped (logged once, listed in `unsupported`). Kong and
+        Unsupported addresses are skipped (logged once, listed in `unsupported`). Those
+        whose owner has no entity yet wait (logged once, listed in `pending`; returned as
+        `waiting`, not applied) and are not read as in force until written. Kong and
         Kubernetes have no multi-object transaction: an apply that fails midway leaves its
         earlier writes in place and the next tick finishes the job.
         """
@@ -267,21 +272,28 @@ class PluginSink:
         # Every owner, not only new ones: an existing instance's entity may be gone (a Kong
         # consumer deleted or its custom_id moved); the store answers from this pass's reads.
         self._hold_back(target, self.store.resolve(list(target)))
+        held = placed(target.values())
+        # What waits is on no instance now: not in force, so not read back (nor verified).
+        # An address another instance carries (a plan folded into a member that has its
+        # consumer) is in force there, though listed in pending for the one that waits.
+        waits = {address for address in self.pending if address not in held}
+        applied = tuple(c for c in supported if c.address not in waits)
+        waiting = tuple(c for c in supported if c.address in waits)
         # Owners enter the memory as they exist: a create that fails is no deletion (drift).
         self._memory = _Memory(
             {owner: _ledger(slots) for owner, slots in target.items() if owner in instances},
-            {a: v for a, v in desired.items() if a not in placed(target.values())},
+            {a: v for a, v in desired.items() if a not in held and a not in waits},
         )
         version = self._version + 1
         operations = self._operations(target, snapshot.listing, version)
         if not operations:
-            return ApplyResult(version=self._version, applied=tuple(supported))
+            return ApplyResult(version=self._version, applied=applied, waiting=waiting)
         check_fence(self.fence, self.fence_client, f"{len(operations)} {self.name} writes")
         self._run(operations)
         self._version = version
         state = self.read()
-        mismatched = tuple(c for c in supported if not holds(state, c))
-        return ApplyResult(version=version, applied=tuple(supported), mismatched=mismatched)
+        mismatched = tuple(c for c in applied if not holds(state, c))
+        return ApplyResult(version, applied, mismatched=mismatched, waiting=waiting)
 
     def _refresh(self) -> _Snapshot:
         self.read()

@@ -12,13 +12,20 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+import redis
 from structlog.testing import capture_logs
 
-from controller.changes import diff
+from controller.changes import Change, diff
+from controller.contract.keys import KeySchema
+from controller.control.reconciler import Reconciler
 from controller.errors import SinkError
+from controller.journal.reader import read_events
+from controller.journal.writer import Journal
+from controller.model import Decision, Source
+from controller.settings import JournalSettings
 from tests.kong.conftest import A, SinkFactory, add_consumer, admin_client, plugins_by_owner
 from tests.kong.kong_admin import KongAdmin
-from tests.support.sink_ticks import converge
+from tests.support.sink_ticks import Registry, converge
 
 DESIRED = {
     A("tenant/acme/requests_per_minute"): 600.0,
@@ -123,6 +130,8 @@ def test_a_deleted_consumer_leaves_its_tenant_waiting_with_the_fix(
     assert "tenant 'acme' has no Kong consumer with custom_id 'acme'" in reason
     assert "GOVERNOR_KONG__CREATE_CONSUMERS=true" in reason
     assert [e["reason"] for e in logs if e["event"] == "sink.limit_waiting"] == [reason]
+    state = sink.read()  # Kong holds no limit for acme: none is read as in force
+    assert (dict(state), dict(state.written)) == ({}, {})
 
 
 def test_a_consumer_that_no_longer_carries_the_tenant_id_loses_the_limit(
@@ -212,3 +221,92 @@ def test_many_consumers_are_checked_one_by_one_not_listed(
     ]
     patch_consumer(kong, acme, custom_id="acme-old")  # and that GET sees a hand edit
     assert dict(sink.read()) == {}
+
+
+GHOST = A("tenant/ghost/requests_per_minute")
+
+
+def test_a_waiting_tenants_limit_is_not_read_as_in_force(
+    kong: KongAdmin, make_sink: SinkFactory
+) -> None:
+    # The read is "the value in force": a limit Kong does not hold (its tenant has no
+    # consumer, so it was never written) must not be read as held, tick after tick.
+    add_consumer(kong, custom_id="acme")
+    sink = make_sink(kong)
+    desired = {**ACME, GHOST: 60.0}
+    for _ in range(2):
+        sink.apply(diff(desired, sink.read()))
+    state = sink.read()
+    assert set(plugins_by_owner(kong)) == {"tenant|acme"}
+    assert dict(state) == ACME
+    assert dict(state.written) == ACME  # nor as written by Governor
+    assert state.drift == []
+    assert "tenant 'ghost' has no Kong consumer with custom_id 'ghost'" in sink.pending[GHOST]
+    add_consumer(kong, custom_id="ghost")
+    assert diff(desired, sink.read()) == [Change(GHOST, None, 60.0)]  # still to be written
+    sink.apply(diff(desired, sink.read()))
+    assert dict(sink.read()) == desired
+    assert plugins_by_owner(kong)["tenant|ghost"]["config"]["minute"] == 60
+    assert sink.pending == {}
+
+
+def test_an_apply_holds_a_waiting_limit_back_and_verifies_the_rest(
+    kong: KongAdmin, make_sink: SinkFactory
+) -> None:
+    add_consumer(kong, custom_id="acme")
+    sink = make_sink(kong)
+    acme, ghost = (
+        Change(A("tenant/acme/requests_per_minute"), None, 600.0),
+        Change(GHOST, None, 6.0),
+    )
+    result = sink.apply([acme, ghost])
+    assert result.applied == (acme,)
+    assert result.waiting == (ghost,)  # not written: neither applied nor a verify failure
+    assert result.verified
+    again = sink.apply(diff({**ACME, GHOST: 6.0}, sink.read()))  # nothing to write
+    assert (again.applied, again.waiting, again.version) == ((), (ghost,), result.version)
+
+
+def test_a_plan_limit_is_in_force_where_a_member_holds_it_and_waits_where_none_can(
+    kong: KongAdmin, make_sink: SinkFactory
+) -> None:
+    # No consumer groups: gold's limit is folded into each member's consumer plugin. ghost
+    # has no consumer; acme, on gold too, holds gold's limit; nobody can hold silver's.
+    add_consumer(kong, custom_id="acme")
+    sink = make_sink(kong, Registry(acme="gold", ghost="gold", other="silver"))
+    gold, silver = A("plan/gold/requests_per_minute"), A("plan/silver/requests_per_minute")
+    own = A("tenant/ghost/requests_per_second")
+    desired = {gold: 600.0, silver: 60.0, own: 5.0}
+    for _ in range(2):
+        result = sink.apply(diff(desired, sink.read()))
+    assert dict(sink.read()) == {gold: 600.0}
+    assert {c.address for c in result.waiting} == {silver, own}
+    # pending lists what a waiting tenant's plugin would carry, with why: gold's too.
+    assert set(sink.pending) == {gold, silver, own}
+    assert "tenant 'ghost' has no Kong consumer" in sink.pending[gold]
+    assert "tenant 'other' has no Kong consumer" in sink.pending[silver]
+
+
+def test_the_journal_records_a_waiting_limit_when_kong_holds_it_not_before(
+    kong: KongAdmin, make_sink: SinkFactory, db: redis.Redis[str]
+) -> None:
+    # The reconciler journals what the read says changed: while ghost's limit waits, no
+    # `limit.changed` claims it was set, and the tick that writes it journals it once.
+    keys = KeySchema()
+    journal = Journal(db, keys, JournalSettings())
+    reconciler = Reconciler(make_sink(kong), journal, name="kong")
+    wanted = {GHOST: Decision(GHOST, 60.0, Source.BASELINE, None, "Limits/ghost")}
+    waiting = Change(GHOST, None, 60.0)
+    reports = [reconciler.tick(wanted, tick=tick, policy_version="v1") for tick in (1, 2)]
+    assert journal.flush()
+    assert read_events(db, keys) == []
+    assert [(r.changes, r.result and r.result.waiting) for r in reports] == [((), (waiting,))] * 2
+    add_consumer(kong, custom_id="ghost")
+    for tick in (3, 4):
+        reconciler.tick(wanted, tick=tick, policy_version="v1")
+    assert journal.flush()
+    events = [
+        (e.event.kind, e.event.address, e.event.new, e.event.tick) for e in read_events(db, keys)
+    ]
+    assert events == [("limit.changed", str(GHOST), 60.0, 3)]
+    assert plugins_by_owner(kong)["tenant|ghost"]["config"]["minute"] == 60

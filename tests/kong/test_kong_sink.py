@@ -332,8 +332,10 @@ def test_a_tenant_without_a_consumer_waits_and_nothing_is_created(
     assert kong.writes() == 0
     assert "no Kong consumer" in sink.pending[A("tenant/ghost/requests_per_minute")]
     assert [e["event"] for e in logs].count("sink.limit_waiting") == 1
+    assert dict(sink.read()) == {}  # waiting is not in force
     add_consumer(kong, custom_id="ghost")
-    assert converge(sink, desired) == []  # no limit changed: the waiting one is written
+    # The waiting limit is written, and only now read as changed.
+    assert converge(sink, desired) == [Change(A("tenant/ghost/requests_per_minute"), None, 60.0)]
     assert plugins_by_owner(kong)["tenant|ghost"]["config"]["minute"] == 60
     assert sink.pending == {}
 
