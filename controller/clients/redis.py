@@ -287,6 +287,29 @@ class _AsyncFollowingPool(redis.asyncio.sentinel.SentinelConnectionPool):  # typ
         return await super().get_connection(*args, **kwargs)
 
 
+def write_backoff(settings: RedisSettings) -> ExponentialBackoff:
+    """The wait before each retry of a failed write: redis-py waits `retry_backoff_seconds`
+    × 2^(failures so far), at most _BACKOFF_CAP_SECONDS (0.1, 0.2, 0.4 s by default)."""
+    return ExponentialBackoff(cap=_BACKOFF_CAP_SECONDS, base=settings.retry_backoff_seconds)
+
+
+def write_retry_async(
+    settings: RedisSettings, errors: tuple[type[Exception], ...]
+) -> redis.asyncio.retry.Retry:
+    """`connect`'s retry policy (`settings.retries` more tries, `write_backoff` between
+    them) for an async write that its caller repeats with `call_with_retry`: the gateway's
+    client retries nothing by itself (`connect_async`: a repeated admission could reserve
+    twice), so only a write that is the same when repeated (a SET) asks for this.
+
+    `errors`: what a try may raise to be tried again, Governor's wrappings of Redis errors
+    included (redis-py catches whatever types it is given; its stubs say RedisError only)."""
+    return redis.asyncio.retry.Retry(
+        write_backoff(settings),
+        settings.retries,
+        supported_errors=cast("tuple[type[redis.RedisError], ...]", errors),
+    )
+
+
 def connect(url: str, settings: RedisSettings, *, retries: int | None = None) -> redis.Redis[str]:
     """A client for `url` (redis://, rediss://, unix://, redis+sentinel://,
     redis+cluster://); `retries` overrides settings.retries.
@@ -299,9 +322,7 @@ def connect(url: str, settings: RedisSettings, *, retries: int | None = None) ->
     scheme = _check_scheme(url)
     count = settings.retries if retries is None else retries
     options = client_options(url, settings)
-    options["retry"] = Retry(
-        ExponentialBackoff(cap=_BACKOFF_CAP_SECONDS, base=settings.retry_backoff_seconds), count
-    )
+    options["retry"] = Retry(write_backoff(settings), count)
     options["retry_on_error"] = [redis.ConnectionError, redis.TimeoutError]
     try:
         if scheme in _SENTINEL:

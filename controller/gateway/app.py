@@ -32,6 +32,7 @@ from controller.clients.redis import (
     key_schema,
     refuse_cluster_url,
     url_from_settings,
+    write_retry_async,
 )
 from controller.contract.catalog import PlanInfo
 from controller.errors import ConfigurationError
@@ -112,6 +113,7 @@ class GatewayRuntime:
             ),
             answers=Answers(gateway.problem_base_url, gateway.retry_after_jitter),
             tracing=Tracing(gateway.otlp_endpoint) if gateway.otlp_endpoint else None,
+            record_retry=write_retry_async(settings.redis, STORE_ERRORS),
         )
         return cls(settings, client, http, presence, enforcement)
 

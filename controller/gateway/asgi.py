@@ -12,12 +12,13 @@ from typing import Any
 
 import anyio
 import redis
+import redis.asyncio.retry
 import structlog
 from redis.exceptions import RedisClusterException
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from controller.clients.redis import refused_this_call
+from controller.clients.redis import refused_this_call, write_retry_async
 from controller.contract.catalog import PlanInfo
 from controller.contract.enforcement import ForwardedForError, forwarded_client
 from controller.errors import SinkError
@@ -47,7 +48,7 @@ from controller.gateway.prices import PriceTable
 from controller.gateway.responses import Answers, degrade_headers, rate_limit_headers
 from controller.gateway.tracing import Tracing
 from controller.model import model_key
-from controller.settings import GatewaySettings
+from controller.settings import GatewaySettings, RedisSettings
 
 # Outcomes where one limit said no: `gateway_refusals_total` counts which level and kind.
 _LIMIT_REFUSALS = ("rate_limited", "budget_exhausted", "too_large")
@@ -79,6 +80,12 @@ class Enforcement:
     # Settles and releases that met a Redis outage, repeated once it answers.
     pending: PendingCalls = field(
         default_factory=lambda: PendingCalls(STORE_ERRORS, refused_alone=refused_this_call)
+    )
+    # How a record of a Responses answer's tokens is tried again when its write fails (a
+    # dropped connection, a pause, a failover): GOVERNOR_REDIS__RETRIES more tries with
+    # GOVERNOR_REDIS__RETRY_BACKOFF_SECONDS doubled between them, as the controller's writes.
+    record_retry: redis.asyncio.retry.Retry = field(
+        default_factory=lambda: write_retry_async(RedisSettings(), STORE_ERRORS)
     )
 
     def __post_init__(self) -> None:
@@ -258,19 +265,48 @@ class GovernorMiddleware:
     async def _remember(self, call: _Call, tokens: int) -> None:
         """A Responses answer the model server keeps: record what a later request naming it
         (or its conversation) will read back (its input, which holds its own earlier turns,
-        and its output), and so that this tenant may name it. A record that cannot be written
-        leaves that request refused 404 (`shared`: the conservative default)."""
+        and its output), and so that this tenant may name it.
+
+        A write that fails is tried again (`record_retry`, each failed try counted in
+        `gateway_limit_store_errors_total{operation="record"}`), so a Redis blip loses no
+        record; it delays the answer's last byte by the backoff (0.7 s at most by default)
+        and the tries. Given up, the record is missing: logged once with the tenant and the
+        ids, counted in `gateway_response_records_lost_total`, and a request continuing it
+        gets what any id without a record of the tenant's gets (404 in `tenant` scope: no
+        gateway can tell it from another tenant's id; `shared`: the default reserved), as
+        in the nginx module. Records after a given-up one are not tried (Redis is away)."""
         ttl = self.e.settings.previous_response_ttl_seconds
-        try:
-            for what, named in _kept(call):
-                await self.e.admission.remember_response(
-                    call.principal.tenant, named, tokens, ttl, what
+        kept = _kept(call)
+        for done, (what, named) in enumerate(kept):
+            try:
+                await self.e.record_retry.call_with_retry(
+                    self._record_call(call.principal.tenant, what, named, tokens, ttl),
+                    self._record_failed,
                 )
-        except STORE_ERRORS as exc:
-            self.e.metrics.store_errors.labels("record").inc()
-            self._log.warning("cannot record a response's tokens; a request continuing it "
-                              "is refused (or, shared, reserves the default)",
-                              error=_said(exc))  # fmt: skip
+            except STORE_ERRORS as exc:
+                self._records_lost(call.principal.tenant, kept[done:], exc)
+                return
+
+    def _record_call(
+        self, tenant: str, what: EarlierKind, named: str, tokens: int, ttl: float
+    ) -> StoreCall:
+        return lambda: self.e.admission.remember_response(tenant, named, tokens, ttl, what)
+
+    async def _record_failed(self, _error: BaseException) -> None:
+        self.e.metrics.store_errors.labels("record").inc()
+
+    def _records_lost(
+        self, tenant: str, lost: list[tuple[EarlierKind, str]], error: BaseException
+    ) -> None:
+        for what, _named in lost:
+            self.e.metrics.records_lost.labels(what).inc()
+        self._log.error(
+            "cannot record a response's tokens: Redis failed every try; a request continuing "
+            "it is refused 404 (or, shared, reserves the default)",
+            tenant=tenant,
+            **{f"{what}_id": named for what, named in lost},
+            error=_said(error),
+        )
 
     async def _admit(
         self, principal: Principal, plan: PlanInfo, request: ModelRequest, ip: str | None

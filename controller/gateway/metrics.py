@@ -54,6 +54,9 @@ OUTCOMES = (
 # `lookup` and `record`: the tokens of an earlier Responses answer, read and written.
 STORE_OPERATIONS = ("authenticate", "admit", "heartbeat", "lookup", "record", "release", "settle")
 HELD_OPERATIONS = ("release", "settle", "charge")
+# What a kept Responses answer is recorded under (`gateway_response_records_lost_total`): its
+# id, and the conversation it belongs to.
+RECORD_KINDS = ("response", "conversation")
 # Who refused (`gateway_refusals_total`): the level of the limit and its kind, never the tenant
 # (that series family stays small; the answer and the log name the tenant's own address).
 REFUSING_LEVELS = (*(scope.value for scope in Scope), "credits")
@@ -175,6 +178,14 @@ class GatewayMetrics:
             ("operation",),
             registry=self.registry,
         )
+        self.records_lost = Counter(
+            "gateway_response_records_lost",
+            "Records of a kept Responses answer's tokens that Redis failed every try to write, "
+            "by kind (response, conversation): a request continuing it is refused 404 "
+            "(previous_response_scope tenant) or reserves the default (shared)",
+            ("kind",),
+            registry=self.registry,
+        )
         self.live_gateways = Gauge(
             "gateway_live_gateways",
             "Gateways alive at the last heartbeat (the fail-open divisor)",
@@ -199,6 +210,8 @@ class GatewayMetrics:
             self.store_errors.labels(operation)
         for operation in HELD_OPERATIONS:
             self.store_calls_lost.labels(operation)
+        for kind in RECORD_KINDS:
+            self.records_lost.labels(kind)
         for level in REFUSING_LEVELS:
             for limit in REFUSING_LIMITS:
                 if (level == "credits") == (limit == "balance"):

@@ -10,7 +10,12 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from controller.control.telemetry import Metrics
-from controller.gateway.metrics import HELD_OPERATIONS, STORE_OPERATIONS, GatewayMetrics
+from controller.gateway.metrics import (
+    HELD_OPERATIONS,
+    RECORD_KINDS,
+    STORE_OPERATIONS,
+    GatewayMetrics,
+)
 from tests.deploy.series import series_names
 
 REPO = Path(__file__).resolve().parents[2]
@@ -76,6 +81,8 @@ def test_closed_label_sets_start_at_zero() -> None:
         assert gateway["gateway_limit_store_errors_total", (("operation", operation),)] == 0.0
     for operation in HELD_OPERATIONS:
         assert gateway["gateway_store_calls_lost_total", (("operation", operation),)] == 0.0
+    for kind in RECORD_KINDS:
+        assert gateway["gateway_response_records_lost_total", (("kind", kind),)] == 0.0
     controller = _samples(Metrics().exposition())
     assert controller["governor_ticks_total", (("outcome", "ok"),)] == 0.0
     assert controller["governor_ticks_total", (("outcome", "degraded"),)] == 0.0

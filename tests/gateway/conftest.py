@@ -208,10 +208,16 @@ class Gateway:
 
 
 def start_gateway(
-    redis_url: str, upstream_url: str, policies: Path | None = None, **gateway: Any
+    redis_url: str,
+    upstream_url: str,
+    policies: Path | None = None,
+    redis_options: Mapping[str, Any] | None = None,
+    **gateway: Any,
 ) -> Gateway:
+    """`redis_options`: RedisSettings fields besides the URL (socket timeout 1 s unless set)."""
+    options = {"socket_timeout_seconds": 1.0, **(redis_options or {})}
     settings = Settings(
-        redis=RedisSettings(url=SecretStr(redis_url), socket_timeout_seconds=1.0),
+        redis=RedisSettings(url=SecretStr(redis_url), **options),
         gateway=GatewaySettings(**{"api_key_secret": SecretStr("test-secret"), **gateway}),
     )
     plans = None if policies is None else fixed_plans(policies)

@@ -5,10 +5,11 @@ from the request, streams SSE when asked, and records what reached it. Test knob
 request headers (the gateway forwards them): `x-fake-status` answers that status,
 `x-fake-usage: none` leaves usage out, `x-fake-tokens: N` generates N tokens (at most
 max_tokens; per prompt of a completions batch), `x-fake-hold: 1` holds a stream after its first
-chunk until the test releases it, `x-fake-delay: S` waits S seconds before answering (a
-model generating), `x-fake-pad: N` adds N bytes of logprobs to a non-streamed answer,
-`x-fake-cut: N` sends only the first N bytes of a non-streamed answer (a body cut off
-mid-way), and `x-fake-ignore-stream: 1` answers a stream request with one JSON document.
+chunk (a Responses answer: before it starts) until the test releases it, `x-fake-delay: S`
+waits S seconds before answering (a model generating), `x-fake-pad: N` adds N bytes of
+logprobs to a non-streamed answer, `x-fake-cut: N` sends only the first N bytes of a
+non-streamed answer (a body cut off mid-way), and `x-fake-ignore-stream: 1` answers a stream
+request with one JSON document.
 Responses are kept (unless `store: false`) as a model server keeps them: a request naming one
 as `previous_response_id` is billed its input and output again as input, and one naming a
 response it does not hold is refused 400, as OpenAI and vLLM refuse it. A `conversation` the
@@ -186,6 +187,8 @@ class FakeUpstream:
         failed = _failure(request)
         if failed is not None:
             return failed
+        if request.headers.get("x-fake-hold") == "1":  # a model still generating
+            await anyio.to_thread.run_sync(self.release.wait, _HOLD_TIMEOUT_SECONDS)
         prompt = 7 + len(json.dumps(body.get("input"))) // 10
         earlier = self._earlier(body)
         if isinstance(earlier, Response):

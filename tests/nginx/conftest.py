@@ -98,6 +98,17 @@ location = /_probe/meter {
             conversation_id = meter.conversation_id or cjson.null}))
     }
 }
+location = /_probe/config {
+    content_by_lua_block {
+        local cjson = require 'cjson.safe'
+        local config = require 'governor.config'
+        local settings = config.load({export_dir = ngx.req.get_uri_args().export_dir,
+            redis = {host = '127.0.0.1', port = 6379}})
+        ngx.say(cjson.encode({retries = settings.redis.retries,
+            retry_backoff_seconds = settings.redis.retry_backoff_seconds,
+            timeout_ms = settings.redis.timeout_ms}))
+    }
+}
 location = /_probe/strip {
     content_by_lua_block {
         local openai = require 'governor.openai'

@@ -94,6 +94,21 @@ function _M.load(options)
   end
   local timeout = tonumber(getenv('GOVERNOR_REDIS__SOCKET_TIMEOUT_SECONDS') or '2')
   redis.timeout_ms = redis.timeout_ms or math.floor(timeout * 1000)
+  -- How a failed record of a Responses answer is tried again, as `governor gateway` does
+  -- (RedisSettings: the same variables and defaults).
+  redis.retries = redis.retries or tonumber(getenv('GOVERNOR_REDIS__RETRIES') or '3')
+  redis.retry_backoff_seconds = redis.retry_backoff_seconds
+    or tonumber(getenv('GOVERNOR_REDIS__RETRY_BACKOFF_SECONDS') or '0.05')
+  local retries, backoff = redis.retries, redis.retry_backoff_seconds
+  if type(retries) ~= 'number' or retries ~= math.floor(retries) or retries < 0
+      or retries > 20 then
+    error('governor: GOVERNOR_REDIS__RETRIES must be a whole number from 0 to 20, not '
+      .. tostring(getenv('GOVERNOR_REDIS__RETRIES')), 0)
+  end
+  if type(backoff) ~= 'number' or not (backoff > 0) or backoff == math.huge then
+    error('governor: GOVERNOR_REDIS__RETRY_BACKOFF_SECONDS must be a number of seconds above '
+      .. '0, not ' .. tostring(getenv('GOVERNOR_REDIS__RETRY_BACKOFF_SECONDS')), 0)
+  end
   settings.redis = redis
   return settings
 end

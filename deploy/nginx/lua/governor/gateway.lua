@@ -242,32 +242,77 @@ function Gateway:add_earlier(client, principal, request)
   return nil
 end
 
--- asgi._remember: a Responses answer the model server keeps: record what a later request
--- naming it will read back (its input, which holds its own earlier turns, and its output).
--- A record that cannot be written leaves that request the conservative default.
--- Recorded so that this tenant (only) may name it, and its conversation (asgi._kept: the
--- response's id when the model server keeps it, the conversation whatever `store` says).
-function Gateway:remember(client, call, usage)
-  local keys, tenant = self.admission.keys, call.principal.tenant
-  local kept = {}
-  if call.meter.response_id ~= nil and call.request:stored() then
-    kept[#kept + 1] = keys:response(tenant, call.meter.response_id)
-  end
-  if call.meter.conversation_id ~= nil then
-    kept[#kept + 1] = keys:conversation(tenant, call.meter.conversation_id)
-  end
-  -- (An id that is no safe id makes no key and is skipped: a request naming it is refused,
-  -- or reserves the default.)
-  local ttl_ms = math.max(1, math.floor(self.settings.previous_response_ttl_seconds * 1000 + 0.5))
-  local tokens = string.format('%d', math.max(0, usage.prompt + usage.completion))
-  for _, key in pairs(kept) do
-    local ok, err = client:set(key, tokens, 'PX', string.format('%d', ttl_ms))
-    if not ok then
-      warn('cannot record a response\'s tokens; a request continuing it is refused (or, '
-        .. 'shared, reserves the default): ', err)
-      return
+-- The longest wait between two tries of a record (controller/clients/redis.py's cap).
+local BACKOFF_CAP_SECONDS = 2
+
+-- One record written, tried as `governor gateway` tries it (asgi.Enforcement.record_retry):
+-- `redis.retries` more tries after the first, waiting retry_backoff_seconds × 2^(failures so
+-- far), at most 2 s, before each. A failed try closes its connection (a timed-out SET must
+-- not run later on it) and the next one opens another. `client`, `err`: the first try's
+-- connection, or why there is none. Returns the client (nil when the last try failed) and
+-- the last error.
+local function record(redis, client, err, key, tokens, ttl_ms)
+  for failures = 0, redis.retries do
+    if failures > 0 then
+      ngx.sleep(math.min(BACKOFF_CAP_SECONDS, redis.retry_backoff_seconds * 2 ^ failures))
+      client, err = store.connect(redis)
+    end
+    if client ~= nil then
+      local ok
+      ok, err = client:set(key, tokens, 'PX', ttl_ms)
+      if ok then
+        return client
+      end
+      client:close()
+      client = nil
     end
   end
+  return nil, err
+end
+
+-- asgi._remember: a Responses answer the model server keeps: record what a later request
+-- naming it will read back (its input, which holds its own earlier turns, and its output).
+-- Recorded so that this tenant (only) may name it, and its conversation (asgi._kept: the
+-- response's id when the model server keeps it, the conversation whatever `store` says).
+-- A write that fails is tried again (`record`); given up, it is logged once with the tenant
+-- and the ids, and a request continuing it gets what an id without a record gets (404 in
+-- scope 'tenant', the default in 'shared'), as in `governor gateway` (which counts it in
+-- gateway_response_records_lost_total). Returns a connected client for the settle, or nil
+-- and why not (Redis failing: the settle is held).
+function Gateway:remember(call, usage)
+  local keys, tenant, redis = self.admission.keys, call.principal.tenant, self.settings.redis
+  local kept = {}
+  local function keep(what, id)
+    local key = (what == 'conversation' and keys.conversation or keys.response)(keys, tenant, id)
+    -- (An id that is no safe id makes no key and is skipped: a request naming it is refused,
+    -- or reserves the default.)
+    if key ~= nil then
+      kept[#kept + 1] = {what = what, id = id, key = key}
+    end
+  end
+  if call.meter.response_id ~= nil and call.request:stored() then
+    keep('response', call.meter.response_id)
+  end
+  if call.meter.conversation_id ~= nil then
+    keep('conversation', call.meter.conversation_id)
+  end
+  local ttl_ms = math.max(1, math.floor(self.settings.previous_response_ttl_seconds * 1000 + 0.5))
+  local tokens = string.format('%d', math.max(0, usage.prompt + usage.completion))
+  local client, err = store.connect(redis)
+  for i, each in ipairs(kept) do
+    client, err = record(redis, client, err, each.key, tokens, string.format('%d', ttl_ms))
+    if client == nil then
+      local lost = {}
+      for j = i, #kept do  -- the ones after it are not tried: Redis is away
+        lost[#lost + 1] = kept[j].what .. ' ' .. kept[j].id
+      end
+      warn('cannot record a response\'s tokens: Redis failed all ', redis.retries + 1,
+        ' tries; a request continuing it is refused 404 (or, shared, reserves the default); ',
+        'tenant ', tenant, ', ', table.concat(lost, ', '), ': ', err)
+      return nil, err
+    end
+  end
+  return client, err
 end
 
 -- asgi.Enforcement.pass_paths: authenticated, forwarded as they are and counted nowhere.
@@ -464,17 +509,19 @@ function Gateway:finish(call, status)
       return self.admission:settle(client, reservation, tenant, usage, model)
     end
   end
-  local client, err = store.connect(self.settings.redis)
+  local client, err
+  if usage ~= nil then
+    -- Recorded before the settle, so a settle seen (the stream's, from this timer) means the
+    -- record is in place for the next turn; a record Redis failed every try of leaves no
+    -- connection, and the settle is held.
+    client, err = self:remember(call, usage)
+  else
+    client, err = store.connect(self.settings.redis)
+  end
   if client == nil then
     warn(what, ': cannot reach Redis (held, repeated when it answers): ', err)
     self:hold(what, op)
     return
-  end
-  if usage ~= nil then
-    -- Recorded before the settle, so a settle seen (the stream's, from this timer) means the
-    -- record is in place for the next turn. A failure is said and leaves that turn the
-    -- default; a connection it broke fails the settle below, which is held.
-    self:remember(client, call, usage)
   end
   local ok
   ok, err = op(client)
