@@ -159,6 +159,15 @@ def upstream() -> Iterator[tuple[FakeUpstream, str]]:
     server.stop()
 
 
+@pytest.fixture
+def held(upstream: tuple[FakeUpstream, object]) -> Iterator[FakeUpstream]:
+    """The fake model server holding its answers until the test sets `release`; set again
+    afterwards, so no stream of it is left hanging."""
+    upstream[0].release.clear()
+    yield upstream[0]
+    upstream[0].release.set()
+
+
 def write_limits(client: redis.Redis[str], prefix: str, policy_dir: Path) -> None:
     """Limits and the plan catalog, written the way the controller writes them."""
     policies = load_directory(policy_dir)

@@ -7,9 +7,7 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import Iterator
 
-import pytest
 import redis
 
 from tests.gateway.conftest import Gateway, budget_remaining
@@ -18,13 +16,6 @@ from tests.gateway.test_gateway_streaming import MESSAGES, data_lines, stream, w
 from tests.support.prometheus import wait_for
 
 PAUSE_MS = 2500  # longer than the gateway's socket timeout (1 s in these tests)
-
-
-@pytest.fixture
-def held(upstream: tuple[FakeUpstream, str]) -> Iterator[FakeUpstream]:
-    upstream[0].release.clear()
-    yield upstream[0]
-    upstream[0].release.set()
 
 
 def held_calls(gateway: Gateway) -> float:

@@ -7,10 +7,8 @@ import re
 
 from tests.gateway.conftest import Gateway
 from tests.gateway.fake_upstream import FakeUpstream
-from tests.gateway.test_gateway_streaming import data_lines, held, stream
+from tests.gateway.test_gateway_streaming import data_lines, stream
 from tests.support.prometheus import wait_for
-
-__all__ = ["held"]  # the fixture, imported for its use here
 
 
 def in_flight(gateway: Gateway, tenant: str) -> float | None:

@@ -28,13 +28,6 @@ PAUSE_MS = 1500  # past the gateway's socket timeout (1 s in these tests): the f
 
 
 @pytest.fixture
-def held(upstream: tuple[FakeUpstream, str]) -> Iterator[FakeUpstream]:
-    upstream[0].release.clear()
-    yield upstream[0]
-    upstream[0].release.set()
-
-
-@pytest.fixture
 def restartable(tmp_path: Path, policy_dir: Path) -> Iterator[RedisServer]:
     """A Redis of the test's own that keeps its data when stopped and started again (AOF)."""
     server = RedisServer(tmp_path / "redis", persistent=True).start()

@@ -8,7 +8,6 @@ from collections.abc import Iterator
 from contextlib import AbstractContextManager
 
 import httpx
-import pytest
 
 from controller.gateway.openai import CHARS_PER_TOKEN, ModelRequest
 from tests.gateway.conftest import Gateway, budget_remaining
@@ -44,13 +43,6 @@ def stream(gateway: Gateway, key: str, **knobs: str) -> AbstractContextManager[h
     return gateway.http.stream(
         "POST", f"{gateway.url}/v1/chat/completions", json=body, headers=headers
     )
-
-
-@pytest.fixture
-def held(upstream: tuple[FakeUpstream, str]) -> Iterator[FakeUpstream]:
-    upstream[0].release.clear()
-    yield upstream[0]
-    upstream[0].release.set()  # never leave a stream of the fake hanging
 
 
 def test_chunks_reach_the_client_while_the_upstream_is_still_streaming(

@@ -23,6 +23,7 @@ from controller.gateway.keys import KeyStore
 from controller.model import Address
 from controller.sinks.redis import RedisSink
 from tests.gateway.conftest import PLANS_YAML, Gateway, start_gateway, write_limits
+from tests.gateway.conftest import held as held  # the fixture, for nginx's tests too
 from tests.gateway.fake_upstream import FakeUpstream, ServerThread
 from tests.nginx.nginx_server import NginxServer
 from tests.support.redis import RedisServer

@@ -3,23 +3,22 @@ the controller's first tick, the same 403 unknown-plan, and one start line in th
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import httpx
 import pytest
+import redis
 
 from controller.contract.enforcement import EnforcementKeys
 from controller.control.catalog import publish_catalog
 from controller.policy.loader import load_directory
-from tests.gateway.conftest import PROBLEM, start_gateway
+from tests.gateway.conftest import PROBLEM
 from tests.gateway.fake_upstream import FakeUpstream, ServerThread
-from tests.nginx.conftest import SECRET, Side, chat_body
+from tests.nginx.conftest import Side, chat_body
+from tests.nginx.gateway_pair import PairOptions, gateway_pair
 from tests.nginx.nginx_server import NginxServer
 from tests.nginx.test_parity import shape
-from tests.support.redis import RedisServer
 
 pytestmark = pytest.mark.integration
 
@@ -32,34 +31,14 @@ def fresh_sides(
 ) -> Iterator[tuple[Side, Side, NginxServer]]:
     """A new nginx and a new Python gateway, each on a new Redis holding only the plan
     catalog of `plans` (None: nothing at all), started after it was written."""
-    stores = [RedisServer(root / name).start() for name in ("redis-nginx", "redis-python")]
-    started: list[NginxServer] = []
-    try:
-        for store in stores:
-            if plans is not None:
-                with store.client() as db:
-                    publish_catalog(db, load_directory(plans), prefix="governor")
-        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-               "GOVERNOR_REDIS__URL": stores[0].url,
-               "GOVERNOR_GATEWAY__API_KEY_SECRET": SECRET}  # fmt: skip
-        started.append(NginxServer(root / "nginx", export_dir, upstream[1].port, env).start())
-        python = start_gateway(stores[1].url, upstream[1].url, retry_after_jitter=0.0)
-        with (
-            stores[0].client() as ndb,
-            stores[1].client() as pdb,
-            httpx.Client(headers={"accept": PROBLEM}) as http,
-        ):
-            try:
-                yield (Side("nginx", started[0].url, ndb, http),
-                       Side("python", python.url, pdb, python.http), started[0])  # fmt: skip
-            finally:
-                python.stop()
-        assert started[0].problems() == []
-    finally:
-        for server in started:
-            server.stop()
-        for store in stores:
-            store.stop()
+
+    def catalog(db: redis.Redis[str]) -> None:
+        assert plans is not None
+        publish_catalog(db, load_directory(plans), prefix="governor")
+
+    options = PairOptions(prepare=None if plans is None else catalog)
+    with gateway_pair(root, export_dir, upstream, options) as pair:
+        yield pair.nginx, pair.python, pair.server
 
 
 def start_line(server: NginxServer) -> str:

@@ -29,13 +29,6 @@ BUDGET_FIELD = "u|tokens_per_day"
 
 
 @pytest.fixture
-def held(upstream: tuple[FakeUpstream, ServerThread]) -> Iterator[FakeUpstream]:
-    upstream[0].release.clear()
-    yield upstream[0]
-    upstream[0].release.set()
-
-
-@pytest.fixture
 def redis_own(tmp_path: Path, policy_dir: Path) -> Iterator[RedisServer]:
     server = RedisServer(tmp_path / "redis").start()
     with server.client() as db:

@@ -11,7 +11,6 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -22,14 +21,12 @@ import redis
 from controller.contract.keys import KeySchema
 from controller.settings import RedisSettings
 from tests.gateway.conftest import (
-    PROBLEM,
-    Gateway,
     budget_remaining,
-    start_gateway,
     write_limits,
 )
 from tests.gateway.fake_upstream import FakeUpstream, ServerThread
 from tests.nginx.conftest import PREFIX, SECRET, Side
+from tests.nginx.gateway_pair import Pair, PairOptions, gateway_pair
 from tests.nginx.nginx_server import NginxServer
 from tests.nginx.test_parity import shape
 from tests.support.prometheus import wait_for
@@ -41,27 +38,6 @@ TIMEOUT = "0.5"  # both gateways' socket timeout here
 BODY = {"model": "gpt-3.5-turbo", "input": "hi", "max_output_tokens": 16}
 
 
-@dataclass
-class Pair:
-    """nginx and `governor gateway`, each on a Redis of its own holding the same plans."""
-
-    nginx: Side
-    python: Side
-    server: NginxServer
-    gateway: Gateway
-
-    @property
-    def sides(self) -> tuple[Side, Side]:
-        return (self.python, self.nginx)
-
-
-@pytest.fixture
-def held(upstream: tuple[FakeUpstream, ServerThread]) -> Iterator[FakeUpstream]:
-    upstream[0].release.clear()
-    yield upstream[0]
-    upstream[0].release.set()
-
-
 @contextmanager
 def impatient_pair(
     root: Path, export_dir: Path, upstream: tuple[FakeUpstream, ServerThread],
@@ -69,39 +45,16 @@ def impatient_pair(
 ) -> Iterator[Pair]:  # fmt: skip
     """Both gateways giving up on Redis after 0.5 s, trying a failed record `retries` more
     times (the backoff's default), nginx repeating held settles every 0.3 s."""
-    stores = [RedisServer(root / name).start() for name in ("redis-nginx", "redis-python")]
-    started: list[NginxServer] = []
-    try:
-        for store in stores:
-            with store.client() as db:
-                write_limits(db, PREFIX, policy_dir)
-        env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
-               "GOVERNOR_REDIS__URL": stores[0].url,
-               "GOVERNOR_REDIS__SOCKET_TIMEOUT_SECONDS": TIMEOUT,
-               "GOVERNOR_REDIS__RETRIES": str(retries),
-               "GOVERNOR_GATEWAY__API_KEY_SECRET": SECRET}  # fmt: skip
-        started.append(NginxServer(root / "nginx", export_dir, upstream[1].port, env,
-                                   init_options="held_retry_seconds = 0.3").start())  # fmt: skip
-        python = start_gateway(
-            stores[1].url, upstream[1].url, retry_after_jitter=0.0,
-            redis_options={"socket_timeout_seconds": float(TIMEOUT), "retries": retries},
-        )  # fmt: skip
-        with (
-            stores[0].client() as ndb,
-            stores[1].client() as pdb,
-            httpx.Client(timeout=30.0, headers={"accept": PROBLEM}) as http,
-        ):
-            try:
-                nginx = Side("nginx", started[0].url, ndb, http)
-                yield Pair(nginx, Side("python", python.url, pdb, python.http), started[0], python)
-            finally:
-                python.stop()
-        assert started[0].problems() == []
-    finally:
-        for server in started:
-            server.stop()
-        for store in stores:
-            store.stop()
+    options = PairOptions(
+        prepare=lambda db: write_limits(db, PREFIX, policy_dir),
+        nginx_env={"GOVERNOR_REDIS__SOCKET_TIMEOUT_SECONDS": TIMEOUT,
+                   "GOVERNOR_REDIS__RETRIES": str(retries)},
+        init_options="held_retry_seconds = 0.3",
+        redis_options={"socket_timeout_seconds": float(TIMEOUT), "retries": retries},
+        timeout=30.0,
+    )  # fmt: skip
+    with gateway_pair(root, export_dir, upstream, options) as pair:
+        yield pair
 
 
 def answered_through_a_pause(side: Side, key: str, upstream: FakeUpstream,
@@ -141,6 +94,14 @@ def settled(db: redis.Redis[str], tenant: str) -> bool:
     return not any(f.startswith("x|") for f in db.hkeys(f"{PREFIX}:{{t:{tenant}}}:enforce"))
 
 
+def first_turn(side: Side, held: FakeUpstream, pause_ms: int) -> tuple[str, httpx.Response, str]:
+    """acme's key, its first turn answered through a pause of Redis' writes, and its id."""
+    key = side.key("acme", "free")
+    first = answered_through_a_pause(side, key, held, pause_ms)
+    assert first.status_code == 200, f"{side.name}: {first.text}"
+    return key, first, first.json()["id"]
+
+
 def test_both_gateways_write_a_record_through_a_pause_by_retrying(
     tmp_path: Path, export_dir: Path, upstream: tuple[FakeUpstream, ServerThread],
     policy_dir: Path, held: FakeUpstream,
@@ -150,10 +111,7 @@ def test_both_gateways_write_a_record_through_a_pause_by_retrying(
     with impatient_pair(tmp_path, export_dir, upstream, policy_dir, retries=3) as pair:
         answers = {}
         for side in pair.sides:
-            key = side.key("acme", "free")
-            first = answered_through_a_pause(side, key, held, 1200)
-            assert first.status_code == 200, f"{side.name}: {first.text}"
-            mine = first.json()["id"]
+            key, first, mine = first_turn(side, held, 1200)
             total = first.json()["usage"]["total_tokens"]
             assert recorded(side, "acme", mine) == str(total), side.name
             wait_for(partial(settled, side.db, "acme"), f"{side.name}: settled")
@@ -177,10 +135,7 @@ def test_both_gateways_refuse_the_next_turn_of_a_record_they_gave_up(
     with impatient_pair(tmp_path, export_dir, upstream, policy_dir, retries=1) as pair:
         answers = {}
         for side in pair.sides:
-            key = side.key("acme", "free")
-            first = answered_through_a_pause(side, key, held, 2000)
-            assert first.status_code == 200, f"{side.name}: {first.text}"
-            mine = first.json()["id"]
+            key, _, mine = first_turn(side, held, 2000)
             assert recorded(side, "acme", mine) is None, side.name
             before = len(upstream[0].seen)
             answers[side.name] = continued(side, key, mine)

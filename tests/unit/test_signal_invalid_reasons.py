@@ -3,6 +3,9 @@ empty detail: the line an on-call engineer reads to find the broken query."""
 
 from __future__ import annotations
 
+from collections.abc import MutableMapping
+from typing import Any
+
 from structlog.testing import capture_logs
 
 from controller.control.reporting import TickReporter
@@ -13,7 +16,7 @@ from tests.unit.policy_builders import adaptive, policy_set
 NOW = 1_800_000_000.0
 
 
-def _logged(sample: ScalarSample | None) -> dict[str, object]:
+def _logged(sample: ScalarSample | None) -> MutableMapping[str, Any]:
     policies = policy_set(adaptive())
     [use] = list(policies.signal_uses())
     samples = {} if sample is None else {use.key: sample}
