@@ -517,3 +517,24 @@ def test_an_answer_whose_usage_cannot_be_read_is_not_charged_the_prompt_alone(
             assert charged == answer.json()["usage"]["total_tokens"], (side.name, charged)
         else:
             assert charged >= 300, (side.name, case, charged)  # the reservation, at least
+
+
+def test_ids_that_meet_once_joined_never_share_a_limit_or_a_key(
+    nginx: Side, python_gateway: Side
+) -> None:
+    """Tenant `a` with user `b:c` and tenant `a:b` with user `c` join to the same text with
+    ':' between them; the key schema escapes ':' (`%3A`) and keeps each tenant under its own
+    hash tag, so one's user limit, once spent, leaves the other's untouched."""
+    for side in (python_gateway, nginx):
+        set_limit(side, "user/a/b:c/requests_per_minute", 1)
+        set_limit(side, "user/a:b/c/requests_per_minute", 1)
+        first, second = side.key("a", "free", "b:c"), side.key("a:b", "free", "c")
+        assert side.chat(first).status_code == 200, side.name
+        spent = side.chat(first)
+        assert spent.status_code == 429, (side.name, spent.text[:300])
+        assert spent.json()["detail"].startswith("user/a/b:c/requests_per_minute "), side.name
+        assert side.chat(second).status_code == 200, side.name  # its own limit, still whole
+        assert side.chat(second).status_code == 429, side.name
+        users = sorted(side.db.scan_iter(f"{PREFIX}:*user*:enforce"))
+        assert users == [f"{PREFIX}:{{t:a%3Ab}}:user:c:enforce",
+                         f"{PREFIX}:{{t:a}}:user:b%3Ac:enforce"], side.name  # fmt: skip
