@@ -55,6 +55,8 @@ class AddressError(ValueError):
 # mistaken for a separator (`/`, `@`), a Redis hash tag (`{}`), a glob (`*?[]`) or a
 # placeholder (`$`) are allowed.
 _ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:+=~-]{0,127}")
+# What a label value filled into an id's place may hold (the whole id is checked once parsed).
+_ID_CHARS = re.compile(r"[A-Za-z0-9._:+=~-]+")
 # A model name as model servers spell it, Hugging Face's `org/name` included (vLLM serves a
 # model under its repository id unless told otherwise): the `@` before it ends the address's
 # path, so a `/` inside the name is no separator.
@@ -275,6 +277,10 @@ def _shape_of(scope: Scope) -> str:
     return "/".join([scope.value, *(f"<{n}>" for n in _IDS_PER_SCOPE[scope]), "<limit>"])
 
 
+def _shortened(text: str, limit: int = 80) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 @dataclass(frozen=True, slots=True)
 class AddressTemplate:
     """A policy target that may hold `$label` placeholders, filled per label value."""
@@ -299,9 +305,24 @@ class AddressTemplate:
         return Address.parse(_PLACEHOLDER_PATTERN.sub("x", self.text)).limit
 
     def fill(self, values: Mapping[str, str]) -> Address:
-        """Substitute label values; raise AddressError when a value is not a safe id."""
-        text = _PLACEHOLDER_PATTERN.sub(lambda m: values[m.group(1)], self.text)
-        return interned(text)
+        """Substitute label values; raise AddressError when a value is not a safe id (or, after
+        the `@`, a model name). Label values come from Prometheus, whose series anyone who
+        can put a label on a metric names: checked whole before the address is parsed, since
+        a `/` or `@` inside one would make another address parse (`acme/rpm@x` filled into
+        `tenant/$tenant/tpm` is tenant acme's `rpm@x/tpm`) — another tenant's limit."""
+        at = self.text.find("@")
+
+        def value(match: re.Match[str]) -> str:
+            name, text = match.group(1), values[match.group(1)]
+            in_model = 0 <= at < match.start()
+            if not (_MODEL_PATTERN if in_model else _ID_CHARS).fullmatch(text):
+                rule = "a model name" if in_model else "a safe id (letters, digits and ._:+=~-)"
+                raise AddressError(
+                    self.text, f"label value {_shortened(text)!r} for ${name} is not {rule}"
+                )
+            return text
+
+        return interned(_PLACEHOLDER_PATTERN.sub(value, self.text))
 
 
 class Validity(enum.StrEnum):

@@ -591,10 +591,10 @@ class GatewaySettings(_Group):
         "finish for up to this long (then cuts them: their holds are released or settled)",
     )
     metrics_max_tenants: int = Field(
-        1000, ge=1, description="distinct tenant label values; later tenants count as `other`"
+        1000, ge=1, description="distinct tenant label values; later tenants count as `_other`"
     )
     metrics_max_models: int = Field(
-        50, ge=1, description="distinct model label values; later models count as `other`"
+        50, ge=1, description="distinct model label values; later models count as `_other`"
     )
     otlp_endpoint: str | None = Field(
         None,

@@ -240,7 +240,8 @@ def _claim_id(claims: Mapping[str, Any], claim: str, what: str) -> str:
         return validate_id(value, what)
     except ValueError:
         raise AuthError(
-            f"token claim {claim!r} is not a safe {what} id (1-128 of A-Z a-z 0-9 ._:+=~-)"
+            f"token claim {claim!r} is not a safe {what} id (1-128 of A-Z a-z 0-9 ._:+=~-, "
+            "starting with a letter or digit)"
         ) from None
 
 

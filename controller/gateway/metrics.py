@@ -1,11 +1,12 @@
 """Gateway metrics for Prometheus, the series Governor's own policies read, with capped labels.
 
 Cardinality cap: the first `metrics_max_tenants` tenants and `metrics_max_models` models
-seen keep their names; later ones are counted as `other`. Plans come from the policy files
-(few). So each series family holds at most tenants × plans × models × (outcomes or kinds).
+seen keep their names; later ones are counted as `_other` (no id's name). Plans come from
+the policy files (few). So each series family holds at most tenants × plans × models ×
+(outcomes or kinds).
 A model the operator named (in the price table or a plan's `models`) always keeps its name
 and takes no place under the cap, and a model a plan refused takes none either: a caller
-sending made-up model names cannot push the real ones into `other`, where the policies
+sending made-up model names cannot push the real ones into `_other`, where the policies
 reading these series would no longer see them. Models are labelled in lower case, as they
 are limited (model.model_key).
 
@@ -33,6 +34,12 @@ from controller.model import AddressError, LimitKind, Scope, interned, model_key
 disable_created_metrics()  # type: ignore[no-untyped-call]
 
 OTHER = "other"
+# The capped labels' values for a name past the cap and for none: no tenant, plan or user id
+# can be either (an id starts with a letter or digit and holds no `_`). As `other` and `none`
+# they were also a tenant's name: a tenant called `other` was counted with every tenant past
+# the cap, and the per-tenant policies reading these series cut it for all of them.
+CAPPED = "_other"
+ABSENT = "_none"
 OUTCOMES = (
     "allow",
     "degraded",
@@ -78,7 +85,7 @@ def refusing(address: str) -> tuple[str, str]:
 
 
 class LabelCap:
-    """Keeps the first `limit` distinct values of one label; later values become `other`.
+    """Keeps the first `limit` distinct values of one label; later values become `_other`.
     `known` values keep their name without taking a place under the cap."""
 
     def __init__(self, limit: int, known: Callable[[str], bool] | None = None) -> None:
@@ -90,7 +97,7 @@ class LabelCap:
 
     def __call__(self, value: str | None) -> str:
         if value is None or value == "":
-            return "none"
+            return ABSENT
         if value in self._seen:
             return value
         known = self.known is not None and self.known(value)
@@ -102,16 +109,16 @@ class LabelCap:
                 self._capped += 1
                 self._seen.add(value)
                 return value
-        return OTHER
+        return CAPPED
 
     def peek(self, value: str | None) -> str:
         """The label `value` has now, without taking a place for it (a value refused before
         it did anything, such as a model its plan does not list)."""
         if value is None or value == "":
-            return "none"
+            return ABSENT
         if value in self._seen or (self.known is not None and self.known(value)):
             return value
-        return OTHER
+        return CAPPED
 
 
 class GatewayMetrics:

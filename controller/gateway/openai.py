@@ -90,6 +90,24 @@ def _check_surrogates(body: dict[str, Any]) -> None:
         ) from None
 
 
+# A model name a request may carry: it becomes a metric label (which the controller reads back,
+# and drops past 256 characters or with a control character: signals.decode.valid_label) and a
+# key of each gateway's limit cache, so a megabyte of name in every request would fill both.
+MODEL_REQUEST_MAX = 256
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+BAD_MODEL = (
+    f"`model` must be 1-{MODEL_REQUEST_MAX} characters and hold no control character "
+    "(U+0000-U+001F, U+007F-U+009F)"
+)
+
+
+def _check_model(model: Any) -> None:
+    if not isinstance(model, str) or not model:
+        raise RequestError("the request names no model (`model` must be a string)")
+    if len(model) > MODEL_REQUEST_MAX or _CONTROL.search(model):
+        raise RequestError(BAD_MODEL)
+
+
 def text_tokens(text: str) -> int:
     return math.ceil(len(text) / CHARS_PER_TOKEN)
 
@@ -136,9 +154,7 @@ class ModelRequest:
             raise RequestError(named_twice(body.twice))
         if "\\u" in text:
             _check_surrogates(body)
-        model = body.get("model")
-        if not isinstance(model, str) or not model:
-            raise RequestError("the request names no model (`model` must be a string)")
+        _check_model(body.get("model"))
         _check_counts(body)
         _check_stream(kind, body)
         _check_previous(kind, body)

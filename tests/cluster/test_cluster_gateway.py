@@ -19,6 +19,7 @@ from controller.gateway.admission import Admission, AdmissionRequest, TokensUsed
 from controller.gateway.catalog import PlanCatalog
 from controller.gateway.keys import KeyStore
 from controller.gateway.prices import PriceTable
+from controller.model import Address
 from controller.policy.loader import load_directory
 from controller.settings import PricesSettings, RedisSettings
 from controller.sinks.redis import RedisSink
@@ -214,3 +215,32 @@ def test_a_continued_conversation_is_recorded_and_reserved_on_a_cluster(
         assert budget_remaining(second) == 1000 - 307 - (307 + 1 + 16)
     finally:
         gateway.stop()
+
+
+def test_ids_that_meet_once_joined_keep_their_own_slot_and_limits_on_a_cluster(
+    cluster: RedisClusterServers, limits: Path, upstream: tuple[FakeUpstream, str]
+) -> None:
+    """Tenant `a` with user `b:c` and tenant `a:b` with user `c`, and ids of the longest
+    length: every key of one admission is in its tenant's slot (no CROSSSLOT, no 5xx), and
+    one's user limit, spent, leaves the other's whole."""
+    who = [("a", "b:c"), ("a:b", "c"), ("t" * 128, "u:" + "v" * 126)]
+    with cluster.client() as client:
+        sink = RedisSink(client, key_schema(client, "governor"))  # type: ignore[arg-type]
+        actual = sink.read().actual
+        wanted = {Address.parse(f"user/{t}/{u}/requests_per_minute"): 1.0 for t, u in who}
+        sink.apply(diff({**actual, **wanted}, actual))
+        store = KeyStore(client, V2.schema, SECRET)  # type: ignore[arg-type]
+        keys = [store.create(tenant, "free", user)[0] for tenant, user in who]
+    gateway = start_gateway(cluster.url, upstream[1])
+    try:
+        answers = [[gateway.chat(key).status_code for _ in range(2)] for key in keys]
+    finally:
+        gateway.stop()
+    assert answers == [[200, 429]] * 3
+    with cluster.client() as client, cluster.nodes[0].client() as node:
+        for tenant, user in who:
+            user_state = V2.user_level(tenant, user).state
+            assert client.hget(user_state, "g|requests_per_minute") is not None
+            slots = {node.execute_command("CLUSTER KEYSLOT", key)
+                     for key in (V2.schema.tenant_tag(tenant), user_state)}  # fmt: skip
+            assert len(slots) == 1

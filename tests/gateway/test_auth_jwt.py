@@ -121,6 +121,22 @@ def test_the_tenant_claim_wins_over_sub(rsa_key: rsa.RSAPrivateKey) -> None:
     assert authenticate(auth, token).tenant == "initech"
 
 
+@pytest.mark.parametrize("tenant", ["", "-acme", "a}{b", "x\ny", "t" * 129, "ácme", 5, None])
+def test_an_unusable_tenant_claim_is_refused_never_passed_over_for_sub(
+    rsa_key: rsa.RSAPrivateKey, tenant: Any
+) -> None:
+    # `sub` is a safe id, and the next claim in TENANT_CLAIMS: a `tenant` claim present but
+    # unusable must not make the token tenant `acme`'s.
+    auth = Authenticator(jwt_settings(public_pem(rsa_key)), None)
+    body = {**claims(), "tenant": tenant}
+    with pytest.raises(AuthError) as refused:
+        authenticate(auth, jwt.encode(body, rsa_key, algorithm="RS256"))
+    detail = refused.value.detail
+    assert "token claim 'tenant'" in detail
+    if isinstance(tenant, str):
+        assert "1-128 of A-Z a-z 0-9 ._:+=~-, starting with a letter or digit" in detail
+
+
 def hostile_tokens(
     rsa_key: rsa.RSAPrivateKey, other: rsa.RSAPrivateKey, ec_key: ec.EllipticCurvePrivateKey
 ) -> Iterator[tuple[str, str, str]]:

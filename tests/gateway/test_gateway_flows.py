@@ -219,7 +219,7 @@ def test_made_up_model_names_cannot_push_the_real_models_into_other(
     assert refused == [403] * 3
     assert served + named == [200] * 5
     labels = model_labels(gateway)
-    assert {"made-up-0", "made-up-1", "gpt-4o", "gpt-4", "other"} <= labels
+    assert {"made-up-0", "made-up-1", "gpt-4o", "gpt-4", "_other"} <= labels
     assert not {"made-up-2", "refused-0", "GPT-4o"} & labels
 
 
@@ -233,4 +233,26 @@ def test_a_model_a_plan_lists_keeps_its_name_past_the_cap() -> None:
     metrics.request("acme", "open", "second", "allow")
 
     labels = set(re.findall(r'model="([^"]*)"', generate_latest(metrics.registry).decode()))
-    assert labels == {"first", "qwen/qwen2.5-7b-instruct", "other"}
+    assert labels == {"first", "qwen/qwen2.5-7b-instruct", "_other"}
+
+
+def test_tenants_named_other_and_none_are_never_counted_with_the_capped_or_the_unknown(
+    make_gateway: MakeGateway,
+) -> None:
+    # A tenant called `other` was counted with every tenant past the cap (and `none` with
+    # every 401): per-tenant policies reading these series cut it for all of them.
+    gateway = make_gateway(metrics_max_tenants=2)
+    for tenant in ("other", "none", "t1", "t2"):
+        assert gateway.chat(gateway.key(tenant, "metered"), max_tokens=1).status_code == 200
+    assert gateway.chat("gov_0123456789abcdef_" + "x" * 43).status_code == 401
+    text = gateway.metrics()
+
+    def served(tenant: str, outcome: str = "allow") -> list[str]:
+        pattern = rf'^gateway_requests_total\{{[^}}]*outcome="{outcome}"[^}}]*tenant="{tenant}"'
+        return re.findall(pattern + r"\} (\S+)$", text, re.MULTILINE)
+
+    assert served("other") == ["1.0"]
+    assert served("none") == ["1.0"]
+    assert served("_other") == ["2.0"]  # t1 and t2, past the cap of 2
+    assert served("_none", "unauthenticated") == ["1.0"]
+    assert served("none", "unauthenticated") == []

@@ -145,13 +145,13 @@ def test_metrics_count_outcomes_and_cap_tenant_labels(make_gateway: MakeGateway)
         found = re.search(re.escape(line) + r" (\S+)", text)
         return found.group(1) if found else "absent"
 
-    assert [requests(t, "allow") for t in ("t1", "t2", "other")] == ["1.0", "1.0", "2.0"]
+    assert [requests(t, "allow") for t in ("t1", "t2", "_other")] == ["1.0", "1.0", "2.0"]
     assert requests("t3", "allow") == "absent"
     assert 'outcome="model_not_allowed",plan="free",tenant="t1"' in text
     assert re.search(
         r'gateway_cost_usd_total\{model="gpt-3.5-turbo",plan="free",tenant="t1"\}', text
     )
-    assert re.search(r'gateway_tokens_total\{kind="completion",.*tenant="other"\} 10\.0', text)
+    assert re.search(r'gateway_tokens_total\{kind="completion",.*tenant="_other"\} 10\.0', text)
 
 
 def test_a_request_without_max_tokens_gets_the_default_written_in(

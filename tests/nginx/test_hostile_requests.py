@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from controller.gateway.keys import digest
+from controller.gateway.openai import BAD_MODEL
 from tests.gateway.fake_upstream import FakeUpstream, ServerThread
 from tests.nginx.conftest import (
     PREFIX,
@@ -213,6 +214,46 @@ def test_a_key_record_with_an_unsafe_id_authenticates_nobody(
         assert answer.status_code == 401, (side.name, answer.status_code, answer.text[:300])
         assert answer.json()["detail"] == "unknown or revoked API key", side.name
         assert len(fake.seen) == seen, f"{side.name} served a key record with {name}"
+
+
+# Model names a caller on a plan that lists no models (any model) could send: each became a
+# key of the gateways' limit caches and a label of the Python gateway's metrics, so three
+# requests of a megabyte of name made /metrics 15 MB (a scrape Prometheus gives up on: the
+# controller's signals go blind); a newline or NUL reached both as it was.
+HOSTILE_MODELS = {
+    "a megabyte": "m" + "x" * 1_000_000,
+    "257 characters": "x" * 257,
+    "a line break": 'gpt-4\r\n{"event":"limit.changed"}',
+    "NUL": "gpt-4\u0000",
+    "ESC": "\x1b[2Jgpt-4",
+    "C1 NEL": "gpt-4\u0085x",
+}
+
+
+@pytest.mark.parametrize("name", list(HOSTILE_MODELS))
+def test_a_model_name_no_limit_or_label_can_hold_is_a_bad_request(
+    name: str, nginx: Side, python_gateway: Side, upstream: tuple[FakeUpstream, ServerThread]
+) -> None:
+    fake = upstream[0]
+    model = HOSTILE_MODELS[name]
+    for side in (python_gateway, nginx):
+        seen = len(fake.seen)
+        answer = side.chat(side.key("anymodel", "metered"), chat_body(model))
+        assert answer.status_code == 400, (side.name, answer.status_code, answer.text[:300])
+        assert answer.json()["detail"] == BAD_MODEL, side.name
+        assert len(fake.seen) == seen, f"{side.name} sent a model named by {name} on"
+    exposition = python_gateway.http.get(f"{python_gateway.url}/metrics").text
+    assert len(exposition) < 200_000
+    assert model not in exposition
+
+
+def test_a_model_name_of_256_characters_of_any_script_is_served(
+    nginx: Side, python_gateway: Side, upstream: tuple[FakeUpstream, ServerThread]
+) -> None:
+    model = "é" * 255 + "✓"  # 256 characters, 513 bytes of UTF-8
+    for side in (python_gateway, nginx):
+        answer = side.chat(side.key("anymodel", "metered"), chat_body(model))
+        assert answer.status_code == 200, (side.name, answer.status_code, answer.text[:300])
 
 
 UNMETERED_ROUTE = (
@@ -476,3 +517,24 @@ def test_an_answer_whose_usage_cannot_be_read_is_not_charged_the_prompt_alone(
             assert charged == answer.json()["usage"]["total_tokens"], (side.name, charged)
         else:
             assert charged >= 300, (side.name, case, charged)  # the reservation, at least
+
+
+def test_ids_that_meet_once_joined_never_share_a_limit_or_a_key(
+    nginx: Side, python_gateway: Side
+) -> None:
+    """Tenant `a` with user `b:c` and tenant `a:b` with user `c` join to the same text with
+    ':' between them; the key schema escapes ':' (`%3A`) and keeps each tenant under its own
+    hash tag, so one's user limit, once spent, leaves the other's untouched."""
+    for side in (python_gateway, nginx):
+        set_limit(side, "user/a/b:c/requests_per_minute", 1)
+        set_limit(side, "user/a:b/c/requests_per_minute", 1)
+        first, second = side.key("a", "free", "b:c"), side.key("a:b", "free", "c")
+        assert side.chat(first).status_code == 200, side.name
+        spent = side.chat(first)
+        assert spent.status_code == 429, (side.name, spent.text[:300])
+        assert spent.json()["detail"].startswith("user/a/b:c/requests_per_minute "), side.name
+        assert side.chat(second).status_code == 200, side.name  # its own limit, still whole
+        assert side.chat(second).status_code == 429, side.name
+        users = sorted(side.db.scan_iter(f"{PREFIX}:*user*:enforce"))
+        assert users == [f"{PREFIX}:{{t:a%3Ab}}:user:c:enforce",
+                         f"{PREFIX}:{{t:a}}:user:b%3Ac:enforce"], side.name  # fmt: skip

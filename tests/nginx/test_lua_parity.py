@@ -90,6 +90,7 @@ TOOL = {
 }
 BODIES: list[tuple[RequestKind, Any]] = [
     ("chat", {"model": "m", "messages": [{"role": "user", "content": "héllo wörld ✓ 😀"}]}),
+    ("chat", {"model": "é" * 255 + "😀", "messages": [{"role": "user", "content": "x"}]}),
     ("chat", {"model": "m", "n": 3, "max_tokens": 7, "messages": [
         {"role": "system", "content": "be brief", "name": "x"},
         {"role": "user", "content": [{"type": "text", "text": "hi there"}]}]}),
@@ -139,6 +140,10 @@ BODIES: list[tuple[RequestKind, Any]] = [
 REFUSED: list[tuple[RequestKind, Any]] = [
     ("chat", {"model": "m", "messages": []}),
     ("chat", {"model": 5, "messages": [{"role": "user", "content": "s"}]}),
+    ("chat", {"model": "é" * 257, "messages": [{"role": "user", "content": "s"}]}),
+    ("chat", {"model": "a\u0000b", "messages": [{"role": "user", "content": "s"}]}),
+    ("chat", {"model": "a\nb", "messages": [{"role": "user", "content": "s"}]}),
+    ("chat", {"model": "a\u009fb", "messages": [{"role": "user", "content": "s"}]}),
     ("embedding", {"model": "m"}),
     ("completion", {"model": "m"}),
     ("chat", [1, 2]),

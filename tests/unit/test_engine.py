@@ -219,7 +219,20 @@ def test_the_release_of_one_tenant_leaves_the_others_active() -> None:
     assert events_of(result) == [("ThrottlePolicy/cost", "acme", "released")]
 
 
-@pytest.mark.parametrize("hostile", ["a/b", "x}{y", "a@gpt-4", "", "*", "$tenant", ".."])
+@pytest.mark.parametrize(
+    "hostile",
+    [
+        "a/b",
+        "x}{y",
+        "a@gpt-4",
+        "",
+        "*",
+        "$tenant",
+        "..",
+        "acme/requests_per_minute@y",
+        "evil/tokens_per_day@x",
+    ],
+)
 def test_a_hostile_label_value_gives_a_note_not_a_crash_or_a_wrong_address(hostile: str) -> None:
     driver = cost_anomaly()
     result = driver.cost(0.0, {hostile: 9.0, "evil": 1.0}, {hostile: 0.01, "evil": 0.02})

@@ -338,6 +338,15 @@ def test_a_tenant_without_a_valid_demand_is_left_out_and_a_failed_query_splits_n
     assert not any(p.policy == FAIR for p in evaluation.proposals)
 
 
+def test_a_label_value_that_would_name_another_tenants_limit_gets_no_share() -> None:
+    run = driver()
+    # Filled into tenant/$tenant/concurrent_requests it once parsed as acme's
+    # `concurrent_requests@x/concurrent_requests`: a share of the level written for acme.
+    demand = {"acme/concurrent_requests@x": 500, "evil": 500, "bob": 20}
+    _, resolution = run.decide(0.0, tenants={DEMAND_QUERY: demand})
+    assert limits_of(resolution) == {cap("evil"): 80}
+
+
 @pytest.mark.parametrize(
     ("spec", "message"),
     [

@@ -192,6 +192,23 @@ local function not_utf8(at)
     .. 'in UTF-8'
 end
 
+-- openai._check_model: a model name becomes a key of the limit cache (and, on the Python
+-- gateway, a metric label), so it is 1-256 characters (of UTF-8, checked above) with no
+-- control character (C0, DEL, C1: U+0080-U+009F is \194\128-\194\159).
+local MODEL_REQUEST_MAX = 256
+local BAD_MODEL = '`model` must be 1-' .. MODEL_REQUEST_MAX .. ' characters and hold no '
+  .. 'control character (U+0000-U+001F, U+007F-U+009F)'
+
+local function bad_model(model)
+  if #model > MODEL_REQUEST_MAX then
+    local _, continuation = model:gsub('[\128-\191]', '')
+    if #model - continuation > MODEL_REQUEST_MAX then
+      return true
+    end
+  end
+  return model:find('[%z\1-\31\127]') ~= nil or model:find('\194[\128-\159]') ~= nil
+end
+
 local Request = {}
 Request.__index = Request
 
@@ -216,6 +233,9 @@ function _M.parse(kind, raw, default_max_tokens)
   end
   if type(body.model) ~= 'string' or body.model == '' then
     return nil, 'the request names no model (`model` must be a string)'
+  end
+  if bad_model(body.model) then
+    return nil, BAD_MODEL
   end
   local wrong = bad_count(body) or bad_stream(kind, body) or bad_previous(kind, body)
   if wrong then
