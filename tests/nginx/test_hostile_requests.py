@@ -217,8 +217,9 @@ def test_a_key_record_with_an_unsafe_id_authenticates_nobody(
 
 UNMETERED_ROUTE = (
     "this gateway serves POST /v1/chat/completions, /v1/completions, /v1/embeddings and "
-    "/v1/responses (metered) and GET /v1/models; any other route could spend model work that "
-    "no limit counts, so it is not forwarded"
+    "/v1/responses (metered), GET /v1/models and the Conversations API (a tenant's own "
+    "/v1/conversations); any other route could spend model work that no limit counts, so it is "
+    "not forwarded"
 )
 
 
