@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import Any, Literal, cast
 
 import redis.asyncio
 
@@ -58,6 +58,15 @@ _OUTCOMES: frozenset[str] = frozenset(
 # A 'stale' answer (the limits changed since they were read) reads them again; a limit
 # written between that read and the next call is rare, three in a row is Redis misbehaving.
 _ATTEMPTS = 3
+# A conversation's record grows by ARGV[1] tokens and lives ARGV[2] ms more, if it is there
+# (governor.gateway's GROW_RECORD, word for word): a record that expired meanwhile is not made
+# again holding only the items added, under what the conversation holds.
+GROW_RECORD = (
+    "if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end "
+    "redis.call('INCRBY', KEYS[1], ARGV[1]) "
+    "redis.call('PEXPIRE', KEYS[1], ARGV[2]) "
+    "return 1"
+)
 # charge.lua's KEYS index of each level's state.
 _LEVEL_INDEX = {Scope.GLOBAL: 1, Scope.IP: 2, Scope.TENANT: 3, Scope.PLAN: 3, Scope.USER: 4}
 
@@ -356,6 +365,37 @@ class Admission:
         except redis.RedisError as exc:
             raise EnforcementError(f"recording {key} failed: {exc}") from exc
         return True
+
+    async def grow_conversation(
+        self, tenant: str, conversation_id: str, tokens: int, ttl_seconds: float
+    ) -> bool:
+        """Items were added to `tenant`'s conversation through the Conversations API: its
+        record (what a later turn in it reserves) grows by their `tokens`, and lives another
+        `ttl_seconds`. Only a record there is grows (one step, in Redis): none, or an id that
+        is no safe id, changes nothing (False), as a turn naming it meets no record anyway."""
+        try:
+            key = self._earlier_key("conversation", tenant, conversation_id)
+        except ValueError:
+            return False
+        ttl_ms = max(1, round(ttl_seconds * 1000))
+        try:
+            # types-redis leaves the asyncio client's eval untyped.
+            grown = await cast(Any, self.client).eval(GROW_RECORD, 1, key, str(max(tokens, 0)),
+                                                      str(ttl_ms))  # fmt: skip
+        except redis.RedisError as exc:
+            raise EnforcementError(f"growing {key} failed: {exc}") from exc
+        return bool(grown)
+
+    async def forget_conversation(self, tenant: str, conversation_id: str) -> None:
+        """`tenant`'s conversation was deleted: a later request naming it meets no record."""
+        try:
+            key = self._earlier_key("conversation", tenant, conversation_id)
+        except ValueError:
+            return
+        try:
+            await self.client.delete(key)
+        except redis.RedisError as exc:
+            raise EnforcementError(f"deleting {key} failed: {exc}") from exc
 
     async def release(self, reservation: str, tenant: str) -> bool:
         """The request failed before using anything: refund its whole hold."""

@@ -32,6 +32,15 @@ from controller.gateway.admission import (
 )
 from controller.gateway.auth import Authenticator, AuthError, Principal
 from controller.gateway.catalog import PlanCatalog
+from controller.gateway.conversations import (
+    ADDS_ITEMS,
+    MAX_CREATED_ANSWER,
+    RECORDS,
+    ConversationCall,
+    added_tokens,
+    created_id,
+)
+from controller.gateway.conversations import route as conversation_route
 from controller.gateway.failmode import FailMode
 from controller.gateway.metrics import GatewayMetrics
 from controller.gateway.openai import (
@@ -162,6 +171,10 @@ class GovernorMiddleware:
         if isinstance(plan, Response):
             await plan(scope, receive, send)
             return
+        conversation = conversation_route(scope["method"], scope["path"])
+        if conversation is not None:
+            await self._conversation(scope, receive, send, principal, conversation)
+            return
         kind = self.e.routes.get(scope["path"]) if scope["method"] == "POST" else None
         if kind is None:
             if passes(scope["method"], scope["path"], self.e.pass_paths):
@@ -171,6 +184,124 @@ class GovernorMiddleware:
             await self.e.answers.unmetered_route()(scope, receive, send)
             return
         await self._model_call(scope, receive, send, principal, plan, kind, started)
+
+    async def _conversation(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        principal: Principal,
+        call: ConversationCall | str,
+    ) -> None:
+        """A Conversations API call: no model work, so admitted against no rate or budget
+        (as /v1/models); only the tenant's own conversation (`tenant` scope), and a call the
+        model server accepts changes the record a later turn in it reserves."""
+        refusal = await self._conversation_refusal(principal, call)
+        if refusal is None and isinstance(call, ConversationCall):
+            if call.action not in RECORDS:
+                await self.app(scope, receive, send)  # a read, or new metadata: as it is
+                return
+            raw = await _read_body(receive, self.e.settings.max_body_bytes)
+            added, refusal = self._added(call, raw)
+            if refusal is None and raw is not None:
+                replay = _replay(raw, receive, passes_disconnect=False)
+                await self._conversation_forward(scope, replay, send, principal, call, added)
+                return
+        if refusal is not None:
+            self.e.metrics.request(principal.tenant, principal.plan, None, "bad_request")
+            await refusal(scope, receive, send)
+
+    async def _conversation_refusal(
+        self, principal: Principal, call: ConversationCall | str
+    ) -> Response | None:
+        """Why a Conversations API call is not forwarded: no call of the API (404
+        unmetered-route), a conversation not recorded for the tenant (404, in `tenant`
+        scope; an id that is no safe id in any), Redis away (503); None: it goes on."""
+        if not isinstance(call, ConversationCall):
+            return self.e.answers.unmetered_route()
+        if call.action == "create":
+            return None
+        if call.conversation is None:
+            return self.e.answers.unknown_earlier("conversation", call.named or "", in_path=True)
+        try:
+            tokens = await self.e.admission.earlier_tokens(
+                principal.tenant, call.conversation, "conversation"
+            )
+        except STORE_ERRORS as exc:
+            self.e.metrics.store_errors.labels("lookup").inc()
+            self._log.warning("limit store unreachable reading whose conversation it is; "
+                              "refused", error=_said(exc))  # fmt: skip
+            return self.e.answers.enforcement_unavailable(principal.plan)
+        if tokens is None and self.e.settings.previous_response_scope == "tenant":
+            return self.e.answers.unknown_earlier("conversation", call.conversation, in_path=True)
+        return None
+
+    def _added(self, call: ConversationCall, raw: bytes | None) -> tuple[int, Response | None]:
+        """What the items a create or an add sends will add to the conversation's record."""
+        if raw is None:
+            return 0, self.e.answers.bad_request("request body too large", status=413)
+        if call.action not in ADDS_ITEMS:
+            return 0, None
+        try:
+            return added_tokens(call.action, raw), None
+        except RequestError as exc:
+            return 0, self.e.answers.bad_request(str(exc))
+
+    async def _conversation_forward(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        principal: Principal,
+        call: ConversationCall,
+        added: int,
+    ) -> None:
+        """Forward a create, an add or a delete; once the model server's answer is whole, and
+        before its last byte goes on (a client that sends its next request at once finds the
+        record), change the tenant's record of the conversation as the answer says."""
+        status: int | None = None
+        answer = bytearray()
+
+        async def observe(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            elif message["type"] == "http.response.body":
+                if call.action == "create" and len(answer) <= MAX_CREATED_ANSWER:
+                    answer.extend(message.get("body", b""))
+                if not message.get("more_body", False) and status is not None:
+                    with anyio.CancelScope(shield=True):
+                        await self._record_conversation(principal, call, status, bytes(answer),
+                                                        added)  # fmt: skip
+            await send(message)
+
+        await self.app(scope, receive, observe)
+
+    async def _record_conversation(
+        self, principal: Principal, call: ConversationCall, status: int, answer: bytes, added: int
+    ) -> None:
+        """A create records the conversation for the tenant (its items' estimate, for the
+        TTL of a response's record); an add grows the record by its items' estimate; a
+        delete forgets it. Nothing when the model server refused. A record that cannot be
+        written is said: that conversation is then refused 404 (`shared`: the default)."""
+        if not 200 <= status < 300:
+            return
+        admission, tenant = self.e.admission, principal.tenant
+        ttl = self.e.settings.previous_response_ttl_seconds
+        try:
+            if call.action == "create":
+                made = created_id(answer)
+                if made is not None:
+                    await admission.remember_response(tenant, made, added, ttl, "conversation")
+            elif call.conversation is not None and call.action == "add_items":
+                await admission.grow_conversation(tenant, call.conversation, added, ttl)
+            elif call.conversation is not None:
+                await admission.forget_conversation(tenant, call.conversation)
+        except STORE_ERRORS as exc:
+            self.e.metrics.store_errors.labels("record").inc()
+            self._log.warning("cannot record a conversation call; a turn in it is refused "
+                              "(or, shared, reserves the default)", action=call.action,
+                              error=_said(exc))  # fmt: skip
 
     async def _plan(self, principal: Principal) -> PlanInfo | Response:
         """The caller's plan from the catalog, or the refusal: a plan the catalog does not

@@ -108,6 +108,30 @@ def _check_model(model: Any) -> None:
         raise RequestError(BAD_MODEL)
 
 
+def read_object(raw: bytes) -> dict[str, Any]:
+    """A request body as the gateway reads it: UTF-8 JSON holding one object that names no
+    member twice and no half of a surrogate pair; RequestError (a 400) otherwise."""
+    try:
+        # UTF-8 only (RFC 8259 §8.1), as the nginx module reads it: json.loads(bytes)
+        # would also take UTF-16 and UTF-32, which nginx refuses and some model servers too.
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RequestError(not_utf8(exc.start)) from None
+    try:
+        body = json.loads(text, object_pairs_hook=_Members.of)
+    except RecursionError:
+        raise RequestError("the request body is not JSON: it nests too deep") from None
+    except ValueError as exc:
+        raise RequestError(f"the request body is not JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise RequestError("the request body must be a JSON object")
+    if isinstance(body, _Members) and body.twice is not None:
+        raise RequestError(named_twice(body.twice))
+    if "\\u" in text:
+        _check_surrogates(body)
+    return body
+
+
 def text_tokens(text: str) -> int:
     return math.ceil(len(text) / CHARS_PER_TOKEN)
 
@@ -138,22 +162,7 @@ class ModelRequest:
 
     @classmethod
     def _read(cls, kind: RequestKind, raw: bytes) -> ModelRequest:
-        try:
-            # UTF-8 only (RFC 8259 §8.1), as the nginx module reads it: json.loads(bytes)
-            # would also take UTF-16 and UTF-32, which nginx refuses and some model servers too.
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise RequestError(not_utf8(exc.start)) from None
-        try:
-            body = json.loads(text, object_pairs_hook=_Members.of)
-        except ValueError as exc:
-            raise RequestError(f"the request body is not JSON: {exc}") from None
-        if not isinstance(body, dict):
-            raise RequestError("the request body must be a JSON object")
-        if isinstance(body, _Members) and body.twice is not None:
-            raise RequestError(named_twice(body.twice))
-        if "\\u" in text:
-            _check_surrogates(body)
+        body = read_object(raw)
         _check_model(body.get("model"))
         _check_counts(body)
         _check_stream(kind, body)
@@ -376,6 +385,12 @@ def _tokens(value: Any) -> int:
     if isinstance(value, dict):
         return sum(_tokens(v) for k, v in value.items() if k != "role")
     return 0
+
+
+def item_tokens(items: list[Any]) -> int:
+    """The texts of conversation items as a Responses request's input items are counted (the
+    Conversations API's items are those items), without their per-item overhead."""
+    return _tokens(items)
 
 
 # A JSON object begins the bytes (read in place: no copy of a growing buffer per chunk).

@@ -102,8 +102,9 @@ def problem(
 
 UNMETERED_ROUTE = (
     "this gateway serves POST /v1/chat/completions, /v1/completions, /v1/embeddings and "
-    "/v1/responses (metered) and GET /v1/models; any other route could spend model work that "
-    "no limit counts, so it is not forwarded"
+    "/v1/responses (metered), GET /v1/models and the Conversations API (a tenant's own "
+    "/v1/conversations); any other route could spend model work that no limit counts, so it is "
+    "not forwarded"
 )
 
 
@@ -197,16 +198,19 @@ class Answers:
             error=_invalid("unknown_route"),
         )
 
-    def unknown_earlier(self, what: str, named: str) -> Problem:
+    def unknown_earlier(self, what: str, named: str, in_path: bool = False) -> Problem:
         """404: a `previous_response_id` (`what` "response") or `conversation` this gateway
         holds no record of for the caller's tenant. The same words whether the id is unknown,
         expired or another tenant's (nothing tells them apart); an id that is no safe id is
-        not quoted back."""
+        not quoted back. `in_path`: a Conversations API path names it (no `param`)."""
         shown = f"'{named}'" if safe_id(named) else "with that id"
         # OpenAI's own code for a previous response it does not hold; the same form for the other.
-        param, code = ("previous_response_id", "previous_response_not_found")
+        param: str | None = "previous_response_id"
+        code = "previous_response_not_found"
         if what != "response":
             param, code = ("conversation", "conversation_not_found")
+        if in_path:
+            param = None
         return problem(
             404,
             self.type_uri("unknown-" + what),

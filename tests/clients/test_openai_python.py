@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import openai
 import pytest
@@ -270,3 +272,100 @@ def test_another_tenants_response_id_is_not_found(
 
     assert errors[0] == errors[1] == "no response 'X' for this API key"
     assert len(model_server[0].seen) == before
+
+
+def day_left(headers: Mapping[str, str]) -> int:
+    """What the day's token budget holds after an admission (its IETF RateLimit `r`)."""
+    found = re.search(r'tokens_per_day";r=(\d+)', headers["ratelimit"])
+    assert found, headers["ratelimit"]
+    return int(found.group(1))
+
+
+ITEM: Any = {"type": "message", "role": "user", "content": "x" * 400}
+# The gateway's estimate of ITEM, as of any Responses input item: ⌈characters ÷ 4⌉ of its
+# texts but the role ("message": 2, the content: 100) and 4 for the item.
+ITEM_TOKENS = 2 + 100 + 4
+
+
+def test_a_conversation_made_with_the_sdk_is_continued_and_its_items_reserved(
+    world: World, model_server: tuple[FakeUpstream, str]
+) -> None:
+    """`client.conversations.create(items=…)` then `client.responses.create(conversation=…)`:
+    the create goes through the gateway, which records the conversation for the tenant, so
+    the turn in it is served (it was 404, the create an unmetered route or the turn an unknown
+    conversation), and its reservation holds the items the model server reads back."""
+    client = sdk(world, world.key("talker"))
+
+    conversation = client.conversations.create(items=[ITEM], metadata={"topic": "sdk"})
+    assert conversation.object == "conversation"
+    assert conversation.id.startswith("conv_")
+    raw = client.responses.with_raw_response.create(
+        model="gpt-3.5-turbo", input="and?", max_output_tokens=16, conversation=conversation.id
+    )
+
+    answer = raw.parse()
+    assert answer.usage is not None
+    assert answer.usage.input_tokens > model_server[0].conversations[conversation.id] // 2
+    # The day's 1,000 less this turn's reservation: the items, ⌈4/4⌉ of input and the cap.
+    assert day_left(raw.headers) == 1000 - (ITEM_TOKENS + 1 + 16)
+    # Served again: the conversation's own calls, for its owner.
+    assert client.conversations.retrieve(conversation.id).metadata == {"topic": "sdk"}
+    listed = client.conversations.items.list(conversation.id)
+    assert [item.type for item in listed.data] == ["message"]
+
+
+def test_items_added_through_the_sdk_count_and_a_deleted_conversation_is_gone(
+    world: World, model_server: tuple[FakeUpstream, str]
+) -> None:
+    client = sdk(world, world.key("talker"))
+    conversation = client.conversations.create(metadata={"topic": "empty"})
+    client.conversations.items.create(conversation.id, items=[ITEM, ITEM])
+
+    raw = client.responses.with_raw_response.create(
+        model="gpt-3.5-turbo", input="and?", max_output_tokens=16, conversation=conversation.id
+    )
+    assert day_left(raw.headers) == 1000 - (2 * ITEM_TOKENS + 1 + 16)
+
+    deleted = client.conversations.delete(conversation.id)
+    assert deleted.deleted is True
+    before = len(model_server[0].seen)
+    with pytest.raises(openai.NotFoundError) as refused:
+        client.responses.create(model="gpt-3.5-turbo", input="and?", max_output_tokens=16,
+                                conversation=conversation.id)  # fmt: skip
+    assert refused.value.code == "conversation_not_found"
+    with pytest.raises(openai.NotFoundError):
+        client.conversations.retrieve(conversation.id)
+    assert len(model_server[0].seen) == before  # the gateway answered both
+
+
+def test_another_tenants_conversation_is_not_found_on_any_of_its_routes(
+    world: World, model_server: tuple[FakeUpstream, str]
+) -> None:
+    """Every tenant reaches the model server with the one upstream key: a conversation is
+    read, continued, changed and deleted only by the tenant that made it."""
+    owner = sdk(world, world.key("chatty"))
+    conversation = owner.conversations.create(items=[ITEM], metadata={"topic": "secret"})
+    item = owner.conversations.items.list(conversation.id).data[0].id
+    assert item is not None
+    nosy, named = sdk(world, world.key("nosy")), conversation.id
+    before = len(model_server[0].seen)
+
+    calls: dict[str, Callable[[], object]] = {
+        "retrieve": lambda: nosy.conversations.retrieve(conversation.id),
+        "update": lambda: nosy.conversations.update(conversation.id, metadata={"x": "y"}),
+        "delete": lambda: nosy.conversations.delete(conversation.id),
+        "list items": lambda: nosy.conversations.items.list(conversation.id),
+        "add items": lambda: nosy.conversations.items.create(conversation.id, items=[ITEM]),
+        "an item": lambda: nosy.conversations.items.retrieve(item, conversation_id=named),
+        "delete an item": lambda: nosy.conversations.items.delete(item, conversation_id=named),
+        "a turn": lambda: nosy.responses.create(model="gpt-3.5-turbo", input="and?",
+                                                max_output_tokens=16, conversation=conversation.id),
+    }  # fmt: skip
+    for name, call in calls.items():
+        with pytest.raises(openai.NotFoundError) as refused:
+            call()
+        assert refused.value.code == "conversation_not_found", name
+
+    assert len(model_server[0].seen) == before  # none reached the model server
+    assert owner.conversations.retrieve(conversation.id).metadata == {"topic": "secret"}
+    assert len(owner.conversations.items.list(conversation.id).data) == 1

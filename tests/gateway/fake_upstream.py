@@ -14,6 +14,12 @@ Responses are kept (unless `store: false`) as a model server keeps them: a reque
 as `previous_response_id` is billed its input and output again as input, and one naming a
 response it does not hold is refused 400, as OpenAI and vLLM refuse it. A `conversation` the
 test put in `conversations` is billed as input too and named in the answer (404 otherwise).
+The Conversations API (`/v1/conversations`, its items) is served as OpenAI documents it: a
+conversation made with items holds their tokens (⌈JSON characters ÷ 10⌉ each batch), items
+added later add theirs, and a Responses turn in it leaves it holding the turn's total; the
+id of a new conversation is drawn from its body (`conversation_id`), so two gateways sent it
+get the same one; `x-fake-space: NAME` keeps a request's conversations apart from those of
+requests without it or with another name (two gateways compared see the same answers).
 """
 
 from __future__ import annotations
@@ -58,8 +64,10 @@ class FakeUpstream:
     completion_tokens: int = 5  # what a completion "generates" (capped by max_tokens)
     # Responses kept for a later `previous_response_id`: id → its input + output tokens.
     stored: dict[str, int] = field(default_factory=dict)
-    # Conversations (the Conversations API's `conv_…`, made by the test): id → their tokens.
+    # Conversations (the Conversations API's `conv_…`): id → their tokens, and their items.
     conversations: dict[str, int] = field(default_factory=dict)
+    conversation_items: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    conversation_metadata: dict[str, Any] = field(default_factory=dict)
 
     def app(self) -> Starlette:
         return Starlette(
@@ -71,6 +79,12 @@ class FakeUpstream:
                 # Model work on a route Governor does not meter (vLLM serves it): recorded,
                 # so a test sees whether a gateway let it through.
                 Route("/v1/responses", self._response, methods=["POST"]),
+                Route("/v1/conversations", self._conversation_create, methods=["POST"]),
+                Route(
+                    "/v1/conversations/{cid}", self._conversation, methods=["GET", "POST", "DELETE"]
+                ),
+                Route("/v1/conversations/{cid}/items", self._items, methods=["GET", "POST"]),
+                Route("/v1/conversations/{cid}/items/{iid}", self._item, methods=["GET", "DELETE"]),
                 Route("/jwks", self._jwks, methods=["GET"]),
             ]
         )
@@ -160,7 +174,7 @@ class FakeUpstream:
             yield f"data: {json.dumps({'id': 'chunk', 'choices': [], 'usage': usage})}\n\n".encode()
         yield b"data: [DONE]\n\n"
 
-    def _earlier(self, body: dict[str, Any]) -> int | Response:
+    def _earlier(self, body: dict[str, Any], space: str) -> int | Response:
         """The tokens of the earlier response and the conversation a request names (read back
         and billed as input), or the model server's refusal of one it does not hold."""
         tokens = 0
@@ -173,11 +187,11 @@ class FakeUpstream:
             tokens += self.stored[previous]
         conversation = _conversation(body)
         if conversation is not None:
-            if conversation not in self.conversations:
+            if space + conversation not in self.conversations:
                 message = f"Conversation with id '{conversation}' not found."
                 return JSONResponse({"error": {"message": message, "param": "conversation",
                                                "type": "invalid_request_error"}}, 404)  # fmt: skip
-            tokens += self.conversations[conversation]
+            tokens += self.conversations[space + conversation]
         return tokens
 
     async def _response(self, request: Request) -> Response:
@@ -190,7 +204,7 @@ class FakeUpstream:
         if request.headers.get("x-fake-hold") == "1":  # a model still generating
             await anyio.to_thread.run_sync(self.release.wait, _HOLD_TIMEOUT_SECONDS)
         prompt = 7 + len(json.dumps(body.get("input"))) // 10
-        earlier = self._earlier(body)
+        earlier = self._earlier(body, _space(request))
         if isinstance(earlier, Response):
             return earlier
         prompt += earlier
@@ -212,7 +226,7 @@ class FakeUpstream:
             "usage": usage,
         }  # fmt: skip
         if conversation is not None:  # this turn's items join the conversation
-            self.conversations[conversation] = prompt + completion
+            self.conversations[_space(request) + conversation] = prompt + completion
             answer["conversation"] = {"id": conversation}
         if not body.get("stream"):
             return JSONResponse(answer, headers={"x-upstream": "fake"})
@@ -239,6 +253,95 @@ class FakeUpstream:
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
+    async def _seen(self, request: Request) -> dict[str, Any] | None:
+        """Record a Conversations API request; its body, when it has one."""
+        raw = await request.body()
+        body = json.loads(raw) if raw else None
+        self.seen.append(Seen(request.url.path, dict(request.headers), body))
+        return body if isinstance(body, dict) else None
+
+    def _add_items(self, held: str, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        conversation = held.rpartition("|")[2]
+        kept = self.conversation_items.setdefault(held, [])
+        added = [{"id": f"msg_{conversation[5:13]}{len(kept) + i}", "status": "completed", **item}
+                 for i, item in enumerate(items)]  # fmt: skip
+        kept.extend(added)
+        if items:
+            self.conversations[held] = self.conversations.get(held, 0) + (
+                -(-len(json.dumps(items)) // 10)
+            )
+        return added
+
+    def _conversation_object(self, held: str) -> dict[str, Any]:
+        conversation = held.rpartition("|")[2]
+        metadata = self.conversation_metadata.get(held, {})
+        return {"id": conversation, "object": "conversation", "created_at": 1700000000,
+                "metadata": metadata}  # fmt: skip
+
+    async def _conversation_create(self, request: Request) -> Response:
+        body = await self._seen(request) or {}
+        failed = _failure(request)
+        if failed is not None:
+            return failed
+        held = _space(request) + conversation_id(body)
+        self.conversations[held] = 0
+        self.conversation_items[held] = []
+        self.conversation_metadata[held] = body.get("metadata") or {}
+        self._add_items(held, list(body.get("items") or []))
+        return JSONResponse(self._conversation_object(held))
+
+    def _missing(self, held: str) -> Response | None:
+        if held in self.conversations:
+            return None
+        conversation = held.rpartition("|")[2]
+        message = f"Conversation with id '{conversation}' not found."
+        return JSONResponse({"error": {"message": message, "type": "invalid_request_error",
+                                       "param": None, "code": None}}, 404)  # fmt: skip
+
+    async def _conversation(self, request: Request) -> Response:
+        body = await self._seen(request)
+        conversation = request.path_params["cid"]
+        held = _space(request) + conversation
+        missing = self._missing(held)
+        if missing is not None:
+            return missing
+        if request.method == "DELETE":
+            del self.conversations[held]
+            return JSONResponse({"id": conversation, "object": "conversation.deleted",
+                                 "deleted": True})  # fmt: skip
+        if request.method == "POST":
+            self.conversation_metadata[held] = (body or {}).get("metadata") or {}
+        return JSONResponse(self._conversation_object(held))
+
+    async def _items(self, request: Request) -> Response:
+        body = await self._seen(request)
+        held = _space(request) + request.path_params["cid"]
+        missing = self._missing(held)
+        if missing is not None:
+            return missing
+        if request.method == "POST":
+            data = self._add_items(held, list((body or {}).get("items") or []))
+        else:
+            data = list(self.conversation_items.get(held, []))
+        return JSONResponse({"object": "list", "data": data, "has_more": False,
+                             "first_id": data[0]["id"] if data else None,
+                             "last_id": data[-1]["id"] if data else None})  # fmt: skip
+
+    async def _item(self, request: Request) -> Response:
+        await self._seen(request)
+        held, item = _space(request) + request.path_params["cid"], request.path_params["iid"]
+        missing = self._missing(held)
+        if missing is not None:
+            return missing
+        items = self.conversation_items.get(held, [])
+        found = [each for each in items if each["id"] == item]
+        if not found:
+            return JSONResponse({"error": {"message": f"Item '{item}' not found."}}, 404)
+        if request.method == "DELETE":
+            items.remove(found[0])
+            return JSONResponse(self._conversation_object(held))
+        return JSONResponse(found[0])
+
     async def _embedding(self, request: Request) -> Response:
         body = await self._record(request)
         failed = _failure(request)
@@ -260,6 +363,18 @@ class FakeUpstream:
 
     async def _jwks(self, _request: Request) -> Response:
         return JSONResponse(self.jwks)
+
+
+def _space(request: Request) -> str:
+    """The prefix of the fake's keys for a request's conversations (`x-fake-space`)."""
+    space = request.headers.get("x-fake-space")
+    return f"{space}|" if space else ""
+
+
+def conversation_id(body: Any) -> str:
+    """The id the fake gives a conversation made with `body`."""
+    seed = json.dumps(body, sort_keys=True).encode()
+    return "conv_" + hashlib.sha256(seed).hexdigest()[:32]
 
 
 def _conversation(body: dict[str, Any]) -> Any:

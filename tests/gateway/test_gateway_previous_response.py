@@ -315,7 +315,7 @@ def test_a_conversation_is_served_only_once_recorded_for_the_tenant(
     upstream: tuple[FakeUpstream, str],
     shape: str,
 ) -> None:
-    """A conversation (made with the upstream key: the gateway does not proxy the
+    """A conversation made past the gateway (with the upstream key, not through its
     Conversations API) no record names for the tenant is refused; `shared` forwards it with
     the default reserved, and records it from the answer's `conversation`, so it is then the
     tenant's, and only the tenant's, in `tenant` scope too."""

@@ -72,6 +72,18 @@ location = /_probe/request {
             stored = request:stored()}))
     }
 }
+location = /_probe/conversation {
+    content_by_lua_block {
+        local cjson = require 'cjson.safe'
+        local conversations = require 'governor.conversations'
+        ngx.req.read_body()
+        local args = ngx.req.get_uri_args()
+        local call = conversations.route(args.method, args.path)
+        local tokens, problem = conversations.added_tokens(ngx.req.get_body_data() or '')
+        ngx.say(cjson.encode({route = call or cjson.null, tokens = tokens or cjson.null,
+            problem = problem or cjson.null}))
+    }
+}
 location = /_probe/limits {
     content_by_lua_block {
         local cjson = require 'cjson.safe'

@@ -210,3 +210,65 @@ def test_the_previous_response_scope_is_exported() -> None:
     assert gateway_document(shared, PricesSettings(), "governor")["previous_response_scope"] == (
         "shared"
     )
+
+
+# The Kong plugin's phases for a Conversations API create, with Kong's PDK and the gateway
+# module stubbed (no Kong here): the raw path reaches the decision, the create is proxied
+# buffered, and its whole answer is handed to the gateway before Kong sends it.
+KONG_CONVERSATION = """
+local decided, answered, buffering = nil, nil, false
+package.preload['governor.config'] = function() return {load = function() return {} end} end
+package.preload['governor.gateway'] = function()
+  return {new = function() return {
+    decide = function(_, req)
+      decided = req
+      return {conversation = {action = 'create', added = 106}}
+    end,
+    conversation_answered = function(_, call, status, body)
+      answered = {call = call, status = status, body = body}
+    end,
+  } end}
+end
+ngx = {null = {}, var = {request_id = 'r1'}, worker = {id = function() return 0 end},
+  arg = {'', true}}
+local ctx = {plugin = {}}
+kong = {
+  request = {get_method = function() return 'POST' end,
+    get_path = function() return '/v1/conversations' end,
+    get_raw_path = function() return '/v1/conversations' end,
+    get_headers = function() return {} end, get_header = function() return nil end,
+    get_raw_body = function() return '{"items": []}' end},
+  client = {get_forwarded_ip = function() return '127.0.0.1' end},
+  service = {
+    request = {enable_buffering = function() buffering = true end,
+      set_raw_body = function() error('the body is the client own') end},
+    response = {get_status = function() return 200 end,
+      get_raw_body = function() return '{"id": "conv_1", "object": "conversation"}' end}},
+  response = {exit = function() error('refused') end, set_header = function() end,
+    clear_header = function() end},
+  ctx = ctx,
+}
+local handler = dofile(arg[1] .. '/handler.lua')
+local conf = {export_dir = 'x', redis_host = 'h', redis_port = 1, redis_database = 0,
+  redis_timeout_ms = 1}
+for _, phase in ipairs({'access', 'response', 'header_filter', 'body_filter', 'log'}) do
+  handler[phase](handler, conf)
+end
+print(decided.raw_path, tostring(buffering), answered.status, answered.call.added,
+  answered.body)
+"""
+
+
+@pytest.mark.integration
+def test_the_kong_plugin_records_a_conversation_from_the_buffered_answer() -> None:
+    loaded = subprocess.run(
+        ["lua5.1", "-"],
+        input=KONG_CONVERSATION.replace("arg[1]", f"'{KONG}'"),
+        capture_output=True,
+        text=True,
+    )
+
+    assert loaded.returncode == 0, loaded.stderr
+    raw_path, buffered, status, added, body = loaded.stdout.split(maxsplit=4)
+    assert (raw_path, buffered, status, added) == ("/v1/conversations", "true", "200", "106")
+    assert body.strip() == '{"id": "conv_1", "object": "conversation"}'

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from controller.contract.enforcement import EnforcementKeys, ip_id
+from controller.gateway.conversations import ConversationCall, added_tokens, route
 from controller.gateway.limits import resolve
 from controller.gateway.openai import (
     ModelRequest,
@@ -377,3 +378,59 @@ def test_the_meter_finds_a_responses_id_as_python_does(nginx: Side, case: str, s
                                  "in a conversation": "resp_4",
                                  "a chat answer": None}[case]  # fmt: skip
     assert meter.conversation_id == ("conv_9" if case == "in a conversation" else None)
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("POST", "/v1/conversations"), ("GET", "/v1/conversations"),
+        ("GET", "/v1/conversations/conv_1"), ("POST", "/v1/conversations/conv_1"),
+        ("DELETE", "/v1/conversations/conv_1"), ("PUT", "/v1/conversations/conv_1"),
+        ("HEAD", "/v1/conversations/conv_1/items"), ("POST", "/v1/conversations/conv_1/items"),
+        ("DELETE", "/v1/conversations/conv_1/items"), ("GET", "/v1/conversations/c/items/m:1"),
+        ("DELETE", "/v1/conversations/c/items/m_1"), ("POST", "/v1/conversations/c/items/m_1"),
+        ("GET", "/v1/conversations/c/items/m 1"), ("GET", "/v1/conversations/c/other"),
+        ("GET", "/v1/conversations/c/items/m/x"), ("GET", "/v1/conversations/"),
+        ("GET", "/v1/conversations//items"), ("GET", "/v1/conversations/./items"),
+        ("GET", "/v1/conversations/résumé"), ("GET", "/v1/conversations/" + "c" * 129),
+        ("GET", "/v1/conversationsX"), ("POST", "/v1/responses"),
+    ],
+)  # fmt: skip
+def test_a_conversations_api_route_is_pythons(nginx: Side, method: str, path: str) -> None:
+    params = {"method": method, "path": path}
+
+    lua = nginx.http.post(f"{nginx.url}/_probe/conversation", params=params, content=b"{}")
+
+    python = route(method, path)
+    expected: Any = python
+    if isinstance(python, ConversationCall):
+        expected = {k: v for k, v in vars(python).items() if v is not None}
+    assert lua.json()["route"] == expected
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"items": [{"type": "message", "role": "user", "content": "héllo wörld 😀"}]},
+        {"items": [{"type": "message", "role": "user",
+                    "content": [{"type": "input_text", "text": "a" * 37}]},
+                   {"type": "message", "role": "assistant", "content": "b"}]},
+        {"items": [{"type": "input_image", "image_url": "data:image/png;base64,AAAA"}]},
+        {"items": [[1, 2, 3], "text", 7, None, True]},
+        {"items": []}, {"items": None}, {"metadata": {"k": "v"}}, {},
+        {"items": {"type": "message"}}, {"items": "x"}, {"items": 3},
+    ],
+)  # fmt: skip
+def test_a_conversations_items_estimate_is_pythons(nginx: Side, body: Any) -> None:
+    raw = json.dumps(body, ensure_ascii=False).encode()
+
+    lua = nginx.http.post(f"{nginx.url}/_probe/conversation",
+                          params={"method": "POST", "path": "/v1/conversations"},
+                          content=raw).json()  # fmt: skip
+
+    python: dict[str, Any] = {"tokens": None, "problem": None}
+    try:
+        python["tokens"] = added_tokens("create", raw)
+    except RequestError as exc:
+        python["problem"] = str(exc)
+    assert {"tokens": lua["tokens"], "problem": lua["problem"]} == python

@@ -16,7 +16,12 @@ import pytest
 
 from controller.contract.enforcement import EnforcementKeys
 from controller.gateway.credits import CreditLedger
-from tests.gateway.fake_upstream import FakeUpstream, ServerThread, response_id
+from tests.gateway.fake_upstream import (
+    FakeUpstream,
+    ServerThread,
+    conversation_id,
+    response_id,
+)
 from tests.nginx.conftest import PREFIX, UNKNOWN_KEY, Side, chat_body, set_limit, wait_settled
 
 pytestmark = pytest.mark.integration
@@ -33,6 +38,7 @@ CALLERS = {
     "trial": ("wayne", "free"),  # sends no max_tokens
     "models": ("cyberdyne", "metered"),  # any model; one request a minute for two of them
     "converse": ("soylent", "free"),  # continues its Responses answers
+    "talk": ("initrode", "free"),  # makes a conversation through the Conversations API
 }
 HF_MODEL = "meta-llama/Llama-3.1-8B-Instruct"  # as vLLM serves it by default
 NO_MAX_TOKENS = {"model": "gpt-3.5-turbo", "messages": [{"role": "user", "content": "hi"}]}
@@ -119,8 +125,42 @@ def sequence() -> list[Step]:
         Step("a model named org/name", "models", chat_body(model=HF_MODEL)),
         Step("the same, in another case: spent", "models", chat_body(model=HF_MODEL.upper())),
         Step("another model: the plain limit", "models", chat_body(model="gpt-4")),
+        *conversations_api(),
     ]  # fmt: skip
     return steps
+
+
+MADE: dict[str, Any] = {"items": [{"type": "message", "role": "user", "content": "x" * 400}],
+        "metadata": {"topic": "parity"}}  # fmt: skip
+KEPT = {"metadata": {"topic": "kept"}}
+
+
+def conversations_api() -> list[Step]:
+    """The Conversations API: a conversation made with items, read, grown, continued by a
+    Responses turn that reserves its items, refused to another tenant, deleted, then gone;
+    what is no call of it, and items that are no list."""
+    made = f"/v1/conversations/{conversation_id(MADE)}"
+    turn = {"model": "gpt-3.5-turbo", "input": "and?", "max_output_tokens": 16,
+            "conversation": conversation_id(MADE)}  # fmt: skip
+    return [
+        Step("a conversation made with items", "talk", MADE, path="/v1/conversations"),
+        Step("its items, listed", "talk", method="GET", path=f"{made}/items"),
+        Step("items added", "talk", {"items": MADE["items"] * 2}, path=f"{made}/items"),
+        Step("a turn in it: its items reserved", "talk", turn, {"x-fake-tokens": "4"},
+             path="/v1/responses"),
+        Step("another tenant reads it: 404, never forwarded", "trial", method="GET", path=made),
+        Step("another tenant deletes it: 404, never forwarded", "trial", method="DELETE",
+             path=made),
+        Step("every conversation listed: no call of the API", "talk", method="GET",
+             path="/v1/conversations"),
+        Step("items that are no list: 400", "talk", {"items": {"type": "message"}},
+             path="/v1/conversations"),
+        Step("another, made empty", "talk", KEPT, path="/v1/conversations"),
+        Step("items added to that one (kept to the end)", "talk", MADE,
+             path=f"/v1/conversations/{conversation_id(KEPT)}/items"),
+        Step("its owner deletes the first", "talk", method="DELETE", path=made),
+        Step("a turn in it, deleted: 404, never forwarded", "talk", turn, path="/v1/responses"),
+    ]  # fmt: skip
 
 
 def conversation() -> list[Step]:
@@ -188,7 +228,8 @@ def prepare(side: Side) -> dict[str, str]:
 
 
 def send(side: Side, keys: dict[str, str], step: Step) -> httpx.Response:
-    headers = {"accept": "application/json", **step.headers}
+    # Each side's conversations apart at the model server (the same ids, the same answers).
+    headers = {"accept": "application/json", "x-fake-space": side.name, **step.headers}
     if step.caller is not None:
         headers["authorization"] = f"Bearer {keys[step.caller]}"
     body = chat_body() if step.body is None and step.method == "POST" else step.body
@@ -285,6 +326,11 @@ def books(side: Side) -> dict[str, Any]:
         ]
         records = keys.schema.response(tenant, "x")[:-1] + "*"  # its Responses answers' tokens
         found[f"{tenant}:responses"] = {key: side.db.get(key) for key in side.db.scan_iter(records)}
+        records = keys.schema.conversation(tenant, "x")[:-1] + "*"  # its conversations' tokens
+        found[f"{tenant}:conversations"] = {
+            key: (side.db.get(key), side.db.pttl(key) // 60_000)
+            for key in side.db.scan_iter(records)
+        }
     return found
 
 
@@ -315,6 +361,21 @@ def test_nginx_answers_as_the_python_gateway_does(
 
     assert mismatches == [], "\n".join(mismatches)
     # The sequence covers what it claims to (a broken sequence must not compare trivially).
+    api = len(conversations_api())
+    statuses, api_statuses = statuses[:-api], statuses[-api:]
+    assert api_statuses == [200, 200, 200, 200, 404, 404, 404, 400, 200, 200, 200, 404]
+    for name in ("another tenant reads it: 404, never forwarded",
+                 "another tenant deletes it: 404, never forwarded",
+                 "every conversation listed: no call of the API",
+                 "a turn in it, deleted: 404, never forwarded"):  # fmt: skip
+        assert by_name[name].upstream_saw is None, name
+    turn = by_name["a turn in it: its items reserved"].answer
+    assert (
+        'tokens_per_day";r=' + str(1000 - (3 * (2 + 100 + 4) + 1 + 16)) in turn.headers["ratelimit"]
+    )  # the three items the conversation holds, ⌈4/4⌉ of input and the cap
+    conversations = books(nginx)["initrode:conversations"]
+    # Only the one kept: its item's estimate, for the 30 days of a record (in whole minutes).
+    assert list(conversations.values()) == [(str(2 + 100 + 4), 30 * 1440 - 1)], conversations
     assert statuses.count(401) == 4
     assert [s for s in statuses if s in (402, 403, 429, 503)] == [403, 403, 403, 403, 429, 429,
                                                                   402, 402, 429, 503,

@@ -72,6 +72,7 @@ function GovernorAdmission:access(conf)
   local outcome = gw:decide({
     method = kong.request.get_method(),
     path = kong.request.get_path(),
+    raw_path = kong.request.get_raw_path(),  -- as the client wrote it (Kong >= 2.8)
     headers = kong.request.get_headers(100),
     content_length = tonumber(kong.request.get_header('content-length')),
     read_body = function()
@@ -83,6 +84,13 @@ function GovernorAdmission:access(conf)
   if outcome.answer ~= nil then
     local answer = outcome.answer
     return kong.response.exit(answer.status, answer.body, answer.headers)
+  end
+  if outcome.conversation ~= nil then
+    -- A Conversations API create, add or delete: the response phase reads the whole answer
+    -- and changes the tenant's record of the conversation before Kong sends it.
+    kong.ctx.plugin.conversation = outcome.conversation
+    kong.service.request.enable_buffering()
+    return
   end
   local call = outcome.call
   if call == nil then
@@ -100,6 +108,12 @@ end
 -- Buffered (non-streamed) calls: settled before the first byte reaches the client, so its
 -- next request finds this one's usage on the books (as with the Python gateway).
 function GovernorAdmission:response(conf)
+  local conversation = kong.ctx.plugin.conversation
+  if conversation ~= nil then
+    gateway_for(conf):conversation_answered(conversation, kong.service.response.get_status(),
+      kong.service.response.get_raw_body())
+    return
+  end
   local call = kong.ctx.plugin.call
   if call == nil then
     return

@@ -7,6 +7,7 @@ local admission = require 'governor.admission'
 local answers = require 'governor.answers'
 local auth = require 'governor.auth'
 local catalog = require 'governor.catalog'
+local conversations = require 'governor.conversations'
 local keys = require 'governor.keys'
 local openai = require 'governor.openai'
 local store = require 'governor.store'
@@ -242,6 +243,12 @@ function Gateway:add_earlier(client, principal, request)
   return nil
 end
 
+-- The record TTL in ms (asgi: settings.previous_response_ttl_seconds).
+local function record_ttl_ms(settings)
+  return string.format('%d',
+    math.max(1, math.floor(settings.previous_response_ttl_seconds * 1000 + 0.5)))
+end
+
 -- The longest wait between two tries of a record (controller/clients/redis.py's cap).
 local BACKOFF_CAP_SECONDS = 2
 
@@ -296,11 +303,11 @@ function Gateway:remember(call, usage)
   if call.meter.conversation_id ~= nil then
     keep('conversation', call.meter.conversation_id)
   end
-  local ttl_ms = math.max(1, math.floor(self.settings.previous_response_ttl_seconds * 1000 + 0.5))
+  local ttl_ms = record_ttl_ms(self.settings)
   local tokens = string.format('%d', math.max(0, usage.prompt + usage.completion))
   local client, err = store.connect(redis)
   for i, each in ipairs(kept) do
-    client, err = record(redis, client, err, each.key, tokens, string.format('%d', ttl_ms))
+    client, err = record(redis, client, err, each.key, tokens, ttl_ms)
     if client == nil then
       local lost = {}
       for j = i, #kept do  -- the ones after it are not tried: Redis is away
@@ -313,6 +320,137 @@ function Gateway:remember(call, usage)
     end
   end
   return client, err
+end
+
+-- The Conversations API call a request is (conversations.route), or 'unserved' when the path
+-- the client wrote is not the one nginx resolved (percent-escapes aside: a dot segment, a
+-- doubled slash): the raw path goes upstream as it came, so what was checked must be it.
+local function conversation_of(req)
+  local found = conversations.route(req.method, req.path)
+  local raw = req.raw_path
+  if raw == nil then
+    return found
+  end
+  -- %XX decoded as nginx decodes $uri ('+' is no space in a path: ngx.unescape_uri's is).
+  raw = raw:gsub('%%(%x%x)', function(hex)
+    return string.char(tonumber(hex, 16))
+  end)
+  if raw ~= req.path and (found ~= nil or conversations.route(req.method, raw) ~= nil) then
+    return 'unserved'
+  end
+  return found
+end
+
+-- asgi._conversation_refusal: no call of the API (404 unmetered-route), a conversation not
+-- recorded for the tenant (404 in scope 'tenant'; an id that is no safe id in any), Redis
+-- failing (503); nil: it goes on.
+function Gateway:conversation_refusal(client, principal, call)
+  if call == 'unserved' then
+    return {answer = self.answers:unmetered_route()}
+  end
+  if call.action == 'create' then
+    return nil
+  end
+  if call.conversation == nil then
+    return {answer = self.answers:unknown_earlier('conversation', call.named, true)}
+  end
+  local tokens, failed = false, nil
+  if client == nil then
+    tokens, failed = nil, 'no connection'
+  else
+    tokens, failed = self:earlier_tokens(client, principal.tenant, 'conversation',
+      call.conversation)
+  end
+  if tokens == nil then
+    warn('limit store unreachable reading whose conversation it is; refused: ', failed)
+    return {answer = self.answers:enforcement_unavailable(principal.plan), broken = true}
+  end
+  if tokens == false and self.settings.previous_response_scope == 'tenant' then
+    return {answer = self.answers:unknown_earlier('conversation', call.conversation, true)}
+  end
+  return nil
+end
+
+-- asgi._conversation: a Conversations API call is no model work, so admitted against no rate
+-- or budget (as /v1/models); only the tenant's own conversation (scope 'tenant'). A read or
+-- new metadata passes as it is; a create, an add or a delete goes as {conversation = …}: the
+-- adapter fetches it whole and hands the answer to `conversation_answered`.
+function Gateway:conversation_call(client, req, principal, call)
+  local refusal = self:conversation_refusal(client, principal, call)
+  if refusal ~= nil then
+    return refusal
+  end
+  if not conversations.RECORDS[call.action] then
+    return {pass = true, principal = principal}
+  end
+  local say, limit = self.answers, self.settings.max_body_bytes
+  if (req.content_length or 0) > limit then
+    return {answer = say:bad_request('request body too large', 413)}
+  end
+  local raw = req.read_body()
+  if #raw > limit then
+    return {answer = say:bad_request('request body too large', 413)}
+  end
+  local added = 0
+  if conversations.ADDS_ITEMS[call.action] then
+    local problem
+    added, problem = conversations.added_tokens(raw)
+    if added == nil then
+      return {answer = say:bad_request(problem)}
+    end
+  end
+  return {conversation = {principal = principal, action = call.action,
+    id = call.conversation, added = added, body = raw}}
+end
+
+-- admission.GROW_RECORD, word for word: a conversation's record grows by ARGV[1] tokens and
+-- lives ARGV[2] ms more, if it is there.
+local GROW_RECORD = "if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end "
+  .. "redis.call('INCRBY', KEYS[1], ARGV[1]) "
+  .. "redis.call('PEXPIRE', KEYS[1], ARGV[2]) "
+  .. 'return 1'
+
+-- asgi._record_conversation: once the model server accepted (2xx) a create, record the
+-- conversation for the tenant (its items' estimate, for the TTL of a response's record); an
+-- add grows the record by its items' estimate; a delete forgets it. A record that cannot be
+-- written is said: that conversation is then refused 404 (shared: the default).
+function Gateway:conversation_answered(call, status, answer)
+  if status == nil or status < 200 or status >= 300 then
+    return
+  end
+  local names, tenant = self.admission.keys, call.principal.tenant
+  local key, made = nil, nil
+  if call.action == 'create' then
+    made = conversations.created_id(answer)
+    key = made and names:conversation(tenant, made)
+  else
+    key = names:conversation(tenant, call.id)
+  end
+  if key == nil then
+    return  -- no conversation in the answer, or an id that is no safe id: nothing to record
+  end
+  local client, err = store.connect(self.settings.redis)
+  local ok = nil
+  if client ~= nil then
+    local ttl = record_ttl_ms(self.settings)
+    local added = string.format('%d', math.max(0, call.added))
+    if call.action == 'create' then
+      ok, err = client:set(key, added, 'PX', ttl)
+    elseif call.action == 'add_items' then
+      ok, err = client:eval(GROW_RECORD, 1, key, added, ttl)
+    else
+      ok, err = client:del(key)
+    end
+  end
+  if ok == nil then
+    warn('cannot record a conversation call (', call.action, '); a turn in it is refused (or, '
+      .. 'shared, reserves the default): ', err)
+    if client ~= nil then
+      client:close()
+    end
+    return
+  end
+  store.release(client)
 end
 
 -- asgi.Enforcement.pass_paths: authenticated, forwarded as they are and counted nowhere.
@@ -355,6 +493,10 @@ function Gateway:decide_with(client, req)
   local plan, refusal = self:plan_of(client, principal)
   if plan == nil then
     return refusal
+  end
+  local conversation = conversation_of(req)
+  if conversation ~= nil then
+    return self:conversation_call(client, req, principal, conversation)
   end
   local kind = req.method == 'POST' and openai.ROUTES[req.path]
   if not kind then

@@ -116,35 +116,60 @@ local function read_body()
   return data or ''
 end
 
--- The whole answer of a non-streamed call: settle first, then send it with our headers.
-local function fetch_and_settle(call)
+local METHODS = {GET = ngx.HTTP_GET, HEAD = ngx.HTTP_HEAD, POST = ngx.HTTP_POST,
+  DELETE = ngx.HTTP_DELETE}
+
+-- The model server's whole answer to the request, sent with `body`, through the internal
+-- location (nginx's own 502/504 as the Python gateway's problem document).
+local function fetch(body)
   local ctx = ngx.ctx
   local response = ngx.location.capture(gw.settings.upstream_location .. ngx.var.uri,
-    {method = ngx.HTTP_POST, body = call.body, args = ngx.var.args, ctx = ctx})
+    {method = METHODS[ngx.req.get_method()], body = body, args = ngx.var.args, ctx = ctx})
   local status = response.status
   if unanswered(status, ctx.governor_header_time) then
     local answer = upstream_answer(status)
     response = {status = status, header = answer.headers, body = answer.body}
   end
-  call.status = status
-  gw:feed(call, response.body)  -- a truncated answer is settled from what came
-  gw:finish(call, status)
+  return response
+end
+
+-- Send a fetched answer with the upstream's end-to-end headers and `extra`.
+local function relay(response, extra)
   local headers = {}
   for name, value in pairs(response.header) do
     if not HOP_BY_HOP[name:lower()] then
       headers[name] = value
     end
   end
-  for name, value in pairs(call.headers) do
+  for name, value in pairs(extra) do
     headers[name] = value
   end
-  return respond(status, headers, response.body or '')
+  return respond(response.status, headers, response.body or '')
+end
+
+-- The whole answer of a non-streamed call: settle first, then send it with our headers.
+local function fetch_and_settle(call)
+  local response = fetch(call.body)
+  local status = response.status
+  call.status = status
+  gw:feed(call, response.body)  -- a truncated answer is settled from what came
+  gw:finish(call, status)
+  return relay(response, call.headers)
+end
+
+-- A Conversations API create, add or delete: fetched whole, the tenant's record of the
+-- conversation changed as the answer says, then answered (asgi: before its last byte).
+local function fetch_and_record(call)
+  local response = fetch(call.body)
+  gw:conversation_answered(call, response.status, response.body)
+  return relay(response, {})
 end
 
 function _M.access()
   local outcome = gw:decide({
     method = ngx.req.get_method(),
     path = ngx.var.uri,
+    raw_path = ngx.var.request_uri:match('^[^?]*'),  -- as the client wrote it
     headers = ngx.req.get_headers(100),
     content_length = tonumber(ngx.var.http_content_length),
     read_body = read_body,
@@ -154,6 +179,9 @@ function _M.access()
   if outcome.answer ~= nil then
     local answer = outcome.answer
     return respond(answer.status, answer.headers, answer.body)
+  end
+  if outcome.conversation ~= nil then
+    return fetch_and_record(outcome.conversation)
   end
   local call = outcome.call
   if call == nil then

@@ -212,8 +212,9 @@ end
 local Request = {}
 Request.__index = Request
 
--- One request body, or nil and the message for a 400 (the Python gateway's wording).
-function _M.parse(kind, raw, default_max_tokens)
+-- openai.read_object: a body of UTF-8 JSON holding one object that names no member twice, or
+-- nil and the message for a 400 (the Python gateway's wording).
+function _M.read_object(raw)
   local bad = bad_utf8(raw)
   if bad ~= nil then
     return nil, not_utf8(bad)
@@ -230,6 +231,22 @@ function _M.parse(kind, raw, default_max_tokens)
     return nil, 'the request body names `' .. twice .. '` twice: send each member '
       .. 'once (which one a model server reads differs, so the one checked here may not be '
       .. 'the one it runs)'
+  end
+  return body
+end
+
+-- openai.item_tokens: conversation items' texts, counted as a Responses request's input items
+-- (without their per-item overhead, MESSAGE_OVERHEAD_TOKENS).
+function _M.item_tokens(items)
+  return tokens(items)
+end
+_M.MESSAGE_OVERHEAD_TOKENS = MESSAGE_OVERHEAD_TOKENS
+
+-- One request body, or nil and the message for a 400 (the Python gateway's wording).
+function _M.parse(kind, raw, default_max_tokens)
+  local body, problem = _M.read_object(raw)
+  if body == nil then
+    return nil, problem
   end
   if type(body.model) ~= 'string' or body.model == '' then
     return nil, 'the request names no model (`model` must be a string)'

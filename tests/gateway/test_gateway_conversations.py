@@ -1,0 +1,58 @@
+"""The Conversations API through `governor gateway` while Redis is away (killed under it): whose
+conversation it is cannot be checked, so every call naming one is refused 503 whatever the
+plan's fail mode, and nothing reaches the model server. (The API's behaviour through both
+gateways is tests/nginx/test_conversations.py; the `openai` SDK's, tests/clients.)"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+
+from controller.contract.keys import KeySchema
+from tests.gateway.conftest import start_gateway, write_limits
+from tests.gateway.fake_upstream import FakeUpstream
+from tests.support.redis import RedisServer
+
+
+def test_a_conversation_call_fails_closed_while_redis_is_away(
+    tmp_path: Path, upstream: tuple[FakeUpstream, str], policy_dir: Path
+) -> None:
+    server = RedisServer(tmp_path / "redis").start()
+    gateway = None
+    try:
+        with server.client() as client:
+            write_limits(client, "governor", policy_dir)
+            gateway = start_gateway(server.url, upstream[1])
+            keys = {plan: gateway.key("acme", plan) for plan in ("free", "enterprise")}
+            auth = {plan: {"authorization": f"Bearer {key}"} for plan, key in keys.items()}
+            made = gateway.http.post(f"{gateway.url}/v1/conversations",
+                                     json={"metadata": {"outage": "yes"}},
+                                     headers=auth["free"])  # fmt: skip
+            assert made.status_code == 200, made.text
+            conversation = made.json()["id"]
+            assert client.get(KeySchema("governor").conversation("acme", conversation)) == "0"
+            for plan in keys:  # both keys verified, and cached, while Redis is up
+                read = gateway.http.get(f"{gateway.url}/v1/conversations/{conversation}",
+                                        headers=auth[plan])  # fmt: skip
+                assert read.status_code == 200, read.text
+        before = len(upstream[0].seen)
+
+        server.stop()
+        answers: list[httpx.Response] = [
+            gateway.http.request(method, f"{gateway.url}/v1/conversations/{conversation}",
+                                 headers=auth[plan])
+            for plan in keys
+            for method in ("GET", "DELETE")
+        ]  # fmt: skip
+        metrics = gateway.metrics()
+    finally:
+        if gateway is not None:
+            gateway.stop()
+        server.stop()
+
+    for answer in answers:  # an open fail mode cannot vouch for whose conversation it is
+        assert answer.status_code == 503, answer.text
+        assert answer.json()["type"].endswith("#enforcement-unavailable")
+    assert len(upstream[0].seen) == before
+    assert 'gateway_limit_store_errors_total{operation="lookup"} 4.0' in metrics
