@@ -549,6 +549,23 @@ class GatewaySettings(_Group):
         "or `shared` (the behaviour before it: an unknown id reserves the default and is "
         "forwarded, so a tenant can read another tenant's conversation)",
     )
+    previous_response_wait_seconds: float = Field(
+        0.5,
+        ge=0,
+        le=2,
+        description="`tenant` scope: how long a request naming an earlier response or "
+        "conversation that has no record yet waits for it (asked again after 10, 20, 40 ms, "
+        "... while that answer's settle may still be writing it) before it is refused 404; "
+        "0: refused at once",
+    )
+    previous_response_waiters: int = Field(
+        64,
+        ge=0,
+        le=10_000,
+        description="most requests that wait for a record at once in one gateway process "
+        "(nginx: per worker), one tenant a quarter of them (at least one); past that, a "
+        "request without a record is refused at once",
+    )
     context_windows: dict[str, Annotated[int, Field(ge=1)]] = Field(
         default_factory=dict,
         description="model → its context window in tokens (JSON in the environment; models "

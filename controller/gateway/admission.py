@@ -327,6 +327,14 @@ class Admission:
             return self.keys.schema.conversation(tenant, found)
         return self.keys.schema.response(tenant, found)
 
+    def can_record(self, tenant: str, response_id: str, what: EarlierKind = "response") -> bool:
+        """Whether `response_id` is an id a record can be kept under (a safe id)."""
+        try:
+            self._earlier_key(what, tenant, response_id)
+        except ValueError:
+            return False
+        return True
+
     async def earlier_tokens(
         self, tenant: str, response_id: str, what: EarlierKind = "response"
     ) -> int | None:

@@ -56,6 +56,7 @@ from controller.gateway.pending import PendingCalls, StoreCall
 from controller.gateway.prices import PriceTable
 from controller.gateway.responses import Answers, degrade_headers, rate_limit_headers
 from controller.gateway.tracing import Tracing
+from controller.gateway.waits import RecordWaits
 from controller.model import model_key
 from controller.settings import GatewaySettings, RedisSettings
 
@@ -97,7 +98,13 @@ class Enforcement:
         default_factory=lambda: write_retry_async(RedisSettings(), STORE_ERRORS)
     )
 
+    # Lookups waiting for a record a settle may still be writing (`_await_record`).
+    record_waits: RecordWaits = field(init=False)
+
     def __post_init__(self) -> None:
+        self.record_waits = RecordWaits(
+            self.settings.previous_response_wait_seconds, self.settings.previous_response_waiters
+        )
         self.pending.on_lost = lambda operation: self.metrics.store_calls_lost.labels(
             operation
         ).inc()
@@ -376,21 +383,50 @@ class GovernorMiddleware:
         an id without a record of this tenant's (unknown, expired, another tenant's, no safe
         id) would let it read another tenant's conversation: refused 404 (`tenant` scope),
         before anything is forwarded. `shared` reserves the model's context window or the
-        configured default instead, never nothing. Redis away: 503, as nothing can be
-        checked (the plan's fail mode cannot vouch for whose id it is)."""
+        configured default instead, never nothing. In `tenant` scope a lookup that misses
+        waits briefly for the record first (`_await_record`): the answer it names may still be
+        settling. Redis away: 503, as nothing can be checked (the plan's fail mode cannot
+        vouch for whose id it is)."""
+        strict = self.e.settings.previous_response_scope == "tenant"
         for what, named in request.earlier:
             try:
                 tokens = await self.e.admission.earlier_tokens(principal.tenant, named, what)
+                if tokens is None and strict:
+                    tokens = await self._await_record(principal.tenant, named, what)
             except STORE_ERRORS as exc:
                 self.e.metrics.store_errors.labels("lookup").inc()
                 self._log.warning("limit store unreachable reading an earlier response's "
                                   "tokens; refused", error=_said(exc))  # fmt: skip
                 return self.e.answers.enforcement_unavailable(principal.plan)
-            if tokens is None and self.e.settings.previous_response_scope == "tenant":
+            if tokens is None and strict:
                 return self.e.answers.unknown_earlier(what, named)
             if tokens is None:
                 tokens = unknown_earlier_tokens(self.e.settings, request.model)
             request.add_earlier(tokens)
+        return None
+
+    async def _await_record(self, tenant: str, named: str, what: EarlierKind) -> int | None:
+        """The record of `tenant`'s response or conversation `named`, asked again a few times
+        over `previous_response_wait_seconds` (controller/gateway/waits.py): a client may name
+        an answer the instant its last event reached it, while the settle (here, on another
+        replica, or in nginx's timer after the last byte) is still writing the record. None
+        when it never came, or when this process already holds as many waits as it lets
+        (in all, or for this tenant): then at once. Counted in
+        `gateway_record_waits_total` by outcome."""
+        waits = self.e.record_waits
+        if waits.seconds <= 0 or not self.e.admission.can_record(tenant, named, what):
+            return None  # no wait set; or no safe id, under which no record can ever come
+        with waits.slot(tenant) as granted:
+            if not granted:
+                self.e.metrics.record_waits.labels("not_waited").inc()
+                return None
+            for pause in waits.pauses:
+                await anyio.sleep(pause)
+                tokens = await self.e.admission.earlier_tokens(tenant, named, what)
+                if tokens is not None:
+                    self.e.metrics.record_waits.labels("found").inc()
+                    return tokens
+        self.e.metrics.record_waits.labels("missing").inc()
         return None
 
     async def _remember(self, call: _Call, tokens: int) -> None:

@@ -63,6 +63,9 @@ def gateway_document(
         "unknown_previous_response_tokens": gateway.unknown_previous_response_tokens,
         # `tenant` refuses an id the tenant's records lack; `shared` reserves the default.
         "previous_response_scope": gateway.previous_response_scope,
+        # How long, and how many at once, a lookup without a record waits for it (`tenant`).
+        "previous_response_wait_seconds": gateway.previous_response_wait_seconds,
+        "previous_response_waiters": gateway.previous_response_waiters,
         # Lower-cased as the module meets models (string.lower), so it looks them up as is.
         "context_windows": {
             model_key(name): tokens for name, tokens in sorted(gateway.context_windows.items())

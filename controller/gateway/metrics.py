@@ -64,6 +64,8 @@ HELD_OPERATIONS = ("release", "settle", "charge")
 # What a kept Responses answer is recorded under (`gateway_response_records_lost_total`): its
 # id, and the conversation it belongs to.
 RECORD_KINDS = ("response", "conversation")
+# How a lookup that found no record and waited for one ended (`gateway_record_waits_total`).
+RECORD_WAIT_OUTCOMES = ("found", "missing", "not_waited")
 # Who refused (`gateway_refusals_total`): the level of the limit and its kind, never the tenant
 # (that series family stays small; the answer and the log name the tenant's own address).
 REFUSING_LEVELS = (*(scope.value for scope in Scope), "credits")
@@ -185,6 +187,15 @@ class GatewayMetrics:
             ("operation",),
             registry=self.registry,
         )
+        self.record_waits = Counter(
+            "gateway_record_waits",
+            "Lookups of an earlier response or conversation (previous_response_scope tenant) "
+            "that found no record and waited for one, by outcome: found (a settle still "
+            "writing it), missing (refused 404 after the wait), not_waited (refused at once: "
+            "as many lookups wait already as PREVIOUS_RESPONSE_WAITERS lets)",
+            ("outcome",),
+            registry=self.registry,
+        )
         self.records_lost = Counter(
             "gateway_response_records_lost",
             "Records of a kept Responses answer's tokens that Redis failed every try to write, "
@@ -219,6 +230,8 @@ class GatewayMetrics:
             self.store_calls_lost.labels(operation)
         for kind in RECORD_KINDS:
             self.records_lost.labels(kind)
+        for outcome in RECORD_WAIT_OUTCOMES:
+            self.record_waits.labels(outcome)
         for level in REFUSING_LEVELS:
             for limit in REFUSING_LIMITS:
                 if (level == "credits") == (limit == "balance"):

@@ -13,6 +13,7 @@ from controller.control.telemetry import Metrics
 from controller.gateway.metrics import (
     HELD_OPERATIONS,
     RECORD_KINDS,
+    RECORD_WAIT_OUTCOMES,
     STORE_OPERATIONS,
     GatewayMetrics,
 )
@@ -83,6 +84,8 @@ def test_closed_label_sets_start_at_zero() -> None:
         assert gateway["gateway_store_calls_lost_total", (("operation", operation),)] == 0.0
     for kind in RECORD_KINDS:
         assert gateway["gateway_response_records_lost_total", (("kind", kind),)] == 0.0
+    for outcome in RECORD_WAIT_OUTCOMES:
+        assert gateway["gateway_record_waits_total", (("outcome", outcome),)] == 0.0
     controller = _samples(Metrics().exposition())
     assert controller["governor_ticks_total", (("outcome", "ok"),)] == 0.0
     assert controller["governor_ticks_total", (("outcome", "degraded"),)] == 0.0

@@ -8,8 +8,9 @@ max_tokens; per prompt of a completions batch), `x-fake-hold: 1` holds a stream 
 chunk (a Responses answer: before it starts) until the test releases it, `x-fake-delay: S`
 waits S seconds before answering (a model generating), `x-fake-pad: N` adds N bytes of
 logprobs to a non-streamed answer, `x-fake-cut: N` sends only the first N bytes of a
-non-streamed answer (a body cut off mid-way), and `x-fake-ignore-stream: 1` answers a stream
-request with one JSON document.
+non-streamed answer (a body cut off mid-way), `x-fake-ignore-stream: 1` answers a stream
+request with one JSON document, and `x-fake-linger: S` keeps a streamed Responses answer open S
+seconds after its last event (`response.completed`) before ending it.
 Responses are kept (unless `store: false`) as a model server keeps them: a request naming one
 as `previous_response_id` is billed its input and output again as input, and one naming a
 response it does not hold is refused 400, as OpenAI and vLLM refuse it. A `conversation` the
@@ -230,6 +231,7 @@ class FakeUpstream:
             answer["conversation"] = {"id": conversation}
         if not body.get("stream"):
             return JSONResponse(answer, headers={"x-upstream": "fake"})
+        linger = float(request.headers.get("x-fake-linger", "0"))
 
         async def events() -> AsyncIterator[bytes]:
             # As OpenAI and vLLM stream it: created, the item and its part added, the deltas,
@@ -250,6 +252,9 @@ class FakeUpstream:
             for number, step in enumerate(steps):
                 step["sequence_number"] = number
                 yield f"event: {step['type']}\ndata: {json.dumps(step)}\n\n".encode()
+            # A server that ends the body a moment after its last event: a client acting on
+            # `response.completed` has its answer before any gateway sees the stream end.
+            await anyio.sleep(linger)
 
         return StreamingResponse(events(), media_type="text/event-stream")
 

@@ -122,6 +122,17 @@ location = /_probe/config {
             timeout_ms = settings.redis.timeout_ms}))
     }
 }
+location = /_probe/waits {
+    content_by_lua_block {
+        local cjson = require 'cjson.safe'
+        local gateway = require 'governor.gateway'
+        local args = ngx.req.get_uri_args()
+        local pauses = gateway.pauses(tonumber(args.seconds))
+        -- (an empty table is encoded as an object: none is left out)
+        ngx.say(cjson.encode({pauses = #pauses > 0 and pauses or nil,
+            share = gateway.tenant_share(tonumber(args.waiters))}))
+    }
+}
 location = /_probe/strip {
     content_by_lua_block {
         local openai = require 'governor.openai'

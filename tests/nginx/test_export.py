@@ -272,3 +272,44 @@ def test_the_kong_plugin_records_a_conversation_from_the_buffered_answer() -> No
     raw_path, buffered, status, added, body = loaded.stdout.split(maxsplit=4)
     assert (raw_path, buffered, status, added) == ("/v1/conversations", "true", "200", "106")
     assert body.strip() == '{"id": "conv_1", "object": "conversation"}'
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("previous_response_wait_seconds", None), ("previous_response_wait_seconds", 3),
+     ("previous_response_waiters", None), ("previous_response_waiters", 1.5)],
+)  # fmt: skip
+def test_an_export_without_the_record_wait_stops_nginx(
+    tmp_path: Path, name: str, value: float | None
+) -> None:
+    """How long, and how many at once, a lookup without a record waits is read from the
+    export, never guessed: an older export (or a value Python refuses) stops nginx."""
+    scripts = tmp_path / "scripts"
+    export_lua(scripts, GatewaySettings(), PricesSettings(), "governor")
+    document = json.loads((scripts / SETTINGS_FILE).read_text())
+    assert (document["previous_response_wait_seconds"], document["previous_response_waiters"]) == (
+        0.5, 64,
+    )  # fmt: skip
+    document.pop(name)
+    if value is not None:
+        document[name] = value
+    (scripts / SETTINGS_FILE).write_text(json.dumps(document))
+    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "GOVERNOR_REDIS__URL": "redis://127.0.0.1:1/0"}
+    server = NginxServer(tmp_path / "nginx", scripts, free_port(), env)
+
+    with pytest.raises(RuntimeError, match="nginx did not start") as refused:
+        server.start()
+
+    assert "has no previous_response_wait_seconds (0 to 2) or previous_response_waiters" in str(
+        refused.value
+    )
+    assert "export again" in str(refused.value)
+
+
+def test_the_record_wait_is_exported() -> None:
+    settings = GatewaySettings(previous_response_wait_seconds=0, previous_response_waiters=3)
+
+    document = gateway_document(settings, PricesSettings(), "governor")
+
+    assert document["previous_response_wait_seconds"] == 0
+    assert document["previous_response_waiters"] == 3

@@ -18,6 +18,7 @@ from controller.gateway.openai import (
     UsageChunkFilter,
     UsageMeter,
 )
+from controller.gateway.waits import pauses, tenant_share
 from tests.nginx.conftest import Side
 
 pytestmark = pytest.mark.integration
@@ -434,3 +435,19 @@ def test_a_conversations_items_estimate_is_pythons(nginx: Side, body: Any) -> No
     except RequestError as exc:
         python["problem"] = str(exc)
     assert {"tokens": lua["tokens"], "problem": lua["problem"]} == python
+
+
+@pytest.mark.parametrize(
+    ("seconds", "waiters"), [(0.5, 64), (0, 0), (0.01, 1), (0.3, 3), (2, 10_000), (0.025, 7)]
+)
+def test_a_lookup_waits_for_a_record_as_python_does(
+    nginx: Side, seconds: float, waiters: int
+) -> None:
+    """The pauses between lookups of a record not there yet, and a tenant's share of the
+    waits, computed by the running module as by controller/gateway/waits.py."""
+    params = {"seconds": str(seconds), "waiters": str(waiters)}
+
+    lua = nginx.http.get(f"{nginx.url}/_probe/waits", params=params).json()
+
+    assert lua.get("pauses", []) == pytest.approx(pauses(seconds), abs=1e-12)
+    assert lua["share"] == tenant_share(waiters)

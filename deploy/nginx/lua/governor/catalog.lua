@@ -112,10 +112,14 @@ end
 
 -- The plan (nil: not in the catalog), rereading the catalog when the cache is older than
 -- refresh_seconds. A failed read keeps the last good catalog (the admission that follows
--- reports Redis's failure itself) and waits a period before trying again.
+-- reports Redis's failure itself) and waits a period before trying again. A catalog never
+-- read is read by each request until one read succeeds: a request that arrives while the
+-- worker's first read is still under way (a burst at start) reads it too, as catalog.py's
+-- do, instead of being refused 503 as if Redis were unreachable.
 function Catalog:current(client, plan)
   local now = self.now()
-  local due = self.loaded_at == nil or now - self.loaded_at >= self.refresh_seconds
+  local due = self.plans == nil or self.loaded_at == nil
+    or now - self.loaded_at >= self.refresh_seconds
   if client ~= nil and due then
     self.loaded_at = now
     self:refresh(client)

@@ -74,6 +74,14 @@ function _M.load(options)
       .. '"tenant" or "shared" (' .. tostring(scope) .. '; an export older than this module?); '
       .. 'export again', 0)
   end
+  -- How long, and how many at once, a lookup without a record waits for it: as exported.
+  local wait, waiters = settings.previous_response_wait_seconds, settings.previous_response_waiters
+  if type(wait) ~= 'number' or not (wait >= 0 and wait <= 2) or type(waiters) ~= 'number'
+      or waiters ~= math.floor(waiters) or waiters < 0 then
+    error('governor: ' .. directory .. '/governor.json has no previous_response_wait_seconds '
+      .. '(0 to 2) or previous_response_waiters (a whole number from 0) (' .. tostring(wait)
+      .. ', ' .. tostring(waiters) .. '; an export older than this module?); export again', 0)
+  end
   settings.scripts = {
     admit = script(directory, 'admit', settings.scripts.admit),
     settle = script(directory, 'settle', settings.scripts.settle),

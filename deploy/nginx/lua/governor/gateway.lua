@@ -29,6 +29,9 @@ function _M.new(settings)
     catalog = catalog.new(names:plans(), settings.plan_refresh_seconds, now),
     admission = admission.new(settings, names),
     held = {},  -- settles and releases that met a Redis outage (per worker), oldest first
+    -- Lookups waiting for a record (await_record), in this worker: in all and by tenant.
+    waits = {total = 0, by_tenant = {}},
+    pauses = _M.pauses(settings.previous_response_wait_seconds),
   }, Gateway)
 end
 
@@ -221,21 +224,81 @@ function Gateway:earlier_tokens(client, tenant, what, named)
   return false
 end
 
+-- waits.FIRST_PAUSE_SECONDS: the first pause between two lookups of a record.
+local FIRST_PAUSE_SECONDS = 0.01
+
+-- waits.pauses: the pauses before each further lookup of a record: 10 ms, doubling, cut so
+-- they add up to `seconds` (0.5 s: 10, 20, 40, 80, 160, 190 ms; 6 lookups). None for 0.
+function _M.pauses(seconds)
+  local found, waited, step = {}, 0, FIRST_PAUSE_SECONDS
+  while seconds - waited > 1e-9 do
+    local pause = math.min(step, seconds - waited)
+    found[#found + 1] = pause
+    waited = waited + pause
+    step = step * 2
+  end
+  return found
+end
+
+-- waits.tenant_share: how many of `waiters` one tenant may hold: a quarter, at least one.
+function _M.tenant_share(waiters)
+  if waiters <= 0 then
+    return 0
+  end
+  return math.max(1, math.floor(waiters / 4))
+end
+
+-- asgi._await_record (controller/gateway/waits.py): the record of the tenant's response or
+-- conversation `id`, asked again after each of `self.pauses` (previous_response_wait_seconds
+-- in all): a client may name an answer the instant its last event reached it, while its
+-- settle is still writing the record (a stream's from finish_later's timer, just after the
+-- last byte; a record write waiting out a Redis blip; another replica). ngx.sleep yields:
+-- the worker serves others meanwhile. false when it never came, or at once when this worker
+-- already holds previous_response_waiters waits (or the tenant its share of them); nil and
+-- why when Redis fails.
+function Gateway:await_record(client, tenant, what, id)
+  local waits, most = self.waits, self.settings.previous_response_waiters
+  local keys, mine = self.admission.keys, self.waits.by_tenant[tenant] or 0
+  local key = (what == 'conversation' and keys.conversation or keys.response)(keys, tenant, id)
+  if #self.pauses == 0 or key == nil  -- no wait set; no safe id: no record can ever come
+      or waits.total >= most or mine >= _M.tenant_share(most) then
+    return false
+  end
+  waits.total, waits.by_tenant[tenant] = waits.total + 1, mine + 1
+  local tokens, failed = false, nil
+  for _, pause in ipairs(self.pauses) do
+    ngx.sleep(pause)
+    tokens, failed = self:earlier_tokens(client, tenant, what, id)
+    if tokens ~= false then
+      break
+    end
+  end
+  waits.total = waits.total - 1
+  local left = waits.by_tenant[tenant] - 1
+  waits.by_tenant[tenant] = left > 0 and left or nil
+  return tokens, failed
+end
+
 -- asgi._add_earlier: each earlier response or conversation named is reserved as recorded.
 -- Every tenant reaches the model server with the one upstream key, so one without a record
 -- of this tenant's would let it read another tenant's conversation: refused 404 (scope
--- 'tenant') before anything is forwarded; 'shared' reserves the model's context window or
--- the configured default instead, never nothing. Redis failing: every plan fails closed.
+-- 'tenant') before anything is forwarded, after a brief wait for the record (await_record:
+-- the answer it names may still be settling); 'shared' reserves the model's context window
+-- or the configured default instead, never nothing. Redis failing: every plan fails closed.
 -- The refusal ({answer = ...}), or nil when the request goes on to admission.
 function Gateway:add_earlier(client, principal, request)
+  local strict = self.settings.previous_response_scope == 'tenant'
   for _, named in ipairs(request:earlier()) do
     local what, id = named[1], named[2]
     local tokens, failed = self:earlier_tokens(client, principal.tenant, what, id)
+    if tokens == false and strict then
+      tokens, failed = self:await_record(client, principal.tenant, what, id)
+    end
     if tokens == nil then
       warn('limit store unreachable, plan ', principal.plan, ' fails closed: ', failed)
       return {answer = self.answers:enforcement_unavailable(principal.plan), broken = true}
     end
-    if tokens == false and self.settings.previous_response_scope == 'tenant' then
+    if tokens == false and strict then
       return {answer = self.answers:unknown_earlier(what, id)}
     end
     request:add_earlier(tokens or unknown_earlier(self.settings, request:model()))
