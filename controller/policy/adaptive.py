@@ -15,7 +15,13 @@ from controller.durations import format_duration
 from controller.model import Proposal, Snapshot
 from controller.policy.baselines import Baselines
 from controller.policy.capacity import Capacity, estimate
-from controller.policy.documents import AdaptiveLimit, AdaptiveLimitSpec, FilterSpec, QueueSpec
+from controller.policy.documents import (
+    AdaptiveLimit,
+    AdaptiveLimitSpec,
+    CapacitySpec,
+    FilterSpec,
+    QueueSpec,
+)
 from controller.policy.inputs import ScalarInput, scalar_input
 from controller.policy.queueing import Fill, Wait, next_wait, queue_allowance
 from controller.policy.schedule import in_windows
@@ -163,6 +169,11 @@ def _law(
         if aimed > start + band and moved.slow:
             held = f"{how} = {fmt_number(aimed)}, but {moved.slow}: no loosening"
             return _Step(start, held, False, found, *memory)
+        over = _overloaded(spec, level, tolerance, moved)
+        idle = _binds_nothing(seek, found, min(start, aimed))
+        if idle and not over and state.capacity is not None:
+            return _Step(start, f"{how} = {fmt_number(aimed)}, but {idle}: hold", False, found,
+                         *memory)  # fmt: skip
         if abs(aimed - start) > band:
             return _Step(aimed, how, False, found, *memory)
         # Unless the signal itself is above the setpoint beyond its own dead band: a queue
@@ -173,12 +184,20 @@ def _law(
         # the setpoint and within the objective a limit binds nothing, so a loosening within
         # the band still holds.
         within = f"{how} = {fmt_number(aimed)}, within ±{fmt_number(band)}"
-        over = _overloaded(spec, level, tolerance, moved)
         if aimed < start and over:
             return _Step(aimed, f"{within} but {over}: applied", False, found, *memory)
         return _Step(start, f"{within}: hold", False, found, *memory)
     value, how = _next_value(spec, min(start, aimed), level, tolerance)
     return _Step(value, f"saturated ({found.how}): {how}", True, found, *memory)
+
+
+def _binds_nothing(seek: CapacitySpec, found: Capacity, limit: float) -> str:
+    """Why the limit binds nothing now ("": it may): the throughput well below it."""
+    admitted = found.throughput
+    if admitted is None or admitted >= seek.hold_below * limit:
+        return ""
+    name = seek.throughput.name or "throughput"
+    return f"{name} below {fmt_number(seek.hold_below)} of {fmt_number(limit)} (binds nothing)"
 
 
 def _overloaded(spec: AdaptiveLimitSpec, level: float, tolerance: float, moved: Wait) -> str:

@@ -20,6 +20,7 @@ class Capacity:
     value: float | None
     how: str
     variance: float | None = None
+    throughput: float | None = None  # the sample's throughput (None: not valid)
 
     def noise(self, smoothing: float) -> float:
         """The standard deviation of the estimate itself: an exponentially weighted average
@@ -41,21 +42,22 @@ def estimate(
     if not throughput.valid:
         why = f"{name} is {throughput.validity.value}: capacity not updated"
         return Capacity(value, why, variance)
-    shown = f"{name}={fmt_number(throughput.value)}"
+    shown, admitted = f"{name}={fmt_number(throughput.value)}", throughput.value
     if utilization >= spec.saturated:
-        return Capacity(value, f"{shown}, saturated: capacity not updated", variance)
-    if throughput.value <= 0:
+        return Capacity(value, f"{shown}, saturated: capacity not updated", variance, admitted)
+    if admitted <= 0:
         # Load on the pool with nothing admitted or in flight: the two series disagree (one
         # lags, or counts something else); their ratio would say the pool holds nothing.
-        return Capacity(value, f"{shown} under load: capacity not updated", variance)
+        return Capacity(value, f"{shown} under load: capacity not updated", variance, admitted)
     if utilization < spec.min_signal:
-        return Capacity(value, f"{shown}, too little load: capacity not updated", variance)
-    sample = throughput.value / utilization
+        why = f"{shown}, too little load: capacity not updated"
+        return Capacity(value, why, variance, admitted)
+    sample = admitted / utilization
     how = f"{shown} ÷ {fmt_number(utilization)} = {fmt_number(sample)}"
     if value is None:
-        return Capacity(sample, how, variance)
+        return Capacity(sample, how, variance, admitted)
     deviation = sample - value
     squared = deviation * deviation
     # The noise is averaged over four times as many samples as the estimate, as the filter's.
     noise = squared if variance is None else variance + spec.smoothing / 4 * (squared - variance)
-    return Capacity(value + spec.smoothing * deviation, how, noise)
+    return Capacity(value + spec.smoothing * deviation, how, noise, admitted)

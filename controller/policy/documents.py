@@ -559,6 +559,13 @@ class CapacitySpec(Strict):
         description="add the queue the TTFT SLO allows to the limit (arrivals × wait): for "
         "an in-flight target, with the setpoint at a full pool",
     )
+    hold_below: Annotated[float, Field(ge=0, lt=1), NotBoolean] = Field(
+        0.0,
+        description="while the throughput is below this share of the limit (the value in "
+        "force and the one aimed at, the lower), the limit binds nothing: a new estimate does "
+        "not move it unless the pool is overloaded (light-load estimates are noisy; each turn "
+        "is a flap; e.g. 0.5). 0 (the default): every estimate beyond the noise band moves it",
+    )
 
     @model_validator(mode="after")
     def _ordered(self) -> CapacitySpec:

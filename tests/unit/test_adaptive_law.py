@@ -336,6 +336,39 @@ def test_a_queue_cuts_however_small_the_step(occupancy: float, moved: bool) -> N
         assert ": hold" in sample.reason
 
 
+@pytest.mark.parametrize("hold_below", [0.5, 0.0])
+def test_a_limit_that_binds_nothing_is_not_moved_by_a_noisy_estimate(hold_below: float) -> None:
+    # A pool at light load: 90 in flight at 0.3 says it holds 300, then a noisy sample says
+    # 360 (90 at 0.25), beyond the band. With hold_below 0.5 the limit (300) binds nothing:
+    # 90 in flight is under half of it, so it holds and the estimate learns; at 0 it moves.
+    capacity = {**OCCUPANCY, "hold_below": hold_below}
+    control = loop(15.0, bounds=RAILS, capacity=capacity, setpoint=1.0)
+    assert control.tick(0.0, 0.3, **{ADMITTED: 90.0}).value == pytest.approx(300.0)  # first
+    noisy = control.tick(15.0, 0.25, **{ADMITTED: 90.0})
+    if hold_below:
+        assert noisy.value == pytest.approx(300.0)
+        assert "admitted below 0.5 of 300 (binds nothing): hold" in noisy.reason
+    else:
+        assert noisy.value == pytest.approx(300.0 + 0.3 * 60.0)
+    # The load comes (200 in flight at 0.6: a capacity sample of 333): the limit may bind,
+    # and the estimate kept every sample (300 → 318 → 322.6): held at 300, the limit moves
+    # to it; moved to 318 on the noise, it is within the band and stays.
+    loaded = control.tick(30.0, 0.6, **{ADMITTED: 200.0})
+    estimate = 318.0 + 0.3 * (200.0 / 0.6 - 318.0)
+    assert loaded.value == pytest.approx(estimate if hold_below else 318.0)
+
+
+def test_a_queue_moves_a_limit_whatever_the_share_in_flight() -> None:
+    # Few in flight against the limit but a queue (occupancy 1.3: capacity was lost): the
+    # pool is overloaded, so the limit is cut although it seemed to bind nothing.
+    capacity = {**OCCUPANCY, "hold_below": 0.5}
+    control = loop(15.0, bounds=RAILS, capacity=capacity, setpoint=1.0)
+    assert control.tick(0.0, 0.3, **{ADMITTED: 90.0}).value == pytest.approx(300.0)
+    queued = control.tick(15.0, 1.3, **{ADMITTED: 130.0})  # the pool holds 100 now
+    assert queued.value == pytest.approx(300.0 + 0.3 * (100.0 - 300.0))
+    assert "binds nothing" not in queued.reason
+
+
 def test_nothing_in_flight_under_load_does_not_estimate_a_pool_of_nothing() -> None:
     control = loop(15.0, bounds=RAILS, capacity=SEEK)
     assert control.tick(0.0, 0.5, **{ADMITTED: 30.0}).value == 48.0  # capacity 60
