@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import openai
@@ -27,8 +27,22 @@ pytestmark = [pytest.mark.integration, pytest.mark.filterwarnings("ignore::Resou
 MESSAGES: list[openai.types.chat.ChatCompletionMessageParam] = [{"role": "user", "content": "hi"}]
 
 
+_MADE: list[openai.OpenAI] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_clients() -> Iterator[None]:
+    """Each test's SDK clients closed when it ends: a keep-alive socket collected later
+    raises its ResourceWarning inside whichever test then runs on this worker."""
+    yield
+    while _MADE:
+        _MADE.pop().close()
+
+
 def sdk(world: World, key: str, retries: int = 2) -> openai.OpenAI:
-    return openai.OpenAI(api_key=key, base_url=world.base_url, max_retries=retries)
+    made = openai.OpenAI(api_key=key, base_url=world.base_url, max_retries=retries)
+    _MADE.append(made)
+    return made
 
 
 def test_success_without_max_tokens_on_the_free_plan(world: World) -> None:

@@ -82,6 +82,8 @@ def agent_loop(side: Side, key: str, turns: Turns) -> None:
         turns.took = time.monotonic() - turns.ended
     except BaseException as exc:  # surfaced by the test
         turns.errors.append(exc)
+    finally:
+        sdk.close()  # its keep-alive connection, else a ResourceWarning in a later test
 
 
 def streamed_through_a_write_pause(side: Side, upstream: FakeUpstream) -> tuple[Turns, float]:
