@@ -126,15 +126,25 @@ function Gateway:plan_of(client, principal)
 end
 
 -- The model call after authentication and the plan: parse, check the models, admit.
-function Gateway:model_call(client, req, principal, kind, plan)
-  local say = self.answers
+-- The request's body, or the 413 when it is larger than max_body_bytes (the length it
+-- declares first, then what was read).
+local function read_body(self, req)
   local limit = self.settings.max_body_bytes
   if (req.content_length or 0) > limit then
-    return {answer = say:bad_request('request body too large', 413)}
+    return nil, {answer = self.answers:bad_request('request body too large', 413)}
   end
   local raw = req.read_body()
   if #raw > limit then
-    return {answer = say:bad_request('request body too large', 413)}
+    return nil, {answer = self.answers:bad_request('request body too large', 413)}
+  end
+  return raw
+end
+
+function Gateway:model_call(client, req, principal, kind, plan)
+  local say = self.answers
+  local raw, refused = read_body(self, req)
+  if raw == nil then
+    return refused
   end
   local request, problem = openai.parse(kind, raw, self.settings.default_max_tokens)
   if not request then
@@ -446,13 +456,10 @@ function Gateway:conversation_call(client, req, principal, call)
   if not conversations.RECORDS[call.action] then
     return {pass = true, principal = principal}
   end
-  local say, limit = self.answers, self.settings.max_body_bytes
-  if (req.content_length or 0) > limit then
-    return {answer = say:bad_request('request body too large', 413)}
-  end
-  local raw = req.read_body()
-  if #raw > limit then
-    return {answer = say:bad_request('request body too large', 413)}
+  local say = self.answers
+  local raw, refused = read_body(self, req)
+  if raw == nil then
+    return refused
   end
   local added = 0
   if conversations.ADDS_ITEMS[call.action] then
