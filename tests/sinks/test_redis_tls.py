@@ -46,6 +46,10 @@ def test_the_sink_writes_and_reads_limits_over_tls(secured: RedisServer, tls: Tl
 
 
 def test_the_cli_reads_over_tls_with_the_ca_file(secured: RedisServer, tls: TlsFiles) -> None:
+    # Written here, not left by the test above: pytest-xdist may run them on two workers,
+    # each with a Redis of its own.
+    sink = RedisSink.from_url(secured.url, RedisSettings(ca_file=tls.ca_file))
+    sink.apply(diff({LIMIT: 10.0}, sink.read().actual))
     env = {"GOVERNOR_REDIS__URL": secured.url, "GOVERNOR_REDIS__CA_FILE": str(tls.ca_file)}
     result = CliRunner().invoke(app, ["limits", "get", "--json"], env=env)
     assert result.exit_code == 0, result.output
