@@ -23,7 +23,7 @@ from controller.gateway.openai import (
     item_tokens,
     read_object,
 )
-from controller.model import validate_id
+from controller.gateway.responses import safe_id
 
 ROOT = "/v1/conversations"
 Action = Literal[
@@ -53,14 +53,6 @@ class ConversationCall:
     named: str | None = None  # the path's id as sent, when it is no safe id
 
 
-def _safe(value: str) -> bool:
-    try:
-        validate_id(value)
-    except ValueError:
-        return False
-    return True
-
-
 def route(method: str, path: str) -> ConversationCall | Literal["unserved"] | None:
     """The Conversations API call a request is; "unserved" for a path under the API that no
     call of it is (the list of every conversation — the upstream key's, every tenant's —, a
@@ -76,9 +68,9 @@ def route(method: str, path: str) -> ConversationCall | Literal["unserved"] | No
     action = _ACTIONS.get((len(parts), method))
     if action is None or (len(parts) > 1 and parts[1] != "items"):
         return "unserved"
-    if len(parts) == 3 and not _safe(parts[2]):
+    if len(parts) == 3 and not safe_id(parts[2]):
         return "unserved"
-    if not _safe(parts[0]):
+    if not safe_id(parts[0]):
         return ConversationCall(action, None, parts[0])
     return ConversationCall(action, parts[0])
 
