@@ -172,8 +172,12 @@ def _law(
         over = _overloaded(spec, level, tolerance, moved)
         idle = _binds_nothing(seek, found, min(start, aimed))
         if idle and not over and state.capacity is not None:
-            return _Step(start, f"{how} = {fmt_number(aimed)}, but {idle}: hold", False, found,
-                         *memory)  # fmt: skip
+            # The hold keeps the last aim while this estimate still supports it (within the
+            # band of it): a move the resolver is pacing finishes (held at the value in
+            # force, a paced climb stopped wherever the load left it, short of the aim).
+            kept, aim = _kept(state, start, aimed, band)
+            return _Step(kept, f"{how} = {fmt_number(aimed)}, but {idle}: hold{aim}", False,
+                         found, *memory)  # fmt: skip
         if abs(aimed - start) > band:
             return _Step(aimed, how, False, found, *memory)
         # Unless the signal itself is above the setpoint beyond its own dead band: a queue
@@ -189,6 +193,16 @@ def _law(
         return _Step(start, f"{within}: hold", False, found, *memory)
     value, how = _next_value(spec, min(start, aimed), level, tolerance)
     return _Step(value, f"saturated ({found.how}): {how}", True, found, *memory)
+
+
+def _kept(state: AdaptiveState, start: float, aimed: float, band: float) -> tuple[float, str]:
+    """What a hold proposes, and how the reason names it: the last aim while it differs from
+    the value in force and this estimate lies within the band of it; else the value in force
+    ("")."""
+    last = state.value
+    if last is None or last == start or abs(aimed - last) > band:
+        return start, ""
+    return last, f" the last aim {fmt_number(last)} ({fmt_number(start)} in force)"
 
 
 def _binds_nothing(seek: CapacitySpec, found: Capacity, limit: float) -> str:

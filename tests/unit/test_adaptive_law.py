@@ -358,6 +358,45 @@ def test_a_limit_that_binds_nothing_is_not_moved_by_a_noisy_estimate(hold_below:
     assert loaded.value == pytest.approx(estimate if hold_below else 318.0)
 
 
+PACED = {
+    "tighten": {"stabilization": "0s"},
+    "loosen": {"stabilization": "0s", "max_change_percent": 5, "period": "30s"},
+}
+
+
+@pytest.mark.parametrize(("occupancy", "reached"), [(0.3, 330.0), (0.5, 315.0)])
+def test_a_hold_finishes_the_paced_move_its_estimate_still_supports(
+    occupancy: float, reached: float
+) -> None:
+    # The estimate rises 300 → 330 under load; loosening is paced (5% per 30 s), so 315 is
+    # enforced. Then the load leaves (100 in flight: the limit binds nothing, so it holds).
+    # At 0.3 the next samples still say ~331 (within the band of the aim 330): the hold
+    # keeps proposing 330 and the climb finishes (held at 315, the ddos scenario's climb
+    # stopped wherever the load left it). At 0.5 they say ~291: the aim is dropped, 315 kept.
+    capacity = {**OCCUPANCY, "hold_below": 0.5}
+    control = loop(15.0, bounds=RAILS, capacity=capacity, setpoint=1.0, behavior=PACED)
+    assert control.tick(0.0, 0.3, **{ADMITTED: 90.0}).value == pytest.approx(300.0)
+    assert control.tick(15.0, 0.6, **{ADMITTED: 240.0}).value == pytest.approx(315.0)
+    idle = [control.tick(15.0 * n, occupancy, **{ADMITTED: 100.0}) for n in range(2, 8)]
+    assert idle[-1].value == pytest.approx(reached)
+    assert all("(binds nothing): hold" in d.reason for d in idle)
+    kept = "hold the last aim 330 (315 in force)"
+    assert (kept in idle[0].reason) is (reached == 330.0)
+
+
+def test_a_hold_never_keeps_loosening_an_overloaded_pool() -> None:
+    # The same paced climb, then a queue (1.1, just above the setpoint's band) whose
+    # estimate is within the band of the aim: the climb is not continued, 315 is kept.
+    capacity = {**OCCUPANCY, "hold_below": 0.5}
+    control = loop(15.0, bounds=RAILS, capacity=capacity, setpoint=1.0, behavior=PACED)
+    control.tick(0.0, 0.3, **{ADMITTED: 90.0})
+    assert control.tick(15.0, 0.6, **{ADMITTED: 240.0}).value == pytest.approx(315.0)
+    for n in range(2, 6):
+        queued = control.tick(15.0 * n, 1.1, **{ADMITTED: 1.1 * 330.0})
+        assert queued.value == pytest.approx(315.0)
+        assert "last aim" not in queued.reason
+
+
 def test_a_queue_moves_a_limit_whatever_the_share_in_flight() -> None:
     # Few in flight against the limit but a queue (occupancy 1.3: capacity was lost): the
     # pool is overloaded, so the limit is cut although it seemed to bind nothing.
