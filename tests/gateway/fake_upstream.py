@@ -23,7 +23,7 @@ get the same one; `x-fake-space: NAME` keeps a request's conversations apart fro
 requests without it or with another name (two gateways compared see the same answers).
 A kept response is read, deleted, its input listed and (run with `background: true`, answered
 `queued` without usage and completed at once after) cancelled at `/v1/responses/{id}`,
-`.../input_items`, `.../cancel`.
+`.../input_items`, `.../cancel` (each space's apart, as conversations are).
 """
 
 from __future__ import annotations
@@ -237,7 +237,7 @@ class FakeUpstream:
             self.conversations[_space(request) + conversation] = prompt + completion
             answer["conversation"] = {"id": conversation}
         if body.get("store") is not False:
-            self._keep(identity, body, answer)
+            self._keep(_space(request) + identity, body, answer)
         if body.get("background") is True:  # answered at once; generated (here: done) after
             queued = {**answer, "status": "queued", "output": [], "usage": None}
             return JSONResponse(queued, headers={"x-upstream": "fake"})
@@ -270,17 +270,19 @@ class FakeUpstream:
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
-    def _keep(self, identity: str, body: dict[str, Any], answer: dict[str, Any]) -> None:
-        """Keep a response for a later `previous_response_id` and for its own routes."""
-        self.stored[identity] = answer["usage"]["total_tokens"]
-        self.responses[identity] = answer
-        self.response_inputs[identity] = _input_items(body.get("input"), identity)
+    def _keep(self, held: str, body: dict[str, Any], answer: dict[str, Any]) -> None:
+        """Keep a response for a later `previous_response_id` and for its own routes (under
+        its space: `held`)."""
+        self.stored[answer["id"]] = answer["usage"]["total_tokens"]
+        self.responses[held] = answer
+        self.response_inputs[held] = _input_items(body.get("input"), answer["id"])
 
     def _kept_response(self, request: Request) -> tuple[str, Response | None]:
-        """The response a path names, and the model server's 404 when it holds none."""
+        """Where the response a path names is kept, and the model server's 404 when it
+        holds none."""
         identity = request.path_params["rid"]
-        if identity in self.responses:
-            return identity, None
+        if _space(request) + identity in self.responses:
+            return _space(request) + identity, None
         message = f"Response with id '{identity}' not found."
         error = {"message": message, "type": "invalid_request_error", "param": None, "code": None}
         return identity, JSONResponse({"error": error}, 404)
@@ -292,8 +294,9 @@ class FakeUpstream:
             return missing
         if request.method == "DELETE":
             del self.responses[identity]
-            self.stored.pop(identity, None)
-            return JSONResponse({"id": identity, "object": "response", "deleted": True})
+            kept = identity.rpartition("|")[2]
+            self.stored.pop(kept, None)
+            return JSONResponse({"id": kept, "object": "response", "deleted": True})
         return JSONResponse(self.responses[identity])
 
     async def _input_items(self, request: Request) -> Response:
