@@ -394,10 +394,11 @@ class Admission:
             raise EnforcementError(f"growing {key} failed: {exc}") from exc
         return bool(grown)
 
-    async def forget_conversation(self, tenant: str, conversation_id: str) -> None:
-        """`tenant`'s conversation was deleted: a later request naming it meets no record."""
+    async def forget(self, tenant: str, found: str, what: EarlierKind = "conversation") -> None:
+        """`tenant`'s conversation (or response) `found` was deleted: a later request naming
+        it meets no record."""
         try:
-            key = self._earlier_key("conversation", tenant, conversation_id)
+            key = self._earlier_key(what, tenant, found)
         except ValueError:
             return
         try:

@@ -200,9 +200,10 @@ class GovernorMiddleware:
         principal: Principal,
         call: ConversationCall | str,
     ) -> None:
-        """A Conversations API call: no model work, so admitted against no rate or budget
-        (as /v1/models); only the tenant's own conversation (`tenant` scope), and a call the
-        model server accepts changes the record a later turn in it reserves."""
+        """A call of the Conversations API or on a stored response: no model work, so
+        admitted against no rate or budget (as /v1/models); only the tenant's own conversation
+        or response (`tenant` scope), and a call the model server accepts changes the record a
+        later turn in it reserves."""
         refusal = await self._conversation_refusal(principal, call)
         if refusal is None and isinstance(call, ConversationCall):
             if call.action not in RECORDS:
@@ -221,26 +222,28 @@ class GovernorMiddleware:
     async def _conversation_refusal(
         self, principal: Principal, call: ConversationCall | str
     ) -> Response | None:
-        """Why a Conversations API call is not forwarded: no call of the API (404
-        unmetered-route), a conversation not recorded for the tenant (404, in `tenant`
-        scope; an id that is no safe id in any), Redis away (503); None: it goes on."""
+        """Why a call of the Conversations API or on a stored response is not forwarded: no
+        call of them (404 unmetered-route), a conversation or response not recorded for the
+        tenant (404, in `tenant` scope, after the wait a missing record gets:
+        `_await_record`; an id that is no safe id in any), Redis away (503); None: it goes on."""
         if not isinstance(call, ConversationCall):
             return self.e.answers.unmetered_route()
         if call.action == "create":
             return None
-        if call.conversation is None:
-            return self.e.answers.unknown_earlier("conversation", call.named or "", in_path=True)
+        if call.id is None:
+            return self.e.answers.unknown_earlier(call.what, call.named or "", in_path=True)
+        strict = self.e.settings.previous_response_scope == "tenant"
         try:
-            tokens = await self.e.admission.earlier_tokens(
-                principal.tenant, call.conversation, "conversation"
-            )
+            tokens = await self.e.admission.earlier_tokens(principal.tenant, call.id, call.what)
+            if tokens is None and strict:
+                tokens = await self._await_record(principal.tenant, call.id, call.what)
         except STORE_ERRORS as exc:
             self.e.metrics.store_errors.labels("lookup").inc()
-            self._log.warning("limit store unreachable reading whose conversation it is; "
-                              "refused", error=_said(exc))  # fmt: skip
+            self._log.warning("limit store unreachable reading whose conversation or response "
+                              "it is; refused", what=call.what, error=_said(exc))  # fmt: skip
             return self.e.answers.enforcement_unavailable(principal.plan)
-        if tokens is None and self.e.settings.previous_response_scope == "tenant":
-            return self.e.answers.unknown_earlier("conversation", call.conversation, in_path=True)
+        if tokens is None and strict:
+            return self.e.answers.unknown_earlier(call.what, call.id, in_path=True)
         return None
 
     def _added(self, call: ConversationCall, raw: bytes | None) -> tuple[int, Response | None]:
@@ -265,7 +268,7 @@ class GovernorMiddleware:
     ) -> None:
         """Forward a create, an add or a delete; once the model server's answer is whole, and
         before its last byte goes on (a client that sends its next request at once finds the
-        record), change the tenant's record of the conversation as the answer says."""
+        record), change the tenant's record of the conversation or response as it says."""
         status: int | None = None
         answer = bytearray()
 
@@ -289,8 +292,10 @@ class GovernorMiddleware:
     ) -> None:
         """A create records the conversation for the tenant (its items' estimate, for the
         TTL of a response's record); an add grows the record by its items' estimate; a
-        delete forgets it. Nothing when the model server refused. A record that cannot be
-        written is said: that conversation is then refused 404 (`shared`: the default)."""
+        delete forgets the conversation's or the response's. Nothing when the model server
+        refused. A record that cannot be written is said: that conversation is then refused
+        404 (`shared`: the default); a response whose record a delete could not forget stays
+        the tenant's to name (the model server answers 404 for it)."""
         if not 200 <= status < 300:
             return
         admission, tenant = self.e.admission, principal.tenant
@@ -300,15 +305,15 @@ class GovernorMiddleware:
                 made = created_id(answer)
                 if made is not None:
                     await admission.remember_response(tenant, made, added, ttl, "conversation")
-            elif call.conversation is not None and call.action == "add_items":
-                await admission.grow_conversation(tenant, call.conversation, added, ttl)
-            elif call.conversation is not None:
-                await admission.forget_conversation(tenant, call.conversation)
+            elif call.id is not None and call.action == "add_items":
+                await admission.grow_conversation(tenant, call.id, added, ttl)
+            elif call.id is not None:
+                await admission.forget(tenant, call.id, call.what)
         except STORE_ERRORS as exc:
             self.e.metrics.store_errors.labels("record").inc()
-            self._log.warning("cannot record a conversation call; a turn in it is refused "
-                              "(or, shared, reserves the default)", action=call.action,
-                              error=_said(exc))  # fmt: skip
+            self._log.warning("cannot record a conversation or response call; a turn in it is "
+                              "refused (or, shared, reserves the default)", action=call.action,
+                              what=call.what, error=_said(exc))  # fmt: skip
 
     async def _plan(self, principal: Principal) -> PlanInfo | Response:
         """The caller's plan from the catalog, or the refusal: a plan the catalog does not
@@ -554,7 +559,8 @@ class GovernorMiddleware:
         if request.streaming and request.ask_for_stream_usage():
             strip = UsageChunkFilter()
         headers["x-governor-request-id"] = request_id
-        meter = UsageMeter(request.streaming, request.prompt_tokens, request.worst_case_tokens)
+        meter = UsageMeter(request.streaming, request.prompt_tokens, request.worst_case_tokens,
+                           request.background)  # fmt: skip
         reservation = result.reservation if result is not None else None
         call = _Call(
             principal, principal.plan, request, request_id, reservation, meter, headers, outcome

@@ -206,6 +206,12 @@ class ModelRequest:
         return [(what, found) for what, found in named if found is not None]
 
     @property
+    def background(self) -> bool:
+        """Whether the model server runs this Responses request in the background: it answers
+        at once (`status: queued`, no usage) and generates after the answer has ended."""
+        return self.kind == "response" and self.body.get("background") is True
+
+    @property
     def stored(self) -> bool:
         """Whether the model server keeps this Responses answer for a later request to name
         (`store`, true by default); one it does not keep needs no record."""
@@ -465,6 +471,10 @@ class UsageMeter:
     # What an answer too big to read is charged: the reservation (its `usage` is unseen, and
     # the prompt alone let 30k generated tokens with logprobs go for the price of the prompt).
     ceiling: int | None = None
+    # A background Responses request: its answer ends before the generation starts, so one
+    # without usage is charged the ceiling too (the prompt alone left every token generated
+    # later unmetered).
+    background: bool = False
     _buffer: bytearray = field(default_factory=bytearray)
     _usage: Usage | None = None
     _completion_chars: int = 0
@@ -502,8 +512,10 @@ class UsageMeter:
             return self._usage
         completion = math.ceil(self._completion_chars / CHARS_PER_TOKEN)
         # An answer that could not be read whole (too big, cut off mid-body, garbled) hides
-        # what was generated: it is charged its reservation, never the prompt alone.
-        if (self._overflow or self._unreadable) and self.ceiling is not None:
+        # what was generated, as one generated after it ends does (background): it is charged
+        # its reservation, never the prompt alone.
+        hidden = self._overflow or self._unreadable or self.background
+        if hidden and self.ceiling is not None:
             completion = max(completion, self.ceiling - self.prompt_estimate)
         return Usage(self.prompt_estimate, completion, estimated=True)
 

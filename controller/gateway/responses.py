@@ -102,9 +102,9 @@ def problem(
 
 UNMETERED_ROUTE = (
     "this gateway serves POST /v1/chat/completions, /v1/completions, /v1/embeddings and "
-    "/v1/responses (metered), GET /v1/models and the Conversations API (a tenant's own "
-    "/v1/conversations); any other route could spend model work that no limit counts, so it is "
-    "not forwarded"
+    "/v1/responses (metered), GET /v1/models, the Conversations API (a tenant's own "
+    "/v1/conversations) and a tenant's own stored responses (/v1/responses/{id}); any other "
+    "route could spend model work that no limit counts, so it is not forwarded"
 )
 
 
@@ -202,7 +202,8 @@ class Answers:
         """404: a `previous_response_id` (`what` "response") or `conversation` this gateway
         holds no record of for the caller's tenant. The same words whether the id is unknown,
         expired or another tenant's (nothing tells them apart); an id that is no safe id is
-        not quoted back. `in_path`: a Conversations API path names it (no `param`)."""
+        not quoted back. `in_path`: a path names it (no `param`; a response so named is no
+        previous response: `response_not_found`)."""
         shown = f"'{named}'" if safe_id(named) else "with that id"
         # OpenAI's own code for a previous response it does not hold; the same form for the other.
         param: str | None = "previous_response_id"
@@ -211,6 +212,7 @@ class Answers:
             param, code = ("conversation", "conversation_not_found")
         if in_path:
             param = None
+            code = "response_not_found" if what == "response" else code
         return problem(
             404,
             self.type_uri("unknown-" + what),

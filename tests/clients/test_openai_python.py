@@ -383,3 +383,36 @@ def test_another_tenants_conversation_is_not_found_on_any_of_its_routes(
     assert len(model_server[0].seen) == before  # none reached the model server
     assert owner.conversations.retrieve(conversation.id).metadata == {"topic": "secret"}
     assert len(owner.conversations.items.list(conversation.id).data) == 1
+
+
+def test_a_background_response_is_polled_and_only_its_tenant_reaches_it(
+    world: World, model_server: tuple[FakeUpstream, str]
+) -> None:
+    """`responses.create(background=True)`, then `responses.retrieve` until done: served to
+    the tenant that made it; another tenant's retrieve, input list, cancel and delete are
+    OpenAI's 404 and never reach the model server; the owner's delete makes it 404."""
+    owner = sdk(world, world.key("chatty"))
+    queued = owner.responses.create(model="gpt-3.5-turbo", input="later", max_output_tokens=16,
+                                    background=True)  # fmt: skip
+    assert queued.status == "queued"
+    assert owner.responses.retrieve(queued.id).status == "completed"
+    assert len(owner.responses.input_items.list(queued.id).data) == 1
+    nosy = sdk(world, world.key("nosy"))
+    before = len(model_server[0].seen)
+
+    calls: dict[str, Callable[[], object]] = {
+        "retrieve": lambda: nosy.responses.retrieve(queued.id),
+        "input items": lambda: nosy.responses.input_items.list(queued.id),
+        "cancel": lambda: nosy.responses.cancel(queued.id),
+        "delete": lambda: nosy.responses.delete(queued.id),
+    }
+    for name, call in calls.items():
+        with pytest.raises(openai.NotFoundError) as refused:
+            call()
+        assert refused.value.code == "response_not_found", name
+    assert len(model_server[0].seen) == before  # none reached the model server
+
+    owner.responses.delete(queued.id)
+    with pytest.raises(openai.NotFoundError):
+        owner.responses.retrieve(queued.id)
+    assert len(model_server[0].seen) == before + 1  # the delete alone

@@ -21,6 +21,9 @@ added later add theirs, and a Responses turn in it leaves it holding the turn's 
 id of a new conversation is drawn from its body (`conversation_id`), so two gateways sent it
 get the same one; `x-fake-space: NAME` keeps a request's conversations apart from those of
 requests without it or with another name (two gateways compared see the same answers).
+A kept response is read, deleted, its input listed and (run with `background: true`, answered
+`queued` without usage and completed at once after) cancelled at `/v1/responses/{id}`,
+`.../input_items`, `.../cancel` (each space's apart, as conversations are).
 """
 
 from __future__ import annotations
@@ -69,6 +72,9 @@ class FakeUpstream:
     conversations: dict[str, int] = field(default_factory=dict)
     conversation_items: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     conversation_metadata: dict[str, Any] = field(default_factory=dict)
+    # The kept responses' whole objects (as retrieved) and their input items.
+    responses: dict[str, dict[str, Any]] = field(default_factory=dict)
+    response_inputs: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
     def app(self) -> Starlette:
         return Starlette(
@@ -80,6 +86,9 @@ class FakeUpstream:
                 # Model work on a route Governor does not meter (vLLM serves it): recorded,
                 # so a test sees whether a gateway let it through.
                 Route("/v1/responses", self._response, methods=["POST"]),
+                Route("/v1/responses/{rid}", self._kept, methods=["GET", "DELETE"]),
+                Route("/v1/responses/{rid}/input_items", self._input_items, methods=["GET"]),
+                Route("/v1/responses/{rid}/cancel", self._cancel, methods=["POST"]),
                 Route("/v1/conversations", self._conversation_create, methods=["POST"]),
                 Route(
                     "/v1/conversations/{cid}", self._conversation, methods=["GET", "POST", "DELETE"]
@@ -216,8 +225,6 @@ class FakeUpstream:
         usage = {"input_tokens": prompt, "output_tokens": completion,
                  "total_tokens": prompt + completion}  # fmt: skip
         identity = response_id(body, completion)
-        if body.get("store") is not False:
-            self.stored[identity] = prompt + completion
         answer: dict[str, Any] = {
             "id": identity, "object": "response", "model": body["model"],
             "status": "completed",
@@ -229,6 +236,11 @@ class FakeUpstream:
         if conversation is not None:  # this turn's items join the conversation
             self.conversations[_space(request) + conversation] = prompt + completion
             answer["conversation"] = {"id": conversation}
+        if body.get("store") is not False:
+            self._keep(_space(request) + identity, body, answer)
+        if body.get("background") is True:  # answered at once; generated (here: done) after
+            queued = {**answer, "status": "queued", "output": [], "usage": None}
+            return JSONResponse(queued, headers={"x-upstream": "fake"})
         if not body.get("stream"):
             return JSONResponse(answer, headers={"x-upstream": "fake"})
         linger = float(request.headers.get("x-fake-linger", "0"))
@@ -257,6 +269,53 @@ class FakeUpstream:
             await anyio.sleep(linger)
 
         return StreamingResponse(events(), media_type="text/event-stream")
+
+    def _keep(self, held: str, body: dict[str, Any], answer: dict[str, Any]) -> None:
+        """Keep a response for a later `previous_response_id` and for its own routes (under
+        its space: `held`)."""
+        self.stored[answer["id"]] = answer["usage"]["total_tokens"]
+        self.responses[held] = answer
+        self.response_inputs[held] = _input_items(body.get("input"), answer["id"])
+
+    def _kept_response(self, request: Request) -> tuple[str, Response | None]:
+        """Where the response a path names is kept, and the model server's 404 when it
+        holds none."""
+        identity = request.path_params["rid"]
+        if _space(request) + identity in self.responses:
+            return _space(request) + identity, None
+        message = f"Response with id '{identity}' not found."
+        error = {"message": message, "type": "invalid_request_error", "param": None, "code": None}
+        return identity, JSONResponse({"error": error}, 404)
+
+    async def _kept(self, request: Request) -> Response:
+        await self._seen(request)
+        identity, missing = self._kept_response(request)
+        if missing is not None:
+            return missing
+        if request.method == "DELETE":
+            del self.responses[identity]
+            kept = identity.rpartition("|")[2]
+            self.stored.pop(kept, None)
+            return JSONResponse({"id": kept, "object": "response", "deleted": True})
+        return JSONResponse(self.responses[identity])
+
+    async def _input_items(self, request: Request) -> Response:
+        await self._seen(request)
+        identity, missing = self._kept_response(request)
+        if missing is not None:
+            return missing
+        data = self.response_inputs.get(identity, [])
+        return JSONResponse({"object": "list", "data": data, "has_more": False,
+                             "first_id": data[0]["id"] if data else None,
+                             "last_id": data[-1]["id"] if data else None})  # fmt: skip
+
+    async def _cancel(self, request: Request) -> Response:
+        await self._seen(request)
+        identity, missing = self._kept_response(request)
+        if missing is not None:
+            return missing
+        self.responses[identity] = {**self.responses[identity], "status": "cancelled"}
+        return JSONResponse(self.responses[identity])
 
     async def _seen(self, request: Request) -> dict[str, Any] | None:
         """Record a Conversations API request; its body, when it has one."""
@@ -393,6 +452,16 @@ def response_id(body: Any, completion: int) -> str:
     tokens: the same for the same request, so two gateways sent it get the same answer."""
     seed = json.dumps([body, completion], sort_keys=True).encode()
     return "resp_" + hashlib.sha256(seed).hexdigest()[:32]
+
+
+def _input_items(given: Any, identity: str) -> list[dict[str, Any]]:
+    """A Responses request's input as the model server lists it (`input_items`)."""
+    if isinstance(given, str):
+        content = [{"type": "input_text", "text": given}]
+        given = [{"type": "message", "role": "user", "content": content}]
+    items = [item for item in given or () if isinstance(item, dict)]
+    return [{"id": f"msg_{identity[5:13]}{i}", "status": "completed", **item}
+            for i, item in enumerate(items)]  # fmt: skip
 
 
 def _failure(request: Request) -> Response | None:

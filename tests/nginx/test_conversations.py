@@ -212,21 +212,32 @@ def test_a_path_written_around_the_check_is_refused(
         key = side.key("acme", "free")
         mine = sdk(side, key).conversations.create(metadata={"side": side.name}).id
         before = len(fake.seen)
-        for target in (f"/v1/conversations/conv_other/../{mine}",
-                       f"/v1/conversations/{mine}/./items",
-                       f"/v1/conversations//{mine}"):  # fmt: skip
-            status, answer = raw_request(side, "GET", target, key)
-            # The gateway's refusal (a model server that does not resolve the dot segment
-            # answers 404 too, but only once the request reached it).
-            assert (status, b"#unmetered-route" in answer) == (404, True), (side.name, target)
         odd = side.http.get(f"{side.url}/v1/conversations/conv%20x",
                             headers={"authorization": f"Bearer {key}"})  # fmt: skip
         assert odd.status_code == 404
         assert odd.json()["detail"] == "no conversation with that id for this API key"
         assert len(fake.seen) == before, side.name
-        escaped = f"/v1/conversations/{mine.replace('_', '%5F')}"  # the same path, escaped
-        served = side.http.get(side.url + escaped, headers={"authorization": f"Bearer {key}"})
-        assert served.status_code == 200, (side.name, served.text)
+        refused_as_written(side, fake, key, f"/v1/conversations/{mine}",
+                           (f"/v1/conversations/conv_other/../{mine}",
+                            f"/v1/conversations/{mine}/./items",
+                            f"/v1/conversations//{mine}"))  # fmt: skip
+
+
+def refused_as_written(
+    side: Side, fake: FakeUpstream, key: str, mine: str, targets: tuple[str, ...]
+) -> None:
+    """Each of `targets` (a path written around the check) is the gateway's 404, never
+    forwarded; `mine`, the same path written with an escape, is served."""
+    before = len(fake.seen)
+    for target in targets:
+        status, answer = raw_request(side, "GET", target, key)
+        # The gateway's refusal (a model server that does not resolve the dot segment
+        # answers 404 too, but only once the request reached it).
+        assert (status, b"#unmetered-route" in answer) == (404, True), (side.name, target)
+    assert len(fake.seen) == before, side.name
+    escaped = mine.replace("_", "%5F")  # the same path, escaped
+    served = side.http.get(side.url + escaped, headers={"authorization": f"Bearer {key}"})
+    assert served.status_code == 200, (side.name, served.text)
 
 
 def test_calls_of_the_api_are_admitted_against_no_rate_or_budget(

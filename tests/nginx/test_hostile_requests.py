@@ -258,9 +258,9 @@ def test_a_model_name_of_256_characters_of_any_script_is_served(
 
 UNMETERED_ROUTE = (
     "this gateway serves POST /v1/chat/completions, /v1/completions, /v1/embeddings and "
-    "/v1/responses (metered), GET /v1/models and the Conversations API (a tenant's own "
-    "/v1/conversations); any other route could spend model work that no limit counts, so it is "
-    "not forwarded"
+    "/v1/responses (metered), GET /v1/models, the Conversations API (a tenant's own "
+    "/v1/conversations) and a tenant's own stored responses (/v1/responses/{id}); any other "
+    "route could spend model work that no limit counts, so it is not forwarded"
 )
 
 

@@ -395,6 +395,16 @@ def test_the_meter_finds_a_responses_id_as_python_does(nginx: Side, case: str, s
         ("GET", "/v1/conversations//items"), ("GET", "/v1/conversations/./items"),
         ("GET", "/v1/conversations/résumé"), ("GET", "/v1/conversations/" + "c" * 129),
         ("GET", "/v1/conversationsX"), ("POST", "/v1/responses"),
+        # A stored response's own routes, and what is none of them ("METHOD path").
+        *(tuple(case.split(" ")) for case in (
+            "GET /v1/responses", "GET /v1/responses/resp_1", "HEAD /v1/responses/resp_1",
+            "DELETE /v1/responses/resp_1", "POST /v1/responses/resp_1",
+            "GET /v1/responses/resp_1/input_items", "POST /v1/responses/resp_1/cancel",
+            "GET /v1/responses/resp_1/cancel", "GET /v1/responses/resp_1/input_items/m_1",
+            "GET /v1/responses/r/items", "GET /v1/responses/résumé", "GET /v1/responses/",
+            "GET /v1/responses//input_items", "GET /v1/responses/../models",
+            "GET /v1/responsesX",
+        )),
     ],
 )  # fmt: skip
 def test_a_conversations_api_route_is_pythons(nginx: Side, method: str, path: str) -> None:

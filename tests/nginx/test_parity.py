@@ -126,8 +126,35 @@ def sequence() -> list[Step]:
         Step("the same, in another case: spent", "models", chat_body(model=HF_MODEL.upper())),
         Step("another model: the plain limit", "models", chat_body(model="gpt-4")),
         *conversations_api(),
+        *stored_responses(),
     ]  # fmt: skip
     return steps
+
+
+LATER = {"model": "gpt-4o", "input": "later", "max_output_tokens": 16, "background": True}
+
+
+def stored_responses() -> list[Step]:
+    """A kept answer's own routes: read and listed by its tenant, refused to another (404,
+    never forwarded), every response listed refused, deleted, then gone; a background answer
+    (queued, no usage) charged its reservation, polled and cancelled."""
+    kept = f"/v1/responses/{response_id(KEPT_ANSWER, 300)}"
+    later = f"/v1/responses/{response_id(LATER, 5)}"
+    return [
+        Step("a kept answer read by its tenant", "converse", method="GET", path=kept),
+        Step("its input listed", "converse", method="GET", path=f"{kept}/input_items"),
+        Step("another tenant reads it: 404, never forwarded", "trial", method="GET", path=kept),
+        Step("another tenant deletes it: 404, never forwarded", "trial", method="DELETE",
+             path=kept),
+        Step("every response listed: no call of them", "converse", method="GET",
+             path="/v1/responses"),
+        Step("its tenant deletes it", "converse", method="DELETE", path=kept),
+        Step("read once deleted: 404, never forwarded", "converse", method="GET", path=kept),
+        Step("a background answer: its reservation charged", "rich", LATER,
+             path="/v1/responses"),
+        Step("the background answer polled", "rich", method="GET", path=later),
+        Step("the background answer cancelled", "rich", {}, path=f"{later}/cancel"),
+    ]  # fmt: skip
 
 
 MADE: dict[str, Any] = {"items": [{"type": "message", "role": "user", "content": "x" * 400}],
@@ -163,12 +190,15 @@ def conversations_api() -> list[Step]:
     ]  # fmt: skip
 
 
+KEPT_ANSWER = {"model": "gpt-3.5-turbo", "input": "hi", "max_output_tokens": 300}
+
+
 def conversation() -> list[Step]:
     """Responses answers continued by `previous_response_id`: each reserves the conversation
     it continues (recorded when the last one settled, a stream's from its events), until one
     does not fit what is left of the day; one the gateways never saw for the tenant (another
     tenant's too), and a conversation never seen, are refused 404 before the model server."""
-    kept = {"model": "gpt-3.5-turbo", "input": "hi", "max_output_tokens": 300}
+    kept = KEPT_ANSWER
     more = {
         "model": "gpt-3.5-turbo",
         "input": "and?",
@@ -361,14 +391,23 @@ def test_nginx_answers_as_the_python_gateway_does(
 
     assert mismatches == [], "\n".join(mismatches)
     # The sequence covers what it claims to (a broken sequence must not compare trivially).
-    api = len(conversations_api())
+    api, kept = len(conversations_api()), len(stored_responses())
+    statuses, kept_statuses = statuses[:-kept], statuses[-kept:]
     statuses, api_statuses = statuses[:-api], statuses[-api:]
     assert api_statuses == [200, 200, 200, 200, 404, 404, 404, 400, 200, 200, 200, 404]
+    assert kept_statuses == [200, 200, 404, 404, 404, 200, 404, 200, 200, 200]
     for name in ("another tenant reads it: 404, never forwarded",
                  "another tenant deletes it: 404, never forwarded",
                  "every conversation listed: no call of the API",
-                 "a turn in it, deleted: 404, never forwarded"):  # fmt: skip
+                 "a turn in it, deleted: 404, never forwarded",
+                 "every response listed: no call of them",
+                 "read once deleted: 404, never forwarded"):  # fmt: skip
         assert by_name[name].upstream_saw is None, name
+    queued = by_name["a background answer: its reservation charged"].answer.json()
+    assert (queued["status"], queued["usage"]) == ("queued", None)
+    # Recorded (and so settled) at the reservation: the cap of 16 and the prompt's estimate.
+    record = EnforcementKeys.for_prefix(PREFIX).schema.response("umbrella", queued["id"])
+    assert int(books(nginx)["umbrella:responses"][record]) > 16
     turn = by_name["a turn in it: its items reserved"].answer
     assert (
         'tokens_per_day";r=' + str(1000 - (3 * (2 + 100 + 4) + 1 + 16)) in turn.headers["ratelimit"]
@@ -399,4 +438,5 @@ def test_nginx_answers_as_the_python_gateway_does(
     assert responses[2].upstream_saw["max_output_tokens"] > 0
     assert books(nginx)["umbrella:credits"]["balance"] != "1000000"  # the call was charged
     # Each answer kept is recorded with its tokens, the conversation before it included.
-    assert sorted(books(nginx)["soylent:responses"].values()) == ["307", "318", "330"]
+    # The first deleted through its own route.
+    assert sorted(books(nginx)["soylent:responses"].values()) == ["318", "330"]

@@ -86,8 +86,8 @@ function GovernorAdmission:access(conf)
     return kong.response.exit(answer.status, answer.body, answer.headers)
   end
   if outcome.conversation ~= nil then
-    -- A Conversations API create, add or delete: the response phase reads the whole answer
-    -- and changes the tenant's record of the conversation before Kong sends it.
+    -- A Conversations API create, add or delete, or a stored response's delete: the response
+    -- phase reads the whole answer and changes the tenant's record before Kong sends it.
     kong.ctx.plugin.conversation = outcome.conversation
     kong.service.request.enable_buffering()
     return

@@ -238,16 +238,17 @@ end
 function Answers:unmetered_route()
   return problem(404, self:type_uri('unmetered-route'), 'Route not served',
     'this gateway serves POST /v1/chat/completions, /v1/completions, /v1/embeddings and '
-      .. '/v1/responses (metered), GET /v1/models and the Conversations API (a tenant\'s own '
-      .. '/v1/conversations); any other route could spend model work that no limit counts, so '
-      .. 'it is not forwarded',
+      .. '/v1/responses (metered), GET /v1/models, the Conversations API (a tenant\'s own '
+      .. '/v1/conversations) and a tenant\'s own stored responses (/v1/responses/{id}); any '
+      .. 'other route could spend model work that no limit counts, so it is not forwarded',
     nil, nil, invalid('unknown_route'))
 end
 
 -- 404: a previous_response_id (`what` 'response') or conversation the gateway holds no record
 -- of for the caller's tenant (Answers.unknown_earlier, word for word): the same words whether
 -- unknown, expired or another tenant's; an id that is no safe id is not quoted back.
--- `in_path`: named by a Conversations API path, not a request's field (no `param`).
+-- `in_path`: named by a path, not a request's field (no `param`; a response so named is no
+-- previous response: response_not_found).
 function Answers:unknown_earlier(what, named, in_path)
   local shown = keys.valid_id(named) and ("'" .. named .. "'") or 'with that id'
   local param, code = 'previous_response_id', 'previous_response_not_found'
@@ -256,6 +257,7 @@ function Answers:unknown_earlier(what, named, in_path)
   end
   if in_path then
     param = nil
+    code = what == 'response' and 'response_not_found' or code
   end
   return problem(404, self:type_uri('unknown-' .. what), 'Unknown ' .. what,
     format('no %s %s for this API key', what, shown), nil, nil, invalid(code, param))

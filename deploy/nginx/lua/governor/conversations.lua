@@ -1,8 +1,9 @@
--- OpenAI's Conversations API as the gateway serves it: controller/gateway/conversations.py,
--- line for line. No call of it is model work (none is admitted against a rate or a budget);
--- each one naming a conversation is checked against the tenant's record of it, and a call the
--- model server accepted changes that record (a create makes it, an add grows it, a delete
--- forgets it), which a Responses turn in the conversation is admitted with.
+-- OpenAI's Conversations API and the Responses API's calls on a stored response, as the
+-- gateway serves them: controller/gateway/conversations.py, line for line. No call of them is
+-- model work (none is admitted against a rate or a budget); each one naming a conversation or
+-- a response is checked against the tenant's record of it, and a call the model server
+-- accepted changes that record (a create makes it, an add grows it, a delete forgets it),
+-- which a Responses turn naming it is admitted with.
 
 local cjson = require 'cjson.safe'
 local jsontext = require 'governor.jsontext'
@@ -14,45 +15,65 @@ local _M = {}
 local ROOT = '/v1/conversations'
 _M.ROOT = ROOT
 
--- conversations._ACTIONS: what each shape of path serves, by method (HEAD as GET).
-local ACTIONS = {
-  [1] = {GET = 'read', HEAD = 'read', POST = 'update', DELETE = 'delete'},
-  [2] = {GET = 'list_items', HEAD = 'list_items', POST = 'add_items'},
-  [3] = {GET = 'read_item', HEAD = 'read_item', DELETE = 'delete_item'},
+-- conversations._CONVERSATION, _RESPONSE: what each shape of path serves, by method (the
+-- path past the id, '*' for an item's id; HEAD as GET).
+local CONVERSATION = {
+  [''] = {GET = 'read', HEAD = 'read', POST = 'update', DELETE = 'delete'},
+  items = {GET = 'list_items', HEAD = 'list_items', POST = 'add_items'},
+  ['items/*'] = {GET = 'read_item', HEAD = 'read_item', DELETE = 'delete_item'},
+}
+local RESPONSE = {
+  [''] = {GET = 'read', HEAD = 'read', DELETE = 'delete'},
+  input_items = {GET = 'list_items', HEAD = 'list_items'},
+  cancel = {POST = 'cancel'},
+}
+-- conversations._APIS: each API's root, what its ids name, and its calls.
+local APIS = {
+  {root = ROOT, what = 'conversation', actions = CONVERSATION},
+  {root = '/v1/responses', what = 'response', actions = RESPONSE},
 }
 -- The calls whose body is read (their items count toward the record) and whose answer
 -- changes the record.
 _M.ADDS_ITEMS = {create = true, add_items = true}
 _M.RECORDS = {create = true, add_items = true, delete = true}
 
--- conversations.route: {action, conversation (nil: a create, or an id that is no safe id),
--- named (the path's id then)}; 'unserved' for a path under the API that no call of it is;
--- nil for a path outside it.
-function _M.route(method, path)
-  if path == ROOT then
-    return method == 'POST' and {action = 'create'} or 'unserved'
-  end
-  if path:sub(1, #ROOT + 1) ~= ROOT .. '/' then
-    return nil
-  end
+-- conversations._call: the call of one API that a path's segments past its root are, or
+-- 'unserved'.
+local function call_of(api, method, rest)
   local parts = {}
-  for part in (path:sub(#ROOT + 2) .. '/'):gmatch('([^/]*)/') do
+  for part in (rest .. '/'):gmatch('([^/]*)/') do
     if part == '' or part == '.' or part == '..' then
       return 'unserved'
     end
     parts[#parts + 1] = part
   end
-  local action = ACTIONS[#parts] and ACTIONS[#parts][method]
-  if action == nil or (#parts > 1 and parts[2] ~= 'items') then
-    return 'unserved'
+  local shape = parts[2] or ''
+  for _ = 3, #parts do
+    shape = shape .. '/*'
   end
-  if #parts == 3 and not keys.valid_id(parts[3]) then
+  local action = api.actions[shape] and api.actions[shape][method]
+  if action == nil or (#parts == 3 and not keys.valid_id(parts[3])) then
     return 'unserved'
   end
   if not keys.valid_id(parts[1]) then
-    return {action = action, named = parts[1]}
+    return {action = action, named = parts[1], what = api.what}
   end
-  return {action = action, conversation = parts[1]}
+  return {action = action, id = parts[1], what = api.what}
+end
+
+-- conversations.route: {action, id (nil: a create, or an id that is no safe id), named (the
+-- path's id then), what ('conversation' or 'response')}; 'unserved' for a path under the APIs
+-- that no call of them is; nil for a path outside them (POST /v1/responses: a model call).
+function _M.route(method, path)
+  if path == ROOT then
+    return method == 'POST' and {action = 'create', what = 'conversation'} or 'unserved'
+  end
+  for _, api in ipairs(APIS) do
+    if path:sub(1, #api.root + 1) == api.root .. '/' then
+      return call_of(api, method, path:sub(#api.root + 2))
+    end
+  end
+  return nil
 end
 
 -- conversations.added_tokens: the estimate of the items a create or an add sends, or nil and

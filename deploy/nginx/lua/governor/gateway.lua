@@ -202,7 +202,7 @@ function Gateway:model_call(client, req, principal, kind, plan)
   return {call = {principal = principal, request = request, streaming = streaming,
     reservation = result.reservation, headers = headers, body = request.raw,
     changed = request.changed, meter = openai.meter(streaming, request.prompt_tokens,
-      request:worst_case_tokens()),
+      request:worst_case_tokens(), request:background()),
     strip = strip}}
 end
 
@@ -414,9 +414,10 @@ local function conversation_of(req)
   return found
 end
 
--- asgi._conversation_refusal: no call of the API (404 unmetered-route), a conversation not
--- recorded for the tenant (404 in scope 'tenant'; an id that is no safe id in any), Redis
--- failing (503); nil: it goes on.
+-- asgi._conversation_refusal: no call of the APIs (404 unmetered-route), a conversation or
+-- response not recorded for the tenant (404 in scope 'tenant', after the wait a missing
+-- record gets: await_record; an id that is no safe id in any), Redis failing (503); nil: it
+-- goes on.
 function Gateway:conversation_refusal(client, principal, call)
   if call == 'unserved' then
     return {answer = self.answers:unmetered_route()}
@@ -424,30 +425,34 @@ function Gateway:conversation_refusal(client, principal, call)
   if call.action == 'create' then
     return nil
   end
-  if call.conversation == nil then
-    return {answer = self.answers:unknown_earlier('conversation', call.named, true)}
+  if call.id == nil then
+    return {answer = self.answers:unknown_earlier(call.what, call.named, true)}
   end
+  local strict = self.settings.previous_response_scope == 'tenant'
   local tokens, failed = false, nil
   if client == nil then
     tokens, failed = nil, 'no connection'
   else
-    tokens, failed = self:earlier_tokens(client, principal.tenant, 'conversation',
-      call.conversation)
+    tokens, failed = self:earlier_tokens(client, principal.tenant, call.what, call.id)
+    if tokens == false and strict then
+      tokens, failed = self:await_record(client, principal.tenant, call.what, call.id)
+    end
   end
   if tokens == nil then
-    warn('limit store unreachable reading whose conversation it is; refused: ', failed)
+    warn('limit store unreachable reading whose ', call.what, ' it is; refused: ', failed)
     return {answer = self.answers:enforcement_unavailable(principal.plan), broken = true}
   end
-  if tokens == false and self.settings.previous_response_scope == 'tenant' then
-    return {answer = self.answers:unknown_earlier('conversation', call.conversation, true)}
+  if tokens == false and strict then
+    return {answer = self.answers:unknown_earlier(call.what, call.id, true)}
   end
   return nil
 end
 
--- asgi._conversation: a Conversations API call is no model work, so admitted against no rate
--- or budget (as /v1/models); only the tenant's own conversation (scope 'tenant'). A read or
--- new metadata passes as it is; a create, an add or a delete goes as {conversation = …}: the
--- adapter fetches it whole and hands the answer to `conversation_answered`.
+-- asgi._conversation: a call of the Conversations API or on a stored response is no model
+-- work, so admitted against no rate or budget (as /v1/models); only the tenant's own
+-- conversation or response (scope 'tenant'). A read, a list, a cancel or new metadata passes
+-- as it is; a create, an add or a delete goes as {conversation = …}: the adapter fetches it
+-- whole and hands the answer to `conversation_answered`.
 function Gateway:conversation_call(client, req, principal, call)
   local refusal = self:conversation_refusal(client, principal, call)
   if refusal ~= nil then
@@ -469,8 +474,8 @@ function Gateway:conversation_call(client, req, principal, call)
       return {answer = say:bad_request(problem)}
     end
   end
-  return {conversation = {principal = principal, action = call.action,
-    id = call.conversation, added = added, body = raw}}
+  return {conversation = {principal = principal, action = call.action, what = call.what,
+    id = call.id, added = added, body = raw}}
 end
 
 -- admission.GROW_RECORD, word for word: a conversation's record grows by ARGV[1] tokens and
@@ -482,8 +487,9 @@ local GROW_RECORD = "if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end "
 
 -- asgi._record_conversation: once the model server accepted (2xx) a create, record the
 -- conversation for the tenant (its items' estimate, for the TTL of a response's record); an
--- add grows the record by its items' estimate; a delete forgets it. A record that cannot be
--- written is said: that conversation is then refused 404 (shared: the default).
+-- add grows the record by its items' estimate; a delete forgets the conversation's or the
+-- response's. A record that cannot be written is said: that conversation is then refused 404
+-- (shared: the default).
 function Gateway:conversation_answered(call, status, answer)
   if status == nil or status < 200 or status >= 300 then
     return
@@ -493,6 +499,8 @@ function Gateway:conversation_answered(call, status, answer)
   if call.action == 'create' then
     made = conversations.created_id(answer)
     key = made and names:conversation(tenant, made)
+  elseif call.what == 'response' then
+    key = names:response(tenant, call.id)
   else
     key = names:conversation(tenant, call.id)
   end
@@ -513,8 +521,8 @@ function Gateway:conversation_answered(call, status, answer)
     end
   end
   if ok == nil then
-    warn('cannot record a conversation call (', call.action, '); a turn in it is refused (or, '
-      .. 'shared, reserves the default): ', err)
+    warn('cannot record a ', call.what, ' call (', call.action, '); a turn in it is refused '
+      .. '(or, shared, reserves the default): ', err)
     if client ~= nil then
       client:close()
     end

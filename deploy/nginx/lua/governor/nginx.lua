@@ -157,8 +157,8 @@ local function fetch_and_settle(call)
   return relay(response, call.headers)
 end
 
--- A Conversations API create, add or delete: fetched whole, the tenant's record of the
--- conversation changed as the answer says, then answered (asgi: before its last byte).
+-- A Conversations API create, add or delete, or a stored response's delete: fetched whole,
+-- the tenant's record changed as the answer says, then answered (asgi: before its last byte).
 local function fetch_and_record(call)
   local response = fetch(call.body)
   gw:conversation_answered(call, response.status, response.body)

@@ -305,6 +305,12 @@ function Request:earlier()
   return named
 end
 
+-- ModelRequest.background: whether the model server runs this Responses request in the
+-- background (it answers at once, queued and without usage, and generates afterwards).
+function Request:background()
+  return self.kind == 'response' and self.body.background == true
+end
+
 -- Whether the model server keeps this Responses answer for a later request to name (`store`,
 -- true by default).
 function Request:stored()
@@ -559,10 +565,11 @@ Meter.__index = Meter
 
 -- Watches answer bytes as they pass and finds the usage: the JSON body's, or for SSE the
 -- event that carries it (the last one). `ceiling`: what an answer too big to read is charged
--- (the reservation; openai.UsageMeter's).
-function _M.meter(streaming, prompt_estimate, ceiling)
+-- (the reservation; openai.UsageMeter's), as is one without usage when `background` (a
+-- background Responses request: generated after its answer ends).
+function _M.meter(streaming, prompt_estimate, ceiling, background)
   return setmetatable({streaming = streaming, prompt_estimate = prompt_estimate,
-    ceiling = ceiling, buffer = {},
+    ceiling = ceiling, background = background or false, buffer = {},
     size = 0, usage = nil, completion_chars = 0, overflow = false, pending = '',
     unreadable = false, events = false}, Meter)
 end
@@ -658,8 +665,9 @@ function Meter:finish()
     return self.usage
   end
   local completion = math.ceil(self.completion_chars / CHARS_PER_TOKEN)
-  -- An answer that could not be read whole (too big, cut off, garbled): its reservation.
-  if (self.overflow or self.unreadable) and self.ceiling ~= nil then
+  -- An answer that could not be read whole (too big, cut off, garbled), or one generated after
+  -- it ends (background): its reservation.
+  if (self.overflow or self.unreadable or self.background) and self.ceiling ~= nil then
     completion = math.max(completion, self.ceiling - self.prompt_estimate)
   end
   return {prompt = self.prompt_estimate, completion = completion, estimated = true}

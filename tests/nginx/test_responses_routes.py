@@ -1,0 +1,245 @@
+"""A stored response's own routes (/v1/responses/{id}…) through both gateways and the SDK."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import openai
+import pytest
+
+from controller.contract.keys import KeySchema
+from tests.gateway.conftest import write_limits
+from tests.gateway.fake_upstream import FakeUpstream, ServerThread
+from tests.nginx.conftest import PREFIX, Side, chat_body
+from tests.nginx.gateway_pair import PairOptions, gateway_pair
+from tests.nginx.test_conversations import _close_clients as _close_clients  # the fixture
+from tests.nginx.test_conversations import day_left, refused_as_written, sdk, sides
+from tests.nginx.test_conversations import shared_sides as shared_sides  # the fixture
+
+pytestmark = pytest.mark.integration
+
+MODEL = "gpt-3.5-turbo"
+
+
+def record(side: Side, tenant: str, response: str) -> str | None:
+    return side.db.get(KeySchema(PREFIX).response(tenant, response))
+
+
+def made(side: Side, key: str, text: str) -> str:
+    """The id of a response the tenant of `key` makes (kept by the model server)."""
+    answer = sdk(side, key).responses.create(model=MODEL, input=f"{text} {side.name}",
+                                             max_output_tokens=16)  # fmt: skip
+    return answer.id
+
+
+def test_the_tenants_own_response_is_read_listed_and_deleted_through_the_sdk(
+    python_gateway: Side, nginx: Side, upstream: tuple[FakeUpstream, ServerThread]
+) -> None:
+    """nginx (a real one) and `governor gateway`, each on its own real Redis, in front of the
+    fake model server: no call is admitted, and a delete forgets the tenant's record."""
+    fake = upstream[0]
+    for side in sides(python_gateway, nginx):
+        key = side.key("acme", "free")
+        client = sdk(side, key)
+        mine = made(side, key, "remember")
+        assert record(side, "acme", mine) is not None, side.name
+        state = side.db.hgetall(f"{PREFIX}:{{t:acme}}:enforce")
+
+        assert client.responses.retrieve(mine).id == mine
+        assert fake.seen[-1].path == f"/v1/responses/{mine}"
+        listed = client.responses.input_items.list(mine).data
+        assert [item.type for item in listed] == ["message"], side.name
+        head = side.http.head(f"{side.url}/v1/responses/{mine}",
+                              headers={"authorization": f"Bearer {key}"})  # fmt: skip
+        assert head.status_code == 200, side.name
+        # No model work: nothing admitted, reserved or charged.
+        assert side.db.hgetall(f"{PREFIX}:{{t:acme}}:enforce") == state, side.name
+
+        client.responses.delete(mine)
+        assert fake.seen[-1].path == f"/v1/responses/{mine}"
+        assert record(side, "acme", mine) is None, side.name
+        before = len(fake.seen)
+        with pytest.raises(openai.NotFoundError) as refused:
+            client.responses.retrieve(mine)
+        assert refused.value.code == "response_not_found"
+        with pytest.raises(openai.NotFoundError) as continued:
+            client.responses.create(model=MODEL, input="and?", max_output_tokens=16,
+                                    previous_response_id=mine)  # fmt: skip
+        assert continued.value.code == "previous_response_not_found"
+        assert len(fake.seen) == before, f"{side.name} forwarded a deleted response's call"
+
+
+def test_a_background_response_is_charged_its_reservation_polled_and_cancelled(
+    python_gateway: Side, nginx: Side, upstream: tuple[FakeUpstream, ServerThread]
+) -> None:
+    """The model server answers a background request at once (`queued`, no usage) and
+    generates afterwards: settled from the answer, it would be charged the prompt's estimate
+    alone and the generation would go unmetered. It is charged its reservation (the prompt
+    and max_output_tokens), and recorded so for a turn that continues it."""
+    for side in sides(python_gateway, nginx):
+        key = side.key("acme", "free")
+        client = sdk(side, key)
+        raw = client.responses.with_raw_response.create(
+            model=MODEL, input=f"later {side.name}", max_output_tokens=16, background=True
+        )
+        reserved = 1000 - day_left(raw.headers)  # the free plan's day: 1000 tokens
+        queued = raw.parse()
+        assert (queued.status, queued.usage) == ("queued", None), side.name
+        assert record(side, "acme", queued.id) == str(reserved), side.name
+        # The next admission finds the whole reservation charged (a fresh tenant's same
+        # chat says what the chat itself holds).
+        fresh = side.chat(side.key(f"fresh-{side.name}", "free"), chat_body(max_tokens=1))
+        after = side.chat(key, chat_body(max_tokens=1))
+        assert day_left(after.headers) == day_left(fresh.headers) - reserved, side.name
+
+        polled = client.responses.retrieve(queued.id)
+        assert (polled.status, polled.id) == ("completed", queued.id), side.name
+        assert client.responses.cancel(queued.id).status == "cancelled"
+        assert upstream[0].seen[-1].path == f"/v1/responses/{queued.id}/cancel"
+
+
+def test_only_the_tenant_that_made_a_response_reaches_it(
+    python_gateway: Side, nginx: Side, upstream: tuple[FakeUpstream, ServerThread]
+) -> None:
+    """Every tenant reaches the model server with the one upstream key: forwarded, globex
+    would read, list, cancel or delete acme's response. 404 on every route, in the words an
+    id never made gets, and nothing reaches the model server."""
+    fake = upstream[0]
+    for side in sides(python_gateway, nginx):
+        mine = made(side, side.key("acme", "free"), "private")
+        kept = record(side, "acme", mine)
+        globex = {"authorization": f"Bearer {side.key('globex', 'free')}"}
+        before = len(fake.seen)
+        calls = [("GET", f"/v1/responses/{mine}"), ("DELETE", f"/v1/responses/{mine}"),
+                 ("GET", f"/v1/responses/{mine}/input_items"),
+                 ("POST", f"/v1/responses/{mine}/cancel"),
+                 ("GET", "/v1/responses/resp_never_made"),
+                 ("GET", "/v1/responses/resp.never:made+at=all~")]  # fmt: skip
+        for method, path in calls:
+            answer = side.http.request(method, side.url + path, headers=globex)
+            assert answer.status_code == 404, (side.name, method, path, answer.text)
+            named = path.split("/")[3]
+            assert answer.json()["detail"] == f"no response '{named}' for this API key"
+            assert answer.json()["type"].endswith("#unknown-response"), side.name
+        envelope = side.http.get(f"{side.url}/v1/responses/{mine}",
+                                 headers={**globex, "accept": "*/*"})  # fmt: skip
+        error = envelope.json()["error"]
+        assert (error["code"], error["param"]) == ("response_not_found", None)
+        odd = side.http.get(f"{side.url}/v1/responses/resp%20x", headers=globex)
+        assert odd.status_code == 404
+        assert odd.json()["detail"] == "no response with that id for this API key"
+        assert len(fake.seen) == before, f"{side.name} forwarded another tenant's call"
+        assert record(side, "acme", mine) == kept  # not deleted
+        assert mine in fake.responses
+
+
+# Under the routes of a response, and none of them: refused wherever the id is the caller's.
+UNSERVED = (
+    ("GET", "/v1/responses"),  # every response of the upstream key: every tenant's
+    ("POST", "/v1/responses/{mine}"), ("PUT", "/v1/responses/{mine}"),
+    ("DELETE", "/v1/responses/{mine}/input_items"), ("GET", "/v1/responses/{mine}/cancel"),
+    ("GET", "/v1/responses/{mine}/other"), ("GET", "/v1/responses/{mine}/input_items/msg_1"),
+    ("GET", "/v1/responses/{mine}//input_items"), ("GET", "/v1/responses/"),
+)  # fmt: skip
+
+
+def test_what_is_no_call_on_a_response_is_refused_not_forwarded(
+    python_gateway: Side, nginx: Side, upstream: tuple[FakeUpstream, ServerThread]
+) -> None:
+    """The tenant's own response is served on its routes, and on no other path or method."""
+    for side in sides(python_gateway, nginx):
+        key = side.key("acme", "free")
+        mine = made(side, key, "routes")
+        auth = {"authorization": f"Bearer {key}"}
+        assert side.http.get(f"{side.url}/v1/responses/{mine}", headers=auth).status_code == 200
+        before = len(upstream[0].seen)
+        for method, path in UNSERVED:
+            answer = side.http.request(method, side.url + path.format(mine=mine), headers=auth)
+            assert answer.status_code == 404, (side.name, method, path, answer.text)
+            assert answer.json()["type"].endswith("#unmetered-route"), (side.name, path)
+        assert len(upstream[0].seen) == before, f"{side.name} forwarded a call on no route"
+
+
+def test_a_response_path_written_around_the_check_is_refused(
+    python_gateway: Side, nginx: Side, upstream: tuple[FakeUpstream, ServerThread]
+) -> None:
+    """nginx resolves `resp_other/../resp_mine` to the response it checks, and sends the
+    target as written: refused, as `governor gateway` refuses a dot segment."""
+    fake = upstream[0]
+    for side in sides(python_gateway, nginx):
+        key = side.key("acme", "free")
+        mine = made(side, key, "around")
+        refused_as_written(side, fake, key, f"/v1/responses/{mine}",
+                           (f"/v1/responses/resp_other/../{mine}",
+                            f"/v1/responses/{mine}/./input_items",
+                            f"/v1/responses//{mine}",
+                            f"/v1/responses/resp_other%2F..%2F{mine}"))  # fmt: skip
+
+
+def test_an_unknown_plan_and_no_key_are_refused_before_the_lookup(
+    python_gateway: Side, nginx: Side, upstream: tuple[FakeUpstream, ServerThread]
+) -> None:
+    fake = upstream[0]
+    for side in sides(python_gateway, nginx):
+        mine = made(side, side.key("acme", "free"), "auth")
+        path = f"{side.url}/v1/responses/{mine}"
+        own = {"authorization": f"Bearer {side.key('acme', 'free')}"}
+        assert side.http.get(path, headers=own).status_code == 200, side.name
+        before = len(fake.seen)
+        assert side.http.get(path).status_code == 401
+        stranger = {"authorization": f"Bearer {side.key('acme', 'no-such-plan')}"}
+        refused = side.http.get(path, headers=stranger)
+        assert refused.status_code == 403, (side.name, refused.text)
+        assert refused.json()["type"].endswith("#unknown-plan")
+        assert len(fake.seen) == before, side.name
+
+
+def test_shared_scope_forwards_another_tenants_response_and_deletes_no_record_of_it(
+    shared_sides: tuple[Side, Side], upstream: tuple[FakeUpstream, ServerThread]
+) -> None:
+    """`shared` (documented: tenants can then read each other's responses): any tenant's call
+    is forwarded; only the caller's own record is ever deleted."""
+    for side in shared_sides:
+        mine = made(side, side.key("acme", "free"), "shared")
+        kept = record(side, "acme", mine)
+        assert kept is not None
+        globex = sdk(side, side.key("globex", "free"))
+        assert globex.responses.retrieve(mine).id == mine  # forwarded: shared
+        globex.responses.delete(mine)
+        assert record(side, "acme", mine) == kept, side.name
+        assert mine not in upstream[0].responses
+
+
+def test_a_response_call_fails_closed_while_redis_does_not_answer(
+    tmp_path: Path, export_dir: Path, upstream: tuple[FakeUpstream, ServerThread],
+    policy_dir: Path,
+) -> None:  # fmt: skip
+    """Whose response it is cannot be checked: 503 whatever the plan's fail mode (free fails
+    closed, enterprise open), and nothing reaches the model server."""
+    options = PairOptions(
+        prepare=lambda db: write_limits(db, PREFIX, policy_dir),
+        nginx_env={"GOVERNOR_REDIS__SOCKET_TIMEOUT_SECONDS": "0.5",
+                   "GOVERNOR_REDIS__RETRIES": "0"},
+        redis_options={"socket_timeout_seconds": 0.5, "retries": 0},
+        timeout=30.0,
+    )  # fmt: skip
+    fake = upstream[0]
+    with gateway_pair(tmp_path, export_dir, upstream, options) as pair:
+        for side in pair.sides:
+            auth = [{"authorization": f"Bearer {side.key('acme', plan)}"}
+                    for plan in ("free", "enterprise")]  # fmt: skip
+            body = {"model": MODEL, "input": f"outage {side.name}", "max_output_tokens": 5}
+            mine = side.http.post(f"{side.url}/v1/responses", json=body, headers=auth[0])
+            assert mine.status_code == 200, (side.name, mine.text)
+            path = f"{side.url}/v1/responses/{mine.json()['id']}"
+            for headers in auth:  # both keys verified, and cached, while Redis answers
+                assert side.http.get(path, headers=headers).status_code == 200
+            before = len(fake.seen)
+            side.db.execute_command("CLIENT", "PAUSE", "6000", "ALL")
+            for headers in auth:
+                for method, suffix in (("GET", ""), ("DELETE", ""), ("GET", "/input_items"),
+                                       ("POST", "/cancel")):  # fmt: skip
+                    answer = side.http.request(method, path + suffix, headers=headers)
+                    assert answer.status_code == 503, (side.name, method, suffix, answer.text)
+                    assert answer.json()["type"].endswith("#enforcement-unavailable")
+            assert len(fake.seen) == before, side.name
