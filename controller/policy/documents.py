@@ -9,6 +9,7 @@ from typing import Annotated, Any, Literal
 from zoneinfo import available_timezones
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -134,7 +135,35 @@ TargetField = Annotated[
 
 Name = Annotated[str, Field(pattern=r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$")]
 SignalName = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
-LimitValues = dict[LimitKind, NonNegativeNumber]
+# A limit's value and what multiplies one are bounded so that a scaled limit stays a number:
+# `scale: 1e308` × a baseline of 10 was infinity, which the resolver reads as "no limit" and
+# deletes, serving the plan unrestricted. 10^15 is above any rate or budget (and below 2^53,
+# so every whole limit stays exact in Lua and JSON); 10^15 × 10^6 is still finite.
+MAX_LIMIT_VALUE = 1e15
+MAX_SCALE = 1e6
+
+
+def _at_most(bound: float, what: str, fix: str) -> AfterValidator:
+    def check(value: float) -> float:
+        if value > bound:
+            raise ValueError(f"{value:g} is over {bound:g}, the most {what} may be: {fix}")
+        return value
+
+    return AfterValidator(check)
+
+
+LimitValue = Annotated[
+    NonNegativeNumber,
+    _at_most(MAX_LIMIT_VALUE, "a limit", "write the largest value you mean, at most 1e15"),
+    WithJsonSchema({"type": "number", "minimum": 0, "maximum": MAX_LIMIT_VALUE}),
+]
+Scale = Annotated[
+    PositiveNumber,
+    _at_most(MAX_SCALE, "a scale", "for a fixed value write `set:` instead"),
+    WithJsonSchema({"type": "number", "exclusiveMinimum": 0, "maximum": MAX_SCALE}),
+]
+LimitValues = dict[LimitKind, LimitValue]
+AddressValues = Annotated[dict[AddressField, LimitValue], BeforeValidator(distinct_addresses)]
 
 
 def _check_terms(scope: Scope, values: LimitValues) -> None:
@@ -188,12 +217,12 @@ class LimitsSpec(Strict):
     default_plan: Name
     global_: LimitValues = Field(default_factory=dict, alias="global")
     ip: LimitValues = Field(default_factory=dict)
-    floors: Annotated[
-        dict[AddressField, NonNegativeNumber], BeforeValidator(distinct_addresses)
-    ] = Field(default_factory=dict, description="no automatic change may go below these")
-    ceilings: Annotated[
-        dict[AddressField, NonNegativeNumber], BeforeValidator(distinct_addresses)
-    ] = Field(default_factory=dict, description="no automatic change may go above these")
+    floors: AddressValues = Field(
+        default_factory=dict, description="no automatic change may go below these"
+    )
+    ceilings: AddressValues = Field(
+        default_factory=dict, description="no automatic change may go above these"
+    )
     behavior: Behavior = Field(
         default_factory=Behavior, description="default behaviour for every limit"
     )
@@ -260,10 +289,10 @@ class SignalSpec(Strict):
 
 class Action(Strict):
     target: TargetField
-    scale: PositiveNumber | None = Field(None, description="multiply the baseline")
-    set: NonNegativeNumber | None = Field(None, description="use this value")
-    min: NonNegativeNumber | None = None
-    max: NonNegativeNumber | None = None
+    scale: Scale | None = Field(None, description="multiply the baseline")
+    set: LimitValue | None = Field(None, description="use this value")
+    min: LimitValue | None = None
+    max: LimitValue | None = None
 
     @model_validator(mode="after")
     def _one_operation(self) -> Action:
@@ -410,8 +439,8 @@ class GradientSpec(Strict):
 
 
 class Bounds(Strict):
-    min: NonNegativeNumber
-    max: NonNegativeNumber
+    min: LimitValue
+    max: LimitValue
 
     @model_validator(mode="after")
     def _ordered(self) -> Bounds:

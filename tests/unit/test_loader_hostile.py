@@ -3,6 +3,7 @@ and a set without Limits or Plan is refused."""
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 from pathlib import Path
@@ -503,3 +504,45 @@ def test_a_symlink_loop_is_refused_naming_it_not_skipped(shipped: Path) -> None:
 
     assert (error.line, error.column) == (1, 1)
     assert "leads back to itself (a link loop)" in error.message
+
+
+@pytest.mark.parametrize(
+    ("file", "old", "new", "field"),
+    [
+        # 1e308 × the free plan's 10 requests a minute is infinity: "no limit" (the limit was
+        # deleted, the plan served unrestricted) instead of the loosening meant.
+        ("gpu-saturation.yaml", "scale: 0.5}", "scale: 1e308}", "spec.actions[0].scale"),
+        ("gpu-saturation.yaml", "scale: 0.5}", "scale: 0.5, max: 1e300}", "spec.actions[0].max"),
+        ("plans.yaml", "requests_per_minute: 10\n", "requests_per_minute: 1e300\n", None),
+        ("limits.yaml", "concurrent_requests: 300", "concurrent_requests: 1e300", None),
+    ],
+)
+def test_numbers_past_what_a_limit_can_mean_are_located_errors(
+    shipped: Path, file: str, old: str, new: str, field: str | None
+) -> None:
+    path = shipped / file
+    path.write_text(path.read_text().replace(old, new, 1))
+
+    error = only_error(shipped, file)
+
+    assert error.line == line_of(path, new.strip())
+    assert field is None or error.path == field
+    assert "the most" in error.message
+
+
+def test_the_largest_scale_of_the_largest_limit_stays_a_limit(shipped: Path) -> None:
+    from controller.policy.documents import MAX_LIMIT_VALUE, MAX_SCALE
+
+    assert math.isfinite(MAX_LIMIT_VALUE * MAX_SCALE)
+    plans = shipped / "plans.yaml"
+    plans.write_text(
+        plans.read_text().replace(
+            "requests_per_minute: 10\n", f"requests_per_minute: {MAX_LIMIT_VALUE:.0f}\n", 1
+        )
+    )
+    policy = shipped / "gpu-saturation.yaml"
+    policy.write_text(policy.read_text().replace("scale: 0.5}", f"scale: {MAX_SCALE:.0f}}}"))
+
+    policies, errors = check_directory(shipped, complete=True)
+
+    assert policies is not None, errors
