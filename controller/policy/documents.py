@@ -334,7 +334,9 @@ class Schedule(Strict):
 
 @cache
 def _time_zones() -> frozenset[str]:
-    return frozenset(available_timezones())
+    # Debian's database also lists `localtime`, a link to the host's /etc/localtime: a
+    # schedule in it would follow whichever host reads the file, so it names no zone.
+    return frozenset(available_timezones()) - {"localtime"}
 
 
 class OnStale(Strict):

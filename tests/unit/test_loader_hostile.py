@@ -126,6 +126,21 @@ def test_an_absurd_time_zone_is_a_located_error(shipped: Path, zone: str) -> Non
     assert len(error.message) < 250  # the name is cut, not echoed whole
 
 
+def test_the_hosts_own_time_zone_is_refused_for_a_named_one(shipped: Path) -> None:
+    # Debian's tz database lists `localtime`, a link to /etc/localtime: the schedule would
+    # follow whichever host reads it (UTC in the controller's image, the laptop's zone where
+    # `governor policy test` ran), and a host without the link refuses what lint took.
+    text = (shipped / "business-hours.yaml").read_text()
+    (shipped / "business-hours.yaml").write_text(
+        text.replace("timezone: Europe/Berlin", "timezone: localtime")
+    )
+
+    error = only_error(shipped, "business-hours.yaml")
+
+    assert (error.path, error.line) == ("spec.schedule.timezone", 14)
+    assert "Europe/Berlin" in error.message
+
+
 def test_a_merge_overriding_8000_keys_keeps_every_override_and_its_place(tmp_path: Path) -> None:
     keys = 8000
     text = (
