@@ -66,10 +66,14 @@ class ReloadOutcome:
 class PolicyWatcher:
     """Holds the policy set in force; `poll()` reloads it when the files changed."""
 
-    def __init__(self, directory: Path, max_removed_share: float = 0.2) -> None:
+    def __init__(
+        self, directory: Path, max_removed_share: float = 0.2, *, settle: bool = True
+    ) -> None:
         self.directory = directory
         self.max_removed_share = max_removed_share
+        self.settle = settle
         self._fingerprint: str | None = None
+        self._pending: str | None = None  # a change read once, checked when read again
         self._rejected: str | None = None  # don't report the same broken content every tick
         self._held: PolicySet | None = None  # a valid set refused for removal, until confirmed
         self.current: PolicySet | None = None
@@ -105,11 +109,23 @@ class PolicyWatcher:
         fingerprint = sources.fingerprint()
         if fingerprint == self._fingerprint:
             # Back to the set in force: the next break, even the same one, is news again.
-            self._rejected, self._held = None, None
+            self._rejected, self._held, self._pending = None, None, None
             return ReloadOutcome(changed=False)
         if fingerprint == self._rejected:
             return self._confirmed_held(fingerprint, confirmations)
+        if self._unsettled(fingerprint):
+            return ReloadOutcome(changed=False)
         return self._check(sources, fingerprint, confirmations)
+
+    def _unsettled(self, fingerprint: str) -> bool:
+        """A change is checked only once two polls in a row read the same bytes: a file
+        written in place and read before its end is a prefix, and a prefix can be a valid
+        set (limits.yaml cut before its floors and ceilings) that would be taken for a tick.
+        The first load has no set to keep and takes what it reads."""
+        if not self.settle or self.current is None:
+            return False
+        pending, self._pending = self._pending, fingerprint
+        return pending != fingerprint
 
     def _check(
         self, sources: Sources, fingerprint: str, confirmations: Confirmations | None
@@ -155,7 +171,7 @@ class PolicyWatcher:
     ) -> ReloadOutcome:
         previous = self.current.version if self.current else None
         self.current, self._fingerprint = policies, fingerprint
-        self._rejected, self._held = None, None
+        self._rejected, self._held, self._pending = None, None, None
         return ReloadOutcome(
             changed=True, policies=policies, previous_version=previous, confirmation=confirmation
         )

@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 from controller.cli import app
 from controller.control.overrides import ReloadConfirmation
 from controller.control.reload import ERROR, INVALID, REMOVAL, PolicyWatcher
+from controller.model import LimitKind
 from controller.policy.loader import check_directory
 
 SHIPPED = Path(__file__).parents[2] / "policies"
@@ -32,7 +33,9 @@ def policies(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def watcher(policies: Path) -> PolicyWatcher:
-    started = PolicyWatcher(policies)
+    # Each change taken on its first poll: these tests are about what is taken, not when
+    # (the test of a write caught mid-way below builds the watcher as the daemon does).
+    started = PolicyWatcher(policies, settle=False)
     started.load()
     return started
 
@@ -148,7 +151,7 @@ def test_removing_up_to_the_share_reloads_and_more_waits_for_its_confirmation(
 
 
 def test_the_share_is_a_setting(policies: Path) -> None:
-    watcher = PolicyWatcher(policies, max_removed_share=0.5)
+    watcher = PolicyWatcher(policies, max_removed_share=0.5, settle=False)
     watcher.load()
     without_plan(policies, "enterprise")
 
@@ -209,3 +212,49 @@ def test_a_policy_file_replaced_by_a_directory_is_rejected_naming_it(
     lint = CliRunner().invoke(app, ["policy", "lint", str(policies)])
     assert lint.exit_code == 1, lint.output
     assert f"{replaced}:1:1: the file is a directory" in lint.output
+
+
+def test_a_file_caught_mid_write_is_not_taken_until_two_polls_read_it_whole(
+    policies: Path,
+) -> None:
+    watcher = PolicyWatcher(policies)  # as the daemon builds it
+    before = watcher.load()
+    limits = policies / "limits.yaml"
+    edited = limits.read_text().replace("concurrent_requests: 300", "concurrent_requests: 280")
+    # An in-place write (an editor, `cat >`, rsync --inplace) read before its end: the prefix
+    # is a valid set, without the floors and ceilings that bound every limit.
+    limits.write_text(edited[: edited.index("  floors:")])
+    torn, errors = check_directory(policies, complete=True)
+    assert torn is not None, errors
+    assert not torn.limits.spec.floors
+
+    assert watcher.poll().changed is False
+    assert watcher.current is before
+
+    limits.write_text(edited)  # the write ends
+    assert watcher.poll().changed is False  # read once: the writer may not be done
+    taken = watcher.poll()
+
+    assert taken.policies is not None
+    assert taken.policies is watcher.current
+    assert taken.policies.limits.spec.floors == before.limits.spec.floors
+    assert taken.policies.limits.spec.global_[LimitKind.CONCURRENT_REQUESTS] == 280
+
+
+def test_a_change_read_again_after_a_return_to_the_set_in_force_settles_anew(
+    policies: Path,
+) -> None:
+    watcher = PolicyWatcher(policies)
+    before = watcher.load()
+    (policies / "deep.yaml").write_text(DEEP)
+    assert watcher.poll().changed is False
+    (policies / "deep.yaml").unlink()
+    assert watcher.poll().changed is False
+    (policies / "deep.yaml").write_text(DEEP)
+
+    assert watcher.poll().changed is False  # not two polls in a row
+    rejected = watcher.poll()
+
+    assert rejected.rejected
+    assert rejected.reason == INVALID
+    assert watcher.current is before
