@@ -116,7 +116,10 @@ def _is_policy_file(path: Path) -> bool:
     """A policy by its name; anything but a dangling link (a ConfigMap update leaves one for
     a moment) is read, so a FIFO, a directory, a link out or a link loop is refused, not
     skipped: skipped, the policy its name stands for vanished from the set unreported."""
-    if not path.name.endswith(SUFFIXES) or path.name.endswith(TEST_SUFFIXES):
+    # By the name in any case: `surge.YAML` skipped was a policy never in force, unreported;
+    # read, it is refused with the rename (see `_read`).
+    name = path.name.lower()
+    if not name.endswith(SUFFIXES) or name.endswith(TEST_SUFFIXES):
         return False
     return not path.name.startswith(".") and (path.exists() or _loops(path))
 
@@ -227,6 +230,12 @@ def read_file(path: Path, root: Path) -> bytes:
 
 def _read(path: Path, root: Path, room: int) -> bytes:
     """The bytes of one policy file; PolicyError says why it cannot be used."""
+    if not path.name.endswith(SUFFIXES):
+        stem, suffix = path.name.rsplit(".", 1)
+        raise PolicyError(
+            f"the file name ends in '.{suffix}', not in lower case: policy files end in .yaml "
+            f"or .yml; rename it to {stem}.{suffix.lower()}"
+        )
     if _loops(path):
         raise PolicyError(
             "the file is a symbolic link that leads back to itself (a link loop): point it "

@@ -561,3 +561,18 @@ def test_the_largest_scale_of_the_largest_limit_stays_a_limit(shipped: Path) -> 
     policies, errors = check_directory(shipped, complete=True)
 
     assert policies is not None, errors
+
+
+@pytest.mark.parametrize("name", ["surge.YAML", "surge.Yml", "surge.yaML"])
+def test_a_policy_file_named_in_capitals_is_refused_not_skipped(shipped: Path, name: str) -> None:
+    # Skipped, the policy in it was never in force while lint said "ok".
+    (shipped / name).write_text((shipped / "gpu-saturation.yaml").read_text())
+    (shipped / "gpu-saturation.yaml").unlink()
+
+    error = only_error(shipped, name)
+
+    assert (error.line, error.column) == (1, 1)
+    assert "rename it to surge.yaml" in error.message or "rename it to surge.yml" in error.message
+    result = CliRunner().invoke(app, ["policy", "lint", str(shipped)])
+    assert result.exit_code == 1
+    assert name in result.output
