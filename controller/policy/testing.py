@@ -44,10 +44,10 @@ from controller.policy.decide import decide
 from controller.policy.diagnostics import format_path
 from controller.policy.documents import AddressField, Duration, distinct_addresses
 from controller.policy.engine import EngineState
-from controller.policy.loader import LocatedError, read_file
+from controller.policy.loader import LocatedError, policy_files, read_file
 from controller.policy.policyset import PolicySet
 from controller.policy.resolver import ResolverState
-from controller.policy.sourcemap import parse_yaml
+from controller.policy.sourcemap import SourceDocument, parse_yaml
 from controller.policy.text import fmt_number
 
 _TERM = re.compile(
@@ -226,14 +226,32 @@ def read_test_file(path: Path) -> tuple[PolicyTestFile | None, list[LocatedError
                 )
             )
         return None, errors
-    for number, name in enumerate(spec.policy_files):
-        if not (path.parent / name).is_file():
+    errors = _unread_policy_files(path, document, spec.policy_files)
+    return (None, errors) if errors else (spec, [])
+
+
+def _unread_policy_files(
+    path: Path, document: SourceDocument, names: Sequence[str]
+) -> list[LocatedError]:
+    """The names that are not policy files of the test's directory as the controller reads
+    it: a test of `../plans.yaml`, `sub/x.yaml` or `x.yaml.bak` passed on a set never run."""
+    try:
+        known = {file.name for file in policy_files(path.parent)}
+    except PolicyError as exc:
+        return [LocatedError(str(path), 1, 1, "policy_files", str(exc))]
+    errors = []
+    for number, name in enumerate(names):
+        if name not in known:
             _, spot = document.spot(("policy_files", number))
-            message = f"policy_files[{number}]: {name!r} is not a file beside this test"
+            message = (
+                f"policy_files[{number}]: {name!r} is not a policy file beside this test: "
+                f"name files of this directory as the controller reads them "
+                f"({', '.join(sorted(known)) or 'none'})"
+            )
             errors.append(
                 LocatedError(str(path), spot.value.line, spot.value.column, "policy_files", message)
             )
-    return (None, errors) if errors else (spec, [])
+    return errors
 
 
 def run_file(path: Path, spec: PolicyTestFile, load: LoadPolicies) -> list[CaseResult]:

@@ -520,6 +520,44 @@ def test_policy_test_locates_a_broken_test_file(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
+    "name",
+    [
+        "../plans.yaml",  # the directory above: a plan the controller never reads
+        "{outside}/plans.yaml",  # an absolute path anywhere
+        "sub/plans.yaml",  # a subdirectory: the controller reads none
+        "plans.yaml.bak",  # not a policy file name
+        "gpu_test.yaml",  # a policy test, not a policy
+    ],
+)
+def test_policy_test_runs_only_policies_the_controller_reads_from_its_directory(
+    tmp_path: Path, name: str
+) -> None:
+    # Before, a test named any readable file and passed on a set the controller never runs.
+    policies, outside = tmp_path / "policies", tmp_path / "elsewhere"
+    for directory in (policies, policies / "sub", outside):
+        directory.mkdir()
+    for directory in (tmp_path, policies, policies / "sub", outside):
+        (directory / "plans.yaml").write_text((SHIPPED / "plans.yaml").read_text())
+    (policies / "plans.yaml.bak").write_text((SHIPPED / "plans.yaml").read_text())
+    (policies / "plans.yaml").unlink()
+    for file in ("limits.yaml", "gpu-saturation.yaml"):
+        (policies / file).write_text((SHIPPED / file).read_text())
+    listed = name.format(outside=outside)
+    (policies / "gpu_test.yaml").write_text(
+        f"policy_files: ['{listed}', limits.yaml, gpu-saturation.yaml]\n"
+        "interval: 30s\ntests:\n  - name: t\n    signals: {saturation: '0.5x4'}\n"
+        "    expect: [{at: 1m, limits: {plan/free/requests_per_minute: 10}}]\n"
+    )
+
+    result = CliRunner().invoke(app, ["policy", "test", str(policies)])
+
+    assert result.exit_code == 1, result.output
+    assert "PASS" not in result.output
+    assert f"{policies / 'gpu_test.yaml'}:1:16: policy_files[0]: {listed!r}" in result.output
+    assert "limits.yaml" in result.output  # the files it may name
+
+
+@pytest.mark.parametrize(
     ("interval", "series", "at", "said"),
     [
         # ~10^12 samples: the expansion alone held the run for hours and its memory grew
