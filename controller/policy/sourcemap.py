@@ -22,6 +22,12 @@ _MERGE_TAG = "tag:yaml.org,2002:merge"
 _SCALAR_TAGS = frozenset(
     f"tag:yaml.org,2002:{name}" for name in ("str", "int", "float", "bool", "null", "timestamp")
 )
+# YAML 1.1 (PyYAML) reads a plain `0600` as octal (384) and `1:30` in base 60 (90); YAML 1.2
+# (an editor's schema check, most other readers) and people read 600 and text. Refused, so a
+# number means what it shows.
+_NUMBER_TAGS = frozenset(("tag:yaml.org,2002:int", "tag:yaml.org,2002:float"))
+_OTHER_BASE = re.compile(r"[-+]?0[0-7_]+|.*:.*")
+
 # Aliases can make a small file expand into a huge value ("billion laughs"); policies are
 # small, so these bounds only ever stop hostile or broken input. MAX_VALUES and MAX_DOCUMENTS
 # are shared by every file of a set (a Budget), so many files cannot multiply them.
@@ -305,7 +311,11 @@ class _Converter:
             )
             return None
         try:
-            return self.scalars.construct_object(node, deep=True)
+            value = self.scalars.construct_object(node, deep=True)
+            if node.tag in _NUMBER_TAGS and _OTHER_BASE.fullmatch(node.value):
+                self.problem(node, path, _other_base(node.value, value))
+                return None
+            return value
         except yaml.YAMLError as exc:
             reason = getattr(exc, "problem", None) or str(exc)
         except (ValueError, TypeError, AttributeError, OverflowError) as exc:
@@ -383,3 +393,12 @@ class _Converter:
                     self.problem(source, path, "`<<` merges only mappings")
         finally:
             self.spots = mine
+
+
+def _other_base(text: str, value: object) -> str:
+    if ":" in text:
+        read = f"YAML reads {text} as {value} (base 60), other YAML readers as the text {text!r}"
+    else:
+        shown = text[0] * (text[0] in "+-") + (text.lstrip("+-").lstrip("0_") or "0")
+        read = f"YAML reads {text} as {value} (octal, for its leading 0), others as {shown}"
+    return f"{read}: write the number in decimal, without a leading 0 (a duration as 1m30s)"

@@ -576,3 +576,25 @@ def test_a_policy_file_named_in_capitals_is_refused_not_skipped(shipped: Path, n
     result = CliRunner().invoke(app, ["policy", "lint", str(shipped)])
     assert result.exit_code == 1
     assert name in result.output
+
+
+@pytest.mark.parametrize(
+    ("written", "read_as"),
+    [("0600", 384), ("010", 8), ("-010", -8), ("1:30", 90), ("1:30.5", 90.5)],
+)
+def test_a_number_yaml_1_1_reads_in_another_base_is_a_located_error(
+    shipped: Path, written: str, read_as: float
+) -> None:
+    # YAML 1.1 reads `0600` as octal (384) and `1:30` in base 60 (90): a plan written with 600
+    # requests a minute got 384, where an editor's YAML 1.2 schema check and a reader see 600.
+    plans = shipped / "plans.yaml"
+    plans.write_text(
+        plans.read_text().replace("requests_per_minute: 600\n", f"requests_per_minute: {written}\n")
+    )
+
+    error = only_error(shipped, "plans.yaml")
+
+    assert error.line == line_of(plans, f": {written}")
+    assert error.path == "spec.limits.requests_per_minute"
+    assert f"{read_as:g}" in error.message
+    assert "decimal" in error.message
