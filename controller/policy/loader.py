@@ -285,16 +285,7 @@ def _load_file(file: str, data: bytes, errors: list[LocatedError], budget: Budge
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        line = data.count(b"\n", 0, exc.start) + 1
-        column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
-        # The byte and a fix: an editor or a ConfigMap made from a Latin-1 file writes `é` as
-        # 0xe9, which the reader cannot see in the text it looks at.
-        bad = data[exc.start]
-        message = (
-            f"the file is not UTF-8 text (byte 0x{bad:02x}): save it as UTF-8 "
-            f"(e.g. iconv -f latin1 -t utf-8), or remove the byte"
-        )
-        errors.append(LocatedError(file, line, column, "", message))
+        errors.append(_not_utf8(file, data, exc))
         return []
     source = parse_yaml(text, budget)
     found = [_from_problem(file, problem) for problem in source.problems]
@@ -313,6 +304,39 @@ def _load_file(file: str, data: bytes, errors: list[LocatedError], budget: Budge
         found.append(LocatedError(file, 1, 1, "", _NO_DOCUMENT))
     errors += sorted(found, key=lambda error: (error.line, error.column))
     return out
+
+
+# Byte order marks of the encodings Windows tools write (PowerShell's `>`, Notepad's
+# "Unicode"): UTF-32's first, since UTF-32-LE's starts with UTF-16-LE's.
+_WIDE_MARKS = (
+    (b"\xff\xfe\x00\x00", "utf-32"),
+    (b"\x00\x00\xfe\xff", "utf-32"),
+    (b"\xff\xfe", "utf-16"),
+    (b"\xfe\xff", "utf-16"),
+)
+
+
+def _not_utf8(file: str, data: bytes, exc: UnicodeDecodeError) -> LocatedError:
+    """Where the bytes stop being UTF-8, and the conversion that fixes them."""
+    wide = next((name for mark, name in _WIDE_MARKS if data.startswith(mark)), None)
+    if wide is not None:
+        return LocatedError(
+            file,
+            1,
+            1,
+            "",
+            f"the file is {wide.upper()} text (it starts with a {wide.upper()} byte order "
+            f"mark), not UTF-8: save it as UTF-8 (e.g. iconv -f {wide} -t utf-8)",
+        )
+    line = data.count(b"\n", 0, exc.start) + 1
+    column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+    # The byte and a fix: an editor or a ConfigMap made from a Latin-1 file writes `é` as
+    # 0xe9, which the reader cannot see in the text it looks at.
+    message = (
+        f"the file is not UTF-8 text (byte 0x{data[exc.start]:02x}): save it as UTF-8 "
+        f"(e.g. iconv -f latin1 -t utf-8), or remove the byte"
+    )
+    return LocatedError(file, line, column, "", message)
 
 
 _NO_DOCUMENT = (

@@ -598,3 +598,22 @@ def test_a_number_yaml_1_1_reads_in_another_base_is_a_located_error(
     assert error.path == "spec.limits.requests_per_minute"
     assert f"{read_as:g}" in error.message
     assert "decimal" in error.message
+
+
+@pytest.mark.parametrize(
+    ("encoding", "family"),
+    [("utf-16-le", "utf-16"), ("utf-16-be", "utf-16"), ("utf-32-le", "utf-32")],
+)
+def test_a_utf16_file_is_refused_with_the_conversion_from_its_encoding(
+    shipped: Path, encoding: str, family: str
+) -> None:
+    # Windows editors and PowerShell's `>` write UTF-16 with a byte order mark; the fix named
+    # was `iconv -f latin1`, which turns the file into mojibake instead of the policy.
+    path = shipped / "gpu-saturation.yaml"
+    path.write_bytes(("\ufeff" + path.read_text()).encode(encoding))
+
+    error = only_error(shipped, "gpu-saturation.yaml")
+
+    assert (error.line, error.column) == (1, 1)
+    assert f"iconv -f {family} -t utf-8" in error.message
+    assert "latin1" not in error.message
