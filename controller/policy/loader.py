@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -253,9 +254,7 @@ def _read(path: Path, root: Path, room: int) -> bytes:
                 "read; put the policy file back, or rename the directory (no .yaml/.yml)"
             )
         if not path.is_file():  # opening a FIFO would wait for a writer
-            raise PolicyError(
-                "the file is not a regular file (a FIFO or a device): policies are plain files"
-            )
+            raise PolicyError(_not_regular(path))
         with path.open("rb") as handle:
             data = handle.read(min(MAX_FILE_BYTES, room) + 1)
     except (OSError, RuntimeError) as exc:  # RuntimeError: a symbolic link loop (Python 3.11)
@@ -271,6 +270,17 @@ def _read(path: Path, root: Path, room: int) -> bytes:
             "may hold: remove files that are not policies"
         )
     return data
+
+
+def _not_regular(path: Path) -> str:
+    if not os.path.lexists(path):
+        # Listed, then gone: an editor's save renames over it, a sync deletes it. Named so,
+        # not as a FIFO; the reload reads the directory again before it reports anything.
+        return (
+            "the file was removed or renamed while the set was read: if that was meant, "
+            "nothing to do; read the directory again"
+        )
+    return "the file is not a regular file (a FIFO or a device): policies are plain files"
 
 
 def _relative_name(path: Path, root: Path) -> str:

@@ -14,7 +14,7 @@ from controller.cli import app
 from controller.control.overrides import ReloadConfirmation
 from controller.control.reload import ERROR, INVALID, REMOVAL, PolicyWatcher
 from controller.model import LimitKind
-from controller.policy.loader import check_directory
+from controller.policy.loader import check_directory, check_files, policy_files
 
 SHIPPED = Path(__file__).parents[2] / "policies"
 DEEP = (
@@ -258,3 +258,21 @@ def test_a_change_read_again_after_a_return_to_the_set_in_force_settles_anew(
     assert rejected.rejected
     assert rejected.reason == INVALID
     assert watcher.current is before
+
+
+def test_a_file_removed_between_listing_and_reading_is_not_reported_as_a_broken_set(
+    policies: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    watcher = PolicyWatcher(policies)
+    before = watcher.load()
+    listed = policy_files(policies)
+    gone = policies / "renamed-away.yaml"  # listed, then renamed by an editor's save
+
+    monkeypatch.setattr("controller.control.reload.policy_files", lambda directory: [*listed, gone])
+    assert watcher.poll().changed is False
+    monkeypatch.undo()
+
+    assert watcher.poll().changed is False  # the directory as it is: the set in force
+    assert watcher.current is before
+    _, [error] = check_files([gone], policies)
+    assert "removed or renamed while the set was read" in error.message
