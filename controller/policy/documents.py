@@ -195,6 +195,20 @@ class PlanSpec(PlanTerms):
         _check_terms(Scope.PLAN, self.limits)
         return self
 
+    @field_validator("models")
+    @classmethod
+    def _models_written_out(cls, models: list[str]) -> list[str]:
+        # Written out and empty, the list read as "any model" (as absent does): a plan
+        # emptied to take its models away opened every one of them. (A default is not
+        # validated: a plan without the field still may call any model.)
+        if not models:
+            raise ValueError(
+                "models: [] would let the plan call any model; list the models it may call, "
+                "or leave `models` out to allow any (to refuse a plan's requests, set "
+                "requests_per_minute: 0)"
+            )
+        return models
+
 
 class BehaviorRule(Strict):
     """How fast a limit may move in one direction (the Kubernetes HPA `behavior` model)."""

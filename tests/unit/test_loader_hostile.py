@@ -617,3 +617,22 @@ def test_a_utf16_file_is_refused_with_the_conversion_from_its_encoding(
     assert (error.line, error.column) == (1, 1)
     assert f"iconv -f {family} -t utf-8" in error.message
     assert "latin1" not in error.message
+
+
+def test_a_plan_whose_models_were_emptied_is_refused_not_opened_to_every_model(
+    shipped: Path,
+) -> None:
+    # `models: []` reads as "any model", as a plan without the field does: an SRE emptying
+    # the list to take a plan's models away gave it every model instead.
+    path = shipped / "plans.yaml"
+    path.write_text(path.read_text().replace("models: [gpt-3.5-turbo]\n", "models: []\n", 1))
+
+    error = only_error(shipped, "plans.yaml")
+
+    assert (error.path, error.line) == ("spec.models", 11)
+    assert "any model" in error.message
+    assert "requests_per_minute: 0" in error.message
+    # Left out, the plan may call any model, as documented.
+    path.write_text(path.read_text().replace("  models: []\n", "", 1))
+    policies, errors = check_directory(shipped, complete=True)
+    assert not errors and policies is not None
