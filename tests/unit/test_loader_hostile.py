@@ -635,4 +635,5 @@ def test_a_plan_whose_models_were_emptied_is_refused_not_opened_to_every_model(
     # Left out, the plan may call any model, as documented.
     path.write_text(path.read_text().replace("  models: []\n", "", 1))
     policies, errors = check_directory(shipped, complete=True)
-    assert not errors and policies is not None
+    assert not errors
+    assert policies is not None
