@@ -11,6 +11,7 @@ from pydantic import SecretStr
 from typer.testing import CliRunner
 
 from controller.cli import app
+from controller.logging import MASK
 from controller.settings import ControllerSettings, PrometheusSettings, RedisSettings
 
 
@@ -45,6 +46,23 @@ def test_the_password_of_a_refused_url_is_masked() -> None:
     assert result.exit_code == 2
     assert "hunter2" not in result.output
     assert "database 'x'" in result.output
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("redis//:s3cret-PW@127.0.0.1:6379/3", f"redis//:{MASK}@127.0.0.1:6379/3"),  # no ':'
+        ("redis:s3cret-PW@127.0.0.1:6379/3", f"redis:{MASK}@127.0.0.1:6379/3"),  # no '//'
+        ("redis://:s3cret/PW@127.0.0.1:6379/3", f"redis://:{MASK}@127.0.0.1:6379/3"),  # base64
+        ("redis://u:s3cret?PW@127.0.0.1:6379/3", f"redis://u:{MASK}@127.0.0.1:6379/3"),
+    ],
+)
+def test_the_password_of_a_mistyped_url_is_masked(url: str, shown: str) -> None:
+    for command in (["config", "show"], ["override", "list"]):
+        result = CliRunner().invoke(app, command, env={"GOVERNOR_REDIS__URL": url})
+        assert "s3cret" not in result.output, (command, result.output)
+        assert shown in result.output, (command, result.output)
+    assert result.exit_code == 2, result.output  # `override list` refuses it, naming it
 
 
 @pytest.mark.parametrize(
