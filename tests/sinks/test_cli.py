@@ -104,6 +104,19 @@ def test_an_override_on_an_unregistered_tenant_is_written_with_a_warning(
         assert ok(url, "override", "set", f"tenant/{known}/" + pin[0], *pin[1:]).stderr == ""
 
 
+def test_credits_for_an_unregistered_tenant_are_booked_with_a_warning(url: str) -> None:
+    """`credits top-up acmee 250` booked the money on a typo silently: nobody could spend it."""
+    ok(url, "tenants", "set", "acme", "paid")
+    typo = ok(url, "credits", "top-up", "acmee", "250", "--reason", "invoice 7")
+    assert typo.stderr.startswith("warning: tenant 'acmee' is not registered")
+    assert "did you mean 'acme'?" in typo.stderr
+    assert "governor credits adjust TENANT --charge USD" in typo.stderr  # how to take it back
+    assert "balance 250.000000 USD" in typo.stdout  # still booked
+    back = ok(url, "credits", "adjust", "acmee", "--charge", "250", "--reason", "typo")
+    assert "warning: tenant 'acmee'" in back.stderr
+    assert ok(url, "credits", "top-up", "acme", "250", "--reason", "invoice 7").stderr == ""
+
+
 def test_a_reason_is_required_and_addresses_are_checked(url: str) -> None:
     missing = run(url, "override", "set", "global/requests_per_second", "1", "--ttl", "1h")
     assert missing.exit_code == 2
