@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 import ssl
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -592,6 +593,22 @@ def unanswered(exc: BaseException) -> bool:
     return False
 
 
+# redis-py names each Sentinel it asked by its client's repr, some 900 characters of pool
+# settings per Sentinel ("No master found for 'm' : <redis.client.Redis(<...>)> - error"):
+# shown as the Sentinel's address, what the reader needs to tell which one failed.
+_CLIENT_REPR = re.compile(
+    r"<redis\.(?:asyncio\.)?client\.Redis\(.*?[(,]host=(?P<host>[^,]*),port=(?P<port>\d+).*?\)>\)>\)>"
+)
+
+
+def said(exc: BaseException) -> str:
+    """`str(exc)`, each Redis client's repr in it replaced by `Sentinel host:port`."""
+    text = str(exc)
+    if "<redis." not in text:
+        return text
+    return _CLIENT_REPR.sub(lambda m: f"Sentinel {m['host']}:{m['port']}", text)
+
+
 def explained(exc: Exception, clustered: bool) -> str:
     """An error of a Redis client (a reply, or a refusal of the cluster client itself) with
     what to do about it, when we know."""
@@ -599,7 +616,7 @@ def explained(exc: Exception, clustered: bool) -> str:
         return f"{exc} ({cluster_client_hint(exc)})"
     if isinstance(exc, redis.ResponseError):
         return f"{exc}{response_hint(exc, clustered)}"
-    return str(exc)
+    return said(exc)
 
 
 # A command or transaction over several slots on a cluster client: contract 2 keeps the
@@ -670,7 +687,9 @@ def wrapped(
         hint = "is the server up and GOVERNOR_REDIS__URL right?"
         if "CERTIFICATE_VERIFY_FAILED" in str(exc):
             hint = untrusted_certificate_hint("REDIS", "the server's")
-        raise SinkError(f"Redis at {location(client)}: {action} failed: {exc} ({hint})") from exc
+        raise SinkError(
+            f"Redis at {location(client)}: {action} failed: {said(exc)} ({hint})"
+        ) from exc
     except RedisClusterException as exc:  # raised by the cluster client itself, not a reply
         hint = cluster_client_hint(exc)
         raise SinkError(f"Redis at {location(client)}: {action} failed: {exc} ({hint})") from exc
