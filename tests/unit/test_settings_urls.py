@@ -29,6 +29,10 @@ def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
         ("redis://", "names no host"),
         ("rediss://:6380/0", "names no host"),
         ("redis://127.0.0.1:port/0", "the port is not a number"),
+        # These two said "the port is not a number" of a URL whose port was 6379 or 99999.
+        ("redis://:a/b@127.0.0.1:6379/0", "the password holds '/', '?' or '#' unencoded"),
+        ("redis://127.0.0.1:99999/0", "the port 99999 is out of range (1-65535)"),
+        ("redis://u:123/x@h:6379/0", "percent-encode them"),  # not "database 'x@h:6379/0'"
     ],
 )
 def test_a_malformed_redis_url_is_refused_at_start(url: str, message: str) -> None:
