@@ -20,6 +20,7 @@ from controller.cli._redis import (
     parse_address,
     parse_ttl,
     plain,
+    require_a_tick,
     require_reason,
     shown,
     stores,
@@ -80,6 +81,7 @@ def set_override(
     target, seconds, why = parse_address(address), parse_ttl(ttl), require_reason(reason)
     who = actor or default_actor()
     with stores() as s:
+        require_a_tick(seconds, ttl, s.settings, "override")
         unknown_tenant = _require_target(s, target)
         override, previous = s.control.set_override(
             target, value, ttl_seconds=seconds, actor=who, reason=why
@@ -201,6 +203,7 @@ def freeze(
     seconds, why = parse_ttl(ttl), require_reason(reason)
     who = actor or default_actor()
     with stores() as s:
+        require_a_tick(seconds, ttl, s.settings, "freeze")
         state = s.control.freeze(ttl_seconds=seconds, actor=who, reason=why)
         s.record(
             JournalEvent(
