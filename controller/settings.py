@@ -13,20 +13,14 @@ from urllib.parse import SplitResult, urlsplit
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from controller.urls import mask_url
+from controller.urls import UNENCODED_PASSWORD, cut_password, mask_url
 
 
 def _split(url: str, kind: str, example: str) -> SplitResult:
     """`url` in parts; ValueError naming the URL (password masked) and an example."""
     parts = urlsplit(url)
-    if "@" in url.partition("://")[2] and "@" not in parts.netloc:
-        # An '@' past the host urlsplit read: the password holds a character that ends the
-        # host, so its port, host or database is part of the password (not named).
-        raise ValueError(
-            f"{kind} URL {mask_url(url)!r}: the password holds '/', '?' or '#' unencoded, "
-            f"which end the host: percent-encode them (%2F, %3F, %23; '@' as %40); "
-            f"e.g. {example}"
-        )
+    if cut_password(url):  # what it reads as port, host or database is part of the password
+        raise ValueError(f"{kind} URL {mask_url(url)!r}: {UNENCODED_PASSWORD}; e.g. {example}")
     try:
         parts.port  # noqa: B018 -- raises ValueError on a port that is not a number
     except ValueError:

@@ -4,6 +4,7 @@ host, port, path stay."""
 from __future__ import annotations
 
 import re
+from urllib.parse import urlsplit
 
 from controller.logging import MASK
 
@@ -13,6 +14,24 @@ _QUERY_PASSWORD = re.compile(r"(^|&)([^=&]*password=)[^&]*")
 # is the one most likely to be printed (in the error refusing it), so it must be masked too.
 # A `redis//` one (no ':') is no scheme: its userinfo then begins at the start.
 _PREFIX = re.compile(r"(?:[A-Za-z][A-Za-z0-9+.-]*:)?/{0,2}")
+# Any `…password=` query value (it may hold '@' of its own), left out when looking for an '@'.
+_ANY_QUERY_PASSWORD = re.compile(r"[?&][^=&?]*password=[^&]*")
+
+# Why a URL whose password ends the host too soon is refused (the one wording for all URLs).
+UNENCODED_PASSWORD = (
+    "the password holds '/', '?' or '#' unencoded, which end the host: percent-encode them "
+    "(%2F, %3F, %23; '@' as %40)"
+)
+
+
+def cut_password(url: str) -> bool:
+    """Whether `url`'s password holds '/', '?' or '#' unencoded: an '@' lies past the host
+    urlsplit reads, so a piece of the password would be read (and named in a refusal) as
+    the port, host or path."""
+    rest = _ANY_QUERY_PASSWORD.sub("", url.partition("://")[2])
+    if rest.startswith("/"):  # no authority (unix:///run/redis@6379.sock): no password
+        return False
+    return "@" in rest and "@" not in urlsplit(url).netloc
 
 
 def mask_url(url: str) -> str:

@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, cast
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import SplitResult, parse_qs, unquote, urlsplit
 
 import redis
 import redis.asyncio
@@ -26,7 +26,7 @@ from redis.retry import Retry
 from controller.contract.keys import KeySchema
 from controller.errors import ConfigurationError, SinkError, untrusted_certificate_hint
 from controller.settings import RedisSettings, Settings
-from controller.urls import mask_url
+from controller.urls import UNENCODED_PASSWORD, cut_password, mask_url
 
 SCHEMES = (
     "redis",
@@ -95,7 +95,7 @@ def parse_sentinel_url(url: str) -> SentinelTarget:
     """`redis+sentinel://[user:password@]host[:port][,host[:port]...]/service[/db]
     [?sentinel_password=...]`; ConfigurationError naming what is wrong."""
     bad = _complaint("Sentinel", url, _SENTINEL_EXAMPLE)
-    parts = urlsplit(url)
+    parts = _split(url, bad)
     sentinels, username, password = _host_list(parts.netloc, _SENTINEL_PORT, bad)
     if not sentinels:
         raise bad("no Sentinel host")
@@ -129,6 +129,14 @@ def _complaint(kind: str, url: str, example: str) -> Callable[[str], Configurati
     return bad
 
 
+def _split(url: str, bad: Callable[[str], ConfigurationError]) -> SplitResult:
+    """`url` in parts, or `bad` when its password ends the host too soon (a piece of the
+    password would be named as a host's port)."""
+    if cut_password(url):
+        raise bad(UNENCODED_PASSWORD)
+    return urlsplit(url)
+
+
 def _host_list(
     netloc: str, default_port: int, bad: Callable[[str], ConfigurationError]
 ) -> tuple[list[tuple[str, int]], str, str]:
@@ -158,7 +166,7 @@ def parse_cluster_url(url: str) -> ClusterTarget:
     """`redis+cluster://[user:password@]host[:port][,host[:port]...][/0]`;
     ConfigurationError naming what is wrong."""
     bad = _complaint("Cluster", url, _CLUSTER_EXAMPLE)
-    parts = urlsplit(url)
+    parts = _split(url, bad)
     nodes, username, password = _host_list(parts.netloc, _REDIS_PORT, bad)
     if not nodes:
         raise bad("no node")

@@ -251,6 +251,22 @@ def test_a_malformed_sentinel_url_names_the_problem_and_an_example(url: str, why
     assert "redis+sentinel://:password@sentinel-0:26379" in str(refused.value)
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis+sentinel://:s3cret/PW@s-0:26379/mymaster",
+        "redis+sentinel://u:s3cret?PW@s-0/mymaster?sentinel_password=sp",
+        "redis+cluster://:s3cret/PW@node-0:6379",
+        "redis+cluster://u:s3cret#PW@node-0/0",
+    ],
+)
+def test_a_password_with_slash_or_question_mark_is_refused_without_naming_it(url: str) -> None:
+    """It was refused as "port 's3cret' of ':s3cret' is not a number": the password shown."""
+    with pytest.raises(ConfigurationError, match="percent-encode them") as refused:
+        connect(url, RedisSettings())
+    assert "s3cret" not in str(refused.value)
+
+
 def test_no_sentinel_answering_is_said_by_address_not_by_client_repr() -> None:
     """It printed ~900 characters of redis-py pool settings per Sentinel."""
     ports = (free_port(), free_port())
