@@ -133,6 +133,19 @@ def test_an_upstream_with_v1_or_mistyped_is_refused_masked(
     assert "upPW" not in result.output
 
 
+def test_a_port_out_of_range_is_a_usage_error(redis_server: RedisServer) -> None:
+    """`--port 99999` ended in the socket's OverflowError traceback, after a line saying
+    the gateway was listening."""
+    env = {"GOVERNOR_REDIS__URL": redis_server.url}
+    args = ["gateway", "--upstream", "http://127.0.0.1:8000", "--port", "99999"]
+    result = CliRunner().invoke(app, args, env=env)
+
+    assert result.exit_code == 2, result.output
+    assert "'--port'" in result.stderr
+    assert "65535" in result.stderr
+    assert "Traceback" not in result.output
+
+
 def test_sigterm_drains_the_request_in_flight_and_exits_0(
     db: redis.Redis[str],
     redis_server: RedisServer,
