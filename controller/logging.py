@@ -19,7 +19,9 @@ _SECRET_KEY = re.compile(
     r"pass(word|wd)?|secret|token(?!s)|authorization|api[_-]?key|credential|cookie",
     re.IGNORECASE,
 )
-_URL_PASSWORD = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^:/@\s]*):[^/\s]+@")
+# The password runs to the last '@' of the word: it may hold '/', '?' or '#' unencoded (base64
+# ones hold '/'), where a URL parser would end the host.
+_URL_PASSWORD = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^:/@\s]*):\S+@")
 # A userinfo without a ':' (`redis://secret@host`, `https://TOKEN@host`): clients read it as
 # the password or a token, so it is masked whole.
 _URL_LONE_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^:/@\s]+@")

@@ -13,21 +13,31 @@ from urllib.parse import SplitResult, urlsplit
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from controller.urls import mask_url
+from controller.urls import UNENCODED_PASSWORD, cut_password, mask_url
 
 
 def _split(url: str, kind: str, example: str) -> SplitResult:
     """`url` in parts; ValueError naming the URL (password masked) and an example."""
     parts = urlsplit(url)
+    if cut_password(url):  # what it reads as port, host or database is part of the password
+        raise ValueError(f"{kind} URL {mask_url(url)!r}: {UNENCODED_PASSWORD}; e.g. {example}")
     try:
         parts.port  # noqa: B018 -- raises ValueError on a port that is not a number
     except ValueError:
         raise ValueError(
-            f"{kind} URL {mask_url(url)!r}: the port is not a number; e.g. {example}"
+            f"{kind} URL {mask_url(url)!r}: {_port_problem(parts)}; e.g. {example}"
         ) from None
     if not parts.hostname:
         raise ValueError(f"{kind} URL {mask_url(url)!r} names no host; e.g. {example}")
     return parts
+
+
+def _port_problem(parts: SplitResult) -> str:
+    """Why urlsplit found no port in `parts`."""
+    port = parts.netloc.rpartition("@")[2].rpartition(":")[2]
+    if port.isdigit():
+        return f"the port {port} is out of range (1-65535)"
+    return "the port is not a number"
 
 
 def check_redis_url(url: str) -> str:

@@ -96,3 +96,22 @@ def known_plans(s: Stores) -> KnownPlans:
         f"the policy directory {directory} (no plan catalog in Redis {key} yet)",
         {name: tuple(plan.spec.models) for name, plan in policies.plans.items()},
     )
+
+
+def registered_plan(s: Stores, tenant: str, anyway: str) -> tuple[str | None, str | None]:
+    """`tenant`'s plan as the controller reads it (the registry, else its API keys'), and a
+    warning when neither names it while other tenants are known: likely a typo, acting on a
+    tenant nobody is. Not refused: a tenant may send traffic (a JWT's plan claim) before it
+    is registered. `anyway`: what was done all the same (a sentence, said in the warning)."""
+    plan = s.control.tenant_plan(tenant)  # one HGET: the usual case reads no more
+    if plan is not None:
+        return plan, None
+    known = s.control.plans()
+    if not known or tenant in known:
+        return known.get(tenant) or None, None  # "": keys on several plans, none known
+    close = difflib.get_close_matches(tenant, sorted(known), n=3)
+    hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else "."
+    return None, (
+        f"warning: tenant {tenant!r} is not registered (no `governor tenants set`, no API "
+        f"key names it){hint} {anyway}; register it with `governor tenants set {tenant} PLAN`"
+    )

@@ -34,7 +34,7 @@ from controller.clients.redis import (
 from controller.contract.keys import KeySchema
 from controller.control.compose import build_journal
 from controller.control.overrides import ControlStore
-from controller.durations import parse_duration
+from controller.durations import format_duration, parse_duration
 from controller.errors import ConfigurationError, SinkError
 from controller.journal.events import JournalEvent
 from controller.journal.writer import Journal
@@ -162,6 +162,21 @@ def parse_ttl(text: str, option: str = "--ttl") -> float:
             param_hint=option,
         )
     return seconds
+
+
+def require_a_tick(seconds: float, text: str, settings: Settings, what: str) -> None:
+    """Refuse (usage error) a --ttl shorter than a controller tick: the controller applies
+    overrides and the freeze at its ticks, so one that ends sooner may never be in force
+    while the command said it was set."""
+    tick = settings.controller.tick_seconds
+    if seconds < tick:
+        shortest = format_duration(tick)
+        raise typer.BadParameter(
+            f"{text!r} is shorter than a controller tick ({shortest}, "
+            f"GOVERNOR_CONTROLLER__TICK_SECONDS): the {what} could end before the controller "
+            f"applies it; give at least {shortest}, e.g. 30m or 1h",
+            param_hint="--ttl",
+        )
 
 
 def default_actor() -> str:

@@ -9,6 +9,7 @@ import redis
 import typer
 from rich.table import Table
 
+from controller.cli._plans import registered_plan
 from controller.cli._redis import (
     JSON_OPTION,
     NUMBER_ARGUMENTS,
@@ -32,6 +33,11 @@ app = typer.Typer(
     no_args_is_help=True,
 )
 
+# Said when credits are booked for a tenant that is not registered (a typo strands them).
+_BOOKED_ANYWAY = (
+    "The credits are booked anyway, for when it sends traffic; if this is a typo, take them "
+    "back with `governor credits adjust TENANT --charge USD`"
+)
 TENANT = typer.Argument(..., help="Tenant id (letters, digits, ._:+=~-).")
 
 
@@ -102,8 +108,11 @@ def _book(
     """One ledger entry (top-up or adjustment), then the new balance."""
     why = require_reason(reason)
     with stores() as s:
+        warning = registered_plan(s, tenant, _BOOKED_ANYWAY)[1]
         state = entry(CreditLedger(s.client, s.keys.prefix), tenant, usd, why,
                       actor or default_actor())  # fmt: skip
+    if warning is not None:
+        typer.echo(warning, err=True)
     if as_json:
         echo_json({**_state_json(state), name: usd})
         return

@@ -39,7 +39,11 @@ def gateway(
         None, "--host", help="Listen address; default GOVERNOR_GATEWAY__HOST (127.0.0.1)."
     ),
     port: int | None = typer.Option(
-        None, "--port", help="Listen port; default GOVERNOR_GATEWAY__PORT (8080)."
+        None,
+        "--port",
+        min=1,
+        max=65535,  # else the socket's OverflowError came out as a traceback
+        help="Listen port; default GOVERNOR_GATEWAY__PORT (8080).",
     ),
     policies: Path | None = typer.Option(
         None,

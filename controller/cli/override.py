@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import difflib
 import time
 from typing import Any
 
 import typer
 from rich.table import Table
 
-from controller.cli._plans import known_plans
+from controller.cli._plans import known_plans, registered_plan
 from controller.cli._redis import (
     JSON_OPTION,
     NUMBER_ARGUMENTS,
@@ -21,6 +20,7 @@ from controller.cli._redis import (
     parse_address,
     parse_ttl,
     plain,
+    require_a_tick,
     require_reason,
     shown,
     stores,
@@ -35,6 +35,8 @@ app = typer.Typer(
     help="Pin a limit to a value until it expires (manual override beats automation).",
     no_args_is_help=True,
 )
+# Said when an override names a tenant that is not registered.
+_WRITTEN_ANYWAY = "The override is written anyway, for when it sends traffic"
 ACTOR_OPTION = typer.Option(None, "--actor", help="Who does this; default: the OS user.")
 
 
@@ -79,6 +81,7 @@ def set_override(
     target, seconds, why = parse_address(address), parse_ttl(ttl), require_reason(reason)
     who = actor or default_actor()
     with stores() as s:
+        require_a_tick(seconds, ttl, s.settings, "override")
         unknown_tenant = _require_target(s, target)
         override, previous = s.control.set_override(
             target, value, ttl_seconds=seconds, actor=who, reason=why
@@ -111,7 +114,9 @@ def _require_target(s: Stores, target: Address) -> str | None:
     user's) override is the tenant's plan, when it is on a known one: another plan calling
     any model does not make the tenant's plan call it. Returns a warning to print once the
     override is written: its tenant is not known."""
-    plan, warning = (None, None) if target.tenant is None else _tenant_plan(s, target.tenant)
+    plan, warning = (None, None)
+    if target.tenant is not None:
+        plan, warning = registered_plan(s, target.tenant, _WRITTEN_ANYWAY)
     if target.plan is None and target.model is None:
         return warning
     plans = known_plans(s)
@@ -122,26 +127,6 @@ def _require_target(s: Stores, target: Address) -> str | None:
     elif target.model is not None:
         plans.require_model(target.model, target.plan)
     return warning
-
-
-def _tenant_plan(s: Stores, tenant: str) -> tuple[str | None, str | None]:
-    """`tenant`'s plan as the controller reads it (the registry, else its API keys'), and a
-    warning when neither names it while other tenants are known: likely a typo, pinning a
-    limit nobody has. Not refused: a tenant may send traffic (a JWT's plan claim) before it
-    is registered."""
-    plan = s.control.tenant_plan(tenant)  # one HGET: the usual case reads no more
-    if plan is not None:
-        return plan, None
-    known = s.control.plans()
-    if not known or tenant in known:
-        return known.get(tenant) or None, None  # "": keys on several plans, none known
-    close = difflib.get_close_matches(tenant, sorted(known), n=3)
-    hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else "."
-    return None, (
-        f"warning: tenant {tenant!r} is not registered (no `governor tenants set`, no API "
-        f"key names it){hint} The override is written anyway, for when it sends traffic; "
-        f"register it with `governor tenants set {tenant} PLAN`"
-    )
 
 
 @app.command("clear")
@@ -218,6 +203,7 @@ def freeze(
     seconds, why = parse_ttl(ttl), require_reason(reason)
     who = actor or default_actor()
     with stores() as s:
+        require_a_tick(seconds, ttl, s.settings, "freeze")
         state = s.control.freeze(ttl_seconds=seconds, actor=who, reason=why)
         s.record(
             JournalEvent(

@@ -10,9 +10,16 @@ from pathlib import Path
 
 import typer
 
-from controller.cli._redis import default_actor, parse_ttl, require_reason, stores, when
+from controller.cli._redis import (
+    cli_errors,
+    default_actor,
+    parse_ttl,
+    require_reason,
+    stores,
+    when,
+)
 from controller.cli.policy_tests import run_policy_tests
-from controller.errors import PolicyError
+from controller.errors import ConfigurationError, PolicyError
 from controller.journal.events import JournalEvent, Kind
 from controller.policy.documents import KINDS, json_schema
 from controller.policy.loader import check_files, policy_files
@@ -100,7 +107,14 @@ def schema(
     if output is None:
         typer.echo(text, nl=False)
         return
-    output.write_text(text, encoding="utf-8")
+    with cli_errors():
+        try:
+            output.write_text(text, encoding="utf-8")
+        except OSError as exc:
+            raise ConfigurationError(
+                f"cannot write the schema to {output}: {exc.strerror}; pass a writable file "
+                "path, or no -o to print it"
+            ) from None
     typer.echo(f"wrote {output}", err=True)
 
 

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import re
 import ssl
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, cast
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import SplitResult, parse_qs, unquote, urlsplit
 
 import redis
 import redis.asyncio
@@ -25,7 +26,7 @@ from redis.retry import Retry
 from controller.contract.keys import KeySchema
 from controller.errors import ConfigurationError, SinkError, untrusted_certificate_hint
 from controller.settings import RedisSettings, Settings
-from controller.urls import mask_url
+from controller.urls import UNENCODED_PASSWORD, cut_password, mask_url
 
 SCHEMES = (
     "redis",
@@ -94,7 +95,7 @@ def parse_sentinel_url(url: str) -> SentinelTarget:
     """`redis+sentinel://[user:password@]host[:port][,host[:port]...]/service[/db]
     [?sentinel_password=...]`; ConfigurationError naming what is wrong."""
     bad = _complaint("Sentinel", url, _SENTINEL_EXAMPLE)
-    parts = urlsplit(url)
+    parts = _split(url, bad)
     sentinels, username, password = _host_list(parts.netloc, _SENTINEL_PORT, bad)
     if not sentinels:
         raise bad("no Sentinel host")
@@ -128,6 +129,14 @@ def _complaint(kind: str, url: str, example: str) -> Callable[[str], Configurati
     return bad
 
 
+def _split(url: str, bad: Callable[[str], ConfigurationError]) -> SplitResult:
+    """`url` in parts, or `bad` when its password ends the host too soon (a piece of the
+    password would be named as a host's port)."""
+    if cut_password(url):
+        raise bad(UNENCODED_PASSWORD)
+    return urlsplit(url)
+
+
 def _host_list(
     netloc: str, default_port: int, bad: Callable[[str], ConfigurationError]
 ) -> tuple[list[tuple[str, int]], str, str]:
@@ -157,7 +166,7 @@ def parse_cluster_url(url: str) -> ClusterTarget:
     """`redis+cluster://[user:password@]host[:port][,host[:port]...][/0]`;
     ConfigurationError naming what is wrong."""
     bad = _complaint("Cluster", url, _CLUSTER_EXAMPLE)
-    parts = urlsplit(url)
+    parts = _split(url, bad)
     nodes, username, password = _host_list(parts.netloc, _REDIS_PORT, bad)
     if not nodes:
         raise bad("no node")
@@ -592,6 +601,22 @@ def unanswered(exc: BaseException) -> bool:
     return False
 
 
+# redis-py names each Sentinel it asked by its client's repr, some 900 characters of pool
+# settings per Sentinel ("No master found for 'm' : <redis.client.Redis(<...>)> - error"):
+# shown as the Sentinel's address, what the reader needs to tell which one failed.
+_CLIENT_REPR = re.compile(
+    r"<redis\.(?:asyncio\.)?client\.Redis\(.*?[(,]host=(?P<host>[^,]*),port=(?P<port>\d+).*?\)>\)>\)>"
+)
+
+
+def said(exc: BaseException) -> str:
+    """`str(exc)`, each Redis client's repr in it replaced by `Sentinel host:port`."""
+    text = str(exc)
+    if "<redis." not in text:
+        return text
+    return _CLIENT_REPR.sub(lambda m: f"Sentinel {m['host']}:{m['port']}", text)
+
+
 def explained(exc: Exception, clustered: bool) -> str:
     """An error of a Redis client (a reply, or a refusal of the cluster client itself) with
     what to do about it, when we know."""
@@ -599,7 +624,7 @@ def explained(exc: Exception, clustered: bool) -> str:
         return f"{exc} ({cluster_client_hint(exc)})"
     if isinstance(exc, redis.ResponseError):
         return f"{exc}{response_hint(exc, clustered)}"
-    return str(exc)
+    return said(exc)
 
 
 # A command or transaction over several slots on a cluster client: contract 2 keeps the
@@ -670,7 +695,9 @@ def wrapped(
         hint = "is the server up and GOVERNOR_REDIS__URL right?"
         if "CERTIFICATE_VERIFY_FAILED" in str(exc):
             hint = untrusted_certificate_hint("REDIS", "the server's")
-        raise SinkError(f"Redis at {location(client)}: {action} failed: {exc} ({hint})") from exc
+        raise SinkError(
+            f"Redis at {location(client)}: {action} failed: {said(exc)} ({hint})"
+        ) from exc
     except RedisClusterException as exc:  # raised by the cluster client itself, not a reply
         hint = cluster_client_hint(exc)
         raise SinkError(f"Redis at {location(client)}: {action} failed: {exc} ({hint})") from exc

@@ -1,5 +1,5 @@
 """What only the leader does in a tick: read the primary sink back, publish the plan catalog
-(once per policy version), and write the limits to every further sink and to the primary."""
+(when Redis lacks the running version's), and write the limits to every sink."""
 
 from __future__ import annotations
 
@@ -23,18 +23,18 @@ class LeaderWrites:
         self,
         reconciler: Reconciler,
         extra_reconcilers: Sequence[Reconciler] = (),
-        publish: Callable[[PolicySet], None] | None = None,
+        publish: Callable[[PolicySet], object] | None = None,
         *,
         reporter: TickReporter,
         dry_run: bool = False,
     ) -> None:
         self.reconciler = reconciler  # the primary sink (Redis): read back, seeds the resolver
         self.extra_reconcilers = tuple(extra_reconcilers)  # Kong, Kubernetes...: beside it
-        # Publishes what gateways need from the policies (the plan catalog), once per version.
+        # Publishes what gateways need from the policies (the plan catalog) when Redis does
+        # not hold the running version's: asked every tick, as Redis may lose it.
         self.publish = publish
         self.reporter = reporter
         self.dry_run = dry_run
-        self._published: str | None = None
         # Reads the primary sink back while the signal queries are in flight (see read_back).
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="governor-read")
 
@@ -45,17 +45,15 @@ class LeaderWrites:
         return self._reader.submit(contextvars.copy_context().run, self.reconciler.sink.read)
 
     def catalog(self, policies: PolicySet, reasons: list[str]) -> None:
-        """Publish the plan catalog of a policy version not yet published."""
+        """Publish the plan catalog of `policies` unless Redis holds it already."""
         # A dry run writes nothing: its plans would replace what every gateway enforces.
-        if self.publish is None or self.dry_run or self._published == policies.version:
+        if self.publish is None or self.dry_run:
             return
         try:
             self.publish(policies)
         except GovernorError as exc:
             self.reporter.redis_failed("catalog")
             reasons.append(f"cannot publish the plan catalog: {exc}")
-            return
-        self._published = policies.version
 
     def limits(
         self,

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from types import FrameType
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 import redis.asyncio
@@ -48,6 +48,7 @@ from controller.gateway.proxy import UpstreamProxy
 from controller.gateway.responses import Answers
 from controller.gateway.tracing import Tracing
 from controller.settings import Settings
+from controller.urls import mask_url
 
 _log = structlog.get_logger("governor.gateway")
 
@@ -238,12 +239,20 @@ def _shown(url: str) -> str:
 
 
 def require_upstream(url: str) -> str:
-    """An upstream URL, or ConfigurationError saying what shape it must have."""
+    """An upstream URL, or ConfigurationError saying what shape it must have (the URL shown
+    masked: a mistyped one may hold a password where no URL parser finds it)."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise ConfigurationError(
-            f"--upstream {url!r} must be an http(s) URL of the model server's root, e.g. "
-            "http://127.0.0.1:8000 (the gateway appends /v1/...)"
+            f"--upstream {mask_url(url)!r} must be an http(s) URL of the model server's root, "
+            "e.g. http://127.0.0.1:8000 (the gateway appends /v1/...)"
+        )
+    root = parts.path.rstrip("/")
+    if root.endswith("/v1"):  # an OpenAI "base URL": every request would go to /v1/v1/...
+        fixed = mask_url(urlunsplit(parts._replace(path=root.removesuffix("/v1"))))
+        raise ConfigurationError(
+            f"--upstream {mask_url(url)!r} ends in /v1, which the gateway appends itself "
+            f"(requests would go to /v1/v1/... and fail 404): give the server's root, {fixed}"
         )
     return url
 

@@ -171,6 +171,22 @@ def test_redis_restarted_gets_the_full_state_back_and_no_journal_event_is_lost(
     assert "journal.gap" not in kinds
 
 
+def test_redis_emptied_gets_the_plan_catalog_back_without_a_policy_change(
+    db: redis.Redis[str], daemon: Daemon
+) -> None:
+    """The catalog was published once per policy version: after Redis lost it (restarted
+    empty, the policies unchanged) the limits came back but the catalog never did, and
+    every gateway answered 503 not-configured until the next policy change."""
+    wait_for(lambda: db.exists("governor:plans") == 1, "the catalog is published")
+    catalog, version = db.hgetall("governor:plans"), db.get("governor:plans:version")
+
+    db.flushdb()
+
+    wait_for(lambda: limit(db) == FREE_RPM, "the limits are back")
+    wait_for(lambda: db.hgetall("governor:plans") == catalog, "the catalog is back", timeout=10)
+    assert db.get("governor:plans:version") == version
+
+
 def _ledger(db: redis.Redis[str]) -> dict[str, float]:
     return {address: float(value) for address, value in db.hgetall("governor:written").items()}
 

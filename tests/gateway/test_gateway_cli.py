@@ -109,6 +109,43 @@ def test_a_bad_upstream_url_is_a_usage_error(redis_server: RedisServer) -> None:
     assert "must be an http(s) URL" in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("upstream", "message"),
+    [
+        # An OpenAI base URL: requests went to /v1/v1/... and every one was answered 404.
+        ("http://127.0.0.1:8000/v1", "give the server's root, http://127.0.0.1:8000"),
+        (
+            "https://u:upPW@models.internal/llm/v1/",
+            "root, https://u:**********@models.internal/llm",
+        ),
+        # '://' mistyped: the refusal printed the password (no URL parser finds it).
+        ("http//u:upPW@127.0.0.1:8000", "--upstream 'http//u:**********@127.0.0.1:8000'"),
+    ],
+)
+def test_an_upstream_with_v1_or_mistyped_is_refused_masked(
+    redis_server: RedisServer, upstream: str, message: str
+) -> None:
+    env = {"GOVERNOR_REDIS__URL": redis_server.url}
+    result = CliRunner().invoke(app, ["gateway", "--upstream", upstream], env=env)
+
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr
+    assert "upPW" not in result.output
+
+
+def test_a_port_out_of_range_is_a_usage_error(redis_server: RedisServer) -> None:
+    """`--port 99999` ended in the socket's OverflowError traceback, after a line saying
+    the gateway was listening."""
+    env = {"GOVERNOR_REDIS__URL": redis_server.url}
+    args = ["gateway", "--upstream", "http://127.0.0.1:8000", "--port", "99999"]
+    result = CliRunner().invoke(app, args, env=env)
+
+    assert result.exit_code == 2, result.output
+    assert "'--port'" in result.stderr
+    assert "65535" in result.stderr
+    assert "Traceback" not in result.output
+
+
 def test_sigterm_drains_the_request_in_flight_and_exits_0(
     db: redis.Redis[str],
     redis_server: RedisServer,

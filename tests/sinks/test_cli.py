@@ -104,6 +104,36 @@ def test_an_override_on_an_unregistered_tenant_is_written_with_a_warning(
         assert ok(url, "override", "set", f"tenant/{known}/" + pin[0], *pin[1:]).stderr == ""
 
 
+def test_credits_for_an_unregistered_tenant_are_booked_with_a_warning(url: str) -> None:
+    """`credits top-up acmee 250` booked the money on a typo silently: nobody could spend it."""
+    ok(url, "tenants", "set", "acme", "paid")
+    typo = ok(url, "credits", "top-up", "acmee", "250", "--reason", "invoice 7")
+    assert typo.stderr.startswith("warning: tenant 'acmee' is not registered")
+    assert "did you mean 'acme'?" in typo.stderr
+    assert "governor credits adjust TENANT --charge USD" in typo.stderr  # how to take it back
+    assert "balance 250.000000 USD" in typo.stdout  # still booked
+    back = ok(url, "credits", "adjust", "acmee", "--charge", "250", "--reason", "typo")
+    assert "warning: tenant 'acmee'" in back.stderr
+    assert ok(url, "credits", "top-up", "acme", "250", "--reason", "invoice 7").stderr == ""
+
+
+@pytest.mark.parametrize("command", ["override", "freeze"])
+def test_a_ttl_shorter_than_a_tick_is_refused_before_anything_is_written(
+    url: str, db: redis.Redis[str], command: str
+) -> None:
+    """`--ttl 1ms` (or 2s, under a 5 s tick) said "set" and exit 0, journalled, and expired
+    before the controller's next tick read it: a pin or freeze never in force."""
+    args = ["override", "set", "tenant/acme/tokens_per_minute", "5"]
+    refused = run(url, *(args if command == "override" else ["freeze"]), "--ttl", "2s",
+                  "--reason", "INC-9")  # fmt: skip
+    assert refused.exit_code == 2, refused.output
+    assert "'2s' is shorter than a controller tick (5s" in refused.stderr
+    assert "give at least 5s" in refused.stderr
+    assert db.keys("governor:*override*") == []
+    assert db.keys("governor:*freeze*") == []
+    assert db.exists("governor:journal") == 0
+
+
 def test_a_reason_is_required_and_addresses_are_checked(url: str) -> None:
     missing = run(url, "override", "set", "global/requests_per_second", "1", "--ttl", "1h")
     assert missing.exit_code == 2

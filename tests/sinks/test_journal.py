@@ -149,6 +149,7 @@ def test_secrets_are_masked_in_log_lines() -> None:
             error=ValueError("failed for redis://bob:hunter2@h:1"),
             token_url="https://hunter2@prom.example/api",  # a token written as the user
             lone=ValueError("redis://hunter2@10.0.0.2:6379 refused"),
+            slash=ValueError("redis://:hun/ter2@10.0.0.3:6379 refused"),  # a base64 password
         )
     finally:
         structlog.reset_defaults()
@@ -158,6 +159,7 @@ def test_secrets_are_masked_in_log_lines() -> None:
     assert line["settings"]["nested"] == [f"rediss://u:{MASK}@h/1"]
     assert line["password"] == MASK
     assert line["lone"] == f"redis://{MASK}@10.0.0.2:6379 refused"
+    assert line["slash"] == f"redis://:{MASK}@10.0.0.3:6379 refused"
 
 
 def test_an_event_the_stream_cannot_hold_is_dropped_and_never_wedges_the_journal(

@@ -35,7 +35,7 @@ from controller.model import Address
 from controller.settings import PricesSettings, RedisSettings, Settings
 from controller.sinks.redis import RedisSink
 from tests.support.process import wait_for
-from tests.support.redis import RedisServer, SentinelServer
+from tests.support.redis import RedisServer, SentinelServer, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -249,6 +249,37 @@ def test_a_malformed_sentinel_url_names_the_problem_and_an_example(url: str, why
     with pytest.raises(ConfigurationError, match=why) as refused:
         connect(url, RedisSettings())
     assert "redis+sentinel://:password@sentinel-0:26379" in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis+sentinel://:s3cret/PW@s-0:26379/mymaster",
+        "redis+sentinel://u:s3cret?PW@s-0/mymaster?sentinel_password=sp",
+        "redis+cluster://:s3cret/PW@node-0:6379",
+        "redis+cluster://u:s3cret#PW@node-0/0",
+    ],
+)
+def test_a_password_with_slash_or_question_mark_is_refused_without_naming_it(url: str) -> None:
+    """It was refused as "port 's3cret' of ':s3cret' is not a number": the password shown."""
+    with pytest.raises(ConfigurationError, match="percent-encode them") as refused:
+        connect(url, RedisSettings())
+    assert "s3cret" not in str(refused.value)
+
+
+def test_no_sentinel_answering_is_said_by_address_not_by_client_repr() -> None:
+    """It printed ~900 characters of redis-py pool settings per Sentinel."""
+    ports = (free_port(), free_port())
+    url = f"redis+sentinel://:pw@127.0.0.1:{ports[0]},127.0.0.1:{ports[1]}/mymaster"
+    result = CliRunner().invoke(app, ["limits", "get"], env={"GOVERNOR_REDIS__URL": url})
+
+    assert result.exit_code == 1, result.output
+    said = result.stderr
+    assert "No master found for 'mymaster'" in said
+    for port in ports:
+        assert f"Sentinel 127.0.0.1:{port} - " in said
+    assert "<redis." not in said
+    assert len(said) < 600, said
 
 
 def test_a_sentinel_url_is_a_valid_extra_sink() -> None:

@@ -645,3 +645,15 @@ def test_the_committed_editor_schema_is_current() -> None:
 
     committed = json.loads((SHIPPED.parent / "docs" / "policy.schema.json").read_text())
     assert committed == json_schema(), "run: governor policy schema -o docs/policy.schema.json"
+
+
+def test_schema_to_an_unwritable_path_is_an_error_not_a_traceback(tmp_path: Path) -> None:
+    """`policy schema -o /nonexistent/dir/x.json` ended in a FileNotFoundError traceback."""
+    target = tmp_path / "missing" / "policy.schema.json"
+    result = CliRunner().invoke(app, ["policy", "schema", "-o", str(target)])
+
+    assert result.exit_code == 2, result.output
+    assert result.stderr == (
+        f"error: cannot write the schema to {target}: No such file or directory; pass a "
+        "writable file path, or no -o to print it\n"
+    )

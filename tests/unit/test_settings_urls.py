@@ -11,6 +11,7 @@ from pydantic import SecretStr
 from typer.testing import CliRunner
 
 from controller.cli import app
+from controller.logging import MASK
 from controller.settings import ControllerSettings, PrometheusSettings, RedisSettings
 
 
@@ -28,6 +29,10 @@ def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
         ("redis://", "names no host"),
         ("rediss://:6380/0", "names no host"),
         ("redis://127.0.0.1:port/0", "the port is not a number"),
+        # These two said "the port is not a number" of a URL whose port was 6379 or 99999.
+        ("redis://:a/b@127.0.0.1:6379/0", "the password holds '/', '?' or '#' unencoded"),
+        ("redis://127.0.0.1:99999/0", "the port 99999 is out of range (1-65535)"),
+        ("redis://u:123/x@h:6379/0", "percent-encode them"),  # not "database 'x@h:6379/0'"
     ],
 )
 def test_a_malformed_redis_url_is_refused_at_start(url: str, message: str) -> None:
@@ -45,6 +50,23 @@ def test_the_password_of_a_refused_url_is_masked() -> None:
     assert result.exit_code == 2
     assert "hunter2" not in result.output
     assert "database 'x'" in result.output
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("redis//:s3cret-PW@127.0.0.1:6379/3", f"redis//:{MASK}@127.0.0.1:6379/3"),  # no ':'
+        ("redis:s3cret-PW@127.0.0.1:6379/3", f"redis:{MASK}@127.0.0.1:6379/3"),  # no '//'
+        ("redis://:s3cret/PW@127.0.0.1:6379/3", f"redis://:{MASK}@127.0.0.1:6379/3"),  # base64
+        ("redis://u:s3cret?PW@127.0.0.1:6379/3", f"redis://u:{MASK}@127.0.0.1:6379/3"),
+    ],
+)
+def test_the_password_of_a_mistyped_url_is_masked(url: str, shown: str) -> None:
+    for command in (["config", "show"], ["override", "list"]):
+        result = CliRunner().invoke(app, command, env={"GOVERNOR_REDIS__URL": url})
+        assert "s3cret" not in result.output, (command, result.output)
+        assert shown in result.output, (command, result.output)
+    assert result.exit_code == 2, result.output  # `override list` refuses it, naming it
 
 
 @pytest.mark.parametrize(
