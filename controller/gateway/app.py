@@ -182,10 +182,12 @@ def create_app(
     proxy = UpstreamProxy(upstream, runtime.http, e.answers, api_key, e.tracing)
 
     @asynccontextmanager
-    async def lifespan(_app: Starlette) -> AsyncIterator[None]:
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
         async with runtime.running():
             catalog = await runtime.catalog_state()
-            _log.info(
+            # Said by the server once it listens (`_DrainingServer.startup`): the app starts
+            # before the port is bound, and a taken port must not read as listening.
+            app.state.start_line = (
                 f"governor gateway listening on http://{where}, upstream {_shown(upstream)}, "
                 f"plan catalog {catalog}"
             )
@@ -258,7 +260,14 @@ def require_upstream(url: str) -> str:
 
 
 class _DrainingServer(uvicorn.Server):
-    """uvicorn's server, saying when a stop begins (its own lines are below our log level)."""
+    """uvicorn's server, saying when it listens and when a stop begins (its own lines are
+    below our log level)."""
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        line = getattr(getattr(self.config.app, "state", None), "start_line", None)
+        if self.started and line:
+            _log.info(line)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if not self.should_exit:
@@ -289,5 +298,9 @@ def serve(app: Starlette, host: str, port: int, drain_seconds: int) -> bool:
     # before it: with Python's default, a cleanly drained gateway died of SIGTERM (exit 143).
     # The server's own handler is that handler now: one more call only notes the signal.
     signal.signal(signal.SIGTERM, server.handle_exit)
-    server.run()
+    try:
+        server.run()
+    except SystemExit:  # uvicorn's own exit when it cannot listen (it logged the OSError)
+        _log.error(f"governor gateway could not listen on {host}:{port}: see the error above")
+        return False
     return server.started

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -212,6 +213,26 @@ def test_the_start_line_says_when_no_catalog_is_published(
     assert f"upstream {upstream[1]}/, plan catalog" in text  # user info and query left out
     assert "hunter2" not in text
     assert "t0ken" not in text
+
+
+def test_a_taken_port_is_said_and_exits_1_without_a_listening_line(
+    redis_server: RedisServer, upstream: tuple[FakeUpstream, str]
+) -> None:
+    # The start line was logged before the port was bound: a taken port read "listening
+    # on …" and then the process died (exit 3, uvicorn's own).
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        command = [sys.executable, "-m", "controller", "gateway", "--port", str(port),
+                   "--upstream", upstream[1]]  # fmt: skip
+        done = subprocess.run(
+            command, env=gateway_env(redis_server), capture_output=True, text=True, timeout=60
+        )
+    assert done.returncode == 1
+    assert "listening on" not in done.stderr
+    assert f"could not listen on 127.0.0.1:{port}" in done.stderr
+    assert "address already in use" in done.stderr.lower()
 
 
 def test_a_broken_policy_file_is_one_located_line_and_exit_2(
