@@ -45,7 +45,11 @@ def check_redis_url(url: str) -> str:
     reads `redis://` as localhost:6379 and ignores `/abc`, which may be someone else's
     Redis. unix:// and Sentinel URLs, and wrong schemes, are judged where they are parsed
     (controller.clients.redis)."""
-    if urlsplit(url).scheme not in ("redis", "rediss"):
+    scheme = urlsplit(url).scheme
+    if scheme == "unix" and cut_password(url):  # redis-py would read the rest as the path
+        example = "unix://:password@/run/redis/redis.sock?db=0"
+        raise ValueError(f"Redis URL {mask_url(url)!r}: {UNENCODED_PASSWORD}; e.g. {example}")
+    if scheme not in ("redis", "rediss"):
         return url
     example = "redis://127.0.0.1:6379/0"
     database = _split(url, "Redis", example).path.strip("/")

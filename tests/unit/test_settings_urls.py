@@ -69,6 +69,19 @@ def test_the_password_of_a_mistyped_url_is_masked(url: str, shown: str) -> None:
     assert result.exit_code == 2, result.output  # `override list` refuses it, naming it
 
 
+def test_a_unix_socket_url_with_a_cut_password_is_refused_masked() -> None:
+    # redis-py read ':s3cret' as the password and '/PW@/tmp/x.sock' as the socket path: the
+    # connection error then named a piece of the password.
+    url = "unix://:s3cret/PW@/tmp/x.sock?db=0"
+    result = CliRunner().invoke(app, ["config", "show"], env={"GOVERNOR_REDIS__URL": url})
+    assert result.exit_code == 2
+    assert "s3cret" not in result.output
+    assert "PW" not in result.output
+    assert "percent-encode them" in result.stderr
+    assert f"unix://:{MASK}@/tmp/x.sock?db=0" in result.stderr
+    assert RedisSettings(url=SecretStr("unix://:s3cret%2FPW@/tmp/x.sock")).url is not None
+
+
 @pytest.mark.parametrize(
     "url",
     [
