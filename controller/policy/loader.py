@@ -229,14 +229,23 @@ def read_file(path: Path, root: Path) -> bytes:
     return _read(path, root, MAX_FILE_BYTES)
 
 
+def name_case_problem(name: str) -> str | None:
+    """Why a file named .YAML/.Yml (any capitals) cannot be used; None when its suffix is
+    lower case. Read by its name in any case, so that it is refused with the rename, not
+    skipped: skipped, a policy or a policy test was never in force, unreported."""
+    if name.endswith(SUFFIXES):
+        return None
+    stem, suffix = name.rsplit(".", 1)
+    return (
+        f"the file name ends in '.{suffix}', not in lower case: policy files end in .yaml "
+        f"or .yml; rename it to {stem}.{suffix.lower()}"
+    )
+
+
 def _read(path: Path, root: Path, room: int) -> bytes:
     """The bytes of one policy file; PolicyError says why it cannot be used."""
-    if not path.name.endswith(SUFFIXES):
-        stem, suffix = path.name.rsplit(".", 1)
-        raise PolicyError(
-            f"the file name ends in '.{suffix}', not in lower case: policy files end in .yaml "
-            f"or .yml; rename it to {stem}.{suffix.lower()}"
-        )
+    if (problem := name_case_problem(path.name)) is not None:
+        raise PolicyError(problem)
     if _loops(path):
         raise PolicyError(
             "the file is a symbolic link that leads back to itself (a link loop): point it "
@@ -295,7 +304,7 @@ def _load_file(file: str, data: bytes, errors: list[LocatedError], budget: Budge
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        errors.append(_not_utf8(file, data, exc))
+        errors.append(not_utf8(file, data, exc))
         return []
     source = parse_yaml(text, budget)
     found = [_from_problem(file, problem) for problem in source.problems]
@@ -326,7 +335,7 @@ _WIDE_MARKS = (
 )
 
 
-def _not_utf8(file: str, data: bytes, exc: UnicodeDecodeError) -> LocatedError:
+def not_utf8(file: str, data: bytes, exc: UnicodeDecodeError) -> LocatedError:
     """Where the bytes stop being UTF-8, and the conversion that fixes them."""
     wide = next((name for mark, name in _WIDE_MARKS if data.startswith(mark)), None)
     if wide is not None:

@@ -519,6 +519,21 @@ def test_policy_test_locates_a_broken_test_file(tmp_path: Path) -> None:
     assert f"{tmp_path / 'x_test.yaml'}:1:28: policy_files[1]: 'nowhere.yaml'" in result.output
 
 
+def test_policy_test_refuses_a_test_file_it_would_have_skipped_or_misread(tmp_path: Path) -> None:
+    # `x_TEST.YAML` was skipped by the loader (a test) and by `policy test` (case-sensitive
+    # patterns): its tests never ran and the run said "0 failing". A Latin-1 test file got
+    # Python's codec message, not the place and the fix a policy file gets.
+    (tmp_path / "plans.yaml").write_text((SHIPPED / "plans.yaml").read_text())
+    (tmp_path / "gpu_TEST.YAML").write_text("policy_files: [plans.yaml]\ntests: []\n")
+    (tmp_path / "cost_test.yaml").write_bytes(b"policy_files: [plans.yaml]\n# caf\xe9\n")
+    result = CliRunner().invoke(app, ["policy", "test", str(tmp_path)])
+    assert result.exit_code == 1
+    assert f"{tmp_path / 'gpu_TEST.YAML'}:1:1: " in result.output
+    assert "rename it to gpu_TEST.yaml" in result.output
+    assert f"{tmp_path / 'cost_test.yaml'}:2:6: " in result.output
+    assert "not UTF-8 text (byte 0xe9)" in result.output
+
+
 @pytest.mark.parametrize(
     "name",
     [
