@@ -12,15 +12,15 @@ from controller.policy.policyset import PolicySet
 
 def publish_catalog(
     client: redis.Redis[str], policies: PolicySet, *, prefix: str = "governor"
-) -> bool:
+) -> None:
     """Replace `<P>:plans` and its version with the plans of `policies` in one transaction,
     unless Redis holds them already (one round trip: the leader asks every tick, so a Redis
     restarted empty or a catalog deleted by hand is published again, not left for gateways
-    to refuse every request 503 not-configured). Whether it wrote."""
+    to refuse every request 503 not-configured)."""
     keys = key_schema(client, prefix)
     key = keys.catalog
     if _holds(client, key, keys.catalog_version, policies):
-        return False
+        return
     refuse_other_contract(client, keys, "publish the plan catalog")  # another layout's plans
     entries: dict[str | bytes, bytes | float | int | str] = {
         name: PlanInfo.from_spec(plan.spec).to_json() for name, plan in policies.plans.items()
@@ -34,7 +34,6 @@ def publish_catalog(
             pipe.execute()
     except redis.RedisError as exc:
         raise SinkError(f"publishing the plan catalog to {key} failed: {exc}") from exc
-    return True
 
 
 def _holds(client: redis.Redis[str], key: str, version_key: str, policies: PolicySet) -> bool:

@@ -40,7 +40,7 @@ def build_controller(
     journal: Journal,
     sink: Sink,
     others: Sequence[tuple[str, Sink]] = (),
-    publish: Callable[[PolicySet], object] | None = None,
+    publish: Callable[[PolicySet], None] | None = None,
     metrics: Metrics,
     health: Health,
     dry_run: bool = False,

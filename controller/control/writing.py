@@ -23,7 +23,7 @@ class LeaderWrites:
         self,
         reconciler: Reconciler,
         extra_reconcilers: Sequence[Reconciler] = (),
-        publish: Callable[[PolicySet], object] | None = None,
+        publish: Callable[[PolicySet], None] | None = None,
         *,
         reporter: TickReporter,
         dry_run: bool = False,

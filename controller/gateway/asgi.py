@@ -234,9 +234,7 @@ class GovernorMiddleware:
             return self.e.answers.unknown_earlier(call.what, call.named or "", in_path=True)
         strict = self.e.settings.previous_response_scope == "tenant"
         try:
-            tokens = await self.e.admission.earlier_tokens(principal.tenant, call.id, call.what)
-            if tokens is None and strict:
-                tokens = await self._await_record(principal.tenant, call.id, call.what)
+            tokens = await self._recorded(principal.tenant, call.id, call.what)
         except STORE_ERRORS as exc:
             self.e.metrics.store_errors.labels("lookup").inc()
             self._log.warning("limit store unreachable reading whose conversation or response "
@@ -395,9 +393,7 @@ class GovernorMiddleware:
         strict = self.e.settings.previous_response_scope == "tenant"
         for what, named in request.earlier:
             try:
-                tokens = await self.e.admission.earlier_tokens(principal.tenant, named, what)
-                if tokens is None and strict:
-                    tokens = await self._await_record(principal.tenant, named, what)
+                tokens = await self._recorded(principal.tenant, named, what)
             except STORE_ERRORS as exc:
                 self.e.metrics.store_errors.labels("lookup").inc()
                 self._log.warning("limit store unreachable reading an earlier response's "
@@ -409,6 +405,14 @@ class GovernorMiddleware:
                 tokens = unknown_earlier_tokens(self.e.settings, request.model)
             request.add_earlier(tokens)
         return None
+
+    async def _recorded(self, tenant: str, named: str, what: EarlierKind) -> int | None:
+        """The tokens recorded for `tenant`'s response or conversation `named`; in `tenant`
+        scope a miss waits for the record first (`_await_record`). None: no record."""
+        tokens = await self.e.admission.earlier_tokens(tenant, named, what)
+        if tokens is None and self.e.settings.previous_response_scope == "tenant":
+            return await self._await_record(tenant, named, what)
+        return tokens
 
     async def _await_record(self, tenant: str, named: str, what: EarlierKind) -> int | None:
         """The record of `tenant`'s response or conversation `named`, asked again a few times
