@@ -70,6 +70,9 @@ def gateway_document(
         "context_windows": {
             model_key(name): tokens for name, tokens in sorted(gateway.context_windows.items())
         },
+        # The label caps of the metrics (controller/gateway/metrics.py's LabelCap).
+        "metrics_max_tenants": gateway.metrics_max_tenants,
+        "metrics_max_models": gateway.metrics_max_models,
         "plan_refresh_seconds": 5.0,  # PlanCatalog's default refresh
         "lease_seconds": _admission_default("lease_seconds"),
         "record_grace_seconds": _admission_default("record_grace_seconds"),

@@ -89,6 +89,9 @@ function _M.load(options)
   if settings.api_key_secret == nil then
     settings.api_key_secret = getenv('GOVERNOR_GATEWAY__API_KEY_SECRET')
   end
+  if settings.metrics_token == nil then
+    settings.metrics_token = getenv('GOVERNOR_GATEWAY__METRICS_TOKEN')
+  end
   local redis = options.redis
   if redis == nil then
     redis, err = store.parse_url(getenv('GOVERNOR_REDIS__URL'))

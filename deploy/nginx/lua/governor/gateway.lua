@@ -9,6 +9,7 @@ local auth = require 'governor.auth'
 local catalog = require 'governor.catalog'
 local conversations = require 'governor.conversations'
 local keys = require 'governor.keys'
+local metrics = require 'governor.metrics'
 local openai = require 'governor.openai'
 local store = require 'governor.store'
 
@@ -21,12 +22,16 @@ Gateway.__index = Gateway
 function _M.new(settings)
   local now = ngx.now
   local names = keys.new(settings.key_prefix)
+  local plans = catalog.new(names:plans(), settings.plan_refresh_seconds, now)
   return setmetatable({
     settings = settings,
     answers = answers.new(settings.problem_base_url, settings.retry_after_jitter, now),
     verifier = auth.new(names:api_keys(), settings.api_key_secret, settings.key_cache_seconds,
       now),
-    catalog = catalog.new(names:plans(), settings.plan_refresh_seconds, now),
+    catalog = plans,
+    -- Counted into one lua_shared_dict for all workers (nil without one: metrics off).
+    metrics = metrics.new(ngx.shared[settings.metrics_dict or 'governor_metrics'], settings,
+      plans),
     admission = admission.new(settings, names),
     held = {},  -- settles and releases that met a Redis outage (per worker), oldest first
     -- Lookups waiting for a record (await_record), in this worker: in all and by tenant.
@@ -150,6 +155,7 @@ function Gateway:model_call(client, req, principal, kind, plan)
   if not request then
     return {answer = say:bad_request(problem)}
   end
+  req.model = request:model()
   if not catalog.allows(plan, request:model()) then
     return {answer = say:model_not_allowed(principal.plan, request:model(), plan.models)}
   end
@@ -190,8 +196,10 @@ function Gateway:model_call(client, req, principal, kind, plan)
     -- No max_tokens from the client: the default is lowered to what is left, and said.
     headers['x-governor-max-tokens'] = string.format('%d', request:max_tokens())
   end
+  local outcome = 'allow'  -- the metric's outcome label, counted when the call settles
   if result.degrade ~= nil and apply_degrade(request, result.degrade) then
     answers.degrade_headers(result.degrade, headers)
+    outcome = 'degraded'
   end
   local streaming = request:streaming()
   local strip = nil
@@ -200,6 +208,7 @@ function Gateway:model_call(client, req, principal, kind, plan)
   end
   headers['x-governor-request-id'] = req.request_id
   return {call = {principal = principal, request = request, streaming = streaming,
+    outcome = outcome,
     reservation = result.reservation, headers = headers, body = request.raw,
     changed = request.changed, meter = openai.meter(streaming, request.prompt_tokens,
       request:worst_case_tokens(), request:background()),
@@ -568,6 +577,7 @@ function Gateway:decide_with(client, req)
   end
   local principal = {tenant = record.tenant, plan = record.plan, user = record.user,
     credential = record.key_id}
+  req.principal = principal  -- for the metrics of a refusal (decide)
   local plan, refusal = self:plan_of(client, principal)
   if plan == nil then
     return refusal
@@ -600,6 +610,7 @@ function Gateway:decide(req)
   end
   local outcome = self:decide_with(client, req)
   if outcome.answer ~= nil then
+    self.metrics:request(req.principal, req.model, metrics.outcome_of(outcome.answer))
     outcome.answer = answers.rendered(outcome.answer, req.headers.accept)
   end
   if client ~= nil then
@@ -653,6 +664,7 @@ function Gateway:hold(what, op, spare)
       end
     end
     local gone = table.remove(held, first)
+    self.metrics:lost(gone.what)
     if gone.spare then
       warn('a held release of an unanswered admission was given up (the queue is full): ',
         'its holds end with their lease')
@@ -678,6 +690,7 @@ function Gateway:retry_held()
   while i <= #held do
     local first = held[i]
     if now - first.at > grace then
+      self.metrics:lost(first.what)
       warn('a held ', first.what, ' was given up (its settle record has expired): its ',
         'usage is not charged')
     elseif first.op(client) == nil then
@@ -713,7 +726,10 @@ function Gateway:finish(call, status)
   call.settled = true
   local reservation, tenant, what, op = call.reservation, call.principal.tenant, nil, nil
   local usage = nil  -- a settle's: recorded for a later request continuing this response
-  if status == nil or status >= 400 then
+  local failed = status == nil or status >= 400
+  self.metrics:request(call.principal, call.request:model(),
+    failed and 'upstream_error' or call.outcome)
+  if failed then
     what = 'release'
     op = function(client)
       return self.admission:release(client, reservation, tenant)
@@ -724,6 +740,8 @@ function Gateway:finish(call, status)
     if usage.estimated then
       ngx.log(ngx.INFO, 'governor: upstream sent no usage; settled from an estimate')
     end
+    self.metrics:usage(call.principal, model, usage.prompt, usage.completion,
+      self.admission.prices:cost(model, usage.prompt, usage.completion))
     what = 'settle'
     op = function(client)
       return self.admission:settle(client, reservation, tenant, usage, model)

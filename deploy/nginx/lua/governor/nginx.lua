@@ -10,6 +10,7 @@
 local answers = require 'governor.answers'
 local config = require 'governor.config'
 local gateway = require 'governor.gateway'
+local metrics = require 'governor.metrics'
 local store = require 'governor.store'
 
 local _M = {}
@@ -75,6 +76,11 @@ local function announce(premature)
 end
 
 function _M.init_worker()
+  if ngx.worker.id() == 0 and not gw.metrics:enabled() then
+    ngx.log(ngx.WARN, 'governor: no lua_shared_dict ', gw.settings.metrics_dict or
+      'governor_metrics', ' in nginx.conf: /metrics is off, and the policies that read ',
+      'gateway_requests_total or gateway_cost_usd_total see no series from this gateway')
+  end
   if ngx.worker.id() == 0 then
     local ok, err = ngx.timer.at(0, announce)
     if not ok then
@@ -242,6 +248,24 @@ function _M.log()
   if call ~= nil then
     gw:finish_later(call, call.status)
   end
+end
+
+-- content_by_lua of `location = /metrics`: the series of every worker, in Prometheus' text
+-- format; with GOVERNOR_GATEWAY__METRICS_TOKEN set, only for a scrape bearing it (they name
+-- every tenant and its spend), as `governor gateway` answers.
+function _M.metrics()
+  local settings = gw.settings
+  if not metrics.scrape_allowed(settings.metrics_token, ngx.var.http_authorization) then
+    ngx.header['WWW-Authenticate'] = 'Bearer realm="metrics"'
+    return respond(401, {['Content-Type'] = 'text/plain'},
+      '401: /metrics needs Authorization: Bearer <GOVERNOR_GATEWAY__METRICS_TOKEN>\n')
+  end
+  if not gw.metrics:enabled() then
+    return respond(503, {['Content-Type'] = 'text/plain'}, '503: no metrics: nginx.conf has '
+      .. 'no `lua_shared_dict ' .. (settings.metrics_dict or 'governor_metrics') .. ' 10m;`\n')
+  end
+  return respond(200, {['Content-Type'] = 'text/plain; version=0.0.4; charset=utf-8'},
+    gw.metrics:render())
 end
 
 return _M

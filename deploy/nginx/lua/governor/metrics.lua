@@ -1,0 +1,245 @@
+-- The module's Prometheus counters: the series Governor's own policies and alerts read, under
+-- the names and labels `governor gateway` exports (controller/gateway/metrics.py), kept in a
+-- shared dict so that every worker counts into one set, and served as text at /metrics.
+
+local _M = {}
+
+local CAPPED, ABSENT = '_other', '_none'  -- metrics.py's CAPPED and ABSENT
+local SEP = '\31'  -- between a key's parts; never in a label value (control bytes are replaced)
+
+-- id → series family. `closed`: label sets exported at 0 from the start, so that
+-- `increase()` sees their first event (as metrics.py does).
+local FAMILIES = {
+  requests = {name = 'gateway_requests_total', labels = {'tenant', 'plan', 'model', 'outcome'},
+    help = 'Requests by tenant, plan, model and outcome'},
+  tokens = {name = 'gateway_tokens_total', labels = {'tenant', 'plan', 'model', 'kind'},
+    help = 'Tokens used (settled), by kind: prompt or completion'},
+  cost = {name = 'gateway_cost_usd_total', labels = {'tenant', 'plan', 'model'},
+    help = 'Cost of the tokens used, in USD'},
+  lost = {name = 'gateway_store_calls_lost_total', labels = {'operation'},
+    help = 'Held settles and releases given up (past their settle record, or the queue full)',
+    closed = {{'release'}, {'settle'}, {'charge'}}},
+  dropped = {name = 'gateway_metrics_dropped_total', labels = {},
+    help = 'Counter increments lost because the lua_shared_dict of the metrics was full',
+    closed = {{}}},
+}
+local ORDER = {'requests', 'tokens', 'cost', 'lost', 'dropped'}
+
+-- The outcome label of a refusal, by its OpenAI error code (answers.lua), as metrics.py's
+-- OUTCOMES name them; any other refusal of a request is a bad request.
+local OUTCOME_OF_CODE = {
+  invalid_api_key = 'unauthenticated',
+  model_not_allowed = 'model_not_allowed',
+  unknown_plan = 'unknown_plan',
+  not_configured = 'not_configured',
+  enforcement_unavailable = 'fail_closed',
+  corrupt_state = 'corrupt_state',
+  budget_exhausted = 'budget_exhausted',
+  insufficient_quota = 'budget_exhausted',
+  request_too_large = 'too_large',
+  temporarily_shed = 'shed',
+  rate_limit_exceeded = 'rate_limited',
+  upstream_failed = 'upstream_error',
+}
+
+function _M.outcome_of(answer)
+  local code = answer.error and answer.error.code
+  return OUTCOME_OF_CODE[code] or 'bad_request'
+end
+
+local Metrics = {}
+Metrics.__index = Metrics
+
+-- dict: the lua_shared_dict (nil: metrics off; the start line says so). settings: the
+-- module's (metrics_max_tenants, metrics_max_models, prices). catalog: for the models the
+-- plans name, which keep their names without taking a place under the cap.
+function _M.new(dict, settings, catalog)
+  local self = setmetatable({dict = dict, catalog = catalog,
+    max_tenants = settings.metrics_max_tenants or 1000,
+    max_models = settings.metrics_max_models or 50,
+    priced = (settings.prices or {}).models or {}}, Metrics)
+  if dict ~= nil then
+    for id, family in pairs(FAMILIES) do
+      for _, values in ipairs(family.closed or {}) do
+        dict:safe_add(id .. SEP .. table.concat(values, SEP), 0)
+      end
+    end
+  end
+  return self
+end
+
+function Metrics:enabled()
+  return self.dict ~= nil
+end
+
+-- Add `amount` to one series; a dict with no room counts the loss instead of evicting
+-- another series (an evicted counter would restart from 0 and read as a reset).
+function Metrics:add(id, values, amount)
+  local dict = self.dict
+  if dict == nil or amount == 0 then
+    return
+  end
+  local key = id .. SEP .. table.concat(values, SEP)
+  local _, err = dict:incr(key, amount)
+  if err ~= 'not found' then
+    return
+  end
+  local ok, why = dict:safe_add(key, amount)
+  if ok then
+    return
+  end
+  if why == 'exists' then  -- another worker added it meanwhile
+    dict:incr(key, amount)
+    return
+  end
+  dict:incr('dropped' .. SEP, 1)
+end
+
+local function clean(value)
+  return (tostring(value):gsub('%c', '?'))
+end
+
+function Metrics:known_model(model)
+  if self.priced[model] ~= nil then
+    return true
+  end
+  for _, plan in pairs(self.catalog.plans or {}) do
+    for _, named in ipairs(plan.models) do
+      if named == model then
+        return true
+      end
+    end
+  end
+  return false
+end
+
+-- The label of a capped value (metrics.py's LabelCap): the first `limit` distinct values
+-- keep their names, later ones are `_other`; `known` ones keep theirs without a place;
+-- `peek`: never take a place (a model its plan refused did nothing). Workers share the
+-- count, so two first sightings at the same instant may name one value past the limit.
+function Metrics:capped(kind, value, limit, known, peek)
+  if value == nil or value == '' then
+    return ABSENT
+  end
+  value = clean(value)
+  local dict, key = self.dict, 'seen' .. SEP .. kind .. SEP .. value
+  if dict:get(key) ~= nil or known then
+    return value
+  end
+  if peek or (dict:get('count' .. SEP .. kind) or 0) >= limit then
+    return CAPPED
+  end
+  local ok, err = dict:safe_add(key, true)
+  if ok then
+    dict:incr('count' .. SEP .. kind, 1, 0)
+    return value
+  end
+  return err == 'exists' and value or CAPPED
+end
+
+function Metrics:labels(principal, model, peek_model)
+  principal = principal or {}
+  local name = model and string.lower(model)
+  return {
+    self:capped('tenant', principal.tenant, self.max_tenants, false, false),
+    self:capped('plan', principal.plan, self.max_models, false, false),
+    self:capped('model', name, self.max_models, name ~= nil and self:known_model(name),
+      peek_model),
+  }
+end
+
+-- One request's outcome (metrics.py's GatewayMetrics.request).
+function Metrics:request(principal, model, outcome)
+  if self.dict == nil then
+    return
+  end
+  local labels = self:labels(principal, model, outcome == 'model_not_allowed')
+  labels[4] = outcome
+  self:add('requests', labels, 1)
+end
+
+-- What a settled request used, and its cost in USD (GatewayMetrics.usage).
+function Metrics:usage(principal, model, prompt, completion, cost)
+  if self.dict == nil then
+    return
+  end
+  local labels = self:labels(principal, model, false)
+  self:add('tokens', {labels[1], labels[2], labels[3], 'prompt'}, prompt)
+  self:add('tokens', {labels[1], labels[2], labels[3], 'completion'}, completion)
+  if cost > 0 then
+    self:add('cost', labels, cost)
+  end
+end
+
+function Metrics:lost(operation)
+  self:add('lost', {operation}, 1)
+end
+
+local function escaped(value)
+  return (value:gsub('\\', '\\\\'):gsub('"', '\\"'):gsub('\n', '\\n'))
+end
+
+local function number(value)
+  if value == math.floor(value) and math.abs(value) < 2 ^ 53 then
+    return string.format('%d', value)
+  end
+  return string.format('%.17g', value)
+end
+
+-- The text exposition format (version 0.0.4) of every series, families in a fixed order and
+-- series sorted within them.
+function Metrics:render()
+  local series = {}
+  for _, key in ipairs(self.dict:get_keys(0)) do
+    local id = key:match('^([^' .. SEP .. ']*)' .. SEP)
+    if FAMILIES[id] ~= nil then
+      series[id] = series[id] or {}
+      series[id][#series[id] + 1] = key
+    end
+  end
+  local out = {}
+  for _, id in ipairs(ORDER) do
+    local family = FAMILIES[id]
+    out[#out + 1] = '# HELP ' .. family.name .. ' ' .. family.help
+    out[#out + 1] = '# TYPE ' .. family.name .. ' counter'
+    local keys = series[id] or {}
+    table.sort(keys)
+    for _, key in ipairs(keys) do
+      local value = self.dict:get(key)
+      if value ~= nil then
+        local values, parts = {}, {}
+        for part in (key .. SEP):gmatch('([^' .. SEP .. ']*)' .. SEP) do
+          values[#values + 1] = part  -- the family's id, then its label values
+        end
+        for i, label in ipairs(family.labels) do
+          parts[i] = label .. '="' .. escaped(values[i + 1] or '') .. '"'
+        end
+        local labels = #parts > 0 and ('{' .. table.concat(parts, ',') .. '}') or ''
+        out[#out + 1] = family.name .. labels .. ' ' .. number(value)
+      end
+    end
+  end
+  return table.concat(out, '\n') .. '\n'
+end
+
+-- Whether a scrape may read the series (app.py's scrape_allowed): always without a token;
+-- with one, only `Authorization: Bearer <token>`, compared without an early exit.
+function _M.scrape_allowed(token, authorization)
+  if token == nil then
+    return true
+  end
+  if type(authorization) ~= 'string' then
+    return false
+  end
+  local scheme, given = authorization:match('^(%S+)%s+(.-)%s*$')
+  if scheme == nil or scheme:lower() ~= 'bearer' or given == '' or #given ~= #token then
+    return false
+  end
+  local differ = 0
+  for i = 1, #token do
+    differ = bit.bor(differ, bit.bxor(token:byte(i), given:byte(i)))
+  end
+  return differ == 0
+end
+
+return _M
