@@ -160,7 +160,15 @@ ONE_CREDENTIAL = (
 )
 
 
-@pytest.mark.parametrize("how", ["two x-api-key lines", "a list in x-api-key", "a list in Bearer"])
+# nginx's Lua read only the first 100 header lines: a second credential after 100 others
+# went unseen, and nginx picked the first where the Python gateway refused both.
+FILLER = [(f"x-filler-{i}", "f") for i in range(100)]
+
+
+@pytest.mark.parametrize(
+    "how",
+    ["two x-api-key lines", "a list in x-api-key", "a list in Bearer", "after 100 lines"],
+)
 def test_two_credentials_in_one_request_are_refused_not_picked_from(
     how: str, nginx: Side, python_gateway: Side, upstream: tuple[FakeUpstream, ServerThread]
 ) -> None:
@@ -173,6 +181,7 @@ def test_two_credentials_in_one_request_are_refused_not_picked_from(
             "two x-api-key lines": [("x-api-key", free), ("x-api-key", paid)],
             "a list in x-api-key": [("x-api-key", f"{free}, {paid}")],
             "a list in Bearer": [("authorization", f"Bearer {paid},{free}")],
+            "after 100 lines": [("x-api-key", free), *FILLER, ("x-api-key", paid)],
         }[how]
         seen = len(fake.seen)
         answer = side.http.post(
