@@ -210,19 +210,24 @@ ONE_CREDENTIAL = (
 )
 
 
+# HTTP's optional white space (RFC 9110 §5.6.3): str.strip() also took NBSP, NEL and the
+# \x1c-\x1f separators for it, so a key with such a byte was served (and refused by nginx).
+_OWS = " \t"
+
+
 def _credential(headers: Mapping[str, str]) -> str:
     """The token of `Authorization: Bearer …`, else of `x-api-key`. `headers` holds repeated
     lines joined by ',' (RFC 9110 §5.3); no key or JWT holds one, so a ',' means two
     credentials, and which one counts is not the gateway's guess: refused."""
     authorization = headers.get("authorization")
     if authorization is not None:
-        scheme, _, token = authorization.strip().partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
+        scheme, _, token = authorization.strip(_OWS).partition(" ")
+        if scheme.lower() != "bearer" or not token.strip(_OWS):
             raise AuthError("Authorization must be `Bearer <API key or JWT>`")
-        return _one(token.strip(), "Authorization")
+        return _one(token.strip(_OWS), "Authorization")
     api_key = headers.get("x-api-key")
     if api_key:
-        return _one(api_key.strip(), "x-api-key")
+        return _one(api_key.strip(_OWS), "x-api-key")
     raise AuthError("no credential: send Authorization: Bearer <API key or JWT>")
 
 

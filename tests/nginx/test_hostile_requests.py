@@ -194,6 +194,37 @@ def test_two_credentials_in_one_request_are_refused_not_picked_from(
         assert not side.db.keys(f"{PREFIX}:{{t:payer-*}}:*"), side.name  # nothing counted
 
 
+# Bytes around a valid key that HTTP does not trim (only spaces and tabs are optional white
+# space, RFC 9110 §5.6.3). Python's str.strip() took these for white space and served the
+# key, where nginx refused it: the same request was served by one gateway alone.
+ODD_BYTES = {"NBSP": b"\xa0", "NEL": b"\x85", "FS": b"\x1c", "US": b"\x1f"}
+
+
+@pytest.mark.parametrize("name", sorted(ODD_BYTES))
+@pytest.mark.parametrize("header", ["authorization", "x-api-key"])
+def test_a_key_with_bytes_http_does_not_trim_is_refused_by_both(
+    name: str, header: str, nginx: Side, python_gateway: Side,
+    upstream: tuple[FakeUpstream, ServerThread],
+) -> None:  # fmt: skip
+    fake = upstream[0]
+    for side in (python_gateway, nginx):
+        key = side.key("oddbytes", "free").encode()
+        for sent in (key + ODD_BYTES[name], ODD_BYTES[name] + key):
+            value = b"Bearer " + sent if header == "authorization" else sent
+            seen = len(fake.seen)
+            answer = side.http.post(
+                f"{side.url}/v1/chat/completions",
+                json=chat_body(),
+                headers={header.encode(): value},
+            )
+            assert answer.status_code == 401, (side.name, sent, answer.text[:300])
+            assert answer.json()["detail"] in {
+                "unknown or revoked API key",
+                "not a Governor API key (gov_…); JWT auth is not configured",
+            }, (side.name, sent)
+            assert len(fake.seen) == seen, f"{side.name} served {sent!r}"
+
+
 # Key records written by hand (a migration script, an edit), each with the right digest.
 UNUSABLE_RECORDS: dict[str, dict[str, object]] = {
     "tenant opening a hash tag": {"tenant": "acme}x", "plan": "free"},

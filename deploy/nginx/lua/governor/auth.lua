@@ -34,11 +34,12 @@ end
 function _M.credential(headers)
   local authorization = joined(headers['authorization'])
   if authorization ~= nil then
-    -- As Python's `strip().partition(" ")`: the scheme ends at the first space.
-    local text = authorization:match('^%s*(.-)%s*$')
+    -- As Python's `strip(" \t").partition(" ")`: only HTTP's optional white space (space,
+    -- tab) is trimmed, and the scheme ends at the first space.
+    local text = authorization:match('^[ \t]*(.-)[ \t]*$')
     local space = text:find(' ', 1, true)
     local scheme = space and text:sub(1, space - 1) or text
-    local token = space and text:sub(space + 1):match('^%s*(.-)%s*$') or ''
+    local token = space and text:sub(space + 1):match('^[ \t]*(.-)[ \t]*$') or ''
     if scheme:lower() ~= 'bearer' or token == '' then
       return nil, 'Authorization must be `Bearer <API key or JWT>`'
     end
@@ -46,7 +47,7 @@ function _M.credential(headers)
   end
   local api_key = joined(headers['x-api-key'])
   if api_key ~= nil and api_key ~= '' then
-    return one(api_key:match('^%s*(.-)%s*$'), 'x-api-key')
+    return one(api_key:match('^[ \t]*(.-)[ \t]*$'), 'x-api-key')
   end
   return nil, 'no credential: send Authorization: Bearer <API key or JWT>'
 end
