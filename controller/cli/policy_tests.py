@@ -62,8 +62,15 @@ def run_policy_tests(directory: Path, as_json: bool) -> None:
         typer.echo(json.dumps({"passed": failed == 0, "files": report}, indent=2))
     else:
         verdict = "FAILED" if failed else "ok"
-        typer.echo(f"{verdict}: {total} tests in {len(files)} files, {failed} failing")
+        typer.echo(
+            f"{verdict}: {count(total, 'test')} in {count(len(files), 'file')}, {failed} failing"
+        )
     raise typer.Exit(1 if failed else 0)
+
+
+def count(number: int, noun: str) -> str:
+    """`1 test`, `2 tests`: the summaries say "ok: 1 test in 1 file", not "1 tests in 1 files"."""
+    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
 
 
 def _print(path: Path, errors: list[str], results: list[CaseResult]) -> None:
