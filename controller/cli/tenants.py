@@ -57,13 +57,39 @@ def get(
     """Print TENANT's plan; exit 1 if the tenant is not registered."""
     with stores() as s:
         plan = s.control.tenant_plan(tenant)
+        # Unregistered, a tenant is on its API keys' plan (what gateways enforce and the
+        # controller reads), not on the default one: said, or the check misleads.
+        keyed = [] if plan is not None else _key_plans(s, tenant)
     if as_json:
-        echo_json({"tenant": tenant, "plan": plan})
+        echo_json({"tenant": tenant, "plan": plan, **({} if plan else {"api_key_plans": keyed})})
     elif plan is not None:
         typer.echo(plan)
     if plan is None:
-        typer.echo(f"tenant {tenant!r} is not registered (it takes the default plan)", err=True)
+        typer.echo(_unregistered(tenant, keyed), err=True)
         raise typer.Exit(1)
+
+
+def _key_plans(s: Stores, tenant: str) -> list[str]:
+    return sorted({record.plan for record in KeyStore(s.client, s.keys, None).list(tenant)})
+
+
+def _unregistered(tenant: str, key_plans: list[str]) -> str:
+    """What an unregistered tenant is on, as the controller resolves it (docs/operations.md)."""
+    if len(key_plans) == 1:
+        return (
+            f"tenant {tenant!r} is not registered; its API keys put it on plan "
+            f"{key_plans[0]!r} (`governor tenants set {tenant} {key_plans[0]}` registers it)"
+        )
+    if key_plans:
+        return (
+            f"tenant {tenant!r} is not registered and its API keys are on several plans "
+            f"({', '.join(key_plans)}): it has no plan until `governor tenants set {tenant} "
+            "PLAN` registers it"
+        )
+    return (
+        f"tenant {tenant!r} is not registered and has no API key: it takes the default plan "
+        "(`default_plan` of the Limits document; a JWT names its own)"
+    )
 
 
 def _known(s: Stores) -> KnownPlans | None:

@@ -11,6 +11,8 @@ from typer.testing import CliRunner, Result
 
 from controller.changes import diff
 from controller.cli import app
+from controller.contract.keys import KeySchema
+from controller.gateway.keys import KeyStore
 from controller.model import Address
 from controller.settings import RedisSettings
 from controller.sinks.redis import RedisSink
@@ -334,6 +336,37 @@ def test_tenants_set_get_list(url: str) -> None:
     assert listed == {"acme": {"plan": "free", "unknown_plan": False}}
     assert "acme" in ok(url, "tenants", "list").stdout
     assert run(url, "tenants", "set", "a}{b", "paid").exit_code == 2
+
+
+def test_tenants_get_of_an_unregistered_tenant_names_the_plan_its_keys_give_it(
+    url: str, db: redis.Redis[str]
+) -> None:
+    # It said "takes the default plan" for a tenant whose keys put it on paid, which the
+    # gateways enforce and the controller reads: the runbook's check of a tenant's plan lied.
+    ok(url, "keys", "create", "--tenant", "initech", "--plan", "paid")
+    # Keys on two plans (made before `keys create` refused that): `keys create` would refuse.
+    for plan in ("paid", "free"):
+        KeyStore(db, KeySchema("governor"), None).create("hooli", plan)
+
+    keyed = run(url, "tenants", "get", "initech")
+    mixed = run(url, "tenants", "get", "hooli")
+    nobody = run(url, "tenants", "get", "nobody")
+    as_json = json.loads(run(url, "tenants", "get", "initech", "--json").stdout)
+
+    assert [keyed.exit_code, mixed.exit_code, nobody.exit_code] == [1, 1, 1]
+    assert keyed.stderr == (
+        "tenant 'initech' is not registered; its API keys put it on plan 'paid' "
+        "(`governor tenants set initech paid` registers it)\n"
+    )
+    assert mixed.stderr == (
+        "tenant 'hooli' is not registered and its API keys are on several plans (free, paid): "
+        "it has no plan until `governor tenants set hooli PLAN` registers it\n"
+    )
+    assert nobody.stderr == (
+        "tenant 'nobody' is not registered and has no API key: it takes the default plan "
+        "(`default_plan` of the Limits document; a JWT names its own)\n"
+    )
+    assert as_json == {"tenant": "initech", "plan": None, "api_key_plans": ["paid"]}
 
 
 def test_explain_shows_proposals_override_winner_and_history(url: str) -> None:
