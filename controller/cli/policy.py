@@ -12,13 +12,14 @@ import typer
 
 from controller.cli._redis import (
     cli_errors,
+    count,
     default_actor,
     parse_ttl,
     require_reason,
     stores,
     when,
 )
-from controller.cli.policy_tests import count, run_policy_tests
+from controller.cli.policy_tests import run_policy_tests
 from controller.errors import ConfigurationError, PolicyError
 from controller.journal.events import JournalEvent, Kind
 from controller.policy.documents import KINDS, json_schema

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import typer
 
+from controller.cli._redis import count
 from controller.policy.loader import PolicyLoadError, check_files
 from controller.policy.policyset import PolicySet
 from controller.policy.testing import CaseResult, find_test_files, read_test_file, run_file
@@ -66,11 +67,6 @@ def run_policy_tests(directory: Path, as_json: bool) -> None:
             f"{verdict}: {count(total, 'test')} in {count(len(files), 'file')}, {failed} failing"
         )
     raise typer.Exit(1 if failed else 0)
-
-
-def count(number: int, noun: str) -> str:
-    """`1 test`, `2 tests`: the summaries say "ok: 1 test in 1 file", not "1 tests in 1 files"."""
-    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
 
 
 def _print(path: Path, errors: list[str], results: list[CaseResult]) -> None:

@@ -319,6 +319,11 @@ def test_freeze_and_unfreeze(url: str, db: redis.Redis[str]) -> None:
     assert kinds == ["freeze.set", "freeze.cleared"]
 
 
+def test_one_journal_event_is_counted_in_the_singular(url: str) -> None:
+    ok(url, "freeze", "--ttl", "5m", "--reason", "drill")
+    assert "journal (1 event)" in ok(url, "audit", "tail").stdout  # was "(1 events)"
+
+
 def test_actor_defaults_to_the_os_user(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("getpass.getuser", lambda: "oncall-dave")
     ok(url, "freeze", "--ttl", "5m", "--reason", "drill")
