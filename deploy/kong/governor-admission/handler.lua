@@ -85,6 +85,11 @@ function GovernorAdmission:access(conf)
     local answer = outcome.answer
     return kong.response.exit(answer.status, answer.body, answer.headers)
   end
+  -- The client's credential is the gateway's business: it never reaches the upstream
+  -- (nginx.conf's proxy_set_header, the Python gateway's dropped headers). A model server
+  -- key of its own is set after this (request-transformer runs at a lower priority).
+  kong.service.request.clear_header('Authorization')
+  kong.service.request.clear_header('X-Api-Key')
   if outcome.conversation ~= nil then
     -- A Conversations API create, add or delete, or a stored response's delete: the response
     -- phase reads the whole answer and changes the tenant's record before Kong sends it.
