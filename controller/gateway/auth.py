@@ -80,7 +80,9 @@ class JwksCache:
             return next(iter(self._keys.values()))
         found = self._keys.get(kid or "")
         if found is None:
-            raise AuthError(f"no signing key {kid!r} at the issuer's JWKS")
+            # The kid is the caller's text (up to JWT_MAX_LENGTH): quoted in part, as `alg` is.
+            shown = repr(kid) if kid is None or len(kid) <= 40 else f"{kid[:40]!r}…"
+            raise AuthError(f"no signing key {shown} at the issuer's JWKS")
         return found
 
     async def _fetch(self) -> None:

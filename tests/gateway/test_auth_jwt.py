@@ -231,13 +231,16 @@ def test_jwks_keys_are_fetched_over_http_and_picked_by_kid(
     good = jwt.encode(claims(), rsa_key, algorithm="RS256", headers={"kid": "k1"})
     unknown_kid = jwt.encode(claims(), other_rsa_key, algorithm="RS256", headers={"kid": "k9"})
     wrong_key = jwt.encode(claims(), other_rsa_key, algorithm="RS256", headers={"kid": "k1"})
+    # The kid is the caller's own text: quoted whole, 8 KB of it came back twice in the 401
+    # (detail and WWW-Authenticate), past what a proxy in front buffers for headers.
+    long_kid = jwt.encode(claims(), other_rsa_key, algorithm="RS256", headers={"kid": "k" * 5000})
 
     async def run() -> list[Principal | str]:
         async with httpx.AsyncClient() as client:
             jwks = JwksCache(settings.jwt_jwks_url or "", client, 300.0)
             auth = Authenticator(settings, None, jwks)
             results: list[Principal | str] = []
-            for token in (good, unknown_kid, wrong_key):
+            for token in (good, unknown_kid, wrong_key, long_kid):
                 try:
                     results.append(await auth.authenticate({"authorization": f"Bearer {token}"}))
                 except AuthError as exc:
@@ -252,6 +255,7 @@ def test_jwks_keys_are_fetched_over_http_and_picked_by_kid(
     assert results[0] == Principal("acme", "free", None, "jwt", "acme")
     assert results[1] == "no signing key 'k9' at the issuer's JWKS"
     assert results[2] == "invalid token: bad signature"
+    assert results[3] == f"no signing key {'k' * 40!r}… at the issuer's JWKS"
 
 
 def test_a_token_living_longer_than_the_maximum_is_refused(rsa_key: rsa.RSAPrivateKey) -> None:
