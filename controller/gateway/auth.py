@@ -210,6 +210,10 @@ ONE_CREDENTIAL = (
     "send one credential: {header} holds several (a repeated header, or a list); "
     "the gateway will not pick one of them"
 )
+TWO_HEADERS = (
+    "send one credential: Authorization and x-api-key hold different ones; "
+    "the gateway will not pick one of them"
+)
 
 
 # HTTP's optional white space (RFC 9110 §5.6.3): str.strip() also took NBSP, NEL and the
@@ -222,14 +226,18 @@ def _credential(headers: Mapping[str, str]) -> str:
     lines joined by ',' (RFC 9110 §5.3); no key or JWT holds one, so a ',' means two
     credentials, and which one counts is not the gateway's guess: refused."""
     authorization = headers.get("authorization")
+    api_key = (headers.get("x-api-key") or "").strip(_OWS)
     if authorization is not None:
         scheme, _, token = authorization.strip(_OWS).partition(" ")
         if scheme.lower() != "bearer" or not token.strip(_OWS):
             raise AuthError("Authorization must be `Bearer <API key or JWT>`")
-        return _one(token.strip(_OWS), "Authorization")
-    api_key = headers.get("x-api-key")
+        token = _one(token.strip(_OWS), "Authorization")
+        # The same key in both (some clients send it twice) is one credential; two are not.
+        if api_key and api_key != token:
+            raise AuthError(TWO_HEADERS)
+        return token
     if api_key:
-        return _one(api_key.strip(_OWS), "x-api-key")
+        return _one(api_key, "x-api-key")
     raise AuthError("no credential: send Authorization: Bearer <API key or JWT>")
 
 

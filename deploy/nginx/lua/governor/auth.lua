@@ -22,6 +22,10 @@ local function joined(value)
   return value
 end
 
+-- auth.TWO_HEADERS (Python's), word for word.
+local TWO_HEADERS = 'send one credential: Authorization and x-api-key hold different ones; '
+  .. 'the gateway will not pick one of them'
+
 -- No key or JWT holds a ',': one means two credentials, and which counts is not our guess.
 local function one(token, header)
   if token:find(',', 1, true) then
@@ -33,6 +37,7 @@ end
 -- The token of `Authorization: Bearer …` or `x-api-key`, or nil and the 401 detail.
 function _M.credential(headers)
   local authorization = joined(headers['authorization'])
+  local api_key = (joined(headers['x-api-key']) or ''):match('^[ \t]*(.-)[ \t]*$')
   if authorization ~= nil then
     -- As Python's `strip(" \t").partition(" ")`: only HTTP's optional white space (space,
     -- tab) is trimmed, and the scheme ends at the first space.
@@ -43,11 +48,15 @@ function _M.credential(headers)
     if scheme:lower() ~= 'bearer' or token == '' then
       return nil, 'Authorization must be `Bearer <API key or JWT>`'
     end
-    return one(token, 'Authorization')
+    local found, detail = one(token, 'Authorization')
+    -- The same key in both (some clients send it twice) is one credential; two are not.
+    if found ~= nil and api_key ~= '' and api_key ~= found then
+      return nil, TWO_HEADERS
+    end
+    return found, detail
   end
-  local api_key = joined(headers['x-api-key'])
-  if api_key ~= nil and api_key ~= '' then
-    return one(api_key:match('^[ \t]*(.-)[ \t]*$'), 'x-api-key')
+  if api_key ~= '' then
+    return one(api_key, 'x-api-key')
   end
   return nil, 'no credential: send Authorization: Bearer <API key or JWT>'
 end
