@@ -230,7 +230,7 @@ package.preload['governor.gateway'] = function()
   } end}
 end
 ngx = {null = {}, var = {request_id = 'r1'}, worker = {id = function() return 0 end},
-  arg = {'', true}}
+  arg = {'', true}, req = {get_headers = function() return {} end}}
 local ctx = {plugin = {}}
 kong = {
   request = {get_method = function() return 'POST' end,
@@ -278,14 +278,18 @@ def test_the_kong_plugin_records_a_conversation_from_the_buffered_answer() -> No
 # The Kong plugin's access phase for each outcome that reaches the upstream, with Kong's PDK
 # and the gateway module stubbed: the client's Governor key was left on the request Kong
 # proxies, so the model server received every tenant's key (nginx.conf and the Python
-# gateway drop Authorization and X-Api-Key).
+# gateway drop Authorization and X-Api-Key); and only 100 header lines were read.
 KONG_CREDENTIAL = """
 package.preload['governor.config'] = function() return {load = function() return {} end} end
 package.preload['governor.gateway'] = function()
   return {new = function() return {decide = function() return OUTCOME end} end}
 end
-ngx = {null = {}, var = {request_id = 'r1'}, worker = {id = function() return 0 end}}
 local cleared = {}
+ngx = {null = {}, var = {request_id = 'r1'}, worker = {id = function() return 0 end},
+  req = {get_headers = function(most)
+    cleared[#cleared + 1] = 'read-' .. tostring(most)  -- 0: every line
+    return {authorization = 'Bearer gov_x'}
+  end}}
 kong = {
   request = {get_method = function() return 'POST' end,
     get_path = function() return '/v1/chat/completions' end,
@@ -316,12 +320,13 @@ print(table.concat(cleared, ' '))
         "{conversation = {action = 'create'}}",
     ],
 )
-def test_the_kong_plugin_never_forwards_the_clients_credential(outcome: str) -> None:
+def test_the_kong_plugin_reads_every_header_and_never_forwards_the_credential(outcome: str) -> None:
     script = f"OUTCOME = {outcome}\n" + KONG_CREDENTIAL.replace("arg[1]", f"'{KONG}'")
     loaded = subprocess.run(["lua5.1", "-"], input=script, capture_output=True, text=True)
 
     assert loaded.returncode == 0, loaded.stderr
-    assert loaded.stdout.split() == ["authorization", "x-api-key"]
+    # read-0: every header line was read (kong.request.get_headers stopped at 100).
+    assert loaded.stdout.split() == ["authorization", "read-0", "x-api-key"]
 
 
 @pytest.mark.parametrize(

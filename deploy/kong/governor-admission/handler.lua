@@ -73,7 +73,9 @@ function GovernorAdmission:access(conf)
     method = kong.request.get_method(),
     path = kong.request.get_path(),
     raw_path = kong.request.get_raw_path(),  -- as the client wrote it (Kong >= 2.8)
-    headers = kong.request.get_headers(100),
+    -- Every line, as the nginx module reads them: kong.request.get_headers stops at 100 (at
+    -- most 1000), and a second credential past that went unseen, the first one served.
+    headers = ngx.req.get_headers(0),
     content_length = tonumber(kong.request.get_header('content-length')),
     read_body = function()
       return kong.request.get_raw_body() or ''
