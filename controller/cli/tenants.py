@@ -8,6 +8,7 @@ from rich.table import Table
 
 from controller.cli._plans import KnownPlans, known_plans
 from controller.cli._redis import JSON_OPTION, Stores, console, default_actor, echo_json, stores
+from controller.contract.apikeys import KeyRecord
 from controller.errors import ConfigurationError
 from controller.gateway.keys import KeyStore
 from controller.journal.events import JournalEvent, Kind
@@ -108,6 +109,7 @@ def list_tenants(as_json: bool = JSON_OPTION) -> None:
     with stores() as s:
         registry = s.control.tenants()
         known = _known(s)
+        records = KeyStore(s.client, s.keys, None).list()
     flags = {t: None if known is None else p not in known.names for t, p in registry.items()}
     if as_json:
         echo_json({t: {"plan": p, "unknown_plan": flags[t]} for t, p in registry.items()})
@@ -124,5 +126,24 @@ def list_tenants(as_json: bool = JSON_OPTION) -> None:
         typer.echo(
             f"{len(unknown)} tenant(s) on a plan not in {known.source}: {', '.join(unknown)}; "
             "move them (governor tenants set TENANT PLAN)",
+            err=True,
+        )
+    if known is not None:
+        _flag_keyed(registry, records, known)
+
+
+def _flag_keyed(registry: dict[str, str], records: list[KeyRecord], known: KnownPlans) -> None:
+    """Tenants known only through their API keys are on their keys' plan: one no longer in
+    the catalog is refused 403 all the same, and the 403 sends the caller's operator here."""
+    stranded: dict[str, set[str]] = {}
+    for record in records:
+        if record.tenant not in registry and record.plan not in known.names:
+            stranded.setdefault(record.tenant, set()).add(record.plan)
+    if stranded:
+        named = ", ".join(f"{t} ({', '.join(sorted(p))})" for t, p in sorted(stranded.items()))
+        typer.echo(
+            f"{len(stranded)} tenant(s) known only through API keys on a plan not in "
+            f"{known.source}: {named}; move them (governor tenants set TENANT PLAN moves "
+            "their keys too)",
             err=True,
         )

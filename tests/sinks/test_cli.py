@@ -374,6 +374,24 @@ def test_tenants_get_of_an_unregistered_tenant_names_the_plan_its_keys_give_it(
     assert as_json == {"tenant": "initech", "plan": None, "api_key_plans": ["paid"]}
 
 
+def test_tenants_list_flags_a_tenant_whose_keys_are_on_a_plan_gone_from_the_catalog(
+    url: str, db: redis.Redis[str]
+) -> None:
+    # Only registered tenants were flagged, while the 403 unknown-plan answer sends the
+    # caller's operator to `governor tenants list` for a key-only tenant too.
+    ok(url, "tenants", "set", "acme", "free")
+    KeyStore(db, KeySchema("governor"), None).create("initech", "retired")
+    ok(url, "keys", "create", "--tenant", "hooli", "--plan", "paid")
+
+    listed = run(url, "tenants", "list")
+
+    assert listed.exit_code == 0
+    assert listed.stderr.startswith("1 tenant(s) known only through API keys on a plan not in ")
+    assert listed.stderr.endswith(
+        ": initech (retired); move them (governor tenants set TENANT PLAN moves their keys too)\n"
+    )
+
+
 def test_explain_shows_proposals_override_winner_and_history(url: str) -> None:
     from controller.clients.redis import connect
     from controller.contract.keys import KeySchema
