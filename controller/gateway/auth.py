@@ -261,7 +261,7 @@ def _claim_id(claims: Mapping[str, Any], claim: str, what: str) -> str:
 
 
 def _reason(exc: jwt.PyJWTError) -> str:
-    reasons: list[tuple[type[jwt.PyJWTError], str]] = [
+    reasons: list[tuple[type[jwt.PyJWTError] | tuple[()], str]] = [
         (jwt.ExpiredSignatureError, "expired"),
         (jwt.ImmatureSignatureError, "not valid yet (nbf or iat in the future)"),
         (jwt.InvalidAudienceError, "wrong audience"),
@@ -270,6 +270,10 @@ def _reason(exc: jwt.PyJWTError) -> str:
         (jwt.InvalidIssuedAtError, "iat is not a number"),
         (jwt.InvalidSignatureError, "bad signature"),
         (jwt.InvalidAlgorithmError, "algorithm not accepted"),
+        # PyJWT >= 2.10 checks these types too: said, not "malformed token" (the token is
+        # well formed and signed; its issuer wrote a number or an object there).
+        (getattr(jwt.exceptions, "InvalidSubjectError", ()), "sub is not a string"),
+        (getattr(jwt.exceptions, "InvalidJTIError", ()), "jti is not a string"),
     ]
     return next((text for kind, text in reasons if isinstance(exc, kind)), "malformed token")
 

@@ -156,6 +156,11 @@ def hostile_tokens(
     no_tenant = claims(sub=None)
     yield "no tenant", jwt.encode(no_tenant, rsa_key, algorithm="RS256"), "no tenant claim"
     yield "plan not a string", jwt.encode(claims(plan=7), rsa_key, algorithm="RS256"), "'plan'"
+    # Validly signed, so "malformed token" (what they said) sent the caller looking elsewhere.
+    numeric_sub = claims(sub=5, tenant="acme")
+    yield "sub a number", jwt.encode(numeric_sub, rsa_key, algorithm="RS256"), "sub is not a"
+    jti = claims(jti={"n": 1})
+    yield "jti an object", jwt.encode(jti, rsa_key, algorithm="RS256"), "jti is not a string"
     unsafe = claims(sub="acme/../other")
     yield "unsafe tenant id", jwt.encode(unsafe, rsa_key, algorithm="RS256"), "safe tenant"
     yield "another key", jwt.encode(claims(), other, algorithm="RS256"), "bad signature"
