@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -52,6 +53,10 @@ class Principal:
 class JwksCache:
     """Signing keys of a JWKS URL, fetched with the gateway's async client and cached."""
 
+    # An unknown kid, or a failed fetch, is tried again at most this often: a rotated key is
+    # found quickly, and a flood of made-up kids cannot turn into a flood of JWKS fetches.
+    RETRY_SECONDS = 10.0
+
     def __init__(
         self,
         url: str,
@@ -65,17 +70,20 @@ class JwksCache:
         self._clock = clock
         self._keys: dict[str, jwt.PyJWK] = {}
         self._fetched_at: float | None = None
+        self._tried_at: float | None = None  # the last fetch, whatever came of it
+        self._failure: str | None = None  # why the last fetch failed, while no key is held
+        # One fetch at a time: concurrent requests with made-up kids each started their own
+        # fetch (100 at once: 100 fetches), the 10 s guard seeing none finished yet.
+        self._lock = asyncio.Lock()
 
     async def key(self, kid: str | None) -> jwt.PyJWK:
         """The key named `kid` (the only key when the set has one and no kid is given)."""
-        stale = self._fetched_at is None or self._clock() - self._fetched_at > self.lifetime_seconds
-        # An unknown kid refetches at most once per 10 s: a rotated key is found quickly,
-        # and a flood of made-up kids cannot turn into a flood of JWKS fetches.
-        unknown = kid not in self._keys and (
-            self._fetched_at is None or self._clock() - self._fetched_at > 10.0
-        )
-        if stale or unknown:
-            await self._fetch()
+        if self._due(kid):
+            async with self._lock:
+                if self._due(kid):  # not fetched meanwhile by the request it waited for
+                    await self._fetch()
+        if not self._keys and self._failure is not None:
+            raise AuthError(self._failure)
         if kid is None and len(self._keys) == 1:
             return next(iter(self._keys.values()))
         found = self._keys.get(kid or "")
@@ -85,21 +93,35 @@ class JwksCache:
             raise AuthError(f"no signing key {shown} at the issuer's JWKS")
         return found
 
+    def _due(self, kid: str | None) -> bool:
+        """Whether to fetch now: the set is older than its lifetime, or `kid` is not in it;
+        either way not again within RETRY_SECONDS (nor the lifetime, if shorter) of the last
+        fetch, successful or not."""
+        now = self._clock()
+        if self._tried_at is not None and now - self._tried_at < min(
+            self.RETRY_SECONDS, self.lifetime_seconds
+        ):
+            return False
+        fetched = self._fetched_at
+        return fetched is None or now - fetched > self.lifetime_seconds or kid not in self._keys
+
     async def _fetch(self) -> None:
+        self._tried_at = self._clock()
         try:
             response = await self.client.get(self.url, timeout=5.0)
             response.raise_for_status()
             jwk_set = jwt.PyJWKSet.from_dict(response.json())
         except (httpx.HTTPError, ValueError, TypeError, KeyError, AttributeError,
                 jwt.PyJWTError) as exc:  # fmt: skip
-            if self._keys:
-                # Keep the keys we have (an issuer hiccup must not log everyone out) and try
-                # again in 10 s, not on every request.
-                self._fetched_at = self._clock() - self.lifetime_seconds + 10.0
-                return
-            raise AuthError(f"cannot read the issuer's JWKS ({type(exc).__name__})") from None
+            # Keys held are kept (an issuer hiccup must not log everyone out); tried again
+            # in RETRY_SECONDS, not on every request.
+            self._failure = f"cannot read the issuer's JWKS ({type(exc).__name__})"
+            if not self._keys:
+                raise AuthError(self._failure) from None
+            return
         self._keys = {k.key_id or "": k for k in jwk_set.keys}
         self._fetched_at = self._clock()
+        self._failure = None
 
 
 class Authenticator:
