@@ -204,6 +204,11 @@ def number(value: float | None) -> str:
     return str(int(value)) if float(value).is_integer() else f"{value:g}"
 
 
+def count(number: int, noun: str) -> str:
+    """`1 event`, `2 events`: a table title or summary never says "1 events"."""
+    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
+
+
 def plain(value: str) -> str:
     """Text stored by anyone (a reason, an actor, a key's name) as one printable line: every
     control or other unprintable character escaped (`\\x1b`, `\\n`), so it can neither

@@ -18,6 +18,9 @@ from controller.cli._redis import (
     stores,
     when,
 )
+from controller.cli._redis import (
+    count as counted,
+)
 from controller.journal.events import STALE_LEADER, JournalEntry
 from controller.journal.reader import follow_events, read_events
 
@@ -77,7 +80,7 @@ def tail(
             for entry in entries:
                 typer.echo(entry_json(entry))
         else:
-            console().print(entries_table(entries, f"journal ({len(entries)} events)"))
+            console().print(entries_table(entries, f"journal ({counted(len(entries), 'event')})"))
         if not follow:
             return
         after = entries[-1].id if entries else "$"

@@ -13,6 +13,7 @@ from controller.cli._redis import (
     JSON_OPTION,
     Stores,
     console,
+    count,
     echo_json,
     number,
     parse_address,
@@ -112,7 +113,7 @@ def explain(
         extra = [a for a in decision["adjustments"] if a not in decision["reason"]]
         if extra:
             out.print("adjustments: " + plain("; ".join(extra)), markup=False)
-    out.print(entries_table(events, f"last {len(events)} journal events"))
+    out.print(entries_table(events, f"last {count(len(events), 'journal event')}"))
 
 
 def _follows(s: Stores, target: Address) -> Address | None:

@@ -12,6 +12,7 @@ import typer
 
 from controller.cli._redis import (
     cli_errors,
+    count,
     default_actor,
     parse_ttl,
     require_reason,
@@ -85,12 +86,12 @@ def lint(
         for error in errors:
             typer.echo(str(error), err=True)
         broken = len({error.file for error in errors})
-        typer.echo(f"{_count(len(errors), 'error')} in {_count(broken, 'file')}", err=True)
+        typer.echo(f"{count(len(errors), 'error')} in {count(broken, 'file')}", err=True)
         raise typer.Exit(1)
     kinds: Counter[str] = Counter(document.kind for document in policies.documents)
     per_kind = ", ".join(f"{kind} {kinds[kind]}" for kind in KINDS if kinds[kind])
     typer.echo(
-        f"ok: {_count(len(policies.documents), 'document')} in {_count(len(files), 'file')} "
+        f"ok: {count(len(policies.documents), 'document')} in {count(len(files), 'file')} "
         f"({per_kind or 'none'}), version {policies.version}"
     )
 
@@ -116,10 +117,6 @@ def schema(
                 "path, or no -o to print it"
             ) from None
     typer.echo(f"wrote {output}", err=True)
-
-
-def _count(number: int, noun: str) -> str:
-    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
 
 
 @app.command("test")

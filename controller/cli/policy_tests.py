@@ -8,6 +8,7 @@ from pathlib import Path
 
 import typer
 
+from controller.cli._redis import count
 from controller.policy.loader import PolicyLoadError, check_files
 from controller.policy.policyset import PolicySet
 from controller.policy.testing import CaseResult, find_test_files, read_test_file, run_file
@@ -62,7 +63,9 @@ def run_policy_tests(directory: Path, as_json: bool) -> None:
         typer.echo(json.dumps({"passed": failed == 0, "files": report}, indent=2))
     else:
         verdict = "FAILED" if failed else "ok"
-        typer.echo(f"{verdict}: {total} tests in {len(files)} files, {failed} failing")
+        typer.echo(
+            f"{verdict}: {count(total, 'test')} in {count(len(files), 'file')}, {failed} failing"
+        )
     raise typer.Exit(1 if failed else 0)
 
 

@@ -327,7 +327,8 @@ class GovernorMiddleware:
         elif not known:
             outcome, answer = "not_configured", self.e.answers.not_configured()
         else:
-            outcome, answer = "unknown_plan", self.e.answers.unknown_plan(principal.plan)
+            claimed = principal.method == "jwt"
+            outcome, answer = "unknown_plan", self.e.answers.unknown_plan(principal.plan, claimed)
         self.e.metrics.request(principal.tenant, principal.plan, None, outcome)
         return answer
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -52,6 +53,10 @@ class Principal:
 class JwksCache:
     """Signing keys of a JWKS URL, fetched with the gateway's async client and cached."""
 
+    # An unknown kid, or a failed fetch, is tried again at most this often: a rotated key is
+    # found quickly, and a flood of made-up kids cannot turn into a flood of JWKS fetches.
+    RETRY_SECONDS = 10.0
+
     def __init__(
         self,
         url: str,
@@ -65,39 +70,58 @@ class JwksCache:
         self._clock = clock
         self._keys: dict[str, jwt.PyJWK] = {}
         self._fetched_at: float | None = None
+        self._tried_at: float | None = None  # the last fetch, whatever came of it
+        self._failure: str | None = None  # why the last fetch failed, while no key is held
+        # One fetch at a time: concurrent requests with made-up kids each started their own
+        # fetch (100 at once: 100 fetches), the 10 s guard seeing none finished yet.
+        self._lock = asyncio.Lock()
 
     async def key(self, kid: str | None) -> jwt.PyJWK:
         """The key named `kid` (the only key when the set has one and no kid is given)."""
-        stale = self._fetched_at is None or self._clock() - self._fetched_at > self.lifetime_seconds
-        # An unknown kid refetches at most once per 10 s: a rotated key is found quickly,
-        # and a flood of made-up kids cannot turn into a flood of JWKS fetches.
-        unknown = kid not in self._keys and (
-            self._fetched_at is None or self._clock() - self._fetched_at > 10.0
-        )
-        if stale or unknown:
-            await self._fetch()
+        if self._due(kid):
+            async with self._lock:
+                if self._due(kid):  # not fetched meanwhile by the request it waited for
+                    await self._fetch()
+        if not self._keys and self._failure is not None:
+            raise AuthError(self._failure)
         if kid is None and len(self._keys) == 1:
             return next(iter(self._keys.values()))
         found = self._keys.get(kid or "")
         if found is None:
-            raise AuthError(f"no signing key {kid!r} at the issuer's JWKS")
+            # The kid is the caller's text (up to JWT_MAX_LENGTH): quoted in part, as `alg` is.
+            shown = repr(kid) if kid is None or len(kid) <= 40 else f"{kid[:40]!r}…"
+            raise AuthError(f"no signing key {shown} at the issuer's JWKS")
         return found
 
+    def _due(self, kid: str | None) -> bool:
+        """Whether to fetch now: the set is older than its lifetime, or `kid` is not in it;
+        either way not again within RETRY_SECONDS (nor the lifetime, if shorter) of the last
+        fetch, successful or not."""
+        now = self._clock()
+        if self._tried_at is not None and now - self._tried_at < min(
+            self.RETRY_SECONDS, self.lifetime_seconds
+        ):
+            return False
+        fetched = self._fetched_at
+        return fetched is None or now - fetched > self.lifetime_seconds or kid not in self._keys
+
     async def _fetch(self) -> None:
+        self._tried_at = self._clock()
         try:
             response = await self.client.get(self.url, timeout=5.0)
             response.raise_for_status()
             jwk_set = jwt.PyJWKSet.from_dict(response.json())
         except (httpx.HTTPError, ValueError, TypeError, KeyError, AttributeError,
                 jwt.PyJWTError) as exc:  # fmt: skip
-            if self._keys:
-                # Keep the keys we have (an issuer hiccup must not log everyone out) and try
-                # again in 10 s, not on every request.
-                self._fetched_at = self._clock() - self.lifetime_seconds + 10.0
-                return
-            raise AuthError(f"cannot read the issuer's JWKS ({type(exc).__name__})") from None
+            # Keys held are kept (an issuer hiccup must not log everyone out); tried again
+            # in RETRY_SECONDS, not on every request.
+            self._failure = f"cannot read the issuer's JWKS ({type(exc).__name__})"
+            if not self._keys:
+                raise AuthError(self._failure) from None
+            return
         self._keys = {k.key_id or "": k for k in jwk_set.keys}
         self._fetched_at = self._clock()
+        self._failure = None
 
 
 class Authenticator:
@@ -208,6 +232,15 @@ ONE_CREDENTIAL = (
     "send one credential: {header} holds several (a repeated header, or a list); "
     "the gateway will not pick one of them"
 )
+TWO_HEADERS = (
+    "send one credential: Authorization and x-api-key hold different ones; "
+    "the gateway will not pick one of them"
+)
+
+
+# HTTP's optional white space (RFC 9110 §5.6.3): str.strip() also took NBSP, NEL and the
+# \x1c-\x1f separators for it, so a key with such a byte was served (and refused by nginx).
+_OWS = " \t"
 
 
 def _credential(headers: Mapping[str, str]) -> str:
@@ -215,14 +248,18 @@ def _credential(headers: Mapping[str, str]) -> str:
     lines joined by ',' (RFC 9110 §5.3); no key or JWT holds one, so a ',' means two
     credentials, and which one counts is not the gateway's guess: refused."""
     authorization = headers.get("authorization")
+    api_key = (headers.get("x-api-key") or "").strip(_OWS)
     if authorization is not None:
-        scheme, _, token = authorization.strip().partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
+        scheme, _, token = authorization.strip(_OWS).partition(" ")
+        if scheme.lower() != "bearer" or not token.strip(_OWS):
             raise AuthError("Authorization must be `Bearer <API key or JWT>`")
-        return _one(token.strip(), "Authorization")
-    api_key = headers.get("x-api-key")
+        token = _one(token.strip(_OWS), "Authorization")
+        # The same key in both (some clients send it twice) is one credential; two are not.
+        if api_key and api_key != token:
+            raise AuthError(TWO_HEADERS)
+        return token
     if api_key:
-        return _one(api_key.strip(), "x-api-key")
+        return _one(api_key, "x-api-key")
     raise AuthError("no credential: send Authorization: Bearer <API key or JWT>")
 
 
@@ -246,7 +283,7 @@ def _claim_id(claims: Mapping[str, Any], claim: str, what: str) -> str:
 
 
 def _reason(exc: jwt.PyJWTError) -> str:
-    reasons: list[tuple[type[jwt.PyJWTError], str]] = [
+    reasons: list[tuple[type[jwt.PyJWTError] | tuple[()], str]] = [
         (jwt.ExpiredSignatureError, "expired"),
         (jwt.ImmatureSignatureError, "not valid yet (nbf or iat in the future)"),
         (jwt.InvalidAudienceError, "wrong audience"),
@@ -255,6 +292,10 @@ def _reason(exc: jwt.PyJWTError) -> str:
         (jwt.InvalidIssuedAtError, "iat is not a number"),
         (jwt.InvalidSignatureError, "bad signature"),
         (jwt.InvalidAlgorithmError, "algorithm not accepted"),
+        # PyJWT >= 2.10 checks these types too: said, not "malformed token" (the token is
+        # well formed and signed; its issuer wrote a number or an object there).
+        (getattr(jwt.exceptions, "InvalidSubjectError", ()), "sub is not a string"),
+        (getattr(jwt.exceptions, "InvalidJTIError", ()), "jti is not a string"),
     ]
     return next((text for kind, text in reasons if isinstance(exc, kind)), "malformed token")
 

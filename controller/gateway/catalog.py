@@ -14,11 +14,14 @@ from dataclasses import dataclass
 
 import redis
 import redis.asyncio
+import structlog
 
 from controller.clients.redis import key_schema
 from controller.contract.catalog import PlanInfo
 from controller.errors import SinkError
 from controller.model import model_key
+
+_log = structlog.get_logger("governor.gateway")
 
 
 @dataclass
@@ -32,6 +35,7 @@ class PlanCatalog:
     _plans: dict[str, PlanInfo] | None = None  # None: never read
     _models: frozenset[str] = frozenset()  # every model a plan lists, as model_key has it
     _loaded_at: float | None = None
+    _broken: frozenset[str] = frozenset()  # entries that are no plan, as last logged
 
     @classmethod
     def fixed(
@@ -80,17 +84,35 @@ class PlanCatalog:
             pipe.hgetall(key)
             pipe.get(schema.catalog_version)
             raw, version = await pipe.execute()
-            plans = {name: PlanInfo.from_json(text) for name, text in raw.items()}
         except redis.RedisError as exc:
             raise SinkError(f"reading the plan catalog {key} failed: {exc}") from exc
-        except ValueError as exc:  # pydantic's ValidationError: a hand-written entry
-            raise SinkError(
-                f"the plan catalog {key} holds an entry that is no plan: {exc}"
-            ) from None
+        plans = self._plans_in(key, raw)
         self._hold(plans)
         self.version = version if plans else None
         # None published: read again at the next request, so the first publish counts at once.
         self._loaded_at = time.monotonic() if plans else None
+
+    def _plans_in(self, key: str, raw: Mapping[str, str]) -> dict[str, PlanInfo]:
+        """The entries that are plans. One the controller never writes (a hand edit) names no
+        plan, as in the nginx module: it once made the whole catalog unreadable, and a gateway
+        started then refused every tenant 503 "the limit store is unreachable". Logged when
+        the set of such entries changes, not at every refresh."""
+        plans: dict[str, PlanInfo] = {}
+        broken: dict[str, str] = {}
+        for name, text in raw.items():
+            try:
+                plans[name] = PlanInfo.from_json(text)
+            except ValueError as exc:  # pydantic's ValidationError among them
+                broken[name] = str(exc).splitlines()[0]
+        if broken and frozenset(broken) != self._broken:
+            _log.warning(
+                "plan catalog entries that are no plan are left out: their keys and tokens "
+                "are refused 403 unknown-plan (the controller republishes the catalog on its "
+                f"next policy change; or redis-cli HDEL {key} <plan>)",
+                entries=broken,
+            )
+        self._broken = frozenset(broken)
+        return plans
 
     async def current(self, plan: str) -> PlanInfo | None:
         """The plan (None: not in the catalog), refreshing first when the cache is older than

@@ -169,6 +169,7 @@ class KeyVerifier:
         self.cache_seconds = cache_seconds
         self._clock = clock
         self._cache: OrderedDict[str, tuple[float, KeyRecord]] = OrderedDict()
+        self._revoked: OrderedDict[str, None] = OrderedDict()  # ids once verified, now gone
 
     async def verify(self, key: str) -> KeyRecord | None:
         """The record of a valid key; None for an unknown, revoked or wrong key.
@@ -181,27 +182,44 @@ class KeyVerifier:
             return None
         record = self._cached(key_id)
         if record is None:
-            try:
-                text = await self.client.hget(self.key, key_id)
-            except redis.RedisError:
-                stale = self._cache.get(key_id)
-                if stale is None:
-                    raise
-                # Redis is away: a key verified before the outage still is (a fail-open plan
-                # must keep serving its callers); it is checked against its digest below.
-                text = stale[1].to_json()
-            if text is None:
-                return None
+            record = await self._read(key_id)
+        if record is None or not matches(record, key, self.secret):
+            return None
+        self._remember(record)
+        return record
+
+    async def _read(self, key_id: str) -> KeyRecord | None:
+        """The usable record Redis holds for `key_id`, else None; while Redis is away, the
+        one verified before the outage (a fail-open plan must keep serving its callers)."""
+        try:
+            text = await self.client.hget(self.key, key_id)
+        except redis.RedisError:
+            stale = self._cache.get(key_id)
+            if stale is not None:
+                return stale[1]  # checked against its digest by the caller
+            if key_id in self._revoked:
+                return None  # Redis said so: a 401, not a 503 asking to retry
+            raise
+        record = None
+        if text is not None:
             try:
                 record = KeyRecord.from_json(text).usable()
             except ValueError as exc:
                 # A hand-edited record authenticates nobody; the operator is told which.
                 _log.warning("API key record unusable; it authenticates nobody", error=str(exc))
-                return None
-        if not matches(record, key, self.secret):
-            return None
-        self._remember(record)
+        if record is None:
+            self._forget(key_id)
         return record
+
+    def _forget(self, key_id: str) -> None:
+        """Drop a key Redis no longer vouches for (revoked, or its record spoiled): kept in
+        the cache, an outage later would serve it again. Only keys once verified are
+        remembered as revoked, so made-up ids cannot fill the memory."""
+        if self._cache.pop(key_id, None) is None:
+            return
+        self._revoked[key_id] = None
+        while len(self._revoked) > _CACHE_SIZE:
+            self._revoked.popitem(last=False)
 
     def _cached(self, key_id: str) -> KeyRecord | None:
         entry = self._cache.get(key_id)
@@ -210,6 +228,7 @@ class KeyVerifier:
         return entry[1]
 
     def _remember(self, record: KeyRecord) -> None:
+        self._revoked.pop(record.key_id, None)  # a record restored from a backup
         if record.key_id not in self._cache or self._cached(record.key_id) is None:
             self._cache[record.key_id] = (self._clock(), record)
         self._cache.move_to_end(record.key_id)

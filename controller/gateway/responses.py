@@ -174,15 +174,22 @@ class Answers:
             allowed_models=list(allowed),
         )
 
-    def unknown_plan(self, plan: str) -> Problem:
+    def unknown_plan(self, plan: str, claimed: bool = False) -> Problem:
         """403: the credential names a plan the published catalog does not hold (a typo, or a
-        plan since removed from the policies); never served as if it had no limits."""
+        plan since removed from the policies); never served as if it had no limits.
+        `claimed`: a token's plan claim, which only its issuer can change."""
+        remedy = (
+            "(the token's plan claim) is not in the plan catalog; the token's issuer must name "
+            "a known plan"
+            if claimed
+            else "is not in the plan catalog; the API's operator must move this tenant or key "
+            "to a known plan (governor tenants list flags them)"
+        )
         return problem(
             403,
             self.type_uri("unknown-plan"),
             "Unknown plan",
-            f"plan {plan!r} is not in the plan catalog; the API's operator must move this "
-            "tenant or key to a known plan (governor tenants list flags them)",
+            f"plan {plan!r} {remedy}",
             error=_invalid("unknown_plan"),
             plan=plan,
         )

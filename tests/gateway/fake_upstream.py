@@ -64,6 +64,7 @@ class FakeUpstream:
 
     seen: list[Seen] = field(default_factory=list)
     jwks: dict[str, Any] = field(default_factory=lambda: {"keys": []})
+    jwks_fetches: int = 0  # how often /jwks was read
     release: threading.Event = field(default_factory=threading.Event)
     completion_tokens: int = 5  # what a completion "generates" (capped by max_tokens)
     # Responses kept for a later `previous_response_id`: id → its input + output tokens.
@@ -426,6 +427,7 @@ class FakeUpstream:
         return JSONResponse({"object": "list", "data": [{"id": "gpt-3.5-turbo"}]})
 
     async def _jwks(self, _request: Request) -> Response:
+        self.jwks_fetches += 1
         return JSONResponse(self.jwks)
 
 

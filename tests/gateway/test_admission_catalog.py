@@ -16,6 +16,7 @@ from controller.control.catalog import publish_catalog
 from controller.errors import SinkError
 from controller.gateway.catalog import PlanCatalog
 from controller.policy.loader import load_directory
+from tests.gateway.conftest import MakeGateway
 from tests.support.redis import RedisServer, free_port
 
 
@@ -75,19 +76,42 @@ def test_an_unreachable_redis_keeps_the_last_catalog() -> None:
     "entry", ["{}", '{"fail_mode": "closed"}', '{"models": [], "degrade": null, "credits": null}']
 )
 def test_an_entry_that_leaves_models_or_fail_mode_out_is_no_plan(
-    db: redis.Redis[str], redis_server: RedisServer, entry: str
+    db: redis.Redis[str], redis_server: RedisServer, policy_dir: Path, entry: str
 ) -> None:
     """An empty models list means any model: an entry written by hand without one must not
-    read as a plan that serves every model (the last good catalog is kept instead)."""
-    db.delete("governor:plans")
+    read as a plan that serves every model. It is left out (it names no plan: 403
+    unknown-plan), as nginx leaves it out; the plans beside it are read as usual."""
+    publish_catalog(db, load_directory(policy_dir), prefix="governor")
     db.hset("governor:plans", "hand-written", entry)
 
-    async def read() -> None:
+    async def read() -> tuple[PlanInfo | None, PlanInfo | None]:
         client = redis.asyncio.Redis.from_url(redis_server.url, decode_responses=True)
         try:
-            with pytest.raises(SinkError, match="holds an entry that is no plan"):
-                await PlanCatalog(client, "governor").refresh()
+            catalog = PlanCatalog(client, "governor")
+            await catalog.refresh()
+            return catalog.get("hand-written"), catalog.get("free")
         finally:
             await client.aclose()  # type: ignore[attr-defined]  # types-redis predates aclose
 
-    asyncio.run(read())
+    hand_written, free = asyncio.run(read())
+
+    assert hand_written is None
+    assert free is not None
+    assert free.models == ("gpt-3.5-turbo",)
+
+
+def test_a_gateway_started_beside_an_entry_that_is_no_plan_serves_the_other_plans(
+    db: redis.Redis[str], make_gateway: MakeGateway
+) -> None:
+    # One hand-written entry made the whole catalog unreadable: a gateway started then had
+    # none and refused every tenant 503 "the limit store is unreachable" (it was not), where
+    # nginx served the other plans and refused that one alone.
+    db.hset("governor:plans", "hand-written", "{}")
+    gateway = make_gateway()
+
+    served = gateway.chat(gateway.key("acme", "free"))
+    refused = gateway.chat(gateway.key("initech", "hand-written"))
+
+    assert served.status_code == 200, served.text
+    assert refused.status_code == 403
+    assert refused.json()["type"].endswith("#unknown-plan")

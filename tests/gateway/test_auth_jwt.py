@@ -156,6 +156,11 @@ def hostile_tokens(
     no_tenant = claims(sub=None)
     yield "no tenant", jwt.encode(no_tenant, rsa_key, algorithm="RS256"), "no tenant claim"
     yield "plan not a string", jwt.encode(claims(plan=7), rsa_key, algorithm="RS256"), "'plan'"
+    # Validly signed, so "malformed token" (what they said) sent the caller looking elsewhere.
+    numeric_sub = claims(sub=5, tenant="acme")
+    yield "sub a number", jwt.encode(numeric_sub, rsa_key, algorithm="RS256"), "sub is not a"
+    jti = claims(jti={"n": 1})
+    yield "jti an object", jwt.encode(jti, rsa_key, algorithm="RS256"), "jti is not a string"
     unsafe = claims(sub="acme/../other")
     yield "unsafe tenant id", jwt.encode(unsafe, rsa_key, algorithm="RS256"), "safe tenant"
     yield "another key", jwt.encode(claims(), other, algorithm="RS256"), "bad signature"
@@ -231,13 +236,16 @@ def test_jwks_keys_are_fetched_over_http_and_picked_by_kid(
     good = jwt.encode(claims(), rsa_key, algorithm="RS256", headers={"kid": "k1"})
     unknown_kid = jwt.encode(claims(), other_rsa_key, algorithm="RS256", headers={"kid": "k9"})
     wrong_key = jwt.encode(claims(), other_rsa_key, algorithm="RS256", headers={"kid": "k1"})
+    # The kid is the caller's own text: quoted whole, 8 KB of it came back twice in the 401
+    # (detail and WWW-Authenticate), past what a proxy in front buffers for headers.
+    long_kid = jwt.encode(claims(), other_rsa_key, algorithm="RS256", headers={"kid": "k" * 5000})
 
     async def run() -> list[Principal | str]:
         async with httpx.AsyncClient() as client:
             jwks = JwksCache(settings.jwt_jwks_url or "", client, 300.0)
             auth = Authenticator(settings, None, jwks)
             results: list[Principal | str] = []
-            for token in (good, unknown_kid, wrong_key):
+            for token in (good, unknown_kid, wrong_key, long_kid):
                 try:
                     results.append(await auth.authenticate({"authorization": f"Bearer {token}"}))
                 except AuthError as exc:
@@ -252,6 +260,77 @@ def test_jwks_keys_are_fetched_over_http_and_picked_by_kid(
     assert results[0] == Principal("acme", "free", None, "jwt", "acme")
     assert results[1] == "no signing key 'k9' at the issuer's JWKS"
     assert results[2] == "invalid token: bad signature"
+    assert results[3] == f"no signing key {'k' * 40!r}… at the issuer's JWKS"
+
+
+def test_a_flood_of_made_up_kids_at_once_makes_one_jwks_fetch(
+    rsa_key: rsa.RSAPrivateKey,
+) -> None:
+    # Concurrent requests each started a fetch (100 tokens at once: 100 fetches of the
+    # issuer's JWKS), the 10 s guard seeing none of them finished yet.
+    upstream = FakeUpstream()
+    jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(rsa_key.public_key()))
+    upstream.jwks = {"keys": [{**jwk, "kid": "k1", "use": "sig"}]}
+    server = ServerThread(upstream.app()).start()
+    settings = GatewaySettings(
+        jwt_jwks_url=f"{server.url}/jwks", jwt_issuer=ISSUER, jwt_audience=AUDIENCE
+    )
+    made_up = [
+        jwt.encode(claims(), rsa_key, algorithm="RS256", headers={"kid": f"x{n}"})
+        for n in range(100)
+    ]
+
+    async def run() -> list[str]:
+        async with httpx.AsyncClient() as client:
+            auth = Authenticator(
+                settings, None, JwksCache(settings.jwt_jwks_url or "", client, 300)
+            )
+
+            async def one(token: str) -> str:
+                try:
+                    await auth.authenticate({"authorization": f"Bearer {token}"})
+                except AuthError as exc:
+                    return exc.detail
+                return "served"
+
+            return await asyncio.gather(*(one(token) for token in made_up))
+
+    try:
+        details = asyncio.run(run())
+    finally:
+        server.stop()
+
+    assert upstream.jwks_fetches == 1
+    assert set(details) == {f"no signing key 'x{n}' at the issuer's JWKS" for n in range(100)}
+
+
+def test_an_unreadable_jwks_is_not_fetched_again_for_each_request() -> None:
+    upstream = FakeUpstream()
+    upstream.jwks = {"keys": "not a list"}
+    server = ServerThread(upstream.app()).start()
+    settings = GatewaySettings(
+        jwt_jwks_url=f"{server.url}/jwks", jwt_issuer=ISSUER, jwt_audience=AUDIENCE
+    )
+
+    async def run() -> list[str]:
+        async with httpx.AsyncClient() as client:
+            jwks = JwksCache(settings.jwt_jwks_url or "", client, 300)
+            details = []
+            for _ in range(5):
+                try:
+                    await jwks.key("k1")
+                except AuthError as exc:
+                    details.append(exc.detail)
+            return details
+
+    try:
+        details = asyncio.run(run())
+    finally:
+        server.stop()
+
+    assert upstream.jwks_fetches == 1
+    assert len(details) == 5
+    assert all(d.startswith("cannot read the issuer's JWKS (") for d in details)
 
 
 def test_a_token_living_longer_than_the_maximum_is_refused(rsa_key: rsa.RSAPrivateKey) -> None:

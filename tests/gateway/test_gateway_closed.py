@@ -98,6 +98,12 @@ def test_a_validly_signed_token_on_an_unknown_plan_is_refused(
     platinum = gateway.chat(signed(signing_key, plan="platinum"), "gpt-4")
     assert platinum.status_code == 403
     assert platinum.json()["type"].endswith(UNKNOWN_PLAN)
+    # The plan is the token's claim: no `governor tenants set` moves it (the key's wording
+    # sent the caller to the operator for what only the issuer can change).
+    assert platinum.json()["detail"] == (
+        "plan 'platinum' (the token's plan claim) is not in the plan catalog; the token's "
+        "issuer must name a known plan"
+    )
     assert gateway.chat(signed(signing_key, plan="free"), "gpt-4").status_code == 403  # a model
     assert gateway.chat(signed(signing_key, plan="free")).status_code == 200
 

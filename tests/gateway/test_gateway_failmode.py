@@ -13,6 +13,7 @@ import redis.asyncio
 from controller.contract.keys import KeySchema
 from controller.gateway.credits import CreditLedger
 from controller.gateway.failmode import Presence
+from controller.gateway.keys import KeyStore
 from tests.gateway.conftest import Gateway, start_gateway, write_limits
 from tests.gateway.fake_upstream import FakeUpstream
 from tests.support.redis import RedisServer
@@ -77,3 +78,33 @@ def test_free_fails_closed_and_enterprise_fails_open_to_its_share(
     # A key Redis never vouched for cannot be checked now: refused, whatever its plan.
     assert unseen.status_code == 503
     assert "not seen before" in unseen.json()["detail"]
+
+
+def test_a_key_seen_revoked_is_not_served_from_the_cache_during_an_outage(
+    tmp_path: Path, upstream: tuple[FakeUpstream, str], policy_dir: Path
+) -> None:
+    # The cache that keeps verified keys working through an outage (fail-open plans) once
+    # kept a key Redis had since said was revoked: the outage brought it back, unmetered.
+    server = RedisServer(tmp_path / "redis").start()
+    gateway = None
+    try:
+        with server.client() as client:
+            write_limits(client, "governor", policy_dir)
+            CreditLedger(client, "governor").top_up("globex", 1.0, reason="test", actor="pytest")
+        gateway = start_gateway(server.url, upstream[1], key_cache_seconds=0.0)
+        key = gateway.key("globex", "enterprise")  # fails open
+        used = gateway.chat(key)
+        with server.client() as client:
+            (key_id,) = client.hkeys("governor:apikeys")
+            assert KeyStore(client, KeySchema("governor"), "test-secret").revoke(key_id)
+        revoked = gateway.chat(key)
+        server.stop()
+        during_outage = gateway.chat(key)
+    finally:
+        if gateway is not None:
+            gateway.stop()
+        server.stop()
+
+    assert (used.status_code, revoked.status_code) == (200, 401)
+    assert during_outage.status_code == 401, during_outage.text
+    assert during_outage.json()["detail"] == "unknown or revoked API key"

@@ -230,7 +230,7 @@ package.preload['governor.gateway'] = function()
   } end}
 end
 ngx = {null = {}, var = {request_id = 'r1'}, worker = {id = function() return 0 end},
-  arg = {'', true}}
+  arg = {'', true}, req = {get_headers = function() return {} end}}
 local ctx = {plugin = {}}
 kong = {
   request = {get_method = function() return 'POST' end,
@@ -241,7 +241,8 @@ kong = {
   client = {get_forwarded_ip = function() return '127.0.0.1' end},
   service = {
     request = {enable_buffering = function() buffering = true end,
-      set_raw_body = function() error('the body is the client own') end},
+      set_raw_body = function() error('the body is the client own') end,
+      clear_header = function() end},
     response = {get_status = function() return 200 end,
       get_raw_body = function() return '{"id": "conv_1", "object": "conversation"}' end}},
   response = {exit = function() error('refused') end, set_header = function() end,
@@ -272,6 +273,60 @@ def test_the_kong_plugin_records_a_conversation_from_the_buffered_answer() -> No
     raw_path, buffered, status, added, body = loaded.stdout.split(maxsplit=4)
     assert (raw_path, buffered, status, added) == ("/v1/conversations", "true", "200", "106")
     assert body.strip() == '{"id": "conv_1", "object": "conversation"}'
+
+
+# The Kong plugin's access phase for each outcome that reaches the upstream, with Kong's PDK
+# and the gateway module stubbed: the client's Governor key was left on the request Kong
+# proxies, so the model server received every tenant's key (nginx.conf and the Python
+# gateway drop Authorization and X-Api-Key); and only 100 header lines were read.
+KONG_CREDENTIAL = """
+package.preload['governor.config'] = function() return {load = function() return {} end} end
+package.preload['governor.gateway'] = function()
+  return {new = function() return {decide = function() return OUTCOME end} end}
+end
+local cleared = {}
+ngx = {null = {}, var = {request_id = 'r1'}, worker = {id = function() return 0 end},
+  req = {get_headers = function(most)
+    cleared[#cleared + 1] = 'read-' .. tostring(most)  -- 0: every line
+    return {authorization = 'Bearer gov_x'}
+  end}}
+kong = {
+  request = {get_method = function() return 'POST' end,
+    get_path = function() return '/v1/chat/completions' end,
+    get_raw_path = function() return '/v1/chat/completions' end,
+    get_headers = function() return {authorization = 'Bearer gov_x'} end,
+    get_header = function() return nil end, get_raw_body = function() return '{}' end},
+  client = {get_forwarded_ip = function() return '127.0.0.1' end},
+  service = {request = {enable_buffering = function() end, set_raw_body = function() end,
+    clear_header = function(name) cleared[#cleared + 1] = name:lower() end}},
+  response = {exit = function() error('refused') end},
+  ctx = {plugin = {}},
+}
+local handler = dofile(arg[1] .. '/handler.lua')
+handler.access(handler, {export_dir = 'x', redis_host = 'h', redis_port = 1,
+  redis_database = 0, redis_timeout_ms = 1})
+table.sort(cleared)
+print(table.concat(cleared, ' '))
+"""
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    "outcome",
+    [
+        "{call = {streaming = true, changed = false}}",
+        "{call = {streaming = false, changed = true, body = '{}'}}",
+        "{pass = true}",
+        "{conversation = {action = 'create'}}",
+    ],
+)
+def test_the_kong_plugin_reads_every_header_and_never_forwards_the_credential(outcome: str) -> None:
+    script = f"OUTCOME = {outcome}\n" + KONG_CREDENTIAL.replace("arg[1]", f"'{KONG}'")
+    loaded = subprocess.run(["lua5.1", "-"], input=script, capture_output=True, text=True)
+
+    assert loaded.returncode == 0, loaded.stderr
+    # read-0: every header line was read (kong.request.get_headers stopped at 100).
+    assert loaded.stdout.split() == ["authorization", "read-0", "x-api-key"]
 
 
 @pytest.mark.parametrize(

@@ -160,7 +160,26 @@ ONE_CREDENTIAL = (
 )
 
 
-@pytest.mark.parametrize("how", ["two x-api-key lines", "a list in x-api-key", "a list in Bearer"])
+TWO_HEADERS = (
+    "send one credential: Authorization and x-api-key hold different ones; the gateway will "
+    "not pick one of them"
+)
+
+# nginx's Lua read only the first 100 header lines: a second credential after 100 others
+# went unseen, and nginx picked the first where the Python gateway refused both.
+FILLER = [(f"x-filler-{i}", "f") for i in range(100)]
+
+
+@pytest.mark.parametrize(
+    "how",
+    [
+        "two x-api-key lines",
+        "a list in x-api-key",
+        "a list in Bearer",
+        "after 100 lines",
+        "Bearer and x-api-key",
+    ],
+)
 def test_two_credentials_in_one_request_are_refused_not_picked_from(
     how: str, nginx: Side, python_gateway: Side, upstream: tuple[FakeUpstream, ServerThread]
 ) -> None:
@@ -173,16 +192,60 @@ def test_two_credentials_in_one_request_are_refused_not_picked_from(
             "two x-api-key lines": [("x-api-key", free), ("x-api-key", paid)],
             "a list in x-api-key": [("x-api-key", f"{free}, {paid}")],
             "a list in Bearer": [("authorization", f"Bearer {paid},{free}")],
+            "after 100 lines": [("x-api-key", free), *FILLER, ("x-api-key", paid)],
+            # Both gateways took Authorization and left x-api-key unread.
+            "Bearer and x-api-key": [("authorization", f"Bearer {paid}"), ("x-api-key", free)],
         }[how]
         seen = len(fake.seen)
         answer = side.http.post(
             f"{side.url}/v1/chat/completions", json=chat_body(model="gpt-4"), headers=headers
         )
         header = "Authorization" if how == "a list in Bearer" else "x-api-key"
+        expected = TWO_HEADERS if how == "Bearer and x-api-key" else ONE_CREDENTIAL.format(header)
         assert answer.status_code == 401, (side.name, answer.status_code, answer.text[:300])
-        assert answer.json()["detail"] == ONE_CREDENTIAL.format(header), side.name
+        assert answer.json()["detail"] == expected, side.name
         assert len(fake.seen) == seen, f"{side.name} served a request carrying two keys"
         assert not side.db.keys(f"{PREFIX}:{{t:payer-*}}:*"), side.name  # nothing counted
+
+
+def test_the_same_key_in_authorization_and_x_api_key_is_one_credential(
+    nginx: Side, python_gateway: Side
+) -> None:
+    for side in (python_gateway, nginx):
+        key = side.key("twice", "free")
+        answer = side.chat(key, **{"x-api-key": key})
+        assert answer.status_code == 200, (side.name, answer.text[:300])
+
+
+# Bytes around a valid key that HTTP does not trim (only spaces and tabs are optional white
+# space, RFC 9110 §5.6.3). Python's str.strip() took these for white space and served the
+# key, where nginx refused it: the same request was served by one gateway alone.
+ODD_BYTES = {"NBSP": b"\xa0", "NEL": b"\x85", "FS": b"\x1c", "US": b"\x1f"}
+
+
+@pytest.mark.parametrize("name", sorted(ODD_BYTES))
+@pytest.mark.parametrize("header", ["authorization", "x-api-key"])
+def test_a_key_with_bytes_http_does_not_trim_is_refused_by_both(
+    name: str, header: str, nginx: Side, python_gateway: Side,
+    upstream: tuple[FakeUpstream, ServerThread],
+) -> None:  # fmt: skip
+    fake = upstream[0]
+    for side in (python_gateway, nginx):
+        key = side.key("oddbytes", "free").encode()
+        for sent in (key + ODD_BYTES[name], ODD_BYTES[name] + key):
+            value = b"Bearer " + sent if header == "authorization" else sent
+            seen = len(fake.seen)
+            answer = side.http.post(
+                f"{side.url}/v1/chat/completions",
+                json=chat_body(),
+                headers={header.encode(): value},
+            )
+            assert answer.status_code == 401, (side.name, sent, answer.text[:300])
+            assert answer.json()["detail"] in {
+                "unknown or revoked API key",
+                "not a Governor API key (gov_…); JWT auth is not configured",
+            }, (side.name, sent)
+            assert len(fake.seen) == seen, f"{side.name} served {sent!r}"
 
 
 # Key records written by hand (a migration script, an edit), each with the right digest.

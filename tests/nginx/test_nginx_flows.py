@@ -11,6 +11,8 @@ import httpx
 import pytest
 
 from controller.clients.scripts import ADMIT, SETTLE
+from controller.contract.keys import KeySchema
+from controller.gateway.keys import KeyStore
 from tests.gateway.conftest import write_limits
 from tests.gateway.fake_upstream import FakeUpstream, ServerThread
 from tests.nginx.conftest import (
@@ -205,6 +207,41 @@ def test_without_redis_every_plan_fails_closed(
     }
     assert all(a.headers["content-type"] == PROBLEM for a in answers)
     assert all(int(a.headers["retry-after"]) >= 5 for a in answers)
+
+
+def test_a_key_seen_revoked_is_refused_401_during_an_outage(
+    tmp_path: Path,
+    export_dir: Path,
+    upstream: tuple[FakeUpstream, ServerThread],
+    policy_dir: Path,
+) -> None:
+    # A worker kept a key in its cache after Redis said it was revoked: an outage later
+    # brought it back (503 "retry later", and a fail-open plan would have served it).
+    store = RedisServer(tmp_path / "redis").start()
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "GOVERNOR_REDIS__URL": store.url,
+           "GOVERNOR_GATEWAY__API_KEY_SECRET": SECRET}  # fmt: skip
+    server = NginxServer(tmp_path / "nginx", export_dir, upstream[1].port, env,
+                         init_options="key_cache_seconds = 0").start()  # fmt: skip
+    try:
+        # One keep-alive connection: one worker, whose cache is the one that counts.
+        with store.client() as db, httpx.Client(timeout=30.0, headers={"accept": PROBLEM}) as http:
+            write_limits(db, "governor", policy_dir)
+            side = Side("nginx", server.url, db, http)
+            key = side.key("acme", "free")
+            used = side.chat(key)
+            (key_id,) = db.hkeys("governor:apikeys")
+            assert KeyStore(db, KeySchema("governor"), SECRET).revoke(key_id)
+            revoked = side.chat(key)
+            store.stop()
+            during_outage = side.chat(key)
+        assert server.problems() == []
+    finally:
+        server.stop()
+        store.stop()
+
+    assert (used.status_code, revoked.status_code) == (200, 401)
+    assert during_outage.status_code == 401, during_outage.text
+    assert during_outage.json()["detail"] == "unknown or revoked API key"
 
 
 def test_the_edges_in_flight_limit_holds_every_tenant_until_a_request_ends(

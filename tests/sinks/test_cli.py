@@ -11,6 +11,8 @@ from typer.testing import CliRunner, Result
 
 from controller.changes import diff
 from controller.cli import app
+from controller.contract.keys import KeySchema
+from controller.gateway.keys import KeyStore
 from controller.model import Address
 from controller.settings import RedisSettings
 from controller.sinks.redis import RedisSink
@@ -317,6 +319,11 @@ def test_freeze_and_unfreeze(url: str, db: redis.Redis[str]) -> None:
     assert kinds == ["freeze.set", "freeze.cleared"]
 
 
+def test_one_journal_event_is_counted_in_the_singular(url: str) -> None:
+    ok(url, "freeze", "--ttl", "5m", "--reason", "drill")
+    assert "journal (1 event)" in ok(url, "audit", "tail").stdout  # was "(1 events)"
+
+
 def test_actor_defaults_to_the_os_user(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("getpass.getuser", lambda: "oncall-dave")
     ok(url, "freeze", "--ttl", "5m", "--reason", "drill")
@@ -334,6 +341,55 @@ def test_tenants_set_get_list(url: str) -> None:
     assert listed == {"acme": {"plan": "free", "unknown_plan": False}}
     assert "acme" in ok(url, "tenants", "list").stdout
     assert run(url, "tenants", "set", "a}{b", "paid").exit_code == 2
+
+
+def test_tenants_get_of_an_unregistered_tenant_names_the_plan_its_keys_give_it(
+    url: str, db: redis.Redis[str]
+) -> None:
+    # It said "takes the default plan" for a tenant whose keys put it on paid, which the
+    # gateways enforce and the controller reads: the runbook's check of a tenant's plan lied.
+    ok(url, "keys", "create", "--tenant", "initech", "--plan", "paid")
+    # Keys on two plans (made before `keys create` refused that): `keys create` would refuse.
+    for plan in ("paid", "free"):
+        KeyStore(db, KeySchema("governor"), None).create("hooli", plan)
+
+    keyed = run(url, "tenants", "get", "initech")
+    mixed = run(url, "tenants", "get", "hooli")
+    nobody = run(url, "tenants", "get", "nobody")
+    as_json = json.loads(run(url, "tenants", "get", "initech", "--json").stdout)
+
+    assert [keyed.exit_code, mixed.exit_code, nobody.exit_code] == [1, 1, 1]
+    assert keyed.stderr == (
+        "tenant 'initech' is not registered; its API keys put it on plan 'paid' "
+        "(`governor tenants set initech paid` registers it)\n"
+    )
+    assert mixed.stderr == (
+        "tenant 'hooli' is not registered and its API keys are on several plans (free, paid): "
+        "it has no plan until `governor tenants set hooli PLAN` registers it\n"
+    )
+    assert nobody.stderr == (
+        "tenant 'nobody' is not registered and has no API key: it takes the default plan "
+        "(`default_plan` of the Limits document; a JWT names its own)\n"
+    )
+    assert as_json == {"tenant": "initech", "plan": None, "api_key_plans": ["paid"]}
+
+
+def test_tenants_list_flags_a_tenant_whose_keys_are_on_a_plan_gone_from_the_catalog(
+    url: str, db: redis.Redis[str]
+) -> None:
+    # Only registered tenants were flagged, while the 403 unknown-plan answer sends the
+    # caller's operator to `governor tenants list` for a key-only tenant too.
+    ok(url, "tenants", "set", "acme", "free")
+    KeyStore(db, KeySchema("governor"), None).create("initech", "retired")
+    ok(url, "keys", "create", "--tenant", "hooli", "--plan", "paid")
+
+    listed = run(url, "tenants", "list")
+
+    assert listed.exit_code == 0
+    assert listed.stderr.startswith("1 tenant(s) known only through API keys on a plan not in ")
+    assert listed.stderr.endswith(
+        ": initech (retired); move them (governor tenants set TENANT PLAN moves their keys too)\n"
+    )
 
 
 def test_explain_shows_proposals_override_winner_and_history(url: str) -> None:

@@ -487,6 +487,20 @@ def test_policy_test_passes_on_the_shipped_policies_and_examples(directory: Path
     assert "FAIL" not in result.output
 
 
+def test_policy_test_counts_one_test_in_one_file_in_the_singular(tmp_path: Path) -> None:
+    for name in ("plans.yaml", "limits.yaml", "gpu-saturation.yaml"):
+        (tmp_path / name).write_text((SHIPPED / name).read_text())
+    shipped = yaml.safe_load((SHIPPED / "gpu-saturation_test.yaml").read_text())
+    (tmp_path / "one_test.yaml").write_text(
+        yaml.safe_dump({**shipped, "tests": shipped["tests"][:1]})
+    )
+
+    result = CliRunner().invoke(app, ["policy", "test", str(tmp_path)])
+
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines()[-1] == "ok: 1 test in 1 file, 0 failing"  # was "1 tests"
+
+
 def test_policy_test_reports_a_wrong_expectation_with_expected_and_actual(tmp_path: Path) -> None:
     for name in ("plans.yaml", "limits.yaml", "gpu-saturation.yaml"):
         (tmp_path / name).write_text((SHIPPED / name).read_text())

@@ -73,7 +73,9 @@ function GovernorAdmission:access(conf)
     method = kong.request.get_method(),
     path = kong.request.get_path(),
     raw_path = kong.request.get_raw_path(),  -- as the client wrote it (Kong >= 2.8)
-    headers = kong.request.get_headers(100),
+    -- Every line, as the nginx module reads them: kong.request.get_headers stops at 100 (at
+    -- most 1000), and a second credential past that went unseen, the first one served.
+    headers = ngx.req.get_headers(0),
     content_length = tonumber(kong.request.get_header('content-length')),
     read_body = function()
       return kong.request.get_raw_body() or ''
@@ -85,6 +87,11 @@ function GovernorAdmission:access(conf)
     local answer = outcome.answer
     return kong.response.exit(answer.status, answer.body, answer.headers)
   end
+  -- The client's credential is the gateway's business: it never reaches the upstream
+  -- (nginx.conf's proxy_set_header, the Python gateway's dropped headers). A model server
+  -- key of its own is set after this (request-transformer runs at a lower priority).
+  kong.service.request.clear_header('Authorization')
+  kong.service.request.clear_header('X-Api-Key')
   if outcome.conversation ~= nil then
     -- A Conversations API create, add or delete, or a stored response's delete: the response
     -- phase reads the whole answer and changes the tenant's record before Kong sends it.

@@ -22,6 +22,10 @@ local function joined(value)
   return value
 end
 
+-- auth.TWO_HEADERS (Python's), word for word.
+local TWO_HEADERS = 'send one credential: Authorization and x-api-key hold different ones; '
+  .. 'the gateway will not pick one of them'
+
 -- No key or JWT holds a ',': one means two credentials, and which counts is not our guess.
 local function one(token, header)
   if token:find(',', 1, true) then
@@ -33,20 +37,26 @@ end
 -- The token of `Authorization: Bearer …` or `x-api-key`, or nil and the 401 detail.
 function _M.credential(headers)
   local authorization = joined(headers['authorization'])
+  local api_key = (joined(headers['x-api-key']) or ''):match('^[ \t]*(.-)[ \t]*$')
   if authorization ~= nil then
-    -- As Python's `strip().partition(" ")`: the scheme ends at the first space.
-    local text = authorization:match('^%s*(.-)%s*$')
+    -- As Python's `strip(" \t").partition(" ")`: only HTTP's optional white space (space,
+    -- tab) is trimmed, and the scheme ends at the first space.
+    local text = authorization:match('^[ \t]*(.-)[ \t]*$')
     local space = text:find(' ', 1, true)
     local scheme = space and text:sub(1, space - 1) or text
-    local token = space and text:sub(space + 1):match('^%s*(.-)%s*$') or ''
+    local token = space and text:sub(space + 1):match('^[ \t]*(.-)[ \t]*$') or ''
     if scheme:lower() ~= 'bearer' or token == '' then
       return nil, 'Authorization must be `Bearer <API key or JWT>`'
     end
-    return one(token, 'Authorization')
+    local found, detail = one(token, 'Authorization')
+    -- The same key in both (some clients send it twice) is one credential; two are not.
+    if found ~= nil and api_key ~= '' and api_key ~= found then
+      return nil, TWO_HEADERS
+    end
+    return found, detail
   end
-  local api_key = joined(headers['x-api-key'])
-  if api_key ~= nil and api_key ~= '' then
-    return one(api_key:match('^%s*(.-)%s*$'), 'x-api-key')
+  if api_key ~= '' then
+    return one(api_key, 'x-api-key')
   end
   return nil, 'no credential: send Authorization: Bearer <API key or JWT>'
 end
@@ -91,7 +101,7 @@ Verifier.__index = Verifier
 
 function _M.new(store_key, secret, cache_seconds, now)
   return setmetatable({store_key = store_key, secret = secret, cache_seconds = cache_seconds,
-    now = now, cache = {}, cached = 0}, Verifier)
+    now = now, cache = {}, cached = 0, revoked = {}, revoked_count = 0}, Verifier)
 end
 
 function Verifier:digest(key)
@@ -102,6 +112,7 @@ function Verifier:digest(key)
 end
 
 function Verifier:remember(record)
+  self.revoked[record.key_id] = nil  -- a record restored from a backup
   if self.cache[record.key_id] == nil then
     if self.cached >= CACHE_SIZE then  -- a flood of keys: start over rather than grow
       self.cache, self.cached = {}, 0
@@ -109,6 +120,20 @@ function Verifier:remember(record)
     self.cached = self.cached + 1
   end
   self.cache[record.key_id] = {at = self.now(), record = record}
+end
+
+-- KeyVerifier._forget: a key Redis no longer vouches for (revoked, or its record spoiled)
+-- leaves the cache, or an outage later would serve it again; only a key once verified is
+-- remembered as revoked, so made-up ids cannot fill the memory.
+function Verifier:forget(key_id)
+  if self.cache[key_id] == nil then
+    return
+  end
+  self.cache[key_id], self.cached = nil, self.cached - 1
+  if self.revoked_count >= CACHE_SIZE then  -- as `remember`: start over rather than grow
+    self.revoked, self.revoked_count = {}, 0
+  end
+  self.revoked[key_id], self.revoked_count = true, self.revoked_count + 1
 end
 
 -- The record of a valid key; false for an unknown, revoked or wrong key; nil and the error
@@ -126,16 +151,17 @@ function Verifier:verify(client, key)
     local text, err = client and client:hget(self.store_key, key_id)
     if text == nil then
       if entry == nil then
+        if self.revoked[key_id] then
+          return false  -- Redis said so: a 401, not a 503 asking to retry
+        end
         return nil, err or 'no connection'
       end
       -- Redis is away: a key verified before the outage still is; its digest is checked.
       text = cjson.encode(entry.record)
     end
-    if text == ngx.null then
-      return false
-    end
-    record = record_of(text)
+    record = text ~= ngx.null and record_of(text) or nil
     if record == nil then
+      self:forget(key_id)
       return false
     end
   end

@@ -176,7 +176,9 @@ function _M.access()
     method = ngx.req.get_method(),
     path = ngx.var.uri,
     raw_path = ngx.var.request_uri:match('^[^?]*'),  -- as the client wrote it
-    headers = ngx.req.get_headers(100),
+    -- Every line (0: no limit; nginx's header buffers bound them): with the default 100, a
+    -- second credential after 100 other lines went unseen and the first one was served.
+    headers = ngx.req.get_headers(0),
     content_length = tonumber(ngx.var.http_content_length),
     read_body = read_body,
     client_ip = ngx.var.remote_addr,
