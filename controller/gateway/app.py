@@ -224,7 +224,7 @@ def scrape_allowed(token: SecretStr | None, authorization: str | None) -> bool:
         return True
     scheme, _, given = (authorization or "").partition(" ")
     expected = token.get_secret_value().encode()
-    given = given.strip()
+    given = given.strip(" \t")  # as a key is: no other byte around it makes it match
     # An empty token (a Secret's empty key) matches no scrape: `Bearer` alone must not pass.
     return (
         scheme.lower() == "bearer" and bool(given) and hmac.compare_digest(given.encode(), expected)

@@ -26,6 +26,7 @@ EXPORT_DIR = 'export_dir = "/opt/governor/nginx/scripts"'
 SERVER_D = "/opt/governor/nginx/server.d/"
 LISTEN = "listen 8080;"
 UPSTREAM = "server 127.0.0.1:8000;"
+METRICS_DICT = "lua_shared_dict governor_metrics 16m;"
 
 
 def render(example: str, replacements: Mapping[str, str]) -> str:
@@ -49,6 +50,7 @@ class NginxServer:
     env: Mapping[str, str]
     extra_locations: str = ""
     init_options: str = ""  # more `init{...}` options, e.g. 'held_retry_seconds = 0.5'
+    metrics_dict: str = METRICS_DICT  # the metrics' lua_shared_dict line ("" for none)
     port: int = field(default_factory=free_port)
     pid: int | None = None
 
@@ -78,6 +80,7 @@ class NginxServer:
                 SERVER_D: f"{server_d}/",
                 LISTEN: f"listen 127.0.0.1:{self.port};",
                 UPSTREAM: f"server 127.0.0.1:{self.upstream_port};",
+                METRICS_DICT: self.metrics_dict,
             },
         )
         # As root, nginx would run its workers as `nobody`, who cannot read a test's tmp dir.

@@ -90,6 +90,13 @@ def test_a_scrape_token_guards_the_series_as_in_the_python_gateway(
         assert "s3cret" not in refused.text
         assert scrape(server.url, "s3cret-scrapX").status_code == 401
         assert scrape(server.url, "s3cret-scrape-and-more").status_code == 401
+        for odd in (b"Bearer s3cret-scrape\xa0", b"Bearer s3cret-scrape\x85"):
+            assert (
+                httpx.get(f"{server.url}/metrics", headers={b"authorization": odd}).status_code
+                == 401
+            )
+        tab = httpx.get(f"{server.url}/metrics", headers={"authorization": "Bearer  s3cret-scrape"})
+        assert tab.status_code == 200  # spaces around it are trimmed, as around a key
         allowed = scrape(server.url, "s3cret-scrape")
         assert allowed.status_code == 200
         assert allowed.headers["content-type"].startswith("text/plain; version=0.0.4")
@@ -128,3 +135,66 @@ def test_the_shipped_cost_policy_sees_a_tenants_spend_through_nginx(
         assert float(spend[0]["value"][1]) > 0
     finally:
         prometheus.stop()
+
+
+def allowed(text: str, tenant: str) -> float:
+    return sum(
+        value
+        for (name, labels), value in series(text).items()
+        if name == "gateway_requests_total"
+        and dict(labels)["tenant"] == tenant
+        and dict(labels)["outcome"] == "allow"
+    )
+
+
+def dropped(text: str) -> float:
+    (family,) = [f for f in text_string_to_metric_families(text)
+                 if f.name == "gateway_metrics_dropped"]  # fmt: skip
+    return sum(s.value for s in family.samples if s.name.endswith("_total"))
+
+
+def test_a_full_metrics_dict_counts_its_drops_and_never_resets_a_counter(
+    tmp_path: Path, nginx: Side, nginx_session: NginxServer,
+    upstream: tuple[FakeUpstream, ServerThread],
+) -> None:  # fmt: skip
+    """The dict's smallest size, then tenant after tenant: new series stop fitting, their
+    increments are counted as dropped, and a series that fitted keeps counting from where it
+    was (evicting it to make room would read as a counter reset, its spend lost)."""
+    server = NginxServer(
+        tmp_path, nginx_session.export_dir, upstream[1].port, nginx_session.env,
+        metrics_dict="lua_shared_dict governor_metrics 12k;",
+    ).start()  # fmt: skip
+    side = Side("small", server.url, nginx.db, nginx.http)
+    try:
+        steady = side.key("steady", "paid")
+        assert side.chat(steady).status_code == 200
+        assert allowed(scrape(server.url).text, "steady") == 1
+        for n in range(300):
+            assert side.chat(side.key(f"crowd{n}", "paid")).status_code == 200
+            if n % 10 == 9 and dropped(scrape(server.url).text) > 0:
+                break
+        assert dropped(scrape(server.url).text) > 0, "300 tenants fitted in 12k"
+        assert side.chat(steady).status_code == 200
+        assert allowed(scrape(server.url).text, "steady") == 2
+        assert server.problems() == []
+    finally:
+        server.stop()
+
+
+def test_without_the_dict_requests_are_served_and_metrics_say_what_is_missing(
+    tmp_path: Path, nginx: Side, nginx_session: NginxServer,
+    upstream: tuple[FakeUpstream, ServerThread],
+) -> None:  # fmt: skip
+    server = NginxServer(
+        tmp_path, nginx_session.export_dir, upstream[1].port, nginx_session.env, metrics_dict=""
+    ).start()
+    side = Side("bare", server.url, nginx.db, nginx.http)
+    try:
+        assert side.chat(side.key("plain", "paid")).status_code == 200
+        answer = scrape(server.url)
+        assert answer.status_code == 503
+        assert "lua_shared_dict governor_metrics" in answer.text
+        assert "/metrics is off" in server.error_log.read_text()
+        assert server.problems() == []
+    finally:
+        server.stop()

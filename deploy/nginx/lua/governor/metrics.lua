@@ -231,7 +231,8 @@ function _M.scrape_allowed(token, authorization)
   if type(authorization) ~= 'string' then
     return false
   end
-  local scheme, given = authorization:match('^(%S+)%s+(.-)%s*$')
+  -- Only spaces and tabs around the token (as a key's): no other byte makes it match.
+  local scheme, given = authorization:match('^([^ \t]+)[ \t]+(.-)[ \t]*$')
   if scheme == nil or scheme:lower() ~= 'bearer' or given == '' or #given ~= #token then
     return false
   end
