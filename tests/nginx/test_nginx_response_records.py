@@ -151,6 +151,10 @@ def test_both_gateways_refuse_the_next_turn_of_a_record_they_gave_up(
         metrics = pair.gateway.metrics()
         assert 'gateway_response_records_lost_total{kind="response"} 1.0' in metrics
         assert 'gateway_limit_store_errors_total{operation="record"} 2.0' in metrics
+        # nginx counts the same loss, for the same alert (GovernorResponseRecordsLost).
+        lua = httpx.get(f"{pair.server.url}/metrics", timeout=10.0).text
+        assert 'gateway_response_records_lost_total{kind="response"} 1' in lua
+        assert 'gateway_response_records_lost_total{kind="conversation"} 0' in lua
 
 
 def test_a_records_tries_are_pythons_by_default(nginx: Side, export_dir: Path) -> None:

@@ -365,8 +365,8 @@ end
 -- response's id when the model server keeps it, the conversation whatever `store` says).
 -- A write that fails is tried again (`record`); given up, it is logged once with the tenant
 -- and the ids, and a request continuing it gets what an id without a record gets (404 in
--- scope 'tenant', the default in 'shared'), as in `governor gateway` (which counts it in
--- gateway_response_records_lost_total). Returns a connected client for the settle, or nil
+-- scope 'tenant', the default in 'shared'), and counted in gateway_response_records_lost_total,
+-- as in `governor gateway`. Returns a connected client for the settle, or nil
 -- and why not (Redis failing: the settle is held).
 function Gateway:remember(call, usage)
   local keys, tenant, redis = self.admission.keys, call.principal.tenant, self.settings.redis
@@ -394,6 +394,7 @@ function Gateway:remember(call, usage)
       local lost = {}
       for j = i, #kept do  -- the ones after it are not tried: Redis is away
         lost[#lost + 1] = kept[j].what .. ' ' .. kept[j].id
+        self.metrics:record_lost(kept[j].what)
       end
       warn('cannot record a response\'s tokens: Redis failed all ', redis.retries + 1,
         ' tries; a request continuing it is refused 404 (or, shared, reserves the default); ',

@@ -19,11 +19,15 @@ local FAMILIES = {
   lost = {name = 'gateway_store_calls_lost_total', labels = {'operation'},
     help = 'Held settles and releases given up (past their settle record, or the queue full)',
     closed = {{'release'}, {'settle'}, {'charge'}}},
+  records = {name = 'gateway_response_records_lost_total', labels = {'kind'},
+    help = 'Records of a kept Responses answer (its id, or its conversation) given up after '
+      .. 'every try failed',
+    closed = {{'response'}, {'conversation'}}},
   dropped = {name = 'gateway_metrics_dropped_total', labels = {},
     help = 'Counter increments lost because the lua_shared_dict of the metrics was full',
     closed = {{}}},
 }
-local ORDER = {'requests', 'tokens', 'cost', 'lost', 'dropped'}
+local ORDER = {'requests', 'tokens', 'cost', 'lost', 'records', 'dropped'}
 
 -- The outcome label of a refusal, by its OpenAI error code (answers.lua), as metrics.py's
 -- OUTCOMES name them; any other refusal of a request is a bad request.
@@ -173,6 +177,11 @@ end
 
 function Metrics:lost(operation)
   self:add('lost', {operation}, 1)
+end
+
+-- A record of a kept answer given up (`kind`: response or conversation).
+function Metrics:record_lost(kind)
+  self:add('records', {kind}, 1)
 end
 
 local function escaped(value)
