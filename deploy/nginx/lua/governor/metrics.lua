@@ -2,6 +2,8 @@
 -- the names and labels `governor gateway` exports (controller/gateway/metrics.py), kept in a
 -- shared dict so that every worker counts into one set, and served as text at /metrics.
 
+local crypto = require 'governor.crypto'
+
 local _M = {}
 
 local CAPPED, ABSENT = '_other', '_none'  -- metrics.py's CAPPED and ABSENT
@@ -232,7 +234,7 @@ function Metrics:render()
 end
 
 -- Whether a scrape may read the series (app.py's scrape_allowed): always without a token;
--- with one, only `Authorization: Bearer <token>`, compared without an early exit.
+-- with one, only `Authorization: Bearer <token>`, compared in constant time (crypto.equal).
 function _M.scrape_allowed(token, authorization)
   if token == nil then
     return true
@@ -242,14 +244,10 @@ function _M.scrape_allowed(token, authorization)
   end
   -- Only spaces and tabs around the token (as a key's): no other byte makes it match.
   local scheme, given = authorization:match('^([^ \t]+)[ \t]+(.-)[ \t]*$')
-  if scheme == nil or scheme:lower() ~= 'bearer' or given == '' or #given ~= #token then
+  if scheme == nil or scheme:lower() ~= 'bearer' or given == '' then
     return false
   end
-  local differ = 0
-  for i = 1, #token do
-    differ = bit.bor(differ, bit.bxor(token:byte(i), given:byte(i)))
-  end
-  return differ == 0
+  return crypto.equal(given, token)
 end
 
 return _M
