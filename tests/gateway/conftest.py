@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import Awaitable, Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -23,6 +24,7 @@ from controller.control.catalog import publish_catalog
 from controller.gateway.admission import Admission
 from controller.gateway.app import create_app
 from controller.gateway.catalog import PlanCatalog
+from controller.gateway.credits import CreditLedger
 from controller.gateway.keys import KeyStore
 from controller.gateway.prices import PriceTable
 from controller.model import Address
@@ -214,6 +216,28 @@ class Gateway:
     def stop(self) -> None:
         self.http.close()
         self.server.stop()
+
+
+@contextmanager
+def gateway_on_own_redis(
+    directory: Path, upstream_url: str, policies: Path, globex_usd: float = 0.0, **gateway: Any
+) -> Iterator[tuple[RedisServer, Gateway]]:
+    """A gateway on a Redis of its own holding the plans' limits (and `globex_usd` of credits
+    for globex), for a test that stops that Redis; both stopped at the end."""
+    server = RedisServer(directory).start()
+    started = None
+    try:
+        with server.client() as client:
+            write_limits(client, "governor", policies)
+            if globex_usd:
+                CreditLedger(client, "governor").top_up("globex", globex_usd, reason="test",
+                                                        actor="pytest")  # fmt: skip
+        started = start_gateway(server.url, upstream_url, **gateway)
+        yield server, started
+    finally:
+        if started is not None:
+            started.stop()
+        server.stop()
 
 
 def start_gateway(

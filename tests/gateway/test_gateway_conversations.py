@@ -11,20 +11,15 @@ from pathlib import Path
 import httpx
 
 from controller.contract.keys import KeySchema
-from tests.gateway.conftest import start_gateway, write_limits
+from tests.gateway.conftest import gateway_on_own_redis
 from tests.gateway.fake_upstream import FakeUpstream
-from tests.support.redis import RedisServer
 
 
 def test_a_conversation_or_response_call_fails_closed_while_redis_is_away(
     tmp_path: Path, upstream: tuple[FakeUpstream, str], policy_dir: Path
 ) -> None:
-    server = RedisServer(tmp_path / "redis").start()
-    gateway = None
-    try:
+    with gateway_on_own_redis(tmp_path / "redis", upstream[1], policy_dir) as (server, gateway):
         with server.client() as client:
-            write_limits(client, "governor", policy_dir)
-            gateway = start_gateway(server.url, upstream[1])
             keys = {plan: gateway.key("acme", plan) for plan in ("free", "enterprise")}
             auth = {plan: {"authorization": f"Bearer {key}"} for plan, key in keys.items()}
             made = gateway.http.post(f"{gateway.url}/v1/conversations",
@@ -57,10 +52,6 @@ def test_a_conversation_or_response_call_fails_closed_while_redis_is_away(
             for method, path in calls
         ]
         metrics = gateway.metrics()
-    finally:
-        if gateway is not None:
-            gateway.stop()
-        server.stop()
 
     for answer in answers:  # an open fail mode cannot vouch for whose conversation it is
         assert answer.status_code == 503, answer.text

@@ -11,12 +11,10 @@ from pathlib import Path
 import redis.asyncio
 
 from controller.contract.keys import KeySchema
-from controller.gateway.credits import CreditLedger
 from controller.gateway.failmode import Presence
 from controller.gateway.keys import KeyStore
-from tests.gateway.conftest import Gateway, start_gateway, write_limits
+from tests.gateway.conftest import Gateway, gateway_on_own_redis
 from tests.gateway.fake_upstream import FakeUpstream
-from tests.support.redis import RedisServer
 
 
 def announce_other_gateway(url: str) -> int:
@@ -42,13 +40,8 @@ def wait_for_live_gateways(gateway: Gateway, count: int) -> None:
 def test_free_fails_closed_and_enterprise_fails_open_to_its_share(
     tmp_path: Path, upstream: tuple[FakeUpstream, str], policy_dir: Path
 ) -> None:
-    server = RedisServer(tmp_path / "redis").start()
-    gateway = None
-    try:
-        with server.client() as client:
-            write_limits(client, "governor", policy_dir)
-            CreditLedger(client, "governor").top_up("globex", 1.0, reason="test", actor="pytest")
-        gateway = start_gateway(server.url, upstream[1], heartbeat_seconds=0.1)
+    with gateway_on_own_redis(tmp_path / "redis", upstream[1], policy_dir, globex_usd=1.0,
+                              heartbeat_seconds=0.1) as (server, gateway):  # fmt: skip
         free_key = gateway.key("acme", "free")
         enterprise_key = gateway.key("globex", "enterprise")  # 6 requests/minute, fails open
         unseen_key = gateway.key("hooli", "enterprise")  # never used before the outage
@@ -62,10 +55,6 @@ def test_free_fails_closed_and_enterprise_fails_open_to_its_share(
         closed = gateway.chat(free_key)
         opened = [gateway.chat(enterprise_key) for _ in range(4)]
         unseen = gateway.chat(unseen_key)
-    finally:
-        if gateway is not None:
-            gateway.stop()
-        server.stop()
 
     assert closed.status_code == 503
     assert closed.json()["type"].endswith("#enforcement-unavailable")
@@ -85,13 +74,8 @@ def test_a_key_seen_revoked_is_not_served_from_the_cache_during_an_outage(
 ) -> None:
     # The cache that keeps verified keys working through an outage (fail-open plans) once
     # kept a key Redis had since said was revoked: the outage brought it back, unmetered.
-    server = RedisServer(tmp_path / "redis").start()
-    gateway = None
-    try:
-        with server.client() as client:
-            write_limits(client, "governor", policy_dir)
-            CreditLedger(client, "governor").top_up("globex", 1.0, reason="test", actor="pytest")
-        gateway = start_gateway(server.url, upstream[1], key_cache_seconds=0.0)
+    with gateway_on_own_redis(tmp_path / "redis", upstream[1], policy_dir, globex_usd=1.0,
+                              key_cache_seconds=0.0) as (server, gateway):  # fmt: skip
         key = gateway.key("globex", "enterprise")  # fails open
         used = gateway.chat(key)
         with server.client() as client:
@@ -100,10 +84,6 @@ def test_a_key_seen_revoked_is_not_served_from_the_cache_during_an_outage(
         revoked = gateway.chat(key)
         server.stop()
         during_outage = gateway.chat(key)
-    finally:
-        if gateway is not None:
-            gateway.stop()
-        server.stop()
 
     assert (used.status_code, revoked.status_code) == (200, 401)
     assert during_outage.status_code == 401, during_outage.text
