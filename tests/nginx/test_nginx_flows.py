@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -172,29 +174,43 @@ def test_a_body_that_is_not_an_object_is_a_bad_request(nginx: Side) -> None:
     assert json.loads(answer.text)["type"].endswith("#bad-request")
 
 
+@contextmanager
+def nginx_on_own_redis(
+    directory: Path,
+    export_dir: Path,
+    upstream: ServerThread,
+    policies: Path,
+    init_options: str = "",
+) -> Iterator[tuple[RedisServer, NginxServer, Side]]:
+    """nginx on a Redis of its own holding the plans' limits, for a test that stops that
+    Redis; one keep-alive client (one worker, whose key cache is the one that counts)."""
+    store = RedisServer(directory / "redis").start()
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "GOVERNOR_REDIS__URL": store.url,
+           "GOVERNOR_GATEWAY__API_KEY_SECRET": SECRET}  # fmt: skip
+    server = NginxServer(directory / "nginx", export_dir, upstream.port, env,
+                         init_options=init_options).start()  # fmt: skip
+    try:
+        with store.client() as db, httpx.Client(timeout=30.0, headers={"accept": PROBLEM}) as http:
+            write_limits(db, "governor", policies)
+            yield store, server, Side("nginx", server.url, db, http)
+        assert server.problems() == []
+    finally:
+        server.stop()
+        store.stop()
+
+
 def test_without_redis_every_plan_fails_closed(
     tmp_path: Path,
     export_dir: Path,
     upstream: tuple[FakeUpstream, ServerThread],
     policy_dir: Path,
 ) -> None:
-    store = RedisServer(tmp_path / "redis").start()
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "GOVERNOR_REDIS__URL": store.url,
-           "GOVERNOR_GATEWAY__API_KEY_SECRET": SECRET}  # fmt: skip
-    server = NginxServer(tmp_path / "nginx", export_dir, upstream[1].port, env).start()
-    try:
-        with store.client() as db, httpx.Client(timeout=30.0, headers={"accept": PROBLEM}) as http:
-            write_limits(db, "governor", policy_dir)
-            side = Side("nginx", server.url, db, http)
-            # enterprise declares fail_mode: open; this module has no local limiter.
-            keys = [side.key("acme", "enterprise") for _ in range(2)]
-            seen = side.chat(keys[0])  # verified once: cached by the worker that served it
-            store.stop()
-            answers = [side.chat(key) for key in keys for _ in range(2)]
-        assert server.problems() == []
-    finally:
-        server.stop()
+    with nginx_on_own_redis(tmp_path, export_dir, upstream[1], policy_dir) as (store, _, side):
+        # enterprise declares fail_mode: open; this module has no local limiter.
+        keys = [side.key("acme", "enterprise") for _ in range(2)]
+        seen = side.chat(keys[0])  # verified once: cached by the worker that served it
         store.stop()
+        answers = [side.chat(key) for key in keys for _ in range(2)]
 
     assert seen.status_code == 402  # no credits: Redis answered
     assert {a.status_code for a in answers} == {503}
@@ -217,27 +233,15 @@ def test_a_key_seen_revoked_is_refused_401_during_an_outage(
 ) -> None:
     # A worker kept a key in its cache after Redis said it was revoked: an outage later
     # brought it back (503 "retry later", and a fail-open plan would have served it).
-    store = RedisServer(tmp_path / "redis").start()
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "GOVERNOR_REDIS__URL": store.url,
-           "GOVERNOR_GATEWAY__API_KEY_SECRET": SECRET}  # fmt: skip
-    server = NginxServer(tmp_path / "nginx", export_dir, upstream[1].port, env,
-                         init_options="key_cache_seconds = 0").start()  # fmt: skip
-    try:
-        # One keep-alive connection: one worker, whose cache is the one that counts.
-        with store.client() as db, httpx.Client(timeout=30.0, headers={"accept": PROBLEM}) as http:
-            write_limits(db, "governor", policy_dir)
-            side = Side("nginx", server.url, db, http)
-            key = side.key("acme", "free")
-            used = side.chat(key)
-            (key_id,) = db.hkeys("governor:apikeys")
-            assert KeyStore(db, KeySchema("governor"), SECRET).revoke(key_id)
-            revoked = side.chat(key)
-            store.stop()
-            during_outage = side.chat(key)
-        assert server.problems() == []
-    finally:
-        server.stop()
+    with nginx_on_own_redis(tmp_path, export_dir, upstream[1], policy_dir,
+                            "key_cache_seconds = 0") as (store, _, side):  # fmt: skip
+        key = side.key("acme", "free")
+        used = side.chat(key)
+        (key_id,) = side.db.hkeys("governor:apikeys")
+        assert KeyStore(side.db, KeySchema("governor"), SECRET).revoke(key_id)
+        revoked = side.chat(key)
         store.stop()
+        during_outage = side.chat(key)
 
     assert (used.status_code, revoked.status_code) == (200, 401)
     assert during_outage.status_code == 401, during_outage.text
