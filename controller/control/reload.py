@@ -56,11 +56,25 @@ class ReloadOutcome:
     previous_version: str | None = None
     reason: str | None = None  # INVALID, REMOVAL or ERROR when rejected
     removal: Removal | None = None  # what a REMOVAL refusal held back
+    # Polls in a row that each read other bytes than the one before (nothing is checked
+    # until two agree): a directory rewritten at every poll never loads, and must say so.
+    unsettled: int = 0
     confirmation: ReloadConfirmation | None = None  # who let a large removal in
 
     @property
     def rejected(self) -> bool:
         return self.changed and self.policies is None
+
+
+# A change read differently by 3 polls in a row is no write in progress but a directory
+# rewritten at every poll: said then, and again every 40 polls while it lasts.
+UNSETTLED_WARN_AFTER = 3
+UNSETTLED_REPEAT = 40
+
+
+def unsettled_news(polls: int) -> bool:
+    """Whether `polls` unsettled polls in a row is worth a warning now."""
+    return polls >= UNSETTLED_WARN_AFTER and (polls - UNSETTLED_WARN_AFTER) % UNSETTLED_REPEAT == 0
 
 
 class PolicyWatcher:
@@ -76,6 +90,7 @@ class PolicyWatcher:
         self._pending: str | None = None  # a change read once, checked when read again
         self._rejected: str | None = None  # don't report the same broken content every tick
         self._held: PolicySet | None = None  # a valid set refused for removal, until confirmed
+        self._unsettled_polls = 0
         self.current: PolicySet | None = None
 
     def load(self) -> PolicySet:
@@ -110,11 +125,14 @@ class PolicyWatcher:
         if fingerprint == self._fingerprint:
             # Back to the set in force: the next break, even the same one, is news again.
             self._rejected, self._held, self._pending = None, None, None
+            self._unsettled_polls = 0
             return ReloadOutcome(changed=False)
         if fingerprint == self._rejected:
             return self._confirmed_held(fingerprint, confirmations)
         if self._unsettled(fingerprint):
-            return ReloadOutcome(changed=False)
+            self._unsettled_polls += 1
+            return ReloadOutcome(changed=False, unsettled=self._unsettled_polls)
+        self._unsettled_polls = 0
         return self._check(sources, fingerprint, confirmations)
 
     def _unsettled(self, fingerprint: str) -> bool:

@@ -17,7 +17,7 @@ from controller.control.leader import Elector
 from controller.control.overrides import ControlState, ControlStore, ReloadConfirmation
 from controller.control.process import collections
 from controller.control.reconciler import TickReport
-from controller.control.reload import PolicyWatcher
+from controller.control.reload import PolicyWatcher, unsettled_news
 from controller.control.reporting import TickReporter
 from controller.control.takeover import reseeded
 from controller.control.writing import LeaderWrites
@@ -158,6 +158,15 @@ class Controller:
 
     def _reload(self) -> None:
         outcome = self.parts.watcher.poll(self._reload_confirmation)
+        if unsettled_news(outcome.unsettled):
+            self._log.warning(
+                "policy.unsettled",
+                directory=str(self.parts.watcher.directory),
+                polls=outcome.unsettled,
+                detail="the policy files changed between every two reads; no change is "
+                "loaded until two reads in a row agree (is something rewriting them on each "
+                "poll?); the set in force stays",
+            )
         if not outcome.changed:
             return
         if outcome.rejected:

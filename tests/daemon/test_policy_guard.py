@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -210,3 +211,34 @@ def test_a_hostile_file_at_start_up_exits_2_naming_file_line_and_column(
     assert done.returncode == 2, (done.stdout, done.stderr)
     assert "Traceback" not in done.stderr
     assert f"{policy_dir / 'deep.yaml'}:6:9: spec.when:" in done.stderr
+
+
+def test_a_directory_rewritten_at_every_poll_is_said_and_the_set_in_force_kept(
+    db: redis.Redis[str], policy_dir: Path, daemon: Daemon
+) -> None:
+    """A generator that stamps the files on every write, faster than the tick: no two reads
+    agree, so nothing is loaded, and the daemon says why instead of staying silent."""
+    version = daemon.wait_for_log("governor.started")["policy_version"]
+    limits = policy_dir / "limits.yaml"
+    text = limits.read_text()
+    stop = threading.Event()
+
+    def rewrite() -> None:
+        n = 0
+        while not stop.wait(TICK_SECONDS / 4):
+            n += 1
+            limits.write_text(f"{text}\n# generated {n}\n")
+
+    writer = threading.Thread(target=rewrite, daemon=True)
+    writer.start()
+    try:
+        said = daemon.wait_for_log("policy.unsettled")
+    finally:
+        stop.set()
+        writer.join()
+
+    assert said["polls"] == 3
+    assert said["directory"] == str(policy_dir)
+    assert "no change is loaded until two reads in a row agree" in said["detail"]
+    assert limit(db) == FREE_RPM
+    assert daemon.metric("governor_policy_version_info", version=version) == 1

@@ -12,7 +12,15 @@ from typer.testing import CliRunner
 
 from controller.cli import app
 from controller.control.overrides import ReloadConfirmation
-from controller.control.reload import ERROR, INVALID, REMOVAL, PolicyWatcher
+from controller.control.reload import (
+    ERROR,
+    INVALID,
+    REMOVAL,
+    UNSETTLED_REPEAT,
+    UNSETTLED_WARN_AFTER,
+    PolicyWatcher,
+    unsettled_news,
+)
 from controller.model import LimitKind
 from controller.policy.loader import check_directory, check_files, policy_files
 
@@ -276,3 +284,27 @@ def test_a_file_removed_between_listing_and_reading_is_not_reported_as_a_broken_
     assert watcher.current is before
     _, [error] = check_files([gone], policies)
     assert "removed or renamed while the set was read" in error.message
+
+
+def test_a_directory_rewritten_at_every_poll_is_never_taken_and_says_so(
+    policies: Path,
+) -> None:
+    watcher = PolicyWatcher(policies)
+    before = watcher.load()
+    limits = policies / "limits.yaml"
+    text = limits.read_text()
+    outcomes = []
+    for n in range(UNSETTLED_WARN_AFTER + UNSETTLED_REPEAT):  # a generator stamping each write
+        limits.write_text(f"{text}\n# generated {n}\n")
+        outcomes.append(watcher.poll())
+
+    assert all(not o.changed for o in outcomes)
+    assert watcher.current is before
+    assert [o.unsettled for o in outcomes] == list(range(1, len(outcomes) + 1))
+    warned = [o.unsettled for o in outcomes if unsettled_news(o.unsettled)]
+    assert warned == [UNSETTLED_WARN_AFTER, UNSETTLED_WARN_AFTER + UNSETTLED_REPEAT]
+
+    taken = watcher.poll()  # the writer stops: the next read agrees, the set is checked
+    assert taken.changed
+    assert taken.policies is watcher.current
+    assert taken.unsettled == 0
