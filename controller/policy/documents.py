@@ -380,6 +380,11 @@ def _compile(text: str | None, info: ValidationInfo) -> Expression | None:
         raise ValueError(str(exc)) from None
 
 
+def _same_text(a: str, b: str) -> bool:
+    """Whether two CEL expressions are written the same but for spaces."""
+    return "".join(a.split()) == "".join(b.split())
+
+
 class ThrottlePolicySpec(Strict):
     per: SignalName | None = Field(None, description="evaluate once per value of this label")
     signals: dict[SignalName, SignalSpec] = Field(default_factory=dict)
@@ -407,6 +412,14 @@ class ThrottlePolicySpec(Strict):
         names = set(self.signals)
         self._when = compile_expression(self.when, names) if self.when is not None else None
         self._until = compile_expression(self.until, names) if self.until is not None else None
+        if self.until is not None and self.when is not None and _same_text(self.until, self.when):
+            # Engaged because `when` holds, it would release at once for the same reason:
+            # engage, release, cool down, engage again — the policy flaps by construction.
+            raise ValueError(
+                "`until` is the same condition as `when`: the policy would release on the tick "
+                "it engaged; leave `until` out to release when `when` stops holding, or give "
+                "the release condition (e.g. when: 'x > 0.9', until: 'x < 0.75')"
+            )
         for number, action in enumerate(self.actions):
             unknown = [p for p in action.target.placeholders if p != self.per]
             if unknown:

@@ -637,3 +637,26 @@ def test_a_plan_whose_models_were_emptied_is_refused_not_opened_to_every_model(
     policies, errors = check_directory(shipped, complete=True)
     assert not errors
     assert policies is not None
+
+
+@pytest.mark.parametrize("until", ["x > 1.0", "x>1.0", "  x  >  1.0 "])
+def test_an_until_that_repeats_when_is_refused_naming_the_fix(shipped: Path, until: str) -> None:
+    # It would release on the tick it engaged: engage, release, cool down, engage — a flap
+    # by construction, which no test of the policy would show before a page did.
+    (shipped / "echo.yaml").write_text(
+        condition("x > 1.0").replace("  actions:", f"  until: '{until}'\n  actions:")
+    )
+
+    error = only_error(shipped, "echo.yaml")
+
+    assert "`until` is the same condition as `when`" in error.message
+    assert "leave `until` out" in error.message
+
+
+def test_an_until_that_differs_from_when_loads(shipped: Path) -> None:
+    (shipped / "hysteresis.yaml").write_text(
+        condition("x > 1.0").replace("  actions:", "  until: 'x < 0.75'\n  actions:")
+    )
+    policies, errors = check_directory(shipped, complete=True)
+    assert errors == []
+    assert policies is not None
