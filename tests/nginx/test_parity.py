@@ -15,6 +15,7 @@ import httpx
 import pytest
 
 from controller.contract.enforcement import EnforcementKeys
+from controller.gateway.background import REASON as BACKGROUND_REASON
 from controller.gateway.credits import CreditLedger
 from tests.gateway.fake_upstream import (
     FakeUpstream,
@@ -373,7 +374,11 @@ def test_nginx_answers_as_the_python_gateway_does(
     statuses: list[int] = []
     by_name: dict[str, Outcome] = {}
 
+    polled: dict[str, Any] = {}
     for step in sequence():
+        if step.name == "the background answer polled":
+            polled = books(nginx)
+            assert polled == books(python_gateway), "the books differ before the poll"
         python = run(python_gateway, keys["python"], step, fake)
         lua = run(nginx, keys["nginx"], step, fake)
         (expected, expected_times), (got, got_times) = shape(python.answer), shape(lua.answer)
@@ -428,7 +433,26 @@ def test_nginx_answers_as_the_python_gateway_does(
                  "a conversation neither gateway saw: 404"):  # fmt: skip
         assert by_name[name].upstream_saw is None  # nothing reached the model server
     assert statuses.count(200) >= 21
-    assert books(nginx) == books(python_gateway)
+    # The one difference (docs/gateway.md, "A stored response's own routes"): polled finished,
+    # a background answer is settled at its usage by `governor gateway` (its record holds its
+    # true total, the difference refunded), and left charged its reservation by nginx.
+    assert books(nginx) == polled
+    settled_books = books(python_gateway)
+    refund = settled_books["umbrella:history"].pop()
+    assert (refund["kind"], refund["reason"]) == ("refund", BACKGROUND_REASON)
+    assert int(refund["amount_micro_usd"]) > 0
+    assert int(settled_books["umbrella:credits"]["balance"]) == int(
+        polled["umbrella:credits"]["balance"]
+    ) + int(refund["amount_micro_usd"])
+    background = EnforcementKeys.for_prefix(PREFIX).schema.response("umbrella", queued["id"])
+    assert int(settled_books["umbrella:responses"][background]) < int(
+        polled["umbrella:responses"][background]
+    )
+    for name in ("umbrella", "umbrella:credits", "umbrella:responses"):
+        settled_books[name] = polled[name]
+    settled_books["umbrella:history"].append(refund)
+    polled["umbrella:history"].append(refund)
+    assert settled_books == polled
     # The Responses API is metered: served, its usage read (a stream's from response.completed)
     # and its cap written in when absent, as max_output_tokens.
     responses = [outcome for name, outcome in by_name.items() if "Responses" in name]
