@@ -128,6 +128,7 @@ class _Call:
     status: int | None = None
     settled: bool = False
     unreserved: AdmissionRequest | None = None  # served fail-open: charged afterwards
+    paid: bool = False  # its plan charged credits when it was admitted
     strip: UsageChunkFilter | None = None  # the usage event the client did not ask for
 
 
@@ -606,7 +607,9 @@ class GovernorMiddleware:
         if result.degrade is not None and _degrade(request, result.degrade):
             headers.update(degrade_headers(result.degrade))
             outcome = "degraded"
-        return self._call(principal, request, request_id, result, headers, outcome)
+        call = self._call(principal, request, request_id, result, headers, outcome)
+        call.paid = plan.credits is not None
+        return call
 
     def _release_unanswered(self, reservation: str, tenant: str) -> None:
         """An admission that went out unanswered may have reserved all the same (a stalled
@@ -756,18 +759,22 @@ class GovernorMiddleware:
             # Recorded before the settle (as nginx does): a settle seen means the record that
             # the next turn reads is in place.
             await self._remember(call, usage.total_tokens)
-            await self._keep_background(call, reservation, usage, cost)
-            await self._store(
-                "settle",
-                lambda: self.e.admission.settle(
+
+            async def settle() -> None:
+                known = await self.e.admission.settle(
                     reservation,
                     principal.tenant,
                     usage.total_tokens,
                     model,
                     prompt_tokens=usage.prompt_tokens,
                     completion_tokens=usage.completion_tokens,
-                ),
-            )
+                )
+                # Kept only once its charge is on the books (a settle held until Redis
+                # answers keeps it then): a settle that never landed must refund nothing.
+                if known:
+                    await self._keep_background(call, reservation, usage, cost)
+
+            await self._store("settle", settle)
 
     async def _keep_background(
         self, call: _Call, reservation: str, usage: Usage, cost: float
@@ -780,12 +787,11 @@ class GovernorMiddleware:
             return
         if named is None:
             return
-        plan = await self.e.catalog.current(call.plan)
-        paid = plan is not None and plan.credits is not None
+        # The credits settle.lua took: only a plan that held credits at admission is charged.
+        money = (to_micro(cost) if usage.total_tokens > 0 else 0) if call.paid else None
         charged = BackgroundCharge(
             call.request_id, call.plan, call.principal.user, None, call.request.model or "",
-            usage.prompt_tokens, usage.completion_tokens,
-            (to_micro(cost) if usage.total_tokens > 0 else 0) if paid else None, 0,
+            usage.prompt_tokens, usage.completion_tokens, money, 0,
         )  # fmt: skip
         ttl = self.e.settings.previous_response_ttl_seconds
         try:

@@ -6,6 +6,7 @@ redis-server, the fake model server, the `openai` SDK)."""
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -20,6 +21,7 @@ from controller.gateway.prices import MICRO, PriceTable, to_micro
 from controller.settings import PricesSettings
 from tests.gateway.conftest import MakeGateway, write_limits
 from tests.gateway.fake_upstream import FakeUpstream
+from tests.support.prometheus import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -197,3 +199,69 @@ def test_reads_at_once_settle_it_once_and_a_day_gone_keeps_the_tokens(
     assert settled(db) == before, "tokens given back to a day they were not charged on"
     assert balance_micro(db) > balance, "credits not refunded"
     assert db.get(key) is None
+
+
+def test_a_settle_held_through_an_outage_is_settled_at_its_usage_once_it_lands(
+    make_gateway: MakeGateway,
+    metered: Path,
+    db: redis.Redis[str],
+    held: FakeUpstream,
+) -> None:
+    """The queued answer's settle meets Redis paused: held, and what it was charged is kept
+    when the held settle lands (not before: a settle that never landed must refund nothing),
+    so a read after the outage still settles it at its usage."""
+    gateway = make_gateway()
+    key = gateway.key("acme", "metered")
+    CreditLedger(db, "governor").top_up("acme", 5.0, reason="test", actor="pytest")
+    body = {"model": MODEL, "input": "later", "max_output_tokens": 900, "background": True}
+    sent = {"authorization": f"Bearer {key}", "x-fake-hold": "1"}
+    seen = len(held.seen)
+    with ThreadPoolExecutor(1) as pool:
+        answer = pool.submit(gateway.http.post, f"{gateway.url}/v1/responses", json=body,
+                             headers=sent)  # fmt: skip
+        wait_for(lambda: len(held.seen) > seen, "the model server has the request")
+        db.execute_command("CLIENT", "PAUSE", "2500", "ALL")
+        held.release.set()  # answered while Redis does not answer: the settle is held
+        queued = answer.result()
+    assert queued.status_code == 200, queued.text
+    time.sleep(2.6)
+    chat = gateway.chat(key)  # Redis answers: the held settle goes through
+    assert chat.status_code == 200, chat.text
+    named = queued.json()["id"]
+    wait_for(lambda: db.get(KeySchema("governor").background("acme", named)) is not None,
+             "what it was charged is kept")  # fmt: skip
+    done = sdk(gateway.url, key).responses.retrieve(named)
+    assert done.usage is not None
+    real = done.usage.input_tokens + done.usage.output_tokens
+    assert settled(db) == real + chat.json()["usage"]["total_tokens"]
+
+
+def test_an_answer_whose_settle_found_no_reservation_refunds_nothing(
+    make_gateway: MakeGateway,
+    metered: Path,
+    db: redis.Redis[str],
+    held: FakeUpstream,
+) -> None:
+    """A reservation released before its answer settles (its lease swept: here, its settle
+    record taken away while the model server holds the answer) is charged nothing by the
+    settle; what was never charged must never be refunded by a read."""
+    gateway = make_gateway()
+    key = gateway.key("acme", "metered")
+    CreditLedger(db, "governor").top_up("acme", 5.0, reason="test", actor="pytest")
+    body = {"model": MODEL, "input": "later", "max_output_tokens": 900, "background": True}
+    sent = {"authorization": f"Bearer {key}", "x-fake-hold": "1"}
+    seen = len(held.seen)
+    with ThreadPoolExecutor(1) as pool:
+        answer = pool.submit(gateway.http.post, f"{gateway.url}/v1/responses", json=body,
+                             headers=sent)  # fmt: skip
+        wait_for(lambda: len(held.seen) > seen, "the model server has the request")
+        records = [field for field in db.hkeys(STATE) if field.startswith("x|")]
+        assert len(records) == 1, records
+        db.hdel(STATE, *records)  # as a sweep of its lease leaves it
+        held.release.set()
+        queued = answer.result()
+    assert queued.status_code == 200, queued.text
+    named = queued.json()["id"]
+    assert db.get(KeySchema("governor").background("acme", named)) is None
+    sdk(gateway.url, key).responses.retrieve(named)
+    assert balance_micro(db) == round(5.0 * MICRO), "refunded credits never charged"
