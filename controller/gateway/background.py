@@ -21,6 +21,7 @@ FINAL_STATUSES = frozenset(("completed", "incomplete", "failed", "cancelled"))
 MAX_READ_ANSWER = 32 * 1024 * 1024
 REASON = "background response settled at its usage"
 _COUNTS = ("input_tokens", "output_tokens", "total_tokens")
+_EXACT = 2**53
 
 
 @dataclass(frozen=True)
@@ -106,5 +107,7 @@ def final_usage(answer: bytes, response_id: str) -> FinalUsage | None:
 
 
 def _count(value: object) -> TypeGuard[int]:
-    """A whole count of 0 or more (JSON's `true` is no count, though Python's bool is an int)."""
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    """A whole count of 0 or more, below 2^53 (JSON's `true` is no count, though Python's bool
+    is an int; past 2^53 the nginx module's doubles hold no exact count, and neither reads
+    one there)."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < _EXACT

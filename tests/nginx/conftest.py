@@ -48,7 +48,21 @@ location = /_probe/keys {
             admit = names:admit_keys(args.tenant, args.user or '', ip),
             settle = names:settle_keys(args.tenant, args.user or '', ip),
             response = names:response(args.tenant, args.response or '') or cjson.null,
-            conversation = names:conversation(args.tenant, args.response or '') or cjson.null}))
+            conversation = names:conversation(args.tenant, args.response or '') or cjson.null,
+            background = names:background(args.tenant, args.response or '') or cjson.null,
+            charge = names:charge_keys(args.tenant, args.user or '', ip, 'r1.background')}))
+    }
+}
+location = /_probe/final_usage {
+    content_by_lua_block {
+        local cjson = require 'cjson.safe'
+        local conversations = require 'governor.conversations'
+        ngx.req.read_body()
+        local used = conversations.final_usage(ngx.req.get_body_data() or '', ngx.var.arg_id)
+        local record = ngx.req.get_uri_args().record
+        local charged = record and conversations.background_charge(record)
+        ngx.say(cjson.encode({usage = used or cjson.null,
+            charged = charged and conversations.background_record(charged) or cjson.null}))
     }
 }
 location = /_probe/request {

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from controller.contract.enforcement import EnforcementKeys, ip_id
+from controller.gateway.background import BackgroundCharge, final_usage
 from controller.gateway.conversations import ConversationCall, added_tokens, route
 from controller.gateway.limits import resolve
 from controller.gateway.openai import (
@@ -48,6 +49,7 @@ def test_key_names_are_pythons(
     assert lua["ip"] == python_ip
     assert lua["admit"] == list(keys.admit_keys(tenant, user, python_ip))
     assert lua["settle"] == list(keys.settle_keys(tenant, user, python_ip))
+    assert lua["charge"] == list(keys.charge_keys(tenant, user, python_ip, "r1.background"))
 
 
 @pytest.mark.parametrize(
@@ -67,10 +69,72 @@ def test_a_responses_record_key_is_pythons(nginx: Side, response_id: str) -> Non
     assert lua["response"] == python
     if python is not None:
         assert python.startswith("gov-1:{t:a%3Ab}:response:")
-        conversation = EnforcementKeys.for_prefix("gov-1").schema.conversation("a:b", response_id)
-        assert lua["conversation"] == conversation
+        schema = EnforcementKeys.for_prefix("gov-1").schema
+        assert lua["conversation"] == schema.conversation("a:b", response_id)
+        assert lua["background"] == schema.background("a:b", response_id)
     else:
         assert lua["conversation"] is None
+        assert lua["background"] is None
+
+
+FINISHED = {"id": "resp_1", "object": "response", "status": "completed",
+            "usage": {"input_tokens": 7, "output_tokens": 5, "total_tokens": 12}}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [FINISHED]
+    + [
+        {**FINISHED, "status": status}
+        for status in ("incomplete", "failed", "cancelled", "queued", "in_progress", None, 1)
+    ]
+    + [
+        {**FINISHED, "id": "resp_2"},
+        {**FINISHED, "object": "conversation"},
+        {**FINISHED, "usage": None},
+        {**FINISHED, "usage": {"input_tokens": 7}},
+        {**FINISHED, "usage": {"input_tokens": -7, "output_tokens": 5}},
+        {**FINISHED, "usage": {"input_tokens": 7.5, "output_tokens": 5}},
+        {**FINISHED, "usage": {"input_tokens": "7", "output_tokens": 5}},
+        {**FINISHED, "usage": {"input_tokens": True, "output_tokens": 5}},
+        {**FINISHED, "usage": {"input_tokens": 7, "output_tokens": 5, "total_tokens": 30}},
+        {**FINISHED, "usage": {"input_tokens": 7, "output_tokens": 5, "total_tokens": 3}},
+        {**FINISHED, "usage": {"input_tokens": 2**60, "output_tokens": 5}},
+        [FINISHED],
+        "resp_1",
+    ],
+)
+def test_a_finished_responses_usage_is_read_as_python_reads_it(nginx: Side, answer: Any) -> None:
+    """What settles a background response: only a finished one, with counts that are counts."""
+    lua = nginx.http.post(f"{nginx.url}/_probe/final_usage", params={"id": "resp_1"},
+                          content=json.dumps(answer)).json()  # fmt: skip
+    python = final_usage(json.dumps(answer).encode(), "resp_1")
+    expected = python and {"prompt": python.prompt, "completion": python.completion}
+    assert lua["usage"] == expected
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        BackgroundCharge("r1", "free", None, None, "gpt-4o", 7, 900, None, 20000).encoded(),
+        BackgroundCharge("r1", "p", "u:1", "10.0.0.1", "M", 0, 1, 1351, 20000).encoded(),
+        '{"request_id": "r1"}',
+        BackgroundCharge("r1", "p", None, None, "m", -1, 1, None, 2).encoded(),
+        BackgroundCharge("r1", "p", 7, None, "m", 1, 1, None, 2).encoded(),  # type: ignore[arg-type]
+        "[]",
+        "nonsense",
+    ],
+)
+def test_a_background_charge_record_is_read_as_python_reads_it(nginx: Side, record: str) -> None:
+    """What a background answer was charged, as either gateway wrote it: read alike, and one
+    no gateway writes read by neither (the charge then stands)."""
+    lua = nginx.http.post(f"{nginx.url}/_probe/final_usage", params={"id": "x", "record": record},
+                          content=b"{}").json()  # fmt: skip
+    python = BackgroundCharge.decoded(record)
+    if python is None:
+        assert lua["charged"] is None
+    else:
+        assert json.loads(lua["charged"]) == json.loads(python.encoded())
 
 
 @pytest.mark.parametrize("ip", ["999.1.1.1", "01.2.3.4", "fe80::1%eth0", "1::2::3", "x"])

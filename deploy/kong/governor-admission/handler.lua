@@ -86,7 +86,8 @@ function GovernorAdmission:access(conf)
     return kong.response.exit(answer.status, answer.body, answer.headers)
   end
   if outcome.conversation ~= nil then
-    -- A Conversations API create, add or delete, or a stored response's delete: the response
+    -- A Conversations API create, add or delete, a stored response's delete, or a read or
+    -- cancel of a background response still charged its reservation: the response
     -- phase reads the whole answer and changes the tenant's record before Kong sends it.
     kong.ctx.plugin.conversation = outcome.conversation
     kong.service.request.enable_buffering()

@@ -157,7 +157,8 @@ local function fetch_and_settle(call)
   return relay(response, call.headers)
 end
 
--- A Conversations API create, add or delete, or a stored response's delete: fetched whole,
+-- A Conversations API create, add or delete, a stored response's delete, or a read or cancel
+-- of a background response still charged its reservation (settled at its usage): fetched whole,
 -- the tenant's record changed as the answer says, then answered (asgi: before its last byte).
 local function fetch_and_record(call)
   local response = fetch(call.body)
