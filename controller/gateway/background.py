@@ -15,6 +15,8 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Any, TypeGuard
 
+from controller.gateway.openai import whole_count
+
 # A response in one of these has generated all it will: its usage is final.
 FINAL_STATUSES = frozenset(("completed", "incomplete", "failed", "cancelled"))
 # The largest answer read for its usage (a response object holds its whole output).
@@ -86,22 +88,26 @@ def final_usage(answer: bytes, response_id: str) -> FinalUsage | None:
     """The usage of response `response_id` that an answer holds once it is finished
     (`status` one of FINAL_STATUSES, `usage.input_tokens`/`output_tokens` whole counts of 0
     or more); None for anything else — another object or id, still queued or running, no
-    usage, counts that are no counts (`-5`, `1.5`, `"2"`, `true`): the charge then stands."""
+    usage, counts that are no counts (`openai.whole_count`: `-5`, `1.5`, `"2"`, `true`): the
+    charge then stands."""
     try:
         document: Any = json.loads(answer)
     except (ValueError, UnicodeDecodeError, RecursionError):
         return None
     if not isinstance(document, dict) or document.get("object") != "response":
         return None
-    if document.get("id") != response_id or document.get("status") not in FINAL_STATUSES:
+    status = document.get("status")
+    if document.get("id") != response_id or not isinstance(status, str):
+        return None
+    if status not in FINAL_STATUSES:
         return None
     usage = document.get("usage")
     if not isinstance(usage, dict):
         return None
-    prompt, completion, total = (usage.get(name) for name in _COUNTS)
-    if not _count(prompt) or not _count(completion):
+    prompt, completion, total = (whole_count(usage.get(name)) for name in _COUNTS)
+    if prompt is None or completion is None:
         return None
-    if _count(total) and total > prompt + completion:
+    if total is not None and total > prompt + completion:
         completion = total - prompt  # reasoning tokens counted only in the total, as a settle
     return FinalUsage(prompt, completion)
 

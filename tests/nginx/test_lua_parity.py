@@ -77,17 +77,15 @@ def test_a_responses_record_key_is_pythons(nginx: Side, response_id: str) -> Non
         assert lua["background"] is None
 
 
-FINISHED = {"id": "resp_1", "object": "response", "status": "completed",
+STATUSES: list[Any] = ["incomplete", "failed", "cancelled", "queued", "in_progress", None, 1, []]
+FINISHED: dict[str, Any] = {"id": "resp_1", "object": "response", "status": "completed",
             "usage": {"input_tokens": 7, "output_tokens": 5, "total_tokens": 12}}  # fmt: skip
 
 
 @pytest.mark.parametrize(
     "answer",
     [FINISHED]
-    + [
-        {**FINISHED, "status": status}
-        for status in ("incomplete", "failed", "cancelled", "queued", "in_progress", None, 1)
-    ]
+    + [{**FINISHED, "status": status} for status in STATUSES]
     + [
         {**FINISHED, "id": "resp_2"},
         {**FINISHED, "object": "conversation"},
@@ -100,6 +98,7 @@ FINISHED = {"id": "resp_1", "object": "response", "status": "completed",
         {**FINISHED, "usage": {"input_tokens": 7, "output_tokens": 5, "total_tokens": 30}},
         {**FINISHED, "usage": {"input_tokens": 7, "output_tokens": 5, "total_tokens": 3}},
         {**FINISHED, "usage": {"input_tokens": 2**60, "output_tokens": 5}},
+        {**FINISHED, "usage": {"input_tokens": 7.0, "output_tokens": 5.0}},
         [FINISHED],
         "resp_1",
     ],
@@ -443,6 +442,50 @@ def test_the_meter_finds_a_responses_id_as_python_does(nginx: Side, case: str, s
                                  "in a conversation": "resp_4",
                                  "a chat answer": None}[case]  # fmt: skip
     assert meter.conversation_id == ("conv_9" if case == "in a conversation" else None)
+
+
+# A model server's usage as it may come, and what both gateways settle (prompt, completion;
+# the prompt estimate is 99, the reservation 500).
+USAGES = [
+    ({"prompt_tokens": 10, "completion_tokens": 20}, (10, 20)),
+    ({"prompt_tokens": 10.0, "completion_tokens": 20.0, "total_tokens": 30.0}, (10, 20)),
+    ({"input_tokens": 7, "output_tokens": 3, "total_tokens": 12}, (7, 5)),
+    ({"prompt_tokens": 8, "total_tokens": 8}, (8, 0)),  # an embedding
+    ({"total_tokens": 40}, (0, 40)),
+    ({"prompt_tokens": -1000, "completion_tokens": 20, "total_tokens": 10}, (0, 10)),
+    # No count the gateway can read: charged the reservation, never an estimate from a few
+    # characters (nor 1e30, nor a negative, nor `true` read as 1).
+    ({"prompt_tokens": -1000, "completion_tokens": 20}, (99, 401)),
+    ({"prompt_tokens": 1e30, "completion_tokens": 20}, (99, 401)),
+    ({"prompt_tokens": 10**20, "completion_tokens": 20}, (99, 401)),
+    ({"prompt_tokens": True, "completion_tokens": 20}, (99, 401)),
+    ({"prompt_tokens": 1.5, "completion_tokens": 20}, (99, 401)),
+    ({"prompt_tokens": "10", "completion_tokens": "20"}, (99, 401)),
+    ({}, (99, 401)),
+]
+
+
+@pytest.mark.parametrize(("usage", "settled"), USAGES)
+@pytest.mark.parametrize("streaming", [False, True])
+def test_usage_is_read_as_python_reads_it_and_none_readable_costs_the_reservation(
+    nginx: Side, usage: dict[str, Any], settled: tuple[int, int], streaming: bool
+) -> None:
+    """The Python gateway read `true` as 1 token and `10.0` as no count (an estimate from the
+    text), nginx `10.0` as 10 and `1e30` as a count; a usage with no readable count was
+    settled as the prompt estimate and a few characters. Both now read whole counts below
+    2^53 (a JSON number with a zero fraction is one), and charge an answer whose usage they
+    cannot read its reservation, as an answer cut off is."""
+    document = {"choices": [{"message": {"content": "hello there"}}], "usage": usage}
+    answer = json.dumps(document).encode()
+    if streaming:
+        answer = b"data: " + answer + b"\n\ndata: [DONE]\n\n"
+    params = {"size": 4096, "streaming": "1" if streaming else "0", "ceiling": 500}
+    lua = nginx.http.post(f"{nginx.url}/_probe/meter", params=params, content=answer).json()
+    meter = UsageMeter(streaming, 99, 500)
+    meter.feed(answer)
+    found = meter.finish()
+    assert (found.prompt_tokens, found.completion_tokens) == settled
+    assert (lua["prompt"], lua["completion"]) == settled
 
 
 @pytest.mark.parametrize(
