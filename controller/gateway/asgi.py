@@ -9,6 +9,7 @@ import uuid
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import parse_qs
 
 import anyio
 import redis
@@ -265,8 +266,11 @@ class GovernorMiddleware:
         """What the background response a read or cancel names was charged, while it is not
         settled at its usage; None for any other call. Redis away: None (the charge stands,
         and a later read settles it)."""
-        settles = (call.action == "read" and scope["method"] == "GET") or call.action == "cancel"
-        if call.what != "response" or call.id is None or not settles:
+        # A read that streams the response's events (`?stream=true`) passes as it is (nginx
+        # would hold it whole until the response is done); it names no usage to settle at.
+        query = parse_qs(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
+        reads = call.action == "read" and scope["method"] == "GET" and "stream" not in query
+        if call.what != "response" or call.id is None or not (reads or call.action == "cancel"):
             return None
         try:
             return await self.e.admission.background_charge(tenant, call.id)

@@ -285,3 +285,24 @@ def test_a_background_response_is_settled_by_its_cancel_and_never_by_an_answer_w
         real = cancelled.usage.input_tokens + cancelled.usage.output_tokens
         assert tenant_state(side, "acme")["u|tokens_per_day"] == str(real), side.name
         assert record(side, "acme", queued.id) == str(real), side.name
+
+
+def test_a_read_that_streams_a_background_response_passes_as_it_is(
+    python_gateway: Side, nginx: Side, upstream: tuple[FakeUpstream, ServerThread]
+) -> None:
+    """`GET /v1/responses/{id}?stream=true` follows a background response's events as it
+    generates: fetched whole to be settled, nginx would hold them all until it is done. Both
+    gateways pass it on as it is (it settles nothing); a plain read settles it."""
+    for side in sides(python_gateway, nginx):
+        key = side.key("acme", "free")
+        queued = sdk(side, key).responses.create(model=MODEL, input=f"follow {side.name}",
+                                                 max_output_tokens=16, background=True)  # fmt: skip
+        charged = tenant_state(side, "acme")["u|tokens_per_day"]
+        sent = {"authorization": f"Bearer {key}"}
+        path = f"{side.url}/v1/responses/{queued.id}"
+        followed = side.http.get(path, params={"stream": "true", "starting_after": "0"},
+                                 headers=sent)  # fmt: skip
+        assert followed.status_code == 200, (side.name, followed.text)
+        assert tenant_state(side, "acme")["u|tokens_per_day"] == charged, side.name
+        assert side.http.get(path, headers=sent).json()["status"] == "completed"
+        assert tenant_state(side, "acme")["u|tokens_per_day"] != charged, side.name

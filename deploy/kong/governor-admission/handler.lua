@@ -73,6 +73,7 @@ function GovernorAdmission:access(conf)
     method = kong.request.get_method(),
     path = kong.request.get_path(),
     raw_path = kong.request.get_raw_path(),  -- as the client wrote it (Kong >= 2.8)
+    query = kong.request.get_raw_query(),
     headers = kong.request.get_headers(100),
     content_length = tonumber(kong.request.get_header('content-length')),
     read_body = function()

@@ -489,7 +489,11 @@ end
 -- (the charge stands; a later read settles it). Such a call is then fetched whole (as a
 -- create is) and its answer handed to `conversation_answered`.
 function Gateway:background_charge(client, req, principal, call)
-  local settles = (call.action == 'read' and req.method == 'GET') or call.action == 'cancel'
+  -- A read that streams the response's events (`?stream=true`) passes as it is: fetched whole
+  -- it would reach the client only once the response is done.
+  local streams = ngx.decode_args(req.query or '').stream ~= nil
+  local settles = (call.action == 'read' and req.method == 'GET' and not streams)
+    or call.action == 'cancel'
   if client == nil or call.what ~= 'response' or call.id == nil or not settles then
     return nil
   end

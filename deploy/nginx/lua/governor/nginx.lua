@@ -171,6 +171,7 @@ function _M.access()
     method = ngx.req.get_method(),
     path = ngx.var.uri,
     raw_path = ngx.var.request_uri:match('^[^?]*'),  -- as the client wrote it
+    query = ngx.var.args,
     headers = ngx.req.get_headers(100),
     content_length = tonumber(ngx.var.http_content_length),
     read_body = read_body,
