@@ -15,10 +15,8 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Any, TypeGuard
 
-from controller.gateway.openai import whole_count
+from controller.gateway.openai import FINAL_STATUSES, whole_count
 
-# A response in one of these has generated all it will: its usage is final.
-FINAL_STATUSES = frozenset(("completed", "incomplete", "failed", "cancelled"))
 # The largest answer read for its usage (a response object holds its whole output).
 MAX_READ_ANSWER = 32 * 1024 * 1024
 REASON = "background response settled at its usage"

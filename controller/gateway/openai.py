@@ -40,6 +40,8 @@ MAX_TOKENS_NAMES: dict[RequestKind, tuple[str, ...]] = {
 CHARS_PER_TOKEN = 4
 MESSAGE_OVERHEAD_TOKENS = 4
 _MAX_BUFFERED_RESPONSE = 32 * 1024 * 1024
+# A response in one of these has generated all it will: its usage is final.
+FINAL_STATUSES = frozenset(("completed", "incomplete", "failed", "cancelled"))
 _EXACT_COUNT = 2**53  # the largest count a double (the nginx module's number) holds exactly
 
 
@@ -482,6 +484,7 @@ class UsageMeter:
     _overflow: bool = False
     _unreadable: bool = False  # a whole answer that is no JSON object (cut off, garbled)
     _unreadable_usage: bool = False  # a usage object without a count the gateway can read
+    _status: str | None = None  # the response object's `status` (a Responses answer)
     _events: bool = False  # a `data:` line was seen
     # A Responses answer's id (`resp_…`): the response object's, or the one an event holds.
     response_id: str | None = None
@@ -510,7 +513,10 @@ class UsageMeter:
         elif not self._overflow:
             self._unreadable = not self._read_document(bytes(self._buffer))
         self._buffer.clear()
-        if self._usage is not None:
+        # A background answer's usage counts only once the response is finished: one that
+        # says it is still queued or running has more to generate, whatever usage it shows.
+        unfinished = self.background and self._status not in FINAL_STATUSES
+        if self._usage is not None and not unfinished:
             return self._usage
         completion = math.ceil(self._completion_chars / CHARS_PER_TOKEN)
         # An answer that could not be read whole (too big, cut off mid-body, garbled) hides
@@ -554,6 +560,8 @@ class UsageMeter:
         found = _response_id(response)
         if found is not None:
             self.response_id = found
+            status = response.get("status")
+            self._status = status if isinstance(status, str) else None
             self.conversation_id = _conversation_id(response) or self.conversation_id
         for choice in document.get("choices") or ():
             if isinstance(choice, dict):

@@ -115,7 +115,8 @@ location = /_probe/meter {
         local openai = require 'governor.openai'
         ngx.req.read_body()
         local answer, size = ngx.req.get_body_data() or '', tonumber(ngx.var.arg_size)
-        local meter = openai.meter(ngx.var.arg_streaming == '1', 99, tonumber(ngx.var.arg_ceiling))
+        local meter = openai.meter(ngx.var.arg_streaming == '1', 99, tonumber(ngx.var.arg_ceiling),
+            ngx.var.arg_background == '1')
         for i = 1, #answer, size do
             meter:feed(answer:sub(i, i + size - 1))
         end

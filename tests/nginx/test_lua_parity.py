@@ -488,6 +488,36 @@ def test_usage_is_read_as_python_reads_it_and_none_readable_costs_the_reservatio
     assert (lua["prompt"], lua["completion"]) == settled
 
 
+BACKGROUND_ANSWERS = [
+    ("queued", {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0}, (99, 401)),
+    ("in_progress", {"input_tokens": 7, "output_tokens": 2}, (99, 401)),
+    ("queued", None, (99, 401)),
+    (None, {"input_tokens": 7, "output_tokens": 2}, (99, 401)),
+    ("completed", {"input_tokens": 7, "output_tokens": 2}, (7, 2)),
+    ("cancelled", {"input_tokens": 7, "output_tokens": 0}, (7, 0)),
+]
+
+
+@pytest.mark.parametrize(("status", "usage", "settled"), BACKGROUND_ANSWERS)
+def test_a_background_answer_is_charged_its_usage_only_once_finished(
+    nginx: Side, status: str | None, usage: dict[str, int] | None, settled: tuple[int, int]
+) -> None:
+    """A background answer is the response queued: a model server that showed a usage there
+    (zeros, or what it had so far) was charged that, and the rest it generated went
+    unmetered. Both gateways count its usage only once its `status` says it is finished."""
+    document: dict[str, Any] = {"id": "resp_1", "object": "response", "status": status,
+                                "output": [], "usage": usage}  # fmt: skip
+    answer = json.dumps(document).encode()
+    params: dict[str, str | int] = {"size": 4096, "streaming": "0", "ceiling": 500,
+                                    "background": "1"}  # fmt: skip
+    lua = nginx.http.post(f"{nginx.url}/_probe/meter", params=params, content=answer).json()
+    meter = UsageMeter(False, 99, 500, background=True)
+    meter.feed(answer)
+    found = meter.finish()
+    assert (found.prompt_tokens, found.completion_tokens) == settled
+    assert (lua["prompt"], lua["completion"]) == settled
+
+
 @pytest.mark.parametrize(
     ("method", "path"),
     [

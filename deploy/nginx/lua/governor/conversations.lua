@@ -102,8 +102,7 @@ function _M.created_id(answer)
   return type(document.id) == 'string' and document.id or nil
 end
 
--- background.FINAL_STATUSES: a response in one of these has generated all it will.
-local FINAL_STATUSES = {completed = true, incomplete = true, failed = true, cancelled = true}
+local FINAL_STATUSES = openai.FINAL_STATUSES
 
 -- background._count: a whole count of 0 or more (cjson reads every JSON number as a double;
 -- one past 2^53 is no exact count).

@@ -568,6 +568,10 @@ local function output_chars(document)
   return total
 end
 
+-- openai.FINAL_STATUSES: a response in one of these has generated all it will.
+local FINAL_STATUSES = {completed = true, incomplete = true, failed = true, cancelled = true}
+_M.FINAL_STATUSES = FINAL_STATUSES
+
 local Meter = {}
 Meter.__index = Meter
 
@@ -601,6 +605,7 @@ function Meter:read_document(data)
   local held = type(document.response) == 'table' and document.response or document
   if held.object == 'response' and type(held.id) == 'string' then
     self.response_id = held.id
+    self.status = type(held.status) == 'string' and held.status or nil
     -- openai._conversation_id: the conversation it belongs to.
     local conversation = type(held.conversation) == 'table' and held.conversation.id
     if type(conversation) == 'string' then
@@ -671,7 +676,10 @@ function Meter:finish()
     self.unreadable = not self:read_document(table.concat(self.buffer))
   end
   self.buffer, self.pending = {}, ''
-  if self.usage then
+  -- A background answer's usage counts only once the response is finished (openai.UsageMeter):
+  -- one still queued or running has more to generate, whatever usage it shows.
+  local unfinished = self.background and not FINAL_STATUSES[self.status or '']
+  if self.usage and not unfinished then
     return self.usage
   end
   local completion = math.ceil(self.completion_chars / CHARS_PER_TOKEN)
