@@ -214,7 +214,7 @@ def test_the_previous_response_scope_is_exported() -> None:
 
 
 # The Kong plugin's phases for a Conversations API create, with Kong's PDK and the gateway
-# module stubbed (no Kong here): the raw path reaches the decision, the create is proxied
+# module stubbed (no Kong here): the raw path and query reach the decision, the create is proxied
 # buffered, and its whole answer is handed to the gateway before Kong sends it.
 KONG_CONVERSATION = """
 local decided, answered, buffering = nil, nil, false
@@ -237,6 +237,7 @@ kong = {
   request = {get_method = function() return 'POST' end,
     get_path = function() return '/v1/conversations' end,
     get_raw_path = function() return '/v1/conversations' end,
+    get_raw_query = function() return 'stream=true' end,
     get_headers = function() return {} end, get_header = function() return nil end,
     get_raw_body = function() return '{"items": []}' end},
   client = {get_forwarded_ip = function() return '127.0.0.1' end},
@@ -255,8 +256,8 @@ local conf = {export_dir = 'x', redis_host = 'h', redis_port = 1, redis_database
 for _, phase in ipairs({'access', 'response', 'header_filter', 'body_filter', 'log'}) do
   handler[phase](handler, conf)
 end
-print(decided.raw_path, tostring(buffering), answered.status, answered.call.added,
-  answered.body)
+print(decided.raw_path, decided.query, tostring(buffering), answered.status,
+  answered.call.added, answered.body)
 """
 
 
@@ -270,8 +271,9 @@ def test_the_kong_plugin_records_a_conversation_from_the_buffered_answer() -> No
     )
 
     assert loaded.returncode == 0, loaded.stderr
-    raw_path, buffered, status, added, body = loaded.stdout.split(maxsplit=4)
+    raw_path, query, buffered, status, added, body = loaded.stdout.split(maxsplit=5)
     assert (raw_path, buffered, status, added) == ("/v1/conversations", "true", "200", "106")
+    assert query == "stream=true"  # a read streaming a background response passes as it is
     assert body.strip() == '{"id": "conv_1", "object": "conversation"}'
 
 
