@@ -462,9 +462,10 @@ function Gateway:conversation_call(client, req, principal, call)
   end
   local charged = nil
   if not conversations.RECORDS[call.action] then
-    charged = self:background_charge(client, req, principal, call)
+    local broken
+    charged, broken = self:background_charge(client, req, principal, call)
     if charged == nil then
-      return {pass = true, principal = principal}
+      return {pass = true, principal = principal, broken = broken}
     end
   end
   local say = self.answers
@@ -486,8 +487,8 @@ end
 
 -- asgi._background_charge: what the background response a read (GET) or a cancel names was
 -- charged, while it is not settled at its usage; nil for any other call, and with Redis away
--- (the charge stands; a later read settles it). Such a call is then fetched whole (as a
--- create is) and its answer handed to `conversation_answered`.
+-- (the charge stands; a later read settles it; true beside it: the connection failed). Such a
+-- call is then fetched whole (as a create is) and its answer handed to `conversation_answered`.
 function Gateway:background_charge(client, req, principal, call)
   -- A read that streams the response's events (`?stream=true`) passes as it is: fetched whole
   -- it would reach the client only once the response is done.
@@ -505,7 +506,7 @@ function Gateway:background_charge(client, req, principal, call)
   if text == nil then
     warn('limit store unreachable reading what a background response was charged; a later '
       .. 'read settles it: ', err)
-    return nil
+    return nil, true  -- the connection is closed, not pooled
   end
   if text == ngx.null then
     return nil
@@ -801,6 +802,7 @@ function Gateway:keep_background(client, call, usage, model)
   if not ok then
     warn('cannot keep what a background response is charged; it stays charged its '
       .. 'reservation: tenant ', tenant, ', response ', named, ': ', err)
+    client:close()  -- a failed exchange leaves the connection in an unknown state
   end
 end
 
