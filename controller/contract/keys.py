@@ -210,6 +210,14 @@ class KeySchema:
         escaped = escape_id(validate_id(conversation_id, "conversation id"))
         return self._key(self.tenant_tag(tenant), "conversation", escaped)
 
+    def background(self, tenant: str, response_id: str) -> str:
+        """String, expiring: what `tenant`'s background Responses answer `response_id` was
+        charged when it was answered (its whole reservation, its usage not known yet), until
+        a read or cancel through the gateway sees its usage and settles the difference.
+        Under the tenant's tag, as `response`; ValueError for an id that is no safe id."""
+        escaped = escape_id(validate_id(response_id, "response id"))
+        return self._key(self.tenant_tag(tenant), "background", escaped)
+
     def ip_tag(self, ip: str) -> str:
         """The hash tag of one client address's enforcement state (contract 2)."""
         return "{ip:" + escape_id(ip) + "}"

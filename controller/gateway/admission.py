@@ -21,6 +21,8 @@ from controller.clients.redis import key_schema, not_governors, unanswered
 from controller.clients.scripts import ADMIT, CHARGE, SETTLE, EnforcementError, load_scripts
 from controller.contract.catalog import PlanInfo
 from controller.contract.enforcement import EnforcementKeys, ip_id
+from controller.gateway.background import REASON as BACKGROUND_REASON
+from controller.gateway.background import BackgroundCharge
 from controller.gateway.catalog import PlanCatalog
 from controller.gateway.limits import PERIOD_MS, LimitCache, Resolved
 from controller.gateway.openai import EarlierKind
@@ -67,6 +69,7 @@ GROW_RECORD = (
     "redis.call('PEXPIRE', KEYS[1], ARGV[2]) "
     "return 1"
 )
+_FAIL_OPEN = "served fail-open while Redis was away"  # the history entry's reason
 # charge.lua's KEYS index of each level's state.
 _LEVEL_INDEX = {Scope.GLOBAL: 1, Scope.IP: 2, Scope.TENANT: 3, Scope.PLAN: 3, Scope.USER: 4}
 
@@ -297,6 +300,24 @@ class Admission:
         Returns how many budgets were charged; raises EnforcementError if Redis fails (the
         caller holds it)."""
         plan = await self.catalog.current(request.plan)
+        cost = ""
+        if plan is not None and plan.credits is not None and usage.total > 0:
+            price = self.prices.cost(request.model, usage.prompt, usage.completion)
+            cost = str(to_micro(price))
+        amounts = (usage.total, cost, usage.prompt, usage.completion)
+        return await self._charge(request, amounts, _FAIL_OPEN, self._record_ms, "")
+
+    async def _charge(
+        self,
+        request: AdmissionRequest,
+        amounts: tuple[int, str, int, int],
+        reason: str,
+        record_ms: str,
+        day: str,
+    ) -> int:
+        """charge.lua for `request` (its request id names the charge record): `amounts` are
+        the tokens and the micro-USD ('' : no credits) charged (below 0: given back), then
+        the usage they are for; `day` the day tokens given back were charged on."""
         ip = ip_id(request.ip) if request.ip else ""
         model = model_key(request.model or "")  # its limits are met without case
         limits = await self.limits.get(request.tenant, request.plan, request.user or "",
@@ -308,17 +329,87 @@ class Admission:
             if check.kind is LimitKind.TOKENS_PER_DAY
             for address in (Address.parse(check.address),)
         ]
-        cost = ""
-        if plan is not None and plan.credits is not None and usage.total > 0:
-            price = self.prices.cost(request.model, usage.prompt, usage.completion)
-            cost = str(to_micro(price))
-        args: tuple[str | int, ...] = (request.request_id, usage.total, cost, model,
-                                       self._history_length, usage.prompt, usage.completion,
-                                       self._record_ms, *budgets)  # fmt: skip
+        tokens, cost, prompt, completion = amounts
+        args: tuple[str | int, ...] = (request.request_id, tokens, cost, model,
+                                       self._history_length, prompt, completion, record_ms,
+                                       reason, day, *budgets)  # fmt: skip
         if self.slots is not None:
             return await self.slots.charge((request.tenant, request.user or "", ip), args)
         keys = self.keys.charge_keys(request.tenant, request.user, ip, request.request_id)
         return int(await CHARGE.run(self.client, keys, args))
+
+    async def keep_background(
+        self,
+        tenant: str,
+        response_id: str,
+        reservation: str,
+        charged: BackgroundCharge,
+        ttl_seconds: float,
+    ) -> bool:
+        """Keep what `tenant`'s background answer `response_id`, admitted as `reservation`,
+        is being settled at (its client address: the reservation's; its day: Redis's today),
+        for `ttl_seconds` (as long as its response record). False for an id that is no safe
+        id (nothing kept: its charge stands)."""
+        try:
+            key = self.keys.schema.background(tenant, response_id)
+        except ValueError:
+            return False
+        ip = _split_reservation(reservation)[2] or None
+        try:
+            seconds, _micros = await self.client.time()
+            kept = replace(charged, ip=ip, day=int(seconds) // 86_400)
+            await self.client.set(key, kept.encoded(), px=max(1, round(ttl_seconds * 1000)))
+        except redis.RedisError as exc:
+            raise EnforcementError(f"recording {key} failed: {exc}") from exc
+        return True
+
+    async def background_charge(self, tenant: str, response_id: str) -> BackgroundCharge | None:
+        """What `tenant`'s background answer `response_id` was charged, while it is not yet
+        settled at its usage; None otherwise (settled, expired, no background answer, a value
+        no gateway writes)."""
+        try:
+            key = self.keys.schema.background(tenant, response_id)
+        except ValueError:
+            return None
+        try:
+            text = await self.client.get(key)
+        except redis.RedisError as exc:
+            raise EnforcementError(f"reading {key} failed: {exc}") from exc
+        return None if text is None else BackgroundCharge.decoded(text)
+
+    async def settle_background(
+        self,
+        tenant: str,
+        response_id: str,
+        charged: BackgroundCharge,
+        used: TokensUsed,
+        ttl_seconds: float,
+    ) -> int:
+        """Settle `tenant`'s background answer at the usage its finished response reports:
+        the difference from what it was charged, on the daily budgets (tokens given back
+        only to a budget still counting the day they were charged on) and the credits (at
+        today's prices), once — a repeat finds the charge record (kept as long as the
+        response's record) and changes nothing. Its record then holds its true total (a
+        turn continuing it reserves that), and what it was charged is forgotten. Raises
+        EnforcementError if Redis fails (the caller holds it: a repeat is harmless)."""
+        cost = ""
+        if charged.cost_micro is not None:
+            price = to_micro(self.prices.cost(charged.model, used.prompt, used.completion))
+            cost = str((price if used.total > 0 else 0) - charged.cost_micro)
+        request = AdmissionRequest(tenant, charged.plan, charged.user, charged.ip, charged.model,
+                                   charged.tokens, f"{charged.request_id}.background")  # fmt: skip
+        amounts = (used.total - charged.tokens, cost, used.prompt, used.completion)
+        ttl_ms = max(1, round(ttl_seconds * 1000))
+        charged_budgets = await self._charge(request, amounts, BACKGROUND_REASON, str(ttl_ms),
+                                             str(charged.day))  # fmt: skip
+        record = self.keys.schema.response(tenant, response_id)
+        try:
+            # Only a record still there (a deleted response is not made again).
+            await self.client.set(record, str(used.total), xx=True, keepttl=True)
+            await self.client.delete(self.keys.schema.background(tenant, response_id))
+        except redis.RedisError as exc:
+            raise EnforcementError(f"settling background response {record} failed: {exc}") from exc
+        return charged_budgets
 
     def _earlier_key(self, what: EarlierKind, tenant: str, found: str) -> str:
         """`tenant`'s record of response or conversation `found`; ValueError for an id that is

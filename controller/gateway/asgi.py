@@ -9,6 +9,7 @@ import uuid
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import parse_qs
 
 import anyio
 import redis
@@ -31,6 +32,7 @@ from controller.gateway.admission import (
     UnansweredAdmissionError,
 )
 from controller.gateway.auth import Authenticator, AuthError, Principal
+from controller.gateway.background import MAX_READ_ANSWER, BackgroundCharge, final_usage
 from controller.gateway.catalog import PlanCatalog
 from controller.gateway.conversations import (
     ADDS_ITEMS,
@@ -49,11 +51,12 @@ from controller.gateway.openai import (
     ModelRequest,
     RequestError,
     RequestKind,
+    Usage,
     UsageChunkFilter,
     UsageMeter,
 )
 from controller.gateway.pending import PendingCalls, StoreCall
-from controller.gateway.prices import PriceTable
+from controller.gateway.prices import PriceTable, to_micro
 from controller.gateway.responses import Answers, degrade_headers, rate_limit_headers
 from controller.gateway.tracing import Tracing
 from controller.gateway.waits import RecordWaits
@@ -126,6 +129,7 @@ class _Call:
     status: int | None = None
     settled: bool = False
     unreserved: AdmissionRequest | None = None  # served fail-open: charged afterwards
+    paid: bool = False  # its plan charged credits when it was admitted
     strip: UsageChunkFilter | None = None  # the usage event the client did not ask for
 
 
@@ -206,8 +210,8 @@ class GovernorMiddleware:
         later turn in it reserves."""
         refusal = await self._conversation_refusal(principal, call)
         if refusal is None and isinstance(call, ConversationCall):
-            if call.action not in RECORDS:
-                await self.app(scope, receive, send)  # a read, or new metadata: as it is
+            if call.action not in RECORDS:  # a read, or new metadata: as it is
+                await self._forward_read(scope, receive, send, principal, call)
                 return
             raw = await _read_body(receive, self.e.settings.max_body_bytes)
             added, refusal = self._added(call, raw)
@@ -218,6 +222,79 @@ class GovernorMiddleware:
         if refusal is not None:
             self.e.metrics.request(principal.tenant, principal.plan, None, "bad_request")
             await refusal(scope, receive, send)
+
+    async def _forward_read(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        principal: Principal,
+        call: ConversationCall,
+    ) -> None:
+        """A call that changes no record, forwarded as it is. A read or cancel of a background
+        response still charged its whole reservation settles it, once its answer is whole and
+        before its last byte goes on, at the usage the answer says it finished with."""
+        charged = await self._background_charge(scope, principal.tenant, call)
+        if charged is None or call.id is None:
+            await self.app(scope, receive, send)
+            return
+        named = call.id
+        status: int | None = None
+        answer = bytearray()
+        overflow = False
+
+        async def observe(message: Message) -> None:
+            nonlocal status, overflow
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            elif message["type"] == "http.response.body":
+                overflow = overflow or len(answer) > MAX_READ_ANSWER
+                if not overflow:
+                    answer.extend(message.get("body", b""))
+                done = not message.get("more_body", False)
+                if done and not overflow and status is not None and 200 <= status < 300:
+                    with anyio.CancelScope(shield=True):
+                        await self._settle_background(principal.tenant, named, charged,
+                                                      bytes(answer))  # fmt: skip
+            await send(message)
+
+        await self.app(scope, receive, observe)
+
+    async def _background_charge(
+        self, scope: Scope, tenant: str, call: ConversationCall
+    ) -> BackgroundCharge | None:
+        """What the background response a read or cancel names was charged, while it is not
+        settled at its usage; None for any other call. Redis away: None (the charge stands,
+        and a later read settles it)."""
+        # A read that streams the response's events (`?stream=true`) passes as it is (nginx
+        # would hold it whole until the response is done); it names no usage to settle at.
+        query = parse_qs(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
+        reads = call.action == "read" and scope["method"] == "GET" and "stream" not in query
+        if call.what != "response" or call.id is None or not (reads or call.action == "cancel"):
+            return None
+        try:
+            return await self.e.admission.background_charge(tenant, call.id)
+        except STORE_ERRORS as exc:
+            self.e.metrics.store_errors.labels("lookup").inc()
+            self._log.warning("limit store unreachable reading what a background response was "
+                              "charged; a later read settles it", error=_said(exc))  # fmt: skip
+            return None
+
+    async def _settle_background(
+        self, tenant: str, named: str, charged: BackgroundCharge, answer: bytes
+    ) -> None:
+        """Settle a background response at the usage its answer says it finished with; an
+        answer that says none (still running, no usage, counts that are none) leaves it
+        charged its reservation. Held when Redis fails (a repeat changes nothing)."""
+        used = final_usage(answer, named)
+        if used is None:
+            return
+        tokens = TokensUsed(used.prompt, used.completion)
+        ttl = self.e.settings.previous_response_ttl_seconds
+        admission = self.e.admission
+        await self._store(
+            "charge", lambda: admission.settle_background(tenant, named, charged, tokens, ttl)
+        )
 
     async def _conversation_refusal(
         self, principal: Principal, call: ConversationCall | str
@@ -535,7 +612,9 @@ class GovernorMiddleware:
         if result.degrade is not None and _degrade(request, result.degrade):
             headers.update(degrade_headers(result.degrade))
             outcome = "degraded"
-        return self._call(principal, request, request_id, result, headers, outcome)
+        call = self._call(principal, request, request_id, result, headers, outcome)
+        call.paid = plan.credits is not None
+        return call
 
     def _release_unanswered(self, reservation: str, tenant: str) -> None:
         """An admission that went out unanswered may have reserved all the same (a stalled
@@ -685,17 +764,50 @@ class GovernorMiddleware:
             # Recorded before the settle (as nginx does): a settle seen means the record that
             # the next turn reads is in place.
             await self._remember(call, usage.total_tokens)
-            await self._store(
-                "settle",
-                lambda: self.e.admission.settle(
+
+            async def settle() -> None:
+                known = await self.e.admission.settle(
                     reservation,
                     principal.tenant,
                     usage.total_tokens,
                     model,
                     prompt_tokens=usage.prompt_tokens,
                     completion_tokens=usage.completion_tokens,
-                ),
+                )
+                # Kept only once its charge is on the books (a settle held until Redis
+                # answers keeps it then): a settle that never landed must refund nothing.
+                if known:
+                    await self._keep_background(call, reservation, usage, cost)
+
+            await self._store("settle", settle)
+
+    async def _keep_background(
+        self, call: _Call, reservation: str, usage: Usage, cost: float
+    ) -> None:
+        """A background answer settled at its whole reservation (its usage comes later):
+        keep what it is charged, so a read or cancel that sees its usage settles the
+        difference. Not kept (a Redis failure, logged): it stays charged its reservation."""
+        named = call.meter.response_id
+        if not (call.request.background and call.request.stored and usage.estimated):
+            return
+        if named is None:
+            return
+        # The credits settle.lua took: only a plan that held credits at admission is charged.
+        money = (to_micro(cost) if usage.total_tokens > 0 else 0) if call.paid else None
+        charged = BackgroundCharge(
+            call.request_id, call.plan, call.principal.user, None, call.request.model or "",
+            usage.prompt_tokens, usage.completion_tokens, money, 0,
+        )  # fmt: skip
+        ttl = self.e.settings.previous_response_ttl_seconds
+        try:
+            await self.e.admission.keep_background(
+                call.principal.tenant, named, reservation, charged, ttl
             )
+        except STORE_ERRORS as exc:
+            self.e.metrics.store_errors.labels("record").inc()
+            self._log.warning("cannot keep what a background response is charged; it stays "
+                              "charged its reservation", tenant=call.principal.tenant,
+                              response_id=named, error=_said(exc))  # fmt: skip
 
     async def _store(self, operation: str, action: StoreCall) -> None:
         try:

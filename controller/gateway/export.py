@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from controller.clients.scripts import ADMIT, SETTLE, Script
+from controller.clients.scripts import ADMIT, CHARGE, SETTLE, Script
 from controller.contract.keys import KeySchema
 from controller.errors import ConfigurationError
 from controller.gateway.admission import Admission
@@ -22,7 +22,8 @@ from controller.gateway.prices import PriceTable
 from controller.model import model_key
 from controller.settings import GatewaySettings, PricesSettings
 
-EXPORTED: tuple[Script, ...] = (ADMIT, SETTLE)
+# charge.lua: a background Responses answer settled at its usage when it is read.
+EXPORTED: tuple[Script, ...] = (ADMIT, SETTLE, CHARGE)
 SETTINGS_FILE = "governor.json"
 FORMAT_VERSION = 1
 

@@ -58,8 +58,10 @@ OUTCOMES = (
 )
 # The limit store calls a gateway makes and may see fail (`gateway_limit_store_errors_total`),
 # and those it holds through an outage and may give up (`gateway_store_calls_lost_total`).
-# `lookup` and `record`: the tokens of an earlier Responses answer, read and written.
-STORE_OPERATIONS = ("authenticate", "admit", "heartbeat", "lookup", "record", "release", "settle")
+# `lookup` and `record`: the tokens of an earlier Responses answer, read and written (and what
+# a background answer was charged); `charge`: a background answer settled at its usage.
+STORE_OPERATIONS = ("authenticate", "admit", "heartbeat", "lookup", "record", "release", "settle",
+                    "charge")  # fmt: skip
 HELD_OPERATIONS = ("release", "settle", "charge")
 # What a kept Responses answer is recorded under (`gateway_response_records_lost_total`): its
 # id, and the conversation it belongs to.

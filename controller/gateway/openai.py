@@ -40,6 +40,9 @@ MAX_TOKENS_NAMES: dict[RequestKind, tuple[str, ...]] = {
 CHARS_PER_TOKEN = 4
 MESSAGE_OVERHEAD_TOKENS = 4
 _MAX_BUFFERED_RESPONSE = 32 * 1024 * 1024
+# A response in one of these has generated all it will: its usage is final.
+FINAL_STATUSES = frozenset(("completed", "incomplete", "failed", "cancelled"))
+_EXACT_COUNT = 2**53  # the largest count a double (the nginx module's number) holds exactly
 
 
 class RequestError(ValueError):
@@ -480,6 +483,8 @@ class UsageMeter:
     _completion_chars: int = 0
     _overflow: bool = False
     _unreadable: bool = False  # a whole answer that is no JSON object (cut off, garbled)
+    _unreadable_usage: bool = False  # a usage object without a count the gateway can read
+    _status: str | None = None  # the response object's `status` (a Responses answer)
     _events: bool = False  # a `data:` line was seen
     # A Responses answer's id (`resp_…`): the response object's, or the one an event holds.
     response_id: str | None = None
@@ -508,13 +513,16 @@ class UsageMeter:
         elif not self._overflow:
             self._unreadable = not self._read_document(bytes(self._buffer))
         self._buffer.clear()
-        if self._usage is not None:
+        # A background answer's usage counts only once the response is finished: one that
+        # says it is still queued or running has more to generate, whatever usage it shows.
+        unfinished = self.background and self._status not in FINAL_STATUSES
+        if self._usage is not None and not unfinished:
             return self._usage
         completion = math.ceil(self._completion_chars / CHARS_PER_TOKEN)
         # An answer that could not be read whole (too big, cut off mid-body, garbled) hides
         # what was generated, as one generated after it ends does (background): it is charged
         # its reservation, never the prompt alone.
-        hidden = self._overflow or self._unreadable or self.background
+        hidden = self._overflow or self._unreadable or self._unreadable_usage or self.background
         if hidden and self.ceiling is not None:
             completion = max(completion, self.ceiling - self.prompt_estimate)
         return Usage(self.prompt_estimate, completion, estimated=True)
@@ -544,12 +552,16 @@ class UsageMeter:
         held = document.get("response")  # a Responses event (`response.completed`) holds it
         if usage is None and isinstance(held, dict):
             usage = _usage(held.get("usage"))
-        if usage is not None:
+        if usage is False:
+            self._unreadable_usage = True
+        elif usage is not None:
             self._usage = usage
         response = held if isinstance(held, dict) else document
         found = _response_id(response)
         if found is not None:
             self.response_id = found
+            status = response.get("status")
+            self._status = status if isinstance(status, str) else None
             self.conversation_id = _conversation_id(response) or self.conversation_id
         for choice in document.get("choices") or ():
             if isinstance(choice, dict):
@@ -590,19 +602,33 @@ def _output_chars(document: Mapping[str, Any]) -> int:
     return sum(_choice_chars(part) for part in parts)  # a part's `text`, as a choice's
 
 
-def _usage(value: Any) -> Usage | None:
+def _usage(value: Any) -> Usage | Literal[False] | None:
     """Chat and completions' `prompt_tokens`/`completion_tokens`, or the Responses API's
-    `input_tokens`/`output_tokens`."""
+    `input_tokens`/`output_tokens` (`whole_count`s); None when there is no usage object,
+    False when there is one without a count the gateway can read (its answer is then charged
+    as one it cannot read: its reservation)."""
     if not isinstance(value, dict):
         return None
-    prompt = value.get("prompt_tokens", value.get("input_tokens"))
-    completion = value.get("completion_tokens", value.get("output_tokens", 0))
-    total = value.get("total_tokens")
-    if not isinstance(prompt, int) or not isinstance(completion, int):
-        return Usage(0, total, estimated=False) if isinstance(total, int) else None
-    if isinstance(total, int) and total > prompt + completion:
+    prompt = whole_count(value.get("prompt_tokens", value.get("input_tokens")))
+    completion = whole_count(value.get("completion_tokens", value.get("output_tokens", 0)))
+    total = whole_count(value.get("total_tokens"))
+    if prompt is None or completion is None:
+        return Usage(0, total, estimated=False) if total is not None else False
+    if total is not None and total > prompt + completion:
         completion = total - prompt  # e.g. reasoning tokens counted only in the total
     return Usage(prompt, completion)
+
+
+def whole_count(value: Any) -> int | None:
+    """A token count a model server reports, as both gateways read it: a whole number from 0
+    up to 2^53 (the nginx module's doubles hold no larger exact count), a JSON number with a
+    zero fraction (`10.0`) counting as one (cjson cannot tell it from `10`); None for
+    anything else — `true` (a bool is an int in Python), `-5`, `1.5`, `"10"`, `1e30`."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    if not 0 <= value < _EXACT_COUNT or (isinstance(value, float) and not value.is_integer()):
+        return None  # NaN fails the comparison too
+    return int(value)
 
 
 def _choice_chars(choice: Mapping[str, Any]) -> int:

@@ -223,11 +223,11 @@ class SlotAdmission:
         return bool(done[-1])
 
     async def charge(self, who: tuple[str, str, str], args: tuple[Arg, ...]) -> int:
-        """charge.lua per slot: each slot's daily budgets (ARGV 9...: '<level><field>'),
+        """charge.lua per slot: each slot's daily budgets (ARGV 11...: '<level><field>'),
         the credits with the tenant's; the number of budgets charged. Each slot keeps its own
         charge record: a repeat after a partial failure charges only the slots it missed."""
         tenant, user, ip = who
-        head, budgets = args[:8], [str(b) for b in args[8:]]
+        head, budgets = args[:10], [str(b) for b in args[10:]]
         rid = str(head[0])
         shared = self.keys.global_level().state
         own = self.keys.tenant_level(tenant).state

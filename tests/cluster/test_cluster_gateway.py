@@ -244,3 +244,36 @@ def test_ids_that_meet_once_joined_keep_their_own_slot_and_limits_on_a_cluster(
             slots = {node.execute_command("CLUSTER KEYSLOT", key)
                      for key in (V2.schema.tenant_tag(tenant), user_state)}  # fmt: skip
             assert len(slots) == 1
+
+
+def test_a_background_response_is_settled_at_its_usage_in_every_slot(
+    cluster: RedisClusterServers, limits: Path, upstream: tuple[FakeUpstream, str]
+) -> None:
+    """Charged its reservation when queued, on the tenant's and the global daily budget (two
+    slots); read finished, each slot gets the rest back, once (each slot's charge record)."""
+    with cluster.client() as client:
+        key, _ = KeyStore(client, V2.schema, SECRET).create("umbra", "free")  # type: ignore[arg-type]
+    gateway = start_gateway(cluster.url, upstream[1])
+    budgets = (V2.tenant_level("umbra").state, V2.global_level().state)
+
+    def used() -> list[int]:
+        with cluster.client() as client:
+            return [int(client.hget(state, "u|tokens_per_day") or 0) for state in budgets]
+
+    try:
+        sent = {"authorization": f"Bearer {key}"}
+        body = {"model": "gpt-3.5-turbo", "input": "later", "max_output_tokens": 900,
+                "background": True}  # fmt: skip
+        start = used()
+        queued = gateway.http.post(f"{gateway.url}/v1/responses", json=body, headers=sent)
+        assert queued.status_code == 200, queued.text
+        charged = [after - before for after, before in zip(used(), start, strict=True)]
+        assert charged[0] == charged[1] > 900
+        path = f"{gateway.url}/v1/responses/{queued.json()['id']}"
+        for _ in range(2):
+            done = gateway.http.get(path, headers=sent)
+            assert done.json()["status"] == "completed", done.text
+        real = done.json()["usage"]["total_tokens"]
+        assert [after - before for after, before in zip(used(), start, strict=True)] == [real] * 2
+    finally:
+        gateway.stop()

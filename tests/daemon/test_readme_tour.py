@@ -192,7 +192,7 @@ def _gateway_serves_the_key(tour: Tour, _: subprocess.CompletedProcess[str]) -> 
 
 
 def _lua_is_the_shipped_one(tour: Tour, _: subprocess.CompletedProcess[str]) -> None:
-    for name in ("admit.lua", "settle.lua"):
+    for name in ("admit.lua", "settle.lua", "charge.lua"):
         written = (tour.workdir / "tmp" / "governor-lua" / name).read_text()
         assert written == (REPO / "deploy" / "nginx" / "scripts" / name).read_text()
 

@@ -48,7 +48,21 @@ location = /_probe/keys {
             admit = names:admit_keys(args.tenant, args.user or '', ip),
             settle = names:settle_keys(args.tenant, args.user or '', ip),
             response = names:response(args.tenant, args.response or '') or cjson.null,
-            conversation = names:conversation(args.tenant, args.response or '') or cjson.null}))
+            conversation = names:conversation(args.tenant, args.response or '') or cjson.null,
+            background = names:background(args.tenant, args.response or '') or cjson.null,
+            charge = names:charge_keys(args.tenant, args.user or '', ip, 'r1.background')}))
+    }
+}
+location = /_probe/final_usage {
+    content_by_lua_block {
+        local cjson = require 'cjson.safe'
+        local conversations = require 'governor.conversations'
+        ngx.req.read_body()
+        local used = conversations.final_usage(ngx.req.get_body_data() or '', ngx.var.arg_id)
+        local record = ngx.req.get_uri_args().record
+        local charged = record and conversations.background_charge(record)
+        ngx.say(cjson.encode({usage = used or cjson.null,
+            charged = charged and conversations.background_record(charged) or cjson.null}))
     }
 }
 location = /_probe/request {
@@ -101,7 +115,8 @@ location = /_probe/meter {
         local openai = require 'governor.openai'
         ngx.req.read_body()
         local answer, size = ngx.req.get_body_data() or '', tonumber(ngx.var.arg_size)
-        local meter = openai.meter(ngx.var.arg_streaming == '1', 99, nil)
+        local meter = openai.meter(ngx.var.arg_streaming == '1', 99, tonumber(ngx.var.arg_ceiling),
+            ngx.var.arg_background == '1')
         for i = 1, #answer, size do
             meter:feed(answer:sub(i, i + size - 1))
         end

@@ -13,7 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from controller.cli import app
-from controller.clients.scripts import ADMIT, SETTLE
+from controller.clients.scripts import ADMIT, CHARGE, SETTLE
 from controller.gateway.export import EXPORTED, SETTINGS_FILE, export_lua, gateway_document
 from controller.settings import GatewaySettings, PricesSettings
 from tests.nginx.nginx_server import REPO, NginxServer
@@ -25,8 +25,8 @@ LUA_FILES = sorted((REPO / "deploy" / "nginx" / "lua").rglob("*.lua")) + sorted(
 
 
 def test_the_checked_in_scripts_are_the_ones_python_loads() -> None:
-    assert [script.name for script in EXPORTED] == ["admit", "settle"]
-    for script in (ADMIT, SETTLE):
+    assert [script.name for script in EXPORTED] == ["admit", "settle", "charge"]
+    for script in (ADMIT, SETTLE, CHARGE):
         data = (CHECKED_IN / f"{script.name}.lua").read_bytes()
         assert hashlib.sha1(data).hexdigest() == script.sha, (
             f"deploy/nginx/scripts/{script.name}.lua is stale: run "
@@ -38,10 +38,10 @@ def test_the_checked_in_scripts_are_the_ones_python_loads() -> None:
 def test_the_checked_in_settings_are_a_default_export(tmp_path: Path) -> None:
     export_lua(tmp_path, GatewaySettings(), PricesSettings(), "governor")
 
-    for name in ("admit.lua", "settle.lua", SETTINGS_FILE):
+    for name in ("admit.lua", "settle.lua", "charge.lua", SETTINGS_FILE):
         assert (tmp_path / name).read_bytes() == (CHECKED_IN / name).read_bytes(), name
     document = json.loads((CHECKED_IN / SETTINGS_FILE).read_text())
-    assert document["scripts"] == {"admit": ADMIT.sha, "settle": SETTLE.sha}
+    assert document["scripts"] == {"admit": ADMIT.sha, "settle": SETTLE.sha, "charge": CHARGE.sha}
     assert document["lease_seconds"] == 600.0  # Admission's default, read from it
     assert "api_key_secret" not in document  # secrets stay in the environment
 
@@ -55,7 +55,8 @@ def test_the_export_command_writes_what_the_settings_say(tmp_path: Path) -> None
     assert result.exit_code == 0, result.output
     rows = json.loads(result.stdout)
     assert {Path(row["path"]).name: row["sha1"] for row in rows} == {
-        "admit.lua": ADMIT.sha, "settle.lua": SETTLE.sha, SETTINGS_FILE: None,
+        "admit.lua": ADMIT.sha, "settle.lua": SETTLE.sha, "charge.lua": CHARGE.sha,
+        SETTINGS_FILE: None,
     }  # fmt: skip
     document = gateway_document(GatewaySettings(retry_after_jitter=0.5), PricesSettings(), "gw2")
     assert json.loads((tmp_path / SETTINGS_FILE).read_text()) == document
@@ -143,9 +144,9 @@ def test_the_export_table_keeps_whole_paths_and_sha1s_at_80_columns(tmp_path: Pa
     files = "".join(row.split("│")[1].strip() for row in rows)  # a folded path, rejoined
     shas = {row.split("│")[2].strip() for row in rows}
     assert files == "".join(
-        str(directory / name) for name in ("admit.lua", "settle.lua", SETTINGS_FILE)
+        str(directory / name) for name in ("admit.lua", "settle.lua", "charge.lua", SETTINGS_FILE)
     )
-    assert {ADMIT.sha, SETTLE.sha} < shas
+    assert {ADMIT.sha, SETTLE.sha, CHARGE.sha} < shas
 
 
 def test_the_context_windows_are_exported_as_the_module_meets_models(tmp_path: Path) -> None:
@@ -213,7 +214,7 @@ def test_the_previous_response_scope_is_exported() -> None:
 
 
 # The Kong plugin's phases for a Conversations API create, with Kong's PDK and the gateway
-# module stubbed (no Kong here): the raw path reaches the decision, the create is proxied
+# module stubbed (no Kong here): the raw path and query reach the decision, the create is proxied
 # buffered, and its whole answer is handed to the gateway before Kong sends it.
 KONG_CONVERSATION = """
 local decided, answered, buffering = nil, nil, false
@@ -236,6 +237,7 @@ kong = {
   request = {get_method = function() return 'POST' end,
     get_path = function() return '/v1/conversations' end,
     get_raw_path = function() return '/v1/conversations' end,
+    get_raw_query = function() return 'stream=true' end,
     get_headers = function() return {} end, get_header = function() return nil end,
     get_raw_body = function() return '{"items": []}' end},
   client = {get_forwarded_ip = function() return '127.0.0.1' end},
@@ -255,8 +257,8 @@ local conf = {export_dir = 'x', redis_host = 'h', redis_port = 1, redis_database
 for _, phase in ipairs({'access', 'response', 'header_filter', 'body_filter', 'log'}) do
   handler[phase](handler, conf)
 end
-print(decided.raw_path, tostring(buffering), answered.status, answered.call.added,
-  answered.body)
+print(decided.raw_path, decided.query, tostring(buffering), answered.status,
+  answered.call.added, answered.body)
 """
 
 
@@ -270,8 +272,9 @@ def test_the_kong_plugin_records_a_conversation_from_the_buffered_answer() -> No
     )
 
     assert loaded.returncode == 0, loaded.stderr
-    raw_path, buffered, status, added, body = loaded.stdout.split(maxsplit=4)
+    raw_path, query, buffered, status, added, body = loaded.stdout.split(maxsplit=5)
     assert (raw_path, buffered, status, added) == ("/v1/conversations", "true", "200", "106")
+    assert query == "stream=true"  # a read streaming a background response passes as it is
     assert body.strip() == '{"id": "conv_1", "object": "conversation"}'
 
 

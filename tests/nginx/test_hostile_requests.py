@@ -7,12 +7,13 @@ from __future__ import annotations
 import json
 import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
 
 from controller.gateway.keys import digest
-from controller.gateway.openai import BAD_MODEL
+from controller.gateway.openai import BAD_MODEL, ModelRequest
 from tests.gateway.fake_upstream import FakeUpstream, ServerThread
 from tests.nginx.conftest import (
     PREFIX,
@@ -602,3 +603,35 @@ def test_ids_that_meet_once_joined_never_share_a_limit_or_a_key(
         users = sorted(side.db.scan_iter(f"{PREFIX}:*user*:enforce"))
         assert users == [f"{PREFIX}:{{t:a%3Ab}}:user:c:enforce",
                          f"{PREFIX}:{{t:a}}:user:b%3Ac:enforce"], side.name  # fmt: skip
+
+
+def test_a_prompt_the_estimate_undercounts_overruns_the_day_only_by_that_much(
+    nginx: Side, python_gateway: Side, upstream: tuple[FakeUpstream, ServerThread]
+) -> None:
+    """The reservation's prompt is an estimate (⌈characters ÷ 4⌉ + 4 a message): a prompt the
+    model server counts higher is settled above what was reserved, so requests racing the end
+    of a day can together spend past it — by what their prompts were under-counted, not more:
+    the next request is refused 402 (docs/enforcement.md, "Budgets"). Here the fake counts
+    "hi" as 10 tokens where both gateways reserve 5."""
+    chat = json.dumps(chat_body(max_tokens=30)).encode()
+    reserved = ModelRequest.parse("chat", chat, 1024).worst_case_tokens
+    for side in (python_gateway, nginx):
+        key = side.key("racer", "free")
+        first = side.chat(key, chat_body(max_tokens=850), **{"x-fake-tokens": "850"})
+        assert first.status_code == 200, (side.name, first.text)
+        spent = first.json()["usage"]["total_tokens"]
+        left = 1000 - spent
+        knobs = {"x-fake-tokens": "30", "x-fake-delay": "0.3"}
+        with ThreadPoolExecutor(16) as pool:
+            sent = [pool.submit(side.chat, key, chat, **knobs) for _ in range(16)]
+            answers = [each.result() for each in sent]
+        served = [a.json()["usage"]["total_tokens"] for a in answers if a.status_code == 200]
+        assert len(served) == left // reserved, side.name  # every hold fitted the day
+        assert sorted({a.status_code for a in answers}) == [200, 402], [
+            (side.name, a.status_code, a.text) for a in answers if a.status_code not in (200, 402)
+        ]  # nginx answered some 503 not-configured here (the catalog race, test_catalog_race)
+        settled = int(tenant_state(side, "racer")["u|tokens_per_day"])
+        assert settled == spent + sum(served), side.name
+        overrun = settled - 1000
+        assert 0 < overrun <= sum(used - reserved for used in served), (side.name, overrun)
+        assert side.chat(key, chat_body(max_tokens=1)).status_code == 402, side.name

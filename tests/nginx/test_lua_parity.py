@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from controller.contract.enforcement import EnforcementKeys, ip_id
+from controller.gateway.background import BackgroundCharge, final_usage
 from controller.gateway.conversations import ConversationCall, added_tokens, route
 from controller.gateway.limits import resolve
 from controller.gateway.openai import (
@@ -48,6 +49,7 @@ def test_key_names_are_pythons(
     assert lua["ip"] == python_ip
     assert lua["admit"] == list(keys.admit_keys(tenant, user, python_ip))
     assert lua["settle"] == list(keys.settle_keys(tenant, user, python_ip))
+    assert lua["charge"] == list(keys.charge_keys(tenant, user, python_ip, "r1.background"))
 
 
 @pytest.mark.parametrize(
@@ -67,10 +69,71 @@ def test_a_responses_record_key_is_pythons(nginx: Side, response_id: str) -> Non
     assert lua["response"] == python
     if python is not None:
         assert python.startswith("gov-1:{t:a%3Ab}:response:")
-        conversation = EnforcementKeys.for_prefix("gov-1").schema.conversation("a:b", response_id)
-        assert lua["conversation"] == conversation
+        schema = EnforcementKeys.for_prefix("gov-1").schema
+        assert lua["conversation"] == schema.conversation("a:b", response_id)
+        assert lua["background"] == schema.background("a:b", response_id)
     else:
         assert lua["conversation"] is None
+        assert lua["background"] is None
+
+
+STATUSES: list[Any] = ["incomplete", "failed", "cancelled", "queued", "in_progress", None, 1, []]
+FINISHED: dict[str, Any] = {"id": "resp_1", "object": "response", "status": "completed",
+            "usage": {"input_tokens": 7, "output_tokens": 5, "total_tokens": 12}}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [FINISHED]
+    + [{**FINISHED, "status": status} for status in STATUSES]
+    + [
+        {**FINISHED, "id": "resp_2"},
+        {**FINISHED, "object": "conversation"},
+        {**FINISHED, "usage": None},
+        {**FINISHED, "usage": {"input_tokens": 7}},
+        {**FINISHED, "usage": {"input_tokens": -7, "output_tokens": 5}},
+        {**FINISHED, "usage": {"input_tokens": 7.5, "output_tokens": 5}},
+        {**FINISHED, "usage": {"input_tokens": "7", "output_tokens": 5}},
+        {**FINISHED, "usage": {"input_tokens": True, "output_tokens": 5}},
+        {**FINISHED, "usage": {"input_tokens": 7, "output_tokens": 5, "total_tokens": 30}},
+        {**FINISHED, "usage": {"input_tokens": 7, "output_tokens": 5, "total_tokens": 3}},
+        {**FINISHED, "usage": {"input_tokens": 2**60, "output_tokens": 5}},
+        {**FINISHED, "usage": {"input_tokens": 7.0, "output_tokens": 5.0}},
+        [FINISHED],
+        "resp_1",
+    ],
+)
+def test_a_finished_responses_usage_is_read_as_python_reads_it(nginx: Side, answer: Any) -> None:
+    """What settles a background response: only a finished one, with counts that are counts."""
+    lua = nginx.http.post(f"{nginx.url}/_probe/final_usage", params={"id": "resp_1"},
+                          content=json.dumps(answer)).json()  # fmt: skip
+    python = final_usage(json.dumps(answer).encode(), "resp_1")
+    expected = python and {"prompt": python.prompt, "completion": python.completion}
+    assert lua["usage"] == expected
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        BackgroundCharge("r1", "free", None, None, "gpt-4o", 7, 900, None, 20000).encoded(),
+        BackgroundCharge("r1", "p", "u:1", "10.0.0.1", "M", 0, 1, 1351, 20000).encoded(),
+        '{"request_id": "r1"}',
+        BackgroundCharge("r1", "p", None, None, "m", -1, 1, None, 2).encoded(),
+        BackgroundCharge("r1", "p", 7, None, "m", 1, 1, None, 2).encoded(),  # type: ignore[arg-type]
+        "[]",
+        "nonsense",
+    ],
+)
+def test_a_background_charge_record_is_read_as_python_reads_it(nginx: Side, record: str) -> None:
+    """What a background answer was charged, as either gateway wrote it: read alike, and one
+    no gateway writes read by neither (the charge then stands)."""
+    lua = nginx.http.post(f"{nginx.url}/_probe/final_usage", params={"id": "x", "record": record},
+                          content=b"{}").json()  # fmt: skip
+    python = BackgroundCharge.decoded(record)
+    if python is None:
+        assert lua["charged"] is None
+    else:
+        assert json.loads(lua["charged"]) == json.loads(python.encoded())
 
 
 @pytest.mark.parametrize("ip", ["999.1.1.1", "01.2.3.4", "fe80::1%eth0", "1::2::3", "x"])
@@ -379,6 +442,80 @@ def test_the_meter_finds_a_responses_id_as_python_does(nginx: Side, case: str, s
                                  "in a conversation": "resp_4",
                                  "a chat answer": None}[case]  # fmt: skip
     assert meter.conversation_id == ("conv_9" if case == "in a conversation" else None)
+
+
+# A model server's usage as it may come, and what both gateways settle (prompt, completion;
+# the prompt estimate is 99, the reservation 500).
+USAGES = [
+    ({"prompt_tokens": 10, "completion_tokens": 20}, (10, 20)),
+    ({"prompt_tokens": 10.0, "completion_tokens": 20.0, "total_tokens": 30.0}, (10, 20)),
+    ({"input_tokens": 7, "output_tokens": 3, "total_tokens": 12}, (7, 5)),
+    ({"prompt_tokens": 8, "total_tokens": 8}, (8, 0)),  # an embedding
+    ({"total_tokens": 40}, (0, 40)),
+    ({"prompt_tokens": -1000, "completion_tokens": 20, "total_tokens": 10}, (0, 10)),
+    # No count the gateway can read: charged the reservation, never an estimate from a few
+    # characters (nor 1e30, nor a negative, nor `true` read as 1).
+    ({"prompt_tokens": -1000, "completion_tokens": 20}, (99, 401)),
+    ({"prompt_tokens": 1e30, "completion_tokens": 20}, (99, 401)),
+    ({"prompt_tokens": 10**20, "completion_tokens": 20}, (99, 401)),
+    ({"prompt_tokens": True, "completion_tokens": 20}, (99, 401)),
+    ({"prompt_tokens": 1.5, "completion_tokens": 20}, (99, 401)),
+    ({"prompt_tokens": "10", "completion_tokens": "20"}, (99, 401)),
+    ({}, (99, 401)),
+]
+
+
+@pytest.mark.parametrize(("usage", "settled"), USAGES)
+@pytest.mark.parametrize("streaming", [False, True])
+def test_usage_is_read_as_python_reads_it_and_none_readable_costs_the_reservation(
+    nginx: Side, usage: dict[str, Any], settled: tuple[int, int], streaming: bool
+) -> None:
+    """The Python gateway read `true` as 1 token and `10.0` as no count (an estimate from the
+    text), nginx `10.0` as 10 and `1e30` as a count; a usage with no readable count was
+    settled as the prompt estimate and a few characters. Both now read whole counts below
+    2^53 (a JSON number with a zero fraction is one), and charge an answer whose usage they
+    cannot read its reservation, as an answer cut off is."""
+    document = {"choices": [{"message": {"content": "hello there"}}], "usage": usage}
+    answer = json.dumps(document).encode()
+    if streaming:
+        answer = b"data: " + answer + b"\n\ndata: [DONE]\n\n"
+    params = {"size": 4096, "streaming": "1" if streaming else "0", "ceiling": 500}
+    lua = nginx.http.post(f"{nginx.url}/_probe/meter", params=params, content=answer).json()
+    meter = UsageMeter(streaming, 99, 500)
+    meter.feed(answer)
+    found = meter.finish()
+    assert (found.prompt_tokens, found.completion_tokens) == settled
+    assert (lua["prompt"], lua["completion"]) == settled
+
+
+BACKGROUND_ANSWERS = [
+    ("queued", {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0}, (99, 401)),
+    ("in_progress", {"input_tokens": 7, "output_tokens": 2}, (99, 401)),
+    ("queued", None, (99, 401)),
+    (None, {"input_tokens": 7, "output_tokens": 2}, (99, 401)),
+    ("completed", {"input_tokens": 7, "output_tokens": 2}, (7, 2)),
+    ("cancelled", {"input_tokens": 7, "output_tokens": 0}, (7, 0)),
+]
+
+
+@pytest.mark.parametrize(("status", "usage", "settled"), BACKGROUND_ANSWERS)
+def test_a_background_answer_is_charged_its_usage_only_once_finished(
+    nginx: Side, status: str | None, usage: dict[str, int] | None, settled: tuple[int, int]
+) -> None:
+    """A background answer is the response queued: a model server that showed a usage there
+    (zeros, or what it had so far) was charged that, and the rest it generated went
+    unmetered. Both gateways count its usage only once its `status` says it is finished."""
+    document: dict[str, Any] = {"id": "resp_1", "object": "response", "status": status,
+                                "output": [], "usage": usage}  # fmt: skip
+    answer = json.dumps(document).encode()
+    params: dict[str, str | int] = {"size": 4096, "streaming": "0", "ceiling": 500,
+                                    "background": "1"}  # fmt: skip
+    lua = nginx.http.post(f"{nginx.url}/_probe/meter", params=params, content=answer).json()
+    meter = UsageMeter(False, 99, 500, background=True)
+    meter.feed(answer)
+    found = meter.finish()
+    assert (found.prompt_tokens, found.completion_tokens) == settled
+    assert (lua["prompt"], lua["completion"]) == settled
 
 
 @pytest.mark.parametrize(

@@ -15,6 +15,7 @@ import httpx
 import pytest
 
 from controller.contract.enforcement import EnforcementKeys
+from controller.gateway.background import REASON as BACKGROUND_REASON
 from controller.gateway.credits import CreditLedger
 from tests.gateway.fake_upstream import (
     FakeUpstream,
@@ -373,7 +374,11 @@ def test_nginx_answers_as_the_python_gateway_does(
     statuses: list[int] = []
     by_name: dict[str, Outcome] = {}
 
+    polled: dict[str, Any] = {}
     for step in sequence():
+        if step.name == "the background answer polled":
+            polled = books(nginx)
+            assert polled == books(python_gateway), "the books differ before the poll"
         python = run(python_gateway, keys["python"], step, fake)
         lua = run(nginx, keys["nginx"], step, fake)
         (expected, expected_times), (got, got_times) = shape(python.answer), shape(lua.answer)
@@ -405,9 +410,10 @@ def test_nginx_answers_as_the_python_gateway_does(
         assert by_name[name].upstream_saw is None, name
     queued = by_name["a background answer: its reservation charged"].answer.json()
     assert (queued["status"], queued["usage"]) == ("queued", None)
-    # Recorded (and so settled) at the reservation: the cap of 16 and the prompt's estimate.
+    # Recorded (and so settled) at the reservation until polled: the cap of 16 and the
+    # prompt's estimate.
     record = EnforcementKeys.for_prefix(PREFIX).schema.response("umbrella", queued["id"])
-    assert int(books(nginx)["umbrella:responses"][record]) > 16
+    assert int(polled["umbrella:responses"][record]) > 16
     turn = by_name["a turn in it: its items reserved"].answer
     assert (
         'tokens_per_day";r=' + str(1000 - (3 * (2 + 100 + 4) + 1 + 16)) in turn.headers["ratelimit"]
@@ -429,6 +435,18 @@ def test_nginx_answers_as_the_python_gateway_does(
         assert by_name[name].upstream_saw is None  # nothing reached the model server
     assert statuses.count(200) >= 21
     assert books(nginx) == books(python_gateway)
+    # Polled finished, the background answer is settled at its usage by both (docs/gateway.md,
+    # "A stored response's own routes"): its record holds its true total, the rest of its
+    # reservation given back, once (the cancel after the poll changes nothing).
+    settled_books = books(nginx)
+    refunds = [e for e in settled_books["umbrella:history"] if e["kind"] == "refund"]
+    assert [e["reason"] for e in refunds] == [BACKGROUND_REASON]
+    assert int(settled_books["umbrella:credits"]["balance"]) == int(
+        polled["umbrella:credits"]["balance"]
+    ) + int(refunds[0]["amount_micro_usd"])
+    assert int(settled_books["umbrella:responses"][record]) < int(
+        polled["umbrella:responses"][record]
+    )
     # The Responses API is metered: served, its usage read (a stream's from response.completed)
     # and its cap written in when absent, as max_output_tokens.
     responses = [outcome for name, outcome in by_name.items() if "Responses" in name]

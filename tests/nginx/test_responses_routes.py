@@ -10,7 +10,7 @@ import pytest
 from controller.contract.keys import KeySchema
 from tests.gateway.conftest import write_limits
 from tests.gateway.fake_upstream import FakeUpstream, ServerThread
-from tests.nginx.conftest import PREFIX, Side, chat_body
+from tests.nginx.conftest import PREFIX, Side, chat_body, tenant_state
 from tests.nginx.gateway_pair import PairOptions, gateway_pair
 from tests.nginx.test_conversations import _close_clients as _close_clients  # the fixture
 from tests.nginx.test_conversations import day_left, refused_as_written, sdk, sides
@@ -75,7 +75,8 @@ def test_a_background_response_is_charged_its_reservation_polled_and_cancelled(
     """The model server answers a background request at once (`queued`, no usage) and
     generates afterwards: settled from the answer, it would be charged the prompt's estimate
     alone and the generation would go unmetered. It is charged its reservation (the prompt
-    and max_output_tokens), and recorded so for a turn that continues it."""
+    and max_output_tokens), and recorded so for a turn that continues it; polled finished, it
+    is settled at its usage (the rest given back, its record its true total), once."""
     for side in sides(python_gateway, nginx):
         key = side.key("acme", "free")
         client = sdk(side, key)
@@ -92,10 +93,18 @@ def test_a_background_response_is_charged_its_reservation_polled_and_cancelled(
         after = side.chat(key, chat_body(max_tokens=1))
         assert day_left(after.headers) == day_left(fresh.headers) - reserved, side.name
 
+        charged = int(tenant_state(side, "acme")["u|tokens_per_day"])
         polled = client.responses.retrieve(queued.id)
         assert (polled.status, polled.id) == ("completed", queued.id), side.name
+        assert polled.usage is not None
+        real = polled.usage.input_tokens + polled.usage.output_tokens
+        assert record(side, "acme", queued.id) == str(real), side.name
+        settled = int(tenant_state(side, "acme")["u|tokens_per_day"])
+        assert settled == charged - reserved + real, side.name
         assert client.responses.cancel(queued.id).status == "cancelled"
         assert upstream[0].seen[-1].path == f"/v1/responses/{queued.id}/cancel"
+        client.responses.retrieve(queued.id)
+        assert int(tenant_state(side, "acme")["u|tokens_per_day"]) == settled, side.name
 
 
 def test_only_the_tenant_that_made_a_response_reaches_it(
@@ -243,3 +252,57 @@ def test_a_response_call_fails_closed_while_redis_does_not_answer(
                     assert answer.status_code == 503, (side.name, method, suffix, answer.text)
                     assert answer.json()["type"].endswith("#enforcement-unavailable")
             assert len(fake.seen) == before, side.name
+
+
+def test_a_background_response_is_settled_by_its_cancel_and_never_by_an_answer_without_usage(
+    python_gateway: Side, nginx: Side, upstream: tuple[FakeUpstream, ServerThread]
+) -> None:
+    """Both gateways: a read whose answer does not say what was used (usage null, counts that
+    are no counts, still in progress) leaves the reservation charged; a cancel answered with
+    the usage settles it (its body reaches the model server)."""
+    fake = upstream[0]
+    for side in sides(python_gateway, nginx):
+        key = side.key("acme", "free")
+        client = sdk(side, key)
+        queued = client.responses.create(model=MODEL, input=f"cancel me {side.name}",
+                                         max_output_tokens=16, background=True)  # fmt: skip
+        charged = tenant_state(side, "acme")["u|tokens_per_day"]
+        held = next(k for k in fake.responses if k.endswith(queued.id))
+        answer = fake.responses[held]
+        unusable = (None, {"input_tokens": -5, "output_tokens": 1},
+                    {"input_tokens": 1.5, "output_tokens": 2}, {"input_tokens": "2"})  # fmt: skip
+        for usage in unusable:
+            fake.responses[held] = {**answer, "usage": usage}
+            client.responses.retrieve(queued.id)
+            assert tenant_state(side, "acme")["u|tokens_per_day"] == charged, (side.name, usage)
+        fake.responses[held] = {**answer, "status": "in_progress"}
+        client.responses.retrieve(queued.id)
+        assert tenant_state(side, "acme")["u|tokens_per_day"] == charged, side.name
+        fake.responses[held] = answer
+        cancelled = client.responses.cancel(queued.id)
+        assert cancelled.status == "cancelled"
+        assert cancelled.usage is not None
+        real = cancelled.usage.input_tokens + cancelled.usage.output_tokens
+        assert tenant_state(side, "acme")["u|tokens_per_day"] == str(real), side.name
+        assert record(side, "acme", queued.id) == str(real), side.name
+
+
+def test_a_read_that_streams_a_background_response_passes_as_it_is(
+    python_gateway: Side, nginx: Side, upstream: tuple[FakeUpstream, ServerThread]
+) -> None:
+    """`GET /v1/responses/{id}?stream=true` follows a background response's events as it
+    generates: fetched whole to be settled, nginx would hold them all until it is done. Both
+    gateways pass it on as it is (it settles nothing); a plain read settles it."""
+    for side in sides(python_gateway, nginx):
+        key = side.key("acme", "free")
+        queued = sdk(side, key).responses.create(model=MODEL, input=f"follow {side.name}",
+                                                 max_output_tokens=16, background=True)  # fmt: skip
+        charged = tenant_state(side, "acme")["u|tokens_per_day"]
+        sent = {"authorization": f"Bearer {key}"}
+        path = f"{side.url}/v1/responses/{queued.id}"
+        followed = side.http.get(path, params={"stream": "true", "starting_after": "0"},
+                                 headers=sent)  # fmt: skip
+        assert followed.status_code == 200, (side.name, followed.text)
+        assert tenant_state(side, "acme")["u|tokens_per_day"] == charged, side.name
+        assert side.http.get(path, headers=sent).json()["status"] == "completed"
+        assert tenant_state(side, "acme")["u|tokens_per_day"] != charged, side.name

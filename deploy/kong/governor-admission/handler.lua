@@ -73,6 +73,7 @@ function GovernorAdmission:access(conf)
     method = kong.request.get_method(),
     path = kong.request.get_path(),
     raw_path = kong.request.get_raw_path(),  -- as the client wrote it (Kong >= 2.8)
+    query = kong.request.get_raw_query(),
     -- Every line, as the nginx module reads them: kong.request.get_headers stops at 100 (at
     -- most 1000), and a second credential past that went unseen, the first one served.
     headers = ngx.req.get_headers(0),
@@ -93,7 +94,8 @@ function GovernorAdmission:access(conf)
   kong.service.request.clear_header('Authorization')
   kong.service.request.clear_header('X-Api-Key')
   if outcome.conversation ~= nil then
-    -- A Conversations API create, add or delete, or a stored response's delete: the response
+    -- A Conversations API create, add or delete, a stored response's delete, or a read or
+    -- cancel of a background response still charged its reservation: the response
     -- phase reads the whole answer and changes the tenant's record before Kong sends it.
     kong.ctx.plugin.conversation = outcome.conversation
     kong.service.request.enable_buffering()

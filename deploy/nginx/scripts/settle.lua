@@ -54,9 +54,10 @@ local function wrong_type(keys)
   return nil
 end
 
--- Take `cost` (micro-USD, > 0) off the balance of `credits`: the balance after it, or the
--- error reply that refuses the whole call when the balance holds no integer (a hand edit),
--- before anything else is written, so that the gateway repeats it once it is repaired.
+-- Take `cost` (micro-USD; below 0: a refund, added back) off the balance of `credits`: the
+-- balance after it, or the error reply that refuses the whole call when the balance holds
+-- no integer (a hand edit), before anything else is written, so that the gateway repeats it
+-- once it is repaired.
 local function debit(credits, history, cost)
   local balance = redis.pcall('HINCRBY', credits, 'balance', -cost)
   if type(balance) == 'table' and not string.find(balance.err, 'not an integer', 1, true) then

@@ -139,6 +139,7 @@ function _M.new(settings, keys)
     prices = prices_module.new(settings.prices),
     admit_script = settings.scripts.admit,
     settle_script = settings.scripts.settle,
+    charge_script = settings.scripts.charge,
     lease_ms = tostring(math.floor(settings.lease_seconds * 1000 + 0.5)),
     record_ms = tostring(math.floor(settings.record_grace_seconds * 1000 + 0.5)),
     history_length = tostring(settings.history_length),
@@ -245,6 +246,75 @@ end
 -- The request failed before using anything: refund its whole hold.
 function Admission:release(client, reservation, tenant)
   return settle(self, client, reservation, tenant, 0, 0, nil, nil, nil)
+end
+
+-- background.REASON: the credit history's reason for a background answer's settle.
+local BACKGROUND_REASON = 'background response settled at its usage'
+
+-- admission._charge's budgets: each daily token budget in force, as charge.lua names it
+-- ('<level 1-4><field>': the level's index, the limit and its model, e.g. '3tokens_per_day').
+local function budgets_of(resolved, tenant, user)
+  local owners = {'global/', 'ip/', 'tenant/' .. tenant .. '/',
+    'user/' .. tenant .. '/' .. user .. '/'}
+  local found = {}
+  for _, check in ipairs(resolved.checks) do
+    if check.kind == 'tokens_per_day' then
+      for level, owner in ipairs(owners) do
+        if check.address:sub(1, #owner) == owner then
+          found[#found + 1] = level .. check.address:sub(#owner + 1)
+          break
+        end
+      end
+    end
+  end
+  return found
+end
+
+-- admission.settle_background: settle the tenant's background answer `response_id` at the
+-- usage its finished response reports ({prompt, completion}): the difference from what it
+-- was charged (`charged`, as conversations.background_charge reads it) on the daily budgets
+-- and the credits, once (charge.lua's charge record, kept `ttl_ms`); then its record holds
+-- its true total and what it was charged is forgotten. Returns true, or nil and why.
+function Admission:settle_background(client, tenant, response_id, charged, used, ttl_ms)
+  local user, ip = charged.user or '', charged.ip or ''
+  local model = string.lower(charged.model)
+  local resolved, err = self.limits:get(client, tenant, charged.plan, user, ip, model)
+  if resolved == nil then
+    return nil, err
+  end
+  local total = used.prompt + used.completion
+  local cost = ''
+  if charged.cost_micro ~= nil then
+    local price = total > 0 and to_micro(self.prices:cost(charged.model, used.prompt,
+      used.completion)) or 0
+    cost = string.format('%d', price - charged.cost_micro)
+  end
+  local request_id = charged.request_id .. '.background'
+  local args = {request_id, string.format('%d', total - (charged.prompt + charged.completion)),
+    cost, model, self.history_length, string.format('%d', used.prompt),
+    string.format('%d', used.completion), ttl_ms, BACKGROUND_REASON,
+    string.format('%d', charged.day)}
+  for _, budget in ipairs(budgets_of(resolved, tenant, user)) do
+    args[#args + 1] = budget
+  end
+  local keys = self.keys:charge_keys(tenant, user, ip, request_id)
+  local reply
+  reply, err = store.run(client, self.charge_script, keys, args)
+  if reply == nil then
+    return nil, err
+  end
+  local ok
+  -- Only a record still there (a deleted response is not made again).
+  ok, err = client:set(self.keys:response(tenant, response_id), string.format('%d', total),
+    'XX', 'KEEPTTL')
+  if ok == nil then
+    return nil, err
+  end
+  ok, err = client:del(self.keys:background(tenant, response_id))
+  if ok == nil then
+    return nil, err
+  end
+  return true
 end
 
 return _M

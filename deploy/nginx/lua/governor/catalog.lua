@@ -115,10 +115,12 @@ end
 -- reports Redis's failure itself) and waits a period before trying again. A catalog never
 -- read is read by each request until one read succeeds: a request that arrives while the
 -- worker's first read is still under way (a burst at start) reads it too, as catalog.py's
--- do, instead of being refused 503 as if Redis were unreachable.
+-- do, instead of being refused 503 as if Redis were unreachable. So does one found empty
+-- (no catalog published yet): a request arriving while another reads the catalog the
+-- controller has just published was refused 503 not-configured from the empty one.
 function Catalog:current(client, plan)
   local now = self.now()
-  local due = self.plans == nil or self.loaded_at == nil
+  local due = self.plans == nil or self.count == 0 or self.loaded_at == nil
     or now - self.loaded_at >= self.refresh_seconds
   if client ~= nil and due then
     self.loaded_at = now

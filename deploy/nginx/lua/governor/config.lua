@@ -85,6 +85,7 @@ function _M.load(options)
   settings.scripts = {
     admit = script(directory, 'admit', settings.scripts.admit),
     settle = script(directory, 'settle', settings.scripts.settle),
+    charge = script(directory, 'charge', settings.scripts.charge),
   }
   if settings.api_key_secret == nil then
     settings.api_key_secret = getenv('GOVERNOR_GATEWAY__API_KEY_SECRET')

@@ -102,4 +102,84 @@ function _M.created_id(answer)
   return type(document.id) == 'string' and document.id or nil
 end
 
+local FINAL_STATUSES = openai.FINAL_STATUSES
+
+-- background._count: a whole count of 0 or more (cjson reads every JSON number as a double;
+-- one past 2^53 is no exact count).
+local function count(value)
+  return type(value) == 'number' and value >= 0 and value == math.floor(value)
+    and value < 2 ^ 53
+end
+
+-- background.final_usage: the usage {prompt, completion} of response `response_id` that an
+-- answer holds once it is finished, else nil (the charge then stands).
+function _M.final_usage(answer, response_id)
+  local document = cjson.decode(answer or '')
+  if type(document) ~= 'table' or document.object ~= 'response' then
+    return nil
+  end
+  if document.id ~= response_id or type(document.status) ~= 'string'
+      or not FINAL_STATUSES[document.status] then
+    return nil
+  end
+  local usage = document.usage
+  if type(usage) ~= 'table' then
+    return nil
+  end
+  local prompt, completion, total = usage.input_tokens, usage.output_tokens, usage.total_tokens
+  if not count(prompt) or not count(completion) then
+    return nil
+  end
+  if count(total) and total > prompt + completion then
+    completion = total - prompt  -- reasoning tokens counted only in the total, as a settle
+  end
+  return {prompt = prompt, completion = completion}
+end
+
+local function text_or_nil(value)
+  if value == nil or value == cjson.null then
+    return true, nil
+  end
+  return type(value) == 'string', value
+end
+
+-- background.BackgroundCharge.decoded: what a background answer was charged, from its record
+-- ({request_id, plan, user, ip, model, prompt, completion, cost_micro, day}); nil for a value
+-- no gateway writes (the reservation then stays charged).
+function _M.background_charge(text)
+  local fields = cjson.decode(text or '')
+  if type(fields) ~= 'table' then
+    return nil
+  end
+  local ok_user, user = text_or_nil(fields.user)
+  local ok_ip, ip = text_or_nil(fields.ip)
+  local money = fields.cost_micro
+  if money == cjson.null then
+    money = nil
+  end
+  if type(fields.request_id) ~= 'string' or type(fields.plan) ~= 'string'
+      or type(fields.model) ~= 'string' or not ok_user or not ok_ip
+      or not (count(fields.prompt) and count(fields.completion) and count(fields.day))
+      or not (money == nil or count(money)) then
+    return nil
+  end
+  return {request_id = fields.request_id, plan = fields.plan, user = user, ip = ip,
+    model = fields.model, prompt = fields.prompt, completion = fields.completion,
+    cost_micro = money, day = fields.day}
+end
+
+-- What a background answer was charged as its record holds it (background.encoded).
+function _M.background_record(charged)
+  local function or_null(value)
+    if value == nil then
+      return cjson.null
+    end
+    return value
+  end
+  return cjson.encode({request_id = charged.request_id, plan = charged.plan,
+    user = or_null(charged.user), ip = or_null(charged.ip), model = charged.model,
+    prompt = charged.prompt, completion = charged.completion,
+    cost_micro = or_null(charged.cost_micro), day = charged.day})
+end
+
 return _M

@@ -11,6 +11,7 @@ local conversations = require 'governor.conversations'
 local keys = require 'governor.keys'
 local metrics = require 'governor.metrics'
 local openai = require 'governor.openai'
+local prices = require 'governor.prices'
 local store = require 'governor.store'
 
 local _M = {}
@@ -210,6 +211,7 @@ function Gateway:model_call(client, req, principal, kind, plan)
   return {call = {principal = principal, request = request, streaming = streaming,
     outcome = outcome,
     reservation = result.reservation, headers = headers, body = request.raw,
+    paid = plan.credits ~= nil,
     changed = request.changed, meter = openai.meter(streaming, request.prompt_tokens,
       request:worst_case_tokens(), request:background()),
     strip = strip}}
@@ -468,8 +470,13 @@ function Gateway:conversation_call(client, req, principal, call)
   if refusal ~= nil then
     return refusal
   end
+  local charged = nil
   if not conversations.RECORDS[call.action] then
-    return {pass = true, principal = principal}
+    local broken
+    charged, broken = self:background_charge(client, req, principal, call)
+    if charged == nil then
+      return {pass = true, principal = principal, broken = broken}
+    end
   end
   local say = self.answers
   local raw, refused = read_body(self, req)
@@ -485,7 +492,64 @@ function Gateway:conversation_call(client, req, principal, call)
     end
   end
   return {conversation = {principal = principal, action = call.action, what = call.what,
-    id = call.id, added = added, body = raw}}
+    id = call.id, added = added, body = raw, charged = charged}}
+end
+
+-- asgi._background_charge: what the background response a read (GET) or a cancel names was
+-- charged, while it is not settled at its usage; nil for any other call, and with Redis away
+-- (the charge stands; a later read settles it; true beside it: the connection failed). Such a
+-- call is then fetched whole (as a create is) and its answer handed to `conversation_answered`.
+function Gateway:background_charge(client, req, principal, call)
+  -- A read that streams the response's events (`?stream=true`) passes as it is: fetched whole
+  -- it would reach the client only once the response is done.
+  local streams = ngx.decode_args(req.query or '').stream ~= nil
+  local settles = (call.action == 'read' and req.method == 'GET' and not streams)
+    or call.action == 'cancel'
+  if client == nil or call.what ~= 'response' or call.id == nil or not settles then
+    return nil
+  end
+  local key = self.admission.keys:background(principal.tenant, call.id)
+  if key == nil then
+    return nil
+  end
+  local text, err = client:get(key)
+  if text == nil then
+    warn('limit store unreachable reading what a background response was charged; a later '
+      .. 'read settles it: ', err)
+    return nil, true  -- the connection is closed, not pooled
+  end
+  if text == ngx.null then
+    return nil
+  end
+  return conversations.background_charge(text)
+end
+
+-- asgi._settle_background: settle a background response at the usage its answer says it
+-- finished with; an answer that says none leaves it charged its reservation. Held when Redis
+-- fails (a repeat changes nothing: charge.lua's charge record).
+function Gateway:settle_background(call, answer)
+  local used = conversations.final_usage(answer, call.id)
+  if used == nil then
+    return
+  end
+  local tenant, charged, ttl = call.principal.tenant, call.charged, record_ttl_ms(self.settings)
+  local op = function(client)
+    return self.admission:settle_background(client, tenant, call.id, charged, used, ttl)
+  end
+  local client, err = store.connect(self.settings.redis)
+  local ok = nil
+  if client ~= nil then
+    ok, err = op(client)
+  end
+  if ok == nil then
+    warn('background settle failed (held, repeated when Redis answers): ', err)
+    if client ~= nil then
+      client:close()
+    end
+    self:hold('charge', op)
+    return
+  end
+  store.release(client)
 end
 
 -- admission.GROW_RECORD, word for word: a conversation's record grows by ARGV[1] tokens and
@@ -503,6 +567,9 @@ local GROW_RECORD = "if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end "
 function Gateway:conversation_answered(call, status, answer)
   if status == nil or status < 200 or status >= 300 then
     return
+  end
+  if call.charged ~= nil then  -- a read or cancel of a background response: no record to change
+    return self:settle_background(call, answer)
   end
   local names, tenant = self.admission.keys, call.principal.tenant
   local key, made = nil, nil
@@ -718,6 +785,41 @@ function Gateway:retry_held()
   return done
 end
 
+-- asgi._keep_background: a background answer settled at its whole reservation (its usage
+-- comes later): keep what it was charged, so a read or cancel that sees its usage settles the
+-- difference. Not kept (a Redis failure, logged): it stays charged its reservation.
+function Gateway:keep_background(client, call, usage, model)
+  local request, named = call.request, call.meter.response_id
+  if not (request:background() and request:stored() and usage.estimated) or named == nil then
+    return
+  end
+  local tenant = call.principal.tenant
+  local key = self.admission.keys:background(tenant, named)
+  if key == nil then
+    return
+  end
+  local total, money = usage.prompt + usage.completion, nil
+  if call.paid then  -- the credits settle.lua took: only a plan that held them at admission
+    money = total > 0 and prices.to_micro(self.admission.prices:cost(model, usage.prompt,
+      usage.completion)) or 0
+  end
+  local now, err = client:time()
+  local ok = nil
+  if now then
+    local reservation = call.reservation
+    ok, err = client:set(key, conversations.background_record({
+      request_id = reservation.id, plan = call.principal.plan, user = call.principal.user,
+      ip = reservation.ip ~= '' and reservation.ip or nil, model = model,
+      prompt = usage.prompt, completion = usage.completion, cost_micro = money,
+      day = math.floor(tonumber(now[1]) / 86400)}), 'PX', record_ttl_ms(self.settings))
+  end
+  if not ok then
+    warn('cannot keep what a background response is charged; it stays charged its '
+      .. 'reservation: tenant ', tenant, ', response ', named, ': ', err)
+    client:close()  -- a failed exchange leaves the connection in an unknown state
+  end
+end
+
 -- Settle an answered call (status: the upstream's; nil when it never answered): charge what
 -- the answer says it used, or release the whole hold when it failed. Runs once per call.
 function Gateway:finish(call, status)
@@ -745,7 +847,13 @@ function Gateway:finish(call, status)
       self.admission.prices:cost(model, usage.prompt, usage.completion))
     what = 'settle'
     op = function(client)
-      return self.admission:settle(client, reservation, tenant, usage, model)
+      local known, failure = self.admission:settle(client, reservation, tenant, usage, model)
+      -- Kept only once its charge is on the books (a held settle keeps it when it lands): a
+      -- settle that never landed must refund nothing.
+      if known then
+        self:keep_background(client, call, usage, model)
+      end
+      return known, failure
     end
   end
   local client, err

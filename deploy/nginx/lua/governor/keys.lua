@@ -162,6 +162,16 @@ function Keys:conversation(tenant, conversation_id)
   return self:tag(tenant) .. ':conversation:' .. escape(conversation_id)
 end
 
+-- KeySchema.background: what the tenant's background Responses answer `response_id` was
+-- charged when answered, until a read of it finished settles it at its usage. nil for an id
+-- that is no safe id.
+function Keys:background(tenant, response_id)
+  if not _M.valid_id(response_id) then
+    return nil
+  end
+  return self:tag(tenant) .. ':background:' .. escape(response_id)
+end
+
 function Keys:version()
   return self.prefix .. ':version'
 end
@@ -188,6 +198,14 @@ function Keys:admit_keys(tenant, user, ip)
   end
   keys[#keys + 1] = self:credits(tenant)
   return keys
+end
+
+-- EnforcementKeys.charge_keys: the 7 keys of charge.lua (each level's state, the credits and
+-- their history, then the request's charge record beside the tenant's state).
+function Keys:charge_keys(tenant, user, ip, request_id)
+  local levels = self:levels(tenant, user, ip)
+  return {levels[1], levels[3], levels[5], levels[7], self:credits(tenant),
+    self:credits(tenant) .. ':history', levels[5] .. ':charged:' .. request_id}
 end
 
 -- The 10 keys of settle.lua.

@@ -163,7 +163,8 @@ local function fetch_and_settle(call)
   return relay(response, call.headers)
 end
 
--- A Conversations API create, add or delete, or a stored response's delete: fetched whole,
+-- A Conversations API create, add or delete, a stored response's delete, or a read or cancel
+-- of a background response still charged its reservation (settled at its usage): fetched whole,
 -- the tenant's record changed as the answer says, then answered (asgi: before its last byte).
 local function fetch_and_record(call)
   local response = fetch(call.body)
@@ -176,6 +177,7 @@ function _M.access()
     method = ngx.req.get_method(),
     path = ngx.var.uri,
     raw_path = ngx.var.request_uri:match('^[^?]*'),  -- as the client wrote it
+    query = ngx.var.args,
     -- Every line (0: no limit; nginx's header buffers bound them): with the default 100, a
     -- second credential after 100 other lines went unseen and the first one was served.
     headers = ngx.req.get_headers(0),

@@ -502,7 +502,15 @@ function Strip:feed(chunk, last)
   return table.concat(passed)
 end
 
--- openai._usage: prompt and completion (completion made up to a larger total), or nil.
+-- openai.whole_count: a token count a model server reports, a whole number from 0 up to
+-- 2^53 (past it a double holds no exact count); `true`, -5, 1.5, "10", 1e30 are none.
+local function whole_count(value)
+  return is_int(value) and value >= 0 and value < MAX_EXACT_COUNT
+end
+
+-- openai._usage: prompt and completion (completion made up to a larger total); nil when there
+-- is no usage object, false when there is one without a count the gateway can read (its
+-- answer is then charged as one it cannot read: its reservation).
 local function usage_of(value)
   if type(value) ~= 'table' then
     return nil
@@ -517,10 +525,10 @@ local function usage_of(value)
   if completion == nil then
     completion = 0
   end
-  if not is_int(prompt) or not is_int(completion) then
-    return is_int(total) and {prompt = 0, completion = total, estimated = false} or nil
+  if not whole_count(prompt) or not whole_count(completion) then
+    return whole_count(total) and {prompt = 0, completion = total, estimated = false} or false
   end
-  if is_int(total) and total > prompt + completion then
+  if whole_count(total) and total > prompt + completion then
     completion = total - prompt  -- e.g. reasoning tokens counted only in the total
   end
   return {prompt = prompt, completion = completion, estimated = false}
@@ -560,6 +568,10 @@ local function output_chars(document)
   return total
 end
 
+-- openai.FINAL_STATUSES: a response in one of these has generated all it will.
+local FINAL_STATUSES = {completed = true, incomplete = true, failed = true, cancelled = true}
+_M.FINAL_STATUSES = FINAL_STATUSES
+
 local Meter = {}
 Meter.__index = Meter
 
@@ -571,7 +583,7 @@ function _M.meter(streaming, prompt_estimate, ceiling, background)
   return setmetatable({streaming = streaming, prompt_estimate = prompt_estimate,
     ceiling = ceiling, background = background or false, buffer = {},
     size = 0, usage = nil, completion_chars = 0, overflow = false, pending = '',
-    unreadable = false, events = false}, Meter)
+    unreadable = false, unreadable_usage = false, events = false}, Meter)
 end
 
 -- Read one JSON document's usage and text; false when it is no JSON object.
@@ -584,13 +596,16 @@ function Meter:read_document(data)
   if usage == nil and type(document.response) == 'table' then  -- response.completed holds it
     usage = usage_of(document.response.usage)
   end
-  if usage then
+  if usage == false then
+    self.unreadable_usage = true
+  elseif usage then
     self.usage = usage
   end
   -- openai._response_id: a response object's id, whole or held by an event.
   local held = type(document.response) == 'table' and document.response or document
   if held.object == 'response' and type(held.id) == 'string' then
     self.response_id = held.id
+    self.status = type(held.status) == 'string' and held.status or nil
     -- openai._conversation_id: the conversation it belongs to.
     local conversation = type(held.conversation) == 'table' and held.conversation.id
     if type(conversation) == 'string' then
@@ -661,13 +676,17 @@ function Meter:finish()
     self.unreadable = not self:read_document(table.concat(self.buffer))
   end
   self.buffer, self.pending = {}, ''
-  if self.usage then
+  -- A background answer's usage counts only once the response is finished (openai.UsageMeter):
+  -- one still queued or running has more to generate, whatever usage it shows.
+  local unfinished = self.background and not FINAL_STATUSES[self.status or '']
+  if self.usage and not unfinished then
     return self.usage
   end
   local completion = math.ceil(self.completion_chars / CHARS_PER_TOKEN)
   -- An answer that could not be read whole (too big, cut off, garbled), or one generated after
   -- it ends (background): its reservation.
-  if (self.overflow or self.unreadable or self.background) and self.ceiling ~= nil then
+  local hidden = self.overflow or self.unreadable or self.unreadable_usage or self.background
+  if hidden and self.ceiling ~= nil then
     completion = math.max(completion, self.ceiling - self.prompt_estimate)
   end
   return {prompt = self.prompt_estimate, completion = completion, estimated = true}

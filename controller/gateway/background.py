@@ -1,0 +1,117 @@
+"""A background Responses answer settled at its usage once that is known: what it was charged
+when answered, and the usage a later read or cancel of it says (docs/gateway.md, "A stored
+response's own routes").
+
+`responses.create(background=True)` is answered at once (`queued`, no usage) and generated
+afterwards, where no gateway sees it: it is charged its whole reservation when answered. What
+it was charged is kept for its tenant (`<P>:{t:<tenant>}:background:<id>`); the first read
+or cancel through the gateway whose answer holds the response finished with its usage
+settles the difference, once (charge.lua's charge record), and forgets it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from typing import Any, TypeGuard
+
+from controller.gateway.openai import FINAL_STATUSES, whole_count
+
+# The largest answer read for its usage (a response object holds its whole output).
+MAX_READ_ANSWER = 32 * 1024 * 1024
+REASON = "background response settled at its usage"
+_COUNTS = ("input_tokens", "output_tokens", "total_tokens")
+_EXACT = 2**53
+
+
+@dataclass(frozen=True)
+class BackgroundCharge:
+    """What a background answer was charged when answered: its admission's who and what (the
+    budgets a correction charges are those in force for them), the tokens charged, the credits
+    charged (None: the plan charged none) and the UTC day (days since the epoch, Redis time)
+    the tokens were counted on."""
+
+    request_id: str
+    plan: str
+    user: str | None
+    ip: str | None  # the client address as the ip level keys it (contract.enforcement.ip_id)
+    model: str
+    prompt: int
+    completion: int
+    cost_micro: int | None
+    day: int
+
+    @property
+    def tokens(self) -> int:
+        return self.prompt + self.completion
+
+    def encoded(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"))
+
+    @classmethod
+    def decoded(cls, text: str) -> BackgroundCharge | None:
+        """The charge a record holds; None for one no gateway writes (it is then left as it
+        is: the reservation stays charged)."""
+        try:
+            fields = json.loads(text)
+            charge = cls(**fields)
+        except (ValueError, TypeError):
+            return None
+        counts = (charge.prompt, charge.completion, charge.day)
+        money = charge.cost_micro
+        if not all(_count(value) for value in counts) or not (money is None or _count(money)):
+            return None
+        texts = (charge.request_id, charge.plan, charge.model)
+        optional = (charge.user, charge.ip)
+        if not all(isinstance(text, str) for text in texts) or not all(
+            text is None or isinstance(text, str) for text in optional
+        ):
+            return None
+        return charge
+
+
+@dataclass(frozen=True)
+class FinalUsage:
+    """The usage a finished response reports."""
+
+    prompt: int
+    completion: int
+
+    @property
+    def total(self) -> int:
+        return self.prompt + self.completion
+
+
+def final_usage(answer: bytes, response_id: str) -> FinalUsage | None:
+    """The usage of response `response_id` that an answer holds once it is finished
+    (`status` one of FINAL_STATUSES, `usage.input_tokens`/`output_tokens` whole counts of 0
+    or more); None for anything else — another object or id, still queued or running, no
+    usage, counts that are no counts (`openai.whole_count`: `-5`, `1.5`, `"2"`, `true`): the
+    charge then stands."""
+    try:
+        document: Any = json.loads(answer)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return None
+    if not isinstance(document, dict) or document.get("object") != "response":
+        return None
+    status = document.get("status")
+    if document.get("id") != response_id or not isinstance(status, str):
+        return None
+    if status not in FINAL_STATUSES:
+        return None
+    usage = document.get("usage")
+    if not isinstance(usage, dict):
+        return None
+    prompt, completion, total = (whole_count(usage.get(name)) for name in _COUNTS)
+    if prompt is None or completion is None:
+        return None
+    if total is not None and total > prompt + completion:
+        completion = total - prompt  # reasoning tokens counted only in the total, as a settle
+    return FinalUsage(prompt, completion)
+
+
+def _count(value: object) -> TypeGuard[int]:
+    """A whole count of 0 or more, below 2^53 (JSON's `true` is no count, though Python's bool
+    is an int; past 2^53 the nginx module's doubles hold no exact count, and neither reads
+    one there)."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < _EXACT

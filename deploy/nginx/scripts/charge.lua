@@ -1,0 +1,244 @@
+-- Shared by every Governor enforcement script (prepended by controller/clients/scripts.py).
+-- Time is Redis server time only: gateways' clocks may disagree, the server's cannot.
+-- These scripts run on every request: they avoid what Lua makes dear inside Redis —
+-- building strings and tables, converting numbers, values crossing between Redis and Lua,
+-- and redis.call round trips (docs/enforcement.md, "Cost, measured").
+
+-- Globals cost a table lookup each inside Redis: the hot ones are bound to locals once.
+local call, floor, ceil, max, min = redis.call, math.floor, math.ceil, math.max, math.min
+local sub, format, unpack = string.sub, string.format, unpack
+local tonumber, huge = tonumber, math.huge
+
+local DAY_MS = 86400000
+local STATE_TTL_MS = 2 * DAY_MS  -- a level's state outlives a day's budget, then goes
+
+-- Numbers read from Redis are strings: arithmetic converts them (`text + 0`) for half of
+-- what tonumber() costs (Lua 5.1's converts twice). A number passed to call() reaches
+-- Redis formatted with %.17g: exact for a double, but dear; integers go as
+-- format('%d', n), which costs half as much. Server time in ms is
+-- `t[1] * 1000 + t[2] / 1000` of call('TIME') (written out where used: a function costs
+-- a closure per call).
+
+-- A state field as read (`text`; nil: absent, which counts as 0) as a number, or nil when it
+-- holds what no script writes: Lua 5.1's tonumber takes 'nan', 'inf' and '1e400' (C's
+-- strtod), which compare false both ways and so pass every check, and arithmetic on 'abc'
+-- stops the script (a failing store: fail-open plans would be served). `least`: the
+-- smallest value that makes sense there. `x - x == 0` is false for nan and both infinities.
+local function number_at(text, least)
+  local value = tonumber(text or 0)
+  if value and value >= least and value - value == 0 then
+    return value
+  end
+  return nil
+end
+
+-- Lower a hold counter by `by`. A counter that no longer holds an integer (a hand edit) stays
+-- as it is rather than stopping the script halfway, its earlier writes kept (Redis does not
+-- undo them): admit.lua refuses naming it until it is repaired.
+local function lower(state, field, by)
+  redis.pcall('HINCRBY', state, field, by)
+end
+
+-- The refusal of a script, before it writes anything, when a key it writes holds another
+-- type (a hand edit); nil when none does. Redis keeps what a script wrote before an error, and
+-- the gateway repeats a refused settle or charge, which would apply those writes (the credits
+-- charged, the usage counted) again each time. `keys`: key, its type, key, its type, …
+local function wrong_type(keys)
+  for i = 1, #keys, 2 do
+    local kind = call('TYPE', keys[i]).ok
+    if kind ~= 'none' and kind ~= keys[i + 1] then
+      return redis.error_reply(format('WRONGTYPE %s holds a %s, not the %s Governor writes',
+        keys[i], kind, keys[i + 1]))
+    end
+  end
+  return nil
+end
+
+-- Take `cost` (micro-USD; below 0: a refund, added back) off the balance of `credits`: the
+-- balance after it, or the error reply that refuses the whole call when the balance holds
+-- no integer (a hand edit), before anything else is written, so that the gateway repeats it
+-- once it is repaired.
+local function debit(credits, history, cost)
+  local balance = redis.pcall('HINCRBY', credits, 'balance', -cost)
+  if type(balance) == 'table' and not string.find(balance.err, 'not an integer', 1, true) then
+    -- The server refused the write itself (OOM: maxmemory reached), not the balance: its own
+    -- error, so the gateway holds the call as a whole-server refusal, naming the real cause.
+    return nil, balance
+  end
+  if type(balance) == 'table' then
+    return nil, redis.error_reply(format('%s field balance holds what no script writes (%s): ' ..
+      'set it to the last balance_micro_usd of %s (redis-cli XREVRANGE %s + - COUNT 1, then ' ..
+      'redis-cli HSET %s balance N)', credits, balance.err, history, history, credits))
+  end
+  return balance, nil
+end
+
+-- A level's state hash (one per level owner: global, ip, tenant, user) holds, for a limit
+-- field F (`limit` or `limit@model`):
+--   g|F  GCRA theoretical arrival time, ms      l|F  the limit it was computed under
+--   c|F  open reservations (concurrency)
+--   d|F  UTC day of u|F   u|F  tokens settled that day   v|F  tokens held, not settled
+--   x|<id>  a reservation's settle record (tenant level)
+--   a    the weight of the owners with requests in flight here (a level whose concurrency
+--        is shared by weight: admit.lua's f check)   o|<owner>  that owner's requests in
+--        flight here   q|<owner>  the weight it joined with
+--   n    when the level next needs care (ms): its earliest lease expiry or the next UTC
+--        midnight, whichever is first; kept by levels that can hold something (budgets,
+--        concurrency) and by the tenant's (settle records)
+--   e    the day the TTL was last pushed out (written by earlier scripts; no longer read)
+-- A level with rates only keeps no `n`: its keys' TTL is pushed out when a rate's state
+-- passes a UTC midnight (admit.lua).
+-- Its lease set (sorted by expiry) holds one member per reservation that holds something
+-- there: 'h|<id>|<tokens>|<holds>' (holds: 'b=F' budget, 'c=F' slot, 't=F' no hold,
+-- 'o=<owner>' an owner's share, comma-separated), '$|<id>|<micro-USD>' (credits), 'x|<id>'
+-- (a settle record's end).
+
+-- Give back an owner's request in flight on a level shared by weight: its last one out
+-- takes the weight it joined with from the level's active weight. The subtraction is Lua's
+-- (a double, written back with %.17g as admit.lua's addition is): HINCRBYFLOAT's long double
+-- would leave `a` a last digit off, and an exact share refused. A value not ours (a hand
+-- edit) reads as nothing rather than stopping the sweep halfway.
+local function unshare(state, owner)
+  local values = call('HMGET', state, 'o|' .. owner, 'a', 'q|' .. owner)
+  local left = (tonumber(values[1]) or 0) - 1
+  if left > 0 then
+    call('HSET', state, 'o|' .. owner, format('%d', left))
+    return
+  end
+  call('HDEL', state, 'o|' .. owner, 'q|' .. owner)
+  local active = (tonumber(values[2]) or 0) - (tonumber(values[3]) or 0)
+  -- Rounding left over (nobody in flight), or a value not a number: nothing.
+  call('HSET', state, 'a', (active >= 1e-9 and active < math.huge) and active or '0')
+end
+
+-- A level's care, due once its `n` has come: release up to 64 expired leases (bounded
+-- work per call; a backlog drains over the next calls) — a crashed gateway's reservations
+-- end here —, push the keys' TTL out and note when care is next due: the earliest lease
+-- expiry or `midnight`, whichever is first (so the TTL is pushed at least once a day).
+local function housekeep(state, leases, credits, now, midnight)
+  local match, gmatch = string.match, string.gmatch
+  -- Undo one lease: give back what it held.
+  local function release(member)
+    local code = sub(member, 1, 1)
+    if code == 'h' then
+      local tokens, holds = match(member, '^h|[^|]*|([^|]*)|(.*)$')
+      for hold in gmatch(holds, '[^,]+') do
+        local kind, field = sub(hold, 1, 1), sub(hold, 3)
+        if kind == 'b' then
+          lower(state, 'v|' .. field, -tokens)
+        elseif kind == 'c' then
+          lower(state, 'c|' .. field, -1)
+        elseif kind == 'o' then
+          unshare(state, field)
+        end
+      end
+    elseif code == '$' and credits then
+      lower(credits, 'reserved', -match(member, '([^|]*)$'))
+    elseif code == 'x' then
+      call('HDEL', state, member)
+    end
+  end
+
+  local expired = call('ZRANGEBYSCORE', leases, '-inf', now, 'LIMIT', 0, 64)
+  for i = 1, #expired do
+    release(expired[i])
+  end
+  if #expired > 0 then
+    call('ZREM', leases, unpack(expired))
+  end
+  local next_due = call('ZRANGE', leases, 0, 0, 'WITHSCORES')
+  if next_due[2] and next_due[2] + 0 < midnight then
+    call('HSET', state, 'n', next_due[2])
+  else
+    call('HSET', state, 'n', format('%d', midnight))
+  end
+  call('PEXPIRE', state, STATE_TTL_MS)
+  call('PEXPIRE', leases, STATE_TTL_MS)
+end
+
+-- Charge what a request used that was served without a reservation: a fail-open plan's
+-- request while Redis was away, charged once Redis answers. Daily token budgets and credits
+-- are charged as settle.lua charges them (rates are not: their windows have passed).
+-- Also corrects a charge made before the usage was known (a background Responses answer,
+-- settled at its whole reservation): tokens and cost are then the difference, and may be
+-- below 0 (a refund).
+--
+-- KEYS  1 global state  2 ip state  3 tenant state  4 user state (absent levels: the
+--       tenant's, never touched)  5 tenant credits  6 tenant credit history (stream)
+--       7 the request's charge record (in the slot of the call's own keys)
+-- ARGV  1 request id  2 tokens (< 0: given back)  3 cost, micro-USD (< 0: refunded; '' when
+--       the plan has no credits)  4 model  5 history length kept  6 prompt tokens
+--       7 completion tokens  8 how long the charge record is kept, ms
+--       9 the history entry's reason  10 the UTC day (days since the epoch) the tokens given
+--       back were charged on ('' for a charge)
+--       11.. the daily token budgets in force: '<level 1-4><field>', e.g. '3tokens_per_day'
+-- Returns the number of budgets charged (0 when the request was charged already).
+--
+-- A gateway repeats a charge whose answer it did not get (a timeout), and a stalled Redis may
+-- have run it all the same: the charge record, written with the charge, makes the repeat a
+-- no-op, as a settle record does for settle.lua.
+
+local tonumber = tonumber
+if call('EXISTS', KEYS[7]) == 1 then
+  return 0
+end
+local tokens, cost = ARGV[2] + 0, tonumber(ARGV[3])
+local t = call('TIME')
+local today = floor((t[1] * 1000 + t[2] / 1000) / DAY_MS)
+-- Tokens are given back only to a budget still counting the day they were charged on: a
+-- budget that reset since holds none of them (and must never go below 0).
+local giving_back = tokens < 0
+if giving_back and tonumber(ARGV[10]) ~= today then
+  tokens = 0
+end
+
+local writes = {}
+if cost and cost ~= 0 then
+  writes = {KEYS[5], 'hash', KEYS[6], 'stream'}
+end
+for i = 11, #ARGV do
+  writes[#writes + 1], writes[#writes + 2] = KEYS[sub(ARGV[i], 1, 1) + 0], 'hash'
+end
+local refused = wrong_type(writes)
+if refused then
+  return refused
+end
+
+-- The credits first: a balance that is no integer (a hand edit) refuses the whole charge
+-- before anything is written (settle.lua's reason), and the gateway holds it for later.
+-- A refund is a debit of less than 0 (HINCRBY adds it back).
+if cost and cost ~= 0 then
+  local balance, broken = debit(KEYS[5], KEYS[6], cost)
+  if broken then
+    return broken
+  end
+  call('XADD', KEYS[6], 'MAXLEN', '~', ARGV[5], '*', 'kind', cost > 0 and 'charge' or 'refund',
+    'amount_micro_usd', -cost, 'balance_micro_usd', balance, 'request', ARGV[1],
+    'model', ARGV[4], 'tokens', ARGV[2], 'prompt_tokens', ARGV[6],
+    'completion_tokens', ARGV[7], 'reason', ARGV[9])
+end
+
+-- A day or count that holds what no script writes is left as it is (settle.lua's reason):
+-- admit.lua refuses naming it. Such a budget is not counted as charged.
+local charged = 0
+for i = 11, #ARGV do
+  local state, field = KEYS[sub(ARGV[i], 1, 1) + 0], sub(ARGV[i], 2)
+  local day = call('HMGET', state, 'd|' .. field, 'u|' .. field)
+  local stored, used = number_at(day[1], 0), 0
+  if stored == today then
+    used = number_at(day[2], 0)
+  end
+  if giving_back and stored ~= today then
+    used = nil  -- reset since (or never charged here): nothing of it to give back
+  end
+  if stored and used then
+    call('HSET', state, 'd|' .. field, format('%d', today), 'u|' .. field,
+      format('%d', max(used + tokens, 0)))
+    if call('PTTL', state) == -1 then  -- made here: it must expire like every state hash
+      call('PEXPIRE', state, STATE_TTL_MS)
+    end
+    charged = charged + 1
+  end
+end
+call('SET', KEYS[7], format('%d', charged), 'PX', ARGV[8])
+return charged
