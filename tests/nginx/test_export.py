@@ -297,6 +297,7 @@ kong = {
   request = {get_method = function() return 'POST' end,
     get_path = function() return '/v1/chat/completions' end,
     get_raw_path = function() return '/v1/chat/completions' end,
+    get_raw_query = function() return nil end,
     get_headers = function() return {authorization = 'Bearer gov_x'} end,
     get_header = function() return nil end, get_raw_body = function() return '{}' end},
   client = {get_forwarded_ip = function() return '127.0.0.1' end},
