@@ -72,7 +72,11 @@ def test_usage_served_fail_open_is_charged_when_redis_returns(
         server.stop()
         served = [gateway.chat(key, model=MODEL, max_tokens=20) for _ in range(2)]
         assert [a.headers.get("x-governor-fail-open") is not None for a in served] == [True] * 2
-        assert re.search(r"^gateway_held_store_calls 2\.0$", gateway.metrics(), re.M)
+        # The two settles are held; an admission sent on a pooled connection the stopped Redis
+        # closed went out unanswered, and its release is held too (it may have reserved).
+        held = re.search(r"^gateway_held_store_calls (\d+)\.0$", gateway.metrics(), re.M)
+        assert held is not None
+        assert int(held.group(1)) in (2, 3, 4)
 
         server.start()  # same port, same data
         wait_for(
