@@ -535,12 +535,17 @@ def response_hint(exc: redis.ResponseError, clustered: bool) -> str:
             " (a key Governor owns was replaced by hand with another type: "
             "delete it and Governor rewrites it on the next tick)"
         )
-    # redis-py keeps the code of a reply it knows apart from its message (status_code).
-    code = getattr(exc, "status_code", None) or text.split(" ", 1)[0]
+    code = reply_code(exc)
     if code == "READONLY" or isinstance(exc, redis.ReadOnlyError):
         return (
             " (this Redis is a read-only replica: point GOVERNOR_REDIS__URL at the master, "
             "or at its Sentinels with redis+sentinel://, which follow failovers)"
+        )
+    if code == "NOPERM":
+        return (
+            " (an ACL refused this command or key: Governor's Redis user needs its commands "
+            "on every key and channel of GOVERNOR_REDIS__KEY_PREFIX, e.g. ACL SETUSER <user> "
+            "~<prefix>:* &<prefix>:* +@all; GOVERNOR_REDIS__USERNAME names the user)"
         )
     if code == "OOM":
         return (
@@ -548,6 +553,21 @@ def response_hint(exc: redis.ResponseError, clustered: bool) -> str:
             "raise maxmemory or free memory, as Governor's keys must not be evicted)"
         )
     return ""
+
+
+# An ACL refusal inside a script is no NOPERM reply: Redis answers `ERR The user executing the
+# script can't run this command…`, which names no code a caller could tell apart.
+_SCRIPT_NOPERM = "The user executing the script can't run"
+
+
+def reply_code(exc: redis.ResponseError) -> str:
+    """The error code of a reply (`OOM`, `READONLY`, `NOPERM`, `ERR`…). redis-py strips the
+    code off the replies it knows and keeps it apart (status_code): the message alone no
+    longer names it."""
+    if _SCRIPT_NOPERM in str(exc):
+        return "NOPERM"
+    code: str | None = getattr(exc, "status_code", None)
+    return code or str(exc).split(" ", 1)[0]
 
 
 def hint_for(exc: BaseException) -> str:
@@ -581,9 +601,7 @@ def refused_this_call(exc: BaseException) -> bool:
     seen: BaseException | None = exc
     while seen is not None:
         if isinstance(seen, redis.ResponseError):
-            # redis-py strips the code off the replies it knows (OOM, READONLY, NOPERM,
-            # MASTERDOWN …) and keeps it apart: the message alone no longer names it.
-            code = getattr(seen, "status_code", None) or str(seen).split(" ", 1)[0]
+            code = reply_code(seen)
             return code not in _WHOLE_SERVER_REPLIES and not isinstance(seen, _WHOLE_SERVER)
         seen = seen.__cause__
     return False

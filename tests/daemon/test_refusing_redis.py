@@ -1,0 +1,60 @@
+"""A Redis that answers reads but refuses every write (an ACL that lost its write rights, a
+master turned into a replica): no replica can take or renew the leader lock, so no limit
+is written, and /readyz must say so, with the refusal and its repair, instead of 200."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import redis
+
+from tests.daemon.harness import FREE_RPM, Daemon, limit
+from tests.support.prometheus import wait_for
+from tests.support.redis import RedisServer
+
+pytestmark = pytest.mark.integration
+
+
+def _not_ready_for(daemon: Daemon, refusal: str) -> str:
+    """The /readyz body once it is 503 naming the leader lock (a leader's lock outlives a
+    failed renewal by its lease, then the follower's tries fail too)."""
+
+    def refused() -> bool:
+        status, body = daemon.http("/readyz")
+        return status == 503 and "leader lock" in body and refusal in body
+
+    wait_for(refused, f"/readyz 503 naming the leader lock and {refusal}", 20)
+    return daemon.http("/readyz")[1]
+
+
+def test_an_acl_without_write_rights_is_not_ready_and_says_which_permission(
+    db: redis.Redis[str], daemon: Daemon, redis_server: RedisServer
+) -> None:
+    db.execute_command("ACL", "SETUSER", "default", "-@write")
+    body = _not_ready_for(daemon, "ACL SETUSER")
+    assert f"127.0.0.1:{redis_server.port}" in body
+    assert daemon.metric("governor_ready") == 0
+    assert (daemon.metric("governor_redis_errors_total", operation="leader") or 0) > 0
+    lines = daemon.logged("leader.redis_unavailable")
+    assert lines
+    assert "ACL SETUSER" in lines[-1]["error"]
+
+    db.execute_command("ACL", "SETUSER", "default", "+@all")
+    wait_for(lambda: daemon.http("/readyz") == (200, "ok\n"), "ready once writes are allowed", 20)
+    assert limit(db) == FREE_RPM
+
+
+def test_a_master_turned_replica_is_not_ready_and_says_to_point_at_the_master(
+    db: redis.Redis[str], daemon: Daemon, tmp_path: Path
+) -> None:
+    master = RedisServer(tmp_path / "master").start()
+    try:
+        db.replicaof("127.0.0.1", master.port)  # what it held is replaced by the master's
+        body = _not_ready_for(daemon, "read-only replica")
+        assert "GOVERNOR_REDIS__URL" in body
+        db.replicaof("NO", "ONE")
+        wait_for(lambda: daemon.http("/readyz") == (200, "ok\n"), "ready as a master again", 20)
+        wait_for(lambda: limit(db) == FREE_RPM, "the limits are written back")
+    finally:
+        master.stop()
