@@ -58,3 +58,33 @@ def test_a_master_turned_replica_is_not_ready_and_says_to_point_at_the_master(
         wait_for(lambda: limit(db) == FREE_RPM, "the limits are written back")
     finally:
         master.stop()
+
+
+def test_a_full_redis_names_itself_in_every_refused_write_and_loses_nothing(
+    db: redis.Redis[str], daemon: Daemon, redis_server: RedisServer, policy_dir: Path
+) -> None:
+    db.config_set("maxmemory-policy", "noeviction")
+    db.config_set("maxmemory", "1")  # every write that may grow memory is refused: OOM
+    # A plan change: a new catalog and a new limit to write, and journal events to append.
+    plans = policy_dir / "plans.yaml"
+    plans.write_text(plans.read_text().replace(f"{FREE_RPM:g}", f"{FREE_RPM + 1:g}"))
+
+    def refused() -> bool:
+        status, body = daemon.http("/readyz")
+        return status == 503 and "plan catalog" in body and "limit" in body
+
+    wait_for(refused, "/readyz 503 naming the catalog and the limits", 20)
+    body = daemon.http("/readyz")[1]
+    catalog = next(line for line in body.splitlines() if "plan catalog" in line)
+    assert f"Redis at 127.0.0.1:{redis_server.port}" in catalog
+    assert "this Redis is full" in catalog  # the repair, as the limits' line says it
+    journal = daemon.wait_for_log("journal.redis_unavailable")
+    assert "this Redis is full" in journal["error"]
+
+    db.config_set("maxmemory", "0")
+    wait_for(lambda: limit(db) == FREE_RPM + 1, "the new limit is written once Redis has room")
+    wait_for(lambda: daemon.http("/readyz") == (200, "ok\n"), "ready again", 20)
+    catalog_plans = db.hgetall("governor:plans")
+    assert set(catalog_plans) == {"free"}
+    kinds = {fields["kind"] for _, fields in db.xrange("governor:journal")}
+    assert {"policy.reloaded", "limit.changed"} <= kinds  # held while refused, then flushed
