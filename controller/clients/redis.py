@@ -642,7 +642,20 @@ def explained(exc: Exception, clustered: bool) -> str:
         return f"{exc} ({cluster_client_hint(exc)})"
     if isinstance(exc, redis.ResponseError):
         return f"{exc}{response_hint(exc, clustered)}"
-    return said(exc)
+    return said(exc) + tls_hint(exc)
+
+
+_UNVERIFIED = "CERTIFICATE_VERIFY_FAILED"
+
+
+def tls_hint(exc: BaseException) -> str:
+    """The setting that repairs a Redis certificate that did not verify, unless the message
+    gives it already; '' for any other error. The controller's errors said it (`wrapped`);
+    the gateway's logged only OpenSSL's words, though the settings are the same."""
+    text = str(exc)
+    if _UNVERIFIED not in text or "GOVERNOR_REDIS__CA_FILE" in text:
+        return ""
+    return " (" + untrusted_certificate_hint("REDIS", "the server's") + ")"
 
 
 # A command or transaction over several slots on a cluster client: contract 2 keeps the
@@ -711,7 +724,7 @@ def wrapped(
         raise error from exc
     except redis.RedisError as exc:
         hint = "is the server up and GOVERNOR_REDIS__URL right?"
-        if "CERTIFICATE_VERIFY_FAILED" in str(exc):
+        if _UNVERIFIED in str(exc):
             hint = untrusted_certificate_hint("REDIS", "the server's")
         raise SinkError(
             f"Redis at {location(client)}: {action} failed: {said(exc)} ({hint})"

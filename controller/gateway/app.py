@@ -31,6 +31,7 @@ from controller.clients.redis import (
     connect_async,
     key_schema,
     refuse_cluster_url,
+    tls_hint,
     url_from_settings,
     write_retry_async,
 )
@@ -164,7 +165,10 @@ class GatewayRuntime:
                 await self.enforcement.pending.retry()
             except STORE_ERRORS as exc:
                 metrics.store_errors.labels("heartbeat").inc()
-                _log.warning("heartbeat failed; keeping the last gateway count", error=str(exc))
+                _log.warning(
+                    "heartbeat failed; keeping the last gateway count",
+                    error=f"{exc}{tls_hint(exc)}",
+                )
             await asyncio.sleep(self.settings.gateway.heartbeat_seconds)
 
 

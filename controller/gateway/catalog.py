@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import redis
 import redis.asyncio
 
-from controller.clients.redis import key_schema
+from controller.clients.redis import explained, is_cluster, key_schema
 from controller.contract.catalog import PlanInfo
 from controller.errors import SinkError
 from controller.model import model_key
@@ -82,7 +82,8 @@ class PlanCatalog:
             raw, version = await pipe.execute()
             plans = {name: PlanInfo.from_json(text) for name, text in raw.items()}
         except redis.RedisError as exc:
-            raise SinkError(f"reading the plan catalog {key} failed: {exc}") from exc
+            said = explained(exc, is_cluster(self.client))
+            raise SinkError(f"reading the plan catalog {key} failed: {said}") from exc
         except ValueError as exc:  # pydantic's ValidationError: a hand-written entry
             raise SinkError(
                 f"the plan catalog {key} holds an entry that is no plan: {exc}"
