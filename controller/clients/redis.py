@@ -642,20 +642,41 @@ def explained(exc: Exception, clustered: bool) -> str:
         return f"{exc} ({cluster_client_hint(exc)})"
     if isinstance(exc, redis.ResponseError):
         return f"{exc}{response_hint(exc, clustered)}"
-    return said(exc) + tls_hint(exc)
+    return said(exc) + connection_hint(exc)
 
 
 _UNVERIFIED = "CERTIFICATE_VERIFY_FAILED"
+# What Redis says to a client whose login it refused (redis-py raises AuthenticationError; a
+# wrapping of ours keeps only the words): no password where one is asked (NOAUTH, or HELLO's
+# own wording), a wrong one, or a user that is unknown or disabled.
+_REFUSED_LOGIN = ("NOAUTH", "WRONGPASS", "invalid username-password pair",
+                  "must be called with the client already authenticated")  # fmt: skip
+LOGIN_HINT = (
+    "Redis refused the login: set the password it expects in GOVERNOR_REDIS__PASSWORD or the "
+    "URL, and GOVERNOR_REDIS__USERNAME for an ACL user; credentials are read at start-up, so "
+    "restart after a rotation"
+)
 
 
-def tls_hint(exc: BaseException) -> str:
-    """The setting that repairs a Redis certificate that did not verify, unless the message
-    gives it already; '' for any other error. The controller's errors said it (`wrapped`);
-    the gateway's logged only OpenSSL's words, though the settings are the same."""
+def connection_repair(exc: BaseException) -> str | None:
+    """The setting that repairs a connection Redis refused for a reason we can name (a
+    certificate that did not verify, a login it refused); None for any other error."""
     text = str(exc)
-    if _UNVERIFIED not in text or "GOVERNOR_REDIS__CA_FILE" in text:
+    if _UNVERIFIED in text:
+        return untrusted_certificate_hint("REDIS", "the server's")
+    if isinstance(exc, redis.AuthenticationError) or any(w in text for w in _REFUSED_LOGIN):
+        return LOGIN_HINT
+    return None
+
+
+def connection_hint(exc: BaseException) -> str:
+    """` (<connection_repair>)`, unless the message gives it already; '' when there is none.
+    The controller's errors said the certificate's repair (`wrapped`); the gateway's logged
+    only OpenSSL's or Redis' words, though the settings are the same."""
+    repair = connection_repair(exc)
+    if repair is None or repair in str(exc):
         return ""
-    return " (" + untrusted_certificate_hint("REDIS", "the server's") + ")"
+    return f" ({repair})"
 
 
 # A command or transaction over several slots on a cluster client: contract 2 keeps the
@@ -723,9 +744,7 @@ def wrapped(
         error.hinted = True
         raise error from exc
     except redis.RedisError as exc:
-        hint = "is the server up and GOVERNOR_REDIS__URL right?"
-        if _UNVERIFIED in str(exc):
-            hint = untrusted_certificate_hint("REDIS", "the server's")
+        hint = connection_repair(exc) or "is the server up and GOVERNOR_REDIS__URL right?"
         raise SinkError(
             f"Redis at {location(client)}: {action} failed: {said(exc)} ({hint})"
         ) from exc

@@ -29,9 +29,9 @@ from starlette.routing import Mount, Route
 from controller.clients.redis import (
     aclose,
     connect_async,
+    connection_hint,
     key_schema,
     refuse_cluster_url,
-    tls_hint,
     url_from_settings,
     write_retry_async,
 )
@@ -167,7 +167,7 @@ class GatewayRuntime:
                 metrics.store_errors.labels("heartbeat").inc()
                 _log.warning(
                     "heartbeat failed; keeping the last gateway count",
-                    error=f"{exc}{tls_hint(exc)}",
+                    error=f"{exc}{connection_hint(exc)}",
                 )
             await asyncio.sleep(self.settings.gateway.heartbeat_seconds)
 

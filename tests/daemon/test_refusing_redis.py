@@ -88,3 +88,18 @@ def test_a_full_redis_names_itself_in_every_refused_write_and_loses_nothing(
     assert set(catalog_plans) == {"free"}
     kinds = {fields["kind"] for _, fields in db.xrange("governor:journal")}
     assert {"policy.reloaded", "limit.changed"} <= kinds  # held while refused, then flushed
+
+
+def test_a_rotated_password_is_not_ready_and_says_where_the_password_goes(
+    db: redis.Redis[str], daemon: Daemon, redis_server: RedisServer
+) -> None:
+    # Redis rotated its password and dropped its clients: every reconnect is refused.
+    db.execute_command("ACL", "SETUSER", "default", "resetpass", ">n3w-s3cret")
+    db.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+    body = _not_ready_for(daemon, "GOVERNOR_REDIS__PASSWORD")
+    assert f"127.0.0.1:{redis_server.port}" in body
+    assert "restart after a rotation" in body
+    assert "n3w-s3cret" not in daemon.stdout.read_text()
+
+    db.execute_command("ACL", "SETUSER", "default", "nopass")
+    wait_for(lambda: daemon.http("/readyz") == (200, "ok\n"), "ready once the login works", 20)
