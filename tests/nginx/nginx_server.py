@@ -49,6 +49,7 @@ class NginxServer:
     env: Mapping[str, str]
     extra_locations: str = ""
     init_options: str = ""  # more `init{...}` options, e.g. 'held_retry_seconds = 0.5'
+    workers: int | None = None  # worker_processes (None: the shipped `auto`); each has its queue
     port: int = field(default_factory=free_port)
     pid: int | None = None
 
@@ -80,6 +81,8 @@ class NginxServer:
                 UPSTREAM: f"server 127.0.0.1:{self.upstream_port};",
             },
         )
+        if self.workers is not None:
+            conf = conf.replace("worker_processes auto;", f"worker_processes {self.workers};")
         # As root, nginx would run its workers as `nobody`, who cannot read a test's tmp dir.
         if os.geteuid() == 0:
             conf = "user root;\n" + conf
