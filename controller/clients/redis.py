@@ -658,14 +658,28 @@ LOGIN_HINT = (
 )
 
 
+# redis-py's cluster client gives up after 16 redirections of one call ("TTL exhausted."):
+# the slot kept moving (MOVED), was half migrated (ASK, TRYAGAIN for a script whose keys are
+# split between the two nodes) or its master was failing over. Not a server that is down.
+REDIRECTED = "TTL exhausted"
+REDIRECTED_HINT = (
+    "the Cluster kept redirecting this call: its slot is being resharded (MOVED, ASK, "
+    "TRYAGAIN while its keys are split between two nodes) or its master is failing over; "
+    "tried again next time, and `redis-cli --cluster check <node>` shows a slot left open"
+)
+
+
 def connection_repair(exc: BaseException) -> str | None:
-    """The setting that repairs a connection Redis refused for a reason we can name (a
-    certificate that did not verify, a login it refused); None for any other error."""
+    """What repairs, or explains, a call Redis refused or the client gave up for a reason we
+    can name (a certificate that did not verify, a login it refused, a Cluster slot that
+    kept moving); None for any other error."""
     text = str(exc)
     if _UNVERIFIED in text:
         return untrusted_certificate_hint("REDIS", "the server's")
     if isinstance(exc, redis.AuthenticationError) or any(w in text for w in _REFUSED_LOGIN):
         return LOGIN_HINT
+    if REDIRECTED in text:
+        return REDIRECTED_HINT
     return None
 
 
