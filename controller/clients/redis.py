@@ -454,6 +454,32 @@ def location(client: redis.Redis[str]) -> str:
     return f"{kwargs.get('host', '?')}:{kwargs.get('port', '?')}/{kwargs.get('db', 0)}"
 
 
+def evicting(client: redis.Redis[str]) -> str | None:
+    """Why this Redis may drop Governor's keys by itself: a `maxmemory` with a policy that
+    evicts (allkeys-*, volatile-*) removes limits, API keys, credits or the version without
+    an error once it is full; None when it evicts nothing, or cannot tell (INFO refused)."""
+    try:
+        if is_cluster(client):  # every node ({node: info}): any may hold a slot, or be promoted
+            cluster = cast("redis.cluster.RedisCluster[str]", client)
+            answers: list[tuple[str, Any]] = list(
+                cluster.info("memory", target_nodes=cluster.ALL_NODES).items()
+            )
+        else:
+            answers = [(location(client), client.info("memory"))]
+    except (redis.RedisError, RedisClusterException):
+        return None
+    for where, info in answers:
+        policy = str(info.get("maxmemory_policy", "noeviction"))
+        if int(info.get("maxmemory", 0) or 0) > 0 and policy != "noeviction":
+            return (
+                f"Redis at {where} evicts keys once full (maxmemory-policy {policy}): "
+                "Governor's limits, API keys and credits can vanish without an error; set "
+                "maxmemory-policy noeviction (a full Redis then refuses writes, which Governor "
+                "reports and tries again)"
+            )
+    return None
+
+
 def refuse_cluster_node(client: redis.Redis[str]) -> None:
     """ConfigurationError when a plain URL (redis://, rediss://, unix://, Sentinel) names a
     Cluster node: `INFO cluster` says `cluster_enabled:1`. Commands on one would half work

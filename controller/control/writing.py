@@ -27,12 +27,15 @@ class LeaderWrites:
         *,
         reporter: TickReporter,
         dry_run: bool = False,
+        evicting: Callable[[], str | None] = lambda: None,
     ) -> None:
         self.reconciler = reconciler  # the primary sink (Redis): read back, seeds the resolver
         self.extra_reconcilers = tuple(extra_reconcilers)  # Kong, Kubernetes...: beside it
         # Publishes what gateways need from the policies (the plan catalog) when Redis does
         # not hold the running version's: asked every tick, as Redis may lose it.
         self.publish = publish
+        # Why Governor's Redis may drop what is written by itself (`clients.redis.evicting`).
+        self.evicting = evicting
         self.reporter = reporter
         self.dry_run = dry_run
         # Reads the primary sink back while the signal queries are in flight (see read_back).
@@ -48,7 +51,12 @@ class LeaderWrites:
         return self._reader.submit(contextvars.copy_context().run, self.reconciler.sink.read)
 
     def catalog(self, policies: PolicySet, reasons: list[str]) -> None:
-        """Publish the plan catalog of `policies` unless Redis holds it already."""
+        """Publish the plan catalog of `policies` unless Redis holds it already; a Redis that
+        evicts keys when full is a reason against readiness (every tick: a policy is a
+        setting anyone may change)."""
+        problem = self.evicting()
+        if problem is not None:
+            reasons.append(problem)
         # A dry run writes nothing: its plans would replace what every gateway enforces.
         if self.publish is None or self.dry_run:
             return

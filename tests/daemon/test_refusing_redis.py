@@ -103,3 +103,21 @@ def test_a_rotated_password_is_not_ready_and_says_where_the_password_goes(
 
     db.execute_command("ACL", "SETUSER", "default", "nopass")
     wait_for(lambda: daemon.http("/readyz") == (200, "ok\n"), "ready once the login works", 20)
+
+
+def test_a_redis_that_evicts_keys_when_full_is_not_ready_and_says_the_policy_to_set(
+    db: redis.Redis[str], daemon: Daemon, redis_server: RedisServer
+) -> None:
+    # allkeys-lru: once full, Redis drops the coldest keys without an error, and the limit
+    # hashes (read only when a gateway's cache misses) are the coldest there are.
+    db.config_set("maxmemory", str(1 << 30))
+    db.config_set("maxmemory-policy", "allkeys-lru")
+    wait_for(lambda: "maxmemory-policy allkeys-lru" in daemon.http("/readyz")[1], "named", 20)
+    status, body = daemon.http("/readyz")
+    assert status == 503
+    assert f"127.0.0.1:{redis_server.port}" in body
+    assert "set maxmemory-policy noeviction" in body
+
+    db.config_set("maxmemory-policy", "noeviction")  # a full Redis refuses instead: OOM
+    wait_for(lambda: daemon.http("/readyz") == (200, "ok\n"), "ready with noeviction", 20)
+    db.config_set("maxmemory", "0")
