@@ -454,6 +454,32 @@ def location(client: redis.Redis[str]) -> str:
     return f"{kwargs.get('host', '?')}:{kwargs.get('port', '?')}/{kwargs.get('db', 0)}"
 
 
+def evicting(client: redis.Redis[str]) -> str | None:
+    """Why this Redis may drop Governor's keys by itself: a `maxmemory` with a policy that
+    evicts (allkeys-*, volatile-*) removes limits, API keys, credits or the version without
+    an error once it is full; None when it evicts nothing, or cannot tell (INFO refused)."""
+    try:
+        if is_cluster(client):  # every node ({node: info}): any may hold a slot, or be promoted
+            cluster = cast("redis.cluster.RedisCluster[str]", client)
+            answers: list[tuple[str, Any]] = list(
+                cluster.info("memory", target_nodes=cluster.ALL_NODES).items()
+            )
+        else:
+            answers = [(location(client), client.info("memory"))]
+    except (redis.RedisError, RedisClusterException):
+        return None
+    for where, info in answers:
+        policy = str(info.get("maxmemory_policy", "noeviction"))
+        if int(info.get("maxmemory", 0) or 0) > 0 and policy != "noeviction":
+            return (
+                f"Redis at {where} evicts keys once full (maxmemory-policy {policy}): "
+                "Governor's limits, API keys and credits can vanish without an error; set "
+                "maxmemory-policy noeviction (a full Redis then refuses writes, which Governor "
+                "reports and tries again)"
+            )
+    return None
+
+
 def refuse_cluster_node(client: redis.Redis[str]) -> None:
     """ConfigurationError when a plain URL (redis://, rediss://, unix://, Sentinel) names a
     Cluster node: `INFO cluster` says `cluster_enabled:1`. Commands on one would half work
@@ -535,12 +561,17 @@ def response_hint(exc: redis.ResponseError, clustered: bool) -> str:
             " (a key Governor owns was replaced by hand with another type: "
             "delete it and Governor rewrites it on the next tick)"
         )
-    # redis-py keeps the code of a reply it knows apart from its message (status_code).
-    code = getattr(exc, "status_code", None) or text.split(" ", 1)[0]
+    code = reply_code(exc)
     if code == "READONLY" or isinstance(exc, redis.ReadOnlyError):
         return (
             " (this Redis is a read-only replica: point GOVERNOR_REDIS__URL at the master, "
             "or at its Sentinels with redis+sentinel://, which follow failovers)"
+        )
+    if code == "NOPERM":
+        return (
+            " (an ACL refused this command or key: Governor's Redis user needs its commands "
+            "on every key and channel of GOVERNOR_REDIS__KEY_PREFIX, e.g. ACL SETUSER <user> "
+            "~<prefix>:* &<prefix>:* +@all; GOVERNOR_REDIS__USERNAME names the user)"
         )
     if code == "OOM":
         return (
@@ -548,6 +579,21 @@ def response_hint(exc: redis.ResponseError, clustered: bool) -> str:
             "raise maxmemory or free memory, as Governor's keys must not be evicted)"
         )
     return ""
+
+
+# An ACL refusal inside a script is no NOPERM reply: Redis answers `ERR The user executing the
+# script can't run this command…`, which names no code a caller could tell apart.
+_SCRIPT_NOPERM = "The user executing the script can't run"
+
+
+def reply_code(exc: redis.ResponseError) -> str:
+    """The error code of a reply (`OOM`, `READONLY`, `NOPERM`, `ERR`…). redis-py strips the
+    code off the replies it knows and keeps it apart (status_code): the message alone no
+    longer names it."""
+    if _SCRIPT_NOPERM in str(exc):
+        return "NOPERM"
+    code: str | None = getattr(exc, "status_code", None)
+    return code or str(exc).split(" ", 1)[0]
 
 
 def hint_for(exc: BaseException) -> str:
@@ -581,9 +627,7 @@ def refused_this_call(exc: BaseException) -> bool:
     seen: BaseException | None = exc
     while seen is not None:
         if isinstance(seen, redis.ResponseError):
-            # redis-py strips the code off the replies it knows (OOM, READONLY, NOPERM,
-            # MASTERDOWN …) and keeps it apart: the message alone no longer names it.
-            code = getattr(seen, "status_code", None) or str(seen).split(" ", 1)[0]
+            code = reply_code(seen)
             return code not in _WHOLE_SERVER_REPLIES and not isinstance(seen, _WHOLE_SERVER)
         seen = seen.__cause__
     return False
@@ -624,7 +668,55 @@ def explained(exc: Exception, clustered: bool) -> str:
         return f"{exc} ({cluster_client_hint(exc)})"
     if isinstance(exc, redis.ResponseError):
         return f"{exc}{response_hint(exc, clustered)}"
-    return said(exc)
+    return said(exc) + connection_hint(exc)
+
+
+_UNVERIFIED = "CERTIFICATE_VERIFY_FAILED"
+# What Redis says to a client whose login it refused (redis-py raises AuthenticationError; a
+# wrapping of ours keeps only the words): no password where one is asked (NOAUTH, or HELLO's
+# own wording), a wrong one, or a user that is unknown or disabled.
+_REFUSED_LOGIN = ("NOAUTH", "WRONGPASS", "invalid username-password pair",
+                  "must be called with the client already authenticated")  # fmt: skip
+LOGIN_HINT = (
+    "Redis refused the login: set the password it expects in GOVERNOR_REDIS__PASSWORD or the "
+    "URL, and GOVERNOR_REDIS__USERNAME for an ACL user; credentials are read at start-up, so "
+    "restart after a rotation"
+)
+
+
+# redis-py's cluster client gives up after 16 redirections of one call ("TTL exhausted."):
+# the slot kept moving (MOVED), was half migrated (ASK, TRYAGAIN for a script whose keys are
+# split between the two nodes) or its master was failing over. Not a server that is down.
+REDIRECTED = "TTL exhausted"
+REDIRECTED_HINT = (
+    "the Cluster kept redirecting this call: its slot is being resharded (MOVED, ASK, "
+    "TRYAGAIN while its keys are split between two nodes) or its master is failing over; "
+    "tried again next time, and `redis-cli --cluster check <node>` shows a slot left open"
+)
+
+
+def connection_repair(exc: BaseException) -> str | None:
+    """What repairs, or explains, a call Redis refused or the client gave up for a reason we
+    can name (a certificate that did not verify, a login it refused, a Cluster slot that
+    kept moving); None for any other error."""
+    text = str(exc)
+    if _UNVERIFIED in text:
+        return untrusted_certificate_hint("REDIS", "the server's")
+    if isinstance(exc, redis.AuthenticationError) or any(w in text for w in _REFUSED_LOGIN):
+        return LOGIN_HINT
+    if REDIRECTED in text:
+        return REDIRECTED_HINT
+    return None
+
+
+def connection_hint(exc: BaseException) -> str:
+    """` (<connection_repair>)`, unless the message gives it already; '' when there is none.
+    The controller's errors said the certificate's repair (`wrapped`); the gateway's logged
+    only OpenSSL's or Redis' words, though the settings are the same."""
+    repair = connection_repair(exc)
+    if repair is None or repair in str(exc):
+        return ""
+    return f" ({repair})"
 
 
 # A command or transaction over several slots on a cluster client: contract 2 keeps the
@@ -692,9 +784,7 @@ def wrapped(
         error.hinted = True
         raise error from exc
     except redis.RedisError as exc:
-        hint = "is the server up and GOVERNOR_REDIS__URL right?"
-        if "CERTIFICATE_VERIFY_FAILED" in str(exc):
-            hint = untrusted_certificate_hint("REDIS", "the server's")
+        hint = connection_repair(exc) or "is the server up and GOVERNOR_REDIS__URL right?"
         raise SinkError(
             f"Redis at {location(client)}: {action} failed: {said(exc)} ({hint})"
         ) from exc

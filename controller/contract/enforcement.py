@@ -118,6 +118,11 @@ class EnforcementKeys:
         """Stream: one entry per top-up, adjustment or charge."""
         return self._key(self.schema.tenant_tag(tenant), "credits", "history")
 
+    def credit_booking(self, tenant: str, booking: str) -> str:
+        """String, kept an hour: top-up or adjustment `booking` (a hex id the CLI makes per
+        command) was booked; topup.lua books a repeat of it as nothing."""
+        return self._key(self.schema.tenant_tag(tenant), "credits", "booked", booking)
+
     @staticmethod
     def _level(state: str) -> Level:
         return Level(state, state + ":leases")

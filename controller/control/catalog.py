@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import redis
 
-from controller.clients.redis import key_schema, refuse_other_contract
+from controller.clients.redis import key_schema, refuse_other_contract, wrapped
 from controller.contract.catalog import PlanInfo
-from controller.errors import SinkError
 from controller.policy.policyset import PolicySet
 
 
@@ -25,24 +24,26 @@ def publish_catalog(
     entries: dict[str | bytes, bytes | float | int | str] = {
         name: PlanInfo.from_spec(plan.spec).to_json() for name, plan in policies.plans.items()
     }
-    try:
-        with client.pipeline(transaction=True) as pipe:
-            pipe.delete(key)
-            if entries:
-                pipe.hset(key, mapping=entries)
-            pipe.set(keys.catalog_version, policies.version)
-            pipe.execute()
-    except redis.RedisError as exc:
-        raise SinkError(f"publishing the plan catalog to {key} failed: {exc}") from exc
+    # `wrapped`: the server and the repair of a refusal (OOM, READONLY, NOPERM), as the
+    # limits' writes say them; the bare reply named neither.
+    with (
+        wrapped(client, f"publish the plan catalog to {key}"),
+        client.pipeline(transaction=True) as pipe,
+    ):
+        pipe.delete(key)
+        if entries:
+            pipe.hset(key, mapping=entries)
+        pipe.set(keys.catalog_version, policies.version)
+        pipe.execute()
 
 
 def _holds(client: redis.Redis[str], key: str, version_key: str, policies: PolicySet) -> bool:
     """Whether Redis holds the catalog of `policies`: its version, and plans if it has any."""
-    try:
-        with client.pipeline(transaction=False) as pipe:
-            pipe.get(version_key)
-            pipe.exists(key)
-            version, plans = pipe.execute()
-    except redis.RedisError as exc:
-        raise SinkError(f"reading the plan catalog version {version_key} failed: {exc}") from exc
+    with (
+        wrapped(client, f"read the plan catalog version {version_key}"),
+        client.pipeline(transaction=False) as pipe,
+    ):
+        pipe.get(version_key)
+        pipe.exists(key)
+        version, plans = pipe.execute()
     return bool(version == policies.version and (plans or not policies.plans))

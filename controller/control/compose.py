@@ -41,6 +41,7 @@ def build_controller(
     sink: Sink,
     others: Sequence[tuple[str, Sink]] = (),
     publish: Callable[[PolicySet], None] | None = None,
+    evicting: Callable[[], str | None] = lambda: None,
     metrics: Metrics,
     health: Health,
     dry_run: bool = False,
@@ -63,6 +64,7 @@ def build_controller(
         publish,
         reporter=reporter,
         dry_run=dry_run,
+        evicting=evicting,
     )
     events = TickEvents(journal, runbook_base_url=runbook_base_url, dry_run=dry_run)
     tune_malloc()  # before the first tick: the heap's layout is settled by then

@@ -25,7 +25,14 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from controller.clients.redis import close, connect, key_schema, masked_url, refuse_cluster_node
+from controller.clients.redis import (
+    close,
+    connect,
+    evicting,
+    key_schema,
+    masked_url,
+    refuse_cluster_node,
+)
 from controller.contract.keys import KeySchema
 from controller.control.catalog import publish_catalog
 from controller.control.compose import build_controller, build_journal
@@ -129,6 +136,7 @@ def build(settings: Settings, *, once: bool = False, dry_run: bool = False) -> D
             sink=sink,
             others=others,
             publish=lambda p: publish_catalog(client, p, prefix=keys.prefix),
+            evicting=lambda: evicting(journal_client),  # no retries: a probe, not a write
             metrics=metrics,
             health=health,
             dry_run=dry_run,

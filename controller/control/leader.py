@@ -11,8 +11,9 @@ from typing import Any, Protocol
 
 import redis
 import structlog
+from redis.exceptions import RedisClusterException
 
-from controller.clients.redis import check_contract, key_schema, location
+from controller.clients.redis import check_contract, key_schema, location, wrapped
 from controller.contract.fence import Fence
 from controller.errors import SinkError
 
@@ -42,6 +43,11 @@ class Elector(Protocol):
     """Decides whether this replica may write."""
 
     identity: str
+    # Why the last `ensure` could not ask for the lock (Redis failed or refused, with the
+    # repair when known); None when it could, led or not. A Redis that answers reads but
+    # refuses every write (a replica, an ACL without write rights) leaves no replica able to
+    # lead while every read succeeds: without this the tick looked healthy.
+    problem: str | None
 
     def ensure(self) -> bool:
         """Acquire or renew leadership; True while this replica is the leader."""
@@ -61,6 +67,7 @@ class AlwaysLeader:
 
     def __init__(self, identity: str = "single") -> None:
         self.identity = identity
+        self.problem: str | None = None
 
     def ensure(self) -> bool:
         return True
@@ -85,40 +92,48 @@ class RedisLeaderLock:
         self.epoch_key = schema.leader_epoch
         self.lease_ms = int(lease_seconds * 1000)
         self._token: str | None = None
+        self.problem: str | None = None
         self._acquire = client.register_script(_ACQUIRE)
         self._renew = client.register_script(_RENEW)
         self._release = client.register_script(_RELEASE)
         self._log = structlog.get_logger("governor.leader")
 
     def ensure(self) -> bool:
+        self.problem = None
+        lost = self._token is not None
         try:
-            if self._token is not None and self._renew(
-                keys=[self.key], args=[self._token, self.lease_ms]
-            ):
-                return True
-            lost = self._token is not None
-            # Another key contract's Redis: no lock (nor epoch) of ours is written there, and
-            # not leading, this replica writes nothing else there either.
-            check_contract(self.client.get(self.schema.contract), self.schema,
-                           location(self.client))  # fmt: skip
-            self._token = self._acquire(
-                keys=[self.key, self.epoch_key], args=[self.identity, self.lease_ms]
-            )
-        except redis.RedisError as exc:
-            # Without Redis nobody can write anyway; keep the token so a renewal can succeed
-            # if the lock survived the outage, and report not-leading meanwhile.
-            self._log.warning("leader.redis_unavailable", error=str(exc))
-            return False
+            with wrapped(self.client, "take or renew the leader lock"):
+                if self._token is not None and self._renew(
+                    keys=[self.key], args=[self._token, self.lease_ms]
+                ):
+                    return True
+                # Another key contract's Redis: no lock (nor epoch) of ours is written
+                # there, and not leading, this replica writes nothing else there either.
+                check_contract(self.client.get(self.schema.contract), self.schema,
+                               location(self.client))  # fmt: skip
+                self._token = self._acquire(
+                    keys=[self.key, self.epoch_key], args=[self.identity, self.lease_ms]
+                )
         except SinkError as exc:
-            self._token = None
-            self._log.error("leader.refused", error=str(exc))
-            return False
+            return self._failed(exc)
         if lost:
             self._log.warning("leader.lost", identity=self.identity)
         if self._token is not None:
             # `fence`, not `token`: a fencing token is no secret, and the log masks *token*.
             self._log.info("leader.acquired", identity=self.identity, fence=self._token)
         return self._token is not None
+
+    def _failed(self, exc: SinkError) -> bool:
+        """Not leading this tick. Redis failed or refused (`wrapped`: its cause is the
+        client's error): keep the token so a renewal can succeed if the lock survived, and
+        say why for readiness. Another contract's Redis: give the lock up."""
+        if isinstance(exc.__cause__, (redis.RedisError, RedisClusterException)):
+            self.problem = str(exc)
+            self._log.warning("leader.redis_unavailable", error=self.problem)
+        else:
+            self._token = None
+            self._log.error("leader.refused", error=str(exc))
+        return False
 
     def fence(self) -> Fence | None:
         return Fence(self.key, self._token) if self._token is not None else None
@@ -163,10 +178,13 @@ class KubernetesLease:
         self.fence_key = fence_key
         self._clock = clock
         self._token: str | None = None
+        self.problem: str | None = None  # Redis' part only: the Lease API has its own logs
         self._log = structlog.get_logger("governor.leader")
 
     def ensure(self) -> bool:
         from kubernetes.client.exceptions import ApiException
+
+        self.problem = None
 
         try:
             won = self._try()
@@ -180,18 +198,18 @@ class KubernetesLease:
         if won is None:
             self._token = None
             return False
+        try:
+            with wrapped(self.fence_client, "write the leader's fence"):
+                if won == self._token:
+                    self.fence_client.pexpire(self.fence_key, self.lease_seconds * 1000)
+                else:
+                    self.fence_client.set(self.fence_key, won, px=self.lease_seconds * 1000)
+        except SinkError as exc:
+            self.problem = str(exc)
+            self._log.warning("leader.redis_unavailable", error=self.problem)
+            return False
         if won != self._token:
-            try:
-                self.fence_client.set(self.fence_key, won, px=self.lease_seconds * 1000)
-            except redis.RedisError as exc:
-                self._log.warning("leader.redis_unavailable", error=str(exc))
-                return False
             self._log.info("leader.acquired", identity=self.identity, fence=won)
-        else:
-            try:
-                self.fence_client.pexpire(self.fence_key, self.lease_seconds * 1000)
-            except redis.RedisError:
-                return False
         self._token = won
         return True
 

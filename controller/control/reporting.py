@@ -130,6 +130,20 @@ class TickReporter:
         for error in outcome.errors:
             self._log.error("policy.reload_rejected", error=str(error), reason=outcome.reason)
 
+    def redis_emptied(self, version: int, tick: int) -> None:
+        """Redis holds nothing Governor wrote, where it held version `version` before."""
+        self._log.error(
+            "redis.emptied",
+            tick=tick,
+            last_version=version,
+            detail="Redis lost every key Governor wrote (restarted without persistence, "
+            "flushed or replaced): the limits and the plan catalog are written again now, "
+            "but what only Redis held is gone: API keys, credit balances and their history, "
+            "the tenant registry, overrides, the freeze, today's budget usage and the journal. "
+            "Restore them from a backup (runbooks/GovernorRedisUnreachable.md) and run Redis "
+            "with appendonly yes so a restart keeps them",
+        )
+
     def leader(self, leader: bool) -> None:
         self.metrics.leader.set(1 if leader else 0)
 

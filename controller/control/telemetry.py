@@ -34,7 +34,7 @@ FLAP_WINDOW_SECONDS = 3600.0
 # The closed label sets, exported at 0 before their first event.
 TICK_OUTCOMES = ("ok", "degraded")
 DIRECTIONS = ("tighten", "loosen", "add", "remove")
-REDIS_OPERATIONS = ("catalog", "control", "sink")
+REDIS_OPERATIONS = ("catalog", "control", "leader", "sink")
 
 
 class Metrics:
@@ -151,7 +151,7 @@ class Metrics:
         )
         self.redis_errors = Counter(
             "governor_redis_errors_total",
-            "Redis operations that failed, by operation (control reads, catalog, sink).",
+            "Redis operations that failed, by operation (control, catalog, leader lock, sink).",
             ["operation"],
             registry=r,
         )

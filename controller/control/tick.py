@@ -186,8 +186,12 @@ class Controller:
             return None
 
     def _leadership(self, reasons: list[str]) -> bool:
-        leader = self.parts.elector.ensure()
+        elector = self.parts.elector
+        leader = elector.ensure()
         self.reporter.leader(leader)
+        if elector.problem is not None:
+            self.reporter.redis_failed("leader")
+            reasons.append(f"cannot take or renew the leader lock: {elector.problem}")
         if leader and not self._was_leader:
             # A new leader continues pacing from what is enforced, not from scratch.
             try:

@@ -29,6 +29,7 @@ from starlette.routing import Mount, Route
 from controller.clients.redis import (
     aclose,
     connect_async,
+    connection_hint,
     key_schema,
     refuse_cluster_url,
     url_from_settings,
@@ -164,7 +165,10 @@ class GatewayRuntime:
                 await self.enforcement.pending.retry()
             except STORE_ERRORS as exc:
                 metrics.store_errors.labels("heartbeat").inc()
-                _log.warning("heartbeat failed; keeping the last gateway count", error=str(exc))
+                _log.warning(
+                    "heartbeat failed; keeping the last gateway count",
+                    error=f"{exc}{connection_hint(exc)}",
+                )
             await asyncio.sleep(self.settings.gateway.heartbeat_seconds)
 
 

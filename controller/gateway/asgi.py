@@ -19,7 +19,7 @@ from redis.exceptions import RedisClusterException
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from controller.clients.redis import refused_this_call, write_retry_async
+from controller.clients.redis import connection_hint, refused_this_call, write_retry_async
 from controller.contract.catalog import PlanInfo
 from controller.contract.enforcement import ForwardedForError, forwarded_client
 from controller.errors import SinkError
@@ -854,8 +854,9 @@ def passes(method: str, path: str, pass_paths: tuple[str, ...]) -> bool:
 
 def _said(error: BaseException) -> str:
     """A store error for the log: its type and message (the message names the server and
-    what to do, e.g. the Cluster URL to set; a bare type name helps no operator)."""
-    return f"{type(error).__name__}: {error}"
+    what to do, e.g. the Cluster URL to set, the CA file a certificate needs; a bare type
+    name helps no operator)."""
+    return f"{type(error).__name__}: {error}{connection_hint(error)}"
 
 
 def _degrade(request: ModelRequest, degrade: Degradation) -> bool:

@@ -16,7 +16,7 @@ import redis
 import redis.asyncio
 import structlog
 
-from controller.clients.redis import key_schema
+from controller.clients.redis import explained, is_cluster, key_schema
 from controller.contract.catalog import PlanInfo
 from controller.errors import SinkError
 from controller.model import model_key
@@ -85,7 +85,8 @@ class PlanCatalog:
             pipe.get(schema.catalog_version)
             raw, version = await pipe.execute()
         except redis.RedisError as exc:
-            raise SinkError(f"reading the plan catalog {key} failed: {exc}") from exc
+            said = explained(exc, is_cluster(self.client))
+            raise SinkError(f"reading the plan catalog {key} failed: {said}") from exc
         plans = self._plans_in(key, raw)
         self._hold(plans)
         self.version = version if plans else None

@@ -8,6 +8,7 @@ Admission holds credits at each request's worst case and settle charges the actu
 from __future__ import annotations
 
 import math
+import uuid
 from dataclasses import dataclass
 
 import redis
@@ -19,6 +20,9 @@ from controller.errors import SinkError
 from controller.gateway.prices import MICRO, from_micro
 
 MAX_TOP_UP_USD = 1_000_000_000.0  # far below 2^53 micro-USD, where integers stop being exact
+# How long a booking's record makes a repeat of it a no-op: far beyond the client's retries
+# (a few seconds), which send the same booking again when a try got no answer.
+BOOKING_RECORD_MS = 3_600_000
 
 
 @dataclass(frozen=True)
@@ -97,10 +101,12 @@ class CreditLedger:
             )
         # Round to the micro-dollar the ledger keeps: the entry books exactly what it says.
         micro = round(usd * MICRO)
+        # One id per booking: the client's retries repeat it, and topup.lua books it once.
+        booking = self.keys.credit_booking(tenant, uuid.uuid4().hex)
         TOP_UP.run_sync(
             self.client,
-            [self.keys.credits(tenant), self.keys.credit_history(tenant)],
-            [micro, kind, reason, actor, self.history_length],
+            [self.keys.credits(tenant), self.keys.credit_history(tenant), booking],
+            [micro, kind, reason, actor, self.history_length, BOOKING_RECORD_MS],
         )
         return self.state(tenant)
 

@@ -11,9 +11,10 @@ from contextlib import contextmanager
 import redis
 import redis.cluster
 import structlog
+from redis.exceptions import RedisClusterException
 
 from controller.clients.paging import batches
-from controller.clients.redis import check_contract, location
+from controller.clients.redis import check_contract, location, wrapped
 from controller.contract.fence import Fence
 from controller.contract.keys import KeySchema
 from controller.errors import SinkError
@@ -194,11 +195,13 @@ class Journal:
             gap = gap_event(self._unreported_drops)
             batch.insert(0, stream_fields(gap, gap.to_dict()))
         try:
-            stale = self._send(batch)
-        except (redis.RedisError, SinkError) as exc:
+            # `wrapped`: the server and the repair of a refusal (OOM, READONLY, NOPERM).
+            with wrapped(self.client, f"append {len(batch)} events to the journal"):
+                stale = self._send(batch)
+        except SinkError as exc:
             self._retry_at = self._clock() + self._backoff
             self._backoff = min(self._backoff * 2, _MAX_BACKOFF_SECONDS)
-            unavailable = isinstance(exc, redis.RedisError)
+            unavailable = isinstance(exc.__cause__, (redis.RedisError, RedisClusterException))
             self._log.warning(
                 "journal.redis_unavailable" if unavailable else "journal.refused",
                 pending=len(self._buffer),

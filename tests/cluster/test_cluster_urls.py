@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import uuid
 
 import pytest
 import redis.asyncio.cluster
@@ -93,10 +94,10 @@ def test_scripts_run_on_the_node_of_their_slot_after_a_script_flush(
         try:
             balances = []
             for tenant in tenants:
-                script_keys = (keys.credits(tenant), keys.credit_history(tenant))
-                balances.append(
-                    await TOP_UP.run(client, script_keys, (5, "top-up", "test", "pytest", 100))
-                )
+                booking = keys.credit_booking(tenant, uuid.uuid4().hex)
+                script_keys = (keys.credits(tenant), keys.credit_history(tenant), booking)
+                args = (5, "top-up", "test", "pytest", 100, 60_000)
+                balances.append(await TOP_UP.run(client, script_keys, args))
             return balances
         finally:
             await aclose(client)

@@ -77,3 +77,16 @@ def test_an_admission_error_on_a_cluster_is_logged_with_its_message(
     [line] = [x for x in lines if x["event"] == "limit store unreachable"]
     assert line["error"].startswith("EnforcementError: reading the limits failed: WRONGTYPE")
     assert "delete it and Governor rewrites it" in line["error"]  # the hint: what to do
+
+
+def test_a_refused_login_is_logged_with_where_the_password_goes(tmp_path: Path) -> None:
+    server = RedisServer(tmp_path / "redis", password="s3cret-pw").start()
+    try:
+        no_password = server.url.replace(":s3cret-pw@", "")
+        status, lines = serve_and_ask(no_password, "gov_0123456789abcdef_" + "a" * 43)
+    finally:
+        server.stop()
+    assert status == 503  # fails closed
+    [line] = [x for x in lines if x["event"] == "limit store unreachable during authentication"]
+    assert line["error"].startswith("AuthenticationError: ")
+    assert "GOVERNOR_REDIS__PASSWORD" in line["error"]

@@ -187,6 +187,27 @@ def test_redis_emptied_gets_the_plan_catalog_back_without_a_policy_change(
     assert db.get("governor:plans:version") == version
 
 
+def test_redis_emptied_is_said_with_what_is_lost_and_the_repair(
+    db: redis.Redis[str], daemon: Daemon
+) -> None:
+    """The limits and the catalog come back by themselves; API keys, credits, tenants and
+    overrides do not, and nothing said so: gateways just refused every key 401."""
+    wait_for(lambda: db.get("governor:version") is not None, "a version is written")
+    daemon.wait_for_metric("governor_ready", 1.0)
+    assert not daemon.logged("redis.emptied")  # a fresh Redis at start is no loss
+
+    db.flushdb()
+
+    line = daemon.wait_for_log("redis.emptied")
+    assert line["level"] == "error"
+    assert "API keys" in line["detail"]
+    assert "credit balances" in line["detail"]
+    assert "appendonly yes" in line["detail"]
+    wait_for(lambda: limit(db) == FREE_RPM, "the limits are back")
+    time.sleep(1.0)  # more ticks on the refilled Redis: said once, not every tick
+    assert len(daemon.logged("redis.emptied")) == 1
+
+
 def _ledger(db: redis.Redis[str]) -> dict[str, float]:
     return {address: float(value) for address, value in db.hgetall("governor:written").items()}
 

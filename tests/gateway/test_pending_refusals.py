@@ -187,6 +187,41 @@ def test_a_redis_out_of_memory_or_read_only_stops_the_pass_at_the_first_call(
         replica.stop()
 
 
+def test_an_acl_without_write_rights_stops_the_pass_at_the_first_call(
+    redis_server: RedisServer, db: redis.Redis[str]
+) -> None:
+    # Inside a script an ACL refusal is no NOPERM reply but `ERR The user executing the
+    # script can't run this command…`: it was read as a refusal of that call alone, so
+    # every held settle was tried (eight in a row) on a Redis that refuses them all.
+    calls: list[str] = []
+
+    async def run() -> tuple[int, int]:
+        client: redis.asyncio.Redis[str] = redis.asyncio.from_url(
+            redis_server.url, decode_responses=True
+        )
+        pending = PendingCalls(STORE_ERRORS, refused_alone=refused_this_call)
+        for key in "abcd":
+
+            async def tried(key: str = key) -> None:
+                calls.append(key)
+                try:  # a write inside a script, as settle.lua's
+                    await client.eval("return redis.call('INCR', KEYS[1])", 1, key)  # type: ignore[no-untyped-call]
+                except redis.RedisError as exc:
+                    raise EnforcementError(f"the settle script failed: {exc}") from exc
+
+            pending.hold("settle", tried)
+        through = await pending.retry()
+        await aclose(client)
+        return through, len(pending)
+
+    db.execute_command("ACL", "SETUSER", "default", "-@write")
+    try:
+        assert asyncio.run(run()) == (0, 4)
+    finally:
+        db.execute_command("ACL", "SETUSER", "default", "+@all")
+    assert calls == ["a"]  # an outage in all but name: the pass stops
+
+
 def test_a_full_queue_gives_up_its_oldest_call_even_once_a_refusal_moved_it_back(
     redis_server: RedisServer, db: redis.Redis[str]
 ) -> None:

@@ -51,6 +51,7 @@ class NginxServer:
     extra_locations: str = ""
     init_options: str = ""  # more `init{...}` options, e.g. 'held_retry_seconds = 0.5'
     metrics_dict: str = METRICS_DICT  # the metrics' lua_shared_dict line ("" for none)
+    workers: int | None = None  # worker_processes (None: the shipped `auto`); each has its queue
     port: int = field(default_factory=free_port)
     pid: int | None = None
 
@@ -83,6 +84,8 @@ class NginxServer:
                 METRICS_DICT: self.metrics_dict,
             },
         )
+        if self.workers is not None:
+            conf = conf.replace("worker_processes auto;", f"worker_processes {self.workers};")
         # As root, nginx would run its workers as `nobody`, who cannot read a test's tmp dir.
         if os.geteuid() == 0:
             conf = "user root;\n" + conf

@@ -38,17 +38,19 @@ def redis_own(tmp_path: Path, policy_dir: Path) -> Iterator[RedisServer]:
 
 
 def impatient_nginx(
-    tmp_path: Path, export_dir: Path, upstream_port: int, redis_url: str
+    tmp_path: Path, export_dir: Path, upstream_port: int, redis_url: str, workers: int | None = None
 ) -> NginxServer:
-    """nginx on `redis_url` giving up on Redis after 0.5 s and retrying held calls every 0.3 s."""
+    """nginx on `redis_url` giving up on Redis after 0.5 s and retrying held calls every 0.3 s
+    (`workers`: one queue of held calls for every request, when 1)."""
     env = {
         "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
         "GOVERNOR_REDIS__URL": redis_url,
         "GOVERNOR_REDIS__SOCKET_TIMEOUT_SECONDS": "0.5",
         "GOVERNOR_GATEWAY__API_KEY_SECRET": SECRET,
     }
+    options = "held_retry_seconds = 0.3"
     return NginxServer(tmp_path / "nginx", export_dir, upstream_port, env,
-                       init_options="held_retry_seconds = 0.3").start()  # fmt: skip
+                       init_options=options, workers=workers).start()  # fmt: skip
 
 
 def test_a_settle_that_meets_an_outage_is_repeated_when_redis_answers(
@@ -129,6 +131,67 @@ def test_an_admission_redis_ran_after_the_timeout_is_released_when_redis_answers
             assert db.hget(state, "v|tokens_per_day") == "0"
             assert db.zcard(f"{state}:leases") == 0
             assert "admission unanswered; its release is held" in nginx.log_tail(20000)
+        finally:
+            nginx.stop()
+            server.stop()
+
+
+def test_a_held_call_redis_refuses_alone_does_not_hold_back_the_others(
+    tmp_path: Path,
+    export_dir: Path,
+    upstream: tuple[FakeUpstream, ServerThread],
+    held: FakeUpstream,
+    policy_dir: Path,
+) -> None:
+    """acme's settle meets a key replaced by hand (WRONGTYPE: Redis refuses that call alone)
+    and is held; globex's settle then meets an outage and is held behind it. Each pass
+    stopped at acme's, so globex's usage waited for acme's call to expire (the record grace,
+    an hour) while its reservation held its tokens; the Python gateway moves such a call to
+    the back (controller/gateway/pending.py), and so does nginx now."""
+    server = RedisServer(tmp_path / "redis").start()
+    nginx = impatient_nginx(tmp_path, export_dir, upstream[1].port, server.url, workers=1)
+    db: redis.Redis[str]
+    with server.client() as db, httpx.Client(timeout=30.0) as http:
+        try:
+            write_limits(db, PREFIX, policy_dir)
+            keys = KeyStore(db, KeySchema(PREFIX), SECRET)
+            acme, globex = keys.create("acme", "free")[0], keys.create("globex", "paid")[0]
+            url = f"{nginx.url}/v1/chat/completions"
+            body = {"model": "gpt-3.5-turbo", "messages": [{"role": "user", "content": "hi"}],
+                    "max_tokens": 5}  # fmt: skip
+            broken = f"{PREFIX}:{{t:acme}}:enforce"
+            headers = {"authorization": f"Bearer {acme}", "x-fake-hold": "1"}
+            with http.stream("POST", url, json={**body, "stream": True},
+                             headers=headers) as answer:  # fmt: skip
+                lines = (line for line in answer.iter_lines() if line.startswith("data:"))
+                next(lines)  # admitted: its reservation is in acme's state
+                db.delete(broken)
+                db.set(broken, "hand-made")  # its settle is refused: WRONGTYPE
+                held.release.set()
+                list(lines)
+            wait_for(lambda: "WRONGTYPE" in nginx.log_tail(20000), "acme's settle is refused")
+
+            # globex's answer ends while Redis is paused: its settle is held behind acme's.
+            globex_headers = {"authorization": f"Bearer {globex}", "x-fake-delay": "0.6"}
+            answered: list[int] = []
+            asking = threading.Thread(
+                target=lambda: answered.append(
+                    http.post(url, json=body, headers=globex_headers).status_code
+                )
+            )
+            asking.start()
+            time.sleep(0.3)  # admitted by now, the model server still answering
+            db.execute_command("CLIENT", "PAUSE", str(PAUSE_MS), "ALL")
+            asking.join()
+            assert answered == [200]
+            state = f"{PREFIX}:{{t:globex}}:enforce"
+            wait_for(
+                lambda: not any(f.startswith("x|") for f in db.hkeys(state)),
+                "globex's held settle went through past acme's refused one",
+                timeout=PAUSE_MS / 1000 + 3,
+            )
+            assert db.zcard(f"{state}:leases") == 0
+            assert "a held store call was refused" in nginx.log_tail(20000)
         finally:
             nginx.stop()
             server.stop()

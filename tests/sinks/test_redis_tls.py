@@ -19,6 +19,7 @@ from controller.errors import SinkError
 from controller.model import Address
 from controller.settings import RedisSettings
 from controller.sinks.redis import RedisSink
+from tests.cluster.test_gateway_store_errors import serve_and_ask
 from tests.support.redis import RedisServer
 from tests.support.tls import TlsFiles, make_tls_files
 
@@ -80,3 +81,18 @@ def test_without_the_ca_the_cli_exits_1_naming_the_setting(secured: RedisServer)
     assert result.exit_code == 1
     assert "GOVERNOR_REDIS__CA_FILE" in result.stderr
     assert "s3cret-pw" not in result.output
+
+
+def test_without_the_ca_the_gateway_fails_closed_and_logs_the_setting(
+    secured: RedisServer,
+) -> None:
+    status, lines = serve_and_ask(secured.url, "gov_0123456789abcdef_" + "a" * 43)
+    assert status == 503  # nothing can vouch for the key: closed, whatever the plan
+    event = "limit store unreachable during authentication"
+    refused = [x for x in lines if x.get("event") == event]
+    assert refused
+    assert "certificate verify failed" in refused[0]["error"]
+    assert "GOVERNOR_REDIS__CA_FILE" in refused[0]["error"]  # as the controller and nginx say
+    beats = [x for x in lines if x.get("event", "").startswith("heartbeat failed")]
+    assert all("GOVERNOR_REDIS__CA_FILE" in x["error"] for x in beats)
+    assert not any("s3cret-pw" in json.dumps(x) for x in lines)

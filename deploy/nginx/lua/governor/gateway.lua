@@ -743,8 +743,30 @@ function Gateway:hold(what, op, spare)
   held[#held + 1] = {at = ngx.now(), what = what, op = op, spare = spare}
 end
 
--- Repeat the held calls oldest first, stopping at the first that fails (Redis still away);
--- calls older than the record grace are given up. From a timer. Returns how many went.
+-- Error replies that say the server (or the cluster) cannot serve anyone right now, not that
+-- it refused this one call (clients/redis.py `_WHOLE_SERVER_REPLIES`): an outage in all but
+-- name. Inside a script an ACL refusal is `ERR The user executing the script can't run…`.
+local WHOLE_SERVER = {OOM = true, MASTERDOWN = true, NOREPLICAS = true, BUSY = true,
+  LOADING = true, TRYAGAIN = true, CLUSTERDOWN = true, READONLY = true, NOAUTH = true,
+  NOPERM = true}
+local SCRIPT_NOPERM = "The user executing the script can't run"
+-- This many refusals in a row and Redis is taken to refuse every call (pending.py).
+local MAX_REFUSALS_IN_A_ROW = 8
+
+-- Whether a failed store call met a Redis that answered and refused this call alone (a key
+-- of the wrong type on one tenant): `<script>: <CODE> message`. A cut connection or a
+-- timeout ('closed', 'timeout') carries no code: an outage.
+function _M.refused_alone(err)
+  local said = tostring(err)
+  local reply = said:match('^[%w_]+: (.*)$') or said
+  local code = reply:match('^(%u+) ')
+  return code ~= nil and not WHOLE_SERVER[code] and not reply:find(SCRIPT_NOPERM, 1, true)
+end
+
+-- Repeat the held calls oldest first; calls older than the record grace are given up. A call
+-- Redis refuses by itself goes to the back and the pass goes on (one broken record must not
+-- hold every other tenant's settle until it expires, as pending.py has it); the first that
+-- meets an outage (Redis still away) ends the pass. From a timer. Returns how many went.
 function Gateway:retry_held()
   local held = self.held
   if #held == 0 then
@@ -755,16 +777,25 @@ function Gateway:retry_held()
     return 0
   end
   local grace, now, i, done = self.settings.record_grace_seconds or 3600, ngx.now(), 1, 0
-  while i <= #held do
+  local refused, in_a_row, outage = {}, 0, false
+  while i <= #held and in_a_row < MAX_REFUSALS_IN_A_ROW do
     local first = held[i]
     if now - first.at > grace then
       self.metrics:lost(first.what)
       warn('a held ', first.what, ' was given up (its settle record has expired): its ',
         'usage is not charged')
-    elseif first.op(client) == nil then
-      break
     else
-      done = done + 1
+      local ok, err = first.op(client)
+      if ok ~= nil then
+        done, in_a_row = done + 1, 0
+      elseif _M.refused_alone(err) then
+        warn('a held store call was refused; the ones behind it go on (', first.what, '): ', err)
+        refused[#refused + 1] = first
+        in_a_row = in_a_row + 1
+      else
+        outage = true
+        break
+      end
     end
     i = i + 1
   end
@@ -772,8 +803,11 @@ function Gateway:retry_held()
   for j = i, #held do
     rest[#rest + 1] = held[j]
   end
+  for _, call in ipairs(refused) do
+    rest[#rest + 1] = call  -- to the back: the others were tried first next time too
+  end
   self.held = rest
-  if i <= #held then
+  if outage then
     client:close()  -- a failed exchange leaves the connection in an unknown state
   else
     store.release(client)
