@@ -3,11 +3,14 @@ auth, TLS and a retry policy a 5 s control loop can afford; failures as one line
 
 from __future__ import annotations
 
+import json
 import re
+import time
 from dataclasses import dataclass
 from typing import Any
 
 import requests
+import urllib3
 from prometheus_api_client import PrometheusConnect
 from urllib3.util.retry import Retry
 
@@ -21,6 +24,16 @@ _RETRY = Retry(total=1, connect=1, read=False, status=0, other=0, redirect=0, ba
 # The root cause inside requests' long ConnectionError text, e.g. "Connection refused".
 _OS_ERROR = re.compile(r"\[Errno -?\d+\] ([^'\")]+)")
 _TLS_REASON = re.compile(r"\[SSL[^\]]*\] ([^'\"(]+)")
+# Read as it arrives, at most this much at a time, so the deadline is checked between reads.
+_CHUNK_BYTES = 1 << 20
+
+
+class SlowAnswerError(requests.Timeout):
+    """An answer whose body did not arrive in full within the time a query is given."""
+
+
+class CutShortError(requests.ConnectionError):
+    """An answer whose connection ended before the body its headers announced."""
 
 
 @dataclass
@@ -59,16 +72,36 @@ def tls_cause(exc: requests.exceptions.SSLError) -> str:
     return reason
 
 
-def error_detail(response: requests.Response | None, fallback: str) -> str:
-    """`HTTP 400 bad_data: parse error ...` from Prometheus' error body, if it sent one."""
-    if response is None:
-        return fallback
+def read_body(response: requests.Response, seconds: float) -> bytes:
+    """The whole body of a response opened with `stream=True`, within `seconds` of now.
+
+    requests' timeout bounds each read from the socket, not the answer: a body trickling in
+    a byte at a time held a query worker for as long as the server kept sending (and
+    `close()` waited for it). Raises SlowAnswerError past the deadline (after at most one
+    more socket read), CutShortError when the connection ends early."""
+    deadline = time.monotonic() + seconds
+    chunks = []
     try:
-        body = response.json()
-        return f"HTTP {response.status_code} {body['errorType']}: {body['error']}"
+        while chunk := response.raw.read1(_CHUNK_BYTES, decode_content=True):
+            chunks.append(chunk)
+            if time.monotonic() > deadline:
+                raise SlowAnswerError(
+                    f"the answer was still arriving after {seconds:g}s "
+                    f"({sum(map(len, chunks))} bytes so far)"
+                )
+    except urllib3.exceptions.HTTPError as exc:  # IncompleteRead, a reset, a bad gzip stream
+        raise CutShortError(f"the answer was cut short: {type(exc).__name__}") from exc
+    return b"".join(chunks)
+
+
+def error_detail(status: int, reason: str, body: bytes) -> str:
+    """`HTTP 400 bad_data: parse error ...` from Prometheus' error body, if it sent one."""
+    try:
+        said = json.loads(body)
+        return f"HTTP {status} {said['errorType']}: {said['error']}"
     except (ValueError, KeyError, TypeError):
-        text = response.text[:200].strip()
-        return f"HTTP {response.status_code}: {text or response.reason}"
+        text = body[:200].decode("utf-8", "replace").strip()
+        return f"HTTP {status}: {text or reason}"
 
 
 def connection_cause(exc: requests.ConnectionError) -> str:

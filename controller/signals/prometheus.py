@@ -25,11 +25,14 @@ import urllib3
 from prometheus_api_client.exceptions import PrometheusApiClientException
 
 from controller.clients.prometheus import (
+    CutShortError,
     PrometheusConnection,
+    SlowAnswerError,
     client_options,
     connection_cause,
     error_detail,
     open_connection,
+    read_body,
     tls_cause,
 )
 from controller.errors import SignalError
@@ -53,7 +56,10 @@ _HTTP_GRACE_SECONDS = 1.0
 # Prometheus' answer puts `warnings` after `data`; inside a JSON string a quote is escaped,
 # so these bytes can only be the top-level key.
 _WARNINGS_KEY = b'"warnings":['
-_SUCCESS = b'"status":"success"'
+# Prometheus (and Thanos, Mimir, VictoriaMetrics) write `status` first. It is read there,
+# not searched for: `"status":"success"` is also how a series labelled status="success"
+# shows, and a proxy may answer HTTP 200 with `status: error` and a `data` part.
+_SUCCESS_HEAD = b'{"status":"success",'
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +84,18 @@ def _warnings(body: bytes) -> tuple[str, ...]:
     if body.rfind(_WARNINGS_KEY) < 0:
         return ()
     return tuple(str(w) for w in parse_body(body).get("warnings") or ())
+
+
+def _not_success(answer: object) -> str | None:
+    """Why a parsed answer is not a successful one (None when it is): a `status` other than
+    success is Prometheus' error whatever the HTTP status and whatever `data` it carries."""
+    if not isinstance(answer, dict):
+        return "not a Prometheus query answer: JSON that is not an object"
+    status = answer.get("status")
+    if status != "success":
+        said = f"{answer.get('errorType', '')}: {answer.get('error', '')}".strip(": ")
+        return f"answered status {status!r} with HTTP 200" + (f" ({said[:200]})" if said else "")
+    return None  # a success without `data` is told by whoever reads it (age, vector, ...)
 
 
 @dataclass
@@ -199,12 +217,16 @@ class PrometheusSource:
                 # CURL_CA_BUNDLE (set in many images) replace a session's CA file and even
                 # turn verification back on (psf/requests#3829).
                 verify=connection.session.verify,
+                stream=True,  # read by read_body, within the query's time
             )
+            with response:
+                body = read_body(response, self.http_timeout)
             if response.status_code != 200:
-                return Answer(error=error_detail(response, f"HTTP {response.status_code}"))
-            body = response.content
-            if _SUCCESS not in body:  # rare: parsed in full to say what it is instead
-                parse_body(body)["data"]["result"]
+                return Answer(error=error_detail(response.status_code, response.reason, body))
+            if not body.startswith(_SUCCESS_HEAD):  # rare: parsed in full to say what it is
+                failed = _not_success(parse_body(body))
+                if failed is not None:
+                    return Answer(error=failed)
             warnings = _warnings(body)
         except requests.RequestException as exc:
             return Answer(error=self._failure(exc))
@@ -234,6 +256,8 @@ class PrometheusSource:
 
     def _failure(self, exc: requests.RequestException) -> str:
         """One line for a failed request: the root cause, not requests' nested repr."""
+        if isinstance(exc, SlowAnswerError | CutShortError):
+            return str(exc)
         if isinstance(exc, requests.Timeout):
             return f"no answer within {self.http_timeout:g}s (timeout)"
         if isinstance(exc, requests.exceptions.SSLError):

@@ -1,0 +1,152 @@
+"""A server that follows Prometheus' HTTP API but misbehaves as a real Prometheus does not (a
+proxy, a load balancer, a broken remote backend): HTTP 200 with `status: error`, a body
+cut short when the connection closes, a body trickling in. Each query is an error naming
+it and the cause, never a value, and a fetch takes no longer than the query timeout allows."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.parse
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from controller.model import Sample, SignalKey, Validity, VectorSample
+from controller.signals import PrometheusSource
+
+pytestmark = pytest.mark.integration
+
+QUEUES = SignalKey("sum by (tenant) (queue_depth)", "tenant")
+TENANTS = 5
+
+
+def _answer(now: float, status: str = "success", **extra: object) -> bytes:
+    """A vector of TENANTS series, as Prometheus writes it (compact, `status` first)."""
+    series = [{"metric": {"tenant": f"t{i}"}, "value": [now, str(i)]} for i in range(TENANTS)]
+    body = {"status": status, "data": {"resultType": "vector", "result": series}, **extra}
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+class _Handler(BaseHTTPRequestHandler):
+    """Answers the age queries truthfully (a sample from now) and the signal query as the
+    server's `mode` says."""
+
+    protocol_version = "HTTP/1.0"  # a body may end with the connection
+    server: Misbehaving
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        now = time.time()
+        query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
+        mode = self.server.mode
+        if query["query"][0].startswith("max(timestamp("):
+            newest = [{"metric": {}, "value": [now, str(now)]}]
+            data = {"resultType": "vector", "result": newest}
+            self._send(json.dumps({"status": "success", "data": data}).encode())
+        elif mode == "error-200":
+            self._send(_answer(now, "error", errorType="execution", error="boom"))
+        elif mode == "cut":
+            whole = _answer(now)
+            self._send(whole[: whole.index(b',{"metric":{"tenant":"t3"')], length=False)
+        elif mode == "trickle":
+            self._trickle(_answer(now))
+        else:
+            self._send(_answer(now))
+
+    def _send(self, body: bytes, length: bool = True) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        if length:
+            self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _trickle(self, body: bytes) -> None:
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        try:
+            for byte in body:
+                self.wfile.write(bytes([byte]))
+                self.wfile.flush()
+                time.sleep(0.2)
+        except OSError:  # the client gave up: what it should do
+            pass
+
+
+class Misbehaving(ThreadingHTTPServer):
+    """The signal query answered as `mode` says: "ok", "error-200", "cut" (the connection
+    closes between two series, no Content-Length, as HTTP/1.0 allows) or "trickle" (a byte
+    every 0.2 s)."""
+
+    daemon_threads = True
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.mode = "ok"
+        self.thread = threading.Thread(target=self.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+    def close(self) -> None:
+        self.shutdown()
+        self.server_close()
+
+
+@pytest.fixture
+def server() -> Iterator[Misbehaving]:
+    misbehaving = Misbehaving()
+    yield misbehaving
+    misbehaving.close()
+
+
+def _fetch(server: Misbehaving, mode: str, **settings: float) -> tuple[Sample, float]:
+    server.mode = mode
+    started = time.monotonic()
+    with PrometheusSource.from_url(server.url, sample_age_refresh_seconds=0.0, **settings) as src:
+        sample = src.fetch([QUEUES], time.time()).samples[QUEUES]
+    return sample, time.monotonic() - started
+
+
+def test_the_server_answers_a_whole_vector_when_it_behaves(server: Misbehaving) -> None:
+    sample, _ = _fetch(server, "ok")
+    assert sample.validity is Validity.OK
+    assert isinstance(sample, VectorSample)
+    assert len(sample.keys) == TENANTS
+
+
+def test_http_200_with_status_error_is_an_error_not_its_data(server: Misbehaving) -> None:
+    """A proxy's HTTP 200 with `status: error` and a `data` part was read as valid data."""
+    sample, _ = _fetch(server, "error-200")
+    assert sample.validity is Validity.ERROR  # was OK, with five tenants
+    assert sample.detail == (
+        f"query {QUEUES.query!r} failed: answered status 'error' with HTTP 200 (execution: boom)"
+    )
+
+
+def test_a_body_cut_short_between_two_series_is_an_error_not_a_shorter_vector(
+    server: Misbehaving,
+) -> None:
+    """A connection closed after three of five series (no Content-Length, so HTTP cannot
+    tell) scanned as a vector of three tenants, valid; the other two went MISSING."""
+    sample, _ = _fetch(server, "cut")
+    assert sample.validity is Validity.ERROR  # was OK with t0, t1, t2
+    assert sample.detail.startswith(f"query {QUEUES.query!r}: not a Prometheus result")
+
+
+def test_a_trickling_body_is_given_up_on_within_the_query_timeout(server: Misbehaving) -> None:
+    """requests' timeout bounds each socket read, not the answer: a body arriving a byte per
+    0.2 s held the worker for its whole length (~70 s here), and closing the source waited
+    for it. Now the answer is given up after the HTTP timeout (1 + 1 s)."""
+    sample, took = _fetch(server, "trickle", timeout_seconds=1.0)
+    assert sample.validity is Validity.ERROR
+    assert "the answer was still arriving after 2s" in sample.detail
+    assert took < 6.0  # fetch and close; was 4 s for the fetch, then ~70 s to close
