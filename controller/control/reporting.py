@@ -92,6 +92,9 @@ class TickReporter:
         self._unwritten: set[tuple[str, str]] = set()  # engagements writing nothing, logged
         # Per policy with signals: (last time one of its signals was usable, its stale_after).
         self._usable: dict[str, tuple[float, float]] = {}
+        # This tick's untrustworthy signals per policy, name → "validity: why", for the
+        # journal's stale-* transitions (the log line alone said why).
+        self.invalid: dict[str, dict[str, str]] = {}
         self._log = structlog.get_logger("governor.loop")
 
     # --- the tick as a whole -----------------------------------------------------------------
@@ -181,6 +184,7 @@ class TickReporter:
     def signals(self, policies: PolicySet, snapshot: Snapshot, now: float) -> set[str]:
         """Log and count the signals that cannot be trusted; the policies with any such."""
         bad: dict[str, int] = {}
+        self.invalid = {}
         usable: dict[str, tuple[float, float]] = {}
         warming: set[tuple[str, str]] = set()
         for use in policies.signal_uses():
@@ -204,6 +208,7 @@ class TickReporter:
             if broken:
                 bad[use.policy] = bad.get(use.policy, 0) + 1
                 validity, detail = why_invalid(sample, use.spec.stale_after, now)
+                self.invalid.setdefault(use.policy, {})[use.name] = f"{validity}: {detail}"
                 self._log.warning(
                     "signal.invalid", policy=use.policy, signal=use.name, validity=validity,
                     detail=detail,
