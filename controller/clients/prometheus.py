@@ -94,14 +94,28 @@ def read_body(response: requests.Response, seconds: float) -> bytes:
     return b"".join(chunks)
 
 
+def one_line(body: bytes, limit: int = 200) -> str:
+    """The start of a body that is not Prometheus' JSON (a proxy's HTML error page) on one
+    printable line: its line breaks became lines of their own in /readyz, which says one
+    reason per line, and a control character reached an operator's terminal."""
+    text = body[: limit * 4].decode("utf-8", "replace")
+    text = " ".join("".join(c if c.isprintable() else " " for c in text).split())
+    return text[:limit] + ("…" if len(text) > limit else "")
+
+
 def error_detail(status: int, reason: str, body: bytes) -> str:
     """`HTTP 400 bad_data: parse error ...` from Prometheus' error body, if it sent one."""
     try:
         said = json.loads(body)
-        return f"HTTP {status} {said['errorType']}: {said['error']}"
+        return f"HTTP {status} {said['errorType']}: {one_line(str(said['error']).encode(), 1000)}"
     except (ValueError, KeyError, TypeError):
-        text = body[:200].decode("utf-8", "replace").strip()
-        return f"HTTP {status}: {text or reason}"
+        return f"HTTP {status}: {one_line(body) or reason}"
+
+
+def not_json(content_type: str | None, body: bytes) -> str:
+    """What an HTTP 200 answer that is not JSON was (a login page of an auth proxy)."""
+    kind = content_type or "no Content-Type"
+    return f"answered HTTP 200 with {kind}, not Prometheus' JSON: {one_line(body) or 'empty'}"
 
 
 def connection_cause(exc: requests.ConnectionError) -> str:

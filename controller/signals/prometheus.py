@@ -31,6 +31,7 @@ from controller.clients.prometheus import (
     client_options,
     connection_cause,
     error_detail,
+    not_json,
     open_connection,
     read_body,
     tls_cause,
@@ -84,6 +85,17 @@ def _warnings(body: bytes) -> tuple[str, ...]:
     if body.rfind(_WARNINGS_KEY) < 0:
         return ()
     return tuple(str(w) for w in parse_body(body).get("warnings") or ())
+
+
+class _NotJsonError(ValueError):
+    """An HTTP 200 answer that is not JSON at all."""
+
+
+def _parsed(response: requests.Response, body: bytes) -> object:
+    try:
+        return parse_body(body)
+    except ValueError:
+        raise _NotJsonError(not_json(response.headers.get("Content-Type"), body)) from None
 
 
 def _not_success(answer: object) -> str | None:
@@ -224,12 +236,14 @@ class PrometheusSource:
             if response.status_code != 200:
                 return Answer(error=error_detail(response.status_code, response.reason, body))
             if not body.startswith(_SUCCESS_HEAD):  # rare: parsed in full to say what it is
-                failed = _not_success(parse_body(body))
+                failed = _not_success(_parsed(response, body))
                 if failed is not None:
                     return Answer(error=failed)
             warnings = _warnings(body)
         except requests.RequestException as exc:
             return Answer(error=self._failure(exc))
+        except _NotJsonError as exc:
+            return Answer(error=str(exc))
         except (KeyError, TypeError, ValueError) as exc:
             return Answer(error=f"not a Prometheus query answer: {exc}")
         return Answer(body=body, warnings=warnings)

@@ -30,6 +30,18 @@ def _answer(now: float, status: str = "success", **extra: object) -> bytes:
     return json.dumps(body, separators=(",", ":")).encode()
 
 
+# nginx's own error page in front of Prometheus, and an auth proxy's login page.
+PAGES = {
+    "nginx-502": (
+        502,
+        b"<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n<body>\r\n"
+        b"<center><h1>502 Bad Gateway</h1></center>\r\n<hr><center>nginx</center>\r\n"
+        b"</body>\r\n</html>\r\n",
+    ),
+    "login": (200, b"<!DOCTYPE html>\n<html><head><title>Sign in\x1b[2J</title></head></html>\n"),
+}
+
+
 class _Handler(BaseHTTPRequestHandler):
     """Answers the age queries truthfully (a sample from now) and the signal query as the
     server's `mode` says."""
@@ -55,12 +67,21 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(whole[: whole.index(b',{"metric":{"tenant":"t3"')], length=False)
         elif mode == "trickle":
             self._trickle(_answer(now))
+        elif mode in PAGES:
+            status, page = PAGES[mode]
+            self._send(page, status=status, content_type="text/html")
         else:
             self._send(_answer(now))
 
-    def _send(self, body: bytes, length: bool = True) -> None:
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
+    def _send(
+        self,
+        body: bytes,
+        length: bool = True,
+        status: int = 200,
+        content_type: str = "application/json",
+    ) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
         if length:
             self.send_header("Content-Length", str(len(body)))
         self.end_headers()
@@ -150,3 +171,26 @@ def test_a_trickling_body_is_given_up_on_within_the_query_timeout(server: Misbeh
     assert sample.validity is Validity.ERROR
     assert "the answer was still arriving after 2s" in sample.detail
     assert took < 6.0  # fetch and close; was 4 s for the fetch, then ~70 s to close
+
+
+def test_an_html_error_page_is_named_on_one_printable_line(server: Misbehaving) -> None:
+    """nginx's 502 page was quoted with its line breaks: /readyz, one reason per line,
+    showed it as five reasons."""
+    sample, _ = _fetch(server, "nginx-502")
+    assert sample.validity is Validity.ERROR
+    assert sample.detail == (
+        f"query {QUEUES.query!r} failed: HTTP 502: <html> <head><title>502 Bad Gateway</title>"
+        "</head> <body> <center><h1>502 Bad Gateway</h1></center> <hr><center>nginx</center> "
+        "</body> </html>"
+    )
+
+
+def test_a_login_page_with_http_200_says_what_came_instead_of_json(server: Misbehaving) -> None:
+    """An auth proxy's login page (HTTP 200) was `not a Prometheus query answer: unexpected
+    character: line 1 column 1 (char 0)`: nothing said that a web page had come back."""
+    sample, _ = _fetch(server, "login")
+    assert sample.validity is Validity.ERROR
+    assert sample.detail == (
+        f"query {QUEUES.query!r} failed: answered HTTP 200 with text/html, not Prometheus' "
+        "JSON: <!DOCTYPE html> <html><head><title>Sign in [2J</title></head></html>"
+    )
