@@ -32,6 +32,10 @@ class SlowAnswerError(requests.Timeout):
     """An answer whose body did not arrive in full within the time a query is given."""
 
 
+class TooLargeAnswerError(requests.RequestException):
+    """An answer longer than GOVERNOR_PROMETHEUS__MAX_ANSWER_MEGABYTES."""
+
+
 class CutShortError(requests.ConnectionError):
     """An answer whose connection ended before the body its headers announced."""
 
@@ -72,18 +76,25 @@ def tls_cause(exc: requests.exceptions.SSLError) -> str:
     return reason
 
 
-def read_body(response: requests.Response, seconds: float) -> bytes:
+def read_body(response: requests.Response, seconds: float, max_bytes: int) -> bytes:
     """The whole body of a response opened with `stream=True`, within `seconds` of now.
 
     requests' timeout bounds each read from the socket, not the answer: a body trickling in
     a byte at a time held a query worker for as long as the server kept sending (and
     `close()` waited for it). Raises SlowAnswerError past the deadline (after at most one
-    more socket read), CutShortError when the connection ends early."""
+    more socket read), TooLargeAnswerError past `max_bytes` (decompressed: a gzip bomb
+    counts at its size in memory), CutShortError when the connection ends early."""
     deadline = time.monotonic() + seconds
-    chunks = []
+    chunks, size = [], 0
     try:
         while chunk := response.raw.read1(_CHUNK_BYTES, decode_content=True):
             chunks.append(chunk)
+            size += len(chunk)
+            if size > max_bytes:
+                raise TooLargeAnswerError(
+                    f"the answer is longer than {max_bytes / 1e6:g} MB "
+                    "(GOVERNOR_PROMETHEUS__MAX_ANSWER_MEGABYTES): not read further"
+                )
             if time.monotonic() > deadline:
                 raise SlowAnswerError(
                     f"the answer was still arriving after {seconds:g}s "

@@ -28,6 +28,7 @@ from controller.clients.prometheus import (
     CutShortError,
     PrometheusConnection,
     SlowAnswerError,
+    TooLargeAnswerError,
     client_options,
     connection_cause,
     error_detail,
@@ -125,6 +126,7 @@ class PrometheusSource:
 
     def __post_init__(self) -> None:
         self._options = client_options(self.settings)
+        self._max_bytes = int(self.settings.max_answer_megabytes * 1e6)
         self._times = SampleTimes(self.settings.sample_age_refresh_seconds)
         self._history = History()
         if not self.settings.verify_tls and self.settings.url.startswith("https:"):
@@ -232,7 +234,7 @@ class PrometheusSource:
                 stream=True,  # read by read_body, within the query's time
             )
             with response:
-                body = read_body(response, self.http_timeout)
+                body = read_body(response, self.http_timeout, self._max_bytes)
             if response.status_code != 200:
                 return Answer(error=error_detail(response.status_code, response.reason, body))
             if not body.startswith(_SUCCESS_HEAD):  # rare: parsed in full to say what it is
@@ -270,7 +272,7 @@ class PrometheusSource:
 
     def _failure(self, exc: requests.RequestException) -> str:
         """One line for a failed request: the root cause, not requests' nested repr."""
-        if isinstance(exc, SlowAnswerError | CutShortError):
+        if isinstance(exc, SlowAnswerError | CutShortError | TooLargeAnswerError):
             return str(exc)
         if isinstance(exc, requests.Timeout):
             return f"no answer within {self.http_timeout:g}s (timeout)"

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+import tracemalloc
 import urllib.parse
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -67,6 +68,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(whole[: whole.index(b',{"metric":{"tenant":"t3"')], length=False)
         elif mode == "trickle":
             self._trickle(_answer(now))
+        elif mode == "endless":
+            self._endless(now)
         elif mode in PAGES:
             status, page = PAGES[mode]
             self._send(page, status=status, content_type="text/html")
@@ -86,6 +89,20 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
+
+    def _endless(self, now: float) -> None:
+        """A vector whose series never end (a proxy in a loop), as fast as the socket takes
+        them, until the client hangs up."""
+        self.send_response(200)
+        self.end_headers()
+        series = b',{"metric":{"tenant":"t"},"value":[%.3f,"1"]}' % now
+        try:
+            self.wfile.write(b'{"status":"success","data":{"resultType":"vector","result":[')
+            self.wfile.write(series[1:])
+            while True:
+                self.wfile.write(series * 10_000)
+        except OSError:  # the client gave up: what it should do
+            pass
 
     def _trickle(self, body: bytes) -> None:
         self.send_response(200)
@@ -194,3 +211,21 @@ def test_a_login_page_with_http_200_says_what_came_instead_of_json(server: Misbe
         f"query {QUEUES.query!r} failed: answered HTTP 200 with text/html, not Prometheus' "
         "JSON: <!DOCTYPE html> <html><head><title>Sign in [2J</title></head></html>"
     )
+
+
+def test_an_endless_answer_is_cut_off_at_its_size_limit(server: Misbehaving) -> None:
+    """An answer was read for as long as it kept coming: with no end, the HTTP timeout
+    alone (6 s by default) bounded it, gigabytes at loopback speed."""
+    tracemalloc.start()
+    try:
+        sample, took = _fetch(server, "endless", timeout_seconds=30.0, max_answer_megabytes=5.0)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert sample.validity is Validity.ERROR
+    assert sample.detail == (
+        f"query {QUEUES.query!r} failed: the answer is longer than 5 MB "
+        "(GOVERNOR_PROMETHEUS__MAX_ANSWER_MEGABYTES): not read further"
+    )
+    assert took < 10.0  # was the whole 31 s
+    assert peak < 50e6
