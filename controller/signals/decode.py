@@ -200,6 +200,14 @@ def _is_scalar(result: RawResult) -> bool:
 
 
 def _reject_matrix(result: RawResult) -> None:
+    # Any series may be a native histogram (`histogram` in place of `value`), not only the
+    # first: a query mixing classic and native series answers both.
+    if any(isinstance(s, dict) and ("histogram" in s or "histograms" in s) for s in result):
+        raise ResultShapeError(
+            "query returns native histograms, not numbers; read one number from each with "
+            "histogram_quantile(...), histogram_count(...), histogram_sum(...) or "
+            "histogram_fraction(...)"
+        )
     if result and isinstance(result[0], dict) and "value" not in result[0]:
         raise ResultShapeError(
             "query returns a range vector; wrap it in a function such as rate(...) or "

@@ -31,6 +31,17 @@ def _answer(now: float, status: str = "success", **extra: object) -> bytes:
     return json.dumps(body, separators=(",", ":")).encode()
 
 
+def _histograms(now: float) -> bytes:
+    """A vector of one classic series and one native histogram (Prometheus' API format)."""
+    native = {"count": "10", "sum": "3.1", "buckets": [[0, "0.5", "1", "10"]]}
+    series = [
+        {"metric": {"tenant": "t0"}, "value": [now, "1"]},
+        {"metric": {"tenant": "t1"}, "histogram": [now, native]},
+    ]
+    data = {"resultType": "vector", "result": series}
+    return json.dumps({"status": "success", "data": data}, separators=(",", ":")).encode()
+
+
 # nginx's own error page in front of Prometheus, and an auth proxy's login page.
 PAGES = {
     "nginx-502": (
@@ -68,6 +79,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(whole[: whole.index(b',{"metric":{"tenant":"t3"')], length=False)
         elif mode == "trickle":
             self._trickle(_answer(now))
+        elif mode == "histogram":
+            self._send(_histograms(now))
         elif mode == "endless":
             self._endless(now)
         elif mode in PAGES:
@@ -229,3 +242,16 @@ def test_an_endless_answer_is_cut_off_at_its_size_limit(server: Misbehaving) -> 
     )
     assert took < 10.0  # was the whole 31 s
     assert peak < 50e6
+
+
+def test_native_histograms_are_an_error_that_says_how_to_read_a_number(
+    server: Misbehaving,
+) -> None:
+    """A series holding a native histogram (`histogram` where a number's `value` is) was
+    `not a Prometheus result (KeyError('value'))`: true, and no help."""
+    sample, _ = _fetch(server, "histogram")
+    assert sample.validity is Validity.ERROR
+    assert sample.detail.startswith(
+        f"query {QUEUES.query!r}: query returns native histograms, not numbers; read one "
+        "number from each with histogram_quantile(...)"
+    )
