@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -121,6 +122,17 @@ def error_detail(status: int, reason: str, body: bytes) -> str:
         return f"HTTP {status} {said['errorType']}: {one_line(str(said['error']).encode(), 1000)}"
     except (ValueError, KeyError, TypeError):
         return f"HTTP {status}: {one_line(body) or reason}"
+
+
+def redirected(status: int, headers: Mapping[str, str]) -> str:
+    """A redirect, not followed: where to (its query cut off: a login page's may carry a
+    state or a token of its own)."""
+    where = one_line(headers.get("Location", "").partition("?")[0].encode())
+    return (
+        f"HTTP {status} redirect to {where or 'nowhere'}, not followed: Prometheus' API does "
+        "not redirect (an auth proxy in front of it? check GOVERNOR_PROMETHEUS__URL and its "
+        "credentials)"
+    )
 
 
 def not_json(content_type: str | None, body: bytes) -> str:

@@ -35,6 +35,7 @@ from controller.clients.prometheus import (
     not_json,
     open_connection,
     read_body,
+    redirected,
     tls_cause,
 )
 from controller.errors import SignalError
@@ -232,9 +233,14 @@ class PrometheusSource:
                 # turn verification back on (psf/requests#3829).
                 verify=connection.session.verify,
                 stream=True,  # read by read_body, within the query's time
+                # Prometheus' API does not redirect; an auth proxy in front of it does (to
+                # its login page), and a failure there read "cannot reach Prometheus".
+                allow_redirects=False,
             )
             with response:
                 body = read_body(response, self.http_timeout, self._max_bytes)
+            if response.is_redirect:
+                return Answer(error=redirected(response.status_code, response.headers))
             if response.status_code != 200:
                 return Answer(error=error_detail(response.status_code, response.reason, body))
             if not body.startswith(_SUCCESS_HEAD):  # rare: parsed in full to say what it is

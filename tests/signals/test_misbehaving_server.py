@@ -17,6 +17,7 @@ import pytest
 
 from controller.model import Sample, SignalKey, Validity, VectorSample
 from controller.signals import PrometheusSource
+from tests.support.redis import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -40,6 +41,9 @@ def _histograms(now: float) -> bytes:
     ]
     data = {"resultType": "vector", "result": series}
     return json.dumps({"status": "success", "data": data}, separators=(",", ":")).encode()
+
+
+_NOBODY = free_port()  # an auth proxy's sign-in host, down
 
 
 # nginx's own error page in front of Prometheus, and an auth proxy's login page.
@@ -79,6 +83,11 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(whole[: whole.index(b',{"metric":{"tenant":"t3"')], length=False)
         elif mode == "trickle":
             self._trickle(_answer(now))
+        elif mode == "sso":
+            self.send_response(302)
+            self.send_header("Location", f"http://127.0.0.1:{_NOBODY}/oauth2/start?rd=%2F&s=x")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
         elif mode == "histogram":
             self._send(_histograms(now))
         elif mode == "endless":
@@ -254,4 +263,18 @@ def test_native_histograms_are_an_error_that_says_how_to_read_a_number(
     assert sample.detail.startswith(
         f"query {QUEUES.query!r}: query returns native histograms, not numbers; read one "
         "number from each with histogram_quantile(...)"
+    )
+
+
+def test_a_redirect_to_a_sign_in_page_is_named_not_followed(server: Misbehaving) -> None:
+    """An auth proxy's redirect to its sign-in host was followed, and that host being down
+    read `cannot reach Prometheus at <the Prometheus URL>: Connection refused`, which sent
+    the operator to a Prometheus that had answered."""
+    sample, _ = _fetch(server, "sso")
+    assert sample.validity is Validity.ERROR
+    assert sample.detail == (
+        f"query {QUEUES.query!r} failed: HTTP 302 redirect to "
+        f"http://127.0.0.1:{_NOBODY}/oauth2/start, not followed: Prometheus' API does not "
+        "redirect (an auth proxy in front of it? check GOVERNOR_PROMETHEUS__URL and its "
+        "credentials)"
     )
