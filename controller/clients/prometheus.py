@@ -38,7 +38,8 @@ class TooLargeAnswerError(requests.RequestException):
 
 
 class CutShortError(requests.ConnectionError):
-    """An answer whose connection ended before the body its headers announced."""
+    """An answer whose body is not all there: the connection ended before the length its
+    headers announced, or the body does not decode as they say."""
 
 
 @dataclass
@@ -101,7 +102,12 @@ def read_body(response: requests.Response, seconds: float, max_bytes: int) -> by
                     f"the answer was still arriving after {seconds:g}s "
                     f"({sum(map(len, chunks))} bytes so far)"
                 )
-    except urllib3.exceptions.HTTPError as exc:  # IncompleteRead, a reset, a bad gzip stream
+    except urllib3.exceptions.DecodeError as exc:  # its Content-Encoding lied
+        raise CutShortError(
+            f"the answer's body does not decode as its Content-Encoding "
+            f"{response.headers.get('Content-Encoding')!r} says"
+        ) from exc
+    except urllib3.exceptions.HTTPError as exc:  # IncompleteRead, a reset
         raise CutShortError(f"the answer was cut short: {type(exc).__name__}") from exc
     return b"".join(chunks)
 

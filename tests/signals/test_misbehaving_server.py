@@ -88,6 +88,12 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Location", f"http://127.0.0.1:{_NOBODY}/oauth2/start?rd=%2F&s=x")
             self.send_header("Content-Length", "0")
             self.end_headers()
+        elif mode == "bad-gzip":
+            self.send_response(200)
+            self.send_header("Content-Encoding", "gzip")
+            self.send_header("Content-Length", str(len(_answer(now))))
+            self.end_headers()
+            self.wfile.write(_answer(now))  # not gzip at all
         elif mode == "histogram":
             self._send(_histograms(now))
         elif mode == "endless":
@@ -277,4 +283,13 @@ def test_a_redirect_to_a_sign_in_page_is_named_not_followed(server: Misbehaving)
         f"http://127.0.0.1:{_NOBODY}/oauth2/start, not followed: Prometheus' API does not "
         "redirect (an auth proxy in front of it? check GOVERNOR_PROMETHEUS__URL and its "
         "credentials)"
+    )
+
+
+def test_a_body_that_is_not_what_its_content_encoding_says_is_named(server: Misbehaving) -> None:
+    sample, _ = _fetch(server, "bad-gzip")
+    assert sample.validity is Validity.ERROR
+    assert sample.detail == (
+        f"query {QUEUES.query!r} failed: the answer's body does not decode as its "
+        "Content-Encoding 'gzip' says"
     )
