@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import datetime as dt
+import email.utils
 import math
 import threading
 import time
@@ -73,6 +74,9 @@ class Answer:
     body: bytes = b""
     warnings: tuple[str, ...] = ()
     error: str | None = None
+    # How far Prometheus' clock is at least ahead of this host's (its Date header, whole
+    # seconds, written after the query ran, minus the time it arrived: a lower bound).
+    ahead: float = 0.0
 
     @property
     def result(self) -> Sequence[Any]:
@@ -81,6 +85,19 @@ class Answer:
             return ()
         result: Sequence[Any] = parse_body(self.body)["data"]["result"]
         return result
+
+
+# A clock ahead by less is lost in a scrape interval; the estimate is a lower bound anyway.
+_CLOCK_AHEAD_WARN_SECONDS = 5.0
+
+
+def _clock_ahead(response: requests.Response) -> float:
+    """Prometheus' Date minus the time its answer arrived here; 0.0 without a usable Date."""
+    try:
+        sent = email.utils.parsedate_to_datetime(response.headers["Date"]).timestamp()
+    except (KeyError, TypeError, ValueError, IndexError):
+        return 0.0
+    return sent - time.time()
 
 
 def _warnings(body: bytes) -> tuple[str, ...]:
@@ -127,6 +144,7 @@ class PrometheusSource:
 
     def __post_init__(self) -> None:
         self._options = client_options(self.settings)
+        self._clock_noted: float | None = None  # monotonic time of the last clock warning
         self._max_bytes = int(self.settings.max_answer_megabytes * 1e6)
         self._times = SampleTimes(self.settings.sample_age_refresh_seconds)
         self._history = History()
@@ -174,7 +192,27 @@ class PrometheusSource:
         }
         _untold_ages(samples, unparsed)
         self._note_dropped(dropped, now)
+        self._note_clock(answers.values())
         return Snapshot(taken_at=now, samples=samples)
+
+    def _note_clock(self, answers: Iterable[Answer]) -> None:
+        """Warn, once an hour, when Prometheus' clock is ahead of this host's. Each query is
+        evaluated at this host's time, so its answer is as of that much in Prometheus' past
+        while the sample ages, taken on the same clock, cannot show it."""
+        ahead = max((a.ahead for a in answers), default=0.0)
+        if ahead < _CLOCK_AHEAD_WARN_SECONDS:
+            return
+        wall = time.monotonic()
+        if self._clock_noted is not None and wall - self._clock_noted < 3600.0:
+            return
+        self._clock_noted = wall
+        structlog.get_logger("governor.signals").warning(
+            "prometheus.clock_ahead",
+            url=self.url,
+            seconds=round(ahead),
+            detail=f"Prometheus' clock is at least {ahead:.0f} s ahead of this host's: every "
+            f"signal is that much older than its age says; sync both clocks (NTP)",
+        )
 
     def _note_dropped(self, values: list[str], now: float) -> None:
         """Count the label values dropped as invalid; note each at most once an hour, shown
@@ -254,7 +292,7 @@ class PrometheusSource:
             return Answer(error=str(exc))
         except (KeyError, TypeError, ValueError) as exc:
             return Answer(error=f"not a Prometheus query answer: {exc}")
-        return Answer(body=body, warnings=warnings)
+        return Answer(body=body, warnings=warnings, ahead=_clock_ahead(response))
 
     def query_range(self, query: str, start: float, end: float, step: float) -> Sequence[Any]:
         """One range query (the backtest) on this thread's connection: the auth, headers,

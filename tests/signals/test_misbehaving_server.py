@@ -14,9 +14,11 @@ from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+import structlog
 
 from controller.model import Sample, SignalKey, Validity, VectorSample
 from controller.signals import PrometheusSource
+from tests.support.prometheus import PrometheusServer
 from tests.support.redis import free_port
 
 pytestmark = pytest.mark.integration
@@ -67,6 +69,10 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, *args: object) -> None:
         pass
+
+    def date_time_string(self, timestamp: float | None = None) -> str:
+        """The Date header, on a clock `server.ahead` seconds ahead."""
+        return super().date_time_string(time.time() + self.server.ahead)
 
     def do_GET(self) -> None:
         now = time.time()
@@ -155,6 +161,7 @@ class Misbehaving(ThreadingHTTPServer):
     def __init__(self) -> None:
         super().__init__(("127.0.0.1", 0), _Handler)
         self.mode = "ok"
+        self.ahead = 0.0  # how far the server's clock is ahead (its Date header)
         self.thread = threading.Thread(target=self.serve_forever, daemon=True)
         self.thread.start()
 
@@ -293,3 +300,22 @@ def test_a_body_that_is_not_what_its_content_encoding_says_is_named(server: Misb
         f"query {QUEUES.query!r} failed: the answer's body does not decode as its "
         "Content-Encoding 'gzip' says"
     )
+
+
+def test_a_prometheus_clock_ahead_of_ours_is_warned_about(
+    server: Misbehaving, history_prometheus: PrometheusServer
+) -> None:
+    """Queries are evaluated at this host's time: with Prometheus' clock 2 minutes ahead,
+    every answer was as of 2 minutes in its past, every sample age looked fresh, and nothing
+    said so. The Date of its answers shows it (a real Prometheus on our clock: no warning)."""
+    with structlog.testing.capture_logs() as logs:
+        with PrometheusSource.from_url(history_prometheus.url) as source:
+            source.fetch([QUEUES], time.time())
+        assert [e for e in logs if e["event"] == "prometheus.clock_ahead"] == []
+        server.ahead = 120.0
+        with PrometheusSource.from_url(server.url) as source:
+            for _ in range(3):  # warned once, not every tick
+                source.fetch([QUEUES], time.time())
+    [warned] = [e for e in logs if e["event"] == "prometheus.clock_ahead"]
+    assert warned["seconds"] in (119, 120)
+    assert "every signal is that much older than its age says" in warned["detail"]
