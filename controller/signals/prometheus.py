@@ -60,6 +60,8 @@ _HTTP_GRACE_SECONDS = 1.0
 # Prometheus' answer puts `warnings` after `data`; inside a JSON string a quote is escaped,
 # so these bytes can only be the top-level key.
 _WARNINGS_KEY = b'"warnings":['
+_VM_PARTIAL_KEY = b'"isPartial":true'
+_VM_PARTIAL = "isPartial: some of the data was unavailable (a VictoriaMetrics storage node?)"
 # Prometheus (and Thanos, Mimir, VictoriaMetrics) write `status` first. It is read there,
 # not searched for: `"status":"success"` is also how a series labelled status="success"
 # shows, and a proxy may answer HTTP 200 with `status: error` and a `data` part.
@@ -101,9 +103,14 @@ def _clock_ahead(response: requests.Response) -> float:
 
 
 def _warnings(body: bytes) -> tuple[str, ...]:
+    # VictoriaMetrics (cluster) marks an answer missing some storage nodes' data with
+    # `"isPartial":true` next to `status` and no warning; read it as Thanos' and Mimir's
+    # warnings are (label values are strings: a bare `true` there can only be this key).
+    ends = body[:200] + body[-200:]  # next to `status`, or after `data`: not inside it
+    partial = (_VM_PARTIAL,) if _VM_PARTIAL_KEY in ends else ()
     if body.rfind(_WARNINGS_KEY) < 0:
-        return ()
-    return tuple(str(w) for w in parse_body(body).get("warnings") or ())
+        return partial
+    return partial + tuple(str(w) for w in parse_body(body).get("warnings") or ())
 
 
 class _NotJsonError(ValueError):

@@ -82,33 +82,41 @@ class _Handler(BaseHTTPRequestHandler):
             newest = [{"metric": {}, "value": [now, str(now)]}]
             data = {"resultType": "vector", "result": newest}
             self._send(json.dumps({"status": "success", "data": data}).encode())
-        elif mode == "error-200":
-            self._send(_answer(now, "error", errorType="execution", error="boom"))
-        elif mode == "cut":
-            whole = _answer(now)
-            self._send(whole[: whole.index(b',{"metric":{"tenant":"t3"')], length=False)
-        elif mode == "trickle":
-            self._trickle(_answer(now))
-        elif mode == "sso":
-            self.send_response(302)
-            self.send_header("Location", f"http://127.0.0.1:{_NOBODY}/oauth2/start?rd=%2F&s=x")
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-        elif mode == "bad-gzip":
-            self.send_response(200)
-            self.send_header("Content-Encoding", "gzip")
-            self.send_header("Content-Length", str(len(_answer(now))))
-            self.end_headers()
-            self.wfile.write(_answer(now))  # not gzip at all
-        elif mode == "histogram":
-            self._send(_histograms(now))
-        elif mode == "endless":
-            self._endless(now)
         elif mode in PAGES:
             status, page = PAGES[mode]
             self._send(page, status=status, content_type="text/html")
         else:
-            self._send(_answer(now))
+            getattr(self, "_" + mode.replace("-", "_"))(now)
+
+    def _ok(self, now: float) -> None:
+        self._send(_answer(now))
+
+    def _error_200(self, now: float) -> None:
+        self._send(_answer(now, "error", errorType="execution", error="boom"))
+
+    def _cut(self, now: float) -> None:
+        whole = _answer(now)
+        self._send(whole[: whole.index(b',{"metric":{"tenant":"t3"')], length=False)
+
+    def _sso(self, now: float) -> None:
+        self.send_response(302)
+        self.send_header("Location", f"http://127.0.0.1:{_NOBODY}/oauth2/start?rd=%2F&s=x")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def _bad_gzip(self, now: float) -> None:
+        self.send_response(200)
+        self.send_header("Content-Encoding", "gzip")
+        self.send_header("Content-Length", str(len(_answer(now))))
+        self.end_headers()
+        self.wfile.write(_answer(now))  # not gzip at all
+
+    def _vm_partial(self, now: float) -> None:
+        whole = _answer(now)
+        self._send(whole.replace(b'"success",', b'"success","isPartial":true,', 1))
+
+    def _histogram(self, now: float) -> None:
+        self._send(_histograms(now))
 
     def _send(
         self,
@@ -138,7 +146,8 @@ class _Handler(BaseHTTPRequestHandler):
         except OSError:  # the client gave up: what it should do
             pass
 
-    def _trickle(self, body: bytes) -> None:
+    def _trickle(self, now: float) -> None:
+        body = _answer(now)
         self.send_response(200)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
@@ -319,3 +328,11 @@ def test_a_prometheus_clock_ahead_of_ours_is_warned_about(
     [warned] = [e for e in logs if e["event"] == "prometheus.clock_ahead"]
     assert warned["seconds"] in (119, 120)
     assert "every signal is that much older than its age says" in warned["detail"]
+
+
+def test_a_victoriametrics_partial_answer_is_partial_not_ok(server: Misbehaving) -> None:
+    """VictoriaMetrics says an answer lacks some storage nodes' data with `isPartial: true`,
+    no warning: it was read as whole (OK), the tenants on the missing nodes MISSING."""
+    sample, _ = _fetch(server, "vm-partial")
+    assert sample.validity is Validity.PARTIAL  # was OK
+    assert sample.detail.startswith("isPartial: some of the data was unavailable")
