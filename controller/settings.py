@@ -106,6 +106,12 @@ class PrometheusSettings(_Group):
     ca_file: Path | None = Field(None, description="CA bundle for TLS; default: system CAs")
     verify_tls: bool = Field(True, description="verify the server certificate")
     headers: dict[str, str] = Field(default_factory=dict, description="extra HTTP headers")
+    max_answer_megabytes: float = Field(
+        256.0,
+        gt=0,
+        description="the largest query answer read, MB (100k tenant series are ~7.5 MB): "
+        "a longer body (a proxy streaming without end) is an error, not the daemon's memory",
+    )
     sample_age_refresh_seconds: float = Field(
         10.0,
         ge=0,

@@ -3,7 +3,7 @@ journalled by the replica that writes and only logged by a follower."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import structlog
@@ -12,6 +12,7 @@ from controller.contract.records import signals_to_list
 from controller.control.reload import ERROR, ReloadOutcome
 from controller.journal.events import CONTROLLER, JournalEvent, Kind, runbook_link
 from controller.journal.writer import Journal
+from controller.logging import mask_text
 from controller.policy.engine import EngineState, Transition
 from controller.policy.policyset import PolicySet
 
@@ -94,10 +95,17 @@ class TickEvents:
         transitions: Iterable[Transition],
         previous: EngineState,
         tick: int,
+        invalid: Mapping[str, Mapping[str, str]] | None = None,
     ) -> None:
-        """The policies' transitions that are news against the engine state before."""
+        """The policies' transitions that are news against the engine state before; a
+        stale-* one says why each untrustworthy signal is (`invalid`: policy → name → why)."""
         runbooks = {d.ref: d.metadata.runbook for d in policies.documents}
         for t in _news(transitions, previous):
+            details: dict[str, object] = {"event": t.event, "key": t.key}
+            if t.event.startswith("stale-") and invalid is not None:
+                # The readings carry NaN and a validity only; the query's error is the why.
+                why = invalid.get(t.policy, {})
+                details["invalid"] = {name: mask_text(text) for name, text in why.items()}
             self.emit(
                 JournalEvent(
                     kind=Kind.POLICY_TRANSITION,
@@ -109,7 +117,7 @@ class TickEvents:
                     signals=tuple(signals_to_list(t.signals)),
                     runbook=runbook_link(runbooks.get(t.policy), self.runbook_base_url),
                     dry_run=self.dry_run,
-                    details={"event": t.event, "key": t.key},
+                    details=details,
                 )
             )
 

@@ -44,14 +44,31 @@ def why_invalid(sample: Sample | None, stale_after: float, now: float) -> tuple[
     if sample is None:
         return "missing", "not fetched: no answer for this query this tick"
     said = sample.detail
-    if sample.validity is Validity.OK and isinstance(sample, ScalarSample):  # too old
-        age = format_duration(round(max(now - sample.timestamp, 0.0)))
+    taken = data_time(sample)
+    if sample.validity is Validity.OK and taken is not None:  # too old
+        age = format_duration(round(max(now - taken, 0.0)))
         stale = (
-            f"the sample of {fmt_time(sample.timestamp)} is {age} old, older than "
+            f"the sample of {fmt_time(taken)} is {age} old, older than "
             f"stale_after {format_duration(stale_after)}"
         )
         return str(Validity.STALE), "; ".join(filter(None, [stale, said]))
     return str(sample.validity), said or _INVALID.get(sample.validity, str(sample.validity))
+
+
+def data_time(sample: Sample) -> float | None:
+    """The time of the data behind a sample (a vector's newest; its values share the age of
+    their query), or None for a vector without values (`absent: zero`: nothing is old)."""
+    if isinstance(sample, ScalarSample):
+        return sample.timestamp
+    return float(sample.timestamps.max()) if len(sample.timestamps) else None
+
+
+def is_stale(sample: Sample, stale_after: float, now: float) -> bool:
+    """Whether a sample's data is older than `stale_after` (NaN, unknown, counts as old).
+    For a vector as for a scalar: a per-label signal whose pipeline stopped is as stale as
+    the engine finds each of its values, and the alert and readiness must say so."""
+    taken = data_time(sample)
+    return taken is not None and not now - taken <= stale_after
 
 
 # A tick longer than its interval is logged at most this often (it may be every tick).
@@ -75,6 +92,9 @@ class TickReporter:
         self._unwritten: set[tuple[str, str]] = set()  # engagements writing nothing, logged
         # Per policy with signals: (last time one of its signals was usable, its stale_after).
         self._usable: dict[str, tuple[float, float]] = {}
+        # This tick's untrustworthy signals per policy, name → "validity: why", for the
+        # journal's stale-* transitions (the log line alone said why).
+        self.invalid: dict[str, dict[str, str]] = {}
         self._log = structlog.get_logger("governor.loop")
 
     # --- the tick as a whole -----------------------------------------------------------------
@@ -178,6 +198,7 @@ class TickReporter:
     def signals(self, policies: PolicySet, snapshot: Snapshot, now: float) -> set[str]:
         """Log and count the signals that cannot be trusted; the policies with any such."""
         bad: dict[str, int] = {}
+        self.invalid = {}
         usable: dict[str, tuple[float, float]] = {}
         warming: set[tuple[str, str]] = set()
         for use in policies.signal_uses():
@@ -187,9 +208,11 @@ class TickReporter:
                 warming.add((use.policy, use.name))
                 self._note_warming(use.policy, use.name, sample.detail)
                 continue
-            broken = sample is None or sample.validity is not Validity.OK
-            if isinstance(sample, ScalarSample):
-                broken = broken or not now - sample.timestamp <= use.spec.stale_after
+            broken = (
+                sample is None
+                or sample.validity is not Validity.OK
+                or is_stale(sample, use.spec.stale_after, now)
+            )
             # A policy's signals are as usable as the most lenient of them allows; one that
             # only refines its decision (SignalUse.advisory) vouches for none of them.
             if not use.advisory:
@@ -199,6 +222,7 @@ class TickReporter:
             if broken:
                 bad[use.policy] = bad.get(use.policy, 0) + 1
                 validity, detail = why_invalid(sample, use.spec.stale_after, now)
+                self.invalid.setdefault(use.policy, {})[use.name] = f"{validity}: {detail}"
                 self._log.warning(
                     "signal.invalid", policy=use.policy, signal=use.name, validity=validity,
                     detail=detail,

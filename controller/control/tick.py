@@ -142,7 +142,9 @@ class Controller:
             frozen=control.frozen,
         )
         previous, self.engine, self.resolver = self.engine, evaluation.state, resolution.state
-        self.events.transitions(policies, evaluation.transitions, previous, self.tick_id)
+        self.events.transitions(
+            policies, evaluation.transitions, previous, self.tick_id, self.reporter.invalid
+        )
         self.reporter.evaluated(policies, evaluation, unusable, self.clock())
         self.reporter.limits(policies, resolution, control)
         outcome = TickOutcome(self.tick_id, leader, True, reasons, (), evaluation, resolution)

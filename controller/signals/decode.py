@@ -33,6 +33,11 @@ RawResult = Sequence[Any]
 _SERIES = b'{"metric":{'
 _VALUE = re.compile(rb'"value":\[[^,\]]*,"([^"]*)"\]')
 _VECTOR = b'"resultType":"vector"'
+# What follows the last series' value in a whole answer: the series, the result list and
+# `data` closed, then the answer's other keys (`warnings`, `infos`) or its end. A connection
+# closed mid-answer without a Content-Length ends the body early and unnoticed by HTTP: a
+# cut between two series still scans as a shorter vector, so the end is checked.
+_LAST_VALUE = re.compile(rb'"value":\[[^,\]]*,"[^"]*"\]\}\]\}(.*)\Z', re.DOTALL)
 
 # A label value Governor keys limits and journal events by (docs/signals.md): 1 to 256
 # printable characters. Control characters (newline, ESC, ...) and other unprintable ones
@@ -121,6 +126,21 @@ class ResultShapeError(ValueError):
     """A result that no signal can read (a range vector, text, or the wrong cardinality)."""
 
 
+def _complete(body: bytes) -> bool:
+    """Whether a vector answer ends as a whole one does (not cut short between two series):
+    only its tail after the last value is parsed, not the whole 100k-series body."""
+    end = _LAST_VALUE.match(body, body.rfind(b'"value":['))
+    if end is None:
+        return False
+    rest = end.group(1).rstrip()
+    if rest == b"}":
+        return True
+    try:
+        return rest.startswith(b",") and isinstance(orjson.loads(b"{" + rest[1:]), dict)
+    except orjson.JSONDecodeError:
+        return False
+
+
 def parse_body(body: bytes) -> dict[str, Any]:
     """A whole Prometheus answer as JSON (ValueError when it is not JSON)."""
     parsed: dict[str, Any] = orjson.loads(body)
@@ -145,7 +165,7 @@ def vector_from_body(
     name = re.escape(orjson.dumps(label))
     keys = re.findall(name + rb':"((?:[^"\\]|\\.)*)"', body)
     values = _VALUE.findall(body)
-    if not series or len(keys) != series or len(values) != series:
+    if not series or len(keys) != series or len(values) != series or not _complete(body):
         return None
     # Interned: label values repeat every tick, and the engine's state keeps them as keys;
     # one string per value for the whole process instead of a new one each tick.
@@ -180,6 +200,14 @@ def _is_scalar(result: RawResult) -> bool:
 
 
 def _reject_matrix(result: RawResult) -> None:
+    # Any series may be a native histogram (`histogram` in place of `value`), not only the
+    # first: a query mixing classic and native series answers both.
+    if any(isinstance(s, dict) and ("histogram" in s or "histograms" in s) for s in result):
+        raise ResultShapeError(
+            "query returns native histograms, not numbers; read one number from each with "
+            "histogram_quantile(...), histogram_count(...), histogram_sum(...) or "
+            "histogram_fraction(...)"
+        )
     if result and isinstance(result[0], dict) and "value" not in result[0]:
         raise ResultShapeError(
             "query returns a range vector; wrap it in a function such as rate(...) or "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import datetime as dt
+import email.utils
 import math
 import threading
 import time
@@ -25,11 +26,17 @@ import urllib3
 from prometheus_api_client.exceptions import PrometheusApiClientException
 
 from controller.clients.prometheus import (
+    CutShortError,
     PrometheusConnection,
+    SlowAnswerError,
+    TooLargeAnswerError,
     client_options,
     connection_cause,
     error_detail,
+    not_json,
     open_connection,
+    read_body,
+    redirected,
     tls_cause,
 )
 from controller.errors import SignalError
@@ -53,7 +60,12 @@ _HTTP_GRACE_SECONDS = 1.0
 # Prometheus' answer puts `warnings` after `data`; inside a JSON string a quote is escaped,
 # so these bytes can only be the top-level key.
 _WARNINGS_KEY = b'"warnings":['
-_SUCCESS = b'"status":"success"'
+_VM_PARTIAL_KEY = b'"isPartial":true'
+_VM_PARTIAL = "isPartial: some of the data was unavailable (a VictoriaMetrics storage node?)"
+# Prometheus (and Thanos, Mimir, VictoriaMetrics) write `status` first. It is read there,
+# not searched for: `"status":"success"` is also how a series labelled status="success"
+# shows, and a proxy may answer HTTP 200 with `status: error` and a `data` part.
+_SUCCESS_HEAD = b'{"status":"success",'
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +76,9 @@ class Answer:
     body: bytes = b""
     warnings: tuple[str, ...] = ()
     error: str | None = None
+    # How far Prometheus' clock is at least ahead of this host's (its Date header, whole
+    # seconds, written after the query ran, minus the time it arrived: a lower bound).
+    ahead: float = 0.0
 
     @property
     def result(self) -> Sequence[Any]:
@@ -74,10 +89,51 @@ class Answer:
         return result
 
 
+# A clock ahead by less is lost in a scrape interval; the estimate is a lower bound anyway.
+_CLOCK_AHEAD_WARN_SECONDS = 5.0
+
+
+def _clock_ahead(response: requests.Response) -> float:
+    """Prometheus' Date minus the time its answer arrived here; 0.0 without a usable Date."""
+    try:
+        sent = email.utils.parsedate_to_datetime(response.headers["Date"]).timestamp()
+    except (KeyError, TypeError, ValueError, IndexError):
+        return 0.0
+    return sent - time.time()
+
+
 def _warnings(body: bytes) -> tuple[str, ...]:
+    # VictoriaMetrics (cluster) marks an answer missing some storage nodes' data with
+    # `"isPartial":true` next to `status` and no warning; read it as Thanos' and Mimir's
+    # warnings are (label values are strings: a bare `true` there can only be this key).
+    ends = body[:200] + body[-200:]  # next to `status`, or after `data`: not inside it
+    partial = (_VM_PARTIAL,) if _VM_PARTIAL_KEY in ends else ()
     if body.rfind(_WARNINGS_KEY) < 0:
-        return ()
-    return tuple(str(w) for w in parse_body(body).get("warnings") or ())
+        return partial
+    return partial + tuple(str(w) for w in parse_body(body).get("warnings") or ())
+
+
+class _NotJsonError(ValueError):
+    """An HTTP 200 answer that is not JSON at all."""
+
+
+def _parsed(response: requests.Response, body: bytes) -> object:
+    try:
+        return parse_body(body)
+    except ValueError:
+        raise _NotJsonError(not_json(response.headers.get("Content-Type"), body)) from None
+
+
+def _not_success(answer: object) -> str | None:
+    """Why a parsed answer is not a successful one (None when it is): a `status` other than
+    success is Prometheus' error whatever the HTTP status and whatever `data` it carries."""
+    if not isinstance(answer, dict):
+        return "not a Prometheus query answer: JSON that is not an object"
+    status = answer.get("status")
+    if status != "success":
+        said = f"{answer.get('errorType', '')}: {answer.get('error', '')}".strip(": ")
+        return f"answered status {status!r} with HTTP 200" + (f" ({said[:200]})" if said else "")
+    return None  # a success without `data` is told by whoever reads it (age, vector, ...)
 
 
 @dataclass
@@ -95,6 +151,8 @@ class PrometheusSource:
 
     def __post_init__(self) -> None:
         self._options = client_options(self.settings)
+        self._clock_noted: float | None = None  # monotonic time of the last clock warning
+        self._max_bytes = int(self.settings.max_answer_megabytes * 1e6)
         self._times = SampleTimes(self.settings.sample_age_refresh_seconds)
         self._history = History()
         if not self.settings.verify_tls and self.settings.url.startswith("https:"):
@@ -141,7 +199,27 @@ class PrometheusSource:
         }
         _untold_ages(samples, unparsed)
         self._note_dropped(dropped, now)
+        self._note_clock(answers.values())
         return Snapshot(taken_at=now, samples=samples)
+
+    def _note_clock(self, answers: Iterable[Answer]) -> None:
+        """Warn, once an hour, when Prometheus' clock is ahead of this host's. Each query is
+        evaluated at this host's time, so its answer is as of that much in Prometheus' past
+        while the sample ages, taken on the same clock, cannot show it."""
+        ahead = max((a.ahead for a in answers), default=0.0)
+        if ahead < _CLOCK_AHEAD_WARN_SECONDS:
+            return
+        wall = time.monotonic()
+        if self._clock_noted is not None and wall - self._clock_noted < 3600.0:
+            return
+        self._clock_noted = wall
+        structlog.get_logger("governor.signals").warning(
+            "prometheus.clock_ahead",
+            url=self.url,
+            seconds=round(ahead),
+            detail=f"Prometheus' clock is at least {ahead:.0f} s ahead of this host's: every "
+            f"signal is that much older than its age says; sync both clocks (NTP)",
+        )
 
     def _note_dropped(self, values: list[str], now: float) -> None:
         """Count the label values dropped as invalid; note each at most once an hour, shown
@@ -199,18 +277,29 @@ class PrometheusSource:
                 # CURL_CA_BUNDLE (set in many images) replace a session's CA file and even
                 # turn verification back on (psf/requests#3829).
                 verify=connection.session.verify,
+                stream=True,  # read by read_body, within the query's time
+                # Prometheus' API does not redirect; an auth proxy in front of it does (to
+                # its login page), and a failure there read "cannot reach Prometheus".
+                allow_redirects=False,
             )
+            with response:
+                body = read_body(response, self.http_timeout, self._max_bytes)
+            if response.is_redirect:
+                return Answer(error=redirected(response.status_code, response.headers))
             if response.status_code != 200:
-                return Answer(error=error_detail(response, f"HTTP {response.status_code}"))
-            body = response.content
-            if _SUCCESS not in body:  # rare: parsed in full to say what it is instead
-                parse_body(body)["data"]["result"]
+                return Answer(error=error_detail(response.status_code, response.reason, body))
+            if not body.startswith(_SUCCESS_HEAD):  # rare: parsed in full to say what it is
+                failed = _not_success(_parsed(response, body))
+                if failed is not None:
+                    return Answer(error=failed)
             warnings = _warnings(body)
         except requests.RequestException as exc:
             return Answer(error=self._failure(exc))
+        except _NotJsonError as exc:
+            return Answer(error=str(exc))
         except (KeyError, TypeError, ValueError) as exc:
             return Answer(error=f"not a Prometheus query answer: {exc}")
-        return Answer(body=body, warnings=warnings)
+        return Answer(body=body, warnings=warnings, ahead=_clock_ahead(response))
 
     def query_range(self, query: str, start: float, end: float, step: float) -> Sequence[Any]:
         """One range query (the backtest) on this thread's connection: the auth, headers,
@@ -234,6 +323,8 @@ class PrometheusSource:
 
     def _failure(self, exc: requests.RequestException) -> str:
         """One line for a failed request: the root cause, not requests' nested repr."""
+        if isinstance(exc, SlowAnswerError | CutShortError | TooLargeAnswerError):
+            return str(exc)
         if isinstance(exc, requests.Timeout):
             return f"no answer within {self.http_timeout:g}s (timeout)"
         if isinstance(exc, requests.exceptions.SSLError):

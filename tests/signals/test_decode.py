@@ -116,3 +116,23 @@ def test_each_dropped_value_is_counted_and_noted_once_per_period() -> None:
     assert again == [HOSTILE["newline"]]
     assert later == [HOSTILE["escape"]]
     assert notes.total == 6
+
+
+def test_a_whole_answer_is_scanned_with_its_warnings_and_infos_a_cut_one_is_not() -> None:
+    series = [one({"tenant": f"t{i}"}, str(i)) for i in range(3)]
+    for extra in (
+        {},
+        {"warnings": ["w ]}"]},
+        {"infos": ["i"]},
+        {"warnings": ["w"], "infos": ["i"]},
+    ):
+        scanned = vector_from_body(
+            answer(series, "vector", **extra), "tenant", 1.0, Validity.OK, ""
+        )
+        assert scanned is not None  # the fast path, not the full parse
+        assert scanned.keys == ("t0", "t1", "t2")
+    whole = answer(series, warnings=["w"])
+    # Cut between two series (a connection closed early, no Content-Length), or inside the
+    # answer's tail: left to the full parse, which fails on it, never a shorter vector.
+    for cut in (whole[: whole.index(b',{"metric":{"tenant":"t2"')], whole[:-1], whole[:-6]):
+        assert vector_from_body(cut, "tenant", 1.0, Validity.OK, "") is None
