@@ -331,6 +331,7 @@ class Validity(enum.StrEnum):
     OK = "ok"
     EMPTY = "empty"  # the query returned no series
     NOT_FINITE = "not_finite"  # NaN or ±Inf
+    OUT_OF_RANGE = "out_of_range"  # finite, but outside the range the signal declares
     STALE = "stale"  # the sample is older than the signal's stale_after
     ERROR = "error"  # the query failed (syntax, timeout, 5xx, connection refused)
     MISSING = "missing"  # a vector has no value for this label value

@@ -9,6 +9,7 @@ import time
 from collections import Counter
 from collections.abc import Mapping
 
+import numpy as np
 import structlog
 
 from controller.changes import Change
@@ -21,7 +22,7 @@ from controller.errors import GovernorError
 from controller.journal.writer import Journal
 from controller.model import Address, Sample, ScalarSample, Scope, Snapshot, Validity
 from controller.policy.baselines import Baselines
-from controller.policy.documents import AdaptiveLimit
+from controller.policy.documents import AdaptiveLimit, SignalRange
 from controller.policy.engine import Evaluation
 from controller.policy.policyset import PolicySet
 from controller.policy.resolver import Resolution
@@ -36,6 +37,26 @@ _INVALID = {
     Validity.MISSING: "no series for this label value",
     Validity.PARTIAL: "Prometheus answered with warnings: some data was unavailable",
 }
+
+
+def out_of_range(sample: Sample | None, bounds: SignalRange | None) -> str | None:
+    """Why a signal's answer is no reading by its declared range (a scalar outside it, or a
+    vector with no value inside), or None. A vector with some values inside is read: the
+    engine masks the others, each `out_of_range` in its label value's reason."""
+    if sample is None or bounds is None or sample.validity is not Validity.OK:
+        return None
+    if isinstance(sample, ScalarSample):
+        values, what = np.array([sample.value]), f"value {sample.value:g} is"
+    else:
+        values = sample.values
+        what = f"every value ({values[0]:g}, …) is" if len(values) else ""
+    out = bounds.outside(values)
+    if not len(values) or not out.all():
+        return None
+    return (
+        f"{what} outside the signal's range {bounds.describe()}: not a reading but a fault "
+        "(a unit mistaken? DCGM's utilisation runs 0–100 where a ratio runs 0–1)"
+    )
 
 
 def why_invalid(sample: Sample | None, stale_after: float, now: float) -> tuple[str, str]:
@@ -208,10 +229,12 @@ class TickReporter:
                 warming.add((use.policy, use.name))
                 self._note_warming(use.policy, use.name, sample.detail)
                 continue
+            outside = out_of_range(sample, use.spec.valid_range)
             broken = (
                 sample is None
                 or sample.validity is not Validity.OK
                 or is_stale(sample, use.spec.stale_after, now)
+                or outside is not None
             )
             # A policy's signals are as usable as the most lenient of them allows; one that
             # only refines its decision (SignalUse.advisory) vouches for none of them.
@@ -221,7 +244,13 @@ class TickReporter:
                 usable[use.policy] = (seen if broken else now, stale_after)
             if broken:
                 bad[use.policy] = bad.get(use.policy, 0) + 1
-                validity, detail = why_invalid(sample, use.spec.stale_after, now)
+                validity, detail = (
+                    (str(Validity.OUT_OF_RANGE), outside)
+                    if outside is not None
+                    and sample is not None
+                    and not is_stale(sample, use.spec.stale_after, now)
+                    else why_invalid(sample, use.spec.stale_after, now)
+                )
                 self.invalid.setdefault(use.policy, {})[use.name] = f"{validity}: {detail}"
                 self._log.warning(
                     "signal.invalid", policy=use.policy, signal=use.name, validity=validity,

@@ -8,6 +8,8 @@ from functools import cache
 from typing import Annotated, Any, Literal
 from zoneinfo import available_timezones
 
+import numpy as np
+import numpy.typing as npt
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -265,6 +267,38 @@ class LimitsSpec(Strict):
         return self
 
 
+RangeBound = Annotated[float, Field(allow_inf_nan=False), NotBoolean]
+
+
+class SignalRange(Strict):
+    """The values a signal can take; one outside is a fault (a unit mistaken, an exporter's
+    bug), never a reading: a utilisation of -1 read as "far below the setpoint" loosened an
+    AIMD limit up to its rail."""
+
+    min: RangeBound | None = None
+    max: RangeBound | None = None
+
+    @model_validator(mode="after")
+    def _ordered(self) -> SignalRange:
+        if self.min is None and self.max is None:
+            raise ValueError("a range needs `min`, `max` or both")
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"range min ({self.min}) is above its max ({self.max})")
+        return self
+
+    def outside(self, values: npt.NDArray[np.float64]) -> npt.NDArray[np.bool_]:
+        """Which finite values lie outside (NaN is neither: it is not finite)."""
+        low = -np.inf if self.min is None else self.min
+        high = np.inf if self.max is None else self.max
+        with np.errstate(invalid="ignore"):
+            return np.asarray((values < low) | (values > high), dtype=np.bool_)
+
+    def describe(self) -> str:
+        low = "" if self.min is None else f"{self.min:g}"
+        high = "" if self.max is None else f"{self.max:g}"
+        return f"{low}–{high}" if low and high else (f"≥ {low}" if low else f"≤ {high}")
+
+
 class SignalSpec(Strict):
     query: Annotated[str, Field(min_length=1, max_length=MAX_QUERY_CHARS)]
     stale_after: Duration = Field(120.0, gt=0)
@@ -278,6 +312,12 @@ class SignalSpec(Strict):
         gt=0,
         description="how far back the query reads (e.g. 23h for `offset 23h`): until "
         "Prometheus holds its series from that long ago, the signal is `no_history`, not stale",
+    )
+    valid_range: SignalRange | None = Field(
+        None,
+        alias="range",
+        description="the values the signal can take ({min, max}, either or both): a value "
+        "outside is `out_of_range`, untrustworthy as a stale one (on_stale decides)",
     )
 
     @field_validator("query")

@@ -1,9 +1,9 @@
 """Turn snapshot samples into the arrays a condition reads, with a validity mask per value.
 
-A value is valid only when its query succeeded, it is finite and it is no older than the
-signal's `stale_after`. Invalid values are NaN and masked out: never read as 0, unless the
-signal says `absent: zero` and the value is absent (no series: an event not yet seen), which
-is not the same as stale or failed.
+A value is valid only when its query succeeded, it is finite, within the signal's declared
+`range` and no older than `stale_after`. Invalid values are masked out: never read as 0,
+unless the signal says `absent: zero` and the value is absent (no series: an event not yet
+seen), which is not the same as stale or failed.
 """
 
 from __future__ import annotations
@@ -59,6 +59,8 @@ def scalar_input(
     validity = sample.validity
     if validity is Validity.OK and not np.isfinite(sample.value):
         validity = Validity.NOT_FINITE
+    if validity is Validity.OK and outside(spec, np.array([sample.value]))[0]:
+        validity = Validity.OUT_OF_RANGE
     if validity is Validity.OK and now - sample.timestamp > spec.stale_after:
         validity = Validity.STALE
     return ScalarInput(name, sample.value, sample.timestamp, validity)
@@ -73,6 +75,7 @@ class VectorInput:
     timestamps: FloatArray
     valid: BoolArray
     whole: Validity  # the validity of the query as a whole
+    outside: BoolArray | None = None  # finite values outside the signal's range (None: none)
 
     def reading(self, i: int) -> SignalReading:
         validity = Validity.OK if self.valid[i] else _element_validity(self, i)
@@ -86,6 +89,8 @@ def _element_validity(signal: VectorInput, i: int) -> Validity:
         return Validity.MISSING
     if not np.isfinite(signal.values[i]):
         return Validity.NOT_FINITE
+    if signal.outside is not None and signal.outside[i]:
+        return Validity.OUT_OF_RANGE
     return Validity.STALE
 
 
@@ -136,7 +141,17 @@ def vector_input(
             values[absent], timestamps[absent] = 0.0, now
     with np.errstate(invalid="ignore"):
         valid = np.isfinite(values) & (now - timestamps <= spec.stale_after)
-    return VectorInput(name, values, timestamps, valid, Validity.OK)
+    if spec.valid_range is None:
+        return VectorInput(name, values, timestamps, valid, Validity.OK)
+    out = outside(spec, values)
+    return VectorInput(name, values, timestamps, valid & ~out, Validity.OK, out)
+
+
+def outside(spec: SignalSpec, values: FloatArray) -> BoolArray:
+    """Which values lie outside the signal's declared range (none without one)."""
+    if spec.valid_range is None:
+        return np.zeros(len(values), dtype=bool)
+    return spec.valid_range.outside(values)
 
 
 def _absent(sample: Sample, now: float) -> Sample:

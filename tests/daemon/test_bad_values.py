@@ -54,3 +54,37 @@ def test_a_nan_signal_holds_then_falls_back_and_the_journal_says_why(
     # Was only the validity: which query failed, and how, was in the log line alone.
     assert held["details"]["invalid"] == {"gpu_util": "not_finite: value is nan"}
     wait_for(lambda: limit(db) == FREE_RPM, "the declared fallback (baseline) returns", 20)
+
+
+def test_a_value_outside_the_signals_range_holds_then_falls_back_and_says_why(
+    db: redis.Redis[str],
+    redis_server: RedisServer,
+    prometheus: PrometheusServer,
+    gpu: Gpu,
+    policy_dir: Path,
+    daemons: DaemonFactory,
+) -> None:
+    """A utilisation of 95 (an exporter's percent where the policy reads a ratio) is finite,
+    and above 0.9 it would have kept the cut for good: declared `range: {min: 0, max: 1}`,
+    it is no reading, and the journal names the range and the likely mistake."""
+    policy = policy_dir / "gpu-hot.yaml"
+    text = policy.read_text()
+    assert "stale_after: 30s}" in text
+    policy.write_text(
+        text.replace("stale_after: 30s}", "stale_after: 30s, range: {min: 0, max: 1}}")
+    )
+    gpu.set(0.95)
+    gpu.scraped(prometheus, 0.95)
+    daemons("range", daemon_env(redis_server.url, prometheus.url, policy_dir))
+    wait_for(lambda: limit(db) == FREE_RPM * 0.5, "the hot GPU halves the free tier")
+
+    gpu.set(95.0)
+    wait_for(
+        lambda: any(e["details"]["event"] == "stale-hold" for e in events(db, "policy.transition")),
+        "the out-of-range value starts a stale hold",
+    )
+    [held] = [e for e in events(db, "policy.transition") if e["details"]["event"] == "stale-hold"]
+    assert [(s["name"], s["validity"]) for s in held["signals"]] == [("gpu_util", "out_of_range")]
+    reason = held["details"]["invalid"]["gpu_util"]
+    assert reason.startswith("out_of_range: value 95 is outside the signal's range 0–1")
+    wait_for(lambda: limit(db) == FREE_RPM, "the declared fallback (baseline) returns", 20)
