@@ -112,7 +112,9 @@ def _vector_row(use: SignalUse, sample: VectorSample, now: float, pick: Pick) ->
         validity = (
             Validity.STALE
             if (_age(oldest, now) or math.inf) > use.spec.stale_after
-            else (Validity.NOT_FINITE)
+            else Validity.OUT_OF_RANGE
+            if seen.outside is not None and seen.outside.any()
+            else Validity.NOT_FINITE
         )
     low, middle, high = (
         float(f(finite)) if len(finite) else None for f in (np.min, np.median, np.max)
