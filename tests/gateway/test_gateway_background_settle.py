@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
 import redis
@@ -19,7 +20,7 @@ from controller.contract.keys import KeySchema
 from controller.gateway.credits import CreditLedger
 from controller.gateway.prices import MICRO, PriceTable, to_micro
 from controller.settings import PricesSettings
-from tests.gateway.conftest import MakeGateway, write_limits
+from tests.gateway.conftest import Gateway, MakeGateway, write_limits
 from tests.gateway.fake_upstream import FakeUpstream
 from tests.support.prometheus import wait_for
 
@@ -201,6 +202,25 @@ def test_reads_at_once_settle_it_once_and_a_day_gone_keeps_the_tokens(
     assert db.get(key) is None
 
 
+def held_background(
+    gateway: Gateway, key: str, db: redis.Redis[str], held: FakeUpstream,
+    meanwhile: Callable[[], None],
+) -> httpx.Response:  # fmt: skip
+    """A background request (acme, $5 of credits) the model server holds until `meanwhile`
+    has run; its queued answer."""
+    CreditLedger(db, "governor").top_up("acme", 5.0, reason="test", actor="pytest")
+    body = {"model": MODEL, "input": "later", "max_output_tokens": 900, "background": True}
+    sent = {"authorization": f"Bearer {key}", "x-fake-hold": "1"}
+    seen = len(held.seen)
+    with ThreadPoolExecutor(1) as pool:
+        answer = pool.submit(gateway.http.post, f"{gateway.url}/v1/responses", json=body,
+                             headers=sent)  # fmt: skip
+        wait_for(lambda: len(held.seen) > seen, "the model server has the request")
+        meanwhile()
+        held.release.set()
+        return answer.result()
+
+
 def test_a_settle_held_through_an_outage_is_settled_at_its_usage_once_it_lands(
     make_gateway: MakeGateway,
     metered: Path,
@@ -212,17 +232,11 @@ def test_a_settle_held_through_an_outage_is_settled_at_its_usage_once_it_lands(
     so a read after the outage still settles it at its usage."""
     gateway = make_gateway()
     key = gateway.key("acme", "metered")
-    CreditLedger(db, "governor").top_up("acme", 5.0, reason="test", actor="pytest")
-    body = {"model": MODEL, "input": "later", "max_output_tokens": 900, "background": True}
-    sent = {"authorization": f"Bearer {key}", "x-fake-hold": "1"}
-    seen = len(held.seen)
-    with ThreadPoolExecutor(1) as pool:
-        answer = pool.submit(gateway.http.post, f"{gateway.url}/v1/responses", json=body,
-                             headers=sent)  # fmt: skip
-        wait_for(lambda: len(held.seen) > seen, "the model server has the request")
+
+    def pause() -> None:  # answered while Redis does not answer: the settle is held
         db.execute_command("CLIENT", "PAUSE", "2500", "ALL")
-        held.release.set()  # answered while Redis does not answer: the settle is held
-        queued = answer.result()
+
+    queued = held_background(gateway, key, db, held, pause)
     assert queued.status_code == 200, queued.text
     time.sleep(2.6)
     chat = gateway.chat(key)  # Redis answers: the held settle goes through
@@ -247,19 +261,13 @@ def test_an_answer_whose_settle_found_no_reservation_refunds_nothing(
     settle; what was never charged must never be refunded by a read."""
     gateway = make_gateway()
     key = gateway.key("acme", "metered")
-    CreditLedger(db, "governor").top_up("acme", 5.0, reason="test", actor="pytest")
-    body = {"model": MODEL, "input": "later", "max_output_tokens": 900, "background": True}
-    sent = {"authorization": f"Bearer {key}", "x-fake-hold": "1"}
-    seen = len(held.seen)
-    with ThreadPoolExecutor(1) as pool:
-        answer = pool.submit(gateway.http.post, f"{gateway.url}/v1/responses", json=body,
-                             headers=sent)  # fmt: skip
-        wait_for(lambda: len(held.seen) > seen, "the model server has the request")
+
+    def sweep() -> None:  # as a sweep of its lease leaves it
         records = [field for field in db.hkeys(STATE) if field.startswith("x|")]
         assert len(records) == 1, records
-        db.hdel(STATE, *records)  # as a sweep of its lease leaves it
-        held.release.set()
-        queued = answer.result()
+        db.hdel(STATE, *records)
+
+    queued = held_background(gateway, key, db, held, sweep)
     assert queued.status_code == 200, queued.text
     named = queued.json()["id"]
     assert db.get(KeySchema("governor").background("acme", named)) is None
