@@ -103,8 +103,9 @@ class SampleTimes:
 @dataclass
 class History:
     """Whether Prometheus holds each selector's samples from far enough back. Asked every
-    tick until it does, then never again (history, once there, stays: retention is far
-    longer than any signal's look back)."""
+    tick until it does, then again only after its signal answers empty (history, once there,
+    stays while Prometheus keeps its data; a Prometheus replaced or restarted without its
+    volume has lost it, and its empty answers are waiting for history again, not a fault)."""
 
     _held: set[tuple[str, float]] = field(default_factory=set)
 
@@ -127,6 +128,10 @@ class History:
             newest = _read_newest(answer, math.inf)
             if not isinstance(newest, str) and newest != UNKNOWN_SAMPLE_TIME:
                 self._held.add(held)
+
+    def forget(self, reads: Sequence[str], back: float) -> None:
+        """Ask again, from the next fetch, whether these selectors hold samples `back` ago."""
+        self._held.difference_update((selector, back) for selector in reads)
 
     def lacking(self, reads: Sequence[str], back: float) -> list[str]:
         """The selectors of `reads` without a sample from `back` seconds ago (yet)."""

@@ -428,6 +428,14 @@ class PrometheusSource:
                 f"{key.history:g} s ago (history:)"
             )
             return replace(sample, validity=Validity.NO_HISTORY, detail=why)
+        if key.history:
+            # Held before, empty now: Prometheus may have lost its data (restarted without
+            # its volume). Asked again next fetch, so that from then on this reads as waiting
+            # for history, not as a fault that pages for a day (nor, absent: zero, as 0).
+            self._history.forget(reads, key.history)
+            if not key.absent_zero:
+                again = "whether Prometheus still holds its history is asked again"
+                return replace(sample, detail="; ".join(filter(None, [sample.detail, again])))
         return absent_as_zero(key, sample, at)
 
 

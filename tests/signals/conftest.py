@@ -32,7 +32,7 @@ def now() -> float:
     return float(int(time.time()))
 
 
-def _history_server(directory: Path, now: float, config: str | None = None) -> PrometheusServer:
+def history_server(directory: Path, now: float, config: str | None = None) -> PrometheusServer:
     server = PrometheusServer(directory, config=config or prometheus_config())
     backfill(server.data_dir, openmetrics([*history.gauges(now), *history.spend(now)]))
     return server.start()
@@ -43,7 +43,7 @@ def history_prometheus(
     tmp_path_factory: pytest.TempPathFactory, now: float
 ) -> Iterator[PrometheusServer]:
     """Prometheus on two days of backfilled gauges and spend (shared, never stopped by tests)."""
-    server = _history_server(tmp_path_factory.mktemp("prometheus-history"), now)
+    server = history_server(tmp_path_factory.mktemp("prometheus-history"), now)
     yield server
     server.stop()
 
@@ -51,7 +51,7 @@ def history_prometheus(
 @pytest.fixture
 def own_prometheus(tmp_path: Path, now: float) -> Iterator[PrometheusServer]:
     """A Prometheus on the same history that the test may kill and restart."""
-    server = _history_server(tmp_path / "prometheus", now)
+    server = history_server(tmp_path / "prometheus", now)
     yield server
     server.kill()
 
@@ -61,7 +61,7 @@ def warning_prometheus(tmp_path: Path, now: float) -> Iterator[PrometheusServer]
     """A Prometheus whose remote-read endpoint is down: answers come with warnings."""
     nobody = free_port()  # nothing listens there
     config = prometheus_config(remote_read=f"http://127.0.0.1:{nobody}/api/v1/read")
-    server = _history_server(tmp_path / "prometheus", now, config)
+    server = history_server(tmp_path / "prometheus", now, config)
     yield server
     server.kill()
 

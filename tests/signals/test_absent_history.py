@@ -4,6 +4,9 @@ reaching further back than Prometheus' data is "not enough history yet", not emp
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -12,6 +15,7 @@ from controller.policy.documents import SignalSpec
 from controller.policy.inputs import scalar_input, vector_input
 from controller.signals import PrometheusSource
 from tests.signals import history
+from tests.signals.conftest import history_server, source_for
 
 pytestmark = pytest.mark.integration
 
@@ -119,3 +123,27 @@ def test_a_gauge_younger_than_the_look_back_is_waiting_for_history(
     assert sample.validity is Validity.NO_HISTORY
     answered = fetch(source, SignalKey("sum by (tenant) (queue_depth)", "tenant", history=600), now)
     assert answered.validity is Validity.OK
+
+
+def test_a_prometheus_that_lost_its_data_is_waiting_for_history_again(
+    tmp_path: Path, now: float
+) -> None:
+    """Restarted without its volume, Prometheus answers the day-ago query empty: that is the
+    history gone (a fresh install again), not a fault. The first empty answer asks again; from
+    the next fetch the signal is `no_history` (no alert, no readiness hit), as on day one."""
+    server = history_server(tmp_path / "prometheus", now)
+    key = SignalKey(history.USUAL, "tenant", history=23.25 * 3600)
+    try:
+        with source_for(server) as source:
+            assert fetch(source, key, now).validity is Validity.OK
+            server.stop()
+            shutil.rmtree(server.data_dir)  # the volume is gone
+            server.start()
+            first = fetch(source, key, now)
+            assert first.validity is Validity.EMPTY
+            assert "asked again" in first.detail
+            again = fetch(source, key, now)
+            assert again.validity is Validity.NO_HISTORY
+            assert "not enough history yet" in again.detail
+    finally:
+        server.stop()
