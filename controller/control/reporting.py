@@ -9,7 +9,6 @@ import time
 from collections import Counter
 from collections.abc import Mapping
 
-import numpy as np
 import structlog
 
 from controller.changes import Change
@@ -46,13 +45,13 @@ def out_of_range(sample: Sample | None, bounds: SignalRange | None) -> str | Non
     if sample is None or bounds is None or sample.validity is not Validity.OK:
         return None
     if isinstance(sample, ScalarSample):
-        values, what = np.array([sample.value]), f"value {sample.value:g} is"
+        if not bounds.excludes(sample.value):
+            return None
+        what = f"value {sample.value:g} is"
     else:
-        values = sample.values
-        what = f"every value ({values[0]:g}, …) is" if len(values) else ""
-    out = bounds.outside(values)
-    if not len(values) or not out.all():
-        return None
+        if not len(sample.values) or not bounds.outside(sample.values).all():
+            return None
+        what = f"every value ({sample.values[0]:g}, …) is"
     return (
         f"{what} outside the signal's range {bounds.describe()}: not a reading but a fault "
         "(a unit mistaken? DCGM's utilisation runs 0–100 where a ratio runs 0–1)"
@@ -229,12 +228,10 @@ class TickReporter:
                 warming.add((use.policy, use.name))
                 self._note_warming(use.policy, use.name, sample.detail)
                 continue
-            outside = out_of_range(sample, use.spec.valid_range)
+            stale = sample is not None and is_stale(sample, use.spec.stale_after, now)
+            outside = None if stale else out_of_range(sample, use.spec.valid_range)
             broken = (
-                sample is None
-                or sample.validity is not Validity.OK
-                or is_stale(sample, use.spec.stale_after, now)
-                or outside is not None
+                sample is None or sample.validity is not Validity.OK or stale or outside is not None
             )
             # A policy's signals are as usable as the most lenient of them allows; one that
             # only refines its decision (SignalUse.advisory) vouches for none of them.
@@ -247,8 +244,6 @@ class TickReporter:
                 validity, detail = (
                     (str(Validity.OUT_OF_RANGE), outside)
                     if outside is not None
-                    and sample is not None
-                    and not is_stale(sample, use.spec.stale_after, now)
                     else why_invalid(sample, use.spec.stale_after, now)
                 )
                 self.invalid.setdefault(use.policy, {})[use.name] = f"{validity}: {detail}"

@@ -21,7 +21,6 @@ from controller.gateway.openai import FINAL_STATUSES, whole_count
 MAX_READ_ANSWER = 32 * 1024 * 1024
 REASON = "background response settled at its usage"
 _COUNTS = ("input_tokens", "output_tokens", "total_tokens")
-_EXACT = 2**53
 
 
 @dataclass(frozen=True)
@@ -111,7 +110,6 @@ def final_usage(answer: bytes, response_id: str) -> FinalUsage | None:
 
 
 def _count(value: object) -> TypeGuard[int]:
-    """A whole count of 0 or more, below 2^53 (JSON's `true` is no count, though Python's bool
-    is an int; past 2^53 the nginx module's doubles hold no exact count, and neither reads
-    one there)."""
-    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < _EXACT
+    """A whole count as a record holds it: an int (no float: our own records write none)
+    that `openai.whole_count` takes (0 up to 2^53, no bool)."""
+    return isinstance(value, int) and whole_count(value) is not None

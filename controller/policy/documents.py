@@ -286,6 +286,12 @@ class SignalRange(Strict):
             raise ValueError(f"range min ({self.min}) is above its max ({self.max})")
         return self
 
+    def excludes(self, value: float) -> bool:
+        """Whether a finite value lies outside (NaN is neither: it is not finite)."""
+        return (self.min is not None and value < self.min) or (
+            self.max is not None and value > self.max
+        )
+
     def outside(self, values: npt.NDArray[np.float64]) -> npt.NDArray[np.bool_]:
         """Which finite values lie outside (NaN is neither: it is not finite)."""
         low = -np.inf if self.min is None else self.min

@@ -59,7 +59,8 @@ def scalar_input(
     validity = sample.validity
     if validity is Validity.OK and not np.isfinite(sample.value):
         validity = Validity.NOT_FINITE
-    if validity is Validity.OK and outside(spec, np.array([sample.value]))[0]:
+    bounds = spec.valid_range
+    if validity is Validity.OK and bounds is not None and bounds.excludes(sample.value):
         validity = Validity.OUT_OF_RANGE
     if validity is Validity.OK and now - sample.timestamp > spec.stale_after:
         validity = Validity.STALE
@@ -143,15 +144,8 @@ def vector_input(
         valid = np.isfinite(values) & (now - timestamps <= spec.stale_after)
     if spec.valid_range is None:
         return VectorInput(name, values, timestamps, valid, Validity.OK)
-    out = outside(spec, values)
+    out = spec.valid_range.outside(values)
     return VectorInput(name, values, timestamps, valid & ~out, Validity.OK, out)
-
-
-def outside(spec: SignalSpec, values: FloatArray) -> BoolArray:
-    """Which values lie outside the signal's declared range (none without one)."""
-    if spec.valid_range is None:
-        return np.zeros(len(values), dtype=bool)
-    return spec.valid_range.outside(values)
 
 
 def _absent(sample: Sample, now: float) -> Sample:

@@ -120,7 +120,8 @@ function Metrics:known_model(model)
 end
 
 -- The label of a capped value (metrics.py's LabelCap): the first `limit` distinct values
--- keep their names, later ones are `_other`; `known` ones keep theirs without a place;
+-- keep their names, later ones are `_other`; those `known(value)` says the operator named
+-- keep theirs without a place (asked only of a value not seen yet: it walks the catalog);
 -- `peek`: never take a place (a model its plan refused did nothing). Workers share the
 -- count, so two first sightings at the same instant may name one value past the limit.
 function Metrics:capped(kind, value, limit, known, peek)
@@ -129,7 +130,7 @@ function Metrics:capped(kind, value, limit, known, peek)
   end
   value = clean(value)
   local dict, key = self.dict, 'seen' .. SEP .. kind .. SEP .. value
-  if dict:get(key) ~= nil or known then
+  if dict:get(key) ~= nil or (known ~= nil and known(self, value)) then
     return value
   end
   if peek or (dict:get('count' .. SEP .. kind) or 0) >= limit then
@@ -147,10 +148,9 @@ function Metrics:labels(principal, model, peek_model)
   principal = principal or {}
   local name = model and string.lower(model)
   return {
-    self:capped('tenant', principal.tenant, self.max_tenants, false, false),
-    self:capped('plan', principal.plan, self.max_models, false, false),
-    self:capped('model', name, self.max_models, name ~= nil and self:known_model(name),
-      peek_model),
+    self:capped('tenant', principal.tenant, self.max_tenants, nil, false),
+    self:capped('plan', principal.plan, self.max_models, nil, false),
+    self:capped('model', name, self.max_models, Metrics.known_model, peek_model),
   }
 end
 
