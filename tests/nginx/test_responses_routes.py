@@ -370,6 +370,31 @@ def test_a_background_response_holds_its_concurrency_slot_until_it_is_finished(
         assert admitted.status_code == 200, (side.name, admitted.text)
 
 
+def test_a_background_response_read_failed_without_usage_gives_its_slot_back_charged(
+    python_gateway: Side, nginx: Side, upstream: tuple[FakeUpstream, ServerThread]
+) -> None:
+    """Read `failed` with no usage: its generation has ended, so its slot comes back (the
+    next request admitted), but nothing says what it used, so its reservation stays charged
+    until a read that says so."""
+    fake = upstream[0]
+    for side in sides(python_gateway, nginx):
+        set_limit(side, "tenant/acme/concurrent_requests", 1)
+        key = side.key("acme", "free")
+        client = sdk(side, key)
+        queued = client.responses.create(model=MODEL, input=f"doomed {side.name}",
+                                         max_output_tokens=16, background=True)  # fmt: skip
+        answer = in_progress(fake, queued.id)
+        charged = tenant_state(side, "acme")["u|tokens_per_day"]
+        refused_for_its_slot(side, key, client)
+        finish(fake, queued.id, {**answer, "status": "failed", "usage": None})
+        assert client.responses.retrieve(queued.id).status == "failed", side.name
+        assert tenant_state(side, "acme")["u|tokens_per_day"] == charged, side.name
+        admitted = side.chat(key, chat_body(max_tokens=1))
+        assert admitted.status_code == 200, (side.name, admitted.text)
+        kept = KeySchema(PREFIX).background("acme", queued.id)
+        assert side.db.exists(kept) == 1, side.name  # for a later read with usage to settle
+
+
 def test_a_background_response_nobody_reads_gives_its_slot_back_when_its_lease_ends(
     python_gateway: Side, nginx: Side, upstream: tuple[FakeUpstream, ServerThread]
 ) -> None:
