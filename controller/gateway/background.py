@@ -3,10 +3,12 @@ when answered, and the usage a later read or cancel of it says (docs/gateway.md,
 response's own routes").
 
 `responses.create(background=True)` is answered at once (`queued`, no usage) and generated
-afterwards, where no gateway sees it: it is charged its whole reservation when answered. What
-it was charged is kept for its tenant (`<P>:{t:<tenant>}:background:<id>`); the first read
-or cancel through the gateway whose answer holds the response finished with its usage
-settles the difference, once (charge.lua's charge record), and forgets it.
+afterwards, where no gateway sees it: it is charged its whole reservation when answered, and
+keeps its concurrency slots (settle.lua's kept holds) while it generates. What it was charged
+is kept for its tenant (`<P>:{t:<tenant>}:background:<id>`); the first read or cancel through
+the gateway whose answer holds the response finished gives the slots back and, with its
+usage, settles the difference, once (charge.lua's charge record), and forgets it. A response
+nobody reads so gives its slots back when its admission's lease ends.
 """
 
 from __future__ import annotations
@@ -43,6 +45,11 @@ class BackgroundCharge:
     @property
     def tokens(self) -> int:
         return self.prompt + self.completion
+
+    @property
+    def reservation(self) -> str:
+        """Its admission's reservation as `Admission.release` takes it (the ip as its id)."""
+        return f"{self.request_id}/{self.user or ''}/{self.ip or ''}"
 
     def encoded(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))
@@ -81,23 +88,29 @@ class FinalUsage:
         return self.prompt + self.completion
 
 
-def final_usage(answer: bytes, response_id: str) -> FinalUsage | None:
-    """The usage of response `response_id` that an answer holds once it is finished
-    (`status` one of FINAL_STATUSES, `usage.input_tokens`/`output_tokens` whole counts of 0
-    or more); None for anything else — another object or id, still queued or running, no
-    usage, counts that are no counts (`openai.whole_count`: `-5`, `1.5`, `"2"`, `true`): the
-    charge then stands."""
+def finished(answer: bytes, response_id: str) -> tuple[bool, FinalUsage | None]:
+    """Whether an answer holds response `response_id` finished (`status` one of
+    FINAL_STATUSES: its generation holds no slot any more), and then the usage it reports
+    (`usage.input_tokens`/`output_tokens` whole counts of 0 or more). Not finished for
+    anything else (another object or id, still queued or running); no usage for usage that
+    is none or counts that are no counts (`openai.whole_count`: `-5`, `1.5`, `"2"`, `true`):
+    the charge then stands."""
     try:
         document: Any = json.loads(answer)
     except (ValueError, UnicodeDecodeError, RecursionError):
-        return None
+        return False, None
     if not isinstance(document, dict) or document.get("object") != "response":
-        return None
+        return False, None
     status = document.get("status")
     if document.get("id") != response_id or not isinstance(status, str):
-        return None
+        return False, None
     if status not in FINAL_STATUSES:
-        return None
+        return False, None
+    return True, _usage(document)
+
+
+def _usage(document: dict[str, Any]) -> FinalUsage | None:
+    """The usage a finished response object reports; None for none or counts that are none."""
     usage = document.get("usage")
     if not isinstance(usage, dict):
         return None

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from controller.contract.enforcement import EnforcementKeys, ip_id
-from controller.gateway.background import BackgroundCharge, final_usage
+from controller.gateway.background import BackgroundCharge, finished
 from controller.gateway.conversations import ConversationCall, added_tokens, route
 from controller.gateway.limits import resolve
 from controller.gateway.openai import (
@@ -104,12 +104,13 @@ FINISHED: dict[str, Any] = {"id": "resp_1", "object": "response", "status": "com
     ],
 )
 def test_a_finished_responses_usage_is_read_as_python_reads_it(nginx: Side, answer: Any) -> None:
-    """What settles a background response: only a finished one, with counts that are counts."""
+    """What settles a background response: only a finished one gives its slots back, and
+    only with counts that are counts is it charged at its usage."""
     lua = nginx.http.post(f"{nginx.url}/_probe/final_usage", params={"id": "resp_1"},
                           content=json.dumps(answer)).json()  # fmt: skip
-    python = final_usage(json.dumps(answer).encode(), "resp_1")
+    done, python = finished(json.dumps(answer).encode(), "resp_1")
     expected = python and {"prompt": python.prompt, "completion": python.completion}
-    assert lua["usage"] == expected
+    assert (lua["finished"], lua["usage"]) == (done, expected)
 
 
 @pytest.mark.parametrize(
