@@ -155,6 +155,8 @@ def simulate(
     try:
         world, data = _world(scenario, replay)
         _require_plans([world], policies)
+        for note in slo_notes([world], policies):
+            typer.echo(note, err=True)
         directory = out or Path("sim-out") / world.name
         directory.mkdir(parents=True, exist_ok=True)
         view = LiveView(f"governor simulate {world.name}", world.duration, pace, console)
@@ -319,6 +321,33 @@ def _scenario_plans(world: Scenario) -> dict[str, list[str]]:
     return found
 
 
+def slo_notes(worlds: list[Scenario], policies: Path) -> list[str]:
+    """A line for each world whose TTFT SLO is not the latency objective an AdaptiveLimit
+    aims at: the scorecard would judge the policies against a target they were not given."""
+    from controller.policy.documents import AdaptiveLimit
+    from controller.policy.loader import load_directory
+
+    aims = {}
+    for document in load_directory(policies).documents:
+        if isinstance(document, AdaptiveLimit) and document.spec.capacity is not None:
+            queue = document.spec.capacity.queue
+            if queue is not None and queue.latency is not None:
+                aims[document.metadata.name] = queue.latency.objective
+    notes = []
+    for world in worlds:
+        for name, objective in sorted(aims.items()):
+            if not math.isclose(objective, world.slo.ttft_seconds):
+                notes.append(
+                    f"note: scenario {world.name!r} scores a TTFT SLO of "
+                    f"{world.slo.ttft_seconds:g}s, but AdaptiveLimit {name!r} aims its queue "
+                    f"at {objective:g}s (capacity.queue.latency.objective): the policies are "
+                    "judged against a target they were not given; give both the same value "
+                    "(the scenario's `slo.ttft_seconds`, or the objective in a copy of the "
+                    "policies)"
+                )
+    return notes
+
+
 def _require_plans(worlds: list[Scenario], policies: Path) -> None:
     """Refuse a world whose traffic is on a plan the policy set does not define: a gateway
     refuses such a plan (403 unknown-plan), while the simulated one serves it with no plan
@@ -399,6 +428,8 @@ def _scoreboard(
             )
         worlds = _scenarios(scenario, every, replay)
         _require_plans([world for world, _ in worlds], policies)
+        for note in slo_notes([world for world, _ in worlds], policies):
+            typer.echo(note, err=True)
         board = run_board(
             worlds, policies, seeds, workers,
             progress=lambda line: typer.echo(line, err=True),

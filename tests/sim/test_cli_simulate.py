@@ -182,3 +182,22 @@ def test_the_scorecard_prints_a_static_value_in_full_not_as_an_exponent(
     row = next(x for x in capsys.readouterr().out.splitlines() if "static value found" in x)
     assert row.replace("│", " ").split()[-2:] == ["12.5", "1,849,990"]
     assert "static: 1,849,990 is on the edge of the range searched" in written.getvalue()
+
+
+def test_a_scenario_scored_against_another_slo_than_the_policies_aim_at_is_told(
+    short_scenario: Path,
+) -> None:
+    # A scenario written with a 1.5 s TTFT SLO beside policies whose queue aims at 2 s
+    # scored the policies 1.6 points under the best static limit, which was searched for
+    # the 1.5 s SLO itself; the same scenario at 2 s scored them level with it.
+    from controller.cli.simulate import slo_notes
+    from tests.sim.conftest import POLICIES
+
+    world = load_scenario(str(short_scenario))
+    assert slo_notes([world.model_copy(update={"slo": world.slo.model_copy(
+        update={"ttft_seconds": 2.0})})], POLICIES) == []  # fmt: skip
+    strict = world.model_copy(update={"slo": world.slo.model_copy(update={"ttft_seconds": 1.5})})
+    (note,) = slo_notes([strict], POLICIES)
+    assert "scenario 'short' scores a TTFT SLO of 1.5s" in note
+    assert "AdaptiveLimit 'global-inflight-by-gpu' aims its queue at 2s" in note
+    assert "give both the same value" in note
