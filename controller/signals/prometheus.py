@@ -25,6 +25,12 @@ import structlog
 import urllib3
 from prometheus_api_client.exceptions import PrometheusApiClientException
 
+from controller.clients.backoff import (
+    RETRY_STATUSES,
+    Backoff,
+    Held,
+    MalformedRetryAfterError,
+)
 from controller.clients.prometheus import (
     CutShortError,
     PrometheusConnection,
@@ -39,6 +45,7 @@ from controller.clients.prometheus import (
     redirected,
     tls_cause,
 )
+from controller.durations import format_duration
 from controller.errors import SignalError
 from controller.model import Sample, ScalarSample, SignalKey, Snapshot, Validity, VectorSample
 from controller.settings import PrometheusSettings
@@ -152,6 +159,8 @@ class PrometheusSource:
     def __post_init__(self) -> None:
         self._options = client_options(self.settings)
         self._clock_noted: float | None = None  # monotonic time of the last clock warning
+        self._backoff = Backoff()  # Retry-After: no query before its time
+        self._malformed_noted: float | None = None  # monotonic time of the last such warning
         self._max_bytes = int(self.settings.max_answer_megabytes * 1e6)
         self._times = SampleTimes(self.settings.sample_age_refresh_seconds)
         self._history = History()
@@ -258,7 +267,11 @@ class PrometheusSource:
         return answers
 
     def query(self, query: str, now: float) -> Answer:
-        """One instant query at `now` on the client's session, errors as values."""
+        """One instant query at `now` on the client's session, errors as values; none is
+        sent before the time a Retry-After named."""
+        waiting = self._backoff.waiting(time.time())
+        if waiting is not None:
+            return Answer(error=waiting)
         connection = self._connection()
         client = connection.client
         params = {
@@ -287,6 +300,7 @@ class PrometheusSource:
             if response.is_redirect:
                 return Answer(error=redirected(response.status_code, response.headers))
             if response.status_code != 200:
+                self._retry_after(response)
                 return Answer(error=error_detail(response.status_code, response.reason, body))
             if not body.startswith(_SUCCESS_HEAD):  # rare: parsed in full to say what it is
                 failed = _not_success(_parsed(response, body))
@@ -320,6 +334,52 @@ class PrometheusSource:
         except (PrometheusApiClientException, KeyError, TypeError, ValueError) as exc:
             raise SignalError(f"range query {query!r} failed: {exc}") from exc
         return result
+
+    def _retry_after(self, response: requests.Response) -> None:
+        """Keep a 429's or a 503's Retry-After: nothing is asked before then, and its signals
+        read as stale meanwhile. Said once when the back-off begins; a malformed value is
+        ignored (asked again next tick, as without one), said once an hour."""
+        value = response.headers.get("Retry-After")
+        if response.status_code not in RETRY_STATUSES or value is None:
+            return
+        try:
+            held = self._backoff.hold(
+                response.status_code, value, time.time(), f"Prometheus at {self.url}"
+            )
+        except MalformedRetryAfterError as exc:
+            self._note_malformed(value, exc)
+            return
+        if held is not None:
+            self._note_held(response.status_code, held)
+
+    def _note_held(self, status: int, held: Held) -> None:
+        capped = (
+            f" (capped at {format_duration(held.seconds)} from {held.asked:.0f} s)"
+            if held.asked is not None
+            else ""
+        )
+        structlog.get_logger("governor.signals").warning(
+            "prometheus.retry_after",
+            url=self.url,
+            status=status,
+            seconds=round(held.seconds),
+            detail=f"Prometheus (or a proxy in front of it) answered HTTP {status} with "
+            f"Retry-After: no query to it for {held.seconds:.0f} s{capped}; its signals read "
+            "as stale meanwhile (each policy's on_stale decides)",
+        )
+
+    def _note_malformed(self, value: str, exc: MalformedRetryAfterError) -> None:
+        wall = time.monotonic()
+        if self._malformed_noted is not None and wall - self._malformed_noted < 3600.0:
+            return
+        self._malformed_noted = wall
+        structlog.get_logger("governor.signals").warning(
+            "prometheus.retry_after_malformed",
+            url=self.url,
+            value=ascii(value[:64]),
+            detail=f"{exc}: ignored, asked again next tick (Retry-After is whole seconds or "
+            "an HTTP-date, RFC 9110; fix the proxy in front of Prometheus that sends it)",
+        )
 
     def _failure(self, exc: requests.RequestException) -> str:
         """One line for a failed request: the root cause, not requests' nested repr."""
@@ -385,10 +445,10 @@ class PrometheusSource:
         dropped: list[str] | None = None,
     ) -> Sample:
         if answer.error is not None:
-            return error_sample(key, f"query {key.query!r} failed: {answer.error}")
+            return self._unanswered(key, f"query {key.query!r} failed: {answer.error}")
         fresh = self._times.of(reads, now, absent_ok=key.absent_zero)
         if isinstance(fresh, str):
-            return error_sample(key, f"query {key.query!r}: {fresh}")
+            return self._unanswered(key, f"query {key.query!r}: {fresh}")
         timestamp, note = fresh
         validity = Validity.PARTIAL if answer.warnings else Validity.OK
         detail = "; ".join(filter(None, [*answer.warnings, note]))
@@ -401,6 +461,15 @@ class PrometheusSource:
         if sample.validity is not Validity.EMPTY:
             return sample
         return self._empty(key, sample, reads, timestamp)
+
+    def _unanswered(self, key: SignalKey, detail: str) -> Sample:
+        """A query without an answer: an error, or stale while Prometheus asked (Retry-After)
+        not to be asked (its data is as old as the last answer, as when a scrape stops)."""
+        waiting = self._backoff.waiting(time.time())
+        if waiting is None:
+            return error_sample(key, detail)
+        why = f"query {key.query!r} {waiting} (its signals read as stale until then)"
+        return error_sample(key, why, Validity.STALE)
 
     def _decode(
         self,
@@ -471,12 +540,13 @@ def _untold_ages(samples: dict[SignalKey, Sample], unparsed: Mapping[str, str]) 
             samples[key] = error_sample(key, f"query {key.query!r} {unparsed[key.query]}")
 
 
-def error_sample(key: SignalKey, detail: str) -> Sample:
-    """The sample of a query that failed as a whole: no value for any label value."""
+def error_sample(key: SignalKey, detail: str, validity: Validity = Validity.ERROR) -> Sample:
+    """The sample of a query that failed as a whole: no value for any label value (STALE:
+    not asked, as Prometheus said to wait)."""
     if key.by is None:
-        return ScalarSample(math.nan, math.nan, Validity.ERROR, detail)
+        return ScalarSample(math.nan, math.nan, validity, detail)
     empty = np.empty(0, dtype=np.float64)
-    return VectorSample(key.by, (), empty, empty.copy(), Validity.ERROR, detail)
+    return VectorSample(key.by, (), empty, empty.copy(), validity, detail)
 
 
 def signal_errors(
