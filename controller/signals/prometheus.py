@@ -8,7 +8,6 @@ names the query and the cause, so only the policies that read it degrade.
 from __future__ import annotations
 
 import concurrent.futures
-import datetime as dt
 import email.utils
 import math
 import threading
@@ -23,7 +22,6 @@ import numpy as np
 import requests
 import structlog
 import urllib3
-from prometheus_api_client.exceptions import PrometheusApiClientException
 
 from controller.clients.backoff import (
     RETRY_STATUSES,
@@ -267,22 +265,43 @@ class PrometheusSource:
         return answers
 
     def query(self, query: str, now: float) -> Answer:
-        """One instant query at `now` on the client's session, errors as values; none is
-        sent before the time a Retry-After named."""
+        """One instant query at `now` on the client's session, errors as values."""
+        params = {"query": query, "time": f"{now:.3f}"}
+        return self._get("query", params)
+
+    def query_range(self, query: str, start: float, end: float, step: float) -> Sequence[Any]:
+        """One range query (the backtest) on the path and with the guards of the instant
+        queries (auth, TLS, retry policy, size cap, deadline, redirects, `status`,
+        Retry-After). Raises SignalError naming the query and the cause in one line."""
+        params = {"query": query, "start": f"{start:.3f}", "end": f"{end:.3f}", "step": f"{step:g}"}
+        answer = self._get("query_range", params)
+        failed = f"range query {query!r} failed"
+        if answer.error is not None:
+            raise SignalError(f"{failed}: {answer.error}")
+        try:
+            data = parse_body(answer.body)["data"]
+            kind, result = data["resultType"], data["result"]
+        except (KeyError, TypeError, ValueError) as exc:  # a body cut between two series
+            raise SignalError(f"{failed}: not a Prometheus range answer ({exc!r})") from exc
+        if kind != "matrix" or not isinstance(result, list):
+            raise SignalError(
+                f"{failed}: not a Prometheus range answer: resultType {kind!r}, not 'matrix' "
+                "(a proxy in front of Prometheus rewriting the path?)"
+            )
+        return result
+
+    def _get(self, endpoint: str, params: Mapping[str, str]) -> Answer:
+        """One GET of Prometheus' query API (`query`, `query_range`) with Prometheus' own
+        `timeout`, errors as values; none is sent before the time a Retry-After named."""
         waiting = self._backoff.waiting(time.time())
         if waiting is not None:
             return Answer(error=waiting)
         connection = self._connection()
         client = connection.client
-        params = {
-            "query": query,
-            "time": f"{now:.3f}",
-            "timeout": f"{self.settings.timeout_seconds:g}",
-        }
         try:
             response = connection.session.get(
-                f"{client.url}/api/v1/query",
-                params=params,
+                f"{client.url}/api/v1/{endpoint}",
+                params={**params, "timeout": f"{self.settings.timeout_seconds:g}"},
                 headers=client.headers,
                 auth=client.auth,
                 timeout=self.http_timeout,
@@ -314,26 +333,6 @@ class PrometheusSource:
         except (KeyError, TypeError, ValueError) as exc:
             return Answer(error=f"not a Prometheus query answer: {exc}")
         return Answer(body=body, warnings=warnings, ahead=_clock_ahead(response))
-
-    def query_range(self, query: str, start: float, end: float, step: float) -> Sequence[Any]:
-        """One range query (the backtest) on this thread's connection: the auth, headers,
-        TLS and retry policy of the live path. Raises SignalError naming the query and the
-        cause in one line."""
-        client = self._connection().client
-        try:
-            result: Sequence[Any] = client.custom_query_range(
-                query,
-                start_time=dt.datetime.fromtimestamp(start, dt.UTC),
-                end_time=dt.datetime.fromtimestamp(end, dt.UTC),
-                step=f"{step:g}s",
-                params={"timeout": f"{self.settings.timeout_seconds:g}"},
-                timeout=self.http_timeout,
-            )
-        except requests.RequestException as exc:
-            raise SignalError(f"range query {query!r} failed: {self._failure(exc)}") from exc
-        except (PrometheusApiClientException, KeyError, TypeError, ValueError) as exc:
-            raise SignalError(f"range query {query!r} failed: {exc}") from exc
-        return result
 
     def _retry_after(self, response: requests.Response) -> None:
         """Keep a 429's or a 503's Retry-After: nothing is asked before then, and its signals

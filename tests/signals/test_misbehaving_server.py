@@ -18,8 +18,10 @@ from typing import Any
 import pytest
 import structlog
 
+from controller.errors import SignalError
 from controller.model import Sample, SignalKey, Validity, VectorSample
 from controller.signals import PrometheusSource
+from controller.sim.backtest import Matrix, range_query
 from tests.support.prometheus import PrometheusServer
 from tests.support.redis import free_port
 
@@ -33,6 +35,14 @@ def _answer(now: float, status: str = "success", **extra: object) -> bytes:
     """A vector of TENANTS series, as Prometheus writes it (compact, `status` first)."""
     series = [{"metric": {"tenant": f"t{i}"}, "value": [now, str(i)]} for i in range(TENANTS)]
     body = {"status": status, "data": {"resultType": "vector", "result": series}, **extra}
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+def _matrix(now: float) -> bytes:
+    """A range query's answer: TENANTS series of two points each."""
+    points = [[now - 15, "0"], [now, "1"]]
+    series = [{"metric": {"tenant": f"t{i}"}, "values": points} for i in range(TENANTS)]
+    body = {"status": "success", "data": {"resultType": "matrix", "result": series}}
     return json.dumps(body, separators=(",", ":")).encode()
 
 
@@ -108,6 +118,10 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(body.encode())
 
     def _ok(self, now: float) -> None:
+        ranged = self.path.startswith("/api/v1/query_range")
+        self._send(_matrix(now) if ranged else _answer(now))
+
+    def _instant_vector(self, now: float) -> None:
         self._send(_answer(now))
 
     def _error_200(self, now: float) -> None:
@@ -440,3 +454,55 @@ def test_a_malformed_retry_after_is_ignored_with_a_warning(server: Misbehaving, 
     [warned] = _said(logs, "prometheus.retry_after_malformed")  # once, not every fetch
     assert warned["value"] == ascii(value)
     assert "whole seconds or an HTTP-date" in warned["detail"]
+
+
+# --- range queries (the backtest): the same guards ---------------------------------------------
+
+
+def _range(server: Misbehaving, mode: str) -> Matrix:
+    server.mode = mode
+    now = time.time()
+    with PrometheusSource.from_url(server.url, max_answer_megabytes=5.0) as source:
+        return range_query(source, QUEUES.query, now - 15, now, 15)
+
+
+def test_a_range_query_reads_a_matrix(server: Misbehaving) -> None:
+    matrix = _range(server, "ok")
+    assert sorted(len(series) for series in matrix.values()) == [TENANTS, TENANTS]
+
+
+@pytest.mark.parametrize(
+    "mode", ["error-200", "login", "sso", "bad-gzip", "nginx-502", "endless", "too-many"]
+)
+def test_a_range_query_fails_as_an_instant_query_does(server: Misbehaving, mode: str) -> None:
+    """The backtest's range queries went through prometheus-api-client, without the instant
+    queries' guards: a proxy's HTTP 200 with `status: error` was read as its `data`, an
+    endless answer was read until memory ran out, a redirect to a sign-in page was followed,
+    a web page said `Expecting value: line 1 column 1 (char 0)`. Now each fails with the
+    words of the instant query."""
+    sample, _ = _fetch(server, mode, max_answer_megabytes=5.0)
+    prefix = f"query {QUEUES.query!r} failed: "
+    assert sample.detail.startswith(prefix)
+    with pytest.raises(SignalError) as raised:
+        _range(server, mode)
+    assert str(
+        raised.value
+    ) == f"range query {QUEUES.query!r} failed: " + sample.detail.removeprefix(prefix)
+
+
+def test_a_range_answer_cut_short_is_an_error_not_a_shorter_matrix(server: Misbehaving) -> None:
+    with pytest.raises(SignalError) as raised:
+        _range(server, "cut")
+    assert str(raised.value).startswith(
+        f"range query {QUEUES.query!r} failed: not a Prometheus range answer ("
+    )
+
+
+def test_a_range_query_answered_with_an_instant_vector_is_an_error(server: Misbehaving) -> None:
+    """A vector where a matrix belongs (a proxy rewriting the path) read as no data at all."""
+    with pytest.raises(SignalError) as raised:
+        _range(server, "instant-vector")
+    assert str(raised.value) == (
+        f"range query {QUEUES.query!r} failed: not a Prometheus range answer: resultType "
+        "'vector', not 'matrix' (a proxy in front of Prometheus rewriting the path?)"
+    )
