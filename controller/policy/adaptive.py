@@ -78,14 +78,13 @@ def evaluate_adaptive(
         return _on_invalid(policy, state, now, signal)
     if state.invalid_since is None:
         return _control(policy, snapshot, state, now, baselines, in_force, signal)
-    # The first usable sample after a hold: said once, with the step it resumes with.
+    # The first usable sample after a hold ends it: said once (the step taken on it has its
+    # own reason, journalled if it moves the limit).
     result = _control(
         policy, snapshot, replace(state, invalid_since=None), now, baselines, in_force, signal
     )
-    why = (
-        f"{spec.signal_name} usable again after {format_duration(now - state.invalid_since)}"
-        f" of holding: control resumes"
-    )
+    waited = format_duration(now - state.invalid_since)
+    why = f"{spec.signal_name} usable again after {waited} unusable: control resumes"
     return replace(result, event="stale-recovered", why=why, readings=(signal.reading(),))
 
 
