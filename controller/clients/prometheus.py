@@ -21,7 +21,19 @@ from controller.settings import PrometheusSettings
 # The library's default retries 3 times with back-off on 5xx: 6 s of waiting inside one tick,
 # and again on a query that timed out. One immediate retry of a refused or reset connection
 # (a pooled keep-alive socket closed by the server) is all a 5 s control loop can afford.
-_RETRY = Retry(total=1, connect=1, read=False, status=0, other=0, redirect=0, backoff_factor=0)
+# A Retry-After is honoured by the signal source across ticks (clients/backoff.py), not by
+# urllib3 within one: respected here, a 429 or 503 carrying one failed as "too many 429 error
+# responses" instead of its status and body.
+_RETRY = Retry(
+    total=1,
+    connect=1,
+    read=False,
+    status=0,
+    other=0,
+    redirect=0,
+    backoff_factor=0,
+    respect_retry_after_header=False,
+)
 # The root cause inside requests' long ConnectionError text, e.g. "Connection refused".
 _OS_ERROR = re.compile(r"\[Errno -?\d+\] ([^'\")]+)")
 _TLS_REASON = re.compile(r"\[SSL[^\]]*\] ([^'\"(]+)")

@@ -17,6 +17,9 @@ from controller.policy.engine import EngineState, Transition
 from controller.policy.policyset import PolicySet
 
 _REJECTED = {ERROR: "the policy reload failed (see the errors)"}
+# The transitions made while signals are untrustworthy: their details say why each is
+# (`stale-recovered` is made once they are usable again: nothing to say there).
+_ON_BAD_SIGNALS = frozenset({"stale-hold", "stale-released", "stale-engaged"})
 
 
 class TickEvents:
@@ -102,15 +105,16 @@ class TickEvents:
         runbooks = {d.ref: d.metadata.runbook for d in policies.documents}
         for t in _news(transitions, previous):
             details: dict[str, object] = {"event": t.event, "key": t.key}
-            if t.event.startswith("stale-") and invalid is not None:
+            if t.event in _ON_BAD_SIGNALS and invalid is not None:
                 # The readings carry NaN and a validity only; the query's error is the why.
                 why = invalid.get(t.policy, {})
                 details["invalid"] = {name: mask_text(text) for name, text in why.items()}
+            reason = f"{t.policy} {t.event}" + (f" for {t.key}" if t.key else "")
             self.emit(
                 JournalEvent(
                     kind=Kind.POLICY_TRANSITION,
                     actor=CONTROLLER,
-                    reason=f"{t.policy} {t.event}" + (f" for {t.key}" if t.key else ""),
+                    reason=reason + (f": {mask_text(t.detail)}" if t.detail else ""),
                     tick=tick,
                     policy=t.policy,
                     policy_version=policies.version,

@@ -12,9 +12,10 @@ import math
 from dataclasses import dataclass, replace
 
 from controller.durations import format_duration
-from controller.model import Proposal, Snapshot
+from controller.model import Proposal, SignalReading, Snapshot
 from controller.policy.baselines import Baselines
 from controller.policy.capacity import Capacity, estimate
+from controller.policy.conditions import Event
 from controller.policy.documents import (
     AdaptiveLimit,
     AdaptiveLimitSpec,
@@ -51,6 +52,11 @@ class AdaptiveResult:
     proposal: Proposal | None
     state: AdaptiveState
     notes: tuple[str, ...] = ()
+    # A hold on a bad signal beginning ("stale-hold") or ending ("stale-recovered"), and why
+    # in words: the journal's only line about a limit that stands still (no write, no event).
+    event: Event = ""
+    why: str = ""
+    readings: tuple[SignalReading, ...] = ()
 
 
 def evaluate_adaptive(
@@ -69,7 +75,30 @@ def evaluate_adaptive(
         return AdaptiveResult(None, AdaptiveState())
     signal = scalar_input(spec.signal_name, spec.signal, snapshot, None, now)
     if not signal.valid:
-        return _on_invalid(policy, state, now, signal.validity.value)
+        return _on_invalid(policy, state, now, signal)
+    if state.invalid_since is None:
+        return _control(policy, snapshot, state, now, baselines, in_force, signal)
+    # The first usable sample after a hold ends it: said once (the step taken on it has its
+    # own reason, journalled if it moves the limit).
+    result = _control(
+        policy, snapshot, replace(state, invalid_since=None), now, baselines, in_force, signal
+    )
+    waited = format_duration(now - state.invalid_since)
+    why = f"{spec.signal_name} usable again after {waited} unusable: control resumes"
+    return replace(result, event="stale-recovered", why=why, readings=(signal.reading(),))
+
+
+def _control(
+    policy: AdaptiveLimit,
+    snapshot: Snapshot,
+    state: AdaptiveState,
+    now: float,
+    baselines: Baselines,
+    in_force: float | None,
+    signal: ScalarInput,
+) -> AdaptiveResult:
+    """One control step on a usable signal."""
+    spec = policy.spec
     seen, last = state.sample_at, state.value
     if last is not None and seen is not None and signal.timestamp <= seen:
         return _repeat(policy, state, last, seen, signal)
@@ -347,20 +376,22 @@ def _next_value(
 
 
 def _on_invalid(
-    policy: AdaptiveLimit, state: AdaptiveState, now: float, why: str
+    policy: AdaptiveLimit, state: AdaptiveState, now: float, signal: ScalarInput
 ) -> AdaptiveResult:
     spec = policy.spec
     since = state.invalid_since if state.invalid_since is not None else now
     waited = now - since
     held = replace(state, invalid_since=since)
-    prefix = f"{spec.signal_name} is {why} for {format_duration(waited)}"
+    prefix = f"{spec.signal_name} is {signal.validity.value} for {format_duration(waited)}"
     if waited < spec.on_stale.hold_for or spec.on_stale.then == "hold":
         if state.value is None:
-            return AdaptiveResult(None, held, (f"{policy.ref}: {prefix}; nothing to hold yet",))
+            why = f"{prefix}; nothing to hold yet"
+            return _begins(AdaptiveResult(None, held), state, signal, why, policy.ref)
         reason = f"{prefix}: holding {fmt_number(state.value)} (on_stale: hold_for " + (
             f"{format_duration(spec.on_stale.hold_for)}, then {spec.on_stale.then})"
         )
-        return AdaptiveResult(Proposal(spec.target, state.value, policy.ref, reason), held)
+        proposal = Proposal(spec.target, state.value, policy.ref, reason)
+        return _begins(AdaptiveResult(proposal, held), state, signal, reason, policy.ref)
     if spec.on_stale.then == "min":
         reason = f"{prefix}: falling back to bounds.min {fmt_number(spec.bounds.min)}"
         return AdaptiveResult(
@@ -369,3 +400,14 @@ def _on_invalid(
         )
     # `then: baseline`: no proposal, so the resolver falls back to the baseline.
     return AdaptiveResult(None, AdaptiveState(invalid_since=since))
+
+
+def _begins(
+    result: AdaptiveResult, state: AdaptiveState, signal: ScalarInput, why: str, ref: str
+) -> AdaptiveResult:
+    """A hold's result, marked as its beginning on its first tick only: every tick of a hold
+    proposes (and says) the same, and a journal event or a warning per tick is a flood."""
+    if state.invalid_since is not None:
+        return result
+    note = () if result.proposal is not None else (f"{ref}: {why}",)
+    return replace(result, notes=note, event="stale-hold", why=why, readings=(signal.reading(),))

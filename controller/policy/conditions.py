@@ -28,7 +28,10 @@ class ConditionState:
 
 IDLE = ConditionState()
 
-Event = Literal["", "engaged", "released", "stale-hold", "stale-released", "stale-engaged"]
+# `stale-recovered`: an AdaptiveLimit's hold on a bad signal ended (its signal is usable).
+Event = Literal[
+    "", "engaged", "released", "stale-hold", "stale-released", "stale-engaged", "stale-recovered"
+]
 
 
 @dataclass(frozen=True, slots=True)

@@ -62,6 +62,7 @@ class Transition:
     key: str  # the label value for `per:` policies, "" otherwise
     event: Event
     signals: tuple[SignalReading, ...]
+    detail: str = ""  # why, in words, when the event alone does not say it (journalled)
 
 
 @dataclass(frozen=True)
@@ -112,6 +113,10 @@ def evaluate(
             out.proposals.append(result.proposal)
             out.active.setdefault(adaptive.ref, []).append("")
         out.notes.extend(result.notes)
+        if result.event:
+            out.transitions.append(
+                Transition(adaptive.ref, SCALAR_KEY, result.event, result.readings, result.why)
+            )
     return Evaluation(
         proposals=tuple(out.proposals),
         state=EngineState(

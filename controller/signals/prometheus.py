@@ -8,7 +8,6 @@ names the query and the cause, so only the policies that read it degrade.
 from __future__ import annotations
 
 import concurrent.futures
-import datetime as dt
 import email.utils
 import math
 import threading
@@ -23,8 +22,13 @@ import numpy as np
 import requests
 import structlog
 import urllib3
-from prometheus_api_client.exceptions import PrometheusApiClientException
 
+from controller.clients.backoff import (
+    RETRY_STATUSES,
+    Backoff,
+    Held,
+    MalformedRetryAfterError,
+)
 from controller.clients.prometheus import (
     CutShortError,
     PrometheusConnection,
@@ -39,6 +43,7 @@ from controller.clients.prometheus import (
     redirected,
     tls_cause,
 )
+from controller.durations import format_duration
 from controller.errors import SignalError
 from controller.model import Sample, ScalarSample, SignalKey, Snapshot, Validity, VectorSample
 from controller.settings import PrometheusSettings
@@ -152,6 +157,8 @@ class PrometheusSource:
     def __post_init__(self) -> None:
         self._options = client_options(self.settings)
         self._clock_noted: float | None = None  # monotonic time of the last clock warning
+        self._backoff = Backoff()  # Retry-After: no query before its time
+        self._malformed_noted: float | None = None  # monotonic time of the last such warning
         self._max_bytes = int(self.settings.max_answer_megabytes * 1e6)
         self._times = SampleTimes(self.settings.sample_age_refresh_seconds)
         self._history = History()
@@ -259,17 +266,42 @@ class PrometheusSource:
 
     def query(self, query: str, now: float) -> Answer:
         """One instant query at `now` on the client's session, errors as values."""
+        params = {"query": query, "time": f"{now:.3f}"}
+        return self._get("query", params)
+
+    def query_range(self, query: str, start: float, end: float, step: float) -> Sequence[Any]:
+        """One range query (the backtest) on the path and with the guards of the instant
+        queries (auth, TLS, retry policy, size cap, deadline, redirects, `status`,
+        Retry-After). Raises SignalError naming the query and the cause in one line."""
+        params = {"query": query, "start": f"{start:.3f}", "end": f"{end:.3f}", "step": f"{step:g}"}
+        answer = self._get("query_range", params)
+        failed = f"range query {query!r} failed"
+        if answer.error is not None:
+            raise SignalError(f"{failed}: {answer.error}")
+        try:
+            data = parse_body(answer.body)["data"]
+            kind, result = data["resultType"], data["result"]
+        except (KeyError, TypeError, ValueError) as exc:  # a body cut between two series
+            raise SignalError(f"{failed}: not a Prometheus range answer ({exc!r})") from exc
+        if kind != "matrix" or not isinstance(result, list):
+            raise SignalError(
+                f"{failed}: not a Prometheus range answer: resultType {kind!r}, not 'matrix' "
+                "(a proxy in front of Prometheus rewriting the path?)"
+            )
+        return result
+
+    def _get(self, endpoint: str, params: Mapping[str, str]) -> Answer:
+        """One GET of Prometheus' query API (`query`, `query_range`) with Prometheus' own
+        `timeout`, errors as values; none is sent before the time a Retry-After named."""
+        waiting = self._backoff.waiting(time.time())
+        if waiting is not None:
+            return Answer(error=waiting)
         connection = self._connection()
         client = connection.client
-        params = {
-            "query": query,
-            "time": f"{now:.3f}",
-            "timeout": f"{self.settings.timeout_seconds:g}",
-        }
         try:
             response = connection.session.get(
-                f"{client.url}/api/v1/query",
-                params=params,
+                f"{client.url}/api/v1/{endpoint}",
+                params={**params, "timeout": f"{self.settings.timeout_seconds:g}"},
                 headers=client.headers,
                 auth=client.auth,
                 timeout=self.http_timeout,
@@ -287,6 +319,7 @@ class PrometheusSource:
             if response.is_redirect:
                 return Answer(error=redirected(response.status_code, response.headers))
             if response.status_code != 200:
+                self._retry_after(response)
                 return Answer(error=error_detail(response.status_code, response.reason, body))
             if not body.startswith(_SUCCESS_HEAD):  # rare: parsed in full to say what it is
                 failed = _not_success(_parsed(response, body))
@@ -301,25 +334,51 @@ class PrometheusSource:
             return Answer(error=f"not a Prometheus query answer: {exc}")
         return Answer(body=body, warnings=warnings, ahead=_clock_ahead(response))
 
-    def query_range(self, query: str, start: float, end: float, step: float) -> Sequence[Any]:
-        """One range query (the backtest) on this thread's connection: the auth, headers,
-        TLS and retry policy of the live path. Raises SignalError naming the query and the
-        cause in one line."""
-        client = self._connection().client
+    def _retry_after(self, response: requests.Response) -> None:
+        """Keep a 429's or a 503's Retry-After: nothing is asked before then, and its signals
+        read as stale meanwhile. Said once when the back-off begins; a malformed value is
+        ignored (asked again next tick, as without one), said once an hour."""
+        value = response.headers.get("Retry-After")
+        if response.status_code not in RETRY_STATUSES or value is None:
+            return
         try:
-            result: Sequence[Any] = client.custom_query_range(
-                query,
-                start_time=dt.datetime.fromtimestamp(start, dt.UTC),
-                end_time=dt.datetime.fromtimestamp(end, dt.UTC),
-                step=f"{step:g}s",
-                params={"timeout": f"{self.settings.timeout_seconds:g}"},
-                timeout=self.http_timeout,
+            held = self._backoff.hold(
+                response.status_code, value, time.time(), f"Prometheus at {self.url}"
             )
-        except requests.RequestException as exc:
-            raise SignalError(f"range query {query!r} failed: {self._failure(exc)}") from exc
-        except (PrometheusApiClientException, KeyError, TypeError, ValueError) as exc:
-            raise SignalError(f"range query {query!r} failed: {exc}") from exc
-        return result
+        except MalformedRetryAfterError as exc:
+            self._note_malformed(value, exc)
+            return
+        if held is not None:
+            self._note_held(response.status_code, held)
+
+    def _note_held(self, status: int, held: Held) -> None:
+        capped = (
+            f" (capped at {format_duration(held.seconds)} from {held.asked:.0f} s)"
+            if held.asked is not None
+            else ""
+        )
+        structlog.get_logger("governor.signals").warning(
+            "prometheus.retry_after",
+            url=self.url,
+            status=status,
+            seconds=round(held.seconds),
+            detail=f"Prometheus (or a proxy in front of it) answered HTTP {status} with "
+            f"Retry-After: no query to it for {held.seconds:.0f} s{capped}; its signals read "
+            "as stale meanwhile (each policy's on_stale decides)",
+        )
+
+    def _note_malformed(self, value: str, exc: MalformedRetryAfterError) -> None:
+        wall = time.monotonic()
+        if self._malformed_noted is not None and wall - self._malformed_noted < 3600.0:
+            return
+        self._malformed_noted = wall
+        structlog.get_logger("governor.signals").warning(
+            "prometheus.retry_after_malformed",
+            url=self.url,
+            value=ascii(value[:64]),
+            detail=f"{exc}: ignored, asked again next tick (Retry-After is whole seconds or "
+            "an HTTP-date, RFC 9110; fix the proxy in front of Prometheus that sends it)",
+        )
 
     def _failure(self, exc: requests.RequestException) -> str:
         """One line for a failed request: the root cause, not requests' nested repr."""
@@ -385,10 +444,10 @@ class PrometheusSource:
         dropped: list[str] | None = None,
     ) -> Sample:
         if answer.error is not None:
-            return error_sample(key, f"query {key.query!r} failed: {answer.error}")
+            return self._unanswered(key, f"query {key.query!r} failed: {answer.error}")
         fresh = self._times.of(reads, now, absent_ok=key.absent_zero)
         if isinstance(fresh, str):
-            return error_sample(key, f"query {key.query!r}: {fresh}")
+            return self._unanswered(key, f"query {key.query!r}: {fresh}")
         timestamp, note = fresh
         validity = Validity.PARTIAL if answer.warnings else Validity.OK
         detail = "; ".join(filter(None, [*answer.warnings, note]))
@@ -401,6 +460,15 @@ class PrometheusSource:
         if sample.validity is not Validity.EMPTY:
             return sample
         return self._empty(key, sample, reads, timestamp)
+
+    def _unanswered(self, key: SignalKey, detail: str) -> Sample:
+        """A query without an answer: an error, or stale while Prometheus asked (Retry-After)
+        not to be asked (its data is as old as the last answer, as when a scrape stops)."""
+        waiting = self._backoff.waiting(time.time())
+        if waiting is None:
+            return error_sample(key, detail)
+        why = f"query {key.query!r} {waiting} (its signals read as stale until then)"
+        return error_sample(key, why, Validity.STALE)
 
     def _decode(
         self,
@@ -471,12 +539,13 @@ def _untold_ages(samples: dict[SignalKey, Sample], unparsed: Mapping[str, str]) 
             samples[key] = error_sample(key, f"query {key.query!r} {unparsed[key.query]}")
 
 
-def error_sample(key: SignalKey, detail: str) -> Sample:
-    """The sample of a query that failed as a whole: no value for any label value."""
+def error_sample(key: SignalKey, detail: str, validity: Validity = Validity.ERROR) -> Sample:
+    """The sample of a query that failed as a whole: no value for any label value (STALE:
+    not asked, as Prometheus said to wait)."""
     if key.by is None:
-        return ScalarSample(math.nan, math.nan, Validity.ERROR, detail)
+        return ScalarSample(math.nan, math.nan, validity, detail)
     empty = np.empty(0, dtype=np.float64)
-    return VectorSample(key.by, (), empty, empty.copy(), Validity.ERROR, detail)
+    return VectorSample(key.by, (), empty, empty.copy(), validity, detail)
 
 
 def signal_errors(

@@ -1,7 +1,8 @@
 """Backtest: replay the policies over a real Prometheus's history, OPEN LOOP.
 
 Every distinct policy query runs once as a range query (on the live signal source's
-connection: its auth, headers, TLS and retry policy), with the newest-sample time of each
+connection and through its guarded path: its auth, headers, TLS, retry policy, answer size
+cap and checks of what came back), with the newest-sample time of each
 selector it reads (as the live signal source measures staleness); then the real engine and
 resolver step through the history on a virtual clock. What the policies would have written
 never feeds back into that history: the history is what happened under whatever limits were

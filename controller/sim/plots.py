@@ -225,7 +225,8 @@ def _transition_marks(record: RunRecord) -> list[Mark]:
     for t in record.transitions:
         policy = t.policy.split("/", 1)[-1]
         who = f" for {t.key}" if t.key else ""
-        color = "tab:green" if "released" in t.event else "tab:red"
+        easing = "released" in t.event or t.event == "stale-recovered"
+        color = "tab:green" if easing else "tab:red"
         short = f"{t.event} {t.key or policy}"
         marks.append(Mark(t.tick, short, f"{policy} {t.event}{who}", color, t.key or None))
     return marks

@@ -5,7 +5,9 @@ and the journal's stale-hold event says which signal was bad and why."""
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -13,6 +15,7 @@ import redis
 from tests.daemon.harness import (
     FREE_RPM,
     POLICY,
+    TICK_SECONDS,
     DaemonFactory,
     Gpu,
     daemon_env,
@@ -88,3 +91,62 @@ def test_a_value_outside_the_signals_range_holds_then_falls_back_and_says_why(
     reason = held["details"]["invalid"]["gpu_util"]
     assert reason.startswith("out_of_range: value 95 is outside the signal's range 0–1")
     wait_for(lambda: limit(db) == FREE_RPM, "the declared fallback (baseline) returns", 20)
+
+
+ADAPTIVE = "AdaptiveLimit/rps-by-gpu"
+
+
+def test_an_adaptive_limit_holding_on_a_bad_signal_journals_when_and_why_once(
+    db: redis.Redis[str],
+    redis_server: RedisServer,
+    prometheus: PrometheusServer,
+    gpu: Gpu,
+    policy_dir: Path,
+    daemons: DaemonFactory,
+) -> None:
+    """An AdaptiveLimit whose signal turned bad held its value and journalled nothing: no
+    write (the value stands still), no transition, so on-call saw a limit that did not move
+    and no line saying why. Now one event when the hold begins, naming the policy, the signal
+    and why, none for the ticks it lasts, and one when it ends."""
+    (policy_dir / "gpu-hot.yaml").unlink()  # only the AdaptiveLimit reads the series
+    (policy_dir / "rps-by-gpu.yaml").write_text(
+        "apiVersion: governor/v1\nkind: AdaptiveLimit\nmetadata: {name: rps-by-gpu}\n"
+        "spec:\n"
+        "  target: global/requests_per_second\n"
+        f"  signal: {{name: gpu_util, query: 'max(gpu_util{{case=\"{gpu.case}\"}})', "
+        "stale_after: 30s, range: {min: 0, max: 1}}\n"
+        "  setpoint: 0.8\n"
+        "  aimd: {increase: 1, decrease_factor: 0.9, tolerance: 0.05}\n"
+        "  bounds: {min: 10, max: 100}\n"
+        "  on_stale: {hold_for: 1h, then: baseline}\n"
+    )
+    gpu.set(0.8)
+    gpu.scraped(prometheus, 0.8)
+    daemon = daemons("adaptive", daemon_env(redis_server.url, prometheus.url, policy_dir))
+    daemon.wait_for_metric("governor_ready", 1.0)
+
+    def transitions() -> list[dict[str, Any]]:
+        return events(db, "policy.transition", policy=ADAPTIVE)
+
+    gpu.set(95.0)  # a percent where the policy reads a ratio
+    wait_for(lambda: bool(transitions()), "the out-of-range value starts a hold")
+    held_at = time.time()
+    daemon.wait_for_metric("governor_policy_in_fallback", 1.0, policy=ADAPTIVE)
+    [held] = transitions()
+    assert held["details"]["event"] == "stale-hold"
+    assert held["reason"].startswith(f"{ADAPTIVE} stale-hold: gpu_util is out_of_range for 0s")
+    assert [(s["name"], s["validity"]) for s in held["signals"]] == [("gpu_util", "out_of_range")]
+    why = held["details"]["invalid"]["gpu_util"]
+    assert why.startswith("out_of_range: value 95 is outside the signal's range 0–1")
+    wait_for(lambda: time.time() > held_at + 6 * TICK_SECONDS, "six more ticks of the hold")
+    assert len(transitions()) == 1  # not one per tick
+
+    gpu.set(0.8)
+    wait_for(lambda: len(transitions()) == 2, "the usable signal ends the hold")
+    ended = transitions()[-1]
+    assert ended["details"]["event"] == "stale-recovered"
+    assert ended["reason"].startswith(f"{ADAPTIVE} stale-recovered: gpu_util usable again after")
+    assert [(s["name"], s["validity"]) for s in ended["signals"]] == [("gpu_util", "ok")]
+    daemon.wait_for_metric("governor_policy_in_fallback", 0.0, policy=ADAPTIVE)
+    wait_for(lambda: time.time() > ended["at"] + 6 * TICK_SECONDS, "six more ticks")
+    assert len(transitions()) == 2

@@ -5,19 +5,23 @@ it and the cause, never a value, and a fetch takes no longer than the query time
 
 from __future__ import annotations
 
+import email.utils
 import json
 import threading
 import time
 import tracemalloc
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Iterator, MutableMapping, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 import pytest
 import structlog
 
+from controller.errors import SignalError
 from controller.model import Sample, SignalKey, Validity, VectorSample
 from controller.signals import PrometheusSource
+from controller.sim.backtest import Matrix, range_query
 from tests.support.prometheus import PrometheusServer
 from tests.support.redis import free_port
 
@@ -34,6 +38,14 @@ def _answer(now: float, status: str = "success", **extra: object) -> bytes:
     return json.dumps(body, separators=(",", ":")).encode()
 
 
+def _matrix(now: float) -> bytes:
+    """A range query's answer: TENANTS series of two points each."""
+    points = [[now - 15, "0"], [now, "1"]]
+    series = [{"metric": {"tenant": f"t{i}"}, "values": points} for i in range(TENANTS)]
+    body = {"status": "success", "data": {"resultType": "matrix", "result": series}}
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
 def _histograms(now: float) -> bytes:
     """A vector of one classic series and one native histogram (Prometheus' API format)."""
     native = {"count": "10", "sum": "3.1", "buckets": [[0, "0.5", "1", "10"]]}
@@ -46,6 +58,9 @@ def _histograms(now: float) -> bytes:
 
 
 _NOBODY = free_port()  # an auth proxy's sign-in host, down
+# Thanos' or Cortex's query frontend over its limits (429), a proxy before a Prometheus
+# that is not ready (503).
+BUSY = {"too-many": 429, "unavailable": 503}
 
 
 # nginx's own error page in front of Prometheus, and an auth proxy's login page.
@@ -78,7 +93,10 @@ class _Handler(BaseHTTPRequestHandler):
         now = time.time()
         query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
         mode = self.server.mode
-        if query["query"][0].startswith("max(timestamp("):
+        self.server.requests += 1
+        if mode in BUSY:  # a proxy shedding load refuses every query, the age queries too
+            self._busy(BUSY[mode])
+        elif query["query"][0].startswith("max(timestamp("):
             newest = [{"metric": {}, "value": [now, str(now)]}]
             data = {"resultType": "vector", "result": newest}
             self._send(json.dumps({"status": "success", "data": data}).encode())
@@ -88,7 +106,22 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             getattr(self, "_" + mode.replace("-", "_"))(now)
 
+    def _busy(self, status: int) -> None:
+        """Prometheus' error body, with the server's Retry-After if it has one."""
+        body = json.dumps({"status": "error", "errorType": "unavailable", "error": "busy"})
+        self.send_response(status)
+        if self.server.retry_after is not None:
+            self.send_header("Retry-After", self.server.retry_after)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body.encode())
+
     def _ok(self, now: float) -> None:
+        ranged = self.path.startswith("/api/v1/query_range")
+        self._send(_matrix(now) if ranged else _answer(now))
+
+    def _instant_vector(self, now: float) -> None:
         self._send(_answer(now))
 
     def _error_200(self, now: float) -> None:
@@ -171,6 +204,8 @@ class Misbehaving(ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), _Handler)
         self.mode = "ok"
         self.ahead = 0.0  # how far the server's clock is ahead (its Date header)
+        self.retry_after: str | None = None  # the Retry-After of a BUSY mode's answers
+        self.requests = 0  # every query asked of it
         self.thread = threading.Thread(target=self.serve_forever, daemon=True)
         self.thread.start()
 
@@ -336,3 +371,138 @@ def test_a_victoriametrics_partial_answer_is_partial_not_ok(server: Misbehaving)
     sample, _ = _fetch(server, "vm-partial")
     assert sample.validity is Validity.PARTIAL  # was OK
     assert sample.detail.startswith("isPartial: some of the data was unavailable")
+
+
+# --- Retry-After: a server shedding load says when to ask again ------------------------------
+
+
+def _source(server: Misbehaving) -> PrometheusSource:
+    return PrometheusSource.from_url(server.url, sample_age_refresh_seconds=0.0)
+
+
+def _said(logs: Sequence[MutableMapping[str, Any]], event: str) -> list[MutableMapping[str, Any]]:
+    return [e for e in logs if e["event"] == event]
+
+
+@pytest.mark.parametrize("mode", BUSY)
+def test_retry_after_seconds_are_honoured_and_the_signals_read_as_stale(
+    server: Misbehaving, mode: str
+) -> None:
+    """A 429 or a 503 with Retry-After was asked again on the next tick regardless: a query
+    frontend shedding load got every replica's queries back every few seconds. Now nothing is
+    asked of it before the time it names, its signals read as stale meanwhile (so each
+    policy's on_stale decides, as for any stale signal), and one line says so."""
+    server.mode, server.retry_after = mode, "2"
+    with structlog.testing.capture_logs() as logs, _source(server) as source:
+        refused = source.fetch([QUEUES], time.time()).samples[QUEUES]
+        asked, refused_at = server.requests, time.time()
+        held = [source.fetch([QUEUES], time.time()).samples[QUEUES] for _ in range(3)]
+        assert server.requests == asked  # was asked again at once, every fetch
+        server.mode = "ok"
+        time.sleep(max(refused_at + 2.1 - time.time(), 0.0))
+        back = source.fetch([QUEUES], time.time()).samples[QUEUES]
+    assert server.requests > asked
+    assert back.validity is Validity.OK
+    assert [s.validity for s in (refused, *held)] == [Validity.STALE] * 4  # was ERROR
+    assert held[0].detail.startswith(f"query {QUEUES.query!r} not asked until ")
+    assert held[0].detail.endswith(
+        f": Prometheus at {server.url} answered HTTP {BUSY[mode]} with Retry-After: 2 "
+        "(its signals read as stale until then)"
+    )
+    [said] = _said(logs, "prometheus.retry_after")  # once, not once per query or fetch
+    assert (said["status"], said["seconds"], said["url"]) == (BUSY[mode], 2, server.url)
+
+
+def test_retry_after_as_an_http_date_is_honoured(server: Misbehaving) -> None:
+    server.mode = "unavailable"
+    server.retry_after = email.utils.formatdate(time.time() + 4, usegmt=True)
+    with structlog.testing.capture_logs() as logs, _source(server) as source:
+        source.fetch([QUEUES], time.time())
+        asked = server.requests
+        sample = source.fetch([QUEUES], time.time()).samples[QUEUES]
+    assert server.requests == asked
+    assert sample.validity is Validity.STALE
+    [said] = _said(logs, "prometheus.retry_after")
+    assert 2 <= said["seconds"] <= 4  # the date is in whole seconds
+
+
+def test_a_retry_after_beyond_five_minutes_is_capped(server: Misbehaving) -> None:
+    """A day (a misconfigured proxy) would have kept every policy on its fallback all day."""
+    server.mode, server.retry_after = "too-many", "86400"
+    with structlog.testing.capture_logs() as logs, _source(server) as source:
+        source.fetch([QUEUES], time.time())
+        asked = server.requests
+        sample = source.fetch([QUEUES], time.time()).samples[QUEUES]
+    assert server.requests == asked
+    assert sample.validity is Validity.STALE
+    [said] = _said(logs, "prometheus.retry_after")
+    assert said["seconds"] == 300
+    assert "capped at 5m from 86400 s" in said["detail"]
+
+
+@pytest.mark.parametrize("value", ["in a bit", "-5", "1.5", "Mon, 99 Foo 2026 25:61:00 GMT"])
+def test_a_malformed_retry_after_is_ignored_with_a_warning(server: Misbehaving, value: str) -> None:
+    server.mode, server.retry_after = "too-many", value
+    with structlog.testing.capture_logs() as logs, _source(server) as source:
+        samples, asked = [], []
+        for _ in range(3):
+            samples.append(source.fetch([QUEUES], time.time()).samples[QUEUES])
+            asked.append(server.requests)
+    assert asked[0] < asked[1] < asked[2]  # asked again each fetch, as without the header
+    assert [s.validity for s in samples] == [Validity.ERROR] * 3
+    assert samples[0].detail == f"query {QUEUES.query!r} failed: HTTP 429 unavailable: busy"
+    [warned] = _said(logs, "prometheus.retry_after_malformed")  # once, not every fetch
+    assert warned["value"] == ascii(value)
+    assert "whole seconds or an HTTP-date" in warned["detail"]
+
+
+# --- range queries (the backtest): the same guards ---------------------------------------------
+
+
+def _range(server: Misbehaving, mode: str) -> Matrix:
+    server.mode = mode
+    now = time.time()
+    with PrometheusSource.from_url(server.url, max_answer_megabytes=5.0) as source:
+        return range_query(source, QUEUES.query, now - 15, now, 15)
+
+
+def test_a_range_query_reads_a_matrix(server: Misbehaving) -> None:
+    matrix = _range(server, "ok")
+    assert sorted(len(series) for series in matrix.values()) == [TENANTS, TENANTS]
+
+
+@pytest.mark.parametrize(
+    "mode", ["error-200", "login", "sso", "bad-gzip", "nginx-502", "endless", "too-many"]
+)
+def test_a_range_query_fails_as_an_instant_query_does(server: Misbehaving, mode: str) -> None:
+    """The backtest's range queries went through prometheus-api-client, without the instant
+    queries' guards: a proxy's HTTP 200 with `status: error` was read as its `data`, an
+    endless answer was read until memory ran out, a redirect to a sign-in page was followed,
+    a web page said `Expecting value: line 1 column 1 (char 0)`. Now each fails with the
+    words of the instant query."""
+    sample, _ = _fetch(server, mode, max_answer_megabytes=5.0)
+    prefix = f"query {QUEUES.query!r} failed: "
+    assert sample.detail.startswith(prefix)
+    with pytest.raises(SignalError) as raised:
+        _range(server, mode)
+    assert str(
+        raised.value
+    ) == f"range query {QUEUES.query!r} failed: " + sample.detail.removeprefix(prefix)
+
+
+def test_a_range_answer_cut_short_is_an_error_not_a_shorter_matrix(server: Misbehaving) -> None:
+    with pytest.raises(SignalError) as raised:
+        _range(server, "cut")
+    assert str(raised.value).startswith(
+        f"range query {QUEUES.query!r} failed: not a Prometheus range answer ("
+    )
+
+
+def test_a_range_query_answered_with_an_instant_vector_is_an_error(server: Misbehaving) -> None:
+    """A vector where a matrix belongs (a proxy rewriting the path) read as no data at all."""
+    with pytest.raises(SignalError) as raised:
+        _range(server, "instant-vector")
+    assert str(raised.value) == (
+        f"range query {QUEUES.query!r} failed: not a Prometheus range answer: resultType "
+        "'vector', not 'matrix' (a proxy in front of Prometheus rewriting the path?)"
+    )

@@ -585,11 +585,53 @@ def test_adaptive_resumes_from_the_value_in_force_once_fresh() -> None:
     assert values_of(result) == {str(RPS): 2050.0}
 
 
-def test_adaptive_with_nothing_to_hold_proposes_nothing_and_says_why() -> None:
+def test_adaptive_with_nothing_to_hold_proposes_nothing_and_says_why_once() -> None:
     driver = Driver(policy_set(adaptive()))
     result = driver.tick(0.0, {GPU_QUERY: BROKEN})
     assert result.proposals == ()
     assert any(n.startswith("AdaptiveLimit/rps-by-gpu:") for n in result.notes)
+    # Said when the hold begins, not on every tick of it (a warning per tick was a flood).
+    assert driver.tick(5.0, {GPU_QUERY: BROKEN}).notes == ()
+
+
+ADAPTIVE = "AdaptiveLimit/rps-by-gpu"
+OUT_OF_RANGE = ScalarSample(95.0, 0.0)  # a percent where the policy reads a ratio
+
+
+@pytest.mark.parametrize(
+    ("reading", "why"),
+    [
+        (STALE, "stale"),
+        (BROKEN, "error"),
+        (ScalarSample(math.nan, 30.0), "not_finite"),
+        (OUT_OF_RANGE, "out_of_range"),
+    ],
+    ids=["stale", "error", "nan", "out-of-range"],
+)
+def test_an_adaptive_hold_on_a_bad_signal_is_a_transition_when_it_begins_and_ends(
+    reading: ScalarSample, why: str
+) -> None:
+    """An AdaptiveLimit holding its value on a bad signal made no transition: nothing was
+    journalled, so on-call saw the limit stand still and no line saying why. Now one event
+    when the hold begins, naming the signal and why, none while it lasts, one when it ends."""
+    gpu = {"query": GPU_QUERY, "stale_after": "60s", "name": "gpu_util", "range": {"max": 1}}
+    driver = Driver(policy_set(adaptive(signal=gpu, on_stale={"hold_for": "2m", "then": "hold"})))
+    driver.tick(0.0, {GPU_QUERY: 0.9}, current={RPS: 1000.0})
+    began = driver.tick(30.0, {GPU_QUERY: reading}, current={RPS: 800.0})
+    assert events_of(began) == [(ADAPTIVE, "", "stale-hold")]
+    [hold] = began.transitions
+    assert hold.detail.startswith(f"gpu_util is {why}")
+    assert "holding 800" in hold.detail
+    assert [(r.name, r.validity) for r in hold.signals] == [("gpu_util", Validity(why))]
+    for now in (35.0, 90.0, 400.0):  # past hold_for too: `then: hold` keeps holding
+        assert driver.tick(now, {GPU_QUERY: reading}, current={RPS: 800.0}).transitions == ()
+    ended = driver.tick(405.0, {GPU_QUERY: 0.5}, current={RPS: 800.0})
+    assert events_of(ended) == [(ADAPTIVE, "", "stale-recovered")]
+    assert ended.transitions[0].detail.startswith("gpu_util usable again after 6m15s")
+    assert values_of(ended) == {str(RPS): 800.0}
+    again = driver.tick(410.0, {GPU_QUERY: 0.5}, current={RPS: 800.0})
+    assert again.transitions == ()
+    assert values_of(again) == {str(RPS): 850.0}  # the control law acts again
 
 
 def test_adaptive_outside_its_schedule_proposes_nothing() -> None:
