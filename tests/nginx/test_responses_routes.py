@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 import openai
 import pytest
 
 from controller.contract.keys import KeySchema
+from controller.gateway.background import MAX_READ_ANSWER
 from tests.gateway.conftest import write_limits
 from tests.gateway.fake_upstream import FakeUpstream, ServerThread
 from tests.nginx.conftest import PREFIX, Side, chat_body, tenant_state
@@ -306,3 +309,41 @@ def test_a_read_that_streams_a_background_response_passes_as_it_is(
         assert tenant_state(side, "acme")["u|tokens_per_day"] == charged, side.name
         assert side.http.get(path, headers=sent).json()["status"] == "completed"
         assert tenant_state(side, "acme")["u|tokens_per_day"] != charged, side.name
+
+
+def padded(answer: dict[str, Any], size: int) -> dict[str, Any]:
+    """`answer` with a field that makes the fake's JSON body exactly `size` bytes long (its
+    JSONResponse renders compact JSON, non-ASCII as is)."""
+
+    def rendered(value: dict[str, Any]) -> int:
+        return len(json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode())
+
+    base = rendered({**answer, "pad": ""})
+    return {**answer, "pad": "x" * (size - base)}
+
+
+def test_a_settling_read_past_32_mib_passes_on_whole_and_settles_nothing(
+    python_gateway: Side, nginx: Side, upstream: tuple[FakeUpstream, ServerThread]
+) -> None:
+    """A read of a background response still charged its reservation is read for its usage
+    up to 32 MiB (MAX_READ_ANSWER) by the Python gateway; nginx and Kong decoded whatever
+    came, however large. Both now: an answer of exactly 32 MiB settles, one byte more
+    reaches the client whole and settles nothing (the reservation stays charged, its record
+    kept for a later read)."""
+    fake = upstream[0]
+    for side in sides(python_gateway, nginx):
+        key = side.key("acme", "free")
+        client = sdk(side, key)
+        sent = {"authorization": f"Bearer {key}"}
+        for size, settles in ((MAX_READ_ANSWER + 1, False), (MAX_READ_ANSWER, True)):
+            queued = client.responses.create(model=MODEL, input=f"big {size} {side.name}",
+                                             max_output_tokens=16, background=True)  # fmt: skip
+            charged = tenant_state(side, "acme")["u|tokens_per_day"]
+            held = next(k for k in fake.responses if k.endswith(queued.id))
+            fake.responses[held] = padded(fake.responses[held], size)
+            answer = side.http.get(f"{side.url}/v1/responses/{queued.id}", headers=sent)
+            assert (answer.status_code, len(answer.content)) == (200, size), side.name
+            settled = tenant_state(side, "acme")["u|tokens_per_day"] != charged
+            assert settled is settles, (side.name, size)
+            kept = side.db.get(KeySchema(PREFIX).background("acme", queued.id))
+            assert (kept is None) is settles, (side.name, size)

@@ -104,6 +104,10 @@ end
 
 local FINAL_STATUSES = openai.FINAL_STATUSES
 
+-- background.MAX_READ_ANSWER: the largest answer a settling read is read for its usage (a
+-- response object holds its whole output); a larger one settles nothing.
+_M.MAX_READ_ANSWER = 32 * 1024 * 1024
+
 -- background._count: a whole count of 0 or more (cjson reads every JSON number as a double;
 -- one past 2^53 is no exact count).
 local function count(value)

@@ -528,6 +528,12 @@ end
 -- finished with; an answer that says none leaves it charged its reservation. Held when Redis
 -- fails (a repeat changes nothing: charge.lua's charge record).
 function Gateway:settle_background(call, answer)
+  -- Past the cap the answer is passed on as it is and its reservation stays charged, as
+  -- asgi._forward_read reads no further: decoding it whole would hold a worker's memory and
+  -- time for as large an answer as the model server cares to send.
+  if #(answer or '') > conversations.MAX_READ_ANSWER then
+    return
+  end
   local used = conversations.final_usage(answer, call.id)
   if used == nil then
     return
