@@ -283,10 +283,11 @@ class GovernorMiddleware:
     async def _settle_background(
         self, tenant: str, named: str, charged: BackgroundCharge, answer: bytes
     ) -> None:
-        """Settle a background response at the usage its answer says it finished with; an
-        answer that says none (still running, no usage, counts that are none) leaves it
-        charged its reservation. Held when Redis fails (a repeat changes nothing)."""
-        used = final_usage(answer, named)
+        """Settle a background response at the usage its answer says it finished with (one
+        cancelled without usage: at what its output holds, `cancelled_usage`); an answer
+        that says none (still running, no usage, counts that are none) leaves it charged its
+        reservation. Held when Redis fails (a repeat changes nothing)."""
+        used = final_usage(answer, named, charged)
         if used is None:
             return
         tokens = TokensUsed(used.prompt, used.completion)

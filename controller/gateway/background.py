@@ -5,8 +5,9 @@ response's own routes").
 `responses.create(background=True)` is answered at once (`queued`, no usage) and generated
 afterwards, where no gateway sees it: it is charged its whole reservation when answered. What
 it was charged is kept for its tenant (`<P>:{t:<tenant>}:background:<id>`); the first read
-or cancel through the gateway whose answer holds the response finished with its usage
-settles the difference, once (charge.lua's charge record), and forgets it.
+or cancel through the gateway whose answer holds the response finished with its usage (or
+cancelled without usage: at what its output holds) settles the difference, once (charge.lua's
+charge record), and forgets it.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Any, TypeGuard
 
-from controller.gateway.openai import FINAL_STATUSES, whole_count
+from controller.gateway.openai import FINAL_STATUSES, output_tokens, whole_count
 
 # The largest answer read for its usage (a response object holds its whole output).
 MAX_READ_ANSWER = 32 * 1024 * 1024
@@ -81,24 +82,19 @@ class FinalUsage:
         return self.prompt + self.completion
 
 
-def final_usage(answer: bytes, response_id: str) -> FinalUsage | None:
+def final_usage(answer: bytes, response_id: str, charged: BackgroundCharge) -> FinalUsage | None:
     """The usage of response `response_id` that an answer holds once it is finished
     (`status` one of FINAL_STATUSES, `usage.input_tokens`/`output_tokens` whole counts of 0
     or more); None for anything else — another object or id, still queued or running, no
     usage, counts that are no counts (`openai.whole_count`: `-5`, `1.5`, `"2"`, `true`): the
-    charge then stands."""
-    try:
-        document: Any = json.loads(answer)
-    except (ValueError, UnicodeDecodeError, RecursionError):
+    charge then stands. A response `cancelled` with no usage at all (null or absent) is the
+    one exception: `cancelled_usage`, from the output it holds (`charged`: its charge)."""
+    response = _finished(answer, response_id)
+    if response is None:
         return None
-    if not isinstance(document, dict) or document.get("object") != "response":
-        return None
-    status = document.get("status")
-    if document.get("id") != response_id or not isinstance(status, str):
-        return None
-    if status not in FINAL_STATUSES:
-        return None
-    usage = document.get("usage")
+    usage = response.get("usage")
+    if usage is None and response.get("status") == "cancelled":
+        return cancelled_usage(response, charged)
     if not isinstance(usage, dict):
         return None
     prompt, completion, total = (whole_count(usage.get(name)) for name in _COUNTS)
@@ -107,6 +103,30 @@ def final_usage(answer: bytes, response_id: str) -> FinalUsage | None:
     if total is not None and total > prompt + completion:
         completion = total - prompt  # reasoning tokens counted only in the total, as a settle
     return FinalUsage(prompt, completion)
+
+
+def cancelled_usage(response: dict[str, Any], charged: BackgroundCharge) -> FinalUsage:
+    """A response cancelled and answered without usage: what it generated before the cancel,
+    estimated as an answer without usage is settled (the prompt charged at admission, and
+    `openai.output_tokens` of the output the answer holds), never more than its reservation
+    (a model server that kept going past max_output_tokens is not believed) and never less
+    than its prompt. Charging it the whole reservation made a response cancelled at once pay
+    for every token it never generated."""
+    return FinalUsage(charged.prompt, min(output_tokens(response), charged.completion))
+
+
+def _finished(answer: bytes, response_id: str) -> dict[str, Any] | None:
+    """Response `response_id` as the answer holds it, once finished; None for anything else."""
+    try:
+        document: Any = json.loads(answer)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return None
+    if not isinstance(document, dict) or document.get("object") != "response":
+        return None
+    status = document.get("status")  # a list or an object would not hash: checked first
+    if document.get("id") != response_id or not isinstance(status, str):
+        return None
+    return document if status in FINAL_STATUSES else None
 
 
 def _count(value: object) -> TypeGuard[int]:

@@ -347,3 +347,42 @@ def test_a_settling_read_past_32_mib_passes_on_whole_and_settles_nothing(
             assert settled is settles, (side.name, size)
             kept = side.db.get(KeySchema(PREFIX).background("acme", queued.id))
             assert (kept is None) is settles, (side.name, size)
+
+
+@pytest.mark.parametrize(
+    ("text", "generated"),
+    [("alpha beta", 3), ("", 0), ("x" * 400, 16)],  # ⌈10 ÷ 4⌉; none; past max_output_tokens
+)
+def test_a_response_cancelled_without_usage_is_charged_what_it_generated(
+    python_gateway: Side,
+    nginx: Side,
+    upstream: tuple[FakeUpstream, ServerThread],
+    text: str,
+    generated: int,
+) -> None:
+    """A cancel the model server answers `cancelled` with no usage left the whole reservation
+    charged: a long generation cancelled near its end cost the same as one cancelled at once
+    only by luck, and one cancelled at once paid for tokens never made. Both gateways now
+    settle it as they estimate an answer without usage: the prompt charged at admission and
+    ⌈characters of the output the answer holds ÷ 4⌉, never more than the reservation, never
+    less than the prompt."""
+    fake = upstream[0]
+    for side in sides(python_gateway, nginx):
+        tenant = f"cancel{len(text)}"
+        key = side.key(tenant, "free")
+        queued = sdk(side, key).responses.create(model=MODEL, input=f"stop {side.name}",
+                                                 max_output_tokens=16, background=True)  # fmt: skip
+        before = int(tenant_state(side, tenant)["u|tokens_per_day"])
+        charged = json.loads(side.db.get(KeySchema(PREFIX).background(tenant, queued.id)) or "")
+        held = next(k for k in fake.responses if k.endswith(queued.id))
+        part = {"type": "output_text", "text": text, "annotations": []}
+        message = {**fake.responses[held]["output"][0], "content": [part]}
+        fake.responses[held] = {**fake.responses[held], "usage": None, "output": [message]}
+        cancelled = sdk(side, key).responses.cancel(queued.id)
+        assert (cancelled.status, cancelled.usage) == ("cancelled", None), side.name
+        settled = int(tenant_state(side, tenant)["u|tokens_per_day"])
+        assert before == charged["prompt"] + 16, side.name  # the whole reservation, at first
+        assert settled == charged["prompt"] + generated, (side.name, before, settled)
+        assert record(side, tenant, queued.id) == str(settled), side.name
+        # Settled once: its charge record is gone, so a later read changes nothing.
+        assert side.db.get(KeySchema(PREFIX).background(tenant, queued.id)) is None, side.name

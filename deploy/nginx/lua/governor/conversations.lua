@@ -115,9 +115,18 @@ local function count(value)
     and value < 2 ^ 53
 end
 
+-- background.cancelled_usage: a response cancelled and answered without usage, as an answer
+-- without usage is settled: the prompt charged at admission and the output it holds
+-- (openai.output_tokens), never more than its reservation nor less than its prompt.
+local function cancelled_usage(response, charged)
+  return {prompt = charged.prompt,
+    completion = math.min(openai.output_tokens(response), charged.completion)}
+end
+
 -- background.final_usage: the usage {prompt, completion} of response `response_id` that an
--- answer holds once it is finished, else nil (the charge then stands).
-function _M.final_usage(answer, response_id)
+-- answer holds once it is finished, else nil (the charge then stands); one `cancelled` with
+-- no usage at all (null or absent): cancelled_usage (`charged`: its charge).
+function _M.final_usage(answer, response_id, charged)
   local document = cjson.decode(answer or '')
   if type(document) ~= 'table' or document.object ~= 'response' then
     return nil
@@ -127,6 +136,9 @@ function _M.final_usage(answer, response_id)
     return nil
   end
   local usage = document.usage
+  if (usage == nil or usage == cjson.null) and document.status == 'cancelled' then
+    return cancelled_usage(document, charged)
+  end
   if type(usage) ~= 'table' then
     return nil
   end

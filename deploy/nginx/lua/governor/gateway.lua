@@ -525,8 +525,9 @@ function Gateway:background_charge(client, req, principal, call)
 end
 
 -- asgi._settle_background: settle a background response at the usage its answer says it
--- finished with; an answer that says none leaves it charged its reservation. Held when Redis
--- fails (a repeat changes nothing: charge.lua's charge record).
+-- finished with (one cancelled without usage: at what its output holds); an answer that says
+-- none leaves it charged its reservation. Held when Redis fails (a repeat changes nothing:
+-- charge.lua's charge record).
 function Gateway:settle_background(call, answer)
   -- Past the cap the answer is passed on as it is and its reservation stays charged, as
   -- asgi._forward_read reads no further: decoding it whole would hold a worker's memory and
@@ -534,7 +535,7 @@ function Gateway:settle_background(call, answer)
   if #(answer or '') > conversations.MAX_READ_ANSWER then
     return
   end
-  local used = conversations.final_usage(answer, call.id)
+  local used = conversations.final_usage(answer, call.id, call.charged)
   if used == nil then
     return
   end
