@@ -19,7 +19,9 @@ from tests.nginx.gateway_pair import Pair, PairOptions, gateway_pair
 
 pytestmark = pytest.mark.integration
 
-TIMEOUT_SECONDS = 1  # both gateways' upstream read timeout here (the shipped one is 600 s)
+# Both gateways' upstream read timeout here (the shipped one is 600 s): long enough that a busy
+# machine never parts the fake's events before its stall by as much.
+TIMEOUT_SECONDS = 2
 BUDGET = "u|tokens_per_day"
 CHAT = chat_body(max_tokens=300, stream=True)
 RESPONSE = {"model": "gpt-3.5-turbo", "input": "hi", "max_output_tokens": 300, "stream": True}
