@@ -272,12 +272,15 @@ class Admission:
         *,
         prompt_tokens: int | None = None,
         completion_tokens: int | None = None,
+        keep_slots: bool = False,
     ) -> bool:
         """Charge what the request used; refund the rest of its hold or charge the excess.
 
         With `prompt_tokens` and `completion_tokens` credits are charged at their own prices,
-        else all `actual_tokens` at the dearer of the two. Returns False when the reservation
-        was unknown (already settled, or older than its lease plus the record grace).
+        else all `actual_tokens` at the dearer of the two. `keep_slots`: the request goes on
+        after its answer (a background response): its concurrency slots stay held until
+        `release` (or their lease ends). Returns False when the reservation was unknown
+        (already settled, or older than its lease plus the record grace).
         """
         if prompt_tokens is not None and completion_tokens is not None:
             cost = self.prices.cost(model, prompt_tokens, completion_tokens)
@@ -290,6 +293,7 @@ class Admission:
             to_micro(cost) if actual_tokens > 0 else 0,
             model,
             (prompt_tokens, completion_tokens),
+            keep_slots=keep_slots,
         )
 
     async def charge(self, request: AdmissionRequest, usage: TokensUsed) -> int:
@@ -382,16 +386,23 @@ class Admission:
         tenant: str,
         response_id: str,
         charged: BackgroundCharge,
-        used: TokensUsed,
+        used: TokensUsed | None,
         ttl_seconds: float,
     ) -> int:
-        """Settle `tenant`'s background answer at the usage its finished response reports:
-        the difference from what it was charged, on the daily budgets (tokens given back
-        only to a budget still counting the day they were charged on) and the credits (at
-        today's prices), once — a repeat finds the charge record (kept as long as the
-        response's record) and changes nothing. Its record then holds its true total (a
-        turn continuing it reserves that), and what it was charged is forgotten. Raises
-        EnforcementError if Redis fails (the caller holds it: a repeat is harmless)."""
+        """Settle `tenant`'s finished background answer: the concurrency slots it kept while
+        it generated are given back (settle.lua's kept holds; once: the record goes with
+        them), and, with the `used` its response reports, it is charged at that usage: the
+        difference from what it was charged, on the daily budgets (tokens given back only to
+        a budget still counting the day they were charged on) and the credits (at today's
+        prices), once — a repeat finds the charge record (kept as long as the response's
+        record) and changes nothing. Its record then holds its true total (a turn
+        continuing it reserves that), and what it was charged is forgotten. No `used` (a
+        finished answer that says none): the charge stands, for a later read to settle.
+        Returns the budgets charged. Raises EnforcementError if Redis fails (the caller
+        holds it: a repeat is harmless)."""
+        await self.release(charged.reservation, tenant)
+        if used is None:
+            return 0
         cost = ""
         if charged.cost_micro is not None:
             price = to_micro(self.prices.cost(charged.model, used.prompt, used.completion))
@@ -509,6 +520,8 @@ class Admission:
         cost_micro: int,
         model: str | None,
         split: tuple[int | None, int | None],
+        *,
+        keep_slots: bool = False,
     ) -> bool:
         request_id, user, ip = _split_reservation(reservation)
         args: tuple[str | int, ...] = (
@@ -519,6 +532,7 @@ class Admission:
             self._history_length,
             "" if split[0] is None else split[0],
             "" if split[1] is None else split[1],
+            "1" if keep_slots else "",
         )
         if self.slots is not None:
             return await self.slots.settle((tenant, user, ip), args)

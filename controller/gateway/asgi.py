@@ -32,7 +32,7 @@ from controller.gateway.admission import (
     UnansweredAdmissionError,
 )
 from controller.gateway.auth import Authenticator, AuthError, Principal
-from controller.gateway.background import MAX_READ_ANSWER, BackgroundCharge, final_usage
+from controller.gateway.background import MAX_READ_ANSWER, BackgroundCharge, finished
 from controller.gateway.catalog import PlanCatalog
 from controller.gateway.conversations import (
     ADDS_ITEMS,
@@ -283,14 +283,15 @@ class GovernorMiddleware:
     async def _settle_background(
         self, tenant: str, named: str, charged: BackgroundCharge, answer: bytes
     ) -> None:
-        """Settle a background response at the usage its answer says it finished with (one
-        cancelled without usage: at what its output holds, `cancelled_usage`); an answer
-        that says none (still running, no usage, counts that are none) leaves it charged its
-        reservation. Held when Redis fails (a repeat changes nothing)."""
-        used = final_usage(answer, named, charged)
-        if used is None:
+        """Settle a background response its answer says is finished: its slots given back,
+        and charged at the usage it finished with (one cancelled without usage: at what its
+        output holds, `cancelled_usage`); an answer that says no usage (no usage, counts
+        that are none) leaves it charged its reservation, and one still running changes
+        nothing. Held when Redis fails (a repeat changes nothing)."""
+        done, used = finished(answer, named, charged)
+        if not done:
             return
-        tokens = TokensUsed(used.prompt, used.completion)
+        tokens = None if used is None else TokensUsed(used.prompt, used.completion)
         ttl = self.e.settings.previous_response_ttl_seconds
         admission = self.e.admission
         await self._store(
@@ -766,6 +767,9 @@ class GovernorMiddleware:
             # the next turn reads is in place.
             await self._remember(call, usage.total_tokens)
 
+            # A background answer's generation goes on after it: its slots stay held.
+            running = _runs_on(call, usage)
+
             async def settle() -> None:
                 known = await self.e.admission.settle(
                     reservation,
@@ -774,10 +778,11 @@ class GovernorMiddleware:
                     model,
                     prompt_tokens=usage.prompt_tokens,
                     completion_tokens=usage.completion_tokens,
+                    keep_slots=running,
                 )
                 # Kept only once its charge is on the books (a settle held until Redis
                 # answers keeps it then): a settle that never landed must refund nothing.
-                if known:
+                if known and running:
                     await self._keep_background(call, reservation, usage, cost)
 
             await self._store("settle", settle)
@@ -785,12 +790,11 @@ class GovernorMiddleware:
     async def _keep_background(
         self, call: _Call, reservation: str, usage: Usage, cost: float
     ) -> None:
-        """A background answer settled at its whole reservation (its usage comes later):
-        keep what it is charged, so a read or cancel that sees its usage settles the
-        difference. Not kept (a Redis failure, logged): it stays charged its reservation."""
+        """A background answer settled at its whole reservation (its usage comes later),
+        its slots kept: keep what it is charged, so a read or cancel that sees it finished
+        gives the slots back and settles the difference. Not kept (a Redis failure,
+        logged): it stays charged its reservation, its slots held until their lease ends."""
         named = call.meter.response_id
-        if not (call.request.background and call.request.stored and usage.estimated):
-            return
         if named is None:
             return
         # The credits settle.lua took: only a plan that held credits at admission is charged.
@@ -824,6 +828,18 @@ class GovernorMiddleware:
                 error=str(exc),
                 held=len(self.e.pending),
             )
+
+
+def _runs_on(call: _Call, usage: Usage) -> bool:
+    """Whether the model server goes on generating after this answer: a background response
+    answered unfinished (no usage yet) that a later read can settle (kept, with an id)."""
+    request = call.request
+    return (
+        request.background
+        and request.stored
+        and usage.estimated
+        and call.meter.response_id is not None
+    )
 
 
 def _kept(call: _Call) -> list[tuple[EarlierKind, str]]:

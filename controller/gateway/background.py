@@ -3,11 +3,13 @@ when answered, and the usage a later read or cancel of it says (docs/gateway.md,
 response's own routes").
 
 `responses.create(background=True)` is answered at once (`queued`, no usage) and generated
-afterwards, where no gateway sees it: it is charged its whole reservation when answered. What
-it was charged is kept for its tenant (`<P>:{t:<tenant>}:background:<id>`); the first read
-or cancel through the gateway whose answer holds the response finished with its usage (or
-cancelled without usage: at what its output holds) settles the difference, once (charge.lua's
-charge record), and forgets it.
+afterwards, where no gateway sees it: it is charged its whole reservation when answered, and
+keeps its concurrency slots (settle.lua's kept holds) while it generates. What it was charged
+is kept for its tenant (`<P>:{t:<tenant>}:background:<id>`); the first read or cancel through
+the gateway whose answer holds the response finished gives the slots back and, with its
+usage (or cancelled without usage: at what its output holds), settles the difference, once
+(charge.lua's charge record), and forgets it. A response nobody reads so gives its slots back
+when its admission's lease ends.
 """
 
 from __future__ import annotations
@@ -44,6 +46,11 @@ class BackgroundCharge:
     @property
     def tokens(self) -> int:
         return self.prompt + self.completion
+
+    @property
+    def reservation(self) -> str:
+        """Its admission's reservation as `Admission.release` takes it (the ip as its id)."""
+        return f"{self.request_id}/{self.user or ''}/{self.ip or ''}"
 
     def encoded(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))
@@ -82,19 +89,35 @@ class FinalUsage:
         return self.prompt + self.completion
 
 
-def final_usage(answer: bytes, response_id: str, charged: BackgroundCharge) -> FinalUsage | None:
-    """The usage of response `response_id` that an answer holds once it is finished
-    (`status` one of FINAL_STATUSES, `usage.input_tokens`/`output_tokens` whole counts of 0
-    or more); None for anything else — another object or id, still queued or running, no
-    usage, counts that are no counts (`openai.whole_count`: `-5`, `1.5`, `"2"`, `true`): the
-    charge then stands. A response `cancelled` with no usage at all (null or absent) is the
-    one exception: `cancelled_usage`, from the output it holds (`charged`: its charge)."""
-    response = _finished(answer, response_id)
-    if response is None:
-        return None
-    usage = response.get("usage")
-    if usage is None and response.get("status") == "cancelled":
-        return cancelled_usage(response, charged)
+def finished(
+    answer: bytes, response_id: str, charged: BackgroundCharge
+) -> tuple[bool, FinalUsage | None]:
+    """Whether an answer holds response `response_id` finished (`status` one of
+    FINAL_STATUSES: its generation holds no slot any more), and then the usage it reports
+    (`usage.input_tokens`/`output_tokens` whole counts of 0 or more). Not finished for
+    anything else (another object or id, still queued or running); no usage for usage that
+    is none or counts that are no counts (`openai.whole_count`: `-5`, `1.5`, `"2"`, `true`):
+    the charge then stands. A response `cancelled` with no usage at all (null or absent) is
+    the one exception: `cancelled_usage`, from the output it holds (`charged`: its charge)."""
+    try:
+        document: Any = json.loads(answer)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return False, None
+    if not isinstance(document, dict) or document.get("object") != "response":
+        return False, None
+    status = document.get("status")  # a list or an object would not hash: checked first
+    if document.get("id") != response_id or not isinstance(status, str):
+        return False, None
+    if status not in FINAL_STATUSES:
+        return False, None
+    if document.get("usage") is None and status == "cancelled":
+        return True, cancelled_usage(document, charged)
+    return True, _usage(document)
+
+
+def _usage(document: dict[str, Any]) -> FinalUsage | None:
+    """The usage a finished response object reports; None for none or counts that are none."""
+    usage = document.get("usage")
     if not isinstance(usage, dict):
         return None
     prompt, completion, total = (whole_count(usage.get(name)) for name in _COUNTS)
@@ -113,20 +136,6 @@ def cancelled_usage(response: dict[str, Any], charged: BackgroundCharge) -> Fina
     than its prompt. Charging it the whole reservation made a response cancelled at once pay
     for every token it never generated."""
     return FinalUsage(charged.prompt, min(output_tokens(response), charged.completion))
-
-
-def _finished(answer: bytes, response_id: str) -> dict[str, Any] | None:
-    """Response `response_id` as the answer holds it, once finished; None for anything else."""
-    try:
-        document: Any = json.loads(answer)
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        return None
-    if not isinstance(document, dict) or document.get("object") != "response":
-        return None
-    status = document.get("status")  # a list or an object would not hash: checked first
-    if document.get("id") != response_id or not isinstance(status, str):
-        return None
-    return document if status in FINAL_STATUSES else None
 
 
 def _count(value: object) -> TypeGuard[int]:

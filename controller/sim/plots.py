@@ -71,6 +71,7 @@ WINDOWS = {
     "burst": WindowStyle("tab:purple", "\\\\\\\\"),
     "ddos": WindowStyle("tab:red", "xxxx"),
     "signal_outage": WindowStyle("0.35", "...."),
+    "capacity": WindowStyle("tab:brown", "----"),
 }
 
 
@@ -180,6 +181,7 @@ def _window_label(event: Event) -> str:
         "burst": f"burst: {who} ×{event.factor:g}",
         "ddos": f"DDoS: {event.ips:,} IPs, {event.rate:g} requests/s on {event.keys} keys",
         "signal_outage": f"signal outage: {event.metric}",
+        "capacity": f"capacity: {event.pool or 'every pool'} at {event.factor:.0%} of its GPUs",
     }
     return labels[event.kind]
 

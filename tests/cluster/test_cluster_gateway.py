@@ -277,3 +277,43 @@ def test_a_background_response_is_settled_at_its_usage_in_every_slot(
         assert [after - before for after, before in zip(used(), start, strict=True)] == [real] * 2
     finally:
         gateway.stop()
+
+
+def test_a_background_response_holds_its_slots_in_every_slot_until_read_finished(
+    cluster: RedisClusterServers, limits: Path, upstream: tuple[FakeUpstream, str]
+) -> None:
+    """A `solo` tenant (one request in flight) runs a background response: its slot in the
+    tenant's slot and its share of the global concurrency in the shared one stay held while
+    it generates (the next request refused 429), and both come back when it is read
+    finished (the next admitted)."""
+    with cluster.client() as client:
+        key, _ = KeyStore(client, V2.schema, SECRET).create("busy", "solo")  # type: ignore[arg-type]
+    gateway = start_gateway(cluster.url, upstream[1])
+    fake = upstream[0]
+    levels = (V2.tenant_level("busy").state, V2.global_level().state)
+
+    def in_flight() -> list[str | None]:
+        with cluster.client() as client:
+            return [client.hget(state, "c|concurrent_requests") for state in levels]
+
+    try:
+        sent = {"authorization": f"Bearer {key}"}
+        body = {"model": "gpt-3.5-turbo", "input": "later", "max_output_tokens": 16,
+                "background": True}  # fmt: skip
+        queued = gateway.http.post(f"{gateway.url}/v1/responses", json=body, headers=sent)
+        assert queued.status_code == 200, queued.text
+        named = queued.json()["id"]
+        held = next(k for k in fake.responses if k.endswith(named))
+        answer = fake.responses[held]
+        fake.responses[held] = {**answer, "status": "in_progress", "usage": None}
+        assert in_flight() == ["1", "1"]
+        with cluster.client() as client:
+            assert client.hget(levels[1], "o|tenant/busy/") == "1"
+        assert gateway.chat(key).status_code == 429
+        fake.responses[held] = answer
+        done = gateway.http.get(f"{gateway.url}/v1/responses/{named}", headers=sent)
+        assert done.json()["status"] == "completed", done.text
+        assert in_flight() == ["0", "0"]
+        assert gateway.chat(key).status_code == 200
+    finally:
+        gateway.stop()

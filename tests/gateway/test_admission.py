@@ -251,6 +251,43 @@ def test_the_edges_in_flight_limit_is_shared_by_every_tenant_and_given_back(
     assert gate.run(body) == ["allow", "allow", "rate_limited", "allow", "rate_limited", "allow"]
 
 
+def test_a_settle_that_keeps_the_slots_holds_every_level_until_its_release(
+    gate: Gate, db: redis.Redis[str], set_limits: SetLimits
+) -> None:
+    # A background answer: its tokens settled, its generation going on. The slots at every
+    # level (the edge's, shared by weight; the tenant's; the user's) stay held until its
+    # release, which gives them back once; a repeat of the settle (its answer lost) keeps
+    # them as they are.
+    set_limits({"global/concurrent_requests": 1, "global/concurrent_headroom": 0.5,
+                "tenant/acme/concurrent_requests": 2,
+                "user/acme/alice/concurrent_requests": 1})  # fmt: skip
+    keys = EnforcementKeys.for_prefix("governor")
+    edge, tenant = keys.global_level(), keys.tenant_level("acme")
+    user = keys.user_level("acme", "alice")
+
+    async def body(admission: Admission) -> list[str]:
+        first = await admission.admit(request(user="alice"))
+        assert first.reservation is not None
+        for _ in range(2):
+            assert await admission.settle(first.reservation, "acme", 7, None, keep_slots=True)
+        held = [db.hget(level.state, "c|concurrent_requests") for level in (edge, tenant, user)]
+        assert held == ["1", "1", "1"]
+        share = "o|tenant/acme/"  # its requests in flight at the edge (beyond its share now)
+        assert db.hget(edge.state, share) == "1"
+        second = await admission.admit(request(user="bob"))
+        assert second.denied_by == "global/concurrent_requests"
+        assert await admission.release(first.reservation, "acme")
+        assert not await admission.release(first.reservation, "acme")  # once
+        freed = [db.hget(level.state, "c|concurrent_requests") for level in (edge, tenant, user)]
+        assert freed == ["0", "0", "0"]
+        assert db.hget(edge.state, share) is None
+        assert db.zcard(tenant.leases) == db.zcard(edge.leases) == db.zcard(user.leases) == 0
+        third = await admission.admit(request(user="bob"))
+        return [r.outcome for r in (first, second, third)]
+
+    assert gate.run(body) == ["allow", "rate_limited", "allow"]
+
+
 def test_scripts_are_reloaded_after_script_flush(
     gate: Gate, db: redis.Redis[str], set_limits: SetLimits
 ) -> None:

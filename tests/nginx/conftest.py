@@ -60,9 +60,9 @@ location = /_probe/final_usage {
         ngx.req.read_body()
         local record = ngx.req.get_uri_args().record
         local charged = record and conversations.background_charge(record)
-        local used = conversations.final_usage(ngx.req.get_body_data() or '', ngx.var.arg_id,
+        local done, used = conversations.finished(ngx.req.get_body_data() or '', ngx.var.arg_id,
             charged)
-        ngx.say(cjson.encode({usage = used or cjson.null,
+        ngx.say(cjson.encode({finished = done, usage = used or cjson.null,
             charged = charged and conversations.background_record(charged) or cjson.null}))
     }
 }

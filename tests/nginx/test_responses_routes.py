@@ -9,11 +9,12 @@ from typing import Any
 import openai
 import pytest
 
+from controller.contract.enforcement import EnforcementKeys
 from controller.contract.keys import KeySchema
 from controller.gateway.background import MAX_READ_ANSWER
 from tests.gateway.conftest import write_limits
 from tests.gateway.fake_upstream import FakeUpstream, ServerThread
-from tests.nginx.conftest import PREFIX, Side, chat_body, tenant_state
+from tests.nginx.conftest import PREFIX, Side, chat_body, set_limit, tenant_state
 from tests.nginx.gateway_pair import PairOptions, gateway_pair
 from tests.nginx.test_conversations import _close_clients as _close_clients  # the fixture
 from tests.nginx.test_conversations import day_left, refused_as_written, sdk, sides
@@ -365,13 +366,16 @@ def test_a_response_cancelled_without_usage_is_charged_what_it_generated(
     only by luck, and one cancelled at once paid for tokens never made. Both gateways now
     settle it as they estimate an answer without usage: the prompt charged at admission and
     ⌈characters of the output the answer holds ÷ 4⌉, never more than the reservation, never
-    less than the prompt."""
+    less than the prompt. Its concurrency slot, held while it generated, comes back with
+    that settle."""
     fake = upstream[0]
     for side in sides(python_gateway, nginx):
         tenant = f"cancel{len(text)}"
+        set_limit(side, f"tenant/{tenant}/concurrent_requests", 1)
         key = side.key(tenant, "free")
         queued = sdk(side, key).responses.create(model=MODEL, input=f"stop {side.name}",
                                                  max_output_tokens=16, background=True)  # fmt: skip
+        assert tenant_state(side, tenant)["c|concurrent_requests"] == "1", side.name
         before = int(tenant_state(side, tenant)["u|tokens_per_day"])
         charged = json.loads(side.db.get(KeySchema(PREFIX).background(tenant, queued.id)) or "")
         held = next(k for k in fake.responses if k.endswith(queued.id))
@@ -386,3 +390,133 @@ def test_a_response_cancelled_without_usage_is_charged_what_it_generated(
         assert record(side, tenant, queued.id) == str(settled), side.name
         # Settled once: its charge record is gone, so a later read changes nothing.
         assert side.db.get(KeySchema(PREFIX).background(tenant, queued.id)) is None, side.name
+        assert tenant_state(side, tenant)["c|concurrent_requests"] == "0", side.name
+
+
+def in_progress(fake: FakeUpstream, response: str) -> dict[str, Any]:
+    """The model server says `response` is still generating (no usage yet); its finished
+    answer, to put back once the test lets it finish."""
+    held = next(k for k in fake.responses if k.endswith(response))
+    finished = fake.responses[held]
+    fake.responses[held] = {**finished, "status": "in_progress", "output": [], "usage": None}
+    return finished
+
+
+def finish(fake: FakeUpstream, response: str, answer: dict[str, Any]) -> None:
+    held = next(k for k in fake.responses if k.endswith(response))
+    fake.responses[held] = answer
+
+
+def refused_for_its_slot(side: Side, key: str, client: openai.OpenAI) -> None:
+    """Another request of the tenant is refused by its concurrency limit (429), through the
+    SDK and in the problem document's words."""
+    with pytest.raises(openai.RateLimitError):
+        client.responses.create(model=MODEL, input="meanwhile", max_output_tokens=16)
+    refused = side.chat(key, chat_body(max_tokens=1))
+    assert refused.status_code == 429, (side.name, refused.text)
+    assert refused.json()["violated-policies"] == ["tenant/acme/concurrent_requests"], side.name
+
+
+@pytest.mark.parametrize("ending", ["read", "cancel"])
+def test_a_background_response_holds_its_concurrency_slot_until_it_is_finished(
+    python_gateway: Side, nginx: Side, upstream: tuple[FakeUpstream, ServerThread], ending: str
+) -> None:
+    """One request in flight for the tenant: answered `queued` at once, a background response
+    goes on generating on the model server, so it keeps its slot — another request of the
+    tenant is refused while it runs, polled unfinished or not — until the gateway reads it
+    finished (completed, or cancelled), and the next one is admitted then; the charge is
+    settled at its usage as before."""
+    fake = upstream[0]
+    for side in sides(python_gateway, nginx):
+        set_limit(side, "tenant/acme/concurrent_requests", 1)
+        key = side.key("acme", "free")
+        client = sdk(side, key)
+        queued = client.responses.create(model=MODEL, input=f"busy {side.name}",
+                                         max_output_tokens=16, background=True)  # fmt: skip
+        assert queued.status == "queued", side.name
+        answer = in_progress(fake, queued.id)
+        refused_for_its_slot(side, key, client)
+        assert client.responses.retrieve(queued.id).status == "in_progress", side.name
+        refused_for_its_slot(side, key, client)
+
+        finish(fake, queued.id, answer)
+        if ending == "read":
+            done = client.responses.retrieve(queued.id)
+        else:
+            done = client.responses.cancel(queued.id)
+        assert done.status == ("completed" if ending == "read" else "cancelled"), side.name
+        assert done.usage is not None
+        real = done.usage.input_tokens + done.usage.output_tokens
+        assert tenant_state(side, "acme")["u|tokens_per_day"] == str(real), side.name
+        assert tenant_state(side, "acme")["c|concurrent_requests"] == "0", side.name
+        admitted = side.chat(key, chat_body(max_tokens=1))
+        assert admitted.status_code == 200, (side.name, admitted.text)
+
+
+def test_a_background_response_read_failed_without_usage_gives_its_slot_back_charged(
+    python_gateway: Side, nginx: Side, upstream: tuple[FakeUpstream, ServerThread]
+) -> None:
+    """Read `failed` with no usage: its generation has ended, so its slot comes back (the
+    next request admitted), but nothing says what it used, so its reservation stays charged
+    until a read that says so."""
+    fake = upstream[0]
+    for side in sides(python_gateway, nginx):
+        set_limit(side, "tenant/acme/concurrent_requests", 1)
+        key = side.key("acme", "free")
+        client = sdk(side, key)
+        queued = client.responses.create(model=MODEL, input=f"doomed {side.name}",
+                                         max_output_tokens=16, background=True)  # fmt: skip
+        answer = in_progress(fake, queued.id)
+        charged = tenant_state(side, "acme")["u|tokens_per_day"]
+        refused_for_its_slot(side, key, client)
+        finish(fake, queued.id, {**answer, "status": "failed", "usage": None})
+        assert client.responses.retrieve(queued.id).status == "failed", side.name
+        assert tenant_state(side, "acme")["u|tokens_per_day"] == charged, side.name
+        admitted = side.chat(key, chat_body(max_tokens=1))
+        assert admitted.status_code == 200, (side.name, admitted.text)
+        kept = KeySchema(PREFIX).background("acme", queued.id)
+        assert side.db.exists(kept) == 1, side.name  # for a later read with usage to settle
+
+
+def test_a_background_response_nobody_reads_gives_its_slot_back_when_its_lease_ends(
+    python_gateway: Side, nginx: Side, upstream: tuple[FakeUpstream, ServerThread]
+) -> None:
+    """Never read, a background response holds its slot as long as its admission's lease
+    (600 s: not a moment less, not forever); once that has passed (the lease moved into the
+    past here), the next admission's sweep gives it back. A read afterwards settles its
+    usage and gives back nothing more (the slot count never goes below what is held)."""
+    fake = upstream[0]
+    for side in sides(python_gateway, nginx):
+        set_limit(side, "tenant/acme/concurrent_requests", 1)
+        key = side.key("acme", "free")
+        client = sdk(side, key)
+        raw = client.responses.with_raw_response.create(
+            model=MODEL, input=f"forgotten {side.name}", max_output_tokens=16, background=True
+        )
+        queued, rid = raw.parse(), raw.headers["x-governor-request-id"]
+        answer = in_progress(fake, queued.id)
+        level = EnforcementKeys(KeySchema(PREFIX)).tenant_level("acme")
+        slot = f"h|{rid}|0|c=concurrent_requests"
+        now_ms = side.db.time()[0] * 1000
+        expires = side.db.zscore(level.leases, slot)
+        assert expires is not None, (side.name, side.db.zrange(level.leases, 0, -1))
+        assert now_ms + 590_000 < expires <= now_ms + 601_000, side.name
+        refused_for_its_slot(side, key, client)
+
+        # 600 s later: the lease has ended, and the level's care is due.
+        side.db.zadd(level.leases, {slot: now_ms - 1})
+        side.db.hset(level.state, "n", str(now_ms - 1))
+        admitted = side.chat(key, chat_body(max_tokens=1))
+        assert admitted.status_code == 200, (side.name, admitted.text)
+        assert side.db.zscore(level.leases, slot) is None, side.name
+
+        finish(fake, queued.id, answer)
+        reserved = int(record(side, "acme", queued.id) or 0)
+        charged = int(tenant_state(side, "acme")["u|tokens_per_day"])
+        done = client.responses.retrieve(queued.id)
+        assert done.usage is not None
+        real = done.usage.input_tokens + done.usage.output_tokens
+        state = tenant_state(side, "acme")
+        assert state["c|concurrent_requests"] == "0", side.name
+        assert int(state["u|tokens_per_day"]) == charged - reserved + real, side.name
+        assert f"x|{rid}" not in state, side.name

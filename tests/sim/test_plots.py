@@ -5,9 +5,11 @@ marked, captions that say what the run did, a title that names what was compared
 from __future__ import annotations
 
 import copy
+import dataclasses
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import get_args
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -31,7 +33,7 @@ from controller.sim.plots import (
     figure,
     plot,
 )
-from controller.sim.scenario import load_scenario
+from controller.sim.scenario import Event, load_scenario
 from controller.sim.variants import AIMD, POLICIES
 from tests.sim.conftest import POLICIES as SHIPPED
 
@@ -267,3 +269,21 @@ def test_many_events_of_one_kind_at_one_tick_are_counted_not_listed() -> None:
     ]
     # Two of a kind are still named one by one.
     assert condensed(cuts[:2], short=True) == ["cut ent-0", "cut ent-1"]
+
+
+@pytest.mark.parametrize("kind", get_args(Event.model_fields["kind"].annotation))
+def test_every_kind_of_event_is_shaded_and_named(comparison: Comparison, kind: str) -> None:
+    # A scenario may hold any kind of event: `governor simulate capacity-lost` once stopped
+    # on a KeyError while drawing its window.
+    event = Event(kind=kind, at=120.0, duration=60.0, factor=0.7, tenants=["ent-2"])
+    scenario = comparison.scenario.model_copy(update={"events": [event]})
+    drawn = figure(dataclasses.replace(comparison, scenario=scenario))
+    try:
+        (legend,) = drawn.legends
+        labels = [t.get_text() for t in legend.get_texts()]
+        assert len(labels) == 1, labels
+        assert labels[0].endswith("(10:02–10:03)"), labels
+        hatches = {h.get_hatch() for h in legend.legend_handles if isinstance(h, Patch)}
+        assert hatches == {WINDOWS[kind].hatch}
+    finally:
+        plt.close(drawn)

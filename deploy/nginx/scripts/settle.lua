@@ -162,8 +162,15 @@ end
 --       7/8 user state/leases  9 tenant credits  10 tenant credit history (stream)
 -- ARGV  1 reservation id  2 actual tokens  3 actual cost, micro-USD  4 model
 --       5 history length kept  6 prompt tokens  7 completion tokens
+--       8 '1': the request goes on after its answer (a background Responses answer, generated
+--         afterwards): its concurrency holds (c=, o=) stay under their lease, not given back
+--         (absent or '': everything is settled)
 -- Returns 1 when the reservation was settled, 0 when it was unknown (settled already, or
 -- older than its lease plus the record grace).
+--
+-- Holds kept so end with their lease's expiry (a sweep, as a crashed gateway's), or with a
+-- later settle of the same reservation: the record then lists them alone ('-,0;<level>c=F'),
+-- so that settle (ARGV 2 and 3 0: a release) gives back the slots and charges nothing.
 --
 -- A state field that holds what no script writes (admit.lua refuses naming it) is left as
 -- it is: a count added to it would hide the damage or pass for a repair, and an error
@@ -183,6 +190,8 @@ end
 
 local rid, actual = ARGV[1], tonumber(ARGV[2])
 local cost = tonumber(ARGV[3])
+local keep = ARGV[8] == '1'
+local kept = nil  -- the record of the holds kept, when any are
 local LEVELS = {g = {KEYS[1], KEYS[2]}, i = {KEYS[3], KEYS[4]}, t = {KEYS[5], KEYS[6]},
   u = {KEYS[7], KEYS[8]}}
 local credits = KEYS[9]
@@ -243,10 +252,16 @@ for i = 2, #parts do
   local state, leases = LEVELS[level][1], LEVELS[level][2]
   -- Its lease is gone when a sweep released it already: then only the usage counts.
   local member = 'h|' .. rid .. '|' .. tokens_text .. '|' .. holds
+  local expires = keep and call('ZSCORE', leases, member)
   local held = call('ZREM', leases, member) == 1
+  local slots = nil  -- the concurrency holds kept here
   for hold in gmatch(holds, '[^,]+') do
     local kind, field = sub(hold, 1, 1), sub(hold, 3)
-    if kind == 't' then
+    if keep and (kind == 'c' or kind == 'o') then
+      if held then
+        slots = slots and slots .. ',' .. hold or hold
+      end
+    elseif kind == 't' then
       -- Move the GCRA state by the difference: unused tokens flow back, extra ones are
       -- owed, counted in the interval of the limit in force now.
       local cur = call('HMGET', state, 'g|' .. field, 'l|' .. field)
@@ -273,8 +288,18 @@ for i = 2, #parts do
       end
     end
   end
+  if slots then
+    -- Under a lease of their own that ends when the admission's did: a response nobody
+    -- reads gives its slot back then, as a crashed gateway's request does.
+    call('ZADD', leases, expires, 'h|' .. rid .. '|0|' .. slots)
+    kept = (kept or '-,0') .. ';' .. level .. slots
+  end
 end
 
+if kept then
+  call('HSET', KEYS[5], 'x|' .. rid, kept)  -- its end (the 'x|' lease) stays as it was
+  return 1
+end
 call('HDEL', KEYS[5], 'x|' .. rid)
 call('ZREM', LEVELS.t[2], 'x|' .. rid)
 return 1

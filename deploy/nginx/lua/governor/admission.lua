@@ -217,7 +217,7 @@ function Admission:admit(client, request, plan)
 end
 
 local function settle(self, client, reservation, tenant, tokens, cost_micro, model, prompt,
-    completion)
+    completion, keep_slots)
   local keys = self.keys:settle_keys(tenant, reservation.user, reservation.ip)
   local reply, err = store.run(client, self.settle_script, keys, {
     reservation.id,
@@ -227,6 +227,7 @@ local function settle(self, client, reservation, tenant, tokens, cost_micro, mod
     self.history_length,
     prompt and string.format('%d', prompt) or '',
     completion and string.format('%d', completion) or '',
+    keep_slots and '1' or '',
   })
   if reply == nil then
     return nil, err
@@ -235,12 +236,14 @@ local function settle(self, client, reservation, tenant, tokens, cost_micro, mod
 end
 
 -- Charge what the request used ({prompt, completion}): refund the rest of its hold or
--- charge the excess. Returns false when the reservation was unknown, nil and why on failure.
-function Admission:settle(client, reservation, tenant, usage, model)
+-- charge the excess. `keep_slots`: the request goes on after its answer (a background
+-- response): its concurrency slots stay held until a release (or their lease ends).
+-- Returns false when the reservation was unknown, nil and why on failure.
+function Admission:settle(client, reservation, tenant, usage, model, keep_slots)
   local total = usage.prompt + usage.completion
   local cost = self.prices:cost(model, usage.prompt, usage.completion)
   return settle(self, client, reservation, tenant, math.max(total, 0),
-    total > 0 and to_micro(cost) or 0, model, usage.prompt, usage.completion)
+    total > 0 and to_micro(cost) or 0, model, usage.prompt, usage.completion, keep_slots)
 end
 
 -- The request failed before using anything: refund its whole hold.
@@ -270,15 +273,26 @@ local function budgets_of(resolved, tenant, user)
   return found
 end
 
--- admission.settle_background: settle the tenant's background answer `response_id` at the
--- usage its finished response reports ({prompt, completion}): the difference from what it
--- was charged (`charged`, as conversations.background_charge reads it) on the daily budgets
--- and the credits, once (charge.lua's charge record, kept `ttl_ms`); then its record holds
--- its true total and what it was charged is forgotten. Returns true, or nil and why.
+-- admission.settle_background: settle the tenant's finished background answer
+-- `response_id`: the concurrency slots it kept while it generated are given back (once), and
+-- with the usage its response reports ({prompt, completion}; nil: none, the charge stands)
+-- it is charged at that usage: the difference from what it was charged (`charged`, as
+-- conversations.background_charge reads it) on the daily budgets and the credits, once
+-- (charge.lua's charge record, kept `ttl_ms`); then its record holds its true total and what
+-- it was charged is forgotten. Returns true, or nil and why.
 function Admission:settle_background(client, tenant, response_id, charged, used, ttl_ms)
   local user, ip = charged.user or '', charged.ip or ''
+  local released, err = self:release(client, {id = charged.request_id, user = user, ip = ip},
+    tenant)
+  if released == nil then
+    return nil, err
+  end
+  if used == nil then
+    return true
+  end
   local model = string.lower(charged.model)
-  local resolved, err = self.limits:get(client, tenant, charged.plan, user, ip, model)
+  local resolved
+  resolved, err = self.limits:get(client, tenant, charged.plan, user, ip, model)
   if resolved == nil then
     return nil, err
   end

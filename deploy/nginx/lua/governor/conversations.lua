@@ -123,22 +123,10 @@ local function cancelled_usage(response, charged)
     completion = math.min(openai.output_tokens(response), charged.completion)}
 end
 
--- background.final_usage: the usage {prompt, completion} of response `response_id` that an
--- answer holds once it is finished, else nil (the charge then stands); one `cancelled` with
--- no usage at all (null or absent): cancelled_usage (`charged`: its charge).
-function _M.final_usage(answer, response_id, charged)
-  local document = cjson.decode(answer or '')
-  if type(document) ~= 'table' or document.object ~= 'response' then
-    return nil
-  end
-  if document.id ~= response_id or type(document.status) ~= 'string'
-      or not FINAL_STATUSES[document.status] then
-    return nil
-  end
+-- background._usage: the usage {prompt, completion} a finished response object reports;
+-- nil for none or counts that are none.
+local function usage_of(document)
   local usage = document.usage
-  if (usage == nil or usage == cjson.null) and document.status == 'cancelled' then
-    return cancelled_usage(document, charged)
-  end
   if type(usage) ~= 'table' then
     return nil
   end
@@ -150,6 +138,25 @@ function _M.final_usage(answer, response_id, charged)
     completion = total - prompt  -- reasoning tokens counted only in the total, as a settle
   end
   return {prompt = prompt, completion = completion}
+end
+
+-- background.finished: whether an answer holds response `response_id` finished (its
+-- generation holds no slot any more), and the usage it reports then (nil: none); one
+-- `cancelled` with no usage at all (null or absent): cancelled_usage (`charged`: its charge).
+function _M.finished(answer, response_id, charged)
+  local document = cjson.decode(answer or '')
+  if type(document) ~= 'table' or document.object ~= 'response' then
+    return false, nil
+  end
+  if document.id ~= response_id or type(document.status) ~= 'string'
+      or not FINAL_STATUSES[document.status] then
+    return false, nil
+  end
+  local usage = document.usage
+  if (usage == nil or usage == cjson.null) and document.status == 'cancelled' then
+    return true, cancelled_usage(document, charged)
+  end
+  return true, usage_of(document)
 end
 
 local function text_or_nil(value)

@@ -524,19 +524,21 @@ function Gateway:background_charge(client, req, principal, call)
   return conversations.background_charge(text)
 end
 
--- asgi._settle_background: settle a background response at the usage its answer says it
--- finished with (one cancelled without usage: at what its output holds); an answer that says
--- none leaves it charged its reservation. Held when Redis fails (a repeat changes nothing:
--- charge.lua's charge record).
+-- asgi._settle_background: settle a background response its answer says is finished: its
+-- slots given back, and charged at the usage it finished with (one cancelled without usage:
+-- at what its output holds); an answer that says no usage leaves it charged its reservation,
+-- and one still running changes nothing. Held when Redis fails (a repeat changes nothing:
+-- the settle record goes with the slots, charge.lua's charge record stays).
 function Gateway:settle_background(call, answer)
-  -- Past the cap the answer is passed on as it is and its reservation stays charged, as
-  -- asgi._forward_read reads no further: decoding it whole would hold a worker's memory and
-  -- time for as large an answer as the model server cares to send.
+  -- Past the cap the answer is passed on as it is and nothing is settled (its slots held
+  -- until their lease ends, its reservation charged), as asgi._forward_read reads no
+  -- further: decoding it whole would hold a worker's memory and time for as large an answer
+  -- as the model server cares to send.
   if #(answer or '') > conversations.MAX_READ_ANSWER then
     return
   end
-  local used = conversations.final_usage(answer, call.id, call.charged)
-  if used == nil then
+  local done, used = conversations.finished(answer, call.id, call.charged)
+  if not done then
     return
   end
   local tenant, charged, ttl = call.principal.tenant, call.charged, record_ttl_ms(self.settings)
@@ -826,15 +828,20 @@ function Gateway:retry_held()
   return done
 end
 
+-- asgi._runs_on: whether the model server goes on generating after this answer: a
+-- background response answered unfinished (no usage yet) that a later read can settle.
+local function runs_on(call, usage)
+  local request = call.request
+  return request:background() and request:stored() and usage.estimated
+    and call.meter.response_id ~= nil
+end
+
 -- asgi._keep_background: a background answer settled at its whole reservation (its usage
--- comes later): keep what it was charged, so a read or cancel that sees its usage settles the
--- difference. Not kept (a Redis failure, logged): it stays charged its reservation.
+-- comes later), its slots kept: keep what it was charged, so a read or cancel that sees it
+-- finished gives the slots back and settles the difference. Not kept (a Redis failure,
+-- logged): it stays charged its reservation, its slots held until their lease ends.
 function Gateway:keep_background(client, call, usage, model)
-  local request, named = call.request, call.meter.response_id
-  if not (request:background() and request:stored() and usage.estimated) or named == nil then
-    return
-  end
-  local tenant = call.principal.tenant
+  local named, tenant = call.meter.response_id, call.principal.tenant
   local key = self.admission.keys:background(tenant, named)
   if key == nil then
     return
@@ -887,11 +894,14 @@ function Gateway:finish(call, status)
     self.metrics:usage(call.principal, model, usage.prompt, usage.completion,
       self.admission.prices:cost(model, usage.prompt, usage.completion))
     what = 'settle'
+    -- A background answer's generation goes on after it: its slots stay held.
+    local running = runs_on(call, usage)
     op = function(client)
-      local known, failure = self.admission:settle(client, reservation, tenant, usage, model)
+      local known, failure = self.admission:settle(client, reservation, tenant, usage, model,
+        running)
       -- Kept only once its charge is on the books (a held settle keeps it when it lands): a
       -- settle that never landed must refund nothing.
-      if known then
+      if known and running then
         self:keep_background(client, call, usage, model)
       end
       return known, failure
