@@ -284,10 +284,11 @@ class GovernorMiddleware:
         self, tenant: str, named: str, charged: BackgroundCharge, answer: bytes
     ) -> None:
         """Settle a background response its answer says is finished: its slots given back,
-        and charged at the usage it finished with; an answer that says no usage (no usage,
-        counts that are none) leaves it charged its reservation, and one still running
-        changes nothing. Held when Redis fails (a repeat changes nothing)."""
-        done, used = finished(answer, named)
+        and charged at the usage it finished with (one cancelled without usage: at what its
+        output holds, `cancelled_usage`); an answer that says no usage (no usage, counts
+        that are none) leaves it charged its reservation, and one still running changes
+        nothing. Held when Redis fails (a repeat changes nothing)."""
+        done, used = finished(answer, named, charged)
         if not done:
             return
         tokens = None if used is None else TokensUsed(used.prompt, used.completion)

@@ -7,8 +7,9 @@ afterwards, where no gateway sees it: it is charged its whole reservation when a
 keeps its concurrency slots (settle.lua's kept holds) while it generates. What it was charged
 is kept for its tenant (`<P>:{t:<tenant>}:background:<id>`); the first read or cancel through
 the gateway whose answer holds the response finished gives the slots back and, with its
-usage, settles the difference, once (charge.lua's charge record), and forgets it. A response
-nobody reads so gives its slots back when its admission's lease ends.
+usage (or cancelled without usage: at what its output holds), settles the difference, once
+(charge.lua's charge record), and forgets it. A response nobody reads so gives its slots back
+when its admission's lease ends.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Any, TypeGuard
 
-from controller.gateway.openai import FINAL_STATUSES, whole_count
+from controller.gateway.openai import FINAL_STATUSES, output_tokens, whole_count
 
 # The largest answer read for its usage (a response object holds its whole output).
 MAX_READ_ANSWER = 32 * 1024 * 1024
@@ -88,24 +89,29 @@ class FinalUsage:
         return self.prompt + self.completion
 
 
-def finished(answer: bytes, response_id: str) -> tuple[bool, FinalUsage | None]:
+def finished(
+    answer: bytes, response_id: str, charged: BackgroundCharge
+) -> tuple[bool, FinalUsage | None]:
     """Whether an answer holds response `response_id` finished (`status` one of
     FINAL_STATUSES: its generation holds no slot any more), and then the usage it reports
     (`usage.input_tokens`/`output_tokens` whole counts of 0 or more). Not finished for
     anything else (another object or id, still queued or running); no usage for usage that
     is none or counts that are no counts (`openai.whole_count`: `-5`, `1.5`, `"2"`, `true`):
-    the charge then stands."""
+    the charge then stands. A response `cancelled` with no usage at all (null or absent) is
+    the one exception: `cancelled_usage`, from the output it holds (`charged`: its charge)."""
     try:
         document: Any = json.loads(answer)
     except (ValueError, UnicodeDecodeError, RecursionError):
         return False, None
     if not isinstance(document, dict) or document.get("object") != "response":
         return False, None
-    status = document.get("status")
+    status = document.get("status")  # a list or an object would not hash: checked first
     if document.get("id") != response_id or not isinstance(status, str):
         return False, None
     if status not in FINAL_STATUSES:
         return False, None
+    if document.get("usage") is None and status == "cancelled":
+        return True, cancelled_usage(document, charged)
     return True, _usage(document)
 
 
@@ -120,6 +126,16 @@ def _usage(document: dict[str, Any]) -> FinalUsage | None:
     if total is not None and total > prompt + completion:
         completion = total - prompt  # reasoning tokens counted only in the total, as a settle
     return FinalUsage(prompt, completion)
+
+
+def cancelled_usage(response: dict[str, Any], charged: BackgroundCharge) -> FinalUsage:
+    """A response cancelled and answered without usage: what it generated before the cancel,
+    estimated as an answer without usage is settled (the prompt charged at admission, and
+    `openai.output_tokens` of the output the answer holds), never more than its reservation
+    (a model server that kept going past max_output_tokens is not believed) and never less
+    than its prompt. Charging it the whole reservation made a response cancelled at once pay
+    for every token it never generated."""
+    return FinalUsage(charged.prompt, min(output_tokens(response), charged.completion))
 
 
 def _count(value: object) -> TypeGuard[int]:

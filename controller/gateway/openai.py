@@ -583,6 +583,12 @@ def _conversation_id(response: Mapping[str, Any]) -> str | None:
     return found if isinstance(found, str) else None
 
 
+def output_tokens(response: Mapping[str, Any]) -> int:
+    """The tokens of a response object's output text, estimated as UsageMeter estimates an
+    answer without usage: ⌈characters ÷ CHARS_PER_TOKEN⌉."""
+    return math.ceil(_output_chars(response) / CHARS_PER_TOKEN)
+
+
 def _output_chars(document: Mapping[str, Any]) -> int:
     """Characters of a Responses answer's text: a whole response's `output` items, or one
     `response.output_text.delta` event (never both for one answer: a stream's events carry

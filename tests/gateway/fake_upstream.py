@@ -9,8 +9,9 @@ chunk (a Responses answer: before it starts) until the test releases it, `x-fake
 waits S seconds before answering (a model generating), `x-fake-pad: N` adds N bytes of
 logprobs to a non-streamed answer, `x-fake-cut: N` sends only the first N bytes of a
 non-streamed answer (a body cut off mid-way), `x-fake-ignore-stream: 1` answers a stream
-request with one JSON document, and `x-fake-linger: S` keeps a streamed Responses answer open S
-seconds after its last event (`response.completed`) before ending it.
+request with one JSON document, `x-fake-linger: S` keeps a streamed Responses answer open S
+seconds after its last event (`response.completed`) before ending it, and `x-fake-stall: N`
+stops a streamed Responses answer after its event N (from 0) until the test releases it.
 Responses are kept (unless `store: false`) as a model server keeps them: a request naming one
 as `previous_response_id` is billed its input and output again as input, and one naming a
 response it does not hold is refused 400, as OpenAI and vLLM refuse it. A `conversation` the
@@ -185,6 +186,11 @@ class FakeUpstream:
             yield f"data: {json.dumps({'id': 'chunk', 'choices': [], 'usage': usage})}\n\n".encode()
         yield b"data: [DONE]\n\n"
 
+    async def _stall(self, now: bool) -> None:
+        """A model that stops sending mid-answer: nothing more until the test releases it."""
+        if now:
+            await anyio.to_thread.run_sync(self.release.wait, _HOLD_TIMEOUT_SECONDS)
+
     def _earlier(self, body: dict[str, Any], space: str) -> int | Response:
         """The tokens of the earlier response and the conversation a request names (read back
         and billed as input), or the model server's refusal of one it does not hold."""
@@ -262,9 +268,11 @@ class FakeUpstream:
                    "delta": WORDS[i % len(WORDS)]} for i in range(completion)),
                 {"type": "response.completed", "response": answer},
             ]  # fmt: skip
+            stall = int(request.headers.get("x-fake-stall", "-1"))
             for number, step in enumerate(steps):
                 step["sequence_number"] = number
                 yield f"event: {step['type']}\ndata: {json.dumps(step)}\n\n".encode()
+                await self._stall(number == stall)
             # A server that ends the body a moment after its last event: a client acting on
             # `response.completed` has its answer before any gateway sees the stream end.
             await anyio.sleep(linger)

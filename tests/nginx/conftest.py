@@ -58,9 +58,10 @@ location = /_probe/final_usage {
         local cjson = require 'cjson.safe'
         local conversations = require 'governor.conversations'
         ngx.req.read_body()
-        local done, used = conversations.finished(ngx.req.get_body_data() or '', ngx.var.arg_id)
         local record = ngx.req.get_uri_args().record
         local charged = record and conversations.background_charge(record)
+        local done, used = conversations.finished(ngx.req.get_body_data() or '', ngx.var.arg_id,
+            charged)
         ngx.say(cjson.encode({finished = done, usage = used or cjson.null,
             charged = charged and conversations.background_record(charged) or cjson.null}))
     }

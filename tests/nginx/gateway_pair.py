@@ -30,6 +30,8 @@ class PairOptions:
     init_options: str = ""
     redis_options: Mapping[str, Any] | None = None
     timeout: float = 5.0  # the test's own HTTP client
+    gateway: Mapping[str, Any] = field(default_factory=dict)  # GatewaySettings fields (Python)
+    read_timeout: str | None = None  # nginx's proxy_read_timeout (None: the shipped 600s)
 
 
 @dataclass
@@ -64,10 +66,12 @@ def gateway_pair(
                "GOVERNOR_REDIS__URL": stores[0].url,
                "GOVERNOR_GATEWAY__API_KEY_SECRET": SECRET, **options.nginx_env}  # fmt: skip
         nginx = NginxServer(root / "nginx", export_dir, upstream[1].port, env,
-                            init_options=options.init_options)  # fmt: skip
+                            init_options=options.init_options,
+                            read_timeout=options.read_timeout)  # fmt: skip
         started.append(nginx.start())
         python = start_gateway(stores[1].url, upstream[1].url, retry_after_jitter=0.0,
-                               redis_options=options.redis_options)  # fmt: skip
+                               redis_options=options.redis_options,
+                               **options.gateway)  # fmt: skip
         with (
             stores[0].client() as ndb,
             stores[1].client() as pdb,

@@ -52,6 +52,7 @@ class NginxServer:
     init_options: str = ""  # more `init{...}` options, e.g. 'held_retry_seconds = 0.5'
     metrics_dict: str = METRICS_DICT  # the metrics' lua_shared_dict line ("" for none)
     workers: int | None = None  # worker_processes (None: the shipped `auto`); each has its queue
+    read_timeout: str | None = None  # proxy_read_timeout (None: the shipped 600s), e.g. "1s"
     port: int = field(default_factory=free_port)
     pid: int | None = None
 
@@ -86,6 +87,10 @@ class NginxServer:
         )
         if self.workers is not None:
             conf = conf.replace("worker_processes auto;", f"worker_processes {self.workers};")
+        if self.read_timeout is not None:  # both locations: streamed and fetched whole
+            conf = conf.replace(
+                "proxy_read_timeout 600s;", f"proxy_read_timeout {self.read_timeout};"
+            )
         # As root, nginx would run its workers as `nobody`, who cannot read a test's tmp dir.
         if os.geteuid() == 0:
             conf = "user root;\n" + conf

@@ -80,35 +80,63 @@ def test_a_responses_record_key_is_pythons(nginx: Side, response_id: str) -> Non
 STATUSES: list[Any] = ["incomplete", "failed", "cancelled", "queued", "in_progress", None, 1, []]
 FINISHED: dict[str, Any] = {"id": "resp_1", "object": "response", "status": "completed",
             "usage": {"input_tokens": 7, "output_tokens": 5, "total_tokens": 12}}  # fmt: skip
+CHARGED = BackgroundCharge("r1", "free", None, None, "gpt-4o", 9, 16, None, 20000)
+CANCELLED: dict[str, Any] = {**FINISHED, "status": "cancelled", "usage": None}
 
 
-@pytest.mark.parametrize(
-    "answer",
-    [FINISHED]
-    + [{**FINISHED, "status": status} for status in STATUSES]
-    + [
-        {**FINISHED, "id": "resp_2"},
-        {**FINISHED, "object": "conversation"},
-        {**FINISHED, "usage": None},
-        {**FINISHED, "usage": {"input_tokens": 7}},
-        {**FINISHED, "usage": {"input_tokens": -7, "output_tokens": 5}},
-        {**FINISHED, "usage": {"input_tokens": 7.5, "output_tokens": 5}},
-        {**FINISHED, "usage": {"input_tokens": "7", "output_tokens": 5}},
-        {**FINISHED, "usage": {"input_tokens": True, "output_tokens": 5}},
-        {**FINISHED, "usage": {"input_tokens": 7, "output_tokens": 5, "total_tokens": 30}},
-        {**FINISHED, "usage": {"input_tokens": 7, "output_tokens": 5, "total_tokens": 3}},
-        {**FINISHED, "usage": {"input_tokens": 2**60, "output_tokens": 5}},
-        {**FINISHED, "usage": {"input_tokens": 7.0, "output_tokens": 5.0}},
-        [FINISHED],
-        "resp_1",
-    ],
-)
+def _message(*texts: Any) -> dict[str, Any]:
+    parts = [{"type": "output_text", "text": text} for text in texts]
+    return {"type": "message", "role": "assistant", "content": parts}
+
+
+OUTPUTS: list[Any] = [
+    [_message("héllo wörld ✓")],  # 13 code points: 4 tokens
+    [_message("ab", "cde"), _message("f"), {"type": "reasoning"}],  # 6: 2 tokens
+    [_message("x" * 400)],  # 100 tokens, past the 16 reserved: 16
+    [],
+    None,
+    [_message(7), "text", None],
+]
+
+# Cancelled without usage: the output it holds, in code points, up to max_output_tokens.
+CANCELLED_ANSWERS: list[Any] = [{**CANCELLED, "output": output} for output in OUTPUTS]
+CANCELLED_ANSWERS += [
+    {key: value for key, value in CANCELLED.items() if key != "usage"},
+    {**CANCELLED, "usage": {}},  # a usage without counts: no estimate, the charge stands
+    {**CANCELLED, "status": "failed"},  # only a cancel: a failure says nothing of it
+]
+
+
+# Another id or object, a usage without counts or with counts that are none, not a dict.
+VARIANTS: list[Any] = [
+    {**FINISHED, "id": "resp_2"},
+    {**FINISHED, "object": "conversation"},
+    {**FINISHED, "usage": None},
+    {**FINISHED, "usage": {"input_tokens": 7}},
+    {**FINISHED, "usage": {"input_tokens": -7, "output_tokens": 5}},
+    {**FINISHED, "usage": {"input_tokens": 7.5, "output_tokens": 5}},
+    {**FINISHED, "usage": {"input_tokens": "7", "output_tokens": 5}},
+    {**FINISHED, "usage": {"input_tokens": True, "output_tokens": 5}},
+    {**FINISHED, "usage": {"input_tokens": 7, "output_tokens": 5, "total_tokens": 30}},
+    {**FINISHED, "usage": {"input_tokens": 7, "output_tokens": 5, "total_tokens": 3}},
+    {**FINISHED, "usage": {"input_tokens": 2**60, "output_tokens": 5}},
+    {**FINISHED, "usage": {"input_tokens": 7.0, "output_tokens": 5.0}},
+    [FINISHED],
+    "resp_1",
+]
+ANSWERS: list[Any] = [FINISHED, *({**FINISHED, "status": status} for status in STATUSES)]
+ANSWERS += VARIANTS + CANCELLED_ANSWERS
+
+
+@pytest.mark.parametrize("answer", ANSWERS)
 def test_a_finished_responses_usage_is_read_as_python_reads_it(nginx: Side, answer: Any) -> None:
-    """What settles a background response: only a finished one gives its slots back, and
-    only with counts that are counts is it charged at its usage."""
-    lua = nginx.http.post(f"{nginx.url}/_probe/final_usage", params={"id": "resp_1"},
+    """What settles a background response: only a finished one gives its slots back, and it
+    is charged at its usage only with counts that are counts, or, cancelled without usage,
+    at an estimate from its output (within its reservation)."""
+    lua = nginx.http.post(f"{nginx.url}/_probe/final_usage",
+                          params={"id": "resp_1", "record": CHARGED.encoded()},
                           content=json.dumps(answer)).json()  # fmt: skip
-    done, python = finished(json.dumps(answer).encode(), "resp_1")
+    done, python = finished(json.dumps(answer).encode(), "resp_1", CHARGED)
     expected = python and {"prompt": python.prompt, "completion": python.completion}
     assert (lua["finished"], lua["usage"]) == (done, expected)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +11,7 @@ import pytest
 
 from controller.contract.enforcement import EnforcementKeys
 from controller.contract.keys import KeySchema
+from controller.gateway.background import MAX_READ_ANSWER
 from tests.gateway.conftest import write_limits
 from tests.gateway.fake_upstream import FakeUpstream, ServerThread
 from tests.nginx.conftest import PREFIX, Side, chat_body, set_limit, tenant_state
@@ -308,6 +310,87 @@ def test_a_read_that_streams_a_background_response_passes_as_it_is(
         assert tenant_state(side, "acme")["u|tokens_per_day"] == charged, side.name
         assert side.http.get(path, headers=sent).json()["status"] == "completed"
         assert tenant_state(side, "acme")["u|tokens_per_day"] != charged, side.name
+
+
+def padded(answer: dict[str, Any], size: int) -> dict[str, Any]:
+    """`answer` with a field that makes the fake's JSON body exactly `size` bytes long (its
+    JSONResponse renders compact JSON, non-ASCII as is)."""
+
+    def rendered(value: dict[str, Any]) -> int:
+        return len(json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode())
+
+    base = rendered({**answer, "pad": ""})
+    return {**answer, "pad": "x" * (size - base)}
+
+
+def test_a_settling_read_past_32_mib_passes_on_whole_and_settles_nothing(
+    python_gateway: Side, nginx: Side, upstream: tuple[FakeUpstream, ServerThread]
+) -> None:
+    """A read of a background response still charged its reservation is read for its usage
+    up to 32 MiB (MAX_READ_ANSWER) by the Python gateway; nginx and Kong decoded whatever
+    came, however large. Both now: an answer of exactly 32 MiB settles, one byte more
+    reaches the client whole and settles nothing (the reservation stays charged, its record
+    kept for a later read)."""
+    fake = upstream[0]
+    for side in sides(python_gateway, nginx):
+        key = side.key("acme", "free")
+        client = sdk(side, key)
+        sent = {"authorization": f"Bearer {key}"}
+        for size, settles in ((MAX_READ_ANSWER + 1, False), (MAX_READ_ANSWER, True)):
+            queued = client.responses.create(model=MODEL, input=f"big {size} {side.name}",
+                                             max_output_tokens=16, background=True)  # fmt: skip
+            charged = tenant_state(side, "acme")["u|tokens_per_day"]
+            held = next(k for k in fake.responses if k.endswith(queued.id))
+            fake.responses[held] = padded(fake.responses[held], size)
+            answer = side.http.get(f"{side.url}/v1/responses/{queued.id}", headers=sent)
+            assert (answer.status_code, len(answer.content)) == (200, size), side.name
+            settled = tenant_state(side, "acme")["u|tokens_per_day"] != charged
+            assert settled is settles, (side.name, size)
+            kept = side.db.get(KeySchema(PREFIX).background("acme", queued.id))
+            assert (kept is None) is settles, (side.name, size)
+
+
+@pytest.mark.parametrize(
+    ("text", "generated"),
+    [("alpha beta", 3), ("", 0), ("x" * 400, 16)],  # ⌈10 ÷ 4⌉; none; past max_output_tokens
+)
+def test_a_response_cancelled_without_usage_is_charged_what_it_generated(
+    python_gateway: Side,
+    nginx: Side,
+    upstream: tuple[FakeUpstream, ServerThread],
+    text: str,
+    generated: int,
+) -> None:
+    """A cancel the model server answers `cancelled` with no usage left the whole reservation
+    charged: a long generation cancelled near its end cost the same as one cancelled at once
+    only by luck, and one cancelled at once paid for tokens never made. Both gateways now
+    settle it as they estimate an answer without usage: the prompt charged at admission and
+    ⌈characters of the output the answer holds ÷ 4⌉, never more than the reservation, never
+    less than the prompt. Its concurrency slot, held while it generated, comes back with
+    that settle."""
+    fake = upstream[0]
+    for side in sides(python_gateway, nginx):
+        tenant = f"cancel{len(text)}"
+        set_limit(side, f"tenant/{tenant}/concurrent_requests", 1)
+        key = side.key(tenant, "free")
+        queued = sdk(side, key).responses.create(model=MODEL, input=f"stop {side.name}",
+                                                 max_output_tokens=16, background=True)  # fmt: skip
+        assert tenant_state(side, tenant)["c|concurrent_requests"] == "1", side.name
+        before = int(tenant_state(side, tenant)["u|tokens_per_day"])
+        charged = json.loads(side.db.get(KeySchema(PREFIX).background(tenant, queued.id)) or "")
+        held = next(k for k in fake.responses if k.endswith(queued.id))
+        part = {"type": "output_text", "text": text, "annotations": []}
+        message = {**fake.responses[held]["output"][0], "content": [part]}
+        fake.responses[held] = {**fake.responses[held], "usage": None, "output": [message]}
+        cancelled = sdk(side, key).responses.cancel(queued.id)
+        assert (cancelled.status, cancelled.usage) == ("cancelled", None), side.name
+        settled = int(tenant_state(side, tenant)["u|tokens_per_day"])
+        assert before == charged["prompt"] + 16, side.name  # the whole reservation, at first
+        assert settled == charged["prompt"] + generated, (side.name, before, settled)
+        assert record(side, tenant, queued.id) == str(settled), side.name
+        # Settled once: its charge record is gone, so a later read changes nothing.
+        assert side.db.get(KeySchema(PREFIX).background(tenant, queued.id)) is None, side.name
+        assert tenant_state(side, tenant)["c|concurrent_requests"] == "0", side.name
 
 
 def in_progress(fake: FakeUpstream, response: str) -> dict[str, Any]:

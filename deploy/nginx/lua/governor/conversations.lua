@@ -104,11 +104,23 @@ end
 
 local FINAL_STATUSES = openai.FINAL_STATUSES
 
+-- background.MAX_READ_ANSWER: the largest answer a settling read is read for its usage (a
+-- response object holds its whole output); a larger one settles nothing.
+_M.MAX_READ_ANSWER = 32 * 1024 * 1024
+
 -- background._count: a whole count of 0 or more (cjson reads every JSON number as a double;
 -- one past 2^53 is no exact count).
 local function count(value)
   return type(value) == 'number' and value >= 0 and value == math.floor(value)
     and value < 2 ^ 53
+end
+
+-- background.cancelled_usage: a response cancelled and answered without usage, as an answer
+-- without usage is settled: the prompt charged at admission and the output it holds
+-- (openai.output_tokens), never more than its reservation nor less than its prompt.
+local function cancelled_usage(response, charged)
+  return {prompt = charged.prompt,
+    completion = math.min(openai.output_tokens(response), charged.completion)}
 end
 
 -- background._usage: the usage {prompt, completion} a finished response object reports;
@@ -129,8 +141,9 @@ local function usage_of(document)
 end
 
 -- background.finished: whether an answer holds response `response_id` finished (its
--- generation holds no slot any more), and the usage it reports then (nil: none).
-function _M.finished(answer, response_id)
+-- generation holds no slot any more), and the usage it reports then (nil: none); one
+-- `cancelled` with no usage at all (null or absent): cancelled_usage (`charged`: its charge).
+function _M.finished(answer, response_id, charged)
   local document = cjson.decode(answer or '')
   if type(document) ~= 'table' or document.object ~= 'response' then
     return false, nil
@@ -138,6 +151,10 @@ function _M.finished(answer, response_id)
   if document.id ~= response_id or type(document.status) ~= 'string'
       or not FINAL_STATUSES[document.status] then
     return false, nil
+  end
+  local usage = document.usage
+  if (usage == nil or usage == cjson.null) and document.status == 'cancelled' then
+    return true, cancelled_usage(document, charged)
   end
   return true, usage_of(document)
 end

@@ -525,12 +525,19 @@ function Gateway:background_charge(client, req, principal, call)
 end
 
 -- asgi._settle_background: settle a background response its answer says is finished: its
--- slots given back, and charged at the usage it finished with; an answer that says no usage
--- leaves it charged its reservation, and one still running changes nothing. Held when Redis
--- fails (a repeat changes nothing: the settle record goes with the slots, charge.lua's
--- charge record stays).
+-- slots given back, and charged at the usage it finished with (one cancelled without usage:
+-- at what its output holds); an answer that says no usage leaves it charged its reservation,
+-- and one still running changes nothing. Held when Redis fails (a repeat changes nothing:
+-- the settle record goes with the slots, charge.lua's charge record stays).
 function Gateway:settle_background(call, answer)
-  local done, used = conversations.finished(answer, call.id)
+  -- Past the cap the answer is passed on as it is and nothing is settled (its slots held
+  -- until their lease ends, its reservation charged), as asgi._forward_read reads no
+  -- further: decoding it whole would hold a worker's memory and time for as large an answer
+  -- as the model server cares to send.
+  if #(answer or '') > conversations.MAX_READ_ANSWER then
+    return
+  end
+  local done, used = conversations.finished(answer, call.id, call.charged)
   if not done then
     return
   end

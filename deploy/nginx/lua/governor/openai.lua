@@ -568,6 +568,12 @@ local function output_chars(document)
   return total
 end
 
+-- openai.output_tokens: a response object's output text in tokens, estimated as the meter
+-- estimates an answer without usage (⌈characters ÷ CHARS_PER_TOKEN⌉).
+function _M.output_tokens(response)
+  return math.ceil(output_chars(response) / CHARS_PER_TOKEN)
+end
+
 -- openai.FINAL_STATUSES: a response in one of these has generated all it will.
 local FINAL_STATUSES = {completed = true, incomplete = true, failed = true, cancelled = true}
 _M.FINAL_STATUSES = FINAL_STATUSES
