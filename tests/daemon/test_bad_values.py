@@ -140,6 +140,14 @@ def test_an_adaptive_limit_holding_on_a_bad_signal_journals_when_and_why_once(
     assert why.startswith("out_of_range: value 95 is outside the signal's range 0–1")
     wait_for(lambda: time.time() > held_at + 6 * TICK_SECONDS, "six more ticks of the hold")
     assert len(transitions()) == 1  # not one per tick
+    # The log, too, said it once (it warned every tick): when it turned bad, and why.
+    [warned] = daemon.logged("signal.invalid")
+    assert (warned["policy"], warned["signal"], warned["validity"]) == (
+        ADAPTIVE,
+        "gpu_util",
+        "out_of_range",
+    )
+    assert daemon.logged("signal.recovered") == []
 
     gpu.set(0.8)
     wait_for(lambda: len(transitions()) == 2, "the usable signal ends the hold")
@@ -150,3 +158,11 @@ def test_an_adaptive_limit_holding_on_a_bad_signal_journals_when_and_why_once(
     daemon.wait_for_metric("governor_policy_in_fallback", 0.0, policy=ADAPTIVE)
     wait_for(lambda: time.time() > ended["at"] + 6 * TICK_SECONDS, "six more ticks")
     assert len(transitions()) == 2
+    [recovered] = daemon.logged("signal.recovered")
+    assert (recovered["policy"], recovered["signal"], recovered["was"]) == (
+        ADAPTIVE,
+        "gpu_util",
+        "out_of_range",
+    )
+    assert recovered["bad_for"] != "0s"
+    assert len(daemon.logged("signal.invalid")) == 1
