@@ -15,7 +15,7 @@ from controller.durations import format_duration
 from controller.model import Proposal, SignalReading, Snapshot
 from controller.policy.baselines import Baselines
 from controller.policy.capacity import Capacity, estimate
-from controller.policy.conditions import Event
+from controller.policy.conditions import Event, recovered
 from controller.policy.documents import (
     AdaptiveLimit,
     AdaptiveLimitSpec,
@@ -83,8 +83,7 @@ def evaluate_adaptive(
     result = _control(
         policy, snapshot, replace(state, invalid_since=None), now, baselines, in_force, signal
     )
-    waited = format_duration(now - state.invalid_since)
-    why = f"{spec.signal_name} usable again after {waited} unusable: control resumes"
+    why = recovered(spec.signal_name, state.invalid_since, now, "control resumes")
     return replace(result, event="stale-recovered", why=why, readings=(signal.reading(),))
 
 

@@ -93,6 +93,43 @@ def test_a_value_outside_the_signals_range_holds_then_falls_back_and_says_why(
     wait_for(lambda: limit(db) == FREE_RPM, "the declared fallback (baseline) returns", 20)
 
 
+def test_a_throttle_hold_ending_inside_hold_for_is_journalled_with_its_signal(
+    db: redis.Redis[str],
+    redis_server: RedisServer,
+    prometheus: PrometheusServer,
+    gpu: Gpu,
+    policy_dir: Path,
+    daemons: DaemonFactory,
+) -> None:
+    """An engaged ThrottlePolicy whose signal came back inside `hold_for` journalled the
+    hold's beginning and nothing after: on-call read a stale-hold that never ended."""
+    policy = policy_dir / "gpu-hot.yaml"
+    text = policy.read_text()
+    assert "hold_for: 3s" in text
+    policy.write_text(text.replace("hold_for: 3s", "hold_for: 1h"))
+    gpu.set(0.95)
+    gpu.scraped(prometheus, 0.95)
+    daemons("recovered", daemon_env(redis_server.url, prometheus.url, policy_dir))
+    wait_for(lambda: limit(db) == FREE_RPM * 0.5, "the hot GPU halves the free tier")
+
+    def stale_events() -> list[str]:
+        found = events(db, "policy.transition", policy=POLICY)
+        return [e["details"]["event"] for e in found if e["details"]["event"] != "engaged"]
+
+    gpu.set(math.nan)
+    wait_for(lambda: stale_events() == ["stale-hold"], "the NaN starts a stale hold")
+    gpu.set(0.95)
+    wait_for(lambda: len(stale_events()) == 2, "the usable signal ends the hold")
+    assert stale_events() == ["stale-hold", "stale-recovered"]
+    ended = events(db, "policy.transition", policy=POLICY)[-1]
+    assert ended["reason"].startswith(f"{POLICY} stale-recovered: gpu_util usable again after")
+    assert ended["reason"].endswith("unusable: the condition decides again")
+    assert [(s["name"], s["value"], s["validity"]) for s in ended["signals"]] == [
+        ("gpu_util", 0.95, "ok")
+    ]
+    assert limit(db) == FREE_RPM * 0.5  # still hot: still engaged
+
+
 ADAPTIVE = "AdaptiveLimit/rps-by-gpu"
 
 

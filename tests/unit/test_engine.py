@@ -387,8 +387,29 @@ def test_on_stale_then_hold_keeps_the_policy_active() -> None:
     driver.gpu(30.0, BROKEN)
     for now in (150.0, 3600.0):
         assert values_of(driver.gpu(now, STALE)) == {FREE_RPM: 5.0}
-    # Trustworthy again and cool: released.
-    assert events_of(driver.gpu(3630.0, 0.2)) == [(HOT, "", "released")]
+    # Trustworthy again (the hold's end, said first) and cool: released.
+    ended = driver.gpu(3630.0, 0.2)
+    assert events_of(ended) == [(HOT, "", "stale-recovered"), (HOT, "", "released")]
+    assert ended.transitions[0].detail == (
+        "gpu_util usable again after 1h unusable: the condition decides again"
+    )
+
+
+def test_a_throttle_hold_ending_inside_hold_for_is_a_recovered_transition() -> None:
+    """A ThrottlePolicy's stale-hold that ended inside `hold_for` made no transition (an
+    AdaptiveLimit's did): the journal said the hold began and never that it ended."""
+    driver = stale_driver("baseline")
+    assert events_of(driver.gpu(30.0, BROKEN)) == [(HOT, "", "stale-hold")]
+    driver.gpu(60.0, STALE)
+    ended = driver.gpu(90.0, 0.95)
+    assert events_of(ended) == [(HOT, "", "stale-recovered")]
+    [recovered] = ended.transitions
+    assert recovered.detail == (
+        "gpu_util usable again after 1m unusable: the condition decides again"
+    )
+    assert [(r.name, r.value) for r in recovered.signals] == [("gpu_util", 0.95)]
+    assert values_of(ended) == {FREE_RPM: 5.0}  # still hot: still engaged
+    assert driver.gpu(120.0, 0.95).transitions == ()
 
 
 def test_on_stale_then_min_engages_an_idle_policy() -> None:
@@ -439,6 +460,22 @@ def test_an_active_tenant_holds_while_its_signal_is_untrustworthy_then_releases(
     released = driver.cost(90.0, {"evil": 1.0}, failed)
     assert released.proposals == ()
     assert events_of(released) == [("ThrottlePolicy/cost", "evil", "stale-released")]
+
+
+def test_a_tenant_hold_ending_inside_hold_for_is_a_recovered_transition() -> None:
+    driver = cost_anomaly(on_stale={"hold_for": "1m", "then": "baseline"})
+    driver.cost(0.0, {"evil": 1.0, "acme": 0.001}, {"evil": 0.02, "acme": 0.02})
+    failed = vector("tenant", {}, 30.0, Validity.ERROR)
+    assert events_of(driver.cost(30.0, {"evil": 1.0}, failed)) == [
+        ("ThrottlePolicy/cost", "evil", "stale-hold")
+    ]
+    ended = driver.cost(45.0, {"evil": 1.0, "acme": 0.001}, {"evil": 0.02, "acme": 0.02})
+    # Only the tenant whose hold ended: acme was idle (nothing held, nothing journalled).
+    assert events_of(ended) == [("ThrottlePolicy/cost", "evil", "stale-recovered")]
+    assert ended.transitions[0].detail == (
+        "spend, usual usable again after 15s unusable: the condition decides again"
+    )
+    assert values_of(ended) == {"tenant/evil/tokens_per_minute": 5000.0}
 
 
 # --- AdaptiveLimit ----------------------------------------------------------------------------
