@@ -29,9 +29,19 @@ class ConditionState:
 
 IDLE = ConditionState()
 
-# `stale-recovered`: a hold (or fallback) on bad signals ended: they are usable again.
+# `stale-recovered`: a hold (or fallback) on bad signals ended: they are usable again. An
+# AdaptiveLimit's only: `stale-fallback`, its `on_stale.then` (min, baseline) applies;
+# `stale-ended`, its schedule closed during a hold or fallback.
 Event = Literal[
-    "", "engaged", "released", "stale-hold", "stale-released", "stale-engaged", "stale-recovered"
+    "",
+    "engaged",
+    "released",
+    "stale-hold",
+    "stale-released",
+    "stale-engaged",
+    "stale-recovered",
+    "stale-fallback",
+    "stale-ended",
 ]
 
 

@@ -608,6 +608,44 @@ def test_adaptive_falls_back_after_hold_for(then: str, expected: dict[str, float
         assert values_of(driver.tick(now, {GPU_QUERY: BROKEN})) == expected
 
 
+@pytest.mark.parametrize(
+    ("then", "applied"),
+    [("min", "falling back to bounds.min 200"), ("baseline", "falling back to the baseline")],
+)
+def test_adaptive_falling_back_after_hold_for_is_a_transition_naming_why(
+    then: str, applied: str
+) -> None:
+    """When `hold_for` ran out the fallback made no transition of its own: the limit's
+    change was journalled with the resolver's generic reason, naming no signal."""
+    driver = adaptive_stale(then)
+    assert events_of(driver.tick(30.0, {GPU_QUERY: BROKEN})) == [(ADAPTIVE, "", "stale-hold")]
+    assert driver.tick(90.0, {GPU_QUERY: BROKEN}).transitions == ()
+    fell = driver.tick(150.0, {GPU_QUERY: BROKEN})
+    assert events_of(fell) == [(ADAPTIVE, "", "stale-fallback")]
+    [fallback] = fell.transitions
+    assert fallback.detail == (
+        f"gpu_util is error for 2m: {applied} (on_stale: hold_for 2m, then {then})"
+    )
+    assert [(r.name, r.validity) for r in fallback.signals] == [("gpu_util", Validity.ERROR)]
+    for now in (155.0, 600.0):  # said once, not on every tick of the fallback
+        assert driver.tick(now, {GPU_QUERY: BROKEN}).transitions == ()
+    ended = driver.tick(605.0, {GPU_QUERY: 0.5}, current={RPS: 2000.0})
+    assert events_of(ended) == [(ADAPTIVE, "", "stale-recovered")]
+    assert ended.transitions[0].detail.startswith("gpu_util usable again after 9m35s")
+
+
+def test_adaptive_with_hold_for_0_journals_its_fallback_on_the_first_bad_tick() -> None:
+    driver = Driver(policy_set(adaptive(on_stale={"hold_for": "0s", "then": "min"})))
+    driver.tick(0.0, {GPU_QUERY: 0.9}, current={RPS: 1000.0})
+    fell = driver.tick(30.0, {GPU_QUERY: STALE}, current={RPS: 800.0})
+    assert events_of(fell) == [(ADAPTIVE, "", "stale-fallback")]
+    assert fell.transitions[0].detail == (
+        "gpu_util is stale for 0s: falling back to bounds.min 200 (on_stale: hold_for 0s, then min)"
+    )
+    assert values_of(fell) == {str(RPS): 200.0}
+    assert driver.tick(35.0, {GPU_QUERY: STALE}).transitions == ()
+
+
 def test_adaptive_then_hold_keeps_its_value_indefinitely() -> None:
     driver = adaptive_stale("hold")
     driver.tick(30.0, {GPU_QUERY: BROKEN})
@@ -675,6 +713,24 @@ def test_adaptive_outside_its_schedule_proposes_nothing() -> None:
     driver = Driver(policy_set(adaptive(schedule=BUSINESS_HOURS)))
     assert driver.tick(berlin("2026-03-07 12:00"), {GPU_QUERY: 0.9}).proposals == ()
     assert driver.tick(berlin("2026-03-02 12:00"), {GPU_QUERY: 0.9}).proposals
+
+
+def test_adaptive_whose_schedule_closes_mid_hold_journals_the_end_of_the_hold() -> None:
+    """The schedule closing during a hold forgot it silently: the journal's last word on the
+    limit was its stale-hold, and no stale-recovered ever came."""
+    driver = Driver(policy_set(adaptive(schedule=BUSINESS_HOURS)))
+    closing = berlin("2026-03-02 20:00")
+    driver.tick(closing - 600.0, {GPU_QUERY: 0.9}, current={RPS: 1000.0})
+    began = driver.tick(closing - 180.0, {GPU_QUERY: BROKEN})
+    assert events_of(began) == [(ADAPTIVE, "", "stale-hold")]
+    closed = driver.tick(closing, {GPU_QUERY: BROKEN})
+    assert closed.proposals == ()
+    assert events_of(closed) == [(ADAPTIVE, "", "stale-ended")]
+    assert closed.transitions[0].detail == (
+        "the schedule closed while gpu_util was unusable for 3m: the hold ends, "
+        "the limit returns to its baseline"
+    )
+    assert driver.tick(closing + 60.0, {GPU_QUERY: BROKEN}).transitions == ()
 
 
 # --- determinism ------------------------------------------------------------------------------
