@@ -18,8 +18,9 @@ from controller.policy.policyset import PolicySet
 
 _REJECTED = {ERROR: "the policy reload failed (see the errors)"}
 # The transitions made while signals are untrustworthy: their details say why each is
-# (`stale-recovered` is made once they are usable again: nothing to say there).
-_ON_BAD_SIGNALS = frozenset({"stale-hold", "stale-released", "stale-engaged"})
+# (`stale-recovered` is made once they are usable again, `stale-ended` when an
+# AdaptiveLimit's schedule closes, its signal no longer read: nothing to say there).
+_ON_BAD_SIGNALS = frozenset({"stale-hold", "stale-released", "stale-engaged", "stale-fallback"})
 
 
 class TickEvents:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from controller.control.overrides import ReloadConfirmation
+from controller.control.telemetry import repeat_due
 from controller.errors import PolicyError
 from controller.policy.loader import (
     LocatedError,
@@ -74,7 +75,7 @@ UNSETTLED_REPEAT = 40
 
 def unsettled_news(polls: int) -> bool:
     """Whether `polls` unsettled polls in a row is worth a warning now."""
-    return polls >= UNSETTLED_WARN_AFTER and (polls - UNSETTLED_WARN_AFTER) % UNSETTLED_REPEAT == 0
+    return repeat_due(polls, UNSETTLED_WARN_AFTER, UNSETTLED_REPEAT)
 
 
 class PolicyWatcher:

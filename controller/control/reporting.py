@@ -8,6 +8,7 @@ import math
 import time
 from collections import Counter
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import structlog
 
@@ -15,7 +16,7 @@ from controller.changes import Change
 from controller.control.overrides import ControlState
 from controller.control.reconciler import TickReport
 from controller.control.reload import ReloadOutcome
-from controller.control.telemetry import FlapDetector, Health, Metrics
+from controller.control.telemetry import FlapDetector, Health, Metrics, repeat_due
 from controller.durations import format_duration
 from controller.errors import GovernorError
 from controller.journal.writer import Journal
@@ -23,7 +24,7 @@ from controller.model import Address, Sample, ScalarSample, Scope, Snapshot, Val
 from controller.policy.baselines import Baselines
 from controller.policy.documents import AdaptiveLimit, SignalRange
 from controller.policy.engine import Evaluation
-from controller.policy.policyset import PolicySet
+from controller.policy.policyset import PolicySet, SignalUse
 from controller.policy.resolver import Resolution
 from controller.policy.text import fmt_time
 
@@ -93,6 +94,19 @@ def is_stale(sample: Sample, stale_after: float, now: float) -> bool:
 
 # A tick longer than its interval is logged at most this often (it may be every tick).
 SLOW_TICK_WARN_SECONDS = 600.0
+# A signal that stays bad for the same reason is logged again every this many ticks (200 s at
+# the default 5 s tick): a line every tick was 7,200 an hour for 10 signals of a Prometheus
+# down; the gauge, readiness and `governor signals` say the state of every tick.
+SIGNAL_INVALID_REPEAT = 40
+
+
+@dataclass(frozen=True, slots=True)
+class _Bad:
+    """A signal that cannot be used, as far as its log lines are concerned."""
+
+    validity: str
+    since: float  # when it turned bad (its reason may have changed since)
+    ticks: int  # the ticks in a row it has been bad for this reason
 
 
 class TickReporter:
@@ -112,6 +126,8 @@ class TickReporter:
         self._unwritten: set[tuple[str, str]] = set()  # engagements writing nothing, logged
         # Per policy with signals: (last time one of its signals was usable, its stale_after).
         self._usable: dict[str, tuple[float, float]] = {}
+        # (policy, signal) that cannot be used: logged when each turns bad, then reminded.
+        self._bad: dict[tuple[str, str], _Bad] = {}
         # This tick's untrustworthy signals per policy, name → "validity: why", for the
         # journal's stale-* transitions (the log line alone said why).
         self.invalid: dict[str, dict[str, str]] = {}
@@ -221,6 +237,7 @@ class TickReporter:
         self.invalid = {}
         usable: dict[str, tuple[float, float]] = {}
         warming: set[tuple[str, str]] = set()
+        bad_now: dict[tuple[str, str], _Bad] = {}
         for use in policies.signal_uses():
             sample = snapshot.samples.get(use.key)
             if sample is not None and sample.validity is Validity.NO_HISTORY:
@@ -247,15 +264,50 @@ class TickReporter:
                     else why_invalid(sample, use.spec.stale_after, now)
                 )
                 self.invalid.setdefault(use.policy, {})[use.name] = f"{validity}: {detail}"
-                self._log.warning(
-                    "signal.invalid", policy=use.policy, signal=use.name, validity=validity,
-                    detail=detail,
-                )  # fmt: skip
+                bad_now[use.policy, use.name] = self._note_invalid(use, validity, detail, now)
         for document in policies.controllers:
             self.metrics.signals_invalid.labels(document.ref).set(bad.get(document.ref, 0))
+        self._note_recovered(bad_now, warming, policies, now)
         self._warming = warming
         self._remember_usable(usable, now)
         return set(bad)
+
+    def _note_invalid(self, use: SignalUse, validity: str, detail: str, now: float) -> _Bad:
+        """Log a bad signal when it turns bad or its validity changes (stale → error), then
+        every SIGNAL_INVALID_REPEAT ticks it stays so: not a line per tick."""
+        before = self._bad.get((use.policy, use.name))
+        if before is None:
+            bad = _Bad(validity, now, 1)
+        else:
+            ticks = before.ticks + 1 if before.validity == validity else 1
+            bad = _Bad(validity, before.since, ticks)
+        if repeat_due(bad.ticks, 1, SIGNAL_INVALID_REPEAT):
+            self._log.warning(
+                "signal.invalid", policy=use.policy, signal=use.name, validity=validity,
+                detail=detail, bad_for=format_duration(now - bad.since), reminder=bad.ticks > 1,
+            )  # fmt: skip
+        return bad
+
+    def _note_recovered(
+        self,
+        bad: dict[tuple[str, str], _Bad],
+        warming: set[tuple[str, str]],
+        policies: PolicySet,
+        now: float,
+    ) -> None:
+        """Log each signal usable again once, with how long it was not; remember the bad
+        ones. A signal no longer read (its policy reloaded away) is forgotten unsaid, and one
+        waiting for its history (not a fault, not usable either) keeps what it was."""
+        read = {(use.policy, use.name) for use in policies.signal_uses()}
+        for key, was in self._bad.items():
+            if key in warming:
+                bad.setdefault(key, was)
+            elif key in read and key not in bad:
+                self._log.info(
+                    "signal.recovered", policy=key[0], signal=key[1], was=was.validity,
+                    bad_for=format_duration(now - was.since),
+                )  # fmt: skip
+        self._bad = bad
 
     def _note_warming(self, policy: str, signal: str, detail: str) -> None:
         """Log a signal waiting for its history once, when it starts waiting."""

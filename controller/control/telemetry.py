@@ -37,6 +37,12 @@ DIRECTIONS = ("tighten", "loosen", "add", "remove")
 REDIS_OPERATIONS = ("catalog", "control", "leader", "sink")
 
 
+def repeat_due(count: int, first: int, every: int) -> bool:
+    """Whether the `count`th poll or tick in a row of a lasting problem is worth a log line:
+    the `first`th, then every `every` after it (a line per tick is a flood, none a secret)."""
+    return count >= first and (count - first) % every == 0
+
+
 class Metrics:
     """Every metric the controller exports, in its own registry (no global state)."""
 

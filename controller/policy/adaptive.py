@@ -15,7 +15,7 @@ from controller.durations import format_duration
 from controller.model import Proposal, SignalReading, Snapshot
 from controller.policy.baselines import Baselines
 from controller.policy.capacity import Capacity, estimate
-from controller.policy.conditions import Event
+from controller.policy.conditions import Event, recovered
 from controller.policy.documents import (
     AdaptiveLimit,
     AdaptiveLimitSpec,
@@ -45,6 +45,8 @@ class AdaptiveState:
     capacity_variance: float | None = None  # of a sample around it (the estimate's noise)
     wait: float | None = None  # the queue's wait (`capacity.queue`), when it follows a latency
     fill: Fill | None = None  # the share of the pool's capacity filled (None: all of it)
+    # `on_stale.then` (min, baseline) applies since a tick before: its transition was made.
+    fell_back: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,8 +54,9 @@ class AdaptiveResult:
     proposal: Proposal | None
     state: AdaptiveState
     notes: tuple[str, ...] = ()
-    # A hold on a bad signal beginning ("stale-hold") or ending ("stale-recovered"), and why
-    # in words: the journal's only line about a limit that stands still (no write, no event).
+    # A hold on a bad signal beginning ("stale-hold"), falling back ("stale-fallback") or
+    # ending ("stale-recovered", "stale-ended"), and why in words: the journal's only line
+    # about a limit that stands still (no write) or moves for no reason of the resolver's.
     event: Event = ""
     why: str = ""
     readings: tuple[SignalReading, ...] = ()
@@ -72,7 +75,7 @@ def evaluate_adaptive(
     if spec.schedule is not None and not in_windows(
         spec.schedule.windows, spec.schedule.timezone, now
     ):
-        return AdaptiveResult(None, AdaptiveState())
+        return _unscheduled(policy, state, now)
     signal = scalar_input(spec.signal_name, spec.signal, snapshot, None, now)
     if not signal.valid:
         return _on_invalid(policy, state, now, signal)
@@ -80,12 +83,23 @@ def evaluate_adaptive(
         return _control(policy, snapshot, state, now, baselines, in_force, signal)
     # The first usable sample after a hold ends it: said once (the step taken on it has its
     # own reason, journalled if it moves the limit).
-    result = _control(
-        policy, snapshot, replace(state, invalid_since=None), now, baselines, in_force, signal
-    )
-    waited = format_duration(now - state.invalid_since)
-    why = f"{spec.signal_name} usable again after {waited} unusable: control resumes"
+    resumed = replace(state, invalid_since=None, fell_back=False)
+    result = _control(policy, snapshot, resumed, now, baselines, in_force, signal)
+    why = recovered(spec.signal_name, state.invalid_since, now, "control resumes")
     return replace(result, event="stale-recovered", why=why, readings=(signal.reading(),))
+
+
+def _unscheduled(policy: AdaptiveLimit, state: AdaptiveState, now: float) -> AdaptiveResult:
+    """Outside its schedule it proposes nothing and forgets all; a hold on a bad signal that
+    ends so is said: no `stale-recovered` will ever close it."""
+    if state.invalid_since is None:
+        return AdaptiveResult(None, AdaptiveState())
+    why = (
+        f"the schedule closed while {policy.spec.signal_name} was unusable for "
+        f"{format_duration(now - state.invalid_since)}: the hold ends, the limit returns to its "
+        "baseline"
+    )
+    return AdaptiveResult(None, AdaptiveState(), event="stale-ended", why=why)
 
 
 def _control(
@@ -381,33 +395,41 @@ def _on_invalid(
     spec = policy.spec
     since = state.invalid_since if state.invalid_since is not None else now
     waited = now - since
-    held = replace(state, invalid_since=since)
+    held = replace(state, invalid_since=since, fell_back=False)
     prefix = f"{spec.signal_name} is {signal.validity.value} for {format_duration(waited)}"
+    rule = (
+        f"(on_stale: hold_for {format_duration(spec.on_stale.hold_for)}, then {spec.on_stale.then})"
+    )
+    began = state.invalid_since is not None
     if waited < spec.on_stale.hold_for or spec.on_stale.then == "hold":
         if state.value is None:
             why = f"{prefix}; nothing to hold yet"
-            return _begins(AdaptiveResult(None, held), state, signal, why, policy.ref)
-        reason = f"{prefix}: holding {fmt_number(state.value)} (on_stale: hold_for " + (
-            f"{format_duration(spec.on_stale.hold_for)}, then {spec.on_stale.then})"
-        )
-        proposal = Proposal(spec.target, state.value, policy.ref, reason)
-        return _begins(AdaptiveResult(proposal, held), state, signal, reason, policy.ref)
+            # A warning too (no proposal will say it), when the hold begins only.
+            notes = () if began else (f"{policy.ref}: {why}",)
+            result = AdaptiveResult(None, held, notes)
+        else:
+            why = f"{prefix}: holding {fmt_number(state.value)} {rule}"
+            result = AdaptiveResult(Proposal(spec.target, state.value, policy.ref, why), held)
+        return _marked(result, "stale-hold", why, signal, said=began)
+    fallen = AdaptiveState(invalid_since=since, fell_back=True)
     if spec.on_stale.then == "min":
-        reason = f"{prefix}: falling back to bounds.min {fmt_number(spec.bounds.min)}"
-        return AdaptiveResult(
-            Proposal(spec.target, spec.bounds.min, policy.ref, reason),
-            AdaptiveState(value=spec.bounds.min, invalid_since=since),
-        )
-    # `then: baseline`: no proposal, so the resolver falls back to the baseline.
-    return AdaptiveResult(None, AdaptiveState(invalid_since=since))
+        why = f"{prefix}: falling back to bounds.min {fmt_number(spec.bounds.min)} {rule}"
+        proposal = Proposal(spec.target, spec.bounds.min, policy.ref, why)
+        result = AdaptiveResult(proposal, replace(fallen, value=spec.bounds.min))
+    else:
+        # `then: baseline`: no proposal, so the resolver falls back to the baseline.
+        why = f"{prefix}: falling back to the baseline {rule}"
+        result = AdaptiveResult(None, fallen)
+    # The resolver's reason for the limit's change names no signal: this transition does.
+    return _marked(result, "stale-fallback", why, signal, said=state.fell_back)
 
 
-def _begins(
-    result: AdaptiveResult, state: AdaptiveState, signal: ScalarInput, why: str, ref: str
+def _marked(
+    result: AdaptiveResult, event: Event, why: str, signal: ScalarInput, *, said: bool
 ) -> AdaptiveResult:
-    """A hold's result, marked as its beginning on its first tick only: every tick of a hold
-    proposes (and says) the same, and a journal event or a warning per tick is a flood."""
-    if state.invalid_since is not None:
+    """`result`, marked as `event` on its first tick only (`said`: a tick before was): every
+    tick of a hold or a fallback proposes (and says) the same, and a journal event or a
+    warning per tick is a flood."""
+    if said:
         return result
-    note = () if result.proposal is not None else (f"{ref}: {why}",)
-    return replace(result, notes=note, event="stale-hold", why=why, readings=(signal.reading(),))
+    return replace(result, event=event, why=why, readings=(signal.reading(),))

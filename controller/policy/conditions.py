@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Literal
 
+from controller.durations import format_duration
 from controller.policy.documents import OnStale
 
 
@@ -28,10 +29,26 @@ class ConditionState:
 
 IDLE = ConditionState()
 
-# `stale-recovered`: an AdaptiveLimit's hold on a bad signal ended (its signal is usable).
+# `stale-recovered`: a hold (or fallback) on bad signals ended: they are usable again. An
+# AdaptiveLimit's only: `stale-fallback`, its `on_stale.then` (min, baseline) applies;
+# `stale-ended`, its schedule closed during a hold or fallback.
 Event = Literal[
-    "", "engaged", "released", "stale-hold", "stale-released", "stale-engaged", "stale-recovered"
+    "",
+    "engaged",
+    "released",
+    "stale-hold",
+    "stale-released",
+    "stale-engaged",
+    "stale-recovered",
+    "stale-fallback",
+    "stale-ended",
 ]
+
+
+def recovered(names: str, since: float, now: float, resumes: str) -> str:
+    """Why a hold on bad signals ended, in words (a `stale-recovered` transition's detail),
+    for a ThrottlePolicy and an AdaptiveLimit alike."""
+    return f"{names} usable again after {format_duration(now - since)} unusable: {resumes}"
 
 
 @dataclass(frozen=True, slots=True)

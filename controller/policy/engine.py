@@ -24,7 +24,7 @@ from controller.model import (
 )
 from controller.policy.adaptive import AdaptiveState, evaluate_adaptive
 from controller.policy.baselines import Baselines
-from controller.policy.conditions import IDLE, ConditionState, Event, Rules, step
+from controller.policy.conditions import IDLE, ConditionState, Event, Rules, recovered, step
 from controller.policy.documents import Action, ThrottlePolicy
 from controller.policy.expressions import Bools
 from controller.policy.fairshare import evaluate_fair
@@ -224,7 +224,10 @@ def _scalar_policy(
     when = valid and (when_expr is None or when_expr.evaluate_one(values))
     until = until_expr.evaluate_one(values) if (valid and until_expr and state.active) else None
     readings = tuple(i.reading() for i in inputs)
+    before = state
     state, event = step(state, valid=valid, when=when, until=until, now=now, rules=_rules(policy))
+    if _hold_ended(before, state):
+        out.transitions.append(_recovered(policy, SCALAR_KEY, before, now, readings))
     if event:
         out.transitions.append(Transition(policy.ref, SCALAR_KEY, event, readings))
     if state.active:
@@ -233,6 +236,26 @@ def _scalar_policy(
             None, SCALAR_KEY, state, readings, _stale_note(inputs)
         )
     return {SCALAR_KEY: state} if _keep(state, now, policy) else {}
+
+
+def _hold_ended(before: ConditionState, after: ConditionState) -> bool:
+    """Whether an active condition held (or engaged by `then: min`) on bad signals has
+    usable ones again. An idle condition's bad signals held nothing: no stale-hold began."""
+    return before.active and before.invalid_since is not None and after.invalid_since is None
+
+
+def _recovered(
+    policy: ThrottlePolicy,
+    key: str,
+    before: ConditionState,
+    now: float,
+    readings: tuple[SignalReading, ...],
+) -> Transition:
+    """A hold's end, journalled as an AdaptiveLimit's is: the signals it decides on again."""
+    assert before.invalid_since is not None  # _hold_ended
+    names = ", ".join(sorted(policy.spec.release_names))
+    why = recovered(names, before.invalid_since, now, "the condition decides again")
+    return Transition(policy.ref, key, "stale-recovered", readings, why)
 
 
 def _stale_note(inputs: list[ScalarInput]) -> str:
@@ -309,6 +332,8 @@ def _per_label_policy(
                 now=now,
                 rules=rules,
             )
+            if _hold_ended(before, state):
+                transitions.append(_recovered(policy, key, before, now, quotes.readings(i)))
         if event:
             transitions.append(Transition(ref, key, event, quotes.readings(i)))
         if state.active:

@@ -225,7 +225,7 @@ def _transition_marks(record: RunRecord) -> list[Mark]:
     for t in record.transitions:
         policy = t.policy.split("/", 1)[-1]
         who = f" for {t.key}" if t.key else ""
-        easing = "released" in t.event or t.event == "stale-recovered"
+        easing = "released" in t.event or t.event in ("stale-recovered", "stale-ended")
         color = "tab:green" if easing else "tab:red"
         short = f"{t.event} {t.key or policy}"
         marks.append(Mark(t.tick, short, f"{policy} {t.event}{who}", color, t.key or None))

@@ -387,8 +387,29 @@ def test_on_stale_then_hold_keeps_the_policy_active() -> None:
     driver.gpu(30.0, BROKEN)
     for now in (150.0, 3600.0):
         assert values_of(driver.gpu(now, STALE)) == {FREE_RPM: 5.0}
-    # Trustworthy again and cool: released.
-    assert events_of(driver.gpu(3630.0, 0.2)) == [(HOT, "", "released")]
+    # Trustworthy again (the hold's end, said first) and cool: released.
+    ended = driver.gpu(3630.0, 0.2)
+    assert events_of(ended) == [(HOT, "", "stale-recovered"), (HOT, "", "released")]
+    assert ended.transitions[0].detail == (
+        "gpu_util usable again after 1h unusable: the condition decides again"
+    )
+
+
+def test_a_throttle_hold_ending_inside_hold_for_is_a_recovered_transition() -> None:
+    """A ThrottlePolicy's stale-hold that ended inside `hold_for` made no transition (an
+    AdaptiveLimit's did): the journal said the hold began and never that it ended."""
+    driver = stale_driver("baseline")
+    assert events_of(driver.gpu(30.0, BROKEN)) == [(HOT, "", "stale-hold")]
+    driver.gpu(60.0, STALE)
+    ended = driver.gpu(90.0, 0.95)
+    assert events_of(ended) == [(HOT, "", "stale-recovered")]
+    [recovered] = ended.transitions
+    assert recovered.detail == (
+        "gpu_util usable again after 1m unusable: the condition decides again"
+    )
+    assert [(r.name, r.value) for r in recovered.signals] == [("gpu_util", 0.95)]
+    assert values_of(ended) == {FREE_RPM: 5.0}  # still hot: still engaged
+    assert driver.gpu(120.0, 0.95).transitions == ()
 
 
 def test_on_stale_then_min_engages_an_idle_policy() -> None:
@@ -439,6 +460,22 @@ def test_an_active_tenant_holds_while_its_signal_is_untrustworthy_then_releases(
     released = driver.cost(90.0, {"evil": 1.0}, failed)
     assert released.proposals == ()
     assert events_of(released) == [("ThrottlePolicy/cost", "evil", "stale-released")]
+
+
+def test_a_tenant_hold_ending_inside_hold_for_is_a_recovered_transition() -> None:
+    driver = cost_anomaly(on_stale={"hold_for": "1m", "then": "baseline"})
+    driver.cost(0.0, {"evil": 1.0, "acme": 0.001}, {"evil": 0.02, "acme": 0.02})
+    failed = vector("tenant", {}, 30.0, Validity.ERROR)
+    assert events_of(driver.cost(30.0, {"evil": 1.0}, failed)) == [
+        ("ThrottlePolicy/cost", "evil", "stale-hold")
+    ]
+    ended = driver.cost(45.0, {"evil": 1.0, "acme": 0.001}, {"evil": 0.02, "acme": 0.02})
+    # Only the tenant whose hold ended: acme was idle (nothing held, nothing journalled).
+    assert events_of(ended) == [("ThrottlePolicy/cost", "evil", "stale-recovered")]
+    assert ended.transitions[0].detail == (
+        "spend, usual usable again after 15s unusable: the condition decides again"
+    )
+    assert values_of(ended) == {"tenant/evil/tokens_per_minute": 5000.0}
 
 
 # --- AdaptiveLimit ----------------------------------------------------------------------------
@@ -571,6 +608,44 @@ def test_adaptive_falls_back_after_hold_for(then: str, expected: dict[str, float
         assert values_of(driver.tick(now, {GPU_QUERY: BROKEN})) == expected
 
 
+@pytest.mark.parametrize(
+    ("then", "applied"),
+    [("min", "falling back to bounds.min 200"), ("baseline", "falling back to the baseline")],
+)
+def test_adaptive_falling_back_after_hold_for_is_a_transition_naming_why(
+    then: str, applied: str
+) -> None:
+    """When `hold_for` ran out the fallback made no transition of its own: the limit's
+    change was journalled with the resolver's generic reason, naming no signal."""
+    driver = adaptive_stale(then)
+    assert events_of(driver.tick(30.0, {GPU_QUERY: BROKEN})) == [(ADAPTIVE, "", "stale-hold")]
+    assert driver.tick(90.0, {GPU_QUERY: BROKEN}).transitions == ()
+    fell = driver.tick(150.0, {GPU_QUERY: BROKEN})
+    assert events_of(fell) == [(ADAPTIVE, "", "stale-fallback")]
+    [fallback] = fell.transitions
+    assert fallback.detail == (
+        f"gpu_util is error for 2m: {applied} (on_stale: hold_for 2m, then {then})"
+    )
+    assert [(r.name, r.validity) for r in fallback.signals] == [("gpu_util", Validity.ERROR)]
+    for now in (155.0, 600.0):  # said once, not on every tick of the fallback
+        assert driver.tick(now, {GPU_QUERY: BROKEN}).transitions == ()
+    ended = driver.tick(605.0, {GPU_QUERY: 0.5}, current={RPS: 2000.0})
+    assert events_of(ended) == [(ADAPTIVE, "", "stale-recovered")]
+    assert ended.transitions[0].detail.startswith("gpu_util usable again after 9m35s")
+
+
+def test_adaptive_with_hold_for_0_journals_its_fallback_on_the_first_bad_tick() -> None:
+    driver = Driver(policy_set(adaptive(on_stale={"hold_for": "0s", "then": "min"})))
+    driver.tick(0.0, {GPU_QUERY: 0.9}, current={RPS: 1000.0})
+    fell = driver.tick(30.0, {GPU_QUERY: STALE}, current={RPS: 800.0})
+    assert events_of(fell) == [(ADAPTIVE, "", "stale-fallback")]
+    assert fell.transitions[0].detail == (
+        "gpu_util is stale for 0s: falling back to bounds.min 200 (on_stale: hold_for 0s, then min)"
+    )
+    assert values_of(fell) == {str(RPS): 200.0}
+    assert driver.tick(35.0, {GPU_QUERY: STALE}).transitions == ()
+
+
 def test_adaptive_then_hold_keeps_its_value_indefinitely() -> None:
     driver = adaptive_stale("hold")
     driver.tick(30.0, {GPU_QUERY: BROKEN})
@@ -638,6 +713,24 @@ def test_adaptive_outside_its_schedule_proposes_nothing() -> None:
     driver = Driver(policy_set(adaptive(schedule=BUSINESS_HOURS)))
     assert driver.tick(berlin("2026-03-07 12:00"), {GPU_QUERY: 0.9}).proposals == ()
     assert driver.tick(berlin("2026-03-02 12:00"), {GPU_QUERY: 0.9}).proposals
+
+
+def test_adaptive_whose_schedule_closes_mid_hold_journals_the_end_of_the_hold() -> None:
+    """The schedule closing during a hold forgot it silently: the journal's last word on the
+    limit was its stale-hold, and no stale-recovered ever came."""
+    driver = Driver(policy_set(adaptive(schedule=BUSINESS_HOURS)))
+    closing = berlin("2026-03-02 20:00")
+    driver.tick(closing - 600.0, {GPU_QUERY: 0.9}, current={RPS: 1000.0})
+    began = driver.tick(closing - 180.0, {GPU_QUERY: BROKEN})
+    assert events_of(began) == [(ADAPTIVE, "", "stale-hold")]
+    closed = driver.tick(closing, {GPU_QUERY: BROKEN})
+    assert closed.proposals == ()
+    assert events_of(closed) == [(ADAPTIVE, "", "stale-ended")]
+    assert closed.transitions[0].detail == (
+        "the schedule closed while gpu_util was unusable for 3m: the hold ends, "
+        "the limit returns to its baseline"
+    )
+    assert driver.tick(closing + 60.0, {GPU_QUERY: BROKEN}).transitions == ()
 
 
 # --- determinism ------------------------------------------------------------------------------
