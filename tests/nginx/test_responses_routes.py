@@ -13,7 +13,7 @@ from controller.contract.enforcement import EnforcementKeys
 from controller.contract.keys import KeySchema
 from controller.gateway.background import MAX_READ_ANSWER
 from tests.gateway.conftest import write_limits
-from tests.gateway.fake_upstream import FakeUpstream, ServerThread
+from tests.gateway.fake_upstream import FakeUpstream, ServerThread, padded
 from tests.nginx.conftest import PREFIX, Side, chat_body, set_limit, tenant_state
 from tests.nginx.gateway_pair import PairOptions, gateway_pair
 from tests.nginx.test_conversations import _close_clients as _close_clients  # the fixture
@@ -310,17 +310,6 @@ def test_a_read_that_streams_a_background_response_passes_as_it_is(
         assert tenant_state(side, "acme")["u|tokens_per_day"] == charged, side.name
         assert side.http.get(path, headers=sent).json()["status"] == "completed"
         assert tenant_state(side, "acme")["u|tokens_per_day"] != charged, side.name
-
-
-def padded(answer: dict[str, Any], size: int) -> dict[str, Any]:
-    """`answer` with a field that makes the fake's JSON body exactly `size` bytes long (its
-    JSONResponse renders compact JSON, non-ASCII as is)."""
-
-    def rendered(value: dict[str, Any]) -> int:
-        return len(json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode())
-
-    base = rendered({**answer, "pad": ""})
-    return {**answer, "pad": "x" * (size - base)}
 
 
 def test_a_settling_read_past_32_mib_passes_on_whole_and_settles_nothing(

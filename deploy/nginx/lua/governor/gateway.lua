@@ -530,13 +530,6 @@ end
 -- and one still running changes nothing. Held when Redis fails (a repeat changes nothing:
 -- the settle record goes with the slots, charge.lua's charge record stays).
 function Gateway:settle_background(call, answer)
-  -- Past the cap the answer is passed on as it is and nothing is settled (its slots held
-  -- until their lease ends, its reservation charged), as asgi._forward_read reads no
-  -- further: decoding it whole would hold a worker's memory and time for as large an answer
-  -- as the model server cares to send.
-  if #(answer or '') > conversations.MAX_READ_ANSWER then
-    return
-  end
   local done, used = conversations.finished(answer, call.id, call.charged)
   if not done then
     return
@@ -573,8 +566,28 @@ local GROW_RECORD = "if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end "
 -- add grows the record by its items' estimate; a delete forgets the conversation's or the
 -- response's. A record that cannot be written is said: that conversation is then refused 404
 -- (shared: the default).
+-- asgi._WholeAnswer.read: an answer read for what it records (a settling read's usage, a
+-- created conversation's id) up to conversations.MAX_READ_ANSWER. Past that it is passed on
+-- as it is and nothing is recorded (a background response stays charged, its slots held until
+-- a later read or their lease), said in a log line: decoding it would hold a worker's memory
+-- and time for as large an answer as the model server cares to send.
+local function readable(call, answer)
+  local size = #(answer or '')
+  if size <= conversations.MAX_READ_ANSWER then
+    return true
+  end
+  warn('answer past the read cap passed on whole; nothing recorded: tenant ',
+    call.principal.tenant, ', what ', call.what, ', action ', call.action, ', size ', size,
+    ', cap ', conversations.MAX_READ_ANSWER)
+  return false
+end
+
 function Gateway:conversation_answered(call, status, answer)
   if status == nil or status < 200 or status >= 300 then
+    return
+  end
+  -- Only these answers are decoded (an add or a delete records what its request said).
+  if (call.charged ~= nil or call.action == 'create') and not readable(call, answer) then
     return
   end
   if call.charged ~= nil then  -- a read or cancel of a background response: no record to change
