@@ -130,6 +130,7 @@ class _Call:
     unreserved: AdmissionRequest | None = None  # served fail-open: charged afterwards
     paid: bool = False  # its plan charged credits when it was admitted
     strip: UsageChunkFilter | None = None  # the usage event the client did not ask for
+    admitted: float = 0.0  # GatewayMetrics.clock() at its admission: its lease began then
 
 
 class _WholeAnswer:
@@ -320,6 +321,7 @@ class GovernorMiddleware:
         done, used = finished(answer, named, charged)
         if not done:
             return
+        self.e.metrics.given_back(tenant, named)  # its slots: now, or held until Redis answers
         tokens = None if used is None else TokensUsed(used.prompt, used.completion)
         ttl = self.e.settings.previous_response_ttl_seconds
         admission = self.e.admission
@@ -683,7 +685,9 @@ class GovernorMiddleware:
             principal, principal.plan, request, request_id, reservation, meter, headers, outcome
         )
         call.strip = strip
-        # In flight from here until `_settle` (which `_forward` always reaches).
+        # In flight from here until `_settle` (which `_forward` always reaches) gives its
+        # slots back, or hands a background response's to `_leaves`' held part.
+        call.admitted = self.e.metrics.clock()
         self.e.metrics.started(principal.tenant, principal.plan, request.model)
         return call
 
@@ -763,19 +767,19 @@ class GovernorMiddleware:
         call.settled = True
         principal = call.principal
         model = call.request.model
-        self.e.metrics.finished(principal.tenant, call.plan, model)
         failed = call.status is None or call.status >= 400
+        usage = None if failed else call.meter.finish()
+        self._leaves(call, usage)
         self.e.metrics.request(
             principal.tenant, call.plan, model, "upstream_error" if failed else call.outcome
         )
         reservation = call.reservation
-        if failed:
+        if usage is None:
             if reservation is not None:
                 await self._store(
                     "release", lambda: self.e.admission.release(reservation, principal.tenant)
                 )
             return
-        usage = call.meter.finish()
         if usage.estimated:
             self.e.metrics.estimated.labels(self.e.metrics.plan(call.plan)).inc()
             self._log.info(
@@ -817,6 +821,18 @@ class GovernorMiddleware:
                     await self._keep_background(call, reservation, usage, cost)
 
             await self._store("settle", settle)
+
+    def _leaves(self, call: _Call, usage: Usage | None) -> None:
+        """The call leaves the in-flight gauge as its slots are given back: at once, or, a
+        background answer whose generation goes on (its slots kept by the settle), when a
+        read gives them back or its admission's lease ends."""
+        metrics, tenant, model = self.e.metrics, call.principal.tenant, call.request.model
+        named = call.meter.response_id
+        if usage is None or call.reservation is None or named is None or not _runs_on(call, usage):
+            metrics.finished(tenant, call.plan, model)
+            return
+        until = call.admitted + self.e.admission.lease_seconds
+        metrics.held(tenant, call.plan, model, named, until)
 
     async def _keep_background(
         self, call: _Call, reservation: str, usage: Usage, cost: float

@@ -208,8 +208,11 @@ function Gateway:model_call(client, req, principal, kind, plan)
     strip = openai.usage_filter()  -- the usage event the client did not ask for
   end
   headers['x-governor-request-id'] = req.request_id
+  -- In flight from here until `finish` gives its slots back (or hands a background
+  -- response's to the held part: `leaves`); its lease began about now.
   return {call = {principal = principal, request = request, streaming = streaming,
-    outcome = outcome,
+    outcome = outcome, counted = self.metrics:started(principal, request:model()),
+    admitted = ngx.now(),
     reservation = result.reservation, headers = headers, body = request.raw,
     paid = plan.credits ~= nil,
     changed = request.changed, meter = openai.meter(streaming, request.prompt_tokens,
@@ -534,6 +537,8 @@ function Gateway:settle_background(call, answer)
   if not done then
     return
   end
+  -- Its slots: given back now, or held until Redis answers.
+  self.metrics:given_back(call.principal.tenant, call.id)
   local tenant, charged, ttl = call.principal.tenant, call.charged, record_ttl_ms(self.settings)
   local op = function(client)
     return self.admission:settle_background(client, tenant, call.id, charged, used, ttl)
@@ -881,6 +886,22 @@ function Gateway:keep_background(client, call, usage, model)
   end
 end
 
+-- asgi._leaves: the call leaves the in-flight gauge as its slots are given back: at once, or,
+-- a background answer whose generation goes on (`running`: its slots kept by the settle),
+-- when a read gives them back or what is left of its admission's lease has passed. Once.
+function Gateway:leaves(call, running)
+  if not call.counted then
+    return
+  end
+  call.counted = false
+  local named, left = nil, 0
+  if running then
+    named = call.meter.response_id
+    left = self.settings.lease_seconds - (ngx.now() - call.admitted)
+  end
+  self.metrics:finished(call.principal, call.request:model(), named, left)
+end
+
 -- Settle an answered call (status: the upstream's; nil when it never answered): charge what
 -- the answer says it used, or release the whole hold when it failed. Runs once per call.
 function Gateway:finish(call, status)
@@ -894,6 +915,7 @@ function Gateway:finish(call, status)
   self.metrics:request(call.principal, call.request:model(),
     failed and 'upstream_error' or call.outcome)
   if failed then
+    self:leaves(call, false)
     what = 'release'
     op = function(client)
       return self.admission:release(client, reservation, tenant)
@@ -909,6 +931,7 @@ function Gateway:finish(call, status)
     what = 'settle'
     -- A background answer's generation goes on after it: its slots stay held.
     local running = runs_on(call, usage)
+    self:leaves(call, running)
     op = function(client)
       local known, failure = self.admission:settle(client, reservation, tenant, usage, model,
         running)
@@ -960,6 +983,7 @@ function Gateway:finish_later(call, status)
   local ok, err = ngx.timer.at(0, finish_in_timer, self, call, status)
   if not ok then
     warn('cannot settle (the lease releases the hold later): ', err)
+    self:leaves(call, false)  -- not held in the gauge for as long: nothing would lower it
   end
 end
 
