@@ -185,6 +185,7 @@ class Admission:
         self.slots = SlotAdmission(client, self.keys) if self.keys.schema.sharded else None
         self.prices = prices
         self.catalog = catalog
+        self.lease_seconds = lease_seconds
         self._lease_ms = str(round(lease_seconds * 1000))
         self._record_ms = str(round(record_grace_seconds * 1000))
         self._history_length = str(history_length)

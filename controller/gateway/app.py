@@ -205,6 +205,7 @@ def create_app(
                 status_code=401,
                 headers={"www-authenticate": 'Bearer realm="metrics"'},
             )
+        e.metrics.expire()  # background responses whose lease ended are no longer held
         return Response(generate_latest(e.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     async def healthz(_request: Request) -> Response:

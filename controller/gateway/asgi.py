@@ -36,7 +36,6 @@ from controller.gateway.background import MAX_READ_ANSWER, BackgroundCharge, fin
 from controller.gateway.catalog import PlanCatalog
 from controller.gateway.conversations import (
     ADDS_ITEMS,
-    MAX_CREATED_ANSWER,
     RECORDS,
     ConversationCall,
     added_tokens,
@@ -131,6 +130,38 @@ class _Call:
     unreserved: AdmissionRequest | None = None  # served fail-open: charged afterwards
     paid: bool = False  # its plan charged credits when it was admitted
     strip: UsageChunkFilter | None = None  # the usage event the client did not ask for
+    admitted: float = 0.0  # GatewayMetrics.clock() at its admission: its lease began then
+
+
+class _WholeAnswer:
+    """An answer read whole for what it records (a settling read's usage, a conversation's
+    id) up to MAX_READ_ANSWER bytes. Past that it is passed on as it is and nothing is
+    recorded: decoding it would hold the gateway's memory and time for as large an answer as
+    the model server cares to send."""
+
+    def __init__(self) -> None:
+        self._body = bytearray()
+        self.size = 0
+
+    def feed(self, chunk: bytes) -> None:
+        self.size += len(chunk)
+        if self.size <= MAX_READ_ANSWER:
+            self._body.extend(chunk)
+        else:
+            self._body.clear()  # never decoded: its memory is given back at once
+
+    def read(
+        self, log: Any, tenant: str, call: ConversationCall, status: int = 200
+    ) -> bytes | None:
+        """The answer, or None (said in a log line) when it was past the cap; an answer the
+        model server refused records nothing anyway, so it is never said too large."""
+        if self.size <= MAX_READ_ANSWER:
+            return bytes(self._body)
+        if 200 <= status < 300:
+            log.warning("answer past the read cap passed on whole; nothing recorded",
+                        tenant=tenant, what=call.what, action=call.action, size=self.size,
+                        cap=MAX_READ_ANSWER)  # fmt: skip
+        return None
 
 
 class GovernorMiddleware:
@@ -240,22 +271,21 @@ class GovernorMiddleware:
             return
         named = call.id
         status: int | None = None
-        answer = bytearray()
-        overflow = False
+        whole = _WholeAnswer()
 
         async def observe(message: Message) -> None:
-            nonlocal status, overflow
+            nonlocal status
             if message["type"] == "http.response.start":
                 status = int(message["status"])
             elif message["type"] == "http.response.body":
-                overflow = overflow or len(answer) > MAX_READ_ANSWER
-                if not overflow:
-                    answer.extend(message.get("body", b""))
+                whole.feed(message.get("body", b""))
                 done = not message.get("more_body", False)
-                if done and not overflow and status is not None and 200 <= status < 300:
-                    with anyio.CancelScope(shield=True):
-                        await self._settle_background(principal.tenant, named, charged,
-                                                      bytes(answer))  # fmt: skip
+                if done and status is not None and 200 <= status < 300:
+                    answer = whole.read(self._log, principal.tenant, call)
+                    if answer is not None:
+                        with anyio.CancelScope(shield=True):
+                            await self._settle_background(principal.tenant, named, charged,
+                                                          answer)  # fmt: skip
             await send(message)
 
         await self.app(scope, receive, observe)
@@ -291,6 +321,7 @@ class GovernorMiddleware:
         done, used = finished(answer, named, charged)
         if not done:
             return
+        self.e.metrics.given_back(tenant, named)  # its slots: now, or held until Redis answers
         tokens = None if used is None else TokensUsed(used.prompt, used.completion)
         ttl = self.e.settings.previous_response_ttl_seconds
         admission = self.e.admission
@@ -347,19 +378,21 @@ class GovernorMiddleware:
         before its last byte goes on (a client that sends its next request at once finds the
         record), change the tenant's record of the conversation or response as it says."""
         status: int | None = None
-        answer = bytearray()
+        whole = _WholeAnswer()
 
         async def observe(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = int(message["status"])
             elif message["type"] == "http.response.body":
-                if call.action == "create" and len(answer) <= MAX_CREATED_ANSWER:
-                    answer.extend(message.get("body", b""))
+                if call.action == "create":  # the one answer read: for the id it made
+                    whole.feed(message.get("body", b""))
                 if not message.get("more_body", False) and status is not None:
-                    with anyio.CancelScope(shield=True):
-                        await self._record_conversation(principal, call, status, bytes(answer),
-                                                        added)  # fmt: skip
+                    answer = whole.read(self._log, principal.tenant, call, status)
+                    if answer is not None:
+                        with anyio.CancelScope(shield=True):
+                            await self._record_conversation(principal, call, status, answer,
+                                                            added)  # fmt: skip
             await send(message)
 
         await self.app(scope, receive, observe)
@@ -652,7 +685,9 @@ class GovernorMiddleware:
             principal, principal.plan, request, request_id, reservation, meter, headers, outcome
         )
         call.strip = strip
-        # In flight from here until `_settle` (which `_forward` always reaches).
+        # In flight from here until `_settle` (which `_forward` always reaches) gives its
+        # slots back, or hands a background response's to `_leaves`' held part.
+        call.admitted = self.e.metrics.clock()
         self.e.metrics.started(principal.tenant, principal.plan, request.model)
         return call
 
@@ -732,19 +767,19 @@ class GovernorMiddleware:
         call.settled = True
         principal = call.principal
         model = call.request.model
-        self.e.metrics.finished(principal.tenant, call.plan, model)
         failed = call.status is None or call.status >= 400
+        usage = None if failed else call.meter.finish()
+        self._leaves(call, usage)
         self.e.metrics.request(
             principal.tenant, call.plan, model, "upstream_error" if failed else call.outcome
         )
         reservation = call.reservation
-        if failed:
+        if usage is None:
             if reservation is not None:
                 await self._store(
                     "release", lambda: self.e.admission.release(reservation, principal.tenant)
                 )
             return
-        usage = call.meter.finish()
         if usage.estimated:
             self.e.metrics.estimated.labels(self.e.metrics.plan(call.plan)).inc()
             self._log.info(
@@ -786,6 +821,18 @@ class GovernorMiddleware:
                     await self._keep_background(call, reservation, usage, cost)
 
             await self._store("settle", settle)
+
+    def _leaves(self, call: _Call, usage: Usage | None) -> None:
+        """The call leaves the in-flight gauge as its slots are given back: at once, or, a
+        background answer whose generation goes on (its slots kept by the settle), when a
+        read gives them back or its admission's lease ends."""
+        metrics, tenant, model = self.e.metrics, call.principal.tenant, call.request.model
+        named = call.meter.response_id
+        if usage is None or call.reservation is None or named is None or not _runs_on(call, usage):
+            metrics.finished(tenant, call.plan, model)
+            return
+        until = call.admitted + self.e.admission.lease_seconds
+        metrics.held(tenant, call.plan, model, named, until)
 
     async def _keep_background(
         self, call: _Call, reservation: str, usage: Usage, cost: float

@@ -20,7 +20,8 @@ from typing import Any, TypeGuard
 
 from controller.gateway.openai import FINAL_STATUSES, output_tokens, whole_count
 
-# The largest answer read for its usage (a response object holds its whole output).
+# The largest answer read for what it records (asgi._WholeAnswer): a settling read's usage (a
+# response object holds its whole output), a created conversation's id.
 MAX_READ_ANSWER = 32 * 1024 * 1024
 REASON = "background response settled at its usage"
 _COUNTS = ("input_tokens", "output_tokens", "total_tokens")

@@ -59,8 +59,6 @@ _APIS: tuple[tuple[str, EarlierKind, dict[tuple[str, str], Action]], ...] = (
 ADDS_ITEMS: frozenset[Action] = frozenset(("create", "add_items"))
 # The calls whose answer changes the record (the others are forwarded as they are).
 RECORDS: frozenset[Action] = frozenset(("create", "add_items", "delete"))
-# The largest answer read for the id of a conversation made (a conversation object is small).
-MAX_CREATED_ANSWER = 1024 * 1024
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ their first event; no counter exports a `_created` series (docs/gateway.md, Metr
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 
 from prometheus_client import (
@@ -155,14 +156,21 @@ class GatewayMetrics:
             (*labels, "kind"),
             registry=self.registry,
         )
-        # Requests admitted and not yet settled or released: a tenant held to a concurrency
-        # limit shows its cap here, so its demand is this × offered ÷ admitted (Little's law).
+        # Requests admitted and still holding their concurrency slots: a tenant held to a
+        # concurrency limit shows its cap here, so its demand is this × offered ÷ admitted
+        # (Little's law). A background response counts until its slots are given back.
         self.in_flight = Gauge(
             "gateway_requests_in_flight",
-            "Requests admitted and not yet finished, by tenant, plan and model",
+            "Requests admitted and still holding their slots (a background response: until "
+            "read finished or its lease ends), by tenant, plan and model",
             labels,
             registry=self.registry,
         )
+        # Background responses answered while their slots stay held, by (tenant, response
+        # id): their labels and when their lease ends (a `clock` time).
+        self._held: dict[tuple[str, str], tuple[tuple[str, str, str], float]] = {}
+        self._held_lock = threading.Lock()
+        self.clock = time.monotonic
         self.cost = Counter(
             "gateway_cost_usd", "Cost of the tokens used, in USD", labels, registry=self.registry
         )
@@ -263,6 +271,38 @@ class GatewayMetrics:
     def finished(self, tenant: str, plan: str, model: str) -> None:
         """An admitted request settled or released."""
         self.in_flight.labels(self.tenant(tenant), self.plan(plan), self.model(model)).dec()
+
+    def held(self, tenant: str, plan: str, model: str, response_id: str, until: float) -> None:
+        """An admitted request whose answer ended while its slots stay held (a background
+        response still generating), in place of `finished`: in flight until `given_back`
+        or `until` (a `clock` time: its admission's lease ends, and Redis frees its slots
+        then). The lease is this process's to see, the Redis sweep is not: kept here."""
+        names = (self.tenant(tenant), self.plan(plan), self.model(model))
+        with self._held_lock:
+            before = self._held.pop((tenant, response_id), None)
+            self._held[tenant, response_id] = (names, until)
+        if before is not None:  # the same id answered twice: one of them is over
+            self.in_flight.labels(*before[0]).dec()
+        self.expire()
+
+    def given_back(self, tenant: str, response_id: str) -> None:
+        """A background response's slots were given back (read finished, or cancelled):
+        out of the gauge, once. Nothing for one this process does not hold (admitted by
+        another gateway, given back already, or its lease ended)."""
+        with self._held_lock:
+            gone = self._held.pop((tenant, response_id), None)
+        if gone is not None:
+            self.in_flight.labels(*gone[0]).dec()
+
+    def expire(self) -> None:
+        """Background responses whose lease has ended leave the gauge (their slots are
+        freed by then: the next admission's sweep gives them back). Run at every scrape."""
+        now = self.clock()
+        with self._held_lock:
+            ended = [key for key, (_names, until) in self._held.items() if until <= now]
+            gone = [self._held.pop(key)[0] for key in ended]
+        for names in gone:
+            self.in_flight.labels(*names).dec()
 
     def usage(
         self,

@@ -11,7 +11,8 @@ logprobs to a non-streamed answer, `x-fake-cut: N` sends only the first N bytes 
 non-streamed answer (a body cut off mid-way), `x-fake-ignore-stream: 1` answers a stream
 request with one JSON document, `x-fake-linger: S` keeps a streamed Responses answer open S
 seconds after its last event (`response.completed`) before ending it, and `x-fake-stall: N`
-stops a streamed Responses answer after its event N (from 0) until the test releases it.
+stops a streamed Responses answer after its event N (from 0) until the test releases it;
+`x-fake-size: N` makes a conversation create's answer exactly N bytes (`padded`).
 Responses are kept (unless `store: false`) as a model server keeps them: a request naming one
 as `previous_response_id` is billed its input and output again as input, and one naming a
 response it does not hold is refused 400, as OpenAI and vLLM refuse it. A `conversation` the
@@ -361,7 +362,9 @@ class FakeUpstream:
         self.conversation_items[held] = []
         self.conversation_metadata[held] = body.get("metadata") or {}
         self._add_items(held, list(body.get("items") or []))
-        return JSONResponse(self._conversation_object(held))
+        made = self._conversation_object(held)
+        size = request.headers.get("x-fake-size")
+        return JSONResponse(made if size is None else padded(made, int(size)))
 
     def _missing(self, held: str) -> Response | None:
         if held in self.conversations:
@@ -472,6 +475,17 @@ def _input_items(given: Any, identity: str) -> list[dict[str, Any]]:
     items = [item for item in given or () if isinstance(item, dict)]
     return [{"id": f"msg_{identity[5:13]}{i}", "status": "completed", **item}
             for i, item in enumerate(items)]  # fmt: skip
+
+
+def padded(answer: dict[str, Any], size: int) -> dict[str, Any]:
+    """`answer` with a field that makes the fake's JSON body exactly `size` bytes long (its
+    JSONResponse renders compact JSON, non-ASCII as is)."""
+
+    def rendered(value: dict[str, Any]) -> int:
+        return len(json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode())
+
+    base = rendered({**answer, "pad": ""})
+    return {**answer, "pad": "x" * (size - base)}
 
 
 def _failure(request: Request) -> Response | None:

@@ -1,10 +1,11 @@
 """The per-tenant in-flight gauge a FairShare's demand reads: up at admission, down at settle
-or release (the real gateway, Redis and fake upstream)."""
+or release, a background response's at the read that gives its slots back or its lease."""
 
 from __future__ import annotations
 
 import re
 
+from controller.gateway.metrics import GatewayMetrics
 from tests.gateway.conftest import Gateway
 from tests.gateway.fake_upstream import FakeUpstream
 from tests.gateway.test_gateway_streaming import data_lines, stream
@@ -44,3 +45,50 @@ def test_a_refused_request_is_never_in_flight_and_a_failed_one_is_released(
     served = [gateway.chat(key).status_code for _ in range(12)]  # free: 10 a minute
     assert 429 in served
     assert in_flight(gateway, "acme") == 0.0
+
+
+class Clock:
+    """A monotonic clock the test moves (GatewayMetrics.clock): 600 s pass in no time."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def gauge(metrics: GatewayMetrics, tenant: str) -> float:
+    value = metrics.registry.get_sample_value(
+        "gateway_requests_in_flight", {"tenant": tenant, "plan": "free", "model": "gpt-4o"}
+    )
+    return -1.0 if value is None else value
+
+
+def test_a_held_background_response_leaves_at_its_lease_once_and_never_below_0() -> None:
+    """The gauge's held part (a background response whose answer ended, its slots held in
+    Redis until read finished or its admission's lease ends; the read's path is in
+    tests/nginx/test_responses_routes.py): in flight until the lease's end, seen at the next
+    scrape; a read after it, or a second read, takes nothing more off."""
+    clock = Clock()
+    metrics = GatewayMetrics(10, 10)
+    metrics.clock = clock
+    for response in ("resp_a", "resp_b"):
+        metrics.started("acme", "free", "gpt-4o")
+        metrics.held("acme", "free", "gpt-4o", response, clock() + 600.0)
+    assert gauge(metrics, "acme") == 2.0
+    metrics.given_back("acme", "resp_a")
+    metrics.given_back("acme", "resp_a")  # a second read: nothing twice
+    metrics.given_back("globex", "resp_b")  # another tenant's id: not this one
+    assert gauge(metrics, "acme") == 1.0
+    clock.now += 599.0
+    metrics.expire()
+    assert gauge(metrics, "acme") == 1.0  # not a moment before its lease ends
+    clock.now += 1.0
+    metrics.expire()
+    assert gauge(metrics, "acme") == 0.0
+    metrics.given_back("acme", "resp_b")  # read after its lease: nothing more
+    metrics.expire()
+    assert gauge(metrics, "acme") == 0.0
+    metrics.started("acme", "free", "gpt-4o")
+    metrics.held("acme", "free", "gpt-4o", "resp_c", clock())  # its lease ended already
+    assert gauge(metrics, "acme") == 0.0

@@ -18,8 +18,10 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from structlog.testing import capture_logs
 
 from controller.contract.keys import KeySchema
+from controller.gateway.background import MAX_READ_ANSWER
 from tests.gateway.conftest import Gateway, start_gateway, write_limits
 from tests.gateway.fake_upstream import FakeUpstream, ServerThread
 from tests.nginx.conftest import PREFIX, SECRET, Side, chat_body
@@ -310,6 +312,36 @@ def test_nothing_is_recorded_when_the_model_server_refuses(
             answer = side.http.request(method, side.url + path, json=body, headers=auth)
             assert answer.status_code == 404, (side.name, answer.text)
             assert record(side, "acme", mine) == "0", side.name  # neither grown nor forgotten
+
+
+def test_a_created_answer_past_32_mib_passes_on_whole_and_records_nothing(
+    python_gateway: Side, nginx: Side, nginx_session: NginxServer
+) -> None:
+    """A create's answer is decoded for the id it made, as a settling read's for its usage,
+    up to 32 MiB (MAX_READ_ANSWER); nginx and Kong decoded whatever came, the Python gateway
+    stopped at 1 MiB. Both now: an answer of exactly 32 MiB records the conversation, one
+    byte more reaches the client whole, records nothing and says so once (no key)."""
+    for side in sides(python_gateway, nginx):
+        key = side.key("acme", "free")
+        client = sdk(side, key).conversations.with_raw_response
+        logged = len(nginx_session.error_log.read_text(errors="replace"))
+        for size, records in ((MAX_READ_ANSWER + 1, False), (MAX_READ_ANSWER, True)):
+            with capture_logs() as logs:
+                made = client.create(items=[ITEM], metadata={"size": str(size)},
+                                     extra_headers={"x-fake-size": str(size)})  # fmt: skip
+            assert len(made.http_response.content) == size, side.name
+            kept = record(side, "acme", made.parse().id)
+            assert kept == (str(ITEM_TOKENS) if records else None), (side.name, size)
+            said = [line for line in logs if "past the read cap" in line["event"]]
+            if side.name == "python":
+                assert len(said) == (0 if records else 1), (size, logs)
+                assert key not in repr(logs)
+        if side.name == "nginx":
+            lines = nginx_session.error_log.read_text(errors="replace")[logged:].splitlines()
+            said_nginx = [line for line in lines if "past the read cap" in line]
+            assert len(said_nginx) == 1, lines
+            assert "tenant acme, what conversation, action create" in said_nginx[0]
+            assert key not in "\n".join(lines)
 
 
 @pytest.fixture

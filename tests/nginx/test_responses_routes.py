@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from controller.contract.enforcement import EnforcementKeys
 from controller.contract.keys import KeySchema
 from controller.gateway.background import MAX_READ_ANSWER
 from tests.gateway.conftest import write_limits
-from tests.gateway.fake_upstream import FakeUpstream, ServerThread
+from tests.gateway.fake_upstream import FakeUpstream, ServerThread, padded
 from tests.nginx.conftest import PREFIX, Side, chat_body, set_limit, tenant_state
 from tests.nginx.gateway_pair import PairOptions, gateway_pair
+from tests.nginx.nginx_server import NginxServer
 from tests.nginx.test_conversations import _close_clients as _close_clients  # the fixture
 from tests.nginx.test_conversations import day_left, refused_as_written, sdk, sides
 from tests.nginx.test_conversations import shared_sides as shared_sides  # the fixture
@@ -312,17 +315,6 @@ def test_a_read_that_streams_a_background_response_passes_as_it_is(
         assert tenant_state(side, "acme")["u|tokens_per_day"] != charged, side.name
 
 
-def padded(answer: dict[str, Any], size: int) -> dict[str, Any]:
-    """`answer` with a field that makes the fake's JSON body exactly `size` bytes long (its
-    JSONResponse renders compact JSON, non-ASCII as is)."""
-
-    def rendered(value: dict[str, Any]) -> int:
-        return len(json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode())
-
-    base = rendered({**answer, "pad": ""})
-    return {**answer, "pad": "x" * (size - base)}
-
-
 def test_a_settling_read_past_32_mib_passes_on_whole_and_settles_nothing(
     python_gateway: Side, nginx: Side, upstream: tuple[FakeUpstream, ServerThread]
 ) -> None:
@@ -520,3 +512,78 @@ def test_a_background_response_nobody_reads_gives_its_slot_back_when_its_lease_e
         assert state["c|concurrent_requests"] == "0", side.name
         assert int(state["u|tokens_per_day"]) == charged - reserved + real, side.name
         assert f"x|{rid}" not in state, side.name
+
+
+def in_flight(side: Side, tenant: str) -> float:
+    """The tenant's `gateway_requests_in_flight`, every series of it (0: none)."""
+    text = side.http.get(f"{side.url}/metrics").text
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        if family.name == "gateway_requests_in_flight"
+        for sample in family.samples
+        if sample.labels.get("tenant") == tenant
+    )
+
+
+@pytest.mark.parametrize("ending", ["read", "cancel"])
+def test_a_background_response_is_in_flight_while_it_holds_its_slot(
+    python_gateway: Side, nginx: Side, upstream: tuple[FakeUpstream, ServerThread], ending: str
+) -> None:
+    """The in-flight gauge follows the slots: a background response answered `queued` is
+    still in flight (it was counted finished with its answer, so dashboards and a FairShare's
+    demand missed every generation holding a slot), polled unfinished too, until the read or
+    cancel that gives its slots back; a second read gives nothing back twice, never below 0."""
+    fake = upstream[0]
+    tenant = f"gauge{ending}"  # its own: the session's nginx keeps earlier tests' series
+    for side in sides(python_gateway, nginx):
+        set_limit(side, f"tenant/{tenant}/concurrent_requests", 2)
+        key = side.key(tenant, "free")
+        client = sdk(side, key)
+        queued = client.responses.create(model=MODEL, input=f"gauge {ending} {side.name}",
+                                         max_output_tokens=16, background=True)  # fmt: skip
+        answer = in_progress(fake, queued.id)
+        assert tenant_state(side, tenant)["c|concurrent_requests"] == "1", side.name
+        assert in_flight(side, tenant) == 1, side.name
+        assert client.responses.retrieve(queued.id).status == "in_progress", side.name
+        assert side.chat(key, chat_body(max_tokens=1)).status_code == 200, side.name
+        assert in_flight(side, tenant) == 1, side.name  # the chat came and went
+
+        finish(fake, queued.id, answer)
+        if ending == "read":
+            assert client.responses.retrieve(queued.id).status == "completed", side.name
+        else:
+            assert client.responses.cancel(queued.id).status == "cancelled", side.name
+        assert tenant_state(side, tenant)["c|concurrent_requests"] == "0", side.name
+        assert in_flight(side, tenant) == 0, side.name
+        assert client.responses.retrieve(queued.id).status in ("completed", "cancelled")
+        assert in_flight(side, tenant) == 0, side.name
+
+
+def test_a_background_response_nobody_reads_leaves_the_gauge_when_its_lease_ends(
+    tmp_path: Path, nginx: Side, nginx_session: NginxServer,
+    upstream: tuple[FakeUpstream, ServerThread],
+) -> None:  # fmt: skip
+    """nginx with a lease of 2 s: a background response never read is in flight while its
+    lease lasts (the slot is held in Redis as long) and leaves the gauge when it ends, as
+    Redis frees the slot then (the Python gateway's lease is not a setting: its expiry is
+    tested with a moved clock, tests/gateway/test_gateway_in_flight.py)."""
+    fake = upstream[0]
+    server = NginxServer(tmp_path, nginx_session.export_dir, upstream[1].port, nginx_session.env,
+                         init_options="lease_seconds = 2").start()  # fmt: skip
+    side = Side("short", server.url, nginx.db, nginx.http)
+    try:
+        set_limit(side, "tenant/acme/concurrent_requests", 1)
+        key = side.key("acme", "free")
+        queued = sdk(side, key).responses.create(model=MODEL, input="forgotten, briefly",
+                                                 max_output_tokens=16, background=True)  # fmt: skip
+        in_progress(fake, queued.id)
+        assert in_flight(side, "acme") == 1
+        assert side.chat(key, chat_body(max_tokens=1)).status_code == 429  # its slot, held
+        time.sleep(2.2)
+        assert in_flight(side, "acme") == 0
+        assert side.chat(key, chat_body(max_tokens=1)).status_code == 200  # the sweep freed it
+        assert in_flight(side, "acme") == 0
+        assert server.problems() == []
+    finally:
+        server.stop()

@@ -104,8 +104,9 @@ end
 
 local FINAL_STATUSES = openai.FINAL_STATUSES
 
--- background.MAX_READ_ANSWER: the largest answer a settling read is read for its usage (a
--- response object holds its whole output); a larger one settles nothing.
+-- background.MAX_READ_ANSWER: the largest answer read for what it records (a settling read's
+-- usage: a response object holds its whole output; a created conversation's id); a larger one
+-- records nothing (gateway.lua's `readable`).
 _M.MAX_READ_ANSWER = 32 * 1024 * 1024
 
 -- background._count: a whole count of 0 or more (cjson reads every JSON number as a double;

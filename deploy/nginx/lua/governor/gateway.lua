@@ -208,8 +208,11 @@ function Gateway:model_call(client, req, principal, kind, plan)
     strip = openai.usage_filter()  -- the usage event the client did not ask for
   end
   headers['x-governor-request-id'] = req.request_id
+  -- In flight from here until `finish` gives its slots back (or hands a background
+  -- response's to the held part: `leaves`); its lease began about now.
   return {call = {principal = principal, request = request, streaming = streaming,
-    outcome = outcome,
+    outcome = outcome, counted = self.metrics:started(principal, request:model()),
+    admitted = ngx.now(),
     reservation = result.reservation, headers = headers, body = request.raw,
     paid = plan.credits ~= nil,
     changed = request.changed, meter = openai.meter(streaming, request.prompt_tokens,
@@ -530,17 +533,12 @@ end
 -- and one still running changes nothing. Held when Redis fails (a repeat changes nothing:
 -- the settle record goes with the slots, charge.lua's charge record stays).
 function Gateway:settle_background(call, answer)
-  -- Past the cap the answer is passed on as it is and nothing is settled (its slots held
-  -- until their lease ends, its reservation charged), as asgi._forward_read reads no
-  -- further: decoding it whole would hold a worker's memory and time for as large an answer
-  -- as the model server cares to send.
-  if #(answer or '') > conversations.MAX_READ_ANSWER then
-    return
-  end
   local done, used = conversations.finished(answer, call.id, call.charged)
   if not done then
     return
   end
+  -- Its slots: given back now, or held until Redis answers.
+  self.metrics:given_back(call.principal.tenant, call.id)
   local tenant, charged, ttl = call.principal.tenant, call.charged, record_ttl_ms(self.settings)
   local op = function(client)
     return self.admission:settle_background(client, tenant, call.id, charged, used, ttl)
@@ -573,8 +571,28 @@ local GROW_RECORD = "if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end "
 -- add grows the record by its items' estimate; a delete forgets the conversation's or the
 -- response's. A record that cannot be written is said: that conversation is then refused 404
 -- (shared: the default).
+-- asgi._WholeAnswer.read: an answer read for what it records (a settling read's usage, a
+-- created conversation's id) up to conversations.MAX_READ_ANSWER. Past that it is passed on
+-- as it is and nothing is recorded (a background response stays charged, its slots held until
+-- a later read or their lease), said in a log line: decoding it would hold a worker's memory
+-- and time for as large an answer as the model server cares to send.
+local function readable(call, answer)
+  local size = #(answer or '')
+  if size <= conversations.MAX_READ_ANSWER then
+    return true
+  end
+  warn('answer past the read cap passed on whole; nothing recorded: tenant ',
+    call.principal.tenant, ', what ', call.what, ', action ', call.action, ', size ', size,
+    ', cap ', conversations.MAX_READ_ANSWER)
+  return false
+end
+
 function Gateway:conversation_answered(call, status, answer)
   if status == nil or status < 200 or status >= 300 then
+    return
+  end
+  -- Only these answers are decoded (an add or a delete records what its request said).
+  if (call.charged ~= nil or call.action == 'create') and not readable(call, answer) then
     return
   end
   if call.charged ~= nil then  -- a read or cancel of a background response: no record to change
@@ -868,6 +886,22 @@ function Gateway:keep_background(client, call, usage, model)
   end
 end
 
+-- asgi._leaves: the call leaves the in-flight gauge as its slots are given back: at once, or,
+-- a background answer whose generation goes on (`running`: its slots kept by the settle),
+-- when a read gives them back or what is left of its admission's lease has passed. Once.
+function Gateway:leaves(call, running)
+  if not call.counted then
+    return
+  end
+  call.counted = false
+  local named, left = nil, 0
+  if running then
+    named = call.meter.response_id
+    left = self.settings.lease_seconds - (ngx.now() - call.admitted)
+  end
+  self.metrics:finished(call.principal, call.request:model(), named, left)
+end
+
 -- Settle an answered call (status: the upstream's; nil when it never answered): charge what
 -- the answer says it used, or release the whole hold when it failed. Runs once per call.
 function Gateway:finish(call, status)
@@ -881,6 +915,7 @@ function Gateway:finish(call, status)
   self.metrics:request(call.principal, call.request:model(),
     failed and 'upstream_error' or call.outcome)
   if failed then
+    self:leaves(call, false)
     what = 'release'
     op = function(client)
       return self.admission:release(client, reservation, tenant)
@@ -896,6 +931,7 @@ function Gateway:finish(call, status)
     what = 'settle'
     -- A background answer's generation goes on after it: its slots stay held.
     local running = runs_on(call, usage)
+    self:leaves(call, running)
     op = function(client)
       local known, failure = self.admission:settle(client, reservation, tenant, usage, model,
         running)
@@ -947,6 +983,7 @@ function Gateway:finish_later(call, status)
   local ok, err = ngx.timer.at(0, finish_in_timer, self, call, status)
   if not ok then
     warn('cannot settle (the lease releases the hold later): ', err)
+    self:leaves(call, false)  -- not held in the gauge for as long: nothing would lower it
   end
 end
 

@@ -28,8 +28,14 @@ local FAMILIES = {
   dropped = {name = 'gateway_metrics_dropped_total', labels = {},
     help = 'Counter increments lost because the lua_shared_dict of the metrics was full',
     closed = {{}}},
+  -- A gauge: the calls open (`started` until `finished`) and, rendered with them, the
+  -- background responses held ('held' keys, `held` until `given_back` or their lease).
+  inflight = {name = 'gateway_requests_in_flight', labels = {'tenant', 'plan', 'model'},
+    help = 'Requests admitted and still holding their slots (a background response: until '
+      .. 'read finished or its lease ends), by tenant, plan and model', gauge = true},
 }
-local ORDER = {'requests', 'tokens', 'cost', 'lost', 'records', 'dropped'}
+local ORDER = {'requests', 'tokens', 'cost', 'lost', 'records', 'dropped', 'inflight'}
+local HELD = 'held' .. SEP
 
 -- The outcome label of a refusal, by its OpenAI error code (answers.lua), as metrics.py's
 -- OUTCOMES name them; any other refusal of a request is a bad request.
@@ -177,6 +183,44 @@ function Metrics:usage(principal, model, prompt, completion, cost)
   end
 end
 
+-- An admitted call begins (GatewayMetrics.started): true when counted, so that its end
+-- (`finished`) lowers only a count it raised (a full dict drops the rise, and a lowering of
+-- nothing would read as another call's end).
+function Metrics:started(principal, model)
+  if self.dict == nil then
+    return false
+  end
+  local key = 'inflight' .. SEP .. table.concat(self:labels(principal, model, false), SEP)
+  local _, err = self.dict:incr(key, 1, 0)
+  if err ~= nil then
+    self.dict:incr('dropped' .. SEP, 1)
+    return false
+  end
+  return true
+end
+
+-- The end of a call `started` counted. `response_id` and `seconds`: a background response
+-- whose slots stay held (GatewayMetrics.held): counted as held until `given_back` or
+-- `seconds` (what is left of its admission's lease) have passed, the dict's own expiry.
+function Metrics:finished(principal, model, response_id, seconds)
+  local labels = table.concat(self:labels(principal, model, false), SEP)
+  if response_id ~= nil and seconds > 0 then
+    local ok = self.dict:safe_set(HELD .. principal.tenant .. SEP .. response_id, labels, seconds)
+    if not ok then
+      self.dict:incr('dropped' .. SEP, 1)
+    end
+  end
+  self.dict:incr('inflight' .. SEP .. labels, -1)
+end
+
+-- A background response's slots were given back (GatewayMetrics.given_back): no longer
+-- held; nothing when this nginx holds none (another gateway's, given back, or expired).
+function Metrics:given_back(tenant, response_id)
+  if self.dict ~= nil then
+    self.dict:delete(HELD .. tenant .. SEP .. response_id)
+  end
+end
+
 function Metrics:lost(operation)
   self:add('lost', {operation}, 1)
 end
@@ -200,23 +244,35 @@ end
 -- The text exposition format (version 0.0.4) of every series, families in a fixed order and
 -- series sorted within them.
 function Metrics:render()
-  local series = {}
+  local series, held = {inflight = {}}, {}
   for _, key in ipairs(self.dict:get_keys(0)) do
     local id = key:match('^([^' .. SEP .. ']*)' .. SEP)
     if FAMILIES[id] ~= nil then
       series[id] = series[id] or {}
       series[id][#series[id] + 1] = key
+    elseif id == 'held' then
+      local labels = self.dict:get(key)  -- nil: its lease ended since get_keys
+      if labels ~= nil then
+        local open = 'inflight' .. SEP .. labels
+        if held[open] == nil and self.dict:get(open) == nil then
+          series.inflight[#series.inflight + 1] = open  -- held, none of its kind open
+        end
+        held[open] = (held[open] or 0) + 1
+      end
     end
   end
   local out = {}
   for _, id in ipairs(ORDER) do
     local family = FAMILIES[id]
     out[#out + 1] = '# HELP ' .. family.name .. ' ' .. family.help
-    out[#out + 1] = '# TYPE ' .. family.name .. ' counter'
+    out[#out + 1] = '# TYPE ' .. family.name .. (family.gauge and ' gauge' or ' counter')
     local keys = series[id] or {}
     table.sort(keys)
     for _, key in ipairs(keys) do
       local value = self.dict:get(key)
+      if held[key] ~= nil then
+        value = (value or 0) + held[key]
+      end
       if value ~= nil then
         local values, parts = {}, {}
         for part in (key .. SEP):gmatch('([^' .. SEP .. ']*)' .. SEP) do
