@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from tests.daemon.harness import (
     FREE_RPM,
     POLICY,
     TICK_SECONDS,
+    Daemon,
     DaemonFactory,
     Gpu,
     daemon_env,
@@ -149,6 +151,23 @@ def _adaptive_only(policy_dir: Path, gpu: Gpu, on_stale: str) -> None:
     )
 
 
+Transitions = Callable[[], list[dict[str, Any]]]
+
+
+def _adaptive_daemon(
+    name: str, on_stale: str, db: redis.Redis[str], redis_server: RedisServer,
+    prometheus: PrometheusServer, gpu: Gpu, policy_dir: Path, daemons: DaemonFactory,
+) -> tuple[Daemon, Transitions]:  # fmt: skip
+    """A ready daemon with only the AdaptiveLimit, its signal usable (0.8), and a reader of
+    its journalled transitions."""
+    _adaptive_only(policy_dir, gpu, on_stale)
+    gpu.set(0.8)
+    gpu.scraped(prometheus, 0.8)
+    daemon = daemons(name, daemon_env(redis_server.url, prometheus.url, policy_dir))
+    daemon.wait_for_metric("governor_ready", 1.0)
+    return daemon, lambda: events(db, "policy.transition", policy=ADAPTIVE)
+
+
 def test_an_adaptive_limit_holding_on_a_bad_signal_journals_when_and_why_once(
     db: redis.Redis[str],
     redis_server: RedisServer,
@@ -161,14 +180,10 @@ def test_an_adaptive_limit_holding_on_a_bad_signal_journals_when_and_why_once(
     write (the value stands still), no transition, so on-call saw a limit that did not move
     and no line saying why. Now one event when the hold begins, naming the policy, the signal
     and why, none for the ticks it lasts, and one when it ends."""
-    _adaptive_only(policy_dir, gpu, "{hold_for: 1h, then: baseline}")
-    gpu.set(0.8)
-    gpu.scraped(prometheus, 0.8)
-    daemon = daemons("adaptive", daemon_env(redis_server.url, prometheus.url, policy_dir))
-    daemon.wait_for_metric("governor_ready", 1.0)
-
-    def transitions() -> list[dict[str, Any]]:
-        return events(db, "policy.transition", policy=ADAPTIVE)
+    on_stale = "{hold_for: 1h, then: baseline}"
+    daemon, transitions = _adaptive_daemon(
+        "adaptive", on_stale, db, redis_server, prometheus, gpu, policy_dir, daemons
+    )
 
     gpu.set(95.0)  # a percent where the policy reads a ratio
     wait_for(lambda: bool(transitions()), "the out-of-range value starts a hold")
@@ -221,15 +236,10 @@ def test_an_adaptive_limit_falling_back_journals_its_signal_and_then_once(
     """With `hold_for: 0s` an AdaptiveLimit on a bad signal fell back to `bounds.min` at
     once and journalled no transition: only the limit's change, whose reason on-call could
     not tie to a transition. Now one `stale-fallback` naming the signal, why and `then`."""
-    _adaptive_only(policy_dir, gpu, "{hold_for: 0s, then: min}")
-    gpu.set(0.8)
-    gpu.scraped(prometheus, 0.8)
-    daemon = daemons("fallback", daemon_env(redis_server.url, prometheus.url, policy_dir))
-    daemon.wait_for_metric("governor_ready", 1.0)
-
-    def transitions() -> list[dict[str, Any]]:
-        return events(db, "policy.transition", policy=ADAPTIVE)
-
+    on_stale = "{hold_for: 0s, then: min}"
+    _, transitions = _adaptive_daemon(
+        "fallback", on_stale, db, redis_server, prometheus, gpu, policy_dir, daemons
+    )
     gpu.set(95.0)
     wait_for(lambda: bool(transitions()), "the out-of-range value makes it fall back")
     [fell] = transitions()
