@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from controller.sim.scenario import ScenarioError, load_scenario, scenario_names
+from controller.sim.scenario import REPO_ROOT, ScenarioError, load_scenario, scenario_names
 from controller.sim.trace import peak_minute_rate, read_trace, zipf_shares
 from controller.sim.traffic import build_world
 from tests.sim.conftest import AZURE_CONV
@@ -82,3 +82,13 @@ def test_zipf_split_of_the_replayed_requests() -> None:
     # The split depends on the seed only: the same again, another with another seed.
     again = build_world(scenario, read_trace(AZURE_CONV), scenario.seed)
     assert np.array_equal(world.trace_tenants, again.trace_tenants)
+
+
+@pytest.mark.parametrize("path", sorted((REPO_ROOT / "benchmarks" / "probes").glob("*.yaml")))
+def test_the_probe_scenarios_load_and_build(path: Path) -> None:
+    # The probes the closing notes quote must stay runnable as the scenario schema moves.
+    scenario = load_scenario(str(path))
+    assert scenario.name == path.stem
+    world = build_world(scenario, None, scenario.seed)
+    assert scenario.ticks > 0
+    assert len(world.tenants) > 0
