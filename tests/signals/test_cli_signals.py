@@ -64,11 +64,15 @@ def test_json_shows_each_signal_with_value_age_and_validity(
     spend = found["ThrottlePolicy/spenders", "spend"]
     tenants = len({series.labels["tenant"] for series in history.spend(now)})
     assert (spend["validity"], spend["series"], spend["usable"]) == ("ok", tenants, tenants)
-    # The command evaluates at its own `now`, seconds after the history's last sample: once
-    # that gap passes 1.1 sample intervals, rate() extrapolates to the window's end by half
-    # an interval only (Prometheus), a value up to ~12% low on a slow machine.
-    assert spend["min"] == pytest.approx(history.BASE_RATE, rel=0.15)
-    assert spend["max"] == pytest.approx(history.PEAK_RATE, rel=0.15)
+    # The command evaluates at its own `now`, after the history's last sample by however long
+    # the session has run (the history is made once): past 1.1 sample intervals, rate()
+    # extrapolates to the window's end by half an interval only (Prometheus), so every
+    # tenant's rate reads low by the same share (24% once on a loaded machine). Their ratio
+    # does not move: the peak tenants' rate is 5× the others'.
+    assert spend["max"] / spend["min"] == pytest.approx(
+        history.PEAK_RATE / history.BASE_RATE, rel=0.05
+    )
+    assert 0.5 * history.BASE_RATE < spend["min"] < history.BASE_RATE * 1.15
     backlog = found["ThrottlePolicy/spenders", "backlog"]
     assert (backlog["validity"], backlog["detail"]) == ("empty", "query returned no series")
 
