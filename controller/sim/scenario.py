@@ -28,7 +28,9 @@ PREFILL_DECODE_RATIO = 10.0
 SATURATION = (
     "max(avg by (model_name) (vllm:kv_cache_usage_perc) + clamp_max(sum by (model_name)"
     " (vllm:num_requests_waiting) / clamp_min(sum by (model_name) (vllm:num_requests_running),"
-    " 1), 1))"
+    " 1), 1) or label_replace(avg(vllm:kv_cache_usage_perc) + clamp_max("
+    "sum(vllm:num_requests_waiting) / clamp_min(sum(vllm:num_requests_running), 1), 1),"
+    ' "model_name", "(fleet)", "", ""))'
 )
 SCENARIO_DIR = Path(__file__).parent / "scenarios"
 REPO_ROOT = Path(__file__).resolve().parents[2]

@@ -73,5 +73,11 @@ def test_a_stale_per_tenant_signal_is_counted_logged_and_against_readiness(
     line = daemon.wait_for_log("signal.invalid")
     assert (line["policy"], line["signal"], line["validity"]) == (POLICY, "load", "stale")
     assert "older than stale_after 5s" in line["detail"]
-    wait_for(lambda: daemon.http("/readyz")[0] == 503, "/readyz turns 503", timeout=20.0)
-    assert f"no usable signal for policy {POLICY}" in daemon.http("/readyz")[1]
+
+    # The gauge and the log line come mid-tick: /readyz says "no tick has run yet" (also
+    # 503) until that first tick ends, so wait for the reason, not for the status alone.
+    def unready_for_the_signal() -> bool:
+        status, body = daemon.http("/readyz")
+        return status == 503 and f"no usable signal for policy {POLICY}" in body
+
+    wait_for(unready_for_the_signal, "/readyz turns 503 for the stale signal", timeout=20.0)
