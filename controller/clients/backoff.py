@@ -6,6 +6,8 @@ from __future__ import annotations
 import datetime as dt
 import email.utils
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 # The statuses whose Retry-After says when the server will answer again (RFC 9110 §10.2.3;
@@ -39,7 +41,8 @@ def retry_after_seconds(value: str, now: float) -> float:
 
 @dataclass(frozen=True, slots=True)
 class Held:
-    """A back-off that began: until when, for how long, and the delay asked if capped."""
+    """A back-off that began: until when (wall clock), for how long, and the delay asked if
+    capped."""
 
     until: float
     seconds: float
@@ -48,32 +51,38 @@ class Held:
 
 @dataclass
 class Backoff:
-    """The time before which a server is not to be asked (wall-clock seconds), shared by the
-    threads that query it."""
+    """The time before which a server is not to be asked, shared by the threads that query
+    it. Kept on `clock` (monotonic): a wall clock stepped back by NTP during a back-off must
+    not stretch it past RETRY_AFTER_MAX_SECONDS; the wall clock only reads an HTTP-date and
+    names the end in messages."""
 
-    until: float = 0.0
+    until: float = 0.0  # on `clock`
+    ends_at: float = 0.0  # wall-clock seconds, for messages
     why: str = ""  # what the server said, for the signals read as stale meanwhile
+    clock: Callable[[], float] = time.monotonic
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def waiting(self, now: float) -> str | None:
-        """Why nothing is to be asked at `now` ("not asked until …: …"), or None."""
+    def waiting(self) -> str | None:
+        """Why nothing is to be asked now ("not asked until …: …"), or None."""
         with self._lock:
-            if now >= self.until:
+            if self.clock() >= self.until:
                 return None
-            until = dt.datetime.fromtimestamp(self.until, dt.UTC).strftime("%H:%M:%SZ")
+            until = dt.datetime.fromtimestamp(self.ends_at, dt.UTC).strftime("%H:%M:%SZ")
             return f"not asked until {until}: {self.why}"
 
     def hold(self, status: int, value: str, now: float, server: str) -> Held | None:
-        """Keep an answer's Retry-After; the back-off that began, if this answer began one
-        (the concurrent queries of a tick all hear it: one of them says so). Raises
-        MalformedRetryAfterError for a value that says no time."""
+        """Keep an answer's Retry-After (`now`: wall-clock seconds, for an HTTP-date); the
+        back-off that began, if this answer began one (the concurrent queries of a tick all
+        hear it: one of them says so). Raises MalformedRetryAfterError for a value that says
+        no time."""
         asked = retry_after_seconds(value, now)
         seconds = min(asked, RETRY_AFTER_MAX_SECONDS)
         with self._lock:
-            began = now >= self.until
-            if now + seconds <= self.until or seconds <= 0:
+            tick = self.clock()
+            began = tick >= self.until
+            if tick + seconds <= self.until or seconds <= 0:
                 return None
-            self.until = now + seconds
+            self.until, self.ends_at = tick + seconds, now + seconds
             self.why = f"{server} answered HTTP {status} with Retry-After: {value.strip()[:64]}"
-            held = Held(self.until, seconds, asked if asked > seconds else None)
+            held = Held(self.ends_at, seconds, asked if asked > seconds else None)
         return held if began else None

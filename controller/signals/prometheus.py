@@ -293,7 +293,7 @@ class PrometheusSource:
     def _get(self, endpoint: str, params: Mapping[str, str]) -> Answer:
         """One GET of Prometheus' query API (`query`, `query_range`) with Prometheus' own
         `timeout`, errors as values; none is sent before the time a Retry-After named."""
-        waiting = self._backoff.waiting(time.time())
+        waiting = self._backoff.waiting()
         if waiting is not None:
             return Answer(error=waiting)
         connection = self._connection()
@@ -464,7 +464,7 @@ class PrometheusSource:
     def _unanswered(self, key: SignalKey, detail: str) -> Sample:
         """A query without an answer: an error, or stale while Prometheus asked (Retry-After)
         not to be asked (its data is as old as the last answer, as when a scrape stops)."""
-        waiting = self._backoff.waiting(time.time())
+        waiting = self._backoff.waiting()
         if waiting is None:
             return error_sample(key, detail)
         why = f"query {key.query!r} {waiting} (its signals read as stale until then)"
