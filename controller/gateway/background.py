@@ -99,7 +99,8 @@ def finished(
     anything else (another object or id, still queued or running); no usage for usage that
     is none or counts that are no counts (`openai.whole_count`: `-5`, `1.5`, `"2"`, `true`):
     the charge then stands. A response `cancelled` with no usage at all (null or absent) is
-    the one exception: `cancelled_usage`, from the output it holds (`charged`: its charge)."""
+    the one exception: `cancelled_usage`, from the output text it holds (`charged`: its
+    charge; none without text)."""
     try:
         document: Any = json.loads(answer)
     except (ValueError, UnicodeDecodeError, RecursionError):
@@ -129,14 +130,22 @@ def _usage(document: dict[str, Any]) -> FinalUsage | None:
     return FinalUsage(prompt, completion)
 
 
-def cancelled_usage(response: dict[str, Any], charged: BackgroundCharge) -> FinalUsage:
+def cancelled_usage(response: dict[str, Any], charged: BackgroundCharge) -> FinalUsage | None:
     """A response cancelled and answered without usage: what it generated before the cancel,
     estimated as an answer without usage is settled (the prompt charged at admission, and
     `openai.output_tokens` of the output the answer holds), never more than its reservation
     (a model server that kept going past max_output_tokens is not believed) and never less
     than its prompt. Charging it the whole reservation made a response cancelled at once pay
-    for every token it never generated."""
-    return FinalUsage(charged.prompt, min(output_tokens(response), charged.completion))
+    for every token it never generated.
+
+    None (the whole reservation stays charged) when its output holds no text: vLLM and
+    SGLang answer a cancel with the object stored when the request was queued (`output: []`,
+    `usage: null`) however much was generated, and estimating from that charged the prompt
+    alone — a cancel made any generation free. Fail closed: only text seen is estimated."""
+    generated = output_tokens(response)
+    if generated == 0:
+        return None
+    return FinalUsage(charged.prompt, min(generated, charged.completion))
 
 
 def _count(value: object) -> TypeGuard[int]:

@@ -344,7 +344,7 @@ def test_a_settling_read_past_32_mib_passes_on_whole_and_settles_nothing(
 
 @pytest.mark.parametrize(
     ("text", "generated"),
-    [("alpha beta", 3), ("", 0), ("x" * 400, 16)],  # ⌈10 ÷ 4⌉; none; past max_output_tokens
+    [("alpha beta", 3), ("x" * 400, 16)],  # ⌈10 ÷ 4⌉; past max_output_tokens
 )
 def test_a_response_cancelled_without_usage_is_charged_what_it_generated(
     python_gateway: Side,
@@ -383,6 +383,40 @@ def test_a_response_cancelled_without_usage_is_charged_what_it_generated(
         # Settled once: its charge record is gone, so a later read changes nothing.
         assert side.db.get(KeySchema(PREFIX).background(tenant, queued.id)) is None, side.name
         assert tenant_state(side, tenant)["c|concurrent_requests"] == "0", side.name
+
+
+@pytest.mark.parametrize("output", ["none", "empty text"])
+def test_a_cancel_answered_as_queued_keeps_the_whole_reservation_charged(
+    python_gateway: Side, nginx: Side, upstream: tuple[FakeUpstream, ServerThread], output: str
+) -> None:
+    """vLLM and SGLang answer a cancel with the object stored when the request was queued
+    (`cancelled`, `output: []`, `usage: null`) however much was generated: estimated from
+    its output, a 400-token generation was charged its prompt alone. Both gateways keep the
+    whole reservation charged (a read with usage can still settle it: its charge record
+    stays) and give its slot back."""
+    fake = upstream[0]
+    for side in sides(python_gateway, nginx):
+        tenant = f"queuedcancel{len(output)}"
+        set_limit(side, f"tenant/{tenant}/concurrent_requests", 1)
+        key = side.key(tenant, "free")
+        client = sdk(side, key)
+        queued = client.responses.create(model=MODEL, input=f"long {side.name}",
+                                         max_output_tokens=400, background=True,
+                                         extra_headers={"x-fake-tokens": "400"})  # fmt: skip
+        reserved = int(tenant_state(side, tenant)["u|tokens_per_day"])
+        generated = in_progress(fake, queued.id)  # generating: the queued object is kept
+        assert generated["usage"]["output_tokens"] == 400, side.name  # what the cancel hides
+        if output == "empty text":
+            held = next(k for k in fake.responses if k.endswith(queued.id))
+            part = {"type": "output_text", "text": "", "annotations": []}
+            message = {**generated["output"][0], "content": [part]}
+            fake.responses[held] = {**fake.responses[held], "output": [message]}
+        cancelled = client.responses.cancel(queued.id)
+        assert (cancelled.status, cancelled.usage) == ("cancelled", None), side.name
+        state = tenant_state(side, tenant)
+        assert int(state["u|tokens_per_day"]) == reserved, side.name
+        assert state["c|concurrent_requests"] == "0", side.name
+        assert side.db.exists(KeySchema(PREFIX).background(tenant, queued.id)) == 1, side.name
 
 
 def in_progress(fake: FakeUpstream, response: str) -> dict[str, Any]:
