@@ -879,12 +879,16 @@ class GovernorMiddleware:
 
 def _runs_on(call: _Call, usage: Usage) -> bool:
     """Whether the model server goes on generating after this answer: a background response
-    answered unfinished (no usage yet) that a later read can settle (kept, with an id)."""
+    answered unfinished (no usage yet, and a `status` not final) that a later read can
+    settle (kept, with an id). One answered already ended without usage (`failed`,
+    `cancelled`… with `usage: null`) is charged its reservation and gives its slots back
+    now: no later read is sure to come, and they were held for the whole lease."""
     request = call.request
     return (
         request.background
         and request.stored
         and usage.estimated
+        and not call.meter.ended
         and call.meter.response_id is not None
     )
 

@@ -504,6 +504,35 @@ def test_a_background_response_read_failed_without_usage_gives_its_slot_back_cha
         assert side.db.exists(kept) == 1, side.name  # for a later read with usage to settle
 
 
+@pytest.mark.parametrize("status", ["failed", "cancelled", "incomplete", "completed"])
+def test_a_background_answer_already_ended_without_usage_gives_its_slot_back_at_once(
+    python_gateway: Side, nginx: Side, upstream: tuple[FakeUpstream, ServerThread], status: str
+) -> None:
+    """A background create the model server answers already ended (a `status` of the four
+    final ones) with `usage: null`: nothing generates after it, yet the gateways read "no
+    usage" alone as "still generating" and kept its slot for the whole 600 s lease — the
+    tenant's next request was refused 429. Its slot (and the in-flight gauge) now comes
+    back with the answer's settle; unsure of what it used, it stays charged its
+    reservation."""
+    for side in sides(python_gateway, nginx):
+        tenant = f"ended{status}"  # its own: the session's nginx keeps earlier gauge series
+        set_limit(side, f"tenant/{tenant}/concurrent_requests", 1)
+        key = side.key(tenant, "free")
+        ended = {"x-fake-bg-status": status}
+        raw = sdk(side, key).responses.with_raw_response.create(
+            model=MODEL, input=f"ended {side.name}", max_output_tokens=16, background=True,
+            extra_headers=ended,
+        )  # fmt: skip
+        answer = raw.parse()
+        assert (answer.status, answer.usage) == (status, None), side.name
+        state = tenant_state(side, tenant)
+        assert state["c|concurrent_requests"] == "0", side.name
+        assert int(state["u|tokens_per_day"]) == 1000 - day_left(raw.headers), side.name
+        assert in_flight(side, tenant) == 0, side.name
+        admitted = side.chat(key, chat_body(max_tokens=1))
+        assert admitted.status_code == 200, (side.name, admitted.text)
+
+
 def test_a_background_response_nobody_reads_gives_its_slot_back_when_its_lease_ends(
     python_gateway: Side, nginx: Side, upstream: tuple[FakeUpstream, ServerThread]
 ) -> None:

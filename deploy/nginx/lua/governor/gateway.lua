@@ -847,11 +847,12 @@ function Gateway:retry_held()
 end
 
 -- asgi._runs_on: whether the model server goes on generating after this answer: a
--- background response answered unfinished (no usage yet) that a later read can settle.
+-- background response answered unfinished (no usage yet, a `status` not final) that a later
+-- read can settle. One answered already ended without usage gives its slots back now.
 local function runs_on(call, usage)
   local request = call.request
   return request:background() and request:stored() and usage.estimated
-    and call.meter.response_id ~= nil
+    and not call.meter:ended() and call.meter.response_id ~= nil
 end
 
 -- asgi._keep_background: a background answer settled at its whole reservation (its usage
