@@ -90,6 +90,32 @@ class FinalUsage:
         return self.prompt + self.completion
 
 
+# What a cancel whose answer ended the response leaves in the charge record's place when it
+# finds none (no charge decodes from it): a streamed create still settling sees it as it
+# keeps its charge, and gives its slots back then (Admission.keep_background, mark_ended).
+ENDED = "ended"
+
+
+def ended(answer: bytes, response_id: str) -> bool:
+    """Whether an answer holds response `response_id` finished (`finished`, whatever its
+    usage)."""
+    return _final_response(answer, response_id) is not None
+
+
+def _final_response(answer: bytes, response_id: str) -> dict[str, Any] | None:
+    """The response object `response_id` an answer holds, when its `status` is final."""
+    try:
+        document: Any = json.loads(answer)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return None
+    if not isinstance(document, dict) or document.get("object") != "response":
+        return None
+    status = document.get("status")  # a list or an object would not hash: checked first
+    if document.get("id") != response_id or not isinstance(status, str):
+        return None
+    return document if status in FINAL_STATUSES else None
+
+
 def finished(
     answer: bytes, response_id: str, charged: BackgroundCharge
 ) -> tuple[bool, FinalUsage | None]:
@@ -101,18 +127,10 @@ def finished(
     the charge then stands. A response `cancelled` with no usage at all (null or absent) is
     the one exception: `cancelled_usage`, from the output text it holds (`charged`: its
     charge; none without text)."""
-    try:
-        document: Any = json.loads(answer)
-    except (ValueError, UnicodeDecodeError, RecursionError):
+    document = _final_response(answer, response_id)
+    if document is None:
         return False, None
-    if not isinstance(document, dict) or document.get("object") != "response":
-        return False, None
-    status = document.get("status")  # a list or an object would not hash: checked first
-    if document.get("id") != response_id or not isinstance(status, str):
-        return False, None
-    if status not in FINAL_STATUSES:
-        return False, None
-    if document.get("usage") is None and status == "cancelled":
+    if document.get("usage") is None and document["status"] == "cancelled":
         return True, cancelled_usage(document, charged)
     return True, _usage(document)
 

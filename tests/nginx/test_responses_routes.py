@@ -533,6 +533,46 @@ def test_a_background_answer_already_ended_without_usage_gives_its_slot_back_at_
         assert admitted.status_code == 200, (side.name, admitted.text)
 
 
+def test_a_cancel_before_a_streamed_background_create_settles_gives_its_slot_back(
+    python_gateway: Side, nginx: Side, held: FakeUpstream
+) -> None:
+    """A streamed background create's client has the id from its first event and can cancel
+    before the create's settle has kept its charge: the cancel found no charge record and
+    gave nothing back, and the create, its stream left unfinished, then settled as still
+    generating and held its slot for the whole lease (the tenant refused 429). The cancel
+    now leaves its record `ended`; the create's settle finds it as it keeps its charge and
+    gives the slot back (charged its reservation, kept for a read with usage)."""
+    for side in sides(python_gateway, nginx):
+        tenant = f"racing{side.name}"
+        set_limit(side, f"tenant/{tenant}/concurrent_requests", 1)
+        key = side.key(tenant, "free")
+        body = {"model": MODEL, "input": f"race {side.name}", "max_output_tokens": 16,
+                "background": True, "stream": True}  # fmt: skip
+        sent = {"authorization": f"Bearer {key}", "x-fake-stall": "0"}  # held after `created`
+        with side.http.stream("POST", f"{side.url}/v1/responses", json=body,
+                              headers=sent) as stream:  # fmt: skip
+            lines = stream.iter_lines()  # kept open: a closed one would end the stream here
+            first = next(line for line in lines if line.startswith("data:"))
+            named = json.loads(first[5:])["response"]["id"]
+            # The create's settle writes the response's record, then settles, then keeps its
+            # charge: a cancel landing between the first and the last is the race, held
+            # open here (the record in place, the stream not ended).
+            side.db.set(KeySchema(PREFIX).response(tenant, named), "19")
+            assert sdk(side, key).responses.cancel(named).status == "cancelled", side.name
+        kept = KeySchema(PREFIX).background(tenant, named)
+        deadline = time.monotonic() + 10
+        while (side.db.get(kept) or "ended") == "ended":  # the create settled, its charge kept
+            assert time.monotonic() < deadline, side.name
+            time.sleep(0.02)
+        state = tenant_state(side, tenant)
+        assert state["c|concurrent_requests"] == "0", side.name
+        assert in_flight(side, tenant) == 0, side.name
+        charged = json.loads(side.db.get(kept) or "")
+        assert int(state["u|tokens_per_day"]) == charged["prompt"] + 16, side.name
+        admitted = side.chat(key, chat_body(max_tokens=1))
+        assert admitted.status_code == 200, (side.name, admitted.text)
+
+
 def test_a_background_response_nobody_reads_gives_its_slot_back_when_its_lease_ends(
     python_gateway: Side, nginx: Side, upstream: tuple[FakeUpstream, ServerThread]
 ) -> None:

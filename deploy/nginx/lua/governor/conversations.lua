@@ -147,17 +147,36 @@ local function usage_of(document)
   return {prompt = prompt, completion = completion}
 end
 
+-- background.ENDED: what a cancel that ended a response leaves in its charge record's place
+-- when it finds none (no charge decodes from it), for a streamed create settling after it.
+_M.ENDED = 'ended'
+
+-- background._final_response: the response object `response_id` an answer holds, when its
+-- `status` is final; nil otherwise.
+local function final_response(answer, response_id)
+  local document = cjson.decode(answer or '')
+  if type(document) ~= 'table' or document.object ~= 'response' then
+    return nil
+  end
+  if document.id ~= response_id or type(document.status) ~= 'string'
+      or not FINAL_STATUSES[document.status] then
+    return nil
+  end
+  return document
+end
+
+-- background.ended: whether an answer holds response `response_id` finished.
+function _M.ended(answer, response_id)
+  return final_response(answer, response_id) ~= nil
+end
+
 -- background.finished: whether an answer holds response `response_id` finished (its
 -- generation holds no slot any more), and the usage it reports then (nil: none); one
 -- `cancelled` with no usage at all (null or absent): cancelled_usage (`charged`: its charge;
 -- nil without output text).
 function _M.finished(answer, response_id, charged)
-  local document = cjson.decode(answer or '')
-  if type(document) ~= 'table' or document.object ~= 'response' then
-    return false, nil
-  end
-  if document.id ~= response_id or type(document.status) ~= 'string'
-      or not FINAL_STATUSES[document.status] then
+  local document = final_response(answer, response_id)
+  if document == nil then
     return false, nil
   end
   local usage = document.usage
