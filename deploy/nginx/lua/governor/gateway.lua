@@ -927,8 +927,9 @@ function Gateway:keep_background(client, call, usage, model)
     before, err = self.admission:release(client, reservation, tenant)
   end
   if before == nil then
-    warn('cannot keep what a background response is charged; it stays charged its '
-      .. 'reservation: tenant ', tenant, ', response ', named, ': ', err)
+    warn('cannot keep what a background response is charged (or give back the slots of one '
+      .. 'cancelled); it stays charged its reservation: tenant ', tenant, ', response ', named,
+      ': ', err)
     client:close()  -- a failed exchange leaves the connection in an unknown state
   end
 end
