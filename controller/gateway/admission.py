@@ -21,8 +21,8 @@ from controller.clients.redis import key_schema, not_governors, unanswered
 from controller.clients.scripts import ADMIT, CHARGE, SETTLE, EnforcementError, load_scripts
 from controller.contract.catalog import PlanInfo
 from controller.contract.enforcement import EnforcementKeys, ip_id
+from controller.gateway.background import ENDED, BackgroundCharge
 from controller.gateway.background import REASON as BACKGROUND_REASON
-from controller.gateway.background import BackgroundCharge
 from controller.gateway.catalog import PlanCatalog
 from controller.gateway.limits import PERIOD_MS, LimitCache, Resolved
 from controller.gateway.openai import EarlierKind
@@ -353,8 +353,11 @@ class Admission:
     ) -> bool:
         """Keep what `tenant`'s background answer `response_id`, admitted as `reservation`,
         is being settled at (its client address: the reservation's; its day: Redis's today),
-        for `ttl_seconds` (as long as its response record). False for an id that is no safe
-        id (nothing kept: its charge stands)."""
+        for `ttl_seconds` (as long as its response record). Returns whether a cancel ended
+        the response before (it found no record and left ENDED: `mark_ended`), read in the
+        same command that keeps the charge, so no cancel falls between: the caller then gives
+        the slots back (the charge is kept for a read with usage). False too for an id that
+        is no safe id (nothing kept: its charge stands)."""
         try:
             key = self.keys.schema.background(tenant, response_id)
         except ValueError:
@@ -363,10 +366,31 @@ class Admission:
         try:
             seconds, _micros = await self.client.time()
             kept = replace(charged, ip=ip, day=int(seconds) // 86_400)
-            await self.client.set(key, kept.encoded(), px=max(1, round(ttl_seconds * 1000)))
+            ttl_ms = max(1, round(ttl_seconds * 1000))
+            # With `get` the value replaced comes back (redis-py types only the plain reply).
+            before: object = await self.client.set(key, kept.encoded(), px=ttl_ms, get=True)
         except redis.RedisError as exc:
             raise EnforcementError(f"recording {key} failed: {exc}") from exc
-        return True
+        return before in (ENDED, ENDED.encode())
+
+    async def mark_ended(
+        self, tenant: str, response_id: str, ttl_seconds: float
+    ) -> BackgroundCharge | None:
+        """A cancel ended `tenant`'s response `response_id` and found no charge record: leave
+        ENDED in its place for `ttl_seconds` (a streamed create settling after it reads it
+        as it keeps its charge), or, the record there by now (the create kept it between
+        the cancel's lookup and this), the charge it holds, for the cancel to settle."""
+        try:
+            key = self.keys.schema.background(tenant, response_id)
+        except ValueError:
+            return None
+        try:
+            if await self.client.set(key, ENDED, px=max(1, round(ttl_seconds * 1000)), nx=True):
+                return None
+            text = await self.client.get(key)
+        except redis.RedisError as exc:
+            raise EnforcementError(f"marking {key} ended failed: {exc}") from exc
+        return None if text is None else BackgroundCharge.decoded(text)
 
     async def background_charge(self, tenant: str, response_id: str) -> BackgroundCharge | None:
         """What `tenant`'s background answer `response_id` was charged, while it is not yet

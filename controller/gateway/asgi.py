@@ -32,7 +32,7 @@ from controller.gateway.admission import (
     UnansweredAdmissionError,
 )
 from controller.gateway.auth import Authenticator, AuthError, Principal
-from controller.gateway.background import MAX_READ_ANSWER, BackgroundCharge, finished
+from controller.gateway.background import MAX_READ_ANSWER, BackgroundCharge, ended, finished
 from controller.gateway.catalog import PlanCatalog
 from controller.gateway.conversations import (
     ADDS_ITEMS,
@@ -266,7 +266,7 @@ class GovernorMiddleware:
         response still charged its whole reservation settles it, once its answer is whole and
         before its last byte goes on, at the usage the answer says it finished with."""
         charged = await self._background_charge(scope, principal.tenant, call)
-        if charged is None or call.id is None:
+        if call.id is None or (charged is None and call.action != "cancel"):
             await self.app(scope, receive, send)
             return
         named = call.id
@@ -284,8 +284,7 @@ class GovernorMiddleware:
                     answer = whole.read(self._log, principal.tenant, call)
                     if answer is not None:
                         with anyio.CancelScope(shield=True):
-                            await self._settle_background(principal.tenant, named, charged,
-                                                          answer)  # fmt: skip
+                            await self._settle_ended(principal.tenant, named, charged, answer)
             await send(message)
 
         await self.app(scope, receive, observe)
@@ -309,6 +308,29 @@ class GovernorMiddleware:
             self._log.warning("limit store unreachable reading what a background response was "
                               "charged; a later read settles it", error=_said(exc))  # fmt: skip
             return None
+
+    async def _settle_ended(
+        self, tenant: str, named: str, charged: BackgroundCharge | None, answer: bytes
+    ) -> None:
+        """Settle a read's or cancel's answer: at the charge found before it was forwarded,
+        or, a cancel that found none and ended the response, the charge a streamed create
+        settling meanwhile kept (else ENDED is left for that create to find: it then gives
+        its slots back as it keeps its charge, instead of holding them for its lease)."""
+        if charged is None:
+            if not ended(answer, named):
+                return
+            lease = self.e.admission.lease_seconds  # a create settles within its lease
+            try:
+                charged = await self.e.admission.mark_ended(tenant, named, lease)
+            except STORE_ERRORS as exc:
+                self.e.metrics.store_errors.labels("record").inc()
+                self._log.warning("cannot mark a cancelled response ended; a create still "
+                                  "settling keeps its slots until their lease ends",
+                                  tenant=tenant, response_id=named, error=_said(exc))  # fmt: skip
+                return
+            if charged is None:
+                return
+        await self._settle_background(tenant, named, charged, answer)
 
     async def _settle_background(
         self, tenant: str, named: str, charged: BackgroundCharge, answer: bytes
@@ -851,10 +873,13 @@ class GovernorMiddleware:
             usage.prompt_tokens, usage.completion_tokens, money, 0,
         )  # fmt: skip
         ttl = self.e.settings.previous_response_ttl_seconds
+        tenant = call.principal.tenant
         try:
-            await self.e.admission.keep_background(
-                call.principal.tenant, named, reservation, charged, ttl
-            )
+            if await self.e.admission.keep_background(tenant, named, reservation, charged, ttl):
+                # A cancel ended it before this settle (a streamed create's client has the
+                # id from its first event): nothing generates; the charge is kept for a read.
+                self.e.metrics.given_back(tenant, named)
+                await self.e.admission.release(reservation, tenant)
         except STORE_ERRORS as exc:
             self.e.metrics.store_errors.labels("record").inc()
             self._log.warning("cannot keep what a background response is charged; it stays "
@@ -879,12 +904,16 @@ class GovernorMiddleware:
 
 def _runs_on(call: _Call, usage: Usage) -> bool:
     """Whether the model server goes on generating after this answer: a background response
-    answered unfinished (no usage yet) that a later read can settle (kept, with an id)."""
+    answered unfinished (no usage yet, and a `status` not final) that a later read can
+    settle (kept, with an id). One answered already ended without usage (`failed`,
+    `cancelled`… with `usage: null`) is charged its reservation and gives its slots back
+    now: no later read is sure to come, and they were held for the whole lease."""
     request = call.request
     return (
         request.background
         and request.stored
         and usage.estimated
+        and not call.meter.ended
         and call.meter.response_id is not None
     )
 

@@ -90,6 +90,32 @@ class FinalUsage:
         return self.prompt + self.completion
 
 
+# What a cancel whose answer ended the response leaves in the charge record's place when it
+# finds none (no charge decodes from it): a streamed create still settling sees it as it
+# keeps its charge, and gives its slots back then (Admission.keep_background, mark_ended).
+ENDED = "ended"
+
+
+def ended(answer: bytes, response_id: str) -> bool:
+    """Whether an answer holds response `response_id` finished (`finished`, whatever its
+    usage)."""
+    return _final_response(answer, response_id) is not None
+
+
+def _final_response(answer: bytes, response_id: str) -> dict[str, Any] | None:
+    """The response object `response_id` an answer holds, when its `status` is final."""
+    try:
+        document: Any = json.loads(answer)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return None
+    if not isinstance(document, dict) or document.get("object") != "response":
+        return None
+    status = document.get("status")  # a list or an object would not hash: checked first
+    if document.get("id") != response_id or not isinstance(status, str):
+        return None
+    return document if status in FINAL_STATUSES else None
+
+
 def finished(
     answer: bytes, response_id: str, charged: BackgroundCharge
 ) -> tuple[bool, FinalUsage | None]:
@@ -99,19 +125,12 @@ def finished(
     anything else (another object or id, still queued or running); no usage for usage that
     is none or counts that are no counts (`openai.whole_count`: `-5`, `1.5`, `"2"`, `true`):
     the charge then stands. A response `cancelled` with no usage at all (null or absent) is
-    the one exception: `cancelled_usage`, from the output it holds (`charged`: its charge)."""
-    try:
-        document: Any = json.loads(answer)
-    except (ValueError, UnicodeDecodeError, RecursionError):
+    the one exception: `cancelled_usage`, from the output text it holds (`charged`: its
+    charge; none without text)."""
+    document = _final_response(answer, response_id)
+    if document is None:
         return False, None
-    if not isinstance(document, dict) or document.get("object") != "response":
-        return False, None
-    status = document.get("status")  # a list or an object would not hash: checked first
-    if document.get("id") != response_id or not isinstance(status, str):
-        return False, None
-    if status not in FINAL_STATUSES:
-        return False, None
-    if document.get("usage") is None and status == "cancelled":
+    if document.get("usage") is None and document["status"] == "cancelled":
         return True, cancelled_usage(document, charged)
     return True, _usage(document)
 
@@ -129,14 +148,22 @@ def _usage(document: dict[str, Any]) -> FinalUsage | None:
     return FinalUsage(prompt, completion)
 
 
-def cancelled_usage(response: dict[str, Any], charged: BackgroundCharge) -> FinalUsage:
+def cancelled_usage(response: dict[str, Any], charged: BackgroundCharge) -> FinalUsage | None:
     """A response cancelled and answered without usage: what it generated before the cancel,
     estimated as an answer without usage is settled (the prompt charged at admission, and
     `openai.output_tokens` of the output the answer holds), never more than its reservation
     (a model server that kept going past max_output_tokens is not believed) and never less
     than its prompt. Charging it the whole reservation made a response cancelled at once pay
-    for every token it never generated."""
-    return FinalUsage(charged.prompt, min(output_tokens(response), charged.completion))
+    for every token it never generated.
+
+    None (the whole reservation stays charged) when its output holds no text: vLLM and
+    SGLang answer a cancel with the object stored when the request was queued (`output: []`,
+    `usage: null`) however much was generated, and estimating from that charged the prompt
+    alone — a cancel made any generation free. Fail closed: only text seen is estimated."""
+    generated = output_tokens(response)
+    if generated == 0:
+        return None
+    return FinalUsage(charged.prompt, min(generated, charged.completion))
 
 
 def _count(value: object) -> TypeGuard[int]:

@@ -505,6 +505,12 @@ class UsageMeter:
             self._overflow = True  # too big to parse: estimate from the prompt instead
             self._buffer.clear()
 
+    @property
+    def ended(self) -> bool:
+        """Whether the answer holds a response object whose `status` says it has generated
+        all it will (FINAL_STATUSES): read once `finish` has read the answer."""
+        return self._status in FINAL_STATUSES
+
     def finish(self) -> Usage:
         """The usage the upstream reported, else an estimate (marked so)."""
         if self.streaming:
@@ -515,7 +521,7 @@ class UsageMeter:
         self._buffer.clear()
         # A background answer's usage counts only once the response is finished: one that
         # says it is still queued or running has more to generate, whatever usage it shows.
-        unfinished = self.background and self._status not in FINAL_STATUSES
+        unfinished = self.background and not self.ended
         if self._usage is not None and not unfinished:
             return self._usage
         completion = math.ceil(self._completion_chars / CHARS_PER_TOKEN)

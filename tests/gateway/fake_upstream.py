@@ -24,8 +24,11 @@ id of a new conversation is drawn from its body (`conversation_id`), so two gate
 get the same one; `x-fake-space: NAME` keeps a request's conversations apart from those of
 requests without it or with another name (two gateways compared see the same answers).
 A kept response is read, deleted, its input listed and (run with `background: true`, answered
-`queued` without usage and completed at once after) cancelled at `/v1/responses/{id}`,
-`.../input_items`, `.../cancel` (each space's apart, as conversations are).
+`queued` without usage and completed at once after; `x-fake-bg-status: S` answers it with
+status S instead, still without usage, as a server that failed or cancelled it at once does;
+streamed, its events come as any stream's)
+cancelled at `/v1/responses/{id}`, `.../input_items`, `.../cancel` (each space's apart, as
+conversations are).
 """
 
 from __future__ import annotations
@@ -246,8 +249,10 @@ class FakeUpstream:
             answer["conversation"] = {"id": conversation}
         if body.get("store") is not False:
             self._keep(_space(request) + identity, body, answer)
-        if body.get("background") is True:  # answered at once; generated (here: done) after
-            queued = {**answer, "status": "queued", "output": [], "usage": None}
+        if body.get("background") is True and not body.get("stream"):
+            # Answered at once; generated (here: done) after. Streamed, its events come.
+            status = request.headers.get("x-fake-bg-status", "queued")
+            queued = {**answer, "status": status, "output": [], "usage": None}
             return JSONResponse(queued, headers={"x-upstream": "fake"})
         if not body.get("stream"):
             return JSONResponse(answer, headers={"x-upstream": "fake"})

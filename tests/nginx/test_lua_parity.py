@@ -93,9 +93,11 @@ OUTPUTS: list[Any] = [
     [_message("héllo wörld ✓")],  # 13 code points: 4 tokens
     [_message("ab", "cde"), _message("f"), {"type": "reasoning"}],  # 6: 2 tokens
     [_message("x" * 400)],  # 100 tokens, past the 16 reserved: 16
-    [],
+    [],  # vLLM's and SGLang's cancel: the object stored at queue time
     None,
     [_message(7), "text", None],
+    [_message("")],
+    [{"type": "reasoning"}],
 ]
 
 # Cancelled without usage: the output it holds, in code points, up to max_output_tokens.
@@ -139,6 +141,22 @@ def test_a_finished_responses_usage_is_read_as_python_reads_it(nginx: Side, answ
     done, python = finished(json.dumps(answer).encode(), "resp_1", CHARGED)
     expected = python and {"prompt": python.prompt, "completion": python.completion}
     assert (lua["finished"], lua["usage"]) == (done, expected)
+
+
+@pytest.mark.parametrize("output", [[], None, [_message("")], [{"type": "reasoning"}]])
+def test_a_cancel_answered_without_output_text_leaves_the_reservation_charged(
+    nginx: Side, output: Any
+) -> None:
+    """vLLM and SGLang answer a cancel with the object stored at queue time (`output: []`,
+    `usage: null`) however much was generated: estimated from that, the charge was the
+    prompt alone. Both gateways read it finished (its slots come back) with no usage (the
+    whole reservation stays charged)."""
+    answer = {**CANCELLED, "output": output}
+    lua = nginx.http.post(f"{nginx.url}/_probe/final_usage",
+                          params={"id": "resp_1", "record": CHARGED.encoded()},
+                          content=json.dumps(answer)).json()  # fmt: skip
+    assert finished(json.dumps(answer).encode(), "resp_1", CHARGED) == (True, None)
+    assert (lua["finished"], lua["usage"]) == (True, None)
 
 
 @pytest.mark.parametrize(

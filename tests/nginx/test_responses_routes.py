@@ -344,7 +344,7 @@ def test_a_settling_read_past_32_mib_passes_on_whole_and_settles_nothing(
 
 @pytest.mark.parametrize(
     ("text", "generated"),
-    [("alpha beta", 3), ("", 0), ("x" * 400, 16)],  # ⌈10 ÷ 4⌉; none; past max_output_tokens
+    [("alpha beta", 3), ("x" * 400, 16)],  # ⌈10 ÷ 4⌉; past max_output_tokens
 )
 def test_a_response_cancelled_without_usage_is_charged_what_it_generated(
     python_gateway: Side,
@@ -383,6 +383,40 @@ def test_a_response_cancelled_without_usage_is_charged_what_it_generated(
         # Settled once: its charge record is gone, so a later read changes nothing.
         assert side.db.get(KeySchema(PREFIX).background(tenant, queued.id)) is None, side.name
         assert tenant_state(side, tenant)["c|concurrent_requests"] == "0", side.name
+
+
+@pytest.mark.parametrize("output", ["none", "empty text"])
+def test_a_cancel_answered_as_queued_keeps_the_whole_reservation_charged(
+    python_gateway: Side, nginx: Side, upstream: tuple[FakeUpstream, ServerThread], output: str
+) -> None:
+    """vLLM and SGLang answer a cancel with the object stored when the request was queued
+    (`cancelled`, `output: []`, `usage: null`) however much was generated: estimated from
+    its output, a 400-token generation was charged its prompt alone. Both gateways keep the
+    whole reservation charged (a read with usage can still settle it: its charge record
+    stays) and give its slot back."""
+    fake = upstream[0]
+    for side in sides(python_gateway, nginx):
+        tenant = f"queuedcancel{len(output)}"
+        set_limit(side, f"tenant/{tenant}/concurrent_requests", 1)
+        key = side.key(tenant, "free")
+        client = sdk(side, key)
+        queued = client.responses.create(model=MODEL, input=f"long {side.name}",
+                                         max_output_tokens=400, background=True,
+                                         extra_headers={"x-fake-tokens": "400"})  # fmt: skip
+        reserved = int(tenant_state(side, tenant)["u|tokens_per_day"])
+        generated = in_progress(fake, queued.id)  # generating: the queued object is kept
+        assert generated["usage"]["output_tokens"] == 400, side.name  # what the cancel hides
+        if output == "empty text":
+            held = next(k for k in fake.responses if k.endswith(queued.id))
+            part = {"type": "output_text", "text": "", "annotations": []}
+            message = {**generated["output"][0], "content": [part]}
+            fake.responses[held] = {**fake.responses[held], "output": [message]}
+        cancelled = client.responses.cancel(queued.id)
+        assert (cancelled.status, cancelled.usage) == ("cancelled", None), side.name
+        state = tenant_state(side, tenant)
+        assert int(state["u|tokens_per_day"]) == reserved, side.name
+        assert state["c|concurrent_requests"] == "0", side.name
+        assert side.db.exists(KeySchema(PREFIX).background(tenant, queued.id)) == 1, side.name
 
 
 def in_progress(fake: FakeUpstream, response: str) -> dict[str, Any]:
@@ -468,6 +502,75 @@ def test_a_background_response_read_failed_without_usage_gives_its_slot_back_cha
         assert admitted.status_code == 200, (side.name, admitted.text)
         kept = KeySchema(PREFIX).background("acme", queued.id)
         assert side.db.exists(kept) == 1, side.name  # for a later read with usage to settle
+
+
+@pytest.mark.parametrize("status", ["failed", "cancelled", "incomplete", "completed"])
+def test_a_background_answer_already_ended_without_usage_gives_its_slot_back_at_once(
+    python_gateway: Side, nginx: Side, upstream: tuple[FakeUpstream, ServerThread], status: str
+) -> None:
+    """A background create the model server answers already ended (a `status` of the four
+    final ones) with `usage: null`: nothing generates after it, yet the gateways read "no
+    usage" alone as "still generating" and kept its slot for the whole 600 s lease — the
+    tenant's next request was refused 429. Its slot (and the in-flight gauge) now comes
+    back with the answer's settle; unsure of what it used, it stays charged its
+    reservation."""
+    for side in sides(python_gateway, nginx):
+        tenant = f"ended{status}"  # its own: the session's nginx keeps earlier gauge series
+        set_limit(side, f"tenant/{tenant}/concurrent_requests", 1)
+        key = side.key(tenant, "free")
+        ended = {"x-fake-bg-status": status}
+        raw = sdk(side, key).responses.with_raw_response.create(
+            model=MODEL, input=f"ended {side.name}", max_output_tokens=16, background=True,
+            extra_headers=ended,
+        )  # fmt: skip
+        answer = raw.parse()
+        assert (answer.status, answer.usage) == (status, None), side.name
+        state = tenant_state(side, tenant)
+        assert state["c|concurrent_requests"] == "0", side.name
+        assert int(state["u|tokens_per_day"]) == 1000 - day_left(raw.headers), side.name
+        assert in_flight(side, tenant) == 0, side.name
+        admitted = side.chat(key, chat_body(max_tokens=1))
+        assert admitted.status_code == 200, (side.name, admitted.text)
+
+
+def test_a_cancel_before_a_streamed_background_create_settles_gives_its_slot_back(
+    python_gateway: Side, nginx: Side, held: FakeUpstream
+) -> None:
+    """A streamed background create's client has the id from its first event and can cancel
+    before the create's settle has kept its charge: the cancel found no charge record and
+    gave nothing back, and the create, its stream left unfinished, then settled as still
+    generating and held its slot for the whole lease (the tenant refused 429). The cancel
+    now leaves its record `ended`; the create's settle finds it as it keeps its charge and
+    gives the slot back (charged its reservation, kept for a read with usage)."""
+    for side in sides(python_gateway, nginx):
+        tenant = f"racing{side.name}"
+        set_limit(side, f"tenant/{tenant}/concurrent_requests", 1)
+        key = side.key(tenant, "free")
+        body = {"model": MODEL, "input": f"race {side.name}", "max_output_tokens": 16,
+                "background": True, "stream": True}  # fmt: skip
+        sent = {"authorization": f"Bearer {key}", "x-fake-stall": "0"}  # held after `created`
+        with side.http.stream("POST", f"{side.url}/v1/responses", json=body,
+                              headers=sent) as stream:  # fmt: skip
+            lines = stream.iter_lines()  # kept open: a closed one would end the stream here
+            first = next(line for line in lines if line.startswith("data:"))
+            named = json.loads(first[5:])["response"]["id"]
+            # The create's settle writes the response's record, then settles, then keeps its
+            # charge: a cancel landing between the first and the last is the race, held
+            # open here (the record in place, the stream not ended).
+            side.db.set(KeySchema(PREFIX).response(tenant, named), "19")
+            assert sdk(side, key).responses.cancel(named).status == "cancelled", side.name
+        kept = KeySchema(PREFIX).background(tenant, named)
+        deadline = time.monotonic() + 10
+        while (side.db.get(kept) or "ended") == "ended":  # the create settled, its charge kept
+            assert time.monotonic() < deadline, side.name
+            time.sleep(0.02)
+        state = tenant_state(side, tenant)
+        assert state["c|concurrent_requests"] == "0", side.name
+        assert in_flight(side, tenant) == 0, side.name
+        charged = json.loads(side.db.get(kept) or "")
+        assert int(state["u|tokens_per_day"]) == charged["prompt"] + 16, side.name
+        admitted = side.chat(key, chat_body(max_tokens=1))
+        assert admitted.status_code == 200, (side.name, admitted.text)
 
 
 def test_a_background_response_nobody_reads_gives_its_slot_back_when_its_lease_ends(

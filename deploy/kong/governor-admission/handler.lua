@@ -94,8 +94,8 @@ function GovernorAdmission:access(conf)
   kong.service.request.clear_header('Authorization')
   kong.service.request.clear_header('X-Api-Key')
   if outcome.conversation ~= nil then
-    -- A Conversations API create, add or delete, a stored response's delete, or a read or
-    -- cancel of a background response still charged its reservation: the response
+    -- A Conversations API create, add or delete, a stored response's delete or cancel, or a
+    -- read of a background response still charged its reservation: the response
     -- phase reads the whole answer and changes the tenant's record before Kong sends it.
     kong.ctx.plugin.conversation = outcome.conversation
     kong.service.request.enable_buffering()

@@ -118,10 +118,16 @@ end
 
 -- background.cancelled_usage: a response cancelled and answered without usage, as an answer
 -- without usage is settled: the prompt charged at admission and the output it holds
--- (openai.output_tokens), never more than its reservation nor less than its prompt.
+-- (openai.output_tokens), never more than its reservation nor less than its prompt. nil (the
+-- whole reservation stays charged) for an output without text: vLLM and SGLang answer a
+-- cancel with the object stored at queue time (`output: []`, `usage: null`) however much
+-- was generated, and that estimate made any generation cost its prompt alone.
 local function cancelled_usage(response, charged)
-  return {prompt = charged.prompt,
-    completion = math.min(openai.output_tokens(response), charged.completion)}
+  local generated = openai.output_tokens(response)
+  if generated == 0 then
+    return nil
+  end
+  return {prompt = charged.prompt, completion = math.min(generated, charged.completion)}
 end
 
 -- background._usage: the usage {prompt, completion} a finished response object reports;
@@ -141,16 +147,36 @@ local function usage_of(document)
   return {prompt = prompt, completion = completion}
 end
 
--- background.finished: whether an answer holds response `response_id` finished (its
--- generation holds no slot any more), and the usage it reports then (nil: none); one
--- `cancelled` with no usage at all (null or absent): cancelled_usage (`charged`: its charge).
-function _M.finished(answer, response_id, charged)
+-- background.ENDED: what a cancel that ended a response leaves in its charge record's place
+-- when it finds none (no charge decodes from it), for a streamed create settling after it.
+_M.ENDED = 'ended'
+
+-- background._final_response: the response object `response_id` an answer holds, when its
+-- `status` is final; nil otherwise.
+local function final_response(answer, response_id)
   local document = cjson.decode(answer or '')
   if type(document) ~= 'table' or document.object ~= 'response' then
-    return false, nil
+    return nil
   end
   if document.id ~= response_id or type(document.status) ~= 'string'
       or not FINAL_STATUSES[document.status] then
+    return nil
+  end
+  return document
+end
+
+-- background.ended: whether an answer holds response `response_id` finished.
+function _M.ended(answer, response_id)
+  return final_response(answer, response_id) ~= nil
+end
+
+-- background.finished: whether an answer holds response `response_id` finished (its
+-- generation holds no slot any more), and the usage it reports then (nil: none); one
+-- `cancelled` with no usage at all (null or absent): cancelled_usage (`charged`: its charge;
+-- nil without output text).
+function _M.finished(answer, response_id, charged)
+  local document = final_response(answer, response_id)
+  if document == nil then
     return false, nil
   end
   local usage = document.usage

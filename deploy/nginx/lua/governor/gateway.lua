@@ -477,7 +477,9 @@ function Gateway:conversation_call(client, req, principal, call)
   if not conversations.RECORDS[call.action] then
     local broken
     charged, broken = self:background_charge(client, req, principal, call)
-    if charged == nil then
+    -- A cancel finding no charge is fetched whole too: ended, it marks the response so
+    -- (settle_ended) for a streamed create settling after it.
+    if charged == nil and (call.action ~= 'cancel' or broken or call.id == nil) then
       return {pass = true, principal = principal, broken = broken}
     end
   end
@@ -559,6 +561,43 @@ function Gateway:settle_background(call, answer)
   store.release(client)
 end
 
+-- asgi._settle_ended: settle a read's or cancel's answer at the charge found before it was
+-- forwarded, or, a cancel that found none and ended the response, at the charge a streamed
+-- create settling meanwhile kept; else ENDED is left (a lease long) for that create to find
+-- as it keeps its charge (keep_background gives its slots back then).
+function Gateway:settle_ended(call, answer)
+  if call.charged ~= nil then
+    return self:settle_background(call, answer)
+  end
+  local key = self.admission.keys:background(call.principal.tenant, call.id)
+  if key == nil or not conversations.ended(answer, call.id) then
+    return
+  end
+  local client, err = store.connect(self.settings.redis)
+  local set, text = nil, nil
+  if client ~= nil then
+    local lease_ms = math.ceil(self.settings.lease_seconds * 1000)
+    set, err = client:set(key, conversations.ENDED, 'PX', lease_ms, 'NX')
+    if set == ngx.null then  -- not set: the record is there by now
+      text, err = client:get(key)
+    end
+  end
+  if set == nil or (set == ngx.null and text == nil) then
+    warn('cannot mark a cancelled response ended; a create still settling keeps its slots '
+      .. 'until their lease ends: ', err)
+    if client ~= nil then
+      client:close()
+    end
+    return
+  end
+  store.release(client)
+  call.charged = text ~= nil and text ~= ngx.null and conversations.background_charge(text)
+    or nil
+  if call.charged ~= nil then
+    return self:settle_background(call, answer)
+  end
+end
+
 -- admission.GROW_RECORD, word for word: a conversation's record grows by ARGV[1] tokens and
 -- lives ARGV[2] ms more, if it is there.
 local GROW_RECORD = "if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end "
@@ -592,11 +631,12 @@ function Gateway:conversation_answered(call, status, answer)
     return
   end
   -- Only these answers are decoded (an add or a delete records what its request said).
-  if (call.charged ~= nil or call.action == 'create') and not readable(call, answer) then
+  local settles = call.charged ~= nil or call.action == 'cancel'
+  if (settles or call.action == 'create') and not readable(call, answer) then
     return
   end
-  if call.charged ~= nil then  -- a read or cancel of a background response: no record to change
-    return self:settle_background(call, answer)
+  if settles then  -- a read or cancel of a background response: no record to change
+    return self:settle_ended(call, answer)
   end
   local names, tenant = self.admission.keys, call.principal.tenant
   local key, made = nil, nil
@@ -847,11 +887,12 @@ function Gateway:retry_held()
 end
 
 -- asgi._runs_on: whether the model server goes on generating after this answer: a
--- background response answered unfinished (no usage yet) that a later read can settle.
+-- background response answered unfinished (no usage yet, a `status` not final) that a later
+-- read can settle. One answered already ended without usage gives its slots back now.
 local function runs_on(call, usage)
   local request = call.request
   return request:background() and request:stored() and usage.estimated
-    and call.meter.response_id ~= nil
+    and not call.meter:ended() and call.meter.response_id ~= nil
 end
 
 -- asgi._keep_background: a background answer settled at its whole reservation (its usage
@@ -870,18 +911,25 @@ function Gateway:keep_background(client, call, usage, model)
       usage.completion)) or 0
   end
   local now, err = client:time()
-  local ok = nil
+  local before = nil  -- what the record held: ENDED when a cancel came first
+  local reservation = call.reservation
   if now then
-    local reservation = call.reservation
-    ok, err = client:set(key, conversations.background_record({
+    before, err = client:set(key, conversations.background_record({
       request_id = reservation.id, plan = call.principal.plan, user = call.principal.user,
       ip = reservation.ip ~= '' and reservation.ip or nil, model = model,
       prompt = usage.prompt, completion = usage.completion, cost_micro = money,
-      day = math.floor(tonumber(now[1]) / 86400)}), 'PX', record_ttl_ms(self.settings))
+      day = math.floor(tonumber(now[1]) / 86400)}), 'PX', record_ttl_ms(self.settings), 'GET')
   end
-  if not ok then
-    warn('cannot keep what a background response is charged; it stays charged its '
-      .. 'reservation: tenant ', tenant, ', response ', named, ': ', err)
+  if before == conversations.ENDED then
+    -- A cancel ended it before this settle (a streamed create's client has the id from its
+    -- first event): nothing generates; the charge is kept for a read with usage.
+    self.metrics:given_back(tenant, named)
+    before, err = self.admission:release(client, reservation, tenant)
+  end
+  if before == nil then
+    warn('cannot keep what a background response is charged (or give back the slots of one '
+      .. 'cancelled); it stays charged its reservation: tenant ', tenant, ', response ', named,
+      ': ', err)
     client:close()  -- a failed exchange leaves the connection in an unknown state
   end
 end

@@ -163,7 +163,7 @@ local function fetch_and_settle(call)
   return relay(response, call.headers)
 end
 
--- A Conversations API create, add or delete, a stored response's delete, or a read or cancel
+-- A Conversations API create, add or delete, a stored response's delete or cancel, or a read
 -- of a background response still charged its reservation (settled at its usage): fetched whole,
 -- the tenant's record changed as the answer says, then answered (asgi: before its last byte).
 local function fetch_and_record(call)

@@ -673,6 +673,12 @@ function Meter:feed(chunk)
   self.buffer[#self.buffer + 1] = chunk
 end
 
+-- openai.UsageMeter.ended: whether the answer holds a response object whose `status` says it
+-- has generated all it will (read once finish has read the answer).
+function Meter:ended()
+  return FINAL_STATUSES[self.status or ''] == true
+end
+
 -- The usage the upstream reported, else an estimate (marked so).
 function Meter:finish()
   if self.streaming then
@@ -684,7 +690,7 @@ function Meter:finish()
   self.buffer, self.pending = {}, ''
   -- A background answer's usage counts only once the response is finished (openai.UsageMeter):
   -- one still queued or running has more to generate, whatever usage it shows.
-  local unfinished = self.background and not FINAL_STATUSES[self.status or '']
+  local unfinished = self.background and not self:ended()
   if self.usage and not unfinished then
     return self.usage
   end
