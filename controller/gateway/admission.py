@@ -537,6 +537,15 @@ class Admission:
         """The request failed before using anything: refund its whole hold."""
         return await self._settle(reservation, tenant, 0, 0, None, (None, None))
 
+    async def renew(self, reservation: str, tenant: str) -> bool:
+        """A background answer a read found still running: the slots its settle kept get a
+        new lease as long as an admission's, from now, every level's at once (settle.lua's
+        renewal; on a Cluster once per slot, as a release). Idempotent (a lease is never
+        shortened). False when nothing was kept for it any more (given back, or its lease
+        ended: a sweep freed the slots and a renewal does not take them again). Raises
+        EnforcementError if Redis fails."""
+        return await self._settle(reservation, tenant, 0, 0, None, (None, None), mode="2")
+
     async def _settle(
         self,
         reservation: str,
@@ -547,7 +556,9 @@ class Admission:
         split: tuple[int | None, int | None],
         *,
         keep_slots: bool = False,
+        mode: str = "",
     ) -> bool:
+        """settle.lua; `mode` its ARGV 8 when not `keep_slots`' ('2': a renewal)."""
         request_id, user, ip = _split_reservation(reservation)
         args: tuple[str | int, ...] = (
             request_id,
@@ -557,7 +568,9 @@ class Admission:
             self._history_length,
             "" if split[0] is None else split[0],
             "" if split[1] is None else split[1],
-            "1" if keep_slots else "",
+            "1" if keep_slots else mode,
+            self._lease_ms,
+            self._record_ms,
         )
         if self.slots is not None:
             return await self.slots.settle((tenant, user, ip), args)

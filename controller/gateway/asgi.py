@@ -32,7 +32,13 @@ from controller.gateway.admission import (
     UnansweredAdmissionError,
 )
 from controller.gateway.auth import Authenticator, AuthError, Principal
-from controller.gateway.background import MAX_READ_ANSWER, BackgroundCharge, ended, finished
+from controller.gateway.background import (
+    MAX_READ_ANSWER,
+    BackgroundCharge,
+    ended,
+    finished,
+    running,
+)
 from controller.gateway.catalog import PlanCatalog
 from controller.gateway.conversations import (
     ADDS_ITEMS,
@@ -342,6 +348,8 @@ class GovernorMiddleware:
         nothing. Held when Redis fails (a repeat changes nothing)."""
         done, used = finished(answer, named, charged)
         if not done:
+            if running(answer, named):
+                await self._renew_background(tenant, named, charged)
             return
         self.e.metrics.given_back(tenant, named)  # its slots: now, or held until Redis answers
         tokens = None if used is None else TokensUsed(used.prompt, used.completion)
@@ -350,6 +358,24 @@ class GovernorMiddleware:
         await self._store(
             "charge", lambda: admission.settle_background(tenant, named, charged, tokens, ttl)
         )
+
+    async def _renew_background(self, tenant: str, named: str, charged: BackgroundCharge) -> None:
+        """A read found the background response still running: its kept slots' lease starts
+        again (a polled job holds them while it runs; an unpolled one loses them at its
+        lease's end). Redis away: said and counted, not held nor repeated — the lease ends as
+        before, and the answer goes on unchanged (delayed at most the store's timeout, as a
+        settle before the last byte is)."""
+        admission = self.e.admission
+        try:
+            renewed = await admission.renew(charged.reservation, tenant)
+        except STORE_ERRORS as exc:
+            self.e.metrics.store_errors.labels("renew").inc()
+            self._log.warning("cannot renew the lease of a running background response's "
+                              "slots; they are freed when it ends", tenant=tenant,
+                              response_id=named, error=_said(exc))  # fmt: skip
+            return
+        if renewed:
+            self.e.metrics.renewed(tenant, named, admission.lease_seconds)
 
     async def _conversation_refusal(
         self, principal: Principal, call: ConversationCall | str

@@ -8,8 +8,10 @@ keeps its concurrency slots (settle.lua's kept holds) while it generates. What i
 is kept for its tenant (`<P>:{t:<tenant>}:background:<id>`); the first read or cancel through
 the gateway whose answer holds the response finished gives the slots back and, with its
 usage (or cancelled without usage: at what its output holds), settles the difference, once
-(charge.lua's charge record), and forgets it. A response nobody reads so gives its slots back
-when its admission's lease ends.
+(charge.lua's charge record), and forgets it. A read answering it still running (`queued`,
+`in_progress`) renews the slots' lease: a polled job keeps them as long as it runs. A
+response nobody reads gives its slots back when its admission's lease (or the last
+renewal's) ends.
 """
 
 from __future__ import annotations
@@ -102,8 +104,25 @@ def ended(answer: bytes, response_id: str) -> bool:
     return _final_response(answer, response_id) is not None
 
 
+# What a read answers for a response still generating: its slots stay held, renewed.
+RUNNING_STATUSES = frozenset({"queued", "in_progress"})
+
+
+def running(answer: bytes, response_id: str) -> bool:
+    """Whether an answer holds response `response_id` still generating (`queued` or
+    `in_progress`): a read so answered renews the lease of the slots it keeps."""
+    document = _response(answer, response_id)
+    return document is not None and document["status"] in RUNNING_STATUSES
+
+
 def _final_response(answer: bytes, response_id: str) -> dict[str, Any] | None:
     """The response object `response_id` an answer holds, when its `status` is final."""
+    document = _response(answer, response_id)
+    return document if document is not None and document["status"] in FINAL_STATUSES else None
+
+
+def _response(answer: bytes, response_id: str) -> dict[str, Any] | None:
+    """The response object `response_id` an answer holds, with a `status` that is a string."""
     try:
         document: Any = json.loads(answer)
     except (ValueError, UnicodeDecodeError, RecursionError):
@@ -113,7 +132,7 @@ def _final_response(answer: bytes, response_id: str) -> dict[str, Any] | None:
     status = document.get("status")  # a list or an object would not hash: checked first
     if document.get("id") != response_id or not isinstance(status, str):
         return None
-    return document if status in FINAL_STATUSES else None
+    return document
 
 
 def finished(

@@ -60,9 +60,10 @@ OUTCOMES = (
 # The limit store calls a gateway makes and may see fail (`gateway_limit_store_errors_total`),
 # and those it holds through an outage and may give up (`gateway_store_calls_lost_total`).
 # `lookup` and `record`: the tokens of an earlier Responses answer, read and written (and what
-# a background answer was charged); `charge`: a background answer settled at its usage.
+# a background answer was charged); `charge`: a background answer settled at its usage;
+# `renew`: the lease of a running background answer's slots renewed by a read (never held).
 STORE_OPERATIONS = ("authenticate", "admit", "heartbeat", "lookup", "record", "release", "settle",
-                    "charge")  # fmt: skip
+                    "charge", "renew")  # fmt: skip
 HELD_OPERATIONS = ("release", "settle", "charge")
 # What a kept Responses answer is recorded under (`gateway_response_records_lost_total`): its
 # id, and the conversation it belongs to.
@@ -293,6 +294,14 @@ class GatewayMetrics:
             gone = self._held.pop((tenant, response_id), None)
         if gone is not None:
             self.in_flight.labels(*gone[0]).dec()
+
+    def renewed(self, tenant: str, response_id: str, seconds: float) -> None:
+        """A read found a held background response still running and renewed its slots'
+        lease: it stays in flight `seconds` more (nothing for one this process does not hold)."""
+        with self._held_lock:
+            held = self._held.get((tenant, response_id))
+            if held is not None:
+                self._held[tenant, response_id] = (held[0], self.clock() + seconds)
 
     def expire(self) -> None:
         """Background responses whose lease has ended leave the gauge (their slots are

@@ -5,6 +5,7 @@ slot; NOSCRIPT on the masters is handled."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -314,6 +315,54 @@ def test_a_background_response_holds_its_slots_in_every_slot_until_read_finished
         done = gateway.http.get(f"{gateway.url}/v1/responses/{named}", headers=sent)
         assert done.json()["status"] == "completed", done.text
         assert in_flight() == ["0", "0"]
+        assert gateway.chat(key).status_code == 200
+    finally:
+        gateway.stop()
+
+
+def test_a_read_running_renews_the_kept_leases_in_every_slot(
+    cluster: RedisClusterServers, limits: Path, upstream: tuple[FakeUpstream, str]
+) -> None:
+    """A `solo` tenant's background response runs past its admission's lease (moved to 1.5 s
+    from now here in both slots: the tenant's and the shared one): a read answered
+    `in_progress` renews the kept lease in each slot (each its own settle.lua), so after the
+    original end the next request is still refused; read finished, both come back."""
+    with cluster.client() as client:
+        key, _ = KeyStore(client, V2.schema, SECRET).create("long", "solo")  # type: ignore[arg-type]
+    gateway = start_gateway(cluster.url, upstream[1])
+    fake = upstream[0]
+    levels = (V2.tenant_level("long"), V2.global_level())
+    try:
+        sent = {"authorization": f"Bearer {key}"}
+        body = {"model": "gpt-3.5-turbo", "input": "long", "max_output_tokens": 16,
+                "background": True}  # fmt: skip
+        queued = gateway.http.post(f"{gateway.url}/v1/responses", json=body, headers=sent)
+        assert queued.status_code == 200, queued.text
+        named, rid = queued.json()["id"], queued.headers["x-governor-request-id"]
+        held = next(k for k in fake.responses if k.endswith(named))
+        answer = fake.responses[held]
+        fake.responses[held] = {**answer, "status": "in_progress", "usage": None}
+        with cluster.client() as client:
+            kept = [next(m for m in client.zrange(level.leases, 0, -1)
+                         if m.startswith(f"h|{rid}|0|")) for level in levels]  # fmt: skip
+            now_ms = client.time()[0] * 1000
+            for level, member in zip(levels, kept, strict=True):
+                client.zadd(level.leases, {member: now_ms + 1500})
+
+        read = gateway.http.get(f"{gateway.url}/v1/responses/{named}", headers=sent)
+        assert read.json()["status"] == "in_progress", read.text
+        with cluster.client() as client:
+            for level, member in zip(levels, kept, strict=True):
+                assert (client.zscore(level.leases, member) or 0) >= now_ms + 599_000, level
+            while client.time()[0] * 1000 <= now_ms + 2500:  # past the original end
+                time.sleep(0.1)
+            for level in levels:
+                client.hset(level.state, "n", str(now_ms))  # each level's care is due
+        assert gateway.chat(key).status_code == 429
+
+        fake.responses[held] = answer
+        done = gateway.http.get(f"{gateway.url}/v1/responses/{named}", headers=sent)
+        assert done.json()["status"] == "completed", done.text
         assert gateway.chat(key).status_code == 200
     finally:
         gateway.stop()

@@ -5,7 +5,8 @@ from the request, streams SSE when asked, and records what reached it. Test knob
 request headers (the gateway forwards them): `x-fake-status` answers that status,
 `x-fake-usage: none` leaves usage out, `x-fake-tokens: N` generates N tokens (at most
 max_tokens; per prompt of a completions batch), `x-fake-hold: 1` holds a stream after its first
-chunk (a Responses answer: before it starts) until the test releases it, `x-fake-delay: S`
+chunk (a Responses answer: before it starts; a stored response's read: before it is answered)
+until the test releases it, `x-fake-delay: S`
 waits S seconds before answering (a model generating), `x-fake-pad: N` adds N bytes of
 logprobs to a non-streamed answer, `x-fake-cut: N` sends only the first N bytes of a
 non-streamed answer (a body cut off mid-way), `x-fake-ignore-stream: 1` answers a stream
@@ -307,6 +308,8 @@ class FakeUpstream:
         identity, missing = self._kept_response(request)
         if missing is not None:
             return missing
+        if request.headers.get("x-fake-hold") == "1":  # a read the test holds until released
+            await anyio.to_thread.run_sync(self.release.wait, _HOLD_TIMEOUT_SECONDS)
         if request.method == "DELETE":
             del self.responses[identity]
             kept = identity.rpartition("|")[2]

@@ -273,3 +273,67 @@ def test_an_answer_whose_settle_found_no_reservation_refunds_nothing(
     assert db.get(KeySchema("governor").background("acme", named)) is None
     sdk(gateway.url, key).responses.retrieve(named)
     assert balance_micro(db) == round(5.0 * MICRO), "refunded credits never charged"
+
+
+SOLO = """\
+apiVersion: governor/v1
+kind: Plan
+metadata: {name: solo}
+spec:
+  limits: {requests_per_minute: 600, concurrent_requests: 1}
+---
+apiVersion: governor/v1
+kind: Limits
+metadata: {name: global}
+spec: {default_plan: solo}
+"""
+
+
+def test_a_renewal_that_fails_is_counted_and_the_lease_ends_as_before(
+    make_gateway: MakeGateway, tmp_path: Path, db: redis.Redis[str], held: FakeUpstream
+) -> None:
+    """A read answered `in_progress` while Redis does not answer (paused between the charge
+    lookup and the answer): the client still gets its answer, the failure is counted
+    (gateway_limit_store_errors_total{operation="renew"}), nothing is held to repeat it, and
+    the slot's lease ends when it did: the tenant's next request is then admitted."""
+    (tmp_path / "solo").mkdir()
+    (tmp_path / "solo" / "plans.yaml").write_text(SOLO)
+    write_limits(db, "governor", tmp_path / "solo")
+    gateway = make_gateway(redis_options={"socket_timeout_seconds": 0.3, "retries": 0})
+    key = gateway.key("acme", "solo")
+    held.release.set()
+    raw = sdk(gateway.url, key).responses.with_raw_response.create(
+        model=MODEL, input="long", max_output_tokens=16, background=True
+    )
+    named, rid = raw.parse().id, raw.headers["x-governor-request-id"]
+    stored = next(k for k in held.responses if k.endswith(named))
+    held.responses[stored] = {**held.responses[stored], "status": "in_progress", "usage": None}
+    leases, slot = f"{STATE}:leases", f"h|{rid}|0|c=concurrent_requests"
+    ends = db.time()[0] * 1000 + 1500  # its admission's lease, near its end
+    db.zadd(leases, {slot: ends})
+
+    held.release.clear()
+    seen = len(held.seen)
+    read = sdk(gateway.url, key).with_options(default_headers={"x-fake-hold": "1"})
+    with ThreadPoolExecutor(1) as pool:
+        answer = pool.submit(read.responses.retrieve, named)
+        wait_for(lambda: len(held.seen) > seen, "the model server has the read")
+        db.execute_command("CLIENT", "PAUSE", "1000", "ALL")
+        held.release.set()
+        assert answer.result().status == "in_progress"
+    assert db.zscore(leases, slot) == ends  # not renewed
+    assert renew_errors(gateway) == 1
+    while db.time()[0] * 1000 <= ends + 1000:  # past its end
+        time.sleep(0.1)
+    db.hset(STATE, "n", str(ends))  # the level's care is due
+    admitted = gateway.chat(key)
+    assert admitted.status_code == 200, admitted.text
+    assert db.zscore(leases, slot) is None
+
+
+def renew_errors(gateway: Gateway) -> float:
+    """gateway_limit_store_errors_total{operation="renew"}."""
+    series = 'gateway_limit_store_errors_total{operation="renew"}'
+    text = gateway.http.get(f"{gateway.url}/metrics").text
+    line = next(line for line in text.splitlines() if line.startswith(series))
+    return float(line.rpartition(" ")[2])

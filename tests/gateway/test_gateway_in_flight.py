@@ -92,3 +92,27 @@ def test_a_held_background_response_leaves_at_its_lease_once_and_never_below_0()
     metrics.started("acme", "free", "gpt-4o")
     metrics.held("acme", "free", "gpt-4o", "resp_c", clock())  # its lease ended already
     assert gauge(metrics, "acme") == 0.0
+
+
+def test_a_renewed_background_response_stays_until_its_renewed_lease_ends() -> None:
+    """A read finding it still running renews its lease (GatewayMetrics.renewed): in flight
+    past the admission's lease, until the renewal's ends; a renewal of one this process does
+    not hold (another gateway's, or gone) adds nothing."""
+    clock = Clock()
+    metrics = GatewayMetrics(10, 10)
+    metrics.clock = clock
+    metrics.started("acme", "free", "gpt-4o")
+    metrics.held("acme", "free", "gpt-4o", "resp_a", clock() + 600.0)
+    clock.now += 599.0
+    metrics.renewed("acme", "resp_a", 600.0)
+    metrics.renewed("globex", "resp_a", 600.0)  # another tenant's id: nothing
+    clock.now += 598.0
+    metrics.expire()
+    assert gauge(metrics, "acme") == 1.0  # 1,197 s after its admission
+    clock.now += 2.0  # the renewal's lease ends
+    metrics.expire()
+    assert gauge(metrics, "acme") == 0.0
+    metrics.renewed("acme", "resp_a", 600.0)  # gone already: not back
+    metrics.expire()
+    assert gauge(metrics, "acme") == 0.0
+    assert gauge(metrics, "globex") == -1.0

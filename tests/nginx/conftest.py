@@ -63,6 +63,7 @@ location = /_probe/final_usage {
         local done, used = conversations.finished(ngx.req.get_body_data() or '', ngx.var.arg_id,
             charged)
         ngx.say(cjson.encode({finished = done, usage = used or cjson.null,
+            running = conversations.running(ngx.req.get_body_data() or '', ngx.var.arg_id),
             charged = charged and conversations.background_record(charged) or cjson.null}))
     }
 }

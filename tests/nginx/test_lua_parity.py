@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from controller.contract.enforcement import EnforcementKeys, ip_id
-from controller.gateway.background import BackgroundCharge, finished
+from controller.gateway.background import BackgroundCharge, finished, running
 from controller.gateway.conversations import ConversationCall, added_tokens, route
 from controller.gateway.limits import resolve
 from controller.gateway.openai import (
@@ -134,13 +134,18 @@ ANSWERS += VARIANTS + CANCELLED_ANSWERS
 def test_a_finished_responses_usage_is_read_as_python_reads_it(nginx: Side, answer: Any) -> None:
     """What settles a background response: only a finished one gives its slots back, and it
     is charged at its usage only with counts that are counts, or, cancelled without usage,
-    at an estimate from its output (within its reservation)."""
+    at an estimate from its output (within its reservation); only one still running (queued,
+    in_progress) renews its slots' lease."""
     lua = nginx.http.post(f"{nginx.url}/_probe/final_usage",
                           params={"id": "resp_1", "record": CHARGED.encoded()},
                           content=json.dumps(answer)).json()  # fmt: skip
     done, python = finished(json.dumps(answer).encode(), "resp_1", CHARGED)
     expected = python and {"prompt": python.prompt, "completion": python.completion}
     assert (lua["finished"], lua["usage"]) == (done, expected)
+    still = running(json.dumps(answer).encode(), "resp_1")
+    assert lua["running"] is still
+    runs = isinstance(answer, dict) and answer.get("status") in ("queued", "in_progress")
+    assert still is runs
 
 
 @pytest.mark.parametrize("output", [[], None, [_message("")], [{"type": "reasoning"}]])

@@ -617,6 +617,49 @@ def test_a_background_response_nobody_reads_gives_its_slot_back_when_its_lease_e
         assert f"x|{rid}" not in state, side.name
 
 
+def test_a_polled_background_response_keeps_its_slot_past_its_admissions_lease(
+    python_gateway: Side, nginx: Side, upstream: tuple[FakeUpstream, ServerThread]
+) -> None:
+    """A background job runs longer than its admission's lease (600 s; moved to 1.5 s from
+    now here): a read answered `in_progress` renews its slot's lease (and its settle
+    record's) by a lease from then, so once the original lease has ended the tenant's next
+    request is still refused (concurrent_requests 1 holds for long jobs: the lease alone
+    let a tenant run a new job every 600 s); the read that finds it `completed` gives the
+    slot back."""
+    fake = upstream[0]
+    for side in sides(python_gateway, nginx):
+        set_limit(side, "tenant/acme/concurrent_requests", 1)
+        key = side.key("acme", "free")
+        client = sdk(side, key)
+        raw = client.responses.with_raw_response.create(
+            model=MODEL, input=f"long {side.name}", max_output_tokens=16, background=True
+        )
+        queued, rid = raw.parse(), raw.headers["x-governor-request-id"]
+        answer = in_progress(fake, queued.id)
+        level = EnforcementKeys(KeySchema(PREFIX)).tenant_level("acme")
+        slot = f"h|{rid}|0|c=concurrent_requests"
+        now_ms = side.db.time()[0] * 1000
+        ends = now_ms + 1500  # the admission's lease, near its end
+        side.db.zadd(level.leases, {slot: ends})
+
+        assert client.responses.retrieve(queued.id).status == "in_progress", side.name
+        renewed = side.db.zscore(level.leases, slot) or 0
+        assert renewed >= now_ms + 599_000, (side.name, renewed)
+        assert (side.db.zscore(level.leases, f"x|{rid}") or 0) > renewed, side.name
+        while side.db.time()[0] * 1000 <= ends + 1000:  # past the original end
+            time.sleep(0.1)
+        side.db.hset(level.state, "n", str(ends))  # the level's care is due
+        refused_for_its_slot(side, key, client)
+        assert side.db.zscore(level.leases, slot) == renewed, side.name
+
+        finish(fake, queued.id, answer)
+        assert client.responses.retrieve(queued.id).status == "completed", side.name
+        assert side.db.zscore(level.leases, slot) is None, side.name
+        assert tenant_state(side, "acme")["c|concurrent_requests"] == "0", side.name
+        admitted = side.chat(key, chat_body(max_tokens=1))
+        assert admitted.status_code == 200, (side.name, admitted.text)
+
+
 def in_flight(side: Side, tenant: str) -> float:
     """The tenant's `gateway_requests_in_flight`, every series of it (0: none)."""
     text = side.http.get(f"{side.url}/metrics").text
@@ -687,6 +730,39 @@ def test_a_background_response_nobody_reads_leaves_the_gauge_when_its_lease_ends
         assert in_flight(side, "acme") == 0
         assert side.chat(key, chat_body(max_tokens=1)).status_code == 200  # the sweep freed it
         assert in_flight(side, "acme") == 0
+        assert server.problems() == []
+    finally:
+        server.stop()
+
+
+def test_a_polled_background_response_stays_in_flight_past_its_first_lease(
+    tmp_path: Path, nginx: Side, nginx_session: NginxServer,
+    upstream: tuple[FakeUpstream, ServerThread],
+) -> None:  # fmt: skip
+    """nginx with a lease of 2 s, nothing moved by hand: a read answered `in_progress` at
+    1.2 s renews the slot's lease and the gauge's `held` key with it, so at 2.6 s the job is
+    still in flight and its slot still held (429); read completed, both are given back."""
+    fake = upstream[0]
+    server = NginxServer(tmp_path, nginx_session.export_dir, upstream[1].port, nginx_session.env,
+                         init_options="lease_seconds = 2").start()  # fmt: skip
+    side = Side("short", server.url, nginx.db, nginx.http)
+    try:
+        set_limit(side, "tenant/polled/concurrent_requests", 1)
+        key = side.key("polled", "free")
+        client = sdk(side, key)
+        queued = client.responses.create(model=MODEL, input="polled, briefly",
+                                         max_output_tokens=16, background=True)  # fmt: skip
+        started = time.monotonic()
+        answer = in_progress(fake, queued.id)
+        time.sleep(1.2)
+        assert client.responses.retrieve(queued.id).status == "in_progress"
+        time.sleep(max(0.0, started + 2.6 - time.monotonic()))
+        assert in_flight(side, "polled") == 1
+        assert side.chat(key, chat_body(max_tokens=1)).status_code == 429  # still held
+        finish(fake, queued.id, answer)
+        assert client.responses.retrieve(queued.id).status == "completed"
+        assert in_flight(side, "polled") == 0
+        assert side.chat(key, chat_body(max_tokens=1)).status_code == 200
         assert server.problems() == []
     finally:
         server.stop()

@@ -6,13 +6,18 @@
 --       5 history length kept  6 prompt tokens  7 completion tokens
 --       8 '1': the request goes on after its answer (a background Responses answer, generated
 --         afterwards): its concurrency holds (c=, o=) stay under their lease, not given back
---         (absent or '': everything is settled)
--- Returns 1 when the reservation was settled, 0 when it was unknown (settled already, or
--- older than its lease plus the record grace).
+--         (absent or '': everything is settled); '2': a renewal, nothing settled (ARGV 2-7
+--         unread): the holds kept for a background answer still running get a lease of
+--         ARGV 9 ms from now, and its settle record ARGV 9 + ARGV 10 ms (never shortened)
+-- Returns 1 when the reservation was settled (or renewed), 0 when it was unknown (settled
+-- already, or older than its lease plus the record grace; a renewal: nothing kept for it).
 --
 -- Holds kept so end with their lease's expiry (a sweep, as a crashed gateway's), or with a
 -- later settle of the same reservation: the record then lists them alone ('-,0;<level>c=F'),
 -- so that settle (ARGV 2 and 3 0: a release) gives back the slots and charges nothing.
+-- A read finding the answer still running renews that lease (ARGV 8 '2'), so a polled
+-- generation keeps its slots past its admission's lease: a concurrency limit holds for jobs
+-- longer than the lease. Every level in one call (on a Cluster: every level of this slot).
 --
 -- A state field that holds what no script writes (admit.lua refuses naming it) is left as
 -- it is: a count added to it would hide the damage or pass for a repair, and an error
@@ -33,6 +38,7 @@ end
 local rid, actual = ARGV[1], tonumber(ARGV[2])
 local cost = tonumber(ARGV[3])
 local keep = ARGV[8] == '1'
+local renew = ARGV[8] == '2'
 local kept = nil  -- the record of the holds kept, when any are
 local LEVELS = {g = {KEYS[1], KEYS[2]}, i = {KEYS[3], KEYS[4]}, t = {KEYS[5], KEYS[6]},
   u = {KEYS[7], KEYS[8]}}
@@ -66,6 +72,22 @@ end
 local refused = wrong_type(writes)
 if refused then
   return refused
+end
+
+if renew then
+  -- Only kept holds (a '-,0;' record): a reservation still being answered keeps its lease.
+  -- XX: a lease a sweep ended is not made again; GT: a repeat never shortens one.
+  if sub(text, 1, 4) ~= '-,0;' then
+    return 0
+  end
+  local expires = format('%d', ceil(now + ARGV[9]))
+  for i = 2, #parts do
+    local level = LEVELS[sub(parts[i], 1, 1)]
+    call('ZADD', level[2], 'XX', 'GT', expires, 'h|' .. rid .. '|0|' .. sub(parts[i], 2))
+  end
+  call('ZADD', LEVELS.t[2], 'XX', 'GT', format('%d', ceil(now + ARGV[9] + ARGV[10])),
+    'x|' .. rid)
+  return 1
 end
 
 -- The credits first: a balance that is no integer (a hand edit) refuses the whole settle

@@ -216,8 +216,9 @@ function Admission:admit(client, request, plan)
   return nil, 'the limits changed ' .. ATTEMPTS .. ' times during one admission'
 end
 
+-- settle.lua; `mode` its ARGV 8: '1' keeps the slots, '2' renews kept ones, '' settles all.
 local function settle(self, client, reservation, tenant, tokens, cost_micro, model, prompt,
-    completion, keep_slots)
+    completion, mode)
   local keys = self.keys:settle_keys(tenant, reservation.user, reservation.ip)
   local reply, err = store.run(client, self.settle_script, keys, {
     reservation.id,
@@ -227,7 +228,9 @@ local function settle(self, client, reservation, tenant, tokens, cost_micro, mod
     self.history_length,
     prompt and string.format('%d', prompt) or '',
     completion and string.format('%d', completion) or '',
-    keep_slots and '1' or '',
+    mode or '',
+    self.lease_ms,
+    self.record_ms,
   })
   if reply == nil then
     return nil, err
@@ -243,12 +246,20 @@ function Admission:settle(client, reservation, tenant, usage, model, keep_slots)
   local total = usage.prompt + usage.completion
   local cost = self.prices:cost(model, usage.prompt, usage.completion)
   return settle(self, client, reservation, tenant, math.max(total, 0),
-    total > 0 and to_micro(cost) or 0, model, usage.prompt, usage.completion, keep_slots)
+    total > 0 and to_micro(cost) or 0, model, usage.prompt, usage.completion,
+    keep_slots and '1' or '')
 end
 
 -- The request failed before using anything: refund its whole hold.
 function Admission:release(client, reservation, tenant)
   return settle(self, client, reservation, tenant, 0, 0, nil, nil, nil)
+end
+
+-- admission.renew: a background answer a read found still running: the slots its settle
+-- kept get a new lease as long as an admission's, from now, every level's in one script
+-- (idempotent: never shortened). False when nothing is kept for it any more; nil and why.
+function Admission:renew(client, reservation, tenant)
+  return settle(self, client, reservation, tenant, 0, 0, nil, nil, nil, '2')
 end
 
 -- background.REASON: the credit history's reason for a background answer's settle.

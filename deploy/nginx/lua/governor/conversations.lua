@@ -153,16 +153,32 @@ _M.ENDED = 'ended'
 
 -- background._final_response: the response object `response_id` an answer holds, when its
 -- `status` is final; nil otherwise.
-local function final_response(answer, response_id)
+-- background._response: the response object `response_id` an answer holds, with a string
+-- `status`.
+local function response_of(answer, response_id)
   local document = cjson.decode(answer or '')
   if type(document) ~= 'table' or document.object ~= 'response' then
     return nil
   end
-  if document.id ~= response_id or type(document.status) ~= 'string'
-      or not FINAL_STATUSES[document.status] then
+  if document.id ~= response_id or type(document.status) ~= 'string' then
     return nil
   end
   return document
+end
+
+local function final_response(answer, response_id)
+  local document = response_of(answer, response_id)
+  if document == nil or not FINAL_STATUSES[document.status] then
+    return nil
+  end
+  return document
+end
+
+-- background.running: whether an answer holds response `response_id` still generating.
+local RUNNING_STATUSES = {queued = true, in_progress = true}
+function _M.running(answer, response_id)
+  local document = response_of(answer, response_id)
+  return document ~= nil and RUNNING_STATUSES[document.status] == true
 end
 
 -- background.ended: whether an answer holds response `response_id` finished.

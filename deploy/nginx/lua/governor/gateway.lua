@@ -537,6 +537,9 @@ end
 function Gateway:settle_background(call, answer)
   local done, used = conversations.finished(answer, call.id, call.charged)
   if not done then
+    if conversations.running(answer, call.id) then
+      self:renew_background(call)
+    end
     return
   end
   -- Its slots: given back now, or held until Redis answers.
@@ -559,6 +562,32 @@ function Gateway:settle_background(call, answer)
     return
   end
   store.release(client)
+end
+
+-- asgi._renew_background: a read found the background response still running: its kept
+-- slots' lease starts again (a polled job holds them while it runs). Redis away: said, not
+-- held nor repeated (the lease ends as before; the answer goes on unchanged, delayed at most
+-- the store's timeout).
+function Gateway:renew_background(call)
+  local tenant, charged = call.principal.tenant, call.charged
+  local reservation = {id = charged.request_id, user = charged.user or '', ip = charged.ip or ''}
+  local client, err = store.connect(self.settings.redis)
+  local renewed = nil
+  if client ~= nil then
+    renewed, err = self.admission:renew(client, reservation, tenant)
+  end
+  if renewed == nil then
+    warn('cannot renew the lease of a running background response\'s slots; they are freed '
+      .. 'when it ends: ', err)
+    if client ~= nil then
+      client:close()
+    end
+    return
+  end
+  store.release(client)
+  if renewed then
+    self.metrics:renewed(tenant, call.id, self.settings.lease_seconds)
+  end
 end
 
 -- asgi._settle_ended: settle a read's or cancel's answer at the charge found before it was

@@ -221,6 +221,14 @@ function Metrics:given_back(tenant, response_id)
   end
 end
 
+-- A held background response's slots' lease was renewed by a read (GatewayMetrics.renewed):
+-- it stays in flight `seconds` more; nothing when this nginx holds none.
+function Metrics:renewed(tenant, response_id, seconds)
+  if self.dict ~= nil then
+    self.dict:expire(HELD .. tenant .. SEP .. response_id, seconds)
+  end
+end
+
 function Metrics:lost(operation)
   self:add('lost', {operation}, 1)
 end
