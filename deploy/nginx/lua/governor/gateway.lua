@@ -553,15 +553,11 @@ function Gateway:settle_background(call, answer)
   if client ~= nil then
     ok, err = op(client)
   end
+  store.done(client, ok == nil)
   if ok == nil then
     warn('background settle failed (held, repeated when Redis answers): ', err)
-    if client ~= nil then
-      client:close()
-    end
     self:hold('charge', op)
-    return
   end
-  store.release(client)
 end
 
 -- asgi._renew_background: a read found the background response still running: its kept
@@ -576,16 +572,11 @@ function Gateway:renew_background(call)
   if client ~= nil then
     renewed, err = self.admission:renew(client, reservation, tenant)
   end
+  store.done(client, renewed == nil)
   if renewed == nil then
     warn('cannot renew the lease of a running background response\'s slots; they are freed '
       .. 'when it ends: ', err)
-    if client ~= nil then
-      client:close()
-    end
-    return
-  end
-  store.release(client)
-  if renewed then
+  elseif renewed then
     self.metrics:renewed(tenant, call.id, self.settings.lease_seconds)
   end
 end
@@ -611,15 +602,13 @@ function Gateway:settle_ended(call, answer)
       text, err = client:get(key)
     end
   end
-  if set == nil or (set == ngx.null and text == nil) then
+  local failed = set == nil or (set == ngx.null and text == nil)
+  store.done(client, failed)
+  if failed then
     warn('cannot mark a cancelled response ended; a create still settling keeps its slots '
       .. 'until their lease ends: ', err)
-    if client ~= nil then
-      client:close()
-    end
     return
   end
-  store.release(client)
   call.charged = text ~= nil and text ~= ngx.null and conversations.background_charge(text)
     or nil
   if call.charged ~= nil then
@@ -693,15 +682,11 @@ function Gateway:conversation_answered(call, status, answer)
       ok, err = client:del(key)
     end
   end
+  store.done(client, ok == nil)
   if ok == nil then
     warn('cannot record a ', call.what, ' call (', call.action, '); a turn in it is refused '
       .. '(or, shared, reserves the default): ', err)
-    if client ~= nil then
-      client:close()
-    end
-    return
   end
-  store.release(client)
 end
 
 -- asgi.Enforcement.pass_paths: authenticated, forwarded as they are and counted nowhere.
@@ -777,13 +762,7 @@ function Gateway:decide(req)
     self.metrics:request(req.principal, req.model, metrics.outcome_of(outcome.answer))
     outcome.answer = answers.rendered(outcome.answer, req.headers.accept)
   end
-  if client ~= nil then
-    if outcome.broken then
-      client:close()  -- a failed exchange leaves the connection in an unknown state
-    else
-      store.release(client)
-    end
-  end
+  store.done(client, outcome.broken)
   return outcome
 end
 
@@ -903,11 +882,7 @@ function Gateway:retry_held()
     rest[#rest + 1] = call  -- to the back: the others were tried first next time too
   end
   self.held = rest
-  if outage then
-    client:close()  -- a failed exchange leaves the connection in an unknown state
-  else
-    store.release(client)
-  end
+  store.done(client, outage)
   if done > 0 then
     ngx.log(ngx.NOTICE, 'governor: ', done, ' held store calls went through; ', #rest,
       ' still held')
@@ -1036,13 +1011,11 @@ function Gateway:finish(call, status)
   end
   local ok
   ok, err = op(client)
+  store.done(client, ok == nil)
   if ok == nil then
     warn(what, ' failed (held, repeated when it answers): ', err)
-    client:close()
     self:hold(what, op)
-    return
   end
-  store.release(client)
 end
 
 local function finish_in_timer(premature, gw, call, status)

@@ -134,6 +134,19 @@ function _M.release(client)
   end
 end
 
+-- A connection done with: back to the pool, or closed when its exchange failed (its state is
+-- unknown: a timed-out command may still answer on it). None (nil): nothing to do.
+function _M.done(client, failed)
+  if client == nil then
+    return
+  end
+  if failed then
+    client:close()
+  else
+    _M.release(client)
+  end
+end
+
 -- EVALSHA `script` ({name, sha, source}); on NOSCRIPT (a restarted, failed-over or flushed
 -- server) SCRIPT LOAD it and call once more. Never retried otherwise: a repeated admit could
 -- reserve twice. Returns the reply, or nil and the reason.
