@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -433,6 +434,31 @@ def finish(fake: FakeUpstream, response: str, answer: dict[str, Any]) -> None:
     fake.responses[held] = answer
 
 
+@dataclass(frozen=True)
+class Running:
+    """A background response answered `queued`, still generating on the model server."""
+
+    key: str  # the tenant's API key
+    client: openai.OpenAI  # the SDK on it
+    queued: Any  # the `queued` answer (openai's Response)
+    request_id: str  # the gateway's x-governor-request-id: its reservation
+    answer: dict[str, Any]  # its finished answer, to `finish` it with
+
+
+def running(side: Side, fake: FakeUpstream, tenant: str, text: str, limit: int = 1) -> Running:
+    """`tenant`, held to `limit` requests in flight, creates a background response that the
+    model server goes on generating (no usage yet)."""
+    set_limit(side, f"tenant/{tenant}/concurrent_requests", limit)
+    key = side.key(tenant, "free")
+    client = sdk(side, key)
+    raw = client.responses.with_raw_response.create(
+        model=MODEL, input=text, max_output_tokens=16, background=True
+    )
+    queued = raw.parse()
+    answer = in_progress(fake, queued.id)
+    return Running(key, client, queued, raw.headers["x-governor-request-id"], answer)
+
+
 def refused_for_its_slot(side: Side, key: str, client: openai.OpenAI) -> None:
     """Another request of the tenant is refused by its concurrency limit (429), through the
     SDK and in the problem document's words."""
@@ -454,13 +480,9 @@ def test_a_background_response_holds_its_concurrency_slot_until_it_is_finished(
     settled at its usage as before."""
     fake = upstream[0]
     for side in sides(python_gateway, nginx):
-        set_limit(side, "tenant/acme/concurrent_requests", 1)
-        key = side.key("acme", "free")
-        client = sdk(side, key)
-        queued = client.responses.create(model=MODEL, input=f"busy {side.name}",
-                                         max_output_tokens=16, background=True)  # fmt: skip
+        job = running(side, fake, "acme", f"busy {side.name}")
+        key, client, queued, answer = job.key, job.client, job.queued, job.answer
         assert queued.status == "queued", side.name
-        answer = in_progress(fake, queued.id)
         refused_for_its_slot(side, key, client)
         assert client.responses.retrieve(queued.id).status == "in_progress", side.name
         refused_for_its_slot(side, key, client)
@@ -487,12 +509,8 @@ def test_a_background_response_read_failed_without_usage_gives_its_slot_back_cha
     until a read that says so."""
     fake = upstream[0]
     for side in sides(python_gateway, nginx):
-        set_limit(side, "tenant/acme/concurrent_requests", 1)
-        key = side.key("acme", "free")
-        client = sdk(side, key)
-        queued = client.responses.create(model=MODEL, input=f"doomed {side.name}",
-                                         max_output_tokens=16, background=True)  # fmt: skip
-        answer = in_progress(fake, queued.id)
+        job = running(side, fake, "acme", f"doomed {side.name}")
+        key, client, queued, answer = job.key, job.client, job.queued, job.answer
         charged = tenant_state(side, "acme")["u|tokens_per_day"]
         refused_for_its_slot(side, key, client)
         finish(fake, queued.id, {**answer, "status": "failed", "usage": None})
@@ -582,14 +600,14 @@ def test_a_background_response_nobody_reads_gives_its_slot_back_when_its_lease_e
     usage and gives back nothing more (the slot count never goes below what is held)."""
     fake = upstream[0]
     for side in sides(python_gateway, nginx):
-        set_limit(side, "tenant/acme/concurrent_requests", 1)
-        key = side.key("acme", "free")
-        client = sdk(side, key)
-        raw = client.responses.with_raw_response.create(
-            model=MODEL, input=f"forgotten {side.name}", max_output_tokens=16, background=True
+        job = running(side, fake, "acme", f"forgotten {side.name}")
+        key, client, queued, answer, rid = (
+            job.key,
+            job.client,
+            job.queued,
+            job.answer,
+            job.request_id,
         )
-        queued, rid = raw.parse(), raw.headers["x-governor-request-id"]
-        answer = in_progress(fake, queued.id)
         level = EnforcementKeys(KeySchema(PREFIX)).tenant_level("acme")
         slot = f"h|{rid}|0|c=concurrent_requests"
         now_ms = side.db.time()[0] * 1000
@@ -628,14 +646,14 @@ def test_a_polled_background_response_keeps_its_slot_past_its_admissions_lease(
     slot back."""
     fake = upstream[0]
     for side in sides(python_gateway, nginx):
-        set_limit(side, "tenant/acme/concurrent_requests", 1)
-        key = side.key("acme", "free")
-        client = sdk(side, key)
-        raw = client.responses.with_raw_response.create(
-            model=MODEL, input=f"long {side.name}", max_output_tokens=16, background=True
+        job = running(side, fake, "acme", f"long {side.name}")
+        key, client, queued, answer, rid = (
+            job.key,
+            job.client,
+            job.queued,
+            job.answer,
+            job.request_id,
         )
-        queued, rid = raw.parse(), raw.headers["x-governor-request-id"]
-        answer = in_progress(fake, queued.id)
         level = EnforcementKeys(KeySchema(PREFIX)).tenant_level("acme")
         slot = f"h|{rid}|0|c=concurrent_requests"
         now_ms = side.db.time()[0] * 1000
@@ -683,12 +701,8 @@ def test_a_background_response_is_in_flight_while_it_holds_its_slot(
     fake = upstream[0]
     tenant = f"gauge{ending}"  # its own: the session's nginx keeps earlier tests' series
     for side in sides(python_gateway, nginx):
-        set_limit(side, f"tenant/{tenant}/concurrent_requests", 2)
-        key = side.key(tenant, "free")
-        client = sdk(side, key)
-        queued = client.responses.create(model=MODEL, input=f"gauge {ending} {side.name}",
-                                         max_output_tokens=16, background=True)  # fmt: skip
-        answer = in_progress(fake, queued.id)
+        job = running(side, fake, tenant, f"gauge {ending} {side.name}", limit=2)
+        key, client, queued, answer = job.key, job.client, job.queued, job.answer
         assert tenant_state(side, tenant)["c|concurrent_requests"] == "1", side.name
         assert in_flight(side, tenant) == 1, side.name
         assert client.responses.retrieve(queued.id).status == "in_progress", side.name
@@ -719,11 +733,7 @@ def test_a_background_response_nobody_reads_leaves_the_gauge_when_its_lease_ends
                          init_options="lease_seconds = 2").start()  # fmt: skip
     side = Side("short", server.url, nginx.db, nginx.http)
     try:
-        set_limit(side, "tenant/acme/concurrent_requests", 1)
-        key = side.key("acme", "free")
-        queued = sdk(side, key).responses.create(model=MODEL, input="forgotten, briefly",
-                                                 max_output_tokens=16, background=True)  # fmt: skip
-        in_progress(fake, queued.id)
+        key = running(side, fake, "acme", "forgotten, briefly").key
         assert in_flight(side, "acme") == 1
         assert side.chat(key, chat_body(max_tokens=1)).status_code == 429  # its slot, held
         time.sleep(2.2)
@@ -747,13 +757,9 @@ def test_a_polled_background_response_stays_in_flight_past_its_first_lease(
                          init_options="lease_seconds = 2").start()  # fmt: skip
     side = Side("short", server.url, nginx.db, nginx.http)
     try:
-        set_limit(side, "tenant/polled/concurrent_requests", 1)
-        key = side.key("polled", "free")
-        client = sdk(side, key)
-        queued = client.responses.create(model=MODEL, input="polled, briefly",
-                                         max_output_tokens=16, background=True)  # fmt: skip
+        job = running(side, fake, "polled", "polled, briefly")
+        key, client, queued, answer = job.key, job.client, job.queued, job.answer
         started = time.monotonic()
-        answer = in_progress(fake, queued.id)
         time.sleep(1.2)
         assert client.responses.retrieve(queued.id).status == "in_progress"
         time.sleep(max(0.0, started + 2.6 - time.monotonic()))
